@@ -1,0 +1,1 @@
+"""Contracts shared by every service: message models, topic names, money and units, time, ids."""

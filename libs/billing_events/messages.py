@@ -1,0 +1,195 @@
+"""Versioned message models for every topic (DESIGN.md section 3). JSON on the wire, Decimals as strings.
+
+Each model carries ``schema`` (``<name>/v<N>``); producers also put it in the ``schema`` header.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+
+from billing_events.money import MoneyError, parse_decimal
+from billing_events.timeutil import Timestamp, parse_timestamp
+
+
+def _decimal(value: Any) -> Decimal:
+    try:
+        return parse_decimal(value, field="quantity")
+    except MoneyError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _signed_decimal(value: Any) -> Decimal:
+    try:
+        return parse_decimal(value, field="amount", allow_negative=True)
+    except MoneyError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+# A non-negative decimal that was never a binary float; serialised as a string.
+DecimalStr = Annotated[Decimal, BeforeValidator(_decimal), PlainSerializer(lambda d: str(d), return_type=str)]
+SignedDecimalStr = Annotated[
+    Decimal, BeforeValidator(_signed_decimal), PlainSerializer(lambda d: str(d), return_type=str)
+]
+AwareTimestamp = Annotated[Timestamp, BeforeValidator(parse_timestamp)]
+
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+CODE_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
+
+# Limits on what one usage event may carry (TIGER_STYLE: a bound on everything, chosen once).
+EVENT_ID_LENGTH_MAX = 128
+PROPERTIES_COUNT_MAX = 32
+PROPERTY_NAME_LENGTH_MAX = 64
+PROPERTY_VALUE_LENGTH_MAX = 256
+RAW_EVENT_BYTES_MAX = 16 * 1024
+
+PropertyValue = str | int | bool
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class UsageEvent(Message):
+    """A usage event as an upstream service sends it (``billing.usage.raw`` / ``POST /v1/usage``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra={"examples": [{
+        "id": "evt-0001", "tenant": "acme", "meter": "api_calls", "quantity": "3",
+        "timestamp": "2026-11-21T10:00:00Z", "properties": {"endpoint": "/v1/search"},
+    }]})
+
+    id: str = Field(min_length=1, max_length=EVENT_ID_LENGTH_MAX, description="Unique per tenant; the dedup key")
+    tenant: str = Field(pattern=TENANT_PATTERN, description="Tenant (organisation) the usage belongs to")
+    meter: str = Field(pattern=CODE_PATTERN, description="Meter code from the catalogue", examples=["api_calls"])
+    quantity: DecimalStr = Field(description="Decimal string or integer, never a binary float", examples=["3"])
+    timestamp: AwareTimestamp = Field(description="ISO 8601 with offset, when the usage happened")
+    properties: dict[str, PropertyValue] = Field(default_factory=dict, description="Dimensions, e.g. model, user")
+    correction_of: str | None = Field(default=None, max_length=EVENT_ID_LENGTH_MAX,
+                                      description="Id of an earlier event this one amends or voids")
+
+    @field_validator("properties")
+    @classmethod
+    def _bounded_properties(cls, value: dict[str, PropertyValue]) -> dict[str, PropertyValue]:
+        if len(value) > PROPERTIES_COUNT_MAX:
+            raise ValueError(f"at most {PROPERTIES_COUNT_MAX} properties")
+        for name, item in value.items():
+            if not name or len(name) > PROPERTY_NAME_LENGTH_MAX:
+                raise ValueError(f"property names are 1-{PROPERTY_NAME_LENGTH_MAX} characters")
+            if isinstance(item, str) and len(item) > PROPERTY_VALUE_LENGTH_MAX:
+                raise ValueError(f"property {name!r} is longer than {PROPERTY_VALUE_LENGTH_MAX} characters")
+        return value
+
+
+class AcceptedUsage(Message):
+    """A validated, deduplicated usage event (``billing.usage.accepted``, key: billing account id)."""
+
+    schema_: Literal["usage.accepted/v1"] = Field(default="usage.accepted/v1", alias="schema")
+    account_id: UUID
+    event: UsageEvent
+    accepted_at: Timestamp
+    source: str = Field(description="Where it came from: kafka:<topic>:<partition>:<offset> or http:<request>")
+    catalog_version: int = Field(ge=0, description="Catalogue version ingest validated against; rating waits "
+                                                  "until it knows at least this version")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class RejectReason(StrEnum):
+    INVALID_JSON = "invalid_json"
+    SCHEMA_INVALID = "schema_invalid"
+    INVALID_QUANTITY = "invalid_quantity"
+    NAIVE_TIMESTAMP = "naive_timestamp"
+    FUTURE_TIMESTAMP = "future_timestamp"
+    TOO_OLD = "too_old"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_TENANT = "unknown_tenant"
+    UNKNOWN_METER = "unknown_meter"
+    MISSING_PROPERTY = "missing_property"
+    PERIOD_CLOSED = "period_closed"
+    NO_PRICE = "no_price"
+    INSUFFICIENT_CREDIT = "insufficient_credit"
+
+
+class UsageRejection(Message):
+    """A dead letter (``billing.usage.rejected``): reason code, detail and the original payload."""
+
+    schema_: Literal["usage.rejected/v1"] = Field(default="usage.rejected/v1", alias="schema")
+    reason: RejectReason
+    detail: str
+    stage: Literal["ingest", "rating", "ledger"]
+    tenant: str | None = None
+    event_id: str | None = None
+    payload: str = Field(description="The original payload as received (UTF-8, replacement for bad bytes)")
+    rejected_at: Timestamp
+    source: str
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class PaymentNotification(Message):
+    """A payment or refund verified with the gateway (``billing.payments``)."""
+
+    schema_: Literal["payment/v1"] = Field(default="payment/v1", alias="schema")
+    gateway: str
+    gateway_event_id: str
+    kind: Literal["payment_succeeded", "refund_succeeded"]
+    tenant: str = Field(pattern=TENANT_PATTERN)
+    order_id: str
+    amount: DecimalStr
+    currency: str
+    verified_at: Timestamp
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class LedgerCommand(Message):
+    """A command for the ledger (``billing.ledger.commands``, key: billing account id).
+
+    ``command_id`` is derived from the cause (uuid5), so the ledger can refuse a second delivery.
+    """
+
+    schema_: Literal["ledger.command/v1"] = Field(default="ledger.command/v1", alias="schema")
+    command_id: UUID
+    kind: str = Field(description="e.g. account.open, credit.grant, usage.debit, catalog.publish")
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)
+    issued_at: Timestamp
+    issued_by: str = Field(description="user or service that issued it (audit attribution)")
+    payload: dict[str, Any]
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class LedgerEvent(Message):
+    """A recorded domain event relayed from the ledger's event store (``billing.ledger.events``).
+
+    ``position`` is the event's notification id in the ledger's store: strictly increasing in recorded
+    order, so consumers deduplicate a re-relayed event by it.
+    """
+
+    schema_: Literal["ledger.event/v1"] = Field(default="ledger.event/v1", alias="schema")
+    position: int
+    aggregate_id: UUID
+    aggregate_version: int
+    type: str = Field(description="Aggregate class and event class, e.g. BillingAccount.UsageDebited")
+    tenant: str | None = None
+    recorded_at: Timestamp
+    data: dict[str, Any]
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+def loads_exact(raw: bytes | str) -> Any:
+    """JSON decoding that never produces a binary float (numbers with a point or exponent -> Decimal)."""
+
+    def _no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a number")
+
+    return json.loads(raw, parse_float=Decimal, parse_constant=_no_constants)

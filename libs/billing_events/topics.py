@@ -1,0 +1,13 @@
+"""Topic names (DESIGN.md section 3). Keys keep per-account order."""
+
+USAGE_RAW = "billing.usage.raw"  # key: tenant id
+USAGE_ACCEPTED = "billing.usage.accepted"  # key: billing account id
+USAGE_REJECTED = "billing.usage.rejected"  # key: billing account id (or tenant when unknown)
+PAYMENTS = "billing.payments"  # key: billing account id
+LEDGER_COMMANDS = "billing.ledger.commands"  # key: billing account id
+LEDGER_EVENTS = "billing.ledger.events"  # key: aggregate id
+
+ALL_TOPICS = (USAGE_RAW, USAGE_ACCEPTED, USAGE_REJECTED, PAYMENTS, LEDGER_COMMANDS, LEDGER_EVENTS)
+
+# Header carrying the schema version of the message model (also present as a field in the body).
+SCHEMA_HEADER = "schema"

@@ -1,0 +1,272 @@
+"""The message bus: Apache Kafka (aiokafka) for the real stack, a durable SQLite log for the embedded default.
+
+Both give the same two things to a service's handler code:
+
+* ``publish(messages)`` returns only when every message is durable (Kafka: acks=all, idempotent producer;
+  embedded: committed to the log file);
+* a consumer that hands one partition's batch at a time to ``handler(records)`` and commits the group
+  offset only AFTER the handler returned (at-least-once). On assignment it asks the service where to
+  start (``start_positions``): services keep their own positions next to their effects, which is what
+  makes the effect exactly-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from billing_events.topics import ALL_TOPICS
+from billing_runtime.db import SqliteDatabase
+from billing_runtime.logging import get_logger
+
+log = get_logger(__name__)
+
+RETRY_BACKOFF_SECONDS_MAX = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    topic: str
+    key: str
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = field(default=())
+
+
+Handler = Callable[[list[Record]], Awaitable[None]]
+# Where to start reading each assigned partition: {partition: next offset}; missing -> committed/earliest.
+StartPositions = Callable[[str, list[int]], Awaitable[dict[int, int]]]
+
+
+class Bus(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def publish(self, messages: Sequence[OutMessage]) -> None: ...
+    async def consume(
+        self, group_id: str, topics: Sequence[str], handler: Handler, start_positions: StartPositions,
+        stopping: asyncio.Event,
+    ) -> None: ...
+
+
+async def _run_handler_with_retry(handler: Handler, records: list[Record], stopping: asyncio.Event) -> bool:
+    """Runs the handler until it succeeds (infrastructure errors are retried, never skipped)."""
+    delay = 0.1
+    while True:
+        try:
+            await handler(records)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler_failed_will_retry", topic=records[0].topic, partition=records[0].partition,
+                          first_offset=records[0].offset, records=len(records))
+            if stopping.is_set():
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_BACKOFF_SECONDS_MAX)
+
+
+class KafkaBus:
+    def __init__(self, bootstrap_servers: str, partitions: int = 6, batch_records_max: int = 500,
+                 poll_timeout_ms: int = 200, client_id: str = "billing", namespace: str = "") -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.namespace = namespace
+        self.partitions = partitions
+        self.batch_records_max = batch_records_max
+        self.poll_timeout_ms = poll_timeout_ms
+        self.client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+
+    def _physical(self, topic: str) -> str:
+        return f"{self.namespace}.{topic}" if self.namespace else topic
+
+    def _logical(self, topic: str) -> str:
+        return topic[len(self.namespace) + 1:] if self.namespace else topic
+
+    async def start(self) -> None:
+        await ensure_topics(self.bootstrap_servers, self.partitions, [self._physical(t) for t in ALL_TOPICS])
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=True,
+            linger_ms=5, client_id=self.client_id, max_batch_size=1024 * 1024,
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def publish(self, messages: Sequence[OutMessage]) -> None:
+        assert self._producer is not None, "bus not started"
+        futures = [
+            await self._producer.send(self._physical(m.topic), m.value, key=m.key.encode(), headers=list(m.headers))
+            for m in messages
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def consume(self, group_id: str, topics: Sequence[str], handler: Handler,
+                      start_positions: StartPositions, stopping: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, group_id=group_id, client_id=f"{self.client_id}-{group_id}",
+            enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
+            max_poll_records=self.batch_records_max,
+        )
+
+        class _Seek(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                return None
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                by_topic: dict[str, list[int]] = {}
+                for tp in assigned:
+                    by_topic.setdefault(tp.topic, []).append(tp.partition)
+                for topic, parts in by_topic.items():
+                    positions = await start_positions(bus._logical(topic), parts)
+                    for part, offset in positions.items():
+                        consumer.seek(TopicPartition(topic, part), offset)
+                log.info("partitions_assigned", group=group_id, partitions=sorted(
+                    f"{tp.topic}:{tp.partition}" for tp in assigned))
+
+        bus = self
+        consumer.subscribe([self._physical(t) for t in topics], listener=_Seek())
+        await consumer.start()
+        try:
+            while not stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms,
+                                                 max_records=self.batch_records_max)
+                for tp, raw in batches.items():
+                    if not raw:
+                        continue
+                    records = [
+                        Record(self._logical(r.topic), r.partition, r.offset, r.key, r.value or b"",
+                               tuple(r.headers or ()))
+                        for r in raw
+                    ]
+                    if not await _run_handler_with_retry(handler, records, stopping):
+                        consumer.seek(tp, records[0].offset)
+                        break
+                    await consumer.commit({tp: records[-1].offset + 1})
+        finally:
+            await consumer.stop()
+
+
+async def ensure_topics(bootstrap_servers: str, partitions: int, names: Sequence[str] = ALL_TOPICS) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t, num_partitions=partitions, replication_factor=1)
+                   for t in names if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+def partition_for(key: str, partitions: int) -> int:
+    return zlib.crc32(key.encode()) % partitions
+
+
+class EmbeddedBus:
+    """A durable, partitioned log in one SQLite file: Kafka's contract, in-process, for the embedded default."""
+
+    def __init__(self, path: Path, partitions: int = 6, batch_records_max: int = 500) -> None:
+        self.partitions = partitions
+        self.batch_records_max = batch_records_max
+        self._db = SqliteDatabase(path)
+        self._appended = asyncio.Condition()
+
+    async def start(self) -> None:
+        await self._db.connect()
+        await self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS messages (
+                topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
+                key TEXT, value BLOB NOT NULL, headers TEXT NOT NULL,
+                PRIMARY KEY (topic, partition, "offset"));
+            CREATE TABLE IF NOT EXISTS group_offsets (
+                group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
+                next_offset INTEGER NOT NULL, PRIMARY KEY (group_id, topic, partition));
+            """
+        )
+
+    async def stop(self) -> None:
+        await self._db.close()
+
+    async def publish(self, messages: Sequence[OutMessage]) -> None:
+        if not messages:
+            return
+        import json
+
+        async with self._db.transaction() as conn:
+            for m in messages:
+                part = partition_for(m.key, self.partitions)
+                nxt = await conn.fetchval(
+                    'SELECT COALESCE(MAX("offset") + 1, 0) FROM messages WHERE topic = $1 AND partition = $2',
+                    m.topic, part)
+                headers = json.dumps([[k, v.decode()] for k, v in m.headers])
+                await conn.execute(
+                    'INSERT INTO messages (topic, partition, "offset", key, value, headers) '
+                    "VALUES ($1, $2, $3, $4, $5, $6)", m.topic, part, nxt, m.key, m.value, headers)
+        async with self._appended:
+            self._appended.notify_all()
+
+    async def consume(self, group_id: str, topics: Sequence[str], handler: Handler,
+                      start_positions: StartPositions, stopping: asyncio.Event) -> None:
+        import json
+
+        positions: dict[tuple[str, int], int] = {}
+        for topic in topics:
+            parts = list(range(self.partitions))
+            starts = await start_positions(topic, parts)
+            for part in parts:
+                committed = await self._db.fetchval(
+                    "SELECT next_offset FROM group_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3",
+                    group_id, topic, part)
+                positions[(topic, part)] = starts.get(part, committed or 0)
+        while not stopping.is_set():
+            progressed = False
+            for (topic, part), offset in list(positions.items()):
+                rows = await self._db.fetch(
+                    'SELECT "offset", key, value, headers FROM messages WHERE topic = $1 AND partition = $2 '
+                    'AND "offset" >= $3 ORDER BY "offset" LIMIT $4', topic, part, offset, self.batch_records_max)
+                if not rows:
+                    continue
+                records = [
+                    Record(topic, part, r["offset"], r["key"].encode() if r["key"] else None, bytes(r["value"]),
+                           tuple((k, v.encode()) for k, v in json.loads(r["headers"])))
+                    for r in rows
+                ]
+                if not await _run_handler_with_retry(handler, records, stopping):
+                    return
+                positions[(topic, part)] = records[-1].offset + 1
+                await self._db.execute(
+                    "INSERT INTO group_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4) "
+                    "ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                    group_id, topic, part, records[-1].offset + 1)
+                progressed = True
+            if not progressed:
+                async with self._appended:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._appended.wait(), timeout=0.5)

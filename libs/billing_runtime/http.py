@@ -1,0 +1,36 @@
+"""The pieces every HTTP app shares: problem handlers, auth state, /healthz, /readyz and /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from billing_runtime.auth import TokenVerifier
+from billing_runtime.problems import install_problem_handlers, problem_response
+from billing_runtime.settings import Settings
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+def create_app(title: str, settings: Settings, ready: ReadyCheck | None = None, version: str = "0.1.0") -> FastAPI:
+    app = FastAPI(title=title, version=version)
+    app.state.token_verifier = TokenVerifier(settings)
+    install_problem_handlers(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        if ready is not None and not await ready():
+            return problem_response(503, "Not ready", "Dependencies are not ready yet.", kind="not-ready")
+        return Response('{"status":"ready"}', media_type="application/json")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

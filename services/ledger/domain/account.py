@@ -1,0 +1,1016 @@
+"""The billing account aggregate: one tenant's credit wallets, grants, holds, receivables and alerts.
+
+Every command method checks its arguments and the current state, computes the complete movement
+(postings, draws, new grants) and then calls one private ``@event`` method that only *applies* what it is
+given. Replaying the events therefore never re-runs validation, clock reads or id generation; every time is
+an argument (``at`` / ``now``), never read from a clock. Movement rules (which accounts each movement
+posts) are in :mod:`billing_ledger.domain.postings`.
+
+Wallets and grants
+    A wallet is the set of open grants of one *unit*: the account's ISO 4217 currency or a catalogue credit
+    type (``CREDIT``...). A currency unit must be the account's own currency, so an account never holds
+    balances in two currencies. The wallet balance is the sum of its open grants' ``remaining``.
+    ``available = balance - held``; ``held`` is the sum of active holds.
+
+Drawdown order (usage, captures)
+    Only grants that are effective at ``at`` (``effective_at <= at``), not expired at ``at``
+    (``at < expires_at``), in scope for the meter (``scope`` is ``None`` = every meter) and with
+    ``remaining > 0`` are drawn, ordered by
+
+    1. ``priority`` ascending: **a lower number is drawn first** (0 before 10);
+    2. earliest ``expires_at`` first; a grant that never expires comes last;
+    3. oldest first (the order in which the grants were recorded).
+
+    One debit may span several grants; every draw and every wallet posting names its grant.
+
+Holds reserve credit
+    Holds are authorisations at the *unit* level: a usage debit or another hold can only take what is
+    ``spendable`` = ``min(eligible credit for the meter at that time, available)``. A hold with no meter
+    can only be covered by unscoped grants. Holds reserve an amount, not particular grants, so with scoped
+    grants the guarantee is best effort; a capture never fails for lack of credit: if credit under a hold
+    vanished (the grant expired, was voided, or refunded with a finance override) the shortfall goes to
+    ``RECEIVABLES``. That is also the only way ``available`` can become negative.
+
+Usage give-back (negative usage amounts)
+    A give-back first reduces the unit's outstanding receivables, then credits the wallet back to the
+    grants most recently drawn (a bounded per-unit stack of recent draws, ``DRAW_HISTORY_MAX`` entries),
+    skipping grants that are closed, expired at ``at`` or out of scope for the meter. Anything left (the
+    grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
+    whose id is derived from the command id.
+
+Overage policies
+    ``overage``: what the credit cannot cover is posted to ``RECEIVABLES``. ``block``: the whole debit
+    is refused with a ``UsageRejected`` event (no postings) so the command is still recorded as handled.
+
+Low balance and auto top-up (edge-triggered, per unit, on ``available``)
+    Low means ``available < threshold`` (strictly). A downward crossing records exactly one
+    ``LowBalanceReached`` (the alert disarms); reaching ``available >= threshold`` again re-arms it, which
+    is derived state, not an event. Setting a threshold while already below it arms nothing: only a
+    future downward crossing alerts. The auto-top-up rule works the same way and records one
+    ``AutoTopUpRequested`` per crossing, unless the cooldown since the last request has not elapsed or
+    the request would take the calendar month's (UTC) requested total above ``monthly_cap``; a suppressed
+    rule stays armed and fires at the next movement that is allowed to, once. The requested amount is
+    ``target - available`` or the package's amount.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from billing_events import ids
+from billing_events.money import MoneyError, credit_unit, is_currency_code
+from billing_events.money import currency as iso_currency
+from billing_ledger.domain.postings import (
+    FUNDING_ACCOUNT,
+    PAID_SOURCES,
+    GrantSource,
+    LedgerAccount,
+    Posting,
+    assert_balanced,
+    posting,
+)
+from eventsourcing.domain import Aggregate, event
+
+# -- bounds (TIGER_STYLE: every limit named, in one place) ---------------------------------------------------
+# One movement moves at most one billion units (10**18 sub-units), so balances stay far inside int64.
+MOVEMENT_SUBUNITS_MAX = 10**18
+# Recent draws remembered per unit for give-backs (consecutive draws of one grant share one entry).
+DRAW_HISTORY_MAX = 256
+PRIORITY_ABS_MAX = 1_000_000
+SCOPE_METERS_MAX = 256
+TEXT_CHARS_MAX = 512
+AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
+
+OVERAGE_POLICIES = ("overage", "block")
+REJECTED_INSUFFICIENT_CREDIT = "insufficient_credit"
+
+# Sort key placeholder for grants that never expire (they sort last through the preceding flag).
+_NO_EXPIRY_KEY = datetime(1970, 1, 1, tzinfo=UTC)
+
+GrantRecord = dict[str, Any]
+HoldRecord = dict[str, Any]
+Draw = dict[str, Any]  # {"grant_id": str, "amount": int}; negative amount = credited back
+
+
+class BillingAccount(Aggregate):
+    """One tenant's billing account (see the module docstring for the rules)."""
+
+    @staticmethod
+    def create_id(tenant: str) -> UUID:
+        return ids.account_id(tenant)
+
+    @classmethod
+    def open(
+        cls, tenant: str, currency: str, *, low_balance_threshold: int | None = None, opened_by: str
+    ) -> BillingAccount:
+        """Opens the account of ``tenant`` in ISO 4217 ``currency`` (refused if not ISO 4217)."""
+        _require_text("tenant", tenant)
+        _require_text("opened_by", opened_by)
+        try:
+            currency_unit = iso_currency(currency)
+        except MoneyError as exc:
+            raise InvalidUnit(str(exc)) from exc
+        if low_balance_threshold is not None:
+            _require_amount("low_balance_threshold", low_balance_threshold, allow_zero=True)
+        return cls(
+            tenant=tenant,
+            currency=currency_unit.code,
+            low_balance_threshold=low_balance_threshold,
+            opened_by=opened_by,
+        )
+
+    @event("Opened")
+    def __init__(self, tenant: str, currency: str, low_balance_threshold: int | None, opened_by: str) -> None:
+        self.tenant = tenant
+        self.currency = currency
+        self.opened_by = opened_by
+        # Everything below is keyed by str and holds JSON-transcodable values, so snapshots work too.
+        self._grants: dict[str, GrantRecord] = {}  # insertion order = granted order
+        self._holds: dict[str, HoldRecord] = {}
+        self._receivable: dict[str, int] = {}
+        self._recent_draws: dict[str, list[Draw]] = {}
+        self._low_balance: dict[str, dict[str, Any]] = {}
+        self._auto_top_up: dict[str, dict[str, Any]] = {}
+        self._top_up_history: dict[str, dict[str, Any]] = {}
+        if low_balance_threshold is not None:
+            self._low_balance[currency] = {"threshold": low_balance_threshold, "armed": low_balance_threshold <= 0}
+
+    # == read helpers (pure) ==================================================================================
+
+    def balance(self, unit: str) -> int:
+        """Sum of the open grants' remaining credit of ``unit`` (sub-units), holds included."""
+        return sum(g["remaining"] for g in self._grants.values() if g["unit"] == unit and g["status"] == "open")
+
+    def held(self, unit: str) -> int:
+        return sum(h["amount"] for h in self._holds.values() if h["unit"] == unit and h["status"] == "active")
+
+    def available(self, unit: str) -> int:
+        """Wallet balance minus active holds (negative only when credit under a hold vanished)."""
+        return self.balance(unit) - self.held(unit)
+
+    def receivable(self, unit: str) -> int:
+        return self._receivable.get(unit, 0)
+
+    def spendable(self, unit: str, meter: str | None, at: datetime) -> int:
+        """What a debit or hold for ``meter`` at ``at`` can draw from credit: eligible grants, minus holds."""
+        eligible = sum(g["remaining"] for g in self._eligible_grants(unit, meter, at))
+        return max(0, min(eligible, self.available(unit)))
+
+    def grant_balances(self) -> list[dict[str, Any]]:
+        """Every grant, in granted order, with its remaining credit (copies: mutating them changes nothing)."""
+        keys = (
+            "grant_id", "unit", "amount", "remaining", "priority", "effective_at", "expires_at", "scope",
+            "source", "status", "refunded",
+        )
+        return [{k: _copy(g[k]) for k in keys} for g in self._grants.values()]
+
+    def hold(self, hold_id: UUID) -> dict[str, Any]:
+        try:
+            return dict(self._holds[str(hold_id)])
+        except KeyError:
+            raise UnknownHold(f"no hold {hold_id}") from None
+
+    def units(self) -> list[str]:
+        """Every unit that has ever had a grant, hold or receivable on this account."""
+        seen = [g["unit"] for g in self._grants.values()] + [h["unit"] for h in self._holds.values()]
+        return sorted(set(seen) | set(self._receivable))
+
+    # == grants ==============================================================================================
+
+    def grant_credit(
+        self,
+        *,
+        grant_id: UUID,
+        unit: str,
+        amount: int,
+        priority: int = 0,
+        effective_at: datetime,
+        expires_at: datetime | None,
+        scope: list[str] | None,
+        source: str,
+        cause: dict[str, Any],
+        granted_by: str,
+        tax_amount: int = 0,
+    ) -> None:
+        """Adds a grant of ``amount`` sub-units. ``tax_amount`` (same unit) only for purchases."""
+        self._require_unit(unit)
+        if str(grant_id) in self._grants:
+            raise DuplicateGrant(f"grant {grant_id} already exists")
+        _require_amount("amount", amount)
+        _require_amount("tax_amount", tax_amount, allow_zero=True)
+        _require_priority(priority)
+        _require_time("effective_at", effective_at)
+        if expires_at is not None:
+            _require_time("expires_at", expires_at)
+            if expires_at <= effective_at:
+                raise InvalidArgument("expires_at must be after effective_at")
+        scope = _require_scope(scope)
+        if source not in _CALLER_SOURCES:
+            raise InvalidArgument(f"unknown grant source {source!r}; expected one of {sorted(_CALLER_SOURCES)}")
+        if tax_amount and source != GrantSource.PURCHASE:
+            raise InvalidArgument("tax is only booked on purchases")
+        _require_text("granted_by", granted_by)
+        gid = str(grant_id)
+        funding = FUNDING_ACCOUNT[source]
+        postings = [posting(funding, unit, amount + tax_amount, gid), posting(LedgerAccount.TENANT_WALLET, unit, -amount, gid)]
+        if tax_amount:
+            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, -tax_amount, gid))
+        assert_balanced(postings)
+        self._credit_granted(
+            grant_id=grant_id, unit=unit, amount=amount, priority=priority, effective_at=effective_at,
+            expires_at=expires_at, scope=scope, source=str(source), tax_amount=tax_amount, cause=dict(cause),
+            granted_by=granted_by, postings=postings,
+        )
+        # A grant only raises the balance: no downward crossing to check.
+
+    @event("CreditGranted")
+    def _credit_granted(
+        self, grant_id: UUID, unit: str, amount: int, priority: int, effective_at: datetime,
+        expires_at: datetime | None, scope: list[str] | None, source: str, tax_amount: int, cause: dict[str, Any],
+        granted_by: str, postings: list[Posting],
+    ) -> None:
+        self._add_grant({
+            "grant_id": str(grant_id), "unit": unit, "amount": amount, "priority": priority,
+            "effective_at": effective_at, "expires_at": expires_at, "scope": scope, "source": source,
+            "funded_by": str(FUNDING_ACCOUNT[source]), "tax_amount": tax_amount, "cause": cause,
+            "granted_by": granted_by,
+        })
+        self._update_arming(unit)
+
+    def expire_grants(self, now: datetime) -> None:
+        """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once (a ``GrantExpired`` each)."""
+        _require_time("now", now)
+        due = [g for g in self._grants.values() if g["status"] == "open" and g["expires_at"] is not None
+               and g["expires_at"] <= now]
+        due.sort(key=lambda g: (g["expires_at"], g["seq"]))
+        units: set[str] = set()
+        for g in due:
+            remainder = g["remaining"]
+            postings: list[Posting] = []
+            if remainder:
+                postings = [
+                    posting(LedgerAccount.TENANT_WALLET, g["unit"], remainder, g["grant_id"]),
+                    posting(LedgerAccount.BREAKAGE, g["unit"], -remainder, g["grant_id"]),
+                ]
+            assert_balanced(postings)
+            self._grant_expired(
+                grant_id=UUID(g["grant_id"]), unit=g["unit"], remainder=remainder, source=g["source"],
+                expired_at=g["expires_at"], postings=postings, at=now,
+            )
+            units.add(g["unit"])
+        for unit in sorted(units):
+            self._check_thresholds(unit, now)
+
+    @event("GrantExpired")
+    def _grant_expired(
+        self, grant_id: UUID, unit: str, remainder: int, source: str, expired_at: datetime,
+        postings: list[Posting], at: datetime,
+    ) -> None:
+        g = self._grants[str(grant_id)]
+        g["remaining"] -= remainder
+        g["breakage"] = remainder
+        g["status"] = "expired"
+        self._forget_draws_of(unit, g["grant_id"])
+        self._update_arming(unit)
+
+    def void_grant(self, *, grant_id: UUID, reason: str, voided_by: str, at: datetime) -> None:
+        """Closes a non-paid grant (e.g. a plan change voids the old plan's recurring grant).
+
+        The remainder goes back to the account that funded the grant. Paid grants are refunded instead.
+        """
+        g = self._grant(grant_id)
+        _require_text("reason", reason)
+        _require_text("voided_by", voided_by)
+        _require_time("at", at)
+        if g["source"] in PAID_SOURCES:
+            raise NotVoidable(f"grant {grant_id} was paid for: refund it instead")
+        if g["status"] != "open":
+            raise GrantClosed(f"grant {grant_id} is {g['status']}")
+        remainder = g["remaining"]
+        postings: list[Posting] = []
+        if remainder:
+            postings = [
+                posting(LedgerAccount.TENANT_WALLET, g["unit"], remainder, g["grant_id"]),
+                posting(LedgerAccount(g["funded_by"]), g["unit"], -remainder, g["grant_id"]),
+            ]
+        assert_balanced(postings)
+        self._grant_voided(grant_id=grant_id, unit=g["unit"], remainder=remainder, reason=reason,
+                           voided_by=voided_by, postings=postings, at=at)
+        self._check_thresholds(g["unit"], at)
+
+    @event("GrantVoided")
+    def _grant_voided(
+        self, grant_id: UUID, unit: str, remainder: int, reason: str, voided_by: str, postings: list[Posting],
+        at: datetime,
+    ) -> None:
+        g = self._grants[str(grant_id)]
+        g["remaining"] -= remainder
+        g["status"] = "voided"
+        self._forget_draws_of(unit, g["grant_id"])
+        self._update_arming(unit)
+
+    # == usage ===============================================================================================
+
+    def debit_usage(
+        self,
+        *,
+        command_id: UUID,
+        unit: str,
+        amount: int,
+        meter: str,
+        at: datetime,
+        overage_policy: str,
+        cause: dict[str, Any],
+    ) -> None:
+        """Draws ``amount`` sub-units for ``meter`` (negative = give-back). Never raises for lack of credit."""
+        self._require_unit(unit)
+        _require_amount("amount", amount, allow_zero=True, allow_negative=True)
+        _require_text("meter", meter)
+        _require_time("at", at)
+        if overage_policy not in OVERAGE_POLICIES:
+            raise InvalidArgument(f"overage_policy must be one of {OVERAGE_POLICIES}, not {overage_policy!r}")
+        cause = dict(cause)
+        if amount < 0:
+            self._give_back(command_id=command_id, unit=unit, amount=amount, meter=meter, at=at, cause=cause)
+            return
+        spendable = self.spendable(unit, meter, at)
+        from_credit = min(amount, spendable)
+        if from_credit < amount and overage_policy == "block":
+            self._usage_rejected(command_id=command_id, meter=meter, unit=unit, amount=amount,
+                                 reason=REJECTED_INSUFFICIENT_CREDIT, spendable=spendable, cause=cause, at=at)
+            return
+        draws = self._plan_draws(unit, meter, at, from_credit)
+        overage = amount - from_credit
+        postings = _usage_postings(unit, draws, overage)
+        assert_balanced(postings)
+        self._usage_debited(command_id=command_id, meter=meter, unit=unit, amount=amount, postings=postings,
+                            draws=draws, overage=overage, credit_grant=None, cause=cause, at=at)
+        self._check_thresholds(unit, at)
+
+    def _give_back(
+        self, *, command_id: UUID, unit: str, amount: int, meter: str, at: datetime, cause: dict[str, Any]
+    ) -> None:
+        left = -amount
+        postings: list[Posting] = []
+        reduce_receivable = min(left, self.receivable(unit))
+        if reduce_receivable:
+            postings += [
+                posting(LedgerAccount.RECOGNISED_REVENUE, unit, reduce_receivable),
+                posting(LedgerAccount.RECEIVABLES, unit, -reduce_receivable),
+            ]
+            left -= reduce_receivable
+        draws: list[Draw] = []
+        for entry in reversed(self._recent_draws.get(unit, [])):
+            if left == 0:
+                break
+            g = self._grants[entry["grant_id"]]
+            if not _is_eligible(g, meter, at, need_remaining=False):
+                continue
+            back = min(left, entry["amount"])
+            draws.append({"grant_id": g["grant_id"], "amount": -back})
+            postings += [
+                posting(LedgerAccount.RECOGNISED_REVENUE, unit, back, g["grant_id"]),
+                posting(LedgerAccount.TENANT_WALLET, unit, -back, g["grant_id"]),
+            ]
+            left -= back
+        credit_grant: GrantRecord | None = None
+        if left:
+            gid = str(uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/give-back/{command_id}"))
+            credit_grant = {
+                "grant_id": gid, "unit": unit, "amount": left, "priority": 0, "effective_at": at,
+                "expires_at": None, "scope": None, "source": GrantSource.USAGE_REVERSAL.value,
+                "funded_by": LedgerAccount.RECOGNISED_REVENUE.value, "tax_amount": 0,
+                "cause": {"command_id": str(command_id), "meter": meter}, "granted_by": "ledger",
+            }
+            postings += [
+                posting(LedgerAccount.RECOGNISED_REVENUE, unit, left, gid),
+                posting(LedgerAccount.TENANT_WALLET, unit, -left, gid),
+            ]
+        assert_balanced(postings)
+        self._usage_debited(command_id=command_id, meter=meter, unit=unit, amount=amount, postings=postings,
+                            draws=draws, overage=-reduce_receivable, credit_grant=credit_grant, cause=cause, at=at)
+        self._check_thresholds(unit, at)
+
+    @event("UsageDebited")
+    def _usage_debited(
+        self, command_id: UUID, meter: str, unit: str, amount: int, postings: list[Posting], draws: list[Draw],
+        overage: int, credit_grant: GrantRecord | None, cause: dict[str, Any], at: datetime,
+    ) -> None:
+        # ``overage`` is the change of receivables: positive = posted beyond credit, negative = given back.
+        self._apply_draws(unit, draws, remember=True)
+        self._receivable[unit] = self._receivable.get(unit, 0) + overage
+        if credit_grant is not None:
+            self._add_grant(credit_grant)
+        self._update_arming(unit)
+
+    @event("UsageRejected")
+    def _usage_rejected(
+        self, command_id: UUID, meter: str, unit: str, amount: int, reason: str, spendable: int,
+        cause: dict[str, Any], at: datetime,
+    ) -> None:
+        pass  # recorded so the command counts as handled; nothing moves
+
+    # == holds ===============================================================================================
+
+    def place_hold(
+        self, *, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime
+    ) -> bool:
+        """Reserves ``amount`` if spendable; answers yes/no. Repeating a hold id returns the first answer."""
+        existing = self._holds.get(str(hold_id))
+        if existing is not None:
+            return bool(existing["status"] != "rejected")
+        self._require_unit(unit)
+        _require_amount("amount", amount)
+        if meter is not None:
+            _require_text("meter", meter)
+        _require_time("at", at)
+        _require_time("expires_at", expires_at)
+        if expires_at <= at:
+            raise InvalidArgument("a hold must expire after it is placed")
+        spendable = self.spendable(unit, meter, at)
+        if spendable < amount:
+            self._hold_rejected(hold_id=hold_id, unit=unit, amount=amount, meter=meter,
+                                reason=REJECTED_INSUFFICIENT_CREDIT, spendable=spendable, at=at)
+            return False
+        self._hold_placed(hold_id=hold_id, unit=unit, amount=amount, meter=meter, expires_at=expires_at, at=at)
+        self._check_thresholds(unit, at)
+        return True
+
+    @event("HoldPlaced")
+    def _hold_placed(
+        self, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime
+    ) -> None:
+        self._holds[str(hold_id)] = {
+            "hold_id": str(hold_id), "unit": unit, "amount": amount, "meter": meter, "expires_at": expires_at,
+            "placed_at": at, "status": "active", "captured": 0,
+        }
+        self._update_arming(unit)
+
+    @event("HoldRejected")
+    def _hold_rejected(
+        self, hold_id: UUID, unit: str, amount: int, meter: str | None, reason: str, spendable: int, at: datetime
+    ) -> None:
+        self._holds[str(hold_id)] = {
+            "hold_id": str(hold_id), "unit": unit, "amount": amount, "meter": meter, "expires_at": at,
+            "placed_at": at, "status": "rejected", "captured": 0,
+        }
+
+    def capture_hold(self, *, hold_id: UUID, amount: int, at: datetime, allow_overage: bool = False) -> None:
+        """Spends ``amount`` (at most the hold unless ``allow_overage``) like a usage debit; releases the rest."""
+        h = self._active_hold(hold_id)
+        _require_amount("amount", amount, allow_zero=True)
+        _require_time("at", at)
+        if at >= h["expires_at"]:
+            raise HoldLapsed(f"hold {hold_id} expired at {h['expires_at'].isoformat()}")
+        if amount > h["amount"] and not allow_overage:
+            raise CaptureExceedsHold(f"capture of {amount} exceeds hold of {h['amount']}")
+        unit = h["unit"]
+        # The hold's own reservation is spendable by its capture.
+        eligible = sum(g["remaining"] for g in self._eligible_grants(unit, h["meter"], at))
+        spendable = max(0, min(eligible, self.available(unit) + h["amount"]))
+        from_credit = min(amount, spendable)
+        draws = self._plan_draws(unit, h["meter"], at, from_credit)
+        overage = amount - from_credit
+        postings = _usage_postings(unit, draws, overage)
+        assert_balanced(postings)
+        self._hold_captured(hold_id=hold_id, unit=unit, meter=h["meter"], held_amount=h["amount"], amount=amount,
+                            postings=postings, draws=draws, overage=overage, at=at)
+        self._check_thresholds(unit, at)
+
+    @event("HoldCaptured")
+    def _hold_captured(
+        self, hold_id: UUID, unit: str, meter: str | None, held_amount: int, amount: int, postings: list[Posting],
+        draws: list[Draw], overage: int, at: datetime,
+    ) -> None:
+        h = self._holds[str(hold_id)]
+        h["status"] = "captured"
+        h["captured"] = amount
+        self._apply_draws(unit, draws, remember=True)
+        self._receivable[unit] = self._receivable.get(unit, 0) + overage
+        self._update_arming(unit)
+
+    def release_hold(self, *, hold_id: UUID, at: datetime) -> None:
+        h = self._active_hold(hold_id)
+        _require_time("at", at)
+        self._hold_released(hold_id=hold_id, unit=h["unit"], amount=h["amount"], at=at)
+
+    @event("HoldReleased")
+    def _hold_released(self, hold_id: UUID, unit: str, amount: int, at: datetime) -> None:
+        self._holds[str(hold_id)]["status"] = "released"
+        self._update_arming(unit)
+
+    def expire_holds(self, now: datetime) -> None:
+        """Releases every active hold whose ``expires_at <= now`` (a ``HoldExpired`` each)."""
+        _require_time("now", now)
+        due = [h for h in self._holds.values() if h["status"] == "active" and h["expires_at"] <= now]
+        due.sort(key=lambda h: (h["expires_at"], h["hold_id"]))
+        for h in due:
+            self._hold_expired(hold_id=UUID(h["hold_id"]), unit=h["unit"], amount=h["amount"],
+                               expires_at=h["expires_at"], at=now)
+
+    @event("HoldExpired")
+    def _hold_expired(self, hold_id: UUID, unit: str, amount: int, expires_at: datetime, at: datetime) -> None:
+        self._holds[str(hold_id)]["status"] = "expired"
+        self._update_arming(unit)
+
+    # == refunds, adjustments, settlements =====================================================================
+
+    def refund_grant(
+        self,
+        *,
+        grant_id: UUID,
+        amount: int,
+        refund_id: UUID,
+        at: datetime,
+        finance_override: bool = False,
+        cause: dict[str, Any],
+        tax_amount: int = 0,
+    ) -> None:
+        """Pays back ``amount`` (+ ``tax_amount``) of a paid grant through the gateway.
+
+        Without ``finance_override`` only unspent, unreserved credit can be refunded
+        (``min(remaining, available)``). With it, the grant's remaining credit is taken first, then the
+        part that lapsed to breakage is reversed from ``BREAKAGE`` and the part that was spent from
+        ``RECOGNISED_REVENUE`` (a concession: the tenant is not billed again, so not ``RECEIVABLES``).
+        """
+        g = self._grant(grant_id)
+        _require_amount("amount", amount)
+        _require_amount("tax_amount", tax_amount, allow_zero=True)
+        _require_time("at", at)
+        if g["source"] not in PAID_SOURCES:
+            raise NotRefundable(f"grant {grant_id} is {g['source']}: only paid grants are refunded (void it)")
+        if g["refunded"] + amount > g["amount"]:
+            raise RefundExceedsGrant(f"refunds would total more than the grant's {g['amount']}")
+        if g["refunded_tax"] + tax_amount > g["tax_amount"]:
+            raise RefundExceedsGrant(f"tax refunds would total more than the {g['tax_amount']} collected")
+        in_wallet = g["remaining"] if g["status"] == "open" else 0
+        unspent = max(0, min(in_wallet, self.available(g["unit"])))
+        if amount > unspent and not finance_override:
+            raise RefundExceedsRemaining(f"only {unspent} of grant {grant_id} is unspent and unreserved")
+        from_wallet = min(amount, in_wallet)
+        from_breakage = min(amount - from_wallet, g["breakage"] - g["breakage_reversed"])
+        from_revenue = amount - from_wallet - from_breakage
+        unit, gid = g["unit"], g["grant_id"]
+        postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -(amount + tax_amount), gid)]
+        for account, part in ((LedgerAccount.TENANT_WALLET, from_wallet), (LedgerAccount.BREAKAGE, from_breakage),
+                              (LedgerAccount.RECOGNISED_REVENUE, from_revenue),
+                              (LedgerAccount.TAX_PAYABLE, tax_amount)):
+            if part:
+                postings.append(posting(account, unit, part, gid))
+        assert_balanced(postings)
+        self._grant_refunded(refund_id=refund_id, grant_id=grant_id, unit=unit, amount=amount, tax_amount=tax_amount,
+                             from_wallet=from_wallet, from_breakage=from_breakage, from_revenue=from_revenue,
+                             finance_override=bool(finance_override), postings=postings, cause=dict(cause), at=at)
+        self._check_thresholds(unit, at)
+
+    @event("GrantRefunded")
+    def _grant_refunded(
+        self, refund_id: UUID, grant_id: UUID, unit: str, amount: int, tax_amount: int, from_wallet: int,
+        from_breakage: int, from_revenue: int, finance_override: bool, postings: list[Posting],
+        cause: dict[str, Any], at: datetime,
+    ) -> None:
+        g = self._grants[str(grant_id)]
+        g["remaining"] -= from_wallet
+        g["refunded"] += amount
+        g["refunded_tax"] += tax_amount
+        g["breakage_reversed"] += from_breakage
+        self._update_arming(unit)
+
+    def adjust(self, *, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, at: datetime) -> None:
+        """Manual correction by admin/finance (counter-account ``MANUAL_ADJUSTMENT``).
+
+        Positive: a new unscoped, non-expiring grant whose id is ``adjustment_id``. Negative: taken from the
+        open grants in drawdown order (scope and dates ignored), at most ``available`` (raises
+        ``InsufficientCredit``).
+        """
+        self._require_unit(unit)
+        _require_amount("amount", amount, allow_negative=True)
+        _require_text("reason", reason)
+        _require_text("user", user)
+        _require_time("at", at)
+        postings: list[Posting] = []
+        draws: list[Draw] = []
+        grant: GrantRecord | None = None
+        if amount > 0:
+            gid = str(adjustment_id)
+            if gid in self._grants:
+                raise DuplicateGrant(f"adjustment {adjustment_id} was already applied")
+            grant = {
+                "grant_id": gid, "unit": unit, "amount": amount, "priority": 0, "effective_at": at,
+                "expires_at": None, "scope": None, "source": GrantSource.MANUAL.value,
+                "funded_by": LedgerAccount.MANUAL_ADJUSTMENT.value, "tax_amount": 0,
+                "cause": {"adjustment_id": gid, "reason": reason}, "granted_by": user,
+            }
+            postings = [posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, amount, gid),
+                        posting(LedgerAccount.TENANT_WALLET, unit, -amount, gid)]
+        else:
+            take = -amount
+            if take > self.available(unit):
+                raise InsufficientCredit(f"cannot remove {take}: only {self.available(unit)} is available")
+            open_grants = [g for g in self._grants.values()
+                           if g["unit"] == unit and g["status"] == "open" and g["remaining"] > 0]
+            left = take
+            for g in sorted(open_grants, key=_drawdown_key):
+                if left == 0:
+                    break
+                part = min(left, g["remaining"])
+                draws.append({"grant_id": g["grant_id"], "amount": part})
+                postings += [posting(LedgerAccount.TENANT_WALLET, unit, part, g["grant_id"]),
+                             posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, -part, g["grant_id"])]
+                left -= part
+            assert left == 0, "available never exceeds the open grants' remaining credit"
+        assert_balanced(postings)
+        self._balance_adjusted(adjustment_id=adjustment_id, unit=unit, amount=amount, reason=reason, user=user,
+                               postings=postings, draws=draws, grant=grant, at=at)
+        self._check_thresholds(unit, at)
+
+    @event("BalanceAdjusted")
+    def _balance_adjusted(
+        self, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, postings: list[Posting],
+        draws: list[Draw], grant: GrantRecord | None, at: datetime,
+    ) -> None:
+        self._apply_draws(unit, draws, remember=False)
+        if grant is not None:
+            self._add_grant(grant)
+        self._update_arming(unit)
+
+    def settle_receivable(
+        self, *, settlement_id: UUID, unit: str, amount: int, at: datetime, cause: dict[str, Any]
+    ) -> None:
+        """Records payment of outstanding overage (Dr GATEWAY_CLEARING / Cr RECEIVABLES)."""
+        self._require_unit(unit)
+        _require_amount("amount", amount)
+        _require_time("at", at)
+        if amount > self.receivable(unit):
+            raise InvalidAmount(f"settlement {amount} exceeds the receivable {self.receivable(unit)}")
+        postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, amount),
+                    posting(LedgerAccount.RECEIVABLES, unit, -amount)]
+        assert_balanced(postings)
+        self._receivable_settled(settlement_id=settlement_id, unit=unit, amount=amount, postings=postings,
+                                 cause=dict(cause), at=at)
+
+    @event("ReceivableSettled")
+    def _receivable_settled(
+        self, settlement_id: UUID, unit: str, amount: int, postings: list[Posting], cause: dict[str, Any],
+        at: datetime,
+    ) -> None:
+        self._receivable[unit] = self._receivable.get(unit, 0) - amount
+
+    # == low balance and auto top-up ==========================================================================
+
+    def set_low_balance_threshold(self, unit: str, threshold: int | None) -> None:
+        """Alerts once when ``available`` drops below ``threshold``; ``None`` removes the alert."""
+        self._require_unit(unit)
+        if threshold is not None:
+            _require_amount("threshold", threshold, allow_zero=True)
+        self._low_balance_threshold_set(unit=unit, threshold=threshold)
+
+    @event("LowBalanceThresholdSet")
+    def _low_balance_threshold_set(self, unit: str, threshold: int | None) -> None:
+        if threshold is None:
+            self._low_balance.pop(unit, None)
+        else:
+            self._low_balance[unit] = {"threshold": threshold, "armed": self.available(unit) >= threshold}
+
+    @event("LowBalanceReached")
+    def _low_balance_reached(self, unit: str, threshold: int, available: int, at: datetime) -> None:
+        self._low_balance[unit]["armed"] = False
+
+    def set_auto_top_up(
+        self,
+        unit: str,
+        threshold: int,
+        target: int | None,
+        package_code: str | None,
+        cooldown_seconds: int,
+        monthly_cap: int,
+        *,
+        package_amount: int | None = None,
+    ) -> None:
+        """Requests a top-up when ``available`` drops below ``threshold``: to ``target``, or one package.
+
+        Exactly one of ``target`` / ``package_code``; a package needs ``package_amount`` (its credit in
+        sub-units of ``unit``) so the monthly cap can be enforced. ``monthly_cap`` bounds the requested
+        amounts per calendar month (UTC).
+        """
+        self._require_unit(unit)
+        _require_amount("threshold", threshold, allow_zero=True)
+        if (target is None) == (package_code is None):
+            raise InvalidArgument("give exactly one of target or package_code")
+        if target is not None:
+            _require_amount("target", target)
+            if target <= threshold:
+                raise InvalidArgument("target must be above threshold")
+            if package_amount is not None:
+                raise InvalidArgument("package_amount only goes with package_code")
+        else:
+            _require_text("package_code", package_code)
+            if package_amount is None:
+                raise InvalidArgument("a package top-up needs package_amount")
+            _require_amount("package_amount", package_amount)
+        if type(cooldown_seconds) is not int or not 0 <= cooldown_seconds <= AUTO_TOP_UP_COOLDOWN_SECONDS_MAX:
+            raise InvalidArgument(f"cooldown_seconds must be an int in [0, {AUTO_TOP_UP_COOLDOWN_SECONDS_MAX}]")
+        _require_amount("monthly_cap", monthly_cap)
+        self._auto_top_up_set(unit=unit, threshold=threshold, target=target, package_code=package_code,
+                              package_amount=package_amount, cooldown_seconds=cooldown_seconds,
+                              monthly_cap=monthly_cap)
+
+    @event("AutoTopUpRuleSet")
+    def _auto_top_up_set(
+        self, unit: str, threshold: int, target: int | None, package_code: str | None, package_amount: int | None,
+        cooldown_seconds: int, monthly_cap: int,
+    ) -> None:
+        self._auto_top_up[unit] = {
+            "threshold": threshold, "target": target, "package_code": package_code,
+            "package_amount": package_amount, "cooldown_seconds": cooldown_seconds, "monthly_cap": monthly_cap,
+            "armed": self.available(unit) >= threshold,
+        }
+
+    def clear_auto_top_up(self, unit: str) -> None:
+        if unit not in self._auto_top_up:
+            return
+        self._auto_top_up_cleared(unit=unit)
+
+    @event("AutoTopUpRuleCleared")
+    def _auto_top_up_cleared(self, unit: str) -> None:
+        del self._auto_top_up[unit]
+
+    @event("AutoTopUpRequested")
+    def _auto_top_up_requested(
+        self, request_id: UUID, unit: str, amount: int, package_code: str | None, available: int, at: datetime
+    ) -> None:
+        self._auto_top_up[unit]["armed"] = False
+        history = self._top_up_history.setdefault(unit, {"count": 0, "last_at": None, "month": "", "month_total": 0})
+        month = _month(at)
+        if history["month"] != month:
+            history["month"], history["month_total"] = month, 0
+        history["month_total"] += amount
+        history["count"] += 1
+        history["last_at"] = at
+
+    def _check_thresholds(self, unit: str, at: datetime) -> None:
+        """Records the edge-triggered alerts a movement just caused (called after every movement)."""
+        available = self.available(unit)
+        alert = self._low_balance.get(unit)
+        if alert is not None and alert["armed"] and available < alert["threshold"]:
+            self._low_balance_reached(unit=unit, threshold=alert["threshold"], available=available, at=at)
+        rule = self._auto_top_up.get(unit)
+        if rule is None or not rule["armed"] or available >= rule["threshold"]:
+            return
+        amount = rule["package_amount"] if rule["package_code"] is not None else rule["target"] - available
+        history = self._top_up_history.get(unit, {"count": 0, "last_at": None, "month": "", "month_total": 0})
+        if history["last_at"] is not None and at - history["last_at"] < timedelta(seconds=rule["cooldown_seconds"]):
+            return  # still cooling down: stays armed
+        month_total = history["month_total"] if history["month"] == _month(at) else 0
+        if month_total + amount > rule["monthly_cap"]:
+            return  # over the month's cap: stays armed
+        request_id = uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/auto-top-up/{unit}/{history['count']}")
+        self._auto_top_up_requested(request_id=request_id, unit=unit, amount=amount,
+                                    package_code=rule["package_code"], available=available, at=at)
+
+    # == internals (pure helpers shared by commands and event application) =====================================
+
+    def _require_unit(self, unit: str) -> None:
+        if not isinstance(unit, str):
+            raise InvalidUnit("unit must be a string")
+        if is_currency_code(unit):
+            if unit != self.currency:
+                raise UnitMismatch(f"account {self.tenant} is in {self.currency}, not {unit}")
+            return
+        try:
+            credit_unit(unit)
+        except MoneyError as exc:
+            raise InvalidUnit(str(exc)) from exc
+
+    def _grant(self, grant_id: UUID) -> GrantRecord:
+        try:
+            return self._grants[str(grant_id)]
+        except KeyError:
+            raise UnknownGrant(f"no grant {grant_id}") from None
+
+    def _active_hold(self, hold_id: UUID) -> HoldRecord:
+        h = self._holds.get(str(hold_id))
+        if h is None:
+            raise UnknownHold(f"no hold {hold_id}")
+        if h["status"] != "active":
+            raise HoldAlreadySettled(f"hold {hold_id} is {h['status']}")
+        return h
+
+    def _eligible_grants(self, unit: str, meter: str | None, at: datetime) -> list[GrantRecord]:
+        """Grants a debit for ``meter`` at ``at`` may draw from, in drawdown order."""
+        found = [g for g in self._grants.values() if g["unit"] == unit and _is_eligible(g, meter, at)]
+        found.sort(key=_drawdown_key)
+        return found
+
+    def _plan_draws(self, unit: str, meter: str | None, at: datetime, amount: int) -> list[Draw]:
+        draws: list[Draw] = []
+        left = amount
+        for g in self._eligible_grants(unit, meter, at):
+            if left == 0:
+                break
+            part = min(left, g["remaining"])
+            draws.append({"grant_id": g["grant_id"], "amount": part})
+            left -= part
+        assert left == 0, "callers never plan more than the eligible credit"
+        return draws
+
+    def _add_grant(self, record: GrantRecord) -> None:
+        self._grants[record["grant_id"]] = dict(
+            record, remaining=record["amount"], status="open", seq=len(self._grants), refunded=0, refunded_tax=0,
+            breakage=0, breakage_reversed=0,
+        )
+
+    def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
+        for draw in draws:
+            gid, amount = draw["grant_id"], draw["amount"]
+            self._grants[gid]["remaining"] -= amount
+            if not remember:
+                continue
+            stack = self._recent_draws.setdefault(unit, [])
+            if amount > 0:
+                if stack and stack[-1]["grant_id"] == gid:
+                    stack[-1]["amount"] += amount
+                else:
+                    stack.append({"grant_id": gid, "amount": amount})
+                    if len(stack) > DRAW_HISTORY_MAX:
+                        del stack[0]
+            else:
+                left = -amount
+                for index in range(len(stack) - 1, -1, -1):
+                    if left == 0:
+                        break
+                    entry = stack[index]
+                    if entry["grant_id"] != gid:
+                        continue
+                    back = min(left, entry["amount"])
+                    entry["amount"] -= back
+                    left -= back
+                stack[:] = [entry for entry in stack if entry["amount"] > 0]
+
+    def _forget_draws_of(self, unit: str, grant_id: str) -> None:
+        stack = self._recent_draws.get(unit)
+        if stack:
+            stack[:] = [entry for entry in stack if entry["grant_id"] != grant_id]
+
+    def _update_arming(self, unit: str) -> None:
+        """Re-arms the unit's alerts once ``available`` is back at or above their thresholds (derived state)."""
+        available = self.available(unit)
+        alert = self._low_balance.get(unit)
+        if alert is not None and available >= alert["threshold"]:
+            alert["armed"] = True
+        rule = self._auto_top_up.get(unit)
+        if rule is not None and available >= rule["threshold"]:
+            rule["armed"] = True
+
+
+_CALLER_SOURCES = frozenset(s.value for s in GrantSource) - {GrantSource.USAGE_REVERSAL.value}
+
+
+def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remaining: bool = True) -> bool:
+    if g["status"] != "open" or (need_remaining and g["remaining"] <= 0):
+        return False
+    if g["effective_at"] > at:
+        return False
+    if g["expires_at"] is not None and at >= g["expires_at"]:
+        return False
+    if g["scope"] is None:
+        return True
+    return meter is not None and meter in g["scope"]
+
+
+def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:
+    expires = g["expires_at"]
+    return (g["priority"], expires is None, expires if expires is not None else _NO_EXPIRY_KEY, g["seq"])
+
+
+def _usage_postings(unit: str, draws: list[Draw], overage: int) -> list[Posting]:
+    postings: list[Posting] = []
+    for draw in draws:
+        postings += [posting(LedgerAccount.TENANT_WALLET, unit, draw["amount"], draw["grant_id"]),
+                     posting(LedgerAccount.RECOGNISED_REVENUE, unit, -draw["amount"], draw["grant_id"])]
+    if overage:
+        postings += [posting(LedgerAccount.RECEIVABLES, unit, overage),
+                     posting(LedgerAccount.RECOGNISED_REVENUE, unit, -overage)]
+    return postings
+
+
+def _month(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m")
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _require_amount(name: str, value: Any, *, allow_zero: bool = False, allow_negative: bool = False) -> None:
+    if type(value) is not int:
+        raise InvalidAmount(f"{name} must be an int of sub-units, not {type(value).__name__}")
+    if abs(value) > MOVEMENT_SUBUNITS_MAX:
+        raise InvalidAmount(f"{name} exceeds {MOVEMENT_SUBUNITS_MAX} sub-units")
+    if value == 0 and not allow_zero:
+        raise InvalidAmount(f"{name} must not be zero")
+    if value < 0 and not allow_negative:
+        raise InvalidAmount(f"{name} must not be negative")
+
+
+def _require_time(name: str, value: Any) -> None:
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidTime(f"{name} must be a timezone-aware datetime")
+
+
+def _require_text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip() or len(value) > TEXT_CHARS_MAX:
+        raise InvalidArgument(f"{name} must be a non-empty string of at most {TEXT_CHARS_MAX} characters")
+
+
+def _require_priority(priority: Any) -> None:
+    if type(priority) is not int or abs(priority) > PRIORITY_ABS_MAX:
+        raise InvalidArgument(f"priority must be an int within +/-{PRIORITY_ABS_MAX}")
+
+
+def _require_scope(scope: Any) -> list[str] | None:
+    if scope is None:
+        return None
+    if not isinstance(scope, list | tuple) or not scope or len(scope) > SCOPE_METERS_MAX:
+        raise InvalidArgument(f"scope must be None (every meter) or a list of 1-{SCOPE_METERS_MAX} meter codes")
+    for meter in scope:
+        _require_text("scope meter", meter)
+    return sorted(set(scope))
+
+
+# == domain errors (ValueError: bad input or a refused command, never a half-applied change) ===================
+
+
+class LedgerError(ValueError):
+    """A command the ledger refuses; nothing was recorded."""
+
+
+class InvalidArgument(LedgerError):
+    pass
+
+
+class InvalidAmount(InvalidArgument):
+    pass
+
+
+class InvalidTime(InvalidArgument):
+    pass
+
+
+class InvalidUnit(InvalidArgument):
+    pass
+
+
+class UnitMismatch(InvalidUnit):
+    pass
+
+
+class DuplicateGrant(LedgerError):
+    pass
+
+
+class UnknownGrant(LedgerError):
+    pass
+
+
+class GrantClosed(LedgerError):
+    pass
+
+
+class NotVoidable(LedgerError):
+    pass
+
+
+class NotRefundable(LedgerError):
+    pass
+
+
+class RefundExceedsRemaining(LedgerError):
+    pass
+
+
+class RefundExceedsGrant(LedgerError):
+    pass
+
+
+class InsufficientCredit(LedgerError):
+    pass
+
+
+class UnknownHold(LedgerError):
+    pass
+
+
+class HoldAlreadySettled(LedgerError):
+    pass
+
+
+class HoldLapsed(HoldAlreadySettled):
+    pass
+
+
+class CaptureExceedsHold(InvalidAmount):
+    pass

@@ -1,0 +1,141 @@
+"""Pooled allocations of seat-like resources (seats, projects, concurrent jobs) for one billing account.
+
+One ``ResourcePool`` per (tenant, resource). Its capacity is the sum of the quantities of the account's
+active subscriptions for that resource (computed by the caller: subscriptions pool their quantities) and
+``set_capacity`` records it with its ``source`` (which subscriptions, which versions). Allocations never
+exceed capacity, and capacity can never be set below what is allocated (``can_reduce_to`` lets the
+subscription side refuse a quantity decrease before it happens: DESIGN.md section 6).
+
+Requests are idempotent by ``request_id``: a repeated ``allocate`` returns its first answer without a new
+event, so a retried caller cannot allocate twice. Refusals are recorded (``AllocationRefused``) so the
+answer to a retry is the same ``False``. No clock is read; times are arguments.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+# Bounds: a pool's capacity and any single request stay far inside int64.
+CAPACITY_MAX = 10**12
+RESOURCE_CHARS_MAX = 128
+
+
+class ResourcePool(Aggregate):
+    @staticmethod
+    def create_id(tenant: str, resource: str) -> UUID:
+        return uuid5(NAMESPACE_URL, f"/accounts/{tenant}/pools/{resource}")
+
+    @classmethod
+    def open(cls, *, tenant: str, resource: str) -> ResourcePool:
+        for name, value in (("tenant", tenant), ("resource", resource)):
+            if not isinstance(value, str) or not value.strip() or len(value) > RESOURCE_CHARS_MAX:
+                raise InvalidAllocation(f"{name} must be a non-empty string of at most {RESOURCE_CHARS_MAX} chars")
+        return cls(tenant=tenant, resource=resource)
+
+    @event("Opened")
+    def __init__(self, tenant: str, resource: str) -> None:
+        self.tenant = tenant
+        self.resource = resource
+        self.capacity = 0
+        self.capacity_source: dict[str, Any] = {}
+        self.in_use = 0
+        # request id (str) -> {"quantity", "status": allocated | refused | released, "at"}
+        self._requests: dict[str, dict[str, Any]] = {}
+
+    # -- read helpers ---------------------------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.in_use
+
+    def can_reduce_to(self, capacity: int) -> bool:
+        """Whether capacity may become ``capacity``: never below what is allocated now."""
+        return capacity >= self.in_use
+
+    def allocation(self, request_id: UUID) -> dict[str, Any] | None:
+        found = self._requests.get(str(request_id))
+        return dict(found) if found is not None else None
+
+    # -- commands -------------------------------------------------------------------------------------------
+
+    def set_capacity(self, capacity: int, source: dict[str, Any]) -> None:
+        """Records the pooled capacity; refused (``CapacityBelowUsage``) below current usage."""
+        _require_quantity("capacity", capacity, allow_zero=True)
+        if not self.can_reduce_to(capacity):
+            raise CapacityBelowUsage(f"{self.resource}: {self.in_use} in use, cannot reduce capacity to {capacity}")
+        if capacity == self.capacity and source == self.capacity_source:
+            return
+        self._capacity_set(capacity=capacity, source=dict(source))
+
+    @event("CapacitySet")
+    def _capacity_set(self, capacity: int, source: dict[str, Any]) -> None:
+        self.capacity = capacity
+        self.capacity_source = source
+
+    def allocate(self, request_id: UUID, quantity: int, at: datetime) -> bool:
+        """Allocates ``quantity`` if it fits; a repeated ``request_id`` returns the first answer."""
+        previous = self._requests.get(str(request_id))
+        if previous is not None:
+            return bool(previous["status"] != "refused")
+        _require_quantity("quantity", quantity)
+        _require_time(at)
+        if quantity > self.free:
+            self._allocation_refused(request_id=request_id, quantity=quantity, free=self.free, at=at)
+            return False
+        self._allocated(request_id=request_id, quantity=quantity, at=at)
+        return True
+
+    @event("Allocated")
+    def _allocated(self, request_id: UUID, quantity: int, at: datetime) -> None:
+        self._requests[str(request_id)] = {"quantity": quantity, "status": "allocated", "at": at}
+        self.in_use += quantity
+
+    @event("AllocationRefused")
+    def _allocation_refused(self, request_id: UUID, quantity: int, free: int, at: datetime) -> None:
+        self._requests[str(request_id)] = {"quantity": quantity, "status": "refused", "at": at}
+
+    def deallocate(self, request_id: UUID, at: datetime) -> bool:
+        """Frees an allocation; returns False (no event) if it was refused or is already freed."""
+        previous = self._requests.get(str(request_id))
+        if previous is None:
+            raise UnknownAllocation(f"no allocation request {request_id}")
+        _require_time(at)
+        if previous["status"] != "allocated":
+            return False
+        self._deallocated(request_id=request_id, quantity=previous["quantity"], at=at)
+        return True
+
+    @event("Deallocated")
+    def _deallocated(self, request_id: UUID, quantity: int, at: datetime) -> None:
+        self._requests[str(request_id)]["status"] = "released"
+        self.in_use -= quantity
+
+
+def _require_quantity(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if type(value) is not int or value < 0 or value > CAPACITY_MAX or (value == 0 and not allow_zero):
+        raise InvalidAllocation(f"{name} must be an int in [{0 if allow_zero else 1}, {CAPACITY_MAX}]")
+
+
+def _require_time(at: Any) -> None:
+    if not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None:
+        raise InvalidAllocation("at must be a timezone-aware datetime")
+
+
+class AllocationError(ValueError):
+    """A refused pool command; nothing was recorded."""
+
+
+class InvalidAllocation(AllocationError):
+    pass
+
+
+class CapacityBelowUsage(AllocationError):
+    pass
+
+
+class UnknownAllocation(AllocationError):
+    pass

@@ -1,0 +1,28 @@
+"""Leader election for the relay among several ledger processes: a PostgreSQL session advisory lock."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+class AdvisoryLock:
+    def __init__(self, database_url: str, name: str) -> None:
+        self._url = database_url
+        self._name = name
+        self._conn: asyncpg.Connection | None = None
+        self._held = False
+
+    async def is_held(self) -> bool:
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._held = False
+                self._conn = await asyncpg.connect(self._url)
+            if not self._held:
+                self._held = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._name))
+            else:
+                await self._conn.fetchval("SELECT 1")  # still connected means still held
+            return self._held
+        except (OSError, asyncpg.PostgresError):
+            self._held = False
+            self._conn = None
+            return False

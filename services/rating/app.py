@@ -1,0 +1,24 @@
+"""Wiring of the rating service: the usage consumer and the catalogue consumer."""
+
+from __future__ import annotations
+
+from billing_events import topics
+from billing_rating.service import RatingService
+from billing_runtime.bus import Bus
+from billing_runtime.db import open_database
+from billing_runtime.service import ConsumerSpec, ServiceParts
+from billing_runtime.settings import Settings
+
+
+async def build(settings: Settings, bus: Bus) -> ServiceParts:
+    db = await open_database("rating", settings)
+    service = RatingService(db, bus)
+    await service.setup()
+    return ServiceParts(
+        name="rating",
+        consumers=[
+            ConsumerSpec(settings.group("billing-rating"), [topics.USAGE_ACCEPTED], service.handle_accepted),
+            ConsumerSpec(settings.group("billing-rating-catalog"), [topics.LEDGER_EVENTS], service.handle_ledger_events),
+        ],
+        close=db.close,
+    )

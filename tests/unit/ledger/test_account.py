@@ -1,0 +1,825 @@
+"""Behaviour of the billing account aggregate, resource pools and the posting rules."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from eventsourcing.application import Application
+
+from billing_events import ids
+from billing_events.money import SUBUNITS_PER_UNIT
+from billing_ledger.domain.account import (
+    BillingAccount,
+    CaptureExceedsHold,
+    DuplicateGrant,
+    HoldAlreadySettled,
+    HoldLapsed,
+    InsufficientCredit,
+    InvalidAmount,
+    InvalidArgument,
+    InvalidTime,
+    InvalidUnit,
+    LedgerError,
+    NotRefundable,
+    NotVoidable,
+    RefundExceedsGrant,
+    RefundExceedsRemaining,
+    UnitMismatch,
+    UnknownHold,
+)
+from billing_ledger.domain.allocation import (
+    CapacityBelowUsage,
+    InvalidAllocation,
+    ResourcePool,
+    UnknownAllocation,
+)
+from billing_ledger.domain.postings import (
+    LedgerAccount,
+    UnbalancedPostings,
+    account_balances,
+    assert_balanced,
+    posting,
+    wallet_delta,
+)
+
+U = SUBUNITS_PER_UNIT
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+USD = "USD"
+CREDIT = "CREDIT"
+
+
+def at(minutes: int = 0, *, days: int = 0) -> datetime:
+    return T0 + timedelta(minutes=minutes, days=days)
+
+
+def new_account(**kwargs: Any) -> BillingAccount:
+    account = BillingAccount.open("acme", USD, opened_by="admin@test", **kwargs)
+    account.collect_events()
+    return account
+
+
+def give(
+    account: BillingAccount,
+    key: str,
+    amount: int,
+    *,
+    unit: str = USD,
+    priority: int = 0,
+    effective_at: datetime = T0,
+    expires_at: datetime | None = None,
+    scope: list[str] | None = None,
+    source: str = "purchase",
+    tax_amount: int = 0,
+) -> UUID:
+    grant_id = ids.grant_id(account.tenant, key)
+    account.grant_credit(
+        grant_id=grant_id, unit=unit, amount=amount, priority=priority, effective_at=effective_at,
+        expires_at=expires_at, scope=scope, source=source, cause={"key": key}, granted_by="test",
+        tax_amount=tax_amount,
+    )
+    return grant_id
+
+
+def debit(
+    account: BillingAccount, amount: int, *, unit: str = USD, meter: str = "tokens", when: datetime | None = None,
+    policy: str = "overage",
+) -> UUID:
+    command_id = uuid4()
+    account.debit_usage(command_id=command_id, unit=unit, amount=amount, meter=meter, at=when or at(1),
+                        overage_policy=policy, cause={"event_id": str(command_id)})
+    return command_id
+
+
+def events(account: BillingAccount) -> list[Any]:
+    return list(account.collect_events())
+
+
+def names(evts: list[Any]) -> list[str]:
+    return [type(e).__name__ for e in evts]
+
+
+def remaining(account: BillingAccount, grant_id: UUID) -> int:
+    return next(g["remaining"] for g in account.grant_balances() if g["grant_id"] == str(grant_id))
+
+
+def last(evts: list[Any], name: str) -> Any:
+    return [e for e in evts if type(e).__name__ == name][-1]
+
+
+# -- opening ------------------------------------------------------------------------------------------------
+
+
+def test_open_uses_the_deterministic_account_id_and_validates_the_currency() -> None:
+    account = BillingAccount.open("acme", USD, opened_by="admin")
+    assert account.id == BillingAccount.create_id("acme") == ids.account_id("acme")
+    assert account.currency == USD and account.tenant == "acme"
+    assert names(events(account)) == ["Opened"]
+    with pytest.raises(InvalidUnit):
+        BillingAccount.open("acme", "XYZ", opened_by="admin")
+    with pytest.raises(InvalidUnit):
+        BillingAccount.open("acme", "usd", opened_by="admin")
+
+
+def test_a_currency_unit_must_be_the_account_currency_and_credit_units_must_be_well_formed() -> None:
+    account = new_account()
+    with pytest.raises(UnitMismatch):
+        give(account, "eur", U, unit="EUR")
+    with pytest.raises(InvalidUnit):
+        give(account, "bad", U, unit="credits!")
+    give(account, "credits", 100 * U, unit=CREDIT)
+    assert account.available(CREDIT) == 100 * U
+
+
+# -- grants -------------------------------------------------------------------------------------------------
+
+
+def test_a_purchase_books_cash_in_clearing_credit_in_the_wallet_and_tax_payable() -> None:
+    account = new_account()
+    grant_id = give(account, "p1", 100 * U, tax_amount=20 * U)
+    (granted,) = events(account)
+    assert type(granted).__name__ == "CreditGranted"
+    assert_balanced(granted.postings)
+    assert account_balances(granted.postings) == {
+        (LedgerAccount.GATEWAY_CLEARING.value, USD): 120 * U,
+        (LedgerAccount.TENANT_WALLET.value, USD): -100 * U,
+        (LedgerAccount.TAX_PAYABLE.value, USD): -20 * U,
+    }
+    assert wallet_delta(granted.postings) == {USD: 100 * U}
+    assert all(p["grant_id"] == str(grant_id) for p in granted.postings)
+    assert account.available(USD) == 100 * U
+
+
+@pytest.mark.parametrize(
+    ("source", "funding"),
+    [("plan_recurrence", LedgerAccount.DEFERRED_REVENUE), ("promotion", LedgerAccount.PROMOTIONAL_EXPENSE),
+     ("manual", LedgerAccount.PROMOTIONAL_EXPENSE), ("refund_reversal", LedgerAccount.GATEWAY_CLEARING)],
+)
+def test_each_grant_source_is_funded_by_its_documented_account(source: str, funding: LedgerAccount) -> None:
+    account = new_account()
+    give(account, "g", 5 * U, source=source)
+    (granted,) = events(account)
+    assert account_balances(granted.postings) == {(funding.value, USD): 5 * U,
+                                                  (LedgerAccount.TENANT_WALLET.value, USD): -5 * U}
+
+
+def test_duplicate_grant_ids_and_bad_amounts_are_refused_and_record_nothing() -> None:
+    account = new_account()
+    give(account, "p1", U)
+    events(account)
+    with pytest.raises(DuplicateGrant):
+        give(account, "p1", U)
+    for amount in (0, -U):
+        with pytest.raises(InvalidAmount):
+            give(account, f"bad{amount}", amount)
+    with pytest.raises(InvalidAmount):
+        give(account, "float", 1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        give(account, "tax-on-promo", U, source="promotion", tax_amount=1)
+    with pytest.raises(InvalidArgument):
+        give(account, "internal-source", U, source="usage_reversal")
+    with pytest.raises(InvalidArgument):
+        give(account, "expires-first", U, effective_at=at(10), expires_at=at(5))
+    with pytest.raises(InvalidTime):
+        give(account, "naive", U, effective_at=datetime(2026, 11, 1))
+    assert events(account) == []
+    assert account.available(USD) == U
+    assert issubclass(DuplicateGrant, ValueError) and issubclass(DuplicateGrant, LedgerError)
+
+
+# -- drawdown order -------------------------------------------------------------------------------------------
+
+
+def test_lower_priority_number_is_drawn_first() -> None:
+    account = new_account()
+    late = give(account, "p10", 10 * U, priority=10)
+    first = give(account, "p0", 10 * U, priority=0)
+    debit(account, 4 * U)
+    assert remaining(account, first) == 6 * U
+    assert remaining(account, late) == 10 * U
+
+
+def test_at_equal_priority_earliest_expiry_first_and_never_expiring_last() -> None:
+    account = new_account()
+    never = give(account, "never", 10 * U)
+    later = give(account, "later", 10 * U, expires_at=at(days=30))
+    sooner = give(account, "sooner", 10 * U, expires_at=at(days=7))
+    debit(account, 15 * U)
+    assert remaining(account, sooner) == 0
+    assert remaining(account, later) == 5 * U
+    assert remaining(account, never) == 10 * U
+
+
+def test_at_equal_priority_and_expiry_the_oldest_grant_is_drawn_first() -> None:
+    account = new_account()
+    older = give(account, "older", 10 * U, expires_at=at(days=30))
+    newer = give(account, "newer", 10 * U, expires_at=at(days=30))
+    debit(account, 3 * U)
+    assert (remaining(account, older), remaining(account, newer)) == (7 * U, 10 * U)
+
+
+def test_a_debit_spans_several_grants_and_every_posting_names_its_grant() -> None:
+    account = new_account()
+    a = give(account, "a", 2 * U, priority=0)
+    b = give(account, "b", 3 * U, priority=1)
+    c = give(account, "c", 10 * U, priority=2)
+    events(account)
+    debit(account, 7 * U)
+    (debited,) = events(account)
+    assert debited.draws == [{"grant_id": str(a), "amount": 2 * U}, {"grant_id": str(b), "amount": 3 * U},
+                             {"grant_id": str(c), "amount": 2 * U}]
+    assert debited.overage == 0
+    assert_balanced(debited.postings)
+    wallet = [p for p in debited.postings if p["account"] == LedgerAccount.TENANT_WALLET]
+    revenue = [p for p in debited.postings if p["account"] == LedgerAccount.RECOGNISED_REVENUE]
+    assert [(p["grant_id"], p["amount"]) for p in wallet] == [(str(a), 2 * U), (str(b), 3 * U), (str(c), 2 * U)]
+    assert [(p["grant_id"], p["amount"]) for p in revenue] == [(str(a), -2 * U), (str(b), -3 * U), (str(c), -2 * U)]
+    assert wallet_delta(debited.postings) == {USD: -7 * U}
+    assert account.available(USD) == 8 * U
+
+
+def test_scoped_grants_only_pay_for_their_meters() -> None:
+    account = new_account()
+    scoped = give(account, "tokens-only", 10 * U, scope=["tokens"], priority=0)
+    general = give(account, "general", 10 * U, priority=5)
+    debit(account, 2 * U, meter="compute")
+    assert (remaining(account, scoped), remaining(account, general)) == (10 * U, 8 * U)
+    debit(account, 2 * U, meter="tokens")
+    assert (remaining(account, scoped), remaining(account, general)) == (8 * U, 8 * U)
+
+
+def test_grants_not_yet_effective_or_already_expired_at_the_usage_time_are_skipped() -> None:
+    account = new_account()
+    future = give(account, "future", 10 * U, effective_at=at(60))
+    past = give(account, "past", 10 * U, expires_at=at(30))
+    current = give(account, "current", 10 * U, priority=9)
+    debit(account, U, when=at(30))  # "past" expires exactly at 30: not usable at 30
+    assert remaining(account, current) == 9 * U
+    assert remaining(account, future) == 10 * U and remaining(account, past) == 10 * U
+    debit(account, U, when=at(60))  # "future" becomes effective at 60 and has the better priority
+    assert remaining(account, future) == 9 * U
+
+
+# -- expiry -------------------------------------------------------------------------------------------------
+
+
+def test_expiry_posts_the_unused_remainder_to_breakage_exactly_once() -> None:
+    account = new_account()
+    grant_id = give(account, "promo", 10 * U, source="promotion", expires_at=at(days=1))
+    debit(account, 4 * U)
+    events(account)
+    account.expire_grants(at(days=1, minutes=-1))
+    assert events(account) == []
+    account.expire_grants(at(days=1))
+    (expired,) = events(account)
+    assert type(expired).__name__ == "GrantExpired"
+    assert expired.remainder == 6 * U and expired.source == "promotion"
+    assert account_balances(expired.postings) == {(LedgerAccount.TENANT_WALLET.value, USD): 6 * U,
+                                                  (LedgerAccount.BREAKAGE.value, USD): -6 * U}
+    assert account.available(USD) == 0
+    account.expire_grants(at(days=2))
+    assert events(account) == []
+    status = next(g["status"] for g in account.grant_balances() if g["grant_id"] == str(grant_id))
+    assert status == "expired"
+
+
+def test_a_fully_spent_grant_expires_without_postings() -> None:
+    account = new_account()
+    give(account, "spent", U, expires_at=at(days=1))
+    debit(account, U)
+    events(account)
+    account.expire_grants(at(days=2))
+    (expired,) = events(account)
+    assert expired.remainder == 0 and expired.postings == []
+
+
+# -- overage and block --------------------------------------------------------------------------------------
+
+
+def test_overage_policy_posts_what_credit_cannot_cover_to_receivables() -> None:
+    account = new_account()
+    give(account, "p", 3 * U)
+    events(account)
+    debit(account, 5 * U, policy="overage")
+    (debited,) = events(account)
+    assert debited.overage == 2 * U
+    assert account_balances(debited.postings) == {(LedgerAccount.TENANT_WALLET.value, USD): 3 * U,
+                                                  (LedgerAccount.RECOGNISED_REVENUE.value, USD): -5 * U,
+                                                  (LedgerAccount.RECEIVABLES.value, USD): 2 * U}
+    assert account.available(USD) == 0 and account.receivable(USD) == 2 * U
+
+
+def test_block_policy_records_a_rejection_without_postings_and_without_raising() -> None:
+    account = new_account()
+    give(account, "p", 3 * U)
+    events(account)
+    command_id = debit(account, 5 * U, policy="block")
+    (rejected,) = events(account)
+    assert type(rejected).__name__ == "UsageRejected"
+    assert rejected.reason == "insufficient_credit" and rejected.command_id == command_id
+    assert rejected.spendable == 3 * U
+    assert not hasattr(rejected, "postings")
+    assert account.available(USD) == 3 * U and account.receivable(USD) == 0
+    debit(account, 3 * U, policy="block")
+    assert names(events(account)) == ["UsageDebited"]
+    assert account.available(USD) == 0
+
+
+def test_an_unknown_overage_policy_is_refused() -> None:
+    with pytest.raises(InvalidArgument):
+        debit(new_account(), U, policy="sometimes")
+
+
+# -- give-back ----------------------------------------------------------------------------------------------
+
+
+def test_a_give_back_first_reduces_receivables() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 3 * U)
+    debit(account, 5 * U)  # 3 from credit, 2 receivable
+    events(account)
+    debit(account, -U)
+    (back,) = events(account)
+    assert back.amount == -U and back.overage == -U and back.draws == []
+    assert account_balances(back.postings) == {(LedgerAccount.RECOGNISED_REVENUE.value, USD): U,
+                                               (LedgerAccount.RECEIVABLES.value, USD): -U}
+    assert account.receivable(USD) == U and remaining(account, grant_id) == 0
+
+
+def test_a_give_back_then_credits_the_most_recently_drawn_grants() -> None:
+    account = new_account()
+    a = give(account, "a", 5 * U, priority=0)
+    b = give(account, "b", 5 * U, priority=1)
+    debit(account, 4 * U)  # a: 4
+    debit(account, 4 * U)  # a: 1, b: 3
+    debit(account, 3 * U, policy="overage")  # b: 2, receivable 1
+    events(account)
+    debit(account, -5 * U)  # receivable 1, then b gets 3 back (most recent), then a gets 1
+    (back,) = events(account)
+    assert back.overage == -U
+    assert back.draws == [{"grant_id": str(b), "amount": -2 * U}, {"grant_id": str(b), "amount": -U},
+                          {"grant_id": str(a), "amount": -U}] or back.draws == [
+        {"grant_id": str(b), "amount": -3 * U}, {"grant_id": str(a), "amount": -U}]
+    assert remaining(account, b) == 3 * U and remaining(account, a) == U
+    assert account.receivable(USD) == 0
+    assert wallet_delta(back.postings) == {USD: 4 * U}
+    assert_balanced(back.postings)
+
+
+def test_a_give_back_to_lapsed_grants_becomes_a_dedicated_account_credit() -> None:
+    account = new_account()
+    a = give(account, "a", 5 * U, expires_at=at(days=1))
+    debit(account, 2 * U)
+    account.expire_grants(at(days=1))
+    events(account)
+    command_id = debit(account, -U, when=at(days=1, minutes=5))
+    (back,) = events(account)
+    assert back.draws == [] and back.credit_grant is not None
+    assert back.credit_grant["source"] == "usage_reversal" and back.credit_grant["amount"] == U
+    assert back.credit_grant["cause"]["command_id"] == str(command_id)
+    assert remaining(account, a) == 0 and account.available(USD) == U
+    assert wallet_delta(back.postings) == {USD: U}
+
+
+# -- holds --------------------------------------------------------------------------------------------------
+
+
+def test_a_hold_reserves_credit_that_usage_and_other_holds_cannot_take() -> None:
+    account = new_account()
+    give(account, "p", 10 * U)
+    events(account)
+    hold_id = uuid4()
+    assert account.place_hold(hold_id=hold_id, unit=USD, amount=6 * U, meter="tokens", expires_at=at(30), at=at(1))
+    assert (account.held(USD), account.available(USD), account.balance(USD)) == (6 * U, 4 * U, 10 * U)
+    held = events(account)
+    assert names(held) == ["HoldPlaced"] and not hasattr(held[0], "postings")
+    assert not account.place_hold(hold_id=uuid4(), unit=USD, amount=5 * U, meter="tokens", expires_at=at(30),
+                                  at=at(2))
+    assert names(events(account)) == ["HoldRejected"]
+    debit(account, 5 * U, policy="block")
+    assert names(events(account)) == ["UsageRejected"]
+
+
+def test_repeating_a_hold_id_returns_the_first_answer_without_a_new_event() -> None:
+    account = new_account()
+    give(account, "p", 10 * U)
+    events(account)
+    yes, no = uuid4(), uuid4()
+    assert account.place_hold(hold_id=yes, unit=USD, amount=8 * U, meter=None, expires_at=at(30), at=at(1))
+    assert not account.place_hold(hold_id=no, unit=USD, amount=8 * U, meter=None, expires_at=at(30), at=at(1))
+    events(account)
+    assert account.place_hold(hold_id=yes, unit=USD, amount=8 * U, meter=None, expires_at=at(30), at=at(2))
+    assert not account.place_hold(hold_id=no, unit=USD, amount=1, meter=None, expires_at=at(30), at=at(2))
+    assert events(account) == []
+
+
+def test_a_hold_without_meter_is_only_covered_by_unscoped_grants() -> None:
+    account = new_account()
+    give(account, "scoped", 10 * U, scope=["tokens"])
+    assert not account.place_hold(hold_id=uuid4(), unit=USD, amount=U, meter=None, expires_at=at(30), at=at(1))
+    assert account.place_hold(hold_id=uuid4(), unit=USD, amount=U, meter="tokens", expires_at=at(30), at=at(1))
+
+
+def test_capturing_less_than_the_hold_spends_that_and_releases_the_rest() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 10 * U)
+    hold_id = uuid4()
+    account.place_hold(hold_id=hold_id, unit=USD, amount=6 * U, meter="tokens", expires_at=at(30), at=at(1))
+    events(account)
+    account.capture_hold(hold_id=hold_id, amount=4 * U, at=at(2))
+    (captured,) = events(account)
+    assert type(captured).__name__ == "HoldCaptured"
+    assert captured.draws == [{"grant_id": str(grant_id), "amount": 4 * U}] and captured.overage == 0
+    assert account_balances(captured.postings) == {(LedgerAccount.TENANT_WALLET.value, USD): 4 * U,
+                                                   (LedgerAccount.RECOGNISED_REVENUE.value, USD): -4 * U}
+    assert (account.held(USD), account.available(USD)) == (0, 6 * U)
+    assert account.hold(hold_id)["status"] == "captured"
+    with pytest.raises(HoldAlreadySettled):
+        account.capture_hold(hold_id=hold_id, amount=U, at=at(3))
+    with pytest.raises(HoldAlreadySettled):
+        account.release_hold(hold_id=hold_id, at=at(3))
+
+
+def test_capturing_more_than_the_hold_needs_allow_overage() -> None:
+    account = new_account()
+    give(account, "p", 5 * U)
+    hold_id = uuid4()
+    account.place_hold(hold_id=hold_id, unit=USD, amount=3 * U, meter="tokens", expires_at=at(30), at=at(1))
+    events(account)
+    with pytest.raises(CaptureExceedsHold):
+        account.capture_hold(hold_id=hold_id, amount=4 * U, at=at(2))
+    assert events(account) == []
+    account.capture_hold(hold_id=hold_id, amount=7 * U, at=at(2), allow_overage=True)
+    (captured,) = events(account)
+    assert captured.overage == 2 * U and account.receivable(USD) == 2 * U and account.available(USD) == 0
+
+
+def test_release_and_expiry_free_the_reservation() -> None:
+    account = new_account()
+    give(account, "p", 10 * U)
+    released, lapsing, lasting = uuid4(), uuid4(), uuid4()
+    for hold_id, expires in ((released, at(30)), (lapsing, at(10)), (lasting, at(60))):
+        account.place_hold(hold_id=hold_id, unit=USD, amount=2 * U, meter=None, expires_at=expires, at=at(1))
+    events(account)
+    account.release_hold(hold_id=released, at=at(2))
+    assert names(events(account)) == ["HoldReleased"] and account.held(USD) == 4 * U
+    with pytest.raises(HoldLapsed):
+        account.capture_hold(hold_id=lapsing, amount=U, at=at(10))
+    account.expire_holds(at(10))
+    (expired,) = events(account)
+    assert type(expired).__name__ == "HoldExpired" and expired.hold_id == lapsing
+    account.expire_holds(at(11))
+    assert events(account) == []
+    assert (account.held(USD), account.available(USD)) == (2 * U, 8 * U)
+    with pytest.raises(UnknownHold):
+        account.release_hold(hold_id=uuid4(), at=at(12))
+
+
+def test_a_capture_whose_credit_lapsed_meanwhile_posts_the_shortfall_to_receivables() -> None:
+    account = new_account()
+    give(account, "short-lived", 5 * U, expires_at=at(10))
+    hold_id = uuid4()
+    account.place_hold(hold_id=hold_id, unit=USD, amount=4 * U, meter=None, expires_at=at(60), at=at(1))
+    account.expire_grants(at(10))
+    assert account.available(USD) == -4 * U  # only possible when credit under a hold vanished
+    events(account)
+    account.capture_hold(hold_id=hold_id, amount=4 * U, at=at(20))
+    (captured,) = events(account)
+    assert captured.overage == 4 * U and account.receivable(USD) == 4 * U and account.available(USD) == 0
+
+
+# -- refunds ------------------------------------------------------------------------------------------------
+
+
+def test_refunding_unspent_credit_reverses_through_gateway_clearing() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 10 * U, tax_amount=2 * U)
+    debit(account, 4 * U)
+    events(account)
+    account.refund_grant(grant_id=grant_id, amount=6 * U, tax_amount=U, refund_id=uuid4(), at=at(5),
+                         cause={"gateway_refund": "re_1"})
+    (refunded,) = events(account)
+    assert type(refunded).__name__ == "GrantRefunded"
+    assert account_balances(refunded.postings) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): -7 * U,
+                                                   (LedgerAccount.TENANT_WALLET.value, USD): 6 * U,
+                                                   (LedgerAccount.TAX_PAYABLE.value, USD): U}
+    assert account.available(USD) == 0 and remaining(account, grant_id) == 0
+
+
+def test_refunding_spent_or_reserved_credit_is_refused_without_a_finance_override() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 10 * U)
+    debit(account, 7 * U)
+    account.place_hold(hold_id=uuid4(), unit=USD, amount=2 * U, meter=None, expires_at=at(30), at=at(2))
+    events(account)
+    with pytest.raises(RefundExceedsRemaining):
+        account.refund_grant(grant_id=grant_id, amount=2 * U, refund_id=uuid4(), at=at(5), cause={})
+    assert events(account) == []
+    account.refund_grant(grant_id=grant_id, amount=U, refund_id=uuid4(), at=at(5), cause={})
+    assert names(events(account)) == ["GrantRefunded"]
+
+
+def test_a_finance_override_refunds_spent_credit_against_revenue_and_lapsed_credit_against_breakage() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 10 * U, expires_at=at(days=1))
+    debit(account, 6 * U)
+    account.expire_grants(at(days=1))  # 4 to breakage
+    events(account)
+    account.refund_grant(grant_id=grant_id, amount=10 * U, refund_id=uuid4(), at=at(days=2), finance_override=True,
+                         cause={"ticket": "FIN-1"})
+    (refunded,) = events(account)
+    assert (refunded.from_wallet, refunded.from_breakage, refunded.from_revenue) == (0, 4 * U, 6 * U)
+    assert account_balances(refunded.postings) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): -10 * U,
+                                                   (LedgerAccount.BREAKAGE.value, USD): 4 * U,
+                                                   (LedgerAccount.RECOGNISED_REVENUE.value, USD): 6 * U}
+    with pytest.raises(RefundExceedsGrant):
+        account.refund_grant(grant_id=grant_id, amount=1, refund_id=uuid4(), at=at(days=2), finance_override=True,
+                             cause={})
+
+
+def test_only_paid_grants_are_refunded_and_only_unpaid_grants_are_voided() -> None:
+    account = new_account()
+    promo = give(account, "promo", 5 * U, source="promotion")
+    paid = give(account, "paid", 5 * U)
+    with pytest.raises(NotRefundable):
+        account.refund_grant(grant_id=promo, amount=U, refund_id=uuid4(), at=at(1), cause={})
+    with pytest.raises(NotVoidable):
+        account.void_grant(grant_id=paid, reason="plan change", voided_by="admin", at=at(1))
+
+
+def test_voiding_a_recurring_grant_returns_its_remainder_to_deferred_revenue() -> None:
+    account = new_account()
+    grant_id = give(account, "plan-2026-11", 10 * U, source="plan_recurrence")
+    debit(account, 3 * U)
+    events(account)
+    account.void_grant(grant_id=grant_id, reason="plan change", voided_by="admin", at=at(5))
+    (voided,) = events(account)
+    assert account_balances(voided.postings) == {(LedgerAccount.TENANT_WALLET.value, USD): 7 * U,
+                                                 (LedgerAccount.DEFERRED_REVENUE.value, USD): -7 * U}
+    assert account.available(USD) == 0
+
+
+# -- adjustments and settlements ----------------------------------------------------------------------------
+
+
+def test_manual_adjustments_need_a_reason_and_post_against_manual_adjustment() -> None:
+    account = new_account()
+    give(account, "p", 5 * U)
+    events(account)
+    with pytest.raises(InvalidArgument):
+        account.adjust(adjustment_id=uuid4(), unit=USD, amount=U, reason=" ", user="finance@x", at=at(1))
+    up = uuid4()
+    account.adjust(adjustment_id=up, unit=USD, amount=2 * U, reason="goodwill for outage", user="finance@x", at=at(1))
+    (adjusted,) = events(account)
+    assert adjusted.grant["grant_id"] == str(up) and adjusted.reason == "goodwill for outage"
+    assert account_balances(adjusted.postings) == {(LedgerAccount.MANUAL_ADJUSTMENT.value, USD): 2 * U,
+                                                   (LedgerAccount.TENANT_WALLET.value, USD): -2 * U}
+    with pytest.raises(DuplicateGrant):
+        account.adjust(adjustment_id=up, unit=USD, amount=2 * U, reason="again", user="finance@x", at=at(1))
+    account.adjust(adjustment_id=uuid4(), unit=USD, amount=-6 * U, reason="double grant", user="finance@x",
+                   at=at(2))
+    (down,) = events(account)
+    assert wallet_delta(down.postings) == {USD: -6 * U} and sum(d["amount"] for d in down.draws) == 6 * U
+    assert account.available(USD) == U
+    with pytest.raises(InsufficientCredit):
+        account.adjust(adjustment_id=uuid4(), unit=USD, amount=-2 * U, reason="too much", user="f", at=at(3))
+    with pytest.raises(InvalidAmount):
+        account.adjust(adjustment_id=uuid4(), unit=USD, amount=0, reason="nothing", user="f", at=at(3))
+
+
+def test_settling_a_receivable_moves_it_to_gateway_clearing() -> None:
+    account = new_account()
+    debit(account, 3 * U)
+    events(account)
+    with pytest.raises(InvalidAmount):
+        account.settle_receivable(settlement_id=uuid4(), unit=USD, amount=4 * U, at=at(5), cause={})
+    account.settle_receivable(settlement_id=uuid4(), unit=USD, amount=3 * U, at=at(5), cause={"invoice": "INV-1"})
+    (settled,) = events(account)
+    assert account_balances(settled.postings) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): 3 * U,
+                                                  (LedgerAccount.RECEIVABLES.value, USD): -3 * U}
+    assert account.receivable(USD) == 0
+
+
+# -- low balance and auto top-up ------------------------------------------------------------------------------
+
+
+def test_low_balance_fires_once_per_downward_crossing_and_re_arms_on_the_way_up() -> None:
+    account = new_account(low_balance_threshold=5 * U)
+    give(account, "p1", 10 * U)
+    events(account)
+    for minute in range(1, 5):
+        debit(account, 2 * U, when=at(minute))  # 8, 6, 4, 2
+    reached = [e for e in events(account) if type(e).__name__ == "LowBalanceReached"]
+    assert len(reached) == 1 and reached[0].available == 4 * U and reached[0].threshold == 5 * U
+    give(account, "p2", 2 * U)  # 4: still below, stays disarmed
+    debit(account, U, when=at(10))
+    assert "LowBalanceReached" not in names(events(account))
+    give(account, "p3", 10 * U)  # 13: re-armed
+    debit(account, 9 * U, when=at(11))  # 4: a second crossing
+    assert names(events(account)).count("LowBalanceReached") == 1
+
+
+def test_setting_a_threshold_while_below_it_waits_for_a_real_crossing() -> None:
+    account = new_account()
+    give(account, "p", 3 * U)
+    account.set_low_balance_threshold(USD, 5 * U)
+    debit(account, U)
+    assert "LowBalanceReached" not in names(events(account))
+    account.set_low_balance_threshold(USD, None)
+    give(account, "p2", 10 * U)
+    debit(account, 11 * U)
+    assert "LowBalanceReached" not in names(events(account))
+
+
+def test_a_hold_counts_towards_the_low_balance() -> None:
+    account = new_account(low_balance_threshold=5 * U)
+    give(account, "p", 10 * U)
+    events(account)
+    account.place_hold(hold_id=uuid4(), unit=USD, amount=6 * U, meter=None, expires_at=at(30), at=at(1))
+    assert names(events(account)) == ["HoldPlaced", "LowBalanceReached"]
+
+
+def test_auto_top_up_requests_once_per_crossing_up_to_the_target() -> None:
+    account = new_account()
+    give(account, "p1", 20 * U)
+    account.set_auto_top_up(USD, 10 * U, 50 * U, None, 3600, 1000 * U)
+    events(account)
+    debit(account, 12 * U, when=at(1))  # 8 < 10
+    debit(account, 2 * U, when=at(2))
+    requested = [e for e in events(account) if type(e).__name__ == "AutoTopUpRequested"]
+    assert len(requested) == 1
+    assert requested[0].amount == 42 * U and requested[0].package_code is None and requested[0].unit == USD
+    first_request_id = requested[0].request_id
+    give(account, "topup-1", 42 * U)  # 48: re-armed
+    debit(account, 40 * U, when=at(days=1))  # 8: crossing again, cooldown long over
+    (second,) = [e for e in events(account) if type(e).__name__ == "AutoTopUpRequested"]
+    assert second.amount == 42 * U and second.request_id != first_request_id
+
+
+def test_auto_top_up_respects_the_cooldown_and_fires_once_it_has_elapsed() -> None:
+    account = new_account()
+    give(account, "p1", 20 * U)
+    account.set_auto_top_up(USD, 10 * U, None, "pack-50", 3600, 1000 * U, package_amount=50 * U)
+    debit(account, 11 * U, when=at(0))  # request 1
+    give(account, "topup-1", 50 * U)  # 59: re-armed
+    debit(account, 50 * U, when=at(30))  # 9: crossing inside the cooldown: suppressed, stays armed
+    evts = events(account)
+    assert names(evts).count("AutoTopUpRequested") == 1
+    assert last(evts, "AutoTopUpRequested").package_code == "pack-50"
+    debit(account, 1, when=at(59))  # still cooling down
+    assert "AutoTopUpRequested" not in names(events(account))
+    debit(account, 1, when=at(60))  # cooldown over: fires, once
+    debit(account, 1, when=at(61))
+    assert names(events(account)).count("AutoTopUpRequested") == 1
+
+
+def test_auto_top_up_respects_the_monthly_cap_per_utc_calendar_month() -> None:
+    account = new_account()
+    give(account, "p1", 20 * U)
+    account.set_auto_top_up(USD, 10 * U, None, "pack-50", 0, 60 * U, package_amount=50 * U)
+    november = datetime(2026, 11, 10, tzinfo=UTC)
+    debit(account, 11 * U, when=november)  # request 1: 50 of 60 used
+    give(account, "topup-1", 50 * U)
+    debit(account, 50 * U, when=november + timedelta(days=1))  # would make 100 > 60: suppressed
+    assert names(events(account)).count("AutoTopUpRequested") == 1
+    # 2026-12-01T00:30+01:00 is still November in UTC
+    debit(account, 1, when=datetime(2026, 12, 1, 0, 30, tzinfo=UTC) - timedelta(hours=1))
+    assert "AutoTopUpRequested" not in names(events(account))
+    debit(account, 1, when=datetime(2026, 12, 1, 0, 0, tzinfo=UTC))
+    assert names(events(account)).count("AutoTopUpRequested") == 1
+
+
+def test_auto_top_up_rule_validation() -> None:
+    account = new_account()
+    with pytest.raises(InvalidArgument):
+        account.set_auto_top_up(USD, 10 * U, 50 * U, "pack", 0, 100 * U)
+    with pytest.raises(InvalidArgument):
+        account.set_auto_top_up(USD, 10 * U, 5 * U, None, 0, 100 * U)
+    with pytest.raises(InvalidArgument):
+        account.set_auto_top_up(USD, 10 * U, None, "pack", 0, 100 * U)
+    with pytest.raises(InvalidArgument):
+        account.set_auto_top_up(USD, 10 * U, 50 * U, None, -1, 100 * U)
+    account.set_auto_top_up(USD, 10 * U, 50 * U, None, 0, 100 * U)
+    account.clear_auto_top_up(USD)
+    assert names(events(account)) == ["AutoTopUpRuleSet", "AutoTopUpRuleCleared"]
+
+
+# -- postings ---------------------------------------------------------------------------------------------
+
+
+def test_assert_balanced_refuses_unbalanced_sets_unknown_accounts_and_zero_lines() -> None:
+    assert_balanced([])
+    assert_balanced([posting(LedgerAccount.RECEIVABLES, USD, 5), posting(LedgerAccount.RECOGNISED_REVENUE, USD, -5),
+                     posting(LedgerAccount.RECEIVABLES, CREDIT, 1), posting(LedgerAccount.BREAKAGE, CREDIT, -1)])
+    with pytest.raises(UnbalancedPostings):
+        assert_balanced([posting(LedgerAccount.RECEIVABLES, USD, 5), posting(LedgerAccount.BREAKAGE, CREDIT, -5)])
+    with pytest.raises(UnbalancedPostings):
+        assert_balanced([{"account": "cash", "unit": USD, "amount": 1, "grant_id": None},
+                         {"account": "breakage", "unit": USD, "amount": -1, "grant_id": None}])
+    with pytest.raises(UnbalancedPostings):
+        assert_balanced([posting(LedgerAccount.RECEIVABLES, USD, 0)])
+
+
+# -- resource pools -----------------------------------------------------------------------------------------
+
+
+def test_a_pool_never_allocates_beyond_capacity_and_answers_retries_with_the_first_answer() -> None:
+    pool = ResourcePool.open(tenant="acme", resource="seats")
+    assert pool.id == ResourcePool.create_id("acme", "seats") != ResourcePool.create_id("acme", "projects")
+    pool.set_capacity(5, {"subscriptions": ["sub-1"]})
+    events(pool)  # type: ignore[arg-type]
+    first, second, third = uuid4(), uuid4(), uuid4()
+    assert pool.allocate(first, 3, at(1))
+    assert not pool.allocate(second, 3, at(2))
+    assert pool.allocate(third, 2, at(3))
+    assert names(events(pool)) == ["Allocated", "AllocationRefused", "Allocated"]  # type: ignore[arg-type]
+    assert pool.allocate(first, 3, at(4)) and not pool.allocate(second, 1, at(4))
+    assert events(pool) == []  # type: ignore[arg-type]
+    assert pool.in_use == 5 and pool.free == 0
+
+
+def test_pool_capacity_cannot_drop_below_usage_and_deallocation_is_idempotent() -> None:
+    pool = ResourcePool.open(tenant="acme", resource="seats")
+    pool.set_capacity(4, {"subscriptions": ["sub-1"]})
+    request = uuid4()
+    assert pool.allocate(request, 3, at(1))
+    assert not pool.can_reduce_to(2) and pool.can_reduce_to(3)
+    with pytest.raises(CapacityBelowUsage):
+        pool.set_capacity(2, {"subscriptions": ["sub-1"], "quantity": 2})
+    events(pool)  # type: ignore[arg-type]
+    assert pool.deallocate(request, at(2))
+    assert not pool.deallocate(request, at(3))
+    assert names(events(pool)) == ["Deallocated"]  # type: ignore[arg-type]
+    pool.set_capacity(2, {"subscriptions": ["sub-1"], "quantity": 2})
+    assert pool.capacity == 2
+    with pytest.raises(UnknownAllocation):
+        pool.deallocate(uuid4(), at(4))
+    with pytest.raises(InvalidAllocation):
+        pool.allocate(uuid4(), 0, at(4))
+
+
+# -- persistence --------------------------------------------------------------------------------------------
+
+
+def _every_event_type() -> BillingAccount:
+    """An account whose history holds every event type the aggregate can record."""
+    account = BillingAccount.open("acme", USD, low_balance_threshold=5 * U, opened_by="admin")
+    paid = give(account, "paid", 10 * U, tax_amount=U, expires_at=at(days=30))
+    give(account, "credits", 100 * U, unit=CREDIT, scope=["tokens", "compute"], priority=3)
+    promo = give(account, "promo", 2 * U, source="promotion", expires_at=at(days=1))
+    plan = give(account, "plan", 3 * U, source="plan_recurrence")
+    account.set_auto_top_up(USD, 4 * U, 20 * U, None, 60, 100 * U)
+    debit(account, 4 * U, when=at(1))
+    debit(account, 50 * U, unit=CREDIT, meter="tokens", when=at(2), policy="block")
+    debit(account, 500 * U, unit=CREDIT, meter="tokens", when=at(3), policy="block")
+    debit(account, -U, when=at(4))
+    hold = uuid4()
+    account.place_hold(hold_id=hold, unit=USD, amount=2 * U, meter="tokens", expires_at=at(30), at=at(5))
+    account.place_hold(hold_id=uuid4(), unit=USD, amount=500 * U, meter="tokens", expires_at=at(30), at=at(5))
+    account.capture_hold(hold_id=hold, amount=U, at=at(6))
+    released = uuid4()
+    account.place_hold(hold_id=released, unit=USD, amount=U, meter=None, expires_at=at(30), at=at(7))
+    account.release_hold(hold_id=released, at=at(8))
+    account.place_hold(hold_id=uuid4(), unit=USD, amount=U, meter=None, expires_at=at(9), at=at(8))
+    account.expire_holds(at(10))
+    account.refund_grant(grant_id=paid, amount=U, refund_id=uuid4(), at=at(11), cause={"refund": "re_1"})
+    account.adjust(adjustment_id=uuid4(), unit=USD, amount=3 * U, reason="goodwill", user="finance", at=at(12))
+    account.adjust(adjustment_id=uuid4(), unit=USD, amount=-U, reason="correction", user="finance", at=at(13))
+    account.void_grant(grant_id=plan, reason="plan change", voided_by="admin", at=at(14))
+    debit(account, 30 * U, when=at(15))
+    account.settle_receivable(settlement_id=uuid4(), unit=USD, amount=U, at=at(16), cause={})
+    account.expire_grants(at(days=1))
+    account.set_low_balance_threshold(CREDIT, 10 * U)
+    account.clear_auto_top_up(USD)
+    assert promo
+    return account
+
+
+def test_an_in_memory_application_saves_and_reloads_every_event_type() -> None:
+    account = _every_event_type()
+    recorded = {type(e).__name__ for e in account.pending_events}
+    declared = {name for name, value in vars(BillingAccount).items()
+                if isinstance(value, type) and issubclass(value, BillingAccount.Event) and name != "Event"}
+    assert recorded == declared, declared - recorded
+    app: Application[UUID] = Application()
+    app.save(account)
+    reloaded = app.repository.get(account.id)
+    assert reloaded == account
+    assert reloaded.grant_balances() == account.grant_balances()
+    for unit in (USD, CREDIT):
+        assert (reloaded.available(unit), reloaded.held(unit), reloaded.receivable(unit)) == (
+            account.available(unit), account.held(unit), account.receivable(unit))
+    # Snapshots carry the aggregate state: it must be transcodable too.
+    app.take_snapshot(account.id)
+    assert app.repository.get(account.id) == account
+
+    pool = ResourcePool.open(tenant="acme", resource="seats")
+    pool.set_capacity(2, {"subscriptions": ["sub-1"]})
+    request = uuid4()
+    pool.allocate(request, 1, at(1))
+    pool.allocate(uuid4(), 5, at(1))
+    pool.deallocate(request, at(2))
+    app.save(pool)
+    assert app.repository.get(pool.id) == pool
