@@ -54,9 +54,9 @@ pid_alive() {
 
 show_logs() {
   echo "----- last lines of $SERVER_LOG -----" >&2
-  tail -n 60 "$SERVER_LOG" 2>/dev/null >&2 || echo "(no server log)" >&2
+  tail -n 60 "$SERVER_LOG" >&2 2>/dev/null || echo "(no server log)" >&2
   echo "----- last lines of $OUT_FILE -----" >&2
-  tail -n 30 "$OUT_FILE" 2>/dev/null >&2 || echo "(no output file)" >&2
+  tail -n 30 "$OUT_FILE" >&2 2>/dev/null || echo "(no output file)" >&2
 }
 
 apt_install() {

@@ -32,8 +32,6 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from billing_events.money import MoneyError, parse_decimal, to_subunits
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-
 from billing_rating.charge_models import (
     DEFAULT_CREDIT_SCALES,
     PercentageSpec,
@@ -45,6 +43,7 @@ from billing_rating.charge_models import (
     price,
 )
 from billing_rating.charge_models.base import EXACT, ZERO, Amount, SpecBase, check_quantity
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 __all__ = [
     "TOKEN_CLASSES",
@@ -77,9 +76,7 @@ def period_charge(spec: PriceSpec, total_quantity: Decimal, allowance: Decimal =
     return to_subunits(price(spec, billable).amount)
 
 
-def incremental_charge(
-    spec: PriceSpec, before: Decimal, after: Decimal, allowance: Decimal = ZERO
-) -> int:
+def incremental_charge(spec: PriceSpec, before: Decimal, after: Decimal, allowance: Decimal = ZERO) -> int:
     """Sub-units to draw down when the period's quantity goes from ``before`` to ``after`` (one event).
 
     Cumulative models: ``period_charge(after) - period_charge(before)`` (may be negative). Percentage:
@@ -142,7 +139,9 @@ class AiModelPrices(BaseModel):
     @model_validator(mode="after")
     def _some_price(self) -> AiModelPrices:
         if self.input is None and self.output is None and self.cached_input is None:
-            raise ValueError("a model needs a price for at least one token class (input, output, cached_input)")
+            raise ValueError(
+                "a model needs a price for at least one token class (input, output, cached_input)"
+            )
         return self
 
     def per_token(self, token_class: str) -> Decimal | None:

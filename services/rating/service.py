@@ -11,7 +11,7 @@ ledger refuses it if it already has it): exactly-once without Kafka transactions
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerCommand, LedgerEvent, RejectReason, UsageRejection
-from billing_events.money import from_subunits
+from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal
 from billing_events.timeutil import utcnow
 from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.pricing import incremental_charge
@@ -54,6 +54,24 @@ class CatalogBehind(RuntimeError):
 class CatalogView:
     version: int
     meters: dict[str, dict[str, Any]]
+    # Parsed once per catalogue version: a spec, or the error that makes the meter unpriceable.
+    specs: dict[str, Any] = field(default_factory=dict)
+    allowances: dict[str, Decimal] = field(default_factory=dict)
+
+
+def build_view(version: int, document: dict[str, Any]) -> CatalogView:
+    scales = {code: int((spec or {}).get("scale", 2)) for code, spec in (document.get("credit_units") or {}).items()}
+    meters = {m["code"]: m for m in document.get("meters", [])}
+    specs: dict[str, Any] = {}
+    allowances: dict[str, Decimal] = {}
+    for code, meter in meters.items():
+        if "price" in meter:
+            try:
+                specs[code] = parse_spec(meter["price"], credit_scales={"CREDIT": 2, **scales})
+            except PriceSpecError as exc:
+                specs[code] = exc
+        allowances[code] = parse_decimal(meter.get("included", "0"), field="included")
+    return CatalogView(version, meters, specs, allowances)
 
 
 class RatingService:
@@ -69,7 +87,7 @@ class RatingService:
             self._set_catalog(int(row["version"]), json.loads(row["document"]))
 
     def _set_catalog(self, version: int, document: dict[str, Any]) -> None:
-        self.catalog = CatalogView(version, {m["code"]: m for m in document.get("meters", [])})
+        self.catalog = build_view(version, document)
 
     async def handle_ledger_events(self, records: list[Record]) -> None:
         for record in records:
@@ -118,7 +136,7 @@ class RatingService:
         before = Decimal(await conn.fetchval(
             "SELECT quantity FROM period_totals WHERE account_id = $1 AND meter = $2 AND period = $3",
             account, event.meter, period) or "0")
-        after = before + quantity
+        after = RATING_CONTEXT.add(before, quantity)
         await conn.execute(
             "INSERT INTO period_totals (account_id, meter, period, quantity) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
@@ -134,14 +152,13 @@ class RatingService:
         elif meter.get("aggregation", "sum") not in REAL_TIME_AGGREGATIONS:
             decision = "deferred_to_close"
         else:
-            try:
-                spec = parse_spec(meter["price"])
-            except PriceSpecError as exc:
+            spec = self.catalog.specs[event.meter]
+            if isinstance(spec, PriceSpecError):
                 decision = "no_price"
-                output = self._rejection(usage, RejectReason.NO_PRICE, f"price of {event.meter!r}: {exc}")
+                output = self._rejection(usage, RejectReason.NO_PRICE, f"price of {event.meter!r}: {spec}")
             else:
                 unit = spec.unit
-                allowance = Decimal(str(meter.get("included", "0")))
+                allowance = self.catalog.allowances[event.meter]
                 amount = incremental_charge(spec, before, after, allowance)
                 if amount != 0:
                     output = self._debit(usage, unit, amount, meter, period, before, after)

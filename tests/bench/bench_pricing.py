@@ -83,16 +83,25 @@ def main() -> None:
         rows.append(
             (
                 f"incremental_charge: {name}",
-                rate(lambda q, s=spec: incremental_charge(s, q, q + step, Decimal(100)), qs, args.seconds),
+                rate(
+                    lambda q, s=spec, d=step: incremental_charge(s, q, q + d, Decimal(100)), qs, args.seconds
+                ),
             )
         )
     table = parse_ai_price_table(
         {"unit": "USD", "models": {"gpt-4o": {"input": "2.50", "output": "10.00", "cached_input": "1.25"}}}
     )
     counts = {"input": 1200, "output": 350, "cached_input": 800}
-    rows.append(("ai_token_price (3 classes)", rate(lambda _q: ai_token_price(table, "gpt-4o", counts), qs, args.seconds)))
+    rows.append(
+        (
+            "ai_token_price (3 classes)",
+            rate(lambda _q: ai_token_price(table, "gpt-4o", counts), qs, args.seconds),
+        )
+    )
     spec_data = SPECS["graduated (4 tiers)"]
-    rows.append(("parse_spec: graduated (4 tiers)", rate(lambda _q: parse_spec(spec_data), qs[:200], args.seconds)))
+    rows.append(
+        ("parse_spec: graduated (4 tiers)", rate(lambda _q: parse_spec(spec_data), qs[:200], args.seconds))
+    )
 
     width = max(len(name) for name, _ in rows)
     print(f"{'operation':<{width}}  {'evals/s':>12}  {'us/eval':>8}")

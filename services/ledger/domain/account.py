@@ -82,10 +82,15 @@ DRAW_HISTORY_MAX = 256
 PRIORITY_ABS_MAX = 1_000_000
 SCOPE_METERS_MAX = 256
 TEXT_CHARS_MAX = 512
+# Holds: at most this many active at once per account (a further hold is rejected), and this many settled
+# ones remembered for idempotent answers (older ones are forgotten; command receipts dedupe beyond that).
+ACTIVE_HOLDS_MAX = 10_000
+SETTLED_HOLDS_KEPT_MAX = 10_000
 AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
 
 OVERAGE_POLICIES = ("overage", "block")
 REJECTED_INSUFFICIENT_CREDIT = "insufficient_credit"
+REJECTED_TOO_MANY_HOLDS = "too_many_active_holds"
 
 # Sort key placeholder for grants that never expire (they sort last through the preceding flag).
 _NO_EXPIRY_KEY = datetime(1970, 1, 1, tzinfo=UTC)
@@ -129,23 +134,34 @@ class BillingAccount(Aggregate):
         self.opened_by = opened_by
         # Everything below is keyed by str and holds JSON-transcodable values, so snapshots work too.
         self._grants: dict[str, GrantRecord] = {}  # insertion order = granted order
-        self._holds: dict[str, HoldRecord] = {}
+        self._holds: dict[str, HoldRecord] = {}  # active holds only
+        self._settled_holds: dict[str, HoldRecord] = {}  # the last SETTLED_HOLDS_KEPT_MAX, oldest first
+        self._held: dict[str, int] = {}  # sum of active holds per unit
         self._receivable: dict[str, int] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
         self._top_up_history: dict[str, dict[str, Any]] = {}
         if low_balance_threshold is not None:
-            self._low_balance[currency] = {"threshold": low_balance_threshold, "armed": low_balance_threshold <= 0}
+            self._low_balance[currency] = {
+                "threshold": low_balance_threshold,
+                "armed": low_balance_threshold <= 0,
+            }
 
     # == read helpers (pure) ==================================================================================
 
     def balance(self, unit: str) -> int:
         """Sum of the open grants' remaining credit of ``unit`` (sub-units), holds included."""
-        return sum(g["remaining"] for g in self._grants.values() if g["unit"] == unit and g["status"] == "open")
+        return sum(
+            g["remaining"] for g in self._grants.values() if g["unit"] == unit and g["status"] == "open"
+        )
 
     def held(self, unit: str) -> int:
-        return sum(h["amount"] for h in self._holds.values() if h["unit"] == unit and h["status"] == "active")
+        """Sum of the active holds of ``unit``."""
+        return self._held.get(unit, 0)
+
+    def active_holds(self) -> list[dict[str, Any]]:
+        return [dict(h) for h in self._holds.values()]
 
     def available(self, unit: str) -> int:
         """Wallet balance minus active holds (negative only when credit under a hold vanished)."""
@@ -162,21 +178,30 @@ class BillingAccount(Aggregate):
     def grant_balances(self) -> list[dict[str, Any]]:
         """Every grant, in granted order, with its remaining credit (copies: mutating them changes nothing)."""
         keys = (
-            "grant_id", "unit", "amount", "remaining", "priority", "effective_at", "expires_at", "scope",
-            "source", "status", "refunded",
+            "grant_id",
+            "unit",
+            "amount",
+            "remaining",
+            "priority",
+            "effective_at",
+            "expires_at",
+            "scope",
+            "source",
+            "status",
+            "refunded",
         )
         return [{k: _copy(g[k]) for k in keys} for g in self._grants.values()]
 
     def hold(self, hold_id: UUID) -> dict[str, Any]:
-        try:
-            return dict(self._holds[str(hold_id)])
-        except KeyError:
-            raise UnknownHold(f"no hold {hold_id}") from None
+        """An active hold, or a settled one still remembered (status captured/released/expired/rejected)."""
+        found = self._holds.get(str(hold_id)) or self._settled_holds.get(str(hold_id))
+        if found is None:
+            raise UnknownHold(f"no hold {hold_id}")
+        return dict(found)
 
     def units(self) -> list[str]:
-        """Every unit that has ever had a grant, hold or receivable on this account."""
-        seen = [g["unit"] for g in self._grants.values()] + [h["unit"] for h in self._holds.values()]
-        return sorted(set(seen) | set(self._receivable))
+        """Every unit that has had a grant, a hold or a receivable on this account."""
+        return sorted({g["unit"] for g in self._grants.values()} | set(self._held) | set(self._receivable))
 
     # == grants ==============================================================================================
 
@@ -209,42 +234,79 @@ class BillingAccount(Aggregate):
                 raise InvalidArgument("expires_at must be after effective_at")
         scope = _require_scope(scope)
         if source not in _CALLER_SOURCES:
-            raise InvalidArgument(f"unknown grant source {source!r}; expected one of {sorted(_CALLER_SOURCES)}")
+            raise InvalidArgument(
+                f"unknown grant source {source!r}; expected one of {sorted(_CALLER_SOURCES)}"
+            )
         if tax_amount and source != GrantSource.PURCHASE:
             raise InvalidArgument("tax is only booked on purchases")
         _require_text("granted_by", granted_by)
         gid = str(grant_id)
         funding = FUNDING_ACCOUNT[source]
-        postings = [posting(funding, unit, amount + tax_amount, gid), posting(LedgerAccount.TENANT_WALLET, unit, -amount, gid)]
+        postings = [
+            posting(funding, unit, amount + tax_amount, gid),
+            posting(LedgerAccount.TENANT_WALLET, unit, -amount, gid),
+        ]
         if tax_amount:
             postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, -tax_amount, gid))
         assert_balanced(postings)
         self._credit_granted(
-            grant_id=grant_id, unit=unit, amount=amount, priority=priority, effective_at=effective_at,
-            expires_at=expires_at, scope=scope, source=str(source), tax_amount=tax_amount, cause=dict(cause),
-            granted_by=granted_by, postings=postings,
+            grant_id=grant_id,
+            unit=unit,
+            amount=amount,
+            priority=priority,
+            effective_at=effective_at,
+            expires_at=expires_at,
+            scope=scope,
+            source=str(source),
+            tax_amount=tax_amount,
+            cause=dict(cause),
+            granted_by=granted_by,
+            postings=postings,
         )
         # A grant only raises the balance: no downward crossing to check.
 
     @event("CreditGranted")
     def _credit_granted(
-        self, grant_id: UUID, unit: str, amount: int, priority: int, effective_at: datetime,
-        expires_at: datetime | None, scope: list[str] | None, source: str, tax_amount: int, cause: dict[str, Any],
-        granted_by: str, postings: list[Posting],
+        self,
+        grant_id: UUID,
+        unit: str,
+        amount: int,
+        priority: int,
+        effective_at: datetime,
+        expires_at: datetime | None,
+        scope: list[str] | None,
+        source: str,
+        tax_amount: int,
+        cause: dict[str, Any],
+        granted_by: str,
+        postings: list[Posting],
     ) -> None:
-        self._add_grant({
-            "grant_id": str(grant_id), "unit": unit, "amount": amount, "priority": priority,
-            "effective_at": effective_at, "expires_at": expires_at, "scope": scope, "source": source,
-            "funded_by": str(FUNDING_ACCOUNT[source]), "tax_amount": tax_amount, "cause": cause,
-            "granted_by": granted_by,
-        })
+        self._add_grant(
+            {
+                "grant_id": str(grant_id),
+                "unit": unit,
+                "amount": amount,
+                "priority": priority,
+                "effective_at": effective_at,
+                "expires_at": expires_at,
+                "scope": scope,
+                "source": source,
+                "funded_by": str(FUNDING_ACCOUNT[source]),
+                "tax_amount": tax_amount,
+                "cause": cause,
+                "granted_by": granted_by,
+            }
+        )
         self._update_arming(unit)
 
     def expire_grants(self, now: datetime) -> None:
         """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once (a ``GrantExpired`` each)."""
         _require_time("now", now)
-        due = [g for g in self._grants.values() if g["status"] == "open" and g["expires_at"] is not None
-               and g["expires_at"] <= now]
+        due = [
+            g
+            for g in self._grants.values()
+            if g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
+        ]
         due.sort(key=lambda g: (g["expires_at"], g["seq"]))
         units: set[str] = set()
         for g in due:
@@ -257,8 +319,13 @@ class BillingAccount(Aggregate):
                 ]
             assert_balanced(postings)
             self._grant_expired(
-                grant_id=UUID(g["grant_id"]), unit=g["unit"], remainder=remainder, source=g["source"],
-                expired_at=g["expires_at"], postings=postings, at=now,
+                grant_id=UUID(g["grant_id"]),
+                unit=g["unit"],
+                remainder=remainder,
+                source=g["source"],
+                expired_at=g["expires_at"],
+                postings=postings,
+                at=now,
             )
             units.add(g["unit"])
         for unit in sorted(units):
@@ -266,8 +333,14 @@ class BillingAccount(Aggregate):
 
     @event("GrantExpired")
     def _grant_expired(
-        self, grant_id: UUID, unit: str, remainder: int, source: str, expired_at: datetime,
-        postings: list[Posting], at: datetime,
+        self,
+        grant_id: UUID,
+        unit: str,
+        remainder: int,
+        source: str,
+        expired_at: datetime,
+        postings: list[Posting],
+        at: datetime,
     ) -> None:
         g = self._grants[str(grant_id)]
         g["remaining"] -= remainder
@@ -297,13 +370,26 @@ class BillingAccount(Aggregate):
                 posting(LedgerAccount(g["funded_by"]), g["unit"], -remainder, g["grant_id"]),
             ]
         assert_balanced(postings)
-        self._grant_voided(grant_id=grant_id, unit=g["unit"], remainder=remainder, reason=reason,
-                           voided_by=voided_by, postings=postings, at=at)
+        self._grant_voided(
+            grant_id=grant_id,
+            unit=g["unit"],
+            remainder=remainder,
+            reason=reason,
+            voided_by=voided_by,
+            postings=postings,
+            at=at,
+        )
         self._check_thresholds(g["unit"], at)
 
     @event("GrantVoided")
     def _grant_voided(
-        self, grant_id: UUID, unit: str, remainder: int, reason: str, voided_by: str, postings: list[Posting],
+        self,
+        grant_id: UUID,
+        unit: str,
+        remainder: int,
+        reason: str,
+        voided_by: str,
+        postings: list[Posting],
         at: datetime,
     ) -> None:
         g = self._grants[str(grant_id)]
@@ -339,15 +425,33 @@ class BillingAccount(Aggregate):
         spendable = self.spendable(unit, meter, at)
         from_credit = min(amount, spendable)
         if from_credit < amount and overage_policy == "block":
-            self._usage_rejected(command_id=command_id, meter=meter, unit=unit, amount=amount,
-                                 reason=REJECTED_INSUFFICIENT_CREDIT, spendable=spendable, cause=cause, at=at)
+            self._usage_rejected(
+                command_id=command_id,
+                meter=meter,
+                unit=unit,
+                amount=amount,
+                reason=REJECTED_INSUFFICIENT_CREDIT,
+                spendable=spendable,
+                cause=cause,
+                at=at,
+            )
             return
         draws = self._plan_draws(unit, meter, at, from_credit)
         overage = amount - from_credit
         postings = _usage_postings(unit, draws, overage)
         assert_balanced(postings)
-        self._usage_debited(command_id=command_id, meter=meter, unit=unit, amount=amount, postings=postings,
-                            draws=draws, overage=overage, credit_grant=None, cause=cause, at=at)
+        self._usage_debited(
+            command_id=command_id,
+            meter=meter,
+            unit=unit,
+            amount=amount,
+            postings=postings,
+            draws=draws,
+            overage=overage,
+            credit_grant=None,
+            cause=cause,
+            at=at,
+        )
         self._check_thresholds(unit, at)
 
     def _give_back(
@@ -380,24 +484,51 @@ class BillingAccount(Aggregate):
         if left:
             gid = str(uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/give-back/{command_id}"))
             credit_grant = {
-                "grant_id": gid, "unit": unit, "amount": left, "priority": 0, "effective_at": at,
-                "expires_at": None, "scope": None, "source": GrantSource.USAGE_REVERSAL.value,
-                "funded_by": LedgerAccount.RECOGNISED_REVENUE.value, "tax_amount": 0,
-                "cause": {"command_id": str(command_id), "meter": meter}, "granted_by": "ledger",
+                "grant_id": gid,
+                "unit": unit,
+                "amount": left,
+                "priority": 0,
+                "effective_at": at,
+                "expires_at": None,
+                "scope": None,
+                "source": GrantSource.USAGE_REVERSAL.value,
+                "funded_by": LedgerAccount.RECOGNISED_REVENUE.value,
+                "tax_amount": 0,
+                "cause": {"command_id": str(command_id), "meter": meter},
+                "granted_by": "ledger",
             }
             postings += [
                 posting(LedgerAccount.RECOGNISED_REVENUE, unit, left, gid),
                 posting(LedgerAccount.TENANT_WALLET, unit, -left, gid),
             ]
         assert_balanced(postings)
-        self._usage_debited(command_id=command_id, meter=meter, unit=unit, amount=amount, postings=postings,
-                            draws=draws, overage=-reduce_receivable, credit_grant=credit_grant, cause=cause, at=at)
+        self._usage_debited(
+            command_id=command_id,
+            meter=meter,
+            unit=unit,
+            amount=amount,
+            postings=postings,
+            draws=draws,
+            overage=-reduce_receivable,
+            credit_grant=credit_grant,
+            cause=cause,
+            at=at,
+        )
         self._check_thresholds(unit, at)
 
     @event("UsageDebited")
     def _usage_debited(
-        self, command_id: UUID, meter: str, unit: str, amount: int, postings: list[Posting], draws: list[Draw],
-        overage: int, credit_grant: GrantRecord | None, cause: dict[str, Any], at: datetime,
+        self,
+        command_id: UUID,
+        meter: str,
+        unit: str,
+        amount: int,
+        postings: list[Posting],
+        draws: list[Draw],
+        overage: int,
+        credit_grant: GrantRecord | None,
+        cause: dict[str, Any],
+        at: datetime,
     ) -> None:
         # ``overage`` is the change of receivables: positive = posted beyond credit, negative = given back.
         self._apply_draws(unit, draws, remember=True)
@@ -408,8 +539,15 @@ class BillingAccount(Aggregate):
 
     @event("UsageRejected")
     def _usage_rejected(
-        self, command_id: UUID, meter: str, unit: str, amount: int, reason: str, spendable: int,
-        cause: dict[str, Any], at: datetime,
+        self,
+        command_id: UUID,
+        meter: str,
+        unit: str,
+        amount: int,
+        reason: str,
+        spendable: int,
+        cause: dict[str, Any],
+        at: datetime,
     ) -> None:
         pass  # recorded so the command counts as handled; nothing moves
 
@@ -419,7 +557,7 @@ class BillingAccount(Aggregate):
         self, *, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime
     ) -> bool:
         """Reserves ``amount`` if spendable; answers yes/no. Repeating a hold id returns the first answer."""
-        existing = self._holds.get(str(hold_id))
+        existing = self._holds.get(str(hold_id)) or self._settled_holds.get(str(hold_id))
         if existing is not None:
             return bool(existing["status"] != "rejected")
         self._require_unit(unit)
@@ -431,11 +569,31 @@ class BillingAccount(Aggregate):
         if expires_at <= at:
             raise InvalidArgument("a hold must expire after it is placed")
         spendable = self.spendable(unit, meter, at)
-        if spendable < amount:
-            self._hold_rejected(hold_id=hold_id, unit=unit, amount=amount, meter=meter,
-                                reason=REJECTED_INSUFFICIENT_CREDIT, spendable=spendable, at=at)
+        if len(self._holds) >= ACTIVE_HOLDS_MAX:
+            self._hold_rejected(
+                hold_id=hold_id,
+                unit=unit,
+                amount=amount,
+                meter=meter,
+                reason=REJECTED_TOO_MANY_HOLDS,
+                spendable=spendable,
+                at=at,
+            )
             return False
-        self._hold_placed(hold_id=hold_id, unit=unit, amount=amount, meter=meter, expires_at=expires_at, at=at)
+        if spendable < amount:
+            self._hold_rejected(
+                hold_id=hold_id,
+                unit=unit,
+                amount=amount,
+                meter=meter,
+                reason=REJECTED_INSUFFICIENT_CREDIT,
+                spendable=spendable,
+                at=at,
+            )
+            return False
+        self._hold_placed(
+            hold_id=hold_id, unit=unit, amount=amount, meter=meter, expires_at=expires_at, at=at
+        )
         self._check_thresholds(unit, at)
         return True
 
@@ -444,19 +602,41 @@ class BillingAccount(Aggregate):
         self, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime
     ) -> None:
         self._holds[str(hold_id)] = {
-            "hold_id": str(hold_id), "unit": unit, "amount": amount, "meter": meter, "expires_at": expires_at,
-            "placed_at": at, "status": "active", "captured": 0,
+            "hold_id": str(hold_id),
+            "unit": unit,
+            "amount": amount,
+            "meter": meter,
+            "expires_at": expires_at,
+            "placed_at": at,
+            "status": "active",
+            "captured": 0,
         }
+        self._held[unit] = self._held.get(unit, 0) + amount
         self._update_arming(unit)
 
     @event("HoldRejected")
     def _hold_rejected(
-        self, hold_id: UUID, unit: str, amount: int, meter: str | None, reason: str, spendable: int, at: datetime
+        self,
+        hold_id: UUID,
+        unit: str,
+        amount: int,
+        meter: str | None,
+        reason: str,
+        spendable: int,
+        at: datetime,
     ) -> None:
-        self._holds[str(hold_id)] = {
-            "hold_id": str(hold_id), "unit": unit, "amount": amount, "meter": meter, "expires_at": at,
-            "placed_at": at, "status": "rejected", "captured": 0,
-        }
+        self._remember_settled_hold(
+            {
+                "hold_id": str(hold_id),
+                "unit": unit,
+                "amount": amount,
+                "meter": meter,
+                "expires_at": at,
+                "placed_at": at,
+                "status": "rejected",
+                "captured": 0,
+            }
+        )
 
     def capture_hold(self, *, hold_id: UUID, amount: int, at: datetime, allow_overage: bool = False) -> None:
         """Spends ``amount`` (at most the hold unless ``allow_overage``) like a usage debit; releases the rest."""
@@ -476,18 +656,33 @@ class BillingAccount(Aggregate):
         overage = amount - from_credit
         postings = _usage_postings(unit, draws, overage)
         assert_balanced(postings)
-        self._hold_captured(hold_id=hold_id, unit=unit, meter=h["meter"], held_amount=h["amount"], amount=amount,
-                            postings=postings, draws=draws, overage=overage, at=at)
+        self._hold_captured(
+            hold_id=hold_id,
+            unit=unit,
+            meter=h["meter"],
+            held_amount=h["amount"],
+            amount=amount,
+            postings=postings,
+            draws=draws,
+            overage=overage,
+            at=at,
+        )
         self._check_thresholds(unit, at)
 
     @event("HoldCaptured")
     def _hold_captured(
-        self, hold_id: UUID, unit: str, meter: str | None, held_amount: int, amount: int, postings: list[Posting],
-        draws: list[Draw], overage: int, at: datetime,
+        self,
+        hold_id: UUID,
+        unit: str,
+        meter: str | None,
+        held_amount: int,
+        amount: int,
+        postings: list[Posting],
+        draws: list[Draw],
+        overage: int,
+        at: datetime,
     ) -> None:
-        h = self._holds[str(hold_id)]
-        h["status"] = "captured"
-        h["captured"] = amount
+        self._settle_hold(str(hold_id), "captured", captured=amount)
         self._apply_draws(unit, draws, remember=True)
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
         self._update_arming(unit)
@@ -499,21 +694,28 @@ class BillingAccount(Aggregate):
 
     @event("HoldReleased")
     def _hold_released(self, hold_id: UUID, unit: str, amount: int, at: datetime) -> None:
-        self._holds[str(hold_id)]["status"] = "released"
+        self._settle_hold(str(hold_id), "released")
         self._update_arming(unit)
 
     def expire_holds(self, now: datetime) -> None:
         """Releases every active hold whose ``expires_at <= now`` (a ``HoldExpired`` each)."""
         _require_time("now", now)
-        due = [h for h in self._holds.values() if h["status"] == "active" and h["expires_at"] <= now]
+        due = [h for h in self._holds.values() if h["expires_at"] <= now]
         due.sort(key=lambda h: (h["expires_at"], h["hold_id"]))
         for h in due:
-            self._hold_expired(hold_id=UUID(h["hold_id"]), unit=h["unit"], amount=h["amount"],
-                               expires_at=h["expires_at"], at=now)
+            self._hold_expired(
+                hold_id=UUID(h["hold_id"]),
+                unit=h["unit"],
+                amount=h["amount"],
+                expires_at=h["expires_at"],
+                at=now,
+            )
 
     @event("HoldExpired")
-    def _hold_expired(self, hold_id: UUID, unit: str, amount: int, expires_at: datetime, at: datetime) -> None:
-        self._holds[str(hold_id)]["status"] = "expired"
+    def _hold_expired(
+        self, hold_id: UUID, unit: str, amount: int, expires_at: datetime, at: datetime
+    ) -> None:
+        self._settle_hold(str(hold_id), "expired")
         self._update_arming(unit)
 
     # == refunds, adjustments, settlements =====================================================================
@@ -555,22 +757,46 @@ class BillingAccount(Aggregate):
         from_revenue = amount - from_wallet - from_breakage
         unit, gid = g["unit"], g["grant_id"]
         postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -(amount + tax_amount), gid)]
-        for account, part in ((LedgerAccount.TENANT_WALLET, from_wallet), (LedgerAccount.BREAKAGE, from_breakage),
-                              (LedgerAccount.RECOGNISED_REVENUE, from_revenue),
-                              (LedgerAccount.TAX_PAYABLE, tax_amount)):
+        for account, part in (
+            (LedgerAccount.TENANT_WALLET, from_wallet),
+            (LedgerAccount.BREAKAGE, from_breakage),
+            (LedgerAccount.RECOGNISED_REVENUE, from_revenue),
+            (LedgerAccount.TAX_PAYABLE, tax_amount),
+        ):
             if part:
                 postings.append(posting(account, unit, part, gid))
         assert_balanced(postings)
-        self._grant_refunded(refund_id=refund_id, grant_id=grant_id, unit=unit, amount=amount, tax_amount=tax_amount,
-                             from_wallet=from_wallet, from_breakage=from_breakage, from_revenue=from_revenue,
-                             finance_override=bool(finance_override), postings=postings, cause=dict(cause), at=at)
+        self._grant_refunded(
+            refund_id=refund_id,
+            grant_id=grant_id,
+            unit=unit,
+            amount=amount,
+            tax_amount=tax_amount,
+            from_wallet=from_wallet,
+            from_breakage=from_breakage,
+            from_revenue=from_revenue,
+            finance_override=bool(finance_override),
+            postings=postings,
+            cause=dict(cause),
+            at=at,
+        )
         self._check_thresholds(unit, at)
 
     @event("GrantRefunded")
     def _grant_refunded(
-        self, refund_id: UUID, grant_id: UUID, unit: str, amount: int, tax_amount: int, from_wallet: int,
-        from_breakage: int, from_revenue: int, finance_override: bool, postings: list[Posting],
-        cause: dict[str, Any], at: datetime,
+        self,
+        refund_id: UUID,
+        grant_id: UUID,
+        unit: str,
+        amount: int,
+        tax_amount: int,
+        from_wallet: int,
+        from_breakage: int,
+        from_revenue: int,
+        finance_override: bool,
+        postings: list[Posting],
+        cause: dict[str, Any],
+        at: datetime,
     ) -> None:
         g = self._grants[str(grant_id)]
         g["remaining"] -= from_wallet
@@ -579,7 +805,9 @@ class BillingAccount(Aggregate):
         g["breakage_reversed"] += from_breakage
         self._update_arming(unit)
 
-    def adjust(self, *, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, at: datetime) -> None:
+    def adjust(
+        self, *, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, at: datetime
+    ) -> None:
         """Manual correction by admin/finance (counter-account ``MANUAL_ADJUSTMENT``).
 
         Positive: a new unscoped, non-expiring grant whose id is ``adjustment_id``. Negative: taken from the
@@ -599,38 +827,70 @@ class BillingAccount(Aggregate):
             if gid in self._grants:
                 raise DuplicateGrant(f"adjustment {adjustment_id} was already applied")
             grant = {
-                "grant_id": gid, "unit": unit, "amount": amount, "priority": 0, "effective_at": at,
-                "expires_at": None, "scope": None, "source": GrantSource.MANUAL.value,
-                "funded_by": LedgerAccount.MANUAL_ADJUSTMENT.value, "tax_amount": 0,
-                "cause": {"adjustment_id": gid, "reason": reason}, "granted_by": user,
+                "grant_id": gid,
+                "unit": unit,
+                "amount": amount,
+                "priority": 0,
+                "effective_at": at,
+                "expires_at": None,
+                "scope": None,
+                "source": GrantSource.MANUAL.value,
+                "funded_by": LedgerAccount.MANUAL_ADJUSTMENT.value,
+                "tax_amount": 0,
+                "cause": {"adjustment_id": gid, "reason": reason},
+                "granted_by": user,
             }
-            postings = [posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, amount, gid),
-                        posting(LedgerAccount.TENANT_WALLET, unit, -amount, gid)]
+            postings = [
+                posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, amount, gid),
+                posting(LedgerAccount.TENANT_WALLET, unit, -amount, gid),
+            ]
         else:
             take = -amount
             if take > self.available(unit):
                 raise InsufficientCredit(f"cannot remove {take}: only {self.available(unit)} is available")
-            open_grants = [g for g in self._grants.values()
-                           if g["unit"] == unit and g["status"] == "open" and g["remaining"] > 0]
+            open_grants = [
+                g
+                for g in self._grants.values()
+                if g["unit"] == unit and g["status"] == "open" and g["remaining"] > 0
+            ]
             left = take
             for g in sorted(open_grants, key=_drawdown_key):
                 if left == 0:
                     break
                 part = min(left, g["remaining"])
                 draws.append({"grant_id": g["grant_id"], "amount": part})
-                postings += [posting(LedgerAccount.TENANT_WALLET, unit, part, g["grant_id"]),
-                             posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, -part, g["grant_id"])]
+                postings += [
+                    posting(LedgerAccount.TENANT_WALLET, unit, part, g["grant_id"]),
+                    posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, -part, g["grant_id"]),
+                ]
                 left -= part
             assert left == 0, "available never exceeds the open grants' remaining credit"
         assert_balanced(postings)
-        self._balance_adjusted(adjustment_id=adjustment_id, unit=unit, amount=amount, reason=reason, user=user,
-                               postings=postings, draws=draws, grant=grant, at=at)
+        self._balance_adjusted(
+            adjustment_id=adjustment_id,
+            unit=unit,
+            amount=amount,
+            reason=reason,
+            user=user,
+            postings=postings,
+            draws=draws,
+            grant=grant,
+            at=at,
+        )
         self._check_thresholds(unit, at)
 
     @event("BalanceAdjusted")
     def _balance_adjusted(
-        self, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, postings: list[Posting],
-        draws: list[Draw], grant: GrantRecord | None, at: datetime,
+        self,
+        adjustment_id: UUID,
+        unit: str,
+        amount: int,
+        reason: str,
+        user: str,
+        postings: list[Posting],
+        draws: list[Draw],
+        grant: GrantRecord | None,
+        at: datetime,
     ) -> None:
         self._apply_draws(unit, draws, remember=False)
         if grant is not None:
@@ -646,15 +906,23 @@ class BillingAccount(Aggregate):
         _require_time("at", at)
         if amount > self.receivable(unit):
             raise InvalidAmount(f"settlement {amount} exceeds the receivable {self.receivable(unit)}")
-        postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, amount),
-                    posting(LedgerAccount.RECEIVABLES, unit, -amount)]
+        postings = [
+            posting(LedgerAccount.GATEWAY_CLEARING, unit, amount),
+            posting(LedgerAccount.RECEIVABLES, unit, -amount),
+        ]
         assert_balanced(postings)
-        self._receivable_settled(settlement_id=settlement_id, unit=unit, amount=amount, postings=postings,
-                                 cause=dict(cause), at=at)
+        self._receivable_settled(
+            settlement_id=settlement_id, unit=unit, amount=amount, postings=postings, cause=dict(cause), at=at
+        )
 
     @event("ReceivableSettled")
     def _receivable_settled(
-        self, settlement_id: UUID, unit: str, amount: int, postings: list[Posting], cause: dict[str, Any],
+        self,
+        settlement_id: UUID,
+        unit: str,
+        amount: int,
+        postings: list[Posting],
+        cause: dict[str, Any],
         at: datetime,
     ) -> None:
         self._receivable[unit] = self._receivable.get(unit, 0) - amount
@@ -712,20 +980,38 @@ class BillingAccount(Aggregate):
                 raise InvalidArgument("a package top-up needs package_amount")
             _require_amount("package_amount", package_amount)
         if type(cooldown_seconds) is not int or not 0 <= cooldown_seconds <= AUTO_TOP_UP_COOLDOWN_SECONDS_MAX:
-            raise InvalidArgument(f"cooldown_seconds must be an int in [0, {AUTO_TOP_UP_COOLDOWN_SECONDS_MAX}]")
+            raise InvalidArgument(
+                f"cooldown_seconds must be an int in [0, {AUTO_TOP_UP_COOLDOWN_SECONDS_MAX}]"
+            )
         _require_amount("monthly_cap", monthly_cap)
-        self._auto_top_up_set(unit=unit, threshold=threshold, target=target, package_code=package_code,
-                              package_amount=package_amount, cooldown_seconds=cooldown_seconds,
-                              monthly_cap=monthly_cap)
+        self._auto_top_up_set(
+            unit=unit,
+            threshold=threshold,
+            target=target,
+            package_code=package_code,
+            package_amount=package_amount,
+            cooldown_seconds=cooldown_seconds,
+            monthly_cap=monthly_cap,
+        )
 
     @event("AutoTopUpRuleSet")
     def _auto_top_up_set(
-        self, unit: str, threshold: int, target: int | None, package_code: str | None, package_amount: int | None,
-        cooldown_seconds: int, monthly_cap: int,
+        self,
+        unit: str,
+        threshold: int,
+        target: int | None,
+        package_code: str | None,
+        package_amount: int | None,
+        cooldown_seconds: int,
+        monthly_cap: int,
     ) -> None:
         self._auto_top_up[unit] = {
-            "threshold": threshold, "target": target, "package_code": package_code,
-            "package_amount": package_amount, "cooldown_seconds": cooldown_seconds, "monthly_cap": monthly_cap,
+            "threshold": threshold,
+            "target": target,
+            "package_code": package_code,
+            "package_amount": package_amount,
+            "cooldown_seconds": cooldown_seconds,
+            "monthly_cap": monthly_cap,
             "armed": self.available(unit) >= threshold,
         }
 
@@ -743,7 +1029,9 @@ class BillingAccount(Aggregate):
         self, request_id: UUID, unit: str, amount: int, package_code: str | None, available: int, at: datetime
     ) -> None:
         self._auto_top_up[unit]["armed"] = False
-        history = self._top_up_history.setdefault(unit, {"count": 0, "last_at": None, "month": "", "month_total": 0})
+        history = self._top_up_history.setdefault(
+            unit, {"count": 0, "last_at": None, "month": "", "month_total": 0}
+        )
         month = _month(at)
         if history["month"] != month:
             history["month"], history["month_total"] = month, 0
@@ -762,14 +1050,22 @@ class BillingAccount(Aggregate):
             return
         amount = rule["package_amount"] if rule["package_code"] is not None else rule["target"] - available
         history = self._top_up_history.get(unit, {"count": 0, "last_at": None, "month": "", "month_total": 0})
-        if history["last_at"] is not None and at - history["last_at"] < timedelta(seconds=rule["cooldown_seconds"]):
+        if history["last_at"] is not None and at - history["last_at"] < timedelta(
+            seconds=rule["cooldown_seconds"]
+        ):
             return  # still cooling down: stays armed
         month_total = history["month_total"] if history["month"] == _month(at) else 0
         if month_total + amount > rule["monthly_cap"]:
             return  # over the month's cap: stays armed
         request_id = uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/auto-top-up/{unit}/{history['count']}")
-        self._auto_top_up_requested(request_id=request_id, unit=unit, amount=amount,
-                                    package_code=rule["package_code"], available=available, at=at)
+        self._auto_top_up_requested(
+            request_id=request_id,
+            unit=unit,
+            amount=amount,
+            package_code=rule["package_code"],
+            available=available,
+            at=at,
+        )
 
     # == internals (pure helpers shared by commands and event application) =====================================
 
@@ -793,11 +1089,22 @@ class BillingAccount(Aggregate):
 
     def _active_hold(self, hold_id: UUID) -> HoldRecord:
         h = self._holds.get(str(hold_id))
-        if h is None:
-            raise UnknownHold(f"no hold {hold_id}")
-        if h["status"] != "active":
-            raise HoldAlreadySettled(f"hold {hold_id} is {h['status']}")
-        return h
+        if h is not None:
+            return h
+        settled = self._settled_holds.get(str(hold_id))
+        if settled is not None:
+            raise HoldAlreadySettled(f"hold {hold_id} is {settled['status']}")
+        raise UnknownHold(f"no hold {hold_id}")
+
+    def _settle_hold(self, hold_id: str, status: str, *, captured: int = 0) -> None:
+        h = self._holds.pop(hold_id)
+        self._held[h["unit"]] -= h["amount"]
+        self._remember_settled_hold(dict(h, status=status, captured=captured))
+
+    def _remember_settled_hold(self, record: HoldRecord) -> None:
+        self._settled_holds[record["hold_id"]] = record
+        while len(self._settled_holds) > SETTLED_HOLDS_KEPT_MAX:
+            del self._settled_holds[next(iter(self._settled_holds))]
 
     def _eligible_grants(self, unit: str, meter: str | None, at: datetime) -> list[GrantRecord]:
         """Grants a debit for ``meter`` at ``at`` may draw from, in drawdown order."""
@@ -819,8 +1126,14 @@ class BillingAccount(Aggregate):
 
     def _add_grant(self, record: GrantRecord) -> None:
         self._grants[record["grant_id"]] = dict(
-            record, remaining=record["amount"], status="open", seq=len(self._grants), refunded=0, refunded_tax=0,
-            breakage=0, breakage_reversed=0,
+            record,
+            remaining=record["amount"],
+            status="open",
+            seq=len(self._grants),
+            refunded=0,
+            refunded_tax=0,
+            breakage=0,
+            breakage_reversed=0,
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
@@ -889,11 +1202,15 @@ def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:
 def _usage_postings(unit: str, draws: list[Draw], overage: int) -> list[Posting]:
     postings: list[Posting] = []
     for draw in draws:
-        postings += [posting(LedgerAccount.TENANT_WALLET, unit, draw["amount"], draw["grant_id"]),
-                     posting(LedgerAccount.RECOGNISED_REVENUE, unit, -draw["amount"], draw["grant_id"])]
+        postings += [
+            posting(LedgerAccount.TENANT_WALLET, unit, draw["amount"], draw["grant_id"]),
+            posting(LedgerAccount.RECOGNISED_REVENUE, unit, -draw["amount"], draw["grant_id"]),
+        ]
     if overage:
-        postings += [posting(LedgerAccount.RECEIVABLES, unit, overage),
-                     posting(LedgerAccount.RECOGNISED_REVENUE, unit, -overage)]
+        postings += [
+            posting(LedgerAccount.RECEIVABLES, unit, overage),
+            posting(LedgerAccount.RECOGNISED_REVENUE, unit, -overage),
+        ]
     return postings
 
 
@@ -935,7 +1252,9 @@ def _require_scope(scope: Any) -> list[str] | None:
     if scope is None:
         return None
     if not isinstance(scope, list | tuple) or not scope or len(scope) > SCOPE_METERS_MAX:
-        raise InvalidArgument(f"scope must be None (every meter) or a list of 1-{SCOPE_METERS_MAX} meter codes")
+        raise InvalidArgument(
+            f"scope must be None (every meter) or a list of 1-{SCOPE_METERS_MAX} meter codes"
+        )
     for meter in scope:
         _require_text("scope meter", meter)
     return sorted(set(scope))

@@ -33,7 +33,9 @@ class ResourcePool(Aggregate):
     def open(cls, *, tenant: str, resource: str) -> ResourcePool:
         for name, value in (("tenant", tenant), ("resource", resource)):
             if not isinstance(value, str) or not value.strip() or len(value) > RESOURCE_CHARS_MAX:
-                raise InvalidAllocation(f"{name} must be a non-empty string of at most {RESOURCE_CHARS_MAX} chars")
+                raise InvalidAllocation(
+                    f"{name} must be a non-empty string of at most {RESOURCE_CHARS_MAX} chars"
+                )
         return cls(tenant=tenant, resource=resource)
 
     @event("Opened")
@@ -66,7 +68,9 @@ class ResourcePool(Aggregate):
         """Records the pooled capacity; refused (``CapacityBelowUsage``) below current usage."""
         _require_quantity("capacity", capacity, allow_zero=True)
         if not self.can_reduce_to(capacity):
-            raise CapacityBelowUsage(f"{self.resource}: {self.in_use} in use, cannot reduce capacity to {capacity}")
+            raise CapacityBelowUsage(
+                f"{self.resource}: {self.in_use} in use, cannot reduce capacity to {capacity}"
+            )
         if capacity == self.capacity and source == self.capacity_source:
             return
         self._capacity_set(capacity=capacity, source=dict(source))

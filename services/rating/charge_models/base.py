@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from decimal import Decimal, Inexact
+from functools import cached_property
 from typing import Annotated, Any, NamedTuple
 
 from billing_events.money import RATING_CONTEXT, MoneyError, parse_decimal, resolve_unit

@@ -13,7 +13,17 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Literal
 
-from .base import EXACT, ONE, Amount, PositiveDecimal, PriceLine, PriceResult, SpecBase, decimal_text, zero_result
+from .base import (
+    EXACT,
+    ONE,
+    Amount,
+    PositiveDecimal,
+    PriceLine,
+    PriceResult,
+    SpecBase,
+    decimal_text,
+    zero_result,
+)
 
 
 class PackageSpec(SpecBase):

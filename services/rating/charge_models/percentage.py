@@ -79,7 +79,9 @@ def price(spec: PercentageSpec, quantity: Decimal) -> PriceResult:
             unit_amount=spec.rate,
             amount=variable,
         ),
-        PriceLine(description="fixed fee", quantity=ONE, flat_amount=spec.fixed_amount, amount=spec.fixed_amount),
+        PriceLine(
+            description="fixed fee", quantity=ONE, flat_amount=spec.fixed_amount, amount=spec.fixed_amount
+        ),
     ]
     if fee != raw:
         which = "minimum" if fee > raw else "maximum"

@@ -43,7 +43,11 @@ SPECS: dict[str, dict[str, Any]] = {
     "stairstep": {
         "model": "stairstep",
         "unit": "USD",
-        "steps": [{"up_to": "100", "amount": "10"}, {"up_to": "500", "amount": "20"}, {"up_to": None, "amount": "50"}],
+        "steps": [
+            {"up_to": "100", "amount": "10"},
+            {"up_to": "500", "amount": "20"},
+            {"up_to": None, "amount": "50"},
+        ],
     },
     "package": {"model": "package", "unit": "USD", "package_size": "100", "package_amount": "5"},
     "percentage": {
@@ -172,7 +176,11 @@ def test_package_with_a_fractional_size() -> None:
 
 def test_percentage_breakdown_shows_the_clamp() -> None:
     result = price(parse_spec(SPECS["percentage"]), D(1000))
-    assert [line.description for line in result.lines] == ["2.9% of 1000", "fixed fee", "maximum fee 5 applies"]
+    assert [line.description for line in result.lines] == [
+        "2.9% of 1000",
+        "fixed fee",
+        "maximum fee 5 applies",
+    ]
     assert result.lines[-1].amount == D("-24.30")
     check_lines(result)
 
@@ -250,7 +258,10 @@ BAD_SPECS: list[tuple[Any, str]] = [
     ({"model": "flat", "unit": "USX", "amount": "1"}, "unit: unknown unit 'USX'"),
     ({"model": "flat", "unit": 840, "amount": "1"}, "unit must be a unit code"),
     ({"model": "flat", "unit": "USD", "amount": "-1"}, "amount must not be negative"),
-    ({"model": "flat", "unit": "USD", "amount": 1.5}, "amount must be a decimal string or an integer, not a binary"),
+    (
+        {"model": "flat", "unit": "USD", "amount": 1.5},
+        "amount must be a decimal string or an integer, not a binary",
+    ),
     ({"model": "flat", "unit": "USD", "amount": "ten"}, "amount is not a decimal number"),
     ({"model": "flat", "unit": "USD"}, "amount: missing"),
     ({"model": "flat", "unit": "USD", "amount": "1", "amont": "2"}, "amont: unknown field"),
@@ -272,7 +283,10 @@ BAD_SPECS: list[tuple[Any, str]] = [
         "tiers[0].up_to: only the last band may be open",
     ),
     ({"model": "graduated", "unit": "USD", "tiers": []}, "tiers: at least one band is required"),
-    ({"model": "graduated", "unit": "USD", "tiers": [{"up_to": "0"}, {}]}, "tiers[0].up_to must be greater than zero"),
+    (
+        {"model": "graduated", "unit": "USD", "tiers": [{"up_to": "0"}, {}]},
+        "tiers[0].up_to must be greater than zero",
+    ),
     (
         {"model": "graduated", "unit": "USD", "tiers": [{"up_to": None, "unit_amount": "-0.1"}]},
         "tiers[0].unit_amount must not be negative",
@@ -286,11 +300,18 @@ BAD_SPECS: list[tuple[Any, str]] = [
         "tiers[0].price: unknown field",
     ),
     (
-        {"model": "stairstep", "unit": "USD", "steps": [{"up_to": "10", "amount": "1"}, {"up_to": "5", "amount": "1"}]},
+        {
+            "model": "stairstep",
+            "unit": "USD",
+            "steps": [{"up_to": "10", "amount": "1"}, {"up_to": "5", "amount": "1"}],
+        },
         "steps[1].up_to (5) must be greater",
     ),
     ({"model": "stairstep", "unit": "USD", "steps": [{"up_to": None}]}, "steps[0].amount: missing"),
-    ({"model": "package", "unit": "USD", "package_size": "0", "package_amount": "1"}, "package_size must be greater"),
+    (
+        {"model": "package", "unit": "USD", "package_size": "0", "package_amount": "1"},
+        "package_size must be greater",
+    ),
     ({"model": "percentage", "unit": "USD", "rate": "2.9"}, "rate is a fraction"),
     ({"model": "percentage", "unit": "USD", "rate": "-0.01"}, "rate must not be negative"),
     (

@@ -93,7 +93,9 @@ def test_zero_quantity(app: typer.Typer, runner: CliRunner, tmp_path: Path) -> N
 
 def test_bad_spec_exits_2_naming_the_field(app: typer.Typer, runner: CliRunner, tmp_path: Path) -> None:
     spec = tmp_path / "bad.yaml"
-    spec.write_text("model: graduated\nunit: USD\ntiers:\n  - {up_to: 100}\n  - {up_to: 50}\n  - {up_to: null}\n")
+    spec.write_text(
+        "model: graduated\nunit: USD\ntiers:\n  - {up_to: 100}\n  - {up_to: 50}\n  - {up_to: null}\n"
+    )
     result = run(app, runner, spec, "1")
     assert result.exit_code == 2
     assert "tiers[1].up_to (50) must be greater" in result.stderr
@@ -124,7 +126,11 @@ def test_missing_file_and_bad_quantity(app: typer.Typer, runner: CliRunner, tmp_
     assert "cannot read price spec" in missing.stderr
     spec = tmp_path / "flat.yaml"
     spec.write_text("model: flat\nunit: USD\namount: 10\n")
-    for quantity, message in [("-3", "must not be negative"), ("1e400", "too large"), ("ten", "not a decimal")]:
+    for quantity, message in [
+        ("-3", "must not be negative"),
+        ("1e400", "too large"),
+        ("ten", "not a decimal"),
+    ]:
         result = run(app, runner, spec, quantity)
         assert result.exit_code == 2, quantity
         assert message in result.stderr

@@ -1,0 +1,285 @@
+"""Properties of the billing account under random command sequences (hypothesis).
+
+Whatever the sequence of grants, debits (overage and block), give-backs, holds, expiries, refunds, voids and
+adjustments:
+
+* every posting set sums to zero per unit;
+* the wallet sub-ledger of every grant equals the grant's remaining credit, and no grant goes below zero;
+* the sum of ``wallet_delta`` over all events equals ``available + held`` per unit, and the receivables
+  postings add up to ``receivable``;
+* under the ``block`` policy (and captures within their holds) no usage debit posts overage: the
+  wallet never pays more than it holds;
+* a refused command records nothing and changes nothing;
+* replaying the recorded events (``mutate`` chain, and an eventsourcing ``Application``) rebuilds the
+  same account.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid5
+
+from billing_ledger.domain.account import BillingAccount, LedgerError
+from billing_ledger.domain.postings import LedgerAccount, assert_balanced, wallet_delta
+from eventsourcing.application import Application
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+UNITS = ("USD", "CREDIT")
+METERS = ("tokens", "compute")
+# Purchases twice as likely: only paid grants can be refunded.
+SOURCES = ("purchase", "purchase", "plan_recurrence", "promotion", "manual", "refund_reversal")
+NAMESPACE = UUID("6f1c7d1e-9c55-4a8e-a0f3-2a8f7c1e0b5d")
+
+units = st.sampled_from(UNITS)
+meters = st.sampled_from(METERS)
+indices = st.integers(min_value=0, max_value=50)
+
+grant_ops = st.tuples(
+    st.just("grant"),
+    units,
+    st.integers(100, 2_000),
+    st.integers(0, 3),
+    st.integers(0, 60),
+    st.one_of(st.none(), st.integers(1, 240)),
+    st.one_of(st.none(), st.lists(meters, min_size=1, max_size=2)),
+    st.sampled_from(SOURCES),
+    st.integers(0, 50),
+)
+debit_ops = st.tuples(
+    st.just("debit"), units, st.integers(-300, 800), meters, st.sampled_from(("overage", "block"))
+)
+place_ops = st.tuples(
+    st.just("place"), units, st.integers(1, 400), st.one_of(st.none(), meters), st.integers(1, 120)
+)
+# Captures take a percentage of the hold (over 100 % needs allow_overage).
+capture_ops = st.tuples(st.just("capture"), indices, st.integers(0, 150), st.booleans())
+release_ops = st.tuples(st.just("release"), indices)
+expire_grants_ops = st.tuples(st.just("expire_grants"))
+expire_holds_ops = st.tuples(st.just("expire_holds"))
+refund_ops = st.tuples(st.just("refund"), indices, st.integers(1, 600), st.booleans(), st.integers(0, 20))
+void_ops = st.tuples(st.just("void"), indices)
+adjust_ops = st.tuples(st.just("adjust"), units, st.integers(-500, 500).filter(bool))
+advance_ops = st.tuples(st.just("advance"), st.integers(1, 90))
+
+operations = st.lists(
+    st.one_of(
+        grant_ops,
+        grant_ops,
+        debit_ops,
+        debit_ops,
+        place_ops,
+        place_ops,
+        capture_ops,
+        capture_ops,
+        release_ops,
+        expire_grants_ops,
+        expire_grants_ops,
+        expire_holds_ops,
+        refund_ops,
+        refund_ops,
+        void_ops,
+        adjust_ops,
+        advance_ops,
+        advance_ops,
+    ),
+    min_size=10,
+    max_size=80,
+)
+
+
+@dataclass
+class Run:
+    account: BillingAccount
+    block_only: bool
+    now: datetime = T0
+    counter: int = 0
+    grants: list[UUID] = field(default_factory=list)
+    holds: list[UUID] = field(default_factory=list)  # placed (accepted) holds only
+    events: list[Any] = field(default_factory=list)
+
+    def new_id(self) -> UUID:
+        self.counter += 1
+        return uuid5(NAMESPACE, str(self.counter))
+
+    def pick(self, ids: list[UUID], index: int) -> UUID | None:
+        return ids[index % len(ids)] if ids else None
+
+
+def snapshot_of(account: BillingAccount) -> tuple[Any, ...]:
+    return (
+        account.version,
+        account.grant_balances(),
+        [(u, account.available(u), account.held(u), account.receivable(u)) for u in UNITS],
+    )
+
+
+def apply(run: Run, op: tuple[Any, ...]) -> None:
+    account, kind = run.account, op[0]
+    if kind == "grant":
+        _, unit, amount, priority, effective, expires, scope, source, tax = op
+        grant_id = run.new_id()
+        run.grants.append(grant_id)
+        effective_at = run.now + timedelta(minutes=effective - 30)
+        account.grant_credit(
+            grant_id=grant_id,
+            unit=unit,
+            amount=amount,
+            priority=priority,
+            effective_at=effective_at,
+            expires_at=effective_at + timedelta(minutes=expires) if expires else None,
+            scope=scope,
+            source=source,
+            cause={"op": "grant"},
+            granted_by="hypothesis",
+            tax_amount=tax if source == "purchase" else 0,
+        )
+    elif kind == "debit":
+        _, unit, amount, meter, policy = op
+        account.debit_usage(
+            command_id=run.new_id(),
+            unit=unit,
+            amount=amount,
+            meter=meter,
+            at=run.now,
+            overage_policy="block" if run.block_only else policy,
+            cause={},
+        )
+    elif kind == "place":
+        _, unit, amount, meter, ttl = op
+        hold_id = run.new_id()
+        if account.place_hold(
+            hold_id=hold_id,
+            unit=unit,
+            amount=amount,
+            meter=meter,
+            expires_at=run.now + timedelta(minutes=ttl),
+            at=run.now,
+        ):
+            run.holds.append(hold_id)
+    elif kind == "capture":
+        _, index, percent, allow_overage = op
+        hold_id = run.pick(run.holds, index)
+        if hold_id is not None:
+            amount = account.hold(hold_id)["amount"] * percent // 100
+            account.capture_hold(
+                hold_id=hold_id, amount=amount, at=run.now, allow_overage=allow_overage and not run.block_only
+            )
+    elif kind == "release":
+        hold_id = run.pick(run.holds, op[1])
+        if hold_id is not None:
+            account.release_hold(hold_id=hold_id, at=run.now)
+    elif kind == "expire_grants":
+        account.expire_grants(run.now)
+    elif kind == "expire_holds":
+        account.expire_holds(run.now)
+    elif kind == "refund":
+        _, index, amount, override, tax = op
+        grant_id = run.pick(run.grants, index)
+        if grant_id is not None:
+            account.refund_grant(
+                grant_id=grant_id,
+                amount=amount,
+                refund_id=run.new_id(),
+                at=run.now,
+                finance_override=override and not run.block_only,
+                cause={},
+                tax_amount=tax,
+            )
+    elif kind == "void":
+        grant_id = run.pick(run.grants, op[1])
+        if grant_id is not None:
+            account.void_grant(grant_id=grant_id, reason="property test", voided_by="hypothesis", at=run.now)
+    elif kind == "adjust":
+        _, unit, amount = op
+        account.adjust(
+            adjustment_id=run.new_id(),
+            unit=unit,
+            amount=amount,
+            reason="property test",
+            user="hypothesis",
+            at=run.now,
+        )
+    elif kind == "advance":
+        run.now += timedelta(minutes=op[1])
+    else:  # pragma: no cover - the strategies produce only the kinds above
+        raise AssertionError(kind)
+
+
+def check_step(run: Run) -> None:
+    account = run.account
+    for grant in account.grant_balances():
+        assert 0 <= grant["remaining"] <= grant["amount"], grant
+    active = account.active_holds()
+    for unit in UNITS:
+        assert account.held(unit) == sum(h["amount"] for h in active if h["unit"] == unit)
+        assert account.balance(unit) >= 0
+        assert account.held(unit) >= 0
+        assert account.receivable(unit) >= 0
+
+
+def check_history(run: Run) -> None:
+    account, recorded = run.account, run.events
+    wallet: dict[str, int] = {}
+    receivables: dict[str, int] = {}
+    per_grant: dict[str, int] = {}
+    for evt in recorded:
+        postings = getattr(evt, "postings", [])
+        assert_balanced(postings)
+        for unit, delta in wallet_delta(postings).items():
+            wallet[unit] = wallet.get(unit, 0) + delta
+        for line in postings:
+            if line["account"] == LedgerAccount.RECEIVABLES:
+                receivables[line["unit"]] = receivables.get(line["unit"], 0) + line["amount"]
+            if line["account"] == LedgerAccount.TENANT_WALLET:
+                assert line["grant_id"] is not None
+                per_grant[line["grant_id"]] = per_grant.get(line["grant_id"], 0) - line["amount"]
+        if run.block_only and type(evt).__name__ == "UsageDebited":
+            assert evt.overage <= 0, "a block-only debit never posts beyond the credit"
+    for unit in UNITS:
+        assert wallet.get(unit, 0) == account.available(unit) + account.held(unit) == account.balance(unit)
+        assert receivables.get(unit, 0) == account.receivable(unit)
+    for grant in account.grant_balances():
+        assert per_grant.get(grant["grant_id"], 0) == grant["remaining"], grant
+
+
+def check_replay(run: Run) -> None:
+    account = run.account
+    replayed: BillingAccount | None = None
+    for evt in run.events:
+        replayed = evt.mutate(replayed)
+    assert replayed is not None
+    assert replayed == account
+    assert snapshot_of(replayed) == snapshot_of(account)
+
+    app: Application[UUID] = Application()
+    app.save(*run.events)  # Application.save takes recorded events as well as aggregates
+    reloaded = app.repository.get(account.id)
+    assert reloaded == account
+    assert snapshot_of(reloaded) == snapshot_of(account)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations, block_only=st.booleans())
+def test_random_command_sequences_keep_the_books_balanced_and_replayable(
+    ops: list[tuple[Any, ...]], block_only: bool
+) -> None:
+    account = BillingAccount.open("prop", "USD", low_balance_threshold=200, opened_by="hypothesis")
+    account.set_auto_top_up("CREDIT", 300, 1_000, None, 600, 5_000)
+    run = Run(account=account, block_only=block_only)
+    run.events.extend(account.collect_events())
+    for op in ops:
+        before = snapshot_of(account)
+        try:
+            apply(run, op)
+        except LedgerError:
+            # A refused command records nothing and changes nothing.
+            assert account.pending_events == []
+            assert snapshot_of(account) == before
+        run.events.extend(account.collect_events())
+        check_step(run)
+    check_history(run)
+    check_replay(run)
