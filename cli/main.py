@@ -157,6 +157,29 @@ def catalog_apply(file: Annotated[Path, typer.Argument(help="Catalogue YAML or J
     typer.echo(json.dumps({"commands": [{"kind": c.kind, "id": str(c.command_id)} for c in commands]}))
 
 
+@app.command()
+def openapi(out: Annotated[Path, typer.Option(help="Where to write the OpenAPI document")] = Path(
+        "docs/openapi.json")) -> None:
+    """Writes the OpenAPI document of every HTTP route (all four services) to docs/."""
+    import tempfile
+
+    from billing_runtime.runner import Runner
+
+    async def main() -> dict:  # type: ignore[type-arg]
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = Settings(data_dir=Path(tmp))
+            runner = Runner(settings, _bus(settings), _builders(SERVICES), "billing", None)
+            await runner.start()
+            try:
+                return runner.app.openapi()
+            finally:
+                await runner.stop()
+
+    document = asyncio.run(main())
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    typer.echo(f"wrote {out} ({len(document.get('paths', {}))} paths)")
+
+
 def _register_price() -> None:
     from billing_cli.price import price
 

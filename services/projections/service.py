@@ -18,6 +18,15 @@ WALLET = "tenant_wallet"
 RECEIVABLES = "receivables"
 
 
+# Holds carry no postings (an authorisation is not a movement): (sign, field) per hold event.
+_HOLD_DELTAS = {
+    "BillingAccount.HoldPlaced": (1, "amount"),
+    "BillingAccount.HoldCaptured": (-1, "held_amount"),
+    "BillingAccount.HoldReleased": (-1, "amount"),
+    "BillingAccount.HoldExpired": (-1, "amount"),
+}
+
+
 class ProjectionService:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -68,6 +77,13 @@ class ProjectionService:
                 "INSERT INTO accounts (account_id, tenant, currency, opened_at) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (account_id) DO NOTHING",
                 str(event.aggregate_id), data["tenant"], data["currency"], event.recorded_at.isoformat())
+        hold_delta = _HOLD_DELTAS.get(event.type)
+        if hold_delta is not None:
+            tenant = await self._tenant(conn, event)
+            amount = -int(data[hold_delta[1]]) if hold_delta[0] < 0 else int(data[hold_delta[1]])
+            await conn.execute(
+                "INSERT INTO wallet_holds (tenant, unit, held) VALUES ($1, $2, $3) ON CONFLICT (tenant, unit) "
+                "DO UPDATE SET held = wallet_holds.held + excluded.held", tenant, data["unit"], amount)
         postings = data.get("postings")
         if event.type.startswith("BillingAccount.") and postings:
             tenant = await self._tenant(conn, event)

@@ -51,6 +51,13 @@ Low balance and auto top-up (edge-triggered, per unit, on ``available``)
     the request would take the calendar month's (UTC) requested total above ``monthly_cap``; a suppressed
     rule stays armed and fires at the next movement that is allowed to, once. The requested amount is
     ``target - available`` or the package's amount.
+
+Idempotency
+    Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
+    (``DuplicateGrant``). A repeated hold id returns the first yes/no answer without a new event while the
+    hold is active or among the last ``SETTLED_HOLDS_KEPT_MAX`` settled ones. Usage, refund and settlement
+    command ids are recorded in their events but not remembered by the aggregate (unbounded state): the
+    application's per-command receipts refuse a second delivery before it reaches the aggregate.
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ class BillingAccount(Aggregate):
                 "armed": low_balance_threshold <= 0,
             }
 
-    # == read helpers (pure) ==================================================================================
+    # == read helpers (pure) =================================================================================
 
     def balance(self, unit: str) -> int:
         """Sum of the open grants' remaining credit of ``unit`` (sub-units), holds included."""
@@ -176,7 +183,7 @@ class BillingAccount(Aggregate):
         return max(0, min(eligible, self.available(unit)))
 
     def grant_balances(self) -> list[dict[str, Any]]:
-        """Every grant, in granted order, with its remaining credit (copies: mutating them changes nothing)."""
+        """Every grant in granted order with its remaining credit (copies: changing them changes nothing)."""
         keys = (
             "grant_id",
             "unit",
@@ -300,7 +307,7 @@ class BillingAccount(Aggregate):
         self._update_arming(unit)
 
     def expire_grants(self, now: datetime) -> None:
-        """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once (a ``GrantExpired`` each)."""
+        """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once each."""
         _require_time("now", now)
         due = [
             g
@@ -411,7 +418,7 @@ class BillingAccount(Aggregate):
         overage_policy: str,
         cause: dict[str, Any],
     ) -> None:
-        """Draws ``amount`` sub-units for ``meter`` (negative = give-back). Never raises for lack of credit."""
+        """Draws ``amount`` sub-units for ``meter`` (negative: give-back). Never raises for lack of credit."""
         self._require_unit(unit)
         _require_amount("amount", amount, allow_zero=True, allow_negative=True)
         _require_text("meter", meter)
@@ -483,6 +490,8 @@ class BillingAccount(Aggregate):
         credit_grant: GrantRecord | None = None
         if left:
             gid = str(uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/give-back/{command_id}"))
+            if gid in self._grants:
+                raise DuplicateGrant(f"usage command {command_id} already gave credit back")
             credit_grant = {
                 "grant_id": gid,
                 "unit": unit,
@@ -639,7 +648,7 @@ class BillingAccount(Aggregate):
         )
 
     def capture_hold(self, *, hold_id: UUID, amount: int, at: datetime, allow_overage: bool = False) -> None:
-        """Spends ``amount`` (at most the hold unless ``allow_overage``) like a usage debit; releases the rest."""
+        """Spends ``amount`` (at most the hold unless ``allow_overage``) like a debit; frees the rest."""
         h = self._active_hold(hold_id)
         _require_amount("amount", amount, allow_zero=True)
         _require_time("at", at)
@@ -718,7 +727,7 @@ class BillingAccount(Aggregate):
         self._settle_hold(str(hold_id), "expired")
         self._update_arming(unit)
 
-    # == refunds, adjustments, settlements =====================================================================
+    # == refunds, adjustments, settlements ===================================================================
 
     def refund_grant(
         self,
@@ -927,7 +936,7 @@ class BillingAccount(Aggregate):
     ) -> None:
         self._receivable[unit] = self._receivable.get(unit, 0) - amount
 
-    # == low balance and auto top-up ==========================================================================
+    # == low balance and auto top-up =========================================================================
 
     def set_low_balance_threshold(self, unit: str, threshold: int | None) -> None:
         """Alerts once when ``available`` drops below ``threshold``; ``None`` removes the alert."""
@@ -1067,7 +1076,7 @@ class BillingAccount(Aggregate):
             at=at,
         )
 
-    # == internals (pure helpers shared by commands and event application) =====================================
+    # == internals (pure helpers shared by commands and event application) ===================================
 
     def _require_unit(self, unit: str) -> None:
         if not isinstance(unit, str):
@@ -1169,7 +1178,7 @@ class BillingAccount(Aggregate):
             stack[:] = [entry for entry in stack if entry["grant_id"] != grant_id]
 
     def _update_arming(self, unit: str) -> None:
-        """Re-arms the unit's alerts once ``available`` is back at or above their thresholds (derived state)."""
+        """Re-arms the unit's alerts once ``available`` is back at or above their thresholds (derived)."""
         available = self.available(unit)
         alert = self._low_balance.get(unit)
         if alert is not None and available >= alert["threshold"]:
@@ -1260,7 +1269,7 @@ def _require_scope(scope: Any) -> list[str] | None:
     return sorted(set(scope))
 
 
-# == domain errors (ValueError: bad input or a refused command, never a half-applied change) ===================
+# == domain errors (ValueError: bad input or a refused command, never a half-applied change) =================
 
 
 class LedgerError(ValueError):

@@ -215,7 +215,7 @@ def test_duplicate_grant_ids_and_bad_amounts_are_refused_and_record_nothing() ->
     assert issubclass(DuplicateGrant, ValueError) and issubclass(DuplicateGrant, LedgerError)
 
 
-# -- drawdown order -------------------------------------------------------------------------------------------
+# -- drawdown order ------------------------------------------------------------------------------------------
 
 
 def test_lower_priority_number_is_drawn_first() -> None:
@@ -703,7 +703,7 @@ def test_settling_a_receivable_moves_it_to_gateway_clearing() -> None:
     assert account.receivable(USD) == 0
 
 
-# -- low balance and auto top-up ------------------------------------------------------------------------------
+# -- low balance and auto top-up -----------------------------------------------------------------------------
 
 
 def test_low_balance_fires_once_per_downward_crossing_and_re_arms_on_the_way_up() -> None:
