@@ -16,6 +16,15 @@ from billing_runtime.settings import Settings
 
 async def build(settings: Settings, bus: Bus) -> ServiceParts:
     env = persistence_env(settings.database_url, str(settings.data_dir), settings.schema("ledger"))
+    if settings.database_url:
+        import asyncpg
+
+        # eventsourcing creates its tables but not the schema that holds them.
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{settings.schema("ledger")}"')
+        finally:
+            await conn.close()
     app = await asyncio.to_thread(LedgerApplication, env)
     service = LedgerService(app)
     leader = None
