@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import MoneyError, currency, parse_decimal

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from billing_runtime.auth import Role, mint_token
 from billing_runtime.logging import configure_logging
 from billing_runtime.settings import Settings
@@ -63,8 +62,8 @@ def run(
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
 ) -> None:
     """The embedded default: all four services in one process, data under ./var, HTTP on 127.0.0.1:8000."""
-    from billing_runtime.runner import Runner
     from billing_cli.catalog import commands_for, load_document
+    from billing_runtime.runner import Runner
 
     configure_logging()
     base = Settings.from_env()

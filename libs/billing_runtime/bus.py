@@ -24,8 +24,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-
 from billing_events.topics import ALL_TOPICS
+
 from billing_runtime.db import SqliteDatabase
 from billing_runtime.logging import get_logger
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEV_JWT_SECRET = "billing-local-development-key-change-me-in-production"  # noqa: S105 - documented dev key
+DEV_JWT_SECRET = "billing-local-development-key-change-me-in-production"
 
 
 def _env_int(name: str, default: int) -> int:

@@ -20,18 +20,13 @@ from typing import Any
 from urllib.parse import urlparse
 from uuid import UUID
 
+from billing_events.messages import LedgerCommand
+from billing_ledger.domain.account import LedgerError
+from billing_ledger.domain.receipt import CommandReceipt
+from billing_runtime.logging import get_logger
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import ProcessRecorder, Tracking
-
-from billing_events import ids
-from billing_events.messages import LedgerCommand
-from billing_events.money import parse_decimal, to_subunits
-from billing_events.timeutil import parse_timestamp
-from billing_ledger.domain.account import BillingAccount, LedgerError
-from billing_ledger.domain.catalog import Catalog
-from billing_ledger.domain.receipt import CommandReceipt
-from billing_runtime.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -67,6 +62,21 @@ class CommandResult:
     command_id: UUID
     outcome: str  # applied | duplicate | rejected
     reason: str | None = None
+
+
+CommandHandler = Callable[["LedgerApplication", "_Batch", LedgerCommand], None]
+HANDLERS: dict[str, CommandHandler] = {}
+
+
+def handles(kind: str) -> Callable[[CommandHandler], CommandHandler]:
+    """Registers a command handler; handler modules live next to this one (e.g. catalog_commands.py)."""
+
+    def register(handler: CommandHandler) -> CommandHandler:
+        assert kind not in HANDLERS, f"two handlers for {kind}"
+        HANDLERS[kind] = handler
+        return handler
+
+    return register
 
 
 class CommandRejected(Exception):
@@ -126,7 +136,7 @@ class LedgerApplication(Application[UUID]):
             if command.command_id in batch.receipts or batch.get(command.command_id) is not None:
                 results.append(CommandResult(command.command_id, "duplicate"))
                 continue
-            handler = self._handlers.get(command.kind)
+            handler = HANDLERS.get(command.kind)
             outcome, reason = "applied", None
             if handler is None:
                 outcome, reason = "rejected", "unknown_command"
@@ -151,80 +161,6 @@ class LedgerApplication(Application[UUID]):
         self._record(batch.processing)
         return results
 
-    def _account(self, batch: _Batch, tenant: str | None) -> BillingAccount:
-        if not tenant:
-            raise CommandRejected("missing_tenant", "the command names no tenant")
-        account = batch.get(ids.account_id(tenant))
-        if account is None:
-            raise CommandRejected("unknown_account", f"tenant {tenant!r} has no billing account")
-        return account  # type: ignore[no-any-return]
-
-    def _open_account(self, batch: _Batch, command: LedgerCommand) -> None:
-        payload = command.payload
-        tenant = command.tenant or payload.get("tenant")
-        if not tenant:
-            raise CommandRejected("missing_tenant")
-        if batch.get(ids.account_id(tenant)) is not None:
-            raise CommandRejected("account_exists", f"tenant {tenant!r} already has a billing account")
-        threshold = payload.get("low_balance_threshold")
-        try:
-            account = BillingAccount.open(
-                tenant, payload["currency"],
-                low_balance_threshold=to_subunits(parse_decimal(threshold)) if threshold is not None else None,
-                opened_by=command.issued_by)
-        except (ValueError, KeyError) as exc:
-            raise CommandRejected("invalid_account", str(exc)) from exc
-        batch.add(account)
-
-    def _grant_credit(self, batch: _Batch, command: LedgerCommand) -> None:
-        account = self._account(batch, command.tenant)
-        payload = command.payload
-        try:
-            expires = payload.get("expires_at")
-            account.grant_credit(
-                grant_id=ids.grant_id(account.tenant, payload["grant_key"]),
-                unit=payload["unit"],
-                amount=to_subunits(parse_decimal(payload["amount"], field="amount")),
-                priority=int(payload.get("priority", 0)),
-                effective_at=parse_timestamp(payload.get("effective_at") or command.issued_at),
-                expires_at=parse_timestamp(expires) if expires else None,
-                scope=payload.get("scope"),
-                source=payload.get("source", "manual"),
-                cause=dict(payload.get("cause") or {}, command_id=str(command.command_id)),
-                granted_by=command.issued_by,
-            )
-        except (ValueError, KeyError) as exc:
-            raise CommandRejected("invalid_grant", str(exc)) from exc
-
-    def _debit_usage(self, batch: _Batch, command: LedgerCommand) -> None:
-        account = self._account(batch, command.tenant)
-        payload = command.payload
-        account.debit_usage(
-            command_id=command.command_id,
-            unit=payload["unit"],
-            amount=int(payload["amount_subunits"]),
-            meter=payload["meter"],
-            at=parse_timestamp(payload["at"]),
-            overage_policy=payload.get("overage_policy", "overage"),
-            cause=payload.get("cause", {}),
-        )
-
-    def _publish_catalog(self, batch: _Batch, command: LedgerCommand) -> None:
-        catalog = batch.get(Catalog.create_id())
-        if catalog is None:
-            catalog = Catalog()
-            batch.add(catalog)
-        catalog.publish(document=command.payload["document"], digest=command.payload["digest"],
-                        published_by=command.issued_by)
-
-    _handlers: dict[str, Callable[[LedgerApplication, _Batch, LedgerCommand], None]] = {
-        "account.open": _open_account,
-        "credit.grant": _grant_credit,
-        "usage.debit": _debit_usage,
-        "catalog.publish": _publish_catalog,
-    }
-
-
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
@@ -242,3 +178,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     return value
+
+
+# Handler modules register themselves on import (one module per group of command kinds).
+from billing_ledger import account_commands, catalog_commands  # noqa: F401

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from eventsourcing.persistence import Tracking
-
 from billing_events import topics
 from billing_events.messages import LedgerEvent
 from billing_ledger.application import LedgerApplication, jsonable
 from billing_runtime.bus import Bus, OutMessage
 from billing_runtime.logging import get_logger
+from eventsourcing.persistence import Tracking
 
 log = get_logger(__name__)
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from eventsourcing.persistence import Tracking
-from pydantic import ValidationError
-
 from billing_events import topics
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import CommandResult, LedgerApplication
 from billing_runtime.bus import Record
 from billing_runtime.logging import get_logger
+from eventsourcing.persistence import Tracking
+from pydantic import ValidationError
 
 log = get_logger(__name__)
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, event
-
 from billing_events import ids
+from eventsourcing.domain import Aggregate, event
 
 
 class Catalog(Aggregate):
