@@ -55,3 +55,9 @@ def infra() -> Iterator[dict[str, str]]:
     yield {"KAFKA_BOOTSTRAP_SERVERS": kafka, "DATABASE_URL": database}
     for container in containers:
         container.stop()  # type: ignore[attr-defined]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "(none given: testcontainers or deploy/local)"
+    database = (os.environ.get("DATABASE_URL") or "(none given: testcontainers or deploy/local)").split("@")[-1]
+    return [f"integration infrastructure: Kafka {kafka}, PostgreSQL {database}"]
