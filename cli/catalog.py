@@ -7,8 +7,6 @@ file twice issues the same command ids, which the ledger refuses the second time
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,8 @@ from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import MoneyError, currency, parse_decimal
 from billing_events.timeutil import utcnow
-from billing_rating.charge_models import PriceSpecError, parse_spec
-
-AGGREGATIONS = ("sum", "count", "max", "last", "unique_count")
+from billing_rating.catalog_view import CatalogError, validate_document
+from billing_rating.http import publish_command
 
 
 class CatalogFileError(ValueError):
@@ -48,39 +45,16 @@ def _stringify_numbers(value: Any) -> Any:
     return value
 
 
-def validate_catalog(catalog: dict[str, Any]) -> None:
-    credit_units = catalog.get("credit_units") or {}
-    scales = {code: int((spec or {}).get("scale", 2)) for code, spec in credit_units.items()}
-    codes: set[str] = set()
-    for index, meter in enumerate(catalog.get("meters") or []):
-        where = f"meters[{index}]"
-        code = meter.get("code")
-        if not code:
-            raise CatalogFileError(f"{where}: a meter needs a code")
-        if code in codes:
-            raise CatalogFileError(f"{where}: duplicate meter code {code!r}")
-        codes.add(code)
-        if meter.get("aggregation", "sum") not in AGGREGATIONS:
-            raise CatalogFileError(f"{where}: aggregation must be one of {', '.join(AGGREGATIONS)}")
-        if meter.get("overage_policy", "overage") not in ("overage", "block"):
-            raise CatalogFileError(f"{where}: overage_policy must be overage or block")
-        if "price" in meter:
-            try:
-                parse_spec(meter["price"], credit_scales=scales)
-            except PriceSpecError as exc:
-                raise CatalogFileError(f"{where}.price: {exc}") from exc
-
-
 def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand]:
     now = utcnow()
     commands: list[LedgerCommand] = []
     catalog = document.get("catalog")
     if catalog:
-        validate_catalog(catalog)
-        digest = hashlib.sha256(json.dumps(catalog, sort_keys=True).encode()).hexdigest()
-        commands.append(LedgerCommand(command_id=ids.command_id("catalog.publish", digest), kind="catalog.publish",
-                                      issued_at=now, issued_by=issued_by,
-                                      payload={"document": catalog, "digest": digest}))
+        try:
+            parsed = validate_document(catalog)
+        except CatalogError as exc:
+            raise CatalogFileError(f"catalog: {exc}") from exc
+        commands.append(publish_command(parsed.model_dump(mode="json"), issued_by))
     for index, account in enumerate(document.get("accounts") or []):
         tenant = account.get("tenant")
         try:

@@ -146,6 +146,13 @@ class PaymentNotification(Message):
     amount: DecimalStr
     currency: str
     verified_at: Timestamp
+    gateway_reference: str | None = Field(
+        default=None, max_length=255,
+        description="The gateway's id of the money movement (Stripe payment intent or refund, Razorpay payment "
+                    "or refund, PayPal capture or refund). Several webhooks may announce one movement (e.g. "
+                    "checkout.session.completed and payment_intent.succeeded): ingest publishes one "
+                    "notification per (gateway, kind, gateway_reference), and consumers credit once per it.",
+        examples=["pi_3PqXyZ"])
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -40,6 +40,29 @@ class Settings:
     # Prefix of topic names, consumer groups and database schemas, so several independent stacks can share
     # one Kafka cluster and one database (the test suite uses a fresh namespace per run). Empty: none.
     namespace: str = ""
+    # Ingest dedup state cleanup: rows of events older than the dedup window (plus a margin for clock skew
+    # between instances) are deleted every interval, in statements of at most `rows_max` rows and at most
+    # `rows_per_run_max` rows per run, so a run is short and state is bounded by the window, not by traffic.
+    dedup_cleanup_interval_seconds: int = 60
+    dedup_cleanup_rows_max: int = 5000
+    dedup_cleanup_rows_per_run_max: int = 200_000
+    # Payment webhooks (POST /v1/webhooks/{gateway}). A gateway is enabled only when its secrets are set.
+    webhook_body_bytes_max: int = 256 * 1024
+    gateway_api_timeout_seconds: int = 10
+    stripe_api_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_webhook_tolerance_seconds: int = 300
+    razorpay_key_id: str | None = None
+    razorpay_key_secret: str | None = None
+    razorpay_webhook_secret: str | None = None
+    razorpay_api_base: str = "https://api.razorpay.com"
+    # Razorpay signs the body only (no signed timestamp) and retries for 24 h: the event's own `created_at`
+    # must be within this window; replayed bodies are refused by the processed-events table.
+    razorpay_webhook_tolerance_seconds: int = 48 * 3600
+    paypal_client_id: str | None = None
+    paypal_client_secret: str | None = None
+    paypal_webhook_id: str | None = None
+    paypal_api_base: str = "https://api-m.paypal.com"
 
     def schema(self, service: str) -> str:
         return f"{self.namespace}_billing_{service}" if self.namespace else f"billing_{service}"
@@ -70,4 +93,21 @@ class Settings:
             jwks_url=os.environ.get("BILLING_JWKS_URL") or None,
             max_active_subscriptions=_env_int("BILLING_MAX_ACTIVE_SUBSCRIPTIONS", 3),
             namespace=os.environ.get("BILLING_NAMESPACE", ""),
+            dedup_cleanup_interval_seconds=_env_int("BILLING_DEDUP_CLEANUP_INTERVAL_SECONDS", 60),
+            dedup_cleanup_rows_max=_env_int("BILLING_DEDUP_CLEANUP_ROWS_MAX", 5000),
+            dedup_cleanup_rows_per_run_max=_env_int("BILLING_DEDUP_CLEANUP_ROWS_PER_RUN_MAX", 200_000),
+            webhook_body_bytes_max=_env_int("BILLING_WEBHOOK_BODY_BYTES_MAX", 256 * 1024),
+            gateway_api_timeout_seconds=_env_int("BILLING_GATEWAY_API_TIMEOUT_SECONDS", 10),
+            stripe_api_key=os.environ.get("BILLING_STRIPE_API_KEY") or None,
+            stripe_webhook_secret=os.environ.get("BILLING_STRIPE_WEBHOOK_SECRET") or None,
+            stripe_webhook_tolerance_seconds=_env_int("BILLING_STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300),
+            razorpay_key_id=os.environ.get("BILLING_RAZORPAY_KEY_ID") or None,
+            razorpay_key_secret=os.environ.get("BILLING_RAZORPAY_KEY_SECRET") or None,
+            razorpay_webhook_secret=os.environ.get("BILLING_RAZORPAY_WEBHOOK_SECRET") or None,
+            razorpay_api_base=os.environ.get("BILLING_RAZORPAY_API_BASE") or "https://api.razorpay.com",
+            razorpay_webhook_tolerance_seconds=_env_int("BILLING_RAZORPAY_WEBHOOK_TOLERANCE_SECONDS", 48 * 3600),
+            paypal_client_id=os.environ.get("BILLING_PAYPAL_CLIENT_ID") or None,
+            paypal_client_secret=os.environ.get("BILLING_PAYPAL_CLIENT_SECRET") or None,
+            paypal_webhook_id=os.environ.get("BILLING_PAYPAL_WEBHOOK_ID") or None,
+            paypal_api_base=os.environ.get("BILLING_PAYPAL_API_BASE") or "https://api-m.paypal.com",
         )

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -20,11 +20,16 @@ from typing import Any
 from urllib.parse import urlparse
 from uuid import UUID
 
+from billing_events import ids
 from billing_events.messages import LedgerCommand
+from billing_ledger.aggregate_cache import AggregateCache
+from billing_ledger.bulk_reads import event_reader
 from billing_ledger.domain.account import LedgerError
+from billing_ledger.domain.allocation import AllocationError
 from billing_ledger.domain.receipt import CommandReceipt
+from billing_ledger.limits import AGGREGATE_CACHE_AGGREGATES_MAX
 from billing_runtime.logging import get_logger
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import ProcessRecorder, Tracking
 
@@ -62,9 +67,15 @@ class CommandResult:
     command_id: UUID
     outcome: str  # applied | duplicate | rejected
     reason: str | None = None
+    # What the handler returned (e.g. the hold it placed); None for duplicates and rejections.
+    value: Any = None
+    # For a duplicate: the outcome recorded the first time (its receipt), so a retry gets the same answer.
+    first_outcome: str | None = None
+    # Why a command was rejected, in words (not recorded: the receipt keeps the reason code).
+    detail: str | None = None
 
 
-CommandHandler = Callable[["LedgerApplication", "_Batch", LedgerCommand], None]
+CommandHandler = Callable[["LedgerApplication", "_Batch", LedgerCommand], Any]
 HANDLERS: dict[str, CommandHandler] = {}
 
 
@@ -83,10 +94,11 @@ class CommandRejected(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(detail or reason)
         self.reason = reason
+        self.detail = detail or reason
 
 
 class _Batch:
-    """Aggregates loaded once per batch, so many commands for one account share one instance."""
+    """The aggregates of one transaction: loaded once (in bulk), shared by every command of the batch."""
 
     def __init__(self, app: LedgerApplication, tracking: Tracking | None) -> None:
         self.app = app
@@ -94,23 +106,36 @@ class _Batch:
         self.loaded: dict[UUID, Aggregate | None] = {}
         self.receipts: set[UUID] = set()
 
+    def prefetch(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID]) -> None:
+        self.loaded.update(self.app.load_many(aggregate_ids, receipt_ids))
+
     def get(self, aggregate_id: UUID) -> Any:
         if aggregate_id not in self.loaded:
-            try:
-                self.loaded[aggregate_id] = self.app.repository.get(aggregate_id)
-            except AggregateNotFoundError:
-                self.loaded[aggregate_id] = None
+            self.loaded.update(self.app.load_many([aggregate_id], ()))
         return self.loaded[aggregate_id]
 
     def add(self, aggregate: Aggregate) -> None:
         self.loaded[aggregate.id] = aggregate
 
+    def pending_count(self) -> int:
+        return sum(len(a.pending_events) for a in self.loaded.values() if a is not None)
+
     def collect(self) -> None:
         self.processing.collect_events(*(a for a in self.loaded.values() if a is not None))
+
+    def return_to_cache(self) -> None:
+        for aggregate in self.loaded.values():
+            if aggregate is not None and not isinstance(aggregate, CommandReceipt):
+                self.app.cache.put(aggregate)
 
 
 class LedgerApplication(Application[UUID]):
     name = "ledger"
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+        self.cache = AggregateCache(AGGREGATE_CACHE_AGGREGATES_MAX)
+        self.reader = event_reader(self.recorder)
 
     def construct_recorder(self) -> ProcessRecorder:
         # A process recorder writes Tracking in the same transaction as the events (a plain application
@@ -125,41 +150,95 @@ class LedgerApplication(Application[UUID]):
     def next_offset(self, topic: str, partition: int) -> int | None:
         return self.process_recorder.max_tracking_id(f"kafka:{topic}:{partition}")
 
+    # -- reading -----------------------------------------------------------------------------------------
+
+    def load_many(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID] = ()
+                  ) -> dict[UUID, Any | None]:
+        """Current state of many aggregates in one query: cached ones are taken out and brought up to date,
+        the others replayed. Receipts are never cached. The caller owns what it gets (see AggregateCache)."""
+        taken: dict[UUID, Any | None] = {i: self.cache.take(i) for i in aggregate_ids}
+        taken.update({i: None for i in receipt_ids if i not in taken})
+        if not taken:
+            return {}
+        try:
+            stored = self.reader.events_after({i: (a.version if a is not None else 0) for i, a in taken.items()})
+        except BaseException:
+            self._give_back(taken)
+            raise
+        for aggregate_id, events in stored.items():
+            aggregate = taken[aggregate_id]
+            for event in events:
+                aggregate = self.mapper.to_domain_event(event).mutate(aggregate)
+            taken[aggregate_id] = aggregate
+        return taken
+
+    def read(self, aggregate_id: UUID) -> Any | None:
+        """The current state of one aggregate, for queries (changing it changes nothing)."""
+        aggregate = self.load_many([aggregate_id])[aggregate_id]
+        if aggregate is not None:
+            self.cache.put(aggregate)
+        return aggregate
+
+    def _give_back(self, aggregates: Mapping[UUID, Any | None]) -> None:
+        for aggregate in aggregates.values():
+            if aggregate is not None and not aggregate.pending_events and not isinstance(aggregate, CommandReceipt):
+                self.cache.put(aggregate)
+
     # -- commands ----------------------------------------------------------------------------------------
 
-    def apply_commands(self, commands: Sequence[LedgerCommand], tracking: Tracking | None = None
-                       ) -> list[CommandResult]:
-        """Applies commands in order in ONE transaction (with ``tracking`` when they came from Kafka)."""
+    def apply_commands(self, commands: Sequence[LedgerCommand], tracking: Tracking | None = None, *,
+                       record_rejections: bool = True) -> list[CommandResult]:
+        """Applies commands in order in ONE transaction (with ``tracking`` when they came from Kafka).
+
+        A command whose id has a receipt is a duplicate. Every other command gets a receipt with its outcome,
+        except rejections when ``record_rejections`` is false (direct HTTP calls: the caller is told and
+        may retry with the same id once the cause is fixed). Raises eventsourcing's ``IntegrityError`` when
+        another writer recorded one of the aggregates first: nothing was written, the caller retries.
+        """
         batch = _Batch(self, tracking)
-        results: list[CommandResult] = []
-        for command in commands:
-            if command.command_id in batch.receipts or batch.get(command.command_id) is not None:
-                results.append(CommandResult(command.command_id, "duplicate"))
-                continue
-            handler = HANDLERS.get(command.kind)
-            outcome, reason = "applied", None
-            if handler is None:
-                outcome, reason = "rejected", "unknown_command"
-            else:
-                try:
-                    handler(self, batch, command)
-                except CommandRejected as exc:
-                    outcome, reason = "rejected", exc.reason
-                    log.info("command_rejected", kind=command.kind, tenant=command.tenant, reason=exc.reason,
-                             detail=str(exc))
-                except LedgerError as exc:
-                    # Domain checks run before any event is triggered, so the aggregate is unchanged.
-                    outcome, reason = "rejected", _snake(type(exc).__name__)
-                    log.info("command_rejected", kind=command.kind, tenant=command.tenant, reason=reason,
-                             detail=str(exc))
-            receipt = CommandReceipt(command_id=command.command_id, kind=command.kind, tenant=command.tenant,
-                                     outcome=outcome, reason=reason, issued_by=command.issued_by)
-            batch.add(receipt)
-            batch.receipts.add(command.command_id)
-            results.append(CommandResult(command.command_id, outcome, reason))
+        batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
+        results = [self._apply_one(batch, command, record_rejections) for command in commands]
         batch.collect()
-        self._record(batch.processing)
+        if batch.processing.events or tracking is not None:
+            self._record(batch.processing)
+        batch.return_to_cache()
         return results
+
+    def _apply_one(self, batch: _Batch, command: LedgerCommand, record_rejections: bool) -> CommandResult:
+        receipt = batch.loaded.get(command.command_id)
+        if command.command_id in batch.receipts or receipt is not None:
+            first = receipt.outcome if isinstance(receipt, CommandReceipt) else None
+            reason = receipt.reason if isinstance(receipt, CommandReceipt) else None
+            return CommandResult(command.command_id, "duplicate", reason, first_outcome=first)
+        handler = HANDLERS.get(command.kind)
+        outcome, reason, value, detail = "applied", None, None, None
+        if handler is None:
+            outcome, reason, detail = "rejected", "unknown_command", f"no handler for {command.kind!r}"
+        else:
+            pending = batch.pending_count()
+            try:
+                value = handler(self, batch, command)
+            except CommandRejected as exc:
+                outcome, reason, detail = "rejected", exc.reason, exc.detail
+                log.info("command_rejected", kind=command.kind, tenant=command.tenant, reason=exc.reason,
+                         detail=exc.detail)
+            except (LedgerError, AllocationError) as exc:
+                # Domain checks run before any event is triggered, so the aggregate is unchanged.
+                outcome, reason, detail = "rejected", _snake(type(exc).__name__), str(exc)
+                log.info("command_rejected", kind=command.kind, tenant=command.tenant, reason=reason,
+                         detail=str(exc))
+            except (KeyError, TypeError, ValueError) as exc:
+                if batch.pending_count() != pending:
+                    raise  # a bug half-way through a movement: fail the batch rather than record half of it
+                outcome, reason, detail = "rejected", "invalid_command", f"malformed payload: {exc!r}"
+                log.warning("command_invalid", kind=command.kind, tenant=command.tenant, error=repr(exc))
+        if outcome == "rejected" and not record_rejections:
+            return CommandResult(command.command_id, outcome, reason, detail=detail)
+        batch.add(CommandReceipt(command_id=command.command_id, kind=command.kind, tenant=command.tenant,
+                                 outcome=outcome, reason=reason, issued_by=command.issued_by))
+        batch.receipts.add(command.command_id)
+        return CommandResult(command.command_id, outcome, reason, value, detail=detail)
+
 
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")

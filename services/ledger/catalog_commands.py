@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from billing_events.messages import LedgerCommand
-from billing_ledger.application import LedgerApplication, _Batch, handles
-from billing_ledger.domain.catalog import Catalog
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.domain.catalog import Catalog, InvalidCatalog
 
 
 @handles("catalog.publish")
@@ -13,5 +13,8 @@ def publish_catalog(app: LedgerApplication, batch: _Batch, command: LedgerComman
     if catalog is None:
         catalog = Catalog()
         batch.add(catalog)
-    catalog.publish(document=command.payload["document"], digest=command.payload["digest"],
-                    published_by=command.issued_by)
+    try:
+        catalog.publish(document=command.payload["document"], digest=command.payload["digest"],
+                        published_by=command.issued_by)
+    except (InvalidCatalog, KeyError) as exc:
+        raise CommandRejected("invalid_catalog", str(exc)) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from billing_events import topics
+from billing_rating.http import build_router
 from billing_rating.service import RatingService
 from billing_runtime.bus import Bus
 from billing_runtime.db import open_database
@@ -16,6 +17,7 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
     await service.setup()
     return ServiceParts(
         name="rating",
+        routers=[build_router(service)],
         consumers=[
             ConsumerSpec(settings.group("billing-rating"), [topics.USAGE_ACCEPTED], service.handle_accepted),
             ConsumerSpec(settings.group("billing-rating-catalog"), [topics.LEDGER_EVENTS], service.handle_ledger_events),

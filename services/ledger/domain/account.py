@@ -79,7 +79,8 @@ from billing_ledger.domain.postings import (
     assert_balanced,
     posting,
 )
-from eventsourcing.domain import Aggregate, event
+from billing_ledger.domain.chain import ChainedAggregate
+from eventsourcing.domain import event
 
 # -- bounds (TIGER_STYLE: every limit named, in one place) ---------------------------------------------------
 # One movement moves at most one billion units (10**18 sub-units), so balances stay far inside int64.
@@ -107,7 +108,7 @@ HoldRecord = dict[str, Any]
 Draw = dict[str, Any]  # {"grant_id": str, "amount": int}; negative amount = credited back
 
 
-class BillingAccount(Aggregate):
+class BillingAccount(ChainedAggregate):
     """One tenant's billing account (see the module docstring for the rules)."""
 
     @staticmethod

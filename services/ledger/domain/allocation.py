@@ -17,14 +17,15 @@ from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate, event
+from billing_ledger.domain.chain import ChainedAggregate
+from eventsourcing.domain import event
 
 # Bounds: a pool's capacity and any single request stay far inside int64.
 CAPACITY_MAX = 10**12
 RESOURCE_CHARS_MAX = 128
 
 
-class ResourcePool(Aggregate):
+class ResourcePool(ChainedAggregate):
     @staticmethod
     def create_id(tenant: str, resource: str) -> UUID:
         return uuid5(NAMESPACE_URL, f"/accounts/{tenant}/pools/{resource}")

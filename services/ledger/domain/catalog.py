@@ -1,7 +1,9 @@
-"""The catalogue aggregate: meters, prices, credit types. Published versions are immutable.
+"""The catalogue aggregate: meters, plans, credit packages, credit types. Published versions are immutable.
 
-A publish with the same content digest as the current version changes nothing (idempotent apply); any
-other content becomes the next version, and earlier versions stay readable from the event history.
+A publish whose content digest equals the current one changes nothing (idempotent apply). Otherwise the
+document becomes the next catalogue version, and every plan whose content changed (or is new) gets the
+next version number of its code: existing subscriptions keep the version they were sold (grandfathering),
+and every version stays in the aggregate's history.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from billing_events import ids
 from eventsourcing.domain import Aggregate, event
+from pydantic import ValidationError
+
+from billing_events import ids
+from billing_events.catalog import CatalogDocument
 
 
 class Catalog(Aggregate):
@@ -23,21 +28,49 @@ class Catalog(Aggregate):
         self.catalog_version = 0  # not `version`: that is the aggregate's own event count
         self.digest = ""
         self.document: dict[str, Any] = {}
+        self.plan_versions: dict[str, dict[str, dict[str, Any]]] = {}  # code -> str(version) -> content
 
     def publish(self, *, document: dict[str, Any], digest: str, published_by: str) -> bool:
         """Publishes ``document`` as the next version; returns False when it is the current one already."""
         if digest == self.digest:
             return False
-        if not isinstance(document.get("meters"), list):
-            raise InvalidCatalog("a catalogue needs a list of meters")
-        self._published(document=document, digest=digest, version=self.catalog_version + 1, published_by=published_by)
+        try:
+            parsed = CatalogDocument.model_validate(document)
+        except ValidationError as exc:
+            raise InvalidCatalog(str(exc)) from exc
+        plans = []
+        new_versions: dict[str, int] = {}
+        for plan in parsed.plans:
+            content = plan.content()
+            history = self.plan_versions.get(plan.code, {})
+            latest = max((int(v) for v in history), default=0)
+            if latest and history[str(latest)] == content:
+                version = latest
+            else:
+                version = latest + 1
+                new_versions[plan.code] = version
+            plans.append({**content, "version": version})
+        stored = parsed.model_dump(mode="json", exclude={"packages"})
+        stored["packages"] = [p.model_dump(mode="json") for p in parsed.packages]
+        stored["plans"] = plans
+        self._published(document=stored, digest=digest, version=self.catalog_version + 1,
+                        new_plan_versions=new_versions, published_by=published_by)
         return True
 
     @event("Published")
-    def _published(self, document: dict[str, Any], digest: str, version: int, published_by: str) -> None:
+    def _published(self, document: dict[str, Any], digest: str, version: int, new_plan_versions: dict[str, int],
+                   published_by: str) -> None:
         self.document = document
         self.digest = digest
         self.catalog_version = version
+        for plan in document.get("plans", []):
+            if plan["code"] in new_plan_versions:
+                content = {k: v for k, v in plan.items() if k != "version"}
+                self.plan_versions.setdefault(plan["code"], {})[str(plan["version"])] = content
+
+    def plan(self, code: str, version: int) -> dict[str, Any] | None:
+        content = self.plan_versions.get(code, {}).get(str(version))
+        return {**content, "version": version} if content is not None else None
 
 
 class InvalidCatalog(ValueError):

@@ -1,76 +1,177 @@
-"""The rating service on its real embedded backends: real-time increments, decisions, redelivery."""
+"""The rating service on its real embedded backends: real-time increments, AI tokens, close, late events."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
 
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
+from billing_rating.catalog_view import CatalogError, validate_document
+from billing_rating.close import close_period
 from billing_rating.service import CatalogBehind, RatingService
 from billing_runtime.bus import EmbeddedBus, Record
 from billing_runtime.db import SqliteDatabase
 
 GRADUATED = {"model": "graduated", "unit": "USD", "tiers": [
     {"up_to": "10", "unit_amount": "1.00"}, {"up_to": None, "unit_amount": "0.50"}]}
+CATALOG: dict[str, Any] = {"meters": [
+    {"code": "api_calls", "aggregation": "sum", "price": GRADUATED, "included": "2"},
+    {"code": "gpu_calls", "aggregation": "sum", "filters": {"region": ["eu"]},
+     "price": {"model": "per_unit", "unit": "USD", "unit_amount": "2"}},
+    {"code": "storage_gb", "aggregation": "max", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.10"}},
+    {"code": "seats", "aggregation": "last", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "5"}},
+    {"code": "active_users", "aggregation": "unique_count", "value_property": "user",
+     "price": {"model": "per_unit", "unit": "USD", "unit_amount": "1"}, "late_policy": "reject"},
+    {"code": "ai_tokens", "aggregation": "sum", "required_properties": ["model"], "ai_prices": {
+        "unit": "USD", "models": {"small": {"input": "0.15", "output": "0.60"},
+                                  "large": {"input": "2.50", "output": "10.00", "cached_input": "1.25"}}}},
+]}
 
 
-async def make(tmp_path: Path) -> tuple[RatingService, EmbeddedBus]:
+@pytest.fixture
+async def rating(tmp_path: Path) -> AsyncIterator[tuple[RatingService, EmbeddedBus]]:
     bus = EmbeddedBus(tmp_path / "bus.sqlite", partitions=1)
     await bus.start()
     service = RatingService(await SqliteDatabase(tmp_path / "rating.sqlite").connect(), bus)
     await service.setup()
     catalog = LedgerEvent(position=1, aggregate_id=ids.catalog_id(), aggregate_version=2, type="Catalog.Published",
-                          recorded_at=datetime.now(UTC), data={"version": 1, "document": {"meters": [
-                              {"code": "api_calls", "aggregation": "sum", "price": GRADUATED, "included": "2"}]}})
+                          recorded_at=datetime.now(UTC), data={"version": 1, "document": CATALOG})
     await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 0, None, catalog.to_json())])
-    return service, bus
+    yield service, bus
+    await service.db.close()
+    await bus.stop()
 
 
-def accepted(event_id: str, quantity: str, catalog_version: int = 1) -> Record:
-    event = UsageEvent(id=event_id, tenant="acme", meter="api_calls", quantity=quantity,
-                       timestamp=datetime(2026, 11, 21, 10, tzinfo=UTC))
+def accepted(event_id: str, quantity: str, meter: str = "api_calls", catalog_version: int = 1,
+             at: datetime = datetime(2026, 11, 21, 10, tzinfo=UTC), **properties: Any) -> Record:
+    event = UsageEvent(id=event_id, tenant="acme", meter=meter, quantity=quantity, timestamp=at,
+                       properties=properties)
     message = AcceptedUsage(account_id=ids.account_id("acme"), event=event, accepted_at=datetime.now(UTC),
                             source="test", catalog_version=catalog_version)
     return Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())
 
 
-async def commands(bus: EmbeddedBus) -> list[dict[str, object]]:
-    rows = await bus._db.fetch('SELECT value FROM messages WHERE topic = $1 ORDER BY "offset"',
-                               topics.LEDGER_COMMANDS)
+async def published(bus: EmbeddedBus, topic: str = topics.LEDGER_COMMANDS) -> list[dict[str, Any]]:
+    rows = await bus._db.fetch('SELECT value FROM messages WHERE topic = $1 ORDER BY "offset"', topic)
     return [json.loads(bytes(r["value"])) for r in rows]
 
 
-async def test_tiered_charges_stay_exact_mid_period_with_allowance_first(tmp_path: Path) -> None:
-    service, bus = await make(tmp_path)
+async def test_tiered_charges_stay_exact_mid_period_with_allowance_first(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
     # 2 included, then 10 at 1.00, then 0.50: events of 5, 5, 5 -> totals 5, 10, 15 -> billable 3, 8, 13
     for i, q in enumerate(["5", "5", "5"]):
         await service.handle_accepted([accepted(f"e{i}", q)])
-    from decimal import Decimal
-
-    amounts = [Decimal(c["payload"]["amount"]) for c in await commands(bus)]  # type: ignore[index]
-    assert amounts == [Decimal("3"), Decimal("5"), Decimal("3.5")]
-    assert sum(int(c["payload"]["amount_subunits"]) for c in await commands(bus)) == 11_500_000_000  # type: ignore[index]
-    await service.db.close()
-    await bus.stop()
+    commands = await published(bus)
+    assert [Decimal(c["payload"]["amount"]) for c in commands] == [Decimal("3"), Decimal("5"), Decimal("3.5")]
+    assert sum(int(c["payload"]["amount_subunits"]) for c in commands) == 11_500_000_000
 
 
-async def test_a_redelivered_event_republishes_the_same_command(tmp_path: Path) -> None:
-    service, bus = await make(tmp_path)
+async def test_a_redelivered_event_republishes_the_same_command(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
     await service.handle_accepted([accepted("e1", "4")])
     await service.handle_accepted([accepted("e1", "4")])
-    first, second = await commands(bus)
+    first, second = await published(bus)
     assert first == second
     assert UUID(str(first["command_id"])) == ids.usage_command_id("acme", "e1")
-    cause = first["payload"]["cause"]  # type: ignore[index]
+    cause = first["payload"]["cause"]
     assert (cause["quantity_before"], cause["quantity_after"], cause["event_ids"]) == ("0", "4", ["e1"])
 
 
-async def test_an_event_validated_against_a_newer_catalogue_waits(tmp_path: Path) -> None:
-    service, _ = await make(tmp_path)
+async def test_an_event_validated_against_a_newer_catalogue_waits(rating) -> None:  # type: ignore[no-untyped-def]
+    service, _ = rating
     with pytest.raises(CatalogBehind):
         await service.handle_accepted([accepted("e1", "1", catalog_version=2)])
+
+
+async def test_ai_tokens_are_priced_per_model_and_token_class(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([
+        accepted("a1", "1500", "ai_tokens", model="small", operation="chat", user="ann",
+                 input_tokens=1000, output_tokens=500),
+        accepted("a2", "3000", "ai_tokens", model="large", operation="embed", user="bob",
+                 input_tokens=2000, cached_input_tokens=1000),
+    ])
+    commands = await published(bus)
+    # small: 1000 * 0.15/1M + 500 * 0.60/1M = 0.00045; large: 2000 * 2.50/1M + 1000 * 1.25/1M = 0.00625
+    assert [Decimal(c["payload"]["amount"]) for c in commands] == [Decimal("0.00045"), Decimal("0.00625")]
+    assert [c["payload"]["cause"]["model"] for c in commands] == ["small", "large"]
+    assert commands[0]["payload"]["cause"]["user"] == "ann"
+
+
+async def test_unknown_ai_model_is_dead_lettered(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("a1", "10", "ai_tokens", model="mystery", input_tokens=10)])
+    assert await published(bus) == []
+    [letter] = await published(bus, topics.USAGE_REJECTED)
+    assert letter["reason"] == "no_price" and "mystery" in letter["detail"]
+
+
+async def test_filtered_events_do_not_count(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("g1", "3", "gpu_calls", region="us"),
+                                   accepted("g2", "3", "gpu_calls", region="eu")])
+    assert [Decimal(c["payload"]["amount"]) for c in await published(bus)] == [Decimal("6")]
+
+
+async def test_close_prices_max_last_and_unique_count_once(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)  # noqa: E731
+    await service.handle_accepted([
+        accepted("s1", "10", "storage_gb", at=day(1)), accepted("s2", "40", "storage_gb", at=day(2)),
+        accepted("s3", "20", "storage_gb", at=day(3)),
+        accepted("u1", "1", "seats", at=day(1)), accepted("u2", "7", "seats", at=day(5)),
+        accepted("u3", "4", "seats", at=day(9)),
+        accepted("x1", "1", "active_users", at=day(1), user="ann"),
+        accepted("x2", "1", "active_users", at=day(2), user="bob"),
+        accepted("x3", "1", "active_users", at=day(3), user="ann"),
+    ])
+    assert await published(bus) == []  # nothing is charged mid-period for these rules
+    lines = {line.meter: line for line in await close_period(service.db, bus, service.catalog, "2026-11")}
+    assert (lines["storage_gb"].quantity, lines["storage_gb"].amount) == ("40", "4.000000000")
+    assert (lines["seats"].quantity, lines["seats"].amount) == ("4", "20.000000000")
+    assert (lines["active_users"].quantity, lines["active_users"].amount) == ("2", "2.000000000")
+    assert sorted(lines["storage_gb"].event_ids) == ["s1", "s2", "s3"]
+    first = await published(bus)
+    again = await close_period(service.db, bus, service.catalog, "2026-11")
+    assert {line.meter for line in again} == set(lines)
+    # A second close re-publishes nothing new: same lines, and the ledger would refuse the same ids anyway.
+    assert len(await published(bus)) == len(first) == 3
+    assert len({c["command_id"] for c in first}) == 3
+
+
+async def test_late_events_follow_the_meter_policy(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    october = datetime(2026, 10, 20, tzinfo=UTC)
+    await service.handle_accepted([accepted("o1", "1", "active_users", at=october, user="ann"),
+                                   accepted("o2", "12", at=october)])
+    await close_period(service.db, bus, service.catalog, "2026-10")
+    await service.handle_accepted([accepted("late-reject", "1", "active_users", at=october, user="bob"),
+                                   accepted("late-next", "5", at=october)])
+    [letter] = await published(bus, topics.USAGE_REJECTED)
+    assert (letter["reason"], letter["event_id"]) == ("period_closed", "late-reject")
+    late = [c for c in await published(bus) if c["payload"]["cause"]["event_ids"] == ["late-next"]]
+    assert late and late[0]["payload"]["cause"]["late"] == "late"
+    assert late[0]["payload"]["cause"]["original_period"] == "2026-10"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c["meters"].append({"code": "api_calls"}), "unique"),
+    (lambda c: c["meters"][0]["price"]["tiers"].reverse(), "tiers"),
+    (lambda c: c["meters"][1]["price"].update(unit_amount="-1"), "negative"),
+    (lambda c: c["meters"][1]["price"].update(unit="ZZZ"), "ZZZ"),
+    (lambda c: c.update(plans=[{"code": "pro", "name": "Pro", "currency": "USD",
+                                "charges": [{"meter": "nope", "price": GRADUATED}]}]), "unknown meter"),
+])
+def test_bad_catalogues_are_refused_with_a_clear_message(change: Any, message: str) -> None:
+    catalog = json.loads(json.dumps(CATALOG))
+    change(catalog)
+    with pytest.raises(CatalogError, match=message):
+        validate_document(catalog)

@@ -1,0 +1,183 @@
+"""The catalogue document: the contract between authoring (CLI, rating's admin routes), the ledger (which
+records it as immutable versions) and its readers (ingest, rating, projections).
+
+Price specs stay plain mappings here: their meaning and validation belong to rating's charge models
+(``billing_rating.charge_models.parse_spec``), which every authoring path runs before publishing.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, computed_field, model_validator
+
+from billing_events.money import RATING_CONTEXT, MoneyError, credit_unit, currency, parse_decimal
+
+CODE = r"^[a-z][a-z0-9_.-]{0,63}$"
+
+
+def _amount(value: Any) -> Decimal:
+    try:
+        return parse_decimal(value, field="amount")
+    except MoneyError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+Amount = Annotated[Decimal, BeforeValidator(_amount), PlainSerializer(str, return_type=str)]
+Aggregation = Literal["sum", "count", "max", "last", "unique_count"]
+OveragePolicy = Literal["overage", "block"]
+LatePolicy = Literal["reject", "next_period", "adjust"]
+Cadence = Literal["month", "quarter", "year"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreditUnitDef(_Model):
+    scale: int = Field(default=2, ge=0, le=9, description="Digits shown after the point")
+    list_price: Amount | None = Field(default=None, description="Price of one credit in `currency`")
+    currency: str | None = None
+
+
+class MeterDef(_Model):
+    """A meter: what is counted and how a period's events aggregate into one quantity."""
+
+    code: str = Field(pattern=CODE)
+    name: str = ""
+    unit_of_measure: str = "unit"
+    usage_type: str = Field(default="", description="Reporting category, e.g. compute, storage, ai")
+    aggregation: Aggregation = "sum"
+    value_property: str | None = Field(
+        default=None, description="unique_count: the property whose distinct values are counted")
+    filters: dict[str, list[str]] = Field(
+        default_factory=dict, description="Only events whose property is one of the listed values count")
+    group_by: list[str] = Field(default_factory=list, description="Properties that split the quantity")
+    required_properties: list[str] = Field(default_factory=list)
+    price: dict[str, Any] | None = Field(default=None, description="List price when no plan prices the meter")
+    ai_prices: dict[str, Any] | None = Field(
+        default=None, description="AI model price table: per model, per token class, per million tokens")
+    included: Amount = Field(default=Decimal(0), description="Allowance per period under the list price")
+    overage_policy: OveragePolicy = "overage"
+    late_policy: LatePolicy = "next_period"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MeterDef:
+        if self.aggregation == "unique_count" and not self.value_property:
+            raise ValueError(f"meter {self.code!r}: unique_count needs value_property")
+        if self.price is not None and self.ai_prices is not None:
+            raise ValueError(f"meter {self.code!r}: give either price or ai_prices, not both")
+        if self.ai_prices is not None and self.aggregation != "sum":
+            raise ValueError(f"meter {self.code!r}: AI token meters aggregate by sum")
+        return self
+
+
+class PlanCharge(_Model):
+    meter: str = Field(pattern=CODE)
+    price: dict[str, Any]
+    included: Amount = Decimal(0)
+    overage_policy: OveragePolicy = "overage"
+
+
+class RecurringCredit(_Model):
+    unit: str
+    amount: Amount
+    cadence: Literal["month", "year"] = "month"
+    priority: int = 0
+    rollover: bool = False
+    rollover_cap: Amount | None = None
+    scope: list[str] | None = None
+
+
+class PlanDef(_Model):
+    """A plan. Publishing changed content under an existing code creates the next version."""
+
+    code: str = Field(pattern=CODE)
+    name: str
+    version: int | None = Field(default=None, description="Assigned by the ledger when published")
+    cadence: Cadence = "month"
+    currency: str
+    base_fee: Amount = Decimal(0)
+    charges: list[PlanCharge] = Field(default_factory=list)
+    recurring_credits: list[RecurringCredit] = Field(default_factory=list)
+    trial_days: int = Field(default=0, ge=0, le=365)
+    resources: dict[str, int] = Field(default_factory=dict,
+                                      description="Seat-like capacity per unit of quantity, e.g. users: 5")
+
+    @model_validator(mode="after")
+    def _valid_currency(self) -> PlanDef:
+        currency(self.currency)
+        return self
+
+    def content(self) -> dict[str, Any]:
+        """What makes two versions different (everything but the version number)."""
+        return self.model_dump(mode="json", exclude={"version"})
+
+
+class CreditPackage(_Model):
+    """A prepaid credit package; larger packages may carry bonus credits."""
+
+    code: str = Field(pattern=CODE)
+    name: str
+    unit: str = Field(description="The credit unit (or a currency for plain top-ups)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        # effective_credits and cost_per_credit are derived; a dumped package validates again.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in ("effective_credits", "cost_per_credit")}
+        return data
+
+    credits: Amount
+    bonus_credits: Amount = Decimal(0)
+    price: Amount
+    currency: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def effective_credits(self) -> str:
+        return str(RATING_CONTEXT.add(self.credits, self.bonus_credits))
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def cost_per_credit(self) -> str:
+        total = RATING_CONTEXT.add(self.credits, self.bonus_credits)
+        if total == 0:
+            return "0"
+        value = RATING_CONTEXT.divide(self.price, total).quantize(Decimal("0.000001"), context=RATING_CONTEXT)
+        return str(value.normalize(context=RATING_CONTEXT))
+
+
+class CatalogDocument(_Model):
+    credit_units: dict[str, CreditUnitDef] = Field(default_factory=dict)
+    meters: list[MeterDef] = Field(default_factory=list)
+    plans: list[PlanDef] = Field(default_factory=list)
+    packages: list[CreditPackage] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> CatalogDocument:
+        for code, unit in self.credit_units.items():
+            credit_unit(code, unit.scale)
+        units = set(self.credit_units)
+        meters = {m.code for m in self.meters}
+        if len(meters) != len(self.meters):
+            raise ValueError("meter codes must be unique")
+        if len({p.code for p in self.plans}) != len(self.plans):
+            raise ValueError("plan codes must be unique within one document")
+        for plan in self.plans:
+            for charge in plan.charges:
+                if charge.meter not in meters:
+                    raise ValueError(f"plan {plan.code!r}: unknown meter {charge.meter!r}")
+            for grant in plan.recurring_credits:
+                if grant.unit not in units and grant.unit != plan.currency:
+                    raise ValueError(f"plan {plan.code!r}: unknown credit unit {grant.unit!r}")
+        for package in self.packages:
+            currency(package.currency)
+            if package.unit not in units:
+                currency(package.unit)
+        return self
+
+    def credit_scales(self) -> dict[str, int]:
+        return {code: unit.scale for code, unit in self.credit_units.items()}

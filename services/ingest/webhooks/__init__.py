@@ -1,0 +1,155 @@
+"""Payment gateway webhooks: the interface every gateway adapter implements, and the types it returns.
+
+A webhook goes through three steps, the first and last in the adapter, the middle in the core
+(``billing_ingest.payments``), so adding a gateway adds a module and a registry entry, never a branch:
+
+1. ``verify(raw_body, headers, now)``: is this body really from the gateway, and recent? Returns a
+   ``VerifiedEvent`` (with a replay key derived from *signed* content) or a ``Refused``.
+2. the core refuses a replay key it has already processed (409) before anything else happens;
+3. ``confirm(event)``: re-fetches the object from the gateway's API and returns a ``ConfirmedPayment`` only
+   when the gateway itself says it is paid / succeeded; ``Ignored`` for events that move no money we act on;
+   ``NotConfirmed`` otherwise. A webhook body is never trusted for amounts or status: the API answer is.
+
+Attribution convention (documented in services/ingest/WEBHOOKS.md): the checkout object carries the tenant and the
+order id in its metadata -- Stripe ``metadata.tenant`` / ``metadata.order_id`` (session, payment intent or
+refund), Razorpay ``notes.tenant`` / ``notes.order_id``, PayPal ``custom_id`` (tenant) / ``invoice_id``
+(order id) on the purchase unit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+from billing_events.messages import TENANT_PATTERN, PaymentNotification
+from billing_events.money import MoneyError, currency
+
+PaymentKind = Literal["payment_succeeded", "refund_succeeded"]
+ORDER_ID_LENGTH_MAX = 255
+_TENANT = re.compile(TENANT_PATTERN)
+
+
+class RefusalKind(StrEnum):
+    """Why a webhook was refused before anything happened (the problem+json ``type`` suffix)."""
+
+    SIGNATURE_INVALID = "webhook-signature-invalid"  # forged, tampered body, wrong secret, missing header
+    EXPIRED = "webhook-expired"  # signed timestamp outside the tolerance window
+    MALFORMED = "webhook-malformed"  # signed, but not an event we can read
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    kind: RefusalKind
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedEvent:
+    """A webhook whose signature and age were checked; ``payload`` is the parsed, signed body."""
+
+    gateway: str
+    event_id: str  # the gateway's event id, for people and for PaymentNotification.gateway_event_id
+    event_type: str
+    payload: Mapping[str, Any]
+    replay_key: str  # derived from signed content only: a header-only change cannot dodge replay protection
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmedPayment:
+    """What the gateway's API confirmed. Amounts are exact Decimals in the currency's major unit."""
+
+    kind: PaymentKind
+    tenant: str
+    order_id: str
+    amount: Decimal
+    currency: str
+    reference: str  # the gateway's id of the money movement (see PaymentNotification.gateway_reference)
+
+    def notification(self, event: VerifiedEvent, now: datetime) -> PaymentNotification:
+        return PaymentNotification(gateway=event.gateway, gateway_event_id=event.event_id, kind=self.kind,
+                                   tenant=self.tenant, order_id=self.order_id, amount=self.amount,
+                                   currency=self.currency, verified_at=now, gateway_reference=self.reference)
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A genuine event that moves no money we act on (other event types, no payment required...)."""
+
+    detail: str
+
+
+class NotConfirmedKind(StrEnum):
+    NOT_CONFIRMED = "payment-not-confirmed"  # the gateway's API says it is not paid / not succeeded
+    UNATTRIBUTABLE = "payment-unattributable"  # paid, but without the tenant / order id metadata
+
+
+@dataclass(frozen=True, slots=True)
+class NotConfirmed:
+    kind: NotConfirmedKind
+    detail: str
+
+
+class GatewayUnavailable(Exception):
+    """The gateway's API could not answer (network, 5xx, rate limit, our credentials): retry later."""
+
+
+Confirmation = ConfirmedPayment | Ignored | NotConfirmed
+
+
+class Gateway(Protocol):
+    name: str
+
+    async def verify(self, raw_body: bytes, headers: Mapping[str, str], now: datetime) -> VerifiedEvent | Refused:
+        """Checks the signature over the raw body and the age of the event; no side effects."""
+        ...
+
+    async def confirm(self, event: VerifiedEvent) -> Confirmation:
+        """Re-fetches the event's object from the gateway's API; may raise GatewayUnavailable."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# -- helpers shared by adapters --------------------------------------------------------------------------------
+
+
+def minor_units_to_amount(amount: object, currency_code: object,
+                          scale_overrides: Mapping[str, int] | None = None) -> tuple[Decimal, str]:
+    """An integer amount in the currency's smallest unit -> (exact Decimal, ISO 4217 code). Never a float.
+
+    ``scale_overrides``: where a gateway's API scale differs from ISO 4217 (Stripe sends ISK and UGX with two
+    decimals for backwards compatibility).
+    """
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+        raise MoneyError(f"amount must be a non-negative integer of minor units, got {amount!r}")
+    if not isinstance(currency_code, str):
+        raise MoneyError(f"currency must be a string, got {currency_code!r}")
+    unit = currency(currency_code.upper())
+    scale = (scale_overrides or {}).get(unit.code, unit.minor_scale)
+    return Decimal(amount).scaleb(-scale), unit.code
+
+
+def attribution(metadata: object, tenant_key: str = "tenant", order_key: str = "order_id") -> tuple[str, str] | None:
+    """(tenant, order id) from a gateway object's metadata, or None when absent or malformed."""
+    if not isinstance(metadata, Mapping):
+        return None
+    tenant, order_id = metadata.get(tenant_key), metadata.get(order_key)
+    if not isinstance(tenant, str) or not _TENANT.match(tenant):
+        return None
+    if not isinstance(order_id, str) or not 0 < len(order_id) <= ORDER_ID_LENGTH_MAX:
+        return None
+    return tenant, order_id
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header by case-insensitive name (Starlette's Headers already are; plain dicts in tests are not)."""
+    value = headers.get(name)
+    if value is None:
+        lowered = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == lowered), None)
+    return value

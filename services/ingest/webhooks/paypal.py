@@ -1,0 +1,179 @@
+"""PayPal: the webhook is verified by PayPal's own ``POST /v1/notifications/verify-webhook-signature`` call
+(the transmission headers, our webhook id and the event exactly as received), then the capture or refund
+is re-fetched (``GET /v2/payments/captures/{id}``, ``GET /v2/payments/refunds/{id}``). OAuth 2.0 client
+credentials; httpx with an injectable transport for tests.
+
+Events acted on: ``PAYMENT.CAPTURE.COMPLETED`` (capture status ``COMPLETED``) and
+``PAYMENT.CAPTURE.REFUNDED`` (refund status ``COMPLETED``). Tenant: the purchase unit's ``custom_id``;
+order id: its ``invoice_id`` (PayPal carries both onto the capture and its refunds). The replay key is the
+event id, which is part of the verified event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from billing_events.messages import loads_exact
+from billing_events.money import MoneyError, currency, parse_decimal
+from billing_ingest.webhooks import (
+    Confirmation,
+    ConfirmedPayment,
+    GatewayUnavailable,
+    Ignored,
+    NotConfirmed,
+    NotConfirmedKind,
+    Refused,
+    RefusalKind,
+    VerifiedEvent,
+    attribution,
+    header,
+)
+from billing_runtime.settings import Settings
+
+NAME = "paypal"
+TRANSMISSION_HEADERS = {
+    "auth_algo": "PAYPAL-AUTH-ALGO",
+    "cert_url": "PAYPAL-CERT-URL",
+    "transmission_id": "PAYPAL-TRANSMISSION-ID",
+    "transmission_sig": "PAYPAL-TRANSMISSION-SIG",
+    "transmission_time": "PAYPAL-TRANSMISSION-TIME",
+}
+TOKEN_REFRESH_MARGIN_SECONDS = 60
+_RESOURCE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+class PayPalGateway:
+    name = NAME
+
+    def __init__(self, http: httpx.AsyncClient, client_id: str, client_secret: str, webhook_id: str) -> None:
+        self._http = http
+        self._credentials = (client_id, client_secret)
+        self._webhook_id = webhook_id
+        self._token: str | None = None
+        self._token_expires_at = 0.0  # monotonic seconds
+
+    async def verify(self, raw_body: bytes, headers: Mapping[str, str], now: datetime) -> VerifiedEvent | Refused:
+        transmission = {field: header(headers, name) for field, name in TRANSMISSION_HEADERS.items()}
+        missing = [TRANSMISSION_HEADERS[f] for f, v in transmission.items() if not v]
+        if missing:
+            return Refused(RefusalKind.SIGNATURE_INVALID, f"Missing PayPal headers: {', '.join(missing)}.")
+        try:
+            text = raw_body.decode("utf-8")
+            event = loads_exact(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Refused(RefusalKind.MALFORMED, f"Body is not JSON: {str(exc)[:120]}")
+        resource = event.get("resource") if isinstance(event, dict) else None
+        if not (isinstance(event.get("id"), str) and isinstance(event.get("event_type"), str)
+                and isinstance(resource, dict)):
+            return Refused(RefusalKind.MALFORMED, "A PayPal event needs id, event_type and resource.")
+        # The event goes back exactly as received (spliced in, not re-serialised): PayPal's check covers
+        # a CRC32 of the body, which re-encoding could change.
+        fields = json.dumps({**transmission, "webhook_id": self._webhook_id})
+        request_body = fields[:-1] + ', "webhook_event": ' + text + "}"
+        response = await self._call("POST", "/v1/notifications/verify-webhook-signature", content=request_body,
+                                    headers={"Content-Type": "application/json"})
+        if response.status_code != 200:
+            if 400 <= response.status_code < 500 and response.status_code not in (401, 403, 429):
+                return Refused(RefusalKind.SIGNATURE_INVALID,
+                               f"PayPal refused to verify this webhook (HTTP {response.status_code}).")
+            raise GatewayUnavailable(f"PayPal verify-webhook-signature answered HTTP {response.status_code}")
+        status = _json(response).get("verification_status")
+        if status != "SUCCESS":
+            return Refused(RefusalKind.SIGNATURE_INVALID, f"PayPal says the signature is {status}.")
+        return VerifiedEvent(NAME, event["id"], event["event_type"], event, replay_key=event["id"])
+
+    async def confirm(self, event: VerifiedEvent) -> Confirmation:
+        kinds = {"PAYMENT.CAPTURE.COMPLETED": ("captures", "payment_succeeded"),
+                 "PAYMENT.CAPTURE.REFUNDED": ("refunds", "refund_succeeded")}
+        if event.event_type not in kinds:
+            return Ignored(f"PayPal event {event.event_type} moves no money billing acts on.")
+        collection, kind = kinds[event.event_type]
+        resource_id = event.payload["resource"].get("id")
+        if not isinstance(resource_id, str) or not _RESOURCE_ID.match(resource_id):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, "The event carries no valid resource.id.")
+        response = await self._call("GET", f"/v2/payments/{collection}/{resource_id}")
+        if response.status_code in (400, 404):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal does not know {collection} {resource_id}.")
+        if response.status_code != 200:
+            raise GatewayUnavailable(f"PayPal API answered HTTP {response.status_code} for {resource_id}")
+        obj = _json(response)
+        if obj.get("status") != "COMPLETED":
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                f"PayPal says {collection} {resource_id} is {obj.get('status')}, not COMPLETED.")
+        who = attribution(obj, tenant_key="custom_id", order_key="invoice_id")
+        if who is None:
+            return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
+                                f"{collection} {resource_id} has no custom_id (tenant) / invoice_id (order id).")
+        money = obj.get("amount") if isinstance(obj.get("amount"), dict) else {}
+        try:
+            unit = currency(str(money.get("currency_code")))
+            amount = parse_decimal(money.get("value"), field="amount")  # a decimal string, never a float
+        except MoneyError as exc:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal's amount is not usable: {exc}")
+        return ConfirmedPayment(kind, who[0], who[1], amount, unit.code, resource_id)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                    **kwargs: Any) -> httpx.Response:
+        """One API call with a bearer token; a 401 (expired token) refreshes the token once."""
+        response: httpx.Response | None = None
+        for attempt in range(2):
+            token = await self._access_token(force=attempt > 0)
+            try:
+                response = await self._http.request(
+                    method, path, headers={**(headers or {}), "Authorization": f"Bearer {token}"}, **kwargs)
+            except httpx.HTTPError as exc:
+                raise GatewayUnavailable(f"PayPal API: {type(exc).__name__}: {exc}") from exc
+            if response.status_code != 401:
+                break
+        assert response is not None
+        return response
+
+    async def _access_token(self, force: bool = False) -> str:
+        if self._token is not None and not force and time.monotonic() < self._token_expires_at:
+            return self._token
+        try:
+            response = await self._http.post("/v1/oauth2/token", auth=self._credentials,
+                                             data={"grant_type": "client_credentials"})
+        except httpx.HTTPError as exc:
+            raise GatewayUnavailable(f"PayPal OAuth: {type(exc).__name__}: {exc}") from exc
+        body = _json(response) if response.status_code == 200 else {}
+        token, expires_in = body.get("access_token"), body.get("expires_in")
+        if not isinstance(token, str) or not isinstance(expires_in, int):
+            raise GatewayUnavailable(f"PayPal OAuth answered HTTP {response.status_code} without a token")
+        self._token = token
+        self._token_expires_at = time.monotonic() + max(0, expires_in - TOKEN_REFRESH_MARGIN_SECONDS)
+        return token
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = loads_exact(response.content)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayUnavailable(f"PayPal answered non-JSON (HTTP {response.status_code})") from exc
+    if not isinstance(body, dict):
+        raise GatewayUnavailable("PayPal answered a non-object")
+    return body
+
+
+def build(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> PayPalGateway | None:
+    """The PayPal gateway when its client id, secret and webhook id are set, else None."""
+    values = (settings.paypal_client_id, settings.paypal_client_secret, settings.paypal_webhook_id)
+    if not any(values):
+        return None
+    if not all(values):
+        raise ValueError("PayPal webhooks need BILLING_PAYPAL_CLIENT_ID, BILLING_PAYPAL_CLIENT_SECRET and "
+                         "BILLING_PAYPAL_WEBHOOK_ID")
+    http = httpx.AsyncClient(base_url=settings.paypal_api_base, transport=transport,
+                             timeout=settings.gateway_api_timeout_seconds)
+    return PayPalGateway(http, settings.paypal_client_id or "", settings.paypal_client_secret or "",
+                         settings.paypal_webhook_id or "")

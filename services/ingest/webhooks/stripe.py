@@ -1,0 +1,196 @@
+"""Stripe: ``Stripe-Signature`` verified by the stripe SDK, then the object re-fetched with a StripeClient.
+
+Events acted on (anything else is answered 200 ``ignored``):
+
+* ``checkout.session.completed`` / ``checkout.session.async_payment_succeeded``: the session must be
+  ``complete`` and ``paid``; amount ``amount_total``; reference: its payment intent.
+* ``payment_intent.succeeded``: status ``succeeded``; amount ``amount_received``. A payment intent without
+  billing metadata (what Checkout creates) is ignored: its session's event carries the metadata.
+* ``refund.created`` / ``refund.updated``: status ``succeeded``; tenant and order id from the refund's
+  metadata, else its payment intent's, else the checkout session that created the payment intent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import stripe
+
+from billing_events.messages import loads_exact
+from billing_events.money import MoneyError
+from billing_ingest.webhooks import (
+    Confirmation,
+    ConfirmedPayment,
+    GatewayUnavailable,
+    Ignored,
+    NotConfirmed,
+    NotConfirmedKind,
+    Refused,
+    RefusalKind,
+    VerifiedEvent,
+    attribution,
+    header,
+    minor_units_to_amount,
+)
+from billing_runtime.settings import Settings
+
+NAME = "stripe"
+# Stripe's API sends these zero-decimal ISO 4217 currencies with two decimals, for backwards compatibility.
+STRIPE_SCALE_OVERRIDES = {"ISK": 2, "UGX": 2}
+STRIPE_NETWORK_RETRIES_MAX = 2
+
+
+def _signed_timestamp(signature_header: str) -> int:
+    for item in signature_header.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "t":
+            return int(value)
+    raise ValueError("no timestamp in Stripe-Signature")
+
+
+class StripeGateway:
+    name = NAME
+
+    def __init__(self, client: stripe.StripeClient, http_client: stripe.HTTPClient, webhook_secret: str,
+                 tolerance_seconds: int) -> None:
+        self._client = client
+        self._http_client = http_client
+        self._secret = webhook_secret
+        self._tolerance_seconds = tolerance_seconds
+        self._handlers: dict[str, Callable[[str], Awaitable[Confirmation]]] = {
+            "checkout.session.completed": self._confirm_session,
+            "checkout.session.async_payment_succeeded": self._confirm_session,
+            "payment_intent.succeeded": self._confirm_payment_intent,
+            "refund.created": self._confirm_refund,
+            "refund.updated": self._confirm_refund,
+        }
+
+    async def verify(self, raw_body: bytes, headers: Mapping[str, str], now: datetime) -> VerifiedEvent | Refused:
+        signature = header(headers, "Stripe-Signature")
+        try:
+            text = raw_body.decode("utf-8")
+        except UnicodeDecodeError:
+            return Refused(RefusalKind.SIGNATURE_INVALID, "The body is not UTF-8, so it cannot carry a valid signature.")
+        try:
+            # The SDK checks the HMAC-SHA256 over "<t>.<raw body>"; the window is checked below against our
+            # clock (`now`), in both directions, because the SDK reads the wall clock and only looks back.
+            stripe.WebhookSignature.verify_header(text, signature, self._secret, tolerance=None)
+            signed_at = _signed_timestamp(signature or "")
+        except (stripe.SignatureVerificationError, ValueError) as exc:
+            return Refused(RefusalKind.SIGNATURE_INVALID, f"Stripe-Signature does not verify: {exc}")
+        age = now.timestamp() - signed_at
+        if abs(age) > self._tolerance_seconds:
+            return Refused(RefusalKind.EXPIRED, f"Signed {int(age)} s ago; the tolerance is "
+                                                f"{self._tolerance_seconds} s.")
+        try:
+            event = loads_exact(text)
+        except ValueError as exc:
+            return Refused(RefusalKind.MALFORMED, f"Signed body is not JSON: {str(exc)[:120]}")
+        data = event.get("data") if isinstance(event, dict) else None
+        obj = data.get("object") if isinstance(data, dict) else None
+        if not (isinstance(event.get("id"), str) and isinstance(event.get("type"), str) and isinstance(obj, dict)
+                and isinstance(obj.get("id"), str)):
+            return Refused(RefusalKind.MALFORMED, "A Stripe event needs id, type and data.object.id.")
+        return VerifiedEvent(NAME, event["id"], event["type"], event, replay_key=event["id"])
+
+    async def confirm(self, event: VerifiedEvent) -> Confirmation:
+        handler = self._handlers.get(event.event_type)
+        if handler is None:
+            return Ignored(f"Stripe event type {event.event_type} moves no money billing acts on.")
+        object_id = event.payload["data"]["object"]["id"]
+        try:
+            return await handler(object_id)
+        except stripe.InvalidRequestError as exc:  # e.g. 404: not an object of this account / mode
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe does not confirm {object_id}: "
+                                                                f"{exc.user_message or exc}")
+        except stripe.StripeError as exc:  # connection, rate limit, 5xx, our credentials
+            raise GatewayUnavailable(f"Stripe API: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        except MoneyError as exc:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's amount is not usable: {exc}")
+
+    async def close(self) -> None:
+        try:
+            await self._http_client.close_async()
+        except NotImplementedError:  # a client without async connections to close
+            return
+
+    # -- one re-fetch per object kind -----------------------------------------------------------------------
+
+    async def _confirm_session(self, session_id: str) -> Confirmation:
+        session = (await self._client.v1.checkout.sessions.retrieve_async(session_id)).to_dict()
+        status, paid = session.get("status"), session.get("payment_status")
+        if paid == "no_payment_required":
+            return Ignored(f"Checkout session {session_id} needed no payment.")
+        if status != "complete" or paid != "paid":
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                f"Stripe says checkout session {session_id} is {status}/{paid}, not complete/paid.")
+        who = attribution(session.get("metadata"))
+        if who is None:
+            return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
+                                f"Checkout session {session_id} has no metadata.tenant / metadata.order_id.")
+        amount, code = minor_units_to_amount(session.get("amount_total"), session.get("currency"),
+                                             STRIPE_SCALE_OVERRIDES)
+        reference = _id_of(session.get("payment_intent")) or _id_of(session.get("invoice")) or session_id
+        return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, reference)
+
+    async def _confirm_payment_intent(self, intent_id: str) -> Confirmation:
+        intent = (await self._client.v1.payment_intents.retrieve_async(intent_id)).to_dict()
+        if intent.get("status") != "succeeded":
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                f"Stripe says payment intent {intent_id} is {intent.get('status')}, not succeeded.")
+        who = attribution(intent.get("metadata"))
+        if who is None:
+            return Ignored(f"Payment intent {intent_id} carries no billing metadata (its checkout session does).")
+        amount, code = minor_units_to_amount(intent.get("amount_received"), intent.get("currency"),
+                                             STRIPE_SCALE_OVERRIDES)
+        return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, intent_id)
+
+    async def _confirm_refund(self, refund_id: str) -> Confirmation:
+        refund = (await self._client.v1.refunds.retrieve_async(
+            refund_id, params={"expand": ["payment_intent"]})).to_dict()
+        if refund.get("status") != "succeeded":
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                f"Stripe says refund {refund_id} is {refund.get('status')}, not succeeded.")
+        intent = refund.get("payment_intent")
+        who = attribution(refund.get("metadata"))
+        if who is None and isinstance(intent, dict):
+            who = attribution(intent.get("metadata"))
+        if who is None and _id_of(intent):
+            who = await self._session_attribution(_id_of(intent) or "")
+        if who is None:
+            return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
+                                f"Refund {refund_id}: no tenant / order id on the refund, its payment intent "
+                                f"or its checkout session.")
+        amount, code = minor_units_to_amount(refund.get("amount"), refund.get("currency"), STRIPE_SCALE_OVERRIDES)
+        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id)
+
+    async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
+        sessions = await self._client.v1.checkout.sessions.list_async(
+            params={"payment_intent": intent_id, "limit": 1})
+        for session in sessions.to_dict().get("data", []):
+            return attribution(session.get("metadata"))
+        return None
+
+
+def _id_of(value: Any) -> str | None:
+    """A Stripe reference is an id string, or the expanded object with an ``id``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("id"), str):
+        return value["id"]
+    return None
+
+
+def build(settings: Settings, http_client: stripe.HTTPClient | None = None) -> StripeGateway | None:
+    """The Stripe gateway when BILLING_STRIPE_API_KEY and BILLING_STRIPE_WEBHOOK_SECRET are set, else None."""
+    if not settings.stripe_api_key and not settings.stripe_webhook_secret:
+        return None
+    if not settings.stripe_api_key or not settings.stripe_webhook_secret:
+        raise ValueError("Stripe webhooks need both BILLING_STRIPE_API_KEY (to re-fetch every payment) and "
+                         "BILLING_STRIPE_WEBHOOK_SECRET")
+    http = http_client or stripe.HTTPXClient(timeout=settings.gateway_api_timeout_seconds)
+    client = stripe.StripeClient(settings.stripe_api_key, http_client=http,
+                                 max_network_retries=STRIPE_NETWORK_RETRIES_MAX)
+    return StripeGateway(client, http, settings.stripe_webhook_secret, settings.stripe_webhook_tolerance_seconds)

@@ -1,0 +1,130 @@
+"""Ledger events as the read models see them: a parsed envelope plus the few derived values all share.
+
+A *fact* is one event from ``billing.ledger.events`` with its tenant resolved. Every helper here is a pure
+function of the event, so rebuilding a read model from the topic gives the same rows every time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+# Wall-clock text of every stored timestamp: UTC, microseconds, ``Z``. Fixed width, so text order = time order.
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+WALLET = "tenant_wallet"
+RECEIVABLES = "receivables"
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    position: int
+    aggregate_id: str
+    type: str  # e.g. "BillingAccount.UsageDebited"
+    recorded_at: str  # stored time text (see utc_text)
+    data: dict[str, Any]
+    tenant: str  # "" when the event does not belong to a billing account
+
+    @property
+    def aggregate(self) -> str:
+        return self.type.partition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.type.partition(".")[2]
+
+    @property
+    def cause(self) -> dict[str, Any]:
+        cause = self.data.get("cause")
+        return cause if isinstance(cause, dict) else {}
+
+    @property
+    def occurred_at(self) -> str:
+        """Business time: the movement's ``at`` (usage time for debits), else its effective or record time."""
+        for field in ("at", "effective_at"):
+            value = self.data.get(field)
+            if isinstance(value, str) and value:
+                return utc_text(value)
+        return self.recorded_at
+
+
+def utc_text(value: str | datetime) -> str:
+    parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def parse_utc_text(value: str) -> datetime:
+    return datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def month_of(time_text: str) -> str:
+    return time_text[:7]  # "YYYY-MM"
+
+
+def day_of(time_text: str) -> str:
+    return time_text[:10]  # "YYYY-MM-DD"
+
+
+def postings(fact: Fact) -> list[dict[str, Any]]:
+    found = fact.data.get("postings")
+    return found if isinstance(found, list) else []
+
+
+def wallet_deltas(fact: Fact) -> dict[str, int]:
+    """Change of the tenant's wallet per unit (positive = more to spend): the wallet is credit-negative."""
+    delta: dict[str, int] = {}
+    for line in postings(fact):
+        if line.get("account") == WALLET:
+            delta[line["unit"]] = delta.get(line["unit"], 0) - int(line["amount"])
+    return delta
+
+
+def grant_deltas(fact: Fact) -> dict[str, int]:
+    """Change of each grant's remaining credit (every wallet posting names its grant)."""
+    delta: dict[str, int] = {}
+    for line in postings(fact):
+        if line.get("account") == WALLET and line.get("grant_id"):
+            delta[line["grant_id"]] = delta.get(line["grant_id"], 0) - int(line["amount"])
+    return delta
+
+
+def account_sums(fact: Fact) -> dict[tuple[str, str], int]:
+    """Signed sum (debit positive) per (ledger account, unit) of the event's postings."""
+    sums: dict[tuple[str, str], int] = {}
+    for line in postings(fact):
+        key = (str(line["account"]), str(line["unit"]))
+        sums[key] = sums.get(key, 0) + int(line["amount"])
+    return sums
+
+
+def decimal_or_none(value: Any) -> Decimal | None:
+    """A decimal from a string or int in an event (never a float); None when absent or not a number."""
+    if value is None or isinstance(value, bool | float):
+        return None
+    try:
+        result = Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
+    return result if result.is_finite() else None
+
+
+def first_text(*values: Any) -> str:
+    for value in values:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
+def text_list(value: Any) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [str(value)] if isinstance(value, str) and value else []
+
+
+def units_of(facts: Iterable[Fact]) -> set[str]:
+    return {str(f.data["unit"]) for f in facts if isinstance(f.data.get("unit"), str)}

@@ -1,0 +1,19 @@
+"""Every bound and default of the projections service, in one place (TIGER_STYLE: units last)."""
+
+from __future__ import annotations
+
+# Query API pages: the default and the largest page a caller may ask for.
+PAGE_ITEMS_DEFAULT = 50
+PAGE_ITEMS_MAX = 500
+# CSV exports stream every page of a list, up to this many rows (a larger export is cut, and says so).
+CSV_ROWS_MAX = 100_000
+CSV_PAGE_ITEMS = 1_000
+# A grant whose expiry is this close counts as "expiring soon" on balances and the dashboard.
+EXPIRING_SOON_SECONDS = 7 * 24 * 3600
+# Rows looked up per statement when a batch reads back decimal accumulators.
+LOOKUP_KEYS_MAX = 500
+# `billing projections rebuild`: records per replay transaction, and how long to wait for Kafka metadata.
+REBUILD_BATCH_RECORDS_MAX = 5_000
+REBUILD_METADATA_TIMEOUT_SECONDS = 30.0
+# Dashboard: days shown in the consumption chart when no month is selected.
+CHART_DAYS_DEFAULT = 30

@@ -1,0 +1,87 @@
+"""Rating's HTTP routes: catalogue authoring and reading, period close, close lines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends
+
+from billing_events import ids, topics
+from billing_events.messages import LedgerCommand
+from billing_events.timeutil import utcnow
+from billing_rating.catalog_view import CatalogError, validate_document
+from billing_rating.close import close_period, lines_of
+from billing_rating.service import RatingService
+from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.bus import OutMessage
+from billing_runtime.problems import Problem
+
+PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+def publish_command(document: dict[str, Any], issued_by: str) -> LedgerCommand:
+    digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+    return LedgerCommand(command_id=ids.command_id("catalog.publish", digest), kind="catalog.publish",
+                         issued_at=utcnow(), issued_by=issued_by, payload={"document": document, "digest": digest})
+
+
+def build_router(service: RatingService) -> APIRouter:
+    router = APIRouter(tags=["catalog"])
+
+    def current() -> dict[str, Any]:
+        if not service.catalog.version:
+            raise Problem(404, "Not found", "No catalogue has been published yet.", kind="no-catalog")
+        return service.catalog.document
+
+    @router.get("/v1/catalog", summary="The current catalogue version")
+    async def get_catalog(_: Principal = Depends(require())) -> dict[str, Any]:
+        return {"version": service.catalog.version, **current()}
+
+    @router.get("/v1/catalog/meters")
+    async def get_meters(_: Principal = Depends(require())) -> dict[str, Any]:
+        return {"version": service.catalog.version, "meters": current().get("meters", [])}
+
+    @router.get("/v1/catalog/plans", summary="Plans: name, version, cadence, currency, allowances, status")
+    async def get_plans(_: Principal = Depends(require())) -> dict[str, Any]:
+        plans = [
+            {**plan, "status": "published",
+             "allowances": {c["meter"]: c.get("included", "0") for c in plan.get("charges", [])}}
+            for plan in current().get("plans", [])
+        ]
+        return {"version": service.catalog.version, "plans": plans}
+
+    @router.get("/v1/catalog/packages", summary="Credit packages with effective credits and cost per credit")
+    async def get_packages(_: Principal = Depends(require())) -> dict[str, Any]:
+        return {"version": service.catalog.version, "packages": current().get("packages", [])}
+
+    @router.post("/v1/catalog", status_code=202, summary="Publish a catalogue (admin)",
+                 description="Validated here (meters, price specs, plans, packages), then recorded by the "
+                             "ledger as the next immutable version. Same content, same command id.")
+    async def post_catalog(document: dict[str, Any] = Body(...),
+                           principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+        try:
+            parsed = validate_document(document)
+        except CatalogError as exc:
+            raise Problem(422, "Invalid catalogue", str(exc), kind="invalid-catalog") from exc
+        command = publish_command(parsed.model_dump(mode="json"), f"user:{principal.subject}")
+        await service.bus.publish([OutMessage(topics.LEDGER_COMMANDS, str(ids.catalog_id()), command.to_json(),
+                                              (("schema", b"ledger.command/v1"),))])
+        return {"command_id": str(command.command_id), "status": "accepted"}
+
+    @router.post("/v1/rating/periods/{period}/close", summary="Close a billing period (admin, idempotent)")
+    async def post_close(period: str, _: Principal = Depends(require(Role.ADMIN, Role.SERVICE))) -> dict[str, Any]:
+        if not PERIOD.match(period):
+            raise Problem(422, "Invalid period", "Use YYYY-MM.", kind="invalid-period")
+        lines = await close_period(service.db, service.bus, service.catalog, period)
+        return {"period": period, "lines": [line.__dict__ for line in lines]}
+
+    @router.get("/v1/rating/periods/{period}/accounts/{tenant}/lines", summary="Closed lines of a tenant")
+    async def get_lines(period: str, tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        return {"period": period, "tenant": tenant,
+                "lines": [line.__dict__ for line in await lines_of(service.db, period, tenant)]}
+
+    return router
