@@ -130,6 +130,8 @@ class UsageRejection(Message):
     payload: str = Field(description="The original payload as received (UTF-8, replacement for bad bytes)")
     rejected_at: Timestamp
     source: str
+    payload_truncated: bool = Field(default=False, description="True when the payload was larger than a dead "
+                                                               "letter keeps (64 KiB) and was cut")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -1,18 +1,22 @@
-"""HTTP routes of the ingest gateway: ``POST /v1/usage`` (up to 1,000 events, gzip accepted)."""
+"""HTTP routes of the ingest gateway: ``POST /v1/usage`` (up to 1,000 events, gzip accepted) and
+``POST /v1/webhooks/{gateway}`` (payment webhooks)."""
 
 from __future__ import annotations
 
 import gzip
 import uuid
 import zlib
-from typing import Any
-
-from fastapi import APIRouter, Depends, Request
+from typing import Annotated, Any
 
 from billing_events.messages import loads_exact
+from billing_ingest.payments import PaymentWebhooks
 from billing_ingest.service import IngestService
 from billing_runtime.auth import Principal, Role, require
-from billing_runtime.problems import Problem
+from billing_runtime.problems import Problem, problem_response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+UsageSender = Annotated[Principal, Depends(require(Role.SERVICE, Role.ADMIN))]
 
 
 def build_router(service: IngestService) -> APIRouter:
@@ -23,8 +27,7 @@ def build_router(service: IngestService) -> APIRouter:
     @router.post("/v1/usage", summary="Send usage events",
                  description="One event object, a list of events, or {\"events\": [...]} (at most 1,000). "
                              "Every event gets its own result: accepted, duplicate or rejected with a reason.")
-    async def post_usage(request: Request,
-                         principal: Principal = Depends(require(Role.SERVICE, Role.ADMIN))) -> dict[str, Any]:
+    async def post_usage(request: Request, principal: UsageSender) -> dict[str, Any]:
         body = await request.body()
         if request.headers.get("content-encoding", "").lower() == "gzip":
             try:
@@ -64,3 +67,45 @@ def build_router(service: IngestService) -> APIRouter:
         }
 
     return router
+
+
+async def read_body_capped(request: Request, body_max: int) -> bytes:
+    """The raw body, refused with 413 as soon as it exceeds ``body_max`` bytes (never buffered beyond it)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > body_max:
+        raise Problem(413, "Payload too large", f"Bodies are limited to {body_max} bytes.", kind="payload-too-large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > body_max:
+            raise Problem(413, "Payload too large", f"Bodies are limited to {body_max} bytes.",
+                          kind="payload-too-large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_webhook_router(webhooks: PaymentWebhooks, body_max: int) -> APIRouter:
+    router = APIRouter(tags=["payments"])
+
+    @router.post("/v1/webhooks/{gateway}", summary="Payment gateway webhook",
+                 description="Called by Stripe, Razorpay or PayPal (no bearer token: the gateway's signature over "
+                             "the raw body is the authentication). A verified event is re-checked with the "
+                             "gateway's API before a payment notification is published; a forged, expired, "
+                             "tampered or replayed webhook is refused with problem+json and changes nothing.")
+    async def post_webhook(gateway: str, request: Request) -> Response:
+        if gateway not in webhooks.gateways:  # before reading a byte of an unknown gateway's body
+            return problem_response(404, "Not found", f"No payment gateway {gateway!r} is enabled here.",
+                                    kind="unknown-gateway", instance=request.url.path)
+        body = await read_body_capped(request, body_max)
+        result = await webhooks.handle(gateway, body, request.headers)
+        if result.problem is not None:
+            return problem_response(result.status, _TITLES.get(result.status, "Webhook refused"), result.detail,
+                                    kind=result.problem, instance=request.url.path, event_id=result.event_id)
+        return JSONResponse(result.body(), status_code=result.status)
+
+    return router
+
+
+_TITLES = {400: "Webhook refused", 404: "Not found", 409: "Webhook replayed", 422: "Payment not confirmed",
+           502: "Gateway unavailable"}

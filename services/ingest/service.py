@@ -1,39 +1,47 @@
 """The ingest gateway: validate, deduplicate and forward usage events; learn the catalogue from the ledger.
 
-Exactly-once without Kafka transactions: the dedup table remembers each (tenant, event id) and whether
-its accepted record was published. A redelivered raw record whose accepted copy may not have been
-published (crash between the two) is published again; a genuine duplicate is answered ``duplicate``.
-Downstream, rating deduplicates by event id and the ledger by command id, so a second publish is harmless.
-Offsets are committed only after publishing, so nothing is lost.
+Exactly-once without Kafka transactions: the dedup table (``dedup``) remembers each (tenant, event id),
+written in the same database transaction as the batch's publish, committed after the publish. A crash
+before the commit forgets the batch, which is redelivered (its offsets were not committed) and published
+again; a genuine duplicate is answered ``duplicate``. Downstream, rating deduplicates by event id and the
+ledger by command id, so a second publish is harmless. Nothing is lost: offsets are committed only after
+the commit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-
-from prometheus_client import Counter
+from datetime import datetime, timedelta
+from typing import Any
 
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerEvent, UsageRejection
 from billing_events.timeutil import utcnow
+from billing_ingest import dedup
 from billing_ingest.validation import CatalogKnowledge, Invalid, MeterRules, VerifiedUsage, parse_raw, verify
 from billing_runtime.bus import Bus, OutMessage, Record
 from billing_runtime.db import Database
 from billing_runtime.logging import get_logger
 from billing_runtime.settings import Settings
+from prometheus_client import Counter
 
 log = get_logger(__name__)
 
 EVENTS = Counter("billing_ingest_events_total", "Usage events by outcome", ["outcome"])
+DEDUP_FORGOTTEN = Counter("billing_ingest_dedup_forgotten_total", "Dedup keys deleted after the window")
 REJECTIONS = Counter("billing_ingest_rejections_total", "Rejected usage events by reason", ["reason"])
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS seen_events (
-    tenant TEXT NOT NULL, event_id TEXT NOT NULL, event_time TEXT NOT NULL,
-    published INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, event_id));
+# A dead letter keeps the original payload up to this size (a larger one is cut and marked truncated), so
+# a dead letter always fits in a Kafka message whatever arrived.
+DEAD_LETTER_PAYLOAD_CHARS_MAX = 64 * 1024
+_ACCEPTED_HEADERS = (("schema", b"usage.accepted/v1"),)
+_REJECTED_HEADERS = (("schema", b"usage.rejected/v1"),)
+
+SCHEMA = dedup.SCHEMA + """
 CREATE TABLE IF NOT EXISTS known_tenants (tenant TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS known_meters (code TEXT PRIMARY KEY, required_properties TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS catalog_state (id INTEGER PRIMARY KEY, version INTEGER NOT NULL);
@@ -78,56 +86,54 @@ class IngestService:
     # -- usage -------------------------------------------------------------------------------------------
 
     async def process(self, items: Sequence[tuple[bytes | dict, str]]) -> list[Outcome]:
-        """Validates, deduplicates and publishes a batch of raw events; ``items`` are (payload, source)."""
+        """Validates, deduplicates and publishes a batch of raw events; ``items`` are (payload, source).
+
+        Every item ends accepted, duplicate or rejected (with a dead letter). The dedup rows of the batch and
+        its publish share one transaction that commits after the publish (see ``dedup``): one multi-row
+        statement per batch, and a crash before the commit simply replays the batch.
+        """
         now = utcnow()
         window = timedelta(days=self.settings.dedup_window_days)
         skew = timedelta(seconds=self.settings.future_skew_seconds)
         outcomes: list[Outcome | None] = [None] * len(items)
         rejections: list[OutMessage] = []
-        verified: list[tuple[int, VerifiedUsage, str]] = []
+        first: dict[tuple[str, str], tuple[int, VerifiedUsage, str]] = {}
         for index, (payload, source) in enumerate(items):
             parsed = parse_raw(payload)
             result = parsed if isinstance(parsed, Invalid) else verify(
                 parsed, self.knowledge, now=now, future_skew=skew, window=window)
             if isinstance(result, Invalid):
-                outcomes[index] = Outcome("rejected", result.event_id, result.reason.value, result.detail)
+                outcomes[index] = Outcome("rejected", _text(result.event_id), result.reason.value,
+                                          _text(result.detail))
                 rejections.append(self._rejection(result, payload, source, now))
+                continue
+            key = (result.event.tenant, result.event.id)
+            if key in first:  # a duplicate inside the batch
+                outcomes[index] = Outcome("duplicate", result.event.id)
             else:
-                verified.append((index, result, source))
+                first[key] = (index, result, source)
 
-        accepted: list[OutMessage] = []
-        newly: list[tuple[str, str]] = []
-        if verified:
+        if not first:
+            await self.bus.publish(rejections)
+        else:
             async with self.db.transaction() as conn:
-                in_batch: set[tuple[str, str]] = set()
-                for index, usage, source in verified:
-                    key = (usage.event.tenant, usage.event.id)
-                    if key in in_batch:
+                to_publish = await dedup.claim(conn, self.db.dialect, [
+                    (tenant, event_id, usage.event.timestamp.isoformat())
+                    for (tenant, event_id), (_, usage, _) in first.items()])
+                accepted: list[OutMessage] = []
+                version = self.knowledge.catalog_version
+                for key, (index, usage, source) in first.items():
+                    if key not in to_publish:
                         outcomes[index] = Outcome("duplicate", usage.event.id)
                         continue
-                    in_batch.add(key)
-                    row = await conn.fetchrow(
-                        "SELECT published FROM seen_events WHERE tenant = $1 AND event_id = $2", *key)
-                    if row is not None and row["published"]:
-                        outcomes[index] = Outcome("duplicate", usage.event.id)
-                        continue
-                    if row is None:
-                        await conn.execute(
-                            "INSERT INTO seen_events (tenant, event_id, event_time, published) "
-                            "VALUES ($1, $2, $3, 0)", key[0], key[1], usage.event.timestamp.isoformat())
                     account = ids.account_id(usage.event.tenant)
                     message = AcceptedUsage(account_id=account, event=usage.event, accepted_at=now, source=source,
-                                            catalog_version=self.knowledge.catalog_version)
+                                            catalog_version=version)
                     accepted.append(OutMessage(topics.USAGE_ACCEPTED, str(account), message.to_json(),
-                                               (("schema", b"usage.accepted/v1"),)))
-                    newly.append(key)
+                                               _ACCEPTED_HEADERS))
                     outcomes[index] = Outcome("accepted", usage.event.id)
-        # Durable in Kafka (or the embedded log) before we remember it as published.
-        await self.bus.publish(accepted + rejections)
-        if newly:
-            async with self.db.transaction() as conn:
-                await conn.executemany(
-                    "UPDATE seen_events SET published = 1 WHERE tenant = $1 AND event_id = $2", newly)
+                # Durable on the bus before the dedup rows commit: a row that exists was published.
+                await self.bus.publish(accepted + rejections)
         final = [o for o in outcomes if o is not None]
         assert len(final) == len(items), "every event ends accepted, duplicate or rejected"
         for outcome in final:
@@ -136,15 +142,40 @@ class IngestService:
                 REJECTIONS.labels(outcome.reason).inc()
         return final
 
-    def _rejection(self, invalid: Invalid, payload: bytes | dict, source: str, now: object) -> OutMessage:
+    def _rejection(self, invalid: Invalid, payload: bytes | dict, source: str, now: datetime) -> OutMessage:
         if isinstance(payload, bytes):
             text = payload.decode("utf-8", errors="replace")
         else:
-            text = json.dumps(payload, default=str)
-        record = UsageRejection(reason=invalid.reason, detail=invalid.detail, stage="ingest", tenant=invalid.tenant,
-                                event_id=invalid.event_id, payload=text, rejected_at=utcnow(), source=source)
-        key = str(ids.account_id(invalid.tenant)) if invalid.tenant else "unknown"
-        return OutMessage(topics.USAGE_REJECTED, key, record.to_json(), (("schema", b"usage.rejected/v1"),))
+            text = _dumps_leniently(payload)
+        truncated = len(text) > DEAD_LETTER_PAYLOAD_CHARS_MAX
+        record = UsageRejection(reason=invalid.reason, detail=_text(invalid.detail) or "", stage="ingest",
+                                tenant=_text(invalid.tenant), event_id=_text(invalid.event_id),
+                                payload=_text(text[:DEAD_LETTER_PAYLOAD_CHARS_MAX]) or "",
+                                payload_truncated=truncated, rejected_at=now, source=source)
+        key = str(ids.account_id(record.tenant)) if record.tenant else "unknown"
+        return OutMessage(topics.USAGE_REJECTED, key, record.to_json(), _REJECTED_HEADERS)
+
+    # -- dedup window cleanup ------------------------------------------------------------------------------
+
+    async def cleanup_once(self, now: datetime | None = None) -> int:
+        """Forgets keys of events older than the dedup window (bounded per run); returns rows deleted."""
+        s = self.settings
+        deleted = await dedup.cleanup(self.db, now or utcnow(), timedelta(days=s.dedup_window_days),
+                                      s.dedup_cleanup_rows_max, s.dedup_cleanup_rows_per_run_max)
+        if deleted:
+            DEDUP_FORGOTTEN.inc(deleted)
+            log.info("dedup_cleanup", deleted=deleted)
+        return deleted
+
+    async def cleanup_loop(self, stopping: asyncio.Event) -> None:
+        """Background task: one bounded cleanup per interval until the service stops."""
+        while not stopping.is_set():
+            try:
+                await self.cleanup_once()
+            except Exception:
+                log.exception("dedup_cleanup_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self.settings.dedup_cleanup_interval_seconds)
 
     async def handle_raw(self, records: list[Record]) -> None:
         await self.process([(r.value, f"kafka:{r.topic}:{r.partition}:{r.offset}") for r in records])
@@ -173,3 +204,15 @@ class IngestService:
                     changed = True
         if changed:
             await self._reload_knowledge()
+
+
+def _text(value: str | None) -> str | None:
+    """Text that can be encoded (JSON may carry lone surrogates, which no UTF-8 message can)."""
+    return None if value is None else value.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def _dumps_leniently(payload: Any) -> str:
+    try:
+        return json.dumps(payload, default=str)
+    except (ValueError, RecursionError):
+        return f"<{type(payload).__name__} payload that cannot be serialised>"

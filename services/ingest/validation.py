@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from pydantic import ValidationError
-
 from billing_events.messages import RAW_EVENT_BYTES_MAX, RejectReason, UsageEvent, loads_exact
+from pydantic import ValidationError
 
 
 @dataclass(frozen=True, slots=True)

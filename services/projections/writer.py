@@ -15,6 +15,7 @@ A decimal table's key columns must all be TEXT, so the read-back can use ``(k1, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from decimal import Decimal
 from enum import Enum
 from typing import Any
@@ -52,11 +53,11 @@ class Table:
     column_specs: dict[str, Column]
     indexes: tuple[str, ...] = ()  # e.g. "tenant, position"
 
-    @property
+    @cached_property
     def key(self) -> tuple[str, ...]:
         return tuple(self.key_types)
 
-    @property
+    @cached_property
     def columns(self) -> dict[str, Kind]:
         return {name: spec.kind for name, spec in self.column_specs.items()}
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Depends
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
+from billing_events.money import from_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.catalog_view import CatalogError, validate_document
 from billing_rating.close import close_period, lines_of
@@ -83,5 +84,32 @@ def build_router(service: RatingService) -> APIRouter:
         check_tenant(principal, tenant)
         return {"period": period, "tenant": tenant,
                 "lines": [line.__dict__ for line in await lines_of(service.db, period, tenant)]}
+
+    @router.get("/v1/rating/periods/{period}/accounts/{tenant}/decisions",
+                summary="Every rating decision of a tenant in a period, with its inputs (the audit trace)")
+    async def get_decisions(period: str, tenant: str, meter: str | None = None,
+                            principal: Principal = Depends(require())) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        rows = await service.db.fetch(
+            "SELECT event_id, meter, group_key, event_time, quantity, quantity_before, quantity_after, "
+            "amount_subunits, unit, catalog_version, decision, output, rated_at FROM rated_events "
+            "WHERE period = $1 AND tenant = $2 ORDER BY event_time, event_id", period, tenant)
+        decisions = []
+        for row in rows:
+            if meter and row["meter"] != meter:
+                continue
+            cause = {}
+            if row["output"]:
+                payload = json.loads(row["output"]).get("payload", {})
+                cause = payload.get("cause", {})
+            decisions.append({
+                "event_id": row["event_id"], "meter": row["meter"], "group": row["group_key"],
+                "event_time": row["event_time"], "decision": row["decision"], "quantity": row["quantity"],
+                "quantity_before": row["quantity_before"], "quantity_after": row["quantity_after"],
+                "amount": str(from_subunits(int(row["amount_subunits"]))), "unit": row["unit"],
+                "catalog_version": row["catalog_version"], "model": cause.get("model"),
+                "operation": cause.get("operation"), "user": cause.get("user"), "rated_at": row["rated_at"],
+            })
+        return {"period": period, "tenant": tenant, "decisions": decisions}
 
     return router

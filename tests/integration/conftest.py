@@ -23,6 +23,8 @@ class Stack:
     projections_url: str
     processes: dict[str, ServiceProcess]
     log_dir: Path
+    rating_url: str = ""
+    ledger_url: str = ""
 
     def topic(self, name: str) -> str:
         return f"{self.namespace}.{name}"
@@ -41,7 +43,8 @@ def stack(infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
             processes[name] = ServiceProcess(["serve", service, "--port", str(port)], env,
                                              log_dir / f"{name}.log", port).start()
         yield Stack(env, namespace, f"http://127.0.0.1:{ports['ingest']}",
-                    f"http://127.0.0.1:{ports['projections']}", processes, log_dir)
+                    f"http://127.0.0.1:{ports['projections']}", processes, log_dir,
+                    rating_url=f"http://127.0.0.1:{ports['rating']}", ledger_url=f"http://127.0.0.1:{ports['ledger']}")
     finally:
         for process in processes.values():
             process.stop()

@@ -19,7 +19,6 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-
 from billing_events.messages import loads_exact
 from billing_events.money import MoneyError, currency, parse_decimal
 from billing_ingest.webhooks import (
@@ -29,8 +28,8 @@ from billing_ingest.webhooks import (
     Ignored,
     NotConfirmed,
     NotConfirmedKind,
-    Refused,
     RefusalKind,
+    Refused,
     VerifiedEvent,
     attribution,
     header,

@@ -22,7 +22,6 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-
 from billing_events.messages import loads_exact
 from billing_events.money import MoneyError
 from billing_ingest.webhooks import (
@@ -32,8 +31,8 @@ from billing_ingest.webhooks import (
     Ignored,
     NotConfirmed,
     NotConfirmedKind,
-    Refused,
     RefusalKind,
+    Refused,
     VerifiedEvent,
     attribution,
     header,

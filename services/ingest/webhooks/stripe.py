@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any
 
 import stripe
-
 from billing_events.messages import loads_exact
 from billing_events.money import MoneyError
 from billing_ingest.webhooks import (
@@ -27,8 +26,8 @@ from billing_ingest.webhooks import (
     Ignored,
     NotConfirmed,
     NotConfirmedKind,
-    Refused,
     RefusalKind,
+    Refused,
     VerifiedEvent,
     attribution,
     header,

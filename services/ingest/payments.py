@@ -1,0 +1,174 @@
+"""Payment webhooks, gateway-independent: refuse replays, confirm with the gateway, publish exactly one
+``PaymentNotification`` per money movement to ``billing.payments`` (key: billing account id).
+
+Two tables in ingest's own schema:
+
+* ``webhook_events(gateway, replay_key)``: every event processed (published, already notified, ignored).
+  A second delivery of the same key is refused with 409 before the gateway's API is even called.
+* ``payment_notifications(gateway, kind, reference)``: one row per money movement, so two different
+  events announcing the same payment (Stripe's checkout.session.completed and payment_intent.succeeded)
+  publish one notification; the second is answered ``already_notified``.
+
+Both rows are written in one transaction that commits only after the notification is durable on the bus.
+A crash in between leaves nothing recorded and no 2xx sent: the gateway retries and the notification is
+published again, identical (same event id and reference), which the ledger deduplicates by reference.
+A webhook the gateway does not confirm records nothing, so the gateway's retry re-checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from billing_events import ids, topics
+from billing_events.timeutil import isoformat, utcnow
+from billing_ingest.webhooks import (
+    ConfirmedPayment,
+    Gateway,
+    GatewayUnavailable,
+    Ignored,
+    NotConfirmed,
+    Refused,
+    VerifiedEvent,
+)
+from billing_runtime.bus import Bus, OutMessage
+from billing_runtime.db import Database
+from billing_runtime.logging import get_logger
+from prometheus_client import Counter
+
+log = get_logger(__name__)
+
+WEBHOOKS = Counter("billing_ingest_webhooks_total", "Payment webhooks by gateway and outcome",
+                   ["gateway", "outcome"])
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhook_events (
+    gateway TEXT NOT NULL, replay_key TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
+    outcome TEXT NOT NULL, reference TEXT, received_at TEXT NOT NULL,
+    PRIMARY KEY (gateway, replay_key));
+CREATE TABLE IF NOT EXISTS payment_notifications (
+    gateway TEXT NOT NULL, kind TEXT NOT NULL, reference TEXT NOT NULL, event_id TEXT NOT NULL,
+    tenant TEXT NOT NULL, message TEXT NOT NULL, published_at TEXT NOT NULL,
+    PRIMARY KEY (gateway, kind, reference));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookResult:
+    """How one webhook ended; ``problem`` set means an RFC 9457 answer with ``status``."""
+
+    status: int
+    outcome: str  # published | already_notified | ignored | refused | replayed | not_confirmed | unavailable
+    detail: str
+    event_id: str | None = None
+    problem: str | None = None  # problem type suffix, e.g. webhook-replayed
+
+    def body(self) -> dict[str, str | None]:
+        return {"status": self.outcome, "event_id": self.event_id, "detail": self.detail}
+
+
+class PaymentWebhooks:
+    def __init__(self, db: Database, bus: Bus, gateways: Mapping[str, Gateway]) -> None:
+        self.db = db
+        self.bus = bus
+        self.gateways = dict(gateways)
+
+    async def setup(self) -> None:
+        await self.db.executescript(SCHEMA)  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        for gateway in self.gateways.values():
+            await gateway.close()
+
+    async def handle(self, gateway_name: str, raw_body: bytes, headers: Mapping[str, str]) -> WebhookResult:
+        result = await self._handle(gateway_name, raw_body, headers)
+        WEBHOOKS.labels(gateway_name if gateway_name in self.gateways else "unknown", result.outcome).inc()
+        log.info("payment_webhook", gateway=gateway_name, outcome=result.outcome, status=result.status,
+                 event_id=result.event_id, detail=result.detail)
+        return result
+
+    async def _handle(self, gateway_name: str, raw_body: bytes, headers: Mapping[str, str]) -> WebhookResult:
+        gateway = self.gateways.get(gateway_name)
+        if gateway is None:
+            return WebhookResult(404, "unknown_gateway", f"No payment gateway {gateway_name!r} is enabled here.",
+                                 problem="unknown-gateway")
+        now = utcnow()
+        try:
+            verified = await gateway.verify(raw_body, headers, now)
+        except GatewayUnavailable as exc:
+            return WebhookResult(502, "unavailable", str(exc), problem="gateway-unavailable")
+        if isinstance(verified, Refused):
+            return WebhookResult(400, "refused", verified.detail, problem=verified.kind.value)
+        if await self._seen(verified):
+            return self._replayed(verified)
+        try:
+            confirmation = await gateway.confirm(verified)
+        except GatewayUnavailable as exc:
+            return WebhookResult(502, "unavailable", str(exc), verified.event_id, problem="gateway-unavailable")
+        if isinstance(confirmation, NotConfirmed):
+            return WebhookResult(422, "not_confirmed", confirmation.detail, verified.event_id,
+                                 problem=confirmation.kind.value)
+        if isinstance(confirmation, Ignored):
+            if not await self._record_ignored(verified, confirmation, now):
+                return self._replayed(verified)
+            return WebhookResult(200, "ignored", confirmation.detail, verified.event_id)
+        return await self._publish(verified, confirmation, now)
+
+    async def _seen(self, event: VerifiedEvent) -> bool:
+        row = await self.db.fetchrow("SELECT outcome FROM webhook_events WHERE gateway = $1 AND replay_key = $2",
+                                     event.gateway, event.replay_key)
+        return row is not None
+
+    @staticmethod
+    def _replayed(event: VerifiedEvent) -> WebhookResult:
+        return WebhookResult(409, "replayed", f"Event {event.event_id} was already processed; nothing was done.",
+                             event.event_id, problem="webhook-replayed")
+
+    async def _record_ignored(self, event: VerifiedEvent, ignored: Ignored, now: datetime) -> bool:
+        async with self.db.transaction() as conn:
+            rows = await conn.fetch(
+                "INSERT INTO webhook_events (gateway, replay_key, event_id, event_type, outcome, reference, "
+                "received_at) VALUES ($1, $2, $3, $4, 'ignored', NULL, $5) ON CONFLICT DO NOTHING "
+                "RETURNING replay_key", event.gateway, event.replay_key, event.event_id, event.event_type,
+                isoformat(now))
+        return bool(rows)
+
+    async def _publish(self, event: VerifiedEvent, payment: ConfirmedPayment, now: datetime) -> WebhookResult:
+        notification = payment.notification(event, now)
+        message = notification.to_json()
+        try:
+            fresh = await self._record_and_publish(event, payment, message, now)
+        except _Replayed:
+            return self._replayed(event)
+        if fresh:
+            return WebhookResult(200, "published", f"{payment.kind} {payment.amount} {payment.currency} for "
+                                                   f"{payment.tenant} (order {payment.order_id})", event.event_id)
+        return WebhookResult(200, "already_notified", f"{payment.reference} was already notified by another "
+                                                      f"event; nothing was published.", event.event_id)
+
+    async def _record_and_publish(self, event: VerifiedEvent, payment: ConfirmedPayment, message: bytes,
+                                  now: datetime) -> bool:
+        async with self.db.transaction() as conn:
+            fresh = await conn.fetch(
+                "INSERT INTO payment_notifications (gateway, kind, reference, event_id, tenant, message, "
+                "published_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING reference",
+                event.gateway, payment.kind, payment.reference, event.event_id, payment.tenant, message.decode(),
+                isoformat(now))
+            outcome = "published" if fresh else "already_notified"
+            recorded = await conn.fetch(
+                "INSERT INTO webhook_events (gateway, replay_key, event_id, event_type, outcome, reference, "
+                "received_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING replay_key",
+                event.gateway, event.replay_key, event.event_id, event.event_type, outcome, payment.reference,
+                isoformat(now))
+            if not recorded:  # the same event raced us in another request and won
+                raise _Replayed
+            if fresh:
+                # Durable on the bus before the transaction commits (see the module docstring).
+                await self.bus.publish([OutMessage(topics.PAYMENTS, str(ids.account_id(payment.tenant)), message,
+                                                   (("schema", b"payment/v1"),))])
+        return bool(fresh)
+
+
+class _Replayed(Exception):
+    pass

@@ -1,0 +1,98 @@
+"""Read model: AI usage per tenant, month, model, operation and user: tokens per class and cost.
+
+An AI usage debit is one whose rated usage event carried a ``model`` property (the rating ``cause`` keeps
+the event's properties and quantity). Token counts come from the event, in either shape upstream services
+send: per-class properties (``input_tokens``, ``output_tokens``, ``cached_tokens``; ``tokens`` is their
+sum), or one class per event (``token_class`` = input | output | cached, the event's quantity being the
+tokens). Cost is the debit's amount for the whole event.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from billing_projections.facts import Fact, decimal_or_none, first_text, month_of
+from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
+from billing_runtime.db import Database
+
+AI_USAGE = Table("ai_usage", {"tenant": "TEXT", "period": "TEXT", "model": "TEXT", "operation": "TEXT",
+                              "user_id": "TEXT", "unit": "TEXT"}, {
+    "input_tokens": DEC_SUM, "output_tokens": DEC_SUM, "cached_tokens": DEC_SUM, "tokens": DEC_SUM,
+    "cost": INT_SUM, "events": INT_SUM, "last_position": value("BIGINT"),
+}, indexes=("period, tenant",))
+TABLES = (AI_USAGE,)
+
+TOKEN_CLASSES = ("input", "output", "cached")
+# Property names upstream services use for per-class token counts.
+_CLASS_PROPERTIES = {
+    "input": ("input_tokens", "prompt_tokens", "tokens_input"),
+    "output": ("output_tokens", "completion_tokens", "tokens_output"),
+    "cached": ("cached_tokens", "cached_input_tokens", "tokens_cached"),
+}
+_CLASS_NAMES = {"input": "input", "prompt": "input", "output": "output", "completion": "output",
+                "cached": "cached", "cached_input": "cached", "cache": "cached"}
+
+
+def tokens_by_class(properties: dict[str, Any], quantity: Decimal) -> tuple[dict[str, Decimal], Decimal]:
+    """(tokens per known class, total tokens) of one usage event."""
+    found: dict[str, Decimal] = {}
+    for token_class, names in _CLASS_PROPERTIES.items():
+        for name in names:
+            count = decimal_or_none(properties.get(name))
+            if count is not None:
+                found[token_class] = count
+                break
+    if found:
+        return found, sum(found.values(), Decimal(0))
+    named = _CLASS_NAMES.get(str(properties.get("token_class") or properties.get("token_type") or "").lower())
+    return ({named: quantity} if named else {}), quantity
+
+
+def project(fact: Fact, w: BatchWriter) -> None:
+    if fact.aggregate != "BillingAccount" or fact.name != "UsageDebited" or not fact.tenant:
+        return
+    cause = fact.cause
+    properties = cause.get("properties") if isinstance(cause.get("properties"), dict) else {}
+    model = first_text(properties.get("model"), cause.get("model"))
+    if not model:
+        return
+    quantity = decimal_or_none(cause.get("quantity")) or Decimal(0)
+    per_class, total = tokens_by_class(properties, quantity)
+    add: dict[str, Any] = {f"{c}_tokens": per_class[c] for c in TOKEN_CLASSES if c in per_class}
+    add.update(tokens=total, cost=int(fact.data["amount"]), events=1)
+    key = (fact.tenant, month_of(fact.occurred_at), model, first_text(properties.get("operation")),
+           first_text(cause.get("user"), properties.get("user")), str(fact.data["unit"]))
+    w.upsert(AI_USAGE, key, add=add, set={"last_position": fact.position})
+
+
+GROUPINGS = ("model", "operation", "user_id")
+
+
+async def summary(db: Database, *, tenant: str | None, period: str | None, year_prefix: str | None,
+                  group_by: tuple[str, ...], model: str | None = None, user: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """Rows summed over everything not in ``group_by`` (a subset of model, operation, user_id), plus unit."""
+    assert all(g in GROUPINGS for g in group_by)
+    where: list[str] = []
+    args: list[Any] = []
+    for sql, arg in (("tenant = ?", tenant), ("period = ?", period), ("period LIKE ?",
+                     year_prefix + "%" if year_prefix else None), ("model = ?", model), ("user_id = ?", user)):
+        if arg is not None:
+            args.append(arg)
+            where.append(sql.replace("?", f"${len(args)}"))
+    rows = await db.fetch(
+        f"SELECT {', '.join(group_by + ('unit',))}, input_tokens, output_tokens, cached_tokens, tokens, cost, events "
+        f"FROM ai_usage {'WHERE ' + ' AND '.join(where) if where else ''}", *args)
+    # Token counts are exact decimal text: summed here, not by the database.
+    totals: dict[tuple[str, ...], dict[str, Any]] = {}
+    for row in rows:
+        key = tuple(str(row[g]) for g in group_by + ("unit",))
+        acc = totals.setdefault(key, {**{g: row[g] for g in group_by + ("unit",)}, "input_tokens": Decimal(0),
+                                      "output_tokens": Decimal(0), "cached_tokens": Decimal(0),
+                                      "tokens": Decimal(0), "cost": 0, "events": 0})
+        for column in ("input_tokens", "output_tokens", "cached_tokens", "tokens"):
+            acc[column] += Decimal(row[column])
+        acc["cost"] += int(row["cost"])
+        acc["events"] += int(row["events"])
+    return [totals[k] for k in sorted(totals)]

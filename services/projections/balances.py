@@ -1,0 +1,177 @@
+"""Read model: balances per wallet and per grant, the chart of accounts per tenant, and account facts.
+
+* ``accounts``: one row per billing account (the tenant of every later event of that aggregate).
+* ``wallets``: per tenant and unit: ``balance`` (sum of wallet postings, credit-negative turned positive),
+  ``held`` (active holds), ``receivable`` (overage owed), low-balance threshold and last alert, freshness.
+  ``available = balance - held``.
+* ``grants``: one row per grant with its ``remaining`` credit (minus its wallet postings), status, expiry.
+* ``ledger_balances``: signed balance (debit positive) per tenant, ledger account and unit.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from billing_projections.facts import RECEIVABLES, Fact, account_sums, grant_deltas, utc_text, wallet_deltas
+from billing_projections.limits import EXPIRING_SOON_SECONDS
+from billing_projections.writer import INT_SUM, BatchWriter, Table, value
+from billing_runtime.db import Database
+
+ACCOUNTS = Table("accounts", {"account_id": "TEXT"}, {
+    "tenant": value("TEXT NOT NULL UNIQUE"), "currency": value("TEXT NOT NULL"),
+    "opened_at": value("TEXT NOT NULL"), "opened_by": value("TEXT"), "last_position": value("BIGINT NOT NULL"),
+})
+WALLETS = Table("wallets", {"tenant": "TEXT", "unit": "TEXT"}, {
+    "balance": INT_SUM, "held": INT_SUM, "receivable": INT_SUM,
+    "low_balance_threshold": value("BIGINT"), "low_balance_reached_at": value("TEXT"),
+    "low_balance_alerts": INT_SUM, "updated_at": value("TEXT"), "last_position": value("BIGINT"),
+})
+GRANTS = Table("grants", {"grant_id": "TEXT"}, {
+    "tenant": value("TEXT NOT NULL"), "unit": value("TEXT NOT NULL"), "source": value("TEXT NOT NULL"),
+    "amount": value("BIGINT NOT NULL"), "tax_amount": value("BIGINT NOT NULL"), "remaining": INT_SUM,
+    "refunded": INT_SUM, "breakage": INT_SUM, "priority": value("BIGINT NOT NULL"),
+    "effective_at": value("TEXT NOT NULL"), "expires_at": value("TEXT"), "scope": value("TEXT"),
+    "status": value("TEXT NOT NULL"), "granted_by": value("TEXT"), "cause": value("TEXT"),
+    "last_position": value("BIGINT"),
+}, indexes=("tenant, effective_at",))
+LEDGER_BALANCES = Table("ledger_balances", {"tenant": "TEXT", "ledger_account": "TEXT", "unit": "TEXT"}, {
+    "amount": INT_SUM, "last_position": value("BIGINT NOT NULL"),
+})
+TABLES = (ACCOUNTS, WALLETS, GRANTS, LEDGER_BALANCES)
+
+# Holds carry no postings (an authorisation is not a movement): the field whose amount leaves or joins ``held``.
+HOLD_DELTAS = {
+    "HoldPlaced": (1, "amount"),
+    "HoldCaptured": (-1, "held_amount"),
+    "HoldReleased": (-1, "amount"),
+    "HoldExpired": (-1, "amount"),
+}
+
+
+def project(fact: Fact, w: BatchWriter) -> None:
+    if fact.aggregate != "BillingAccount" or not fact.tenant:
+        return
+    data, tenant = fact.data, fact.tenant
+    fresh = {"updated_at": fact.recorded_at, "last_position": fact.position}
+    if fact.name == "Opened":
+        w.insert(ACCOUNTS, (fact.aggregate_id,), {
+            "tenant": tenant, "currency": data["currency"], "opened_at": fact.recorded_at,
+            "opened_by": data.get("opened_by"), "last_position": fact.position})
+        w.upsert(WALLETS, (tenant, data["currency"]),
+                 set={"low_balance_threshold": data.get("low_balance_threshold"), **fresh})
+        return
+    for (ledger_account, unit), amount in sorted(account_sums(fact).items()):
+        w.upsert(LEDGER_BALANCES, (tenant, ledger_account, unit), add={"amount": amount},
+                 set={"last_position": fact.position})
+    wallet_add: dict[str, dict[str, int]] = {}
+    for unit, delta in wallet_deltas(fact).items():
+        wallet_add.setdefault(unit, {})["balance"] = delta
+    for (ledger_account, unit), amount in account_sums(fact).items():
+        if ledger_account == RECEIVABLES:
+            wallet_add.setdefault(unit, {})["receivable"] = amount
+    hold = HOLD_DELTAS.get(fact.name)
+    if hold is not None:
+        wallet_add.setdefault(data["unit"], {})["held"] = hold[0] * int(data[hold[1]])
+    wallet_set: dict[str, dict[str, Any]] = {}
+    if fact.name == "LowBalanceThresholdSet":
+        wallet_set[data["unit"]] = {"low_balance_threshold": data.get("threshold")}
+    elif fact.name == "LowBalanceReached":
+        wallet_set[data["unit"]] = {"low_balance_reached_at": fact.occurred_at}
+        wallet_add.setdefault(data["unit"], {})["low_balance_alerts"] = 1
+    for unit in sorted(set(wallet_add) | set(wallet_set) | ({data["unit"]} if isinstance(data.get("unit"), str)
+                                                              else set())):
+        w.upsert(WALLETS, (tenant, unit), set={**wallet_set.get(unit, {}), **fresh}, add=wallet_add.get(unit))
+    _project_grants(fact, w)
+
+
+def _project_grants(fact: Fact, w: BatchWriter) -> None:
+    data, name = fact.data, fact.name
+    if name == "CreditGranted":
+        _insert_grant(fact, w, data, granted_at=data.get("effective_at") or fact.recorded_at)
+    elif name == "UsageDebited" and isinstance(data.get("credit_grant"), dict):
+        _insert_grant(fact, w, data["credit_grant"], granted_at=fact.occurred_at)
+    elif name == "BalanceAdjusted" and isinstance(data.get("grant"), dict):
+        _insert_grant(fact, w, data["grant"], granted_at=fact.occurred_at)
+    changes: dict[str, dict[str, dict[str, Any]]] = {}
+    for grant_id, delta in grant_deltas(fact).items():
+        changes.setdefault(grant_id, {"set": {}, "add": {}})["add"]["remaining"] = delta
+    grant_id = str(data.get("grant_id") or "")
+    if name == "GrantExpired":
+        change = changes.setdefault(grant_id, {"set": {}, "add": {}})
+        change["set"]["status"] = "expired"
+        change["add"]["breakage"] = int(data.get("remainder") or 0)
+    elif name == "GrantVoided":
+        changes.setdefault(grant_id, {"set": {}, "add": {}})["set"]["status"] = "voided"
+    elif name == "GrantRefunded":
+        changes.setdefault(grant_id, {"set": {}, "add": {}})["add"]["refunded"] = int(data["amount"])
+    for gid in sorted(changes):
+        w.upsert(GRANTS, (gid,), set={**changes[gid]["set"], "last_position": fact.position},
+                 add=changes[gid]["add"])
+
+
+def _insert_grant(fact: Fact, w: BatchWriter, grant: dict[str, Any], *, granted_at: str) -> None:
+    expires = grant.get("expires_at")
+    w.insert(GRANTS, (str(grant["grant_id"]),), {
+        "tenant": fact.tenant, "unit": grant["unit"], "source": grant.get("source") or "manual",
+        "amount": int(grant["amount"]), "tax_amount": int(grant.get("tax_amount") or 0),
+        "priority": int(grant.get("priority") or 0),
+        "effective_at": utc_text(grant.get("effective_at") or granted_at),
+        "expires_at": utc_text(expires) if expires else None,
+        "scope": json.dumps(grant["scope"]) if grant.get("scope") else None,
+        "status": "open", "granted_by": grant.get("granted_by") or fact.data.get("user"),
+        "cause": json.dumps(grant.get("cause") or {}, sort_keys=True, separators=(",", ":")),
+        "last_position": fact.position,
+    })
+
+
+# -- queries ---------------------------------------------------------------------------------------------
+
+
+async def account(db: Database, tenant: str) -> dict[str, Any] | None:
+    return await db.fetchrow("SELECT account_id, tenant, currency, opened_at, opened_by, last_position "
+                             "FROM accounts WHERE tenant = $1", tenant)
+
+
+async def accounts(db: Database) -> list[dict[str, Any]]:
+    return await db.fetch("SELECT tenant, currency, opened_at FROM accounts ORDER BY tenant")
+
+
+async def wallets(db: Database, tenant: str | None = None) -> list[dict[str, Any]]:
+    sql = ("SELECT tenant, unit, balance, held, receivable, low_balance_threshold, low_balance_reached_at, "
+           "low_balance_alerts, updated_at, last_position FROM wallets")
+    if tenant is None:
+        return await db.fetch(sql + " ORDER BY tenant, unit")
+    return await db.fetch(sql + " WHERE tenant = $1 ORDER BY unit", tenant)
+
+
+async def grants(db: Database, tenant: str, *, status: str | None = None, unit: str | None = None
+                 ) -> list[dict[str, Any]]:
+    where, args = ["tenant = $1"], [tenant]
+    for column, wanted in (("status", status), ("unit", unit)):
+        if wanted:
+            args.append(wanted)
+            where.append(f"{column} = ${len(args)}")
+    return await db.fetch(
+        "SELECT grant_id, unit, source, amount, tax_amount, remaining, refunded, breakage, priority, effective_at, "
+        f"expires_at, scope, status, granted_by, cause, last_position FROM grants WHERE {' AND '.join(where)} "
+        "ORDER BY effective_at, grant_id", *args)
+
+
+def expiring_soon(grant_rows: list[dict[str, Any]], now: datetime) -> dict[str, int]:
+    """Remaining credit per unit of open grants that expire within ``EXPIRING_SOON_SECONDS`` of ``now``."""
+    start, end = utc_text(now), utc_text(now + timedelta(seconds=EXPIRING_SOON_SECONDS))
+    found: dict[str, int] = {}
+    for g in grant_rows:
+        if g["status"] == "open" and g["expires_at"] and start < g["expires_at"] <= end and g["remaining"] > 0:
+            found[g["unit"]] = found.get(g["unit"], 0) + int(g["remaining"])
+    return found
+
+
+async def ledger_balances(db: Database, tenant: str | None = None) -> list[dict[str, Any]]:
+    if tenant is None:
+        return await db.fetch("SELECT ledger_account, unit, SUM(amount) AS amount FROM ledger_balances "
+                              "GROUP BY ledger_account, unit ORDER BY ledger_account, unit")
+    return await db.fetch("SELECT ledger_account, unit, amount FROM ledger_balances WHERE tenant = $1 "
+                          "ORDER BY ledger_account, unit", tenant)

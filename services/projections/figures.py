@@ -1,0 +1,81 @@
+"""Read model: billing dashboard figures per tenant, day (UTC, business time) and unit.
+
+* ``top_ups``: credit bought (purchase grants, net of tax); ``tax_collected``: tax on those purchases;
+  ``funds_in``: money taken in through the gateway (top-ups + tax + receivables settled + refund reversals);
+  ``settlements``: overage receivables paid.
+* ``promotional`` / ``plan_grants``: credit given by promotions and manual grants / by plan recurrences.
+* ``consumed``: credit consumed by usage and captured holds (give-backs negative); ``receivables``: the part
+  posted beyond credit (overage).
+* ``breakage``: unused credit lapsed at expiry; ``refunds``: money paid back (incl. tax), ``tax_refunded``;
+  ``adjustments``: net manual corrections.
+
+Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
+tenant (one Kafka partition) and concurrent projection instances never contend for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billing_projections.facts import Fact, day_of
+from billing_projections.writer import INT_SUM, BatchWriter, Table, value
+from billing_runtime.db import Database
+
+FIGURES = ("top_ups", "tax_collected", "funds_in", "settlements", "promotional", "plan_grants", "consumed",
+           "receivables", "breakage", "refunds", "tax_refunded", "adjustments")
+FIGURES_DAILY = Table("figures_daily", {"tenant": "TEXT", "day": "TEXT", "unit": "TEXT"}, {
+    **{name: INT_SUM for name in FIGURES}, "last_position": value("BIGINT"),
+}, indexes=("day, tenant",))
+TABLES = (FIGURES_DAILY,)
+
+
+def _figures(fact: Fact) -> dict[str, int]:
+    d, name = fact.data, fact.name
+    if name == "CreditGranted":
+        amount, tax, source = int(d["amount"]), int(d.get("tax_amount") or 0), d.get("source")
+        if source == "purchase":
+            return {"top_ups": amount, "tax_collected": tax, "funds_in": amount + tax}
+        if source == "refund_reversal":
+            return {"funds_in": amount}
+        if source == "plan_recurrence":
+            return {"plan_grants": amount}
+        return {"promotional": amount}
+    if name in ("UsageDebited", "HoldCaptured"):
+        return {"consumed": int(d["amount"]), "receivables": int(d.get("overage") or 0)}
+    if name == "GrantExpired":
+        return {"breakage": int(d.get("remainder") or 0)}
+    if name == "GrantRefunded":
+        tax = int(d.get("tax_amount") or 0)
+        return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax}
+    if name == "BalanceAdjusted":
+        return {"adjustments": int(d["amount"])}
+    if name == "ReceivableSettled":
+        return {"settlements": int(d["amount"]), "funds_in": int(d["amount"])}
+    return {}
+
+
+def project(fact: Fact, w: BatchWriter) -> None:
+    if fact.aggregate != "BillingAccount" or not fact.tenant:
+        return
+    figures = {k: v for k, v in _figures(fact).items() if v}
+    if figures:
+        w.upsert(FIGURES_DAILY, (fact.tenant, day_of(fact.occurred_at), str(fact.data["unit"])), add=figures,
+                 set={"last_position": fact.position})
+
+
+async def series(db: Database, *, tenant: str | None, granularity: str, since: str | None, until: str | None,
+                 unit: str | None = None) -> list[dict[str, Any]]:
+    """Figures per day (``YYYY-MM-DD``) or month (``YYYY-MM``) and unit; ``since`` inclusive, ``until`` exclusive."""
+    width = 10 if granularity == "day" else 7
+    where: list[str] = []
+    args: list[Any] = []
+    for sql, arg in (("tenant = ?", tenant), ("day >= ?", since), ("day < ?", until), ("unit = ?", unit)):
+        if arg is not None:
+            args.append(arg)
+            where.append(sql.replace("?", f"${len(args)}"))
+    sums = ", ".join(f"SUM({name}) AS {name}" for name in FIGURES)
+    rows = await db.fetch(
+        f"SELECT SUBSTR(day, 1, {width}) AS bucket, unit, {sums} FROM figures_daily "
+        f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY SUBSTR(day, 1, {width}), unit "
+        "ORDER BY bucket, unit", *args)
+    return [{"bucket": r["bucket"], "unit": r["unit"], **{n: int(r[n] or 0) for n in FIGURES}} for r in rows]

@@ -1,0 +1,142 @@
+"""Read model: transaction history, one row per movement event, in ledger order (its position).
+
+Every row says what happened (``type``), when (``occurred_at``: business time; ``recorded_at``), how much
+(``amount``: the movement as the tenant sees it, signed; ``wallet_delta`` and ``held_delta``: its exact
+effect on the wallet balance and on held credit, so the rows of a unit sum to ``balance`` and ``held``),
+why (``cause``: usage event ids, payment id, reason) and who (``user_id``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from billing_projections.facts import Fact, first_text, text_list, wallet_deltas
+from billing_projections.writer import BatchWriter, Table, value
+from billing_runtime.db import Database
+
+TRANSACTIONS = Table("transactions", {"position": "BIGINT"}, {
+    "tenant": value("TEXT NOT NULL"), "occurred_at": value("TEXT NOT NULL"), "recorded_at": value("TEXT NOT NULL"),
+    "type": value("TEXT NOT NULL"), "unit": value("TEXT NOT NULL"), "amount": value("BIGINT NOT NULL"),
+    "wallet_delta": value("BIGINT NOT NULL"), "held_delta": value("BIGINT NOT NULL"), "meter": value("TEXT"),
+    "quantity": value("TEXT"), "user_id": value("TEXT"), "grant_id": value("TEXT"), "hold_id": value("TEXT"),
+    "event_ids": value("TEXT"), "payment_id": value("TEXT"), "reference": value("TEXT"), "detail": value("TEXT"),
+    "cause": value("TEXT"),
+}, indexes=("tenant, position", "occurred_at"))
+TABLES = (TRANSACTIONS,)
+
+TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
+         "hold_captured", "hold_released", "hold_expired", "receivable_settled")
+
+_PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
+
+
+def _movement(fact: Fact) -> dict[str, Any] | None:
+    """type, amount (signed, the tenant's view), held_delta and the event's own references; None: not a movement."""
+    d, name = fact.data, fact.name
+    if name == "CreditGranted":
+        return {"type": "purchase" if d.get("source") == "purchase" else "grant", "amount": int(d["amount"]),
+                "grant_id": d.get("grant_id"), "user_id": d.get("granted_by"), "detail": d.get("source")}
+    if name == "UsageDebited":
+        return {"type": "usage", "amount": -int(d["amount"]), "reference": d.get("command_id"),
+                "detail": "give-back" if int(d["amount"]) < 0 else None}
+    if name == "UsageRejected":
+        return {"type": "usage_rejected", "amount": 0, "reference": d.get("command_id"), "detail": d.get("reason")}
+    if name == "GrantExpired":
+        return {"type": "expiry", "amount": -int(d.get("remainder") or 0), "grant_id": d.get("grant_id")}
+    if name == "GrantVoided":
+        return {"type": "void", "amount": -int(d.get("remainder") or 0), "grant_id": d.get("grant_id"),
+                "user_id": d.get("voided_by"), "detail": d.get("reason")}
+    if name == "GrantRefunded":
+        return {"type": "refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
+                "reference": d.get("refund_id"), "detail": "finance override" if d.get("finance_override") else None}
+    if name == "BalanceAdjusted":
+        return {"type": "adjustment", "amount": int(d["amount"]), "reference": d.get("adjustment_id"),
+                "user_id": d.get("user"), "detail": d.get("reason")}
+    if name == "HoldPlaced":
+        return {"type": "hold_placed", "amount": -int(d["amount"]), "held_delta": int(d["amount"]),
+                "hold_id": d.get("hold_id")}
+    if name == "HoldCaptured":
+        return {"type": "hold_captured", "amount": -int(d["amount"]), "held_delta": -int(d["held_amount"]),
+                "hold_id": d.get("hold_id")}
+    if name in ("HoldReleased", "HoldExpired"):
+        return {"type": "hold_released" if name == "HoldReleased" else "hold_expired", "amount": int(d["amount"]),
+                "held_delta": -int(d["amount"]), "hold_id": d.get("hold_id")}
+    if name == "ReceivableSettled":
+        return {"type": "receivable_settled", "amount": int(d["amount"]), "reference": d.get("settlement_id")}
+    return None
+
+
+def project(fact: Fact, w: BatchWriter) -> None:
+    if fact.aggregate != "BillingAccount" or not fact.tenant:
+        return
+    movement = _movement(fact)
+    if movement is None:
+        return
+    cause = fact.cause
+    properties = cause.get("properties") if isinstance(cause.get("properties"), dict) else {}
+    unit = str(fact.data.get("unit") or "")
+    user = first_text(movement.get("user_id"), cause.get("user"), properties.get("user"), cause.get("issued_by"),
+                      cause.get("requested_by"))
+    event_ids = text_list(cause.get("event_ids") or cause.get("event_id"))
+    w.insert(TRANSACTIONS, (fact.position,), {
+        "tenant": fact.tenant, "occurred_at": fact.occurred_at, "recorded_at": fact.recorded_at,
+        "type": movement["type"], "unit": unit, "amount": movement["amount"],
+        "wallet_delta": wallet_deltas(fact).get(unit, 0), "held_delta": movement.get("held_delta", 0),
+        "meter": fact.data.get("meter") or None, "quantity": _text_or_none(cause.get("quantity")),
+        "user_id": user or None, "grant_id": _text_or_none(movement.get("grant_id")),
+        "hold_id": _text_or_none(movement.get("hold_id")),
+        "event_ids": json.dumps(event_ids) if event_ids else None,
+        "payment_id": first_text(*(cause.get(k) for k in _PAYMENT_KEYS)) or None,
+        "reference": _text_or_none(movement.get("reference")), "detail": _text_or_none(movement.get("detail")),
+        "cause": json.dumps(cause, sort_keys=True, separators=(",", ":")) if cause else None,
+    })
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+# -- queries ---------------------------------------------------------------------------------------------
+
+COLUMNS = ("position", "tenant", "occurred_at", "recorded_at", "type", "unit", "amount", "wallet_delta",
+           "held_delta", "meter", "quantity", "user_id", "grant_id", "hold_id", "event_ids", "payment_id",
+           "reference", "detail", "cause")
+
+
+async def page(db: Database, *, tenant: str | None, types: Sequence[str] = (), since: str | None = None,
+               until: str | None = None, meter: str | None = None, user: str | None = None,
+               unit: str | None = None, before_position: int | None = None, limit: int) -> list[dict[str, Any]]:
+    """Newest first; ``since`` inclusive, ``until`` exclusive (stored time text); keyset on position."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def add(sql: str, arg: Any) -> None:
+        args.append(arg)
+        where.append(sql.replace("?", f"${len(args)}"))
+
+    if tenant is not None:
+        add("tenant = ?", tenant)
+    if types:
+        placeholders = []
+        for t in types:
+            args.append(t)
+            placeholders.append(f"${len(args)}")
+        where.append(f"type IN ({', '.join(placeholders)})")
+    if since:
+        add("occurred_at >= ?", since)
+    if until:
+        add("occurred_at < ?", until)
+    if meter:
+        add("meter = ?", meter)
+    if user:
+        add("user_id = ?", user)
+    if unit:
+        add("unit = ?", unit)
+    if before_position is not None:
+        add("position < ?", before_position)
+    args.append(limit)
+    sql = (f"SELECT {', '.join(COLUMNS)} FROM transactions {'WHERE ' + ' AND '.join(where) if where else ''} "
+           f"ORDER BY position DESC LIMIT ${len(args)}")
+    return await db.fetch(sql, *args)

@@ -1,0 +1,78 @@
+"""Read model: monthly usage summaries per tenant (organisation), month and meter (usage type).
+
+A usage debit adds its metered quantity (from the rating decision in its ``cause``) and its cost (the
+debit's amount; give-backs are negative) to the month of its usage time (UTC). A captured hold is
+consumption too: its cost is added under its meter (``holds`` when it had none), with no quantity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billing_projections.facts import Fact, decimal_or_none, month_of
+from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
+from billing_runtime.db import Database
+
+USAGE_MONTHLY = Table("usage_monthly", {"tenant": "TEXT", "period": "TEXT", "meter": "TEXT", "unit": "TEXT"}, {
+    "quantity": DEC_SUM, "cost": INT_SUM, "events": INT_SUM, "last_position": value("BIGINT"),
+}, indexes=("period, tenant",))
+TABLES = (USAGE_MONTHLY,)
+
+HOLD_METER = "holds"
+
+
+def project(fact: Fact, w: BatchWriter) -> None:
+    if fact.aggregate != "BillingAccount" or not fact.tenant:
+        return
+    if fact.name == "UsageDebited":
+        quantity = decimal_or_none(fact.cause.get("quantity")) or 0
+        meter = str(fact.data["meter"])
+    elif fact.name == "HoldCaptured":
+        quantity, meter = 0, str(fact.data.get("meter") or HOLD_METER)
+    else:
+        return
+    w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at), meter, str(fact.data["unit"])),
+             add={"quantity": quantity, "cost": int(fact.data["amount"]), "events": 1},
+             set={"last_position": fact.position})
+
+
+def period(year: int | None, month: int | None) -> tuple[str | None, str | None]:
+    """(exact period, year prefix) for filters: 2026 + 11 -> ("2026-11", None); 2026 alone -> (None, "2026-")."""
+    if year is not None and month is not None:
+        return f"{year:04d}-{month:02d}", None
+    if year is not None:
+        return None, f"{year:04d}-"
+    return None, None
+
+
+async def summaries(db: Database, *, tenant: str | None, year: int | None, month: int | None,
+                    meter: str | None, offset: int, limit: int) -> list[dict[str, Any]]:
+    where, args = _filters(tenant, year, month, meter)
+    args += [limit, offset]
+    return await db.fetch(
+        "SELECT tenant, period, meter, unit, quantity, cost, events FROM usage_monthly "
+        f"{where} ORDER BY period DESC, tenant, meter, unit LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+
+
+async def chargeback(db: Database, *, year: int, month: int, tenant: str | None = None) -> list[dict[str, Any]]:
+    """Per tenant and unit: the month's cost and events, summed over meters (for internal chargebacks)."""
+    where, args = _filters(tenant, year, month, None)
+    return await db.fetch(
+        f"SELECT tenant, unit, SUM(cost) AS cost, SUM(events) AS events, COUNT(*) AS meters FROM usage_monthly "
+        f"{where} GROUP BY tenant, unit ORDER BY tenant, unit", *args)
+
+
+def _filters(tenant: str | None, year: int | None, month: int | None, meter: str | None
+             ) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    exact, prefix = period(year, month)
+    for sql, arg in (("tenant = ?", tenant), ("period = ?", exact), ("period LIKE ?", prefix + "%" if prefix else None),
+                     ("meter = ?", meter)):
+        if arg is not None:
+            args.append(arg)
+            where.append(sql.replace("?", f"${len(args)}"))
+    if month is not None and year is None:
+        args.append(f"%-{month:02d}")
+        where.append(f"period LIKE ${len(args)}")
+    return ("WHERE " + " AND ".join(where)) if where else "", args
