@@ -41,7 +41,7 @@ def build_router(service: IngestService) -> APIRouter:
                           kind="payload-too-large")
         try:
             data = loads_exact(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise Problem(400, "Invalid JSON", f"The body is not valid JSON: {str(exc)[:120]}",
                           kind="invalid-json") from exc
         if isinstance(data, dict) and "events" in data:

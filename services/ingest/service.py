@@ -85,7 +85,7 @@ class IngestService:
 
     # -- usage -------------------------------------------------------------------------------------------
 
-    async def process(self, items: Sequence[tuple[bytes | dict, str]]) -> list[Outcome]:
+    async def process(self, items: Sequence[tuple[bytes | object, str]]) -> list[Outcome]:
         """Validates, deduplicates and publishes a batch of raw events; ``items`` are (payload, source).
 
         Every item ends accepted, duplicate or rejected (with a dead letter). The dedup rows of the batch and
@@ -142,7 +142,7 @@ class IngestService:
                 REJECTIONS.labels(outcome.reason).inc()
         return final
 
-    def _rejection(self, invalid: Invalid, payload: bytes | dict, source: str, now: datetime) -> OutMessage:
+    def _rejection(self, invalid: Invalid, payload: bytes | object, source: str, now: datetime) -> OutMessage:
         if isinstance(payload, bytes):
             text = payload.decode("utf-8", errors="replace")
         else:

@@ -50,9 +50,10 @@ def _reason_for(error: ValidationError) -> tuple[RejectReason, str]:
     return RejectReason.SCHEMA_INVALID, f"{field}: {message}"
 
 
-def parse_raw(raw: bytes | str | dict) -> UsageEvent | Invalid:
-    """Raw bytes (or an already decoded JSON object) -> UsageEvent, never through a binary float."""
-    if isinstance(raw, (bytes, str)):
+def parse_raw(raw: bytes | object) -> UsageEvent | Invalid:
+    """Raw bytes (a Kafka record) or an already decoded JSON value (one item of an HTTP body) -> UsageEvent,
+    never through a binary float. A decoded value that is not an object is refused, even a string of JSON."""
+    if isinstance(raw, (bytes, bytearray)):
         if len(raw) > RAW_EVENT_BYTES_MAX:
             return Invalid(RejectReason.PAYLOAD_TOO_LARGE, f"event larger than {RAW_EVENT_BYTES_MAX} bytes")
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlparse
@@ -48,6 +48,7 @@ def persistence_env(database_url: str | None, data_dir: str, schema: str = "bill
             "POSTGRES_USER": url.username or "billing",
             "POSTGRES_PASSWORD": url.password or "",
             "POSTGRES_SCHEMA": schema,
+            "PROCESS_RECORDER_TOPIC": "billing_ledger.pg_recorder:BinaryArrayProcessRecorder",
             "POSTGRES_POOL_SIZE": "4",
             "POSTGRES_MAX_OVERFLOW": "4",
             "POSTGRES_LOCK_TIMEOUT": "10",
@@ -104,7 +105,8 @@ class _Batch:
         self.app = app
         self.processing = ProcessingEvent[UUID](tracking=tracking)
         self.loaded: dict[UUID, Aggregate | None] = {}
-        self.receipts: set[UUID] = set()
+        self.receipts: set[UUID] = set()  # receipts recorded by this batch
+        self.now = datetime.now(UTC)  # when this batch's receipts were recorded
         # Pending-event counts of the aggregates the current command touched, when it first touched them.
         self.touched: dict[UUID, int] = {}
 
@@ -131,7 +133,8 @@ class _Batch:
 
     def collect(self) -> None:
         # ProcessingEvent.collect_events() checks every object against a runtime Protocol, which costs more
-        # than the rest of a usage debit; these are all aggregates, so collect directly.
+        # than the rest of a usage debit; these are all aggregates, so collect directly (after the receipts,
+        # which are already events).
         for aggregate in self.loaded.values():
             if aggregate is not None and aggregate.pending_events:
                 self.processing.events.extend(aggregate.collect_events())
@@ -248,8 +251,9 @@ class LedgerApplication(Application[UUID]):
                 log.warning("command_invalid", kind=command.kind, tenant=command.tenant, error=repr(exc))
         if outcome == "rejected" and not record_rejections:
             return CommandResult(command.command_id, outcome, reason, detail=detail)
-        batch.add(CommandReceipt(command_id=command.command_id, kind=command.kind, tenant=command.tenant,
-                                 outcome=outcome, reason=reason, issued_by=command.issued_by))
+        batch.processing.events.append(CommandReceipt.recorded(
+            command_id=command.command_id, kind=command.kind, tenant=command.tenant, outcome=outcome,
+            reason=reason, issued_by=command.issued_by, at=batch.now))
         batch.receipts.add(command.command_id)
         return CommandResult(command.command_id, outcome, reason, value, detail=detail)
 

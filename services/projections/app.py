@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from billing_events import topics
-from billing_projections.http import build_router
+from billing_projections.http import build_routers
 from billing_projections.service import ProjectionService
 from billing_runtime.bus import Bus
 from billing_runtime.db import open_database
@@ -17,8 +17,8 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
     await service.setup()
     return ServiceParts(
         name="projections",
-        routers=[build_router(service)],
-        consumers=[ConsumerSpec(settings.group("billing-projections"), [topics.LEDGER_EVENTS], service.handle_ledger_events,
-                                service.start_positions)],
+        routers=build_routers(db),
+        consumers=[ConsumerSpec(settings.group("billing-projections"), [topics.LEDGER_EVENTS],
+                                service.handle_ledger_events, service.start_positions)],
         close=db.close,
     )

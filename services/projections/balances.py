@@ -35,7 +35,7 @@ GRANTS = Table("grants", {"grant_id": "TEXT"}, {
     "effective_at": value("TEXT NOT NULL"), "expires_at": value("TEXT"), "scope": value("TEXT"),
     "status": value("TEXT NOT NULL"), "granted_by": value("TEXT"), "cause": value("TEXT"),
     "last_position": value("BIGINT"),
-}, indexes=("tenant, effective_at",))
+}, indexes=("tenant, expires_at",))
 LEDGER_BALANCES = Table("ledger_balances", {"tenant": "TEXT", "ledger_account": "TEXT", "unit": "TEXT"}, {
     "amount": INT_SUM, "last_position": value("BIGINT NOT NULL"),
 })
@@ -157,6 +157,20 @@ async def grants(db: Database, tenant: str, *, status: str | None = None, unit: 
         "SELECT grant_id, unit, source, amount, tax_amount, remaining, refunded, breakage, priority, effective_at, "
         f"expires_at, scope, status, granted_by, cause, last_position FROM grants WHERE {' AND '.join(where)} "
         "ORDER BY effective_at, grant_id", *args)
+
+
+async def expiring(db: Database, now: datetime, tenant: str | None = None) -> dict[tuple[str, str], int]:
+    """Remaining credit per (tenant, unit) of open grants that expire within ``EXPIRING_SOON_SECONDS``."""
+    start, end = utc_text(now), utc_text(now + timedelta(seconds=EXPIRING_SOON_SECONDS))
+    args: list[Any] = [start, end]
+    where = ""
+    if tenant is not None:
+        args.append(tenant)
+        where = " AND tenant = $3"
+    rows = await db.fetch(
+        "SELECT tenant, unit, SUM(remaining) AS remaining FROM grants WHERE status = 'open' AND expires_at > $1 "
+        f"AND expires_at <= $2 AND remaining > 0{where} GROUP BY tenant, unit", *args)
+    return {(r["tenant"], r["unit"]): int(r["remaining"]) for r in rows}
 
 
 def expiring_soon(grant_rows: list[dict[str, Any]], now: datetime) -> dict[str, int]:

@@ -15,5 +15,3 @@ LOOKUP_KEYS_MAX = 500
 # `billing projections rebuild`: records per replay transaction, and how long to wait for Kafka metadata.
 REBUILD_BATCH_RECORDS_MAX = 5_000
 REBUILD_METADATA_TIMEOUT_SECONDS = 30.0
-# Dashboard: days shown in the consumption chart when no month is selected.
-CHART_DAYS_DEFAULT = 30

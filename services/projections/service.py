@@ -1,43 +1,48 @@
-"""Projections: build read models from ``billing.ledger.events``; the query API reads only these."""
+"""Projections: build the read models from ``billing.ledger.events``; the query API reads only these.
+
+Exactly once: a partition's batch is ONE transaction holding its rows and its position (next Kafka offset
+and last ledger position). A record below the stored offset was applied by an earlier transaction; an
+event at or below the stored ledger position was re-relayed by the ledger after a crash. Both are skipped,
+so replays and restarts change nothing. The positions row is locked first, so two instances that briefly
+both hold a partition (a rebalance) apply its batch once.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import ValidationError
-
 from billing_events.messages import LedgerEvent
+from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly
+from billing_projections.facts import Fact, utc_text
+from billing_projections.limits import LOOKUP_KEYS_MAX
+from billing_projections.store import ensure_schema, reset
+from billing_projections.writer import BatchWriter
 from billing_runtime.bus import Record
 from billing_runtime.db import Connection, Database
 from billing_runtime.logging import get_logger
-from billing_projections.store import SCHEMA, TABLES
+from prometheus_client import Counter
+from pydantic import ValidationError
 
 log = get_logger(__name__)
 
-WALLET = "tenant_wallet"
-RECEIVABLES = "receivables"
+# Each read model: one module with a pure ``project(fact, writer)``.
+PROJECTIONS = (balances, history, usage_monthly, ai_usage, figures, catalog)
+ACCOUNT_CACHE_ENTRIES_MAX = 100_000
 
-
-# Holds carry no postings (an authorisation is not a movement): (sign, field) per hold event.
-_HOLD_DELTAS = {
-    "BillingAccount.HoldPlaced": (1, "amount"),
-    "BillingAccount.HoldCaptured": (-1, "held_amount"),
-    "BillingAccount.HoldReleased": (-1, "amount"),
-    "BillingAccount.HoldExpired": (-1, "amount"),
-}
+EVENTS_APPLIED = Counter("projections_events_applied_total", "Ledger events applied to the read models")
+EVENTS_SKIPPED = Counter("projections_events_skipped_total", "Ledger records skipped", ["reason"])
 
 
 class ProjectionService:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._tenants: dict[str, str] = {}  # account id -> tenant (immutable once opened)
 
     async def setup(self) -> None:
-        await self.db.executescript(SCHEMA)  # type: ignore[attr-defined]
+        if await ensure_schema(self.db):
+            log.info("projection_schema_created")
 
     async def drop(self) -> None:
-        for table in TABLES:
-            await self.db.execute(f"DROP TABLE IF EXISTS {table}")
-        await self.setup()
+        self._tenants.clear()
+        await reset(self.db)
 
     async def start_positions(self, topic: str, partitions: list[int]) -> dict[int, int]:
         rows = await self.db.fetch("SELECT partition, next_offset FROM positions WHERE topic = $1", topic)
@@ -48,77 +53,81 @@ class ProjectionService:
     async def handle_ledger_events(self, records: list[Record]) -> None:
         first = records[0]
         async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO positions (topic, partition, next_offset, last_position) VALUES ($1, $2, 0, 0) "
+                "ON CONFLICT (topic, partition) DO NOTHING", first.topic, first.partition)
+            lock = " FOR UPDATE" if self.db.dialect == "postgres" else ""
             row = await conn.fetchrow("SELECT next_offset, last_position FROM positions WHERE topic = $1 "
-                                      "AND partition = $2", first.topic, first.partition)
-            next_offset = int(row["next_offset"]) if row else 0
-            last_position = int(row["last_position"]) if row else 0
+                                      f"AND partition = $2{lock}", first.topic, first.partition)
+            assert row is not None
+            next_offset, last_position = int(row["next_offset"]), int(row["last_position"])
+            events: list[LedgerEvent] = []
             for record in records:
                 if record.offset < next_offset:
+                    EVENTS_SKIPPED.labels("applied_offset").inc()
                     continue
                 try:
                     event = LedgerEvent.model_validate_json(record.value)
                 except ValidationError as exc:
+                    EVENTS_SKIPPED.labels("malformed").inc()
                     log.error("malformed_ledger_event", offset=record.offset, error=str(exc)[:300])
                     continue
                 if event.position <= last_position:
-                    continue  # re-relayed by the ledger after a crash: already applied
-                await self._apply(conn, event)
+                    EVENTS_SKIPPED.labels("re_relayed").inc()
+                    continue
+                events.append(event)
                 last_position = event.position
+            if records[-1].offset + 1 <= next_offset:
+                return  # the whole batch was applied before: nothing to write
+            writer = BatchWriter()
+            for fact in await self._facts(conn, events):
+                for projection in PROJECTIONS:
+                    projection.project(fact, writer)
+            await writer.flush(conn)
             await conn.execute(
-                "INSERT INTO positions (topic, partition, next_offset, last_position) VALUES ($1, $2, $3, $4) "
-                "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset, "
-                "last_position = excluded.last_position",
+                "UPDATE positions SET next_offset = $3, last_position = $4 WHERE topic = $1 AND partition = $2",
                 first.topic, first.partition, records[-1].offset + 1, last_position)
+        EVENTS_APPLIED.inc(len(events))
 
-    async def _apply(self, conn: Connection, event: LedgerEvent) -> None:
-        data = event.data
-        if event.type.startswith("BillingAccount.") and "tenant" in data and "currency" in data:
-            await conn.execute(
-                "INSERT INTO accounts (account_id, tenant, currency, opened_at) VALUES ($1, $2, $3, $4) "
-                "ON CONFLICT (account_id) DO NOTHING",
-                str(event.aggregate_id), data["tenant"], data["currency"], event.recorded_at.isoformat())
-        hold_delta = _HOLD_DELTAS.get(event.type)
-        if hold_delta is not None:
-            tenant = await self._tenant(conn, event)
-            amount = -int(data[hold_delta[1]]) if hold_delta[0] < 0 else int(data[hold_delta[1]])
-            await conn.execute(
-                "INSERT INTO wallet_holds (tenant, unit, held) VALUES ($1, $2, $3) ON CONFLICT (tenant, unit) "
-                "DO UPDATE SET held = wallet_holds.held + excluded.held", tenant, data["unit"], amount)
-        postings = data.get("postings")
-        if event.type.startswith("BillingAccount.") and postings:
-            tenant = await self._tenant(conn, event)
-            for posting in postings:
-                await conn.execute(
-                    "INSERT INTO ledger_balances (tenant, ledger_account, unit, amount, last_position) "
-                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, ledger_account, unit) DO UPDATE "
-                    "SET amount = ledger_balances.amount + excluded.amount, last_position = excluded.last_position",
-                    tenant, posting["account"], posting["unit"], int(posting["amount"]), event.position)
+    async def _facts(self, conn: Connection, events: list[LedgerEvent]) -> list[Fact]:
+        """Resolves each account event's tenant: from its Opened event, this batch, the cache or the table."""
+        opened: dict[str, str] = {}
+        wanted: set[str] = set()
+        for event in events:
+            aggregate_id = str(event.aggregate_id)
+            if not event.type.startswith("BillingAccount."):
+                continue
+            if event.type == "BillingAccount.Opened":
+                opened[aggregate_id] = str(event.data["tenant"])
+            elif aggregate_id not in opened and aggregate_id not in self._tenants:
+                wanted.add(aggregate_id)
+        if wanted:
+            ids = sorted(wanted)
+            for start in range(0, len(ids), LOOKUP_KEYS_MAX):
+                chunk = ids[start:start + LOOKUP_KEYS_MAX]
+                placeholders = ", ".join(f"${i + 1}" for i in range(len(chunk)))
+                for r in await conn.fetch(
+                        f"SELECT account_id, tenant FROM accounts WHERE account_id IN ({placeholders})", *chunk):
+                    self._remember(r["account_id"], r["tenant"])
+        facts: list[Fact] = []
+        for event in events:
+            aggregate_id = str(event.aggregate_id)
+            tenant = ""
+            if event.type.startswith("BillingAccount."):
+                if event.type == "BillingAccount.Opened":
+                    self._remember(aggregate_id, str(event.data["tenant"]))
+                tenant = self._tenants.get(aggregate_id, "")
+                if not tenant:
+                    # The account's Opened event precedes it in the same partition; missing means data loss
+                    # upstream (e.g. topic retention). Logged loudly; the rest of the partition goes on.
+                    EVENTS_SKIPPED.labels("unknown_account").inc()
+                    log.error("event_for_unknown_account", position=event.position, type=event.type)
+                    continue
+            facts.append(Fact(position=event.position, aggregate_id=aggregate_id, type=event.type,
+                              recorded_at=utc_text(event.recorded_at), data=event.data, tenant=tenant))
+        return facts
 
-    async def _tenant(self, conn: Connection, event: LedgerEvent) -> str:
-        tenant = await conn.fetchval("SELECT tenant FROM accounts WHERE account_id = $1", str(event.aggregate_id))
-        if tenant is None:
-            raise RuntimeError(f"event {event.position} for an account the projection has not seen opened")
-        return str(tenant)
-
-    # -- queries -----------------------------------------------------------------------------------------
-
-    async def balance(self, tenant: str) -> dict[str, Any] | None:
-        account = await self.db.fetchrow("SELECT currency FROM accounts WHERE tenant = $1", tenant)
-        if account is None:
-            return None
-        rows = await self.db.fetch(
-            "SELECT ledger_account, unit, amount, last_position FROM ledger_balances WHERE tenant = $1 "
-            "AND ledger_account IN ($2, $3)", tenant, WALLET, RECEIVABLES)
-        holds = {r["unit"]: int(r["held"]) for r in await self.db.fetch(
-            "SELECT unit, held FROM wallet_holds WHERE tenant = $1", tenant)}
-        wallets: dict[str, dict[str, int]] = {}
-        position = 0
-        for r in rows:
-            w = wallets.setdefault(r["unit"], {"balance": 0, "receivable": 0})
-            if r["ledger_account"] == WALLET:
-                w["balance"] += -int(r["amount"])  # the wallet is a liability: credit-negative
-            else:
-                w["receivable"] += int(r["amount"])
-            position = max(position, int(r["last_position"]))
-        return {"tenant": tenant, "currency": account["currency"], "wallets": wallets, "holds": holds,
-                "position": position}
+    def _remember(self, account_id: str, tenant: str) -> None:
+        if len(self._tenants) >= ACCOUNT_CACHE_ENTRIES_MAX:
+            self._tenants.clear()
+        self._tenants[account_id] = tenant

@@ -1,23 +1,63 @@
-"""Read-model tables and the exactly-once apply loop shared by every projection.
+"""The projections schema: every read-model table, the positions table, and the schema version.
 
-Every table is rebuilt from ``billing.ledger.events`` alone. A batch's rows and its position (Kafka offset
-and ledger position) are written in ONE transaction; a record at or below the stored position is skipped,
-so replaying a partition twice, or an event re-relayed by the ledger, changes nothing.
+Read models are disposable: they are rebuilt from ``billing.ledger.events`` alone. When the code's
+``SCHEMA_VERSION`` differs from the stored one, every table is dropped and recreated and the positions
+start again at 0, so the service replays the topic into the new shape by itself.
 """
 
 from __future__ import annotations
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS positions (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL, last_position BIGINT NOT NULL,
-    PRIMARY KEY (topic, partition));
-CREATE TABLE IF NOT EXISTS accounts (
-    account_id TEXT PRIMARY KEY, tenant TEXT NOT NULL UNIQUE, currency TEXT NOT NULL, opened_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ledger_balances (
-    tenant TEXT NOT NULL, ledger_account TEXT NOT NULL, unit TEXT NOT NULL, amount BIGINT NOT NULL,
-    last_position BIGINT NOT NULL, PRIMARY KEY (tenant, ledger_account, unit));
-CREATE TABLE IF NOT EXISTS wallet_holds (
-    tenant TEXT NOT NULL, unit TEXT NOT NULL, held BIGINT NOT NULL, PRIMARY KEY (tenant, unit));
-"""
+from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly
+from billing_projections.writer import Table, value
+from billing_runtime.db import Connection, Database
 
-TABLES = ("positions", "accounts", "ledger_balances", "wallet_holds")
+SCHEMA_VERSION = "2"
+
+POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
+    "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),
+})
+META = Table("projection_meta", {"name": "TEXT"}, {"value": value("TEXT NOT NULL")})
+
+# Every read model's tables; the order is the order of creation (and of comparison in the rebuild test).
+READ_MODEL_TABLES: tuple[Table, ...] = (
+    *balances.TABLES, *history.TABLES, *usage_monthly.TABLES, *ai_usage.TABLES, *figures.TABLES, *catalog.TABLES,
+)
+ALL_TABLES: tuple[Table, ...] = (POSITIONS, *READ_MODEL_TABLES)
+# Tables of earlier schema versions, dropped on upgrade.
+_LEGACY_TABLES = ("wallet_holds",)
+
+
+async def ensure_schema(db: Database) -> bool:
+    """Creates the tables; drops them first when the stored schema version differs. True if it dropped."""
+    async with db.transaction() as conn:
+        if db.dialect == "postgres":
+            # Several instances starting together: one migrates, the others wait and find it done.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()))")
+        for statement in META.ddl():
+            await conn.execute(statement)
+        stored = await conn.fetchval("SELECT value FROM projection_meta WHERE name = 'schema_version'")
+        dropped = False
+        if stored != SCHEMA_VERSION:
+            await _drop(conn)
+            dropped = True
+        for table in ALL_TABLES:
+            for statement in table.ddl():
+                await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO projection_meta (name, value) VALUES ('schema_version', $1) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value", SCHEMA_VERSION)
+    return dropped
+
+
+async def reset(db: Database) -> None:
+    """Drops every projection table and creates them empty (``billing projections rebuild``)."""
+    async with db.transaction() as conn:
+        if db.dialect == "postgres":
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()))")
+        await _drop(conn)
+    await ensure_schema(db)
+
+
+async def _drop(conn: Connection) -> None:
+    for name in (*(t.name for t in ALL_TABLES), *_LEGACY_TABLES):
+        await conn.execute(f"DROP TABLE IF EXISTS {name}")

@@ -15,13 +15,13 @@ A decimal table's key columns must all be TEXT, so the read-back can use ``(k1, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from decimal import Decimal
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
-from billing_runtime.db import Connection
 from billing_projections.limits import LOOKUP_KEYS_MAX
+from billing_runtime.db import Connection
 
 
 class Kind(Enum):

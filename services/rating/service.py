@@ -23,7 +23,7 @@ from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError
-from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, incremental_charge
+from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_runtime.bus import Bus, OutMessage, Record
 from billing_runtime.db import Connection, Database
 from billing_runtime.logging import get_logger
@@ -102,45 +102,51 @@ class RatingService:
             log.info("catalog_loaded", version=self.catalog.version, meters=len(self.catalog.meters))
 
     async def handle_accepted(self, records: list[Record]) -> None:
+        """One batch, one transaction: a few set-wise reads, decisions in memory, then bulk writes."""
+        usages: list[AcceptedUsage] = []
+        for record in records:
+            try:
+                usages.append(AcceptedUsage.model_validate_json(record.value))
+            except ValidationError as exc:
+                log.error("malformed_accepted_usage", offset=record.offset, error=str(exc)[:300])
+        if not usages:
+            return
         outputs: list[OutMessage] = []
         async with self.db.transaction() as conn:
-            for record in records:
-                try:
-                    usage = AcceptedUsage.model_validate_json(record.value)
-                except ValidationError as exc:
-                    log.error("malformed_accepted_usage", offset=record.offset, error=str(exc)[:300])
-                    continue
-                account = str(usage.account_id)
-                stored = await conn.fetchrow(
-                    "SELECT output_topic, output FROM rated_events WHERE account_id = $1 AND event_id = $2",
-                    account, usage.event.id)
-                if stored is not None:
-                    if stored["output"]:
-                        outputs.append(OutMessage(stored["output_topic"], account, stored["output"].encode()))
+            batch = await _BatchState.load(conn, usages)
+            for usage in usages:
+                key = (str(usage.account_id), usage.event.id)
+                if key in batch.decided:
+                    stored = batch.decided[key]
+                    if stored is not None:
+                        outputs.append(stored)
                     continue
                 if usage.catalog_version > self.catalog.version:
                     raise CatalogBehind(f"event needs catalogue v{usage.catalog_version}, "
                                         f"rating has v{self.catalog.version}")
-                outputs.extend(await self._rate(conn, usage))
+                output = self._rate(batch, usage)
+                batch.decided[key] = output
+                if output is not None:
+                    outputs.append(output)
+            await batch.save(conn)
         await self.bus.publish(outputs)
 
-    async def _total(self, conn: Connection, account: str, key: str, period: str) -> Decimal:
-        value = await conn.fetchval(
-            "SELECT quantity FROM period_totals WHERE account_id = $1 AND meter = $2 AND period = $3",
-            account, key, period)
-        return Decimal(value) if value is not None else Decimal(0)
-
-    async def _set_total(self, conn: Connection, account: str, key: str, period: str, quantity: Decimal) -> None:
-        await conn.execute(
-            "INSERT INTO period_totals (account_id, meter, period, quantity) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
-            account, key, period, str(quantity))
-
-    async def _rate(self, conn: Connection, usage: AcceptedUsage) -> list[OutMessage]:
+    def _rate(self, batch: _BatchState, usage: AcceptedUsage) -> OutMessage | None:
         event = usage.event
         account = str(usage.account_id)
         period = period_of(event.timestamp)
         meter = self.catalog.meters.get(event.meter)
+        decision_prefix = ""
+        if (account, period) in batch.closed:
+            # The event's period is already invoiced: the meter's late policy decides (default next_period).
+            policy = meter.definition.late_policy if meter is not None else "reject"
+            if policy == "reject":
+                rejection = self._rejection(usage, RejectReason.PERIOD_CLOSED, f"period {period} is closed")
+                batch.record(usage, self.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
+                             "period_closed", rejection)
+                return rejection
+            period = period_of(utcnow())  # billed in the open period; the event keeps its own timestamp
+            decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
         unit: str | None = None
@@ -149,20 +155,6 @@ class RatingService:
         group = ""
         value: str | None = None
         inputs: dict[str, Any] = {}
-        late = await conn.fetchval("SELECT closed_at FROM closed_periods WHERE period = $1 AND account_id = $2",
-                                   period, account)
-        if late is not None:
-            # The event's period is already invoiced: the meter's late policy decides (default next_period).
-            policy = meter.definition.late_policy if meter is not None else "reject"
-            if policy == "reject":
-                output = self._rejection(usage, RejectReason.PERIOD_CLOSED, f"period {period} is closed")
-                await self._record(conn, usage, period, "", None, Decimal(0), Decimal(0), 0, None, "period_closed",
-                                   output)
-                return [output]
-            period = period_of(utcnow())  # billed in the open period; the event keeps its own timestamp
-            decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
-        else:
-            decision_prefix = ""
         if meter is None or meter.error:
             decision = "no_price"
             detail = meter.error if meter else f"meter {event.meter!r} is not in catalogue v{self.catalog.version}"
@@ -179,44 +171,38 @@ class RatingService:
                 decision = "deferred_to_close"
             elif meter.ai_table is not None:
                 try:
-                    amount, unit, before, after, inputs = await self._rate_ai(conn, account, key, period, usage,
-                                                                               meter)
+                    amount, unit, before, after, inputs = self._rate_ai(batch, account, key, period, usage, meter)
                 except PriceSpecError as exc:
                     decision = "no_price"
                     output = self._rejection(usage, RejectReason.NO_PRICE, str(exc))
             else:
                 assert meter.spec is not None
-                before = await self._total(conn, account, key, period)
+                before = batch.total(account, key, period)
                 after = RATING_CONTEXT.add(before, contribution(definition, event.quantity))
-                await self._set_total(conn, account, key, period, after)
+                batch.set_total(account, key, period, after)
                 unit = meter.spec.unit
-                amount = incremental_charge(meter.spec, before, after, definition.included)
+                # The charge is period_charge(after) - period_charge(before); the batch remembers the last
+                # period_charge per key so each event prices one cumulative quantity, not two.
+                charged_before = batch.charged.get((account, key, period))
+                if charged_before is None or charged_before[0] != before:
+                    charged_before = (before, period_charge(meter.spec, before, definition.included))
+                charged_after = period_charge(meter.spec, after, definition.included)
+                batch.charged[(account, key, period)] = (after, charged_after)
+                amount = charged_after - charged_before[1]
                 inputs = {"price": definition.price, "included": str(definition.included)}
             if amount != 0 and unit is not None and output is None:
                 if decision_prefix:
-                    inputs = {**inputs, "late": decision_prefix.rstrip(":"), "original_period": period_of(
-                        event.timestamp)}
+                    inputs = {**inputs, "late": decision_prefix.rstrip(":"),
+                              "original_period": period_of(event.timestamp)}
                 output = self._debit(usage, unit, amount, meter, period, before, after, group, inputs)
-        await self._record(conn, usage, period, group, value, before, after, amount, unit,
-                           decision if decision in ("no_price", "filtered") else decision_prefix + decision, output)
-        return [output] if output else []
+        if decision not in ("no_price", "filtered"):
+            decision = decision_prefix + decision
+        batch.record(usage, self.catalog.version, period, group, value, before, after, amount, unit, decision,
+                     output)
+        return output
 
-    async def _record(self, conn: Connection, usage: AcceptedUsage, period: str, group: str, value: str | None,
-                      before: Decimal, after: Decimal, amount: int, unit: str | None, decision: str,
-                      output: OutMessage | None) -> None:
-        """The decision with its inputs, in the same transaction as the totals: the trace of every charge."""
-        event = usage.event
-        await conn.execute(
-            "INSERT INTO rated_events (account_id, event_id, tenant, meter, period, group_key, event_time, quantity, "
-            "value, quantity_before, quantity_after, amount_subunits, unit, catalog_version, decision, "
-            "output_topic, output, rated_at) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-            str(usage.account_id), event.id, event.tenant, event.meter, period, group, event.timestamp.isoformat(),
-            str(event.quantity), value, str(before), str(after), amount, unit, self.catalog.version, decision,
-            output.topic if output else None, output.value.decode() if output else None, utcnow().isoformat())
-
-    async def _rate_ai(self, conn: Connection, account: str, key: str, period: str, usage: AcceptedUsage,
-                       meter: MeterView) -> tuple[int, str, Decimal, Decimal, dict[str, Any]]:
+    def _rate_ai(self, batch: _BatchState, account: str, key: str, period: str, usage: AcceptedUsage,
+                 meter: MeterView) -> tuple[int, str, Decimal, Decimal, dict[str, Any]]:
         """Per model and token class, the cumulative price of the period after minus before."""
         assert meter.ai_table is not None
         event = usage.event
@@ -227,13 +213,12 @@ class RatingService:
         before_counts: dict[str, Decimal] = {}
         after_counts: dict[str, Decimal] = {}
         for token_class, raw in counts.items():
-            class_key = f"{key}|model={model}|{token_class}"
-            before_counts[token_class] = await self._total(conn, account, class_key, period)
+            before_counts[token_class] = batch.total(account, f"{key}|model={model}|{token_class}", period)
             after_counts[token_class] = RATING_CONTEXT.add(before_counts[token_class], Decimal(str(raw)))
         price_after = ai_token_price(meter.ai_table, model, after_counts)
         price_before = ai_token_price(meter.ai_table, model, before_counts)
         for token_class, total in after_counts.items():
-            await self._set_total(conn, account, f"{key}|model={model}|{token_class}", period, total)
+            batch.set_total(account, f"{key}|model={model}|{token_class}", period, total)
         amount = to_subunits(price_after.amount) - to_subunits(price_before.amount)
         inputs = {"ai_prices": meter.definition.ai_prices, "model": model,
                   "tokens": {c: str(v) for c, v in counts.items()},
@@ -272,3 +257,73 @@ class RatingService:
                                 rejected_at=utcnow(), source=usage.source)
         return OutMessage(topics.USAGE_REJECTED, str(usage.account_id), record.to_json(),
                           (("schema", b"usage.rejected/v1"),))
+
+
+def _in(values: list[str], first: int = 1) -> str:
+    """``$1, $2, ...`` for an IN list (portable between PostgreSQL and SQLite)."""
+    return ", ".join(f"${i}" for i in range(first, first + len(values)))
+
+
+class _BatchState:
+    """What one batch reads once and writes once: prior decisions, running totals, closed periods."""
+
+    def __init__(self) -> None:
+        self.decided: dict[tuple[str, str], OutMessage | None] = {}
+        self.totals: dict[tuple[str, str, str], Decimal] = {}
+        self.dirty: set[tuple[str, str, str]] = set()
+        self.closed: set[tuple[str, str]] = set()
+        self.charged: dict[tuple[str, str, str], tuple[Decimal, int]] = {}
+        self.rows: list[tuple[Any, ...]] = []
+
+    @classmethod
+    async def load(cls, conn: Connection, usages: list[AcceptedUsage]) -> _BatchState:
+        state = cls()
+        accounts = sorted({str(u.account_id) for u in usages})
+        event_ids = sorted({u.event.id for u in usages})
+        wanted = {(str(u.account_id), u.event.id) for u in usages}
+        for row in await conn.fetch(
+                f"SELECT account_id, event_id, output_topic, output FROM rated_events WHERE event_id IN "
+                f"({_in(event_ids)})", *event_ids):
+            key = (row["account_id"], row["event_id"])
+            if key in wanted:
+                state.decided[key] = (OutMessage(row["output_topic"], key[0], row["output"].encode())
+                                      if row["output"] else None)
+        for row in await conn.fetch(
+                f"SELECT account_id, meter, period, quantity FROM period_totals WHERE account_id IN "
+                f"({_in(accounts)})", *accounts):
+            state.totals[(row["account_id"], row["meter"], row["period"])] = Decimal(row["quantity"])
+        for row in await conn.fetch(
+                f"SELECT account_id, period FROM closed_periods WHERE account_id IN ({_in(accounts)})", *accounts):
+            state.closed.add((row["account_id"], row["period"]))
+        return state
+
+    def total(self, account: str, key: str, period: str) -> Decimal:
+        return self.totals.get((account, key, period), Decimal(0))
+
+    def set_total(self, account: str, key: str, period: str, quantity: Decimal) -> None:
+        self.totals[(account, key, period)] = quantity
+        self.dirty.add((account, key, period))
+
+    def record(self, usage: AcceptedUsage, catalog_version: int, period: str, group: str, value: str | None,
+               before: Decimal, after: Decimal, amount: int, unit: str | None, decision: str,
+               output: OutMessage | None) -> None:
+        """The decision with its inputs, saved with the totals: the trace of every charge."""
+        event = usage.event
+        self.rows.append((
+            str(usage.account_id), event.id, event.tenant, event.meter, period, group, event.timestamp.isoformat(),
+            str(event.quantity), value, str(before), str(after), amount, unit, catalog_version, decision,
+            output.topic if output else None, output.value.decode() if output else None, utcnow().isoformat()))
+
+    async def save(self, conn: Connection) -> None:
+        if self.dirty:
+            await conn.executemany(
+                "INSERT INTO period_totals (account_id, meter, period, quantity) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
+                [(a, m, p, str(self.totals[(a, m, p)])) for a, m, p in sorted(self.dirty)])
+        if self.rows:
+            await conn.executemany(
+                "INSERT INTO rated_events (account_id, event_id, tenant, meter, period, group_key, event_time, "
+                "quantity, value, quantity_before, quantity_after, amount_subunits, unit, catalog_version, decision, "
+                "output_topic, output, rated_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                self.rows)

@@ -1,7 +1,6 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from billing_events.messages import RejectReason, UsageEvent
 from billing_ingest.validation import CatalogKnowledge, Invalid, MeterRules, VerifiedUsage, parse_raw, verify
 

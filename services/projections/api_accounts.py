@@ -1,0 +1,144 @@
+"""Query API for one tenant: ``/v1/accounts/{tenant}/...`` (a tenant's token sees only its own tenant)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from billing_events.money import SUBUNIT_SCALE
+from billing_events.timeutil import utcnow
+from billing_projections import api_models, balances, lists, views
+from billing_projections.exports import csv_of, csv_response
+from billing_projections.limits import PAGE_ITEMS_DEFAULT, PAGE_ITEMS_MAX
+from billing_projections.params import day_bound, month_range, split_list, time_bound, wants_csv
+from billing_runtime.auth import Principal, check_tenant, require
+from billing_runtime.db import Database
+from billing_runtime.problems import Problem
+from fastapi import APIRouter, Depends, Query, Request
+
+Reader = Annotated[Principal, Depends(require())]
+Limit = Annotated[int, Query(ge=1, le=PAGE_ITEMS_MAX, description="Items per page")]
+Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
+Format = Annotated[str | None, Query(alias="format", description="json (default) or csv; or Accept: text/csv")]
+Year = Annotated[int | None, Query(ge=1970, le=9999)]
+Month = Annotated[int | None, Query(ge=1, le=12)]
+CSV = {200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with ?format=csv / Accept: text/csv"}}
+
+TRANSACTION_COLUMNS = ("position", "occurred_at", "recorded_at", "type", "unit", "amount", "wallet_delta",
+                       "held_delta", "meter", "quantity", "user", "event_ids", "payment_id", "grant_id", "hold_id",
+                       "reference", "detail", "cause")
+MONTHLY_COLUMNS = ("tenant", "year", "month", "meter", "meter_name", "unit_of_measure", "quantity", "unit", "cost",
+                   "events")
+AI_COLUMNS = ("model", "operation", "user", "input_tokens", "output_tokens", "cached_tokens", "tokens", "unit",
+              "cost", "events")
+GRANT_COLUMNS = ("grant_id", "unit", "source", "status", "amount", "remaining", "tax", "refunded", "breakage",
+                 "priority", "effective_at", "expires_at", "expiring_soon", "scope", "granted_by", "cause")
+FIGURE_COLUMNS = tuple(api_models.Figures.model_fields)
+
+
+async def _known(db: Database, principal: Principal, tenant: str) -> None:
+    check_tenant(principal, tenant)
+    if await balances.account(db, tenant) is None:
+        raise Problem(404, "Not found", f"No billing account for tenant {tenant!r}.", kind="unknown-account")
+
+
+def build_router(db: Database) -> APIRouter:
+    router = APIRouter(tags=["accounts"])
+
+    @router.get("/v1/accounts/{tenant}/balance", summary="Balances per wallet", response_model=api_models.Balance,
+                description="Available = wallet balance - active holds; amounts are exact decimals (ledger "
+                            f"sub-unit 10^-{SUBUNIT_SCALE}). `position` tells how fresh the read model is.")
+    async def get_balance(tenant: str, principal: Reader) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        view = await views.balance_view(db, tenant, utcnow())
+        if view is None:
+            raise Problem(404, "Not found", f"No billing account for tenant {tenant!r}.", kind="unknown-account")
+        return view
+
+    @router.get("/v1/accounts/{tenant}/grants", summary="Balances per grant", response_model=api_models.Grants,
+                responses=CSV)
+    async def get_grants(tenant: str, principal: Reader, request: Request,
+                         status: Annotated[str | None, Query(description="open | expired | voided")] = None,
+                         unit: str | None = None, fmt: Format = None) -> Any:
+        await _known(db, principal, tenant)
+        units, now = await views.load_units(db), utcnow()
+        items = [views.grant_view(g, units, now) for g in await balances.grants(db, tenant, status=status, unit=unit)]
+        if wants_csv(request, fmt):
+            return csv_of(GRANT_COLUMNS, items, f"grants-{tenant}")
+        return {"tenant": tenant, "items": items}
+
+    @router.get("/v1/accounts/{tenant}/transactions", summary="Transaction history (newest first)",
+                response_model=api_models.Transactions, responses=CSV,
+                description="Every movement with its cause and user. Filters combine; `from` is inclusive, `to` "
+                            "exclusive (business time). Pages are keyset cursors, stable while new rows arrive.")
+    async def get_transactions(
+            tenant: str, principal: Reader, request: Request,
+            types: Annotated[str | None, Query(alias="type", description="Comma-separated, e.g. usage,purchase")] = None,
+            since: Annotated[str | None, Query(alias="from", description="ISO 8601 date or timestamp")] = None,
+            until: Annotated[str | None, Query(alias="to", description="ISO 8601 date or timestamp")] = None,
+            meter: str | None = None, user: str | None = None, unit: str | None = None,
+            cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
+        await _known(db, principal, tenant)
+        filters: dict[str, Any] = {"tenant": tenant, "types": split_list(types), "since": time_bound(since, "from"),
+                                       "until": time_bound(until, "to"), "meter": meter, "user": user, "unit": unit}
+        if wants_csv(request, fmt):
+            async def fetch(c: str | None, n: int) -> lists.Page:
+                return await lists.transactions(db, **filters, cursor=c, limit=n)
+            return csv_response(TRANSACTION_COLUMNS, fetch, f"transactions-{tenant}")
+        items, next_cursor = await lists.transactions(db, **filters, cursor=cursor, limit=limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/v1/accounts/{tenant}/usage/monthly", summary="Monthly usage summary by usage type",
+                response_model=api_models.MonthlyUsagePage, responses=CSV)
+    async def get_monthly(tenant: str, principal: Reader, request: Request, year: Year = None, month: Month = None,
+                          meter: str | None = None, cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT,
+                          fmt: Format = None) -> Any:
+        await _known(db, principal, tenant)
+        filters: dict[str, Any] = {"tenant": tenant, "year": year, "month": month, "meter": meter}
+        if wants_csv(request, fmt):
+            async def fetch(c: str | None, n: int) -> lists.Page:
+                return await lists.monthly(db, **filters, cursor=c, limit=n)
+            return csv_response(MONTHLY_COLUMNS, fetch, f"usage-monthly-{tenant}")
+        items, next_cursor = await lists.monthly(db, **filters, cursor=cursor, limit=limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/v1/accounts/{tenant}/usage/ai", summary="AI usage: tokens per class and cost",
+                response_model=api_models.AIUsageList, responses=CSV,
+                description="Grouped by `group_by` (comma-separated subset of model, operation, user; default "
+                            "model).")
+    async def get_ai(tenant: str, principal: Reader, request: Request, year: Year = None, month: Month = None,
+                     group_by: str = "model", model: str | None = None, user: str | None = None,
+                     fmt: Format = None) -> Any:
+        await _known(db, principal, tenant)
+        groups = split_list(group_by)
+        items = await lists.ai(db, tenant=tenant, year=year, month=month, group_by=groups, model=model, user=user)
+        if wants_csv(request, fmt):
+            return csv_of([c for c in AI_COLUMNS if c in groups or c not in ("model", "operation", "user")], items,
+                          f"ai-usage-{tenant}")
+        return {"group_by": groups, "items": items}
+
+    @router.get("/v1/accounts/{tenant}/figures", summary="Top-ups, consumption, tax, refunds per day or month",
+                response_model=api_models.FiguresList, responses=CSV)
+    async def get_figures(tenant: str, principal: Reader, request: Request,
+                          granularity: Annotated[str, Query(description="day | month")] = "day",
+                          year: Year = None, month: Month = None,
+                          since: Annotated[str | None, Query(alias="from")] = None,
+                          until: Annotated[str | None, Query(alias="to")] = None,
+                          unit: str | None = None, fmt: Format = None) -> Any:
+        await _known(db, principal, tenant)
+        return await figures_response(db, request, tenant, granularity, year, month, since, until, unit, fmt)
+
+    return router
+
+
+async def figures_response(db: Database, request: Request, tenant: str | None, granularity: str, year: int | None,
+                           month: int | None, since: str | None, until: str | None, unit: str | None,
+                           fmt: str | None) -> Any:
+    start, end = month_range(year, month)
+    start = day_bound(since, "from") or start
+    end = day_bound(until, "to", end=True) or end
+    items = await lists.figure_series(db, tenant=tenant, granularity=granularity, since=start, until=end, unit=unit)
+    if wants_csv(request, fmt):
+        return csv_of(FIGURE_COLUMNS, items, f"figures-{tenant or 'all'}")
+    return {"granularity": granularity, "items": items}
+
+

@@ -1,0 +1,175 @@
+"""Response models of the query API (OpenAPI). Amounts are exact decimal strings in the unit's scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+Amount = str
+
+
+class Wallet(BaseModel):
+    unit: str = Field(description="ISO 4217 currency or catalogue credit type", examples=["USD"])
+    available: Amount = Field(description="balance - held", examples=["95.40"])
+    held: Amount
+    balance: Amount
+    receivable: Amount = Field(description="Usage posted beyond credit (overage), owed")
+    expiring_soon: Amount = Field(description="Remaining credit of open grants expiring within 7 days")
+    low_balance_threshold: Amount | None = None
+    low_balance: bool = Field(description="available is below the low-balance threshold")
+    low_balance_reached_at: str | None = None
+    updated_at: str | None = None
+
+
+class Balance(BaseModel):
+    tenant: str
+    currency: str
+    wallets: list[Wallet]
+    position: int = Field(description="Freshness: ledger position of the last event applied for this account")
+    updated_at: str | None = None
+
+
+class Grant(BaseModel):
+    grant_id: str
+    unit: str
+    source: str = Field(examples=["purchase", "promotion", "plan_recurrence", "manual"])
+    status: str = Field(examples=["open", "expired", "voided"])
+    amount: Amount
+    remaining: Amount
+    tax: Amount
+    refunded: Amount
+    breakage: Amount
+    priority: int
+    effective_at: str
+    expires_at: str | None
+    expiring_soon: bool
+    scope: list[str] | None
+    granted_by: str | None
+    cause: dict[str, Any]
+
+
+class Grants(BaseModel):
+    tenant: str
+    items: list[Grant]
+
+
+class Transaction(BaseModel):
+    position: int = Field(description="Ledger position: the order of the ledger")
+    tenant: str
+    occurred_at: str = Field(description="Business time (usage time for debits), ISO 8601 UTC")
+    recorded_at: str
+    type: str = Field(examples=["purchase", "grant", "usage", "expiry", "refund", "adjustment", "hold_placed"])
+    unit: str
+    amount: Amount = Field(description="The movement as the tenant sees it: credit added (+) or taken (-)")
+    wallet_delta: Amount = Field(description="Exact change of the wallet balance")
+    held_delta: Amount = Field(description="Exact change of held credit")
+    meter: str | None
+    quantity: str | None
+    user: str | None = Field(description="Who did it: granted_by, the adjusting user, or the usage's user")
+    grant_id: str | None
+    hold_id: str | None
+    event_ids: list[str] = Field(description="Usage event ids that caused a debit")
+    payment_id: str | None
+    reference: str | None = Field(description="Command, refund, adjustment or settlement id")
+    detail: str | None
+    cause: dict[str, Any]
+
+
+class Transactions(BaseModel):
+    items: list[Transaction]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next (older) page; null at the end")
+
+
+class MonthlyUsage(BaseModel):
+    tenant: str
+    year: int
+    month: int
+    meter: str = Field(description="Usage type (meter code)")
+    meter_name: str | None
+    unit_of_measure: str | None
+    quantity: str
+    unit: str
+    cost: Amount
+    events: int
+
+
+class MonthlyUsagePage(BaseModel):
+    items: list[MonthlyUsage]
+    next_cursor: str | None
+
+
+class AIUsage(BaseModel):
+    model: str | None = None
+    operation: str | None = None
+    user: str | None = None
+    input_tokens: str
+    output_tokens: str
+    cached_tokens: str
+    tokens: str
+    unit: str
+    cost: Amount
+    events: int
+
+
+class AIUsageList(BaseModel):
+    group_by: list[str]
+    items: list[AIUsage]
+
+
+class Figures(BaseModel):
+    period: str = Field(description="YYYY-MM-DD or YYYY-MM")
+    unit: str
+    top_ups: Amount
+    tax_collected: Amount
+    funds_in: Amount
+    settlements: Amount
+    promotional: Amount
+    plan_grants: Amount
+    consumed: Amount
+    receivables: Amount
+    breakage: Amount
+    refunds: Amount
+    tax_refunded: Amount
+    adjustments: Amount
+
+
+class FiguresList(BaseModel):
+    granularity: str
+    items: list[Figures]
+
+
+class ChargebackLine(BaseModel):
+    tenant: str
+    year: int
+    month: int
+    unit: str
+    cost: Amount
+    events: int
+    meters: int
+    share_percent: str = Field(description="This tenant's share of the month's cost in this unit, 2 decimals")
+
+
+class Chargeback(BaseModel):
+    items: list[ChargebackLine]
+
+
+class AccountSummary(BaseModel):
+    tenant: str
+    currency: str
+    opened_at: str
+    wallets: list[Wallet]
+
+
+class AccountList(BaseModel):
+    items: list[AccountSummary]
+
+
+class LedgerAccountBalance(BaseModel):
+    ledger_account: str
+    unit: str
+    balance: Amount = Field(description="Signed, debit positive")
+
+
+class LedgerBalances(BaseModel):
+    items: list[LedgerAccountBalance]

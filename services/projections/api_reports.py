@@ -1,0 +1,121 @@
+"""Finance and admin reports across tenants: ``/v1/reports/...`` (roles admin or finance).
+
+A token scoped to one tenant gets that tenant's rows only (asking for another tenant is 403).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from billing_events.timeutil import utcnow
+from billing_projections import api_models, lists
+from billing_projections.api_accounts import (
+    CSV,
+    MONTHLY_COLUMNS,
+    TRANSACTION_COLUMNS,
+    Cursor,
+    Format,
+    Limit,
+    Month,
+    Year,
+    figures_response,
+)
+from billing_projections.exports import csv_of, csv_response
+from billing_projections.limits import PAGE_ITEMS_DEFAULT
+from billing_projections.params import split_list, time_bound, wants_csv
+from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.db import Database
+from fastapi import APIRouter, Depends, Query, Request
+
+Finance = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
+TenantFilter = Annotated[str | None, Query(description="Only this tenant (organisation)")]
+CHARGEBACK_COLUMNS = tuple(api_models.ChargebackLine.model_fields)
+ACCOUNT_COLUMNS = ("tenant", "currency", "opened_at", "unit", "available", "held", "balance", "receivable",
+                   "expiring_soon", "low_balance_threshold", "low_balance", "updated_at")
+
+
+def _scope(principal: Principal, tenant: str | None) -> str | None:
+    if tenant is not None:
+        check_tenant(principal, tenant)
+        return tenant
+    return principal.tenant
+
+
+def build_router(db: Database) -> APIRouter:
+    router = APIRouter(tags=["reports"])
+
+    @router.get("/v1/reports/accounts", summary="Every account with its wallets and low-balance status",
+                response_model=api_models.AccountList, responses=CSV)
+    async def get_accounts(principal: Finance, request: Request, fmt: Format = None) -> Any:
+        items = [a for a in await lists.accounts(db, utcnow()) if principal.can_see(a["tenant"])]
+        if wants_csv(request, fmt):
+            flat = [{**{k: a[k] for k in ("tenant", "currency", "opened_at")}, **w} for a in items for w in a["wallets"]]
+            return csv_of(ACCOUNT_COLUMNS, flat, "accounts")
+        return {"items": items}
+
+    @router.get("/v1/reports/usage/monthly", summary="Monthly usage summaries of all tenants",
+                response_model=api_models.MonthlyUsagePage, responses=CSV)
+    async def get_monthly(principal: Finance, request: Request, tenant: TenantFilter = None, year: Year = None,
+                          month: Month = None, meter: str | None = None, cursor: Cursor = None,
+                          limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
+        filters: dict[str, Any] = {"tenant": _scope(principal, tenant), "year": year, "month": month, "meter": meter}
+        if wants_csv(request, fmt):
+            async def fetch(c: str | None, n: int) -> lists.Page:
+                return await lists.monthly(db, **filters, cursor=c, limit=n)
+            return csv_response(MONTHLY_COLUMNS, fetch, "usage-monthly")
+        items, next_cursor = await lists.monthly(db, **filters, cursor=cursor, limit=limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/v1/reports/chargeback", summary="Tenant chargeback: each tenant's cost for a month",
+                response_model=api_models.Chargeback, responses=CSV,
+                description="Per tenant and unit, summed over usage types, with the tenant's share of the month.")
+    async def get_chargeback(principal: Finance, request: Request,
+                             year: Annotated[int, Query(ge=1970, le=9999)],
+                             month: Annotated[int, Query(ge=1, le=12)],
+                             tenant: TenantFilter = None, fmt: Format = None) -> Any:
+        items = await lists.chargeback(db, year=year, month=month, tenant=_scope(principal, tenant))
+        if wants_csv(request, fmt):
+            return csv_of(CHARGEBACK_COLUMNS, items, f"chargeback-{year:04d}-{month:02d}")
+        return {"items": items}
+
+    @router.get("/v1/reports/figures", summary="Dashboard figures of all tenants per day or month",
+                response_model=api_models.FiguresList, responses=CSV,
+                description="Funds taken in, top-ups, tax collected, credit consumed, refunds, breakage.")
+    async def get_figures(principal: Finance, request: Request,
+                          granularity: Annotated[str, Query(description="day | month")] = "month",
+                          year: Year = None, month: Month = None,
+                          since: Annotated[str | None, Query(alias="from")] = None,
+                          until: Annotated[str | None, Query(alias="to")] = None,
+                          tenant: TenantFilter = None, unit: str | None = None, fmt: Format = None) -> Any:
+        return await figures_response(db, request, _scope(principal, tenant), granularity, year, month, since,
+                                      until, unit, fmt)
+
+    @router.get("/v1/reports/transactions", summary="Transactions of all tenants (newest first)",
+                response_model=api_models.Transactions, responses=CSV)
+    async def get_transactions(
+            principal: Finance, request: Request, tenant: TenantFilter = None,
+            types: Annotated[str | None, Query(alias="type", description="Comma-separated types")] = None,
+            since: Annotated[str | None, Query(alias="from")] = None,
+            until: Annotated[str | None, Query(alias="to")] = None,
+            meter: str | None = None, user: str | None = None, unit: str | None = None,
+            cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
+        filters: dict[str, Any] = {"tenant": _scope(principal, tenant), "types": split_list(types),
+                                       "since": time_bound(since, "from"), "until": time_bound(until, "to"), "meter": meter,
+                                       "user": user, "unit": unit}
+        if wants_csv(request, fmt):
+            async def fetch(c: str | None, n: int) -> lists.Page:
+                return await lists.transactions(db, **filters, cursor=c, limit=n)
+            return csv_response(("tenant",) + TRANSACTION_COLUMNS, fetch, "transactions")
+        items, next_cursor = await lists.transactions(db, **filters, cursor=cursor, limit=limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/v1/reports/ledger", summary="Balances of the chart of accounts (debit positive)",
+                response_model=api_models.LedgerBalances, responses=CSV)
+    async def get_ledger(principal: Finance, request: Request, tenant: TenantFilter = None,
+                         fmt: Format = None) -> Any:
+        items = await lists.ledger(db, _scope(principal, tenant))
+        if wants_csv(request, fmt):
+            return csv_of(("ledger_account", "unit", "balance"), items, "ledger")
+        return {"items": items}
+
+    return router

@@ -1,0 +1,199 @@
+"""The billing dashboard: server-rendered HTML (Jinja2) with inline SVG charts, no build step, no CDN.
+
+Same bearer tokens as the API: the login page takes a token and keeps it in an HttpOnly, SameSite=Strict
+cookie scoped to ``/dashboard``; an ``Authorization: Bearer`` header works too. A tenant's token sees only
+its own account page; the finance page needs the admin or finance role. Every number comes from the same
+views as the JSON API (``views.py`` / ``lists.py``).
+"""
+
+from __future__ import annotations
+
+import calendar
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, quote
+
+import jwt
+from billing_events.timeutil import utcnow
+from billing_projections import balances, catalog, charts, history, lists, views
+from billing_projections.params import month_range
+from billing_runtime.auth import Principal, Role, TokenVerifier
+from billing_runtime.db import Database
+from billing_runtime.problems import Problem
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+COOKIE = "billing_token"
+COOKIE_PATH = "/dashboard"
+TRANSACTIONS_SHOWN = 20
+LOGIN_BODY_BYTES_MAX = 16 * 1024
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+def _principal(request: Request) -> Principal | None:
+    verifier: TokenVerifier = request.app.state.token_verifier
+    header = request.headers.get("authorization", "")
+    token = header.partition(" ")[2].strip() if header.lower().startswith("bearer ") else ""
+    token = token or request.cookies.get(COOKIE, "")
+    if not token:
+        return None
+    try:
+        return verifier.verify(token)
+    except jwt.PyJWTError:
+        return None
+
+
+def _to_login(request: Request, message: str = "") -> RedirectResponse:
+    target = f"/dashboard/login?next={quote(request.url.path)}" + (f"&message={quote(message)}" if message else "")
+    response = RedirectResponse(target, status_code=303)
+    response.delete_cookie(COOKIE, path=COOKIE_PATH)
+    return response
+
+
+def _page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def _forbidden(request: Request, principal: Principal, detail: str) -> HTMLResponse:
+    return _page(request, "error.html", {"principal": principal, "title": "Forbidden", "detail": detail}, 403)
+
+
+def _period(year: int | None, month: int | None) -> tuple[int, int]:
+    now = utcnow()
+    return year or now.year, month or (now.month if year is None else 1)
+
+
+def _days(year: int, month: int) -> list[str]:
+    return [f"{year:04d}-{month:02d}-{day:02d}" for day in range(1, calendar.monthrange(year, month)[1] + 1)]
+
+
+def _chart_points(series: list[dict[str, Any]], days: list[str], unit: str) -> list[tuple[str, Decimal]]:
+    by_day = {r["period"]: Decimal(r["consumed"]) for r in series if r["unit"] == unit}
+    return [(day, by_day.get(day, Decimal(0))) for day in days]
+
+
+def _years(now: datetime) -> list[int]:
+    return list(range(now.year - 4, now.year + 1))
+
+
+def build_router(db: Database) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/dashboard/login", response_class=HTMLResponse)
+    async def login_form(request: Request, next: str = "/dashboard", message: str = "") -> HTMLResponse:
+        return _page(request, "login.html", {"next": next if next.startswith("/dashboard") else "/dashboard",
+                                             "message": message, "principal": None})
+
+    @router.post("/dashboard/login")
+    async def login(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > LOGIN_BODY_BYTES_MAX:
+            raise Problem(413, "Payload too large", "The login form is too large.")
+        form = parse_qs(body.decode(errors="replace"))
+        token = (form.get("token") or [""])[0].strip()
+        target = (form.get("next") or ["/dashboard"])[0]
+        target = target if target.startswith("/dashboard") else "/dashboard"
+        verifier: TokenVerifier = request.app.state.token_verifier
+        try:
+            verifier.verify(token)
+        except jwt.PyJWTError as exc:
+            return _page(request, "login.html", {"next": target, "principal": None,
+                                                 "message": f"That token was not accepted: {exc}."}, 401)
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path=COOKIE_PATH,
+                            secure=request.url.scheme == "https")
+        return response
+
+    @router.post("/dashboard/logout")
+    async def logout(request: Request) -> Response:
+        response = RedirectResponse("/dashboard/login", status_code=303)
+        response.delete_cookie(COOKIE, path=COOKIE_PATH)
+        return response
+
+    @router.get("/dashboard")
+    async def home(request: Request) -> Response:
+        principal = _principal(request)
+        if principal is None:
+            return _to_login(request)
+        if principal.tenant:
+            return RedirectResponse(f"/dashboard/accounts/{quote(principal.tenant)}", status_code=303)
+        if principal.role in (Role.ADMIN, Role.FINANCE):
+            return RedirectResponse("/dashboard/finance", status_code=303)
+        return _forbidden(request, principal, "This token sees no tenant: use a tenant's token or a finance one.")
+
+    @router.get("/dashboard/accounts/{tenant}", response_class=HTMLResponse)
+    async def account_page(request: Request, tenant: str,
+                           year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
+                           month: Annotated[int | None, Query(ge=1, le=12)] = None,
+                           meter: str | None = None, type: str | None = None,
+                           cursor: str | None = None) -> Response:
+        principal = _principal(request)
+        if principal is None:
+            return _to_login(request)
+        if not principal.can_see(tenant):
+            return _forbidden(request, principal, "This token is scoped to another tenant.")
+        now = utcnow()
+        balance = await views.balance_view(db, tenant, now)
+        if balance is None:
+            return _page(request, "error.html", {"principal": principal, "title": "Not found",
+                                                 "detail": f"No billing account for tenant {tenant}."}, 404)
+        y, m = _period(year, month)
+        start, end = month_range(y, m)
+        days = _days(y, m)
+        daily = await lists.figure_series(db, tenant=tenant, granularity="day", since=start, until=end)
+        month_figures = await lists.figure_series(db, tenant=tenant, granularity="month", since=start, until=end)
+        chart_units = sorted({r["unit"] for r in daily}) or [balance["currency"]]
+        meters = await catalog.meters(db)
+        monthly, _ = await lists.monthly(db, tenant=tenant, year=y, month=m, meter=meter or None, limit=200)
+        ai = await lists.ai(db, tenant=tenant, year=y, month=m, group_by=["model"])
+        types = [type] if type else []
+        transactions, next_cursor = await lists.transactions(db, tenant=tenant, types=types, cursor=cursor,
+                                                             limit=TRANSACTIONS_SHOWN)
+        units = await views.load_units(db)
+        grant_rows = [views.grant_view(g, units, now) for g in await balances.grants(db, tenant, status="open")]
+        return _page(request, "account.html", {
+            "principal": principal, "tenant": tenant, "balance": balance, "year": y, "month": m,
+            "years": _years(now), "meter": meter or "", "meters": sorted(set(meters) | {r["meter"] for r in monthly}),
+            "charts": [charts.bar_chart(_chart_points(daily, days, u), unit=u, test_id=f"consumption-chart-{u}",
+                                        title=f"Credit consumed per day, {y:04d}-{m:02d} ({u})") for u in chart_units],
+            "month_figures": month_figures, "monthly": monthly, "ai": ai, "transactions": transactions,
+            "next_cursor": next_cursor, "type": type or "", "types": history.TYPES, "grants": grant_rows,
+        })
+
+    @router.get("/dashboard/finance", response_class=HTMLResponse)
+    async def finance_page(request: Request, year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
+                           month: Annotated[int | None, Query(ge=1, le=12)] = None,
+                           tenant: str | None = None) -> Response:
+        principal = _principal(request)
+        if principal is None:
+            return _to_login(request)
+        if principal.role not in (Role.ADMIN, Role.FINANCE):
+            return _forbidden(request, principal, "The finance dashboard needs the admin or finance role.")
+        if tenant and not principal.can_see(tenant):
+            return _forbidden(request, principal, "This token is scoped to another tenant.")
+        scope = tenant or principal.tenant
+        now = utcnow()
+        y, m = _period(year, month)
+        start, end = month_range(y, m)
+        daily = await lists.figure_series(db, tenant=scope, granularity="day", since=start, until=end)
+        month_figures = await lists.figure_series(db, tenant=scope, granularity="month", since=start, until=end)
+        accounts = [a for a in await lists.accounts(db, now) if principal.can_see(a["tenant"])]
+        monthly, _ = await lists.monthly(db, tenant=scope, year=y, month=m, meter=None, limit=500)
+        chargeback = await lists.chargeback(db, year=y, month=m, tenant=scope)
+        ai = await lists.ai(db, tenant=scope, year=y, month=m, group_by=["model"])
+        chart_units = sorted({r["unit"] for r in daily}) or ["USD"]
+        return _page(request, "finance.html", {
+            "principal": principal, "year": y, "month": m, "years": _years(now), "tenant": scope or "",
+            "tenants": [a["tenant"] for a in accounts], "month_figures": month_figures, "accounts": accounts,
+            "monthly": monthly, "chargeback": chargeback, "ai": ai,
+            "charts": [charts.bar_chart(_chart_points(daily, _days(y, m), u), unit=u, test_id=f"consumption-chart-{u}",
+                                        title=f"Credit consumed per day, {y:04d}-{m:02d} ({u})") for u in chart_units],
+        })
+
+    return router
+
+

@@ -1,0 +1,96 @@
+"""The lists the API, the CSV exports and the dashboard show: read-model queries rendered as views."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly, views
+from billing_projections.params import decode_cursor, encode_cursor, invalid
+from billing_runtime.db import Database
+
+Page = tuple[list[dict[str, Any]], str | None]
+
+
+async def transactions(db: Database, *, tenant: str | None, types: Sequence[str] = (), since: str | None = None,
+                       until: str | None = None, meter: str | None = None, user: str | None = None,
+                       unit: str | None = None, cursor: str | None = None, limit: int) -> Page:
+    unknown = [t for t in types if t not in history.TYPES]
+    if unknown:
+        raise invalid(f"unknown transaction type(s) {', '.join(unknown)}; known: {', '.join(history.TYPES)}",
+                      "type")
+    rows = await history.page(db, tenant=tenant, types=types, since=since, until=until, meter=meter, user=user,
+                              unit=unit, before_position=decode_cursor(cursor, "before"), limit=limit + 1)
+    units = await views.load_units(db)
+    items = [views.transaction_view(r, units) for r in rows[:limit]]
+    more = len(rows) > limit
+    return items, encode_cursor({"before": items[-1]["position"]}) if more and items else None
+
+
+async def monthly(db: Database, *, tenant: str | None, year: int | None, month: int | None,
+                  meter: str | None, cursor: str | None = None, limit: int) -> Page:
+    offset = decode_cursor(cursor, "offset") or 0
+    rows = await usage_monthly.summaries(db, tenant=tenant, year=year, month=month, meter=meter, offset=offset,
+                                         limit=limit + 1)
+    units, meters = await views.load_units(db), await catalog.meters(db)
+    items = [views.monthly_view(r, units, meters) for r in rows[:limit]]
+    return items, encode_cursor({"offset": offset + limit}) if len(rows) > limit else None
+
+
+async def ai(db: Database, *, tenant: str | None, year: int | None, month: int | None,
+             group_by: Sequence[str], model: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
+    columns = tuple("user_id" if g == "user" else g for g in group_by)
+    bad = [g for g in columns if g not in ai_usage.GROUPINGS]
+    if bad or not columns:
+        raise invalid("group_by takes a comma-separated subset of model, operation, user", "group_by")
+    exact, prefix = usage_monthly.period(year, month)
+    rows = await ai_usage.summary(db, tenant=tenant, period=exact, year_prefix=prefix, group_by=columns,
+                                  model=model, user=user)
+    units = await views.load_units(db)
+    return [views.ai_view(r, units) for r in rows]
+
+
+async def figure_series(db: Database, *, tenant: str | None, granularity: str, since: str | None,
+                        until: str | None, unit: str | None = None) -> list[dict[str, Any]]:
+    if granularity not in ("day", "month"):
+        raise invalid("granularity must be day or month", "granularity")
+    rows = await figures.series(db, tenant=tenant, granularity=granularity, since=since, until=until, unit=unit)
+    units = await views.load_units(db)
+    return [views.figures_view(r, units) for r in rows]
+
+
+async def chargeback(db: Database, *, year: int, month: int, tenant: str | None = None) -> list[dict[str, Any]]:
+    rows = await usage_monthly.chargeback(db, year=year, month=month)
+    units = await views.load_units(db)
+    totals: dict[str, int] = {}
+    for r in rows:
+        totals[r["unit"]] = totals.get(r["unit"], 0) + int(r["cost"])
+    items = []
+    for r in rows:
+        if tenant is not None and r["tenant"] != tenant:
+            continue
+        total = totals[r["unit"]]
+        share = (Decimal(int(r["cost"])) * 100 / total) if total else Decimal(0)
+        items.append({"tenant": r["tenant"], "year": year, "month": month, "unit": r["unit"],
+                      "cost": units.fmt(r["cost"], r["unit"]), "events": int(r["events"]), "meters": int(r["meters"]),
+                      "share_percent": str(share.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))})
+    return items
+
+
+async def accounts(db: Database, now: datetime) -> list[dict[str, Any]]:
+    units = await views.load_units(db)
+    soon = await balances.expiring(db, now)
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for w in await balances.wallets(db):
+        by_tenant.setdefault(w["tenant"], []).append(
+            views.wallet_view(w, units, soon.get((w["tenant"], w["unit"]), 0)))
+    return [{"tenant": a["tenant"], "currency": a["currency"], "opened_at": a["opened_at"],
+             "wallets": by_tenant.get(a["tenant"], [])} for a in await balances.accounts(db)]
+
+
+async def ledger(db: Database, tenant: str | None) -> list[dict[str, Any]]:
+    units = await views.load_units(db)
+    return [{"ledger_account": r["ledger_account"], "unit": r["unit"], "balance": units.fmt(r["amount"], r["unit"])}
+            for r in await balances.ledger_balances(db, tenant)]

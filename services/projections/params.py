@@ -1,0 +1,89 @@
+"""Query parameters shared by the list routes: periods, cursors, page sizes, output format."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from billing_events.timeutil import parse_timestamp
+from billing_projections.facts import utc_text
+from billing_runtime.problems import Problem
+from fastapi import Request
+
+
+def invalid(detail: str, parameter: str) -> Problem:
+    return Problem(422, "Invalid request", detail, kind="invalid-request",
+                   errors=[{"location": f"query.{parameter}", "message": detail}])
+
+
+def instant(value: str | None, parameter: str) -> datetime | None:
+    """An ISO 8601 timestamp with offset, or a date (its start, UTC)."""
+    if value is None or value == "":
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), datetime.min.time(), tzinfo=UTC)
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise invalid(f"{parameter} must be an ISO 8601 date (2026-11-01) or timestamp with offset "
+                      f"(2026-11-01T00:00:00Z): {exc}", parameter) from exc
+
+
+def time_bound(value: str | None, parameter: str) -> str | None:
+    found = instant(value, parameter)
+    return utc_text(found) if found else None
+
+
+def day_bound(value: str | None, parameter: str, *, end: bool = False) -> str | None:
+    """A day text ``YYYY-MM-DD`` for the daily figures (an exclusive end timestamp inside a day keeps it)."""
+    found = instant(value, parameter)
+    if found is None:
+        return None
+    found = found.astimezone(UTC)
+    if end and found.time() != datetime.min.time():
+        found += timedelta(days=1)
+    return found.date().isoformat()
+
+
+def month_range(year: int | None, month: int | None) -> tuple[str | None, str | None]:
+    """[start, end) day texts of a year or one month of it."""
+    if year is None:
+        return None, None
+    if month is None:
+        return f"{year:04d}-01-01", f"{year + 1:04d}-01-01"
+    end = (year + 1, 1) if month == 12 else (year, month + 1)
+    return f"{year:04d}-{month:02d}-01", f"{end[0]:04d}-{end[1]:02d}-01"
+
+
+def encode_cursor(state: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, field: str) -> int | None:
+    """The integer ``field`` of an opaque cursor made by :func:`encode_cursor`."""
+    if not cursor:
+        return None
+    try:
+        state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        found = state[field]
+        if type(found) is not int or found < 0:
+            raise ValueError(field)
+        return found
+    except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+        raise invalid("cursor is not one this API returned (use next_cursor as given)", "cursor") from exc
+
+
+def wants_csv(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        if fmt not in ("json", "csv"):
+            raise invalid("format must be json or csv", "format")
+        return fmt == "csv"
+    accept = request.headers.get("accept", "")
+    return "text/csv" in accept and "application/json" not in accept
+
+
+def split_list(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]

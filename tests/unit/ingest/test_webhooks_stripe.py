@@ -1,0 +1,326 @@
+"""Stripe webhooks end to end through ``POST /v1/webhooks/stripe``: signatures made by the stripe SDK's own
+helper, the re-fetch answered offline by a ``stripe.HTTPClient`` subclass, the real embedded bus and SQLite."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import stripe
+from billing_events import ids, topics
+from billing_events.messages import PaymentNotification
+from billing_ingest.webhooks import stripe as stripe_gateway
+from billing_runtime.settings import Settings
+
+from tests.unit.ingest.harness import TENANT, Ingest
+
+SECRET = "whsec_test_secret"
+SETTINGS = Settings(stripe_api_key="sk_test_123", stripe_webhook_secret=SECRET)
+
+
+class FakeStripeApi(stripe.HTTPClient):
+    """Answers the SDK's API calls from ``objects`` (path -> JSON object); no network."""
+
+    name = "fake-stripe"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.down = False
+
+    def _answer(self, method: str, url: str) -> tuple[bytes, int, dict[str, str]]:
+        parts = urlsplit(url)
+        self.calls.append((method, parts.path + (f"?{parts.query}" if parts.query else "")))
+        if self.down:
+            return b'{"error": {"type": "api_error", "message": "Stripe is having a bad day"}}', 500, {}
+        if parts.path == "/v1/checkout/sessions":
+            wanted = parse_qs(parts.query).get("payment_intent", [""])[0]
+            data = [o for o in self.objects.values()
+                    if o.get("object") == "checkout.session" and o.get("payment_intent") == wanted]
+            return json.dumps({"object": "list", "data": data, "has_more": False}).encode(), 200, {}
+        obj = self.objects.get(parts.path)
+        if obj is None:
+            error = {"error": {"type": "invalid_request_error", "message": f"No such object: {parts.path}"}}
+            return json.dumps(error).encode(), 404, {}
+        if "expand[0]=payment_intent" in parts.query and isinstance(obj.get("payment_intent"), str):
+            obj = {**obj, "payment_intent": self.objects.get(f"/v1/payment_intents/{obj['payment_intent']}")}
+        return json.dumps(obj).encode(), 200, {}
+
+    def request(self, method: str, url: str, headers: Any, post_data: Any = None, *,
+                _usage: Any = None) -> tuple[str, int, dict[str, str]]:
+        body, status, headers_out = self._answer(method, url)
+        return body.decode(), status, headers_out
+
+    async def request_async(self, method: str, url: str, headers: Any,
+                            post_data: Any = None) -> tuple[bytes, int, dict[str, str]]:
+        return self._answer(method, url)
+
+    def close(self) -> None:
+        return None
+
+    async def close_async(self) -> None:
+        return None
+
+    async def sleep_async(self, secs: float) -> None:  # the SDK's retry back-off: no need to wait offline
+        return None
+
+    def session(self, session_id: str = "cs_1", *, paid: bool = True, amount: int = 2500, currency: str = "usd",
+                intent: str = "pi_1", metadata: dict[str, str] | None = None) -> None:
+        self.objects[f"/v1/checkout/sessions/{session_id}"] = {
+            "id": session_id, "object": "checkout.session", "status": "complete" if paid else "open",
+            "payment_status": "paid" if paid else "unpaid", "amount_total": amount, "currency": currency,
+            "payment_intent": intent,
+            "metadata": {"tenant": TENANT, "order_id": "order-42"} if metadata is None else metadata}
+
+    def intent(self, intent_id: str = "pi_1", *, status: str = "succeeded", amount: int = 2500,
+               metadata: dict[str, str] | None = None) -> None:
+        self.objects[f"/v1/payment_intents/{intent_id}"] = {
+            "id": intent_id, "object": "payment_intent", "status": status, "amount_received": amount,
+            "currency": "usd", "metadata": metadata or {}}
+
+    def refund(self, refund_id: str = "re_1", *, status: str = "succeeded", amount: int = 1000,
+               intent: str = "pi_1") -> None:
+        self.objects[f"/v1/refunds/{refund_id}"] = {
+            "id": refund_id, "object": "refund", "status": status, "amount": amount, "currency": "usd",
+            "payment_intent": intent, "metadata": {}}
+
+
+def event(event_type: str, obj: dict[str, Any], event_id: str = "evt_1") -> str:
+    # What the body claims is never trusted: the test bodies even claim "paid" when Stripe says otherwise.
+    return json.dumps({"id": event_id, "object": "event", "type": event_type, "livemode": False,
+                       "created": int(time.time()), "data": {"object": obj}})
+
+
+def signed(payload: str, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
+    header = stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=timestamp)
+    return {"Stripe-Signature": header, "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def api() -> FakeStripeApi:
+    return FakeStripeApi()
+
+
+@pytest.fixture
+async def ingest(tmp_path: Path, api: FakeStripeApi) -> AsyncIterator[Ingest]:
+    gateway = stripe_gateway.build(SETTINGS, http_client=api)
+    assert gateway is not None
+    ingest = await Ingest(tmp_path, {"stripe": gateway}).start()
+    yield ingest
+    await ingest.stop()
+
+
+async def post(ingest: Ingest, payload: str, headers: dict[str, str], gateway: str = "stripe") -> Any:
+    return await ingest.http.post(f"/v1/webhooks/{gateway}", content=payload.encode(), headers=headers)
+
+
+def session_completed(session_id: str = "cs_1", event_id: str = "evt_1") -> str:
+    return event("checkout.session.completed", {"id": session_id, "object": "checkout.session",
+                                                "payment_status": "paid"}, event_id)
+
+
+async def test_a_paid_checkout_session_publishes_one_payment_keyed_by_account(ingest: Ingest,
+                                                                            api: FakeStripeApi) -> None:
+    api.session()
+    payload = session_completed()
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "published"
+    [(key, payment)] = await ingest.published_with_keys(topics.PAYMENTS)
+    assert key == str(ids.account_id(TENANT))
+    assert PaymentNotification.model_validate(payment).schema_ == "payment/v1"
+    assert (payment["gateway"], payment["gateway_event_id"], payment["kind"]) == ("stripe", "evt_1",
+                                                                                  "payment_succeeded")
+    assert (payment["tenant"], payment["order_id"], payment["currency"]) == (TENANT, "order-42", "USD")
+    assert Decimal(payment["amount"]) == Decimal("25.00")
+    assert payment["gateway_reference"] == "pi_1"
+    assert api.calls == [("get", "/v1/checkout/sessions/cs_1")]
+
+
+async def test_a_forged_signature_is_refused_and_nothing_is_published(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session()
+    payload = session_completed()
+    response = await post(ingest, payload, signed(payload, secret="whsec_attacker"))
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["type"].endswith("/webhook-signature-invalid")
+    assert await ingest.published(topics.PAYMENTS) == []
+    assert api.calls == []  # refused before asking Stripe anything
+
+
+async def test_a_missing_signature_is_refused(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session()
+    response = await post(ingest, session_completed(), {"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_an_expired_signature_is_refused(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session()
+    payload = session_completed()
+    stale = int(time.time()) - SETTINGS.stripe_webhook_tolerance_seconds - 30
+    response = await post(ingest, payload, signed(payload, timestamp=stale))
+    assert response.status_code == 400
+    assert response.json()["type"].endswith("/webhook-expired")
+    assert await ingest.published(topics.PAYMENTS) == []
+    assert api.calls == []
+
+
+async def test_a_signature_from_the_future_beyond_the_tolerance_is_refused(ingest: Ingest) -> None:
+    payload = session_completed()
+    ahead = int(time.time()) + SETTINGS.stripe_webhook_tolerance_seconds + 30
+    response = await post(ingest, payload, signed(payload, timestamp=ahead))
+    assert response.status_code == 400
+    assert response.json()["type"].endswith("/webhook-expired")
+
+
+async def test_a_tampered_body_is_refused(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session()
+    api.session("cs_2", amount=9_999_999)
+    payload = session_completed()
+    headers = signed(payload)
+    tampered = payload.replace('"cs_1"', '"cs_2"')
+    response = await post(ingest, tampered, headers)
+    assert response.status_code == 400
+    assert response.json()["type"].endswith("/webhook-signature-invalid")
+    assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_a_replayed_event_is_refused_with_409_and_published_once(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session()
+    payload = session_completed()
+    headers = signed(payload)
+    assert (await post(ingest, payload, headers)).status_code == 200
+    again = await post(ingest, payload, headers)
+    assert again.status_code == 409
+    assert again.headers["content-type"].startswith("application/problem+json")
+    assert again.json()["type"].endswith("/webhook-replayed")
+    # Re-signed now (a fresh timestamp) is still the same event id: still a replay.
+    assert (await post(ingest, payload, signed(payload))).status_code == 409
+    assert len(await ingest.published(topics.PAYMENTS)) == 1
+    assert len(api.calls) == 1  # replays never reach Stripe's API
+
+
+async def test_when_stripe_says_not_paid_nothing_is_published_and_a_retry_rechecks(ingest: Ingest,
+                                                                                  api: FakeStripeApi) -> None:
+    api.session(paid=False)
+    payload = session_completed()  # the body claims "paid"; Stripe's API is the truth
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 422
+    assert response.json()["type"].endswith("/payment-not-confirmed")
+    assert await ingest.published(topics.PAYMENTS) == []
+    # Not recorded as processed: when Stripe retries after the payment settled, it is credited.
+    api.session(paid=True)
+    retry = await post(ingest, payload, signed(payload))
+    assert retry.status_code == 200, retry.text
+    assert len(await ingest.published(topics.PAYMENTS)) == 1
+
+
+async def test_an_object_stripe_does_not_know_is_not_confirmed(ingest: Ingest, api: FakeStripeApi) -> None:
+    payload = session_completed("cs_unknown")
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 422
+    assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_stripe_api_down_answers_502_and_the_retry_succeeds(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session()
+    api.down = True
+    payload = session_completed()
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 502
+    assert await ingest.published(topics.PAYMENTS) == []
+    api.down = False
+    assert (await post(ingest, payload, signed(payload))).status_code == 200
+    assert len(await ingest.published(topics.PAYMENTS)) == 1
+
+
+async def test_a_paid_session_without_tenant_metadata_is_unattributable(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session(metadata={"order_id": "order-42"})
+    payload = session_completed()
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 422
+    assert response.json()["type"].endswith("/payment-unattributable")
+    assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_two_events_for_one_payment_publish_one_notification(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session()
+    api.intent(metadata={"tenant": TENANT, "order_id": "order-42"})
+    first = session_completed()
+    second = event("payment_intent.succeeded", {"id": "pi_1", "object": "payment_intent"}, "evt_2")
+    assert (await post(ingest, first, signed(first))).json()["status"] == "published"
+    response = await post(ingest, second, signed(second))
+    assert response.status_code == 200
+    assert response.json()["status"] == "already_notified"
+    assert len(await ingest.published(topics.PAYMENTS)) == 1
+
+
+async def test_a_payment_intent_without_billing_metadata_is_ignored(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.intent()
+    payload = event("payment_intent.succeeded", {"id": "pi_1", "object": "payment_intent"})
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 200
+    assert response.json()["status"] == "ignored"
+    assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_a_succeeded_refund_is_attributed_through_its_checkout_session(ingest: Ingest,
+                                                                           api: FakeStripeApi) -> None:
+    api.session()
+    api.intent()  # created by Checkout: no metadata of its own
+    api.refund(amount=1050)
+    payload = event("refund.created", {"id": "re_1", "object": "refund"})
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 200, response.text
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["kind"], payment["order_id"], payment["gateway_reference"]) == ("refund_succeeded",
+                                                                                    "order-42", "re_1")
+    assert Decimal(payment["amount"]) == Decimal("10.50")
+
+
+async def test_a_pending_refund_is_not_confirmed(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.intent(metadata={"tenant": TENANT, "order_id": "order-42"})
+    api.refund(status="pending")
+    payload = event("refund.created", {"id": "re_1", "object": "refund"})
+    assert (await post(ingest, payload, signed(payload))).status_code == 422
+    assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_zero_decimal_currency_amounts_are_exact(ingest: Ingest, api: FakeStripeApi) -> None:
+    api.session(amount=500, currency="jpy")
+    payload = session_completed()
+    assert (await post(ingest, payload, signed(payload))).status_code == 200
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["amount"], payment["currency"]) == ("500", "JPY")
+
+
+async def test_other_event_types_are_acknowledged_once_and_publish_nothing(ingest: Ingest,
+                                                                          api: FakeStripeApi) -> None:
+    payload = event("customer.created", {"id": "cus_1", "object": "customer"})
+    response = await post(ingest, payload, signed(payload))
+    assert (response.status_code, response.json()["status"]) == (200, "ignored")
+    assert (await post(ingest, payload, signed(payload))).status_code == 409
+    assert await ingest.published(topics.PAYMENTS) == []
+    assert api.calls == []
+
+
+async def test_unknown_and_disabled_gateways_are_404_problems(ingest: Ingest) -> None:
+    for name in ("nope", "razorpay"):  # razorpay exists but is not enabled here
+        response = await ingest.http.post(f"/v1/webhooks/{name}", content=b"{}")
+        assert response.status_code == 404
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["type"].endswith("/unknown-gateway")
+
+
+async def test_an_oversized_body_is_refused_before_verification(ingest: Ingest) -> None:
+    body = b"x" * (SETTINGS.webhook_body_bytes_max + 1)
+    response = await ingest.http.post("/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": "t=1"})
+    assert response.status_code == 413

@@ -1,0 +1,62 @@
+"""The catalogue aggregate: immutable versions, plan versioning (grandfathering), idempotent publish."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from eventsourcing.application import Application
+
+from billing_ledger.domain.catalog import Catalog, InvalidCatalog
+
+DOC: dict[str, Any] = {
+    "meters": [{"code": "api_calls"}],
+    "plans": [{"code": "pro", "name": "Pro", "currency": "USD", "base_fee": "49.00",
+               "charges": [{"meter": "api_calls", "included": "1000",
+                            "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}}]}],
+    "packages": [{"code": "p100", "name": "100 credits", "unit": "USD", "credits": "100", "bonus_credits": "10",
+                  "price": "100", "currency": "USD"}],
+}
+
+
+def test_same_content_twice_is_one_version() -> None:
+    catalog = Catalog()
+    assert catalog.publish(document=DOC, digest="d1", published_by="admin") is True
+    assert catalog.publish(document=DOC, digest="d1", published_by="admin") is False
+    assert catalog.catalog_version == 1
+
+
+def test_a_changed_plan_gets_the_next_version_and_the_old_one_stays() -> None:
+    catalog = Catalog()
+    catalog.publish(document=DOC, digest="d1", published_by="admin")
+    unrelated = copy.deepcopy(DOC)
+    unrelated["meters"].append({"code": "storage_gb"})
+    catalog.publish(document=unrelated, digest="d2", published_by="admin")
+    assert catalog.document["plans"][0]["version"] == 1  # unchanged plan keeps its version
+    repriced = copy.deepcopy(unrelated)
+    repriced["plans"][0]["base_fee"] = "59.00"
+    catalog.publish(document=repriced, digest="d3", published_by="admin")
+    assert catalog.document["plans"][0]["version"] == 2
+    assert catalog.plan("pro", 1)["base_fee"] == "49.00"  # grandfathered subscriptions read this
+    assert catalog.plan("pro", 2)["base_fee"] == "59.00"
+    app = Application[Any]()
+    app.save(catalog)
+    replayed = app.repository.get(catalog.id)
+    assert replayed.plan("pro", 1) == catalog.plan("pro", 1) and replayed.catalog_version == 3
+
+
+def test_packages_show_effective_credits_and_cost_per_credit() -> None:
+    catalog = Catalog()
+    catalog.publish(document=DOC, digest="d1", published_by="admin")
+    package = catalog.document["packages"][0]
+    assert (package["effective_credits"], package["cost_per_credit"]) == ("110", "0.909091")
+
+
+def test_an_invalid_catalogue_is_refused_without_an_event() -> None:
+    catalog = Catalog()
+    bad = copy.deepcopy(DOC)
+    bad["plans"][0]["charges"][0]["meter"] = "nope"
+    with pytest.raises(InvalidCatalog, match="unknown meter"):
+        catalog.publish(document=bad, digest="x", published_by="admin")
+    assert catalog.catalog_version == 0 and len(catalog.collect_events()) == 1  # only Created

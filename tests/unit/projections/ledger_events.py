@@ -1,0 +1,170 @@
+"""Real ledger events for projection tests: the ledger's own aggregate and relay, in memory.
+
+Tests drive ``BillingAccount`` through every kind of movement, save it in an in-memory eventsourcing
+application and turn the recorded events into ``billing.ledger.events`` records exactly as the relay
+does, so the projections see the same JSON they see in production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid5, NAMESPACE_URL
+
+from billing_events import ids, topics
+from billing_events.money import SUBUNITS_PER_UNIT
+from billing_ledger.application import LedgerApplication
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.catalog import Catalog
+from billing_ledger.relay import to_message
+from billing_runtime.bus import OutMessage, Record, partition_for
+
+U = SUBUNITS_PER_UNIT
+T0 = datetime(2026, 10, 30, 12, 0, tzinfo=UTC)
+PARTITIONS = 6
+
+
+def uid(*parts: object) -> UUID:
+    return uuid5(NAMESPACE_URL, "/test/" + "/".join(str(p) for p in parts))
+
+
+class Ledger:
+    """An in-memory ledger whose events can be relayed as records, partitioned like Kafka does."""
+
+    def __init__(self) -> None:
+        self.app = LedgerApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+        self.accounts: dict[str, BillingAccount] = {}
+        self._relayed = 0
+        self._offsets: dict[int, int] = {}
+
+    def open(self, tenant: str, currency: str = "USD", threshold: int | None = None) -> BillingAccount:
+        account = BillingAccount.open(tenant, currency, low_balance_threshold=threshold, opened_by="admin@test")
+        self.accounts[tenant] = account
+        return account
+
+    def save(self, *aggregates: Any) -> None:
+        self.app.save(*aggregates)
+
+    def publish_catalog(self, document: dict[str, Any]) -> None:
+        try:
+            catalog = self.app.repository.get(ids.catalog_id())
+        except Exception:
+            catalog = Catalog()
+        catalog.publish(document=document, digest=str(hash(repr(document))), published_by="cli:test")
+        self.save(catalog)
+
+    def messages(self) -> list[OutMessage]:
+        """Events recorded since the last call, as the relay would publish them."""
+        found = self.app.process_recorder.select_notifications(self._relayed + 1, 1_000_000)
+        if found:
+            self._relayed = found[-1].id
+        return [to_message(self.app, n) for n in found]
+
+    def records(self, messages: Iterable[OutMessage] | None = None) -> list[Record]:
+        """Messages -> records with per-partition offsets (a re-sent message gets a new offset, like Kafka)."""
+        out: list[Record] = []
+        for m in self.messages() if messages is None else messages:
+            part = partition_for(m.key, PARTITIONS)
+            offset = self._offsets.get(part, 0)
+            self._offsets[part] = offset + 1
+            out.append(Record(topics.LEDGER_EVENTS, part, offset, m.key.encode(), m.value, m.headers))
+        return out
+
+
+def by_partition(records: Iterable[Record]) -> dict[int, list[Record]]:
+    parts: dict[int, list[Record]] = {}
+    for r in records:
+        parts.setdefault(r.partition, []).append(r)
+    return parts
+
+
+def usage_cause(event_id: str, quantity: str, **properties: str) -> dict[str, Any]:
+    return {"event_ids": [event_id], "quantity": quantity, "period": "2026-11", "catalog_version": 1,
+            "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.20"},
+            "properties": dict(properties), "user": properties.get("user")}
+
+
+DEMO_CATALOG = {
+    "credit_units": {"CREDIT": {"scale": 2}},
+    "meters": [
+        {"code": "api_calls", "name": "API calls", "unit_of_measure": "call", "aggregation": "sum"},
+        {"code": "ai_tokens", "name": "AI tokens", "unit_of_measure": "token", "aggregation": "sum"},
+    ],
+}
+
+
+def full_scenario(ledger: Ledger, tenant: str = "acme") -> BillingAccount:
+    """One account through every movement kind: purchase, promotion, usage (incl. AI, overage, give-back),
+    holds (captured, released, expired), expiry, void, refund, adjustments, settlement, low balance."""
+    ledger.publish_catalog(DEMO_CATALOG)
+    a = ledger.open(tenant, threshold=50 * U)
+    purchase, promo, expiring = uid(tenant, "purchase"), uid(tenant, "promo"), uid(tenant, "expiring")
+    a.grant_credit(grant_id=purchase, unit="USD", amount=100 * U, effective_at=T0, expires_at=None, scope=None,
+                   source="purchase", cause={"payment_id": "pi_123", "order_id": "ord_1"},
+                   granted_by="service:payments", tax_amount=20 * U)
+    a.grant_credit(grant_id=promo, unit="USD", amount=10 * U, effective_at=T0, expires_at=T0 + timedelta(days=60),
+                   scope=["api_calls"], source="promotion", cause={"code": "WELCOME"}, granted_by="admin@test")
+    a.grant_credit(grant_id=expiring, unit="USD", amount=5 * U, effective_at=T0, expires_at=T0 + timedelta(days=3),
+                   scope=None, source="manual", cause={}, granted_by="finance@test", priority=5)
+    a.grant_credit(grant_id=uid(tenant, "credits"), unit="CREDIT", amount=1000 * U, effective_at=T0,
+                   expires_at=None, scope=None, source="plan_recurrence", cause={"plan": "pro"},
+                   granted_by="service:subscriptions")
+    # October usage, then November usage (month boundary at T0 + 2 days).
+    a.debit_usage(command_id=uid(tenant, "u1"), unit="USD", amount=4 * U + 600_000_000, meter="api_calls",
+                  at=T0, overage_policy="overage", cause=usage_cause("evt-1", "23", user="alice"))
+    a.debit_usage(command_id=uid(tenant, "u2"), unit="USD", amount=2_400, meter="ai_tokens",
+                  at=T0 + timedelta(days=2), overage_policy="overage",
+                  cause=usage_cause("evt-2", "1200", model="gpt-large", operation="chat", user="bob",
+                                    input_tokens="1000", output_tokens="150", cached_tokens="50"))
+    a.debit_usage(command_id=uid(tenant, "u3"), unit="USD", amount=600, meter="ai_tokens",
+                  at=T0 + timedelta(days=2, hours=1), overage_policy="overage",
+                  cause=usage_cause("evt-3", "300", model="gpt-small", operation="embed", user="alice",
+                                    token_class="input"))
+    a.debit_usage(command_id=uid(tenant, "u4"), unit="CREDIT", amount=250 * U, meter="api_calls",
+                  at=T0 + timedelta(days=2), overage_policy="overage", cause=usage_cause("evt-4", "5"))
+    hold1, hold2, hold3 = uid(tenant, "h1"), uid(tenant, "h2"), uid(tenant, "h3")
+    a.place_hold(hold_id=hold1, unit="USD", amount=3 * U, meter=None, expires_at=T0 + timedelta(days=2, hours=5),
+                 at=T0 + timedelta(days=2))
+    a.capture_hold(hold_id=hold1, amount=2 * U, at=T0 + timedelta(days=2, hours=1))
+    a.place_hold(hold_id=hold2, unit="USD", amount=1 * U, meter="api_calls",
+                 expires_at=T0 + timedelta(days=2, hours=5), at=T0 + timedelta(days=2))
+    a.release_hold(hold_id=hold2, at=T0 + timedelta(days=2, hours=2))
+    a.place_hold(hold_id=hold3, unit="USD", amount=7 * U, meter=None, expires_at=T0 + timedelta(days=2, hours=3),
+                 at=T0 + timedelta(days=2))
+    a.expire_holds(T0 + timedelta(days=2, hours=4))
+    a.place_hold(hold_id=uid(tenant, "h4"), unit="USD", amount=U, meter=None,
+                 expires_at=T0 + timedelta(days=30), at=T0 + timedelta(days=2, hours=4))  # stays active
+    a.expire_grants(T0 + timedelta(days=3))
+    a.void_grant(grant_id=promo, reason="campaign ended", voided_by="admin@test", at=T0 + timedelta(days=3))
+    a.refund_grant(grant_id=purchase, amount=10 * U, refund_id=uid(tenant, "refund"), at=T0 + timedelta(days=3),
+                   cause={"payment_id": "re_9", "user": "finance@test"}, tax_amount=2 * U)
+    a.adjust(adjustment_id=uid(tenant, "adj+"), unit="USD", amount=3 * U, reason="goodwill", user="finance@test",
+             at=T0 + timedelta(days=3))
+    a.adjust(adjustment_id=uid(tenant, "adj-"), unit="USD", amount=-1 * U, reason="correction", user="finance@test",
+             at=T0 + timedelta(days=3))
+    # Spend past the credit: the rest is overage (receivable), then part of it is settled, then a give-back.
+    a.debit_usage(command_id=uid(tenant, "u5"), unit="USD", amount=100 * U, meter="api_calls",
+                  at=T0 + timedelta(days=3), overage_policy="overage", cause=usage_cause("evt-5", "500", user="bob"))
+    a.settle_receivable(settlement_id=uid(tenant, "settle"), unit="USD", amount=5 * U, at=T0 + timedelta(days=4),
+                        cause={"payment_id": "pi_settle"})
+    a.debit_usage(command_id=uid(tenant, "u6"), unit="USD", amount=-U, meter="api_calls",
+                  at=T0 + timedelta(days=4), overage_policy="overage", cause=usage_cause("evt-6", "0"))
+    a.debit_usage(command_id=uid(tenant, "u7"), unit="USD", amount=U, meter="api_calls",
+                  at=T0 + timedelta(days=4), overage_policy="block", cause=usage_cause("evt-7", "5"))
+    ledger.save(a)
+    return a
+
+
+def simple_account(ledger: Ledger, tenant: str, grant: int = 100 * U, debits: int = 0, price: int = U // 5,
+                   start: datetime = T0) -> BillingAccount:
+    """An account with one promotional grant and ``debits`` usage debits of ``price`` each."""
+    a = ledger.open(tenant)
+    a.grant_credit(grant_id=uid(tenant, "welcome"), unit="USD", amount=grant, effective_at=start, expires_at=None,
+                   scope=None, source="promotion", cause={}, granted_by="cli:test")
+    for i in range(debits):
+        a.debit_usage(command_id=uid(tenant, "d", i), unit="USD", amount=price, meter="api_calls",
+                      at=start + timedelta(seconds=i), overage_policy="overage",
+                      cause=usage_cause(f"e-{i}", "1", user=f"user-{i % 3}"))
+    ledger.save(a)
+    return a
