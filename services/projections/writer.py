@@ -61,6 +61,12 @@ class Table:
     def columns(self) -> dict[str, Kind]:
         return {name: spec.kind for name, spec in self.column_specs.items()}
 
+    @cached_property
+    def required(self) -> frozenset[str]:
+        """Columns a new row must be given (NOT NULL, no default): rows without them can only be updated."""
+        return frozenset(name for name, spec in self.column_specs.items()
+                         if spec.kind is Kind.VALUE and "NOT NULL" in spec.sql)
+
     def default(self, column: str) -> Any:
         kind = self.column_specs[column].kind
         return 0 if kind is Kind.INT_SUM else "0" if kind is Kind.DEC_SUM else None
@@ -170,9 +176,17 @@ def _decimal_text(value: Decimal) -> str:
 
 async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Row]) -> None:
     columns = list(table.key) + list(table.columns)
-    shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
+    upserts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
+    updates: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
     for key in sorted(rows, key=_sort_key):
         row = rows[key]
+        shape = (tuple(sorted(row.set)), tuple(sorted(row.add)))
+        if table.required and not table.required <= set(row.init) | set(row.set):
+            # Not enough to create the row (e.g. a grant's balance change): it exists already, update it.
+            if row.set or row.add:
+                updates.setdefault(shape, []).append(
+                    [_text(table, c, row.set[c]) for c in shape[0]] + [row.add[c] for c in shape[1]] + list(key))
+            continue
         values = dict(zip(table.key, key, strict=True))
         for column in table.columns:
             if column in row.set:
@@ -183,16 +197,21 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
                 values[column] = row.init[column]
             else:
                 values[column] = table.default(column)
-        shape = (tuple(sorted(row.set)), tuple(sorted(row.add)))
-        shapes.setdefault(shape, []).append([_text(table, c, values[c]) for c in columns])
-    for (set_columns, add_columns), params in shapes.items():
-        updates = [f"{c} = excluded.{c}" for c in set_columns]
-        updates += [f"{c} = {table.name}.{c} + excluded.{c}" for c in add_columns]
+        upserts.setdefault(shape, []).append([_text(table, c, values[c]) for c in columns])
+    for (set_columns, add_columns), params in upserts.items():
+        changes = [f"{c} = excluded.{c}" for c in set_columns]
+        changes += [f"{c} = {table.name}.{c} + excluded.{c}" for c in add_columns]
         placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
-        action = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
-        sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
-               f"ON CONFLICT ({', '.join(table.key)}) {action}")
-        await conn.executemany(sql, params)
+        action = f"DO UPDATE SET {', '.join(changes)}" if changes else "DO NOTHING"
+        await conn.executemany(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
+            f"ON CONFLICT ({', '.join(table.key)}) {action}", params)
+    for (set_columns, add_columns), params in updates.items():
+        changes = [f"{c} = ${i + 1}" for i, c in enumerate(set_columns)]
+        changes += [f"{c} = {c} + ${len(set_columns) + i + 1}" for i, c in enumerate(add_columns)]
+        first_key = len(set_columns) + len(add_columns) + 1
+        where = " AND ".join(f"{c} = ${first_key + i}" for i, c in enumerate(table.key))
+        await conn.executemany(f"UPDATE {table.name} SET {', '.join(changes)} WHERE {where}", params)
 
 
 def _sort_key(key: tuple[Any, ...]) -> tuple[str, ...]:

@@ -76,5 +76,5 @@ class Ingest:
 
 
 async def published(bus: EmbeddedBus, topic: str) -> list[dict[str, Any]]:
-    rows = await bus._db.fetch('SELECT value FROM messages WHERE topic = $1 ORDER BY partition, "offset"', topic)
+    rows = await bus._db.fetch('SELECT value FROM messages WHERE topic = $1 ORDER BY rowid', topic)
     return [json.loads(bytes(r["value"])) for r in rows]

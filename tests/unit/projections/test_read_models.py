@@ -1,0 +1,178 @@
+"""Every read model, fed the ledger's real events, agrees with the ledger's own aggregate."""
+
+from __future__ import annotations
+
+import json
+import random
+from decimal import Decimal
+from pathlib import Path
+
+from billing_projections import ai_usage, balances, figures, history, usage_monthly
+from billing_projections.service import ProjectionService
+from billing_runtime.db import SqliteDatabase
+from tests.unit.projections.conftest import apply, dump
+from tests.unit.projections.ledger_events import U, Ledger, full_scenario, simple_account
+
+
+async def test_wallet_and_grant_balances_equal_the_ledger(service: ProjectionService) -> None:
+    ledger = Ledger()
+    account = full_scenario(ledger)
+    await apply(service, ledger.records())
+    wallets = {w["unit"]: w for w in await balances.wallets(service.db, "acme")}
+    for unit in ("USD", "CREDIT"):
+        assert int(wallets[unit]["balance"]) == account.balance(unit), unit
+        assert int(wallets[unit]["held"]) == account.held(unit), unit
+        assert int(wallets[unit]["receivable"]) == account.receivable(unit), unit
+    assert wallets["USD"]["low_balance_threshold"] == 50 * U
+    assert wallets["USD"]["low_balance_reached_at"] is not None and wallets["USD"]["low_balance_alerts"] == 1
+    grants = {g["grant_id"]: g for g in await balances.grants(service.db, "acme")}
+    expected = {g["grant_id"]: g for g in account.grant_balances()}
+    assert set(grants) == set(expected)
+    for gid, g in expected.items():
+        assert int(grants[gid]["remaining"]) == g["remaining"], g
+        assert grants[gid]["status"] == g["status"], g
+        assert int(grants[gid]["refunded"]) == g["refunded"]
+
+
+async def test_history_has_every_movement_with_cause_and_user(service: ProjectionService) -> None:
+    ledger = Ledger()
+    account = full_scenario(ledger)
+    await apply(service, ledger.records())
+    rows = await history.page(service.db, tenant="acme", limit=1000)
+    types = [r["type"] for r in reversed(rows)]
+    assert types[:4] == ["purchase", "grant", "grant", "grant"]
+    for expected in ("usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
+                     "hold_captured", "hold_released", "hold_expired", "receivable_settled"):
+        assert expected in types, expected
+    # The rows of a unit sum to the wallet's balance and held credit, exactly.
+    for unit in ("USD", "CREDIT"):
+        assert sum(int(r["wallet_delta"]) for r in rows if r["unit"] == unit) == account.balance(unit)
+        assert sum(int(r["held_delta"]) for r in rows if r["unit"] == unit) == account.held(unit)
+    purchase = next(r for r in rows if r["type"] == "purchase")
+    assert purchase["payment_id"] == "pi_123" and purchase["user_id"] == "service:payments"
+    first_usage = next(r for r in reversed(rows) if r["type"] == "usage")
+    assert json.loads(first_usage["event_ids"]) == ["evt-1"] and first_usage["user_id"] == "alice"
+    assert first_usage["quantity"] == "23" and first_usage["meter"] == "api_calls"
+    adjustment = next(r for r in rows if r["type"] == "adjustment")
+    assert adjustment["user_id"] == "finance@test" and adjustment["detail"] in ("goodwill", "correction")
+    positions = [r["position"] for r in rows]
+    assert positions == sorted(positions, reverse=True)
+    filtered = await history.page(service.db, tenant="acme", types=["usage"], meter="ai_tokens", user="bob",
+                                  limit=100)
+    assert [json.loads(r["event_ids"]) for r in filtered] == [["evt-2"]]
+
+
+async def test_monthly_summaries_split_by_month_and_meter(service: ProjectionService) -> None:
+    ledger = Ledger()
+    full_scenario(ledger)
+    await apply(service, ledger.records())
+    rows = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter=None, offset=0,
+                                         limit=100)
+    got = {(r["period"], r["meter"], r["unit"]): (r["quantity"], int(r["cost"]), int(r["events"])) for r in rows}
+    assert got[("2026-10", "api_calls", "USD")] == ("23", 4 * U + 600_000_000, 1)
+    # November: 500 + 0 (give-back) calls; 100 USD debit minus a 1 USD give-back.
+    assert got[("2026-11", "api_calls", "USD")] == ("500", 99 * U, 2)
+    assert got[("2026-11", "ai_tokens", "USD")] == ("1500", 3_000, 2)
+    assert got[("2026-11", "api_calls", "CREDIT")] == ("5", 250 * U, 1)
+    assert got[("2026-11", "holds", "USD")] == ("0", 2 * U, 1)
+    november = await usage_monthly.summaries(service.db, tenant="acme", year=2026, month=11, meter="ai_tokens",
+                                             offset=0, limit=100)
+    assert [(r["meter"], r["quantity"]) for r in november] == [("ai_tokens", "1500")]
+
+
+async def test_ai_usage_by_model_operation_and_user(service: ProjectionService) -> None:
+    ledger = Ledger()
+    full_scenario(ledger)
+    await apply(service, ledger.records())
+    by_model = await ai_usage.summary(service.db, tenant="acme", period="2026-11", year_prefix=None,
+                                      group_by=("model",))
+    got = {r["model"]: r for r in by_model}
+    assert (got["gpt-large"]["input_tokens"], got["gpt-large"]["output_tokens"],
+            got["gpt-large"]["cached_tokens"], got["gpt-large"]["tokens"]) == (1000, 150, 50, 1200)
+    assert got["gpt-large"]["cost"] == 2_400
+    assert (got["gpt-small"]["input_tokens"], got["gpt-small"]["tokens"], got["gpt-small"]["cost"]) == (300, 300, 600)
+    by_user = await ai_usage.summary(service.db, tenant="acme", period=None, year_prefix="2026-",
+                                     group_by=("operation", "user_id"))
+    assert {(r["operation"], r["user_id"]): r["tokens"] for r in by_user} == {("chat", "bob"): Decimal(1200),
+                                                                           ("embed", "alice"): Decimal(300)}
+
+
+async def test_dashboard_figures_per_day_and_month(service: ProjectionService) -> None:
+    ledger = Ledger()
+    full_scenario(ledger)
+    await apply(service, ledger.records())
+    months = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant=None, granularity="month",
+                                                                       since=None, until=None)}
+    october, november = months[("2026-10", "USD")], months[("2026-11", "USD")]
+    assert (october["top_ups"], october["tax_collected"], october["funds_in"]) == (100 * U, 20 * U, 120 * U)
+    assert october["promotional"] == 15 * U and october["consumed"] == 4 * U + 600_000_000
+    assert november["breakage"] == 5 * U - 0  # the 5 USD manual grant lapsed unspent (priority 5: drawn last)
+    assert (november["refunds"], november["tax_refunded"]) == (12 * U, 2 * U)
+    assert november["adjustments"] == 2 * U and november["settlements"] == 5 * U
+    assert november["consumed"] == 3_000 + 2 * U + 100 * U - U
+    assert months[("2026-10", "CREDIT")]["plan_grants"] == 1000 * U
+    days = await figures.series(service.db, tenant="acme", granularity="day", since="2026-11-01", until="2026-11-02",
+                                unit="USD")
+    assert [d["bucket"] for d in days] == ["2026-11-01"]
+
+
+async def test_replays_and_re_relayed_events_change_nothing(service: ProjectionService) -> None:
+    ledger = Ledger()
+    full_scenario(ledger)
+    records = ledger.records()
+    await apply(service, records)
+    before = await dump(service.db)
+    await apply(service, records)  # the same records again (a consumer restarted from older offsets)
+    # The ledger's relay crashed after publishing: the same events again, at new offsets.
+    messages = [m for m in ledger.messages()]  # nothing new
+    assert messages == []
+    rerelayed = ledger.records([_as_message(r) for r in records])
+    await apply(service, rerelayed)
+    after = await dump(service.db)
+    positions_before = before.pop("positions")
+    positions_after = after.pop("positions")
+    assert before == after
+    assert [p[3] for p in positions_before] == [p[3] for p in positions_after]  # same last ledger position
+
+
+async def test_batch_boundaries_do_not_change_any_row(tmp_path: Path) -> None:
+    ledger = Ledger()
+    full_scenario(ledger, "acme")
+    for i in range(5):
+        simple_account(ledger, f"t{i}", debits=40)
+    records = ledger.records()
+    dumps = []
+    rng = random.Random(7)
+    for name, batch in (("one", 1), ("all", 10_000), ("random", 0)):
+        db = await SqliteDatabase(tmp_path / f"{name}.sqlite").connect()
+        service = ProjectionService(db)
+        await service.setup()
+        if batch:
+            await apply(service, records, batch=batch)
+        else:
+            from tests.unit.projections.ledger_events import by_partition
+            for part in by_partition(records).values():
+                start = 0
+                while start < len(part):
+                    size = rng.randint(1, 30)
+                    await service.handle_ledger_events(part[start:start + size])
+                    start += size
+        dumps.append(await dump(db))
+        await db.close()
+    assert dumps[0] == dumps[1] == dumps[2]
+
+
+async def test_schema_version_change_drops_and_replays(service: ProjectionService) -> None:
+    ledger = Ledger()
+    simple_account(ledger, "acme", debits=3)
+    await apply(service, ledger.records())
+    await service.db.execute("UPDATE projection_meta SET value = 'old' WHERE name = 'schema_version'")
+    await service.setup()
+    assert await service.db.fetchval("SELECT COUNT(*) FROM transactions") == 0
+    assert await service.start_positions("billing.ledger.events", [0, 1]) == {0: 0, 1: 0}
+
+
+def _as_message(record):  # type: ignore[no-untyped-def]
+    from billing_runtime.bus import OutMessage
+
+    return OutMessage(record.topic, record.key.decode(), record.value, record.headers)
