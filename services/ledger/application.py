@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,12 +28,16 @@ from billing_ledger.aggregate_cache import AggregateCache
 from billing_ledger.bulk_reads import event_reader
 from billing_ledger.domain.account import LedgerError
 from billing_ledger.domain.allocation import AllocationError
+from billing_ledger.domain.invoice import InvoiceError
+from billing_ledger.domain.roster import RosterError
+from billing_ledger.domain.subscription import SubscriptionError
 from billing_ledger.domain.receipt import CommandReceipt
 from billing_ledger.limits import AGGREGATE_CACHE_AGGREGATES_MAX
+from billing_ledger.transcoder import OrjsonTranscoder
 from billing_runtime.logging import get_logger
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import ProcessRecorder, Tracking
+from eventsourcing.persistence import ProcessRecorder, StoredEvent, Tracking, Transcoder
 
 log = get_logger(__name__)
 
@@ -101,20 +107,46 @@ class CommandRejected(Exception):
 class _Batch:
     """The aggregates of one transaction: loaded once (in bulk), shared by every command of the batch."""
 
-    def __init__(self, app: LedgerApplication, tracking: Tracking | None) -> None:
+    def __init__(self, app: LedgerApplication, tracking: Tracking | None, after: _Batch | None = None) -> None:
         self.app = app
         self.processing = ProcessingEvent[UUID](tracking=tracking)
         self.loaded: dict[UUID, Aggregate | None] = {}
         self.receipts: set[UUID] = set()  # receipts recorded by this batch
+        # The batch before this one when they are pipelined (apply_chunks): it may still be committing, so
+        # its aggregates are taken over from it, not read from the store, and its receipts count too.
+        self.after = after
+        self.committing: Future[None] | None = None
+        self.results: list[CommandResult] = []
+        self.stored: list[StoredEvent] = []
         self.now = datetime.now(UTC)  # when this batch's receipts were recorded
         # Pending-event counts of the aggregates the current command touched, when it first touched them.
         self.touched: dict[UUID, int] = {}
 
     def prefetch(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID]) -> None:
-        self.loaded.update(self.app.load_many(aggregate_ids, receipt_ids))
+        wanted = [i for i in aggregate_ids if not self._take_from_previous(i)]
+        self.loaded.update(self.app.load_many(wanted, receipt_ids))
+
+    def _take_from_previous(self, aggregate_id: UUID) -> bool:
+        if self.after is None or self.after.loaded.get(aggregate_id) is None:
+            return False
+        aggregate = self.after.loaded.pop(aggregate_id)
+        if isinstance(aggregate, CommandReceipt):
+            self.after.loaded[aggregate_id] = aggregate
+            return False
+        self.loaded[aggregate_id] = aggregate
+        return True
+
+    def is_duplicate(self, command_id: UUID) -> bool:
+        return (command_id in self.receipts or self.loaded.get(command_id) is not None
+                or (self.after is not None and command_id in self.after.receipts))
+
+    def wait_for_previous(self) -> None:
+        """Blocks until the previous pipelined batch is durable (raises if its commit failed)."""
+        if self.after is not None and self.after.committing is not None:
+            self.after.committing.result()
 
     def get(self, aggregate_id: UUID) -> Any:
-        if aggregate_id not in self.loaded:
+        if aggregate_id not in self.loaded and not self._take_from_previous(aggregate_id):
             self.loaded.update(self.app.load_many([aggregate_id], ()))
         aggregate = self.loaded[aggregate_id]
         if aggregate is not None and aggregate_id not in self.touched:
@@ -126,6 +158,27 @@ class _Batch:
         self.touched.setdefault(aggregate.id, 0)
 
     def begin_command(self) -> None:
+        self.touched = {}
+
+    def rollback(self) -> None:
+        """Undoes what the current command did to the batch's aggregates (it was rejected half-way).
+
+        Each touched aggregate is rebuilt from its stored state plus the events earlier commands of this
+        batch left pending; aggregates the command created are dropped. Only rejections pay for this.
+        """
+        self.wait_for_previous()  # the stored state must include the previous pipelined batch
+        for aggregate_id, mark in self.touched.items():
+            aggregate = self.loaded.get(aggregate_id)
+            if aggregate is None or len(aggregate.pending_events) == mark:
+                continue
+            keep = list(aggregate.pending_events[:mark])
+            stored_version = aggregate.version - len(aggregate.pending_events)
+            rebuilt = self.app.load_many([aggregate_id])[aggregate_id] if stored_version > 0 else None
+            for pending in keep:
+                rebuilt = pending.mutate(rebuilt)
+            if rebuilt is not None:
+                rebuilt._pending_events = keep  # noqa: SLF001 - eventsourcing keeps them here
+            self.loaded[aggregate_id] = rebuilt
         self.touched = {}
 
     def command_changed_something(self) -> bool:
@@ -153,6 +206,12 @@ class LedgerApplication(Application[UUID]):
         super().__init__(env)
         self.cache = AggregateCache(AGGREGATE_CACHE_AGGREGATES_MAX)
         self.reader = event_reader(self.recorder)
+        self._commit_executor: ThreadPoolExecutor | None = None
+
+    def construct_transcoder(self) -> Transcoder:
+        transcoder = OrjsonTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     def construct_recorder(self) -> ProcessRecorder:
         # A process recorder writes Tracking in the same transaction as the events (a plain application
@@ -212,18 +271,68 @@ class LedgerApplication(Application[UUID]):
         may retry with the same id once the cause is fixed). Raises eventsourcing's ``IntegrityError`` when
         another writer recorded one of the aggregates first: nothing was written, the caller retries.
         """
-        batch = _Batch(self, tracking)
-        batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
-        results = [self._apply_one(batch, command, record_rejections) for command in commands]
-        batch.collect()
-        if batch.processing.events or tracking is not None:
-            self._record(batch.processing)
+        batch = self._prepare(commands, tracking, record_rejections)
+        self._commit(batch)
         batch.return_to_cache()
+        return batch.results
+
+    def apply_chunks(self, chunks: Sequence[tuple[Sequence[LedgerCommand], Tracking | None]]
+                     ) -> list[CommandResult]:
+        """Applies each chunk as its own transaction, in order, preparing chunk k+1 while chunk k commits.
+
+        Python (domain, encoding) and PostgreSQL (insert, commit) then work at the same time, on two cores.
+        Chunk k+1 starts from chunk k's aggregates before k is durable; if k's commit fails, k+1 is thrown
+        away unrecorded and the error raised: every chunk before k is committed with its own ``Tracking``
+        position, so a retry resumes exactly there.
+        """
+        results: list[CommandResult] = []
+        previous: _Batch | None = None
+        try:
+            for commands, tracking in chunks:
+                batch = self._prepare(commands, tracking, True, after=previous)
+                if previous is not None:
+                    assert previous.committing is not None
+                    previous.committing.result()
+                    previous.return_to_cache()
+                batch.after = None  # durable now: nothing more to take from it
+                batch.committing = self._committer().submit(self._commit, batch)
+                results += batch.results
+                previous = batch
+            if previous is not None:
+                assert previous.committing is not None
+                previous.committing.result()
+                previous.return_to_cache()
+        finally:
+            if previous is not None and previous.committing is not None:
+                concurrent.futures.wait([previous.committing])  # never leave a commit running behind
         return results
+
+    def _committer(self) -> ThreadPoolExecutor:
+        if self._commit_executor is None:
+            self._commit_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit")
+        return self._commit_executor
+
+    def close(self) -> None:
+        if self._commit_executor is not None:
+            self._commit_executor.shutdown(wait=True)
+        super().close()
+
+    def _prepare(self, commands: Sequence[LedgerCommand], tracking: Tracking | None, record_rejections: bool,
+                 after: _Batch | None = None) -> _Batch:
+        batch = _Batch(self, tracking, after)
+        batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
+        batch.results = [self._apply_one(batch, command, record_rejections) for command in commands]
+        batch.collect()
+        batch.stored = [self.mapper.to_stored_event(e) for e in batch.processing.events]
+        return batch
+
+    def _commit(self, batch: _Batch) -> None:
+        if batch.stored or batch.processing.tracking is not None:
+            self.recorder.insert_events(batch.stored, tracking=batch.processing.tracking)
 
     def _apply_one(self, batch: _Batch, command: LedgerCommand, record_rejections: bool) -> CommandResult:
         receipt = batch.loaded.get(command.command_id)
-        if command.command_id in batch.receipts or receipt is not None:
+        if batch.is_duplicate(command.command_id):
             first = receipt.outcome if isinstance(receipt, CommandReceipt) else None
             reason = receipt.reason if isinstance(receipt, CommandReceipt) else None
             return CommandResult(command.command_id, "duplicate", reason, first_outcome=first)
@@ -236,11 +345,13 @@ class LedgerApplication(Application[UUID]):
             try:
                 value = handler(self, batch, command)
             except CommandRejected as exc:
+                batch.rollback()
                 outcome, reason, detail = "rejected", exc.reason, exc.detail
                 log.info("command_rejected", kind=command.kind, tenant=command.tenant, reason=exc.reason,
                          detail=exc.detail)
-            except (LedgerError, AllocationError) as exc:
-                # Domain checks run before any event is triggered, so the aggregate is unchanged.
+            except (LedgerError, AllocationError, SubscriptionError, RosterError, InvoiceError) as exc:
+                # A domain check refused it; whatever earlier steps of this command changed is undone.
+                batch.rollback()
                 outcome, reason, detail = "rejected", _snake(type(exc).__name__), str(exc)
                 log.info("command_rejected", kind=command.kind, tenant=command.tenant, reason=reason,
                          detail=str(exc))
@@ -278,4 +389,4 @@ def jsonable(value: Any) -> Any:
 
 
 # Handler modules register themselves on import (one module per group of command kinds).
-from billing_ledger import account_commands, catalog_commands  # noqa: F401
+from billing_ledger import account_commands, catalog_commands, subscription_commands  # noqa: E402,F401

@@ -1,10 +1,11 @@
 """Read model: AI usage per tenant, month, model, operation and user: tokens per class and cost.
 
-An AI usage debit is one whose rated usage event carried a ``model`` property (the rating ``cause`` keeps
-the event's properties and quantity). Token counts come from the event, in either shape upstream services
-send: per-class properties (``input_tokens``, ``output_tokens``, ``cached_tokens``; ``tokens`` is their
-sum), or one class per event (``token_class`` = input | output | cached, the event's quantity being the
-tokens). Cost is the debit's amount for the whole event.
+An AI usage debit is one whose rated usage event carried a ``model`` (the rating ``cause`` keeps the
+event's model, operation, user, properties, quantity and, for AI meters, the token counts per class it
+priced: ``tokens = {"input": .., "output": .., "cached_input": ..}``). Without that map the counts come
+from the event's properties (``input_tokens``, ``output_tokens``, ``cached_input_tokens``), or from a
+``token_class`` property, and else the quantity is input tokens, as rating prices it. ``tokens`` is the
+sum over classes. Cost is the debit's amount for the whole event.
 """
 
 from __future__ import annotations
@@ -26,17 +27,27 @@ TABLES = (AI_USAGE,)
 TOKEN_CLASSES = ("input", "output", "cached")
 # Property names upstream services use for per-class token counts.
 _CLASS_PROPERTIES = {
-    "input": ("input_tokens", "prompt_tokens", "tokens_input"),
-    "output": ("output_tokens", "completion_tokens", "tokens_output"),
-    "cached": ("cached_tokens", "cached_input_tokens", "tokens_cached"),
+    "input": ("input_tokens", "prompt_tokens"),
+    "output": ("output_tokens", "completion_tokens"),
+    "cached": ("cached_input_tokens", "cached_tokens"),
 }
 _CLASS_NAMES = {"input": "input", "prompt": "input", "output": "output", "completion": "output",
                 "cached": "cached", "cached_input": "cached", "cache": "cached"}
 
 
-def tokens_by_class(properties: dict[str, Any], quantity: Decimal) -> tuple[dict[str, Decimal], Decimal]:
+def tokens_by_class(cause: dict[str, Any], properties: dict[str, Any], quantity: Decimal
+                    ) -> tuple[dict[str, Decimal], Decimal]:
     """(tokens per known class, total tokens) of one usage event."""
     found: dict[str, Decimal] = {}
+    priced = cause.get("tokens")
+    if isinstance(priced, dict):
+        for name, count in priced.items():
+            token_class = _CLASS_NAMES.get(str(name).lower())
+            number = decimal_or_none(count)
+            if token_class and number is not None:
+                found[token_class] = found.get(token_class, Decimal(0)) + number
+        if found:
+            return found, sum(found.values(), Decimal(0))
     for token_class, names in _CLASS_PROPERTIES.items():
         for name in names:
             count = decimal_or_none(properties.get(name))
@@ -45,7 +56,7 @@ def tokens_by_class(properties: dict[str, Any], quantity: Decimal) -> tuple[dict
                 break
     if found:
         return found, sum(found.values(), Decimal(0))
-    named = _CLASS_NAMES.get(str(properties.get("token_class") or properties.get("token_type") or "").lower())
+    named = _CLASS_NAMES.get(str(properties.get("token_class") or properties.get("token_type") or "input").lower())
     return ({named: quantity} if named else {}), quantity
 
 
@@ -58,10 +69,10 @@ def project(fact: Fact, w: BatchWriter) -> None:
     if not model:
         return
     quantity = decimal_or_none(cause.get("quantity")) or Decimal(0)
-    per_class, total = tokens_by_class(properties, quantity)
+    per_class, total = tokens_by_class(cause, properties, quantity)
     add: dict[str, Any] = {f"{c}_tokens": per_class[c] for c in TOKEN_CLASSES if c in per_class}
     add.update(tokens=total, cost=int(fact.data["amount"]), events=1)
-    key = (fact.tenant, month_of(fact.occurred_at), model, first_text(properties.get("operation")),
+    key = (fact.tenant, month_of(fact.occurred_at), model, first_text(cause.get("operation"), properties.get("operation")),
            first_text(cause.get("user"), properties.get("user")), str(fact.data["unit"]))
     w.upsert(AI_USAGE, key, add=add, set={"last_position": fact.position})
 

@@ -26,7 +26,7 @@ CSV = {200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with ?for
 TRANSACTION_COLUMNS = ("position", "occurred_at", "recorded_at", "type", "unit", "amount", "wallet_delta",
                        "held_delta", "meter", "quantity", "user", "event_ids", "payment_id", "grant_id", "hold_id",
                        "reference", "detail", "cause")
-MONTHLY_COLUMNS = ("tenant", "year", "month", "meter", "meter_name", "unit_of_measure", "quantity", "unit", "cost",
+MONTHLY_COLUMNS = ("tenant", "year", "month", "meter", "usage_type", "meter_name", "unit_of_measure", "quantity", "unit", "cost",
                    "events")
 AI_COLUMNS = ("model", "operation", "user", "input_tokens", "output_tokens", "cached_tokens", "tokens", "unit",
               "cost", "events")

@@ -85,7 +85,8 @@ class MonthlyUsage(BaseModel):
     tenant: str
     year: int
     month: int
-    meter: str = Field(description="Usage type (meter code)")
+    meter: str = Field(description="Meter code")
+    usage_type: str | None = Field(description="Reporting category of the meter, e.g. ai, compute, storage")
     meter_name: str | None
     unit_of_measure: str | None
     quantity: str

@@ -1,6 +1,7 @@
 """Read model: monthly usage summaries per tenant (organisation), month and meter (usage type).
 
-A usage debit adds its metered quantity (from the rating decision in its ``cause``) and its cost (the
+Rows are keyed by meter; each also names the meter's reporting category (``usage_type`` from the rating
+decision, e.g. ai, compute). A usage debit adds its metered quantity (from the rating decision in its ``cause``) and its cost (the
 debit's amount; give-backs are negative) to the month of its usage time (UTC). A captured hold is
 consumption too: its cost is added under its meter (``holds`` when it had none), with no quantity.
 """
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from billing_projections.facts import Fact, decimal_or_none, month_of
+from billing_projections.facts import Fact, decimal_or_none, first_text, month_of
 from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
 from billing_runtime.db import Database
 
 USAGE_MONTHLY = Table("usage_monthly", {"tenant": "TEXT", "period": "TEXT", "meter": "TEXT", "unit": "TEXT"}, {
-    "quantity": DEC_SUM, "cost": INT_SUM, "events": INT_SUM, "last_position": value("BIGINT"),
+    "usage_type": value("TEXT"), "quantity": DEC_SUM, "cost": INT_SUM, "events": INT_SUM,
+    "last_position": value("BIGINT"),
 }, indexes=("period, tenant",))
 TABLES = (USAGE_MONTHLY,)
 
@@ -31,9 +33,10 @@ def project(fact: Fact, w: BatchWriter) -> None:
         quantity, meter = 0, str(fact.data.get("meter") or HOLD_METER)
     else:
         return
+    usage_type = first_text(fact.cause.get("usage_type")) or meter
     w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at), meter, str(fact.data["unit"])),
              add={"quantity": quantity, "cost": int(fact.data["amount"]), "events": 1},
-             set={"last_position": fact.position})
+             set={"usage_type": usage_type, "last_position": fact.position})
 
 
 def period(year: int | None, month: int | None) -> tuple[str | None, str | None]:
@@ -50,7 +53,7 @@ async def summaries(db: Database, *, tenant: str | None, year: int | None, month
     where, args = _filters(tenant, year, month, meter)
     args += [limit, offset]
     return await db.fetch(
-        "SELECT tenant, period, meter, unit, quantity, cost, events FROM usage_monthly "
+        "SELECT tenant, period, meter, unit, usage_type, quantity, cost, events FROM usage_monthly "
         f"{where} ORDER BY period DESC, tenant, meter, unit LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
 
 

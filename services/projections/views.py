@@ -117,7 +117,7 @@ def monthly_view(row: dict[str, Any], units: Units, meters: dict[str, dict[str, 
     year, month = row["period"].split("-")
     return {
         "tenant": row["tenant"], "year": int(year), "month": int(month), "meter": row["meter"],
-        "meter_name": meter.get("name"), "unit_of_measure": meter.get("unit_of_measure"),
+        "usage_type": row["usage_type"], "meter_name": meter.get("name"), "unit_of_measure": meter.get("unit_of_measure"),
         "quantity": decimal_text(row["quantity"]), "unit": row["unit"], "cost": units.fmt(row["cost"], row["unit"]),
         "events": int(row["events"]),
     }

@@ -3,10 +3,11 @@
     DATABASE_URL=postgresql://billing:billing@127.0.0.1:55432/billing \\
         .venv/bin/python tests/bench/bench_ledger.py [--debits 50000] [--batch 500] [--holds 2000]
 
-1. **Usage debits/s**: ``usage.debit`` commands committed through ``LedgerApplication.apply_commands`` in
-   batches (one transaction each, with its Kafka ``Tracking`` position), spread over ``--tenants``
-   accounts, exactly what the Kafka consumer does after decoding. Decoding the JSON records
-   (``LedgerCommand.model_validate_json``) is measured separately. Target: >= 10,000 debits/s.
+1. **Usage debits/s**: ``usage.debit`` commands committed in transactions of ``--batch`` commands (each
+   with its Kafka ``Tracking`` position), spread over ``--tenants`` accounts: first one
+   ``LedgerApplication.apply_commands`` call per transaction, then ``apply_chunks``, which prepares the
+   next transaction while the previous one commits (what the Kafka consumer uses). Decoding the JSON
+   records (``LedgerCommand.model_validate_json``) is measured separately. Target: >= 10,000 debits/s.
 2. **Hold decisions**: ``POST /v1/accounts/{tenant}/holds`` through the real HTTP stack (uvicorn on a free
    port, httpx client) at a fixed offered rate (``--hold-rate``, default 200/s), each hold a one-command
    transaction; latency measured at the client. Target: p99 < 5 ms. Then the same while a thread keeps
@@ -60,19 +61,24 @@ def debit_records(tenants: list[str], count: int, run: str) -> list[bytes]:
     ]
 
 
-def bench_debits(app: LedgerApplication, tenants: list[str], debits: int, batch: int) -> dict[str, float]:
+def bench_debits(app: LedgerApplication, tenants: list[str], debits: int, batch: int, pipelined: bool,
+                 partition: int) -> dict[str, float]:
     records = debit_records(tenants, debits, uuid.uuid4().hex[:8])
     started = time.perf_counter()
     commands = [LedgerCommand.model_validate_json(r) for r in records]
     decode_seconds = time.perf_counter() - started
+    name = f"kafka:bench:{partition}"
     # Warm-up batch (connections, prepared statements, cache), not timed.
-    app.apply_commands(commands[:batch], Tracking("kafka:bench:0", batch))
+    app.apply_commands(commands[:batch], Tracking(name, batch))
+    chunks = [(commands[start:start + batch], Tracking(name, start + len(commands[start:start + batch])))
+              for start in range(batch, len(commands), batch)]
     started = time.perf_counter()
-    for start in range(batch, len(commands), batch):
-        chunk = commands[start:start + batch]
-        results = app.apply_commands(chunk, Tracking("kafka:bench:0", start + len(chunk)))
-        assert all(r.outcome == "applied" for r in results), results[:3]
+    if pipelined:
+        results = app.apply_chunks(chunks)
+    else:
+        results = [r for chunk, tracking in chunks for r in app.apply_commands(chunk, tracking)]
     seconds = time.perf_counter() - started
+    assert len(results) == len(commands) - batch and all(r.outcome == "applied" for r in results), results[:3]
     return {"debits_per_second": (len(commands) - batch) / seconds,
             "decode_per_second": len(records) / decode_seconds}
 
@@ -149,9 +155,12 @@ def main() -> None:
     try:
         tenants = [f"bench-{i}" for i in range(args.tenants)]
         setup_accounts(app, tenants)
-        debits = bench_debits(app, tenants, args.debits, args.batch)
-        print(f"usage debits: {debits['debits_per_second']:,.0f}/s committed (batches of {args.batch}, "
-              f"{args.tenants} accounts); decoding {debits['decode_per_second']:,.0f} records/s")
+        for pipelined, partition in ((False, 0), (True, 1)):
+            debits = bench_debits(app, tenants, args.debits, args.batch, pipelined, partition)
+            how = "apply_chunks (pipelined)" if pipelined else "apply_commands"
+            print(f"usage debits via {how}: {debits['debits_per_second']:,.0f}/s committed "
+                  f"(transactions of {args.batch}, {args.tenants} accounts); "
+                  f"decoding {debits['decode_per_second']:,.0f} records/s")
         if args.holds:
             quiet = asyncio.run(bench_holds(app, tenants, args.holds, args.hold_rate))
             print(f"holds at {args.hold_rate:.0f}/s: p50 {quiet['p50_ms']:.2f} ms, p99 {quiet['p99_ms']:.2f} ms, "
@@ -164,7 +173,7 @@ def main() -> None:
                     chunk = [LedgerCommand.model_validate_json(r)
                              for r in debit_records(tenants, args.batch, uuid.uuid4().hex[:8])]
                     offset += len(chunk)
-                    app.apply_commands(chunk, Tracking("kafka:bench:1", offset))
+                    app.apply_commands(chunk, Tracking("kafka:bench:2", offset))
                     time.sleep(0.05)  # ~ a few thousand debits/s alongside the holds
 
             loader = threading.Thread(target=usage_load, daemon=True)

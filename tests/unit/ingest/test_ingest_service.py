@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from billing_events import topics
@@ -73,3 +73,67 @@ async def test_every_rejection_is_dead_lettered_with_its_payload(tmp_path: Path)
     assert [o.status for o in outcomes] == ["rejected", "accepted"]
     letters = await published(bus, topics.USAGE_REJECTED)
     assert [(d["reason"], d["payload"]) for d in letters] == [("invalid_json", "{bad")]
+
+
+async def test_a_large_batch_is_deduplicated_in_one_pass_across_statement_chunks(tmp_path: Path) -> None:
+    service, bus = await make(tmp_path)
+    await service.process([(usage(f"pre-{i}"), f"t:{i}") for i in range(0, 1500, 3)])  # every third, known
+    batch = [(usage(f"pre-{i}"), f"u:{i}") for i in range(1500)] + [(usage("pre-1"), "u:again")]
+    outcomes = await service.process(batch)
+    statuses = [o.status for o in outcomes]
+    assert statuses[:1500] == ["duplicate" if i % 3 == 0 else "accepted" for i in range(1500)]
+    assert statuses[1500] == "duplicate"  # a duplicate inside the batch
+    accepted = await published(bus, topics.USAGE_ACCEPTED)
+    assert sorted(a["event"]["id"] for a in accepted) == sorted(f"pre-{i}" for i in range(1500))
+
+
+class FailingBus:
+    def __init__(self, inner: EmbeddedBus) -> None:
+        self.inner = inner
+        self.fail_next = False
+
+    async def publish(self, messages: list[object]) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("broker unavailable")
+        await self.inner.publish(messages)  # type: ignore[arg-type]
+
+
+async def test_a_batch_whose_publish_fails_is_forgotten_and_accepted_on_redelivery(tmp_path: Path) -> None:
+    service, bus = await make(tmp_path)
+    failing = FailingBus(bus)
+    service.bus = failing  # type: ignore[assignment]
+    failing.fail_next = True
+    try:
+        await service.process([(usage("f1"), "t:0")])
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the publish failure must reach the consumer, which redelivers the batch")
+    assert await service.db.fetch("SELECT * FROM seen_events") == []
+    assert [o.status for o in await service.process([(usage("f1"), "t:0")])] == ["accepted"]
+    assert [a["event"]["id"] for a in await published(bus, topics.USAGE_ACCEPTED)] == ["f1"]
+
+
+async def test_cleanup_forgets_keys_older_than_the_window_and_is_bounded_per_run(tmp_path: Path) -> None:
+    service, _bus = await make(tmp_path)
+    service.settings = Settings(data_dir=tmp_path, dedup_cleanup_rows_max=4, dedup_cleanup_rows_per_run_max=10)
+    old = (datetime.now(UTC) - timedelta(days=service.settings.dedup_window_days + 2)).isoformat()
+    recent = datetime.now(UTC).isoformat()
+    async with service.db.transaction() as conn:
+        await conn.executemany("INSERT INTO seen_events (tenant, event_id, event_time, published) "
+                               "VALUES ('acme', $1, $2, 1)", [(f"old-{i}", old) for i in range(25)]
+                               + [(f"new-{i}", recent) for i in range(5)])
+    assert await service.cleanup_once() == 10  # bounded per run
+    assert await service.cleanup_once() == 10
+    assert await service.cleanup_once() == 5
+    assert await service.cleanup_once() == 0
+    left = await service.db.fetch("SELECT event_id FROM seen_events ORDER BY event_id")
+    assert [r["event_id"] for r in left] == [f"new-{i}" for i in range(5)]
+
+
+async def test_an_event_whose_key_was_forgotten_comes_back_too_old_never_accepted(tmp_path: Path) -> None:
+    service, _bus = await make(tmp_path)
+    stale = json.dumps({"id": "s", "tenant": "acme", "meter": "api_calls", "quantity": "1",
+                        "timestamp": (datetime.now(UTC) - timedelta(days=36)).isoformat()}).encode()
+    assert [o.reason for o in await service.process([(stale, "t:0")])] == ["too_old"]

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from billing_projections.service import ProjectionService
 from billing_projections.store import ALL_TABLES
 from billing_runtime.bus import Record
 from billing_runtime.db import Database, SqliteDatabase
+
 from tests.unit.projections.ledger_events import by_partition
 
 

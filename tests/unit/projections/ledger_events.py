@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID, uuid5, NAMESPACE_URL
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids, topics
 from billing_events.money import SUBUNITS_PER_UNIT
@@ -19,6 +19,7 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.relay import to_message
 from billing_runtime.bus import OutMessage, Record, partition_for
+from eventsourcing.application import AggregateNotFoundError
 
 U = SUBUNITS_PER_UNIT
 T0 = datetime(2026, 10, 30, 12, 0, tzinfo=UTC)
@@ -49,7 +50,7 @@ class Ledger:
     def publish_catalog(self, document: dict[str, Any]) -> None:
         try:
             catalog = self.app.repository.get(ids.catalog_id())
-        except Exception:
+        except AggregateNotFoundError:
             catalog = Catalog()
         catalog.publish(document=document, digest=str(hash(repr(document))), published_by="cli:test")
         self.save(catalog)
@@ -79,10 +80,13 @@ def by_partition(records: Iterable[Record]) -> dict[int, list[Record]]:
     return parts
 
 
-def usage_cause(event_id: str, quantity: str, **properties: str) -> dict[str, Any]:
+def usage_cause(event_id: str, quantity: str, extra: dict[str, Any] | None = None, **properties: str
+                ) -> dict[str, Any]:
+    """A debit's cause as rating writes it (services/rating/service.py ``_debit``)."""
     return {"event_ids": [event_id], "quantity": quantity, "period": "2026-11", "catalog_version": 1,
-            "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.20"},
-            "properties": dict(properties), "user": properties.get("user")}
+            "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.20"}, "usage_type": "api",
+            "properties": dict(properties), "user": properties.get("user"), "model": properties.get("model"),
+            "operation": properties.get("operation"), **(extra or {})}
 
 
 DEMO_CATALOG = {
@@ -115,12 +119,13 @@ def full_scenario(ledger: Ledger, tenant: str = "acme") -> BillingAccount:
                   at=T0, overage_policy="overage", cause=usage_cause("evt-1", "23", user="alice"))
     a.debit_usage(command_id=uid(tenant, "u2"), unit="USD", amount=2_400, meter="ai_tokens",
                   at=T0 + timedelta(days=2), overage_policy="overage",
-                  cause=usage_cause("evt-2", "1200", model="gpt-large", operation="chat", user="bob",
-                                    input_tokens="1000", output_tokens="150", cached_tokens="50"))
+                  cause=usage_cause("evt-2", "1200", {"usage_type": "ai", "tokens": {
+                      "input": "1000", "output": "150", "cached_input": "50"}}, model="gpt-large", operation="chat",
+                      user="bob", input_tokens="1000", output_tokens="150", cached_input_tokens="50"))
     a.debit_usage(command_id=uid(tenant, "u3"), unit="USD", amount=600, meter="ai_tokens",
                   at=T0 + timedelta(days=2, hours=1), overage_policy="overage",
-                  cause=usage_cause("evt-3", "300", model="gpt-small", operation="embed", user="alice",
-                                    token_class="input"))
+                  cause=usage_cause("evt-3", "300", {"usage_type": "ai"}, model="gpt-small", operation="embed",
+                                    user="alice"))
     a.debit_usage(command_id=uid(tenant, "u4"), unit="CREDIT", amount=250 * U, meter="api_calls",
                   at=T0 + timedelta(days=2), overage_policy="overage", cause=usage_cause("evt-4", "5"))
     hold1, hold2, hold3 = uid(tenant, "h1"), uid(tenant, "h2"), uid(tenant, "h3")

@@ -10,8 +10,9 @@ from pathlib import Path
 from billing_projections import ai_usage, balances, figures, history, usage_monthly
 from billing_projections.service import ProjectionService
 from billing_runtime.db import SqliteDatabase
+
 from tests.unit.projections.conftest import apply, dump
-from tests.unit.projections.ledger_events import U, Ledger, full_scenario, simple_account
+from tests.unit.projections.ledger_events import Ledger, U, full_scenario, simple_account
 
 
 async def test_wallet_and_grant_balances_equal_the_ledger(service: ProjectionService) -> None:

@@ -21,7 +21,7 @@ async def test_merged_batch_equals_one_by_one(tmp_path: Path) -> None:
         ("a", {"i": "second"}, None, {"n": 3, "q": Decimal("1.25")}),
         ("b", None, {"s": "y"}, None),
         ("a", None, {"s": "z", "n": 10}, {"n": 1}),
-        ("b", None, None, {"q": Decimal("-2")}),
+        ("b", None, None, {"q": Decimal(-2)}),
     ]
     results = []
     for split in (1, len(ops)):

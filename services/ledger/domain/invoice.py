@@ -1,0 +1,138 @@
+"""Invoices and credit notes: draft -> finalized (sequential, gap-free number per issuer) -> paid or void.
+
+Numbers come from an ``InvoiceSequence`` aggregate per issuer and year. Finalizing records the sequence's
+next number and the invoice's ``Finalized`` event in ONE transaction: if it fails nothing is recorded (no
+gap), and two finalizations racing for the same number conflict on the sequence's version (optimistic
+concurrency), so one retries with the next number (no duplicate).
+
+Amounts on lines are decimal strings rounded once per line to the currency's minor unit (half-up, see
+``billing_events.money.round_minor``); the total is the sum of the rounded lines.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+from billing_events.money import RATING_CONTEXT, currency, round_minor
+
+DRAFT, FINALIZED, PAID, VOID = "draft", "finalized", "paid", "void"
+INVOICE, CREDIT_NOTE = "invoice", "credit_note"
+LINE_KINDS = frozenset({"base_fee", "usage", "credits_applied", "overage", "proration", "discount", "tax",
+                        "top_up", "adjustment"})
+
+
+def invoice_id(tenant: str, key: str) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/invoices/{tenant}/{key}")
+
+
+def sequence_id(issuer: str, year: int, prefix: str) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/invoice-sequences/{issuer}/{prefix}/{year}")
+
+
+def line(kind: str, description: str, amount: Decimal, unit: str, *, quantity: str | None = None,
+         unit_amount: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One invoice line, rounded once to the currency's minor unit."""
+    if kind not in LINE_KINDS:
+        raise InvoiceError(f"unknown line kind {kind!r}")
+    rounded = round_minor(amount, currency(unit))
+    return {"kind": kind, "description": description, "quantity": quantity, "unit_amount": unit_amount,
+            "amount": str(rounded), "exact_amount": str(amount), **extra}
+
+
+class Invoice(Aggregate):
+    @staticmethod
+    def create_id(tenant: str, key: str) -> UUID:
+        return invoice_id(tenant, key)
+
+    @event("Drafted")
+    def __init__(self, tenant: str, key: str, document_type: str, currency: str, lines: list[dict[str, Any]],
+                 period_start: datetime | None, period_end: datetime | None, subscription_id: str | None,
+                 related_invoice: str | None, at: datetime, by: str) -> None:
+        self.tenant = tenant
+        self.key = key
+        self.document_type = document_type
+        self.currency = currency
+        self.lines = list(lines)
+        self.period_start = period_start
+        self.period_end = period_end
+        self.subscription_id = subscription_id
+        self.related_invoice = related_invoice
+        self.status = DRAFT
+        self.number: str | None = None
+
+    @property
+    def total(self) -> Decimal:
+        total = Decimal(0)
+        for item in self.lines:
+            total = RATING_CONTEXT.add(total, Decimal(item["amount"]))
+        return total
+
+    def add_lines(self, lines: list[dict[str, Any]], *, by: str) -> None:
+        if self.status != DRAFT:
+            raise InvoiceError("lines can only be added to a draft")
+        if lines:
+            self._lines_added(lines=lines, by=by)
+
+    @event("LinesAdded")
+    def _lines_added(self, lines: list[dict[str, Any]], by: str) -> None:
+        self.lines.extend(lines)
+
+    def finalize(self, *, number: str, issued_at: datetime, due_at: datetime, by: str) -> None:
+        if self.status != DRAFT:
+            raise InvoiceError(f"invoice is {self.status}, not a draft")
+        self._finalized(number=number, issued_at=issued_at, due_at=due_at, total=str(self.total), by=by)
+
+    @event("Finalized")
+    def _finalized(self, number: str, issued_at: datetime, due_at: datetime, total: str, by: str) -> None:
+        self.status = FINALIZED
+        self.number = number
+
+    def mark_paid(self, *, at: datetime, payment: str, by: str) -> None:
+        if self.status != FINALIZED:
+            raise InvoiceError(f"invoice is {self.status}; only a finalized invoice can be paid")
+        self._paid(at=at, payment=payment, by=by)
+
+    @event("Paid")
+    def _paid(self, at: datetime, payment: str, by: str) -> None:
+        self.status = PAID
+
+    def void(self, *, at: datetime, reason: str, by: str) -> None:
+        if self.status not in (DRAFT, FINALIZED):
+            raise InvoiceError(f"invoice is {self.status}; it cannot be voided")
+        self._voided(at=at, reason=reason, by=by)
+
+    @event("Voided")
+    def _voided(self, at: datetime, reason: str, by: str) -> None:
+        self.status = VOID
+
+
+class InvoiceSequence(Aggregate):
+    """Gap-free numbers per issuer and year: ``INV-2026-000123`` (credit notes: ``CN-2026-000007``)."""
+
+    @staticmethod
+    def create_id(issuer: str, year: int, prefix: str) -> UUID:
+        return sequence_id(issuer, year, prefix)
+
+    @event("Created")
+    def __init__(self, issuer: str, year: int, prefix: str) -> None:
+        self.issuer = issuer
+        self.year = year
+        self.prefix = prefix
+        self.last = 0
+
+    def next_number(self, *, invoice: UUID) -> str:
+        self._assigned(number=self.last + 1, invoice=str(invoice))
+        return f"{self.prefix}-{self.year}-{self.last:06d}"
+
+    @event("NumberAssigned")
+    def _assigned(self, number: int, invoice: str) -> None:
+        self.last = number
+
+
+class InvoiceError(ValueError):
+    pass

@@ -1,0 +1,68 @@
+"""What a subscription change costs, pure: the same function feeds the invoice preview and the change.
+
+Base fees are ``plan.base_fee x quantity`` per period. A mid-period change credits the unused part of the
+old fee and charges the rest of the period at the new fee, both prorated to the second; a cadence change
+(monthly <-> annual) credits the unused old period and starts a new full period now. During a trial
+nothing has been billed, so nothing is prorated. An immediate cancellation credits the unused part.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from billing_events.money import RATING_CONTEXT
+from billing_ledger.domain.invoice import line
+from billing_ledger.domain.periods import period_end, proration_fraction
+from billing_ledger.domain.subscription import TRIALING
+
+
+def base_fee(plan: dict[str, Any], quantity: int) -> Decimal:
+    return RATING_CONTEXT.multiply(Decimal(str(plan.get("base_fee", "0"))), Decimal(quantity))
+
+
+def _label(plan: dict[str, Any], quantity: int) -> str:
+    return f"{plan['name']} v{plan['version']} x {quantity}"
+
+
+def quote_change(*, status: str, plan: dict[str, Any], quantity: int, period_start: datetime,
+                 period_end_at: datetime, time_zone: str, new_plan: dict[str, Any], new_quantity: int,
+                 at: datetime) -> list[dict[str, Any]]:
+    if status == TRIALING:
+        return []
+    unit = plan["currency"]
+    fraction = proration_fraction(period_start, period_end_at, at)
+    old_fee = base_fee(plan, quantity)
+    new_fee = base_fee(new_plan, new_quantity)
+    lines = []
+    unused = RATING_CONTEXT.multiply(old_fee, fraction)
+    if unused:
+        lines.append(line("proration", f"Unused time on {_label(plan, quantity)}", -unused, unit,
+                          fraction=str(fraction)))
+    if new_plan["cadence"] != plan["cadence"]:
+        end = period_end(at, new_plan["cadence"], at.day, time_zone)
+        lines.append(line("base_fee", f"{_label(new_plan, new_quantity)} from {at.date()} to {end.date()}",
+                          new_fee, unit, quantity=str(new_quantity), unit_amount=str(new_plan.get("base_fee", "0"))))
+    else:
+        remaining = RATING_CONTEXT.multiply(new_fee, fraction)
+        if remaining:
+            lines.append(line("proration", f"Remaining time on {_label(new_plan, new_quantity)}", remaining, unit,
+                              fraction=str(fraction)))
+    return lines
+
+
+def quote_cancel(*, status: str, plan: dict[str, Any], quantity: int, period_start: datetime,
+                 period_end_at: datetime, at: datetime) -> list[dict[str, Any]]:
+    if status == TRIALING:
+        return []
+    unused = RATING_CONTEXT.multiply(base_fee(plan, quantity), proration_fraction(period_start, period_end_at, at))
+    if not unused:
+        return []
+    return [line("proration", f"Unused time on {_label(plan, quantity)} (canceled)", -unused, plan["currency"])]
+
+
+def period_fee_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime) -> dict[str, Any]:
+    return line("base_fee", f"{_label(plan, quantity)} from {start.date()} to {end.date()}",
+                base_fee(plan, quantity), plan["currency"], quantity=str(quantity),
+                unit_amount=str(plan.get("base_fee", "0")))

@@ -1,0 +1,128 @@
+"""An account's subscription roster and payment methods; a workspace's billing accounts.
+
+The roster enforces the limit of live subscriptions per billing account (3 by default, configurable), and
+remembers what trial eligibility needs (any subscription ever, trial ever used). Payment methods are the
+gateway's tokens only (no card data is ever stored): up to 5, the first is the default, the others are
+backups in order.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+PAYMENT_METHODS_MAX = 5
+
+
+def roster_id(tenant: str) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/accounts/{tenant}/roster")
+
+
+def workspace_id(workspace: str) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/workspaces/{workspace}")
+
+
+class Roster(Aggregate):
+    @staticmethod
+    def create_id(tenant: str) -> UUID:
+        return roster_id(tenant)
+
+    @event("Created")
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.live: list[str] = []
+        self.ever_subscribed = False
+        self.trial_used = False
+        self.payment_methods: list[dict[str, Any]] = []
+
+    def admit(self, *, subscription_id: UUID, limit: int, trial: bool, at: datetime) -> None:
+        if str(subscription_id) in self.live:
+            raise RosterError("this subscription is already live")
+        if len(self.live) >= limit:
+            raise SubscriptionLimitReached(
+                f"a billing account supports at most {limit} live subscriptions; open another billing account "
+                "for more distinct invoices")
+        self._admitted(subscription_id=str(subscription_id), trial=trial, at=at)
+
+    @event("SubscriptionAdmitted")
+    def _admitted(self, subscription_id: str, trial: bool, at: datetime) -> None:
+        self.live.append(subscription_id)
+        self.ever_subscribed = True
+        self.trial_used = self.trial_used or trial
+
+    def release(self, *, subscription_id: UUID, at: datetime) -> None:
+        if str(subscription_id) in self.live:
+            self._released(subscription_id=str(subscription_id), at=at)
+
+    @event("SubscriptionReleased")
+    def _released(self, subscription_id: str, at: datetime) -> None:
+        self.live.remove(subscription_id)
+
+    def trial_eligible(self, workspace_accounts: int) -> bool:
+        """Seed 004: exactly one billing account in the workspace, no prior or live subscription, no trial used."""
+        return workspace_accounts == 1 and not self.ever_subscribed and not self.trial_used
+
+    # -- payment methods (gateway tokens only) -----------------------------------------------------------------
+
+    def add_payment_method(self, *, method_id: str, gateway: str, label: str, make_default: bool, at: datetime,
+                           by: str) -> None:
+        if any(m["method_id"] == method_id for m in self.payment_methods):
+            raise RosterError(f"payment method {method_id!r} is already on the account")
+        if len(self.payment_methods) >= PAYMENT_METHODS_MAX:
+            raise RosterError(f"at most {PAYMENT_METHODS_MAX} payment methods per billing account")
+        self._method_added(method_id=method_id, gateway=gateway, label=label,
+                           make_default=make_default or not self.payment_methods, at=at, by=by)
+
+    @event("PaymentMethodAdded")
+    def _method_added(self, method_id: str, gateway: str, label: str, make_default: bool, at: datetime,
+                      by: str) -> None:
+        method = {"method_id": method_id, "gateway": gateway, "label": label}
+        if make_default:
+            self.payment_methods.insert(0, method)
+        else:
+            self.payment_methods.append(method)
+
+    def remove_payment_method(self, *, method_id: str, at: datetime, by: str) -> None:
+        if not any(m["method_id"] == method_id for m in self.payment_methods):
+            raise RosterError(f"unknown payment method {method_id!r}")
+        self._method_removed(method_id=method_id, at=at, by=by)
+
+    @event("PaymentMethodRemoved")
+    def _method_removed(self, method_id: str, at: datetime, by: str) -> None:
+        self.payment_methods = [m for m in self.payment_methods if m["method_id"] != method_id]
+
+    @property
+    def default_payment_method(self) -> dict[str, Any] | None:
+        return self.payment_methods[0] if self.payment_methods else None
+
+
+class Workspace(Aggregate):
+    """The billing accounts of one workspace (trial eligibility needs exactly one)."""
+
+    @staticmethod
+    def create_id(workspace: str) -> UUID:
+        return workspace_id(workspace)
+
+    @event("Created")
+    def __init__(self, workspace: str) -> None:
+        self.workspace = workspace
+        self.accounts: list[str] = []
+
+    def add_account(self, tenant: str) -> None:
+        if tenant not in self.accounts:
+            self._account_added(tenant=tenant)
+
+    @event("AccountAdded")
+    def _account_added(self, tenant: str) -> None:
+        self.accounts.append(tenant)
+
+
+class RosterError(ValueError):
+    pass
+
+
+class SubscriptionLimitReached(RosterError):
+    pass

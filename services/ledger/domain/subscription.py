@@ -1,0 +1,211 @@
+"""Subscriptions: a billing account's commitment to one published plan version, with a quantity.
+
+Lifecycle: trialing -> active -> past_due -> canceled, plus paused <-> resumed. Every transition is an
+event carrying its cause (a user or ``system:...``). Money effects of a change (proration) are computed
+by ``billing_ledger.domain.proration`` from the same inputs for the preview and for the change itself, so
+a preview always equals the change actually made.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+from billing_ledger.domain.periods import period_end
+
+TRIALING, ACTIVE, PAST_DUE, PAUSED, CANCELED = "trialing", "active", "past_due", "paused", "canceled"
+LIVE = frozenset({TRIALING, ACTIVE, PAST_DUE, PAUSED})  # counts towards the account's subscription limit
+BILLABLE = frozenset({ACTIVE, PAST_DUE})
+
+
+def subscription_id(tenant: str, key: str) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/subscriptions/{tenant}/{key}")
+
+
+class Subscription(Aggregate):
+    @staticmethod
+    def create_id(tenant: str, key: str) -> UUID:
+        return subscription_id(tenant, key)
+
+    @classmethod
+    def start(cls, *, tenant: str, key: str, plan: dict[str, Any], quantity: int, time_zone: str, at: datetime,
+              trial: bool, by: str) -> Subscription:
+        if quantity < 1:
+            raise SubscriptionError("quantity must be at least 1")
+        trial_days = int(plan.get("trial_days", 0)) if trial else 0
+        anchor = at
+        end = period_end(anchor, plan["cadence"], anchor.day, time_zone)
+        trial_end = anchor + timedelta(days=trial_days) if trial_days else None
+        return cls(tenant=tenant, key=key, plan=plan, quantity=quantity, time_zone=time_zone, anchor_day=anchor.day,
+                   started_at=at, period_start=anchor, period_end=end, trial_end=trial_end,
+                   status=TRIALING if trial_end else ACTIVE, by=by)
+
+    @event("Started")
+    def __init__(self, tenant: str, key: str, plan: dict[str, Any], quantity: int, time_zone: str, anchor_day: int,
+                 started_at: datetime, period_start: datetime, period_end: datetime, trial_end: datetime | None,
+                 status: str, by: str) -> None:
+        self.tenant = tenant
+        self.key = key
+        self.plan = plan
+        self.quantity = quantity
+        self.time_zone = time_zone
+        self.anchor_day = anchor_day
+        self.started_at = started_at
+        self.period_start = period_start
+        self.period_end = period_end
+        self.trial_end = trial_end
+        self.status = status
+        self.cancel_at_period_end = False
+        self.recurring_grants: list[str] = []
+
+    # -- changes ---------------------------------------------------------------------------------------------
+
+    def _require(self, *statuses: str) -> None:
+        if self.status not in statuses:
+            raise InvalidTransition(f"subscription is {self.status}; this needs {' or '.join(statuses)}")
+
+    def change(self, *, plan: dict[str, Any], quantity: int, at: datetime, by: str, lines: list[dict[str, Any]]
+               ) -> None:
+        """Plan and/or quantity change at ``at``; ``lines`` are the proration lines (from the quote)."""
+        self._require(TRIALING, ACTIVE, PAST_DUE)
+        if quantity < 1:
+            raise SubscriptionError("quantity must be at least 1")
+        if plan["currency"] != self.plan["currency"]:
+            raise SubscriptionError("a plan change cannot change the currency")
+        if plan == self.plan and quantity == self.quantity:
+            raise SubscriptionError("nothing to change")
+        new_end = self.period_end
+        new_start = self.period_start
+        if plan["cadence"] != self.plan["cadence"]:
+            # A cadence change (monthly <-> annual) starts a new period now; the old one is prorated away.
+            new_start = at
+            new_end = period_end(at, plan["cadence"], at.day, self.time_zone)
+        self._changed(old_plan=self.plan, plan=plan, old_quantity=self.quantity, quantity=quantity, at=at, by=by,
+                      lines=lines, period_start=new_start, period_end=new_end,
+                      anchor_day=at.day if new_start == at else self.anchor_day)
+
+    @event("Changed")
+    def _changed(self, old_plan: dict[str, Any], plan: dict[str, Any], old_quantity: int, quantity: int,
+                 at: datetime, by: str, lines: list[dict[str, Any]], period_start: datetime, period_end: datetime,
+                 anchor_day: int) -> None:
+        self.plan = plan
+        self.quantity = quantity
+        self.period_start = period_start
+        self.period_end = period_end
+        self.anchor_day = anchor_day
+
+    def set_recurring_grants(self, grant_ids: list[str]) -> None:
+        self._grants_issued(grant_ids=grant_ids)
+
+    @event("RecurringGrantsIssued")
+    def _grants_issued(self, grant_ids: list[str]) -> None:
+        self.recurring_grants = list(grant_ids)
+
+    def pause(self, *, at: datetime, by: str) -> None:
+        self._require(ACTIVE, PAST_DUE)
+        self._paused(at=at, by=by)
+
+    @event("Paused")
+    def _paused(self, at: datetime, by: str) -> None:
+        self.status = PAUSED
+
+    def resume(self, *, at: datetime, by: str) -> None:
+        self._require(PAUSED)
+        self._resumed(at=at, by=by)
+
+    @event("Resumed")
+    def _resumed(self, at: datetime, by: str) -> None:
+        self.status = ACTIVE
+
+    def mark_past_due(self, *, at: datetime, reason: str, by: str) -> None:
+        self._require(ACTIVE)
+        self._past_due(at=at, reason=reason, by=by)
+
+    @event("PastDue")
+    def _past_due(self, at: datetime, reason: str, by: str) -> None:
+        self.status = PAST_DUE
+
+    def mark_paid(self, *, at: datetime, by: str) -> None:
+        if self.status == PAST_DUE:
+            self._recovered(at=at, by=by)
+
+    @event("Recovered")
+    def _recovered(self, at: datetime, by: str) -> None:
+        self.status = ACTIVE
+
+    def cancel(self, *, at: datetime, by: str, immediately: bool, lines: list[dict[str, Any]]) -> None:
+        self._require(TRIALING, ACTIVE, PAST_DUE, PAUSED)
+        if immediately:
+            self._canceled(at=at, by=by, reason="canceled", lines=lines)
+        else:
+            if self.cancel_at_period_end:
+                raise SubscriptionError("already set to cancel at the end of the period")
+            self._cancel_scheduled(at=at, by=by, cancel_at=self.period_end)
+
+    @event("CancelScheduled")
+    def _cancel_scheduled(self, at: datetime, by: str, cancel_at: datetime) -> None:
+        self.cancel_at_period_end = True
+
+    @event("Canceled")
+    def _canceled(self, at: datetime, by: str, reason: str, lines: list[dict[str, Any]]) -> None:
+        self.status = CANCELED
+
+    # -- time ------------------------------------------------------------------------------------------------
+
+    def end_trial(self, *, at: datetime, has_payment_method: bool) -> bool:
+        """At trial end: convert (True) with a default payment method, else end without billing (False)."""
+        self._require(TRIALING)
+        if self.trial_end is None or at < self.trial_end:
+            raise InvalidTransition("the trial has not ended yet")
+        if has_payment_method:
+            end = period_end(self.trial_end, self.plan["cadence"], self.trial_end.day, self.time_zone)
+            self._converted(at=at, by="system:trial", period_start=self.trial_end, period_end=end,
+                            anchor_day=self.trial_end.day)
+            return True
+        self._canceled(at=at, by="system:trial", reason="trial_ended_without_payment_method", lines=[])
+        return False
+
+    @event("TrialConverted")
+    def _converted(self, at: datetime, by: str, period_start: datetime, period_end: datetime, anchor_day: int) -> None:
+        self.status = ACTIVE
+        self.period_start = period_start
+        self.period_end = period_end
+        self.anchor_day = anchor_day
+
+    def renew(self, *, at: datetime) -> bool:
+        """Closes the current period if it has ended: renews, or cancels when so scheduled. Once per period."""
+        if self.status not in BILLABLE and self.status != PAUSED:
+            return False
+        if at < self.period_end:
+            return False
+        if self.cancel_at_period_end:
+            self._period_ended(period_start=self.period_start, period_end=self.period_end, next_start=None,
+                               next_end=None)
+            self._canceled(at=self.period_end, by="system:period_end", reason="canceled_at_period_end", lines=[])
+            return True
+        next_end = period_end(self.period_end, self.plan["cadence"], self.anchor_day, self.time_zone)
+        self._period_ended(period_start=self.period_start, period_end=self.period_end,
+                           next_start=self.period_end, next_end=next_end)
+        return True
+
+    @event("PeriodEnded")
+    def _period_ended(self, period_start: datetime, period_end: datetime, next_start: datetime | None,
+                      next_end: datetime | None) -> None:
+        if next_start is not None and next_end is not None:
+            self.period_start = next_start
+            self.period_end = next_end
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE
+
+
+class SubscriptionError(ValueError):
+    pass
+
+
+class InvalidTransition(SubscriptionError):
+    pass

@@ -1,0 +1,382 @@
+"""Ledger commands of subscriptions and invoices: ``subscription.*``, ``invoice.*``, ``payment_method.*``.
+
+Every change that touches several aggregates (subscription, roster, resource pools, the account's
+recurring credit grants, the invoice and its number sequence) happens in one command, so in one
+transaction: a plan change voids the old recurring grant and issues the new one atomically, and an
+invoice gets its gap-free number in the same transaction that finalizes it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from billing_events.messages import LedgerCommand
+from billing_events.money import RATING_CONTEXT, parse_decimal, to_subunits
+from billing_events.timeutil import parse_timestamp
+from billing_ledger.account_commands import account_of
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.domain.catalog import Catalog
+from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, Invoice, InvoiceSequence, invoice_id, line
+from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote_change
+from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
+from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
+
+INVOICE_DUE_DAYS = 14
+DEFAULT_ISSUER = "billing"
+
+
+def _at(command: LedgerCommand) -> datetime:
+    raw = command.payload.get("at")
+    return parse_timestamp(raw) if raw else command.issued_at
+
+
+def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
+    catalog = batch.get(Catalog.create_id())
+    if catalog is None:
+        raise CommandRejected("no_catalog", "no catalogue has been published")
+    if version is None:
+        current = next((p for p in catalog.document.get("plans", []) if p["code"] == code), None)
+        if current is None:
+            raise CommandRejected("unknown_plan", f"plan {code!r} is not in the current catalogue")
+        version = int(current["version"])
+    plan = catalog.plan(code, int(version))
+    if plan is None:
+        raise CommandRejected("unknown_plan", f"plan {code!r} has no version {version}")
+    return plan  # type: ignore[no-any-return]
+
+
+def _roster(batch: _Batch, tenant: str) -> Roster:
+    roster = batch.get(roster_id(tenant))
+    if roster is None:
+        roster = Roster(tenant=tenant)
+        batch.add(roster)
+    return roster  # type: ignore[no-any-return]
+
+
+def _subscription(batch: _Batch, tenant: str, key: str) -> Subscription:
+    subscription = batch.get(subscription_id(tenant, key))
+    if subscription is None:
+        raise CommandRejected("unknown_subscription", f"tenant {tenant!r} has no subscription {key!r}")
+    return subscription  # type: ignore[no-any-return]
+
+
+def _live_subscriptions(batch: _Batch, roster: Roster) -> list[Subscription]:
+    return [s for s in (batch.get(UUID(i)) for i in roster.live) if s is not None and s.status in LIVE]
+
+
+def _capacities(subscriptions: list[Subscription]) -> dict[str, int]:
+    """Pooled capacity: quantities of the same resource add up across the account's live subscriptions."""
+    pooled: dict[str, int] = {}
+    for sub in subscriptions:
+        for resource, per_unit in (sub.plan.get("resources") or {}).items():
+            pooled[resource] = pooled.get(resource, 0) + int(per_unit) * sub.quantity
+    return pooled
+
+
+def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[str, int], cause: str) -> None:
+    """Checks every pool first (capacity can't drop below current usage), then changes them."""
+    pools: dict[str, ResourcePool] = {}
+    for resource in sorted(set(before) | set(after)):
+        pool = batch.get(ResourcePool.create_id(tenant, resource))
+        capacity = after.get(resource, 0)
+        if pool is not None and not pool.can_reduce_to(capacity):
+            raise CommandRejected("capacity_below_usage",
+                                  f"{resource}: {pool.in_use} in use, the change would leave {capacity}")
+        if pool is not None:
+            pools[resource] = pool
+    for resource in sorted(set(before) | set(after)):
+        capacity = after.get(resource, 0)
+        pool = pools.get(resource)
+        if pool is None:
+            if capacity == 0:
+                continue
+            pool = ResourcePool.open(tenant=tenant, resource=resource)
+            batch.add(pool)
+        if pool.capacity != capacity:
+            pool.set_capacity(capacity, {"cause": cause})
+
+
+def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
+                     carried: dict[str, int] | None = None) -> list[str]:
+    """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on."""
+    issued = []
+    for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
+        amount = to_subunits(RATING_CONTEXT.multiply(parse_decimal(credit["amount"]), Decimal(sub.quantity)))
+        amount += (carried or {}).get(str(index), 0)
+        if amount <= 0:
+            continue
+        grant = uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{start.isoformat()}/{index}")
+        expires = end if not credit.get("rollover") else end + (end - start)  # carried once at most
+        account.grant_credit(grant_id=grant, unit=credit["unit"], amount=amount, priority=int(credit.get("priority", 0)),
+                             effective_at=start, expires_at=expires, scope=credit.get("scope"),
+                             source="plan_recurrence", granted_by=by,
+                             cause={"subscription": str(sub.id), "plan": sub.plan["code"],
+                                    "plan_version": sub.plan["version"], "period_start": start.isoformat()})
+        issued.append(str(grant))
+    return issued
+
+
+def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
+                     rollover: bool) -> dict[str, int]:
+    """Voids what is left of the current recurring grants; returns the rollover to carry (capped)."""
+    carried: dict[str, int] = {}
+    credits = sub.plan.get("recurring_credits") or []
+    balances = {g["grant_id"]: g for g in account.grant_balances()}
+    for index, grant in enumerate(sub.recurring_grants):
+        state = balances.get(grant)
+        if state is None or state.get("status") != "open":
+            continue
+        remaining = int(state.get("remaining", 0))
+        spec = credits[index] if index < len(credits) else {}
+        if rollover and spec.get("rollover") and remaining > 0:
+            cap = spec.get("rollover_cap")
+            carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
+        account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at)
+    return carried
+
+
+def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str) -> None:
+    prefix = "CN" if invoice.document_type == CREDIT_NOTE else "INV"
+    issuer = getattr(app, "invoice_issuer", DEFAULT_ISSUER)
+    sequence = batch.get(InvoiceSequence.create_id(issuer, at.year, prefix))
+    if sequence is None:
+        sequence = InvoiceSequence(issuer=issuer, year=at.year, prefix=prefix)
+        batch.add(sequence)
+    number = sequence.next_number(invoice=invoice.id)
+    invoice.finalize(number=number, issued_at=at, due_at=at + timedelta(days=INVOICE_DUE_DAYS), by=by)
+
+
+def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str, lines: list[dict[str, Any]],
+              at: datetime, by: str, *, finalize: bool, start: datetime | None = None,
+              end: datetime | None = None) -> Invoice | None:
+    """An invoice (total >= 0) or a credit note (total < 0) for ``lines``; one per key, ever."""
+    if not lines:
+        return None
+    if batch.get(invoice_id(sub.tenant, key)) is not None:
+        return None
+    total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
+    kind = CREDIT_NOTE if total < 0 else INVOICE
+    invoice = Invoice(tenant=sub.tenant, key=key, document_type=kind, currency=sub.plan["currency"], lines=lines,
+                      period_start=start, period_end=end, subscription_id=str(sub.id), related_invoice=None,
+                      at=at, by=by)
+    batch.add(invoice)
+    if finalize:
+        _finalize(app, batch, invoice, at, by)
+    return invoice
+
+
+def _start_billing(app: LedgerApplication, batch: _Batch, account: BillingAccount, sub: Subscription, at: datetime,
+                   by: str, *, finalize: bool) -> None:
+    """A billed period begins: recurring credits for it, and its invoice (base fee in advance)."""
+    sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, by))
+    _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+              [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at, by,
+              finalize=finalize, start=sub.period_start, end=sub.period_end)
+
+
+# -- handlers ------------------------------------------------------------------------------------------------
+
+@handles("workspace.add_account")
+def add_to_workspace(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    account_of(batch, command.tenant)
+    name = command.payload["workspace"]
+    workspace = batch.get(workspace_id(name))
+    if workspace is None:
+        workspace = Workspace(workspace=name)
+        batch.add(workspace)
+    workspace.add_account(command.tenant)
+
+
+@handles("subscription.create")
+def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    payload = command.payload
+    tenant = command.tenant
+    account = account_of(batch, tenant)
+    assert tenant is not None
+    key = str(payload["key"])
+    if batch.get(subscription_id(tenant, key)) is not None:
+        raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
+    plan = _plan(batch, payload["plan"], payload.get("plan_version"))
+    if plan["currency"] != account.currency:
+        raise CommandRejected("currency_mismatch", f"plan in {plan['currency']}, account in {account.currency}")
+    quantity = int(payload.get("quantity", 1))
+    roster = _roster(batch, tenant)
+    workspace = batch.get(workspace_id(payload["workspace"])) if payload.get("workspace") else None
+    accounts_in_workspace = len(workspace.accounts) if workspace is not None else 1
+    trial = bool(payload.get("trial", True)) and int(plan.get("trial_days", 0)) > 0 \
+        and roster.trial_eligible(accounts_in_workspace)
+    at = _at(command)
+    before = _capacities(_live_subscriptions(batch, roster))
+    sub = Subscription.start(tenant=tenant, key=key, plan=plan, quantity=quantity,
+                             time_zone=payload.get("time_zone", "UTC"), at=at, trial=trial, by=command.issued_by)
+    roster.admit(subscription_id=sub.id, limit=getattr(app, "max_active_subscriptions", 3), trial=trial, at=at)
+    batch.add(sub)
+    _set_pools(batch, tenant, before, _capacities([*_live_subscriptions(batch, roster)]), f"subscription {key}")
+    if sub.status == ACTIVE:
+        _start_billing(app, batch, account, sub, at, command.issued_by, finalize=True)
+    return {"subscription_id": str(sub.id), "status": sub.status, "trial_end": sub.trial_end}
+
+
+@handles("subscription.change")
+def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    payload = command.payload
+    tenant = command.tenant
+    assert tenant is not None
+    account = account_of(batch, tenant)
+    sub = _subscription(batch, tenant, str(payload["key"]))
+    new_plan = _plan(batch, payload["plan"], payload.get("plan_version")) if payload.get("plan") else sub.plan
+    quantity = int(payload.get("quantity", sub.quantity))
+    at = _at(command)
+    lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
+                         period_end_at=sub.period_end, time_zone=sub.time_zone, new_plan=new_plan,
+                         new_quantity=quantity, at=at)
+    roster = _roster(batch, tenant)
+    before = _capacities(_live_subscriptions(batch, roster))
+    plan_changed = new_plan != sub.plan
+    quantity_changed = quantity != sub.quantity
+    sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines)
+    _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"change {sub.key}")
+    if plan_changed or quantity_changed:
+        if sub.status != TRIALING and (new_plan.get("recurring_credits") or sub.recurring_grants):
+            # The old plan's remaining recurring grant is voided and the new one issued, atomically.
+            _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
+            sub.set_recurring_grants(_grant_recurring(account, sub, at, sub.period_end, command.issued_by))
+    _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
+              finalize=True, start=at, end=sub.period_end)
+    return {"subscription_id": str(sub.id), "lines": lines}
+
+
+@handles("subscription.cancel")
+def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    tenant = command.tenant
+    assert tenant is not None
+    account = account_of(batch, tenant)
+    sub = _subscription(batch, tenant, str(command.payload["key"]))
+    at = _at(command)
+    immediately = bool(command.payload.get("immediately", False))
+    lines = quote_cancel(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
+                         period_end_at=sub.period_end, at=at) if immediately else []
+    roster = _roster(batch, tenant)
+    before = _capacities(_live_subscriptions(batch, roster))
+    sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
+    if immediately:
+        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
+        roster.release(subscription_id=sub.id, at=at)
+        _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
+        _document(app, batch, sub, f"{sub.id}/cancel", lines, at, command.issued_by, finalize=True,
+                  start=at, end=sub.period_end)
+    return {"subscription_id": str(sub.id), "status": sub.status, "lines": lines}
+
+
+@handles("subscription.pause")
+def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    _subscription(batch, command.tenant or "", str(command.payload["key"])).pause(at=_at(command),
+                                                                                  by=command.issued_by)
+
+
+@handles("subscription.resume")
+def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    _subscription(batch, command.tenant or "", str(command.payload["key"])).resume(at=_at(command),
+                                                                                   by=command.issued_by)
+
+
+@handles("subscription.tick")
+def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """Time passes for one subscription (the scheduler's command): trial end, or period end and renewal."""
+    tenant = command.tenant
+    assert tenant is not None
+    account = account_of(batch, tenant)
+    sub = _subscription(batch, tenant, str(command.payload["key"]))
+    at = _at(command)
+    roster = _roster(batch, tenant)
+    if sub.status == TRIALING and sub.trial_end is not None and at >= sub.trial_end:
+        before = _capacities(_live_subscriptions(batch, roster))
+        if sub.end_trial(at=at, has_payment_method=roster.default_payment_method is not None):
+            _start_billing(app, batch, account, sub, at, "system:trial", finalize=True)  # first invoice at once
+            return {"transition": "trial_converted"}
+        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), "trial ended")
+        roster.release(subscription_id=sub.id, at=at)
+        return {"transition": "trial_ended"}
+    ended_start, ended_end = sub.period_start, sub.period_end
+    if not sub.renew(at=at):
+        return {"transition": None}
+    if sub.status not in LIVE:  # canceled at period end
+        _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
+        roster.release(subscription_id=sub.id, at=at)
+        return {"transition": "canceled_at_period_end"}
+    carried = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
+    sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
+                                              carried))
+    # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
+    # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
+    _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+              [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at, "system:renewal",
+              finalize=False, start=ended_start, end=sub.period_end)
+    return {"transition": "renewed", "ended": [ended_start, ended_end]}
+
+
+@handles("invoice.usage_lines")
+def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    """Rating's lines for an ended period go on the renewal draft, which is then finalized."""
+    tenant = command.tenant
+    assert tenant is not None
+    invoice = batch.get(invoice_id(tenant, command.payload["invoice_key"]))
+    if invoice is None:
+        raise CommandRejected("unknown_invoice", f"no draft {command.payload['invoice_key']!r}")
+    lines = [line(item["kind"], item["description"], parse_decimal(item["amount"], allow_negative=True),
+                  invoice.currency, **{k: v for k, v in item.items() if k not in ("kind", "description", "amount")})
+             for item in command.payload.get("lines", [])]
+    invoice.add_lines(lines, by=command.issued_by)
+    _finalize(app, batch, invoice, _at(command), command.issued_by)
+
+
+@handles("invoice.mark_paid")
+def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    tenant = command.tenant or ""
+    invoice = batch.get(UUID(command.payload["invoice_id"]))
+    if invoice is None or invoice.tenant != tenant:
+        raise CommandRejected("unknown_invoice")
+    invoice.mark_paid(at=_at(command), payment=str(command.payload.get("payment", "")), by=command.issued_by)
+    if invoice.subscription_id:
+        sub = batch.get(UUID(invoice.subscription_id))
+        if sub is not None:
+            sub.mark_paid(at=_at(command), by=command.issued_by)
+
+
+@handles("invoice.payment_failed")
+def invoice_payment_failed(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    """After the last dunning retry the subscription goes past_due."""
+    invoice = batch.get(UUID(command.payload["invoice_id"]))
+    if invoice is None or not invoice.subscription_id:
+        raise CommandRejected("unknown_invoice")
+    sub = batch.get(UUID(invoice.subscription_id))
+    if sub is not None and sub.status == ACTIVE and command.payload.get("final", True):
+        sub.mark_past_due(at=_at(command), reason="payment_failed", by=command.issued_by)
+
+
+@handles("invoice.void")
+def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    invoice = batch.get(UUID(command.payload["invoice_id"]))
+    if invoice is None or invoice.tenant != command.tenant:
+        raise CommandRejected("unknown_invoice")
+    invoice.void(at=_at(command), reason=str(command.payload.get("reason", "void")), by=command.issued_by)
+
+
+@handles("payment_method.add")
+def add_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    account_of(batch, command.tenant)
+    payload = command.payload
+    _roster(batch, command.tenant or "").add_payment_method(
+        method_id=payload["method_id"], gateway=payload.get("gateway", "stripe"), label=payload.get("label", ""),
+        make_default=bool(payload.get("default", False)), at=_at(command), by=command.issued_by)
+
+
+@handles("payment_method.remove")
+def remove_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    _roster(batch, command.tenant or "").remove_payment_method(method_id=command.payload["method_id"],
+                                                                at=_at(command), by=command.issued_by)

@@ -1,0 +1,208 @@
+"""The probes, in their own process (so their timings are not skewed by the producer's event loop):
+
+* **balance reader**: ``GET /v1/accounts/{tenant}/balance`` at a steady open-loop rate (default 200/s)
+  over the stream's tenants; latency measured at the client, per request;
+* **markers**: one usage event of a dedicated tenant published every ``marker_interval`` seconds straight
+  to ``<ns>.billing.usage.raw``; its balance is polled until it reflects the marker: publish -> visible
+  balance latency (a marker is one api call, so the balance drop counts the markers that are visible);
+* **hold decisions**: ``POST /v1/accounts/{tenant}/holds`` on the ledger at a steady rate, when the
+  ledger serves that route (its OpenAPI document is checked first; otherwise skipped with a note).
+
+    python -m tests.bench.harness.probes CONFIG.json
+
+Prints ``ready`` when started, runs until a line ``stop`` (or EOF) arrives on stdin, writes its samples to
+``config["out"]`` and prints ``done``. Times are wall-clock (``time.time()``) so the harness can split them
+into the load and idle phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaProducer
+
+from billing_runtime.auth import mint_token
+from billing_runtime.settings import Settings
+from tests.bench.harness.stream import MARKER_PRICE, marker_event
+
+HOLDS_PATH = "/v1/accounts/{tenant}/holds"
+MARKER_POLL_SECONDS = 0.01
+
+
+def _token(role: str, tenant: str | None = None) -> str:
+    return mint_token(Settings.from_env(), role=role, tenant=tenant, subject="bench", ttl_seconds=24 * 3600)
+
+
+async def _open_loop(rate: float, stop: asyncio.Event, fire: Any) -> None:
+    """Calls ``fire(i)`` (a coroutine, not awaited in line) at ``rate`` per second until ``stop``."""
+    if rate <= 0:
+        return
+    interval = 1.0 / rate
+    began = time.perf_counter()
+    tasks: set[asyncio.Task[None]] = set()
+    i = 0
+    while not stop.is_set():
+        delay = began + i * interval - time.perf_counter()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+                break
+            except TimeoutError:
+                pass
+        task = asyncio.create_task(fire(i))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+
+
+async def balance_reader(config: dict[str, Any], stop: asyncio.Event, out: list[list[float]]) -> None:
+    tenants = config["reader_tenants"]
+    tokens = {t: {"Authorization": f"Bearer {_token('viewer', t)}"} for t in tenants}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=config["projections_url"], limits=limits, timeout=30) as client:
+        async def one(i: int) -> None:
+            tenant = tenants[i % len(tenants)]
+            sent = time.time()
+            started = time.perf_counter()
+            try:
+                response = await client.get(f"/v1/accounts/{tenant}/balance", headers=tokens[tenant])
+                status = response.status_code
+            except httpx.HTTPError:
+                status = 0
+            out.append([sent, (time.perf_counter() - started) * 1000, status])
+
+        for i in range(20):  # warm-up: connections, the first queries' plans
+            await one(i)
+        out.clear()
+        await _open_loop(config["reader_rate"], stop, one)
+
+
+async def markers(config: dict[str, Any], stop: asyncio.Event, out: list[dict[str, Any]]) -> None:
+    tenant, grant = config["marker_tenant"], Decimal(config["marker_grant"])
+    headers = {"Authorization": f"Bearer {_token('viewer', tenant)}"}
+    producer = AIOKafkaProducer(bootstrap_servers=config["bootstrap"], acks="all", enable_idempotence=True,
+                                linger_ms=0)
+    await producer.start()
+    published: list[float] = []  # wall time of marker k's publish, k = index + 1
+    visible = 0
+    try:
+        async with httpx.AsyncClient(base_url=config["projections_url"], timeout=30) as client:
+            async def visible_count() -> int:
+                response = await client.get(f"/v1/accounts/{tenant}/balance", headers=headers)
+                response.raise_for_status()
+                wallets = {w["unit"]: w for w in response.json()["wallets"]}
+                drop = grant - Decimal(wallets["USD"]["available"])
+                return int(drop / MARKER_PRICE)
+
+            async def publisher() -> None:
+                index = 0
+                next_at = time.monotonic()
+                while not stop.is_set():
+                    index += 1
+                    value = marker_event(config["run"], index, tenant, datetime.now(UTC))
+                    published.append(time.time())
+                    await producer.send_and_wait(config["raw_topic"], value, key=tenant.encode())
+                    next_at += config["marker_interval"]
+                    try:
+                        await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_at - time.monotonic()))
+                    except TimeoutError:
+                        pass
+
+            task = asyncio.create_task(publisher())
+            deadline = None
+            while True:
+                if stop.is_set() and deadline is None:
+                    deadline = time.monotonic() + config.get("marker_drain_seconds", 30)
+                if deadline is not None and (visible >= len(published) or time.monotonic() > deadline):
+                    break
+                if visible < len(published):
+                    try:
+                        now_visible = await visible_count()
+                    except (httpx.HTTPError, KeyError):
+                        now_visible = visible
+                    seen_at = time.time()
+                    for k in range(visible, min(now_visible, len(published))):
+                        out.append({"marker": k + 1, "published": published[k], "visible": seen_at,
+                                    "latency_ms": (seen_at - published[k]) * 1000})
+                    visible = max(visible, now_visible)
+                await asyncio.sleep(MARKER_POLL_SECONDS)
+            await task
+    finally:
+        await producer.stop()
+    out.append({"published_total": len(published), "visible_total": visible})
+
+
+async def holds(config: dict[str, Any], stop: asyncio.Event, out: dict[str, Any]) -> None:
+    ledger, tenant = config["ledger_url"], config["hold_tenant"]
+    out.update(samples=[], available=False, note="")
+    if config["hold_rate"] <= 0:
+        out["note"] = "hold decisions not measured (--hold-rate 0)"
+        return
+    async with httpx.AsyncClient(base_url=ledger, timeout=30,
+                                 headers={"Authorization": f"Bearer {_token('service')}"}) as client:
+        try:
+            paths = (await client.get("/openapi.json")).json().get("paths", {})
+        except (httpx.HTTPError, ValueError):
+            paths = {}
+        if "post" not in paths.get(HOLDS_PATH, {}):
+            out["note"] = (f"skipped: the ledger service does not serve POST {HOLDS_PATH} "
+                           "(route absent from its OpenAPI document)")
+            return
+        out["available"] = True
+        run = uuid.uuid4().hex[:8]
+
+        async def one(i: int) -> None:
+            body = {"idempotency_key": f"{run}-{i}", "amount": "0.01", "ttl_seconds": 60}
+            sent = time.time()
+            started = time.perf_counter()
+            try:
+                response = await client.post(HOLDS_PATH.format(tenant=tenant), json=body)
+                status = response.status_code
+            except httpx.HTTPError:
+                status = 0
+            out["samples"].append([sent, (time.perf_counter() - started) * 1000, status])
+
+        for i in range(10):  # warm-up
+            await one(-1 - i)
+        out["samples"].clear()
+        await _open_loop(config["hold_rate"], stop, one)
+
+
+async def main(config_path: str) -> None:
+    with open(config_path) as f:
+        config = json.load(f)
+    stop = asyncio.Event()
+    reads: list[list[float]] = []
+    marks: list[dict[str, Any]] = []
+    hold_out: dict[str, Any] = {}
+    tasks = [asyncio.create_task(balance_reader(config, stop, reads)),
+             asyncio.create_task(markers(config, stop, marks)),
+             asyncio.create_task(holds(config, stop, hold_out))]
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line or line.strip() == "stop":
+            break
+    stop.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    totals = marks.pop() if marks and "published_total" in marks[-1] else {}
+    with open(config["out"], "w") as f:
+        json.dump({"reads": reads, "markers": marks, "marker_totals": totals, "holds": hold_out,
+                   "errors": errors}, f)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))

@@ -1,0 +1,102 @@
+"""CPU and memory of the service processes (psutil), and of the machine, sampled every second.
+
+Also the broker (Kafka's pid file from deploy/local) and every PostgreSQL process: the machine is shared,
+so the report shows how much of the CPU was ours, the infrastructure's, and everybody else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+KAFKA_PID_FILE = Path(os.environ.get("BILLING_STACK_DIR", "/var/tmp/billing-stack")) / "kafka" / "kafka.pid"
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def _tree_cpu_rss(proc: psutil.Process) -> tuple[float, int]:
+    """CPU seconds and RSS of a process and its children (py-spy attaches from outside, not a child)."""
+    cpu, rss = _cpu(proc), proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cpu += _cpu(child)
+            rss += child.memory_info().rss
+    return cpu, rss
+
+
+def _kafka_process() -> psutil.Process | None:
+    try:
+        return psutil.Process(int(KAFKA_PID_FILE.read_text().strip()))
+    except (OSError, ValueError, psutil.Error):
+        return None
+
+
+class ResourceMonitor:
+    def __init__(self, services: dict[str, int], extra: dict[str, int] | None = None) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in services.items()}
+        self.extra = {name: psutil.Process(pid) for name, pid in (extra or {}).items()}
+        self.kafka = _kafka_process()
+        self.samples: list[dict[str, Any]] = []
+        self._postgres: dict[int, float] = {}
+
+    def _postgres_cpu(self) -> float:
+        """Cumulative CPU seconds of every PostgreSQL process seen so far (backends come and go)."""
+        for proc in psutil.process_iter(["name", "username"]):
+            info = proc.info
+            if info.get("username") == "postgres" or (info.get("name") or "").startswith("postgres"):
+                with contextlib.suppress(psutil.Error):
+                    self._postgres[proc.pid] = _cpu(proc)
+        return sum(self._postgres.values())
+
+    def sample(self) -> dict[str, Any]:
+        cpu = psutil.cpu_times()
+        busy = float(cpu.user + cpu.system + cpu.nice + getattr(cpu, "irq", 0) + getattr(cpu, "softirq", 0)
+                     + getattr(cpu, "steal", 0))
+        sample: dict[str, Any] = {"t": time.time(), "machine_busy": busy, "cpu": {}, "rss": {}}
+        for name, proc in {**self.procs, **self.extra}.items():
+            with contextlib.suppress(psutil.Error):
+                sample["cpu"][name], sample["rss"][name] = _tree_cpu_rss(proc)
+        if self.kafka is not None:
+            with contextlib.suppress(psutil.Error):
+                sample["cpu"]["kafka"] = _cpu(self.kafka)
+                sample["rss"]["kafka"] = self.kafka.memory_info().rss
+        sample["cpu"]["postgres"] = self._postgres_cpu()
+        return sample
+
+    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        psutil.cpu_percent()
+        while not stop.is_set():
+            self.samples.append(await asyncio.to_thread(self.sample))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+        self.samples.append(await asyncio.to_thread(self.sample))
+
+
+def summarise(samples: list[dict[str, Any]], start: float, end: float, services: list[str]) -> dict[str, Any]:
+    """Peak RSS over the whole run; CPU (as % of one core) between ``start`` and ``end``."""
+    peak = {name: max((s["rss"].get(name, 0) for s in samples), default=0) / 2**20 for name in services}
+    window = [s for s in samples if start <= s["t"] <= end]
+    if len(window) < 2:
+        window = samples[-2:] if len(samples) >= 2 else samples
+    cpu: dict[str, float] = {}
+    if len(window) >= 2:
+        first, last = window[0], window[-1]
+        seconds = last["t"] - first["t"] or 1.0
+        names = set(first["cpu"]) & set(last["cpu"])
+        for name in sorted(names):
+            cpu[name] = round(100 * (last["cpu"][name] - first["cpu"][name]) / seconds, 1)
+        machine = 100 * (last["machine_busy"] - first["machine_busy"]) / seconds
+        cpu["machine (all processes)"] = round(machine, 1)
+        ours = sum(v for k, v in cpu.items() if k != "machine (all processes)")
+        cpu["everything else"] = round(max(0.0, machine - ours), 1)
+    return {"peak_rss_mb": {k: round(v, 1) for k, v in peak.items()}, "cpu_percent_of_core": cpu,
+            "cores": psutil.cpu_count()}

@@ -1,0 +1,70 @@
+"""The dashboard's pages (server-rendered): login with a token, scoping, and the API's numbers on the page."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from billing_projections.http import build_routers
+from billing_projections.service import ProjectionService
+from billing_runtime.http import create_app
+
+from tests.unit.projections.conftest import apply
+from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
+from tests.unit.projections.test_api import SETTINGS, auth
+
+
+@pytest.fixture
+async def client(service: ProjectionService) -> AsyncIterator[httpx.AsyncClient]:
+    ledger = Ledger()
+    full_scenario(ledger, "acme")
+    simple_account(ledger, "globex", debits=10)
+    await apply(service, ledger.records())
+    app = create_app("projections", SETTINGS)
+    for router in build_routers(service.db):
+        app.include_router(router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+
+
+def text_of(html: str, name: str) -> str:
+    found = re.search(rf'data-testid="{re.escape(name)}"[^>]*>([^<]*)<', html)
+    assert found, f"{name} not on the page"
+    return found.group(1).strip()
+
+
+async def test_login_sets_a_cookie_and_lands_on_the_tenants_page(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/dashboard")).headers["location"].startswith("/dashboard/login")
+    token = auth("viewer", "acme")["Authorization"].split()[1]
+    bad = await client.post("/dashboard/login", content="token=nope", headers={
+        "content-type": "application/x-www-form-urlencoded"})
+    assert bad.status_code == 401 and "not accepted" in bad.text
+    r = await client.post("/dashboard/login", content=f"token={token}&next=/dashboard",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
+    home = await client.get("/dashboard")
+    assert home.headers["location"] == "/dashboard/accounts/acme"
+    page = await client.get("/dashboard/accounts/acme?year=2026&month=11")
+    assert page.status_code == 200
+    balance = (await client.get("/v1/accounts/acme/balance", headers=auth("viewer", "acme"))).json()
+    usd = next(w for w in balance["wallets"] if w["unit"] == "USD")
+    assert text_of(page.text, "available-USD") == usd["available"]
+    assert text_of(page.text, "low-balance-USD").startswith("Low balance")
+    assert 'data-testid="consumption-chart-USD"' in page.text
+    assert text_of(page.text, "figure-consumed-USD") == "101.000003"
+    assert (await client.get("/dashboard/accounts/globex")).status_code == 403
+    assert (await client.get("/dashboard/finance")).status_code == 403
+
+
+async def test_finance_page_filters_by_organisation(client: httpx.AsyncClient) -> None:
+    headers = auth("finance")
+    everyone = await client.get("/dashboard/finance?year=2026&month=10", headers=headers)
+    assert everyone.status_code == 200
+    assert {m for m in re.findall(r'data-testid="chargeback-row" data-tenant="([^"]+)"', everyone.text)} == {
+        "acme", "globex"}
+    one = await client.get("/dashboard/finance?year=2026&month=10&tenant=globex", headers=headers)
+    assert set(re.findall(r'data-testid="chargeback-row" data-tenant="([^"]+)"', one.text)) == {"globex"}
+    api = (await client.get("/v1/reports/figures?year=2026&month=10&tenant=globex", headers=headers)).json()
+    assert text_of(one.text, "figure-consumed-USD") == api["items"][0]["consumed"]

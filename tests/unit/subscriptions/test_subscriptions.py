@@ -1,0 +1,213 @@
+"""Subscriptions and invoices through the ledger application (SQLite event store in a temp dir)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from eventsourcing.persistence import IntegrityError
+
+from billing_events import ids
+from billing_events.messages import LedgerCommand
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.domain.invoice import Invoice, invoice_id
+from billing_ledger.domain.proration import quote_change
+from billing_ledger.domain.roster import roster_id
+from billing_ledger.domain.subscription import Subscription, subscription_id
+
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+CATALOG: dict[str, Any] = {
+    "credit_units": {"CREDIT": {"scale": 2}},
+    "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}}],
+    "plans": [
+        {"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00", "resources": {"users": 5},
+         "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]},
+        {"code": "pro", "name": "Pro", "currency": "USD", "base_fee": "90.00", "resources": {"users": 20},
+         "recurring_credits": [{"unit": "CREDIT", "amount": "500"}]},
+        {"code": "trial", "name": "Trial", "currency": "USD", "base_fee": "10.00", "trial_days": 14},
+        {"code": "yearly", "name": "Yearly", "currency": "USD", "base_fee": "300.00", "cadence": "year"},
+    ],
+}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> LedgerApplication:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=CATALOG, digest="c1")
+    return ledger
+
+
+def run(app: LedgerApplication, kind: str, tenant: str | None, at: datetime = NOV_1, **payload: Any) -> Any:
+    command = LedgerCommand(command_id=uuid4(), kind=kind, tenant=tenant, issued_at=at, issued_by="user:test",
+                            payload={"at": at.isoformat(), **payload})
+    [result] = app.apply_commands([command])
+    return result
+
+
+def open_account(app: LedgerApplication, tenant: str) -> None:
+    assert run(app, "account.open", tenant, currency="USD").outcome == "applied"
+
+
+def invoice(app: LedgerApplication, tenant: str, key: str) -> Invoice:
+    return app.repository.get(invoice_id(tenant, key))
+
+
+def test_a_paid_plan_starts_active_with_its_first_invoice_and_recurring_credits(app: LedgerApplication) -> None:
+    open_account(app, "acme")
+    result = run(app, "subscription.create", "acme", key="main", plan="team", quantity=2)
+    assert result.outcome == "applied", result
+    sub: Subscription = app.repository.get(subscription_id("acme", "main"))
+    assert (sub.status, sub.period_end) == ("active", datetime(2026, 12, 1, tzinfo=UTC))
+    first = invoice(app, "acme", f"{sub.id}/{NOV_1.isoformat()}")
+    assert (first.status, first.number, first.total) == ("finalized", "INV-2026-000001", Decimal("60.00"))
+    account = app.repository.get(ids.account_id("acme"))
+    assert account.available("CREDIT") == 200 * 10**9
+    pool = app.repository.get(ResourcePool.create_id("acme", "users"))
+    assert pool.capacity == 10
+
+
+def test_trial_eligibility_and_conversion(app: LedgerApplication) -> None:
+    open_account(app, "solo")
+    run(app, "subscription.create", "solo", key="t", plan="trial")
+    sub = app.repository.get(subscription_id("solo", "t"))
+    assert (sub.status, sub.trial_end) == ("trialing", NOV_1 + timedelta(days=14))
+    # A second subscription on the same account gets no trial (a subscription existed already).
+    run(app, "subscription.create", "solo", key="t2", plan="trial")
+    assert app.repository.get(subscription_id("solo", "t2")).status == "active"
+    run(app, "payment_method.add", "solo", method_id="pm_123", gateway="stripe", label="visa 4242")
+    result = run(app, "subscription.tick", "solo", at=NOV_1 + timedelta(days=14), key="t")
+    assert result.value == {"transition": "trial_converted"}
+    converted = app.repository.get(subscription_id("solo", "t"))
+    assert converted.status == "active" and converted.period_start == NOV_1 + timedelta(days=14)
+    assert invoice(app, "solo", f"{converted.id}/{converted.period_start.isoformat()}").status == "finalized"
+
+
+def test_a_trial_without_payment_method_ends_and_bills_nothing(app: LedgerApplication) -> None:
+    open_account(app, "free")
+    run(app, "subscription.create", "free", key="t", plan="trial")
+    result = run(app, "subscription.tick", "free", at=NOV_1 + timedelta(days=15), key="t")
+    assert result.value == {"transition": "trial_ended"}
+    sub = app.repository.get(subscription_id("free", "t"))
+    assert sub.status == "canceled"
+    assert app.repository.get(roster_id("free")).live == []
+
+
+def test_a_workspace_with_two_accounts_gets_no_trial(app: LedgerApplication) -> None:
+    for tenant in ("ws-a", "ws-b"):
+        open_account(app, tenant)
+        run(app, "workspace.add_account", tenant, workspace="corp")
+    run(app, "subscription.create", "ws-a", key="t", plan="trial", workspace="corp")
+    assert app.repository.get(subscription_id("ws-a", "t")).status == "active"
+
+
+def test_at_most_three_live_subscriptions_and_pooled_capacity(app: LedgerApplication) -> None:
+    open_account(app, "pool")
+    for key in ("a", "b", "c"):
+        assert run(app, "subscription.create", "pool", key=key, plan="team").outcome == "applied"
+    fourth = run(app, "subscription.create", "pool", key="d", plan="team")
+    assert (fourth.outcome, fourth.reason) == ("rejected", "subscription_limit_reached")
+    assert len(app.repository.get(roster_id("pool")).live) == 3  # the rejected command left nothing behind
+    assert app.repository.get(ResourcePool.create_id("pool", "users")).capacity == 15
+
+
+def test_quantity_change_is_prorated_to_the_second_and_equals_the_preview(app: LedgerApplication) -> None:
+    open_account(app, "grow")
+    run(app, "subscription.create", "grow", key="m", plan="team", quantity=1)
+    sub = app.repository.get(subscription_id("grow", "m"))
+    mid = datetime(2026, 11, 16, tzinfo=UTC)  # exactly half of a 30-day period remains
+    preview = quote_change(status=sub.status, plan=sub.plan, quantity=1, period_start=sub.period_start,
+                           period_end_at=sub.period_end, time_zone="UTC", new_plan=sub.plan, new_quantity=3, at=mid)
+    result = run(app, "subscription.change", "grow", at=mid, key="m", quantity=3)
+    assert result.outcome == "applied"
+    assert result.value["lines"] == preview
+    assert [line["amount"] for line in preview] == ["-15.00", "45.00"]
+    change = invoice(app, "grow", f"{sub.id}/change/{result.command_id}")
+    assert (change.document_type, change.total, change.number) == ("invoice", Decimal("30.00"), "INV-2026-000002")
+
+
+def test_a_downgrade_issues_a_credit_note(app: LedgerApplication) -> None:
+    open_account(app, "shrink")
+    run(app, "subscription.create", "shrink", key="m", plan="team", quantity=3)
+    result = run(app, "subscription.change", "shrink", at=datetime(2026, 11, 16, tzinfo=UTC), key="m", quantity=1)
+    sub = app.repository.get(subscription_id("shrink", "m"))
+    note = invoice(app, "shrink", f"{sub.id}/change/{result.command_id}")
+    assert (note.document_type, note.total, note.number) == ("credit_note", Decimal("-30.00"), "CN-2026-000001")
+
+
+def test_a_plan_change_voids_the_old_grant_and_issues_the_new_one(app: LedgerApplication) -> None:
+    open_account(app, "up")
+    run(app, "subscription.create", "up", key="m", plan="team")
+    run(app, "subscription.change", "up", at=datetime(2026, 11, 10, tzinfo=UTC), key="m", plan="pro")
+    account = app.repository.get(ids.account_id("up"))
+    grants = [g for g in account.grant_balances() if g["unit"] == "CREDIT"]
+    assert [(g["status"], g["amount"]) for g in grants] == [("voided", 100 * 10**9), ("open", 500 * 10**9)]
+    assert account.available("CREDIT") == 500 * 10**9
+
+
+def test_capacity_cannot_drop_below_usage(app: LedgerApplication) -> None:
+    open_account(app, "busy")
+    run(app, "subscription.create", "busy", key="m", plan="team", quantity=2)
+    pool = app.repository.get(ResourcePool.create_id("busy", "users"))
+    pool.allocate(uuid4(), 8, NOV_1)
+    app.save(pool)
+    result = run(app, "subscription.change", "busy", at=datetime(2026, 11, 5, tzinfo=UTC), key="m", quantity=1)
+    assert (result.outcome, result.reason) == ("rejected", "capacity_below_usage")
+    assert app.repository.get(subscription_id("busy", "m")).quantity == 2
+
+
+def test_renewal_runs_once_and_usage_lines_finalize_the_invoice(app: LedgerApplication) -> None:
+    open_account(app, "renew")
+    run(app, "subscription.create", "renew", key="m", plan="team")
+    dec_1 = datetime(2026, 12, 1, tzinfo=UTC)
+    assert run(app, "subscription.tick", "renew", at=dec_1, key="m").value["transition"] == "renewed"
+    assert run(app, "subscription.tick", "renew", at=dec_1, key="m").value == {"transition": None}
+    sub = app.repository.get(subscription_id("renew", "m"))
+    key = f"{sub.id}/{dec_1.isoformat()}"
+    assert invoice(app, "renew", key).status == "draft"
+    run(app, "invoice.usage_lines", "renew", at=dec_1, invoice_key=key, lines=[
+        {"kind": "usage", "description": "API calls: 1,500 (1,000 included)", "amount": "5.00", "meter": "api_calls"},
+        {"kind": "credits_applied", "description": "Credits applied", "amount": "-5.00"}])
+    final = invoice(app, "renew", key)
+    assert (final.status, final.total) == ("finalized", Decimal("30.00"))
+    account = app.repository.get(ids.account_id("renew"))
+    assert account.available("CREDIT") == 100 * 10**9  # November's grant closed, December's issued
+
+
+def test_immediate_cancel_credits_the_unused_time(app: LedgerApplication) -> None:
+    open_account(app, "bye")
+    run(app, "subscription.create", "bye", key="m", plan="team")
+    result = run(app, "subscription.cancel", "bye", at=datetime(2026, 11, 16, tzinfo=UTC), key="m", immediately=True)
+    assert [line["amount"] for line in result.value["lines"]] == ["-15.00"]
+    assert app.repository.get(roster_id("bye")).live == []
+
+
+def test_invoice_numbers_are_gap_free_under_concurrency(tmp_path: Path) -> None:
+    first = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(first, "catalog.publish", None, document=CATALOG, digest="c1")
+    second = LedgerApplication(persistence_env(None, str(tmp_path)))
+    tenants = [f"c{i}" for i in range(12)]
+    for tenant in tenants:
+        open_account(first, tenant)
+
+    def subscribe(app: LedgerApplication, names: list[str]) -> None:
+        for tenant in names:
+            while True:
+                try:
+                    assert run(app, "subscription.create", tenant, key="m", plan="team").outcome == "applied"
+                    break
+                except IntegrityError:
+                    continue  # another writer took the number first: retry with the next one
+
+    threads = [threading.Thread(target=subscribe, args=(a, tenants[i::2])) for i, a in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    numbers = sorted(invoice(first, t, f"{subscription_id(t, 'm')}/{NOV_1.isoformat()}").number for t in tenants)
+    assert numbers == [f"INV-2026-{n:06d}" for n in range(1, 13)]
