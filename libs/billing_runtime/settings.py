@@ -40,6 +40,13 @@ class Settings:
     # Prefix of topic names, consumer groups and database schemas, so several independent stacks can share
     # one Kafka cluster and one database (the test suite uses a fresh namespace per run). Empty: none.
     namespace: str = ""
+    # Billing cycles and invoices.
+    scheduler_interval_seconds: float = 30.0
+    invoice_issuer: str = "billing"
+    smtp_host: str | None = None  # None: invoice emails are off
+    smtp_port: int = 25
+    smtp_sender: str = "billing@localhost"
+    smtp_recipient_domain: str = "example.invalid"
     # Ingest dedup state cleanup: rows of events older than the dedup window (plus a margin for clock skew
     # between instances) are deleted every interval, in statements of at most `rows_max` rows and at most
     # `rows_per_run_max` rows per run, so a run is short and state is bounded by the window, not by traffic.
@@ -93,6 +100,12 @@ class Settings:
             jwks_url=os.environ.get("BILLING_JWKS_URL") or None,
             max_active_subscriptions=_env_int("BILLING_MAX_ACTIVE_SUBSCRIPTIONS", 3),
             namespace=os.environ.get("BILLING_NAMESPACE", ""),
+            scheduler_interval_seconds=float(os.environ.get("BILLING_SCHEDULER_INTERVAL_SECONDS", "30")),
+            invoice_issuer=os.environ.get("BILLING_INVOICE_ISSUER", "billing"),
+            smtp_host=os.environ.get("BILLING_SMTP_HOST") or None,
+            smtp_port=_env_int("BILLING_SMTP_PORT", 25),
+            smtp_sender=os.environ.get("BILLING_SMTP_SENDER", "billing@localhost"),
+            smtp_recipient_domain=os.environ.get("BILLING_SMTP_RECIPIENT_DOMAIN", "example.invalid"),
             dedup_cleanup_interval_seconds=_env_int("BILLING_DEDUP_CLEANUP_INTERVAL_SECONDS", 60),
             dedup_cleanup_rows_max=_env_int("BILLING_DEDUP_CLEANUP_ROWS_MAX", 5000),
             dedup_cleanup_rows_per_run_max=_env_int("BILLING_DEDUP_CLEANUP_ROWS_PER_RUN_MAX", 200_000),

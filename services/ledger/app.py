@@ -7,8 +7,13 @@ from functools import partial
 
 from billing_events import topics
 from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger import http as ledger_http
+from billing_ledger import subscriptions_http
+from billing_ledger.notifier import SmtpSettings, run_notifier
 from billing_ledger.relay import run_relay
-from billing_ledger.service import LedgerService
+from billing_ledger.scheduler import run_scheduler
+from billing_ledger.service import COMMAND_TOPICS, LedgerService
+from billing_ledger.sweeper import run_sweeper
 from billing_runtime.bus import Bus
 from billing_runtime.service import ConsumerSpec, ServiceParts
 from billing_runtime.settings import Settings
@@ -26,6 +31,8 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         finally:
             await conn.close()
     app = await asyncio.to_thread(LedgerApplication, env)
+    app.max_active_subscriptions = settings.max_active_subscriptions  # type: ignore[attr-defined]
+    app.invoice_issuer = settings.invoice_issuer  # type: ignore[attr-defined]
     service = LedgerService(app)
     leader = None
     if settings.database_url:
@@ -35,8 +42,16 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         leader = lock.is_held
     return ServiceParts(
         name="ledger",
-        consumers=[ConsumerSpec(settings.group("billing-ledger"), [topics.LEDGER_COMMANDS], service.handle_commands,
+        consumers=[ConsumerSpec(settings.group("billing-ledger"), COMMAND_TOPICS, service.handle_records,
                                 service.start_positions)],
-        tasks=[partial(run_relay, app, bus, is_leader=leader)],
+        routers=[subscriptions_http.build_router(app, bus, settings.invoice_issuer), ledger_http.build_router(app)],
+        tasks=[partial(run_relay, app, bus, is_leader=leader),
+               partial(run_sweeper, app, is_leader=leader),
+               partial(run_scheduler, app, bus, interval_seconds=settings.scheduler_interval_seconds,
+                       is_leader=leader),
+               *([partial(run_notifier, app, SmtpSettings(settings.smtp_host, settings.smtp_port,
+                                                           settings.smtp_sender, settings.invoice_issuer,
+                                                           settings.smtp_recipient_domain))]
+                 if settings.smtp_host else [])],
         close=lambda: asyncio.to_thread(app.close),
     )

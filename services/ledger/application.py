@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 from uuid import UUID
 
@@ -40,6 +40,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import ProcessRecorder, StoredEvent, Tracking, Transcoder
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 def persistence_env(database_url: str | None, data_dir: str, schema: str = "billing_ledger") -> dict[str, str]:
@@ -248,12 +249,19 @@ class LedgerApplication(Application[UUID]):
             taken[aggregate_id] = aggregate
         return taken
 
-    def read(self, aggregate_id: UUID) -> Any | None:
-        """The current state of one aggregate, for queries (changing it changes nothing)."""
+    def read(self, aggregate_id: UUID, view: Callable[[Any], T]) -> T | None:
+        """``view(aggregate)`` of the current state of one aggregate (None if it does not exist).
+
+        The view is computed before the aggregate goes back to the cache, where another thread may take
+        it and change it: return copies, never the aggregate or its internals.
+        """
         aggregate = self.load_many([aggregate_id])[aggregate_id]
-        if aggregate is not None:
+        if aggregate is None:
+            return None
+        try:
+            return view(aggregate)
+        finally:
             self.cache.put(aggregate)
-        return aggregate
 
     def _give_back(self, aggregates: Mapping[UUID, Any | None]) -> None:
         for aggregate in aggregates.values():
@@ -389,4 +397,14 @@ def jsonable(value: Any) -> Any:
 
 
 # Handler modules register themselves on import (one module per group of command kinds).
-from billing_ledger import account_commands, catalog_commands, subscription_commands  # noqa: E402,F401
+from billing_ledger import (  # noqa: E402,F401
+    account_commands,
+    adjustment_commands,
+    allocation_commands,
+    catalog_commands,
+    expiry_commands,
+    hold_commands,
+    payment_commands,
+    refund_commands,
+    subscription_commands,
+)

@@ -1,6 +1,12 @@
-"""Leader election for the relay among several ledger processes: a PostgreSQL session advisory lock."""
+"""Leader election for the relay among several ledger processes: a PostgreSQL session advisory lock.
+
+Several background tasks (relay, sweeper, scheduler) ask ``is_held`` concurrently; one asyncpg connection
+runs one query at a time, so the questions are serialised.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 import asyncpg
 
@@ -11,8 +17,13 @@ class AdvisoryLock:
         self._name = name
         self._conn: asyncpg.Connection | None = None
         self._held = False
+        self._asking = asyncio.Lock()
 
     async def is_held(self) -> bool:
+        async with self._asking:
+            return await self._ask()
+
+    async def _ask(self) -> bool:
         try:
             if self._conn is None or self._conn.is_closed():
                 self._held = False

@@ -1,18 +1,43 @@
-"""The ledger service: consumes ``billing.ledger.commands`` and runs the outbox relay."""
+"""The ledger service: consumes ``billing.ledger.commands`` and ``billing.payments``, exactly once.
+
+One Kafka batch (one partition) is applied as consecutive transactions of at most
+``CHUNK_COMMANDS_MAX`` commands, each with the Kafka position after its last record as an eventsourcing
+``Tracking`` row, the next one prepared while the previous one commits (``apply_chunks``). The consumer
+commits the Kafka offset only after the handler returned; on (re)assignment it seeks to the tracked
+position, and records below it are skipped here too, so a redelivered record is never applied twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 from billing_events import topics
-from billing_events.messages import LedgerCommand
+from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.payment_commands import payment_command
 from billing_runtime.bus import Record
 from billing_runtime.logging import get_logger
 from eventsourcing.persistence import Tracking
 from pydantic import ValidationError
 
 log = get_logger(__name__)
+
+# Commands per transaction within one Kafka batch: two or more chunks per batch let PostgreSQL commit one
+# while Python prepares the next.
+CHUNK_COMMANDS_MAX = 250
+
+
+def decode(record: Record) -> LedgerCommand | None:
+    """The ledger command a record carries (a payment notification becomes its payment command)."""
+    try:
+        if record.topic == topics.PAYMENTS:
+            return payment_command(PaymentNotification.model_validate_json(record.value))
+        return LedgerCommand.model_validate_json(record.value)
+    except ValidationError as exc:
+        # Producers are our own services, so this is a bug upstream: log loudly, never block the partition.
+        log.error("malformed_ledger_record", topic=record.topic, partition=record.partition, offset=record.offset,
+                  error=str(exc)[:300])
+        return None
 
 
 class LedgerService:
@@ -27,28 +52,29 @@ class LedgerService:
                 positions[part] = nxt
         return positions
 
-    async def handle_commands(self, records: list[Record]) -> None:
+    async def handle_records(self, records: list[Record]) -> None:
         first = records[0]
         done = await asyncio.to_thread(self.app.next_offset, first.topic, first.partition) or 0
         fresh = [r for r in records if r.offset >= done]  # already applied in an earlier transaction
         if not fresh:
             return
-        commands: list[LedgerCommand] = []
-        for record in fresh:
-            try:
-                commands.append(LedgerCommand.model_validate_json(record.value))
-            except ValidationError as exc:
-                # Producers are our own services, so this is a bug upstream: log loudly, never block.
-                log.error("malformed_ledger_command", topic=record.topic, partition=record.partition,
-                          offset=record.offset, error=str(exc)[:300])
-        tracking = Tracking(f"kafka:{first.topic}:{first.partition}", fresh[-1].offset + 1)
-        results = await asyncio.to_thread(self.app.apply_commands, commands, tracking)
+        position = f"kafka:{first.topic}:{first.partition}"
+        chunks: list[tuple[list[LedgerCommand], Tracking | None]] = []
+        for start in range(0, len(fresh), CHUNK_COMMANDS_MAX):
+            part = fresh[start:start + CHUNK_COMMANDS_MAX]
+            commands = [c for c in map(decode, part) if c is not None]
+            chunks.append((commands, Tracking(position, part[-1].offset + 1)))
+        results = await asyncio.to_thread(self.app.apply_chunks, chunks)
         applied = sum(r.outcome == "applied" for r in results)
-        log.debug("commands_applied", partition=first.partition, applied=applied, total=len(results))
+        log.debug("commands_applied", topic=first.topic, partition=first.partition, applied=applied,
+                  total=len(results))
+
+    # The walking skeleton's name for the command handler.
+    handle_commands = handle_records
 
     async def apply(self, commands: list[LedgerCommand]) -> list[CommandResult]:
         """Direct application (admin routes within the ledger process); no Kafka position."""
         return await asyncio.to_thread(self.app.apply_commands, commands, None)
 
 
-COMMAND_TOPICS = [topics.LEDGER_COMMANDS]
+COMMAND_TOPICS = [topics.LEDGER_COMMANDS, topics.PAYMENTS]

@@ -14,7 +14,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import RATING_CONTEXT, parse_decimal, to_subunits
+from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal, to_subunits
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
@@ -331,6 +331,17 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     lines = [line(item["kind"], item["description"], parse_decimal(item["amount"], allow_negative=True),
                   invoice.currency, **{k: v for k, v in item.items() if k not in ("kind", "description", "amount")})
              for item in command.payload.get("lines", [])]
+    usage = sum((parse_decimal(item["amount"], allow_negative=True) for item in command.payload.get("lines", [])),
+                Decimal(0))
+    if usage > 0:
+        # Real-time drawdown already took what credits covered; what they did not is in receivables
+        # (overage). The invoice shows the usage, the credits applied, and so bills only the overage.
+        account = account_of(batch, tenant)
+        overage = from_subunits(_roster(batch, tenant).invoice_receivable(
+            unit=invoice.currency, up_to=account.receivable(invoice.currency), invoice=str(invoice.id)))
+        applied = max(usage - overage, Decimal(0))
+        if applied:
+            lines.append(line("credits_applied", "Prepaid credits applied", -applied, invoice.currency))
     invoice.add_lines(lines, by=command.issued_by)
     _finalize(app, batch, invoice, _at(command), command.issued_by)
 

@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, quote
 import jwt
 from billing_events.timeutil import utcnow
 from billing_projections import balances, catalog, charts, history, lists, views
+from billing_projections.api_accounts import MONTHLY_COLUMNS, TRANSACTION_COLUMNS
+from billing_projections.exports import csv_response
 from billing_projections.params import month_range
 from billing_runtime.auth import Principal, Role, TokenVerifier
 from billing_runtime.db import Database
@@ -163,6 +165,29 @@ def build_router(db: Database) -> APIRouter:
             "month_figures": month_figures, "monthly": monthly, "ai": ai, "transactions": transactions,
             "next_cursor": next_cursor, "type": type or "", "types": history.TYPES, "grants": grant_rows,
         })
+
+    @router.get("/dashboard/accounts/{tenant}/export/{name}.csv")
+    async def account_export(request: Request, tenant: str, name: str,
+                             year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
+                             month: Annotated[int | None, Query(ge=1, le=12)] = None,
+                             meter: str | None = None, type: str | None = None) -> Response:
+        """The page's lists as CSV, with the dashboard's cookie (the API itself takes the bearer header)."""
+        principal = _principal(request)
+        if principal is None:
+            return _to_login(request)
+        if not principal.can_see(tenant):
+            return _forbidden(request, principal, "This token is scoped to another tenant.")
+        if name == "usage-monthly":
+            async def monthly_page(c: str | None, n: int) -> lists.Page:
+                return await lists.monthly(db, tenant=tenant, year=year, month=month, meter=meter or None,
+                                           cursor=c, limit=n)
+            return csv_response(MONTHLY_COLUMNS, monthly_page, f"usage-monthly-{tenant}")
+        if name == "transactions":
+            async def transaction_page(c: str | None, n: int) -> lists.Page:
+                return await lists.transactions(db, tenant=tenant, types=[type] if type else [], cursor=c, limit=n)
+            return csv_response(TRANSACTION_COLUMNS, transaction_page, f"transactions-{tenant}")
+        return _page(request, "error.html", {"principal": principal, "title": "Not found",
+                                             "detail": f"No export named {name}."}, 404)
 
     @router.get("/dashboard/finance", response_class=HTMLResponse)
     async def finance_page(request: Request, year: Annotated[int | None, Query(ge=1970, le=9999)] = None,

@@ -15,3 +15,5 @@ LOOKUP_KEYS_MAX = 500
 # `billing projections rebuild`: records per replay transaction, and how long to wait for Kafka metadata.
 REBUILD_BATCH_RECORDS_MAX = 5_000
 REBUILD_METADATA_TIMEOUT_SECONDS = 30.0
+# Bytes per Kafka fetch during a rebuild (the broker's fetch.max.bytes default is 55 MiB).
+REBUILD_FETCH_BYTES_MAX = 16 * 1024 * 1024

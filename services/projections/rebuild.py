@@ -20,7 +20,11 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from billing_events import topics
-from billing_projections.limits import REBUILD_BATCH_RECORDS_MAX, REBUILD_METADATA_TIMEOUT_SECONDS
+from billing_projections.limits import (
+    REBUILD_BATCH_RECORDS_MAX,
+    REBUILD_FETCH_BYTES_MAX,
+    REBUILD_METADATA_TIMEOUT_SECONDS,
+)
 from billing_projections.service import ProjectionService
 from billing_runtime.bus import Record
 from billing_runtime.db import Database, PostgresDatabase, SqliteDatabase
@@ -77,7 +81,7 @@ async def _kafka_batches(settings: Settings, batch_records_max: int) -> AsyncIte
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False,
         isolation_level="read_committed", max_poll_records=batch_records_max,
-        fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=REBUILD_FETCH_BYTES_MAX, max_partition_fetch_bytes=REBUILD_FETCH_BYTES_MAX // 4,
         request_timeout_ms=int(REBUILD_METADATA_TIMEOUT_SECONDS * 1000))
     await consumer.start()
     try:

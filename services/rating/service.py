@@ -21,8 +21,10 @@ from billing_events.messages import AcceptedUsage, LedgerCommand, LedgerEvent, R
 from billing_events.money import RATING_CONTEXT, from_subunits, to_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
+from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
+from billing_rating.subscriptions import AccountSubscription, apply_event, load_for, usage_lines_command
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
-from billing_rating.charge_models import PriceSpecError
+from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_runtime.bus import Bus, OutMessage, Record
 from billing_runtime.db import Connection, Database
@@ -60,11 +62,12 @@ class RatingService:
         self.db = db
         self.bus = bus
         self.catalog = CatalogView()
+        self._plan_specs: dict[tuple[str, int, str], Any] = {}
 
     async def setup(self) -> None:
         from billing_rating.close import CLOSE_SCHEMA
 
-        await self.db.executescript(SCHEMA + CLOSE_SCHEMA)  # type: ignore[attr-defined]
+        await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA)  # type: ignore[attr-defined]
         await self._load_catalog()
 
     async def _load_catalog(self) -> None:
@@ -75,11 +78,19 @@ class RatingService:
         }
         if row:
             self.catalog = build_view(int(row["version"]), json.loads(row["document"]), history)
+            self._plan_specs = {}
 
     async def handle_ledger_events(self, records: list[Record]) -> None:
         changed = False
+        outputs: list[OutMessage] = []
         for record in records:
             event = LedgerEvent.model_validate_json(record.value)
+            if event.type.startswith("Subscription."):
+                async with self.db.transaction() as conn:
+                    ended = await apply_event(conn, event)
+                    if ended is not None:
+                        outputs.append(await self._usage_lines(conn, ended))
+                continue
             if event.type != "Catalog.Published":
                 continue
             version = int(event.data["version"])
@@ -100,6 +111,43 @@ class RatingService:
         if changed:
             await self._load_catalog()
             log.info("catalog_loaded", version=self.catalog.version, meters=len(self.catalog.meters))
+        await self.bus.publish(outputs)
+
+    async def _usage_lines(self, conn: Connection, ended: AccountSubscription) -> OutMessage:
+        row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
+                                  ended.subscription_id)
+        assert row is not None
+        names = {code: {"name": m.definition.name, "unit_of_measure": m.definition.unit_of_measure}
+                 for code, m in self.catalog.meters.items()}
+        return await usage_lines_command(conn, ended, row["tenant"], row["account_id"], names)
+
+    def _pricing(self, subs: list[AccountSubscription], meter: MeterView) -> tuple[Any, Decimal, str, bool] | None:
+        """(spec, pooled allowance, overage policy, trialing) from the plans of live subscriptions, if any."""
+        chosen = None
+        included = Decimal(0)
+        for sub in subs:
+            plan = self.catalog.plans.get((sub.plan_code, sub.plan_version))
+            if plan is None:
+                continue
+            for charge in plan.charges:
+                if charge.meter != meter.code:
+                    continue
+                included = RATING_CONTEXT.add(included, charge.included)
+                if chosen is None:
+                    chosen = (sub, charge)
+        if chosen is None:
+            return None
+        sub, charge = chosen
+        key = (sub.plan_code, sub.plan_version, meter.code)
+        spec = self._plan_specs.get(key)
+        if spec is None:
+            spec = parse_spec(charge.price, credit_scales=self._credit_scales())
+            self._plan_specs[key] = spec
+        return spec, included, charge.overage_policy, sub.status == "trialing"
+
+    def _credit_scales(self) -> dict[str, int]:
+        units = self.catalog.document.get("credit_units") or {}
+        return {"CREDIT": 2, **{code: int((u or {}).get("scale", 2)) for code, u in units.items()}}
 
     async def handle_accepted(self, records: list[Record]) -> None:
         """One batch, one transaction: a few set-wise reads, decisions in memory, then bulk writes."""
@@ -134,7 +182,8 @@ class RatingService:
     def _rate(self, batch: _BatchState, usage: AcceptedUsage) -> OutMessage | None:
         event = usage.event
         account = str(usage.account_id)
-        period = period_of(event.timestamp)
+        subs = batch.subscriptions.get(account, [])
+        period = _period(subs, event.timestamp)
         meter = self.catalog.meters.get(event.meter)
         decision_prefix = ""
         if (account, period) in batch.closed:
@@ -176,26 +225,33 @@ class RatingService:
                     decision = "no_price"
                     output = self._rejection(usage, RejectReason.NO_PRICE, str(exc))
             else:
-                assert meter.spec is not None
+                plan_pricing = self._pricing(subs, meter)
+                spec, included, overage_policy, trialing = plan_pricing or (
+                    meter.spec, definition.included, definition.overage_policy, False)
+                assert spec is not None
                 before = batch.total(account, key, period)
                 after = RATING_CONTEXT.add(before, contribution(definition, event.quantity))
                 batch.set_total(account, key, period, after)
-                unit = meter.spec.unit
+                unit = spec.unit
                 # The charge is period_charge(after) - period_charge(before); the batch remembers the last
                 # period_charge per key so each event prices one cumulative quantity, not two.
                 charged_before = batch.charged.get((account, key, period))
                 if charged_before is None or charged_before[0] != before:
-                    charged_before = (before, period_charge(meter.spec, before, definition.included))
-                charged_after = period_charge(meter.spec, after, definition.included)
+                    charged_before = (before, period_charge(spec, before, included))
+                charged_after = period_charge(spec, after, included)
                 batch.charged[(account, key, period)] = (after, charged_after)
                 amount = charged_after - charged_before[1]
-                inputs = {"price": definition.price, "included": str(definition.included)}
+                inputs = {"price": spec.model_dump(mode="json") if plan_pricing else definition.price,
+                          "included": str(included), "overage_policy": overage_policy,
+                          "priced_by": "plan" if plan_pricing else "list_price"}
+                if trialing:
+                    decision, amount = "trial", 0  # recorded, not charged: nothing is billed during a trial
             if amount != 0 and unit is not None and output is None:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
                               "original_period": period_of(event.timestamp)}
                 output = self._debit(usage, unit, amount, meter, period, before, after, group, inputs)
-        if decision not in ("no_price", "filtered"):
+        if decision not in ("no_price", "filtered", "trial"):
             decision = decision_prefix + decision
         batch.record(usage, self.catalog.version, period, group, value, before, after, amount, unit, decision,
                      output)
@@ -237,7 +293,7 @@ class RatingService:
             payload={
                 "unit": unit, "amount_subunits": amount, "amount": str(from_subunits(amount)),
                 "meter": event.meter, "at": event.timestamp.isoformat(),
-                "overage_policy": meter.definition.overage_policy,
+                "overage_policy": inputs.get("overage_policy", meter.definition.overage_policy),
                 "cause": {
                     "event_ids": [event.id], "period": period, "quantity": str(event.quantity),
                     "quantity_before": str(before), "quantity_after": str(after), "group": group,
@@ -273,6 +329,7 @@ class _BatchState:
         self.dirty: set[tuple[str, str, str]] = set()
         self.closed: set[tuple[str, str]] = set()
         self.charged: dict[tuple[str, str, str], tuple[Decimal, int]] = {}
+        self.subscriptions: dict[str, list[AccountSubscription]] = {}
         self.rows: list[tuple[Any, ...]] = []
 
     @classmethod
@@ -295,6 +352,7 @@ class _BatchState:
         for row in await conn.fetch(
                 f"SELECT account_id, period FROM closed_periods WHERE account_id IN ({_in(accounts)})", *accounts):
             state.closed.add((row["account_id"], row["period"]))
+        state.subscriptions = await load_for(conn, accounts)
         return state
 
     def total(self, account: str, key: str, period: str) -> Decimal:
@@ -327,3 +385,12 @@ class _BatchState:
                 "output_topic, output, rated_at) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
                 self.rows)
+
+
+def _period(subs: list[AccountSubscription], moment: Any) -> str:
+    """The primary subscription's period containing ``moment`` (its start), else the calendar month."""
+    if subs:
+        primary = subs[0]
+        if primary.period_start <= moment < primary.period_end:
+            return primary.period_start.isoformat()
+    return period_of(moment)

@@ -200,6 +200,25 @@ class BillingAccount(ChainedAggregate):
         )
         return [{k: _copy(g[k]) for k in keys} for g in self._grants.values()]
 
+    def grants_caused_by(self, **match: str) -> list[dict[str, Any]]:
+        """Grants (granted order) whose ``cause`` has every given key with the given value, with what of
+        each may still be refunded (``refundable`` = amount - refunded)."""
+        return [
+            {"grant_id": g["grant_id"], "unit": g["unit"], "source": g["source"], "status": g["status"],
+             "remaining": g["remaining"], "refundable": g["amount"] - g["refunded"]}
+            for g in self._grants.values()
+            if all(g["cause"].get(k) == v for k, v in match.items())
+        ]
+
+    def grants_expiring_by(self, now: datetime) -> bool:
+        """Whether an open grant has ``expires_at <= now`` (what ``expire_grants(now)`` would expire)."""
+        return any(g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
+                   for g in self._grants.values())
+
+    def holds_expiring_by(self, now: datetime) -> bool:
+        """Whether an active hold has ``expires_at <= now`` (what ``expire_holds(now)`` would release)."""
+        return any(h["expires_at"] <= now for h in self._holds.values())
+
     def hold(self, hold_id: UUID) -> dict[str, Any]:
         """An active hold, or a settled one still remembered (status captured/released/expired/rejected)."""
         found = self._holds.get(str(hold_id)) or self._settled_holds.get(str(hold_id))
@@ -645,6 +664,7 @@ class BillingAccount(ChainedAggregate):
                 "placed_at": at,
                 "status": "rejected",
                 "captured": 0,
+                "reason": reason,
             }
         )
 

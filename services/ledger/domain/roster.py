@@ -37,6 +37,18 @@ class Roster(Aggregate):
         self.ever_subscribed = False
         self.trial_used = False
         self.payment_methods: list[dict[str, Any]] = []
+        self.receivable_invoiced: dict[str, int] = {}  # unit -> receivables already put on invoices
+
+    def invoice_receivable(self, *, unit: str, up_to: int, invoice: str) -> int:
+        """Marks the account's receivables up to ``up_to`` as invoiced; returns what was new (>= 0)."""
+        new = up_to - self.receivable_invoiced.get(unit, 0)
+        if new > 0:
+            self._receivable_invoiced(unit=unit, up_to=up_to, invoice=invoice)
+        return max(new, 0)
+
+    @event("ReceivableInvoiced")
+    def _receivable_invoiced(self, unit: str, up_to: int, invoice: str) -> None:
+        self.receivable_invoiced[unit] = up_to
 
     def admit(self, *, subscription_id: UUID, limit: int, trial: bool, at: datetime) -> None:
         if str(subscription_id) in self.live:

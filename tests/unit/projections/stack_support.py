@@ -11,11 +11,11 @@ from pathlib import Path
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from billing_events import topics
 from billing_projections.rebuild import kafka_partitions
 from billing_projections.store import ALL_TABLES
 from billing_runtime.bus import KafkaBus, OutMessage
+
 from tests.support import ServiceProcess, free_port, wait_until
 
 

@@ -1,0 +1,262 @@
+"""The ledger's HTTP API: synchronous, strongly consistent decisions (holds, allocations, corrections).
+
+Every write is one ledger command applied directly in this process (:mod:`billing_ledger.direct`), with a
+command id derived from the caller's idempotency key: a retry gets the first answer (``200``) and changes
+nothing; a first answer that created something is ``201``. Refusals are RFC 9457 problem+json and record
+nothing. Tokens: holds and allocations are for ``service`` (and ``admin``) callers, corrections for
+``admin`` and ``finance``; reads for any role that may see the tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from uuid import UUID
+
+from billing_events import ids
+from billing_events.messages import LedgerCommand
+from billing_events.money import MoneyError, credit_unit, currency, format_subunits, is_currency_code, to_subunits
+from billing_ledger.adjustment_commands import adjustment_id
+from billing_ledger.allocation_commands import allocation_request_id
+from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.direct import ConflictsExhausted, DirectCommands
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.hold_commands import hold_id
+from billing_ledger.http_models import (
+    AdjustmentRequest,
+    AllocationRequest,
+    CapacityRequest,
+    CaptureRequest,
+    HoldRequest,
+    RefundRequest,
+)
+from billing_ledger.refund_commands import refund_id
+from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.problems import Problem
+from fastapi import APIRouter, Depends, Response
+
+Spender = Annotated[Principal, Depends(require(Role.SERVICE, Role.ADMIN))]
+Corrector = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+Reader = Annotated[Principal, Depends(require())]
+
+# Rejection reason -> HTTP status (anything else is 422: the request cannot be carried out as given).
+_STATUS = {
+    "unknown_account": 404, "unknown_hold": 404, "unknown_pool": 404, "unknown_grant": 404,
+    "unknown_allocation": 404, "missing_tenant": 404,
+    "hold_already_settled": 409, "hold_lapsed": 409, "insufficient_credit": 409, "refund_exceeds_remaining": 409,
+    "not_refundable": 409, "duplicate_grant": 409, "capacity_below_usage": 409, "grant_closed": 409,
+}
+
+
+def _amount(subunits: int, unit: str) -> str:
+    """Exact decimal text: at least the currency's minor digits (credits: 2), more only when present."""
+    try:
+        shown = currency(unit) if is_currency_code(unit) else credit_unit(unit)
+    except MoneyError:
+        shown = credit_unit("CREDIT")
+    return format_subunits(subunits, shown)
+
+
+def _time(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else None
+
+
+def hold_view(tenant: str, hold: dict[str, Any]) -> dict[str, Any]:
+    unit = hold["unit"]
+    view = {"hold_id": hold["hold_id"], "tenant": tenant, "status": hold["status"],
+            "approved": hold["status"] != "rejected", "unit": unit, "amount": _amount(hold["amount"], unit),
+            "captured": _amount(hold.get("captured", 0), unit), "meter": hold["meter"],
+            "placed_at": _time(hold["placed_at"]), "expires_at": _time(hold["expires_at"])}
+    if hold["status"] == "rejected":
+        view["reason"] = hold.get("reason", "insufficient_credit")
+    return view
+
+
+def _problem(result: CommandResult) -> Problem:
+    reason = result.reason or "rejected"
+    return Problem(_STATUS.get(reason, 422), reason.replace("_", " ").capitalize(), result.detail or reason,
+                   kind=reason.replace("_", "-"), reason=reason)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _command(kind: str, tenant: str, principal: Principal, key: str, payload: dict[str, Any]) -> LedgerCommand:
+    return LedgerCommand(command_id=ids.command_id(kind, tenant, key), kind=kind, tenant=tenant, issued_at=_now(),
+                         issued_by=principal.subject, payload=payload)
+
+
+def build_router(app: LedgerApplication) -> APIRouter:
+    direct = DirectCommands(app)
+    router = APIRouter(tags=["ledger"])
+
+    async def decide(command: LedgerCommand, aggregate_id: UUID) -> CommandResult:
+        try:
+            result = await direct.decide(command, aggregate_id)
+        except ConflictsExhausted as exc:
+            raise Problem(503, "Busy", "The account is changing too fast; retry shortly.", kind="busy",
+                          headers={"Retry-After": "1"}) from exc
+        if result.outcome == "rejected" or (result.outcome == "duplicate" and result.first_outcome == "rejected"):
+            raise _problem(result)
+        return result
+
+    async def read(aggregate_id: UUID, view: Callable[[Any], Any], missing: str) -> Any:
+        found = await direct.read(aggregate_id, view)
+        if found is None:
+            raise Problem(404, "Not found", missing, kind="not-found")
+        return found
+
+    async def read_hold(tenant: str, hold: UUID) -> dict[str, Any]:
+        def view(account: BillingAccount) -> dict[str, Any] | None:
+            try:
+                return hold_view(tenant, account.hold(hold))
+            except ValueError:
+                return None
+        return await read(ids.account_id(tenant), view, f"No hold {hold} for tenant {tenant!r}.")  # type: ignore[no-any-return]
+
+    # -- holds -----------------------------------------------------------------------------------------------
+
+    @router.post("/v1/accounts/{tenant}/holds", status_code=201, summary="Reserve credit (yes/no, now)")
+    async def place_hold(tenant: str, body: HoldRequest, principal: Spender, response: Response) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        now = _now()
+        hold = hold_id(tenant, body.idempotency_key)
+        command = _command("hold.place", tenant, principal, body.idempotency_key, {
+            "hold_id": str(hold), "amount": str(body.amount), "unit": body.unit, "meter": body.meter,
+            "at": now.isoformat(), "expires_at": (now + timedelta(seconds=body.ttl_seconds)).isoformat()})
+        result = await decide(command, ids.account_id(tenant))
+        if result.outcome == "duplicate":
+            response.status_code = 200
+            return await read_hold(tenant, hold)
+        return hold_view(tenant, result.value)
+
+    @router.get("/v1/accounts/{tenant}/holds/{hold}", summary="A hold and its status")
+    async def get_hold(tenant: str, hold: UUID, principal: Reader) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        return await read_hold(tenant, hold)
+
+    async def settle(kind: str, tenant: str, hold: UUID, principal: Principal, payload: dict[str, Any]
+                     ) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        command = _command(kind, tenant, principal, str(hold), {"hold_id": str(hold), "at": _now().isoformat(),
+                                                                **payload})
+        result = await decide(command, ids.account_id(tenant))
+        if result.outcome == "duplicate":
+            return await read_hold(tenant, hold)
+        return hold_view(tenant, result.value)
+
+    @router.post("/v1/accounts/{tenant}/holds/{hold}/capture", summary="Spend the actual amount of a hold")
+    async def capture_hold(tenant: str, hold: UUID, body: CaptureRequest, principal: Spender) -> dict[str, Any]:
+        return await settle("hold.capture", tenant, hold, principal,
+                            {"amount": str(body.amount), "allow_overage": body.allow_overage})
+
+    @router.post("/v1/accounts/{tenant}/holds/{hold}/release", summary="Release a hold without spending")
+    async def release_hold(tenant: str, hold: UUID, principal: Spender) -> dict[str, Any]:
+        return await settle("hold.release", tenant, hold, principal, {})
+
+    # -- pooled allocations ----------------------------------------------------------------------------------
+
+    async def read_allocation(tenant: str, resource: str, request_id: str) -> dict[str, Any]:
+        request = allocation_request_id(tenant, resource, request_id)
+
+        def view(pool: ResourcePool) -> dict[str, Any] | None:
+            found = pool.allocation(request)
+            if found is None:
+                return None
+            return {"tenant": tenant, "resource": resource, "request_id": request_id,
+                    "allocated": found["status"] != "refused", "status": found["status"],
+                    "quantity": found["quantity"], "capacity": pool.capacity, "in_use": pool.in_use,
+                    "free": pool.free}
+        return await read(ResourcePool.create_id(tenant, resource), view,  # type: ignore[no-any-return]
+                          f"No allocation request {request_id!r} for {resource!r}.")
+
+    @router.post("/v1/accounts/{tenant}/allocations", status_code=201, summary="Allocate from a pooled resource")
+    async def allocate(tenant: str, body: AllocationRequest, principal: Spender, response: Response
+                       ) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        command = _command("allocation.allocate", tenant, principal, f"{body.resource}/{body.request_id}", {
+            "resource": body.resource, "request_id": body.request_id, "quantity": body.quantity,
+            "at": _now().isoformat()})
+        result = await decide(command, ResourcePool.create_id(tenant, body.resource))
+        if result.outcome == "duplicate":
+            response.status_code = 200
+            return await read_allocation(tenant, body.resource, body.request_id)
+        value = result.value
+        response.status_code = 201 if value["allocated"] else 200
+        return {"tenant": tenant, "resource": body.resource, "request_id": body.request_id,
+                "allocated": value["allocated"], "status": value["request"]["status"], "quantity": body.quantity,
+                "capacity": value["capacity"], "in_use": value["in_use"], "free": value["free"]}
+
+    @router.get("/v1/accounts/{tenant}/allocations/{resource}/{request_id}", summary="An allocation request")
+    async def get_allocation(tenant: str, resource: str, request_id: str, principal: Reader) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        return await read_allocation(tenant, resource, request_id)
+
+    @router.post("/v1/accounts/{tenant}/allocations/{resource}/{request_id}/release",
+                 summary="Give an allocation back to the pool")
+    async def release_allocation(tenant: str, resource: str, request_id: str, principal: Spender
+                                 ) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        command = _command("allocation.release", tenant, principal, f"{resource}/{request_id}", {
+            "resource": resource, "request_id": request_id, "at": _now().isoformat()})
+        await decide(command, ResourcePool.create_id(tenant, resource))
+        return await read_allocation(tenant, resource, request_id)
+
+    @router.put("/v1/accounts/{tenant}/pools/{resource}", summary="Set a pool's capacity by hand (admin)")
+    async def set_capacity(tenant: str, resource: str, body: CapacityRequest, principal: Admin) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        # Not idempotent by key, and need not be: the capacity is an absolute value, a retry sets it again.
+        key = f"{resource}/{body.capacity}/{_now().isoformat()}"
+        command = _command("allocation.set_capacity", tenant, principal, key,
+                           {"resource": resource, "capacity": body.capacity})
+        result = await decide(command, ResourcePool.create_id(tenant, resource))
+        return {"tenant": tenant, **result.value}
+
+    # -- corrections -----------------------------------------------------------------------------------------
+
+    @router.post("/v1/accounts/{tenant}/adjustments", status_code=201, summary="Manual correction (admin, finance)")
+    async def adjust(tenant: str, body: AdjustmentRequest, principal: Corrector, response: Response
+                     ) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        if to_subunits(body.amount) == 0:
+            raise Problem(422, "Invalid request", "An adjustment of zero changes nothing.", kind="invalid-request")
+        adjustment = adjustment_id(tenant, body.idempotency_key)
+        command = _command("balance.adjust", tenant, principal, body.idempotency_key, {
+            "adjustment_id": str(adjustment), "amount": str(body.amount), "unit": body.unit, "reason": body.reason,
+            "user": principal.subject, "at": _now().isoformat()})
+        result = await decide(command, ids.account_id(tenant))
+        if result.outcome == "duplicate":
+            response.status_code = 200
+            return {"adjustment_id": str(adjustment), "tenant": tenant, "duplicate": True}
+        value = result.value
+        return {"adjustment_id": str(adjustment), "tenant": tenant, "unit": value["unit"],
+                "amount": str(body.amount), "user": principal.subject, "reason": body.reason,
+                "balance": _amount(value["balance"], value["unit"]),
+                "available": _amount(value["available"], value["unit"])}
+
+    @router.post("/v1/accounts/{tenant}/refunds", status_code=201, summary="Refund a purchase grant (admin, finance)")
+    async def refund(tenant: str, body: RefundRequest, principal: Corrector, response: Response) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        if body.finance_override and principal.role != Role.FINANCE:
+            raise Problem(403, "Forbidden", "Only the finance role may refund spent credit.", kind="forbidden")
+        refund_uuid = refund_id(tenant, body.idempotency_key)
+        command = _command("grant.refund", tenant, principal, body.idempotency_key, {
+            "grant_id": str(body.grant_id), "refund_id": str(refund_uuid), "amount": str(body.amount),
+            "reason": body.reason, "finance_override": body.finance_override, "at": _now().isoformat()})
+        result = await decide(command, ids.account_id(tenant))
+        if result.outcome == "duplicate":
+            response.status_code = 200
+            return {"refund_id": str(refund_uuid), "tenant": tenant, "duplicate": True}
+        value = result.value
+        unit = value["unit"]
+        return {"refund_id": str(refund_uuid), "tenant": tenant, "grant_id": str(body.grant_id), "unit": unit,
+                "amount": _amount(value["amount"], unit), "from_wallet": _amount(value["from_wallet"], unit),
+                "from_breakage": _amount(value["from_breakage"], unit),
+                "from_revenue": _amount(value["from_revenue"], unit), "reason": body.reason,
+                "finance_override": body.finance_override, "requested_by": principal.subject}
+
+    return router

@@ -1,0 +1,66 @@
+"""Reading command payloads: every malformed field becomes a ``CommandRejected`` with a clear reason."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from billing_events.messages import LedgerCommand
+from billing_events.money import MoneyError, from_subunits, parse_decimal, to_subunits
+from billing_events.timeutil import parse_timestamp
+from billing_ledger.application import CommandRejected
+
+INVALID = "invalid_command"
+
+
+def text(command: LedgerCommand, field: str, *, default: str | None = None) -> str:
+    value = command.payload.get(field, default)
+    if not isinstance(value, str) or not value.strip():
+        raise CommandRejected(INVALID, f"{field} must be a non-empty string")
+    return value
+
+
+def optional_text(command: LedgerCommand, field: str) -> str | None:
+    value = command.payload.get(field)
+    return None if value is None else text(command, field)
+
+
+def uuid(command: LedgerCommand, field: str) -> UUID:
+    try:
+        return UUID(str(command.payload[field]))
+    except (KeyError, ValueError) as exc:
+        raise CommandRejected(INVALID, f"{field} must be a UUID") from exc
+
+
+def timestamp(command: LedgerCommand, field: str, *, default: datetime | None = None) -> datetime:
+    raw = command.payload.get(field)
+    if raw is None:
+        if default is None:
+            raise CommandRejected(INVALID, f"{field} is required")
+        return default
+    try:
+        return parse_timestamp(raw)
+    except ValueError as exc:
+        raise CommandRejected(INVALID, f"{field}: {exc}") from exc
+
+
+def subunits(command: LedgerCommand, field: str, *, allow_negative: bool = False) -> int:
+    """A decimal amount (string or int, never a float) as exact ledger sub-units."""
+    try:
+        amount = parse_decimal(command.payload[field], field=field, allow_negative=allow_negative)
+    except KeyError as exc:
+        raise CommandRejected(INVALID, f"{field} is required") from exc
+    except MoneyError as exc:
+        raise CommandRejected(INVALID, str(exc)) from exc
+    result = to_subunits(amount)
+    if from_subunits(result) != amount:
+        raise CommandRejected(INVALID, f"{field} is finer than the ledger sub-unit (9 decimal places)")
+    return result
+
+
+def flag(command: LedgerCommand, field: str) -> bool:
+    value: Any = command.payload.get(field, False)
+    if not isinstance(value, bool):
+        raise CommandRejected(INVALID, f"{field} must be true or false")
+    return value

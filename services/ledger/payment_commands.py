@@ -1,0 +1,94 @@
+"""Verified payments from ``billing.payments``: purchased credit and gateway refunds, exactly once.
+
+Each ``PaymentNotification`` becomes a ledger command whose id derives from the gateway and its event id
+(``payment.succeeded`` / ``payment.refunded``), applied in the same batch transaction as the Kafka position
+and refused as a duplicate the second time, like every other command.
+
+* ``payment_succeeded`` grants the notified amount as purchased credit (source ``purchase``, in the
+  account's currency, no expiry) with a grant id derived from the gateway event, so even a command with
+  another id could not grant it twice. Packages, tax and orders belong to another part of the system.
+* ``refund_succeeded`` books a refund the gateway has *already paid out*: it is a fact, not a request, so
+  it is recorded even when the credit was spent (with the override: the spent part is reversed from
+  revenue, see ``BillingAccount.refund_grant``). It refunds the purchase grants of the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from billing_events import ids
+from billing_events.messages import LedgerCommand, PaymentNotification
+from billing_ledger import payload
+from billing_ledger.account_commands import account_of
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.domain.account import BillingAccount
+
+PAYMENT_SUCCEEDED = "payment.succeeded"
+PAYMENT_REFUNDED = "payment.refunded"
+
+
+def payment_grant_id(tenant: str, gateway: str, gateway_event_id: str) -> UUID:
+    return ids.grant_id(tenant, f"payment/{gateway}/{gateway_event_id}")
+
+
+def payment_command(notification: PaymentNotification) -> LedgerCommand:
+    """The ledger command for a verified notification; the same notification always gives the same id."""
+    kind = PAYMENT_SUCCEEDED if notification.kind == "payment_succeeded" else PAYMENT_REFUNDED
+    return LedgerCommand(
+        command_id=ids.command_id(kind, notification.gateway, notification.gateway_event_id),
+        kind=kind, tenant=notification.tenant, issued_at=notification.verified_at,
+        issued_by=f"gateway:{notification.gateway}",
+        payload={"gateway": notification.gateway, "gateway_event_id": notification.gateway_event_id,
+                 "order_id": notification.order_id, "amount": str(notification.amount),
+                 "currency": notification.currency, "verified_at": notification.verified_at.isoformat()},
+    )
+
+
+def _account_in_currency(batch: _Batch, command: LedgerCommand) -> BillingAccount:
+    account = account_of(batch, command.tenant)
+    currency = payload.text(command, "currency")
+    if currency != account.currency:
+        raise CommandRejected("currency_mismatch",
+                              f"payment in {currency} for an account in {account.currency}")
+    return account
+
+
+@handles(PAYMENT_SUCCEEDED)
+def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    account = _account_in_currency(batch, command)
+    gateway, event_id = payload.text(command, "gateway"), payload.text(command, "gateway_event_id")
+    grant = payment_grant_id(account.tenant, gateway, event_id)
+    verified_at = payload.timestamp(command, "verified_at")
+    account.grant_credit(
+        grant_id=grant, unit=account.currency, amount=payload.subunits(command, "amount"), priority=0,
+        effective_at=verified_at, expires_at=None, scope=None, source="purchase",
+        cause={"gateway": gateway, "gateway_event_id": event_id, "order_id": payload.text(command, "order_id"),
+               "command_id": str(command.command_id)},
+        granted_by=command.issued_by,
+    )
+    return {"grant_id": str(grant)}
+
+
+@handles(PAYMENT_REFUNDED)
+def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    account = _account_in_currency(batch, command)
+    gateway, event_id = payload.text(command, "gateway"), payload.text(command, "gateway_event_id")
+    order = payload.text(command, "order_id")
+    left = payload.subunits(command, "amount")
+    grants = [g for g in account.grants_caused_by(gateway=gateway, order_id=order) if g["refundable"] > 0]
+    if sum(g["refundable"] for g in grants) < left:
+        raise CommandRejected("unknown_purchase", f"order {order!r} at {gateway} has less than the refund paid for")
+    refunds = []
+    for index, grant in enumerate(grants):
+        if left == 0:
+            break
+        part = min(left, grant["refundable"])
+        refund = uuid5(NAMESPACE_URL, f"/payments/{gateway}/{event_id}/refunds/{index}")
+        account.refund_grant(grant_id=UUID(grant["grant_id"]), amount=part, refund_id=refund,
+                             at=payload.timestamp(command, "verified_at"), finance_override=True,
+                             cause={"gateway": gateway, "gateway_event_id": event_id, "order_id": order,
+                                    "command_id": str(command.command_id), "forced_by": "gateway"})
+        refunds.append(str(refund))
+        left -= part
+    return {"refunds": refunds}

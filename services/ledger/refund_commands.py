@@ -1,0 +1,33 @@
+"""Refunds of paid credit: ``grant.refund`` (refused for spent credit unless finance overrides)."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from billing_events.messages import LedgerCommand
+from billing_ledger import payload
+from billing_ledger.account_commands import account_of
+from billing_ledger.application import LedgerApplication, _Batch, handles
+from billing_ledger.domain.account import BillingAccount
+
+
+def refund_id(tenant: str, idempotency_key: str) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/accounts/{tenant}/refunds/{idempotency_key}")
+
+
+@handles("grant.refund")
+def refund_grant(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    account = account_of(batch, command.tenant)
+    grant = payload.uuid(command, "grant_id")
+    refund = payload.uuid(command, "refund_id")
+    cause = {"reason": payload.text(command, "reason"), "requested_by": command.issued_by,
+             "command_id": str(command.command_id)}
+    account.refund_grant(grant_id=grant, amount=payload.subunits(command, "amount"), refund_id=refund,
+                         at=payload.timestamp(command, "at", default=command.issued_at),
+                         finance_override=payload.flag(command, "finance_override"), cause=cause)
+    # The refund event (a low-balance alert may follow it in the same command).
+    event = next(e for e in reversed(account.pending_events) if isinstance(e, BillingAccount.GrantRefunded))
+    return {"refund_id": str(refund), "grant_id": str(grant), "unit": event.unit, "amount": event.amount,
+            "from_wallet": event.from_wallet, "from_breakage": event.from_breakage,
+            "from_revenue": event.from_revenue}

@@ -1,0 +1,185 @@
+"""HTTP routes for subscriptions, payment methods, invoice previews and invoice PDFs (ledger service).
+
+Changes are applied synchronously in this process (one-command transactions) so the caller gets the
+outcome at once; an optimistic-concurrency conflict with the Kafka consumer is retried on fresh state.
+An ``Idempotency-Key`` header makes a retried request the same command (same id: the first answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
+
+from eventsourcing.persistence import IntegrityError
+from fastapi import APIRouter, Body, Depends, Request, Response
+
+from billing_events.messages import LedgerCommand
+from billing_events.timeutil import parse_timestamp, utcnow
+from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.domain.catalog import Catalog
+from billing_ledger.domain.invoice import Invoice
+from billing_ledger.domain.proration import quote_change
+from billing_ledger.domain.roster import roster_id
+from billing_ledger.domain.subscription import Subscription, subscription_id
+from billing_ledger.invoice_pdf import render_pdf
+from billing_ledger.scheduler import DueIndex, tick_messages
+from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.bus import Bus
+from billing_runtime.problems import Problem
+
+APPLY_ATTEMPTS_MAX = 5
+STATUS_FOR_REASON = {"unknown_account": 404, "unknown_subscription": 404, "unknown_plan": 422,
+                     "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
+                     "capacity_below_usage": 409, "invalid_transition": 409}
+
+
+async def apply_now(app: LedgerApplication, command: LedgerCommand) -> CommandResult:
+    for _ in range(APPLY_ATTEMPTS_MAX):
+        try:
+            [result] = await asyncio.to_thread(app.apply_commands, [command], None, record_rejections=False)
+            return result
+        except IntegrityError:
+            continue  # another writer recorded one of the aggregates first: retry on fresh state
+    raise Problem(503, "Busy", "The account is being changed concurrently; retry.", kind="conflict-retry")
+
+
+def _view(sub: Subscription) -> dict[str, Any]:
+    return {"subscription_id": str(sub.id), "key": sub.key, "tenant": sub.tenant, "status": sub.status,
+            "plan": {"code": sub.plan["code"], "version": sub.plan["version"], "name": sub.plan["name"],
+                     "cadence": sub.plan["cadence"], "currency": sub.plan["currency"]},
+            "quantity": sub.quantity, "period_start": sub.period_start, "period_end": sub.period_end,
+            "trial_end": sub.trial_end, "cancel_at_period_end": sub.cancel_at_period_end,
+            "time_zone": sub.time_zone}
+
+
+def build_router(app: LedgerApplication, bus: Bus, issuer: str) -> APIRouter:
+    router = APIRouter(tags=["subscriptions"])
+
+    async def run(request: Request, principal: Principal, kind: str, tenant: str, payload: dict[str, Any]
+                  ) -> CommandResult:
+        key = request.headers.get("idempotency-key")
+        command_id = uuid5(NAMESPACE_URL, f"/http/{tenant}/{kind}/{key}") if key else uuid4()
+        command = LedgerCommand(command_id=command_id, kind=kind, tenant=tenant, issued_at=utcnow(),
+                                issued_by=f"user:{principal.subject}", payload=payload)
+        result = await apply_now(app, command)
+        if result.outcome == "rejected":
+            reason = result.reason or "rejected"
+            raise Problem(STATUS_FOR_REASON.get(reason, 422), "Refused", result.detail or reason,
+                          kind=reason.replace("_", "-"), reason=reason)
+        return result
+
+    async def read(aggregate_id: UUID, view: Any) -> Any:
+        return await asyncio.to_thread(app.read, aggregate_id, view)
+
+    async def subscription(tenant: str, key: str, view: Any = None) -> Any:
+        found = await read(subscription_id(tenant, key), view or _view)
+        if found is None:
+            raise Problem(404, "Not found", f"No subscription {key!r} for {tenant!r}.", kind="unknown-subscription")
+        return found
+
+    admin = require(Role.ADMIN, Role.SERVICE)
+
+    @router.post("/v1/accounts/{tenant}/subscriptions", status_code=201,
+                 summary="Subscribe to a published plan version (trial when eligible)")
+    async def create(tenant: str, request: Request, body: dict[str, Any] = Body(...),
+                     principal: Principal = Depends(admin)) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        if not body.get("key") or not body.get("plan"):
+            raise Problem(422, "Invalid request", "key and plan are required.", kind="invalid-request")
+        await run(request, principal, "subscription.create", tenant, body)
+        return await subscription(tenant, str(body["key"]))  # type: ignore[no-any-return]
+
+    @router.get("/v1/accounts/{tenant}/subscriptions", summary="Live subscriptions of an account")
+    async def list_live(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        roster = await read(roster_id(tenant), lambda r: (list(r.live), [dict(m) for m in r.payment_methods]))
+        live, methods = roster or ([], [])
+        subs = [await read(UUID(i), _view) for i in live]
+        return {"tenant": tenant, "subscriptions": [s for s in subs if s is not None], "payment_methods": methods}
+
+    @router.get("/v1/accounts/{tenant}/subscriptions/{key}")
+    async def get_one(tenant: str, key: str, principal: Principal = Depends(require())) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        return await subscription(tenant, key)  # type: ignore[no-any-return]
+
+    @router.get("/v1/accounts/{tenant}/subscriptions/{key}/invoice-preview",
+                summary="The exact effect of a proposed change (prorated charges and credits) before making it")
+    async def preview(tenant: str, key: str, plan: str | None = None, plan_version: int | None = None,
+                      quantity: int | None = None, at: str | None = None,
+                      principal: Principal = Depends(require())) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        sub = await subscription(tenant, key, lambda s: copy.deepcopy(s))
+        new_plan = sub.plan
+        if plan:
+            def find(catalog: Catalog) -> dict[str, Any] | None:
+                version = plan_version
+                if version is None:
+                    current = next((p for p in catalog.document.get("plans", []) if p["code"] == plan), None)
+                    version = int(current["version"]) if current else None
+                return copy.deepcopy(catalog.plan(plan, version)) if version else None
+
+            new_plan = await read(Catalog.create_id(), find)
+            if new_plan is None:
+                raise Problem(422, "Unknown plan", f"Plan {plan!r} v{plan_version} does not exist.",
+                              kind="unknown-plan")
+        moment = parse_timestamp(at) if at else utcnow()
+        lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity,
+                             period_start=sub.period_start, period_end_at=sub.period_end, time_zone=sub.time_zone,
+                             new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
+        total = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
+        return {"subscription": _view(sub), "at": moment, "lines": lines, "total": str(total),
+                "currency": sub.plan["currency"],
+                "document": "credit_note" if total < 0 else ("invoice" if lines else "none")}
+
+    for action in ("change", "cancel", "pause", "resume"):
+        def make(action: str = action) -> Any:
+            async def act(tenant: str, key: str, request: Request, body: dict[str, Any] | None = Body(None),
+                          principal: Principal = Depends(admin)) -> dict[str, Any]:
+                check_tenant(principal, tenant)
+                result = await run(request, principal, f"subscription.{action}", tenant, {**(body or {}), "key": key})
+                return {**await subscription(tenant, key), "result": result.value}
+            return act
+        router.post(f"/v1/accounts/{{tenant}}/subscriptions/{{key}}/{action}",
+                    summary=f"{action.capitalize()} a subscription")(make())
+
+    @router.post("/v1/accounts/{tenant}/payment-methods", status_code=201,
+                 summary="Add a gateway payment-method token (no card data is ever stored); up to 5")
+    async def add_method(tenant: str, request: Request, body: dict[str, Any] = Body(...),
+                         principal: Principal = Depends(admin)) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        await run(request, principal, "payment_method.add", tenant, body)
+        methods = await read(roster_id(tenant), lambda r: [dict(m) for m in r.payment_methods])
+        return {"tenant": tenant, "payment_methods": methods}
+
+    @router.delete("/v1/accounts/{tenant}/payment-methods/{method_id}", status_code=204)
+    async def remove_method(tenant: str, method_id: str, request: Request,
+                            principal: Principal = Depends(admin)) -> Response:
+        check_tenant(principal, tenant)
+        await run(request, principal, "payment_method.remove", tenant, {"method_id": method_id})
+        return Response(status_code=204)
+
+    @router.get("/v1/accounts/{tenant}/invoices/{invoice_id}.pdf", summary="A fresh PDF copy of an invoice",
+                response_class=Response)
+    async def invoice_pdf(tenant: str, invoice_id: UUID, principal: Principal = Depends(require())) -> Response:
+        check_tenant(principal, tenant)
+        rendered = await read(invoice_id, lambda invoice: (invoice.tenant, invoice.number, render_pdf(
+            invoice, issuer=issuer)) if isinstance(invoice, Invoice) else None)
+        if rendered is None or rendered[0] != tenant:
+            raise Problem(404, "Not found", "No such invoice.", kind="unknown-invoice")
+        return Response(rendered[2], media_type="application/pdf",
+                        headers={"Content-Disposition": f'inline; filename="{rendered[1] or invoice_id}.pdf"'})
+
+    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)")
+    async def run_cycle(at: str | None = None, _: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+        index = DueIndex()
+        await asyncio.to_thread(index.catch_up, app)
+        moment: datetime = parse_timestamp(at) if at else utcnow()
+        commands = index.ticks(moment)
+        await bus.publish(tick_messages(commands))
+        return {"at": moment, "ticked": [{"tenant": c.tenant, "key": c.payload["key"]} for c in commands]}
+
+    return router

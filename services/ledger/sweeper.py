@@ -1,0 +1,114 @@
+"""Scheduled expiry inside the ledger process: grants past ``expires_at`` post their remainder to breakage,
+holds past ``expires_at`` release themselves.
+
+Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
+
+1. learns the accounts opened since its last round by reading the event log from where it stopped (only
+   ``BillingAccount.Opened`` notifications; the first round reads the whole log once);
+2. reads the accounts in chunks (``SWEEP_ACCOUNTS_PER_BATCH_MAX``; from the aggregate cache, brought up to
+   date in one query per chunk) and asks each whether a grant or a hold is due;
+3. sends ``grant.expire`` / ``hold.expire`` for the due ones through ``apply_commands``, one transaction
+   per chunk, command ids derived from tenant and sweep time.
+
+Exactly-once does not depend on the sweeper: an expiry closes its grant or hold in the same event, so a
+second sweep (another ledger process, an overlapping round, a retry after a conflict) finds nothing to do.
+A conflict with another writer simply leaves the account for the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from uuid import UUID
+
+from billing_events import ids
+from billing_events.messages import LedgerCommand
+from billing_ledger.application import LedgerApplication
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.limits import SWEEP_ACCOUNTS_PER_BATCH_MAX, SWEEP_INTERVAL_SECONDS, SWEEP_LOG_PAGE_EVENTS_MAX
+from billing_runtime.logging import get_logger
+from eventsourcing.persistence import IntegrityError
+from eventsourcing.utils import get_topic
+
+log = get_logger(__name__)
+
+OPENED_TOPIC = get_topic(BillingAccount.Opened)
+SWEEPER = "ledger:sweeper"
+
+
+class Sweeper:
+    def __init__(self, app: LedgerApplication) -> None:
+        self.app = app
+        self.accounts: set[UUID] = set()
+        self._log_position = 0  # highest notification id already scanned for opened accounts
+
+    def discover(self) -> None:
+        recorder = self.app.process_recorder
+        last = recorder.max_notification_id() or 0
+        while self._log_position < last:
+            page = recorder.select_notifications(self._log_position + 1, SWEEP_LOG_PAGE_EVENTS_MAX, stop=last,
+                                                 topics=[OPENED_TOPIC])
+            self.accounts.update(n.originator_id for n in page)
+            if len(page) < SWEEP_LOG_PAGE_EVENTS_MAX:
+                self._log_position = last
+            else:
+                self._log_position = page[-1].id
+
+    def due_commands(self, account_ids: list[UUID], now: datetime) -> list[LedgerCommand]:
+        def kinds(account: BillingAccount) -> tuple[str, list[str]]:
+            due = []
+            if account.grants_expiring_by(now):
+                due.append("grant.expire")
+            if account.holds_expiring_by(now):
+                due.append("hold.expire")
+            return account.tenant, due
+
+        loaded = self.app.load_many(account_ids)
+        try:
+            found = [kinds(a) for a in loaded.values() if isinstance(a, BillingAccount)]
+        finally:
+            for aggregate in loaded.values():
+                if aggregate is not None:
+                    self.app.cache.put(aggregate)
+        return [
+            LedgerCommand(command_id=ids.command_id(kind, tenant, now.isoformat()), kind=kind, tenant=tenant,
+                          issued_at=now, issued_by=SWEEPER, payload={"now": now.isoformat()})
+            for tenant, due in found for kind in due
+        ]
+
+    def sweep(self, now: datetime) -> int:
+        """One round; returns how many expiry commands were applied."""
+        self.discover()
+        applied = 0
+        accounts = sorted(self.accounts)
+        for start in range(0, len(accounts), SWEEP_ACCOUNTS_PER_BATCH_MAX):
+            commands = self.due_commands(accounts[start:start + SWEEP_ACCOUNTS_PER_BATCH_MAX], now)
+            if not commands:
+                continue
+            try:
+                results = self.app.apply_commands(commands)
+            except IntegrityError:
+                log.info("sweep_conflict_retry_next_round", commands=len(commands))
+                continue
+            applied += sum(r.outcome == "applied" for r in results)
+        if applied:
+            log.info("swept", commands=applied, at=now.isoformat())
+        return applied
+
+
+async def run_sweeper(app: LedgerApplication, stopping: asyncio.Event,
+                      interval_seconds: float = SWEEP_INTERVAL_SECONDS,
+                      is_leader: Callable[[], Awaitable[bool]] | None = None) -> None:
+    """Sweeps every ``interval_seconds``; with several ledger processes only the leader does (the others
+    would find nothing left to do, after a wasted read of every account)."""
+    sweeper = Sweeper(app)
+    while not stopping.is_set():
+        try:
+            if is_leader is None or await is_leader():
+                await asyncio.to_thread(sweeper.sweep, datetime.now(UTC))
+        except Exception:  # noqa: BLE001 - a failed round (database restarting...) is retried next round
+            log.exception("sweep_failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)

@@ -1,0 +1,148 @@
+"""What rating knows of subscriptions (learnt from ``billing.ledger.events``): which plan prices a meter
+for an account, the account's billing period, and the usage lines of an ended period.
+
+Rules (documented in docs/rating.md):
+* A meter is priced by the charge of the account's earliest-started live subscription whose plan has a
+  charge for it; allowances (``included``) of every live subscription charging that meter pool together.
+  Without such a subscription, the meter's list price applies.
+* Usage while the pricing subscription is trialing is recorded but not charged.
+* The billing period of usage is the primary (earliest-started live) subscription's current period; an
+  account without a subscription is billed by calendar month (UTC).
+* When a subscription's period ends, rating sends the period's usage lines for the renewal invoice
+  (``invoice.usage_lines``): only the primary subscription's invoice carries usage, others get none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from billing_events import topics
+from billing_events.messages import LedgerCommand, LedgerEvent
+from billing_events.money import RATING_CONTEXT, from_subunits, is_currency_code
+from billing_events.timeutil import utcnow
+from billing_runtime.bus import OutMessage
+from billing_runtime.db import Connection
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS account_subscriptions (
+    subscription_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, tenant TEXT NOT NULL, plan_code TEXT NOT NULL,
+    plan_version INTEGER NOT NULL, quantity INTEGER NOT NULL, status TEXT NOT NULL, started_at TEXT NOT NULL,
+    period_start TEXT NOT NULL, period_end TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS account_subscriptions_account ON account_subscriptions (account_id);
+"""
+
+LIVE = ("trialing", "active", "past_due", "paused")
+STATUS_BY_EVENT = {"Paused": "paused", "Resumed": "active", "PastDue": "past_due", "Recovered": "active",
+                   "Canceled": "canceled", "TrialConverted": "active"}
+
+
+@dataclass(frozen=True)
+class AccountSubscription:
+    subscription_id: str
+    plan_code: str
+    plan_version: int
+    quantity: int
+    status: str
+    started_at: str
+    period_start: datetime
+    period_end: datetime
+
+
+async def load_for(conn: Connection, accounts: Sequence[str]) -> dict[str, list[AccountSubscription]]:
+    """Live subscriptions per account, earliest-started first."""
+    if not accounts:
+        return {}
+    marks = ", ".join(f"${i}" for i in range(1, len(accounts) + 1))
+    rows = await conn.fetch(
+        f"SELECT * FROM account_subscriptions WHERE account_id IN ({marks}) ORDER BY started_at, subscription_id",
+        *accounts)
+    result: dict[str, list[AccountSubscription]] = {}
+    for r in rows:
+        if r["status"] not in LIVE:
+            continue
+        result.setdefault(r["account_id"], []).append(AccountSubscription(
+            r["subscription_id"], r["plan_code"], int(r["plan_version"]), int(r["quantity"]), r["status"],
+            r["started_at"], datetime.fromisoformat(r["period_start"]), datetime.fromisoformat(r["period_end"])))
+    return result
+
+
+async def apply_event(conn: Connection, event: LedgerEvent) -> AccountSubscription | None:
+    """Updates the table from one Subscription event; returns the subscription when a period ended."""
+    name = event.type.removeprefix("Subscription.")
+    data = event.data
+    sid = str(event.aggregate_id)
+    if name == "Started":
+        from billing_events import ids
+
+        await conn.execute(
+            "INSERT INTO account_subscriptions (subscription_id, account_id, tenant, plan_code, plan_version, quantity, "
+            "status, started_at, period_start, period_end) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+            "ON CONFLICT (subscription_id) DO NOTHING",
+            sid, str(ids.account_id(data["tenant"])), data["tenant"], data["plan"]["code"],
+            int(data["plan"]["version"]), int(data["quantity"]), data["status"], data["started_at"],
+            data["period_start"], data["period_end"])
+    elif name == "Changed":
+        await conn.execute(
+            "UPDATE account_subscriptions SET plan_code = $2, plan_version = $3, quantity = $4, period_start = $5, "
+            "period_end = $6 WHERE subscription_id = $1", sid, data["plan"]["code"], int(data["plan"]["version"]),
+            int(data["quantity"]), data["period_start"], data["period_end"])
+    elif name == "PeriodEnded":
+        row = await conn.fetchrow("SELECT * FROM account_subscriptions WHERE subscription_id = $1", sid)
+        if data.get("next_start"):
+            await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
+                               "WHERE subscription_id = $1", sid, data["next_start"], data["next_end"])
+        if row is not None:
+            return AccountSubscription(sid, row["plan_code"], int(row["plan_version"]), int(row["quantity"]),
+                                       row["status"], row["started_at"], datetime.fromisoformat(data["period_start"]),
+                                       datetime.fromisoformat(data["period_end"]))
+    elif name in STATUS_BY_EVENT:
+        await conn.execute("UPDATE account_subscriptions SET status = $2 WHERE subscription_id = $1", sid,
+                           STATUS_BY_EVENT[name])
+        if name == "TrialConverted":
+            await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
+                               "WHERE subscription_id = $1", sid, data["period_start"], data["period_end"])
+    return None
+
+
+async def usage_lines_command(conn: Connection, ended: AccountSubscription, tenant: str, account: str,
+                              meter_names: dict[str, dict[str, Any]]) -> OutMessage:
+    """``invoice.usage_lines`` for the renewal invoice of ``ended`` (usage only on the primary subscription)."""
+    live = (await load_for(conn, [account])).get(account, [])
+    primary = live[0].subscription_id if live else ended.subscription_id
+    lines: list[dict[str, Any]] = []
+    if primary == ended.subscription_id:
+        rows = await conn.fetch(
+            "SELECT meter, unit, quantity, amount_subunits, event_time FROM rated_events WHERE tenant = $1 "
+            "AND event_time >= $2 AND event_time < $3 AND decision LIKE '%priced'",
+            tenant, ended.period_start.isoformat(), ended.period_end.isoformat())
+        totals: dict[tuple[str, str], tuple[Decimal, int, int]] = {}
+        for r in rows:
+            key = (r["meter"], r["unit"] or "")
+            quantity, amount, count = totals.get(key, (Decimal(0), 0, 0))
+            totals[key] = (RATING_CONTEXT.add(quantity, Decimal(r["quantity"])), amount + int(r["amount_subunits"]),
+                           count + 1)
+        for (meter, unit), (quantity, amount, count) in sorted(totals.items()):
+            meta = meter_names.get(meter, {})
+            label = f"{meta.get('name') or meter}: {quantity} {meta.get('unit_of_measure', 'units')}"
+            if is_currency_code(unit):
+                lines.append({"kind": "usage", "description": label, "amount": str(from_subunits(amount)),
+                              "meter": meter, "quantity": str(quantity), "events": count})
+            else:
+                lines.append({"kind": "usage", "description": f"{label} (paid with {from_subunits(amount)} {unit})",
+                              "amount": "0", "meter": meter, "quantity": str(quantity), "events": count})
+    invoice_key = f"{ended.subscription_id}/{ended.period_end.isoformat()}"
+    command = LedgerCommand(
+        command_id=uuid5(NAMESPACE_URL, f"/usage-lines/{ended.subscription_id}/{ended.period_end.isoformat()}"),
+        kind="invoice.usage_lines", tenant=tenant, issued_at=utcnow(), issued_by="service:rating",
+        payload={"invoice_key": invoice_key, "lines": lines, "period_start": ended.period_start.isoformat(),
+                 "period_end": ended.period_end.isoformat()})
+    return OutMessage(topics.LEDGER_COMMANDS, account, command.to_json(), (("schema", b"ledger.command/v1"),))
+
+
+def subscription_uuid(value: str) -> UUID:
+    return UUID(value)

@@ -1,0 +1,180 @@
+"""The dashboard in a real headless Chromium (Debian's chromium driven by Playwright), on the embedded run.
+
+The page loads behind the token login, its numbers are the API's numbers, and the filters work.
+Screenshots go to tests/e2e/artifacts/ (not committed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import ServiceProcess, auth, free_port, token, wait_until
+
+pytestmark = pytest.mark.e2e
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = os.environ.get("BILLING_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`billing run` with the demo catalogue (tenant acme, 100.00 USD), fed a little usage."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"BILLING_DATA_DIR": str(tmp / "var"), "BILLING_PORT": str(port), "KAFKA_BOOTSTRAP_SERVERS": "",
+           "DATABASE_URL": ""}
+    run = ServiceProcess(["run"], env, tmp / "run.log", port).start()
+    try:
+        wait_until(lambda: _balance(base) == "100.00", what="the demo grant")
+        now = datetime.now(UTC).isoformat()
+        events = [
+            {"id": "calls-1", "tenant": "acme", "meter": "api_calls", "quantity": "23", "timestamp": now,
+             "properties": {"user": "ann"}},
+            {"id": "calls-2", "tenant": "acme", "meter": "api_calls", "quantity": "7", "timestamp": now},
+            {"id": "ai-1", "tenant": "acme", "meter": "ai_tokens", "quantity": "12000", "timestamp": now,
+             "properties": {"model": "gpt-4o", "operation": "chat", "user": "ann", "input_tokens": 10000,
+                            "output_tokens": 2000}},
+            {"id": "ai-2", "tenant": "acme", "meter": "ai_tokens", "quantity": "150000", "timestamp": now,
+             "properties": {"model": "gpt-4o-mini", "operation": "summarise", "user": "bob",
+                            "input_tokens": 100000, "output_tokens": 50000}},
+        ]
+        r = httpx.post(f"{base}/v1/usage", json={"events": events}, headers=auth("service"), timeout=10)
+        assert [x["status"] for x in r.json()["results"]] == ["accepted"] * 4, r.text
+        wait_until(lambda: _balance(base) == "93.91", what="the debits (30 x 0.20 + 0.045 + 0.045)")
+        yield base
+    finally:
+        run.stop(signal.SIGINT)
+
+
+def _balance(base: str) -> str | None:
+    r = httpx.get(f"{base}/v1/accounts/acme/balance", headers=auth("viewer", "acme"), timeout=5)
+    if r.status_code == 404:
+        return None
+    return str(next(w for w in r.json()["wallets"] if w["unit"] == "USD")["available"])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run `bash deploy/local/browser.sh` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def _sign_in(browser: Any, base: str, bearer: str) -> Any:
+    page = browser.new_context(viewport={"width": 1280, "height": 1600}).new_page()
+    page.goto(f"{base}/dashboard")
+    assert "/dashboard/login" in page.url
+    page.fill("[data-testid=token-input]", bearer)
+    _submit(page, "sign-in")
+    return page
+
+
+def _submit(page: Any, button: str) -> None:
+    with page.expect_navigation():
+        page.click(f"[data-testid={button}]")
+
+
+def _api(base: str, path: str, headers: dict[str, str], **params: object) -> Any:
+    r = httpx.get(f"{base}{path}", headers=headers, params=params, timeout=10)  # type: ignore[arg-type]
+    r.raise_for_status()
+    return r.json()
+
+
+def test_tenant_dashboard_matches_the_api_and_filters(embedded: str, browser: Any) -> None:
+    base, viewer = embedded, auth("viewer", "acme")
+    page = _sign_in(browser, base, token("viewer", "acme"))
+    assert page.url.endswith("/dashboard/accounts/acme")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-account.png"), full_page=True)
+    export = page.request.get(f"{base}/dashboard/accounts/acme/export/transactions.csv")  # with the cookie
+    assert export.ok and export.headers["content-type"].startswith("text/csv")
+    assert export.text().count("\r\nusage,") + export.text().count(",usage,") >= 4
+
+    balance = _api(base, "/v1/accounts/acme/balance", viewer)
+    usd = next(w for w in balance["wallets"] if w["unit"] == "USD")
+    assert page.inner_text("[data-testid=available-USD]") == usd["available"] == "93.91"
+    assert page.inner_text("[data-testid=held-USD]") == usd["held"]
+    assert page.locator("[data-testid=consumption-chart-USD] rect.bar").count() >= 28  # one bar per day
+
+    now = datetime.now(UTC)
+    monthly = _api(base, "/v1/accounts/acme/usage/monthly", viewer, year=now.year, month=now.month)["items"]
+    rows = page.locator("[data-testid=monthly-row]")
+    assert rows.count() == len(monthly) == 2
+    shown = {rows.nth(i).get_attribute("data-meter"): rows.nth(i).locator("[data-testid=monthly-cost]").inner_text()
+             for i in range(rows.count())}
+    assert shown == {m["meter"]: m["cost"] for m in monthly}
+
+    ai = _api(base, "/v1/accounts/acme/usage/ai", viewer, year=now.year, month=now.month)["items"]
+    ai_rows = page.locator("[data-testid=ai-row]")
+    assert {ai_rows.nth(i).get_attribute("data-model"): ai_rows.nth(i).locator("[data-testid=ai-cost]").inner_text()
+            for i in range(ai_rows.count())} == {a["model"]: a["cost"] for a in ai}
+
+    figures = _api(base, "/v1/accounts/acme/figures", viewer, granularity="month", year=now.year,
+                   month=now.month)["items"]
+    assert page.inner_text("[data-testid=figure-consumed-USD]") == figures[0]["consumed"]
+
+    transactions = _api(base, "/v1/accounts/acme/transactions", viewer, limit=20)["items"]
+    tx_rows = page.locator("[data-testid=transaction-row]")
+    assert [tx_rows.nth(i).get_attribute("data-position") for i in range(tx_rows.count())] == [
+        str(t["position"]) for t in transactions]
+
+    # Filter the monthly summary to one usage type.
+    page.select_option("[data-testid=filter-meter]", "ai_tokens")
+    _submit(page, "apply-filters")
+    assert "meter=ai_tokens" in page.url
+    rows = page.locator("[data-testid=monthly-row]")
+    assert [rows.nth(i).get_attribute("data-meter") for i in range(rows.count())] == ["ai_tokens"]
+    page.screenshot(path=str(ARTIFACTS / "dashboard-account-filtered.png"), full_page=True)
+
+    # A month without usage shows an empty summary; the transaction type filter keeps only that type.
+    page.select_option("[data-testid=filter-year]", str(now.year - 1))
+    _submit(page, "apply-filters")
+    assert page.locator("[data-testid=monthly-empty]").count() == 1
+    page.select_option("[data-testid=filter-type]", "usage")
+    _submit(page, "apply-type")
+    types = page.locator("[data-testid=transaction-row]")
+    assert types.count() == 4 and {types.nth(i).get_attribute("data-type") for i in range(4)} == {"usage"}
+
+    # Another tenant's page is refused.
+    page.goto(f"{base}/dashboard/accounts/globex")
+    assert page.inner_text("[data-testid=error-title]") == "Forbidden"
+
+
+def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser: Any) -> None:
+    base, finance = embedded, auth("finance")
+    page = _sign_in(browser, base, token("finance"))
+    assert page.url.endswith("/dashboard/finance")
+    now = datetime.now(UTC)
+    figures = _api(base, "/v1/reports/figures", finance, year=now.year, month=now.month)["items"]
+    usd = next(f for f in figures if f["unit"] == "USD")
+    for key in ("funds_in", "top_ups", "consumed", "tax_collected", "refunds", "breakage"):
+        assert page.inner_text(f"[data-testid=figure-{key}-USD]") == usd[key], key
+    assert usd["consumed"] == "6.09"
+    chargeback = page.locator("[data-testid=chargeback-row]")
+    assert [chargeback.nth(i).get_attribute("data-tenant") for i in range(chargeback.count())] == ["acme"]
+    page.screenshot(path=str(ARTIFACTS / "dashboard-finance.png"), full_page=True)
+
+    page.select_option("[data-testid=filter-tenant]", "acme")
+    _submit(page, "apply-filters")
+    assert "tenant=acme" in page.url
+    assert page.inner_text("[data-testid=figure-consumed-USD]") == usd["consumed"]
+    page.select_option("[data-testid=filter-month]", str(1 if now.month != 1 else 2))
+    page.select_option("[data-testid=filter-year]", str(now.year - 1))
+    _submit(page, "apply-filters")
+    assert page.locator("[data-testid=finance-cards-empty]").count() == 1

@@ -1,0 +1,97 @@
+"""Subscriptions through the HTTP API of `billing run`: invoices, previews, PDFs, emails, the billing cycle."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from email import message_from_bytes
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiosmtpd.controller import Controller
+from pypdf import PdfReader
+
+from tests.support import ServiceProcess, auth, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+def pdf_text(pdf: bytes) -> str:
+    return "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+
+
+def test_subscription_lifecycle_with_invoices_pdfs_and_email(tmp_path: Path, smtp: tuple[Inbox, int]) -> None:
+    inbox, smtp_port = smtp
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"BILLING_DATA_DIR": str(tmp_path / "var"), "BILLING_PORT": str(port), "KAFKA_BOOTSTRAP_SERVERS": "",
+           "DATABASE_URL": "", "BILLING_SMTP_HOST": "127.0.0.1", "BILLING_SMTP_PORT": str(smtp_port),
+           "BILLING_SCHEDULER_INTERVAL_SECONDS": "3600"}
+    run = ServiceProcess(["run"], env, tmp_path / "run.log", port).start()
+    admin = auth("admin")
+    try:
+        wait_until(lambda: httpx.get(f"{base}/v1/catalog/plans", headers=admin).status_code == 200,
+                   what="the catalogue")
+        start = datetime(2026, 11, 1, tzinfo=UTC)
+        # acme already had no subscription: it is trial-eligible, but asks for none here (pays at once).
+        created = httpx.post(f"{base}/v1/accounts/acme/subscriptions", headers=admin,
+                             json={"key": "main", "plan": "starter", "trial": False, "at": start.isoformat()})
+        assert created.status_code == 201, created.text
+        assert created.json()["status"] == "active"
+
+        first = wait_until(lambda: inbox.messages[:1], what="the first invoice email")[0]
+        assert "INV-2026-000001" in first["Subject"]
+        [attachment] = [p for p in first.walk() if p.get_content_type() == "application/pdf"]
+        text = pdf_text(attachment.get_payload(decode=True))
+        assert "INV-2026-000001" in text and "29.00" in text and "acme" in text
+
+        mid = (start + timedelta(days=15)).isoformat()
+        preview = httpx.get(f"{base}/v1/accounts/acme/subscriptions/main/invoice-preview",
+                            params={"quantity": 3, "at": mid}, headers=admin).json()
+        changed = httpx.post(f"{base}/v1/accounts/acme/subscriptions/main/change", headers=admin,
+                             json={"quantity": 3, "at": mid})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["result"]["lines"] == preview["lines"]
+        assert Decimal(preview["total"]) == Decimal("-14.50") + Decimal("43.50")  # half of 29 and of 87
+
+        too_many = httpx.post(f"{base}/v1/accounts/acme/subscriptions/main/change", headers=admin,
+                              json={"plan": "nope"})
+        assert too_many.status_code == 422 and too_many.headers["content-type"] == "application/problem+json"
+
+        # The period ends: the cycle runs (twice: still one renewal), rating adds usage lines, invoice #3 goes out.
+        for _ in range(2):
+            ticked = httpx.post(f"{base}/v1/billing/cycle/run", params={"at": "2026-12-01T00:00:01+00:00"},
+                                headers=admin)
+            assert ticked.status_code == 200
+        wait_until(lambda: len(inbox.messages) >= 3, timeout=30, what="the renewal invoice email")
+        time.sleep(2)
+        subjects = sorted(m["Subject"] for m in inbox.messages)
+        assert len(subjects) == 3 and any("INV-2026-000003" in s for s in subjects), subjects
+        renewal = httpx.get(f"{base}/v1/accounts/acme/subscriptions/main", headers=admin).json()
+        assert renewal["period_start"].startswith("2026-12-01")
+    finally:
+        run.stop()

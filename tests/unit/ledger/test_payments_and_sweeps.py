@@ -1,0 +1,96 @@
+"""Payments from ``billing.payments`` and the expiry sweeper, through the service's real record handler."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from billing_events import ids, topics
+from billing_events.messages import PaymentNotification
+from billing_events.money import SUBUNITS_PER_UNIT
+from billing_ledger.application import LedgerApplication
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.payment_commands import payment_grant_id
+from billing_ledger.service import LedgerService
+from billing_ledger.sweeper import Sweeper
+from billing_runtime.bus import Record
+
+from tests.unit.ledger.ledger_support import apply, app, command, open_account  # noqa: F401
+
+U = SUBUNITS_PER_UNIT
+NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+
+
+def notification(kind: str, event_id: str, amount: str, order: str = "order-1", currency: str = "USD",
+                 tenant: str = "acme") -> PaymentNotification:
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind=kind, tenant=tenant,
+                               order_id=order, amount=Decimal(amount), currency=currency, verified_at=NOW)
+
+
+def records(start: int, *messages: PaymentNotification | bytes) -> list[Record]:
+    return [Record(topics.PAYMENTS, 0, start + i, b"k", m if isinstance(m, bytes) else m.to_json())
+            for i, m in enumerate(messages)]
+
+
+def account(app: LedgerApplication) -> BillingAccount:
+    return app.read(ids.account_id("acme"), lambda a: a)  # type: ignore[return-value]
+
+
+def test_payment_grants_purchased_credit_exactly_once(app: LedgerApplication) -> None:
+    open_account(app, "acme")
+    service = LedgerService(app)
+    paid = notification("payment_succeeded", "evt_1", "25.00")
+    asyncio.run(service.handle_records(records(0, paid, b"{not json")))
+    assert account(app).available("USD") == 25 * U
+    [grant] = account(app).grant_balances()
+    assert grant["grant_id"] == str(payment_grant_id("acme", "stripe", "evt_1")) and grant["source"] == "purchase"
+    # Redelivered at the same offsets (a crash before the Kafka commit), then again at a new offset (the
+    # gateway sent the webhook twice): neither changes the balance.
+    asyncio.run(service.handle_records(records(0, paid, b"{not json")))
+    asyncio.run(service.handle_records(records(2, paid)))
+    assert account(app).available("USD") == 25 * U
+    assert app.next_offset(topics.PAYMENTS, 0) == 3
+
+
+def test_payment_in_other_currency_is_rejected(app: LedgerApplication) -> None:
+    open_account(app, "acme")
+    asyncio.run(LedgerService(app).handle_records(records(0, notification("payment_succeeded", "e", "5", currency="EUR"))))
+    assert account(app).available("USD") == 0
+
+
+def test_gateway_refund_is_booked_even_when_spent(app: LedgerApplication) -> None:
+    open_account(app, "acme")
+    service = LedgerService(app)
+    asyncio.run(service.handle_records(records(0, notification("payment_succeeded", "evt_1", "30.00"))))
+    [spent] = apply(app, command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 25 * U, "meter": "m",
+                                                         "at": NOW.isoformat()}))
+    assert spent.outcome == "applied"
+    asyncio.run(service.handle_records(records(1, notification("refund_succeeded", "evt_2", "10.00"))))
+    acct = account(app)
+    assert acct.available("USD") == 0
+    [refund] = [e for e in app.events.get(acct.id) if type(e).__name__ == "GrantRefunded"]
+    assert (refund.from_wallet, refund.from_revenue) == (5 * U, 5 * U)  # type: ignore[attr-defined]
+
+
+def test_sweeper_expires_grants_and_holds_once(app: LedgerApplication) -> None:
+    open_account(app, "acme", {"key": "trial", "amount": "10.00", "source": "promotion",
+                               "expires_at": (NOW + timedelta(days=1)).isoformat(), "effective_at": NOW.isoformat()})
+    open_account(app, "beta", {"key": "g", "amount": "10.00", "effective_at": NOW.isoformat()})
+    [placed] = apply(app, command("hold.place", "beta", {
+        "hold_id": str(ids.grant_id("beta", "h")), "amount": "3", "at": NOW.isoformat(),
+        "expires_at": (NOW + timedelta(hours=1)).isoformat()}))
+    assert placed.value["status"] == "active"
+    sweeper = Sweeper(app)
+    assert sweeper.sweep(NOW) == 0
+    assert sweeper.sweep(NOW + timedelta(hours=2)) == 1  # beta's hold
+    assert sweeper.sweep(NOW + timedelta(days=2)) == 1  # acme's grant
+    assert sweeper.sweep(NOW + timedelta(days=3)) == 0
+    acme = account(app)
+    assert acme.available("USD") == 0 and acme.grant_balances()[0]["status"] == "expired"
+    expired = [e for e in app.events.get(acme.id) if type(e).__name__ == "GrantExpired"]
+    assert len(expired) == 1 and expired[0].remainder == 10 * U  # type: ignore[attr-defined]
+    beta = app.read(ids.account_id("beta"), lambda a: (a.available("USD"), a.held("USD")))
+    assert beta == (10 * U, 0)
+    # A second sweeper (another process) finds the new account too and nothing left to do.
+    assert Sweeper(app).sweep(NOW + timedelta(days=3)) == 0
