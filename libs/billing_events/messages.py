@@ -116,6 +116,8 @@ class RejectReason(StrEnum):
     PERIOD_CLOSED = "period_closed"
     NO_PRICE = "no_price"
     INSUFFICIENT_CREDIT = "insufficient_credit"
+    UNKNOWN_CORRECTION = "unknown_correction"  # correction_of names no rated event of the tenant
+    INVALID_CORRECTION = "invalid_correction"  # a correction may not change the meter
 
 
 class UsageRejection(Message):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from functools import partial
 
-from billing_events import topics
-from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger import http as ledger_http
 from billing_ledger import subscriptions_http
+from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.notifier import SmtpSettings, run_notifier
 from billing_ledger.relay import run_relay
 from billing_ledger.scheduler import run_scheduler

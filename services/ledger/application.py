@@ -29,9 +29,9 @@ from billing_ledger.bulk_reads import event_reader
 from billing_ledger.domain.account import LedgerError
 from billing_ledger.domain.allocation import AllocationError
 from billing_ledger.domain.invoice import InvoiceError
+from billing_ledger.domain.receipt import CommandReceipt
 from billing_ledger.domain.roster import RosterError
 from billing_ledger.domain.subscription import SubscriptionError
-from billing_ledger.domain.receipt import CommandReceipt
 from billing_ledger.limits import AGGREGATE_CACHE_AGGREGATES_MAX
 from billing_ledger.transcoder import OrjsonTranscoder
 from billing_runtime.logging import get_logger
@@ -178,7 +178,7 @@ class _Batch:
             for pending in keep:
                 rebuilt = pending.mutate(rebuilt)
             if rebuilt is not None:
-                rebuilt._pending_events = keep  # noqa: SLF001 - eventsourcing keeps them here
+                rebuilt._pending_events = keep
             self.loaded[aggregate_id] = rebuilt
         self.touched = {}
 
@@ -397,7 +397,7 @@ def jsonable(value: Any) -> Any:
 
 
 # Handler modules register themselves on import (one module per group of command kinds).
-from billing_ledger import (  # noqa: E402,F401
+from billing_ledger import (  # noqa: F401
     account_commands,
     adjustment_commands,
     allocation_commands,

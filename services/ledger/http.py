@@ -16,7 +16,14 @@ from uuid import UUID
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand
-from billing_events.money import MoneyError, credit_unit, currency, format_subunits, is_currency_code, to_subunits
+from billing_events.money import (
+    MoneyError,
+    credit_unit,
+    currency,
+    format_subunits,
+    is_currency_code,
+    to_subunits,
+)
 from billing_ledger.adjustment_commands import adjustment_id
 from billing_ledger.allocation_commands import allocation_request_id
 from billing_ledger.application import CommandResult, LedgerApplication

@@ -6,7 +6,12 @@ from typing import Annotated
 from uuid import UUID
 
 from billing_events.messages import CODE_PATTERN, DecimalStr, SignedDecimalStr
-from billing_ledger.limits import HOLD_TTL_SECONDS_DEFAULT, HOLD_TTL_SECONDS_MAX, KEY_CHARS_MAX, REASON_CHARS_MAX
+from billing_ledger.limits import (
+    HOLD_TTL_SECONDS_DEFAULT,
+    HOLD_TTL_SECONDS_MAX,
+    KEY_CHARS_MAX,
+    REASON_CHARS_MAX,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"

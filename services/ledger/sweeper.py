@@ -27,7 +27,11 @@ from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
-from billing_ledger.limits import SWEEP_ACCOUNTS_PER_BATCH_MAX, SWEEP_INTERVAL_SECONDS, SWEEP_LOG_PAGE_EVENTS_MAX
+from billing_ledger.limits import (
+    SWEEP_ACCOUNTS_PER_BATCH_MAX,
+    SWEEP_INTERVAL_SECONDS,
+    SWEEP_LOG_PAGE_EVENTS_MAX,
+)
 from billing_runtime.logging import get_logger
 from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
@@ -108,7 +112,7 @@ async def run_sweeper(app: LedgerApplication, stopping: asyncio.Event,
         try:
             if is_leader is None or await is_leader():
                 await asyncio.to_thread(sweeper.sweep, datetime.now(UTC))
-        except Exception:  # noqa: BLE001 - a failed round (database restarting...) is retried next round
+        except Exception:
             log.exception("sweep_failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)

@@ -10,11 +10,18 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from billing_projections.facts import RECEIVABLES, Fact, account_sums, grant_deltas, utc_text, wallet_deltas
+from billing_projections.facts import (
+    RECEIVABLES,
+    Fact,
+    account_sums,
+    grant_deltas,
+    json_text,
+    utc_text,
+    wallet_deltas,
+)
 from billing_projections.limits import EXPIRING_SOON_SECONDS
 from billing_projections.writer import INT_SUM, BatchWriter, Table, value
 from billing_runtime.db import Database
@@ -119,9 +126,9 @@ def _insert_grant(fact: Fact, w: BatchWriter, grant: dict[str, Any], *, granted_
         "priority": int(grant.get("priority") or 0),
         "effective_at": utc_text(grant.get("effective_at") or granted_at),
         "expires_at": utc_text(expires) if expires else None,
-        "scope": json.dumps(grant["scope"]) if grant.get("scope") else None,
+        "scope": json_text(grant["scope"]) if grant.get("scope") else None,
         "status": "open", "granted_by": grant.get("granted_by") or fact.data.get("user"),
-        "cause": json.dumps(grant.get("cause") or {}, sort_keys=True, separators=(",", ":")),
+        "cause": json_text(grant.get("cause") or {}),
         "last_position": fact.position,
     })
 

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import orjson
+
 # Wall-clock text of every stored timestamp: UTC, microseconds, ``Z``. Fixed width, so text order = time order.
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
@@ -27,6 +29,11 @@ class Fact:
     recorded_at: str  # stored time text (see utc_text)
     data: dict[str, Any]
     tenant: str  # "" when the event does not belong to a billing account
+    occurred_at: str = ""  # business time text; derived from data when not given (see business_time)
+
+    def __post_init__(self) -> None:
+        if not self.occurred_at:
+            object.__setattr__(self, "occurred_at", business_time(self.data, self.recorded_at))
 
     @property
     def aggregate(self) -> str:
@@ -41,17 +48,18 @@ class Fact:
         cause = self.data.get("cause")
         return cause if isinstance(cause, dict) else {}
 
-    @property
-    def occurred_at(self) -> str:
-        """Business time: the movement's ``at`` (usage time for debits), else its effective or record time."""
-        for field in ("at", "effective_at"):
-            value = self.data.get(field)
-            if isinstance(value, str) and value:
-                return utc_text(value)
-        return self.recorded_at
+def business_time(data: dict[str, Any], recorded_at: str) -> str:
+    """The movement's ``at`` (usage time for debits), else its effective time, else when it was recorded."""
+    for field in ("at", "effective_at"):
+        value = data.get(field)
+        if isinstance(value, str) and value:
+            return utc_text(value)
+    return recorded_at
 
 
 def utc_text(value: str | datetime) -> str:
+    if isinstance(value, str) and len(value) == 32 and value.endswith("+00:00") and value[10] == "T":
+        return value[:26] + "Z"  # already UTC with microseconds: the common case, no parsing
     parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
@@ -100,6 +108,11 @@ def account_sums(fact: Fact) -> dict[tuple[str, str], int]:
         key = (str(line["account"]), str(line["unit"]))
         sums[key] = sums.get(key, 0) + int(line["amount"])
     return sums
+
+
+def json_text(value: Any) -> str:
+    """Canonical JSON (sorted keys, no spaces): the same value is always the same text."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def decimal_or_none(value: Any) -> Decimal | None:

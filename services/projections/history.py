@@ -8,11 +8,10 @@ why (``cause``: usage event ids, payment id, reason) and who (``user_id``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
-from billing_projections.facts import Fact, first_text, text_list, wallet_deltas
+from billing_projections.facts import Fact, first_text, json_text, text_list, wallet_deltas
 from billing_projections.writer import BatchWriter, Table, value
 from billing_runtime.db import Database
 
@@ -87,10 +86,10 @@ def project(fact: Fact, w: BatchWriter) -> None:
         "meter": fact.data.get("meter") or None, "quantity": _text_or_none(cause.get("quantity")),
         "user_id": user or None, "grant_id": _text_or_none(movement.get("grant_id")),
         "hold_id": _text_or_none(movement.get("hold_id")),
-        "event_ids": json.dumps(event_ids) if event_ids else None,
+        "event_ids": json_text(event_ids) if event_ids else None,
         "payment_id": first_text(*(cause.get(k) for k in _PAYMENT_KEYS)) or None,
         "reference": _text_or_none(movement.get("reference")), "detail": _text_or_none(movement.get("detail")),
-        "cause": json.dumps(cause, sort_keys=True, separators=(",", ":")) if cause else None,
+        "cause": json_text(cause) if cause else None,
     })
 
 

@@ -80,6 +80,7 @@ async def _kafka_batches(settings: Settings, batch_records_max: int) -> AsyncIte
     topic = f"{settings.namespace}.{topics.LEDGER_EVENTS}" if settings.namespace else topics.LEDGER_EVENTS
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False,
+        auto_offset_reset="earliest",
         isolation_level="read_committed", max_poll_records=batch_records_max,
         fetch_max_bytes=REBUILD_FETCH_BYTES_MAX, max_partition_fetch_bytes=REBUILD_FETCH_BYTES_MAX // 4,
         request_timeout_ms=int(REBUILD_METADATA_TIMEOUT_SECONDS * 1000))
@@ -93,15 +94,19 @@ async def _kafka_batches(settings: Settings, batch_records_max: int) -> AsyncIte
         ends = await consumer.end_offsets(assigned)
         await consumer.seek_to_beginning(*assigned)
         remaining = {tp for tp in assigned if ends[tp] > 0}
+        pending: dict[TopicPartition, list[Record]] = {tp: [] for tp in assigned}
         while remaining:
             fetched = await consumer.getmany(*remaining, timeout_ms=1000, max_records=batch_records_max)
             for tp, raw in fetched.items():
-                records = [Record(topics.LEDGER_EVENTS, r.partition, r.offset, r.key, r.value or b"",
-                                  tuple(r.headers or ())) for r in raw if r.offset < ends[tp]]
-                if records:
-                    yield records
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
+                pending[tp] += [Record(topics.LEDGER_EVENTS, r.partition, r.offset, r.key, r.value or b"",
+                                       tuple(r.headers or ())) for r in raw if r.offset < ends[tp]]
+            for tp in sorted(remaining, key=lambda t: t.partition):
+                done = await consumer.position(tp) >= ends[tp]
+                # Full batches only (one transaction each), and the tail once the partition is read.
+                while len(pending[tp]) >= batch_records_max or (done and pending[tp]):
+                    yield pending[tp][:batch_records_max]
+                    pending[tp] = pending[tp][batch_records_max:]
+                if done:
                     remaining.discard(tp)
     finally:
         await consumer.stop()

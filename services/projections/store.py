@@ -11,7 +11,7 @@ from billing_projections import ai_usage, balances, catalog, figures, history, u
 from billing_projections.writer import Table, value
 from billing_runtime.db import Connection, Database
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

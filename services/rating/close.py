@@ -62,7 +62,7 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
     now = now or utcnow()
     rows = await db.fetch(
         "SELECT account_id, tenant, meter, group_key, event_id, event_time, quantity, value, amount_subunits, "
-        "decision FROM rated_events WHERE period = $1 AND decision IN ('priced', 'deferred_to_close', 'late:priced', "
+        "decision, corrects, effective_quantity FROM rated_events WHERE period = $1 AND decision IN ('priced', 'deferred_to_close', 'late:priced', "
         "'late:deferred_to_close', 'late_adjustment:priced', 'late_adjustment:deferred_to_close') "
         "ORDER BY account_id, meter, group_key, event_time", period)
     done = {(r["account_id"]) for r in await db.fetch(
@@ -103,6 +103,15 @@ def _line(catalog: CatalogView, period: str, account: str, tenant: str, meter_co
           items: list[dict[str, Any]]) -> tuple[CloseLine, OutMessage | None]:
     meter = catalog.meters[meter_code]
     definition = meter.definition
+    if definition.aggregation not in REAL_TIME:
+        # A corrected event counts with its latest corrected value; real-time meters carry deltas instead.
+        superseded = {r["corrects"] for r in items if r["corrects"]}
+        latest: dict[str, dict[str, Any]] = {}
+        for r in items:
+            if r["corrects"]:
+                latest[r["corrects"]] = {**r, "quantity": r["effective_quantity"]}
+        items = [r for r in items if not r["corrects"] and r["event_id"] not in superseded] + list(latest.values())
+        items = [r for r in items if Decimal(r["quantity"]) != 0 or definition.aggregation == "last"]
     observations = [
         Observation(r["event_id"], datetime.fromisoformat(r["event_time"]), Decimal(r["quantity"]), r["value"])
         for r in items

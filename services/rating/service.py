@@ -11,6 +11,7 @@ ledger refuses it if it already has it): exactly-once without Kafka transactions
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS rated_events (
     value TEXT, quantity_before TEXT NOT NULL, quantity_after TEXT NOT NULL,
     amount_subunits BIGINT NOT NULL, unit TEXT, catalog_version INTEGER NOT NULL,
     decision TEXT NOT NULL, output_topic TEXT, output TEXT, rated_at TEXT NOT NULL,
+    corrects TEXT, effective_quantity TEXT,
     PRIMARY KEY (account_id, event_id));
 CREATE INDEX IF NOT EXISTS rated_events_period ON rated_events (period, account_id, meter);
 """
@@ -172,14 +174,17 @@ class RatingService:
                 if usage.catalog_version > self.catalog.version:
                     raise CatalogBehind(f"event needs catalogue v{usage.catalog_version}, "
                                         f"rating has v{self.catalog.version}")
-                output = self._rate(batch, usage)
+                output = (self._correct(batch, usage) if usage.event.correction_of
+                          else self._rate(batch, usage))
                 batch.decided[key] = output
                 if output is not None:
                     outputs.append(output)
             await batch.save(conn)
         await self.bus.publish(outputs)
 
-    def _rate(self, batch: _BatchState, usage: AcceptedUsage) -> OutMessage | None:
+    def _rate(self, batch: _BatchState, usage: AcceptedUsage, *, correction: tuple[str, Decimal, Decimal] | None
+              = None) -> OutMessage | None:
+        """Rates one event; ``correction`` = (original id, old quantity, new quantity) for an amendment."""
         event = usage.event
         account = str(usage.account_id)
         subs = batch.subscriptions.get(account, [])
@@ -218,6 +223,10 @@ class RatingService:
             key = f"{event.meter}{'|' + group if group else ''}"
             if definition.aggregation not in REAL_TIME:
                 decision = "deferred_to_close"
+            elif meter.ai_table is not None and correction is not None:
+                decision = "invalid_correction"
+                output = self._rejection(usage, RejectReason.INVALID_CORRECTION,
+                                         "AI token events cannot be amended; send a compensating event")
             elif meter.ai_table is not None:
                 try:
                     amount, unit, before, after, inputs = self._rate_ai(batch, account, key, period, usage, meter)
@@ -230,7 +239,12 @@ class RatingService:
                     meter.spec, definition.included, definition.overage_policy, False)
                 assert spec is not None
                 before = batch.total(account, key, period)
-                after = RATING_CONTEXT.add(before, contribution(definition, event.quantity))
+                if correction is None:
+                    step = contribution(definition, event.quantity)
+                else:
+                    _, old, new = correction
+                    step = (contribution(definition, new) if new else Decimal(0)) - contribution(definition, old)
+                after = RATING_CONTEXT.add(before, step)
                 batch.set_total(account, key, period, after)
                 unit = spec.unit
                 # The charge is period_charge(after) - period_charge(before); the batch remembers the last
@@ -246,16 +260,49 @@ class RatingService:
                           "priced_by": "plan" if plan_pricing else "list_price"}
                 if trialing:
                     decision, amount = "trial", 0  # recorded, not charged: nothing is billed during a trial
+                if correction is not None:
+                    inputs = {**inputs, "corrects": correction[0], "quantity_old": str(correction[1]),
+                              "quantity_new": str(correction[2])}
             if amount != 0 and unit is not None and output is None:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
                               "original_period": period_of(event.timestamp)}
                 output = self._debit(usage, unit, amount, meter, period, before, after, group, inputs)
-        if decision not in ("no_price", "filtered", "trial"):
+        if decision not in ("no_price", "filtered", "trial", "invalid_correction"):
             decision = decision_prefix + decision
         batch.record(usage, self.catalog.version, period, group, value, before, after, amount, unit, decision,
-                     output)
+                     output, corrects=correction[0] if correction else None,
+                     effective_quantity=str(correction[2]) if correction else None)
         return output
+
+    def _correct(self, batch: _BatchState, usage: AcceptedUsage) -> OutMessage | None:
+        """An amendment (new quantity) or a void (quantity 0) of an earlier event: re-rated by the difference.
+
+        The original decision stays as it was; the correction is a decision of its own whose charge is
+        price(total - old + new) - price(total), posted as one more debit (or give-back when negative).
+        Both show in the history. Only sum/count meters priced in real time can be corrected in place.
+        """
+        event = usage.event
+        account = str(usage.account_id)
+        original = batch.originals.get((account, event.correction_of or ""))
+        if original is None:
+            rejection = self._rejection(usage, RejectReason.UNKNOWN_CORRECTION,
+                                        f"no rated event {event.correction_of!r} for tenant {event.tenant!r}")
+            batch.record(usage, self.catalog.version, period_of(event.timestamp), "", None, Decimal(0), Decimal(0),
+                         0, None, "unknown_correction", rejection)
+            return rejection
+        if original["meter"] != event.meter:
+            rejection = self._rejection(usage, RejectReason.INVALID_CORRECTION,
+                                        f"correction changes meter {original['meter']!r} to {event.meter!r}")
+            batch.record(usage, self.catalog.version, original["period"], "", None, Decimal(0), Decimal(0), 0,
+                         None, "invalid_correction", rejection)
+            return rejection
+        # The correction is rated at its original's time (its period, or the late policy if that is closed).
+        old = Decimal(original["quantity"])
+        at_original = usage.model_copy(update={"event": event.model_copy(update={
+            "timestamp": datetime.fromisoformat(original["event_time"])})})
+        batch.originals[(account, event.correction_of or "")] = {**original, "quantity": str(event.quantity)}
+        return self._rate(batch, at_original, correction=(event.correction_of or "", old, event.quantity))
 
     def _rate_ai(self, batch: _BatchState, account: str, key: str, period: str, usage: AcceptedUsage,
                  meter: MeterView) -> tuple[int, str, Decimal, Decimal, dict[str, Any]]:
@@ -330,6 +377,8 @@ class _BatchState:
         self.closed: set[tuple[str, str]] = set()
         self.charged: dict[tuple[str, str, str], tuple[Decimal, int]] = {}
         self.subscriptions: dict[str, list[AccountSubscription]] = {}
+        # (account, event id) -> the decision a correction amends, with its current effective quantity.
+        self.originals: dict[tuple[str, str], dict[str, Any]] = {}
         self.rows: list[tuple[Any, ...]] = []
 
     @classmethod
@@ -353,6 +402,18 @@ class _BatchState:
                 f"SELECT account_id, period FROM closed_periods WHERE account_id IN ({_in(accounts)})", *accounts):
             state.closed.add((row["account_id"], row["period"]))
         state.subscriptions = await load_for(conn, accounts)
+        corrected = sorted({u.event.correction_of for u in usages if u.event.correction_of})
+        if corrected:
+            for row in await conn.fetch(
+                    f"SELECT account_id, event_id, meter, period, event_time, quantity FROM rated_events "
+                    f"WHERE event_id IN ({_in(corrected)}) AND corrects IS NULL", *corrected):
+                state.originals[(row["account_id"], row["event_id"])] = dict(row)
+            for row in await conn.fetch(
+                    f"SELECT account_id, corrects, effective_quantity FROM rated_events WHERE corrects IN "
+                    f"({_in(corrected)}) ORDER BY rated_at", *corrected):
+                original = state.originals.get((row["account_id"], row["corrects"]))
+                if original is not None:  # the latest correction is what the next one amends
+                    original["quantity"] = row["effective_quantity"]
         return state
 
     def total(self, account: str, key: str, period: str) -> Decimal:
@@ -364,13 +425,15 @@ class _BatchState:
 
     def record(self, usage: AcceptedUsage, catalog_version: int, period: str, group: str, value: str | None,
                before: Decimal, after: Decimal, amount: int, unit: str | None, decision: str,
-               output: OutMessage | None) -> None:
+               output: OutMessage | None, *, corrects: str | None = None,
+               effective_quantity: str | None = None) -> None:
         """The decision with its inputs, saved with the totals: the trace of every charge."""
         event = usage.event
         self.rows.append((
             str(usage.account_id), event.id, event.tenant, event.meter, period, group, event.timestamp.isoformat(),
             str(event.quantity), value, str(before), str(after), amount, unit, catalog_version, decision,
-            output.topic if output else None, output.value.decode() if output else None, utcnow().isoformat()))
+            output.topic if output else None, output.value.decode() if output else None, utcnow().isoformat(),
+            corrects, effective_quantity))
 
     async def save(self, conn: Connection) -> None:
         if self.dirty:
@@ -382,8 +445,8 @@ class _BatchState:
             await conn.executemany(
                 "INSERT INTO rated_events (account_id, event_id, tenant, meter, period, group_key, event_time, "
                 "quantity, value, quantity_before, quantity_after, amount_subunits, unit, catalog_version, decision, "
-                "output_topic, output, rated_at) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                "output_topic, output, rated_at, corrects, effective_quantity) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
                 self.rows)
 
 

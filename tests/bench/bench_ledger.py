@@ -95,6 +95,7 @@ async def bench_holds(app: LedgerApplication, tenants: list[str], holds: int, ra
     from billing_runtime.auth import mint_token
     from billing_runtime.http import create_app
     from billing_runtime.settings import Settings
+
     from tests.support import free_port
 
     settings = Settings()

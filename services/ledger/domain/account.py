@@ -70,6 +70,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from billing_events import ids
 from billing_events.money import MoneyError, credit_unit, is_currency_code
 from billing_events.money import currency as iso_currency
+from billing_ledger.domain.chain import ChainedAggregate
 from billing_ledger.domain.postings import (
     FUNDING_ACCOUNT,
     PAID_SOURCES,
@@ -79,7 +80,6 @@ from billing_ledger.domain.postings import (
     assert_balanced,
     posting,
 )
-from billing_ledger.domain.chain import ChainedAggregate
 from eventsourcing.domain import event
 
 # -- bounds (TIGER_STYLE: every limit named, in one place) ---------------------------------------------------

@@ -109,11 +109,11 @@ class ChainedAggregate(Aggregate):
         super().trigger_event(event_class, **kwargs)
 
     @classmethod
-    def _create(cls, event_class: Any, *, id: UUID | None = None, **kwargs: Any) -> Any:  # noqa: A002
+    def _create(cls, event_class: Any, *, id: UUID | None = None, **kwargs: Any) -> Any:
         # The base class derives the id from create_id(); the hash needs it first, so derive it here.
         if id is None:
             names = inspect.signature(cls.create_id).parameters
-            id = cls.create_id(**{k: v for k, v in kwargs.items() if k in names})  # noqa: A001
+            id = cls.create_id(**{k: v for k, v in kwargs.items() if k in names})
         timestamp = kwargs.get("timestamp") or event_class.create_timestamp()
         kwargs["timestamp"] = timestamp
         kwargs["chain_hash"] = chain_hash(GENESIS, event_class.__qualname__, id, cls.INITIAL_VERSION, timestamp,

@@ -11,7 +11,7 @@ from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.direct import DirectCommands
 from eventsourcing.persistence import IntegrityError, Tracking
 
-from tests.unit.ledger.ledger_support import apply, app, command, open_account  # noqa: F401
+from tests.unit.ledger.ledger_support import apply, command, open_account
 
 U = SUBUNITS_PER_UNIT
 AT = "2026-11-21T10:00:00+00:00"

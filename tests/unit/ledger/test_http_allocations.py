@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from billing_ledger.application import LedgerApplication
 from fastapi.testclient import TestClient
 
-from tests.unit.ledger.ledger_support import app, client, headers  # noqa: F401
+from tests.unit.ledger.ledger_support import headers
 
 SERVICE = headers("service")
 ADMIN = headers("admin")

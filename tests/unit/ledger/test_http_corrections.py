@@ -8,7 +8,7 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
 from fastapi.testclient import TestClient
 
-from tests.unit.ledger.ledger_support import apply, app, client, command, headers, open_account  # noqa: F401
+from tests.unit.ledger.ledger_support import apply, command, headers, open_account
 
 U = SUBUNITS_PER_UNIT
 FINANCE = headers("finance", subject="fiona@finance")

@@ -10,7 +10,7 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.hold_commands import hold_id
 from fastapi.testclient import TestClient
 
-from tests.unit.ledger.ledger_support import apply, app, client, command, headers, open_account  # noqa: F401
+from tests.unit.ledger.ledger_support import apply, command, headers, open_account
 
 SERVICE = headers("service")
 U = SUBUNITS_PER_UNIT

@@ -16,7 +16,7 @@ from billing_ledger.service import LedgerService
 from billing_ledger.sweeper import Sweeper
 from billing_runtime.bus import Record
 
-from tests.unit.ledger.ledger_support import apply, app, command, open_account  # noqa: F401
+from tests.unit.ledger.ledger_support import apply, command, open_account
 
 U = SUBUNITS_PER_UNIT
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)

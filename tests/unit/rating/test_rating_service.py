@@ -175,3 +175,42 @@ def test_bad_catalogues_are_refused_with_a_clear_message(change: Any, message: s
     change(catalog)
     with pytest.raises(CatalogError, match=message):
         validate_document(catalog)
+
+
+def correction(event_id: str, of: str, quantity: str, meter: str = "api_calls", **properties: Any) -> Record:
+    event = UsageEvent(id=event_id, tenant="acme", meter=meter, quantity=quantity, correction_of=of,
+                       timestamp=datetime(2026, 11, 22, tzinfo=UTC), properties=properties)
+    message = AcceptedUsage(account_id=ids.account_id("acme"), event=event, accepted_at=datetime.now(UTC),
+                            source="test", catalog_version=1)
+    return Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())
+
+
+async def test_corrections_re_rate_by_the_difference_and_keep_both_in_history(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("e1", "12")])              # 2 included, 10 at 1.00 -> 10.00
+    await service.handle_accepted([correction("c1", "e1", "14")])      # 12 billable: 10 + 2 x 0.50 -> +1.00
+    await service.handle_accepted([correction("c2", "e1", "0")])       # void: back to 0 -> -11.00
+    amounts = [Decimal(c["payload"]["amount"]) for c in await published(bus)]
+    assert amounts == [Decimal("10"), Decimal("1"), Decimal("-11")]
+    assert sum(amounts) == 0
+    commands = await published(bus)
+    assert commands[1]["payload"]["cause"]["corrects"] == "e1"
+    rows = await service.db.fetch("SELECT event_id, corrects FROM rated_events ORDER BY rated_at")
+    assert [(r["event_id"], r["corrects"]) for r in rows] == [("e1", None), ("c1", "e1"), ("c2", "e1")]
+
+
+async def test_corrections_of_unknown_events_or_other_meters_are_dead_lettered(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("e1", "5")])
+    await service.handle_accepted([correction("c1", "nope", "1"), correction("c2", "e1", "1", meter="gpu_calls")])
+    letters = await published(bus, topics.USAGE_REJECTED)
+    assert [(d["event_id"], d["reason"]) for d in letters] == [("c1", "unknown_correction"),
+                                                               ("c2", "invalid_correction")]
+
+
+async def test_a_corrected_max_meter_closes_on_the_corrected_value(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("s1", "10", "storage_gb"), accepted("s2", "90", "storage_gb")])
+    await service.handle_accepted([correction("c1", "s2", "30", meter="storage_gb")])
+    lines = {line.meter: line for line in await close_period(service.db, bus, service.catalog, "2026-11")}
+    assert lines["storage_gb"].quantity == "30"
