@@ -9,9 +9,8 @@ both hold a partition (a rebalance) apply its batch once.
 
 from __future__ import annotations
 
-from billing_events.messages import LedgerEvent
 from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly
-from billing_projections.facts import Fact, utc_text
+from billing_projections.facts import Fact, MalformedEvent, parse_event, utc_text
 from billing_projections.limits import LOOKUP_KEYS_MAX
 from billing_projections.store import ensure_schema, reset
 from billing_projections.writer import BatchWriter
@@ -19,7 +18,6 @@ from billing_runtime.bus import Record
 from billing_runtime.db import Connection, Database
 from billing_runtime.logging import get_logger
 from prometheus_client import Counter
-from pydantic import ValidationError
 
 log = get_logger(__name__)
 
@@ -61,22 +59,22 @@ class ProjectionService:
                                       f"AND partition = $2{lock}", first.topic, first.partition)
             assert row is not None
             next_offset, last_position = int(row["next_offset"]), int(row["last_position"])
-            events: list[LedgerEvent] = []
+            events: list[dict[str, Any]] = []
             for record in records:
                 if record.offset < next_offset:
                     EVENTS_SKIPPED.labels("applied_offset").inc()
                     continue
                 try:
-                    event = LedgerEvent.model_validate_json(record.value)
-                except ValidationError as exc:
+                    event = parse_event(record.value)
+                except MalformedEvent as exc:
                     EVENTS_SKIPPED.labels("malformed").inc()
                     log.error("malformed_ledger_event", offset=record.offset, error=str(exc)[:300])
                     continue
-                if event.position <= last_position:
+                if event["position"] <= last_position:
                     EVENTS_SKIPPED.labels("re_relayed").inc()
                     continue
                 events.append(event)
-                last_position = event.position
+                last_position = event["position"]
             if records[-1].offset + 1 <= next_offset:
                 return  # the whole batch was applied before: nothing to write
             writer = BatchWriter()
@@ -89,16 +87,16 @@ class ProjectionService:
                 first.topic, first.partition, records[-1].offset + 1, last_position)
         EVENTS_APPLIED.inc(len(events))
 
-    async def _facts(self, conn: Connection, events: list[LedgerEvent]) -> list[Fact]:
+    async def _facts(self, conn: Connection, events: list[dict[str, Any]]) -> list[Fact]:
         """Resolves each account event's tenant: from its Opened event, this batch, the cache or the table."""
         opened: dict[str, str] = {}
         wanted: set[str] = set()
         for event in events:
-            aggregate_id = str(event.aggregate_id)
-            if not event.type.startswith("BillingAccount."):
+            aggregate_id = event["aggregate_id"]
+            if not event["type"].startswith("BillingAccount."):
                 continue
-            if event.type == "BillingAccount.Opened":
-                opened[aggregate_id] = str(event.data["tenant"])
+            if event["type"] == "BillingAccount.Opened":
+                opened[aggregate_id] = str(event["data"]["tenant"])
             elif aggregate_id not in opened and aggregate_id not in self._tenants:
                 wanted.add(aggregate_id)
         if wanted:
@@ -111,20 +109,20 @@ class ProjectionService:
                     self._remember(r["account_id"], r["tenant"])
         facts: list[Fact] = []
         for event in events:
-            aggregate_id = str(event.aggregate_id)
+            aggregate_id, kind = event["aggregate_id"], event["type"]
             tenant = ""
-            if event.type.startswith("BillingAccount."):
-                if event.type == "BillingAccount.Opened":
-                    self._remember(aggregate_id, str(event.data["tenant"]))
+            if kind.startswith("BillingAccount."):
+                if kind == "BillingAccount.Opened":
+                    self._remember(aggregate_id, str(event["data"]["tenant"]))
                 tenant = self._tenants.get(aggregate_id, "")
                 if not tenant:
                     # The account's Opened event precedes it in the same partition; missing means data loss
                     # upstream (e.g. topic retention). Logged loudly; the rest of the partition goes on.
                     EVENTS_SKIPPED.labels("unknown_account").inc()
-                    log.error("event_for_unknown_account", position=event.position, type=event.type)
+                    log.error("event_for_unknown_account", position=event["position"], type=kind)
                     continue
-            facts.append(Fact(position=event.position, aggregate_id=aggregate_id, type=event.type,
-                              recorded_at=utc_text(event.recorded_at), data=event.data, tenant=tenant))
+            facts.append(Fact(position=event["position"], aggregate_id=aggregate_id, type=kind,
+                              recorded_at=utc_text(event["recorded_at"]), data=event["data"], tenant=tenant))
         return facts
 
     def _remember(self, account_id: str, tenant: str) -> None:

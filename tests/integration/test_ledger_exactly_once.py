@@ -1,0 +1,222 @@
+"""The ledger on real Kafka and PostgreSQL, as `billing serve ledger` processes in a fresh namespace.
+
+* Killed with SIGKILL while commands stream in (mid-batch), restarted: every command id sent has exactly
+  one receipt, every usage debit is posted once, and each balance is the grant minus what was sent.
+* Payment notifications delivered twice grant credit once.
+* Many parallel allocation requests, spread over two ledger processes, never exceed the pool's capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from aiokafka import AIOKafkaProducer
+from billing_events import ids, topics
+from billing_events.messages import LedgerCommand, PaymentNotification
+from billing_events.money import SUBUNITS_PER_UNIT
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.domain.account import BillingAccount
+
+from tests.support import ServiceProcess, auth, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+U = SUBUNITS_PER_UNIT
+TENANTS = 12
+GRANT = 1_000  # USD per tenant
+DEBITS = 12_000
+ROUNDS = 30  # the debits go out in this many rounds, a little apart, while the ledger is killed
+
+
+@dataclass
+class Ledger:
+    env: dict[str, str]
+    namespace: str
+    schema: str
+    log_dir: Path
+
+    def topic(self, name: str) -> str:
+        return f"{self.namespace}.{name}"
+
+    def process(self, name: str) -> ServiceProcess:
+        port = free_port()
+        return ServiceProcess(["serve", "ledger", "--port", str(port)], self.env, self.log_dir / f"{name}.log", port)
+
+    def store(self) -> LedgerApplication:
+        return LedgerApplication(persistence_env(self.env["DATABASE_URL"], str(self.log_dir), self.schema))
+
+
+@pytest.fixture(scope="module")
+def ledger(infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
+    namespace = "tl" + uuid.uuid4().hex[:10]
+    log_dir = tmp_path_factory.mktemp("ledger-logs")
+    env = {**infra, "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(log_dir / "var")}
+    schema = f"{namespace}_billing_ledger"
+    yield Ledger(env, namespace, schema, log_dir)
+    with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # ours: created by this module's processes
+
+
+def command(kind: str, tenant: str, payload: dict[str, object], cause: str) -> LedgerCommand:
+    return LedgerCommand(command_id=ids.command_id(kind, tenant, cause), kind=kind, tenant=tenant,
+                         issued_at=datetime.now(UTC), issued_by="integration-test", payload=payload)
+
+
+async def produce(ledger: Ledger, topic: str, messages: list[tuple[str, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=ledger.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all",
+                                enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(ledger.topic(topic), value, key=key.encode()) for key, value in messages]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def send(ledger: Ledger, commands: list[LedgerCommand]) -> None:
+    asyncio.run(produce(ledger, topics.LEDGER_COMMANDS,
+                        [(str(ids.account_id(c.tenant or "")), c.to_json()) for c in commands]))
+
+
+def receipts(ledger: Ledger, command_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """Stored receipt events per command id (a receipt is the aggregate whose id is the command id)."""
+    with psycopg.connect(ledger.env["DATABASE_URL"]) as conn:
+        rows = conn.execute(f'SELECT originator_id, count(*) FROM "{ledger.schema}".ledger_events '
+                            "WHERE originator_id = ANY(%s) GROUP BY originator_id", (command_ids,)).fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def account(store: LedgerApplication, tenant: str) -> BillingAccount:
+    return store.repository.get(ids.account_id(tenant))  # type: ignore[no-any-return]
+
+
+def test_sigkill_mid_batch_double_posts_nothing_and_loses_nothing(ledger: Ledger) -> None:
+    tenants = [f"kill-{i}" for i in range(TENANTS)]
+    setup = [command("account.open", t, {"currency": "USD"}, "open") for t in tenants]
+    setup += [command("credit.grant", t, {"grant_key": "g", "unit": "USD", "amount": str(GRANT),
+                                          "source": "purchase"}, "grant") for t in tenants]
+    debits = [command("usage.debit", tenants[i % TENANTS],
+                      {"unit": "USD", "amount_subunits": 1_000 + i, "meter": "tokens",
+                       "at": datetime.now(UTC).isoformat()}, f"evt-{i}") for i in range(DEBITS)]
+    first = ledger.process("ledger-1").start()
+    send(ledger, setup)
+    wait_until(lambda: len(receipts(ledger, [c.command_id for c in setup])) == len(setup), timeout=60,
+               what="accounts opened")
+
+    def stream() -> None:
+        per_round = DEBITS // ROUNDS
+        for r in range(ROUNDS):
+            send(ledger, debits[r * per_round:(r + 1) * per_round])
+            time.sleep(0.2)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    # Kill once the ledger is busy applying the stream: some, not all, debits have receipts.
+    wait_until(lambda: len(receipts(ledger, [c.command_id for c in debits])) > DEBITS // 10, timeout=60,
+               interval=0.05, what="the ledger to be mid-stream")
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    done_at_kill = len(receipts(ledger, [c.command_id for c in debits]))
+    assert done_at_kill < DEBITS, "killed too late to prove anything"
+    second = ledger.process("ledger-2").start()
+    try:
+        streamer.join()
+        send(ledger, debits[: DEBITS // 3])  # and a third of them delivered again, for good measure
+        ids_sent = [c.command_id for c in setup + debits]
+        wait_until(lambda: len(receipts(ledger, ids_sent)) == len(ids_sent), timeout=180, interval=0.5,
+                   what="every command to have a receipt")
+    finally:
+        second.stop()
+    counts = receipts(ledger, ids_sent)
+    assert set(counts.values()) == {1}, "a command id with more than one receipt event"
+
+    store = ledger.store()
+    try:
+        posted: dict[uuid.UUID, int] = {}
+        for tenant in tenants:
+            acct = account(store, tenant)
+            expected = GRANT * U - sum(int(c.payload["amount_subunits"]) for c in debits if c.tenant == tenant)
+            assert acct.available("USD") == expected, tenant
+            for event in store.events.get(acct.id):
+                if type(event).__name__ == "UsageDebited":
+                    posted[event.command_id] = posted.get(event.command_id, 0) + 1  # type: ignore[attr-defined]
+        assert len(posted) == DEBITS and set(posted.values()) == {1}
+    finally:
+        store.close()
+    print(f"\n[ledger] killed with {done_at_kill}/{DEBITS} debits applied; after restart all {DEBITS} once")
+
+
+def test_payment_delivered_twice_grants_once(ledger: Ledger) -> None:
+    tenant = f"pay-{uuid.uuid4().hex[:6]}"
+    process = ledger.process("ledger-pay").start()
+    try:
+        opened = command("account.open", tenant, {"currency": "EUR"}, "open")
+        send(ledger, [opened])
+        paid = PaymentNotification(gateway="stripe", gateway_event_id="evt_42", kind="payment_succeeded",
+                                   tenant=tenant, order_id="ord-1", amount=Decimal("19.99"), currency="EUR",
+                                   verified_at=datetime.now(UTC))
+        key = str(ids.account_id(tenant))
+        asyncio.run(produce(ledger, topics.PAYMENTS, [(key, paid.to_json()), (key, paid.to_json())]))
+        marker = command("usage.debit", tenant, {"unit": "EUR", "amount_subunits": U, "meter": "m",
+                                                 "at": datetime.now(UTC).isoformat()}, "marker")
+        send(ledger, [marker])
+        wait_until(lambda: receipts(ledger, [marker.command_id]), timeout=60, what="marker applied")
+
+        def granted() -> int:
+            store = ledger.store()
+            try:
+                return account(store, tenant).balance("EUR")
+            finally:
+                store.close()
+
+        wait_until(lambda: granted() == 1999 * U // 100 - U, timeout=60, what="payment granted once")
+        time.sleep(1.0)  # the second delivery has been consumed by now: nothing more may arrive
+        assert granted() == 1999 * U // 100 - U
+    finally:
+        process.stop()
+
+
+def test_parallel_allocations_over_two_processes_never_exceed_capacity(ledger: Ledger) -> None:
+    tenant = f"seats-{uuid.uuid4().hex[:6]}"
+    processes = [ledger.process(f"ledger-alloc-{i}").start() for i in range(2)]
+    urls = [f"http://127.0.0.1:{p.port}" for p in processes]
+    capacity, requests = 25, 80
+    try:
+        put = httpx.put(f"{urls[0]}/v1/accounts/{tenant}/pools/seats", json={"capacity": capacity},
+                        headers=auth("admin"), timeout=10)
+        assert put.status_code == 200, put.text
+        headers = auth("service")
+
+        def allocate(i: int) -> httpx.Response:
+            body = {"request_id": f"user-{i}", "resource": "seats", "quantity": 1}
+            return httpx.post(f"{urls[i % 2]}/v1/accounts/{tenant}/allocations", json=body, headers=headers,
+                              timeout=30)
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            responses = list(pool.map(allocate, range(requests)))
+        assert all(r.status_code in (200, 201) for r in responses), [r.text for r in responses if r.status_code > 201]
+        granted = [r.json() for r in responses if r.json()["allocated"]]
+        assert len(granted) == capacity
+        final = httpx.get(f"{urls[1]}/v1/accounts/{tenant}/allocations/seats/user-0", headers=headers).json()
+        assert final["in_use"] == capacity
+        # Retries answer as the first time, from either process.
+        again = [allocate(i) for i in range(10)]
+        assert [a.json()["allocated"] for a in again] == [r.json()["allocated"] for r in responses[:10]]
+    finally:
+        for process in processes:
+            process.stop()
+    print(f"\n[ledger] {requests} parallel allocation requests on 2 processes: {capacity} granted, rest refused")
+    assert json.dumps(final)  # the last state is plain JSON
