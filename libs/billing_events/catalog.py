@@ -150,11 +150,47 @@ class CreditPackage(_Model):
         return str(value.normalize(context=RATING_CONTEXT))
 
 
+class TaxRule(_Model):
+    """Tax by region: ISO 3166-1 alpha-2 country (``DE``) or country-subdivision (``US-CA``)."""
+
+    region: str = Field(pattern=r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
+    rate: Amount = Field(description="A fraction: 0.19 is 19 %")
+    name: str = ""
+
+    @model_validator(mode="after")
+    def _rate_bounded(self) -> TaxRule:
+        if self.rate > 1:
+            raise ValueError(f"tax rate of {self.region} must be a fraction (0.19 for 19 %)")
+        return self
+
+
+class Seller(_Model):
+    name: str = "billing"
+    country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+
+
+class PromotionDef(_Model):
+    """A promotion code: bonus credit or a discount at top-up time, with validity and usage limits."""
+
+    code: str = Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{1,31}$")
+    kind: Literal["bonus_credit", "discount_percent", "discount_amount"]
+    value: Amount = Field(description="Credits, a fraction (0.10 = 10 %), or an amount off")
+    unit: str | None = Field(default=None, description="Unit of a bonus credit or an amount off")
+    valid_from: str | None = Field(default=None, description="ISO 8601 with offset")
+    valid_until: str | None = None
+    max_redemptions: int | None = Field(default=None, ge=1)
+    max_per_account: int | None = Field(default=1, ge=1)
+    packages: list[str] | None = Field(default=None, description="Only for these packages (None: any top-up)")
+
+
 class CatalogDocument(_Model):
     credit_units: dict[str, CreditUnitDef] = Field(default_factory=dict)
     meters: list[MeterDef] = Field(default_factory=list)
     plans: list[PlanDef] = Field(default_factory=list)
     packages: list[CreditPackage] = Field(default_factory=list)
+    tax_rules: list[TaxRule] = Field(default_factory=list)
+    promotions: list[PromotionDef] = Field(default_factory=list)
+    seller: Seller = Field(default_factory=Seller)
 
     @model_validator(mode="after")
     def _references(self) -> CatalogDocument:

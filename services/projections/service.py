@@ -9,6 +9,8 @@ both hold a partition (a rebalance) apply its batch once.
 
 from __future__ import annotations
 
+from typing import Any
+
 from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly
 from billing_projections.facts import Fact, MalformedEvent, parse_event, utc_text
 from billing_projections.limits import LOOKUP_KEYS_MAX

@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `tests.` importable
     sys.path.insert(0, str(ROOT))
 
-from billing_runtime.logging import configure_logging  # noqa: E402
-from tests.bench.harness.run import SERVICES, BenchConfig, run_bench  # noqa: E402
+from billing_runtime.logging import configure_logging
+
+from tests.bench.harness.run import SERVICES, BenchConfig, run_bench
 
 
 def parse(argv: list[str] | None = None) -> BenchConfig:

@@ -34,13 +34,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from billing_events import ids, topics  # noqa: E402
-from billing_events.messages import LedgerEvent  # noqa: E402
-from billing_projections.rebuild import rebuild  # noqa: E402
-from billing_runtime.auth import mint_token  # noqa: E402
-from billing_runtime.bus import KafkaBus, OutMessage  # noqa: E402
-from billing_runtime.settings import Settings  # noqa: E402
-from tests.support import ServiceProcess, free_port  # noqa: E402
+from billing_events import ids, topics
+from billing_events.messages import LedgerEvent
+from billing_projections.rebuild import rebuild
+from billing_runtime.auth import mint_token
+from billing_runtime.bus import KafkaBus, OutMessage
+from billing_runtime.settings import Settings
+
+from tests.support import ServiceProcess, free_port
 
 U = 10**9
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

@@ -19,7 +19,6 @@ import uuid
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
 from billing_rating.app import build

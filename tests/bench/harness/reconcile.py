@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from billing_events import ids
+
 from tests.bench.harness.stream import GRANT_USD, MARKER_PRICE, SUBUNITS_PER_UNIT, Expected
 
 USAGE_DEBITED = b'"BillingAccount.UsageDebited"'

@@ -38,10 +38,10 @@ import httpx
 import yaml
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-
 from billing_runtime.auth import mint_token
 from billing_runtime.bus import ensure_topics
 from billing_runtime.settings import Settings
+
 from tests.bench.harness import limits, profile, reconcile, report, resources, stream
 from tests.bench.harness.kafka_watch import CATALOG_GROUPS, STAGES, KafkaWatch, Snapshot, sample_every
 from tests.support import BILLING, ROOT, free_port
@@ -311,7 +311,7 @@ class Bench:
                 "marker_grant": stream.GRANT_USD, "marker_interval": cfg.marker_interval,
                 "hold_tenant": HOLD_TENANT, "hold_rate": cfg.hold_rate, "out": str(probes_out)}
             (self.run_dir / "probes-config.json").write_text(json.dumps(probes_cfg))
-            probes_proc = subprocess.Popen(
+            probes_proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
                 [sys.executable, "-m", "tests.bench.harness.probes", str(self.run_dir / "probes-config.json")],
                 cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert probes_proc.stdout is not None

@@ -58,8 +58,13 @@ BAD_KINDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def catalog_document(tenants: list[str]) -> dict[str, Any]:
-    """The catalogue and accounts file given to ``billing catalog apply``."""
+def catalog_document(tenants: list[str], now: datetime | None = None) -> dict[str, Any]:
+    """The catalogue and accounts file given to ``billing catalog apply``.
+
+    The grants are effective from a day back: usage is drawn from a grant only from its effective time on
+    (earlier usage is posted as overage, a receivable), and the stream's timestamps precede the apply.
+    """
+    effective = ((now or datetime.now(UTC)) - timedelta(days=1)).isoformat()
     return {
         "catalog": {
             "meters": [
@@ -80,7 +85,8 @@ def catalog_document(tenants: list[str]) -> dict[str, Any]:
         },
         "accounts": [
             {"tenant": t, "currency": "USD",
-             "grants": [{"key": "bench-credit", "unit": "USD", "amount": GRANT_USD, "source": "promotion"}]}
+             "grants": [{"key": "bench-credit", "unit": "USD", "amount": GRANT_USD, "source": "promotion",
+                         "effective_at": effective}]}
             for t in tenants
         ],
     }

@@ -1,0 +1,96 @@
+"""Tax, pure: which rule applies to a customer, what it costs, and EU VAT ids.
+
+Rules come from the catalogue (``tax_rules``): a region (ISO 3166-1 alpha-2 country, or country-subdivision
+such as ``US-CA``), a rate (fraction), a name. The customer's tax profile (country, optional subdivision,
+business name, tax id) picks the most specific rule. For a business customer in another EU member state
+with a valid VAT id, the reverse charge applies: no VAT is charged and the invoice says so. Tax is computed
+once, on the net amount, and rounded once to the currency's minor unit (half-up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from stdnum.eu import vat as eu_vat
+from stdnum.exceptions import ValidationError as StdnumError
+
+from billing_events.money import RATING_CONTEXT, currency, round_minor
+
+EU_MEMBER_STATES = frozenset({
+    "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV", "LT", "LU",
+    "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE"})
+
+
+class TaxError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class VatCheck:
+    valid: bool
+    number: str  # compact form, e.g. DE136695976
+    country: str | None
+    reason: str | None = None
+
+
+def check_vat_id(number: str) -> VatCheck:
+    """Format and check digits (python-stdnum). The VIES lookup is a separate, optional adapter."""
+    try:
+        compact = eu_vat.validate(number)
+    except StdnumError as exc:
+        return VatCheck(False, eu_vat.compact(number) if number else "", None, str(exc) or type(exc).__name__)
+    country = compact[:2].upper()
+    return VatCheck(True, compact, "GR" if country == "EL" else country)
+
+
+@dataclass(frozen=True)
+class TaxProfileData:
+    country: str
+    subdivision: str | None = None
+    business_name: str | None = None
+    tax_id: str | None = None
+    tax_id_valid: bool = False
+
+
+@dataclass(frozen=True)
+class TaxResult:
+    rule: str | None
+    rate: Decimal
+    net: Decimal
+    tax: Decimal
+    total: Decimal
+    reverse_charge: bool
+    note: str | None
+
+
+def pick_rule(rules: list[dict[str, Any]], profile: TaxProfileData) -> dict[str, Any] | None:
+    """The most specific rule: country-subdivision first, then country."""
+    if profile.subdivision:
+        region = f"{profile.country}-{profile.subdivision}"
+        for rule in rules:
+            if rule["region"] == region:
+                return rule
+    for rule in rules:
+        if rule["region"] == profile.country:
+            return rule
+    return None
+
+
+def compute_tax(net: Decimal, unit: str, profile: TaxProfileData | None, rules: list[dict[str, Any]],
+                seller_country: str | None) -> TaxResult:
+    net = round_minor(net, currency(unit))
+    if profile is None:
+        return TaxResult(None, Decimal(0), net, Decimal(0), net, False, None)
+    if (profile.business_name and profile.tax_id and profile.tax_id_valid and seller_country
+            and profile.country in EU_MEMBER_STATES and seller_country in EU_MEMBER_STATES
+            and profile.country != seller_country):
+        return TaxResult("eu_reverse_charge", Decimal(0), net, Decimal(0), net, True,
+                         f"Reverse charge: VAT to be accounted for by the recipient ({profile.tax_id})")
+    rule = pick_rule(rules, profile)
+    if rule is None:
+        return TaxResult(None, Decimal(0), net, Decimal(0), net, False, None)
+    rate = Decimal(str(rule["rate"]))
+    tax = round_minor(RATING_CONTEXT.multiply(net, rate), currency(unit))
+    return TaxResult(rule.get("name") or rule["region"], rate, net, tax, net + tax, False, None)
