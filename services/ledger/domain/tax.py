@@ -40,7 +40,8 @@ def check_vat_id(number: str) -> VatCheck:
     try:
         compact = eu_vat.validate(number)
     except StdnumError as exc:
-        return VatCheck(False, eu_vat.compact(number) if number else "", None, str(exc) or type(exc).__name__)
+        compact = "".join(ch for ch in (number or "") if ch.isalnum()).upper()
+        return VatCheck(False, compact, None, str(exc) or type(exc).__name__)
     country = compact[:2].upper()
     return VatCheck(True, compact, "GR" if country == "EL" else country)
 
