@@ -190,6 +190,12 @@ def asyncapi(out: Annotated[Path, typer.Option(help="Where to write the AsyncAPI
     typer.echo(f"wrote {out} ({len(document.get('channels', {}))} channels)")
 
 
+def _register_subcommands() -> None:
+    from billing_cli.projections import projections_app
+
+    app.add_typer(projections_app, name="projections")
+
+
 def _register_price() -> None:
     from billing_cli.price import price
 
@@ -197,3 +203,4 @@ def _register_price() -> None:
 
 
 _register_price()
+_register_subcommands()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import threading
 import time
@@ -96,12 +97,13 @@ async def bench_holds(app: LedgerApplication, tenants: list[str], holds: int, ra
     from billing_runtime.http import create_app
     from billing_runtime.settings import Settings
 
-    from tests.support import free_port
 
     settings = Settings()
     api = create_app("bench", settings)
     api.include_router(build_router(app))
-    port = free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                            lifespan="off"))
     serving = asyncio.create_task(server.serve())

@@ -30,6 +30,13 @@ AREAS = (  # (label, substring of the file path), first match wins
 )
 
 
+# Leaf frames that are a thread waiting, not working (py-spy's idle detection misses some of them when it
+# samples without pausing the process): left out of the shares.
+IDLE_LEAVES = ("select (selectors.py)", "EpollSelector.select (selectors.py)", "_worker (concurrent/futures/thread.py)",
+               "wait (threading.py)", "Condition.wait (threading.py)", "Event.wait (threading.py)",
+               "_wait_for_tstate_lock (threading.py)", "Popen._wait (subprocess.py)", "sleep (time)")
+
+
 def py_spy() -> str | None:
     here = Path(sys.executable).parent / "py-spy"
     return str(here) if here.exists() else shutil.which("py-spy")
@@ -89,7 +96,7 @@ def summarise(collapsed: Path, top: int = 25) -> dict[str, Any]:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     areas: Counter[str] = Counter()
-    total = 0
+    total = idle = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -98,9 +105,12 @@ def summarise(collapsed: Path, top: int = 25) -> dict[str, Any]:
         frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
         if not frames:
             continue
-        total += count
         names = [_short(f) for f in frames]
         leaf, leaf_path = names[-1]
+        if leaf in IDLE_LEAVES or leaf.startswith("_worker (") or leaf.endswith(".select (selectors.py)"):
+            idle += count
+            continue
+        total += count
         self_time[leaf] += count
         areas[area_of(leaf_path)] += count
         for name in {n for n, _ in names}:
@@ -109,5 +119,5 @@ def summarise(collapsed: Path, top: int = 25) -> dict[str, Any]:
     def share(counter: Counter[str]) -> list[list[Any]]:
         return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)] if total else []
 
-    return {"samples": total, "self": share(self_time), "inclusive": share(inclusive),
+    return {"samples": total, "idle_samples_left_out": idle, "self": share(self_time), "inclusive": share(inclusive),
             "areas": share(areas)}

@@ -23,14 +23,9 @@ def _cpu(proc: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def _tree_cpu_rss(proc: psutil.Process) -> tuple[float, int]:
-    """CPU seconds and RSS of a process and its children (py-spy attaches from outside, not a child)."""
-    cpu, rss = _cpu(proc), proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            cpu += _cpu(child)
-            rss += child.memory_info().rss
-    return cpu, rss
+def _cpu_rss(proc: psutil.Process) -> tuple[float, int]:
+    with proc.oneshot():
+        return _cpu(proc), proc.memory_info().rss
 
 
 def _kafka_process() -> psutil.Process | None:
@@ -46,15 +41,24 @@ class ResourceMonitor:
         self.extra = {name: psutil.Process(pid) for name, pid in (extra or {}).items()}
         self.kafka = _kafka_process()
         self.samples: list[dict[str, Any]] = []
-        self._postgres: dict[int, float] = {}
+        self._postgres: dict[int, float] = {}  # pid -> last cumulative CPU seconds seen
+        self._postgres_procs: dict[int, psutil.Process] = {}
+        self._rounds = 0
 
     def _postgres_cpu(self) -> float:
-        """Cumulative CPU seconds of every PostgreSQL process seen so far (backends come and go)."""
-        for proc in psutil.process_iter(["name", "username"]):
-            info = proc.info
-            if info.get("username") == "postgres" or (info.get("name") or "").startswith("postgres"):
-                with contextlib.suppress(psutil.Error):
-                    self._postgres[proc.pid] = _cpu(proc)
+        """Cumulative CPU seconds of every PostgreSQL process seen so far (backends come and go; the list of
+        processes is refreshed every 5 samples, which is cheap enough not to disturb the measurement)."""
+        if self._rounds % 5 == 0:
+            for proc in psutil.process_iter(["name", "username"]):
+                info = proc.info
+                if info.get("username") == "postgres" or (info.get("name") or "").startswith("postgres"):
+                    self._postgres_procs.setdefault(proc.pid, proc)
+        self._rounds += 1
+        for pid, proc in list(self._postgres_procs.items()):
+            try:
+                self._postgres[pid] = _cpu(proc)
+            except psutil.Error:
+                self._postgres_procs.pop(pid)
         return sum(self._postgres.values())
 
     def sample(self) -> dict[str, Any]:
@@ -64,7 +68,7 @@ class ResourceMonitor:
         sample: dict[str, Any] = {"t": time.time(), "machine_busy": busy, "cpu": {}, "rss": {}}
         for name, proc in {**self.procs, **self.extra}.items():
             with contextlib.suppress(psutil.Error):
-                sample["cpu"][name], sample["rss"][name] = _tree_cpu_rss(proc)
+                sample["cpu"][name], sample["rss"][name] = _cpu_rss(proc)
         if self.kafka is not None:
             with contextlib.suppress(psutil.Error):
                 sample["cpu"]["kafka"] = _cpu(self.kafka)

@@ -245,7 +245,7 @@ class Bench:
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(base_url=self.services["projections"].url, timeout=10) as client:
             while time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.2)
                 if "produce_end" not in self.marks:
                     continue
                 if not letters_done:
@@ -257,7 +257,7 @@ class Bench:
                 # completion check adds no load while the pipeline is busy.
                 if time.monotonic() < next_balance_check or not await watch.caught_up(STAGES):
                     continue
-                next_balance_check = time.monotonic() + 0.25
+                next_balance_check = time.monotonic() + 0.3
                 for tenant in sorted(remaining):
                     if await _available(client, self.settings, tenant) == want[tenant]:
                         remaining.discard(tenant)
