@@ -119,13 +119,14 @@ class _Batch:
         self.committing: Future[None] | None = None
         self.results: list[CommandResult] = []
         self.stored: list[StoredEvent] = []
+        self.trust_cache = False  # see LedgerApplication.load_many
         self.now = datetime.now(UTC)  # when this batch's receipts were recorded
         # Pending-event counts of the aggregates the current command touched, when it first touched them.
         self.touched: dict[UUID, int] = {}
 
     def prefetch(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID]) -> None:
         wanted = [i for i in aggregate_ids if not self._take_from_previous(i)]
-        self.loaded.update(self.app.load_many(wanted, receipt_ids))
+        self.loaded.update(self.app.load_many(wanted, receipt_ids, trust_cache=self.trust_cache))
 
     def _take_from_previous(self, aggregate_id: UUID) -> bool:
         if self.after is None or self.after.loaded.get(aggregate_id) is None:
@@ -148,7 +149,7 @@ class _Batch:
 
     def get(self, aggregate_id: UUID) -> Any:
         if aggregate_id not in self.loaded and not self._take_from_previous(aggregate_id):
-            self.loaded.update(self.app.load_many([aggregate_id], ()))
+            self.loaded.update(self.app.load_many([aggregate_id], (), trust_cache=self.trust_cache))
         aggregate = self.loaded[aggregate_id]
         if aggregate is not None and aggregate_id not in self.touched:
             self.touched[aggregate_id] = len(aggregate.pending_events)
@@ -229,16 +230,25 @@ class LedgerApplication(Application[UUID]):
 
     # -- reading -----------------------------------------------------------------------------------------
 
-    def load_many(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID] = ()
-                  ) -> dict[UUID, Any | None]:
+    def load_many(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID] = (), *,
+                  trust_cache: bool = False) -> dict[UUID, Any | None]:
         """Current state of many aggregates in one query: cached ones are taken out and brought up to date,
-        the others replayed. Receipts are never cached. The caller owns what it gets (see AggregateCache)."""
+        the others replayed. Receipts are never cached. The caller owns what it gets (see AggregateCache).
+
+        ``trust_cache`` skips the query for cached aggregates and receipts: only for a transaction that
+        records a new version of each aggregate it decides on, so a stale copy fails at the insert
+        (IntegrityError) instead of deciding wrongly, and a repeated command id fails on its receipt.
+        """
         taken: dict[UUID, Any | None] = {i: self.cache.take(i) for i in aggregate_ids}
-        taken.update({i: None for i in receipt_ids if i not in taken})
-        if not taken:
-            return {}
+        receipts = [i for i in receipt_ids if i not in taken]
+        taken.update({i: None for i in receipts})
+        versions = {i: (a.version if a is not None else 0) for i, a in taken.items()}
+        if trust_cache:
+            versions = {i: v for i, v in versions.items() if v == 0 and i not in receipts}
+        if not versions:
+            return taken
         try:
-            stored = self.reader.events_after({i: (a.version if a is not None else 0) for i, a in taken.items()})
+            stored = self.reader.events_after(versions)
         except BaseException:
             self._give_back(taken)
             raise
@@ -271,15 +281,16 @@ class LedgerApplication(Application[UUID]):
     # -- commands ----------------------------------------------------------------------------------------
 
     def apply_commands(self, commands: Sequence[LedgerCommand], tracking: Tracking | None = None, *,
-                       record_rejections: bool = True) -> list[CommandResult]:
+                       record_rejections: bool = True, trust_cache: bool = False) -> list[CommandResult]:
         """Applies commands in order in ONE transaction (with ``tracking`` when they came from Kafka).
 
         A command whose id has a receipt is a duplicate. Every other command gets a receipt with its outcome,
         except rejections when ``record_rejections`` is false (direct HTTP calls: the caller is told and
         may retry with the same id once the cause is fixed). Raises eventsourcing's ``IntegrityError`` when
         another writer recorded one of the aggregates first: nothing was written, the caller retries.
+        ``trust_cache``: see ``load_many`` (direct commands, whose caller retries without it).
         """
-        batch = self._prepare(commands, tracking, record_rejections)
+        batch = self._prepare(commands, tracking, record_rejections, trust_cache=trust_cache)
         self._commit(batch)
         batch.return_to_cache()
         return batch.results
@@ -326,8 +337,9 @@ class LedgerApplication(Application[UUID]):
         super().close()
 
     def _prepare(self, commands: Sequence[LedgerCommand], tracking: Tracking | None, record_rejections: bool,
-                 after: _Batch | None = None) -> _Batch:
+                 after: _Batch | None = None, trust_cache: bool = False) -> _Batch:
         batch = _Batch(self, tracking, after)
+        batch.trust_cache = trust_cache
         batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
         batch.results = [self._apply_one(batch, command, record_rejections) for command in commands]
         batch.collect()

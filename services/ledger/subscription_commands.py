@@ -25,6 +25,7 @@ from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, Invoice, Invoice
 from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote_change
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.tax import TaxProfileData, check_vat_id, compute_tax
 
 INVOICE_DUE_DAYS = 14
 DEFAULT_ISSUER = "billing"
@@ -140,7 +141,31 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
     return carried
 
 
+def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
+    """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules."""
+    if any(item["kind"] == "tax" for item in invoice.lines):
+        return []
+    roster = batch.get(roster_id(invoice.tenant))
+    catalog = batch.get(Catalog.create_id())
+    if roster is None or roster.tax_profile is None or catalog is None:
+        return []
+    document = catalog.document
+    profile = roster.tax_profile
+    result = compute_tax(invoice.total, invoice.currency, TaxProfileData(
+        country=profile["country"], subdivision=profile.get("subdivision"), business_name=profile.get("business_name"),
+        tax_id=profile.get("tax_id"), tax_id_valid=bool(profile.get("tax_id_valid"))),
+        document.get("tax_rules") or [], (document.get("seller") or {}).get("country"))
+    if result.reverse_charge:
+        return [line("tax", result.note or "Reverse charge", Decimal(0), invoice.currency, rate="0")]
+    if result.tax == 0:
+        return []
+    percent = (result.rate * 100).normalize()
+    return [line("tax", f"{result.rule} {percent} % of {result.net}", result.tax, invoice.currency,
+                 rate=str(result.rate))]
+
+
 def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str) -> None:
+    invoice.add_lines(_tax_lines(batch, invoice), by="system:tax")
     prefix = "CN" if invoice.document_type == CREDIT_NOTE else "INV"
     issuer = getattr(app, "invoice_issuer", DEFAULT_ISSUER)
     sequence = batch.get(InvoiceSequence.create_id(issuer, at.year, prefix))
@@ -385,6 +410,24 @@ def add_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCom
     _roster(batch, command.tenant or "").add_payment_method(
         method_id=payload["method_id"], gateway=payload.get("gateway", "stripe"), label=payload.get("label", ""),
         make_default=bool(payload.get("default", False)), at=_at(command), by=command.issued_by)
+
+
+@handles("tax_profile.set")
+def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    account_of(batch, command.tenant)
+    payload = command.payload
+    country = str(payload.get("country", "")).upper()
+    if len(country) != 2 or not country.isalpha():
+        raise CommandRejected("invalid_tax_profile", "country must be an ISO 3166-1 alpha-2 code")
+    profile: dict[str, Any] = {"country": country, "subdivision": payload.get("subdivision"),
+                               "business_name": payload.get("business_name"), "tax_id": None, "tax_id_valid": False}
+    if payload.get("tax_id"):
+        check = check_vat_id(str(payload["tax_id"]))
+        if not check.valid:
+            raise CommandRejected("invalid_vat_id", f"VAT id {payload['tax_id']!r} is not valid: {check.reason}")
+        profile.update(tax_id=check.number, tax_id_valid=True)
+    _roster(batch, command.tenant or "").set_tax_profile(profile=profile, at=_at(command), by=command.issued_by)
+    return profile
 
 
 @handles("payment_method.remove")

@@ -32,7 +32,7 @@ from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
 
 APPLY_ATTEMPTS_MAX = 5
-STATUS_FOR_REASON = {"unknown_account": 404, "unknown_subscription": 404, "unknown_plan": 422,
+STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_profile": 422, "unknown_account": 404, "unknown_subscription": 404, "unknown_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
                      "capacity_below_usage": 409, "invalid_transition": 409}
 
@@ -161,6 +161,19 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str) -> APIRouter:
         check_tenant(principal, tenant)
         await run(request, principal, "payment_method.remove", tenant, {"method_id": method_id})
         return Response(status_code=204)
+
+    @router.put("/v1/accounts/{tenant}/tax-profile", summary="Business name, country and VAT id (validated)")
+    async def put_tax_profile(tenant: str, request: Request, body: dict[str, Any] = Body(...),
+                              principal: Principal = Depends(require(Role.ADMIN, Role.FINANCE))) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        result = await run(request, principal, "tax_profile.set", tenant, body)
+        return {"tenant": tenant, "tax_profile": result.value}
+
+    @router.get("/v1/accounts/{tenant}/tax-profile")
+    async def get_tax_profile(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        profile = await read(roster_id(tenant), lambda r: dict(r.tax_profile) if r.tax_profile else None)
+        return {"tenant": tenant, "tax_profile": profile}
 
     @router.get("/v1/accounts/{tenant}/invoices/{invoice_id}.pdf", summary="A fresh PDF copy of an invoice",
                 response_class=Response)

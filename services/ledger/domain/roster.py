@@ -38,6 +38,15 @@ class Roster(Aggregate):
         self.trial_used = False
         self.payment_methods: list[dict[str, Any]] = []
         self.receivable_invoiced: dict[str, int] = {}  # unit -> receivables already put on invoices
+        self.tax_profile: dict[str, Any] | None = None
+
+    def set_tax_profile(self, *, profile: dict[str, Any], at: datetime, by: str) -> None:
+        """Country (ISO 3166-1), optional subdivision, business name and tax id (with its check result)."""
+        self._tax_profile_set(profile=profile, at=at, by=by)
+
+    @event("TaxProfileSet")
+    def _tax_profile_set(self, profile: dict[str, Any], at: datetime, by: str) -> None:
+        self.tax_profile = dict(profile)
 
     def invoice_receivable(self, *, unit: str, up_to: int, invoice: str) -> int:
         """Marks the account's receivables up to ``up_to`` as invoiced; returns what was new (>= 0)."""

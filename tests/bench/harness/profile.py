@@ -1,9 +1,12 @@
 """Sampling profiles of service processes with py-spy (a dev dependency), and a summary of where time goes.
 
-``py-spy record --format raw`` writes collapsed stacks (``frame;frame;frame count``) of the busy threads
-(idle ones are left out by default), so the share of samples of a frame is its share of the process's busy
-time. The summary lists frames by *self* time (where the CPU actually is) and by *inclusive* time (what a
-call costs with everything under it), and groups self time by library.
+``py-spy record --format raw --idle --threads`` writes collapsed stacks (``thread;frame;frame count``) of
+every thread at every sample, waiting or not. The summary leaves out the samples of a thread waiting for
+work (its event loop in ``select``, a pool thread waiting for a task) and keeps everything else, including
+time blocked inside a call (a PostgreSQL round trip shows as time in psycopg/asyncpg): so a frame's share is
+its share of the wall time the process spent *doing or waiting on its work*. It lists frames by *self* time
+(the leaf: where the time is) and by *inclusive* time (what a call costs with everything under it), groups
+self time by library, and gives each thread's utilisation (share of its samples not waiting for work).
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ class Profiler:
             return False
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [binary, "record", "--pid", str(self.pid), "--rate", str(self.rate), "--format", "raw",
-                 "--nonblocking", "--output", str(self.out)], stdout=log, stderr=subprocess.STDOUT)
+                [binary, "record", "--pid", str(self.pid), "--rate", str(self.rate), "--format", "raw", "--idle",
+                 "--threads", "--nonblocking", "--output", str(self.out)], stdout=log, stderr=subprocess.STDOUT)
         return True
 
     def stop(self) -> None:
@@ -96,21 +99,30 @@ def summarise(collapsed: Path, top: int = 25) -> dict[str, Any]:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     areas: Counter[str] = Counter()
+    thread_all: Counter[str] = Counter()
+    thread_busy: Counter[str] = Counter()
     total = idle = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
-        if not frames:
+        parts = [f for f in stack.split(";") if f and not f.startswith("process ")]
+        thread = "?"
+        if parts and parts[0].startswith("thread "):
+            thread = re.sub(r"\d+$", "N", parts[0].split(": ", 1)[-1])  # asyncio_0, asyncio_1 -> asyncio_N
+            parts = parts[1:]
+        thread_all[thread] += count
+        if not parts:
+            idle += count
             continue
-        names = [_short(f) for f in frames]
+        names = [_short(f) for f in parts]
         leaf, leaf_path = names[-1]
         if leaf in IDLE_LEAVES or leaf.startswith("_worker (") or leaf.endswith(".select (selectors.py)"):
             idle += count
             continue
         total += count
+        thread_busy[thread] += count
         self_time[leaf] += count
         areas[area_of(leaf_path)] += count
         for name in {n for n, _ in names}:
@@ -119,5 +131,7 @@ def summarise(collapsed: Path, top: int = 25) -> dict[str, Any]:
     def share(counter: Counter[str]) -> list[list[Any]]:
         return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)] if total else []
 
-    return {"samples": total, "idle_samples_left_out": idle, "self": share(self_time), "inclusive": share(inclusive),
-            "areas": share(areas)}
+    threads = [[name, round(100 * thread_busy[name] / n, 1), n] for name, n in thread_all.most_common()]
+    return {"samples": total, "idle_samples_left_out": idle, "self": share(self_time),
+            "inclusive": share(inclusive), "areas": share(areas),
+            "threads_busy_percent": threads}

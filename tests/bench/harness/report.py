@@ -230,13 +230,17 @@ def markdown(result: dict[str, Any]) -> str:
               f"{result['resources']['cores']} cores = {100 * result['resources']['cores']} %): "
               + ", ".join(f"{k} {v}" for k, v in others.items())]
     for name, prof in result.get("profiles", {}).items():
-        lines += ["", f"### py-spy profile: {name} ({prof['samples']:,} samples of busy threads)", "",
-                  "| self time | % | | by library | % |", "|---|---|---|---|---|"]
+        threads = ", ".join(f"{t} {busy} %" for t, busy, _ in prof.get("threads_busy_percent", [])[:6])
+        lines += ["", (f"### py-spy profile: {name} ({prof['samples']:,} samples doing or waiting on work; "
+                  f"threads busy: {threads})"), "",
+                  "| self time (leaf) | % | | by library | % |", "|---|---|---|---|---|"]
         selfs, areas = prof["self"][:15], prof["areas"][:15]
         for i in range(max(len(selfs), len(areas))):
             a = selfs[i] if i < len(selfs) else ["", ""]
             b = areas[i] if i < len(areas) else ["", ""]
             lines.append(f"| `{a[0]}` | {a[1]} | | {b[0]} | {b[1]} |")
+        lines += ["", "| inclusive (with callees) | % |", "|---|---|"]
+        lines += [f"| `{n}` | {v} |" for n, v in prof["inclusive"][:25]]
     for note in result.get("notes", []):
         lines.append(f"\nNote: {note}")
     return "\n".join(lines) + "\n"

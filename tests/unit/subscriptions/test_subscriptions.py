@@ -211,3 +211,46 @@ def test_invoice_numbers_are_gap_free_under_concurrency(tmp_path: Path) -> None:
         thread.join()
     numbers = sorted(invoice(first, t, f"{subscription_id(t, 'm')}/{NOV_1.isoformat()}").number for t in tenants)
     assert numbers == [f"INV-2026-{n:06d}" for n in range(1, 13)]
+
+
+def test_tax_is_computed_once_by_the_profile_and_vat_ids_are_checked(app: LedgerApplication) -> None:
+    catalog = {**CATALOG, "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"},
+                                        {"region": "FR", "rate": "0.20", "name": "FR VAT"}],
+               "seller": {"name": "Billing GmbH", "country": "DE"}}
+    run(app, "catalog.publish", None, document=catalog, digest="c2")
+    open_account(app, "berlin")
+    bad = run(app, "tax_profile.set", "berlin", country="DE", business_name="B GmbH", tax_id="DE136695977")
+    assert (bad.outcome, bad.reason) == ("rejected", "invalid_vat_id")
+    run(app, "tax_profile.set", "berlin", country="DE")
+    run(app, "subscription.create", "berlin", key="m", plan="team")
+    sub = app.repository.get(subscription_id("berlin", "m"))
+    first = invoice(app, "berlin", f"{sub.id}/{NOV_1.isoformat()}")
+    assert [(item["kind"], item["amount"]) for item in first.lines] == [("base_fee", "30.00"), ("tax", "5.70")]
+    assert first.total == Decimal("35.70")
+
+    open_account(app, "paris")  # a French business with a valid VAT id: reverse charge, no VAT
+    run(app, "tax_profile.set", "paris", country="FR", business_name="P SAS", tax_id="FR40303265045")
+    run(app, "subscription.create", "paris", key="m", plan="team")
+    sub = app.repository.get(subscription_id("paris", "m"))
+    reverse = invoice(app, "paris", f"{sub.id}/{NOV_1.isoformat()}")
+    assert reverse.total == Decimal("30.00") and "Reverse charge" in reverse.lines[-1]["description"]
+
+
+def test_lifecycle_pause_resume_past_due_and_recovery(app: LedgerApplication) -> None:
+    open_account(app, "life")
+    run(app, "subscription.create", "life", key="m", plan="team")
+    assert run(app, "subscription.pause", "life", key="m").outcome == "applied"
+    assert app.repository.get(subscription_id("life", "m")).status == "paused"
+    assert run(app, "subscription.pause", "life", key="m").reason == "invalid_transition"
+    run(app, "subscription.resume", "life", key="m")
+    sub = app.repository.get(subscription_id("life", "m"))
+    first = invoice(app, "life", f"{sub.id}/{NOV_1.isoformat()}")
+    run(app, "invoice.payment_failed", "life", invoice_id=str(first.id))
+    assert app.repository.get(subscription_id("life", "m")).status == "past_due"
+    run(app, "invoice.mark_paid", "life", invoice_id=str(first.id), payment="pi_1")
+    assert app.repository.get(subscription_id("life", "m")).status == "active"
+    assert app.repository.get(first.id).status == "paid"
+    run(app, "subscription.cancel", "life", key="m")  # at period end
+    assert run(app, "subscription.tick", "life", at=datetime(2026, 12, 1, tzinfo=UTC), key="m").value == {
+        "transition": "canceled_at_period_end"}
+    assert app.repository.get(subscription_id("life", "m")).status == "canceled"
