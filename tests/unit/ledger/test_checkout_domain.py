@@ -1,0 +1,59 @@
+"""Top-up quotes, promotion limits, and orders that only accept the exact quoted payment."""
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from uuid import uuid4
+
+import pytest
+
+from billing_ledger.domain.checkout import CheckoutError, Order, Promotion, PromotionRefused, quote
+
+PACKAGE = {"code": "credits-10k", "unit": "CREDIT", "credits": "10000", "bonus_credits": "1000", "price": "95.00",
+           "currency": "USD"}
+RULES = [{"region": "DE", "rate": "0.19", "name": "DE VAT"}]
+NOW = datetime(2026, 11, 21, tzinfo=UTC)
+
+
+def test_a_package_quote_shows_amount_promotion_tax_and_total() -> None:
+    q = quote(package=PACKAGE, amount=None, account_currency="USD",
+              promotion={"code": "TENOFF", "kind": "discount_percent", "value": "0.10"},
+              tax_profile={"country": "DE"}, tax_rules=RULES, seller_country="DE")
+    assert (q.amount, q.discount, q.net, q.tax, q.total) == ("95.00", "9.50", "85.50", "16.25", "101.75")
+    assert (q.credits, q.bonus_credits, q.unit) == ("10000", "1000", "CREDIT")
+
+
+def test_a_free_amount_top_up_with_bonus_credit() -> None:
+    q = quote(package=None, amount=Decimal("50"), account_currency="EUR",
+              promotion={"code": "BONUS5", "kind": "bonus_credit", "value": "5"}, tax_profile=None, tax_rules=[],
+              seller_country=None)
+    assert (q.total, q.credits, q.promotion_credits, q.unit) == ("50.00", "50.00", "5", "EUR")
+    with pytest.raises(CheckoutError):
+        quote(package=None, amount=Decimal("0.001"), account_currency="EUR", promotion=None, tax_profile=None,
+              tax_rules=[], seller_country=None)
+
+
+def test_promotions_are_refused_when_expired_or_exhausted() -> None:
+    promo = Promotion(code="WELCOME")
+    definition = {"code": "WELCOME", "kind": "bonus_credit", "value": "5", "max_redemptions": 2,
+                  "max_per_account": 1, "valid_until": "2026-12-01T00:00:00+00:00"}
+    promo.redeem(tenant="a", order=uuid4(), definition=definition, at=NOW)
+    with pytest.raises(PromotionRefused, match="already used"):
+        promo.redeem(tenant="a", order=uuid4(), definition=definition, at=NOW)
+    promo.redeem(tenant="b", order=uuid4(), definition=definition, at=NOW)
+    with pytest.raises(PromotionRefused, match="fully redeemed"):
+        promo.redeem(tenant="c", order=uuid4(), definition=definition, at=NOW)
+    with pytest.raises(PromotionRefused, match="expired"):
+        Promotion(code="WELCOME").redeem(tenant="d", order=uuid4(), definition=definition,
+                                         at=datetime(2026, 12, 2, tzinfo=UTC))
+
+
+def test_an_order_accepts_only_the_exact_quoted_payment() -> None:
+    q = quote(package=PACKAGE, amount=None, account_currency="USD", promotion=None, tax_profile=None, tax_rules=[],
+              seller_country=None)
+    order = Order(tenant="acme", key="o1", quote=q.as_dict(), gateway="stripe", at=NOW, by="user:ann")
+    with pytest.raises(CheckoutError, match="does not match"):
+        order.pay(gateway="stripe", payment_id="pi_1", amount=Decimal("9.50"), currency_code="USD", at=NOW)
+    order.pay(gateway="stripe", payment_id="pi_1", amount=Decimal("95.00"), currency_code="USD", at=NOW)
+    assert order.status == "paid"
+    with pytest.raises(CheckoutError, match="already paid"):
+        order.pay(gateway="stripe", payment_id="pi_1", amount=Decimal("95.00"), currency_code="USD", at=NOW)
