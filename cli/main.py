@@ -100,18 +100,30 @@ billing is running (embedded: data in {settings.data_dir}/, Ctrl-C to stop). Try
 def serve(
     service: Annotated[str, typer.Argument(help="ingest | rating | ledger | projections")],
     port: Annotated[int | None, typer.Option(help="HTTP port (defaults 8001-8004)")] = None,
+    role: Annotated[str | None, typer.Option(
+        help="projections only: all (API here, consumer in a child process; the default) | api | consumer | "
+             "inline (both in this process)")] = None,
 ) -> None:
     """One service against Kafka (KAFKA_BOOTSTRAP_SERVERS) and PostgreSQL (DATABASE_URL)."""
     from billing_runtime.runner import Runner
 
     if service not in SERVICES:
         raise typer.BadParameter(f"choose one of {', '.join(SERVICES)}")
+    if role is not None and service != "projections":
+        raise typer.BadParameter("--role applies to projections only")
     configure_logging()
     settings = Settings.from_env()
     if not settings.kafka_bootstrap_servers or not settings.database_url:
         typer.echo("billing serve needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL (see `make stack-up`).", err=True)
         raise typer.Exit(2)
-    runner = Runner(settings, _bus(settings), _builders((service,)), f"billing {service}",
+    builders = _builders((service,))
+    if service == "projections":
+        from billing_projections.app import ROLES, builder
+
+        if (role or "all") not in ROLES:
+            raise typer.BadParameter(f"--role must be one of {', '.join(ROLES)}")
+        builders = [builder(role or "all")]
+    runner = Runner(settings, _bus(settings), builders, f"billing {service}",
                     port or settings.service_ports[service])
     asyncio.run(runner.run_forever())
 

@@ -26,12 +26,18 @@ def rebuild(
     sqlite: Annotated[Path | None, typer.Option(
         help="Embedded mode: SQLite file to rebuild into (default: <BILLING_DATA_DIR>/projections.sqlite)")] = None,
     batch: Annotated[int, typer.Option(min=1, max=100_000, help="Records per replay transaction")] = 5_000,
+    workers: Annotated[int | None, typer.Option(
+        min=1, max=16, help="Replay processes on PostgreSQL, each a share of the partitions (default: one per CPU)")
+    ] = None,
 ) -> None:
     """Drops the projection tables and replays billing.ledger.events from the beginning to its current end."""
     from billing_projections.rebuild import rebuild as run_rebuild
+    from billing_projections.tuning import tune_gc
 
     configure_logging()
-    report = asyncio.run(run_rebuild(Settings.from_env(), schema=schema, sqlite_path=sqlite, batch_records_max=batch))
+    tune_gc()
+    report = asyncio.run(run_rebuild(Settings.from_env(), schema=schema, sqlite_path=sqlite, batch_records_max=batch,
+                                     workers=workers))
     typer.echo(report.to_json())
 
 

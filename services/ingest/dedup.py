@@ -35,10 +35,13 @@ CLEANUP_MARGIN = timedelta(days=1)
 
 Key = tuple[str, str]  # (tenant, event id)
 
+# Answers the keys that were already there (usually none), not the thousands it inserted.
 _PG_INSERT = (
-    "INSERT INTO seen_events (tenant, event_id, event_time, published) "
-    "SELECT u.t, u.e, u.ts, 1 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, e, ts) "
-    "ON CONFLICT DO NOTHING RETURNING tenant, event_id"
+    "WITH input AS (SELECT u.t, u.e, u.ts FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, e, ts)), "
+    "ins AS (INSERT INTO seen_events (tenant, event_id, event_time, published) SELECT t, e, ts, 1 FROM input "
+    "ON CONFLICT DO NOTHING RETURNING tenant, event_id) "
+    "SELECT t AS tenant, e AS event_id FROM input "
+    "WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.tenant = input.t AND ins.event_id = input.e)"
 )
 _PG_CLAIM_UNPUBLISHED = (
     "UPDATE seen_events AS s SET published = 1 FROM unnest($1::text[], $2::text[]) AS u(t, e) "
@@ -65,12 +68,13 @@ async def claim(conn: Connection, dialect: str, events: Sequence[tuple[str, str,
     if not ordered:
         return set()
     if dialect == "postgres":
-        new = await conn.fetch(_PG_INSERT, [e[0] for e in ordered], [e[1] for e in ordered],
-                               [e[2] for e in ordered])
-        fresh = {(r["tenant"], r["event_id"]) for r in new}
-        existing = [e for e in ordered if (e[0], e[1]) not in fresh]
+        tenants, event_ids, times = zip(*ordered, strict=True)
+        rows = await conn.fetch(_PG_INSERT, tenants, event_ids, times)
+        existing = [(r["tenant"], r["event_id"]) for r in rows]
+        fresh = set(zip(tenants, event_ids, strict=True))
         if existing:
-            claimed = await conn.fetch(_PG_CLAIM_UNPUBLISHED, [e[0] for e in existing], [e[1] for e in existing])
+            fresh.difference_update(existing)
+            claimed = await conn.fetch(_PG_CLAIM_UNPUBLISHED, [k[0] for k in existing], [k[1] for k in existing])
             fresh |= {(r["tenant"], r["event_id"]) for r in claimed}
         return fresh
     fresh = set()

@@ -28,7 +28,7 @@ def build_router(service: IngestService) -> APIRouter:
                  description="One event object, a list of events, or {\"events\": [...]} (at most 1,000). "
                              "Every event gets its own result: accepted, duplicate or rejected with a reason.")
     async def post_usage(request: Request, principal: UsageSender) -> dict[str, Any]:
-        body = await request.body()
+        body = await read_body_capped(request, body_max)
         if request.headers.get("content-encoding", "").lower() == "gzip":
             try:
                 decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from billing_events import ids, topics
@@ -38,6 +40,17 @@ REJECTIONS = Counter("billing_ingest_rejections_total", "Rejected usage events b
 # A dead letter keeps the original payload up to this size (a larger one is cut and marked truncated), so
 # a dead letter always fits in a Kafka message whatever arrived.
 DEAD_LETTER_PAYLOAD_CHARS_MAX = 64 * 1024
+# uuid5 per event costs as much as validating it; tenants are few, so their account ids are cached.
+ACCOUNT_IDS_CACHED_MAX = 100_000
+_account_id = lru_cache(maxsize=ACCOUNT_IDS_CACHED_MAX)(ids.account_id)
+
+
+@lru_cache(maxsize=ACCOUNT_IDS_CACHED_MAX)
+def _account_key(tenant: str) -> str:
+    """The message key of a tenant's records: its billing account id."""
+    return str(_account_id(tenant))
+
+
 _ACCEPTED_HEADERS = (("schema", b"usage.accepted/v1"),)
 _REJECTED_HEADERS = (("schema", b"usage.rejected/v1"),)
 
@@ -126,20 +139,21 @@ class IngestService:
                     if key not in to_publish:
                         outcomes[index] = Outcome("duplicate", usage.event.id)
                         continue
-                    account = ids.account_id(usage.event.tenant)
+                    account = _account_id(usage.event.tenant)
                     message = AcceptedUsage(account_id=account, event=usage.event, accepted_at=now, source=source,
                                             catalog_version=version)
-                    accepted.append(OutMessage(topics.USAGE_ACCEPTED, str(account), message.to_json(),
+                    accepted.append(OutMessage(topics.USAGE_ACCEPTED, _account_key(usage.event.tenant),
+                                               message.to_json(),
                                                _ACCEPTED_HEADERS))
                     outcomes[index] = Outcome("accepted", usage.event.id)
                 # Durable on the bus before the dedup rows commit: a row that exists was published.
                 await self.bus.publish(accepted + rejections)
         final = [o for o in outcomes if o is not None]
         assert len(final) == len(items), "every event ends accepted, duplicate or rejected"
-        for outcome in final:
-            EVENTS.labels(outcome.status).inc()
-            if outcome.reason:
-                REJECTIONS.labels(outcome.reason).inc()
+        for status, count in Tally(o.status for o in final).items():
+            EVENTS.labels(status).inc(count)
+        for reason, count in Tally(o.reason for o in final if o.reason).items():
+            REJECTIONS.labels(reason).inc(count)
         return final
 
     def _rejection(self, invalid: Invalid, payload: bytes | object, source: str, now: datetime) -> OutMessage:
@@ -152,7 +166,7 @@ class IngestService:
                                 tenant=_text(invalid.tenant), event_id=_text(invalid.event_id),
                                 payload=_text(text[:DEAD_LETTER_PAYLOAD_CHARS_MAX]) or "",
                                 payload_truncated=truncated, rejected_at=now, source=source)
-        key = str(ids.account_id(record.tenant)) if record.tenant else "unknown"
+        key = _account_key(record.tenant) if record.tenant else "unknown"
         return OutMessage(topics.USAGE_REJECTED, key, record.to_json(), _REJECTED_HEADERS)
 
     # -- dedup window cleanup ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from billing_events.money import (
 from billing_ledger.adjustment_commands import adjustment_id
 from billing_ledger.allocation_commands import allocation_request_id
 from billing_ledger.application import CommandResult, LedgerApplication
-from billing_ledger.direct import ConflictsExhausted, DirectCommands
+from billing_ledger.direct import ConflictsExhausted, DirectCommands, Overloaded
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.hold_commands import hold_id
@@ -97,15 +97,15 @@ def _command(kind: str, tenant: str, principal: Principal, key: str, payload: di
                          issued_by=principal.subject, payload=payload)
 
 
-def build_router(app: LedgerApplication) -> APIRouter:
-    direct = DirectCommands(app)
+def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -> APIRouter:
+    direct = direct or DirectCommands(app)
     router = APIRouter(tags=["ledger"])
 
     async def decide(command: LedgerCommand, aggregate_id: UUID) -> CommandResult:
         try:
             result = await direct.decide(command, aggregate_id)
-        except ConflictsExhausted as exc:
-            raise Problem(503, "Busy", "The account is changing too fast; retry shortly.", kind="busy",
+        except (ConflictsExhausted, Overloaded) as exc:
+            raise Problem(503, "Busy", "The ledger is too busy to decide now; retry shortly.", kind="busy",
                           headers={"Retry-After": "1"}) from exc
         if result.outcome == "rejected" or (result.outcome == "duplicate" and result.first_outcome == "rejected"):
             raise _problem(result)

@@ -10,9 +10,10 @@ AGGREGATE_CACHE_AGGREGATES_MAX = 20_000
 # after an optimistic-concurrency conflict (another writer recorded the same aggregate version).
 DIRECT_CONFLICT_RETRIES_MAX = 40
 DIRECT_CONFLICT_BACKOFF_SECONDS_MAX = 0.02
-# Striped in-process locks serialise direct commands of one aggregate, so conflicts only come from other
-# processes and from the Kafka consumer's batches.
-DIRECT_LOCK_STRIPES = 256
+# One writer thread applies the waiting direct commands together (group commit): at most this many per
+# transaction, and at most this many waiting before new requests are turned away (503).
+DIRECT_GROUP_COMMANDS_MAX = 64
+DIRECT_QUEUE_COMMANDS_MAX = 10_000
 
 # Holds: how long a hold may reserve credit.
 HOLD_TTL_SECONDS_DEFAULT = 15 * 60

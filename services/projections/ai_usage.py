@@ -13,8 +13,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from billing_projections.facts import Fact, decimal_or_none, first_text, month_of
-from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
+from billing_projections.facts import Fact, decimal_or_none, first_text
+from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
 AI_USAGE = Table("ai_usage", {"tenant": "TEXT", "period": "TEXT", "model": "TEXT", "operation": "TEXT",
@@ -60,20 +60,35 @@ def tokens_by_class(cause: dict[str, Any], properties: dict[str, Any], quantity:
     return ({named: quantity} if named else {}), quantity
 
 
+def handler_for(event_type: str) -> Handler | None:
+    return project if event_type == "BillingAccount.UsageDebited" else None
+
+
+_TOKEN_COLUMNS = {c: f"{c}_tokens" for c in TOKEN_CLASSES}
+
+
 def project(fact: Fact, w: BatchWriter) -> None:
     if fact.aggregate != "BillingAccount" or fact.name != "UsageDebited" or not fact.tenant:
         return
-    cause = fact.cause
-    properties = cause.get("properties") if isinstance(cause.get("properties"), dict) else {}
+    data = fact.data
+    cause = data.get("cause")
+    if not isinstance(cause, dict):
+        return
+    properties = cause.get("properties")
+    if not isinstance(properties, dict):
+        properties = {}
     model = first_text(properties.get("model"), cause.get("model"))
     if not model:
         return
     quantity = decimal_or_none(cause.get("quantity")) or Decimal(0)
     per_class, total = tokens_by_class(cause, properties, quantity)
-    add: dict[str, Any] = {f"{c}_tokens": per_class[c] for c in TOKEN_CLASSES if c in per_class}
-    add.update(tokens=total, cost=int(fact.data["amount"]), events=1)
-    key = (fact.tenant, month_of(fact.occurred_at), model, first_text(cause.get("operation"), properties.get("operation")),
-           first_text(cause.get("user"), properties.get("user")), str(fact.data["unit"]))
+    add: dict[str, Any] = {_TOKEN_COLUMNS[c]: count for c, count in per_class.items()}
+    add["tokens"] = total
+    add["cost"] = int(data["amount"])
+    add["events"] = 1
+    key = (fact.tenant, fact.occurred_at[:7], model,
+           first_text(cause.get("operation"), properties.get("operation")),
+           first_text(cause.get("user"), properties.get("user")), str(data["unit"]))
     w.upsert(AI_USAGE, key, add=add, set={"last_position": fact.position})
 
 

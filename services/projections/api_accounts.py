@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from uuid import UUID
 
 from billing_events.money import SUBUNIT_SCALE
 from billing_events.timeutil import utcnow
@@ -33,6 +34,13 @@ AI_COLUMNS = ("model", "operation", "user", "input_tokens", "output_tokens", "ca
 GRANT_COLUMNS = ("grant_id", "unit", "source", "status", "amount", "remaining", "tax", "refunded", "breakage",
                  "priority", "effective_at", "expires_at", "expiring_soon", "scope", "granted_by", "cause")
 FIGURE_COLUMNS = tuple(api_models.Figures.model_fields)
+INVOICE_COLUMNS = ("invoice_id", "number", "document_type", "status", "currency", "issue_date", "due_date",
+                   "period", "period_start", "period_end", "subtotal", "tax", "total", "lines", "subscription_id",
+                   "paid_at", "voided_at", "payment_reference", "pdf_url")
+InvoiceStatus = Annotated[str | None, Query(alias="status",
+                                            description="Comma-separated: draft, finalized, paid, void")]
+InvoiceType = Annotated[str | None, Query(alias="type", description="invoice | credit_note (comma-separated)")]
+Period = Annotated[str | None, Query(description="Issued in this month (2026-11) or year (2026); drafts: drafted")]
 
 
 async def _known(db: Database, principal: Principal, tenant: str) -> None:
@@ -41,7 +49,7 @@ async def _known(db: Database, principal: Principal, tenant: str) -> None:
         raise Problem(404, "Not found", f"No billing account for tenant {tenant!r}.", kind="unknown-account")
 
 
-def build_router(db: Database) -> APIRouter:
+def build_router(db: Database, ledger_url: str = "") -> APIRouter:
     router = APIRouter(tags=["accounts"])
 
     @router.get("/v1/accounts/{tenant}/balance", summary="Balances per wallet", response_model=api_models.Balance,
@@ -127,6 +135,35 @@ def build_router(db: Database) -> APIRouter:
         await _known(db, principal, tenant)
         return await figures_response(db, request, tenant, granularity, year, month, since, until, unit, fmt)
 
+    @router.get("/v1/accounts/{tenant}/invoices", summary="Invoices and credit notes (newest first)",
+                response_model=api_models.Invoices, responses=CSV,
+                description="Filters combine. Each item links its PDF (`pdf_url`: the ledger renders it afresh). "
+                            "Pages are keyset cursors, stable while new documents arrive.")
+    async def get_invoices(tenant: str, principal: Reader, request: Request, statuses: InvoiceStatus = None,
+                           types: InvoiceType = None, period: Period = None,
+                           subscription: Annotated[str | None, Query(description="Subscription id")] = None,
+                           cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
+        await _known(db, principal, tenant)
+        filters: dict[str, Any] = {"tenant": tenant, "ledger_url": ledger_url, "statuses": split_list(statuses),
+                                   "types": split_list(types), "period": period, "subscription": subscription}
+        if wants_csv(request, fmt):
+            async def fetch(c: str | None, n: int) -> lists.Page:
+                return await lists.invoice_list(db, **filters, cursor=c, limit=n)
+            return csv_response(INVOICE_COLUMNS, fetch, f"invoices-{tenant}")
+        items, next_cursor = await lists.invoice_list(db, **filters, cursor=cursor, limit=limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/v1/accounts/{tenant}/invoices/{invoice_id:uuid}", summary="One invoice with its lines",
+                response_model=api_models.InvoiceDetail,
+                description="The PDF is the ledger's `GET /v1/accounts/{tenant}/invoices/{invoice_id}.pdf` "
+                            "(`pdf_url`).")
+    async def get_invoice(tenant: str, invoice_id: UUID, principal: Reader) -> Any:
+        await _known(db, principal, tenant)
+        found = await lists.invoice_detail(db, tenant=tenant, invoice_id=str(invoice_id), ledger_url=ledger_url)
+        if found is None:
+            raise Problem(404, "Not found", f"No invoice {invoice_id} for tenant {tenant!r}.", kind="unknown-invoice")
+        return found
+
     return router
 
 
@@ -139,6 +176,7 @@ async def figures_response(db: Database, request: Request, tenant: str | None, g
     items = await lists.figure_series(db, tenant=tenant, granularity=granularity, since=start, until=end, unit=unit)
     if wants_csv(request, fmt):
         return csv_of(FIGURE_COLUMNS, items, f"figures-{tenant or 'all'}")
-    return {"granularity": granularity, "items": items}
+    recurring = [m for m in await lists.mrr(db, tenant=tenant) if unit is None or m["currency"] == unit]
+    return {"granularity": granularity, "items": items, "mrr": recurring}
 
 

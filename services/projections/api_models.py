@@ -135,9 +135,105 @@ class Figures(BaseModel):
     adjustments: Amount
 
 
+class MRR(BaseModel):
+    tenant: str | None = Field(default=None, description="Set when grouped by tenant")
+    currency: str
+    mrr: Amount = Field(description="Monthly recurring revenue: ARR / 12, rounded once (half-up) to the currency",
+                        examples=["58.00"])
+    arr: Amount = Field(description="Annual run rate, exact: monthly fees x 12 + quarterly x 4 + yearly")
+    subscriptions: int = Field(description="Billable (active or past_due) subscriptions counted")
+    monthly_fees: Amount = Field(description="Sum of base fee x quantity of monthly subscriptions")
+    quarterly_fees: Amount
+    yearly_fees: Amount
+
+
+class MRRList(BaseModel):
+    items: list[MRR]
+
+
 class FiguresList(BaseModel):
     granularity: str
     items: list[Figures]
+    mrr: list[MRR] | None = Field(default=None, description="Recurring revenue now, per currency (see /v1/reports/mrr)")
+
+
+class InvoiceLine(BaseModel):
+    kind: str = Field(examples=["base_fee", "usage", "credits_applied", "proration", "tax"])
+    description: str | None
+    quantity: str | None
+    unit_amount: str | None
+    amount: Amount = Field(description="Rounded once to the currency's minor unit")
+    exact_amount: str | None = Field(description="The amount before that rounding")
+    meter: str | None
+    detail: dict[str, Any] = Field(description="Everything else the line carries (events, fraction, ...)")
+
+
+class Invoice(BaseModel):
+    invoice_id: str
+    tenant: str
+    number: str | None = Field(description="Gap-free per issuer and year, e.g. INV-2026-000123; null for a draft")
+    document_type: str = Field(examples=["invoice", "credit_note"])
+    status: str = Field(examples=["draft", "finalized", "paid", "void"])
+    currency: str
+    issue_date: str | None = Field(description="ISO 8601 date (UTC)", examples=["2026-11-01"])
+    due_date: str | None = Field(description="ISO 8601 date (UTC)", examples=["2026-11-15"])
+    issued_at: str | None
+    due_at: str | None
+    drafted_at: str
+    paid_at: str | None
+    voided_at: str | None
+    period: str = Field(description="Month of issue (a draft: of drafting), YYYY-MM")
+    period_start: str | None = Field(description="Billing period covered")
+    period_end: str | None
+    subscription_id: str | None
+    related_invoice: str | None
+    payment_reference: str | None
+    void_reason: str | None
+    subtotal: Amount
+    tax: Amount
+    total: Amount
+    lines: int = Field(description="Number of lines")
+    pdf_url: str = Field(description="The ledger's PDF of this document (GET, same bearer token)")
+    position: int = Field(description="Freshness: ledger position of the last event applied to this document")
+
+
+class InvoiceDetail(Invoice):
+    items: list[InvoiceLine]
+
+
+class Invoices(BaseModel):
+    items: list[Invoice]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next (older) page; null at the end")
+
+
+class Subscription(BaseModel):
+    subscription_id: str
+    tenant: str
+    key: str
+    status: str = Field(examples=["trialing", "active", "past_due", "paused", "canceled"])
+    plan: str
+    plan_name: str | None
+    plan_version: int | None
+    cadence: str = Field(examples=["month", "quarter", "year"])
+    currency: str
+    base_fee: str = Field(description="Per unit of quantity and period, exact decimal")
+    quantity: int
+    time_zone: str | None
+    started_at: str
+    period_start: str | None
+    period_end: str | None
+    trial_end: str | None
+    cancel_at_period_end: bool
+    cancel_at: str | None
+    canceled_at: str | None
+    cancel_reason: str | None
+    paused_at: str | None
+    updated_at: str | None
+
+
+class Subscriptions(BaseModel):
+    items: list[Subscription]
+    next_cursor: str | None
 
 
 class ChargebackLine(BaseModel):

@@ -11,18 +11,22 @@ from billing_events.timeutil import utcnow
 from billing_projections import api_models, lists
 from billing_projections.api_accounts import (
     CSV,
+    INVOICE_COLUMNS,
     MONTHLY_COLUMNS,
     TRANSACTION_COLUMNS,
     Cursor,
     Format,
+    InvoiceStatus,
+    InvoiceType,
     Limit,
     Month,
+    Period,
     Year,
     figures_response,
 )
 from billing_projections.exports import csv_of, csv_response
 from billing_projections.limits import PAGE_ITEMS_DEFAULT
-from billing_projections.params import split_list, time_bound, wants_csv
+from billing_projections.params import invalid, split_list, time_bound, wants_csv
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.db import Database
 from fastapi import APIRouter, Depends, Query, Request
@@ -30,6 +34,8 @@ from fastapi import APIRouter, Depends, Query, Request
 Finance = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
 TenantFilter = Annotated[str | None, Query(description="Only this tenant (organisation)")]
 CHARGEBACK_COLUMNS = tuple(api_models.ChargebackLine.model_fields)
+SUBSCRIPTION_COLUMNS = tuple(api_models.Subscription.model_fields)
+MRR_COLUMNS = tuple(api_models.MRR.model_fields)
 ACCOUNT_COLUMNS = ("tenant", "currency", "opened_at", "unit", "available", "held", "balance", "receivable",
                    "expiring_soon", "low_balance_threshold", "low_balance", "updated_at")
 
@@ -41,7 +47,7 @@ def _scope(principal: Principal, tenant: str | None) -> str | None:
     return principal.tenant
 
 
-def build_router(db: Database) -> APIRouter:
+def build_router(db: Database, ledger_url: str = "") -> APIRouter:
     router = APIRouter(tags=["reports"])
 
     @router.get("/v1/reports/accounts", summary="Every account with its wallets and low-balance status",
@@ -116,6 +122,53 @@ def build_router(db: Database) -> APIRouter:
         items = await lists.ledger(db, _scope(principal, tenant))
         if wants_csv(request, fmt):
             return csv_of(("ledger_account", "unit", "balance"), items, "ledger")
+        return {"items": items}
+
+    @router.get("/v1/reports/invoices", summary="Invoices and credit notes of all tenants (newest first)",
+                response_model=api_models.Invoices, responses=CSV)
+    async def get_invoices(principal: Finance, request: Request, tenant: TenantFilter = None,
+                           statuses: InvoiceStatus = None, types: InvoiceType = None, period: Period = None,
+                           cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
+        filters: dict[str, Any] = {"tenant": _scope(principal, tenant), "ledger_url": ledger_url,
+                                   "statuses": split_list(statuses), "types": split_list(types), "period": period}
+        if wants_csv(request, fmt):
+            async def fetch(c: str | None, n: int) -> lists.Page:
+                return await lists.invoice_list(db, **filters, cursor=c, limit=n)
+            return csv_response(("tenant",) + INVOICE_COLUMNS, fetch, "invoices")
+        items, next_cursor = await lists.invoice_list(db, **filters, cursor=cursor, limit=limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/v1/reports/subscriptions", summary="Subscriptions of all tenants",
+                response_model=api_models.Subscriptions, responses=CSV,
+                description="Status, plan and version, quantity, current period, trial end, cancellation.")
+    async def get_subscriptions(
+            principal: Finance, request: Request, tenant: TenantFilter = None,
+            statuses: Annotated[str | None, Query(alias="status", description="Comma-separated: trialing, active, "
+                                                  "past_due, paused, canceled")] = None,
+            plan: Annotated[str | None, Query(description="Plan code")] = None,
+            cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
+        filters: dict[str, Any] = {"tenant": _scope(principal, tenant), "statuses": split_list(statuses),
+                                   "plan": plan}
+        if wants_csv(request, fmt):
+            async def fetch(c: str | None, n: int) -> lists.Page:
+                return await lists.subscription_list(db, **filters, cursor=c, limit=n)
+            return csv_response(SUBSCRIPTION_COLUMNS, fetch, "subscriptions")
+        items, next_cursor = await lists.subscription_list(db, **filters, cursor=cursor, limit=limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/v1/reports/mrr", summary="Monthly recurring revenue now, per currency",
+                response_model=api_models.MRRList, responses=CSV,
+                description="Base fee x quantity of every active or past_due subscription, a quarter's fee a "
+                            "third per month, a year's a twelfth; exact sums, MRR rounded once. `by=tenant` "
+                            "splits it per tenant.")
+    async def get_mrr(principal: Finance, request: Request, tenant: TenantFilter = None,
+                      by: Annotated[str | None, Query(description="tenant: one line per tenant and currency")] = None,
+                      fmt: Format = None) -> Any:
+        if by not in (None, "", "tenant"):
+            raise invalid("by takes only tenant", "by")
+        items = await lists.mrr(db, tenant=_scope(principal, tenant), by_tenant=by == "tenant")
+        if wants_csv(request, fmt):
+            return csv_of(MRR_COLUMNS, items, "mrr")
         return {"items": items}
 
     return router

@@ -1,24 +1,121 @@
-"""Wiring of the projections service."""
+"""Wiring of the projections service, in one of four roles.
+
+* ``inline``: the query API and the consumer in this process (the embedded ``billing run``).
+* ``api``: the query API and the dashboard only; they read the read models and write nothing.
+* ``consumer``: the consumer only (``billing_projections.consumer``): it builds the read models.
+* ``all`` (``billing serve projections``): the API in this process and the consumer in a child process.
+
+Projecting is CPU-bound pure Python: in one process it competes with the HTTP server for the event loop (and
+the GIL, so a worker thread would not help), and a batch of thousands of events delays every read by as much.
+In ``all`` the two share nothing but PostgreSQL: reads stay a single indexed query however fast events come.
+The child is supervised: it dies with the parent (it watches a pipe from it), and if it exits on its own the
+parent stops too, so the process supervisor restarts both (as with any crashed consumer).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
 from billing_events import topics
 from billing_projections.http import build_routers
+from billing_projections.limits import CONSUMER_STOP_SECONDS_MAX
 from billing_projections.service import ProjectionService
 from billing_runtime.bus import Bus
 from billing_runtime.db import open_database
+from billing_runtime.logging import get_logger
 from billing_runtime.service import ConsumerSpec, ServiceParts
 from billing_runtime.settings import Settings
 
+log = get_logger(__name__)
 
-async def build(settings: Settings, bus: Bus) -> ServiceParts:
+ROLES = ("inline", "api", "consumer", "all")
+# Where invoice PDFs are served (the ledger's GET /v1/accounts/{tenant}/invoices/{id}.pdf). Unset: the ledger of
+# the same stack (the embedded app itself, or the ledger's default port next to this service).
+LEDGER_URL_ENV = "BILLING_LEDGER_URL"
+# `all`: an HTTP port for the consumer child's /metrics and /healthz (unset: none).
+CONSUMER_PORT_ENV = "BILLING_PROJECTIONS_CONSUMER_PORT"
+
+
+def ledger_url(settings: Settings) -> str:
+    """Base URL of the ledger's HTTP API for links to invoice PDFs; "" means this same origin (embedded)."""
+    configured = os.environ.get(LEDGER_URL_ENV)
+    if configured is not None:
+        return configured.rstrip("/")
+    if settings.kafka_bootstrap_servers:  # `billing serve`: the ledger is its own process
+        return f"http://{settings.http_host}:{settings.service_ports['ledger']}"
+    return ""
+
+
+async def build(settings: Settings, bus: Bus, role: str = "inline") -> ServiceParts:
+    if role not in ROLES:
+        raise ValueError(f"projections role must be one of {', '.join(ROLES)}, not {role!r}")
     db = await open_database("projections", settings)
     service = ProjectionService(db)
     await service.setup()
-    return ServiceParts(
-        name="projections",
-        routers=build_routers(db),
-        consumers=[ConsumerSpec(settings.group("billing-projections"), [topics.LEDGER_EVENTS],
-                                service.handle_ledger_events, service.start_positions)],
-        close=db.close,
-    )
+    parts = ServiceParts(name=f"projections ({role})", close=db.close)
+    if role != "consumer":
+        parts.routers = build_routers(db, ledger_url=ledger_url(settings))
+    if role in ("inline", "consumer"):
+        parts.consumers = [ConsumerSpec(settings.group("billing-projections"), [topics.LEDGER_EVENTS],
+                                        service.handle_ledger_events, service.start_positions)]
+    if role == "all":
+        child = ConsumerChild()
+        parts.tasks = [child.run]
+        parts.ready = child.ready
+    return parts
+
+
+class ConsumerChild:
+    """``python -m billing_projections.consumer`` as a child process, stopped with this one."""
+
+    def __init__(self) -> None:
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def ready(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def command(self) -> list[str]:
+        args = [sys.executable, "-m", "billing_projections.consumer"]
+        port = os.environ.get(CONSUMER_PORT_ENV)
+        return args + (["--port", port] if port else [])
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        # stdin is a pipe the child watches: if this process dies, even by SIGKILL, the child sees EOF and stops.
+        self.process = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.PIPE)
+        log.info("consumer_process_started", pid=self.process.pid)
+        exited = asyncio.create_task(self.process.wait())
+        stop = asyncio.create_task(stopping.wait())
+        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done():
+            stop.cancel()
+            if not stopping.is_set():
+                raise RuntimeError(f"the projections consumer process exited with {self.process.returncode}")
+            return
+        await _stop_child(self.process, exited)
+
+
+async def _stop_child(process: asyncio.subprocess.Process, exited: Awaitable[int]) -> None:
+    """SIGTERM: the child finishes the batch in hand (its transaction) and exits; SIGKILL if it takes too long."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(exited), CONSUMER_STOP_SECONDS_MAX)
+    except TimeoutError:
+        log.error("consumer_process_kill", pid=process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await exited
+    log.info("consumer_process_stopped", pid=process.pid, returncode=process.returncode)
+
+
+def builder(role: str) -> Callable[[Settings, Bus], Awaitable[ServiceParts]]:
+    """``build`` for one role, in the shape the runner takes."""
+    async def build_role(settings: Settings, bus: Bus) -> ServiceParts:
+        return await build(settings, bus, role)
+
+    return build_role

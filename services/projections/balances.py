@@ -13,17 +13,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from billing_projections.facts import (
-    RECEIVABLES,
-    Fact,
-    account_sums,
-    grant_deltas,
-    json_text,
-    utc_text,
-    wallet_deltas,
-)
+from billing_projections.facts import RECEIVABLES, Fact, PostingSums, json_text, posting_sums, utc_text
 from billing_projections.limits import EXPIRING_SOON_SECONDS
-from billing_projections.writer import INT_SUM, BatchWriter, Table, value
+from billing_projections.writer import INT_SUM, BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
 ACCOUNTS = Table("accounts", {"account_id": "TEXT"}, {
@@ -57,43 +49,61 @@ HOLD_DELTAS = {
 }
 
 
+def handler_for(event_type: str) -> Handler | None:
+    """Every account event may move a wallet, a grant or a ledger account."""
+    return project if event_type.startswith("BillingAccount.") else None
+
+
 def project(fact: Fact, w: BatchWriter) -> None:
     if fact.aggregate != "BillingAccount" or not fact.tenant:
         return
-    data, tenant = fact.data, fact.tenant
-    fresh = {"updated_at": fact.recorded_at, "last_position": fact.position}
-    if fact.name == "Opened":
+    data, tenant, name, position = fact.data, fact.tenant, fact.name, fact.position
+    fresh = {"updated_at": fact.recorded_at, "last_position": position}
+    if name == "Opened":
         w.insert(ACCOUNTS, (fact.aggregate_id,), {
             "tenant": tenant, "currency": data["currency"], "opened_at": fact.recorded_at,
-            "opened_by": data.get("opened_by"), "last_position": fact.position})
+            "opened_by": data.get("opened_by"), "last_position": position})
         w.upsert(WALLETS, (tenant, data["currency"]),
                  set={"low_balance_threshold": data.get("low_balance_threshold"), **fresh})
         return
-    for (ledger_account, unit), amount in sorted(account_sums(fact).items()):
-        w.upsert(LEDGER_BALANCES, (tenant, ledger_account, unit), add={"amount": amount},
-                 set={"last_position": fact.position})
+    sums = posting_sums(fact)
     wallet_add: dict[str, dict[str, int]] = {}
-    for unit, delta in wallet_deltas(fact).items():
-        wallet_add.setdefault(unit, {})["balance"] = delta
-    for (ledger_account, unit), amount in account_sums(fact).items():
-        if ledger_account == RECEIVABLES:
-            wallet_add.setdefault(unit, {})["receivable"] = amount
-    hold = HOLD_DELTAS.get(fact.name)
+    if sums.accounts:
+        last = {"last_position": position}
+        for (ledger_account, unit), amount in sorted(sums.accounts.items()):
+            w.upsert(LEDGER_BALANCES, (tenant, ledger_account, unit), add={"amount": amount}, set=last)
+            if ledger_account == RECEIVABLES:
+                wallet_add.setdefault(unit, {})["receivable"] = amount
+        for unit, delta in sums.wallet.items():
+            wallet_add.setdefault(unit, {})["balance"] = delta
+    hold = HOLD_DELTAS.get(name)
     if hold is not None:
         wallet_add.setdefault(data["unit"], {})["held"] = hold[0] * int(data[hold[1]])
     wallet_set: dict[str, dict[str, Any]] = {}
-    if fact.name == "LowBalanceThresholdSet":
+    if name == "LowBalanceThresholdSet":
         wallet_set[data["unit"]] = {"low_balance_threshold": data.get("threshold")}
-    elif fact.name == "LowBalanceReached":
+    elif name == "LowBalanceReached":
         wallet_set[data["unit"]] = {"low_balance_reached_at": fact.occurred_at}
         wallet_add.setdefault(data["unit"], {})["low_balance_alerts"] = 1
-    for unit in sorted(set(wallet_add) | set(wallet_set) | ({data["unit"]} if isinstance(data.get("unit"), str)
-                                                              else set())):
-        w.upsert(WALLETS, (tenant, unit), set={**wallet_set.get(unit, {}), **fresh}, add=wallet_add.get(unit))
-    _project_grants(fact, w)
+    unit = data.get("unit")
+    if not wallet_set and len(wallet_add) <= 1 and (not wallet_add or unit in wallet_add or
+                                                   not isinstance(unit, str)):
+        # The common case: one unit (the event's own), nothing set but freshness.
+        if wallet_add:
+            [(only, add)] = wallet_add.items()
+            w.upsert(WALLETS, (tenant, only), set=fresh, add=add)
+        elif isinstance(unit, str):
+            w.upsert(WALLETS, (tenant, unit), set=fresh)
+    else:
+        units = set(wallet_add) | set(wallet_set)
+        if isinstance(unit, str):
+            units.add(unit)
+        for one in sorted(units):
+            w.upsert(WALLETS, (tenant, one), set={**wallet_set.get(one, {}), **fresh}, add=wallet_add.get(one))
+    _project_grants(fact, w, sums)
 
 
-def _project_grants(fact: Fact, w: BatchWriter) -> None:
+def _project_grants(fact: Fact, w: BatchWriter, sums: PostingSums) -> None:
     data, name = fact.data, fact.name
     if name == "CreditGranted":
         _insert_grant(fact, w, data, granted_at=data.get("effective_at") or fact.recorded_at)
@@ -101,10 +111,15 @@ def _project_grants(fact: Fact, w: BatchWriter) -> None:
         _insert_grant(fact, w, data["credit_grant"], granted_at=fact.occurred_at)
     elif name == "BalanceAdjusted" and isinstance(data.get("grant"), dict):
         _insert_grant(fact, w, data["grant"], granted_at=fact.occurred_at)
-    changes: dict[str, dict[str, dict[str, Any]]] = {}
-    for grant_id, delta in grant_deltas(fact).items():
-        changes.setdefault(grant_id, {"set": {}, "add": {}})["add"]["remaining"] = delta
     grant_id = str(data.get("grant_id") or "")
+    if name not in _GRANT_EVENTS:
+        last = {"last_position": fact.position}
+        for gid, delta in sorted(sums.grants.items()):
+            w.upsert(GRANTS, (gid,), set=last, add={"remaining": delta})
+        return
+    changes: dict[str, dict[str, dict[str, Any]]] = {}
+    for gid, delta in sums.grants.items():
+        changes.setdefault(gid, {"set": {}, "add": {}})["add"]["remaining"] = delta
     if name == "GrantExpired":
         change = changes.setdefault(grant_id, {"set": {}, "add": {}})
         change["set"]["status"] = "expired"
@@ -116,6 +131,9 @@ def _project_grants(fact: Fact, w: BatchWriter) -> None:
     for gid in sorted(changes):
         w.upsert(GRANTS, (gid,), set={**changes[gid]["set"], "last_position": fact.position},
                  add=changes[gid]["add"])
+
+
+_GRANT_EVENTS = frozenset({"GrantExpired", "GrantVoided", "GrantRefunded"})
 
 
 def _insert_grant(fact: Fact, w: BatchWriter, grant: dict[str, Any], *, granted_at: str) -> None:
@@ -168,7 +186,7 @@ async def grants(db: Database, tenant: str, *, status: str | None = None, unit: 
 
 async def expiring(db: Database, now: datetime, tenant: str | None = None) -> dict[tuple[str, str], int]:
     """Remaining credit per (tenant, unit) of open grants that expire within ``EXPIRING_SOON_SECONDS``."""
-    start, end = utc_text(now), utc_text(now + timedelta(seconds=EXPIRING_SOON_SECONDS))
+    start, end = expiring_window(now)
     args: list[Any] = [start, end]
     where = ""
     if tenant is not None:
@@ -178,6 +196,11 @@ async def expiring(db: Database, now: datetime, tenant: str | None = None) -> di
         "SELECT tenant, unit, SUM(remaining) AS remaining FROM grants WHERE status = 'open' AND expires_at > $1 "
         f"AND expires_at <= $2 AND remaining > 0{where} GROUP BY tenant, unit", *args)
     return {(r["tenant"], r["unit"]): int(r["remaining"]) for r in rows}
+
+
+def expiring_window(now: datetime) -> tuple[str, str]:
+    """(after, until]: expiry times that count as "expiring soon" at ``now`` (stored time texts)."""
+    return utc_text(now), utc_text(now + timedelta(seconds=EXPIRING_SOON_SECONDS))
 
 
 def expiring_soon(grant_rows: list[dict[str, Any]], now: datetime) -> dict[str, int]:

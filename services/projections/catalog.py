@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from billing_projections.facts import Fact
-from billing_projections.writer import BatchWriter, Table, value
+from billing_projections.writer import BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
 CATALOG_UNITS = Table("catalog_units", {"code": "TEXT"}, {
@@ -20,6 +20,10 @@ CATALOG_METERS = Table("catalog_meters", {"code": "TEXT"}, {
 })
 TABLES = (CATALOG_UNITS, CATALOG_METERS)
 CREDIT_SCALE_DEFAULT = 2
+
+
+def handler_for(event_type: str) -> Handler | None:
+    return project if event_type == "Catalog.Published" else None
 
 
 def project(fact: Fact, w: BatchWriter) -> None:

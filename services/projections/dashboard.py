@@ -14,11 +14,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
+from uuid import UUID
 
+import httpx
 import jwt
 from billing_events.timeutil import utcnow
 from billing_projections import balances, catalog, charts, history, lists, views
-from billing_projections.api_accounts import MONTHLY_COLUMNS, TRANSACTION_COLUMNS
+from billing_projections.api_accounts import INVOICE_COLUMNS, MONTHLY_COLUMNS, TRANSACTION_COLUMNS
 from billing_projections.exports import csv_response
 from billing_projections.params import month_range
 from billing_runtime.auth import Principal, Role, TokenVerifier
@@ -31,6 +33,8 @@ from fastapi.templating import Jinja2Templates
 COOKIE = "billing_token"
 COOKIE_PATH = "/dashboard"
 TRANSACTIONS_SHOWN = 20
+INVOICES_SHOWN = 24
+PDF_FETCH_SECONDS_MAX = 30.0
 LOGIN_BODY_BYTES_MAX = 16 * 1024
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -38,9 +42,7 @@ templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 def _principal(request: Request) -> Principal | None:
     verifier: TokenVerifier = request.app.state.token_verifier
-    header = request.headers.get("authorization", "")
-    token = header.partition(" ")[2].strip() if header.lower().startswith("bearer ") else ""
-    token = token or request.cookies.get(COOKIE, "")
+    token = _token(request)
     if not token:
         return None
     try:
@@ -82,7 +84,19 @@ def _years(now: datetime) -> list[int]:
     return list(range(now.year - 4, now.year + 1))
 
 
-def build_router(db: Database) -> APIRouter:
+def _token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    token = header.partition(" ")[2].strip() if header.lower().startswith("bearer ") else ""
+    return token or request.cookies.get(COOKIE, "")
+
+
+def _own_origin(request: Request) -> str:
+    """This server's own address (the embedded app also serves the ledger's routes); never the Host header."""
+    host, port = request.scope.get("server") or ("127.0.0.1", 80)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def build_router(db: Database, ledger_url: str = "") -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
     @router.get("/dashboard/login", response_class=HTMLResponse)
@@ -157,7 +171,9 @@ def build_router(db: Database) -> APIRouter:
                                                              limit=TRANSACTIONS_SHOWN)
         units = await views.load_units(db)
         grant_rows = [views.grant_view(g, units, now) for g in await balances.grants(db, tenant, status="open")]
+        invoice_rows, _ = await lists.invoice_list(db, tenant=tenant, ledger_url=ledger_url, limit=INVOICES_SHOWN)
         return _page(request, "account.html", {
+            "invoices": invoice_rows,
             "principal": principal, "tenant": tenant, "balance": balance, "year": y, "month": m,
             "years": _years(now), "meter": meter or "", "meters": sorted(set(meters) | {r["meter"] for r in monthly}),
             "charts": [charts.bar_chart(_chart_points(daily, days, u), unit=u, test_id=f"consumption-chart-{u}",
@@ -186,8 +202,33 @@ def build_router(db: Database) -> APIRouter:
             async def transaction_page(c: str | None, n: int) -> lists.Page:
                 return await lists.transactions(db, tenant=tenant, types=[type] if type else [], cursor=c, limit=n)
             return csv_response(TRANSACTION_COLUMNS, transaction_page, f"transactions-{tenant}")
+        if name == "invoices":
+            async def invoice_page(c: str | None, n: int) -> lists.Page:
+                return await lists.invoice_list(db, tenant=tenant, ledger_url=ledger_url, cursor=c, limit=n)
+            return csv_response(INVOICE_COLUMNS, invoice_page, f"invoices-{tenant}")
         return _page(request, "error.html", {"principal": principal, "title": "Not found",
                                              "detail": f"No export named {name}."}, 404)
+
+    @router.get("/dashboard/accounts/{tenant}/invoices/{invoice_id:uuid}.pdf")
+    async def invoice_pdf(request: Request, tenant: str, invoice_id: UUID) -> Response:
+        """The ledger's PDF, fetched with the dashboard's token (a browser link cannot send the bearer header)."""
+        principal = _principal(request)
+        if principal is None:
+            return _to_login(request)
+        if not principal.can_see(tenant):
+            return _forbidden(request, principal, "This token is scoped to another tenant.")
+        source = (ledger_url or _own_origin(request)) + views.invoice_pdf_url("", tenant, str(invoice_id))
+        try:
+            async with httpx.AsyncClient(timeout=PDF_FETCH_SECONDS_MAX) as client:
+                found = await client.get(source, headers={"Authorization": f"Bearer {_token(request)}"})
+        except httpx.HTTPError as exc:
+            return _page(request, "error.html", {"principal": principal, "title": "Unavailable",
+                                                 "detail": f"The invoice PDF could not be fetched: {exc}."}, 502)
+        if found.status_code != 200:
+            return _page(request, "error.html", {"principal": principal, "title": "Not found",
+                                                 "detail": f"No PDF for invoice {invoice_id}."}, 404)
+        return Response(found.content, media_type="application/pdf", headers={
+            "Content-Disposition": found.headers.get("content-disposition", f'inline; filename="{invoice_id}.pdf"')})
 
     @router.get("/dashboard/finance", response_class=HTMLResponse)
     async def finance_page(request: Request, year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
@@ -211,7 +252,11 @@ def build_router(db: Database) -> APIRouter:
         chargeback = await lists.chargeback(db, year=y, month=m, tenant=scope)
         ai = await lists.ai(db, tenant=scope, year=y, month=m, group_by=["model"])
         chart_units = sorted({r["unit"] for r in daily}) or ["USD"]
+        recurring = await lists.mrr(db, tenant=scope)
+        invoice_rows, _ = await lists.invoice_list(db, tenant=scope, ledger_url=ledger_url,
+                                                   period=f"{y:04d}-{m:02d}", limit=INVOICES_SHOWN)
         return _page(request, "finance.html", {
+            "mrr": recurring, "invoices": invoice_rows,
             "principal": principal, "year": y, "month": m, "years": _years(now), "tenant": scope or "",
             "tenants": [a["tenant"] for a in accounts], "month_figures": month_figures, "accounts": accounts,
             "monthly": monthly, "chargeback": chargeback, "ai": ai,

@@ -23,32 +23,66 @@ WALLET = "tenant_wallet"
 RECEIVABLES = "receivables"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fact:
     position: int
     aggregate_id: str
     type: str  # e.g. "BillingAccount.UsageDebited"
     recorded_at: str  # stored time text (see utc_text)
     data: dict[str, Any]
-    tenant: str  # "" when the event does not belong to a billing account
+    tenant: str  # "" when the event's tenant is unknown here (later events of invoices and subscriptions)
     occurred_at: str = ""  # business time text; derived from data when not given (see business_time)
+    aggregate: str = ""  # "BillingAccount"; derived from ``type`` when not given
+    name: str = ""  # "UsageDebited"; derived from ``type`` when not given
+    sums: PostingSums | None = None  # the postings walked once (see posting_sums), filled on first use
 
     def __post_init__(self) -> None:
         if not self.occurred_at:
-            object.__setattr__(self, "occurred_at", business_time(self.data, self.recorded_at))
-
-    @property
-    def aggregate(self) -> str:
-        return self.type.partition(".")[0]
-
-    @property
-    def name(self) -> str:
-        return self.type.partition(".")[2]
+            self.occurred_at = business_time(self.data, self.recorded_at)
+        if not self.aggregate:
+            self.aggregate, _, self.name = self.type.partition(".")
 
     @property
     def cause(self) -> dict[str, Any]:
         cause = self.data.get("cause")
         return cause if isinstance(cause, dict) else {}
+
+
+@dataclass(slots=True)
+class PostingSums:
+    """One walk over an event's postings: what every read model needs from them."""
+
+    wallet: dict[str, int]  # unit -> change of the tenant's wallet (positive = more to spend)
+    grants: dict[str, int]  # grant id -> change of its remaining credit
+    accounts: dict[tuple[str, str], int]  # (ledger account, unit) -> signed sum, debit positive
+
+
+_NO_SUMS = PostingSums({}, {}, {})
+
+
+def posting_sums(fact: Fact) -> PostingSums:
+    found = fact.sums
+    if found is not None:
+        return found
+    lines = fact.data.get("postings")
+    if not lines or not isinstance(lines, list):
+        fact.sums = _NO_SUMS
+        return _NO_SUMS
+    wallet: dict[str, int] = {}
+    grants: dict[str, int] = {}
+    accounts: dict[tuple[str, str], int] = {}
+    for line in lines:
+        account, unit, amount = line.get("account"), line["unit"], int(line["amount"])
+        key = (str(account), str(unit))
+        accounts[key] = accounts.get(key, 0) + amount
+        if account == WALLET:
+            wallet[unit] = wallet.get(unit, 0) - amount
+            grant = line.get("grant_id")
+            if grant:
+                grants[grant] = grants.get(grant, 0) - amount
+    fact.sums = found = PostingSums(wallet, grants, accounts)
+    return found
+
 
 class MalformedEvent(ValueError):
     pass
@@ -118,29 +152,17 @@ def postings(fact: Fact) -> list[dict[str, Any]]:
 
 def wallet_deltas(fact: Fact) -> dict[str, int]:
     """Change of the tenant's wallet per unit (positive = more to spend): the wallet is credit-negative."""
-    delta: dict[str, int] = {}
-    for line in postings(fact):
-        if line.get("account") == WALLET:
-            delta[line["unit"]] = delta.get(line["unit"], 0) - int(line["amount"])
-    return delta
+    return posting_sums(fact).wallet
 
 
 def grant_deltas(fact: Fact) -> dict[str, int]:
     """Change of each grant's remaining credit (every wallet posting names its grant)."""
-    delta: dict[str, int] = {}
-    for line in postings(fact):
-        if line.get("account") == WALLET and line.get("grant_id"):
-            delta[line["grant_id"]] = delta.get(line["grant_id"], 0) - int(line["amount"])
-    return delta
+    return posting_sums(fact).grants
 
 
 def account_sums(fact: Fact) -> dict[tuple[str, str], int]:
     """Signed sum (debit positive) per (ledger account, unit) of the event's postings."""
-    sums: dict[tuple[str, str], int] = {}
-    for line in postings(fact):
-        key = (str(line["account"]), str(line["unit"]))
-        sums[key] = sums.get(key, 0) + int(line["amount"])
-    return sums
+    return posting_sums(fact).accounts
 
 
 def json_text(value: Any) -> str:

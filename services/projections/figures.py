@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from billing_projections.facts import Fact, day_of
-from billing_projections.writer import INT_SUM, BatchWriter, Table, value
+from billing_projections.writer import INT_SUM, BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
 FIGURES = ("top_ups", "tax_collected", "funds_in", "settlements", "promotional", "plan_grants", "consumed",
@@ -52,6 +52,15 @@ def _figures(fact: Fact) -> dict[str, int]:
     if name == "ReceivableSettled":
         return {"settlements": int(d["amount"]), "funds_in": int(d["amount"])}
     return {}
+
+
+_FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
+                            "BalanceAdjusted", "ReceivableSettled"})
+
+
+def handler_for(event_type: str) -> Handler | None:
+    aggregate, _, name = event_type.partition(".")
+    return project if aggregate == "BillingAccount" and name in _FIGURE_EVENTS else None
 
 
 def project(fact: Fact, w: BatchWriter) -> None:

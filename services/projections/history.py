@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from billing_projections.facts import Fact, first_text, json_text, text_list, wallet_deltas
-from billing_projections.writer import BatchWriter, Table, value
+from billing_projections.facts import Fact, first_text, json_text, posting_sums, text_list
+from billing_projections.writer import BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
 TRANSACTIONS = Table("transactions", {"position": "BIGINT"}, {
@@ -22,7 +22,7 @@ TRANSACTIONS = Table("transactions", {"position": "BIGINT"}, {
     "quantity": value("TEXT"), "user_id": value("TEXT"), "grant_id": value("TEXT"), "hold_id": value("TEXT"),
     "event_ids": value("TEXT"), "payment_id": value("TEXT"), "reference": value("TEXT"), "detail": value("TEXT"),
     "cause": value("TEXT"),
-}, indexes=("tenant, position", "occurred_at"))
+}, indexes=("tenant, position", "occurred_at"), append_only=True)
 TABLES = (TRANSACTIONS,)
 
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
@@ -67,30 +67,47 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     return None
 
 
+_MOVEMENTS = frozenset({"CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
+                        "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
+                        "ReceivableSettled"})
+
+
+def handler_for(event_type: str) -> Handler | None:
+    aggregate, _, name = event_type.partition(".")
+    return project if aggregate == "BillingAccount" and name in _MOVEMENTS else None
+
+
 def project(fact: Fact, w: BatchWriter) -> None:
     if fact.aggregate != "BillingAccount" or not fact.tenant:
         return
     movement = _movement(fact)
     if movement is None:
         return
-    cause = fact.cause
-    properties = cause.get("properties") if isinstance(cause.get("properties"), dict) else {}
-    unit = str(fact.data.get("unit") or "")
+    data = fact.data
+    cause = data.get("cause")
+    if not isinstance(cause, dict):
+        cause = {}
+    properties = cause.get("properties")
+    if not isinstance(properties, dict):
+        properties = {}
+    unit = str(data.get("unit") or "")
     user = first_text(movement.get("user_id"), cause.get("user"), properties.get("user"), cause.get("issued_by"),
                       cause.get("requested_by"))
     event_ids = text_list(cause.get("event_ids") or cause.get("event_id"))
-    w.insert(TRANSACTIONS, (fact.position,), {
-        "tenant": fact.tenant, "occurred_at": fact.occurred_at, "recorded_at": fact.recorded_at,
-        "type": movement["type"], "unit": unit, "amount": movement["amount"],
-        "wallet_delta": wallet_deltas(fact).get(unit, 0), "held_delta": movement.get("held_delta", 0),
-        "meter": fact.data.get("meter") or None, "quantity": _text_or_none(cause.get("quantity")),
-        "user_id": user or None, "grant_id": _text_or_none(movement.get("grant_id")),
-        "hold_id": _text_or_none(movement.get("hold_id")),
-        "event_ids": json_text(event_ids) if event_ids else None,
-        "payment_id": first_text(*(cause.get(k) for k in _PAYMENT_KEYS)) or None,
-        "reference": _text_or_none(movement.get("reference")), "detail": _text_or_none(movement.get("detail")),
-        "cause": json_text(cause) if cause else None,
-    })
+    payment = None
+    for name in _PAYMENT_KEYS:
+        found = cause.get(name)
+        if found and isinstance(found, str) and found.strip():
+            payment = found.strip()
+            break
+    w.append(TRANSACTIONS, (
+        fact.position, fact.tenant, fact.occurred_at, fact.recorded_at, movement["type"], unit, movement["amount"],
+        posting_sums(fact).wallet.get(unit, 0), movement.get("held_delta", 0), data.get("meter") or None,
+        _text_or_none(cause.get("quantity")), user or None, _text_or_none(movement.get("grant_id")),
+        _text_or_none(movement.get("hold_id")), json_text(event_ids) if event_ids else None, payment,
+        _text_or_none(movement.get("reference")), _text_or_none(movement.get("detail")),
+        json_text(cause) if cause else None,
+    ))
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -10,5 +10,7 @@ from billing_runtime.db import Database
 from fastapi import APIRouter
 
 
-def build_routers(db: Database) -> list[APIRouter]:
-    return [api_accounts.build_router(db), api_reports.build_router(db), dashboard.build_router(db)]
+def build_routers(db: Database, ledger_url: str = "") -> list[APIRouter]:
+    """``ledger_url``: base URL of the ledger's API, for links to invoice PDFs ("" = this same origin)."""
+    return [api_accounts.build_router(db, ledger_url), api_reports.build_router(db, ledger_url),
+            dashboard.build_router(db, ledger_url)]

@@ -10,6 +10,8 @@ CSV_ROWS_MAX = 100_000
 CSV_PAGE_ITEMS = 1_000
 # A grant whose expiry is this close counts as "expiring soon" on balances and the dashboard.
 EXPIRING_SOON_SECONDS = 7 * 24 * 3600
+# Append-only rows written with COPY (PostgreSQL) from this many per batch and table; fewer: INSERT.
+COPY_ROWS_MIN = 64
 # Rows looked up per statement when a batch reads back decimal accumulators.
 LOOKUP_KEYS_MAX = 500
 # `billing projections rebuild`: records per replay transaction, and how long to wait for Kafka metadata.
@@ -17,3 +19,9 @@ REBUILD_BATCH_RECORDS_MAX = 5_000
 REBUILD_METADATA_TIMEOUT_SECONDS = 30.0
 # Bytes per Kafka fetch during a rebuild (the broker's fetch.max.bytes default is 55 MiB).
 REBUILD_FETCH_BYTES_MAX = 16 * 1024 * 1024
+# `billing serve projections` (role all): how long the consumer child may take to finish its batch on stop.
+CONSUMER_STOP_SECONDS_MAX = 12.0
+# Consumer and rebuild processes: collections of the youngest generation every this many allocations.
+GC_GEN0_THRESHOLD = 50_000
+# `billing projections rebuild`: replay processes at most (each takes a share of the topic's partitions).
+REBUILD_WORKERS_MAX = 16

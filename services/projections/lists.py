@@ -7,7 +7,17 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly, views
+from billing_projections import (
+    ai_usage,
+    balances,
+    catalog,
+    figures,
+    history,
+    invoices,
+    subscriptions,
+    usage_monthly,
+    views,
+)
 from billing_projections.params import decode_cursor, encode_cursor, invalid
 from billing_runtime.db import Database
 
@@ -94,3 +104,61 @@ async def ledger(db: Database, tenant: str | None) -> list[dict[str, Any]]:
     units = await views.load_units(db)
     return [{"ledger_account": r["ledger_account"], "unit": r["unit"], "balance": units.fmt(r["amount"], r["unit"])}
             for r in await balances.ledger_balances(db, tenant)]
+
+
+def _period_filter(period: str | None) -> tuple[str | None, str | None]:
+    """``YYYY-MM`` -> (exact month, None); ``YYYY`` -> (None, year prefix); checked."""
+    if not period:
+        return None, None
+    if len(period) == 4 and period.isdigit():
+        return None, f"{period}-"
+    if len(period) == 7 and period[4] == "-" and period[:4].isdigit() and period[5:].isdigit() and (
+            1 <= int(period[5:]) <= 12):
+        return period, None
+    raise invalid("period must be a month (2026-11) or a year (2026)", "period")
+
+
+def _one_of(values: Sequence[str], known: Sequence[str], parameter: str) -> tuple[str, ...]:
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise invalid(f"unknown {parameter} {', '.join(unknown)}; known: {', '.join(known)}", parameter)
+    return tuple(values)
+
+
+async def invoice_list(db: Database, *, tenant: str | None, ledger_url: str, statuses: Sequence[str] = (),
+                       types: Sequence[str] = (), period: str | None = None, subscription: str | None = None,
+                       cursor: str | None = None, limit: int) -> Page:
+    exact, prefix = _period_filter(period)
+    rows = await invoices.page(db, tenant=tenant, statuses=_one_of(statuses, invoices.STATUSES, "status"),
+                               types=_one_of(types, invoices.DOCUMENT_TYPES, "type"), period=exact,
+                               year_prefix=prefix, subscription=subscription,
+                               before_position=decode_cursor(cursor, "before"), limit=limit + 1)
+    units = views.Units({})
+    items = [views.invoice_view(r, units, ledger_url) for r in rows[:limit]]
+    more = len(rows) > limit
+    return items, encode_cursor({"before": int(rows[limit - 1]["drafted_position"])}) if more and items else None
+
+
+async def invoice_detail(db: Database, *, tenant: str, invoice_id: str, ledger_url: str) -> dict[str, Any] | None:
+    row = await invoices.one(db, tenant, invoice_id)
+    if row is None:
+        return None
+    units = views.Units({})
+    view = views.invoice_view(row, units, ledger_url)
+    view["items"] = [views.invoice_line_view(line, units, row["currency"])
+                     for line in await invoices.lines(db, invoice_id)]
+    return view
+
+
+async def subscription_list(db: Database, *, tenant: str | None, statuses: Sequence[str] = (),
+                            plan: str | None = None, cursor: str | None = None, limit: int) -> Page:
+    offset = decode_cursor(cursor, "offset") or 0
+    rows = await subscriptions.page(db, tenant=tenant, statuses=_one_of(statuses, subscriptions.STATUSES, "status"),
+                                    plan=plan, offset=offset, limit=limit + 1)
+    items = [views.subscription_view(r) for r in rows[:limit]]
+    return items, encode_cursor({"offset": offset + limit}) if len(rows) > limit else None
+
+
+async def mrr(db: Database, *, tenant: str | None, by_tenant: bool = False) -> list[dict[str, Any]]:
+    units = views.Units({})
+    return [views.mrr_view(r, units) for r in await subscriptions.mrr(db, tenant=tenant, by_tenant=by_tenant)]

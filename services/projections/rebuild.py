@@ -4,6 +4,7 @@ The source is the ledger's topic alone: Kafka (``KAFKA_BOOTSTRAP_SERVERS``) or t
 (``<BILLING_DATA_DIR>/bus.sqlite``). The replay reads every partition from offset 0 up to the end offsets
 seen when it started, through the same ``handle_ledger_events`` the live service uses (batched, positions
 in the same transaction), then exits. It reads without a consumer group, so it commits nothing anywhere.
+On PostgreSQL, worker processes replay shares of the partitions in parallel (``--workers``).
 
 Rebuilding the live store needs the projections service stopped (or the target set to another schema /
 file: compare, then switch).
@@ -11,7 +12,11 @@ file: compare, then switch).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import pickle
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,8 +29,10 @@ from billing_projections.limits import (
     REBUILD_BATCH_RECORDS_MAX,
     REBUILD_FETCH_BYTES_MAX,
     REBUILD_METADATA_TIMEOUT_SECONDS,
+    REBUILD_WORKERS_MAX,
 )
 from billing_projections.service import ProjectionService
+from billing_projections.tuning import tune_gc
 from billing_runtime.bus import Record
 from billing_runtime.db import Database, PostgresDatabase, SqliteDatabase
 from billing_runtime.settings import Settings
@@ -55,29 +62,98 @@ async def open_target(settings: Settings, schema: str | None, sqlite_path: Path 
     return await SqliteDatabase(path).connect(), f"sqlite {path}"
 
 
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, REBUILD_WORKERS_MAX))
+
+
 async def rebuild(settings: Settings, *, schema: str | None = None, sqlite_path: Path | None = None,
-                  batch_records_max: int = REBUILD_BATCH_RECORDS_MAX) -> RebuildReport:
+                  batch_records_max: int = REBUILD_BATCH_RECORDS_MAX, workers: int | None = None) -> RebuildReport:
+    """Drops the read models and replays the topic. With Kafka + PostgreSQL the partitions are shared out over
+    ``workers`` processes (default: one per CPU), each replaying its own partitions in its own transactions:
+    projecting is CPU-bound Python, so processes, not threads. Rows never span partitions (a tenant's account
+    events share one), so the workers do not contend; each partition keeps its order and its position."""
     db, target = await open_target(settings, schema, sqlite_path)
     try:
-        service = ProjectionService(db)
-        await service.drop()
-        started = time.monotonic()
-        events = 0
-        partitions: set[int] = set()
-        batches = (_kafka_batches(settings, batch_records_max) if settings.kafka_bootstrap_servers
-                   else _embedded_batches(settings.data_dir / "bus.sqlite", batch_records_max))
-        async for records in batches:
-            await service.handle_ledger_events(records)
-            events += len(records)
-            partitions.add(records[0].partition)
+        await ProjectionService(db).drop()
+    except BaseException:
+        await db.close()
+        raise
+    started = time.monotonic()
+    if not settings.kafka_bootstrap_servers:
+        try:
+            events, partitions = await _replay(ProjectionService(db), _embedded_batches(
+                settings.data_dir / "bus.sqlite", batch_records_max))
+        finally:
+            await db.close()
         return RebuildReport(target, events, time.monotonic() - started, len(partitions))
+    parts = await kafka_partitions(settings.kafka_bootstrap_servers, _topic(settings))
+    if not settings.database_url:  # into a SQLite file: one writer
+        try:
+            events, _ = await _replay(ProjectionService(db), _kafka_batches(settings, batch_records_max, parts))
+        finally:
+            await db.close()
+        return RebuildReport(target, events, time.monotonic() - started, len(parts))
+    await db.close()
+    count = max(1, min(workers or default_workers(), len(parts) or 1))
+    shares = [parts[i::count] for i in range(count)]
+    if count == 1:
+        events = await _replay_partitions(settings, schema, parts, batch_records_max)
+    else:
+        events = sum(await asyncio.gather(*(_worker(settings, schema, share, batch_records_max)
+                                            for share in shares)))
+    return RebuildReport(target, events, time.monotonic() - started, len(parts))
+
+
+async def _worker(settings: Settings, schema: str | None, partitions: list[int], batch_records_max: int) -> int:
+    """A replay process (``python -m billing_projections.rebuild``, its job on stdin): a share of the partitions,
+    into the same (already emptied) tables. A plain child process, not ``multiprocessing``: that would import
+    the caller's main module again in every worker."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "billing_projections.rebuild", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate(pickle.dumps((settings, schema, partitions, batch_records_max)))
+    lines = out.decode(errors="replace").strip().splitlines()
+    if process.returncode != 0 or not lines:
+        raise RuntimeError(f"rebuild worker for partitions {partitions} failed ({process.returncode}): "
+                           f"{' | '.join(lines[-5:])}")
+    return int(json.loads(lines[-1])["events"])
+
+
+def _worker_main() -> None:
+    settings, schema, partitions, batch_records_max = pickle.loads(sys.stdin.buffer.read())
+    tune_gc()
+    events = asyncio.run(_replay_partitions(settings, schema, partitions, batch_records_max))
+    print(json.dumps({"events": events}), flush=True)
+
+
+async def _replay_partitions(settings: Settings, schema: str | None, partitions: list[int],
+                             batch_records_max: int) -> int:
+    db, _ = await open_target(settings, schema, None)
+    try:
+        events, _ = await _replay(ProjectionService(db), _kafka_batches(settings, batch_records_max, partitions))
+        return events
     finally:
         await db.close()
 
 
-async def _kafka_batches(settings: Settings, batch_records_max: int) -> AsyncIterator[list[Record]]:
+async def _replay(service: ProjectionService, batches: AsyncIterator[list[Record]]) -> tuple[int, set[int]]:
+    events = 0
+    partitions: set[int] = set()
+    async for records in batches:
+        await service.handle_ledger_events(records)
+        events += len(records)
+        partitions.add(records[0].partition)
+    return events, partitions
+
+
+def _topic(settings: Settings) -> str:
+    return f"{settings.namespace}.{topics.LEDGER_EVENTS}" if settings.namespace else topics.LEDGER_EVENTS
+
+
+async def _kafka_batches(settings: Settings, batch_records_max: int, partitions: list[int]
+                         ) -> AsyncIterator[list[Record]]:
     assert settings.kafka_bootstrap_servers
-    topic = f"{settings.namespace}.{topics.LEDGER_EVENTS}" if settings.namespace else topics.LEDGER_EVENTS
+    topic = _topic(settings)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -86,10 +162,9 @@ async def _kafka_batches(settings: Settings, batch_records_max: int) -> AsyncIte
         request_timeout_ms=int(REBUILD_METADATA_TIMEOUT_SECONDS * 1000))
     await consumer.start()
     try:
-        parts = await kafka_partitions(settings.kafka_bootstrap_servers, topic)
-        if not parts:
+        if not partitions:
             return
-        assigned = [TopicPartition(topic, p) for p in sorted(parts)]
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(assigned)
         ends = await consumer.end_offsets(assigned)
         await consumer.seek_to_beginning(*assigned)
@@ -150,3 +225,7 @@ async def _embedded_batches(path: Path, batch_records_max: int) -> AsyncIterator
                 offset = int(rows[-1]["offset"]) + 1
     finally:
         await log.close()
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -11,11 +11,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly
+from billing_projections import (
+    ai_usage,
+    balances,
+    catalog,
+    figures,
+    history,
+    invoices,
+    subscriptions,
+    usage_monthly,
+)
 from billing_projections.facts import Fact, MalformedEvent, parse_event, utc_text
 from billing_projections.limits import LOOKUP_KEYS_MAX
 from billing_projections.store import ensure_schema, reset
-from billing_projections.writer import BatchWriter
+from billing_projections.writer import BatchWriter, Handler
 from billing_runtime.bus import Record
 from billing_runtime.db import Connection, Database
 from billing_runtime.logging import get_logger
@@ -24,7 +33,7 @@ from prometheus_client import Counter
 log = get_logger(__name__)
 
 # Each read model: one module with a pure ``project(fact, writer)``.
-PROJECTIONS = (balances, history, usage_monthly, ai_usage, figures, catalog)
+PROJECTIONS = (balances, history, usage_monthly, ai_usage, figures, catalog, invoices, subscriptions)
 ACCOUNT_CACHE_ENTRIES_MAX = 100_000
 
 EVENTS_APPLIED = Counter("projections_events_applied_total", "Ledger events applied to the read models")
@@ -35,6 +44,14 @@ class ProjectionService:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._tenants: dict[str, str] = {}  # account id -> tenant (immutable once opened)
+        self._handlers: dict[str, tuple[Handler, ...]] = {}  # event type -> the read models' handlers
+
+    def _handlers_of(self, event_type: str) -> tuple[Handler, ...]:
+        found = self._handlers.get(event_type)
+        if found is None:
+            found = tuple(h for m in PROJECTIONS if (h := m.handler_for(event_type)) is not None)
+            self._handlers[event_type] = found
+        return found
 
     async def setup(self) -> None:
         if await ensure_schema(self.db):
@@ -62,6 +79,8 @@ class ProjectionService:
             assert row is not None
             next_offset, last_position = int(row["next_offset"]), int(row["last_position"])
             events: list[dict[str, Any]] = []
+            applied = 0
+            handlers_of = self._handlers_of
             for record in records:
                 if record.offset < next_offset:
                     EVENTS_SKIPPED.labels("applied_offset").inc()
@@ -75,19 +94,21 @@ class ProjectionService:
                 if event["position"] <= last_position:
                     EVENTS_SKIPPED.labels("re_relayed").inc()
                     continue
-                events.append(event)
                 last_position = event["position"]
+                applied += 1
+                if handlers_of(event["type"]):
+                    events.append(event)  # events no read model needs (e.g. command receipts) go no further
             if records[-1].offset + 1 <= next_offset:
                 return  # the whole batch was applied before: nothing to write
             writer = BatchWriter()
             for fact in await self._facts(conn, events):
-                for projection in PROJECTIONS:
-                    projection.project(fact, writer)
+                for handler in handlers_of(fact.type):
+                    handler(fact, writer)
             await writer.flush(conn)
             await conn.execute(
                 "UPDATE positions SET next_offset = $3, last_position = $4 WHERE topic = $1 AND partition = $2",
                 first.topic, first.partition, records[-1].offset + 1, last_position)
-        EVENTS_APPLIED.inc(len(events))
+        EVENTS_APPLIED.inc(applied)
 
     async def _facts(self, conn: Connection, events: list[dict[str, Any]]) -> list[Fact]:
         """Resolves each account event's tenant: from its Opened event, this batch, the cache or the table."""
@@ -123,8 +144,12 @@ class ProjectionService:
                     EVENTS_SKIPPED.labels("unknown_account").inc()
                     log.error("event_for_unknown_account", position=event["position"], type=kind)
                     continue
-            facts.append(Fact(position=event["position"], aggregate_id=aggregate_id, type=kind,
-                              recorded_at=utc_text(event["recorded_at"]), data=event["data"], tenant=tenant))
+            aggregate, _, name = kind.partition(".")
+            if not tenant:
+                found = event.get("tenant")
+                tenant = found if isinstance(found, str) else ""
+            facts.append(Fact(event["position"], aggregate_id, kind, utc_text(event["recorded_at"]), event["data"],
+                              tenant, "", aggregate, name))
         return facts
 
     def _remember(self, account_id: str, tenant: str) -> None:

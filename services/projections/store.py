@@ -7,11 +7,20 @@ start again at 0, so the service replays the topic into the new shape by itself.
 
 from __future__ import annotations
 
-from billing_projections import ai_usage, balances, catalog, figures, history, usage_monthly
+from billing_projections import (
+    ai_usage,
+    balances,
+    catalog,
+    figures,
+    history,
+    invoices,
+    subscriptions,
+    usage_monthly,
+)
 from billing_projections.writer import Table, value
 from billing_runtime.db import Connection, Database
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),
@@ -21,6 +30,7 @@ META = Table("projection_meta", {"name": "TEXT"}, {"value": value("TEXT NOT NULL
 # Every read model's tables; the order is the order of creation (and of comparison in the rebuild test).
 READ_MODEL_TABLES: tuple[Table, ...] = (
     *balances.TABLES, *history.TABLES, *usage_monthly.TABLES, *ai_usage.TABLES, *figures.TABLES, *catalog.TABLES,
+    *invoices.TABLES, *subscriptions.TABLES,
 )
 ALL_TABLES: tuple[Table, ...] = (POSITIONS, *READ_MODEL_TABLES)
 # Tables of earlier schema versions, dropped on upgrade.

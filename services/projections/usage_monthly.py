@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from billing_projections.facts import Fact, decimal_or_none, first_text, month_of
-from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
+from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
 USAGE_MONTHLY = Table("usage_monthly", {"tenant": "TEXT", "period": "TEXT", "meter": "TEXT", "unit": "TEXT"}, {
@@ -21,6 +21,10 @@ USAGE_MONTHLY = Table("usage_monthly", {"tenant": "TEXT", "period": "TEXT", "met
 TABLES = (USAGE_MONTHLY,)
 
 HOLD_METER = "holds"
+
+
+def handler_for(event_type: str) -> Handler | None:
+    return project if event_type in ("BillingAccount.UsageDebited", "BillingAccount.HoldCaptured") else None
 
 
 def project(fact: Fact, w: BatchWriter) -> None:

@@ -10,8 +10,9 @@ import json
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
-from billing_events.money import MoneyError, Unit, UnitKind, format_subunits, resolve_unit
+from billing_events.money import MoneyError, Unit, UnitKind, format_subunits, resolve_unit, to_subunits
 from billing_projections import balances, catalog
 from billing_projections.facts import utc_text
 from billing_projections.figures import FIGURES
@@ -48,19 +49,31 @@ def decimal_text(value: Decimal | str | int) -> str:
     return "0" if number == 0 else format(number.normalize(), "f")
 
 
+_BALANCE_SQL = (
+    "SELECT a.currency, a.last_position AS account_position, w.unit, w.balance, w.held, w.receivable, "
+    "w.low_balance_threshold, w.low_balance_reached_at, w.low_balance_alerts, w.updated_at, w.last_position, "
+    "(SELECT c.scale FROM catalog_units c WHERE c.code = w.unit) AS credit_scale, "
+    "(SELECT SUM(g.remaining) FROM grants g WHERE g.tenant = a.tenant AND g.unit = w.unit AND g.status = 'open' "
+    "AND g.expires_at > $2 AND g.expires_at <= $3 AND g.remaining > 0) AS expiring "
+    "FROM accounts a LEFT JOIN wallets w ON w.tenant = a.tenant WHERE a.tenant = $1 ORDER BY w.unit")
+
+
 async def balance_view(db: Database, tenant: str, now: datetime) -> dict[str, Any] | None:
-    account = await balances.account(db, tenant)
-    if account is None:
+    """The balance of every wallet of a tenant: ONE indexed query (account, wallets, units' scales, expiring)."""
+    start, end = balances.expiring_window(now)
+    rows = await db.fetch(_BALANCE_SQL, tenant, start, end)
+    if not rows:
         return None
-    units = await load_units(db)
-    soon = {unit: amount for (_, unit), amount in (await balances.expiring(db, now, tenant)).items()}
+    units = Units({r["unit"]: int(r["credit_scale"]) for r in rows if r["credit_scale"] is not None})
     wallets = []
-    position, updated_at = int(account["last_position"]), ""
-    for w in await balances.wallets(db, tenant):
-        wallets.append(wallet_view(w, units, soon.get(w["unit"], 0)))
+    position, updated_at = int(rows[0]["account_position"]), ""
+    for w in rows:
+        if w["unit"] is None:
+            continue  # an account without a wallet row (LEFT JOIN)
+        wallets.append(wallet_view(w, units, int(w["expiring"] or 0)))
         position = max(position, int(w["last_position"] or 0))
         updated_at = max(updated_at, w["updated_at"] or "")
-    return {"tenant": tenant, "currency": account["currency"], "wallets": wallets, "position": position,
+    return {"tenant": tenant, "currency": rows[0]["currency"], "wallets": wallets, "position": position,
             "updated_at": updated_at or None}
 
 
@@ -140,3 +153,64 @@ def figures_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
 
 def now_text(now: datetime) -> str:
     return utc_text(now)
+
+
+def invoice_pdf_url(ledger_url: str, tenant: str, invoice_id: str) -> str:
+    """The ledger's ``GET /v1/accounts/{tenant}/invoices/{id}.pdf`` (a fresh rendering each time)."""
+    return f"{ledger_url}/v1/accounts/{quote(tenant, safe='')}/invoices/{invoice_id}.pdf"
+
+
+def invoice_view(row: dict[str, Any], units: Units, ledger_url: str) -> dict[str, Any]:
+    code = row["currency"]
+    issued, due = row["issued_at"], row["due_at"]
+    return {
+        "invoice_id": row["invoice_id"], "tenant": row["tenant"], "number": row["number"],
+        "document_type": row["document_type"], "status": row["status"], "currency": code,
+        "issue_date": issued[:10] if issued else None, "due_date": due[:10] if due else None,
+        "issued_at": issued, "due_at": due, "drafted_at": row["drafted_at"], "paid_at": row["paid_at"],
+        "voided_at": row["voided_at"], "period": row["period"], "period_start": row["period_start"],
+        "period_end": row["period_end"], "subscription_id": row["subscription_id"],
+        "related_invoice": row["related_invoice"], "payment_reference": row["payment_reference"],
+        "void_reason": row["void_reason"], "subtotal": units.fmt(row["subtotal"], code),
+        "tax": units.fmt(row["tax"], code), "total": units.fmt(row["total"], code), "lines": int(row["line_count"]),
+        "pdf_url": invoice_pdf_url(ledger_url, row["tenant"], row["invoice_id"]),
+        "position": int(row["last_position"] or row["drafted_position"]),
+    }
+
+
+def invoice_line_view(row: dict[str, Any], units: Units, code: str) -> dict[str, Any]:
+    return {
+        "kind": row["kind"], "description": row["description"], "quantity": row["quantity"],
+        "unit_amount": row["unit_amount"], "amount": units.fmt(row["amount"], code),
+        "exact_amount": row["exact_amount"], "meter": row["meter"],
+        "detail": json.loads(row["detail"]) if row["detail"] else {},
+    }
+
+
+def subscription_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "subscription_id": row["subscription_id"], "tenant": row["tenant"], "key": row["subscription_key"],
+        "status": row["status"], "plan": row["plan_code"], "plan_name": row["plan_name"],
+        "plan_version": row["plan_version"], "cadence": row["cadence"], "currency": row["currency"],
+        "base_fee": decimal_text(row["base_fee"]), "quantity": int(row["quantity"]), "time_zone": row["time_zone"],
+        "started_at": row["started_at"], "period_start": row["period_start"], "period_end": row["period_end"],
+        "trial_end": row["trial_end"], "cancel_at_period_end": bool(row["cancel_at_period_end"]),
+        "cancel_at": row["cancel_at"], "canceled_at": row["canceled_at"], "cancel_reason": row["cancel_reason"],
+        "paused_at": row["paused_at"], "updated_at": row["updated_at"],
+    }
+
+
+CADENCE_FEES = {"month": "monthly_fees", "quarter": "quarterly_fees", "year": "yearly_fees"}
+
+
+def mrr_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
+    """Amounts shown exact, with at least the currency's minor digits (``mrr`` is rounded once, half-up)."""
+    code = row["currency"]
+    view: dict[str, Any] = {"tenant": row["tenant"]} if row.get("tenant") else {}
+    view.update({
+        "currency": code, "mrr": units.fmt(to_subunits(row["mrr"]), code),
+        "arr": units.fmt(to_subunits(row["arr"]), code), "subscriptions": int(row["subscriptions"]),
+        **{CADENCE_FEES[cadence]: units.fmt(to_subunits(amount), code)
+           for cadence, amount in row["per_cadence"].items()},
+    })
+    return view

@@ -14,13 +14,15 @@ A decimal table's key columns must all be TEXT, so the read-back can use ``(k1, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from billing_projections.limits import LOOKUP_KEYS_MAX
+import asyncpg
+from billing_projections.limits import COPY_ROWS_MIN, LOOKUP_KEYS_MAX
 from billing_runtime.db import Connection
 
 
@@ -46,12 +48,17 @@ DEC_SUM = Column(Kind.DEC_SUM, "TEXT NOT NULL DEFAULT '0'")
 
 @dataclass(frozen=True)
 class Table:
-    """A read-model table: its key (column -> SQL type), other columns, and secondary indexes."""
+    """A read-model table: its key (column -> SQL type), other columns, and secondary indexes.
+
+    ``append_only``: rows are only ever inserted, whole, once (e.g. one row per ledger event); the writer
+    takes them as tuples (``BatchWriter.append``) and skips the per-row merging and sorting of upserts.
+    """
 
     name: str
     key_types: dict[str, str]
     column_specs: dict[str, Column]
     indexes: tuple[str, ...] = ()  # e.g. "tenant, position"
+    append_only: bool = False
 
     @cached_property
     def key(self) -> tuple[str, ...]:
@@ -60,6 +67,19 @@ class Table:
     @cached_property
     def columns(self) -> dict[str, Kind]:
         return {name: spec.kind for name, spec in self.column_specs.items()}
+
+    @cached_property
+    def all_columns(self) -> tuple[str, ...]:
+        """Key columns, then the others: the order of ``append`` tuples and of every INSERT."""
+        return self.key + tuple(self.column_specs)
+
+    @cached_property
+    def decimal_columns(self) -> frozenset[str]:
+        return frozenset(name for name, kind in self.columns.items() if kind is Kind.DEC_SUM)
+
+    @cached_property
+    def defaults(self) -> dict[str, Any]:
+        return {name: self.default(name) for name in self.column_specs}
 
     @cached_property
     def required(self) -> frozenset[str]:
@@ -81,61 +101,128 @@ class Table:
         return statements
 
 
-@dataclass
 class _Row:
-    init: dict[str, Any] = field(default_factory=dict)
-    set: dict[str, Any] = field(default_factory=dict)
-    add: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("add", "init", "set")
+
+    def __init__(self, init: dict[str, Any], set: dict[str, Any], add: dict[str, Any]) -> None:
+        self.init = init
+        self.set = set
+        self.add = add
 
 
 class BatchWriter:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[Table, dict[tuple[Any, ...], _Row]]] = {}
+        self._appends: dict[str, tuple[Table, dict[Any, tuple[Any, ...]]]] = {}
 
     def upsert(self, table: Table, key: tuple[Any, ...], *, init: dict[str, Any] | None = None,
                set: dict[str, Any] | None = None, add: dict[str, Any] | None = None) -> None:
-        assert len(key) == len(table.key), f"{table.name}: key {key!r}"
-        rows = self._rows.setdefault(table.name, (table, {}))[1]
+        found = self._rows.get(table.name)
+        if found is None:
+            assert len(key) == len(table.key), f"{table.name}: key {key!r}"
+            found = self._rows[table.name] = (table, {})
+        rows = found[1]
+        decimals = table.decimal_columns
         row = rows.get(key)
         if row is None:
-            row = rows[key] = _Row()
-        for column, value in (init or {}).items():
-            row.init.setdefault(column, value)  # the first creation wins, as in the database
-        for column, value in (set or {}).items():
-            row.set[column] = value
-            row.add.pop(column, None)
-        for column, value in (add or {}).items():
-            if not value:
-                row.add.setdefault(column, value)
-                continue
-            if column in row.set:
-                row.set[column] = _plus(table, column, row.set[column], value)
-            else:
-                row.add[column] = _plus(table, column, row.add.get(column, 0), value)
+            # The common case in a batch: the row's first change. Nothing to merge with yet.
+            assert len(key) == len(table.key), f"{table.name}: key {key!r}"
+            new_set = dict(set) if set else {}
+            new_add: dict[str, Any] = {}
+            if decimals:
+                for column in decimals.intersection(new_set):
+                    new_set[column] = Decimal(new_set[column])
+            if add:
+                for column, value in add.items():
+                    if decimals and column in decimals and type(value) is str:
+                        value = Decimal(value)
+                    if column in new_set:
+                        new_set[column] = new_set[column] + value
+                    else:
+                        new_add[column] = value
+            rows[key] = _Row(dict(init) if init else {}, new_set, new_add)
+            return
+        if init:
+            row_init = row.init
+            for column, value in init.items():
+                if column not in row_init:
+                    row_init[column] = value  # the first creation wins, as in the database
+        row_set, row_add = row.set, row.add
+        if set:
+            for column, value in set.items():
+                if decimals and column in decimals:
+                    value = Decimal(value)
+                row_set[column] = value
+                row_add.pop(column, None)
+        if add:
+            for column, value in add.items():
+                if decimals and column in decimals and type(value) is str:
+                    value = Decimal(value)
+                if not value:
+                    if column not in row_add and column not in row_set:
+                        row_add[column] = value
+                    continue
+                if column in row_set:
+                    row_set[column] = row_set[column] + value
+                else:
+                    row_add[column] = row_add.get(column, 0) + value
 
     def insert(self, table: Table, key: tuple[Any, ...], values: dict[str, Any]) -> None:
         """A row that is written once and never changes (an existing row is kept)."""
         self.upsert(table, key, init=values)
 
+    def append(self, table: Table, row: tuple[Any, ...]) -> None:
+        """A whole row of an append-only table, values in ``table.all_columns`` order; an existing row is kept."""
+        found = self._appends.get(table.name)
+        if found is None:
+            assert table.append_only and len(row) == len(table.all_columns), f"{table.name}: row {row!r}"
+            found = self._appends[table.name] = (table, {})
+        width = len(table.key)
+        key = row[0] if width == 1 else row[:width]
+        rows = found[1]
+        if key not in rows:
+            rows[key] = row
+
     def __len__(self) -> int:
-        return sum(len(rows) for _, rows in self._rows.values())
+        return (sum(len(rows) for _, rows in self._rows.values())
+                + sum(len(rows) for _, rows in self._appends.values()))
 
     async def flush(self, conn: Connection) -> None:
-        for name in sorted(self._rows):
-            table, rows = self._rows[name]
-            await _read_back_decimals(conn, table, rows)
-            await _write(conn, table, rows)
+        for name in sorted(set(self._rows) | set(self._appends)):
+            if name in self._appends:
+                table, appended = self._appends[name]
+                await _write_appends(conn, table, list(appended.values()))
+            if name in self._rows:
+                table, rows = self._rows[name]
+                await _read_back_decimals(conn, table, rows)
+                await _write(conn, table, rows)
         self._rows.clear()
+        self._appends.clear()
 
 
-def _plus(table: Table, column: str, a: Any, b: Any) -> Any:
-    if table.columns[column] is Kind.DEC_SUM:
-        return Decimal(a) + Decimal(b)
-    return int(a) + int(b)
+async def _write_appends(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
+    columns = table.all_columns
+    raw = getattr(conn, "_conn", None)
+    if len(rows) >= COPY_ROWS_MIN and hasattr(raw, "copy_records_to_table"):
+        # PostgreSQL: binary COPY, several times cheaper per row than INSERT (client and server). The rows are
+        # new (each is one ledger event, applied once: see service.py); should one exist after all, the COPY
+        # fails inside its savepoint and the INSERT below keeps the existing row, as it always would.
+        try:
+            async with raw.transaction():
+                await raw.copy_records_to_table(table.name, records=rows, columns=list(columns))
+            return
+        except asyncpg.UniqueViolationError:
+            pass
+    placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+    await conn.executemany(
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
+        f"ON CONFLICT ({', '.join(table.key)}) DO NOTHING", rows)
 
 
 async def _read_back_decimals(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Row]) -> None:
-    decimal_columns = [c for c, k in table.columns.items() if k is Kind.DEC_SUM]
+    decimal_columns = [c for c in table.columns if c in table.decimal_columns]
+    if not decimal_columns:
+        return
     keys = [key for key, row in rows.items() if any(c in row.add for c in decimal_columns)]
     if not keys:
         return
@@ -160,12 +247,6 @@ async def _read_back_decimals(conn: Connection, table: Table, rows: dict[tuple[A
             row.set[column] = start_value + Decimal(row.add.pop(column))
 
 
-def _text(table: Table, column: str, value: Any) -> Any:
-    if table.columns.get(column) is Kind.DEC_SUM:
-        return _decimal_text(Decimal(value))
-    return value
-
-
 def _decimal_text(value: Decimal) -> str:
     """Plain notation, no exponent, no trailing zeros (``3``, ``0.5``): the same number is the same text."""
     if value == 0:
@@ -175,29 +256,41 @@ def _decimal_text(value: Decimal) -> str:
 
 
 async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Row]) -> None:
-    columns = list(table.key) + list(table.columns)
+    columns = table.all_columns
+    others = tuple(table.column_specs)
+    defaults = table.defaults
+    decimals = table.decimal_columns
+    required = table.required
     upserts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
     updates: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
     for key in sorted(rows, key=_sort_key):
         row = rows[key]
-        shape = (tuple(sorted(row.set)), tuple(sorted(row.add)))
-        if table.required and not table.required <= set(row.init) | set(row.set):
+        row_set, row_add, row_init = row.set, row.add, row.init
+        shape = (tuple(sorted(row_set)), tuple(sorted(row_add)))
+        if decimals:
+            for column in decimals.intersection(row_set):
+                row_set[column] = _decimal_text(Decimal(row_set[column]))
+        if required and not required.issubset(row_init) and not required <= set(row_init) | set(row_set):
             # Not enough to create the row (e.g. a grant's balance change): it exists already, update it.
-            if row.set or row.add:
+            if row_set or row_add:
                 updates.setdefault(shape, []).append(
-                    [_text(table, c, row.set[c]) for c in shape[0]] + [row.add[c] for c in shape[1]] + list(key))
+                    [row_set[c] for c in shape[0]] + [row_add[c] for c in shape[1]] + list(key))
             continue
-        values = dict(zip(table.key, key, strict=True))
-        for column in table.columns:
-            if column in row.set:
-                values[column] = row.set[column]
-            elif column in row.add:
-                values[column] = row.add[column]
-            elif column in row.init:
-                values[column] = row.init[column]
+        values = list(key)
+        for column in others:
+            if column in row_set:
+                values.append(row_set[column])
+            elif column in row_add:
+                values.append(row_add[column])
+            elif column in row_init:
+                values.append(row_init[column])
             else:
-                values[column] = table.default(column)
-        upserts.setdefault(shape, []).append([_text(table, c, values[c]) for c in columns])
+                values.append(defaults[column])
+        if decimals:
+            for index, column in enumerate(columns):
+                if column in decimals and column not in row_set:
+                    values[index] = _decimal_text(Decimal(values[index]))
+        upserts.setdefault(shape, []).append(values)
     for (set_columns, add_columns), params in upserts.items():
         changes = [f"{c} = excluded.{c}" for c in set_columns]
         changes += [f"{c} = {table.name}.{c} + excluded.{c}" for c in add_columns]
@@ -217,3 +310,8 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
 def _sort_key(key: tuple[Any, ...]) -> tuple[str, ...]:
     # Rows are written in key order so concurrent writers lock rows in the same order (no deadlocks).
     return tuple(f"{part:020d}" if isinstance(part, int) else str(part) for part in key)
+
+
+# What a read model does with one fact: ``handler(fact, writer)``. Each read-model module says which event
+# types it handles with ``handler_for(event_type) -> Handler | None`` (asked once per type, then cached).
+Handler = Callable[[Any, BatchWriter], None]

@@ -10,7 +10,12 @@ graduated and AI token meters) and accounts with ``billing catalog apply``, prod
 ``<ns>.billing.usage.raw`` and measures in one run: end-to-end throughput, per-stage throughput and consumer
 lag over time, publish -> visible balance latency, balance read and hold decision latency under load, CPU and
 peak RSS per service, and the raw Kafka / PostgreSQL limits with the same messages. Every run ends with a
-reconciliation. Writes ``bench/results/<name>.json``, ``.md`` and ``.png`` and prints the Markdown summary;
+reconciliation.
+
+Phases: by default a *backlog* (``--events`` produced as fast as possible: the maximum end-to-end rate),
+then a *paced* phase (``--paced-seconds`` at ``--paced-rate``, default half the backlog's rate), because
+publish -> visible latency under a backlog only measures the backlog. ``--duration`` replaces both with one
+*sustained* phase at ``--rate``. Writes ``bench/results/<name>.json``, ``.md`` and ``.png`` and prints the Markdown summary;
 exits 1 when the run does not reconcile.
 """
 
@@ -38,6 +43,10 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
                         help="sustained mode: produce at --rate for this many seconds (events = rate x duration)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="offered events/s (0: as fast as possible; --duration defaults it to 10000)")
+    parser.add_argument("--paced-seconds", type=float, default=30.0,
+                        help="after the backlog, a paced phase of this length (0: none) for latency under load")
+    parser.add_argument("--paced-rate", type=float, default=None,
+                        help="events/s of the paced phase (default: half the backlog's end-to-end rate)")
     parser.add_argument("--tenants", type=int, default=20)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--batch", type=int, default=None, help="BILLING_BATCH_RECORDS_MAX for the services")
@@ -54,6 +63,8 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--keep", action="store_true", help="keep the namespace's topics and schemas")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="run the services from `git archive HEAD` (not the working tree being edited)")
     parser.add_argument("--label", default="e2e", help="file name prefix of the results")
     args = parser.parse_args(argv)
     profiled = list(SERVICES) if args.profile == "all" else [p for p in args.profile.split(",") if p]
@@ -61,11 +72,12 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
     if unknown:
         parser.error(f"unknown services to profile: {sorted(unknown)}")
     return BenchConfig(events=args.events, tenants=args.tenants, rate=args.rate, duration=args.duration,
+                       paced_seconds=args.paced_seconds, paced_rate=args.paced_rate,
                        partitions=args.partitions, batch_records_max=args.batch, reader_rate=args.reader_rate,
                        hold_rate=args.hold_rate, marker_interval=args.marker_interval,
                        idle_seconds=args.idle_seconds, raw_limits=not args.no_raw_limits, profile=profiled,
                        profile_rate=args.profile_rate, seed=args.seed, timeout=args.timeout, keep=args.keep,
-                       out_dir=args.out, plot=not args.no_plot, label=args.label)
+                       out_dir=args.out, plot=not args.no_plot, label=args.label, snapshot=args.snapshot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -180,6 +181,7 @@ async def measure(args: argparse.Namespace, settings: Settings, bootstrap: str,
     bus = KafkaBus(bootstrap, settings.topic_partitions, settings.batch_records_max, namespace=settings.namespace)
     runner = Runner(settings, bus, [build], "bench-ingest", None)
     samples: list[tuple[float, int, float]] = []  # (seconds, accepted so far, RSS MB)
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     await runner.start()
     first_at: tuple[float, int] | None = None
@@ -196,7 +198,9 @@ async def measure(args: argparse.Namespace, settings: Settings, bootstrap: str,
                 break
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        peak_rss = usage.ru_maxrss / 1024
+        cpu = usage.ru_utime - cpu_before.ru_utime + usage.ru_stime - cpu_before.ru_stime
     finally:
         await runner.stop()
         await watcher.stop()
@@ -207,6 +211,7 @@ async def measure(args: argparse.Namespace, settings: Settings, bootstrap: str,
             "events_per_second": round(args.events / elapsed),
             "steady_events_per_second": round(steady),
             "group_join_seconds": round(first_at[0], 2),
+            "ingest_cpu_seconds": round(cpu, 2), "cpu_us_per_event": round(cpu / args.events * 1e6, 1),
             "peak_rss_mb": round(peak_rss), "rss_mb_at_25_50_75_100pct": [round(s[2]) for s in quarter]}
 
 
@@ -218,14 +223,17 @@ def main() -> None:
                         help="records per consumer batch (BILLING_BATCH_RECORDS_MAX)")
     parser.add_argument("--duplicates", type=float, default=0.01, help="share of exact duplicates")
     parser.add_argument("--bad", type=float, default=0.002, help="share of invalid events")
+    parser.add_argument("--consumers", type=int, default=Settings.from_env().ingest_raw_consumers,
+                        help="raw consumers in the ingest process (BILLING_INGEST_RAW_CONSUMERS)")
     parser.add_argument("--keep", action="store_true", help="keep the namespace's topics and schema")
     args = parser.parse_args()
     configure_logging(json_output=True, level=40)
     bootstrap = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
     database_url = os.environ["DATABASE_URL"]
     namespace = "bench" + uuid.uuid4().hex[:8]
-    settings = Settings(kafka_bootstrap_servers=bootstrap, database_url=database_url, namespace=namespace,
-                        batch_records_max=args.batch)
+    settings = dataclasses.replace(Settings.from_env(), kafka_bootstrap_servers=bootstrap,
+                                   database_url=database_url, namespace=namespace, batch_records_max=args.batch,
+                                   ingest_raw_consumers=args.consumers)
     asyncio.run(ensure_topics(bootstrap, settings.topic_partitions,
                               [f"{namespace}.{t}" for t in topics.ALL_TOPICS]))
     results: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()  # type: ignore[type-arg]
@@ -242,6 +250,7 @@ def main() -> None:
         figures["accepted_records"] = total
         figures["exactly_once"] = len(ids) == total == counts["good"]
         print(json.dumps({"bench": "ingest", "namespace": namespace, "events": args.events, "batch": args.batch,
+                          "consumers": args.consumers,
                           "sent": counts, **figures}))
         assert figures["exactly_once"], "every good event accepted exactly once"
     finally:

@@ -3,9 +3,12 @@
 1. Publishes ``--events`` ledger events (``--tenants`` accounts: opened, granted, then usage debits shaped
    exactly like the ledger relay's) to a fresh namespace's ``billing.ledger.events``.
 2. ``billing projections rebuild`` (in process): drop + replay from offset 0 to the end; events/s.
-3. Starts ``billing serve projections`` on the rebuilt schema and, while ``--flow`` usage events/s keep
-   arriving, reads balances at ``--rps`` requests/s for ``--seconds``: p50/p99 latency, and the time from
-   publishing a debit to seeing it in the balance (p99).
+3. Starts ``billing serve projections`` (``--role all``: the API, its consumer in a child process; ``inline``:
+   both in one process, the former design) on the rebuilt schema and, while ``--flow`` usage events/s keep
+   arriving (published by another process), reads balances at ``--rps`` requests/s for ``--seconds``:
+   p50/p99 latency, and the time from publishing a debit to seeing it in the balance (p99).
+
+The machine's load average is part of the output: the figures mean little on a machine busy with other work.
 
     KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 DATABASE_URL=postgresql://billing:billing@127.0.0.1:55432/billing \\
         .venv/bin/python tests/bench/bench_projections.py --events 200000
@@ -19,17 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+from aiokafka.partitioner import DefaultPartitioner
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -110,26 +116,59 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] if ordered else float("nan")
 
 
+def kafka_partition(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2 of the key, as the producer uses) picks."""
+    return DefaultPartitioner()(key.encode(), list(range(partitions)), list(range(partitions)))
+
+
+def _flow(settings: Settings, tenants: list[str], position: int, flow: int, seconds: float) -> int:
+    """Usage debits at ``flow`` events/s for ``seconds``, in its own process (so producing costs the reader
+    nothing); returns how many it published."""
+    stream = Stream()
+    stream.position = position
+
+    async def produce() -> int:
+        bus = KafkaBus(settings.kafka_bootstrap_servers or "", namespace=settings.namespace)
+        await bus.start()
+        sent, tick, n = 0, 0.1, 0
+        stop = time.monotonic() + seconds
+        try:
+            while time.monotonic() < stop:
+                began = time.monotonic()
+                batch = []
+                for _ in range(int(flow * tick)):
+                    n += 1
+                    batch.append(stream.debit(tenants[n % len(tenants)], 10**7 + n,
+                                              T0 + timedelta(days=20, seconds=n % 86400)))
+                await bus.publish(batch)
+                sent += len(batch)
+                await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))
+        finally:
+            await bus.stop()
+        return sent
+
+    return asyncio.run(produce())
+
+
 async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants: list[str], rps: int, flow: int,
-                           seconds: float) -> dict[str, float]:
+                           seconds: float) -> dict[str, Any]:
+    """Balance reads at ``rps`` while ``flow`` debits/s arrive, and the time from publishing a debit to seeing it.
+
+    The flow goes to the tenants of every partition but one (the producer runs in another process, with its own
+    ledger positions); the freshness probe's tenant is alone on that partition, so the two streams' positions
+    never interleave within a partition. The probe's debit waits behind the same consumer's work.
+    """
+    probe = tenants[0]
+    probe_partition = kafka_partition(str(ids.account_id(probe)), settings.topic_partitions)
+    flowing = [t for t in tenants if kafka_partition(str(ids.account_id(t)), settings.topic_partitions)
+               != probe_partition]
     bus = KafkaBus(settings.kafka_bootstrap_servers or "", namespace=settings.namespace)
     await bus.start()
     latencies: list[float] = []
     visible: list[float] = []
     stop = time.monotonic() + seconds
     counter = [10**6]
-
-    async def producer() -> None:
-        tick = 0.1
-        while time.monotonic() < stop:
-            began = time.monotonic()
-            batch = []
-            for _ in range(int(flow * tick)):
-                counter[0] += 1
-                batch.append(stream.debit(tenants[counter[0] % len(tenants)], counter[0],
-                                          T0 + timedelta(days=20, seconds=counter[0] % 86400)))
-            await bus.publish(batch)
-            await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))
+    headers = {t: {"Authorization": f"Bearer {mint_token(settings, role='viewer', tenant=t)}"} for t in tenants}
 
     async def reader(client: httpx.AsyncClient) -> None:
         interval = 1 / rps
@@ -144,7 +183,6 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
 
     async def freshness(client: httpx.AsyncClient) -> None:
-        probe = tenants[0]
         while time.monotonic() < stop - 2:
             before = (await client.get(f"{url}/v1/accounts/{probe}/balance", headers=headers[probe])).json()
             counter[0] += 1
@@ -159,17 +197,22 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.2)
 
-    headers = {t: {"Authorization": f"Bearer {mint_token(settings, role='viewer', tenant=t)}"} for t in tenants}
+    loop = asyncio.get_running_loop()
     try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            await asyncio.gather(producer(), reader(client), freshness(client))
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            produced = loop.run_in_executor(pool, _flow, settings, flowing, stream.position + 10**8, flow, seconds)
+            async with httpx.AsyncClient(timeout=10) as client:
+                await asyncio.gather(reader(client), freshness(client))
+            flowed = await produced
     finally:
         await bus.stop()
     return {"balance_reads": len(latencies), "balance_read_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
             "balance_read_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
             "balance_read_mean_ms": round(statistics.mean(latencies) * 1000, 2) if latencies else float("nan"),
             "event_to_visible_p99_ms": round(percentile(visible, 0.99) * 1000, 1),
-            "event_to_visible_samples": len(visible)}
+            "event_to_visible_max_ms": round(max(visible, default=float("nan")) * 1000, 1),
+            "event_to_visible_samples": len(visible), "flow_events_sent": flowed,
+            "flow_events_per_second": round(flowed / seconds)}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,9 +233,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"namespace": namespace, "events": len(messages), "tenants": len(tenants),
                               "publish_seconds": round(time.monotonic() - started, 2)}
     schema = settings.schema("projections")
-    report = await rebuild(settings, schema=schema, batch_records_max=args.batch)
+    result["load_average_before_rebuild"] = [round(x, 2) for x in os.getloadavg()]
+    report = await rebuild(settings, schema=schema, batch_records_max=args.batch, workers=args.workers)
     result.update(rebuild_events=report.events, rebuild_seconds=round(report.seconds, 2),
-                  rebuild_events_per_second=report.events_per_second)
+                  rebuild_events_per_second=report.events_per_second, rebuild_workers=args.workers or "per cpu",
+                  cpus=os.cpu_count(), load_average_after_rebuild=[round(x, 2) for x in os.getloadavg()])
     process = None
     try:
         if args.seconds > 0:
@@ -200,9 +245,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             env = {"KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
                    "DATABASE_URL": settings.database_url or "", "BILLING_NAMESPACE": namespace}
             log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{namespace}-projections.log"
-            process = ServiceProcess(["serve", "projections", "--port", str(port)], env, log, port).start()
+            process = ServiceProcess(["serve", "projections", "--port", str(port), "--role", args.role], env, log,
+                                     port).start()
             result.update(await reads_under_flow(settings, f"http://127.0.0.1:{port}", stream, tenants, args.rps,
                                                  args.flow, args.seconds))
+            result.update(serve_role=args.role, load_average_after_reads=[round(x, 2) for x in os.getloadavg()])
     finally:
         if process is not None:
             process.stop()
@@ -222,4 +269,7 @@ if __name__ == "__main__":
     parser.add_argument("--rps", type=int, default=200, help="balance reads per second")
     parser.add_argument("--flow", type=int, default=5_000, help="usage events per second during the reads")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the read test (0: skip)")
+    parser.add_argument("--workers", type=int, default=None, help="rebuild processes (default: one per CPU)")
+    parser.add_argument("--role", default="all", choices=("all", "inline"),
+                        help="serve projections as API + consumer child (all) or both in one process (inline)")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))

@@ -22,7 +22,7 @@ def test_bench_harness_runs_and_reconciles(infra: dict[str, str], tmp_path: Path
     for name, value in infra.items():
         monkeypatch.setenv(name, value)
     config = BenchConfig(events=400, tenants=3, reader_rate=20, hold_rate=5, idle_seconds=1, timeout=90,
-                         out_dir=tmp_path, label="smoke")
+                         paced_seconds=2, paced_rate=60, out_dir=tmp_path, label="smoke")
     result = asyncio.run(run_bench(config))
 
     recon = result["reconciliation"]
@@ -32,6 +32,7 @@ def test_bench_harness_runs_and_reconciles(infra: dict[str, str], tmp_path: Path
     assert recon["markers_posted"] == recon["markers_published"] > 0
     assert result["end_to_end"]["events_per_second"] > 0
     assert set(result["stages"]) >= {"ingest", "rating", "ledger", "projections"}
+    assert [p["name"] for p in result["phases"]] == ["backlog", "paced"]
     assert result["raw_limits"]["kafka"]["events_per_second"] > 0
     assert result["raw_limits"]["postgres"]["batched_rows_per_second"] > 0
     for kind in ("json", "markdown", "png"):

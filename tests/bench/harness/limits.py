@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 
@@ -29,12 +29,20 @@ async def kafka_limit(bootstrap: str, topic: str, partitions: int, records: list
         await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
     finally:
         await admin.close()
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None, max_poll_records=5000)
-    await consumer.start()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
                                 max_batch_size=1024 * 1024)
     await producer.start()
+    # A new topic's partitions need a leader before the first fetch (else the broker answers
+    # NotLeaderForPartition and aiokafka logs errors while it retries).
+    for _ in range(50):
+        await producer.client.force_metadata_update()
+        leaders = [producer.client.cluster.leader_for_partition(TopicPartition(topic, p)) for p in range(partitions)]
+        if all(leader is not None and leader >= 0 for leader in leaders):
+            break
+        await asyncio.sleep(0.1)
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None, max_poll_records=5000)
+    await consumer.start()
     received = 0
     done = asyncio.Event()
 

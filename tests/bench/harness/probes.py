@@ -133,11 +133,12 @@ async def balance_reader(config: dict[str, Any], stop: asyncio.Event, out: list[
         tenant = tenants[i % len(tenants)]
         sent = time.time()
         started = time.perf_counter()
+        error = ""
         try:
             status, _ = await client.request("GET", f"/v1/accounts/{tenant}/balance", tokens[tenant])
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-            status = 0
-        out.append([sent, (time.perf_counter() - started) * 1000, status])
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+            status, error = 0, repr(exc)[:200]
+        out.append([sent, (time.perf_counter() - started) * 1000, status, error])
 
     try:
         for i in range(20):  # warm-up: connections, the first queries' plans
@@ -230,11 +231,14 @@ async def holds(config: dict[str, Any], stop: asyncio.Event, out: dict[str, Any]
         body = json.dumps({"idempotency_key": f"{run}-{i}", "amount": "0.01", "ttl_seconds": 60}).encode()
         sent = time.time()
         started = time.perf_counter()
+        error = ""
         try:
-            status, _ = await client.request("POST", path, headers, body)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-            status = 0
-        out["samples"].append([sent, (time.perf_counter() - started) * 1000, status])
+            status, answer = await client.request("POST", path, headers, body)
+            if status not in (200, 201):
+                error = answer[:200].decode(errors="replace")
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+            status, error = 0, repr(exc)[:200]
+        out["samples"].append([sent, (time.perf_counter() - started) * 1000, status, error])
 
     try:
         for i in range(10):  # warm-up

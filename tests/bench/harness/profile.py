@@ -89,6 +89,11 @@ def _short(frame: str) -> tuple[str, str]:
 
 
 def area_of(path: str) -> str:
+    path = "/" + path.lstrip("/")  # py-spy gives site-packages files relative (psycopg/connection.py)
+    if "/billing_" in path:  # a snapshot run: billing_ledger/... is services/ledger/...
+        path = path.replace("/billing_events/", "/libs/").replace("/billing_runtime/", "/libs/")
+        for service in ("ingest", "rating", "ledger", "projections"):
+            path = path.replace(f"/billing_{service}/", f"/services/{service}/")
     for label, needle in AREAS:
         if needle in path:
             return label

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,8 +12,8 @@ from tests.bench.harness import resources
 from tests.bench.harness.kafka_watch import STAGES, Snapshot
 
 if TYPE_CHECKING:
-    from tests.bench.harness.run import Bench
-    from tests.bench.harness.stream import Stream
+    from tests.bench.harness.run import Bench, Phase
+    from tests.bench.harness.stream import Expected
 
 TARGET_E2E_EVENTS_PER_SECOND = 10_000
 TARGET_VISIBLE_P99_MS = 1_000
@@ -38,7 +39,11 @@ def _timed(samples: list[list[float]], start: float, end: float, ok: tuple[int, 
            skipped: list[float] | None = None) -> dict[str, Any]:
     window = [s for s in samples if start <= s[0] <= end]
     result = distribution([s[1] for s in window if int(s[2]) in ok])
-    result["errors"] = sum(1 for s in window if int(s[2]) not in ok)
+    failed = [s for s in window if int(s[2]) not in ok]
+    result["errors"] = len(failed)
+    if failed:
+        kinds = Counter(f"{int(s[2])} {s[3] if len(s) > 3 else ''}".strip()[:120] for s in failed)
+        result["error_kinds"] = dict(kinds.most_common(5))
     # Arrivals not sent because the client already had its maximum in flight: the server fell behind.
     result["not_sent"] = sum(1 for t in skipped or [] if start <= t <= end)
     if end > start:
@@ -86,56 +91,70 @@ def stage_figures(snapshots: list[Snapshot], events: int, trickle_per_second: fl
     return figures
 
 
-def build(bench: Bench, data: Stream, snapshots: list[Snapshot], usage: list[dict[str, Any]],
-          probes: dict[str, Any], recon: dict[str, Any], raw: dict[str, Any],
-          profiles: dict[str, Any]) -> dict[str, Any]:
-    marks = bench.marks
-    start, done = marks["produce_start"], marks["done"]
-    idle_start, idle_end = done + 1.0, marks.get("idle_end", done)
-    seconds = done - start
-    e2e = data.size / seconds if seconds > 0 else 0.0
-    markers = [m for m in probes.get("markers", []) if "latency_ms" in m]
-    load_markers = [m["latency_ms"] for m in markers if start <= m["published"] <= done]
-    idle_markers = [m["latency_ms"] for m in markers if m["published"] >= idle_start]
+def phase_figures(phase: Phase, probes: dict[str, Any], marker_interval: float) -> dict[str, Any]:
+    start, done = phase.marks["produce_start"], phase.marks["done"]
+    markers = [m["latency_ms"] for m in probes.get("markers", []) if "latency_ms" in m and start <= m["published"] <= done]
     holds = probes.get("holds", {})
+    return {
+        "name": phase.name, "events": phase.data.size, "good": phase.data.expected.good_count,
+        "rate_offered": phase.rate or "max", "finished": phase.finished,
+        "seconds": round(phase.seconds, 2), "events_per_second": round(phase.events_per_second),
+        "produce_events_per_second": round(phase.data.size / max(phase.marks["produce_end"] - start, 1e-9)),
+        "timeline": {k: round(v, 3) for k, v in phase.marks.items()},
+        "visible_latency": distribution(markers),
+        "balance_reads": _timed(probes.get("reads", []), start, done, (200,), probes.get("reads_skipped")),
+        "holds": (_timed(holds.get("samples", []), start, done, (200, 201), holds.get("skipped"))
+                  if holds.get("available") else None),
+    }
+
+
+def build(bench: Bench, phases: list[Phase], expected: Expected, idle: tuple[float, float],
+          snapshots: list[Snapshot], usage: list[dict[str, Any]], probes: dict[str, Any], recon: dict[str, Any],
+          raw: dict[str, Any], profiles: dict[str, Any]) -> dict[str, Any]:
+    first = phases[0]
+    start, done = first.marks["produce_start"], first.marks["done"]
+    e2e = first.events_per_second
+    markers = [m for m in probes.get("markers", []) if "latency_ms" in m]
+    idle_markers = [m["latency_ms"] for m in markers if idle[0] <= m["published"] <= idle[1]]
+    holds = probes.get("holds", {})
+    events = sum(p.data.size for p in phases)
     result: dict[str, Any] = {
         "name": bench.name, "namespace": bench.namespace,
-        "stream": {"events": data.size, "good": data.expected.good_count, "duplicates": data.expected.duplicates,
-                   "bad": data.expected.bad_count, "tenants": len(bench.tenants),
-                   "by_meter": dict(data.expected.by_meter), "rate_offered": bench.config.rate or "max"},
-        "timeline": {k: round(v - start, 3) for k, v in marks.items()},
+        "code": {"commit": bench.commit, "snapshot": bench.config.snapshot,
+                 "working_tree_changes_in_services": bench.dirty},
+        "stream": {"events": events, "good": expected.good_count, "duplicates": expected.duplicates,
+                   "bad": expected.bad_count, "tenants": len(bench.tenants), "by_meter": dict(expected.by_meter)},
         "end_to_end": {
-            "seconds": round(seconds, 2), "events_per_second": round(e2e),
-            "good_events_per_second": round(data.expected.good_count / seconds) if seconds > 0 else 0,
-            "produce_events_per_second": round(data.size / max(marks["produce_end"] - start, 1e-9)),
-            "definition": "all stream events (good, duplicate, bad) from the first send to <ns>.billing.usage.raw "
-                          "until every tenant's balance in the projections API shows exactly its expected charge "
-                          "and every bad event has its dead letter",
+            "phase": first.name, "seconds": round(first.seconds, 2), "events_per_second": round(e2e),
+            "good_events_per_second": round(first.data.expected.good_count / first.seconds) if first.seconds else 0,
+            "produce_events_per_second": round(first.data.size / max(first.marks["produce_end"] - start, 1e-9)),
+            "definition": "all stream events (good, duplicate, bad) of the first phase, from the first send to "
+                          "<ns>.billing.usage.raw until every tenant's balance in the projections API shows exactly "
+                          "its expected charge and every bad event has its dead letter",
         },
-        "stages": stage_figures(snapshots, data.size,
+        "phases": [phase_figures(p, probes, bench.config.marker_interval) for p in phases],
+        "idle": {"visible_latency": distribution(idle_markers),
+                 "balance_reads": _timed(probes.get("reads", []), idle[0], idle[1], (200,), probes.get("reads_skipped")),
+                 "holds": (_timed(holds.get("samples", []), idle[0], idle[1], (200, 201), holds.get("skipped"))
+                           if holds.get("available") else None)},
+        "probes": {"reader_rate": bench.config.reader_rate, "hold_rate": bench.config.hold_rate,
+                   "marker_interval_seconds": bench.config.marker_interval,
+                   "markers_published": probes.get("marker_totals", {}).get("published_total"),
+                   "holds": "measured" if holds.get("available") else holds.get("note", "not measured"),
+                   "visible_latency_definition": "marker usage event published to raw -> balance API shows it "
+                                                 "(polled every 10 ms)"},
+        "stages": stage_figures(snapshots, events,
                                 trickle_per_second=1 / bench.config.marker_interval + bench.config.hold_rate),
-        "visible_latency": {"under_load": distribution(load_markers), "idle": distribution(idle_markers),
-                            "published": probes.get("marker_totals", {}).get("published_total"),
-                            "definition": "marker usage event published to raw -> balance API shows it "
-                                          "(polled every 10 ms)"},
-        "balance_reads": {"under_load": _timed(probes.get("reads", []), start, done, (200,),
-                                               probes.get("reads_skipped")),
-                          "idle": _timed(probes.get("reads", []), idle_start, idle_end, (200,),
-                                         probes.get("reads_skipped")),
-                          "rate": bench.config.reader_rate},
-        "holds": ({"under_load": _timed(holds.get("samples", []), start, done, (200, 201), holds.get("skipped")),
-                   "idle": _timed(holds.get("samples", []), idle_start, idle_end, (200, 201), holds.get("skipped")),
-                   "rate": bench.config.hold_rate}
-                  if holds.get("available") else {"skipped": holds.get("note", "not measured")}),
-        "resources": resources.summarise(usage, start, done, list(bench.services)),
+        "resources": resources.summarise(usage, start, done, list(bench.services), first.data.size),
         "raw_limits": raw,
         "ratios": {},
         "reconciliation": recon,
         "profiles": profiles,
         "probe_errors": probes.get("errors", []),
         "notes": bench.notes,
-        "series": {"kafka": [s.as_dict() for s in snapshots], "resources": usage,
-                   "markers": markers, "t0": start},
+        "series": {"kafka": [s.as_dict() for s in snapshots], "resources": usage, "markers": markers, "t0": start,
+                   "phases": [{"name": p.name, **{k: round(v - start, 3) for k, v in p.marks.items()}}
+                              for p in phases]},
     }
     if raw.get("kafka"):
         result["ratios"]["e2e_vs_raw_kafka"] = round(e2e / raw["kafka"]["events_per_second"], 4)
@@ -154,48 +173,63 @@ def _pass(ok: bool | None) -> str:
     return "" if ok is None else (" ✅" if ok else " ❌")
 
 
+def _lat(entry: dict[str, Any] | None) -> str:
+    if not entry or not entry.get("n"):
+        return "–"
+    return f"{_ms(entry, 'p50_ms')} / {_ms(entry, 'p95_ms')} / {_ms(entry, 'p99_ms')} ms (n={entry['n']:,})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, e2e, recon = result["stream"], result["end_to_end"], result["reconciliation"]
-    load_lat = result["visible_latency"]["under_load"]
-    reads = result["balance_reads"]["under_load"]
-    cfg = result.get("config", {})
+    phases = result["phases"]
     lines = [f"## make bench: {result['name']}", ""]
-    mode = (f"sustained {cfg.get('duration')} s at {s['rate_offered']:,} events/s offered" if cfg.get("duration")
-            else f"backlog of {s['events']:,} events produced as fast as possible" if s["rate_offered"] == "max"
-            else f"{s['events']:,} events at {s['rate_offered']:,}/s offered")
-    lines.append(f"{mode}; {s['tenants']} tenants; {s['good']:,} good, {s['duplicates']:,} duplicates, "
-                 f"{s['bad']:,} bad; meters {s['by_meter']}.")
+    described = "; then ".join(
+        f"{p['name']}: {p['events']:,} events " + ("as fast as possible" if p["rate_offered"] == "max"
+                                                    else f"at {p['rate_offered']:,.0f}/s offered")
+        for p in phases)
+    lines.append(f"{described}. {s['tenants']} tenants; {s['good']:,} good, {s['duplicates']:,} duplicates, "
+                 f"{s['bad']:,} bad events; meters {s['by_meter']}.")
+    code = result.get("code", {})
+    lines.append(f"Code: commit {code.get('commit', '?')[:12]}"
+                 + (" (snapshot of the commit)" if code.get("snapshot") else
+                    " + uncommitted changes in libs/services/cli" if code.get("working_tree_changes_in_services")
+                    else ""))
     lines.append(f"Machine: {result.get('machine', {}).get('host_cores')} cores, load average at start "
                  f"{result.get('machine', {}).get('load_average_at_start')} (shared: see 'everything else' CPU).")
     lines.append("")
     lines += ["| figure | value | target |", "|---|---|---|"]
-    lines.append(f"| end-to-end throughput (raw -> balance visible) | **{e2e['events_per_second']:,} events/s** "
-                 f"({e2e['seconds']:.1f} s) | ≥ {TARGET_E2E_EVENTS_PER_SECOND:,}/s"
-                 f"{_pass(e2e['events_per_second'] >= TARGET_E2E_EVENTS_PER_SECOND)} |")
+    ok = e2e["events_per_second"] >= TARGET_E2E_EVENTS_PER_SECOND
+    lines.append(f"| end-to-end throughput, {e2e['phase']} (raw -> balance visible) | "
+                 f"**{e2e['events_per_second']:,} events/s** ({e2e['seconds']:.1f} s) | "
+                 f"≥ {TARGET_E2E_EVENTS_PER_SECOND:,}/s{_pass(ok)} |")
     lines.append(f"| produce rate (aiokafka, raw topic) | {e2e['produce_events_per_second']:,} events/s | |")
-    p99 = load_lat.get("p99_ms")
-    lines.append(f"| publish -> visible balance p50 / p95 / p99 (under load, n={load_lat.get('n', 0)}) | "
-                 f"{_ms(load_lat, 'p50_ms')} / {_ms(load_lat, 'p95_ms')} / {_ms(load_lat, 'p99_ms')} ms | "
-                 f"p99 < {TARGET_VISIBLE_P99_MS:,} ms{_pass(None if p99 is None else p99 < TARGET_VISIBLE_P99_MS)} |")
-    idle = result["visible_latency"]["idle"]
-    lines.append(f"| publish -> visible balance p50 / p99 (idle, n={idle.get('n', 0)}) | "
-                 f"{_ms(idle, 'p50_ms')} / {_ms(idle, 'p99_ms')} ms | |")
-    rp99 = reads.get("p99_ms")
-    lines.append(f"| balance read p50 / p99 under load ({result['balance_reads']['rate']:.0f} req/s offered, "
-                 f"n={reads.get('n', 0)}, errors {reads.get('errors', 0)}, not sent (32 in flight) "
-                 f"{reads.get('not_sent', 0)}) | {_ms(reads, 'p50_ms')} / "
-                 f"{_ms(reads, 'p99_ms')} ms | p99 < {TARGET_READ_P99_MS} ms"
-                 f"{_pass(None if rp99 is None else rp99 < TARGET_READ_P99_MS)} |")
-    idle_reads = result["balance_reads"]["idle"]
-    lines.append(f"| balance read p50 / p99 idle (n={idle_reads.get('n', 0)}) | {_ms(idle_reads, 'p50_ms')} / "
-                 f"{_ms(idle_reads, 'p99_ms')} ms | |")
-    holds = result["holds"]
-    if "skipped" in holds:
-        lines.append(f"| hold decision p99 | {holds['skipped']} | |")
+    for p in phases[1:]:
+        state = "all visible" if p["finished"] else "NOT all visible in time"
+        lines.append(f"| {p['name']} phase: {p['events']:,} events at {p['rate_offered']:,.0f}/s offered | "
+                     f"{p['events_per_second']:,} events/s from first send to last visible ({state}) | |")
+    probes = result["probes"]
+    for p in phases:
+        lat = p["visible_latency"]
+        p99 = lat.get("p99_ms")
+        lines.append(f"| publish -> visible balance p50 / p95 / p99, {p['name']} | {_lat(lat)} | "
+                     f"p99 < {TARGET_VISIBLE_P99_MS:,} ms{_pass(None if p99 is None else p99 < TARGET_VISIBLE_P99_MS)} |")
+    lines.append(f"| publish -> visible balance, idle | {_lat(result['idle']['visible_latency'])} | |")
+    for p in phases:
+        reads = p["balance_reads"]
+        rp99 = reads.get("p99_ms")
+        lines.append(f"| balance read p50 / p95 / p99, {p['name']} ({probes['reader_rate']:.0f}/s offered; "
+                     f"errors {reads.get('errors', 0)}, not sent with 32 in flight {reads.get('not_sent', 0)}) | "
+                     f"{_lat(reads)} | p99 < {TARGET_READ_P99_MS} ms"
+                     f"{_pass(None if rp99 is None else rp99 < TARGET_READ_P99_MS)} |")
+    lines.append(f"| balance read, idle | {_lat(result['idle']['balance_reads'])} | |")
+    if probes["holds"] != "measured":
+        lines.append(f"| hold decision p99 | {probes['holds']} | |")
     else:
-        h = holds["under_load"]
-        lines.append(f"| hold decision p50 / p99 under load ({holds['rate']:.0f}/s, n={h.get('n', 0)}, errors "
-                     f"{h.get('errors', 0)}) | {_ms(h, 'p50_ms')} / {_ms(h, 'p99_ms')} ms | |")
+        for p in phases:
+            h = p["holds"] or {}
+            lines.append(f"| hold decision p50 / p95 / p99, {p['name']} ({probes['hold_rate']:.0f}/s offered, one "
+                         f"tenant; errors {h.get('errors', 0)}, not sent {h.get('not_sent', 0)}) | {_lat(h)} | |")
+        lines.append(f"| hold decision, idle | {_lat(result['idle']['holds'])} | |")
     raw, ratios = result["raw_limits"], result["ratios"]
     if raw.get("kafka"):
         lines.append(f"| raw Kafka produce+consume, same messages | {raw['kafka']['events_per_second']:,} events/s "
@@ -216,19 +250,26 @@ def markdown(result: dict[str, Any]) -> str:
     for problem in recon["problems"]:
         lines.append(f"| ❌ | {problem} | |")
     header = ("| stage (consumer group / topic) | records | per usage event | rate while busy | peak 1 s | max lag | "
-              "CPU % of a core | peak RSS MB |")
-    lines += ["", header, "|---|---|---|---|---|---|---|---|"]
+              "CPU % of a core | CPU ms per usage event | peak RSS MB |")
+    lines.append("")
+    lines.append(f"Stages (CPU: mean over the {e2e['phase']} phase; rates: 1-s intervals in which the stage moved more "
+                 "than the probes' trickle.)")
+    lines += [header, "|---|---|---|---|---|---|---|---|---|"]
+    per_event = result["resources"].get("cpu_ms_per_event", {})
     cpu = result["resources"]["cpu_percent_of_core"]
     rss = result["resources"]["peak_rss_mb"]
     for stage, f in result["stages"].items():
         name = stage.split(" ")[0]
         lines.append(f"| {stage} | {f['records']:,} | {f['records_per_usage_event']} | "
                      f"{f['records_per_second_busy']:,}/s | {f['peak_records_per_second_1s']:,}/s | "
-                     f"{f.get('max_lag', '')} | {cpu.get(name, '')} | {rss.get(name, '')} |")
+                     f"{f.get('max_lag', '')} | {cpu.get(name, '')} | {per_event.get(name, '')} | "
+                     f"{rss.get(name, '')} |")
     others = {k: v for k, v in cpu.items() if k not in rss}
-    lines += ["", "CPU during the load window (% of one core; "
+    lines += ["", f"CPU during the {e2e['phase']} phase (% of one core; "
               f"{result['resources']['cores']} cores = {100 * result['resources']['cores']} %): "
-              + ", ".join(f"{k} {v}" for k, v in others.items())]
+              + ", ".join(f"{k} {v}" for k, v in others.items())
+              + f". CPU ms per usage event, services + Kafka + PostgreSQL: {per_event.get('pipeline total', '–')} "
+              f"(includes serving the probes' reads and holds)."]
     for name, prof in result.get("profiles", {}).items():
         threads = ", ".join(f"{t} {busy} %" for t, busy, _ in prof.get("threads_busy_percent", [])[:6])
         lines += ["", (f"### py-spy profile: {name} ({prof['samples']:,} samples doing or waiting on work; "
@@ -270,7 +311,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(mid, rate([k["end"]["billing.ledger.events"] for k in kafka]), label="relay (ledger events)",
             linestyle=":")
     ax.set_ylabel("records/s (committed)")
-    ax.set_title(f"{result['name']}: end to end {result['end_to_end']['events_per_second']:,} events/s")
+    ax.set_title(f"{result['name']}: end to end {result['end_to_end']['events_per_second']:,} events/s "
+                 f"({result['end_to_end']['phase']}); red: phase start (dotted), produced (dashed), visible (solid)",
+                 fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     ax = axes[1]
     for stage in STAGES:
@@ -298,9 +341,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("publish -> visible (ms)")
     ax.set_xlabel("seconds since the first event was produced")
     for a in axes:
-        for key, style in (("produce_end", "--"), ("done", "-")):
-            if key in result["timeline"]:
-                a.axvline(result["timeline"][key], color="red", linestyle=style, linewidth=0.8)
+        for phase in series["phases"]:
+            for key, style in (("produce_start", ":"), ("produce_end", "--"), ("done", "-")):
+                if key in phase:
+                    a.axvline(phase[key], color="red", linestyle=style, linewidth=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

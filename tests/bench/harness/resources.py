@@ -85,22 +85,30 @@ class ResourceMonitor:
         self.samples.append(await asyncio.to_thread(self.sample))
 
 
-def summarise(samples: list[dict[str, Any]], start: float, end: float, services: list[str]) -> dict[str, Any]:
-    """Peak RSS over the whole run; CPU (as % of one core) between ``start`` and ``end``."""
+def summarise(samples: list[dict[str, Any]], start: float, end: float, services: list[str],
+              events: int) -> dict[str, Any]:
+    """Peak RSS over the whole run; CPU (as % of one core, and ms per usage event of the ``events`` processed
+    in the window) between ``start`` and ``end``."""
     peak = {name: max((s["rss"].get(name, 0) for s in samples), default=0) / 2**20 for name in services}
     window = [s for s in samples if start <= s["t"] <= end]
     if len(window) < 2:
         window = samples[-2:] if len(samples) >= 2 else samples
     cpu: dict[str, float] = {}
+    per_event: dict[str, float] = {}
     if len(window) >= 2:
         first, last = window[0], window[-1]
         seconds = last["t"] - first["t"] or 1.0
         names = set(first["cpu"]) & set(last["cpu"])
         for name in sorted(names):
-            cpu[name] = round(100 * (last["cpu"][name] - first["cpu"][name]) / seconds, 1)
+            used = last["cpu"][name] - first["cpu"][name]
+            cpu[name] = round(100 * used / seconds, 1)
+            per_event[name] = round(1000 * used / events, 3) if events else 0.0
+        pipeline = [n for n in names if n in services or n in ("kafka", "postgres")]
+        per_event["pipeline total"] = round(sum(per_event[n] for n in pipeline), 3)
         machine = 100 * (last["machine_busy"] - first["machine_busy"]) / seconds
         cpu["machine (all processes)"] = round(machine, 1)
         ours = sum(v for k, v in cpu.items() if k != "machine (all processes)")
         cpu["everything else"] = round(max(0.0, machine - ours), 1)
     return {"peak_rss_mb": {k: round(v, 1) for k, v in peak.items()}, "cpu_percent_of_core": cpu,
+            "cpu_ms_per_event": per_event,
             "cores": psutil.cpu_count()}

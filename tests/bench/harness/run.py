@@ -60,6 +60,11 @@ class BenchConfig:
     tenants: int = 20
     rate: float = 0.0  # events/s offered; 0 = as fast as the producer goes (a backlog)
     duration: float | None = None  # sustained mode: rate * duration events
+    # After a backlog, a paced phase at a sustainable rate (latency under load is only meaningful when the
+    # pipeline keeps up): paced_rate events/s, or paced_fraction of the backlog's end-to-end rate.
+    paced_seconds: float = 30.0
+    paced_rate: float | None = None
+    paced_fraction: float = 0.5
     partitions: int = 6
     batch_records_max: int | None = None  # BILLING_BATCH_RECORDS_MAX for the services (None: their default)
     reader_rate: float = 200.0
@@ -75,6 +80,9 @@ class BenchConfig:
     out_dir: Path = ROOT / "bench" / "results"
     plot: bool = True
     label: str = "e2e"
+    # Run the services from a snapshot of the committed tree (git archive HEAD) instead of the working tree,
+    # which others may be editing: the figures then belong to one commit.
+    snapshot: bool = False
 
     def offered_events(self) -> int:
         if self.duration:
@@ -86,9 +94,53 @@ def log(message: str) -> None:
     print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@dataclass
+class Phase:
+    name: str  # backlog | paced | sustained
+    data: stream.Stream
+    rate: float  # events/s offered (0: as fast as possible)
+    marks: dict[str, float] = field(default_factory=dict)  # produce_start, produce_end, done (time.time())
+    finished: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.marks["done"] - self.marks["produce_start"]
+
+    @property
+    def events_per_second(self) -> float:
+        return self.data.size / self.seconds if self.seconds > 0 else 0.0
+
+
+# Import package -> directory, as pyproject.toml maps them (for a snapshot run from PYTHONPATH).
+PACKAGE_DIRS = {"billing_events": "libs/billing_events", "billing_runtime": "libs/billing_runtime",
+                "billing_ingest": "services/ingest", "billing_rating": "services/rating",
+                "billing_ledger": "services/ledger", "billing_projections": "services/projections",
+                "billing_cli": "cli"}
+
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def snapshot_source(target: Path) -> Path:
+    """``git archive HEAD`` into ``target``, plus a directory of package links that PYTHONPATH puts before
+    the editable install (setuptools appends its finder to ``sys.meta_path``, after the path finder)."""
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    packages = target / ".bench-packages"
+    packages.mkdir(exist_ok=True)
+    for name, directory in PACKAGE_DIRS.items():
+        link = packages / name
+        if not link.exists():
+            link.symlink_to(target / directory, target_is_directory=True)
+    return target
+
+
 class Service:
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name, self.env, self.log_path = name, env, log_path
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> None:
+        self.name, self.env, self.log_path, self.cwd = name, env, log_path, cwd
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -99,7 +151,7 @@ class Service:
     def start(self) -> None:
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen([BILLING, "serve", self.name, "--port", str(self.port)], env=self.env,
-                                         stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+                                         stdout=log_file, stderr=subprocess.STDOUT, cwd=self.cwd)
 
     async def ready(self, timeout: float = 90) -> None:
         assert self.proc is not None
@@ -161,8 +213,10 @@ class Bench:
         self.settings = Settings.from_env()
         self.services: dict[str, Service] = {}
         self.tenants = [f"bench-t{i:02d}" for i in range(config.tenants)]
-        self.marks: dict[str, float] = {}
         self.notes: list[str] = []
+        self.source = ROOT  # where the services' code comes from
+        self.commit = git("rev-parse", "HEAD")
+        self.dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "libs", "services", "cli"))
 
     def topic(self, name: str) -> str:
         return f"{self.namespace}.{name}"
@@ -174,8 +228,10 @@ class Bench:
                "BILLING_TOPIC_PARTITIONS": str(self.config.partitions)}
         if self.config.batch_records_max:
             env["BILLING_BATCH_RECORDS_MAX"] = str(self.config.batch_records_max)
+        if self.source != ROOT:
+            env["PYTHONPATH"] = f"{self.source / '.bench-packages'}:{self.source}"
         for name in SERVICES:
-            self.services[name] = Service(name, env, self.run_dir / f"{name}.log")
+            self.services[name] = Service(name, env, self.run_dir / f"{name}.log", self.source)
             self.services[name].start()
         await asyncio.gather(*(s.ready() for s in self.services.values()))
 
@@ -184,7 +240,7 @@ class Bench:
         path = self.run_dir / "catalog.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         result = await asyncio.to_thread(
-            subprocess.run, [BILLING, "catalog", "apply", str(path)], env=self.services["ingest"].env, cwd=ROOT,
+            subprocess.run, [BILLING, "catalog", "apply", str(path)], env=self.services["ingest"].env, cwd=self.source,
             capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"billing catalog apply failed: {result.stderr[-2000:]}")
@@ -207,38 +263,40 @@ class Bench:
 
     # -- load ----------------------------------------------------------------------------------------------
 
-    async def produce(self, data: stream.Stream) -> None:
+    async def produce(self, phase: Phase) -> None:
+        data, rate = phase.data, phase.rate
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                     linger_ms=5, max_batch_size=1024 * 1024)
         await producer.start()
         topic = self.topic("billing.usage.raw")
         try:
-            self.marks["produce_start"] = time.time()
+            phase.marks["produce_start"] = time.time()
             futures = []
-            if self.config.rate <= 0:
+            if rate <= 0:
                 for key, value in data.records:
                     futures.append(await producer.send(topic, value, key=key))
             else:
                 began = time.perf_counter()
                 sent = 0
                 while sent < data.size:
-                    due = min(data.size, int((time.perf_counter() - began) * self.config.rate) + 1)
+                    due = min(data.size, int((time.perf_counter() - began) * rate) + 1)
                     for key, value in data.records[sent:due]:
                         futures.append(await producer.send(topic, value, key=key))
                     sent = due
                     if len(futures) > 50_000:
                         await asyncio.gather(*futures)
                         futures.clear()
-                    await asyncio.sleep(max(0.0, began + sent / self.config.rate - time.perf_counter()))
+                    await asyncio.sleep(max(0.0, began + sent / rate - time.perf_counter()))
             await asyncio.gather(*futures)
-            self.marks["produce_end"] = time.time()
+            phase.marks["produce_end"] = time.time()
         finally:
             await producer.stop()
 
-    async def wait_done(self, watch: KafkaWatch, data: stream.Stream, timeout: float) -> bool:
-        """Until every tenant shows its expected balance and every bad event has its dead letter."""
+    async def wait_done(self, watch: KafkaWatch, phase: Phase, expected: stream.Expected, timeout: float) -> bool:
+        """Until every tenant shows its expected balance (``expected``: everything produced so far) and every
+        bad event has its dead letter."""
         grant = stream.subunits(Decimal(stream.GRANT_USD))
-        charges = data.expected.charge_subunits()
+        charges = expected.charge_subunits()
         want = {t: Decimal(grant - charges.get(t, 0)) / stream.SUBUNITS_PER_UNIT for t in self.tenants}
         remaining = set(want)
         letters_done = False
@@ -247,13 +305,11 @@ class Bench:
         async with httpx.AsyncClient(base_url=self.services["projections"].url, timeout=10) as client:
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-                if "produce_end" not in self.marks:
+                if "produce_end" not in phase.marks:
                     continue
                 if not letters_done:
                     rejected = (await watch.end_offsets(["billing.usage.rejected"]))["billing.usage.rejected"]
-                    letters_done = rejected >= data.expected.bad_count
-                    if letters_done:
-                        self.marks["dead_letters_done"] = time.time()
+                    letters_done = rejected >= expected.bad_count
                 # Balances are read only once ingest, rating and the ledger have (almost) nothing left: cheap
                 # Kafka checks first, so the completion check adds no load while the pipeline is busy. (Not
                 # "nothing at all": the probes' markers and holds keep a trickle going.)
@@ -267,12 +323,26 @@ class Bench:
                     if await _available(client, self.settings, tenant) == want[tenant]:
                         remaining.discard(tenant)
                 if not remaining and letters_done:
-                    self.marks["done"] = time.time()
+                    phase.marks["done"] = time.time()
+                    phase.finished = True
                     return True
-        self.notes.append(f"pipeline did not finish within {timeout:.0f}s: {len(remaining)} tenants short, "
-                          f"dead letters {'complete' if letters_done else 'incomplete'}")
-        self.marks["done"] = time.time()
+        self.notes.append(f"{phase.name}: pipeline did not finish within {timeout:.0f}s: {len(remaining)} tenants "
+                          f"short, dead letters {'complete' if letters_done else 'incomplete'}")
+        phase.marks["done"] = time.time()
         return False
+
+    async def run_phase(self, watch: KafkaWatch, phase: Phase, expected: stream.Expected) -> None:
+        how = f"at {phase.rate:,.0f}/s" if phase.rate else "as fast as possible"
+        log(f"{phase.name}: producing {phase.data.size:,} events to {self.topic('billing.usage.raw')} {how}")
+        timeout = self.config.timeout or 120 + phase.data.size / 500 + (phase.data.size / phase.rate if phase.rate
+                                                                         else 0)
+        done_task = asyncio.create_task(self.wait_done(watch, phase, expected, timeout))
+        await self.produce(phase)
+        log(f"{phase.name}: produced in {phase.marks['produce_end'] - phase.marks['produce_start']:.1f}s; "
+            "waiting for balances")
+        await done_task
+        log(f"{phase.name}: {'done' if phase.finished else 'TIMED OUT'} after {phase.seconds:.1f}s "
+            f"({phase.events_per_second:,.0f} events/s end to end)")
 
     async def wait_drained(self, watch: KafkaWatch, timeout: float = 120) -> None:
         """Every consumer group (stages and catalogue) at the end of its topic, twice a second apart."""
@@ -290,11 +360,18 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.snapshot:
+            self.source = snapshot_source(self.run_dir / "src")
+            self.dirty = False
+            log(f"services run from a snapshot of commit {self.commit[:12]} ({self.source})")
         offered = cfg.offered_events()
         if cfg.duration and not cfg.rate:
             cfg.rate = 10_000
         log(f"namespace {self.namespace}; generating {offered:,} events over {cfg.tenants} tenants")
-        data = stream.generate(self.namespace, self.tenants, offered, seed=cfg.seed)
+        first = Phase("sustained" if cfg.duration else "backlog" if not cfg.rate else "paced",
+                      stream.generate(self.namespace, self.tenants, offered, seed=cfg.seed), cfg.rate)
+        phases = [first]
+        expected = first.data.expected
         await ensure_topics(self.bootstrap, cfg.partitions, [self.topic(t) for t in TOPIC_NAMES])
         watch = KafkaWatch(self.bootstrap, self.namespace, cfg.partitions)
         await watch.start()
@@ -335,19 +412,21 @@ class Bench:
                     profilers.pop(name)
             await asyncio.sleep(2.0)  # a baseline: the probes alone, no usage load yet
 
-            log(f"producing {data.size:,} events to {self.topic('billing.usage.raw')}"
-                + (f" at {cfg.rate:,.0f}/s" if cfg.rate else " as fast as possible"))
-            timeout = cfg.timeout or 120 + offered / 500
-            done_task = asyncio.create_task(self.wait_done(watch, data, timeout))
-            await self.produce(data)
-            log(f"produced in {self.marks['produce_end'] - self.marks['produce_start']:.1f}s; waiting for balances")
-            finished = await done_task
+            await self.run_phase(watch, first, expected)
+            if first.name == "backlog" and cfg.paced_seconds > 0 and first.finished:
+                rate = cfg.paced_rate or max(10.0, round(cfg.paced_fraction * first.events_per_second, -1))
+                size = max(100, int(rate * cfg.paced_seconds))
+                paced = Phase("paced", stream.generate(self.namespace + "p", self.tenants, size, seed=cfg.seed + 1),
+                              rate)
+                phases.append(paced)
+                expected = stream.merged(expected, paced.data.expected)
+                await self.run_phase(watch, paced, expected)
             for p in profilers.values():
                 p.stop()
-            log(f"{'done' if finished else 'TIMED OUT'} after {self.marks['done'] - self.marks['produce_start']:.1f}s;"
-                f" {cfg.idle_seconds:.0f}s idle probes")
+            log(f"{cfg.idle_seconds:.0f}s idle probes")
+            idle_start = time.time()
             await asyncio.sleep(cfg.idle_seconds)
-            self.marks["idle_end"] = time.time()
+            idle = (idle_start, time.time())
             assert probes_proc.stdin is not None
             probes_proc.stdin.write("stop\n")
             probes_proc.stdin.flush()
@@ -362,19 +441,20 @@ class Bench:
             recon = await reconcile.reconcile(
                 bootstrap=self.bootstrap, namespace=self.namespace, partitions=cfg.partitions,
                 projections_url=self.services["projections"].url,
-                token=lambda t: _headers(self.settings, "viewer", t), expected=data.expected,
+                token=lambda t: _headers(self.settings, "viewer", t), expected=expected,
                 marker_tenant=MARKER_TENANT, markers_published=markers_published)
 
             raw: dict[str, Any] = {}
             if cfg.raw_limits:
                 log("raw limits: Kafka produce+consume, PostgreSQL COPY (services idle)")
                 raw["kafka"] = await limits.kafka_limit(self.bootstrap, self.topic("bench.raw-limit"),
-                                                        cfg.partitions, data.records)
+                                                        cfg.partitions, first.data.records)
                 raw["postgres"] = await limits.postgres_limit(
-                    self.database_url, f"{self.namespace}_bench_raw", data.records,
+                    self.database_url, f"{self.namespace}_bench_raw", first.data.records,
                     cfg.batch_records_max or self.settings.batch_records_max)
             profiles = {name: profile.summarise(p.out) for name, p in profilers.items() if p.out.exists()}
-            result = report.build(self, data, snapshots, monitor.samples, probes, recon, raw, profiles)
+            result = report.build(self, phases, expected, idle, snapshots, monitor.samples, probes, recon, raw,
+                                  profiles)
         finally:
             for p in profilers.values():
                 p.stop()

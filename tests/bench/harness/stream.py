@@ -275,3 +275,18 @@ def generate(run: str, tenants: list[str], events: int, *, seed: int = 7, duplic
 def marker_event(run: str, index: int, tenant: str, now: datetime) -> bytes:
     return _dumps({"id": f"{run}-marker-{index:06d}", "tenant": tenant, "meter": "api_calls", "quantity": "1",
                    "timestamp": now.isoformat()})
+
+
+def merged(first: Expected, second: Expected) -> Expected:
+    """What two streams sent one after the other must do together (period totals add up before pricing)."""
+    result = Expected()
+    for part in (first, second):
+        for tenant, event_ids in part.good_ids.items():
+            result.good_ids[tenant] |= event_ids
+        for key, quantity in part.totals.items():
+            result.totals[key] += quantity
+        result.bad.update(part.bad)
+        result.bad_ids.update(part.bad_ids)
+        result.duplicates += part.duplicates
+        result.by_meter.update(part.by_meter)
+    return result

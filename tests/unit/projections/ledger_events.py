@@ -13,8 +13,9 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids, topics
+from billing_events.messages import LedgerCommand
 from billing_events.money import SUBUNITS_PER_UNIT
-from billing_ledger.application import LedgerApplication
+from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.relay import to_message
@@ -46,6 +47,18 @@ class Ledger:
 
     def save(self, *aggregates: Any) -> None:
         self.app.save(*aggregates)
+
+    def command(self, kind: str, tenant: str | None, at: datetime = T0, **payload: Any) -> CommandResult:
+        """A ledger command applied as the ledger's consumer applies it (subscriptions, invoices, ...)."""
+        self._commands = getattr(self, "_commands", 0) + 1
+        command = LedgerCommand(command_id=uid("command", self._commands), kind=kind, tenant=tenant, issued_at=at,
+                                issued_by="user:test", payload={"at": at.isoformat(), **payload})
+        [result] = self.app.apply_commands([command])
+        assert result.outcome in ("applied", "duplicate"), result
+        return result
+
+    def get(self, aggregate_id: str | UUID) -> Any:
+        return self.app.repository.get(UUID(str(aggregate_id)))
 
     def publish_catalog(self, document: dict[str, Any]) -> None:
         try:
@@ -173,3 +186,71 @@ def simple_account(ledger: Ledger, tenant: str, grant: int = 100 * U, debits: in
                       cause=usage_cause(f"e-{i}", "1", user=f"user-{i % 3}"))
     ledger.save(a)
     return a
+
+
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+SUBSCRIPTION_CATALOG: dict[str, Any] = {
+    "credit_units": {"CREDIT": {"scale": 2}},
+    "meters": [{"code": "api_calls", "name": "API calls", "unit_of_measure": "call",
+                "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}}],
+    "plans": [
+        {"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00", "resources": {"users": 5},
+         "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]},
+        {"code": "ops", "name": "Ops", "currency": "USD", "base_fee": "90.00", "cadence": "quarter"},
+        {"code": "yearly", "name": "Yearly", "currency": "USD", "base_fee": "300.00", "cadence": "year"},
+        {"code": "trial", "name": "Trial", "currency": "USD", "base_fee": "10.00", "trial_days": 14},
+        {"code": "euro", "name": "Euro", "currency": "EUR", "base_fee": "100.00", "cadence": "quarter"},
+    ],
+}
+
+
+def subscription_scenario(ledger: Ledger) -> dict[str, Any]:
+    """Subscriptions through their lifecycle and the invoices they issue, through the ledger's own commands.
+
+    acme: team x 2 (monthly, 30.00: INV 60.00, then down to 1 mid-period: a credit note of -15.00, payment
+    failed -> past_due, renewal on Dec 1 with usage lines added to the draft -> finalized, paid -> active);
+    ops (quarterly, 90.00, paid at once); yearly (300.00, paused). globex: a trial (trialing, nothing billed)
+    and team canceled at once (credit note). initech (EUR): euro x 3 (quarterly 100.00) to cancel at period
+    end (still billable). Returns the keys the tests look up.
+    """
+    ledger.command("catalog.publish", None, at=NOV_1, document=SUBSCRIPTION_CATALOG, digest="subs-1")
+    for tenant, code in (("acme", "USD"), ("globex", "USD"), ("initech", "EUR")):
+        ledger.command("account.open", tenant, at=NOV_1, currency=code)
+    team = ledger.command("subscription.create", "acme", at=NOV_1, key="team", plan="team", quantity=2).value
+    ops = ledger.command("subscription.create", "acme", at=NOV_1, key="ops", plan="ops", quantity=1).value
+    yearly = ledger.command("subscription.create", "acme", at=NOV_1, key="yearly", plan="yearly",
+                            quantity=1).value
+    mid = NOV_1 + timedelta(days=15)
+    ledger.command("subscription.change", "acme", at=mid, key="team", quantity=1)
+    first = invoice_id_of(team["subscription_id"], "acme", NOV_1)
+    ledger.command("invoice.payment_failed", "acme", at=mid, invoice_id=first)
+    ledger.command("invoice.mark_paid", "acme", at=mid, invoice_id=invoice_id_of(ops["subscription_id"], "acme", NOV_1),
+                   payment="pi_ops")
+    ledger.command("subscription.pause", "acme", at=mid, key="yearly")
+    dec_1 = datetime(2026, 12, 1, tzinfo=UTC)
+    ledger.command("subscription.tick", "acme", at=dec_1, key="team")
+    renewal = f"{team['subscription_id']}/{dec_1.isoformat()}"
+    ledger.command("invoice.usage_lines", "acme", at=dec_1, invoice_key=renewal, lines=[
+        {"kind": "usage", "description": "API calls: 1,500", "amount": "5.00", "meter": "api_calls",
+         "quantity": "1500", "events": 3}])
+    ledger.command("invoice.mark_paid", "acme", at=dec_1, invoice_id=first, payment="pi_team")
+
+    ledger.command("subscription.create", "globex", at=NOV_1, key="try", plan="trial", trial=True)
+    euro = ledger.command("subscription.create", "initech", at=NOV_1, key="euro", plan="euro", quantity=3).value
+    ledger.command("subscription.cancel", "initech", at=mid, key="euro")
+    ledger.command("subscription.create", "globex", at=NOV_1, key="gone", plan="team", quantity=1)
+    ledger.command("subscription.cancel", "globex", at=mid, key="gone", immediately=True)
+    return {"team": team["subscription_id"], "ops": ops["subscription_id"], "yearly": yearly["subscription_id"],
+            "euro": euro["subscription_id"], "first_invoice": first,
+            "renewal_invoice": str(invoice_uuid("acme", renewal))}
+
+
+def invoice_uuid(tenant: str, key: str) -> UUID:
+    from billing_ledger.domain.invoice import invoice_id
+
+    return invoice_id(tenant, key)
+
+
+def invoice_id_of(subscription_id: str, tenant: str, period_start: datetime) -> str:
+    """The first invoice of a subscription period (the ledger keys it by subscription and period start)."""
+    return str(invoice_uuid(tenant, f"{subscription_id}/{period_start.isoformat()}"))

@@ -1,0 +1,218 @@
+"""Read model: subscriptions (status, plan and version, quantity, periods, trial end, cancellation) and MRR.
+
+One row per ``Subscription`` aggregate. ``Started`` names the tenant and the plan (a snapshot of the published
+plan version: code, name, cadence, currency, base fee); later events carry the subscription's id alone and
+update the row by id: ``Changed`` (plan and/or quantity, maybe a new period), ``TrialConverted`` and
+``PeriodEnded`` (the current period), ``Paused``/``Resumed``/``PastDue``/``Recovered``/``Canceled`` (status),
+``CancelScheduled`` (cancel at period end).
+
+MRR (monthly recurring revenue) is computed when asked, from the live rows: every ``active`` or ``past_due``
+subscription's base fee x quantity, per currency, a quarter's fee counted as a third per month and a year's
+as a twelfth. Sums are exact ``Decimal``: the annual run rate (ARR = monthly x 12 + quarterly x 4 + yearly)
+needs no division at all, and MRR is ARR / 12 rounded once, half-up, to the currency's minor unit.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from billing_events.money import RATING_CONTEXT, RATING_ROUNDING, MoneyError, currency
+from billing_projections.facts import Fact, json_text, utc_text
+from billing_projections.writer import BatchWriter, Handler, Table, value
+from billing_runtime.db import Database
+
+SUBSCRIPTIONS = Table("subscriptions", {"subscription_id": "TEXT"}, {
+    "tenant": value("TEXT NOT NULL"), "subscription_key": value("TEXT NOT NULL"), "status": value("TEXT NOT NULL"),
+    "plan_code": value("TEXT NOT NULL"), "plan_name": value("TEXT"), "plan_version": value("BIGINT"),
+    "cadence": value("TEXT NOT NULL"), "currency": value("TEXT NOT NULL"), "base_fee": value("TEXT NOT NULL"),
+    "quantity": value("BIGINT NOT NULL"), "time_zone": value("TEXT"), "started_at": value("TEXT NOT NULL"),
+    "period_start": value("TEXT"), "period_end": value("TEXT"), "trial_end": value("TEXT"),
+    "cancel_at_period_end": value("INTEGER NOT NULL"), "cancel_at": value("TEXT"), "canceled_at": value("TEXT"),
+    "cancel_reason": value("TEXT"), "paused_at": value("TEXT"), "recurring_grants": value("TEXT"),
+    "started_by": value("TEXT"), "changed_by": value("TEXT"), "updated_at": value("TEXT"),
+    "last_position": value("BIGINT"),
+}, indexes=("tenant, subscription_key", "status, tenant"))
+TABLES = (SUBSCRIPTIONS,)
+
+STATUSES = ("trialing", "active", "past_due", "paused", "canceled")
+BILLABLE = ("active", "past_due")  # what MRR counts (a trial or a paused subscription pays nothing)
+MONTHS_PER_PERIOD = {"month": 1, "quarter": 3, "year": 12}
+PERIODS_PER_YEAR = {cadence: 12 // months for cadence, months in MONTHS_PER_PERIOD.items()}
+
+
+def handler_for(event_type: str) -> Handler | None:
+    aggregate, _, name = event_type.partition(".")
+    if aggregate != "Subscription":
+        return None
+    return _HANDLERS.get(name)
+
+
+def _time(value: Any) -> str | None:
+    return utc_text(value) if isinstance(value, str) and value else None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _fee(plan: dict[str, Any]) -> str:
+    try:
+        return str(Decimal(str(plan.get("base_fee") or "0")))
+    except InvalidOperation:
+        return "0"
+
+
+def _plan(plan: Any) -> dict[str, Any]:
+    plan = plan if isinstance(plan, dict) else {}
+    version = plan.get("version")
+    return {"plan_code": str(plan.get("code") or ""), "plan_name": _text(plan.get("name")),
+            "plan_version": int(version) if isinstance(version, int) else None,
+            "cadence": str(plan.get("cadence") or "month"), "currency": str(plan.get("currency") or ""),
+            "base_fee": _fee(plan)}
+
+
+def _fresh(fact: Fact) -> dict[str, Any]:
+    return {"updated_at": fact.recorded_at, "last_position": fact.position}
+
+
+def _started(fact: Fact, w: BatchWriter) -> None:
+    data = fact.data
+    tenant = data.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        return
+    w.insert(SUBSCRIPTIONS, (fact.aggregate_id,), {
+        "tenant": tenant, "subscription_key": str(data.get("key") or ""), "status": str(data.get("status") or ""),
+        **_plan(data.get("plan")), "quantity": int(data.get("quantity") or 0), "time_zone": _text(data.get("time_zone")),
+        "started_at": _time(data.get("started_at")) or fact.recorded_at,
+        "period_start": _time(data.get("period_start")), "period_end": _time(data.get("period_end")),
+        "trial_end": _time(data.get("trial_end")), "cancel_at_period_end": 0, "started_by": _text(data.get("by")),
+        **_fresh(fact)})
+
+
+def _changed(fact: Fact, w: BatchWriter) -> None:
+    data = fact.data
+    w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set={
+        **_plan(data.get("plan")), "quantity": int(data.get("quantity") or 0),
+        "period_start": _time(data.get("period_start")), "period_end": _time(data.get("period_end")),
+        "changed_by": _text(data.get("by")), **_fresh(fact)})
+
+
+def _status(status: str, **extra: Any) -> Handler:
+    def handle(fact: Fact, w: BatchWriter) -> None:
+        changes: dict[str, Any] = {"status": status, **_fresh(fact)}
+        for column, field in extra.items():
+            changes[column] = None if field is None else (_time(fact.data.get(field)) or fact.recorded_at)
+        w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set=changes)
+
+    return handle
+
+
+def _converted(fact: Fact, w: BatchWriter) -> None:
+    w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set={
+        "status": "active", "period_start": _time(fact.data.get("period_start")),
+        "period_end": _time(fact.data.get("period_end")), **_fresh(fact)})
+
+
+def _period_ended(fact: Fact, w: BatchWriter) -> None:
+    data = fact.data
+    changes = _fresh(fact)
+    if data.get("next_start") and data.get("next_end"):
+        changes.update(period_start=_time(data["next_start"]), period_end=_time(data["next_end"]))
+    w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set=changes)
+
+
+def _cancel_scheduled(fact: Fact, w: BatchWriter) -> None:
+    w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set={
+        "cancel_at_period_end": 1, "cancel_at": _time(fact.data.get("cancel_at")), **_fresh(fact)})
+
+
+def _canceled(fact: Fact, w: BatchWriter) -> None:
+    w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set={
+        "status": "canceled", "canceled_at": _time(fact.data.get("at")) or fact.recorded_at,
+        "cancel_reason": _text(fact.data.get("reason")), **_fresh(fact)})
+
+
+def _grants(fact: Fact, w: BatchWriter) -> None:
+    grants = fact.data.get("grant_ids")
+    w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set={
+        "recurring_grants": json_text(grants) if isinstance(grants, list) else None, **_fresh(fact)})
+
+
+_HANDLERS: dict[str, Handler] = {
+    "Started": _started, "Changed": _changed, "TrialConverted": _converted, "PeriodEnded": _period_ended,
+    "Paused": _status("paused", paused_at="at"), "Resumed": _status("active", paused_at=None),
+    "PastDue": _status("past_due"), "Recovered": _status("active"), "CancelScheduled": _cancel_scheduled,
+    "Canceled": _canceled, "RecurringGrantsIssued": _grants,
+}
+
+
+def project(fact: Fact, w: BatchWriter) -> None:
+    handler = handler_for(fact.type)
+    if handler is not None:
+        handler(fact, w)
+
+
+# -- queries ---------------------------------------------------------------------------------------------
+
+COLUMNS = ("subscription_id", "tenant", "subscription_key", "status", "plan_code", "plan_name", "plan_version",
+           "cadence", "currency", "base_fee", "quantity", "time_zone", "started_at", "period_start", "period_end",
+           "trial_end", "cancel_at_period_end", "cancel_at", "canceled_at", "cancel_reason", "paused_at",
+           "updated_at", "last_position")
+
+
+async def page(db: Database, *, tenant: str | None, statuses: tuple[str, ...] = (), plan: str | None = None,
+               offset: int, limit: int) -> list[dict[str, Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if tenant is not None:
+        args.append(tenant)
+        where.append(f"tenant = ${len(args)}")
+    if statuses:
+        placeholders = []
+        for status in statuses:
+            args.append(status)
+            placeholders.append(f"${len(args)}")
+        where.append(f"status IN ({', '.join(placeholders)})")
+    if plan:
+        args.append(plan)
+        where.append(f"plan_code = ${len(args)}")
+    args += [limit, offset]
+    return await db.fetch(
+        f"SELECT {', '.join(COLUMNS)} FROM subscriptions {'WHERE ' + ' AND '.join(where) if where else ''} "
+        f"ORDER BY tenant, subscription_key, subscription_id LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+
+
+async def mrr(db: Database, *, tenant: str | None, by_tenant: bool = False) -> list[dict[str, Any]]:
+    """Recurring revenue per currency (and tenant when ``by_tenant``) of the billable subscriptions."""
+    args: list[Any] = list(BILLABLE)
+    where = "status IN ($1, $2)"
+    if tenant is not None:
+        args.append(tenant)
+        where += f" AND tenant = ${len(args)}"
+    rows = await db.fetch(f"SELECT tenant, currency, cadence, base_fee, quantity FROM subscriptions WHERE {where}",
+                          *args)
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["tenant"] if by_tenant else "", r["currency"])
+        acc = totals.setdefault(key, {"tenant": key[0] or None, "currency": r["currency"], "subscriptions": 0,
+                                      "per_cadence": {c: Decimal(0) for c in MONTHS_PER_PERIOD}})
+        cadence = r["cadence"] if r["cadence"] in MONTHS_PER_PERIOD else "month"
+        fee = RATING_CONTEXT.multiply(Decimal(r["base_fee"]), Decimal(int(r["quantity"])))
+        acc["per_cadence"][cadence] = RATING_CONTEXT.add(acc["per_cadence"][cadence], fee)
+        acc["subscriptions"] += 1
+    result = []
+    for key in sorted(totals):
+        acc = totals[key]
+        arr = sum((RATING_CONTEXT.multiply(amount, Decimal(PERIODS_PER_YEAR[c]))
+                   for c, amount in acc["per_cadence"].items()), Decimal(0))
+        result.append({**acc, "arr": arr, "mrr": _minor(RATING_CONTEXT.divide(arr, Decimal(12)), acc["currency"])})
+    return result
+
+
+def _minor(amount: Decimal, code: str) -> Decimal:
+    try:
+        scale = currency(code).minor_scale
+    except MoneyError:
+        scale = 2
+    return amount.quantize(Decimal(1).scaleb(-scale), rounding=RATING_ROUNDING, context=RATING_CONTEXT)
