@@ -16,14 +16,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
-from billing_ledger.application import LedgerApplication, persistence_env
-from billing_ledger.audit import compare_with_projection, export_lines, replay_lines, verify_store
 from billing_runtime.auth import mint_token
 from billing_runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from billing_ledger.application import LedgerApplication
 
 app = typer.Typer(help="Tamper evidence: verify, export and replay an account's ledger stream.",
                   no_args_is_help=True)
@@ -32,6 +33,9 @@ PROJECTION_TIMEOUT_SECONDS = 10.0
 
 
 def _ledger(settings: Settings) -> LedgerApplication:
+    # Imported here so that `billing --help` does not load the event store's libraries.
+    from billing_ledger.application import LedgerApplication, persistence_env
+
     return LedgerApplication(persistence_env(settings.database_url, str(settings.data_dir), settings.schema("ledger")))
 
 
@@ -56,6 +60,8 @@ def verify(
     wait_seconds: Annotated[float, typer.Option(help="Let a lagging projection catch up this long")] = 0.0,
 ) -> None:
     """Replays the account from the event store, checks its hash chain and balances, compares the projection."""
+    from billing_ledger.audit import compare_with_projection, verify_store
+
     settings = Settings.from_env()
     ledger = _ledger(settings)
     try:
@@ -90,6 +96,8 @@ def export(
     out: Annotated[Path | None, typer.Option(help="JSON lines file (default: standard output)")] = None,
 ) -> None:
     """Writes the account's event stream as JSON lines, one event per line, in version order."""
+    from billing_ledger.audit import export_lines
+
     settings = Settings.from_env()
     ledger = _ledger(settings)
     try:
@@ -107,6 +115,8 @@ def export(
 @app.command()
 def replay(file: Annotated[Path, typer.Argument(help="A file written by `billing audit export`")]) -> None:
     """Replays an export offline: recomputes the hash chain and the balances from the file alone."""
+    from billing_ledger.audit import replay_lines
+
     with file.open() as lines:
         result = replay_lines(lines)
     report = {**result.to_json(), "problems": result.problems}

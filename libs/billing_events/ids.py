@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from uuid import NAMESPACE_URL, UUID, uuid5
+
+ACCOUNT_ID_CACHE_MAX = 65536
 
 
 def _id(path: str) -> UUID:
     return uuid5(NAMESPACE_URL, path)
 
 
+@lru_cache(maxsize=ACCOUNT_ID_CACHE_MAX)
 def account_id(tenant: str) -> UUID:
     """The billing account (one per tenant/organisation)."""
     return _id(f"/accounts/{tenant}")

@@ -53,9 +53,6 @@ class Settings:
     dedup_cleanup_interval_seconds: int = 60
     dedup_cleanup_rows_max: int = 5000
     dedup_cleanup_rows_per_run_max: int = 200_000
-    # Kafka consumers of billing.usage.raw per ingest process (one consumer group): each handles its own
-    # partitions, so one's CPU work overlaps another's waits on Kafka acks and PostgreSQL commits.
-    ingest_raw_consumers: int = 2
     # Payment webhooks (POST /v1/webhooks/{gateway}). A gateway is enabled only when its secrets are set.
     webhook_body_bytes_max: int = 256 * 1024
     gateway_api_timeout_seconds: int = 10
@@ -112,7 +109,6 @@ class Settings:
             dedup_cleanup_interval_seconds=_env_int("BILLING_DEDUP_CLEANUP_INTERVAL_SECONDS", 60),
             dedup_cleanup_rows_max=_env_int("BILLING_DEDUP_CLEANUP_ROWS_MAX", 5000),
             dedup_cleanup_rows_per_run_max=_env_int("BILLING_DEDUP_CLEANUP_ROWS_PER_RUN_MAX", 200_000),
-            ingest_raw_consumers=_env_int("BILLING_INGEST_RAW_CONSUMERS", 2),
             webhook_body_bytes_max=_env_int("BILLING_WEBHOOK_BODY_BYTES_MAX", 256 * 1024),
             gateway_api_timeout_seconds=_env_int("BILLING_GATEWAY_API_TIMEOUT_SECONDS", 10),
             stripe_api_key=os.environ.get("BILLING_STRIPE_API_KEY") or None,

@@ -28,9 +28,7 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         name="ingest",
         routers=[build_router(service), build_webhook_router(webhooks, settings.webhook_body_bytes_max)],
         consumers=[
-            # Several members of one group in this process split the raw partitions between them.
-            *[ConsumerSpec(settings.group("billing-ingest"), [topics.USAGE_RAW], service.handle_raw)
-              for _ in range(max(1, settings.ingest_raw_consumers))],
+            ConsumerSpec(settings.group("billing-ingest"), [topics.USAGE_RAW], service.handle_raw),
             ConsumerSpec(settings.group("billing-ingest-catalog"), [topics.LEDGER_EVENTS], service.handle_ledger_events),
         ],
         tasks=[service.cleanup_loop],

@@ -108,4 +108,4 @@ def build_webhook_router(webhooks: PaymentWebhooks, body_max: int) -> APIRouter:
 
 
 _TITLES = {400: "Webhook refused", 404: "Not found", 409: "Webhook replayed", 422: "Payment not confirmed",
-           502: "Gateway unavailable"}
+           502: "Gateway unavailable", 503: "Try again later"}

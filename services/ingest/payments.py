@@ -1,17 +1,19 @@
-"""Payment webhooks, gateway-independent: refuse replays, confirm with the gateway, publish exactly one
+"""Payment webhooks, gateway-independent: refuse replays, confirm with the gateway, publish one
 ``PaymentNotification`` per money movement to ``billing.payments`` (key: billing account id).
 
 Two tables in ingest's own schema:
 
-* ``webhook_events(gateway, replay_key)``: every event processed (published, already notified, ignored).
-  A second delivery of the same key is refused with 409 before the gateway's API is even called.
-* ``payment_notifications(gateway, kind, reference)``: one row per money movement, so two different
-  events announcing the same payment (Stripe's checkout.session.completed and payment_intent.succeeded)
-  publish one notification; the second is answered ``already_notified``.
+* ``notified_payments(gateway, kind, reference)``: one row per money movement with the exact notification
+  message, written (unpublished) before the publish and marked published after it. Every publish of a
+  movement sends that stored message, so whatever happens -- a crash between publish and mark, the gateway's
+  retry, another event announcing the same movement (Stripe's checkout.session.completed and
+  payment_intent.succeeded) -- the bus only ever carries byte-identical copies of one notification
+  (same gateway event id), which the ledger deduplicates by its command id.
+* ``webhook_events(gateway, replay_key)``: every event whose processing finished (published, already
+  notified, ignored), written with the mark. A second delivery of the same key is refused with 409 before
+  the gateway's API is even called. A crash before the mark leaves no row: the gateway's retry is processed
+  and re-publishes the stored message.
 
-Both rows are written in one transaction that commits only after the notification is durable on the bus.
-A crash in between leaves nothing recorded and no 2xx sent: the gateway retries and the notification is
-published again, identical (same event id and reference), which the ledger deduplicates by reference.
 A webhook the gateway does not confirm records nothing, so the gateway's retry re-checks it.
 """
 
@@ -47,9 +49,9 @@ CREATE TABLE IF NOT EXISTS webhook_events (
     gateway TEXT NOT NULL, replay_key TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
     outcome TEXT NOT NULL, reference TEXT, received_at TEXT NOT NULL,
     PRIMARY KEY (gateway, replay_key));
-CREATE TABLE IF NOT EXISTS payment_notifications (
+CREATE TABLE IF NOT EXISTS notified_payments (
     gateway TEXT NOT NULL, kind TEXT NOT NULL, reference TEXT NOT NULL, event_id TEXT NOT NULL,
-    tenant TEXT NOT NULL, message TEXT NOT NULL, published_at TEXT NOT NULL,
+    tenant TEXT NOT NULL, message TEXT NOT NULL, published INTEGER NOT NULL, created_at TEXT NOT NULL,
     PRIMARY KEY (gateway, kind, reference));
 """
 
@@ -59,7 +61,8 @@ class WebhookResult:
     """How one webhook ended; ``problem`` set means an RFC 9457 answer with ``status``."""
 
     status: int
-    outcome: str  # published | already_notified | ignored | refused | replayed | not_confirmed | unavailable
+    outcome: str  # published | already_notified | ignored | refused | replayed | not_confirmed | unavailable |
+    #                unknown_gateway | failed
     detail: str
     event_id: str | None = None
     problem: str | None = None  # problem type suffix, e.g. webhook-replayed
@@ -82,7 +85,12 @@ class PaymentWebhooks:
             await gateway.close()
 
     async def handle(self, gateway_name: str, raw_body: bytes, headers: Mapping[str, str]) -> WebhookResult:
-        result = await self._handle(gateway_name, raw_body, headers)
+        try:
+            result = await self._handle(gateway_name, raw_body, headers)
+        except Exception:
+            log.exception("payment_webhook_failed", gateway=gateway_name)
+            result = WebhookResult(503, "failed", "The webhook could not be processed now; nothing was recorded. "
+                                                  "Retry later.", problem="webhook-not-processed")
         WEBHOOKS.labels(gateway_name if gateway_name in self.gateways else "unknown", result.outcome).inc()
         log.info("payment_webhook", gateway=gateway_name, outcome=result.outcome, status=result.status,
                  event_id=result.event_id, detail=result.detail)
@@ -135,40 +143,35 @@ class PaymentWebhooks:
         return bool(rows)
 
     async def _publish(self, event: VerifiedEvent, payment: ConfirmedPayment, now: datetime) -> WebhookResult:
-        notification = payment.notification(event, now)
-        message = notification.to_json()
-        try:
-            fresh = await self._record_and_publish(event, payment, message, now)
-        except _Replayed:
-            return self._replayed(event)
-        if fresh:
-            return WebhookResult(200, "published", f"{payment.kind} {payment.amount} {payment.currency} for "
-                                                   f"{payment.tenant} (order {payment.order_id})", event.event_id)
-        return WebhookResult(200, "already_notified", f"{payment.reference} was already notified by another "
-                                                      f"event; nothing was published.", event.event_id)
-
-    async def _record_and_publish(self, event: VerifiedEvent, payment: ConfirmedPayment, message: bytes,
-                                  now: datetime) -> bool:
+        key = (event.gateway, payment.kind, payment.reference)
+        message = payment.notification(event, now).to_json().decode()
         async with self.db.transaction() as conn:
-            fresh = await conn.fetch(
-                "INSERT INTO payment_notifications (gateway, kind, reference, event_id, tenant, message, "
-                "published_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING reference",
-                event.gateway, payment.kind, payment.reference, event.event_id, payment.tenant, message.decode(),
-                isoformat(now))
-            outcome = "published" if fresh else "already_notified"
+            await conn.execute(
+                "INSERT INTO notified_payments (gateway, kind, reference, event_id, tenant, message, published, "
+                "created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7) ON CONFLICT DO NOTHING",
+                *key, event.event_id, payment.tenant, message, isoformat(now))
+            stored = await conn.fetchrow(
+                "SELECT message, published, tenant, event_id FROM notified_payments WHERE gateway = $1 AND kind = $2 "
+                "AND reference = $3", *key)
+        assert stored is not None
+        if not stored["published"]:
+            # Ours, or one remembered by an earlier delivery that did not finish: the stored copy either way.
+            await self.bus.publish([OutMessage(topics.PAYMENTS, str(ids.account_id(stored["tenant"])),
+                                               stored["message"].encode(), (("schema", b"payment/v1"),))])
+        # "published": this event's notification is out (now, or by an earlier unfinished delivery of it).
+        outcome = "published" if stored["event_id"] == event.event_id else "already_notified"
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE notified_payments SET published = 1 WHERE gateway = $1 AND kind = $2 "
+                               "AND reference = $3", *key)
             recorded = await conn.fetch(
                 "INSERT INTO webhook_events (gateway, replay_key, event_id, event_type, outcome, reference, "
                 "received_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING replay_key",
                 event.gateway, event.replay_key, event.event_id, event.event_type, outcome, payment.reference,
                 isoformat(now))
-            if not recorded:  # the same event raced us in another request and won
-                raise _Replayed
-            if fresh:
-                # Durable on the bus before the transaction commits (see the module docstring).
-                await self.bus.publish([OutMessage(topics.PAYMENTS, str(ids.account_id(payment.tenant)), message,
-                                                   (("schema", b"payment/v1"),))])
-        return bool(fresh)
-
-
-class _Replayed(Exception):
-    pass
+        if not recorded:  # the same event, delivered twice at once, finished first in another request
+            return self._replayed(event)
+        if outcome == "published":
+            return WebhookResult(200, "published", f"{payment.kind} {payment.amount} {payment.currency} for "
+                                                   f"{payment.tenant} (order {payment.order_id})", event.event_id)
+        return WebhookResult(200, "already_notified", f"{payment.reference} was already notified by another "
+                                                      f"event; no new notification.", event.event_id)

@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import sys
-import threading
 
 from billing_projections.app import builder
 from billing_projections.tuning import tune_gc
@@ -26,24 +25,28 @@ log = get_logger(__name__)
 
 
 def _watch_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """Stops when stdin (a pipe from the parent) reaches EOF: the parent is gone."""
+    """Stops when stdin (a pipe from the parent) reaches EOF: the parent is gone, however it died."""
     try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode
+        fd = sys.stdin.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
     except (OSError, ValueError):
         return
-    if not stat.S_ISFIFO(mode):
-        return
 
-    def wait() -> None:
+    def readable() -> None:
         try:
-            while sys.stdin.buffer.read(4096):
-                pass
-        except (OSError, ValueError):
-            pass
-        log.info("parent_gone_stopping")
-        loop.call_soon_threadsafe(stop.set)
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.info("parent_gone_stopping")
+            stop.set()
 
-    threading.Thread(target=wait, name="parent-watch", daemon=True).start()
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
 
 
 async def main(port: int | None) -> None:

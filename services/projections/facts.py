@@ -88,7 +88,7 @@ class MalformedEvent(ValueError):
     pass
 
 
-_ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
+_ENVELOPE_TYPES: dict[str, type] = {
     "position": int, "aggregate_id": str, "type": str, "recorded_at": str, "data": dict}
 
 
@@ -102,14 +102,19 @@ def parse_event(raw: bytes) -> dict[str, Any]:
         envelope = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise MalformedEvent(f"not JSON: {exc}") from exc
-    if not isinstance(envelope, dict):
+    if type(envelope) is not dict:
         raise MalformedEvent("not a JSON object")
-    schema = envelope.get("schema_", envelope.get("schema", "ledger.event/v1"))
-    if schema != "ledger.event/v1":
-        raise MalformedEvent(f"unknown schema {schema!r}")
-    for name, kind in _ENVELOPE_TYPES.items():
-        if not isinstance(envelope.get(name), kind) or isinstance(envelope.get(name), bool):
-            raise MalformedEvent(f"{name} is missing or not a {kind}")
+    schema = envelope.get("schema_")
+    if schema != "ledger.event/v1" and (schema is not None or envelope.get("schema", "ledger.event/v1")
+                                        != "ledger.event/v1"):
+        raise MalformedEvent(f"unknown schema {schema or envelope.get('schema')!r}")
+    # JSON gives exact types: ``type(x) is int`` also refuses booleans.
+    if (type(envelope.get("position")) is not int or type(envelope.get("aggregate_id")) is not str
+            or type(envelope.get("type")) is not str or type(envelope.get("recorded_at")) is not str
+            or type(envelope.get("data")) is not dict):
+        for name, kind in _ENVELOPE_TYPES.items():
+            if type(envelope.get(name)) is not kind:
+                raise MalformedEvent(f"{name} is missing or not a {kind}")
     return envelope
 
 

@@ -112,16 +112,17 @@ class ProjectionService:
 
     async def _facts(self, conn: Connection, events: list[dict[str, Any]]) -> list[Fact]:
         """Resolves each account event's tenant: from its Opened event, this batch, the cache or the table."""
-        opened: dict[str, str] = {}
+        tenants = self._tenants
         wanted: set[str] = set()
+        opened: set[str] = set()
         for event in events:
-            aggregate_id = event["aggregate_id"]
-            if not event["type"].startswith("BillingAccount."):
-                continue
-            if event["type"] == "BillingAccount.Opened":
-                opened[aggregate_id] = str(event["data"]["tenant"])
-            elif aggregate_id not in opened and aggregate_id not in self._tenants:
-                wanted.add(aggregate_id)
+            kind = event["type"]
+            if kind.startswith("BillingAccount."):
+                aggregate_id = event["aggregate_id"]
+                if kind == "BillingAccount.Opened":
+                    opened.add(aggregate_id)
+                elif aggregate_id not in tenants and aggregate_id not in opened:
+                    wanted.add(aggregate_id)
         if wanted:
             ids = sorted(wanted)
             for start in range(0, len(ids), LOOKUP_KEYS_MAX):
@@ -132,24 +133,28 @@ class ProjectionService:
                     self._remember(r["account_id"], r["tenant"])
         facts: list[Fact] = []
         for event in events:
-            aggregate_id, kind = event["aggregate_id"], event["type"]
-            tenant = ""
-            if kind.startswith("BillingAccount."):
-                if kind == "BillingAccount.Opened":
-                    self._remember(aggregate_id, str(event["data"]["tenant"]))
-                tenant = self._tenants.get(aggregate_id, "")
+            aggregate_id, kind, data = event["aggregate_id"], event["type"], event["data"]
+            aggregate, _, name = kind.partition(".")
+            if aggregate == "BillingAccount":
+                if name == "Opened":
+                    self._remember(aggregate_id, str(data["tenant"]))
+                tenant = tenants.get(aggregate_id, "")
                 if not tenant:
                     # The account's Opened event precedes it in the same partition; missing means data loss
                     # upstream (e.g. topic retention). Logged loudly; the rest of the partition goes on.
                     EVENTS_SKIPPED.labels("unknown_account").inc()
                     log.error("event_for_unknown_account", position=event["position"], type=kind)
                     continue
-            aggregate, _, name = kind.partition(".")
-            if not tenant:
+            else:
                 found = event.get("tenant")
-                tenant = found if isinstance(found, str) else ""
-            facts.append(Fact(event["position"], aggregate_id, kind, utc_text(event["recorded_at"]), event["data"],
-                              tenant, "", aggregate, name))
+                tenant = found if type(found) is str else ""
+            recorded_at = utc_text(event["recorded_at"])
+            occurred_at = data.get("at")  # business time, as facts.business_time
+            if type(occurred_at) is not str or not occurred_at:
+                occurred_at = data.get("effective_at")
+            facts.append(Fact(event["position"], aggregate_id, kind, recorded_at, data, tenant,
+                              utc_text(occurred_at) if type(occurred_at) is str and occurred_at else recorded_at,
+                              aggregate, name))
         return facts
 
     def _remember(self, account_id: str, tenant: str) -> None:

@@ -65,6 +65,8 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--snapshot", action="store_true",
                         help="run the services from `git archive HEAD` (not the working tree being edited)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="run the services from this tree instead (same layout, e.g. a patched copy)")
     parser.add_argument("--label", default="e2e", help="file name prefix of the results")
     args = parser.parse_args(argv)
     profiled = list(SERVICES) if args.profile == "all" else [p for p in args.profile.split(",") if p]
@@ -77,7 +79,8 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
                        hold_rate=args.hold_rate, marker_interval=args.marker_interval,
                        idle_seconds=args.idle_seconds, raw_limits=not args.no_raw_limits, profile=profiled,
                        profile_rate=args.profile_rate, seed=args.seed, timeout=args.timeout, keep=args.keep,
-                       out_dir=args.out, plot=not args.no_plot, label=args.label, snapshot=args.snapshot)
+                       out_dir=args.out, plot=not args.no_plot, label=args.label, snapshot=args.snapshot,
+                       source=args.source)
 
 
 def main(argv: list[str] | None = None) -> int:

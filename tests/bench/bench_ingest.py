@@ -223,8 +223,6 @@ def main() -> None:
                         help="records per consumer batch (BILLING_BATCH_RECORDS_MAX)")
     parser.add_argument("--duplicates", type=float, default=0.01, help="share of exact duplicates")
     parser.add_argument("--bad", type=float, default=0.002, help="share of invalid events")
-    parser.add_argument("--consumers", type=int, default=Settings.from_env().ingest_raw_consumers,
-                        help="raw consumers in the ingest process (BILLING_INGEST_RAW_CONSUMERS)")
     parser.add_argument("--keep", action="store_true", help="keep the namespace's topics and schema")
     args = parser.parse_args()
     configure_logging(json_output=True, level=40)
@@ -232,8 +230,7 @@ def main() -> None:
     database_url = os.environ["DATABASE_URL"]
     namespace = "bench" + uuid.uuid4().hex[:8]
     settings = dataclasses.replace(Settings.from_env(), kafka_bootstrap_servers=bootstrap,
-                                   database_url=database_url, namespace=namespace, batch_records_max=args.batch,
-                                   ingest_raw_consumers=args.consumers)
+                                   database_url=database_url, namespace=namespace, batch_records_max=args.batch)
     asyncio.run(ensure_topics(bootstrap, settings.topic_partitions,
                               [f"{namespace}.{t}" for t in topics.ALL_TOPICS]))
     results: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()  # type: ignore[type-arg]
@@ -250,7 +247,6 @@ def main() -> None:
         figures["accepted_records"] = total
         figures["exactly_once"] = len(ids) == total == counts["good"]
         print(json.dumps({"bench": "ingest", "namespace": namespace, "events": args.events, "batch": args.batch,
-                          "consumers": args.consumers,
                           "sent": counts, **figures}))
         assert figures["exactly_once"], "every good event accepted exactly once"
     finally:

@@ -52,9 +52,19 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         r = httpx.post(f"{base}/v1/usage", json={"events": events}, headers=auth("service"), timeout=10)
         assert [x["status"] for x in r.json()["results"]] == ["accepted"] * 4, r.text
         wait_until(lambda: _balance(base) == "93.91", what="the debits (30 x 0.20 + 0.045 + 0.045)")
+        # A subscription to the demo plan (29.00 a month): its first invoice is finalized at once.
+        created = httpx.post(f"{base}/v1/accounts/acme/subscriptions", headers=auth("admin"), timeout=30,
+                             json={"key": "main", "plan": "starter", "quantity": 1, "trial": False})
+        assert created.status_code == 201, created.text
+        wait_until(lambda: _invoices(base), what="the first invoice in the read model")
         yield base
     finally:
         run.stop(signal.SIGINT)
+
+
+def _invoices(base: str) -> list[dict[str, Any]]:
+    r = httpx.get(f"{base}/v1/accounts/acme/invoices", headers=auth("viewer", "acme"), timeout=5)
+    return [i for i in r.json()["items"] if i["status"] == "finalized"] if r.status_code == 200 else []
 
 
 def _balance(base: str) -> str | None:
@@ -127,7 +137,25 @@ def test_tenant_dashboard_matches_the_api_and_filters(embedded: str, browser: An
 
     figures = _api(base, "/v1/accounts/acme/figures", viewer, granularity="month", year=now.year,
                    month=now.month)["items"]
-    assert page.inner_text("[data-testid=figure-consumed-USD]") == figures[0]["consumed"]
+    usd_figures = next(f for f in figures if f["unit"] == "USD")
+    assert page.inner_text("[data-testid=figure-consumed-USD]") == usd_figures["consumed"]
+
+    # Invoices: the API's list, each with a PDF link that downloads the ledger's rendering with the cookie.
+    invoices = _api(base, "/v1/accounts/acme/invoices", viewer)["items"]
+    invoice_rows = page.locator("[data-testid=invoice-row]")
+    assert invoice_rows.count() == len(invoices) >= 1
+    assert [invoice_rows.nth(i).get_attribute("data-number") for i in range(invoice_rows.count())] == [
+        i["number"] for i in invoices]
+    assert invoice_rows.nth(0).locator("[data-testid=invoice-total]").inner_text() == invoices[0]["total"] == "29.00"
+    href = invoice_rows.nth(0).locator("[data-testid=invoice-pdf]").get_attribute("href")
+    assert href == f"/dashboard/accounts/acme/invoices/{invoices[0]['invoice_id']}.pdf"
+    pdf = page.request.get(f"{base}{href}")
+    assert pdf.ok and pdf.headers["content-type"] == "application/pdf" and pdf.body().startswith(b"%PDF")
+    detail = _api(base, f"/v1/accounts/acme/invoices/{invoices[0]['invoice_id']}", viewer)
+    assert detail["items"][0]["kind"] == "base_fee"
+    assert detail["pdf_url"] == f"/v1/accounts/acme/invoices/{invoices[0]['invoice_id']}.pdf"  # same origin
+    direct = httpx.get(f"{base}{detail['pdf_url']}", headers=viewer, timeout=30)  # the ledger's own route
+    assert direct.status_code == 200 and direct.content.startswith(b"%PDF")
 
     transactions = _api(base, "/v1/accounts/acme/transactions", viewer, limit=20)["items"]
     tx_rows = page.locator("[data-testid=transaction-row]")
@@ -166,6 +194,12 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     for key in ("funds_in", "top_ups", "consumed", "tax_collected", "refunds", "breakage"):
         assert page.inner_text(f"[data-testid=figure-{key}-USD]") == usd[key], key
     assert usd["consumed"] == "6.09"
+    mrr = _api(base, "/v1/reports/mrr", finance)["items"]
+    assert [(m["currency"], m["mrr"]) for m in mrr] == [("USD", "29.00")]
+    assert page.inner_text("[data-testid=mrr-USD]") == mrr[0]["mrr"]
+    assert page.inner_text("[data-testid=arr-USD]") == mrr[0]["arr"] == "348.00"
+    issued = page.locator("[data-testid=invoice-row]")
+    assert issued.count() >= 1 and issued.nth(0).get_attribute("data-status") == "finalized"
     chargeback = page.locator("[data-testid=chargeback-row]")
     assert [chargeback.nth(i).get_attribute("data-tenant") for i in range(chargeback.count())] == ["acme"]
     page.screenshot(path=str(ARTIFACTS / "dashboard-finance.png"), full_page=True)

@@ -12,6 +12,7 @@ Events acted on (anything else is answered 200 ``ignored``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,7 @@ from billing_ingest.webhooks import (
 from billing_runtime.settings import Settings
 
 NAME = "stripe"
+_OBJECT_ID = re.compile(r"^[A-Za-z0-9_]{1,255}$")
 # Stripe's API sends these zero-decimal ISO 4217 currencies with two decimals, for backwards compatibility.
 STRIPE_SCALE_OVERRIDES = {"ISK": 2, "UGX": 2}
 STRIPE_NETWORK_RETRIES_MAX = 2
@@ -90,8 +92,8 @@ class StripeGateway:
         data = event.get("data") if isinstance(event, dict) else None
         obj = data.get("object") if isinstance(data, dict) else None
         if not (isinstance(event.get("id"), str) and isinstance(event.get("type"), str) and isinstance(obj, dict)
-                and isinstance(obj.get("id"), str)):
-            return Refused(RefusalKind.MALFORMED, "A Stripe event needs id, type and data.object.id.")
+                and isinstance(obj.get("id"), str) and _OBJECT_ID.match(obj["id"]) and event["id"]):
+            return Refused(RefusalKind.MALFORMED, "A Stripe event needs id, type and a valid data.object.id.")
         return VerifiedEvent(NAME, event["id"], event["type"], event, replay_key=event["id"])
 
     async def confirm(self, event: VerifiedEvent) -> Confirmation:

@@ -36,6 +36,7 @@ from tests.bench.harness.stream import MARKER_PRICE, marker_event
 
 HOLDS_PATH = "/v1/accounts/{tenant}/holds"
 MARKER_POLL_SECONDS = 0.01
+KEEP_ALIVE_IDLE_SECONDS_MAX = 3.0  # below uvicorn's 5 s keep-alive timeout
 IN_FLIGHT_MAX = 32  # requests of one probe in flight; an arrival beyond it is counted as not sent
 
 
@@ -51,13 +52,36 @@ class KeepAliveClient:
         host_port = base_url.split("://", 1)[1].rstrip("/")
         self.host, port = host_port.split(":")
         self.port = int(port)
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self.connections = connections
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A pooled connection (reused: True) unless the server may have closed it: uvicorn closes a
+        keep-alive connection after 5 s idle, so older idle ones are dropped."""
+        now = time.monotonic()
+        while self._idle:
+            reader, writer, last_used = self._idle.pop()
+            if now - last_used < KEEP_ALIVE_IDLE_SECONDS_MAX and not writer.is_closing():
+                return reader, writer, True
+            writer.close()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return reader, writer, False
 
     async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"",
                       timeout: float = 30) -> tuple[int, bytes]:
-        conn = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
-        reader, writer = conn
+        reader, writer, reused = await self._connection()
+        try:
+            return await self._exchange(reader, writer, method, path, headers, body, timeout)
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+        # The server closed the reused connection before answering (nothing was processed): once more on a
+        # new one.
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return await self._exchange(reader, writer, method, path, headers, body, timeout)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, path: str,
+                        headers: dict[str, str], body: bytes, timeout: float) -> tuple[int, bytes]:
         try:
             head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}",
                     *(f"{k}: {v}" for k, v in headers.items())]
@@ -81,11 +105,11 @@ class KeepAliveClient:
         if close or len(self._idle) >= self.connections:
             writer.close()
         else:
-            self._idle.append(conn)
+            self._idle.append((reader, writer, time.monotonic()))
         return status, payload
 
     async def close(self) -> None:
-        for _, writer in self._idle:
+        for _, writer, _ in self._idle:
             writer.close()
         self._idle.clear()
 

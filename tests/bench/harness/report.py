@@ -121,6 +121,7 @@ def build(bench: Bench, phases: list[Phase], expected: Expected, idle: tuple[flo
     result: dict[str, Any] = {
         "name": bench.name, "namespace": bench.namespace,
         "code": {"commit": bench.commit, "snapshot": bench.config.snapshot,
+                 "source": str(bench.config.source) if bench.config.source else None,
                  "working_tree_changes_in_services": bench.dirty},
         "stream": {"events": events, "good": expected.good_count, "duplicates": expected.duplicates,
                    "bad": expected.bad_count, "tenants": len(bench.tenants), "by_meter": dict(expected.by_meter)},
@@ -191,7 +192,8 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{s['bad']:,} bad events; meters {s['by_meter']}.")
     code = result.get("code", {})
     lines.append(f"Code: commit {code.get('commit', '?')[:12]}"
-                 + (" (snapshot of the commit)" if code.get("snapshot") else
+                 + (f"; services from the tree {code['source']}" if code.get("source") else
+                    " (snapshot of the commit)" if code.get("snapshot") else
                     " + uncommitted changes in libs/services/cli" if code.get("working_tree_changes_in_services")
                     else ""))
     lines.append(f"Machine: {result.get('machine', {}).get('host_cores')} cores, load average at start "
@@ -260,6 +262,8 @@ def markdown(result: dict[str, Any]) -> str:
     rss = result["resources"]["peak_rss_mb"]
     for stage, f in result["stages"].items():
         name = stage.split(" ")[0]
+        if name == "produce":
+            continue  # the producer's rate is in the table above
         lines.append(f"| {stage} | {f['records']:,} | {f['records_per_usage_event']} | "
                      f"{f['records_per_second_busy']:,}/s | {f['peak_records_per_second_1s']:,}/s | "
                      f"{f.get('max_lag', '')} | {cpu.get(name, '')} | {per_event.get(name, '')} | "
@@ -310,7 +314,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(mid, rate([k["committed"][stage] for k in kafka]), label=stage)
     ax.plot(mid, rate([k["end"]["billing.ledger.events"] for k in kafka]), label="relay (ledger events)",
             linestyle=":")
-    ax.set_ylabel("records/s (committed)")
+    stage_peak = max((r for stage in STAGES for r in rate([k["committed"][stage] for k in kafka])), default=0)
+    if stage_peak > 0:
+        ax.set_ylim(0, stage_peak * 1.3)  # the producer's burst would flatten the stages' curves
+    ax.set_ylabel("records/s (committed; producer clipped)")
     ax.set_title(f"{result['name']}: end to end {result['end_to_end']['events_per_second']:,} events/s "
                  f"({result['end_to_end']['phase']}); red: phase start (dotted), produced (dashed), visible (solid)",
                  fontsize=9)

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -83,6 +84,7 @@ class BenchConfig:
     # Run the services from a snapshot of the committed tree (git archive HEAD) instead of the working tree,
     # which others may be editing: the figures then belong to one commit.
     snapshot: bool = False
+    source: Path | None = None  # or run the services from this tree (same layout; e.g. a patched copy)
 
     def offered_events(self) -> int:
         if self.duration:
@@ -124,11 +126,16 @@ def git(*args: str) -> str:
 
 
 def snapshot_source(target: Path) -> Path:
-    """``git archive HEAD`` into ``target``, plus a directory of package links that PYTHONPATH puts before
-    the editable install (setuptools appends its finder to ``sys.meta_path``, after the path finder)."""
+    """``git archive HEAD`` into ``target``, with its package links (see ``link_packages``)."""
     target.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return link_packages(target)
+
+
+def link_packages(target: Path) -> Path:
+    """A directory of package links into ``target`` that PYTHONPATH puts before the editable install
+    (setuptools appends its finder to ``sys.meta_path``, after the path finder)."""
     packages = target / ".bench-packages"
     packages.mkdir(exist_ok=True)
     for name, directory in PACKAGE_DIRS.items():
@@ -360,7 +367,11 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.snapshot:
+        if cfg.source is not None:
+            self.source = link_packages(cfg.source.resolve())
+            self.dirty = True
+            log(f"services run from {self.source}")
+        elif cfg.snapshot:
             self.source = snapshot_source(self.run_dir / "src")
             self.dirty = False
             log(f"services run from a snapshot of commit {self.commit[:12]} ({self.source})")
@@ -466,6 +477,8 @@ class Bench:
             await watch.stop()
             if not cfg.keep:
                 await self.drop_namespace()
+                if cfg.snapshot and cfg.source is None:
+                    shutil.rmtree(self.source, ignore_errors=True)  # the snapshot: `code.commit` names it
         result["services_exit"] = exit_codes
         result["service_log_error_lines"] = errors
         return result

@@ -99,20 +99,40 @@ async def test_a_new_gateway_works_through_the_core_without_core_changes(tmp_pat
         await ingest.stop()
 
 
-async def test_a_notification_that_could_not_be_published_is_not_remembered(tmp_path: Path) -> None:
+async def test_a_notification_that_could_not_be_published_is_published_by_the_retry(tmp_path: Path) -> None:
     ingest = await Ingest(tmp_path, {"acmepay": AcmePay()}).start()
     flaky = FlakyBus(ingest.bus)
     ingest.webhooks.bus = flaky  # type: ignore[assignment]
     try:
         flaky.fail_next = True
-        with pytest.raises(ConnectionError):
-            await ingest.webhooks.handle("acmepay", body("e1"), {})
-        # Nothing recorded: the gateway's retry (no 2xx was sent) is processed, not refused as a replay.
+        failed = await ingest.http.post("/v1/webhooks/acmepay", content=body("e1"))
+        assert failed.status_code == 503  # the gateway retries
+        assert failed.headers["content-type"].startswith("application/problem+json")
+        # The event is not marked processed, so the retry is processed, not refused as a replay.
         assert await ingest.db.fetch("SELECT * FROM webhook_events") == []
-        assert await ingest.db.fetch("SELECT * FROM payment_notifications") == []
         retry = await ingest.webhooks.handle("acmepay", body("e1"), {})
         assert retry.outcome == "published"
         assert len(await ingest.published(topics.PAYMENTS)) == 1
+    finally:
+        await ingest.stop()
+
+
+async def test_an_unfinished_notification_is_the_one_published_whichever_event_comes_next(tmp_path: Path) -> None:
+    ingest = await Ingest(tmp_path, {"acmepay": AcmePay()}).start()
+    flaky = FlakyBus(ingest.bus)
+    ingest.webhooks.bus = flaky  # type: ignore[assignment]
+    try:
+        flaky.fail_next = True
+        assert (await ingest.webhooks.handle("acmepay", body("e1", ref="pay-1"), {})).status == 503
+        # Another event for the same money arrives before e1's retry: it publishes e1's stored notification,
+        # so the bus never carries two different notifications (event ids) for one payment.
+        second = await ingest.webhooks.handle("acmepay", body("e2", ref="pay-1"), {})
+        assert second.outcome == "already_notified"
+        retry = await ingest.webhooks.handle("acmepay", body("e1", ref="pay-1"), {})
+        assert retry.outcome == "published"
+        [payment] = await ingest.published(topics.PAYMENTS)
+        assert payment["gateway_event_id"] == "e1"
+        assert (await ingest.webhooks.handle("acmepay", body("e1", ref="pay-1"), {})).status == 409
     finally:
         await ingest.stop()
 
