@@ -40,15 +40,14 @@ REJECTIONS = Counter("billing_ingest_rejections_total", "Rejected usage events b
 # A dead letter keeps the original payload up to this size (a larger one is cut and marked truncated), so
 # a dead letter always fits in a Kafka message whatever arrived.
 DEAD_LETTER_PAYLOAD_CHARS_MAX = 64 * 1024
-# uuid5 per event costs as much as validating it; tenants are few, so their account ids are cached.
-ACCOUNT_IDS_CACHED_MAX = 100_000
-_account_id = lru_cache(maxsize=ACCOUNT_IDS_CACHED_MAX)(ids.account_id)
+# Tenants are few: the text of their account ids (message keys) is built once per tenant.
+ACCOUNT_KEYS_CACHED_MAX = 65536
 
 
-@lru_cache(maxsize=ACCOUNT_IDS_CACHED_MAX)
+@lru_cache(maxsize=ACCOUNT_KEYS_CACHED_MAX)
 def _account_key(tenant: str) -> str:
     """The message key of a tenant's records: its billing account id."""
-    return str(_account_id(tenant))
+    return str(ids.account_id(tenant))
 
 
 _ACCEPTED_HEADERS = (("schema", b"usage.accepted/v1"),)
@@ -139,7 +138,7 @@ class IngestService:
                     if key not in to_publish:
                         outcomes[index] = Outcome("duplicate", usage.event.id)
                         continue
-                    account = _account_id(usage.event.tenant)
+                    account = ids.account_id(usage.event.tenant)
                     message = AcceptedUsage(account_id=account, event=usage.event, accepted_at=now, source=source,
                                             catalog_version=version)
                     accepted.append(OutMessage(topics.USAGE_ACCEPTED, _account_key(usage.event.tenant),

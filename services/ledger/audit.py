@@ -28,6 +28,7 @@ from typing import Any
 
 from billing_events import ids
 from billing_events.money import from_subunits
+from billing_ledger.amounts import show
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.chain import GENESIS, chain_hash, event_content, jsonable
@@ -67,8 +68,8 @@ class Replay:
     def to_json(self) -> dict[str, Any]:
         return {
             "events": self.events, "chain_head": self.head, "chain_ok": not self.problems,
-            "wallets": {u: {k: str(from_subunits(v)) for k, v in w.items()} for u, w in self.wallets().items()},
-            "ledger": {f"{a}:{u}": str(from_subunits(v)) for (a, u), v in sorted(self.ledger.items())},
+            "wallets": {u: {k: show(v, u) for k, v in w.items()} for u, w in self.wallets().items()},
+            "ledger": {f"{a}:{u}": show(v, u) for (a, u), v in sorted(self.ledger.items())},
         }
 
 
@@ -177,5 +178,5 @@ def compare_with_projection(verification: Verification, projection: dict[str, An
             continue
         for name in ("balance", "held", "available", "receivable"):
             if name in shown[unit] and Decimal(shown[unit][name]) != from_subunits(wallet[name]):
-                problems.append(f"projection {unit} {name} {shown[unit][name]} != ledger {from_subunits(wallet[name])}")
+                problems.append(f"projection {unit} {name} {shown[unit][name]} != ledger {show(wallet[name], unit)}")
     return problems

@@ -15,23 +15,18 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from billing_events import ids
-from billing_events.messages import LedgerCommand
-from billing_events.money import (
-    MoneyError,
-    credit_unit,
-    currency,
-    format_subunits,
-    is_currency_code,
-    to_subunits,
-)
+from billing_events.messages import CODE_PATTERN, TENANT_PATTERN, LedgerCommand
+from billing_events.money import to_subunits
 from billing_ledger.adjustment_commands import adjustment_id
 from billing_ledger.allocation_commands import allocation_request_id
+from billing_ledger.amounts import show
 from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.direct import ConflictsExhausted, DirectCommands, Overloaded
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.hold_commands import hold_id
 from billing_ledger.http_models import (
+    KEY_PATTERN,
     AdjustmentRequest,
     AllocationRequest,
     CapacityRequest,
@@ -39,15 +34,19 @@ from billing_ledger.http_models import (
     HoldRequest,
     RefundRequest,
 )
+from billing_ledger.limits import KEY_CHARS_MAX
 from billing_ledger.refund_commands import refund_id
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.problems import Problem
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Path, Response
 
 Spender = Annotated[Principal, Depends(require(Role.SERVICE, Role.ADMIN))]
 Corrector = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 Reader = Annotated[Principal, Depends(require())]
+Tenant = Annotated[str, Path(pattern=TENANT_PATTERN, description="The tenant (organisation)")]
+Resource = Annotated[str, Path(pattern=CODE_PATTERN, description="A pooled resource, e.g. seats")]
+RequestId = Annotated[str, Path(pattern=KEY_PATTERN, max_length=KEY_CHARS_MAX)]
 
 # Rejection reason -> HTTP status (anything else is 422: the request cannot be carried out as given).
 _STATUS = {
@@ -58,14 +57,6 @@ _STATUS = {
 }
 
 
-def _amount(subunits: int, unit: str) -> str:
-    """Exact decimal text: at least the currency's minor digits (credits: 2), more only when present."""
-    try:
-        shown = currency(unit) if is_currency_code(unit) else credit_unit(unit)
-    except MoneyError:
-        shown = credit_unit("CREDIT")
-    return format_subunits(subunits, shown)
-
 
 def _time(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else None
@@ -74,8 +65,8 @@ def _time(value: Any) -> str | None:
 def hold_view(tenant: str, hold: dict[str, Any]) -> dict[str, Any]:
     unit = hold["unit"]
     view = {"hold_id": hold["hold_id"], "tenant": tenant, "status": hold["status"],
-            "approved": hold["status"] != "rejected", "unit": unit, "amount": _amount(hold["amount"], unit),
-            "captured": _amount(hold.get("captured", 0), unit), "meter": hold["meter"],
+            "approved": hold["status"] != "rejected", "unit": unit, "amount": show(hold["amount"], unit),
+            "captured": show(hold.get("captured", 0), unit), "meter": hold["meter"],
             "placed_at": _time(hold["placed_at"]), "expires_at": _time(hold["expires_at"])}
     if hold["status"] == "rejected":
         view["reason"] = hold.get("reason", "insufficient_credit")
@@ -128,7 +119,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
     # -- holds -----------------------------------------------------------------------------------------------
 
     @router.post("/v1/accounts/{tenant}/holds", status_code=201, summary="Reserve credit (yes/no, now)")
-    async def place_hold(tenant: str, body: HoldRequest, principal: Spender, response: Response) -> dict[str, Any]:
+    async def place_hold(tenant: Tenant, body: HoldRequest, principal: Spender, response: Response) -> dict[str, Any]:
         check_tenant(principal, tenant)
         now = _now()
         hold = hold_id(tenant, body.idempotency_key)
@@ -142,7 +133,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
         return hold_view(tenant, result.value)
 
     @router.get("/v1/accounts/{tenant}/holds/{hold}", summary="A hold and its status")
-    async def get_hold(tenant: str, hold: UUID, principal: Reader) -> dict[str, Any]:
+    async def get_hold(tenant: Tenant, hold: UUID, principal: Reader) -> dict[str, Any]:
         check_tenant(principal, tenant)
         return await read_hold(tenant, hold)
 
@@ -157,12 +148,12 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
         return hold_view(tenant, result.value)
 
     @router.post("/v1/accounts/{tenant}/holds/{hold}/capture", summary="Spend the actual amount of a hold")
-    async def capture_hold(tenant: str, hold: UUID, body: CaptureRequest, principal: Spender) -> dict[str, Any]:
+    async def capture_hold(tenant: Tenant, hold: UUID, body: CaptureRequest, principal: Spender) -> dict[str, Any]:
         return await settle("hold.capture", tenant, hold, principal,
                             {"amount": str(body.amount), "allow_overage": body.allow_overage})
 
     @router.post("/v1/accounts/{tenant}/holds/{hold}/release", summary="Release a hold without spending")
-    async def release_hold(tenant: str, hold: UUID, principal: Spender) -> dict[str, Any]:
+    async def release_hold(tenant: Tenant, hold: UUID, principal: Spender) -> dict[str, Any]:
         return await settle("hold.release", tenant, hold, principal, {})
 
     # -- pooled allocations ----------------------------------------------------------------------------------
@@ -182,7 +173,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
                           f"No allocation request {request_id!r} for {resource!r}.")
 
     @router.post("/v1/accounts/{tenant}/allocations", status_code=201, summary="Allocate from a pooled resource")
-    async def allocate(tenant: str, body: AllocationRequest, principal: Spender, response: Response
+    async def allocate(tenant: Tenant, body: AllocationRequest, principal: Spender, response: Response
                        ) -> dict[str, Any]:
         check_tenant(principal, tenant)
         command = _command("allocation.allocate", tenant, principal, f"{body.resource}/{body.request_id}", {
@@ -199,13 +190,13 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
                 "capacity": value["capacity"], "in_use": value["in_use"], "free": value["free"]}
 
     @router.get("/v1/accounts/{tenant}/allocations/{resource}/{request_id}", summary="An allocation request")
-    async def get_allocation(tenant: str, resource: str, request_id: str, principal: Reader) -> dict[str, Any]:
+    async def get_allocation(tenant: Tenant, resource: Resource, request_id: RequestId, principal: Reader) -> dict[str, Any]:
         check_tenant(principal, tenant)
         return await read_allocation(tenant, resource, request_id)
 
     @router.post("/v1/accounts/{tenant}/allocations/{resource}/{request_id}/release",
                  summary="Give an allocation back to the pool")
-    async def release_allocation(tenant: str, resource: str, request_id: str, principal: Spender
+    async def release_allocation(tenant: Tenant, resource: Resource, request_id: RequestId, principal: Spender
                                  ) -> dict[str, Any]:
         check_tenant(principal, tenant)
         command = _command("allocation.release", tenant, principal, f"{resource}/{request_id}", {
@@ -214,7 +205,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
         return await read_allocation(tenant, resource, request_id)
 
     @router.put("/v1/accounts/{tenant}/pools/{resource}", summary="Set a pool's capacity by hand (admin)")
-    async def set_capacity(tenant: str, resource: str, body: CapacityRequest, principal: Admin) -> dict[str, Any]:
+    async def set_capacity(tenant: Tenant, resource: Resource, body: CapacityRequest, principal: Admin) -> dict[str, Any]:
         check_tenant(principal, tenant)
         # Not idempotent by key, and need not be: the capacity is an absolute value, a retry sets it again.
         key = f"{resource}/{body.capacity}/{_now().isoformat()}"
@@ -226,7 +217,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
     # -- corrections -----------------------------------------------------------------------------------------
 
     @router.post("/v1/accounts/{tenant}/adjustments", status_code=201, summary="Manual correction (admin, finance)")
-    async def adjust(tenant: str, body: AdjustmentRequest, principal: Corrector, response: Response
+    async def adjust(tenant: Tenant, body: AdjustmentRequest, principal: Corrector, response: Response
                      ) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if to_subunits(body.amount) == 0:
@@ -242,11 +233,11 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
         value = result.value
         return {"adjustment_id": str(adjustment), "tenant": tenant, "unit": value["unit"],
                 "amount": str(body.amount), "user": principal.subject, "reason": body.reason,
-                "balance": _amount(value["balance"], value["unit"]),
-                "available": _amount(value["available"], value["unit"])}
+                "balance": show(value["balance"], value["unit"]),
+                "available": show(value["available"], value["unit"])}
 
     @router.post("/v1/accounts/{tenant}/refunds", status_code=201, summary="Refund a purchase grant (admin, finance)")
-    async def refund(tenant: str, body: RefundRequest, principal: Corrector, response: Response) -> dict[str, Any]:
+    async def refund(tenant: Tenant, body: RefundRequest, principal: Corrector, response: Response) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if body.finance_override and principal.role != Role.FINANCE:
             raise Problem(403, "Forbidden", "Only the finance role may refund spent credit.", kind="forbidden")
@@ -261,9 +252,9 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
         value = result.value
         unit = value["unit"]
         return {"refund_id": str(refund_uuid), "tenant": tenant, "grant_id": str(body.grant_id), "unit": unit,
-                "amount": _amount(value["amount"], unit), "from_wallet": _amount(value["from_wallet"], unit),
-                "from_breakage": _amount(value["from_breakage"], unit),
-                "from_revenue": _amount(value["from_revenue"], unit), "reason": body.reason,
+                "amount": show(value["amount"], unit), "from_wallet": show(value["from_wallet"], unit),
+                "from_breakage": show(value["from_breakage"], unit),
+                "from_revenue": show(value["from_revenue"], unit), "reason": body.reason,
                 "finance_override": body.finance_override, "requested_by": principal.subject}
 
     return router

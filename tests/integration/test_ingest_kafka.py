@@ -218,9 +218,11 @@ def test_every_rejection_reason_is_dead_lettered_with_its_payload(ingest: Ingest
 
 def test_an_ingest_process_killed_mid_stream_loses_nothing(ingest: IngestEnv) -> None:
     sent = [usage(f"kill-{i:06d}", TENANTS[i % 3], quantity=str(1 + i % 5)) for i in range(30_000)]
+    learner = ingest.start("kill-0")
+    wait_catalogue_learnt(ingest)  # known tenants and meters are kept in ingest's schema
+    learner.stop()
+    produce(ingest, [record(e) for e in sent])  # a backlog, so the kill lands mid-stream
     process = ingest.start("kill-1")
-    wait_catalogue_learnt(ingest)
-    produce(ingest, [record(e) for e in sent])
     # Kill it once it is visibly mid-stream: some accepted, not all.
     wait_until(lambda: 1000 <= sum(1 for i in accepted_ids(ingest) if i.startswith("kill-")), timeout=120,
                interval=0.05, what="ingest mid-stream")

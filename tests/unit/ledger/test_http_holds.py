@@ -128,3 +128,11 @@ def test_bad_input_is_a_clear_422_and_changes_nothing(app: LedgerApplication, cl
         assert response.status_code == 422, (body, response.text)
         assert response.headers["content-type"] == "application/problem+json"
     assert available(app, "acme") == 5 * U
+
+
+def test_malformed_path_parameters_are_422(app: LedgerApplication, client: TestClient) -> None:
+    body = {"idempotency_key": "k", "amount": "1"}
+    response = client.post("/v1/accounts/bad tenant!/holds", json=body, headers=SERVICE)
+    assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
+    assert client.get("/v1/accounts/acme/holds/not-a-uuid", headers=SERVICE).status_code == 422
+    assert client.post("/v1/accounts/acme/allocations/Seats!/x/release", headers=SERVICE).status_code == 422
