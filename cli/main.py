@@ -21,14 +21,10 @@ DEMO_CATALOG = Path("examples/demo-catalog.yaml")
 
 
 def _builders(names: tuple[str, ...]) -> list:  # type: ignore[type-arg]
-    # The composition root: the only module that imports several services.
-    from billing_ingest.app import build as ingest
-    from billing_ledger.app import build as ledger
-    from billing_projections.app import build as projections
-    from billing_rating.app import build as rating
+    # The composition root: the only module that imports several services (only those asked for).
+    import importlib
 
-    table = {"ingest": ingest, "rating": rating, "ledger": ledger, "projections": projections}
-    return [table[n] for n in names]
+    return [importlib.import_module(f"billing_{name}.app").build for name in names]
 
 
 def _bus(settings: Settings):  # type: ignore[no-untyped-def]

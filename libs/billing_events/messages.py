@@ -55,7 +55,8 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
+        # by_alias: the version travels as "schema" on the wire (models also accept the field name).
+        return self.model_dump_json(by_alias=True).encode()
 
 
 class UsageEvent(Message):

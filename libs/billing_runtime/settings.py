@@ -70,6 +70,13 @@ class Settings:
     paypal_client_secret: str | None = None
     paypal_webhook_id: str | None = None
     paypal_api_base: str = "https://api-m.paypal.com"
+    # Payments (issue 8): identity gate, dunning, alerts, daily digest.
+    identity_verification: str = "off"  # off | first_top_up | threshold
+    identity_threshold: str | None = None  # top-ups above this (account currency) need a verified identity
+    dunning_retry_days: tuple[int, ...] = (0, 3, 5)
+    alert_webhook_attempts_max: int = 5
+    digest_recipient: str | None = None  # None: the daily income digest is off
+    payments_interval_seconds: float = 5.0
 
     def schema(self, service: str) -> str:
         return f"{self.namespace}_billing_{service}" if self.namespace else f"billing_{service}"
@@ -123,4 +130,11 @@ class Settings:
             paypal_client_secret=os.environ.get("BILLING_PAYPAL_CLIENT_SECRET") or None,
             paypal_webhook_id=os.environ.get("BILLING_PAYPAL_WEBHOOK_ID") or None,
             paypal_api_base=os.environ.get("BILLING_PAYPAL_API_BASE") or "https://api-m.paypal.com",
+            identity_verification=os.environ.get("BILLING_IDENTITY_VERIFICATION", "off"),
+            identity_threshold=os.environ.get("BILLING_IDENTITY_THRESHOLD") or None,
+            dunning_retry_days=tuple(int(d) for d in os.environ.get("BILLING_DUNNING_RETRY_DAYS", "0,3,5").split(",")
+                                     if d.strip()),
+            alert_webhook_attempts_max=_env_int("BILLING_ALERT_WEBHOOK_ATTEMPTS_MAX", 5),
+            digest_recipient=os.environ.get("BILLING_DIGEST_RECIPIENT") or None,
+            payments_interval_seconds=float(os.environ.get("BILLING_PAYMENTS_INTERVAL_SECONDS", "5")),
         )

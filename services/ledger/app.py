@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from functools import partial
 
+from billing_ledger import checkout_http, subscriptions_http
 from billing_ledger import http as ledger_http
-from billing_ledger import subscriptions_http
 from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.alerts import run_alerts
+from billing_ledger.gateways.registry import enabled_gateways
+from billing_ledger.limits import GIL_SWITCH_INTERVAL_SECONDS
 from billing_ledger.notifier import SmtpSettings, run_notifier
 from billing_ledger.relay import run_relay
 from billing_ledger.scheduler import run_scheduler
 from billing_ledger.service import COMMAND_TOPICS, LedgerService
 from billing_ledger.sweeper import run_sweeper
+from billing_ledger.topups import run_topups
 from billing_runtime.bus import Bus
 from billing_runtime.service import ConsumerSpec, ServiceParts
 from billing_runtime.settings import Settings
 
 
 async def build(settings: Settings, bus: Bus) -> ServiceParts:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)  # see limits.py
     env = persistence_env(settings.database_url, str(settings.data_dir), settings.schema("ledger"))
     if settings.database_url:
         import asyncpg
@@ -33,6 +39,9 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
     app.max_active_subscriptions = settings.max_active_subscriptions  # type: ignore[attr-defined]
     app.invoice_issuer = settings.invoice_issuer  # type: ignore[attr-defined]
     service = LedgerService(app)
+    gateways = enabled_gateways(settings)
+    smtp = SmtpSettings(settings.smtp_host, settings.smtp_port, settings.smtp_sender, settings.invoice_issuer,
+                        settings.smtp_recipient_domain) if settings.smtp_host else None
     leader = None
     if settings.database_url:
         from billing_ledger.leader import AdvisoryLock
@@ -43,7 +52,8 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         name="ledger",
         consumers=[ConsumerSpec(settings.group("billing-ledger"), COMMAND_TOPICS, service.handle_records,
                                 service.start_positions)],
-        routers=[subscriptions_http.build_router(app, bus, settings.invoice_issuer), ledger_http.build_router(app)],
+        routers=[subscriptions_http.build_router(app, bus, settings.invoice_issuer), ledger_http.build_router(app),
+                 checkout_http.build_router(app, settings, gateways)],
         tasks=[partial(run_relay, app, bus, is_leader=leader),
                partial(run_sweeper, app, is_leader=leader),
                partial(run_scheduler, app, bus, interval_seconds=settings.scheduler_interval_seconds,
@@ -51,6 +61,10 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
                *([partial(run_notifier, app, SmtpSettings(settings.smtp_host, settings.smtp_port,
                                                            settings.smtp_sender, settings.invoice_issuer,
                                                            settings.smtp_recipient_domain))]
-                 if settings.smtp_host else [])],
+                 if settings.smtp_host else []),
+               partial(run_topups, app, gateways, smtp, interval_seconds=settings.payments_interval_seconds,
+                       is_leader=leader),
+               partial(run_alerts, app, smtp, settings.alert_webhook_attempts_max,
+                       interval_seconds=settings.payments_interval_seconds, is_leader=leader)],
         close=lambda: asyncio.to_thread(app.close),
     )

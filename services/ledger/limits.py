@@ -15,6 +15,11 @@ DIRECT_CONFLICT_BACKOFF_SECONDS_MAX = 0.02
 DIRECT_GROUP_COMMANDS_MAX = 64
 DIRECT_QUEUE_COMMANDS_MAX = 10_000
 
+# The interpreter's GIL switch interval in a ledger process (Python's default is 5 ms). Batch preparation
+# is pure Python on one thread; an HTTP decision needs the GIL several times on two others (event loop,
+# writer), and waiting up to 5 ms each time would be most of a hold's latency.
+GIL_SWITCH_INTERVAL_SECONDS = 0.001
+
 # Holds: how long a hold may reserve credit.
 HOLD_TTL_SECONDS_DEFAULT = 15 * 60
 HOLD_TTL_SECONDS_MAX = 7 * 24 * 3600

@@ -4,6 +4,9 @@ Each ``PaymentNotification`` becomes a ledger command whose id derives from the 
 (``payment.succeeded`` / ``payment.refunded``), applied in the same batch transaction as the Kafka position
 and refused as a duplicate the second time, like every other command.
 
+* A payment for an account that does not exist yet (its ``account.open`` travels on the other topic) fails
+  its batch, which the consumer retries, for ``PAYMENT_ACCOUNT_WAIT_SECONDS`` after the gateway verified
+  it; only then is it rejected (``unknown_account``, recorded on its receipt for reconciliation).
 * ``payment_succeeded`` grants the notified amount as purchased credit (source ``purchase``, in the
   account's currency, no expiry) with a grant id derived from the gateway event, so even a command with
   another id could not grant it twice. Packages, tax and orders belong to another part of the system.
@@ -14,16 +17,20 @@ and refused as a duplicate the second time, like every other command.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand, PaymentNotification
-from billing_ledger import payload
+from billing_events.money import parse_decimal
+from billing_ledger import checkout_commands, payload, refund_request_commands
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
 
+# A payment for an account not opened yet is retried for this long before it is rejected (and recorded).
+PAYMENT_ACCOUNT_WAIT_SECONDS = 600
 PAYMENT_SUCCEEDED = "payment.succeeded"
 PAYMENT_REFUNDED = "payment.refunded"
 
@@ -41,12 +48,25 @@ def payment_command(notification: PaymentNotification) -> LedgerCommand:
         issued_by=f"gateway:{notification.gateway}",
         payload={"gateway": notification.gateway, "gateway_event_id": notification.gateway_event_id,
                  "order_id": notification.order_id, "amount": str(notification.amount),
-                 "currency": notification.currency, "verified_at": notification.verified_at.isoformat()},
+                 "currency": notification.currency, "verified_at": notification.verified_at.isoformat(),
+                 "gateway_reference": notification.gateway_reference},
     )
 
 
+class AccountNotYetOpen(Exception):
+    """Not a rejection: the batch fails and the consumer retries it (with back-off) until the account exists."""
+
+
 def _account_in_currency(batch: _Batch, command: LedgerCommand) -> BillingAccount:
-    account = account_of(batch, command.tenant)
+    try:
+        account = account_of(batch, command.tenant)
+    except CommandRejected as exc:
+        # Money received must never be dropped because the account's opening command (another topic) has
+        # not been applied yet: wait for it, for a bounded time, then reject it with its reason (recorded).
+        waited = datetime.now(UTC) - payload.timestamp(command, "verified_at")
+        if exc.reason == "unknown_account" and waited < timedelta(seconds=PAYMENT_ACCOUNT_WAIT_SECONDS):
+            raise AccountNotYetOpen(f"payment for {command.tenant!r} before its account exists") from exc
+        raise
     currency = payload.text(command, "currency")
     if currency != account.currency:
         raise CommandRejected("currency_mismatch",
@@ -58,6 +78,12 @@ def _account_in_currency(batch: _Batch, command: LedgerCommand) -> BillingAccoun
 def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = _account_in_currency(batch, command)
     gateway, event_id = payload.text(command, "gateway"), payload.text(command, "gateway_event_id")
+    order = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
+    if order is not None:  # a checkout order: paid (exact total), credited and invoiced by its quote
+        return checkout_commands.pay_order(
+            app, batch, order, gateway=gateway, payment_id=str(command.payload.get("gateway_reference") or event_id),
+            amount=parse_decimal(payload.text(command, "amount")), currency_code=payload.text(command, "currency"),
+            at=payload.timestamp(command, "verified_at"), by=command.issued_by, command_id=command.command_id)
     grant = payment_grant_id(account.tenant, gateway, event_id)
     verified_at = payload.timestamp(command, "verified_at")
     account.grant_credit(
@@ -74,6 +100,12 @@ def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand
 def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = _account_in_currency(batch, command)
     gateway, event_id = payload.text(command, "gateway"), payload.text(command, "gateway_event_id")
+    known = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
+    if known is not None:  # a checkout order: reversed as a whole (grants, credit note), once
+        return refund_request_commands.gateway_refunded(
+            app, batch, known, amount=parse_decimal(payload.text(command, "amount")),
+            reference=str(command.payload.get("gateway_reference") or event_id),
+            at=payload.timestamp(command, "verified_at"), by=command.issued_by)
     order = payload.text(command, "order_id")
     left = payload.subunits(command, "amount")
     grants = [g for g in account.grants_caused_by(gateway=gateway, order_id=order) if g["refundable"] > 0]

@@ -104,10 +104,11 @@ def parse_event(raw: bytes) -> dict[str, Any]:
         raise MalformedEvent(f"not JSON: {exc}") from exc
     if type(envelope) is not dict:
         raise MalformedEvent("not a JSON object")
-    schema = envelope.get("schema_")
-    if schema != "ledger.event/v1" and (schema is not None or envelope.get("schema", "ledger.event/v1")
-                                        != "ledger.event/v1"):
-        raise MalformedEvent(f"unknown schema {schema or envelope.get('schema')!r}")
+    schema = envelope.get("schema")  # the wire name; "schema_" from older producers (the field's name)
+    if schema is None:
+        schema = envelope.get("schema_", "ledger.event/v1")
+    if schema != "ledger.event/v1":
+        raise MalformedEvent(f"unknown schema {schema!r}")
     # JSON gives exact types: ``type(x) is int`` also refuses booleans.
     if (type(envelope.get("position")) is not int or type(envelope.get("aggregate_id")) is not str
             or type(envelope.get("type")) is not str or type(envelope.get("recorded_at")) is not str

@@ -21,6 +21,8 @@ REBUILD_METADATA_TIMEOUT_SECONDS = 30.0
 REBUILD_FETCH_BYTES_MAX = 16 * 1024 * 1024
 # `billing serve projections` (role all): how long the consumer child may take to finish its batch on stop.
 CONSUMER_STOP_SECONDS_MAX = 12.0
+# The consumer process (role all / consumer): records per poll at most (one transaction per partition).
+CONSUMER_BATCH_RECORDS_MAX = 5_000
 # Consumer and rebuild processes: collections of the youngest generation every this many allocations.
 GC_GEN0_THRESHOLD = 50_000
 # `billing projections rebuild`: replay processes at most (each takes a share of the topic's partitions).

@@ -70,12 +70,12 @@ class ProjectionService:
     async def handle_ledger_events(self, records: list[Record]) -> None:
         first = records[0]
         async with self.db.transaction() as conn:
-            await conn.execute(
+            # One round trip: creates the row the first time, locks it (ON CONFLICT DO UPDATE takes the row
+            # lock, like SELECT ... FOR UPDATE) and returns the stored positions.
+            row = await conn.fetchrow(
                 "INSERT INTO positions (topic, partition, next_offset, last_position) VALUES ($1, $2, 0, 0) "
-                "ON CONFLICT (topic, partition) DO NOTHING", first.topic, first.partition)
-            lock = " FOR UPDATE" if self.db.dialect == "postgres" else ""
-            row = await conn.fetchrow("SELECT next_offset, last_position FROM positions WHERE topic = $1 "
-                                      f"AND partition = $2{lock}", first.topic, first.partition)
+                "ON CONFLICT (topic, partition) DO UPDATE SET topic = excluded.topic "
+                "RETURNING next_offset, last_position", first.topic, first.partition)
             assert row is not None
             next_offset, last_position = int(row["next_offset"]), int(row["last_position"])
             events: list[dict[str, Any]] = []
@@ -104,7 +104,7 @@ class ProjectionService:
             for fact in await self._facts(conn, events):
                 for handler in handlers_of(fact.type):
                     handler(fact, writer)
-            await writer.flush(conn)
+            await writer.flush(conn, self.db.dialect)
             await conn.execute(
                 "UPDATE positions SET next_offset = $3, last_position = $4 WHERE topic = $1 AND partition = $2",
                 first.topic, first.partition, records[-1].offset + 1, last_position)

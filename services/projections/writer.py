@@ -7,9 +7,10 @@ is what keeps a rebuild identical to the live tables, and it turns thousands of 
 statements (rebuild speed).
 
 Integer accumulators are added by the database (``col = t.col + excluded.col``), so rows shared by several
-writers stay exact. Decimal accumulators (quantities, exact decimal text) are read back, added with
-``Decimal`` in Python and written as text: SQLite has no exact decimal type and the same SQL runs on both.
-A decimal table's key columns must all be TEXT, so the read-back can use ``(k1, k2) IN (VALUES ...)``.
+writers stay exact. Decimal accumulators (quantities, exact decimal text) are added by PostgreSQL as
+``numeric``; SQLite has no exact decimal type, so there they are read back, added with ``Decimal`` in Python
+and written as text. A decimal table's key columns must all be TEXT, so the read-back can use
+``(k1, k2) IN (VALUES ...)``. Append-only tables (one row per event) are written with COPY on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -187,14 +188,17 @@ class BatchWriter:
         return (sum(len(rows) for _, rows in self._rows.values())
                 + sum(len(rows) for _, rows in self._appends.values()))
 
-    async def flush(self, conn: Connection) -> None:
+    async def flush(self, conn: Connection, dialect: str = "sqlite") -> None:
+        """Writes every row. PostgreSQL adds decimal accumulators itself (``numeric``, exact); SQLite has no
+        exact decimal type, so their stored values are read back and added here."""
         for name in sorted(set(self._rows) | set(self._appends)):
             if name in self._appends:
                 table, appended = self._appends[name]
                 await _write_appends(conn, table, list(appended.values()))
             if name in self._rows:
                 table, rows = self._rows[name]
-                await _read_back_decimals(conn, table, rows)
+                if dialect != "postgres":
+                    await _read_back_decimals(conn, table, rows)
                 await _write(conn, table, rows)
         self._rows.clear()
         self._appends.clear()
@@ -293,7 +297,7 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
         upserts.setdefault(shape, []).append(values)
     for (set_columns, add_columns), params in upserts.items():
         changes = [f"{c} = excluded.{c}" for c in set_columns]
-        changes += [f"{c} = {table.name}.{c} + excluded.{c}" for c in add_columns]
+        changes += [f"{c} = {_sum(table, c, f'{table.name}.{c}', f'excluded.{c}')}" for c in add_columns]
         placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
         action = f"DO UPDATE SET {', '.join(changes)}" if changes else "DO NOTHING"
         await conn.executemany(
@@ -301,10 +305,19 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
             f"ON CONFLICT ({', '.join(table.key)}) {action}", params)
     for (set_columns, add_columns), params in updates.items():
         changes = [f"{c} = ${i + 1}" for i, c in enumerate(set_columns)]
-        changes += [f"{c} = {c} + ${len(set_columns) + i + 1}" for i, c in enumerate(add_columns)]
+        changes += [f"{c} = {_sum(table, c, c, f'${len(set_columns) + i + 1}')}" for i, c in enumerate(add_columns)]
         first_key = len(set_columns) + len(add_columns) + 1
         where = " AND ".join(f"{c} = ${first_key + i}" for i, c in enumerate(table.key))
         await conn.executemany(f"UPDATE {table.name} SET {', '.join(changes)} WHERE {where}", params)
+
+
+def _sum(table: Table, column: str, stored: str, added: str) -> str:
+    """SQL adding to an accumulator. Decimal text (PostgreSQL only: SQLite's were read back and are set) is
+    added as ``numeric`` and written back as the same plain text the writer makes (``trim_scale``: no
+    trailing zeros, never an exponent)."""
+    if column in table.decimal_columns:
+        return f"trim_scale({stored}::numeric + {added}::numeric)::text"
+    return f"{stored} + {added}"
 
 
 def _sort_key(key: tuple[Any, ...]) -> tuple[str, ...]:

@@ -80,14 +80,16 @@ def bench_debits(app: LedgerApplication, tenants: list[str], debits: int, batch:
     app.apply_commands(commands[:batch], Tracking(name, batch))
     chunks = [(commands[start:start + batch], Tracking(name, start + len(commands[start:start + batch])))
               for start in range(batch, len(commands), batch)]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if pipelined:
         results = app.apply_chunks(chunks)
     else:
         results = [r for chunk, tracking in chunks for r in app.apply_commands(chunk, tracking)]
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     assert len(results) == len(commands) - batch and all(r.outcome == "applied" for r in results), results[:3]
     return {"debits_per_second": (len(commands) - batch) / seconds,
+            # CPU time of this process per debit: what the ledger's Python costs, whatever else runs here.
+            "cpu_us_per_debit": 1e6 * cpu_seconds / (len(commands) - batch),
             "decode_per_second": len(records) / decode_seconds}
 
 
@@ -134,16 +136,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def serve_ledger(database_url: str, schema: str, port: int, group: int) -> None:
     """The ledger's HTTP routes in their own process, as in production (run by multiprocessing)."""
+    import sys
+
     import uvicorn
     from billing_ledger.direct import DirectCommands
     from billing_ledger.http import build_router
+    from billing_ledger.limits import GIL_SWITCH_INTERVAL_SECONDS
     from billing_runtime.http import create_app
     from billing_runtime.settings import Settings
 
-    if os.environ.get("BENCH_SWITCH_INTERVAL"):
-        import sys
-
-        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)  # as the ledger service sets it
     app = LedgerApplication(persistence_env(database_url, "var", schema))
     api = create_app("bench ledger", Settings())
     api.include_router(build_router(app, DirectCommands(app, group_commands_max=group)))
@@ -292,8 +294,8 @@ def main() -> None:
             debits = bench_debits(app, tenants, args.debits, args.batch, pipelined, partition)
             how = "apply_chunks (pipelined)" if pipelined else "apply_commands"
             print(f"usage debits via {how}: {debits['debits_per_second']:,.0f}/s committed "
-                  f"(transactions of {args.batch}, {args.tenants} accounts); "
-                  f"decoding {debits['decode_per_second']:,.0f} records/s")
+                  f"(transactions of {args.batch}, {args.tenants} accounts; ledger CPU "
+                  f"{debits['cpu_us_per_debit']:.0f} us/debit); decoding {debits['decode_per_second']:,.0f} records/s")
         if args.workers > 1:
             rate = bench_workers(database_url, schema, tenants, args.debits, args.batch, args.workers)
             print(f"usage debits by {args.workers} ledger processes on their own accounts: {rate:,.0f}/s committed")

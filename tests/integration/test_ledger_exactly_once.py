@@ -165,6 +165,7 @@ def test_payment_delivered_twice_grants_once(ledger: Ledger) -> None:
     try:
         opened = command("account.open", tenant, {"currency": "EUR"}, "open")
         send(ledger, [opened])
+        wait_until(lambda: receipts(ledger, [opened.command_id]), timeout=60, what="account opened")
         paid = PaymentNotification(gateway="stripe", gateway_event_id="evt_42", kind="payment_succeeded",
                                    tenant=tenant, order_id="ord-1", amount=Decimal("19.99"), currency="EUR",
                                    verified_at=datetime.now(UTC))

@@ -40,6 +40,11 @@ IDLE_LEAVES = ("select (selectors.py)", "EpollSelector.select (selectors.py)", "
                "_wait_for_tstate_lock (threading.py)", "Popen._wait (subprocess.py)", "sleep (time)")
 
 
+# Frames every stack has (entry point, event loop, thread bootstrap): left out of the "inclusive" list.
+PLUMBING = ("typer/", "click/", "(billing)", "cli/main.py", "asyncio/runners.py", "asyncio/base_events.py",
+            "asyncio/events.py", "threading.py", "concurrent/futures/", "<frozen runpy>")
+
+
 def py_spy() -> str | None:
     here = Path(sys.executable).parent / "py-spy"
     return str(here) if here.exists() else shutil.which("py-spy")
@@ -137,6 +142,7 @@ def summarise(collapsed: Path, top: int = 25) -> dict[str, Any]:
         return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)] if total else []
 
     threads = [[name, round(100 * thread_busy[name] / n, 1), n] for name, n in thread_all.most_common()]
+    focus = Counter({n: c for n, c in inclusive.items() if not any(p in n for p in PLUMBING)})
     return {"samples": total, "idle_samples_left_out": idle, "self": share(self_time),
-            "inclusive": share(inclusive), "areas": share(areas),
+            "inclusive": share(focus), "areas": share(areas),
             "threads_busy_percent": threads}

@@ -304,8 +304,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     times = [k["t"] - t0 for k in kafka]
     mid = [(times[i] + times[i - 1]) / 2 for i in range(1, len(times))]
 
-    def rate(values: list[int]) -> list[float]:
-        return [(values[i] - values[i - 1]) / max(times[i] - times[i - 1], 1e-9) for i in range(1, len(values))]
+    def rate(values: list[int], smooth: int = 3) -> list[float]:
+        """Records/s between samples, as a centred moving average over ``smooth`` samples (batches commit in
+        steps, so 1-s rates alternate between 0 and twice the real rate)."""
+        raw = [(values[i] - values[i - 1]) / max(times[i] - times[i - 1], 1e-9) for i in range(1, len(values))]
+        half = smooth // 2
+        return [sum(raw[max(0, i - half):i + half + 1]) / len(raw[max(0, i - half):i + half + 1])
+                for i in range(len(raw))]
 
     ax = axes[0]
     ax.plot(mid, rate([k["end"]["billing.usage.raw"] for k in kafka]), label="produced (raw)", color="grey",
@@ -317,7 +322,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     stage_peak = max((r for stage in STAGES for r in rate([k["committed"][stage] for k in kafka])), default=0)
     if stage_peak > 0:
         ax.set_ylim(0, stage_peak * 1.3)  # the producer's burst would flatten the stages' curves
-    ax.set_ylabel("records/s (committed; producer clipped)")
+    ax.set_ylabel("records/s (3-s mean; producer clipped)")
     ax.set_title(f"{result['name']}: end to end {result['end_to_end']['events_per_second']:,} events/s "
                  f"({result['end_to_end']['phase']}); red: phase start (dotted), produced (dashed), visible (solid)",
                  fontsize=9)
@@ -338,7 +343,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.plot(ut[1:], values, label=name)
         machine = [100 * (usage[i]["machine_busy"] - usage[i - 1]["machine_busy"])
                    / max(usage[i]["t"] - usage[i - 1]["t"], 1e-9) for i in range(1, len(usage))]
+        ours = [100 * sum(usage[i]["cpu"].get(n, 0) - usage[i - 1]["cpu"].get(n, 0) for n in names)
+                / max(usage[i]["t"] - usage[i - 1]["t"], 1e-9) for i in range(1, len(usage))]
         ax.plot(ut[1:], machine, label="machine", color="black", linewidth=0.8)
+        ax.plot(ut[1:], [max(0.0, m - o) for m, o in zip(machine, ours, strict=True)],
+                label="other processes", color="grey", linewidth=0.8, linestyle="--")
     ax.set_ylabel("CPU % of a core")
     ax.legend(loc="upper right", fontsize=7, ncol=3)
     ax = axes[3]

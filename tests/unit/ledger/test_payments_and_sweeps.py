@@ -6,12 +6,13 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from billing_events import ids, topics
 from billing_events.messages import PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
-from billing_ledger.payment_commands import payment_grant_id
+from billing_ledger.payment_commands import PAYMENT_ACCOUNT_WAIT_SECONDS, AccountNotYetOpen, payment_grant_id
 from billing_ledger.service import LedgerService
 from billing_ledger.sweeper import Sweeper
 from billing_runtime.bus import Record
@@ -94,3 +95,24 @@ def test_sweeper_expires_grants_and_holds_once(app: LedgerApplication) -> None:
     assert beta == (10 * U, 0)
     # A second sweeper (another process) finds the new account too and nothing left to do.
     assert Sweeper(app).sweep(NOW + timedelta(days=3)) == 0
+
+
+def test_payment_before_its_account_waits_then_is_granted(app: LedgerApplication) -> None:
+    service = LedgerService(app)
+    early = PaymentNotification(gateway="stripe", gateway_event_id="evt_early", kind="payment_succeeded",
+                                tenant="acme", order_id="o", amount=Decimal("7.00"), currency="USD",
+                                verified_at=datetime.now(UTC))
+    with pytest.raises(AccountNotYetOpen):  # the consumer retries the batch
+        asyncio.run(service.handle_records(records(0, early)))
+    assert app.next_offset(topics.PAYMENTS, 0) is None  # nothing recorded, not even the position
+    open_account(app, "acme")
+    asyncio.run(service.handle_records(records(0, early)))
+    assert account(app).available("USD") == 7 * U
+
+
+def test_payment_for_an_account_that_never_appears_is_rejected_after_the_wait(app: LedgerApplication) -> None:
+    stale = PaymentNotification(gateway="stripe", gateway_event_id="old", kind="payment_succeeded", tenant="ghost",
+                                order_id="o", amount=Decimal(1), currency="USD",
+                                verified_at=datetime.now(UTC) - timedelta(seconds=PAYMENT_ACCOUNT_WAIT_SECONDS + 1))
+    asyncio.run(LedgerService(app).handle_records(records(0, stale)))
+    assert app.next_offset(topics.PAYMENTS, 0) == 1

@@ -1,0 +1,293 @@
+"""Ledger commands of top-up checkout: ``checkout.place`` / ``.open`` / ``.fail``, and paying an order.
+
+``checkout.place`` checks the promotion live (validity, total and per-account limits: the ``Promotion``
+aggregate records the redemption in the same transaction) and places the ``Order`` with its quote, before any
+gateway is called, so an invalid, expired or exhausted code is refused before anything is charged.
+``pay_order`` is what a verified payment for a known order does, in one transaction: the order is paid (exact
+quoted total only), the credits are granted once (``purchase``: credits + bonus, with the tax recorded; the
+promotion's bonus as a ``promotion`` grant) and a paid top-up invoice is issued and finalized (gap-free number;
+the notifier emails it with its PDF).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from billing_events import ids
+from billing_events.messages import LedgerCommand
+from billing_events.money import parse_decimal, to_subunits
+from billing_events.timeutil import parse_timestamp
+from billing_ledger.account_commands import account_of
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.domain.catalog import Catalog
+from billing_ledger.domain.checkout import (
+    PAID,
+    CheckoutError,
+    Order,
+    Promotion,
+    PromotionRefused,
+    order_id,
+    quote,
+)
+from billing_ledger.domain.invoice import INVOICE, Invoice, invoice_id, line
+from billing_ledger.domain.payment_profile import PaymentProfile, payment_profile_id
+from billing_ledger.domain.roster import roster_id
+from billing_ledger.subscription_commands import _finalize
+
+
+def _at(command: LedgerCommand) -> datetime:
+    raw = command.payload.get("at")
+    return parse_timestamp(raw) if raw else command.issued_at
+
+
+def catalog_document(batch: _Batch) -> dict[str, Any]:
+    catalog = batch.get(Catalog.create_id())
+    if catalog is None:
+        raise CommandRejected("no_catalog", "no catalogue has been published")
+    return catalog.document  # type: ignore[no-any-return]
+
+
+def profile_of(batch: _Batch, tenant: str) -> PaymentProfile:
+    profile = batch.get(payment_profile_id(tenant))
+    if profile is None:
+        profile = PaymentProfile(tenant=tenant)
+        batch.add(profile)
+    return profile  # type: ignore[no-any-return]
+
+
+def order_of(batch: _Batch, tenant: str, key: str) -> Order:
+    order = batch.get(order_id(tenant, key))
+    if order is None:
+        raise CommandRejected("unknown_order", f"tenant {tenant!r} has no order {key!r}")
+    return order  # type: ignore[no-any-return]
+
+
+def _promotion(document: dict[str, Any], code: str) -> dict[str, Any]:
+    found = next((p for p in document.get("promotions") or [] if p["code"] == code.upper()), None)
+    if found is None:
+        raise CommandRejected("promotion_refused", f"promotion code {code!r} is not valid")
+    return dict(found)
+
+
+def order_view(order: Order) -> dict[str, Any]:
+    return {"order_id": str(order.id), "key": order.key, "tenant": order.tenant, "status": order.status,
+            "gateway": order.gateway, "quote": dict(order.quote), "checkout": order.checkout,
+            "payment": order.payment, "invoice_id": order.invoice_id}
+
+
+def build_quote(batch: _Batch, tenant: str, payload: dict[str, Any], at: datetime) -> dict[str, Any]:
+    """The top-up summary for ``payload`` (package or amount, optional promotion); checks nothing is stale."""
+    account = account_of(batch, tenant)
+    document = catalog_document(batch)
+    package = None
+    if payload.get("package"):
+        package = next((p for p in document.get("packages") or [] if p["code"] == payload["package"]), None)
+        if package is None:
+            raise CommandRejected("unknown_package", f"no credit package {payload['package']!r}")
+        if package["currency"] != account.currency:
+            raise CommandRejected("currency_mismatch", f"package in {package['currency']}, account in "
+                                                       f"{account.currency}")
+    promotion = _promotion(document, str(payload["promotion"])) if payload.get("promotion") else None
+    roster = batch.get(roster_id(tenant))
+    try:
+        amount = parse_decimal(payload["amount"], field="amount") if payload.get("amount") is not None else None
+        q = quote(package=package, amount=amount, account_currency=account.currency, promotion=promotion,
+                  tax_profile=roster.tax_profile if roster is not None else None,
+                  tax_rules=document.get("tax_rules") or [], seller_country=(document.get("seller") or {}).get("country"))
+    except (CheckoutError, ValueError) as exc:
+        raise CommandRejected("invalid_checkout", str(exc)) from exc
+    return {"quote": q.as_dict(), "promotion": promotion, "package": package}
+
+
+@handles("checkout.place")
+def place_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    tenant = command.tenant or ""
+    payload = command.payload
+    key = str(payload.get("key") or "")
+    if not key:
+        raise CommandRejected("invalid_checkout", "an order needs a key")
+    at = _at(command)
+    existing = batch.get(order_id(tenant, key))
+    if existing is not None:
+        raise CommandRejected("order_exists", f"order {key!r} exists")
+    built = build_quote(batch, tenant, payload, at)
+    oid = order_id(tenant, key)
+    if built["promotion"] is not None:
+        definition = {**built["promotion"], "_package": payload.get("package")}
+        promo = batch.get(Promotion.create_id(definition["code"]))
+        if promo is None:
+            promo = Promotion(code=definition["code"])
+            batch.add(promo)
+        try:
+            promo.redeem(tenant=tenant, order=oid, definition=definition, at=at)
+        except PromotionRefused as exc:
+            raise CommandRejected("promotion_refused", str(exc)) from exc
+    order = Order(tenant=tenant, key=key, quote=built["quote"], gateway=str(payload.get("gateway", "stripe")),
+                  at=at, by=command.issued_by)
+    batch.add(order)
+    return order_view(order)
+
+
+@handles("checkout.open")
+def open_checkout(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    order = order_of(batch, command.tenant or "", str(command.payload["key"]))
+    try:
+        order.open_checkout(session_id=str(command.payload["session_id"]), url=str(command.payload["url"]),
+                            at=_at(command))
+    except CheckoutError as exc:
+        raise CommandRejected("invalid_transition", str(exc)) from exc
+    return order_view(order)
+
+
+@handles("checkout.fail")
+def fail_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """The gateway could not open a checkout (or the charge failed): the order fails, its promotion is freed."""
+    order = order_of(batch, command.tenant or "", str(command.payload["key"]))
+    at = _at(command)
+    if order.status != PAID:
+        order.fail(reason=str(command.payload.get("reason", "failed")), at=at)
+        if order.quote.get("promotion"):
+            promo = batch.get(Promotion.create_id(order.quote["promotion"]))
+            if promo is not None:
+                promo.release(order=order.id, at=at)
+    return order_view(order)
+
+
+@handles("identity.verify")
+def verify_identity(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    account_of(batch, command.tenant)
+    profile = profile_of(batch, command.tenant or "")
+    profile.verify_identity(reference=str(command.payload.get("reference", "")),
+                            method=str(command.payload.get("method", "manual")), at=_at(command),
+                            by=command.issued_by)
+    return {"identity_verified": True, "identity": profile.identity}
+
+
+@handles("payment_customer.set")
+def set_customer(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    account_of(batch, command.tenant)
+    profile_of(batch, command.tenant or "").set_customer(
+        gateway=str(command.payload.get("gateway", "stripe")), customer=str(command.payload["customer"]),
+        at=_at(command))
+
+
+@handles("alerts.configure")
+def configure_alerts(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """Low-balance alerts: an email address and/or a webhook endpoint (signed with the account's secret)."""
+    account_of(batch, command.tenant)
+    payload = command.payload
+    url = payload.get("webhook_url")
+    if url is not None and not str(url).startswith(("https://", "http://")):
+        raise CommandRejected("invalid_alerts", "webhook_url must be an http(s) URL")
+    settings = {"email": payload.get("email"), "webhook_url": url, "webhook_secret": payload.get("webhook_secret"),
+                "enabled": bool(payload.get("enabled", True))}
+    profile_of(batch, command.tenant or "").configure_alerts(settings=settings, at=_at(command), by=command.issued_by)
+    return settings
+
+
+@handles("auto_top_up.set")
+def set_auto_top_up(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """The account's rule: below ``threshold``, top up to ``target`` or by one ``package``; cap per month."""
+    account = account_of(batch, command.tenant)
+    p = command.payload
+    unit = str(p.get("unit") or account.currency)
+    package = None
+    if p.get("package"):
+        package = next((x for x in catalog_document(batch).get("packages") or [] if x["code"] == p["package"]), None)
+        if package is None:
+            raise CommandRejected("unknown_package", f"no credit package {p['package']!r}")
+    try:
+        account.set_auto_top_up(
+            unit, to_subunits(parse_decimal(p["threshold"])),
+            to_subunits(parse_decimal(p["target"])) if p.get("target") is not None else None,
+            package["code"] if package else None, int(p.get("cooldown_seconds", 3600)),
+            to_subunits(parse_decimal(p["monthly_cap"])),
+            package_amount=to_subunits(Decimal(package["credits"]) + Decimal(package.get("bonus_credits", "0")))
+            if package else None)
+    except (KeyError, ValueError) as exc:
+        raise CommandRejected("invalid_auto_top_up", str(exc)) from exc
+    return {"unit": unit, **{k: p.get(k) for k in ("threshold", "target", "package", "cooldown_seconds",
+                                                    "monthly_cap")}}
+
+
+@handles("order.paid_off_session")
+def paid_off_session(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """A saved payment method was charged for an order (auto-top-up): the same effect as a paid checkout."""
+    order = order_of(batch, command.tenant or "", str(command.payload["key"]))
+    return pay_order(app, batch, order, gateway=str(command.payload["gateway"]),
+                     payment_id=str(command.payload["payment_id"]), amount=parse_decimal(command.payload["amount"]),
+                     currency_code=str(command.payload["currency"]), at=_at(command), by=command.issued_by,
+                     command_id=command.command_id)
+
+
+def pay_order(app: LedgerApplication, batch: _Batch, order: Order, *, gateway: str, payment_id: str,
+              amount: Decimal, currency_code: str, at: datetime, by: str, command_id: UUID) -> dict[str, Any]:
+    """A verified payment for ``order``: paid, credited once, invoiced, in the caller's transaction."""
+    if order.status == PAID:
+        return {**order_view(order), "already_paid": True}
+    try:
+        order.pay(gateway=gateway, payment_id=payment_id, amount=amount, currency_code=currency_code, at=at)
+    except CheckoutError as exc:
+        raise CommandRejected("payment_mismatch", str(exc)) from exc
+    account = account_of(batch, order.tenant)
+    q = order.quote
+    cause = {"gateway": gateway, "order_id": str(order.id), "payment_id": payment_id, "command_id": str(command_id)}
+    tax = Decimal(q["tax"])
+    account.grant_credit(
+        grant_id=ids.grant_id(order.tenant, f"order/{order.id}/purchase"), unit=q["unit"],
+        amount=to_subunits(Decimal(q["credits"]) + Decimal(q["bonus_credits"])), priority=0, effective_at=at,
+        expires_at=None, scope=None, source="purchase", cause={**cause, "tax": q["tax"], "total": q["total"]},
+        granted_by=by, tax_amount=to_subunits(tax) if q["unit"] == q["currency"] else 0)
+    if Decimal(q["promotion_credits"]) > 0:
+        account.grant_credit(
+            grant_id=ids.grant_id(order.tenant, f"order/{order.id}/promotion"), unit=q["unit"],
+            amount=to_subunits(Decimal(q["promotion_credits"])), priority=0, effective_at=at, expires_at=None,
+            scope=None, source="promotion", cause={**cause, "promotion": q["promotion"]}, granted_by=by)
+    invoice = _top_up_invoice(app, batch, order, at, by)
+    invoice.mark_paid(at=at, payment=payment_id, by=by)
+    order.attach_invoice(invoice.id)
+    profile_of(batch, order.tenant).record_top_up(order=str(order.id), total=q["total"], at=at)
+    return order_view(order)
+
+
+def _top_up_invoice(app: LedgerApplication, batch: _Batch, order: Order, at: datetime, by: str) -> Invoice:
+    q = order.quote
+    code = q["currency"]
+    what = f"Credit package {q['package']}" if q["package"] else "Account top-up"
+    credits = f"{q['credits']} {q['unit']}" + (f" + {q['bonus_credits']} bonus" if Decimal(q["bonus_credits"]) else "")
+    lines = [line("top_up", f"{what}: {credits}", Decimal(q["amount"]), code, quantity="1", unit_amount=q["amount"])]
+    if Decimal(q["discount"]):
+        lines.append(line("discount", f"Promotion {q['promotion']}", -Decimal(q["discount"]), code))
+    if q["tax_note"]:
+        lines.append(line("tax", q["tax_note"], Decimal(0), code, rate="0"))
+    else:
+        lines.append(line("tax", f"{q['tax_rule'] or 'Tax'} on {q['net']}", Decimal(q["tax"]), code))
+    if Decimal(q["promotion_credits"]):
+        lines.append(line("adjustment", f"Promotion {q['promotion']}: {q['promotion_credits']} {q['unit']} bonus",
+                          Decimal(0), code))
+    invoice = Invoice(tenant=order.tenant, key=f"orders/{order.id}", document_type=INVOICE, currency=code, lines=lines,
+                      period_start=None, period_end=None, subscription_id=None, related_invoice=None, at=at, by=by)
+    batch.add(invoice)
+    _finalize(app, batch, invoice, at, by)
+    return invoice
+
+
+def known_order(batch: _Batch, tenant: str | None, order_ref: str | None) -> Order | None:
+    """The ``Order`` a payment's order id names (its UUID), if it is one of this tenant's orders."""
+    if not tenant or not order_ref:
+        return None
+    try:
+        found = batch.get(UUID(order_ref))
+    except ValueError:
+        return None
+    return found if isinstance(found, Order) and found.tenant == tenant else None
+
+
+def top_up_invoice_id(order: Order) -> UUID:
+    return invoice_id(order.tenant, f"orders/{order.id}")
+
+# Handler modules that build on this one register themselves on import.
+from billing_ledger import refund_request_commands  # noqa: F401

@@ -1,0 +1,236 @@
+"""HTTP routes of top-up checkout, orders, identity verification and refund requests (ledger service).
+
+``POST /v1/accounts/{t}/checkout`` places the order (promotion redeemed live, so a bad code is a 422 before
+any gateway is called), then asks the chosen gateway for a hosted page (idempotency key: the order id) and
+records it on the order. Nothing here sees card data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
+
+from billing_events.messages import LedgerCommand
+from billing_events.timeutil import utcnow
+from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication, _Batch
+from billing_ledger.checkout_commands import build_quote, order_view
+from billing_ledger.domain.checkout import Promotion, PromotionRefused, check_promotion, order_id
+from billing_ledger.domain.payment_profile import payment_profile_id
+from billing_ledger.domain.refund_request import refund_request_id
+from billing_ledger.gateways import GatewayError, OutboundGateway
+from billing_ledger.refund_request_commands import request_view
+from billing_ledger.subscriptions_http import apply_now
+from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.problems import Problem
+from billing_runtime.settings import Settings
+from fastapi import APIRouter, Body, Depends, Request
+
+STATUS_FOR_REASON = {"unknown_account": 404, "unknown_order": 404, "unknown_refund_request": 404,
+                     "order_exists": 409, "refund_request_exists": 409, "invalid_transition": 409,
+                     "no_catalog": 503}
+AnyRole = Annotated[Principal, Depends(require())]
+Operator = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
+AdminOnly = Annotated[Principal, Depends(require(Role.ADMIN))]
+JsonBody = Annotated[dict[str, Any], Body()]
+OptionalBody = Annotated[dict[str, Any] | None, Body()]
+
+
+def quote_now(app: LedgerApplication, tenant: str, payload: dict[str, Any], at: datetime) -> dict[str, Any]:
+    """The top-up summary, read-only: the same quote ``checkout.place`` will record, promotion checked live."""
+    batch = _Batch(app, None)
+    try:
+        built = build_quote(batch, tenant, payload, at)
+        promotion = built["promotion"]
+        if promotion is not None:
+            try:
+                check_promotion(promotion, package=payload.get("package"), at=at)
+                redeemed = batch.get(Promotion.create_id(promotion["code"]))
+                taken = dict(redeemed.redemptions) if redeemed is not None else {}
+            except PromotionRefused as exc:
+                raise CommandRejected("promotion_refused", str(exc)) from exc
+            if promotion.get("max_redemptions") and len(taken) >= int(promotion["max_redemptions"]):
+                raise CommandRejected("promotion_refused", f"promotion {promotion['code']} has been fully redeemed")
+            per_account = promotion.get("max_per_account")
+            if per_account and sum(t == tenant for t in taken.values()) >= int(per_account):
+                raise CommandRejected("promotion_refused", f"promotion {promotion['code']} was already used by "
+                                                           "this account")
+        return copy.deepcopy(built["quote"])  # type: ignore[no-any-return]
+    finally:
+        batch.return_to_cache()
+
+
+def _refused(exc: CommandRejected) -> Problem:
+    return Problem(STATUS_FOR_REASON.get(exc.reason, 422), "Refused", exc.detail, kind=exc.reason.replace("_", "-"),
+                   reason=exc.reason)
+
+
+def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str, OutboundGateway]) -> APIRouter:
+    router = APIRouter(tags=["checkout"])
+
+    async def run(principal: Principal, kind: str, tenant: str, payload: dict[str, Any], key: str | None
+                  ) -> CommandResult:
+        command_id = uuid5(NAMESPACE_URL, f"/http/{tenant}/{kind}/{key}") if key else uuid4()
+        command = LedgerCommand(command_id=command_id, kind=kind, tenant=tenant, issued_at=utcnow(),
+                                issued_by=f"user:{principal.subject}", payload=payload)
+        result = await apply_now(app, command)
+        if result.outcome == "rejected":
+            raise _refused(CommandRejected(result.reason or "rejected", result.detail or ""))
+        return result
+
+    async def read(aggregate_id: UUID, view: Any) -> Any:
+        return await asyncio.to_thread(app.read, aggregate_id, view)
+
+    async def order(tenant: str, key: str) -> dict[str, Any]:
+        found = await read(order_id(tenant, key), lambda o: copy.deepcopy(order_view(o)))
+        if found is None or found["tenant"] != tenant:
+            raise Problem(404, "Not found", f"No order {key!r} for {tenant!r}.", kind="unknown-order")
+        return found  # type: ignore[no-any-return]
+
+    async def check_identity(tenant: str, total: Decimal) -> None:
+        mode = settings.identity_verification
+        if mode == "off":
+            return
+        profile = await read(payment_profile_id(tenant), lambda p: (p.identity_verified, p.top_ups_paid))
+        verified, paid = profile or (False, "0")
+        if verified:
+            return
+        threshold = Decimal(settings.identity_threshold or "0")
+        if mode == "first_top_up" or (mode == "threshold" and Decimal(paid) + total > threshold):
+            raise Problem(403, "Identity verification required",
+                          "Complete identity verification before adding funds.",
+                          kind="identity_verification_required", reason="identity_verification_required")
+
+    @router.get("/v1/accounts/{tenant}/checkout/quote",
+                summary="The top-up summary (amount, promotion, tax, total, credits) before confirming")
+    async def get_quote(tenant: str, principal: AnyRole, package: str | None = None, amount: str | None = None,
+                        promotion: str | None = None) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        try:
+            q = await asyncio.to_thread(quote_now, app, tenant, {"package": package, "amount": amount,
+                                                                 "promotion": promotion}, utcnow())
+        except CommandRejected as exc:
+            raise _refused(exc) from exc
+        return {"tenant": tenant, "quote": q, "gateways": sorted(gateways)}
+
+    @router.post("/v1/accounts/{tenant}/checkout", status_code=201,
+                 summary="Place a top-up order and open the gateway's hosted checkout page")
+    async def checkout(tenant: str, request: Request, body: JsonBody,
+                       principal: Operator) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        gateway_name = str(body.get("gateway") or (min(gateways) if gateways else ""))
+        gateway = gateways.get(gateway_name)
+        if gateway is None:
+            raise Problem(422, "Gateway not enabled", f"Choose one of {sorted(gateways)}.", kind="gateway-not-enabled")
+        if not body.get("success_url") or not body.get("cancel_url"):
+            raise Problem(422, "Invalid request", "success_url and cancel_url are required.", kind="invalid-request")
+        payload = {k: body.get(k) for k in ("package", "amount", "promotion")}
+        key = request.headers.get("idempotency-key") or uuid4().hex
+        if await read(order_id(tenant, key), lambda o: o.tenant) is None:  # else: a retry of this request
+            try:
+                q = await asyncio.to_thread(quote_now, app, tenant, payload, utcnow())
+            except CommandRejected as exc:
+                raise _refused(exc) from exc
+            await check_identity(tenant, Decimal(q["total"]))
+            placed = await apply_now(app, LedgerCommand(
+                command_id=uuid5(NAMESPACE_URL, f"/http/{tenant}/checkout.place/{key}"), kind="checkout.place",
+                tenant=tenant, issued_at=utcnow(), issued_by=f"user:{principal.subject}",
+                payload={**payload, "key": key, "gateway": gateway_name}))
+            if placed.outcome == "rejected":
+                raise _refused(CommandRejected(placed.reason or "rejected", placed.detail or ""))
+        current = await order(tenant, key)  # a retried request finds its order (and its page, once opened)
+        if current["checkout"] is None and current["status"] == "pending":
+            q = current["quote"]
+            try:
+                session = await gateway.open_checkout(
+                    order_id=current["order_id"], tenant=tenant, total=Decimal(q["total"]), currency_code=q["currency"],
+                    description=f"Credit package {q['package']}" if q["package"] else "Account top-up",
+                    success_url=str(body["success_url"]), cancel_url=str(body["cancel_url"]))
+            except GatewayError as exc:
+                await run(principal, "checkout.fail", tenant, {"key": key, "reason": "gateway_unavailable"}, None)
+                raise Problem(502, "Gateway unavailable", str(exc), kind="gateway-unavailable") from exc
+            await run(principal, "checkout.open", tenant, {"key": key, "session_id": session.session_id,
+                                                           "url": session.url}, f"{key}/open")
+            current = await order(tenant, key)
+        return {**current, "checkout_url": (current["checkout"] or {}).get("url")}
+
+    @router.get("/v1/accounts/{tenant}/orders/{key}", summary="An order's status (the success page polls it)")
+    async def get_order(tenant: str, key: str, principal: AnyRole) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        return await order(tenant, key)
+
+    @router.post("/v1/accounts/{tenant}/identity/verify", summary="Record a completed identity verification")
+    async def verify(tenant: str, request: Request, principal: AdminOnly, body: OptionalBody = None) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        result = await run(principal, "identity.verify", tenant, body or {}, request.headers.get("idempotency-key"))
+        return {"tenant": tenant, **result.value}
+
+    @router.put("/v1/accounts/{tenant}/gateway-customers/{gateway}",
+                summary="The gateway's customer id that owns the saved payment methods")
+    async def put_customer(tenant: str, gateway: str, body: JsonBody,
+                           principal: Operator) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        await run(principal, "payment_customer.set", tenant, {"gateway": gateway, "customer": body.get("customer")},
+                  None)
+        return {"tenant": tenant, "gateway": gateway, "customer": body.get("customer")}
+
+    @router.put("/v1/accounts/{tenant}/alerts", summary="Low-balance alerts: email and signed webhook endpoint")
+    async def put_alerts(tenant: str, body: JsonBody,
+                         principal: Operator) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        result = await run(principal, "alerts.configure", tenant, body, None)
+        shown = {**result.value, "webhook_secret": "set" if result.value.get("webhook_secret") else None}
+        return {"tenant": tenant, "alerts": shown}
+
+    # -- refunds ---------------------------------------------------------------------------------------------
+
+    async def refund_request(tenant: str, key: str) -> dict[str, Any]:
+        found = await read(refund_request_id(tenant, key), lambda r: copy.deepcopy(request_view(r)))
+        if found is None:
+            raise Problem(404, "Not found", f"No refund request {key!r}.", kind="unknown-refund-request")
+        return found  # type: ignore[no-any-return]
+
+    @router.post("/v1/accounts/{tenant}/refund-requests", status_code=201,
+                 summary="Ask for a refund of a paid top-up order (reviewed by an operator)")
+    async def create_refund_request(tenant: str, request: Request, body: JsonBody,
+                                    principal: AnyRole) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        key = str(body.get("key") or request.headers.get("idempotency-key") or uuid4().hex)
+        result = await run(principal, "refund_request.create", tenant, {**body, "key": key}, key)
+        return result.value or await refund_request(tenant, key)  # type: ignore[no-any-return]
+
+    @router.get("/v1/accounts/{tenant}/refund-requests/{key}")
+    async def get_refund_request(tenant: str, key: str, principal: AnyRole) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        return await refund_request(tenant, key)
+
+    @router.post("/v1/accounts/{tenant}/refund-requests/{key}/approve",
+                 summary="Approve: the gateway refunds, then the ledger reverses the order and issues a credit note")
+    async def approve(tenant: str, key: str, principal: Operator) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        approved = await run(principal, "refund_request.approve", tenant, {"key": key}, None)
+        details = approved.value["order"]
+        gateway = gateways.get(details["gateway"])
+        if gateway is None:
+            raise Problem(409, "Gateway not enabled", f"{details['gateway']} is not enabled.", kind="gateway-not-enabled")
+        q = details["quote"]
+        try:
+            refund = await gateway.refund(payment_reference=details["payment"]["payment_id"], total=Decimal(q["total"]),
+                                          currency_code=q["currency"], idempotency_key=f"refund-{approved.value['refund_request_id']}",
+                                          tenant=tenant, order_id=approved.value["order_id"])
+        except GatewayError as exc:  # stays approved: approving again retries the same refund (same key)
+            raise Problem(502, "Gateway unavailable", str(exc), kind="gateway-unavailable") from exc
+        await run(principal, "refund_request.complete", tenant, {"key": key, "gateway_refund": refund.reference},
+                  f"{key}/complete")
+        return await refund_request(tenant, key)
+
+    @router.post("/v1/accounts/{tenant}/refund-requests/{key}/reject")
+    async def reject(tenant: str, key: str, principal: Operator, body: OptionalBody = None) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        await run(principal, "refund_request.reject", tenant, {"key": key, **(body or {})}, None)
+        return await refund_request(tenant, key)
+
+    return router

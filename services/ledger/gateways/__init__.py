@@ -1,0 +1,64 @@
+"""Outbound payment gateways: one interface, one module per gateway (a new gateway is a new module).
+
+The ledger asks a gateway for three things, never touching card data (hosted pages and saved tokens only):
+
+* ``open_checkout``: a hosted checkout page for an order (its total, its currency, tenant and order id in the
+  gateway's metadata so the verified webhook can be attributed; the order id is the idempotency key);
+* ``charge_saved_method``: an off-session charge of a saved payment method (auto-top-up, dunning);
+* ``refund``: pay back a payment.
+
+Amounts are exact Decimals; each adapter converts them to the gateway's integer minor units itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+from billing_events.money import MoneyError, currency
+
+
+class GatewayError(Exception):
+    """The gateway could not be reached or answered with a server error: nothing is known, retry later."""
+
+
+@dataclass(frozen=True)
+class CheckoutSession:
+    session_id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Charge:
+    ok: bool
+    reference: str | None  # the gateway's payment id (Stripe payment intent) when there is one
+    error: str | None = None  # why a charge was declined (card declined, authentication required, ...)
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    reference: str
+    status: str
+
+
+class OutboundGateway(Protocol):
+    name: str
+
+    async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal, currency_code: str,
+                            success_url: str, cancel_url: str) -> CheckoutSession: ...
+
+    async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal, currency_code: str,
+                                  idempotency_key: str, tenant: str, order_id: str) -> Charge: ...
+
+    async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,
+                     tenant: str, order_id: str) -> RefundResult: ...
+
+
+def to_minor_units(amount: Decimal, code: str, overrides: dict[str, int] | None = None) -> int:
+    """An exact amount as integer minor units of ``code`` (ISO 4217 scale); refuses finer amounts."""
+    scale = (overrides or {}).get(code.upper(), currency(code.upper()).minor_scale)
+    scaled = amount.scaleb(scale)
+    if scaled != scaled.to_integral_value():
+        raise MoneyError(f"{amount} {code} has more decimals than the currency allows")
+    return int(scaled)

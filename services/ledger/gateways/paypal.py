@@ -1,0 +1,76 @@
+"""PayPal Orders v2 through httpx (injectable transport): the purchase unit carries ``custom_id`` (tenant) and
+``invoice_id`` (order id); the customer approves on PayPal's hosted page (the ``approve`` link)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+from billing_ledger.gateways import Charge, CheckoutSession, GatewayError, RefundResult, to_minor_units
+from billing_runtime.settings import Settings
+
+NAME = "paypal"
+
+
+class PayPalGateway:
+    name = NAME
+
+    def __init__(self, client_id: str, client_secret: str, api_base: str, timeout_seconds: float,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._auth = (client_id, client_secret)
+        self._base = api_base.rstrip("/")
+        self._timeout = timeout_seconds
+        self._transport = transport
+
+    async def _call(self, path: str, body: dict[str, object], request_id: str) -> dict[str, object]:
+        async with httpx.AsyncClient(base_url=self._base, timeout=self._timeout, transport=self._transport) as client:
+            try:
+                token = await client.post("/v1/oauth2/token", auth=self._auth,
+                                          data={"grant_type": "client_credentials"})
+                if token.status_code != 200:
+                    raise GatewayError(f"PayPal token: {token.status_code}")
+                response = await client.post(path, json=body, headers={
+                    "Authorization": f"Bearer {token.json()['access_token']}", "PayPal-Request-Id": request_id})
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"PayPal: {exc}") from exc
+        if response.status_code >= 400:
+            raise GatewayError(f"PayPal answered {response.status_code}: {response.text[:200]}")
+        data: dict[str, object] = response.json()
+        return data
+
+    @staticmethod
+    def _value(total: Decimal, code: str) -> str:
+        to_minor_units(total, code)  # refuses amounts finer than the currency
+        return str(total)
+
+    async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
+                            currency_code: str, success_url: str, cancel_url: str) -> CheckoutSession:
+        order = await self._call("/v2/checkout/orders", {
+            "intent": "CAPTURE",
+            "purchase_units": [{"custom_id": tenant, "invoice_id": order_id, "description": description[:127],
+                                "amount": {"currency_code": currency_code, "value": self._value(total, currency_code)}}],
+            "application_context": {"return_url": success_url, "cancel_url": cancel_url}}, order_id)
+        links = order.get("links") or []
+        approve = next((link["href"] for link in links if isinstance(link, dict) and link.get("rel") in
+                        ("approve", "payer-action")), None)
+        if approve is None:
+            raise GatewayError("PayPal order without an approve link")
+        return CheckoutSession(str(order["id"]), str(approve))
+
+    async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal,
+                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str) -> Charge:
+        return Charge(False, None, "paypal vaulted payments are not enabled")
+
+    async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,
+                     tenant: str, order_id: str) -> RefundResult:
+        refund = await self._call(f"/v2/payments/captures/{payment_reference}/refund", {
+            "amount": {"currency_code": currency_code, "value": self._value(total, currency_code)},
+            "invoice_id": order_id}, idempotency_key)
+        return RefundResult(str(refund["id"]), str(refund.get("status", "PENDING")))
+
+
+def build(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> PayPalGateway | None:
+    if not (settings.paypal_client_id and settings.paypal_client_secret):
+        return None
+    return PayPalGateway(settings.paypal_client_id, settings.paypal_client_secret, settings.paypal_api_base,
+                         settings.gateway_api_timeout_seconds, transport)

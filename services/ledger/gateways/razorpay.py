@@ -1,0 +1,66 @@
+"""Razorpay Orders API through httpx (injectable transport): the order carries ``notes.tenant`` and
+``notes.order_id``; the customer pays on Razorpay's hosted Checkout (``key_id`` + Razorpay order id)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+from billing_ledger.gateways import Charge, CheckoutSession, GatewayError, RefundResult, to_minor_units
+from billing_runtime.settings import Settings
+
+NAME = "razorpay"
+
+
+class RazorpayGateway:
+    name = NAME
+
+    def __init__(self, key_id: str, key_secret: str, api_base: str, timeout_seconds: float,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._key_id = key_id
+        self._auth = (key_id, key_secret)
+        self._base = api_base.rstrip("/")
+        self._timeout = timeout_seconds
+        self._transport = transport
+
+    async def _post(self, path: str, body: dict[str, object], idempotency_key: str) -> dict[str, object]:
+        async with httpx.AsyncClient(base_url=self._base, auth=self._auth, timeout=self._timeout,
+                                     transport=self._transport) as client:
+            try:
+                response = await client.post(path, json=body, headers={"X-Idempotency-Key": idempotency_key})
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"Razorpay: {exc}") from exc
+        if response.status_code >= 500:
+            raise GatewayError(f"Razorpay answered {response.status_code}")
+        data: dict[str, object] = response.json()
+        if response.status_code >= 400:
+            raise GatewayError(f"Razorpay refused: {data.get('error')}")
+        return data
+
+    async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
+                            currency_code: str, success_url: str, cancel_url: str) -> CheckoutSession:
+        order = await self._post("/v1/orders", {"amount": to_minor_units(total, currency_code),
+                                                "currency": currency_code, "receipt": order_id[:40],
+                                                "notes": {"tenant": tenant, "order_id": order_id}}, order_id)
+        rid = str(order["id"])
+        # The hosted page is opened by the front end with key_id + order id; the success URL is where it returns.
+        return CheckoutSession(rid, f"{success_url}{'&' if '?' in success_url else '?'}razorpay_order_id={rid}"
+                                    f"&key_id={self._key_id}")
+
+    async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal,
+                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str) -> Charge:
+        return Charge(False, None, "razorpay recurring payments need a mandate; not enabled")
+
+    async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,
+                     tenant: str, order_id: str) -> RefundResult:
+        refund = await self._post(f"/v1/payments/{payment_reference}/refund",
+                                  {"amount": to_minor_units(total, currency_code),
+                                   "notes": {"tenant": tenant, "order_id": order_id}}, idempotency_key)
+        return RefundResult(str(refund["id"]), str(refund.get("status", "pending")))
+
+
+def build(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> RazorpayGateway | None:
+    if not (settings.razorpay_key_id and settings.razorpay_key_secret):
+        return None
+    return RazorpayGateway(settings.razorpay_key_id, settings.razorpay_key_secret, settings.razorpay_api_base,
+                           settings.gateway_api_timeout_seconds, transport)

@@ -1,0 +1,77 @@
+"""Stripe through the official SDK (``stripe.StripeClient``): hosted Checkout Sessions (card data never touches
+our servers; 3-D Secure / SCA is handled by the hosted page), off-session PaymentIntents, refunds."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import stripe as stripe_sdk
+from billing_ledger.gateways import Charge, CheckoutSession, GatewayError, RefundResult, to_minor_units
+from billing_runtime.settings import Settings
+
+NAME = "stripe"
+# Stripe's API takes these zero-decimal ISO 4217 currencies with two decimals (backwards compatibility).
+STRIPE_SCALE_OVERRIDES = {"ISK": 2, "UGX": 2}
+STRIPE_NETWORK_RETRIES_MAX = 2
+
+
+class StripeGateway:
+    name = NAME
+
+    def __init__(self, client: stripe_sdk.StripeClient) -> None:
+        self._client = client
+
+    def _minor(self, total: Decimal, code: str) -> int:
+        return to_minor_units(total, code, STRIPE_SCALE_OVERRIDES)
+
+    async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
+                            currency_code: str, success_url: str, cancel_url: str) -> CheckoutSession:
+        metadata = {"tenant": tenant, "order_id": order_id}
+        try:
+            session = await self._client.v1.checkout.sessions.create_async(params={
+                "mode": "payment", "success_url": success_url, "cancel_url": cancel_url,
+                "client_reference_id": order_id, "metadata": metadata,
+                "line_items": [{"quantity": 1, "price_data": {
+                    "currency": currency_code.lower(), "unit_amount": self._minor(total, currency_code),
+                    "product_data": {"name": description}}}],
+            }, options={"idempotency_key": f"checkout-{order_id}"})
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        return CheckoutSession(session_id=session.id, url=str(session.url))
+
+    async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal,
+                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str) -> Charge:
+        params: dict[str, object] = {
+            "amount": self._minor(total, currency_code), "currency": currency_code.lower(),
+            "payment_method": method_id, "confirm": True, "off_session": True,
+            "metadata": {"tenant": tenant, "order_id": order_id}}
+        if customer:
+            params["customer"] = customer
+        try:
+            intent = await self._client.v1.payment_intents.create_async(
+                params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+        except stripe_sdk.CardError as exc:  # declined, or the bank wants the customer present (SCA)
+            return Charge(False, None, exc.code or exc.user_message or str(exc))
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        if intent.status != "succeeded":
+            return Charge(False, intent.id, f"payment intent is {intent.status}")
+        return Charge(True, intent.id)
+
+    async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,
+                     tenant: str, order_id: str) -> RefundResult:
+        try:
+            refund = await self._client.v1.refunds.create_async(params={
+                "payment_intent": payment_reference, "amount": self._minor(total, currency_code),
+                "metadata": {"tenant": tenant, "order_id": order_id}}, options={"idempotency_key": idempotency_key})
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        return RefundResult(refund.id, str(refund.status))
+
+
+def build(settings: Settings, http_client: stripe_sdk.HTTPClient | None = None) -> StripeGateway | None:
+    if not settings.stripe_api_key:
+        return None
+    http = http_client or stripe_sdk.HTTPXClient(timeout=settings.gateway_api_timeout_seconds)
+    return StripeGateway(stripe_sdk.StripeClient(settings.stripe_api_key, http_client=http,
+                                                 max_network_retries=STRIPE_NETWORK_RETRIES_MAX))

@@ -1,0 +1,154 @@
+"""Refunds of top-up orders: the customer's request, the operator's approval, and the reversal.
+
+A reversal (``reverse_order``) is one transaction: the purchase grant is refunded (credit and the tax
+collected), the promotion's bonus grant is voided, a credit note mirroring the top-up invoice is finalized
+(``CN-`` number) and the order is marked refunded. It happens once: the gateway's own refund webhook that
+follows finds the order refunded and changes nothing (and a refund made in the gateway's dashboard reverses
+the order the same way).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from billing_events import ids
+from billing_events.messages import LedgerCommand
+from billing_events.money import to_subunits
+from billing_ledger.account_commands import account_of
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.checkout_commands import _at, order_of, top_up_invoice_id
+from billing_ledger.domain.checkout import PAID, REFUNDED, Order
+from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
+from billing_ledger.domain.refund_request import RefundRequest, RefundRequestError, refund_request_id
+from billing_ledger.subscription_commands import _finalize
+
+
+def _request(batch: _Batch, tenant: str, key: str) -> RefundRequest:
+    found = batch.get(refund_request_id(tenant, key))
+    if found is None:
+        raise CommandRejected("unknown_refund_request", f"no refund request {key!r}")
+    return found  # type: ignore[no-any-return]
+
+
+def refundable_now(batch: _Batch, order: Order) -> int:
+    """What of the order's purchase grant is unspent and unreserved (sub-units)."""
+    account = account_of(batch, order.tenant)
+    grant = str(ids.grant_id(order.tenant, f"order/{order.id}/purchase"))
+    state = next((g for g in account.grant_balances() if g["grant_id"] == grant), None)
+    if state is None or state["status"] != "open":
+        return 0
+    return max(0, min(int(state["remaining"]), account.available(state["unit"])))
+
+
+def request_view(request: RefundRequest) -> dict[str, Any]:
+    return {"refund_request_id": str(request.id), "key": request.key, "order_id": request.order_id,
+            "status": request.status, "reason": request.reason, "gateway_refund": request.gateway_refund,
+            "credit_note": request.credit_note}
+
+
+def _eligible(batch: _Batch, order: Order) -> None:
+    if order.status != PAID:
+        raise CommandRejected("refund_not_eligible", f"order {order.key!r} is {order.status}, not paid")
+    grant = next(g for g in account_of(batch, order.tenant).grant_balances()
+                 if g["grant_id"] == str(ids.grant_id(order.tenant, f"order/{order.id}/purchase")))
+    if refundable_now(batch, order) < int(grant["amount"]):
+        raise CommandRejected("refund_not_eligible", f"the credit of order {order.key!r} has been used")
+
+
+@handles("refund_request.create")
+def create_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    tenant = command.tenant or ""
+    key = str(command.payload.get("key") or "")
+    if not key:
+        raise CommandRejected("invalid_refund_request", "a refund request needs a key")
+    if batch.get(refund_request_id(tenant, key)) is not None:
+        raise CommandRejected("refund_request_exists", f"refund request {key!r} exists")
+    order = order_of(batch, tenant, str(command.payload["order"]))
+    _eligible(batch, order)
+    request = RefundRequest(tenant=tenant, key=key, order_id=str(order.id), reason=str(command.payload.get("reason", "")),
+                            at=_at(command), by=command.issued_by)
+    batch.add(request)
+    return request_view(request)
+
+
+@handles("refund_request.approve")
+def approve_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    request = _request(batch, command.tenant or "", str(command.payload["key"]))
+    order = batch.get(UUID(request.order_id))
+    if request.status != "approved":
+        _eligible(batch, order)
+    try:
+        request.approve(at=_at(command), by=command.issued_by)
+    except RefundRequestError as exc:
+        raise CommandRejected("invalid_transition", str(exc)) from exc
+    return {**request_view(request), "order": {"key": order.key, "gateway": order.gateway,
+                                               "payment": order.payment, "quote": dict(order.quote)}}
+
+
+@handles("refund_request.reject")
+def reject_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    request = _request(batch, command.tenant or "", str(command.payload["key"]))
+    try:
+        request.reject(reason=str(command.payload.get("reason", "")), at=_at(command), by=command.issued_by)
+    except RefundRequestError as exc:
+        raise CommandRejected("invalid_transition", str(exc)) from exc
+    return request_view(request)
+
+
+@handles("refund_request.complete")
+def complete_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """The gateway accepted the refund: the ledger reversal and the credit note, in one transaction."""
+    request = _request(batch, command.tenant or "", str(command.payload["key"]))
+    if request.status == "refunded":
+        return request_view(request)
+    order = batch.get(UUID(request.order_id))
+    reference = str(command.payload["gateway_refund"])
+    result = reverse_order(app, batch, order, reference=reference, at=_at(command), by=command.issued_by,
+                           finance_override=False)
+    try:
+        request.complete(gateway_refund=reference, credit_note=result["credit_note"], at=_at(command),
+                         by=command.issued_by)
+    except RefundRequestError as exc:
+        raise CommandRejected("invalid_transition", str(exc)) from exc
+    return request_view(request)
+
+
+def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amount: Decimal, reference: str,
+                     at: datetime, by: str) -> dict[str, Any]:
+    """A refund the gateway reports for a checkout order: the whole order, once (partial ones need a person)."""
+    if order.status == REFUNDED:
+        return {"order_id": str(order.id), "already_refunded": True}
+    if amount != Decimal(order.quote["total"]):
+        raise CommandRejected("partial_refund", f"{amount} of order total {order.quote['total']}: reconcile by hand")
+    return reverse_order(app, batch, order, reference=reference, at=at, by=by, finance_override=True)
+
+
+def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, reference: str, at: datetime, by: str,
+                  finance_override: bool) -> dict[str, Any]:
+    account = account_of(batch, order.tenant)
+    grants = {g["grant_id"]: g for g in account.grant_balances()}
+    purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")
+    state = grants[str(purchase)]
+    q = order.quote
+    tax = to_subunits(Decimal(q["tax"])) if q["unit"] == q["currency"] else 0  # as booked on the grant
+    cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference}
+    account.refund_grant(grant_id=purchase, amount=int(state["amount"]) - int(state["refunded"]),
+                         refund_id=uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund"), at=at,
+                         finance_override=finance_override, cause=cause, tax_amount=tax)
+    promotion = grants.get(str(ids.grant_id(order.tenant, f"order/{order.id}/promotion")))
+    if promotion is not None and promotion["status"] == "open":
+        account.void_grant(grant_id=UUID(promotion["grant_id"]), reason="order_refunded", voided_by=by, at=at)
+    original = batch.get(top_up_invoice_id(order))
+    note = Invoice(tenant=order.tenant, key=f"orders/{order.id}/refund", document_type=CREDIT_NOTE,
+                   currency=order.quote["currency"],
+                   lines=[{**item, "amount": str(-Decimal(item["amount"])),
+                           "exact_amount": str(-Decimal(item["exact_amount"]))} for item in original.lines],
+                   period_start=None, period_end=None, subscription_id=None, related_invoice=str(original.id),
+                   at=at, by=by)
+    batch.add(note)
+    _finalize(app, batch, note, at, by)
+    order.mark_refunded(refund_id=reference, amount=order.quote["total"], at=at, by=by)
+    return {"order_id": str(order.id), "credit_note": str(note.id), "credit_note_number": note.number}

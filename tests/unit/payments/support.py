@@ -1,0 +1,202 @@
+"""Shared fixtures of the payment tests: a fake Stripe API (a ``stripe.HTTPClient`` subclass, offline), a
+ledger on SQLite with its checkout routes, an SMTP inbox (aiosmtpd), and set-up commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from email import message_from_bytes
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+import stripe
+from aiosmtpd.controller import Controller
+from billing_events import ids
+from billing_events.messages import LedgerCommand
+from billing_ledger.application import CommandResult, LedgerApplication, persistence_env
+from billing_ledger.checkout_http import build_router
+from billing_ledger.gateways.stripe import StripeGateway
+from billing_runtime.auth import mint_token
+from billing_runtime.http import create_app
+from billing_runtime.settings import Settings
+from fastapi.testclient import TestClient
+
+from tests.support import free_port
+
+TENANT = "acme"
+CATALOG = {
+    "credit_units": {"CREDIT": {"scale": 0}},
+    "packages": [{"code": "credits-10k", "name": "10k credits", "unit": "CREDIT", "credits": "10000",
+                  "bonus_credits": "1000", "price": "95.00", "currency": "USD"}],
+    "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+    "promotions": [
+        {"code": "TENOFF", "kind": "discount_percent", "value": "0.10", "max_per_account": 1},
+        {"code": "BONUS500", "kind": "bonus_credit", "value": "500", "unit": "CREDIT"},
+        {"code": "OLD", "kind": "bonus_credit", "value": "5", "valid_until": "2020-01-01T00:00:00+00:00"},
+        {"code": "ONCE", "kind": "discount_amount", "value": "5", "max_redemptions": 1, "max_per_account": 1},
+    ],
+    "seller": {"name": "billing", "country": "DE"},
+}
+
+
+def _form(post_data: Any) -> dict[str, str]:
+    if not post_data:
+        return {}
+    text = post_data.decode() if isinstance(post_data, bytes) else str(post_data)
+    return dict(parse_qsl(text))
+
+
+class FakeStripe(stripe.HTTPClient):
+    """Answers the SDK offline: creates and serves checkout sessions, payment intents and refunds.
+
+    ``declined`` payment methods are refused (402 card_declined); every call is recorded with its
+    idempotency key, and a repeated key answers the first answer (as Stripe does)."""
+
+    name = "fake-stripe"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, str | None, dict[str, str]]] = []
+        self.declined: set[str] = set()
+        self._by_key: dict[str, tuple[bytes, int]] = {}
+
+    def _answer(self, method: str, url: str, headers: Any, post_data: Any) -> tuple[bytes, int, dict[str, str]]:
+        parts = urlsplit(url)
+        key = dict(headers or {}).get("Idempotency-Key")
+        form = _form(post_data)
+        self.calls.append((method, parts.path, key, form))
+        if method == "post" and key and key in self._by_key:
+            body, status = self._by_key[key]
+            return body, status, {}
+        body, status = self._handle(method, parts.path, parts.query, form)
+        if method == "post" and key:
+            self._by_key[key] = (body, status)
+        return body, status, {}
+
+    def _handle(self, method: str, path: str, query: str, form: dict[str, str]) -> tuple[bytes, int]:
+        metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
+        n = len(self.objects) + 1
+        if method == "post" and path == "/v1/checkout/sessions":
+            sid = f"cs_test_{n}"
+            obj = {"id": sid, "object": "checkout.session", "status": "open", "payment_status": "unpaid",
+                   "url": f"https://checkout.stripe.test/c/pay/{sid}", "mode": form.get("mode"),
+                   "amount_total": int(form["line_items[0][price_data][unit_amount]"]),
+                   "currency": form["line_items[0][price_data][currency]"], "payment_intent": None,
+                   "metadata": metadata}
+            self.objects[f"/v1/checkout/sessions/{sid}"] = obj
+            return json.dumps(obj).encode(), 200
+        if method == "post" and path == "/v1/payment_intents":
+            pid = f"pi_test_{n}"
+            if form.get("payment_method") in self.declined:
+                error = {"type": "card_error", "code": "card_declined", "message": "Your card was declined.",
+                         "payment_intent": {"id": pid, "status": "requires_payment_method"}}
+                return json.dumps({"error": error}).encode(), 402
+            obj = {"id": pid, "object": "payment_intent", "status": "succeeded", "amount": int(form["amount"]),
+                   "amount_received": int(form["amount"]), "currency": form["currency"],
+                   "customer": form.get("customer"), "payment_method": form.get("payment_method"),
+                   "metadata": metadata}
+            self.objects[f"/v1/payment_intents/{pid}"] = obj
+            return json.dumps(obj).encode(), 200
+        if method == "post" and path == "/v1/refunds":
+            rid = f"re_test_{n}"
+            obj = {"id": rid, "object": "refund", "status": "succeeded", "amount": int(form["amount"]),
+                   "currency": "usd", "payment_intent": form["payment_intent"], "metadata": metadata}
+            self.objects[f"/v1/refunds/{rid}"] = obj
+            return json.dumps(obj).encode(), 200
+        obj = self.objects.get(path)
+        if obj is None:
+            return json.dumps({"error": {"type": "invalid_request_error", "message": f"No such {path}"}}).encode(), 404
+        return json.dumps(obj).encode(), 200
+
+    def complete(self, session_id: str) -> str:
+        """The customer paid on the hosted page (3-D Secure included): the session is complete and paid."""
+        session = self.objects[f"/v1/checkout/sessions/{session_id}"]
+        intent = f"pi_for_{session_id}"
+        session.update(status="complete", payment_status="paid", payment_intent=intent)
+        return intent
+
+    def request(self, method: str, url: str, headers: Any, post_data: Any = None, *,
+                _usage: Any = None) -> tuple[str, int, dict[str, str]]:
+        body, status, out = self._answer(method, url, headers, post_data)
+        return body.decode(), status, out
+
+    async def request_async(self, method: str, url: str, headers: Any, post_data: Any = None,
+                            *, _usage: Any = None) -> tuple[bytes, int, dict[str, str]]:
+        return self._answer(method, url, headers, post_data)
+
+    def close(self) -> None:
+        return None
+
+    async def close_async(self) -> None:
+        return None
+
+    async def sleep_async(self, secs: float) -> None:
+        return None
+
+
+def stripe_gateway(api: FakeStripe) -> StripeGateway:
+    return StripeGateway(stripe.StripeClient("sk_test_123", http_client=api, max_network_retries=0))
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[LedgerApplication]:
+    application = LedgerApplication(persistence_env(None, str(tmp_path / "ledger")))
+    setup(application)
+    yield application
+    application.close()
+
+
+def command(kind: str, tenant: str | None, payload: dict[str, Any], key: str = "",
+            at: datetime | None = None) -> LedgerCommand:
+    return LedgerCommand(command_id=ids.command_id(kind, tenant or "-", key or json.dumps(payload, sort_keys=True)),
+                         kind=kind, tenant=tenant, issued_at=at or datetime.now(UTC), issued_by="test",
+                         payload=payload)
+
+
+def run(app: LedgerApplication, kind: str, tenant: str | None, key: str = "", **payload: Any) -> CommandResult:
+    [result] = app.apply_commands([command(kind, tenant, payload, key)])
+    return result
+
+
+def setup(app: LedgerApplication, *, tax_profile: dict[str, Any] | None = None) -> None:
+    assert run(app, "catalog.publish", None, document=CATALOG, digest="pay1").outcome == "applied"
+    assert run(app, "account.open", TENANT, currency="USD").outcome == "applied"
+    profile = tax_profile or {"country": "DE", "business_name": "Acme GmbH"}
+    result = run(app, "tax_profile.set", TENANT, **profile)
+    assert result.outcome == "applied", result
+
+
+SETTINGS = Settings()
+
+
+def headers(role: str = "admin", tenant: str | None = TENANT) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(SETTINGS, role=role, tenant=tenant)}"}
+
+
+def client(app: LedgerApplication, gateways: dict[str, Any], settings: Settings = SETTINGS) -> TestClient:
+    api = create_app("ledger-payments-test", settings)
+    api.include_router(build_router(app, settings, gateways))
+    return TestClient(api)

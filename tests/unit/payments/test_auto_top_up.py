@@ -1,0 +1,84 @@
+"""Auto-top-up: the default method declined, the backup charged off-session; cooldown and monthly cap hold."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from billing_events import ids
+from billing_ledger.application import LedgerApplication
+from billing_ledger.topups import process_pending
+
+from tests.unit.payments.support import TENANT, FakeStripe, Inbox, ledger, run, smtp, stripe_gateway
+
+__all__ = ["ledger", "smtp"]
+T0 = datetime.now(UTC)  # purchased credit is effective from when it is paid (now)
+
+
+def debit(app: LedgerApplication, key: str, usd: int, at: datetime) -> None:
+    result = run(app, "usage.debit", TENANT, key, unit="USD", amount_subunits=usd * 10**9, meter="api_calls",
+                 at=at.isoformat(), cause={})
+    assert result.outcome == "applied", result
+
+
+def available(app: LedgerApplication) -> int:
+    value = app.read(ids.account_id(TENANT), lambda a: a.available("USD"))
+    assert value is not None
+    return value // 10**9
+
+
+def prepare(app: LedgerApplication, cooldown: int, cap: str) -> None:
+    assert run(app, "credit.grant", TENANT, "g", unit="USD", amount="20", grant_key="start", source="manual",
+               effective_at=(T0 - timedelta(days=1)).isoformat()).outcome == "applied"
+    rule = run(app, "auto_top_up.set", TENANT, f"rule-{cooldown}", threshold="10", target="50",
+               cooldown_seconds=cooldown, monthly_cap=cap)
+    assert rule.outcome == "applied", rule
+    for method in ("pm_primary", "pm_backup"):
+        assert run(app, "payment_method.add", TENANT, method, method_id=method, gateway="stripe",
+                   label=method).outcome == "applied"
+    assert run(app, "payment_customer.set", TENANT, "cus", gateway="stripe", customer="cus_1").outcome == "applied"
+
+
+@pytest.mark.asyncio
+async def test_primary_declined_backup_charged_once_and_cooldown_respected(ledger: LedgerApplication) -> None:
+    prepare(ledger, cooldown=3600, cap="500")
+    api = FakeStripe()
+    api.declined.add("pm_primary")
+    gateways = {"stripe": stripe_gateway(api)}
+    debit(ledger, "u1", 15, T0)  # 20 -> 5, below 10: a request to top up to 50 (45 USD + 19 % VAT charged)
+    assert await process_pending(ledger, gateways, None) == ["paid"]
+    intents = [c for c in api.calls if c[1] == "/v1/payment_intents"]
+    assert [c[3]["payment_method"] for c in intents] == ["pm_primary", "pm_backup"]
+    assert all(c[3]["off_session"] == "true" and c[3]["confirm"] == "true" and c[3]["customer"] == "cus_1"
+               for c in intents)
+    assert intents[1][3]["amount"] == "5355"  # 45.00 + 8.55 tax
+    assert available(ledger) == 50
+    assert await process_pending(ledger, gateways, None) == []  # settled once: position recorded
+
+    debit(ledger, "u2", 45, T0 + timedelta(minutes=5))  # below again, but within the cooldown: no request
+    assert await process_pending(ledger, gateways, None) == []
+    assert available(ledger) == 5
+
+
+@pytest.mark.asyncio
+async def test_the_monthly_cap_bounds_requests_and_all_declined_notifies(ledger: LedgerApplication,
+                                                                          smtp: tuple[Inbox, int]) -> None:
+    from billing_ledger.notifier import SmtpSettings
+
+    prepare(ledger, cooldown=0, cap="60")
+    api = FakeStripe()
+    gateways = {"stripe": stripe_gateway(api)}
+    debit(ledger, "u1", 15, T0)
+    assert await process_pending(ledger, gateways, None) == ["paid"]  # 45 of the 60 cap
+    debit(ledger, "u2", 45, T0 + timedelta(minutes=1))  # 45 more would exceed the cap: no request
+    assert await process_pending(ledger, gateways, None) == []
+    assert available(ledger) == 5
+
+    # Next month the rule may request again; every method declines: the order fails and the tenant is told.
+    api.declined.update({"pm_primary", "pm_backup"})
+    debit(ledger, "u3", 1, T0 + timedelta(days=32))
+    inbox, port = smtp
+    outcome = await process_pending(ledger, gateways, SmtpSettings("127.0.0.1", port, "billing@localhost", "billing"))
+    assert outcome == ["declined"]
+    [mail] = inbox.messages
+    assert mail["Subject"] == "Auto-top-up failed" and "card_declined" in mail.get_payload()

@@ -1,0 +1,139 @@
+"""Checkout refusals before anything is charged (promotions, identity gate), VAT ids, and refunds end to end."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from billing_events import ids
+from billing_events.messages import PaymentNotification
+from billing_events.timeutil import utcnow
+from billing_ledger.application import LedgerApplication
+from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.payment_commands import payment_command
+from billing_runtime.settings import Settings
+
+from tests.unit.payments.support import TENANT, FakeStripe, client, headers, ledger, run, stripe_gateway
+
+__all__ = ["ledger"]
+URLS = {"success_url": "https://app.test/ok", "cancel_url": "https://app.test/cancel"}
+
+
+def checkout(http: Any, key: str, **body: Any) -> Any:
+    return http.post(f"/v1/accounts/{TENANT}/checkout", headers={**headers(), "Idempotency-Key": key},
+                     json={"gateway": "stripe", **URLS, **body})
+
+
+def sessions(api: FakeStripe) -> int:
+    return len([c for c in api.calls if c[1] == "/v1/checkout/sessions"])
+
+
+def test_invalid_expired_and_exhausted_promotions_are_refused_before_a_session(ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    for code, words in (("NOPE", "not valid"), ("OLD", "expired")):
+        refused = checkout(http, f"k-{code}", package="credits-10k", promotion=code)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["type"].endswith("promotion-refused") and words in refused.json()["detail"]
+        quoted = http.get(f"/v1/accounts/{TENANT}/checkout/quote", params={"amount": "10", "promotion": code},
+                          headers=headers())
+        assert quoted.status_code == 422
+    assert checkout(http, "k-once", amount="20", promotion="ONCE").status_code == 201
+    exhausted = checkout(http, "k-once-2", amount="20", promotion="ONCE")
+    assert exhausted.status_code == 422 and "redeemed" in exhausted.json()["detail"]
+    assert sessions(api) == 1  # only the valid order reached Stripe
+    assert http.get(f"/v1/accounts/{TENANT}/orders/k-OLD", headers=headers()).status_code == 404
+
+
+def test_an_unknown_gateway_and_gateway_choice(ledger: LedgerApplication) -> None:
+    http = client(ledger, {"stripe": stripe_gateway(FakeStripe())})
+    refused = checkout(http, "k1", amount="10", gateway="paypal")
+    assert refused.status_code == 422 and refused.json()["type"].endswith("gateway-not-enabled")
+
+
+def test_vat_ids_valid_and_invalid(ledger: LedgerApplication) -> None:
+    bad = run(ledger, "tax_profile.set", TENANT, "bad", country="FR", business_name="Acme SAS", tax_id="FR00000000000")
+    assert bad.outcome == "rejected" and bad.reason == "invalid_vat_id"
+    # A valid French VAT id, seller in Germany: business-to-business reverse charge, no VAT on the quote.
+    good = run(ledger, "tax_profile.set", TENANT, "good", country="FR", business_name="Acme SAS",
+               tax_id="FR 40 303 265 045")
+    assert good.outcome == "applied", good
+    http = client(ledger, {"stripe": stripe_gateway(FakeStripe())})
+    quote = http.get(f"/v1/accounts/{TENANT}/checkout/quote", params={"amount": "100"}, headers=headers()).json()
+    assert Decimal(quote["quote"]["tax"]) == 0 and quote["quote"]["total"] == "100.00"
+    assert "Reverse charge" in quote["quote"]["tax_note"]
+
+
+def test_identity_gate_before_the_first_top_up(ledger: LedgerApplication) -> None:
+    settings = Settings(identity_verification="first_top_up")
+    api = FakeStripe()
+    http = client(ledger, {"stripe": stripe_gateway(api)}, settings)
+    refused = checkout(http, "k1", amount="10")
+    assert refused.status_code == 403 and refused.json()["type"].endswith("identity_verification_required")
+    assert sessions(api) == 0
+    verified = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers=headers("admin"),
+                         json={"reference": "kyc-123", "method": "document"})
+    assert verified.status_code == 200 and verified.json()["identity_verified"]
+    assert checkout(http, "k2", amount="10").status_code == 201
+
+
+def test_identity_gate_above_a_spending_threshold(ledger: LedgerApplication) -> None:
+    settings = Settings(identity_verification="threshold", identity_threshold="50")
+    http = client(ledger, {"stripe": stripe_gateway(FakeStripe())}, settings)
+    assert checkout(http, "small", amount="20").status_code == 201  # 20 + 19 % = 23.80, under 50
+    assert checkout(http, "large", amount="100").status_code == 403
+
+
+def pay(ledger: LedgerApplication, api: FakeStripe, order: dict[str, Any]) -> None:
+    intent = api.complete(order["checkout"]["session_id"])
+    q = order["quote"]
+    notification = PaymentNotification(gateway="stripe", gateway_event_id=f"evt-{order['key']}", kind="payment_succeeded",
+                                       tenant=TENANT, order_id=order["order_id"], amount=Decimal(q["total"]),
+                                       currency=q["currency"], verified_at=utcnow(), gateway_reference=intent)
+    [result] = ledger.apply_commands([payment_command(notification)])
+    assert result.outcome == "applied", result
+
+
+def test_refund_request_approved_reverses_ledger_and_issues_a_credit_note(ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    order = checkout(http, "o1", amount="50", promotion="BONUS500").json()
+    assert order["status"] == "open", order
+    request = http.post(f"/v1/accounts/{TENANT}/refund-requests", headers=headers("viewer"),
+                        json={"key": "r1", "order": "o1", "reason": "bought by mistake"})
+    assert request.status_code == 422 and request.json()["reason"] == "refund_not_eligible"  # not paid yet
+    pay(ledger, api, order)
+    request = http.post(f"/v1/accounts/{TENANT}/refund-requests", headers=headers("viewer"),
+                        json={"key": "r1", "order": "o1", "reason": "bought by mistake"})
+    assert request.status_code == 201, request.text
+    assert http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve",
+                     headers=headers("viewer")).status_code == 403  # operators only
+    approved = http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve", headers=headers("finance"))
+    assert approved.status_code == 200, approved.text
+    done = approved.json()
+    assert done["status"] == "refunded" and done["gateway_refund"].startswith("re_test_")
+    [(_, _, key, form)] = [c for c in api.calls if c[1] == "/v1/refunds"]
+    assert key == f"refund-{done['refund_request_id']}" and form["amount"] == "5950"  # 50.00 + 19 % VAT
+    assert http.get(f"/v1/accounts/{TENANT}/orders/o1", headers=headers()).json()["status"] == "refunded"
+
+    # The ledger: the purchase refunded (credit and tax), the promotion's bonus voided; balances are zero.
+    account = ledger.read(ids.account_id(TENANT), lambda a: (a.balance("USD"), a.grant_balances()))
+    assert account is not None
+    balance, grants = account
+    assert balance == 0
+    assert {g["source"]: g["status"] for g in grants} == {"purchase": "open", "promotion": "voided"}
+    # The credit note mirrors the invoice.
+    note = ledger.read(invoice_id(TENANT, f"orders/{order['order_id']}/refund"),
+                       lambda i: (i.document_type, i.number, i.total, i.related_invoice))
+    assert note is not None and note[0] == "credit_note" and note[1].startswith("CN-")
+    assert note[2] == Decimal("-59.50")
+
+    # The gateway's own refund webhook that follows changes nothing.
+    notification = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
+                                       tenant=TENANT, order_id=order["order_id"], amount=Decimal("59.50"),
+                                       currency="USD", verified_at=utcnow(), gateway_reference=done["gateway_refund"])
+    [result] = ledger.apply_commands([payment_command(notification)])
+    assert result.outcome == "applied" and result.value["already_refunded"]
+    again = http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve", headers=headers("finance"))
+    assert again.status_code == 422 and again.json()["reason"] == "refund_not_eligible"
