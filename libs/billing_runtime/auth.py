@@ -8,7 +8,7 @@ a token without one is platform-wide (admin, finance, service).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -97,10 +97,14 @@ def authenticate(request: Request) -> Principal:
         raise _unauthorized(f"The token is not valid: {exc}.") from exc
 
 
-def require(*roles: Role) -> Callable[[Request], Principal]:
-    """A FastAPI dependency: an authenticated principal with one of ``roles`` (any role if none given)."""
+def require(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
+    """A FastAPI dependency: an authenticated principal with one of ``roles`` (any role if none given).
 
-    def dependency(request: Request) -> Principal:
+    Async on purpose: verifying an HS256 token takes microseconds, and a sync dependency would cost a
+    thread-pool round trip on every request (JWKS keys are cached by PyJWKClient after the first fetch).
+    """
+
+    async def dependency(request: Request) -> Principal:
         principal = authenticate(request)
         if roles and principal.role not in roles:
             raise Problem(403, "Forbidden", f"This action needs one of the roles: {', '.join(roles)}.",

@@ -23,6 +23,7 @@ from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.refund_request import refund_request_id
 from billing_ledger.gateways import GatewayError, OutboundGateway
 from billing_ledger.refund_request_commands import request_view
+from billing_ledger import payment_settings_commands  # noqa: F401  (registers its commands)
 from billing_ledger.subscriptions_http import apply_now
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.problems import Problem
@@ -184,6 +185,37 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         result = await run(principal, "alerts.configure", tenant, body, None)
         shown = {**result.value, "webhook_secret": "set" if result.value.get("webhook_secret") else None}
         return {"tenant": tenant, "alerts": shown}
+
+    @router.put("/v1/accounts/{tenant}/auto-top-up",
+                summary="Auto-top-up rule: below threshold, top up to target or by one package (cooldown, monthly cap)")
+    async def put_auto_top_up(tenant: str, body: JsonBody, principal: Operator) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        known = ("unit", "threshold", "target", "package", "cooldown_seconds", "monthly_cap")
+        unknown = sorted(set(body) - set(known))
+        if unknown or body.get("threshold") is None or body.get("monthly_cap") is None or (
+                (body.get("target") is None) == (not body.get("package"))):
+            raise Problem(422, "Invalid request", "Give threshold, monthly_cap and exactly one of target or package"
+                          + (f"; unknown fields {unknown}" if unknown else "") + ".", kind="invalid-request")
+        result = await run(principal, "auto_top_up.set", tenant,
+                           {k: body[k] for k in known if body.get(k) is not None}, None)
+        return {"tenant": tenant, "auto_top_up": result.value}
+
+    @router.delete("/v1/accounts/{tenant}/auto-top-up", summary="Remove the auto-top-up rule")
+    async def delete_auto_top_up(tenant: str, principal: Operator, unit: str | None = None) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        result = await run(principal, "auto_top_up.clear", tenant, {"unit": unit}, None)
+        return {"tenant": tenant, **result.value}
+
+    @router.put("/v1/accounts/{tenant}/low-balance",
+                summary="Low-balance alert threshold (null removes it); alerts go where PUT .../alerts says")
+    async def put_low_balance(tenant: str, body: JsonBody, principal: Operator) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        if "threshold" not in body:
+            raise Problem(422, "Invalid request", "threshold is required (null removes the alert).",
+                          kind="invalid-request")
+        result = await run(principal, "low_balance.set", tenant,
+                           {"unit": body.get("unit"), "threshold": body["threshold"]}, None)
+        return {"tenant": tenant, "low_balance": result.value}
 
     # -- refunds ---------------------------------------------------------------------------------------------
 

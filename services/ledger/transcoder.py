@@ -20,8 +20,19 @@ from eventsourcing.persistence import JSONTranscoder
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
+# Values that need no walk: checked inline, so a scalar costs a set lookup, not a function call.
+_PLAIN = frozenset({str, int, bool, float, type(None), datetime, Decimal})
+
+
 def _tag_uuids(value: Any) -> Any:
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in _PLAIN else _tag_uuids(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [v if type(v) in _PLAIN else _tag_uuids(v) for v in value]
+    if kind is UUID:
+        return {"_type_": "uuid_hex", "_data_": value.hex}
+    if isinstance(value, dict):  # subclasses, rarely
         return {k: _tag_uuids(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_tag_uuids(v) for v in value]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 from billing_events import topics
 from billing_projections.http import build_routers
+from billing_projections.kafka_consumer import consume_ledger_events
 from billing_projections.limits import CONSUMER_STOP_SECONDS_MAX
 from billing_projections.service import ProjectionService
 from billing_runtime.bus import Bus
@@ -60,9 +62,11 @@ async def build(settings: Settings, bus: Bus, role: str = "inline") -> ServicePa
     parts = ServiceParts(name=f"projections ({role})", close=db.close)
     if role != "consumer":
         parts.routers = build_routers(db, ledger_url=ledger_url(settings))
-    if role in ("inline", "consumer"):
+    if role == "inline":  # the bus's loop: embedded log or Kafka, one partition per transaction
         parts.consumers = [ConsumerSpec(settings.group("billing-projections"), [topics.LEDGER_EVENTS],
                                         service.handle_ledger_events, service.start_positions)]
+    if role == "consumer":  # Kafka: a whole poll, all its partitions, per transaction (kafka_consumer.py)
+        parts.tasks = [functools.partial(consume_ledger_events, settings, service)]
     if role == "all":
         child = ConsumerChild()
         parts.tasks = [child.run]

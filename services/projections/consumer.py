@@ -15,7 +15,6 @@ import stat
 import sys
 
 from billing_projections.app import builder
-from billing_projections.limits import CONSUMER_BATCH_RECORDS_MAX
 from billing_projections.tuning import tune_gc
 from billing_runtime.bus import KafkaBus
 from billing_runtime.logging import configure_logging, get_logger
@@ -54,10 +53,9 @@ async def main(port: int | None) -> None:
     settings = Settings.from_env()
     if not settings.kafka_bootstrap_servers or not settings.database_url:
         raise SystemExit("the projections consumer process needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL")
-    # Larger batches than the other services: a batch is one transaction per partition, and getmany returns
-    # what is there (a quiet topic gives small batches, fresh at once; a busy one, fewer transactions).
-    bus = KafkaBus(settings.kafka_bootstrap_servers, settings.topic_partitions,
-                   max(settings.batch_records_max, CONSUMER_BATCH_RECORDS_MAX), namespace=settings.namespace)
+    # The bus only creates the topics here; the consumer's own loop is kafka_consumer.py.
+    bus = KafkaBus(settings.kafka_bootstrap_servers, settings.topic_partitions, settings.batch_records_max,
+                   namespace=settings.namespace)
     runner = Runner(settings, bus, [builder("consumer")], "billing projections consumer", port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

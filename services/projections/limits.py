@@ -23,6 +23,8 @@ REBUILD_FETCH_BYTES_MAX = 16 * 1024 * 1024
 CONSUMER_STOP_SECONDS_MAX = 12.0
 # The consumer process (role all / consumer): records per poll at most (one transaction per partition).
 CONSUMER_BATCH_RECORDS_MAX = 5_000
+# The consumer process: longest wait between retries of a failing batch.
+CONSUMER_RETRY_SECONDS_MAX = 5.0
 # Consumer and rebuild processes: collections of the youngest generation every this many allocations.
 GC_GEN0_THRESHOLD = 50_000
 # `billing projections rebuild`: replay processes at most (each takes a share of the topic's partitions).

@@ -212,7 +212,23 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
             "event_to_visible_p99_ms": round(percentile(visible, 0.99) * 1000, 1),
             "event_to_visible_max_ms": round(max(visible, default=float("nan")) * 1000, 1),
             "event_to_visible_samples": len(visible), "flow_events_sent": flowed,
-            "flow_events_per_second": round(flowed / seconds)}
+            "flow_events_per_second": round(flowed / seconds), "probe_events_sent": counter[0] - 10**6}
+
+
+async def applied_records(settings: Settings, schema: str) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return int(await conn.fetchval(f'SELECT COALESCE(SUM(next_offset), 0) FROM "{schema}".positions'))
+    finally:
+        await conn.close()
+
+
+async def catch_up(settings: Settings, schema: str, total: int, timeout: float = 300) -> float:
+    """Seconds until the consumer has applied every published record (its lag at the end of the flow)."""
+    started = time.monotonic()
+    while await applied_records(settings, schema) < total and time.monotonic() - started < timeout:
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,8 +263,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{namespace}-projections.log"
             process = ServiceProcess(["serve", "projections", "--port", str(port), "--role", args.role], env, log,
                                      port).start()
+            flow_started = time.monotonic()
             result.update(await reads_under_flow(settings, f"http://127.0.0.1:{port}", stream, tenants, args.rps,
                                                  args.flow, args.seconds))
+            flowed = result["flow_events_sent"] + result["probe_events_sent"]
+            lag_seconds = await catch_up(settings, schema, len(messages) + flowed)
+            result.update(catch_up_seconds_after_flow=round(lag_seconds, 2),
+                          consumer_events_per_second=round(flowed / (time.monotonic() - flow_started)))
             result.update(serve_role=args.role, load_average_after_reads=[round(x, 2) for x in os.getloadavg()])
     finally:
         if process is not None:

@@ -279,3 +279,33 @@ async def test_dashboard_shows_invoices_and_mrr(client: httpx.AsyncClient) -> No
     assert finance.text.count('data-testid="invoice-row"') == 7  # issued in November 2026, all tenants
     exported = await client.get("/dashboard/accounts/acme/export/invoices.csv", headers=auth("viewer", "acme"))
     assert exported.status_code == 200 and exported.text.count("INV-2026-") == 4
+
+
+async def test_several_partitions_in_one_transaction_equal_one_at_a_time(tmp_path: Path) -> None:
+    """The consumer process applies a whole poll (all its partitions) at once: same rows, same positions."""
+    ledger = Ledger()
+    full_scenario(ledger, "zeta")
+    subscription_scenario(ledger)
+    records = ledger.records()
+    parts = by_partition(records)
+    dumps = []
+    for name in ("each", "together"):
+        db = await SqliteDatabase(tmp_path / f"{name}.sqlite").connect()
+        service = ProjectionService(db)
+        await service.setup()
+        if name == "each":
+            await apply(service, records, batch=9)
+        else:
+            rng = random.Random(5)
+            cursors = {p: 0 for p in parts}
+            while any(cursors[p] < len(parts[p]) for p in parts):
+                polled = []
+                for p, rows in parts.items():
+                    size = rng.randint(0, 9)
+                    polled.append(rows[cursors[p]:cursors[p] + size])
+                    cursors[p] += size
+                await service.handle_partitions(polled)
+            await service.handle_partitions(list(parts.values()))  # a whole replay: nothing changes
+        dumps.append(await dump(db))
+        await db.close()
+    assert dumps[0] == dumps[1]

@@ -1,0 +1,163 @@
+"""The daily income digest (opt-in: ``BILLING_DIGEST_RECIPIENT``): one email per UTC day about the day before.
+
+Computed from the ledger's events *recorded* on that day (the notification log, so it needs no read model):
+
+* funds taken in: purchase grants (``CreditGranted``, source ``purchase``) - for a checkout order the money
+  paid (its ``total``, in the order's currency), else the amount granted plus its tax;
+* tax collected: the tax of those purchases;
+* credit consumed: ``UsageDebited`` and ``HoldCaptured`` amounts, per unit;
+* refunds: ``GrantRefunded`` - for a reversed checkout order the money paid back (its total), else the
+  amount refunded plus its tax.
+
+One leader sends it (advisory lock, like the other payment tasks). Two tracking positions make it
+restart-safe: ``digest:day`` holds the ordinal of the last day sent (a restart does not resend it), and
+``digest:position`` the notification up to which every event was recorded before the end of that day (the
+next day's scan starts there). The day is recorded before the position, so a crash between them only makes
+the next scan start earlier. A day missed while no ledger ran is not sent afterwards: only yesterday is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from billing_events.money import MoneyError, currency, format_subunits, from_subunits, is_currency_code, to_subunits
+from billing_events.timeutil import utcnow
+from billing_ledger.application import LedgerApplication
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.mail import send_text
+from billing_ledger.notifier import SmtpSettings
+from billing_runtime.logging import get_logger
+from eventsourcing.persistence import Tracking
+from eventsourcing.utils import get_topic
+
+log = get_logger(__name__)
+DAY_NAME = "digest:day"
+POSITION_NAME = "digest:position"
+SCAN_BATCH_EVENTS_MAX = 1000
+GRANTED, DEBITED, CAPTURED, REFUNDED = (get_topic(BillingAccount.CreditGranted),
+                                        get_topic(BillingAccount.UsageDebited),
+                                        get_topic(BillingAccount.HoldCaptured),
+                                        get_topic(BillingAccount.GrantRefunded))
+FIGURES = ("funds_in", "tax_collected", "consumed", "refunds")
+Clock = Callable[[], datetime]
+
+
+def _order_currency(app: LedgerApplication, cause: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The currency and quote of the checkout order a grant's cause names, if it names one."""
+    try:
+        order = UUID(str(cause.get("order_id")))
+    except ValueError:
+        return None
+    quote = app.read(order, lambda o: dict(getattr(o, "quote", None) or {}))
+    return (str(quote["currency"]), quote) if quote and quote.get("currency") else None
+
+
+def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict[str, Any], int]:
+    """The figures of ``day`` (UTC) in sub-units per unit, and the next scan's start position."""
+    begin = datetime.combine(day, time(), UTC)
+    end = begin + timedelta(days=1)
+    sums: dict[str, dict[str, int]] = {name: defaultdict(int) for name in FIGURES}
+    counts = {"purchase_count": 0, "refund_count": 0}
+    recorder = app.process_recorder
+    position, mark, before_end = start_after, start_after, True
+    while True:
+        notifications = recorder.select_notifications(position + 1, SCAN_BATCH_EVENTS_MAX,
+                                                      topics=[GRANTED, DEBITED, CAPTURED, REFUNDED])
+        for notification in notifications:
+            position = notification.id
+            event: Any = app.mapper.to_domain_event(notification)
+            recorded = event.timestamp
+            if recorded >= end:
+                before_end = False  # the next day starts here (the log is in recording order, nearly)
+                continue
+            if before_end:
+                mark = notification.id
+            if recorded < begin:
+                continue
+            if notification.topic == GRANTED:
+                if event.source != "purchase":
+                    continue
+                counts["purchase_count"] += 1
+                order = _order_currency(app, event.cause) if "total" in event.cause else None
+                if order is not None:
+                    sums["funds_in"][order[0]] += to_subunits(Decimal(event.cause["total"]))
+                    sums["tax_collected"][order[0]] += to_subunits(Decimal(event.cause.get("tax") or "0"))
+                else:
+                    sums["funds_in"][event.unit] += event.amount + event.tax_amount
+                    sums["tax_collected"][event.unit] += event.tax_amount
+            elif notification.topic in (DEBITED, CAPTURED):
+                sums["consumed"][event.unit] += event.amount
+            else:
+                counts["refund_count"] += 1
+                order = _order_currency(app, event.cause) if event.cause.get("gateway_refund") else None
+                if order is not None:
+                    sums["refunds"][order[0]] += to_subunits(Decimal(order[1]["total"]))
+                else:
+                    sums["refunds"][event.unit] += event.amount + event.tax_amount
+        if len(notifications) < SCAN_BATCH_EVENTS_MAX:
+            break
+    summary = {"day": day.isoformat(), **counts,
+               **{name: {unit: value for unit, value in sorted(values.items()) if value}
+                  for name, values in sums.items()}}
+    return summary, mark
+
+
+def _amount(unit: str, subunits: int) -> str:
+    try:
+        if is_currency_code(unit):
+            return format_subunits(subunits, currency(unit))
+    except MoneyError:
+        pass
+    return format(from_subunits(subunits).normalize(), "f")
+
+
+def render(summary: dict[str, Any]) -> str:
+    labels = {"funds_in": "Funds taken in", "tax_collected": "Tax collected", "consumed": "Credit consumed",
+              "refunds": "Refunds"}
+    lines = [f"Income digest for {summary['day']} (UTC)", ""]
+    for name, label in labels.items():
+        values = summary[name]
+        shown = ", ".join(f"{_amount(unit, value)} {unit}" for unit, value in values.items()) or "none"
+        lines.append(f"{label}: {shown}")
+    lines += ["", f"Purchases: {summary['purchase_count']}, refunds: {summary['refund_count']}", ""]
+    return "\n".join(lines)
+
+
+def send_due(app: LedgerApplication, smtp: SmtpSettings | None, recipient: str, now: datetime
+             ) -> dict[str, Any] | None:
+    """Sends yesterday's digest (UTC) unless it was sent; returns its figures when it went out."""
+    if smtp is None:
+        return None
+    yesterday = now.astimezone(UTC).date() - timedelta(days=1)
+    recorder = app.process_recorder
+    if (recorder.max_tracking_id(DAY_NAME) or 0) >= yesterday.toordinal():
+        return None
+    start = recorder.max_tracking_id(POSITION_NAME) or 0
+    summary, mark = summarize(app, yesterday, start)
+    send_text(smtp, recipient, f"Income digest {summary['day']}", render(summary))
+    recorder.insert_tracking(Tracking(DAY_NAME, yesterday.toordinal()))
+    if mark > start:
+        recorder.insert_tracking(Tracking(POSITION_NAME, mark))
+    log.info("income_digest_sent", day=summary["day"], recipient=recipient)
+    return summary
+
+
+async def run_digest(app: LedgerApplication, smtp: SmtpSettings | None, recipient: str, stopping: asyncio.Event,
+                     interval_seconds: float = 60.0, is_leader: Callable[[], Awaitable[bool]] | None = None,
+                     now: Clock = utcnow) -> None:
+    while not stopping.is_set():
+        try:
+            if is_leader is None or await is_leader():  # one process at a time
+                await asyncio.to_thread(send_due, app, smtp, recipient, now())
+        except OSError as exc:
+            log.warning("income_digest_failed_will_retry", error=str(exc))
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
+        except TimeoutError:
+            pass

@@ -1,0 +1,223 @@
+"""Dunning: finalized, unpaid subscription invoices are charged off-session on a retry schedule.
+
+A ledger background task (one leader at a time, like the auto-top-up task). It follows ``Invoice.Finalized``,
+``Invoice.Paid`` and ``Invoice.Voided`` in the event store's notification log and keeps the subscription
+invoices still open. Attempt ``k`` of an invoice is due ``dunning_retry_days[k]`` days after its issue
+(``BILLING_DUNNING_RETRY_DAYS``, default ``0,3,5``). An attempt charges the default payment method, then each
+backup in order (``charge_in_order``; the gateway's idempotency key is ``dunning/<invoice>/<k>/<method
+index>``, so a repeated attempt never charges twice):
+
+* the first success applies ``invoice.mark_paid`` (a past_due subscription recovers);
+* when every method declines, the tenant is emailed, then ``invoice.payment_failed`` is applied with
+  ``final`` true only for the last attempt (the subscription goes past_due).
+
+What is durable: each failed attempt is a command with an id derived from (invoice, attempt), so its
+receipt in the event store says the attempt was made (a restart neither repeats it nor re-sends its email,
+except for a crash between the email and the command: at least once). The position ``dunning:invoices`` is
+a low-water mark: every invoice finalized at or before it is settled, so a restart re-reads the log from
+there only. A gateway outage (``GatewayError``) leaves the invoice where it is: retried next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from billing_events.messages import LedgerCommand
+from billing_events.timeutil import utcnow
+from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.domain.invoice import FINALIZED, INVOICE, Invoice
+from billing_ledger.domain.payment_profile import payment_profile_id
+from billing_ledger.domain.roster import roster_id
+from billing_ledger.gateways import Charge, GatewayError, OutboundGateway
+from billing_ledger.mail import send_text, tenant_address
+from billing_ledger.notifier import SmtpSettings
+from billing_runtime.logging import get_logger
+from eventsourcing.persistence import Tracking
+from eventsourcing.utils import get_topic
+
+log = get_logger(__name__)
+DUNNING_NAME = "dunning:invoices"
+FINALIZED_TOPIC = get_topic(Invoice.Finalized)
+CLOSED_TOPICS = frozenset({get_topic(Invoice.Paid), get_topic(Invoice.Voided)})
+SCAN_BATCH_EVENTS_MAX = 500
+BY = "system:dunning"
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Charged:
+    """The outcome of charging an account's saved methods in order: the first success, or every refusal."""
+
+    charge: Charge | None
+    gateway: str | None
+    method_index: int | None
+    errors: list[str]
+
+
+async def charge_in_order(app: LedgerApplication, gateways: dict[str, OutboundGateway], *, tenant: str,
+                          total: Decimal, currency_code: str, key_prefix: str, order_ref: str) -> Charged:
+    """Charges the default payment method off-session, then each backup in order, until one succeeds.
+
+    The idempotency key of method ``i`` is ``<key_prefix>/<i>``. ``GatewayError`` (nothing known) propagates.
+    """
+    methods = await asyncio.to_thread(app.read, roster_id(tenant), lambda r: [dict(m) for m in r.payment_methods])
+    customers = await asyncio.to_thread(app.read, payment_profile_id(tenant), lambda p: dict(p.customers))
+    errors: list[str] = []
+    for index, method in enumerate(methods or []):
+        gateway = gateways.get(method["gateway"])
+        if gateway is None:
+            errors.append(f"{method['method_id']}: gateway {method['gateway']} not enabled")
+            continue
+        charge = await gateway.charge_saved_method(
+            customer=(customers or {}).get(method["gateway"]), method_id=method["method_id"], total=total,
+            currency_code=currency_code, idempotency_key=f"{key_prefix}/{index}", tenant=tenant, order_id=order_ref)
+        if charge.ok:
+            return Charged(charge, method["gateway"], index, errors)
+        errors.append(f"{method.get('label') or method['method_id']}: {charge.error}")
+    if not methods:
+        errors.append("no saved payment method")
+    return Charged(None, None, None, errors)
+
+
+def failed_command_id(invoice: UUID, attempt: int) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/dunning/{invoice}/{attempt}/failed")
+
+
+def paid_command_id(invoice: UUID) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/dunning/{invoice}/paid")
+
+
+def _invoice_view(invoice: Invoice) -> dict[str, Any]:
+    return {"status": invoice.status, "tenant": invoice.tenant, "subscription_id": invoice.subscription_id,
+            "document_type": invoice.document_type, "total": invoice.total, "currency": invoice.currency,
+            "number": invoice.number}
+
+
+class Dunning:
+    """The follower and its open invoices; ``process`` runs one round (the clock is injectable)."""
+
+    def __init__(self, app: LedgerApplication, gateways: dict[str, OutboundGateway], smtp: SmtpSettings | None,
+                 retry_days: Sequence[int], *, now: Clock = utcnow) -> None:
+        if not retry_days or list(retry_days) != sorted(retry_days) or min(retry_days) < 0:
+            raise ValueError("dunning_retry_days must be a non-empty ascending list of days >= 0")
+        self.app = app
+        self.gateways = gateways
+        self.smtp = smtp
+        self.retry_days = tuple(retry_days)
+        self.now = now
+        self.position: int | None = None  # the last notification read
+        self.open: dict[UUID, tuple[int, datetime]] = {}  # invoice -> (its Finalized notification, issued at)
+
+    def _apply(self, kind: str, command_id: UUID, tenant: str, payload: dict[str, Any]) -> CommandResult:
+        command = LedgerCommand(command_id=command_id, kind=kind, tenant=tenant, issued_at=self.now(),
+                                issued_by=BY, payload=payload)
+        [result] = self.app.apply_commands([command])
+        return result
+
+    def _scan(self) -> None:
+        recorder = self.app.process_recorder
+        if self.position is None:
+            self.position = recorder.max_tracking_id(DUNNING_NAME) or 0
+        topics = [FINALIZED_TOPIC, *sorted(CLOSED_TOPICS)]
+        while True:
+            notifications = recorder.select_notifications(self.position + 1, SCAN_BATCH_EVENTS_MAX, topics=topics)
+            for notification in notifications:
+                if notification.topic == FINALIZED_TOPIC:
+                    event: Any = self.app.mapper.to_domain_event(notification)
+                    kind = self.app.read(notification.originator_id,
+                                         lambda i: (i.document_type, bool(i.subscription_id)))
+                    if kind == (INVOICE, True):
+                        self.open[notification.originator_id] = (notification.id, event.issued_at)
+                else:
+                    self.open.pop(notification.originator_id, None)
+                self.position = notification.id
+            if len(notifications) < SCAN_BATCH_EVENTS_MAX:
+                return
+
+    def _attempts_made(self, invoice: UUID) -> int:
+        made = 0
+        while made < len(self.retry_days) and self.app.read(failed_command_id(invoice, made), lambda r: True):
+            made += 1
+        return made
+
+    def _record_position(self) -> None:
+        assert self.position is not None
+        mark = min((n for n, _ in self.open.values()), default=self.position + 1) - 1
+        recorder = self.app.process_recorder
+        if mark > (recorder.max_tracking_id(DUNNING_NAME) or 0):
+            recorder.insert_tracking(Tracking(DUNNING_NAME, mark))
+
+    async def process(self) -> dict[str, str]:
+        """One round: reads new invoice events, makes the attempts that are due; returns invoice -> outcome."""
+        await asyncio.to_thread(self._scan)
+        outcomes: dict[str, str] = {}
+        try:
+            for invoice, (_, issued_at) in sorted(self.open.items(), key=lambda item: item[1]):
+                outcome = await self._dun(invoice, issued_at)
+                if outcome != "waiting":
+                    outcomes[str(invoice)] = outcome
+                if outcome not in ("waiting", "retry"):
+                    self.open.pop(invoice, None)
+        finally:
+            await asyncio.to_thread(self._record_position)
+        return outcomes
+
+    async def _dun(self, invoice: UUID, issued_at: datetime) -> str:
+        view = await asyncio.to_thread(self.app.read, invoice, _invoice_view)
+        if view is None or view["status"] != FINALIZED:
+            return "closed"
+        if view["total"] <= 0:
+            return "nothing_due"
+        made = await asyncio.to_thread(self._attempts_made, invoice)
+        if made >= len(self.retry_days):
+            return "exhausted"
+        now = self.now()
+        if now < issued_at + timedelta(days=self.retry_days[made]):
+            return "waiting"
+        tenant, total, code = view["tenant"], view["total"], view["currency"]
+        charged = await charge_in_order(self.app, self.gateways, tenant=tenant, total=total, currency_code=code,
+                                        key_prefix=f"dunning/{invoice}/{made}", order_ref=str(invoice))
+        if charged.charge is not None:
+            result = await asyncio.to_thread(self._apply, "invoice.mark_paid", paid_command_id(invoice), tenant, {
+                "invoice_id": str(invoice), "payment": charged.charge.reference or "", "at": now.isoformat()})
+            log.info("dunning_paid", tenant=tenant, invoice=view["number"], attempt=made + 1,
+                     method_index=charged.method_index, outcome=result.outcome)
+            return "paid"
+        final = made + 1 == len(self.retry_days)
+        if final:
+            then = "The subscription is now past due; pay the invoice to restore it.\n"
+        else:
+            then = f"We will try again on {(issued_at + timedelta(days=self.retry_days[made + 1])).date()}.\n"
+        await asyncio.to_thread(
+            send_text, self.smtp, tenant_address(self.smtp, tenant),
+            f"Payment failed: invoice {view['number']}" + (" (final attempt)" if final else ""),
+            f"We could not collect {total} {code} for invoice {view['number']} "
+            f"(attempt {made + 1} of {len(self.retry_days)}):\n" + "\n".join(charged.errors) + "\n" + then)
+        result = await asyncio.to_thread(self._apply, "invoice.payment_failed", failed_command_id(invoice, made),
+                                         tenant, {"invoice_id": str(invoice), "final": final, "attempt": made + 1,
+                                                  "at": now.isoformat()})
+        log.info("dunning_attempt_failed", tenant=tenant, invoice=view["number"], attempt=made + 1, final=final,
+                 outcome=result.outcome)
+        return "past_due" if final else "retry"
+
+
+async def run_dunning(app: LedgerApplication, gateways: dict[str, OutboundGateway], smtp: SmtpSettings | None,
+                      retry_days: Sequence[int], stopping: asyncio.Event, interval_seconds: float = 5.0,
+                      is_leader: Callable[[], Awaitable[bool]] | None = None, now: Clock = utcnow) -> None:
+    dunning = Dunning(app, gateways, smtp, retry_days, now=now)
+    while not stopping.is_set():
+        try:
+            if is_leader is None or await is_leader():  # one process at a time
+                await dunning.process()
+        except (GatewayError, OSError) as exc:
+            log.warning("dunning_failed_will_retry", error=str(exc))
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
+        except TimeoutError:
+            pass

@@ -1,0 +1,92 @@
+"""The projections consumer's Kafka loop: every poll, the batches of ALL its partitions in ONE transaction.
+
+The bus's generic loop (``billing_runtime.bus.KafkaBus.consume``) hands a handler one partition at a time, a
+transaction and an offset commit each. Projections keep their positions in PostgreSQL with their rows, so
+they can apply a whole poll (up to ``CONSUMER_BATCH_RECORDS_MAX`` records, any partitions) at once
+(``ProjectionService.handle_partitions``): when events arrive steadily in small batches this saves most of
+the round trips, which is what bounds the time from an event to a visible balance. The contract is the
+bus's: on (re)assignment each partition starts at its stored position; offsets are committed to Kafka only
+after the transaction (for monitoring; the stored positions are what counts); a failing batch is retried,
+never skipped; on stop the batch in hand finishes or is not committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from billing_events import topics
+from billing_projections.limits import CONSUMER_BATCH_RECORDS_MAX, CONSUMER_RETRY_SECONDS_MAX
+from billing_projections.service import ProjectionService
+from billing_runtime.bus import Record
+from billing_runtime.logging import get_logger
+from billing_runtime.settings import Settings
+
+log = get_logger(__name__)
+
+
+def physical_topic(settings: Settings, topic: str) -> str:
+    return f"{settings.namespace}.{topic}" if settings.namespace else topic
+
+
+async def consume_ledger_events(settings: Settings, service: ProjectionService, stopping: asyncio.Event) -> None:
+    assert settings.kafka_bootstrap_servers, "the projections consumer loop needs Kafka"
+    topic = physical_topic(settings, topics.LEDGER_EVENTS)
+    group = settings.group("billing-projections")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group, client_id=f"billing-{group}",
+        enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
+        max_poll_records=CONSUMER_BATCH_RECORDS_MAX)
+
+    class _Seek(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            return None
+
+        async def on_partitions_assigned(self, assigned: Any) -> None:
+            parts = sorted(tp.partition for tp in assigned if tp.topic == topic)
+            for part, offset in (await service.start_positions(topics.LEDGER_EVENTS, parts)).items():
+                consumer.seek(TopicPartition(topic, part), offset)
+            log.info("partitions_assigned", group=group, partitions=parts)
+
+    consumer.subscribe([topic], listener=_Seek())
+    await consumer.start()
+    try:
+        while not stopping.is_set():
+            fetched = await consumer.getmany(timeout_ms=settings.poll_timeout_ms,
+                                             max_records=CONSUMER_BATCH_RECORDS_MAX)
+            batches = [[Record(topics.LEDGER_EVENTS, r.partition, r.offset, r.key, r.value or b"",
+                               tuple(r.headers or ())) for r in raw] for raw in fetched.values() if raw]
+            if not batches:
+                continue
+            if not await _apply(service, batches, stopping):
+                for batch in batches:  # stopping: not applied, not committed, read again by whoever comes next
+                    consumer.seek(TopicPartition(topic, batch[0].partition), batch[0].offset)
+                break
+            try:
+                await consumer.commit({TopicPartition(topic, b[0].partition): b[-1].offset + 1 for b in batches})
+            except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+                # A rebalance took a partition away meanwhile: its stored position is already right.
+                log.warning("offset_commit_failed", error=repr(exc))
+    finally:
+        await consumer.stop()
+
+
+async def _apply(service: ProjectionService, batches: list[list[Record]], stopping: asyncio.Event) -> bool:
+    """Until it succeeds (infrastructure errors are retried, never skipped); False when stopping first."""
+    delay = 0.1
+    while True:
+        try:
+            await service.handle_partitions(batches)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("projection_batch_failed_will_retry", partitions=[b[0].partition for b in batches],
+                          records=sum(len(b) for b in batches))
+            if stopping.is_set():
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONSUMER_RETRY_SECONDS_MAX)

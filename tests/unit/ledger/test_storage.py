@@ -1,0 +1,60 @@
+"""Storage helpers: the orjson transcoder keeps eventsourcing's stored format; the aggregate cache's rules."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+from billing_ledger.aggregate_cache import AggregateCache
+from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.transcoder import OrjsonTranscoder
+from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscoder, UUIDAsHex
+
+
+def transcoders() -> tuple[OrjsonTranscoder, JSONTranscoder]:
+    fast, library = OrjsonTranscoder(), JSONTranscoder()
+    for transcoder in (fast, library):
+        for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+            transcoder.register(transcoding)
+    return fast, library
+
+
+def test_orjson_transcoder_writes_what_the_library_reads() -> None:
+    fast, library = transcoders()
+    value = {
+        "id": uuid.uuid4(), "at": datetime(2026, 11, 21, 10, 0, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        "price": Decimal("0.000002"), "nested": [{"grant": uuid.uuid4(), "when": datetime.now(UTC)}, [uuid.uuid4()]],
+        "text": "naïve – ünïcode", "none": None, "flag": True, "amount": -(10**18),
+    }
+    assert library.decode(fast.encode(value)) == value
+    assert fast.decode(fast.encode(value)) == library.decode(library.encode(value))
+
+
+def test_orjson_transcoder_falls_back_for_what_orjson_refuses() -> None:
+    fast, library = transcoders()
+    huge = {"amount": 10**30, "id": uuid.UUID(int=7)}
+    assert library.decode(fast.encode(huge)) == huge
+
+
+def pool(version_bumps: int) -> ResourcePool:
+    p = ResourcePool.open(tenant="acme", resource="seats")
+    for capacity in range(1, version_bumps + 1):
+        p.set_capacity(capacity, {})
+    p.collect_events()
+    return p
+
+
+def test_cache_hands_an_aggregate_to_one_taker_and_keeps_the_newest() -> None:
+    cache = AggregateCache(aggregates_max=2)
+    newer, older = pool(3), pool(1)
+    cache.put(newer)
+    cache.put(older)  # an older version never replaces a newer one
+    taken = cache.take(newer.id)
+    assert taken is newer and cache.take(newer.id) is None
+    cache.put(taken)
+    others = [pool(1) for _ in range(2)]
+    for other in others:
+        other._id = uuid.uuid4()  # distinct ids for the size bound
+        cache.put(other)
+    assert len(cache) == 2 and cache.take(newer.id) is None  # least recently used went first

@@ -1,0 +1,90 @@
+"""The daily income digest: yesterday's funds, tax, consumption and refunds from the ledger's events, emailed
+once per UTC day over SMTP (aiosmtpd), with an injected clock; a restart does not resend it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from billing_events.messages import PaymentNotification
+from billing_ledger.application import LedgerApplication
+from billing_ledger.digest import send_due
+from billing_ledger.notifier import SmtpSettings
+from billing_ledger.payment_commands import payment_command
+
+from tests.unit.payments.support import TENANT, Inbox, command, ledger, run, smtp
+
+__all__ = ["ledger", "smtp"]
+
+
+def apply(app: LedgerApplication, kind: str, payload: dict[str, Any], key: str) -> Any:
+    [result] = app.apply_commands([command(kind, TENANT, payload, key)])
+    assert result.outcome == "applied", result
+    return result
+
+
+def buy_package(app: LedgerApplication, key: str) -> dict[str, Any]:
+    placed = apply(app, "checkout.place", {"package": "credits-10k", "key": key, "gateway": "stripe"}, f"{key}/place")
+    quote = placed.value["quote"]
+    apply(app, "order.paid_off_session", {"key": key, "gateway": "stripe", "payment_id": f"pi_{key}",
+                                          "amount": quote["total"], "currency": quote["currency"]}, f"{key}/paid")
+    return quote  # type: ignore[no-any-return]
+
+
+def test_yesterdays_figures_are_emailed_once_per_day(ledger: LedgerApplication, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    mail = SmtpSettings("127.0.0.1", port, "billing@localhost", "billing")
+    today = datetime.now(UTC).date()
+
+    quote = buy_package(ledger, "o1")  # 95.00 + 19 % DE VAT = 113.05 USD for 10 000 + 1 000 CREDIT
+    assert (quote["total"], quote["tax"], quote["currency"]) == ("113.05", "18.05", "USD")
+    buy_package(ledger, "o2")
+    apply(ledger, "refund_request.create", {"key": "r2", "order": "o2"}, "r2/create")
+    apply(ledger, "refund_request.approve", {"key": "r2"}, "r2/approve")
+    apply(ledger, "refund_request.complete", {"key": "r2", "gateway_refund": "re_1"}, "r2/complete")
+    notification = PaymentNotification(gateway="stripe", gateway_event_id="evt_plain", kind="payment_succeeded",
+                                       tenant=TENANT, order_id="ext-1", amount=Decimal("20.00"), currency="USD",
+                                       verified_at=datetime.now(UTC) - timedelta(seconds=1))
+    assert ledger.apply_commands([payment_command(notification)])[0].outcome == "applied"
+    assert run(ledger, "usage.debit", TENANT, "u1", unit="USD", amount_subunits=5 * 10**9, meter="api_calls",
+               at=datetime.now(UTC).isoformat(), cause={}).outcome == "applied"
+    assert run(ledger, "usage.debit", TENANT, "u2", unit="CREDIT", amount_subunits=1500 * 10**9, meter="api_calls",
+               at=datetime.now(UTC).isoformat(), cause={}).outcome == "applied"
+
+    shortly_after_midnight = datetime.combine(today + timedelta(days=1), time(0, 5), UTC)
+    # Today's digest covers yesterday, when nothing was recorded; tomorrow's covers today.
+    before = send_due(ledger, mail, "finance@operator.test", datetime.combine(today, time(23, 59), UTC))
+    assert before is not None and before["day"] == (today - timedelta(days=1)).isoformat()
+    assert (before["purchase_count"], before["funds_in"], before["consumed"]) == (0, {}, {})
+    inbox.messages.clear()
+    summary = send_due(ledger, mail, "finance@operator.test", shortly_after_midnight)
+    assert summary is not None and summary["day"] == today.isoformat()
+    assert summary["funds_in"] == {"USD": (11305 + 11305 + 2000) * 10**7}
+    assert summary["tax_collected"] == {"USD": (1805 + 1805) * 10**7}
+    assert summary["refunds"] == {"USD": 11305 * 10**7}
+    assert summary["consumed"] == {"CREDIT": 1500 * 10**9, "USD": 5 * 10**9}
+    assert (summary["purchase_count"], summary["refund_count"]) == (3, 1)
+
+    [message] = inbox.messages
+    assert message["To"] == "finance@operator.test" and message["Subject"] == f"Income digest {today}"
+    body = message.get_payload()
+    assert "Funds taken in: 246.10 USD" in body and "Tax collected: 36.10 USD" in body
+    assert "Purchases: 3, refunds: 1" in body
+    assert "Refunds: 113.05 USD" in body and "Credit consumed: 1500 CREDIT, 5.00 USD" in body
+
+    # Later the same day, and after a restart (state is in the store): not sent again.
+    assert send_due(ledger, mail, "finance@operator.test", shortly_after_midnight + timedelta(hours=20)) is None
+    assert len(inbox.messages) == 1
+
+    # The next day: a digest of a quiet day.
+    quiet = send_due(ledger, mail, "finance@operator.test", shortly_after_midnight + timedelta(days=1))
+    assert quiet is not None and quiet["day"] == (today + timedelta(days=1)).isoformat()
+    assert quiet["funds_in"] == {} and quiet["purchase_count"] == 0
+    assert "Funds taken in: none" in inbox.messages[-1].get_payload()
+
+
+def test_without_smtp_nothing_is_recorded(ledger: LedgerApplication) -> None:
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    assert send_due(ledger, None, "finance@operator.test", tomorrow) is None
+    assert ledger.process_recorder.max_tracking_id("digest:day") is None

@@ -1,0 +1,92 @@
+"""HTTP routes of the auto-top-up rule and the low-balance threshold, down to their effect on the ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from billing_events import ids
+from billing_ledger import alerts, topups
+from billing_ledger.application import LedgerApplication
+
+from tests.unit.payments.support import TENANT, FakeStripe, client, headers, ledger, run, stripe_gateway
+
+__all__ = ["ledger"]
+NOW = datetime.now(UTC)
+
+
+def fund(app: LedgerApplication, usd: str) -> None:
+    assert run(app, "credit.grant", TENANT, "g", unit="USD", amount=usd, grant_key="start", source="manual",
+               effective_at=(NOW - timedelta(days=1)).isoformat()).outcome == "applied"
+
+
+def debit(app: LedgerApplication, key: str, usd: int) -> None:
+    at = datetime.now(UTC) + timedelta(seconds=1)  # after the credit bought just before is effective
+    assert run(app, "usage.debit", TENANT, key, unit="USD", amount_subunits=usd * 10**9, meter="api_calls",
+               at=at.isoformat(), cause={}).outcome == "applied"
+
+
+def available(app: LedgerApplication) -> int:
+    value = app.read(ids.account_id(TENANT), lambda a: a.available("USD"))
+    assert value is not None
+    return value // 10**9
+
+
+@pytest.mark.asyncio
+async def test_put_auto_top_up_rule_then_a_low_balance_tops_up(ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    gateways = {"stripe": stripe_gateway(api)}
+    http = client(ledger, gateways)
+    url = f"/v1/accounts/{TENANT}/auto-top-up"
+    rule = {"threshold": "10", "target": "50", "cooldown_seconds": 600, "monthly_cap": "200"}
+    assert http.put(url, headers=headers("viewer"), json=rule).status_code == 403
+    assert http.put(url.replace(TENANT, "other"), headers=headers(), json=rule).status_code == 403
+    for bad in ({**rule, "package": "credits-10k"}, {"threshold": "10", "monthly_cap": "200"},
+                {**rule, "threshold": 10.5}, {**rule, "target": "5"}, {**rule, "surprise": 1}):
+        refused = http.put(url, headers=headers(), json=bad)
+        assert refused.status_code == 422, (bad, refused.text)
+    unknown = http.put(url, headers=headers(), json={"threshold": "10", "package": "nope", "monthly_cap": "200"})
+    assert unknown.status_code == 422 and unknown.json()["reason"] == "unknown_package"
+    assert http.put(url, headers=headers(), json={"threshold": "10", "package": "credits-10k",
+                                                  "monthly_cap": "500"}).status_code == 200
+
+    saved = http.put(url, headers=headers("finance"), json=rule)  # replaces the package rule
+    assert saved.status_code == 200, saved.text
+    assert saved.json()["auto_top_up"] == {"unit": "USD", **rule, "package": None}
+
+    run(ledger, "payment_method.add", TENANT, "pm", method_id="pm_1", gateway="stripe", label="visa")
+    fund(ledger, "20")
+    debit(ledger, "u1", 15)  # 5 left, below 10: top up to 50
+    assert await topups.process_pending(ledger, gateways, None) == ["paid"]
+    assert available(ledger) == 50
+
+    cleared = http.delete(url, headers=headers())
+    assert cleared.status_code == 200 and cleared.json()["cleared"] is True
+    debit(ledger, "u2", 45)
+    assert await topups.process_pending(ledger, gateways, None) == []  # no rule: no request
+    assert available(ledger) == 5
+
+
+@pytest.mark.asyncio
+async def test_put_low_balance_threshold_raises_an_alert(ledger: LedgerApplication) -> None:
+    http = client(ledger, {})
+    url = f"/v1/accounts/{TENANT}/low-balance"
+    assert http.put(url, headers=headers(), json={}).status_code == 422
+    assert http.put(url, headers=headers(), json={"threshold": "-1"}).status_code == 422
+    assert http.put(url, headers=headers(), json={"threshold": "5", "unit": "EUR"}).status_code == 422
+    saved = http.put(url, headers=headers(), json={"threshold": "10"})
+    assert saved.status_code == 200, saved.text
+    assert saved.json()["low_balance"] == {"unit": "USD", "threshold": "10"}
+
+    fund(ledger, "20")
+    debit(ledger, "u1", 15)
+    [alert] = await alerts.process_pending(ledger, None)
+    assert (alert["tenant"], alert["unit"], Decimal(alert["threshold"])) == (TENANT, "USD", 10)
+
+    assert http.put(url, headers=headers(), json={"threshold": None}).json()["low_balance"]["threshold"] is None
+    fund_more = run(ledger, "credit.grant", TENANT, "g2", unit="USD", amount="20", grant_key="more",
+                    source="manual", effective_at=(NOW - timedelta(days=1)).isoformat())
+    assert fund_more.outcome == "applied"
+    debit(ledger, "u2", 20)
+    assert await alerts.process_pending(ledger, None) == []  # removed: no alert
