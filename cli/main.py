@@ -202,6 +202,9 @@ def _register_subcommands() -> None:
     from billing_cli.projections import projections_app
 
     app.add_typer(projections_app, name="projections")
+    from billing_cli.audit import app as audit_app
+
+    app.add_typer(audit_app, name="audit")
 
 
 def _register_price() -> None:

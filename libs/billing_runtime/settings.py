@@ -76,6 +76,7 @@ class Settings:
     dunning_retry_days: tuple[int, ...] = (0, 3, 5)
     alert_webhook_attempts_max: int = 5
     digest_recipient: str | None = None  # None: the daily income digest is off
+    digest_interval_seconds: float = 60.0  # how often the leader checks whether yesterday's digest is due
     payments_interval_seconds: float = 5.0
 
     def schema(self, service: str) -> str:
@@ -136,5 +137,6 @@ class Settings:
                                      if d.strip()),
             alert_webhook_attempts_max=_env_int("BILLING_ALERT_WEBHOOK_ATTEMPTS_MAX", 5),
             digest_recipient=os.environ.get("BILLING_DIGEST_RECIPIENT") or None,
+            digest_interval_seconds=float(os.environ.get("BILLING_DIGEST_INTERVAL_SECONDS", "60")),
             payments_interval_seconds=float(os.environ.get("BILLING_PAYMENTS_INTERVAL_SECONDS", "5")),
         )

@@ -8,8 +8,10 @@ from functools import partial
 
 from billing_ledger import checkout_http, subscriptions_http
 from billing_ledger import http as ledger_http
-from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.alerts import run_alerts
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.digest import run_digest
+from billing_ledger.dunning import run_dunning
 from billing_ledger.gateways.registry import enabled_gateways
 from billing_ledger.limits import GIL_SWITCH_INTERVAL_SECONDS
 from billing_ledger.notifier import SmtpSettings, run_notifier
@@ -65,6 +67,11 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
                partial(run_topups, app, gateways, smtp, interval_seconds=settings.payments_interval_seconds,
                        is_leader=leader),
                partial(run_alerts, app, smtp, settings.alert_webhook_attempts_max,
-                       interval_seconds=settings.payments_interval_seconds, is_leader=leader)],
+                       interval_seconds=settings.payments_interval_seconds, is_leader=leader),
+               partial(run_dunning, app, gateways, smtp, settings.dunning_retry_days,
+                       interval_seconds=settings.payments_interval_seconds, is_leader=leader),
+               *([partial(run_digest, app, smtp, settings.digest_recipient,
+                          interval_seconds=settings.digest_interval_seconds, is_leader=leader)]
+                 if settings.digest_recipient and smtp else [])],
         close=lambda: asyncio.to_thread(app.close),
     )

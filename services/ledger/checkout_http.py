@@ -16,6 +16,7 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
+from billing_ledger import payment_settings_commands  # noqa: F401  (registers its commands)
 from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication, _Batch
 from billing_ledger.checkout_commands import build_quote, order_view
 from billing_ledger.domain.checkout import Promotion, PromotionRefused, check_promotion, order_id
@@ -23,7 +24,6 @@ from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.refund_request import refund_request_id
 from billing_ledger.gateways import GatewayError, OutboundGateway
 from billing_ledger.refund_request_commands import request_view
-from billing_ledger import payment_settings_commands  # noqa: F401  (registers its commands)
 from billing_ledger.subscriptions_http import apply_now
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.problems import Problem

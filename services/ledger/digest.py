@@ -26,7 +26,14 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from billing_events.money import MoneyError, currency, format_subunits, from_subunits, is_currency_code, to_subunits
+from billing_events.money import (
+    MoneyError,
+    currency,
+    format_subunits,
+    from_subunits,
+    is_currency_code,
+    to_subunits,
+)
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount

@@ -3,7 +3,8 @@
 * ``inline``: the query API and the consumer in this process (the embedded ``billing run``).
 * ``api``: the query API and the dashboard only; they read the read models and write nothing.
 * ``consumer``: the consumer only (``billing_projections.consumer``): it builds the read models.
-* ``all`` (``billing serve projections``): the API in this process and the consumer in a child process.
+* ``all`` (``billing serve projections``): the API in this process and the consumer in a child process
+  (``BILLING_PROJECTIONS_CONSUMERS=N``: N children, one Kafka consumer group, sharing the partitions).
 
 Projecting is CPU-bound pure Python: in one process it competes with the HTTP server for the event loop (and
 the GIL, so a worker thread would not help), and a batch of thousands of events delays every read by as much.
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from billing_events import topics
 from billing_projections.http import build_routers
 from billing_projections.kafka_consumer import consume_ledger_events
-from billing_projections.limits import CONSUMER_STOP_SECONDS_MAX
+from billing_projections.limits import CONSUMER_PROCESSES_MAX, CONSUMER_STOP_SECONDS_MAX
 from billing_projections.service import ProjectionService
 from billing_runtime.bus import Bus
 from billing_runtime.db import open_database
@@ -39,8 +40,11 @@ ROLES = ("inline", "api", "consumer", "all")
 # Where invoice PDFs are served (the ledger's GET /v1/accounts/{tenant}/invoices/{id}.pdf). Unset: the ledger of
 # the same stack (the embedded app itself, or the ledger's default port next to this service).
 LEDGER_URL_ENV = "BILLING_LEDGER_URL"
-# `all`: an HTTP port for the consumer child's /metrics and /healthz (unset: none).
+# `all`: an HTTP port for the consumer child's /metrics and /healthz (unset: none; with several children,
+# the first takes it and the next ones the following ports).
 CONSUMER_PORT_ENV = "BILLING_PROJECTIONS_CONSUMER_PORT"
+# `all`: consumer children (default 1; more use more cores, up to one per partition).
+CONSUMERS_ENV = "BILLING_PROJECTIONS_CONSUMERS"
 
 
 def ledger_url(settings: Settings) -> str:
@@ -68,25 +72,40 @@ async def build(settings: Settings, bus: Bus, role: str = "inline") -> ServicePa
     if role == "consumer":  # Kafka: a whole poll, all its partitions, per transaction (kafka_consumer.py)
         parts.tasks = [functools.partial(consume_ledger_events, settings, service)]
     if role == "all":
-        child = ConsumerChild()
-        parts.tasks = [child.run]
-        parts.ready = child.ready
+        children = [ConsumerChild() for _ in range(consumer_processes())]
+
+        async def ready() -> bool:
+            return all([await child.ready() for child in children])
+
+        parts.tasks = [child.run for child in children]
+        parts.ready = ready
     return parts
+
+
+def consumer_processes() -> int:
+    """``all``: how many consumer children (they split the partitions as one Kafka consumer group)."""
+    found = os.environ.get(CONSUMERS_ENV, "").strip()
+    count = int(found) if found.isdigit() else 1
+    return max(1, min(count, CONSUMER_PROCESSES_MAX))
 
 
 class ConsumerChild:
     """``python -m billing_projections.consumer`` as a child process, stopped with this one."""
 
+    started = 0  # children of this process so far (each child's metrics port is the next one)
+
     def __init__(self) -> None:
         self.process: asyncio.subprocess.Process | None = None
+        self.index = ConsumerChild.started
+        ConsumerChild.started += 1
 
     async def ready(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "billing_projections.consumer"]
-        port = os.environ.get(CONSUMER_PORT_ENV)
-        return args + (["--port", port] if port else [])
+        port = os.environ.get(CONSUMER_PORT_ENV, "").strip()
+        return args + (["--port", str(int(port) + self.index)] if port.isdigit() else [])
 
     async def run(self, stopping: asyncio.Event) -> None:
         # stdin is a pipe the child watches: if this process dies, even by SIGKILL, the child sees EOF and stops.

@@ -19,6 +19,8 @@ REBUILD_BATCH_RECORDS_MAX = 5_000
 REBUILD_METADATA_TIMEOUT_SECONDS = 30.0
 # Bytes per Kafka fetch during a rebuild (the broker's fetch.max.bytes default is 55 MiB).
 REBUILD_FETCH_BYTES_MAX = 16 * 1024 * 1024
+# `billing serve projections` (role all): consumer child processes at most.
+CONSUMER_PROCESSES_MAX = 16
 # `billing serve projections` (role all): how long the consumer child may take to finish its batch on stop.
 CONSUMER_STOP_SECONDS_MAX = 12.0
 # The consumer process (role all / consumer): records per poll at most (one transaction per partition).

@@ -259,7 +259,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.seconds > 0:
             port = free_port()
             env = {"KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
-                   "DATABASE_URL": settings.database_url or "", "BILLING_NAMESPACE": namespace}
+                   "DATABASE_URL": settings.database_url or "", "BILLING_NAMESPACE": namespace,
+                   "BILLING_PROJECTIONS_CONSUMERS": str(args.consumers)}
             log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{namespace}-projections.log"
             process = ServiceProcess(["serve", "projections", "--port", str(port), "--role", args.role], env, log,
                                      port).start()
@@ -270,7 +271,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             lag_seconds = await catch_up(settings, schema, len(messages) + flowed)
             result.update(catch_up_seconds_after_flow=round(lag_seconds, 2),
                           consumer_events_per_second=round(flowed / (time.monotonic() - flow_started)))
-            result.update(serve_role=args.role, load_average_after_reads=[round(x, 2) for x in os.getloadavg()])
+            result.update(serve_role=args.role, consumer_processes=args.consumers if args.role == "all" else 0,
+                          load_average_after_reads=[round(x, 2) for x in os.getloadavg()])
     finally:
         if process is not None:
             process.stop()
@@ -291,6 +293,7 @@ if __name__ == "__main__":
     parser.add_argument("--flow", type=int, default=5_000, help="usage events per second during the reads")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the read test (0: skip)")
     parser.add_argument("--workers", type=int, default=None, help="rebuild processes (default: one per CPU)")
+    parser.add_argument("--consumers", type=int, default=1, help="consumer processes (role all)")
     parser.add_argument("--role", default="all", choices=("all", "inline"),
                         help="serve projections as API + consumer child (all) or both in one process (inline)")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))
