@@ -205,6 +205,7 @@ class LedgerApplication(Application[UUID]):
     name = "ledger"
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        register_handlers()
         super().__init__(env)
         self.cache = AggregateCache(AGGREGATE_CACHE_AGGREGATES_MAX)
         self.reader = event_reader(self.recorder)
@@ -408,15 +409,20 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-# Handler modules register themselves on import (one module per group of command kinds).
-from billing_ledger import (  # noqa: F401
-    account_commands,
-    adjustment_commands,
-    allocation_commands,
-    catalog_commands,
-    expiry_commands,
-    hold_commands,
-    payment_commands,
-    refund_commands,
-    subscription_commands,
+HANDLER_MODULES = (
+    "account_commands", "adjustment_commands", "allocation_commands", "catalog_commands", "expiry_commands",
+    "hold_commands", "payment_commands", "refund_commands", "subscription_commands", "checkout_commands",
+    "payment_settings_commands", "refund_request_commands",
 )
+
+
+def register_handlers() -> None:
+    """Imports every handler module (each registers its kinds with ``@handles``).
+
+    Called when an application is built, not at import time: handler modules import this module, so
+    importing them from here at module level would make the import order matter.
+    """
+    import importlib
+
+    for name in HANDLER_MODULES:
+        importlib.import_module(f"billing_ledger.{name}")
