@@ -13,6 +13,7 @@ never skipped; on stop the batch in hand finishes or is not committed.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -24,8 +25,15 @@ from billing_projections.service import ProjectionService
 from billing_runtime.bus import Record
 from billing_runtime.logging import get_logger
 from billing_runtime.settings import Settings
+from prometheus_client import Histogram
 
 log = get_logger(__name__)
+
+PROGRESS_LOG_SECONDS = 10.0
+POLL_SECONDS = Histogram("projections_poll_seconds", "Time to apply one poll (all its partitions, one transaction)",
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+POLL_RECORDS = Histogram("projections_poll_records", "Records in one poll",
+                         buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
 
 
 def physical_topic(settings: Settings, topic: str) -> str:
@@ -53,6 +61,7 @@ async def consume_ledger_events(settings: Settings, service: ProjectionService, 
 
     consumer.subscribe([topic], listener=_Seek())
     await consumer.start()
+    progress = _Progress()
     try:
         while not stopping.is_set():
             fetched = await consumer.getmany(timeout_ms=settings.poll_timeout_ms,
@@ -61,10 +70,16 @@ async def consume_ledger_events(settings: Settings, service: ProjectionService, 
                                tuple(r.headers or ())) for r in raw] for raw in fetched.values() if raw]
             if not batches:
                 continue
+            began = time.monotonic()
             if not await _apply(service, batches, stopping):
                 for batch in batches:  # stopping: not applied, not committed, read again by whoever comes next
                     consumer.seek(TopicPartition(topic, batch[0].partition), batch[0].offset)
                 break
+            records = sum(len(b) for b in batches)
+            took = time.monotonic() - began
+            POLL_SECONDS.observe(took)
+            POLL_RECORDS.observe(records)
+            progress.add(records, took)
             try:
                 await consumer.commit({TopicPartition(topic, b[0].partition): b[-1].offset + 1 for b in batches})
             except (CommitFailedError, IllegalStateError, KafkaError) as exc:
@@ -72,6 +87,30 @@ async def consume_ledger_events(settings: Settings, service: ProjectionService, 
                 log.warning("offset_commit_failed", error=repr(exc))
     finally:
         await consumer.stop()
+
+
+class _Progress:
+    """A log line every ``PROGRESS_LOG_SECONDS``: records applied, polls, and how long their transactions took."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = time.monotonic()
+        self.records = self.polls = 0
+        self.busy = self.longest = 0.0
+
+    def add(self, records: int, seconds: float) -> None:
+        self.records += records
+        self.polls += 1
+        self.busy += seconds
+        self.longest = max(self.longest, seconds)
+        elapsed = time.monotonic() - self.since
+        if elapsed >= PROGRESS_LOG_SECONDS:
+            log.info("consumer_progress", records=self.records, polls=self.polls,
+                     records_per_second=round(self.records / elapsed), busy_percent=round(100 * self.busy / elapsed),
+                     poll_ms_mean=round(1000 * self.busy / self.polls, 1), poll_ms_max=round(1000 * self.longest, 1))
+            self.reset()
 
 
 async def _apply(service: ProjectionService, batches: list[list[Record]], stopping: asyncio.Event) -> bool:
