@@ -40,14 +40,14 @@ def tokens_by_class(cause: dict[str, Any], properties: dict[str, Any], quantity:
     """(tokens per known class, total tokens) of one usage event."""
     found: dict[str, Decimal] = {}
     priced = cause.get("tokens")
-    if isinstance(priced, dict):
+    if type(priced) is dict:
         for name, count in priced.items():
-            token_class = _CLASS_NAMES.get(str(name).lower())
+            token_class = _CLASS_NAMES.get(name) or _CLASS_NAMES.get(str(name).lower())
             number = decimal_or_none(count)
             if token_class and number is not None:
-                found[token_class] = found.get(token_class, Decimal(0)) + number
+                found[token_class] = found[token_class] + number if token_class in found else number
         if found:
-            return found, sum(found.values(), Decimal(0))
+            return found, sum(found.values(), _ZERO)
     for token_class, names in _CLASS_PROPERTIES.items():
         for name in names:
             count = decimal_or_none(properties.get(name))
@@ -55,9 +55,12 @@ def tokens_by_class(cause: dict[str, Any], properties: dict[str, Any], quantity:
                 found[token_class] = count
                 break
     if found:
-        return found, sum(found.values(), Decimal(0))
+        return found, sum(found.values(), _ZERO)
     named = _CLASS_NAMES.get(str(properties.get("token_class") or properties.get("token_type") or "input").lower())
     return ({named: quantity} if named else {}), quantity
+
+
+_ZERO = Decimal(0)
 
 
 def handler_for(event_type: str) -> Handler | None:

@@ -50,8 +50,42 @@ HOLD_DELTAS = {
 
 
 def handler_for(event_type: str) -> Handler | None:
-    """Every account event may move a wallet, a grant or a ledger account."""
+    """Every account event may move a wallet, a grant or a ledger account (usage debits, the bulk of the
+    stream, take a shorter path to the same rows)."""
+    if event_type == "BillingAccount.UsageDebited":
+        return _project_debit
     return project if event_type.startswith("BillingAccount.") else None
+
+
+def _project_debit(fact: Fact, w: BatchWriter) -> None:
+    """``project`` for a ``UsageDebited``: no hold, no threshold, no grant status; the same upserts."""
+    tenant = fact.tenant
+    if not tenant:
+        return
+    data, position = fact.data, fact.position
+    sums = posting_sums(fact)
+    last = {"last_position": position}
+    wallet_add: dict[str, dict[str, int] | None] = {}
+    accounts = sums.accounts
+    for key in sorted(accounts) if len(accounts) > 1 else accounts:
+        amount = accounts[key]
+        w.upsert(LEDGER_BALANCES, (tenant, key[0], key[1]), add={"amount": amount}, set=last)
+        if key[0] == RECEIVABLES:
+            wallet_add.setdefault(key[1], {})["receivable"] = amount  # type: ignore[index]
+    for unit, delta in sums.wallet.items():
+        wallet_add.setdefault(unit, {})["balance"] = delta  # type: ignore[index]
+    unit = data.get("unit")
+    if isinstance(unit, str) and unit not in wallet_add:
+        wallet_add[unit] = None
+    fresh = {"updated_at": fact.recorded_at, "last_position": position}
+    for one in sorted(wallet_add) if len(wallet_add) > 1 else wallet_add:
+        w.upsert(WALLETS, (tenant, one), set=fresh, add=wallet_add[one])
+    credit = data.get("credit_grant")
+    if isinstance(credit, dict):
+        _insert_grant(fact, w, credit, granted_at=fact.occurred_at)
+    grants = sums.grants
+    for grant_id in sorted(grants) if len(grants) > 1 else grants:
+        w.upsert(GRANTS, (grant_id,), set=last, add={"remaining": grants[grant_id]})
 
 
 def project(fact: Fact, w: BatchWriter) -> None:

@@ -178,19 +178,30 @@ def json_text(value: Any) -> str:
 
 def decimal_or_none(value: Any) -> Decimal | None:
     """A decimal from a string or int in an event (never a float); None when absent or not a number."""
-    if value is None or isinstance(value, bool | float):
+    kind = type(value)
+    if kind is str:
+        try:
+            result = Decimal(value)  # surrounding whitespace is allowed, as by str.strip()
+        except InvalidOperation:
+            return None
+    elif kind is int:
+        return Decimal(value)
+    elif value is None or kind is bool or kind is float:
         return None
-    try:
-        result = Decimal(str(value).strip())
-    except InvalidOperation:
-        return None
+    else:
+        try:
+            result = Decimal(str(value).strip())
+        except InvalidOperation:
+            return None
     return result if result.is_finite() else None
 
 
 def first_text(*values: Any) -> str:
     for value in values:
-        if isinstance(value, str) and value.strip():
-            return value.strip()
+        if type(value) is str and value:
+            found = value.strip()
+            if found:
+                return found
     return ""
 
 

@@ -15,6 +15,14 @@ __all__ = ["ledger", "smtp"]
 T0 = datetime.now(UTC)  # purchased credit is effective from when it is paid (now)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    """Each test's "now": usage timed before a purchase cannot draw on it, so T0 must not go stale while the
+    rest of the suite runs."""
+    global T0
+    T0 = datetime.now(UTC)
+
+
 def debit(app: LedgerApplication, key: str, usd: int, at: datetime) -> None:
     result = run(app, "usage.debit", TENANT, key, unit="USD", amount_subunits=usd * 10**9, meter="api_calls",
                  at=at.isoformat(), cause={})

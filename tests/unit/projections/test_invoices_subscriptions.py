@@ -309,3 +309,24 @@ async def test_several_partitions_in_one_transaction_equal_one_at_a_time(tmp_pat
         dumps.append(await dump(db))
         await db.close()
     assert dumps[0] == dumps[1]
+
+
+async def test_the_debit_shortcut_writes_what_the_general_path_writes(service: ProjectionService) -> None:
+    from billing_projections import balances
+    from billing_projections.writer import BatchWriter
+
+    ledger = Ledger()
+    full_scenario(ledger, "acme")  # debits with overage, give-backs, blocks, several units
+    records = ledger.records()
+    await apply(service, records[:3])  # the account, so that facts resolve its tenant
+    events = [json.loads(r.value) for r in records]
+    facts = [f for f in await service._facts(None, events) if f.type == "BillingAccount.UsageDebited"]  # type: ignore[arg-type]
+    assert len(facts) == 6  # one blocked debit was rejected (UsageRejected)
+    general, shortcut = BatchWriter(), BatchWriter()
+    for fact in facts:
+        balances.project(fact, general)
+        fact.sums = None
+        balances.handler_for(fact.type)(fact, shortcut)  # type: ignore[misc]
+    rows = {name: {k: (r.init, r.set, r.add) for k, r in found[1].items()} for name, found in general._rows.items()}
+    assert rows == {name: {k: (r.init, r.set, r.add) for k, r in found[1].items()}
+                    for name, found in shortcut._rows.items()}
