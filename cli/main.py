@@ -205,6 +205,9 @@ def _register_subcommands() -> None:
     from billing_cli.audit import app as audit_app
 
     app.add_typer(audit_app, name="audit")
+    from billing_cli.subscriptions import app as subscription_app
+
+    app.add_typer(subscription_app, name="subscription")
 
 
 def _register_price() -> None:

@@ -37,6 +37,7 @@ CREATE INDEX IF NOT EXISTS account_subscriptions_account ON account_subscription
 """
 
 LIVE = ("trialing", "active", "past_due", "paused")
+TRACE_EVENT_IDS_MAX = 100  # raw event ids listed on an invoice line; the rest via rating's decisions route
 STATUS_BY_EVENT = {"Paused": "paused", "Resumed": "active", "PastDue": "past_due", "Recovered": "active",
                    "Canceled": "canceled", "TrialConverted": "active"}
 
@@ -117,24 +118,31 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
     lines: list[dict[str, Any]] = []
     if primary == ended.subscription_id:
         rows = await conn.fetch(
-            "SELECT meter, unit, quantity, amount_subunits, event_time FROM rated_events WHERE tenant = $1 "
-            "AND event_time >= $2 AND event_time < $3 AND decision LIKE '%priced'",
-            tenant, ended.period_start.isoformat(), ended.period_end.isoformat())
-        totals: dict[tuple[str, str], tuple[Decimal, int, int]] = {}
+            "SELECT event_id, meter, unit, quantity, amount_subunits, event_time, period FROM rated_events "
+            "WHERE tenant = $1 AND event_time >= $2 AND event_time < $3 AND decision LIKE '%priced' "
+            "ORDER BY event_time, event_id", tenant, ended.period_start.isoformat(), ended.period_end.isoformat())
+        totals: dict[tuple[str, str], tuple[Decimal, int, list[str], set[str]]] = {}
         for r in rows:
             key = (r["meter"], r["unit"] or "")
-            quantity, amount, count = totals.get(key, (Decimal(0), 0, 0))
+            quantity, amount, event_ids, periods = totals.get(key, (Decimal(0), 0, [], set()))
+            if len(event_ids) < TRACE_EVENT_IDS_MAX:
+                event_ids.append(r["event_id"])
+            periods.add(r["period"])
             totals[key] = (RATING_CONTEXT.add(quantity, Decimal(r["quantity"])), amount + int(r["amount_subunits"]),
-                           count + 1)
-        for (meter, unit), (quantity, amount, count) in sorted(totals.items()):
+                           event_ids, periods)
+        for (meter, unit), (quantity, amount, event_ids, periods) in sorted(totals.items()):
             meta = meter_names.get(meter, {})
             label = f"{meta.get('name') or meter}: {quantity} {meta.get('unit_of_measure', 'units')}"
+            # The trace: rating's decisions (GET /v1/rating/periods/{period}/accounts/{tenant}/decisions)
+            # of these periods and events explain the line down to each raw event.
+            trace = {"rating_periods": sorted(periods), "event_ids": event_ids,
+                     "events": sum(1 for r in rows if r["meter"] == meter)}
             if is_currency_code(unit):
                 lines.append({"kind": "usage", "description": label, "amount": str(from_subunits(amount)),
-                              "meter": meter, "quantity": str(quantity), "events": count})
+                              "meter": meter, "quantity": str(quantity), "trace": trace})
             else:
                 lines.append({"kind": "usage", "description": f"{label} (paid with {from_subunits(amount)} {unit})",
-                              "amount": "0", "meter": meter, "quantity": str(quantity), "events": count})
+                              "amount": "0", "meter": meter, "quantity": str(quantity), "trace": trace})
     invoice_key = f"{ended.subscription_id}/{ended.period_end.isoformat()}"
     command = LedgerCommand(
         command_id=uuid5(NAMESPACE_URL, f"/usage-lines/{ended.subscription_id}/{ended.period_end.isoformat()}"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from pypdf import PdfReader
 
-from tests.support import ServiceProcess, auth, free_port, wait_until
+from tests.support import BILLING, ROOT, ServiceProcess, auth, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -93,5 +95,19 @@ def test_subscription_lifecycle_with_invoices_pdfs_and_email(tmp_path: Path, smt
         assert len(subjects) == 3 and any("INV-2026-000003" in s for s in subjects), subjects
         renewal = httpx.get(f"{base}/v1/accounts/acme/subscriptions/main", headers=admin).json()
         assert renewal["period_start"].startswith("2026-12-01")
+        renewal_invoice = [m for m in inbox.messages if "INV-2026-000003" in m["Subject"]][0]
+        [pdf] = [p for p in renewal_invoice.walk() if p.get_content_type() == "application/pdf"]
+        assert "Starter" in pdf_text(pdf.get_payload(decode=True))
+
+        # The CLI sends the same commands through the bus (here the embedded log under BILLING_DATA_DIR).
+        subprocess.run([BILLING, "subscription", "create", "--tenant", "acme", "--key", "extra", "--plan",
+                        "starter", "--no-trial"], env={**os.environ, **env}, check=True, cwd=ROOT,
+                       capture_output=True)
+        live = wait_until(lambda: [s["key"] for s in httpx.get(f"{base}/v1/accounts/acme/subscriptions",
+                                                               headers=admin).json()["subscriptions"]]
+                          if len(httpx.get(f"{base}/v1/accounts/acme/subscriptions",
+                                           headers=admin).json()["subscriptions"]) == 2 else None,
+                          what="the CLI's subscription")
+        assert sorted(live) == ["extra", "main"]
     finally:
         run.stop()
