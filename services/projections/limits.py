@@ -12,6 +12,8 @@ CSV_PAGE_ITEMS = 1_000
 EXPIRING_SOON_SECONDS = 7 * 24 * 3600
 # Append-only rows written with COPY (PostgreSQL) from this many per batch and table; fewer: INSERT.
 COPY_ROWS_MIN = 64
+# PostgreSQL: percent of a page filled by inserts in tables whose rows are updated (room for HOT updates).
+UPDATED_TABLE_FILLFACTOR = 70
 # Rows looked up per statement when a batch reads back decimal accumulators.
 LOOKUP_KEYS_MAX = 500
 # `billing projections rebuild`: records per replay transaction, and how long to wait for Kafka metadata.
@@ -25,6 +27,8 @@ CONSUMER_PROCESSES_MAX = 16
 CONSUMER_STOP_SECONDS_MAX = 12.0
 # The consumer process (role all / consumer): records per poll at most (one transaction per partition).
 CONSUMER_BATCH_RECORDS_MAX = 5_000
+# The consumer process: its niceness (CPU priority below the API's: reads first when cores are short).
+CONSUMER_NICE = 5
 # The consumer process: longest wait between retries of a failing batch.
 CONSUMER_RETRY_SECONDS_MAX = 5.0
 # Consumer and rebuild processes: collections of the youngest generation every this many allocations.

@@ -43,7 +43,7 @@ async def ensure_schema(db: Database) -> bool:
         if db.dialect == "postgres":
             # Several instances starting together: one migrates, the others wait and find it done.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()))")
-        for statement in META.ddl():
+        for statement in META.ddl(db.dialect):
             await conn.execute(statement)
         stored = await conn.fetchval("SELECT value FROM projection_meta WHERE name = 'schema_version'")
         dropped = False
@@ -51,7 +51,7 @@ async def ensure_schema(db: Database) -> bool:
             await _drop(conn)
             dropped = True
         for table in ALL_TABLES:
-            for statement in table.ddl():
+            for statement in table.ddl(db.dialect):
                 await conn.execute(statement)
         await conn.execute(
             "INSERT INTO projection_meta (name, value) VALUES ('schema_version', $1) "

@@ -150,13 +150,36 @@ def _flow(settings: Settings, tenants: list[str], position: int, flow: int, seco
     return asyncio.run(produce())
 
 
+def _reads(url: str, tenants: list[str], headers: dict[str, dict[str, str]], rps: int, seconds: float
+           ) -> list[float]:
+    """Balance reads at ``rps`` for ``seconds``, one after another, in their own process (a client busy with
+    other work would add its own delays to what it measures); returns each read's latency in seconds."""
+    async def read() -> list[float]:
+        latencies: list[float] = []
+        interval, n = 1 / rps, 0
+        stop = time.monotonic() + seconds
+        async with httpx.AsyncClient(timeout=10) as client:
+            while time.monotonic() < stop:
+                began = time.monotonic()
+                tenant = tenants[n % len(tenants)]
+                n += 1
+                r = await client.get(f"{url}/v1/accounts/{tenant}/balance", headers=headers[tenant])
+                latencies.append(time.monotonic() - began)
+                assert r.status_code == 200, r.text
+                await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
+        return latencies
+
+    return asyncio.run(read())
+
+
 async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants: list[str], rps: int, flow: int,
                            seconds: float) -> dict[str, Any]:
     """Balance reads at ``rps`` while ``flow`` debits/s arrive, and the time from publishing a debit to seeing it.
 
     The flow goes to the tenants of every partition but one (the producer runs in another process, with its own
     ledger positions); the freshness probe's tenant is alone on that partition, so the two streams' positions
-    never interleave within a partition. The probe's debit waits behind the same consumer's work.
+    never interleave within a partition. The probe's debit waits behind the same consumer's work. The reader
+    runs in a third process.
     """
     probe = tenants[0]
     probe_partition = kafka_partition(str(ids.account_id(probe)), settings.topic_partitions)
@@ -164,23 +187,10 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
                != probe_partition]
     bus = KafkaBus(settings.kafka_bootstrap_servers or "", namespace=settings.namespace)
     await bus.start()
-    latencies: list[float] = []
     visible: list[float] = []
     stop = time.monotonic() + seconds
     counter = [10**6]
     headers = {t: {"Authorization": f"Bearer {mint_token(settings, role='viewer', tenant=t)}"} for t in tenants}
-
-    async def reader(client: httpx.AsyncClient) -> None:
-        interval = 1 / rps
-        n = 0
-        while time.monotonic() < stop:
-            began = time.monotonic()
-            tenant = tenants[n % len(tenants)]
-            n += 1
-            r = await client.get(f"{url}/v1/accounts/{tenant}/balance", headers=headers[tenant])
-            latencies.append(time.monotonic() - began)
-            assert r.status_code == 200, r.text
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
 
     async def freshness(client: httpx.AsyncClient) -> None:
         while time.monotonic() < stop - 2:
@@ -199,11 +209,13 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
 
     loop = asyncio.get_running_loop()
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
             produced = loop.run_in_executor(pool, _flow, settings, flowing, stream.position + 10**8, flow, seconds)
+            read = loop.run_in_executor(pool, _reads, url, tenants, headers, rps, seconds)
             async with httpx.AsyncClient(timeout=10) as client:
-                await asyncio.gather(reader(client), freshness(client))
+                await freshness(client)
             flowed = await produced
+            latencies = await read
     finally:
         await bus.stop()
     return {"balance_reads": len(latencies), "balance_read_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from billing_projections import api_models
 from billing_projections.http import build_routers
 from billing_projections.service import ProjectionService
 from billing_runtime.auth import mint_token
@@ -46,6 +47,8 @@ async def test_balance_keeps_its_shape_and_adds_expiry_and_low_balance(client: h
     usd = next(w for w in body["wallets"] if w["unit"] == "USD")
     assert {"available", "held", "balance", "receivable"} <= set(usd)
     assert (usd["balance"], usd["held"], usd["available"]) == ("1.00", "1.00", "0.00")
+    # Served without response-model validation (the hot path): it must be exactly the model's shape.
+    assert api_models.Balance.model_validate(body).model_dump(mode="json") == body
     assert usd["low_balance"] is True and usd["low_balance_threshold"] == "50.00"
     credit = next(w for w in body["wallets"] if w["unit"] == "CREDIT")
     assert credit["available"] == "750.00"
