@@ -54,7 +54,8 @@ def open_account(app: LedgerApplication, tenant: str, *grants: dict[str, Any], c
     """Opens ``tenant``'s account with ``grants`` (``key``, ``amount`` and any ``credit.grant`` fields)."""
     commands = [command("account.open", tenant, {"currency": currency})]
     for grant in grants:
-        body = {"unit": currency, "source": "purchase", **grant}
+        # Effective long before any usage a test sends (tests use fixed times, the grant's default is "now").
+        body = {"unit": currency, "source": "purchase", "effective_at": "2020-01-01T00:00:00+00:00", **grant}
         body["grant_key"] = body.pop("key")
         commands.append(command("credit.grant", tenant, body, key=body["grant_key"]))
     results = apply(app, *commands)
