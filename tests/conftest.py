@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import smtp  # noqa: F401 - a fixture every test may ask for (a local SMTP server)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -10,9 +10,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from collections.abc import Iterator
+from email import message_from_bytes
 from typing import Any, TypeVar
 
 import httpx
+import pytest
+from aiosmtpd.controller import Controller
 
 from billing_runtime.auth import mint_token
 from billing_runtime.settings import Settings
@@ -89,3 +93,26 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+class Inbox:
+    """A local SMTP server's mailbox (aiosmtpd handler): every message it received, parsed."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    """A real SMTP server on a free loopback port: (its inbox, its port)."""
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+

@@ -13,18 +13,11 @@ import httpx
 import pytest
 
 from tests.integration.conftest import Stack
+from tests.integration.test_rating import ai_event
 from tests.integration.test_walking_skeleton import apply_accounts, produce_raw, usage, wait_balance
 from tests.support import auth, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def ai_event(tenant: str, event_id: str, model: str, user: str, input_tokens: int, output_tokens: int
-             ) -> dict[str, object]:
-    return {"id": event_id, "tenant": tenant, "meter": "ai_tokens", "quantity": str(input_tokens + output_tokens),
-            "timestamp": datetime.now(UTC).isoformat(),
-            "properties": {"model": model, "operation": "chat", "user": user,
-                           "input_tokens": input_tokens, "output_tokens": output_tokens}}
 
 
 def test_usage_through_the_stack_shows_in_every_read_model(stack: Stack, tmp_path: Path) -> None:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import stripe
-from aiosmtpd.controller import Controller
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import CommandResult, LedgerApplication, persistence_env
@@ -24,7 +22,6 @@ from billing_runtime.http import create_app
 from billing_runtime.settings import Settings
 from fastapi.testclient import TestClient
 
-from tests.support import free_port
 
 TENANT = "acme"
 CATALOG = {
@@ -140,25 +137,6 @@ class FakeStripe(stripe.HTTPClient):
 
 def stripe_gateway(api: FakeStripe) -> StripeGateway:
     return StripeGateway(stripe.StripeClient("sk_test_123", http_client=api, max_network_retries=0))
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(message_from_bytes(envelope.content))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield inbox, port
-    controller.stop()
 
 
 @pytest.fixture

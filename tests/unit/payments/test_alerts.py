@@ -12,9 +12,10 @@ from billing_ledger.alerts import SIGNATURE_HEADER, process_pending
 from billing_ledger.application import LedgerApplication
 from billing_ledger.notifier import SmtpSettings
 
-from tests.unit.payments.support import Inbox, ledger, run, smtp
+from tests.unit.payments.support import ledger, run
+from tests.support import Inbox
 
-__all__ = ["ledger", "smtp"]
+__all__ = ["ledger"]
 
 
 @pytest.mark.asyncio

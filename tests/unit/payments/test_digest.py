@@ -13,9 +13,10 @@ from billing_ledger.digest import send_due
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.payment_commands import payment_command
 
-from tests.unit.payments.support import TENANT, Inbox, command, ledger, run, smtp
+from tests.unit.payments.support import TENANT, command, ledger, run
+from tests.support import Inbox
 
-__all__ = ["ledger", "smtp"]
+__all__ = ["ledger"]
 
 
 def apply(app: LedgerApplication, kind: str, payload: dict[str, Any], key: str) -> Any:

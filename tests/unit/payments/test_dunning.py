@@ -16,9 +16,10 @@ from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.dunning import Dunning
 from billing_ledger.notifier import SmtpSettings
 
-from tests.unit.payments.support import FakeStripe, Inbox, command, run, smtp, stripe_gateway
+from tests.unit.payments.support import FakeStripe, command, run, stripe_gateway
+from tests.support import Inbox
 
-__all__ = ["smtp"]
+__all__ = []
 TENANT = "dunco"
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 CATALOG = {"plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00"}]}
