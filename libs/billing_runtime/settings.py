@@ -71,6 +71,8 @@ class Settings:
     paypal_webhook_id: str | None = None
     paypal_api_base: str = "https://api-m.paypal.com"
     # Payments (issue 8): identity gate, dunning, alerts, daily digest.
+    vies_enabled: bool = False  # VAT registration lookup (network); format + check digits are always checked
+    vies_url: str | None = None
     identity_verification: str = "off"  # off | first_top_up | threshold
     identity_threshold: str | None = None  # top-ups above this (account currency) need a verified identity
     dunning_retry_days: tuple[int, ...] = (0, 3, 5)
@@ -131,6 +133,8 @@ class Settings:
             paypal_client_secret=os.environ.get("BILLING_PAYPAL_CLIENT_SECRET") or None,
             paypal_webhook_id=os.environ.get("BILLING_PAYPAL_WEBHOOK_ID") or None,
             paypal_api_base=os.environ.get("BILLING_PAYPAL_API_BASE") or "https://api-m.paypal.com",
+            vies_enabled=os.environ.get("BILLING_VIES_ENABLED", "").lower() in ("1", "true", "yes"),
+            vies_url=os.environ.get("BILLING_VIES_URL") or None,
             identity_verification=os.environ.get("BILLING_IDENTITY_VERIFICATION", "off"),
             identity_threshold=os.environ.get("BILLING_IDENTITY_THRESHOLD") or None,
             dunning_retry_days=tuple(int(d) for d in os.environ.get("BILLING_DUNNING_RETRY_DAYS", "0,3,5").split(",")

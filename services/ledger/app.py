@@ -7,6 +7,7 @@ import sys
 from functools import partial
 
 from billing_ledger import checkout_http, subscriptions_http
+from billing_ledger.vies import registry_from
 from billing_ledger import http as ledger_http
 from billing_ledger.alerts import run_alerts
 from billing_ledger.application import LedgerApplication, persistence_env
@@ -54,7 +55,7 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         name="ledger",
         consumers=[ConsumerSpec(settings.group("billing-ledger"), COMMAND_TOPICS, service.handle_records,
                                 service.start_positions)],
-        routers=[subscriptions_http.build_router(app, bus, settings.invoice_issuer), ledger_http.build_router(app),
+        routers=[subscriptions_http.build_router(app, bus, settings.invoice_issuer, registry_from(settings.vies_enabled, settings.vies_url)), ledger_http.build_router(app),
                  checkout_http.build_router(app, settings, gateways)],
         tasks=[partial(run_relay, app, bus, is_leader=leader),
                partial(run_sweeper, app, is_leader=leader),

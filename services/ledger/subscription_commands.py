@@ -425,7 +425,7 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
         check = check_vat_id(str(payload["tax_id"]))
         if not check.valid:
             raise CommandRejected("invalid_vat_id", f"VAT id {payload['tax_id']!r} is not valid: {check.reason}")
-        profile.update(tax_id=check.number, tax_id_valid=True)
+        profile.update(tax_id=check.number, tax_id_valid=True, vies=str(payload.get("vies", "not_checked")))
     _roster(batch, command.tenant or "").set_tax_profile(profile=profile, at=_at(command), by=command.issued_by)
     return profile
 

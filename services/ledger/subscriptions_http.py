@@ -26,7 +26,9 @@ from billing_ledger.domain.proration import quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_ledger.invoice_pdf import render_pdf
+from billing_ledger.domain.tax import check_vat_id
 from billing_ledger.scheduler import DueIndex, tick_messages
+from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
@@ -56,7 +58,9 @@ def _view(sub: Subscription) -> dict[str, Any]:
             "time_zone": sub.time_zone}
 
 
-def build_router(app: LedgerApplication, bus: Bus, issuer: str) -> APIRouter:
+def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: VatRegistry | None = None
+                 ) -> APIRouter:
+    registry = vat_registry or NoRegistry()
     router = APIRouter(tags=["subscriptions"])
 
     async def run(request: Request, principal: Principal, kind: str, tenant: str, payload: dict[str, Any]
@@ -166,8 +170,15 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str) -> APIRouter:
     async def put_tax_profile(tenant: str, request: Request, body: dict[str, Any] = Body(...),
                               principal: Principal = Depends(require(Role.ADMIN, Role.FINANCE))) -> dict[str, Any]:
         check_tenant(principal, tenant)
+        if body.get("tax_id"):
+            check = check_vat_id(str(body["tax_id"]))
+            registered = await registry.is_registered(check.number) if check.valid else None
+            if registered is False:
+                raise Problem(422, "Refused", f"VAT id {check.number} is not registered (VIES).",
+                              kind="vat-id-not-registered", reason="vat_id_not_registered")
+            body = {**body, "vies": "registered" if registered else "not_checked"}
         result = await run(request, principal, "tax_profile.set", tenant, body)
-        return {"tenant": tenant, "tax_profile": result.value}
+        return {"tenant": tenant, "tax_profile": result.value, "vies": body.get("vies")}
 
     @router.get("/v1/accounts/{tenant}/tax-profile")
     async def get_tax_profile(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
