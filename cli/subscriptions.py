@@ -13,7 +13,6 @@ import uuid
 from typing import Annotated, Any
 
 import typer
-
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow

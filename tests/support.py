@@ -8,16 +8,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email import message_from_bytes
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
-
 from billing_runtime.auth import mint_token
 from billing_runtime.settings import Settings
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from faststream import AckPolicy
-from faststream.kafka import KafkaBroker
-from faststream.specification import AsyncAPI
-
 from billing_events import topics
 from billing_events.messages import (
     AcceptedUsage,
@@ -23,6 +19,9 @@ from billing_events.messages import (
     UsageEvent,
     UsageRejection,
 )
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
 
 # (service, group id, consumed topic, message model, published topics with their models)
 CONTRACT: list[tuple[str, str, str, type, list[tuple[str, type]]]] = [

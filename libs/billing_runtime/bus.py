@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
-from functools import lru_cache
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 

@@ -7,7 +7,6 @@ import sys
 from functools import partial
 
 from billing_ledger import checkout_http, subscriptions_http
-from billing_ledger.vies import registry_from
 from billing_ledger import http as ledger_http
 from billing_ledger.alerts import run_alerts
 from billing_ledger.application import LedgerApplication, persistence_env
@@ -21,6 +20,7 @@ from billing_ledger.scheduler import run_scheduler
 from billing_ledger.service import COMMAND_TOPICS, LedgerService
 from billing_ledger.sweeper import run_sweeper
 from billing_ledger.topups import run_topups
+from billing_ledger.vies import registry_from
 from billing_runtime.bus import Bus
 from billing_runtime.service import ConsumerSpec, ServiceParts
 from billing_runtime.settings import Settings

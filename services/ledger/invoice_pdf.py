@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
-
-from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
 
 
 def render_pdf(invoice: Invoice, *, issuer: str, issued_at: Any = None, due_at: Any = None) -> bytes:

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
-from eventsourcing.persistence import Tracking
-
-from eventsourcing.utils import get_topic
-
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.invoice_pdf import render_pdf
 from billing_runtime.logging import get_logger
+from eventsourcing.persistence import Tracking
+from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
 

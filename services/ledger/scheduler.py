@@ -18,11 +18,10 @@ from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication
-from eventsourcing.utils import get_topic
-
 from billing_ledger.domain.subscription import BILLABLE, PAUSED, TRIALING, Subscription
 from billing_runtime.bus import Bus, OutMessage
 from billing_runtime.logging import get_logger
+from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
 

@@ -14,9 +14,6 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
-from eventsourcing.persistence import IntegrityError
-from fastapi import APIRouter, Body, Depends, Request, Response
-
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import parse_timestamp, utcnow
 from billing_ledger.application import CommandResult, LedgerApplication
@@ -25,13 +22,15 @@ from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import Subscription, subscription_id
-from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.domain.tax import check_vat_id
+from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
+from eventsourcing.persistence import IntegrityError
+from fastapi import APIRouter, Body, Depends, Request, Response
 
 APPLY_ATTEMPTS_MAX = 5
 STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_profile": 422, "unknown_account": 404, "unknown_subscription": 404, "unknown_plan": 422,

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from pydantic import ValidationError
-
 from billing_events.catalog import CatalogDocument, MeterDef, PlanDef
 from billing_events.money import MoneyError
 from billing_rating.charge_models import PriceSpec, PriceSpecError, parse_spec
 from billing_rating.pricing import AiPriceTable, parse_ai_price_table
+from pydantic import ValidationError
 
 
 class CatalogError(ValueError):

@@ -7,8 +7,6 @@ import json
 import re
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends
-
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
 from billing_events.money import from_subunits
@@ -19,6 +17,7 @@ from billing_rating.service import RatingService
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bus import OutMessage
 from billing_runtime.problems import Problem
+from fastapi import APIRouter, Body, Depends
 
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 

@@ -15,21 +15,20 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from pydantic import ValidationError
-
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerCommand, LedgerEvent, RejectReason, UsageRejection
 from billing_events.money import RATING_CONTEXT, from_subunits, to_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
-from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
-from billing_rating.subscriptions import AccountSubscription, apply_event, load_for, usage_lines_command
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
+from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
+from billing_rating.subscriptions import AccountSubscription, apply_event, load_for, usage_lines_command
 from billing_runtime.bus import Bus, OutMessage, Record
 from billing_runtime.db import Connection, Database
 from billing_runtime.logging import get_logger
+from pydantic import ValidationError
 
 log = get_logger(__name__)
 

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-
 from billing_events import topics
+
 from tests.integration.conftest import Stack
 from tests.support import BILLING, ROOT, auth, wait_until
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import jwt
-from fastapi import Depends
-from fastapi.testclient import TestClient
-
 from billing_runtime.auth import Principal, Role, check_tenant, mint_token, require
 from billing_runtime.http import create_app
 from billing_runtime.settings import Settings
+from fastapi import Depends
+from fastapi.testclient import TestClient
 
 SETTINGS = Settings()
 

@@ -1,13 +1,19 @@
 from decimal import Decimal
 
 import pytest
+from billing_events.money import (
+    SUBUNITS_PER_UNIT,
+    MoneyError,
+    credit_unit,
+    currency,
+    format_subunits,
+    from_subunits,
+    parse_decimal,
+    round_minor,
+    to_subunits,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-
-from billing_events.money import (
-    MoneyError, SUBUNITS_PER_UNIT, credit_unit, currency, format_subunits, from_subunits, parse_decimal,
-    round_minor, to_subunits,
-)
 
 
 def test_currency_scales_come_from_iso_4217_data() -> None:
@@ -35,7 +41,7 @@ def test_parse_decimal_refuses_floats_and_nonsense(bad: object) -> None:
 def test_sub_cent_usage_accumulates_exactly() -> None:
     per_token = Decimal("0.000002")
     assert to_subunits(per_token) == 2000
-    assert sum(to_subunits(per_token) for _ in range(1_000_000)) == to_subunits(Decimal("2"))
+    assert sum(to_subunits(per_token) for _ in range(1_000_000)) == to_subunits(Decimal(2))
 
 
 def test_balances_show_exact_values_with_at_least_minor_digits() -> None:
@@ -48,7 +54,7 @@ def test_balances_show_exact_values_with_at_least_minor_digits() -> None:
 def test_invoice_rounding_is_half_up_once() -> None:
     assert round_minor(Decimal("0.005"), currency("USD")) == Decimal("0.01")
     assert round_minor(Decimal("0.0049"), currency("USD")) == Decimal("0.00")
-    assert round_minor(Decimal("1.5"), currency("JPY")) == Decimal("2")
+    assert round_minor(Decimal("1.5"), currency("JPY")) == Decimal(2)
 
 
 @given(st.integers(min_value=-(10**18), max_value=10**18))

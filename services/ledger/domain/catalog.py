@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, event
-from pydantic import ValidationError
-
 from billing_events import ids
 from billing_events.catalog import CatalogDocument
+from eventsourcing.domain import Aggregate, event
+from pydantic import ValidationError
 
 
 class Catalog(Aggregate):

@@ -15,10 +15,9 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate, event
-
 from billing_events.money import RATING_CONTEXT, currency, round_minor
 from billing_ledger.domain.tax import TaxProfileData, compute_tax
+from eventsourcing.domain import Aggregate, event
 
 PENDING, OPEN, PAID, FAILED, EXPIRED, REFUNDED = "pending", "open", "paid", "failed", "expired", "refunded"
 

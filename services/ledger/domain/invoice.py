@@ -16,9 +16,8 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate, event
-
 from billing_events.money import RATING_CONTEXT, currency, round_minor
+from eventsourcing.domain import Aggregate, event
 
 DRAFT, FINALIZED, PAID, VOID = "draft", "finalized", "paid", "void"
 INVOICE, CREDIT_NOTE = "invoice", "credit_note"

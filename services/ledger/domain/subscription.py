@@ -12,9 +12,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate, event
-
 from billing_ledger.domain.periods import period_end
+from eventsourcing.domain import Aggregate, event
 
 TRIALING, ACTIVE, PAST_DUE, PAUSED, CANCELED = "trialing", "active", "past_due", "paused", "canceled"
 LIVE = frozenset({TRIALING, ACTIVE, PAST_DUE, PAUSED})  # counts towards the account's subscription limit

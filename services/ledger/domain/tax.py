@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from billing_events.money import RATING_CONTEXT, currency, round_minor
 from stdnum.eu import vat as eu_vat
 from stdnum.exceptions import ValidationError as StdnumError
-
-from billing_events.money import RATING_CONTEXT, currency, round_minor
 
 EU_MEMBER_STATES = frozenset({
     "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV", "LT", "LU",

@@ -6,9 +6,8 @@ import copy
 from typing import Any
 
 import pytest
-from eventsourcing.application import Application
-
 from billing_ledger.domain.catalog import Catalog, InvalidCatalog
+from eventsourcing.application import Application
 
 DOC: dict[str, Any] = {
     "meters": [{"code": "api_calls"}],

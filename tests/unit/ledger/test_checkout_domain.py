@@ -5,7 +5,6 @@ from decimal import Decimal
 from uuid import uuid4
 
 import pytest
-
 from billing_ledger.domain.checkout import CheckoutError, Order, Promotion, PromotionRefused, quote
 
 PACKAGE = {"code": "credits-10k", "unit": "CREDIT", "credits": "10000", "bonus_credits": "1000", "price": "95.00",
@@ -23,7 +22,7 @@ def test_a_package_quote_shows_amount_promotion_tax_and_total() -> None:
 
 
 def test_a_free_amount_top_up_with_bonus_credit() -> None:
-    q = quote(package=None, amount=Decimal("50"), account_currency="EUR",
+    q = quote(package=None, amount=Decimal(50), account_currency="EUR",
               promotion={"code": "BONUS5", "kind": "bonus_credit", "value": "5"}, tax_profile=None, tax_rules=[],
               seller_country=None)
     assert (q.total, q.credits, q.promotion_credits, q.unit) == ("50.00", "50.00", "5", "EUR")

@@ -22,7 +22,6 @@ from billing_runtime.http import create_app
 from billing_runtime.settings import Settings
 from fastapi.testclient import TestClient
 
-
 TENANT = "acme"
 CATALOG = {
     "credit_units": {"CREDIT": {"scale": 0}},

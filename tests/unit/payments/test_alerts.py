@@ -12,8 +12,8 @@ from billing_ledger.alerts import SIGNATURE_HEADER, process_pending
 from billing_ledger.application import LedgerApplication
 from billing_ledger.notifier import SmtpSettings
 
-from tests.unit.payments.support import ledger, run
 from tests.support import Inbox
+from tests.unit.payments.support import ledger, run
 
 __all__ = ["ledger"]
 

@@ -9,8 +9,8 @@ from billing_events import ids
 from billing_ledger.application import LedgerApplication
 from billing_ledger.topups import process_pending
 
-from tests.unit.payments.support import TENANT, FakeStripe, ledger, run, stripe_gateway
 from tests.support import Inbox
+from tests.unit.payments.support import TENANT, FakeStripe, ledger, run, stripe_gateway
 
 __all__ = ["ledger"]
 T0 = datetime.now(UTC)  # purchased credit is effective from when it is paid (now)

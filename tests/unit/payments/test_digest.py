@@ -13,8 +13,8 @@ from billing_ledger.digest import send_due
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.payment_commands import payment_command
 
-from tests.unit.payments.support import TENANT, command, ledger, run
 from tests.support import Inbox
+from tests.unit.payments.support import TENANT, command, ledger, run
 
 __all__ = ["ledger"]
 

@@ -16,8 +16,8 @@ from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.dunning import Dunning
 from billing_ledger.notifier import SmtpSettings
 
-from tests.unit.payments.support import FakeStripe, command, run, stripe_gateway
 from tests.support import Inbox
+from tests.unit.payments.support import FakeStripe, command, run, stripe_gateway
 
 __all__ = []
 TENANT = "dunco"

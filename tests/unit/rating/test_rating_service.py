@@ -11,7 +11,6 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
 from billing_rating.catalog_view import CatalogError, validate_document
@@ -70,7 +69,7 @@ async def test_tiered_charges_stay_exact_mid_period_with_allowance_first(rating)
     for i, q in enumerate(["5", "5", "5"]):
         await service.handle_accepted([accepted(f"e{i}", q)])
     commands = await published(bus)
-    assert [Decimal(c["payload"]["amount"]) for c in commands] == [Decimal("3"), Decimal("5"), Decimal("3.5")]
+    assert [Decimal(c["payload"]["amount"]) for c in commands] == [Decimal(3), Decimal(5), Decimal("3.5")]
     assert sum(int(c["payload"]["amount_subunits"]) for c in commands) == 11_500_000_000
 
 
@@ -118,7 +117,7 @@ async def test_filtered_events_do_not_count(rating) -> None:  # type: ignore[no-
     service, bus = rating
     await service.handle_accepted([accepted("g1", "3", "gpu_calls", region="us"),
                                    accepted("g2", "3", "gpu_calls", region="eu")])
-    assert [Decimal(c["payload"]["amount"]) for c in await published(bus)] == [Decimal("6")]
+    assert [Decimal(c["payload"]["amount"]) for c in await published(bus)] == [Decimal(6)]
 
 
 async def test_close_prices_max_last_and_unique_count_once(rating) -> None:  # type: ignore[no-untyped-def]
@@ -191,7 +190,7 @@ async def test_corrections_re_rate_by_the_difference_and_keep_both_in_history(ra
     await service.handle_accepted([correction("c1", "e1", "14")])      # 12 billable: 10 + 2 x 0.50 -> +1.00
     await service.handle_accepted([correction("c2", "e1", "0")])       # void: back to 0 -> -11.00
     amounts = [Decimal(c["payload"]["amount"]) for c in await published(bus)]
-    assert amounts == [Decimal("10"), Decimal("1"), Decimal("-11")]
+    assert amounts == [Decimal(10), Decimal(1), Decimal(-11)]
     assert sum(amounts) == 0
     commands = await published(bus)
     assert commands[1]["payload"]["cause"]["corrects"] == "e1"

@@ -10,8 +10,6 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from eventsourcing.persistence import IntegrityError
-
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import LedgerApplication, persistence_env
@@ -20,6 +18,7 @@ from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.proration import quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import Subscription, subscription_id
+from eventsourcing.persistence import IntegrityError
 
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 CATALOG: dict[str, Any] = {

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import httpx
-from fastapi.testclient import TestClient
-
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.subscriptions_http import build_router
@@ -16,6 +14,7 @@ from billing_runtime.auth import mint_token
 from billing_runtime.bus import EmbeddedBus
 from billing_runtime.http import create_app
 from billing_runtime.settings import Settings
+from fastapi.testclient import TestClient
 
 
 def vies(answer: dict[str, object] | None) -> ViesRegistry:
