@@ -25,18 +25,17 @@ from billing_runtime.settings import Settings
 from pypdf import PdfReader
 
 from tests.unit.ingest.harness import Ingest
+from tests.support import Inbox
 from tests.unit.payments.support import (
     TENANT,
     FakeStripe,
-    Inbox,
     client,
     headers,
     ledger,
-    smtp,
     stripe_gateway,
 )
 
-__all__ = ["ledger", "smtp"]
+__all__ = ["ledger"]
 SECRET = "whsec_test_checkout"
 
 
