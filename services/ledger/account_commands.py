@@ -13,10 +13,8 @@ from billing_ledger.domain.account import BillingAccount
 def account_of(batch: _Batch, tenant: str | None) -> BillingAccount:
     if not tenant:
         raise CommandRejected("missing_tenant", "the command names no tenant")
-    account = batch.get(ids.account_id(tenant))
-    if account is None:
-        raise CommandRejected("unknown_account", f"tenant {tenant!r} has no billing account")
-    return account  # type: ignore[no-any-return]
+    return batch.existing(ids.account_id(tenant), "unknown_account",  # type: ignore[no-any-return]
+                          f"tenant {tenant!r} has no billing account")
 
 
 @handles("account.open")

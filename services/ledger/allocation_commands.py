@@ -31,10 +31,8 @@ def _pool(batch: _Batch, command: LedgerCommand) -> ResourcePool:
     if not command.tenant:
         raise CommandRejected("missing_tenant", "the command names no tenant")
     resource = payload.text(command, "resource")
-    pool = batch.get(ResourcePool.create_id(command.tenant, resource))
-    if pool is None:
-        raise CommandRejected("unknown_pool", f"tenant {command.tenant!r} has no {resource!r} pool")
-    return pool  # type: ignore[no-any-return]
+    return batch.existing(ResourcePool.create_id(command.tenant, resource),  # type: ignore[no-any-return]
+                          "unknown_pool", f"tenant {command.tenant!r} has no {resource!r} pool")
 
 
 @handles("allocation.set_capacity")

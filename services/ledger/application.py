@@ -155,6 +155,21 @@ class _Batch:
             self.touched[aggregate_id] = len(aggregate.pending_events)
         return aggregate
 
+    def existing(self, aggregate_id: UUID, reason: str, detail: str) -> Any:
+        """The aggregate, or the command is rejected with ``reason`` (nothing changed)."""
+        aggregate = self.get(aggregate_id)
+        if aggregate is None:
+            raise CommandRejected(reason, detail)
+        return aggregate
+
+    def get_or_create(self, aggregate_id: UUID, create: Callable[[], Aggregate]) -> Any:
+        """The aggregate, or a new one from ``create()`` added to this batch."""
+        aggregate = self.get(aggregate_id)
+        if aggregate is None:
+            aggregate = create()
+            self.add(aggregate)
+        return aggregate
+
     def add(self, aggregate: Aggregate) -> None:
         self.loaded[aggregate.id] = aggregate
         self.touched.setdefault(aggregate.id, 0)

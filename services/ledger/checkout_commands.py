@@ -22,7 +22,7 @@ from billing_events.money import parse_decimal, to_subunits
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
-from billing_ledger.domain.catalog import Catalog
+from billing_ledger.catalog_commands import published_catalog
 from billing_ledger.domain.checkout import (
     PAID,
     CheckoutError,
@@ -44,25 +44,17 @@ def _at(command: LedgerCommand) -> datetime:
 
 
 def catalog_document(batch: _Batch) -> dict[str, Any]:
-    catalog = batch.get(Catalog.create_id())
-    if catalog is None:
-        raise CommandRejected("no_catalog", "no catalogue has been published")
-    return catalog.document  # type: ignore[no-any-return]
+    return published_catalog(batch).document
 
 
 def profile_of(batch: _Batch, tenant: str) -> PaymentProfile:
-    profile = batch.get(payment_profile_id(tenant))
-    if profile is None:
-        profile = PaymentProfile(tenant=tenant)
-        batch.add(profile)
-    return profile  # type: ignore[no-any-return]
+    return batch.get_or_create(payment_profile_id(tenant),  # type: ignore[no-any-return]
+                               lambda: PaymentProfile(tenant=tenant))
 
 
 def order_of(batch: _Batch, tenant: str, key: str) -> Order:
-    order = batch.get(order_id(tenant, key))
-    if order is None:
-        raise CommandRejected("unknown_order", f"tenant {tenant!r} has no order {key!r}")
-    return order  # type: ignore[no-any-return]
+    return batch.existing(order_id(tenant, key), "unknown_order",  # type: ignore[no-any-return]
+                          f"tenant {tenant!r} has no order {key!r}")
 
 
 def _promotion(document: dict[str, Any], code: str) -> dict[str, Any]:
@@ -117,10 +109,8 @@ def place_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -
     oid = order_id(tenant, key)
     if built["promotion"] is not None:
         definition = {**built["promotion"], "_package": payload.get("package")}
-        promo = batch.get(Promotion.create_id(definition["code"]))
-        if promo is None:
-            promo = Promotion(code=definition["code"])
-            batch.add(promo)
+        promo = batch.get_or_create(Promotion.create_id(definition["code"]),
+                                    lambda: Promotion(code=definition["code"]))
         try:
             promo.redeem(tenant=tenant, order=oid, definition=definition, at=at)
         except PromotionRefused as exc:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -32,11 +30,10 @@ from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.domain.invoice import FINALIZED, INVOICE, Invoice
-from billing_ledger.domain.payment_profile import payment_profile_id
-from billing_ledger.domain.roster import roster_id
-from billing_ledger.gateways import Charge, GatewayError, OutboundGateway
+from billing_ledger.gateways import GatewayError, OutboundGateway
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
+from billing_ledger.saved_methods import charge_in_order
 from billing_runtime.logging import get_logger
 from eventsourcing.persistence import Tracking
 from eventsourcing.utils import get_topic
@@ -48,41 +45,6 @@ CLOSED_TOPICS = frozenset({get_topic(Invoice.Paid), get_topic(Invoice.Voided)})
 SCAN_BATCH_EVENTS_MAX = 500
 BY = "system:dunning"
 Clock = Callable[[], datetime]
-
-
-@dataclass(frozen=True)
-class Charged:
-    """The outcome of charging an account's saved methods in order: the first success, or every refusal."""
-
-    charge: Charge | None
-    gateway: str | None
-    method_index: int | None
-    errors: list[str]
-
-
-async def charge_in_order(app: LedgerApplication, gateways: dict[str, OutboundGateway], *, tenant: str,
-                          total: Decimal, currency_code: str, key_prefix: str, order_ref: str) -> Charged:
-    """Charges the default payment method off-session, then each backup in order, until one succeeds.
-
-    The idempotency key of method ``i`` is ``<key_prefix>/<i>``. ``GatewayError`` (nothing known) propagates.
-    """
-    methods = await asyncio.to_thread(app.read, roster_id(tenant), lambda r: [dict(m) for m in r.payment_methods])
-    customers = await asyncio.to_thread(app.read, payment_profile_id(tenant), lambda p: dict(p.customers))
-    errors: list[str] = []
-    for index, method in enumerate(methods or []):
-        gateway = gateways.get(method["gateway"])
-        if gateway is None:
-            errors.append(f"{method['method_id']}: gateway {method['gateway']} not enabled")
-            continue
-        charge = await gateway.charge_saved_method(
-            customer=(customers or {}).get(method["gateway"]), method_id=method["method_id"], total=total,
-            currency_code=currency_code, idempotency_key=f"{key_prefix}/{index}", tenant=tenant, order_id=order_ref)
-        if charge.ok:
-            return Charged(charge, method["gateway"], index, errors)
-        errors.append(f"{method.get('label') or method['method_id']}: {charge.error}")
-    if not methods:
-        errors.append("no saved payment method")
-    return Charged(None, None, None, errors)
 
 
 def failed_command_id(invoice: UUID, attempt: int) -> UUID:

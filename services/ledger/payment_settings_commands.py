@@ -6,19 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import MoneyError, parse_decimal, to_subunits
+from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
-from billing_ledger.domain.account import BillingAccount
-
-
-def account_of(batch: _Batch, tenant: str | None) -> BillingAccount:
-    """As ``account_commands.account_of`` (not imported: this module may load before the application)."""
-    account = batch.get(ids.account_id(tenant)) if tenant else None
-    if account is None:
-        raise CommandRejected("unknown_account", f"tenant {tenant!r} has no billing account")
-    return account  # type: ignore[no-any-return]
 
 
 @handles("low_balance.set")

@@ -27,10 +27,8 @@ from billing_ledger.subscription_commands import _finalize
 
 
 def _request(batch: _Batch, tenant: str, key: str) -> RefundRequest:
-    found = batch.get(refund_request_id(tenant, key))
-    if found is None:
-        raise CommandRejected("unknown_refund_request", f"no refund request {key!r}")
-    return found  # type: ignore[no-any-return]
+    return batch.existing(refund_request_id(tenant, key), "unknown_refund_request",  # type: ignore[no-any-return]
+                          f"no refund request {key!r}")
 
 
 def refundable_now(batch: _Batch, order: Order) -> int:

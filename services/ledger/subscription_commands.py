@@ -18,6 +18,7 @@ from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal, t
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.catalog_commands import published_catalog
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
@@ -37,9 +38,7 @@ def _at(command: LedgerCommand) -> datetime:
 
 
 def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
-    catalog = batch.get(Catalog.create_id())
-    if catalog is None:
-        raise CommandRejected("no_catalog", "no catalogue has been published")
+    catalog = published_catalog(batch)
     if version is None:
         current = next((p for p in catalog.document.get("plans", []) if p["code"] == code), None)
         if current is None:
@@ -52,18 +51,12 @@ def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
 
 
 def _roster(batch: _Batch, tenant: str) -> Roster:
-    roster = batch.get(roster_id(tenant))
-    if roster is None:
-        roster = Roster(tenant=tenant)
-        batch.add(roster)
-    return roster  # type: ignore[no-any-return]
+    return batch.get_or_create(roster_id(tenant), lambda: Roster(tenant=tenant))  # type: ignore[no-any-return]
 
 
 def _subscription(batch: _Batch, tenant: str, key: str) -> Subscription:
-    subscription = batch.get(subscription_id(tenant, key))
-    if subscription is None:
-        raise CommandRejected("unknown_subscription", f"tenant {tenant!r} has no subscription {key!r}")
-    return subscription  # type: ignore[no-any-return]
+    return batch.existing(subscription_id(tenant, key), "unknown_subscription",  # type: ignore[no-any-return]
+                          f"tenant {tenant!r} has no subscription {key!r}")
 
 
 def _live_subscriptions(batch: _Batch, roster: Roster) -> list[Subscription]:
@@ -168,10 +161,8 @@ def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datet
     invoice.add_lines(_tax_lines(batch, invoice), by="system:tax")
     prefix = "CN" if invoice.document_type == CREDIT_NOTE else "INV"
     issuer = getattr(app, "invoice_issuer", DEFAULT_ISSUER)
-    sequence = batch.get(InvoiceSequence.create_id(issuer, at.year, prefix))
-    if sequence is None:
-        sequence = InvoiceSequence(issuer=issuer, year=at.year, prefix=prefix)
-        batch.add(sequence)
+    sequence = batch.get_or_create(InvoiceSequence.create_id(issuer, at.year, prefix),
+                                   lambda: InvoiceSequence(issuer=issuer, year=at.year, prefix=prefix))
     number = sequence.next_number(invoice=invoice.id)
     invoice.finalize(number=number, issued_at=at, due_at=at + timedelta(days=INVOICE_DUE_DAYS), by=by)
 
@@ -210,10 +201,7 @@ def _start_billing(app: LedgerApplication, batch: _Batch, account: BillingAccoun
 def add_to_workspace(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     account_of(batch, command.tenant)
     name = command.payload["workspace"]
-    workspace = batch.get(workspace_id(name))
-    if workspace is None:
-        workspace = Workspace(workspace=name)
-        batch.add(workspace)
+    workspace = batch.get_or_create(workspace_id(name), lambda: Workspace(workspace=name))
     workspace.add_account(command.tenant)
 
 

@@ -27,11 +27,10 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.checkout_commands import order_view
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.checkout import PAID, order_id
-from billing_ledger.domain.payment_profile import payment_profile_id
-from billing_ledger.domain.roster import roster_id
 from billing_ledger.gateways import GatewayError, OutboundGateway
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
+from billing_ledger.saved_methods import charge_in_order
 from billing_runtime.logging import get_logger
 from eventsourcing.persistence import Tracking
 from eventsourcing.utils import get_topic
@@ -81,31 +80,21 @@ async def settle_request(app: LedgerApplication, gateways: dict[str, OutboundGat
         return "rejected"
     if order["status"] == PAID:
         return "paid"
-    methods = await asyncio.to_thread(app.read, roster_id(tenant), lambda r: [dict(m) for m in r.payment_methods])
-    customers = await asyncio.to_thread(app.read, payment_profile_id(tenant), lambda p: dict(p.customers))
     q = order["quote"]
-    errors = []
-    for index, method in enumerate(methods or []):
-        gateway = gateways.get(method["gateway"])
-        if gateway is None:
-            errors.append(f"{method['method_id']}: gateway {method['gateway']} not enabled")
-            continue
-        charge = await gateway.charge_saved_method(
-            customer=(customers or {}).get(method["gateway"]), method_id=method["method_id"],
-            total=Decimal(q["total"]), currency_code=q["currency"], idempotency_key=f"{event.request_id}/{index}",
-            tenant=tenant, order_id=order["order_id"])
-        if charge.ok:
-            result = await asyncio.to_thread(_apply, app, "order.paid_off_session", tenant, str(event.request_id), {
-                "key": key, "gateway": method["gateway"], "payment_id": charge.reference, "amount": q["total"],
-                "currency": q["currency"]})
-            log.info("auto_top_up_paid", tenant=tenant, method_index=index, outcome=result.outcome)
-            return "paid"
-        errors.append(f"{method.get('label') or method['method_id']}: {charge.error}")
+    charged = await charge_in_order(app, gateways, tenant=tenant, total=Decimal(q["total"]), currency_code=q["currency"],
+                                    key_prefix=str(event.request_id), order_ref=order["order_id"])
+    if charged.charge is not None:
+        result = await asyncio.to_thread(_apply, app, "order.paid_off_session", tenant, str(event.request_id), {
+            "key": key, "gateway": charged.gateway, "payment_id": charged.charge.reference, "amount": q["total"],
+            "currency": q["currency"]})
+        log.info("auto_top_up_paid", tenant=tenant, method_index=charged.method_index, outcome=result.outcome)
+        return "paid"
+    methods = charged.methods
+    errors = charged.errors
     await asyncio.to_thread(_apply, app, "checkout.fail", tenant, str(event.request_id),
                             {"key": key, "reason": "declined" if methods else "no_payment_method"})
     await asyncio.to_thread(send_text, smtp, tenant_address(smtp, tenant), "Auto-top-up failed",
-                            f"We could not top up {q['total']} {q['currency']}:\n" + "\n".join(errors or [
-                                "no saved payment method"]) + "\n")
+                            f"We could not top up {q['total']} {q['currency']}:\n" + "\n".join(errors) + "\n")
     return "declined" if methods else "no_method"
 
 
