@@ -8,6 +8,11 @@ Both give the same two things to a service's handler code:
   offset only AFTER the handler returned (at-least-once). On assignment it asks the service where to
   start (``start_positions``): services keep their own positions next to their effects, which is what
   makes the effect exactly-once.
+
+``whole_poll=True`` hands the handler every partition's records of one poll at once (each partition's
+records in order, partitions one after another) and commits all their offsets together afterwards: one
+transaction and one publish per poll instead of one per partition. Only for handlers that do not keep a
+position per partition (ingest, rating: their idempotency is by event id, not by offset).
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class Bus(Protocol):
     async def publish(self, messages: Sequence[OutMessage]) -> None: ...
     async def consume(
         self, group_id: str, topics: Sequence[str], handler: Handler, start_positions: StartPositions,
-        stopping: asyncio.Event,
+        stopping: asyncio.Event, whole_poll: bool = False,
     ) -> None: ...
 
 
@@ -151,7 +156,7 @@ class KafkaBus:
             await asyncio.gather(*futures)
 
     async def consume(self, group_id: str, topics: Sequence[str], handler: Handler,
-                      start_positions: StartPositions, stopping: asyncio.Event) -> None:
+                      start_positions: StartPositions, stopping: asyncio.Event, whole_poll: bool = False) -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers, group_id=group_id, client_id=f"{self.client_id}-{group_id}",
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
@@ -180,24 +185,23 @@ class KafkaBus:
             while not stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms,
                                                  max_records=self.batch_records_max)
-                for tp, raw in batches.items():
-                    if not raw:
-                        continue
-                    records = [
-                        Record(self._logical(r.topic), r.partition, r.offset, r.key, r.value or b"",
-                               tuple(r.headers or ()))
-                        for r in raw
-                    ]
+                polled = [(tp, [Record(self._logical(r.topic), r.partition, r.offset, r.key, r.value or b"",
+                                       tuple(r.headers or ())) for r in raw])
+                          for tp, raw in batches.items() if raw]
+                units = [polled] if whole_poll and polled else [[one] for one in polled]
+                for unit in units:
+                    records = [r for _, part in unit for r in part]
                     if not await _run_handler_with_retry(handler, records, stopping):
-                        consumer.seek(tp, records[0].offset)
-                        break
+                        for tp, part in unit:  # stopping: not applied, not committed, read again later
+                            consumer.seek(tp, part[0].offset)
+                        return
                     try:
-                        await consumer.commit({tp: records[-1].offset + 1})
+                        await consumer.commit({tp: part[-1].offset + 1 for tp, part in unit})
                     except (CommitFailedError, IllegalStateError) as exc:
                         # The group rebalanced while the batch was handled: the effect is durable and the
                         # service's own positions are the truth, so the next owner skips what we applied.
-                        log.warning("commit_skipped_after_rebalance", topic=tp.topic, partition=tp.partition,
-                                    error=str(exc))
+                        log.warning("commit_skipped_after_rebalance", partitions=[
+                            f"{tp.topic}:{tp.partition}" for tp, _ in unit], error=str(exc))
         finally:
             await consumer.stop()
 
@@ -271,7 +275,8 @@ class EmbeddedBus:
             self._appended.notify_all()
 
     async def consume(self, group_id: str, topics: Sequence[str], handler: Handler,
-                      start_positions: StartPositions, stopping: asyncio.Event) -> None:
+                      start_positions: StartPositions, stopping: asyncio.Event, whole_poll: bool = False) -> None:
+        """One partition's batch per handler call (``whole_poll`` changes nothing here: it is an optimisation)."""
         import json
 
         positions: dict[tuple[str, int], int] = {}

@@ -56,7 +56,8 @@ class Runner:
                 app.include_router(router)
             for spec in part.consumers:
                 self._tasks.append(asyncio.create_task(
-                    self.bus.consume(spec.group_id, spec.topics, spec.handler, spec.start_positions, self.stopping),
+                    self.bus.consume(spec.group_id, spec.topics, spec.handler, spec.start_positions, self.stopping,
+                                      whole_poll=spec.whole_poll),
                     name=f"{part.name}:{spec.group_id}"))
             for task in part.tasks:
                 self._tasks.append(asyncio.create_task(task(self.stopping), name=f"{part.name}:task"))

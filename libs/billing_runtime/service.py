@@ -25,6 +25,8 @@ class ConsumerSpec:
     topics: Sequence[str]
     handler: Handler
     start_positions: StartPositions = committed_positions
+    # One handler call per poll with every partition's records (see ``billing_runtime.bus``).
+    whole_poll: bool = False
 
 
 @dataclass

@@ -28,7 +28,7 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         name="ingest",
         routers=[build_router(service), build_webhook_router(webhooks, settings.webhook_body_bytes_max)],
         consumers=[
-            ConsumerSpec(settings.group("billing-ingest"), [topics.USAGE_RAW], service.handle_raw),
+            ConsumerSpec(settings.group("billing-ingest"), [topics.USAGE_RAW], service.handle_raw, whole_poll=True),
             ConsumerSpec(settings.group("billing-ingest-catalog"), [topics.LEDGER_EVENTS], service.handle_ledger_events),
         ],
         tasks=[service.cleanup_loop],

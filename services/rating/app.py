@@ -19,7 +19,8 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         name="rating",
         routers=[build_router(service)],
         consumers=[
-            ConsumerSpec(settings.group("billing-rating"), [topics.USAGE_ACCEPTED], service.handle_accepted),
+            ConsumerSpec(settings.group("billing-rating"), [topics.USAGE_ACCEPTED], service.handle_accepted,
+                         whole_poll=True),
             ConsumerSpec(settings.group("billing-rating-catalog"), [topics.LEDGER_EVENTS], service.handle_ledger_events),
         ],
         close=db.close,
