@@ -26,7 +26,7 @@ def _docker_answers() -> bool:
 
         docker.from_env(timeout=3).ping()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to reach a Docker engine means "no Docker"
         return False
 
 

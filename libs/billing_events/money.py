@@ -48,7 +48,7 @@ class MoneyError(ValueError):
 
 def parse_decimal(value: Any, *, field: str = "value", allow_negative: bool = False) -> Decimal:
     """Parses a decimal from a string, an int or a Decimal; refuses floats, NaN, infinities, huge values."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise MoneyError(f"{field} must be a decimal string or an integer, not a binary float")
     if isinstance(value, int):
         result = Decimal(value)

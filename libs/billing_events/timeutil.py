@@ -26,7 +26,8 @@ def parse_timestamp(value: Any) -> datetime:
         except ValueError as exc:
             raise ValueError(f"not an ISO 8601 timestamp: {value[:40]!r}") from exc
     else:
-        raise ValueError("timestamp must be an ISO 8601 string")
+        # ValueError, not TypeError: pydantic validators report ValueError as a validation error.
+        raise ValueError("timestamp must be an ISO 8601 string")  # noqa: TRY004
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise NaiveTimestampError("timestamp must carry a UTC offset, e.g. 2026-11-21T10:00:00Z")
     return parsed

@@ -24,8 +24,8 @@ from billing_ledger.payment_commands import payment_command
 from billing_runtime.settings import Settings
 from pypdf import PdfReader
 
-from tests.unit.ingest.harness import Ingest
 from tests.support import Inbox
+from tests.unit.ingest.harness import Ingest
 from tests.unit.payments.support import (
     TENANT,
     FakeStripe,

@@ -72,7 +72,7 @@ def test_subscription_lifecycle_with_invoices_pdfs_and_email(tmp_path: Path, smt
         assert len(subjects) == 3 and any("INV-2026-000003" in s for s in subjects), subjects
         renewal = httpx.get(f"{base}/v1/accounts/acme/subscriptions/main", headers=admin).json()
         assert renewal["period_start"].startswith("2026-12-01")
-        renewal_invoice = [m for m in inbox.messages if "INV-2026-000003" in m["Subject"]][0]
+        renewal_invoice = next(m for m in inbox.messages if "INV-2026-000003" in m["Subject"])
         [pdf] = [p for p in renewal_invoice.walk() if p.get_content_type() == "application/pdf"]
         assert "Starter" in pdf_text(pdf.get_payload(decode=True))
 
