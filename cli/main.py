@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from billing_runtime.auth import Role, mint_token
+from billing_runtime.eventloop import run_loop
 from billing_runtime.logging import configure_logging
 from billing_runtime.settings import Settings
 
@@ -89,7 +90,7 @@ billing is running (embedded: data in {settings.data_dir}/, Ctrl-C to stop). Try
 """, err=False)
         await task
 
-    asyncio.run(main())
+    run_loop(main())
 
 
 @app.command()
@@ -121,7 +122,7 @@ def serve(
         builders = [builder(role or "all")]
     runner = Runner(settings, _bus(settings), builders, f"billing {service}",
                     port or settings.service_ports[service])
-    asyncio.run(runner.run_forever())
+    run_loop(runner.run_forever())
 
 
 @app.command()

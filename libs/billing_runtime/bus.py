@@ -148,10 +148,10 @@ class KafkaBus:
             for m in items:
                 record = {"key": m.key.encode(), "value": m.value, "timestamp": None, "headers": list(m.headers)}
                 if batch.append(**record) is None:  # full: send it, start the next one
-                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    futures.append(await _send_closed(producer, batch, topic, partition))
                     batch = producer.create_batch()
                     batch.append(**record)
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            futures.append(await _send_closed(producer, batch, topic, partition))
         if futures:
             await asyncio.gather(*futures)
 
@@ -204,6 +204,13 @@ class KafkaBus:
                             f"{tp.topic}:{tp.partition}" for tp, _ in unit], error=str(exc))
         finally:
             await consumer.stop()
+
+
+async def _send_closed(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int) -> Any:
+    """Sends a complete batch now: a closed batch does not wait ``linger_ms`` for more records (the producer's
+    linger is for single ``send`` calls; ours are whole batches, so lingering only adds latency)."""
+    batch.close()
+    return await producer.send_batch(batch, topic, partition=partition)
 
 
 async def ensure_topics(bootstrap_servers: str, partitions: int, names: Sequence[str] = ALL_TOPICS) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +21,9 @@ import asyncpg
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
+# Rows for ``copy_records``: a list, any iterable, or an async iterable that yields them as they are made.
+Records = Iterable[Sequence[Any]] | AsyncIterable[Sequence[Any]]
+
 
 class Connection(Protocol):
     async def execute(self, sql: str, *args: Any) -> None: ...
@@ -28,6 +31,7 @@ class Connection(Protocol):
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
     async def fetchrow(self, sql: str, *args: Any) -> dict[str, Any] | None: ...
     async def fetchval(self, sql: str, *args: Any) -> Any: ...
+    async def copy_records(self, table: str, columns: Sequence[str], rows: Records) -> None: ...
 
 
 class Database(Protocol):
@@ -54,6 +58,14 @@ class _SqliteConnection:
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._conn.executemany(_PLACEHOLDER.sub(r"?\1", sql), [_sqlite_args(r) for r in rows])
+
+    async def copy_records(self, table: str, columns: Sequence[str], rows: Records) -> None:
+        """Appends rows (a plain ``INSERT`` each: SQLite has no faster bulk path, nor needs one here)."""
+        if isinstance(rows, AsyncIterable):
+            rows = [row async for row in rows]
+        rows = list(rows)
+        if rows:
+            await self.executemany(_insert_sql(table, columns), rows)
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         async with self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), _sqlite_args(args)) as cursor:
@@ -137,6 +149,22 @@ class _PgConnection:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._conn.executemany(sql, rows)
 
+    async def copy_records(self, table: str, columns: Sequence[str], rows: Records) -> None:
+        """Appends rows with ``COPY ... FROM STDIN (FORMAT binary)``: several times cheaper than ``executemany``
+        of an ``INSERT``, for the client and for the server (one statement, no per-row execution).
+
+        Rows from an async iterable are sent while they are produced (asyncpg writes every 512 KiB), so the
+        server stores the first rows while the caller still computes the last ones. Like a plain ``INSERT`` it
+        has no ``ON CONFLICT``: a row that violates a constraint fails the whole ``COPY`` (and the
+        transaction). Values must have the columns' types (``str`` for ``TEXT``, ``int`` for
+        ``BIGINT``/``INTEGER``, ``None`` for ``NULL``). The table is looked up on the search path.
+        """
+        if not isinstance(rows, AsyncIterable):
+            rows = list(rows)
+            if not rows:
+                return
+        await self._conn.copy_records_to_table(table, columns=list(columns), records=rows)
+
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self._conn.fetch(sql, *args)]
 
@@ -177,11 +205,10 @@ class PostgresDatabase:
 
     async def executescript(self, ddl: str) -> None:
         assert self._pool is not None
-        async with self._pool.acquire() as conn:
-            # Serialise concurrent schema creation by several instances of one service.
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._schema)
-                await conn.execute(ddl)
+        # Serialise concurrent schema creation by several instances of one service.
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._schema)
+            await conn.execute(ddl)
 
     async def execute(self, sql: str, *args: Any) -> None:
         assert self._pool is not None
@@ -204,6 +231,19 @@ class PostgresDatabase:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+
+def is_unique_violation(exc: BaseException, constraint: str) -> bool:
+    """True when ``exc`` is a unique-key violation of ``constraint`` (PostgreSQL: its name, e.g.
+    ``rated_events_pkey``), or any unique-key violation on SQLite (which does not name the constraint)."""
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return exc.constraint_name == constraint
+    return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE constraint failed" in str(exc)
+
+
+def _insert_sql(table: str, columns: Sequence[str]) -> str:
+    marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
 
 
 def serial_pk(dialect: str) -> str:

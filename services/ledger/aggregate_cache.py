@@ -25,6 +25,10 @@ class AggregateCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, aggregate_id: object) -> bool:
+        """Whether it is cached now (another thread may take it the next moment: a hint, not a promise)."""
+        return aggregate_id in self._items
+
     def take(self, aggregate_id: UUID) -> Any | None:
         """Removes and returns the cached aggregate (None if absent): the caller owns it now."""
         with self._lock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from functools import partial
 
 from billing_ledger import checkout_http, subscriptions_http
@@ -13,13 +12,13 @@ from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.digest import run_digest
 from billing_ledger.dunning import run_dunning
 from billing_ledger.gateways.registry import enabled_gateways
-from billing_ledger.limits import GIL_SWITCH_INTERVAL_SECONDS
 from billing_ledger.notifier import SmtpSettings, run_notifier
 from billing_ledger.relay import run_relay
 from billing_ledger.scheduler import run_scheduler
 from billing_ledger.service import COMMAND_TOPICS, LedgerService
 from billing_ledger.sweeper import run_sweeper
 from billing_ledger.topups import run_topups
+from billing_ledger.tuning import tune_process
 from billing_ledger.vies import registry_from
 from billing_runtime.bus import Bus
 from billing_runtime.service import ConsumerSpec, ServiceParts
@@ -27,7 +26,7 @@ from billing_runtime.settings import Settings
 
 
 async def build(settings: Settings, bus: Bus) -> ServiceParts:
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)  # see limits.py
+    tune_process()  # GIL switch interval and garbage collector (see tuning.py)
     env = persistence_env(settings.database_url, str(settings.data_dir), settings.schema("ledger"))
     if settings.database_url:
         import asyncpg

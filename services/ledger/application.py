@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,22 +23,30 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 from uuid import UUID
 
+import orjson
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_ledger.aggregate_cache import AggregateCache
 from billing_ledger.bulk_reads import event_reader
+from billing_ledger.contention import Contention
 from billing_ledger.domain.account import LedgerError
 from billing_ledger.domain.allocation import AllocationError
 from billing_ledger.domain.invoice import InvoiceError
+from billing_ledger.domain.receipt import RECORDED_TOPIC as RECEIPT_RECORDED_TOPIC
 from billing_ledger.domain.receipt import CommandReceipt
 from billing_ledger.domain.roster import RosterError
 from billing_ledger.domain.subscription import SubscriptionError
-from billing_ledger.limits import AGGREGATE_CACHE_AGGREGATES_MAX
+from billing_ledger.limits import (
+    AGGREGATE_CACHE_AGGREGATES_MAX,
+    CHUNK_COMMANDS_MAX,
+    CONTENDED_CHUNK_COMMANDS_MAX,
+)
+from billing_ledger.pg_recorder import BinaryArrayProcessRecorder
 from billing_ledger.transcoder import OrjsonTranscoder
 from billing_runtime.logging import get_logger
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import ProcessRecorder, StoredEvent, Tracking, Transcoder
+from eventsourcing.persistence import IntegrityError, ProcessRecorder, StoredEvent, Tracking, Transcoder
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -121,6 +130,8 @@ class _Batch:
         self.stored: list[StoredEvent] = []
         self.trust_cache = False  # see LedgerApplication.load_many
         self.now = datetime.now(UTC)  # when this batch's receipts were recorded
+        self.now_tagged = {"_type_": "datetime_iso", "_data_": self.now.isoformat()}  # as the transcoder tags it
+        self.stored_receipts: list[StoredEvent] = []  # encoded directly (see LedgerApplication._record_receipt)
         # Pending-event counts of the aggregates the current command touched, when it first touched them.
         self.touched: dict[UUID, int] = {}
 
@@ -224,6 +235,7 @@ class LedgerApplication(Application[UUID]):
         super().__init__(env)
         self.cache = AggregateCache(AGGREGATE_CACHE_AGGREGATES_MAX)
         self.reader = event_reader(self.recorder)
+        self.contention = Contention()  # of the batch path (apply_chunks)
         self._commit_executor: ThreadPoolExecutor | None = None
 
     def construct_transcoder(self) -> Transcoder:
@@ -297,7 +309,8 @@ class LedgerApplication(Application[UUID]):
     # -- commands ----------------------------------------------------------------------------------------
 
     def apply_commands(self, commands: Sequence[LedgerCommand], tracking: Tracking | None = None, *,
-                       record_rejections: bool = True, trust_cache: bool = False) -> list[CommandResult]:
+                       record_rejections: bool = True, trust_cache: bool = False,
+                       exclusive: bool = False) -> list[CommandResult]:
         """Applies commands in order in ONE transaction (with ``tracking`` when they came from Kafka).
 
         A command whose id has a receipt is a duplicate. Every other command gets a receipt with its outcome,
@@ -305,11 +318,48 @@ class LedgerApplication(Application[UUID]):
         may retry with the same id once the cause is fixed). Raises eventsourcing's ``IntegrityError`` when
         another writer recorded one of the aggregates first: nothing was written, the caller retries.
         ``trust_cache``: see ``load_many`` (direct commands, whose caller retries without it).
+        ``exclusive``: read and decide while holding the event table's lock, so no other writer can record
+        first (``IntegrityError`` then only for a tracking position already recorded); for retries after a
+        conflict, since every other writer waits meanwhile. Ignored where the recorder cannot (SQLite).
         """
+        if exclusive and self.can_decide_exclusively:
+            return self._apply_exclusively(commands, tracking, record_rejections)
         batch = self._prepare(commands, tracking, record_rejections, trust_cache=trust_cache)
         self._commit(batch)
         batch.return_to_cache()
         return batch.results
+
+    def chunk_commands_max(self) -> int:
+        """Commands per transaction for ``apply_chunks`` now: fewer while contended (see limits.py)."""
+        if self.can_decide_exclusively and self.contention.recent(time.monotonic()):
+            return CONTENDED_CHUNK_COMMANDS_MAX
+        return CHUNK_COMMANDS_MAX
+
+    @property
+    def can_decide_exclusively(self) -> bool:
+        """Whether the recorder can lock the event table before a decision (PostgreSQL, see pg_recorder)."""
+        return isinstance(self.recorder, BinaryArrayProcessRecorder)
+
+    def _apply_exclusively(self, commands: Sequence[LedgerCommand], tracking: Tracking | None,
+                           record_rejections: bool) -> list[CommandResult]:
+        """``apply_commands`` deciding under the event table's lock: cannot lose a race (see pg_recorder)."""
+        # Bring the accounts into the cache first, outside the lock: an account a failed attempt had taken
+        # out must be replayed, which can take long for a busy one; under the lock only the events recorded
+        # since are read.
+        missing = {i for i in {ids.account_id(c.tenant) for c in commands if c.tenant} if i not in self.cache}
+        if missing:
+            self._give_back(self.load_many(missing))
+        prepared: list[_Batch] = []
+
+        def prepare() -> tuple[Sequence[StoredEvent], Tracking | None]:
+            batch = self._prepare(commands, tracking, record_rejections)
+            prepared.append(batch)
+            return batch.stored, batch.processing.tracking
+
+        assert isinstance(self.recorder, BinaryArrayProcessRecorder)
+        self.recorder.insert_events_exclusively(prepare)
+        prepared[0].return_to_cache()
+        return prepared[0].results
 
     def apply_chunks(self, chunks: Sequence[tuple[Sequence[LedgerCommand], Tracking | None]]
                      ) -> list[CommandResult]:
@@ -317,30 +367,66 @@ class LedgerApplication(Application[UUID]):
 
         Python (domain, encoding) and PostgreSQL (insert, commit) then work at the same time, on two cores.
         Chunk k+1 starts from chunk k's aggregates before k is durable; if k's commit fails, k+1 is thrown
-        away unrecorded and the error raised: every chunk before k is committed with its own ``Tracking``
-        position, so a retry resumes exactly there.
+        away unrecorded. Every chunk before k is committed with its own ``Tracking`` position, so a retry
+        resumes exactly there. A chunk that lost a race (``IntegrityError``: another writer, e.g. an HTTP
+        hold, recorded one of its accounts first) is applied again at once, deciding under the table lock
+        (``exclusive``), which cannot lose again, and so are the chunks after it while the contention lasts
+        (:mod:`billing_ledger.contention`); then pipelining resumes. Any other failure, or a second
+        ``IntegrityError`` (its tracking position is already recorded), is raised.
         """
         results: list[CommandResult] = []
+        start = 0
+        while start < len(chunks):
+            if self.can_decide_exclusively and self.contention.recent(time.monotonic()):
+                # Another writer is changing these accounts: decide under the lock, one chunk at a time.
+                results += self.apply_commands(*chunks[start], exclusive=True)
+                start += 1
+                continue
+            failed = self._apply_pipelined(chunks[start:], results)
+            if failed is None:
+                break
+            self.contention.conflicted(time.monotonic())
+            commands, tracking = chunks[start + failed]
+            log.debug("chunk_conflict_retried_exclusively", commands=len(commands))
+            results += self.apply_commands(commands, tracking, exclusive=True)
+            start += failed + 1
+        return results
+
+    def _apply_pipelined(self, chunks: Sequence[tuple[Sequence[LedgerCommand], Tracking | None]],
+                         results: list[CommandResult]) -> int | None:
+        """Pipelines ``chunks`` (adding each committed chunk's results to ``results``); the index of a chunk
+        whose commit conflicted, if it can be retried exclusively (nothing after it was recorded)."""
         previous: _Batch | None = None
+        previous_index = -1
         try:
-            for commands, tracking in chunks:
+            for index, (commands, tracking) in enumerate(chunks):
                 batch = self._prepare(commands, tracking, True, after=previous)
                 if previous is not None:
-                    assert previous.committing is not None
-                    previous.committing.result()
-                    previous.return_to_cache()
+                    self._finish(previous, results)
                 batch.after = None  # durable now: nothing more to take from it
                 batch.committing = self._committer().submit(self._commit, batch)
-                results += batch.results
-                previous = batch
+                previous, previous_index = batch, index
             if previous is not None:
-                assert previous.committing is not None
-                previous.committing.result()
-                previous.return_to_cache()
+                self._finish(previous, results)
+        except IntegrityError:
+            # Only the commit of ``previous`` can conflict (preparing reads, and may wait for that commit).
+            if (self.can_decide_exclusively and previous is not None and previous.committing is not None
+                    and previous.committing.done()
+                    and isinstance(previous.committing.exception(), IntegrityError)):
+                return previous_index
+            raise
         finally:
             if previous is not None and previous.committing is not None:
                 concurrent.futures.wait([previous.committing])  # never leave a commit running behind
-        return results
+        return None
+
+    @staticmethod
+    def _finish(batch: _Batch, results: list[CommandResult]) -> None:
+        """Waits for ``batch``'s commit (raises if it failed), then caches its aggregates and keeps its results."""
+        assert batch.committing is not None
+        batch.committing.result()
+        batch.return_to_cache()
+        results += batch.results
 
     def _committer(self) -> ThreadPoolExecutor:
         if self._commit_executor is None:
@@ -359,7 +445,7 @@ class LedgerApplication(Application[UUID]):
         batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
         batch.results = [self._apply_one(batch, command, record_rejections) for command in commands]
         batch.collect()
-        batch.stored = [self.mapper.to_stored_event(e) for e in batch.processing.events]
+        batch.stored = batch.stored_receipts + [self.mapper.to_stored_event(e) for e in batch.processing.events]
         return batch
 
     def _commit(self, batch: _Batch) -> None:
@@ -398,11 +484,29 @@ class LedgerApplication(Application[UUID]):
                 log.warning("command_invalid", kind=command.kind, tenant=command.tenant, error=repr(exc))
         if outcome == "rejected" and not record_rejections:
             return CommandResult(command.command_id, outcome, reason, detail=detail)
+        self._record_receipt(batch, command, outcome, reason)
+        batch.receipts.add(command.command_id)
+        return CommandResult(command.command_id, outcome, reason, value, detail=detail)
+
+
+    def _record_receipt(self, batch: _Batch, command: LedgerCommand, outcome: str, reason: str | None) -> None:
+        """Adds the command's receipt to the batch (stored before the batch's aggregate events).
+
+        One receipt per command is a third of the events a usage batch stores, so it is encoded straight to
+        the stored form the mapper would write (``CommandReceipt.recorded_state``), skipping the event object
+        and the transcoder's walk; with a compressor or cipher configured it goes the mapper's way.
+        """
+        if self.mapper.compressor is None and self.mapper.cipher is None:
+            state = CommandReceipt.recorded_state(
+                command_id=command.command_id, kind=command.kind, tenant=command.tenant, outcome=outcome,
+                reason=reason, issued_by=command.issued_by, at_tagged=batch.now_tagged)
+            batch.stored_receipts.append(StoredEvent(
+                originator_id=command.command_id, originator_version=CommandReceipt.INITIAL_VERSION,
+                topic=RECEIPT_RECORDED_TOPIC, state=orjson.dumps(state, option=orjson.OPT_PASSTHROUGH_DATETIME)))
+            return
         batch.processing.events.append(CommandReceipt.recorded(
             command_id=command.command_id, kind=command.kind, tenant=command.tenant, outcome=outcome,
             reason=reason, issued_by=command.issued_by, at=batch.now))
-        batch.receipts.add(command.command_id)
-        return CommandResult(command.command_id, outcome, reason, value, detail=detail)
 
 
 def _snake(name: str) -> str:

@@ -14,12 +14,19 @@ transaction, in arrival order: alone when the ledger is quiet, together under lo
 gets its own result, exactly as if it had been applied alone at that point in the order.
 
 **Trusting the cache.** The first attempt uses this process's in-memory aggregates without asking the
-store whether they are current: the insert of the next version is that question (a stale copy conflicts
-and the group is decided again on fresh state), and a command id seen before conflicts on its receipt.
-Only refusals, which write nothing, are decided again on fresh state before they are answered.
+store whether they are current: the insert of the next version is that question (a stale copy conflicts),
+and a command id seen before conflicts on its receipt. Only refusals, which write nothing, are decided
+again on fresh state before they are answered.
 
-Retries are bounded (``DIRECT_CONFLICT_RETRIES_MAX``, short random back-off); exhaustion is reported to the
-caller (``ConflictsExhausted``), never hidden.
+**After a conflict** the group is decided again on the stored state *under the event table's lock*
+(``apply_commands(exclusive=True)``, see :mod:`billing_ledger.pg_recorder`): no other writer can record
+anything meanwhile, so that attempt cannot lose another race, and a hold's latency is bounded by one wait
+for the lock instead of an open-ended series of retries with back-off. For ``CONTENTION_WINDOW_SECONDS``
+after a conflict (:mod:`billing_ledger.contention`) groups go that way directly: another writer (the Kafka consumer,
+another ledger process) is changing the accounts asked about, and a stale copy would cost a failed insert
+behind the table lock first. Where the recorder cannot lock first (SQLite, embedded), conflicts are retried
+on fresh state (``DIRECT_CONFLICT_RETRIES_MAX``; the first retry at once, later ones after a short random
+back-off); exhaustion is reported to the caller (``ConflictsExhausted``), never hidden.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ from uuid import UUID
 
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.contention import Contention, backoff_seconds
 from billing_ledger.limits import (
-    DIRECT_CONFLICT_BACKOFF_SECONDS_MAX,
     DIRECT_CONFLICT_RETRIES_MAX,
     DIRECT_GROUP_COMMANDS_MAX,
     DIRECT_QUEUE_COMMANDS_MAX,
@@ -71,6 +78,7 @@ class DirectCommands:
         self.app = app
         self.group_commands_max = group_commands_max  # 1: every request its own transaction
         self._rng = random.Random()
+        self.contention = Contention()
         self._queue: queue.Queue[_Waiting] = queue.Queue(maxsize=DIRECT_QUEUE_COMMANDS_MAX)
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
@@ -78,33 +86,33 @@ class DirectCommands:
     # -- the blocking core -----------------------------------------------------------------------------------
 
     def apply_group(self, commands: Sequence[LedgerCommand]) -> list[CommandResult]:
-        """Applies ``commands`` in order as one transaction (retried on conflicts); blocking."""
-        trust_cache = True
-        for attempt in range(1, DIRECT_CONFLICT_RETRIES_MAX + 1):
+        """Applies ``commands`` in order as one transaction (decided again after a conflict); blocking."""
+        if not self.contention.recent(time.monotonic()):
             try:
-                results = self.app.apply_commands(commands, record_rejections=False, trust_cache=trust_cache)
+                results = self.app.apply_commands(commands, record_rejections=False, trust_cache=True)
             except IntegrityError:
-                log.debug("direct_commands_conflict", commands=len(commands), attempt=attempt)
-                trust_cache = False
-                time.sleep(self._rng.uniform(0, DIRECT_CONFLICT_BACKOFF_SECONDS_MAX))
-                continue
-            refused = [i for i, r in enumerate(results) if r.outcome == "rejected"]
-            if trust_cache and refused:
-                # A refusal writes nothing, so nothing proved the cached state current: decide those again
-                # on the stored state before saying no (after the others, which are committed now).
-                again = self.apply_group_fresh([commands[i] for i in refused])
-                for i, result in zip(refused, again, strict=True):
-                    results[i] = result
-            return results
-        raise ConflictsExhausted(f"{len(commands)} commands: {DIRECT_CONFLICT_RETRIES_MAX} conflicts in a row")
+                log.debug("direct_commands_conflict", commands=len(commands), attempt=1)
+                self.contention.conflicted(time.monotonic())
+            else:
+                refused = [i for i, r in enumerate(results) if r.outcome == "rejected"]
+                if refused:
+                    # A refusal writes nothing, so nothing proved the cached state current: decide those again
+                    # on the stored state before saying no (after the others, which are committed now).
+                    again = self.apply_group_fresh([commands[i] for i in refused])
+                    for i, result in zip(refused, again, strict=True):
+                        results[i] = result
+                return results
+        return self.apply_group_fresh(commands)
 
     def apply_group_fresh(self, commands: Sequence[LedgerCommand]) -> list[CommandResult]:
+        """``commands`` decided on the stored state: under the event table's lock where the recorder can
+        (PostgreSQL: no other writer can record first, so the first attempt stands), else retried."""
         for attempt in range(1, DIRECT_CONFLICT_RETRIES_MAX + 1):
             try:
-                return self.app.apply_commands(commands, record_rejections=False)
+                return self.app.apply_commands(commands, record_rejections=False, exclusive=True)
             except IntegrityError:
                 log.debug("direct_commands_conflict", commands=len(commands), attempt=attempt, fresh=True)
-                time.sleep(self._rng.uniform(0, DIRECT_CONFLICT_BACKOFF_SECONDS_MAX))
+                time.sleep(backoff_seconds(attempt, self._rng))
         raise ConflictsExhausted(f"{len(commands)} commands: {DIRECT_CONFLICT_RETRIES_MAX} conflicts in a row")
 
     def apply(self, command: LedgerCommand, aggregate_id: UUID | None = None) -> CommandResult:

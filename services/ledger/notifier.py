@@ -59,7 +59,7 @@ def send_pending(app: LedgerApplication, settings: SmtpSettings) -> int:
     for notification in notifications:
         if notification.topic == FINALIZED_TOPIC:
             event: Any = app.mapper.to_domain_event(notification)
-            rendered = app.read(notification.originator_id, lambda invoice: (
+            rendered = app.read(notification.originator_id, lambda invoice, event=event: (
                 invoice.tenant, invoice.currency, invoice.document_type,
                 render_pdf(invoice, issuer=settings.issuer, issued_at=event.issued_at, due_at=event.due_at)))
             if rendered is not None:

@@ -8,19 +8,49 @@ transaction as the tracking record, in ~10 ms. Everything else (locking, NOTIFY,
 library's own code. The new notification ids are not returned: nothing in the ledger
 uses them (the relay reads the log), and building 1,000 result rows costs another ~3 ms per batch.
 
+**The insert lock: an advisory lock, not ``LOCK TABLE``.** The library serialises inserting transactions
+(so notification ids commit in order and a follower tailing the log, our relay, never passes a gap that is
+filled later) with ``LOCK TABLE ... IN EXCLUSIVE MODE``. That mode also conflicts with the SHARE UPDATE
+EXCLUSIVE lock of (auto)vacuum and analyze: whenever autovacuum visits the event table, every writer queues
+behind it until PostgreSQL cancels the autovacuum after ``deadlock_timeout`` (1 s by default), a one-second
+stall of every hold and batch (seen in ``tests/bench/bench_ledger.py``: p99 ~1,000 ms, with
+``canceling autovacuum task`` in the server log); an anti-wraparound vacuum is never cancelled. This
+recorder takes a transaction-scoped advisory lock on the table's (schema, name) instead, held from before
+the insert draws its notification ids until commit or rollback: the same serialisation of every writer
+that inserts through this class, without blocking vacuum. **Every process writing a store must use this
+recorder** (``application.persistence_env`` selects it for every ``LedgerApplication``); a writer with the
+library's ``LOCK TABLE`` would not be serialised against it, so upgrade a store's writers together.
+
+**No NOTIFY.** The library also sends ``NOTIFY`` in every insert transaction, for eventsourcing's
+LISTEN-based subscriptions. Nothing in this service listens (the relay polls the log), and a transaction
+that has notified takes PostgreSQL's notification-queue lock at commit, one lock for the whole server: every
+commit of every such writer on the server (other services' event stores too) is serialised on it, which
+shows as commits of a two-event hold waiting several milliseconds behind unrelated ones. So this recorder
+does not notify; ``recorder.subscribe()`` would only see new events when polled.
+
+**Deciding under the lock** (``insert_events_exclusively``). The usual write is optimistic: decide on the
+state read (or cached) before, then insert the next versions, which fails with ``IntegrityError`` if another
+writer recorded one of them first. When writers keep touching the same accounts (HTTP holds on the accounts
+a usage batch is debiting) the optimistic retry can lose again and again. This method takes the same
+table lock *first*, then lets the caller read and decide, and inserts what it decided in the same
+transaction: while the lock is held no other writer can record an event, so the state read is current and
+the insert cannot conflict on a version. The caller's reads run on another pooled connection (reads never
+wait for this lock). The lock is held for the time of the decision, so callers use it for the retry of a
+conflicted write, not for every write.
+
 Selected with eventsourcing's ``PROCESS_RECORDER_TOPIC`` setting (see ``application.persistence_env``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import StoredEvent, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
 from psycopg import Cursor
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Identifier, Literal
 
 
 class BinaryArrayProcessRecorder(PostgresProcessRecorder):
@@ -32,12 +62,21 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
             "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
             "SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[])"
         ).format(schema=Identifier(datastore.schema), table=Identifier(events_table_name))
+        # The two-key advisory lock space does not overlap the one-key space (the relay's leader election).
+        self.lock_table_statements = [
+            self.lock_table_statements[0],  # SET LOCAL lock_timeout, as the library
+            SQL("SELECT pg_advisory_xact_lock(hashtext({schema}), hashtext({table}))").format(
+                schema=Literal(datastore.schema), table=Literal(events_table_name)),
+        ]
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
                               **kwargs: Any) -> None:
-        # Same order of statements as PostgresApplicationRecorder: lock, notify, insert.
+        # As PostgresApplicationRecorder: lock, then insert (without its NOTIFY).
         self._lock_table(curs)
-        self._notify_channel(curs)
+        self._insert_rows(curs, stored_events)
+
+    def _insert_rows(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent]) -> None:
+        # No NOTIFY (see the module docstring).
         curs.execute(self.insert_arrays_statement, (
             [e.originator_id for e in stored_events],
             [e.originator_version for e in stored_events],
@@ -48,3 +87,31 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
     def _fetch_ids_after_insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
                                        **kwargs: Any) -> Sequence[int] | None:
         return None
+
+    def insert_events_exclusively(
+        self, prepare: Callable[[], tuple[Sequence[StoredEvent], Tracking | None]]
+    ) -> None:
+        """Locks the event table, calls ``prepare()`` and inserts the events and tracking it returns, in one
+        transaction (see the module docstring). If ``prepare`` raises, nothing is written.
+
+        Pipelined like the library's ``insert_events``: one round trip takes the lock, one inserts (an
+        ``IntegrityError`` surfaces there), one commits.
+        """
+        error: Exception | None = None
+        with self.datastore.get_connection() as conn:
+            with conn.pipeline() as pipeline, conn.transaction():
+                with conn.cursor() as curs:
+                    self._lock_table(curs)
+                    pipeline.sync()  # held from here until commit or rollback
+                stored_events, tracking = prepare()
+                with conn.cursor() as curs:
+                    try:
+                        if tracking is not None:
+                            self._insert_tracking(curs, tracking=tracking)
+                        if stored_events:
+                            self._insert_rows(curs, stored_events)
+                        pipeline.sync()
+                    except Exception as exc:  # noqa: BLE001 - raised below, after the pipeline (as the library)
+                        error = exc
+            if error is not None:
+                raise error

@@ -1,8 +1,9 @@
 """The ledger service: consumes ``billing.ledger.commands`` and ``billing.payments``, exactly once.
 
 One Kafka batch (one partition) is applied as consecutive transactions of at most
-``CHUNK_COMMANDS_MAX`` commands, each with the Kafka position after its last record as an eventsourcing
-``Tracking`` row, the next one prepared while the previous one commits (``apply_chunks``). The consumer
+``CHUNK_COMMANDS_MAX`` commands (``CONTENDED_CHUNK_COMMANDS_MAX`` while another writer is changing the same
+accounts, see :mod:`billing_ledger.contention`), each with the Kafka position after its last record as an
+eventsourcing ``Tracking`` row, the next one prepared while the previous one commits (``apply_chunks``). The consumer
 commits the Kafka offset only after the handler returned; on (re)assignment it seeks to the tracked
 position, and records below it are skipped here too, so a redelivered record is never applied twice.
 """
@@ -22,9 +23,6 @@ from pydantic import ValidationError
 
 log = get_logger(__name__)
 
-# Commands per transaction within one Kafka batch: two or more chunks per batch let PostgreSQL commit one
-# while Python prepares the next.
-CHUNK_COMMANDS_MAX = 250
 
 
 def decode(record: Record) -> LedgerCommand | None:
@@ -60,8 +58,9 @@ class LedgerService:
             return
         position = f"kafka:{first.topic}:{first.partition}"
         chunks: list[tuple[list[LedgerCommand], Tracking | None]] = []
-        for start in range(0, len(fresh), CHUNK_COMMANDS_MAX):
-            part = fresh[start:start + CHUNK_COMMANDS_MAX]
+        size = self.app.chunk_commands_max()
+        for start in range(0, len(fresh), size):
+            part = fresh[start:start + size]
             commands = [c for c in map(decode, part) if c is not None]
             chunks.append((commands, Tracking(position, part[-1].offset + 1)))
         results = await asyncio.to_thread(self.app.apply_chunks, chunks)

@@ -254,11 +254,11 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     quantity_changed = quantity != sub.quantity
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines)
     _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"change {sub.key}")
-    if plan_changed or quantity_changed:
-        if sub.status != TRIALING and (new_plan.get("recurring_credits") or sub.recurring_grants):
-            # The old plan's remaining recurring grant is voided and the new one issued, atomically.
-            _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
-            sub.set_recurring_grants(_grant_recurring(account, sub, at, sub.period_end, command.issued_by))
+    if (plan_changed or quantity_changed) and sub.status != TRIALING and (
+            new_plan.get("recurring_credits") or sub.recurring_grants):
+        # The old plan's remaining recurring grant is voided and the new one issued, atomically.
+        _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
+        sub.set_recurring_grants(_grant_recurring(account, sub, at, sub.period_end, command.issued_by))
     _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
               finalize=True, start=at, end=sub.period_end)
     return {"subscription_id": str(sub.id), "lines": lines}

@@ -27,7 +27,10 @@ _PLAIN = frozenset({str, int, bool, float, type(None), datetime, Decimal})
 def _tag_uuids(value: Any) -> Any:
     kind = type(value)
     if kind is dict:
-        return {k: v if type(v) in _PLAIN else _tag_uuids(v) for k, v in value.items()}
+        for v in value.values():
+            if type(v) not in _PLAIN:
+                return {k: v if type(v) in _PLAIN else _tag_uuids(v) for k, v in value.items()}
+        return value  # nothing to tag (e.g. a posting): encoded as it is, not copied
     if kind is list or kind is tuple:
         return [v if type(v) in _PLAIN else _tag_uuids(v) for v in value]
     if kind is UUID:

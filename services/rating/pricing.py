@@ -39,6 +39,7 @@ from billing_rating.charge_models import (
     PriceResult,
     PriceSpec,
     PriceSpecError,
+    amount,
     format_validation_error,
     price,
 )
@@ -73,7 +74,7 @@ def period_charge(spec: PriceSpec, total_quantity: Decimal, allowance: Decimal =
     total = check_quantity(total_quantity, "total_quantity")
     free = check_quantity(allowance, "allowance")
     billable = EXACT.subtract(total, free) if total > free else ZERO
-    return to_subunits(price(spec, billable).amount)
+    return to_subunits(amount(spec, billable))
 
 
 def incremental_charge(spec: PriceSpec, before: Decimal, after: Decimal, allowance: Decimal = ZERO) -> int:

@@ -6,31 +6,45 @@ to the price of its total. Each decision is stored with its inputs (event id, ca
 before/after, price spec) together with the ledger command it produced, in one transaction with the
 period totals. A redelivered event finds its decision and re-publishes the same command (same id, so the
 ledger refuses it if it already has it): exactly-once without Kafka transactions.
+
+Throughput (docs/rating.md, "Performance"): one handler call rates a whole Kafka poll (up to 2,000 events)
+in one transaction with a fixed number of statements whatever the batch size: the subscriptions, closed
+periods and running totals of the batch's accounts (totals only of the periods the batch touches), prior
+decisions by primary key (on PostgreSQL only when the optimistic first attempt met one, see
+``handle_accepted``), one ``COPY`` of the decisions streamed while they are made, one upsert of the totals.
+Per event, the hot path avoids pydantic (``billing_rating.codec``: same checks, same bytes) and everything
+that only depends on the batch (the clock) or on the price (its JSON dump) is computed once.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from billing_events import ids, topics
-from billing_events.messages import AcceptedUsage, LedgerCommand, LedgerEvent, RejectReason, UsageRejection
+from billing_events import topics
+from billing_events.messages import LedgerEvent, RejectReason, UsageRejection
 from billing_events.money import RATING_CONTEXT, from_subunits, to_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
+from billing_rating.codec import Usage, debit_command_json, decode_accepted, timestamp_text, usage_command_id
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import AccountSubscription, apply_event, load_for, usage_lines_command
 from billing_runtime.bus import Bus, OutMessage, Record
-from billing_runtime.db import Connection, Database
+from billing_runtime.db import Connection, Database, is_unique_violation
 from billing_runtime.logging import get_logger
 from pydantic import ValidationError
 
 log = get_logger(__name__)
+
+# The schema header of each topic rating publishes to (a re-published stored decision carries it too).
+SCHEMA_HEADERS = {topics.LEDGER_COMMANDS: (("schema", b"ledger.command/v1"),),
+                  topics.USAGE_REJECTED: (("schema", b"usage.rejected/v1"),)}
 
 # Token counts of an AI usage event: properties ``input_tokens``, ``output_tokens``, ``cached_input_tokens``.
 TOKEN_PROPERTIES = {f"{c}_tokens": c for c in TOKEN_CLASSES}
@@ -63,7 +77,8 @@ class RatingService:
         self.db = db
         self.bus = bus
         self.catalog = CatalogView()
-        self._plan_specs: dict[tuple[str, int, str], Any] = {}
+        # (plan code, plan version, meter) -> the charge's parsed spec and its JSON form (a decision's input).
+        self._plan_specs: dict[tuple[int, str, int, str], tuple[Any, dict[str, Any]]] = {}
 
     async def setup(self) -> None:
         from billing_rating.close import CLOSE_SCHEMA
@@ -122,12 +137,13 @@ class RatingService:
                  for code, m in self.catalog.meters.items()}
         return await usage_lines_command(conn, ended, row["tenant"], row["account_id"], names)
 
-    def _pricing(self, subs: list[AccountSubscription], meter: MeterView) -> tuple[Any, Decimal, str, bool] | None:
-        """(spec, pooled allowance, overage policy, trialing) from the plans of live subscriptions, if any."""
+    def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
+                 ) -> tuple[Any, Decimal, str, bool, dict[str, Any]] | None:
+        """(spec, pooled allowance, overage policy, trialing, spec as JSON) from the plans of live subscriptions."""
         chosen = None
         included = Decimal(0)
         for sub in subs:
-            plan = self.catalog.plans.get((sub.plan_code, sub.plan_version))
+            plan = catalog.plans.get((sub.plan_code, sub.plan_version))
             if plan is None:
                 continue
             for charge in plan.charges:
@@ -139,66 +155,125 @@ class RatingService:
         if chosen is None:
             return None
         sub, charge = chosen
-        key = (sub.plan_code, sub.plan_version, meter.code)
-        spec = self._plan_specs.get(key)
-        if spec is None:
-            spec = parse_spec(charge.price, credit_scales=self._credit_scales())
-            self._plan_specs[key] = spec
-        return spec, included, charge.overage_policy, sub.status == "trialing"
-
-    def _credit_scales(self) -> dict[str, int]:
-        units = self.catalog.document.get("credit_units") or {}
-        return {"CREDIT": 2, **{code: int((u or {}).get("scale", 2)) for code, u in units.items()}}
+        key = (catalog.version, sub.plan_code, sub.plan_version, meter.code)
+        cached = self._plan_specs.get(key)
+        if cached is None:
+            spec = parse_spec(charge.price, credit_scales=_credit_scales(catalog))
+            cached = (spec, spec.model_dump(mode="json"))  # dumped once per catalogue, not per event
+            self._plan_specs[key] = cached
+        return cached[0], included, charge.overage_policy, sub.status == "trialing", cached[1]
 
     async def handle_accepted(self, records: list[Record]) -> None:
-        """One batch, one transaction: a few set-wise reads, decisions in memory, then bulk writes."""
-        usages: list[AcceptedUsage] = []
+        """One batch, one transaction: a few set-wise reads, decisions in memory, then bulk writes.
+
+        The decisions stream into one ``COPY`` as they are made (``_decide``), so PostgreSQL stores the
+        first ones while the last ones are being rated: the write costs little more than its tail.
+
+        ``COPY`` cannot say ``ON CONFLICT``, and needs not. An event met twice in one batch is decided once
+        (the second meets the first's decision in ``batch.decided``). An event decided by an earlier batch
+        (a redelivery) has its row already, under the primary key (account, event id): on PostgreSQL the
+        batch is first rated *optimistically*, without looking its events up (2,000 index probes saved per
+        batch), and a redelivered event makes the ``COPY`` fail on that key; the whole transaction rolls
+        back (no total, no decision of it is kept) and the batch is rated again with the lookup, which finds
+        the stored decisions and re-publishes them. Redeliveries are rare (a restart, a rebalance), so they
+        pay one wasted attempt instead of every batch paying the lookup. SQLite (embedded, one writer) always
+        looks up first.
+
+        Partitions are keyed by account, so one consumer rates an account at a time; a consumer that lost
+        its partitions and has not noticed yet (the only other writer possible) makes the same primary key
+        refuse the transaction that comes second, as the former plain ``INSERT`` did, so totals computed from
+        a stale read are never committed.
+        """
+        usages: list[Usage] = []
         for record in records:
             try:
-                usages.append(AcceptedUsage.model_validate_json(record.value))
+                usages.append(decode_accepted(record.value))
             except ValidationError as exc:
                 log.error("malformed_accepted_usage", offset=record.offset, error=str(exc)[:300])
         if not usages:
             return
+        optimistic = self.db.dialect == "postgres"
+        try:
+            outputs = await self._apply(usages, lookup=not optimistic)
+        except Exception as exc:
+            if not (optimistic and is_unique_violation(exc, "rated_events_pkey")):
+                raise
+            log.info("redelivered_events_rated_again_with_lookup", events=len(usages))
+            outputs = await self._apply(usages, lookup=True)
+        await self.bus.publish(outputs)
+
+    async def _apply(self, usages: list[Usage], *, lookup: bool) -> list[OutMessage]:
+        """Rates and stores the batch in one transaction; returns what to publish once it is committed.
+
+        ``lookup=False`` assumes no event was decided before (the primary key checks it, see above).
+        """
         outputs: list[OutMessage] = []
         async with self.db.transaction() as conn:
-            batch = await _BatchState.load(conn, usages)
+            batch = await _BatchState.load(conn, self.db.dialect, usages, utcnow(), lookup=lookup)
+            # One catalogue for the whole batch, even if a newer one is loaded while the COPY waits for the
+            # socket (the catalogue consumer runs then): the increments of one key chain on one price.
+            batch.catalog = catalog = self.catalog
+            newest = max((u.catalog_version for u in batch.pending), default=0)
+            if newest > catalog.version:  # before anything is decided: the whole batch waits
+                raise CatalogBehind(f"event needs catalogue v{newest}, rating has v{catalog.version}")
+            failed: list[Exception] = []
+            if batch.pending:
+                await conn.copy_records("rated_events", RATED_COLUMNS, self._decide(batch, usages, outputs, failed))
+            else:
+                outputs.extend(o for o in (batch.decided[(u.account, u.event.id)] for u in usages) if o is not None)
+            if failed:
+                raise failed[0]  # the transaction rolls back: nothing of the batch is kept
+            await batch.save_totals(conn)
+        return outputs
+
+    async def _decide(self, batch: _BatchState, usages: list[Usage], outputs: list[OutMessage],
+                      failed: list[Exception]) -> AsyncIterator[tuple[Any, ...]]:
+        """Rates the batch in order, yielding each decision's row and collecting the messages to publish.
+
+        An error ends the rows early (and is handed back in ``failed``) instead of escaping into the driver
+        mid-``COPY``: the caller raises it once the statement is over, so the transaction rolls back cleanly.
+        """
+        rows = batch.rows
+        try:
             for usage in usages:
-                key = (str(usage.account_id), usage.event.id)
-                if key in batch.decided:
+                key = (usage.account, usage.event.id)
+                if key in batch.decided:  # decided before, or earlier in this batch: the same output again
                     stored = batch.decided[key]
                     if stored is not None:
                         outputs.append(stored)
                     continue
-                if usage.catalog_version > self.catalog.version:
-                    raise CatalogBehind(f"event needs catalogue v{usage.catalog_version}, "
-                                        f"rating has v{self.catalog.version}")
-                output = (self._correct(batch, usage) if usage.event.correction_of
-                          else self._rate(batch, usage))
+                output = self._correct(batch, usage) if usage.event.correction_of else self._rate(batch, usage)
                 batch.decided[key] = output
                 if output is not None:
                     outputs.append(output)
-            await batch.save(conn)
-        await self.bus.publish(outputs)
+                if key[1] in batch.corrected and not usage.event.correction_of:
+                    batch.original_from(rows[-1])  # corrected later in this very batch
+                for row in rows:
+                    yield row
+                rows.clear()
+        except Exception as exc:  # noqa: BLE001 - handed back, re-raised by the caller after the COPY
+            failed.append(exc)
 
-    def _rate(self, batch: _BatchState, usage: AcceptedUsage, *, correction: tuple[str, Decimal, Decimal] | None
+    def _rate(self, batch: _BatchState, usage: Usage, *, correction: tuple[str, Decimal, Decimal] | None
               = None) -> OutMessage | None:
         """Rates one event; ``correction`` = (original id, old quantity, new quantity) for an amendment."""
         event = usage.event
-        account = str(usage.account_id)
-        subs = batch.subscriptions.get(account, [])
-        period = _period(subs, event.timestamp)
-        meter = self.catalog.meters.get(event.meter)
+        account = usage.account
+        catalog = batch.catalog
+        subs = batch.subscriptions.get(account)
+        period = _period(subs, event.timestamp) if subs else period_of(event.timestamp)
+        late = (account, period) in batch.closed
+        meter = catalog.meters.get(event.meter)
         decision_prefix = ""
-        if (account, period) in batch.closed:
+        if late:
             # The event's period is already invoiced: the meter's late policy decides (default next_period).
             policy = meter.definition.late_policy if meter is not None else "reject"
             if policy == "reject":
-                rejection = self._rejection(usage, RejectReason.PERIOD_CLOSED, f"period {period} is closed")
-                batch.record(usage, self.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
+                rejection = self._rejection(batch, usage, RejectReason.PERIOD_CLOSED, f"period {period} is closed")
+                batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
                              "period_closed", rejection)
                 return rejection
-            period = period_of(utcnow())  # billed in the open period; the event keeps its own timestamp
+            period = batch.open_period  # billed in the open period; the event keeps its own timestamp
             decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
@@ -210,33 +285,38 @@ class RatingService:
         inputs: dict[str, Any] = {}
         if meter is None or meter.error:
             decision = "no_price"
-            detail = meter.error if meter else f"meter {event.meter!r} is not in catalogue v{self.catalog.version}"
-            output = self._rejection(usage, RejectReason.NO_PRICE, detail or "no price")
-        elif not matches(meter.definition, event.properties):
+            detail = meter.error if meter else f"meter {event.meter!r} is not in catalogue v{batch.catalog.version}"
+            output = self._rejection(batch, usage, RejectReason.NO_PRICE, detail or "no price")
+        elif meter.definition.filters and not matches(meter.definition, event.properties):
             decision = "filtered"
         else:
             definition = meter.definition
-            group = group_key(definition, event.properties)
+            group = group_key(definition, event.properties) if definition.group_by else ""
             if definition.value_property:
                 value = str(event.properties.get(definition.value_property, "")) or None
-            key = f"{event.meter}{'|' + group if group else ''}"
+            key = f"{event.meter}|{group}" if group else event.meter
             if definition.aggregation not in REAL_TIME:
                 decision = "deferred_to_close"
             elif meter.ai_table is not None and correction is not None:
                 decision = "invalid_correction"
-                output = self._rejection(usage, RejectReason.INVALID_CORRECTION,
+                output = self._rejection(batch, usage, RejectReason.INVALID_CORRECTION,
                                          "AI token events cannot be amended; send a compensating event")
             elif meter.ai_table is not None:
                 try:
                     amount, unit, before, after, inputs = self._rate_ai(batch, account, key, period, usage, meter)
                 except PriceSpecError as exc:
                     decision = "no_price"
-                    output = self._rejection(usage, RejectReason.NO_PRICE, str(exc))
+                    output = self._rejection(batch, usage, RejectReason.NO_PRICE, str(exc))
             else:
-                plan_pricing = self._pricing(subs, meter)
-                spec, included, overage_policy, trialing = plan_pricing or (
-                    meter.spec, definition.included, definition.overage_policy, False)
+                plan_pricing = self._pricing(catalog, subs, meter) if subs else None
+                if plan_pricing is not None:
+                    spec, included, overage_policy, trialing, price_json = plan_pricing
+                else:
+                    spec, included, overage_policy, trialing = (
+                        meter.spec, definition.included, definition.overage_policy, False)
+                    price_json = definition.price
                 assert spec is not None
+                total_key = (account, key, period)
                 before = batch.total(account, key, period)
                 if correction is None:
                     step = contribution(definition, event.quantity)
@@ -244,19 +324,26 @@ class RatingService:
                     _, old, new = correction
                     step = (contribution(definition, new) if new else Decimal(0)) - contribution(definition, old)
                 after = RATING_CONTEXT.add(before, step)
-                batch.set_total(account, key, period, after)
+                batch.totals[total_key] = after
+                batch.dirty.add(total_key)
                 unit = spec.unit
                 # The charge is period_charge(after) - period_charge(before); the batch remembers the last
                 # period_charge per key so each event prices one cumulative quantity, not two.
-                charged_before = batch.charged.get((account, key, period))
+                charged_key = (account, key, period, included)
+                charged_before = batch.charged.get(charged_key)
                 if charged_before is None or charged_before[0] != before:
                     charged_before = (before, period_charge(spec, before, included))
                 charged_after = period_charge(spec, after, included)
-                batch.charged[(account, key, period)] = (after, charged_after)
+                batch.charged[charged_key] = (after, charged_after)
                 amount = charged_after - charged_before[1]
-                inputs = {"price": spec.model_dump(mode="json") if plan_pricing else definition.price,
-                          "included": str(included), "overage_policy": overage_policy,
-                          "priced_by": "plan" if plan_pricing else "list_price"}
+                # The same few keys for every event of a price: one dict per batch, shared (never mutated:
+                # corrections and late events below build new ones).
+                inputs_key = (id(price_json), included, overage_policy, plan_pricing is not None)
+                inputs = batch.inputs.get(inputs_key)  # type: ignore[assignment]
+                if inputs is None:
+                    inputs = batch.inputs[inputs_key] = {
+                        "price": price_json, "included": str(included), "overage_policy": overage_policy,
+                        "priced_by": "plan" if plan_pricing else "list_price"}
                 if trialing:
                     decision, amount = "trial", 0  # recorded, not charged: nothing is billed during a trial
                 if correction is not None:
@@ -266,15 +353,18 @@ class RatingService:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
                               "original_period": period_of(event.timestamp)}
-                output = self._debit(usage, unit, amount, meter, period, before, after, group, inputs)
+                before_text, after_text = str(before), str(after)  # shown by the command and the decision
+                output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text, group,
+                                     inputs)
+                before, after = before_text, after_text  # type: ignore[assignment]
         if decision not in ("no_price", "filtered", "trial", "invalid_correction"):
             decision = decision_prefix + decision
-        batch.record(usage, self.catalog.version, period, group, value, before, after, amount, unit, decision,
+        batch.record(usage, batch.catalog.version, period, group, value, before, after, amount, unit, decision,
                      output, corrects=correction[0] if correction else None,
                      effective_quantity=str(correction[2]) if correction else None)
         return output
 
-    def _correct(self, batch: _BatchState, usage: AcceptedUsage) -> OutMessage | None:
+    def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
         """An amendment (new quantity) or a void (quantity 0) of an earlier event: re-rated by the difference.
 
         The original decision stays as it was; the correction is a decision of its own whose charge is
@@ -282,28 +372,28 @@ class RatingService:
         Both show in the history. Only sum/count meters priced in real time can be corrected in place.
         """
         event = usage.event
-        account = str(usage.account_id)
+        account = usage.account
         original = batch.originals.get((account, event.correction_of or ""))
         if original is None:
-            rejection = self._rejection(usage, RejectReason.UNKNOWN_CORRECTION,
+            rejection = self._rejection(batch, usage, RejectReason.UNKNOWN_CORRECTION,
                                         f"no rated event {event.correction_of!r} for tenant {event.tenant!r}")
-            batch.record(usage, self.catalog.version, period_of(event.timestamp), "", None, Decimal(0), Decimal(0),
+            batch.record(usage, batch.catalog.version, period_of(event.timestamp), "", None, Decimal(0), Decimal(0),
                          0, None, "unknown_correction", rejection)
             return rejection
         if original["meter"] != event.meter:
-            rejection = self._rejection(usage, RejectReason.INVALID_CORRECTION,
+            rejection = self._rejection(batch, usage, RejectReason.INVALID_CORRECTION,
                                         f"correction changes meter {original['meter']!r} to {event.meter!r}")
-            batch.record(usage, self.catalog.version, original["period"], "", None, Decimal(0), Decimal(0), 0,
+            batch.record(usage, batch.catalog.version, original["period"], "", None, Decimal(0), Decimal(0), 0,
                          None, "invalid_correction", rejection)
             return rejection
         # The correction is rated at its original's time (its period, or the late policy if that is closed).
         old = Decimal(original["quantity"])
-        at_original = usage.model_copy(update={"event": event.model_copy(update={
-            "timestamp": datetime.fromisoformat(original["event_time"])})})
+        at_original = Usage(usage.account, event.at(datetime.fromisoformat(original["event_time"])), usage.source,
+                            usage.catalog_version)
         batch.originals[(account, event.correction_of or "")] = {**original, "quantity": str(event.quantity)}
         return self._rate(batch, at_original, correction=(event.correction_of or "", old, event.quantity))
 
-    def _rate_ai(self, batch: _BatchState, account: str, key: str, period: str, usage: AcceptedUsage,
+    def _rate_ai(self, batch: _BatchState, account: str, key: str, period: str, usage: Usage,
                  meter: MeterView) -> tuple[int, str, Decimal, Decimal, dict[str, Any]]:
         """Per model and token class, the cumulative price of the period after minus before."""
         assert meter.ai_table is not None
@@ -329,124 +419,243 @@ class RatingService:
         after = sum(after_counts.values(), Decimal(0))
         return amount, meter.ai_table.unit, before, after, inputs
 
-    def _debit(self, usage: AcceptedUsage, unit: str, amount: int, meter: MeterView, period: str,
-               before: Decimal, after: Decimal, group: str, inputs: dict[str, Any]) -> OutMessage:
+    def _debit(self, batch: _BatchState, usage: Usage, unit: str, amount: int, meter: MeterView, period: str,
+               before: str, after: str, group: str, inputs: dict[str, Any]) -> OutMessage:
+        """The ``usage.debit`` command (contract: ``LedgerCommand``, written by ``codec.debit_command_json``)."""
         event = usage.event
-        properties = {k: str(v) for k, v in event.properties.items()}
-        command = LedgerCommand(
-            command_id=ids.usage_command_id(event.tenant, event.id), kind="usage.debit", tenant=event.tenant,
-            issued_at=utcnow(), issued_by="service:rating",
-            payload={
-                "unit": unit, "amount_subunits": amount, "amount": str(from_subunits(amount)),
-                "meter": event.meter, "at": event.timestamp.isoformat(),
-                "overage_policy": inputs.get("overage_policy", meter.definition.overage_policy),
-                "cause": {
-                    "event_ids": [event.id], "period": period, "quantity": str(event.quantity),
-                    "quantity_before": str(before), "quantity_after": str(after), "group": group,
-                    "usage_type": meter.definition.usage_type or event.meter,
-                    "catalog_version": self.catalog.version, **inputs,
-                    "properties": properties, "user": properties.get("user"),
-                    "model": properties.get("model"), "operation": properties.get("operation"),
-                },
+        properties = ({k: v if type(v) is str else str(v) for k, v in event.properties.items()}
+                      if event.properties else _NO_PROPERTIES)
+        payload = {
+            "unit": unit, "amount_subunits": amount, "amount": _amount_text(amount),
+            "meter": event.meter, "at": event.timestamp_text(),
+            "overage_policy": inputs.get("overage_policy", meter.definition.overage_policy),
+            "cause": {
+                "event_ids": [event.id], "period": period, "quantity": event.quantity_text(),
+                "quantity_before": before, "quantity_after": after, "group": group,
+                "usage_type": meter.definition.usage_type or event.meter,
+                "catalog_version": batch.catalog.version, **inputs,
+                "properties": properties, "user": properties.get("user"),
+                "model": properties.get("model"), "operation": properties.get("operation"),
             },
-        )
-        return OutMessage(topics.LEDGER_COMMANDS, str(usage.account_id), command.to_json(),
-                          (("schema", b"ledger.command/v1"),))
+        }
+        value = debit_command_json(usage_command_id(event.tenant, event.id), event.tenant, batch.now,
+                                   batch.now_json, payload)
+        return OutMessage(topics.LEDGER_COMMANDS, usage.account, value, SCHEMA_HEADERS[topics.LEDGER_COMMANDS])
 
-    def _rejection(self, usage: AcceptedUsage, reason: RejectReason, detail: str) -> OutMessage:
+    def _rejection(self, batch: _BatchState, usage: Usage, reason: RejectReason, detail: str) -> OutMessage:
         record = UsageRejection(reason=reason, detail=detail, stage="rating", tenant=usage.event.tenant,
                                 event_id=usage.event.id, payload=usage.event.model_dump_json(),
-                                rejected_at=utcnow(), source=usage.source)
-        return OutMessage(topics.USAGE_REJECTED, str(usage.account_id), record.to_json(),
-                          (("schema", b"usage.rejected/v1"),))
+                                rejected_at=batch.now, source=usage.source)
+        return OutMessage(topics.USAGE_REJECTED, usage.account, record.to_json(),
+                          SCHEMA_HEADERS[topics.USAGE_REJECTED])
+
+
+_NO_PROPERTIES: dict[str, str] = {}  # shared, only ever read
+_AMOUNT_TEXTS_MAX = 4096
+_amount_texts: dict[int, str] = {}
+
+
+def _credit_scales(catalog: CatalogView) -> dict[str, int]:
+    units = catalog.document.get("credit_units") or {}
+    return {"CREDIT": 2, **{code: int((u or {}).get("scale", 2)) for code, u in units.items()}}
+
+
+def _amount_text(subunits: int) -> str:
+    """``str(from_subunits(subunits))``, kept for the amounts that recur (a per-unit price times small counts)."""
+    text = _amount_texts.get(subunits)
+    if text is None:
+        text = str(from_subunits(subunits))
+        if len(_amount_texts) < _AMOUNT_TEXTS_MAX:
+            _amount_texts[subunits] = text
+    return text
 
 
 def _in(values: list[str], first: int = 1) -> str:
-    """``$1, $2, ...`` for an IN list (portable between PostgreSQL and SQLite)."""
+    """``$1, $2, ...`` for an IN list (SQLite; PostgreSQL takes one array parameter instead)."""
     return ", ".join(f"${i}" for i in range(first, first + len(values)))
 
 
-class _BatchState:
-    """What one batch reads once and writes once: prior decisions, running totals, closed periods."""
+RATED_COLUMNS = ("account_id", "event_id", "tenant", "meter", "period", "group_key", "event_time", "quantity",
+                 "value", "quantity_before", "quantity_after", "amount_subunits", "unit", "catalog_version",
+                 "decision", "output_topic", "output", "rated_at", "corrects", "effective_quantity")
 
-    def __init__(self) -> None:
+
+class _BatchState:
+    """What one batch reads once and writes once: prior decisions, running totals, closed periods.
+
+    ``now`` is the batch's clock: the open period of late events, ``issued_at`` of its commands, ``rated_at``
+    of its decisions (corrections keep their own instant, which orders successive corrections of one event).
+    """
+
+    def __init__(self, dialect: str, now: datetime) -> None:
+        self.dialect = dialect
+        self.now = now
+        self.now_json = timestamp_text(now)
+        self.rated_at = now.isoformat()
+        self.open_period = period_of(now)
+        self.catalog = CatalogView()  # the catalogue the batch is rated with (set before rating)
         self.decided: dict[tuple[str, str], OutMessage | None] = {}
         self.totals: dict[tuple[str, str, str], Decimal] = {}
         self.dirty: set[tuple[str, str, str]] = set()
         self.closed: set[tuple[str, str]] = set()
-        self.charged: dict[tuple[str, str, str], tuple[Decimal, int]] = {}
+        self.charged: dict[tuple[str, str, str, Decimal], tuple[Decimal, int]] = {}
+        # (price JSON identity, allowance, overage policy, priced by plan) -> the decision inputs of that price;
+        # the dict holds the price JSON, so its identity cannot be reused while the batch lives.
+        self.inputs: dict[tuple[int, Decimal, str, bool], dict[str, Any]] = {}
         self.subscriptions: dict[str, list[AccountSubscription]] = {}
         # (account, event id) -> the decision a correction amends, with its current effective quantity.
         self.originals: dict[tuple[str, str], dict[str, Any]] = {}
-        self.rows: list[tuple[Any, ...]] = []
+        # (account, period) pairs whose running totals were read; rating any other period is a bug.
+        self.periods: set[tuple[str, str]] = set()
+        self.pending: list[Usage] = []  # the batch's events that no earlier batch decided
+        self.corrected: set[str] = set()  # ids the batch's corrections amend
+        self.rows: list[tuple[Any, ...]] = []  # decisions not yet handed to the COPY
 
     @classmethod
-    async def load(cls, conn: Connection, usages: list[AcceptedUsage]) -> _BatchState:
-        state = cls()
-        accounts = sorted({str(u.account_id) for u in usages})
-        event_ids = sorted({u.event.id for u in usages})
-        wanted = {(str(u.account_id), u.event.id) for u in usages}
-        for row in await conn.fetch(
+    async def load(cls, conn: Connection, dialect: str, usages: list[Usage], now: datetime, *,
+                   lookup: bool = True) -> _BatchState:
+        """Reads what the batch needs; ``lookup=False`` skips prior decisions (the caller relies on the key)."""
+        state = cls(dialect, now)
+        postgres = dialect == "postgres"
+        accounts = sorted({u.account for u in usages})
+        keys = sorted({(u.account, u.event.id) for u in usages}) if lookup else []
+        # Prior decisions, by primary key: an index probe per event, whatever the size of the table.
+        if not keys:
+            rows = []
+        elif postgres:
+            rows = await conn.fetch(
+                "SELECT r.account_id, r.event_id, r.output_topic, r.output FROM rated_events r "
+                "JOIN unnest($1::text[], $2::text[]) AS k(account_id, event_id) "
+                "ON r.account_id = k.account_id AND r.event_id = k.event_id",
+                [k[0] for k in keys], [k[1] for k in keys])
+        else:
+            event_ids = sorted({k[1] for k in keys})
+            rows = await conn.fetch(
                 f"SELECT account_id, event_id, output_topic, output FROM rated_events WHERE event_id IN "
-                f"({_in(event_ids)})", *event_ids):
+                f"({_in(event_ids)})", *event_ids)
+        wanted = set(keys)
+        for row in rows:
             key = (row["account_id"], row["event_id"])
             if key in wanted:
-                state.decided[key] = (OutMessage(row["output_topic"], key[0], row["output"].encode())
+                topic = row["output_topic"]
+                state.decided[key] = (OutMessage(topic, key[0], row["output"].encode(), SCHEMA_HEADERS.get(topic, ()))
                                       if row["output"] else None)
-        for row in await conn.fetch(
-                f"SELECT account_id, meter, period, quantity FROM period_totals WHERE account_id IN "
-                f"({_in(accounts)})", *accounts):
-            state.totals[(row["account_id"], row["meter"], row["period"])] = Decimal(row["quantity"])
-        for row in await conn.fetch(
-                f"SELECT account_id, period FROM closed_periods WHERE account_id IN ({_in(accounts)})", *accounts):
+        by_account = ("account_id = ANY($1::text[])", [accounts]) if postgres else (
+            f"account_id IN ({_in(accounts)})", accounts)
+        for row in await conn.fetch(f"SELECT account_id, period FROM closed_periods WHERE {by_account[0]}",
+                                    *by_account[1]):
             state.closed.add((row["account_id"], row["period"]))
-        state.subscriptions = await load_for(conn, accounts)
-        corrected = sorted({u.event.correction_of for u in usages if u.event.correction_of})
+        state.subscriptions = await load_for(conn, accounts, dialect)
+        pending = state.pending = [u for u in usages if (u.account, u.event.id) not in state.decided]
+        corrected = sorted({u.event.correction_of for u in pending if u.event.correction_of})
+        state.corrected = set(corrected)
         if corrected:
-            for row in await conn.fetch(
-                    f"SELECT account_id, event_id, meter, period, event_time, quantity FROM rated_events "
-                    f"WHERE event_id IN ({_in(corrected)}) AND corrects IS NULL", *corrected):
-                state.originals[(row["account_id"], row["event_id"])] = dict(row)
-            for row in await conn.fetch(
-                    f"SELECT account_id, corrects, effective_quantity FROM rated_events WHERE corrects IN "
-                    f"({_in(corrected)}) ORDER BY rated_at", *corrected):
-                original = state.originals.get((row["account_id"], row["corrects"]))
-                if original is not None:  # the latest correction is what the next one amends
-                    original["quantity"] = row["effective_quantity"]
+            await state._load_originals(conn, corrected)
+        in_batch = {(u.account, u.event.id): u for u in pending if u.event.id in state.corrected}
+        # The periods this batch rates in: each event's (or its original's) period, the open one if closed.
+        for usage in pending:
+            moment = usage.event.timestamp
+            if usage.event.correction_of:
+                key = (usage.account, usage.event.correction_of)
+                original = state.originals.get(key)
+                if original is not None:
+                    moment = datetime.fromisoformat(original["event_time"])
+                elif key in in_batch:
+                    moment = in_batch[key].event.timestamp
+                else:
+                    continue
+            period, late = state.period_of(usage.account, moment)
+            state.periods.add((usage.account, state.open_period if late else period))
+        if state.periods:
+            await state._load_totals(conn)
         return state
 
+    async def _load_originals(self, conn: Connection, corrected: list[str]) -> None:
+        """The decisions amended by this batch's corrections, with their latest corrected quantity."""
+        postgres = self.dialect == "postgres"
+        where = "event_id = ANY($1::text[])" if postgres else f"event_id IN ({_in(corrected)})"
+        args: list[Any] = [corrected] if postgres else list(corrected)
+        for row in await conn.fetch(
+                f"SELECT account_id, event_id, meter, period, event_time, quantity FROM rated_events "
+                f"WHERE {where} AND corrects IS NULL", *args):
+            self.originals[(row["account_id"], row["event_id"])] = dict(row)
+        where = "corrects = ANY($1::text[])" if postgres else f"corrects IN ({_in(corrected)})"
+        for row in await conn.fetch(
+                f"SELECT account_id, corrects, effective_quantity FROM rated_events WHERE {where} "
+                f"ORDER BY rated_at", *args):
+            original = self.originals.get((row["account_id"], row["corrects"]))
+            if original is not None:  # the latest correction is what the next one amends
+                original["quantity"] = row["effective_quantity"]
+
+    async def _load_totals(self, conn: Connection) -> None:
+        """Running totals of the (account, period) pairs the batch rates in, not of every period ever."""
+        pairs = sorted(self.periods)
+        if self.dialect == "postgres":
+            rows = await conn.fetch(
+                "SELECT t.account_id, t.meter, t.period, t.quantity FROM period_totals t "
+                "JOIN unnest($1::text[], $2::text[]) AS k(account_id, period) "
+                "ON t.account_id = k.account_id AND t.period = k.period",
+                [p[0] for p in pairs], [p[1] for p in pairs])
+        else:
+            accounts = sorted({p[0] for p in pairs})
+            rows = await conn.fetch(
+                f"SELECT account_id, meter, period, quantity FROM period_totals WHERE account_id IN "
+                f"({_in(accounts)})", *accounts)
+        for row in rows:
+            if (row["account_id"], row["period"]) in self.periods:
+                self.totals[(row["account_id"], row["meter"], row["period"])] = Decimal(row["quantity"])
+
+    def original_from(self, row: tuple[Any, ...]) -> None:
+        """Makes a decision of this batch amendable by a later correction in the same batch (as if stored)."""
+        account, event_id = row[0], row[1]
+        if (account, event_id) not in self.originals:
+            self.originals[(account, event_id)] = {
+                "account_id": account, "event_id": event_id, "meter": row[3], "period": row[4],
+                "event_time": row[6], "quantity": row[7]}
+
+    def period_of(self, account: str, moment: datetime) -> tuple[str, bool]:
+        """(the billing period of ``moment`` for ``account``, whether that period is closed)."""
+        period = _period(self.subscriptions.get(account, []), moment)
+        return period, (account, period) in self.closed
+
     def total(self, account: str, key: str, period: str) -> Decimal:
+        if (account, period) not in self.periods:
+            raise RuntimeError(f"totals of period {period} of account {account} were not loaded")
         return self.totals.get((account, key, period), Decimal(0))
 
     def set_total(self, account: str, key: str, period: str, quantity: Decimal) -> None:
         self.totals[(account, key, period)] = quantity
         self.dirty.add((account, key, period))
 
-    def record(self, usage: AcceptedUsage, catalog_version: int, period: str, group: str, value: str | None,
-               before: Decimal, after: Decimal, amount: int, unit: str | None, decision: str,
+    def record(self, usage: Usage, catalog_version: int, period: str, group: str, value: str | None,
+               before: Decimal | str, after: Decimal | str, amount: int, unit: str | None, decision: str,
                output: OutMessage | None, *, corrects: str | None = None,
                effective_quantity: str | None = None) -> None:
         """The decision with its inputs, saved with the totals: the trace of every charge."""
         event = usage.event
         self.rows.append((
-            str(usage.account_id), event.id, event.tenant, event.meter, period, group, event.timestamp.isoformat(),
-            str(event.quantity), value, str(before), str(after), amount, unit, catalog_version, decision,
-            output.topic if output else None, output.value.decode() if output else None, utcnow().isoformat(),
-            corrects, effective_quantity))
+            usage.account, event.id, event.tenant, event.meter, period, group, event.timestamp_text(),
+            event.quantity_text(), value, str(before), str(after), amount, unit, catalog_version, decision,
+            output.topic if output else None, output.value.decode() if output else None,
+            utcnow().isoformat() if corrects is not None else self.rated_at, corrects, effective_quantity))
 
-    async def save(self, conn: Connection) -> None:
-        if self.dirty:
+    async def save_totals(self, conn: Connection) -> None:
+        """The running totals the batch changed, upserted in one statement (PostgreSQL: arrays, unnest)."""
+        if not self.dirty:
+            return
+        dirty = sorted(self.dirty)
+        if self.dialect == "postgres":
+            await conn.execute(
+                "INSERT INTO period_totals (account_id, meter, period, quantity) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+                "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
+                [d[0] for d in dirty], [d[1] for d in dirty], [d[2] for d in dirty],
+                [str(self.totals[d]) for d in dirty])
+        else:
             await conn.executemany(
                 "INSERT INTO period_totals (account_id, meter, period, quantity) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
-                [(a, m, p, str(self.totals[(a, m, p)])) for a, m, p in sorted(self.dirty)])
-        if self.rows:
-            await conn.executemany(
-                "INSERT INTO rated_events (account_id, event_id, tenant, meter, period, group_key, event_time, "
-                "quantity, value, quantity_before, quantity_after, amount_subunits, unit, catalog_version, decision, "
-                "output_topic, output, rated_at, corrects, effective_quantity) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
-                self.rows)
+                [(a, m, p, str(self.totals[(a, m, p)])) for a, m, p in dirty])
 
 
 def _period(subs: list[AccountSubscription], moment: Any) -> str:

@@ -54,14 +54,20 @@ class AccountSubscription:
     period_end: datetime
 
 
-async def load_for(conn: Connection, accounts: Sequence[str]) -> dict[str, list[AccountSubscription]]:
-    """Live subscriptions per account, earliest-started first."""
+async def load_for(conn: Connection, accounts: Sequence[str], dialect: str = "") -> dict[str, list[AccountSubscription]]:
+    """Live subscriptions per account, earliest-started first.
+
+    On PostgreSQL (``dialect="postgres"``) the accounts are one array parameter: one prepared statement
+    whatever their number, instead of a new statement text (and plan) per batch size.
+    """
     if not accounts:
         return {}
-    marks = ", ".join(f"${i}" for i in range(1, len(accounts) + 1))
+    if dialect == "postgres":
+        where, args = "account_id = ANY($1::text[])", [list(accounts)]
+    else:
+        where, args = f"account_id IN ({', '.join(f'${i}' for i in range(1, len(accounts) + 1))})", list(accounts)
     rows = await conn.fetch(
-        f"SELECT * FROM account_subscriptions WHERE account_id IN ({marks}) ORDER BY started_at, subscription_id",
-        *accounts)
+        f"SELECT * FROM account_subscriptions WHERE {where} ORDER BY started_at, subscription_id", *args)
     result: dict[str, list[AccountSubscription]] = {}
     for r in rows:
         if r["status"] not in LIVE:

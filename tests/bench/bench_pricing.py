@@ -4,7 +4,8 @@
 
 Each model prices a cycle of 1,000 pre-built Decimal quantities spread over its bands (so tiered models
 hit every band), through the public ``price(spec, quantity)``; ``incremental_charge`` (two prices and two
-sub-unit conversions) is measured too, as that is what real-time drawdown calls per event. Target:
+sub-unit conversions) is measured too, as that is what real-time drawdown calls per event, and ``amount``
+(the price without its breakdown, what rating's ``period_charge`` uses where a model has it). Target:
 >= 100,000 evaluations/s for per_unit and for graduated with 4 tiers.
 """
 
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 
-from billing_rating.charge_models import parse_spec, price
+from billing_rating.charge_models import amount, parse_spec, price
 from billing_rating.pricing import ai_token_price, incremental_charge, parse_ai_price_table
 
 TIERS = [
@@ -77,6 +78,9 @@ def main() -> None:
     for name, data in SPECS.items():
         spec = parse_spec(data)
         rows.append((f"price: {name}", rate(lambda q, s=spec: price(s, q), qs, args.seconds)))
+    for name in ("per_unit", "graduated (4 tiers)"):  # the amount-only path rating's period_charge takes
+        spec = parse_spec(SPECS[name])
+        rows.append((f"amount: {name}", rate(lambda q, s=spec: amount(s, q), qs, args.seconds)))
     for name in ("per_unit", "graduated (4 tiers)", "volume (4 tiers)"):
         spec = parse_spec(SPECS[name])
         step = Decimal("12.5")

@@ -4,6 +4,8 @@
   one receipt, every usage debit is posted once, and each balance is the grant minus what was sent.
 * Payment notifications delivered twice grant credit once.
 * Many parallel allocation requests, spread over two ledger processes, never exceed the pool's capacity.
+* A Kafka chunk or an HTTP decision that loses an optimistic race to another process is decided again under
+  the event table's lock, once, on the stored state.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from billing_events import ids, topics
 from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.direct import DirectCommands
 from billing_ledger.domain.account import BillingAccount
+from eventsourcing.persistence import IntegrityError, Tracking
 
 from tests.support import ServiceProcess, auth, free_port, wait_until
 
@@ -221,3 +225,111 @@ def test_parallel_allocations_over_two_processes_never_exceed_capacity(ledger: L
             process.stop()
     print(f"\n[ledger] {requests} parallel allocation requests on 2 processes: {capacity} granted, rest refused")
     assert json.dumps(final)  # the last state is plain JSON
+
+
+@pytest.fixture
+def two_stores(infra: dict[str, str], tmp_path: Path) -> Iterator[tuple[LedgerApplication, LedgerApplication]]:
+    """Two ledger applications (as two processes) on one fresh PostgreSQL schema."""
+    schema = f"tl{uuid.uuid4().hex[:10]}_billing_ledger"
+    with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    first = LedgerApplication(persistence_env(infra["DATABASE_URL"], str(tmp_path), schema))
+    second = LedgerApplication(persistence_env(infra["DATABASE_URL"], str(tmp_path), schema))
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
+        with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def usage(tenant: str, key: str) -> LedgerCommand:
+    return command("usage.debit", tenant, {"unit": "USD", "amount_subunits": U, "meter": "m",
+                                           "at": datetime.now(UTC).isoformat()}, key)
+
+
+def test_chunk_that_loses_a_race_is_decided_again_under_the_lock(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    consumer, other = two_stores
+    consumer.apply_commands([command("account.open", "race", {"currency": "USD"}, "open"),
+                             command("credit.grant", "race", {"grant_key": "g", "unit": "USD", "amount": "100",
+                                                              "source": "promotion"}, "grant")])
+    original = consumer.load_many
+    raced: list[object] = []
+
+    def load_then_race(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loaded = original(*args, **kwargs)
+        if not raced:  # another process records the account's next version right after the consumer read it
+            raced.append(other.apply_commands([usage("race", "other")]))
+        return loaded
+
+    consumer.load_many = load_then_race  # type: ignore[method-assign]
+    chunks = [([usage("race", "1"), usage("race", "2")], Tracking("kafka:t:0", 2)),
+              ([usage("race", "3")], Tracking("kafka:t:0", 3))]
+    results = consumer.apply_chunks(chunks)
+    assert raced and [r.outcome for r in results] == ["applied"] * 3
+    assert consumer.next_offset("t", 0) == 3 and consumer.contention.recent(time.monotonic())
+    assert consumer.chunk_commands_max() < 250  # contended: smaller transactions, decided under the lock
+    state = account(other, "race")
+    assert state.available("USD") == 96 * U
+    versions = [e.originator_version for e in other.events.get(ids.account_id("race"))]
+    assert versions == list(range(1, len(versions) + 1))
+    # Contended: the next chunks go straight to the lock, and a position already recorded is still refused.
+    assert [r.outcome for r in consumer.apply_chunks([([usage("race", "4")], Tracking("kafka:t:0", 4))])] == ["applied"]
+    with pytest.raises(IntegrityError):
+        consumer.apply_chunks([([usage("race", "5")], Tracking("kafka:t:0", 4))])
+    assert account(other, "race").available("USD") == 95 * U
+
+
+def test_direct_command_that_loses_a_race_is_decided_under_the_lock(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    server, other = two_stores
+    server.apply_commands([command("account.open", "held", {"currency": "USD"}, "open"),
+                           command("credit.grant", "held", {"grant_key": "g", "unit": "USD", "amount": "10",
+                                                            "source": "promotion"}, "grant")])
+    assert server.read(ids.account_id("held"), lambda a: a.version)  # cached here, about to go stale
+    other.apply_commands([usage("held", f"s{i}") for i in range(9)])  # 9 of the 10 USD
+    direct = DirectCommands(server)
+    hold = command("hold.place", "held", {"hold_id": str(uuid.uuid4()), "amount": "2",
+                                          "expires_at": "2099-01-01T00:00:00+00:00"}, "hold")
+    result = direct.apply_group([hold])[0]
+    # Decided on the stored state (1 USD left), not on the stale cached copy (10 USD): refused, and the
+    # conflict makes the following decisions go under the lock at once.
+    assert result.outcome == "applied" and result.value["status"] == "rejected"
+    assert direct.contention.recent(time.monotonic())
+    assert account(other, "held").available("USD") == 1 * U
+
+
+def test_inserts_are_serialised_so_notification_ids_commit_in_order(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    # The relay tails the notification log: a transaction may not commit ids lower than one already
+    # committed. Writers serialise on the recorder's insert lock (an advisory lock, not LOCK TABLE).
+    first, second = two_stores
+    first.apply_commands([command("account.open", t, {"currency": "USD"}, "open") for t in ("s1", "s2")])
+    finished: list[str] = []
+
+    def insert_second() -> None:
+        second.apply_commands([command("credit.grant", "s2", {"grant_key": "g", "unit": "USD", "amount": "1",
+                                                              "source": "promotion"}, "grant")])
+        finished.append("second")
+
+    writer = threading.Thread(target=insert_second)
+    original = first._prepare
+
+    def prepare_slowly(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batch = original(*args, **kwargs)
+        writer.start()  # the second writer tries to insert while the first holds the lock
+        time.sleep(0.5)
+        assert not finished, "another writer inserted while the insert lock was held"
+        return batch
+
+    first._prepare = prepare_slowly  # type: ignore[method-assign]
+    first.apply_commands([command("credit.grant", "s1", {"grant_key": "g", "unit": "USD", "amount": "1",
+                                                         "source": "promotion"}, "grant")], exclusive=True)
+    writer.join(timeout=10)
+    assert finished == ["second"]  # it waited for the lock (checked above), then went through
+    log = first.process_recorder.select_notifications(1, 1_000)
+    ids_by_account = {n.originator_id: n.id for n in log}
+    assert ids_by_account[ids.account_id("s1")] < ids_by_account[ids.account_id("s2")]
+    assert [n.id for n in log] == list(range(log[0].id, log[0].id + len(log)))  # no gaps

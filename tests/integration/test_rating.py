@@ -1,15 +1,26 @@
-"""Rating on the real stack: AI tokens for two models through Kafka, catalogue routes, period close."""
+"""Rating on the real stack: AI tokens for two models through Kafka, catalogue routes, period close; rating's
+batch path on real PostgreSQL (COPY, array lookups, redelivery after the optimistic attempt, plans, late events)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from billing_events import ids, topics
+from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
+from billing_rating.close import close_period
+from billing_rating.service import RatingService
+from billing_runtime.bus import Record
+from billing_runtime.db import PostgresDatabase, is_unique_violation
 
 from tests.integration.conftest import Stack
 from tests.integration.test_walking_skeleton import apply_accounts, available, produce_raw, wait_balance
@@ -79,3 +90,188 @@ def test_balance_unchanged_by_unpriced_model(stack: Stack, tmp_path: Path) -> No
                                      "timestamp": datetime.now(UTC).isoformat()}]))
     wait_balance(stack, tenant, Decimal("99.80"))
     assert available(stack, tenant) == Decimal("99.80")
+
+
+# --- Rating's batch path on real PostgreSQL (arrays, COPY, the optimistic first attempt) ---------------------
+
+PG_CATALOG: dict[str, Any] = {
+    "meters": [
+        {"code": "api_calls", "aggregation": "sum", "included": "2", "price": {
+            "model": "graduated", "unit": "USD", "tiers": [{"up_to": "10", "unit_amount": "1.00"},
+                                                          {"up_to": None, "unit_amount": "0.50"}]}},
+        {"code": "seats", "aggregation": "last", "late_policy": "reject",
+         "price": {"model": "per_unit", "unit": "USD", "unit_amount": "5"}},
+    ],
+    "plans": [
+        {"code": "pro", "name": "Pro", "currency": "USD", "version": 1, "charges": [
+            {"meter": "api_calls", "included": "5", "price": {"model": "per_unit", "unit": "USD",
+                                                              "unit_amount": "0.10"}}]},
+        {"code": "tryout", "name": "Tryout", "currency": "USD", "version": 1, "trial_days": 14, "charges": [
+            {"meter": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.10"}}]},
+    ],
+}
+NOV = datetime(2026, 11, 21, 10, tzinfo=UTC)
+
+
+class _Outbox:
+    """A bus that keeps what rating publishes (topic, key, value, headers), in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def publish(self, messages: Any) -> None:
+        self.messages.extend(messages)
+
+    def commands(self) -> list[dict[str, Any]]:
+        return [json.loads(m.value) for m in self.messages if m.topic == topics.LEDGER_COMMANDS]
+
+
+@pytest.fixture
+async def pg_rating(infra: dict[str, str]) -> AsyncIterator[tuple[RatingService, _Outbox]]:
+    schema = f"t{uuid.uuid4().hex[:10]}_billing_rating"
+    db = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
+    outbox = _Outbox()
+    service = RatingService(db, outbox)  # type: ignore[arg-type]
+    await service.setup()
+    catalog = LedgerEvent(position=1, aggregate_id=ids.catalog_id(), aggregate_version=2, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 1, "document": PG_CATALOG})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 0, None, catalog.to_json())])
+    yield service, outbox
+    await db.close()
+    conn = await asyncpg.connect(infra["DATABASE_URL"])
+    try:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')  # created by this test
+    finally:
+        await conn.close()
+
+
+def usage(tenant: str, event_id: str, quantity: str, meter: str = "api_calls", at: datetime = NOV,
+          correction_of: str | None = None) -> Record:
+    event = UsageEvent(id=event_id, tenant=tenant, meter=meter, quantity=quantity, timestamp=at,
+                       correction_of=correction_of)
+    message = AcceptedUsage(account_id=ids.account_id(tenant), event=event, accepted_at=NOV, source="test",
+                            catalog_version=1)
+    return Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())
+
+
+async def test_postgres_copy_records_and_unique_violations(infra: dict[str, str]) -> None:
+    schema = f"t{uuid.uuid4().hex[:10]}_copy"
+    db = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
+    try:
+        await db.executescript("CREATE TABLE t (k TEXT PRIMARY KEY, n BIGINT, note TEXT)")
+
+        async def rows() -> AsyncIterator[tuple[Any, ...]]:
+            for i in range(3):
+                yield (f"a{i}", i, None)
+
+        async with db.transaction() as conn:
+            await conn.copy_records("t", ("k", "n", "note"), [("x", 2**40, "é")])
+            await conn.copy_records("t", ("k", "n", "note"), rows())
+            await conn.copy_records("t", ("k", "n", "note"), [])
+        assert [tuple(r.values()) for r in await db.fetch("SELECT k, n, note FROM t ORDER BY k")] == [
+            ("a0", 0, None), ("a1", 1, None), ("a2", 2, None), ("x", 2**40, "é")]
+        with pytest.raises(asyncpg.UniqueViolationError) as caught:
+            async with db.transaction() as conn:
+                await conn.copy_records("t", ("k", "n", "note"), [("new", 1, None), ("x", 1, None)])
+        assert is_unique_violation(caught.value, "t_pkey") and not is_unique_violation(caught.value, "other")
+        assert await db.fetchval("SELECT count(*) FROM t") == 4  # the failed COPY left nothing
+    finally:
+        await db.close()
+        conn = await asyncpg.connect(infra["DATABASE_URL"])
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()
+
+
+async def test_postgres_redelivery_republishes_the_same_commands_and_counts_once(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    first = [usage("acme", "e1", "5"), usage("acme", "e2", "5"), usage("beta", "b1", "20")]
+    await service.handle_accepted(first)
+    before = list(outbox.messages)
+    assert [Decimal(c["payload"]["amount"]) for c in outbox.commands()] == [Decimal(3), Decimal(5), Decimal(14)]
+    # Redelivered with a new event in the middle: the optimistic attempt meets the primary key and the batch is
+    # rated again with the lookup; the stored commands go out again, byte for byte, the new one is rated once.
+    outbox.messages.clear()
+    await service.handle_accepted([first[0], usage("acme", "e3", "1"), first[1], first[2], first[0]])
+    again = outbox.messages
+    assert [m.value for m in again[:1] + again[2:4]] == [m.value for m in before]
+    assert again[4].value == before[0].value  # a duplicate within the batch: the same decision again
+    assert all(m.headers == (("schema", b"ledger.command/v1"),) for m in again)
+    new = json.loads(again[1].value)
+    assert (new["payload"]["cause"]["quantity_before"], new["payload"]["amount"]) == ("10", "1.000000000")
+    totals = {(r["account_id"], r["meter"]): r["quantity"] for r in await service.db.fetch(
+        "SELECT account_id, meter, quantity FROM period_totals")}
+    assert totals == {(str(ids.account_id("acme")), "api_calls"): "11", (str(ids.account_id("beta")), "api_calls"): "20"}
+    assert await service.db.fetchval("SELECT count(*) FROM rated_events") == 4
+
+
+async def test_postgres_corrections_late_events_and_closed_periods(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    october = datetime(2026, 10, 20, tzinfo=UTC)
+    await service.handle_accepted([usage("acme", "o1", "12", at=october), usage("acme", "s1", "3", "seats", october)])
+    await close_period(service.db, outbox, service.catalog, "2026-10")  # type: ignore[arg-type]
+    outbox.messages.clear()
+    # The correction is rated at its original's (closed) time: by the late policy, +8 in the open period.
+    await service.handle_accepted([usage("acme", "c1", "20", correction_of="o1"),   # 0 -> 8: 6 billable
+                                   usage("acme", "late", "1", at=october),          # 8 -> 9: +1.00
+                                   usage("acme", "s2", "4", "seats", october),       # reject: period_closed
+                                   usage("acme", "c2", "1", correction_of="nope")])  # unknown_correction
+    commands = outbox.commands()
+    assert [(c["payload"]["cause"]["event_ids"], c["payload"]["amount"]) for c in commands] == [
+        (["c1"], "6.000000000"), (["late"], "1.000000000")]
+    assert commands[0]["payload"]["cause"]["late"] == "late"
+    assert commands[0]["payload"]["cause"]["corrects"] == "o1"
+    open_period = datetime.now(UTC).strftime("%Y-%m")
+    assert {c["payload"]["cause"]["period"] for c in commands} == {open_period}
+    letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
+    assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed"), ("c2", "unknown_correction")]
+    decisions = {r["event_id"]: r["decision"] for r in await service.db.fetch(
+        "SELECT event_id, decision FROM rated_events")}
+    assert decisions["c1"] == decisions["late"] == "late:priced"
+
+
+async def test_postgres_plan_pricing_pools_allowances_and_trials_are_free(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    events = []
+    for position, (tenant, plan, status) in enumerate([("acme", "pro", "active"), ("acme", "pro", "active"),
+                                                        ("tria", "tryout", "trialing")]):
+        events.append(LedgerEvent(
+            position=10 + position, aggregate_id=uuid.uuid4(), aggregate_version=1, type="Subscription.Started",
+            recorded_at=NOV, data={"tenant": tenant, "plan": {"code": plan, "version": 1}, "quantity": 1,
+                                   "status": status, "started_at": f"2026-11-0{position + 1}T00:00:00+00:00",
+                                   "period_start": "2026-11-01T00:00:00+00:00",
+                                   "period_end": "2026-12-01T00:00:00+00:00"}))
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, i, None, e.to_json())
+                                        for i, e in enumerate(events)])
+    await service.handle_accepted([usage("acme", "p1", "8"), usage("acme", "p2", "4"), usage("tria", "t1", "50")])
+    commands = outbox.commands()
+    # Two Pro subscriptions pool 5 + 5 included: 8 -> 0, 12 -> 2 x 0.10; the trial is recorded, not charged.
+    assert [(c["payload"]["cause"]["event_ids"], c["payload"]["amount"]) for c in commands] == [
+        (["p2"], "0.200000000")]
+    cause = commands[0]["payload"]["cause"]
+    assert (cause["priced_by"], cause["included"], cause["period"]) == ("plan", "10", "2026-11-01T00:00:00+00:00")
+    assert cause["price"] == {"model": "per_unit", "unit": "USD", "unit_amount": "0.1"}  # the parsed spec, dumped
+    decisions = {r["event_id"]: r["decision"] for r in await service.db.fetch(
+        "SELECT event_id, decision FROM rated_events")}
+    assert decisions == {"p1": "priced", "p2": "priced", "t1": "trial"}
+
+
+async def test_postgres_an_error_mid_batch_keeps_nothing_of_it(pg_rating, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    rate = service._rate
+    calls = []
+
+    def failing(batch: Any, usage: Any, **kwargs: Any) -> Any:
+        calls.append(usage.event.id)
+        if usage.event.id == "e2":
+            raise RuntimeError("boom")
+        return rate(batch, usage, **kwargs)
+
+    monkeypatch.setattr(service, "_rate", failing)
+    with pytest.raises(RuntimeError, match="boom"):  # the bus retries the batch later
+        await service.handle_accepted([usage("acme", "e1", "5"), usage("acme", "e2", "5")])
+    assert outbox.messages == []
+    assert await service.db.fetchval("SELECT count(*) FROM rated_events") == 0  # the COPY's rows rolled back
+    assert await service.db.fetchval("SELECT count(*) FROM period_totals") == 0
+    monkeypatch.setattr(service, "_rate", rate)
+    await service.handle_accepted([usage("acme", "e1", "5"), usage("acme", "e2", "5")])
+    assert [c["payload"]["amount"] for c in outbox.commands()] == ["3.000000000", "5.000000000"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -37,4 +38,17 @@ class CommandReceipt(Aggregate):
                             tenant=tenant, outcome=outcome, reason=reason, issued_by=issued_by)
 
 
+    @classmethod
+    def recorded_state(cls, *, command_id: UUID, kind: str, tenant: str | None, outcome: str,
+                       reason: str | None, issued_by: str, at_tagged: dict[str, str]) -> dict[str, Any]:
+        """The stored state of ``recorded(...)``'s event as eventsourcing's mapper writes it (every attribute
+        but the originator id and version, in the same order), already in the JSON transcoder's tagged form
+        (``at_tagged``: the ``datetime_iso`` tag of ``at``): a batch encodes it with one ``orjson.dumps``,
+        without building the event. ``tests/unit/ledger`` checks it is byte for byte the mapper's."""
+        return {"timestamp": at_tagged, "originator_topic": _TOPIC,
+                "command_id": {"_type_": "uuid_hex", "_data_": command_id.hex}, "kind": kind, "tenant": tenant,
+                "outcome": outcome, "reason": reason, "issued_by": issued_by}
+
+
 _TOPIC = get_topic(CommandReceipt)
+RECORDED_TOPIC = get_topic(CommandReceipt.Recorded)

@@ -58,6 +58,7 @@ __all__ = [
     "PriceSpecError",
     "StairstepSpec",
     "VolumeSpec",
+    "amount",
     "decimal_text",
     "format_validation_error",
     "parse_spec",
@@ -110,6 +111,25 @@ def price(spec: PriceSpec, quantity: Decimal) -> PriceResult:
     q = check_quantity(quantity)
     try:
         return pricer(spec, q)
+    except Inexact as exc:  # pragma: no cover - needs > 60 significant digits, far past the input bounds
+        raise MoneyError("the price does not fit the 60-digit rating precision exactly") from exc
+
+
+# Models with an amount-only function (no breakdown lines to build): what rating's real-time path needs.
+AMOUNTS: Mapping[type, Callable[[Any, Decimal], Decimal]] = {
+    PerUnitSpec: per_unit.amount,
+    GraduatedSpec: graduated.amount,
+}
+
+
+def amount(spec: PriceSpec, quantity: Decimal) -> Decimal:
+    """``price(spec, quantity).amount``, the same exact value, cheaper where the model has an amount-only path."""
+    fast = AMOUNTS.get(type(spec))
+    if fast is None:
+        return price(spec, quantity).amount
+    q = check_quantity(quantity)
+    try:
+        return fast(spec, q)
     except Inexact as exc:  # pragma: no cover - needs > 60 significant digits, far past the input bounds
         raise MoneyError("the price does not fit the 60-digit rating precision exactly") from exc
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Literal
 
-from .base import EXACT, Amount, PriceLine, PriceResult, SpecBase, zero_result
+from .base import EXACT, ZERO, Amount, PriceLine, PriceResult, SpecBase, zero_result
 
 
 class PerUnitSpec(SpecBase):
@@ -23,3 +23,8 @@ def price(spec: PerUnitSpec, quantity: Decimal) -> PriceResult:
     amount = EXACT.multiply(quantity, spec.unit_amount)
     line = PriceLine(description="per unit", quantity=quantity, unit_amount=spec.unit_amount, amount=amount)
     return PriceResult(amount, spec.unit, (line,))
+
+
+def amount(spec: PerUnitSpec, quantity: Decimal) -> Decimal:
+    """``price(spec, quantity).amount`` without the breakdown (rating's hot path)."""
+    return ZERO if quantity == 0 else EXACT.multiply(quantity, spec.unit_amount)

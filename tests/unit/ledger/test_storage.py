@@ -6,10 +6,15 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
+import orjson
 from billing_ledger.aggregate_cache import AggregateCache
+from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.domain.receipt import RECORDED_TOPIC, CommandReceipt
 from billing_ledger.transcoder import OrjsonTranscoder
 from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscoder, UUIDAsHex
+
+from tests.unit.ledger.ledger_support import command, open_account
 
 
 def transcoders() -> tuple[OrjsonTranscoder, JSONTranscoder]:
@@ -58,3 +63,30 @@ def test_cache_hands_an_aggregate_to_one_taker_and_keeps_the_newest() -> None:
         other._id = uuid.uuid4()  # distinct ids for the size bound
         cache.put(other)
     assert len(cache) == 2 and cache.take(newer.id) is None  # least recently used went first
+
+
+def test_receipt_state_is_what_the_mapper_stores(app: LedgerApplication) -> None:
+    at = datetime(2026, 11, 21, 10, 0, 0, 123456, tzinfo=UTC)
+    for tenant, reason in (("acme", None), (None, "unknown_command")):
+        command_id = uuid.uuid4()
+        event = CommandReceipt.recorded(command_id=command_id, kind="usage.debit", tenant=tenant, outcome="rejected",
+                                        reason=reason, issued_by="rating", at=at)
+        expected = app.mapper.to_stored_event(event)
+        state = CommandReceipt.recorded_state(command_id=command_id, kind="usage.debit", tenant=tenant,
+                                              outcome="rejected", reason=reason, issued_by="rating",
+                                              at_tagged={"_type_": "datetime_iso", "_data_": at.isoformat()})
+        assert orjson.dumps(state) == expected.state
+        assert RECORDED_TOPIC == expected.topic
+        decoded = app.mapper.to_domain_event(expected)
+        assert (decoded.command_id, decoded.tenant, decoded.reason, decoded.timestamp) == (command_id, tenant, reason, at)
+
+
+def test_batch_receipts_are_stored_readable_and_first(app: LedgerApplication) -> None:
+    open_account(app, "a", {"key": "g", "amount": "100"})
+    debit = command("usage.debit", "a", {"unit": "USD", "amount_subunits": 5, "meter": "m",
+                                         "at": "2026-11-21T10:00:00+00:00"}, key="d1")
+    batch = app._prepare([debit], None, True)
+    assert batch.stored[0].topic == RECORDED_TOPIC and len(batch.stored) == 2
+    app._commit(batch)
+    receipt = app.repository.get(debit.command_id)
+    assert (receipt.outcome, receipt.kind, receipt.tenant, receipt.version) == ("applied", "usage.debit", "a", 1)

@@ -213,3 +213,17 @@ async def test_a_corrected_max_meter_closes_on_the_corrected_value(rating) -> No
     await service.handle_accepted([correction("c1", "s2", "30", meter="storage_gb")])
     lines = {line.meter: line for line in await close_period(service.db, bus, service.catalog, "2026-11")}
     assert lines["storage_gb"].quantity == "30"
+
+
+async def test_a_correction_in_the_same_batch_as_its_original_amends_it(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # One poll carries the event and its correction (whole-poll batches make this likelier): 12 then 14.
+    await service.handle_accepted([accepted("e1", "12"), correction("c1", "e1", "14"), correction("c2", "e1", "0")])
+    amounts = [Decimal(c["payload"]["amount"]) for c in await published(bus)]
+    assert amounts == [Decimal(10), Decimal(1), Decimal(-11)]
+    assert await published(bus, topics.USAGE_REJECTED) == []
+    # The same three in separate batches give the same decisions (test above); a redelivery changes nothing.
+    await service.handle_accepted([accepted("e1", "12"), correction("c1", "e1", "14"), correction("c2", "e1", "0")])
+    assert [Decimal(c["payload"]["amount"]) for c in await published(bus)] == amounts * 2
+    totals = await service.db.fetch("SELECT quantity FROM period_totals")
+    assert [r["quantity"] for r in totals] == ["0"]
