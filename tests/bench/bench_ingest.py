@@ -13,8 +13,13 @@ does not collect it).
    bad one on ``billing.usage.rejected`` (watched through end offsets, which costs the measured process
    nothing per record).
 3. Reported: events/s from start (consumer group join included) and in steady state (first accepted to
-   last), peak RSS and RSS along the run; then the accepted topic is read back and its set of event ids
+   last), CPU of this process per event, peak RSS and RSS along the run (and its growth over the second
+   half: memory must not grow with traffic); then the accepted topic is read back and its set of event ids
    must equal the set of good ids sent, with no id twice.
+4. ``--expired-rows N`` first fills the dedup table with N keys of events older than the dedup window: the
+   service's cleanup (bounded per statement and per run) must forget them while the stream runs, so the
+   table ends holding the keys of the window only (reported: rows deleted, expired rows left, rows at the
+   end). For a long sustained run: ``--events 500000 --expired-rows 200000``.
 
 Target: >= 20,000 events/s on a 2-core machine. The namespace's topics and schema are deleted at the end
 (``--keep`` keeps them).
@@ -39,8 +44,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from billing_events import topics
 from billing_events.messages import LedgerEvent
+from billing_ingest import dedup
 from billing_ingest.app import build
-from billing_ingest.service import IngestService
+from billing_ingest.service import DEDUP_FORGOTTEN, IngestService
 from billing_runtime.bus import KafkaBus, Record, ensure_topics
 from billing_runtime.db import open_database
 from billing_runtime.logging import configure_logging
@@ -155,6 +161,34 @@ async def read_accepted(bootstrap: str, topic: str) -> tuple[set[str], int]:
     return ids, total
 
 
+async def seed_expired_keys(settings: Settings, rows: int) -> None:
+    """``rows`` dedup keys of events two days beyond the window (and its cleanup margin): all expired."""
+    db = await open_database("ingest", settings)
+    try:
+        moment = datetime.now(UTC) - timedelta(days=settings.dedup_window_days) - dedup.CLEANUP_MARGIN
+        chunk_rows = 10_000
+        for start in range(0, rows, chunk_rows):
+            count = min(chunk_rows, rows - start)
+            async with db.transaction() as conn:
+                await conn.execute(
+                    "INSERT INTO seen_events (tenant, event_id, event_time, published) "
+                    "SELECT 't0', 'expired-' || n, $1, 1 FROM generate_series($2::int, $3::int) AS n",
+                    (moment - timedelta(days=2, seconds=start)).isoformat(), start, start + count - 1)
+    finally:
+        await db.close()
+
+
+async def dedup_table(settings: Settings) -> dict[str, int]:
+    db = await open_database("ingest", settings)
+    try:
+        cutoff = (datetime.now(UTC) - timedelta(days=settings.dedup_window_days) - dedup.CLEANUP_MARGIN).isoformat()
+        return {"dedup_rows_end": await db.fetchval("SELECT count(*) FROM seen_events"),
+                "dedup_expired_rows_left": await db.fetchval(
+                    "SELECT count(*) FROM seen_events WHERE event_time < $1", cutoff)}
+    finally:
+        await db.close()
+
+
 async def cleanup(bootstrap: str, database_url: str, settings: Settings) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -172,6 +206,9 @@ async def cleanup(bootstrap: str, database_url: str, settings: Settings) -> None
 async def measure(args: argparse.Namespace, settings: Settings, bootstrap: str,
                   counts: dict[str, int]) -> dict[str, object]:
     await learn_catalogue(settings, args.tenants)
+    if args.expired_rows:
+        await seed_expired_keys(settings, args.expired_rows)
+    forgotten_before = DEDUP_FORGOTTEN._value.get()
     watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     await watcher.start()
     accepted_topic = f"{settings.namespace}.{topics.USAGE_ACCEPTED}"
@@ -207,12 +244,17 @@ async def measure(args: argparse.Namespace, settings: Settings, bootstrap: str,
     assert first_at is not None, "nothing was accepted"
     steady = (accepted - first_at[1]) / max(elapsed - first_at[0], 1e-9)
     quarter = [samples[min(len(samples) - 1, int(len(samples) * q))] for q in (0.25, 0.5, 0.75)] + [samples[-1]]
+    second_half = [s[2] for s in samples[len(samples) // 2:]]
     return {"seconds": round(elapsed, 2), "accepted": accepted, "rejected": rejected,
             "events_per_second": round(args.events / elapsed),
             "steady_events_per_second": round(steady),
             "group_join_seconds": round(first_at[0], 2),
             "ingest_cpu_seconds": round(cpu, 2), "cpu_us_per_event": round(cpu / args.events * 1e6, 1),
-            "peak_rss_mb": round(peak_rss), "rss_mb_at_25_50_75_100pct": [round(s[2]) for s in quarter]}
+            "peak_rss_mb": round(peak_rss), "rss_mb_at_25_50_75_100pct": [round(s[2]) for s in quarter],
+            "rss_growth_mb_second_half": round(second_half[-1] - second_half[0], 1),
+            "rss_range_mb_second_half": [round(min(second_half)), round(max(second_half))],
+            "dedup_keys_forgotten": round(DEDUP_FORGOTTEN._value.get() - forgotten_before),
+            **await dedup_table(settings)}
 
 
 def main() -> None:
@@ -223,6 +265,8 @@ def main() -> None:
                         help="records per consumer batch (BILLING_BATCH_RECORDS_MAX)")
     parser.add_argument("--duplicates", type=float, default=0.01, help="share of exact duplicates")
     parser.add_argument("--bad", type=float, default=0.002, help="share of invalid events")
+    parser.add_argument("--expired-rows", type=int, default=0,
+                        help="dedup keys older than the window put in the table first (the cleanup must forget them)")
     parser.add_argument("--keep", action="store_true", help="keep the namespace's topics and schema")
     args = parser.parse_args()
     configure_logging(json_output=True, level=40)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from billing_events import topics
 from billing_events.messages import LedgerEvent
-from billing_ingest.service import IngestService
+from billing_ingest import service as service_module
+from billing_ingest.service import IngestService, _collector_paused
 from billing_runtime.bus import EmbeddedBus, Record
 from billing_runtime.db import SqliteDatabase
 from billing_runtime.settings import Settings
@@ -137,3 +141,96 @@ async def test_an_event_whose_key_was_forgotten_comes_back_too_old_never_accepte
     stale = json.dumps({"id": "s", "tenant": "acme", "meter": "api_calls", "quantity": "1",
                         "timestamp": (datetime.now(UTC) - timedelta(days=36)).isoformat()}).encode()
     assert [o.reason for o in await service.process([(stale, "t:0")])] == ["too_old"]
+
+
+def test_the_collector_is_paused_for_a_batch_and_restored_after_it() -> None:
+    assert gc.isenabled()
+    with _collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _collector_paused():
+        raise RuntimeError("the batch failed")
+    assert gc.isenabled()
+    gc.disable()  # paused by someone else: left paused
+    try:
+        with _collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def poll(batch: list[bytes]) -> list[Record]:
+    return [Record(topics.USAGE_RAW, 0, offset, b"acme", value) for offset, value in enumerate(batch)]
+
+
+def test_a_poll_is_cut_in_equal_slices_of_a_useful_size() -> None:
+    least = service_module.PIPELINE_SLICE_EVENTS_MIN
+    assert service_module._slices(0) == [(0, 0)]
+    assert service_module._slices(1) == [(0, 1)]
+    assert service_module._slices(2 * least - 1) == [(0, 2 * least - 1)]  # two would be too small
+    assert service_module._slices(2 * least) == [(0, least), (least, 2 * least)]
+    for count in (500, 999, 1000, 2000, 4001):
+        slices = service_module._slices(count)
+        assert slices[0][0] == 0 and slices[-1][1] == count
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))
+        assert len(slices) <= service_module.PIPELINE_SLICES_MAX
+        assert len(slices) == 1 or min(end - start for start, end in slices) >= least
+
+
+async def test_a_poll_of_several_slices_publishes_in_order_and_catches_duplicates_across_slices(
+        tmp_path: Path) -> None:
+    service, bus = await make(tmp_path)
+    count = 2000
+    assert len(service_module._slices(count)) > 1
+    batch = [usage(f"k-{i}") for i in range(count - 1)] + [usage("k-0")]  # the first event again, last slice
+    await service.handle_raw(poll(batch))
+    accepted = await published(bus, topics.USAGE_ACCEPTED)
+    assert [a["event"]["id"] for a in accepted] == [f"k-{i}" for i in range(count - 1)]  # in the poll's order
+    assert accepted[7]["source"] == f"kafka:{topics.USAGE_RAW}:0:7"
+    await service.handle_raw(poll(batch))  # redelivered: every event is a duplicate now
+    assert len(await published(bus, topics.USAGE_ACCEPTED)) == count - 1
+
+
+class FailingOnCall:
+    """A bus whose ``fail_on``-th publish (1-based) raises."""
+
+    def __init__(self, inner: EmbeddedBus, fail_on: int) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.fail_on = fail_on
+
+    async def publish(self, messages: list[object]) -> None:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise ConnectionError("broker unavailable")
+        await self.inner.publish(messages)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("failing_slice", [1, 2])
+async def test_a_failed_slice_stops_the_slices_after_it_and_redelivery_publishes_each_event_once(
+        tmp_path: Path, failing_slice: int) -> None:
+    service, bus = await make(tmp_path)
+    count = service_module.PIPELINE_SLICE_EVENTS_MIN * 2
+    batch = [usage(f"p-{i}") for i in range(count)]
+    service.bus = FailingOnCall(bus, failing_slice)  # type: ignore[assignment]
+    with pytest.raises(ConnectionError):  # the failed slice's own error, not its followers'
+        await service.handle_raw(poll(batch))
+    published_ids = [a["event"]["id"] for a in await published(bus, topics.USAGE_ACCEPTED)]
+    remembered = {r["event_id"] for r in await service.db.fetch("SELECT event_id FROM seen_events")}
+    assert set(published_ids) == remembered  # a key is remembered exactly when it was published
+    assert published_ids == ([f"p-{i}" for i in range(count // 2)] if failing_slice == 2 else [])
+
+    service.bus = bus
+    await service.handle_raw(poll(batch))  # the redelivery
+    accepted = [a["event"]["id"] for a in await published(bus, topics.USAGE_ACCEPTED)]
+    assert accepted == [f"p-{i}" for i in range(count)]  # each exactly once, in order
+
+
+async def test_an_http_batch_is_never_sliced(tmp_path: Path) -> None:
+    service, bus = await make(tmp_path)
+    count = service_module.PIPELINE_SLICE_EVENTS_MIN * 2
+    service.bus = FailingOnCall(bus, 2)  # type: ignore[assignment]  # a second publish would fail
+    outcomes = await service.process([(usage(f"h-{i}"), f"http:r:{i}") for i in range(count)])
+    assert {o.status for o in outcomes} == {"accepted"}
+    assert len(await published(bus, topics.USAGE_ACCEPTED)) == count
