@@ -38,4 +38,13 @@ def isoformat(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
 
 
-Timestamp = Annotated[AwareDatetime, AfterValidator(lambda v: v.astimezone(UTC))]
+def _to_utc(value: datetime) -> datetime:
+    """The same instant in UTC; an instant outside datetime's range once in UTC (0001-01-01T00:00+01:00,
+    9999-12-31T23:59-01:00) is a validation error, not an ``OverflowError`` that would escape the model."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"timestamp {value.isoformat()} is out of range in UTC") from exc
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_to_utc)]

@@ -52,6 +52,14 @@ class Record:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+def header(record: Record, name: str) -> bytes | None:
+    """The value of a record's header ``name`` (the first one), or None."""
+    for key, value in record.headers:
+        if key == name:
+            return value
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class OutMessage:
     topic: str
@@ -137,10 +145,15 @@ class KafkaBus:
         producer = self._producer
         assert producer is not None, "bus not started"
         by_partition: dict[tuple[str, int], list[OutMessage]] = {}
+        counts: dict[str, tuple[str, int]] = {}  # logical topic -> (physical topic, partitions), per call
         for m in messages:
-            topic = self._physical(m.topic)
+            known = counts.get(m.topic)
+            if known is None:
+                physical = self._physical(m.topic)
+                known = counts[m.topic] = (physical, await self._partitions(physical))
+            topic, partitions = known
             # Kafka's own partitioning (murmur2 of the key), computed once per key: same as the default.
-            partition = kafka_partition(m.key.encode(), await self._partitions(topic))
+            partition = kafka_partition(m.key.encode(), partitions)
             by_partition.setdefault((topic, partition), []).append(m)
         futures = []
         for (topic, partition), items in by_partition.items():

@@ -35,7 +35,7 @@ from billing_ingest.validation import (
     Verifier,
     parse_raw,
 )
-from billing_runtime.bus import Bus, OutMessage, Record
+from billing_runtime.bus import Bus, OutMessage, Record, header
 from billing_runtime.db import Database
 from billing_runtime.logging import get_logger
 from billing_runtime.settings import Settings
@@ -383,6 +383,9 @@ class IngestService:
     # -- catalogue knowledge -------------------------------------------------------------------------------
 
     async def handle_ledger_events(self, records: list[Record]) -> None:
+        records = [r for r in records if _may_concern_ingest(header(r, "type"))]
+        if not records:
+            return
         changed = False
         async with self.db.transaction() as conn:
             for record in records:
@@ -404,6 +407,12 @@ class IngestService:
                     changed = True
         if changed:
             await self._reload_knowledge()
+
+
+def _may_concern_ingest(event_type: bytes | None) -> bool:
+    """Tenants opened and catalogues published; a record without a ``type`` header is decoded to see."""
+    return (event_type is None or event_type == b"Catalog.Published"
+            or (event_type.startswith(b"BillingAccount.") and event_type.endswith((b"Opened", b"Created"))))
 
 
 def _text(value: str | None) -> str | None:

@@ -37,8 +37,11 @@ def to_message(app: LedgerApplication, notification: Any) -> OutMessage:
         aggregate_version=domain_event.originator_version, type=qualname, tenant=tenant,
         recorded_at=domain_event.timestamp, data=data,
     )
+    # ``type`` lets consumers that need a few kinds of events (ingest's and rating's catalogue followers)
+    # skip the rest without decoding them.
     return OutMessage(topics.LEDGER_EVENTS, str(domain_event.originator_id), envelope.to_json(),
-                      (("schema", b"ledger.event/v1"), ("position", str(notification.id).encode())))
+                      (("schema", b"ledger.event/v1"), ("position", str(notification.id).encode()),
+                       ("type", qualname.encode())))
 
 
 async def run_relay(app: LedgerApplication, bus: Bus, stopping: asyncio.Event,

@@ -71,6 +71,8 @@ _TOKEN_COLUMNS = {c: f"{c}_tokens" for c in TOKEN_CLASSES}
 
 
 def project(fact: Fact, w: BatchWriter) -> None:
+    # A usage debit takes debits.project, which writes what this does in one pass with the other read models:
+    # a change here goes there too (tests/unit/projections/test_debits.py compares the two).
     if fact.aggregate != "BillingAccount" or fact.name != "UsageDebited" or not fact.tenant:
         return
     data = fact.data

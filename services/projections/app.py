@@ -27,9 +27,11 @@ from billing_events import topics
 from billing_projections.http import build_routers
 from billing_projections.kafka_consumer import consume_ledger_events
 from billing_projections.limits import CONSUMER_PROCESSES_MAX, CONSUMER_STOP_SECONDS_MAX
+from billing_projections.readdb import ReadDatabase
 from billing_projections.service import ProjectionService
+from billing_projections.tuning import freeze_startup_heap
 from billing_runtime.bus import Bus
-from billing_runtime.db import open_database
+from billing_runtime.db import Database, open_database
 from billing_runtime.logging import get_logger
 from billing_runtime.service import ConsumerSpec, ServiceParts
 from billing_runtime.settings import Settings
@@ -65,7 +67,21 @@ async def build(settings: Settings, bus: Bus, role: str = "inline") -> ServicePa
     await service.setup()
     parts = ServiceParts(name=f"projections ({role})", close=db.close)
     if role != "consumer":
-        parts.routers = build_routers(db, ledger_url=ledger_url(settings))
+        reads: Database = db
+        if db.dialect == "postgres" and settings.database_url:
+            # The API's own pool: one round trip per read (see readdb.py).
+            reads = reader = await ReadDatabase.connect(settings.database_url, settings.schema("projections"))
+
+            async def close() -> None:
+                try:
+                    await reader.close()
+                finally:
+                    await db.close()
+
+            parts.close = close
+        parts.routers = build_routers(reads, ledger_url=ledger_url(settings))
+        if role in ("api", "all"):  # this process serves HTTP only
+            freeze_startup_heap()
     if role == "inline":  # the bus's loop: embedded log or Kafka, one partition per transaction
         parts.consumers = [ConsumerSpec(settings.group("billing-projections"), [topics.LEDGER_EVENTS],
                                         service.handle_ledger_events, service.start_positions)]

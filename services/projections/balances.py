@@ -59,6 +59,8 @@ def handler_for(event_type: str) -> Handler | None:
 
 def _project_debit(fact: Fact, w: BatchWriter) -> None:
     """``project`` for a ``UsageDebited``: no hold, no threshold, no grant status; the same upserts."""
+    # A usage debit takes debits.project, which writes what this does in one pass with the other read models:
+    # a change here goes there too (tests/unit/projections/test_debits.py compares the two).
     tenant = fact.tenant
     if not tenant:
         return

@@ -19,6 +19,7 @@ from billing_projections.app import builder
 from billing_projections.limits import CONSUMER_NICE
 from billing_projections.tuning import tune_gc
 from billing_runtime.bus import KafkaBus
+from billing_runtime.eventloop import run_loop
 from billing_runtime.logging import configure_logging, get_logger
 from billing_runtime.runner import Runner
 from billing_runtime.settings import Settings
@@ -74,4 +75,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=None, help="HTTP port for /metrics, /healthz (default: none)")
     configure_logging()
-    asyncio.run(main(parser.parse_args().port))
+    run_loop(main(parser.parse_args().port))

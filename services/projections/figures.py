@@ -64,6 +64,8 @@ def handler_for(event_type: str) -> Handler | None:
 
 
 def project(fact: Fact, w: BatchWriter) -> None:
+    # A usage debit takes debits.project, which writes what this does in one pass with the other read models:
+    # a change here goes there too (tests/unit/projections/test_debits.py compares the two).
     if fact.aggregate != "BillingAccount" or not fact.tenant:
         return
     figures = {k: v for k, v in _figures(fact).items() if v}

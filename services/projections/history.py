@@ -28,7 +28,7 @@ TABLES = (TRANSACTIONS,)
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
          "hold_captured", "hold_released", "hold_expired", "receivable_settled")
 
-_PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
+PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
 
 
 def _movement(fact: Fact) -> dict[str, Any] | None:
@@ -78,6 +78,8 @@ def handler_for(event_type: str) -> Handler | None:
 
 
 def project(fact: Fact, w: BatchWriter) -> None:
+    # A usage debit takes debits.project, which writes what this does in one pass with the other read models:
+    # a change here goes there too (tests/unit/projections/test_debits.py compares the two).
     if fact.aggregate != "BillingAccount" or not fact.tenant:
         return
     movement = _movement(fact)
@@ -95,7 +97,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
                       cause.get("requested_by"))
     event_ids = text_list(cause.get("event_ids") or cause.get("event_id"))
     payment = None
-    for name in _PAYMENT_KEYS:
+    for name in PAYMENT_KEYS:
         found = cause.get(name)
         if found and isinstance(found, str) and found.strip():
             payment = found.strip()

@@ -16,6 +16,7 @@ from billing_projections import (
     ai_usage,
     balances,
     catalog,
+    debits,
     figures,
     history,
     invoices,
@@ -50,7 +51,9 @@ class ProjectionService:
     def _handlers_of(self, event_type: str) -> tuple[Handler, ...]:
         found = self._handlers.get(event_type)
         if found is None:
-            found = tuple(h for m in PROJECTIONS if (h := m.handler_for(event_type)) is not None)
+            fused = debits.handler_for(event_type)  # every read model's share of a usage debit in one pass
+            found = (fused,) if fused is not None else tuple(
+                h for m in PROJECTIONS if (h := m.handler_for(event_type)) is not None)
             self._handlers[event_type] = found
         return found
 

@@ -126,6 +126,7 @@ class BatchWriter:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[Table, dict[tuple[Any, ...], _Row]]] = {}
         self._appends: dict[str, tuple[Table, dict[Any, tuple[Any, ...]]]] = {}
+        self._accumulated: dict[str, dict[tuple[Any, ...], _Row]] = {}  # table name -> its rows in ``_rows``
 
     def upsert(self, table: Table, key: tuple[Any, ...], *, init: dict[str, Any] | None = None,
                set: dict[str, Any] | None = None, add: dict[str, Any] | None = None) -> None:
@@ -179,6 +180,36 @@ class BatchWriter:
                 else:
                     row_add[column] = row_add.get(column, 0) + value
 
+    def accumulate(self, table: Table, key: tuple[Any, ...], set: dict[str, Any], add: dict[str, Any]) -> None:
+        """``upsert(table, key, set=set, add=add)`` for the hot path (usage debits, see ``debits.py``), the same
+        merge without the general case's checks: ``set`` names no decimal column and no column of ``add``, and
+        decimal values in ``add`` are ``Decimal`` or int already. Neither dict is kept (both are copied)."""
+        rows = self._accumulated.get(table.name)
+        if rows is None:
+            assert len(key) == len(table.key), f"{table.name}: key {key!r}"
+            found = self._rows.get(table.name)
+            if found is None:
+                found = self._rows[table.name] = (table, {})
+            rows = self._accumulated[table.name] = found[1]
+        row = rows.get(key)
+        if row is None:
+            rows[key] = _Row({}, set.copy(), add.copy())
+            return
+        row_set, row_add = row.set, row.add
+        row_set.update(set)
+        if row_add:
+            for column in set:
+                if column in row_add:
+                    del row_add[column]  # a value set after an addition replaces it, as in ``upsert``
+        for column, value in add.items():
+            if not value:
+                if column not in row_add and column not in row_set:
+                    row_add[column] = value
+            elif column in row_set:
+                row_set[column] = row_set[column] + value
+            else:
+                row_add[column] = row_add.get(column, 0) + value
+
     def insert(self, table: Table, key: tuple[Any, ...], values: dict[str, Any]) -> None:
         """A row that is written once and never changes (an existing row is kept)."""
         self.upsert(table, key, init=values)
@@ -213,6 +244,7 @@ class BatchWriter:
                 await _write(conn, table, rows, dialect)
         self._rows.clear()
         self._appends.clear()
+        self._accumulated.clear()
 
 
 async def _write_appends(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:

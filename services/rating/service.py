@@ -35,7 +35,7 @@ from billing_rating.codec import Usage, debit_command_json, decode_accepted, tim
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import AccountSubscription, apply_event, load_for, usage_lines_command
-from billing_runtime.bus import Bus, OutMessage, Record
+from billing_runtime.bus import Bus, OutMessage, Record, header
 from billing_runtime.db import Connection, Database, is_unique_violation
 from billing_runtime.logging import get_logger
 from pydantic import ValidationError
@@ -100,6 +100,9 @@ class RatingService:
         changed = False
         outputs: list[OutMessage] = []
         for record in records:
+            event_type = header(record, "type")
+            if event_type is not None and not event_type.startswith((b"Subscription.", b"Catalog.Published")):
+                continue  # usage debits and the like: nothing rating follows (see the relay's ``type`` header)
             event = LedgerEvent.model_validate_json(record.value)
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:

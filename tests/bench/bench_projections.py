@@ -24,6 +24,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -34,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
+import orjson
+import psutil
 from aiokafka.partitioner import DefaultPartitioner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,15 +44,20 @@ sys.path.insert(0, str(ROOT))
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerEvent
+from billing_projections.limits import REBUILD_BATCH_RECORDS_MAX
 from billing_projections.rebuild import rebuild
 from billing_runtime.auth import mint_token
 from billing_runtime.bus import KafkaBus, OutMessage
 from billing_runtime.settings import Settings
 
+from tests.bench.harness.probes import KeepAliveClient, _open_loop
 from tests.support import ServiceProcess, free_port
 
 U = 10**9
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
+# Reads before the measured ones (connections, query plans), and how often the freshness probe polls.
+READ_WARM_UP = 20
+FRESHNESS_POLL_SECONDS = 0.005
 
 
 class Stream:
@@ -59,6 +66,8 @@ class Stream:
     def __init__(self) -> None:
         self.position = 0
         self.versions: dict[str, int] = {}
+        self._aggregates: dict[str, str] = {}
+        self._grants: dict[str, str] = {}
 
     def event(self, tenant: str, name: str, data: dict[str, Any], at: datetime) -> OutMessage:
         self.position += 1
@@ -85,10 +94,28 @@ class Stream:
         ]
 
     def debit(self, tenant: str, n: int, at: datetime) -> OutMessage:
-        grant = str(ids.grant_id(tenant, "bench"))
+        return self.event(tenant, "UsageDebited", self._debit_data(tenant, n, at), at)
+
+    def fast_debit(self, tenant: str, n: int, at: datetime) -> OutMessage:
+        """``debit`` without the pydantic model (a tenth of the CPU): the flow's producer is load, not what is
+        measured, and on a 2-core machine its CPU is taken from the services. Same bytes (checked by ``_flow``)."""
+        self.position += 1
+        aggregate = self._aggregates.get(tenant)
+        if aggregate is None:
+            aggregate = self._aggregates[tenant] = str(ids.account_id(tenant))
+        version = self.versions[aggregate] = self.versions.get(aggregate, 0) + 1
+        envelope = {"schema": "ledger.event/v1", "position": self.position, "aggregate_id": aggregate,
+                    "aggregate_version": version, "type": "BillingAccount.UsageDebited", "tenant": None,
+                    "recorded_at": at.isoformat().replace("+00:00", "Z"), "data": self._debit_data(tenant, n, at)}
+        return OutMessage(topics.LEDGER_EVENTS, aggregate, orjson.dumps(envelope), (("schema", b"ledger.event/v1"),))
+
+    def _debit_data(self, tenant: str, n: int, at: datetime) -> dict[str, Any]:
+        grant = self._grants.get(tenant)
+        if grant is None:
+            grant = self._grants[tenant] = str(ids.grant_id(tenant, "bench"))
         amount = U // 5
         model = ("gpt-4o", "gpt-4o-mini")[n % 2]
-        return self.event(tenant, "UsageDebited", {
+        return {
             "command_id": str(ids.usage_command_id(tenant, f"e{n}")), "meter": "ai_tokens", "unit": "USD",
             "amount": amount, "overage": 0, "credit_grant": None, "at": at.isoformat(),
             "postings": [{"account": "tenant_wallet", "unit": "USD", "amount": amount, "grant_id": grant},
@@ -98,7 +125,7 @@ class Stream:
                       "usage_type": "ai", "model": model, "operation": "chat", "user": f"user-{n % 7}",
                       "tokens": {"input": "1000", "output": "200"},
                       "properties": {"model": model, "operation": "chat", "user": f"user-{n % 7}"}},
-        }, at)
+        }
 
 
 async def publish(settings: Settings, messages: list[OutMessage]) -> None:
@@ -109,6 +136,45 @@ async def publish(settings: Settings, messages: list[OutMessage]) -> None:
             await bus.publish(messages[start:start + 20_000])
     finally:
         await bus.stop()
+
+
+class CpuWatch:
+    """CPU used during a phase: by the whole machine (both cores, every process: other engineers' work too)
+    and by the given processes and their children (the service under test). A run on a machine busy with
+    other work says so, and CPU per event compares runs far better than events/s on a shared machine."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.machine = psutil.cpu_times()
+        self.started = time.monotonic()
+        self.own = self._own()
+
+    def _own(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            if pid == os.getpid():  # and its children that have exited (rebuild workers)
+                reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+                total += reaped.ru_utime + reaped.ru_stime
+            try:
+                root = psutil.Process(pid)
+                for proc in (root, *root.children(recursive=True)):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+    def result(self, prefix: str, events: int = 0) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.started
+        now = psutil.cpu_times()
+        busy = sum(getattr(now, f) - getattr(self.machine, f) for f in ("user", "nice", "system", "irq", "softirq"))
+        found: dict[str, Any] = {f"{prefix}_machine_busy_percent": round(100 * busy / (elapsed * (os.cpu_count() or 1)))}
+        if self.pids:
+            own = self._own() - self.own
+            found[f"{prefix}_service_cpu_percent"] = round(100 * own / elapsed)
+            if events:
+                found[f"{prefix}_service_cpu_us_per_event"] = round(own / events * 1e6, 1)
+        return found
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -126,6 +192,10 @@ def _flow(settings: Settings, tenants: list[str], position: int, flow: int, seco
     nothing); returns how many it published."""
     stream = Stream()
     stream.position = position
+    check, fast = Stream(), Stream()
+    for n in range(3):
+        at = T0 + timedelta(days=20, seconds=n, microseconds=n * 7)
+        assert check.debit(tenants[0], n, at) == fast.fast_debit(tenants[0], n, at), "fast_debit differs from debit"
 
     async def produce() -> int:
         bus = KafkaBus(settings.kafka_bootstrap_servers or "", namespace=settings.namespace)
@@ -138,8 +208,8 @@ def _flow(settings: Settings, tenants: list[str], position: int, flow: int, seco
                 batch = []
                 for _ in range(int(flow * tick)):
                     n += 1
-                    batch.append(stream.debit(tenants[n % len(tenants)], 10**7 + n,
-                                              T0 + timedelta(days=20, seconds=n % 86400)))
+                    batch.append(stream.fast_debit(tenants[n % len(tenants)], 10**7 + n,
+                                                   T0 + timedelta(days=20, seconds=n % 86400)))
                 await bus.publish(batch)
                 sent += len(batch)
                 await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))
@@ -151,23 +221,35 @@ def _flow(settings: Settings, tenants: list[str], position: int, flow: int, seco
 
 
 def _reads(url: str, tenants: list[str], headers: dict[str, dict[str, str]], rps: int, seconds: float
-           ) -> list[float]:
-    """Balance reads at ``rps`` for ``seconds``, one after another, in their own process (a client busy with
-    other work would add its own delays to what it measures); returns each read's latency in seconds."""
-    async def read() -> list[float]:
+           ) -> dict[str, Any]:
+    """Balance reads at ``rps`` for ``seconds``, open loop (a read starts every ``1/rps`` s whether or not the
+    previous one has answered, as clients do), in their own process (a client busy with other work would add
+    its own delays to what it measures), with the e2e harness's minimal keep-alive client (httpx costs about a
+    millisecond of client CPU per request, which a 2-core machine would report as server latency). Arrivals
+    that find ``IN_FLIGHT_MAX`` reads in flight are counted as not sent (the server is not keeping up).
+    Returns each read's latency in seconds and the count not sent."""
+    async def read() -> dict[str, Any]:
+        client = KeepAliveClient(url)
         latencies: list[float] = []
-        interval, n = 1 / rps, 0
-        stop = time.monotonic() + seconds
-        async with httpx.AsyncClient(timeout=10) as client:
-            while time.monotonic() < stop:
-                began = time.monotonic()
-                tenant = tenants[n % len(tenants)]
-                n += 1
-                r = await client.get(f"{url}/v1/accounts/{tenant}/balance", headers=headers[tenant])
-                latencies.append(time.monotonic() - began)
-                assert r.status_code == 200, r.text
-                await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
-        return latencies
+        skipped: list[float] = []
+
+        async def one(i: int) -> None:
+            tenant = tenants[i % len(tenants)]
+            began = time.perf_counter()
+            status, body = await client.request("GET", f"/v1/accounts/{tenant}/balance", headers[tenant])
+            latencies.append(time.perf_counter() - began)
+            assert status == 200, body
+
+        try:
+            for i in range(READ_WARM_UP):  # connections, the first queries' plans
+                await one(i)
+            latencies.clear()
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(seconds, stop.set)
+            await _open_loop(rps, stop, one, skipped)
+        finally:
+            await client.close()
+        return {"latencies": latencies, "not_sent": len(skipped)}
 
     return asyncio.run(read())
 
@@ -179,7 +261,8 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
     The flow goes to the tenants of every partition but one (the producer runs in another process, with its own
     ledger positions); the freshness probe's tenant is alone on that partition, so the two streams' positions
     never interleave within a partition. The probe's debit waits behind the same consumer's work. The reader
-    runs in a third process.
+    runs in a third process. The first probe (the consumer joining its group, the first batch's connections
+    and plans) is a warm-up, not counted.
     """
     probe = tenants[0]
     probe_partition = kafka_partition(str(ids.account_id(probe)), settings.topic_partitions)
@@ -188,41 +271,55 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
     bus = KafkaBus(settings.kafka_bootstrap_servers or "", namespace=settings.namespace)
     await bus.start()
     visible: list[float] = []
-    stop = time.monotonic() + seconds
     counter = [10**6]
     headers = {t: {"Authorization": f"Bearer {mint_token(settings, role='viewer', tenant=t)}"} for t in tenants}
 
-    async def freshness(client: httpx.AsyncClient) -> None:
-        while time.monotonic() < stop - 2:
-            before = (await client.get(f"{url}/v1/accounts/{probe}/balance", headers=headers[probe])).json()
-            counter[0] += 1
-            sent = time.monotonic()
-            await bus.publish([stream.debit(probe, counter[0], T0 + timedelta(days=21))])
-            while time.monotonic() - sent < 10:
-                now = (await client.get(f"{url}/v1/accounts/{probe}/balance", headers=headers[probe])).json()
-                if now["position"] > before["position"] and now["wallets"][0]["balance"] != before["wallets"][0][
-                        "balance"]:
-                    visible.append(time.monotonic() - sent)
-                    break
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.2)
+    async def balance(client: KeepAliveClient) -> dict[str, Any]:
+        status, body = await client.request("GET", f"/v1/accounts/{probe}/balance", headers[probe])
+        assert status == 200, body
+        return json.loads(body)
 
+    async def one_probe(client: KeepAliveClient) -> float | None:
+        before = await balance(client)
+        counter[0] += 1
+        sent = time.monotonic()
+        await bus.publish([stream.debit(probe, counter[0], T0 + timedelta(days=21))])
+        while time.monotonic() - sent < 10:
+            now = await balance(client)
+            if now["position"] > before["position"] and now["wallets"][0]["balance"] != before["wallets"][0][
+                    "balance"]:
+                return time.monotonic() - sent
+            await asyncio.sleep(FRESHNESS_POLL_SECONDS)
+        return None
+
+    client = KeepAliveClient(url, connections=1)
     loop = asyncio.get_running_loop()
     try:
+        warm_up = await one_probe(client)
+        stop = time.monotonic() + seconds
         with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
             produced = loop.run_in_executor(pool, _flow, settings, flowing, stream.position + 10**8, flow, seconds)
             read = loop.run_in_executor(pool, _reads, url, tenants, headers, rps, seconds)
-            async with httpx.AsyncClient(timeout=10) as client:
-                await freshness(client)
+            while time.monotonic() < stop - 2:
+                found = await one_probe(client)
+                if found is not None:
+                    visible.append(found)
+                await asyncio.sleep(0.2)
             flowed = await produced
-            latencies = await read
+            reads = await read
     finally:
+        await client.close()
         await bus.stop()
-    return {"balance_reads": len(latencies), "balance_read_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+    latencies = reads["latencies"]
+    return {"balance_reads": len(latencies), "balance_reads_not_sent": reads["not_sent"],
+            "balance_read_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
             "balance_read_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+            "balance_read_max_ms": round(max(latencies, default=float("nan")) * 1000, 2),
             "balance_read_mean_ms": round(statistics.mean(latencies) * 1000, 2) if latencies else float("nan"),
+            "event_to_visible_p50_ms": round(percentile(visible, 0.5) * 1000, 1),
             "event_to_visible_p99_ms": round(percentile(visible, 0.99) * 1000, 1),
             "event_to_visible_max_ms": round(max(visible, default=float("nan")) * 1000, 1),
+            "event_to_visible_warm_up_ms": round(warm_up * 1000, 1) if warm_up is not None else None,
             "event_to_visible_samples": len(visible), "flow_events_sent": flowed,
             "flow_events_per_second": round(flowed / seconds), "probe_events_sent": counter[0] - 10**6}
 
@@ -262,7 +359,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                               "publish_seconds": round(time.monotonic() - started, 2)}
     schema = settings.schema("projections")
     result["load_average_before_rebuild"] = [round(x, 2) for x in os.getloadavg()]
+    cpu = CpuWatch([os.getpid()])
     report = await rebuild(settings, schema=schema, batch_records_max=args.batch, workers=args.workers)
+    result.update(cpu.result("rebuild", report.events))
     result.update(rebuild_events=report.events, rebuild_seconds=round(report.seconds, 2),
                   rebuild_events_per_second=report.events_per_second, rebuild_workers=args.workers or "per cpu",
                   cpus=os.cpu_count(), load_average_after_rebuild=[round(x, 2) for x in os.getloadavg()])
@@ -277,9 +376,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             process = ServiceProcess(["serve", "projections", "--port", str(port), "--role", args.role], env, log,
                                      port).start()
             flow_started = time.monotonic()
+            assert process.proc is not None
+            cpu = CpuWatch([process.proc.pid])
             result.update(await reads_under_flow(settings, f"http://127.0.0.1:{port}", stream, tenants, args.rps,
                                                  args.flow, args.seconds))
             flowed = result["flow_events_sent"] + result["probe_events_sent"]
+            result.update(cpu.result("reads", flowed))
             lag_seconds = await catch_up(settings, schema, len(messages) + flowed)
             result.update(catch_up_seconds_after_flow=round(lag_seconds, 2),
                           consumer_events_per_second=round(flowed / (time.monotonic() - flow_started)))
@@ -300,7 +402,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--tenants", type=int, default=1_000)
-    parser.add_argument("--batch", type=int, default=5_000, help="records per replay transaction")
+    parser.add_argument("--batch", type=int, default=REBUILD_BATCH_RECORDS_MAX, help="records per replay transaction")
     parser.add_argument("--rps", type=int, default=200, help="balance reads per second")
     parser.add_argument("--flow", type=int, default=5_000, help="usage events per second during the reads")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the read test (0: skip)")

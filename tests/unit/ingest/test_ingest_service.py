@@ -234,3 +234,19 @@ async def test_an_http_batch_is_never_sliced(tmp_path: Path) -> None:
     outcomes = await service.process([(usage(f"h-{i}"), f"http:r:{i}") for i in range(count)])
     assert {o.status for o in outcomes} == {"accepted"}
     assert len(await published(bus, topics.USAGE_ACCEPTED)) == count
+
+
+async def test_ledger_events_are_skipped_by_their_type_header_and_new_tenants_learned(tmp_path: Path) -> None:
+    service, bus = await make(tmp_path)
+    opened = LedgerEvent(position=3, aggregate_id="00000000-0000-0000-0000-000000000003", aggregate_version=1,
+                         type="BillingAccount.Opened", recorded_at=datetime.now(UTC),
+                         data={"tenant": "globex", "currency": "USD"})
+    records = [
+        # A usage debit is never decoded (its value here is not even JSON): the header says it is not ours.
+        Record(topics.LEDGER_EVENTS, 0, 3, None, b"not json", (("type", b"BillingAccount.UsageDebited"),)),
+        Record(topics.LEDGER_EVENTS, 0, 4, None, opened.to_json(), (("type", b"BillingAccount.Opened"),)),
+    ]
+    await service.handle_ledger_events(records)
+    assert "globex" in service.knowledge.tenants
+    await service.db.close()
+    await bus.stop()

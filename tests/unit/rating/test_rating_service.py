@@ -122,7 +122,7 @@ async def test_filtered_events_do_not_count(rating) -> None:  # type: ignore[no-
 
 async def test_close_prices_max_last_and_unique_count_once(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
-    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)  # noqa: E731
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
     await service.handle_accepted([
         accepted("s1", "10", "storage_gb", at=day(1)), accepted("s2", "40", "storage_gb", at=day(2)),
         accepted("s3", "20", "storage_gb", at=day(3)),
@@ -227,3 +227,14 @@ async def test_a_correction_in_the_same_batch_as_its_original_amends_it(rating) 
     assert [Decimal(c["payload"]["amount"]) for c in await published(bus)] == amounts * 2
     totals = await service.db.fetch("SELECT quantity FROM period_totals")
     assert [r["quantity"] for r in totals] == ["0"]
+
+
+async def test_ledger_events_rating_does_not_follow_are_skipped_by_their_type_header(rating) -> None:  # type: ignore[no-untyped-def]
+    service, _ = rating
+    newer = LedgerEvent(position=9, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                        recorded_at=datetime.now(UTC), data={"version": 2, "document": CATALOG})
+    await service.handle_ledger_events([
+        Record(topics.LEDGER_EVENTS, 0, 1, None, b"not json", (("type", b"BillingAccount.UsageDebited"),)),
+        Record(topics.LEDGER_EVENTS, 0, 2, None, newer.to_json(), (("type", b"Catalog.Published"),)),
+    ])
+    assert service.catalog.version == 2

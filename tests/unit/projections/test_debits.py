@@ -1,0 +1,131 @@
+"""The one-pass debit handler (``debits.project``) writes exactly what the five read models' handlers write."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from billing_projections import debits
+from billing_projections.facts import Fact
+from billing_projections.service import ProjectionService
+from billing_projections.writer import BatchWriter
+from billing_runtime.db import SqliteDatabase
+
+from tests.unit.projections.conftest import apply, dump
+from tests.unit.projections.ledger_events import Ledger, full_scenario
+
+GRANT = "9f1c8a52-0000-4000-8000-000000000001"
+OTHER_GRANT = "9f1c8a52-0000-4000-8000-000000000002"
+
+
+def _debit(**changes: Any) -> dict[str, Any]:
+    """A relay-shaped ``UsageDebited`` body; ``changes`` replace (or, as None values in ``cause``, drop) fields."""
+    data: dict[str, Any] = {
+        "command_id": "c-1", "meter": "ai_tokens", "unit": "USD", "amount": 200, "overage": 0, "credit_grant": None,
+        "at": "2026-11-03T10:00:00.123456+00:00",
+        "postings": [{"account": "tenant_wallet", "unit": "USD", "amount": 200, "grant_id": GRANT},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -200, "grant_id": GRANT}],
+        "draws": [{"grant_id": GRANT, "amount": 200}],
+        "cause": {"event_ids": ["e1"], "period": "2026-11", "quantity": "1200", "usage_type": "ai", "model": "m1",
+                  "operation": "chat", "user": "u1", "tokens": {"input": "1000", "output": "200"},
+                  "properties": {"model": "m1", "operation": "chat", "user": "u1"}},
+    }
+    data.update(changes)
+    return data
+
+
+SHAPES: list[dict[str, Any]] = [
+    _debit(),
+    _debit(amount=-50, postings=[{"account": "tenant_wallet", "unit": "USD", "amount": -50, "grant_id": GRANT},
+                                 {"account": "recognised_revenue", "unit": "USD", "amount": 50, "grant_id": GRANT}]),
+    _debit(amount=300, overage=100, postings=[
+        {"account": "tenant_wallet", "unit": "USD", "amount": 200, "grant_id": GRANT},
+        {"account": "receivables", "unit": "USD", "amount": 100},
+        {"account": "recognised_revenue", "unit": "USD", "amount": -300}]),
+    _debit(amount=0, postings=[]),
+    _debit(cause=None),
+    _debit(cause="not a map"),
+    _debit(cause={}),
+    _debit(cause={"quantity": "", "event_id": "solo", "payment_id": " pay-1 ", "issued_by": "svc"}),
+    _debit(cause={"quantity": "7.50", "usage_type": "compute", "properties": {"input_tokens": "5",
+                                                                             "completion_tokens": 2}}),
+    _debit(cause={"quantity": 12, "model": "m2", "properties": "odd", "user": "", "requested_by": "ops"}),
+    _debit(cause={"quantity": "3", "properties": {"model": " m3 ", "token_class": "cached", "user": "u9"}}),
+    _debit(cause={"quantity": "nan", "model": "m4", "tokens": {"prompt": "1", "weird": "2", "cached_input": "x"}}),
+    _debit(unit="CREDIT", meter="api_calls", postings=[
+        {"account": "tenant_wallet", "unit": "CREDIT", "amount": 200, "grant_id": GRANT},
+        {"account": "tenant_wallet", "unit": "CREDIT", "amount": 5, "grant_id": OTHER_GRANT},
+        {"account": "recognised_revenue", "unit": "CREDIT", "amount": -205}]),
+    _debit(postings=[{"account": "tenant_wallet", "unit": "EUR", "amount": 10, "grant_id": GRANT},
+                     {"account": "recognised_revenue", "unit": "EUR", "amount": -10}]),
+    _debit(credit_grant={"grant_id": OTHER_GRANT, "unit": "USD", "amount": 1000, "source": "promotion"}),
+    _debit(at=None, effective_at=None),
+]
+
+
+def _facts(shapes: list[dict[str, Any]], tenant: str = "acme") -> list[Fact]:
+    return [Fact(i + 1, "acct-1", debits.EVENT_TYPE, "2026-11-03T10:00:01.000000Z", copy.deepcopy(data), tenant)
+            for i, data in enumerate(shapes)]
+
+
+def _state(writer: BatchWriter) -> tuple[Any, Any]:
+    """Everything a writer would write, exactly (``repr``: ``Decimal('1')`` is not ``1``). Rows are sorted (the
+    writer sorts them before writing); appended rows stay in their order (the order they are copied in)."""
+    rows = {name: sorted(((key, (row.init, row.set, row.add)) for key, row in found[1].items()), key=repr)
+            for name, found in writer._rows.items()}
+    appends = {name: list(found[1].items()) for name, found in writer._appends.items()}
+    return repr(sorted(rows.items())), repr(sorted(appends.items()))
+
+
+@pytest.mark.parametrize("tenant", ["acme", ""])
+def test_every_shape_of_debit_writes_the_same_rows(tenant: str) -> None:
+    for shapes in ([s] for s in SHAPES):
+        general, fused = BatchWriter(), BatchWriter()
+        for fact in _facts(shapes, tenant):
+            for handler in debits.HANDLERS:
+                handler(fact, general)
+        for fact in _facts(shapes, tenant):
+            debits.project(fact, fused)
+        assert _state(fused) == _state(general), shapes
+
+
+def test_a_batch_of_debits_merges_like_the_general_path() -> None:
+    """Many debits on the same rows (sums, last values), in one writer."""
+    general, fused = BatchWriter(), BatchWriter()
+    for fact in _facts(SHAPES * 3):
+        for handler in debits.HANDLERS:
+            handler(fact, general)
+    for fact in _facts(SHAPES * 3):
+        debits.project(fact, fused)
+    assert _state(fused) == _state(general)
+
+
+def test_the_service_uses_the_one_pass_handler_for_debits_only() -> None:
+    service = ProjectionService(None)  # type: ignore[arg-type]
+    assert service._handlers_of(debits.EVENT_TYPE) == (debits.project,)
+    assert debits.project not in service._handlers_of("BillingAccount.CreditGranted")
+
+
+async def test_real_ledger_events_give_the_same_read_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The ledger's own events (every movement kind, debits interleaved with the rest) through the service,
+    with the one-pass handler and with the read models' own handlers: identical tables."""
+    ledger = Ledger()
+    full_scenario(ledger, "acme")
+    full_scenario(ledger, "globex")
+    records = ledger.records()
+    assert sum(json.loads(r.value)["type"] == debits.EVENT_TYPE for r in records) >= 10
+    dumps = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(debits, "handler_for", lambda event_type: None)
+        db = await SqliteDatabase(tmp_path / f"p{fused}.sqlite").connect()
+        service = ProjectionService(db)
+        await service.setup()
+        await apply(service, records, batch=7)
+        dumps.append(await dump(db))
+        await db.close()
+    assert dumps[0] == dumps[1]
