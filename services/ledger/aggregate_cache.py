@@ -29,6 +29,11 @@ class AggregateCache:
         """Whether it is cached now (another thread may take it the next moment: a hint, not a promise)."""
         return aggregate_id in self._items
 
+    def version(self, aggregate_id: UUID) -> int | None:
+        """The cached version (None if absent), without taking it: a hint, as ``in``."""
+        found = self._items.get(aggregate_id)
+        return None if found is None else found.version  # type: ignore[no-any-return]
+
     def take(self, aggregate_id: UUID) -> Any | None:
         """Removes and returns the cached aggregate (None if absent): the caller owns it now."""
         with self._lock:

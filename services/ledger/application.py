@@ -27,7 +27,7 @@ import orjson
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_ledger.aggregate_cache import AggregateCache
-from billing_ledger.bulk_reads import event_reader
+from billing_ledger.bulk_reads import PostgresEventReader, event_reader
 from billing_ledger.contention import Contention
 from billing_ledger.domain.account import LedgerError
 from billing_ledger.domain.allocation import AllocationError
@@ -93,6 +93,8 @@ class CommandResult:
 
 
 CommandHandler = Callable[["LedgerApplication", "_Batch", LedgerCommand], Any]
+# Events read ahead for a batch's first load: ({aggregate id: version read from}, {aggregate id: events after it}).
+_Known = tuple[Mapping[UUID, int], Mapping[UUID, list[StoredEvent]]]
 HANDLERS: dict[str, CommandHandler] = {}
 
 
@@ -129,6 +131,7 @@ class _Batch:
         self.results: list[CommandResult] = []
         self.stored: list[StoredEvent] = []
         self.trust_cache = False  # see LedgerApplication.load_many
+        self.known: _Known | None = None  # events already read for the first load (see load_many)
         self.now = datetime.now(UTC)  # when this batch's receipts were recorded
         self.now_tagged = {"_type_": "datetime_iso", "_data_": self.now.isoformat()}  # as the transcoder tags it
         self.stored_receipts: list[StoredEvent] = []  # encoded directly (see LedgerApplication._record_receipt)
@@ -137,7 +140,7 @@ class _Batch:
 
     def prefetch(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID]) -> None:
         wanted = [i for i in aggregate_ids if not self._take_from_previous(i)]
-        self.loaded.update(self.app.load_many(wanted, receipt_ids, trust_cache=self.trust_cache))
+        self.loaded.update(self.app.load_many(wanted, receipt_ids, trust_cache=self.trust_cache, known=self.known))
 
     def _take_from_previous(self, aggregate_id: UUID) -> bool:
         if self.after is None or self.after.loaded.get(aggregate_id) is None:
@@ -259,13 +262,15 @@ class LedgerApplication(Application[UUID]):
     # -- reading -----------------------------------------------------------------------------------------
 
     def load_many(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID] = (), *,
-                  trust_cache: bool = False) -> dict[UUID, Any | None]:
+                  trust_cache: bool = False, known: _Known | None = None) -> dict[UUID, Any | None]:
         """Current state of many aggregates in one query: cached ones are taken out and brought up to date,
         the others replayed. Receipts are never cached. The caller owns what it gets (see AggregateCache).
 
         ``trust_cache`` skips the query for cached aggregates and receipts: only for a transaction that
         records a new version of each aggregate it decides on, so a stale copy fails at the insert
         (IntegrityError) instead of deciding wrongly, and a repeated command id fails on its receipt.
+        ``known`` = ({id: version}, {id: events after it}): read already (with the insert lock, see
+        ``_apply_exclusively``); used for every id taken at exactly that version, the others are queried.
         """
         taken: dict[UUID, Any | None] = {i: self.cache.take(i) for i in aggregate_ids}
         receipts = [i for i in receipt_ids if i not in taken]
@@ -273,13 +278,18 @@ class LedgerApplication(Application[UUID]):
         versions = {i: (a.version if a is not None else 0) for i, a in taken.items()}
         if trust_cache:
             versions = {i: v for i, v in versions.items() if v == 0 and i not in receipts}
-        if not versions:
-            return taken
-        try:
-            stored = self.reader.events_after(versions)
-        except BaseException:
-            self._give_back(taken)
-            raise
+        stored: dict[UUID, list[StoredEvent]] = {}
+        if known is not None:
+            read_versions, read_events = known
+            for i in [i for i, v in versions.items() if read_versions.get(i) == v]:
+                del versions[i]
+                stored[i] = read_events.get(i, [])
+        if versions:
+            try:
+                stored.update(self.reader.events_after(versions))
+            except BaseException:
+                self._give_back(taken)
+                raise
         for aggregate_id, events in stored.items():
             aggregate = taken[aggregate_id]
             for event in events:
@@ -350,14 +360,20 @@ class LedgerApplication(Application[UUID]):
         if missing:
             self._give_back(self.load_many(missing))
         prepared: list[_Batch] = []
+        # What the batch will read first (the accounts from their cached versions, the receipts), read with
+        # the lock in one round trip; anything else (an account taken meanwhile) is read as usual.
+        versions = {i: v for i in {ids.account_id(c.tenant) for c in commands if c.tenant}
+                    if (v := self.cache.version(i)) is not None}
+        versions.update({c.command_id: 0 for c in commands if c.command_id not in versions})
 
-        def prepare() -> tuple[Sequence[StoredEvent], Tracking | None]:
-            batch = self._prepare(commands, tracking, record_rejections)
+        def prepare(found: dict[UUID, list[StoredEvent]]) -> Sequence[StoredEvent]:
+            batch = self._prepare(commands, tracking, record_rejections, known=(versions, found))
             prepared.append(batch)
-            return batch.stored, batch.processing.tracking
+            return batch.stored
 
         assert isinstance(self.recorder, BinaryArrayProcessRecorder)
-        self.recorder.insert_events_exclusively(prepare)
+        read = (self.reader, versions) if isinstance(self.reader, PostgresEventReader) else None
+        self.recorder.insert_events_exclusively(prepare, tracking, read)
         prepared[0].return_to_cache()
         return prepared[0].results
 
@@ -439,9 +455,10 @@ class LedgerApplication(Application[UUID]):
         super().close()
 
     def _prepare(self, commands: Sequence[LedgerCommand], tracking: Tracking | None, record_rejections: bool,
-                 after: _Batch | None = None, trust_cache: bool = False) -> _Batch:
+                 after: _Batch | None = None, trust_cache: bool = False, known: _Known | None = None) -> _Batch:
         batch = _Batch(self, tracking, after)
         batch.trust_cache = trust_cache
+        batch.known = known
         batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
         batch.results = [self._apply_one(batch, command, record_rejections) for command in commands]
         batch.collect()

@@ -55,14 +55,28 @@ class PostgresEventReader:
         if not versions:
             return found
         with self._datastore.get_connection() as conn, conn.cursor() as curs:
-            if conn not in self._jit_off:
-                curs.execute("SET jit = off")
-                self._jit_off.add(conn)
-            curs.execute(self._statement, (list(versions), list(versions.values())), prepare=True)
-            for row in curs.fetchall():
-                found.setdefault(row["originator_id"], []).append(StoredEvent(
-                    originator_id=row["originator_id"], originator_version=row["originator_version"],
-                    topic=row["topic"], state=bytes(row["state"])))
+            self.send(conn, curs, versions)
+            return self.received(curs)
+
+    def send(self, conn: Any, curs: Any, versions: Mapping[UUID, int], *, in_transaction: bool = False) -> None:
+        """Sends the query for ``versions`` on ``curs`` (of ``conn``); ``received`` reads the answer. With
+        ``in_transaction`` (a pipelined transaction that took the insert lock first, see
+        ``pg_recorder.insert_events_exclusively``) JIT is turned off for that transaction only: a session
+        setting made there would be undone by a rollback."""
+        if in_transaction:
+            curs.execute("SET LOCAL jit = off")
+        elif conn not in self._jit_off:
+            curs.execute("SET jit = off")
+            self._jit_off.add(conn)
+        curs.execute(self._statement, (list(versions), list(versions.values())), prepare=True)
+
+    @staticmethod
+    def received(curs: Any) -> dict[UUID, list[StoredEvent]]:
+        found: dict[UUID, list[StoredEvent]] = {}
+        for row in curs.fetchall():
+            found.setdefault(row["originator_id"], []).append(StoredEvent(
+                originator_id=row["originator_id"], originator_version=row["originator_version"],
+                topic=row["topic"], state=bytes(row["state"])))
         return found
 
 

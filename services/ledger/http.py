@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
+import orjson
 from billing_events import ids
 from billing_events.messages import CODE_PATTERN, TENANT_PATTERN, LedgerCommand
 from billing_events.money import to_subunits
@@ -79,6 +80,12 @@ def _problem(result: CommandResult) -> Problem:
                    kind=reason.replace("_", "-"), reason=reason)
 
 
+def _json(view: dict[str, Any], status: int) -> Response:
+    """A view (strings, numbers, booleans, None) as the JSON answer, without FastAPI's generic serialisation
+    (validating the returned dict, then ``jsonable_encoder`` walking it): a tenth of a hold's HTTP CPU."""
+    return Response(orjson.dumps(view), status_code=status, media_type="application/json")
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -118,8 +125,9 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
 
     # -- holds -----------------------------------------------------------------------------------------------
 
-    @router.post("/v1/accounts/{tenant}/holds", status_code=201, summary="Reserve credit (yes/no, now)")
-    async def place_hold(tenant: Tenant, body: HoldRequest, principal: Spender, response: Response) -> dict[str, Any]:
+    @router.post("/v1/accounts/{tenant}/holds", status_code=201, summary="Reserve credit (yes/no, now)",
+                 response_model=dict[str, Any])
+    async def place_hold(tenant: Tenant, body: HoldRequest, principal: Spender) -> Response:
         check_tenant(principal, tenant)
         now = _now()
         hold = hold_id(tenant, body.idempotency_key)
@@ -128,9 +136,8 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
             "at": now.isoformat(), "expires_at": (now + timedelta(seconds=body.ttl_seconds)).isoformat()})
         result = await decide(command, ids.account_id(tenant))
         if result.outcome == "duplicate":
-            response.status_code = 200
-            return await read_hold(tenant, hold)
-        return hold_view(tenant, result.value)
+            return _json(await read_hold(tenant, hold), 200)
+        return _json(hold_view(tenant, result.value), 201)
 
     @router.get("/v1/accounts/{tenant}/holds/{hold}", summary="A hold and its status")
     async def get_hold(tenant: Tenant, hold: UUID, principal: Reader) -> dict[str, Any]:

@@ -38,19 +38,31 @@ the insert cannot conflict on a version. The caller's reads run on another poole
 wait for this lock). The lock is held for the time of the decision, so callers use it for the retry of a
 conflicted write, not for every write.
 
+**Round trips.** Every round trip of a small transaction is two more wake-ups (PostgreSQL's backend, then
+this thread) on a machine whose cores are shared, each a chance to wait for a core. An insert without a
+tracking record (the HTTP decisions) sends lock, insert and ``COMMIT`` in ONE pipeline sync (a version
+conflict aborts the transaction and is raised at that sync); the library syncs after the insert and commits
+in a second round trip. Deciding under the lock, the tracking position is recorded with the lock (first
+round trip), and the insert goes with the commit (second), so the lock is held one round trip shorter.
+
 Selected with eventsourcing's ``PROCESS_RECORDER_TOPIC`` setting (see ``application.persistence_env``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent, Tracking
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
+from eventsourcing.utils import retry
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier, Literal
+
+if TYPE_CHECKING:
+    from billing_ledger.bulk_reads import PostgresEventReader
 
 
 class BinaryArrayProcessRecorder(PostgresProcessRecorder):
@@ -68,6 +80,23 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
             SQL("SELECT pg_advisory_xact_lock(hashtext({schema}), hashtext({table}))").format(
                 schema=Literal(datastore.schema), table=Literal(events_table_name)),
         ]
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """As the library's, in ONE round trip when there is no tracking record (the HTTP decisions).
+
+        The library syncs its pipeline after the insert (so a version conflict surfaces there), then commits
+        in a second round trip. Without a tracking record nothing needs a result before the commit: lock,
+        insert and ``COMMIT`` go in one pipeline sync; a conflicting insert aborts the transaction and its
+        ``UniqueViolation`` is raised when the pipeline is synced (as ``IntegrityError``, nothing written).
+        With a tracking record the library's way is kept (the single-row tracking insert reads its result).
+        """
+        if kwargs.get("tracking") is not None or not stored_events:
+            return super().insert_events(stored_events, **kwargs)
+        with self.datastore.get_connection() as conn, conn.pipeline(), conn.transaction(), conn.cursor() as curs:
+            self._lock_table(curs)
+            self._insert_rows(curs, stored_events)
+        return None
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
                               **kwargs: Any) -> None:
@@ -89,29 +118,39 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
         return None
 
     def insert_events_exclusively(
-        self, prepare: Callable[[], tuple[Sequence[StoredEvent], Tracking | None]]
+        self, prepare: Callable[[dict[UUID, list[StoredEvent]]], Sequence[StoredEvent]],
+        tracking: Tracking | None = None, read: tuple[PostgresEventReader, Mapping[UUID, int]] | None = None,
     ) -> None:
-        """Locks the event table, calls ``prepare()`` and inserts the events and tracking it returns, in one
-        transaction (see the module docstring). If ``prepare`` raises, nothing is written.
+        """Locks the event table, records ``tracking``, calls ``prepare(events read)`` and inserts the events it
+        returns, in one transaction (see the module docstring). If ``prepare`` raises, nothing is written.
 
-        Pipelined like the library's ``insert_events``: one round trip takes the lock, one inserts (an
-        ``IntegrityError`` surfaces there), one commits.
+        Pipelined, so the lock is held for as few round trips as possible: the first takes the lock, records
+        the tracking position (a position already recorded raises ``IntegrityError`` before anything is
+        decided) and, with ``read`` = (reader, {aggregate id: version}), reads the events recorded after those
+        versions on the same connection: the query starts after the lock is granted, so (READ COMMITTED) it
+        sees every event any writer committed, and none can be committed until this transaction ends. After
+        ``prepare`` the insert and the commit go in one more round trip.
         """
         error: Exception | None = None
+        found: dict[UUID, list[StoredEvent]] = {}
         with self.datastore.get_connection() as conn:
             with conn.pipeline() as pipeline, conn.transaction():
                 with conn.cursor() as curs:
-                    self._lock_table(curs)
-                    pipeline.sync()  # held from here until commit or rollback
-                stored_events, tracking = prepare()
-                with conn.cursor() as curs:
                     try:
+                        self._lock_table(curs)
                         if tracking is not None:
-                            self._insert_tracking(curs, tracking=tracking)
-                        if stored_events:
-                            self._insert_rows(curs, stored_events)
-                        pipeline.sync()
+                            self._insert_tracking(curs, tracking=tracking)  # reads its result: a sync
+                        if read is not None and read[1]:
+                            read[0].send(conn, curs, read[1], in_transaction=True)
+                        pipeline.sync()  # the lock is held from here until commit or rollback
+                        if read is not None and read[1]:
+                            found = read[0].received(curs)
                     except Exception as exc:  # noqa: BLE001 - raised below, after the pipeline (as the library)
                         error = exc
+                if error is None:
+                    stored_events = prepare(found)
+                    if stored_events:
+                        with conn.cursor() as curs:
+                            self._insert_rows(curs, stored_events)  # conflicts surface at the commit's sync
             if error is not None:
                 raise error

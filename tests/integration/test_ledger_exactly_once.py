@@ -301,6 +301,42 @@ def test_direct_command_that_loses_a_race_is_decided_under_the_lock(
     assert account(other, "held").available("USD") == 1 * U
 
 
+def test_inline_decision_on_a_stale_copy_is_decided_again_under_the_lock(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    # An idle ledger decides on the event loop's thread, trusting its cached account: the one-round-trip
+    # insert (lock, insert, commit pipelined) must still refuse a stale version, and the writer decides again.
+    server, other = two_stores
+    server.apply_commands([command("account.open", "inline", {"currency": "USD"}, "open"),
+                           command("credit.grant", "inline", {"grant_key": "g", "unit": "USD", "amount": "10",
+                                                              "source": "promotion"}, "grant")])
+    assert server.read(ids.account_id("inline"), lambda a: a.version)  # cached here, about to go stale
+    direct = DirectCommands(server)
+    assert direct.inline  # PostgreSQL: idle decisions are made on the caller's thread
+
+    def place(key: str, amount: str) -> LedgerCommand:
+        return command("hold.place", "inline", {"hold_id": str(uuid.uuid4()), "amount": amount,
+                                                "expires_at": "2099-01-01T00:00:00+00:00"}, key)
+
+    first = asyncio.run(direct.decide(place("h1", "1")))
+    assert first.outcome == "applied" and first.value["status"] == "active" and direct.inline_decisions == 1
+    other.apply_commands([usage("inline", f"s{i}") for i in range(8)])  # 8 of the 9 USD left
+    time.sleep(0.01)
+    second = asyncio.run(direct.decide(place("h2", "2")))
+    # The inline attempt conflicted (nothing written); decided again on the stored state (1 USD): refused.
+    assert second.outcome == "applied" and second.value["status"] == "rejected"
+    assert direct.inline_decisions == 1 and direct.contention.recent(time.monotonic())
+    assert account(other, "inline").available("USD") == 1 * U
+    # Contended now: decided under the lock at once. The cached copy is stale again; the events recorded since
+    # are read in the lock's own round trip (the reader's separate query is not used).
+    other.apply_commands([usage("inline", "s8")])
+    reads: list[object] = []
+    original = server.reader.events_after
+    server.reader.events_after = lambda versions: reads.append(versions) or original(versions)  # type: ignore[method-assign]
+    third = asyncio.run(direct.decide(place("h3", "0.5")))
+    assert third.outcome == "applied" and third.value["status"] == "rejected" and reads == []
+    assert account(other, "inline").available("USD") == 0
+
+
 def test_inserts_are_serialised_so_notification_ids_commit_in_order(
         two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
     # The relay tails the notification log: a transaction may not commit ids lower than one already
