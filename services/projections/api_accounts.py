@@ -12,14 +12,13 @@ from billing_projections import api_models, balances, lists, views
 from billing_projections.exports import csv_of, csv_response
 from billing_projections.limits import PAGE_ITEMS_DEFAULT, PAGE_ITEMS_MAX
 from billing_projections.params import day_bound, month_range, split_list, time_bound, wants_csv
-from billing_projections.tokens import reader
-from billing_runtime.auth import Principal, check_tenant
+from billing_runtime.auth import Principal, check_tenant, require
 from billing_runtime.db import Database
 from billing_runtime.problems import Problem
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-# Any role; a token this app verified a moment ago is not verified again (tokens.py).
-Reader = Annotated[Principal, Depends(reader)]
+# Any role (the verifier answers a token it accepted a moment ago from memory: billing_runtime.auth).
+Reader = Annotated[Principal, Depends(require())]
 Limit = Annotated[int, Query(ge=1, le=PAGE_ITEMS_MAX, description="Items per page")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
 Format = Annotated[str | None, Query(alias="format", description="json (default) or csv; or Accept: text/csv")]

@@ -14,6 +14,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 
 from billing_projections.app import builder
 from billing_projections.limits import CONSUMER_NICE
@@ -28,28 +29,33 @@ log = get_logger(__name__)
 
 
 def _watch_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """Stops when stdin (a pipe from the parent) reaches EOF: the parent is gone, however it died."""
+    """Stops when stdin (a pipe from the parent) reaches EOF: the parent is gone, however it died.
+
+    A daemon thread blocked in ``read``: it needs nothing from the event loop until the parent is gone.
+    """
     try:
         fd = sys.stdin.fileno()
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        # A pipe, or a socket pair (what uvloop's subprocesses get for stdin=PIPE); not a terminal or file.
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
             return
     except (OSError, ValueError):
         return
 
-    def readable() -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(fd)
-            log.info("parent_gone_stopping")
-            stop.set()
+    def wait_for_eof() -> None:
+        while True:
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        log.info("parent_gone_stopping")
+        with contextlib.suppress(RuntimeError):  # the loop already closed: the process is ending anyway
+            loop.call_soon_threadsafe(stop.set)
 
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, readable)
+    threading.Thread(target=wait_for_eof, name="parent-watch", daemon=True).start()
 
 
 async def main(port: int | None) -> None:

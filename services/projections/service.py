@@ -47,6 +47,7 @@ class ProjectionService:
         self.db = db
         self._tenants: dict[str, str] = {}  # account id -> tenant (immutable once opened)
         self._handlers: dict[str, tuple[Handler, ...]] = {}  # event type -> the read models' handlers
+        self._kinds: dict[str, tuple[str, str]] = {}  # event type -> (aggregate, name)
 
     def _handlers_of(self, event_type: str) -> tuple[Handler, ...]:
         found = self._handlers.get(event_type)
@@ -75,19 +76,24 @@ class ProjectionService:
         """One partition's batch (the bus's handler): see ``handle_partitions``."""
         await self.handle_partitions([records])
 
-    async def handle_partitions(self, batches: Sequence[list[Record]]) -> None:
+    async def handle_partitions(self, batches: Sequence[Sequence[Record]], topic: str | None = None) -> None:
         """Applies the batches of several partitions of one topic in ONE transaction with their positions.
 
         Every row belongs to one partition (an account's events share one, as do a document's), so merging
         the partitions' rows in one writer keeps each row's event order; one transaction per poll instead of
         per partition saves most of the round trips when events come in small batches. The positions rows are
         locked in partition order, so two instances that briefly share partitions cannot deadlock.
+
+        ``topic``: the name the positions are kept under, when the records are the Kafka client's own (a
+        rebuild passes them as they come, named after the namespaced topic: only ``partition``, ``offset``
+        and ``value`` are read).
         """
         batches = sorted((b for b in batches if b), key=lambda b: b[0].partition)
         if not batches:
             return
-        topic = batches[0][0].topic
-        assert all(b[0].topic == topic for b in batches), "one topic per call"
+        if topic is None:
+            topic = batches[0][0].topic
+            assert all(b[0].topic == topic for b in batches), "one topic per call"
         async with self.db.transaction() as conn:
             # One round trip: creates each row the first time, locks it (ON CONFLICT DO UPDATE takes the row
             # lock, like SELECT ... FOR UPDATE) and returns the stored positions.
@@ -112,7 +118,7 @@ class ProjectionService:
                         EVENTS_SKIPPED.labels("applied_offset").inc()
                         continue
                     try:
-                        event = parse_event(record.value)
+                        event = parse_event(record.value or b"")
                     except MalformedEvent as exc:
                         EVENTS_SKIPPED.labels("malformed").inc()
                         log.error("malformed_ledger_event", partition=partition, offset=record.offset,
@@ -160,9 +166,15 @@ class ProjectionService:
                         f"SELECT account_id, tenant FROM accounts WHERE account_id IN ({placeholders})", *chunk):
                     self._remember(r["account_id"], r["tenant"])
         facts: list[Fact] = []
+        append = facts.append
+        kinds = self._kinds
         for event in events:
             aggregate_id, kind, data = event["aggregate_id"], event["type"], event["data"]
-            aggregate, _, name = kind.partition(".")
+            split = kinds.get(kind)
+            if split is None:
+                aggregate, _, name = kind.partition(".")
+                split = kinds[kind] = (aggregate, name)
+            aggregate, name = split
             if aggregate == "BillingAccount":
                 if name == "Opened":
                     self._remember(aggregate_id, str(data["tenant"]))
@@ -180,9 +192,9 @@ class ProjectionService:
             occurred_at = data.get("at")  # business time, as facts.business_time
             if type(occurred_at) is not str or not occurred_at:
                 occurred_at = data.get("effective_at")
-            facts.append(Fact(event["position"], aggregate_id, kind, recorded_at, data, tenant,
-                              utc_text(occurred_at) if type(occurred_at) is str and occurred_at else recorded_at,
-                              aggregate, name))
+            append(Fact(event["position"], aggregate_id, kind, recorded_at, data, tenant,
+                        utc_text(occurred_at) if type(occurred_at) is str and occurred_at else recorded_at,
+                        aggregate, name))
         return facts
 
     def _remember(self, account_id: str, tenant: str) -> None:

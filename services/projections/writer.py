@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
 from functools import cached_property
+from operator import itemgetter
 from typing import Any
 
 import asyncpg
@@ -122,6 +123,33 @@ class _Row:
         self.add = add
 
 
+def new_row(set: dict[str, Any], add: dict[str, Any]) -> _Row:
+    """A row's first change in a batch (``accumulate``'s new row); both dicts are kept, not copied."""
+    return _Row({}, set, add)
+
+
+def merge_add(row: _Row, column: str, value: Any) -> None:
+    """``accumulate``'s rule for one added value on a row the batch has seen already."""
+    row_set = row.set
+    if not value:
+        row_add = row.add
+        if column not in row_add and column not in row_set:
+            row_add[column] = value
+    elif column in row_set:
+        row_set[column] = row_set[column] + value
+    else:
+        row_add = row.add
+        row_add[column] = row_add.get(column, 0) + value
+
+
+def merge_set(row: _Row, column: str, value: Any) -> None:
+    """``accumulate``'s rule for one set value (never a column that is also added in the same change)."""
+    row.set[column] = value
+    row_add = row.add
+    if row_add and column in row_add:
+        del row_add[column]
+
+
 class BatchWriter:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[Table, dict[tuple[Any, ...], _Row]]] = {}
@@ -210,6 +238,18 @@ class BatchWriter:
             else:
                 row_add[column] = row_add.get(column, 0) + value
 
+    def rows_of(self, table: Table) -> dict[tuple[Any, ...], _Row]:
+        """The rows of ``table`` merged by ``accumulate``, for a handler that merges them itself with
+        ``new_row`` and ``merge_set`` / ``merge_add`` (``debits.py``: the same rules, without building the
+        ``set`` and ``add`` dicts of rows the batch has seen already)."""
+        rows = self._accumulated.get(table.name)
+        if rows is None:
+            found = self._rows.get(table.name)
+            if found is None:
+                found = self._rows[table.name] = (table, {})
+            rows = self._accumulated[table.name] = found[1]
+        return rows
+
     def insert(self, table: Table, key: tuple[Any, ...], values: dict[str, Any]) -> None:
         """A row that is written once and never changes (an existing row is kept)."""
         self.upsert(table, key, init=values)
@@ -294,8 +334,10 @@ async def _read_back_decimals(conn: Connection, table: Table, rows: dict[tuple[A
             row.set[column] = start_value + Decimal(row.add.pop(column))
 
 
-def _decimal_text(value: Decimal) -> str:
+def _decimal_text(value: Any) -> str:
     """Plain notation, no exponent, no trailing zeros (``3``, ``0.5``): the same number is the same text."""
+    if type(value) is not Decimal:
+        value = Decimal(value)
     if value == 0:
         return "0"
     text = format(value.normalize(), "f")
@@ -303,11 +345,14 @@ def _decimal_text(value: Decimal) -> str:
 
 
 async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Row], dialect: str) -> None:
-    columns = table.all_columns
     others = tuple(table.column_specs)
     defaults = table.defaults
     decimals = table.decimal_columns
+    decimal_others = tuple(c for c in others if c in decimals)
     required = table.required
+    # A row's values in column order: set, else added, else init, else the default (one dict, then C code).
+    pick = itemgetter(*others) if len(others) > 1 else (lambda found: (found[others[0]],))
+    shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[tuple[str, ...], tuple[str, ...]]] = {}
     upserts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
     updates: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
     try:
@@ -317,34 +362,34 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
     for key in ordered:
         row = rows[key]
         row_set, row_add, row_init = row.set, row.add, row.init
-        shape = (tuple(sorted(row_set)), tuple(sorted(row_add)))
+        seen = (tuple(row_set), tuple(row_add))  # insertion order: the same few recur, sorted once each
+        shape = shapes.get(seen)
+        if shape is None:
+            shape = shapes[seen] = (tuple(sorted(row_set)), tuple(sorted(row_add)))
         if decimals:
             for column in decimals.intersection(row_set):
-                row_set[column] = _decimal_text(Decimal(row_set[column]))
+                row_set[column] = _decimal_text(row_set[column])
         if required and not required.issubset(row_init) and not required <= set(row_init) | set(row_set):
             # Not enough to create the row (e.g. a grant's balance change): it exists already, update it.
             if row_set or row_add:
                 updates.setdefault(shape, []).append(
                     [row_set[c] for c in shape[0]] + [row_add[c] for c in shape[1]] + list(key))
             continue
+        found = defaults.copy()
+        if row_init:
+            found.update(row_init)
+        found.update(row_add)
+        found.update(row_set)
+        for column in decimal_others:
+            if column not in row_set:
+                found[column] = _decimal_text(found[column])
         values = list(key)
-        for column in others:
-            if column in row_set:
-                values.append(row_set[column])
-            elif column in row_add:
-                values.append(row_add[column])
-            elif column in row_init:
-                values.append(row_init[column])
-            else:
-                values.append(defaults[column])
-        if decimals:
-            for index, column in enumerate(columns):
-                if column in decimals and column not in row_set:
-                    values[index] = _decimal_text(Decimal(values[index]))
+        values += pick(found)
         upserts.setdefault(shape, []).append(values)
     if dialect == "postgres":
         await _write_unnested(conn, table, upserts, updates)
         return
+    columns = table.all_columns
     for (set_columns, add_columns), params in upserts.items():
         changes = [f"{c} = excluded.{c}" for c in set_columns]
         changes += [f"{c} = {_sum(table, c, f'{table.name}.{c}', f'excluded.{c}')}" for c in add_columns]

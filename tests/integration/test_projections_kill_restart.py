@@ -7,8 +7,10 @@ the history exactly once; monthly usage and dashboard figures must count every d
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -43,6 +45,22 @@ async def _counts(database_url: str, schema: str) -> dict[str, dict[str, int]]:
     }
 
 
+def _consumer_pid(log_path: Path) -> int:
+    started = [json.loads(line) for line in log_path.read_text(errors="replace").splitlines()
+               if '"consumer_process_started"' in line]
+    assert started, "the projections process logs its consumer child's pid"
+    return int(started[-1]["pid"])
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited orphan waits for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def test_sigkill_mid_stream_then_restart_double_applies_nothing(infra: dict[str, str],
                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
     stack = start_projections(infra, tmp_path_factory.mktemp("projections-kill"))
@@ -58,6 +76,9 @@ def test_sigkill_mid_stream_then_restart_double_applies_nothing(infra: dict[str,
                               timeout=60, interval=0.05, what="the first applied batch")
         stack.process.stop(signal.SIGKILL)
         assert progress < total, f"killed after everything was applied ({progress}/{total}): not mid-stream"
+        # Its consumer child sees the parent gone (EOF on its stdin) and stops too: no orphan keeps consuming.
+        child = _consumer_pid(stack.process.log_path)
+        wait_until(lambda: not _running(child), timeout=30, what=f"consumer child {child} to stop")
         # While it is down: the rest of the stream, and a tail the ledger's relay re-published after a crash.
         asyncio.run(publish(stack, messages[half:]))
         asyncio.run(publish(stack, messages[half - 300:half + 300]))

@@ -129,3 +129,42 @@ async def test_real_ledger_events_give_the_same_read_models(tmp_path: Path, monk
         dumps.append(await dump(db))
         await db.close()
     assert dumps[0] == dumps[1]
+
+
+async def test_kafka_client_records_apply_under_the_topics_own_name(tmp_path: Path) -> None:
+    """A rebuild passes the Kafka client's records as they come (named after the namespaced topic, ``value``
+    possibly None): the rows equal those of ``Record``s, and positions are kept under the topic's own name, so a
+    second replay of either kind skips everything."""
+    from aiokafka import ConsumerRecord
+    from billing_events import topics
+
+    from tests.unit.projections.conftest import apply
+    from tests.unit.projections.ledger_events import by_partition
+
+    ledger = Ledger()
+    full_scenario(ledger, "acme")
+    records = ledger.records()
+    dumps = []
+    for raw in (False, True):
+        db = await SqliteDatabase(tmp_path / f"r{raw}.sqlite").connect()
+        service = ProjectionService(db)
+        await service.setup()
+        if raw:
+            for part in by_partition(records).values():
+                batch = [ConsumerRecord(f"ns1.{r.topic}", r.partition, r.offset, 0, 0, r.key, r.value, None, 0, 0,
+                                        list(r.headers)) for r in part]
+                batch.append(ConsumerRecord(f"ns1.{topics.LEDGER_EVENTS}", batch[-1].partition,
+                                            batch[-1].offset + 1, 0, 0, None, None, None, 0, 0, []))  # no value
+                await service.handle_partitions([batch], topic=topics.LEDGER_EVENTS)
+                await service.handle_partitions([batch], topic=topics.LEDGER_EVENTS)
+        else:
+            await apply(service, records)
+            await apply(service, records)
+        dumps.append(await dump(db))
+        positions = await db.fetch("SELECT DISTINCT topic FROM positions")
+        assert [p["topic"] for p in positions] == [topics.LEDGER_EVENTS]
+        await db.close()
+    plain, raw_dump = dumps
+    # The value-less record at each partition's end is skipped (malformed), its offset applied all the same.
+    assert [(t, p, o + 1, last) for t, p, o, last in plain.pop("positions")] == raw_dump.pop("positions")
+    assert plain["accounts"] and plain == raw_dump
