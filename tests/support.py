@@ -114,3 +114,29 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
     yield inbox, port
     controller.stop()
 
+
+
+async def exercise_copy_records(db: Any, unique_error: type[BaseException]) -> BaseException:
+    """``copy_records`` on either dialect: lists and async iterables append, an empty list is nothing, and a
+    row breaking the primary key fails the whole copy (nothing of it stays). Returns the unique violation."""
+    await db.executescript("CREATE TABLE t (k TEXT PRIMARY KEY, n BIGINT, note TEXT)")
+
+    async def rows() -> Any:
+        for i in range(3):
+            yield (f"a{i}", i, None)
+
+    async with db.transaction() as conn:
+        await conn.copy_records("t", ("k", "n", "note"), [("x", 2**40, "é")])
+        await conn.copy_records("t", ("k", "n", "note"), rows())
+        await conn.copy_records("t", ("k", "n", "note"), [])
+    assert [tuple(r.values()) for r in await db.fetch("SELECT k, n, note FROM t ORDER BY k")] == [
+        ("a0", 0, None), ("a1", 1, None), ("a2", 2, None), ("x", 2**40, "é")]
+    try:
+        async with db.transaction() as conn:
+            await conn.copy_records("t", ("k", "n", "note"), [("new", 1, None), ("x", 1, None)])
+    except unique_error as exc:
+        caught = exc
+    else:
+        raise AssertionError("a duplicate key must fail the copy")
+    assert await db.fetchval("SELECT count(*) FROM t") == 4  # the failed copy left nothing
+    return caught

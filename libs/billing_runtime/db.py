@@ -176,13 +176,26 @@ class _PgConnection:
         return await self._conn.fetchval(sql, *args)
 
 
+async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
+    """A pool's ``reset`` for connections that never change session state (``reset_sessions=False``)."""
+
+
 class PostgresDatabase:
     dialect = "postgres"
 
-    def __init__(self, url: str, schema: str, pool_size_max: int = 10) -> None:
+    def __init__(self, url: str, schema: str, pool_size_max: int = 10, *, pool_size_min: int = 1,
+                 reset_sessions: bool = True) -> None:
+        """``reset_sessions=False`` is for pools whose connections never change session state (single
+        statements: no ``SET``, ``LISTEN``, advisory locks, cursors or temporary tables outside a transaction),
+        such as a query API's. asyncpg's default reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+        RESET ALL``) is a second round trip, and a second wake-up of the server's backend, on every release;
+        without it a read is one round trip. A transaction left open is still rolled back and a broken
+        connection still dropped; reads still see committed rows only."""
         self._url = url
         self._schema = schema
         self._pool_size_max = pool_size_max
+        self._pool_size_min = pool_size_min
+        self._reset_sessions = reset_sessions
         self._pool: asyncpg.Pool | None = None
 
     async def connect(self) -> PostgresDatabase:
@@ -192,8 +205,9 @@ class PostgresDatabase:
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
-            self._url, min_size=1, max_size=self._pool_size_max,
+            self._url, min_size=self._pool_size_min, max_size=self._pool_size_max,
             server_settings={"search_path": self._schema},
+            **({} if self._reset_sessions else {"reset": _nothing_to_reset}),
         )
         return self
 

@@ -26,12 +26,16 @@ from collections.abc import Awaitable, Callable
 from billing_events import topics
 from billing_projections.http import build_routers
 from billing_projections.kafka_consumer import consume_ledger_events
-from billing_projections.limits import CONSUMER_PROCESSES_MAX, CONSUMER_STOP_SECONDS_MAX
-from billing_projections.readdb import ReadDatabase
+from billing_projections.limits import (
+    CONSUMER_PROCESSES_MAX,
+    CONSUMER_STOP_SECONDS_MAX,
+    READ_POOL_CONNECTIONS_MAX,
+    READ_POOL_CONNECTIONS_MIN,
+)
 from billing_projections.service import ProjectionService
 from billing_projections.tuning import freeze_startup_heap
 from billing_runtime.bus import Bus
-from billing_runtime.db import Database, open_database
+from billing_runtime.db import Database, PostgresDatabase, open_database
 from billing_runtime.logging import get_logger
 from billing_runtime.service import ConsumerSpec, ServiceParts
 from billing_runtime.settings import Settings
@@ -69,8 +73,10 @@ async def build(settings: Settings, bus: Bus, role: str = "inline") -> ServicePa
     if role != "consumer":
         reads: Database = db
         if db.dialect == "postgres" and settings.database_url:
-            # The API's own pool: one round trip per read (see readdb.py).
-            reads = reader = await ReadDatabase.connect(settings.database_url, settings.schema("projections"))
+            # The API's own pool: its reads never change session state, so a read is one round trip (no reset).
+            reads = reader = await PostgresDatabase(
+                settings.database_url, settings.schema("projections"), READ_POOL_CONNECTIONS_MAX,
+                pool_size_min=READ_POOL_CONNECTIONS_MIN, reset_sessions=False).connect()
 
             async def close() -> None:
                 try:

@@ -42,6 +42,6 @@ GC_GEN0_THRESHOLD = 50_000
 REBUILD_GC_GEN0_THRESHOLD = 1_000_000
 # `billing projections rebuild`: replay processes at most (each takes a share of the topic's partitions).
 REBUILD_WORKERS_MAX = 16
-# Query API (PostgreSQL): connections of its read pool kept open, and at most (readdb.py).
+# Query API (PostgreSQL): connections of its read pool kept open, and at most (no session reset: billing_runtime.db).
 READ_POOL_CONNECTIONS_MIN = 2
 READ_POOL_CONNECTIONS_MAX = 10

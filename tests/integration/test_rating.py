@@ -20,7 +20,7 @@ from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
 from billing_rating.close import close_period
 from billing_rating.service import RatingService
 from billing_runtime.bus import Record
-from billing_runtime.db import PostgresDatabase, is_unique_violation
+from billing_runtime.db import PostgresDatabase
 
 from tests.integration.conftest import Stack
 from tests.integration.test_walking_skeleton import apply_accounts, available, produce_raw, wait_balance
@@ -152,34 +152,6 @@ def usage(tenant: str, event_id: str, quantity: str, meter: str = "api_calls", a
     message = AcceptedUsage(account_id=ids.account_id(tenant), event=event, accepted_at=NOV, source="test",
                             catalog_version=1)
     return Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())
-
-
-async def test_postgres_copy_records_and_unique_violations(infra: dict[str, str]) -> None:
-    schema = f"t{uuid.uuid4().hex[:10]}_copy"
-    db = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
-    try:
-        await db.executescript("CREATE TABLE t (k TEXT PRIMARY KEY, n BIGINT, note TEXT)")
-
-        async def rows() -> AsyncIterator[tuple[Any, ...]]:
-            for i in range(3):
-                yield (f"a{i}", i, None)
-
-        async with db.transaction() as conn:
-            await conn.copy_records("t", ("k", "n", "note"), [("x", 2**40, "é")])
-            await conn.copy_records("t", ("k", "n", "note"), rows())
-            await conn.copy_records("t", ("k", "n", "note"), [])
-        assert [tuple(r.values()) for r in await db.fetch("SELECT k, n, note FROM t ORDER BY k")] == [
-            ("a0", 0, None), ("a1", 1, None), ("a2", 2, None), ("x", 2**40, "é")]
-        with pytest.raises(asyncpg.UniqueViolationError) as caught:
-            async with db.transaction() as conn:
-                await conn.copy_records("t", ("k", "n", "note"), [("new", 1, None), ("x", 1, None)])
-        assert is_unique_violation(caught.value, "t_pkey") and not is_unique_violation(caught.value, "other")
-        assert await db.fetchval("SELECT count(*) FROM t") == 4  # the failed COPY left nothing
-    finally:
-        await db.close()
-        conn = await asyncpg.connect(infra["DATABASE_URL"])
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await conn.close()
 
 
 async def test_postgres_redelivery_republishes_the_same_commands_and_counts_once(pg_rating) -> None:  # type: ignore[no-untyped-def]

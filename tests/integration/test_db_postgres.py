@@ -1,0 +1,56 @@
+"""The PostgreSQL adapter (``billing_runtime.db``) on the real server: COPY, and pools without session reset."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from billing_runtime.db import PostgresDatabase, is_unique_violation
+
+from tests.support import exercise_copy_records
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def schema(infra: dict[str, str]) -> AsyncIterator[str]:
+    name = f"t{uuid.uuid4().hex[:10]}_db"
+    yield name
+    conn = await asyncpg.connect(infra["DATABASE_URL"])
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def test_copy_records_and_unique_violations(infra: dict[str, str], schema: str) -> None:
+    db = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
+    try:
+        caught = await exercise_copy_records(db, asyncpg.UniqueViolationError)
+        assert is_unique_violation(caught, "t_pkey") and not is_unique_violation(caught, "other")
+    finally:
+        await db.close()
+
+
+async def test_a_pool_without_session_reset_reads_committed_rows_and_rolls_back_open_transactions(
+        infra: dict[str, str], schema: str) -> None:
+    writer = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
+    reader = await PostgresDatabase(infra["DATABASE_URL"], schema, 1, reset_sessions=False).connect()
+    try:
+        await writer.executescript("CREATE TABLE b (k TEXT PRIMARY KEY, n BIGINT)")
+        await writer.execute("INSERT INTO b VALUES ('acme', 1)")
+        assert await reader.fetchval("SELECT n FROM b WHERE k = 'acme'") == 1
+        async with writer.transaction() as conn:  # not committed yet: the reader must not see it
+            await conn.execute("UPDATE b SET n = 2 WHERE k = 'acme'")
+            assert await reader.fetchval("SELECT n FROM b WHERE k = 'acme'") == 1
+        assert await reader.fetchval("SELECT n FROM b WHERE k = 'acme'") == 2
+        # A failed transaction on the single pooled connection leaves it usable (rolled back, not reset).
+        with pytest.raises(asyncpg.UndefinedTableError):
+            async with reader.transaction() as conn:
+                await conn.fetch("SELECT * FROM no_such_table")
+        assert await reader.fetchval("SELECT count(*) FROM b") == 1
+    finally:
+        await reader.close()
+        await writer.close()
