@@ -9,7 +9,7 @@ both hold a partition (a rebalance) apply its batch once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from billing_projections import (
@@ -27,7 +27,7 @@ from billing_projections.facts import Fact, MalformedEvent, parse_event, utc_tex
 from billing_projections.limits import LOOKUP_KEYS_MAX
 from billing_projections.store import ensure_schema, reset
 from billing_projections.writer import BatchWriter, Handler
-from billing_runtime.bus import Record
+from billing_runtime.bus import Record, header
 from billing_runtime.db import Connection, Database
 from billing_runtime.logging import get_logger
 from prometheus_client import Counter
@@ -117,6 +117,14 @@ class ProjectionService:
                     if record.offset < next_offset:
                         EVENTS_SKIPPED.labels("applied_offset").inc()
                         continue
+                    skipped = _unwanted_position(record, handlers_of)
+                    if skipped is not None:  # e.g. a command receipt: no read model needs it, so not decoded
+                        if skipped <= last_position:
+                            EVENTS_SKIPPED.labels("re_relayed").inc()
+                        else:
+                            last_position = skipped
+                            applied += 1
+                        continue
                     try:
                         event = parse_event(record.value or b"")
                     except MalformedEvent as exc:
@@ -201,3 +209,13 @@ class ProjectionService:
         if len(self._tenants) >= ACCOUNT_CACHE_ENTRIES_MAX:
             self._tenants.clear()
         self._tenants[account_id] = tenant
+
+
+def _unwanted_position(record: Record, handlers_of: Callable[[str], tuple[Handler, ...]]) -> int | None:
+    """The position of a record no read model needs, read from its headers (the relay's ``type`` and
+    ``position``) without decoding the event; None when the record must be decoded (wanted, or no headers)."""
+    event_type = header(record, "type")
+    if event_type is None or handlers_of(event_type.decode()):
+        return None
+    position = header(record, "position")
+    return int(position) if position is not None and position.isdigit() else None

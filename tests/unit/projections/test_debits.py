@@ -168,3 +168,34 @@ async def test_kafka_client_records_apply_under_the_topics_own_name(tmp_path: Pa
     # The value-less record at each partition's end is skipped (malformed), its offset applied all the same.
     assert [(t, p, o + 1, last) for t, p, o, last in plain.pop("positions")] == raw_dump.pop("positions")
     assert plain["accounts"] and plain == raw_dump
+
+
+async def test_records_no_read_model_needs_are_skipped_by_their_headers_without_decoding(tmp_path: Path) -> None:
+    """A command receipt (the relay's ``type`` header names it) moves the position on, is never decoded (its
+    value here is not even JSON), and changes no row; replaying it again is skipped as re-relayed."""
+    from billing_runtime.bus import Record
+
+    from tests.unit.projections.ledger_events import by_partition
+
+    ledger = Ledger()
+    full_scenario(ledger, "acme")
+    records = ledger.records()
+    dumps = []
+    for receipts in (False, True):
+        db = await SqliteDatabase(tmp_path / f"h{receipts}.sqlite").connect()
+        service = ProjectionService(db)
+        await service.setup()
+        for part in by_partition(records).values():
+            batch = list(part)
+            if receipts:
+                last = json.loads(batch[-1].value)["position"]
+                batch.append(Record(batch[-1].topic, batch[-1].partition, batch[-1].offset + 1, None, b"not json",
+                                    (("type", b"CommandReceipt.Recorded"), ("position", str(last + 1).encode()))))
+            await service.handle_partitions([batch])
+            await service.handle_partitions([batch])
+        dumps.append(await dump(db))
+        await db.close()
+    plain, with_receipts = dumps
+    # Same rows; each partition's stored position is one further (the receipt's), its offset too.
+    assert [(t, p, o + 1, last + 1) for t, p, o, last in plain.pop("positions")] == with_receipts.pop("positions")
+    assert plain["accounts"] and plain == with_receipts
