@@ -25,7 +25,6 @@ from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.mail import send_text
 from billing_ledger.notifier import SmtpSettings
 from billing_runtime.logging import get_logger
-from eventsourcing.persistence import Tracking
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -64,10 +63,7 @@ async def post_signed(url: str, secret: str, payload: dict[str, Any], *, attempt
 async def process_pending(app: LedgerApplication, smtp: SmtpSettings | None, *, attempts_max: int = 5,
                           transport: httpx.AsyncBaseTransport | None = None,
                           backoff_base_seconds: float = BACKOFF_BASE_SECONDS) -> list[dict[str, Any]]:
-    recorder = app.process_recorder
-    position = await asyncio.to_thread(recorder.max_tracking_id, ALERTS_NAME) or 0
-    notifications = await asyncio.to_thread(recorder.select_notifications, position + 1, SCAN_BATCH_EVENTS_MAX,
-                                            topics=[REACHED_TOPIC])
+    notifications = await asyncio.to_thread(app.unprocessed, ALERTS_NAME, SCAN_BATCH_EVENTS_MAX, [REACHED_TOPIC])
     sent = []
     for notification in notifications:
         event: Any = app.mapper.to_domain_event(notification)
@@ -86,7 +82,7 @@ async def process_pending(app: LedgerApplication, smtp: SmtpSettings | None, *, 
                                                       attempts_max=attempts_max, transport=transport,
                                                       backoff_base_seconds=backoff_base_seconds)
         sent.append(result)
-        await asyncio.to_thread(recorder.insert_tracking, Tracking(ALERTS_NAME, notification.id))
+        await asyncio.to_thread(app.processed, ALERTS_NAME, notification.id)
     return sent
 
 

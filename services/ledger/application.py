@@ -259,6 +259,19 @@ class LedgerApplication(Application[UUID]):
     def next_offset(self, topic: str, partition: int) -> int | None:
         return self.process_recorder.max_tracking_id(f"kafka:{topic}:{partition}")
 
+    # -- followers of the event log (relay, alerts, top-ups, invoice emails) --------------------------------
+
+    def unprocessed(self, follower: str, limit: int, topics: Sequence[str] = ()) -> Sequence[Any]:
+        """The stored events (notifications) after ``follower``'s tracked position, oldest first, at most
+        ``limit``, only of ``topics`` if given. The follower acts on them, then calls ``processed``."""
+        recorder = self.process_recorder
+        position = recorder.max_tracking_id(follower) or 0
+        return recorder.select_notifications(position + 1, limit, topics=topics)
+
+    def processed(self, follower: str, notification_id: int) -> None:
+        """Records that ``follower`` is done up to ``notification_id`` (its next ``unprocessed`` starts after)."""
+        self.process_recorder.insert_tracking(Tracking(follower, notification_id))
+
     # -- reading -----------------------------------------------------------------------------------------
 
     def load_many(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID] = (), *,

@@ -17,7 +17,6 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.invoice_pdf import render_pdf
 from billing_runtime.logging import get_logger
-from eventsourcing.persistence import Tracking
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -52,10 +51,8 @@ FINALIZED_TOPIC = get_topic(Invoice.Finalized)
 
 
 def send_pending(app: LedgerApplication, settings: SmtpSettings) -> int:
-    recorder = app.process_recorder
-    position = recorder.max_tracking_id(NOTIFIER_NAME) or 0
     sent = 0
-    notifications = recorder.select_notifications(position + 1, SCAN_BATCH_EVENTS_MAX, topics=[FINALIZED_TOPIC])
+    notifications = app.unprocessed(NOTIFIER_NAME, SCAN_BATCH_EVENTS_MAX, [FINALIZED_TOPIC])
     for notification in notifications:
         if notification.topic == FINALIZED_TOPIC:
             event: Any = app.mapper.to_domain_event(notification)
@@ -72,7 +69,7 @@ def send_pending(app: LedgerApplication, settings: SmtpSettings) -> int:
                 sent += 1
     if notifications:
         # After the whole batch went out: a failure re-sends the batch (at least once), never skips one.
-        recorder.insert_tracking(Tracking(NOTIFIER_NAME, notifications[-1].id))
+        app.processed(NOTIFIER_NAME, notifications[-1].id)
     return sent
 
 

@@ -18,7 +18,6 @@ from billing_events.messages import LedgerEvent
 from billing_ledger.application import LedgerApplication, jsonable
 from billing_runtime.bus import Bus, OutMessage
 from billing_runtime.logging import get_logger
-from eventsourcing.persistence import Tracking
 
 log = get_logger(__name__)
 
@@ -117,19 +116,16 @@ def _mapped_message(app: LedgerApplication, notification: Any) -> OutMessage:
 
 async def run_relay(app: LedgerApplication, bus: Bus, stopping: asyncio.Event,
                     is_leader: Any = None) -> None:
-    recorder = app.process_recorder
     while not stopping.is_set():
         if is_leader is not None and not await is_leader():
             await asyncio.sleep(1.0)
             continue
-        last = await asyncio.to_thread(recorder.max_tracking_id, RELAY_NAME) or 0
-        notifications = await asyncio.to_thread(
-            recorder.select_notifications, last + 1, RELAY_BATCH_EVENTS_MAX)
+        notifications = await asyncio.to_thread(app.unprocessed, RELAY_NAME, RELAY_BATCH_EVENTS_MAX)
         if not notifications:
             await asyncio.sleep(RELAY_IDLE_SLEEP_SECONDS)
             continue
         # Off the event loop: the HTTP decisions (holds) served by this process must not wait for it.
         messages = await asyncio.to_thread(to_messages, app, notifications)
         await bus.publish(messages)
-        await asyncio.to_thread(recorder.insert_tracking, Tracking(RELAY_NAME, notifications[-1].id))
+        await asyncio.to_thread(app.processed, RELAY_NAME, notifications[-1].id)
         log.debug("relayed", events=len(messages), position=notifications[-1].id)

@@ -32,7 +32,6 @@ from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.saved_methods import charge_in_order
 from billing_runtime.logging import get_logger
-from eventsourcing.persistence import Tracking
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -100,15 +99,12 @@ async def settle_request(app: LedgerApplication, gateways: dict[str, OutboundGat
 
 async def process_pending(app: LedgerApplication, gateways: dict[str, OutboundGateway],
                           smtp: SmtpSettings | None) -> list[str]:
-    recorder = app.process_recorder
-    position = await asyncio.to_thread(recorder.max_tracking_id, TOPUPS_NAME) or 0
-    notifications = await asyncio.to_thread(recorder.select_notifications, position + 1, SCAN_BATCH_EVENTS_MAX,
-                                            topics=[REQUESTED_TOPIC])
+    notifications = await asyncio.to_thread(app.unprocessed, TOPUPS_NAME, SCAN_BATCH_EVENTS_MAX, [REQUESTED_TOPIC])
     outcomes = []
     for notification in notifications:
         event = app.mapper.to_domain_event(notification)
         outcomes.append(await settle_request(app, gateways, smtp, event))
-        await asyncio.to_thread(recorder.insert_tracking, Tracking(TOPUPS_NAME, notification.id))
+        await asyncio.to_thread(app.processed, TOPUPS_NAME, notification.id)
     return outcomes
 
 

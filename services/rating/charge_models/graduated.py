@@ -22,14 +22,27 @@ never negative.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Literal
 
-from .base import EXACT, ZERO, PriceLine, PriceResult, TieredSpec, zero_result
+from .base import EXACT, ZERO, Band, PriceLine, PriceResult, TieredSpec, zero_result
 
 
 class GraduatedSpec(TieredSpec):
     model: Literal["graduated"]
+
+
+def _charged_bands(spec: GraduatedSpec, quantity: Decimal) -> Iterator[tuple[Band, Decimal, Decimal]]:
+    """Each band the quantity reaches: (band, quantity in it, its amount), in band order."""
+    for band in spec.bands:
+        if quantity <= band.lower:
+            return
+        if band.upper is None or quantity < band.upper:
+            in_band = EXACT.subtract(quantity, band.lower)
+        else:
+            in_band = EXACT.subtract(band.upper, band.lower)
+        yield band, in_band, EXACT.add(EXACT.multiply(in_band, band.unit_amount), band.flat_amount)
 
 
 def price(spec: GraduatedSpec, quantity: Decimal) -> PriceResult:
@@ -37,39 +50,18 @@ def price(spec: GraduatedSpec, quantity: Decimal) -> PriceResult:
         return zero_result(spec.unit)
     total = ZERO
     lines: list[PriceLine] = []
-    for band in spec.bands:
-        if quantity <= band.lower:
-            break
-        if band.upper is None or quantity < band.upper:
-            in_band = EXACT.subtract(quantity, band.lower)
-        else:
-            in_band = EXACT.subtract(band.upper, band.lower)
-        amount = EXACT.add(EXACT.multiply(in_band, band.unit_amount), band.flat_amount)
+    for band, in_band, amount in _charged_bands(spec, quantity):
         total = EXACT.add(total, amount)
-        lines.append(
-            PriceLine(
-                description=band.label,
-                quantity=in_band,
-                unit_amount=band.unit_amount,
-                flat_amount=band.flat_amount,
-                amount=amount,
-            )
-        )
+        lines.append(PriceLine(description=band.label, quantity=in_band, unit_amount=band.unit_amount,
+                               flat_amount=band.flat_amount, amount=amount))
     return PriceResult(total, spec.unit, tuple(lines))
 
 
 def amount(spec: GraduatedSpec, quantity: Decimal) -> Decimal:
-    """``price(spec, quantity).amount`` without the breakdown (rating's hot path): the same operations in
-    the same order, so the same exact result (``tests/unit/rating`` compares the two on random specs)."""
-    if quantity == 0:
-        return ZERO
+    """``price(spec, quantity).amount`` without the breakdown (rating's hot path): the same bands, the same
+    additions in the same order (``tests/unit/rating`` compares the two on random specs)."""
     total = ZERO
-    for band in spec.bands:
-        if quantity <= band.lower:
-            break
-        if band.upper is None or quantity < band.upper:
-            in_band = EXACT.subtract(quantity, band.lower)
-        else:
-            in_band = EXACT.subtract(band.upper, band.lower)
-        total = EXACT.add(total, EXACT.add(EXACT.multiply(in_band, band.unit_amount), band.flat_amount))
+    if quantity != 0:
+        for _, _, charged in _charged_bands(spec, quantity):
+            total = EXACT.add(total, charged)
     return total

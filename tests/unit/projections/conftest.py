@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,3 +38,30 @@ async def dump(db: Database) -> dict[str, list[tuple[object, ...]]]:
         rows = await db.fetch(f"SELECT {', '.join(columns)} FROM {table.name}")
         tables[table.name] = sorted((tuple(r[c] for c in columns) for r in rows), key=repr)
     return tables
+
+
+async def dumps_by_batching(records: list[Record], directory: Path, *, seed: int, size_max: int,
+                            replay_all: bool = False) -> list[dict[str, list[tuple[object, ...]]]]:
+    """The read models after applying ``records`` one at a time, all at once, and in random slices of
+    1..``size_max`` per partition (then, with ``replay_all``, everything once more): equal dumps mean batch
+    boundaries and replays change no row."""
+    rng = random.Random(seed)
+    dumps = []
+    for name, batch in (("one", 1), ("all", 10_000), ("random", 0)):
+        db = await SqliteDatabase(directory / f"{name}.sqlite").connect()
+        service = ProjectionService(db)
+        await service.setup()
+        if batch:
+            await apply(service, records, batch=batch)
+        else:
+            for part in by_partition(records).values():
+                start = 0
+                while start < len(part):
+                    size = rng.randint(1, size_max)
+                    await service.handle_ledger_events(part[start:start + size])
+                    start += size
+            if replay_all:
+                await apply(service, records)
+        dumps.append(await dump(db))
+        await db.close()
+    return dumps

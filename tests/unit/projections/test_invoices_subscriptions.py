@@ -22,7 +22,7 @@ from billing_runtime.bus import Record
 from billing_runtime.db import SqliteDatabase
 from billing_runtime.http import create_app
 
-from tests.unit.projections.conftest import apply, dump
+from tests.unit.projections.conftest import apply, dump, dumps_by_batching
 from tests.unit.projections.ledger_events import Ledger, by_partition, full_scenario, subscription_scenario
 from tests.unit.projections.test_api import SETTINGS, auth
 
@@ -137,24 +137,8 @@ async def test_batch_boundaries_and_replays_change_no_row(tmp_path: Path) -> Non
     full_scenario(ledger, "zeta")  # account movements interleaved with the documents
     subscription_scenario(ledger)
     records = ledger.records()
-    dumps = []
-    rng = random.Random(11)
-    for name, batch in (("one", 1), ("all", 10_000), ("random", 0)):
-        db = await SqliteDatabase(tmp_path / f"{name}.sqlite").connect()
-        service = ProjectionService(db)
-        await service.setup()
-        if batch:
-            await apply(service, records, batch=batch)
-        else:
-            for part in by_partition(records).values():
-                start = 0
-                while start < len(part):
-                    size = rng.randint(1, 7)
-                    await service.handle_ledger_events(part[start:start + size])
-                    start += size
-            await apply(service, records)  # everything again: nothing changes
-        dumps.append(await dump(db))
-        await db.close()
+    # Everything again after the random slices: nothing changes.
+    dumps = await dumps_by_batching(records, tmp_path, seed=11, size_max=7, replay_all=True)
     assert dumps[0] == dumps[1] == dumps[2]
     assert len(dumps[0]["invoices"]) == 8 and len(dumps[0]["subscriptions"]) == 6
     assert len(dumps[0]["invoice_lines"]) == 11

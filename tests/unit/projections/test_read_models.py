@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 from decimal import Decimal
 from pathlib import Path
 
 from billing_projections import ai_usage, balances, figures, history, usage_monthly
 from billing_projections.service import ProjectionService
-from billing_runtime.db import SqliteDatabase
 
-from tests.unit.projections.conftest import apply, dump
+from tests.unit.projections.conftest import apply, dump, dumps_by_batching
 from tests.unit.projections.ledger_events import Ledger, U, full_scenario, simple_account
 
 
@@ -142,24 +140,7 @@ async def test_batch_boundaries_do_not_change_any_row(tmp_path: Path) -> None:
     for i in range(5):
         simple_account(ledger, f"t{i}", debits=40)
     records = ledger.records()
-    dumps = []
-    rng = random.Random(7)
-    for name, batch in (("one", 1), ("all", 10_000), ("random", 0)):
-        db = await SqliteDatabase(tmp_path / f"{name}.sqlite").connect()
-        service = ProjectionService(db)
-        await service.setup()
-        if batch:
-            await apply(service, records, batch=batch)
-        else:
-            from tests.unit.projections.ledger_events import by_partition
-            for part in by_partition(records).values():
-                start = 0
-                while start < len(part):
-                    size = rng.randint(1, 30)
-                    await service.handle_ledger_events(part[start:start + size])
-                    start += size
-        dumps.append(await dump(db))
-        await db.close()
+    dumps = await dumps_by_batching(records, tmp_path, seed=7, size_max=30)
     assert dumps[0] == dumps[1] == dumps[2]
 
 
