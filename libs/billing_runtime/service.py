@@ -6,12 +6,20 @@ one process on the embedded bus and SQLite. The handler code is the same in both
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter
 
 from billing_runtime.bus import Handler, StartPositions
+
+
+async def pause(stopping: asyncio.Event, seconds: float) -> None:
+    """A background task's wait between rounds: ``seconds``, or less if the service is stopping meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
 
 
 async def committed_positions(topic: str, partitions: list[int]) -> dict[int, int]:

@@ -38,6 +38,7 @@ from billing_ingest.validation import (
 from billing_runtime.bus import Bus, OutMessage, Record, header
 from billing_runtime.db import Database
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from billing_runtime.settings import Settings
 from prometheus_client import Counter
 
@@ -377,8 +378,7 @@ class IngestService:
                 await self.cleanup_once()
             except Exception:
                 log.exception("dedup_cleanup_failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=self.settings.dedup_cleanup_interval_seconds)
+            await pause(stopping, self.settings.dedup_cleanup_interval_seconds)
 
     # -- catalogue knowledge -------------------------------------------------------------------------------
 

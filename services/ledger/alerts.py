@@ -25,6 +25,7 @@ from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.mail import send_text
 from billing_ledger.notifier import SmtpSettings
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -95,7 +96,4 @@ async def run_alerts(app: LedgerApplication, smtp: SmtpSettings | None, attempts
                 await process_pending(app, smtp, attempts_max=attempts_max)
         except OSError as exc:
             log.warning("alerts_failed_will_retry", error=str(exc))
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
-        except TimeoutError:
-            pass
+        await pause(stopping, interval_seconds)

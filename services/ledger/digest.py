@@ -40,6 +40,7 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.mail import send_text
 from billing_ledger.notifier import SmtpSettings
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from eventsourcing.persistence import Tracking
 from eventsourcing.utils import get_topic
 
@@ -164,7 +165,4 @@ async def run_digest(app: LedgerApplication, smtp: SmtpSettings | None, recipien
                 await asyncio.to_thread(send_due, app, smtp, recipient, now())
         except OSError as exc:
             log.warning("income_digest_failed_will_retry", error=str(exc))
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
-        except TimeoutError:
-            pass
+        await pause(stopping, interval_seconds)

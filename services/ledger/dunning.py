@@ -35,6 +35,7 @@ from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.saved_methods import charge_in_order
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from eventsourcing.persistence import Tracking
 from eventsourcing.utils import get_topic
 
@@ -179,7 +180,4 @@ async def run_dunning(app: LedgerApplication, gateways: dict[str, OutboundGatewa
                 await dunning.process()
         except (GatewayError, OSError) as exc:
             log.warning("dunning_failed_will_retry", error=str(exc))
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
-        except TimeoutError:
-            pass
+        await pause(stopping, interval_seconds)

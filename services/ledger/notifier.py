@@ -17,6 +17,7 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.invoice_pdf import render_pdf
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -80,7 +81,4 @@ async def run_notifier(app: LedgerApplication, settings: SmtpSettings, stopping:
             await asyncio.to_thread(send_pending, app, settings)
         except (OSError, smtplib.SMTPException) as exc:
             log.warning("invoice_email_failed_will_retry", error=str(exc))
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
-        except TimeoutError:
-            pass
+        await pause(stopping, interval_seconds)

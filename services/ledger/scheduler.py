@@ -21,6 +21,7 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.subscription import BILLABLE, PAUSED, TRIALING, Subscription
 from billing_runtime.bus import Bus, OutMessage
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -88,7 +89,4 @@ async def run_scheduler(app: LedgerApplication, bus: Bus, stopping: asyncio.Even
             if commands:
                 await bus.publish(tick_messages(commands))
                 log.info("subscriptions_ticked", count=len(commands))
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
-        except TimeoutError:
-            pass
+        await pause(stopping, interval_seconds)

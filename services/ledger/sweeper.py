@@ -18,7 +18,6 @@ A conflict with another writer simply leaves the account for the next round.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from uuid import UUID
@@ -33,6 +32,7 @@ from billing_ledger.limits import (
     SWEEP_LOG_PAGE_EVENTS_MAX,
 )
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 
@@ -114,5 +114,4 @@ async def run_sweeper(app: LedgerApplication, stopping: asyncio.Event,
                 await asyncio.to_thread(sweeper.sweep, datetime.now(UTC))
         except Exception:
             log.exception("sweep_failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
+        await pause(stopping, interval_seconds)

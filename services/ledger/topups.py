@@ -32,6 +32,7 @@ from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.saved_methods import charge_in_order
 from billing_runtime.logging import get_logger
+from billing_runtime.service import pause
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -117,8 +118,5 @@ async def run_topups(app: LedgerApplication, gateways: dict[str, OutboundGateway
                 await process_pending(app, gateways, smtp)
         except (GatewayError, OSError) as exc:
             log.warning("auto_top_up_failed_will_retry", error=str(exc))
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval_seconds)
-        except TimeoutError:
-            pass
+        await pause(stopping, interval_seconds)
 
