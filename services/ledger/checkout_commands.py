@@ -19,7 +19,6 @@ from uuid import UUID
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import parse_decimal, to_subunits
-from billing_events.timeutil import parse_timestamp
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.catalog_commands import published_catalog
@@ -35,12 +34,8 @@ from billing_ledger.domain.checkout import (
 from billing_ledger.domain.invoice import INVOICE, Invoice, invoice_id, line
 from billing_ledger.domain.payment_profile import PaymentProfile, payment_profile_id
 from billing_ledger.domain.roster import roster_id
+from billing_ledger.payload import at as effective_at
 from billing_ledger.subscription_commands import _finalize
-
-
-def _at(command: LedgerCommand) -> datetime:
-    raw = command.payload.get("at")
-    return parse_timestamp(raw) if raw else command.issued_at
 
 
 def catalog_document(batch: _Batch) -> dict[str, Any]:
@@ -101,7 +96,7 @@ def place_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -
     key = str(payload.get("key") or "")
     if not key:
         raise CommandRejected("invalid_checkout", "an order needs a key")
-    at = _at(command)
+    at = effective_at(command)
     existing = batch.get(order_id(tenant, key))
     if existing is not None:
         raise CommandRejected("order_exists", f"order {key!r} exists")
@@ -126,7 +121,7 @@ def open_checkout(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
     order = order_of(batch, command.tenant or "", str(command.payload["key"]))
     try:
         order.open_checkout(session_id=str(command.payload["session_id"]), url=str(command.payload["url"]),
-                            at=_at(command))
+                            at=effective_at(command))
     except CheckoutError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc
     return order_view(order)
@@ -136,7 +131,7 @@ def open_checkout(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
 def fail_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     """The gateway could not open a checkout (or the charge failed): the order fails, its promotion is freed."""
     order = order_of(batch, command.tenant or "", str(command.payload["key"]))
-    at = _at(command)
+    at = effective_at(command)
     if order.status != PAID:
         order.fail(reason=str(command.payload.get("reason", "failed")), at=at)
         if order.quote.get("promotion"):
@@ -151,7 +146,7 @@ def verify_identity(app: LedgerApplication, batch: _Batch, command: LedgerComman
     account_of(batch, command.tenant)
     profile = profile_of(batch, command.tenant or "")
     profile.verify_identity(reference=str(command.payload.get("reference", "")),
-                            method=str(command.payload.get("method", "manual")), at=_at(command),
+                            method=str(command.payload.get("method", "manual")), at=effective_at(command),
                             by=command.issued_by)
     return {"identity_verified": True, "identity": profile.identity}
 
@@ -161,7 +156,7 @@ def set_customer(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     account_of(batch, command.tenant)
     profile_of(batch, command.tenant or "").set_customer(
         gateway=str(command.payload.get("gateway", "stripe")), customer=str(command.payload["customer"]),
-        at=_at(command))
+        at=effective_at(command))
 
 
 @handles("alerts.configure")
@@ -174,7 +169,7 @@ def configure_alerts(app: LedgerApplication, batch: _Batch, command: LedgerComma
         raise CommandRejected("invalid_alerts", "webhook_url must be an http(s) URL")
     settings = {"email": payload.get("email"), "webhook_url": url, "webhook_secret": payload.get("webhook_secret"),
                 "enabled": bool(payload.get("enabled", True))}
-    profile_of(batch, command.tenant or "").configure_alerts(settings=settings, at=_at(command), by=command.issued_by)
+    profile_of(batch, command.tenant or "").configure_alerts(settings=settings, at=effective_at(command), by=command.issued_by)
     return settings
 
 
@@ -209,7 +204,7 @@ def paid_off_session(app: LedgerApplication, batch: _Batch, command: LedgerComma
     order = order_of(batch, command.tenant or "", str(command.payload["key"]))
     return pay_order(app, batch, order, gateway=str(command.payload["gateway"]),
                      payment_id=str(command.payload["payment_id"]), amount=parse_decimal(command.payload["amount"]),
-                     currency_code=str(command.payload["currency"]), at=_at(command), by=command.issued_by,
+                     currency_code=str(command.payload["currency"]), at=effective_at(command), by=command.issued_by,
                      command_id=command.command_id)
 
 

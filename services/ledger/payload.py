@@ -45,6 +45,12 @@ def timestamp(command: LedgerCommand, field: str, *, default: datetime | None = 
         raise CommandRejected(INVALID, f"{field}: {exc}") from exc
 
 
+def at(command: LedgerCommand) -> datetime:
+    """When the command takes effect: its payload's ``at``, else when it was issued."""
+    raw = command.payload.get("at")
+    return parse_timestamp(raw) if raw else command.issued_at
+
+
 def subunits(command: LedgerCommand, field: str, *, allow_negative: bool = False) -> int:
     """A decimal amount (string or int, never a float) as exact ledger sub-units."""
     try:

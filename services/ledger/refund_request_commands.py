@@ -19,10 +19,11 @@ from billing_events.messages import LedgerCommand
 from billing_events.money import to_subunits
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
-from billing_ledger.checkout_commands import _at, order_of, top_up_invoice_id
+from billing_ledger.checkout_commands import order_of, top_up_invoice_id
 from billing_ledger.domain.checkout import PAID, REFUNDED, Order
 from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
 from billing_ledger.domain.refund_request import RefundRequest, RefundRequestError, refund_request_id
+from billing_ledger.payload import at as effective_at
 from billing_ledger.subscription_commands import _finalize
 
 
@@ -67,7 +68,7 @@ def create_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand
     order = order_of(batch, tenant, str(command.payload["order"]))
     _eligible(batch, order)
     request = RefundRequest(tenant=tenant, key=key, order_id=str(order.id), reason=str(command.payload.get("reason", "")),
-                            at=_at(command), by=command.issued_by)
+                            at=effective_at(command), by=command.issued_by)
     batch.add(request)
     return request_view(request)
 
@@ -79,7 +80,7 @@ def approve_request(app: LedgerApplication, batch: _Batch, command: LedgerComman
     if request.status != "approved":
         _eligible(batch, order)
     try:
-        request.approve(at=_at(command), by=command.issued_by)
+        request.approve(at=effective_at(command), by=command.issued_by)
     except RefundRequestError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc
     return {**request_view(request), "order": {"key": order.key, "gateway": order.gateway,
@@ -90,7 +91,7 @@ def approve_request(app: LedgerApplication, batch: _Batch, command: LedgerComman
 def reject_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     request = _request(batch, command.tenant or "", str(command.payload["key"]))
     try:
-        request.reject(reason=str(command.payload.get("reason", "")), at=_at(command), by=command.issued_by)
+        request.reject(reason=str(command.payload.get("reason", "")), at=effective_at(command), by=command.issued_by)
     except RefundRequestError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc
     return request_view(request)
@@ -104,10 +105,10 @@ def complete_request(app: LedgerApplication, batch: _Batch, command: LedgerComma
         return request_view(request)
     order = batch.get(UUID(request.order_id))
     reference = str(command.payload["gateway_refund"])
-    result = reverse_order(app, batch, order, reference=reference, at=_at(command), by=command.issued_by,
+    result = reverse_order(app, batch, order, reference=reference, at=effective_at(command), by=command.issued_by,
                            finance_override=False)
     try:
-        request.complete(gateway_refund=reference, credit_note=result["credit_note"], at=_at(command),
+        request.complete(gateway_refund=reference, credit_note=result["credit_note"], at=effective_at(command),
                          by=command.issued_by)
     except RefundRequestError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc

@@ -15,7 +15,6 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal, to_subunits
-from billing_events.timeutil import parse_timestamp
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.catalog_commands import published_catalog
@@ -27,14 +26,10 @@ from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import TaxProfileData, check_vat_id, compute_tax
+from billing_ledger.payload import at as effective_at
 
 INVOICE_DUE_DAYS = 14
 DEFAULT_ISSUER = "billing"
-
-
-def _at(command: LedgerCommand) -> datetime:
-    raw = command.payload.get("at")
-    return parse_timestamp(raw) if raw else command.issued_at
 
 
 def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
@@ -223,7 +218,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     accounts_in_workspace = len(workspace.accounts) if workspace is not None else 1
     trial = bool(payload.get("trial", True)) and int(plan.get("trial_days", 0)) > 0 \
         and roster.trial_eligible(accounts_in_workspace)
-    at = _at(command)
+    at = effective_at(command)
     before = _capacities(_live_subscriptions(batch, roster))
     sub = Subscription.start(tenant=tenant, key=key, plan=plan, quantity=quantity,
                              time_zone=payload.get("time_zone", "UTC"), at=at, trial=trial, by=command.issued_by)
@@ -244,7 +239,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     sub = _subscription(batch, tenant, str(payload["key"]))
     new_plan = _plan(batch, payload["plan"], payload.get("plan_version")) if payload.get("plan") else sub.plan
     quantity = int(payload.get("quantity", sub.quantity))
-    at = _at(command)
+    at = effective_at(command)
     lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, time_zone=sub.time_zone, new_plan=new_plan,
                          new_quantity=quantity, at=at)
@@ -270,7 +265,7 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     assert tenant is not None
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
-    at = _at(command)
+    at = effective_at(command)
     immediately = bool(command.payload.get("immediately", False))
     lines = quote_cancel(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, at=at) if immediately else []
@@ -288,13 +283,13 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 
 @handles("subscription.pause")
 def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _subscription(batch, command.tenant or "", str(command.payload["key"])).pause(at=_at(command),
+    _subscription(batch, command.tenant or "", str(command.payload["key"])).pause(at=effective_at(command),
                                                                                   by=command.issued_by)
 
 
 @handles("subscription.resume")
 def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _subscription(batch, command.tenant or "", str(command.payload["key"])).resume(at=_at(command),
+    _subscription(batch, command.tenant or "", str(command.payload["key"])).resume(at=effective_at(command),
                                                                                    by=command.issued_by)
 
 
@@ -305,7 +300,7 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     assert tenant is not None
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
-    at = _at(command)
+    at = effective_at(command)
     roster = _roster(batch, tenant)
     if sub.status == TRIALING and sub.trial_end is not None and at >= sub.trial_end:
         before = _capacities(_live_subscriptions(batch, roster))
@@ -356,7 +351,7 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
         if applied:
             lines.append(line("credits_applied", "Prepaid credits applied", -applied, invoice.currency))
     invoice.add_lines(lines, by=command.issued_by)
-    _finalize(app, batch, invoice, _at(command), command.issued_by)
+    _finalize(app, batch, invoice, effective_at(command), command.issued_by)
 
 
 @handles("invoice.mark_paid")
@@ -365,11 +360,11 @@ def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerComm
     invoice = batch.get(UUID(command.payload["invoice_id"]))
     if invoice is None or invoice.tenant != tenant:
         raise CommandRejected("unknown_invoice")
-    invoice.mark_paid(at=_at(command), payment=str(command.payload.get("payment", "")), by=command.issued_by)
+    invoice.mark_paid(at=effective_at(command), payment=str(command.payload.get("payment", "")), by=command.issued_by)
     if invoice.subscription_id:
         sub = batch.get(UUID(invoice.subscription_id))
         if sub is not None:
-            sub.mark_paid(at=_at(command), by=command.issued_by)
+            sub.mark_paid(at=effective_at(command), by=command.issued_by)
 
 
 @handles("invoice.payment_failed")
@@ -380,7 +375,7 @@ def invoice_payment_failed(app: LedgerApplication, batch: _Batch, command: Ledge
         raise CommandRejected("unknown_invoice")
     sub = batch.get(UUID(invoice.subscription_id))
     if sub is not None and sub.status == ACTIVE and command.payload.get("final", True):
-        sub.mark_past_due(at=_at(command), reason="payment_failed", by=command.issued_by)
+        sub.mark_past_due(at=effective_at(command), reason="payment_failed", by=command.issued_by)
 
 
 @handles("invoice.void")
@@ -388,7 +383,7 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     invoice = batch.get(UUID(command.payload["invoice_id"]))
     if invoice is None or invoice.tenant != command.tenant:
         raise CommandRejected("unknown_invoice")
-    invoice.void(at=_at(command), reason=str(command.payload.get("reason", "void")), by=command.issued_by)
+    invoice.void(at=effective_at(command), reason=str(command.payload.get("reason", "void")), by=command.issued_by)
 
 
 @handles("payment_method.add")
@@ -397,7 +392,7 @@ def add_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCom
     payload = command.payload
     _roster(batch, command.tenant or "").add_payment_method(
         method_id=payload["method_id"], gateway=payload.get("gateway", "stripe"), label=payload.get("label", ""),
-        make_default=bool(payload.get("default", False)), at=_at(command), by=command.issued_by)
+        make_default=bool(payload.get("default", False)), at=effective_at(command), by=command.issued_by)
 
 
 @handles("tax_profile.set")
@@ -414,11 +409,11 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
         if not check.valid:
             raise CommandRejected("invalid_vat_id", f"VAT id {payload['tax_id']!r} is not valid: {check.reason}")
         profile.update(tax_id=check.number, tax_id_valid=True, vies=str(payload.get("vies", "not_checked")))
-    _roster(batch, command.tenant or "").set_tax_profile(profile=profile, at=_at(command), by=command.issued_by)
+    _roster(batch, command.tenant or "").set_tax_profile(profile=profile, at=effective_at(command), by=command.issued_by)
     return profile
 
 
 @handles("payment_method.remove")
 def remove_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     _roster(batch, command.tenant or "").remove_payment_method(method_id=command.payload["method_id"],
-                                                                at=_at(command), by=command.issued_by)
+                                                                at=effective_at(command), by=command.issued_by)
