@@ -155,6 +155,7 @@ class BatchWriter:
         self._rows: dict[str, tuple[Table, dict[tuple[Any, ...], _Row]]] = {}
         self._appends: dict[str, tuple[Table, dict[Any, tuple[Any, ...]]]] = {}
         self._accumulated: dict[str, dict[tuple[Any, ...], _Row]] = {}  # table name -> its rows in ``_rows``
+        self._rows_of_tables: dict[int, tuple[dict[tuple[Any, ...], _Row], ...]] = {}
 
     def upsert(self, table: Table, key: tuple[Any, ...], *, init: dict[str, Any] | None = None,
                set: dict[str, Any] | None = None, add: dict[str, Any] | None = None) -> None:
@@ -250,6 +251,13 @@ class BatchWriter:
             rows = self._accumulated[table.name] = found[1]
         return rows
 
+    def rows_of_tables(self, tables: tuple[Table, ...]) -> tuple[dict[tuple[Any, ...], _Row], ...]:
+        """``rows_of`` of each of ``tables``, looked up once per batch; ``tables`` is a constant (kept by ``id``)."""
+        found = self._rows_of_tables.get(id(tables))
+        if found is None:
+            found = self._rows_of_tables[id(tables)] = tuple(self.rows_of(table) for table in tables)
+        return found
+
     def insert(self, table: Table, key: tuple[Any, ...], values: dict[str, Any]) -> None:
         """A row that is written once and never changes (an existing row is kept)."""
         self.upsert(table, key, init=values)
@@ -285,6 +293,7 @@ class BatchWriter:
         self._rows.clear()
         self._appends.clear()
         self._accumulated.clear()
+        self._rows_of_tables.clear()
 
 
 async def _write_appends(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:

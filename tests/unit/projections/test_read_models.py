@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from billing_projections import ai_usage, balances, figures, history, usage_monthly
+from billing_projections import service as service_module
 from billing_projections.service import ProjectionService
+from billing_runtime.db import SqliteDatabase
 
 from tests.unit.projections.conftest import apply, dump, dumps_by_batching
-from tests.unit.projections.ledger_events import Ledger, U, full_scenario, simple_account
+from tests.unit.projections.ledger_events import (
+    T0,
+    Ledger,
+    U,
+    full_scenario,
+    simple_account,
+    uid,
+    usage_cause,
+)
 
 
 async def test_wallet_and_grant_balances_equal_the_ledger(service: ProjectionService) -> None:
@@ -158,3 +170,60 @@ def _as_message(record):  # type: ignore[no-untyped-def]
     from billing_runtime.bus import OutMessage
 
     return OutMessage(record.topic, record.key.decode(), record.value, record.headers)
+
+
+async def test_a_restarted_service_looks_tenants_up_and_keeps_the_batch_order(tmp_path: Path) -> None:
+    """A fresh service (empty account cache, as after a restart) gets a batch whose first events belong to
+    accounts opened in an earlier batch, interleaved with accounts opened in this one: it looks the tenants up
+    and writes exactly the rows a service that never restarted writes."""
+    ledger = Ledger()
+    olds = [simple_account(ledger, f"old{i}", debits=5) for i in range(4)]
+    first = ledger.records()
+    for i, old in enumerate(olds):
+        account = ledger.get(old.id)
+        account.debit_usage(command_id=uid(f"old{i}", "late"), unit="USD", amount=U // 5, meter="api_calls",
+                            at=T0 + timedelta(minutes=5), overage_policy="overage", cause=usage_cause("late", "1"))
+        ledger.save(account)
+        simple_account(ledger, f"new{i}", debits=3)
+    second = ledger.records()
+    dumps = []
+    for restart in (False, True):
+        db = await SqliteDatabase(tmp_path / f"restart-{restart}.sqlite").connect()
+        try:
+            service = ProjectionService(db)
+            await service.setup()
+            await apply(service, first, batch=10_000)
+            if restart:
+                service = ProjectionService(db)
+            await apply(service, second, batch=10_000)
+            dumps.append(await dump(db))
+        finally:
+            await db.close()
+    assert dumps[0] == dumps[1]
+    usage = [row for row in dumps[1]["transactions"] if "usage" in row]
+    assert len(usage) == 4 * 5 + 4 + 4 * 3  # every debit, none skipped
+
+
+async def test_the_account_cache_is_bounded_between_batches_never_within_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More accounts opened in one batch than the cache holds: none of their debits in that batch is lost
+    (their Opened rows are not in the table before the batch commits, so a forgotten tenant could not be
+    looked up); the cache is cut back before the next batch."""
+    monkeypatch.setattr(service_module, "ACCOUNT_CACHE_ENTRIES_MAX", 3)
+    ledger = Ledger()
+    for i in range(8):
+        simple_account(ledger, f"t{i}", debits=2)
+    db = await SqliteDatabase(tmp_path / "bounded.sqlite").connect()
+    try:
+        service = ProjectionService(db)
+        await service.setup()
+        await apply(service, ledger.records(), batch=10_000)
+        usage = await db.fetch("SELECT DISTINCT tenant FROM transactions WHERE type = 'usage'")
+        assert {row["tenant"] for row in usage} == {f"t{i}" for i in range(8)}
+        assert len(service._tenants) > 3  # not cut within the batch
+        simple_account(ledger, "later", debits=1)
+        await apply(service, ledger.records(), batch=10_000)
+        assert len(service._tenants) <= 3 + 1
+        assert await db.fetchval("SELECT COUNT(*) FROM transactions WHERE tenant = 'later' AND type = 'usage'") == 1
+    finally:
+        await db.close()
