@@ -1,0 +1,84 @@
+"""The batch writer on real PostgreSQL writes exactly the rows it writes on SQLite (the tested reference):
+upserts and updates of every column kind, sent as one JSON array per statement (``writer._write_unnested``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
+from billing_runtime.db import Database, PostgresDatabase, SqliteDatabase
+
+pytestmark = pytest.mark.integration
+
+# ``unit`` is required (NOT NULL, no default): a change without it can only update an existing row.
+T = Table("t", {"k": "TEXT", "p": "INTEGER"}, {
+    "unit": value("TEXT NOT NULL"), "n": INT_SUM, "q": DEC_SUM, "note": value("TEXT"), "at": value("BIGINT"),
+})
+ODD_TEXTS = ["plain", "quote ' and \" both", "back\\slash", "ünïcödé ✓ 日本", '{"looks": ["like", "json"]}', "",
+             "null", "tab\tnew\nline"]
+
+Op = tuple[tuple[str, int], dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]
+
+
+def _batches() -> list[list[Op]]:
+    first: list[Op] = []
+    for i, text in enumerate(ODD_TEXTS):
+        first.append(((text, i), {"unit": "USD"}, {"note": text, "at": 2**62 + i}, {"n": -(2**40) - i,
+                                                                                       "q": Decimal("0.1")}))
+        first.append(((text, i), None, {"note": None}, {"n": 3, "q": Decimal("-1.25")}))
+    later: list[Op] = []
+    for i, text in enumerate(ODD_TEXTS):
+        later.append(((text, i), None, None, {"n": 7, "q": Decimal("1E+3")}))  # existing row: an update
+        later.append(((text, i), None, {"note": text[::-1], "at": -5}, None))
+    later.append((("missing", 0), None, None, {"n": 1}))  # no row and no unit: nothing to update
+    later.append((("new", 0), {"unit": "EUR"}, None, {"q": Decimal("2.50")}))
+    return [first, later]
+
+
+async def _apply(db: Database, dialect: str) -> list[tuple[Any, ...]]:
+    async with db.transaction() as conn:
+        for statement in T.ddl(dialect):
+            await conn.execute(statement)
+    for batch in _batches():
+        writer = BatchWriter()
+        for key, init, set_, add in batch:
+            writer.upsert(T, key, init=init, set=set_, add=add)
+        async with db.transaction() as conn:
+            await writer.flush(conn, dialect)
+    rows = await db.fetch("SELECT k, p, unit, n, q, note, at FROM t")
+    return sorted((tuple(r[c] for c in ("k", "p", "unit", "n", "q", "note", "at")) for r in rows), key=repr)
+
+
+@pytest.fixture
+async def postgres(infra: dict[str, str]) -> AsyncIterator[PostgresDatabase]:
+    schema = f"t{uuid.uuid4().hex[:10]}_writer"
+    db = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
+    try:
+        yield db
+    finally:
+        await db.close()
+        conn = await asyncpg.connect(infra["DATABASE_URL"])
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+async def test_postgres_writes_the_rows_sqlite_writes(postgres: PostgresDatabase, tmp_path: Path) -> None:
+    sqlite = await SqliteDatabase(tmp_path / "w.sqlite").connect()
+    try:
+        expected = await _apply(sqlite, "sqlite")
+    finally:
+        await sqlite.close()
+    found = await _apply(postgres, "postgres")
+    assert found == expected
+    by_key = {(row[0], row[1]): row for row in found}
+    assert ("missing", 0) not in by_key
+    assert by_key[("new", 0)][2:5] == ("EUR", 0, "2.5")
+    assert by_key[("ünïcödé ✓ 日本", 3)][3:] == (-(2**40) - 3 + 10, "998.85", "本日 ✓ édöcïnü", -5)
