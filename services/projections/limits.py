@@ -36,7 +36,7 @@ CONSUMER_NICE = 5
 CONSUMER_RETRY_SECONDS_MAX = 5.0
 # Consumer and rebuild processes: collections of the youngest generation every this many allocations.
 GC_GEN0_THRESHOLD = 50_000
-# Rebuild workers: the same, far higher: a replay batch keeps ~40 objects per event alive until its flush, and
+# Rebuild workers: the same, far higher: a replay batch keeps its rows' objects alive until its flush, and
 # every young collection in between walks (and promotes) all of them. Measured on 200,000 events: 1,000,000
 # cut the replay's CPU per event by 8 % against 50,000. Garbage without cycles is freed at once either way.
 REBUILD_GC_GEN0_THRESHOLD = 1_000_000
