@@ -9,10 +9,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
 from billing_runtime.db import Database, PostgresDatabase, SqliteDatabase
+
+from tests.unit.projections.stack_support import drop_schema
 
 pytestmark = pytest.mark.integration
 
@@ -63,11 +64,7 @@ async def postgres(infra: dict[str, str]) -> AsyncIterator[PostgresDatabase]:
         yield db
     finally:
         await db.close()
-        conn = await asyncpg.connect(infra["DATABASE_URL"])
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(infra["DATABASE_URL"], schema)
 
 
 async def test_postgres_writes_the_rows_sqlite_writes(postgres: PostgresDatabase, tmp_path: Path) -> None:
