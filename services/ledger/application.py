@@ -282,7 +282,7 @@ class LedgerApplication(Application[UUID]):
         ``trust_cache`` skips the query for cached aggregates and receipts: only for a transaction that
         records a new version of each aggregate it decides on, so a stale copy fails at the insert
         (IntegrityError) instead of deciding wrongly, and a repeated command id fails on its receipt.
-        ``known`` = ({id: version}, {id: events after it}): read already (with the insert lock, see
+        ``known`` = ({id: version}, {id: events after it}): read already (with the decision's locks, see
         ``_apply_exclusively``); used for every id taken at exactly that version, the others are queried.
         """
         taken: dict[UUID, Any | None] = {i: self.cache.take(i) for i in aggregate_ids}
@@ -333,7 +333,7 @@ class LedgerApplication(Application[UUID]):
 
     def apply_commands(self, commands: Sequence[LedgerCommand], tracking: Tracking | None = None, *,
                        record_rejections: bool = True, trust_cache: bool = False,
-                       exclusive: bool = False) -> list[CommandResult]:
+                       exclusive: bool = False, contention: Contention | None = None) -> list[CommandResult]:
         """Applies commands in order in ONE transaction (with ``tracking`` when they came from Kafka).
 
         A command whose id has a receipt is a duplicate. Every other command gets a receipt with its outcome,
@@ -341,12 +341,15 @@ class LedgerApplication(Application[UUID]):
         may retry with the same id once the cause is fixed). Raises eventsourcing's ``IntegrityError`` when
         another writer recorded one of the aggregates first: nothing was written, the caller retries.
         ``trust_cache``: see ``load_many`` (direct commands, whose caller retries without it).
-        ``exclusive``: read and decide while holding the event table's lock, so no other writer can record
-        first (``IntegrityError`` then only for a tracking position already recorded); for retries after a
-        conflict, since every other writer waits meanwhile. Ignored where the recorder cannot (SQLite).
+        ``exclusive``: read and decide while holding locks, so no other writer can record first
+        (``IntegrityError`` then only for a tracking position already recorded, see ``_apply_exclusively``);
+        for writers that recently lost a race. Ignored where the recorder cannot (SQLite). ``contention``
+        (with ``exclusive``): marked ``conflicted`` when the state read under the locks shows that another
+        writer changed the commands' accounts since they were cached, so an optimistic write would have lost:
+        the contention lasts as long as the other writer does, not just ``window_seconds`` after a conflict.
         """
         if exclusive and self.can_decide_exclusively:
-            return self._apply_exclusively(commands, tracking, record_rejections)
+            return self._apply_exclusively(commands, tracking, record_rejections, contention)
         batch = self._prepare(commands, tracking, record_rejections, trust_cache=trust_cache)
         self._commit(batch)
         batch.return_to_cache()
@@ -364,17 +367,39 @@ class LedgerApplication(Application[UUID]):
         return isinstance(self.recorder, BinaryArrayProcessRecorder)
 
     def _apply_exclusively(self, commands: Sequence[LedgerCommand], tracking: Tracking | None,
-                           record_rejections: bool) -> list[CommandResult]:
-        """``apply_commands`` deciding under the event table's lock: cannot lose a race (see pg_recorder)."""
-        # Bring the accounts into the cache first, outside the lock: an account a failed attempt had taken
-        # out must be replayed, which can take long for a busy one; under the lock only the events recorded
+                           record_rejections: bool, contention: Contention | None = None) -> list[CommandResult]:
+        """``apply_commands`` deciding under locks, so that no other writer can record first (see pg_recorder).
+
+        First under the locks of the commands' accounts only: writers of other accounts go on while this one
+        reads and decides, and the table's insert lock is taken just for the insert and the commit (one round
+        trip). That can still lose a race on an aggregate the commands touch that is not their account (a
+        pool, an invoice) or on a receipt (the same command applied elsewhere at the same moment): then once
+        more under the event table's lock, which cannot lose. A tracking position already recorded fails both
+        ways and is raised (``IntegrityError``).
+        """
+        accounts = sorted({ids.account_id(c.tenant) for c in commands if c.tenant})
+        try:
+            results, stale = self._apply_locked(commands, tracking, record_rejections, accounts)
+        except IntegrityError:
+            log.debug("locked_decision_conflict_retried_under_table_lock", commands=len(commands))
+            results, stale = self._apply_locked(commands, tracking, record_rejections, None)
+        if stale and contention is not None:
+            contention.conflicted(time.monotonic())
+        return results
+
+    def _apply_locked(self, commands: Sequence[LedgerCommand], tracking: Tracking | None, record_rejections: bool,
+                      locked: Sequence[UUID] | None) -> tuple[list[CommandResult], bool]:
+        """One decision under the locks of ``locked`` (None: the event table's lock); its results, and whether
+        another writer had changed a cached account (the events read under the locks include some of it)."""
+        # Bring the accounts into the cache first, outside the locks: an account a failed attempt had taken
+        # out must be replayed, which can take long for a busy one; under the locks only the events recorded
         # since are read.
         missing = {i for i in {ids.account_id(c.tenant) for c in commands if c.tenant} if i not in self.cache}
         if missing:
             self._give_back(self.load_many(missing))
         prepared: list[_Batch] = []
         # What the batch will read first (the accounts from their cached versions, the receipts), read with
-        # the lock in one round trip; anything else (an account taken meanwhile) is read as usual.
+        # the locks in one round trip; anything else (an account taken meanwhile) is read as usual.
         versions = {i: v for i in {ids.account_id(c.tenant) for c in commands if c.tenant}
                     if (v := self.cache.version(i)) is not None}
         versions.update({c.command_id: 0 for c in commands if c.command_id not in versions})
@@ -386,9 +411,11 @@ class LedgerApplication(Application[UUID]):
 
         assert isinstance(self.recorder, BinaryArrayProcessRecorder)
         read = (self.reader, versions) if isinstance(self.reader, PostgresEventReader) else None
-        self.recorder.insert_events_exclusively(prepare, tracking, read)
+        self.recorder.insert_events_exclusively(prepare, tracking, read, locked)
         prepared[0].return_to_cache()
-        return prepared[0].results
+        found = prepared[0].known[1] if prepared[0].known is not None else {}
+        stale = any(found.get(i) for i, v in versions.items() if v > 0)
+        return prepared[0].results, stale
 
     def apply_chunks(self, chunks: Sequence[tuple[Sequence[LedgerCommand], Tracking | None]]
                      ) -> list[CommandResult]:
@@ -398,17 +425,18 @@ class LedgerApplication(Application[UUID]):
         Chunk k+1 starts from chunk k's aggregates before k is durable; if k's commit fails, k+1 is thrown
         away unrecorded. Every chunk before k is committed with its own ``Tracking`` position, so a retry
         resumes exactly there. A chunk that lost a race (``IntegrityError``: another writer, e.g. an HTTP
-        hold, recorded one of its accounts first) is applied again at once, deciding under the table lock
-        (``exclusive``), which cannot lose again, and so are the chunks after it while the contention lasts
-        (:mod:`billing_ledger.contention`); then pipelining resumes. Any other failure, or a second
-        ``IntegrityError`` (its tracking position is already recorded), is raised.
+        hold, recorded one of its accounts first) is applied again at once, deciding under locks
+        (``exclusive``: its accounts', see ``_apply_exclusively``), which cannot lose again, and so are the
+        chunks after it while the contention lasts (:mod:`billing_ledger.contention`, renewed while those
+        decisions find the accounts changed by another writer); then pipelining resumes. Any other failure,
+        or a second ``IntegrityError`` (its tracking position is already recorded), is raised.
         """
         results: list[CommandResult] = []
         start = 0
         while start < len(chunks):
             if self.can_decide_exclusively and self.contention.recent(time.monotonic()):
-                # Another writer is changing these accounts: decide under the lock, one chunk at a time.
-                results += self.apply_commands(*chunks[start], exclusive=True)
+                # Another writer is changing these accounts: decide under their locks, one chunk at a time.
+                results += self.apply_commands(*chunks[start], exclusive=True, contention=self.contention)
                 start += 1
                 continue
             failed = self._apply_pipelined(chunks[start:], results)
@@ -417,7 +445,7 @@ class LedgerApplication(Application[UUID]):
             self.contention.conflicted(time.monotonic())
             commands, tracking = chunks[start + failed]
             log.debug("chunk_conflict_retried_exclusively", commands=len(commands))
-            results += self.apply_commands(commands, tracking, exclusive=True)
+            results += self.apply_commands(commands, tracking, exclusive=True, contention=self.contention)
             start += failed + 1
         return results
 

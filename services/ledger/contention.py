@@ -5,8 +5,14 @@ versions, failing with ``IntegrityError`` if another writer recorded one of them
 way while writers rarely touch the same aggregates. When they do (HTTP holds on the accounts a usage batch
 is debiting, in this process or another), a lost race costs a failed insert behind the event table's lock,
 the aggregates the loser had taken out of the cache (they must be replayed), and a second try that may
-lose again. So for ``window_seconds`` after a conflict, writers decide under the table's lock instead
-(``LedgerApplication.apply_commands(exclusive=True)``), which cannot lose.
+lose again. So for ``window_seconds`` after a conflict, writers decide under locks instead
+(``LedgerApplication.apply_commands(exclusive=True)``): those of the accounts they decide on, which only
+writers of the same accounts wait for, and which no writer can pass (see :mod:`billing_ledger.pg_recorder`).
+A decision under those locks that finds its accounts changed by another writer since they were cached
+marks a conflict too (``apply_commands(contention=...)``): the optimistic write would have lost, so the
+contention lasts as long as the other writer does instead of lapsing every ``window_seconds`` (each lapse
+cost a lost race and a replay of every account of a Kafka batch: 0.5-2.5 s for 200 busy accounts on the
+bench machine).
 """
 
 from __future__ import annotations

@@ -21,15 +21,17 @@ store whether they are current: the insert of the next version is that question 
 and a command id seen before conflicts on its receipt. Only refusals, which write nothing, are decided
 again on fresh state before they are answered.
 
-**After a conflict** the group is decided again on the stored state *under the event table's lock*
-(``apply_commands(exclusive=True)``, see :mod:`billing_ledger.pg_recorder`): no other writer can record
-anything meanwhile, so that attempt cannot lose another race, and a hold's latency is bounded by one wait
-for the lock instead of an open-ended series of retries with back-off. For ``CONTENTION_WINDOW_SECONDS``
-after a conflict (:mod:`billing_ledger.contention`) groups go that way directly: another writer (the Kafka consumer,
-another ledger process) is changing the accounts asked about, and a stale copy would cost a failed insert
-behind the table lock first. Where the recorder cannot lock first (SQLite, embedded), conflicts are retried
-on fresh state (``DIRECT_CONFLICT_RETRIES_MAX``; the first retry at once, later ones after a short random
-back-off); exhaustion is reported to the caller (``ConflictsExhausted``), never hidden.
+**After a conflict** the group is decided again on the stored state *under the locks of its accounts*
+(``apply_commands(exclusive=True)``, see :mod:`billing_ledger.pg_recorder`): no other writer can record an
+event of those accounts meanwhile, so that attempt cannot lose another race on them, and a hold's latency is
+bounded by one wait for a decision on the same account (a contended usage transaction's) instead of an
+open-ended series of retries with back-off; writers of other accounts do not wait for it. For
+``CONTENTION_WINDOW_SECONDS`` after a conflict, or after such a decision found its accounts changed by
+another writer (:mod:`billing_ledger.contention`), groups go that way directly: another writer (the Kafka
+consumer, another ledger process) is changing the accounts asked about, and a stale copy would cost a
+failed insert and a replay of the account first. Where the recorder cannot lock first (SQLite, embedded),
+conflicts are retried on fresh state (``DIRECT_CONFLICT_RETRIES_MAX``; the first retry at once, later ones
+after a short random back-off); exhaustion is reported to the caller (``ConflictsExhausted``), never hidden.
 """
 
 from __future__ import annotations
@@ -121,11 +123,12 @@ class DirectCommands:
         return self.apply_group_fresh(commands)
 
     def apply_group_fresh(self, commands: Sequence[LedgerCommand]) -> list[CommandResult]:
-        """``commands`` decided on the stored state: under the event table's lock where the recorder can
-        (PostgreSQL: no other writer can record first, so the first attempt stands), else retried."""
+        """``commands`` decided on the stored state: under locks where the recorder can (PostgreSQL: no other
+        writer can record their accounts first, so the first attempt stands), else retried."""
         for attempt in range(1, DIRECT_CONFLICT_RETRIES_MAX + 1):
             try:
-                return self.app.apply_commands(commands, record_rejections=False, exclusive=True)
+                return self.app.apply_commands(commands, record_rejections=False, exclusive=True,
+                                               contention=self.contention)
             except IntegrityError:
                 log.debug("direct_commands_conflict", commands=len(commands), attempt=attempt, fresh=True)
                 time.sleep(backoff_seconds(attempt, self._rng))

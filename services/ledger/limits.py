@@ -18,9 +18,12 @@ CONTENTION_WINDOW_SECONDS = 10.0
 # prepared while the previous commits) and bigger is faster (measured, debits/s committed: 100 -> 8,900,
 # 250 -> 11,600, 500 -> 13,800), but a batch is at most 500 records and two or more transactions per batch
 # let PostgreSQL commit one while Python prepares the next. Contended (see contention.py), each transaction is
-# decided under the event table's lock, which every other writer (an HTTP hold) waits for: smaller ones
-# keep that wait to a few milliseconds (20 rather than 50: hold p99 under usage load 22-30 ms instead of
-# 44-61 ms on the shared bench machine, with the contending process committing as many debits/s).
+# decided under the locks of its accounts (pg_recorder.py), which an HTTP hold on one of them waits for:
+# smaller ones keep that wait short, bigger ones need fewer round trips per debit. Measured with
+# tests/bench/bench_ledger.py on the shared 2-core machine (holds at 200/s, usage offered at 5,000/s on the
+# same 200 accounts): 20 -> hold p99 10.9 ms, 4,700-4,800 debits/s committed; 40 -> p99 12.7-18.0 ms,
+# 4,800-4,900/s. (Under the event table's lock, before, 20 rather than 50 gave p99 22-30 ms instead of
+# 44-61 ms; later 13-21 ms, with 3,700-4,100 debits/s.)
 CHUNK_COMMANDS_MAX = 250
 CONTENDED_CHUNK_COMMANDS_MAX = 20
 # One writer thread applies the waiting direct commands together (group commit): at most this many per

@@ -17,7 +17,8 @@
    COMMIT at the same rate (PostgreSQL's WAL flush on this machine). Then holds on a quiet ledger, then
    the same while another ledger process consumes usage on the same accounts at ``--load-rate`` debits/s
    (as ``LedgerService.handle_records`` does: batches per poll interval split into transactions, retried on
-   conflicts): contention on eventsourcing's event-table lock and version conflicts on shared accounts.
+   conflicts): contention on the event table's insert lock and on the locks of the shared accounts
+   (``billing_ledger.pg_recorder``), and version conflicts when either side's copy of an account is stale.
    The load runs in a process of its own, so it does not share an interpreter with the measuring client.
    The last line gives both p99 figures.
 
@@ -435,7 +436,7 @@ def main() -> None:
                     committed, failures, contended, seconds = stop_usage_load(*load)
                 print(f"holds at {args.hold_rate:.0f}/s over HTTP while usage batches commit to the same store "
                       f"({committed / seconds:,.0f} debits/s committed by another ledger process, {contended} "
-                      f"batches contended (transactions of {CONTENDED_CHUNK_COMMANDS_MAX} decided under the lock), "
+                      f"batches contended (transactions of {CONTENDED_CHUNK_COMMANDS_MAX} decided under locks), "
                       f"{failures} retried): p50 {busy['p50_ms']:.2f} ms, p99 {busy['p99_ms']:.2f} ms, "
                       f"max {busy['max_ms']:.2f} ms (inside the server: p50 {busy['server_p50_ms']:.2f} ms, "
                       f"p99 {busy['server_p99_ms']:.2f} ms)")

@@ -5,7 +5,8 @@
 * Payment notifications delivered twice grant credit once.
 * Many parallel allocation requests, spread over two ledger processes, never exceed the pool's capacity.
 * A Kafka chunk or an HTTP decision that loses an optimistic race to another process is decided again under
-  the event table's lock, once, on the stored state.
+  locks, once, on the stored state: its accounts' locks, which only writers of those accounts wait for, and
+  the event table's lock if it still loses on another aggregate. A refused Kafka position writes nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from billing_events import ids, topics
 from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.contention import Contention
 from billing_ledger.direct import DirectCommands
 from billing_ledger.domain.account import BillingAccount
 from eventsourcing.persistence import IntegrityError, Tracking
@@ -326,8 +328,8 @@ def test_inline_decision_on_a_stale_copy_is_decided_again_under_the_lock(
     assert second.outcome == "applied" and second.value["status"] == "rejected"
     assert direct.inline_decisions == 1 and direct.contention.recent(time.monotonic())
     assert account(other, "inline").available("USD") == 1 * U
-    # Contended now: decided under the lock at once. The cached copy is stale again; the events recorded since
-    # are read in the lock's own round trip (the reader's separate query is not used).
+    # Contended now: decided under the account's lock at once. The cached copy is stale again; the events
+    # recorded since are read in the lock's own round trip (the reader's separate query is not used).
     other.apply_commands([usage("inline", "s8")])
     reads: list[object] = []
     original = server.reader.events_after
@@ -340,7 +342,8 @@ def test_inline_decision_on_a_stale_copy_is_decided_again_under_the_lock(
 def test_inserts_are_serialised_so_notification_ids_commit_in_order(
         two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
     # The relay tails the notification log: a transaction may not commit ids lower than one already
-    # committed. Writers serialise on the recorder's insert lock (an advisory lock, not LOCK TABLE).
+    # committed. Writers serialise on the recorder's insert lock (an advisory lock, not LOCK TABLE); a decision
+    # under that lock (the last resort of a contended write) holds it while deciding.
     first, second = two_stores
     first.apply_commands([command("account.open", t, {"currency": "USD"}, "open") for t in ("s1", "s2")])
     finished: list[str] = []
@@ -361,11 +364,124 @@ def test_inserts_are_serialised_so_notification_ids_commit_in_order(
         return batch
 
     first._prepare = prepare_slowly  # type: ignore[method-assign]
-    first.apply_commands([command("credit.grant", "s1", {"grant_key": "g", "unit": "USD", "amount": "1",
-                                                         "source": "promotion"}, "grant")], exclusive=True)
+    first._apply_locked([command("credit.grant", "s1", {"grant_key": "g", "unit": "USD", "amount": "1",
+                                                        "source": "promotion"}, "grant")], None, True, None)
     writer.join(timeout=10)
     assert finished == ["second"]  # it waited for the lock (checked above), then went through
     log = first.process_recorder.select_notifications(1, 1_000)
     ids_by_account = {n.originator_id: n.id for n in log}
     assert ids_by_account[ids.account_id("s1")] < ids_by_account[ids.account_id("s2")]
     assert [n.id for n in log] == list(range(log[0].id, log[0].id + len(log)))  # no gaps
+
+
+def test_decision_under_account_locks_waits_only_for_writers_of_those_accounts(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    # A contended write decides under the locks of its accounts, not the table's: a writer of another account
+    # records meanwhile; a writer of the same account waits, then decides on the state the first committed.
+    first, second = two_stores
+    for tenant in ("mine", "theirs"):
+        first.apply_commands([command("account.open", tenant, {"currency": "USD"}, "open"),
+                              command("credit.grant", tenant, {"grant_key": "g", "unit": "USD", "amount": "10",
+                                                               "source": "promotion"}, "grant")])
+    finished: dict[str, float] = {}
+
+    def write(name: str, commands: list[LedgerCommand], exclusive: bool) -> None:
+        results = second.apply_commands(commands, exclusive=exclusive)
+        assert [r.outcome for r in results] == ["applied"], results
+        finished[name] = time.monotonic()
+
+    other_account = threading.Thread(target=write, args=("theirs", [usage("theirs", "t1")], False))
+    same_account = threading.Thread(target=write, args=("mine", [usage("mine", "m2")], True))
+    original = first._prepare
+    decided: list[float] = []
+
+    def prepare_slowly(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batch = original(*args, **kwargs)
+        if not decided:
+            other_account.start()
+            same_account.start()
+            time.sleep(0.5)
+            assert "theirs" in finished, "a writer of another account waited for this decision"
+            assert "mine" not in finished, "a writer of the same account recorded during this decision"
+            decided.append(time.monotonic())
+        return batch
+
+    first._prepare = prepare_slowly  # type: ignore[method-assign]
+    assert [r.outcome for r in first.apply_commands([usage("mine", "m1")], exclusive=True)] == ["applied"]
+    same_account.join(timeout=10)
+    other_account.join(timeout=10)
+    assert finished["mine"] > decided[0]
+    assert account(second, "mine").available("USD") == 8 * U  # both debits, each once
+    assert account(second, "theirs").available("USD") == 9 * U
+    log = first.process_recorder.select_notifications(1, 1_000)
+    assert [n.id for n in log] == list(range(log[0].id, log[0].id + len(log)))  # no gaps
+
+
+def test_locked_decision_that_loses_on_another_aggregate_is_decided_under_the_table_lock_once(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    # An allocation changes the tenant's pool, which the account locks do not cover: another process may record
+    # the pool first. The insert then fails on the pool's version (nothing written), and the command is decided
+    # again under the table's lock, on the pool as the other process left it.
+    consumer, other = two_stores
+
+    def allocate(request: str) -> LedgerCommand:
+        return command("allocation.allocate", "pool", {"resource": "seats", "quantity": 1, "request_id": request},
+                       request)
+
+    consumer.apply_commands([command("allocation.set_capacity", "pool", {"resource": "seats", "capacity": 2}, "cap")])
+    original = consumer._prepare
+    raced: list[object] = []
+
+    def prepare_then_race(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batch = original(*args, **kwargs)
+        if not raced:  # another process records the pool's next version while this one decides
+            raced.append(other.apply_commands([allocate("user-2")]))
+        return batch
+
+    consumer._prepare = prepare_then_race  # type: ignore[method-assign]
+    first = consumer.apply_commands([allocate("user-1")], Tracking("kafka:p:0", 1), exclusive=True)
+    assert raced and first[0].outcome == "applied" and first[0].value["allocated"] and first[0].value["in_use"] == 2
+    consumer._prepare = original  # type: ignore[method-assign]
+    third = consumer.apply_commands([allocate("user-3")], Tracking("kafka:p:0", 2), exclusive=True)
+    assert third[0].outcome == "applied" and not third[0].value["allocated"]  # full: user-1 counted once
+    recorded = consumer.reader.events_after({c.command_id: 0 for c in (allocate("user-1"), allocate("user-2"))})
+    assert sorted(len(events) for events in recorded.values()) == [1, 1]  # one receipt each
+    assert consumer.next_offset("p", 0) == 2
+
+
+def test_position_not_beyond_the_recorded_one_is_refused_and_nothing_is_written(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    # Lock, position, insert and commit go in one round trip: a refused position must abort the whole
+    # transaction (the insert after it included), deciding optimistically or under locks alike.
+    store, _ = two_stores
+    store.apply_commands([command("account.open", "pos", {"currency": "USD"}, "open")], Tracking("kafka:q:0", 5))
+    for offset in (5, 4):
+        for exclusive in (False, True):
+            grant = command("credit.grant", "pos", {"grant_key": f"g{offset}{exclusive}", "unit": "USD",
+                                                    "amount": "1", "source": "promotion"}, f"grant{offset}{exclusive}")
+            with pytest.raises(IntegrityError):
+                store.apply_commands([grant], Tracking("kafka:q:0", offset), exclusive=exclusive)
+            assert store.reader.events_after({grant.command_id: 0}) == {}  # no receipt either
+    assert store.next_offset("q", 0) == 5 and account(store, "pos").available("USD") == 0
+    grant = command("credit.grant", "pos", {"grant_key": "g", "unit": "USD", "amount": "1", "source": "promotion"}, "g")
+    assert store.apply_commands([grant], Tracking("kafka:q:0", 6))[0].outcome == "applied"
+    assert store.next_offset("q", 0) == 6 and account(store, "pos").available("USD") == 1 * U
+
+
+def test_locked_decision_on_accounts_changed_elsewhere_keeps_the_contention(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    # Contention lasts while another writer keeps changing the accounts, not just a window after the last lost
+    # race: a decision under the locks that reads events another process recorded since the account was
+    # cached renews it (else the next optimistic write would lose again, and its accounts be replayed).
+    server, other = two_stores
+    server.apply_commands([command("account.open", "busy", {"currency": "USD"}, "open"),
+                           command("credit.grant", "busy", {"grant_key": "g", "unit": "USD", "amount": "10",
+                                                            "source": "promotion"}, "grant")])
+    assert server.read(ids.account_id("busy"), lambda a: a.version)  # cached here
+    contention = Contention(window_seconds=60)
+    server.apply_commands([usage("busy", "1")], exclusive=True, contention=contention)
+    assert not contention.recent(time.monotonic())  # the cached copy was current
+    other.apply_commands([usage("busy", "2")])
+    server.apply_commands([usage("busy", "3")], exclusive=True, contention=contention)
+    assert contention.recent(time.monotonic())
+    assert account(other, "busy").available("USD") == 7 * U

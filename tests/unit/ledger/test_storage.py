@@ -11,8 +11,9 @@ from billing_ledger.aggregate_cache import AggregateCache
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.receipt import RECORDED_TOPIC, CommandReceipt
+from billing_ledger.pg_recorder import existing_aggregates
 from billing_ledger.transcoder import OrjsonTranscoder
-from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscoder, UUIDAsHex
+from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscoder, StoredEvent, UUIDAsHex
 
 from tests.unit.ledger.ledger_support import command, open_account
 
@@ -90,3 +91,13 @@ def test_batch_receipts_are_stored_readable_and_first(app: LedgerApplication) ->
     app._commit(batch)
     receipt = app.repository.get(debit.command_id)
     assert (receipt.outcome, receipt.kind, receipt.tenant, receipt.version) == ("applied", "usage.debit", "a", 1)
+
+
+def test_inserts_lock_every_aggregate_they_record_a_version_after_the_first_of() -> None:
+    # A decision under an account's lock read it at version >= 1; any other writer of that account records
+    # version >= 2 and so takes the lock first. An aggregate recorded only at version 1 (a receipt, a new
+    # account) is not locked: a race on it is refused by the unique (aggregate, version) as always.
+    account, receipt, new = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    events = [StoredEvent(receipt, 1, RECORDED_TOPIC, b"{}"), StoredEvent(account, 7, "t", b"{}"),
+              StoredEvent(account, 8, "t", b"{}"), StoredEvent(new, 1, "t", b"{}"), StoredEvent(new, 2, "t", b"{}")]
+    assert existing_aggregates(events) == {account, new}
