@@ -21,11 +21,16 @@
    (``billing_ledger.pg_recorder``), and version conflicts when either side's copy of an account is stale.
    The load runs in a process of its own, so it does not share an interpreter with the measuring client.
    The last line gives both p99 figures.
+3. **Holds against the service** (``--service``): the same quiet run against ``billing serve ledger`` itself
+   on the same store (its Kafka consumer, outbox relay publishing every hold's events, sweeper and the
+   other background tasks in the process), not only its HTTP routes: what a caller of a deployed ledger
+   sees.
 
 Every process is set up as a ledger process is (``billing_ledger.tuning.tune_process``: GIL switch
 interval, garbage collector).
 
-Everything runs in a fresh schema ``bench_<random>_billing_ledger``, dropped at the end.
+Everything runs in a fresh schema ``bench_<random>_billing_ledger``, dropped at the end (with ``--service``
+the namespace ``bench_<random>``'s Kafka topics too).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import multiprocessing
 import os
 import socket
 import statistics
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -387,6 +393,48 @@ def start_server(database_url: str, schema: str, group: int) -> tuple[multiproce
     raise RuntimeError("the ledger HTTP server did not start")
 
 
+def service_holds(app: LedgerApplication, database_url: str, schema: str, tenants: list[str], holds: int,
+                  rate: float) -> dict[str, float]:
+    """``bench_holds`` against ``billing serve ledger`` in the namespace whose ledger schema is ``schema``, once
+    its relay has published what the earlier phases recorded (a backlog is not what a quiet ledger does)."""
+    from pathlib import Path
+
+    from billing_ledger.relay import RELAY_NAME
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.support
+    from tests.support import ServiceProcess, free_port
+
+    namespace = schema.removesuffix("_billing_ledger")
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "BILLING_NAMESPACE": namespace}
+    env.setdefault("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{namespace}-ledger.log"
+    process = ServiceProcess(["serve", "ledger", "--port", str(port)], env, log, port).start()
+    try:
+        deadline = time.monotonic() + 300
+        while (app.process_recorder.max_tracking_id(RELAY_NAME) or 0) < app.recorder.max_notification_id():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service's relay did not publish the store's events in 300 s")
+            time.sleep(0.5)
+        return asyncio.run(bench_holds(port, tenants, holds, rate))
+    finally:
+        process.stop()
+        asyncio.run(_drop_topics(env["KAFKA_BOOTSTRAP_SERVERS"], namespace))
+
+
+async def _drop_topics(bootstrap_servers: str, namespace: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.startswith(f"{namespace}.")]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--debits", type=int, default=50_000)
@@ -399,6 +447,8 @@ def main() -> None:
                         help="usage debits/s offered by another ledger process during the second hold run")
     parser.add_argument("--group", type=int, default=DIRECT_GROUP_COMMANDS_MAX,
                         help="decisions per transaction at most (1: one transaction per request)")
+    parser.add_argument("--service", action="store_true",
+                        help="also hold at --hold-rate against `billing serve ledger` (relay and tasks running)")
     args = parser.parse_args()
     tune_process()  # this process measures the ledger's batch path: set up as a ledger process is
     database_url = os.environ.get("DATABASE_URL", "postgresql://billing:billing@127.0.0.1:55432/billing")
@@ -445,6 +495,11 @@ def main() -> None:
             finally:
                 server.terminate()
                 server.join()
+            if args.service:
+                served = service_holds(app, database_url, schema, tenants, args.holds, args.hold_rate)
+                print(f"holds at {args.hold_rate:.0f}/s against `billing serve ledger` (consumer, relay and background "
+                      f"tasks running): p50 {served['p50_ms']:.2f} ms, p99 {served['p99_ms']:.2f} ms, "
+                      f"max {served['max_ms']:.2f} ms")
     finally:
         app.close()
         with psycopg.connect(database_url, autocommit=True) as conn:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.contention import Contention
 from billing_ledger.direct import DirectCommands
 from billing_ledger.domain.account import BillingAccount
+from billing_ledger.sweeper import Sweeper
 from eventsourcing.persistence import IntegrityError, Tracking
 
 from tests.support import ServiceProcess, auth, free_port, wait_until
@@ -485,3 +486,38 @@ def test_locked_decision_on_accounts_changed_elsewhere_keeps_the_contention(
     server.apply_commands([usage("busy", "3")], exclusive=True, contention=contention)
     assert contention.recent(time.monotonic())
     assert account(other, "busy").available("USD") == 7 * U
+
+
+def test_a_sweep_that_loses_a_race_still_expires_the_holds_in_the_same_round(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    """Holds keep coming on the accounts being swept (another process records one right after the sweeper
+    read them): the sweep is decided again under the accounts' locks at once, not next round (where, with the
+    holds still coming, it would lose again, and expired holds would keep their credit forever)."""
+    sweeping, other = two_stores
+    now = datetime.now(UTC)
+    tenants = [f"swept{i}" for i in range(3)]
+    for tenant in tenants:
+        sweeping.apply_commands([
+            command("account.open", tenant, {"currency": "USD"}, "open"),
+            command("credit.grant", tenant, {"grant_key": "g", "unit": "USD", "amount": "10", "source": "promotion"},
+                    "grant"),
+            command("hold.place", tenant, {"hold_id": str(uuid.uuid4()), "amount": "4",
+                                           "expires_at": (now + timedelta(seconds=1)).isoformat()}, "hold")])
+    original = sweeping.load_many
+    raced: list[object] = []
+
+    def load_then_race(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loaded = original(*args, **kwargs)
+        if not raced and len(kwargs.get("receipt_ids", args[1] if len(args) > 1 else ())) > 0:
+            # the sweep's own read (its commands' receipts): another process holds on one of its accounts
+            raced.append(other.apply_commands([command("hold.place", tenants[1], {
+                "hold_id": str(uuid.uuid4()), "amount": "1", "expires_at": (now + timedelta(hours=1)).isoformat()},
+                "late")]))
+        return loaded
+
+    sweeping.load_many = load_then_race  # type: ignore[method-assign]
+    assert Sweeper(sweeping).sweep(now + timedelta(seconds=5)) == 3
+    assert raced
+    for tenant, held in zip(tenants, (0, 1, 0), strict=True):
+        state = account(other, tenant)
+        assert state.held("USD") == held * U and state.available("USD") == (10 - held) * U, tenant
