@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from uuid import UUID
+
+T = TypeVar("T")
 
 
 class AggregateCache:
@@ -33,6 +36,14 @@ class AggregateCache:
         """The cached version (None if absent), without taking it: a hint, as ``in``."""
         found = self._items.get(aggregate_id)
         return None if found is None else found.version  # type: ignore[no-any-return]
+
+    def peek(self, aggregate_id: UUID, read: Callable[[Any], T]) -> T | None:
+        """``read(aggregate)`` of the cached aggregate without taking it out (None if absent): ``read`` must not
+        change it. A cached aggregate is committed and nobody changes it while it is cached, so this is the
+        state of its cached version (perhaps behind the store: a hint, as ``in``)."""
+        with self._lock:
+            found = self._items.get(aggregate_id)
+            return None if found is None else read(found)
 
     def take(self, aggregate_id: UUID) -> Any | None:
         """Removes and returns the cached aggregate (None if absent): the caller owns it now."""

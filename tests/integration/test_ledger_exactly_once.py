@@ -488,11 +488,12 @@ def test_locked_decision_on_accounts_changed_elsewhere_keeps_the_contention(
     assert account(other, "busy").available("USD") == 7 * U
 
 
-def test_a_sweep_that_loses_a_race_still_expires_the_holds_in_the_same_round(
+def test_a_sweep_expires_due_holds_while_another_process_keeps_holding_on_the_same_accounts(
         two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
-    """Holds keep coming on the accounts being swept (another process records one right after the sweeper
-    read them): the sweep is decided again under the accounts' locks at once, not next round (where, with the
-    holds still coming, it would lose again, and expired holds would keep their credit forever)."""
+    """Another process places a hold on an account the sweeper is deciding on, at that very moment: the sweep
+    cannot lose the race (it decides under its accounts' locks; deciding optimistically it lost whenever any
+    account changed meanwhile, and under steady holds every round did, so expired holds kept their credit),
+    and the other hold (an HTTP decision: decided again on a lost race) waits for it, then lands too."""
     sweeping, other = two_stores
     now = datetime.now(UTC)
     tenants = [f"swept{i}" for i in range(3)]
@@ -504,20 +505,25 @@ def test_a_sweep_that_loses_a_race_still_expires_the_holds_in_the_same_round(
             command("hold.place", tenant, {"hold_id": str(uuid.uuid4()), "amount": "4",
                                            "expires_at": (now + timedelta(seconds=1)).isoformat()}, "hold")])
     original = sweeping.load_many
+    racing: list[threading.Thread] = []
     raced: list[object] = []
 
     def load_then_race(*args, **kwargs):  # type: ignore[no-untyped-def]
         loaded = original(*args, **kwargs)
-        if not raced and len(kwargs.get("receipt_ids", args[1] if len(args) > 1 else ())) > 0:
-            # the sweep's own read (its commands' receipts): another process holds on one of its accounts
-            raced.append(other.apply_commands([command("hold.place", tenants[1], {
-                "hold_id": str(uuid.uuid4()), "amount": "1", "expires_at": (now + timedelta(hours=1)).isoformat()},
-                "late")]))
+        if not racing and list(args[1] if len(args) > 1 else kwargs.get("receipt_ids", ())):
+            # The sweep is deciding (it reads its commands' receipts): another process holds on one of its
+            # accounts now, in a thread of its own (it may have to wait for the sweep).
+            late = command("hold.place", tenants[1], {"hold_id": str(uuid.uuid4()), "amount": "1",
+                                                      "expires_at": (now + timedelta(hours=1)).isoformat()}, "late")
+            racing.append(threading.Thread(target=lambda: raced.append(DirectCommands(other).apply_group([late]))))
+            racing[0].start()
+            time.sleep(0.2)  # long enough for the other insert to commit, unless it must wait
         return loaded
 
     sweeping.load_many = load_then_race  # type: ignore[method-assign]
     assert Sweeper(sweeping).sweep(now + timedelta(seconds=5)) == 3
-    assert raced
+    racing[0].join(timeout=30)
+    assert [r.outcome for r in raced[0]] == ["applied"]  # type: ignore[attr-defined]
     for tenant, held in zip(tenants, (0, 1, 0), strict=True):
         state = account(other, tenant)
         assert state.held("USD") == held * U and state.available("USD") == (10 - held) * U, tenant
