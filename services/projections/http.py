@@ -10,7 +10,8 @@ from billing_runtime.db import Database
 from fastapi import APIRouter
 
 
-def build_routers(db: Database, ledger_url: str = "") -> list[APIRouter]:
-    """``ledger_url``: base URL of the ledger's API, for links to invoice PDFs ("" = this same origin)."""
-    return [api_accounts.build_router(db, ledger_url), api_reports.build_router(db, ledger_url),
+def build_routers(db: Database, ledger_url: str = "", *, lean_balance: bool = True) -> list[APIRouter]:
+    """``ledger_url``: base URL of the ledger's API, for links to invoice PDFs ("" = this same origin).
+    ``lean_balance=False``: the balance served by its FastAPI route (api_balance.py), the reference in tests."""
+    return [api_accounts.build_router(db, ledger_url, lean_balance=lean_balance), api_reports.build_router(db, ledger_url),
             dashboard.build_router(db, ledger_url)]

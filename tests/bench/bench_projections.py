@@ -263,6 +263,16 @@ async def reads_under_flow(settings: Settings, url: str, stream: Stream, tenants
     never interleave within a partition. The probe's debit waits behind the same consumer's work. The reader
     runs in a third process. The first probe (the consumer joining its group, the first batch's connections
     and plans) is a warm-up, not counted.
+
+    Where a read's time goes on 2 cores (measured): the API's CPU is ~0.3 ms of it (api_balance.py); the tail
+    is waiting for a core. A read is four wake-ups in turn (the API, its PostgreSQL backend, the API again, the
+    reader) while the flow's producer, the consumer child, the consumer's backend and Kafka keep both cores
+    about half busy; ~4 % of reads take over 3 ms, spread evenly over the run (not stalls: no collection runs
+    in the API process during reads, and the slow reads do not follow the producer's 100 ms bursts), and
+    ``perf sched`` shows the API waiting up to ~4 ms for a core, held most often by a PostgreSQL backend, then
+    by the producer and the consumer. Tried without a measurable gain on the p99: a shorter scheduler slice
+    for the API (``sched_setattr``), the consumer child in its own session (its own autogroup), the reader and
+    the producer in theirs, one write for the response's head and body.
     """
     probe = tenants[0]
     probe_partition = kafka_partition(str(ids.account_id(probe)), settings.topic_partitions)
