@@ -247,6 +247,13 @@ def two_stores(infra: dict[str, str], tmp_path: Path) -> Iterator[tuple[LedgerAp
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def funded(tenant: str, usd: str) -> list[LedgerCommand]:
+    """Commands opening ``tenant``'s account with a promotional grant of ``usd``."""
+    return [command("account.open", tenant, {"currency": "USD"}, "open"),
+            command("credit.grant", tenant, {"grant_key": "g", "unit": "USD", "amount": usd, "source": "promotion"},
+                    "grant")]
+
+
 def usage(tenant: str, key: str) -> LedgerCommand:
     return command("usage.debit", tenant, {"unit": "USD", "amount_subunits": U, "meter": "m",
                                            "at": datetime.now(UTC).isoformat()}, key)
@@ -255,9 +262,7 @@ def usage(tenant: str, key: str) -> LedgerCommand:
 def test_chunk_that_loses_a_race_is_decided_again_under_the_lock(
         two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
     consumer, other = two_stores
-    consumer.apply_commands([command("account.open", "race", {"currency": "USD"}, "open"),
-                             command("credit.grant", "race", {"grant_key": "g", "unit": "USD", "amount": "100",
-                                                              "source": "promotion"}, "grant")])
+    consumer.apply_commands(funded("race", "100"))
     original = consumer.load_many
     raced: list[object] = []
 
@@ -288,9 +293,7 @@ def test_chunk_that_loses_a_race_is_decided_again_under_the_lock(
 def test_direct_command_that_loses_a_race_is_decided_under_the_lock(
         two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
     server, other = two_stores
-    server.apply_commands([command("account.open", "held", {"currency": "USD"}, "open"),
-                           command("credit.grant", "held", {"grant_key": "g", "unit": "USD", "amount": "10",
-                                                            "source": "promotion"}, "grant")])
+    server.apply_commands(funded("held", "10"))
     assert server.read(ids.account_id("held"), lambda a: a.version)  # cached here, about to go stale
     other.apply_commands([usage("held", f"s{i}") for i in range(9)])  # 9 of the 10 USD
     direct = DirectCommands(server)
@@ -309,9 +312,7 @@ def test_inline_decision_on_a_stale_copy_is_decided_again_under_the_lock(
     # An idle ledger decides on the event loop's thread, trusting its cached account: the one-round-trip
     # insert (lock, insert, commit pipelined) must still refuse a stale version, and the writer decides again.
     server, other = two_stores
-    server.apply_commands([command("account.open", "inline", {"currency": "USD"}, "open"),
-                           command("credit.grant", "inline", {"grant_key": "g", "unit": "USD", "amount": "10",
-                                                              "source": "promotion"}, "grant")])
+    server.apply_commands(funded("inline", "10"))
     assert server.read(ids.account_id("inline"), lambda a: a.version)  # cached here, about to go stale
     direct = DirectCommands(server)
     assert direct.inline  # PostgreSQL: idle decisions are made on the caller's thread
@@ -381,9 +382,7 @@ def test_decision_under_account_locks_waits_only_for_writers_of_those_accounts(
     # records meanwhile; a writer of the same account waits, then decides on the state the first committed.
     first, second = two_stores
     for tenant in ("mine", "theirs"):
-        first.apply_commands([command("account.open", tenant, {"currency": "USD"}, "open"),
-                              command("credit.grant", tenant, {"grant_key": "g", "unit": "USD", "amount": "10",
-                                                               "source": "promotion"}, "grant")])
+        first.apply_commands(funded(tenant, "10"))
     finished: dict[str, float] = {}
 
     def write(name: str, commands: list[LedgerCommand], exclusive: bool) -> None:
@@ -475,9 +474,7 @@ def test_locked_decision_on_accounts_changed_elsewhere_keeps_the_contention(
     # race: a decision under the locks that reads events another process recorded since the account was
     # cached renews it (else the next optimistic write would lose again, and its accounts be replayed).
     server, other = two_stores
-    server.apply_commands([command("account.open", "busy", {"currency": "USD"}, "open"),
-                           command("credit.grant", "busy", {"grant_key": "g", "unit": "USD", "amount": "10",
-                                                            "source": "promotion"}, "grant")])
+    server.apply_commands(funded("busy", "10"))
     assert server.read(ids.account_id("busy"), lambda a: a.version)  # cached here
     contention = Contention(window_seconds=60)
     server.apply_commands([usage("busy", "1")], exclusive=True, contention=contention)
@@ -499,9 +496,7 @@ def test_a_sweep_expires_due_holds_while_another_process_keeps_holding_on_the_sa
     tenants = [f"swept{i}" for i in range(3)]
     for tenant in tenants:
         sweeping.apply_commands([
-            command("account.open", tenant, {"currency": "USD"}, "open"),
-            command("credit.grant", tenant, {"grant_key": "g", "unit": "USD", "amount": "10", "source": "promotion"},
-                    "grant"),
+            *funded(tenant, "10"),
             command("hold.place", tenant, {"hold_id": str(uuid.uuid4()), "amount": "4",
                                            "expires_at": (now + timedelta(seconds=1)).isoformat()}, "hold")])
     original = sweeping.load_many
