@@ -12,7 +12,7 @@ DURATION ?=
 RATE ?=
 BENCH_ARGS ?=
 
-.PHONY: install run test test-unit stack-up stack-down stack bench lint clean-var
+.PHONY: install run test test-unit stack-up stack-down stack bench bench-clean lint clean-var
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,10 @@ bench: install stack-up
 	eval "$$($(STACK) env)" && $(BIN)/python tests/bench/bench_projections.py --events $(STAGE_EVENTS)
 	eval "$$($(STACK) env)" && $(BIN)/python tests/bench/bench_cycle.py --subscriptions 2000
 	$(BIN)/python tests/bench/bench_pricing.py
+
+# Topics and schemas that interrupted benches left behind (bench* namespaces only).
+bench-clean: install stack-up
+	eval "$$($(STACK) env)" && $(BIN)/python tests/bench/clean.py
 
 lint: install
 	$(BIN)/ruff check libs services cli tests
