@@ -124,13 +124,9 @@ class _Row:
         self.add = add
 
 
-def new_row(set: dict[str, Any], add: dict[str, Any]) -> _Row:
-    """A row's first change in a batch (``accumulate``'s new row); both dicts are kept, not copied."""
-    return _Row({}, set, add)
-
-
 def merge_add(row: _Row, column: str, value: Any) -> None:
-    """``accumulate``'s rule for one added value on a row the batch has seen already."""
+    """``upsert``'s rule for one added value on a row the batch has seen already (a falsy value only makes
+    sure the column is written; a column set in this batch takes the addition on its set value)."""
     row_set = row.set
     if not value:
         row_add = row.add
@@ -144,7 +140,8 @@ def merge_add(row: _Row, column: str, value: Any) -> None:
 
 
 def merge_set(row: _Row, column: str, value: Any) -> None:
-    """``accumulate``'s rule for one set value (never a column that is also added in the same change)."""
+    """``upsert``'s rule for one set value (never a column that is also added in the same change): it replaces
+    whatever the batch had added to the column."""
     row.set[column] = value
     row_add = row.add
     if row_add and column in row_add:
@@ -155,7 +152,6 @@ class BatchWriter:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[Table, dict[tuple[Any, ...], _Row]]] = {}
         self._appends: dict[str, tuple[Table, dict[Any, tuple[Any, ...]]]] = {}
-        self._accumulated: dict[str, dict[tuple[Any, ...], _Row]] = {}  # table name -> its rows in ``_rows``
         self._rows_of_tables: dict[int, tuple[dict[tuple[Any, ...], _Row], ...]] = {}
 
     def upsert(self, table: Table, key: tuple[Any, ...], *, init: dict[str, Any] | None = None,
@@ -201,56 +197,15 @@ class BatchWriter:
             for column, value in add.items():
                 if decimals and column in decimals and type(value) is str:
                     value = Decimal(value)
-                if not value:
-                    if column not in row_add and column not in row_set:
-                        row_add[column] = value
-                    continue
-                if column in row_set:
-                    row_set[column] = row_set[column] + value
-                else:
-                    row_add[column] = row_add.get(column, 0) + value
-
-    def accumulate(self, table: Table, key: tuple[Any, ...], set: dict[str, Any], add: dict[str, Any]) -> None:
-        """``upsert(table, key, set=set, add=add)`` for the hot path (usage debits, see ``debits.py``), the same
-        merge without the general case's checks: ``set`` names no decimal column and no column of ``add``, and
-        decimal values in ``add`` are ``Decimal`` or int already. Neither dict is kept (both are copied)."""
-        rows = self._accumulated.get(table.name)
-        if rows is None:
-            assert len(key) == len(table.key), f"{table.name}: key {key!r}"
-            found = self._rows.get(table.name)
-            if found is None:
-                found = self._rows[table.name] = (table, {})
-            rows = self._accumulated[table.name] = found[1]
-        row = rows.get(key)
-        if row is None:
-            rows[key] = _Row({}, set.copy(), add.copy())
-            return
-        row_set, row_add = row.set, row.add
-        row_set.update(set)
-        if row_add:
-            for column in set:
-                if column in row_add:
-                    del row_add[column]  # a value set after an addition replaces it, as in ``upsert``
-        for column, value in add.items():
-            if not value:
-                if column not in row_add and column not in row_set:
-                    row_add[column] = value
-            elif column in row_set:
-                row_set[column] = row_set[column] + value
-            else:
-                row_add[column] = row_add.get(column, 0) + value
+                merge_add(row, column, value)
 
     def rows_of(self, table: Table) -> dict[tuple[Any, ...], _Row]:
-        """The rows of ``table`` merged by ``accumulate``, for a handler that merges them itself with
-        ``new_row`` and ``merge_set`` / ``merge_add`` (``debits.py``: the same rules, without building the
-        ``set`` and ``add`` dicts of rows the batch has seen already)."""
-        rows = self._accumulated.get(table.name)
-        if rows is None:
-            found = self._rows.get(table.name)
-            if found is None:
-                found = self._rows[table.name] = (table, {})
-            rows = self._accumulated[table.name] = found[1]
-        return rows
+        """The batch's rows of ``table``, for a handler that merges them itself with ``merge_set`` /
+        ``merge_add`` (``debits.py``: ``upsert``'s rules, without building ``set`` and ``add`` dicts)."""
+        found = self._rows.get(table.name)
+        if found is None:
+            found = self._rows[table.name] = (table, {})
+        return found[1]
 
     def rows_of_tables(self, tables: tuple[Table, ...]) -> tuple[dict[tuple[Any, ...], _Row], ...]:
         """``rows_of`` of each of ``tables``, looked up once per batch; ``tables`` is a constant (kept by ``id``)."""
@@ -293,7 +248,6 @@ class BatchWriter:
                 await _write(conn, table, rows, dialect)
         self._rows.clear()
         self._appends.clear()
-        self._accumulated.clear()
         self._rows_of_tables.clear()
 
 
