@@ -478,6 +478,22 @@ def _in(values: list[str], first: int = 1) -> str:
     return ", ".join(f"${i}" for i in range(first, first + len(values)))
 
 
+async def _rows_by_pairs(conn: Connection, postgres: bool, select: str, table: str, columns: tuple[str, str],
+                         pairs: list[tuple[str, str]], sqlite_by: int) -> list[Any]:
+    """``SELECT {select} FROM {table}`` for the rows whose (``columns``) are among ``pairs``. PostgreSQL: by
+    primary key, one index probe per pair (``unnest`` of two arrays). SQLite: by the one column
+    ``columns[sqlite_by]``, a superset the caller filters to ``pairs`` (it does anyway)."""
+    first, second = columns
+    if postgres:
+        return await conn.fetch(
+            f"SELECT {', '.join(f't.{c}' for c in select.split(', '))} FROM {table} t "
+            f"JOIN unnest($1::text[], $2::text[]) AS k({first}, {second}) "
+            f"ON t.{first} = k.{first} AND t.{second} = k.{second}",
+            [p[0] for p in pairs], [p[1] for p in pairs])
+    values = sorted({p[sqlite_by] for p in pairs})
+    return await conn.fetch(f"SELECT {select} FROM {table} WHERE {columns[sqlite_by]} IN ({_in(values)})", *values)
+
+
 RATED_COLUMNS = ("account_id", "event_id", "tenant", "meter", "period", "group_key", "event_time", "quantity",
                  "value", "quantity_before", "quantity_after", "amount_subunits", "unit", "catalog_version",
                  "decision", "output_topic", "output", "rated_at", "corrects", "effective_quantity")
@@ -523,19 +539,8 @@ class _BatchState:
         accounts = sorted({u.account for u in usages})
         keys = sorted({(u.account, u.event.id) for u in usages}) if lookup else []
         # Prior decisions, by primary key: an index probe per event, whatever the size of the table.
-        if not keys:
-            rows = []
-        elif postgres:
-            rows = await conn.fetch(
-                "SELECT r.account_id, r.event_id, r.output_topic, r.output FROM rated_events r "
-                "JOIN unnest($1::text[], $2::text[]) AS k(account_id, event_id) "
-                "ON r.account_id = k.account_id AND r.event_id = k.event_id",
-                [k[0] for k in keys], [k[1] for k in keys])
-        else:
-            event_ids = sorted({k[1] for k in keys})
-            rows = await conn.fetch(
-                f"SELECT account_id, event_id, output_topic, output FROM rated_events WHERE event_id IN "
-                f"({_in(event_ids)})", *event_ids)
+        rows = await _rows_by_pairs(conn, postgres, "account_id, event_id, output_topic, output", "rated_events",
+                                    ("account_id", "event_id"), keys, sqlite_by=1) if keys else []
         wanted = set(keys)
         for row in rows:
             key = (row["account_id"], row["event_id"])
@@ -592,18 +597,8 @@ class _BatchState:
 
     async def _load_totals(self, conn: Connection) -> None:
         """Running totals of the (account, period) pairs the batch rates in, not of every period ever."""
-        pairs = sorted(self.periods)
-        if self.dialect == "postgres":
-            rows = await conn.fetch(
-                "SELECT t.account_id, t.meter, t.period, t.quantity FROM period_totals t "
-                "JOIN unnest($1::text[], $2::text[]) AS k(account_id, period) "
-                "ON t.account_id = k.account_id AND t.period = k.period",
-                [p[0] for p in pairs], [p[1] for p in pairs])
-        else:
-            accounts = sorted({p[0] for p in pairs})
-            rows = await conn.fetch(
-                f"SELECT account_id, meter, period, quantity FROM period_totals WHERE account_id IN "
-                f"({_in(accounts)})", *accounts)
+        rows = await _rows_by_pairs(conn, self.dialect == "postgres", "account_id, meter, period, quantity",
+                                    "period_totals", ("account_id", "period"), sorted(self.periods), sqlite_by=0)
         for row in rows:
             if (row["account_id"], row["period"]) in self.periods:
                 self.totals[(row["account_id"], row["meter"], row["period"])] = Decimal(row["quantity"])
