@@ -13,6 +13,7 @@ from email import message_from_bytes
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
@@ -22,6 +23,15 @@ from billing_runtime.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 BILLING = str(Path(sys.executable).parent / "billing")
 T = TypeVar("T")
+
+
+async def drop_schema(database_url: str, schema: str) -> None:
+    """Drops a test's PostgreSQL schema and everything in it (nothing if it is not there)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 def free_port() -> int:

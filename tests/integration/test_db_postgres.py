@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from billing_runtime.db import PostgresDatabase, is_unique_violation
 
-from tests.support import exercise_copy_records
+from tests.support import drop_schema, exercise_copy_records
 
 pytestmark = pytest.mark.integration
 
@@ -18,11 +18,7 @@ pytestmark = pytest.mark.integration
 async def schema(infra: dict[str, str]) -> AsyncIterator[str]:
     name = f"t{uuid.uuid4().hex[:10]}_db"
     yield name
-    conn = await asyncpg.connect(infra["DATABASE_URL"])
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    finally:
-        await conn.close()
+    await drop_schema(infra["DATABASE_URL"], name)
 
 
 async def test_copy_records_and_unique_violations(infra: dict[str, str], schema: str) -> None:

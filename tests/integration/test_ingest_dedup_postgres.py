@@ -8,10 +8,11 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import pytest
 from billing_ingest import dedup
 from billing_runtime.db import PostgresDatabase
+
+from tests.support import drop_schema
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +24,7 @@ async def db(infra: dict[str, str]) -> AsyncIterator[PostgresDatabase]:
     await database.executescript(dedup.SCHEMA)
     yield database
     await database.close()
-    conn = await asyncpg.connect(infra["DATABASE_URL"])
-    try:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')  # created by this test
-    finally:
-        await conn.close()
+    await drop_schema(infra["DATABASE_URL"], schema)  # created by this test
 
 
 def rows(prefix: str, count: int, at: datetime | None = None) -> list[tuple[str, str, str]]:

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -24,7 +23,7 @@ from billing_events import topics
 from billing_events.messages import LedgerEvent
 from billing_runtime.bus import ensure_topics
 
-from tests.support import ServiceProcess, auth, free_port, wait_until
+from tests.support import ServiceProcess, auth, drop_schema, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -133,11 +132,7 @@ async def _drop(infra: dict[str, str], namespace: str) -> None:
         await admin.delete_topics([f"{namespace}.{t}" for t in topics.ALL_TOPICS])
     finally:
         await admin.close()
-    conn = await asyncpg.connect(infra["DATABASE_URL"])
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}_billing_ingest" CASCADE')
-    finally:
-        await conn.close()
+    await drop_schema(infra["DATABASE_URL"], f"{namespace}_billing_ingest")
 
 
 def wait_catalogue_learnt(ingest: IngestEnv) -> None:

@@ -254,6 +254,11 @@ def funded(tenant: str, usd: str) -> list[LedgerCommand]:
                     "grant")]
 
 
+def hold(tenant: str, amount: str, key: str, expires_at: str = "2099-01-01T00:00:00+00:00") -> LedgerCommand:
+    return command("hold.place", tenant, {"hold_id": str(uuid.uuid4()), "amount": amount, "expires_at": expires_at},
+                   key)
+
+
 def usage(tenant: str, key: str) -> LedgerCommand:
     return command("usage.debit", tenant, {"unit": "USD", "amount_subunits": U, "meter": "m",
                                            "at": datetime.now(UTC).isoformat()}, key)
@@ -297,9 +302,7 @@ def test_direct_command_that_loses_a_race_is_decided_under_the_lock(
     assert server.read(ids.account_id("held"), lambda a: a.version)  # cached here, about to go stale
     other.apply_commands([usage("held", f"s{i}") for i in range(9)])  # 9 of the 10 USD
     direct = DirectCommands(server)
-    hold = command("hold.place", "held", {"hold_id": str(uuid.uuid4()), "amount": "2",
-                                          "expires_at": "2099-01-01T00:00:00+00:00"}, "hold")
-    result = direct.apply_group([hold])[0]
+    result = direct.apply_group([hold("held", "2", "hold")])[0]
     # Decided on the stored state (1 USD left), not on the stale cached copy (10 USD): refused, and the
     # conflict makes the following decisions go under the lock at once.
     assert result.outcome == "applied" and result.value["status"] == "rejected"
@@ -318,8 +321,7 @@ def test_inline_decision_on_a_stale_copy_is_decided_again_under_the_lock(
     assert direct.inline  # PostgreSQL: idle decisions are made on the caller's thread
 
     def place(key: str, amount: str) -> LedgerCommand:
-        return command("hold.place", "inline", {"hold_id": str(uuid.uuid4()), "amount": amount,
-                                                "expires_at": "2099-01-01T00:00:00+00:00"}, key)
+        return hold("inline", amount, key)
 
     first = asyncio.run(direct.decide(place("h1", "1")))
     assert first.outcome == "applied" and first.value["status"] == "active" and direct.inline_decisions == 1
@@ -497,8 +499,7 @@ def test_a_sweep_expires_due_holds_while_another_process_keeps_holding_on_the_sa
     for tenant in tenants:
         sweeping.apply_commands([
             *funded(tenant, "10"),
-            command("hold.place", tenant, {"hold_id": str(uuid.uuid4()), "amount": "4",
-                                           "expires_at": (now + timedelta(seconds=1)).isoformat()}, "hold")])
+            hold(tenant, "4", "hold", expires_at=(now + timedelta(seconds=1)).isoformat())])
     original = sweeping.load_many
     racing: list[threading.Thread] = []
     raced: list[object] = []
@@ -508,8 +509,7 @@ def test_a_sweep_expires_due_holds_while_another_process_keeps_holding_on_the_sa
         if not racing and list(args[1] if len(args) > 1 else kwargs.get("receipt_ids", ())):
             # The sweep is deciding (it reads its commands' receipts): another process holds on one of its
             # accounts now, in a thread of its own (it may have to wait for the sweep).
-            late = command("hold.place", tenants[1], {"hold_id": str(uuid.uuid4()), "amount": "1",
-                                                      "expires_at": (now + timedelta(hours=1)).isoformat()}, "late")
+            late = hold(tenants[1], "1", "late", expires_at=(now + timedelta(hours=1)).isoformat())
             racing.append(threading.Thread(target=lambda: raced.append(DirectCommands(other).apply_group([late]))))
             racing[0].start()
             time.sleep(0.2)  # long enough for the other insert to commit, unless it must wait

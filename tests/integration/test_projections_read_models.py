@@ -16,11 +16,10 @@ import httpx
 import pytest
 from billing_events.money import SUBUNITS_PER_UNIT
 
-from tests.support import BILLING, ROOT, auth
+from tests.support import BILLING, ROOT, auth, drop_schema
 from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
 from tests.unit.projections.stack_support import (
     ProjectionsStack,
-    drop_schema,
     dump_schema,
     publish,
     start_projections,

@@ -13,7 +13,7 @@ import pytest
 from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
 from billing_runtime.db import Database, PostgresDatabase, SqliteDatabase
 
-from tests.unit.projections.stack_support import drop_schema
+from tests.support import drop_schema
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from billing_events import ids, topics
@@ -24,7 +23,7 @@ from billing_runtime.db import PostgresDatabase
 
 from tests.integration.conftest import Stack
 from tests.integration.test_walking_skeleton import apply_accounts, available, produce_raw, wait_balance
-from tests.support import auth, wait_until
+from tests.support import auth, drop_schema, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -138,11 +137,7 @@ async def pg_rating(infra: dict[str, str]) -> AsyncIterator[tuple[RatingService,
     await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 0, None, catalog.to_json())])
     yield service, outbox
     await db.close()
-    conn = await asyncpg.connect(infra["DATABASE_URL"])
-    try:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')  # created by this test
-    finally:
-        await conn.close()
+    await drop_schema(infra["DATABASE_URL"], schema)  # created by this test
 
 
 def usage(tenant: str, event_id: str, quantity: str, meter: str = "api_calls", at: datetime = NOV,

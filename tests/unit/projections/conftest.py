@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,22 @@ from billing_runtime.db import Database, SqliteDatabase
 from tests.unit.projections.ledger_events import by_partition
 
 
+@asynccontextmanager
+async def sqlite_service(path: Path) -> AsyncIterator[ProjectionService]:
+    """A projection service on a fresh SQLite file, its tables created; the file is closed on the way out."""
+    db = await SqliteDatabase(path).connect()
+    try:
+        service = ProjectionService(db)
+        await service.setup()
+        yield service
+    finally:
+        await db.close()
+
+
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[ProjectionService]:
-    db = await SqliteDatabase(tmp_path / "projections.sqlite").connect()
-    svc = ProjectionService(db)
-    await svc.setup()
-    yield svc
-    await db.close()
+    async with sqlite_service(tmp_path / "projections.sqlite") as svc:
+        yield svc
 
 
 async def apply(service: ProjectionService, records: list[Record], batch: int = 500) -> None:
@@ -48,20 +58,17 @@ async def dumps_by_batching(records: list[Record], directory: Path, *, seed: int
     rng = random.Random(seed)
     dumps = []
     for name, batch in (("one", 1), ("all", 10_000), ("random", 0)):
-        db = await SqliteDatabase(directory / f"{name}.sqlite").connect()
-        service = ProjectionService(db)
-        await service.setup()
-        if batch:
-            await apply(service, records, batch=batch)
-        else:
-            for part in by_partition(records).values():
-                start = 0
-                while start < len(part):
-                    size = rng.randint(1, size_max)
-                    await service.handle_ledger_events(part[start:start + size])
-                    start += size
-            if replay_all:
-                await apply(service, records)
-        dumps.append(await dump(db))
-        await db.close()
+        async with sqlite_service(directory / f"{name}.sqlite") as service:
+            if batch:
+                await apply(service, records, batch=batch)
+            else:
+                for part in by_partition(records).values():
+                    start = 0
+                    while start < len(part):
+                        size = rng.randint(1, size_max)
+                        await service.handle_ledger_events(part[start:start + size])
+                        start += size
+                if replay_all:
+                    await apply(service, records)
+            dumps.append(await dump(service.db))
     return dumps

@@ -111,9 +111,3 @@ async def dump_schema(database_url: str, schema: str) -> dict[str, list[tuple[ob
         await conn.close()
 
 
-async def drop_schema(database_url: str, schema: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()

@@ -12,9 +12,8 @@ from billing_projections import debits
 from billing_projections.facts import Fact
 from billing_projections.service import ProjectionService
 from billing_projections.writer import BatchWriter
-from billing_runtime.db import SqliteDatabase
 
-from tests.unit.projections.conftest import apply, dump
+from tests.unit.projections.conftest import apply, dump, sqlite_service
 from tests.unit.projections.ledger_events import Ledger, full_scenario
 
 GRANT = "9f1c8a52-0000-4000-8000-000000000001"
@@ -122,12 +121,9 @@ async def test_real_ledger_events_give_the_same_read_models(tmp_path: Path, monk
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(debits, "handler_for", lambda event_type: None)
-        db = await SqliteDatabase(tmp_path / f"p{fused}.sqlite").connect()
-        service = ProjectionService(db)
-        await service.setup()
-        await apply(service, records, batch=7)
-        dumps.append(await dump(db))
-        await db.close()
+        async with sqlite_service(tmp_path / f"p{fused}.sqlite") as service:
+            await apply(service, records, batch=7)
+            dumps.append(await dump(service.db))
     assert dumps[0] == dumps[1]
 
 
@@ -146,24 +142,21 @@ async def test_kafka_client_records_apply_under_the_topics_own_name(tmp_path: Pa
     records = ledger.records()
     dumps = []
     for raw in (False, True):
-        db = await SqliteDatabase(tmp_path / f"r{raw}.sqlite").connect()
-        service = ProjectionService(db)
-        await service.setup()
-        if raw:
-            for part in by_partition(records).values():
-                batch = [ConsumerRecord(f"ns1.{r.topic}", r.partition, r.offset, 0, 0, r.key, r.value, None, 0, 0,
-                                        list(r.headers)) for r in part]
-                batch.append(ConsumerRecord(f"ns1.{topics.LEDGER_EVENTS}", batch[-1].partition,
-                                            batch[-1].offset + 1, 0, 0, None, None, None, 0, 0, []))  # no value
-                await service.handle_partitions([batch], topic=topics.LEDGER_EVENTS)
-                await service.handle_partitions([batch], topic=topics.LEDGER_EVENTS)
-        else:
-            await apply(service, records)
-            await apply(service, records)
-        dumps.append(await dump(db))
-        positions = await db.fetch("SELECT DISTINCT topic FROM positions")
-        assert [p["topic"] for p in positions] == [topics.LEDGER_EVENTS]
-        await db.close()
+        async with sqlite_service(tmp_path / f"r{raw}.sqlite") as service:
+            if raw:
+                for part in by_partition(records).values():
+                    batch = [ConsumerRecord(f"ns1.{r.topic}", r.partition, r.offset, 0, 0, r.key, r.value, None, 0,
+                                            0, list(r.headers)) for r in part]
+                    batch.append(ConsumerRecord(f"ns1.{topics.LEDGER_EVENTS}", batch[-1].partition,
+                                                batch[-1].offset + 1, 0, 0, None, None, None, 0, 0, []))  # no value
+                    await service.handle_partitions([batch], topic=topics.LEDGER_EVENTS)
+                    await service.handle_partitions([batch], topic=topics.LEDGER_EVENTS)
+            else:
+                await apply(service, records)
+                await apply(service, records)
+            dumps.append(await dump(service.db))
+            positions = await service.db.fetch("SELECT DISTINCT topic FROM positions")
+            assert [p["topic"] for p in positions] == [topics.LEDGER_EVENTS]
     plain, raw_dump = dumps
     # The value-less record at each partition's end is skipped (malformed), its offset applied all the same.
     assert [(t, p, o + 1, last) for t, p, o, last in plain.pop("positions")] == raw_dump.pop("positions")
@@ -182,19 +175,17 @@ async def test_records_no_read_model_needs_are_skipped_by_their_headers_without_
     records = ledger.records()
     dumps = []
     for receipts in (False, True):
-        db = await SqliteDatabase(tmp_path / f"h{receipts}.sqlite").connect()
-        service = ProjectionService(db)
-        await service.setup()
-        for part in by_partition(records).values():
-            batch = list(part)
-            if receipts:
-                last = json.loads(batch[-1].value)["position"]
-                batch.append(Record(batch[-1].topic, batch[-1].partition, batch[-1].offset + 1, None, b"not json",
-                                    (("type", b"CommandReceipt.Recorded"), ("position", str(last + 1).encode()))))
-            await service.handle_partitions([batch])
-            await service.handle_partitions([batch])
-        dumps.append(await dump(db))
-        await db.close()
+        async with sqlite_service(tmp_path / f"h{receipts}.sqlite") as service:
+            for part in by_partition(records).values():
+                batch = list(part)
+                if receipts:
+                    last = json.loads(batch[-1].value)["position"]
+                    batch.append(Record(batch[-1].topic, batch[-1].partition, batch[-1].offset + 1, None,
+                                        b"not json", (("type", b"CommandReceipt.Recorded"),
+                                                      ("position", str(last + 1).encode()))))
+                await service.handle_partitions([batch])
+                await service.handle_partitions([batch])
+            dumps.append(await dump(service.db))
     plain, with_receipts = dumps
     # Same rows; each partition's stored position is one further (the receipt's), its offset too.
     assert [(t, p, o + 1, last + 1) for t, p, o, last in plain.pop("positions")] == with_receipts.pop("positions")

@@ -11,9 +11,8 @@ import pytest
 from billing_projections import ai_usage, balances, figures, history, usage_monthly
 from billing_projections import service as service_module
 from billing_projections.service import ProjectionService
-from billing_runtime.db import SqliteDatabase
 
-from tests.unit.projections.conftest import apply, dump, dumps_by_batching
+from tests.unit.projections.conftest import apply, dump, dumps_by_batching, sqlite_service
 from tests.unit.projections.ledger_events import (
     T0,
     Ledger,
@@ -188,17 +187,12 @@ async def test_a_restarted_service_looks_tenants_up_and_keeps_the_batch_order(tm
     second = ledger.records()
     dumps = []
     for restart in (False, True):
-        db = await SqliteDatabase(tmp_path / f"restart-{restart}.sqlite").connect()
-        try:
-            service = ProjectionService(db)
-            await service.setup()
+        async with sqlite_service(tmp_path / f"restart-{restart}.sqlite") as service:
             await apply(service, first, batch=10_000)
             if restart:
-                service = ProjectionService(db)
+                service = ProjectionService(service.db)
             await apply(service, second, batch=10_000)
-            dumps.append(await dump(db))
-        finally:
-            await db.close()
+            dumps.append(await dump(service.db))
     assert dumps[0] == dumps[1]
     usage = [row for row in dumps[1]["transactions"] if "usage" in row]
     assert len(usage) == 4 * 5 + 4 + 4 * 3  # every debit, none skipped
@@ -213,10 +207,8 @@ async def test_the_account_cache_is_bounded_between_batches_never_within_one(
     ledger = Ledger()
     for i in range(8):
         simple_account(ledger, f"t{i}", debits=2)
-    db = await SqliteDatabase(tmp_path / "bounded.sqlite").connect()
-    try:
-        service = ProjectionService(db)
-        await service.setup()
+    async with sqlite_service(tmp_path / "bounded.sqlite") as service:
+        db = service.db
         await apply(service, ledger.records(), batch=10_000)
         usage = await db.fetch("SELECT DISTINCT tenant FROM transactions WHERE type = 'usage'")
         assert {row["tenant"] for row in usage} == {f"t{i}" for i in range(8)}
@@ -225,5 +217,3 @@ async def test_the_account_cache_is_bounded_between_batches_never_within_one(
         await apply(service, ledger.records(), batch=10_000)
         assert len(service._tenants) <= 3 + 1
         assert await db.fetchval("SELECT COUNT(*) FROM transactions WHERE tenant = 'later' AND type = 'usage'") == 1
-    finally:
-        await db.close()
