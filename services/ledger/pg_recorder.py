@@ -140,26 +140,35 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
         if not stored_events or (tracking is not None and not self.datastore.single_row_tracking):
             return super().insert_events(stored_events, **kwargs)  # a position alone, or legacy tracking
         with self.datastore.get_connection() as conn, conn.pipeline(), conn.transaction(), conn.cursor() as curs:
-            self._lock_aggregates(curs, existing_aggregates(stored_events))
+            timeout_set = self._lock_aggregates(curs, existing_aggregates(stored_events))
             if tracking is not None:
                 self._record_position(curs, tracking)
-            self._lock_table(curs)
+            self._lock_table(curs, timeout_set=timeout_set)
             self._insert_rows(curs, stored_events)
         return None
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
                               **kwargs: Any) -> None:
         # As PostgresApplicationRecorder: lock, then insert (without its NOTIFY).
-        self._lock_aggregates(curs, existing_aggregates(stored_events))
-        self._lock_table(curs)
+        timeout_set = self._lock_aggregates(curs, existing_aggregates(stored_events))
+        self._lock_table(curs, timeout_set=timeout_set)
         self._insert_rows(curs, stored_events)
 
-    def _lock_aggregates(self, curs: Cursor[DictRow], aggregate_ids: Iterable[UUID]) -> None:
-        """Waits for (then holds until commit or rollback) the locks of ``aggregate_ids``, in one order."""
+    def _lock_aggregates(self, curs: Cursor[DictRow], aggregate_ids: Iterable[UUID]) -> bool:
+        """Waits for (then holds until commit or rollback) the locks of ``aggregate_ids``, in one order.
+        Whether it set the transaction's lock timeout (it does when there is anything to lock)."""
         keys = sorted({int.from_bytes(i.bytes[:4], "big", signed=True) for i in aggregate_ids})
-        if keys:
-            curs.execute(self.lock_table_statements[0], prepare=True)  # SET LOCAL lock_timeout
-            curs.execute(self.lock_aggregates_statement, (keys,), prepare=True)
+        if not keys:
+            return False
+        curs.execute(self.lock_table_statements[0], prepare=True)  # SET LOCAL lock_timeout
+        curs.execute(self.lock_aggregates_statement, (keys,), prepare=True)
+        return True
+
+    def _lock_table(self, curs: Cursor[DictRow], *, timeout_set: bool = False) -> None:
+        """The library's table lock (here the advisory insert lock), without setting the transaction's lock
+        timeout again when ``_lock_aggregates`` set it already (one statement less per insert)."""
+        for statement in self.lock_table_statements[1 if timeout_set else 0:]:
+            curs.execute(statement, prepare=True)
 
     def _record_position(self, curs: Cursor[DictRow], tracking: Tracking) -> None:
         curs.execute(self.record_position_statement, {"application_name": tracking.application_name,
@@ -201,8 +210,7 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
             with conn.pipeline() as pipeline, conn.transaction():
                 with conn.cursor() as curs, conn.cursor() as position:
                     try:
-                        if locked is not None:
-                            self._lock_aggregates(curs, locked)
+                        timeout_set = self._lock_aggregates(curs, locked) if locked is not None else False
                         single_row = self.datastore.single_row_tracking
                         if tracking is not None and single_row:
                             # The library's upsert, its result read after the sync (reading it at once would
@@ -231,7 +239,7 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
                     if stored_events:
                         with conn.cursor() as curs:
                             if locked is not None:
-                                self._lock_table(curs)
+                                self._lock_table(curs, timeout_set=timeout_set)
                             self._insert_rows(curs, stored_events)  # conflicts surface at the commit's sync
             if error is not None:
                 raise error
