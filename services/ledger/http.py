@@ -18,6 +18,7 @@ import orjson
 from billing_events import ids
 from billing_events.messages import CODE_PATTERN, TENANT_PATTERN, LedgerCommand
 from billing_events.money import to_subunits
+from billing_ledger import holds_http
 from billing_ledger.adjustment_commands import adjustment_id
 from billing_ledger.allocation_commands import allocation_request_id
 from billing_ledger.amounts import show
@@ -40,6 +41,7 @@ from billing_ledger.refund_commands import refund_id
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.problems import Problem
 from fastapi import APIRouter, Depends, Path, Response
+from fastapi.routing import APIRoute
 
 Spender = Annotated[Principal, Depends(require(Role.SERVICE, Role.ADMIN))]
 Corrector = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
@@ -95,7 +97,9 @@ def _command(kind: str, tenant: str, principal: Principal, key: str, payload: di
                          issued_by=principal.subject, payload=payload)
 
 
-def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -> APIRouter:
+def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *, lean_hold: bool = True
+                 ) -> APIRouter:
+    """``lean_hold=False``: holds are placed through their FastAPI route alone (the reference in tests)."""
     direct = direct or DirectCommands(app)
     router = APIRouter(tags=["ledger"])
 
@@ -125,9 +129,8 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
 
     # -- holds -----------------------------------------------------------------------------------------------
 
-    @router.post("/v1/accounts/{tenant}/holds", status_code=201, summary="Reserve credit (yes/no, now)",
-                 response_model=dict[str, Any])
-    async def place_hold(tenant: Tenant, body: HoldRequest, principal: Spender) -> Response:
+    async def place(tenant: str, body: HoldRequest, principal: Principal) -> tuple[dict[str, Any], int]:
+        """The hold's view and status (201 placed, 200 a retry's first answer); refusals raise problems."""
         check_tenant(principal, tenant)
         now = _now()
         hold = hold_id(tenant, body.idempotency_key)
@@ -136,8 +139,24 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None) -
             "at": now.isoformat(), "expires_at": (now + timedelta(seconds=body.ttl_seconds)).isoformat()})
         result = await decide(command, ids.account_id(tenant))
         if result.outcome == "duplicate":
-            return _json(await read_hold(tenant, hold), 200)
-        return _json(hold_view(tenant, result.value), 201)
+            return await read_hold(tenant, hold), 200
+        return hold_view(tenant, result.value), 201
+
+    lean = holds_http.HoldEndpoint(place) if lean_hold else None
+    if lean is not None:  # first: it receives every request to the path; the FastAPI route below documents it
+        router.add_route(holds_http.PATH, lean, methods=None, name="place_hold_lean", include_in_schema=False)
+
+    @router.post(holds_http.PATH, status_code=201, summary="Reserve credit (yes/no, now)",
+                 response_model=dict[str, Any])
+    async def place_hold(tenant: Tenant, body: HoldRequest, principal: Spender) -> Response:
+        # Served by holds_http.HoldEndpoint in the plain case (the same answer for far less CPU); this route
+        # answers everything else, is what the OpenAPI document describes and what tests compare it with.
+        return _json(*await place(tenant, body, principal))
+
+    if lean is not None:
+        reference = router.routes[-1]
+        assert isinstance(reference, APIRoute) and reference.path == holds_http.PATH
+        lean.reference = reference
 
     @router.get("/v1/accounts/{tenant}/holds/{hold}", summary="A hold and its status")
     async def get_hold(tenant: Tenant, hold: UUID, principal: Reader) -> dict[str, Any]:

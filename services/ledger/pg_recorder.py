@@ -63,13 +63,17 @@ lost race writes nothing: every event's (aggregate, version) is unique, every co
 a tracking position is recorded once.
 
 **Round trips.** Every round trip of a small transaction is two more wake-ups (PostgreSQL's backend, then
-this thread) on a machine whose cores are shared, each a chance to wait for a core. An insert sends its
-locks, its tracking position (``record_position_statement``: refused as a unique violation, which aborts
-the transaction), the insert and ``COMMIT`` in ONE pipeline sync (a version conflict aborts the transaction
-and is raised at that sync); the library reads the tracking result first, then syncs after the insert and
-commits in a third round trip, holding the table's lock across two. Deciding under locks, the locks, the
-tracking position and the read go in the first round trip, and the insert (with the table's lock) goes with
-the commit in the second.
+this thread) on a machine whose cores are shared, each a chance to wait for a core, and every message sent
+is a system call (expensive on a virtual machine). An insert (``insert_events``) is therefore ONE statement
+on the pool's autocommit connection: a call of the PL/pgSQL function this recorder creates with its tables
+(``<events table>_insert_arrays``), which takes the aggregates' locks, records the tracking position (a
+position not beyond the recorded one raises a unique violation), takes the table's lock and inserts; the
+statement is its own transaction, committed before PostgreSQL answers, and a conflict or a refused position
+rolls all of it back. psycopg's pipeline mode, used for this before, sent ``BEGIN``, each statement and
+``COMMIT`` as messages of their own (about 0.3 ms more client CPU per transaction here). The library reads
+the tracking result first, then inserts, then commits in a third round trip, holding the table's lock
+across two. Deciding under locks, the locks, the tracking position and the read go in the first round trip
+of a pipelined transaction, and the insert (with the table's lock) goes with the commit in the second.
 
 Selected with eventsourcing's ``PROCESS_RECORDER_TOPIC`` setting (see ``application.persistence_env``).
 """
@@ -112,39 +116,61 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
         self.lock_aggregates_statement = SQL(
             "SELECT pg_advisory_xact_lock(hashtext({space}), k) FROM unnest(%b::int4[]) AS k"
         ).format(space=Literal(f"{datastore.schema}.{events_table_name}#aggregates"))
-        # The library's single-row tracking upsert records a position only if it is greater than the one
-        # recorded, and returns no row otherwise (the library then raises IntegrityError in Python, after
-        # reading the result). This statement runs that upsert and, if it returned no row, inserts the
-        # position again, which violates the tracking table's primary key: the refusal becomes an error of
-        # the transaction itself, so nothing needs to be read before the commit (see insert_events).
-        self.record_position_statement = SQL(
-            "WITH recorded AS ({upsert}) INSERT INTO {schema}.{table} (application_name, notification_id) "
-            "SELECT %(application_name)s, %(notification_id)s WHERE NOT EXISTS (SELECT FROM recorded)"
-        ).format(upsert=self.insert_tracking_statement, schema=Identifier(datastore.schema),
-                 table=Identifier(tracking_table_name))
+        # The whole of an insert (see insert_events) as one server-side function, created with the tables. The
+        # library's single-row tracking upsert records a position only if it is greater than the one recorded
+        # (and returns no row otherwise, the library then raising IntegrityError after reading the result);
+        # here a refused position raises a unique violation inside the transaction, which rolls it back.
+        function = Identifier(datastore.schema, f"{events_table_name}_insert_arrays"[:63])
+        self.sql_create_statements.append(SQL(
+            "CREATE OR REPLACE FUNCTION {function}(p_keys int4[], p_application_name text, p_notification_id bigint, "
+            "p_ids uuid[], p_versions bigint[], p_topics text[], p_states bytea[]) RETURNS void LANGUAGE plpgsql AS "
+            "$BODY$ BEGIN "
+            "SET LOCAL lock_timeout = '{lock_timeout}s'; "
+            "PERFORM pg_advisory_xact_lock(hashtext({space}), k) FROM unnest(p_keys) AS k; "
+            "IF p_application_name IS NOT NULL THEN "
+            "  INSERT INTO {schema}.{tracking} AS t VALUES (p_application_name, p_notification_id) "
+            "  ON CONFLICT (application_name) DO UPDATE SET notification_id = p_notification_id "
+            "  WHERE t.notification_id < p_notification_id; "
+            "  IF NOT FOUND THEN "
+            "    RAISE unique_violation USING MESSAGE = format('Failed to record tracking for %s %s', "
+            "      p_application_name, p_notification_id); "
+            "  END IF; "
+            "END IF; "
+            "PERFORM pg_advisory_xact_lock(hashtext({schema_name}), hashtext({table_name})); "
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(p_ids, p_versions, p_topics, p_states); "
+            "END $BODY$"
+        ).format(function=function, lock_timeout=int(datastore.lock_timeout),
+                 space=Literal(f"{datastore.schema}.{events_table_name}#aggregates"),
+                 schema=Identifier(datastore.schema), tracking=Identifier(tracking_table_name),
+                 table=Identifier(events_table_name), schema_name=Literal(datastore.schema),
+                 table_name=Literal(events_table_name)))
+        self.insert_arrays_function_statement = SQL(
+            "SELECT {function}(%b::int4[], %b::text, %b::bigint, %b::uuid[], %b::bigint[], %b::text[], %b::bytea[])"
+        ).format(function=function)
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
-        """As the library's, in ONE round trip: locks, tracking position, insert and ``COMMIT`` in one sync.
-
-        The library records the tracking position first and reads its result (a round trip), then locks and
-        inserts and syncs its pipeline (so a version conflict surfaces there), then commits in a third round
-        trip: the table lock is held across two of them, and between them this thread must get the GIL back
-        to send ``COMMIT`` (up to the switch interval while another thread prepares the next batch). Here
-        nothing needs a result before the commit: a conflicting insert, or a position not greater than the
-        one recorded (``record_position_statement``), aborts the transaction and its ``UniqueViolation`` is
-        raised when the pipeline is synced (as ``IntegrityError``, nothing written). The table lock is
-        held only while PostgreSQL inserts and commits, never across a round trip.
+        """As the library's, in ONE statement: the insert function's call (see "Round trips"), its own
+        transaction on the autocommit connection. A conflicting insert, or a position not greater than the
+        one recorded, raises ``IntegrityError`` and writes nothing. The table lock is held only while
+        PostgreSQL inserts and commits.
         """
         tracking: Tracking | None = kwargs.get("tracking")
         if not stored_events or (tracking is not None and not self.datastore.single_row_tracking):
             return super().insert_events(stored_events, **kwargs)  # a position alone, or legacy tracking
-        with self.datastore.get_connection() as conn, conn.pipeline(), conn.transaction(), conn.cursor() as curs:
-            timeout_set = self._lock_aggregates(curs, existing_aggregates(stored_events))
-            if tracking is not None:
-                self._record_position(curs, tracking)
-            self._lock_table(curs, timeout_set=timeout_set)
-            self._insert_rows(curs, stored_events)
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            # The connection is in autocommit mode: the statement is its own transaction, committed before
+            # PostgreSQL answers it.
+            curs.execute(self.insert_arrays_function_statement, (
+                aggregate_keys(existing_aggregates(stored_events)),
+                tracking.application_name if tracking is not None else None,
+                tracking.notification_id if tracking is not None else None,
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ), prepare=True)
         return None
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
@@ -157,7 +183,7 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
     def _lock_aggregates(self, curs: Cursor[DictRow], aggregate_ids: Iterable[UUID]) -> bool:
         """Waits for (then holds until commit or rollback) the locks of ``aggregate_ids``, in one order.
         Whether it set the transaction's lock timeout (it does when there is anything to lock)."""
-        keys = sorted({int.from_bytes(i.bytes[:4], "big", signed=True) for i in aggregate_ids})
+        keys = aggregate_keys(aggregate_ids)
         if not keys:
             return False
         curs.execute(self.lock_table_statements[0], prepare=True)  # SET LOCAL lock_timeout
@@ -169,10 +195,6 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
         timeout again when ``_lock_aggregates`` set it already (one statement less per insert)."""
         for statement in self.lock_table_statements[1 if timeout_set else 0:]:
             curs.execute(statement, prepare=True)
-
-    def _record_position(self, curs: Cursor[DictRow], tracking: Tracking) -> None:
-        curs.execute(self.record_position_statement, {"application_name": tracking.application_name,
-                                                      "notification_id": tracking.notification_id}, prepare=True)
 
     def _insert_rows(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent]) -> None:
         # No NOTIFY (see the module docstring).
@@ -214,8 +236,8 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
                         single_row = self.datastore.single_row_tracking
                         if tracking is not None and single_row:
                             # The library's upsert, its result read after the sync (reading it at once would
-                            # be a sync of its own). Not record_position_statement: an error inside this round
-                            # trip leaves the pipeline aborted, and psycopg then ends the transaction with
+                            # be a sync of its own), not raised as an error: an error inside this round trip
+                            # leaves the pipeline aborted, and psycopg then ends the transaction with
                             # PipelineAborted rather than the unique violation.
                             position.execute(self.insert_tracking_statement, {
                                 "application_name": tracking.application_name,
@@ -248,3 +270,8 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
 def existing_aggregates(stored_events: Sequence[StoredEvent]) -> set[UUID]:
     """The aggregates that ``stored_events`` add to (not create): whoever records one takes its lock first."""
     return {e.originator_id for e in stored_events if e.originator_version > 1}
+
+
+def aggregate_keys(aggregate_ids: Iterable[UUID]) -> list[int]:
+    """The second keys of the advisory locks of ``aggregate_ids``, in the one order every writer takes them."""
+    return sorted({int.from_bytes(i.bytes[:4], "big", signed=True) for i in aggregate_ids})
