@@ -46,6 +46,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -400,11 +401,8 @@ def service_holds(app: LedgerApplication, database_url: str, schema: str, tenant
                   rate: float) -> dict[str, float]:
     """``bench_holds`` against ``billing serve ledger`` in the namespace whose ledger schema is ``schema``, once
     its relay has published what the earlier phases recorded (a backlog is not what a quiet ledger does)."""
-    from pathlib import Path
-
     from billing_ledger.relay import RELAY_NAME
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.support
     from tests.support import ServiceProcess, free_port
 
     namespace = schema.removesuffix("_billing_ledger")
@@ -453,6 +451,10 @@ def main() -> None:
     parser.add_argument("--service", action="store_true",
                         help="also hold at --hold-rate against `billing serve ledger` (relay and tasks running)")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.bench.harness
+    from tests.bench.harness.resources import host_speed_ms
+
+    print(f"host speed {host_speed_ms()} ms (tests/bench/harness/resources.host_speed_ms: lower is faster)")
     tune_process()  # this process measures the ledger's batch path: set up as a ledger process is
     database_url = os.environ.get("DATABASE_URL", "postgresql://billing:billing@127.0.0.1:55432/billing")
     schema = f"bench_{uuid.uuid4().hex[:8]}_billing_ledger"
@@ -507,6 +509,7 @@ def main() -> None:
         app.close()
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    print(f"host speed {host_speed_ms()} ms after the runs")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from billing_runtime.bus import KafkaBus, OutMessage
 from billing_runtime.settings import Settings
 
 from tests.bench.harness.probes import KeepAliveClient, _open_loop
+from tests.bench.harness.resources import host_speed_ms
 from tests.support import ServiceProcess, free_port
 
 U = 10**9
@@ -368,6 +369,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"namespace": namespace, "events": len(messages), "tenants": len(tenants),
                               "publish_seconds": round(time.monotonic() - started, 2)}
     schema = settings.schema("projections")
+    result["host_speed_ms_before"] = host_speed_ms()
     result["load_average_before_rebuild"] = [round(x, 2) for x in os.getloadavg()]
     cpu = CpuWatch([os.getpid()])
     report = await rebuild(settings, schema=schema, batch_records_max=args.batch, workers=args.workers)
@@ -397,6 +399,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                           consumer_events_per_second=round(flowed / (time.monotonic() - flow_started)))
             result.update(serve_role=args.role, consumer_processes=args.consumers if args.role == "all" else 0,
                           load_average_after_reads=[round(x, 2) for x in os.getloadavg()])
+        result["host_speed_ms_after"] = host_speed_ms()
     finally:
         if process is not None:
             process.stop()

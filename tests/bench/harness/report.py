@@ -197,7 +197,9 @@ def markdown(result: dict[str, Any]) -> str:
                     " + uncommitted changes in libs/services/cli" if code.get("working_tree_changes_in_services")
                     else ""))
     lines.append(f"Machine: {result.get('machine', {}).get('host_cores')} cores, load average at start "
-                 f"{result.get('machine', {}).get('load_average_at_start')} (shared: see 'everything else' CPU).")
+                 f"{result.get('machine', {}).get('load_average_at_start')} (shared: see 'everything else' CPU); host speed "
+                 f"{result.get('machine', {}).get('host_speed_ms')} -> {result.get('machine', {}).get('host_speed_ms_after')} "
+                 "ms (harness/resources.host_speed_ms, lower is faster: compare runs of similar speed).")
     lines.append("")
     lines += ["| figure | value | target |", "|---|---|---|"]
     ok = e2e["events_per_second"] >= TARGET_E2E_EVENTS_PER_SECOND

@@ -15,6 +15,24 @@ from typing import Any
 
 import psutil
 
+# The same pure-Python work on every run: its time says how fast this (shared, virtual) machine's cores are
+# right now. The speed of the 2-core benchmark machine drifted by up to ~2x between and during sessions, with
+# nothing else running on it, so figures are only comparable between runs with a similar host speed.
+HOST_SPEED_WORK = 3_000_000
+
+
+def host_speed_ms(rounds: int = 5) -> float:
+    """The best of ``rounds`` timings of a fixed loop (``sum(i * i for i in range(3e6))``), in ms: lower is
+    faster. Printed next to every benchmark result (before and after); the figures of runs whose host speeds
+    differ a lot do not compare."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        sum(i * i for i in range(HOST_SPEED_WORK))
+        best = min(best, time.perf_counter() - started)
+    return round(1000 * best, 1)
+
+
 KAFKA_PID_FILE = Path(os.environ.get("BILLING_STACK_DIR", "/var/tmp/billing-stack")) / "kafka" / "kafka.pid"
 
 

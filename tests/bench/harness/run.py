@@ -510,13 +510,14 @@ def machine() -> dict[str, Any]:
 
     return {"host_cores": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "host_speed_ms": resources.host_speed_ms()}
 
 
 async def run_bench(config: BenchConfig) -> dict[str, Any]:
     info = machine()
     bench = Bench(config)
     result = await bench.run()
+    info["host_speed_ms_after"] = resources.host_speed_ms()
     result["machine"] = info
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     paths = report.write(bench, result)
