@@ -5,8 +5,9 @@ aggregate records the redemption in the same transaction) and places the ``Order
 gateway is called, so an invalid, expired or exhausted code is refused before anything is charged.
 ``pay_order`` is what a verified payment for a known order does, in one transaction: the order is paid (exact
 quoted total only), the credits are granted once (``purchase``: credits + bonus, with the tax recorded; the
-promotion's bonus as a ``promotion`` grant) and a paid top-up invoice is issued and finalized (gap-free number;
-the notifier emails it with its PDF).
+promotion's bonus as a ``promotion`` grant; a package granted in a credit unit also books the money paid,
+net and tax, in the currency: ``BillingAccount.book_purchase_money``) and a paid top-up invoice is issued and
+finalized (gap-free number; the notifier emails it with its PDF).
 """
 
 from __future__ import annotations
@@ -220,12 +221,19 @@ def pay_order(app: LedgerApplication, batch: _Batch, order: Order, *, gateway: s
     account = account_of(batch, order.tenant)
     q = order.quote
     cause = {"gateway": gateway, "order_id": str(order.id), "payment_id": payment_id, "command_id": str(command_id)}
-    tax = Decimal(q["tax"])
+    tax = to_subunits(Decimal(q["tax"]))
+    in_currency = q["unit"] == q["currency"]
+    purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")
     account.grant_credit(
-        grant_id=ids.grant_id(order.tenant, f"order/{order.id}/purchase"), unit=q["unit"],
+        grant_id=purchase, unit=q["unit"],
         amount=to_subunits(Decimal(q["credits"]) + Decimal(q["bonus_credits"])), priority=0, effective_at=at,
         expires_at=None, scope=None, source="purchase", cause={**cause, "tax": q["tax"], "total": q["total"]},
-        granted_by=by, tax_amount=to_subunits(tax) if q["unit"] == q["currency"] else 0)
+        granted_by=by, tax_amount=tax if in_currency else 0)
+    net = to_subunits(Decimal(q["total"])) - tax
+    if not in_currency and net + tax > 0:
+        # Credits bought in a credit unit: the money paid (and its tax) is booked in the currency too.
+        account.book_purchase_money(grant_id=purchase, currency=q["currency"], net=net, tax_amount=tax, at=at,
+                                    cause={**cause, "total": q["total"], "tax": q["tax"]})
     if Decimal(q["promotion_credits"]) > 0:
         account.grant_credit(
             grant_id=ids.grant_id(order.tenant, f"order/{order.id}/promotion"), unit=q["unit"],

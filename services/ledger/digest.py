@@ -3,11 +3,14 @@
 Computed from the ledger's events *recorded* on that day (the notification log, so it needs no read model):
 
 * funds taken in: purchase grants (``CreditGranted``, source ``purchase``) - for a checkout order the money
-  paid (its ``total``, in the order's currency), else the amount granted plus its tax;
+  paid (its ``total``, in the order's currency), else the amount granted plus its tax. A purchase granted in
+  a credit unit has its money booked in the currency by a ``PurchaseMoneyBooked`` (total and tax): that
+  event counts, not the grant (grants recorded before that booking existed fall back to their order);
 * tax collected: the tax of those purchases;
 * credit consumed: ``UsageDebited`` and ``HoldCaptured`` amounts, per unit;
 * refunds: ``GrantRefunded`` - for a reversed checkout order the money paid back (its total), else the
-  amount refunded plus its tax.
+  amount refunded plus its tax; for a credit-unit grant with its money booked, the currency money paid back
+  (``PurchaseMoneyRefunded``, in proportion to the credit refunded).
 
 One leader sends it (advisory lock, like the other payment tasks). Two tracking positions make it
 restart-safe: ``digest:day`` holds the ordinal of the last day sent (a restart does not resend it), and
@@ -52,6 +55,9 @@ GRANTED, DEBITED, CAPTURED, REFUNDED = (get_topic(BillingAccount.CreditGranted),
                                         get_topic(BillingAccount.UsageDebited),
                                         get_topic(BillingAccount.HoldCaptured),
                                         get_topic(BillingAccount.GrantRefunded))
+MONEY_BOOKED, MONEY_REFUNDED = (get_topic(BillingAccount.PurchaseMoneyBooked),
+                                get_topic(BillingAccount.PurchaseMoneyRefunded))
+TOPICS = [GRANTED, DEBITED, CAPTURED, REFUNDED, MONEY_BOOKED, MONEY_REFUNDED]
 FIGURES = ("funds_in", "tax_collected", "consumed", "refunds")
 Clock = Callable[[], datetime]
 
@@ -66,6 +72,14 @@ def _order_currency(app: LedgerApplication, cause: dict[str, Any]) -> tuple[str,
     return (str(quote["currency"]), quote) if quote and quote.get("currency") else None
 
 
+def _money_booked(app: LedgerApplication, account: UUID, grant: Any) -> bool:
+    """Whether the credit-unit grant's money is booked in the currency (its own events count it then)."""
+    try:
+        return bool(app.read(account, lambda a: a.purchase_money(UUID(str(grant))) is not None))
+    except (ValueError, LookupError):
+        return False
+
+
 def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict[str, Any], int]:
     """The figures of ``day`` (UTC) in sub-units per unit, and the next scan's start position."""
     begin = datetime.combine(day, time(), UTC)
@@ -76,7 +90,7 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
     position, mark, before_end = start_after, start_after, True
     while True:
         notifications = recorder.select_notifications(position + 1, SCAN_BATCH_EVENTS_MAX,
-                                                      topics=[GRANTED, DEBITED, CAPTURED, REFUNDED])
+                                                      topics=TOPICS)
         for notification in notifications:
             position = notification.id
             event: Any = app.mapper.to_domain_event(notification)
@@ -88,10 +102,17 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
                 mark = notification.id
             if recorded < begin:
                 continue
-            if notification.topic == GRANTED:
+            if notification.topic == MONEY_BOOKED:
+                sums["funds_in"][event.unit] += event.amount
+                sums["tax_collected"][event.unit] += event.tax_amount
+            elif notification.topic == MONEY_REFUNDED:
+                sums["refunds"][event.unit] += event.amount
+            elif notification.topic == GRANTED:
                 if event.source != "purchase":
                     continue
                 counts["purchase_count"] += 1
+                if not is_currency_code(event.unit) and _money_booked(app, event.originator_id, event.grant_id):
+                    continue
                 order = _order_currency(app, event.cause) if "total" in event.cause else None
                 if order is not None:
                     sums["funds_in"][order[0]] += to_subunits(Decimal(event.cause["total"]))
@@ -103,6 +124,8 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
                 sums["consumed"][event.unit] += event.amount
             else:
                 counts["refund_count"] += 1
+                if not is_currency_code(event.unit) and _money_booked(app, event.originator_id, event.grant_id):
+                    continue
                 order = _order_currency(app, event.cause) if event.cause.get("gateway_refund") else None
                 if order is not None:
                     sums["refunds"][order[0]] += to_subunits(Decimal(order[1]["total"]))

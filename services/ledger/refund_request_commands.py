@@ -1,7 +1,8 @@
 """Refunds of top-up orders: the customer's request, the operator's approval, and the reversal.
 
 A reversal (``reverse_order``) is one transaction: the purchase grant is refunded (credit and the tax
-collected), the promotion's bonus grant is voided, a credit note mirroring the top-up invoice is finalized
+collected; for a package granted in a credit unit, the money and tax booked in the currency with it), the
+promotion's bonus grant is voided, a credit note mirroring the top-up invoice is finalized
 (``CN-`` number) and the order is marked refunded. It happens once: the gateway's own refund webhook that
 follows finds the order refunded and changes nothing (and a refund made in the gateway's dashboard reverses
 the order the same way).
@@ -132,7 +133,9 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")
     state = grants[str(purchase)]
     q = order.quote
-    tax = to_subunits(Decimal(q["tax"])) if q["unit"] == q["currency"] else 0  # as booked on the grant
+    # The tax as booked on the grant (a currency package). A package in a credit unit has its money and tax
+    # booked in the currency apart (``book_purchase_money``): ``refund_grant`` reverses that in proportion.
+    tax = to_subunits(Decimal(q["tax"])) if q["unit"] == q["currency"] else 0
     cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference}
     account.refund_grant(grant_id=purchase, amount=int(state["amount"]) - int(state["refunded"]),
                          refund_id=uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund"), at=at,

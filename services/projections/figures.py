@@ -2,11 +2,14 @@
 
 * ``top_ups``: credit bought (purchase grants, net of tax); ``tax_collected``: tax on those purchases;
   ``funds_in``: money taken in through the gateway (top-ups + tax + receivables settled + refund reversals);
-  ``settlements``: overage receivables paid.
+  ``settlements``: overage receivables paid. A package granted in a credit unit counts its credit in that
+  unit (``top_ups``, and ``funds_in`` as the ledger's clearing posting in that unit) and the money paid for it
+  in the currency (``PurchaseMoneyBooked``: ``funds_in`` = total, ``tax_collected`` = its tax).
 * ``promotional`` / ``plan_grants``: credit given by promotions and manual grants / by plan recurrences.
 * ``consumed``: credit consumed by usage and captured holds (give-backs negative); ``receivables``: the part
   posted beyond credit (overage).
-* ``breakage``: unused credit lapsed at expiry; ``refunds``: money paid back (incl. tax), ``tax_refunded``;
+* ``breakage``: unused credit lapsed at expiry; ``refunds``: money paid back (incl. tax), ``tax_refunded``
+  (for a credit-unit package also the currency money and tax paid back: ``PurchaseMoneyRefunded``);
   ``adjustments``: net manual corrections.
 
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
@@ -47,6 +50,11 @@ def _figures(fact: Fact) -> dict[str, int]:
     if name == "GrantRefunded":
         tax = int(d.get("tax_amount") or 0)
         return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax}
+    if name == "PurchaseMoneyBooked":
+        return {"tax_collected": int(d.get("tax_amount") or 0), "funds_in": int(d["amount"])}
+    if name == "PurchaseMoneyRefunded":
+        tax = int(d.get("tax_amount") or 0)
+        return {"refunds": int(d["amount"]), "tax_refunded": tax}
     if name == "BalanceAdjusted":
         return {"adjustments": int(d["amount"])}
     if name == "ReceivableSettled":
@@ -55,7 +63,7 @@ def _figures(fact: Fact) -> dict[str, int]:
 
 
 _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
-                            "BalanceAdjusted", "ReceivableSettled"})
+                            "BalanceAdjusted", "ReceivableSettled", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 
 
 def handler_for(event_type: str) -> Handler | None:

@@ -52,6 +52,16 @@ Low balance and auto top-up (edge-triggered, per unit, on ``available``)
     rule stays armed and fires at the next movement that is allowed to, once. The requested amount is
     ``target - available`` or the package's amount.
 
+Money of purchases in a credit unit
+    A purchase grant in the account's currency books the money paid and its tax on the grant itself
+    (``tax_amount``). A purchase granted in a credit unit (``CREDIT``) is balanced in that unit, so the
+    money paid for it is booked apart, in the currency, by ``book_purchase_money`` (one
+    ``PurchaseMoneyBooked`` per grant: Dr ``GATEWAY_CLEARING`` total / Cr ``DEFERRED_REVENUE`` net /
+    Cr ``TAX_PAYABLE`` tax). Every refund of such a grant reverses that booking in proportion to the credit
+    refunded (``PurchaseMoneyRefunded``, cumulative and rounded down, so a full refund reverses it
+    exactly and never more tax than was collected). Grants recorded before this booking existed have none
+    and are refunded in their unit only, as before.
+
 Idempotency
     Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
     (``DuplicateGrant``). A repeated hold id returns the first yes/no answer without a new event while the
@@ -325,6 +335,81 @@ class BillingAccount(ChainedAggregate):
             }
         )
         self._update_arming(unit)
+
+    def book_purchase_money(
+        self,
+        *,
+        grant_id: UUID,
+        currency: str,
+        net: int,
+        tax_amount: int,
+        at: datetime,
+        cause: dict[str, Any],
+    ) -> None:
+        """Books the money paid for a purchase granted in a *credit unit*, in the account's ``currency``.
+
+        A purchase grant in a credit unit (``CREDIT``) is balanced in that unit; what the tenant paid for
+        it (``net`` + ``tax_amount`` sub-units of the currency) is a second posting set, in the currency:
+        Dr ``GATEWAY_CLEARING`` total / Cr ``DEFERRED_REVENUE`` net / Cr ``TAX_PAYABLE`` tax. Once per
+        grant, before anything of it is refunded; refunds reverse it in proportion (:meth:`refund_grant`).
+        A purchase in the currency itself books its money and tax on the grant (``grant_credit``).
+        """
+        g = self._grant(grant_id)
+        if not is_currency_code(currency):
+            raise InvalidUnit(f"{currency!r} is not an ISO 4217 currency")
+        self._require_unit(currency)
+        _require_amount("net", net, allow_zero=True)
+        _require_amount("tax_amount", tax_amount, allow_zero=True)
+        _require_amount("total", net + tax_amount)
+        _require_time("at", at)
+        if g["source"] != GrantSource.PURCHASE:
+            raise InvalidArgument(f"grant {grant_id} is {g['source']}: money is booked for purchases only")
+        if is_currency_code(g["unit"]):
+            raise InvalidArgument(f"grant {grant_id} is in {g['unit']}: its money is booked on the grant")
+        if g.get("money") is not None:
+            raise MoneyAlreadyBooked(f"the money of grant {grant_id} is already booked")
+        if g["refunded"]:
+            raise InvalidArgument(f"grant {grant_id} is already (partly) refunded")
+        gid = g["grant_id"]
+        postings = [
+            posting(LedgerAccount.GATEWAY_CLEARING, currency, net + tax_amount, gid),
+            posting(LedgerAccount.DEFERRED_REVENUE, currency, -net, gid),
+            posting(LedgerAccount.TAX_PAYABLE, currency, -tax_amount, gid),
+        ]
+        postings = [line for line in postings if line["amount"]]
+        assert_balanced(postings)
+        self._purchase_money_booked(
+            grant_id=grant_id,
+            unit=currency,
+            amount=net + tax_amount,
+            net=net,
+            tax_amount=tax_amount,
+            postings=postings,
+            cause=dict(cause),
+            at=at,
+        )
+
+    @event("PurchaseMoneyBooked")
+    def _purchase_money_booked(
+        self,
+        grant_id: UUID,
+        unit: str,
+        amount: int,
+        net: int,
+        tax_amount: int,
+        postings: list[Posting],
+        cause: dict[str, Any],
+        at: datetime,
+    ) -> None:
+        self._grants[str(grant_id)]["money"] = {
+            "unit": unit, "net": net, "tax": tax_amount, "refunded_net": 0, "refunded_tax": 0,
+        }
+
+    def purchase_money(self, grant_id: UUID) -> dict[str, Any] | None:
+        """The currency money booked for a credit-unit purchase grant (a copy), or ``None``: ``unit``,
+        ``net``, ``tax`` and what of them was refunded (``refunded_net``, ``refunded_tax``)."""
+        money = self._grant(grant_id).get("money")
+        return dict(money) if money is not None else None
 
     def expire_grants(self, now: datetime) -> None:
         """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once each."""
@@ -767,6 +852,12 @@ class BillingAccount(ChainedAggregate):
         (``min(remaining, available)``). With it, the grant's remaining credit is taken first, then the
         part that lapsed to breakage is reversed from ``BREAKAGE`` and the part that was spent from
         ``RECOGNISED_REVENUE`` (a concession: the tenant is not billed again, so not ``RECEIVABLES``).
+
+        A credit-unit grant whose money was booked in the currency (:meth:`book_purchase_money`) has that
+        booking reversed in proportion, in the same command (a ``PurchaseMoneyRefunded`` after the
+        ``GrantRefunded``): after refunds of ``r`` of the grant's ``amount`` credit, ``floor(net * r /
+        amount)`` of the net and ``floor(tax * r / amount)`` of the tax have been paid back, so a full
+        refund reverses exactly what was booked and no refund ever pays back more tax than was collected.
         """
         g = self._grant(grant_id)
         _require_amount("amount", amount)
@@ -796,6 +887,7 @@ class BillingAccount(ChainedAggregate):
             if part:
                 postings.append(posting(account, unit, part, gid))
         assert_balanced(postings)
+        money_back = self._money_refund(g, amount, gid)
         self._grant_refunded(
             refund_id=refund_id,
             grant_id=grant_id,
@@ -810,7 +902,48 @@ class BillingAccount(ChainedAggregate):
             cause=dict(cause),
             at=at,
         )
+        if money_back is not None:
+            self._purchase_money_refunded(refund_id=refund_id, grant_id=grant_id, **money_back, cause=dict(cause),
+                                          at=at)
         self._check_thresholds(unit, at)
+
+    def _money_refund(self, g: GrantRecord, amount: int, gid: str) -> dict[str, Any] | None:
+        """The currency reversal refunding ``amount`` more of ``g``'s credit takes (``None``: nothing)."""
+        money = g.get("money")
+        if money is None:
+            return None
+        refunded = g["refunded"] + amount
+        net = money["net"] * refunded // g["amount"] - money["refunded_net"]
+        tax = money["tax"] * refunded // g["amount"] - money["refunded_tax"]
+        assert 0 <= net and 0 <= tax and money["refunded_tax"] + tax <= money["tax"]
+        if net + tax == 0:
+            return None
+        currency = money["unit"]
+        postings = [
+            posting(LedgerAccount.GATEWAY_CLEARING, currency, -(net + tax), gid),
+            posting(LedgerAccount.DEFERRED_REVENUE, currency, net, gid),
+            posting(LedgerAccount.TAX_PAYABLE, currency, tax, gid),
+        ]
+        postings = [line for line in postings if line["amount"]]
+        assert_balanced(postings)
+        return {"unit": currency, "amount": net + tax, "net": net, "tax_amount": tax, "postings": postings}
+
+    @event("PurchaseMoneyRefunded")
+    def _purchase_money_refunded(
+        self,
+        refund_id: UUID,
+        grant_id: UUID,
+        unit: str,
+        amount: int,
+        net: int,
+        tax_amount: int,
+        postings: list[Posting],
+        cause: dict[str, Any],
+        at: datetime,
+    ) -> None:
+        money = self._grants[str(grant_id)]["money"]
+        money["refunded_net"] += net
+        money["refunded_tax"] += tax_amount
 
     @event("GrantRefunded")
     def _grant_refunded(
@@ -1362,4 +1495,8 @@ class HoldLapsed(HoldAlreadySettled):
 
 
 class CaptureExceedsHold(InvalidAmount):
+    pass
+
+
+class MoneyAlreadyBooked(LedgerError):
     pass

@@ -880,7 +880,9 @@ def _every_event_type() -> BillingAccount:
     """An account whose history holds every event type the aggregate can record."""
     account = BillingAccount.open("acme", USD, low_balance_threshold=5 * U, opened_by="admin")
     paid = give(account, "paid", 10 * U, tax_amount=U, expires_at=at(days=30))
-    give(account, "credits", 100 * U, unit=CREDIT, scope=["tokens", "compute"], priority=3)
+    credits = give(account, "credits", 100 * U, unit=CREDIT, scope=["tokens", "compute"], priority=3)
+    account.book_purchase_money(grant_id=credits, currency=USD, net=50 * U, tax_amount=10 * U, at=T0,
+                                cause={"order_id": "o-1"})
     promo = give(account, "promo", 2 * U, source="promotion", expires_at=at(days=1))
     plan = give(account, "plan", 3 * U, source="plan_recurrence")
     account.set_auto_top_up(USD, 4 * U, 20 * U, None, 60, 100 * U)
@@ -898,6 +900,7 @@ def _every_event_type() -> BillingAccount:
     account.place_hold(hold_id=uuid4(), unit=USD, amount=U, meter=None, expires_at=at(9), at=at(8))
     account.expire_holds(at(10))
     account.refund_grant(grant_id=paid, amount=U, refund_id=uuid4(), at=at(11), cause={"refund": "re_1"})
+    account.refund_grant(grant_id=credits, amount=10 * U, refund_id=uuid4(), at=at(11), cause={"refund": "re_2"})
     account.adjust(
         adjustment_id=uuid4(), unit=USD, amount=3 * U, reason="goodwill", user="finance", at=at(12)
     )

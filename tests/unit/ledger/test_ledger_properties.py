@@ -9,6 +9,9 @@ adjustments:
   postings add up to ``receivable``;
 * under the ``block`` policy (and captures within their holds) no usage debit posts overage: the
   wallet never pays more than it holds;
+* purchases in a credit unit may book their money in the currency (net + tax): the booked money reversed so
+  far is exactly the floor of its share of the credit refunded, never more than was booked (tax included),
+  and the tax payable of the booking's postings is what is left of its tax;
 * a refused command records nothing and changes nothing;
 * replaying the recorded events (``mutate`` chain, and an eventsourcing ``Application``) rebuilds the
   same account.
@@ -48,7 +51,11 @@ grant_ops = st.tuples(
     st.one_of(st.none(), st.lists(meters, min_size=1, max_size=2)),
     st.sampled_from(SOURCES),
     st.integers(0, 50),
+    # The money (net, tax) a purchase in CREDIT books in the currency, if any.
+    st.one_of(st.none(), st.tuples(st.integers(0, 3_000), st.integers(0, 600))),
 )
+# A credit package: CREDIT bought with money (net, tax) booked in the currency.
+package_ops = st.tuples(st.just("package"), st.integers(1, 1_000), st.integers(0, 3_000), st.integers(1, 600))
 debit_ops = st.tuples(
     st.just("debit"), units, st.integers(-300, 800), meters, st.sampled_from(("overage", "block"))
 )
@@ -61,6 +68,8 @@ release_ops = st.tuples(st.just("release"), indices)
 expire_grants_ops = st.tuples(st.just("expire_grants"))
 expire_holds_ops = st.tuples(st.just("expire_holds"))
 refund_ops = st.tuples(st.just("refund"), indices, st.integers(1, 600), st.booleans(), st.integers(0, 20))
+# Refunds a share (percent) of what of a grant is not refunded yet, rounded up: the rest of it at 100.
+refund_share_ops = st.tuples(st.just("refund_share"), indices, st.integers(1, 100), st.booleans())
 void_ops = st.tuples(st.just("void"), indices)
 adjust_ops = st.tuples(st.just("adjust"), units, st.integers(-500, 500).filter(bool))
 advance_ops = st.tuples(st.just("advance"), st.integers(1, 90))
@@ -69,6 +78,7 @@ operations = st.lists(
     st.one_of(
         grant_ops,
         grant_ops,
+        package_ops,
         debit_ops,
         debit_ops,
         place_ops,
@@ -81,6 +91,8 @@ operations = st.lists(
         expire_holds_ops,
         refund_ops,
         refund_ops,
+        refund_share_ops,
+        refund_share_ops,
         void_ops,
         adjust_ops,
         advance_ops,
@@ -120,7 +132,7 @@ def snapshot_of(account: BillingAccount) -> tuple[Any, ...]:
 def apply(run: Run, op: tuple[Any, ...]) -> None:
     account, kind = run.account, op[0]
     if kind == "grant":
-        _, unit, amount, priority, effective, expires, scope, source, tax = op
+        _, unit, amount, priority, effective, expires, scope, source, tax, money = op
         grant_id = run.new_id()
         run.grants.append(grant_id)
         effective_at = run.now + timedelta(minutes=effective - 30)
@@ -137,6 +149,18 @@ def apply(run: Run, op: tuple[Any, ...]) -> None:
             granted_by="hypothesis",
             tax_amount=tax if source == "purchase" else 0,
         )
+        if source == "purchase" and unit == "CREDIT" and money is not None and sum(money):
+            account.book_purchase_money(
+                grant_id=grant_id, currency="USD", net=money[0], tax_amount=money[1], at=run.now, cause={}
+            )
+    elif kind == "package":
+        _, amount, net, tax = op
+        grant_id = run.new_id()
+        run.grants.append(grant_id)
+        account.grant_credit(grant_id=grant_id, unit="CREDIT", amount=amount, effective_at=run.now, expires_at=None,
+                             scope=None, source="purchase", cause={"op": "package"}, granted_by="hypothesis")
+        account.book_purchase_money(grant_id=grant_id, currency="USD", net=net, tax_amount=tax, at=run.now,
+                                    cause={"op": "package"})
     elif kind == "debit":
         _, unit, amount, meter, policy = op
         account.debit_usage(
@@ -188,6 +212,20 @@ def apply(run: Run, op: tuple[Any, ...]) -> None:
                 finance_override=override and not run.block_only,
                 cause={},
                 tax_amount=tax,
+            )
+    elif kind == "refund_share":
+        _, index, percent, override = op
+        grant_id = run.pick(run.grants, index)
+        if grant_id is not None:
+            grant = next(g for g in account.grant_balances() if g["grant_id"] == str(grant_id))
+            rest = grant["amount"] - grant["refunded"]
+            account.refund_grant(
+                grant_id=grant_id,
+                amount=-(-rest * percent // 100),
+                refund_id=run.new_id(),
+                at=run.now,
+                finance_override=override and not run.block_only,
+                cause={},
             )
     elif kind == "void":
         grant_id = run.pick(run.grants, op[1])
@@ -244,6 +282,31 @@ def check_history(run: Run) -> None:
         assert receivables.get(unit, 0) == account.receivable(unit)
     for grant in account.grant_balances():
         assert per_grant.get(grant["grant_id"], 0) == grant["remaining"], grant
+    check_money(run)
+
+
+def check_money(run: Run) -> None:
+    """The currency money of credit-unit purchases: booked once, reversed in proportion, never beyond."""
+    account = run.account
+    tax_payable: dict[str, int] = {}
+    for evt in run.events:
+        name = type(evt).__name__
+        if name in ("PurchaseMoneyBooked", "PurchaseMoneyRefunded"):
+            assert evt.unit == "USD" and evt.amount == evt.net + evt.tax_amount > 0
+            assert wallet_delta(evt.postings) == {}
+            for line in evt.postings:
+                assert line["grant_id"] == str(evt.grant_id)
+                if line["account"] == LedgerAccount.TAX_PAYABLE:
+                    tax_payable[line["grant_id"]] = tax_payable.get(line["grant_id"], 0) + line["amount"]
+    for grant in account.grant_balances():
+        money = account.purchase_money(UUID(grant["grant_id"]))
+        if money is None:
+            assert grant["grant_id"] not in tax_payable
+            continue
+        assert grant["unit"] == "CREDIT" and grant["source"] == "purchase"
+        assert money["refunded_net"] == money["net"] * grant["refunded"] // grant["amount"] <= money["net"]
+        assert money["refunded_tax"] == money["tax"] * grant["refunded"] // grant["amount"] <= money["tax"]
+        assert tax_payable.get(grant["grant_id"], 0) == -(money["tax"] - money["refunded_tax"])
 
 
 def check_replay(run: Run) -> None:

@@ -7,9 +7,11 @@ from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from billing_events import ids
 from billing_events.messages import PaymentNotification
 from billing_ledger.application import LedgerApplication
-from billing_ledger.digest import send_due
+from billing_ledger.digest import send_due, summarize
+from billing_ledger.domain.checkout import order_id
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.payment_commands import payment_command
 
@@ -89,3 +91,17 @@ def test_without_smtp_nothing_is_recorded(ledger: LedgerApplication) -> None:
     tomorrow = datetime.now(UTC) + timedelta(days=1)
     assert send_due(ledger, None, "finance@operator.test", tomorrow) is None
     assert ledger.process_recorder.max_tracking_id("digest:day") is None
+
+
+def test_credit_packages_count_their_money_and_refunds_in_the_currency(ledger: LedgerApplication) -> None:
+    """A package granted in CREDIT: its booked money counts in USD, and so does a partial refund of its credit."""
+    buy_package(ledger, "o1")  # 113.05 USD (18.05 VAT) for 11 000 CREDIT
+    grant = str(ids.grant_id(TENANT, f"order/{order_id(TENANT, 'o1')}/purchase"))
+    apply(ledger, "grant.refund", {"grant_id": grant, "refund_id": str(ids.grant_id(TENANT, "refund-1")),
+                                   "amount": "2750", "reason": "goodwill"}, "refund-1")  # a quarter of the credit
+    summary, _ = summarize(ledger, datetime.now(UTC).date(), 0)
+    assert summary["funds_in"] == {"USD": 11305 * 10**7}
+    assert summary["tax_collected"] == {"USD": 1805 * 10**7}
+    # A quarter of the money paid: 23.75 + 4.5125 VAT, in USD (not 2750 CREDIT).
+    assert summary["refunds"] == {"USD": 2375 * 10**7 + 1805 * 10**7 // 4}
+    assert (summary["purchase_count"], summary["refund_count"]) == (1, 1)

@@ -1,0 +1,97 @@
+"""Finance figures of credit packages granted in a credit unit: the money and VAT are counted in the currency.
+
+A package of 10,000 + 1,000 CREDIT sold for USD 95.00 + 19 % VAT is bought twice through the ledger's own
+checkout commands; one order is refunded in full (refund request), a quarter of the other's credit is refunded
+by finance (``grant.refund``). The figures read model counts funds taken in, tax collected, refunds and tax
+refunded in USD; the chart of accounts carries the USD clearing, deferred revenue and tax payable.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from uuid import uuid4
+
+from billing_events import ids
+from billing_projections import balances, figures
+from billing_projections.service import ProjectionService
+
+from tests.unit.projections.conftest import apply, dumps_by_batching
+from tests.unit.projections.ledger_events import T0, Ledger, U
+
+CATALOG = {
+    "credit_units": {"CREDIT": {"scale": 0}},
+    "packages": [{"code": "credits-10k", "name": "10k credits", "unit": "CREDIT", "credits": "10000",
+                  "bonus_credits": "1000", "price": "95.00", "currency": "USD"}],
+    "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+    "seller": {"name": "billing", "country": "DE"},
+}
+NOVEMBER = T0 + timedelta(days=5)  # T0 is 2026-10-30
+CENT = U // 100
+
+
+def buy(ledger: Ledger, key: str) -> str:
+    placed = ledger.command("checkout.place", "acme", package="credits-10k", key=key, gateway="stripe").value
+    assert (placed["quote"]["unit"], placed["quote"]["total"], placed["quote"]["tax"]) == ("CREDIT", "113.05", "18.05")
+    ledger.command("order.paid_off_session", "acme", key=key, gateway="stripe", payment_id=f"pi_{key}",
+                   amount="113.05", currency="USD")
+    return str(placed["order_id"])
+
+
+def credit_packages(ledger: Ledger) -> str:
+    ledger.command("catalog.publish", None, document=CATALOG, digest="packages-1")
+    ledger.command("account.open", "acme", currency="USD")
+    ledger.command("tax_profile.set", "acme", country="DE", business_name="Acme GmbH")
+    kept = buy(ledger, "o1")
+    buy(ledger, "o2")
+    ledger.command("refund_request.create", "acme", at=NOVEMBER, key="r2", order="o2")
+    ledger.command("refund_request.approve", "acme", at=NOVEMBER, key="r2")
+    ledger.command("refund_request.complete", "acme", at=NOVEMBER, key="r2", gateway_refund="re_2")
+    # Finance refunds a quarter of the other order's credit: a quarter of its money and VAT goes back.
+    ledger.command("grant.refund", "acme", at=NOVEMBER, grant_id=str(ids.grant_id("acme", f"order/{kept}/purchase")),
+                   refund_id=str(uuid4()), amount="2750", reason="goodwill")
+    return kept
+
+
+async def test_finance_figures_count_the_money_and_vat_of_credit_packages_in_the_currency(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    credit_packages(ledger)
+    await apply(service, ledger.records())
+    rows = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
+                                                                     since=None, until=None)}
+    october, november = rows[("2026-10", "USD")], rows[("2026-11", "USD")]
+    assert october["funds_in"] == 2 * 11305 * CENT
+    assert october["tax_collected"] == 2 * 1805 * CENT
+    assert (october["refunds"], october["tax_refunded"]) == (0, 0)
+    # The whole of o2 (113.05, VAT 18.05) and a quarter of o1 (23.75 + 4.5125 VAT).
+    quarter_tax = 1805 * CENT // 4
+    assert november["refunds"] == 11305 * CENT + 2375 * CENT + quarter_tax
+    assert november["tax_refunded"] == 1805 * CENT + quarter_tax
+    # The credit itself stays in its unit.
+    assert rows[("2026-10", "CREDIT")]["top_ups"] == 2 * 11000 * U
+    assert rows[("2026-10", "CREDIT")]["tax_collected"] == 0
+    assert rows[("2026-11", "CREDIT")]["refunds"] == (11000 + 2750) * U
+
+    # All tenants together (the finance dashboard's query) give the same USD figures.
+    everyone = await figures.series(service.db, tenant=None, granularity="day", since=None, until=None, unit="USD")
+    assert sum(r["tax_collected"] for r in everyone) == 2 * 1805 * CENT
+    assert sum(r["tax_refunded"] for r in everyone) == 1805 * CENT + quarter_tax
+
+    # The chart of accounts: what of the VAT is still owed, and the money still in clearing, in USD.
+    chart = {(r["ledger_account"], r["unit"]): int(r["amount"]) for r in await balances.ledger_balances(service.db,
+                                                                                                     "acme")}
+    assert chart[("tax_payable", "USD")] == -(1805 * CENT - quarter_tax)
+    assert chart[("deferred_revenue", "USD")] == -(9500 * CENT - 2375 * CENT)
+    assert chart[("gateway_clearing", "USD")] == 11305 * CENT - 2375 * CENT - quarter_tax
+    # The grants view keeps each grant's tax in its own unit: the VAT of a CREDIT grant is in USD, above.
+    grants = await balances.grants(service.db, "acme", unit="CREDIT")
+    assert {(g["source"], int(g["tax_amount"])) for g in grants} == {("purchase", 0)}
+
+
+async def test_credit_package_figures_do_not_depend_on_batching_or_replays(tmp_path: Path) -> None:
+    ledger = Ledger()
+    credit_packages(ledger)
+    records = ledger.records()
+    dumps = await dumps_by_batching(records, tmp_path, seed=7, size_max=5, replay_all=True)
+    assert dumps[0] == dumps[1] == dumps[2]
