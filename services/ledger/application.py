@@ -42,6 +42,7 @@ from billing_ledger.limits import (
     CONTENDED_CHUNK_COMMANDS_MAX,
 )
 from billing_ledger.pg_recorder import BinaryArrayProcessRecorder
+from billing_ledger.snapshots import Snapshots
 from billing_ledger.transcoder import OrjsonTranscoder
 from billing_runtime.logging import get_logger
 from eventsourcing.application import Application, ProcessingEvent
@@ -69,6 +70,7 @@ def persistence_env(database_url: str | None, data_dir: str, schema: str = "bill
             "POSTGRES_MAX_OVERFLOW": "4",
             "POSTGRES_LOCK_TIMEOUT": "10",
             "CREATE_TABLE": "y",
+            "IS_SNAPSHOTTING_ENABLED": "y",  # see snapshots.py
         }
     os.makedirs(data_dir, exist_ok=True)
     return {
@@ -76,6 +78,7 @@ def persistence_env(database_url: str | None, data_dir: str, schema: str = "bill
         "SQLITE_DBNAME": os.path.join(data_dir, "ledger-events.sqlite"),
         "SQLITE_LOCK_TIMEOUT": "10",
         "CREATE_TABLE": "y",
+        "IS_SNAPSHOTTING_ENABLED": "y",
     }
 
 
@@ -225,9 +228,12 @@ class _Batch:
                 self.processing.aggregates[aggregate.id] = aggregate
 
     def return_to_cache(self) -> None:
-        for aggregate in self.loaded.values():
-            if aggregate is not None and not isinstance(aggregate, CommandReceipt):
-                self.app.cache.put(aggregate)
+        """After the commit: the batch's aggregates go back to the cache (snapshotted first when due)."""
+        aggregates = [a for a in self.loaded.values() if a is not None and not isinstance(a, CommandReceipt)]
+        if self.app.snapshotter is not None:
+            self.app.snapshotter.take_due(aggregates)
+        for aggregate in aggregates:
+            self.app.cache.put(aggregate)
 
 
 class LedgerApplication(Application[UUID]):
@@ -238,6 +244,7 @@ class LedgerApplication(Application[UUID]):
         super().__init__(env)
         self.cache = AggregateCache(AGGREGATE_CACHE_AGGREGATES_MAX)
         self.reader = event_reader(self.recorder)
+        self.snapshotter = Snapshots(self, self.snapshots) if self.snapshots is not None else None
         self.contention = Contention()  # of the batch path (apply_chunks)
         self._commit_executor: ThreadPoolExecutor | None = None
 
@@ -286,11 +293,18 @@ class LedgerApplication(Application[UUID]):
         ``_apply_exclusively``); used for every id taken at exactly that version, the others are queried.
         """
         taken: dict[UUID, Any | None] = {i: self.cache.take(i) for i in aggregate_ids}
+        cached = {i for i, a in taken.items() if a is not None}
+        if self.snapshotter is not None and len(cached) < len(taken):
+            try:  # the others start from their latest snapshot, if any (snapshots.py)
+                taken.update(self.snapshotter.restore([i for i in taken if i not in cached]))
+            except BaseException:
+                self._give_back(taken)
+                raise
         receipts = [i for i in receipt_ids if i not in taken]
         taken.update({i: None for i in receipts})
         versions = {i: (a.version if a is not None else 0) for i, a in taken.items()}
         if trust_cache:
-            versions = {i: v for i, v in versions.items() if v == 0 and i not in receipts}
+            versions = {i: v for i, v in versions.items() if i not in cached and i not in receipts}
         stored: dict[UUID, list[StoredEvent]] = {}
         if known is not None:
             read_versions, read_events = known

@@ -5,6 +5,12 @@ from __future__ import annotations
 # Committed aggregates kept in memory (accounts, pools, the catalogue; never receipts). A cached aggregate
 # is brought up to date with one query per batch before use, so a bigger cache only saves replays.
 AGGREGATE_CACHE_AGGREGATES_MAX = 20_000
+# An account's (or pool's) state is snapshotted every this many events (snapshots.py), so loading one replays
+# at most this many events after its latest snapshot (~30 us each) instead of its whole history. A snapshot
+# costs one write (batched per transaction); an account with usage every second takes one every ~6 minutes.
+SNAPSHOT_EVENTS_INTERVAL = 1_000
+# Latest snapshot versions remembered (one per aggregate seen); forgetting them only makes snapshots earlier.
+SNAPSHOT_VERSIONS_KEPT_MAX = 200_000
 
 # Synchronous HTTP decisions (holds, allocations, adjustments, refunds): one-command transactions retried
 # after an optimistic-concurrency conflict (another writer recorded the same aggregate version).

@@ -32,6 +32,7 @@ from billing_events import ids, topics
 from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.audit import state_of, verify_store
 from billing_ledger.contention import Contention
 from billing_ledger.direct import DirectCommands
 from billing_ledger.domain.account import BillingAccount
@@ -522,3 +523,34 @@ def test_a_sweep_expires_due_holds_while_another_process_keeps_holding_on_the_sa
     for tenant, held in zip(tenants, (0, 1, 0), strict=True):
         state = account(other, tenant)
         assert state.held("USD") == held * U and state.available("USD") == (10 - held) * U, tenant
+
+
+def test_another_process_loads_a_busy_account_from_its_latest_snapshot(
+        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+    """Snapshots on PostgreSQL (snapshots.py: one LATERAL query for the latest snapshots of many aggregates):
+    the other process reads only the events after the latest snapshot, including those it did not see, and
+    has the account exactly as its whole stream replays; the audit agrees."""
+    writer, reader = two_stores
+    assert writer.snapshotter is not None and reader.snapshotter is not None
+    writer.snapshotter.interval_events = 10
+    writer.apply_commands(funded("busy", "1000"))
+    for n in range(30):
+        writer.apply_commands([usage("busy", f"u{n}"), hold("busy", "1", f"h{n}")], Tracking("kafka:s:0", n))
+    account_id = ids.account_id("busy")
+    assert writer.snapshots is not None
+    taken = [s.originator_version for s in writer.snapshots.recorder.select_events(account_id)]
+    assert len(taken) >= 4 and taken[-1] >= 50
+    writer.snapshotter.interval_events = 10_000  # the next events are not snapshotted
+    writer.apply_commands([usage("busy", "after")])
+    asked: list[dict[uuid.UUID, int]] = []
+    events_after = reader.reader.events_after
+    reader.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    loaded = reader.load_many([account_id, ids.account_id("nobody")])
+    assert asked == [{account_id: taken[-1], ids.account_id("nobody"): 0}] and loaded[ids.account_id("nobody")] is None
+    full = None
+    for event in reader.events.get(account_id):
+        full = event.mutate(full)
+    assert full is not None and loaded[account_id].version == full.version
+    assert state_of(reader, loaded[account_id]) == state_of(reader, full)
+    assert loaded[account_id].available("USD") == 1000 * U - 31 * U - 30 * U
+    assert verify_store(reader, "busy").ok

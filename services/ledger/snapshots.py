@@ -1,0 +1,166 @@
+"""Snapshots of long event streams, so that loading an account does not replay its whole history.
+
+An account's stream grows by two to three events with every usage event: a tenant sending 100 usage events a
+second records millions a day. An account not in this process's memory (after a restart, after the cache
+evicted it) was replayed from its first event, ~30 us per event here: minutes for such a tenant, during which
+its partition's usage waited. Now every ``SNAPSHOT_EVENTS_INTERVAL`` events of an account (or resource pool)
+its state is stored in eventsourcing's snapshot table, and loading starts from the latest snapshot and reads
+only the events recorded after it (``LedgerApplication.load_many``, one query for many aggregates).
+
+* **A snapshot is a cache of the events, never a source of truth.** It is written after the events it sums up
+  are committed, in a transaction of its own; a snapshot lost in a crash only means a longer replay. The
+  audit (``billing audit verify``) replays the account from its events alone and also checks the latest
+  snapshot against that replay.
+* **When.** A snapshot is taken when an aggregate goes back to the cache after a committed transaction
+  (``_Batch.return_to_cache``: it is exactly at its committed version, and no other thread holds it), once
+  ``SNAPSHOT_EVENTS_INTERVAL`` events were recorded since its last one; the snapshots a transaction makes due
+  are written together, one round trip.
+* **Format.** A snapshot is the aggregate's attributes (``Snapshot.take``), tagged with the format of its
+  class in ``FORMATS``. A snapshot of another format is ignored (the aggregate is replayed from its events,
+  and snapshotted again later in the current format): **bump an aggregate's format whenever the attributes
+  its events build change** (a new attribute, another meaning or shape of one).
+  ``tests/unit/ledger/test_snapshots.py`` fails when an account's or pool's attributes change without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.limits import SNAPSHOT_EVENTS_INTERVAL, SNAPSHOT_VERSIONS_KEPT_MAX
+from billing_runtime.logging import get_logger
+from eventsourcing.domain import Aggregate, Snapshot
+from eventsourcing.persistence import (
+    EventStore,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StoredEvent,
+)
+from eventsourcing.postgres import PostgresAggregateRecorder
+from eventsourcing.utils import get_topic, retry
+from psycopg.sql import SQL, Identifier
+
+if TYPE_CHECKING:
+    from billing_ledger.application import LedgerApplication
+
+log = get_logger(__name__)
+
+# The aggregates with long streams, and the format of their snapshots (see the module docstring).
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 1, ResourcePool: 1}
+FORMAT_KEY = "_snapshot_format"
+_CLASSES = {get_topic(cls): cls for cls in FORMATS}
+
+
+class Snapshots:
+    def __init__(self, app: LedgerApplication, store: EventStore[UUID],
+                 interval_events: int = SNAPSHOT_EVENTS_INTERVAL) -> None:
+        self._app = app
+        self._store = store
+        self.interval_events = interval_events
+        # The version of each aggregate's latest snapshot, as far as this process knows (0: none).
+        self._versions: dict[UUID, int] = {}
+        recorder = store.recorder
+        self._latest_statement = SQL(
+            "SELECT s.originator_id, s.originator_version, s.topic, s.state "
+            "FROM unnest(%b::uuid[]) AS k(id) CROSS JOIN LATERAL ("
+            "SELECT x.originator_id, x.originator_version, x.topic, x.state FROM {schema}.{table} x "
+            "WHERE x.originator_id = k.id ORDER BY x.originator_version DESC LIMIT 1) s"
+        ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name)) \
+            if isinstance(recorder, PostgresAggregateRecorder) else None
+
+    # -- loading ---------------------------------------------------------------------------------------------
+
+    def restore(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Aggregate]:
+        """The aggregates of ``aggregate_ids`` that have a usable snapshot, as of that snapshot."""
+        wanted = list(aggregate_ids)
+        if not wanted:
+            return {}
+        restored: dict[UUID, Aggregate] = {}
+        for stored in self._latest(wanted):
+            aggregate = self._from_stored(stored)
+            if aggregate is not None:
+                restored[aggregate.id] = aggregate
+        for aggregate_id in wanted:
+            self._versions[aggregate_id] = restored[aggregate_id].version if aggregate_id in restored else 0
+        self._bound()
+        return restored
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _latest(self, aggregate_ids: list[UUID]) -> list[StoredEvent]:
+        recorder = self._store.recorder
+        if self._latest_statement is None:  # SQLite (embedded): one indexed query per aggregate
+            return [e for i in aggregate_ids for e in recorder.select_events(i, desc=True, limit=1)]
+        with recorder.datastore.get_connection() as conn, conn.cursor() as curs:  # type: ignore[attr-defined]
+            curs.execute(self._latest_statement, (aggregate_ids,), prepare=True)
+            return [StoredEvent(originator_id=r["originator_id"], originator_version=r["originator_version"],
+                                topic=r["topic"], state=bytes(r["state"])) for r in curs.fetchall()]
+
+    def _from_stored(self, stored: StoredEvent) -> Aggregate | None:
+        try:
+            snapshot: Any = self._app.mapper.to_domain_event(stored)
+            cls = _CLASSES.get(snapshot.topic)
+            if cls is None or snapshot.state.pop(FORMAT_KEY, None) != FORMATS[cls]:
+                return None  # another format (or class): replayed from the events instead
+            aggregate = snapshot.mutate(None)
+        except Exception as exc:  # noqa: BLE001 - a snapshot is only a shortcut: replay instead
+            log.warning("snapshot_unusable_replaying", aggregate_id=str(stored.originator_id),
+                        version=stored.originator_version, error=repr(exc))
+            return None
+        assert isinstance(aggregate, Aggregate)
+        return aggregate
+
+    # -- taking ----------------------------------------------------------------------------------------------
+
+    def due(self, aggregate: Any) -> bool:
+        """Whether ``aggregate`` (committed, owned by the caller) should be snapshotted now."""
+        return (type(aggregate) in FORMATS
+                and aggregate.version - self._versions.get(aggregate.id, 0) >= self.interval_events)
+
+    def encode(self, aggregate: Aggregate) -> StoredEvent:
+        """The snapshot of ``aggregate`` as stored (encoded at once: its attributes are the live aggregate's)."""
+        snapshot = Snapshot.take(aggregate)
+        snapshot.state[FORMAT_KEY] = FORMATS[type(aggregate)]
+        return self._app.mapper.to_stored_event(snapshot)
+
+    def write(self, stored: list[StoredEvent]) -> None:
+        """Records ``stored`` snapshots in one transaction. A failure is logged, not raised: the events they sum
+        up are committed, and a missing snapshot only means a longer replay."""
+        if not stored:
+            return
+        try:
+            self._store.recorder.insert_events(stored)
+        except IntegrityError:
+            # Another process snapshotted one of them at the same version: the same state. One at a time.
+            for one in stored:
+                try:
+                    self._store.recorder.insert_events([one])
+                except IntegrityError:
+                    continue
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("snapshots_not_written", snapshots=len(stored), error=repr(exc))
+            return
+        for one in stored:
+            self._versions[one.originator_id] = max(self._versions.get(one.originator_id, 0), one.originator_version)
+        self._bound()
+
+    def take_due(self, aggregates: Iterable[Any]) -> None:
+        self.write([self.encode(a) for a in aggregates if self.due(a)])
+
+    def _bound(self) -> None:
+        if len(self._versions) > SNAPSHOT_VERSIONS_KEPT_MAX:
+            # Forgotten ones count as never snapshotted: at worst one snapshot each earlier than needed.
+            self._versions.clear()
+
+    # -- audit -----------------------------------------------------------------------------------------------
+
+    def latest(self, aggregate_id: UUID) -> tuple[int, Aggregate | None] | None:
+        """(version, aggregate as snapshotted or None if unusable) of ``aggregate_id``'s latest snapshot."""
+        found = self._latest([aggregate_id])
+        if not found:
+            return None
+        return found[0].originator_version, self._from_stored(found[0])
+

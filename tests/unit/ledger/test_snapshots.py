@@ -1,0 +1,195 @@
+"""Snapshots (snapshots.py): an account not in memory loads from its latest snapshot plus the events after it,
+exactly as its whole stream replays; a snapshot of another format is ignored; the audit checks the latest
+snapshot against the events. SQLite here; tests/integration/test_ledger_exactly_once.py runs the PostgreSQL
+query."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from billing_events import ids
+from billing_events.money import SUBUNITS_PER_UNIT
+from billing_ledger import snapshots
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.audit import state_of, verify_store
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.sweeper import Sweeper
+
+from tests.unit.ledger.ledger_support import apply, command, open_account
+
+U = SUBUNITS_PER_UNIT
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+INTERVAL = 7
+
+
+def ledger(path: Path) -> LedgerApplication:
+    app = LedgerApplication(persistence_env(None, str(path)))
+    assert app.snapshotter is not None
+    app.snapshotter.interval_events = INTERVAL
+    return app
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def busy_account(app: LedgerApplication, tenant: str = "acme", rounds: int = 6) -> None:
+    """Every kind of change an account sees: grants (one expiring), debits across grants, holds placed,
+    captured, released and expired, a low-balance threshold crossed and re-armed, an adjustment."""
+    open_account(app, tenant, {"key": "paid", "amount": "100.00"},
+                 {"key": "promo", "amount": "5.00", "source": "promotion", "priority": 1,
+                  "effective_at": NOW.isoformat(), "expires_at": (NOW + timedelta(days=2)).isoformat()})
+    done(apply(app, command("low_balance.set", tenant, {"unit": "USD", "threshold": "90.00"})))
+    account = app.load_many([ids.account_id(tenant)])[ids.account_id(tenant)]
+    account.set_auto_top_up("USD", 95 * U, 150 * U, None, 60, 1_000 * U)
+    app.save(account)
+    app.cache.put(account)
+    for n in range(rounds):
+        at = (NOW + timedelta(hours=n)).isoformat()
+        done(apply(app, command("usage.debit", tenant, {"unit": "USD", "amount_subunits": 3 * U + n, "meter": "m",
+                                                   "at": at}, key=f"d{n}")))
+        hold = str(ids.grant_id(tenant, f"h{n}"))
+        done(apply(app, command("hold.place", tenant, {
+            "hold_id": hold, "amount": "2", "at": at, "expires_at": (NOW + timedelta(hours=n, minutes=30)).isoformat()},
+            key=f"h{n}")))
+        if n % 3 == 0:
+            done(apply(app, command("hold.capture", tenant, {"hold_id": hold, "amount": "1.5", "at": at}, key=f"c{n}")))
+        elif n % 3 == 1:
+            done(apply(app, command("hold.release", tenant, {"hold_id": hold, "at": at}, key=f"r{n}")))
+    assert Sweeper(app).sweep(NOW + timedelta(days=3)) == 2  # the last hold, and the promotion, expire
+    done(apply(app, command("balance.adjust", tenant, {"adjustment_id": str(ids.grant_id(tenant, "adj")), "amount": "50",
+                                                  "unit": "USD", "reason": "goodwill", "user": "ops",
+                                                  "at": NOW.isoformat()}, key="adj")))
+
+
+def done(results: list[Any]) -> None:
+    assert all(r.outcome == "applied" for r in results), results
+
+
+def replayed(app: LedgerApplication, aggregate_id: UUID) -> Any:
+    aggregate = None
+    for event in app.events.get(aggregate_id):
+        aggregate = event.mutate(aggregate)
+    return aggregate
+
+
+def stored_snapshots(app: LedgerApplication, aggregate_id: UUID) -> list[int]:
+    assert app.snapshots is not None
+    return [s.originator_version for s in app.snapshots.recorder.select_events(aggregate_id)]
+
+
+def test_an_account_loads_from_its_latest_snapshot_as_its_whole_stream_replays(store: Path) -> None:
+    account_id = ids.account_id("acme")
+    writer = ledger(store)
+    try:
+        busy_account(writer)
+        version = writer.read(account_id, lambda a: a.version)
+        taken = stored_snapshots(writer, account_id)
+        assert taken and taken[-1] <= version and all(b - a >= INTERVAL for a, b in pairwise(taken))
+    finally:
+        writer.close()
+    fresh = ledger(store)  # another process: nothing in memory
+    asked: list[dict[UUID, int]] = []
+    events_after = fresh.reader.events_after
+    fresh.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    try:
+        loaded = fresh.load_many([account_id])[account_id]
+        assert asked == [{account_id: taken[-1]}]  # only the events after the snapshot were read
+        assert loaded.version == version
+        assert state_of(fresh, loaded) == state_of(fresh, replayed(fresh, account_id))
+        # And it decides exactly as the replayed account would: a debit across what is left.
+        fresh.cache.put(loaded)
+        [debit] = apply(fresh, command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 120 * U,
+                                                               "meter": "m", "at": NOW.isoformat()}, key="big"))
+        assert debit.outcome == "applied"
+        assert fresh.read(account_id, lambda a: (a.available("USD"), a.receivable("USD"))) == \
+            (replayed(fresh, account_id).available("USD"), replayed(fresh, account_id).receivable("USD"))
+        assert verify_store(fresh, "acme").ok
+    finally:
+        fresh.close()
+
+
+def test_a_snapshot_of_another_format_is_ignored_and_the_stream_replayed(store: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    account_id = ids.account_id("acme")
+    writer = ledger(store)
+    try:
+        busy_account(writer)
+        assert stored_snapshots(writer, account_id)
+    finally:
+        writer.close()
+    monkeypatch.setitem(snapshots.FORMATS, BillingAccount, snapshots.FORMATS[BillingAccount] + 1)
+    fresh = ledger(store)
+    asked: list[dict[UUID, int]] = []
+    events_after = fresh.reader.events_after
+    fresh.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    try:
+        loaded = fresh.load_many([account_id])[account_id]
+        assert asked == [{account_id: 0}]
+        assert state_of(fresh, loaded) == state_of(fresh, replayed(fresh, account_id))
+    finally:
+        fresh.close()
+
+
+def test_the_audit_finds_a_snapshot_that_is_not_what_the_events_build(store: Path) -> None:
+    app = ledger(store)
+    try:
+        busy_account(app)
+        assert verify_store(app, "acme").ok
+        account_id = ids.account_id("acme")
+        forged = app.read(account_id, lambda a: a)
+        assert forged is not None and app.snapshotter is not None
+        version = stored_snapshots(app, account_id)[-1] + 1
+        assert forged.version >= version  # a snapshot beyond the last one, at a version the events reach
+        good = replayed_to(app, account_id, version)
+        good._grants[next(iter(good._grants))]["remaining"] += 1_000 * U  # the forgery
+        app.snapshotter.write([app.snapshotter.encode(good)])
+        found = verify_store(app, "acme")
+        assert not found.ok and any("differs from the account replayed" in p for p in found.problems)
+    finally:
+        app.close()
+
+
+def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any:
+    aggregate = None
+    for event in app.events.get(aggregate_id, lte=version):
+        aggregate = event.mutate(aggregate)
+    return aggregate
+
+
+# Format 1 of each snapshotted aggregate: the attributes its events build. A change here means a change of
+# the snapshot format: bump the class's entry in snapshots.FORMATS, then update this list.
+ACCOUNT_ATTRIBUTES_FORMAT_1 = [
+    "_auto_top_up", "_created_on", "_grants", "_held", "_holds", "_id", "_low_balance", "_modified_on",
+    "_pending_events", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history", "_version",
+    "chain_head", "currency", "opened_by", "tenant",
+]
+
+
+def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> None:
+    app = ledger(store)
+    try:
+        busy_account(app)
+        apply(app, command("allocation.set_capacity", "acme", {"resource": "seats", "capacity": 3}))
+        apply(app, command("allocation.allocate", "acme", {"resource": "seats", "quantity": 1, "request_id": "u1",
+                                                           "at": NOW.isoformat()}, key="u1"))
+        account = app.read(ids.account_id("acme"), lambda a: sorted(vars(a)))
+        pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
+    finally:
+        app.close()
+    assert snapshots.FORMATS[BillingAccount] == 1 and account == ACCOUNT_ATTRIBUTES_FORMAT_1
+    assert snapshots.FORMATS[ResourcePool] == 1 and pool == POOL_ATTRIBUTES_FORMAT_1
+
+
+POOL_ATTRIBUTES_FORMAT_1 = [
+    "_created_on", "_id", "_modified_on", "_pending_events", "_requests", "_version", "capacity", "capacity_source",
+    "chain_head", "in_use", "resource", "tenant",
+]
