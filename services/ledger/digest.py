@@ -16,7 +16,9 @@ One leader sends it (advisory lock, like the other payment tasks). Two tracking 
 restart-safe: ``digest:day`` holds the ordinal of the last day sent (a restart does not resend it), and
 ``digest:position`` the notification up to which every event was recorded before the end of that day (the
 next day's scan starts there). The day is recorded before the position, so a crash between them only makes
-the next scan start earlier. A day missed while no ledger ran is not sent afterwards: only yesterday is.
+the next scan start earlier. Days missed while no ledger ran (or the mail server refused) are sent
+afterwards, oldest first, each with its own figures, at most the last ``DIGEST_BACKFILL_DAYS_MAX``; the very
+first digest is yesterday's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from billing_events.money import (
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
+from billing_ledger.limits import DIGEST_BACKFILL_DAYS_MAX
 from billing_ledger.mail import send_text
 from billing_ledger.notifier import SmtpSettings
 from billing_runtime.logging import get_logger
@@ -162,20 +165,27 @@ def render(summary: dict[str, Any]) -> str:
 
 def send_due(app: LedgerApplication, smtp: SmtpSettings | None, recipient: str, now: datetime
              ) -> dict[str, Any] | None:
-    """Sends yesterday's digest (UTC) unless it was sent; returns its figures when it went out."""
+    """Sends the digest of every day (UTC) up to yesterday not sent yet, oldest first (see the module
+    docstring); returns the figures of the last one that went out, None if none was due."""
     if smtp is None:
         return None
     yesterday = now.astimezone(UTC).date() - timedelta(days=1)
     recorder = app.process_recorder
-    if (recorder.max_tracking_id(DAY_NAME) or 0) >= yesterday.toordinal():
+    last = recorder.max_tracking_id(DAY_NAME)
+    if last is not None and last >= yesterday.toordinal():
         return None
-    start = recorder.max_tracking_id(POSITION_NAME) or 0
-    summary, mark = summarize(app, yesterday, start)
-    send_text(smtp, recipient, f"Income digest {summary['day']}", render(summary))
-    recorder.insert_tracking(Tracking(DAY_NAME, yesterday.toordinal()))
-    if mark > start:
-        recorder.insert_tracking(Tracking(POSITION_NAME, mark))
-    log.info("income_digest_sent", day=summary["day"], recipient=recipient)
+    oldest = yesterday - timedelta(days=DIGEST_BACKFILL_DAYS_MAX - 1)
+    day = yesterday if last is None else max(date.fromordinal(last + 1), oldest)
+    summary = None
+    while day <= yesterday:
+        start = recorder.max_tracking_id(POSITION_NAME) or 0
+        summary, mark = summarize(app, day, start)
+        send_text(smtp, recipient, f"Income digest {summary['day']}", render(summary))
+        recorder.insert_tracking(Tracking(DAY_NAME, day.toordinal()))
+        if mark > start:
+            recorder.insert_tracking(Tracking(POSITION_NAME, mark))
+        log.info("income_digest_sent", day=summary["day"], recipient=recipient, late=day < yesterday)
+        day += timedelta(days=1)
     return summary
 
 

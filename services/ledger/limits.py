@@ -69,5 +69,8 @@ SWEEP_ACCOUNTS_PER_BATCH_MAX = 500
 # Account discovery reads the event log in pages of this many notifications.
 SWEEP_LOG_PAGE_EVENTS_MAX = 5_000
 
+# The daily income digest (digest.py): days missed while no ledger ran are sent afterwards, at most this many.
+DIGEST_BACKFILL_DAYS_MAX = 31
+
 # Audit: events read from the store per query while verifying or exporting.
 AUDIT_PAGE_EVENTS_MAX = 1_000

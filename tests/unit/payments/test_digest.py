@@ -12,6 +12,7 @@ from billing_events.messages import PaymentNotification
 from billing_ledger.application import LedgerApplication
 from billing_ledger.digest import send_due, summarize
 from billing_ledger.domain.checkout import order_id
+from billing_ledger.limits import DIGEST_BACKFILL_DAYS_MAX
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.payment_commands import payment_command
 
@@ -105,3 +106,35 @@ def test_credit_packages_count_their_money_and_refunds_in_the_currency(ledger: L
     # A quarter of the money paid: 23.75 + 4.5125 VAT, in USD (not 2750 CREDIT).
     assert summary["refunds"] == {"USD": 2375 * 10**7 + 1805 * 10**7 // 4}
     assert (summary["purchase_count"], summary["refund_count"]) == (1, 1)
+
+
+def test_days_missed_while_no_ledger_ran_are_sent_afterwards_oldest_first(
+        ledger: LedgerApplication, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    mail = SmtpSettings("127.0.0.1", port, "billing@localhost", "billing")
+    today = datetime.now(UTC).date()
+    buy_package(ledger, "o1")  # recorded today: 113.05 USD
+    first = send_due(ledger, mail, "finance@operator.test", datetime.combine(today - timedelta(days=2), time(1), UTC))
+    assert first is not None and first["day"] == (today - timedelta(days=3)).isoformat()
+    # The ledger was down for three days: the three digests due go out at once, each with its own day's figures.
+    last = send_due(ledger, mail, "finance@operator.test", datetime.combine(today + timedelta(days=1), time(1), UTC))
+    assert last is not None and last["day"] == today.isoformat() and last["funds_in"] == {"USD": 11305 * 10**7}
+    subjects = [m["Subject"] for m in inbox.messages[1:]]
+    assert subjects == [f"Income digest {today - timedelta(days=d)}" for d in (2, 1, 0)]
+    assert "Funds taken in: none" in inbox.messages[1].get_payload()
+    assert "Funds taken in: 113.05 USD" in inbox.messages[3].get_payload()
+    assert send_due(ledger, mail, "finance@operator.test", datetime.combine(today + timedelta(days=1), time(2), UTC)) \
+        is None and len(inbox.messages) == 4
+
+
+def test_a_long_outage_sends_at_most_the_last_month_of_digests(ledger: LedgerApplication,
+                                                               smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    mail = SmtpSettings("127.0.0.1", port, "billing@localhost", "billing")
+    today = datetime.now(UTC).date()
+    assert send_due(ledger, mail, "finance@operator.test", datetime.combine(today - timedelta(days=90), time(1), UTC))
+    inbox.messages.clear()
+    send_due(ledger, mail, "finance@operator.test", datetime.combine(today, time(1), UTC))
+    assert len(inbox.messages) == DIGEST_BACKFILL_DAYS_MAX
+    assert inbox.messages[0]["Subject"] == f"Income digest {today - timedelta(days=DIGEST_BACKFILL_DAYS_MAX)}"
+    assert inbox.messages[-1]["Subject"] == f"Income digest {today - timedelta(days=1)}"
