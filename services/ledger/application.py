@@ -268,11 +268,13 @@ class LedgerApplication(Application[UUID]):
 
     # -- followers of the event log (relay, alerts, top-ups, invoice emails) --------------------------------
 
-    def unprocessed(self, follower: str, limit: int, topics: Sequence[str] = ()) -> Sequence[Any]:
-        """The stored events (notifications) after ``follower``'s tracked position, oldest first, at most
-        ``limit``, only of ``topics`` if given. The follower acts on them, then calls ``processed``."""
+    def unprocessed(self, follower: str, limit: int, topics: Sequence[str] = (), after: int | None = None
+                    ) -> Sequence[Any]:
+        """The stored events (notifications) after ``follower``'s tracked position (or ``after``, a position
+        the follower keeps itself), oldest first, at most ``limit``, only of ``topics`` if given. The follower
+        acts on them, then calls ``processed``."""
         recorder = self.process_recorder
-        position = recorder.max_tracking_id(follower) or 0
+        position = after if after is not None else (recorder.max_tracking_id(follower) or 0)
         return recorder.select_notifications(position + 1, limit, topics=topics)
 
     def processed(self, follower: str, notification_id: int) -> None:
@@ -603,7 +605,7 @@ def jsonable(value: Any) -> Any:
 HANDLER_MODULES = (
     "account_commands", "adjustment_commands", "allocation_commands", "catalog_commands", "expiry_commands",
     "hold_commands", "payment_commands", "refund_commands", "subscription_commands", "checkout_commands",
-    "payment_settings_commands", "refund_request_commands",
+    "payment_settings_commands", "refund_request_commands", "revenue_commands",
 )
 
 
