@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 # The aggregates with long streams, and the format of their snapshots (see the module docstring).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 1, ResourcePool: 1}
+# BillingAccount 2: the money of a credit-unit purchase grant keeps its recognition (recognised, breakage,
+# adjusted, recognised_at).
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 2, ResourcePool: 1}
 FORMAT_KEY = "_snapshot_format"
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}
 

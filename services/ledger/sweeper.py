@@ -1,5 +1,6 @@
 """Scheduled expiry inside the ledger process: grants past ``expires_at`` post their remainder to breakage,
-holds past ``expires_at`` release themselves.
+holds past ``expires_at`` release themselves; the money of credit packages is recognised as their credit
+is used.
 
 Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
 
@@ -8,7 +9,11 @@ Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
 2. reads the accounts in chunks (``SWEEP_ACCOUNTS_PER_BATCH_MAX``; from the aggregate cache, brought up to
    date in one query per chunk) and asks each whether a grant or a hold is due;
 3. sends ``grant.expire`` / ``hold.expire`` for the due ones through ``apply_commands``, one transaction
-   per chunk, command ids derived from tenant and sweep time.
+   per chunk, command ids derived from tenant and sweep time;
+4. sends ``money.recognise`` (right after the account's expiry commands) when a credit package granted
+   in a credit unit has use whose money is not recognised yet (``BillingAccount.purchase_money_due``): at
+   most once an hour per account and at the first sweep of each UTC day, and at once when such a grant has
+   no credit left or expires, so its deferred revenue closes. Usage debits never recognise it themselves.
 
 Exactly-once does not depend on the sweeper: an expiry closes its grant or hold in the same event, so a
 second sweep (another ledger process, an overlapping round, a retry after a conflict) finds nothing to do.
@@ -63,7 +68,7 @@ class Sweeper:
                 self._log_position = page[-1].id
 
     def due_commands(self, account_ids: list[UUID], now: datetime) -> list[LedgerCommand]:
-        """Expiry commands for the accounts with a grant or a hold due by ``now``.
+        """Expiry (and recognition) commands for the accounts with a grant, a hold or package money due by ``now``.
 
         A cached account is looked at in the cache (``peek``), not taken out and brought up to date: taking
         hundreds of accounts out every round made the HTTP holds on them meanwhile replay the account from
@@ -78,6 +83,8 @@ class Sweeper:
                 due.append("grant.expire")
             if account.holds_expiring_by(now):
                 due.append("hold.expire")
+            if account.purchase_money_due(now):
+                due.append("money.recognise")  # after grant.expire: it sees the remainders lapsed
             return account.tenant, due
 
         found: list[tuple[str, list[str]]] = []
@@ -101,7 +108,7 @@ class Sweeper:
         ]
 
     def sweep(self, now: datetime) -> int:
-        """One round; returns how many expiry commands were applied."""
+        """One round; returns how many expiry (and recognition) commands were applied."""
         self.discover()
         applied = 0
         accounts = sorted(self.accounts)

@@ -7,8 +7,11 @@
   in the currency (``PurchaseMoneyBooked``: ``funds_in`` = total, ``tax_collected`` = its tax).
 * ``promotional`` / ``plan_grants``: credit given by promotions and manual grants / by plan recurrences.
 * ``consumed``: credit consumed by usage and captured holds (give-backs negative); ``receivables``: the part
-  posted beyond credit (overage).
-* ``breakage``: unused credit lapsed at expiry; ``refunds``: money paid back (incl. tax), ``tax_refunded``
+  posted beyond credit (overage). In the currency it is also the revenue recognised for the money of packages
+  granted in a credit unit as their credit is used (``PurchaseMoneyRecognised``, periodic: ``recognised``), so
+  a currency's ``consumed`` is the revenue its prepaid credit earned.
+* ``breakage``: unused credit lapsed at expiry (in the currency also the money of credit-unit packages whose
+  credit lapsed: ``PurchaseMoneyRecognised.breakage``); ``refunds``: money paid back (incl. tax), ``tax_refunded``
   (for a credit-unit package also the currency money and tax paid back: ``PurchaseMoneyRefunded``);
   ``adjustments``: net manual corrections.
 
@@ -55,6 +58,8 @@ def _figures(fact: Fact) -> dict[str, int]:
     if name == "PurchaseMoneyRefunded":
         tax = int(d.get("tax_amount") or 0)
         return {"refunds": int(d["amount"]), "tax_refunded": tax}
+    if name == "PurchaseMoneyRecognised":
+        return {"consumed": int(d.get("recognised") or 0), "breakage": int(d.get("breakage") or 0)}
     if name == "BalanceAdjusted":
         return {"adjustments": int(d["amount"])}
     if name == "ReceivableSettled":
@@ -63,7 +68,8 @@ def _figures(fact: Fact) -> dict[str, int]:
 
 
 _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
-                            "BalanceAdjusted", "ReceivableSettled", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
+                            "BalanceAdjusted", "ReceivableSettled", "PurchaseMoneyBooked", "PurchaseMoneyRefunded",
+                            "PurchaseMoneyRecognised"})
 
 
 def handler_for(event_type: str) -> Handler | None:

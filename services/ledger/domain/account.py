@@ -62,6 +62,25 @@ Money of purchases in a credit unit
     exactly and never more tax than was collected). Grants recorded before this booking existed have none
     and are refunded in their unit only, as before.
 
+Revenue of purchases in a credit unit (IFRS 15)
+    The net money booked to ``DEFERRED_REVENUE`` (currency) is recognised as the grant's credit is used,
+    in periodic runs, never on the usage path (a debit of a credit-unit grant records nothing in the
+    currency): ``recognise_purchase_money(now)`` records one ``PurchaseMoneyRecognised`` per run with, per
+    grant whose use changed since its last run, Dr ``DEFERRED_REVENUE`` / Cr ``RECOGNISED_REVENUE`` and
+    Cr ``BREAKAGE`` (currency; negative deltas, after give-backs, reverse them). Exact by cumulative floor:
+    with ``F`` of the grant's ``A`` credit refunded, ``c`` consumed (usage and captures net of give-backs
+    and of refunds from revenue) and ``l`` lapsed (breakage not refunded, plus credit removed by negative
+    adjustments: the tenant's right to it ended unused), the grant's money stands at ``recognised =
+    floor(net * c / A)``, ``breakage = floor(net * (c + l) / A) - recognised``, ``refunded_net = floor(net
+    * F / A)`` and the rest deferred; once no credit of it is left (``F + c + l = A``) the last sub-unit
+    of rounding goes to breakage (or revenue if nothing lapsed), so its deferred revenue is exactly zero.
+    A refund of such a grant pays its net back from recognised revenue and breakage only as far as they
+    exceed what the grant's credit after the refund has earned (a finance-override refund of spent or
+    lapsed credit that was already recognised), the rest from deferred revenue: no currency account of a
+    grant ever changes sign, and deferred + recognised + breakage + refunded = net at every event. The
+    ledger's sweeper runs it for an account with unrecognised use at most once an hour, at the first
+    sweep of each UTC day, and at once when a grant of it finishes or expires (``purchase_money_due``).
+
 Idempotency
     Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
     (``DuplicateGrant``). A repeated hold id returns the first yes/no answer without a new event while the
@@ -105,6 +124,9 @@ TEXT_CHARS_MAX = 512
 ACTIVE_HOLDS_MAX = 10_000
 SETTLED_HOLDS_KEPT_MAX = 10_000
 AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
+# Recognition of credit-package money (``purchase_money_due``): at most this often per account, besides the
+# first sweep of each UTC day and a grant that finishes or expires.
+MONEY_RECOGNITION_INTERVAL = timedelta(hours=1)
 
 OVERAGE_POLICIES = ("overage", "block")
 REJECTED_INSUFFICIENT_CREDIT = "insufficient_credit"
@@ -401,15 +423,112 @@ class BillingAccount(ChainedAggregate):
         cause: dict[str, Any],
         at: datetime,
     ) -> None:
+        # recognised / breakage: the grant's currency revenue and breakage (net of reversals); adjusted: its
+        # credit removed by negative adjustments; recognised_at: the last run that moved it.
         self._grants[str(grant_id)]["money"] = {
             "unit": unit, "net": net, "tax": tax_amount, "refunded_net": 0, "refunded_tax": 0,
+            "recognised": 0, "breakage": 0, "adjusted": 0, "recognised_at": None,
         }
 
     def purchase_money(self, grant_id: UUID) -> dict[str, Any] | None:
         """The currency money booked for a credit-unit purchase grant (a copy), or ``None``: ``unit``,
         ``net``, ``tax`` and what of them was refunded (``refunded_net``, ``refunded_tax``)."""
         money = self._grant(grant_id).get("money")
-        return dict(money) if money is not None else None
+        return {k: money[k] for k in _MONEY_KEYS} if money is not None else None
+
+    def purchase_revenue(self, grant_id: UUID) -> dict[str, Any] | None:
+        """Where the net money of a credit-unit purchase grant stands, or ``None``: ``unit``, ``net``,
+        ``deferred``, ``recognised``, ``breakage`` and ``refunded_net`` (they sum to ``net``), and
+        ``recognised_at`` (the last recognition that moved it)."""
+        money = self._grant(grant_id).get("money")
+        if money is None:
+            return None
+        deferred = money["net"] - money["refunded_net"] - money["recognised"] - money["breakage"]
+        return {"unit": money["unit"], "net": money["net"], "deferred": deferred, "recognised": money["recognised"],
+                "breakage": money["breakage"], "refunded_net": money["refunded_net"],
+                "recognised_at": money["recognised_at"]}
+
+    def purchase_money_due(self, now: datetime) -> bool:
+        """Whether the sweeper should run :meth:`recognise_purchase_money` at ``now`` (cheap: no postings).
+
+        Due when a grant with booked money has use not yet recognised and either the account's last run
+        is ``MONEY_RECOGNITION_INTERVAL`` or more before ``now``, or on another UTC day, or there was none;
+        or at once when such a grant has no credit left to defer or expires by ``now``.
+        """
+        last: datetime | None = None
+        pending = False
+        for g in self._grants.values():
+            money = g.get("money")
+            if money is None:
+                continue
+            if money["recognised_at"] is not None and (last is None or money["recognised_at"] > last):
+                last = money["recognised_at"]
+            if (g["status"] == "open" and g["remaining"] and g["expires_at"] is not None
+                    and g["expires_at"] <= now):
+                return True  # its remainder lapses in this sweep: close its money with it
+            recognised, breakage, closed = _money_targets(g)
+            if (recognised, breakage) != (money["recognised"], money["breakage"]):
+                if closed:
+                    return True
+                pending = True
+        if not pending:
+            return False
+        return (last is None or now - last >= MONEY_RECOGNITION_INTERVAL
+                or last.astimezone(UTC).date() != now.astimezone(UTC).date())
+
+    def recognise_purchase_money(self, now: datetime) -> None:
+        """Recognises the currency money of credit-unit purchase grants as far as their credit was used.
+
+        One ``PurchaseMoneyRecognised`` for every grant whose consumption or lapse changed since its last
+        recognition (none if nothing changed, so a second run at once records nothing); per grant, in the
+        currency: Dr ``DEFERRED_REVENUE`` / Cr ``RECOGNISED_REVENUE`` (consumed) and Cr ``BREAKAGE``
+        (lapsed), to exactly the amounts in the module docstring. Usage debits never do this.
+        """
+        _require_time("now", now)
+        changes: list[dict[str, Any]] = []
+        postings: list[Posting] = []
+        for g in self._grants.values():
+            money = g.get("money")
+            if money is None:
+                continue
+            recognised, breakage, _ = _money_targets(g)
+            to_revenue, to_breakage = recognised - money["recognised"], breakage - money["breakage"]
+            if not (to_revenue or to_breakage):
+                continue
+            gid, currency = g["grant_id"], money["unit"]
+            changes.append({"grant_id": gid, "recognised": to_revenue, "breakage": to_breakage})
+            postings += [line for line in (
+                posting(LedgerAccount.DEFERRED_REVENUE, currency, to_revenue + to_breakage, gid),
+                posting(LedgerAccount.RECOGNISED_REVENUE, currency, -to_revenue, gid),
+                posting(LedgerAccount.BREAKAGE, currency, -to_breakage, gid),
+            ) if line["amount"]]
+        if not changes:
+            return
+        assert_balanced(postings)
+        self._purchase_money_recognised(
+            unit=self.currency,
+            recognised=sum(c["recognised"] for c in changes),
+            breakage=sum(c["breakage"] for c in changes),
+            grants=changes,
+            postings=postings,
+            at=now,
+        )
+
+    @event("PurchaseMoneyRecognised")
+    def _purchase_money_recognised(
+        self,
+        unit: str,
+        recognised: int,
+        breakage: int,
+        grants: list[dict[str, Any]],
+        postings: list[Posting],
+        at: datetime,
+    ) -> None:
+        for change in grants:
+            money = self._grants[change["grant_id"]]["money"]
+            money["recognised"] += change["recognised"]
+            money["breakage"] += change["breakage"]
+            money["recognised_at"] = at
 
     def expire_grants(self, now: datetime) -> None:
         """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once each."""
@@ -887,7 +1006,7 @@ class BillingAccount(ChainedAggregate):
             if part:
                 postings.append(posting(account, unit, part, gid))
         assert_balanced(postings)
-        money_back = self._money_refund(g, amount, gid)
+        money_back = self._money_refund(g, amount, from_wallet, from_breakage, gid)
         self._grant_refunded(
             refund_id=refund_id,
             grant_id=grant_id,
@@ -907,8 +1026,15 @@ class BillingAccount(ChainedAggregate):
                                           at=at)
         self._check_thresholds(unit, at)
 
-    def _money_refund(self, g: GrantRecord, amount: int, gid: str) -> dict[str, Any] | None:
-        """The currency reversal refunding ``amount`` more of ``g``'s credit takes (``None``: nothing)."""
+    def _money_refund(
+        self, g: GrantRecord, amount: int, from_wallet: int, from_breakage: int, gid: str
+    ) -> dict[str, Any] | None:
+        """The currency reversal refunding ``amount`` more of ``g``'s credit takes (``None``: nothing).
+
+        The net comes back from recognised revenue and breakage only as far as they exceed what the grant's
+        credit earns after the refund (they were recognised for credit now refunded), the rest from
+        deferred revenue (which then never goes below what is still deferred: see the module docstring).
+        """
         money = g.get("money")
         if money is None:
             return None
@@ -918,10 +1044,21 @@ class BillingAccount(ChainedAggregate):
         assert 0 <= net and 0 <= tax and money["refunded_tax"] + tax <= money["tax"]
         if net + tax == 0:
             return None
+        recognised, breakage, _ = _money_targets(
+            g,
+            refunded=refunded,
+            refunded_net=money["refunded_net"] + net,
+            remaining=(g["remaining"] if g["status"] == "open" else 0) - from_wallet,
+            breakage_reversed=g["breakage_reversed"] + from_breakage,
+        )
+        from_revenue = min(net, max(0, money["recognised"] - recognised))
+        from_lapsed = min(net - from_revenue, max(0, money["breakage"] - breakage))
         currency = money["unit"]
         postings = [
             posting(LedgerAccount.GATEWAY_CLEARING, currency, -(net + tax), gid),
-            posting(LedgerAccount.DEFERRED_REVENUE, currency, net, gid),
+            posting(LedgerAccount.DEFERRED_REVENUE, currency, net - from_revenue - from_lapsed, gid),
+            posting(LedgerAccount.RECOGNISED_REVENUE, currency, from_revenue, gid),
+            posting(LedgerAccount.BREAKAGE, currency, from_lapsed, gid),
             posting(LedgerAccount.TAX_PAYABLE, currency, tax, gid),
         ]
         postings = [line for line in postings if line["amount"]]
@@ -944,6 +1081,12 @@ class BillingAccount(ChainedAggregate):
         money = self._grants[str(grant_id)]["money"]
         money["refunded_net"] += net
         money["refunded_tax"] += tax_amount
+        # Streams recorded before recognition existed reverse from deferred revenue only: no such lines.
+        for line in postings:
+            if line["account"] == LedgerAccount.RECOGNISED_REVENUE:
+                money["recognised"] -= line["amount"]
+            elif line["account"] == LedgerAccount.BREAKAGE:
+                money["breakage"] -= line["amount"]
 
     @event("GrantRefunded")
     def _grant_refunded(
@@ -1056,6 +1199,10 @@ class BillingAccount(ChainedAggregate):
         at: datetime,
     ) -> None:
         self._apply_draws(unit, draws, remember=False)
+        for draw in draws:  # credit of a package taken away: its money lapses (see recognise_purchase_money)
+            money = self._grants[draw["grant_id"]].get("money")
+            if money is not None:
+                money["adjusted"] += draw["amount"]
         if grant is not None:
             self._add_grant(grant)
         self._update_arming(unit)
@@ -1343,6 +1490,41 @@ class BillingAccount(ChainedAggregate):
 
 
 _CALLER_SOURCES = frozenset(s.value for s in GrantSource) - {GrantSource.USAGE_REVERSAL.value}
+# What ``purchase_money`` shows of a grant's money (its booking and refunds).
+_MONEY_KEYS = ("unit", "net", "tax", "refunded_net", "refunded_tax")
+
+
+def _money_targets(
+    g: GrantRecord,
+    *,
+    refunded: int | None = None,
+    refunded_net: int | None = None,
+    remaining: int | None = None,
+    breakage_reversed: int | None = None,
+) -> tuple[int, int, bool]:
+    """(recognised, breakage, closed): where the net money of ``g`` (a grant with booked money) stands for
+    its credit as it is (or as given: the state after a refund being decided). See the module docstring."""
+    money = g["money"]
+    amount, net = g["amount"], money["net"]
+    refunded = g["refunded"] if refunded is None else refunded
+    refunded_net = money["refunded_net"] if refunded_net is None else refunded_net
+    remaining = g["remaining"] if remaining is None else remaining
+    reversed_ = g["breakage_reversed"] if breakage_reversed is None else breakage_reversed
+    room = amount - refunded
+    lapsed = g["breakage"] - reversed_ + money["adjusted"]
+    # Clamped: a give-back onto a grant already refunded from revenue can leave more credit than not refunded.
+    consumed = min(max(amount - remaining - lapsed - refunded, 0), room)
+    lapsed = min(max(lapsed, 0), room - consumed)
+    recognised = net * consumed // amount
+    breakage = net * (consumed + lapsed) // amount - recognised
+    closed = consumed + lapsed == room
+    if closed:  # nothing left to defer: the rounding rest (0 or 1 sub-unit) goes with the last use
+        rest = net - refunded_net - recognised - breakage
+        if lapsed:
+            breakage += rest
+        else:
+            recognised += rest
+    return recognised, breakage, closed
 
 
 def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remaining: bool = True) -> bool:

@@ -21,7 +21,9 @@ Chart of accounts (the platform's books, one tenant at a time)
     Consideration billed in advance that is *not yet in a wallet*: subscription fees invoiced for a
     period (booked by the subscription/invoice side). A plan's recurring credit grant reclassifies its
     share into the wallet (Dr ``DEFERRED_REVENUE`` / Cr ``TENANT_WALLET``); voiding it on a plan change
-    moves the remainder back.
+    moves the remainder back. Also, in the currency, the net money paid for a credit package granted in a
+    credit unit (``PurchaseMoneyBooked``): its wallet is in the credit unit, so the money's liability is
+    here, recognised in periodic runs as the credit is consumed or lapses (``PurchaseMoneyRecognised``).
 ``RECOGNISED_REVENUE`` (revenue)
     Earned when credit is consumed (IFRS 15: the performance obligation is satisfied on use), and for
     metered overage. Reversed by give-backs and by finance-override refunds of spent credit.
@@ -62,6 +64,13 @@ refund of a purchase       Dr TENANT_WALLET unspent / Dr TAX_PAYABLE tax / Cr GA
                            from BREAKAGE (if it lapsed) and then from RECOGNISED_REVENUE (if spent)
 adjustment (+ / -)         Dr MANUAL_ADJUSTMENT / Cr TENANT_WALLET  (and the reverse)
 receivable settled         Dr GATEWAY_CLEARING / Cr RECEIVABLES
+package money booked       Dr GATEWAY_CLEARING total / Cr DEFERRED_REVENUE net / Cr TAX_PAYABLE tax
+                           (in the currency, for a purchase granted in a credit unit)
+package money recognised   Dr DEFERRED_REVENUE / Cr RECOGNISED_REVENUE (credit consumed) / Cr BREAKAGE
+                           (credit lapsed), in the currency, per grant, by a periodic run (negative
+                           amounts reverse it after give-backs); never on the usage path
+package money refunded     Dr DEFERRED_REVENUE (Dr RECOGNISED_REVENUE / Dr BREAKAGE as far as already
+                           recognised for the credit refunded) / Dr TAX_PAYABLE / Cr GATEWAY_CLEARING
 =========================  ====================================================================
 
 Postings are plain dicts (JSON-transcodable by eventsourcing), never custom classes, because they are

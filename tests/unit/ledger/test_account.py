@@ -909,6 +909,7 @@ def _every_event_type() -> BillingAccount:
     debit(account, 30 * U, when=at(15))
     account.settle_receivable(settlement_id=uuid4(), unit=USD, amount=U, at=at(16), cause={})
     account.expire_grants(at(days=1))
+    account.recognise_purchase_money(at(days=1))
     account.set_low_balance_threshold(CREDIT, 10 * U)
     account.clear_auto_top_up(USD)
     assert promo

@@ -97,6 +97,48 @@ def test_sweeper_expires_grants_and_holds_once(app: LedgerApplication) -> None:
     assert Sweeper(app).sweep(NOW + timedelta(days=3)) == 0
 
 
+def test_sweeper_recognises_credit_package_money_when_due_and_once(app: LedgerApplication) -> None:
+    """A CREDIT package's money (deferred revenue, USD) is recognised by ``money.recognise`` from the sweeper:
+    at once the first time, then at most hourly, and with the grant's expiry, each time once."""
+    open_account(app, "acme", {"key": "pkg", "amount": "1000", "unit": "CREDIT", "effective_at": NOW.isoformat(),
+                               "expires_at": (NOW + timedelta(days=2)).isoformat()})
+    grant = ids.grant_id("acme", "pkg")
+    acme = account(app)
+    acme.book_purchase_money(grant_id=grant, currency="USD", net=80 * U, tax_amount=16 * U, at=NOW, cause={})
+    app.save(acme)
+    app.cache.put(acme)
+
+    def use(amount: int, when: datetime, key: str) -> None:
+        [used] = apply(app, command("usage.debit", "acme", {"unit": "CREDIT", "amount_subunits": amount * U,
+                                                            "meter": "m", "at": when.isoformat()}, key=key))
+        assert used.outcome == "applied"
+
+    def recognitions() -> list[object]:
+        return [e for e in app.events.get(ids.account_id("acme")) if type(e).__name__ == "PurchaseMoneyRecognised"]
+
+    sweeper = Sweeper(app)
+    assert sweeper.sweep(NOW) == 0  # nothing used: nothing to recognise
+    use(250, NOW, "u1")
+    assert sweeper.sweep(NOW + timedelta(seconds=5)) == 1
+    assert sweeper.sweep(NOW + timedelta(seconds=10)) == 0  # recognised once
+    assert [e.recognised for e in recognitions()] == [20 * U]  # type: ignore[attr-defined]
+    use(250, NOW + timedelta(minutes=10), "u2")
+    assert sweeper.sweep(NOW + timedelta(minutes=30)) == 0  # within the hour
+    assert sweeper.sweep(NOW + timedelta(hours=1, seconds=5)) == 1
+    assert sweeper.sweep(NOW + timedelta(hours=1, seconds=10)) == 0
+    assert sweeper.sweep(NOW + timedelta(days=2)) == 2  # the grant expires and its money closes with it
+    assert sweeper.sweep(NOW + timedelta(days=2, seconds=5)) == 0
+    assert Sweeper(app).sweep(NOW + timedelta(days=3)) == 0
+    assert [(e.recognised, e.breakage) for e in recognitions()] == [  # type: ignore[attr-defined]
+        (20 * U, 0), (20 * U, 0), (0, 40 * U)]
+    assert account(app).purchase_revenue(grant) == {
+        "unit": "USD", "net": 80 * U, "deferred": 0, "recognised": 40 * U, "breakage": 40 * U, "refunded_net": 0,
+        "recognised_at": NOW + timedelta(days=2)}
+    # The command itself, sent again by anyone: nothing left to do, no event.
+    [again] = apply(app, command("money.recognise", "acme", {"now": (NOW + timedelta(days=3)).isoformat()}))
+    assert again.outcome == "applied" and again.value == {"events": 0}
+
+
 def test_payment_before_its_account_waits_then_is_granted(app: LedgerApplication) -> None:
     service = LedgerService(app)
     early = PaymentNotification(gateway="stripe", gateway_event_id="evt_early", kind="payment_succeeded",

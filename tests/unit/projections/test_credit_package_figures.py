@@ -1,4 +1,5 @@
-"""Finance figures of credit packages granted in a credit unit: the money and VAT are counted in the currency.
+"""Finance figures of credit packages granted in a credit unit: the money and VAT are counted in the currency,
+and so is the revenue recognised as their credit is used (``money.recognise``).
 
 A package of 10,000 + 1,000 CREDIT sold for USD 95.00 + 19 % VAT is bought twice through the ledger's own
 checkout commands; one order is refunded in full (refund request), a quarter of the other's credit is refunded
@@ -94,4 +95,45 @@ async def test_credit_package_figures_do_not_depend_on_batching_or_replays(tmp_p
     credit_packages(ledger)
     records = ledger.records()
     dumps = await dumps_by_batching(records, tmp_path, seed=7, size_max=5, replay_all=True)
+    assert dumps[0] == dumps[1] == dumps[2]
+
+
+def used_package(ledger: Ledger) -> None:
+    """One package bought in October; a quarter of its credit used in November and its money recognised, then
+    finance refunds the rest of the credit."""
+    ledger.command("catalog.publish", None, document=CATALOG, digest="packages-1")
+    ledger.command("account.open", "acme", currency="USD")
+    ledger.command("tax_profile.set", "acme", country="DE", business_name="Acme GmbH")
+    order = buy(ledger, "o1")
+    ledger.command("usage.debit", "acme", at=NOVEMBER, unit="CREDIT", amount_subunits=2750 * U, meter="tokens")
+    later = NOVEMBER + timedelta(hours=1)
+    assert ledger.command("money.recognise", "acme", at=later, now=later.isoformat()).value == {"events": 1}
+    assert ledger.command("money.recognise", "acme", at=later, now=later.isoformat()).value == {"events": 0}
+    ledger.command("grant.refund", "acme", at=later, grant_id=str(ids.grant_id("acme", f"order/{order}/purchase")),
+                   refund_id=str(uuid4()), amount="8250", reason="goodwill")
+
+
+async def test_finance_figures_count_the_revenue_recognised_for_credit_packages_in_the_currency(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    used_package(ledger)
+    await apply(service, ledger.records())
+    rows = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
+                                                                     since=None, until=None)}
+    november = rows[("2026-11", "USD")]
+    # A quarter of 11,000 CREDIT used: a quarter of USD 95.00 earned, in USD; the credit itself in CREDIT.
+    assert (november["consumed"], november["breakage"]) == (2375 * CENT, 0)
+    assert rows[("2026-11", "CREDIT")]["consumed"] == 2750 * U
+    assert november["refunds"] == 7125 * CENT + 1805 * CENT * 3 // 4  # three quarters of the net and the VAT
+    chart = {(r["ledger_account"], r["unit"]): int(r["amount"]) for r in await balances.ledger_balances(service.db,
+                                                                                                     "acme")}
+    assert chart[("recognised_revenue", "USD")] == -2375 * CENT
+    assert chart.get(("deferred_revenue", "USD"), 0) == 0  # used or refunded: nothing of it deferred
+    assert chart[("tax_payable", "USD")] == -(1805 * CENT - 1805 * CENT * 3 // 4)
+
+
+async def test_recognised_package_figures_do_not_depend_on_batching_or_replays(tmp_path: Path) -> None:
+    ledger = Ledger()
+    used_package(ledger)
+    dumps = await dumps_by_batching(ledger.records(), tmp_path, seed=11, size_max=4, replay_all=True)
     assert dumps[0] == dumps[1] == dumps[2]

@@ -1,0 +1,25 @@
+"""Revenue recognition of one account: ``money.recognise``.
+
+Recognises the currency money of credit packages granted in a credit unit as far as their credit was
+consumed or lapsed (``BillingAccount.recognise_purchase_money``): one ``PurchaseMoneyRecognised`` for the
+grants whose use changed since their last run, none if nothing did. Idempotent by construction: a second run
+(another ledger process, a redelivery, an overlapping sweep) finds the books already there and records no
+movement. The sweeper (:mod:`billing_ledger.sweeper`) sends it when ``purchase_money_due``; anyone may.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billing_events.messages import LedgerCommand
+from billing_ledger import payload
+from billing_ledger.account_commands import account_of
+from billing_ledger.application import LedgerApplication, _Batch, handles
+
+
+@handles("money.recognise")
+def recognise_purchase_money(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    account = account_of(batch, command.tenant)
+    before = len(account.pending_events)
+    account.recognise_purchase_money(payload.timestamp(command, "now", default=command.issued_at))
+    return {"events": len(account.pending_events) - before}
