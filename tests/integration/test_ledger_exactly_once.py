@@ -554,3 +554,29 @@ def test_another_process_loads_a_busy_account_from_its_latest_snapshot(
     assert state_of(reader, loaded[account_id]) == state_of(reader, full)
     assert loaded[account_id].available("USD") == 1000 * U - 31 * U - 30 * U
     assert verify_store(reader, "busy").ok
+
+
+def test_a_mass_expiry_locks_few_accounts_at_a_time(two_stores: tuple[LedgerApplication, LedgerApplication],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds of several accounts expiring together are swept in transactions of at most
+    SWEEP_DECISIONS_PER_TRANSACTION_MAX expiries (each decided under its accounts' locks), all released once."""
+    from billing_ledger import sweeper as sweeper_module
+
+    monkeypatch.setattr(sweeper_module, "SWEEP_DECISIONS_PER_TRANSACTION_MAX", 12)
+    app, _ = two_stores
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    for t in range(4):
+        app.apply_commands(funded(f"mass{t}", "100"))
+        app.apply_commands([hold(f"mass{t}", "1", f"m{t}-{k}", expires_at=soon.isoformat()) for k in range(5)])
+    decided: list[int] = []
+    apply_commands = app.apply_commands
+
+    def counted(commands, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decided.append(len(commands))
+        return apply_commands(commands, *args, **kwargs)
+
+    monkeypatch.setattr(app, "apply_commands", counted)
+    assert Sweeper(app).sweep(soon + timedelta(seconds=1)) == 4
+    assert decided == [2, 2]  # 5 expiries per account: two accounts (10) per transaction
+    for t in range(4):
+        assert account(app, f"mass{t}").held("USD") == 0 and account(app, f"mass{t}").available("USD") == 100 * U

@@ -247,9 +247,9 @@ class BillingAccount(ChainedAggregate):
         return any(g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
                    for g in self._grants.values())
 
-    def holds_expiring_by(self, now: datetime) -> bool:
-        """Whether an active hold has ``expires_at <= now`` (what ``expire_holds(now)`` would release)."""
-        return any(h["expires_at"] <= now for h in self._holds.values())
+    def holds_expiring_by(self, now: datetime) -> int:
+        """How many active holds have ``expires_at <= now`` (what ``expire_holds(now)`` would release)."""
+        return sum(1 for h in self._holds.values() if h["expires_at"] <= now)
 
     def hold(self, hold_id: UUID) -> dict[str, Any]:
         """An active hold, or a settled one still remembered (status captured/released/expired/rejected)."""

@@ -10,6 +10,7 @@ import pytest
 from billing_events import ids, topics
 from billing_events.messages import PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT
+from billing_ledger import sweeper as sweeper_module
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.payment_commands import PAYMENT_ACCOUNT_WAIT_SECONDS, AccountNotYetOpen, payment_grant_id
@@ -158,3 +159,21 @@ def test_payment_for_an_account_that_never_appears_is_rejected_after_the_wait(ap
                                 verified_at=datetime.now(UTC) - timedelta(seconds=PAYMENT_ACCOUNT_WAIT_SECONDS + 1))
     asyncio.run(LedgerService(app).handle_records(records(0, stale)))
     assert app.next_offset(topics.PAYMENTS, 0) == 1
+
+
+def test_a_mass_expiry_is_decided_in_small_transactions_in_order(app: LedgerApplication,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under locks (PostgreSQL) a sweep's transaction holds its accounts: it takes at most
+    SWEEP_DECISIONS_PER_TRANSACTION_MAX expiries (one account's, however many) and 20 commands."""
+    monkeypatch.setattr(sweeper_module, "SWEEP_DECISIONS_PER_TRANSACTION_MAX", 10)
+    sweeper = Sweeper(app)
+    commands = [command("hold.expire", f"t{i}", {"now": NOW.isoformat()}, key=f"x{i}") for i in range(8)]
+    weights = [4, 4, 3, 12, 1, 1, 1, 1]  # holds expiring on each account
+    sweeper.weights = {c.command_id: w for c, w in zip(commands, weights, strict=True)}
+    chunks = sweeper._chunks(commands)
+    assert [[commands.index(c) for c in chunk] for chunk in chunks] == [[0, 1], [2], [3], [4, 5, 6, 7]]
+    assert sweeper.weights == {}
+    many = [command("grant.expire", f"g{i}", {"now": NOW.isoformat()}, key=f"g{i}") for i in range(45)]
+    assert [len(c) for c in sweeper._chunks(many)] == [10, 10, 10, 10, 5]  # unweighted: one event each
+    monkeypatch.setattr(sweeper_module, "SWEEP_DECISIONS_PER_TRANSACTION_MAX", 100)
+    assert [len(c) for c in sweeper._chunks(many)] == [20, 20, 5]  # and at most 20 commands
