@@ -509,6 +509,8 @@ class LedgerApplication(Application[UUID]):
     def close(self) -> None:
         if self._commit_executor is not None:
             self._commit_executor.shutdown(wait=True)
+        if self.snapshotter is not None:
+            self.snapshotter.close()
         super().close()
 
     def _prepare(self, commands: Sequence[LedgerCommand], tracking: Tracking | None, record_rejections: bool,

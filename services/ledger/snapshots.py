@@ -13,8 +13,14 @@ only the events recorded after it (``LedgerApplication.load_many``, one query fo
   snapshot against that replay.
 * **When.** A snapshot is taken when an aggregate goes back to the cache after a committed transaction
   (``_Batch.return_to_cache``: it is exactly at its committed version, and no other thread holds it), once
-  ``SNAPSHOT_EVENTS_INTERVAL`` events were recorded since its last one; the snapshots a transaction makes due
-  are written together, one round trip.
+  ``SNAPSHOT_EVENTS_INTERVAL`` events were recorded since its last one (more for a big state: encoding one
+  costs about as much as replaying one event per ``SNAPSHOT_STATE_BYTES_PER_EVENT`` bytes of it, so an
+  account with 10,000 active holds, ~3 MB, is snapshotted every ~3,000 events). It is encoded there (~0.5 ms for an
+  account with 40 active holds) and written by a thread of its own (``ledger-snapshots``), the snapshots
+  waiting at that moment in one statement: written by the thread that took it, a snapshot made a hold wait
+  for its write (5-10 ms with eventsourcing's insert), at 200 holds/s about one hold in 200, right at the
+  p99. On PostgreSQL the rows go as binary arrays (``ON CONFLICT DO NOTHING``: another process may have
+  written the same version). A full queue (``SNAPSHOT_QUEUE_MAX``) drops snapshots: they are a cache.
 * **Format.** A snapshot is the aggregate's attributes (``Snapshot.take``), tagged with the format of its
   class in ``FORMATS``. A snapshot of another format is ignored (the aggregate is replayed from its events,
   and snapshotted again later in the current format): **bump an aggregate's format whenever the attributes
@@ -24,13 +30,20 @@ only the events recorded after it (``LedgerApplication.load_many``, one query fo
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
-from billing_ledger.limits import SNAPSHOT_EVENTS_INTERVAL, SNAPSHOT_VERSIONS_KEPT_MAX
+from billing_ledger.limits import (
+    SNAPSHOT_EVENTS_INTERVAL,
+    SNAPSHOT_QUEUE_MAX,
+    SNAPSHOT_STATE_BYTES_PER_EVENT,
+    SNAPSHOT_VERSIONS_KEPT_MAX,
+)
 from billing_runtime.logging import get_logger
 from eventsourcing.domain import Aggregate, Snapshot
 from eventsourcing.persistence import (
@@ -54,6 +67,7 @@ log = get_logger(__name__)
 # adjusted, recognised_at).
 FORMATS: dict[type[Aggregate], int] = {BillingAccount: 2, ResourcePool: 1}
 FORMAT_KEY = "_snapshot_format"
+SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}
 
 
@@ -65,6 +79,7 @@ class Snapshots:
         self.interval_events = interval_events
         # The version of each aggregate's latest snapshot, as far as this process knows (0: none).
         self._versions: dict[UUID, int] = {}
+        self._sizes: dict[UUID, int] = {}  # bytes of each aggregate's latest snapshot taken here
         recorder = store.recorder
         self._latest_statement = SQL(
             "SELECT s.originator_id, s.originator_version, s.topic, s.state "
@@ -73,6 +88,14 @@ class Snapshots:
             "WHERE x.originator_id = k.id ORDER BY x.originator_version DESC LIMIT 1) s"
         ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name)) \
             if isinstance(recorder, PostgresAggregateRecorder) else None
+        self._insert_statement = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[]) ON CONFLICT DO NOTHING"
+        ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name)) \
+            if isinstance(recorder, PostgresAggregateRecorder) else None
+        self._queue: queue.Queue[list[StoredEvent] | None] = queue.Queue(maxsize=SNAPSHOT_QUEUE_MAX)
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------------------------------
 
@@ -118,9 +141,12 @@ class Snapshots:
     # -- taking ----------------------------------------------------------------------------------------------
 
     def due(self, aggregate: Any) -> bool:
-        """Whether ``aggregate`` (committed, owned by the caller) should be snapshotted now."""
-        return (type(aggregate) in FORMATS
-                and aggregate.version - self._versions.get(aggregate.id, 0) >= self.interval_events)
+        """Whether ``aggregate`` (committed, owned by the caller) should be snapshotted now: every
+        ``interval_events``, or more apart for a big state (see ``SNAPSHOT_STATE_BYTES_PER_EVENT``)."""
+        if type(aggregate) not in FORMATS:
+            return False
+        interval = max(self.interval_events, self._sizes.get(aggregate.id, 0) // SNAPSHOT_STATE_BYTES_PER_EVENT)
+        return aggregate.version - self._versions.get(aggregate.id, 0) >= interval
 
     def encode(self, aggregate: Aggregate) -> StoredEvent:
         """The snapshot of ``aggregate`` as stored (encoded at once: its attributes are the live aggregate's)."""
@@ -129,19 +155,12 @@ class Snapshots:
         return self._app.mapper.to_stored_event(snapshot)
 
     def write(self, stored: list[StoredEvent]) -> None:
-        """Records ``stored`` snapshots in one transaction. A failure is logged, not raised: the events they sum
-        up are committed, and a missing snapshot only means a longer replay."""
+        """Records ``stored`` snapshots in one transaction, now. A failure is logged, not raised: the events they
+        sum up are committed, and a missing snapshot only means a longer replay."""
         if not stored:
             return
         try:
-            self._store.recorder.insert_events(stored)
-        except IntegrityError:
-            # Another process snapshotted one of them at the same version: the same state. One at a time.
-            for one in stored:
-                try:
-                    self._store.recorder.insert_events([one])
-                except IntegrityError:
-                    continue
+            self._insert(stored)
         except Exception as exc:  # noqa: BLE001 - see above
             log.warning("snapshots_not_written", snapshots=len(stored), error=repr(exc))
             return
@@ -149,13 +168,83 @@ class Snapshots:
             self._versions[one.originator_id] = max(self._versions.get(one.originator_id, 0), one.originator_version)
         self._bound()
 
+    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
+    def _insert(self, stored: list[StoredEvent]) -> None:
+        recorder = self._store.recorder
+        if self._insert_statement is not None:  # one statement, its own transaction (autocommit connection)
+            with recorder.datastore.get_connection() as conn, conn.cursor() as curs:  # type: ignore[attr-defined]
+                curs.execute(self._insert_statement, (
+                    [e.originator_id for e in stored], [e.originator_version for e in stored],
+                    [e.topic for e in stored], [e.state for e in stored]), prepare=True)
+            return
+        try:
+            recorder.insert_events(stored)
+        except IntegrityError:
+            # Another process snapshotted one of them at the same version: the same state. One at a time.
+            for one in stored:
+                try:
+                    recorder.insert_events([one])
+                except IntegrityError:
+                    continue
+
     def take_due(self, aggregates: Iterable[Any]) -> None:
-        self.write([self.encode(a) for a in aggregates if self.due(a)])
+        """Encodes the due snapshots of ``aggregates`` (owned by the caller) and hands them to the writer."""
+        stored = [self.encode(a) for a in aggregates if self.due(a)]
+        if not stored:
+            return
+        for one in stored:  # counted as taken now, so the next commits do not take them again meanwhile
+            self._versions[one.originator_id] = one.originator_version
+            self._sizes[one.originator_id] = len(one.state)
+        self._ensure_writer()
+        try:
+            self._queue.put_nowait(stored)
+        except queue.Full:
+            log.warning("snapshots_dropped_queue_full", snapshots=len(stored))
+
+    def flush(self) -> None:
+        """Waits until every snapshot handed over so far is written (or failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Writes what is waiting, then stops the writer."""
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None and writer.is_alive():
+            self._queue.put(None)
+            writer.join(timeout=30)
+
+    def _ensure_writer(self) -> None:
+        with self._writer_lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_queued, name="ledger-snapshots", daemon=True)
+                self._writer.start()
+
+    def _write_queued(self) -> None:
+        while True:
+            stored = self._queue.get()
+            try:
+                if stored is None:
+                    return
+                while len(stored) < SNAPSHOT_WRITE_BATCH_MAX:  # what else is waiting: one statement
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._queue.put(None)  # stop after this write
+                        self._queue.task_done()
+                        break
+                    stored = stored + more
+                    self._queue.task_done()
+                self.write(stored)
+            finally:
+                self._queue.task_done()
 
     def _bound(self) -> None:
         if len(self._versions) > SNAPSHOT_VERSIONS_KEPT_MAX:
             # Forgotten ones count as never snapshotted: at worst one snapshot each earlier than needed.
             self._versions.clear()
+            self._sizes.clear()
 
     # -- audit -----------------------------------------------------------------------------------------------
 

@@ -538,6 +538,7 @@ def test_another_process_loads_a_busy_account_from_its_latest_snapshot(
         writer.apply_commands([usage("busy", f"u{n}"), hold("busy", "1", f"h{n}")], Tracking("kafka:s:0", n))
     account_id = ids.account_id("busy")
     assert writer.snapshots is not None
+    writer.snapshotter.flush()  # written by a thread of its own
     taken = [s.originator_version for s in writer.snapshots.recorder.select_events(account_id)]
     assert len(taken) >= 4 and taken[-1] >= 50
     writer.snapshotter.interval_events = 10_000  # the next events are not snapshotted

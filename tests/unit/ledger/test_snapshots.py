@@ -82,7 +82,8 @@ def replayed(app: LedgerApplication, aggregate_id: UUID) -> Any:
 
 
 def stored_snapshots(app: LedgerApplication, aggregate_id: UUID) -> list[int]:
-    assert app.snapshots is not None
+    assert app.snapshots is not None and app.snapshotter is not None
+    app.snapshotter.flush()  # written by a thread of its own
     return [s.originator_version for s in app.snapshots.recorder.select_events(aggregate_id)]
 
 
@@ -143,8 +144,8 @@ def test_the_audit_finds_a_snapshot_that_is_not_what_the_events_build(store: Pat
     app = ledger(store)
     try:
         busy_account(app)
-        assert verify_store(app, "acme").ok
         account_id = ids.account_id("acme")
+        assert stored_snapshots(app, account_id) and verify_store(app, "acme").ok
         forged = app.read(account_id, lambda a: a)
         assert forged is not None and app.snapshotter is not None
         version = stored_snapshots(app, account_id)[-1] + 1
@@ -194,3 +195,62 @@ POOL_ATTRIBUTES_FORMAT_1 = [
     "_created_on", "_id", "_modified_on", "_pending_events", "_requests", "_version", "capacity", "capacity_source",
     "chain_head", "in_use", "resource", "tenant",
 ]
+
+
+def test_snapshots_are_written_off_the_deciding_thread(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decision does not wait for its snapshot's write (which took 5-10 ms on PostgreSQL, on the hold path):
+    the writer thread does it; ``flush`` waits for it and ``close`` writes what is waiting."""
+    import threading
+
+    app = ledger(store)
+    assert app.snapshotter is not None
+    writing = threading.Event()
+    release = threading.Event()
+    insert = app.snapshotter._insert
+
+    def slow_insert(stored: list[Any]) -> None:
+        writing.set()
+        assert threading.current_thread().name == "ledger-snapshots"
+        release.wait(10)
+        insert(stored)
+
+    monkeypatch.setattr(app.snapshotter, "_insert", slow_insert)
+    try:
+        busy_account(app)  # decided and committed while the writer is held up
+        assert writing.wait(10) and not stored_snapshots_now(app, ids.account_id("acme"))
+        release.set()
+        assert stored_snapshots(app, ids.account_id("acme"))
+    finally:
+        release.set()
+        app.close()
+
+
+def stored_snapshots_now(app: LedgerApplication, aggregate_id: UUID) -> list[int]:
+    assert app.snapshots is not None
+    return [s.originator_version for s in app.snapshots.recorder.select_events(aggregate_id)]
+
+
+def test_a_big_state_is_snapshotted_less_often(store: Path) -> None:
+    """Encoding a snapshot costs about as much per SNAPSHOT_STATE_BYTES_PER_EVENT bytes as replaying one event:
+    an account whose state is big (many active holds) is snapshotted that much further apart."""
+    app = ledger(store)
+    assert app.snapshotter is not None
+    try:
+        open_account(app, "acme", {"key": "g", "amount": "1000.00"})
+        account_id = ids.account_id("acme")
+        apply(app, *[command("hold.place", "acme", {"hold_id": str(ids.grant_id("acme", f"h{n}")), "amount": "0.01",
+                                                   "at": NOW.isoformat(),
+                                                   "expires_at": (NOW + timedelta(days=9)).isoformat()}, key=f"h{n}")
+                     for n in range(60)])
+        first = stored_snapshots(app, account_id)
+        assert first  # 60 holds: due after INTERVAL events
+        size = len(app.snapshots.recorder.select_events(account_id, desc=True, limit=1)[0].state)  # type: ignore[union-attr]
+        spacing = size // snapshots.SNAPSHOT_STATE_BYTES_PER_EVENT
+        assert spacing > INTERVAL  # a few kB of holds
+        for n in range(spacing + INTERVAL):
+            apply(app, command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 1, "meter": "m",
+                                                       "at": NOW.isoformat()}, key=f"d{n}"))
+        taken = stored_snapshots(app, account_id)
+        assert taken[len(first)] - taken[len(first) - 1] >= spacing
+    finally:
+        app.close()
