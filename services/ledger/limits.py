@@ -13,9 +13,11 @@ AGGREGATE_CACHE_AGGREGATES_MAX = 20_000
 # (302 events each) afresh 1.6-2.2 s without, 0.6-0.7 s every 200 events.
 SNAPSHOT_EVENTS_INTERVAL = 200
 # A snapshot is encoded on the thread that committed (snapshots.py): ~0.034 us per byte of state, while
-# replaying an event costs ~30 us. So an aggregate whose last snapshot was S bytes is snapshotted at most every
-# S / SNAPSHOT_STATE_BYTES_PER_EVENT events: a snapshot never costs more than replaying the events it saves.
-SNAPSHOT_STATE_BYTES_PER_EVENT = 1_000
+# replaying an event costs ~30 us. An aggregate whose last snapshot was S bytes is snapshotted at most every
+# S / SNAPSHOT_STATE_BYTES_PER_EVENT events, so encoding costs at most ~11 % of replaying the events since the
+# last one, and a big state does not stall its writers often: in the end-to-end bench the probes' account
+# (~3,000 active holds, ~1 MB) took ~35 ms to encode; every 200 events that was a hold in ~200 waiting for it.
+SNAPSHOT_STATE_BYTES_PER_EVENT = 100
 # Snapshots waiting for the writer thread at most (each a list of one transaction's); more are dropped.
 SNAPSHOT_QUEUE_MAX = 10_000
 # Latest snapshot versions remembered (one per aggregate seen); forgetting them only makes snapshots earlier.

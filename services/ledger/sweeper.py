@@ -104,12 +104,20 @@ class Sweeper:
                 if aggregate is not None:
                     self.app.cache.put(aggregate)
         commands = []
+        at = now.isoformat()
         for tenant, due in found:
             for kind, weight in due:
-                command = LedgerCommand(command_id=ids.command_id(kind, tenant, now.isoformat()), kind=kind,
-                                        tenant=tenant, issued_at=now, issued_by=SWEEPER, payload={"now": now.isoformat()})
-                self.weights[command.command_id] = weight
-                commands.append(command)
+                if kind == "hold.expire" and weight > SWEEP_DECISIONS_PER_TRANSACTION_MAX:
+                    # One account's mass expiry in parts, each its own transaction: the earliest holds first.
+                    limit = SWEEP_DECISIONS_PER_TRANSACTION_MAX
+                    parts = [(f"{at}/{n}", {"now": at, "limit": limit}, limit) for n in range(-(-weight // limit))]
+                else:
+                    parts = [(at, {"now": at}, weight)]
+                for key, body, part_weight in parts:
+                    command = LedgerCommand(command_id=ids.command_id(kind, tenant, key), kind=kind, tenant=tenant,
+                                            issued_at=now, issued_by=SWEEPER, payload=body)
+                    self.weights[command.command_id] = part_weight
+                    commands.append(command)
         return commands
 
     def sweep(self, now: datetime) -> int:
@@ -153,8 +161,8 @@ class Sweeper:
 
     def _chunks(self, commands: list[LedgerCommand]) -> list[list[LedgerCommand]]:
         """``commands`` in order, in transactions of at most ``CONTENDED_CHUNK_COMMANDS_MAX`` commands and
-        ``SWEEP_DECISIONS_PER_TRANSACTION_MAX`` events (a command's weight: the holds it expires), at least one
-        command each. The accounts of a transaction are locked while it decides, and a mass expiry (40 holds
+        ``SWEEP_DECISIONS_PER_TRANSACTION_MAX`` events (a command's weight: the holds it expires; an account with
+        more due is sent in parts, see ``due_commands``), at least one command each. The accounts of a transaction are locked while it decides, and a mass expiry (40 holds
         on each of 200 accounts expiring together) made every transaction of 20 accounts 800 expiries long:
         61-70 ms during which a hold on any of them waited."""
         chunks: list[list[LedgerCommand]] = []

@@ -931,12 +931,15 @@ class BillingAccount(ChainedAggregate):
         self._settle_hold(str(hold_id), "released")
         self._update_arming(unit)
 
-    def expire_holds(self, now: datetime) -> None:
-        """Releases every active hold whose ``expires_at <= now`` (a ``HoldExpired`` each)."""
+    def expire_holds(self, now: datetime, limit: int | None = None) -> None:
+        """Releases every active hold whose ``expires_at <= now`` (a ``HoldExpired`` each), or the ``limit``
+        that expired first (ties by hold id)."""
         _require_time("now", now)
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise InvalidArgument(f"limit must be a positive integer, not {limit!r}")
         due = [h for h in self._holds.values() if h["expires_at"] <= now]
         due.sort(key=lambda h: (h["expires_at"], h["hold_id"]))
-        for h in due:
+        for h in due[:limit]:
             self._hold_expired(
                 hold_id=UUID(h["hold_id"]),
                 unit=h["unit"],

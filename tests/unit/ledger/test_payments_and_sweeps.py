@@ -177,3 +177,26 @@ def test_a_mass_expiry_is_decided_in_small_transactions_in_order(app: LedgerAppl
     assert [len(c) for c in sweeper._chunks(many)] == [10, 10, 10, 10, 5]  # unweighted: one event each
     monkeypatch.setattr(sweeper_module, "SWEEP_DECISIONS_PER_TRANSACTION_MAX", 100)
     assert [len(c) for c in sweeper._chunks(many)] == [20, 20, 5]  # and at most 20 commands
+
+
+def test_one_accounts_mass_expiry_is_swept_in_parts_earliest_first(app: LedgerApplication,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An account with more holds due than SWEEP_DECISIONS_PER_TRANSACTION_MAX gets them expired by several
+    commands (each its own transaction under the account's lock on PostgreSQL), the earliest first, once."""
+    monkeypatch.setattr(sweeper_module, "SWEEP_DECISIONS_PER_TRANSACTION_MAX", 4)
+    open_account(app, "acme", {"key": "g", "amount": "100.00"})
+    for n in range(10):
+        apply(app, command("hold.place", "acme", {"hold_id": str(ids.grant_id("acme", f"h{n}")), "amount": "1",
+                                                  "at": NOW.isoformat(),
+                                                  "expires_at": (NOW + timedelta(minutes=10 - n)).isoformat()},
+                           key=f"h{n}"))
+    sweeper = Sweeper(app)
+    sweeper.discover()
+    due = sweeper.due_commands(sorted(sweeper.accounts), NOW + timedelta(hours=1))
+    assert [(c.kind, c.payload.get("limit")) for c in due] == [("hold.expire", 4)] * 3
+    assert [len(chunk) for chunk in sweeper._chunks(due)] == [1, 1, 1]
+    assert sweeper.sweep(NOW + timedelta(hours=1)) == 3
+    expired = [e for e in app.events.get(ids.account_id("acme")) if type(e).__name__ == "HoldExpired"]
+    assert [str(e.hold_id) for e in expired] == [str(ids.grant_id("acme", f"h{n}")) for n in range(9, -1, -1)]  # type: ignore[attr-defined]
+    assert account(app).held("USD") == 0 and account(app).available("USD") == 100 * U
+    assert Sweeper(app).sweep(NOW + timedelta(hours=2)) == 0
