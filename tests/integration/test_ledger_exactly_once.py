@@ -526,13 +526,16 @@ def test_a_sweep_expires_due_holds_while_another_process_keeps_holding_on_the_sa
 
 
 def test_another_process_loads_a_busy_account_from_its_latest_snapshot(
-        two_stores: tuple[LedgerApplication, LedgerApplication]) -> None:
+        two_stores: tuple[LedgerApplication, LedgerApplication], monkeypatch: pytest.MonkeyPatch) -> None:
     """Snapshots on PostgreSQL (snapshots.py: one LATERAL query for the latest snapshots of many aggregates):
     the other process reads only the events after the latest snapshot, including those it did not see, and
     has the account exactly as its whole stream replays; the audit agrees."""
+    from billing_ledger import snapshots
+
     writer, reader = two_stores
     assert writer.snapshotter is not None and reader.snapshotter is not None
     writer.snapshotter.interval_events = 10
+    monkeypatch.setattr(snapshots, "SNAPSHOT_STATE_BYTES_PER_EVENT", 10**9)  # every 10 events, whatever the size
     writer.apply_commands(funded("busy", "1000"))
     for n in range(30):
         writer.apply_commands([usage("busy", f"u{n}"), hold("busy", "1", f"h{n}")], Tracking("kafka:s:0", n))
