@@ -201,7 +201,7 @@ class PostgresDatabase:
     async def connect(self) -> PostgresDatabase:
         conn = await asyncpg.connect(self._url)
         try:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+            await ensure_schema(conn, self._schema)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -245,6 +245,15 @@ class PostgresDatabase:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+
+async def ensure_schema(conn: asyncpg.Connection, schema: str) -> None:
+    """``CREATE SCHEMA IF NOT EXISTS``, safe when several processes start at once: run concurrently, PostgreSQL
+    fails all but one with a duplicate key in ``pg_namespace``. A transaction-scoped advisory lock per schema
+    makes the others wait, then find it there."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('billing schema'), hashtext($1))", schema)
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
 
 
 def is_unique_violation(exc: BaseException, constraint: str) -> bool:

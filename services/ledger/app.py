@@ -32,9 +32,11 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         import asyncpg
 
         # eventsourcing creates its tables but not the schema that holds them.
+        from billing_runtime.db import ensure_schema
+
         conn = await asyncpg.connect(settings.database_url)
         try:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{settings.schema("ledger")}"')
+            await ensure_schema(conn, settings.schema("ledger"))
         finally:
             await conn.close()
     app = await asyncio.to_thread(LedgerApplication, env)

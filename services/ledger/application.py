@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,6 +81,30 @@ def persistence_env(database_url: str | None, data_dir: str, schema: str = "bill
         "CREATE_TABLE": "y",
         "IS_SNAPSHOTTING_ENABLED": "y",
     }
+
+
+@contextlib.contextmanager
+def setting_up(env: Mapping[str, str] | None) -> Iterator[None]:
+    """Serialises the set-up of a PostgreSQL store (its tables, types, functions and the snapshot table, made
+    by eventsourcing and ``pg_recorder`` when ``CREATE_TABLE``) among the processes starting on it at once.
+
+    PostgreSQL's DDL is not safe to run concurrently: ledger processes started together on a new schema
+    failed with ``duplicate key value violates unique constraint "pg_type_typname_nsp_index"`` (two
+    ``CREATE TABLE IF NOT EXISTS`` of one table), and on an existing one ``CREATE OR REPLACE FUNCTION`` can
+    fail with "tuple concurrently updated". A session advisory lock per schema, on a connection of its own,
+    is held while the application sets its store up; the next process then finds everything there."""
+    if not env or env.get("PERSISTENCE_MODULE") != "eventsourcing.postgres" or \
+            env.get("CREATE_TABLE", "y").lower() not in ("y", "yes", "t", "true", "on", "1"):
+        yield
+        return
+    import psycopg
+
+    with psycopg.connect(host=env.get("POSTGRES_HOST"), port=env.get("POSTGRES_PORT"), dbname=env.get("POSTGRES_DBNAME"),
+                         user=env.get("POSTGRES_USER"), password=env.get("POSTGRES_PASSWORD"),
+                         autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('billing ledger set-up'), hashtext(%s))",
+                     (env.get("POSTGRES_SCHEMA", ""),))
+        yield  # the lock ends with the connection
 
 
 @dataclass(frozen=True)
@@ -241,7 +266,8 @@ class LedgerApplication(Application[UUID]):
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         register_handlers()
-        super().__init__(env)
+        with setting_up(env):
+            super().__init__(env)
         self.cache = AggregateCache(AGGREGATE_CACHE_AGGREGATES_MAX)
         self.reader = event_reader(self.recorder)
         self.snapshotter = Snapshots(self, self.snapshots) if self.snapshots is not None else None

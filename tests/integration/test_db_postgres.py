@@ -50,3 +50,16 @@ async def test_a_pool_without_session_reset_reads_committed_rows_and_rolls_back_
     finally:
         await reader.close()
         await writer.close()
+
+
+async def test_processes_starting_together_create_their_schema_once(infra: dict[str, str], schema: str) -> None:
+    """Several services (or consumer processes) connecting at the same moment to a schema that does not exist
+    yet all come up; concurrent ``CREATE SCHEMA IF NOT EXISTS`` failed all but one with a duplicate key."""
+    import asyncio
+
+    databases = await asyncio.gather(*[PostgresDatabase(infra["DATABASE_URL"], schema).connect() for _ in range(6)])
+    try:
+        assert await databases[-1].fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 1
+    finally:
+        for db in databases:
+            await db.close()

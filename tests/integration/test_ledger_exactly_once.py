@@ -584,3 +584,30 @@ def test_a_mass_expiry_locks_few_accounts_at_a_time(two_stores: tuple[LedgerAppl
     assert decided == [2, 2]  # 5 expiries per account: two accounts (10) per transaction
     for t in range(4):
         assert account(app, f"mass{t}").held("USD") == 0 and account(app, f"mass{t}").available("USD") == 100 * U
+
+
+def test_ledger_processes_starting_together_set_their_store_up_once(infra: dict[str, str], tmp_path: Path) -> None:
+    """Three ledger processes starting at the same moment on a new schema (and then again on the existing one)
+    all come up: without the set-up lock, PostgreSQL's concurrent DDL failed them with duplicate pg_type keys
+    (every round of 8 tried) or "tuple concurrently updated"."""
+    schema = f"tl{uuid.uuid4().hex[:10]}_billing_ledger"
+    with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        for _ in range(2):  # a new schema, then an existing one
+            barrier = threading.Barrier(3)
+
+            def start(barrier: threading.Barrier = barrier) -> LedgerApplication:
+                barrier.wait()
+                return LedgerApplication(persistence_env(infra["DATABASE_URL"], str(tmp_path), schema))
+
+            with ThreadPoolExecutor(3) as pool:
+                apps = [f.result() for f in [pool.submit(start) for _ in range(3)]]
+            try:
+                assert apps[0].apply_commands(funded(f"t{uuid.uuid4().hex[:6]}", "1"))[0].outcome == "applied"
+            finally:
+                for app in apps:
+                    app.close()
+    finally:
+        with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
