@@ -49,6 +49,7 @@ from billing_runtime.logging import get_logger
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, ProcessRecorder, StoredEvent, Tracking, Transcoder
+from eventsourcing.utils import strtobool
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -94,7 +95,7 @@ def setting_up(env: Mapping[str, str] | None) -> Iterator[None]:
     fail with "tuple concurrently updated". A session advisory lock per schema, on a connection of its own,
     is held while the application sets its store up; the next process then finds everything there."""
     if not env or env.get("PERSISTENCE_MODULE") != "eventsourcing.postgres" or \
-            env.get("CREATE_TABLE", "y").lower() not in ("y", "yes", "t", "true", "on", "1"):
+            not strtobool(env.get("CREATE_TABLE", "y")):  # as eventsourcing reads it
         yield
         return
     import psycopg

@@ -166,10 +166,7 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
                 aggregate_keys(existing_aggregates(stored_events)),
                 tracking.application_name if tracking is not None else None,
                 tracking.notification_id if tracking is not None else None,
-                [e.originator_id for e in stored_events],
-                [e.originator_version for e in stored_events],
-                [e.topic for e in stored_events],
-                [e.state for e in stored_events],
+                *column_arrays(stored_events),
             ), prepare=True)
         return None
 
@@ -198,12 +195,7 @@ class BinaryArrayProcessRecorder(PostgresProcessRecorder):
 
     def _insert_rows(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent]) -> None:
         # No NOTIFY (see the module docstring).
-        curs.execute(self.insert_arrays_statement, (
-            [e.originator_id for e in stored_events],
-            [e.originator_version for e in stored_events],
-            [e.topic for e in stored_events],
-            [e.state for e in stored_events],
-        ))
+        curs.execute(self.insert_arrays_statement, column_arrays(stored_events))
 
     def _fetch_ids_after_insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
                                        **kwargs: Any) -> Sequence[int] | None:
@@ -275,3 +267,10 @@ def existing_aggregates(stored_events: Sequence[StoredEvent]) -> set[UUID]:
 def aggregate_keys(aggregate_ids: Iterable[UUID]) -> list[int]:
     """The second keys of the advisory locks of ``aggregate_ids``, in the one order every writer takes them."""
     return sorted({int.from_bytes(i.bytes[:4], "big", signed=True) for i in aggregate_ids})
+
+
+def column_arrays(stored_events: Sequence[StoredEvent]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """The four columns of ``stored_events`` as arrays (ids, versions, topics, states), for an insert from
+    ``unnest`` of binary arrays (this recorder's, and the snapshot writer's)."""
+    return ([e.originator_id for e in stored_events], [e.originator_version for e in stored_events],
+            [e.topic for e in stored_events], [e.state for e in stored_events])

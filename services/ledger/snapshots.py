@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from billing_ledger.bulk_reads import PostgresEventReader
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.limits import (
@@ -44,6 +45,7 @@ from billing_ledger.limits import (
     SNAPSHOT_STATE_BYTES_PER_EVENT,
     SNAPSHOT_VERSIONS_KEPT_MAX,
 )
+from billing_ledger.pg_recorder import column_arrays
 from billing_runtime.logging import get_logger
 from eventsourcing.domain import Aggregate, Snapshot
 from eventsourcing.persistence import (
@@ -121,8 +123,7 @@ class Snapshots:
             return [e for i in aggregate_ids for e in recorder.select_events(i, desc=True, limit=1)]
         with recorder.datastore.get_connection() as conn, conn.cursor() as curs:  # type: ignore[attr-defined]
             curs.execute(self._latest_statement, (aggregate_ids,), prepare=True)
-            return [StoredEvent(originator_id=r["originator_id"], originator_version=r["originator_version"],
-                                topic=r["topic"], state=bytes(r["state"])) for r in curs.fetchall()]
+            return [e for events in PostgresEventReader.received(curs).values() for e in events]
 
     def _from_stored(self, stored: StoredEvent) -> Aggregate | None:
         try:
@@ -173,9 +174,7 @@ class Snapshots:
         recorder = self._store.recorder
         if self._insert_statement is not None:  # one statement, its own transaction (autocommit connection)
             with recorder.datastore.get_connection() as conn, conn.cursor() as curs:  # type: ignore[attr-defined]
-                curs.execute(self._insert_statement, (
-                    [e.originator_id for e in stored], [e.originator_version for e in stored],
-                    [e.topic for e in stored], [e.state for e in stored]), prepare=True)
+                curs.execute(self._insert_statement, column_arrays(stored), prepare=True)
             return
         try:
             recorder.insert_events(stored)
