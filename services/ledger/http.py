@@ -25,7 +25,7 @@ from billing_ledger.amounts import show
 from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.direct import ConflictsExhausted, DirectCommands, Overloaded
 from billing_ledger.domain.account import BillingAccount
-from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.domain.allocation import FINISHED_REQUEST_KEEP, ResourcePool
 from billing_ledger.hold_commands import hold_id
 from billing_ledger.http_models import (
     KEY_PATTERN,
@@ -196,7 +196,8 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
                     "quantity": found["quantity"], "capacity": pool.capacity, "in_use": pool.in_use,
                     "free": pool.free}
         return await read(ResourcePool.create_id(tenant, resource), view,  # type: ignore[no-any-return]
-                          f"No allocation request {request_id!r} for {resource!r}.")
+                          f"No allocation request {request_id!r} for {resource!r} (a finished request is "
+                          f"remembered for {FINISHED_REQUEST_KEEP.days} days).")
 
     @router.post("/v1/accounts/{tenant}/allocations", status_code=201, summary="Allocate from a pooled resource")
     async def allocate(tenant: Tenant, body: AllocationRequest, principal: Spender, response: Response

@@ -9,11 +9,21 @@ subscription side refuse a quantity decrease before it happens: DESIGN.md sectio
 Requests are idempotent by ``request_id``: a repeated ``allocate`` returns its first answer without a new
 event, so a retried caller cannot allocate twice. Refusals are recorded (``AllocationRefused``) so the
 answer to a retry is the same ``False``. No clock is read; times are arguments.
+
+**Bounded memory.** A pool that hands out short-lived allocations (concurrent jobs) sees thousands of
+requests a day, and remembering each for ever would grow its state, and every snapshot of it, without end.
+An allocation that is live is always remembered. A finished one (refused, or released) is remembered for
+``FINISHED_REQUEST_KEEP`` after it finished, and only the latest ``FINISHED_REQUESTS_MAX`` finished ones,
+like a payment provider's idempotency keys: a retry within that time gets its first answer; a request id
+used again after that is a new request. Forgetting happens in the event mutators, by the events' own times,
+so a replay forgets exactly what the live aggregate forgot. (Commands sent again with their own command id
+are refused by the ledger's receipts however old they are: forgetting never applies a command twice.)
+Changing either bound changes replayed state: bump the pool's snapshot format with it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -23,6 +33,9 @@ from eventsourcing.domain import event
 # Bounds: a pool's capacity and any single request stay far inside int64.
 CAPACITY_MAX = 10**12
 RESOURCE_CHARS_MAX = 128
+# Finished requests (refused or released) are remembered this long after they finished, and this many at most.
+FINISHED_REQUEST_KEEP = timedelta(days=7)
+FINISHED_REQUESTS_MAX = 10_000
 
 
 class ResourcePool(ChainedAggregate):
@@ -48,6 +61,8 @@ class ResourcePool(ChainedAggregate):
         self.in_use = 0
         # request id (str) -> {"quantity", "status": allocated | refused | released, "at"}
         self._requests: dict[str, dict[str, Any]] = {}
+        # request id (str) -> when it finished, for the finished ones in ``_requests``, oldest first
+        self._finished: dict[str, datetime] = {}
 
     # -- read helpers ---------------------------------------------------------------------------------------
 
@@ -98,10 +113,12 @@ class ResourcePool(ChainedAggregate):
     def _allocated(self, request_id: UUID, quantity: int, at: datetime) -> None:
         self._requests[str(request_id)] = {"quantity": quantity, "status": "allocated", "at": at}
         self.in_use += quantity
+        self._forget_finished(at)
 
     @event("AllocationRefused")
     def _allocation_refused(self, request_id: UUID, quantity: int, free: int, at: datetime) -> None:
         self._requests[str(request_id)] = {"quantity": quantity, "status": "refused", "at": at}
+        self._finished_request(str(request_id), at)
 
     def deallocate(self, request_id: UUID, at: datetime) -> bool:
         """Frees an allocation; returns False (no event) if it was refused or is already freed."""
@@ -118,6 +135,25 @@ class ResourcePool(ChainedAggregate):
     def _deallocated(self, request_id: UUID, quantity: int, at: datetime) -> None:
         self._requests[str(request_id)]["status"] = "released"
         self.in_use -= quantity
+        self._finished_request(str(request_id), at)
+
+    # -- memory (called by the mutators above, never on its own: see the module's "Bounded memory") --------
+
+    def _finished_request(self, request: str, at: datetime) -> None:
+        self._finished[request] = at
+        self._forget_finished(at)
+
+    def _forget_finished(self, now: datetime) -> None:
+        """Forgets the oldest finished requests: those finished before ``now - FINISHED_REQUEST_KEEP``, and any
+        beyond the latest ``FINISHED_REQUESTS_MAX`` (in the order they finished)."""
+        finished = self._finished
+        horizon = now - FINISHED_REQUEST_KEEP
+        while finished:
+            request, finished_at = next(iter(finished.items()))
+            if len(finished) <= FINISHED_REQUESTS_MAX and finished_at >= horizon:
+                break
+            del finished[request]
+            self._requests.pop(request, None)
 
 
 def _require_quantity(name: str, value: Any, *, allow_zero: bool = False) -> None:

@@ -10,6 +10,7 @@ import pytest
 from billing_events import ids
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.domain import account as account_module
+from billing_ledger.domain import allocation as allocation_module
 from billing_ledger.domain.account import (
     BillingAccount,
     CaptureExceedsHold,
@@ -30,6 +31,7 @@ from billing_ledger.domain.account import (
     UnknownHold,
 )
 from billing_ledger.domain.allocation import (
+    FINISHED_REQUEST_KEEP,
     CapacityBelowUsage,
     InvalidAllocation,
     ResourcePool,
@@ -871,6 +873,57 @@ def test_pool_capacity_cannot_drop_below_usage_and_deallocation_is_idempotent() 
         pool.deallocate(uuid4(), at(4))
     with pytest.raises(InvalidAllocation):
         pool.allocate(uuid4(), 0, at(4))
+
+
+def test_a_pool_forgets_finished_requests_after_a_week_never_a_live_one_and_a_replay_forgets_the_same() -> None:
+    pool = ResourcePool.open(tenant="acme", resource="jobs")
+    pool.set_capacity(2, {"set_by": "admin"})
+    live, done, refused = uuid4(), uuid4(), uuid4()
+    assert pool.allocate(live, 1, at(0))
+    assert pool.allocate(done, 1, at(1))
+    assert pool.deallocate(done, at(days=1))
+    assert pool.allocate(uuid4(), 1, at(days=1)) and not pool.allocate(refused, 1, at(days=1, minutes=1))
+    # A retry within the week gets its first answer, without a new event.
+    recorded = events(pool)  # type: ignore[arg-type]
+    assert not pool.allocate(refused, 1, at(days=7)) and pool.allocation(done)["status"] == "released"  # type: ignore[index]
+    assert events(pool) == []  # type: ignore[arg-type]
+
+    # The first event more than a week after they finished forgets them; the live allocation stays.
+    later = at(days=1, minutes=2) + FINISHED_REQUEST_KEEP
+    assert pool.deallocate(pool_request(pool, status="allocated", not_=live), later)
+    assert pool.allocation(done) is None and pool.allocation(refused) is None
+    assert pool.allocation(live)["status"] == "allocated" and pool.in_use == 1  # type: ignore[index]
+    recorded += events(pool)  # type: ignore[arg-type]
+
+    replayed = None
+    for event in recorded:
+        replayed = event.mutate(replayed)
+    assert replayed is not None
+    assert replayed._requests == pool._requests and replayed._finished == pool._finished
+    # A snapshot carries what is remembered (datetimes in the finished map transcode).
+    app: Application[UUID] = Application(env={"IS_SNAPSHOTTING_ENABLED": "y"})
+    app.events.put(recorded)
+    app.take_snapshot(pool.id)
+    assert app.snapshots is not None and len(list(app.snapshots.get(pool.id))) == 1
+    assert app.repository.get(pool.id)._finished == pool._finished
+
+
+def test_a_pool_remembers_only_the_latest_finished_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocation_module, "FINISHED_REQUESTS_MAX", 3)
+    pool = ResourcePool.open(tenant="acme", resource="jobs")
+    pool.set_capacity(1, {"set_by": "admin"})
+    live = uuid4()
+    assert pool.allocate(live, 1, at(0))
+    refusals = [uuid4() for _ in range(5)]
+    for minute, request in enumerate(refusals, start=1):
+        assert not pool.allocate(request, 1, at(minute))
+    assert [pool.allocation(r) is not None for r in refusals] == [False, False, True, True, True]
+    assert pool.allocation(live) is not None and len(pool._finished) == 3
+
+
+def pool_request(pool: ResourcePool, *, status: str, not_: UUID) -> UUID:
+    """A request of ``pool`` in ``status`` other than ``not_``."""
+    return next(UUID(r) for r, found in pool._requests.items() if found["status"] == status and UUID(r) != not_)
 
 
 # -- persistence --------------------------------------------------------------------------------------------

@@ -188,12 +188,12 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
     finally:
         app.close()
     assert snapshots.FORMATS[BillingAccount] == 2 and account == ACCOUNT_ATTRIBUTES_FORMAT_2
-    assert snapshots.FORMATS[ResourcePool] == 1 and pool == POOL_ATTRIBUTES_FORMAT_1
+    assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 
-POOL_ATTRIBUTES_FORMAT_1 = [
-    "_created_on", "_id", "_modified_on", "_pending_events", "_requests", "_version", "capacity", "capacity_source",
-    "chain_head", "in_use", "resource", "tenant",
+POOL_ATTRIBUTES_FORMAT_2 = [  # 2: _finished (finished requests are forgotten after a while)
+    "_created_on", "_finished", "_id", "_modified_on", "_pending_events", "_requests", "_version", "capacity",
+    "capacity_source", "chain_head", "in_use", "resource", "tenant",
 ]
 
 
