@@ -4,6 +4,12 @@ Every row says what happened (``type``), when (``occurred_at``: business time; `
 (``amount``: the movement as the tenant sees it, signed; ``wallet_delta`` and ``held_delta``: its exact
 effect on the wallet balance and on held credit, so the rows of a unit sum to ``balance`` and ``held``),
 why (``cause``: usage event ids, payment id, reason) and who (``user_id``).
+
+A credit package priced in a currency but granted in a credit unit shows twice: the credit (``purchase``, in
+the credit unit, on the wallet) and the money paid for it (``payment``: the total with its tax, in the
+currency, ``wallet_delta`` 0), and a refund of its credit as ``refund`` plus the money given back
+(``payment_refund``, negative). So the money rows of a currency sum to what the tenant paid for credit
+packages net of refunds, and the wallet rows still sum to the balance.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ TRANSACTIONS = Table("transactions", {"position": "BIGINT"}, {
 TABLES = (TRANSACTIONS,)
 
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
-         "hold_captured", "hold_released", "hold_expired", "receivable_settled")
+         "hold_captured", "hold_released", "hold_expired", "receivable_settled", "payment", "payment_refund")
 
 PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
 
@@ -64,12 +70,23 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
                 "held_delta": -int(d["amount"]), "hold_id": d.get("hold_id")}
     if name == "ReceivableSettled":
         return {"type": "receivable_settled", "amount": int(d["amount"]), "reference": d.get("settlement_id")}
+    if name == "PurchaseMoneyBooked":
+        return {"type": "payment", "amount": int(d["amount"]), "grant_id": d.get("grant_id"),
+                "detail": _tax_detail(d)}
+    if name == "PurchaseMoneyRefunded":
+        return {"type": "payment_refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
+                "reference": d.get("refund_id"), "detail": _tax_detail(d)}
     return None
+
+
+def _tax_detail(data: dict[str, Any]) -> str:
+    """The split of a package's money, in the currency's minor units as every amount here."""
+    return f"net {int(data.get('net') or 0)}, tax {int(data.get('tax_amount') or 0)}"
 
 
 _MOVEMENTS = frozenset({"CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
-                        "ReceivableSettled"})
+                        "ReceivableSettled", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 
 
 def handler_for(event_type: str) -> Handler | None:

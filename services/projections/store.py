@@ -20,7 +20,8 @@ from billing_projections import (
 from billing_projections.writer import Table, value
 from billing_runtime.db import Connection, Database
 
-SCHEMA_VERSION = "4"
+# 5: credit packages' money (PurchaseMoney* events) in figures and in the transaction history.
+SCHEMA_VERSION = "5"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

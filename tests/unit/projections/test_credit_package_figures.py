@@ -14,7 +14,7 @@ from pathlib import Path
 from uuid import uuid4
 
 from billing_events import ids
-from billing_projections import balances, figures
+from billing_projections import balances, figures, history
 from billing_projections.service import ProjectionService
 
 from tests.unit.projections.conftest import apply, dumps_by_batching
@@ -88,6 +88,30 @@ async def test_finance_figures_count_the_money_and_vat_of_credit_packages_in_the
     # The grants view keeps each grant's tax in its own unit: the VAT of a CREDIT grant is in USD, above.
     grants = await balances.grants(service.db, "acme", unit="CREDIT")
     assert {(g["source"], int(g["tax_amount"])) for g in grants} == {("purchase", 0)}
+
+
+async def test_history_shows_the_money_paid_and_given_back_for_credit_packages(service: ProjectionService) -> None:
+    ledger = Ledger()
+    kept = credit_packages(ledger)
+    await apply(service, ledger.records())
+    rows = list(reversed(await history.page(service.db, tenant="acme", limit=1000)))
+    money = [(r["type"], r["unit"], int(r["amount"]), int(r["wallet_delta"])) for r in rows if r["unit"] == "USD"]
+    quarter_tax = 1805 * CENT // 4
+    assert money == [
+        ("payment", "USD", 11305 * CENT, 0),
+        ("payment", "USD", 11305 * CENT, 0),
+        ("payment_refund", "USD", -11305 * CENT, 0),  # the whole of o2
+        ("payment_refund", "USD", -(2375 * CENT + quarter_tax), 0),  # a quarter of o1
+    ]
+    assert [r["payment_id"] for r in rows if r["type"] == "payment"] == ["pi_o1", "pi_o2"]
+    first = next(r for r in rows if r["type"] == "payment")
+    assert first["grant_id"] == str(ids.grant_id("acme", f"order/{kept}/purchase"))
+    assert first["detail"] == f"net {9500 * CENT}, tax {1805 * CENT}"
+    # Each payment sits next to the credit it bought, in the credit unit, on the wallet.
+    credit = [(r["type"], int(r["amount"])) for r in rows if r["unit"] == "CREDIT" and r["type"] != "grant"]
+    assert credit == [("purchase", 11000 * U), ("purchase", 11000 * U), ("refund", -11000 * U), ("refund", -2750 * U)]
+    assert [r["type"] for r in await history.page(service.db, tenant="acme", types=["payment_refund"], limit=10)] == [
+        "payment_refund", "payment_refund"]
 
 
 async def test_credit_package_figures_do_not_depend_on_batching_or_replays(tmp_path: Path) -> None:
