@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +41,7 @@ from billing_ledger.domain.roster import RosterError
 from billing_ledger.domain.subscription import SubscriptionError
 from billing_ledger.limits import (
     AGGREGATE_CACHE_AGGREGATES_MAX,
+    AGGREGATE_RETURN_WAIT_SECONDS,
     CHUNK_COMMANDS_MAX,
     CONTENDED_CHUNK_COMMANDS_MAX,
 )
@@ -168,7 +171,7 @@ class _Batch:
         self.touched: dict[UUID, int] = {}
 
     def prefetch(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID]) -> None:
-        wanted = [i for i in aggregate_ids if not self._take_from_previous(i)]
+        wanted = [i for i in aggregate_ids if i not in self.loaded and not self._take_from_previous(i)]
         self.loaded.update(self.app.load_many(wanted, receipt_ids, trust_cache=self.trust_cache, known=self.known))
 
     def _take_from_previous(self, aggregate_id: UUID) -> bool:
@@ -260,6 +263,7 @@ class _Batch:
             self.app.snapshotter.take_due(aggregates)
         for aggregate in aggregates:
             self.app.cache.put(aggregate)
+        self.app.cache.release([i for i, a in self.loaded.items() if a is None])
 
 
 class LedgerApplication(Application[UUID]):
@@ -274,6 +278,13 @@ class LedgerApplication(Application[UUID]):
         self.snapshotter = Snapshots(self, self.snapshots) if self.snapshots is not None else None
         self.contention = Contention()  # of the batch path (apply_chunks)
         self._commit_executor: ThreadPoolExecutor | None = None
+        # Set on a thread while it decides holding PostgreSQL locks (_apply_locked): it never waits for an
+        # aggregate another thread has out, as that thread may be waiting for those locks (a deadlock until
+        # the wait's timeout: a sweep under its account's lock waiting for a hold whose insert waits for it).
+        self._under_locks = threading.local()
+        # Set on a thread while it runs pipelined batches (apply_chunks), which pass an aggregate on from batch
+        # to batch for as long as the poll lasts: nobody waits for what it takes (aggregate_cache.py).
+        self._pipelining = threading.local()
 
     def construct_transcoder(self) -> Transcoder:
         transcoder = OrjsonTranscoder()
@@ -321,13 +332,18 @@ class LedgerApplication(Application[UUID]):
         ``known`` = ({id: version}, {id: events after it}): read already (with the decision's locks, see
         ``_apply_exclusively``); used for every id taken at exactly that version, the others are queried.
         """
-        taken: dict[UUID, Any | None] = {i: self.cache.take(i) for i in aggregate_ids}
+        # Waits for an aggregate another thread has out (aggregate_cache.py), except on an event loop's thread
+        # (it would stop every request) and under PostgreSQL locks (see _under_locks).
+        waits = asyncio._get_running_loop() is None and not getattr(self._under_locks, "active", False)
+        wait = AGGREGATE_RETURN_WAIT_SECONDS if waits else 0.0
+        briefly = not getattr(self._pipelining, "active", False)
+        taken: dict[UUID, Any | None] = {i: self.cache.take(i, wait, briefly=briefly) for i in aggregate_ids}
         cached = {i for i, a in taken.items() if a is not None}
         if self.snapshotter is not None and len(cached) < len(taken):
             try:  # the others start from their latest snapshot, if any (snapshots.py)
                 taken.update(self.snapshotter.restore([i for i in taken if i not in cached]))
             except BaseException:
-                self._give_back(taken)
+                self.give_back(taken)
                 raise
         receipts = [i for i in receipt_ids if i not in taken]
         taken.update({i: None for i in receipts})
@@ -344,14 +360,16 @@ class LedgerApplication(Application[UUID]):
             try:
                 stored.update(self.reader.events_after(versions))
             except BaseException:
-                self._give_back(taken)
+                self.give_back(taken)
                 raise
         for aggregate_id, events in stored.items():
-            aggregate = taken[aggregate_id]
-            for event in events:
-                aggregate = self.mapper.to_domain_event(event).mutate(aggregate)
-            taken[aggregate_id] = aggregate
+            taken[aggregate_id] = self._mutated(taken[aggregate_id], events)
         return taken
+
+    def _mutated(self, aggregate: Any | None, events: Iterable[StoredEvent]) -> Any | None:
+        for event in events:
+            aggregate = self.mapper.to_domain_event(event).mutate(aggregate)
+        return aggregate
 
     def read(self, aggregate_id: UUID, view: Callable[[Any], T]) -> T | None:
         """``view(aggregate)`` of the current state of one aggregate (None if it does not exist).
@@ -361,16 +379,22 @@ class LedgerApplication(Application[UUID]):
         """
         aggregate = self.load_many([aggregate_id])[aggregate_id]
         if aggregate is None:
+            self.cache.release([aggregate_id])
             return None
         try:
             return view(aggregate)
         finally:
             self.cache.put(aggregate)
 
-    def _give_back(self, aggregates: Mapping[UUID, Any | None]) -> None:
-        for aggregate in aggregates.values():
+    def give_back(self, aggregates: Mapping[UUID, Any | None]) -> None:
+        """Aggregates from ``load_many`` that were not changed: back to the cache (the others are released)."""
+        dropped = []
+        for aggregate_id, aggregate in aggregates.items():
             if aggregate is not None and not aggregate.pending_events and not isinstance(aggregate, CommandReceipt):
                 self.cache.put(aggregate)
+            else:
+                dropped.append(aggregate_id)
+        self.cache.release(dropped)
 
     # -- commands ----------------------------------------------------------------------------------------
 
@@ -391,10 +415,14 @@ class LedgerApplication(Application[UUID]):
         writer changed the commands' accounts since they were cached, so an optimistic write would have lost:
         the contention lasts as long as the other writer does, not just ``window_seconds`` after a conflict.
         """
-        if exclusive and self.can_decide_exclusively:
-            return self._apply_exclusively(commands, tracking, record_rejections, contention)
-        batch = self._prepare(commands, tracking, record_rejections, trust_cache=trust_cache)
-        self._commit(batch)
+        try:
+            if exclusive and self.can_decide_exclusively:
+                return self._apply_exclusively(commands, tracking, record_rejections, contention)
+            batch = self._prepare(commands, tracking, record_rejections, trust_cache=trust_cache)
+            self._commit(batch)
+        except BaseException:
+            self.cache.release_mine()  # the batch's aggregates are dropped: nobody waits for them
+            raise
         batch.return_to_cache()
         return batch.results
 
@@ -424,6 +452,7 @@ class LedgerApplication(Application[UUID]):
         try:
             results, stale = self._apply_locked(commands, tracking, record_rejections, accounts)
         except IntegrityError:
+            self.cache.release_mine()
             log.debug("locked_decision_conflict_retried_under_table_lock", commands=len(commands))
             results, stale = self._apply_locked(commands, tracking, record_rejections, None)
         if stale and contention is not None:
@@ -434,27 +463,34 @@ class LedgerApplication(Application[UUID]):
                       locked: Sequence[UUID] | None) -> tuple[list[CommandResult], bool]:
         """One decision under the locks of ``locked`` (None: the event table's lock); its results, and whether
         another writer had changed a cached account (the events read under the locks include some of it)."""
-        # Bring the accounts into the cache first, outside the locks: an account a failed attempt had taken
-        # out must be replayed, which can take long for a busy one; under the locks only the events recorded
-        # since are read.
-        missing = {i for i in {ids.account_id(c.tenant) for c in commands if c.tenant} if i not in self.cache}
-        if missing:
-            self._give_back(self.load_many(missing))
+        # Own the accounts in this process first, outside the locks (aggregate_cache.py: this waits for another
+        # thread deciding on one, never the other way round): as cached, or replayed if not (which can take
+        # long for a busy account, so not under the locks); under the locks only the events recorded since
+        # their versions are read. Waiting for another thread while holding the locks could deadlock with it
+        # (its insert waits for them), so nothing taken under them waits (``_under_locks``).
+        owned = {i: a for i, a in self.load_many({ids.account_id(c.tenant) for c in commands if c.tenant},
+                                                  trust_cache=True).items() if a is not None}
         prepared: list[_Batch] = []
-        # What the batch will read first (the accounts from their cached versions, the receipts), read with
-        # the locks in one round trip; anything else (an account taken meanwhile) is read as usual.
-        versions = {i: v for i in {ids.account_id(c.tenant) for c in commands if c.tenant}
-                    if (v := self.cache.version(i)) is not None}
+        # What the batch will read first (the accounts from their owned versions, the receipts), read with the
+        # locks in one round trip; anything else (a pool) is read as usual.
+        versions = {i: a.version for i, a in owned.items()}
         versions.update({c.command_id: 0 for c in commands if c.command_id not in versions})
 
         def prepare(found: dict[UUID, list[StoredEvent]]) -> Sequence[StoredEvent]:
-            batch = self._prepare(commands, tracking, record_rejections, known=(versions, found))
+            batch = self._prepare(commands, tracking, record_rejections, known=(versions, found), owned=owned)
             prepared.append(batch)
             return batch.stored
 
         assert isinstance(self.recorder, BinaryArrayProcessRecorder)
         read = (self.reader, versions) if isinstance(self.reader, PostgresEventReader) else None
-        self.recorder.insert_events_exclusively(prepare, tracking, read, locked)
+        self._under_locks.active = True
+        try:
+            self.recorder.insert_events_exclusively(prepare, tracking, read, locked)
+        except BaseException:
+            self.give_back(owned)  # those no command changed are committed state still
+            raise
+        finally:
+            self._under_locks.active = False
         prepared[0].return_to_cache()
         found = prepared[0].known[1] if prepared[0].known is not None else {}
         stale = any(found.get(i) for i, v in versions.items() if v > 0)
@@ -474,6 +510,17 @@ class LedgerApplication(Application[UUID]):
         decisions find the accounts changed by another writer); then pipelining resumes. Any other failure,
         or a second ``IntegrityError`` (its tracking position is already recorded), is raised.
         """
+        self._pipelining.active = True
+        try:
+            return self._apply_chunks(chunks)
+        except BaseException:
+            self.cache.release_mine()  # the failed batches' aggregates are dropped: nobody waits for them
+            raise
+        finally:
+            self._pipelining.active = False
+
+    def _apply_chunks(self, chunks: Sequence[tuple[Sequence[LedgerCommand], Tracking | None]]
+                      ) -> list[CommandResult]:
         results: list[CommandResult] = []
         start = 0
         while start < len(chunks):
@@ -485,6 +532,7 @@ class LedgerApplication(Application[UUID]):
             failed = self._apply_pipelined(chunks[start:], results)
             if failed is None:
                 break
+            self.cache.release_mine()  # the chunks from the failed one on are dropped, to be decided again
             self.contention.conflicted(time.monotonic())
             commands, tracking = chunks[start + failed]
             log.debug("chunk_conflict_retried_exclusively", commands=len(commands))
@@ -541,10 +589,16 @@ class LedgerApplication(Application[UUID]):
         super().close()
 
     def _prepare(self, commands: Sequence[LedgerCommand], tracking: Tracking | None, record_rejections: bool,
-                 after: _Batch | None = None, trust_cache: bool = False, known: _Known | None = None) -> _Batch:
+                 after: _Batch | None = None, trust_cache: bool = False, known: _Known | None = None,
+                 owned: Mapping[UUID, Any] | None = None) -> _Batch:
+        """A batch deciding ``commands``. ``owned``: aggregates taken already (``_apply_locked``), brought up to
+        date here with the events ``known`` read after their versions."""
         batch = _Batch(self, tracking, after)
         batch.trust_cache = trust_cache
         batch.known = known
+        if owned:
+            found = known[1] if known is not None else {}
+            batch.loaded.update({i: self._mutated(a, found.get(i, ())) for i, a in owned.items()})
         batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
         batch.results = [self._apply_one(batch, command, record_rejections) for command in commands]
         batch.collect()

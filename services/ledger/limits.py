@@ -5,6 +5,10 @@ from __future__ import annotations
 # Committed aggregates kept in memory (accounts, pools, the catalogue; never receipts). A cached aggregate
 # is brought up to date with one query per batch before use, so a bigger cache only saves replays.
 AGGREGATE_CACHE_AGGREGATES_MAX = 20_000
+# A batch that wants an aggregate another thread of this process has taken out (deciding on it) waits this
+# long at most for it to be put back, instead of loading its own copy from the store (aggregate_cache.py):
+# longer than a usage batch or a sweep transaction takes, far shorter than replaying a big account.
+AGGREGATE_RETURN_WAIT_SECONDS = 0.1
 # An account's (or pool's) state is snapshotted every this many events (snapshots.py), so loading one replays
 # at most this many events after its latest snapshot (~30 us each) instead of its whole history; that load
 # is also what a transaction that lost a race pays for each of its accounts. A snapshot costs one write

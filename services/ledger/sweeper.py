@@ -100,9 +100,7 @@ class Sweeper:
         try:
             found += [k for a in loaded.values() if (k := kinds(a)) is not None]
         finally:
-            for aggregate in loaded.values():
-                if aggregate is not None:
-                    self.app.cache.put(aggregate)
+            self.app.give_back(loaded)
         commands = []
         at = now.isoformat()
         for tenant, due in found:
