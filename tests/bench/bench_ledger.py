@@ -1,7 +1,8 @@
 """Ledger speed on real PostgreSQL (a plain script; pytest does not collect it).
 
     DATABASE_URL=postgresql://billing:billing@127.0.0.1:55432/billing \\
-        .venv/bin/python tests/bench/bench_ledger.py [--debits 50000] [--batch 500] [--holds 2000]
+        .venv/bin/python tests/bench/bench_ledger.py [--debits 50000] [--batch 500] [--holds 2000] \\
+            [--service] [--busy-account 3000]
 
 1. **Usage debits/s**: ``usage.debit`` commands committed in transactions of ``--batch`` commands (each
    with its Kafka ``Tracking`` position), spread over ``--tenants`` accounts: first one
@@ -25,6 +26,10 @@
    on the same store (its Kafka consumer, outbox relay publishing every hold's events, sweeper and the
    other background tasks in the process), not only its HTTP routes: what a caller of a deployed ledger
    sees.
+4. **A busy account** (``--busy-account LIVE``): against the service too, one account gets ``LIVE`` holds over
+   20 s (each living 60 s), then holds at 50/s for 90 s, while the sweeper expires the earlier ones in parts
+   of 50 per transaction on the same account: p50/p95/p99 overall and while they expire (an account with
+   3,000 live holds carries about 1 MB of state, so every replay of it is expensive).
 
 Every process is set up as a ledger process is (``billing_ledger.tuning.tune_process``: GIL switch
 interval, garbage collector).
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -45,6 +51,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,11 @@ from billing_ledger.tuning import tune_process
 from eventsourcing.persistence import IntegrityError, Tracking
 
 GRANT_UNITS = "1000000000"  # USD per tenant: never runs out during the bench
+# --busy-account: the account, its holds' lifetime, and the measured holds' rate and duration.
+BUSY_TENANT = "bench-busy"
+BUSY_TTL_SECONDS = 60.0
+BUSY_HOLD_RATE = 50.0
+BUSY_SECONDS = 90.0
 
 
 def command(kind: str, tenant: str, payload: dict[str, object], cause: str) -> LedgerCommand:
@@ -406,10 +418,10 @@ def start_server(database_url: str, schema: str, group: int) -> tuple[multiproce
     raise RuntimeError("the ledger HTTP server did not start")
 
 
-def service_holds(app: LedgerApplication, database_url: str, schema: str, tenants: list[str], holds: int,
-                  rate: float) -> dict[str, float]:
-    """``bench_holds`` against ``billing serve ledger`` in the namespace whose ledger schema is ``schema``, once
-    its relay has published what the earlier phases recorded (a backlog is not what a quiet ledger does)."""
+@contextlib.contextmanager
+def serving_ledger(app: LedgerApplication, database_url: str, schema: str) -> Iterator[int]:
+    """``billing serve ledger`` in the namespace whose ledger schema is ``schema`` (its port), once its relay has
+    published what the earlier phases recorded (a backlog is not what a quiet ledger does)."""
     from billing_ledger.relay import RELAY_NAME
 
     from tests.support import ServiceProcess, free_port
@@ -426,10 +438,58 @@ def service_holds(app: LedgerApplication, database_url: str, schema: str, tenant
             if time.monotonic() > deadline:
                 raise RuntimeError("the service's relay did not publish the store's events in 300 s")
             time.sleep(0.5)
-        return asyncio.run(bench_holds(port, tenants, holds, rate))
+        yield port
     finally:
         process.stop()
         asyncio.run(_drop_topics(env["KAFKA_BOOTSTRAP_SERVERS"], namespace))
+
+
+async def busy_account_holds(port: int, tenant: str, live: int, ttl: float, rate: float, seconds: float
+                             ) -> dict[str, float]:
+    """Holds at ``rate``/s for ``seconds`` on one account that already has ``live`` holds (placed over 20 s
+    before, each living ``ttl`` s): once they start to expire, the service's sweeper expires them (in parts of
+    50 per transaction) on the account the holds are decided on. Latency from when each request was due;
+    ``expiring_*``: the holds decided while the earlier ones expire (after ``ttl - 20`` s)."""
+    from billing_runtime.auth import mint_token
+    from billing_runtime.settings import Settings
+
+    client = RawHttpClient(port, mint_token(Settings(), role="service"), connections=32)
+    await client.open()
+    run = uuid.uuid4().hex[:8]
+    samples: list[tuple[float, float]] = []
+
+    async def one(key: str, due: float, measured: bool) -> None:
+        body = {"idempotency_key": f"{run}-{key}", "amount": "0.01", "ttl_seconds": ttl}
+        status, answer, _ = await client.post(f"/v1/accounts/{tenant}/holds", body)
+        assert status == 201, answer
+        if measured:
+            samples.append((due, time.perf_counter() - due))
+
+    async def offer(count: int, interval: float, prefix: str, measured: bool) -> float:
+        began = time.perf_counter()
+        tasks = []
+        for n in range(count):
+            delay = began + n * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(f"{prefix}{n}", began + n * interval, measured)))
+        await asyncio.gather(*tasks)
+        return began
+
+    try:
+        await offer(live, 20.0 / live, "live-", measured=False)
+        began = await offer(int(rate * seconds), 1.0 / rate, "", measured=True)
+    finally:
+        await client.close()
+    expiring_from = began + ttl - 20.0
+
+    def figures(prefix: str, values: list[float]) -> dict[str, float]:
+        values = sorted(values)
+        return {f"{prefix}p50_ms": 1000 * statistics.median(values), f"{prefix}p95_ms": 1000 * percentile(values, 0.95),
+                f"{prefix}p99_ms": 1000 * percentile(values, 0.99), f"{prefix}max_ms": 1000 * values[-1]}
+
+    return {**figures("", [latency for _, latency in samples]),
+            **figures("expiring_", [latency for due, latency in samples if due >= expiring_from] or [0.0])}
 
 
 async def _drop_topics(bootstrap_servers: str, namespace: str) -> None:
@@ -459,6 +519,9 @@ def main() -> None:
                         help="decisions per transaction at most (1: one transaction per request)")
     parser.add_argument("--service", action="store_true",
                         help="also hold at --hold-rate against `billing serve ledger` (relay and tasks running)")
+    parser.add_argument("--busy-account", type=int, default=0, metavar="LIVE",
+                        help="also hold at 50/s for 90 s against `billing serve ledger` on one account that has "
+                             "LIVE live holds (e.g. 3000) expiring meanwhile")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.bench.harness
     from tests.bench.harness.resources import host_speed_ms
@@ -472,7 +535,7 @@ def main() -> None:
     app = LedgerApplication(persistence_env(database_url, "var", schema))
     try:
         tenants = [f"bench-{i}" for i in range(args.tenants)]
-        setup_accounts(app, tenants)
+        setup_accounts(app, tenants + ([BUSY_TENANT] if args.busy_account else []))
         for pipelined, partition in ((False, 0), (True, 1)):
             debits = bench_debits(app, tenants, args.debits, args.batch, pipelined, partition)
             how = "apply_chunks (pipelined)" if pipelined else "apply_commands"
@@ -509,11 +572,21 @@ def main() -> None:
             finally:
                 server.terminate()
                 server.join()
-            if args.service:
-                served = service_holds(app, database_url, schema, tenants, args.holds, args.hold_rate)
-                print(f"holds at {args.hold_rate:.0f}/s against `billing serve ledger` (consumer, relay and background "
-                      f"tasks running): p50 {served['p50_ms']:.2f} ms, p99 {served['p99_ms']:.2f} ms, "
-                      f"max {served['max_ms']:.2f} ms")
+        if args.service or args.busy_account:
+            with serving_ledger(app, database_url, schema) as port:
+                if args.service and args.holds:
+                    served = asyncio.run(bench_holds(port, tenants, args.holds, args.hold_rate))
+                    print(f"holds at {args.hold_rate:.0f}/s against `billing serve ledger` (consumer, relay and "
+                          f"background tasks running): p50 {served['p50_ms']:.2f} ms, p99 {served['p99_ms']:.2f} ms, "
+                          f"max {served['max_ms']:.2f} ms")
+                if args.busy_account:
+                    busy = asyncio.run(busy_account_holds(port, BUSY_TENANT, args.busy_account, BUSY_TTL_SECONDS,
+                                                          BUSY_HOLD_RATE, BUSY_SECONDS))
+                    print(f"holds at {BUSY_HOLD_RATE:.0f}/s on one account with {args.busy_account:,} live holds "
+                          f"(`billing serve ledger`, its sweeper expiring them): p50 {busy['p50_ms']:.2f} ms, "
+                          f"p95 {busy['p95_ms']:.2f} ms, p99 {busy['p99_ms']:.2f} ms, max {busy['max_ms']:.2f} ms; "
+                          f"while they expire: p95 {busy['expiring_p95_ms']:.2f} ms, "
+                          f"p99 {busy['expiring_p99_ms']:.2f} ms, max {busy['expiring_max_ms']:.2f} ms")
     finally:
         app.close()
         with psycopg.connect(database_url, autocommit=True) as conn:
