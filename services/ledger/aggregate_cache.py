@@ -61,6 +61,7 @@ class AggregateCache:
         # straight to the first of them (a thread that puts it back and takes it again at once, such as the
         # sweeper expiring a big account's holds in parts, queues behind them instead of starving them).
         self._turns: dict[UUID, deque[_Turn]] = {}
+        self._pruned_at = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -100,7 +101,7 @@ class AggregateCache:
                     return None
                 return self._wait_turn(aggregate_id, me, wait_seconds)
             found = self._items.pop(aggregate_id, None)
-            if len(self._out) >= OUT_MARKS_MAX:
+            if len(self._out) >= OUT_MARKS_MAX and self._pruned_at < time.monotonic() - OUT_TRUSTED_SECONDS:
                 self._prune_out()
             self._out[aggregate_id] = (me, time.monotonic(), briefly)
             return found
@@ -138,7 +139,10 @@ class AggregateCache:
         return True
 
     def _prune_out(self) -> None:
-        stale = time.monotonic() - OUT_TRUSTED_SECONDS
+        """Forgets marks older than ``OUT_TRUSTED_SECONDS`` (nobody waits for those): at most once that often, as
+        a batch of many accounts may hold more marks than ``OUT_MARKS_MAX`` for a while, none of them stale."""
+        self._pruned_at = time.monotonic()
+        stale = self._pruned_at - OUT_TRUSTED_SECONDS
         for aggregate_id in [i for i, (_, taken, _) in self._out.items() if taken < stale and i not in self._turns]:
             del self._out[aggregate_id]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -161,3 +162,16 @@ def test_nobody_waits_for_what_the_kafka_consumers_pipeline_keeps() -> None:
     thread, got = in_thread(lambda: cache.take(aggregate.id, wait_seconds=5))
     thread.join(2)
     assert got == [None] and time.monotonic() - started < 1  # it loads its own copy at once, as before
+
+
+def test_marks_of_aggregates_never_put_back_are_forgotten_once_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aggregate_cache, "OUT_MARKS_MAX", 3)
+    monkeypatch.setattr(aggregate_cache, "OUT_TRUSTED_SECONDS", 0.01)
+    cache = AggregateCache(aggregates_max=10)
+    dropped = [pool() for _ in range(3)]
+    for aggregate in dropped:
+        aggregate._id = uuid.uuid4()
+        cache.take(aggregate.id)  # taken, then dropped without release (a path that forgot to)
+    time.sleep(0.02)
+    cache.take(pool().id)
+    assert set(cache._out) == {pool().id}
