@@ -525,6 +525,50 @@ def test_a_sweep_expires_due_holds_while_another_process_keeps_holding_on_the_sa
         assert state.held("USD") == held * U and state.available("USD") == (10 - held) * U, tenant
 
 
+def test_a_hold_on_an_account_the_sweeper_is_deciding_on_in_the_same_process_waits_for_its_turn(
+        two_stores: tuple[LedgerApplication, LedgerApplication], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process, a hold that arrives while the sweeper decides on its account gets the account with the
+    sweep committed in it (aggregate_cache.py: turns) instead of replaying it from the store and then losing
+    the race to the sweep's commit: no conflict, no read of the account's events by the hold."""
+    import billing_ledger.application as application_module
+
+    monkeypatch.setattr(application_module, "AGGREGATE_RETURN_WAIT_SECONDS", 30.0)  # a slow machine never times out
+    app, _ = two_stores
+    now = datetime.now(UTC)
+    app.apply_commands([*funded("turns", "10"), hold("turns", "4", "due", expires_at=(now + timedelta(seconds=1)).isoformat())])
+    direct = DirectCommands(app)
+    account_id = ids.account_id("turns")
+    read_by_hold: list[object] = []
+    original_read = app.reader.events_after
+
+    def events_after(versions, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "hold":
+            read_by_hold.extend(i for i in versions if i == account_id)
+        return original_read(versions, *args, **kwargs)
+
+    monkeypatch.setattr(app.reader, "events_after", events_after)
+    original_load = app.load_many
+    racing: list[threading.Thread] = []
+    raced: list[object] = []
+
+    def load_then_race(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loaded = original_load(*args, **kwargs)
+        if not racing and threading.current_thread().name != "hold" and account_id in loaded:
+            late = hold("turns", "1", "late", expires_at=(now + timedelta(hours=1)).isoformat())
+            racing.append(threading.Thread(target=lambda: raced.append(direct.apply_group([late])), name="hold"))
+            racing[0].start()
+            time.sleep(0.1)  # the sweep is still deciding: the hold waits for its turn
+        return loaded
+
+    monkeypatch.setattr(app, "load_many", load_then_race)
+    assert Sweeper(app).sweep(now + timedelta(seconds=5)) == 1
+    racing[0].join(timeout=30)
+    assert [r.outcome for r in raced[0]] == ["applied"]  # type: ignore[attr-defined]
+    assert read_by_hold == [] and not direct.contention.recent(time.monotonic())
+    state = account(app, "turns")
+    assert state.held("USD") == 1 * U and state.available("USD") == 9 * U
+
+
 def test_another_process_loads_a_busy_account_from_its_latest_snapshot(
         two_stores: tuple[LedgerApplication, LedgerApplication], monkeypatch: pytest.MonkeyPatch) -> None:
     """Snapshots on PostgreSQL (snapshots.py: one LATERAL query for the latest snapshots of many aggregates):
