@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -165,8 +165,10 @@ class AggregateCache:
             while len(self._items) > self._max:
                 self._items.popitem(last=False)
 
-    def release(self, aggregate_ids: Iterable[UUID]) -> None:
+    def release(self, aggregate_ids: Collection[UUID]) -> None:
         """Aggregates taken that will not be put back (they do not exist, or were not changed and not kept)."""
+        if not aggregate_ids:  # every batch calls this, almost always with none: no lock then
+            return
         with self._lock:
             for aggregate_id in aggregate_ids:
                 if self._is_mine(aggregate_id):

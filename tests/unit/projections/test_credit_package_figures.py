@@ -39,6 +39,12 @@ def buy(ledger: Ledger, key: str) -> str:
     return str(placed["order_id"])
 
 
+async def monthly_figures(service: ProjectionService) -> dict[tuple[str, str], dict]:  # type: ignore[type-arg]
+    """acme's finance figures by (month, unit)."""
+    return {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
+                                                                     since=None, until=None)}
+
+
 def credit_packages(ledger: Ledger) -> str:
     ledger.command("catalog.publish", None, document=CATALOG, digest="packages-1")
     ledger.command("account.open", "acme", currency="USD")
@@ -59,8 +65,7 @@ async def test_finance_figures_count_the_money_and_vat_of_credit_packages_in_the
     ledger = Ledger()
     credit_packages(ledger)
     await apply(service, ledger.records())
-    rows = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
-                                                                     since=None, until=None)}
+    rows = await monthly_figures(service)
     october, november = rows[("2026-10", "USD")], rows[("2026-11", "USD")]
     assert october["funds_in"] == 2 * 11305 * CENT
     assert october["tax_collected"] == 2 * 1805 * CENT
@@ -142,8 +147,7 @@ async def test_finance_figures_count_the_revenue_recognised_for_credit_packages_
     ledger = Ledger()
     used_package(ledger)
     await apply(service, ledger.records())
-    rows = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
-                                                                     since=None, until=None)}
+    rows = await monthly_figures(service)
     november = rows[("2026-11", "USD")]
     # A quarter of 11,000 CREDIT used: a quarter of USD 95.00 earned, in USD; the credit itself in CREDIT.
     assert (november["consumed"], november["breakage"]) == (2375 * CENT, 0)
