@@ -141,6 +141,11 @@ def handles(kind: str) -> Callable[[CommandHandler], CommandHandler]:
     return register
 
 
+class NotInMemory(Exception):
+    """A decision asked to use this process's aggregates only (``memory_only``) needs one that is not cached
+    here now, or that another thread is deciding on: nothing was read from the store nor decided."""
+
+
 class CommandRejected(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(detail or reason)
@@ -163,6 +168,7 @@ class _Batch:
         self.results: list[CommandResult] = []
         self.stored: list[StoredEvent] = []
         self.trust_cache = False  # see LedgerApplication.load_many
+        self.memory_only = False  # likewise
         self.known: _Known | None = None  # events already read for the first load (see load_many)
         self.now = datetime.now(UTC)  # when this batch's receipts were recorded
         self.now_tagged = {"_type_": "datetime_iso", "_data_": self.now.isoformat()}  # as the transcoder tags it
@@ -172,7 +178,8 @@ class _Batch:
 
     def prefetch(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID]) -> None:
         wanted = [i for i in aggregate_ids if i not in self.loaded and not self._take_from_previous(i)]
-        self.loaded.update(self.app.load_many(wanted, receipt_ids, trust_cache=self.trust_cache, known=self.known))
+        self.loaded.update(self.app.load_many(wanted, receipt_ids, trust_cache=self.trust_cache, known=self.known,
+                                              memory_only=self.memory_only))
 
     def _take_from_previous(self, aggregate_id: UUID) -> bool:
         if self.after is None or self.after.loaded.get(aggregate_id) is None:
@@ -195,7 +202,8 @@ class _Batch:
 
     def get(self, aggregate_id: UUID) -> Any:
         if aggregate_id not in self.loaded and not self._take_from_previous(aggregate_id):
-            self.loaded.update(self.app.load_many([aggregate_id], (), trust_cache=self.trust_cache))
+            self.loaded.update(self.app.load_many([aggregate_id], (), trust_cache=self.trust_cache,
+                                                  memory_only=self.memory_only))
         aggregate = self.loaded[aggregate_id]
         if aggregate is not None and aggregate_id not in self.touched:
             self.touched[aggregate_id] = len(aggregate.pending_events)
@@ -322,7 +330,8 @@ class LedgerApplication(Application[UUID]):
     # -- reading -----------------------------------------------------------------------------------------
 
     def load_many(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID] = (), *,
-                  trust_cache: bool = False, known: _Known | None = None) -> dict[UUID, Any | None]:
+                  trust_cache: bool = False, known: _Known | None = None, memory_only: bool = False
+                  ) -> dict[UUID, Any | None]:
         """Current state of many aggregates in one query: cached ones are taken out and brought up to date,
         the others replayed. Receipts are never cached. The caller owns what it gets (see AggregateCache).
 
@@ -331,6 +340,9 @@ class LedgerApplication(Application[UUID]):
         (IntegrityError) instead of deciding wrongly, and a repeated command id fails on its receipt.
         ``known`` = ({id: version}, {id: events after it}): read already (with the decision's locks, see
         ``_apply_exclusively``); used for every id taken at exactly that version, the others are queried.
+        ``memory_only`` (with ``trust_cache``): raises ``NotInMemory``, having read nothing, when an aggregate is
+        not cached or another thread has it out (an attempt on an event loop's thread, which must not wait for
+        the store: see ``direct.DirectCommands.decide``).
         """
         # Waits for an aggregate another thread has out (aggregate_cache.py), except on an event loop's thread
         # (it would stop every request) and under PostgreSQL locks (see _under_locks).
@@ -339,6 +351,9 @@ class LedgerApplication(Application[UUID]):
         briefly = not getattr(self._pipelining, "active", False)
         taken: dict[UUID, Any | None] = {i: self.cache.take(i, wait, briefly=briefly) for i in aggregate_ids}
         cached = {i for i, a in taken.items() if a is not None}
+        if memory_only and len(cached) < len(taken):
+            self.give_back(taken)
+            raise NotInMemory(f"{len(taken) - len(cached)} of {len(taken)} aggregates are not in memory")
         if self.snapshotter is not None and len(cached) < len(taken):
             try:  # the others start from their latest snapshot, if any (snapshots.py)
                 taken.update(self.snapshotter.restore([i for i in taken if i not in cached]))
@@ -399,7 +414,7 @@ class LedgerApplication(Application[UUID]):
     # -- commands ----------------------------------------------------------------------------------------
 
     def apply_commands(self, commands: Sequence[LedgerCommand], tracking: Tracking | None = None, *,
-                       record_rejections: bool = True, trust_cache: bool = False,
+                       record_rejections: bool = True, trust_cache: bool = False, memory_only: bool = False,
                        exclusive: bool = False, contention: Contention | None = None) -> list[CommandResult]:
         """Applies commands in order in ONE transaction (with ``tracking`` when they came from Kafka).
 
@@ -407,7 +422,7 @@ class LedgerApplication(Application[UUID]):
         except rejections when ``record_rejections`` is false (direct HTTP calls: the caller is told and
         may retry with the same id once the cause is fixed). Raises eventsourcing's ``IntegrityError`` when
         another writer recorded one of the aggregates first: nothing was written, the caller retries.
-        ``trust_cache``: see ``load_many`` (direct commands, whose caller retries without it).
+        ``trust_cache``, ``memory_only``: see ``load_many`` (direct commands, whose caller retries without them).
         ``exclusive``: read and decide while holding locks, so no other writer can record first
         (``IntegrityError`` then only for a tracking position already recorded, see ``_apply_exclusively``);
         for writers that recently lost a race. Ignored where the recorder cannot (SQLite). ``contention``
@@ -418,7 +433,8 @@ class LedgerApplication(Application[UUID]):
         try:
             if exclusive and self.can_decide_exclusively:
                 return self._apply_exclusively(commands, tracking, record_rejections, contention)
-            batch = self._prepare(commands, tracking, record_rejections, trust_cache=trust_cache)
+            batch = self._prepare(commands, tracking, record_rejections, trust_cache=trust_cache,
+                                  memory_only=memory_only)
             self._commit(batch)
         except BaseException:
             self.cache.release_mine()  # the batch's aggregates are dropped: nobody waits for them
@@ -590,11 +606,12 @@ class LedgerApplication(Application[UUID]):
 
     def _prepare(self, commands: Sequence[LedgerCommand], tracking: Tracking | None, record_rejections: bool,
                  after: _Batch | None = None, trust_cache: bool = False, known: _Known | None = None,
-                 owned: Mapping[UUID, Any] | None = None) -> _Batch:
+                 owned: Mapping[UUID, Any] | None = None, memory_only: bool = False) -> _Batch:
         """A batch deciding ``commands``. ``owned``: aggregates taken already (``_apply_locked``), brought up to
         date here with the events ``known`` read after their versions."""
         batch = _Batch(self, tracking, after)
         batch.trust_cache = trust_cache
+        batch.memory_only = memory_only
         batch.known = known
         if owned:
             found = known[1] if known is not None else {}

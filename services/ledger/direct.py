@@ -49,7 +49,7 @@ from uuid import UUID
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand
-from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.application import CommandResult, LedgerApplication, NotInMemory
 from billing_ledger.contention import Contention, backoff_seconds
 from billing_ledger.limits import (
     DIRECT_CONFLICT_RETRIES_MAX,
@@ -154,10 +154,15 @@ class DirectCommands:
         requests group as before. An inline attempt that refuses or conflicts is handed to the writer to
         be decided on the stored state, as a group's would be; one slower than
         ``DIRECT_INLINE_SLOW_SECONDS`` (a busy database) stops inline decisions for
-        ``DIRECT_INLINE_PAUSE_SECONDS``.
+        ``DIRECT_INLINE_PAUSE_SECONDS``. The inline attempt uses the cached accounts only: one that another
+        thread took between the check and the attempt (the sweeper, a group) is not loaded from the store on this
+        thread (which would stop every request meanwhile); the command goes to the writer, which waits its turn.
         """
         if self._may_decide_inline(command, aggregate_id) and self._deciding.acquire(blocking=False):
-            result = self._decide_inline(command)
+            try:
+                result = self._decide_inline(command)
+            except NotInMemory:  # taken by another thread since _may_decide_inline looked: its turn is the writer's
+                return await self._hand_over(command, fresh=False)
             if result is not None:
                 return result
             return await self._hand_over(command, fresh=True)
@@ -176,10 +181,13 @@ class DirectCommands:
 
     def _decide_inline(self, command: LedgerCommand) -> CommandResult | None:
         """The first attempt on this thread (trusting the cache), ``_deciding`` held by the caller and released
-        here; None: to be decided again on the stored state."""
+        here; None: to be decided again on the stored state. Raises ``NotInMemory`` (nothing read or decided)
+        when an account is no longer cached here."""
         started = time.monotonic()
         try:
-            result = self.app.apply_commands([command], record_rejections=False, trust_cache=True)[0]
+            # Memory only: an account another thread took meanwhile is not replayed from the store on this thread.
+            result = self.app.apply_commands([command], record_rejections=False, trust_cache=True,
+                                             memory_only=True)[0]
         except IntegrityError:
             log.debug("direct_commands_conflict", commands=1, attempt=1, inline=True)
             self.contention.conflicted(time.monotonic())

@@ -71,3 +71,45 @@ def test_inline_refusal_is_decided_again_by_the_writer_on_stored_state(app: Ledg
 
 def test_sqlite_decides_through_the_writer_by_default(app: LedgerApplication) -> None:
     assert DirectCommands(app).inline is False  # only where a commit is one pipelined round trip (PostgreSQL)
+
+
+def test_an_account_taken_by_another_thread_after_the_check_is_not_read_from_the_store_on_the_loop(
+        app: LedgerApplication, monkeypatch: object) -> None:
+    """The race between ``_may_decide_inline`` (the account is cached) and the attempt's take (another thread,
+    such as the sweeper, took it first): the loop's thread must not replay the account from the store; the
+    writer waits for its turn and decides on the aggregate the other thread puts back."""
+    import threading
+
+    open_account(app, "acme", {"key": "g", "amount": "10.00"})
+    cache_account(app, "acme")
+    account = ids.account_id("acme")
+    direct = DirectCommands(app, inline=True)
+    direct._may_decide_inline = lambda command, aggregate_id: True  # type: ignore[method-assign]  # checked: cached
+    reads: list[str] = []
+    events_after = app.reader.events_after
+
+    def recorded(versions: object) -> object:
+        reads.append(threading.current_thread().name)
+        return events_after(versions)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app.reader, "events_after", recorded)  # type: ignore[attr-defined]
+    taken, done = threading.Event(), threading.Event()
+
+    def sweeper() -> None:  # takes the account, decides for a moment, puts it back unchanged
+        aggregate = app.cache.take(account)
+        taken.set()
+        time.sleep(0.05)
+        app.cache.put(aggregate)
+        done.set()
+
+    other = threading.Thread(target=sweeper, name="sweeper")
+    other.start()
+    assert taken.wait(5)
+    loop_thread = threading.current_thread().name
+    result = asyncio.run(direct.decide(hold("acme", "h1", "4.00")))  # type: ignore[arg-type]
+    other.join(5)
+    assert result.outcome == "applied" and result.value["status"] == "active"
+    assert direct.inline_decisions == 0 and direct._writer is not None  # decided by the writer, after its turn
+    assert loop_thread not in reads  # nothing was replayed on the event loop's thread
+    assert reads == []  # the writer got the aggregate the sweeper put back: no replay at all
+    assert app.read(account, lambda a: a.available("USD")) == 6 * U
