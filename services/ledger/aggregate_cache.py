@@ -75,6 +75,11 @@ class AggregateCache:
         found = self._items.get(aggregate_id)
         return None if found is None else found.version  # type: ignore[no-any-return]
 
+    def versions(self) -> dict[UUID, int]:
+        """The version of every cached aggregate now (hints, as ``in``)."""
+        with self._lock:
+            return {i: a.version for i, a in self._items.items()}
+
     def peek(self, aggregate_id: UUID, read: Callable[[Any], T]) -> T | None:
         """``read(aggregate)`` of the cached aggregate without taking it out (None if absent): ``read`` must not
         change it. A cached aggregate is committed and nobody changes it while it is cached, so this is the

@@ -75,5 +75,13 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
                *([partial(run_digest, app, smtp, settings.digest_recipient,
                           interval_seconds=settings.digest_interval_seconds, is_leader=leader)]
                  if settings.digest_recipient and smtp else [])],
-        close=lambda: asyncio.to_thread(app.close),
+        close=lambda: asyncio.to_thread(_stop, app),
     )
+
+
+def _stop(app: LedgerApplication) -> None:
+    """At a graceful stop: the next process loads the accounts in memory here without long replays, then close."""
+    try:
+        app.snapshot_lagging()
+    finally:
+        app.close()

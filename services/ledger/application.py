@@ -597,6 +597,11 @@ class LedgerApplication(Application[UUID]):
             self._commit_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit")
         return self._commit_executor
 
+    def snapshot_lagging(self) -> int:
+        """Snapshots of the cached aggregates far past their latest snapshot (a graceful stop, see snapshots.py);
+        how many were written."""
+        return self.snapshotter.take_lagging(self.cache) if self.snapshotter is not None else 0
+
     def close(self) -> None:
         if self._commit_executor is not None:
             self._commit_executor.shutdown(wait=True)

@@ -24,6 +24,12 @@ SNAPSHOT_EVENTS_INTERVAL = 200
 SNAPSHOT_STATE_BYTES_PER_EVENT = 100
 # Snapshots waiting for the writer thread at most (each a list of one transaction's); more are dropped.
 SNAPSHOT_QUEUE_MAX = 10_000
+# At a graceful stop (``LedgerApplication.snapshot_lagging``) the cached aggregates with at least this many events
+# since their latest snapshot are snapshotted, most behind first, for at most SNAPSHOT_AT_STOP_SECONDS: the
+# next process loads them without replaying those events (a big state, snapshotted every ~10,000 events, would
+# replay up to that many: a few hundred ms for the bench's 1 MB account, each time it is first touched).
+SNAPSHOT_AT_STOP_EVENTS_MIN = 20
+SNAPSHOT_AT_STOP_SECONDS = 5.0
 # Latest snapshot versions remembered (one per aggregate seen); forgetting them only makes snapshots earlier.
 SNAPSHOT_VERSIONS_KEPT_MAX = 200_000
 

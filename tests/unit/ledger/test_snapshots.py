@@ -254,3 +254,62 @@ def test_a_big_state_is_snapshotted_less_often(store: Path) -> None:
         assert taken[len(first)] - taken[len(first) - 1] >= spacing
     finally:
         app.close()
+
+
+def test_a_graceful_stop_snapshots_the_cached_accounts_far_past_their_snapshot(store: Path) -> None:
+    """``snapshot_lagging`` (the service's stop): the next process loads an account without replaying the events
+    recorded since its latest snapshot; one only a few events past it is left to replay them."""
+    app = ledger(store)
+    assert app.snapshotter is not None
+    app.snapshotter.interval_events = 10_000  # no regular snapshot during the test
+    try:
+        open_account(app, "acme", {"key": "g", "amount": "1000.00"})
+        open_account(app, "quiet", {"key": "g", "amount": "1000.00"})
+        apply(app, *[command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 1, "meter": "m",
+                                                     "at": NOW.isoformat()}, key=f"d{n}") for n in range(30)])
+        acme, quiet = ids.account_id("acme"), ids.account_id("quiet")
+        assert stored_snapshots(app, acme) == [] and stored_snapshots(app, quiet) == []
+        version = app.read(acme, lambda a: a.version)
+        assert version - app.read(quiet, lambda a: a.version) >= 20
+        assert app.snapshot_lagging() == 1  # acme: 30 debits past no snapshot; quiet: a few events only
+        assert stored_snapshots(app, acme) == [version] and stored_snapshots(app, quiet) == []
+        assert app.read(acme, lambda a: a.version) == version  # still cached, unchanged
+    finally:
+        app.close()
+    fresh = ledger(store)
+    asked: list[dict[UUID, int]] = []
+    events_after = fresh.reader.events_after
+    fresh.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    try:
+        loaded = fresh.load_many([acme])[acme]
+        assert asked == [{acme: version}]  # nothing to replay after the snapshot
+        assert loaded.version == version
+        assert state_of(fresh, loaded) == state_of(fresh, replayed(fresh, acme))
+    finally:
+        fresh.close()
+
+
+def test_snapshots_at_a_stop_go_most_behind_first_within_the_time_allowed(store: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    app = ledger(store)
+    assert app.snapshotter is not None
+    app.snapshotter.interval_events = 10_000
+    try:
+        for tenant, debits in (("a", 25), ("b", 40)):
+            open_account(app, tenant, {"key": "g", "amount": "1000.00"})
+            apply(app, *[command("usage.debit", tenant, {"unit": "USD", "amount_subunits": 1, "meter": "m",
+                                                         "at": NOW.isoformat()}, key=f"d{n}") for n in range(debits)])
+        assert app.snapshotter.take_lagging(app.cache, seconds=0) == 0  # no time: nothing
+        assert app.snapshotter.take_lagging(app.cache, events_min=30) == 1  # only "b" is 30 events behind
+        assert stored_snapshots(app, ids.account_id("b")) and not stored_snapshots(app, ids.account_id("a"))
+        apply(app, *[command("usage.debit", "b", {"unit": "USD", "amount_subunits": 1, "meter": "m",
+                                                  "at": NOW.isoformat()}, key=f"e{n}") for n in range(30)])
+        # Time for one snapshot (the clock: the deadline, then one look per aggregate): the most behind goes
+        # first, "b" now 30 events past its snapshot, ahead of "a" at 27 past none.
+        ticks = iter([0.0, 0.0, 10.0])
+        monkeypatch.setattr(snapshots, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(ticks))}))
+        assert app.snapshotter.take_lagging(app.cache, seconds=5) == 1
+        monkeypatch.undo()
+        assert len(stored_snapshots(app, ids.account_id("b"))) == 2 and not stored_snapshots(app, ids.account_id("a"))
+    finally:
+        app.close()
