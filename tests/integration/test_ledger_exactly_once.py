@@ -2,6 +2,7 @@
 
 * Killed with SIGKILL while commands stream in (mid-batch), restarted: every command id sent has exactly
   one receipt, every usage debit is posted once, and each balance is the grant minus what was sent.
+* Stopped gracefully (SIGTERM), it leaves each busy account it had in memory snapshotted at its latest version.
 * Payment notifications delivered twice grant credit once.
 * Many parallel allocation requests, spread over two ledger processes, never exceed the pool's capacity.
 * A Kafka chunk or an HTTP decision that loses an optimistic race to another process is decided again under
@@ -165,6 +166,37 @@ def test_sigkill_mid_batch_double_posts_nothing_and_loses_nothing(ledger: Ledger
     finally:
         store.close()
     print(f"\n[ledger] killed with {done_at_kill}/{DEBITS} debits applied; after restart all {DEBITS} once")
+
+
+def test_a_graceful_stop_leaves_each_busy_account_snapshotted_at_its_latest_version(ledger: Ledger) -> None:
+    """SIGTERM: before it closes, the service snapshots the accounts it has in memory that are 20 or more events
+    past their latest snapshot (snapshots.py), so the next process replays none of them; a quiet one is left."""
+    busy, quiet = "stop-busy", "stop-quiet"
+    setup = [command("account.open", t, {"currency": "USD"}, "open") for t in (busy, quiet)]
+    setup += [command("credit.grant", t, {"grant_key": "g", "unit": "USD", "amount": "100",
+                                          "source": "purchase"}, "grant") for t in (busy, quiet)]
+    debits = [command("usage.debit", busy, {"unit": "USD", "amount_subunits": 1_000 + i, "meter": "tokens",
+                                            "at": datetime.now(UTC).isoformat()}, f"stop-{i}") for i in range(30)]
+    process = ledger.process("ledger-stop").start()
+    try:
+        send(ledger, setup)
+        send(ledger, debits)
+        sent = [c.command_id for c in setup + debits]
+        wait_until(lambda: len(receipts(ledger, sent)) == len(sent), timeout=60, what="every command applied")
+    finally:
+        assert process.stop(signal.SIGTERM) == 0
+    store = ledger.store()
+    try:
+        assert store.snapshots is not None
+        for tenant, snapshotted in ((busy, True), (quiet, False)):
+            account_id = ids.account_id(tenant)
+            version = max(e.originator_version for e in store.recorder.select_events(account_id))
+            taken = [s.originator_version for s in store.snapshots.recorder.select_events(account_id)]
+            assert (taken[-1:] == [version]) if snapshotted else taken == [], (tenant, version, taken)
+        loaded = store.load_many([ids.account_id(busy)])[ids.account_id(busy)]
+        assert loaded.available("USD") == 100 * U - sum(int(c.payload["amount_subunits"]) for c in debits)
+    finally:
+        store.close()
 
 
 def test_payment_delivered_twice_grants_once(ledger: Ledger) -> None:
