@@ -70,6 +70,15 @@ def busy_account(app: LedgerApplication, tenant: str = "acme", rounds: int = 6) 
                                                   "at": NOW.isoformat()}, key="adj")))
 
 
+def ledger_asked(path: Path) -> tuple[LedgerApplication, list[dict[UUID, int]]]:
+    """Another process's ledger on the store, and the versions it asks the store for events after."""
+    app = ledger(path)
+    asked: list[dict[UUID, int]] = []
+    events_after = app.reader.events_after
+    app.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    return app, asked
+
+
 def done(results: list[Any]) -> None:
     assert all(r.outcome == "applied" for r in results), results
 
@@ -97,10 +106,7 @@ def test_an_account_loads_from_its_latest_snapshot_as_its_whole_stream_replays(s
         assert taken and taken[-1] <= version and all(b - a >= INTERVAL for a, b in pairwise(taken))
     finally:
         writer.close()
-    fresh = ledger(store)  # another process: nothing in memory
-    asked: list[dict[UUID, int]] = []
-    events_after = fresh.reader.events_after
-    fresh.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    fresh, asked = ledger_asked(store)  # another process: nothing in memory
     try:
         loaded = fresh.load_many([account_id])[account_id]
         assert asked == [{account_id: taken[-1]}]  # only the events after the snapshot were read
@@ -128,10 +134,7 @@ def test_a_snapshot_of_another_format_is_ignored_and_the_stream_replayed(store: 
     finally:
         writer.close()
     monkeypatch.setitem(snapshots.FORMATS, BillingAccount, snapshots.FORMATS[BillingAccount] + 1)
-    fresh = ledger(store)
-    asked: list[dict[UUID, int]] = []
-    events_after = fresh.reader.events_after
-    fresh.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    fresh, asked = ledger_asked(store)
     try:
         loaded = fresh.load_many([account_id])[account_id]
         assert asked == [{account_id: 0}]
@@ -276,10 +279,7 @@ def test_a_graceful_stop_snapshots_the_cached_accounts_far_past_their_snapshot(s
         assert app.read(acme, lambda a: a.version) == version  # still cached, unchanged
     finally:
         app.close()
-    fresh = ledger(store)
-    asked: list[dict[UUID, int]] = []
-    events_after = fresh.reader.events_after
-    fresh.reader.events_after = lambda versions: asked.append(dict(versions)) or events_after(versions)  # type: ignore[method-assign]
+    fresh, asked = ledger_asked(store)
     try:
         loaded = fresh.load_many([acme])[acme]
         assert asked == [{acme: version}]  # nothing to replay after the snapshot
