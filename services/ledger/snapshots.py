@@ -211,13 +211,14 @@ class Snapshots:
     def take_lagging(self, cache: AggregateCache, events_min: int = SNAPSHOT_AT_STOP_EVENTS_MIN,
                      seconds: float = SNAPSHOT_AT_STOP_SECONDS) -> int:
         """At a graceful stop: snapshots of the cached aggregates with at least ``events_min`` events since their
-        latest snapshot, most behind first, encoded for at most ``seconds``, written now (before the writer
-        stops); how many. The next process loads them without replaying those events. Each is taken out of the
+        latest snapshot, most behind first, taken and written (now, not by the writer thread) for at most about
+        ``seconds``; how many. The next process loads them without replaying those events. Each is taken out of the
         cache while it is encoded, so no other thread changes it meanwhile."""
         deadline = time.monotonic() + seconds
         lagging = sorted(((version - self._versions.get(i, 0), i) for i, version in cache.versions().items()
                           if version - self._versions.get(i, 0) >= events_min), reverse=True)
         stored: list[StoredEvent] = []
+        taken = 0
         for _, aggregate_id in lagging:
             if time.monotonic() >= deadline:
                 break
@@ -230,11 +231,14 @@ class Snapshots:
                     stored.append(self.encode(aggregate))
             finally:
                 cache.put(aggregate)
-        for start in range(0, len(stored), SNAPSHOT_WRITE_BATCH_MAX):
-            self.write(stored[start:start + SNAPSHOT_WRITE_BATCH_MAX])
-        if stored:
-            log.info("snapshots_taken_at_stop", snapshots=len(stored), lagging=len(lagging))
-        return len(stored)
+            if len(stored) >= SNAPSHOT_WRITE_BATCH_MAX:  # written as they come: the time allowed covers the writes
+                self.write(stored)
+                taken, stored = taken + len(stored), []
+        self.write(stored)
+        taken += len(stored)
+        if taken:
+            log.info("snapshots_taken_at_stop", snapshots=taken, lagging=len(lagging))
+        return taken
 
     def flush(self) -> None:
         """Waits until every snapshot handed over so far is written (or failed)."""
