@@ -215,11 +215,12 @@ class Snapshots:
         ``seconds``; how many. The next process loads them without replaying those events. Each is taken out of the
         cache while it is encoded, so no other thread changes it meanwhile."""
         deadline = time.monotonic() + seconds
-        lagging = sorted(((version - self._versions.get(i, 0), i) for i, version in cache.versions().items()
-                          if version - self._versions.get(i, 0) >= events_min), reverse=True)
+        behind = {i: version - self._versions.get(i, 0) for i, version in cache.versions().items()}
+        lagging = sorted((i for i, events in behind.items() if events >= events_min), key=behind.__getitem__,
+                         reverse=True)
         stored: list[StoredEvent] = []
         taken = 0
-        for _, aggregate_id in lagging:
+        for aggregate_id in lagging:
             if time.monotonic() >= deadline:
                 break
             aggregate = cache.take(aggregate_id)
