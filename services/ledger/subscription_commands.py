@@ -14,7 +14,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal, to_subunits
+from billing_events.money import RATING_CONTEXT, parse_decimal, to_subunits
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.catalog_commands import published_catalog
@@ -26,6 +26,7 @@ from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import TaxProfileData, check_vat_id, compute_tax
+from billing_ledger.invoice_overage import overage_lines, settle_paid
 from billing_ledger.payload import at as effective_at
 
 INVOICE_DUE_DAYS = 14
@@ -339,17 +340,13 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     lines = [line(item["kind"], item["description"], parse_decimal(item["amount"], allow_negative=True),
                   invoice.currency, **{k: v for k, v in item.items() if k not in ("kind", "description", "amount")})
              for item in command.payload.get("lines", [])]
-    usage = sum((parse_decimal(item["amount"], allow_negative=True) for item in command.payload.get("lines", [])),
-                Decimal(0))
-    if usage > 0:
-        # Real-time drawdown already took what credits covered; what they did not is in receivables
-        # (overage). The invoice shows the usage, the credits applied, and so bills only the overage.
-        account = account_of(batch, tenant)
-        overage = from_subunits(_roster(batch, tenant).invoice_receivable(
-            unit=invoice.currency, up_to=account.receivable(invoice.currency), invoice=str(invoice.id)))
-        applied = max(usage - overage, Decimal(0))
-        if applied:
-            lines.append(line("credits_applied", "Prepaid credits applied", -applied, invoice.currency))
+    catalog = batch.get(Catalog.create_id())
+    credit_units = (getattr(catalog, "document", None) or {}).get("credit_units") or {}
+    at = effective_at(command)
+    payload = command.payload
+    start = datetime.fromisoformat(payload["period_start"]) if payload.get("period_start") else invoice.period_start
+    end = datetime.fromisoformat(payload["period_end"]) if payload.get("period_end") else at
+    lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at)
     invoice.add_lines(lines, by=command.issued_by)
     _finalize(app, batch, invoice, effective_at(command), command.issued_by)
 
@@ -361,6 +358,8 @@ def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerComm
     if invoice is None or invoice.tenant != tenant:
         raise CommandRejected("unknown_invoice")
     invoice.mark_paid(at=effective_at(command), payment=str(command.payload.get("payment", "")), by=command.issued_by)
+    if invoice.document_type == INVOICE:
+        settle_paid(account_of(batch, tenant), invoice, effective_at(command), str(command.payload.get("payment", "")))
     if invoice.subscription_id:
         sub = batch.get(UUID(invoice.subscription_id))
         if sub is not None:

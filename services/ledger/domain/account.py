@@ -178,6 +178,10 @@ class BillingAccount(ChainedAggregate):
         self._settled_holds: dict[str, HoldRecord] = {}  # the last SETTLED_HOLDS_KEPT_MAX, oldest first
         self._held: dict[str, int] = {}  # sum of active holds per unit
         self._receivable: dict[str, int] = {}
+        # Overage not yet on an invoice: unit -> period key (rating's ``cause.period``, else the time it was
+        # posted) -> net sub-units; and the overage each unpaid invoice billed: invoice id -> unit -> sub-units.
+        self._unbilled: dict[str, dict[str, int]] = {}
+        self._invoiced_overage: dict[str, dict[str, int]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
@@ -766,6 +770,9 @@ class BillingAccount(ChainedAggregate):
         # ``overage`` is the change of receivables: positive = posted beyond credit, negative = given back.
         self._apply_draws(unit, draws, remember=True)
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
+        if overage:
+            period = cause.get("period")
+            _add_unbilled(self._unbilled, unit, period if type(period) is str and period else at.isoformat(), overage)
         if credit_grant is not None:
             self._add_grant(credit_grant)
         self._update_arming(unit)
@@ -919,6 +926,8 @@ class BillingAccount(ChainedAggregate):
         self._settle_hold(str(hold_id), "captured", captured=amount)
         self._apply_draws(unit, draws, remember=True)
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
+        if overage:
+            _add_unbilled(self._unbilled, unit, at.isoformat(), overage)
         self._update_arming(unit)
 
     def release_hold(self, *, hold_id: UUID, at: datetime) -> None:
@@ -1240,6 +1249,70 @@ class BillingAccount(ChainedAggregate):
     ) -> None:
         self._receivable[unit] = self._receivable.get(unit, 0) - amount
 
+    # == overage on invoices ==================================================================================
+
+    def unbilled_overage(self, unit: str) -> dict[str, int]:
+        """Overage of ``unit`` not yet on an invoice: period key -> net sub-units (see ``invoice_overage``)."""
+        return dict(self._unbilled.get(unit, {}))
+
+    def invoiced_overage(self, invoice: str) -> dict[str, int]:
+        """The overage ``invoice`` billed and that is not settled yet: unit -> sub-units."""
+        return dict(self._invoiced_overage.get(invoice, {}))
+
+    def invoice_overage(
+        self, *, invoice: str, units: Iterable[str], end: datetime, at: datetime
+    ) -> dict[str, dict[str, int]]:
+        """Marks the overage of ``units`` posted for periods that began before ``end`` as billed on ``invoice``.
+
+        Returns unit -> period key -> net sub-units taken. Overage is kept by the period rating priced it in
+        (``cause.period``: a subscription period's start or a calendar month ``YYYY-MM``; the time it was
+        posted when there is none), so an invoice for a period that ended takes that period's overage and any
+        left from earlier periods, never what the next period's usage (arriving before the invoice) posted.
+        """
+        _require_time("end", end)
+        taken: dict[str, dict[str, int]] = {}
+        for unit in sorted(set(units)):
+            picked = {key: amount for key, amount in self._unbilled.get(unit, {}).items()
+                      if period_began(key) < end}
+            if picked:
+                taken[unit] = picked
+        if taken:
+            self._overage_invoiced(invoice=invoice, taken=taken, at=at)
+        return taken
+
+    @event("OverageInvoiced")
+    def _overage_invoiced(self, invoice: str, taken: dict[str, dict[str, int]], at: datetime) -> None:
+        billed = self._invoiced_overage.setdefault(invoice, {})
+        for unit, periods in taken.items():
+            left = self._unbilled.get(unit, {})
+            for key in periods:
+                left.pop(key, None)
+            if not left:
+                self._unbilled.pop(unit, None)
+            billed[unit] = billed.get(unit, 0) + sum(periods.values())
+        for unit in [u for u, amount in billed.items() if amount <= 0]:
+            del billed[unit]  # a net give-back: nothing to collect
+        if not billed:
+            del self._invoiced_overage[invoice]
+
+    def settle_invoiced_overage(self, *, invoice: str, at: datetime, cause: dict[str, Any]) -> None:
+        """``invoice`` was paid: the overage it billed leaves receivables (Dr GATEWAY_CLEARING / Cr RECEIVABLES),
+        each unit at most what is still receivable (a give-back after the invoice may have reduced it)."""
+        due = self._invoiced_overage.get(invoice)
+        if not due:
+            return
+        for unit, amount in sorted(due.items()):
+            amount = min(amount, self.receivable(unit))
+            if amount > 0:
+                self.settle_receivable(
+                    settlement_id=uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/invoices/{invoice}/settle/{unit}"),
+                    unit=unit, amount=amount, at=at, cause={**cause, "invoice": invoice})
+        self._invoiced_overage_closed(invoice=invoice, at=at)
+
+    @event("InvoicedOverageClosed")
+    def _invoiced_overage_closed(self, invoice: str, at: datetime) -> None:
+        self._invoiced_overage.pop(invoice, None)
+
     # == low balance and auto top-up =========================================================================
 
     def set_low_balance_threshold(self, unit: str, threshold: int | None) -> None:
@@ -1560,6 +1633,25 @@ def _usage_postings(unit: str, draws: list[Draw], overage: int) -> list[Posting]
             posting(LedgerAccount.RECOGNISED_REVENUE, unit, -overage),
         ]
     return postings
+
+
+def period_began(key: str) -> datetime:
+    """When the period named by an overage key began: ``YYYY-MM`` (a calendar month) or an ISO 8601 time."""
+    if len(key) == 7:
+        return datetime(int(key[:4]), int(key[5:7]), 1, tzinfo=UTC)
+    began = datetime.fromisoformat(key)
+    return began if began.tzinfo is not None else began.replace(tzinfo=UTC)
+
+
+def _add_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> None:
+    periods = unbilled.setdefault(unit, {})
+    total = periods.get(key, 0) + amount
+    if total:
+        periods[key] = total
+    else:
+        periods.pop(key, None)
+        if not periods:
+            del unbilled[unit]
 
 
 def _month(at: datetime) -> str:

@@ -48,14 +48,7 @@ class Roster(Aggregate):
     def _tax_profile_set(self, profile: dict[str, Any], at: datetime, by: str) -> None:
         self.tax_profile = dict(profile)
 
-    def invoice_receivable(self, *, unit: str, up_to: int, invoice: str) -> int:
-        """Marks the account's receivables up to ``up_to`` as invoiced; returns what was new (>= 0)."""
-        new = up_to - self.receivable_invoiced.get(unit, 0)
-        if new > 0:
-            self._receivable_invoiced(unit=unit, up_to=up_to, invoice=invoice)
-        return max(new, 0)
-
-    @event("ReceivableInvoiced")
+    @event("ReceivableInvoiced")  # before session 7 (overage is now kept per period by the account): replays only
     def _receivable_invoiced(self, unit: str, up_to: int, invoice: str) -> None:
         self.receivable_invoiced[unit] = up_to
 

@@ -961,6 +961,8 @@ def _every_event_type() -> BillingAccount:
     account.void_grant(grant_id=plan, reason="plan change", voided_by="admin", at=at(14))
     debit(account, 30 * U, when=at(15))
     account.settle_receivable(settlement_id=uuid4(), unit=USD, amount=U, at=at(16), cause={})
+    assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(17))
+    account.settle_invoiced_overage(invoice="inv-1", at=at(18), cause={"payment": "pi_1"})
     account.expire_grants(at(days=1))
     account.recognise_purchase_money(at(days=1))
     account.set_low_balance_threshold(CREDIT, 10 * U)

@@ -172,9 +172,11 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # The current format of each snapshotted aggregate: the attributes its events build. A change here means a change
 # of the snapshot format: bump the class's entry in snapshots.FORMATS, then update this list. Account format 2:
 # the same attributes, but the ``money`` of a credit-unit purchase grant (in ``_grants``) keeps its recognition.
-ACCOUNT_ATTRIBUTES_FORMAT_2 = [
-    "_auto_top_up", "_created_on", "_grants", "_held", "_holds", "_id", "_low_balance", "_modified_on",
-    "_pending_events", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history", "_version",
+# Format 3: overage kept per period until invoiced (``_unbilled``) and per invoice until paid (``_invoiced_overage``).
+ACCOUNT_ATTRIBUTES_FORMAT_3 = [
+    "_auto_top_up", "_created_on", "_grants", "_held", "_holds", "_id", "_invoiced_overage", "_low_balance",
+    "_modified_on", "_pending_events", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history",
+    "_unbilled", "_version",
     "chain_head", "currency", "opened_by", "tenant",
 ]
 
@@ -190,7 +192,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 2 and account == ACCOUNT_ATTRIBUTES_FORMAT_2
+    assert snapshots.FORMATS[BillingAccount] == 3 and account == ACCOUNT_ATTRIBUTES_FORMAT_3
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 

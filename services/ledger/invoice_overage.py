@@ -1,0 +1,91 @@
+"""What a renewal invoice bills for the ended period's usage: the credits applied and the overage lines.
+
+Real-time drawdown already took what credit covered; what it did not went to ``RECEIVABLES`` (overage),
+kept on the account by the period rating priced it in (``BillingAccount.invoice_overage``). Rating's usage
+lines show the period's whole usage, so the invoice adds:
+
+* **Prepaid credits applied**: the usage lines' total (their rounded amounts, as the invoice adds them) less
+  the period's own overage in the invoice currency, so the period's usage costs exactly its overage.
+* **Overage** lines for what the usage lines cannot show: overage left from earlier periods (or more than the
+  lines itemise), and overage in a credit unit (a meter priced in credits that ran out), priced at the credit
+  unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
+  be billed: it stays receivable, unbilled, and is logged.
+
+The overage an invoice billed is settled (leaves receivables) when the invoice is paid (``settle_paid``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from billing_events.money import RATING_CONTEXT, currency, from_subunits, parse_decimal, round_minor
+from billing_ledger.domain.account import BillingAccount, period_began
+from billing_ledger.domain.invoice import Invoice, line
+from billing_runtime.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[dict[str, Any]],
+                  credit_units: dict[str, Any], period_start: datetime, period_end: datetime,
+                  at: datetime) -> list[dict[str, Any]]:
+    """The lines to add after rating's ``usage_lines`` (already rounded, see ``invoice.line``); marks the
+    overage they bill as invoiced on the account."""
+    money = invoice.currency
+    prices = _credit_prices(credit_units, money)
+    for unit in sorted(set(account.units()) - {money} - set(prices)):
+        if unit in credit_units and any(v > 0 for v in account.unbilled_overage(unit).values()):
+            log.warning("credit_overage_unpriced", tenant=account.tenant, unit=unit, invoice=str(invoice.id),
+                        detail=f"credit unit {unit} has no list_price in {money}: its overage stays unbilled")
+    taken = account.invoice_overage(invoice=str(invoice.id), units=[money, *prices], end=period_end, at=at)
+    lines: list[dict[str, Any]] = []
+    usage = Decimal(0)
+    for item in usage_lines:  # rating's lines, as rounded on the invoice
+        usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
+    own = earlier = 0
+    for key, amount in taken.get(money, {}).items():
+        if period_began(key) == period_start:
+            own += amount
+        else:
+            earlier += amount
+    scale = currency(money)
+    own_billed = max(round_minor(from_subunits(own), scale), Decimal(0))
+    if usage > 0:
+        applied = max(RATING_CONTEXT.subtract(usage, own_billed), Decimal(0))
+        if applied:
+            lines.append(line("credits_applied", "Prepaid credits applied", -applied, money))
+    # What the usage lines and credits applied leave unbilled of the overage taken (earlier periods, or more
+    # overage than the lines itemise): the invoice then bills exactly the overage taken, rounded once.
+    rest = RATING_CONTEXT.subtract(round_minor(from_subunits(own + earlier), scale),
+                                   min(max(usage, Decimal(0)), own_billed))
+    if rest > 0:
+        label = "Overage from earlier periods" if earlier else "Overage beyond the usage itemised above"
+        lines.append(line("overage", label, rest, money))
+    for unit, price in prices.items():
+        credits = sum(taken.get(unit, {}).values())
+        if credits <= 0:
+            continue
+        quantity = Decimal(format(from_subunits(credits).normalize(), "f"))
+        lines.append(line("overage", f"{quantity} {unit} used beyond prepaid credit, at {price} {money} each",
+                          RATING_CONTEXT.multiply(quantity, price), money, quantity=str(quantity),
+                          unit_amount=str(price), credit_unit=unit, overage_subunits=credits))
+    return lines
+
+
+def _credit_prices(credit_units: dict[str, Any], money: str) -> dict[str, Decimal]:
+    """Credit unit -> its list price in ``money`` (units without one, or priced in another currency, left out)."""
+    prices: dict[str, Decimal] = {}
+    for code, spec in sorted(credit_units.items()):
+        price = spec.get("list_price") if isinstance(spec, dict) else None
+        if price in (None, "") or (spec.get("currency") or money) != money:
+            continue
+        prices[code] = parse_decimal(str(price))
+    return prices
+
+
+def settle_paid(account: BillingAccount, invoice: Invoice, at: datetime, payment: str) -> None:
+    """``invoice`` is paid: the overage it billed is settled (Dr GATEWAY_CLEARING / Cr RECEIVABLES)."""
+    account.settle_invoiced_overage(invoice=str(invoice.id), at=at,
+                                    cause={"invoice_number": invoice.number, "payment": payment})

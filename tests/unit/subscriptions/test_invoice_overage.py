@@ -1,0 +1,143 @@
+"""What a renewal invoice bills for the ended period's usage, and what paying it settles (SQLite ledger)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from billing_events import ids
+from billing_events.messages import LedgerCommand
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.invoice import Invoice, invoice_id
+from billing_ledger.domain.postings import LedgerAccount
+from billing_ledger.domain.subscription import subscription_id
+
+U = 10**9
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
+JAN_1 = datetime(2027, 1, 1, tzinfo=UTC)
+CATALOG: dict[str, Any] = {
+    "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.10", "currency": "USD"}},
+    "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}},
+               {"code": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
+    "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00",
+               "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}],
+}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> LedgerApplication:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=CATALOG, digest="c1")
+    run(ledger, "account.open", "acme", currency="USD")
+    assert run(ledger, "subscription.create", "acme", key="m", plan="team").outcome == "applied"
+    return ledger
+
+
+def run(app: LedgerApplication, kind: str, tenant: str | None, at: datetime = NOV_1, outcome: str = "applied",
+        **payload: Any) -> Any:
+    command = LedgerCommand(command_id=uuid4(), kind=kind, tenant=tenant, issued_at=at, issued_by="user:test",
+                            payload={"at": at.isoformat(), **payload})
+    [result] = app.apply_commands([command])
+    assert result.outcome == outcome, result
+    return result
+
+
+def debit(app: LedgerApplication, amount: str, period: datetime, at: datetime, unit: str = "USD",
+          meter: str = "api_calls") -> None:
+    """A usage debit as rating sends it: priced in ``period`` (the subscription period's start)."""
+    run(app, "usage.debit", "acme", at=at, unit=unit, amount_subunits=int(Decimal(amount) * U), meter=meter,
+        overage_policy="overage", cause={"event_ids": [str(uuid4())], "period": period.isoformat()})
+
+
+def renew_and_bill(app: LedgerApplication, ended: datetime, end: datetime,
+                   lines: list[dict[str, str]], usage_before_lines: Any = None) -> Invoice:
+    """The renewal at ``end``, then (after ``usage_before_lines``, if any) rating's usage lines of the period."""
+    run(app, "subscription.tick", "acme", at=end, key="m")
+    if usage_before_lines is not None:
+        usage_before_lines()
+    key = f"{subscription_id('acme', 'm')}/{end.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=end, invoice_key=key, lines=lines, period_start=ended.isoformat(),
+        period_end=end.isoformat())
+    invoice: Invoice = app.repository.get(invoice_id("acme", key))
+    assert invoice.status == "finalized"
+    return invoice
+
+
+def usage_line(amount: str, meter: str = "api_calls") -> dict[str, str]:
+    return {"kind": "usage", "description": f"{meter}", "amount": amount, "meter": meter}
+
+
+def account(app: LedgerApplication) -> BillingAccount:
+    return app.repository.get(ids.account_id("acme"))  # type: ignore[no-any-return]
+
+
+def test_the_invoice_bills_the_ended_periods_overage_even_when_the_next_periods_usage_arrives_first(
+        app: LedgerApplication) -> None:
+    run(app, "credit.grant", "acme", grant_key="usd", unit="USD", amount="2.00")
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))  # 2.00 from credit, 3.00 overage
+    # December's first usage is debited before rating's lines for November reach the ledger (no order between
+    # the two topics): it is December's overage and must wait for December's invoice.
+    november = renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")],
+                              lambda: debit(app, "4.00", DEC_1, datetime(2026, 12, 1, 0, 5, tzinfo=UTC)))
+    assert november.total == Decimal("33.00")  # December's fee + November's 3.00 of overage
+    assert [(x["kind"], x["amount"]) for x in november.lines[1:]] == [("usage", "5.00"), ("credits_applied", "-2.00")]
+    december = renew_and_bill(app, DEC_1, JAN_1, [usage_line("4.00")])
+    assert december.total == Decimal("34.00")  # January's fee + December's 4.00, no credit applied
+    assert account(app).unbilled_overage("USD") == {}
+
+
+def test_overage_left_from_an_earlier_period_is_billed_on_its_own_line(app: LedgerApplication) -> None:
+    # Usage posted for October (before the subscription) was never invoiced: the first renewal bills it too.
+    debit(app, "1.50", datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 10, 31, tzinfo=UTC))
+    debit(app, "2.00", NOV_1, datetime(2026, 11, 2, tzinfo=UTC))
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("2.00")])
+    assert [(x["kind"], x["amount"]) for x in invoice.lines[1:]] == [
+        ("usage", "2.00"), ("overage", "1.50")]
+    assert invoice.total == Decimal("33.50")
+
+
+def test_a_credit_priced_meter_that_ran_out_is_billed_at_the_credit_list_price(app: LedgerApplication) -> None:
+    debit(app, "150", NOV_1, datetime(2026, 11, 20, tzinfo=UTC), unit="CREDIT", meter="tokens")  # 100 granted
+    assert account(app).receivable("CREDIT") == 50 * U
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
+    [overage] = [x for x in invoice.lines if x["kind"] == "overage"]
+    assert (overage["quantity"], overage["unit_amount"], overage["amount"]) == ("50", "0.10", "5.00")
+    assert invoice.total == Decimal("35.00")  # fee + 50 CREDIT at 0.10 USD
+
+
+def test_paying_the_invoice_settles_the_overage_it_billed(app: LedgerApplication) -> None:
+    debit(app, "3.25", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
+    debit(app, "120", NOV_1, datetime(2026, 11, 21, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("3.25"), usage_line("0", meter="tokens")])
+    debit(app, "1.00", DEC_1, datetime(2026, 12, 2, tzinfo=UTC))  # December's: not on this invoice
+    assert (account(app).receivable("USD"), account(app).receivable("CREDIT")) == (425 * U // 100, 20 * U)
+    run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 3, tzinfo=UTC), invoice_id=str(invoice.id),
+        payment="pi_1")
+    after = account(app)
+    assert (after.receivable("USD"), after.receivable("CREDIT")) == (1 * U, 0)  # only December's overage is owed
+    assert after.invoiced_overage(str(invoice.id)) == {}
+    settled = [e for e in app.events.get(after.id) if type(e).__name__ == "ReceivableSettled"]
+    assert sorted((e.unit, e.amount) for e in settled) == [("CREDIT", 20 * U), ("USD", 325 * U // 100)]
+    for event in settled:  # Dr gateway clearing / Cr receivables, balanced
+        assert {(p["account"], p["amount"]) for p in event.postings} == {
+            (LedgerAccount.GATEWAY_CLEARING.value, event.amount), (LedgerAccount.RECEIVABLES.value, -event.amount)}
+    # Paid twice (a replayed notification): refused, nothing more settled.
+    run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 4, tzinfo=UTC), outcome="rejected",
+        invoice_id=str(invoice.id), payment="pi_1")
+    assert account(app).receivable("USD") == 1 * U
+
+
+def test_usage_fully_covered_by_credit_costs_nothing_whatever_the_rounding_of_its_lines(
+        app: LedgerApplication) -> None:
+    run(app, "credit.grant", "acme", grant_key="usd", unit="USD", amount="1.00")
+    debit(app, "0.005", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
+    debit(app, "0.005", NOV_1, datetime(2026, 11, 21, tzinfo=UTC))
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0.005"), usage_line("0.005", meter="other")])
+    assert [x["amount"] for x in invoice.lines[1:]] == ["0.01", "0.01", "-0.02"]
+    assert invoice.total == Decimal("30.00")
