@@ -64,12 +64,14 @@ def _figures(fact: Fact) -> dict[str, int]:
         return {"adjustments": int(d["amount"])}
     if name == "ReceivableSettled":
         return {"settlements": int(d["amount"]), "funds_in": int(d["amount"])}
+    if name == "OverageRepaid":  # paid with credit bought (its money counted in when it was bought)
+        return {"settlements": int(d["amount"])}
     return {}
 
 
 _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
-                            "BalanceAdjusted", "ReceivableSettled", "PurchaseMoneyBooked", "PurchaseMoneyRefunded",
-                            "PurchaseMoneyRecognised"})
+                            "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
+                            "PurchaseMoneyRefunded", "PurchaseMoneyRecognised"})
 
 
 def handler_for(event_type: str) -> Handler | None:

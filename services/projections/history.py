@@ -32,7 +32,8 @@ TRANSACTIONS = Table("transactions", {"position": "BIGINT"}, {
 TABLES = (TRANSACTIONS,)
 
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
-         "hold_captured", "hold_released", "hold_expired", "receivable_settled", "payment", "payment_refund")
+         "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
+         "payment_refund")
 
 PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
 
@@ -70,6 +71,8 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
                 "held_delta": -int(d["amount"]), "hold_id": d.get("hold_id")}
     if name == "ReceivableSettled":
         return {"type": "receivable_settled", "amount": int(d["amount"]), "reference": d.get("settlement_id")}
+    if name == "OverageRepaid":  # credit bought paid what was owed: the wallet goes down by it
+        return {"type": "overage_repaid", "amount": -int(d["amount"]), "grant_id": d.get("grant_id")}
     if name == "PurchaseMoneyBooked":
         return {"type": "payment", "amount": int(d["amount"]), "grant_id": d.get("grant_id"),
                 "detail": _tax_detail(d)}
@@ -86,7 +89,7 @@ def _tax_detail(data: dict[str, Any]) -> str:
 
 _MOVEMENTS = frozenset({"CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
-                        "ReceivableSettled", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
+                        "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 
 
 def handler_for(event_type: str) -> Handler | None:

@@ -38,6 +38,11 @@ Usage give-back (negative usage amounts)
     grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
     whose id is derived from the command id.
 
+Overage repaid by new credit
+    ``repay_overage``: credit a pay-as-you-go account buys first pays off the overage no invoice bills (Dr
+    ``TENANT_WALLET`` / Cr ``RECEIVABLES``, oldest period first), at most what the grant holds and what is
+    available; a grant for some meters only repays nothing.
+
 Overage policies
     ``overage``: what the credit cannot cover is posted to ``RECEIVABLES``. ``block``: the whole debit
     is refused with a ``UsageRejected`` event (no postings) so the command is still recorded as handled.
@@ -1312,6 +1317,46 @@ class BillingAccount(ChainedAggregate):
     @event("InvoicedOverageClosed")
     def _invoiced_overage_closed(self, invoice: str, at: datetime) -> None:
         self._invoiced_overage.pop(invoice, None)
+
+    def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any]) -> int:
+        """New credit pays off the overage of its unit that no invoice bills (a pay-as-you-go account's negative
+        balance): Dr TENANT_WALLET (that grant) / Cr RECEIVABLES, oldest period first, at most what the grant
+        holds. Returns the sub-units repaid. Revenue was recognised when the usage was posted; this only
+        settles the receivable, with credit instead of a payment."""
+        g = self._grant(grant_id)
+        unit = g["unit"]
+        owed = sorted(((period_began(key), key, amount) for key, amount in self._unbilled.get(unit, {}).items()
+                       if amount > 0))
+        if g["status"] != "open" or g["scope"] is not None or not _is_eligible(g, None, at):
+            return 0  # credit for some meters only (or not yet / no longer usable) does not pay for others
+        left = min(g["remaining"], self.available(unit), self.receivable(unit), sum(a for _, _, a in owed))
+        if left <= 0:
+            return 0
+        periods: dict[str, int] = {}
+        for _, key, amount in owed:
+            if left == 0:
+                break
+            part = min(left, amount)
+            periods[key] = part
+            left -= part
+        total = sum(periods.values())
+        gid = str(grant_id)
+        postings = [posting(LedgerAccount.TENANT_WALLET, unit, total, gid),
+                    posting(LedgerAccount.RECEIVABLES, unit, -total)]
+        assert_balanced(postings)
+        self._overage_repaid(grant_id=gid, unit=unit, amount=total, periods=periods, postings=postings,
+                             cause=dict(cause), at=at)
+        self._check_thresholds(unit, at)
+        return total
+
+    @event("OverageRepaid")
+    def _overage_repaid(self, grant_id: str, unit: str, amount: int, periods: dict[str, int],
+                        postings: list[Posting], cause: dict[str, Any], at: datetime) -> None:
+        self._apply_draws(unit, [{"grant_id": grant_id, "amount": amount}], remember=False)
+        self._receivable[unit] = self._receivable.get(unit, 0) - amount
+        for key, part in periods.items():
+            _add_unbilled(self._unbilled, unit, key, -part)
+        self._update_arming(unit)
 
     # == low balance and auto top-up =========================================================================
 

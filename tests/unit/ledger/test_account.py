@@ -961,6 +961,7 @@ def _every_event_type() -> BillingAccount:
     account.void_grant(grant_id=plan, reason="plan change", voided_by="admin", at=at(14))
     debit(account, 30 * U, when=at(15))
     account.settle_receivable(settlement_id=uuid4(), unit=USD, amount=U, at=at(16), cause={})
+    assert account.repay_overage(grant_id=give(account, "top-up", U), at=at(16), cause={}) == U
     assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(17))
     account.settle_invoiced_overage(invoice="inv-1", at=at(18), cause={"payment": "pi_1"})
     account.expire_grants(at(days=1))
@@ -1010,3 +1011,46 @@ def test_an_in_memory_application_saves_and_reloads_every_event_type() -> None:
     pool.deallocate(request, at(2))
     app.save(pool)
     assert app.repository.get(pool.id) == pool
+
+
+# -- overage repaid by credit bought ------------------------------------------------------------------------
+
+
+def test_credit_bought_first_pays_the_overage_owed_oldest_period_first() -> None:
+    account = new_account()
+    debit(account, 3 * U, when=at(1))  # no credit: all of it owed
+    account.debit_usage(command_id=uuid4(), unit=USD, amount=2 * U, meter="tokens", at=at(2),
+                        overage_policy="overage", cause={"period": "2026-10"})
+    assert (account.available(USD), account.receivable(USD)) == (0, 5 * U)
+    grant = give(account, "top-up", 4 * U)
+    assert account.repay_overage(grant_id=grant, at=at(3), cause={"payment": "pi_1"}) == 4 * U
+    assert (account.available(USD), account.receivable(USD)) == (0, 1 * U)
+    # October's 2 first, then 2 of the 3 posted at at(1): 1 still owed, unbilled.
+    assert account.unbilled_overage(USD) == {at(1).isoformat(): 1 * U}
+    [repaid] = [e for e in account.collect_events() if type(e).__name__ == "OverageRepaid"]
+    assert sum(p["amount"] for p in repaid.postings) == 0
+    assert {(p["account"], p["amount"]) for p in repaid.postings} == {
+        ("tenant_wallet", 4 * U), ("receivables", -4 * U)}
+    assert account.repay_overage(grant_id=give(account, "more", 10 * U), at=at(4), cause={}) == 1 * U
+    assert (account.available(USD), account.receivable(USD), account.unbilled_overage(USD)) == (9 * U, 0, {})
+
+
+def test_credit_for_some_meters_only_or_reserved_by_holds_repays_nothing_beyond_what_is_free() -> None:
+    account = new_account()
+    debit(account, 3 * U, when=at(1))
+    scoped = give(account, "scoped", 10 * U, scope=["compute"])
+    assert account.repay_overage(grant_id=scoped, at=at(2), cause={}) == 0
+    account.place_hold(hold_id=uuid4(), unit=USD, amount=9 * U, meter="compute", expires_at=at(30), at=at(2))
+    free = give(account, "free", 2 * U)
+    assert account.available(USD) == 3 * U  # 12 granted, 9 held
+    assert account.repay_overage(grant_id=free, at=at(3), cause={}) == 2 * U
+    assert (account.receivable(USD), account.available(USD)) == (1 * U, 1 * U)
+
+
+def test_invoiced_overage_is_not_repaid_by_credit_bought_later() -> None:
+    account = new_account()
+    debit(account, 3 * U, when=at(1))
+    assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(2)) == {
+        USD: {at(1).isoformat(): 3 * U}}
+    assert account.repay_overage(grant_id=give(account, "top-up", 10 * U), at=at(3), cause={}) == 0
+    assert account.receivable(USD) == 3 * U  # the invoice collects it
