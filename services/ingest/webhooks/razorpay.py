@@ -95,9 +95,14 @@ class RazorpayGateway:
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
                                 f"Razorpay says payment {payment_id} is {payment.get('status')}, not captured.")
         who = attribution(payment.get("notes"))
+        order_id = payment.get("order_id")
+        if who is None and isinstance(order_id, str) and _ENTITY_ID.match(order_id):
+            # A Checkout payment of a Razorpay order carries the notes given to Checkout, not the order's: the
+            # tenant and our order id are on the order (gateways/razorpay.py writes them there).
+            who = attribution((await self._get(f"/v1/orders/{order_id}")).get("notes"))
         if who is None:
             return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
-                                f"Payment {payment_id} has no notes.tenant / notes.order_id.")
+                                f"Payment {payment_id}: no notes.tenant / notes.order_id on it or its order.")
         amount, code = minor_units_to_amount(payment.get("amount"), payment.get("currency"))
         return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, payment_id)
 

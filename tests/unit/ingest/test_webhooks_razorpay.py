@@ -102,6 +102,21 @@ async def test_a_captured_payment_is_confirmed_and_published(ingest: Ingest, api
     assert api.auth == [expected_auth]
 
 
+async def test_a_checkout_payment_is_attributed_by_its_razorpay_orders_notes(ingest: Ingest,
+                                                                             api: FakeRazorpayApi) -> None:
+    # Razorpay Checkout copies the notes given to Checkout onto the payment, not the order's: ours are on the order.
+    api.payment(notes={})
+    api.objects["/v1/payments/pay_1"]["order_id"] = "order_RZP1"
+    api.objects["/v1/orders/order_RZP1"] = {"id": "order_RZP1", "entity": "order", "amount": 49900,
+                                            "currency": "INR", "status": "paid", "notes": NOTES}
+    body = event()
+    response = await post(ingest, body, signed(body))
+    assert response.status_code == 200, response.text
+    [(key, payment)] = await ingest.published_with_keys(topics.PAYMENTS)
+    assert (key, payment["order_id"]) == (str(ids.account_id(TENANT)), "order-7")
+    assert api.calls == ["/v1/payments/pay_1", "/v1/orders/order_RZP1"]
+
+
 async def test_a_forged_signature_is_refused(ingest: Ingest, api: FakeRazorpayApi) -> None:
     api.payment()
     body = event()
