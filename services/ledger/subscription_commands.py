@@ -25,7 +25,7 @@ from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, Invoice, Invoice
 from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote_change
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
-from billing_ledger.domain.tax import TaxProfileData, check_vat_id, compute_tax
+from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
 from billing_ledger.payload import at as effective_at
 
 INVOICE_DUE_DAYS = 14
@@ -405,10 +405,15 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
     profile: dict[str, Any] = {"country": country, "subdivision": payload.get("subdivision"),
                                "business_name": payload.get("business_name"), "tax_id": None, "tax_id_valid": False}
     if payload.get("tax_id"):
-        check = check_vat_id(str(payload["tax_id"]))
-        if not check.valid:
-            raise CommandRejected("invalid_vat_id", f"VAT id {payload['tax_id']!r} is not valid: {check.reason}")
-        profile.update(tax_id=check.number, tax_id_valid=True, vies=str(payload.get("vies", "not_checked")))
+        # EU VAT rules only for EU member states; elsewhere the country's own format, if known (reverse charge
+        # still needs an EU VAT id: compute_tax).
+        check = check_tax_id(country, str(payload["tax_id"]))
+        if not check.valid and check.checked:
+            reason = "invalid_vat_id" if country in EU_MEMBER_STATES else "invalid_tax_id"
+            raise CommandRejected(reason, f"tax id {payload['tax_id']!r} is not valid for {country}: {check.reason}")
+        profile.update(tax_id=check.number, tax_id_valid=check.valid)
+        if country in EU_MEMBER_STATES:
+            profile["vies"] = str(payload.get("vies", "not_checked"))
     _roster(batch, command.tenant or "").set_tax_profile(profile=profile, at=effective_at(command), by=command.issued_by)
     return profile
 

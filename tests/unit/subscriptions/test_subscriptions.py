@@ -253,3 +253,26 @@ def test_lifecycle_pause_resume_past_due_and_recovery(app: LedgerApplication) ->
     assert run(app, "subscription.tick", "life", at=datetime(2026, 12, 1, tzinfo=UTC), key="m").value == {
         "transition": "canceled_at_period_end"}
     assert app.repository.get(subscription_id("life", "m")).status == "canceled"
+
+
+def test_business_tax_ids_outside_the_eu_are_checked_by_their_country_not_as_eu_vat(app: LedgerApplication) -> None:
+    catalog = {**CATALOG, "tax_rules": [{"region": "GB", "rate": "0.20", "name": "UK VAT"}],
+               "seller": {"name": "Billing GmbH", "country": "DE"}}
+    run(app, "catalog.publish", None, document=catalog, digest="c2")
+    accepted = {"london": ("GB", "GB 980 7806 84", "980780684", True), "boston": ("US", "04-3110112", "043110112", True),
+                "zurich": ("CH", "CHE-116.281.710 MWST", "CHE116281710MWST", True),
+                "dubai": ("AE", "100-2345-6789-0003", "100234567890003", False)}  # no checker: kept, unchecked
+    for tenant, (country, tax_id, stored, valid) in accepted.items():
+        open_account(app, tenant)
+        result = run(app, "tax_profile.set", tenant, country=country, business_name="B Ltd", tax_id=tax_id)
+        assert result.outcome == "applied", (tenant, result)
+        profile = app.repository.get(roster_id(tenant)).tax_profile
+        assert (profile["tax_id"], profile["tax_id_valid"]) == (stored, valid)
+    bad = run(app, "tax_profile.set", "london", country="GB", business_name="B Ltd", tax_id="GB980780685")
+    assert (bad.outcome, bad.reason) == ("rejected", "invalid_tax_id")
+    assert app.repository.get(roster_id("london")).tax_profile["tax_id"] == "980780684"  # unchanged
+    # A valid UK VAT number is no EU VAT id: the UK rule applies, no reverse charge.
+    run(app, "subscription.create", "london", key="m", plan="team")
+    sub = app.repository.get(subscription_id("london", "m"))
+    first = invoice(app, "london", f"{sub.id}/{NOV_1.isoformat()}")
+    assert [(item["kind"], item["amount"]) for item in first.lines] == [("base_fee", "30.00"), ("tax", "6.00")]
