@@ -67,13 +67,18 @@ def _capacities(subscriptions: list[Subscription]) -> dict[str, int]:
     return pooled
 
 
-def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[str, int], cause: str) -> None:
-    """Checks every pool first (capacity can't drop below current usage), then changes them."""
+def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[str, int], cause: str, *,
+               force: bool = False) -> None:
+    """Checks every pool first (capacity can't drop below current usage), then changes them.
+
+    ``force``: a subscription ended by itself (period end, trial end) and must end whatever is allocated, so
+    its capacity goes even below usage; the pool is then over capacity and refuses new allocations.
+    """
     pools: dict[str, ResourcePool] = {}
     for resource in sorted(set(before) | set(after)):
         pool = batch.get(ResourcePool.create_id(tenant, resource))
         capacity = after.get(resource, 0)
-        if pool is not None and not pool.can_reduce_to(capacity):
+        if pool is not None and not force and not pool.can_reduce_to(capacity):
             raise CommandRejected("capacity_below_usage",
                                   f"{resource}: {pool.in_use} in use, the change would leave {capacity}")
         if pool is not None:
@@ -87,7 +92,10 @@ def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[s
             pool = ResourcePool.open(tenant=tenant, resource=resource)
             batch.add(pool)
         if pool.capacity != capacity:
-            pool.set_capacity(capacity, {"cause": cause})
+            source: dict[str, Any] = {"cause": cause}
+            if capacity < pool.in_use:
+                source["over_capacity"] = pool.in_use - capacity
+            pool.set_capacity(capacity, source, force=force)
 
 
 def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
@@ -307,13 +315,18 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
         if sub.end_trial(at=at, has_payment_method=roster.default_payment_method is not None):
             _start_billing(app, batch, account, sub, at, "system:trial", finalize=True)  # first invoice at once
             return {"transition": "trial_converted"}
-        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), "trial ended")
+        # The trial ends whatever is allocated (the scheduler's tick for this due time is sent once).
+        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), "trial ended",
+                   force=True)
         roster.release(subscription_id=sub.id, at=at)
         return {"transition": "trial_ended"}
     ended_start, ended_end = sub.period_start, sub.period_end
+    before = _capacities(_live_subscriptions(batch, roster))
     if not sub.renew(at=at):
         return {"transition": None}
-    if sub.status not in LIVE:  # canceled at period end
+    if sub.status not in LIVE:  # canceled at period end: its capacity goes, whatever is allocated
+        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)),
+                   f"canceled at period end {sub.key}", force=True)
         _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
         roster.release(subscription_id=sub.id, at=at)
         return {"transition": "canceled_at_period_end"}

@@ -276,3 +276,45 @@ def test_business_tax_ids_outside_the_eu_are_checked_by_their_country_not_as_eu_
     sub = app.repository.get(subscription_id("london", "m"))
     first = invoice(app, "london", f"{sub.id}/{NOV_1.isoformat()}")
     assert [(item["kind"], item["amount"]) for item in first.lines] == [("base_fee", "30.00"), ("tax", "6.00")]
+
+
+def test_a_cancel_at_period_end_gives_back_its_pooled_capacity_even_when_seats_are_in_use(
+        app: LedgerApplication) -> None:
+    open_account(app, "seats")
+    run(app, "subscription.create", "seats", key="a", plan="team")  # 5 users each, pooled: 10
+    run(app, "subscription.create", "seats", key="b", plan="team")
+    pool = app.repository.get(ResourcePool.create_id("seats", "users"))
+    assert pool.allocate(uuid4(), 7, NOV_1)
+    app.save(pool)
+    run(app, "subscription.cancel", "seats", key="b")  # at period end
+    ended = run(app, "subscription.tick", "seats", at=datetime(2026, 12, 1, tzinfo=UTC), key="b")
+    assert ended.value == {"transition": "canceled_at_period_end"}
+    pool = app.repository.get(ResourcePool.create_id("seats", "users"))
+    assert (pool.capacity, pool.in_use) == (5, 7)  # b's 5 users went, though 7 of 10 were in use
+    assert (pool.free, pool.over_capacity) == (0, 2)
+    assert not pool.allocate(uuid4(), 1, datetime(2026, 12, 2, tzinfo=UTC))  # over capacity: new ones refused
+    # The remaining subscription renews, and may change, with the pool over capacity.
+    assert run(app, "subscription.tick", "seats", at=datetime(2026, 12, 1, tzinfo=UTC), key="a").value[
+        "transition"] == "renewed"
+    assert run(app, "subscription.change", "seats", at=datetime(2026, 12, 2, tzinfo=UTC), key="a",
+               quantity=2).outcome == "applied"
+    assert app.repository.get(ResourcePool.create_id("seats", "users")).capacity == 10
+
+
+def test_a_trial_without_payment_method_ends_even_when_seats_are_in_use(app: LedgerApplication) -> None:
+    catalog = {**CATALOG, "plans": [*CATALOG["plans"], {"code": "seats-trial", "name": "Seats trial",
+                                                         "currency": "USD", "base_fee": "10.00", "trial_days": 14,
+                                                         "resources": {"users": 5}}]}
+    run(app, "catalog.publish", None, document=catalog, digest="c2")
+    open_account(app, "tryout")
+    run(app, "subscription.create", "tryout", key="t", plan="seats-trial")
+    pool = app.repository.get(ResourcePool.create_id("tryout", "users"))
+    assert pool.allocate(uuid4(), 3, NOV_1)
+    app.save(pool)
+    result = run(app, "subscription.tick", "tryout", at=NOV_1 + timedelta(days=14), key="t")
+    assert result.value == {"transition": "trial_ended"}
+    assert app.repository.get(subscription_id("tryout", "t")).status == "canceled"
+    assert app.repository.get(roster_id("tryout")).live == []
+    pool = app.repository.get(ResourcePool.create_id("tryout", "users"))
+    assert (pool.capacity, pool.in_use) == (0, 3)
+    assert pool.over_capacity == 3
