@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+from billing_events.catalog import unsupported_credit_cadence
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal, to_subunits
 from billing_ledger.account_commands import account_of
@@ -42,6 +43,11 @@ def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
     plan = catalog.plan(code, int(version))
     if plan is None:
         raise CommandRejected("unknown_plan", f"plan {code!r} has no version {version}")
+    for index, credit in enumerate(plan.get("recurring_credits") or []):
+        # Published before the catalogue refused it: not sold any more (subscriptions on it renew as before).
+        if credit.get("cadence", "month") != plan["cadence"]:
+            raise CommandRejected("unsupported_plan", unsupported_credit_cadence(
+                code, index, credit.get("cadence", "month"), plan["cadence"]))
     return plan  # type: ignore[no-any-return]
 
 

@@ -14,6 +14,7 @@ from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.proration import quote_change
 from billing_ledger.domain.roster import roster_id
@@ -318,3 +319,42 @@ def test_a_trial_without_payment_method_ends_even_when_seats_are_in_use(app: Led
     pool = app.repository.get(ResourcePool.create_id("tryout", "users"))
     assert (pool.capacity, pool.in_use) == (0, 3)
     assert pool.over_capacity == 3
+
+
+def test_recurring_credits_on_another_cadence_than_the_plan_are_refused_not_misgranted(
+        app: LedgerApplication) -> None:
+    def with_plan(plan: dict[str, Any]) -> dict[str, Any]:
+        return {**CATALOG, "plans": [*CATALOG["plans"], plan]}
+
+    # Yearly plan, monthly credits: it used to grant 100 once for the whole year.
+    yearly = {"code": "annual", "name": "Annual", "currency": "USD", "base_fee": "300.00", "cadence": "year",
+              "recurring_credits": [{"unit": "CREDIT", "amount": "100", "cadence": "month"}]}
+    refused = run(app, "catalog.publish", None, document=with_plan(yearly), digest="c2")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog")
+    assert "recurring_credits[0] has cadence 'month' but the plan is billed per year" in refused.detail
+    # Monthly plan, yearly credits: it used to grant the year's 1,200 every month.
+    monthly = {"code": "monthly", "name": "Monthly", "currency": "USD", "base_fee": "30.00",
+               "recurring_credits": [{"unit": "CREDIT", "amount": "1200", "cadence": "year"}]}
+    refused = run(app, "catalog.publish", None, document=with_plan(monthly), digest="c3")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog")
+    open_account(app, "cadence")
+    assert run(app, "subscription.create", "cadence", key="m", plan="annual").reason == "unknown_plan"
+    # Same cadence on both: one grant per billed period, as documented.
+    yearly["recurring_credits"] = [{"unit": "CREDIT", "amount": "1200", "cadence": "year"}]
+    assert run(app, "catalog.publish", None, document=with_plan(yearly), digest="c4").outcome == "applied"
+    assert run(app, "subscription.create", "cadence", key="m", plan="annual").outcome == "applied"
+    assert app.repository.get(ids.account_id("cadence")).available("CREDIT") == 1200 * 10**9
+
+
+def test_a_plan_published_with_a_credit_cadence_unlike_its_own_is_no_longer_sold(app: LedgerApplication) -> None:
+    # Published before the catalogue refused it (recorded as it was then, without today's validation).
+    catalog = app.repository.get(Catalog.create_id())
+    plan = {"code": "annual", "name": "Annual", "currency": "USD", "base_fee": "300.00", "cadence": "year",
+            "version": 1, "recurring_credits": [{"unit": "CREDIT", "amount": "100", "cadence": "month"}]}
+    catalog._published(document={**catalog.document, "plans": [*catalog.document["plans"], plan]}, digest="old",
+                       version=catalog.catalog_version + 1, new_plan_versions={"annual": 1}, published_by="user:old")
+    app.save(catalog)
+    open_account(app, "legacy")
+    refused = run(app, "subscription.create", "legacy", key="m", plan="annual")
+    assert (refused.outcome, refused.reason) == ("rejected", "unsupported_plan")
+    assert app.repository.get(ids.account_id("legacy")).available("CREDIT") == 0
