@@ -23,6 +23,7 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, Invoice, InvoiceSequence, invoice_id, line
+from billing_ledger.domain.periods import proration_fraction
 from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote_change
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
@@ -104,12 +105,22 @@ def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[s
             pool.set_capacity(capacity, source, force=force)
 
 
+def _allotment(credit: dict[str, Any], quantity: int, fraction: Decimal = Decimal(1)) -> int:
+    """One recurring credit's amount for ``quantity`` over ``fraction`` of a period, in sub-units."""
+    return to_subunits(RATING_CONTEXT.multiply(
+        RATING_CONTEXT.multiply(parse_decimal(credit["amount"]), Decimal(quantity)), fraction))
+
+
 def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
-                     carried: dict[str, int] | None = None) -> list[str]:
-    """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on."""
+                     carried: dict[str, int] | None = None, fraction: Decimal = Decimal(1)) -> list[str]:
+    """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on.
+
+    ``fraction``: the share of the period's allotment granted (a mid-period change); ``carried`` (by credit
+    index, may be negative) is added to it, and a credit that comes to nothing or less is not granted.
+    """
     issued = []
     for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
-        amount = to_subunits(RATING_CONTEXT.multiply(parse_decimal(credit["amount"]), Decimal(sub.quantity)))
+        amount = _allotment(credit, sub.quantity, fraction)
         amount += (carried or {}).get(str(index), 0)
         if amount <= 0:
             continue
@@ -140,6 +151,32 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
             cap = spec.get("rollover_cap")
             carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
         account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at)
+    return carried
+
+
+def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str, Any], old_quantity: int,
+                  old_fraction: Decimal) -> dict[str, int]:
+    """At a plan or quantity change, per credit index of the new plan: what is left of the current recurring
+    grants beyond what the old allotment still gives for the rest of the period (negative when more than the
+    time elapsed paid for was used). Called before the old grants are voided.
+
+    The new grants are the new allotment prorated to the rest of the period plus this, like the base fee
+    (old fee credited for the unused time, new fee charged for it): over a period the credits granted are
+    the time-weighted allotments of the plans held, and using credits then changing back and forth refills
+    nothing. A unit the new plan does not grant carries nothing (its remainder is voided as before).
+    """
+    balances = {g["grant_id"]: g for g in account.grant_balances()}
+    by_unit: dict[str, int] = {}
+    for grant in sub.recurring_grants:
+        state = balances.get(grant)
+        if state is not None and state.get("status") == "open":
+            by_unit[state["unit"]] = by_unit.get(state["unit"], 0) + int(state.get("remaining", 0))
+    for credit in old_plan.get("recurring_credits") or []:
+        by_unit[credit["unit"]] = by_unit.get(credit["unit"], 0) - _allotment(credit, old_quantity, old_fraction)
+    carried: dict[str, int] = {}
+    for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
+        if credit["unit"] in by_unit:  # the first new credit of a unit takes that unit's carry
+            carried[str(index)] = by_unit.pop(credit["unit"])
     return carried
 
 
@@ -261,13 +298,19 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     before = _capacities(_live_subscriptions(batch, roster))
     plan_changed = new_plan != sub.plan
     quantity_changed = quantity != sub.quantity
+    old_plan, old_quantity = sub.plan, sub.quantity
+    old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines)
     _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"change {sub.key}")
     if (plan_changed or quantity_changed) and sub.status != TRIALING and (
             new_plan.get("recurring_credits") or sub.recurring_grants):
-        # The old plan's remaining recurring grant is voided and the new one issued, atomically.
+        # The old plan's remaining recurring grant is voided and the new one issued, atomically: the new
+        # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
+        carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
         _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
-        sub.set_recurring_grants(_grant_recurring(account, sub, at, sub.period_end, command.issued_by))
+        sub.set_recurring_grants(_grant_recurring(
+            account, sub, at, sub.period_end, command.issued_by, carried,
+            fraction=proration_fraction(sub.period_start, sub.period_end, at)))
     _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
               finalize=True, start=at, end=sub.period_end)
     return {"subscription_id": str(sub.id), "lines": lines}

@@ -146,8 +146,9 @@ def test_a_plan_change_voids_the_old_grant_and_issues_the_new_one(app: LedgerApp
     run(app, "subscription.change", "up", at=datetime(2026, 11, 10, tzinfo=UTC), key="m", plan="pro")
     account = app.repository.get(ids.account_id("up"))
     grants = [g for g in account.grant_balances() if g["unit"] == "CREDIT"]
-    assert [(g["status"], g["amount"]) for g in grants] == [("voided", 100 * 10**9), ("open", 500 * 10**9)]
-    assert account.available("CREDIT") == 500 * 10**9
+    # 21 of 30 days left, like the fee: 500 x 0.7 of Pro, plus Team's 100 unused beyond its own 100 x 0.7.
+    assert [(g["status"], g["amount"]) for g in grants] == [("voided", 100 * 10**9), ("open", 380 * 10**9)]
+    assert account.available("CREDIT") == 380 * 10**9
 
 
 def test_capacity_cannot_drop_below_usage(app: LedgerApplication) -> None:
@@ -358,3 +359,40 @@ def test_a_plan_published_with_a_credit_cadence_unlike_its_own_is_no_longer_sold
     refused = run(app, "subscription.create", "legacy", key="m", plan="annual")
     assert (refused.outcome, refused.reason) == ("rejected", "unsupported_plan")
     assert app.repository.get(ids.account_id("legacy")).available("CREDIT") == 0
+
+
+def use_credits(app: LedgerApplication, tenant: str, credits: int, at: datetime) -> None:
+    assert run(app, "usage.debit", tenant, at=at, unit="CREDIT", amount_subunits=credits * 10**9,
+               meter="api_calls").outcome == "applied"
+
+
+def test_changing_the_quantity_back_and_forth_does_not_refill_used_credits(app: LedgerApplication) -> None:
+    open_account(app, "refill")
+    run(app, "subscription.create", "refill", key="m", plan="team")
+    nov_5 = datetime(2026, 11, 5, tzinfo=UTC)  # 26 of 30 days left
+    use_credits(app, "refill", 90, nov_5)
+    up = run(app, "subscription.change", "refill", at=nov_5, key="m", quantity=2)
+    down = run(app, "subscription.change", "refill", at=nov_5 + timedelta(seconds=1), key="m", quantity=1)
+    sub = app.repository.get(subscription_id("refill", "m"))
+    totals = [invoice(app, "refill", f"{sub.id}/change/{r.command_id}").total for r in (up, down)]
+    assert totals == [Decimal("26.00"), Decimal("-26.00")]  # the fees cancel out...
+    # ... and so do the credits: 10 left, plus the second's worth of the second seat (100 x 1 s / 30 days).
+    second = (100 * 10**9) // (30 * 86_400)  # 38,580 sub-units (each grant rounds once to a sub-unit)
+    assert abs(app.repository.get(ids.account_id("refill")).available("CREDIT") - (10 * 10**9 + second)) <= 2
+
+
+def test_an_upgrade_grants_the_rest_of_the_period_at_the_new_plan_less_what_was_used(
+        app: LedgerApplication) -> None:
+    open_account(app, "used")
+    run(app, "subscription.create", "used", key="m", plan="team")
+    mid = datetime(2026, 11, 16, tzinfo=UTC)  # half of the period left
+    use_credits(app, "used", 80, mid)
+    run(app, "subscription.change", "used", at=mid, key="m", plan="pro")
+    # Team's first half (50) and Pro's second (250) make 300 for the period; 80 are used: 220 left.
+    assert app.repository.get(ids.account_id("used")).available("CREDIT") == 220 * 10**9
+    run(app, "subscription.change", "used", at=datetime(2026, 11, 23, 12, tzinfo=UTC), key="m", plan="team")
+    # A quarter left: 220 - 500 x 1/4 + 100 x 1/4 = 120.
+    assert app.repository.get(ids.account_id("used")).available("CREDIT") == 120 * 10**9
+    # At renewal the next period starts with the plan's full allotment.
+    run(app, "subscription.tick", "used", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
+    assert app.repository.get(ids.account_id("used")).available("CREDIT") == 100 * 10**9
