@@ -24,9 +24,15 @@ from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, Invoice, InvoiceSequence, invoice_id, line
 from billing_ledger.domain.periods import proration_fraction
-from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote_change
+from billing_ledger.domain.proration import (
+    paused_period_line,
+    period_fee_line,
+    quote_cancel,
+    quote_change,
+    quote_resume,
+)
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
-from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.subscription import ACTIVE, LIVE, PAUSED, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
 from billing_ledger.payload import at as effective_at
 
@@ -324,8 +330,9 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
     immediately = bool(command.payload.get("immediately", False))
+    # A period that began while paused was never billed: nothing of it to credit.
     lines = quote_cancel(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
-                         period_end_at=sub.period_end, at=at) if immediately else []
+                         period_end_at=sub.period_end, at=at) if immediately and sub.period_billed else []
     roster = _roster(batch, tenant)
     before = _capacities(_live_subscriptions(batch, roster))
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
@@ -345,9 +352,24 @@ def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCom
 
 
 @handles("subscription.resume")
-def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _subscription(batch, command.tenant or "", str(command.payload["key"])).resume(at=effective_at(command),
-                                                                                   by=command.issued_by)
+def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """Active again. In a period that began while paused (unbilled), the rest of it is billed now and its
+    recurring credits granted for the rest of it, both prorated like a change."""
+    tenant = command.tenant or ""
+    sub = _subscription(batch, tenant, str(command.payload["key"]))
+    at = effective_at(command)
+    billed_from = sub.resume(at=at, by=command.issued_by)
+    if billed_from is None:
+        return {"subscription_id": str(sub.id), "lines": []}
+    account = account_of(batch, tenant)
+    sub.set_recurring_grants(_grant_recurring(
+        account, sub, billed_from, sub.period_end, command.issued_by,
+        fraction=proration_fraction(sub.period_start, sub.period_end, billed_from)))
+    lines = quote_resume(plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
+                         period_end_at=sub.period_end, at=billed_from)
+    _document(app, batch, sub, f"{sub.id}/resume/{billed_from.isoformat()}", lines, at, command.issued_by,
+              finalize=True, start=billed_from, end=sub.period_end)
+    return {"subscription_id": str(sub.id), "lines": lines}
 
 
 @handles("subscription.tick")
@@ -379,6 +401,15 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
         _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
         roster.release(subscription_id=sub.id, at=at)
         return {"transition": "canceled_at_period_end"}
+    if sub.status == PAUSED:
+        # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
+        # takes rating's usage lines of the ended period, which was live until its end.
+        _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
+        sub.set_recurring_grants([])
+        _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+                  [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
+                  "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
+        return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
     carried = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))

@@ -12,6 +12,7 @@ from uuid import uuid4
 import pytest
 from billing_events import ids
 from billing_events.messages import LedgerCommand
+from billing_events.money import to_subunits
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
@@ -396,3 +397,50 @@ def test_an_upgrade_grants_the_rest_of_the_period_at_the_new_plan_less_what_was_
     # At renewal the next period starts with the plan's full allotment.
     run(app, "subscription.tick", "used", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
     assert app.repository.get(ids.account_id("used")).available("CREDIT") == 100 * 10**9
+
+
+def test_a_paused_subscription_is_not_billed_nor_granted_credits_until_it_resumes(app: LedgerApplication) -> None:
+    open_account(app, "nap")
+    run(app, "subscription.create", "nap", key="m", plan="team")
+    run(app, "subscription.pause", "nap", at=datetime(2026, 11, 20, tzinfo=UTC), key="m")
+    dec_1 = datetime(2026, 12, 1, tzinfo=UTC)
+    assert run(app, "subscription.tick", "nap", at=dec_1, key="m").outcome == "applied"
+    sub = app.repository.get(subscription_id("nap", "m"))
+    assert (sub.status, sub.period_start) == ("paused", dec_1)
+    # The renewal draft carries no fee (only November's usage lines, from rating), and no December credits.
+    key = f"{sub.id}/{dec_1.isoformat()}"
+    assert invoice(app, "nap", key).total == Decimal("0.00")
+    run(app, "invoice.usage_lines", "nap", at=dec_1, invoice_key=key, lines=[])
+    assert (invoice(app, "nap", key).status, invoice(app, "nap", key).total) == ("finalized", Decimal("0.00"))
+    account = app.repository.get(ids.account_id("nap"))
+    assert account.available("CREDIT") == 0
+    # Resumed on Dec 16 (16 of 31 days left): the rest of December is billed and its credits granted.
+    dec_16 = datetime(2026, 12, 16, tzinfo=UTC)
+    resumed = run(app, "subscription.resume", "nap", at=dec_16, key="m")
+    assert [item["amount"] for item in resumed.value["lines"]] == ["15.48"]  # 30.00 x 16/31
+    bill = invoice(app, "nap", f"{sub.id}/resume/{dec_16.isoformat()}")
+    assert (bill.status, bill.total) == ("finalized", Decimal("15.48"))
+    assert app.repository.get(ids.account_id("nap")).available("CREDIT") == to_subunits(
+        Decimal(100) * Decimal(16) / Decimal(31))
+
+
+def test_resuming_within_the_paid_period_bills_nothing_more(app: LedgerApplication) -> None:
+    open_account(app, "blink")
+    run(app, "subscription.create", "blink", key="m", plan="team")
+    run(app, "subscription.pause", "blink", at=datetime(2026, 11, 10, tzinfo=UTC), key="m")
+    assert run(app, "subscription.resume", "blink", at=datetime(2026, 11, 12, tzinfo=UTC), key="m").value[
+        "lines"] == []
+    assert app.repository.get(ids.account_id("blink")).available("CREDIT") == 100 * 10**9
+    run(app, "subscription.tick", "blink", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
+    sub = app.repository.get(subscription_id("blink", "m"))
+    assert invoice(app, "blink", f"{sub.id}/{datetime(2026, 12, 1, tzinfo=UTC).isoformat()}").total == Decimal("30.00")
+
+
+def test_canceling_in_a_period_that_began_while_paused_credits_nothing(app: LedgerApplication) -> None:
+    open_account(app, "gone")
+    run(app, "subscription.create", "gone", key="m", plan="team")
+    run(app, "subscription.pause", "gone", at=datetime(2026, 11, 20, tzinfo=UTC), key="m")
+    run(app, "subscription.tick", "gone", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
+    result = run(app, "subscription.cancel", "gone", at=datetime(2026, 12, 16, tzinfo=UTC), key="m", immediately=True)
+    assert (result.outcome, result.value["lines"]) == ("applied", [])  # December was never billed
+    assert app.repository.get(subscription_id("gone", "m")).status == "canceled"
