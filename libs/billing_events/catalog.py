@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     computed_field,
     model_validator,
 )
@@ -91,7 +92,7 @@ class PlanCharge(_Model):
 class RecurringCredit(_Model):
     unit: str
     amount: Amount
-    cadence: Literal["month", "year"] = "month"
+    cadence: Cadence = Field(default="month", description="Must be the plan's cadence: one grant per billed period")
     priority: int = 0
     rollover: bool = False
     rollover_cap: Amount | None = None
@@ -191,6 +192,18 @@ class PromotionDef(_Model):
     packages: list[str] | None = Field(default=None, description="Only for these packages (None: any top-up)")
 
 
+# Validation context of a document read back after it was published (``{STORED: True}``): checks added since
+# are not re-run on it, so a reader still loads what was published before them.
+STORED = "stored"
+
+
+def unsupported_credit_cadence(plan: str, index: int, cadence: str, plan_cadence: str) -> str:
+    """Recurring credits are granted once per billed period, so their cadence must be the plan's."""
+    return (f"plan {plan!r}: recurring_credits[{index}] has cadence {cadence!r} but the plan is billed per "
+            f"{plan_cadence}; credits on another cadence than the plan's are not supported (set cadence: "
+            f"{plan_cadence!r}, or amount per {plan_cadence})")
+
+
 class CatalogDocument(_Model):
     credit_units: dict[str, CreditUnitDef] = Field(default_factory=dict)
     meters: list[MeterDef] = Field(default_factory=list)
@@ -201,7 +214,7 @@ class CatalogDocument(_Model):
     seller: Seller = Field(default_factory=Seller)
 
     @model_validator(mode="after")
-    def _references(self) -> CatalogDocument:
+    def _references(self, info: ValidationInfo) -> CatalogDocument:
         for code, unit in self.credit_units.items():
             credit_unit(code, unit.scale)
         units = set(self.credit_units)
@@ -214,9 +227,11 @@ class CatalogDocument(_Model):
             for charge in plan.charges:
                 if charge.meter not in meters:
                     raise ValueError(f"plan {plan.code!r}: unknown meter {charge.meter!r}")
-            for grant in plan.recurring_credits:
+            for index, grant in enumerate(plan.recurring_credits):
                 if grant.unit not in units and grant.unit != plan.currency:
                     raise ValueError(f"plan {plan.code!r}: unknown credit unit {grant.unit!r}")
+                if grant.cadence != plan.cadence and not (info.context or {}).get(STORED):
+                    raise ValueError(unsupported_credit_cadence(plan.code, index, grant.cadence, plan.cadence))
         for package in self.packages:
             currency(package.currency)
             if package.unit not in units:

@@ -24,7 +24,8 @@ def allocation_request_id(tenant: str, resource: str, request_id: str) -> UUID:
 
 
 def pool_view(pool: ResourcePool) -> dict[str, Any]:
-    return {"resource": pool.resource, "capacity": pool.capacity, "in_use": pool.in_use, "free": pool.free}
+    return {"resource": pool.resource, "capacity": pool.capacity, "in_use": pool.in_use, "free": pool.free,
+            "over_capacity": pool.over_capacity}
 
 
 def _pool(batch: _Batch, command: LedgerCommand) -> ResourcePool:

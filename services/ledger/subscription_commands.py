@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+from billing_events.catalog import unsupported_credit_cadence
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT, parse_decimal, to_subunits
 from billing_ledger.account_commands import account_of
@@ -22,10 +23,17 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, Invoice, InvoiceSequence, invoice_id, line
-from billing_ledger.domain.proration import period_fee_line, quote_cancel, quote_change
+from billing_ledger.domain.periods import proration_fraction
+from billing_ledger.domain.proration import (
+    paused_period_line,
+    period_fee_line,
+    quote_cancel,
+    quote_change,
+    quote_resume,
+)
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
-from billing_ledger.domain.subscription import ACTIVE, LIVE, TRIALING, Subscription, subscription_id
-from billing_ledger.domain.tax import TaxProfileData, check_vat_id, compute_tax
+from billing_ledger.domain.subscription import ACTIVE, LIVE, PAUSED, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
 from billing_ledger.invoice_overage import overage_lines, settle_paid
 from billing_ledger.payload import at as effective_at
 
@@ -43,6 +51,11 @@ def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
     plan = catalog.plan(code, int(version))
     if plan is None:
         raise CommandRejected("unknown_plan", f"plan {code!r} has no version {version}")
+    for index, credit in enumerate(plan.get("recurring_credits") or []):
+        # Published before the catalogue refused it: not sold any more (subscriptions on it renew as before).
+        if credit.get("cadence", "month") != plan["cadence"]:
+            raise CommandRejected("unsupported_plan", unsupported_credit_cadence(
+                code, index, credit.get("cadence", "month"), plan["cadence"]))
     return plan  # type: ignore[no-any-return]
 
 
@@ -68,13 +81,18 @@ def _capacities(subscriptions: list[Subscription]) -> dict[str, int]:
     return pooled
 
 
-def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[str, int], cause: str) -> None:
-    """Checks every pool first (capacity can't drop below current usage), then changes them."""
+def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[str, int], cause: str, *,
+               force: bool = False) -> None:
+    """Checks every pool first (capacity can't drop below current usage), then changes them.
+
+    ``force``: a subscription ended by itself (period end, trial end) and must end whatever is allocated, so
+    its capacity goes even below usage; the pool is then over capacity and refuses new allocations.
+    """
     pools: dict[str, ResourcePool] = {}
     for resource in sorted(set(before) | set(after)):
         pool = batch.get(ResourcePool.create_id(tenant, resource))
         capacity = after.get(resource, 0)
-        if pool is not None and not pool.can_reduce_to(capacity):
+        if pool is not None and not force and not pool.can_reduce_to(capacity):
             raise CommandRejected("capacity_below_usage",
                                   f"{resource}: {pool.in_use} in use, the change would leave {capacity}")
         if pool is not None:
@@ -88,15 +106,28 @@ def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[s
             pool = ResourcePool.open(tenant=tenant, resource=resource)
             batch.add(pool)
         if pool.capacity != capacity:
-            pool.set_capacity(capacity, {"cause": cause})
+            source: dict[str, Any] = {"cause": cause}
+            if capacity < pool.in_use:
+                source["over_capacity"] = pool.in_use - capacity
+            pool.set_capacity(capacity, source, force=force)
+
+
+def _allotment(credit: dict[str, Any], quantity: int, fraction: Decimal = Decimal(1)) -> int:
+    """One recurring credit's amount for ``quantity`` over ``fraction`` of a period, in sub-units."""
+    return to_subunits(RATING_CONTEXT.multiply(
+        RATING_CONTEXT.multiply(parse_decimal(credit["amount"]), Decimal(quantity)), fraction))
 
 
 def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
-                     carried: dict[str, int] | None = None) -> list[str]:
-    """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on."""
+                     carried: dict[str, int] | None = None, fraction: Decimal = Decimal(1)) -> list[str]:
+    """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on.
+
+    ``fraction``: the share of the period's allotment granted (a mid-period change); ``carried`` (by credit
+    index, may be negative) is added to it, and a credit that comes to nothing or less is not granted.
+    """
     issued = []
     for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
-        amount = to_subunits(RATING_CONTEXT.multiply(parse_decimal(credit["amount"]), Decimal(sub.quantity)))
+        amount = _allotment(credit, sub.quantity, fraction)
         amount += (carried or {}).get(str(index), 0)
         if amount <= 0:
             continue
@@ -127,6 +158,32 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
             cap = spec.get("rollover_cap")
             carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
         account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at)
+    return carried
+
+
+def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str, Any], old_quantity: int,
+                  old_fraction: Decimal) -> dict[str, int]:
+    """At a plan or quantity change, per credit index of the new plan: what is left of the current recurring
+    grants beyond what the old allotment still gives for the rest of the period (negative when more than the
+    time elapsed paid for was used). Called before the old grants are voided.
+
+    The new grants are the new allotment prorated to the rest of the period plus this, like the base fee
+    (old fee credited for the unused time, new fee charged for it): over a period the credits granted are
+    the time-weighted allotments of the plans held, and using credits then changing back and forth refills
+    nothing. A unit the new plan does not grant carries nothing (its remainder is voided as before).
+    """
+    balances = {g["grant_id"]: g for g in account.grant_balances()}
+    by_unit: dict[str, int] = {}
+    for grant in sub.recurring_grants:
+        state = balances.get(grant)
+        if state is not None and state.get("status") == "open":
+            by_unit[state["unit"]] = by_unit.get(state["unit"], 0) + int(state.get("remaining", 0))
+    for credit in old_plan.get("recurring_credits") or []:
+        by_unit[credit["unit"]] = by_unit.get(credit["unit"], 0) - _allotment(credit, old_quantity, old_fraction)
+    carried: dict[str, int] = {}
+    for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
+        if credit["unit"] in by_unit:  # the first new credit of a unit takes that unit's carry
+            carried[str(index)] = by_unit.pop(credit["unit"])
     return carried
 
 
@@ -248,13 +305,19 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     before = _capacities(_live_subscriptions(batch, roster))
     plan_changed = new_plan != sub.plan
     quantity_changed = quantity != sub.quantity
+    old_plan, old_quantity = sub.plan, sub.quantity
+    old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines)
     _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"change {sub.key}")
     if (plan_changed or quantity_changed) and sub.status != TRIALING and (
             new_plan.get("recurring_credits") or sub.recurring_grants):
-        # The old plan's remaining recurring grant is voided and the new one issued, atomically.
+        # The old plan's remaining recurring grant is voided and the new one issued, atomically: the new
+        # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
+        carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
         _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
-        sub.set_recurring_grants(_grant_recurring(account, sub, at, sub.period_end, command.issued_by))
+        sub.set_recurring_grants(_grant_recurring(
+            account, sub, at, sub.period_end, command.issued_by, carried,
+            fraction=proration_fraction(sub.period_start, sub.period_end, at)))
     _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
               finalize=True, start=at, end=sub.period_end)
     return {"subscription_id": str(sub.id), "lines": lines}
@@ -268,8 +331,9 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
     immediately = bool(command.payload.get("immediately", False))
+    # A period that began while paused was never billed: nothing of it to credit.
     lines = quote_cancel(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
-                         period_end_at=sub.period_end, at=at) if immediately else []
+                         period_end_at=sub.period_end, at=at) if immediately and sub.period_billed else []
     roster = _roster(batch, tenant)
     before = _capacities(_live_subscriptions(batch, roster))
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
@@ -289,9 +353,24 @@ def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCom
 
 
 @handles("subscription.resume")
-def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _subscription(batch, command.tenant or "", str(command.payload["key"])).resume(at=effective_at(command),
-                                                                                   by=command.issued_by)
+def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """Active again. In a period that began while paused (unbilled), the rest of it is billed now and its
+    recurring credits granted for the rest of it, both prorated like a change."""
+    tenant = command.tenant or ""
+    sub = _subscription(batch, tenant, str(command.payload["key"]))
+    at = effective_at(command)
+    billed_from = sub.resume(at=at, by=command.issued_by)
+    if billed_from is None:
+        return {"subscription_id": str(sub.id), "lines": []}
+    account = account_of(batch, tenant)
+    sub.set_recurring_grants(_grant_recurring(
+        account, sub, billed_from, sub.period_end, command.issued_by,
+        fraction=proration_fraction(sub.period_start, sub.period_end, billed_from)))
+    lines = quote_resume(plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
+                         period_end_at=sub.period_end, at=billed_from)
+    _document(app, batch, sub, f"{sub.id}/resume/{billed_from.isoformat()}", lines, at, command.issued_by,
+              finalize=True, start=billed_from, end=sub.period_end)
+    return {"subscription_id": str(sub.id), "lines": lines}
 
 
 @handles("subscription.tick")
@@ -308,16 +387,30 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
         if sub.end_trial(at=at, has_payment_method=roster.default_payment_method is not None):
             _start_billing(app, batch, account, sub, at, "system:trial", finalize=True)  # first invoice at once
             return {"transition": "trial_converted"}
-        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), "trial ended")
+        # The trial ends whatever is allocated (the scheduler's tick for this due time is sent once).
+        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), "trial ended",
+                   force=True)
         roster.release(subscription_id=sub.id, at=at)
         return {"transition": "trial_ended"}
     ended_start, ended_end = sub.period_start, sub.period_end
+    before = _capacities(_live_subscriptions(batch, roster))
     if not sub.renew(at=at):
         return {"transition": None}
-    if sub.status not in LIVE:  # canceled at period end
+    if sub.status not in LIVE:  # canceled at period end: its capacity goes, whatever is allocated
+        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)),
+                   f"canceled at period end {sub.key}", force=True)
         _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
         roster.release(subscription_id=sub.id, at=at)
         return {"transition": "canceled_at_period_end"}
+    if sub.status == PAUSED:
+        # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
+        # takes rating's usage lines of the ended period, which was live until its end.
+        _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
+        sub.set_recurring_grants([])
+        _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+                  [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
+                  "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
+        return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
     carried = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
@@ -404,10 +497,15 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
     profile: dict[str, Any] = {"country": country, "subdivision": payload.get("subdivision"),
                                "business_name": payload.get("business_name"), "tax_id": None, "tax_id_valid": False}
     if payload.get("tax_id"):
-        check = check_vat_id(str(payload["tax_id"]))
-        if not check.valid:
-            raise CommandRejected("invalid_vat_id", f"VAT id {payload['tax_id']!r} is not valid: {check.reason}")
-        profile.update(tax_id=check.number, tax_id_valid=True, vies=str(payload.get("vies", "not_checked")))
+        # EU VAT rules only for EU member states; elsewhere the country's own format, if known (reverse charge
+        # still needs an EU VAT id: compute_tax).
+        check = check_tax_id(country, str(payload["tax_id"]))
+        if not check.valid and check.checked:
+            reason = "invalid_vat_id" if country in EU_MEMBER_STATES else "invalid_tax_id"
+            raise CommandRejected(reason, f"tax id {payload['tax_id']!r} is not valid for {country}: {check.reason}")
+        profile.update(tax_id=check.number, tax_id_valid=check.valid)
+        if country in EU_MEMBER_STATES:
+            profile["vies"] = str(payload.get("vies", "not_checked"))
     _roster(batch, command.tenant or "").set_tax_profile(profile=profile, at=effective_at(command), by=command.issued_by)
     return profile
 

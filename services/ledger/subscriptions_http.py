@@ -22,7 +22,7 @@ from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import Subscription, subscription_id
-from billing_ledger.domain.tax import check_vat_id
+from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
 from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.vies import NoRegistry, VatRegistry
@@ -33,7 +33,8 @@ from eventsourcing.persistence import IntegrityError
 from fastapi import APIRouter, Body, Depends, Request, Response
 
 APPLY_ATTEMPTS_MAX = 5
-STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_profile": 422, "unknown_account": 404, "unknown_subscription": 404, "unknown_plan": 422,
+STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "invalid_tax_profile": 422, "unknown_account": 404,
+                     "unknown_subscription": 404, "unknown_plan": 422, "unsupported_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
                      "capacity_below_usage": 409, "invalid_transition": 409}
 
@@ -169,7 +170,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
     async def put_tax_profile(tenant: str, request: Request, body: dict[str, Any] = Body(...),
                               principal: Principal = Depends(require(Role.ADMIN, Role.FINANCE))) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        if body.get("tax_id"):
+        if body.get("tax_id") and str(body.get("country", "")).upper() in EU_MEMBER_STATES:  # VIES: EU VAT ids only
             check = check_vat_id(str(body["tax_id"]))
             registered = await registry.is_registered(check.number) if check.valid else None
             if registered is False:

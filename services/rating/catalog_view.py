@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from billing_events.catalog import CatalogDocument, MeterDef, PlanDef
+from billing_events.catalog import STORED, CatalogDocument, MeterDef, PlanDef
 from billing_events.money import MoneyError
 from billing_rating.charge_models import PriceSpec, PriceSpecError, parse_spec
 from billing_rating.pricing import AiPriceTable, parse_ai_price_table
@@ -80,7 +80,7 @@ class CatalogView:
 
 def build_view(version: int, document: dict[str, Any], plan_history: dict[tuple[str, int], dict[str, Any]]
                ) -> CatalogView:
-    parsed = CatalogDocument.model_validate(document)
+    parsed = CatalogDocument.model_validate(document, context={STORED: True})  # as the ledger published it
     scales = _scales(parsed)
     meters: dict[str, MeterView] = {}
     for meter in parsed.meters:

@@ -3,8 +3,12 @@
 One ``ResourcePool`` per (tenant, resource). Its capacity is the sum of the quantities of the account's
 active subscriptions for that resource (computed by the caller: subscriptions pool their quantities) and
 ``set_capacity`` records it with its ``source`` (which subscriptions, which versions). Allocations never
-exceed capacity, and capacity can never be set below what is allocated (``can_reduce_to`` lets the
-subscription side refuse a quantity decrease before it happens: DESIGN.md section 6).
+exceed capacity, and a change someone asks for can never set capacity below what is allocated
+(``can_reduce_to`` lets the subscription side refuse a quantity decrease before it happens: DESIGN.md
+section 6). Time is the exception: a subscription that ends by itself (canceled at period end, a trial
+without a payment method) must end, so its capacity goes with ``force=True`` even below what is allocated.
+The pool is then over capacity (``over_capacity`` > 0, ``free`` 0): the live allocations stay until their
+holders release them (the pool cannot know which to take away), and new ones are refused until enough are.
 
 Requests are idempotent by ``request_id``: a repeated ``allocate`` returns its first answer without a new
 event, so a retried caller cannot allocate twice. Refusals are recorded (``AllocationRefused``) so the
@@ -68,11 +72,17 @@ class ResourcePool(ChainedAggregate):
 
     @property
     def free(self) -> int:
-        return self.capacity - self.in_use
+        return max(0, self.capacity - self.in_use)
+
+    @property
+    def over_capacity(self) -> int:
+        """How much more is allocated than the capacity (only after a forced reduction, else 0)."""
+        return max(0, self.in_use - self.capacity)
 
     def can_reduce_to(self, capacity: int) -> bool:
-        """Whether capacity may become ``capacity``: never below what is allocated now."""
-        return capacity >= self.in_use
+        """Whether capacity may become ``capacity``: never below what is allocated now, unless it does not
+        go down (a pool over capacity after a forced reduction may keep or raise its capacity)."""
+        return capacity >= self.in_use or capacity >= self.capacity
 
     def allocation(self, request_id: UUID) -> dict[str, Any] | None:
         found = self._requests.get(str(request_id))
@@ -80,10 +90,11 @@ class ResourcePool(ChainedAggregate):
 
     # -- commands -------------------------------------------------------------------------------------------
 
-    def set_capacity(self, capacity: int, source: dict[str, Any]) -> None:
-        """Records the pooled capacity; refused (``CapacityBelowUsage``) below current usage."""
+    def set_capacity(self, capacity: int, source: dict[str, Any], *, force: bool = False) -> None:
+        """Records the pooled capacity; refused (``CapacityBelowUsage``) below current usage unless ``force``
+        (a subscription that ended by itself: see the module's docstring)."""
         _require_quantity("capacity", capacity, allow_zero=True)
-        if not self.can_reduce_to(capacity):
+        if not force and not self.can_reduce_to(capacity):
             raise CapacityBelowUsage(
                 f"{self.resource}: {self.in_use} in use, cannot reduce capacity to {capacity}"
             )

@@ -62,7 +62,23 @@ def quote_cancel(*, status: str, plan: dict[str, Any], quantity: int, period_sta
     return [line("proration", f"Unused time on {_label(plan, quantity)} (canceled)", -unused, plan["currency"])]
 
 
+def quote_resume(*, plan: dict[str, Any], quantity: int, period_start: datetime, period_end_at: datetime,
+                 at: datetime) -> list[dict[str, Any]]:
+    """Resuming in a period that began while paused (so unbilled): its rest, at the plan's fee."""
+    remaining = RATING_CONTEXT.multiply(base_fee(plan, quantity), proration_fraction(period_start, period_end_at, at))
+    if not remaining:
+        return []
+    return [line("proration", f"Remaining time on {_label(plan, quantity)} (resumed)", remaining, plan["currency"],
+                 fraction=str(proration_fraction(period_start, period_end_at, at)))]
+
+
 def period_fee_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime) -> dict[str, Any]:
     return line("base_fee", f"{_label(plan, quantity)} from {start.date()} to {end.date()}",
                 base_fee(plan, quantity), plan["currency"], quantity=str(quantity),
                 unit_amount=str(plan.get("base_fee", "0")))
+
+
+def paused_period_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime) -> dict[str, Any]:
+    """The renewal draft's line for a period that begins while paused: no fee (the draft takes usage lines)."""
+    return line("base_fee", f"{_label(plan, quantity)} from {start.date()} to {end.date()}: paused, no fee",
+                Decimal(0), plan["currency"], quantity=str(quantity), unit_amount="0")

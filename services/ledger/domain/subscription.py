@@ -1,7 +1,11 @@
 """Subscriptions: a billing account's commitment to one published plan version, with a quantity.
 
 Lifecycle: trialing -> active -> past_due -> canceled, plus paused <-> resumed. Every transition is an
-event carrying its cause (a user or ``system:...``). Money effects of a change (proration) are computed
+event carrying its cause (a user or ``system:...``).
+
+Pause stops billing: the period already paid runs to its end, and a period that starts while paused is
+not billed (``PeriodEnded(billed=False)``, ``period_billed`` false). Resuming in such a period bills its
+rest from the resume (``Resumed(billed_from=...)``); resuming within the paid period bills nothing. Money effects of a change (proration) are computed
 by ``billing_ledger.domain.proration`` from the same inputs for the preview and for the change itself, so
 a preview always equals the change actually made.
 """
@@ -59,6 +63,7 @@ class Subscription(Aggregate):
         self.status = status
         self.cancel_at_period_end = False
         self.recurring_grants: list[str] = []
+        self.period_billed = True  # False: the current period began while paused and nothing billed it
 
     # -- changes ---------------------------------------------------------------------------------------------
 
@@ -111,13 +116,17 @@ class Subscription(Aggregate):
     def _paused(self, at: datetime, by: str) -> None:
         self.status = PAUSED
 
-    def resume(self, *, at: datetime, by: str) -> None:
+    def resume(self, *, at: datetime, by: str) -> datetime | None:
+        """Active again; returns from when the rest of the current period is to be billed (None: it was)."""
         self._require(PAUSED)
-        self._resumed(at=at, by=by)
+        billed_from = None if self.period_billed else max(at, self.period_start)
+        self._resumed(at=at, by=by, billed_from=billed_from)
+        return billed_from
 
     @event("Resumed")
-    def _resumed(self, at: datetime, by: str) -> None:
+    def _resumed(self, at: datetime, by: str, billed_from: datetime | None = None) -> None:
         self.status = ACTIVE
+        self.period_billed = True
 
     def mark_past_due(self, *, at: datetime, reason: str, by: str) -> None:
         self._require(ACTIVE)
@@ -187,15 +196,16 @@ class Subscription(Aggregate):
             return True
         next_end = period_end(self.period_end, self.plan["cadence"], self.anchor_day, self.time_zone)
         self._period_ended(period_start=self.period_start, period_end=self.period_end,
-                           next_start=self.period_end, next_end=next_end)
+                           next_start=self.period_end, next_end=next_end, billed=self.status != PAUSED)
         return True
 
     @event("PeriodEnded")
     def _period_ended(self, period_start: datetime, period_end: datetime, next_start: datetime | None,
-                      next_end: datetime | None) -> None:
+                      next_end: datetime | None, billed: bool = True) -> None:
         if next_start is not None and next_end is not None:
             self.period_start = next_start
             self.period_end = next_end
+            self.period_billed = billed
 
     @property
     def live(self) -> bool:

@@ -5,6 +5,10 @@ such as ``US-CA``), a rate (fraction), a name. The customer's tax profile (count
 business name, tax id) picks the most specific rule. For a business customer in another EU member state
 with a valid VAT id, the reverse charge applies: no VAT is charged and the invoice says so. Tax is computed
 once, on the net amount, and rounded once to the currency's minor unit (half-up).
+
+Tax ids (``check_tax_id``): a customer in an EU member state gives an EU VAT id (checked with stdnum's
+``eu.vat``); elsewhere the id is checked by stdnum's module for that country (``gb.vat``, ``ch.vat``,
+``us.tin``...) when it has one, and otherwise kept as given, marked unchecked (``tax_id_valid`` false).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from billing_events.money import RATING_CONTEXT, currency, round_minor
 from stdnum.eu import vat as eu_vat
 from stdnum.exceptions import ValidationError as StdnumError
+from stdnum.util import get_cc_module
 
 EU_MEMBER_STATES = frozenset({
     "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV", "LT", "LU",
@@ -32,6 +37,11 @@ class VatCheck:
     number: str  # compact form, e.g. DE136695976
     country: str | None
     reason: str | None = None
+    checked: bool = True  # False: no checker for the country; ``valid`` is then False but the id is not refused
+
+
+# stdnum module names tried, in order, for a country outside the EU (``gb.vat``, ``ch.vat``, ``us.tin``...).
+NATIONAL_TAX_ID_MODULES = ("vat", "tin")
 
 
 def check_vat_id(number: str) -> VatCheck:
@@ -43,6 +53,23 @@ def check_vat_id(number: str) -> VatCheck:
         return VatCheck(False, compact, None, str(exc) or type(exc).__name__)
     country = compact[:2].upper()
     return VatCheck(True, compact, "GR" if country == "EL" else country)
+
+
+def check_tax_id(country: str, number: str) -> VatCheck:
+    """A business tax id for a customer in ``country`` (ISO 3166-1 alpha-2): EU VAT in member states, else
+    the country's own format when stdnum knows it, else unchecked (kept, ``checked=False``)."""
+    country = country.upper()
+    if country in EU_MEMBER_STATES:
+        return check_vat_id(number)
+    compact = "".join(ch for ch in (number or "") if ch.isalnum()).upper()
+    module = next((m for m in (get_cc_module(country.lower(), name) for name in NATIONAL_TAX_ID_MODULES)
+                   if m is not None), None)
+    if module is None:
+        return VatCheck(False, compact, country, f"no tax id checker for {country}", checked=False)
+    try:
+        return VatCheck(True, str(module.validate(number)), country)
+    except StdnumError as exc:
+        return VatCheck(False, compact, country, str(exc) or type(exc).__name__)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from uuid import UUID
 import pytest
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
-from billing_rating.catalog_view import CatalogError, validate_document
+from billing_rating.catalog_view import CatalogError, build_view, validate_document
 from billing_rating.close import close_period
 from billing_rating.service import CatalogBehind, RatingService
 from billing_runtime.bus import EmbeddedBus, Record
@@ -161,6 +161,10 @@ async def test_late_events_follow_the_meter_policy(rating) -> None:  # type: ign
     assert late[0]["payload"]["cause"]["original_period"] == "2026-10"
 
 
+YEARLY_WITH_MONTHLY_CREDITS = {"code": "yearly", "name": "Yearly", "currency": "USD", "cadence": "year",
+                               "recurring_credits": [{"unit": "USD", "amount": "10", "cadence": "month"}]}
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda c: c["meters"].append({"code": "api_calls"}), "unique"),
     (lambda c: c["meters"][0]["price"]["tiers"].reverse(), "tiers"),
@@ -168,12 +172,18 @@ async def test_late_events_follow_the_meter_policy(rating) -> None:  # type: ign
     (lambda c: c["meters"][1]["price"].update(unit="ZZZ"), "ZZZ"),
     (lambda c: c.update(plans=[{"code": "pro", "name": "Pro", "currency": "USD",
                                 "charges": [{"meter": "nope", "price": GRADUATED}]}]), "unknown meter"),
+    (lambda c: c.update(plans=[YEARLY_WITH_MONTHLY_CREDITS]), "has cadence 'month' but the plan is billed per year"),
 ])
 def test_bad_catalogues_are_refused_with_a_clear_message(change: Any, message: str) -> None:
     catalog = json.loads(json.dumps(CATALOG))
     change(catalog)
     with pytest.raises(CatalogError, match=message):
         validate_document(catalog)
+
+
+def test_a_catalogue_published_before_a_check_was_added_still_loads() -> None:
+    stored = {**json.loads(json.dumps(CATALOG)), "plans": [YEARLY_WITH_MONTHLY_CREDITS]}
+    assert ("yearly", 1) in build_view(3, stored, {("yearly", 1): YEARLY_WITH_MONTHLY_CREDITS}).plans
 
 
 def correction(event_id: str, of: str, quantity: str, meter: str = "api_calls", **properties: Any) -> Record:

@@ -12,8 +12,10 @@ from uuid import uuid4
 import pytest
 from billing_events import ids
 from billing_events.messages import LedgerCommand
+from billing_events.money import to_subunits
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.allocation import ResourcePool
+from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.proration import quote_change
 from billing_ledger.domain.roster import roster_id
@@ -145,8 +147,9 @@ def test_a_plan_change_voids_the_old_grant_and_issues_the_new_one(app: LedgerApp
     run(app, "subscription.change", "up", at=datetime(2026, 11, 10, tzinfo=UTC), key="m", plan="pro")
     account = app.repository.get(ids.account_id("up"))
     grants = [g for g in account.grant_balances() if g["unit"] == "CREDIT"]
-    assert [(g["status"], g["amount"]) for g in grants] == [("voided", 100 * 10**9), ("open", 500 * 10**9)]
-    assert account.available("CREDIT") == 500 * 10**9
+    # 21 of 30 days left, like the fee: 500 x 0.7 of Pro, plus Team's 100 unused beyond its own 100 x 0.7.
+    assert [(g["status"], g["amount"]) for g in grants] == [("voided", 100 * 10**9), ("open", 380 * 10**9)]
+    assert account.available("CREDIT") == 380 * 10**9
 
 
 def test_capacity_cannot_drop_below_usage(app: LedgerApplication) -> None:
@@ -253,3 +256,191 @@ def test_lifecycle_pause_resume_past_due_and_recovery(app: LedgerApplication) ->
     assert run(app, "subscription.tick", "life", at=datetime(2026, 12, 1, tzinfo=UTC), key="m").value == {
         "transition": "canceled_at_period_end"}
     assert app.repository.get(subscription_id("life", "m")).status == "canceled"
+
+
+def test_business_tax_ids_outside_the_eu_are_checked_by_their_country_not_as_eu_vat(app: LedgerApplication) -> None:
+    catalog = {**CATALOG, "tax_rules": [{"region": "GB", "rate": "0.20", "name": "UK VAT"}],
+               "seller": {"name": "Billing GmbH", "country": "DE"}}
+    run(app, "catalog.publish", None, document=catalog, digest="c2")
+    accepted = {"london": ("GB", "GB 980 7806 84", "980780684", True), "boston": ("US", "04-3110112", "043110112", True),
+                "zurich": ("CH", "CHE-116.281.710 MWST", "CHE116281710MWST", True),
+                "dubai": ("AE", "100-2345-6789-0003", "100234567890003", False)}  # no checker: kept, unchecked
+    for tenant, (country, tax_id, stored, valid) in accepted.items():
+        open_account(app, tenant)
+        result = run(app, "tax_profile.set", tenant, country=country, business_name="B Ltd", tax_id=tax_id)
+        assert result.outcome == "applied", (tenant, result)
+        profile = app.repository.get(roster_id(tenant)).tax_profile
+        assert (profile["tax_id"], profile["tax_id_valid"]) == (stored, valid)
+    bad = run(app, "tax_profile.set", "london", country="GB", business_name="B Ltd", tax_id="GB980780685")
+    assert (bad.outcome, bad.reason) == ("rejected", "invalid_tax_id")
+    assert app.repository.get(roster_id("london")).tax_profile["tax_id"] == "980780684"  # unchanged
+    # A valid UK VAT number is no EU VAT id: the UK rule applies, no reverse charge.
+    run(app, "subscription.create", "london", key="m", plan="team")
+    sub = app.repository.get(subscription_id("london", "m"))
+    first = invoice(app, "london", f"{sub.id}/{NOV_1.isoformat()}")
+    assert [(item["kind"], item["amount"]) for item in first.lines] == [("base_fee", "30.00"), ("tax", "6.00")]
+
+
+def test_a_cancel_at_period_end_gives_back_its_pooled_capacity_even_when_seats_are_in_use(
+        app: LedgerApplication) -> None:
+    open_account(app, "seats")
+    run(app, "subscription.create", "seats", key="a", plan="team")  # 5 users each, pooled: 10
+    run(app, "subscription.create", "seats", key="b", plan="team")
+    pool = app.repository.get(ResourcePool.create_id("seats", "users"))
+    assert pool.allocate(uuid4(), 7, NOV_1)
+    app.save(pool)
+    run(app, "subscription.cancel", "seats", key="b")  # at period end
+    ended = run(app, "subscription.tick", "seats", at=datetime(2026, 12, 1, tzinfo=UTC), key="b")
+    assert ended.value == {"transition": "canceled_at_period_end"}
+    pool = app.repository.get(ResourcePool.create_id("seats", "users"))
+    assert (pool.capacity, pool.in_use) == (5, 7)  # b's 5 users went, though 7 of 10 were in use
+    assert (pool.free, pool.over_capacity) == (0, 2)
+    assert not pool.allocate(uuid4(), 1, datetime(2026, 12, 2, tzinfo=UTC))  # over capacity: new ones refused
+    # The remaining subscription renews, and may change, with the pool over capacity.
+    assert run(app, "subscription.tick", "seats", at=datetime(2026, 12, 1, tzinfo=UTC), key="a").value[
+        "transition"] == "renewed"
+    assert run(app, "subscription.change", "seats", at=datetime(2026, 12, 2, tzinfo=UTC), key="a",
+               quantity=2).outcome == "applied"
+    assert app.repository.get(ResourcePool.create_id("seats", "users")).capacity == 10
+
+
+def test_a_trial_without_payment_method_ends_even_when_seats_are_in_use(app: LedgerApplication) -> None:
+    catalog = {**CATALOG, "plans": [*CATALOG["plans"], {"code": "seats-trial", "name": "Seats trial",
+                                                         "currency": "USD", "base_fee": "10.00", "trial_days": 14,
+                                                         "resources": {"users": 5}}]}
+    run(app, "catalog.publish", None, document=catalog, digest="c2")
+    open_account(app, "tryout")
+    run(app, "subscription.create", "tryout", key="t", plan="seats-trial")
+    pool = app.repository.get(ResourcePool.create_id("tryout", "users"))
+    assert pool.allocate(uuid4(), 3, NOV_1)
+    app.save(pool)
+    result = run(app, "subscription.tick", "tryout", at=NOV_1 + timedelta(days=14), key="t")
+    assert result.value == {"transition": "trial_ended"}
+    assert app.repository.get(subscription_id("tryout", "t")).status == "canceled"
+    assert app.repository.get(roster_id("tryout")).live == []
+    pool = app.repository.get(ResourcePool.create_id("tryout", "users"))
+    assert (pool.capacity, pool.in_use) == (0, 3)
+    assert pool.over_capacity == 3
+
+
+def test_recurring_credits_on_another_cadence_than_the_plan_are_refused_not_misgranted(
+        app: LedgerApplication) -> None:
+    def with_plan(plan: dict[str, Any]) -> dict[str, Any]:
+        return {**CATALOG, "plans": [*CATALOG["plans"], plan]}
+
+    # Yearly plan, monthly credits: it used to grant 100 once for the whole year.
+    yearly = {"code": "annual", "name": "Annual", "currency": "USD", "base_fee": "300.00", "cadence": "year",
+              "recurring_credits": [{"unit": "CREDIT", "amount": "100", "cadence": "month"}]}
+    refused = run(app, "catalog.publish", None, document=with_plan(yearly), digest="c2")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog")
+    assert "recurring_credits[0] has cadence 'month' but the plan is billed per year" in refused.detail
+    # Monthly plan, yearly credits: it used to grant the year's 1,200 every month.
+    monthly = {"code": "monthly", "name": "Monthly", "currency": "USD", "base_fee": "30.00",
+               "recurring_credits": [{"unit": "CREDIT", "amount": "1200", "cadence": "year"}]}
+    refused = run(app, "catalog.publish", None, document=with_plan(monthly), digest="c3")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog")
+    open_account(app, "cadence")
+    assert run(app, "subscription.create", "cadence", key="m", plan="annual").reason == "unknown_plan"
+    # Same cadence on both: one grant per billed period, as documented.
+    yearly["recurring_credits"] = [{"unit": "CREDIT", "amount": "1200", "cadence": "year"}]
+    assert run(app, "catalog.publish", None, document=with_plan(yearly), digest="c4").outcome == "applied"
+    assert run(app, "subscription.create", "cadence", key="m", plan="annual").outcome == "applied"
+    assert app.repository.get(ids.account_id("cadence")).available("CREDIT") == 1200 * 10**9
+
+
+def test_a_plan_published_with_a_credit_cadence_unlike_its_own_is_no_longer_sold(app: LedgerApplication) -> None:
+    # Published before the catalogue refused it (recorded as it was then, without today's validation).
+    catalog = app.repository.get(Catalog.create_id())
+    plan = {"code": "annual", "name": "Annual", "currency": "USD", "base_fee": "300.00", "cadence": "year",
+            "version": 1, "recurring_credits": [{"unit": "CREDIT", "amount": "100", "cadence": "month"}]}
+    catalog._published(document={**catalog.document, "plans": [*catalog.document["plans"], plan]}, digest="old",
+                       version=catalog.catalog_version + 1, new_plan_versions={"annual": 1}, published_by="user:old")
+    app.save(catalog)
+    open_account(app, "legacy")
+    refused = run(app, "subscription.create", "legacy", key="m", plan="annual")
+    assert (refused.outcome, refused.reason) == ("rejected", "unsupported_plan")
+    assert app.repository.get(ids.account_id("legacy")).available("CREDIT") == 0
+
+
+def use_credits(app: LedgerApplication, tenant: str, credits: int, at: datetime) -> None:
+    assert run(app, "usage.debit", tenant, at=at, unit="CREDIT", amount_subunits=credits * 10**9,
+               meter="api_calls").outcome == "applied"
+
+
+def test_changing_the_quantity_back_and_forth_does_not_refill_used_credits(app: LedgerApplication) -> None:
+    open_account(app, "refill")
+    run(app, "subscription.create", "refill", key="m", plan="team")
+    nov_5 = datetime(2026, 11, 5, tzinfo=UTC)  # 26 of 30 days left
+    use_credits(app, "refill", 90, nov_5)
+    up = run(app, "subscription.change", "refill", at=nov_5, key="m", quantity=2)
+    down = run(app, "subscription.change", "refill", at=nov_5 + timedelta(seconds=1), key="m", quantity=1)
+    sub = app.repository.get(subscription_id("refill", "m"))
+    totals = [invoice(app, "refill", f"{sub.id}/change/{r.command_id}").total for r in (up, down)]
+    assert totals == [Decimal("26.00"), Decimal("-26.00")]  # the fees cancel out...
+    # ... and so do the credits: 10 left, plus the second's worth of the second seat (100 x 1 s / 30 days).
+    second = (100 * 10**9) // (30 * 86_400)  # 38,580 sub-units (each grant rounds once to a sub-unit)
+    assert abs(app.repository.get(ids.account_id("refill")).available("CREDIT") - (10 * 10**9 + second)) <= 2
+
+
+def test_an_upgrade_grants_the_rest_of_the_period_at_the_new_plan_less_what_was_used(
+        app: LedgerApplication) -> None:
+    open_account(app, "used")
+    run(app, "subscription.create", "used", key="m", plan="team")
+    mid = datetime(2026, 11, 16, tzinfo=UTC)  # half of the period left
+    use_credits(app, "used", 80, mid)
+    run(app, "subscription.change", "used", at=mid, key="m", plan="pro")
+    # Team's first half (50) and Pro's second (250) make 300 for the period; 80 are used: 220 left.
+    assert app.repository.get(ids.account_id("used")).available("CREDIT") == 220 * 10**9
+    run(app, "subscription.change", "used", at=datetime(2026, 11, 23, 12, tzinfo=UTC), key="m", plan="team")
+    # A quarter left: 220 - 500 x 1/4 + 100 x 1/4 = 120.
+    assert app.repository.get(ids.account_id("used")).available("CREDIT") == 120 * 10**9
+    # At renewal the next period starts with the plan's full allotment.
+    run(app, "subscription.tick", "used", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
+    assert app.repository.get(ids.account_id("used")).available("CREDIT") == 100 * 10**9
+
+
+def test_a_paused_subscription_is_not_billed_nor_granted_credits_until_it_resumes(app: LedgerApplication) -> None:
+    open_account(app, "nap")
+    run(app, "subscription.create", "nap", key="m", plan="team")
+    run(app, "subscription.pause", "nap", at=datetime(2026, 11, 20, tzinfo=UTC), key="m")
+    dec_1 = datetime(2026, 12, 1, tzinfo=UTC)
+    assert run(app, "subscription.tick", "nap", at=dec_1, key="m").outcome == "applied"
+    sub = app.repository.get(subscription_id("nap", "m"))
+    assert (sub.status, sub.period_start) == ("paused", dec_1)
+    # The renewal draft carries no fee (only November's usage lines, from rating), and no December credits.
+    key = f"{sub.id}/{dec_1.isoformat()}"
+    assert invoice(app, "nap", key).total == Decimal("0.00")
+    run(app, "invoice.usage_lines", "nap", at=dec_1, invoice_key=key, lines=[])
+    assert (invoice(app, "nap", key).status, invoice(app, "nap", key).total) == ("finalized", Decimal("0.00"))
+    account = app.repository.get(ids.account_id("nap"))
+    assert account.available("CREDIT") == 0
+    # Resumed on Dec 16 (16 of 31 days left): the rest of December is billed and its credits granted.
+    dec_16 = datetime(2026, 12, 16, tzinfo=UTC)
+    resumed = run(app, "subscription.resume", "nap", at=dec_16, key="m")
+    assert [item["amount"] for item in resumed.value["lines"]] == ["15.48"]  # 30.00 x 16/31
+    bill = invoice(app, "nap", f"{sub.id}/resume/{dec_16.isoformat()}")
+    assert (bill.status, bill.total) == ("finalized", Decimal("15.48"))
+    assert app.repository.get(ids.account_id("nap")).available("CREDIT") == to_subunits(
+        Decimal(100) * Decimal(16) / Decimal(31))
+
+
+def test_resuming_within_the_paid_period_bills_nothing_more(app: LedgerApplication) -> None:
+    open_account(app, "blink")
+    run(app, "subscription.create", "blink", key="m", plan="team")
+    run(app, "subscription.pause", "blink", at=datetime(2026, 11, 10, tzinfo=UTC), key="m")
+    assert run(app, "subscription.resume", "blink", at=datetime(2026, 11, 12, tzinfo=UTC), key="m").value[
+        "lines"] == []
+    assert app.repository.get(ids.account_id("blink")).available("CREDIT") == 100 * 10**9
+    run(app, "subscription.tick", "blink", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
+    sub = app.repository.get(subscription_id("blink", "m"))
+    assert invoice(app, "blink", f"{sub.id}/{datetime(2026, 12, 1, tzinfo=UTC).isoformat()}").total == Decimal("30.00")
+
+
+def test_canceling_in_a_period_that_began_while_paused_credits_nothing(app: LedgerApplication) -> None:
+    open_account(app, "gone")
+    run(app, "subscription.create", "gone", key="m", plan="team")
+    run(app, "subscription.pause", "gone", at=datetime(2026, 11, 20, tzinfo=UTC), key="m")
+    run(app, "subscription.tick", "gone", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
+    result = run(app, "subscription.cancel", "gone", at=datetime(2026, 12, 16, tzinfo=UTC), key="m", immediately=True)
+    assert (result.outcome, result.value["lines"]) == ("applied", [])  # December was never billed
+    assert app.repository.get(subscription_id("gone", "m")).status == "canceled"
