@@ -48,7 +48,8 @@ def _form(post_data: Any) -> dict[str, str]:
 class FakeStripe(stripe.HTTPClient):
     """Answers the SDK offline: creates and serves checkout sessions, payment intents and refunds.
 
-    ``declined`` payment methods are refused (402 card_declined); every call is recorded with its
+    ``declined`` payment methods are refused (402 card_declined); ``processing`` ones answer a payment intent
+    still ``processing`` (a bank debit: the money may arrive later); every call is recorded with its
     idempotency key, and a repeated key answers the first answer (as Stripe does)."""
 
     name = "fake-stripe"
@@ -58,6 +59,7 @@ class FakeStripe(stripe.HTTPClient):
         self.objects: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str | None, dict[str, str]]] = []
         self.declined: set[str] = set()
+        self.processing: set[str] = set()
         self._by_key: dict[str, tuple[bytes, int]] = {}
 
     def _answer(self, method: str, url: str, headers: Any, post_data: Any) -> tuple[bytes, int, dict[str, str]]:
@@ -91,7 +93,8 @@ class FakeStripe(stripe.HTTPClient):
                 error = {"type": "card_error", "code": "card_declined", "message": "Your card was declined.",
                          "payment_intent": {"id": pid, "status": "requires_payment_method"}}
                 return json.dumps({"error": error}).encode(), 402
-            obj = {"id": pid, "object": "payment_intent", "status": "succeeded", "amount": int(form["amount"]),
+            status = "processing" if form.get("payment_method") in self.processing else "succeeded"
+            obj = {"id": pid, "object": "payment_intent", "status": status, "amount": int(form["amount"]),
                    "amount_received": int(form["amount"]), "currency": form["currency"],
                    "customer": form.get("customer"), "payment_method": form.get("payment_method"),
                    "metadata": metadata}
