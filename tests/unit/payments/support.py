@@ -26,13 +26,18 @@ TENANT = "acme"
 CATALOG = {
     "credit_units": {"CREDIT": {"scale": 0}},
     "packages": [{"code": "credits-10k", "name": "10k credits", "unit": "CREDIT", "credits": "10000",
-                  "bonus_credits": "1000", "price": "95.00", "currency": "USD"}],
+                  "bonus_credits": "1000", "price": "95.00", "currency": "USD"},
+                 {"code": "usd-100", "name": "100 USD of credit", "unit": "USD", "credits": "100",
+                  "bonus_credits": "20", "price": "100.00", "currency": "USD"}],
     "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
     "promotions": [
         {"code": "TENOFF", "kind": "discount_percent", "value": "0.10", "max_per_account": 1},
         {"code": "BONUS500", "kind": "bonus_credit", "value": "500", "unit": "CREDIT"},
         {"code": "OLD", "kind": "bonus_credit", "value": "5", "valid_until": "2020-01-01T00:00:00+00:00"},
         {"code": "ONCE", "kind": "discount_amount", "value": "5", "max_redemptions": 1, "max_per_account": 1},
+        {"code": "EUROFF", "kind": "discount_amount", "value": "5", "unit": "EUR"},
+        {"code": "EUROGIFT", "kind": "bonus_credit", "value": "5", "unit": "EUR"},
+        {"code": "ALLOFF", "kind": "discount_percent", "value": "1"},
     ],
     "seller": {"name": "billing", "country": "DE"},
 }
