@@ -236,6 +236,14 @@ class CatalogDocument(_Model):
             currency(package.currency)
             if package.unit not in units:
                 currency(package.unit)
+        for promotion in self.promotions:
+            # A bonus is granted in its unit (a credit unit of this document or a currency); an amount off is
+            # money. Whether it fits a given order (its currency) is checked when the order is quoted.
+            if promotion.unit is not None and not (promotion.kind == "bonus_credit" and promotion.unit in units):
+                try:
+                    currency(promotion.unit)
+                except ValueError as exc:
+                    raise ValueError(f"promotion {promotion.code!r}: unknown unit {promotion.unit!r}") from exc
         return self
 
     def credit_scales(self) -> dict[str, int]:

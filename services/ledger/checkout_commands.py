@@ -4,9 +4,11 @@
 aggregate records the redemption in the same transaction) and places the ``Order`` with its quote, before any
 gateway is called, so an invalid, expired or exhausted code is refused before anything is charged.
 ``pay_order`` is what a verified payment for a known order does, in one transaction: the order is paid (exact
-quoted total only), the credits are granted once (``purchase``: credits + bonus, with the tax recorded; the
-promotion's bonus as a ``promotion`` grant; a package granted in a credit unit also books the money paid,
-net and tax, in the currency: ``BillingAccount.book_purchase_money``) and a paid top-up invoice is issued and
+quoted total only), the credits are granted once (in the currency: ``purchase`` for what was paid, net, with
+the tax recorded, funded from the gateway's clearing, and a ``promotion`` grant for the rest, a package's bonus
+or a discount; a package granted in a credit unit keeps credits + bonus on its ``purchase`` grant and books the
+money paid, net and tax, in the currency: ``BillingAccount.book_purchase_money``; the promotion's bonus as a
+``promotion`` grant in the promotion's unit) and a paid top-up invoice is issued and
 finalized (gap-free number; the notifier emails it with its PDF).
 """
 
@@ -84,7 +86,10 @@ def build_quote(batch: _Batch, tenant: str, payload: dict[str, Any], at: datetim
         amount = parse_decimal(payload["amount"], field="amount") if payload.get("amount") is not None else None
         q = quote(package=package, amount=amount, account_currency=account.currency, promotion=promotion,
                   tax_profile=roster.tax_profile if roster is not None else None,
-                  tax_rules=document.get("tax_rules") or [], seller_country=(document.get("seller") or {}).get("country"))
+                  tax_rules=document.get("tax_rules") or [], seller_country=(document.get("seller") or {}).get("country"),
+                  credit_units=(document.get("credit_units") or {}).keys())
+    except PromotionRefused as exc:
+        raise CommandRejected("promotion_refused", str(exc)) from exc
     except (CheckoutError, ValueError) as exc:
         raise CommandRejected("invalid_checkout", str(exc)) from exc
     return {"quote": q.as_dict(), "promotion": promotion, "package": package}
@@ -224,19 +229,31 @@ def pay_order(app: LedgerApplication, batch: _Batch, order: Order, *, gateway: s
     tax = to_subunits(Decimal(q["tax"]))
     in_currency = q["unit"] == q["currency"]
     purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")
+    credit = to_subunits(Decimal(q["credits"]) + Decimal(q["bonus_credits"]))
+    net = to_subunits(Decimal(q["total"])) - tax
+    # Credit in the currency: only what was paid (net; the tax to tax payable) is funded from the gateway's
+    # clearing; the part the customer did not pay for (a package's bonus, a discount) is a promotional grant.
+    # A credit unit's purchase keeps its whole credit on one grant: its money is booked apart, in the currency,
+    # for exactly what was paid, and recognised over all of that credit (``book_purchase_money``).
+    paid = min(net, credit) if in_currency else credit
     account.grant_credit(
-        grant_id=purchase, unit=q["unit"],
-        amount=to_subunits(Decimal(q["credits"]) + Decimal(q["bonus_credits"])), priority=0, effective_at=at,
+        grant_id=purchase, unit=q["unit"], amount=paid, priority=0, effective_at=at,
         expires_at=None, scope=None, source="purchase", cause={**cause, "tax": q["tax"], "total": q["total"]},
         granted_by=by, tax_amount=tax if in_currency else 0)
-    net = to_subunits(Decimal(q["total"])) - tax
+    if credit > paid:
+        account.grant_credit(
+            grant_id=bonus_grant_id(order), unit=q["unit"], amount=credit - paid, priority=0, effective_at=at,
+            expires_at=None, scope=None, source="promotion",
+            cause={**cause, "bonus_of": str(purchase), "promotion": q["promotion"], "package": q["package"]},
+            granted_by=by)
     if not in_currency and net + tax > 0:
         # Credits bought in a credit unit: the money paid (and its tax) is booked in the currency too.
         account.book_purchase_money(grant_id=purchase, currency=q["currency"], net=net, tax_amount=tax, at=at,
                                     cause={**cause, "total": q["total"], "tax": q["tax"]})
     if Decimal(q["promotion_credits"]) > 0:
+        # In the promotion's own unit (orders placed before it was recorded: the purchase unit).
         account.grant_credit(
-            grant_id=ids.grant_id(order.tenant, f"order/{order.id}/promotion"), unit=q["unit"],
+            grant_id=ids.grant_id(order.tenant, f"order/{order.id}/promotion"), unit=q.get("promotion_unit") or q["unit"],
             amount=to_subunits(Decimal(q["promotion_credits"])), priority=0, effective_at=at, expires_at=None,
             scope=None, source="promotion", cause={**cause, "promotion": q["promotion"]}, granted_by=by)
     invoice = _top_up_invoice(app, batch, order, at, by)
@@ -277,6 +294,11 @@ def known_order(batch: _Batch, tenant: str | None, order_ref: str | None) -> Ord
     except ValueError:
         return None
     return found if isinstance(found, Order) and found.tenant == tenant else None
+
+
+def bonus_grant_id(order: Order) -> UUID:
+    """The promotional grant of the credit an order gives beyond what was paid (package bonus, discount)."""
+    return ids.grant_id(order.tenant, f"order/{order.id}/bonus")
 
 
 def top_up_invoice_id(order: Order) -> UUID:

@@ -8,6 +8,11 @@ backup in order (``charge_in_order``; the gateway's idempotency key is ``dunning
 index>``, so a repeated attempt never charges twice):
 
 * the first success applies ``invoice.mark_paid`` (a past_due subscription recovers);
+* a *pending* charge (Stripe ``processing``: the money may still arrive) stops the attempt without trying a
+  backup method (that would charge twice) and applies ``invoice.payment_pending`` (a receipt per (invoice,
+  attempt)), so no later round or restart charges that attempt again, even after the gateway's idempotency key
+  has expired; the gateway's webhook settles the invoice (``payment.succeeded`` naming it, see
+  ``payment_commands``). A pending payment that later fails is not followed yet: the invoice stays open, unpaid;
 * when every method declines, the tenant is emailed, then ``invoice.payment_failed`` is applied with
   ``final`` true only for the last attempt (the subscription goes past_due).
 
@@ -54,6 +59,10 @@ def failed_command_id(invoice: UUID, attempt: int) -> UUID:
 
 def paid_command_id(invoice: UUID) -> UUID:
     return uuid5(NAMESPACE_URL, f"/dunning/{invoice}/paid")
+
+
+def pending_command_id(invoice: UUID, attempt: int) -> UUID:
+    return uuid5(NAMESPACE_URL, f"/dunning/{invoice}/{attempt}/pending")
 
 
 def _invoice_view(invoice: Invoice) -> dict[str, Any]:
@@ -125,7 +134,7 @@ class Dunning:
                 outcome = await self._dun(invoice, issued_at)
                 if outcome != "waiting":
                     outcomes[str(invoice)] = outcome
-                if outcome not in ("waiting", "retry"):
+                if outcome not in ("waiting", "retry", "pending"):
                     self.open.pop(invoice, None)
         finally:
             await asyncio.to_thread(self._record_position)
@@ -143,9 +152,20 @@ class Dunning:
         now = self.now()
         if now < issued_at + timedelta(days=self.retry_days[made]):
             return "waiting"
+        if await asyncio.to_thread(self.app.read, pending_command_id(invoice, made), lambda r: True):
+            return "waiting"  # a payment of this attempt is under way: its webhook settles the invoice
         tenant, total, code = view["tenant"], view["total"], view["currency"]
         charged = await charge_in_order(self.app, self.gateways, tenant=tenant, total=total, currency_code=code,
-                                        key_prefix=f"dunning/{invoice}/{made}", order_ref=str(invoice))
+                                        key_prefix=f"dunning/{invoice}/{made}", order_ref=str(invoice),
+                                        invoice_ref=str(invoice))
+        if charged.pending is not None:
+            result = await asyncio.to_thread(
+                self._apply, "invoice.payment_pending", pending_command_id(invoice, made), tenant, {
+                    "invoice_id": str(invoice), "payment": charged.pending.reference or "", "attempt": made + 1,
+                    "at": now.isoformat()})
+            log.info("dunning_payment_pending", tenant=tenant, invoice=view["number"], attempt=made + 1,
+                     method_index=charged.method_index, outcome=result.outcome)
+            return "pending"
         if charged.charge is not None:
             result = await asyncio.to_thread(self._apply, "invoice.mark_paid", paid_command_id(invoice), tenant, {
                 "invoice_id": str(invoice), "payment": charged.charge.reference or "", "at": now.isoformat()})

@@ -7,7 +7,14 @@ and refused as a duplicate the second time, like every other command.
 * A payment for an account that does not exist yet (its ``account.open`` travels on the other topic) fails
   its batch, which the consumer retries, for ``PAYMENT_ACCOUNT_WAIT_SECONDS`` after the gateway verified
   it; only then is it rejected (``unknown_account``, recorded on its receipt for reconciliation).
-* ``payment_succeeded`` grants the notified amount as purchased credit (source ``purchase``, in the
+* ``payment_succeeded`` for an invoice (the notification's ``invoice_id``, written by dunning's off-session
+  charges; or, for payments made before that key existed, an ``order_id`` that names one of the tenant's
+  invoices) settles that invoice (``invoice.mark_paid``'s idempotent path: dunning usually marked it paid
+  already) and grants nothing: the money paid the invoice. A payment that does not match the invoice (amount,
+  currency, a void or draft invoice, an unknown invoice id) is rejected with its reason and recorded for
+  reconciliation, never turned into credit.
+* ``payment_succeeded`` for a checkout order pays the order (``checkout_commands.pay_order``).
+* any other ``payment_succeeded`` grants the notified amount as purchased credit (source ``purchase``, in the
   account's currency, no expiry) with a grant id derived from the gateway event, so even a command with
   another id could not grant it twice. Packages, tax and orders belong to another part of the system.
 * ``refund_succeeded`` books a refund the gateway has *already paid out*: it is a fact, not a request, so
@@ -28,6 +35,8 @@ from billing_ledger import checkout_commands, payload, refund_request_commands
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.invoice import INVOICE, Invoice, InvoiceError
+from billing_ledger.subscription_commands import settle_invoice, tenant_invoice
 
 # A payment for an account not opened yet is retried for this long before it is rejected (and recorded).
 PAYMENT_ACCOUNT_WAIT_SECONDS = 600
@@ -49,7 +58,7 @@ def payment_command(notification: PaymentNotification) -> LedgerCommand:
         payload={"gateway": notification.gateway, "gateway_event_id": notification.gateway_event_id,
                  "order_id": notification.order_id, "amount": str(notification.amount),
                  "currency": notification.currency, "verified_at": notification.verified_at.isoformat(),
-                 "gateway_reference": notification.gateway_reference},
+                 "gateway_reference": notification.gateway_reference, "invoice_id": notification.invoice_id},
     )
 
 
@@ -78,6 +87,12 @@ def _account_in_currency(batch: _Batch, command: LedgerCommand) -> BillingAccoun
 def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = _account_in_currency(batch, command)
     gateway, event_id = payload.text(command, "gateway"), payload.text(command, "gateway_event_id")
+    named_invoice = command.payload.get("invoice_id")
+    invoice = tenant_invoice(batch, command.tenant, named_invoice or command.payload.get("order_id"))
+    if named_invoice and invoice is None:
+        raise CommandRejected("unknown_invoice", f"payment for invoice {named_invoice!r}, not one of this tenant's")
+    if invoice is not None:  # an invoice charged off-session (dunning): it is paid, no credit is granted
+        return _settle_invoice(batch, command, invoice, gateway=gateway, event_id=event_id)
     order = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
     if order is not None:  # a checkout order: paid (exact total), credited and invoiced by its quote
         return checkout_commands.pay_order(
@@ -94,6 +109,22 @@ def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand
         granted_by=command.issued_by,
     )
     return {"grant_id": str(grant)}
+
+
+def _settle_invoice(batch: _Batch, command: LedgerCommand, invoice: Invoice, *, gateway: str,
+                    event_id: str) -> dict[str, Any]:
+    amount, code = parse_decimal(payload.text(command, "amount")), payload.text(command, "currency")
+    if invoice.document_type != INVOICE or code != invoice.currency or amount != invoice.total:
+        raise CommandRejected("invoice_payment_mismatch", f"payment {amount} {code} does not match "
+                                                          f"{invoice.document_type} {invoice.number} of "
+                                                          f"{invoice.total} {invoice.currency}")
+    try:
+        settled = settle_invoice(batch, invoice, at=payload.timestamp(command, "verified_at"),
+                                 payment=str(command.payload.get("gateway_reference") or event_id),
+                                 by=command.issued_by)
+    except InvoiceError as exc:  # a draft or void invoice: a person reconciles the money
+        raise CommandRejected("invoice_not_payable", str(exc)) from exc
+    return {"invoice_id": str(invoice.id), "gateway": gateway, "already_paid": not settled}
 
 
 @handles(PAYMENT_REFUNDED)

@@ -2,7 +2,8 @@
 
 A reversal (``reverse_order``) is one transaction: the purchase grant is refunded (credit and the tax
 collected; for a package granted in a credit unit, the money and tax booked in the currency with it), the
-promotion's bonus grant is voided, a credit note mirroring the top-up invoice is finalized
+promotional grants of the order (a package's bonus or a discount in the currency, the promotion's bonus) are
+voided (their unspent remainder; what of them was used stays used), a credit note mirroring the top-up invoice is finalized
 (``CN-`` number) and the order is marked refunded. It happens once: the gateway's own refund webhook that
 follows finds the order refunded and changes nothing (and a refund made in the gateway's dashboard reverses
 the order the same way).
@@ -20,7 +21,7 @@ from billing_events.messages import LedgerCommand
 from billing_events.money import to_subunits
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
-from billing_ledger.checkout_commands import order_of, top_up_invoice_id
+from billing_ledger.checkout_commands import bonus_grant_id, order_of, top_up_invoice_id
 from billing_ledger.domain.checkout import PAID, REFUNDED, Order
 from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
 from billing_ledger.domain.refund_request import RefundRequest, RefundRequestError, refund_request_id
@@ -140,9 +141,12 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     account.refund_grant(grant_id=purchase, amount=int(state["amount"]) - int(state["refunded"]),
                          refund_id=uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund"), at=at,
                          finance_override=finance_override, cause=cause, tax_amount=tax)
-    promotion = grants.get(str(ids.grant_id(order.tenant, f"order/{order.id}/promotion")))
-    if promotion is not None and promotion["status"] == "open":
-        account.void_grant(grant_id=UUID(promotion["grant_id"]), reason="order_refunded", voided_by=by, at=at)
+    # What the order gave beyond the money (a package's bonus or a discount, the promotion's bonus) is voided:
+    # its unspent remainder goes back to promotional expense; what of it was already used stays used.
+    for free in (bonus_grant_id(order), ids.grant_id(order.tenant, f"order/{order.id}/promotion")):
+        promotion = grants.get(str(free))
+        if promotion is not None and promotion["status"] == "open":
+            account.void_grant(grant_id=UUID(promotion["grant_id"]), reason="order_refunded", voided_by=by, at=at)
     original = batch.get(top_up_invoice_id(order))
     note = Invoice(tenant=order.tenant, key=f"orders/{order.id}/refund", document_type=CREDIT_NOTE,
                    currency=order.quote["currency"],

@@ -22,7 +22,15 @@ from billing_ledger.catalog_commands import published_catalog
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
-from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, Invoice, InvoiceSequence, invoice_id, line
+from billing_ledger.domain.invoice import (
+    CREDIT_NOTE,
+    INVOICE,
+    PAID,
+    Invoice,
+    InvoiceSequence,
+    invoice_id,
+    line,
+)
 from billing_ledger.domain.periods import proration_fraction
 from billing_ledger.domain.proration import (
     paused_period_line,
@@ -444,19 +452,51 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     _finalize(app, batch, invoice, effective_at(command), command.issued_by)
 
 
-@handles("invoice.mark_paid")
-def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    tenant = command.tenant or ""
-    invoice = batch.get(UUID(command.payload["invoice_id"]))
-    if invoice is None or invoice.tenant != tenant:
-        raise CommandRejected("unknown_invoice")
-    invoice.mark_paid(at=effective_at(command), payment=str(command.payload.get("payment", "")), by=command.issued_by)
+def tenant_invoice(batch: _Batch, tenant: str | None, reference: str | None) -> Invoice | None:
+    """The ``Invoice`` (or credit note) ``reference`` names (its UUID), if it is one of ``tenant``'s."""
+    if not tenant or not reference:
+        return None
+    try:
+        found = batch.get(UUID(str(reference)))
+    except ValueError:
+        return None
+    return found if isinstance(found, Invoice) and found.tenant == tenant else None
+
+
+def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: str, by: str) -> bool:
+    """Marks a finalized invoice paid (its past_due subscription recovers); ``False`` when it already was paid.
+
+    Idempotent, because dunning's ``invoice.mark_paid`` and the gateway's webhook for the same charge both
+    settle it, in either order. A draft or void invoice is refused (``InvoiceError``).
+    """
+    if invoice.status == PAID:
+        return False
+    invoice.mark_paid(at=at, payment=payment, by=by)
     if invoice.document_type == INVOICE:
-        settle_paid(account_of(batch, tenant), invoice, effective_at(command), str(command.payload.get("payment", "")))
+        settle_paid(account_of(batch, invoice.tenant), invoice, at, payment)  # the overage it billed
     if invoice.subscription_id:
         sub = batch.get(UUID(invoice.subscription_id))
         if sub is not None:
-            sub.mark_paid(at=effective_at(command), by=command.issued_by)
+            sub.mark_paid(at=at, by=by)
+    return True
+
+
+@handles("invoice.mark_paid")
+def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    invoice = tenant_invoice(batch, command.tenant, command.payload["invoice_id"])
+    if invoice is None:
+        raise CommandRejected("unknown_invoice")
+    settled = settle_invoice(batch, invoice, at=effective_at(command), payment=str(command.payload.get("payment", "")),
+                             by=command.issued_by)
+    return {"invoice_id": str(invoice.id), "already_paid": not settled}
+
+
+@handles("invoice.payment_pending")
+def invoice_payment_pending(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    """A dunning charge is under way at the gateway (its webhook settles the invoice): only its receipt is
+    recorded, so dunning charges that attempt no more (see ``dunning.py``)."""
+    if tenant_invoice(batch, command.tenant, command.payload["invoice_id"]) is None:
+        raise CommandRejected("unknown_invoice")
 
 
 @handles("invoice.payment_failed")

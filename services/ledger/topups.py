@@ -9,7 +9,9 @@ position (``topups:charge``) after each request is settled, like the invoice not
 2. charge the default payment method off-session (Stripe PaymentIntent, ``confirm`` + ``off_session``,
    idempotency key ``<request id>/<method index>``); when declined, each backup method in order;
 3. the first success applies ``order.paid_off_session`` (credits, invoice); if every method is declined the
-   order fails and the account is notified. A gateway outage leaves the position where it is: retried.
+   order fails and the account is notified. A gateway outage leaves the position where it is: retried. A
+   *pending* charge (Stripe ``processing``) leaves the order open without trying a backup method (that would
+   charge twice): the payment's webhook names the order and pays it (``payment.succeeded``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _order_payload(account: tuple[str, str], event: Any) -> dict[str, Any] | Non
 
 async def settle_request(app: LedgerApplication, gateways: dict[str, OutboundGateway], smtp: SmtpSettings | None,
                          event: Any) -> str:
-    """Carries out one request; returns its outcome (paid, declined, unpriceable, no_method, rejected)."""
+    """Carries out one request; returns its outcome (paid, pending, declined, unpriceable, no_method, rejected)."""
     account = await asyncio.to_thread(app.read, event.originator_id, lambda a: (a.tenant, a.currency))
     if account is None:
         return "rejected"
@@ -89,6 +91,10 @@ async def settle_request(app: LedgerApplication, gateways: dict[str, OutboundGat
             "currency": q["currency"]})
         log.info("auto_top_up_paid", tenant=tenant, method_index=charged.method_index, outcome=result.outcome)
         return "paid"
+    if charged.pending is not None:
+        log.info("auto_top_up_pending", tenant=tenant, method_index=charged.method_index,
+                 payment=charged.pending.reference)
+        return "pending"
     methods = charged.methods
     errors = charged.errors
     await asyncio.to_thread(_apply, app, "checkout.fail", tenant, str(event.request_id),

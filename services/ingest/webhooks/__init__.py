@@ -13,7 +13,8 @@ A webhook goes through three steps, the first and last in the adapter, the middl
 Attribution convention (documented in services/ingest/WEBHOOKS.md): the checkout object carries the tenant and the
 order id in its metadata -- Stripe ``metadata.tenant`` / ``metadata.order_id`` (session, payment intent or
 refund), Razorpay ``notes.tenant`` / ``notes.order_id``, PayPal ``custom_id`` (tenant) / ``invoice_id``
-(order id) on the purchase unit.
+(order id) on the purchase unit. An off-session charge that pays an invoice (dunning) also carries
+Stripe ``metadata.invoice_id``: the notification names the invoice, which the ledger settles (no credit).
 """
 
 from __future__ import annotations
@@ -69,11 +70,13 @@ class ConfirmedPayment:
     amount: Decimal
     currency: str
     reference: str  # the gateway's id of the money movement (see PaymentNotification.gateway_reference)
+    invoice_id: str | None = None  # the invoice the payment settles (see PaymentNotification.invoice_id)
 
     def notification(self, event: VerifiedEvent, now: datetime) -> PaymentNotification:
         return PaymentNotification(gateway=event.gateway, gateway_event_id=event.event_id, kind=self.kind,
                                    tenant=self.tenant, order_id=self.order_id, amount=self.amount,
-                                   currency=self.currency, verified_at=now, gateway_reference=self.reference)
+                                   currency=self.currency, verified_at=now, gateway_reference=self.reference,
+                                   invoice_id=self.invoice_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,14 @@ def attribution(metadata: object, tenant_key: str = "tenant", order_key: str = "
     if not isinstance(order_id, str) or not 0 < len(order_id) <= ORDER_ID_LENGTH_MAX:
         return None
     return tenant, order_id
+
+
+def invoice_reference(metadata: object, key: str = "invoice_id") -> str | None:
+    """The invoice a payment settles, from its metadata, or None when absent or malformed."""
+    if not isinstance(metadata, Mapping):
+        return None
+    value = metadata.get(key)
+    return value if isinstance(value, str) and 0 < len(value) <= ORDER_ID_LENGTH_MAX else None
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:

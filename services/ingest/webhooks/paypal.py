@@ -7,6 +7,13 @@ Events acted on: ``PAYMENT.CAPTURE.COMPLETED`` (capture status ``COMPLETED``) an
 ``PAYMENT.CAPTURE.REFUNDED`` (refund status ``COMPLETED``). Tenant: the purchase unit's ``custom_id``;
 order id: its ``invoice_id`` (PayPal carries both onto the capture and its refunds). The replay key is the
 event id, which is part of the verified event.
+
+``CHECKOUT.ORDER.APPROVED``: the customer approved an order created with ``intent: CAPTURE`` (hosted checkout),
+which moves no money until someone captures it, so ingest captures it here (``POST
+/v2/checkout/orders/{id}/capture``, ``PayPal-Request-Id: capture-<order>``: a retried webhook never captures
+twice; an order captured already is re-fetched). A ``COMPLETED`` capture is published like
+``PAYMENT.CAPTURE.COMPLETED`` (same reference: the capture id, so that event, when it follows, publishes
+nothing more); a capture still ``PENDING`` is left to the ``PAYMENT.CAPTURE.COMPLETED`` that follows it.
 """
 
 from __future__ import annotations
@@ -89,6 +96,8 @@ class PayPalGateway:
         return VerifiedEvent(NAME, event["id"], event["event_type"], event, replay_key=event["id"])
 
     async def confirm(self, event: VerifiedEvent) -> Confirmation:
+        if event.event_type == "CHECKOUT.ORDER.APPROVED":
+            return await self._capture_approved(event)
         kinds = {"PAYMENT.CAPTURE.COMPLETED": ("captures", "payment_succeeded"),
                  "PAYMENT.CAPTURE.REFUNDED": ("refunds", "refund_succeeded")}
         if event.event_type not in kinds:
@@ -106,20 +115,41 @@ class PayPalGateway:
         if obj.get("status") != "COMPLETED":
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
                                 f"PayPal says {collection} {resource_id} is {obj.get('status')}, not COMPLETED.")
-        who = attribution(obj, tenant_key="custom_id", order_key="invoice_id")
-        if who is None:
-            return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
-                                f"{collection} {resource_id} has no custom_id (tenant) / invoice_id (order id).")
-        money = obj.get("amount") if isinstance(obj.get("amount"), dict) else {}
-        try:
-            unit = currency(str(money.get("currency_code")))
-            amount = parse_decimal(money.get("value"), field="amount")  # a decimal string, never a float
-        except MoneyError as exc:
-            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal's amount is not usable: {exc}")
-        return ConfirmedPayment(kind, who[0], who[1], amount, unit.code, resource_id)  # type: ignore[arg-type]
+        return _confirmed(kind, collection, resource_id, obj)
+
+    async def _capture_approved(self, event: VerifiedEvent) -> Confirmation:
+        order_id = event.payload["resource"].get("id")
+        if not isinstance(order_id, str) or not _RESOURCE_ID.match(order_id):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, "The event carries no valid resource.id.")
+        response = await self._call("POST", f"/v2/checkout/orders/{order_id}/capture", content=b"{}",
+                                    headers={"Content-Type": "application/json",
+                                             "PayPal-Request-Id": f"capture-{order_id}"})
+        if response.status_code == 422 and "ORDER_ALREADY_CAPTURED" in response.text:
+            response = await self._call("GET", f"/v2/checkout/orders/{order_id}")
+        if response.status_code in (400, 404, 422):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                f"PayPal did not capture order {order_id} (HTTP {response.status_code}: "
+                                f"{response.text[:200]}).")
+        if response.status_code not in (200, 201):
+            raise GatewayUnavailable(f"PayPal API answered HTTP {response.status_code} capturing {order_id}")
+        units = _json(response).get("purchase_units")
+        unit = units[0] if isinstance(units, list) and units and isinstance(units[0], dict) else {}
+        payments = unit.get("payments") if isinstance(unit.get("payments"), dict) else {}
+        captures = payments.get("captures") if isinstance(payments.get("captures"), list) else []
+        capture = captures[0] if captures and isinstance(captures[0], dict) else None
+        if capture is None or not isinstance(capture.get("id"), str):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal order {order_id} has no capture.")
+        if capture.get("status") != "COMPLETED":
+            return Ignored(f"PayPal capture {capture['id']} of order {order_id} is {capture.get('status')}: its "
+                           f"PAYMENT.CAPTURE.COMPLETED settles it.")
+        # The capture carries the purchase unit's custom_id / invoice_id; fall back to the unit's own.
+        attributed = {**{k: unit.get(k) for k in ("custom_id", "invoice_id")},
+                      **{k: v for k, v in capture.items() if k in ("custom_id", "invoice_id") and v}}
+        return _confirmed("payment_succeeded", "captures", capture["id"], {**capture, **attributed})
 
     async def close(self) -> None:
         await self._http.aclose()
+
 
     async def _call(self, method: str, path: str, *, headers: dict[str, str] | None = None,
                     **kwargs: Any) -> httpx.Response:
@@ -152,6 +182,21 @@ class PayPalGateway:
         self._token = token
         self._token_expires_at = time.monotonic() + max(0, expires_in - TOKEN_REFRESH_MARGIN_SECONDS)
         return token
+
+
+def _confirmed(kind: str, collection: str, resource_id: str, obj: dict[str, Any]) -> Confirmation:
+    """A completed capture or refund as a payment: tenant and order id from ``custom_id`` / ``invoice_id``."""
+    who = attribution(obj, tenant_key="custom_id", order_key="invoice_id")
+    if who is None:
+        return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
+                            f"{collection} {resource_id} has no custom_id (tenant) / invoice_id (order id).")
+    money = obj.get("amount") if isinstance(obj.get("amount"), dict) else {}
+    try:
+        unit = currency(str(money.get("currency_code")))
+        amount = parse_decimal(money.get("value"), field="amount")  # a decimal string, never a float
+    except MoneyError as exc:
+        return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal's amount is not usable: {exc}")
+    return ConfirmedPayment(kind, who[0], who[1], amount, unit.code, resource_id)  # type: ignore[arg-type]
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

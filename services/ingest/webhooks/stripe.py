@@ -5,7 +5,8 @@ Events acted on (anything else is answered 200 ``ignored``):
 * ``checkout.session.completed`` / ``checkout.session.async_payment_succeeded``: the session must be
   ``complete`` and ``paid``; amount ``amount_total``; reference: its payment intent.
 * ``payment_intent.succeeded``: status ``succeeded``; amount ``amount_received``. A payment intent without
-  billing metadata (what Checkout creates) is ignored: its session's event carries the metadata.
+  billing metadata (what Checkout creates) is ignored: its session's event carries the metadata. Its
+  ``metadata.invoice_id`` (dunning's off-session charges) names the invoice the payment settles.
 * ``refund.created`` / ``refund.updated``: status ``succeeded``; tenant and order id from the refund's
   metadata, else its payment intent's, else the checkout session that created the payment intent.
 """
@@ -32,6 +33,7 @@ from billing_ingest.webhooks import (
     VerifiedEvent,
     attribution,
     header,
+    invoice_reference,
     minor_units_to_amount,
 )
 from billing_runtime.settings import Settings
@@ -146,7 +148,8 @@ class StripeGateway:
             return Ignored(f"Payment intent {intent_id} carries no billing metadata (its checkout session does).")
         amount, code = minor_units_to_amount(intent.get("amount_received"), intent.get("currency"),
                                              STRIPE_SCALE_OVERRIDES)
-        return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, intent_id)
+        return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, intent_id,
+                                invoice_reference(intent.get("metadata")))
 
     async def _confirm_refund(self, refund_id: str) -> Confirmation:
         refund = (await self._client.v1.refunds.retrieve_async(

@@ -9,6 +9,7 @@ redemption is released if the order fails or expires.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -50,6 +51,7 @@ class Quote:
     credits: str
     bonus_credits: str
     promotion_credits: str
+    promotion_unit: str  # what the promotion's bonus is granted in (its declared unit, else ``unit``)
     tax_rule: str | None
     tax_note: str | None
     promotion: str | None
@@ -65,8 +67,13 @@ def _money(value: Decimal, code: str) -> Decimal:
 
 def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_currency: str,
           promotion: dict[str, Any] | None, tax_profile: dict[str, Any] | None, tax_rules: list[dict[str, Any]],
-          seller_country: str | None) -> Quote:
-    """The checkout summary: a credit package, or a free amount in the account's currency."""
+          seller_country: str | None, credit_units: Iterable[str] = ()) -> Quote:
+    """The checkout summary: a credit package, or a free amount in the account's currency.
+
+    A promotion's declared ``unit`` is honoured: a ``bonus_credit`` is granted in it (the order's currency or a
+    catalogue credit unit, ``credit_units``; anything else is refused), and a ``discount_amount`` in another
+    currency than the order's is refused. A promotion must leave something to pay.
+    """
     if package is not None:
         code = package["currency"]
         price = Decimal(package["price"])
@@ -85,15 +92,27 @@ def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_cur
         raise CheckoutError("choose a package or an amount")
     discount = Decimal(0)
     promo_credits = Decimal(0)
+    promo_unit = unit
     if promotion is not None:
         kind, value = promotion["kind"], Decimal(promotion["value"])
+        declared = promotion.get("unit")
         if kind == "discount_percent":
             discount = _money(RATING_CONTEXT.multiply(price, value), code)
         elif kind == "discount_amount":
+            if declared and declared != code:
+                raise PromotionRefused(f"promotion {promotion['code']} takes {value} {declared} off; this order "
+                                       f"is in {code}")
             discount = min(price, _money(value, code))
         elif kind == "bonus_credit":
+            promo_unit = declared or unit
+            if promo_unit not in (unit, code) and promo_unit not in set(credit_units):
+                raise PromotionRefused(f"promotion {promotion['code']} grants {promo_unit}, which is neither "
+                                       f"{code} nor a credit unit of the catalogue")
             promo_credits = value
     net = price - discount
+    if promotion is not None and net <= 0:  # the paid part of the credit would be nothing (see ``pay_order``)
+        raise PromotionRefused(f"promotion {promotion['code']} leaves nothing to pay; a free top-up is a "
+                               f"promotional grant, not an order")
     profile = None
     if tax_profile:
         profile = TaxProfileData(country=tax_profile["country"], subdivision=tax_profile.get("subdivision"),
@@ -102,7 +121,8 @@ def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_cur
     taxed = compute_tax(net, code, profile, tax_rules, seller_country)
     return Quote(currency=code, unit=unit, amount=str(price), discount=str(discount), net=str(taxed.net),
                  tax=str(taxed.tax), total=str(taxed.total), credits=str(credits), bonus_credits=str(bonus),
-                 promotion_credits=str(promo_credits), tax_rule=taxed.rule, tax_note=taxed.note,
+                 promotion_credits=str(promo_credits), promotion_unit=promo_unit, tax_rule=taxed.rule,
+                 tax_note=taxed.note,
                  promotion=promotion["code"] if promotion else None,
                  package=package["code"] if package else None)
 

@@ -49,6 +49,7 @@ Movements (``Dr`` = positive amount, ``Cr`` = negative amount)
 
 =========================  ====================================================================
 credit purchase            Dr GATEWAY_CLEARING (net + tax) / Cr TENANT_WALLET net / Cr TAX_PAYABLE tax
+                           (net = the money paid; a checkout's bonus or discount is a promotion grant)
 plan recurrence grant      Dr DEFERRED_REVENUE / Cr TENANT_WALLET
 promotion, manual grant    Dr PROMOTIONAL_EXPENSE / Cr TENANT_WALLET
 refund reversal grant      Dr GATEWAY_CLEARING / Cr TENANT_WALLET (a refund the gateway reversed)

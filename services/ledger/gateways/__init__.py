@@ -4,7 +4,11 @@ The ledger asks a gateway for three things, never touching card data (hosted pag
 
 * ``open_checkout``: a hosted checkout page for an order (its total, its currency, tenant and order id in the
   gateway's metadata so the verified webhook can be attributed; the order id is the idempotency key);
-* ``charge_saved_method``: an off-session charge of a saved payment method (auto-top-up, dunning);
+* ``charge_saved_method``: an off-session charge of a saved payment method (auto-top-up, dunning). Its
+  ``Charge`` is a success, a decline, or *pending* (the gateway took the payment but has not settled it, e.g. a
+  Stripe PaymentIntent ``processing``): a pending charge is neither paid nor declined, so the caller must not
+  charge another method for it; the gateway's webhook settles it. ``invoice_id`` (dunning) goes into the
+  gateway's metadata next to ``order_id``: the payment settles that invoice and grants no credit;
 * ``refund``: pay back a payment.
 
 Amounts are exact Decimals; each adapter converts them to the gateway's integer minor units itself.
@@ -34,6 +38,8 @@ class Charge:
     ok: bool
     reference: str | None  # the gateway's payment id (Stripe payment intent) when there is one
     error: str | None = None  # why a charge was declined (card declined, authentication required, ...)
+    # Neither paid nor declined yet (``ok`` is False): the money may still arrive; never fail over on it.
+    pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class OutboundGateway(Protocol):
                             success_url: str, cancel_url: str) -> CheckoutSession: ...
 
     async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal, currency_code: str,
-                                  idempotency_key: str, tenant: str, order_id: str) -> Charge: ...
+                                  idempotency_key: str, tenant: str, order_id: str,
+                                  invoice_id: str | None = None) -> Charge: ...
 
     async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,
                      tenant: str, order_id: str) -> RefundResult: ...

@@ -58,7 +58,8 @@ class PayPalGateway:
         return CheckoutSession(str(order["id"]), str(approve))
 
     async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal,
-                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str) -> Charge:
+                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str,
+                                  invoice_id: str | None = None) -> Charge:
         return Charge(False, None, "paypal vaulted payments are not enabled")
 
     async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,

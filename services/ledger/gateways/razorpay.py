@@ -48,7 +48,8 @@ class RazorpayGateway:
                                     f"&key_id={self._key_id}")
 
     async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal,
-                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str) -> Charge:
+                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str,
+                                  invoice_id: str | None = None) -> Charge:
         return Charge(False, None, "razorpay recurring payments need a mandate; not enabled")
 
     async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,

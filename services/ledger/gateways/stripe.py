@@ -13,6 +13,9 @@ NAME = "stripe"
 # Stripe's API takes these zero-decimal ISO 4217 currencies with two decimals (backwards compatibility).
 STRIPE_SCALE_OVERRIDES = {"ISK": 2, "UGX": 2}
 STRIPE_NETWORK_RETRIES_MAX = 2
+# PaymentIntent statuses of a payment under way: the money may still arrive (bank debits, delayed card
+# networks, an authorisation awaiting capture), so they are pending, never declines (the webhook settles them).
+PENDING_INTENT_STATUSES = frozenset({"processing", "requires_capture"})
 
 
 class StripeGateway:
@@ -40,11 +43,14 @@ class StripeGateway:
         return CheckoutSession(session_id=session.id, url=str(session.url))
 
     async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal,
-                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str) -> Charge:
+                                  currency_code: str, idempotency_key: str, tenant: str, order_id: str,
+                                  invoice_id: str | None = None) -> Charge:
+        metadata = {"tenant": tenant, "order_id": order_id}
+        if invoice_id:  # the payment settles this invoice (dunning): the ledger grants no credit for it
+            metadata["invoice_id"] = invoice_id
         params: dict[str, object] = {
             "amount": self._minor(total, currency_code), "currency": currency_code.lower(),
-            "payment_method": method_id, "confirm": True, "off_session": True,
-            "metadata": {"tenant": tenant, "order_id": order_id}}
+            "payment_method": method_id, "confirm": True, "off_session": True, "metadata": metadata}
         if customer:
             params["customer"] = customer
         try:
@@ -54,6 +60,8 @@ class StripeGateway:
             return Charge(False, None, exc.code or exc.user_message or str(exc))
         except stripe_sdk.StripeError as exc:
             raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        if intent.status in PENDING_INTENT_STATUSES:
+            return Charge(False, intent.id, f"payment intent is {intent.status}", pending=True)
         if intent.status != "succeeded":
             return Charge(False, intent.id, f"payment intent is {intent.status}")
         return Charge(True, intent.id)

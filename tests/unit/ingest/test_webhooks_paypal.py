@@ -25,8 +25,10 @@ GOOD_SIGNATURE = "signature-that-paypal-accepts"
 class FakePayPalApi:
     def __init__(self) -> None:
         self.captures: dict[str, dict[str, Any]] = {}
+        self.orders: dict[str, dict[str, Any]] = {}  # approved checkout orders, captured on request
         self.calls: list[str] = []
         self.verify_requests: list[bytes] = []
+        self.capture_request_ids: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls.append(f"{request.method} {request.url.path}")
@@ -39,6 +41,18 @@ class FakePayPalApi:
             sent = json.loads(request.content)
             good = sent["transmission_sig"] == GOOD_SIGNATURE and sent["webhook_id"] == "WH-ID-1"
             return httpx.Response(200, json={"verification_status": "SUCCESS" if good else "FAILURE"})
+        if request.method == "POST" and request.url.path.startswith("/v2/checkout/orders/"):
+            order = self.orders[request.url.path.split("/")[4]]
+            self.capture_request_ids.append(request.headers["paypal-request-id"])
+            if order["status"] == "COMPLETED":
+                return httpx.Response(422, json={"name": "UNPROCESSABLE_ENTITY",
+                                                 "details": [{"issue": "ORDER_ALREADY_CAPTURED"}]})
+            order["status"] = "COMPLETED"
+            capture = order["purchase_units"][0]["payments"]["captures"][0]
+            self.captures[capture["id"]] = capture
+            return httpx.Response(201, json=order)
+        if request.method == "GET" and request.url.path.startswith("/v2/checkout/orders/"):
+            return httpx.Response(200, json=self.orders[request.url.path.split("/")[4]])
         if request.url.path.startswith("/v2/payments/captures/"):
             capture = self.captures.get(request.url.path.rsplit("/", 1)[-1])
             return httpx.Response(200, json=capture) if capture else httpx.Response(404, json={"name": "NOT_FOUND"})
@@ -47,6 +61,19 @@ class FakePayPalApi:
     def capture(self, capture_id: str = "CAP-1", status: str = "COMPLETED") -> None:
         self.captures[capture_id] = {"id": capture_id, "status": status, "custom_id": TENANT,
                                      "invoice_id": "order-9", "amount": {"currency_code": "EUR", "value": "12.34"}}
+
+
+    def approved_order(self, order_id: str = "PP-ORDER-1", capture_status: str = "COMPLETED") -> None:
+        """An order created with intent CAPTURE and approved by the customer: no money has moved yet."""
+        capture = {"id": "CAP-7", "status": capture_status, "custom_id": TENANT, "invoice_id": "order-9",
+                   "amount": {"currency_code": "EUR", "value": "12.34"}}
+        self.orders[order_id] = {"id": order_id, "status": "APPROVED", "purchase_units": [
+            {"custom_id": TENANT, "invoice_id": "order-9", "payments": {"captures": [capture]}}]}
+
+
+def approved(order_id: str = "PP-ORDER-1", event_id: str = "WH-EVT-APPROVED") -> bytes:
+    return json.dumps({"id": event_id, "event_type": "CHECKOUT.ORDER.APPROVED", "resource_type": "checkout-order",
+                       "resource": {"id": order_id, "status": "APPROVED"}}).encode()
 
 
 def event(capture_id: str = "CAP-1") -> bytes:
@@ -119,4 +146,33 @@ async def test_a_capture_paypal_says_is_pending_is_not_published(ingest: Ingest,
     api.capture(status="PENDING")
     response = await ingest.http.post("/v1/webhooks/paypal", content=event(), headers=transmission())
     assert response.status_code == 422
+    assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_an_approved_checkout_order_is_captured_once_and_published(ingest: Ingest, api: FakePayPalApi) -> None:
+    api.approved_order()
+    response = await ingest.http.post("/v1/webhooks/paypal", content=approved(), headers=transmission())
+    assert response.status_code == 200, response.text
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["kind"], payment["tenant"], payment["order_id"]) == ("payment_succeeded", TENANT, "order-9")
+    assert (Decimal(payment["amount"]), payment["currency"], payment["gateway_reference"]) == (
+        Decimal("12.34"), "EUR", "CAP-7")
+    assert api.capture_request_ids == ["capture-PP-ORDER-1"]  # PayPal's idempotency key: the order
+    # PayPal retries the webhook (a new delivery id): the order is captured already, nothing more is published.
+    again = await ingest.http.post("/v1/webhooks/paypal", content=approved(event_id="WH-EVT-APPROVED-2"),
+                                   headers=transmission())
+    assert again.status_code == 200 and again.json()["status"] == "already_notified", again.text
+    # The capture's own event that follows publishes nothing more either.
+    completed = event("CAP-7")
+    after = await ingest.http.post("/v1/webhooks/paypal", content=completed, headers=transmission())
+    assert after.status_code == 200 and after.json()["status"] == "already_notified", after.text
+    assert len(await ingest.published(topics.PAYMENTS)) == 1
+
+
+async def test_an_approved_order_whose_capture_is_pending_waits_for_the_capture_event(ingest: Ingest,
+                                                                                   api: FakePayPalApi) -> None:
+    api.approved_order(capture_status="PENDING")
+    response = await ingest.http.post("/v1/webhooks/paypal", content=approved(), headers=transmission())
+    assert response.status_code == 200 and response.json()["status"] == "ignored", response.text
+    assert api.capture_request_ids == ["capture-PP-ORDER-1"]  # captured, but the money has not arrived yet
     assert await ingest.published(topics.PAYMENTS) == []

@@ -263,6 +263,16 @@ async def test_two_events_for_one_payment_publish_one_notification(ingest: Inges
     assert len(await ingest.published(topics.PAYMENTS)) == 1
 
 
+async def test_a_dunning_charge_names_the_invoice_it_pays(ingest: Ingest, api: FakeStripeApi) -> None:
+    invoice = "0b5c2f3e-9c1d-5e4f-8a7b-6c5d4e3f2a1b"
+    api.intent(amount=3000, metadata={"tenant": TENANT, "order_id": invoice, "invoice_id": invoice})
+    payload = event("payment_intent.succeeded", {"id": "pi_1", "object": "payment_intent"})
+    assert (await post(ingest, payload, signed(payload))).json()["status"] == "published"
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["invoice_id"], payment["order_id"], Decimal(payment["amount"])) == (invoice, invoice,
+                                                                                       Decimal("30.00"))
+
+
 async def test_a_payment_intent_without_billing_metadata_is_ignored(ingest: Ingest, api: FakeStripeApi) -> None:
     api.intent()
     payload = event("payment_intent.succeeded", {"id": "pi_1", "object": "payment_intent"})

@@ -26,13 +26,18 @@ TENANT = "acme"
 CATALOG = {
     "credit_units": {"CREDIT": {"scale": 0}},
     "packages": [{"code": "credits-10k", "name": "10k credits", "unit": "CREDIT", "credits": "10000",
-                  "bonus_credits": "1000", "price": "95.00", "currency": "USD"}],
+                  "bonus_credits": "1000", "price": "95.00", "currency": "USD"},
+                 {"code": "usd-100", "name": "100 USD of credit", "unit": "USD", "credits": "100",
+                  "bonus_credits": "20", "price": "100.00", "currency": "USD"}],
     "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
     "promotions": [
         {"code": "TENOFF", "kind": "discount_percent", "value": "0.10", "max_per_account": 1},
         {"code": "BONUS500", "kind": "bonus_credit", "value": "500", "unit": "CREDIT"},
         {"code": "OLD", "kind": "bonus_credit", "value": "5", "valid_until": "2020-01-01T00:00:00+00:00"},
         {"code": "ONCE", "kind": "discount_amount", "value": "5", "max_redemptions": 1, "max_per_account": 1},
+        {"code": "EUROFF", "kind": "discount_amount", "value": "5", "unit": "EUR"},
+        {"code": "EUROGIFT", "kind": "bonus_credit", "value": "5", "unit": "EUR"},
+        {"code": "ALLOFF", "kind": "discount_percent", "value": "1"},
     ],
     "seller": {"name": "billing", "country": "DE"},
 }
@@ -48,7 +53,8 @@ def _form(post_data: Any) -> dict[str, str]:
 class FakeStripe(stripe.HTTPClient):
     """Answers the SDK offline: creates and serves checkout sessions, payment intents and refunds.
 
-    ``declined`` payment methods are refused (402 card_declined); every call is recorded with its
+    ``declined`` payment methods are refused (402 card_declined); ``processing`` ones answer a payment intent
+    still ``processing`` (a bank debit: the money may arrive later); every call is recorded with its
     idempotency key, and a repeated key answers the first answer (as Stripe does)."""
 
     name = "fake-stripe"
@@ -58,6 +64,7 @@ class FakeStripe(stripe.HTTPClient):
         self.objects: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str | None, dict[str, str]]] = []
         self.declined: set[str] = set()
+        self.processing: set[str] = set()
         self._by_key: dict[str, tuple[bytes, int]] = {}
 
     def _answer(self, method: str, url: str, headers: Any, post_data: Any) -> tuple[bytes, int, dict[str, str]]:
@@ -91,7 +98,8 @@ class FakeStripe(stripe.HTTPClient):
                 error = {"type": "card_error", "code": "card_declined", "message": "Your card was declined.",
                          "payment_intent": {"id": pid, "status": "requires_payment_method"}}
                 return json.dumps({"error": error}).encode(), 402
-            obj = {"id": pid, "object": "payment_intent", "status": "succeeded", "amount": int(form["amount"]),
+            status = "processing" if form.get("payment_method") in self.processing else "succeeded"
+            obj = {"id": pid, "object": "payment_intent", "status": status, "amount": int(form["amount"]),
                    "amount_received": int(form["amount"]), "currency": form["currency"],
                    "customer": form.get("customer"), "payment_method": form.get("payment_method"),
                    "metadata": metadata}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 from billing_events import ids
+from billing_events.messages import PaymentNotification
+from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication
+from billing_ledger.payment_commands import payment_command
 from billing_ledger.topups import process_pending
 
 from tests.support import Inbox
@@ -91,3 +95,25 @@ async def test_the_monthly_cap_bounds_requests_and_all_declined_notifies(ledger:
     assert outcome == ["declined"]
     [mail] = inbox.messages
     assert mail["Subject"] == "Auto-top-up failed" and "card_declined" in mail.get_payload()
+
+
+@pytest.mark.asyncio
+async def test_a_processing_charge_is_not_failed_over_and_its_webhook_credits_the_order_once(
+        ledger: LedgerApplication) -> None:
+    prepare(ledger, cooldown=3600, cap="500")
+    api = FakeStripe()
+    api.processing.add("pm_primary")
+    gateways = {"stripe": stripe_gateway(api)}
+    debit(ledger, "u1", 15, T0)
+    assert await process_pending(ledger, gateways, None) == ["pending"]
+    [(_, _, _, form)] = [c for c in api.calls if c[1] == "/v1/payment_intents"]
+    assert form["payment_method"] == "pm_primary"  # the backup was not charged as well
+    assert available(ledger) == 5  # nothing credited before the money arrives
+    [intent] = [o for o in api.objects.values() if o["object"] == "payment_intent"]
+    notification = PaymentNotification(
+        gateway="stripe", gateway_event_id="evt_pi_1", kind="payment_succeeded", tenant=TENANT,
+        order_id=intent["metadata"]["order_id"], amount=Decimal(intent["amount"]).scaleb(-2), currency="USD",
+        verified_at=utcnow(), gateway_reference=intent["id"])
+    [result] = ledger.apply_commands([payment_command(notification)])
+    assert result.outcome == "applied" and result.value["status"] == "paid", result
+    assert available(ledger) == 50

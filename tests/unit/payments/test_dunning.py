@@ -8,13 +8,18 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
+from billing_events import ids
+from billing_events.messages import PaymentNotification
+from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.dunning import Dunning
 from billing_ledger.notifier import SmtpSettings
+from billing_ledger.payment_commands import payment_command
 
 from tests.support import Inbox
 from tests.unit.payments.support import FakeStripe, command, run, stripe_gateway
@@ -146,3 +151,90 @@ async def test_every_attempt_fails_through_the_schedule_then_past_due(ledger: Le
     assert run(ledger, "invoice.mark_paid", TENANT, "manual", invoice_id=str(invoice.id),
                payment="transfer-1").outcome == "applied"
     assert status(ledger) == "active"
+
+
+def balance(app: LedgerApplication) -> int:
+    return int(app.read(ids.account_id(TENANT), lambda a: a.balance("USD")))
+
+
+def stripe_paid(form: dict[str, str], intent: str, event_id: str) -> PaymentNotification:
+    """What ingest publishes for Stripe's ``payment_intent.succeeded`` of the charge made with ``form``."""
+    metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="payment_succeeded",
+                               tenant=metadata["tenant"], order_id=metadata["order_id"],
+                               invoice_id=metadata.get("invoice_id"), amount=Decimal(form["amount"]).scaleb(-2),
+                               currency=form["currency"].upper(), verified_at=utcnow(), gateway_reference=intent)
+
+
+@pytest.mark.asyncio
+async def test_the_webhook_of_a_dunning_charge_settles_the_invoice_and_grants_no_credit(
+        ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    invoice = first_invoice(ledger)
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, SCHEDULE, now=Clock(NOV_1))
+    assert await dunning.process() == {str(invoice.id): "paid"}
+    [(_, form)] = intents(api)
+    assert (form["metadata[invoice_id]"], form["metadata[order_id]"]) == (str(invoice.id), str(invoice.id))
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+
+    [result] = ledger.apply_commands([payment_command(stripe_paid(form, intent, "evt_pi_1"))])
+    assert result.outcome == "applied", result
+    assert result.value == {"invoice_id": str(invoice.id), "gateway": "stripe", "already_paid": True}
+    assert balance(ledger) == 0  # the 30.00 paid the invoice: not a cent of it became credit
+    assert first_invoice(ledger).status == "paid"
+
+
+def test_a_payment_in_flight_that_names_the_invoice_as_its_order_settles_it_once(ledger: LedgerApplication) -> None:
+    invoice = first_invoice(ledger)
+    # A charge made before dunning wrote metadata.invoice_id: its order_id is the invoice's id.
+    notification = PaymentNotification(gateway="stripe", gateway_event_id="evt_old", kind="payment_succeeded",
+                                       tenant=TENANT, order_id=str(invoice.id), amount=Decimal("30.00"),
+                                       currency="USD", verified_at=utcnow(), gateway_reference="pi_old")
+    [result] = ledger.apply_commands([payment_command(notification)])
+    assert result.outcome == "applied" and result.value["already_paid"] is False, result
+    assert first_invoice(ledger).status == "paid" and status(ledger) == "active"
+    assert balance(ledger) == 0
+    # Dunning's own mark-paid for the same charge, arriving after the webhook, changes nothing either.
+    assert run(ledger, "invoice.mark_paid", TENANT, "late", invoice_id=str(invoice.id),
+               payment="pi_old").outcome == "applied"
+    assert balance(ledger) == 0
+
+
+def test_a_payment_naming_an_invoice_it_does_not_match_is_rejected_not_credited(ledger: LedgerApplication) -> None:
+    invoice = first_invoice(ledger)
+    for event_id, invoice_ref, amount, reason in (("evt_short", str(invoice.id), "29.99", "invoice_payment_mismatch"),
+                                                  ("evt_unknown", str(uuid4()), "30.00", "unknown_invoice")):
+        notification = PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="payment_succeeded",
+                                           tenant=TENANT, order_id=invoice_ref, invoice_id=invoice_ref,
+                                           amount=Decimal(amount), currency="USD", verified_at=utcnow(),
+                                           gateway_reference=f"pi_{event_id}")
+        [result] = ledger.apply_commands([payment_command(notification)])
+        assert (result.outcome, result.reason) == ("rejected", reason), result
+    assert balance(ledger) == 0 and first_invoice(ledger).status == "finalized"
+
+
+@pytest.mark.asyncio
+async def test_a_processing_charge_is_pending_no_backup_is_charged_and_the_webhook_settles_it(
+        ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    api.processing.add("pm_primary")  # e.g. a SEPA debit: succeeded days later
+    invoice = first_invoice(ledger)
+    gateways = {"stripe": stripe_gateway(api)}
+    clock = Clock(NOV_1 + timedelta(minutes=1))
+    dunning = Dunning(ledger, gateways, None, SCHEDULE, now=clock)
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    assert [form["payment_method"] for _, form in intents(api)] == ["pm_primary"]  # no backup charged
+    assert first_invoice(ledger).status == "finalized" and status(ledger) == "active"
+    # Later rounds and a restart, even past the next retry day, charge nothing more while it is under way.
+    clock.at = NOV_1 + timedelta(days=4)
+    assert await dunning.process() == {}
+    assert await Dunning(ledger, gateways, None, SCHEDULE, now=clock).process() == {}
+    assert len(intents(api)) == 1 and status(ledger) == "active"
+
+    [(_, form)] = intents(api)
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [result] = ledger.apply_commands([payment_command(stripe_paid(form, intent, "evt_pi_late"))])
+    assert result.outcome == "applied" and result.value["already_paid"] is False, result
+    assert first_invoice(ledger).status == "paid" and balance(ledger) == 0
+    assert await Dunning(ledger, gateways, None, SCHEDULE, now=clock).process() == {}
+    assert len(intents(api)) == 1

@@ -165,3 +165,27 @@ async def test_recognised_package_figures_do_not_depend_on_batching_or_replays(t
     used_package(ledger)
     dumps = await dumps_by_batching(ledger.records(), tmp_path, seed=11, size_max=4, replay_all=True)
     assert dumps[0] == dumps[1] == dumps[2]
+
+
+async def test_funds_in_are_the_money_received_for_bonuses_and_discounts_in_the_currency(
+        service: ProjectionService) -> None:
+    """A USD package of 100 + 20 bonus for 100.00 and a 100.00 top-up at 10 % off, both + 19 % VAT: funds in are
+    the 119.00 + 107.10 the customer paid; the bonus and the discount are promotional."""
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, digest="packages-2", document={
+        **CATALOG, "packages": [{"code": "usd-100", "name": "100 USD", "unit": "USD", "credits": "100",
+                                 "bonus_credits": "20", "price": "100.00", "currency": "USD"}],
+        "promotions": [{"code": "TENOFF", "kind": "discount_percent", "value": "0.10"}]})
+    ledger.command("account.open", "acme", currency="USD")
+    ledger.command("tax_profile.set", "acme", country="DE", business_name="Acme GmbH")
+    for key, what, total in (("p1", {"package": "usd-100"}, "119.00"),
+                             ("t1", {"amount": "100", "promotion": "TENOFF"}, "107.10")):
+        placed = ledger.command("checkout.place", "acme", key=key, gateway="stripe", **what).value
+        assert placed["quote"]["total"] == total
+        ledger.command("order.paid_off_session", "acme", key=key, gateway="stripe", payment_id=f"pi_{key}",
+                       amount=total, currency="USD")
+    await apply(service, ledger.records())
+    october = (await monthly_figures(service))[("2026-10", "USD")]
+    assert october["funds_in"] == (11900 + 10710) * CENT
+    assert (october["top_ups"], october["tax_collected"]) == (19000 * CENT, (1900 + 1710) * CENT)
+    assert october["promotional"] == (2000 + 1000) * CENT

@@ -127,9 +127,10 @@ def test_paying_the_invoice_settles_the_overage_it_billed(app: LedgerApplication
     for event in settled:  # Dr gateway clearing / Cr receivables, balanced
         assert {(p["account"], p["amount"]) for p in event.postings} == {
             (LedgerAccount.GATEWAY_CLEARING.value, event.amount), (LedgerAccount.RECEIVABLES.value, -event.amount)}
-    # Paid twice (a replayed notification): refused, nothing more settled.
-    run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 4, tzinfo=UTC), outcome="rejected",
-        invoice_id=str(invoice.id), payment="pi_1")
+    # Paid twice (dunning's mark_paid and the gateway's webhook): nothing more settled.
+    again = run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 4, tzinfo=UTC), invoice_id=str(invoice.id),
+                payment="pi_1")
+    assert again.value["already_paid"] is True
     assert account(app).receivable("USD") == 1 * U
 
 

@@ -1,0 +1,117 @@
+"""What a paid top-up grants, and from which ledger account: the money received funds the purchase grant (from
+the gateway's clearing), what the customer did not pay for (a package's bonus, a discount, a promotion's bonus,
+in the promotion's own unit) is a promotional grant; a refund pays back the money and voids the free part."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+from billing_events import ids
+from billing_events.messages import PaymentNotification
+from billing_events.money import SUBUNITS_PER_UNIT
+from billing_events.timeutil import utcnow
+from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.audit import account_events
+from billing_ledger.payment_commands import payment_command
+
+from tests.unit.payments.support import CATALOG, TENANT, command, ledger, run
+
+__all__ = ["ledger"]
+U = SUBUNITS_PER_UNIT
+
+
+def place_order(app: LedgerApplication, key: str, **payload: Any) -> CommandResult:
+    [placed] = app.apply_commands([command("checkout.place", TENANT, {"key": key, "gateway": "stripe", **payload})])
+    return placed
+
+
+def place(app: LedgerApplication, key: str, **payload: Any) -> dict[str, Any]:
+    placed = place_order(app, key, **payload)
+    assert placed.outcome == "applied", placed
+    return dict(placed.value)
+
+
+def pay(app: LedgerApplication, order: dict[str, Any]) -> None:
+    """Stripe's verified webhook for the order's checkout: the notification the ledger consumes."""
+    q = order["quote"]
+    notification = PaymentNotification(gateway="stripe", gateway_event_id=f"evt-{order['key']}",
+                                       kind="payment_succeeded", tenant=TENANT, order_id=order["order_id"],
+                                       amount=Decimal(q["total"]), currency=q["currency"], verified_at=utcnow(),
+                                       gateway_reference=f"pi-{order['key']}")
+    [result] = app.apply_commands([payment_command(notification)])
+    assert result.outcome == "applied", result
+
+
+def books(app: LedgerApplication) -> dict[tuple[str, str], Decimal]:
+    """The account's ledger accounts (debit positive) per unit, from every posting it recorded."""
+    sums: dict[tuple[str, str], int] = defaultdict(int)
+    for event in account_events(app, TENANT):
+        for line in getattr(event, "postings", None) or []:
+            sums[(line["account"], line["unit"])] += line["amount"]
+    return {key: Decimal(amount) / U for key, amount in sums.items() if amount}
+
+
+def available(app: LedgerApplication, unit: str) -> Decimal:
+    return Decimal(app.read(ids.account_id(TENANT), lambda a: a.available(unit))) / U
+
+
+def test_a_discounted_top_up_books_the_money_received_and_the_discount_as_promotion(ledger: LedgerApplication) -> None:
+    order = place(ledger, "o1", amount="100", promotion="TENOFF")  # 100 - 10 % = 90 + 19 % VAT = 107.10
+    assert order["quote"]["total"] == "107.10"
+    pay(ledger, order)
+    assert available(ledger, "USD") == Decimal(100)  # the customer gets the 100 they were shown
+    assert books(ledger) == {("gateway_clearing", "USD"): Decimal("107.10"),  # what was paid, not 117.10
+                             ("tax_payable", "USD"): Decimal("-17.10"),
+                             ("promotional_expense", "USD"): Decimal(10),
+                             ("tenant_wallet", "USD"): Decimal(-100)}
+
+
+def test_a_package_bonus_is_promotional_and_a_refund_pays_back_the_money_and_voids_the_bonus(
+        ledger: LedgerApplication) -> None:
+    order = place(ledger, "o1", package="usd-100")  # 100 USD + 20 bonus for 100.00 + 19 % = 119.00
+    assert order["quote"]["total"] == "119.00"
+    pay(ledger, order)
+    assert available(ledger, "USD") == Decimal(120)
+    assert books(ledger) == {("gateway_clearing", "USD"): Decimal(119), ("tax_payable", "USD"): Decimal(-19),
+                             ("promotional_expense", "USD"): Decimal(20), ("tenant_wallet", "USD"): Decimal(-120)}
+    grants = ledger.read(ids.account_id(TENANT), lambda a: a.grant_balances())
+    assert [(g["source"], Decimal(g["amount"]) / U) for g in grants] == [("purchase", Decimal(100)),
+                                                                          ("promotion", Decimal(20))]
+
+    # The gateway refunds the whole payment: exactly the 119.00 received leaves clearing, the bonus is voided.
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
+                                 tenant=TENANT, order_id=order["order_id"], amount=Decimal("119.00"), currency="USD",
+                                 verified_at=utcnow(), gateway_reference="re_1")
+    [result] = ledger.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+    assert available(ledger, "USD") == 0
+    assert books(ledger) == {}  # clearing, tax, promotional expense and the wallet all back to zero
+
+
+def test_a_bonus_credit_promotion_is_granted_in_its_own_unit(ledger: LedgerApplication) -> None:
+    order = place(ledger, "o1", amount="10", promotion="BONUS500")  # 500 CREDIT on a 10.00 USD top-up
+    assert (order["quote"]["promotion_credits"], order["quote"]["promotion_unit"]) == ("500", "CREDIT")
+    pay(ledger, order)
+    assert available(ledger, "USD") == Decimal(10)  # not 510.00
+    assert available(ledger, "CREDIT") == Decimal(500)
+    assert books(ledger)[("promotional_expense", "CREDIT")] == Decimal(500)
+    assert books(ledger)[("gateway_clearing", "USD")] == Decimal("11.90")
+
+
+def test_a_promotion_whose_unit_cannot_apply_is_refused_before_anything_is_placed(ledger: LedgerApplication) -> None:
+    for key, payload, words in (("eur", {"amount": "20", "promotion": "EUROFF"}, "EUR off; this order is in USD"),
+                                ("eur-gift", {"amount": "20", "promotion": "EUROGIFT"}, "grants EUR"),
+                                ("free", {"amount": "20", "promotion": "ALLOFF"}, "nothing to pay")):
+        refused = place_order(ledger, key, **payload)
+        assert (refused.outcome, refused.reason) == ("rejected", "promotion_refused"), refused
+        assert words in (refused.detail or ""), refused.detail
+    assert available(ledger, "USD") == 0
+
+
+def test_a_catalogue_whose_promotion_names_an_unknown_unit_is_not_published(ledger: LedgerApplication) -> None:
+    document = {**CATALOG, "promotions": [{"code": "TOKENGIFT", "kind": "bonus_credit", "value": "100",
+                                           "unit": "TOKENS"}]}
+    refused = run(ledger, "catalog.publish", None, document=document, digest="pay-tokens")
+    assert refused.outcome == "rejected" and "unknown unit 'TOKENS'" in (refused.detail or ""), refused
