@@ -118,13 +118,18 @@ async def apply_event(conn: Connection, event: LedgerEvent) -> AccountSubscripti
 
 async def usage_lines_command(conn: Connection, ended: AccountSubscription, tenant: str, account: str,
                               meter_names: dict[str, dict[str, Any]]) -> OutMessage:
-    """``invoice.usage_lines`` for the renewal invoice of ``ended`` (usage only on the primary subscription)."""
+    """``invoice.usage_lines`` for the renewal invoice of ``ended`` (usage only on the primary subscription).
+
+    A line's quantity is how much its decisions moved the period's running totals (``quantity_after -
+    quantity_before``): a correction counts by its difference, a count meter one per event.
+    """
     live = (await load_for(conn, [account])).get(account, [])
     primary = live[0].subscription_id if live else ended.subscription_id
     lines: list[dict[str, Any]] = []
     if primary == ended.subscription_id:
         rows = await conn.fetch(
-            "SELECT event_id, meter, unit, quantity, amount_subunits, event_time, period FROM rated_events "
+            "SELECT event_id, meter, unit, quantity_before, quantity_after, amount_subunits, event_time, period "
+            "FROM rated_events "
             "WHERE tenant = $1 AND event_time >= $2 AND event_time < $3 AND decision LIKE '%priced' "
             "ORDER BY event_time, event_id", tenant, ended.period_start.isoformat(), ended.period_end.isoformat())
         totals: dict[tuple[str, str], tuple[Decimal, int, list[str], set[str]]] = {}
@@ -134,8 +139,8 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
             if len(event_ids) < TRACE_EVENT_IDS_MAX:
                 event_ids.append(r["event_id"])
             periods.add(r["period"])
-            totals[key] = (RATING_CONTEXT.add(quantity, Decimal(r["quantity"])), amount + int(r["amount_subunits"]),
-                           event_ids, periods)
+            moved = RATING_CONTEXT.subtract(Decimal(r["quantity_after"]), Decimal(r["quantity_before"]))
+            totals[key] = (RATING_CONTEXT.add(quantity, moved), amount + int(r["amount_subunits"]), event_ids, periods)
         for (meter, unit), (quantity, amount, event_ids, periods) in sorted(totals.items()):
             meta = meter_names.get(meter, {})
             label = f"{meta.get('name') or meter}: {quantity} {meta.get('unit_of_measure', 'units')}"

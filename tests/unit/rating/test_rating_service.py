@@ -32,6 +32,7 @@ CATALOG: dict[str, Any] = {"meters": [
     {"code": "ai_tokens", "aggregation": "sum", "required_properties": ["model"], "ai_prices": {
         "unit": "USD", "models": {"small": {"input": "0.15", "output": "0.60"},
                                   "large": {"input": "2.50", "output": "10.00", "cached_input": "1.25"}}}},
+    {"code": "logins", "aggregation": "count", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "1"}},
 ]}
 
 
@@ -238,3 +239,60 @@ async def test_ledger_events_rating_does_not_follow_are_skipped_by_their_type_he
         Record(topics.LEDGER_EVENTS, 0, 2, None, newer.to_json(), (("type", b"Catalog.Published"),)),
     ])
     assert service.catalog.version == 2
+
+
+# -- subscriptions: the renewal invoice's usage lines, closing the period, late events ------------------------
+
+def per_unit(amount: str) -> dict[str, str]:
+    return {"model": "per_unit", "unit": "USD", "unit_amount": amount}
+
+
+TEAM = {"code": "team", "name": "Team", "version": 1, "currency": "USD", "charges": [
+    {"meter": "api_calls", "price": per_unit("0.10"), "included": "100"},
+    {"meter": "storage_gb", "price": per_unit("0.50"), "included": "10"},
+    {"meter": "seats", "price": per_unit("1.00"), "included": "1"},
+    {"meter": "logins", "price": per_unit("1.00"), "included": "1"}]}
+NOV, DEC, JAN = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+BASIC = {"code": "basic", "name": "Basic", "version": 1, "currency": "USD", "charges": []}
+SUBSCRIPTION = UUID("6d4f2c0e-1b8a-4c47-9a55-0d2b3c4e5f60")
+
+
+async def subscription_event(service: RatingService, kind: str, position: int, subscription: UUID = SUBSCRIPTION,
+                             **data: Any) -> None:
+    event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
+                        type=f"Subscription.{kind}", data=data)
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
+
+
+async def subscribe(service: RatingService, status: str = "active", plan: str = "team",
+                            subscription: UUID = SUBSCRIPTION, started: datetime = NOV) -> None:
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 2, "document": {**CATALOG, "plans": [TEAM, BASIC]}})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
+    await subscription_event(service, "Started", 3, subscription, tenant="acme", plan={"code": plan, "version": 1},
+                             quantity=1, status=status, started_at=started.isoformat(), period_start=NOV.isoformat(),
+                             period_end=DEC.isoformat())
+
+
+async def end_period(service: RatingService, start: datetime, end: datetime, next_end: datetime,
+                     position: int = 4) -> None:
+    await subscription_event(service, "PeriodEnded", position, period_start=start.isoformat(),
+                             period_end=end.isoformat(), next_start=end.isoformat(), next_end=next_end.isoformat())
+
+
+def usage_lines(commands: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """meter -> (quantity, amount) of the last usage lines sent."""
+    [*_, last] = [c for c in commands if c["kind"] == "invoice.usage_lines"]
+    return {line["meter"]: (line["quantity"], line["amount"]) for line in last["payload"]["lines"]}
+
+
+async def test_usage_line_quantities_follow_corrections_and_count_events(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    at = datetime(2026, 11, 10, tzinfo=UTC)
+    await service.handle_accepted([accepted("a1", "200", at=at), accepted("l1", "5", "logins", at=at),
+                                   accepted("l2", "7", "logins", at=at)])
+    await service.handle_accepted([correction("c1", "a1", "100")])    # 200 corrected to 100: nothing billable
+    await end_period(service, NOV, DEC, JAN)
+    # 100 calls (not 200 + 100), 2 logins (not 5 + 7), one of them included.
+    assert usage_lines(await published(bus)) == {"api_calls": ("100", "0E-9"), "logins": ("2", "1.000000000")}
