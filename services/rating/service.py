@@ -31,6 +31,7 @@ from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
+from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
 from billing_rating.codec import Usage, debit_command_json, decode_accepted, timestamp_text, usage_command_id
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
@@ -81,8 +82,6 @@ class RatingService:
         self._plan_specs: dict[tuple[int, str, int, str], tuple[Any, dict[str, Any]]] = {}
 
     async def setup(self) -> None:
-        from billing_rating.close import CLOSE_SCHEMA
-
         await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA)  # type: ignore[attr-defined]
         await self._load_catalog()
 
@@ -108,7 +107,7 @@ class RatingService:
                 async with self.db.transaction() as conn:
                     ended = await apply_event(conn, event)
                     if ended is not None:
-                        outputs.append(await self._usage_lines(conn, ended))
+                        outputs.extend(await self._period_ended(conn, ended))
                 continue
             if event.type != "Catalog.Published":
                 continue
@@ -132,13 +131,39 @@ class RatingService:
             log.info("catalog_loaded", version=self.catalog.version, meters=len(self.catalog.meters))
         await self.bus.publish(outputs)
 
-    async def _usage_lines(self, conn: Connection, ended: AccountSubscription) -> OutMessage:
+    async def _period_ended(self, conn: Connection, ended: AccountSubscription) -> list[OutMessage]:
+        """Closes the ended period (primary subscription only) and builds its usage lines for the invoice.
+
+        The close debits go first: on the account's partition the ledger posts them before the usage lines
+        finalize the invoice. A redelivered ``PeriodEnded`` finds the period closed and sends the same
+        commands again (same ids: the ledger refuses them the second time).
+        """
         row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
                                   ended.subscription_id)
         assert row is not None
+        account, tenant = row["account_id"], row["tenant"]
+        catalog = self.catalog
+        live = (await load_for(conn, [account])).get(account, [])
+        primary = not live or live[0].subscription_id == ended.subscription_id
+        outputs: list[OutMessage] = []
+        closed: list[CloseLine] = []
+        if primary:
+            closed = await close_account_period(conn, catalog, ended.period_start.isoformat(), account, tenant,
+                                                lambda meter: self._close_pricing(catalog, live, meter))
+            outputs.extend(c for c in (close_command(catalog, account, line) for line in closed) if c is not None)
         names = {code: {"name": m.definition.name, "unit_of_measure": m.definition.unit_of_measure}
-                 for code, m in self.catalog.meters.items()}
-        return await usage_lines_command(conn, ended, row["tenant"], row["account_id"], names)
+                 for code, m in catalog.meters.items()}
+        outputs.append(await usage_lines_command(conn, ended, tenant, account, names, primary, closed))
+        return outputs
+
+    def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
+                       ) -> ClosePricing | None:
+        """The plan price of ``meter`` at close, resolved as in real time (``None``: the list price)."""
+        pricing = self._pricing(catalog, subs, meter) if subs and meter.ai_table is None else None
+        if pricing is None:
+            return None
+        spec, included, _, trialing, price_json = pricing
+        return ClosePricing(spec, included, trialing, price_json)
 
     def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
                  ) -> tuple[Any, Decimal, str, bool, dict[str, Any]] | None:

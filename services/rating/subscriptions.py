@@ -8,8 +8,9 @@ Rules (documented in docs/rating.md):
 * Usage while the pricing subscription is trialing is recorded but not charged.
 * The billing period of usage is the primary (earliest-started live) subscription's current period; an
   account without a subscription is billed by calendar month (UTC).
-* When a subscription's period ends, rating sends the period's usage lines for the renewal invoice
-  (``invoice.usage_lines``): only the primary subscription's invoice carries usage, others get none.
+* When a subscription's period ends, rating closes it (the meters priced only at close: max, last,
+  unique_count) and sends the period's usage lines for the renewal invoice (``invoice.usage_lines``): only
+  the primary subscription's invoice carries usage, others get none.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from billing_events import topics
 from billing_events.messages import LedgerCommand, LedgerEvent
 from billing_events.money import RATING_CONTEXT, from_subunits, is_currency_code
 from billing_events.timeutil import utcnow
+from billing_rating.aggregation import REAL_TIME
+from billing_rating.close import CloseLine
 from billing_runtime.bus import OutMessage
 from billing_runtime.db import Connection
 
@@ -117,37 +120,47 @@ async def apply_event(conn: Connection, event: LedgerEvent) -> AccountSubscripti
 
 
 async def usage_lines_command(conn: Connection, ended: AccountSubscription, tenant: str, account: str,
-                              meter_names: dict[str, dict[str, Any]]) -> OutMessage:
+                              meter_names: dict[str, dict[str, Any]], primary: bool,
+                              closed: Sequence[CloseLine] = ()) -> OutMessage:
     """``invoice.usage_lines`` for the renewal invoice of ``ended`` (usage only on the primary subscription).
 
-    A line's quantity is how much its decisions moved the period's running totals (``quantity_after -
-    quantity_before``): a correction counts by its difference, a count meter one per event.
+    Real-time meters (sum, count, AI tokens): the amounts rating posted for the period's decisions, and the
+    quantity by which they moved the period's running totals (``quantity_after - quantity_before``: a
+    correction counts by its difference, a count meter one per event). Meters priced at close (max, last,
+    unique_count): the ``closed`` lines of the period.
     """
-    live = (await load_for(conn, [account])).get(account, [])
-    primary = live[0].subscription_id if live else ended.subscription_id
     lines: list[dict[str, Any]] = []
-    if primary == ended.subscription_id:
+    if primary:
         rows = await conn.fetch(
             "SELECT event_id, meter, unit, quantity_before, quantity_after, amount_subunits, event_time, period "
             "FROM rated_events "
             "WHERE tenant = $1 AND event_time >= $2 AND event_time < $3 AND decision LIKE '%priced' "
             "ORDER BY event_time, event_id", tenant, ended.period_start.isoformat(), ended.period_end.isoformat())
-        totals: dict[tuple[str, str], tuple[Decimal, int, list[str], set[str]]] = {}
+        totals: dict[tuple[str, str], tuple[Decimal, int, list[str], set[str], int]] = {}
         for r in rows:
             key = (r["meter"], r["unit"] or "")
-            quantity, amount, event_ids, periods = totals.get(key, (Decimal(0), 0, [], set()))
+            quantity, amount, event_ids, periods, events = totals.get(key, (Decimal(0), 0, [], set(), 0))
             if len(event_ids) < TRACE_EVENT_IDS_MAX:
                 event_ids.append(r["event_id"])
             periods.add(r["period"])
             moved = RATING_CONTEXT.subtract(Decimal(r["quantity_after"]), Decimal(r["quantity_before"]))
-            totals[key] = (RATING_CONTEXT.add(quantity, moved), amount + int(r["amount_subunits"]), event_ids, periods)
-        for (meter, unit), (quantity, amount, event_ids, periods) in sorted(totals.items()):
+            totals[key] = (RATING_CONTEXT.add(quantity, moved), amount + int(r["amount_subunits"]), event_ids, periods,
+                           events + 1)
+        for line in closed:
+            if line.aggregation in REAL_TIME:
+                continue  # priced in real time: its decisions above
+            key = (line.meter, line.unit or "")
+            quantity, amount, event_ids, periods, events = totals.get(key, (Decimal(0), 0, [], set(), 0))
+            event_ids.extend(line.event_ids[:TRACE_EVENT_IDS_MAX - len(event_ids)])
+            periods.add(line.period)
+            totals[key] = (RATING_CONTEXT.add(quantity, Decimal(line.quantity)),
+                           amount + line.charged_at_close_subunits, event_ids, periods, events + line.event_count)
+        for (meter, unit), (quantity, amount, event_ids, periods, events) in sorted(totals.items()):
             meta = meter_names.get(meter, {})
             label = f"{meta.get('name') or meter}: {quantity} {meta.get('unit_of_measure', 'units')}"
             # The trace: rating's decisions (GET /v1/rating/periods/{period}/accounts/{tenant}/decisions)
             # of these periods and events explain the line down to each raw event.
-            trace = {"rating_periods": sorted(periods), "event_ids": event_ids,
-                     "events": sum(1 for r in rows if r["meter"] == meter)}
+            trace = {"rating_periods": sorted(periods), "event_ids": event_ids, "events": events}
             if is_currency_code(unit):
                 lines.append({"kind": "usage", "description": label, "amount": str(from_subunits(amount)),
                               "meter": meter, "quantity": str(quantity), "trace": trace})

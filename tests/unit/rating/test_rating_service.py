@@ -286,6 +286,49 @@ def usage_lines(commands: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
     return {line["meter"]: (line["quantity"], line["amount"]) for line in last["payload"]["lines"]}
 
 
+async def test_max_and_last_meters_are_billed_at_the_plan_price_when_the_subscription_period_ends(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([
+        accepted("a1", "150", at=day(3)),                                      # 100 included, 50 x 0.10
+        accepted("s1", "20", "storage_gb", at=day(2)), accepted("s2", "40", "storage_gb", at=day(5)),
+        accepted("s3", "30", "storage_gb", at=day(20)),                        # max 40
+        accepted("u1", "5", "seats", at=day(3)), accepted("u2", "3", "seats", at=day(25)),  # last 3
+    ])
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    debits = {c["payload"]["meter"]: c for c in commands if c["kind"] == "usage.debit"}
+    # The plan's price and allowance: (40 - 10) x 0.50 and (3 - 1) x 1.00, not the list's 40 x 0.10, 3 x 5.
+    assert {m: c["payload"]["amount"] for m, c in debits.items()} == {
+        "api_calls": "5.000000000", "storage_gb": "15.000000000", "seats": "2.000000000"}
+    assert debits["storage_gb"]["command_id"] == str(ids.command_id(
+        "usage.close", str(ids.account_id("acme")), "storage_gb", "", NOV.isoformat()))
+    assert debits["storage_gb"]["payload"]["cause"]["priced_by"] == "plan"
+    # The close debits go before the usage lines that finalize the invoice, which shows all three meters.
+    assert [c["kind"] for c in commands][-1] == "invoice.usage_lines"
+    assert usage_lines(commands) == {"api_calls": ("150", "5.000000000"), "storage_gb": ("40", "15.000000000"),
+                                     "seats": ("3", "2.000000000")}
+    # Delivered again, the PeriodEnded sends the same commands (same ids): the ledger posts each once.
+    await end_period(service, NOV, DEC, JAN)
+    again = (await published(bus))[len(commands):]
+    assert [c["command_id"] for c in again] == [c["command_id"] for c in commands[1:]]
+    assert usage_lines(again) == usage_lines(commands)
+
+
+async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # The primary (earliest) subscription's plan has no storage charge; a second one, on trial, prices it.
+    await subscribe(service, plan="basic")
+    await subscribe(service, status="trialing", subscription=UUID(int=7), started=datetime(2026, 11, 2,
+                                                                                                   tzinfo=UTC))
+    await service.handle_accepted([accepted("s1", "40", "storage_gb", at=datetime(2026, 11, 5, tzinfo=UTC))])
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    assert [c["kind"] for c in commands] == ["invoice.usage_lines"]  # no close debit
+    assert usage_lines(commands) == {"storage_gb": ("40", "0E-9")}
+
+
 async def test_usage_line_quantities_follow_corrections_and_count_events(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     await subscribe(service)
