@@ -339,3 +339,26 @@ async def test_usage_line_quantities_follow_corrections_and_count_events(rating)
     await end_period(service, NOV, DEC, JAN)
     # 100 calls (not 200 + 100), 2 logins (not 5 + 7), one of them included.
     assert usage_lines(await published(bus)) == {"api_calls": ("100", "0E-9"), "logins": ("2", "1.000000000")}
+
+
+async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_policy(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    await service.handle_accepted([accepted("n1", "150", at=datetime(2026, 11, 20, tzinfo=UTC))])  # 5.00
+    await end_period(service, NOV, DEC, JAN)
+    await service.handle_accepted([accepted("d1", "120", at=datetime(2026, 12, 5, tzinfo=UTC))])  # 2.00
+    # Nov 30, after the renewal: 50 more calls. The Nov period is closed and invoiced; next_period (the meter's
+    # default) bills them in the open December period, on top of its 120, never with a fresh allowance.
+    # active_users' policy is reject: a dead letter.
+    november_30 = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    await service.handle_accepted([accepted("late", "50", at=november_30),
+                                   accepted("late-user", "1", "active_users", at=november_30, user="ann")])
+    late = [c for c in await published(bus) if c["payload"].get("cause", {}).get("event_ids") == ["late"]]
+    assert [c["payload"]["amount"] for c in late] == ["5.000000000"]
+    cause = late[0]["payload"]["cause"]
+    assert (cause["period"], cause["original_period"], cause["late"]) == (DEC.isoformat(), NOV.isoformat(), "late")
+    [letter] = await published(bus, topics.USAGE_REJECTED)
+    assert (letter["event_id"], letter["reason"]) == ("late-user", "period_closed")
+    # ... and it is on December's invoice.
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    assert usage_lines(await published(bus)) == {"api_calls": ("170", "7.000000000")}
