@@ -45,6 +45,7 @@ TRACE_EVENT_IDS_MAX = 100  # ids listed on the line itself; the full trace is ra
 # The decisions whose usage a close counts (trial usage, filtered and refused events are not billed).
 CLOSE_DECISIONS = ("priced", "deferred_to_close", "late:priced", "late:deferred_to_close", "late_adjustment:priced",
                    "late_adjustment:deferred_to_close")
+_CLOSE_DECISIONS_SQL = ", ".join(f"'{decision}'" for decision in CLOSE_DECISIONS)  # constants, no input
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
     rows = await db.fetch(
         "SELECT account_id, tenant, meter, group_key, event_id, event_time, quantity, value, amount_subunits, "
         f"decision, corrects, effective_quantity FROM rated_events WHERE period = $1 AND decision IN "
-        f"({', '.join(repr(d) for d in CLOSE_DECISIONS)}) ORDER BY account_id, meter, group_key, event_time", period)
+        f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time", period)
     done = {(r["account_id"]) for r in await db.fetch(
         "SELECT account_id FROM closed_periods WHERE period = $1", period)}
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
@@ -129,7 +130,7 @@ async def close_account_period(conn: Connection, catalog: CatalogView, period: s
     rows = await conn.fetch(
         "SELECT meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
         f"effective_quantity FROM rated_events WHERE period = $1 AND account_id = $2 AND decision IN "
-        f"({', '.join(repr(d) for d in CLOSE_DECISIONS)}) ORDER BY meter, group_key, event_time", period, account)
+        f"({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time", period, account)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["meter"], row["group_key"]), []).append(dict(row))
