@@ -37,6 +37,7 @@ DECIMAL_FRACTION_DIGITS_MAX = 18
 
 # High-precision context for rating arithmetic: 60 significant digits, far beyond any bound above.
 RATING_CONTEXT = Context(prec=60, rounding=RATING_ROUNDING)
+_SUBUNITS_PER_UNIT_DECIMAL = Decimal(1).scaleb(SUBUNIT_SCALE)  # 1E+9: one digit, so the product stays exact
 
 _PLAIN_DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _CREDIT_CODE = re.compile(r"^[A-Z][A-Z0-9_]{1,31}$")
@@ -140,7 +141,10 @@ def to_subunits(amount: Decimal) -> int:
     """Converts an exact Decimal amount to integer ledger sub-units (half-up at the 9th decimal)."""
     if isinstance(amount, float):
         raise MoneyError("binary floats are refused in money paths")
-    scaled = (amount * SUBUNITS_PER_UNIT).quantize(Decimal(1), rounding=RATING_ROUNDING, context=RATING_CONTEXT)
+    # Multiplied in RATING_CONTEXT, not the thread's 28-digit context: there a large amount with many
+    # fractional digits was rounded (half-even) before the half-up quantize, off by one sub-unit near 3e14.
+    scaled = RATING_CONTEXT.multiply(amount, _SUBUNITS_PER_UNIT_DECIMAL).quantize(
+        Decimal(1), rounding=RATING_ROUNDING, context=RATING_CONTEXT)
     return int(scaled)
 
 

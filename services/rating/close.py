@@ -4,11 +4,19 @@ Closing is idempotent: the lines of a (period, account) are written once (later 
 the charges that only the close can compute (``max``, ``last``, ``unique_count`` meters) are posted with a
 command id derived from (account, meter, group, period), which the ledger refuses a second time. Every
 line keeps the trace to its raw events (``rated_events`` of the same period, meter and group).
+
+Two kinds of period are closed. A calendar month (``YYYY-MM``, accounts without a subscription) is closed
+by ``POST /v1/rating/periods/{period}/close`` at the meters' list prices (:func:`close_period`). A
+subscription's period (its start, ISO 8601) is closed by rating itself when the ledger says the period
+ended (``Subscription.PeriodEnded``), before the renewal invoice's usage lines are sent, at the price real-
+time rating used: the plan's charge and pooled allowance, nothing while trialing
+(:func:`close_account_period`, pricing from ``RatingService._pricing``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -19,10 +27,10 @@ from billing_events.messages import LedgerCommand
 from billing_events.money import from_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, Observation, aggregate
-from billing_rating.catalog_view import CatalogView
+from billing_rating.catalog_view import CatalogView, MeterView
 from billing_rating.pricing import period_charge
 from billing_runtime.bus import Bus, OutMessage
-from billing_runtime.db import Database
+from billing_runtime.db import Connection, Database
 
 CLOSE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS close_lines (
@@ -34,6 +42,20 @@ CREATE TABLE IF NOT EXISTS closed_periods (
 """
 
 TRACE_EVENT_IDS_MAX = 100  # ids listed on the line itself; the full trace is rated_events
+# The decisions whose usage a close counts (trial usage, filtered and refused events are not billed).
+CLOSE_DECISIONS = ("priced", "deferred_to_close", "late:priced", "late:deferred_to_close", "late_adjustment:priced",
+                   "late_adjustment:deferred_to_close")
+_CLOSE_DECISIONS_SQL = ", ".join(f"'{decision}'" for decision in CLOSE_DECISIONS)  # constants, no input
+
+
+@dataclass(frozen=True)
+class ClosePricing:
+    """The price of a meter at close when a plan prices it (as real-time rating resolves it)."""
+
+    spec: Any
+    included: Decimal
+    trialing: bool
+    price: dict[str, Any]  # the spec as JSON, the decision's input
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,10 @@ class CloseLine:
     event_count: int
     event_ids: list[str]
     catalog_version: int
+    # Added with subscription closes; lines stored before read back with these defaults.
+    priced_by: str = "list_price"
+    price: dict[str, Any] | None = None
+    last_event_at: str | None = None
 
 
 async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str,
@@ -62,9 +88,8 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
     now = now or utcnow()
     rows = await db.fetch(
         "SELECT account_id, tenant, meter, group_key, event_id, event_time, quantity, value, amount_subunits, "
-        "decision, corrects, effective_quantity FROM rated_events WHERE period = $1 AND decision IN ('priced', 'deferred_to_close', 'late:priced', "
-        "'late:deferred_to_close', 'late_adjustment:priced', 'late_adjustment:deferred_to_close') "
-        "ORDER BY account_id, meter, group_key, event_time", period)
+        f"decision, corrects, effective_quantity FROM rated_events WHERE period = $1 AND decision IN "
+        f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time", period)
     done = {(r["account_id"]) for r in await db.fetch(
         "SELECT account_id FROM closed_periods WHERE period = $1", period)}
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
@@ -75,11 +100,9 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
         for (account, tenant, meter_code, group), items in groups.items():
             if account in done:
                 continue
-            line, command = _line(catalog, period, account, tenant, meter_code, group, items)
-            await conn.execute(
-                "INSERT INTO close_lines (period, account_id, tenant, meter, group_key, line, closed_at) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                period, account, tenant, meter_code, group, json.dumps(asdict(line)), now.isoformat())
+            line = _line(catalog, period, tenant, meter_code, group, items, None)
+            await _save_line(conn, account, line, now)
+            command = close_command(catalog, account, line)
             if command is not None:
                 commands.append(command)
         for account in {key[0] for key in groups} - done:
@@ -87,6 +110,48 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
                                "ON CONFLICT DO NOTHING", period, account, now.isoformat())
     await bus.publish(commands)
     return await lines_of(db, period)
+
+
+async def close_account_period(conn: Connection, catalog: CatalogView, period: str, account: str, tenant: str,
+                               pricing: Callable[[MeterView], ClosePricing | None],
+                               now: datetime | None = None) -> list[CloseLine]:
+    """Closes one account's ``period`` (a subscription's) inside the caller's transaction; returns its lines.
+
+    ``pricing`` gives a meter's plan price (``None``: the list price applies). Once closed, the period is
+    closed for good: a second call (a redelivered ``PeriodEnded``) reads the stored lines back, and events
+    of the period that arrive later follow their meter's late policy. The caller publishes the commands of
+    the lines (:func:`close_command`): the same command ids every time, so the ledger posts each once.
+    """
+    if await conn.fetchrow("SELECT 1 FROM closed_periods WHERE period = $1 AND account_id = $2", period, account):
+        rows = await conn.fetch("SELECT line FROM close_lines WHERE period = $1 AND account_id = $2 "
+                                "ORDER BY meter, group_key", period, account)
+        return [CloseLine(**json.loads(r["line"])) for r in rows]
+    now = now or utcnow()
+    rows = await conn.fetch(
+        "SELECT meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
+        f"effective_quantity FROM rated_events WHERE period = $1 AND account_id = $2 AND decision IN "
+        f"({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time", period, account)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["meter"], row["group_key"]), []).append(dict(row))
+    lines = []
+    for (meter_code, group), items in sorted(groups.items()):
+        meter = catalog.meters.get(meter_code)
+        if meter is None or meter.error:
+            continue  # its events were refused (no_price), none is in ``items``
+        line = _line(catalog, period, tenant, meter_code, group, items, pricing(meter))
+        await _save_line(conn, account, line, now)
+        lines.append(line)
+    await conn.execute("INSERT INTO closed_periods (period, account_id, closed_at) VALUES ($1, $2, $3) "
+                       "ON CONFLICT DO NOTHING", period, account, now.isoformat())
+    return lines
+
+
+async def _save_line(conn: Connection, account: str, line: CloseLine, now: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO close_lines (period, account_id, tenant, meter, group_key, line, closed_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        line.period, account, line.tenant, line.meter, line.group, json.dumps(asdict(line)), now.isoformat())
 
 
 async def lines_of(db: Database, period: str, tenant: str | None = None) -> list[CloseLine]:
@@ -99,8 +164,8 @@ async def lines_of(db: Database, period: str, tenant: str | None = None) -> list
     return [CloseLine(**json.loads(r["line"])) for r in rows]
 
 
-def _line(catalog: CatalogView, period: str, account: str, tenant: str, meter_code: str, group: str,
-          items: list[dict[str, Any]]) -> tuple[CloseLine, OutMessage | None]:
+def _line(catalog: CatalogView, period: str, tenant: str, meter_code: str, group: str,
+          items: list[dict[str, Any]], pricing: ClosePricing | None) -> CloseLine:
     meter = catalog.meters[meter_code]
     definition = meter.definition
     if definition.aggregation not in REAL_TIME:
@@ -118,34 +183,48 @@ def _line(catalog: CatalogView, period: str, account: str, tenant: str, meter_co
     ]
     quantity = aggregate(definition, observations)
     real_time = sum(int(r["amount_subunits"]) for r in items)
-    unit = meter.spec.unit if meter.spec else (meter.ai_table.unit if meter.ai_table else None)
+    spec = pricing.spec if pricing is not None else meter.spec
+    included = pricing.included if pricing is not None else definition.included
+    unit = spec.unit if spec else (meter.ai_table.unit if meter.ai_table else None)
     if meter.ai_table is not None:
         total = real_time  # linear per-token prices: the real-time increments are the period price
         billable = quantity
     else:
-        assert meter.spec is not None
-        total = period_charge(meter.spec, quantity, definition.included)
-        billable = max(Decimal(0), quantity - definition.included)
+        assert spec is not None
+        # Usage while the pricing subscription is trialing is recorded, not charged (as in real time).
+        total = 0 if pricing is not None and pricing.trialing else period_charge(spec, quantity, included)
+        billable = max(Decimal(0), quantity - included)
     at_close = 0 if definition.aggregation in REAL_TIME else total
-    line = CloseLine(
+    return CloseLine(
         period=period, tenant=tenant, meter=meter_code, group=group, aggregation=definition.aggregation,
-        quantity=str(quantity), included=str(definition.included), billable=str(billable), unit=unit,
+        quantity=str(quantity), included=str(included), billable=str(billable), unit=unit,
         amount_subunits=total, amount=str(from_subunits(total)), charged_in_real_time_subunits=real_time,
         charged_at_close_subunits=at_close, event_count=len(items),
         event_ids=[r["event_id"] for r in items[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
+        priced_by="plan" if pricing is not None else "list_price",
+        price=pricing.price if pricing is not None else definition.price,
+        last_event_at=max(o.at for o in observations).isoformat() if observations else None,
     )
-    command = None
-    if at_close and unit:
-        command_id = ids.command_id("usage.close", account, meter_code, group, period)
-        message = LedgerCommand(
-            command_id=command_id, kind="usage.debit", tenant=tenant, issued_at=utcnow(), issued_by="service:rating",
-            payload={"unit": unit, "amount_subunits": at_close, "amount": str(from_subunits(at_close)),
-                     "meter": meter_code, "at": max(o.at for o in observations).isoformat(),
-                     "overage_policy": "overage",  # the usage already happened: a close never refuses
-                     "cause": {"period": period, "aggregation": definition.aggregation, "quantity": str(quantity),
-                               "group": group, "event_ids": line.event_ids, "event_count": len(items),
-                               "usage_type": definition.usage_type or meter_code,
-                               "catalog_version": catalog.version, "price": definition.price,
-                               "included": str(definition.included), "closed": True}})
-        command = OutMessage(topics.LEDGER_COMMANDS, account, message.to_json(), (("schema", b"ledger.command/v1"),))
-    return line, command
+
+
+def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMessage | None:
+    """The ``usage.debit`` of what only the close prices (max, last, unique_count), if anything.
+
+    Its id comes from (account, meter, group, period): built again from the stored line, it is the same
+    command, which the ledger posts once.
+    """
+    if not line.charged_at_close_subunits or not line.unit:
+        return None
+    meter = catalog.meters.get(line.meter)
+    usage_type = (meter.definition.usage_type if meter else "") or line.meter
+    message = LedgerCommand(
+        command_id=ids.command_id("usage.close", account, line.meter, line.group, line.period), kind="usage.debit",
+        tenant=line.tenant, issued_at=utcnow(), issued_by="service:rating",
+        payload={"unit": line.unit, "amount_subunits": line.charged_at_close_subunits,
+                 "amount": str(from_subunits(line.charged_at_close_subunits)), "meter": line.meter,
+                 "at": line.last_event_at, "overage_policy": "overage",  # the usage already happened: never refused
+                 "cause": {"period": line.period, "aggregation": line.aggregation, "quantity": line.quantity,
+                           "group": line.group, "event_ids": line.event_ids, "event_count": line.event_count,
+                           "usage_type": usage_type, "catalog_version": line.catalog_version, "price": line.price,
+                           "included": line.included, "priced_by": line.priced_by, "closed": True}})
+    return OutMessage(topics.LEDGER_COMMANDS, account, message.to_json(), (("schema", b"ledger.command/v1"),))

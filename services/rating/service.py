@@ -31,10 +31,19 @@ from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
+from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
 from billing_rating.codec import Usage, debit_command_json, decode_accepted, timestamp_text, usage_command_id
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
-from billing_rating.subscriptions import AccountSubscription, apply_event, load_for, usage_lines_command
+from billing_rating.subscriptions import (
+    AccountSubscription,
+    apply_event,
+    ended_periods,
+    load_for,
+    load_subscriptions,
+    record_ended_period,
+    usage_lines_command,
+)
 from billing_runtime.bus import Bus, OutMessage, Record, header
 from billing_runtime.db import Connection, Database, is_unique_violation
 from billing_runtime.logging import get_logger
@@ -81,8 +90,6 @@ class RatingService:
         self._plan_specs: dict[tuple[int, str, int, str], tuple[Any, dict[str, Any]]] = {}
 
     async def setup(self) -> None:
-        from billing_rating.close import CLOSE_SCHEMA
-
         await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA)  # type: ignore[attr-defined]
         await self._load_catalog()
 
@@ -108,7 +115,7 @@ class RatingService:
                 async with self.db.transaction() as conn:
                     ended = await apply_event(conn, event)
                     if ended is not None:
-                        outputs.append(await self._usage_lines(conn, ended))
+                        outputs.extend(await self._period_ended(conn, ended))
                 continue
             if event.type != "Catalog.Published":
                 continue
@@ -132,13 +139,40 @@ class RatingService:
             log.info("catalog_loaded", version=self.catalog.version, meters=len(self.catalog.meters))
         await self.bus.publish(outputs)
 
-    async def _usage_lines(self, conn: Connection, ended: AccountSubscription) -> OutMessage:
+    async def _period_ended(self, conn: Connection, ended: AccountSubscription) -> list[OutMessage]:
+        """Closes the ended period (primary subscription only) and builds its usage lines for the invoice.
+
+        The close debits go first: on the account's partition the ledger posts them before the usage lines
+        finalize the invoice. A redelivered ``PeriodEnded`` finds the period closed and sends the same
+        commands again (same ids: the ledger refuses them the second time).
+        """
         row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
                                   ended.subscription_id)
         assert row is not None
+        account, tenant = row["account_id"], row["tenant"]
+        catalog = self.catalog
+        live = (await load_for(conn, [account])).get(account, [])
+        primary = not live or live[0].subscription_id == ended.subscription_id
+        outputs: list[OutMessage] = []
+        closed: list[CloseLine] = []
+        if primary:
+            closed = await close_account_period(conn, catalog, ended.period_start.isoformat(), account, tenant,
+                                                lambda meter: self._close_pricing(catalog, live, meter))
+            await record_ended_period(conn, account, ended)
+            outputs.extend(c for c in (close_command(catalog, account, line) for line in closed) if c is not None)
         names = {code: {"name": m.definition.name, "unit_of_measure": m.definition.unit_of_measure}
-                 for code, m in self.catalog.meters.items()}
-        return await usage_lines_command(conn, ended, row["tenant"], row["account_id"], names)
+                 for code, m in catalog.meters.items()}
+        outputs.append(await usage_lines_command(conn, ended, tenant, account, names, primary, closed))
+        return outputs
+
+    def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
+                       ) -> ClosePricing | None:
+        """The plan price of ``meter`` at close, resolved as in real time (``None``: the list price)."""
+        pricing = self._pricing(catalog, subs, meter) if subs and meter.ai_table is None else None
+        if pricing is None:
+            return None
+        spec, included, _, trialing, price_json = pricing
+        return ClosePricing(spec, included, trialing, price_json)
 
     def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
                  ) -> tuple[Any, Decimal, str, bool, dict[str, Any]] | None:
@@ -264,10 +298,10 @@ class RatingService:
         account = usage.account
         catalog = batch.catalog
         subs = batch.subscriptions.get(account)
-        period = _period(subs, event.timestamp) if subs else period_of(event.timestamp)
-        late = (account, period) in batch.closed
+        period, late = batch.period_of(account, event.timestamp)
         meter = catalog.meters.get(event.meter)
         decision_prefix = ""
+        original_period = period
         if late:
             # The event's period is already invoiced: the meter's late policy decides (default next_period).
             policy = meter.definition.late_policy if meter is not None else "reject"
@@ -276,7 +310,7 @@ class RatingService:
                 batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
                              "period_closed", rejection)
                 return rejection
-            period = batch.open_period  # billed in the open period; the event keeps its own timestamp
+            period = batch.open_period_of(account)  # billed in the open period; the event keeps its timestamp
             decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
@@ -355,7 +389,7 @@ class RatingService:
             if amount != 0 and unit is not None and output is None:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
-                              "original_period": period_of(event.timestamp)}
+                              "original_period": original_period}
                 before_text, after_text = str(before), str(after)  # shown by the command and the decision
                 output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text, group,
                                      inputs)
@@ -522,6 +556,9 @@ class _BatchState:
         # the dict holds the price JSON, so its identity cannot be reused while the batch lives.
         self.inputs: dict[tuple[int, Decimal, str, bool], dict[str, Any]] = {}
         self.subscriptions: dict[str, list[AccountSubscription]] = {}
+        # account -> its ended subscription periods (start, end, key), read only for accounts with an event
+        # before their current subscription period (rare: late events, corrections of old ones).
+        self.ended: dict[str, list[tuple[datetime, datetime, str]]] = {}
         # (account, event id) -> the decision a correction amends, with its current effective quantity.
         self.originals: dict[tuple[str, str], dict[str, Any]] = {}
         # (account, period) pairs whose running totals were read; rating any other period is a bug.
@@ -553,14 +590,15 @@ class _BatchState:
         for row in await conn.fetch(f"SELECT account_id, period FROM closed_periods WHERE {by_account[0]}",
                                     *by_account[1]):
             state.closed.add((row["account_id"], row["period"]))
-        state.subscriptions = await load_for(conn, accounts, dialect)
+        state.subscriptions, subscribed = await load_subscriptions(conn, accounts, dialect)
         pending = state.pending = [u for u in usages if (u.account, u.event.id) not in state.decided]
         corrected = sorted({u.event.correction_of for u in pending if u.event.correction_of})
         state.corrected = set(corrected)
         if corrected:
             await state._load_originals(conn, corrected)
         in_batch = {(u.account, u.event.id): u for u in pending if u.event.id in state.corrected}
-        # The periods this batch rates in: each event's (or its original's) period, the open one if closed.
+        # Each event's moment: its own, or its original's for a correction (an unknown original has none).
+        moments: list[tuple[str, datetime]] = []
         for usage in pending:
             moment = usage.event.timestamp
             if usage.event.correction_of:
@@ -572,8 +610,17 @@ class _BatchState:
                     moment = in_batch[key].event.timestamp
                 else:
                     continue
-            period, late = state.period_of(usage.account, moment)
-            state.periods.add((usage.account, state.open_period if late else period))
+            moments.append((usage.account, moment))
+        # Ended subscription periods, only of accounts that have had a subscription and have an event before
+        # their current period (none for most batches: no statement then).
+        earlier = sorted({account for account, moment in moments if account in subscribed and (
+            account not in state.subscriptions or moment < state.subscriptions[account][0].period_start)})
+        if earlier:
+            state.ended = await ended_periods(conn, earlier, dialect)
+        # The periods this batch rates in: each event's (or its original's) period, the open one if closed.
+        for account, moment in moments:
+            period, late = state.period_of(account, moment)
+            state.periods.add((account, state.open_period_of(account) if late else period))
         if state.periods:
             await state._load_totals(conn)
         return state
@@ -613,8 +660,14 @@ class _BatchState:
 
     def period_of(self, account: str, moment: datetime) -> tuple[str, bool]:
         """(the billing period of ``moment`` for ``account``, whether that period is closed)."""
-        period = _period(self.subscriptions.get(account, []), moment)
+        period = _period(self.subscriptions.get(account), self.ended.get(account), moment)
         return period, (account, period) in self.closed
+
+    def open_period_of(self, account: str) -> str:
+        """Where late usage of ``account`` is billed: its primary subscription's current period, else the
+        calendar month of the batch's clock."""
+        subs = self.subscriptions.get(account)
+        return subs[0].period_start.isoformat() if subs else self.open_period
 
     def total(self, account: str, key: str, period: str) -> Decimal:
         if (account, period) not in self.periods:
@@ -656,10 +709,17 @@ class _BatchState:
                 [(a, m, p, str(self.totals[(a, m, p)])) for a, m, p in dirty])
 
 
-def _period(subs: list[AccountSubscription], moment: Any) -> str:
-    """The primary subscription's period containing ``moment`` (its start), else the calendar month."""
+def _period(subs: list[AccountSubscription] | None, ended: list[tuple[datetime, datetime, str]] | None,
+            moment: datetime) -> str:
+    """The period key of ``moment``: the primary subscription's current period (its start), else an ended
+    subscription period of the account containing it (closed: the late policy applies), else the calendar
+    month (UTC)."""
     if subs:
         primary = subs[0]
         if primary.period_start <= moment < primary.period_end:
             return primary.period_start.isoformat()
+    if ended:
+        for start, end, key in ended:
+            if start <= moment < end:
+                return key
     return period_of(moment)

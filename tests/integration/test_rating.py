@@ -242,3 +242,34 @@ async def test_postgres_an_error_mid_batch_keeps_nothing_of_it(pg_rating, monkey
     monkeypatch.setattr(service, "_rate", rate)
     await service.handle_accepted([usage("acme", "e1", "5"), usage("acme", "e2", "5")])
     assert [c["payload"]["amount"] for c in outbox.commands()] == ["3.000000000", "5.000000000"]
+
+
+async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_events_of_it_are_late(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    nov, dec, jan = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+    subscription = uuid.uuid4()
+
+    async def ledger_event(position: int, kind: str, **data: Any) -> None:
+        event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
+                            type=f"Subscription.{kind}", data=data)
+        await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
+
+    await ledger_event(1, "Started", tenant="acme", plan={"code": "pro", "version": 1}, quantity=1, status="active",
+                       started_at=nov.isoformat(), period_start=nov.isoformat(), period_end=dec.isoformat())
+    await service.handle_accepted([usage("acme", "a1", "8"), usage("acme", "s1", "3", "seats")])  # 3 x 0.10
+    await ledger_event(2, "PeriodEnded", period_start=nov.isoformat(), period_end=dec.isoformat(),
+                       next_start=dec.isoformat(), next_end=jan.isoformat())
+    *_, seats, lines = outbox.commands()
+    # Pro has no seats charge: the list price, 3 x 5.00, debited at close before the usage lines.
+    assert (seats["payload"]["meter"], seats["payload"]["amount"]) == ("seats", "15.000000000")
+    assert {line["meter"]: line["amount"] for line in lines["payload"]["lines"]} == {
+        "api_calls": "0.300000000", "seats": "15.000000000"}
+    outbox.messages.clear()
+    # After the renewal, November usage is late: billed in December's period, or refused (seats: reject).
+    await service.handle_accepted([usage("acme", "late", "7", at=datetime(2026, 11, 30, tzinfo=UTC)),
+                                   usage("acme", "s2", "4", "seats", datetime(2026, 11, 30, tzinfo=UTC))])
+    [late] = outbox.commands()  # December's own allowance: 7 - 5 included, 2 x 0.10
+    assert (late["payload"]["amount"], late["payload"]["cause"]["period"], late["payload"]["cause"]["late"]) == (
+        "0.200000000", dec.isoformat(), "late")
+    letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
+    assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed")]

@@ -1,7 +1,9 @@
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from billing_events.money import (
+    RATING_CONTEXT,
     SUBUNITS_PER_UNIT,
     MoneyError,
     credit_unit,
@@ -61,3 +63,38 @@ def test_invoice_rounding_is_half_up_once() -> None:
 def test_subunits_round_trip(n: int) -> None:
     assert to_subunits(from_subunits(n)) == n
     assert from_subunits(n) * SUBUNITS_PER_UNIT == n
+
+
+def _half_up_subunits(amount: Decimal) -> int:
+    """The reference: exact rational arithmetic, half away from zero."""
+    scaled = Fraction(amount) * SUBUNITS_PER_UNIT
+    magnitude = int(abs(scaled) + Fraction(1, 2))
+    return magnitude if scaled >= 0 else -magnitude
+
+
+@pytest.mark.parametrize(("amount", "subunits"), [
+    # Just under half a sub-unit above 3e14 units: 36 significant digits, more than a 28-digit context holds.
+    ("300000000000000.000000000499999999999", 300_000_000_000_000_000_000_000),
+    ("300000000000000.0000000005", 300_000_000_000_000_000_000_001),
+    ("-300000000000000.000000000499999999999", -300_000_000_000_000_000_000_000),
+    ("999999999999999.999999999499999999999999", 999_999_999_999_999_999_999_999),
+])
+def test_to_subunits_rounds_half_up_once_for_large_amounts(amount: str, subunits: int) -> None:
+    assert to_subunits(Decimal(amount)) == subunits
+
+
+@given(st.integers(min_value=-(10**24), max_value=10**24), st.integers(min_value=1, max_value=27))
+def test_to_subunits_just_below_half_a_subunit_rounds_down(subunits: int, digits: int) -> None:
+    # The amount is built exactly (RATING_CONTEXT), so it really lies just below the rounding boundary.
+    sign = 1 if subunits >= 0 else -1
+    under_half = RATING_CONTEXT.subtract(Decimal("0.5"), Decimal(1).scaleb(-digits))
+    amount = RATING_CONTEXT.add(subunits, sign * under_half).scaleb(-9, context=RATING_CONTEXT)
+    assert to_subunits(amount) == _half_up_subunits(amount) == subunits
+    half = RATING_CONTEXT.add(subunits, sign * Decimal("0.5")).scaleb(-9, context=RATING_CONTEXT)
+    assert to_subunits(half) == subunits + sign
+
+
+@given(st.integers(min_value=-(10**33), max_value=10**33), st.integers(min_value=0, max_value=27))
+def test_to_subunits_matches_exact_half_up_rounding(coefficient: int, exponent: int) -> None:
+    amount = Decimal(coefficient).scaleb(-exponent)
+    assert to_subunits(amount) == _half_up_subunits(amount)

@@ -32,6 +32,7 @@ CATALOG: dict[str, Any] = {"meters": [
     {"code": "ai_tokens", "aggregation": "sum", "required_properties": ["model"], "ai_prices": {
         "unit": "USD", "models": {"small": {"input": "0.15", "output": "0.60"},
                                   "large": {"input": "2.50", "output": "10.00", "cached_input": "1.25"}}}},
+    {"code": "logins", "aggregation": "count", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "1"}},
 ]}
 
 
@@ -248,3 +249,126 @@ async def test_ledger_events_rating_does_not_follow_are_skipped_by_their_type_he
         Record(topics.LEDGER_EVENTS, 0, 2, None, newer.to_json(), (("type", b"Catalog.Published"),)),
     ])
     assert service.catalog.version == 2
+
+
+# -- subscriptions: the renewal invoice's usage lines, closing the period, late events ------------------------
+
+def per_unit(amount: str) -> dict[str, str]:
+    return {"model": "per_unit", "unit": "USD", "unit_amount": amount}
+
+
+TEAM = {"code": "team", "name": "Team", "version": 1, "currency": "USD", "charges": [
+    {"meter": "api_calls", "price": per_unit("0.10"), "included": "100"},
+    {"meter": "storage_gb", "price": per_unit("0.50"), "included": "10"},
+    {"meter": "seats", "price": per_unit("1.00"), "included": "1"},
+    {"meter": "logins", "price": per_unit("1.00"), "included": "1"}]}
+NOV, DEC, JAN = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+BASIC = {"code": "basic", "name": "Basic", "version": 1, "currency": "USD", "charges": []}
+SUBSCRIPTION = UUID("6d4f2c0e-1b8a-4c47-9a55-0d2b3c4e5f60")
+
+
+async def subscription_event(service: RatingService, kind: str, position: int, subscription: UUID = SUBSCRIPTION,
+                             **data: Any) -> None:
+    event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
+                        type=f"Subscription.{kind}", data=data)
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
+
+
+async def subscribe(service: RatingService, status: str = "active", plan: str = "team",
+                            subscription: UUID = SUBSCRIPTION, started: datetime = NOV) -> None:
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 2, "document": {**CATALOG, "plans": [TEAM, BASIC]}})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
+    await subscription_event(service, "Started", 3, subscription, tenant="acme", plan={"code": plan, "version": 1},
+                             quantity=1, status=status, started_at=started.isoformat(), period_start=NOV.isoformat(),
+                             period_end=DEC.isoformat())
+
+
+async def end_period(service: RatingService, start: datetime, end: datetime, next_end: datetime,
+                     position: int = 4) -> None:
+    await subscription_event(service, "PeriodEnded", position, period_start=start.isoformat(),
+                             period_end=end.isoformat(), next_start=end.isoformat(), next_end=next_end.isoformat())
+
+
+def usage_lines(commands: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """meter -> (quantity, amount) of the last usage lines sent."""
+    [*_, last] = [c for c in commands if c["kind"] == "invoice.usage_lines"]
+    return {line["meter"]: (line["quantity"], line["amount"]) for line in last["payload"]["lines"]}
+
+
+async def test_max_and_last_meters_are_billed_at_the_plan_price_when_the_subscription_period_ends(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([
+        accepted("a1", "150", at=day(3)),                                      # 100 included, 50 x 0.10
+        accepted("s1", "20", "storage_gb", at=day(2)), accepted("s2", "40", "storage_gb", at=day(5)),
+        accepted("s3", "30", "storage_gb", at=day(20)),                        # max 40
+        accepted("u1", "5", "seats", at=day(3)), accepted("u2", "3", "seats", at=day(25)),  # last 3
+    ])
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    debits = {c["payload"]["meter"]: c for c in commands if c["kind"] == "usage.debit"}
+    # The plan's price and allowance: (40 - 10) x 0.50 and (3 - 1) x 1.00, not the list's 40 x 0.10, 3 x 5.
+    assert {m: c["payload"]["amount"] for m, c in debits.items()} == {
+        "api_calls": "5.000000000", "storage_gb": "15.000000000", "seats": "2.000000000"}
+    assert debits["storage_gb"]["command_id"] == str(ids.command_id(
+        "usage.close", str(ids.account_id("acme")), "storage_gb", "", NOV.isoformat()))
+    assert debits["storage_gb"]["payload"]["cause"]["priced_by"] == "plan"
+    # The close debits go before the usage lines that finalize the invoice, which shows all three meters.
+    assert [c["kind"] for c in commands][-1] == "invoice.usage_lines"
+    assert usage_lines(commands) == {"api_calls": ("150", "5.000000000"), "storage_gb": ("40", "15.000000000"),
+                                     "seats": ("3", "2.000000000")}
+    # Delivered again, the PeriodEnded sends the same commands (same ids): the ledger posts each once.
+    await end_period(service, NOV, DEC, JAN)
+    again = (await published(bus))[len(commands):]
+    assert [c["command_id"] for c in again] == [c["command_id"] for c in commands[1:]]
+    assert usage_lines(again) == usage_lines(commands)
+
+
+async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # The primary (earliest) subscription's plan has no storage charge; a second one, on trial, prices it.
+    await subscribe(service, plan="basic")
+    await subscribe(service, status="trialing", subscription=UUID(int=7), started=datetime(2026, 11, 2,
+                                                                                                   tzinfo=UTC))
+    await service.handle_accepted([accepted("s1", "40", "storage_gb", at=datetime(2026, 11, 5, tzinfo=UTC))])
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    assert [c["kind"] for c in commands] == ["invoice.usage_lines"]  # no close debit
+    assert usage_lines(commands) == {"storage_gb": ("40", "0E-9")}
+
+
+async def test_usage_line_quantities_follow_corrections_and_count_events(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    at = datetime(2026, 11, 10, tzinfo=UTC)
+    await service.handle_accepted([accepted("a1", "200", at=at), accepted("l1", "5", "logins", at=at),
+                                   accepted("l2", "7", "logins", at=at)])
+    await service.handle_accepted([correction("c1", "a1", "100")])    # 200 corrected to 100: nothing billable
+    await end_period(service, NOV, DEC, JAN)
+    # 100 calls (not 200 + 100), 2 logins (not 5 + 7), one of them included.
+    assert usage_lines(await published(bus)) == {"api_calls": ("100", "0E-9"), "logins": ("2", "1.000000000")}
+
+
+async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_policy(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    await service.handle_accepted([accepted("n1", "150", at=datetime(2026, 11, 20, tzinfo=UTC))])  # 5.00
+    await end_period(service, NOV, DEC, JAN)
+    await service.handle_accepted([accepted("d1", "120", at=datetime(2026, 12, 5, tzinfo=UTC))])  # 2.00
+    # Nov 30, after the renewal: 50 more calls. The Nov period is closed and invoiced; next_period (the meter's
+    # default) bills them in the open December period, on top of its 120, never with a fresh allowance.
+    # active_users' policy is reject: a dead letter.
+    november_30 = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    await service.handle_accepted([accepted("late", "50", at=november_30),
+                                   accepted("late-user", "1", "active_users", at=november_30, user="ann")])
+    late = [c for c in await published(bus) if c["payload"].get("cause", {}).get("event_ids") == ["late"]]
+    assert [c["payload"]["amount"] for c in late] == ["5.000000000"]
+    cause = late[0]["payload"]["cause"]
+    assert (cause["period"], cause["original_period"], cause["late"]) == (DEC.isoformat(), NOV.isoformat(), "late")
+    [letter] = await published(bus, topics.USAGE_REJECTED)
+    assert (letter["event_id"], letter["reason"]) == ("late-user", "period_closed")
+    # ... and it is on December's invoice.
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    assert usage_lines(await published(bus)) == {"api_calls": ("170", "7.000000000")}
