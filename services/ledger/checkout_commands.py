@@ -37,6 +37,7 @@ from billing_ledger.domain.checkout import (
 from billing_ledger.domain.invoice import INVOICE, Invoice, invoice_id, line
 from billing_ledger.domain.payment_profile import PaymentProfile, payment_profile_id
 from billing_ledger.domain.roster import roster_id
+from billing_ledger.invoice_overage import repay_from_purchase
 from billing_ledger.payload import at as effective_at
 from billing_ledger.subscription_commands import _finalize
 
@@ -240,6 +241,7 @@ def pay_order(app: LedgerApplication, batch: _Batch, order: Order, *, gateway: s
         grant_id=purchase, unit=q["unit"], amount=paid, priority=0, effective_at=at,
         expires_at=None, scope=None, source="purchase", cause={**cause, "tax": q["tax"], "total": q["total"]},
         granted_by=by, tax_amount=tax if in_currency else 0)
+    repay_from_purchase(batch, account, purchase, at, cause)
     if credit > paid:
         account.grant_credit(
             grant_id=bonus_grant_id(order), unit=q["unit"], amount=credit - paid, priority=0, effective_at=at,

@@ -11,7 +11,9 @@ lines show the period's whole usage, so the invoice adds:
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
   be billed: it stays receivable, unbilled, and is logged.
 
-The overage an invoice billed is settled (leaves receivables) when the invoice is paid (``settle_paid``).
+The overage an invoice billed is settled (leaves receivables) when the invoice is paid (``settle_paid``). An
+account without a live subscription gets no invoice for its overage: credit it buys pays it off first
+(``repay_from_purchase``), like a prepaid balance that went below zero.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from billing_events.money import RATING_CONTEXT, currency, from_subunits, parse_decimal, round_minor
 from billing_ledger.domain.account import BillingAccount, period_began
 from billing_ledger.domain.invoice import Invoice, line
+from billing_ledger.domain.roster import roster_id
 from billing_runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -89,3 +93,13 @@ def settle_paid(account: BillingAccount, invoice: Invoice, at: datetime, payment
     """``invoice`` is paid: the overage it billed is settled (Dr GATEWAY_CLEARING / Cr RECEIVABLES)."""
     account.settle_invoiced_overage(invoice=str(invoice.id), at=at,
                                     cause={"invoice_number": invoice.number, "payment": payment})
+
+
+def repay_from_purchase(batch: Any, account: BillingAccount, grant_id: UUID, at: datetime,
+                        cause: dict[str, Any]) -> int:
+    """Credit just bought (grant ``grant_id``) pays off the account's unbilled overage when no live subscription
+    will invoice it (pay as you go); returns the sub-units repaid (``BillingAccount.repay_overage``)."""
+    roster = batch.get(roster_id(account.tenant))
+    if roster is not None and roster.live:
+        return 0  # the next renewal invoice bills it
+    return account.repay_overage(grant_id=grant_id, at=at, cause=cause)

@@ -30,12 +30,13 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand, PaymentNotification
-from billing_events.money import parse_decimal
+from billing_events.money import from_subunits, parse_decimal
 from billing_ledger import checkout_commands, payload, refund_request_commands
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.invoice import INVOICE, Invoice, InvoiceError
+from billing_ledger.invoice_overage import repay_from_purchase
 from billing_ledger.subscription_commands import settle_invoice, tenant_invoice
 
 # A payment for an account not opened yet is retried for this long before it is rejected (and recorded).
@@ -108,7 +109,9 @@ def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand
                "command_id": str(command.command_id)},
         granted_by=command.issued_by,
     )
-    return {"grant_id": str(grant)}
+    repaid = repay_from_purchase(batch, account, grant, verified_at,
+                                 {"gateway": gateway, "gateway_event_id": event_id})
+    return {"grant_id": str(grant), "overage_repaid": str(from_subunits(repaid))}
 
 
 def _settle_invoice(batch: _Batch, command: LedgerCommand, invoice: Invoice, *, gateway: str,

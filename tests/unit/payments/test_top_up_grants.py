@@ -115,3 +115,42 @@ def test_a_catalogue_whose_promotion_names_an_unknown_unit_is_not_published(ledg
                                            "unit": "TOKENS"}]}
     refused = run(ledger, "catalog.publish", None, document=document, digest="pay-tokens")
     assert refused.outcome == "rejected" and "unknown unit 'TOKENS'" in (refused.detail or ""), refused
+
+
+def use(app: LedgerApplication, amount: str, key: str) -> None:
+    """Usage rating priced at ``amount`` USD (overage policy: what credit does not cover is owed)."""
+    result = run(app, "usage.debit", TENANT, key=key, unit="USD", amount_subunits=int(Decimal(amount) * U),
+                 meter="api_calls", at=utcnow().isoformat(), overage_policy="overage",
+                 cause={"event_ids": [key], "period": utcnow().strftime("%Y-%m")})
+    assert result.outcome == "applied", result
+
+
+def owed(app: LedgerApplication) -> Decimal:
+    return Decimal(app.read(ids.account_id(TENANT), lambda a: a.receivable("USD"))) / U
+
+
+def test_a_top_up_first_pays_off_what_a_pay_as_you_go_account_owes(ledger: LedgerApplication) -> None:
+    use(ledger, "5.00", "u1")  # no credit, no subscription: 5.00 owed, and no invoice will ever bill it
+    assert (available(ledger, "USD"), owed(ledger)) == (0, Decimal(5))
+    pay(ledger, place(ledger, "o1", amount="20"))
+    assert (available(ledger, "USD"), owed(ledger)) == (Decimal(15), 0)
+    assert ("receivables", "USD") not in books(ledger)  # owed and repaid: nothing left
+    # A payment without a checkout order (a payment link) repays too, at most what it brings.
+    use(ledger, "40.00", "u2")  # 15 from credit, 25 owed
+    notification = PaymentNotification(gateway="stripe", gateway_event_id="evt-link", kind="payment_succeeded",
+                                       tenant=TENANT, order_id="link-1", amount=Decimal(10), currency="USD",
+                                       verified_at=utcnow(), gateway_reference="pi-link")
+    [result] = ledger.apply_commands([payment_command(notification)])
+    assert (result.outcome, result.value["overage_repaid"]) == ("applied", "10.000000000")
+    assert (available(ledger, "USD"), owed(ledger)) == (0, Decimal(15))
+
+
+def test_a_subscribed_accounts_overage_waits_for_its_invoice_not_the_next_top_up(ledger: LedgerApplication) -> None:
+    plan = {"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00"}
+    assert run(ledger, "catalog.publish", None, document={**CATALOG, "plans": [plan]}, digest="pay2").outcome == "applied"
+    [created] = ledger.apply_commands([command("subscription.create", TENANT, {"key": "m", "plan": "team"})])
+    assert created.outcome == "applied", created
+    use(ledger, "5.00", "u1")
+    before = owed(ledger)
+    pay(ledger, place(ledger, "o1", amount="20"))
+    assert owed(ledger) == before  # the renewal invoice bills it
