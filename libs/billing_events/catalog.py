@@ -21,7 +21,14 @@ from pydantic import (
     model_validator,
 )
 
-from billing_events.money import RATING_CONTEXT, MoneyError, credit_unit, currency, parse_decimal
+from billing_events.money import (
+    RATING_CONTEXT,
+    MoneyError,
+    credit_unit,
+    currency,
+    is_currency_code,
+    parse_decimal,
+)
 
 CODE = r"^[a-z][a-z0-9_.-]{0,63}$"
 
@@ -99,6 +106,22 @@ class RecurringCredit(_Model):
     scope: list[str] | None = None
 
 
+def _local_price(value: Any) -> Any:
+    # `prices: {EUR: "27.00"}` is short for `prices: {EUR: {base_fee: "27.00"}}`.
+    return {"base_fee": value} if isinstance(value, (str, int, Decimal)) else value
+
+
+class LocalPrice(_Model):
+    """A plan's prices in another currency than its own (price localization, seed 002): a subscription of an
+    account in that currency is billed in it, at these amounts (no exchange rate is ever applied)."""
+
+    base_fee: Amount
+    minimum_spend: Amount | None = Field(default=None, description="Required when the plan has a minimum_spend")
+
+
+LocalPriceIn = Annotated[LocalPrice, BeforeValidator(_local_price)]
+
+
 class PlanDef(_Model):
     """A plan. Publishing changed content under an existing code creates the next version."""
 
@@ -113,15 +136,50 @@ class PlanDef(_Model):
     trial_days: int = Field(default=0, ge=0, le=365)
     resources: dict[str, int] = Field(default_factory=dict,
                                       description="Seat-like capacity per unit of quantity, e.g. users: 5")
+    minimum_spend: Amount | None = Field(
+        default=None, description="Minimum commitment on usage per period, in `currency`: a renewal invoice "
+                                  "whose usage lines total less bills the shortfall (prorated to the billed time)")
+    prices: dict[str, LocalPriceIn] = Field(
+        default_factory=dict, description="Localized prices by ISO 4217 currency, beside `currency`/`base_fee`")
 
     @model_validator(mode="after")
     def _valid_currency(self) -> PlanDef:
         currency(self.currency)
+        for code, local in self.prices.items():
+            try:
+                currency(code)
+            except ValueError as exc:
+                raise ValueError(f"plan {self.code!r}: prices: {exc}") from None
+            if code == self.currency:
+                raise ValueError(f"plan {self.code!r}: prices.{code} repeats the plan's own currency (its price "
+                                 f"is base_fee)")
+            if (self.minimum_spend is None) != (local.minimum_spend is None):
+                raise ValueError(f"plan {self.code!r}: prices.{code}.minimum_spend must be given exactly when the "
+                                 f"plan has a minimum_spend")
+        if self.prices:
+            # What the plan bills in its own currency besides the fee cannot be billed in another one without an
+            # exchange rate: localized plans price usage and recurring credits in credit units.
+            for index, charge in enumerate(self.charges):
+                unit = charge.price.get("unit")
+                if isinstance(unit, str) and is_currency_code(unit):
+                    raise ValueError(f"plan {self.code!r}: charges[{index}] is priced in {unit}, which a "
+                                     f"subscription billed in {', '.join(self.prices)} cannot be charged; price "
+                                     f"localized plans' charges in a credit unit")
+            for index, grant in enumerate(self.recurring_credits):
+                if is_currency_code(grant.unit):
+                    raise ValueError(f"plan {self.code!r}: recurring_credits[{index}] is in {grant.unit}, which a "
+                                     f"subscription billed in {', '.join(self.prices)} cannot be granted; use a "
+                                     f"credit unit in localized plans")
         return self
 
     def content(self) -> dict[str, Any]:
-        """What makes two versions different (everything but the version number)."""
-        return self.model_dump(mode="json", exclude={"version"})
+        """What makes two versions different (everything but the version number). The optional settings added
+        later are left out while unset, so a plan published before them keeps its content (and version)."""
+        content = self.model_dump(mode="json", exclude={"version"})
+        for name in ("minimum_spend", "prices"):
+            if not content.get(name):
+                content.pop(name, None)
+        return content
 
 
 class CreditPackage(_Model):

@@ -11,6 +11,12 @@ lines show the period's whole usage, so the invoice adds:
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
   be billed: it stays receivable, unbilled, and is logged.
 
+* **Minimum commitment**: when the ended period committed a minimum spend on usage (the plan's
+  ``minimum_spend``, recorded on the draft at renewal), the shortfall below it of the period's usage spend:
+  the usage lines at their rated value, before prepaid credits applied (usage paid from credit bought in the
+  invoice currency is spend), plus the overage lines billing a credit unit at its list price. Usage paid from
+  credits of a credit unit (granted by the plan or bought) shows at 0 and counts nothing.
+
 The overage an invoice billed is settled (leaves receivables) when the invoice is paid (``settle_paid``). An
 account without a live subscription gets no invoice for its overage: credit it buys pays it off first
 (``repay_from_purchase``), like a prepaid balance that went below zero.
@@ -76,6 +82,25 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
                           RATING_CONTEXT.multiply(quantity, price), money, quantity=str(quantity),
                           unit_amount=str(price), credit_unit=unit, overage_subunits=credits))
     return lines
+
+
+def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A "Minimum commitment" line for what the period's usage spend (rating's usage lines and the credit-unit
+    overage lines, as rounded on the invoice) falls short of the minimum spend the renewal draft recorded; none
+    without one or when usage reached it."""
+    minimum = invoice.minimum_spend
+    if not minimum:
+        return []
+    usage = Decimal(0)
+    for item in usage_lines:
+        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")):
+            usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
+    shortfall = RATING_CONTEXT.subtract(minimum, usage)
+    if shortfall <= 0:
+        return []
+    committed = round_minor(minimum, currency(invoice.currency))
+    return [line("minimum_commitment", f"Minimum commitment: {committed} {invoice.currency} of usage per period, "
+                 f"{usage} used", shortfall, invoice.currency, minimum_spend=str(minimum), usage=str(usage))]
 
 
 def _credit_prices(credit_units: dict[str, Any], money: str) -> dict[str, Decimal]:

@@ -33,6 +33,7 @@ from billing_ledger.domain.invoice import (
 )
 from billing_ledger.domain.periods import proration_fraction
 from billing_ledger.domain.proration import (
+    localized,
     paused_period_line,
     period_fee_line,
     quote_cancel,
@@ -42,7 +43,7 @@ from billing_ledger.domain.proration import (
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, LIVE, PAUSED, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
-from billing_ledger.invoice_overage import overage_lines, settle_paid
+from billing_ledger.invoice_overage import minimum_commitment_lines, overage_lines, settle_paid
 from billing_ledger.payload import at as effective_at
 
 INVOICE_DUE_DAYS = 14
@@ -65,6 +66,16 @@ def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
             raise CommandRejected("unsupported_plan", unsupported_credit_cadence(
                 code, index, credit.get("cadence", "month"), plan["cadence"]))
     return plan  # type: ignore[no-any-return]
+
+
+def _billed_in(plan: dict[str, Any], code: str) -> dict[str, Any]:
+    """``plan`` priced in currency ``code`` (its own, or one of its localized ``prices``), or rejected."""
+    found = localized(plan, code)
+    if found is None:
+        offered = ", ".join([plan["currency"], *sorted(plan.get("prices") or {})])
+        raise CommandRejected("currency_mismatch", f"plan {plan['code']!r} v{plan['version']} has no price in "
+                                                   f"{code} (it is priced in {offered})")
+    return found
 
 
 def _roster(batch: _Batch, tenant: str) -> Roster:
@@ -275,9 +286,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     key = str(payload["key"])
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
-    plan = _plan(batch, payload["plan"], payload.get("plan_version"))
-    if plan["currency"] != account.currency:
-        raise CommandRejected("currency_mismatch", f"plan in {plan['currency']}, account in {account.currency}")
+    plan = _billed_in(_plan(batch, payload["plan"], payload.get("plan_version")), account.currency)
     quantity = int(payload.get("quantity", 1))
     roster = _roster(batch, tenant)
     workspace = batch.get(workspace_id(payload["workspace"])) if payload.get("workspace") else None
@@ -303,7 +312,8 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     assert tenant is not None
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(payload["key"]))
-    new_plan = _plan(batch, payload["plan"], payload.get("plan_version")) if payload.get("plan") else sub.plan
+    new_plan = _billed_in(_plan(batch, payload["plan"], payload.get("plan_version")), sub.plan["currency"]) \
+        if payload.get("plan") else sub.plan
     quantity = int(payload.get("quantity", sub.quantity))
     at = effective_at(command)
     lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
@@ -401,6 +411,7 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
         roster.release(subscription_id=sub.id, at=at)
         return {"transition": "trial_ended"}
     ended_start, ended_end = sub.period_start, sub.period_end
+    minimum = sub.period_minimum()  # the ended period's commitment on usage, before renew moves on
     before = _capacities(_live_subscriptions(batch, roster))
     if not sub.renew(at=at):
         return {"transition": None}
@@ -415,19 +426,27 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
         # takes rating's usage lines of the ended period, which was live until its end.
         _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
         sub.set_recurring_grants([])
-        _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
-                  [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
-                  "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
+        draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+                          [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
+                          "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
+        _commit_minimum(draft, sub, minimum)
         return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
     carried = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
-    _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
-              [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at, "system:renewal",
-              finalize=False, start=ended_start, end=sub.period_end)
+    draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+                      [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
+                      "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
+    _commit_minimum(draft, sub, minimum)
     return {"transition": "renewed", "ended": [ended_start, ended_end]}
+
+
+def _commit_minimum(draft: Invoice | None, sub: Subscription, minimum: Decimal) -> None:
+    """The renewal draft records the ended period's minimum spend: rating's usage lines bill its shortfall."""
+    if draft is not None and minimum > 0:
+        draft.commit_minimum_spend(amount=minimum, currency=sub.plan["currency"], by="system:renewal")
 
 
 @handles("invoice.usage_lines")
@@ -448,6 +467,7 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     start = datetime.fromisoformat(payload["period_start"]) if payload.get("period_start") else invoice.period_start
     end = datetime.fromisoformat(payload["period_end"]) if payload.get("period_end") else at
     lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at)
+    lines += minimum_commitment_lines(invoice, lines)
     invoice.add_lines(lines, by=command.issued_by)
     _finalize(app, batch, invoice, effective_at(command), command.issued_by)
 

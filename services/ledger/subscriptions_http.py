@@ -19,7 +19,7 @@ from billing_events.timeutil import parse_timestamp, utcnow
 from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
-from billing_ledger.domain.proration import quote_change
+from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
@@ -126,10 +126,14 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                     version = int(current["version"]) if current else None
                 return copy.deepcopy(catalog.plan(plan, version)) if version else None
 
-            new_plan = await read(Catalog.create_id(), find)
-            if new_plan is None:
+            found = await read(Catalog.create_id(), find)
+            if found is None:
                 raise Problem(422, "Unknown plan", f"Plan {plan!r} v{plan_version} does not exist.",
                               kind="unknown-plan")
+            new_plan = localized(found, sub.plan["currency"])
+            if new_plan is None:
+                raise Problem(422, "No price in this currency",
+                              f"Plan {plan!r} has no price in {sub.plan['currency']}.", kind="currency-mismatch")
         moment = parse_timestamp(at) if at else utcnow()
         lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity,
                              period_start=sub.period_start, period_end_at=sub.period_end, time_zone=sub.time_zone,

@@ -22,7 +22,7 @@ from eventsourcing.domain import Aggregate, event
 DRAFT, FINALIZED, PAID, VOID = "draft", "finalized", "paid", "void"
 INVOICE, CREDIT_NOTE = "invoice", "credit_note"
 LINE_KINDS = frozenset({"base_fee", "usage", "credits_applied", "overage", "proration", "discount", "tax",
-                        "top_up", "adjustment"})
+                        "top_up", "adjustment", "minimum_commitment"})
 
 
 def invoice_id(tenant: str, key: str) -> UUID:
@@ -63,6 +63,7 @@ class Invoice(Aggregate):
         self.related_invoice = related_invoice
         self.status = DRAFT
         self.number: str | None = None
+        self.minimum_spend: Decimal | None = None  # a renewal draft: the ended period's commitment on usage
 
     @property
     def total(self) -> Decimal:
@@ -80,6 +81,20 @@ class Invoice(Aggregate):
     @event("LinesAdded")
     def _lines_added(self, lines: list[dict[str, Any]], by: str) -> None:
         self.lines.extend(lines)
+
+    def commit_minimum_spend(self, *, amount: Decimal, currency: str, by: str) -> None:
+        """A renewal draft records the ended period's minimum spend on usage (``Subscription.period_minimum``);
+        the usage lines then bill the shortfall (``billing_ledger.invoice_overage.minimum_commitment_lines``)."""
+        if self.status != DRAFT:
+            raise InvoiceError("a minimum spend can only be recorded on a draft")
+        if currency != self.currency:
+            raise InvoiceError(f"minimum spend in {currency}, invoice in {self.currency}")
+        if amount > 0:
+            self._minimum_committed(amount=str(amount), by=by)
+
+    @event("MinimumSpendCommitted")
+    def _minimum_committed(self, amount: str, by: str) -> None:
+        self.minimum_spend = Decimal(amount)
 
     def finalize(self, *, number: str, issued_at: datetime, due_at: datetime, by: str) -> None:
         if self.status != DRAFT:

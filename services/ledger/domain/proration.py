@@ -82,3 +82,16 @@ def paused_period_line(plan: dict[str, Any], quantity: int, start: datetime, end
     """The renewal draft's line for a period that begins while paused: no fee (the draft takes usage lines)."""
     return line("base_fee", f"{_label(plan, quantity)} from {start.date()} to {end.date()}: paused, no fee",
                 Decimal(0), plan["currency"], quantity=str(quantity), unit_amount="0")
+
+
+def localized(plan: dict[str, Any], code: str) -> dict[str, Any] | None:
+    """``plan`` as billed in currency ``code``: itself in its own currency, its localized prices (``prices``)
+    in another one, ``None`` when it has no price in ``code``. No exchange rate is ever applied; the plan a
+    subscription records is the localized one, so fees, proration and the minimum spend all follow it."""
+    if plan["currency"] == code:
+        return plan
+    local = (plan.get("prices") or {}).get(code)
+    if local is None:
+        return None
+    return {**plan, "currency": code, "base_fee": local["base_fee"], "minimum_spend": local.get("minimum_spend"),
+            "list_currency": plan["currency"]}

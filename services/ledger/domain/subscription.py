@@ -13,10 +13,12 @@ a preview always equals the change actually made.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from billing_ledger.domain.periods import period_end
+from billing_events.money import RATING_CONTEXT
+from billing_ledger.domain.periods import period_end, proration_fraction
 from eventsourcing.domain import Aggregate, event
 
 TRIALING, ACTIVE, PAST_DUE, PAUSED, CANCELED = "trialing", "active", "past_due", "paused", "canceled"
@@ -64,6 +66,11 @@ class Subscription(Aggregate):
         self.cancel_at_period_end = False
         self.recurring_grants: list[str] = []
         self.period_billed = True  # False: the current period began while paused and nothing billed it
+        # The minimum spend committed for the current period (plan ``minimum_spend``): the exact amount accrued
+        # by the plans held before the last change, and since when the current plan's share runs (None: not
+        # billed). Derived from the events in their apply methods, so replay rebuilds it.
+        self.minimum_accrued = Decimal(0)
+        self.minimum_from: datetime | None = period_start
 
     # -- changes ---------------------------------------------------------------------------------------------
 
@@ -95,6 +102,11 @@ class Subscription(Aggregate):
     def _changed(self, old_plan: dict[str, Any], plan: dict[str, Any], old_quantity: int, quantity: int,
                  at: datetime, by: str, lines: list[dict[str, Any]], period_start: datetime, period_end: datetime,
                  anchor_day: int) -> None:
+        if period_start != self.period_start:  # a cadence change: a new period starts now
+            self.minimum_accrued, self.minimum_from = Decimal(0), period_start
+        elif self.minimum_from is not None and self.status != TRIALING:
+            self.minimum_accrued = RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, at))
+            self.minimum_from = at
         self.plan = plan
         self.quantity = quantity
         self.period_start = period_start
@@ -127,6 +139,8 @@ class Subscription(Aggregate):
     def _resumed(self, at: datetime, by: str, billed_from: datetime | None = None) -> None:
         self.status = ACTIVE
         self.period_billed = True
+        if billed_from is not None:
+            self.minimum_from = billed_from
 
     def mark_past_due(self, *, at: datetime, reason: str, by: str) -> None:
         self._require(ACTIVE)
@@ -182,6 +196,7 @@ class Subscription(Aggregate):
         self.period_start = period_start
         self.period_end = period_end
         self.anchor_day = anchor_day
+        self.minimum_accrued, self.minimum_from = Decimal(0), period_start
 
     def renew(self, *, at: datetime) -> bool:
         """Closes the current period if it has ended: renews, or cancels when so scheduled. Once per period."""
@@ -206,6 +221,26 @@ class Subscription(Aggregate):
             self.period_start = next_start
             self.period_end = next_end
             self.period_billed = billed
+            self.minimum_accrued, self.minimum_from = Decimal(0), next_start if billed else None
+
+    # -- minimum spend ---------------------------------------------------------------------------------------
+
+    def _minimum_share(self, start: datetime, end: datetime) -> Decimal:
+        """The current plan's ``minimum_spend`` for [start, end) of the current period, prorated to the second."""
+        minimum = self.plan.get("minimum_spend")
+        if not minimum:
+            return Decimal(0)
+        fraction = RATING_CONTEXT.subtract(proration_fraction(self.period_start, self.period_end, start),
+                                           proration_fraction(self.period_start, self.period_end, end))
+        return RATING_CONTEXT.multiply(Decimal(str(minimum)), max(fraction, Decimal(0)))
+
+    def period_minimum(self) -> Decimal:
+        """The minimum spend on usage committed for the current period, exact: each plan's ``minimum_spend``
+        for the billed time it was held (a mid-period change or a resume prorates it; an unbilled period and a
+        trial commit nothing). Read at renewal, before ``renew`` moves on to the next period."""
+        if self.status == TRIALING or self.minimum_from is None:
+            return Decimal(0)
+        return RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, self.period_end))
 
     @property
     def live(self) -> bool:

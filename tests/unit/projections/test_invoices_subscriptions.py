@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from billing_events.money import to_subunits
+from billing_ledger.invoice_pdf import render_pdf
 from billing_projections import invoices, subscriptions
 from billing_projections.facts import utc_text
 from billing_projections.http import build_routers
@@ -23,7 +24,14 @@ from billing_runtime.db import SqliteDatabase
 from billing_runtime.http import create_app
 
 from tests.unit.projections.conftest import apply, dump, dumps_by_batching
-from tests.unit.projections.ledger_events import Ledger, by_partition, full_scenario, subscription_scenario
+from tests.unit.projections.ledger_events import (
+    NOV_1,
+    Ledger,
+    by_partition,
+    full_scenario,
+    invoice_uuid,
+    subscription_scenario,
+)
 from tests.unit.projections.test_api import SETTINGS, auth
 
 LEDGER_URL = "http://ledger.test"
@@ -314,3 +322,27 @@ async def test_the_debit_shortcut_writes_what_the_general_path_writes(service: P
     rows = {name: {k: (r.init, r.set, r.add) for k, r in found[1].items()} for name, found in general._rows.items()}
     assert rows == {name: {k: (r.init, r.set, r.add) for k, r in found[1].items()}
                     for name, found in shortcut._rows.items()}
+
+
+async def test_a_minimum_commitment_line_is_projected_and_printed_like_the_ledgers(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    plans = [{"code": "commit", "name": "Commit", "currency": "USD", "base_fee": "30.00", "minimum_spend": "50.00"}]
+    ledger.command("catalog.publish", None, at=NOV_1, document={"plans": plans}, digest="commit-1")
+    ledger.command("account.open", "acme", at=NOV_1, currency="USD")
+    sub = ledger.command("subscription.create", "acme", at=NOV_1, key="m", plan="commit").value["subscription_id"]
+    dec_1 = NOV_1.replace(month=12)
+    ledger.command("subscription.tick", "acme", at=dec_1, key="m")
+    key = f"{sub}/{dec_1.isoformat()}"
+    ledger.command("invoice.usage_lines", "acme", at=dec_1, invoice_key=key, lines=[
+        {"kind": "usage", "description": "API calls", "amount": "0", "meter": "api_calls"}])
+    await apply(service, ledger.records())
+    renewal = str(invoice_uuid("acme", key))
+    lines = await invoices.lines(service.db, renewal)
+    assert [(item["kind"], int(item["amount"])) for item in lines] == [
+        ("base_fee", to_subunits(Decimal("30.00"))), ("usage", 0), ("minimum_commitment", to_subunits(Decimal(50)))]
+    row = await invoices.one(service.db, "acme", renewal)
+    assert row is not None and int(row["total"]) == to_subunits(Decimal("80.00"))
+    document = ledger.get(renewal)
+    assert render_pdf(document, issuer="billing").startswith(b"%PDF")
+    assert [item["kind"] for item in document.lines][-1] == "minimum_commitment"
