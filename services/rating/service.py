@@ -26,7 +26,7 @@ from typing import Any
 
 from billing_events import topics
 from billing_events.messages import LedgerEvent, RejectReason, UsageRejection
-from billing_events.money import RATING_CONTEXT, from_subunits, to_subunits
+from billing_events.money import RATING_CONTEXT, to_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
@@ -44,6 +44,7 @@ from billing_rating.subscriptions import (
     record_ended_period,
     usage_lines_command,
 )
+from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import Bus, OutMessage, Record, header
 from billing_runtime.db import Connection, Database, is_unique_violation
 from billing_runtime.logging import get_logger
@@ -379,18 +380,18 @@ class RatingService:
                 inputs = batch.inputs.get(inputs_key)  # type: ignore[assignment]
                 if inputs is None:
                     inputs = batch.inputs[inputs_key] = {
-                        "price": price_json, "included": str(included), "overage_policy": overage_policy,
+                        "price": price_json, "included": decimal_text(included), "overage_policy": overage_policy,
                         "priced_by": "plan" if plan_pricing else "list_price"}
                 if trialing:
                     decision, amount = "trial", 0  # recorded, not charged: nothing is billed during a trial
                 if correction is not None:
-                    inputs = {**inputs, "corrects": correction[0], "quantity_old": str(correction[1]),
-                              "quantity_new": str(correction[2])}
+                    inputs = {**inputs, "corrects": correction[0], "quantity_old": decimal_text(correction[1]),
+                              "quantity_new": decimal_text(correction[2])}
             if amount != 0 and unit is not None and output is None:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
                               "original_period": original_period}
-                before_text, after_text = str(before), str(after)  # shown by the command and the decision
+                before_text, after_text = decimal_text(before), decimal_text(after)  # the command and decision show them
                 output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text, group,
                                      inputs)
                 before, after = before_text, after_text  # type: ignore[assignment]
@@ -398,7 +399,7 @@ class RatingService:
             decision = decision_prefix + decision
         batch.record(usage, batch.catalog.version, period, group, value, before, after, amount, unit, decision,
                      output, corrects=correction[0] if correction else None,
-                     effective_quantity=str(correction[2]) if correction else None)
+                     effective_quantity=decimal_text(correction[2]) if correction else None)
         return output
 
     def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
@@ -451,7 +452,7 @@ class RatingService:
         amount = to_subunits(price_after.amount) - to_subunits(price_before.amount)
         inputs = {"ai_prices": meter.definition.ai_prices, "model": model,
                   "tokens": {c: str(v) for c, v in counts.items()},
-                  "tokens_before": {c: str(v) for c, v in before_counts.items()}}
+                  "tokens_before": {c: decimal_text(v) for c, v in before_counts.items()}}
         before = sum(before_counts.values(), Decimal(0))
         after = sum(after_counts.values(), Decimal(0))
         return amount, meter.ai_table.unit, before, after, inputs
@@ -498,10 +499,10 @@ def _credit_scales(catalog: CatalogView) -> dict[str, int]:
 
 
 def _amount_text(subunits: int) -> str:
-    """``str(from_subunits(subunits))``, kept for the amounts that recur (a per-unit price times small counts)."""
+    """``subunits_text(subunits)``, kept for the amounts that recur (a per-unit price times small counts)."""
     text = _amount_texts.get(subunits)
     if text is None:
-        text = str(from_subunits(subunits))
+        text = subunits_text(subunits)
         if len(_amount_texts) < _AMOUNT_TEXTS_MAX:
             _amount_texts[subunits] = text
     return text
@@ -686,7 +687,8 @@ class _BatchState:
         event = usage.event
         self.rows.append((
             usage.account, event.id, event.tenant, event.meter, period, group, event.timestamp_text(),
-            event.quantity_text(), value, str(before), str(after), amount, unit, catalog_version, decision,
+            event.quantity_text(), value, decimal_text(before) if type(before) is not str else before,
+            decimal_text(after) if type(after) is not str else after, amount, unit, catalog_version, decision,
             output.topic if output else None, output.value.decode() if output else None,
             utcnow().isoformat() if corrects is not None else self.rated_at, corrects, effective_quantity))
 

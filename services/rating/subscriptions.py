@@ -25,10 +25,11 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import topics
 from billing_events.messages import LedgerCommand, LedgerEvent
-from billing_events.money import RATING_CONTEXT, from_subunits, is_currency_code
+from billing_events.money import RATING_CONTEXT, is_currency_code
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, period_of
 from billing_rating.close import CloseLine
+from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import OutMessage
 from billing_runtime.db import Connection
 
@@ -201,16 +202,16 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
                                   amount + line.charged_at_close_subunits, event_ids, seen, events + line.event_count)
         for (meter, unit), (quantity, amount, event_ids, seen, events) in sorted(totals.items()):
             meta = meter_names.get(meter, {})
-            label = f"{meta.get('name') or meter}: {quantity} {meta.get('unit_of_measure', 'units')}"
+            label = f"{meta.get('name') or meter}: {decimal_text(quantity)} {meta.get('unit_of_measure', 'units')}"
             # The trace: rating's decisions (GET /v1/rating/periods/{period}/accounts/{tenant}/decisions)
             # of these periods and events explain the line down to each raw event.
             trace = {"rating_periods": sorted(seen), "event_ids": event_ids, "events": events}
             if is_currency_code(unit):
-                lines.append({"kind": "usage", "description": label, "amount": str(from_subunits(amount)),
-                              "meter": meter, "quantity": str(quantity), "trace": trace})
+                lines.append({"kind": "usage", "description": label, "amount": subunits_text(amount),
+                              "meter": meter, "quantity": decimal_text(quantity), "trace": trace})
             else:
-                lines.append({"kind": "usage", "description": f"{label} (paid with {from_subunits(amount)} {unit})",
-                              "amount": "0", "meter": meter, "quantity": str(quantity), "trace": trace})
+                lines.append({"kind": "usage", "description": f"{label} (paid with {subunits_text(amount)} {unit})",
+                              "amount": "0", "meter": meter, "quantity": decimal_text(quantity), "trace": trace})
     invoice_key = f"{ended.subscription_id}/{ended.period_end.isoformat()}"
     command = LedgerCommand(
         command_id=uuid5(NAMESPACE_URL, f"/usage-lines/{ended.subscription_id}/{ended.period_end.isoformat()}"),

@@ -336,7 +336,7 @@ async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing
     await end_period(service, NOV, DEC, JAN)
     commands = await published(bus)
     assert [c["kind"] for c in commands] == ["invoice.usage_lines"]  # no close debit
-    assert usage_lines(commands) == {"storage_gb": ("40", "0E-9")}
+    assert usage_lines(commands) == {"storage_gb": ("40", "0.000000000")}
 
 
 async def test_usage_line_quantities_follow_corrections_and_count_events(rating) -> None:  # type: ignore[no-untyped-def]
@@ -348,7 +348,7 @@ async def test_usage_line_quantities_follow_corrections_and_count_events(rating)
     await service.handle_accepted([correction("c1", "a1", "100")])    # 200 corrected to 100: nothing billable
     await end_period(service, NOV, DEC, JAN)
     # 100 calls (not 200 + 100), 2 logins (not 5 + 7), one of them included.
-    assert usage_lines(await published(bus)) == {"api_calls": ("100", "0E-9"), "logins": ("2", "1.000000000")}
+    assert usage_lines(await published(bus)) == {"api_calls": ("100", "0.000000000"), "logins": ("2", "1.000000000")}
 
 
 async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_policy(rating) -> None:  # type: ignore[no-untyped-def]
@@ -372,3 +372,20 @@ async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_pol
     # ... and it is on December's invoice.
     await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
     assert usage_lines(await published(bus)) == {"api_calls": ("170", "7.000000000")}
+
+
+async def test_amounts_are_written_in_plain_notation_never_with_an_exponent(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service, status="trialing")
+    at = datetime(2026, 11, 10, tzinfo=UTC)
+    # One input token of the small model: 0.15 USD per million, 0.00000015 (str() of the Decimal: 1.50E-7).
+    await service.handle_accepted([accepted("t1", "1", "ai_tokens", at=at, model="small", input_tokens=1),
+                                   accepted("s1", "40", "storage_gb", at=at)])   # trialing: priced 0
+    [debit] = [c for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert debit["payload"]["amount"] == "0.000000150"
+    await end_period(service, NOV, DEC, JAN)
+    [lines] = [c for c in await published(bus) if c["kind"] == "invoice.usage_lines"]
+    assert {line["meter"]: line["amount"] for line in lines["payload"]["lines"]} == {
+        "ai_tokens": "0.000000150", "storage_gb": "0.000000000"}   # was 1.50E-7 and 0E-9
+    [close] = await service.db.fetch("SELECT line FROM close_lines WHERE meter = 'storage_gb'")
+    assert json.loads(close["line"])["amount"] == "0.000000000"
