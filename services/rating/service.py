@@ -42,6 +42,7 @@ from billing_rating.subscriptions import (
     load_for,
     load_subscriptions,
     record_ended_period,
+    record_restarted_period,
     usage_lines_command,
 )
 from billing_rating.text import decimal_text, subunits_text
@@ -114,8 +115,10 @@ class RatingService:
             event = LedgerEvent.model_validate_json(record.value)
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:
-                    ended = await apply_event(conn, event)
-                    if ended is not None:
+                    ended = await apply_event(conn, event, self.db.dialect)
+                    if ended is not None and event.type == "Subscription.Changed":
+                        outputs.extend(await self._period_restarted(conn, ended))
+                    elif ended is not None:
                         outputs.extend(await self._period_ended(conn, ended))
                 continue
             if event.type != "Catalog.Published":
@@ -165,6 +168,27 @@ class RatingService:
                  for code, m in catalog.meters.items()}
         outputs.append(await usage_lines_command(conn, ended, tenant, account, names, primary, closed))
         return outputs
+
+    async def _period_restarted(self, conn: Connection, cut: AccountSubscription) -> list[OutMessage]:
+        """A change restarted the primary subscription's period (a cadence change): the part before the change
+        (``cut``, ending at the restart) is closed now at the prices it was rated at (the plan before the
+        change) and its usage goes on the next renewal invoice, with the period it restarted into
+        (``record_restarted_period``); events of it arriving later follow the late policy. The ledger's change
+        invoice is final at once and takes no usage lines.
+        """
+        row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
+                                  cut.subscription_id)
+        assert row is not None
+        account, tenant = row["account_id"], row["tenant"]
+        catalog = self.catalog
+        live = (await load_for(conn, [account])).get(account, [])
+        if not live or live[0].subscription_id != cut.subscription_id:
+            return []  # usage is billed by the primary subscription's periods only
+        before = [cut if sub.subscription_id == cut.subscription_id else sub for sub in live]
+        closed = await close_account_period(conn, catalog, cut.period_start.isoformat(), account, tenant,
+                                            lambda meter: self._close_pricing(catalog, before, meter))
+        await record_restarted_period(conn, account, cut)
+        return [c for c in (close_command(catalog, account, line) for line in closed) if c is not None]
 
     def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
                        ) -> ClosePricing | None:
@@ -713,13 +737,17 @@ class _BatchState:
 
 def _period(subs: list[AccountSubscription] | None, ended: list[tuple[datetime, datetime, str]] | None,
             moment: datetime) -> str:
-    """The period key of ``moment``: the primary subscription's current period (its start), else an ended
-    subscription period of the account containing it (closed: the late policy applies), else the calendar
-    month (UTC)."""
+    """The period key of ``moment``: the primary subscription's current period (its start), or one that
+    follows it (``moment`` after its end, before the ledger's ``PeriodEnded`` reached rating: the periods the
+    ledger will renew, from its cadence), else an ended subscription period of the account containing it
+    (closed: the late policy applies), else the calendar month (UTC)."""
     if subs:
         primary = subs[0]
         if primary.period_start <= moment < primary.period_end:
             return primary.period_start.isoformat()
+        ahead = primary.period_ahead(moment)  # after the current period, before rating saw it end
+        if ahead is not None:
+            return ahead.isoformat()
     if ended:
         for start, end, key in ended:
             if start <= moment < end:
