@@ -612,6 +612,16 @@ class _BatchState:
                                       if row["output"] else None)
         by_account = ("account_id = ANY($1::text[])", [accounts]) if postgres else (
             f"account_id IN ({_in(accounts)})", accounts)
+        if postgres:
+            # Before anything a close changes is read: the batch's accounts' subscription rows, FOR SHARE. A
+            # subscription period closes (PeriodEnded, a restarting Changed: ``apply_event``) with that row
+            # locked FOR UPDATE, so a close and this batch never overlap: either the close waits until this
+            # batch has committed and then counts its decisions, or this lock waits until the close has
+            # committed, and the reads below (each its own snapshot, READ COMMITTED) see the period closed and
+            # its new bounds. Without it a batch that read the closed periods just before a close committed
+            # rated into the period being closed, after its lines were taken: never invoiced. SQLite runs one
+            # transaction at a time (the embedded database's lock): nothing can overlap there.
+            await conn.execute(f"SELECT 1 FROM account_subscriptions WHERE {by_account[0]} FOR SHARE", *by_account[1])
         for row in await conn.fetch(f"SELECT account_id, period FROM closed_periods WHERE {by_account[0]}",
                                     *by_account[1]):
             state.closed.add((row["account_id"], row["period"]))
