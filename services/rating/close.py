@@ -24,11 +24,11 @@ from typing import Any
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
-from billing_events.money import from_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, Observation, aggregate
 from billing_rating.catalog_view import CatalogView, MeterView
 from billing_rating.pricing import period_charge
+from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import Bus, OutMessage
 from billing_runtime.db import Connection, Database
 
@@ -197,8 +197,8 @@ def _line(catalog: CatalogView, period: str, tenant: str, meter_code: str, group
     at_close = 0 if definition.aggregation in REAL_TIME else total
     return CloseLine(
         period=period, tenant=tenant, meter=meter_code, group=group, aggregation=definition.aggregation,
-        quantity=str(quantity), included=str(included), billable=str(billable), unit=unit,
-        amount_subunits=total, amount=str(from_subunits(total)), charged_in_real_time_subunits=real_time,
+        quantity=decimal_text(quantity), included=decimal_text(included), billable=decimal_text(billable), unit=unit,
+        amount_subunits=total, amount=subunits_text(total), charged_in_real_time_subunits=real_time,
         charged_at_close_subunits=at_close, event_count=len(items),
         event_ids=[r["event_id"] for r in items[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
         priced_by="plan" if pricing is not None else "list_price",
@@ -221,7 +221,7 @@ def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMes
         command_id=ids.command_id("usage.close", account, line.meter, line.group, line.period), kind="usage.debit",
         tenant=line.tenant, issued_at=utcnow(), issued_by="service:rating",
         payload={"unit": line.unit, "amount_subunits": line.charged_at_close_subunits,
-                 "amount": str(from_subunits(line.charged_at_close_subunits)), "meter": line.meter,
+                 "amount": subunits_text(line.charged_at_close_subunits), "meter": line.meter,
                  "at": line.last_event_at, "overage_policy": "overage",  # the usage already happened: never refused
                  "cause": {"period": line.period, "aggregation": line.aggregation, "quantity": line.quantity,
                            "group": line.group, "event_ids": line.event_ids, "event_count": line.event_count,

@@ -9,11 +9,11 @@ from typing import Any
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
-from billing_events.money import from_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.catalog_view import CatalogError, validate_document
 from billing_rating.close import close_period, lines_of
 from billing_rating.service import RatingService
+from billing_rating.text import subunits_text
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bus import OutMessage
 from billing_runtime.problems import Problem
@@ -105,7 +105,7 @@ def build_router(service: RatingService) -> APIRouter:
                 "event_id": row["event_id"], "meter": row["meter"], "group": row["group_key"],
                 "event_time": row["event_time"], "decision": row["decision"], "quantity": row["quantity"],
                 "quantity_before": row["quantity_before"], "quantity_after": row["quantity_after"],
-                "amount": str(from_subunits(int(row["amount_subunits"]))), "unit": row["unit"],
+                "amount": subunits_text(int(row["amount_subunits"])), "unit": row["unit"],
                 "catalog_version": row["catalog_version"], "model": cause.get("model"),
                 "operation": cause.get("operation"), "user": cause.get("user"), "rated_at": row["rated_at"],
             })

@@ -26,7 +26,7 @@ from typing import Any
 
 from billing_events import topics
 from billing_events.messages import LedgerEvent, RejectReason, UsageRejection
-from billing_events.money import RATING_CONTEXT, from_subunits, to_subunits
+from billing_events.money import RATING_CONTEXT, to_subunits
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
@@ -42,8 +42,10 @@ from billing_rating.subscriptions import (
     load_for,
     load_subscriptions,
     record_ended_period,
+    record_restarted_period,
     usage_lines_command,
 )
+from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import Bus, OutMessage, Record, header
 from billing_runtime.db import Connection, Database, is_unique_violation
 from billing_runtime.logging import get_logger
@@ -113,8 +115,10 @@ class RatingService:
             event = LedgerEvent.model_validate_json(record.value)
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:
-                    ended = await apply_event(conn, event)
-                    if ended is not None:
+                    ended = await apply_event(conn, event, self.db.dialect)
+                    if ended is not None and event.type == "Subscription.Changed":
+                        outputs.extend(await self._period_restarted(conn, ended))
+                    elif ended is not None:
                         outputs.extend(await self._period_ended(conn, ended))
                 continue
             if event.type != "Catalog.Published":
@@ -164,6 +168,27 @@ class RatingService:
                  for code, m in catalog.meters.items()}
         outputs.append(await usage_lines_command(conn, ended, tenant, account, names, primary, closed))
         return outputs
+
+    async def _period_restarted(self, conn: Connection, cut: AccountSubscription) -> list[OutMessage]:
+        """A change restarted the primary subscription's period (a cadence change): the part before the change
+        (``cut``, ending at the restart) is closed now at the prices it was rated at (the plan before the
+        change) and its usage goes on the next renewal invoice, with the period it restarted into
+        (``record_restarted_period``); events of it arriving later follow the late policy. The ledger's change
+        invoice is final at once and takes no usage lines.
+        """
+        row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
+                                  cut.subscription_id)
+        assert row is not None
+        account, tenant = row["account_id"], row["tenant"]
+        catalog = self.catalog
+        live = (await load_for(conn, [account])).get(account, [])
+        if not live or live[0].subscription_id != cut.subscription_id:
+            return []  # usage is billed by the primary subscription's periods only
+        before = [cut if sub.subscription_id == cut.subscription_id else sub for sub in live]
+        closed = await close_account_period(conn, catalog, cut.period_start.isoformat(), account, tenant,
+                                            lambda meter: self._close_pricing(catalog, before, meter))
+        await record_restarted_period(conn, account, cut)
+        return [c for c in (close_command(catalog, account, line) for line in closed) if c is not None]
 
     def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
                        ) -> ClosePricing | None:
@@ -379,18 +404,18 @@ class RatingService:
                 inputs = batch.inputs.get(inputs_key)  # type: ignore[assignment]
                 if inputs is None:
                     inputs = batch.inputs[inputs_key] = {
-                        "price": price_json, "included": str(included), "overage_policy": overage_policy,
+                        "price": price_json, "included": decimal_text(included), "overage_policy": overage_policy,
                         "priced_by": "plan" if plan_pricing else "list_price"}
                 if trialing:
                     decision, amount = "trial", 0  # recorded, not charged: nothing is billed during a trial
                 if correction is not None:
-                    inputs = {**inputs, "corrects": correction[0], "quantity_old": str(correction[1]),
-                              "quantity_new": str(correction[2])}
+                    inputs = {**inputs, "corrects": correction[0], "quantity_old": decimal_text(correction[1]),
+                              "quantity_new": decimal_text(correction[2])}
             if amount != 0 and unit is not None and output is None:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
                               "original_period": original_period}
-                before_text, after_text = str(before), str(after)  # shown by the command and the decision
+                before_text, after_text = decimal_text(before), decimal_text(after)  # the command and decision show them
                 output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text, group,
                                      inputs)
                 before, after = before_text, after_text  # type: ignore[assignment]
@@ -398,7 +423,7 @@ class RatingService:
             decision = decision_prefix + decision
         batch.record(usage, batch.catalog.version, period, group, value, before, after, amount, unit, decision,
                      output, corrects=correction[0] if correction else None,
-                     effective_quantity=str(correction[2]) if correction else None)
+                     effective_quantity=decimal_text(correction[2]) if correction else None)
         return output
 
     def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
@@ -451,7 +476,7 @@ class RatingService:
         amount = to_subunits(price_after.amount) - to_subunits(price_before.amount)
         inputs = {"ai_prices": meter.definition.ai_prices, "model": model,
                   "tokens": {c: str(v) for c, v in counts.items()},
-                  "tokens_before": {c: str(v) for c, v in before_counts.items()}}
+                  "tokens_before": {c: decimal_text(v) for c, v in before_counts.items()}}
         before = sum(before_counts.values(), Decimal(0))
         after = sum(after_counts.values(), Decimal(0))
         return amount, meter.ai_table.unit, before, after, inputs
@@ -498,10 +523,10 @@ def _credit_scales(catalog: CatalogView) -> dict[str, int]:
 
 
 def _amount_text(subunits: int) -> str:
-    """``str(from_subunits(subunits))``, kept for the amounts that recur (a per-unit price times small counts)."""
+    """``subunits_text(subunits)``, kept for the amounts that recur (a per-unit price times small counts)."""
     text = _amount_texts.get(subunits)
     if text is None:
-        text = str(from_subunits(subunits))
+        text = subunits_text(subunits)
         if len(_amount_texts) < _AMOUNT_TEXTS_MAX:
             _amount_texts[subunits] = text
     return text
@@ -587,6 +612,16 @@ class _BatchState:
                                       if row["output"] else None)
         by_account = ("account_id = ANY($1::text[])", [accounts]) if postgres else (
             f"account_id IN ({_in(accounts)})", accounts)
+        if postgres:
+            # Before anything a close changes is read: the batch's accounts' subscription rows, FOR SHARE. A
+            # subscription period closes (PeriodEnded, a restarting Changed: ``apply_event``) with that row
+            # locked FOR UPDATE, so a close and this batch never overlap: either the close waits until this
+            # batch has committed and then counts its decisions, or this lock waits until the close has
+            # committed, and the reads below (each its own snapshot, READ COMMITTED) see the period closed and
+            # its new bounds. Without it a batch that read the closed periods just before a close committed
+            # rated into the period being closed, after its lines were taken: never invoiced. SQLite runs one
+            # transaction at a time (the embedded database's lock): nothing can overlap there.
+            await conn.execute(f"SELECT 1 FROM account_subscriptions WHERE {by_account[0]} FOR SHARE", *by_account[1])
         for row in await conn.fetch(f"SELECT account_id, period FROM closed_periods WHERE {by_account[0]}",
                                     *by_account[1]):
             state.closed.add((row["account_id"], row["period"]))
@@ -686,7 +721,8 @@ class _BatchState:
         event = usage.event
         self.rows.append((
             usage.account, event.id, event.tenant, event.meter, period, group, event.timestamp_text(),
-            event.quantity_text(), value, str(before), str(after), amount, unit, catalog_version, decision,
+            event.quantity_text(), value, decimal_text(before) if type(before) is not str else before,
+            decimal_text(after) if type(after) is not str else after, amount, unit, catalog_version, decision,
             output.topic if output else None, output.value.decode() if output else None,
             utcnow().isoformat() if corrects is not None else self.rated_at, corrects, effective_quantity))
 
@@ -711,13 +747,17 @@ class _BatchState:
 
 def _period(subs: list[AccountSubscription] | None, ended: list[tuple[datetime, datetime, str]] | None,
             moment: datetime) -> str:
-    """The period key of ``moment``: the primary subscription's current period (its start), else an ended
-    subscription period of the account containing it (closed: the late policy applies), else the calendar
-    month (UTC)."""
+    """The period key of ``moment``: the primary subscription's current period (its start), or one that
+    follows it (``moment`` after its end, before the ledger's ``PeriodEnded`` reached rating: the periods the
+    ledger will renew, from its cadence), else an ended subscription period of the account containing it
+    (closed: the late policy applies), else the calendar month (UTC)."""
     if subs:
         primary = subs[0]
         if primary.period_start <= moment < primary.period_end:
             return primary.period_start.isoformat()
+        ahead = primary.period_ahead(moment)  # after the current period, before rating saw it end
+        if ahead is not None:
+            return ahead.isoformat()
     if ended:
         for start, end, key in ended:
             if start <= moment < end:

@@ -12,23 +12,35 @@ Rules (documented in docs/rating.md):
   unique_count) and sends the period's usage lines for the renewal invoice (``invoice.usage_lines``): only
   the primary subscription's invoice carries usage, others get none. The ended period's bounds are kept
   (``subscription_periods``): an event of that period arriving later follows its meter's late policy.
+* Usage after the end of the current period that arrives before the ledger's ``PeriodEnded`` belongs to the
+  period that follows (it starts where the current one ends; ``billing_events.periods`` gives its end from
+  the cadence, time zone and anchor day kept in ``subscription_renewals``), never to a calendar month.
+* Events older than the last one applied to a subscription (a redelivery) change nothing: its period never
+  moves backwards. A redelivered ``PeriodEnded`` (or restarting ``Changed``) still sends its commands again.
+* A change that restarts the period (a cadence change) closes the period cut short, like an end, and its
+  usage goes on the next renewal invoice, the one of the period it restarted into (``restarted_periods``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
+from zoneinfo import ZoneInfo
 
 from billing_events import topics
 from billing_events.messages import LedgerCommand, LedgerEvent
-from billing_events.money import RATING_CONTEXT, from_subunits, is_currency_code
+from billing_events.money import RATING_CONTEXT, is_currency_code
+from billing_events.periods import MONTHS, period_end
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, period_of
 from billing_rating.close import CloseLine
+from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import OutMessage
 from billing_runtime.db import Connection
 
@@ -41,12 +53,34 @@ CREATE INDEX IF NOT EXISTS account_subscriptions_account ON account_subscription
 CREATE TABLE IF NOT EXISTS subscription_periods (
     account_id TEXT NOT NULL, period TEXT NOT NULL, period_start TEXT NOT NULL, period_end TEXT NOT NULL,
     subscription_id TEXT NOT NULL, PRIMARY KEY (account_id, period));
+CREATE TABLE IF NOT EXISTS subscription_renewals (
+    subscription_id TEXT PRIMARY KEY, version INTEGER NOT NULL, cadence TEXT, time_zone TEXT, anchor_day INTEGER,
+    ends_at_period_end INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS restarted_periods (
+    account_id TEXT NOT NULL, period TEXT NOT NULL, period_start TEXT NOT NULL, restarted_at TEXT NOT NULL,
+    subscription_id TEXT NOT NULL, billed_with TEXT NOT NULL, PRIMARY KEY (account_id, period));
+CREATE INDEX IF NOT EXISTS restarted_periods_billed_with ON restarted_periods (account_id, billed_with);
 """
 
 LIVE = ("trialing", "active", "past_due", "paused")
 TRACE_EVENT_IDS_MAX = 100  # raw event ids listed on an invoice line; the rest via rating's decisions route
+# Statuses whose period is followed by another at its end (a trialing one restarts at its trial's end instead).
+RENEWING = ("active", "past_due", "paused")
+# How many periods past the current one's end usage may be placed before the ledger's PeriodEnded arrives
+# (3 years of monthly periods); beyond, the calendar month (UTC) as for an account without a subscription.
+PERIODS_AHEAD_MAX = 36
 STATUS_BY_EVENT = {"Paused": "paused", "Resumed": "active", "PastDue": "past_due", "Recovered": "active",
                    "Canceled": "canceled", "TrialConverted": "active"}
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """How a subscription's periods follow each other, as the ledger computes them (``billing_events.periods``)."""
+
+    cadence: str
+    time_zone: str
+    anchor_day: int
+    ends_at_period_end: bool  # cancel at period end: no period follows
 
 
 @dataclass(frozen=True)
@@ -59,6 +93,27 @@ class AccountSubscription:
     started_at: str
     period_start: datetime
     period_end: datetime
+    # None: not known (a subscription whose Started rating applied before it kept renewals).
+    renewal: Renewal | None = None
+
+    def period_ahead(self, moment: datetime) -> datetime | None:
+        """The start of the period after the current one that contains ``moment`` (``moment`` at or after the
+        current end), as the ledger will renew it; ``None`` when no period follows or it is not known."""
+        renewal = self.renewal
+        if renewal is None or renewal.ends_at_period_end or self.status not in RENEWING or moment < self.period_end:
+            return None
+        start = self.period_end
+        for _ in range(PERIODS_AHEAD_MAX):
+            end = _next_end(start, renewal.cadence, renewal.anchor_day, renewal.time_zone)
+            if moment < end:
+                return start
+            start = end
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _next_end(start: datetime, cadence: str, anchor_day: int, time_zone: str) -> datetime:
+    return period_end(start, cadence, anchor_day, time_zone)
 
 
 async def load_for(conn: Connection, accounts: Sequence[str], dialect: str = "") -> dict[str, list[AccountSubscription]]:
@@ -77,7 +132,9 @@ async def load_subscriptions(conn: Connection, accounts: Sequence[str], dialect:
         return {}, set()
     where, args = _accounts_where(accounts, dialect)
     rows = await conn.fetch(
-        f"SELECT * FROM account_subscriptions WHERE {where} ORDER BY started_at, subscription_id", *args)
+        f"SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end FROM account_subscriptions s "
+        f"LEFT JOIN subscription_renewals r ON r.subscription_id = s.subscription_id WHERE s.{where} "
+        f"ORDER BY s.started_at, s.subscription_id", *args)
     result: dict[str, list[AccountSubscription]] = {}
     subscribed: set[str] = set()
     for r in rows:
@@ -86,7 +143,9 @@ async def load_subscriptions(conn: Connection, accounts: Sequence[str], dialect:
             continue
         result.setdefault(r["account_id"], []).append(AccountSubscription(
             r["subscription_id"], r["plan_code"], int(r["plan_version"]), int(r["quantity"]), r["status"],
-            r["started_at"], datetime.fromisoformat(r["period_start"]), datetime.fromisoformat(r["period_end"])))
+            r["started_at"], datetime.fromisoformat(r["period_start"]), datetime.fromisoformat(r["period_end"]),
+            Renewal(r["cadence"], r["time_zone"], int(r["anchor_day"]), bool(r["ends_at_period_end"]))
+            if r["cadence"] in MONTHS and r["time_zone"] and r["anchor_day"] else None))
     return result, subscribed
 
 
@@ -119,11 +178,41 @@ def _accounts_where(accounts: Sequence[str], dialect: str) -> tuple[str, list[An
     return f"account_id IN ({', '.join(f'${i}' for i in range(1, len(accounts) + 1))})", list(accounts)
 
 
-async def apply_event(conn: Connection, event: LedgerEvent) -> AccountSubscription | None:
-    """Updates the table from one Subscription event; returns the subscription when a period ended."""
+async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -> AccountSubscription | None:
+    """Updates the tables from one Subscription event. Returns the subscription with the bounds of a period
+    that ended (``PeriodEnded``) or that a change cut short by restarting the period (``Changed``, ending at
+    the restart), for the caller to close; also when the event is a redelivery, so its commands go again.
+
+    An event not newer than the last one applied to the subscription (its ``aggregate_version``) changes
+    nothing: a redelivered older ``PeriodEnded`` must not move the current period back.
+
+    On PostgreSQL the subscription's row is locked (``FOR UPDATE``) before a period ends or restarts: the
+    usage path reads an account's subscriptions ``FOR SHARE`` before its closed periods, so a batch rates
+    either before the close (which then counts its decisions) or after it (and sees the period closed).
+    """
     name = event.type.removeprefix("Subscription.")
     data = event.data
     sid = str(event.aggregate_id)
+    version = event.aggregate_version
+    known = await conn.fetchval("SELECT version FROM subscription_renewals WHERE subscription_id = $1", sid)
+    stale = known is not None and version <= int(known)
+    row = None
+    if name in ("PeriodEnded", "Changed"):
+        lock = " FOR UPDATE" if dialect == "postgres" else ""
+        row = await conn.fetchrow(f"SELECT * FROM account_subscriptions WHERE subscription_id = $1{lock}", sid)
+    if stale:
+        if name == "PeriodEnded" and row is not None:
+            return _with_bounds(row, data["period_start"], data["period_end"])
+        if name == "Changed" and row is not None:
+            restart = datetime.fromisoformat(data["period_start"]).isoformat()
+            cut = await conn.fetchrow("SELECT period_start FROM restarted_periods WHERE subscription_id = $1 AND "
+                                      "restarted_at = $2", sid, restart)
+            if cut is not None:
+                return _with_bounds({**row, "plan_code": data["old_plan"]["code"],
+                                     "plan_version": data["old_plan"]["version"]}, cut["period_start"], restart)
+        return None
+    result = None
+    renewal: dict[str, Any] = {}
     if name == "Started":
         from billing_events import ids
 
@@ -134,27 +223,69 @@ async def apply_event(conn: Connection, event: LedgerEvent) -> AccountSubscripti
             sid, str(ids.account_id(data["tenant"])), data["tenant"], data["plan"]["code"],
             int(data["plan"]["version"]), int(data["quantity"]), data["status"], data["started_at"],
             data["period_start"], data["period_end"])
+        time_zone = data.get("time_zone") or "UTC"
+        renewal = {"cadence": data["plan"].get("cadence", "month"), "time_zone": time_zone,
+                   "anchor_day": data.get("anchor_day") or _local_day(data["period_start"], time_zone)}
     elif name == "Changed":
         await conn.execute(
             "UPDATE account_subscriptions SET plan_code = $2, plan_version = $3, quantity = $4, period_start = $5, "
             "period_end = $6 WHERE subscription_id = $1", sid, data["plan"]["code"], int(data["plan"]["version"]),
             int(data["quantity"]), data["period_start"], data["period_end"])
+        renewal = {"cadence": data["plan"].get("cadence"), "anchor_day": data.get("anchor_day")}
+        if row is not None and datetime.fromisoformat(data["period_start"]) > datetime.fromisoformat(
+                row["period_start"]):
+            result = _with_bounds(row, row["period_start"], data["period_start"])  # the period restarted
     elif name == "PeriodEnded":
-        row = await conn.fetchrow("SELECT * FROM account_subscriptions WHERE subscription_id = $1", sid)
-        if data.get("next_start"):
-            await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
-                               "WHERE subscription_id = $1", sid, data["next_start"], data["next_end"])
         if row is not None:
-            return AccountSubscription(sid, row["plan_code"], int(row["plan_version"]), int(row["quantity"]),
-                                       row["status"], row["started_at"], datetime.fromisoformat(data["period_start"]),
-                                       datetime.fromisoformat(data["period_end"]))
+            if data.get("next_start") and datetime.fromisoformat(data["next_start"]) > datetime.fromisoformat(
+                    row["period_start"]):  # never backwards (a subscription rating kept no version of)
+                await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
+                                   "WHERE subscription_id = $1", sid, data["next_start"], data["next_end"])
+            result = _with_bounds(row, data["period_start"], data["period_end"])
+    elif name == "CancelScheduled":
+        renewal = {"ends_at_period_end": 1}
     elif name in STATUS_BY_EVENT:
         await conn.execute("UPDATE account_subscriptions SET status = $2 WHERE subscription_id = $1", sid,
                            STATUS_BY_EVENT[name])
         if name == "TrialConverted":
             await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
                                "WHERE subscription_id = $1", sid, data["period_start"], data["period_end"])
-    return None
+            renewal = {"anchor_day": data.get("anchor_day")}
+    await conn.execute(
+        "INSERT INTO subscription_renewals (subscription_id, version, cadence, time_zone, anchor_day, "
+        "ends_at_period_end) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (subscription_id) DO UPDATE SET "
+        "version = excluded.version, cadence = COALESCE(excluded.cadence, subscription_renewals.cadence), "
+        "time_zone = COALESCE(excluded.time_zone, subscription_renewals.time_zone), "
+        "anchor_day = COALESCE(excluded.anchor_day, subscription_renewals.anchor_day), "
+        "ends_at_period_end = CASE WHEN excluded.ends_at_period_end = 1 THEN 1 "
+        "ELSE subscription_renewals.ends_at_period_end END",
+        sid, version, renewal.get("cadence"), renewal.get("time_zone"),
+        int(renewal["anchor_day"]) if renewal.get("anchor_day") else None, int(renewal.get("ends_at_period_end", 0)))
+    return result
+
+
+def _with_bounds(row: Any, start: str, end: str) -> AccountSubscription:
+    return AccountSubscription(str(row["subscription_id"]), row["plan_code"], int(row["plan_version"]),
+                               int(row["quantity"]), row["status"], row["started_at"], datetime.fromisoformat(start),
+                               datetime.fromisoformat(end))
+
+
+def _local_day(moment: str, time_zone: str) -> int:
+    return datetime.fromisoformat(moment).astimezone(ZoneInfo(time_zone)).day
+
+
+async def record_restarted_period(conn: Connection, account: str, cut: AccountSubscription) -> None:
+    """Keeps the period a change cut short (closed already) and has its usage billed with the period it
+    restarted into: the next renewal invoice shows it, once. A period restarted into that is itself cut short
+    passes what it carried on."""
+    period, into = cut.period_start.isoformat(), cut.period_end.isoformat()
+    await record_ended_period(conn, account, cut)
+    await conn.execute(
+        "INSERT INTO restarted_periods (account_id, period, period_start, restarted_at, subscription_id, billed_with) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, period) DO NOTHING", account, period, period,
+        into, cut.subscription_id, into)
+    await conn.execute("UPDATE restarted_periods SET billed_with = $3 WHERE account_id = $1 AND billed_with = $2",
+                       account, period, into)
 
 
 async def usage_lines_command(conn: Connection, ended: AccountSubscription, tenant: str, account: str,
@@ -165,22 +296,35 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
     Real-time meters (sum, count, AI tokens): the amounts rating posted for the period's decisions, and the
     quantity by which they moved the period's running totals (a correction counts by its difference, a
     count meter by one per event). The period's decisions are those under its key, late events of earlier
-    periods included, and those of its time span rated by calendar month (before rating knew of the
-    subscription). Meters priced at close (max, last, unique_count): the ``closed`` lines of the period.
+    periods included, those under the keys of periods a change cut short and restarted into it
+    (``restarted_periods``: billed here and nowhere else), and those of its time span rated by calendar month
+    (before rating knew of the subscription). Meters priced at close (max, last, unique_count): the
+    ``closed`` lines of the period and the close lines of those cut periods.
     """
     lines: list[dict[str, Any]] = []
     if primary:
         key = ended.period_start.isoformat()
-        months = _months(ended.period_start, ended.period_end)
-        periods = [key, *months]
+        # Periods a change cut short before this one (restarted into it): their usage is billed here, once.
+        restarted = await conn.fetch("SELECT period, period_start FROM restarted_periods WHERE account_id = $1 "
+                                     "AND billed_with = $2 ORDER BY period_start", account, key)
+        keys = {key, *(r["period"] for r in restarted)}
+        span_start = min([ended.period_start, *(datetime.fromisoformat(r["period_start"]) for r in restarted)])
+        months = _months(span_start, ended.period_end)
+        periods = [*sorted(keys), *months]
         rows = await conn.fetch(
             "SELECT event_id, meter, unit, quantity_before, quantity_after, amount_subunits, event_time, period "
             f"FROM rated_events WHERE account_id = $1 AND period IN ({', '.join(f'${i + 2}' for i in range(len(periods)))}) "
             "AND decision LIKE '%priced' ORDER BY event_time, event_id", account, *periods)
+        if restarted:  # their close lines (max, last, unique_count), closed when the change cut them short
+            cut_keys = sorted(keys - {key})
+            closed = [*closed, *(CloseLine(**json.loads(r["line"])) for r in await conn.fetch(
+                f"SELECT line FROM close_lines WHERE account_id = $1 AND period IN "
+                f"({', '.join(f'${i + 2}' for i in range(len(cut_keys)))}) ORDER BY period, meter, group_key",
+                account, *cut_keys))]
         totals: dict[tuple[str, str], tuple[Decimal, int, list[str], set[str], int]] = {}
         for r in rows:
-            if r["period"] != key and not (
-                    ended.period_start <= datetime.fromisoformat(r["event_time"]) < ended.period_end):
+            if r["period"] not in keys and not (
+                    span_start <= datetime.fromisoformat(r["event_time"]) < ended.period_end):
                 continue  # a calendar month's decision outside the subscription's period
             meter_unit = (r["meter"], r["unit"] or "")
             quantity, amount, event_ids, seen, events = totals.get(meter_unit, (Decimal(0), 0, [], set(), 0))
@@ -201,16 +345,16 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
                                   amount + line.charged_at_close_subunits, event_ids, seen, events + line.event_count)
         for (meter, unit), (quantity, amount, event_ids, seen, events) in sorted(totals.items()):
             meta = meter_names.get(meter, {})
-            label = f"{meta.get('name') or meter}: {quantity} {meta.get('unit_of_measure', 'units')}"
+            label = f"{meta.get('name') or meter}: {decimal_text(quantity)} {meta.get('unit_of_measure', 'units')}"
             # The trace: rating's decisions (GET /v1/rating/periods/{period}/accounts/{tenant}/decisions)
             # of these periods and events explain the line down to each raw event.
             trace = {"rating_periods": sorted(seen), "event_ids": event_ids, "events": events}
             if is_currency_code(unit):
-                lines.append({"kind": "usage", "description": label, "amount": str(from_subunits(amount)),
-                              "meter": meter, "quantity": str(quantity), "trace": trace})
+                lines.append({"kind": "usage", "description": label, "amount": subunits_text(amount),
+                              "meter": meter, "quantity": decimal_text(quantity), "trace": trace})
             else:
-                lines.append({"kind": "usage", "description": f"{label} (paid with {from_subunits(amount)} {unit})",
-                              "amount": "0", "meter": meter, "quantity": str(quantity), "trace": trace})
+                lines.append({"kind": "usage", "description": f"{label} (paid with {subunits_text(amount)} {unit})",
+                              "amount": "0", "meter": meter, "quantity": decimal_text(quantity), "trace": trace})
     invoice_key = f"{ended.subscription_id}/{ended.period_end.isoformat()}"
     command = LedgerCommand(
         command_id=uuid5(NAMESPACE_URL, f"/usage-lines/{ended.subscription_id}/{ended.period_end.isoformat()}"),

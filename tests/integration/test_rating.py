@@ -273,3 +273,75 @@ async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_even
         "0.200000000", dec.isoformat(), "late")
     letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
     assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed")]
+
+
+# -- a usage batch racing a subscription period's close (different consumers, different transactions) ----------
+
+RACE_WAIT_MS = 500  # how long the racing side keeps its transaction open (the other side must wait for it)
+
+
+def _period_ended(subscription: uuid.UUID, start: datetime, end: datetime, next_end: datetime) -> Record:
+    event = LedgerEvent(position=2, aggregate_id=subscription, aggregate_version=2, recorded_at=NOV,
+                        type="Subscription.PeriodEnded", data={
+                            "period_start": start.isoformat(), "period_end": end.isoformat(),
+                            "next_start": end.isoformat(), "next_end": next_end.isoformat()})
+    return Record(topics.LEDGER_EVENTS, 0, 2, None, event.to_json())
+
+
+async def _subscribed(service: RatingService, tenant: str) -> uuid.UUID:
+    subscription = uuid.uuid4()
+    started = LedgerEvent(position=1, aggregate_id=subscription, aggregate_version=1, recorded_at=NOV,
+                          type="Subscription.Started", data={
+                              "tenant": tenant, "plan": {"code": "pro", "version": 1}, "quantity": 1,
+                              "status": "active", "started_at": "2026-11-01T00:00:00+00:00",
+                              "period_start": "2026-11-01T00:00:00+00:00", "period_end": "2026-12-01T00:00:00+00:00"})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 1, None, started.to_json())])
+    return subscription
+
+
+async def test_postgres_a_usage_batch_during_a_period_close_waits_and_bills_late(pg_rating, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    nov, dec, jan = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+    subscription = await _subscribed(service, "acme")
+    await service.handle_accepted([usage("acme", "a1", "8", at=datetime(2026, 11, 20, tzinfo=UTC))])
+    close, racing = service._period_ended, []
+
+    async def close_then_a_batch(conn: Any, ended: Any) -> Any:
+        outputs = await close(conn, ended)  # November closed, its lines taken; not committed yet
+        racing.append(asyncio.create_task(service.handle_accepted([usage("acme", "a2", "4",
+                                                                        at=datetime(2026, 11, 25, tzinfo=UTC))])))
+        await asyncio.sleep(RACE_WAIT_MS / 1000)  # the other side runs now, or waits for this one
+        return outputs
+
+    monkeypatch.setattr(service, "_period_ended", close_then_a_batch)
+    await service.handle_ledger_events([_period_ended(subscription, nov, dec, jan)])
+    await racing[0]
+    # November was invoiced without a2; a2 is late, billed in December (its allowance: 4 of 5 included), and
+    # on December's invoice, not under November's key where no invoice would ever take it.
+    rows = await service.db.fetch("SELECT event_id, period, decision FROM rated_events WHERE event_id = 'a2'")
+    assert [(r["period"], r["decision"]) for r in rows] == [(dec.isoformat(), "late:priced")]
+    november = [c for c in outbox.commands() if c["kind"] == "invoice.usage_lines"][-1]
+    assert [(line["meter"], line["quantity"]) for line in november["payload"]["lines"]] == [("api_calls", "8")]
+
+
+async def test_postgres_a_period_close_during_a_usage_batch_waits_and_counts_it(pg_rating, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    nov, dec, jan = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+    subscription = await _subscribed(service, "acme")
+    await service.handle_accepted([usage("acme", "a1", "8", at=datetime(2026, 11, 20, tzinfo=UTC))])
+    decide, racing = service._decide, []
+
+    async def decide_then_a_close(*args: Any) -> Any:
+        async for row in decide(*args):
+            yield row
+        # The batch has rated a2 into November; not committed yet: the period ends now.
+        racing.append(asyncio.create_task(service.handle_ledger_events([_period_ended(subscription, nov, dec, jan)])))
+        await asyncio.sleep(RACE_WAIT_MS / 1000)  # the other side runs now, or waits for this one
+
+    monkeypatch.setattr(service, "_decide", decide_then_a_close)
+    await service.handle_accepted([usage("acme", "a2", "4", at=datetime(2026, 11, 25, tzinfo=UTC))])
+    await racing[0]
+    # The close counted a2: November's invoice shows 12 calls, 7 x 0.10 beyond the 5 included.
+    november = [c for c in outbox.commands() if c["kind"] == "invoice.usage_lines"][-1]
+    assert [(line["meter"], line["quantity"], line["amount"]) for line in november["payload"]["lines"]] == [
+        ("api_calls", "12", "0.700000000")]

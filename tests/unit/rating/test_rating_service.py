@@ -275,13 +275,15 @@ async def subscription_event(service: RatingService, kind: str, position: int, s
 
 
 async def subscribe(service: RatingService, status: str = "active", plan: str = "team",
-                            subscription: UUID = SUBSCRIPTION, started: datetime = NOV) -> None:
+                            subscription: UUID = SUBSCRIPTION, started: datetime = NOV,
+                            period: tuple[datetime, datetime] = (NOV, DEC), **calendar: Any) -> None:
+    """``calendar``: the Started event's ``time_zone`` and ``anchor_day`` (default UTC, the start's day)."""
     catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
                           recorded_at=NOV, data={"version": 2, "document": {**CATALOG, "plans": [TEAM, BASIC]}})
     await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
     await subscription_event(service, "Started", 3, subscription, tenant="acme", plan={"code": plan, "version": 1},
-                             quantity=1, status=status, started_at=started.isoformat(), period_start=NOV.isoformat(),
-                             period_end=DEC.isoformat())
+                             quantity=1, status=status, started_at=started.isoformat(),
+                             period_start=period[0].isoformat(), period_end=period[1].isoformat(), **calendar)
 
 
 async def end_period(service: RatingService, start: datetime, end: datetime, next_end: datetime,
@@ -336,7 +338,7 @@ async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing
     await end_period(service, NOV, DEC, JAN)
     commands = await published(bus)
     assert [c["kind"] for c in commands] == ["invoice.usage_lines"]  # no close debit
-    assert usage_lines(commands) == {"storage_gb": ("40", "0E-9")}
+    assert usage_lines(commands) == {"storage_gb": ("40", "0.000000000")}
 
 
 async def test_usage_line_quantities_follow_corrections_and_count_events(rating) -> None:  # type: ignore[no-untyped-def]
@@ -348,7 +350,7 @@ async def test_usage_line_quantities_follow_corrections_and_count_events(rating)
     await service.handle_accepted([correction("c1", "a1", "100")])    # 200 corrected to 100: nothing billable
     await end_period(service, NOV, DEC, JAN)
     # 100 calls (not 200 + 100), 2 logins (not 5 + 7), one of them included.
-    assert usage_lines(await published(bus)) == {"api_calls": ("100", "0E-9"), "logins": ("2", "1.000000000")}
+    assert usage_lines(await published(bus)) == {"api_calls": ("100", "0.000000000"), "logins": ("2", "1.000000000")}
 
 
 async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_policy(rating) -> None:  # type: ignore[no-untyped-def]
@@ -372,3 +374,101 @@ async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_pol
     # ... and it is on December's invoice.
     await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
     assert usage_lines(await published(bus)) == {"api_calls": ("170", "7.000000000")}
+
+
+async def test_amounts_are_written_in_plain_notation_never_with_an_exponent(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service, status="trialing")
+    at = datetime(2026, 11, 10, tzinfo=UTC)
+    # One input token of the small model: 0.15 USD per million, 0.00000015 (str() of the Decimal: 1.50E-7).
+    await service.handle_accepted([accepted("t1", "1", "ai_tokens", at=at, model="small", input_tokens=1),
+                                   accepted("s1", "40", "storage_gb", at=at)])   # trialing: priced 0
+    [debit] = [c for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert debit["payload"]["amount"] == "0.000000150"
+    await end_period(service, NOV, DEC, JAN)
+    [lines] = [c for c in await published(bus) if c["kind"] == "invoice.usage_lines"]
+    assert {line["meter"]: line["amount"] for line in lines["payload"]["lines"]} == {
+        "ai_tokens": "0.000000150", "storage_gb": "0.000000000"}   # was 1.50E-7 and 0E-9
+    [close] = await service.db.fetch("SELECT line FROM close_lines WHERE meter = 'storage_gb'")
+    assert json.loads(close["line"])["amount"] == "0.000000000"
+
+
+def decisions(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+    """event id -> (period, decision, amount) of rating's stored decisions."""
+    return {r["event_id"]: (r["period"], r["decision"], r["amount_subunits"]) for r in rows}
+
+
+async def test_usage_after_the_period_end_is_rated_in_the_next_period_before_rating_sees_it_end(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # Monthly in New York, anchored on the 31st: Jan 31 -> Feb 28 -> Mar 31 (local midnight; DST from Mar 14).
+    start, feb28 = datetime(2027, 1, 31, 5, tzinfo=UTC), datetime(2027, 2, 28, 5, tzinfo=UTC)
+    mar31, apr30 = datetime(2027, 3, 31, 4, tzinfo=UTC), datetime(2027, 4, 30, 4, tzinfo=UTC)
+    await subscribe(service, started=start, period=(start, feb28), time_zone="America/New_York", anchor_day=31)
+    # The ledger ended Jan 31 - Feb 28 already; rating has not seen it: March usage arrives first.
+    await service.handle_accepted([accepted("e1", "120", at=datetime(2027, 3, 10, tzinfo=UTC)),
+                                   accepted("e3", "10", at=datetime(2027, 3, 31, 4, 30, tzinfo=UTC))])
+    await end_period(service, start, feb28, mar31, position=4)
+    await service.handle_accepted([accepted("e2", "120", at=datetime(2027, 3, 20, tzinfo=UTC))])
+    rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
+    # One allowance (100) for the 240 calls of Feb 28 - Mar 31: 2.00 then 12.00 (not 2.00 twice, from a fresh
+    # allowance of calendar month 2027-03). Mar 31 04:30 UTC is 00:30 in New York: the period after.
+    assert decisions(rows) == {"e1": (feb28.isoformat(), "priced", 2_000_000_000),
+                               "e2": (feb28.isoformat(), "priced", 12_000_000_000),
+                               "e3": (mar31.isoformat(), "priced", 0)}
+    await end_period(service, feb28, mar31, apr30, position=5)
+    assert usage_lines(await published(bus)) == {"api_calls": ("240", "14.000000000")}
+
+
+async def test_an_older_period_end_delivered_again_does_not_move_the_period_back(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    await end_period(service, NOV, DEC, JAN, position=4)
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    november = (await published(bus))[0]
+    await end_period(service, NOV, DEC, JAN, position=4)   # redelivered: its usage lines again, same id
+    assert [c["command_id"] for c in await published(bus)][-1] == november["command_id"]
+    # December is closed: a December event is late (billed in the open January period), not rated into December.
+    await service.handle_accepted([accepted("d1", "150", at=datetime(2026, 12, 20, tzinfo=UTC))])
+    rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
+    assert decisions(rows) == {"d1": (JAN.isoformat(), "late:priced", 5_000_000_000)}
+    await end_period(service, JAN, datetime(2027, 2, 1, tzinfo=UTC), datetime(2027, 3, 1, tzinfo=UTC), position=6)
+    assert usage_lines(await published(bus)) == {"api_calls": ("150", "5.000000000")}
+
+
+TEAM_ANNUAL = {"code": "team-annual", "name": "Team annual", "version": 1, "currency": "USD", "cadence": "year",
+               "charges": [{"meter": "api_calls", "price": per_unit("0.10"), "included": "1000"},
+                           {"meter": "storage_gb", "price": per_unit("0.20"), "included": "100"}]}
+
+
+async def test_usage_before_a_change_that_restarts_the_period_is_on_the_next_invoice_once(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    catalog = LedgerEvent(position=3, aggregate_id=ids.catalog_id(), aggregate_version=4, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 3, "document": {**CATALOG, "plans": [TEAM, TEAM_ANNUAL]}})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 3, None, catalog.to_json())])
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("a1", "150", at=day(5)),                 # 50 x 0.10 = 5.00
+                                   accepted("s1", "40", "storage_gb", at=day(6))])   # max, priced at close
+    # Nov 15: monthly -> annual. The ledger restarts the period (Nov 15 2026 - Nov 15 2027).
+    nov15, next_year = day(15), datetime(2027, 11, 15, tzinfo=UTC)
+    changed = {"plan": {"code": "team-annual", "version": 1, "cadence": "year"}, "old_plan": {"code": "team",
+               "version": 1}, "quantity": 1, "at": nov15.isoformat(), "period_start": nov15.isoformat(),
+               "period_end": next_year.isoformat(), "anchor_day": 15}
+    await subscription_event(service, "Changed", 4, **changed)
+    # The cut period is closed at once at the monthly plan's price: storage (40 - 10) x 0.50.
+    [close] = [c for c in await published(bus) if c["kind"] == "usage.debit" and c["payload"]["cause"].get("closed")]
+    assert (close["payload"]["meter"], close["payload"]["amount"], close["payload"]["cause"]["period"]) == (
+        "storage_gb", "15.000000000", NOV.isoformat())
+    await subscription_event(service, "Changed", 4, **changed)   # redelivered: the same close debit again
+    closes = [c for c in await published(bus) if c["kind"] == "usage.debit" and c["payload"]["cause"].get("closed")]
+    assert [c["command_id"] for c in closes] == [close["command_id"]] * 2
+    await service.handle_accepted([accepted("a2", "50", at=day(20)),   # the annual period: within its 1,000
+                                   accepted("a0", "10", at=day(10))])  # late: of the cut period, billed in the open one
+    await end_period(service, nov15, next_year, datetime(2028, 11, 15, tzinfo=UTC), position=5)
+    # The renewal invoice after the change carries the usage of the cut period too: 210 calls, 5.00; storage 15.00.
+    assert usage_lines(await published(bus)) == {"api_calls": ("210", "5.000000000"),
+                                                  "storage_gb": ("40", "15.000000000")}
+    # ... and only that one.
+    await end_period(service, next_year, datetime(2028, 11, 15, tzinfo=UTC), datetime(2029, 11, 15, tzinfo=UTC),
+                     position=6)
+    assert usage_lines(await published(bus)) == {}
