@@ -226,6 +226,7 @@ def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
 # Lines whose money is already receivable when the invoice is finalized (usage posted beyond credit): the
 # ledger books the other lines (fees, proration, discounts) and the tax (``_book``).
 ALREADY_POSTED_KINDS = frozenset({"usage", "credits_applied", "overage"})
+NOTHING_TO_BILL = "nothing_to_bill"
 
 
 def _book(batch: _Batch, invoice: Invoice, at: datetime) -> None:
@@ -253,6 +254,10 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime) -> None:
 
 
 def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str) -> None:
+    if invoice.subscription_id and all(Decimal(item["amount"]) == 0 for item in invoice.lines):
+        # A free plan's period (or a paused one without usage): no number, no email, nothing to collect.
+        invoice.void(at=at, reason=NOTHING_TO_BILL, by=by)
+        return
     invoice.add_lines(_tax_lines(batch, invoice), by="system:tax")
     prefix = "CN" if invoice.document_type == CREDIT_NOTE else "INV"
     issuer = getattr(app, "invoice_issuer", DEFAULT_ISSUER)

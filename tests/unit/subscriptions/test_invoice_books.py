@@ -1,5 +1,5 @@
 """Subscription invoices and credit notes in the account's double entry (SQLite ledger): what finalizing and
-paying them posts, what a credit note gives back, what a top-up invoice posts (nothing)."""
+paying them posts, what a credit note gives back, what a free plan and a top-up invoice post (nothing)."""
 
 from __future__ import annotations
 
@@ -140,3 +140,23 @@ def test_a_top_up_invoice_is_not_posted_again(app: LedgerApplication) -> None:
     assert books(app) == {("gateway_clearing", "USD"): 2380 * CENT, ("tenant_wallet", "USD"): -2000 * CENT,
                           ("tax_payable", "USD"): -380 * CENT}
     assert account(app).receivable("USD") == 0
+
+
+def test_a_free_plan_gets_no_numbered_zero_invoice(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="f", plan="free")
+    first = first_invoice(app, "f")
+    assert (first.status, first.number) == ("void", None)  # nothing to bill: no number, no email
+    renewal = renew_and_bill_free(app)
+    assert (renewal.status, renewal.number) == ("void", None)
+    assert events(app, "InvoiceBilled") == [] and account(app).receivable("USD") == 0
+    # A paid plan's invoice takes the next number: none was used up by the free plan.
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    assert first_invoice(app).number == "INV-2026-000001"
+
+
+def renew_and_bill_free(app: LedgerApplication) -> Invoice:
+    run(app, "subscription.tick", "acme", at=DEC_1, key="f")
+    key = f"{subscription_id('acme', 'f')}/{DEC_1.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=DEC_1, invoice_key=key, lines=[], period_start=NOV_1.isoformat(),
+        period_end=DEC_1.isoformat())
+    return app.repository.get(invoice_id("acme", key))  # type: ignore[no-any-return]
