@@ -206,30 +206,71 @@ def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str
     return carried
 
 
+def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
+                  catalog: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The tax lines of a document whose net total is ``net``, by a tax profile (the roster's) and a catalogue
+    document's rules: what finalizing adds, and what the invoice preview shows."""
+    if profile is None or catalog is None:
+        return []
+    result = compute_tax(net, unit, TaxProfileData(
+        country=profile["country"], subdivision=profile.get("subdivision"), business_name=profile.get("business_name"),
+        tax_id=profile.get("tax_id"), tax_id_valid=bool(profile.get("tax_id_valid"))),
+        catalog.get("tax_rules") or [], (catalog.get("seller") or {}).get("country"))
+    if result.reverse_charge:
+        return [line("tax", result.note or "Reverse charge", Decimal(0), unit, rate="0")]
+    if result.tax == 0:
+        return []
+    percent = (result.rate * 100).normalize()
+    return [line("tax", f"{result.rule} {percent} % of {result.net}", result.tax, unit, rate=str(result.rate))]
+
+
 def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
     """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules."""
     if any(item["kind"] == "tax" for item in invoice.lines):
         return []
     roster = batch.get(roster_id(invoice.tenant))
     catalog = batch.get(Catalog.create_id())
-    if roster is None or roster.tax_profile is None or catalog is None:
-        return []
-    document = catalog.document
-    profile = roster.tax_profile
-    result = compute_tax(invoice.total, invoice.currency, TaxProfileData(
-        country=profile["country"], subdivision=profile.get("subdivision"), business_name=profile.get("business_name"),
-        tax_id=profile.get("tax_id"), tax_id_valid=bool(profile.get("tax_id_valid"))),
-        document.get("tax_rules") or [], (document.get("seller") or {}).get("country"))
-    if result.reverse_charge:
-        return [line("tax", result.note or "Reverse charge", Decimal(0), invoice.currency, rate="0")]
-    if result.tax == 0:
-        return []
-    percent = (result.rate * 100).normalize()
-    return [line("tax", f"{result.rule} {percent} % of {result.net}", result.tax, invoice.currency,
-                 rate=str(result.rate))]
+    return tax_lines_for(invoice.total, invoice.currency, roster.tax_profile if roster is not None else None,
+                         catalog.document if catalog is not None else None)
+
+
+# Lines whose money is already receivable when the invoice is finalized (usage posted beyond credit): the
+# ledger books the other lines (fees, proration, discounts, a minimum commitment) and the tax (``_book``). An
+# overage line billing a credit unit (``credit_unit``) is booked too: its receivable is in credits, and this is
+# its money in the invoice currency (as a credit package's money is booked apart from its credits).
+ALREADY_POSTED_KINDS = frozenset({"usage", "credits_applied", "overage"})
+NOTHING_TO_BILL = "nothing_to_bill"
+
+
+def _book(batch: _Batch, invoice: Invoice, at: datetime) -> None:
+    """Posts what a finalized subscription document bills on the tenant's account: an invoice's fees and tax
+    are receivable (``BillingAccount.bill_invoice``, settled when it is paid); a credit note's become account
+    credit in the currency (``credit_note_grant``). Top-up invoices and their credit notes (no subscription)
+    post nothing here: the purchase grant and the refund already moved that money."""
+    if not invoice.subscription_id:
+        return
+    fees = tax = Decimal(0)
+    for item in invoice.lines:
+        if item["kind"] == "tax":
+            tax = RATING_CONTEXT.add(tax, Decimal(item["amount"]))
+        elif item["kind"] not in ALREADY_POSTED_KINDS or item.get("credit_unit"):
+            fees = RATING_CONTEXT.add(fees, Decimal(item["amount"]))
+    account = account_of(batch, invoice.tenant)
+    cause = {"invoice": str(invoice.id), "invoice_number": invoice.number, "subscription": invoice.subscription_id}
+    if invoice.document_type == INVOICE:
+        account.bill_invoice(invoice=str(invoice.id), unit=invoice.currency, net=to_subunits(fees),
+                             tax=to_subunits(tax), at=at, cause=cause)
+    else:
+        account.credit_note_grant(grant_id=uuid5(NAMESPACE_URL, f"/invoices/{invoice.id}/credit"),
+                                  note=str(invoice.id), unit=invoice.currency, net=to_subunits(-fees),
+                                  tax=to_subunits(-tax), at=at, cause=cause)
 
 
 def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str) -> None:
+    if invoice.subscription_id and all(Decimal(item["amount"]) == 0 for item in invoice.lines):
+        # A free plan's period (or a paused one without usage): no number, no email, nothing to collect.
+        invoice.void(at=at, reason=NOTHING_TO_BILL, by=by)
+        return
     invoice.add_lines(_tax_lines(batch, invoice), by="system:tax")
     prefix = "CN" if invoice.document_type == CREDIT_NOTE else "INV"
     issuer = getattr(app, "invoice_issuer", DEFAULT_ISSUER)
@@ -237,6 +278,7 @@ def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datet
                                    lambda: InvoiceSequence(issuer=issuer, year=at.year, prefix=prefix))
     number = sequence.next_number(invoice=invoice.id)
     invoice.finalize(number=number, issued_at=at, due_at=at + timedelta(days=INVOICE_DUE_DAYS), by=by)
+    _book(batch, invoice, at)
 
 
 def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str, lines: list[dict[str, Any]],
@@ -535,7 +577,11 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     invoice = batch.get(UUID(command.payload["invoice_id"]))
     if invoice is None or invoice.tenant != command.tenant:
         raise CommandRejected("unknown_invoice")
-    invoice.void(at=effective_at(command), reason=str(command.payload.get("reason", "void")), by=command.issued_by)
+    at = effective_at(command)
+    invoice.void(at=at, reason=str(command.payload.get("reason", "void")), by=command.issued_by)
+    if invoice.subscription_id:  # what it billed is no longer owed
+        account_of(batch, invoice.tenant).void_invoice_bill(invoice=str(invoice.id), at=at,
+                                                            cause={"invoice_number": invoice.number})
 
 
 @handles("payment_method.add")

@@ -25,6 +25,7 @@ from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
 from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.scheduler import DueIndex, tick_messages
+from billing_ledger.subscription_commands import tax_lines_for
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bus import Bus
@@ -138,8 +139,14 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity,
                              period_start=sub.period_start, period_end_at=sub.period_end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
+        net = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
+        # The tax finalizing would add: the same rules, on the same net total, by the account's tax profile.
+        profile = await read(roster_id(tenant), lambda r: copy.deepcopy(r.tax_profile))
+        catalog = await read(Catalog.create_id(), lambda c: copy.deepcopy(c.document))
+        if lines:
+            lines = lines + tax_lines_for(net, sub.plan["currency"], profile, catalog)
         total = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
-        return {"subscription": _view(sub), "at": moment, "lines": lines, "total": str(total),
+        return {"subscription": _view(sub), "at": moment, "lines": lines, "net": str(net), "total": str(total),
                 "currency": sub.plan["currency"],
                 "document": "credit_note" if total < 0 else ("invoice" if lines else "none")}
 

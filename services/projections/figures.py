@@ -1,19 +1,22 @@
 """Read model: billing dashboard figures per tenant, day (UTC, business time) and unit.
 
-* ``top_ups``: credit bought (purchase grants, net of tax); ``tax_collected``: tax on those purchases;
-  ``funds_in``: money taken in through the gateway (top-ups + tax + receivables settled + refund reversals);
-  ``settlements``: overage receivables paid. A package granted in a credit unit counts its credit in that
+* ``top_ups``: credit bought (purchase grants, net of tax); ``tax_collected``: tax on those purchases and on
+  subscription invoices when they are paid (``InvoicePaid``); ``funds_in``: money taken in through the gateway
+  (top-ups + tax + receivables settled + subscription invoices paid + refund reversals); ``settlements``:
+  receivables paid (overage, and the fees and tax of subscription invoices). A package granted in a credit unit counts its credit in that
   unit (``top_ups``, and ``funds_in`` as the ledger's clearing posting in that unit) and the money paid for it
   in the currency (``PurchaseMoneyBooked``: ``funds_in`` = total, ``tax_collected`` = its tax).
 * ``promotional`` / ``plan_grants``: credit given by promotions and manual grants / by plan recurrences.
 * ``consumed``: credit consumed by usage and captured holds (give-backs negative); ``receivables``: the part
-  posted beyond credit (overage). In the currency it is also the revenue recognised for the money of packages
+  posted beyond credit (overage), and the fees and tax a subscription invoice bills (``InvoiceBilled``; a
+  voided one negative). In the currency it is also the revenue recognised for the money of packages
   granted in a credit unit as their credit is used (``PurchaseMoneyRecognised``, periodic: ``recognised``), so
   a currency's ``consumed`` is the revenue its prepaid credit earned.
 * ``breakage``: unused credit lapsed at expiry (in the currency also the money of credit-unit packages whose
   credit lapsed: ``PurchaseMoneyRecognised.breakage``); ``refunds``: money paid back (incl. tax), ``tax_refunded``
   (for a credit-unit package also the currency money and tax paid back: ``PurchaseMoneyRefunded``);
-  ``adjustments``: net manual corrections.
+  ``adjustments``: net manual corrections. A subscription credit note, given as account credit (a grant with
+  source ``credit_note``), counts in ``refunds`` and its tax in ``tax_refunded``.
 
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
 tenant (one Kafka partition) and concurrent projection instances never contend for it.
@@ -45,6 +48,9 @@ def _figures(fact: Fact) -> dict[str, int]:
             return {"funds_in": amount}
         if source == "plan_recurrence":
             return {"plan_grants": amount}
+        if source == "credit_note":  # a subscription credit note, given back as account credit (tax inside)
+            cause = d.get("cause") if isinstance(d.get("cause"), dict) else {}
+            return {"refunds": amount, "tax_refunded": int(cause.get("tax") or 0)}
         return {"promotional": amount}
     if name in ("UsageDebited", "HoldCaptured"):
         return {"consumed": int(d["amount"]), "receivables": int(d.get("overage") or 0)}
@@ -64,6 +70,13 @@ def _figures(fact: Fact) -> dict[str, int]:
         return {"adjustments": int(d["amount"])}
     if name == "ReceivableSettled":
         return {"settlements": int(d["amount"]), "funds_in": int(d["amount"])}
+    if name == "InvoiceBilled":  # a subscription invoice's fees and tax, owed until it is paid
+        return {"receivables": int(d["amount"])}
+    if name == "InvoiceBillVoided":
+        return {"receivables": -int(d["amount"])}
+    if name == "InvoicePaid":
+        return {"settlements": int(d["amount"]), "funds_in": int(d["amount"]),
+                "tax_collected": int(d.get("tax_amount") or 0)}
     if name == "OverageRepaid":  # paid with credit bought (its money counted in when it was bought)
         return {"settlements": int(d["amount"])}
     return {}
@@ -71,7 +84,8 @@ def _figures(fact: Fact) -> dict[str, int]:
 
 _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
                             "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
-                            "PurchaseMoneyRefunded", "PurchaseMoneyRecognised"})
+                            "PurchaseMoneyRefunded", "PurchaseMoneyRecognised", "InvoiceBilled",
+                            "InvoiceBillVoided", "InvoicePaid"})
 
 
 def handler_for(event_type: str) -> Handler | None:

@@ -10,6 +10,10 @@ the credit unit, on the wallet) and the money paid for it (``payment``: the tota
 currency, ``wallet_delta`` 0), and a refund of its credit as ``refund`` plus the money given back
 (``payment_refund``, negative). So the money rows of a currency sum to what the tenant paid for credit
 packages net of refunds, and the wallet rows still sum to the balance.
+
+A subscription invoice's fees and tax show as ``invoice_billed`` (negative: owed) when it is finalized and
+``invoice_paid`` (positive) when it is paid, or ``invoice_voided`` if it is voided unpaid; ``reference`` is
+the invoice id and ``wallet_delta`` 0. A subscription credit note is a ``grant`` (detail ``credit_note``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ TABLES = (TRANSACTIONS,)
 
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
          "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
-         "payment_refund")
+         "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided")
 
 PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
 
@@ -73,6 +77,11 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": "receivable_settled", "amount": int(d["amount"]), "reference": d.get("settlement_id")}
     if name == "OverageRepaid":  # credit bought paid what was owed: the wallet goes down by it
         return {"type": "overage_repaid", "amount": -int(d["amount"]), "grant_id": d.get("grant_id")}
+    if name in _INVOICE_TYPES:  # a subscription invoice's fees and tax: owed (negative), then paid or voided
+        amount = int(d["amount"])
+        return {"type": _INVOICE_TYPES[name], "amount": -amount if name == "InvoiceBilled" else amount,
+                "reference": d.get("invoice"), "detail": f"net {amount - int(d.get('tax_amount') or 0)}, "
+                                                          f"tax {int(d.get('tax_amount') or 0)}"}
     if name == "PurchaseMoneyBooked":
         return {"type": "payment", "amount": int(d["amount"]), "grant_id": d.get("grant_id"),
                 "detail": _tax_detail(d)}
@@ -87,7 +96,9 @@ def _tax_detail(data: dict[str, Any]) -> str:
     return f"net {int(data.get('net') or 0)}, tax {int(data.get('tax_amount') or 0)}"
 
 
-_MOVEMENTS = frozenset({"CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
+_INVOICE_TYPES = {"InvoiceBilled": "invoice_billed", "InvoicePaid": "invoice_paid",
+                  "InvoiceBillVoided": "invoice_voided"}
+_MOVEMENTS = frozenset({*_INVOICE_TYPES, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 

@@ -187,6 +187,10 @@ class BillingAccount(ChainedAggregate):
         # posted) -> net sub-units; and the overage each unpaid invoice billed: invoice id -> unit -> sub-units.
         self._unbilled: dict[str, dict[str, int]] = {}
         self._invoiced_overage: dict[str, dict[str, int]] = {}
+        # What each unpaid subscription invoice billed besides overage (``bill_invoice``): invoice id ->
+        # {"unit", "amount" (fees + tax, sub-units), "tax"}. Kept apart from ``_receivable`` (the overage), which
+        # usage give-backs and repayments reduce: they must never eat into an invoice's fee.
+        self._invoice_billed: dict[str, dict[str, Any]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
@@ -217,6 +221,12 @@ class BillingAccount(ChainedAggregate):
         return self.balance(unit) - self.held(unit)
 
     def receivable(self, unit: str) -> int:
+        """Everything the tenant owes in ``unit``: overage plus the fees and tax of unpaid invoices."""
+        billed = sum(b["amount"] for b in self._invoice_billed.values() if b["unit"] == unit)
+        return self._receivable.get(unit, 0) + billed
+
+    def overage_receivable(self, unit: str) -> int:
+        """The part of ``receivable`` that is usage beyond credit (what give-backs and repayments reduce)."""
         return self._receivable.get(unit, 0)
 
     def spendable(self, unit: str, meter: str | None, at: datetime) -> int:
@@ -269,7 +279,8 @@ class BillingAccount(ChainedAggregate):
 
     def units(self) -> list[str]:
         """Every unit that has had a grant, a hold or a receivable on this account."""
-        return sorted({g["unit"] for g in self._grants.values()} | set(self._held) | set(self._receivable))
+        return sorted({g["unit"] for g in self._grants.values()} | set(self._held) | set(self._receivable)
+                      | {b["unit"] for b in self._invoice_billed.values()})
 
     # == grants ==============================================================================================
 
@@ -699,7 +710,7 @@ class BillingAccount(ChainedAggregate):
     ) -> None:
         left = -amount
         postings: list[Posting] = []
-        reduce_receivable = min(left, self.receivable(unit))
+        reduce_receivable = min(left, self.overage_receivable(unit))
         if reduce_receivable:
             postings += [
                 posting(LedgerAccount.RECOGNISED_REVENUE, unit, reduce_receivable),
@@ -1231,8 +1242,8 @@ class BillingAccount(ChainedAggregate):
         self._require_unit(unit)
         _require_amount("amount", amount)
         _require_time("at", at)
-        if amount > self.receivable(unit):
-            raise InvalidAmount(f"settlement {amount} exceeds the receivable {self.receivable(unit)}")
+        if amount > self.overage_receivable(unit):
+            raise InvalidAmount(f"settlement {amount} exceeds the receivable {self.overage_receivable(unit)}")
         postings = [
             posting(LedgerAccount.GATEWAY_CLEARING, unit, amount),
             posting(LedgerAccount.RECEIVABLES, unit, -amount),
@@ -1301,13 +1312,22 @@ class BillingAccount(ChainedAggregate):
             del self._invoiced_overage[invoice]
 
     def settle_invoiced_overage(self, *, invoice: str, at: datetime, cause: dict[str, Any]) -> None:
-        """``invoice`` was paid: the overage it billed leaves receivables (Dr GATEWAY_CLEARING / Cr RECEIVABLES),
-        each unit at most what is still receivable (a give-back after the invoice may have reduced it)."""
+        """``invoice`` was paid: what it billed leaves receivables (Dr GATEWAY_CLEARING / Cr RECEIVABLES): its
+        fees and tax (``bill_invoice``, one ``InvoicePaid``) and the overage it billed, each unit at most what
+        is still receivable (a give-back after the invoice may have reduced it)."""
+        billed = self._invoice_billed.get(invoice)
+        if billed is not None:
+            unit, amount = billed["unit"], billed["amount"]
+            postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, amount),
+                        posting(LedgerAccount.RECEIVABLES, unit, -amount)]
+            assert_balanced(postings)
+            self._invoice_paid(invoice=invoice, unit=unit, amount=amount, tax_amount=billed["tax"],
+                               postings=postings, cause=dict(cause), at=at)
         due = self._invoiced_overage.get(invoice)
         if not due:
             return
         for unit, amount in sorted(due.items()):
-            amount = min(amount, self.receivable(unit))
+            amount = min(amount, self.overage_receivable(unit))
             if amount > 0:
                 self.settle_receivable(
                     settlement_id=uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/invoices/{invoice}/settle/{unit}"),
@@ -1317,6 +1337,99 @@ class BillingAccount(ChainedAggregate):
     @event("InvoicedOverageClosed")
     def _invoiced_overage_closed(self, invoice: str, at: datetime) -> None:
         self._invoiced_overage.pop(invoice, None)
+
+    # == subscription invoices and credit notes ===============================================================
+
+    def invoice_billed(self, invoice: str) -> dict[str, Any] | None:
+        """The fees and tax ``invoice`` billed and that are not paid yet (``bill_invoice``), or ``None``."""
+        billed = self._invoice_billed.get(invoice)
+        return dict(billed) if billed is not None else None
+
+    def bill_invoice(
+        self, *, invoice: str, unit: str, net: int, tax: int, at: datetime, cause: dict[str, Any]
+    ) -> None:
+        """A finalized subscription invoice bills its fee lines (``net``: base fee, proration, discount) and its
+        tax: Dr RECEIVABLES net + tax / Cr RECOGNISED_REVENUE net / Cr TAX_PAYABLE tax (``InvoiceBilled``). Its
+        usage, credits-applied and overage lines are not posted again: that money is already receivable.
+        Nothing to bill (0 and 0) records nothing. Paying the invoice settles it (``settle_invoiced_overage``)."""
+        self._require_unit(unit)
+        _require_text("invoice", invoice)
+        _require_amount("net", net, allow_zero=True)
+        _require_amount("tax", tax, allow_zero=True)
+        _require_time("at", at)
+        if invoice in self._invoice_billed:
+            raise InvalidArgument(f"invoice {invoice} is already billed")
+        if net + tax == 0:
+            return
+        postings = [posting(LedgerAccount.RECEIVABLES, unit, net + tax)]
+        if net:
+            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, -net))
+        if tax:
+            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, -tax))
+        assert_balanced(postings)
+        self._invoice_billed_event(invoice=invoice, unit=unit, amount=net + tax, tax_amount=tax, postings=postings,
+                                   cause=dict(cause), at=at)
+
+    @event("InvoiceBilled")
+    def _invoice_billed_event(self, invoice: str, unit: str, amount: int, tax_amount: int, postings: list[Posting],
+                              cause: dict[str, Any], at: datetime) -> None:
+        self._invoice_billed[invoice] = {"unit": unit, "amount": amount, "tax": tax_amount}
+
+    def void_invoice_bill(self, *, invoice: str, at: datetime, cause: dict[str, Any]) -> None:
+        """A billed invoice was voided unpaid: its ``InvoiceBilled`` is reversed (``InvoiceBillVoided``: Dr
+        RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr RECEIVABLES). Nothing billed: nothing recorded."""
+        billed = self._invoice_billed.get(invoice)
+        if billed is None:
+            return
+        unit, amount, tax = billed["unit"], billed["amount"], billed["tax"]
+        postings = [posting(LedgerAccount.RECEIVABLES, unit, -amount)]
+        if amount - tax:
+            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount - tax))
+        if tax:
+            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
+        assert_balanced(postings)
+        self._invoice_bill_voided(invoice=invoice, unit=unit, amount=amount, tax_amount=tax, postings=postings,
+                                  cause=dict(cause), at=at)
+
+    @event("InvoiceBillVoided")
+    def _invoice_bill_voided(self, invoice: str, unit: str, amount: int, tax_amount: int, postings: list[Posting],
+                             cause: dict[str, Any], at: datetime) -> None:
+        self._invoice_billed.pop(invoice, None)
+
+    @event("InvoicePaid")
+    def _invoice_paid(self, invoice: str, unit: str, amount: int, tax_amount: int, postings: list[Posting],
+                      cause: dict[str, Any], at: datetime) -> None:
+        self._invoice_billed.pop(invoice, None)
+
+    def credit_note_grant(
+        self, *, grant_id: UUID, note: str, unit: str, net: int, tax: int, at: datetime, cause: dict[str, Any]
+    ) -> None:
+        """A subscription credit note (proration on a downgrade or an immediate cancel) credits ``net`` + ``tax``
+        as account credit in the currency: Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr TENANT_WALLET
+        (a non-expiring, unscoped grant with source ``credit_note``, recorded as ``CreditGranted``). The invoice
+        it corrects is charged its full total whether paid or not, so the credit never reduces its receivable."""
+        self._require_unit(unit)
+        _require_text("note", note)
+        _require_amount("net", net, allow_zero=True)
+        _require_amount("tax", tax, allow_zero=True)
+        _require_time("at", at)
+        if net + tax == 0:
+            return
+        gid = str(grant_id)
+        if gid in self._grants:
+            raise DuplicateGrant(f"grant {grant_id} already exists")
+        postings = [posting(LedgerAccount.TENANT_WALLET, unit, -(net + tax), gid)]
+        if net:
+            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, net, gid))
+        if tax:
+            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax, gid))
+        assert_balanced(postings)
+        self._credit_granted(
+            grant_id=grant_id, unit=unit, amount=net + tax, priority=0, effective_at=at, expires_at=None, scope=None,
+            # ``tax_amount`` is tax paid on top of a purchase; here the tax credited is inside ``amount``.
+            source=GrantSource.CREDIT_NOTE.value, tax_amount=0, cause={**cause, "credit_note": note, "tax": tax},
+            granted_by="ledger", postings=postings,
+        )
 
     def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any]) -> int:
         """New credit pays off the overage of its unit that no invoice bills (a pay-as-you-go account's negative
@@ -1329,7 +1442,7 @@ class BillingAccount(ChainedAggregate):
                        if amount > 0))
         if g["status"] != "open" or g["scope"] is not None or not _is_eligible(g, None, at):
             return 0  # credit for some meters only (or not yet / no longer usable) does not pay for others
-        left = min(g["remaining"], self.available(unit), self.receivable(unit), sum(a for _, _, a in owed))
+        left = min(g["remaining"], self.available(unit), self.overage_receivable(unit), sum(a for _, _, a in owed))
         if left <= 0:
             return 0
         periods: dict[str, int] = {}
@@ -1610,7 +1723,8 @@ class BillingAccount(ChainedAggregate):
             rule["armed"] = True
 
 
-_CALLER_SOURCES = frozenset(s.value for s in GrantSource) - {GrantSource.USAGE_REVERSAL.value}
+_CALLER_SOURCES = frozenset(s.value for s in GrantSource) - {GrantSource.USAGE_REVERSAL.value,
+                                                              GrantSource.CREDIT_NOTE.value}
 # What ``purchase_money`` shows of a grant's money (its booking and refunds).
 _MONEY_KEYS = ("unit", "net", "tax", "refunded_net", "refunded_tax")
 

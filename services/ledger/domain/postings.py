@@ -37,8 +37,8 @@ Chart of accounts (the platform's books, one tenant at a time)
     Added to the requested chart: the counter-account of admin/finance balance corrections
     (:meth:`BillingAccount.adjust`), kept apart from promotions so finance can review corrections alone.
 ``RECEIVABLES`` (asset)
-    What the tenant owes: usage beyond its credit under the ``overage`` policy. Reduced by give-backs and
-    by settlements (the overage invoice paid).
+    What the tenant owes: usage beyond its credit under the ``overage`` policy, and the fees and tax of
+    unpaid subscription invoices. Reduced by give-backs (overage only) and by settlements (the invoice paid).
 ``GATEWAY_CLEARING`` (asset)
     Cash in transit at the payment gateway: purchases are paid in here, refunds paid out from here.
 ``TAX_PAYABLE`` (liability)
@@ -65,6 +65,13 @@ refund of a purchase       Dr TENANT_WALLET unspent / Dr TAX_PAYABLE tax / Cr GA
                            from BREAKAGE (if it lapsed) and then from RECOGNISED_REVENUE (if spent)
 adjustment (+ / -)         Dr MANUAL_ADJUSTMENT / Cr TENANT_WALLET  (and the reverse)
 receivable settled         Dr GATEWAY_CLEARING / Cr RECEIVABLES
+subscription invoice       Dr RECEIVABLES fees + tax / Cr RECOGNISED_REVENUE fees / Cr TAX_PAYABLE tax
+                           (``InvoiceBilled`` at finalize: base fee, proration, discount; its usage and
+                           overage lines are receivable already; the fee is recognised at once)
+invoice paid               Dr GATEWAY_CLEARING / Cr RECEIVABLES (``InvoicePaid`` for fees + tax, and
+                           ``ReceivableSettled`` for the overage it billed)
+subscription credit note   Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr TENANT_WALLET (a grant,
+                           source ``credit_note``: account credit in the currency)
 package money booked       Dr GATEWAY_CLEARING total / Cr DEFERRED_REVENUE net / Cr TAX_PAYABLE tax
                            (in the currency, for a purchase granted in a credit unit)
 package money recognised   Dr DEFERRED_REVENUE / Cr RECOGNISED_REVENUE (credit consumed) / Cr BREAKAGE
@@ -106,6 +113,9 @@ class GrantSource(StrEnum):
     # Created by the ledger itself when a usage give-back cannot go back to the grants it was drawn
     # from (they lapsed meanwhile): never accepted from callers of ``grant_credit``.
     USAGE_REVERSAL = "usage_reversal"
+    # Created by the ledger for a subscription credit note (account credit in the currency): never accepted
+    # from callers of ``grant_credit``.
+    CREDIT_NOTE = "credit_note"
 
 
 # The account that pays for a grant's credit, by source (credit side is always TENANT_WALLET).
@@ -116,6 +126,7 @@ FUNDING_ACCOUNT: dict[str, LedgerAccount] = {
     GrantSource.MANUAL: LedgerAccount.PROMOTIONAL_EXPENSE,
     GrantSource.REFUND_REVERSAL: LedgerAccount.GATEWAY_CLEARING,
     GrantSource.USAGE_REVERSAL: LedgerAccount.RECOGNISED_REVENUE,
+    GrantSource.CREDIT_NOTE: LedgerAccount.RECOGNISED_REVENUE,
 }
 
 # Grants bought with money: only these may be refunded (others are voided).

@@ -964,6 +964,11 @@ def _every_event_type() -> BillingAccount:
     assert account.repay_overage(grant_id=give(account, "top-up", U), at=at(16), cause={}) == U
     assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(17))
     account.settle_invoiced_overage(invoice="inv-1", at=at(18), cause={"payment": "pi_1"})
+    account.bill_invoice(invoice="inv-2", unit=USD, net=30 * U, tax=6 * U, at=at(19), cause={})
+    account.settle_invoiced_overage(invoice="inv-2", at=at(20), cause={"payment": "pi_2"})
+    account.bill_invoice(invoice="inv-3", unit=USD, net=30 * U, tax=0, at=at(21), cause={})
+    account.void_invoice_bill(invoice="inv-3", at=at(22), cause={})
+    account.credit_note_grant(grant_id=uuid4(), note="cn-1", unit=USD, net=5 * U, tax=U, at=at(23), cause={})
     account.expire_grants(at(days=1))
     account.recognise_purchase_money(at(days=1))
     account.set_low_balance_threshold(CREDIT, 10 * U)

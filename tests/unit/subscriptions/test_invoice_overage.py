@@ -116,11 +116,11 @@ def test_paying_the_invoice_settles_the_overage_it_billed(app: LedgerApplication
     debit(app, "120", NOV_1, datetime(2026, 11, 21, tzinfo=UTC), unit="CREDIT", meter="tokens")
     invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("3.25"), usage_line("0", meter="tokens")])
     debit(app, "1.00", DEC_1, datetime(2026, 12, 2, tzinfo=UTC))  # December's: not on this invoice
-    assert (account(app).receivable("USD"), account(app).receivable("CREDIT")) == (425 * U // 100, 20 * U)
+    assert (account(app).overage_receivable("USD"), account(app).receivable("CREDIT")) == (425 * U // 100, 20 * U)
     run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 3, tzinfo=UTC), invoice_id=str(invoice.id),
         payment="pi_1")
     after = account(app)
-    assert (after.receivable("USD"), after.receivable("CREDIT")) == (1 * U, 0)  # only December's overage is owed
+    assert (after.overage_receivable("USD"), after.receivable("CREDIT")) == (1 * U, 0)  # only December's overage
     assert after.invoiced_overage(str(invoice.id)) == {}
     settled = [e for e in app.events.get(after.id) if type(e).__name__ == "ReceivableSettled"]
     assert sorted((e.unit, e.amount) for e in settled) == [("CREDIT", 20 * U), ("USD", 325 * U // 100)]
@@ -131,7 +131,7 @@ def test_paying_the_invoice_settles_the_overage_it_billed(app: LedgerApplication
     again = run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 4, tzinfo=UTC), invoice_id=str(invoice.id),
                 payment="pi_1")
     assert again.value["already_paid"] is True
-    assert account(app).receivable("USD") == 1 * U
+    assert account(app).overage_receivable("USD") == 1 * U
 
 
 def test_usage_fully_covered_by_credit_costs_nothing_whatever_the_rounding_of_its_lines(

@@ -411,7 +411,8 @@ def test_a_paused_subscription_is_not_billed_nor_granted_credits_until_it_resume
     key = f"{sub.id}/{dec_1.isoformat()}"
     assert invoice(app, "nap", key).total == Decimal("0.00")
     run(app, "invoice.usage_lines", "nap", at=dec_1, invoice_key=key, lines=[])
-    assert (invoice(app, "nap", key).status, invoice(app, "nap", key).total) == ("finalized", Decimal("0.00"))
+    # Nothing to bill at all: voided unnumbered (nothing_to_bill), not a numbered 0.00 invoice.
+    assert (invoice(app, "nap", key).status, invoice(app, "nap", key).number) == ("void", None)
     account = app.repository.get(ids.account_id("nap"))
     assert account.available("CREDIT") == 0
     # Resumed on Dec 16 (16 of 31 days left): the rest of December is billed and its credits granted.

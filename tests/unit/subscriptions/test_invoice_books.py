@@ -1,0 +1,177 @@
+"""Subscription invoices and credit notes in the account's double entry (SQLite ledger): what finalizing and
+paying them posts, what a credit note gives back, what a free plan and a top-up invoice post (nothing)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from billing_events import ids
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.audit import verify_store
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.invoice import Invoice, invoice_id
+from billing_ledger.domain.postings import account_balances
+from billing_ledger.domain.subscription import subscription_id
+
+from tests.unit.subscriptions.test_invoice_overage import debit, renew_and_bill, run, usage_line
+
+U = 10**9
+CENT = U // 100
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
+DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
+CATALOG: dict[str, Any] = {
+    "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.10", "currency": "USD"}},
+    "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}},
+               {"code": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
+    "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00"},
+              {"code": "free", "name": "Free", "currency": "USD", "base_fee": "0.00",
+               "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}],
+    "packages": [{"code": "usd-20", "name": "20 USD", "unit": "USD", "credits": "20", "price": "20.00",
+                  "currency": "USD"}],
+    "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+    "seller": {"name": "Billing GmbH", "country": "DE"},
+}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> LedgerApplication:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=CATALOG, digest="books-1")
+    run(ledger, "account.open", "acme", currency="USD")
+    run(ledger, "tax_profile.set", "acme", country="DE")  # a consumer in Germany: 19 % VAT
+    return ledger
+
+
+def account(app: LedgerApplication) -> BillingAccount:
+    return app.repository.get(ids.account_id("acme"))  # type: ignore[no-any-return]
+
+
+def books(app: LedgerApplication) -> dict[tuple[str, str], int]:
+    """The account's chart of accounts from its events' postings; asserts they sum to zero per unit."""
+    postings = [p for e in app.events.get(ids.account_id("acme")) for p in getattr(e, "postings", None) or []]
+    balances = account_balances(postings)
+    for unit in {u for _, u in balances}:
+        assert sum(v for (_, u), v in balances.items() if u == unit) == 0
+    return {k: v for k, v in balances.items() if v}
+
+
+def events(app: LedgerApplication, name: str) -> list[Any]:
+    return [e for e in app.events.get(ids.account_id("acme")) if type(e).__name__ == name]
+
+
+def first_invoice(app: LedgerApplication, key: str = "m") -> Invoice:
+    return app.repository.get(invoice_id("acme", f"{subscription_id('acme', key)}/{NOV_1.isoformat()}"))
+
+
+def test_an_invoice_posts_its_fee_and_tax_when_finalized_and_settles_them_when_paid(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    assert (invoice.status, invoice.total) == ("finalized", Decimal("35.70"))  # 30.00 + 5.70 VAT
+    assert account(app).receivable("USD") == 3570 * CENT
+    assert books(app) == {("receivables", "USD"): 3570 * CENT, ("recognised_revenue", "USD"): -3000 * CENT,
+                          ("tax_payable", "USD"): -570 * CENT}
+    run(app, "invoice.mark_paid", "acme", at=NOV_16, invoice_id=str(invoice.id), payment="pi_1")
+    assert account(app).receivable("USD") == 0
+    assert books(app) == {("gateway_clearing", "USD"): 3570 * CENT, ("recognised_revenue", "USD"): -3000 * CENT,
+                          ("tax_payable", "USD"): -570 * CENT}
+    # Paid again (the webhook after dunning's mark_paid): nothing more.
+    run(app, "invoice.mark_paid", "acme", at=NOV_16, invoice_id=str(invoice.id), payment="pi_1")
+    assert len(events(app, "InvoicePaid")) == 1
+    assert verify_store(app, "acme").ok
+
+
+def test_a_renewal_invoice_posts_its_fee_and_tax_and_its_payment_settles_the_overage_too(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "2.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))  # overage: receivable already
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("2.00")])
+    # December's 30.00 + November's 2.00 usage, and 19 % VAT on the 32.00.
+    assert renewal.total == Decimal("38.08")
+    [billed] = [e for e in events(app, "InvoiceBilled") if e.invoice == str(renewal.id)]
+    assert (billed.amount, billed.tax_amount) == (3608 * CENT, 608 * CENT)  # the usage is not posted twice
+    run(app, "invoice.mark_paid", "acme", at=DEC_1, invoice_id=str(renewal.id), payment="pi_2")
+    run(app, "invoice.mark_paid", "acme", at=DEC_1, invoice_id=str(first_invoice(app).id), payment="pi_1")
+    after = account(app)
+    assert after.receivable("USD") == 0  # fee, tax and overage of both invoices settled
+    chart = books(app)
+    assert chart[("gateway_clearing", "USD")] == 3570 * CENT + 3808 * CENT
+    assert chart[("tax_payable", "USD")] == -(570 + 608) * CENT
+    assert chart[("recognised_revenue", "USD")] == -(3000 + 3000 + 200) * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_a_downgrade_credit_note_becomes_account_credit_in_the_currency(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team", quantity=3)  # 90.00 + 17.10 VAT
+    result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=1)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert (note.document_type, note.total) == ("credit_note", Decimal("-35.70"))  # -30.00 and -5.70 VAT
+    after = account(app)
+    assert after.available("USD") == 3570 * CENT  # spendable credit, with the VAT given back
+    [grant] = [g for g in after.grant_balances() if g["source"] == "credit_note"]
+    assert (grant["amount"], grant["expires_at"], grant["scope"]) == (3570 * CENT, None, None)
+    assert after.receivable("USD") == 10710 * CENT  # the invoice is still owed in full (it is charged so)
+    assert books(app) == {("receivables", "USD"): 10710 * CENT, ("tenant_wallet", "USD"): -3570 * CENT,
+                          ("recognised_revenue", "USD"): -6000 * CENT, ("tax_payable", "USD"): -(1710 - 570) * CENT}
+    assert verify_store(app, "acme").ok
+
+
+def test_voiding_an_unpaid_invoice_reverses_what_it_billed(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    run(app, "invoice.void", "acme", at=NOV_16, invoice_id=str(first_invoice(app).id), reason="goodwill")
+    assert len(events(app, "InvoiceBillVoided")) == 1
+    assert account(app).receivable("USD") == 0
+    assert books(app) == {}
+    assert verify_store(app, "acme").ok
+
+
+def test_a_top_up_invoice_is_not_posted_again(app: LedgerApplication) -> None:
+    placed = run(app, "checkout.place", "acme", package="usd-20", key="o1", gateway="stripe").value
+    total = placed["quote"]["total"]
+    run(app, "order.paid_off_session", "acme", key="o1", gateway="stripe", payment_id="pi_o1", amount=total,
+        currency="USD")
+    invoice = app.repository.get(invoice_id("acme", f"orders/{placed['order_id']}"))
+    assert invoice.status in ("finalized", "paid")
+    assert events(app, "InvoiceBilled") == [] and events(app, "InvoicePaid") == []
+    # The purchase alone: 20.00 + 3.80 VAT taken in, 20.00 to spend; nothing receivable.
+    assert books(app) == {("gateway_clearing", "USD"): 2380 * CENT, ("tenant_wallet", "USD"): -2000 * CENT,
+                          ("tax_payable", "USD"): -380 * CENT}
+    assert account(app).receivable("USD") == 0
+
+
+def test_a_free_plan_gets_no_numbered_zero_invoice(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="f", plan="free")
+    first = first_invoice(app, "f")
+    assert (first.status, first.number) == ("void", None)  # nothing to bill: no number, no email
+    renewal = renew_and_bill_free(app)
+    assert (renewal.status, renewal.number) == ("void", None)
+    assert events(app, "InvoiceBilled") == [] and account(app).receivable("USD") == 0
+    # A paid plan's invoice takes the next number: none was used up by the free plan.
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    assert first_invoice(app).number == "INV-2026-000001"
+
+
+def renew_and_bill_free(app: LedgerApplication) -> Invoice:
+    run(app, "subscription.tick", "acme", at=DEC_1, key="f")
+    key = f"{subscription_id('acme', 'f')}/{DEC_1.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=DEC_1, invoice_key=key, lines=[], period_start=NOV_1.isoformat(),
+        period_end=DEC_1.isoformat())
+    return app.repository.get(invoice_id("acme", key))  # type: ignore[no-any-return]
+
+
+def test_credit_overage_billed_in_the_currency_is_money_in_the_currencys_books(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "50", NOV_1, datetime(2026, 11, 20, tzinfo=UTC), unit="CREDIT", meter="tokens")  # no credit: owed
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
+    assert renewal.total == Decimal("41.65")  # 30.00 fee + 50 CREDIT at 0.10 = 35.00, and 19 % VAT
+    for invoice in (renewal, first_invoice(app)):
+        run(app, "invoice.mark_paid", "acme", at=DEC_1, invoice_id=str(invoice.id), payment=f"pi-{invoice.id}")
+    chart = books(app)
+    # Every cent the customer paid is in the currency's clearing account, and the credits owed are closed.
+    assert chart[("gateway_clearing", "USD")] == 3570 * CENT + 4165 * CENT
+    assert ("receivables", "USD") not in chart and ("receivables", "CREDIT") not in chart
+    assert verify_store(app, "acme").ok

@@ -1,0 +1,60 @@
+"""The invoice preview shows the tax finalizing adds (HTTP route over a SQLite ledger)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from billing_events.messages import LedgerCommand
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.subscriptions_http import build_router
+from billing_runtime.auth import mint_token
+from billing_runtime.bus import EmbeddedBus
+from billing_runtime.http import create_app
+from billing_runtime.settings import Settings
+from fastapi.testclient import TestClient
+
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
+CATALOG: dict[str, Any] = {
+    "plans": [{"code": "team", "name": "Team", "currency": "EUR", "base_fee": "30.00"}],
+    "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+    "seller": {"name": "Billing GmbH", "country": "DE"},
+}
+
+
+def run(ledger: LedgerApplication, kind: str, tenant: str | None, at: datetime = NOV_1, **payload: Any) -> Any:
+    command = LedgerCommand(command_id=uuid4(), kind=kind, tenant=tenant, issued_at=at, issued_by="user:test",
+                            payload={"at": at.isoformat(), **payload})
+    [result] = ledger.apply_commands([command])
+    assert result.outcome == "applied", result
+    return result
+
+
+def test_the_preview_of_a_change_shows_the_tax_the_invoice_will_carry(tmp_path: Path) -> None:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=CATALOG, digest="preview-1")
+    run(ledger, "account.open", "acme", currency="EUR")
+    run(ledger, "tax_profile.set", "acme", country="DE")  # a consumer in Germany: 19 % VAT
+    run(ledger, "subscription.create", "acme", key="m", plan="team", quantity=1)
+    app = create_app("t", Settings(data_dir=tmp_path))
+    app.include_router(build_router(ledger, EmbeddedBus(tmp_path / "bus.sqlite"), "billing"))
+    token = mint_token(Settings(), role="admin")
+    response = TestClient(app).get("/v1/accounts/acme/subscriptions/m/invoice-preview",
+                                   params={"quantity": 3, "at": NOV_16.isoformat()},
+                                   headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    preview = response.json()
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
+        ("proration", "-15.00"), ("proration", "45.00"), ("tax", "5.70")]
+    assert (preview["net"], preview["total"]) == ("30.00", "35.70")
+    # The change itself bills exactly what was previewed.
+    result = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert invoice.total == Decimal(preview["total"])
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
