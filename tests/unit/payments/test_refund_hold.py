@@ -13,7 +13,16 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.payment_commands import payment_command
 
-from tests.unit.payments.support import TENANT, FakeStripe, client, command, headers, ledger, run, stripe_gateway
+from tests.unit.payments.support import (
+    TENANT,
+    FakeStripe,
+    client,
+    command,
+    headers,
+    ledger,
+    run,
+    stripe_gateway,
+)
 from tests.unit.payments.test_checkout_http import URLS, pay
 
 __all__ = ["ledger"]
