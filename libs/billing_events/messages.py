@@ -161,7 +161,8 @@ class PaymentNotification(Message):
     invoice_id: str | None = Field(
         default=None, max_length=255,
         description="The invoice this payment settles (Stripe metadata.invoice_id, written by dunning's off-session "
-                    "charges): the ledger marks that invoice paid and grants no credit for it.",
+                    "charges): the ledger marks that invoice paid and grants no credit for it. On a refund: the "
+                    "invoice the refunded payment settled, which gets a credit note for the amount refunded.",
         examples=["0b5c2f3e-9c1d-5e4f-8a7b-6c5d4e3f2a1b"])
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

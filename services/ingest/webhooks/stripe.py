@@ -8,7 +8,8 @@ Events acted on (anything else is answered 200 ``ignored``):
   billing metadata (what Checkout creates) is ignored: its session's event carries the metadata. Its
   ``metadata.invoice_id`` (dunning's off-session charges) names the invoice the payment settles.
 * ``refund.created`` / ``refund.updated``: status ``succeeded``; tenant and order id from the refund's
-  metadata, else its payment intent's, else the checkout session that created the payment intent.
+  metadata, else its payment intent's, else the checkout session that created the payment intent; the
+  invoice a refunded dunning charge settled from ``metadata.invoice_id`` (the refund's, else the intent's).
 """
 
 from __future__ import annotations
@@ -168,7 +169,10 @@ class StripeGateway:
                                 f"Refund {refund_id}: no tenant / order id on the refund, its payment intent "
                                 f"or its checkout session.")
         amount, code = minor_units_to_amount(refund.get("amount"), refund.get("currency"), STRIPE_SCALE_OVERRIDES)
-        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id)
+        # A refund of a dunning charge names the invoice that payment settled: the ledger credits that invoice.
+        invoice = invoice_reference(refund.get("metadata")) or (
+            invoice_reference(intent.get("metadata")) if isinstance(intent, dict) else None)
+        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id, invoice)
 
     async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
         sessions = await self._client.v1.checkout.sessions.list_async(

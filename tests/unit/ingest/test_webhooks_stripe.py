@@ -296,6 +296,17 @@ async def test_a_succeeded_refund_is_attributed_through_its_checkout_session(ing
     assert Decimal(payment["amount"]) == Decimal("10.50")
 
 
+async def test_a_refund_of_a_dunning_charge_names_the_invoice_it_paid(ingest: Ingest, api: FakeStripeApi) -> None:
+    invoice = "0b5c2f3e-9c1d-5e4f-8a7b-6c5d4e3f2a1b"
+    api.intent(amount=3000, metadata={"tenant": TENANT, "order_id": invoice, "invoice_id": invoice})
+    api.refund(amount=1000)  # made in Stripe's dashboard: no metadata of its own
+    payload = event("refund.created", {"id": "re_1", "object": "refund"})
+    assert (await post(ingest, payload, signed(payload))).json()["status"] == "published"
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["kind"], payment["invoice_id"], Decimal(payment["amount"])) == ("refund_succeeded", invoice,
+                                                                                    Decimal("10.00"))
+
+
 async def test_a_pending_refund_is_not_confirmed(ingest: Ingest, api: FakeStripeApi) -> None:
     api.intent(metadata={"tenant": TENANT, "order_id": "order-42"})
     api.refund(status="pending")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from billing_events import ids
@@ -238,3 +238,65 @@ async def test_a_processing_charge_is_pending_no_backup_is_charged_and_the_webho
     assert first_invoice(ledger).status == "paid" and balance(ledger) == 0
     assert await Dunning(ledger, gateways, None, SCHEDULE, now=clock).process() == {}
     assert len(intents(api)) == 1
+
+
+def stripe_refunded(form: dict[str, str], refund: str, amount: str, event_id: str) -> PaymentNotification:
+    """What ingest publishes for Stripe's ``refund.created`` of the charge made with ``form`` (its intent's
+    metadata: tenant, order id and invoice id)."""
+    metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="refund_succeeded",
+                               tenant=metadata["tenant"], order_id=metadata["order_id"],
+                               invoice_id=metadata.get("invoice_id"), amount=Decimal(amount), currency="USD",
+                               verified_at=utcnow(), gateway_reference=refund)
+
+
+def credit_note(app: LedgerApplication, note: str) -> tuple[Any, ...]:
+    found = app.read(UUID(note), lambda n: (n.document_type, n.status, n.number, n.total, n.related_invoice,
+                                            [(x["kind"], x["amount"]) for x in n.lines]))
+    assert found is not None
+    return found
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_refund_of_an_invoice_payment_is_a_credit_note_of_that_invoice(
+        ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    invoice = first_invoice(ledger)
+    assert await Dunning(ledger, {"stripe": stripe_gateway(api)}, None, SCHEDULE, now=Clock(NOV_1)).process() == {
+        str(invoice.id): "paid"}
+    [(_, form)] = intents(api)
+
+    # 10.00 of the 30.00 refunded in Stripe's dashboard: a credit note of -10.00 for that invoice, no credit moves.
+    [partial] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_1", "10.00", "evt_re_1"))])
+    assert partial.outcome == "applied", partial  # was rejected as an unknown purchase
+    assert credit_note(ledger, partial.value["credit_note"]) == (
+        "credit_note", "finalized", partial.value["credit_note_number"], Decimal("-10.00"), str(invoice.id),
+        [("adjustment", "-10.00"), ("tax", "0.00")])
+    assert partial.value["credit_note_number"].startswith("CN-")
+    # The same refund announced by another event: nothing new.
+    [again] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_1", "10.00", "evt_re_1b"))])
+    assert again.outcome == "applied" and again.value["already_refunded"], again
+    # The rest refunded: the invoice's lines, negated, for the 20.00; more than the invoice is rejected.
+    [rest] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_2", "20.00", "evt_re_2"))])
+    assert credit_note(ledger, rest.value["credit_note"])[3] == Decimal("-20.00")
+    [too_much] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_3", "30.01", "evt_re_3"))])
+    assert (too_much.outcome, too_much.reason) == ("rejected", "invoice_refund_mismatch")
+
+    assert balance(ledger) == 0  # nothing was granted or reversed as purchased credit
+    # The invoice was paid and stays so (its credit notes say what came back): dunning never charges it again.
+    assert first_invoice(ledger).status == "paid" and status(ledger) == "active"
+
+
+def test_a_full_refund_credits_the_invoice_lines(ledger: LedgerApplication) -> None:
+    invoice = first_invoice(ledger)
+    assert run(ledger, "invoice.mark_paid", TENANT, "paid", invoice_id=str(invoice.id),
+               payment="pi_9").outcome == "applied"
+    # A refund whose order id names the invoice (a charge made before metadata.invoice_id existed).
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_full", kind="refund_succeeded", tenant=TENANT,
+                                 order_id=str(invoice.id), amount=Decimal("30.00"), currency="USD",
+                                 verified_at=utcnow(), gateway_reference="re_full")
+    [result] = ledger.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+    note = credit_note(ledger, result.value["credit_note"])
+    assert note[3] == -invoice.total and note[5] == [(x["kind"], str(-Decimal(x["amount"]))) for x in invoice.lines]
+    assert balance(ledger) == 0
