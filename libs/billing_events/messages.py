@@ -145,7 +145,9 @@ class PaymentNotification(Message):
     schema_: Literal["payment/v1"] = Field(default="payment/v1", alias="schema")
     gateway: str
     gateway_event_id: str
-    kind: Literal["payment_succeeded", "refund_succeeded"]
+    kind: Literal["payment_succeeded", "refund_succeeded", "payment_failed"] = Field(
+        description="payment_failed: a charge that was pending (e.g. a bank debit still processing) has failed; "
+                    "only published for charges that name an invoice (dunning follows it up).")
     tenant: str = Field(pattern=TENANT_PATTERN)
     order_id: str
     amount: DecimalStr

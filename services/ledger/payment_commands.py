@@ -28,6 +28,11 @@ and refused as a duplicate the second time, like every other command.
   paid, the credit note says what came back. One credit note per gateway refund (``refund_credit_note_key``);
   the gateway never refunds more than was paid, and a single refund above the invoice's total, in another
   currency or of an invoice that is not paid is rejected for reconciliation.
+* ``payment_failed`` of a charge dunning recorded pending (``invoice.payment_pending`` keeps its reference on
+  the invoice) records that attempt's failure on the invoice (``Invoice.PaymentFailed``); dunning's next round
+  treats it like a declined attempt (email, ``invoice.payment_failed``, past_due after the last one) and
+  retries on its schedule. A failure of any other charge of the invoice (a decline dunning saw when it
+  charged) or of a closed invoice changes nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +49,16 @@ from billing_ledger import checkout_commands, payload, refund_request_commands
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
-from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, PAID, Invoice, InvoiceError, invoice_id, line
+from billing_ledger.domain.invoice import (
+    CREDIT_NOTE,
+    FINALIZED,
+    INVOICE,
+    PAID,
+    Invoice,
+    InvoiceError,
+    invoice_id,
+    line,
+)
 from billing_ledger.invoice_overage import repay_from_purchase
 from billing_ledger.subscription_commands import _finalize, settle_invoice, tenant_invoice
 
@@ -52,6 +66,9 @@ from billing_ledger.subscription_commands import _finalize, settle_invoice, tena
 PAYMENT_ACCOUNT_WAIT_SECONDS = 600
 PAYMENT_SUCCEEDED = "payment.succeeded"
 PAYMENT_REFUNDED = "payment.refunded"
+PAYMENT_FAILED = "payment.failed"
+KINDS = {"payment_succeeded": PAYMENT_SUCCEEDED, "refund_succeeded": PAYMENT_REFUNDED,
+         "payment_failed": PAYMENT_FAILED}
 
 
 def payment_grant_id(tenant: str, gateway: str, gateway_event_id: str) -> UUID:
@@ -60,7 +77,7 @@ def payment_grant_id(tenant: str, gateway: str, gateway_event_id: str) -> UUID:
 
 def payment_command(notification: PaymentNotification) -> LedgerCommand:
     """The ledger command for a verified notification; the same notification always gives the same id."""
-    kind = PAYMENT_SUCCEEDED if notification.kind == "payment_succeeded" else PAYMENT_REFUNDED
+    kind = KINDS[notification.kind]
     return LedgerCommand(
         command_id=ids.command_id(kind, notification.gateway, notification.gateway_event_id),
         kind=kind, tenant=notification.tenant, issued_at=notification.verified_at,
@@ -212,3 +229,18 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
     assert note.total == -amount, "a refund's credit note credits exactly the amount refunded"
     return {"invoice_id": str(invoice.id), "credit_note": str(note.id), "credit_note_number": note.number,
             "amount": str(amount), "gateway": gateway}
+
+
+@handles(PAYMENT_FAILED)
+def payment_failed(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    _account_in_currency(batch, command)
+    named = command.payload.get("invoice_id")
+    invoice = tenant_invoice(batch, command.tenant, named or command.payload.get("order_id"))
+    if invoice is None or invoice.document_type != INVOICE:
+        raise CommandRejected("unknown_invoice", f"failed payment for {named!r}, not one of this tenant's invoices")
+    reference = str(command.payload.get("gateway_reference") or payload.text(command, "gateway_event_id"))
+    if invoice.status != FINALIZED:  # paid by other means meanwhile, or voided: nothing to follow
+        return {"invoice_id": str(invoice.id), "followed": False, "status": invoice.status}
+    attempt = invoice.payment_failed(payment=reference, at=payload.timestamp(command, "verified_at"),
+                                     by=command.issued_by)
+    return {"invoice_id": str(invoice.id), "followed": attempt is not None, "attempt": attempt}

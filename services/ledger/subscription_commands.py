@@ -493,10 +493,15 @@ def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerComm
 
 @handles("invoice.payment_pending")
 def invoice_payment_pending(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    """A dunning charge is under way at the gateway (its webhook settles the invoice): only its receipt is
-    recorded, so dunning charges that attempt no more (see ``dunning.py``)."""
-    if tenant_invoice(batch, command.tenant, command.payload["invoice_id"]) is None:
+    """A dunning charge is under way at the gateway (its webhook settles the invoice): its receipt says dunning
+    charges that attempt no more (see ``dunning.py``); the invoice keeps the charge's reference, so a
+    ``payment_failed`` notification of it is followed (``payment_commands``)."""
+    invoice = tenant_invoice(batch, command.tenant, command.payload["invoice_id"])
+    if invoice is None:
         raise CommandRejected("unknown_invoice")
+    if command.payload.get("payment") and command.payload.get("attempt"):
+        invoice.payment_pending(attempt=int(command.payload["attempt"]), payment=str(command.payload["payment"]),
+                                at=effective_at(command), by=command.issued_by)
 
 
 @handles("invoice.payment_failed")

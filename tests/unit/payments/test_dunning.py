@@ -300,3 +300,66 @@ def test_a_full_refund_credits_the_invoice_lines(ledger: LedgerApplication) -> N
     note = credit_note(ledger, result.value["credit_note"])
     assert note[3] == -invoice.total and note[5] == [(x["kind"], str(-Decimal(x["amount"]))) for x in invoice.lines]
     assert balance(ledger) == 0
+
+
+def stripe_failed(form: dict[str, str], intent: str, event_id: str) -> PaymentNotification:
+    """What ingest publishes for Stripe's ``payment_intent.payment_failed`` of the charge made with ``form``."""
+    metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="payment_failed",
+                               tenant=metadata["tenant"], order_id=metadata["order_id"],
+                               invoice_id=metadata.get("invoice_id"), amount=Decimal(form["amount"]).scaleb(-2),
+                               currency=form["currency"].upper(), verified_at=utcnow(), gateway_reference=intent)
+
+
+@pytest.mark.asyncio
+async def test_a_pending_charge_that_fails_is_a_failed_attempt_and_the_next_one_is_made(
+        ledger: LedgerApplication, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    mail = SmtpSettings("127.0.0.1", port, "b@x", "billing", "tenants.test")
+    api = FakeStripe()
+    api.processing.add("pm_primary")  # a bank debit: it fails two days later
+    invoice = first_invoice(ledger)
+    gateways = {"stripe": stripe_gateway(api)}
+    clock = Clock(NOV_1 + timedelta(minutes=1))
+    dunning = Dunning(ledger, gateways, mail, SCHEDULE, now=clock)
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    [(_, form)] = intents(api)
+    [intent] = [o for o in api.objects.values() if o["object"] == "payment_intent"]
+    intent["status"] = "requires_payment_method"
+
+    [failed] = ledger.apply_commands([payment_command(stripe_failed(form, intent["id"], "evt_pi_failed"))])
+    assert failed.outcome == "applied", failed
+    assert failed.value == {"invoice_id": str(invoice.id), "followed": True, "attempt": 1}
+    clock.at = NOV_1 + timedelta(days=2)
+    assert await dunning.process() == {str(invoice.id): "retry"}  # attempt 1 failed; it used to wait for ever
+    [message] = inbox.messages
+    assert "attempt 1 of 3" in message.get_payload() and intent["id"] in message.get_payload()
+    assert len(intents(api)) == 1 and first_invoice(ledger).status == "finalized"
+
+    api.processing.clear()
+    clock.at = NOV_1 + timedelta(days=3)  # attempt 2, on its day: charged and paid
+    assert await dunning.process() == {str(invoice.id): "paid"}
+    assert [key for key, _ in intents(api)] == [f"dunning/{invoice.id}/0/0", f"dunning/{invoice.id}/1/0"]
+    assert first_invoice(ledger).status == "paid" and status(ledger) == "active" and balance(ledger) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_pending_last_attempt_that_fails_makes_the_subscription_past_due(ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    api.processing.add("pm_primary")
+    invoice = first_invoice(ledger)
+    clock = Clock(NOV_1)
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0,), now=clock)
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    [(_, form)] = intents(api)
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    # A decline of some other charge of the invoice (seen by dunning when it charged) changes nothing.
+    [other] = ledger.apply_commands([payment_command(stripe_failed(form, "pi_other", "evt_other"))])
+    assert other.outcome == "applied" and other.value["followed"] is False, other
+    assert await dunning.process() == {}  # still pending
+
+    [failed] = ledger.apply_commands([payment_command(stripe_failed(form, intent, "evt_failed"))])
+    assert failed.value["followed"] is True, failed
+    assert await dunning.process() == {str(invoice.id): "past_due"}
+    assert status(ledger) == "past_due" and first_invoice(ledger).status == "finalized"
+    assert len(intents(api)) == 1  # no backup method was charged for the pending attempt
