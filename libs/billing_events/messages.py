@@ -145,7 +145,9 @@ class PaymentNotification(Message):
     schema_: Literal["payment/v1"] = Field(default="payment/v1", alias="schema")
     gateway: str
     gateway_event_id: str
-    kind: Literal["payment_succeeded", "refund_succeeded"]
+    kind: Literal["payment_succeeded", "refund_succeeded", "payment_failed"] = Field(
+        description="payment_failed: a charge that was pending (e.g. a bank debit still processing) has failed; "
+                    "only published for charges that name an invoice (dunning follows it up).")
     tenant: str = Field(pattern=TENANT_PATTERN)
     order_id: str
     amount: DecimalStr
@@ -161,7 +163,8 @@ class PaymentNotification(Message):
     invoice_id: str | None = Field(
         default=None, max_length=255,
         description="The invoice this payment settles (Stripe metadata.invoice_id, written by dunning's off-session "
-                    "charges): the ledger marks that invoice paid and grants no credit for it.",
+                    "charges): the ledger marks that invoice paid and grants no credit for it. On a refund: the "
+                    "invoice the refunded payment settled, which gets a credit note for the amount refunded.",
         examples=["0b5c2f3e-9c1d-5e4f-8a7b-6c5d4e3f2a1b"])
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

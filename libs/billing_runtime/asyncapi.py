@@ -60,4 +60,13 @@ def build_specification() -> dict[str, Any]:
     spec = AsyncAPI(broker, title="billing: event-sourced billing, subscriptions and credits", version="0.1.0",
                     description="Topics, message models and consumer groups of the service set.")
     document: dict[str, Any] = spec.to_specification().to_jsonable()
+    # FastStream lists channels and operations in an order that depends on what the process imported before
+    # (`billing asyncapi` and a plain import differed): sorted by name, docs/asyncapi.json is one document.
+    for section in ("channels", "operations"):
+        if isinstance(document.get(section), dict):
+            document[section] = dict(sorted(document[section].items()))
+    components = document.get("components") or {}
+    for section in ("messages", "schemas"):
+        if isinstance(components.get(section), dict):
+            components[section] = dict(sorted(components[section].items()))
     return document

@@ -191,6 +191,14 @@ def set_auto_top_up(app: LedgerApplication, batch: _Batch, command: LedgerComman
         package = next((x for x in catalog_document(batch).get("packages") or [] if x["code"] == p["package"]), None)
         if package is None:
             raise CommandRejected("unknown_package", f"no credit package {p['package']!r}")
+        if package["unit"] != unit:  # it would top up another wallet than the one watched
+            raise CommandRejected("invalid_auto_top_up", f"package {package['code']!r} gives {package['unit']}, "
+                                                         f"the rule watches {unit}")
+    if p.get("target") is not None and unit != account.currency:
+        # A top-up to a target is charged at face value in the currency; a credit unit has no such price
+        # (``topups._order_payload``): refused now rather than failing every time the rule fires.
+        raise CommandRejected("invalid_auto_top_up", f"a {unit} rule needs a package: only {account.currency} "
+                                                     f"can be topped up to a target")
     try:
         account.set_auto_top_up(
             unit, to_subunits(parse_decimal(p["threshold"])),

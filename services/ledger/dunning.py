@@ -12,7 +12,9 @@ index>``, so a repeated attempt never charges twice):
   backup method (that would charge twice) and applies ``invoice.payment_pending`` (a receipt per (invoice,
   attempt)), so no later round or restart charges that attempt again, even after the gateway's idempotency key
   has expired; the gateway's webhook settles the invoice (``payment.succeeded`` naming it, see
-  ``payment_commands``). A pending payment that later fails is not followed yet: the invoice stays open, unpaid;
+  ``payment_commands``). A pending payment that later fails (``payment.failed``, recorded on the invoice) is
+  a failed attempt at the next round: the tenant is emailed and ``invoice.payment_failed`` applied as below,
+  and the next attempt follows the schedule;
 * when every method declines, the tenant is emailed, then ``invoice.payment_failed`` is applied with
   ``final`` true only for the last attempt (the subscription goes past_due).
 
@@ -38,7 +40,7 @@ from billing_ledger.domain.invoice import FINALIZED, INVOICE, Invoice
 from billing_ledger.gateways import GatewayError, OutboundGateway
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
-from billing_ledger.saved_methods import charge_in_order
+from billing_ledger.saved_methods import Charged, charge_in_order
 from billing_runtime.logging import get_logger
 from billing_runtime.service import pause
 from eventsourcing.persistence import Tracking
@@ -68,7 +70,7 @@ def pending_command_id(invoice: UUID, attempt: int) -> UUID:
 def _invoice_view(invoice: Invoice) -> dict[str, Any]:
     return {"status": invoice.status, "tenant": invoice.tenant, "subscription_id": invoice.subscription_id,
             "document_type": invoice.document_type, "total": invoice.total, "currency": invoice.currency,
-            "number": invoice.number}
+            "number": invoice.number, "failed_payments": dict(invoice.failed_payments)}
 
 
 class Dunning:
@@ -152,12 +154,17 @@ class Dunning:
         now = self.now()
         if now < issued_at + timedelta(days=self.retry_days[made]):
             return "waiting"
-        if await asyncio.to_thread(self.app.read, pending_command_id(invoice, made), lambda r: True):
-            return "waiting"  # a payment of this attempt is under way: its webhook settles the invoice
         tenant, total, code = view["tenant"], view["total"], view["currency"]
-        charged = await charge_in_order(self.app, self.gateways, tenant=tenant, total=total, currency_code=code,
-                                        key_prefix=f"dunning/{invoice}/{made}", order_ref=str(invoice),
-                                        invoice_ref=str(invoice))
+        if await asyncio.to_thread(self.app.read, pending_command_id(invoice, made), lambda r: True):
+            failed = view["failed_payments"].get(str(made + 1))
+            if failed is None:
+                return "waiting"  # a payment of this attempt is under way: its webhook settles the invoice
+            # The gateway reported the pending payment failed (``payment.failed``): the attempt failed.
+            charged = Charged(None, None, None, [f"payment {failed} failed after it was pending"])
+        else:
+            charged = await charge_in_order(self.app, self.gateways, tenant=tenant, total=total, currency_code=code,
+                                            key_prefix=f"dunning/{invoice}/{made}", order_ref=str(invoice),
+                                            invoice_ref=str(invoice))
         if charged.pending is not None:
             result = await asyncio.to_thread(
                 self._apply, "invoice.payment_pending", pending_command_id(invoice, made), tenant, {

@@ -80,6 +80,11 @@ GC_GEN2_THRESHOLD = 20
 HOLD_TTL_SECONDS_DEFAULT = 15 * 60
 HOLD_TTL_SECONDS_MAX = 7 * 24 * 3600
 
+# An approved refund request reserves the order's purchased credit (a hold, refund_request_commands.py) until
+# the gateway's refund is booked: at most this long, as long as the longest a hold may last, so an operator
+# can retry a gateway outage by approving again within a week; after it the credit is spendable again.
+REFUND_HOLD_SECONDS = HOLD_TTL_SECONDS_MAX
+
 # Idempotency keys, reasons and resource codes given over HTTP.
 KEY_CHARS_MAX = 128
 REASON_CHARS_MAX = 512

@@ -20,29 +20,55 @@ and refused as a duplicate the second time, like every other command.
 * ``refund_succeeded`` books a refund the gateway has *already paid out*: it is a fact, not a request, so
   it is recorded even when the credit was spent (with the override: the spent part is reversed from
   revenue, see ``BillingAccount.refund_grant``). It refunds the purchase grants of the same order.
+* ``refund_succeeded`` of a payment that settled an invoice (the notification's ``invoice_id``, or an
+  ``order_id`` naming one of the tenant's invoices, as for payments) is recorded against that invoice, never
+  as a purchase reversal: a credit note (``CN-``, ``related_invoice``) for the refunded amount, tax
+  included -- the invoice's lines negated for a full refund, else one ``adjustment`` line and its ``tax`` line
+  in the invoice's proportion of tax. The invoice itself stays ``paid`` (as Stripe's invoices do): it was
+  paid, the credit note says what came back. One credit note per gateway refund (``refund_credit_note_key``);
+  the gateway never refunds more than was paid, and a single refund above the invoice's total, in another
+  currency or of an invoice that is not paid is rejected for reconciliation.
+* ``payment_failed`` of a charge dunning recorded pending (``invoice.payment_pending`` keeps its reference on
+  the invoice) records that attempt's failure on the invoice (``Invoice.PaymentFailed``); dunning's next round
+  treats it like a declined attempt (email, ``invoice.payment_failed``, past_due after the last one) and
+  retries on its schedule. A failure of any other charge of the invoice (a decline dunning saw when it
+  charged) or of a closed invoice changes nothing.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand, PaymentNotification
-from billing_events.money import from_subunits, parse_decimal
+from billing_events.money import RATING_CONTEXT, currency, from_subunits, parse_decimal, round_minor
 from billing_ledger import checkout_commands, payload, refund_request_commands
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
-from billing_ledger.domain.invoice import INVOICE, Invoice, InvoiceError
+from billing_ledger.domain.invoice import (
+    CREDIT_NOTE,
+    FINALIZED,
+    INVOICE,
+    PAID,
+    Invoice,
+    InvoiceError,
+    invoice_id,
+    line,
+)
 from billing_ledger.invoice_overage import repay_from_purchase
-from billing_ledger.subscription_commands import settle_invoice, tenant_invoice
+from billing_ledger.subscription_commands import _finalize, settle_invoice, tenant_invoice
 
 # A payment for an account not opened yet is retried for this long before it is rejected (and recorded).
 PAYMENT_ACCOUNT_WAIT_SECONDS = 600
 PAYMENT_SUCCEEDED = "payment.succeeded"
 PAYMENT_REFUNDED = "payment.refunded"
+PAYMENT_FAILED = "payment.failed"
+KINDS = {"payment_succeeded": PAYMENT_SUCCEEDED, "refund_succeeded": PAYMENT_REFUNDED,
+         "payment_failed": PAYMENT_FAILED}
 
 
 def payment_grant_id(tenant: str, gateway: str, gateway_event_id: str) -> UUID:
@@ -51,7 +77,7 @@ def payment_grant_id(tenant: str, gateway: str, gateway_event_id: str) -> UUID:
 
 def payment_command(notification: PaymentNotification) -> LedgerCommand:
     """The ledger command for a verified notification; the same notification always gives the same id."""
-    kind = PAYMENT_SUCCEEDED if notification.kind == "payment_succeeded" else PAYMENT_REFUNDED
+    kind = KINDS[notification.kind]
     return LedgerCommand(
         command_id=ids.command_id(kind, notification.gateway, notification.gateway_event_id),
         kind=kind, tenant=notification.tenant, issued_at=notification.verified_at,
@@ -134,6 +160,12 @@ def _settle_invoice(batch: _Batch, command: LedgerCommand, invoice: Invoice, *, 
 def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = _account_in_currency(batch, command)
     gateway, event_id = payload.text(command, "gateway"), payload.text(command, "gateway_event_id")
+    named_invoice = command.payload.get("invoice_id")
+    invoice = tenant_invoice(batch, command.tenant, named_invoice or command.payload.get("order_id"))
+    if named_invoice and invoice is None:
+        raise CommandRejected("unknown_invoice", f"refund of invoice {named_invoice!r}, not one of this tenant's")
+    if invoice is not None:  # the refunded payment settled an invoice: a credit note, no credit moves
+        return _refund_invoice(app, batch, command, invoice, gateway=gateway, event_id=event_id)
     known = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
     if known is not None:  # a checkout order: reversed as a whole (grants, credit note), once
         return refund_request_commands.gateway_refunded(
@@ -158,3 +190,57 @@ def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerComman
         refunds.append(str(refund))
         left -= part
     return {"refunds": refunds}
+
+
+def refund_credit_note_key(invoice: Invoice, gateway: str, reference: str) -> str:
+    return f"invoices/{invoice.id}/refunds/{gateway}/{reference}"
+
+
+def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand, invoice: Invoice, *,
+                    gateway: str, event_id: str) -> dict[str, Any]:
+    """A gateway refund of an invoice's payment: a credit note for the refunded amount (see the module doc)."""
+    amount, code = parse_decimal(payload.text(command, "amount")), payload.text(command, "currency")
+    reference = str(command.payload.get("gateway_reference") or event_id)
+    if invoice.document_type != INVOICE or invoice.status != PAID or code != invoice.currency \
+            or not 0 < amount <= invoice.total:
+        raise CommandRejected("invoice_refund_mismatch", f"refund {amount} {code} of {invoice.document_type} "
+                                                         f"{invoice.number} ({invoice.status}, {invoice.total} "
+                                                         f"{invoice.currency}): reconcile by hand")
+    key = refund_credit_note_key(invoice, gateway, reference)
+    existing = batch.get(invoice_id(invoice.tenant, key))
+    if existing is not None:  # the same refund announced by another event
+        return {"invoice_id": str(invoice.id), "credit_note": str(existing.id), "already_refunded": True}
+    at = payload.timestamp(command, "verified_at")
+    if amount == invoice.total:
+        lines = [{**item, "amount": str(-Decimal(item["amount"])), "exact_amount": str(-Decimal(item["exact_amount"]))}
+                 for item in invoice.lines]
+    else:
+        # Tax is given back in the invoice's own proportion; rounded once, the net takes the rest (exact sum).
+        tax_total = sum((Decimal(item["amount"]) for item in invoice.lines if item["kind"] == "tax"), Decimal(0))
+        tax = round_minor(RATING_CONTEXT.divide(RATING_CONTEXT.multiply(amount, tax_total), invoice.total),
+                          currency(code))
+        lines = [line("adjustment", f"Refund {reference} of invoice {invoice.number}", -(amount - tax), code),
+                 line("tax", f"Tax refunded of invoice {invoice.number}", -tax, code)]
+    note = Invoice(tenant=invoice.tenant, key=key, document_type=CREDIT_NOTE, currency=code, lines=lines,
+                   period_start=invoice.period_start, period_end=invoice.period_end,
+                   subscription_id=invoice.subscription_id, related_invoice=str(invoice.id), at=at, by=command.issued_by)
+    batch.add(note)
+    _finalize(app, batch, note, at, command.issued_by, refunded=True)
+    assert note.total == -amount, "a refund's credit note credits exactly the amount refunded"
+    return {"invoice_id": str(invoice.id), "credit_note": str(note.id), "credit_note_number": note.number,
+            "amount": str(amount), "gateway": gateway}
+
+
+@handles(PAYMENT_FAILED)
+def payment_failed(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    _account_in_currency(batch, command)
+    named = command.payload.get("invoice_id")
+    invoice = tenant_invoice(batch, command.tenant, named or command.payload.get("order_id"))
+    if invoice is None or invoice.document_type != INVOICE:
+        raise CommandRejected("unknown_invoice", f"failed payment for {named!r}, not one of this tenant's invoices")
+    reference = str(command.payload.get("gateway_reference") or payload.text(command, "gateway_event_id"))
+    if invoice.status != FINALIZED:  # paid by other means meanwhile, or voided: nothing to follow
+        return {"invoice_id": str(invoice.id), "followed": False, "status": invoice.status}
+    attempt = invoice.payment_failed(payment=reference, at=payload.timestamp(command, "verified_at"),
+                                     by=command.issued_by)
+    return {"invoice_id": str(invoice.id), "followed": attempt is not None, "attempt": attempt}

@@ -7,11 +7,19 @@ voided (their unspent remainder; what of them was used stays used), a credit not
 (``CN-`` number) and the order is marked refunded. It happens once: the gateway's own refund webhook that
 follows finds the order refunded and changes nothing (and a refund made in the gateway's dashboard reverses
 the order the same way).
+
+Approval reserves the purchased credit: a hold on the account (``refund_hold_id``, meter None) for what of the
+purchase grant is unrefunded, expiring after ``REFUND_HOLD_SECONDS``, so usage between approval and the
+gateway's answer cannot spend credit that is about to be paid back (it goes to overage, or is refused under
+``block``). The reversal releases it first, whichever path books the refund (``complete`` or the gateway's
+webhook, which may arrive first: ``complete`` then finds the order refunded and just completes the request).
+The hold reserves the unit's balance, not the grant itself: when other credit of the unit is left, usage may
+still draw the purchase grant first (drawdown order) and the reversal is refused as before.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -23,8 +31,9 @@ from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.checkout_commands import bonus_grant_id, order_of, top_up_invoice_id
 from billing_ledger.domain.checkout import PAID, REFUNDED, Order
-from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
+from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice, invoice_id
 from billing_ledger.domain.refund_request import RefundRequest, RefundRequestError, refund_request_id
+from billing_ledger.limits import REFUND_HOLD_SECONDS
 from billing_ledger.payload import at as effective_at
 from billing_ledger.subscription_commands import _finalize
 
@@ -42,6 +51,33 @@ def refundable_now(batch: _Batch, order: Order) -> int:
     if state is None or state["status"] != "open":
         return 0
     return max(0, min(int(state["remaining"]), account.available(state["unit"])))
+
+
+def refund_hold_id(order: Order) -> UUID:
+    """The hold an approved refund request of ``order`` places (one per order: its credit is refunded once)."""
+    return uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund-hold")
+
+
+def _purchase_grant(batch: _Batch, order: Order) -> dict[str, Any]:
+    purchase = str(ids.grant_id(order.tenant, f"order/{order.id}/purchase"))
+    return next(g for g in account_of(batch, order.tenant).grant_balances() if g["grant_id"] == purchase)
+
+
+def _reserve(batch: _Batch, order: Order, at: datetime) -> None:
+    """Holds the unrefunded purchased credit until the gateway's refund is booked (see the module docstring)."""
+    grant = _purchase_grant(batch, order)
+    amount = int(grant["amount"]) - int(grant["refunded"])
+    if not account_of(batch, order.tenant).place_hold(
+            hold_id=refund_hold_id(order), unit=grant["unit"], amount=amount, meter=None,
+            expires_at=at + timedelta(seconds=REFUND_HOLD_SECONDS), at=at):
+        raise CommandRejected("refund_not_eligible", f"the credit of order {order.key!r} cannot be reserved")
+
+
+def _release(batch: _Batch, order: Order, at: datetime) -> None:
+    account = account_of(batch, order.tenant)
+    hold = str(refund_hold_id(order))
+    if any(h["hold_id"] == hold for h in account.active_holds()):
+        account.release_hold(hold_id=UUID(hold), at=at)
 
 
 def request_view(request: RefundRequest) -> dict[str, Any]:
@@ -85,6 +121,8 @@ def approve_request(app: LedgerApplication, batch: _Batch, command: LedgerComman
         request.approve(at=effective_at(command), by=command.issued_by)
     except RefundRequestError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc
+    if order.status == PAID:  # approving again (a gateway retry) keeps the first hold; refunded: nothing to hold
+        _reserve(batch, order, effective_at(command))
     return {**request_view(request), "order": {"key": order.key, "gateway": order.gateway,
                                                "payment": order.payment, "quote": dict(order.quote)}}
 
@@ -107,10 +145,13 @@ def complete_request(app: LedgerApplication, batch: _Batch, command: LedgerComma
         return request_view(request)
     order = batch.get(UUID(request.order_id))
     reference = str(command.payload["gateway_refund"])
-    result = reverse_order(app, batch, order, reference=reference, at=effective_at(command), by=command.issued_by,
-                           finance_override=False)
+    if order.status == REFUNDED:  # the gateway's refund webhook came first and reversed the order
+        credit_note = str(invoice_id(order.tenant, f"orders/{order.id}/refund"))
+    else:
+        credit_note = reverse_order(app, batch, order, reference=reference, at=effective_at(command),
+                                    by=command.issued_by, finance_override=False)["credit_note"]
     try:
-        request.complete(gateway_refund=reference, credit_note=result["credit_note"], at=effective_at(command),
+        request.complete(gateway_refund=reference, credit_note=credit_note, at=effective_at(command),
                          by=command.issued_by)
     except RefundRequestError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc
@@ -129,6 +170,7 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
 
 def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, reference: str, at: datetime, by: str,
                   finance_override: bool) -> dict[str, Any]:
+    _release(batch, order, at)  # the credit an approved request reserved is the credit paid back now
     account = account_of(batch, order.tenant)
     grants = {g["grant_id"]: g for g in account.grant_balances()}
     purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")

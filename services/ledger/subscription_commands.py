@@ -242,11 +242,12 @@ ALREADY_POSTED_KINDS = frozenset({"usage", "credits_applied", "overage"})
 NOTHING_TO_BILL = "nothing_to_bill"
 
 
-def _book(batch: _Batch, invoice: Invoice, at: datetime) -> None:
+def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False) -> None:
     """Posts what a finalized subscription document bills on the tenant's account: an invoice's fees and tax
     are receivable (``BillingAccount.bill_invoice``, settled when it is paid); a credit note's become account
-    credit in the currency (``credit_note_grant``). Top-up invoices and their credit notes (no subscription)
-    post nothing here: the purchase grant and the refund already moved that money."""
+    credit in the currency (``credit_note_grant``), unless it documents money the gateway gave back
+    (``refunded``: ``refund_invoice_payment``, out of the gateway's clearing). Top-up invoices and their credit
+    notes (no subscription) post nothing here: the purchase grant and the refund already moved that money."""
     if not invoice.subscription_id:
         return
     fees = tax = Decimal(0)
@@ -260,13 +261,18 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime) -> None:
     if invoice.document_type == INVOICE:
         account.bill_invoice(invoice=str(invoice.id), unit=invoice.currency, net=to_subunits(fees),
                              tax=to_subunits(tax), at=at, cause=cause)
+    elif refunded:  # every line's money, usage included, went back: the whole note is revenue and tax given back
+        account.refund_invoice_payment(note=str(invoice.id), unit=invoice.currency, amount=to_subunits(-invoice.total),
+                                       tax=to_subunits(-tax), at=at, cause=cause)
     else:
         account.credit_note_grant(grant_id=uuid5(NAMESPACE_URL, f"/invoices/{invoice.id}/credit"),
                                   note=str(invoice.id), unit=invoice.currency, net=to_subunits(-fees),
                                   tax=to_subunits(-tax), at=at, cause=cause)
 
 
-def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str) -> None:
+def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str, *,
+              refunded: bool = False) -> None:
+    """Tax, number and posting of a document (``refunded``: a credit note of money the gateway gave back)."""
     if invoice.subscription_id and all(Decimal(item["amount"]) == 0 for item in invoice.lines):
         # A free plan's period (or a paused one without usage): no number, no email, nothing to collect.
         invoice.void(at=at, reason=NOTHING_TO_BILL, by=by)
@@ -278,7 +284,7 @@ def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datet
                                    lambda: InvoiceSequence(issuer=issuer, year=at.year, prefix=prefix))
     number = sequence.next_number(invoice=invoice.id)
     invoice.finalize(number=number, issued_at=at, due_at=at + timedelta(days=INVOICE_DUE_DAYS), by=by)
-    _book(batch, invoice, at)
+    _book(batch, invoice, at, refunded)
 
 
 def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str, lines: list[dict[str, Any]],
@@ -555,10 +561,15 @@ def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerComm
 
 @handles("invoice.payment_pending")
 def invoice_payment_pending(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    """A dunning charge is under way at the gateway (its webhook settles the invoice): only its receipt is
-    recorded, so dunning charges that attempt no more (see ``dunning.py``)."""
-    if tenant_invoice(batch, command.tenant, command.payload["invoice_id"]) is None:
+    """A dunning charge is under way at the gateway (its webhook settles the invoice): its receipt says dunning
+    charges that attempt no more (see ``dunning.py``); the invoice keeps the charge's reference, so a
+    ``payment_failed`` notification of it is followed (``payment_commands``)."""
+    invoice = tenant_invoice(batch, command.tenant, command.payload["invoice_id"])
+    if invoice is None:
         raise CommandRejected("unknown_invoice")
+    if command.payload.get("payment") and command.payload.get("attempt"):
+        invoice.payment_pending(attempt=int(command.payload["attempt"]), payment=str(command.payload["payment"]),
+                                at=effective_at(command), by=command.issued_by)
 
 
 @handles("invoice.payment_failed")

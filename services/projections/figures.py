@@ -77,6 +77,9 @@ def _figures(fact: Fact) -> dict[str, int]:
     if name == "InvoicePaid":
         return {"settlements": int(d["amount"]), "funds_in": int(d["amount"]),
                 "tax_collected": int(d.get("tax_amount") or 0)}
+    if name == "InvoicePaymentRefunded":  # money of a paid invoice given back through the gateway
+        tax = int(d.get("tax_amount") or 0)
+        return {"refunds": int(d["amount"]), "tax_refunded": tax}
     if name == "OverageRepaid":  # paid with credit bought (its money counted in when it was bought)
         return {"settlements": int(d["amount"])}
     return {}
@@ -85,7 +88,7 @@ def _figures(fact: Fact) -> dict[str, int]:
 _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
                             "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
                             "PurchaseMoneyRefunded", "PurchaseMoneyRecognised", "InvoiceBilled",
-                            "InvoiceBillVoided", "InvoicePaid"})
+                            "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded"})
 
 
 def handler_for(event_type: str) -> Handler | None:

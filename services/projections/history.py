@@ -37,7 +37,7 @@ TABLES = (TRANSACTIONS,)
 
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
          "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
-         "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided")
+         "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided", "invoice_refunded")
 
 PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
 
@@ -79,7 +79,8 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": "overage_repaid", "amount": -int(d["amount"]), "grant_id": d.get("grant_id")}
     if name in _INVOICE_TYPES:  # a subscription invoice's fees and tax: owed (negative), then paid or voided
         amount = int(d["amount"])
-        return {"type": _INVOICE_TYPES[name], "amount": -amount if name == "InvoiceBilled" else amount,
+        negative = name in ("InvoiceBilled", "InvoicePaymentRefunded")
+        return {"type": _INVOICE_TYPES[name], "amount": -amount if negative else amount,
                 "reference": d.get("invoice"), "detail": f"net {amount - int(d.get('tax_amount') or 0)}, "
                                                           f"tax {int(d.get('tax_amount') or 0)}"}
     if name == "PurchaseMoneyBooked":
@@ -97,7 +98,7 @@ def _tax_detail(data: dict[str, Any]) -> str:
 
 
 _INVOICE_TYPES = {"InvoiceBilled": "invoice_billed", "InvoicePaid": "invoice_paid",
-                  "InvoiceBillVoided": "invoice_voided"}
+                  "InvoiceBillVoided": "invoice_voided", "InvoicePaymentRefunded": "invoice_refunded"}
 _MOVEMENTS = frozenset({*_INVOICE_TYPES, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})

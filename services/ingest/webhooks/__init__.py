@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 from billing_events.messages import TENANT_PATTERN, PaymentNotification
 from billing_events.money import MoneyError, currency
 
-PaymentKind = Literal["payment_succeeded", "refund_succeeded"]
+PaymentKind = Literal["payment_succeeded", "refund_succeeded", "payment_failed"]
 ORDER_ID_LENGTH_MAX = 255
 _TENANT = re.compile(TENANT_PATTERN)
 

@@ -7,8 +7,13 @@ Events acted on (anything else is answered 200 ``ignored``):
 * ``payment_intent.succeeded``: status ``succeeded``; amount ``amount_received``. A payment intent without
   billing metadata (what Checkout creates) is ignored: its session's event carries the metadata. Its
   ``metadata.invoice_id`` (dunning's off-session charges) names the invoice the payment settles.
+* ``payment_intent.payment_failed``: status ``requires_payment_method`` or ``canceled`` (Stripe's state after a
+  failed attempt), only for an intent whose ``metadata.invoice_id`` names an invoice (dunning's charges): a
+  ``payment_failed`` notification, so the ledger follows up a charge it recorded pending. Any other intent's
+  failure is ignored (auto-top-up and checkout see their declines when they charge).
 * ``refund.created`` / ``refund.updated``: status ``succeeded``; tenant and order id from the refund's
-  metadata, else its payment intent's, else the checkout session that created the payment intent.
+  metadata, else its payment intent's, else the checkout session that created the payment intent; the
+  invoice a refunded dunning charge settled from ``metadata.invoice_id`` (the refund's, else the intent's).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ _OBJECT_ID = re.compile(r"^[A-Za-z0-9_]{1,255}$")
 # Stripe's API sends these zero-decimal ISO 4217 currencies with two decimals, for backwards compatibility.
 STRIPE_SCALE_OVERRIDES = {"ISK": 2, "UGX": 2}
 STRIPE_NETWORK_RETRIES_MAX = 2
+# A payment intent whose attempt failed: it waits for another payment method, or was given up.
+FAILED_INTENT_STATUSES = frozenset({"requires_payment_method", "canceled"})
 
 
 def _signed_timestamp(signature_header: str) -> int:
@@ -66,6 +73,7 @@ class StripeGateway:
             "checkout.session.completed": self._confirm_session,
             "checkout.session.async_payment_succeeded": self._confirm_session,
             "payment_intent.succeeded": self._confirm_payment_intent,
+            "payment_intent.payment_failed": self._confirm_failed_intent,
             "refund.created": self._confirm_refund,
             "refund.updated": self._confirm_refund,
         }
@@ -151,6 +159,17 @@ class StripeGateway:
         return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, intent_id,
                                 invoice_reference(intent.get("metadata")))
 
+    async def _confirm_failed_intent(self, intent_id: str) -> Confirmation:
+        intent = (await self._client.v1.payment_intents.retrieve_async(intent_id)).to_dict()
+        who, invoice = attribution(intent.get("metadata")), invoice_reference(intent.get("metadata"))
+        if who is None or invoice is None:
+            return Ignored(f"Payment intent {intent_id} pays no invoice: its failure is seen by whoever charged it.")
+        if intent.get("status") not in FAILED_INTENT_STATUSES:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                f"Stripe says payment intent {intent_id} is {intent.get('status')}, not failed.")
+        amount, code = minor_units_to_amount(intent.get("amount"), intent.get("currency"), STRIPE_SCALE_OVERRIDES)
+        return ConfirmedPayment("payment_failed", who[0], who[1], amount, code, intent_id, invoice)
+
     async def _confirm_refund(self, refund_id: str) -> Confirmation:
         refund = (await self._client.v1.refunds.retrieve_async(
             refund_id, params={"expand": ["payment_intent"]})).to_dict()
@@ -168,7 +187,10 @@ class StripeGateway:
                                 f"Refund {refund_id}: no tenant / order id on the refund, its payment intent "
                                 f"or its checkout session.")
         amount, code = minor_units_to_amount(refund.get("amount"), refund.get("currency"), STRIPE_SCALE_OVERRIDES)
-        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id)
+        # A refund of a dunning charge names the invoice that payment settled: the ledger credits that invoice.
+        invoice = invoice_reference(refund.get("metadata")) or (
+            invoice_reference(intent.get("metadata")) if isinstance(intent, dict) else None)
+        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id, invoice)
 
     async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
         sessions = await self._client.v1.checkout.sessions.list_async(

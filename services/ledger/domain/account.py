@@ -1431,6 +1431,33 @@ class BillingAccount(ChainedAggregate):
             granted_by="ledger", postings=postings,
         )
 
+    def refund_invoice_payment(
+        self, *, note: str, unit: str, amount: int, tax: int, at: datetime, cause: dict[str, Any]
+    ) -> None:
+        """The gateway gave back ``amount`` (``tax`` of it tax) of a paid invoice's payment, documented by credit
+        note ``note``: Dr RECOGNISED_REVENUE / Dr TAX_PAYABLE / Cr GATEWAY_CLEARING (``InvoicePaymentRefunded``).
+        The money went back to the customer, so no account credit is given."""
+        self._require_unit(unit)
+        _require_text("note", note)
+        _require_amount("amount", amount)
+        _require_amount("tax", tax, allow_zero=True)
+        _require_time("at", at)
+        if tax > amount:
+            raise InvalidAmount(f"refunded tax {tax} exceeds the refund {amount}")
+        postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -amount)]
+        if amount - tax:
+            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount - tax))
+        if tax:
+            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
+        assert_balanced(postings)
+        self._invoice_payment_refunded(note=note, unit=unit, amount=amount, tax_amount=tax, postings=postings,
+                                       cause=dict(cause), at=at)
+
+    @event("InvoicePaymentRefunded")
+    def _invoice_payment_refunded(self, note: str, unit: str, amount: int, tax_amount: int,
+                                  postings: list[Posting], cause: dict[str, Any], at: datetime) -> None:
+        pass  # money only: no balance, grant or receivable of the account changes
+
     def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any]) -> int:
         """New credit pays off the overage of its unit that no invoice bills (a pay-as-you-go account's negative
         balance): Dr TENANT_WALLET (that grant) / Cr RECEIVABLES, oldest period first, at most what the grant

@@ -64,6 +64,8 @@ class Invoice(Aggregate):
         self.status = DRAFT
         self.number: str | None = None
         self.minimum_spend: Decimal | None = None  # a renewal draft: the ended period's commitment on usage
+        self.pending_payments: dict[str, str] = {}  # dunning attempt -> its pending charge (see payment_pending)
+        self.failed_payments: dict[str, str] = {}
 
     @property
     def total(self) -> Decimal:
@@ -123,6 +125,28 @@ class Invoice(Aggregate):
     @event("Voided")
     def _voided(self, at: datetime, reason: str, by: str) -> None:
         self.status = VOID
+
+    # A charge of dunning attempt ``attempt`` (1-based) that the gateway left pending, and its failure, by the
+    # gateway's payment reference (dunning.py). A charge recorded pending before these existed is not followed.
+
+    def payment_pending(self, *, attempt: int, payment: str, at: datetime, by: str) -> None:
+        if self.pending_payments.get(str(attempt)) != payment:
+            self._payment_pending(attempt=attempt, payment=payment, at=at, by=by)
+
+    @event("PaymentPending")
+    def _payment_pending(self, attempt: int, payment: str, at: datetime, by: str) -> None:
+        self.pending_payments = {**self.pending_payments, str(attempt): payment}
+
+    def payment_failed(self, *, payment: str, at: datetime, by: str) -> int | None:
+        """The pending ``payment`` failed: its attempt (recorded once), or None when no attempt left it pending."""
+        attempt = next((int(k) for k, v in self.pending_payments.items() if v == payment), None)
+        if attempt is not None and str(attempt) not in self.failed_payments:
+            self._payment_failed(attempt=attempt, payment=payment, at=at, by=by)
+        return attempt
+
+    @event("PaymentFailed")
+    def _payment_failed(self, attempt: int, payment: str, at: datetime, by: str) -> None:
+        self.failed_payments = {**self.failed_payments, str(attempt): payment}
 
 
 class InvoiceSequence(Aggregate):

@@ -273,6 +273,27 @@ async def test_a_dunning_charge_names_the_invoice_it_pays(ingest: Ingest, api: F
                                                                                        Decimal("30.00"))
 
 
+async def test_a_failed_dunning_charge_publishes_a_payment_failed_naming_its_invoice(ingest: Ingest,
+                                                                                    api: FakeStripeApi) -> None:
+    invoice = "0b5c2f3e-9c1d-5e4f-8a7b-6c5d4e3f2a1b"
+    api.intent(status="processing", amount=3000,
+               metadata={"tenant": TENANT, "order_id": invoice, "invoice_id": invoice})
+    api.objects["/v1/payment_intents/pi_1"]["amount"] = 3000
+    payload = event("payment_intent.payment_failed", {"id": "pi_1", "object": "payment_intent"})
+    assert (await post(ingest, payload, signed(payload))).status_code == 422  # Stripe says it is still processing
+    api.objects["/v1/payment_intents/pi_1"]["status"] = "requires_payment_method"
+    assert (await post(ingest, payload, signed(payload))).json()["status"] == "published"
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["kind"], payment["invoice_id"], payment["gateway_reference"], Decimal(payment["amount"])) == (
+        "payment_failed", invoice, "pi_1", Decimal("30.00"))
+
+    # A failed intent that pays no invoice (auto-top-up sees its own declines): nothing published.
+    api.intent("pi_2", status="requires_payment_method", metadata={"tenant": TENANT, "order_id": "order-42"})
+    other = event("payment_intent.payment_failed", {"id": "pi_2", "object": "payment_intent"}, "evt_2")
+    assert (await post(ingest, other, signed(other))).json()["status"] == "ignored"
+    assert len(await ingest.published(topics.PAYMENTS)) == 1
+
+
 async def test_a_payment_intent_without_billing_metadata_is_ignored(ingest: Ingest, api: FakeStripeApi) -> None:
     api.intent()
     payload = event("payment_intent.succeeded", {"id": "pi_1", "object": "payment_intent"})
@@ -294,6 +315,17 @@ async def test_a_succeeded_refund_is_attributed_through_its_checkout_session(ing
     assert (payment["kind"], payment["order_id"], payment["gateway_reference"]) == ("refund_succeeded",
                                                                                     "order-42", "re_1")
     assert Decimal(payment["amount"]) == Decimal("10.50")
+
+
+async def test_a_refund_of_a_dunning_charge_names_the_invoice_it_paid(ingest: Ingest, api: FakeStripeApi) -> None:
+    invoice = "0b5c2f3e-9c1d-5e4f-8a7b-6c5d4e3f2a1b"
+    api.intent(amount=3000, metadata={"tenant": TENANT, "order_id": invoice, "invoice_id": invoice})
+    api.refund(amount=1000)  # made in Stripe's dashboard: no metadata of its own
+    payload = event("refund.created", {"id": "re_1", "object": "refund"})
+    assert (await post(ingest, payload, signed(payload))).json()["status"] == "published"
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["kind"], payment["invoice_id"], Decimal(payment["amount"])) == ("refund_succeeded", invoice,
+                                                                                    Decimal("10.00"))
 
 
 async def test_a_pending_refund_is_not_confirmed(ingest: Ingest, api: FakeStripeApi) -> None:

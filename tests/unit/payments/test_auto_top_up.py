@@ -117,3 +117,25 @@ async def test_a_processing_charge_is_not_failed_over_and_its_webhook_credits_th
     [result] = ledger.apply_commands([payment_command(notification)])
     assert result.outcome == "applied" and result.value["status"] == "paid", result
     assert available(ledger) == 50
+
+
+def test_a_rule_whose_package_tops_up_another_unit_is_refused_and_changes_nothing(ledger: LedgerApplication) -> None:
+    # credits-10k gives CREDIT: a USD rule with it would never lift the USD balance it watches.
+    result = run(ledger, "auto_top_up.set", TENANT, "mismatch", unit="USD", threshold="10", package="credits-10k",
+                 cooldown_seconds=0, monthly_cap="500")
+    assert (result.outcome, result.reason) == ("rejected", "invalid_auto_top_up"), result
+    assert "CREDIT" in result.detail
+    assert ledger.read(ids.account_id(TENANT), lambda a: dict(a._auto_top_up)) == {}
+    matching = run(ledger, "auto_top_up.set", TENANT, "match", unit="CREDIT", threshold="10", package="credits-10k",
+                   cooldown_seconds=0, monthly_cap="50000")
+    assert matching.outcome == "applied", matching
+
+
+def test_a_credit_unit_rule_with_a_target_is_refused_when_set(ledger: LedgerApplication) -> None:
+    # A target is topped up at face value in the currency; CREDIT has no such price, so the rule could
+    # never be charged (it used to be accepted and fail as "unpriceable" each time it fired).
+    result = run(ledger, "auto_top_up.set", TENANT, "credit-target", unit="CREDIT", threshold="10", target="500",
+                 cooldown_seconds=0, monthly_cap="5000")
+    assert (result.outcome, result.reason) == ("rejected", "invalid_auto_top_up"), result
+    assert "needs a package" in result.detail
+    assert ledger.read(ids.account_id(TENANT), lambda a: dict(a._auto_top_up)) == {}

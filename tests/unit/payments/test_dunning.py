@@ -8,14 +8,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from billing_events import ids
 from billing_events.messages import PaymentNotification
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.audit import account_events
 from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.domain.postings import account_balances
 from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.dunning import Dunning
 from billing_ledger.notifier import SmtpSettings
@@ -238,3 +240,131 @@ async def test_a_processing_charge_is_pending_no_backup_is_charged_and_the_webho
     assert first_invoice(ledger).status == "paid" and balance(ledger) == 0
     assert await Dunning(ledger, gateways, None, SCHEDULE, now=clock).process() == {}
     assert len(intents(api)) == 1
+
+
+def stripe_refunded(form: dict[str, str], refund: str, amount: str, event_id: str) -> PaymentNotification:
+    """What ingest publishes for Stripe's ``refund.created`` of the charge made with ``form`` (its intent's
+    metadata: tenant, order id and invoice id)."""
+    metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="refund_succeeded",
+                               tenant=metadata["tenant"], order_id=metadata["order_id"],
+                               invoice_id=metadata.get("invoice_id"), amount=Decimal(amount), currency="USD",
+                               verified_at=utcnow(), gateway_reference=refund)
+
+
+def credit_note(app: LedgerApplication, note: str) -> tuple[Any, ...]:
+    found = app.read(UUID(note), lambda n: (n.document_type, n.status, n.number, n.total, n.related_invoice,
+                                            [(x["kind"], x["amount"]) for x in n.lines]))
+    assert found is not None
+    return found
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_refund_of_an_invoice_payment_is_a_credit_note_of_that_invoice(
+        ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    invoice = first_invoice(ledger)
+    assert await Dunning(ledger, {"stripe": stripe_gateway(api)}, None, SCHEDULE, now=Clock(NOV_1)).process() == {
+        str(invoice.id): "paid"}
+    [(_, form)] = intents(api)
+
+    # 10.00 of the 30.00 refunded in Stripe's dashboard: a credit note of -10.00 for that invoice, no credit moves.
+    [partial] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_1", "10.00", "evt_re_1"))])
+    assert partial.outcome == "applied", partial  # was rejected as an unknown purchase
+    assert credit_note(ledger, partial.value["credit_note"]) == (
+        "credit_note", "finalized", partial.value["credit_note_number"], Decimal("-10.00"), str(invoice.id),
+        [("adjustment", "-10.00"), ("tax", "0.00")])
+    assert partial.value["credit_note_number"].startswith("CN-")
+    # The same refund announced by another event: nothing new.
+    [again] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_1", "10.00", "evt_re_1b"))])
+    assert again.outcome == "applied" and again.value["already_refunded"], again
+    # The rest refunded: the invoice's lines, negated, for the 20.00; more than the invoice is rejected.
+    [rest] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_2", "20.00", "evt_re_2"))])
+    assert credit_note(ledger, rest.value["credit_note"])[3] == Decimal("-20.00")
+    [too_much] = ledger.apply_commands([payment_command(stripe_refunded(form, "re_3", "30.01", "evt_re_3"))])
+    assert (too_much.outcome, too_much.reason) == ("rejected", "invoice_refund_mismatch")
+
+    assert balance(ledger) == 0  # nothing was granted or reversed as purchased credit
+    # The invoice was paid and stays so (its credit notes say what came back): dunning never charges it again.
+    assert first_invoice(ledger).status == "paid" and status(ledger) == "active"
+
+
+def test_a_full_refund_credits_the_invoice_lines(ledger: LedgerApplication) -> None:
+    invoice = first_invoice(ledger)
+    assert run(ledger, "invoice.mark_paid", TENANT, "paid", invoice_id=str(invoice.id),
+               payment="pi_9").outcome == "applied"
+    # A refund whose order id names the invoice (a charge made before metadata.invoice_id existed).
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_full", kind="refund_succeeded", tenant=TENANT,
+                                 order_id=str(invoice.id), amount=Decimal("30.00"), currency="USD",
+                                 verified_at=utcnow(), gateway_reference="re_full")
+    [result] = ledger.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+    note = credit_note(ledger, result.value["credit_note"])
+    assert note[3] == -invoice.total and note[5] == [(x["kind"], str(-Decimal(x["amount"]))) for x in invoice.lines]
+    assert balance(ledger) == 0  # the money went back through the gateway: no account credit on top
+    # The books: billed, paid, then given back through the gateway's clearing: every account back to zero.
+    postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+    assert {k: v for k, v in account_balances(postings).items() if v} == {}
+
+
+def stripe_failed(form: dict[str, str], intent: str, event_id: str) -> PaymentNotification:
+    """What ingest publishes for Stripe's ``payment_intent.payment_failed`` of the charge made with ``form``."""
+    metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="payment_failed",
+                               tenant=metadata["tenant"], order_id=metadata["order_id"],
+                               invoice_id=metadata.get("invoice_id"), amount=Decimal(form["amount"]).scaleb(-2),
+                               currency=form["currency"].upper(), verified_at=utcnow(), gateway_reference=intent)
+
+
+@pytest.mark.asyncio
+async def test_a_pending_charge_that_fails_is_a_failed_attempt_and_the_next_one_is_made(
+        ledger: LedgerApplication, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    mail = SmtpSettings("127.0.0.1", port, "b@x", "billing", "tenants.test")
+    api = FakeStripe()
+    api.processing.add("pm_primary")  # a bank debit: it fails two days later
+    invoice = first_invoice(ledger)
+    gateways = {"stripe": stripe_gateway(api)}
+    clock = Clock(NOV_1 + timedelta(minutes=1))
+    dunning = Dunning(ledger, gateways, mail, SCHEDULE, now=clock)
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    [(_, form)] = intents(api)
+    [intent] = [o for o in api.objects.values() if o["object"] == "payment_intent"]
+    intent["status"] = "requires_payment_method"
+
+    [failed] = ledger.apply_commands([payment_command(stripe_failed(form, intent["id"], "evt_pi_failed"))])
+    assert failed.outcome == "applied", failed
+    assert failed.value == {"invoice_id": str(invoice.id), "followed": True, "attempt": 1}
+    clock.at = NOV_1 + timedelta(days=2)
+    assert await dunning.process() == {str(invoice.id): "retry"}  # attempt 1 failed; it used to wait for ever
+    [message] = inbox.messages
+    assert "attempt 1 of 3" in message.get_payload() and intent["id"] in message.get_payload()
+    assert len(intents(api)) == 1 and first_invoice(ledger).status == "finalized"
+
+    api.processing.clear()
+    clock.at = NOV_1 + timedelta(days=3)  # attempt 2, on its day: charged and paid
+    assert await dunning.process() == {str(invoice.id): "paid"}
+    assert [key for key, _ in intents(api)] == [f"dunning/{invoice.id}/0/0", f"dunning/{invoice.id}/1/0"]
+    assert first_invoice(ledger).status == "paid" and status(ledger) == "active" and balance(ledger) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_pending_last_attempt_that_fails_makes_the_subscription_past_due(ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    api.processing.add("pm_primary")
+    invoice = first_invoice(ledger)
+    clock = Clock(NOV_1)
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0,), now=clock)
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    [(_, form)] = intents(api)
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    # A decline of some other charge of the invoice (seen by dunning when it charged) changes nothing.
+    [other] = ledger.apply_commands([payment_command(stripe_failed(form, "pi_other", "evt_other"))])
+    assert other.outcome == "applied" and other.value["followed"] is False, other
+    assert await dunning.process() == {}  # still pending
+
+    [failed] = ledger.apply_commands([payment_command(stripe_failed(form, intent, "evt_failed"))])
+    assert failed.value["followed"] is True, failed
+    assert await dunning.process() == {str(invoice.id): "past_due"}
+    assert status(ledger) == "past_due" and first_invoice(ledger).status == "finalized"
+    assert len(intents(api)) == 1  # no backup method was charged for the pending attempt

@@ -48,7 +48,10 @@ async def test_put_auto_top_up_rule_then_a_low_balance_tops_up(ledger: LedgerApp
         assert refused.status_code == 422, (bad, refused.text)
     unknown = http.put(url, headers=headers(), json={"threshold": "10", "package": "nope", "monthly_cap": "200"})
     assert unknown.status_code == 422 and unknown.json()["reason"] == "unknown_package"
-    assert http.put(url, headers=headers(), json={"threshold": "10", "package": "credits-10k",
+    other_unit = http.put(url, headers=headers(), json={"threshold": "10", "package": "credits-10k",
+                                                        "monthly_cap": "500"})  # gives CREDIT, not USD
+    assert other_unit.status_code == 422 and other_unit.json()["reason"] == "invalid_auto_top_up"
+    assert http.put(url, headers=headers(), json={"threshold": "10", "package": "usd-100",
                                                   "monthly_cap": "500"}).status_code == 200
 
     saved = http.put(url, headers=headers("finance"), json=rule)  # replaces the package rule
