@@ -468,6 +468,10 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
                    f"canceled at period end {sub.key}", force=True)
         _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
         roster.release(subscription_id=sub.id, at=at)
+        # No fee for a next period, but the ended one's usage is still billed: a final draft under the key
+        # rating's usage lines name (the period's end); without usage (or minimum) it is voided unnumbered.
+        final = _final_usage_draft(batch, sub, ended_start, ended_end, at)
+        _commit_minimum(final, sub, minimum)
         return {"transition": "canceled_at_period_end"}
     if sub.status == PAUSED:
         # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
@@ -489,6 +493,19 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
                       "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
     _commit_minimum(draft, sub, minimum)
     return {"transition": "renewed", "ended": [ended_start, ended_end]}
+
+
+def _final_usage_draft(batch: _Batch, sub: Subscription, start: datetime, end: datetime, at: datetime) -> Invoice:
+    """The draft that takes the last period's usage lines of a subscription ended at its period's end."""
+    key = f"{sub.id}/{end.isoformat()}"
+    found = batch.get(invoice_id(sub.tenant, key))
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    draft = Invoice(tenant=sub.tenant, key=key, document_type=INVOICE, currency=sub.plan["currency"], lines=[],
+                    period_start=start, period_end=end, subscription_id=str(sub.id), related_invoice=None, at=at,
+                    by="system:period_end")
+    batch.add(draft)
+    return draft
 
 
 def _commit_minimum(draft: Invoice | None, sub: Subscription, minimum: Decimal) -> None:
@@ -590,9 +607,10 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
         raise CommandRejected("unknown_invoice")
     at = effective_at(command)
     invoice.void(at=at, reason=str(command.payload.get("reason", "void")), by=command.issued_by)
-    if invoice.subscription_id:  # what it billed is no longer owed
-        account_of(batch, invoice.tenant).void_invoice_bill(invoice=str(invoice.id), at=at,
-                                                            cause={"invoice_number": invoice.number})
+    if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again
+        account = account_of(batch, invoice.tenant)
+        account.void_invoice_bill(invoice=str(invoice.id), at=at, cause={"invoice_number": invoice.number})
+        account.return_invoiced_overage(invoice=str(invoice.id), at=at)
 
 
 @handles("payment_method.add")

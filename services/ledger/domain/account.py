@@ -1338,6 +1338,19 @@ class BillingAccount(ChainedAggregate):
     def _invoiced_overage_closed(self, invoice: str, at: datetime) -> None:
         self._invoiced_overage.pop(invoice, None)
 
+    def return_invoiced_overage(self, *, invoice: str, at: datetime) -> None:
+        """``invoice`` was voided unpaid: the overage it billed is owed again, unbilled (as posted at ``at``), so
+        the next invoice bills it or, pay as you go, credit bought repays it. Nothing billed: nothing recorded."""
+        due = self._invoiced_overage.get(invoice)
+        if due:
+            self._invoiced_overage_returned(invoice=invoice, returned=dict(due), at=at)
+
+    @event("InvoicedOverageReturned")
+    def _invoiced_overage_returned(self, invoice: str, returned: dict[str, int], at: datetime) -> None:
+        self._invoiced_overage.pop(invoice, None)
+        for unit, amount in returned.items():
+            _add_unbilled(self._unbilled, unit, at.isoformat(), amount)
+
     # == subscription invoices and credit notes ===============================================================
 
     def invoice_billed(self, invoice: str) -> dict[str, Any] | None:

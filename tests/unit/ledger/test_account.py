@@ -964,6 +964,9 @@ def _every_event_type() -> BillingAccount:
     assert account.repay_overage(grant_id=give(account, "top-up", U), at=at(16), cause={}) == U
     assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(17))
     account.settle_invoiced_overage(invoice="inv-1", at=at(18), cause={"payment": "pi_1"})
+    debit(account, 2 * U, when=at(18))
+    assert account.invoice_overage(invoice="inv-void", units=[USD], end=at(days=1), at=at(18))
+    account.return_invoiced_overage(invoice="inv-void", at=at(18))
     account.bill_invoice(invoice="inv-2", unit=USD, net=30 * U, tax=6 * U, at=at(19), cause={})
     account.settle_invoiced_overage(invoice="inv-2", at=at(20), cause={"payment": "pi_2"})
     account.refund_invoice_payment(note="cn-2", unit=USD, amount=36 * U, tax=6 * U, at=at(20), cause={})

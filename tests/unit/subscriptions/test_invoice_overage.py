@@ -142,3 +142,35 @@ def test_usage_fully_covered_by_credit_costs_nothing_whatever_the_rounding_of_it
     invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0.005"), usage_line("0.005", meter="other")])
     assert [x["amount"] for x in invoice.lines[1:]] == ["0.01", "0.01", "-0.02"]
     assert invoice.total == Decimal("30.00")
+
+
+def test_the_last_period_of_a_subscription_canceled_at_its_end_still_bills_its_usage(app: LedgerApplication) -> None:
+    run(app, "subscription.cancel", "acme", at=datetime(2026, 11, 10, tzinfo=UTC), key="m")
+    debit(app, "4.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))  # beyond credit: owed
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("4.00")])  # the tick cancels; rating's lines follow
+    assert app.repository.get(subscription_id("acme", "m")).status == "canceled"
+    assert (invoice.number is not None, invoice.total) == (True, Decimal("4.00"))  # no next fee, the usage
+    assert [x["kind"] for x in invoice.lines] == ["usage"]
+    assert account(app).unbilled_overage("USD") == {}
+
+
+def test_a_canceled_subscriptions_last_period_without_usage_leaves_no_numbered_invoice(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.cancel", "acme", at=datetime(2026, 11, 10, tzinfo=UTC), key="m")
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")
+    key = f"{subscription_id('acme', 'm')}/{DEC_1.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=DEC_1, invoice_key=key, lines=[], period_start=NOV_1.isoformat(),
+        period_end=DEC_1.isoformat())
+    final: Invoice = app.repository.get(invoice_id("acme", key))
+    assert (final.status, final.number) == ("void", None)
+
+
+def test_voiding_an_unpaid_invoice_leaves_its_overage_owed_for_the_next_one(app: LedgerApplication) -> None:
+    debit(app, "3.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
+    november = renew_and_bill(app, NOV_1, DEC_1, [usage_line("3.00")])
+    assert account(app).unbilled_overage("USD") == {}
+    run(app, "invoice.void", "acme", at=datetime(2026, 12, 2, tzinfo=UTC), invoice_id=str(november.id),
+        reason="wrong address")
+    assert sum(account(app).unbilled_overage("USD").values()) == 3 * U  # owed again, not lost
+    december = renew_and_bill(app, DEC_1, JAN_1, [])
+    assert [(x["kind"], x["amount"]) for x in december.lines if x["kind"] == "overage"] == [("overage", "3.00")]
