@@ -365,11 +365,12 @@ def _activate(batch: _Batch, sub: Subscription, at: datetime, by: str) -> None:
                                               by))
 
 
-def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str) -> None:
-    """An ``incomplete`` subscription whose first invoice was not paid: canceled (``incomplete_expired``), off
-    the roster (the account's limit no longer counts it), its invoice voided and what it billed reversed.
-    Nothing was granted and no capacity given, so nothing else moves."""
-    sub.expire_incomplete(at=at, by=by)
+def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str,
+                       reason: str = INCOMPLETE_EXPIRED) -> None:
+    """An ``incomplete`` subscription whose first invoice was not paid: canceled (``incomplete_expired``; a
+    user's cancel: ``canceled``), off the roster (the account's limit no longer counts it), its invoice voided
+    and what it billed reversed. Nothing was granted and no capacity given, so nothing else moves."""
+    sub.expire_incomplete(at=at, by=by, reason=reason)
     _roster(batch, sub.tenant).release(subscription_id=sub.id, at=at)
     invoice = batch.get(invoice_id(sub.tenant, _first_invoice_key(sub)))
     if invoice is not None and invoice.status == FINALIZED:
@@ -465,6 +466,9 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
+    if sub.status == INCOMPLETE:  # never paid, nothing granted: it ends now, its unpaid invoice voided
+        _expire_incomplete(batch, sub, at, command.issued_by, reason="canceled")
+        return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     immediately = bool(command.payload.get("immediately", False))
     # A period that began while paused was never billed: nothing of it to credit.
     lines = quote_cancel(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,

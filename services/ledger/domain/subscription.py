@@ -188,10 +188,11 @@ class Subscription(Aggregate):
         self.anchor_day = anchor_day
         self.minimum_accrued, self.minimum_from = Decimal(0), period_start
 
-    def expire_incomplete(self, *, at: datetime, by: str) -> None:
-        """Its first invoice was never paid: canceled (``incomplete_expired``), having granted nothing."""
+    def expire_incomplete(self, *, at: datetime, by: str, reason: str = INCOMPLETE_EXPIRED) -> None:
+        """Its first invoice was never paid: canceled (``incomplete_expired``, or ``canceled`` when a user
+        canceled it before paying), having granted nothing."""
         self._require(INCOMPLETE)
-        self._canceled(at=at, by=by, reason=INCOMPLETE_EXPIRED, lines=[])
+        self._canceled(at=at, by=by, reason=reason, lines=[])
 
     @event("Recovered")
     def _recovered(self, at: datetime, by: str) -> None:

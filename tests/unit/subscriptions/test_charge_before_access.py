@@ -21,9 +21,11 @@ from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_ledger.dunning import Dunning
 from billing_ledger.limits import INCOMPLETE_EXPIRY_DAYS
+from billing_ledger.notifier import SmtpSettings
 from billing_ledger.payment_commands import payment_command
 from billing_ledger.scheduler import DueIndex
 
+from tests.support import Inbox
 from tests.unit.payments.support import FakeStripe, stripe_gateway
 
 TENANT = "gated"
@@ -167,6 +169,43 @@ def test_the_last_failed_dunning_attempt_cancels_it_and_voids_its_invoice(app: L
     [late] = app.apply_commands([paid(invoice, "evt_late", NOV_1 + timedelta(days=6))])
     assert (late.outcome, late.reason) == ("rejected", "invoice_not_payable")
     assert sub(app).status == "canceled" and credits(app) == 100 * U  # only "d"'s own credits
+
+
+@pytest.mark.asyncio
+async def test_dunning_declined_to_the_last_attempt_expires_it_and_says_so(app: LedgerApplication,
+                                                                           smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="visa").outcome == "applied"
+    subscribe(app, collection="charge_before_access")
+    invoice = first_invoice(app)
+    api = FakeStripe()
+    api.declined.add("pm_1")
+    clock = [NOV_1]
+    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, SmtpSettings("127.0.0.1", port, "b@x", "billing"),
+                      (0, 3, 5), now=lambda: clock[0])
+    assert await dunning.process() == {str(invoice.id): "retry"}
+    clock[0] = NOV_1 + timedelta(days=3)
+    assert await dunning.process() == {str(invoice.id): "retry"}
+    assert sub(app).status == "incomplete"
+    clock[0] = NOV_1 + timedelta(days=5)
+    assert await dunning.process() == {str(invoice.id): "incomplete_expired"}
+    assert sub(app).status == "canceled" and first_invoice(app).status == "void"
+    assert credits(app) == 0 and capacity(app) == 0 and receivable(app) == 0
+    last = inbox.messages[-1]
+    assert "final" in last["Subject"] and "never started" in last.get_payload()
+    assert "past due" not in last.get_payload()
+
+
+def test_a_user_cancel_before_paying_ends_it_and_voids_its_invoice(app: LedgerApplication) -> None:
+    subscribe(app, collection="charge_before_access")
+    result = run(app, "subscription.cancel", TENANT, NOV_1 + timedelta(hours=1), key="main")
+    assert result.outcome == "applied" and result.value["lines"] == [], result
+    assert sub(app).status == "canceled" and first_invoice(app).status == "void"
+    assert app.repository.get(roster_id(TENANT)).live == [] and receivable(app) == 0
+    # Neither a change nor a pause is possible before the payment (nothing to prorate yet).
+    subscribe(app, "other", collection="charge_before_access")
+    refused = run(app, "subscription.change", TENANT, key="other", quantity=2)
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_transition")
 
 
 def test_unpaid_it_expires_when_the_scheduler_ticks_it_after_the_wait(app: LedgerApplication) -> None:
