@@ -50,11 +50,17 @@ CommandId = Annotated[str | None, typer.Option("--id", help="Command id (uuid) t
 def create(tenant: Tenant, key: Key, plan: Annotated[str, typer.Option(help="Plan code")],
            plan_version: Annotated[int | None, typer.Option(help="Default: the current version")] = None,
            quantity: int = 1, trial: Annotated[bool, typer.Option(help="Trial when eligible")] = True,
-           time_zone: str = "UTC", command_id: CommandId = None) -> None:
+           time_zone: str = "UTC",
+           collection: Annotated[str | None, typer.Option(
+               help="invoice (access at once) or charge_before_access (incomplete until the first invoice is "
+                    "paid); default: the plan's, else invoice")] = None,
+           command_id: CommandId = None) -> None:
     """Subscribes an account to a published plan version."""
     payload: dict[str, Any] = {"key": key, "plan": plan, "quantity": quantity, "trial": trial, "time_zone": time_zone}
     if plan_version is not None:
         payload["plan_version"] = plan_version
+    if collection is not None:
+        payload["collection"] = collection
     _send("subscription.create", tenant, payload, command_id)
 
 

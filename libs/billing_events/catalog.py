@@ -45,6 +45,7 @@ Aggregation = Literal["sum", "count", "max", "last", "unique_count"]
 OveragePolicy = Literal["overage", "block"]
 LatePolicy = Literal["reject", "next_period", "adjust"]
 Cadence = Literal["month", "quarter", "year"]
+Collection = Literal["invoice", "charge_before_access"]
 
 
 class _Model(BaseModel):
@@ -141,6 +142,10 @@ class PlanDef(_Model):
                                   "whose usage lines total less bills the shortfall (prorated to the billed time)")
     prices: dict[str, LocalPriceIn] = Field(
         default_factory=dict, description="Localized prices by ISO 4217 currency, beside `currency`/`base_fee`")
+    collection: Collection | None = Field(
+        default=None, description="Default collection of its subscriptions (a subscription may say otherwise): "
+                                  "`invoice` (access at once, invoice collected afterwards; the default) or "
+                                  "`charge_before_access` (incomplete, no access, until the first invoice is paid)")
 
     @model_validator(mode="after")
     def _valid_currency(self) -> PlanDef:
@@ -176,7 +181,7 @@ class PlanDef(_Model):
         """What makes two versions different (everything but the version number). The optional settings added
         later are left out while unset, so a plan published before them keeps its content (and version)."""
         content = self.model_dump(mode="json", exclude={"version"})
-        for name in ("minimum_spend", "prices"):
+        for name in ("minimum_spend", "prices", "collection"):
             if not content.get(name):
                 content.pop(name, None)
         return content

@@ -16,7 +16,8 @@ index>``, so a repeated attempt never charges twice):
   a failed attempt at the next round: the tenant is emailed and ``invoice.payment_failed`` applied as below,
   and the next attempt follows the schedule;
 * when every method declines, the tenant is emailed, then ``invoice.payment_failed`` is applied with
-  ``final`` true only for the last attempt (the subscription goes past_due).
+  ``final`` true only for the last attempt (the subscription goes past_due; an ``incomplete`` one, collection
+  ``charge_before_access``, never had access: it is canceled, ``incomplete_expired``, and its invoice voided).
 
 What is durable: each failed attempt is a command with an id derived from (invoice, attempt), so its
 receipt in the event store says the attempt was made (a restart neither repeats it nor re-sends its email,
@@ -37,6 +38,7 @@ from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.domain.invoice import FINALIZED, INVOICE, Invoice
+from billing_ledger.domain.subscription import INCOMPLETE
 from billing_ledger.gateways import GatewayError, OutboundGateway
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
@@ -180,7 +182,11 @@ class Dunning:
                      method_index=charged.method_index, outcome=result.outcome)
             return "paid"
         final = made + 1 == len(self.retry_days)
-        if final:
+        incomplete = final and bool(view["subscription_id"]) and bool(await asyncio.to_thread(
+            self.app.read, UUID(view["subscription_id"]), lambda s: s.status == INCOMPLETE))
+        if incomplete:
+            then = "The subscription was never started and this invoice is void; subscribe again to start it.\n"
+        elif final:
             then = "The subscription is now past due; pay the invoice to restore it.\n"
         else:
             then = f"We will try again on {(issued_at + timedelta(days=self.retry_days[made + 1])).date()}.\n"
@@ -194,7 +200,7 @@ class Dunning:
                                                   "at": now.isoformat()})
         log.info("dunning_attempt_failed", tenant=tenant, invoice=view["number"], attempt=made + 1, final=final,
                  outcome=result.outcome)
-        return "past_due" if final else "retry"
+        return "incomplete_expired" if incomplete else "past_due" if final else "retry"
 
 
 async def run_dunning(app: LedgerApplication, gateways: dict[str, OutboundGateway], smtp: SmtpSettings | None,

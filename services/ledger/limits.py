@@ -85,6 +85,12 @@ HOLD_TTL_SECONDS_MAX = 7 * 24 * 3600
 # can retry a gateway outage by approving again within a week; after it the credit is spendable again.
 REFUND_HOLD_SECONDS = HOLD_TTL_SECONDS_MAX
 
+# A subscription created with collection ``charge_before_access`` stays ``incomplete`` (no access) until its first
+# invoice is paid; unpaid this long after its start it is canceled (``incomplete_expired``) and its invoice voided,
+# so the account's live-subscription limit stops counting it. Dunning's last failed attempt (default schedule
+# 0,3,5 days) expires it earlier; this bounds the wait when no attempt ends (a charge left pending, no dunning).
+INCOMPLETE_EXPIRY_DAYS = 7
+
 # Idempotency keys, reasons and resource codes given over HTTP.
 KEY_CHARS_MAX = 128
 REASON_CHARS_MAX = 512

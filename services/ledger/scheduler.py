@@ -18,7 +18,8 @@ from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication
-from billing_ledger.domain.subscription import BILLABLE, PAUSED, TRIALING, Subscription
+from billing_ledger.domain.subscription import BILLABLE, INCOMPLETE, PAUSED, TRIALING, Subscription
+from billing_ledger.subscription_commands import incomplete_expires_at
 from billing_runtime.bus import Bus, OutMessage
 from billing_runtime.logging import get_logger
 from billing_runtime.service import pause
@@ -66,7 +67,10 @@ class DueIndex:
 
 
 def _due(sub: Any) -> tuple[str, str, datetime] | None:
-    """When the subscription needs the scheduler next: trial end, or period end; None once canceled."""
+    """When the subscription needs the scheduler next: trial end, period end, or the end of the wait for an
+    incomplete one's first payment; None once canceled."""
+    if sub.status == INCOMPLETE:
+        return (sub.tenant, sub.key, incomplete_expires_at(sub))
     if sub.status == TRIALING and sub.trial_end is not None:
         return (sub.tenant, sub.key, sub.trial_end)
     if sub.status in BILLABLE or sub.status == PAUSED:

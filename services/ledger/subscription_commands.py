@@ -24,6 +24,7 @@ from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import (
     CREDIT_NOTE,
+    FINALIZED,
     INVOICE,
     PAID,
     Invoice,
@@ -41,9 +42,22 @@ from billing_ledger.domain.proration import (
     quote_resume,
 )
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
-from billing_ledger.domain.subscription import ACTIVE, LIVE, PAUSED, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.subscription import (
+    ACTIVE,
+    COLLECTIONS,
+    ENTITLED,
+    INCOMPLETE,
+    INCOMPLETE_EXPIRED,
+    INVOICE_COLLECTION,
+    LIVE,
+    PAUSED,
+    TRIALING,
+    Subscription,
+    subscription_id,
+)
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
 from billing_ledger.invoice_overage import minimum_commitment_lines, overage_lines, settle_paid
+from billing_ledger.limits import INCOMPLETE_EXPIRY_DAYS
 from billing_ledger.payload import at as effective_at
 
 INVOICE_DUE_DAYS = 14
@@ -92,9 +106,12 @@ def _live_subscriptions(batch: _Batch, roster: Roster) -> list[Subscription]:
 
 
 def _capacities(subscriptions: list[Subscription]) -> dict[str, int]:
-    """Pooled capacity: quantities of the same resource add up across the account's live subscriptions."""
+    """Pooled capacity: quantities of the same resource add up across the account's live subscriptions (an
+    ``incomplete`` one, not paid yet, gives none)."""
     pooled: dict[str, int] = {}
     for sub in subscriptions:
+        if sub.status not in ENTITLED:
+            continue
         for resource, per_unit in (sub.plan.get("resources") or {}).items():
             pooled[resource] = pooled.get(resource, 0) + int(per_unit) * sub.quantity
     return pooled
@@ -310,9 +327,56 @@ def _start_billing(app: LedgerApplication, batch: _Batch, account: BillingAccoun
                    by: str, *, finalize: bool) -> None:
     """A billed period begins: recurring credits for it, and its invoice (base fee in advance)."""
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, by))
-    _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
-              [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at, by,
-              finalize=finalize, start=sub.period_start, end=sub.period_end)
+    _first_invoice(app, batch, sub, at, by, finalize=finalize)
+
+
+def _first_invoice_key(sub: Subscription) -> str:
+    return f"{sub.id}/{sub.period_start.isoformat()}"
+
+
+def _first_invoice(app: LedgerApplication, batch: _Batch, sub: Subscription, at: datetime, by: str, *,
+                   finalize: bool) -> Invoice | None:
+    """The invoice of the period starting now: its base fee in advance."""
+    return _document(app, batch, sub, _first_invoice_key(sub),
+                     [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at, by,
+                     finalize=finalize, start=sub.period_start, end=sub.period_end)
+
+
+def _collection(payload: dict[str, Any], plan: dict[str, Any]) -> str:
+    """How the subscription's first invoice is collected: the payload's ``collection``, else the plan's, else
+    ``invoice`` (access at once, collected afterwards)."""
+    collection = payload.get("collection") or plan.get("collection") or INVOICE_COLLECTION
+    if collection not in COLLECTIONS:
+        raise CommandRejected("invalid_collection", f"collection must be one of {', '.join(COLLECTIONS)}, "
+                                                    f"not {collection!r}")
+    return str(collection)
+
+
+def _activate(batch: _Batch, sub: Subscription, at: datetime, by: str) -> None:
+    """``charge_before_access``: the first invoice is paid. Active from ``at`` (its first full period starts
+    then), its capacity pooled and its recurring credits for that period granted, in the paying transaction.
+    The capacity only rises, so it is set whatever is allocated (a payment received is never refused)."""
+    roster = _roster(batch, sub.tenant)
+    before = _capacities(_live_subscriptions(batch, roster))
+    sub.activate(at=at, by=by)
+    _set_pools(batch, sub.tenant, before, _capacities(_live_subscriptions(batch, roster)), f"activated {sub.key}",
+               force=True)
+    sub.set_recurring_grants(_grant_recurring(account_of(batch, sub.tenant), sub, sub.period_start, sub.period_end,
+                                              by))
+
+
+def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str,
+                       reason: str = INCOMPLETE_EXPIRED) -> None:
+    """An ``incomplete`` subscription whose first invoice was not paid: canceled (``incomplete_expired``; a
+    user's cancel: ``canceled``), off the roster (the account's limit no longer counts it), its invoice voided
+    and what it billed reversed. Nothing was granted and no capacity given, so nothing else moves."""
+    sub.expire_incomplete(at=at, by=by, reason=reason)
+    _roster(batch, sub.tenant).release(subscription_id=sub.id, at=at)
+    invoice = batch.get(invoice_id(sub.tenant, _first_invoice_key(sub)))
+    if invoice is not None and invoice.status == FINALIZED:
+        invoice.void(at=at, reason=INCOMPLETE_EXPIRED, by=by)
+        account_of(batch, sub.tenant).void_invoice_bill(invoice=str(invoice.id), at=at,
+                                                        cause={"invoice_number": invoice.number})
 
 
 # -- handlers ------------------------------------------------------------------------------------------------
@@ -343,13 +407,19 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         and roster.trial_eligible(accounts_in_workspace)
     at = effective_at(command)
     before = _capacities(_live_subscriptions(batch, roster))
+    collection = _collection(payload, plan)
     sub = Subscription.start(tenant=tenant, key=key, plan=plan, quantity=quantity,
-                             time_zone=payload.get("time_zone", "UTC"), at=at, trial=trial, by=command.issued_by)
+                             time_zone=payload.get("time_zone", "UTC"), at=at, trial=trial, by=command.issued_by,
+                             collection=collection)
     roster.admit(subscription_id=sub.id, limit=getattr(app, "max_active_subscriptions", 3), trial=trial, at=at)
     batch.add(sub)
     _set_pools(batch, tenant, before, _capacities([*_live_subscriptions(batch, roster)]), f"subscription {key}")
     if sub.status == ACTIVE:
         _start_billing(app, batch, account, sub, at, command.issued_by, finalize=True)
+    elif sub.status == INCOMPLETE:  # charge_before_access: the invoice to pay first, nothing granted before
+        first = _first_invoice(app, batch, sub, at, command.issued_by, finalize=True)
+        return {"subscription_id": str(sub.id), "status": sub.status, "trial_end": None,
+                "invoice_id": str(first.id) if first is not None else None}
     return {"subscription_id": str(sub.id), "status": sub.status, "trial_end": sub.trial_end}
 
 
@@ -396,6 +466,9 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
+    if sub.status == INCOMPLETE:  # never paid, nothing granted: it ends now, its unpaid invoice voided
+        _expire_incomplete(batch, sub, at, command.issued_by, reason="canceled")
+        return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     immediately = bool(command.payload.get("immediately", False))
     # A period that began while paused was never billed: nothing of it to credit.
     lines = quote_cancel(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
@@ -448,6 +521,11 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
     roster = _roster(batch, tenant)
+    if sub.status == INCOMPLETE:  # charge_before_access, still unpaid: expires after INCOMPLETE_EXPIRY_DAYS
+        if at < incomplete_expires_at(sub):
+            return {"transition": None}
+        _expire_incomplete(batch, sub, at, "system:incomplete_expiry")
+        return {"transition": INCOMPLETE_EXPIRED}
     if sub.status == TRIALING and sub.trial_end is not None and at >= sub.trial_end:
         before = _capacities(_live_subscriptions(batch, roster))
         if sub.end_trial(at=at, has_payment_method=roster.default_payment_method is not None):
@@ -508,6 +586,11 @@ def _final_usage_draft(batch: _Batch, sub: Subscription, start: datetime, end: d
     return draft
 
 
+def incomplete_expires_at(sub: Subscription) -> datetime:
+    """When an ``incomplete`` subscription still unpaid is canceled (the scheduler ticks it then)."""
+    return sub.started_at + timedelta(days=INCOMPLETE_EXPIRY_DAYS)
+
+
 def _commit_minimum(draft: Invoice | None, sub: Subscription, minimum: Decimal) -> None:
     """The renewal draft records the ended period's minimum spend: rating's usage lines bill its shortfall."""
     if draft is not None and minimum > 0:
@@ -549,7 +632,8 @@ def tenant_invoice(batch: _Batch, tenant: str | None, reference: str | None) -> 
 
 
 def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: str, by: str) -> bool:
-    """Marks a finalized invoice paid (its past_due subscription recovers); ``False`` when it already was paid.
+    """Marks a finalized invoice paid (its past_due subscription recovers, an incomplete one is activated);
+    ``False`` when it already was paid.
 
     Idempotent, because dunning's ``invoice.mark_paid`` and the gateway's webhook for the same charge both
     settle it, in either order. A draft or void invoice is refused (``InvoiceError``).
@@ -561,7 +645,9 @@ def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: st
         settle_paid(account_of(batch, invoice.tenant), invoice, at, payment)  # the overage it billed
     if invoice.subscription_id:
         sub = batch.get(UUID(invoice.subscription_id))
-        if sub is not None:
+        if sub is not None and sub.status == INCOMPLETE and invoice.document_type == INVOICE:
+            _activate(batch, sub, at, by)  # charge_before_access: access once its first invoice is paid
+        elif sub is not None:
             sub.mark_paid(at=at, by=by)
     return True
 
@@ -591,13 +677,15 @@ def invoice_payment_pending(app: LedgerApplication, batch: _Batch, command: Ledg
 
 @handles("invoice.payment_failed")
 def invoice_payment_failed(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    """After the last dunning retry the subscription goes past_due."""
+    """After the last dunning retry the subscription goes past_due (an incomplete one expires: never paid)."""
     invoice = batch.get(UUID(command.payload["invoice_id"]))
     if invoice is None or not invoice.subscription_id:
         raise CommandRejected("unknown_invoice")
     sub = batch.get(UUID(invoice.subscription_id))
     if sub is not None and sub.status == ACTIVE and command.payload.get("final", True):
         sub.mark_past_due(at=effective_at(command), reason="payment_failed", by=command.issued_by)
+    elif sub is not None and sub.status == INCOMPLETE and command.payload.get("final", True):
+        _expire_incomplete(batch, sub, effective_at(command), command.issued_by)
 
 
 @handles("invoice.void")

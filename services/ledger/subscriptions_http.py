@@ -56,7 +56,7 @@ def _view(sub: Subscription) -> dict[str, Any]:
                      "cadence": sub.plan["cadence"], "currency": sub.plan["currency"]},
             "quantity": sub.quantity, "period_start": sub.period_start, "period_end": sub.period_end,
             "trial_end": sub.trial_end, "cancel_at_period_end": sub.cancel_at_period_end,
-            "time_zone": sub.time_zone}
+            "time_zone": sub.time_zone, "collection": sub.collection}
 
 
 def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: VatRegistry | None = None

@@ -210,7 +210,7 @@ class Subscription(BaseModel):
     subscription_id: str
     tenant: str
     key: str
-    status: str = Field(examples=["trialing", "active", "past_due", "paused", "canceled"])
+    status: str = Field(examples=["incomplete", "trialing", "active", "past_due", "paused", "canceled"])
     plan: str
     plan_name: str | None
     plan_version: int | None

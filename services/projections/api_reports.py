@@ -143,8 +143,8 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
                 description="Status, plan and version, quantity, current period, trial end, cancellation.")
     async def get_subscriptions(
             principal: Finance, request: Request, tenant: TenantFilter = None,
-            statuses: Annotated[str | None, Query(alias="status", description="Comma-separated: trialing, active, "
-                                                  "past_due, paused, canceled")] = None,
+            statuses: Annotated[str | None, Query(alias="status", description="Comma-separated: incomplete, trialing, "
+                                                  "active, past_due, paused, canceled")] = None,
             plan: Annotated[str | None, Query(description="Plan code")] = None,
             cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
         filters: dict[str, Any] = {"tenant": _scope(principal, tenant), "statuses": split_list(statuses),

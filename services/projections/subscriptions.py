@@ -2,9 +2,10 @@
 
 One row per ``Subscription`` aggregate. ``Started`` names the tenant and the plan (a snapshot of the published
 plan version: code, name, cadence, currency, base fee); later events carry the subscription's id alone and
-update the row by id: ``Changed`` (plan and/or quantity, maybe a new period), ``TrialConverted`` and
-``PeriodEnded`` (the current period), ``Paused``/``Resumed``/``PastDue``/``Recovered``/``Canceled`` (status),
-``CancelScheduled`` (cancel at period end).
+update the row by id: ``Changed`` (plan and/or quantity, maybe a new period), ``TrialConverted``, ``Activated``
+(an ``incomplete`` subscription's first invoice paid) and ``PeriodEnded`` (the current period),
+``Paused``/``Resumed``/``PastDue``/``Recovered``/``Canceled`` (status; an incomplete one never paid is canceled
+with reason ``incomplete_expired``), ``CancelScheduled`` (cancel at period end).
 
 MRR (monthly recurring revenue) is computed when asked, from the live rows: every ``active`` or ``past_due``
 subscription's base fee x quantity, per currency, a quarter's fee counted as a third per month and a year's
@@ -35,8 +36,8 @@ SUBSCRIPTIONS = Table("subscriptions", {"subscription_id": "TEXT"}, {
 }, indexes=("tenant, subscription_key", "status, tenant"))
 TABLES = (SUBSCRIPTIONS,)
 
-STATUSES = ("trialing", "active", "past_due", "paused", "canceled")
-BILLABLE = ("active", "past_due")  # what MRR counts (a trial or a paused subscription pays nothing)
+STATUSES = ("incomplete", "trialing", "active", "past_due", "paused", "canceled")
+BILLABLE = ("active", "past_due")  # what MRR counts (a trial, a paused or an unpaid incomplete one pays nothing)
 MONTHS_PER_PERIOD = {"month": 1, "quarter": 3, "year": 12}
 PERIODS_PER_YEAR = {cadence: 12 // months for cadence, months in MONTHS_PER_PERIOD.items()}
 
@@ -140,7 +141,8 @@ def _grants(fact: Fact, w: BatchWriter) -> None:
 
 
 _HANDLERS: dict[str, Handler] = {
-    "Started": _started, "Changed": _changed, "TrialConverted": _converted, "PeriodEnded": _period_ended,
+    "Started": _started, "Changed": _changed, "TrialConverted": _converted, "Activated": _converted,
+    "PeriodEnded": _period_ended,
     "Paused": _status("paused", paused_at="at"), "Resumed": _status("active", paused_at=None),
     "PastDue": _status("past_due"), "Recovered": _status("active"), "CancelScheduled": _cancel_scheduled,
     "Canceled": _canceled, "RecurringGrantsIssued": _grants,

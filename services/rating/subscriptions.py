@@ -6,6 +6,9 @@ Rules (documented in docs/rating.md):
   charge for it; allowances (``included``) of every live subscription charging that meter pool together.
   Without such a subscription, the meter's list price applies.
 * Usage while the pricing subscription is trialing is recorded but not charged.
+* An ``incomplete`` subscription (collection ``charge_before_access``, its first invoice not paid yet) is not
+  live: usage is priced as for an account without it. Its ``Activated`` event makes it active, with the
+  period that starts at the activation.
 * The billing period of usage is the primary (earliest-started live) subscription's current period; an
   account without a subscription is billed by calendar month (UTC).
 * When a subscription's period ends, rating closes it (the meters priced only at close: max, last,
@@ -70,7 +73,9 @@ RENEWING = ("active", "past_due", "paused")
 # (3 years of monthly periods); beyond, the calendar month (UTC) as for an account without a subscription.
 PERIODS_AHEAD_MAX = 36
 STATUS_BY_EVENT = {"Paused": "paused", "Resumed": "active", "PastDue": "past_due", "Recovered": "active",
-                   "Canceled": "canceled", "TrialConverted": "active"}
+                   "Canceled": "canceled", "TrialConverted": "active", "Activated": "active"}
+# Events that start the subscription's first billed period (status active, new bounds and anchor day).
+PERIOD_STARTS = ("TrialConverted", "Activated")
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,7 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
     elif name in STATUS_BY_EVENT:
         await conn.execute("UPDATE account_subscriptions SET status = $2 WHERE subscription_id = $1", sid,
                            STATUS_BY_EVENT[name])
-        if name == "TrialConverted":
+        if name in PERIOD_STARTS:
             await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
                                "WHERE subscription_id = $1", sid, data["period_start"], data["period_end"])
             renewal = {"anchor_day": data.get("anchor_day")}

@@ -3,6 +3,13 @@
 Lifecycle: trialing -> active -> past_due -> canceled, plus paused <-> resumed. Every transition is an
 event carrying its cause (a user or ``system:...``).
 
+Collection (``collection``, per subscription at its start): ``invoice`` (the default) gives access at once and
+collects the first invoice afterwards (dunning); ``charge_before_access`` starts a paid plan ``incomplete``
+(its first invoice finalized, nothing granted, no capacity, not live for rating) until that invoice is paid:
+then it is ``Activated`` and its first period starts at the activation. Unpaid (dunning's last attempt failed,
+or ``INCOMPLETE_EXPIRY_DAYS`` passed) it is canceled with reason ``incomplete_expired``. A trial starts as
+before, whatever the mode.
+
 Pause stops billing: the period already paid runs to its end, and a period that starts while paused is
 not billed (``PeriodEnded(billed=False)``, ``period_billed`` false). Resuming in such a period bills its
 rest from the resume (``Resumed(billed_from=...)``); resuming within the paid period bills nothing. Money effects of a change (proration) are computed
@@ -22,8 +29,13 @@ from billing_ledger.domain.periods import period_end, proration_fraction
 from eventsourcing.domain import Aggregate, event
 
 TRIALING, ACTIVE, PAST_DUE, PAUSED, CANCELED = "trialing", "active", "past_due", "paused", "canceled"
-LIVE = frozenset({TRIALING, ACTIVE, PAST_DUE, PAUSED})  # counts towards the account's subscription limit
+INCOMPLETE = "incomplete"  # charge_before_access: waiting for its first invoice to be paid
+LIVE = frozenset({INCOMPLETE, TRIALING, ACTIVE, PAST_DUE, PAUSED})  # counts towards the account's limit
+ENTITLED = frozenset({TRIALING, ACTIVE, PAST_DUE, PAUSED})  # gives access: pooled capacity, the plan's prices
 BILLABLE = frozenset({ACTIVE, PAST_DUE})
+INVOICE_COLLECTION, CHARGE_BEFORE_ACCESS = "invoice", "charge_before_access"
+COLLECTIONS = (INVOICE_COLLECTION, CHARGE_BEFORE_ACCESS)
+INCOMPLETE_EXPIRED = "incomplete_expired"  # the Canceled reason of an incomplete subscription never paid
 
 
 def subscription_id(tenant: str, key: str) -> UUID:
@@ -37,21 +49,27 @@ class Subscription(Aggregate):
 
     @classmethod
     def start(cls, *, tenant: str, key: str, plan: dict[str, Any], quantity: int, time_zone: str, at: datetime,
-              trial: bool, by: str) -> Subscription:
+              trial: bool, by: str, collection: str = INVOICE_COLLECTION) -> Subscription:
         if quantity < 1:
             raise SubscriptionError("quantity must be at least 1")
+        if collection not in COLLECTIONS:
+            raise SubscriptionError(f"collection must be one of {', '.join(COLLECTIONS)}, not {collection!r}")
         trial_days = int(plan.get("trial_days", 0)) if trial else 0
         anchor = at
         end = period_end(anchor, plan["cadence"], anchor.day, time_zone)
         trial_end = anchor + timedelta(days=trial_days) if trial_days else None
+        # A trial needs no payment to start; a free plan has nothing to charge before access.
+        status = TRIALING if trial_end else ACTIVE
+        if status == ACTIVE and collection == CHARGE_BEFORE_ACCESS and Decimal(str(plan.get("base_fee") or 0)) > 0:
+            status = INCOMPLETE
         return cls(tenant=tenant, key=key, plan=plan, quantity=quantity, time_zone=time_zone, anchor_day=anchor.day,
-                   started_at=at, period_start=anchor, period_end=end, trial_end=trial_end,
-                   status=TRIALING if trial_end else ACTIVE, by=by)
+                   started_at=at, period_start=anchor, period_end=end, trial_end=trial_end, status=status, by=by,
+                   collection=collection)
 
     @event("Started")
     def __init__(self, tenant: str, key: str, plan: dict[str, Any], quantity: int, time_zone: str, anchor_day: int,
                  started_at: datetime, period_start: datetime, period_end: datetime, trial_end: datetime | None,
-                 status: str, by: str) -> None:
+                 status: str, by: str, collection: str = INVOICE_COLLECTION) -> None:
         self.tenant = tenant
         self.key = key
         self.plan = plan
@@ -63,6 +81,7 @@ class Subscription(Aggregate):
         self.period_end = period_end
         self.trial_end = trial_end
         self.status = status
+        self.collection = collection
         self.cancel_at_period_end = False
         self.recurring_grants: list[str] = []
         self.period_billed = True  # False: the current period began while paused and nothing billed it
@@ -153,6 +172,27 @@ class Subscription(Aggregate):
     def mark_paid(self, *, at: datetime, by: str) -> None:
         if self.status == PAST_DUE:
             self._recovered(at=at, by=by)
+
+    def activate(self, *, at: datetime, by: str) -> None:
+        """Its first invoice is paid (``charge_before_access``): active from ``at``, when its first period starts
+        (a full period for the fee paid, however late the payment came)."""
+        self._require(INCOMPLETE)
+        end = period_end(at, self.plan["cadence"], at.day, self.time_zone)
+        self._activated(at=at, by=by, period_start=at, period_end=end, anchor_day=at.day)
+
+    @event("Activated")
+    def _activated(self, at: datetime, by: str, period_start: datetime, period_end: datetime, anchor_day: int) -> None:
+        self.status = ACTIVE
+        self.period_start = period_start
+        self.period_end = period_end
+        self.anchor_day = anchor_day
+        self.minimum_accrued, self.minimum_from = Decimal(0), period_start
+
+    def expire_incomplete(self, *, at: datetime, by: str, reason: str = INCOMPLETE_EXPIRED) -> None:
+        """Its first invoice was never paid: canceled (``incomplete_expired``, or ``canceled`` when a user
+        canceled it before paying), having granted nothing."""
+        self._require(INCOMPLETE)
+        self._canceled(at=at, by=by, reason=reason, lines=[])
 
     @event("Recovered")
     def _recovered(self, at: datetime, by: str) -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import random
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,11 @@ from billing_runtime.http import create_app
 from tests.unit.projections.conftest import apply, dump, dumps_by_batching
 from tests.unit.projections.ledger_events import (
     NOV_1,
+    SUBSCRIPTION_CATALOG,
     Ledger,
     by_partition,
     full_scenario,
+    invoice_id_of,
     invoice_uuid,
     subscription_scenario,
 )
@@ -346,3 +349,34 @@ async def test_a_minimum_commitment_line_is_projected_and_printed_like_the_ledge
     document = ledger.get(renewal)
     assert render_pdf(document, issuer="billing").startswith(b"%PDF")
     assert [item["kind"] for item in document.lines][-1] == "minimum_commitment"
+
+
+async def test_incomplete_subscriptions_are_listed_activated_or_expired_as_the_ledger_has_them(
+        service: ProjectionService) -> None:
+    # charge_before_access: "paid" is activated by its invoice's payment on Nov 4, "unpaid" expires after the
+    # last dunning attempt, "waiting" is still incomplete. Only the activated one is billable (MRR).
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, at=NOV_1, document=SUBSCRIPTION_CATALOG, digest="subs-1")
+    ledger.command("account.open", "shop", at=NOV_1, currency="USD")
+    made = {key: ledger.command("subscription.create", "shop", at=NOV_1, key=key, plan="team", trial=False,
+                                collection="charge_before_access").value["subscription_id"]
+            for key in ("paid", "unpaid", "waiting")}
+    nov_4 = NOV_1 + timedelta(days=3)
+    ledger.command("invoice.mark_paid", "shop", at=nov_4, invoice_id=invoice_id_of(made["paid"], "shop", NOV_1),
+                   payment="pi_1")
+    ledger.command("invoice.payment_failed", "shop", at=nov_4,
+                   invoice_id=invoice_id_of(made["unpaid"], "shop", NOV_1), final=True)
+    await apply(service, ledger.records())
+    rows = {r["subscription_key"]: r for r in await subscriptions.page(service.db, tenant="shop", offset=0, limit=10)}
+    assert {key: row["status"] for key, row in rows.items()} == {
+        "paid": "active", "unpaid": "canceled", "waiting": "incomplete"}
+    for key, row in rows.items():
+        sub = ledger.get(made[key])
+        assert (row["status"], row["period_start"], row["period_end"]) == (
+            sub.status, utc_text(sub.period_start), utc_text(sub.period_end))
+    assert rows["paid"]["period_start"] == utc_text(nov_4)  # its first period starts when it was paid
+    assert rows["unpaid"]["cancel_reason"] == "incomplete_expired"
+    [usd] = await subscriptions.mrr(service.db, tenant="shop")
+    assert (str(usd["mrr"]), usd["subscriptions"]) == ("30.00", 1)
+    listed = await subscriptions.page(service.db, tenant="shop", statuses=("incomplete",), offset=0, limit=10)
+    assert [r["subscription_key"] for r in listed] == ["waiting"]

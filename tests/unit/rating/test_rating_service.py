@@ -341,6 +341,23 @@ async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing
     assert usage_lines(commands) == {"storage_gb": ("40", "0.000000000")}
 
 
+async def test_an_incomplete_subscription_gives_no_plan_price_until_its_first_invoice_is_paid(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # charge_before_access: not paid yet, the account is priced as one without the plan (list price, its 2
+    # included); once Activated (paid on Nov 10, its period starting then), the plan's price and allowance.
+    await subscribe(service, status="incomplete")
+    await service.handle_accepted([accepted("a1", "150", at=datetime(2026, 11, 3, tzinfo=UTC))])
+    nov_10 = datetime(2026, 11, 10, tzinfo=UTC)
+    await subscription_event(service, "Activated", 4, at=nov_10.isoformat(), by="gateway:stripe",
+                             period_start=nov_10.isoformat(), period_end=datetime(2026, 12, 10, tzinfo=UTC).isoformat(),
+                             anchor_day=10)
+    await service.handle_accepted([accepted("a2", "150", at=datetime(2026, 11, 12, tzinfo=UTC))])
+    debits = [c["payload"] for c in await published(bus) if c["kind"] == "usage.debit"]
+    # 10 x 1.00 + 138 x 0.50 at the list price; then 100 included and 50 x 0.10 at the plan's.
+    assert [(d["amount"], d["cause"]["priced_by"], d["cause"]["period"]) for d in debits] == [
+        ("79.000000000", "list_price", "2026-11"), ("5.000000000", "plan", nov_10.isoformat())]
+
+
 async def test_usage_line_quantities_follow_corrections_and_count_events(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     await subscribe(service)
