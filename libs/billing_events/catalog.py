@@ -56,6 +56,23 @@ class CreditUnitDef(_Model):
     scale: int = Field(default=2, ge=0, le=9, description="Digits shown after the point")
     list_price: Amount | None = Field(default=None, description="Price of one credit in `currency`")
     currency: str | None = None
+    list_prices: dict[str, Amount] = Field(
+        default_factory=dict, description="Price of one credit in other currencies (credits used beyond the "
+                                          "prepaid ones are billed at it on invoices in that currency)")
+
+    @model_validator(mode="after")
+    def _valid_currencies(self) -> CreditUnitDef:
+        for code in (*([self.currency] if self.currency else []), *self.list_prices):
+            currency(code)
+        return self
+
+    def price_in(self, money: str) -> Decimal | None:
+        """The price of one credit on an invoice in ``money`` (None: not priced in it)."""
+        if money in self.list_prices:
+            return Decimal(self.list_prices[money])
+        if self.list_price is not None and (self.currency or money) == money:
+            return Decimal(self.list_price)
+        return None
 
 
 class MeterDef(_Model):
@@ -290,6 +307,16 @@ class CatalogDocument(_Model):
             for charge in plan.charges:
                 if charge.meter not in meters:
                     raise ValueError(f"plan {plan.code!r}: unknown meter {charge.meter!r}")
+                unit = charge.price.get("unit")
+                if (plan.prices and unit in self.credit_units and charge.overage_policy == "overage"
+                        and not (info.context or {}).get(STORED)):
+                    # Credits used beyond the prepaid ones are billed at the unit's price in the invoice's
+                    # currency: a localized plan needs one in each currency it is billed in.
+                    missing = [c for c in (plan.currency, *plan.prices) if self.credit_units[unit].price_in(c) is None]
+                    if missing:
+                        raise ValueError(f"plan {plan.code!r}: {charge.meter} is charged in {unit} with overage, but "
+                                         f"{unit} has no list price in {', '.join(missing)} to bill it at; set "
+                                         f"credit_units.{unit}.list_prices or overage_policy: block")
             for index, grant in enumerate(plan.recurring_credits):
                 if grant.unit not in units and grant.unit != plan.currency:
                     raise ValueError(f"plan {plan.code!r}: unknown credit unit {grant.unit!r}")

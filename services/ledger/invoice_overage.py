@@ -29,7 +29,8 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from billing_events.money import RATING_CONTEXT, currency, from_subunits, parse_decimal, round_minor
+from billing_events.catalog import CreditUnitDef
+from billing_events.money import RATING_CONTEXT, currency, from_subunits, round_minor
 from billing_ledger.domain.account import BillingAccount, period_began
 from billing_ledger.domain.invoice import Invoice, line
 from billing_ledger.domain.roster import roster_id
@@ -74,13 +75,21 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
         label = "Overage from earlier periods" if earlier else "Overage beyond the usage itemised above"
         lines.append(line("overage", label, rest, money))
     for unit, price in prices.items():
-        credits = sum(taken.get(unit, {}).values())
-        if credits <= 0:
+        periods = taken.get(unit, {})
+        if sum(periods.values()) <= 0:
             continue
-        quantity = Decimal(format(from_subunits(credits).normalize(), "f"))
-        lines.append(line("overage", f"{quantity} {unit} used beyond prepaid credit, at {price} {money} each",
-                          RATING_CONTEXT.multiply(quantity, price), money, quantity=str(quantity),
-                          unit_amount=str(price), credit_unit=unit, overage_subunits=credits))
+        # The period's own credit overage and what is left of earlier periods' apart: only the former is this
+        # period's usage spend (``minimum_commitment_lines``).
+        own_credits = sum(a for key, a in periods.items() if period_began(key) == period_start)
+        for credits, earlier_periods in ((own_credits, False), (sum(periods.values()) - own_credits, True)):
+            if credits <= 0:
+                continue
+            quantity = Decimal(format(from_subunits(credits).normalize(), "f"))
+            label = f"{quantity} {unit} used beyond prepaid credit{' in earlier periods' if earlier_periods else ''}"
+            lines.append(line("overage", f"{label}, at {price} {money} each",
+                              RATING_CONTEXT.multiply(quantity, price), money, quantity=str(quantity),
+                              unit_amount=str(price), credit_unit=unit, overage_subunits=credits,
+                              **({"earlier_periods": True} if earlier_periods else {})))
     return lines
 
 
@@ -93,7 +102,8 @@ def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]
         return []
     usage = Decimal(0)
     for item in usage_lines:
-        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")):
+        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")
+                                       and not item.get("earlier_periods")):
             usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
     shortfall = RATING_CONTEXT.subtract(minimum, usage)
     if shortfall <= 0:
@@ -104,13 +114,12 @@ def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]
 
 
 def _credit_prices(credit_units: dict[str, Any], money: str) -> dict[str, Decimal]:
-    """Credit unit -> its list price in ``money`` (units without one, or priced in another currency, left out)."""
+    """Credit unit -> its price in ``money`` (``CreditUnitDef.price_in``; units not priced in it left out)."""
     prices: dict[str, Decimal] = {}
     for code, spec in sorted(credit_units.items()):
-        price = spec.get("list_price") if isinstance(spec, dict) else None
-        if price in (None, "") or (spec.get("currency") or money) != money:
-            continue
-        prices[code] = parse_decimal(str(price))
+        price = CreditUnitDef.model_validate(spec).price_in(money) if isinstance(spec, dict) else None
+        if price is not None:
+            prices[code] = price
     return prices
 
 

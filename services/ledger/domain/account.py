@@ -710,7 +710,10 @@ class BillingAccount(ChainedAggregate):
     ) -> None:
         left = -amount
         postings: list[Posting] = []
-        reduce_receivable = min(left, self.overage_receivable(unit))
+        # Only overage no invoice has billed yet is reduced (the give-back's own period first, then the oldest):
+        # an invoice is collected as issued, so a correction of usage it billed comes back as credit instead.
+        unbilled = self._give_back_unbilled(unit, cause, min(left, self.overage_receivable(unit)))
+        reduce_receivable = -sum(unbilled.values())
         if reduce_receivable:
             postings += [
                 posting(LedgerAccount.RECOGNISED_REVENUE, unit, reduce_receivable),
@@ -766,8 +769,23 @@ class BillingAccount(ChainedAggregate):
             credit_grant=credit_grant,
             cause=cause,
             at=at,
+            unbilled=unbilled or None,
         )
         self._check_thresholds(unit, at)
+
+    def _give_back_unbilled(self, unit: str, cause: dict[str, Any], most: int) -> dict[str, int]:
+        """Period key -> (negative) change of the unbilled overage a give-back of at most ``most`` takes."""
+        own = cause.get("period")
+        entries = sorted(((key != own, period_began(key), key, amount)
+                          for key, amount in self._unbilled.get(unit, {}).items() if amount > 0))
+        taken: dict[str, int] = {}
+        for _, _, key, amount in entries:
+            if most <= 0:
+                break
+            part = min(most, amount)
+            taken[key] = -part
+            most -= part
+        return taken
 
     @event("UsageDebited")
     def _usage_debited(
@@ -782,11 +800,17 @@ class BillingAccount(ChainedAggregate):
         credit_grant: GrantRecord | None,
         cause: dict[str, Any],
         at: datetime,
+        unbilled: dict[str, int] | None = None,
     ) -> None:
         # ``overage`` is the change of receivables: positive = posted beyond credit, negative = given back.
+        # ``unbilled``: a give-back's change of the unbilled overage by period key (events before session 7's
+        # fix have none and took it from the give-back's own period).
         self._apply_draws(unit, draws, remember=True)
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
-        if overage:
+        if unbilled:
+            for key, change in unbilled.items():
+                _add_unbilled(self._unbilled, unit, key, change)
+        elif overage:
             period = cause.get("period")
             _add_unbilled(self._unbilled, unit, period if type(period) is str and period else at.isoformat(), overage)
         if credit_grant is not None:

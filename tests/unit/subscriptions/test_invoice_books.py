@@ -175,3 +175,22 @@ def test_credit_overage_billed_in_the_currency_is_money_in_the_currencys_books(a
     assert chart[("gateway_clearing", "USD")] == 3570 * CENT + 4165 * CENT
     assert ("receivables", "USD") not in chart and ("receivables", "CREDIT") not in chart
     assert verify_store(app, "acme").ok
+
+
+def test_a_correction_of_usage_already_invoiced_comes_back_as_credit_and_the_invoice_is_collected_as_issued(
+        app: LedgerApplication) -> None:
+    run(app, "tax_profile.set", "acme", country="US")  # no tax: the figures stay round
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))  # owed, billed on the renewal
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")])
+    assert renewal.total == Decimal("35.00")
+    # Rating corrects November's usage by -2.00 after the invoice went out, before it is paid.
+    debit(app, "-2.00", NOV_1, datetime(2026, 12, 2, tzinfo=UTC))
+    assert account(app).available("USD") == 200 * CENT  # given back as credit to spend
+    assert account(app).unbilled_overage("USD") == {}  # nothing left to bill (or to take off the next invoice)
+    for invoice in (first_invoice(app), renewal):
+        run(app, "invoice.mark_paid", "acme", at=DEC_1, invoice_id=str(invoice.id), payment=f"pi-{invoice.id}")
+    chart = books(app)
+    assert chart[("gateway_clearing", "USD")] == 3000 * CENT + 3500 * CENT  # every cent paid is in the books
+    assert ("receivables", "USD") not in chart  # and nothing stays owed
+    assert verify_store(app, "acme").ok

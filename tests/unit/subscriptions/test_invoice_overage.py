@@ -174,3 +174,47 @@ def test_voiding_an_unpaid_invoice_leaves_its_overage_owed_for_the_next_one(app:
     assert sum(account(app).unbilled_overage("USD").values()) == 3 * U  # owed again, not lost
     december = renew_and_bill(app, DEC_1, JAN_1, [])
     assert [(x["kind"], x["amount"]) for x in december.lines if x["kind"] == "overage"] == [("overage", "3.00")]
+
+
+def test_credit_overage_of_earlier_periods_is_billed_but_is_not_this_periods_spend_towards_its_minimum(
+        tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    plan = {"code": "min", "name": "Min", "currency": "USD", "base_fee": "30.00", "minimum_spend": "20.00",
+            "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}
+    run(app, "catalog.publish", None, document={**CATALOG, "plans": [plan]}, digest="c-min")
+    run(app, "account.open", "acme", currency="USD")
+    # October, pay as you go: 30 CREDIT used with none granted, owed.
+    debit(app, "30", datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 10, 20, tzinfo=UTC), unit="CREDIT",
+          meter="tokens")
+    run(app, "subscription.create", "acme", key="m", plan="min")
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")])
+    assert [(x["kind"], x["amount"]) for x in invoice.lines[1:]] == [
+        ("usage", "5.00"), ("overage", "3.00"), ("minimum_commitment", "15.00")]  # 20.00 - November's 5.00
+    assert invoice.total == Decimal("53.00")
+
+
+LOCALIZED = {"code": "euro", "name": "Euro", "currency": "USD", "base_fee": "30.00", "prices": {"EUR": "27.00"},
+             "charges": [{"meter": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
+             "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}
+
+
+def test_a_localized_plan_bills_credit_overage_at_the_credit_price_in_its_currency(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    units = {"CREDIT": {"scale": 2, "list_price": "0.10", "currency": "USD", "list_prices": {"EUR": "0.09"}}}
+    run(app, "catalog.publish", None, document={**CATALOG, "credit_units": units, "plans": [LOCALIZED]},
+        digest="c-eur")
+    run(app, "account.open", "acme", currency="EUR")
+    run(app, "subscription.create", "acme", key="m", plan="euro")
+    debit(app, "150", NOV_1, datetime(2026, 11, 20, tzinfo=UTC), unit="CREDIT", meter="tokens")  # 100 granted
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
+    assert invoice.currency == "EUR"
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [("base_fee", "27.00"), ("usage", "0.00"),
+                                                                 ("overage", "4.50")]  # 50 CREDIT at 0.09 EUR
+
+
+def test_a_localized_plan_whose_credit_overage_has_no_price_in_its_currency_is_refused(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    refused = run(app, "catalog.publish", None, outcome="rejected", document={**CATALOG, "plans": [LOCALIZED]},
+                  digest="c-eur")  # CREDIT is priced in USD only: EUR invoices could not bill its overage
+    assert refused.reason == "invalid_catalog" and "no list price in EUR" in refused.detail

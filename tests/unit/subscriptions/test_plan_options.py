@@ -23,7 +23,8 @@ NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)  # half of November's 30 days left
 DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
 CATALOG: dict[str, Any] = {
-    "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.10", "currency": "USD"}},
+    "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.10", "currency": "USD",
+                               "list_prices": {"EUR": "0.09", "GBP": "0.08"}}},
     "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}},
                {"code": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
     "plans": [
