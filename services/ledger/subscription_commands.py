@@ -475,6 +475,8 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
                          period_end_at=sub.period_end, at=at) if immediately and sub.period_billed else []
     roster = _roster(batch, tenant)
     before = _capacities(_live_subscriptions(batch, roster))
+    cut_start = sub.period_start
+    minimum = sub.period_minimum(until=at) if immediately else Decimal(0)  # before the cancel: a trial commits 0
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
@@ -482,6 +484,12 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
         _document(app, batch, sub, f"{sub.id}/cancel", lines, at, command.issued_by, finalize=True,
                   start=at, end=sub.period_end)
+        if at > cut_start:
+            # The period is cut short at the cancel: rating closes [start, at) on this Canceled event and sends
+            # its usage lines under the key of a period ending at ``at``; they go on a final draft without a fee,
+            # with the minimum spend of the time before the cancel (nothing to bill: voided unnumbered).
+            final = _final_usage_draft(batch, sub, cut_start, at, at)
+            _commit_minimum(final, sub, minimum)
     return {"subscription_id": str(sub.id), "status": sub.status, "lines": lines}
 
 

@@ -147,8 +147,12 @@ class RatingService:
         """Closes the ended period (primary subscription only) and builds its usage lines for the invoice.
 
         The close debits go first: on the account's partition the ledger posts them before the usage lines
-        finalize the invoice. A redelivered ``PeriodEnded`` finds the period closed and sends the same
-        commands again (same ids: the ledger refuses them the second time).
+        finalize the invoice. A redelivered ``PeriodEnded`` (or ``Canceled``) finds the period closed and sends
+        the same commands again (same ids: the ledger refuses them the second time).
+
+        An immediate cancel (``Canceled``) ends the period too: the subscription is no longer live, so it is
+        put back among the live ones as it was (its status before the cancel, ordered by its start) to decide
+        whether it was the primary one and to price the close as real-time rating did.
         """
         row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
                                   ended.subscription_id)
@@ -156,7 +160,9 @@ class RatingService:
         account, tenant = row["account_id"], row["tenant"]
         catalog = self.catalog
         live = (await load_for(conn, [account])).get(account, [])
-        primary = not live or live[0].subscription_id == ended.subscription_id
+        if all(sub.subscription_id != ended.subscription_id for sub in live):
+            live = sorted([*live, ended], key=lambda sub: (sub.started_at, sub.subscription_id))
+        primary = live[0].subscription_id == ended.subscription_id
         outputs: list[OutMessage] = []
         closed: list[CloseLine] = []
         if primary:

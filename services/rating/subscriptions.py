@@ -22,6 +22,11 @@ Rules (documented in docs/rating.md):
   moves backwards. A redelivered ``PeriodEnded`` (or restarting ``Changed``) still sends its commands again.
 * A change that restarts the period (a cadence change) closes the period cut short, like an end, and its
   usage goes on the next renewal invoice, the one of the period it restarted into (``restarted_periods``).
+* An immediate cancel (``Canceled`` with reason ``canceled`` of a live subscription) ends its current period at
+  the cancel: rating closes [period start, cancel) like an end and sends its usage lines for the ledger's final
+  draft (the key of a period ending at the cancel). The canceled row keeps that cut as its ``period_end``, so a
+  redelivered ``Canceled`` sends the same commands again. A cancel at period end (``canceled_at_period_end``,
+  after its ``PeriodEnded``), an ``incomplete`` one's and a trial's end without a payment method close nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ CREATE INDEX IF NOT EXISTS restarted_periods_billed_with ON restarted_periods (a
 """
 
 LIVE = ("trialing", "active", "past_due", "paused")
+IMMEDIATE_CANCEL = "canceled"  # the reason of a ``Canceled`` a user asked for at once (the ledger's cancel)
 TRACE_EVENT_IDS_MAX = 100  # raw event ids listed on an invoice line; the rest via rating's decisions route
 # Statuses whose period is followed by another at its end (a trialing one restarts at its trial's end instead).
 RENEWING = ("active", "past_due", "paused")
@@ -185,8 +191,9 @@ def _accounts_where(accounts: Sequence[str], dialect: str) -> tuple[str, list[An
 
 async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -> AccountSubscription | None:
     """Updates the tables from one Subscription event. Returns the subscription with the bounds of a period
-    that ended (``PeriodEnded``) or that a change cut short by restarting the period (``Changed``, ending at
-    the restart), for the caller to close; also when the event is a redelivery, so its commands go again.
+    that ended (``PeriodEnded``), that a change cut short by restarting the period (``Changed``, ending at
+    the restart) or that an immediate cancel cut short (``Canceled``, ending at the cancel, with the status it
+    had before), for the caller to close; also when the event is a redelivery, so its commands go again.
 
     An event not newer than the last one applied to the subscription (its ``aggregate_version``) changes
     nothing: a redelivered older ``PeriodEnded`` must not move the current period back.
@@ -202,7 +209,7 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
     known = await conn.fetchval("SELECT version FROM subscription_renewals WHERE subscription_id = $1", sid)
     stale = known is not None and version <= int(known)
     row = None
-    if name in ("PeriodEnded", "Changed"):
+    if name in ("PeriodEnded", "Changed", "Canceled"):
         lock = " FOR UPDATE" if dialect == "postgres" else ""
         row = await conn.fetchrow(f"SELECT * FROM account_subscriptions WHERE subscription_id = $1{lock}", sid)
     if stale:
@@ -215,6 +222,9 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
             if cut is not None:
                 return _with_bounds({**row, "plan_code": data["old_plan"]["code"],
                                      "plan_version": data["old_plan"]["version"]}, cut["period_start"], restart)
+        if name == "Canceled" and row is not None and row["status"] == "canceled" and _cut_at(data) is not None \
+                and datetime.fromisoformat(row["period_end"]) == _cut_at(data):  # the cut it made: sent again
+            return _with_bounds(row, row["period_start"], row["period_end"])
         return None
     result = None
     renewal: dict[str, Any] = {}
@@ -252,6 +262,12 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
     elif name in STATUS_BY_EVENT:
         await conn.execute("UPDATE account_subscriptions SET status = $2 WHERE subscription_id = $1", sid,
                            STATUS_BY_EVENT[name])
+        cut_at = _cut_at(data) if name == "Canceled" and row is not None and row["status"] in LIVE else None
+        if cut_at is not None and row is not None and cut_at > datetime.fromisoformat(row["period_start"]):
+            # An immediate cancel: the current period ends here (its row keeps the cut, for a redelivery).
+            await conn.execute("UPDATE account_subscriptions SET period_end = $2 WHERE subscription_id = $1", sid,
+                               cut_at.isoformat())
+            result = _with_bounds(row, row["period_start"], cut_at.isoformat())
         if name in PERIOD_STARTS:
             await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
                                "WHERE subscription_id = $1", sid, data["period_start"], data["period_end"])
@@ -273,6 +289,13 @@ def _with_bounds(row: Any, start: str, end: str) -> AccountSubscription:
     return AccountSubscription(str(row["subscription_id"]), row["plan_code"], int(row["plan_version"]),
                                int(row["quantity"]), row["status"], row["started_at"], datetime.fromisoformat(start),
                                datetime.fromisoformat(end))
+
+
+def _cut_at(data: dict[str, Any]) -> datetime | None:
+    """When an immediate cancel (``Canceled`` with reason ``canceled``) cut the current period short."""
+    if data.get("reason") != IMMEDIATE_CANCEL or not data.get("at"):
+        return None
+    return datetime.fromisoformat(data["at"])
 
 
 def _local_day(moment: str, time_zone: str) -> int:

@@ -275,6 +275,39 @@ async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_even
     assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed")]
 
 
+async def test_postgres_an_immediate_cancel_closes_the_cut_period_once_and_later_events_of_it_are_late(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    nov, dec, nov_16 = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC),
+                        datetime(2026, 11, 16, tzinfo=UTC))
+    subscription = uuid.uuid4()
+
+    async def ledger_event(position: int, kind: str, **data: Any) -> None:
+        event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
+                            type=f"Subscription.{kind}", data=data)
+        await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
+
+    await ledger_event(1, "Started", tenant="acme", plan={"code": "pro", "version": 1}, quantity=1, status="active",
+                       started_at=nov.isoformat(), period_start=nov.isoformat(), period_end=dec.isoformat())
+    await service.handle_accepted([usage("acme", "a1", "8", at=datetime(2026, 11, 3, tzinfo=UTC)),
+                                   usage("acme", "s1", "3", "seats", datetime(2026, 11, 3, tzinfo=UTC))])
+    outbox.messages.clear()
+    canceled = {"at": nov_16.isoformat(), "by": "user:test", "reason": "canceled", "lines": []}
+    await ledger_event(2, "Canceled", **canceled)
+    first = outbox.commands()
+    assert [(c["kind"], c["payload"].get("meter")) for c in first] == [("usage.debit", "seats"),
+                                                                        ("invoice.usage_lines", None)]
+    assert first[1]["payload"]["invoice_key"] == f"{subscription}/{nov_16.isoformat()}"
+    assert {line["meter"]: line["amount"] for line in first[1]["payload"]["lines"]} == {
+        "api_calls": "0.300000000", "seats": "15.000000000"}
+    outbox.messages.clear()
+    await ledger_event(2, "Canceled", **canceled)  # redelivered: the same commands, the same ids
+    assert [c["command_id"] for c in outbox.commands()] == [c["command_id"] for c in first]
+    outbox.messages.clear()
+    await service.handle_accepted([usage("acme", "s2", "4", "seats", datetime(2026, 11, 10, tzinfo=UTC))])
+    letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
+    assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed")]
+
+
 # -- a usage batch racing a subscription period's close (different consumers, different transactions) ----------
 
 RACE_WAIT_MS = 500  # how long the racing side keeps its transaction open (the other side must wait for it)

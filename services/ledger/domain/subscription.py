@@ -274,13 +274,15 @@ class Subscription(Aggregate):
                                            proration_fraction(self.period_start, self.period_end, end))
         return RATING_CONTEXT.multiply(Decimal(str(minimum)), max(fraction, Decimal(0)))
 
-    def period_minimum(self) -> Decimal:
+    def period_minimum(self, until: datetime | None = None) -> Decimal:
         """The minimum spend on usage committed for the current period, exact: each plan's ``minimum_spend``
         for the billed time it was held (a mid-period change or a resume prorates it; an unbilled period and a
-        trial commit nothing). Read at renewal, before ``renew`` moves on to the next period."""
+        trial commit nothing). Read at renewal, before ``renew`` moves on to the next period; ``until``: the
+        period is cut short there (an immediate cancel, read before it), so only the time before it commits."""
         if self.status == TRIALING or self.minimum_from is None:
             return Decimal(0)
-        return RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, self.period_end))
+        end = self.period_end if until is None else min(until, self.period_end)
+        return RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, end))
 
     @property
     def live(self) -> bool:

@@ -210,8 +210,9 @@ def subscription_scenario(ledger: Ledger) -> dict[str, Any]:
     acme: team x 2 (monthly, 30.00: INV 60.00, then down to 1 mid-period: a credit note of -15.00, payment
     failed -> past_due, renewal on Dec 1 with usage lines added to the draft -> finalized, paid -> active);
     ops (quarterly, 90.00, paid at once); yearly (300.00, paused). globex: a trial (trialing, nothing billed)
-    and team canceled at once (credit note). initech (EUR): euro x 3 (quarterly 100.00) to cancel at period
-    end (still billable). Returns the keys the tests look up.
+    and team canceled at once (credit note; the final draft of its cut period voided: no usage). initech
+    (EUR): euro x 3 (quarterly 100.00) to cancel at period end (still billable). Returns the keys the tests
+    look up.
     """
     ledger.command("catalog.publish", None, at=NOV_1, document=SUBSCRIPTION_CATALOG, digest="subs-1")
     for tenant, code in (("acme", "USD"), ("globex", "USD"), ("initech", "EUR")):
@@ -238,8 +239,11 @@ def subscription_scenario(ledger: Ledger) -> dict[str, Any]:
     ledger.command("subscription.create", "globex", at=NOV_1, key="try", plan="trial", trial=True)
     euro = ledger.command("subscription.create", "initech", at=NOV_1, key="euro", plan="euro", quantity=3).value
     ledger.command("subscription.cancel", "initech", at=mid, key="euro")
-    ledger.command("subscription.create", "globex", at=NOV_1, key="gone", plan="team", quantity=1)
+    gone = ledger.command("subscription.create", "globex", at=NOV_1, key="gone", plan="team", quantity=1).value
     ledger.command("subscription.cancel", "globex", at=mid, key="gone", immediately=True)
+    # Rating's usage lines of the period the cancel cut short (none): its final draft is voided, unnumbered.
+    ledger.command("invoice.usage_lines", "globex", at=mid, invoice_key=f"{gone['subscription_id']}/{mid.isoformat()}",
+                   lines=[], period_start=NOV_1.isoformat(), period_end=mid.isoformat())
     return {"team": team["subscription_id"], "ops": ops["subscription_id"], "yearly": yearly["subscription_id"],
             "euro": euro["subscription_id"], "first_invoice": first,
             "renewal_invoice": str(invoice_uuid("acme", renewal))}

@@ -489,3 +489,74 @@ async def test_usage_before_a_change_that_restarts_the_period_is_on_the_next_inv
     await end_period(service, next_year, datetime(2028, 11, 15, tzinfo=UTC), datetime(2029, 11, 15, tzinfo=UTC),
                      position=6)
     assert usage_lines(await published(bus)) == {}
+
+
+async def test_an_immediate_cancel_closes_the_cut_period_and_sends_its_usage_lines_once(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("a1", "150", at=day(3)),                 # 50 x 0.10 = 5.00
+                                   accepted("s1", "40", "storage_gb", at=day(5))])   # max, priced at close
+    # Nov 16: canceled at once. The period ends there: closed at the plan's price, its usage lines sent for the
+    # ledger's final draft, named by a period ending at the cancel.
+    canceled = {"at": day(16).isoformat(), "by": "user:test", "reason": "canceled",
+                "lines": [{"kind": "proration", "description": "Unused time", "amount": "-15.00"}]}
+    await subscription_event(service, "Canceled", 4, **canceled)
+    commands = await published(bus)
+    assert [(c["kind"], c["payload"].get("meter")) for c in commands] == [
+        ("usage.debit", "api_calls"), ("usage.debit", "storage_gb"), ("invoice.usage_lines", None)]
+    close, lines = commands[1], commands[2]
+    assert (close["payload"]["amount"], close["payload"]["cause"]["period"]) == ("15.000000000", NOV.isoformat())
+    assert close["command_id"] == str(ids.command_id("usage.close", str(ids.account_id("acme")), "storage_gb", "",
+                                                     NOV.isoformat()))
+    assert (lines["payload"]["invoice_key"], lines["payload"]["period_start"], lines["payload"]["period_end"]) == (
+        f"{SUBSCRIPTION}/{day(16).isoformat()}", NOV.isoformat(), day(16).isoformat())
+    assert usage_lines(commands) == {"api_calls": ("150", "5.000000000"), "storage_gb": ("40", "15.000000000")}
+    # Delivered again: the same close debit and usage lines (same ids, the ledger takes each once), no new close.
+    await subscription_event(service, "Canceled", 4, **canceled)
+    again = (await published(bus))[len(commands):]
+    assert [c["command_id"] for c in again] == [c["command_id"] for c in commands[1:]]
+    assert usage_lines(again) == usage_lines(commands)
+    # The cut period is closed: its late events follow the late policy (not rated into it after its lines went).
+    await service.handle_accepted([accepted("late", "10", at=day(10)),
+                                   accepted("late-user", "1", "active_users", at=day(10), user="ann")])
+    [late] = [c for c in await published(bus) if c["payload"].get("cause", {}).get("event_ids") == ["late"]]
+    assert (late["payload"]["cause"]["late"], late["payload"]["cause"]["original_period"]) == ("late", NOV.isoformat())
+    [letter] = await published(bus, topics.USAGE_REJECTED)
+    assert (letter["event_id"], letter["reason"]) == ("late-user", "period_closed")
+
+
+async def test_a_canceled_primary_subscription_is_closed_before_a_later_started_one(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    await subscribe(service, plan="basic", subscription=UUID(int=7), started=datetime(2026, 11, 2, tzinfo=UTC))
+    await service.handle_accepted([accepted("a1", "150", at=datetime(2026, 11, 3, tzinfo=UTC))])
+    nov_16 = datetime(2026, 11, 16, tzinfo=UTC)
+    await subscription_event(service, "Canceled", 4, at=nov_16.isoformat(), by="user:test", reason="canceled",
+                             lines=[])
+    # It was the primary subscription until the cancel: its final invoice carries the period's usage.
+    assert usage_lines(await published(bus)) == {"api_calls": ("150", "5.000000000")}
+
+
+async def test_a_cancel_at_period_end_is_closed_once_by_its_period_end(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    await service.handle_accepted([accepted("s1", "40", "storage_gb", at=datetime(2026, 11, 5, tzinfo=UTC))])
+    await subscription_event(service, "CancelScheduled", 4, at=NOV.isoformat(), by="user:test",
+                             cancel_at=DEC.isoformat())
+    await subscription_event(service, "PeriodEnded", 5, period_start=NOV.isoformat(), period_end=DEC.isoformat(),
+                             next_start=None, next_end=None)
+    await subscription_event(service, "Canceled", 6, at=DEC.isoformat(), by="system:period_end",
+                             reason="canceled_at_period_end", lines=[])
+    commands = await published(bus)
+    assert [c["kind"] for c in commands] == ["usage.debit", "invoice.usage_lines"]  # the period end's, only
+    assert commands[1]["payload"]["invoice_key"] == f"{SUBSCRIPTION}/{DEC.isoformat()}"
+
+
+async def test_the_cancel_of_an_incomplete_subscription_closes_nothing(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service, status="incomplete")  # never paid: its usage is priced by calendar month
+    await service.handle_accepted([accepted("a1", "1", at=datetime(2026, 11, 3, tzinfo=UTC))])
+    await subscription_event(service, "Canceled", 4, at=datetime(2026, 11, 4, tzinfo=UTC).isoformat(),
+                             by="user:test", reason="canceled", lines=[])
+    assert [c["kind"] for c in await published(bus)] == []  # the ledger drafts no final invoice either

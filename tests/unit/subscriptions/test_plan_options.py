@@ -123,6 +123,44 @@ def test_the_minimum_spend_is_prorated_over_a_mid_period_plan_change(app: Ledger
     assert billed(invoice) == [("base_fee", "60.00"), ("minimum_commitment", "75.00")]
 
 
+def test_an_immediate_cancel_bills_the_cut_periods_usage_and_its_prorated_minimum_on_a_final_invoice(
+        app: LedgerApplication) -> None:
+    sub = subscribe(app, "quit", "commit")  # 50.00 of usage committed a month
+    run(app, "usage.debit", "quit", at=datetime(2026, 11, 10, tzinfo=UTC), unit="USD", amount_subunits=8 * U,
+        meter="api_calls", overage_policy="overage", cause={"event_ids": [str(uuid4())], "period": NOV_1.isoformat()})
+    cancel = run(app, "subscription.cancel", "quit", at=NOV_16, key="m", immediately=True)
+    assert [item["amount"] for item in cancel.value["lines"]] == ["-15.00"]  # the credit note, account credit
+    # Rating closes November at the cancel and sends its usage lines under the key of a period ending then,
+    # once: the same command delivered again (a redelivered Canceled) is a duplicate.
+    key = f"{sub.id}/{NOV_16.isoformat()}"
+    lines = LedgerCommand(command_id=uuid4(), kind="invoice.usage_lines", tenant="quit", issued_at=NOV_16,
+                          issued_by="service:rating", payload={
+                              "at": NOV_16.isoformat(), "invoice_key": key, "period_start": NOV_1.isoformat(),
+                              "period_end": NOV_16.isoformat(), "lines": [
+                                  {"kind": "usage", "description": "usage", "amount": "8.00", "meter": "api_calls"}]})
+    assert [r.outcome for r in app.apply_commands([lines])] == ["applied"]
+    assert [r.outcome for r in app.apply_commands([lines])] == ["duplicate"]
+    final: Invoice = app.repository.get(invoice_id("quit", key))
+    # No fee; the 8.00 of overage, and what it falls short of half of November's 50.00 committed.
+    assert (final.status, final.number is not None) == ("finalized", True)
+    assert billed(final) == [("usage", "8.00"), ("minimum_commitment", "17.00")]
+    assert final.total == Decimal("25.00")
+    assert app.repository.get(ids.account_id("quit")).unbilled_overage("USD") == {}  # billed, nothing left over
+
+
+def test_an_immediate_cancel_in_a_trial_commits_no_minimum(app: LedgerApplication) -> None:
+    run(app, "catalog.publish", None, digest="c2", document={**CATALOG, "plans": [
+        {**CATALOG["plans"][0], "trial_days": 14}, *CATALOG["plans"][1:]]})
+    sub = subscribe(app, "try", "commit")
+    assert sub.status == "trialing"
+    run(app, "subscription.cancel", "try", at=datetime(2026, 11, 5, tzinfo=UTC), key="m", immediately=True)
+    key = f"{sub.id}/{datetime(2026, 11, 5, tzinfo=UTC).isoformat()}"
+    run(app, "invoice.usage_lines", "try", at=datetime(2026, 11, 5, tzinfo=UTC), invoice_key=key, lines=[],
+        period_start=NOV_1.isoformat(), period_end=datetime(2026, 11, 5, tzinfo=UTC).isoformat())
+    final: Invoice = app.repository.get(invoice_id("try", key))
+    assert (final.status, final.number, final.minimum_spend) == ("void", None, None)  # nothing to bill
+
+
 def test_a_plan_without_minimum_spend_bills_no_commitment_line(app: LedgerApplication) -> None:
     subscribe(app, "free", "credits_max")
     assert [kind for kind, _ in billed(renew_and_bill(app, "free", []))] == ["base_fee"]
