@@ -633,12 +633,19 @@ def tenant_invoice(batch: _Batch, tenant: str | None, reference: str | None) -> 
 
 def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: str, by: str) -> bool:
     """Marks a finalized invoice paid (its past_due subscription recovers, an incomplete one is activated);
-    ``False`` when it already was paid.
+    ``False`` when it already was paid by this same ``payment``.
 
-    Idempotent, because dunning's ``invoice.mark_paid`` and the gateway's webhook for the same charge both
-    settle it, in either order. A draft or void invoice is refused (``InvoiceError``).
+    Idempotent for one payment, because dunning's ``invoice.mark_paid`` and the gateway's webhook for the same
+    charge both settle it, in either order. Another payment of an invoice already paid (a pending charge that
+    succeeded after a bank transfer paid it) is money received twice: refused (``invoice_already_paid``, the
+    command's rejected receipt is what finance reconciles: refund it or credit it), never absorbed. A payment
+    without a reference claims no money of its own and changes nothing. A draft or void invoice is refused
+    (``InvoiceError``).
     """
     if invoice.status == PAID:
+        if payment and invoice.payment and payment != invoice.payment:
+            raise CommandRejected("invoice_already_paid", f"invoice {invoice.number} was paid by {invoice.payment}; "
+                                                          f"payment {payment} paid it again: reconcile it by hand")
         return False
     invoice.mark_paid(at=at, payment=payment, by=by)
     if invoice.document_type == INVOICE:

@@ -65,6 +65,7 @@ class Invoice(Aggregate):
         self.number: str | None = None
         self.minimum_spend: Decimal | None = None  # a renewal draft: the ended period's commitment on usage
         self.pending_payments: dict[str, str] = {}  # dunning attempt -> its pending charge (see payment_pending)
+        self.payment: str | None = None  # the reference of the payment that paid it (``Paid``)
         self.failed_payments: dict[str, str] = {}
 
     @property
@@ -116,6 +117,7 @@ class Invoice(Aggregate):
     @event("Paid")
     def _paid(self, at: datetime, payment: str, by: str) -> None:
         self.status = PAID
+        self.payment = payment
 
     def void(self, *, at: datetime, reason: str, by: str) -> None:
         if self.status not in (DRAFT, FINALIZED):

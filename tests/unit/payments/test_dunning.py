@@ -13,6 +13,7 @@ from uuid import UUID, uuid4
 import pytest
 from billing_events import ids
 from billing_events.messages import PaymentNotification
+from billing_events.money import to_subunits
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.audit import account_events
@@ -240,6 +241,35 @@ async def test_a_processing_charge_is_pending_no_backup_is_charged_and_the_webho
     assert first_invoice(ledger).status == "paid" and balance(ledger) == 0
     assert await Dunning(ledger, gateways, None, SCHEDULE, now=clock).process() == {}
     assert len(intents(api)) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_pending_charge_succeeding_after_the_invoice_was_paid_otherwise_is_refused_for_reconciliation(
+        ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    api.processing.add("pm_primary")  # a SEPA debit, under way for days
+    invoice = first_invoice(ledger)
+    gateways = {"stripe": stripe_gateway(api)}
+    assert await Dunning(ledger, gateways, None, SCHEDULE, now=Clock(NOV_1 + timedelta(minutes=1))).process() == {
+        str(invoice.id): "pending"}
+    # Meanwhile the tenant pays by bank transfer, recorded by finance.
+    assert run(ledger, "invoice.mark_paid", TENANT, "transfer", invoice_id=str(invoice.id),
+               payment="transfer-1").outcome == "applied"
+    # Then the debit succeeds too: 30.00 received a second time. It is refused with its reason (the receipt
+    # finance reconciles), not applied as "already paid" and forgotten.
+    [(_, form)] = intents(api)
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    late = payment_command(stripe_paid(form, intent, "evt_pi_late"))
+    [result] = ledger.apply_commands([late])
+    assert (result.outcome, result.reason) == ("rejected", "invoice_already_paid"), result
+    assert ledger.read(late.command_id, lambda r: (r.outcome, r.reason)) == ("rejected", "invoice_already_paid")
+    postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+    assert account_balances(postings).get(("gateway_clearing", "USD")) == to_subunits(Decimal("30.00"))  # once
+    assert first_invoice(ledger).payment == "transfer-1" and balance(ledger) == 0
+    # The transfer's own record repeated is still the one payment.
+    again = run(ledger, "invoice.mark_paid", TENANT, "transfer-again", invoice_id=str(invoice.id),
+                payment="transfer-1")
+    assert again.outcome == "applied" and again.value["already_paid"] is True, again
 
 
 def stripe_refunded(form: dict[str, str], refund: str, amount: str, event_id: str) -> PaymentNotification:

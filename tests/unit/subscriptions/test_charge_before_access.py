@@ -87,12 +87,13 @@ def receivable(app: LedgerApplication) -> int:
     return sum(v for (name, unit), v in account_balances(postings).items() if name == "receivables" and unit == "USD")
 
 
-def paid(invoice: Invoice, event_id: str, at: datetime = NOV_4) -> LedgerCommand:
-    """What ingest publishes for the gateway's verified payment of ``invoice`` (Stripe metadata.invoice_id)."""
+def paid(invoice: Invoice, event_id: str, at: datetime = NOV_4, reference: str | None = None) -> LedgerCommand:
+    """What ingest publishes for the gateway's verified payment of ``invoice`` (Stripe metadata.invoice_id);
+    ``reference``: the charge's (default ``pi_<event_id>``)."""
     return payment_command(PaymentNotification(
         gateway="stripe", gateway_event_id=event_id, kind="payment_succeeded", tenant=TENANT,
         order_id=str(invoice.id), invoice_id=str(invoice.id), amount=invoice.total, currency="USD", verified_at=at,
-        gateway_reference=f"pi_{event_id}"))
+        gateway_reference=reference or f"pi_{event_id}"))
 
 
 def test_created_incomplete_it_bills_its_first_invoice_and_grants_nothing(app: LedgerApplication) -> None:
@@ -123,7 +124,7 @@ def test_the_payment_webhook_activates_it_once_with_its_credits_and_capacity(app
     assert credits(app) == 100 * U and capacity(app) == 5
     assert first_invoice(app).status == "paid" and receivable(app) == 0
     # The same charge announced again (another event id), then dunning's own mark_paid: nothing more.
-    [again] = app.apply_commands([paid(invoice, "evt_2", NOV_4 + timedelta(minutes=1))])
+    [again] = app.apply_commands([paid(invoice, "evt_2", NOV_4 + timedelta(minutes=1), reference="pi_evt_1")])
     assert again.outcome == "applied" and again.value["already_paid"] is True, again
     assert run(app, "invoice.mark_paid", TENANT, NOV_4 + timedelta(minutes=2), invoice_id=str(invoice.id),
                payment="pi_evt_1").value["already_paid"] is True
@@ -143,7 +144,8 @@ async def test_dunning_charging_the_saved_method_activates_it_once(app: LedgerAp
     assert credits(app) == 100 * U and capacity(app) == 5
     assert await dunning.process() == {}
     # The webhook of that charge arrives afterwards: already paid, nothing granted twice.
-    [webhook] = app.apply_commands([paid(invoice, "evt_pi")])
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [webhook] = app.apply_commands([paid(invoice, "evt_pi", reference=intent)])
     assert webhook.value["already_paid"] is True
     assert credits(app) == 100 * U and capacity(app) == 5
 
