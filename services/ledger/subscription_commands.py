@@ -524,6 +524,12 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     if sub.status == INCOMPLETE:  # charge_before_access, still unpaid: expires after INCOMPLETE_EXPIRY_DAYS
         if at < incomplete_expires_at(sub):
             return {"transition": None}
+        first = batch.get(invoice_id(tenant, _first_invoice_key(sub)))
+        if first is not None and first.status == FINALIZED and first.payment_under_way:
+            # A charge of it is pending (a SEPA debit takes days): expiring now would void an invoice the
+            # customer is paying. Its webhook activates it; its failure is a failed dunning attempt, and
+            # dunning's last failed attempt expires it (``invoice.payment_failed``, final).
+            return {"transition": None, "payment_pending": True}
         _expire_incomplete(batch, sub, at, "system:incomplete_expiry")
         return {"transition": INCOMPLETE_EXPIRED}
     if sub.status == TRIALING and sub.trial_end is not None and at >= sub.trial_end:

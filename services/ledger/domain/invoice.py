@@ -150,6 +150,11 @@ class Invoice(Aggregate):
     def _payment_failed(self, attempt: int, payment: str, at: datetime, by: str) -> None:
         self.failed_payments = {**self.failed_payments, str(attempt): payment}
 
+    @property
+    def payment_under_way(self) -> bool:
+        """A charge left pending whose failure is not recorded: its money may still arrive (its webhook pays)."""
+        return any(attempt not in self.failed_payments for attempt in self.pending_payments)
+
 
 class InvoiceSequence(Aggregate):
     """Gap-free numbers per issuer and year: ``INV-2026-000123`` (credit notes: ``CN-2026-000007``)."""

@@ -7,8 +7,8 @@ Collection (``collection``, per subscription at its start): ``invoice`` (the def
 collects the first invoice afterwards (dunning); ``charge_before_access`` starts a paid plan ``incomplete``
 (its first invoice finalized, nothing granted, no capacity, not live for rating) until that invoice is paid:
 then it is ``Activated`` and its first period starts at the activation. Unpaid (dunning's last attempt failed,
-or ``INCOMPLETE_EXPIRY_DAYS`` passed) it is canceled with reason ``incomplete_expired``. A trial starts as
-before, whatever the mode.
+or ``INCOMPLETE_EXPIRY_DAYS`` passed without a charge of it pending) it is canceled with reason
+``incomplete_expired``. A trial starts as before, whatever the mode.
 
 Pause stops billing: the period already paid runs to its end, and a period that starts while paused is
 not billed (``PeriodEnded(billed=False)``, ``period_billed`` false). Resuming in such a period bills its

@@ -226,6 +226,55 @@ def test_unpaid_it_expires_when_the_scheduler_ticks_it_after_the_wait(app: Ledge
     assert index.ticks(due + timedelta(days=30)) == []
 
 
+@pytest.mark.asyncio
+async def test_a_pending_first_charge_holds_off_the_expiry_and_its_webhook_activates_it(
+        app: LedgerApplication) -> None:
+    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
+    subscribe(app, collection="charge_before_access")
+    invoice = first_invoice(app)
+    api = FakeStripe()
+    api.processing.add("pm_1")  # a SEPA debit: the money arrives after the expiry wait
+    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0, 3, 5), now=lambda: NOV_1 + timedelta(minutes=1))
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    index = DueIndex()
+    index.catch_up(app)
+    due = NOV_1 + timedelta(days=INCOMPLETE_EXPIRY_DAYS)
+    [tick] = index.ticks(due)
+    [result] = app.apply_commands([tick])
+    assert result.value == {"transition": None, "payment_pending": True}, result
+    assert sub(app).status == "incomplete" and first_invoice(app).status == "finalized"
+    # The debit succeeds the next day: the customer paid, so the customer gets the plan.
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [webhook] = app.apply_commands([paid(invoice, "evt_sepa", due + timedelta(days=1), reference=intent)])
+    assert webhook.outcome == "applied", webhook
+    assert sub(app).status == "active" and first_invoice(app).status == "paid"
+    assert credits(app) == 100 * U and capacity(app) == 5 and receivable(app) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_pending_first_charge_that_fails_lets_dunning_expire_it(app: LedgerApplication) -> None:
+    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
+    subscribe(app, collection="charge_before_access")
+    invoice = first_invoice(app)
+    api = FakeStripe()
+    api.processing.add("pm_1")
+    clock = [NOV_1 + timedelta(minutes=1)]
+    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0,), now=lambda: clock[0])
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    due = NOV_1 + timedelta(days=INCOMPLETE_EXPIRY_DAYS)
+    assert run(app, "subscription.tick", TENANT, due, key="main").value["transition"] is None
+    # The debit fails after the wait: that was the last attempt, so dunning expires it (the tick is spent).
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [failed] = app.apply_commands([payment_command(PaymentNotification(
+        gateway="stripe", gateway_event_id="evt_fail", kind="payment_failed", tenant=TENANT, order_id=str(invoice.id),
+        invoice_id=str(invoice.id), amount=invoice.total, currency="USD", verified_at=due + timedelta(days=1),
+        gateway_reference=intent))])
+    assert failed.outcome == "applied" and failed.value["followed"] is True, failed
+    clock[0] = due + timedelta(days=1)
+    assert await dunning.process() == {str(invoice.id): "incomplete_expired"}
+    assert sub(app).status == "canceled" and first_invoice(app).status == "void" and receivable(app) == 0
+
+
 def test_an_early_tick_does_not_expire_it(app: LedgerApplication) -> None:
     subscribe(app, collection="charge_before_access")
     result = run(app, "subscription.tick", TENANT, NOV_1 + timedelta(days=1), key="main")
