@@ -69,7 +69,7 @@ def _reserve(batch: _Batch, order: Order, at: datetime) -> None:
     amount = int(grant["amount"]) - int(grant["refunded"])
     if not account_of(batch, order.tenant).place_hold(
             hold_id=refund_hold_id(order), unit=grant["unit"], amount=amount, meter=None,
-            expires_at=at + timedelta(seconds=REFUND_HOLD_SECONDS), at=at):
+            expires_at=at + timedelta(seconds=REFUND_HOLD_SECONDS), at=at, thresholds=False):
         raise CommandRejected("refund_not_eligible", f"the credit of order {order.key!r} cannot be reserved")
 
 
