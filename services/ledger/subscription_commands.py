@@ -706,6 +706,11 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     invoice = batch.get(UUID(command.payload["invoice_id"]))
     if invoice is None or invoice.tenant != command.tenant:
         raise CommandRejected("unknown_invoice")
+    if invoice.document_type == CREDIT_NOTE:
+        # Its money already moved (account credit granted, tax given back, or a gateway refund), and voiding
+        # would leave that in place: a wrong credit note is corrected by a new invoice, not voided.
+        raise CommandRejected("credit_note_not_voidable", f"credit note {invoice.number} cannot be voided; "
+                                                          "correct it with a new invoice")
     at = effective_at(command)
     invoice.void(at=at, reason=str(command.payload.get("reason", "void")), by=command.issued_by)
     if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again
