@@ -516,7 +516,8 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     """Time passes for one subscription (the scheduler's command): trial end, or period end and renewal."""
     tenant = command.tenant
-    assert tenant is not None
+    if not tenant:  # a rejection, not an AssertionError that fails (and retries) the whole batch
+        raise CommandRejected("missing_tenant", "the command names no tenant")
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)

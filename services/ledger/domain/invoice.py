@@ -43,6 +43,17 @@ def line(kind: str, description: str, amount: Decimal, unit: str, *, quantity: s
             "amount": str(rounded), "exact_amount": str(amount), **extra}
 
 
+def reversing_lines(invoice: Invoice) -> list[dict[str, Any]]:
+    """The lines of a credit note giving back the whole of ``invoice``: its lines negated, with its own tax (a
+    0.00 tax line when it had none), so finalizing the note never computes tax anew (the account's tax profile
+    may have changed since) and the note credits exactly what the invoice charged."""
+    lines = [{**item, "amount": str(-Decimal(item["amount"])), "exact_amount": str(-Decimal(item["exact_amount"]))}
+             for item in invoice.lines]
+    if not any(item["kind"] == "tax" for item in lines):
+        lines.append(line("tax", f"No tax on {invoice.number}", Decimal(0), invoice.currency, rate="0"))
+    return lines
+
+
 class Invoice(Aggregate):
     @staticmethod
     def create_id(tenant: str, key: str) -> UUID:

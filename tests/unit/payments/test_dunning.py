@@ -330,11 +330,37 @@ def test_a_full_refund_credits_the_invoice_lines(ledger: LedgerApplication) -> N
     [result] = ledger.apply_commands([payment_command(refund)])
     assert result.outcome == "applied", result
     note = credit_note(ledger, result.value["credit_note"])
-    assert note[3] == -invoice.total and note[5] == [(x["kind"], str(-Decimal(x["amount"]))) for x in invoice.lines]
+    # The invoice's lines negated, and its tax (none: a 0.00 tax line, so finalizing computes none).
+    assert note[3] == -invoice.total and note[5] == [
+        *[(x["kind"], str(-Decimal(x["amount"]))) for x in invoice.lines], ("tax", "0.00")]
     assert balance(ledger) == 0  # the money went back through the gateway: no account credit on top
     # The books: billed, paid, then given back through the gateway's clearing: every account back to zero.
     postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
     assert {k: v for k, v in account_balances(postings).items() if v} == {}
+
+
+def test_a_full_refund_gives_back_the_invoices_own_tax_after_the_tax_profile_changed(
+        ledger: LedgerApplication) -> None:
+    invoice = first_invoice(ledger)  # issued without tax: the account had no tax profile then
+    assert [x["kind"] for x in invoice.lines] == ["base_fee"]
+    assert run(ledger, "invoice.mark_paid", TENANT, "paid", invoice_id=str(invoice.id),
+               payment="pi_9").outcome == "applied"
+    assert run(ledger, "catalog.publish", None, "taxed", digest="dun-tax", document={
+        **CATALOG, "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+        "seller": {"name": "Billing GmbH", "country": "DE"}}).outcome == "applied"
+    assert run(ledger, "tax_profile.set", TENANT, "de", country="DE").outcome == "applied"  # 19 % VAT from now
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_full_taxed", kind="refund_succeeded",
+                                 tenant=TENANT, order_id=str(invoice.id), invoice_id=str(invoice.id),
+                                 amount=Decimal("30.00"), currency="USD", verified_at=utcnow(),
+                                 gateway_reference="re_full")
+    [result] = ledger.apply_commands([payment_command(refund)])  # raised AssertionError: the batch retried forever
+    assert result.outcome == "applied", result
+    # The 30.00 paid comes back as 30.00, no VAT added that the invoice never charged.
+    assert credit_note(ledger, result.value["credit_note"])[3:] == (
+        Decimal("-30.00"), str(invoice.id), [("base_fee", "-30.00"), ("tax", "0.00")])
+    postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+    assert {k: v for k, v in account_balances(postings).items() if v} == {}
+    assert balance(ledger) == 0
 
 
 def stripe_failed(form: dict[str, str], intent: str, event_id: str) -> PaymentNotification:
