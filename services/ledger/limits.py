@@ -88,7 +88,9 @@ REFUND_HOLD_SECONDS = HOLD_TTL_SECONDS_MAX
 # A subscription created with collection ``charge_before_access`` stays ``incomplete`` (no access) until its first
 # invoice is paid; unpaid this long after its start it is canceled (``incomplete_expired``) and its invoice voided,
 # so the account's live-subscription limit stops counting it. Dunning's last failed attempt (default schedule
-# 0,3,5 days) expires it earlier; this bounds the wait when no attempt ends (a charge left pending, no dunning).
+# 0,3,5 days) expires it earlier; this bounds the wait when no attempt is made (no payment method). A charge of
+# it still pending then (no failure recorded) holds the expiry off: expiring would void an invoice being paid.
+# Its webhook activates it; its failure is a failed dunning attempt, and the last one expires it.
 INCOMPLETE_EXPIRY_DAYS = 7
 
 # Idempotency keys, reasons and resource codes given over HTTP.

@@ -58,6 +58,7 @@ from billing_ledger.domain.invoice import (
     InvoiceError,
     invoice_id,
     line,
+    reversing_lines,
 )
 from billing_ledger.invoice_overage import repay_from_purchase
 from billing_ledger.subscription_commands import _finalize, settle_invoice, tenant_invoice
@@ -212,8 +213,7 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
         return {"invoice_id": str(invoice.id), "credit_note": str(existing.id), "already_refunded": True}
     at = payload.timestamp(command, "verified_at")
     if amount == invoice.total:
-        lines = [{**item, "amount": str(-Decimal(item["amount"])), "exact_amount": str(-Decimal(item["exact_amount"]))}
-                 for item in invoice.lines]
+        lines = reversing_lines(invoice)  # its own tax, never tax computed now
     else:
         # Tax is given back in the invoice's own proportion; rounded once, the net takes the rest (exact sum).
         tax_total = sum((Decimal(item["amount"]) for item in invoice.lines if item["kind"] == "tax"), Decimal(0))
@@ -226,7 +226,10 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
                    subscription_id=invoice.subscription_id, related_invoice=str(invoice.id), at=at, by=command.issued_by)
     batch.add(note)
     _finalize(app, batch, note, at, command.issued_by, refunded=True)
-    assert note.total == -amount, "a refund's credit note credits exactly the amount refunded"
+    if note.total != -amount:  # a rejection (recorded, everything undone), never an error that blocks the partition
+        raise CommandRejected("invoice_refund_mismatch", f"the credit note of refund {reference} would credit "
+                                                         f"{-note.total} {code}, not the {amount} refunded: "
+                                                         "reconcile by hand")
     return {"invoice_id": str(invoice.id), "credit_note": str(note.id), "credit_note_number": note.number,
             "amount": str(amount), "gateway": gateway}
 

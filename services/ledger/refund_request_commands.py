@@ -31,7 +31,7 @@ from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.checkout_commands import bonus_grant_id, order_of, top_up_invoice_id
 from billing_ledger.domain.checkout import PAID, REFUNDED, Order
-from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice, invoice_id
+from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice, invoice_id, reversing_lines
 from billing_ledger.domain.refund_request import RefundRequest, RefundRequestError, refund_request_id
 from billing_ledger.limits import REFUND_HOLD_SECONDS
 from billing_ledger.payload import at as effective_at
@@ -69,7 +69,7 @@ def _reserve(batch: _Batch, order: Order, at: datetime) -> None:
     amount = int(grant["amount"]) - int(grant["refunded"])
     if not account_of(batch, order.tenant).place_hold(
             hold_id=refund_hold_id(order), unit=grant["unit"], amount=amount, meter=None,
-            expires_at=at + timedelta(seconds=REFUND_HOLD_SECONDS), at=at):
+            expires_at=at + timedelta(seconds=REFUND_HOLD_SECONDS), at=at, thresholds=False):
         raise CommandRejected("refund_not_eligible", f"the credit of order {order.key!r} cannot be reserved")
 
 
@@ -192,8 +192,7 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     original = batch.get(top_up_invoice_id(order))
     note = Invoice(tenant=order.tenant, key=f"orders/{order.id}/refund", document_type=CREDIT_NOTE,
                    currency=order.quote["currency"],
-                   lines=[{**item, "amount": str(-Decimal(item["amount"])),
-                           "exact_amount": str(-Decimal(item["exact_amount"]))} for item in original.lines],
+                   lines=reversing_lines(original),
                    period_start=None, period_end=None, subscription_id=None, related_invoice=str(original.id),
                    at=at, by=by)
     batch.add(note)

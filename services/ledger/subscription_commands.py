@@ -524,7 +524,8 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     """Time passes for one subscription (the scheduler's command): trial end, or period end and renewal."""
     tenant = command.tenant
-    assert tenant is not None
+    if not tenant:  # a rejection, not an AssertionError that fails (and retries) the whole batch
+        raise CommandRejected("missing_tenant", "the command names no tenant")
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
@@ -532,6 +533,12 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     if sub.status == INCOMPLETE:  # charge_before_access, still unpaid: expires after INCOMPLETE_EXPIRY_DAYS
         if at < incomplete_expires_at(sub):
             return {"transition": None}
+        first = batch.get(invoice_id(tenant, _first_invoice_key(sub)))
+        if first is not None and first.status == FINALIZED and first.payment_under_way:
+            # A charge of it is pending (a SEPA debit takes days): expiring now would void an invoice the
+            # customer is paying. Its webhook activates it; its failure is a failed dunning attempt, and
+            # dunning's last failed attempt expires it (``invoice.payment_failed``, final).
+            return {"transition": None, "payment_pending": True}
         _expire_incomplete(batch, sub, at, "system:incomplete_expiry")
         return {"transition": INCOMPLETE_EXPIRED}
     if sub.status == TRIALING and sub.trial_end is not None and at >= sub.trial_end:
@@ -641,12 +648,19 @@ def tenant_invoice(batch: _Batch, tenant: str | None, reference: str | None) -> 
 
 def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: str, by: str) -> bool:
     """Marks a finalized invoice paid (its past_due subscription recovers, an incomplete one is activated);
-    ``False`` when it already was paid.
+    ``False`` when it already was paid by this same ``payment``.
 
-    Idempotent, because dunning's ``invoice.mark_paid`` and the gateway's webhook for the same charge both
-    settle it, in either order. A draft or void invoice is refused (``InvoiceError``).
+    Idempotent for one payment, because dunning's ``invoice.mark_paid`` and the gateway's webhook for the same
+    charge both settle it, in either order. Another payment of an invoice already paid (a pending charge that
+    succeeded after a bank transfer paid it) is money received twice: refused (``invoice_already_paid``, the
+    command's rejected receipt is what finance reconciles: refund it or credit it), never absorbed. A payment
+    without a reference claims no money of its own and changes nothing. A draft or void invoice is refused
+    (``InvoiceError``).
     """
     if invoice.status == PAID:
+        if payment and invoice.payment and payment != invoice.payment:
+            raise CommandRejected("invoice_already_paid", f"invoice {invoice.number} was paid by {invoice.payment}; "
+                                                          f"payment {payment} paid it again: reconcile it by hand")
         return False
     invoice.mark_paid(at=at, payment=payment, by=by)
     if invoice.document_type == INVOICE:
@@ -701,6 +715,11 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     invoice = batch.get(UUID(command.payload["invoice_id"]))
     if invoice is None or invoice.tenant != command.tenant:
         raise CommandRejected("unknown_invoice")
+    if invoice.document_type == CREDIT_NOTE:
+        # Its money already moved (account credit granted, tax given back, or a gateway refund), and voiding
+        # would leave that in place: a wrong credit note is corrected by a new invoice, not voided.
+        raise CommandRejected("credit_note_not_voidable", f"credit note {invoice.number} cannot be voided; "
+                                                          "correct it with a new invoice")
     at = effective_at(command)
     invoice.void(at=at, reason=str(command.payload.get("reason", "void")), by=command.issued_by)
     if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again

@@ -834,9 +834,13 @@ class BillingAccount(ChainedAggregate):
     # == holds ===============================================================================================
 
     def place_hold(
-        self, *, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime
+        self, *, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime,
+        thresholds: bool = True,
     ) -> bool:
-        """Reserves ``amount`` if spendable; answers yes/no. Repeating a hold id returns the first answer."""
+        """Reserves ``amount`` if spendable; answers yes/no. Repeating a hold id returns the first answer.
+
+        ``thresholds=False`` (a refund request's hold on the credit being refunded): no low-balance alert and
+        no auto-top-up for the drop, which is money going back, not spending (the alerts stay armed)."""
         existing = self._holds.get(str(hold_id)) or self._settled_holds.get(str(hold_id))
         if existing is not None:
             return bool(existing["status"] != "rejected")
@@ -874,7 +878,8 @@ class BillingAccount(ChainedAggregate):
         self._hold_placed(
             hold_id=hold_id, unit=unit, amount=amount, meter=meter, expires_at=expires_at, at=at
         )
-        self._check_thresholds(unit, at)
+        if thresholds:
+            self._check_thresholds(unit, at)
         return True
 
     @event("HoldPlaced")

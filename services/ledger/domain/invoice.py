@@ -43,6 +43,17 @@ def line(kind: str, description: str, amount: Decimal, unit: str, *, quantity: s
             "amount": str(rounded), "exact_amount": str(amount), **extra}
 
 
+def reversing_lines(invoice: Invoice) -> list[dict[str, Any]]:
+    """The lines of a credit note giving back the whole of ``invoice``: its lines negated, with its own tax (a
+    0.00 tax line when it had none), so finalizing the note never computes tax anew (the account's tax profile
+    may have changed since) and the note credits exactly what the invoice charged."""
+    lines = [{**item, "amount": str(-Decimal(item["amount"])), "exact_amount": str(-Decimal(item["exact_amount"]))}
+             for item in invoice.lines]
+    if not any(item["kind"] == "tax" for item in lines):
+        lines.append(line("tax", f"No tax on {invoice.number}", Decimal(0), invoice.currency, rate="0"))
+    return lines
+
+
 class Invoice(Aggregate):
     @staticmethod
     def create_id(tenant: str, key: str) -> UUID:
@@ -65,6 +76,7 @@ class Invoice(Aggregate):
         self.number: str | None = None
         self.minimum_spend: Decimal | None = None  # a renewal draft: the ended period's commitment on usage
         self.pending_payments: dict[str, str] = {}  # dunning attempt -> its pending charge (see payment_pending)
+        self.payment: str | None = None  # the reference of the payment that paid it (``Paid``)
         self.failed_payments: dict[str, str] = {}
 
     @property
@@ -116,6 +128,7 @@ class Invoice(Aggregate):
     @event("Paid")
     def _paid(self, at: datetime, payment: str, by: str) -> None:
         self.status = PAID
+        self.payment = payment
 
     def void(self, *, at: datetime, reason: str, by: str) -> None:
         if self.status not in (DRAFT, FINALIZED):
@@ -147,6 +160,11 @@ class Invoice(Aggregate):
     @event("PaymentFailed")
     def _payment_failed(self, attempt: int, payment: str, at: datetime, by: str) -> None:
         self.failed_payments = {**self.failed_payments, str(attempt): payment}
+
+    @property
+    def payment_under_way(self) -> bool:
+        """A charge left pending whose failure is not recorded: its money may still arrive (its webhook pays)."""
+        return any(attempt not in self.failed_payments for attempt in self.pending_payments)
 
 
 class InvoiceSequence(Aggregate):

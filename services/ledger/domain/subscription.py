@@ -7,8 +7,8 @@ Collection (``collection``, per subscription at its start): ``invoice`` (the def
 collects the first invoice afterwards (dunning); ``charge_before_access`` starts a paid plan ``incomplete``
 (its first invoice finalized, nothing granted, no capacity, not live for rating) until that invoice is paid:
 then it is ``Activated`` and its first period starts at the activation. Unpaid (dunning's last attempt failed,
-or ``INCOMPLETE_EXPIRY_DAYS`` passed) it is canceled with reason ``incomplete_expired``. A trial starts as
-before, whatever the mode.
+or ``INCOMPLETE_EXPIRY_DAYS`` passed without a charge of it pending) it is canceled with reason
+``incomplete_expired``. A trial starts as before, whatever the mode.
 
 Pause stops billing: the period already paid runs to its end, and a period that starts while paused is
 not billed (``PeriodEnded(billed=False)``, ``period_billed`` false). Resuming in such a period bills its
@@ -109,20 +109,25 @@ class Subscription(Aggregate):
             raise SubscriptionError("nothing to change")
         new_end = self.period_end
         new_start = self.period_start
+        minimum_carried = None
         if plan["cadence"] != self.plan["cadence"]:
-            # A cadence change (monthly <-> annual) starts a new period now; the old one is prorated away.
+            # A cadence change (monthly <-> annual) starts a new period now; the old one is prorated away. Its
+            # minimum spend committed so far is carried into the new period, as rating carries its usage onto
+            # the next renewal invoice: billed there once, against that usage.
             new_start = at
             new_end = period_end(at, plan["cadence"], at.day, self.time_zone)
+            minimum_carried = str(self._minimum_until(at))
         self._changed(old_plan=self.plan, plan=plan, old_quantity=self.quantity, quantity=quantity, at=at, by=by,
                       lines=lines, period_start=new_start, period_end=new_end,
-                      anchor_day=at.day if new_start == at else self.anchor_day)
+                      anchor_day=at.day if new_start == at else self.anchor_day, minimum_carried=minimum_carried)
 
     @event("Changed")
     def _changed(self, old_plan: dict[str, Any], plan: dict[str, Any], old_quantity: int, quantity: int,
                  at: datetime, by: str, lines: list[dict[str, Any]], period_start: datetime, period_end: datetime,
-                 anchor_day: int) -> None:
+                 anchor_day: int, minimum_carried: str | None = None) -> None:
         if period_start != self.period_start:  # a cadence change: a new period starts now
-            self.minimum_accrued, self.minimum_from = Decimal(0), period_start
+            # ``minimum_carried``: the cut period's commitment (None: recorded before it was carried, nothing).
+            self.minimum_accrued, self.minimum_from = Decimal(minimum_carried or 0), period_start
         elif self.minimum_from is not None and self.status != TRIALING:
             self.minimum_accrued = RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, at))
             self.minimum_from = at
@@ -274,15 +279,19 @@ class Subscription(Aggregate):
                                            proration_fraction(self.period_start, self.period_end, end))
         return RATING_CONTEXT.multiply(Decimal(str(minimum)), max(fraction, Decimal(0)))
 
+    def _minimum_until(self, at: datetime) -> Decimal:
+        """The minimum spend committed in the current period up to ``at`` (what ``period_minimum`` is at its end)."""
+        if self.status == TRIALING or self.minimum_from is None:
+            return Decimal(0)
+        return RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, at))
+
     def period_minimum(self, until: datetime | None = None) -> Decimal:
         """The minimum spend on usage committed for the current period, exact: each plan's ``minimum_spend``
         for the billed time it was held (a mid-period change or a resume prorates it; an unbilled period and a
-        trial commit nothing). Read at renewal, before ``renew`` moves on to the next period; ``until``: the
-        period is cut short there (an immediate cancel, read before it), so only the time before it commits."""
-        if self.status == TRIALING or self.minimum_from is None:
-            return Decimal(0)
-        end = self.period_end if until is None else min(until, self.period_end)
-        return RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, end))
+        trial commit nothing; a period restarted by a cadence change adds what the cut one committed). Read at
+        renewal, before ``renew`` moves on to the next period; ``until``: the period is cut short there (an
+        immediate cancel, read before it), so only the time before it commits."""
+        return self._minimum_until(self.period_end if until is None else min(until, self.period_end))
 
     @property
     def live(self) -> bool:

@@ -13,6 +13,7 @@ from uuid import UUID, uuid4
 import pytest
 from billing_events import ids
 from billing_events.messages import PaymentNotification
+from billing_events.money import to_subunits
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.audit import account_events
@@ -242,6 +243,35 @@ async def test_a_processing_charge_is_pending_no_backup_is_charged_and_the_webho
     assert len(intents(api)) == 1
 
 
+@pytest.mark.asyncio
+async def test_a_pending_charge_succeeding_after_the_invoice_was_paid_otherwise_is_refused_for_reconciliation(
+        ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    api.processing.add("pm_primary")  # a SEPA debit, under way for days
+    invoice = first_invoice(ledger)
+    gateways = {"stripe": stripe_gateway(api)}
+    assert await Dunning(ledger, gateways, None, SCHEDULE, now=Clock(NOV_1 + timedelta(minutes=1))).process() == {
+        str(invoice.id): "pending"}
+    # Meanwhile the tenant pays by bank transfer, recorded by finance.
+    assert run(ledger, "invoice.mark_paid", TENANT, "transfer", invoice_id=str(invoice.id),
+               payment="transfer-1").outcome == "applied"
+    # Then the debit succeeds too: 30.00 received a second time. It is refused with its reason (the receipt
+    # finance reconciles), not applied as "already paid" and forgotten.
+    [(_, form)] = intents(api)
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    late = payment_command(stripe_paid(form, intent, "evt_pi_late"))
+    [result] = ledger.apply_commands([late])
+    assert (result.outcome, result.reason) == ("rejected", "invoice_already_paid"), result
+    assert ledger.read(late.command_id, lambda r: (r.outcome, r.reason)) == ("rejected", "invoice_already_paid")
+    postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+    assert account_balances(postings).get(("gateway_clearing", "USD")) == to_subunits(Decimal("30.00"))  # once
+    assert first_invoice(ledger).payment == "transfer-1" and balance(ledger) == 0
+    # The transfer's own record repeated is still the one payment.
+    again = run(ledger, "invoice.mark_paid", TENANT, "transfer-again", invoice_id=str(invoice.id),
+                payment="transfer-1")
+    assert again.outcome == "applied" and again.value["already_paid"] is True, again
+
+
 def stripe_refunded(form: dict[str, str], refund: str, amount: str, event_id: str) -> PaymentNotification:
     """What ingest publishes for Stripe's ``refund.created`` of the charge made with ``form`` (its intent's
     metadata: tenant, order id and invoice id)."""
@@ -300,11 +330,37 @@ def test_a_full_refund_credits_the_invoice_lines(ledger: LedgerApplication) -> N
     [result] = ledger.apply_commands([payment_command(refund)])
     assert result.outcome == "applied", result
     note = credit_note(ledger, result.value["credit_note"])
-    assert note[3] == -invoice.total and note[5] == [(x["kind"], str(-Decimal(x["amount"]))) for x in invoice.lines]
+    # The invoice's lines negated, and its tax (none: a 0.00 tax line, so finalizing computes none).
+    assert note[3] == -invoice.total and note[5] == [
+        *[(x["kind"], str(-Decimal(x["amount"]))) for x in invoice.lines], ("tax", "0.00")]
     assert balance(ledger) == 0  # the money went back through the gateway: no account credit on top
     # The books: billed, paid, then given back through the gateway's clearing: every account back to zero.
     postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
     assert {k: v for k, v in account_balances(postings).items() if v} == {}
+
+
+def test_a_full_refund_gives_back_the_invoices_own_tax_after_the_tax_profile_changed(
+        ledger: LedgerApplication) -> None:
+    invoice = first_invoice(ledger)  # issued without tax: the account had no tax profile then
+    assert [x["kind"] for x in invoice.lines] == ["base_fee"]
+    assert run(ledger, "invoice.mark_paid", TENANT, "paid", invoice_id=str(invoice.id),
+               payment="pi_9").outcome == "applied"
+    assert run(ledger, "catalog.publish", None, "taxed", digest="dun-tax", document={
+        **CATALOG, "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+        "seller": {"name": "Billing GmbH", "country": "DE"}}).outcome == "applied"
+    assert run(ledger, "tax_profile.set", TENANT, "de", country="DE").outcome == "applied"  # 19 % VAT from now
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_full_taxed", kind="refund_succeeded",
+                                 tenant=TENANT, order_id=str(invoice.id), invoice_id=str(invoice.id),
+                                 amount=Decimal("30.00"), currency="USD", verified_at=utcnow(),
+                                 gateway_reference="re_full")
+    [result] = ledger.apply_commands([payment_command(refund)])  # raised AssertionError: the batch retried forever
+    assert result.outcome == "applied", result
+    # The 30.00 paid comes back as 30.00, no VAT added that the invoice never charged.
+    assert credit_note(ledger, result.value["credit_note"])[3:] == (
+        Decimal("-30.00"), str(invoice.id), [("base_fee", "-30.00"), ("tax", "0.00")])
+    postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+    assert {k: v for k, v in account_balances(postings).items() if v} == {}
+    assert balance(ledger) == 0
 
 
 def stripe_failed(form: dict[str, str], intent: str, event_id: str) -> PaymentNotification:

@@ -34,12 +34,18 @@ def request(ledger: LedgerApplication, kind: str, **body: Any) -> Any:
     return result
 
 
-def paid_order(ledger: LedgerApplication) -> dict[str, Any]:
+def paid_order(ledger: LedgerApplication, *, auto_top_up: bool = False) -> dict[str, Any]:
+    """A 50.00 top-up paid, then its refund requested and approved (``auto_top_up``: a low-balance alert and an
+    auto-top-up rule at 10.00 set before the request)."""
     api = FakeStripe()
     http = client(ledger, {"stripe": stripe_gateway(api)})
     order = http.post(f"/v1/accounts/{TENANT}/checkout", headers={**headers(), "Idempotency-Key": "o1"},
                       json={"gateway": "stripe", **URLS, "amount": "50"}).json()
     pay(ledger, api, order)  # 50.00 of credit, 59.50 paid with 19 % VAT
+    if auto_top_up:
+        assert run(ledger, "low_balance.set", TENANT, "alert", threshold="10").outcome == "applied"
+        assert run(ledger, "auto_top_up.set", TENANT, "rule", threshold="10", target="50", cooldown_seconds=0,
+                   monthly_cap="500").outcome == "applied"
     assert request(ledger, "create", key="r1", order="o1").outcome == "applied"
     approved = request(ledger, "approve", key="r1")
     assert approved.outcome == "applied", approved
@@ -101,3 +107,12 @@ def test_the_gateway_webhook_first_then_complete_finishes_the_request(ledger: Le
     assert done.value["status"] == "refunded"
     assert done.value["credit_note"] == str(invoice_id(TENANT, f"orders/{order['order_id']}/refund"))
     assert account(ledger)["purchase"]["refunded"] == 50 * USD  # once
+
+
+def test_approving_a_refund_charges_no_auto_top_up_and_sends_no_low_balance_alert(ledger: LedgerApplication) -> None:
+    paid_order(ledger, auto_top_up=True)
+    assert (account(ledger)["available"], account(ledger)["held"]) == (0, 50 * USD)  # reserved for the refund
+    # The drop is money going back, not spending: charging the card for 50.00 while the customer waits for the
+    # 59.50 to come back (or alerting them that their balance is low) is wrong.
+    names = [type(e).__name__ for e in ledger.events.get(ids.account_id(TENANT))]
+    assert "AutoTopUpRequested" not in names and "LowBalanceReached" not in names

@@ -87,12 +87,13 @@ def receivable(app: LedgerApplication) -> int:
     return sum(v for (name, unit), v in account_balances(postings).items() if name == "receivables" and unit == "USD")
 
 
-def paid(invoice: Invoice, event_id: str, at: datetime = NOV_4) -> LedgerCommand:
-    """What ingest publishes for the gateway's verified payment of ``invoice`` (Stripe metadata.invoice_id)."""
+def paid(invoice: Invoice, event_id: str, at: datetime = NOV_4, reference: str | None = None) -> LedgerCommand:
+    """What ingest publishes for the gateway's verified payment of ``invoice`` (Stripe metadata.invoice_id);
+    ``reference``: the charge's (default ``pi_<event_id>``)."""
     return payment_command(PaymentNotification(
         gateway="stripe", gateway_event_id=event_id, kind="payment_succeeded", tenant=TENANT,
         order_id=str(invoice.id), invoice_id=str(invoice.id), amount=invoice.total, currency="USD", verified_at=at,
-        gateway_reference=f"pi_{event_id}"))
+        gateway_reference=reference or f"pi_{event_id}"))
 
 
 def test_created_incomplete_it_bills_its_first_invoice_and_grants_nothing(app: LedgerApplication) -> None:
@@ -123,7 +124,7 @@ def test_the_payment_webhook_activates_it_once_with_its_credits_and_capacity(app
     assert credits(app) == 100 * U and capacity(app) == 5
     assert first_invoice(app).status == "paid" and receivable(app) == 0
     # The same charge announced again (another event id), then dunning's own mark_paid: nothing more.
-    [again] = app.apply_commands([paid(invoice, "evt_2", NOV_4 + timedelta(minutes=1))])
+    [again] = app.apply_commands([paid(invoice, "evt_2", NOV_4 + timedelta(minutes=1), reference="pi_evt_1")])
     assert again.outcome == "applied" and again.value["already_paid"] is True, again
     assert run(app, "invoice.mark_paid", TENANT, NOV_4 + timedelta(minutes=2), invoice_id=str(invoice.id),
                payment="pi_evt_1").value["already_paid"] is True
@@ -143,7 +144,8 @@ async def test_dunning_charging_the_saved_method_activates_it_once(app: LedgerAp
     assert credits(app) == 100 * U and capacity(app) == 5
     assert await dunning.process() == {}
     # The webhook of that charge arrives afterwards: already paid, nothing granted twice.
-    [webhook] = app.apply_commands([paid(invoice, "evt_pi")])
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [webhook] = app.apply_commands([paid(invoice, "evt_pi", reference=intent)])
     assert webhook.value["already_paid"] is True
     assert credits(app) == 100 * U and capacity(app) == 5
 
@@ -222,6 +224,55 @@ def test_unpaid_it_expires_when_the_scheduler_ticks_it_after_the_wait(app: Ledge
     assert app.repository.get(roster_id(TENANT)).live == [] and receivable(app) == 0
     index.catch_up(app)
     assert index.ticks(due + timedelta(days=30)) == []
+
+
+@pytest.mark.asyncio
+async def test_a_pending_first_charge_holds_off_the_expiry_and_its_webhook_activates_it(
+        app: LedgerApplication) -> None:
+    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
+    subscribe(app, collection="charge_before_access")
+    invoice = first_invoice(app)
+    api = FakeStripe()
+    api.processing.add("pm_1")  # a SEPA debit: the money arrives after the expiry wait
+    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0, 3, 5), now=lambda: NOV_1 + timedelta(minutes=1))
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    index = DueIndex()
+    index.catch_up(app)
+    due = NOV_1 + timedelta(days=INCOMPLETE_EXPIRY_DAYS)
+    [tick] = index.ticks(due)
+    [result] = app.apply_commands([tick])
+    assert result.value == {"transition": None, "payment_pending": True}, result
+    assert sub(app).status == "incomplete" and first_invoice(app).status == "finalized"
+    # The debit succeeds the next day: the customer paid, so the customer gets the plan.
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [webhook] = app.apply_commands([paid(invoice, "evt_sepa", due + timedelta(days=1), reference=intent)])
+    assert webhook.outcome == "applied", webhook
+    assert sub(app).status == "active" and first_invoice(app).status == "paid"
+    assert credits(app) == 100 * U and capacity(app) == 5 and receivable(app) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_pending_first_charge_that_fails_lets_dunning_expire_it(app: LedgerApplication) -> None:
+    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
+    subscribe(app, collection="charge_before_access")
+    invoice = first_invoice(app)
+    api = FakeStripe()
+    api.processing.add("pm_1")
+    clock = [NOV_1 + timedelta(minutes=1)]
+    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0,), now=lambda: clock[0])
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    due = NOV_1 + timedelta(days=INCOMPLETE_EXPIRY_DAYS)
+    assert run(app, "subscription.tick", TENANT, due, key="main").value["transition"] is None
+    # The debit fails after the wait: that was the last attempt, so dunning expires it (the tick is spent).
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [failed] = app.apply_commands([payment_command(PaymentNotification(
+        gateway="stripe", gateway_event_id="evt_fail", kind="payment_failed", tenant=TENANT, order_id=str(invoice.id),
+        invoice_id=str(invoice.id), amount=invoice.total, currency="USD", verified_at=due + timedelta(days=1),
+        gateway_reference=intent))])
+    assert failed.outcome == "applied" and failed.value["followed"] is True, failed
+    clock[0] = due + timedelta(days=1)
+    assert await dunning.process() == {str(invoice.id): "incomplete_expired"}
+    assert sub(app).status == "canceled" and first_invoice(app).status == "void" and receivable(app) == 0
 
 
 def test_an_early_tick_does_not_expire_it(app: LedgerApplication) -> None:

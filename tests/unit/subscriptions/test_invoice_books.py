@@ -120,6 +120,21 @@ def test_a_downgrade_credit_note_becomes_account_credit_in_the_currency(app: Led
     assert verify_store(app, "acme").ok
 
 
+def test_a_credit_note_cannot_be_voided_and_its_credit_and_tax_stay_consistent(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team", quantity=3)
+    result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=1)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    before = books(app)
+    refused = run(app, "invoice.void", "acme", at=datetime(2026, 11, 17, tzinfo=UTC), outcome="rejected",
+                  invoice_id=str(note.id), reason="issued by mistake")
+    assert refused.reason == "credit_note_not_voidable", refused
+    # Nothing changed: the note stands with its 35.70 of credit and its VAT given back (a void that left both
+    # in place made a document void whose money still moved).
+    assert app.repository.get(note.id).status == "finalized"
+    assert account(app).available("USD") == 3570 * CENT and books(app) == before
+    assert verify_store(app, "acme").ok
+
+
 def test_voiding_an_unpaid_invoice_reverses_what_it_billed(app: LedgerApplication) -> None:
     run(app, "subscription.create", "acme", key="m", plan="team")
     run(app, "invoice.void", "acme", at=NOV_16, invoice_id=str(first_invoice(app).id), reason="goodwill")

@@ -32,6 +32,8 @@ CATALOG: dict[str, Any] = {
          "charges": [{"meter": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}}]},
         {"code": "commit_plus", "name": "Commit plus", "currency": "USD", "base_fee": "60.00",
          "minimum_spend": "100.00"},
+        {"code": "commit_year", "name": "Commit year", "currency": "USD", "base_fee": "300.00", "cadence": "year",
+         "minimum_spend": "120.00"},
         {"code": "credits", "name": "Credits", "currency": "USD", "base_fee": "30.00", "minimum_spend": "50.00",
          "prices": {"EUR": {"base_fee": "27.00", "minimum_spend": "45.00"}, "GBP": {"base_fee": "24.00",
                                                                                    "minimum_spend": "40.00"}},
@@ -159,6 +161,19 @@ def test_an_immediate_cancel_in_a_trial_commits_no_minimum(app: LedgerApplicatio
         period_start=NOV_1.isoformat(), period_end=datetime(2026, 11, 5, tzinfo=UTC).isoformat())
     final: Invoice = app.repository.get(invoice_id("try", key))
     assert (final.status, final.number, final.minimum_spend) == ("void", None, None)  # nothing to bill
+
+
+def test_a_cadence_change_carries_the_cut_periods_minimum_spend_onto_the_next_renewal_once(
+        app: LedgerApplication) -> None:
+    subscribe(app, "yearly", "commit")
+    run(app, "subscription.change", "yearly", at=NOV_16, key="m", plan="commit_year")  # a new period from Nov 16
+    year_end = datetime(2027, 11, 16, tzinfo=UTC)
+    invoice = renew_and_bill(app, "yearly", [], end=year_end)
+    # Half of November at 50.00 (25.00, its period cut by the change and never billed) + the year's 120.00.
+    assert [line for line in billed(invoice) if line[0] == "minimum_commitment"] == [("minimum_commitment", "145.00")]
+    # Once: the year after commits the year's 120.00 alone.
+    later = renew_and_bill(app, "yearly", [], end=datetime(2028, 11, 16, tzinfo=UTC))
+    assert [line for line in billed(later) if line[0] == "minimum_commitment"] == [("minimum_commitment", "120.00")]
 
 
 def test_a_plan_without_minimum_spend_bills_no_commitment_line(app: LedgerApplication) -> None:
