@@ -32,7 +32,8 @@ Holds reserve credit
     ``RECEIVABLES``. That is also the only way ``available`` can become negative.
 
 Usage give-back (negative usage amounts)
-    A give-back first reduces the unit's outstanding receivables, then credits the wallet back to the
+    A give-back first reduces the unit's overage that no invoice bills yet (its own period's first, then the
+    latest periods', never below zero: an invoice issued is collected in full), then credits the wallet back to the
     grants most recently drawn (a bounded per-unit stack of recent draws, ``DRAW_HISTORY_MAX`` entries),
     skipping grants that are closed, expired at ``at`` or out of scope for the meter. Anything left (the
     grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
@@ -710,10 +711,10 @@ class BillingAccount(ChainedAggregate):
     ) -> None:
         left = -amount
         postings: list[Posting] = []
-        # Only overage no invoice has billed yet is reduced (the give-back's own period first, then the oldest):
-        # an invoice is collected as issued, so a correction of usage it billed comes back as credit instead.
-        unbilled = self._give_back_unbilled(unit, cause, min(left, self.overage_receivable(unit)))
-        reduce_receivable = -sum(unbilled.values())
+        # Only overage no invoice bills yet: an issued invoice is charged its full total (as its fees are), so what
+        # it billed stays receivable until it is paid or voided, and the rest of the give-back becomes credit.
+        unbilled = sum(self._unbilled.get(unit, {}).values())
+        reduce_receivable = max(0, min(left, self.overage_receivable(unit), unbilled))
         if reduce_receivable:
             postings += [
                 posting(LedgerAccount.RECOGNISED_REVENUE, unit, reduce_receivable),
@@ -769,23 +770,8 @@ class BillingAccount(ChainedAggregate):
             credit_grant=credit_grant,
             cause=cause,
             at=at,
-            unbilled=unbilled or None,
         )
         self._check_thresholds(unit, at)
-
-    def _give_back_unbilled(self, unit: str, cause: dict[str, Any], most: int) -> dict[str, int]:
-        """Period key -> (negative) change of the unbilled overage a give-back of at most ``most`` takes."""
-        own = cause.get("period")
-        entries = sorted(((key != own, period_began(key), key, amount)
-                          for key, amount in self._unbilled.get(unit, {}).items() if amount > 0))
-        taken: dict[str, int] = {}
-        for _, _, key, amount in entries:
-            if most <= 0:
-                break
-            part = min(most, amount)
-            taken[key] = -part
-            most -= part
-        return taken
 
     @event("UsageDebited")
     def _usage_debited(
@@ -800,19 +786,17 @@ class BillingAccount(ChainedAggregate):
         credit_grant: GrantRecord | None,
         cause: dict[str, Any],
         at: datetime,
-        unbilled: dict[str, int] | None = None,
     ) -> None:
         # ``overage`` is the change of receivables: positive = posted beyond credit, negative = given back.
-        # ``unbilled``: a give-back's change of the unbilled overage by period key (events before session 7's
-        # fix have none and took it from the give-back's own period).
         self._apply_draws(unit, draws, remember=True)
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
-        if unbilled:
-            for key, change in unbilled.items():
-                _add_unbilled(self._unbilled, unit, key, change)
-        elif overage:
+        if overage:
             period = cause.get("period")
-            _add_unbilled(self._unbilled, unit, period if type(period) is str and period else at.isoformat(), overage)
+            key = period if type(period) is str and period else at.isoformat()
+            if overage > 0:
+                _add_unbilled(self._unbilled, unit, key, overage)
+            else:
+                _reduce_unbilled(self._unbilled, unit, key, -overage)
         if credit_grant is not None:
             self._add_grant(credit_grant)
         self._update_arming(unit)
@@ -1880,6 +1864,24 @@ def _add_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amou
         periods.pop(key, None)
         if not periods:
             del unbilled[unit]
+
+
+def _reduce_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> None:
+    """A give-back of ``amount`` reduces the unbilled overage of its own period first, then of the latest periods,
+    so no period is left negative: an invoice taking some periods never takes a give-back without the overage it
+    offsets. Whatever finds no unbilled overage (streams recorded when a give-back could reduce invoiced overage)
+    stays negative under its own period, as it was then."""
+    periods = unbilled.get(unit, {})
+    order = [key] if periods.get(key, 0) > 0 else []
+    order += sorted((k for k in periods if k != key and periods[k] > 0), key=lambda k: (period_began(k), k), reverse=True)
+    for k in order:
+        if amount == 0:
+            break
+        part = min(amount, periods[k])
+        _add_unbilled(unbilled, unit, k, -part)
+        amount -= part
+    if amount:
+        _add_unbilled(unbilled, unit, key, -amount)
 
 
 def _month(at: datetime) -> str:

@@ -393,6 +393,34 @@ def test_a_give_back_first_reduces_receivables() -> None:
     assert account.receivable(USD) == U and remaining(account, grant_id) == 0
 
 
+def test_a_give_back_reduces_the_unbilled_overage_it_offsets_so_no_invoice_drops_it() -> None:
+    # Hypothesis's shrunk example: a give-back without a period used to stay -1 under its own time while December
+    # kept its +1; November's invoice took the -1 alone and dropped it (nothing to collect), so December's
+    # invoice would bill 1 of overage nobody owed (receivable 0).
+    account = new_account()
+    give(account, "a", 200)
+    account.debit_usage(command_id=uuid4(), unit=USD, amount=201, meter="tokens", at=T0, overage_policy="overage",
+                        cause={"period": "2026-12"})
+    debit(account, -1, when=T0)
+    assert (account.overage_receivable(USD), account.unbilled_overage(USD)) == (0, {})
+    assert account.invoice_overage(invoice="inv-nov", units=[USD], end=at(days=2), at=at(1)) == {}
+    assert account.invoice_overage(invoice="inv-dec", units=[USD], end=datetime(2027, 1, 1, tzinfo=UTC),
+                                   at=at(2)) == {}
+
+
+def test_a_give_back_after_the_invoice_becomes_credit_and_the_invoice_is_collected_in_full() -> None:
+    account = new_account()
+    debit(account, 100 * U, when=at(1))  # no credit: all of it owed
+    assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(2))
+    events(account)
+    debit(account, -30 * U, when=at(3))  # the invoice says 100: the customer pays 100, the 30 is account credit
+    assert (account.receivable(USD), account.available(USD), account.unbilled_overage(USD)) == (100 * U, 30 * U, {})
+    account.settle_invoiced_overage(invoice="inv-1", at=at(4), cause={"payment": "pi_1"})
+    settled = last(events(account), "ReceivableSettled")
+    assert settled.amount == 100 * U  # the gateway's clearing gets what the invoice collected, not 70
+    assert (account.receivable(USD), account.available(USD)) == (0, 30 * U)
+
+
 def test_a_give_back_then_credits_the_most_recently_drawn_grants() -> None:
     account = new_account()
     a = give(account, "a", 5 * U, priority=0)

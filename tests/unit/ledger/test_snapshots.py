@@ -173,7 +173,8 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # of the snapshot format: bump the class's entry in snapshots.FORMATS, then update this list. Account format 2:
 # the same attributes, but the ``money`` of a credit-unit purchase grant (in ``_grants``) keeps its recognition.
 # Format 3: overage kept per period until invoiced (``_unbilled``) and per invoice until paid (``_invoiced_overage``).
-ACCOUNT_ATTRIBUTES_FORMAT_4 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+# Format 5: the same attributes, but a give-back reduces ``_unbilled`` period by period, never below zero.
+ACCOUNT_ATTRIBUTES_FORMAT_5 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
     "_auto_top_up", "_created_on", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
     "_modified_on", "_pending_events", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history",
@@ -193,7 +194,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 4 and account == ACCOUNT_ATTRIBUTES_FORMAT_4
+    assert snapshots.FORMATS[BillingAccount] == 5 and account == ACCOUNT_ATTRIBUTES_FORMAT_5
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 
