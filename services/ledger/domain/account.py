@@ -1065,7 +1065,9 @@ class BillingAccount(ChainedAggregate):
         if money_back is not None:
             self._purchase_money_refunded(refund_id=refund_id, grant_id=grant_id, **money_back, cause=dict(cause),
                                           at=at)
-        self._check_thresholds(unit, at)
+        # Money given back at the customer's request must not be charged again at once: no auto-top-up here (the
+        # rule stays armed, so the next usage below the threshold tops up); a low-balance alert still says so.
+        self._check_thresholds(unit, at, top_up=False)
 
     def _money_refund(
         self, g: GrantRecord, amount: int, from_wallet: int, from_breakage: int, gid: str
@@ -1636,14 +1638,15 @@ class BillingAccount(ChainedAggregate):
         history["count"] += 1
         history["last_at"] = at
 
-    def _check_thresholds(self, unit: str, at: datetime) -> None:
-        """Records the edge-triggered alerts a movement just caused (called after every movement)."""
+    def _check_thresholds(self, unit: str, at: datetime, *, top_up: bool = True) -> None:
+        """Records the edge-triggered alerts a movement just caused (called after every movement); ``top_up``
+        False: no auto-top-up request (a refund)."""
         available = self.available(unit)
         alert = self._low_balance.get(unit)
         if alert is not None and alert["armed"] and available < alert["threshold"]:
             self._low_balance_reached(unit=unit, threshold=alert["threshold"], available=available, at=at)
         rule = self._auto_top_up.get(unit)
-        if rule is None or not rule["armed"] or available >= rule["threshold"]:
+        if rule is None or not rule["armed"] or available >= rule["threshold"] or not top_up:
             return
         amount = rule["package_amount"] if rule["package_code"] is not None else rule["target"] - available
         history = self._top_up_history.get(unit, {"count": 0, "last_at": None, "month": "", "month_total": 0})

@@ -1091,3 +1091,15 @@ def test_invoiced_overage_is_not_repaid_by_credit_bought_later() -> None:
         USD: {at(1).isoformat(): 3 * U}}
     assert account.repay_overage(grant_id=give(account, "top-up", 10 * U), at=at(3), cause={}) == 0
     assert account.receivable(USD) == 3 * U  # the invoice collects it
+
+
+def test_a_refund_never_requests_an_auto_top_up_but_the_next_usage_below_the_threshold_does() -> None:
+    account = new_account()
+    account.set_auto_top_up(USD, 5 * U, 20 * U, None, 60, 100 * U)
+    paid = give(account, "paid", 10 * U)
+    account.collect_events()
+    account.refund_grant(grant_id=paid, amount=10 * U, refund_id=uuid4(), at=at(1), cause={"refund": "re_1"})
+    assert not [e for e in account.collect_events() if type(e).__name__ == "AutoTopUpRequested"]
+    give(account, "more", 6 * U)
+    debit(account, 2 * U, when=at(2))  # 4 left, below 5: the customer uses the service again
+    assert [e.amount for e in account.collect_events() if type(e).__name__ == "AutoTopUpRequested"] == [16 * U]
