@@ -1410,12 +1410,7 @@ class BillingAccount(ChainedAggregate):
         if billed is None:
             return
         unit, amount, tax = billed["unit"], billed["amount"], billed["tax"]
-        postings = [posting(LedgerAccount.RECEIVABLES, unit, -amount)]
-        if amount - tax:
-            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount - tax))
-        if tax:
-            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
-        assert_balanced(postings)
+        postings = _revenue_and_tax_back(LedgerAccount.RECEIVABLES, unit, amount, tax)
         self._invoice_bill_voided(invoice=invoice, unit=unit, amount=amount, tax_amount=tax, postings=postings,
                                   cause=dict(cause), at=at)
 
@@ -1472,12 +1467,7 @@ class BillingAccount(ChainedAggregate):
         _require_time("at", at)
         if tax > amount:
             raise InvalidAmount(f"refunded tax {tax} exceeds the refund {amount}")
-        postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -amount)]
-        if amount - tax:
-            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount - tax))
-        if tax:
-            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
-        assert_balanced(postings)
+        postings = _revenue_and_tax_back(LedgerAccount.GATEWAY_CLEARING, unit, amount, tax)
         self._invoice_payment_refunded(note=note, unit=unit, amount=amount, tax_amount=tax, postings=postings,
                                        cause=dict(cause), at=at)
 
@@ -1856,6 +1846,18 @@ def period_began(key: str) -> datetime:
         return datetime(int(key[:4]), int(key[5:7]), 1, tzinfo=UTC)
     began = datetime.fromisoformat(key)
     return began if began.tzinfo is not None else began.replace(tzinfo=UTC)
+
+
+def _revenue_and_tax_back(counter: LedgerAccount, unit: str, amount: int, tax: int) -> list[Posting]:
+    """``amount`` billed is taken back: Dr RECOGNISED_REVENUE (amount - tax) / Dr TAX_PAYABLE tax / Cr ``counter``
+    amount (receivables for an invoice voided unpaid, the gateway's clearing for money refunded)."""
+    postings = [posting(counter, unit, -amount)]
+    if amount - tax:
+        postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount - tax))
+    if tax:
+        postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
+    assert_balanced(postings)
+    return postings
 
 
 def _add_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> None:

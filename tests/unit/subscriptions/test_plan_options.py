@@ -18,6 +18,8 @@ from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_rating.catalog_view import CatalogError, validate_document
 from eventsourcing.application import AggregateNotFoundError
 
+from tests.unit.subscriptions.test_invoice_overage import run
+
 U = 10**9
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)  # half of November's 30 days left
@@ -51,14 +53,6 @@ def app(tmp_path: Path) -> LedgerApplication:
     run(ledger, "catalog.publish", None, document=CATALOG, digest="c1")
     return ledger
 
-
-def run(app: LedgerApplication, kind: str, tenant: str | None, at: datetime = NOV_1, outcome: str = "applied",
-        **payload: Any) -> Any:
-    command = LedgerCommand(command_id=uuid4(), kind=kind, tenant=tenant, issued_at=at, issued_by="user:test",
-                            payload={"at": at.isoformat(), **payload})
-    [result] = app.apply_commands([command])
-    assert result.outcome == outcome, result
-    return result
 
 
 def subscribe(app: LedgerApplication, tenant: str, plan: str, money: str = "USD") -> Subscription:
