@@ -244,10 +244,9 @@ async def test_postgres_an_error_mid_batch_keeps_nothing_of_it(pg_rating, monkey
     assert [c["payload"]["amount"] for c in outbox.commands()] == ["3.000000000", "5.000000000"]
 
 
-async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_events_of_it_are_late(pg_rating) -> None:  # type: ignore[no-untyped-def]
-    service, outbox = pg_rating
-    nov, dec, jan = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
-    subscription = uuid.uuid4()
+async def started_pro_subscription(service: Any, subscription: uuid.UUID, start: datetime, end: datetime) -> Any:
+    """Feeds rating a ``Subscription.Started`` (plan pro, period [start, end)); returns the function that feeds
+    the same subscription's next events: ``await ledger_event(position, kind, **data)``."""
 
     async def ledger_event(position: int, kind: str, **data: Any) -> None:
         event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
@@ -255,7 +254,16 @@ async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_even
         await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
 
     await ledger_event(1, "Started", tenant="acme", plan={"code": "pro", "version": 1}, quantity=1, status="active",
-                       started_at=nov.isoformat(), period_start=nov.isoformat(), period_end=dec.isoformat())
+                       started_at=start.isoformat(), period_start=start.isoformat(), period_end=end.isoformat())
+    return ledger_event
+
+
+async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_events_of_it_are_late(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    nov, dec, jan = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+    subscription = uuid.uuid4()
+
+    ledger_event = await started_pro_subscription(service, subscription, nov, dec)
     await service.handle_accepted([usage("acme", "a1", "8"), usage("acme", "s1", "3", "seats")])  # 3 x 0.10
     await ledger_event(2, "PeriodEnded", period_start=nov.isoformat(), period_end=dec.isoformat(),
                        next_start=dec.isoformat(), next_end=jan.isoformat())
@@ -281,13 +289,7 @@ async def test_postgres_an_immediate_cancel_closes_the_cut_period_once_and_later
                         datetime(2026, 11, 16, tzinfo=UTC))
     subscription = uuid.uuid4()
 
-    async def ledger_event(position: int, kind: str, **data: Any) -> None:
-        event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
-                            type=f"Subscription.{kind}", data=data)
-        await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
-
-    await ledger_event(1, "Started", tenant="acme", plan={"code": "pro", "version": 1}, quantity=1, status="active",
-                       started_at=nov.isoformat(), period_start=nov.isoformat(), period_end=dec.isoformat())
+    ledger_event = await started_pro_subscription(service, subscription, nov, dec)
     await service.handle_accepted([usage("acme", "a1", "8", at=datetime(2026, 11, 3, tzinfo=UTC)),
                                    usage("acme", "s1", "3", "seats", datetime(2026, 11, 3, tzinfo=UTC))])
     outbox.messages.clear()
