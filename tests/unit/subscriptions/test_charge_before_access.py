@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from billing_events import ids
@@ -27,6 +26,7 @@ from billing_ledger.scheduler import DueIndex
 
 from tests.support import Inbox
 from tests.unit.payments.support import FakeStripe, stripe_gateway
+from tests.unit.subscriptions.test_subscriptions import run
 
 TENANT = "gated"
 U = 10**9
@@ -54,12 +54,6 @@ def app(tmp_path: Path) -> LedgerApplication:
     assert run(ledger, "account.open", TENANT, currency="USD").outcome == "applied"
     return ledger
 
-
-def run(app: LedgerApplication, kind: str, tenant: str | None, at: datetime = NOV_1, **payload: Any) -> Any:
-    command = LedgerCommand(command_id=uuid4(), kind=kind, tenant=tenant, issued_at=at, issued_by="user:test",
-                            payload={"at": at.isoformat(), **payload})
-    [result] = app.apply_commands([command])
-    return result
 
 
 def subscribe(app: LedgerApplication, key: str = "main", **payload: Any) -> Any:
