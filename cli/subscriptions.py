@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
@@ -43,6 +44,12 @@ def _send(kind: str, tenant: str, payload: dict[str, Any], command_id: str | Non
 
 Tenant = Annotated[str, typer.Option(help="Billing account (tenant)")]
 Key = Annotated[str, typer.Option(help="The subscription's key within the account")]
+
+
+class Collection(str, Enum):
+    INVOICE = "invoice"
+    CHARGE_BEFORE_ACCESS = "charge_before_access"
+
 CommandId = Annotated[str | None, typer.Option("--id", help="Command id (uuid) to make a retry idempotent")]
 
 
@@ -51,7 +58,7 @@ def create(tenant: Tenant, key: Key, plan: Annotated[str, typer.Option(help="Pla
            plan_version: Annotated[int | None, typer.Option(help="Default: the current version")] = None,
            quantity: int = 1, trial: Annotated[bool, typer.Option(help="Trial when eligible")] = True,
            time_zone: str = "UTC",
-           collection: Annotated[str | None, typer.Option(
+           collection: Annotated[Collection | None, typer.Option(
                help="invoice (access at once) or charge_before_access (incomplete until the first invoice is "
                     "paid); default: the plan's, else invoice")] = None,
            command_id: CommandId = None) -> None:
@@ -60,7 +67,7 @@ def create(tenant: Tenant, key: Key, plan: Annotated[str, typer.Option(help="Pla
     if plan_version is not None:
         payload["plan_version"] = plan_version
     if collection is not None:
-        payload["collection"] = collection
+        payload["collection"] = collection.value
     _send("subscription.create", tenant, payload, command_id)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from typing import Any
+from xml.sax.saxutils import escape
 
 from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
 from reportlab.lib import colors
@@ -35,7 +36,7 @@ def render_pdf(invoice: Invoice, *, issuer: str, issued_at: Any = None, due_at: 
         facts.append(["Period", f"{invoice.period_start.isoformat()} to {invoice.period_end.isoformat()}"])
     rows = [["Description", "Quantity", "Unit price", f"Amount ({invoice.currency})"]]
     for item in invoice.lines:
-        rows.append([Paragraph(item["description"], styles["BodyText"]), item.get("quantity") or "",
+        rows.append([Paragraph(escape(item["description"]), styles["BodyText"]), item.get("quantity") or "",
                      item.get("unit_amount") or "", item["amount"]])
     rows.append(["Total", "", "", str(invoice.total)])
     lines = Table(rows, colWidths=[95 * mm, 22 * mm, 25 * mm, 32 * mm], repeatRows=1)

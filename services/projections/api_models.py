@@ -14,7 +14,7 @@ class Wallet(BaseModel):
     available: Amount = Field(description="balance - held", examples=["95.40"])
     held: Amount
     balance: Amount
-    receivable: Amount = Field(description="Usage posted beyond credit (overage), owed")
+    receivable: Amount = Field(description="Owed: usage posted beyond credit (overage) and the fees and tax of unpaid subscription invoices")
     expiring_soon: Amount = Field(description="Remaining credit of open grants expiring within 7 days")
     low_balance_threshold: Amount | None = None
     low_balance: bool = Field(description="available is below the low-balance threshold")

@@ -39,7 +39,7 @@ TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refu
          "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
          "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided", "invoice_refunded")
 
-PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id")
+PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id", "payment")
 
 
 def _movement(fact: Fact) -> dict[str, Any] | None:
@@ -81,7 +81,7 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         amount = int(d["amount"])
         negative = name in ("InvoiceBilled", "InvoicePaymentRefunded")
         return {"type": _INVOICE_TYPES[name], "amount": -amount if negative else amount,
-                "reference": d.get("invoice"), "detail": f"net {amount - int(d.get('tax_amount') or 0)}, "
+                "reference": d.get("invoice") or d.get("note"), "detail": f"net {amount - int(d.get('tax_amount') or 0)}, "
                                                           f"tax {int(d.get('tax_amount') or 0)}"}
     if name == "PurchaseMoneyBooked":
         return {"type": "payment", "amount": int(d["amount"]), "grant_id": d.get("grant_id"),

@@ -7,6 +7,7 @@ API returns.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -120,9 +121,20 @@ def transaction_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
         "held_delta": units.fmt(row["held_delta"], code), "meter": row["meter"], "quantity": row["quantity"],
         "user": row["user_id"], "grant_id": row["grant_id"], "hold_id": row["hold_id"],
         "event_ids": json.loads(row["event_ids"]) if row["event_ids"] else [],
-        "payment_id": row["payment_id"], "reference": row["reference"], "detail": row["detail"],
+        "payment_id": row["payment_id"], "reference": row["reference"], "detail": _detail_text(row["detail"], units, code),
         "cause": json.loads(row["cause"]) if row["cause"] else {},
     }
+
+
+_NET_AND_TAX = re.compile(r"^net (-?\d+), tax (-?\d+)$")
+
+
+def _detail_text(detail: str | None, units: Units, code: str) -> str | None:
+    """A money row's split as stored (``net N, tax N`` in sub-units, history.py) in the unit's own scale."""
+    found = _NET_AND_TAX.match(detail or "")
+    if found is None:
+        return detail
+    return f"net {units.fmt(int(found[1]), code)}, tax {units.fmt(int(found[2]), code)}"
 
 
 def monthly_view(row: dict[str, Any], units: Units, meters: dict[str, dict[str, Any]]) -> dict[str, Any]:

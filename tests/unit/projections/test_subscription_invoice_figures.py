@@ -12,6 +12,7 @@ from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.subscription import subscription_id
 from billing_projections import balances, figures, history
 from billing_projections.service import ProjectionService
+from billing_projections.views import load_units, transaction_view
 
 from tests.unit.projections.conftest import apply
 from tests.unit.projections.ledger_events import T0, Ledger, U
@@ -77,3 +78,15 @@ async def test_history_shows_a_subscription_invoice_billed_and_paid_and_a_credit
     nov = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
                                                                     since=None, until=None)}[("2026-11", "USD")]
     assert nov["refunds"] == int(grant["amount"]) and nov["tax_refunded"] > 0
+
+
+async def test_an_invoice_payment_row_names_its_payment_and_the_api_shows_its_split_in_the_currency(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    subscribed(ledger)
+    await apply(service, ledger.records())
+    rows = list(reversed(await history.page(service.db, tenant="acme", limit=1000)))
+    [paid] = [r for r in rows if r["type"] == "invoice_paid"]
+    assert paid["payment_id"] == "pi_1"  # the dashboard's cause: which payment settled it
+    view = transaction_view(paid, await load_units(service.db))
+    assert view["detail"] == "net 90.00, tax 17.10"  # not ledger sub-units

@@ -1,0 +1,44 @@
+"""What ships beside the code: the example catalogues, the CLI's options, and invoice PDFs of any description."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from billing_cli.catalog import commands_for, load_document
+from billing_cli.main import app
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.domain.invoice import INVOICE, Invoice, line
+from billing_ledger.invoice_pdf import render_pdf
+from pypdf import PdfReader
+from typer.testing import CliRunner
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("name", ["catalog.yaml", "demo-catalog.yaml"])
+def test_the_example_catalogues_are_accepted_by_the_ledger(name: str, tmp_path: Path) -> None:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    try:
+        results = ledger.apply_commands(commands_for(load_document(EXAMPLES / name), "user:test"))
+    finally:
+        ledger.close()
+    assert results and [r for r in results if r.outcome != "applied"] == []
+
+
+def test_the_cli_refuses_an_unknown_collection_before_sending_anything() -> None:
+    result = CliRunner().invoke(app, ["subscription", "create", "--tenant", "acme", "--key", "m", "--plan", "team",
+                                      "--collection", "bogus"])
+    assert result.exit_code == 2 and "charge_before_access" in result.output
+
+
+def test_an_invoice_pdf_prints_descriptions_as_written() -> None:
+    invoice = Invoice(tenant="acme", key="k", document_type=INVOICE, currency="USD",
+                      lines=[line("usage", "R&D calls <gpt-4> & more", Decimal("1.50"), "USD")], period_start=None,
+                      period_end=None, subscription_id=None, related_invoice=None,
+                      at=datetime(2026, 11, 1, tzinfo=UTC), by="user:test")
+    text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(render_pdf(invoice, issuer="b"))).pages)
+    assert "R&D calls <gpt-4> & more" in text
