@@ -34,6 +34,7 @@ from billing_ledger.bulk_reads import PostgresEventReader, event_reader
 from billing_ledger.contention import Contention
 from billing_ledger.domain.account import LedgerError
 from billing_ledger.domain.allocation import AllocationError
+from billing_ledger.domain.chain import APPLY_FAILED
 from billing_ledger.domain.invoice import InvoiceError
 from billing_ledger.domain.receipt import RECORDED_TOPIC as RECEIPT_RECORDED_TOPIC
 from billing_ledger.domain.receipt import CommandReceipt
@@ -240,7 +241,7 @@ class _Batch:
         self.wait_for_previous()  # the stored state must include the previous pipelined batch
         for aggregate_id, mark in self.touched.items():
             aggregate = self.loaded.get(aggregate_id)
-            if aggregate is None or len(aggregate.pending_events) == mark:
+            if aggregate is None or (len(aggregate.pending_events) == mark and not _apply_failed(aggregate)):
                 continue
             keep = list(aggregate.pending_events[:mark])
             stored_version = aggregate.version - len(aggregate.pending_events)
@@ -253,7 +254,8 @@ class _Batch:
         self.touched = {}
 
     def command_changed_something(self) -> bool:
-        return any(len(self.loaded[i].pending_events) != n for i, n in self.touched.items())  # type: ignore[union-attr]
+        return any(len(a.pending_events) != n or _apply_failed(a)
+                   for a, n in ((self.loaded[i], n) for i, n in self.touched.items()) if a is not None)
 
     def collect(self) -> None:
         # ProcessingEvent.collect_events() checks every object against a runtime Protocol, which costs more
@@ -724,3 +726,9 @@ def register_handlers() -> None:
 
     for name in HANDLER_MODULES:
         importlib.import_module(f"billing_ledger.{name}")
+
+
+def _apply_failed(aggregate: Any) -> bool:
+    """An event of ``aggregate`` failed half-way through being applied (``ChainedAggregate.trigger_event``): its
+    state is not what its events say, so it must be rebuilt, never kept or cached."""
+    return bool(aggregate.__dict__.get(APPLY_FAILED))

@@ -670,6 +670,15 @@ class BillingAccount(ChainedAggregate):
         _require_time("at", at)
         if overage_policy not in OVERAGE_POLICIES:
             raise InvalidArgument(f"overage_policy must be one of {OVERAGE_POLICIES}, not {overage_policy!r}")
+        if not isinstance(cause, dict):
+            raise InvalidArgument("cause must be an object")
+        period = cause.get("period")
+        if period is not None:
+            try:
+                _period_start(period)
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"cause.period must be a month (YYYY-MM) or an ISO 8601 time, not {period!r}"
+                                      ) from None
         cause = dict(cause)
         if amount < 0:
             self._give_back(command_id=command_id, unit=unit, amount=amount, meter=meter, at=at, cause=cause)
@@ -1841,8 +1850,18 @@ def _usage_postings(unit: str, draws: list[Draw], overage: int) -> list[Posting]
 
 
 def period_began(key: str) -> datetime:
-    """When the period named by an overage key began: ``YYYY-MM`` (a calendar month) or an ISO 8601 time."""
-    if len(key) == 7:
+    """When the period named by an overage key began: ``YYYY-MM`` (a calendar month) or an ISO 8601 time. A key
+    that is neither (none is accepted since ``debit_usage`` checks them) counts as the oldest period, so no event
+    of an account can fail to apply over it."""
+    try:
+        return _period_start(key)
+    except (TypeError, ValueError):
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def _period_start(key: str) -> datetime:
+    """``period_began`` for a well-formed key; raises ``ValueError`` otherwise."""
+    if len(key) == 7 and key[4] == "-":
         return datetime(int(key[:4]), int(key[5:7]), 1, tzinfo=UTC)
     began = datetime.fromisoformat(key)
     return began if began.tzinfo is not None else began.replace(tzinfo=UTC)

@@ -33,6 +33,7 @@ import orjson
 from eventsourcing.domain import Aggregate
 
 GENESIS = "0" * 64
+APPLY_FAILED = "_apply_failed"  # set on an aggregate whose event failed half-way through being applied
 # Originator fields are hashed under their own names; the topic is a code path, not content.
 NOT_CONTENT = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic", "chain_hash"})
 
@@ -106,7 +107,13 @@ class ChainedAggregate(Aggregate):
         kwargs["timestamp"] = timestamp
         kwargs["chain_hash"] = chain_hash(self.chain_head, event_class.__qualname__, self.id, self.version + 1,
                                           timestamp, {k: v for k, v in kwargs.items() if k not in NOT_CONTENT})
-        super().trigger_event(event_class, **kwargs)
+        try:
+            super().trigger_event(event_class, **kwargs)
+        except Exception:
+            # Applying the event may have changed part of the state before it failed: marked, so the ledger
+            # rebuilds this aggregate from its events instead of keeping it (application._Batch.rollback).
+            self.__dict__[APPLY_FAILED] = True
+            raise
 
     @classmethod
     def _create(cls, event_class: Any, *, id: UUID | None = None, **kwargs: Any) -> Any:

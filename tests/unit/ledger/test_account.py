@@ -29,6 +29,7 @@ from billing_ledger.domain.account import (
     RefundExceedsRemaining,
     UnitMismatch,
     UnknownHold,
+    period_began,
 )
 from billing_ledger.domain.allocation import (
     FINISHED_REQUEST_KEEP,
@@ -1103,3 +1104,17 @@ def test_a_refund_never_requests_an_auto_top_up_but_the_next_usage_below_the_thr
     give(account, "more", 6 * U)
     debit(account, 2 * U, when=at(2))  # 4 left, below 5: the customer uses the service again
     assert [e.amount for e in account.collect_events() if type(e).__name__ == "AutoTopUpRequested"] == [16 * U]
+
+
+@pytest.mark.parametrize("period", ["garbage", "2026-13", 202611, ""])
+def test_a_debit_naming_a_period_that_is_no_month_or_time_is_refused_and_changes_nothing(period: Any) -> None:
+    account = new_account()
+    with pytest.raises(InvalidArgument, match="cause.period"):
+        account.debit_usage(command_id=uuid4(), unit=USD, amount=U, meter="tokens", at=at(1),
+                            overage_policy="overage", cause={"period": period})
+    assert (account.receivable(USD), account.pending_events) == (0, [])
+
+
+def test_an_overage_key_stored_malformed_counts_as_the_oldest_period() -> None:
+    assert period_began("garbage") == datetime.min.replace(tzinfo=UTC)
+    assert period_began("2026-11") == datetime(2026, 11, 1, tzinfo=UTC)

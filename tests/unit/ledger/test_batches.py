@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+from uuid import uuid4
 
 import pytest
 from billing_events import ids
+from billing_events.messages import LedgerCommand
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.direct import DirectCommands
@@ -95,3 +99,29 @@ def test_malformed_payload_is_rejected_with_a_receipt(app: LedgerApplication) ->
     assert again.outcome == "duplicate" and again.first_outcome == "rejected"
     unknown = command("no.such.kind", "a", {}, key="u")
     assert apply(app, unknown)[0].reason == "unknown_command"
+
+
+def test_an_event_that_fails_half_way_through_being_applied_leaves_no_half_changed_account(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The debit's event changes the receivable, then (a bug) fails: the account must not keep half of it."""
+    from billing_ledger.domain import account as account_module
+
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    stamp = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def one(kind: str, **payload: Any) -> LedgerCommand:
+        return LedgerCommand(command_id=uuid4(), kind=kind, tenant="acme", issued_at=stamp, issued_by="test",
+                             payload=payload)
+
+    assert app.apply_commands([one("account.open", currency="USD")])[0].outcome == "applied"
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("a bug in an event's apply")
+
+    monkeypatch.setattr(account_module, "_add_unbilled", fails)
+    with pytest.raises(ValueError, match="a bug"):  # the batch fails: nothing of it is recorded
+        app.apply_commands([one("usage.debit", unit="USD", amount_subunits=10**9, meter="m",
+                                at="2026-11-02T00:00:00+00:00", overage_policy="overage",
+                                cause={"period": "2026-11"})])
+    monkeypatch.undo()
+    assert app.read(ids.account_id("acme"), lambda a: (a.receivable("USD"), a.version)) == (0, 1)
