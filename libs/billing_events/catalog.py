@@ -66,11 +66,12 @@ class CreditUnitDef(_Model):
             currency(code)
         return self
 
-    def price_in(self, money: str) -> Decimal | None:
-        """The price of one credit on an invoice in ``money`` (None: not priced in it)."""
+    def price_in(self, money: str, own: str | None = None) -> Decimal | None:
+        """The price of one credit on an invoice in ``money`` (None: not priced in it). A ``list_price`` without
+        ``currency`` is in ``own`` (the plan's own currency), or in any currency when that is not known."""
         if money in self.list_prices:
             return Decimal(self.list_prices[money])
-        if self.list_price is not None and (self.currency or money) == money:
+        if self.list_price is not None and (self.currency or own or money) == money:
             return Decimal(self.list_price)
         return None
 
@@ -312,7 +313,8 @@ class CatalogDocument(_Model):
                         and not (info.context or {}).get(STORED)):
                     # Credits used beyond the prepaid ones are billed at the unit's price in the invoice's
                     # currency: a localized plan needs one in each currency it is billed in.
-                    missing = [c for c in (plan.currency, *plan.prices) if self.credit_units[unit].price_in(c) is None]
+                    missing = [c for c in (plan.currency, *plan.prices)
+                               if self.credit_units[unit].price_in(c, plan.currency) is None]
                     if missing:
                         raise ValueError(f"plan {plan.code!r}: {charge.meter} is charged in {unit} with overage, but "
                                          f"{unit} has no list price in {', '.join(missing)} to bill it at; set "

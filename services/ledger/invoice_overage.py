@@ -41,11 +41,11 @@ log = get_logger(__name__)
 
 def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[dict[str, Any]],
                   credit_units: dict[str, Any], period_start: datetime, period_end: datetime,
-                  at: datetime) -> list[dict[str, Any]]:
+                  at: datetime, own_currency: str | None = None) -> list[dict[str, Any]]:
     """The lines to add after rating's ``usage_lines`` (already rounded, see ``invoice.line``); marks the
     overage they bill as invoiced on the account."""
     money = invoice.currency
-    prices = _credit_prices(credit_units, money)
+    prices = _credit_prices(credit_units, money, own_currency)
     for unit in sorted(set(account.units()) - {money} - set(prices)):
         if unit in credit_units and any(v > 0 for v in account.unbilled_overage(unit).values()):
             log.warning("credit_overage_unpriced", tenant=account.tenant, unit=unit, invoice=str(invoice.id),
@@ -113,11 +113,12 @@ def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]
                  f"{usage} used", shortfall, invoice.currency, minimum_spend=str(minimum), usage=str(usage))]
 
 
-def _credit_prices(credit_units: dict[str, Any], money: str) -> dict[str, Decimal]:
-    """Credit unit -> its price in ``money`` (``CreditUnitDef.price_in``; units not priced in it left out)."""
+def _credit_prices(credit_units: dict[str, Any], money: str, own: str | None) -> dict[str, Decimal]:
+    """Credit unit -> its price in ``money`` (``CreditUnitDef.price_in``, ``own``: the plan's own currency; units
+    not priced in it left out)."""
     prices: dict[str, Decimal] = {}
     for code, spec in sorted(credit_units.items()):
-        price = CreditUnitDef.model_validate(spec).price_in(money) if isinstance(spec, dict) else None
+        price = CreditUnitDef.model_validate(spec).price_in(money, own) if isinstance(spec, dict) else None
         if price is not None:
             prices[code] = price
     return prices

@@ -629,7 +629,9 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     payload = command.payload
     start = datetime.fromisoformat(payload["period_start"]) if payload.get("period_start") else invoice.period_start
     end = datetime.fromisoformat(payload["period_end"]) if payload.get("period_end") else at
-    lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at)
+    sub = batch.get(UUID(invoice.subscription_id)) if invoice.subscription_id else None
+    own = (sub.plan.get("list_currency") or sub.plan["currency"]) if sub is not None else None  # the plan's own
+    lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at, own)
     lines += minimum_commitment_lines(invoice, lines)
     invoice.add_lines(lines, by=command.issued_by)
     _finalize(app, batch, invoice, effective_at(command), command.issued_by)

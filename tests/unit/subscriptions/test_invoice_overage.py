@@ -218,3 +218,17 @@ def test_a_localized_plan_whose_credit_overage_has_no_price_in_its_currency_is_r
     refused = run(app, "catalog.publish", None, outcome="rejected", document={**CATALOG, "plans": [LOCALIZED]},
                   digest="c-eur")  # CREDIT is priced in USD only: EUR invoices could not bill its overage
     assert refused.reason == "invalid_catalog" and "no list price in EUR" in refused.detail
+
+
+def test_a_credit_list_price_without_currency_is_in_the_plans_own_currency_only(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    units = {"CREDIT": {"scale": 2, "list_price": "0.10"}}  # no currency: the plans' own (USD)
+    refused = run(app, "catalog.publish", None, outcome="rejected",
+                  document={**CATALOG, "credit_units": units, "plans": [LOCALIZED]}, digest="c-eur")
+    assert "no list price in EUR" in refused.detail  # not 0.10 EUR each
+    run(app, "catalog.publish", None, document={**CATALOG, "credit_units": units}, digest="c-usd")
+    run(app, "account.open", "acme", currency="USD")
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "150", NOV_1, datetime(2026, 11, 20, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
+    assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["5.00"]  # in USD, the plan's own
