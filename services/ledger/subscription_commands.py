@@ -179,9 +179,13 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
 
 
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
-                     rollover: bool) -> dict[str, int]:
-    """Voids what is left of the current recurring grants; returns the rollover to carry (capped)."""
+                     rollover: bool) -> tuple[dict[str, int], set[str]]:
+    """Voids what is left of the current recurring grants; returns the rollover to carry (capped) and the units
+    voided. The voids check no balance thresholds: the command goes on to grant (the next period's credit, a
+    credit note) and calls ``_check_thresholds`` on those units after its last movement, so a balance that is
+    0 only between the void and the new grant requests no auto-top-up."""
     carried: dict[str, int] = {}
+    units: set[str] = set()
     credits = sub.plan.get("recurring_credits") or []
     balances = {g["grant_id"]: g for g in account.grant_balances()}
     for index, grant in enumerate(sub.recurring_grants):
@@ -193,8 +197,17 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
         if rollover and spec.get("rollover") and remaining > 0:
             cap = spec.get("rollover_cap")
             carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
-        account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at)
-    return carried
+        account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False)
+        units.add(str(state["unit"]))
+    return carried, units
+
+
+def _check_thresholds(account: BillingAccount, units: set[str], at: datetime, *, top_up: bool) -> None:
+    """The low-balance alerts (and, with ``top_up``, auto-top-ups) of ``units`` once a command's movements are
+    all done. A cancel passes ``top_up`` False: the customer who just canceled is not charged for a top-up at
+    once (the rule stays armed: the next usage below its threshold tops up)."""
+    for unit in sorted(units):
+        account.check_thresholds(unit, at, top_up=top_up)
 
 
 def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str, Any], old_quantity: int,
@@ -450,12 +463,15 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         # The old plan's remaining recurring grant is voided and the new one issued, atomically: the new
         # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
         carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
-        _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
+        _, voided = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
             fraction=proration_fraction(sub.period_start, sub.period_end, at)))
+    else:
+        voided = set()
     _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
               finalize=True, start=at, end=sub.period_end)
+    _check_thresholds(account, voided, at, top_up=True)  # after the new grants and a downgrade's credit note
     return {"subscription_id": str(sub.id), "lines": lines}
 
 
@@ -481,9 +497,10 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
         roster.release(subscription_id=sub.id, at=at)
-        _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
+        _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
         _document(app, batch, sub, f"{sub.id}/cancel", lines, at, command.issued_by, finalize=True,
                   start=at, end=sub.period_end)
+        _check_thresholds(account, voided, at, top_up=False)  # after its credit note
         if at > cut_start:
             # The period is cut short at the cancel: rating closes [start, at) on this Canceled event and sends
             # its usage lines under the key of a period ending at ``at``; they go on a final draft without a fee,
@@ -559,7 +576,8 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     if sub.status not in LIVE:  # canceled at period end: its capacity goes, whatever is allocated
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)),
                    f"canceled at period end {sub.key}", force=True)
-        _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
+        _, voided = _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
+        _check_thresholds(account, voided, at, top_up=False)
         roster.release(subscription_id=sub.id, at=at)
         # No fee for a next period, but the ended one's usage is still billed: a final draft under the key
         # rating's usage lines name (the period's end); without usage (or minimum) it is voided unnumbered.
@@ -569,16 +587,18 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     if sub.status == PAUSED:
         # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
         # takes rating's usage lines of the ended period, which was live until its end.
-        _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
+        _, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
+        _check_thresholds(account, voided, ended_end, top_up=True)  # nothing granted while paused: a real drop
         sub.set_recurring_grants([])
         draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
                           [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
                           "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
         _commit_minimum(draft, sub, minimum)
         return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
-    carried = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
+    carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
+    _check_thresholds(account, voided, ended_end, top_up=True)  # on the new period's credit
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
     draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",

@@ -601,10 +601,14 @@ class BillingAccount(ChainedAggregate):
         self._forget_draws_of(unit, g["grant_id"])
         self._update_arming(unit)
 
-    def void_grant(self, *, grant_id: UUID, reason: str, voided_by: str, at: datetime) -> None:
+    def void_grant(self, *, grant_id: UUID, reason: str, voided_by: str, at: datetime,
+                   thresholds: bool = True) -> None:
         """Closes a non-paid grant (e.g. a plan change voids the old plan's recurring grant).
 
         The remainder goes back to the account that funded the grant. Paid grants are refunded instead.
+        ``thresholds`` False: no low-balance alert or auto-top-up here; the command goes on to move more of
+        the unit (a renewal grants the next period's credit, a cancel its credit note, a refund just paid
+        back) and calls :meth:`check_thresholds` once, after its last movement, on the balance it leaves.
         """
         g = self._grant(grant_id)
         _require_text("reason", reason)
@@ -631,7 +635,16 @@ class BillingAccount(ChainedAggregate):
             postings=postings,
             at=at,
         )
-        self._check_thresholds(g["unit"], at)
+        if thresholds:
+            self._check_thresholds(g["unit"], at)
+
+    def check_thresholds(self, unit: str, at: datetime, *, top_up: bool = True) -> None:
+        """The alerts of a command that moved ``unit`` several times (``void_grant(thresholds=False)`` then a
+        grant), once, on the balance it leaves; ``top_up`` False: no auto-top-up request (money given back at
+        the customer's request, a cancel), the rule stays armed for the next usage below its threshold."""
+        self._require_unit(unit)
+        _require_time("at", at)
+        self._check_thresholds(unit, at, top_up=top_up)
 
     @event("GrantVoided")
     def _grant_voided(
