@@ -24,6 +24,7 @@ from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import (
     CREDIT_NOTE,
+    DRAFT,
     FINALIZED,
     INVOICE,
     PAID,
@@ -255,13 +256,79 @@ def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
 
 
 def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
-    """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules."""
+    """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules.
+
+    A change's or cancel's document corrects the invoice that billed the period (``related_invoice``): its
+    credit for the unused time (the negative lines) gives back the tax that invoice charged, at that invoice's
+    rate (0 when it had none), and only what it charges anew is taxed by today's profile and rules. With the
+    same rate as today (the usual case) that is one tax line on the net total, as for any document; with
+    another (a tax profile set since, a rule changed) the credit gets a tax line of its own at the invoiced rate.
+    """
     if any(item["kind"] == "tax" for item in invoice.lines):
         return []
     roster = batch.get(roster_id(invoice.tenant))
     catalog = batch.get(Catalog.create_id())
-    return tax_lines_for(invoice.total, invoice.currency, roster.tax_profile if roster is not None else None,
-                         catalog.document if catalog is not None else None)
+    profile = roster.tax_profile if roster is not None else None
+    document = catalog.document if catalog is not None else None
+    current = tax_lines_for(invoice.total, invoice.currency, profile, document)
+    corrected = batch.get(UUID(invoice.related_invoice)) if invoice.subscription_id and invoice.related_invoice \
+        else None
+    rate = _invoiced_tax_rate(corrected) if isinstance(corrected, Invoice) else None
+    credited = sum((Decimal(item["amount"]) for item in invoice.lines if Decimal(item["amount"]) < 0), Decimal(0))
+    if rate is None or not credited or rate == _tax_rate(current):
+        return current
+    assert isinstance(corrected, Invoice)
+    charged = RATING_CONTEXT.subtract(invoice.total, credited)
+    lines = tax_lines_for(charged, invoice.currency, profile, document) if charged else []
+    percent = (rate * 100).normalize()
+    lines.append(line("tax", f"Tax as invoiced on {corrected.number}: {percent} % of {credited}",
+                      RATING_CONTEXT.multiply(credited, rate), invoice.currency, rate=str(rate),
+                      invoice=str(corrected.id)))
+    after = RATING_CONTEXT.add(invoice.total, sum((Decimal(item["amount"]) for item in lines), Decimal(0)))
+    if (after <= 0) if invoice.document_type == INVOICE else (after >= 0):
+        # Rare: a new charge almost as large as the credit, taxed at another rate, flips the document's sign.
+        raise CommandRejected("tax_rate_changed", f"the change credits {-credited} taxed at {percent} % on "
+                                                  f"{corrected.number} and charges {charged} at today's tax: "
+                                                  f"the {invoice.document_type} would total {after}; cancel and "
+                                                  "subscribe again, or change at the period's end")
+    return lines
+
+
+def _tax_rate(tax_lines: list[dict[str, Any]]) -> Decimal:
+    """The rate of a document's tax lines (0 without any; a reverse charge's is 0)."""
+    rates = [Decimal(item["rate"]) for item in tax_lines if item.get("rate") is not None]
+    return rates[0] if rates else Decimal(0)
+
+
+def _invoiced_tax_rate(invoice: Invoice) -> Decimal | None:
+    """The tax rate ``invoice`` was issued with (0 when it had no tax); ``None`` for a draft, which is taxed
+    when it is finalized, by the profile and rules of that day (today's, for a document finalized now)."""
+    if invoice.status == DRAFT:
+        return None
+    taxes = [item for item in invoice.lines if item["kind"] == "tax"]
+    if any(item.get("rate") is None for item in taxes):  # not recorded: the invoice's tax over its net
+        tax = sum((Decimal(item["amount"]) for item in taxes), Decimal(0))
+        net = RATING_CONTEXT.subtract(invoice.total, tax)
+        return RATING_CONTEXT.divide(tax, net) if net else Decimal(0)
+    return _tax_rate(taxes)
+
+
+def _period_invoice(batch: _Batch, sub: Subscription) -> Invoice | None:
+    """The invoice that billed the fee of ``sub``'s current period, which a change's or cancel's credit for the
+    unused time corrects: the period's own (first or renewal) invoice, or the first invoice of a
+    charge_before_access subscription still in the period it was activated in. ``None`` when another document
+    billed it (a resume's, a cadence change's) or nothing did: its credit is then taxed like the rest."""
+    if not sub.period_billed:
+        return None
+    for start in (sub.period_start, sub.started_at):
+        found = batch.get(invoice_id(sub.tenant, f"{sub.id}/{start.isoformat()}"))
+        if not isinstance(found, Invoice) or found.document_type != INVOICE:
+            continue
+        if found.period_end is not None and found.period_end <= sub.period_start:
+            continue  # an earlier period's
+        if any(item["kind"] in ("base_fee", "proration") and Decimal(item["amount"]) > 0 for item in found.lines):
+            return found
+    return None
 
 
 # Lines whose money is already receivable when the invoice is finalized (usage posted beyond credit): the
@@ -319,8 +386,9 @@ def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datet
 
 def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str, lines: list[dict[str, Any]],
               at: datetime, by: str, *, finalize: bool, start: datetime | None = None,
-              end: datetime | None = None) -> Invoice | None:
-    """An invoice (total >= 0) or a credit note (total < 0) for ``lines``; one per key, ever."""
+              end: datetime | None = None, corrects: Invoice | None = None) -> Invoice | None:
+    """An invoice (total >= 0) or a credit note (total < 0) for ``lines``; one per key, ever. ``corrects``: the
+    invoice whose period a change or cancel credits (``related_invoice``; see ``_tax_lines``)."""
     if not lines:
         return None
     if batch.get(invoice_id(sub.tenant, key)) is not None:
@@ -328,8 +396,8 @@ def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str
     total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
     kind = CREDIT_NOTE if total < 0 else INVOICE
     invoice = Invoice(tenant=sub.tenant, key=key, document_type=kind, currency=sub.plan["currency"], lines=lines,
-                      period_start=start, period_end=end, subscription_id=str(sub.id), related_invoice=None,
-                      at=at, by=by)
+                      period_start=start, period_end=end, subscription_id=str(sub.id),
+                      related_invoice=str(corrects.id) if corrects is not None else None, at=at, by=by)
     batch.add(invoice)
     if finalize:
         _finalize(app, batch, invoice, at, by)
@@ -456,6 +524,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     quantity_changed = quantity != sub.quantity
     old_plan, old_quantity = sub.plan, sub.quantity
     old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
+    corrected = _period_invoice(batch, sub)  # before a cadence change starts a new period
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines)
     _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"change {sub.key}")
     if (plan_changed or quantity_changed) and sub.status != TRIALING and (
@@ -470,7 +539,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     else:
         voided = set()
     _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
-              finalize=True, start=at, end=sub.period_end)
+              finalize=True, start=at, end=sub.period_end, corrects=corrected)
     _check_thresholds(account, voided, at, top_up=True)  # after the new grants and a downgrade's credit note
     return {"subscription_id": str(sub.id), "lines": lines}
 
@@ -493,13 +562,14 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     before = _capacities(_live_subscriptions(batch, roster))
     cut_start = sub.period_start
     minimum = sub.period_minimum(until=at) if immediately else Decimal(0)  # before the cancel: a trial commits 0
+    corrected = _period_invoice(batch, sub) if lines else None
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
         roster.release(subscription_id=sub.id, at=at)
         _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
         _document(app, batch, sub, f"{sub.id}/cancel", lines, at, command.issued_by, finalize=True,
-                  start=at, end=sub.period_end)
+                  start=at, end=sub.period_end, corrects=corrected)
         _check_thresholds(account, voided, at, top_up=False)  # after its credit note
         if at > cut_start:
             # The period is cut short at the cancel: rating closes [start, at) on this Canceled event and sends

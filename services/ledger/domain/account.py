@@ -1392,12 +1392,17 @@ class BillingAccount(ChainedAggregate):
         """A finalized subscription invoice bills its fee lines (``net``: base fee, proration, discount) and its
         tax: Dr RECEIVABLES net + tax / Cr RECOGNISED_REVENUE net / Cr TAX_PAYABLE tax (``InvoiceBilled``). Its
         usage, credits-applied and overage lines are not posted again: that money is already receivable.
-        Nothing to bill (0 and 0) records nothing. Paying the invoice settles it (``settle_invoiced_overage``)."""
+        Nothing to bill (0 and 0) records nothing. Paying the invoice settles it (``settle_invoiced_overage``).
+        ``tax`` (or ``net``) is negative only when the invoice also credits unused time taxed at another rate than
+        today's (an upgrade after the tax profile changed: the credit gives back the tax its invoice charged);
+        ``net + tax`` is never negative."""
         self._require_unit(unit)
         _require_text("invoice", invoice)
-        _require_amount("net", net, allow_zero=True)
-        _require_amount("tax", tax, allow_zero=True)
+        _require_amount("net", net, allow_zero=True, allow_negative=True)
+        _require_amount("tax", tax, allow_zero=True, allow_negative=True)
         _require_time("at", at)
+        if net + tax < 0:
+            raise InvalidAmount(f"invoice {invoice} would bill {net + tax}: a negative total is a credit note")
         if invoice in self._invoice_billed:
             raise InvalidArgument(f"invoice {invoice} is already billed")
         if net + tax == 0:
@@ -1443,12 +1448,17 @@ class BillingAccount(ChainedAggregate):
         """A subscription credit note (proration on a downgrade or an immediate cancel) credits ``net`` + ``tax``
         as account credit in the currency: Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr TENANT_WALLET
         (a non-expiring, unscoped grant with source ``credit_note``, recorded as ``CreditGranted``). The invoice
-        it corrects is charged its full total whether paid or not, so the credit never reduces its receivable."""
+        it corrects is charged its full total whether paid or not, so the credit never reduces its receivable.
+        ``tax`` (or ``net``) is negative only when the note also charges something new taxed at another rate than
+        the credit (a downgrade after the tax profile changed: the new plan's rest is taxed at today's rate, the
+        credit gives back the tax its invoice charged); ``net + tax``, the credit, is never negative."""
         self._require_unit(unit)
         _require_text("note", note)
-        _require_amount("net", net, allow_zero=True)
-        _require_amount("tax", tax, allow_zero=True)
+        _require_amount("net", net, allow_zero=True, allow_negative=True)
+        _require_amount("tax", tax, allow_zero=True, allow_negative=True)
         _require_time("at", at)
+        if net + tax < 0:
+            raise InvalidAmount(f"credit note {note} would take {-(net + tax)} from the account: it bills")
         if net + tax == 0:
             return
         gid = str(grant_id)
