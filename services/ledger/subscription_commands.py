@@ -28,6 +28,7 @@ from billing_ledger.domain.invoice import (
     FINALIZED,
     INVOICE,
     PAID,
+    VOID,
     Invoice,
     InvoiceSequence,
     invoice_id,
@@ -399,6 +400,8 @@ def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str
                       period_start=start, period_end=end, subscription_id=str(sub.id),
                       related_invoice=str(corrects.id) if corrects is not None else None, at=at, by=by)
     batch.add(invoice)
+    if corrects is not None and any(Decimal(item["amount"]) < 0 for item in lines):
+        corrects.record_correction(document=invoice.id, by=by)  # it can no longer be voided (``void_invoice``)
     if finalize:
         _finalize(app, batch, invoice, at, by)
     return invoice
@@ -563,6 +566,8 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     cut_start = sub.period_start
     minimum = sub.period_minimum(until=at) if immediately else Decimal(0)  # before the cancel: a trial commits 0
     corrected = _period_invoice(batch, sub) if lines else None
+    if corrected is not None and corrected.status == VOID:
+        lines, corrected = [], None  # the period's fee was voided, never owed: no unused time to credit
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
@@ -810,6 +815,14 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
         # would leave that in place: a wrong credit note is corrected by a new invoice, not voided.
         raise CommandRejected("credit_note_not_voidable", f"credit note {invoice.number} cannot be voided; "
                                                           "correct it with a new invoice")
+    if invoice.corrections:
+        # A change's or cancel's credit note gave account credit for part of its period: voiding it would leave
+        # that credit spendable for a fee no longer owed (it is collected as issued; write off the rest with an
+        # account adjustment instead).
+        notes = [batch.get(UUID(note)) for note in invoice.corrections]
+        numbers = ", ".join(str(note.number if note is not None else "?") for note in notes)
+        raise CommandRejected("invoice_has_credit_notes", f"invoice {invoice.number} cannot be voided: {numbers} "
+                                                          "credited part of it; adjust the account instead")
     at = effective_at(command)
     invoice.void(at=at, reason=str(command.payload.get("reason", "void")), by=command.issued_by)
     if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again

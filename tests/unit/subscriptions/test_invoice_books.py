@@ -184,6 +184,32 @@ def test_voiding_an_unpaid_invoice_reverses_what_it_billed(app: LedgerApplicatio
     assert verify_store(app, "acme").ok
 
 
+def test_an_invoice_a_cancel_credited_cannot_be_voided_so_the_credit_never_outlives_the_fee(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 35.70, unpaid
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel"))
+    assert (note.total, note.related_invoice) == (Decimal("-17.85"), str(first_invoice(app).id))
+    before = books(app)
+    refused = run(app, "invoice.void", "acme", at=datetime(2026, 11, 17, tzinfo=UTC), outcome="rejected",
+                  invoice_id=str(first_invoice(app).id), reason="goodwill")
+    # Voided, the fee would no longer be owed while the note's 17.85 of credit for half of it stayed spendable.
+    assert refused.reason == "invoice_has_credit_notes" and "CN-2026-000001" in refused.detail, refused
+    assert first_invoice(app).status == "finalized" and books(app) == before
+    assert (account(app).receivable("USD"), account(app).available("USD")) == (3570 * CENT, 1785 * CENT)
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_its_periods_invoice_was_voided_credits_nothing(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    run(app, "invoice.void", "acme", at=NOV_1, invoice_id=str(first_invoice(app).id), reason="goodwill")
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    # The fee was never owed: no unused time of it to give back as account credit.
+    assert invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel") not in app.repository
+    assert account(app).available("USD") == 0 and books(app) == {}
+    assert verify_store(app, "acme").ok
+
+
 def test_a_top_up_invoice_is_not_posted_again(app: LedgerApplication) -> None:
     placed = run(app, "checkout.place", "acme", package="usd-20", key="o1", gateway="stripe").value
     total = placed["quote"]["total"]
