@@ -724,7 +724,13 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     payload = command.payload
     start = datetime.fromisoformat(payload["period_start"]) if payload.get("period_start") else invoice.period_start
     end = datetime.fromisoformat(payload["period_end"]) if payload.get("period_end") else at
-    lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at)
+    primary = payload.get("primary", True)
+    if not isinstance(primary, bool):
+        raise CommandRejected("invalid_usage_lines", f"primary must be true or false, not {primary!r}")
+    if primary:
+        # The account's overage is billed by its primary subscription's invoices alone (rating rates usage into
+        # that one's periods): a secondary's renewal or final invoice (``primary`` false) takes none of it.
+        lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at)
     lines += minimum_commitment_lines(invoice, lines)
     invoice.add_lines(lines, by=command.issued_by)
     _finalize(app, batch, invoice, effective_at(command), command.issued_by)
