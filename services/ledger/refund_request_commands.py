@@ -188,7 +188,10 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     for free in (bonus_grant_id(order), ids.grant_id(order.tenant, f"order/{order.id}/promotion")):
         promotion = grants.get(str(free))
         if promotion is not None and promotion["status"] == "open":
-            account.void_grant(grant_id=UUID(promotion["grant_id"]), reason="order_refunded", voided_by=by, at=at)
+            # Like the refund itself, no auto-top-up: money just went back at the customer's request.
+            account.void_grant(grant_id=UUID(promotion["grant_id"]), reason="order_refunded", voided_by=by, at=at,
+                               thresholds=False)
+            account.check_thresholds(promotion["unit"], at, top_up=False)
     original = batch.get(top_up_invoice_id(order))
     note = Invoice(tenant=order.tenant, key=f"orders/{order.id}/refund", document_type=CREDIT_NOTE,
                    currency=order.quote["currency"],

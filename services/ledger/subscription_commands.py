@@ -24,9 +24,11 @@ from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import (
     CREDIT_NOTE,
+    DRAFT,
     FINALIZED,
     INVOICE,
     PAID,
+    VOID,
     Invoice,
     InvoiceSequence,
     invoice_id,
@@ -179,9 +181,13 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
 
 
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
-                     rollover: bool) -> dict[str, int]:
-    """Voids what is left of the current recurring grants; returns the rollover to carry (capped)."""
+                     rollover: bool) -> tuple[dict[str, int], set[str]]:
+    """Voids what is left of the current recurring grants; returns the rollover to carry (capped) and the units
+    voided. The voids check no balance thresholds: the command goes on to grant (the next period's credit, a
+    credit note) and calls ``_check_thresholds`` on those units after its last movement, so a balance that is
+    0 only between the void and the new grant requests no auto-top-up."""
     carried: dict[str, int] = {}
+    units: set[str] = set()
     credits = sub.plan.get("recurring_credits") or []
     balances = {g["grant_id"]: g for g in account.grant_balances()}
     for index, grant in enumerate(sub.recurring_grants):
@@ -193,8 +199,17 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
         if rollover and spec.get("rollover") and remaining > 0:
             cap = spec.get("rollover_cap")
             carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
-        account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at)
-    return carried
+        account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False)
+        units.add(str(state["unit"]))
+    return carried, units
+
+
+def _check_thresholds(account: BillingAccount, units: set[str], at: datetime, *, top_up: bool) -> None:
+    """The low-balance alerts (and, with ``top_up``, auto-top-ups) of ``units`` once a command's movements are
+    all done. A cancel passes ``top_up`` False: the customer who just canceled is not charged for a top-up at
+    once (the rule stays armed: the next usage below its threshold tops up)."""
+    for unit in sorted(units):
+        account.check_thresholds(unit, at, top_up=top_up)
 
 
 def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str, Any], old_quantity: int,
@@ -242,13 +257,79 @@ def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
 
 
 def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
-    """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules."""
+    """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules.
+
+    A change's or cancel's document corrects the invoice that billed the period (``related_invoice``): its
+    credit for the unused time (the negative lines) gives back the tax that invoice charged, at that invoice's
+    rate (0 when it had none), and only what it charges anew is taxed by today's profile and rules. With the
+    same rate as today (the usual case) that is one tax line on the net total, as for any document; with
+    another (a tax profile set since, a rule changed) the credit gets a tax line of its own at the invoiced rate.
+    """
     if any(item["kind"] == "tax" for item in invoice.lines):
         return []
     roster = batch.get(roster_id(invoice.tenant))
     catalog = batch.get(Catalog.create_id())
-    return tax_lines_for(invoice.total, invoice.currency, roster.tax_profile if roster is not None else None,
-                         catalog.document if catalog is not None else None)
+    profile = roster.tax_profile if roster is not None else None
+    document = catalog.document if catalog is not None else None
+    current = tax_lines_for(invoice.total, invoice.currency, profile, document)
+    corrected = batch.get(UUID(invoice.related_invoice)) if invoice.subscription_id and invoice.related_invoice \
+        else None
+    rate = _invoiced_tax_rate(corrected) if isinstance(corrected, Invoice) else None
+    credited = sum((Decimal(item["amount"]) for item in invoice.lines if Decimal(item["amount"]) < 0), Decimal(0))
+    if rate is None or not credited or rate == _tax_rate(current):
+        return current
+    assert isinstance(corrected, Invoice)
+    charged = RATING_CONTEXT.subtract(invoice.total, credited)
+    lines = tax_lines_for(charged, invoice.currency, profile, document) if charged else []
+    percent = (rate * 100).normalize()
+    lines.append(line("tax", f"Tax as invoiced on {corrected.number}: {percent} % of {credited}",
+                      RATING_CONTEXT.multiply(credited, rate), invoice.currency, rate=str(rate),
+                      invoice=str(corrected.id)))
+    after = RATING_CONTEXT.add(invoice.total, sum((Decimal(item["amount"]) for item in lines), Decimal(0)))
+    if (after <= 0) if invoice.document_type == INVOICE else (after >= 0):
+        # Rare: a new charge almost as large as the credit, taxed at another rate, flips the document's sign.
+        raise CommandRejected("tax_rate_changed", f"the change credits {-credited} taxed at {percent} % on "
+                                                  f"{corrected.number} and charges {charged} at today's tax: "
+                                                  f"the {invoice.document_type} would total {after}; cancel and "
+                                                  "subscribe again, or change at the period's end")
+    return lines
+
+
+def _tax_rate(tax_lines: list[dict[str, Any]]) -> Decimal:
+    """The rate of a document's tax lines (0 without any; a reverse charge's is 0)."""
+    rates = [Decimal(item["rate"]) for item in tax_lines if item.get("rate") is not None]
+    return rates[0] if rates else Decimal(0)
+
+
+def _invoiced_tax_rate(invoice: Invoice) -> Decimal | None:
+    """The tax rate ``invoice`` was issued with (0 when it had no tax); ``None`` for a draft, which is taxed
+    when it is finalized, by the profile and rules of that day (today's, for a document finalized now)."""
+    if invoice.status == DRAFT:
+        return None
+    taxes = [item for item in invoice.lines if item["kind"] == "tax"]
+    if any(item.get("rate") is None for item in taxes):  # not recorded: the invoice's tax over its net
+        tax = sum((Decimal(item["amount"]) for item in taxes), Decimal(0))
+        net = RATING_CONTEXT.subtract(invoice.total, tax)
+        return RATING_CONTEXT.divide(tax, net) if net else Decimal(0)
+    return _tax_rate(taxes)
+
+
+def _period_invoice(batch: _Batch, sub: Subscription) -> Invoice | None:
+    """The invoice that billed the fee of ``sub``'s current period, which a change's or cancel's credit for the
+    unused time corrects: the period's own (first or renewal) invoice, or the first invoice of a
+    charge_before_access subscription still in the period it was activated in. ``None`` when another document
+    billed it (a resume's, a cadence change's) or nothing did: its credit is then taxed like the rest."""
+    if not sub.period_billed:
+        return None
+    for start in (sub.period_start, sub.started_at):
+        found = batch.get(invoice_id(sub.tenant, f"{sub.id}/{start.isoformat()}"))
+        if not isinstance(found, Invoice) or found.document_type != INVOICE:
+            continue
+        if found.period_end is not None and found.period_end <= sub.period_start:
+            continue  # an earlier period's
+        if any(item["kind"] in ("base_fee", "proration") and Decimal(item["amount"]) > 0 for item in found.lines):
+            return found
+    return None
 
 
 # Lines whose money is already receivable when the invoice is finalized (usage posted beyond credit): the
@@ -306,8 +387,9 @@ def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datet
 
 def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str, lines: list[dict[str, Any]],
               at: datetime, by: str, *, finalize: bool, start: datetime | None = None,
-              end: datetime | None = None) -> Invoice | None:
-    """An invoice (total >= 0) or a credit note (total < 0) for ``lines``; one per key, ever."""
+              end: datetime | None = None, corrects: Invoice | None = None) -> Invoice | None:
+    """An invoice (total >= 0) or a credit note (total < 0) for ``lines``; one per key, ever. ``corrects``: the
+    invoice whose period a change or cancel credits (``related_invoice``; see ``_tax_lines``)."""
     if not lines:
         return None
     if batch.get(invoice_id(sub.tenant, key)) is not None:
@@ -315,9 +397,11 @@ def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str
     total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
     kind = CREDIT_NOTE if total < 0 else INVOICE
     invoice = Invoice(tenant=sub.tenant, key=key, document_type=kind, currency=sub.plan["currency"], lines=lines,
-                      period_start=start, period_end=end, subscription_id=str(sub.id), related_invoice=None,
-                      at=at, by=by)
+                      period_start=start, period_end=end, subscription_id=str(sub.id),
+                      related_invoice=str(corrects.id) if corrects is not None else None, at=at, by=by)
     batch.add(invoice)
+    if corrects is not None and any(Decimal(item["amount"]) < 0 for item in lines):
+        corrects.record_correction(document=invoice.id, by=by)  # it can no longer be voided (``void_invoice``)
     if finalize:
         _finalize(app, batch, invoice, at, by)
     return invoice
@@ -443,6 +527,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     quantity_changed = quantity != sub.quantity
     old_plan, old_quantity = sub.plan, sub.quantity
     old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
+    corrected = _period_invoice(batch, sub)  # before a cadence change starts a new period
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines)
     _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"change {sub.key}")
     if (plan_changed or quantity_changed) and sub.status != TRIALING and (
@@ -450,12 +535,15 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         # The old plan's remaining recurring grant is voided and the new one issued, atomically: the new
         # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
         carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
-        _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
+        _, voided = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
             fraction=proration_fraction(sub.period_start, sub.period_end, at)))
+    else:
+        voided = set()
     _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
-              finalize=True, start=at, end=sub.period_end)
+              finalize=True, start=at, end=sub.period_end, corrects=corrected)
+    _check_thresholds(account, voided, at, top_up=True)  # after the new grants and a downgrade's credit note
     return {"subscription_id": str(sub.id), "lines": lines}
 
 
@@ -477,13 +565,17 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     before = _capacities(_live_subscriptions(batch, roster))
     cut_start = sub.period_start
     minimum = sub.period_minimum(until=at) if immediately else Decimal(0)  # before the cancel: a trial commits 0
+    corrected = _period_invoice(batch, sub) if lines else None
+    if corrected is not None and corrected.status == VOID:
+        lines, corrected = [], None  # the period's fee was voided, never owed: no unused time to credit
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
         roster.release(subscription_id=sub.id, at=at)
-        _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
+        _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
         _document(app, batch, sub, f"{sub.id}/cancel", lines, at, command.issued_by, finalize=True,
-                  start=at, end=sub.period_end)
+                  start=at, end=sub.period_end, corrects=corrected)
+        _check_thresholds(account, voided, at, top_up=False)  # after its credit note
         if at > cut_start:
             # The period is cut short at the cancel: rating closes [start, at) on this Canceled event and sends
             # its usage lines under the key of a period ending at ``at``; they go on a final draft without a fee,
@@ -559,7 +651,8 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     if sub.status not in LIVE:  # canceled at period end: its capacity goes, whatever is allocated
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)),
                    f"canceled at period end {sub.key}", force=True)
-        _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
+        _, voided = _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
+        _check_thresholds(account, voided, at, top_up=False)
         roster.release(subscription_id=sub.id, at=at)
         # No fee for a next period, but the ended one's usage is still billed: a final draft under the key
         # rating's usage lines name (the period's end); without usage (or minimum) it is voided unnumbered.
@@ -569,16 +662,18 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     if sub.status == PAUSED:
         # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
         # takes rating's usage lines of the ended period, which was live until its end.
-        _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
+        _, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
+        _check_thresholds(account, voided, ended_end, top_up=True)  # nothing granted while paused: a real drop
         sub.set_recurring_grants([])
         draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
                           [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
                           "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
         _commit_minimum(draft, sub, minimum)
         return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
-    carried = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
+    carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
+    _check_thresholds(account, voided, ended_end, top_up=True)  # on the new period's credit
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
     draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
@@ -629,9 +724,15 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     payload = command.payload
     start = datetime.fromisoformat(payload["period_start"]) if payload.get("period_start") else invoice.period_start
     end = datetime.fromisoformat(payload["period_end"]) if payload.get("period_end") else at
-    sub = batch.get(UUID(invoice.subscription_id)) if invoice.subscription_id else None
-    own = (sub.plan.get("list_currency") or sub.plan["currency"]) if sub is not None else None  # the plan's own
-    lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at, own)
+    primary = payload.get("primary", True)
+    if not isinstance(primary, bool):
+        raise CommandRejected("invalid_usage_lines", f"primary must be true or false, not {primary!r}")
+    if primary:
+        # The account's overage is billed by its primary subscription's invoices alone (rating rates usage into
+        # that one's periods): a secondary's renewal or final invoice (``primary`` false) takes none of it.
+        sub = batch.get(UUID(invoice.subscription_id)) if invoice.subscription_id else None
+        own = (sub.plan.get("list_currency") or sub.plan["currency"]) if sub is not None else None  # the plan's
+        lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at, own)
     lines += minimum_commitment_lines(invoice, lines)
     invoice.add_lines(lines, by=command.issued_by)
     _finalize(app, batch, invoice, effective_at(command), command.issued_by)
@@ -722,6 +823,14 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
         # would leave that in place: a wrong credit note is corrected by a new invoice, not voided.
         raise CommandRejected("credit_note_not_voidable", f"credit note {invoice.number} cannot be voided; "
                                                           "correct it with a new invoice")
+    if invoice.corrections:
+        # A change's or cancel's credit note gave account credit for part of its period: voiding it would leave
+        # that credit spendable for a fee no longer owed (it is collected as issued; write off the rest with an
+        # account adjustment instead).
+        notes = [batch.get(UUID(note)) for note in invoice.corrections]
+        numbers = ", ".join(str(note.number if note is not None else "?") for note in notes)
+        raise CommandRejected("invoice_has_credit_notes", f"invoice {invoice.number} cannot be voided: {numbers} "
+                                                          "credited part of it; adjust the account instead")
     at = effective_at(command)
     invoice.void(at=at, reason=str(command.payload.get("reason", "void")), by=command.issued_by)
     if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again

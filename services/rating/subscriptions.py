@@ -319,7 +319,8 @@ async def record_restarted_period(conn: Connection, account: str, cut: AccountSu
 async def usage_lines_command(conn: Connection, ended: AccountSubscription, tenant: str, account: str,
                               meter_names: dict[str, dict[str, Any]], primary: bool,
                               closed: Sequence[CloseLine] = ()) -> OutMessage:
-    """``invoice.usage_lines`` for the renewal invoice of ``ended`` (usage only on the primary subscription).
+    """``invoice.usage_lines`` for the renewal invoice of ``ended`` (usage only on the primary subscription; the
+    payload's ``primary`` says so, and the ledger bills the account's overage only on the primary's invoices).
 
     Real-time meters (sum, count, AI tokens): the amounts rating posted for the period's decisions, and the
     quantity by which they moved the period's running totals (a correction counts by its difference, a
@@ -388,7 +389,7 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
         command_id=uuid5(NAMESPACE_URL, f"/usage-lines/{ended.subscription_id}/{ended.period_end.isoformat()}"),
         kind="invoice.usage_lines", tenant=tenant, issued_at=utcnow(), issued_by="service:rating",
         payload={"invoice_key": invoice_key, "lines": lines, "period_start": ended.period_start.isoformat(),
-                 "period_end": ended.period_end.isoformat()})
+                 "period_end": ended.period_end.isoformat(), "primary": primary})
     return OutMessage(topics.LEDGER_COMMANDS, account, command.to_json(), (("schema", b"ledger.command/v1"),))
 
 

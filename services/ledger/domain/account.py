@@ -601,10 +601,14 @@ class BillingAccount(ChainedAggregate):
         self._forget_draws_of(unit, g["grant_id"])
         self._update_arming(unit)
 
-    def void_grant(self, *, grant_id: UUID, reason: str, voided_by: str, at: datetime) -> None:
+    def void_grant(self, *, grant_id: UUID, reason: str, voided_by: str, at: datetime,
+                   thresholds: bool = True) -> None:
         """Closes a non-paid grant (e.g. a plan change voids the old plan's recurring grant).
 
         The remainder goes back to the account that funded the grant. Paid grants are refunded instead.
+        ``thresholds`` False: no low-balance alert or auto-top-up here; the command goes on to move more of
+        the unit (a renewal grants the next period's credit, a cancel its credit note, a refund just paid
+        back) and calls :meth:`check_thresholds` once, after its last movement, on the balance it leaves.
         """
         g = self._grant(grant_id)
         _require_text("reason", reason)
@@ -631,7 +635,16 @@ class BillingAccount(ChainedAggregate):
             postings=postings,
             at=at,
         )
-        self._check_thresholds(g["unit"], at)
+        if thresholds:
+            self._check_thresholds(g["unit"], at)
+
+    def check_thresholds(self, unit: str, at: datetime, *, top_up: bool = True) -> None:
+        """The alerts of a command that moved ``unit`` several times (``void_grant(thresholds=False)`` then a
+        grant), once, on the balance it leaves; ``top_up`` False: no auto-top-up request (money given back at
+        the customer's request, a cancel), the rule stays armed for the next usage below its threshold."""
+        self._require_unit(unit)
+        _require_time("at", at)
+        self._check_thresholds(unit, at, top_up=top_up)
 
     @event("GrantVoided")
     def _grant_voided(
@@ -1388,12 +1401,17 @@ class BillingAccount(ChainedAggregate):
         """A finalized subscription invoice bills its fee lines (``net``: base fee, proration, discount) and its
         tax: Dr RECEIVABLES net + tax / Cr RECOGNISED_REVENUE net / Cr TAX_PAYABLE tax (``InvoiceBilled``). Its
         usage, credits-applied and overage lines are not posted again: that money is already receivable.
-        Nothing to bill (0 and 0) records nothing. Paying the invoice settles it (``settle_invoiced_overage``)."""
+        Nothing to bill (0 and 0) records nothing. Paying the invoice settles it (``settle_invoiced_overage``).
+        ``tax`` (or ``net``) is negative only when the invoice also credits unused time taxed at another rate than
+        today's (an upgrade after the tax profile changed: the credit gives back the tax its invoice charged);
+        ``net + tax`` is never negative."""
         self._require_unit(unit)
         _require_text("invoice", invoice)
-        _require_amount("net", net, allow_zero=True)
-        _require_amount("tax", tax, allow_zero=True)
+        _require_amount("net", net, allow_zero=True, allow_negative=True)
+        _require_amount("tax", tax, allow_zero=True, allow_negative=True)
         _require_time("at", at)
+        if net + tax < 0:
+            raise InvalidAmount(f"invoice {invoice} would bill {net + tax}: a negative total is a credit note")
         if invoice in self._invoice_billed:
             raise InvalidArgument(f"invoice {invoice} is already billed")
         if net + tax == 0:
@@ -1439,12 +1457,17 @@ class BillingAccount(ChainedAggregate):
         """A subscription credit note (proration on a downgrade or an immediate cancel) credits ``net`` + ``tax``
         as account credit in the currency: Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr TENANT_WALLET
         (a non-expiring, unscoped grant with source ``credit_note``, recorded as ``CreditGranted``). The invoice
-        it corrects is charged its full total whether paid or not, so the credit never reduces its receivable."""
+        it corrects is charged its full total whether paid or not, so the credit never reduces its receivable.
+        ``tax`` (or ``net``) is negative only when the note also charges something new taxed at another rate than
+        the credit (a downgrade after the tax profile changed: the new plan's rest is taxed at today's rate, the
+        credit gives back the tax its invoice charged); ``net + tax``, the credit, is never negative."""
         self._require_unit(unit)
         _require_text("note", note)
-        _require_amount("net", net, allow_zero=True)
-        _require_amount("tax", tax, allow_zero=True)
+        _require_amount("net", net, allow_zero=True, allow_negative=True)
+        _require_amount("tax", tax, allow_zero=True, allow_negative=True)
         _require_time("at", at)
+        if net + tax < 0:
+            raise InvalidAmount(f"credit note {note} would take {-(net + tax)} from the account: it bills")
         if net + tax == 0:
             return
         gid = str(grant_id)

@@ -78,6 +78,8 @@ class Invoice(Aggregate):
         self.pending_payments: dict[str, str] = {}  # dunning attempt -> its pending charge (see payment_pending)
         self.payment: str | None = None  # the reference of the payment that paid it (``Paid``)
         self.failed_payments: dict[str, str] = {}
+        # The documents (a change's or cancel's credit note) that credit part of it (``record_correction``).
+        self.corrections: list[str] = []
 
     @property
     def total(self) -> Decimal:
@@ -138,6 +140,16 @@ class Invoice(Aggregate):
     @event("Voided")
     def _voided(self, at: datetime, reason: str, by: str) -> None:
         self.status = VOID
+
+    def record_correction(self, *, document: UUID, by: str) -> None:
+        """``document`` (its ``related_invoice`` is this invoice) credits part of what this one billed: a
+        change's or an immediate cancel's credit for the unused time. Such an invoice is not voided any more."""
+        if str(document) not in self.corrections:
+            self._corrected(document=str(document), by=by)
+
+    @event("Corrected")
+    def _corrected(self, document: str, by: str) -> None:
+        self.corrections = [*self.corrections, document]
 
     # A charge of dunning attempt ``attempt`` (1-based) that the gateway left pending, and its failure, by the
     # gateway's payment reference (dunning.py). A charge recorded pending before these existed is not followed.

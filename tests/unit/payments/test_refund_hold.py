@@ -34,13 +34,13 @@ def request(ledger: LedgerApplication, kind: str, **body: Any) -> Any:
     return result
 
 
-def paid_order(ledger: LedgerApplication, *, auto_top_up: bool = False) -> dict[str, Any]:
-    """A 50.00 top-up paid, then its refund requested and approved (``auto_top_up``: a low-balance alert and an
-    auto-top-up rule at 10.00 set before the request)."""
+def paid_order(ledger: LedgerApplication, *, auto_top_up: bool = False, **body: str) -> dict[str, Any]:
+    """A 50.00 top-up (or the checkout ``body``) paid, then its refund requested and approved (``auto_top_up``: a
+    low-balance alert and an auto-top-up rule at 10.00 set before the request)."""
     api = FakeStripe()
     http = client(ledger, {"stripe": stripe_gateway(api)})
     order = http.post(f"/v1/accounts/{TENANT}/checkout", headers={**headers(), "Idempotency-Key": "o1"},
-                      json={"gateway": "stripe", **URLS, "amount": "50"}).json()
+                      json={"gateway": "stripe", **URLS, **(body or {"amount": "50"})}).json()
     pay(ledger, api, order)  # 50.00 of credit, 59.50 paid with 19 % VAT
     if auto_top_up:
         assert run(ledger, "low_balance.set", TENANT, "alert", threshold="10").outcome == "applied"
@@ -116,3 +116,20 @@ def test_approving_a_refund_charges_no_auto_top_up_and_sends_no_low_balance_aler
     # 59.50 to come back (or alerting them that their balance is low) is wrong.
     names = [type(e).__name__ for e in ledger.events.get(ids.account_id(TENANT))]
     assert "AutoTopUpRequested" not in names and "LowBalanceReached" not in names
+
+
+def test_refunding_an_order_with_a_bonus_requests_no_auto_top_up_and_the_rule_stays_armed(
+        ledger: LedgerApplication) -> None:
+    paid_order(ledger, auto_top_up=True, package="usd-100")  # 100.00 of credit + a 20.00 bonus grant
+    done = request(ledger, "complete", key="r1", gateway_refund="re_1")
+    assert done.outcome == "applied", done
+    after = ledger.read(ids.account_id(TENANT), lambda a: (a.available("USD"),
+                                                           sorted((g["remaining"], g["status"]) for g in a.grant_balances())))
+    assert after == (0, [(0, "open"), (0, "voided")])  # the credit paid back, the bonus voided with it
+    # Voiding the bonus after the refund is still money going back: no card charged for a 50.00 top-up.
+    names = [type(e).__name__ for e in ledger.events.get(ids.account_id(TENANT))]
+    assert "AutoTopUpRequested" not in names
+    # The rule stays armed: the next usage below 10.00 tops up.
+    assert debit(ledger, "u1", 1, "overage").outcome == "applied"
+    names = [type(e).__name__ for e in ledger.events.get(ids.account_id(TENANT))]
+    assert names.count("AutoTopUpRequested") == 1

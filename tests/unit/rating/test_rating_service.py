@@ -538,6 +538,25 @@ async def test_a_canceled_primary_subscription_is_closed_before_a_later_started_
     assert usage_lines(await published(bus)) == {"api_calls": ("150", "5.000000000")}
 
 
+async def test_usage_lines_say_whether_they_are_the_primary_subscriptions(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    secondary = UUID(int=7)
+    await subscribe(service, plan="basic", subscription=secondary, started=datetime(2026, 11, 2, tzinfo=UTC))
+    await service.handle_accepted([accepted("a1", "150", at=datetime(2026, 11, 3, tzinfo=UTC))])
+    nov_16 = datetime(2026, 11, 16, tzinfo=UTC)
+    await subscription_event(service, "Canceled", 4, secondary, at=nov_16.isoformat(), by="user:test",
+                             reason="canceled", lines=[])
+    # The secondary's final invoice: no usage, and the ledger is told to bill none of the account's overage there.
+    [lines] = [c for c in await published(bus) if c["kind"] == "invoice.usage_lines"]
+    assert (lines["payload"]["invoice_key"], lines["payload"]["lines"], lines["payload"]["primary"]) == (
+        f"{secondary}/{nov_16.isoformat()}", [], False)
+    await subscription_event(service, "Canceled", 5, at=nov_16.isoformat(), by="user:test", reason="canceled",
+                             lines=[])
+    [*_, primary] = [c for c in await published(bus) if c["kind"] == "invoice.usage_lines"]
+    assert primary["payload"]["primary"] is True and usage_lines([primary]) == {"api_calls": ("150", "5.000000000")}
+
+
 async def test_a_cancel_at_period_end_is_closed_once_by_its_period_end(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     await subscribe(service)

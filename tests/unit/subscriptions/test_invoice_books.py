@@ -120,6 +120,46 @@ def test_a_downgrade_credit_note_becomes_account_credit_in_the_currency(app: Led
     assert verify_store(app, "acme").ok
 
 
+def test_a_cancel_after_a_tax_profile_was_set_credits_the_unused_fee_without_tax_never_charged(
+        app: LedgerApplication) -> None:
+    run(app, "tax_profile.set", "acme", country="US")  # no tax rule: the first invoice has no tax
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    assert first_invoice(app).total == Decimal("30.00")
+    run(app, "tax_profile.set", "acme", at=datetime(2026, 11, 5, tzinfo=UTC), country="DE")  # 19 % from now on
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel"))
+    # Half the 30.00 fee back, and no VAT: the invoice it corrects charged none (it was 17.85, 2.85 of VAT
+    # given back that was never collected, and tax payable went negative).
+    assert (note.total, note.related_invoice) == (Decimal("-15.00"), str(first_invoice(app).id))
+    assert account(app).available("USD") == 1500 * CENT
+    assert ("tax_payable", "USD") not in books(app)
+    assert verify_store(app, "acme").ok
+
+
+def test_a_downgrade_after_a_tax_profile_was_set_taxes_only_the_new_charge(app: LedgerApplication) -> None:
+    run(app, "tax_profile.set", "acme", country="US")
+    run(app, "subscription.create", "acme", key="m", plan="team", quantity=3)  # 90.00, no tax
+    run(app, "tax_profile.set", "acme", at=datetime(2026, 11, 5, tzinfo=UTC), country="DE")
+    result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=1)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    # -45.00 unused at no tax, +15.00 for the rest of the period at today's 19 % (2.85): 27.15 of credit.
+    assert note.total == Decimal("-27.15")
+    assert account(app).available("USD") == 2715 * CENT
+    assert books(app)[("tax_payable", "USD")] == -285 * CENT  # the new charge's VAT is owed, nothing given back
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_the_tax_profile_changed_gives_back_the_tax_the_invoice_charged(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 + 5.70 VAT
+    run(app, "tax_profile.set", "acme", at=datetime(2026, 11, 5, tzinfo=UTC), country="US")  # no tax from now on
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel"))
+    assert note.total == Decimal("-17.85")  # 15.00 and the 2.85 of VAT charged on it (it was 15.00)
+    assert books(app)[("tax_payable", "USD")] == -285 * CENT  # 5.70 collected, 2.85 given back
+    assert verify_store(app, "acme").ok
+
+
 def test_a_credit_note_cannot_be_voided_and_its_credit_and_tax_stay_consistent(app: LedgerApplication) -> None:
     run(app, "subscription.create", "acme", key="m", plan="team", quantity=3)
     result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=1)
@@ -141,6 +181,32 @@ def test_voiding_an_unpaid_invoice_reverses_what_it_billed(app: LedgerApplicatio
     assert len(events(app, "InvoiceBillVoided")) == 1
     assert account(app).receivable("USD") == 0
     assert books(app) == {}
+    assert verify_store(app, "acme").ok
+
+
+def test_an_invoice_a_cancel_credited_cannot_be_voided_so_the_credit_never_outlives_the_fee(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 35.70, unpaid
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel"))
+    assert (note.total, note.related_invoice) == (Decimal("-17.85"), str(first_invoice(app).id))
+    before = books(app)
+    refused = run(app, "invoice.void", "acme", at=datetime(2026, 11, 17, tzinfo=UTC), outcome="rejected",
+                  invoice_id=str(first_invoice(app).id), reason="goodwill")
+    # Voided, the fee would no longer be owed while the note's 17.85 of credit for half of it stayed spendable.
+    assert refused.reason == "invoice_has_credit_notes" and "CN-2026-000001" in refused.detail, refused
+    assert first_invoice(app).status == "finalized" and books(app) == before
+    assert (account(app).receivable("USD"), account(app).available("USD")) == (3570 * CENT, 1785 * CENT)
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_its_periods_invoice_was_voided_credits_nothing(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    run(app, "invoice.void", "acme", at=NOV_1, invoice_id=str(first_invoice(app).id), reason="goodwill")
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    # The fee was never owed: no unused time of it to give back as account credit.
+    assert invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel") not in app.repository
+    assert account(app).available("USD") == 0 and books(app) == {}
     assert verify_store(app, "acme").ok
 
 

@@ -232,3 +232,25 @@ def test_a_credit_list_price_without_currency_is_in_the_plans_own_currency_only(
     debit(app, "150", NOV_1, datetime(2026, 11, 20, tzinfo=UTC), unit="CREDIT", meter="tokens")
     invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
     assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["5.00"]  # in USD, the plan's own
+
+
+def test_a_secondary_subscriptions_final_invoice_takes_none_of_the_accounts_overage(app: LedgerApplication) -> None:
+    nov_10, nov_20 = datetime(2026, 11, 10, tzinfo=UTC), datetime(2026, 11, 20, tzinfo=UTC)
+    run(app, "subscription.create", "acme", at=nov_10, key="b", plan="team")  # m (from Nov 1) is the primary
+    debit(app, "12.00", NOV_1, datetime(2026, 11, 15, tzinfo=UTC))  # rated into m's open period
+    run(app, "subscription.cancel", "acme", at=nov_20, key="b", immediately=True)
+    # Rating: b is not the primary subscription, its final usage lines are empty and say so.
+    final_key = f"{subscription_id('acme', 'b')}/{nov_20.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=nov_20, invoice_key=final_key, lines=[], primary=False,
+        period_start=nov_10.isoformat(), period_end=nov_20.isoformat())
+    final: Invoice = app.repository.get(invoice_id("acme", final_key))
+    assert not [item for item in final.lines if item["kind"] in ("overage", "credits_applied")]  # was 12.00
+    assert account(app).invoiced_overage(str(final.id)) == {}
+    # m's renewal bills its own period's usage: 12.00 beyond its credit, no "Prepaid credits applied" offset.
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("12.00")])
+    assert [(item["kind"], item["amount"]) for item in renewal.lines if item["kind"] != "base_fee"] == [
+        ("usage", "12.00")]
+    assert renewal.total == Decimal("42.00")
+    bad = run(app, "invoice.usage_lines", "acme", at=DEC_1, outcome="rejected", invoice_key=final_key, lines=[],
+              primary="no")
+    assert bad.reason == "invalid_usage_lines", bad
