@@ -683,7 +683,8 @@ def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: st
     charge both settle it, in either order. Another payment of an invoice already paid (a pending charge that
     succeeded after a bank transfer paid it) is money received twice: refused (``invoice_already_paid``, the
     command's rejected receipt is what finance reconciles: refund it or credit it), never absorbed. A payment
-    without a reference claims no money of its own and changes nothing. A draft or void invoice is refused
+    without a reference claims no money of its own and changes nothing (``invoice.mark_paid`` pays an unpaid
+    invoice without one under ``manual:<command id>``, so it is never without one). A draft or void invoice is refused
     (``InvoiceError``).
     """
     if invoice.status == PAID:
@@ -728,9 +729,23 @@ def _flag(command: LedgerCommand, field: str, default: bool) -> bool:
 @handles("invoice.mark_paid")
 def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     invoice = _named_invoice(batch, command)
-    settled = settle_invoice(batch, invoice, at=effective_at(command), payment=str(command.payload.get("payment", "")),
-                             by=command.issued_by)
+    payment = _payment_reference(command)
+    if payment is None and invoice.status != PAID:
+        # Paid without a reference (a bank transfer booked by hand) is still a payment: it is recorded under one
+        # of its own, so a gateway payment afterwards is money received twice (``invoice_already_paid``), never
+        # absorbed as "already paid". Deterministic (the command's id), so replay and redelivery agree.
+        payment = f"manual:{command.command_id}"
+    settled = settle_invoice(batch, invoice, at=effective_at(command), payment=payment or "", by=command.issued_by)
     return {"invoice_id": str(invoice.id), "already_paid": not settled}
+
+
+def _payment_reference(command: LedgerCommand) -> str | None:
+    """The payload's ``payment``: a gateway's or a person's reference, or None when absent or empty (dunning sends
+    "" for a charge without one); anything but a string is rejected, never stored as ``"None"`` or ``"5"``."""
+    value = command.payload.get("payment")
+    if value is None or value == "":
+        return None
+    return optional_text(command, "payment")
 
 
 @handles("invoice.payment_pending")
@@ -739,7 +754,7 @@ def invoice_payment_pending(app: LedgerApplication, batch: _Batch, command: Ledg
     charges that attempt no more (see ``dunning.py``); the invoice keeps the charge's reference, so a
     ``payment_failed`` notification of it is followed (``payment_commands``)."""
     invoice = _named_invoice(batch, command)
-    payment = optional_text(command, "payment")
+    payment = _payment_reference(command)
     attempt = command.payload.get("attempt")
     if attempt is not None and (not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0):
         raise CommandRejected(INVALID, "attempt must be a whole number, 0 or more")

@@ -272,6 +272,33 @@ async def test_a_pending_charge_succeeding_after_the_invoice_was_paid_otherwise_
     assert again.outcome == "applied" and again.value["already_paid"] is True, again
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("manual", [{}, {"payment": None}, {"payment": ""}], ids=["absent", "null", "empty"])
+async def test_a_pending_charge_succeeding_after_a_payment_booked_without_a_reference_is_refused(
+        ledger: LedgerApplication, manual: dict[str, Any]) -> None:
+    api = FakeStripe()
+    api.processing.add("pm_primary")  # a SEPA debit, under way for days
+    invoice = first_invoice(ledger)
+    gateways = {"stripe": stripe_gateway(api)}
+    assert await Dunning(ledger, gateways, None, SCHEDULE, now=Clock(NOV_1 + timedelta(minutes=1))).process() == {
+        str(invoice.id): "pending"}
+    # The bank transfer booked by hand, without a reference: recorded under one of its own.
+    booked = run(ledger, "invoice.mark_paid", TENANT, "transfer", invoice_id=str(invoice.id), **manual)
+    assert booked.outcome == "applied" and booked.value["already_paid"] is False, booked
+    assert first_invoice(ledger).payment == f"manual:{booked.command_id}"  # never "None" nor ""
+    # The debit succeeds too: 30.00 received a second time, refused for reconciliation (was applied as
+    # "already paid" and forgotten).
+    [(_, form)] = intents(api)
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [result] = ledger.apply_commands([payment_command(stripe_paid(form, intent, "evt_pi_late"))])
+    assert (result.outcome, result.reason) == ("rejected", "invoice_already_paid"), result
+    postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+    assert account_balances(postings).get(("gateway_clearing", "USD")) == to_subunits(Decimal("30.00"))  # once
+    # The hand-booked payment recorded again without a reference claims no money of its own.
+    again = run(ledger, "invoice.mark_paid", TENANT, "transfer-again", invoice_id=str(invoice.id))
+    assert again.outcome == "applied" and again.value["already_paid"] is True, again
+
+
 def stripe_refunded(form: dict[str, str], refund: str, amount: str, event_id: str) -> PaymentNotification:
     """What ingest publishes for Stripe's ``refund.created`` of the charge made with ``form`` (its intent's
     metadata: tenant, order id and invoice id)."""
