@@ -346,6 +346,44 @@ async def test_a_gateway_refund_of_an_invoice_payment_is_a_credit_note_of_that_i
     assert first_invoice(ledger).status == "paid" and status(ledger) == "active"
 
 
+@pytest.mark.parametrize("refunded", ["pi_2", None], ids=["named", "unnamed"])
+def test_the_refund_of_a_second_payment_the_ledger_rejected_leaves_the_paid_invoice_alone(
+        ledger: LedgerApplication, refunded: str | None) -> None:
+    invoice = first_invoice(ledger)
+    assert run(ledger, "invoice.payment_pending", TENANT, "pending", invoice_id=str(invoice.id), payment="pi_2",
+               attempt=1).outcome == "applied"
+    assert run(ledger, "invoice.mark_paid", TENANT, "paid", invoice_id=str(invoice.id),
+               payment="pi_1").outcome == "applied"
+
+    def notified(kind: str, event_id: str, reference: str, **more: Any) -> Any:
+        [result] = ledger.apply_commands([payment_command(PaymentNotification(
+            gateway="stripe", gateway_event_id=event_id, kind=kind, tenant=TENANT, order_id=str(invoice.id),
+            invoice_id=str(invoice.id), amount=Decimal("30.00"), currency="USD", verified_at=utcnow(),
+            gateway_reference=reference, **more))])
+        return result
+
+    second = notified("payment_succeeded", "evt_pi_2", "pi_2")  # the pending debit succeeds too: never booked
+    assert (second.outcome, second.reason) == ("rejected", "invoice_already_paid")
+
+    def books() -> dict[tuple[str, str], int]:
+        postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+        return {k: v for k, v in account_balances(postings).items() if v}
+
+    paid = books()
+    assert paid == {("gateway_clearing", "USD"): to_subunits(Decimal("30.00")),
+                    ("recognised_revenue", "USD"): -to_subunits(Decimal("30.00"))}
+    # Finance refunds pi_2 in Stripe: its refund names the invoice (the intent's metadata). It was booked as a
+    # credit note of the invoice: its revenue and clearing back to 0 although the payment it kept was pi_1.
+    refund = notified("refund_succeeded", "evt_re_2", "re_2", refunded_payment=refunded)
+    assert (refund.outcome, refund.reason) == ("rejected", "refund_of_other_payment"), refund
+    assert books() == paid and balance(ledger) == 0
+    assert first_invoice(ledger).status == "paid"
+    # The refund of the payment that paid it is still its credit note.
+    back = notified("refund_succeeded", "evt_re_1", "re_1", refunded_payment="pi_1")
+    assert back.outcome == "applied" and credit_note(ledger, back.value["credit_note"])[3] == Decimal("-30.00")
+    assert books() == {}
+
+
 def test_a_full_refund_credits_the_invoice_lines(ledger: LedgerApplication) -> None:
     invoice = first_invoice(ledger)
     assert run(ledger, "invoice.mark_paid", TENANT, "paid", invoice_id=str(invoice.id),
