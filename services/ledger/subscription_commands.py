@@ -768,12 +768,12 @@ def invoice_payment_failed(app: LedgerApplication, batch: _Batch, command: Ledge
     invoice = _named_invoice(batch, command)
     if not invoice.subscription_id:
         raise CommandRejected("unknown_invoice", f"invoice {invoice.number} belongs to no subscription")
-    final = _flag(command, "final", True)
+    final, at = _flag(command, "final", True), effective_at(command)  # checked whether or not they are used
     sub = batch.get(UUID(invoice.subscription_id))
     if sub is not None and sub.status == ACTIVE and final:
-        sub.mark_past_due(at=effective_at(command), reason="payment_failed", by=command.issued_by)
+        sub.mark_past_due(at=at, reason="payment_failed", by=command.issued_by)
     elif sub is not None and sub.status == INCOMPLETE and final:
-        _expire_incomplete(batch, sub, effective_at(command), command.issued_by)
+        _expire_incomplete(batch, sub, at, command.issued_by)
 
 
 @handles("invoice.void")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
+from billing_events.messages import LedgerCommand
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.subscription import subscription_id
@@ -88,6 +90,7 @@ MALFORMED: list[tuple[str, str | None, dict[str, Any], str]] = [
     ("invoice.void", None, {"invoice_id": FIRST}, "missing_tenant"),
     ("invoice.payment_failed", "acme", {"invoice_id": ["x"]}, "invalid_command"),
     ("invoice.payment_failed", "acme", {"invoice_id": FIRST, "final": "no"}, "invalid_command"),
+    ("invoice.payment_failed", "acme", {"invoice_id": FIRST, "at": "2026-12-01T00:00:00"}, "invalid_command"),
     ("invoice.mark_paid", "acme", {"invoice_id": 1.5}, "invalid_command"),
     ("invoice.payment_pending", "acme", {"invoice_id": FIRST, "payment": "pi_2", "attempt": -1}, "invalid_command"),
     ("invoice.payment_pending", "acme", {"invoice_id": FIRST, "payment": "pi_2", "attempt": 1.5}, "invalid_command"),
@@ -101,8 +104,10 @@ def test_a_malformed_command_is_rejected_with_its_reason_and_changes_nothing(
         app: LedgerApplication, kind: str, tenant: str | None, payload: dict[str, Any], reason: str) -> None:
     payload = {k: str(first_invoice(app, "acme").id) if v == FIRST else v for k, v in payload.items()}
     position = app.recorder.max_notification_id() or 0
-    result = run(app, kind, tenant, at=DEC_1, outcome="rejected", **payload)  # raised, or applied, before
-    assert result.reason == reason, result
+    command = LedgerCommand(command_id=uuid4(), kind=kind, tenant=tenant, issued_at=DEC_1, issued_by="user:test",
+                            payload={"at": DEC_1.isoformat(), **payload})
+    [result] = app.apply_commands([command])  # raised, or applied, before
+    assert (result.outcome, result.reason) == ("rejected", reason), result
     assert changes_since(app, position) == []
     # The renewal draft still waits for its usage lines (``lines: ""`` finalized it without them), and
     # the subscription and its first invoice are as they were.
