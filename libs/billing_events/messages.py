@@ -166,6 +166,13 @@ class PaymentNotification(Message):
                     "charges): the ledger marks that invoice paid and grants no credit for it. On a refund: the "
                     "invoice the refunded payment settled, which gets a credit note for the amount refunded.",
         examples=["0b5c2f3e-9c1d-5e4f-8a7b-6c5d4e3f2a1b"])
+    refunded_payment: str | None = Field(
+        default=None, max_length=255,
+        description="On a refund: the gateway's id of the payment it gave back (Stripe payment intent, else charge; "
+                    "Razorpay payment; PayPal capture), as in that payment's gateway_reference. The ledger gives an "
+                    "invoice's money back only for the payment that paid it: the refund of another payment of the "
+                    "invoice (a second payment it rejected) is rejected for reconciliation.",
+        examples=["pi_3PqXyZ"])
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

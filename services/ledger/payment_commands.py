@@ -27,7 +27,10 @@ and refused as a duplicate the second time, like every other command.
   in the invoice's proportion of tax. The invoice itself stays ``paid`` (as Stripe's invoices do): it was
   paid, the credit note says what came back. One credit note per gateway refund (``refund_credit_note_key``);
   the gateway never refunds more than was paid, and a single refund above the invoice's total, in another
-  currency or of an invoice that is not paid is rejected for reconciliation.
+  currency or of an invoice that is not paid is rejected for reconciliation. So is the refund of a payment
+  that did not pay it (``refund_of_other_payment``: the notification's ``refunded_payment`` is not the
+  invoice's ``payment``, e.g. a second payment rejected ``invoice_already_paid``; see
+  ``_refund_of_other_payment`` for a notification that names none): its revenue and tax stay.
 * ``payment_failed`` of a charge dunning recorded pending (``invoice.payment_pending`` keeps its reference on
   the invoice) records that attempt's failure on the invoice (``Invoice.PaymentFailed``); dunning's next round
   treats it like a declined attempt (email, ``invoice.payment_failed``, past_due after the last one) and
@@ -86,7 +89,8 @@ def payment_command(notification: PaymentNotification) -> LedgerCommand:
         payload={"gateway": notification.gateway, "gateway_event_id": notification.gateway_event_id,
                  "order_id": notification.order_id, "amount": str(notification.amount),
                  "currency": notification.currency, "verified_at": notification.verified_at.isoformat(),
-                 "gateway_reference": notification.gateway_reference, "invoice_id": notification.invoice_id},
+                 "gateway_reference": notification.gateway_reference, "invoice_id": notification.invoice_id,
+                 "refunded_payment": notification.refunded_payment},
     )
 
 
@@ -207,6 +211,10 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
         raise CommandRejected("invoice_refund_mismatch", f"refund {amount} {code} of {invoice.document_type} "
                                                          f"{invoice.number} ({invoice.status}, {invoice.total} "
                                                          f"{invoice.currency}): reconcile by hand")
+    other = _refund_of_other_payment(invoice, command.payload.get("refunded_payment"))
+    if other is not None:  # that money never paid the invoice: its revenue and tax stay, finance reconciles it
+        raise CommandRejected("refund_of_other_payment", f"refund {reference} of invoice {invoice.number}: {other}; "
+                                                         "reconcile by hand")
     key = refund_credit_note_key(invoice, gateway, reference)
     existing = batch.get(invoice_id(invoice.tenant, key))
     if existing is not None:  # the same refund announced by another event
@@ -232,6 +240,25 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
                                                          "reconcile by hand")
     return {"invoice_id": str(invoice.id), "credit_note": str(note.id), "credit_note_number": note.number,
             "amount": str(amount), "gateway": gateway}
+
+
+def _refund_of_other_payment(invoice: Invoice, refunded: Any) -> str | None:
+    """Why a refund cannot be of the payment that paid ``invoice`` (None: it is, or may only be, that one).
+
+    ``refunded`` is the notification's ``refunded_payment``: it must be the invoice's ``payment``. Unknown (a
+    notification published before ingest named it), the refund is taken for the invoice's payment only when no
+    other payment of the invoice is known: not when a payment booked by hand (``manual:``, which no gateway
+    refunds) or none paid it, nor when a charge of it other than the one that paid it was under way (a pending
+    debit that succeeded after another payment was rejected ``invoice_already_paid``, never booked).
+    """
+    paid_by = invoice.payment or ""
+    if isinstance(refunded, str) and refunded:
+        return None if refunded == paid_by else f"it gave back payment {refunded}, the invoice was paid by {paid_by}"
+    others = sorted({p for p in invoice.pending_payments.values() if p != paid_by})
+    if not paid_by or paid_by.startswith("manual:") or others:
+        return (f"it names no payment, and the invoice was paid by {paid_by or 'an unrecorded payment'}"
+                + (f" while {', '.join(others)} was also charged" if others else ""))
+    return None
 
 
 @handles(PAYMENT_FAILED)

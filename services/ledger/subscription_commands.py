@@ -60,10 +60,20 @@ from billing_ledger.domain.subscription import (
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
 from billing_ledger.invoice_overage import minimum_commitment_lines, overage_lines, settle_paid
 from billing_ledger.limits import INCOMPLETE_EXPIRY_DAYS
+from billing_ledger.payload import INVALID, optional_text
 from billing_ledger.payload import at as effective_at
+from billing_ledger.payload import timestamp as payload_timestamp
 
 INVOICE_DUE_DAYS = 14
 DEFAULT_ISSUER = "billing"
+
+
+def _tenant(command: LedgerCommand) -> str:
+    """The command's tenant: a command without one is rejected (``missing_tenant``), never an AssertionError that
+    fails its whole batch (retried forever, blocking the partition)."""
+    if not command.tenant:
+        raise CommandRejected("missing_tenant", "the command names no tenant")
+    return command.tenant
 
 
 def _plan(batch: _Batch, code: str, version: int | None) -> dict[str, Any]:
@@ -510,8 +520,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 @handles("subscription.change")
 def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     payload = command.payload
-    tenant = command.tenant
-    assert tenant is not None
+    tenant = _tenant(command)
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(payload["key"]))
     new_plan = _billed_in(_plan(batch, payload["plan"], payload.get("plan_version")), sub.plan["currency"]) \
@@ -549,8 +558,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 
 @handles("subscription.cancel")
 def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
-    tenant = command.tenant
-    assert tenant is not None
+    tenant = _tenant(command)
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
@@ -615,9 +623,7 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 @handles("subscription.tick")
 def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     """Time passes for one subscription (the scheduler's command): trial end, or period end and renewal."""
-    tenant = command.tenant
-    if not tenant:  # a rejection, not an AssertionError that fails (and retries) the whole batch
-        raise CommandRejected("missing_tenant", "the command names no tenant")
+    tenant = _tenant(command)
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
@@ -710,21 +716,24 @@ def _commit_minimum(draft: Invoice | None, sub: Subscription, minimum: Decimal) 
 @handles("invoice.usage_lines")
 def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     """Rating's lines for an ended period go on the renewal draft, which is then finalized."""
-    tenant = command.tenant
-    assert tenant is not None
-    invoice = batch.get(invoice_id(tenant, command.payload["invoice_key"]))
+    tenant = _tenant(command)
+    key = command.payload.get("invoice_key")
+    if not isinstance(key, str) or not key:
+        raise CommandRejected(INVALID, "invoice_key must be a non-empty string")
+    # Checked before anything changes: a malformed command is rejected whole, never half-applied or applied
+    # as if it had no lines (``lines: ""`` finalized a renewal without its usage).
+    items = _usage_items(command)
+    at = effective_at(command)
+    start, end = _period_bound(command, "period_start"), _period_bound(command, "period_end")
+    invoice = batch.get(invoice_id(tenant, key))
     if invoice is None:
-        raise CommandRejected("unknown_invoice", f"no draft {command.payload['invoice_key']!r}")
+        raise CommandRejected("unknown_invoice", f"no draft {key!r}")
     lines = [line(item["kind"], item["description"], parse_decimal(item["amount"], allow_negative=True),
                   invoice.currency, **{k: v for k, v in item.items() if k not in ("kind", "description", "amount")})
-             for item in command.payload.get("lines", [])]
+             for item in items]
     catalog = batch.get(Catalog.create_id())
     credit_units = (getattr(catalog, "document", None) or {}).get("credit_units") or {}
-    at = effective_at(command)
-    payload = command.payload
-    start = datetime.fromisoformat(payload["period_start"]) if payload.get("period_start") else invoice.period_start
-    end = datetime.fromisoformat(payload["period_end"]) if payload.get("period_end") else at
-    primary = payload.get("primary", True)
+    primary = command.payload.get("primary", True)
     if not isinstance(primary, bool):
         raise CommandRejected("invalid_usage_lines", f"primary must be true or false, not {primary!r}")
     if primary:
@@ -732,10 +741,30 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
         # that one's periods): a secondary's renewal or final invoice (``primary`` false) takes none of it.
         sub = batch.get(UUID(invoice.subscription_id)) if invoice.subscription_id else None
         own = (sub.plan.get("list_currency") or sub.plan["currency"]) if sub is not None else None  # the plan's
-        lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units, start, end, at, own)
+        lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units,
+                               start or invoice.period_start, end or at, at, own)
     lines += minimum_commitment_lines(invoice, lines)
     invoice.add_lines(lines, by=command.issued_by)
-    _finalize(app, batch, invoice, effective_at(command), command.issued_by)
+    _finalize(app, batch, invoice, at, command.issued_by)
+
+
+def _usage_items(command: LedgerCommand) -> list[dict[str, Any]]:
+    """The payload's ``lines``: a list (absent: none) of objects with a string kind and description."""
+    items = command.payload.get("lines", [])
+    if not isinstance(items, list):
+        raise CommandRejected(INVALID, "lines must be a list of line objects")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not all(isinstance(item.get(f), str) for f in ("kind", "description")) \
+                or "amount" not in item:
+            raise CommandRejected(INVALID, f"lines[{index}] must be an object with a kind, a description and an "
+                                           "amount")
+    return items
+
+
+def _period_bound(command: LedgerCommand, field: str) -> datetime | None:
+    """An optional period bound: absent (None) or an ISO 8601 timestamp with an offset; a naive one would be read
+    in the server's zone and move the period (and the overage it bills)."""
+    return None if command.payload.get(field) is None else payload_timestamp(command, field)
 
 
 def tenant_invoice(batch: _Batch, tenant: str | None, reference: str | None) -> Invoice | None:
@@ -757,7 +786,8 @@ def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: st
     charge both settle it, in either order. Another payment of an invoice already paid (a pending charge that
     succeeded after a bank transfer paid it) is money received twice: refused (``invoice_already_paid``, the
     command's rejected receipt is what finance reconciles: refund it or credit it), never absorbed. A payment
-    without a reference claims no money of its own and changes nothing. A draft or void invoice is refused
+    without a reference claims no money of its own and changes nothing (``invoice.mark_paid`` pays an unpaid
+    invoice without one under ``manual:<command id>``, so it is never without one). A draft or void invoice is refused
     (``InvoiceError``).
     """
     if invoice.status == PAID:
@@ -777,14 +807,48 @@ def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: st
     return True
 
 
+def _named_invoice(batch: _Batch, command: LedgerCommand) -> Invoice:
+    """The invoice the payload's ``invoice_id`` (a UUID string) names, if it is one of the command's tenant's;
+    every other case is rejected: no tenant, a malformed id, another tenant's invoice or none."""
+    tenant = _tenant(command)
+    reference = command.payload.get("invoice_id")
+    try:
+        UUID(reference if isinstance(reference, str) else "")
+    except ValueError as exc:
+        raise CommandRejected(INVALID, "invoice_id must be a UUID string") from exc
+    invoice = tenant_invoice(batch, tenant, reference)
+    if invoice is None:
+        raise CommandRejected("unknown_invoice", f"invoice {reference} is not one of tenant {tenant!r}'s")
+    return invoice
+
+
+def _flag(command: LedgerCommand, field: str, default: bool) -> bool:
+    value = command.payload.get(field, default)
+    if not isinstance(value, bool):
+        raise CommandRejected(INVALID, f"{field} must be true or false")
+    return value
+
+
 @handles("invoice.mark_paid")
 def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
-    invoice = tenant_invoice(batch, command.tenant, command.payload["invoice_id"])
-    if invoice is None:
-        raise CommandRejected("unknown_invoice")
-    settled = settle_invoice(batch, invoice, at=effective_at(command), payment=str(command.payload.get("payment", "")),
-                             by=command.issued_by)
+    invoice = _named_invoice(batch, command)
+    payment = _payment_reference(command)
+    if payment is None and invoice.status != PAID:
+        # Paid without a reference (a bank transfer booked by hand) is still a payment: it is recorded under one
+        # of its own, so a gateway payment afterwards is money received twice (``invoice_already_paid``), never
+        # absorbed as "already paid". Deterministic (the command's id), so replay and redelivery agree.
+        payment = f"manual:{command.command_id}"
+    settled = settle_invoice(batch, invoice, at=effective_at(command), payment=payment or "", by=command.issued_by)
     return {"invoice_id": str(invoice.id), "already_paid": not settled}
+
+
+def _payment_reference(command: LedgerCommand) -> str | None:
+    """The payload's ``payment``: a gateway's or a person's reference, or None when absent or empty (dunning sends
+    "" for a charge without one); anything but a string is rejected, never stored as ``"None"`` or ``"5"``."""
+    value = command.payload.get("payment")
+    if value is None or value == "":
+        return None
+    return optional_text(command, "payment")
 
 
 @handles("invoice.payment_pending")
@@ -792,32 +856,32 @@ def invoice_payment_pending(app: LedgerApplication, batch: _Batch, command: Ledg
     """A dunning charge is under way at the gateway (its webhook settles the invoice): its receipt says dunning
     charges that attempt no more (see ``dunning.py``); the invoice keeps the charge's reference, so a
     ``payment_failed`` notification of it is followed (``payment_commands``)."""
-    invoice = tenant_invoice(batch, command.tenant, command.payload["invoice_id"])
-    if invoice is None:
-        raise CommandRejected("unknown_invoice")
-    if command.payload.get("payment") and command.payload.get("attempt"):
-        invoice.payment_pending(attempt=int(command.payload["attempt"]), payment=str(command.payload["payment"]),
-                                at=effective_at(command), by=command.issued_by)
+    invoice = _named_invoice(batch, command)
+    payment = _payment_reference(command)
+    attempt = command.payload.get("attempt")
+    if attempt is not None and (not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0):
+        raise CommandRejected(INVALID, "attempt must be a whole number, 0 or more")
+    if payment and attempt:
+        invoice.payment_pending(attempt=attempt, payment=payment, at=effective_at(command), by=command.issued_by)
 
 
 @handles("invoice.payment_failed")
 def invoice_payment_failed(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     """After the last dunning retry the subscription goes past_due (an incomplete one expires: never paid)."""
-    invoice = batch.get(UUID(command.payload["invoice_id"]))
-    if invoice is None or not invoice.subscription_id:
-        raise CommandRejected("unknown_invoice")
+    invoice = _named_invoice(batch, command)
+    if not invoice.subscription_id:
+        raise CommandRejected("unknown_invoice", f"invoice {invoice.number} belongs to no subscription")
+    final, at = _flag(command, "final", True), effective_at(command)  # checked whether or not they are used
     sub = batch.get(UUID(invoice.subscription_id))
-    if sub is not None and sub.status == ACTIVE and command.payload.get("final", True):
-        sub.mark_past_due(at=effective_at(command), reason="payment_failed", by=command.issued_by)
-    elif sub is not None and sub.status == INCOMPLETE and command.payload.get("final", True):
-        _expire_incomplete(batch, sub, effective_at(command), command.issued_by)
+    if sub is not None and sub.status == ACTIVE and final:
+        sub.mark_past_due(at=at, reason="payment_failed", by=command.issued_by)
+    elif sub is not None and sub.status == INCOMPLETE and final:
+        _expire_incomplete(batch, sub, at, command.issued_by)
 
 
 @handles("invoice.void")
 def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    invoice = batch.get(UUID(command.payload["invoice_id"]))
-    if invoice is None or invoice.tenant != command.tenant:
-        raise CommandRejected("unknown_invoice")
+    invoice = _named_invoice(batch, command)
     if invoice.document_type == CREDIT_NOTE:
         # Its money already moved (account credit granted, tax given back, or a gateway refund), and voiding
         # would leave that in place: a wrong credit note is corrected by a new invoice, not voided.
@@ -832,7 +896,7 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
         raise CommandRejected("invoice_has_credit_notes", f"invoice {invoice.number} cannot be voided: {numbers} "
                                                           "credited part of it; adjust the account instead")
     at = effective_at(command)
-    invoice.void(at=at, reason=str(command.payload.get("reason", "void")), by=command.issued_by)
+    invoice.void(at=at, reason=optional_text(command, "reason") or "void", by=command.issued_by)
     if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again
         account = account_of(batch, invoice.tenant)
         account.void_invoice_bill(invoice=str(invoice.id), at=at, cause={"invoice_number": invoice.number})

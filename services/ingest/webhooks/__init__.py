@@ -71,12 +71,13 @@ class ConfirmedPayment:
     currency: str
     reference: str  # the gateway's id of the money movement (see PaymentNotification.gateway_reference)
     invoice_id: str | None = None  # the invoice the payment settles (see PaymentNotification.invoice_id)
+    refunded_payment: str | None = None  # a refund's payment (see PaymentNotification.refunded_payment)
 
     def notification(self, event: VerifiedEvent, now: datetime) -> PaymentNotification:
         return PaymentNotification(gateway=event.gateway, gateway_event_id=event.event_id, kind=self.kind,
                                    tenant=self.tenant, order_id=self.order_id, amount=self.amount,
                                    currency=self.currency, verified_at=now, gateway_reference=self.reference,
-                                   invoice_id=self.invoice_id)
+                                   invoice_id=self.invoice_id, refunded_payment=self.refunded_payment)
 
 
 @dataclass(frozen=True, slots=True)

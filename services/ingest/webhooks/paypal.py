@@ -196,7 +196,20 @@ def _confirmed(kind: str, collection: str, resource_id: str, obj: dict[str, Any]
         amount = parse_decimal(money.get("value"), field="amount")  # a decimal string, never a float
     except MoneyError as exc:
         return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal's amount is not usable: {exc}")
-    return ConfirmedPayment(kind, who[0], who[1], amount, unit.code, resource_id)  # type: ignore[arg-type]
+    refunded = _refunded_capture(obj) if collection == "refunds" else None
+    return ConfirmedPayment(kind, who[0], who[1], amount, unit.code, resource_id,  # type: ignore[arg-type]
+                            refunded_payment=refunded)
+
+
+def _refunded_capture(refund: dict[str, Any]) -> str | None:
+    """The capture a refund gave back: its ``up`` link (``.../v2/payments/captures/{id}``), or None."""
+    links = refund.get("links") if isinstance(refund.get("links"), list) else []
+    for link in links:
+        href = link.get("href") if isinstance(link, dict) and link.get("rel") == "up" else None
+        if isinstance(href, str) and "/captures/" in href:
+            capture = href.rstrip("/").rsplit("/", 1)[-1]
+            return capture if _RESOURCE_ID.match(capture) else None
+    return None
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -119,7 +119,9 @@ class RazorpayGateway:
             return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
                                 f"Refund {refund_id}: no notes.tenant / notes.order_id on it or its payment.")
         amount, code = minor_units_to_amount(refund.get("amount"), refund.get("currency"))
-        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id)
+        refunded = payment_id if isinstance(payment_id, str) and _ENTITY_ID.match(payment_id) else None
+        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id,
+                                refunded_payment=refunded)
 
     async def _get(self, path: str) -> dict[str, Any]:
         try:

@@ -190,7 +190,9 @@ class StripeGateway:
         # A refund of a dunning charge names the invoice that payment settled: the ledger credits that invoice.
         invoice = invoice_reference(refund.get("metadata")) or (
             invoice_reference(intent.get("metadata")) if isinstance(intent, dict) else None)
-        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id, invoice)
+        # The payment given back, as its own notification named it (dunning's charges and checkout: the intent).
+        refunded = _id_of(intent) or _id_of(refund.get("charge"))
+        return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id, invoice, refunded)
 
     async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
         sessions = await self._client.v1.checkout.sessions.list_async(

@@ -25,6 +25,7 @@ GOOD_SIGNATURE = "signature-that-paypal-accepts"
 class FakePayPalApi:
     def __init__(self) -> None:
         self.captures: dict[str, dict[str, Any]] = {}
+        self.refunds: dict[str, dict[str, Any]] = {}
         self.orders: dict[str, dict[str, Any]] = {}  # approved checkout orders, captured on request
         self.calls: list[str] = []
         self.verify_requests: list[bytes] = []
@@ -53,6 +54,9 @@ class FakePayPalApi:
             return httpx.Response(201, json=order)
         if request.method == "GET" and request.url.path.startswith("/v2/checkout/orders/"):
             return httpx.Response(200, json=self.orders[request.url.path.split("/")[4]])
+        if request.url.path.startswith("/v2/payments/refunds/"):
+            refund = self.refunds.get(request.url.path.rsplit("/", 1)[-1])
+            return httpx.Response(200, json=refund) if refund else httpx.Response(404, json={"name": "NOT_FOUND"})
         if request.url.path.startswith("/v2/payments/captures/"):
             capture = self.captures.get(request.url.path.rsplit("/", 1)[-1])
             return httpx.Response(200, json=capture) if capture else httpx.Response(404, json={"name": "NOT_FOUND"})
@@ -62,6 +66,13 @@ class FakePayPalApi:
         self.captures[capture_id] = {"id": capture_id, "status": status, "custom_id": TENANT,
                                      "invoice_id": "order-9", "amount": {"currency_code": "EUR", "value": "12.34"}}
 
+    def refund(self, refund_id: str = "REF-1", capture_id: str = "CAP-1") -> None:
+        """A completed refund of ``capture_id`` (PayPal links it ``up`` to the capture)."""
+        self.refunds[refund_id] = {
+            "id": refund_id, "status": "COMPLETED", "custom_id": TENANT, "invoice_id": "order-9",
+            "amount": {"currency_code": "EUR", "value": "2.34"},
+            "links": [{"href": f"https://api.paypal.test/v2/payments/refunds/{refund_id}", "rel": "self"},
+                      {"href": f"https://api.paypal.test/v2/payments/captures/{capture_id}", "rel": "up"}]}
 
     def approved_order(self, order_id: str = "PP-ORDER-1", capture_status: str = "COMPLETED") -> None:
         """An order created with intent CAPTURE and approved by the customer: no money has moved yet."""
@@ -176,3 +187,15 @@ async def test_an_approved_order_whose_capture_is_pending_waits_for_the_capture_
     assert response.status_code == 200 and response.json()["status"] == "ignored", response.text
     assert api.capture_request_ids == ["capture-PP-ORDER-1"]  # captured, but the money has not arrived yet
     assert await ingest.published(topics.PAYMENTS) == []
+
+
+async def test_a_completed_refund_names_the_capture_it_gave_back(ingest: Ingest, api: FakePayPalApi) -> None:
+    api.refund("REF-1", "CAP-1")
+    body = json.dumps({"id": "WH-EVT-R1", "event_type": "PAYMENT.CAPTURE.REFUNDED", "resource_type": "refund",
+                       "resource": {"id": "REF-1", "status": "COMPLETED"}}).encode()
+    response = await ingest.http.post("/v1/webhooks/paypal", content=body, headers=transmission())
+    assert response.status_code == 200, response.text
+    [payment] = await ingest.published(topics.PAYMENTS)
+    assert (payment["kind"], payment["gateway_reference"], Decimal(payment["amount"])) == (
+        "refund_succeeded", "REF-1", Decimal("2.34"))
+    assert payment["refunded_payment"] == "CAP-1"  # the ledger credits an invoice only for the capture that paid it

@@ -195,6 +195,7 @@ async def test_a_processed_refund_takes_tenant_and_order_from_its_payment(ingest
     [payment] = await ingest.published(topics.PAYMENTS)
     assert (payment["kind"], payment["tenant"], payment["gateway_reference"]) == ("refund_succeeded", TENANT,
                                                                                   "rfnd_1")
+    assert payment["refunded_payment"] == "pay_1"  # the payment it gave back
     assert Decimal(payment["amount"]) == Decimal("100.00")
 
 

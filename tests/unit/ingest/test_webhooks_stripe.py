@@ -326,6 +326,8 @@ async def test_a_refund_of_a_dunning_charge_names_the_invoice_it_paid(ingest: In
     [payment] = await ingest.published(topics.PAYMENTS)
     assert (payment["kind"], payment["invoice_id"], Decimal(payment["amount"])) == ("refund_succeeded", invoice,
                                                                                     Decimal("10.00"))
+    # The payment it gave back (the ledger credits the invoice only for the payment that paid it).
+    assert (payment["gateway_reference"], payment["refunded_payment"]) == ("re_1", "pi_1")
 
 
 async def test_a_pending_refund_is_not_confirmed(ingest: Ingest, api: FakeStripeApi) -> None:

@@ -272,6 +272,33 @@ async def test_a_pending_charge_succeeding_after_the_invoice_was_paid_otherwise_
     assert again.outcome == "applied" and again.value["already_paid"] is True, again
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("manual", [{}, {"payment": None}, {"payment": ""}], ids=["absent", "null", "empty"])
+async def test_a_pending_charge_succeeding_after_a_payment_booked_without_a_reference_is_refused(
+        ledger: LedgerApplication, manual: dict[str, Any]) -> None:
+    api = FakeStripe()
+    api.processing.add("pm_primary")  # a SEPA debit, under way for days
+    invoice = first_invoice(ledger)
+    gateways = {"stripe": stripe_gateway(api)}
+    assert await Dunning(ledger, gateways, None, SCHEDULE, now=Clock(NOV_1 + timedelta(minutes=1))).process() == {
+        str(invoice.id): "pending"}
+    # The bank transfer booked by hand, without a reference: recorded under one of its own.
+    booked = run(ledger, "invoice.mark_paid", TENANT, "transfer", invoice_id=str(invoice.id), **manual)
+    assert booked.outcome == "applied" and booked.value["already_paid"] is False, booked
+    assert first_invoice(ledger).payment == f"manual:{booked.command_id}"  # never "None" nor ""
+    # The debit succeeds too: 30.00 received a second time, refused for reconciliation (was applied as
+    # "already paid" and forgotten).
+    [(_, form)] = intents(api)
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [result] = ledger.apply_commands([payment_command(stripe_paid(form, intent, "evt_pi_late"))])
+    assert (result.outcome, result.reason) == ("rejected", "invoice_already_paid"), result
+    postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+    assert account_balances(postings).get(("gateway_clearing", "USD")) == to_subunits(Decimal("30.00"))  # once
+    # The hand-booked payment recorded again without a reference claims no money of its own.
+    again = run(ledger, "invoice.mark_paid", TENANT, "transfer-again", invoice_id=str(invoice.id))
+    assert again.outcome == "applied" and again.value["already_paid"] is True, again
+
+
 def stripe_refunded(form: dict[str, str], refund: str, amount: str, event_id: str) -> PaymentNotification:
     """What ingest publishes for Stripe's ``refund.created`` of the charge made with ``form`` (its intent's
     metadata: tenant, order id and invoice id)."""
@@ -317,6 +344,44 @@ async def test_a_gateway_refund_of_an_invoice_payment_is_a_credit_note_of_that_i
     assert balance(ledger) == 0  # nothing was granted or reversed as purchased credit
     # The invoice was paid and stays so (its credit notes say what came back): dunning never charges it again.
     assert first_invoice(ledger).status == "paid" and status(ledger) == "active"
+
+
+@pytest.mark.parametrize("refunded", ["pi_2", None], ids=["named", "unnamed"])
+def test_the_refund_of_a_second_payment_the_ledger_rejected_leaves_the_paid_invoice_alone(
+        ledger: LedgerApplication, refunded: str | None) -> None:
+    invoice = first_invoice(ledger)
+    assert run(ledger, "invoice.payment_pending", TENANT, "pending", invoice_id=str(invoice.id), payment="pi_2",
+               attempt=1).outcome == "applied"
+    assert run(ledger, "invoice.mark_paid", TENANT, "paid", invoice_id=str(invoice.id),
+               payment="pi_1").outcome == "applied"
+
+    def notified(kind: str, event_id: str, reference: str, **more: Any) -> Any:
+        [result] = ledger.apply_commands([payment_command(PaymentNotification(
+            gateway="stripe", gateway_event_id=event_id, kind=kind, tenant=TENANT, order_id=str(invoice.id),
+            invoice_id=str(invoice.id), amount=Decimal("30.00"), currency="USD", verified_at=utcnow(),
+            gateway_reference=reference, **more))])
+        return result
+
+    second = notified("payment_succeeded", "evt_pi_2", "pi_2")  # the pending debit succeeds too: never booked
+    assert (second.outcome, second.reason) == ("rejected", "invoice_already_paid")
+
+    def books() -> dict[tuple[str, str], int]:
+        postings = [p for e in account_events(ledger, TENANT) for p in getattr(e, "postings", None) or []]
+        return {k: v for k, v in account_balances(postings).items() if v}
+
+    paid = books()
+    assert paid == {("gateway_clearing", "USD"): to_subunits(Decimal("30.00")),
+                    ("recognised_revenue", "USD"): -to_subunits(Decimal("30.00"))}
+    # Finance refunds pi_2 in Stripe: its refund names the invoice (the intent's metadata). It was booked as a
+    # credit note of the invoice: its revenue and clearing back to 0 although the payment it kept was pi_1.
+    refund = notified("refund_succeeded", "evt_re_2", "re_2", refunded_payment=refunded)
+    assert (refund.outcome, refund.reason) == ("rejected", "refund_of_other_payment"), refund
+    assert books() == paid and balance(ledger) == 0
+    assert first_invoice(ledger).status == "paid"
+    # The refund of the payment that paid it is still its credit note.
+    back = notified("refund_succeeded", "evt_re_1", "re_1", refunded_payment="pi_1")
+    assert back.outcome == "applied" and credit_note(ledger, back.value["credit_note"])[3] == Decimal("-30.00")
+    assert books() == {}
 
 
 def test_a_full_refund_credits_the_invoice_lines(ledger: LedgerApplication) -> None:
