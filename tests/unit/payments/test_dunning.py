@@ -162,8 +162,14 @@ def balance(app: LedgerApplication) -> int:
 
 def stripe_paid(form: dict[str, str], intent: str, event_id: str) -> PaymentNotification:
     """What ingest publishes for Stripe's ``payment_intent.succeeded`` of the charge made with ``form``."""
+    return from_intent(form, "payment_succeeded", intent, event_id)
+
+
+def from_intent(form: dict[str, str], kind: str, intent: str, event_id: str) -> PaymentNotification:
+    """A notification of kind ``kind`` about the intent created with ``form`` (its metadata: tenant, order id
+    and invoice id; its amount and currency)."""
     metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
-    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="payment_succeeded",
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind=kind,
                                tenant=metadata["tenant"], order_id=metadata["order_id"],
                                invoice_id=metadata.get("invoice_id"), amount=Decimal(form["amount"]).scaleb(-2),
                                currency=form["currency"].upper(), verified_at=utcnow(), gateway_reference=intent)
@@ -430,11 +436,7 @@ def test_a_full_refund_gives_back_the_invoices_own_tax_after_the_tax_profile_cha
 
 def stripe_failed(form: dict[str, str], intent: str, event_id: str) -> PaymentNotification:
     """What ingest publishes for Stripe's ``payment_intent.payment_failed`` of the charge made with ``form``."""
-    metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
-    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="payment_failed",
-                               tenant=metadata["tenant"], order_id=metadata["order_id"],
-                               invoice_id=metadata.get("invoice_id"), amount=Decimal(form["amount"]).scaleb(-2),
-                               currency=form["currency"].upper(), verified_at=utcnow(), gateway_reference=intent)
+    return from_intent(form, "payment_failed", intent, event_id)
 
 
 @pytest.mark.asyncio
