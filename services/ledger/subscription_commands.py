@@ -563,6 +563,11 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     sub = _subscription(batch, tenant, str(command.payload["key"]))
     at = effective_at(command)
     if sub.status == INCOMPLETE:  # never paid, nothing granted: it ends now, its unpaid invoice voided
+        first = batch.get(invoice_id(tenant, _first_invoice_key(sub)))
+        if first is not None and first.status == FINALIZED and first.payment_under_way:
+            # Voiding the invoice now would refuse the payment already on its way (a SEPA debit takes days).
+            raise CommandRejected("payment_pending", "the first invoice's payment is under way: cancel once it "
+                                                     "has succeeded (then as any subscription) or failed")
         _expire_incomplete(batch, sub, at, command.issued_by, reason="canceled")
         return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     immediately = bool(command.payload.get("immediately", False))
@@ -758,7 +763,13 @@ def _usage_items(command: LedgerCommand) -> list[dict[str, Any]]:
                 or "amount" not in item:
             raise CommandRejected(INVALID, f"lines[{index}] must be an object with a kind, a description and an "
                                            "amount")
+        if item["kind"] not in RATING_LINE_KINDS:
+            # Tax, credits applied, overage and the minimum commitment are the ledger's own lines, never a caller's.
+            raise CommandRejected(INVALID, f"lines[{index}]: rating sends usage lines, not {item['kind']!r}")
     return items
+
+
+RATING_LINE_KINDS = frozenset({"usage"})
 
 
 def _period_bound(command: LedgerCommand, field: str) -> datetime | None:

@@ -304,3 +304,21 @@ def test_the_default_collection_gives_access_at_once_as_before(app: LedgerApplic
     assert subscribe(app).value["status"] == "active"
     assert first_invoice(app).status == "finalized"
     assert credits(app) == 100 * U and capacity(app) == 5
+
+
+@pytest.mark.asyncio
+async def test_a_cancel_while_the_first_charge_is_pending_is_refused_so_the_payment_is_not_lost(
+        app: LedgerApplication) -> None:
+    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
+    subscribe(app, collection="charge_before_access")
+    invoice = first_invoice(app)
+    api = FakeStripe()
+    api.processing.add("pm_1")
+    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0, 3, 5), now=lambda: NOV_1 + timedelta(minutes=1))
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    refused = run(app, "subscription.cancel", TENANT, at=NOV_1 + timedelta(days=1), key="main")
+    assert (refused.outcome, refused.reason) == ("rejected", "payment_pending")
+    assert sub(app).status == "incomplete" and first_invoice(app).status == "finalized"
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    [webhook] = app.apply_commands([paid(invoice, "evt_sepa", NOV_1 + timedelta(days=2), reference=intent)])
+    assert webhook.outcome == "applied" and sub(app).status == "active"  # paid, so the customer gets the plan

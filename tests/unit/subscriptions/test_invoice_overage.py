@@ -254,3 +254,16 @@ def test_a_secondary_subscriptions_final_invoice_takes_none_of_the_accounts_over
     bad = run(app, "invoice.usage_lines", "acme", at=DEC_1, outcome="rejected", invoice_key=final_key, lines=[],
               primary="no")
     assert bad.reason == "invalid_usage_lines", bad
+
+
+@pytest.mark.parametrize("kind", ["tax", "credits_applied", "overage", "minimum_commitment", "base_fee"])
+def test_usage_lines_carrying_a_line_only_the_ledger_writes_are_refused_and_change_nothing(
+        app: LedgerApplication, kind: str) -> None:
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")
+    key = f"{subscription_id('acme', 'm')}/{DEC_1.isoformat()}"
+    refused = run(app, "invoice.usage_lines", "acme", at=DEC_1, outcome="rejected", invoice_key=key,
+                  lines=[usage_line("1.00"), {"kind": kind, "description": "mine", "amount": "-100.00"}],
+                  period_start=NOV_1.isoformat(), period_end=DEC_1.isoformat())
+    assert refused.reason == "invalid_command"
+    draft: Invoice = app.repository.get(invoice_id("acme", key))
+    assert (draft.status, [x["kind"] for x in draft.lines]) == ("draft", ["base_fee"])

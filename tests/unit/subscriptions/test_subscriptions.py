@@ -172,11 +172,12 @@ def test_renewal_runs_once_and_usage_lines_finalize_the_invoice(app: LedgerAppli
     sub = app.repository.get(subscription_id("renew", "m"))
     key = f"{sub.id}/{dec_1.isoformat()}"
     assert invoice(app, "renew", key).status == "draft"
+    # Rating's usage line; the usage was covered by credit (no overage), so the ledger applies that much credit.
     run(app, "invoice.usage_lines", "renew", at=dec_1, invoice_key=key, lines=[
-        {"kind": "usage", "description": "API calls: 1,500 (1,000 included)", "amount": "5.00", "meter": "api_calls"},
-        {"kind": "credits_applied", "description": "Credits applied", "amount": "-5.00"}])
+        {"kind": "usage", "description": "API calls: 1,500 (1,000 included)", "amount": "5.00", "meter": "api_calls"}])
     final = invoice(app, "renew", key)
     assert (final.status, final.total) == ("finalized", Decimal("30.00"))
+    assert [line["kind"] for line in final.lines] == ["base_fee", "usage", "credits_applied"]
     account = app.repository.get(ids.account_id("renew"))
     assert account.available("CREDIT") == 100 * 10**9  # November's grant closed, December's issued
 
