@@ -244,16 +244,22 @@ async def test_postgres_an_error_mid_batch_keeps_nothing_of_it(pg_rating, monkey
     assert [c["payload"]["amount"] for c in outbox.commands()] == ["3.000000000", "5.000000000"]
 
 
-async def started_pro_subscription(service: Any, subscription: uuid.UUID, start: datetime, end: datetime) -> Any:
+def subscription_record(subscription: uuid.UUID, position: int, kind: str, **data: Any) -> Record:
+    """The relayed ledger event ``Subscription.<kind>`` of ``subscription`` at ``position``."""
+    event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
+                        type=f"Subscription.{kind}", data=data)
+    return Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())
+
+
+async def started_pro_subscription(service: Any, subscription: uuid.UUID, start: datetime, end: datetime,
+                                   tenant: str = "acme") -> Any:
     """Feeds rating a ``Subscription.Started`` (plan pro, period [start, end)); returns the function that feeds
     the same subscription's next events: ``await ledger_event(position, kind, **data)``."""
 
     async def ledger_event(position: int, kind: str, **data: Any) -> None:
-        event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,
-                            type=f"Subscription.{kind}", data=data)
-        await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
+        await service.handle_ledger_events([subscription_record(subscription, position, kind, **data)])
 
-    await ledger_event(1, "Started", tenant="acme", plan={"code": "pro", "version": 1}, quantity=1, status="active",
+    await ledger_event(1, "Started", tenant=tenant, plan={"code": "pro", "version": 1}, quantity=1, status="active",
                        started_at=start.isoformat(), period_start=start.isoformat(), period_end=end.isoformat())
     return ledger_event
 
@@ -316,21 +322,15 @@ RACE_WAIT_MS = 500  # how long the racing side keeps its transaction open (the o
 
 
 def _period_ended(subscription: uuid.UUID, start: datetime, end: datetime, next_end: datetime) -> Record:
-    event = LedgerEvent(position=2, aggregate_id=subscription, aggregate_version=2, recorded_at=NOV,
-                        type="Subscription.PeriodEnded", data={
-                            "period_start": start.isoformat(), "period_end": end.isoformat(),
-                            "next_start": end.isoformat(), "next_end": next_end.isoformat()})
-    return Record(topics.LEDGER_EVENTS, 0, 2, None, event.to_json())
+    return subscription_record(subscription, 2, "PeriodEnded", period_start=start.isoformat(),
+                               period_end=end.isoformat(), next_start=end.isoformat(), next_end=next_end.isoformat())
 
 
 async def _subscribed(service: RatingService, tenant: str) -> uuid.UUID:
+    """A subscription to pro for November 2026, as rating learns of it."""
     subscription = uuid.uuid4()
-    started = LedgerEvent(position=1, aggregate_id=subscription, aggregate_version=1, recorded_at=NOV,
-                          type="Subscription.Started", data={
-                              "tenant": tenant, "plan": {"code": "pro", "version": 1}, "quantity": 1,
-                              "status": "active", "started_at": "2026-11-01T00:00:00+00:00",
-                              "period_start": "2026-11-01T00:00:00+00:00", "period_end": "2026-12-01T00:00:00+00:00"})
-    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 1, None, started.to_json())])
+    await started_pro_subscription(service, subscription, datetime(2026, 11, 1, tzinfo=UTC),
+                                   datetime(2026, 12, 1, tzinfo=UTC), tenant)
     return subscription
 
 
