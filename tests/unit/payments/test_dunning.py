@@ -222,16 +222,24 @@ def test_a_payment_naming_an_invoice_it_does_not_match_is_rejected_not_credited(
     assert balance(ledger) == 0 and first_invoice(ledger).status == "finalized"
 
 
+async def pending_charge(ledger: LedgerApplication, clock: Clock, mail: SmtpSettings | None = None,
+                         schedule: tuple[int, ...] = SCHEDULE) -> tuple[Any, FakeStripe, Dunning]:
+    """Dunning's first attempt on the first invoice, charged to the primary method as a debit still under way
+    (Stripe ``processing``): the invoice, the fake Stripe and that dunning."""
+    api = FakeStripe()
+    api.processing.add("pm_primary")
+    invoice = first_invoice(ledger)
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, mail, schedule, now=clock)
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    return invoice, api, dunning
+
+
 @pytest.mark.asyncio
 async def test_a_processing_charge_is_pending_no_backup_is_charged_and_the_webhook_settles_it(
         ledger: LedgerApplication) -> None:
-    api = FakeStripe()
-    api.processing.add("pm_primary")  # e.g. a SEPA debit: succeeded days later
-    invoice = first_invoice(ledger)
-    gateways = {"stripe": stripe_gateway(api)}
     clock = Clock(NOV_1 + timedelta(minutes=1))
-    dunning = Dunning(ledger, gateways, None, SCHEDULE, now=clock)
-    assert await dunning.process() == {str(invoice.id): "pending"}
+    _, api, dunning = await pending_charge(ledger, clock)  # e.g. a SEPA debit: succeeded days later
+    gateways = dunning.gateways
     assert [form["payment_method"] for _, form in intents(api)] == ["pm_primary"]  # no backup charged
     assert first_invoice(ledger).status == "finalized" and status(ledger) == "active"
     # Later rounds and a restart, even past the next retry day, charge nothing more while it is under way.
@@ -252,12 +260,7 @@ async def test_a_processing_charge_is_pending_no_backup_is_charged_and_the_webho
 @pytest.mark.asyncio
 async def test_a_pending_charge_succeeding_after_the_invoice_was_paid_otherwise_is_refused_for_reconciliation(
         ledger: LedgerApplication) -> None:
-    api = FakeStripe()
-    api.processing.add("pm_primary")  # a SEPA debit, under way for days
-    invoice = first_invoice(ledger)
-    gateways = {"stripe": stripe_gateway(api)}
-    assert await Dunning(ledger, gateways, None, SCHEDULE, now=Clock(NOV_1 + timedelta(minutes=1))).process() == {
-        str(invoice.id): "pending"}
+    invoice, api, _ = await pending_charge(ledger, Clock(NOV_1 + timedelta(minutes=1)))  # a SEPA debit, for days
     # Meanwhile the tenant pays by bank transfer, recorded by finance.
     assert run(ledger, "invoice.mark_paid", TENANT, "transfer", invoice_id=str(invoice.id),
                payment="transfer-1").outcome == "applied"
@@ -282,12 +285,7 @@ async def test_a_pending_charge_succeeding_after_the_invoice_was_paid_otherwise_
 @pytest.mark.parametrize("manual", [{}, {"payment": None}, {"payment": ""}], ids=["absent", "null", "empty"])
 async def test_a_pending_charge_succeeding_after_a_payment_booked_without_a_reference_is_refused(
         ledger: LedgerApplication, manual: dict[str, Any]) -> None:
-    api = FakeStripe()
-    api.processing.add("pm_primary")  # a SEPA debit, under way for days
-    invoice = first_invoice(ledger)
-    gateways = {"stripe": stripe_gateway(api)}
-    assert await Dunning(ledger, gateways, None, SCHEDULE, now=Clock(NOV_1 + timedelta(minutes=1))).process() == {
-        str(invoice.id): "pending"}
+    invoice, api, _ = await pending_charge(ledger, Clock(NOV_1 + timedelta(minutes=1)))  # a SEPA debit, for days
     # The bank transfer booked by hand, without a reference: recorded under one of its own.
     booked = run(ledger, "invoice.mark_paid", TENANT, "transfer", invoice_id=str(invoice.id), **manual)
     assert booked.outcome == "applied" and booked.value["already_paid"] is False, booked
@@ -444,13 +442,8 @@ async def test_a_pending_charge_that_fails_is_a_failed_attempt_and_the_next_one_
         ledger: LedgerApplication, smtp: tuple[Inbox, int]) -> None:
     inbox, port = smtp
     mail = SmtpSettings("127.0.0.1", port, "b@x", "billing", "tenants.test")
-    api = FakeStripe()
-    api.processing.add("pm_primary")  # a bank debit: it fails two days later
-    invoice = first_invoice(ledger)
-    gateways = {"stripe": stripe_gateway(api)}
     clock = Clock(NOV_1 + timedelta(minutes=1))
-    dunning = Dunning(ledger, gateways, mail, SCHEDULE, now=clock)
-    assert await dunning.process() == {str(invoice.id): "pending"}
+    invoice, api, dunning = await pending_charge(ledger, clock, mail)  # a bank debit: it fails two days later
     [(_, form)] = intents(api)
     [intent] = [o for o in api.objects.values() if o["object"] == "payment_intent"]
     intent["status"] = "requires_payment_method"
@@ -473,12 +466,8 @@ async def test_a_pending_charge_that_fails_is_a_failed_attempt_and_the_next_one_
 
 @pytest.mark.asyncio
 async def test_a_pending_last_attempt_that_fails_makes_the_subscription_past_due(ledger: LedgerApplication) -> None:
-    api = FakeStripe()
-    api.processing.add("pm_primary")
-    invoice = first_invoice(ledger)
     clock = Clock(NOV_1)
-    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0,), now=clock)
-    assert await dunning.process() == {str(invoice.id): "pending"}
+    invoice, api, dunning = await pending_charge(ledger, clock, schedule=(0,))
     [(_, form)] = intents(api)
     [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
     # A decline of some other charge of the invoice (seen by dunning when it charged) changes nothing.

@@ -220,16 +220,26 @@ def test_unpaid_it_expires_when_the_scheduler_ticks_it_after_the_wait(app: Ledge
     assert index.ticks(due + timedelta(days=30)) == []
 
 
-@pytest.mark.asyncio
-async def test_a_pending_first_charge_holds_off_the_expiry_and_its_webhook_activates_it(
-        app: LedgerApplication) -> None:
+async def pending_first_charge(app: LedgerApplication, retry_days: tuple[int, ...] = (0, 3, 5),
+                               now: Any = None) -> tuple[Invoice, Dunning, str]:
+    """A ``charge_before_access`` subscription whose first invoice dunning charged to a SEPA debit (pm_1) that is
+    still under way: the invoice, that dunning, and the charge's payment intent."""
     assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
     subscribe(app, collection="charge_before_access")
     invoice = first_invoice(app)
     api = FakeStripe()
-    api.processing.add("pm_1")  # a SEPA debit: the money arrives after the expiry wait
-    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0, 3, 5), now=lambda: NOV_1 + timedelta(minutes=1))
+    api.processing.add("pm_1")
+    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, retry_days,
+                      now=now or (lambda: NOV_1 + timedelta(minutes=1)))
     assert await dunning.process() == {str(invoice.id): "pending"}
+    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
+    return invoice, dunning, intent
+
+
+@pytest.mark.asyncio
+async def test_a_pending_first_charge_holds_off_the_expiry_and_its_webhook_activates_it(
+        app: LedgerApplication) -> None:
+    invoice, _, intent = await pending_first_charge(app)  # a SEPA debit: the money arrives after the expiry wait
     index = DueIndex()
     index.catch_up(app)
     due = NOV_1 + timedelta(days=INCOMPLETE_EXPIRY_DAYS)
@@ -238,7 +248,6 @@ async def test_a_pending_first_charge_holds_off_the_expiry_and_its_webhook_activ
     assert result.value == {"transition": None, "payment_pending": True}, result
     assert sub(app).status == "incomplete" and first_invoice(app).status == "finalized"
     # The debit succeeds the next day: the customer paid, so the customer gets the plan.
-    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
     [webhook] = app.apply_commands([paid(invoice, "evt_sepa", due + timedelta(days=1), reference=intent)])
     assert webhook.outcome == "applied", webhook
     assert sub(app).status == "active" and first_invoice(app).status == "paid"
@@ -247,18 +256,11 @@ async def test_a_pending_first_charge_holds_off_the_expiry_and_its_webhook_activ
 
 @pytest.mark.asyncio
 async def test_a_pending_first_charge_that_fails_lets_dunning_expire_it(app: LedgerApplication) -> None:
-    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
-    subscribe(app, collection="charge_before_access")
-    invoice = first_invoice(app)
-    api = FakeStripe()
-    api.processing.add("pm_1")
     clock = [NOV_1 + timedelta(minutes=1)]
-    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0,), now=lambda: clock[0])
-    assert await dunning.process() == {str(invoice.id): "pending"}
+    invoice, dunning, intent = await pending_first_charge(app, (0,), lambda: clock[0])
     due = NOV_1 + timedelta(days=INCOMPLETE_EXPIRY_DAYS)
     assert run(app, "subscription.tick", TENANT, due, key="main").value["transition"] is None
     # The debit fails after the wait: that was the last attempt, so dunning expires it (the tick is spent).
-    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
     [failed] = app.apply_commands([payment_command(PaymentNotification(
         gateway="stripe", gateway_event_id="evt_fail", kind="payment_failed", tenant=TENANT, order_id=str(invoice.id),
         invoice_id=str(invoice.id), amount=invoice.total, currency="USD", verified_at=due + timedelta(days=1),
@@ -309,16 +311,9 @@ def test_the_default_collection_gives_access_at_once_as_before(app: LedgerApplic
 @pytest.mark.asyncio
 async def test_a_cancel_while_the_first_charge_is_pending_is_refused_so_the_payment_is_not_lost(
         app: LedgerApplication) -> None:
-    assert run(app, "payment_method.add", TENANT, method_id="pm_1", gateway="stripe", label="sepa").outcome == "applied"
-    subscribe(app, collection="charge_before_access")
-    invoice = first_invoice(app)
-    api = FakeStripe()
-    api.processing.add("pm_1")
-    dunning = Dunning(app, {"stripe": stripe_gateway(api)}, None, (0, 3, 5), now=lambda: NOV_1 + timedelta(minutes=1))
-    assert await dunning.process() == {str(invoice.id): "pending"}
+    invoice, _, intent = await pending_first_charge(app)
     refused = run(app, "subscription.cancel", TENANT, at=NOV_1 + timedelta(days=1), key="main")
     assert (refused.outcome, refused.reason) == ("rejected", "payment_pending")
     assert sub(app).status == "incomplete" and first_invoice(app).status == "finalized"
-    [intent] = [o["id"] for o in api.objects.values() if o["object"] == "payment_intent"]
     [webhook] = app.apply_commands([paid(invoice, "evt_sepa", NOV_1 + timedelta(days=2), reference=intent)])
     assert webhook.outcome == "applied" and sub(app).status == "active"  # paid, so the customer gets the plan
