@@ -55,12 +55,7 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     usage = Decimal(0)
     for item in usage_lines:  # rating's lines, as rounded on the invoice
         usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
-    own = earlier = 0
-    for key, amount in taken.get(money, {}).items():
-        if period_began(key) == period_start:
-            own += amount
-        else:
-            earlier += amount
+    own, earlier = _own_and_earlier(taken.get(money, {}), period_start)
     scale = currency(money)
     own_billed = max(round_minor(from_subunits(own), scale), Decimal(0))
     if usage > 0:
@@ -75,13 +70,12 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
         label = "Overage from earlier periods" if earlier else "Overage beyond the usage itemised above"
         lines.append(line("overage", label, rest, money))
     for unit, price in prices.items():
-        periods = taken.get(unit, {})
-        if sum(periods.values()) <= 0:
+        own_credits, earlier_credits = _own_and_earlier(taken.get(unit, {}), period_start)
+        if own_credits + earlier_credits <= 0:
             continue
         # The period's own credit overage and what is left of earlier periods' apart: only the former is this
         # period's usage spend (``minimum_commitment_lines``).
-        own_credits = sum(a for key, a in periods.items() if period_began(key) == period_start)
-        for credits, earlier_periods in ((own_credits, False), (sum(periods.values()) - own_credits, True)):
+        for credits, earlier_periods in ((own_credits, False), (earlier_credits, True)):
             if credits <= 0:
                 continue
             quantity = Decimal(format(from_subunits(credits).normalize(), "f"))
@@ -91,6 +85,12 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
                               unit_amount=str(price), credit_unit=unit, overage_subunits=credits,
                               **({"earlier_periods": True} if earlier_periods else {})))
     return lines
+
+
+def _own_and_earlier(periods: dict[str, int], period_start: datetime) -> tuple[int, int]:
+    """Overage taken, by period key -> (the ended period's own, the rest: earlier periods')."""
+    own = sum(amount for key, amount in periods.items() if period_began(key) == period_start)
+    return own, sum(periods.values()) - own
 
 
 def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
