@@ -63,8 +63,9 @@ from billing_ledger.domain.invoice import (
     line,
     reversing_lines,
 )
+from billing_ledger.invoice_commands import settle_invoice, tenant_invoice
 from billing_ledger.invoice_overage import repay_from_purchase
-from billing_ledger.subscription_commands import _finalize, settle_invoice, tenant_invoice
+from billing_ledger.subscription_commands import _finalize
 
 # A payment for an account not opened yet is retried for this long before it is rejected (and recorded).
 PAYMENT_ACCOUNT_WAIT_SECONDS = 600
