@@ -59,7 +59,7 @@ from billing_ledger.domain.subscription import (
     subscription_id,
 )
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
-from billing_ledger.limits import INCOMPLETE_EXPIRY_DAYS
+from billing_ledger.limits import CANCEL_RENEWALS_MAX, INCOMPLETE_EXPIRY_DAYS
 from billing_ledger.payload import at as effective_at
 
 INVOICE_DUE_DAYS = 14
@@ -569,10 +569,14 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         _expire_incomplete(batch, sub, at, command.issued_by, reason="canceled")
         return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     immediately = bool(command.payload.get("immediately", False))
+    roster = _roster(batch, tenant)
+    if immediately and at >= sub.period_end:
+        _renew_due(app, batch, account, roster, sub, at)
+        if sub.status not in LIVE:  # it was set to cancel at that period's end: it ended there, nothing to cut
+            return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     # A period that began while paused was never billed: nothing of it to credit.
     lines = quote_cancel(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, at=at) if immediately and sub.period_billed else []
-    roster = _roster(batch, tenant)
     before = _capacities(_live_subscriptions(batch, roster))
     cut_start = sub.period_start
     minimum = sub.period_minimum(until=at) if immediately else Decimal(0)  # before the cancel: a trial commits 0
@@ -594,6 +598,24 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
             final = _final_usage_draft(batch, sub, cut_start, at, at)
             _commit_minimum(final, sub, minimum)
     return {"subscription_id": str(sub.id), "status": sub.status, "lines": lines}
+
+
+def _renew_due(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,
+               at: datetime) -> None:
+    """An immediate cancel at ``at``, after the current period's end, before the scheduler's tick renewed it: the
+    periods that ended by ``at`` end first, each as the tick would end it (``_renew``: its renewal draft with the
+    next period's fee, which rating's ``PeriodEnded`` usage lines finalize), so the cancel cuts the period ``at``
+    falls in, as rating placed the usage since the old end (``period_ahead``). Without it the cancel cut the old
+    period at ``at``: its final draft had no key rating's lines of the period ahead went under (that usage was
+    never invoiced) and the time after the old end was billed no fee. No auto-top-up: the customer is leaving."""
+    since = sub.period_end
+    for _ in range(CANCEL_RENEWALS_MAX):
+        if at < sub.period_end or _renew(app, batch, account, roster, sub, at, top_up=False)["transition"] is None:
+            return
+    if at >= sub.period_end and sub.live:  # rejected: the renewals above are rolled back with the command
+        raise CommandRejected("renewals_behind", f"subscription {sub.key!r} has more than {CANCEL_RENEWALS_MAX} "
+                                                 f"periods ended since {since.isoformat()} not renewed: tick it "
+                                                 "(subscription.tick) before canceling")
 
 
 @handles("subscription.pause")
@@ -652,6 +674,16 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
                    force=True)
         roster.release(subscription_id=sub.id, at=at)
         return {"transition": "trial_ended"}
+    return _renew(app, batch, account, roster, sub, at, top_up=True)
+
+
+def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,
+           at: datetime, *, top_up: bool) -> dict[str, Any]:
+    """Ends ``sub``'s current period if it has ended by ``at`` (once per period): renews it (the renewal draft,
+    the next period's recurring credits) or, canceled at period end, ends the subscription. The scheduler's tick
+    and an immediate cancel issued after the period's end (``cancel_subscription``) both end a period here.
+    ``top_up``: whether the renewal's new balances may request an auto-top-up (a cancel requests none)."""
+    tenant = sub.tenant
     ended_start, ended_end = sub.period_start, sub.period_end
     minimum = sub.period_minimum()  # the ended period's commitment on usage, before renew moves on
     before = _capacities(_live_subscriptions(batch, roster))
@@ -672,7 +704,7 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
         # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
         # takes rating's usage lines of the ended period, which was live until its end.
         _, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
-        _check_thresholds(account, voided, ended_end, top_up=True)  # nothing granted while paused: a real drop
+        _check_thresholds(account, voided, ended_end, top_up=top_up)  # nothing granted while paused: a real drop
         sub.set_recurring_grants([])
         draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
                           [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
@@ -682,7 +714,7 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
     carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
-    _check_thresholds(account, voided, ended_end, top_up=True)  # on the new period's credit
+    _check_thresholds(account, voided, ended_end, top_up=top_up)  # on the new period's credit
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
     draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
