@@ -37,7 +37,7 @@ APPLY_ATTEMPTS_MAX = 5
 STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "invalid_tax_profile": 422, "unknown_account": 404,
                      "unknown_subscription": 404, "unknown_plan": 422, "unsupported_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
-                     "capacity_below_usage": 409, "invalid_transition": 409}
+                     "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409}
 
 
 async def apply_now(app: LedgerApplication, command: LedgerCommand) -> CommandResult:

@@ -27,6 +27,9 @@ Rules (documented in docs/rating.md):
   draft (the key of a period ending at the cancel). The canceled row keeps that cut as its ``period_end``, so a
   redelivered ``Canceled`` sends the same commands again. A cancel at period end (``canceled_at_period_end``,
   after its ``PeriodEnded``), an ``incomplete`` one's and a trial's end without a payment method close nothing.
+  A cancel after the current period's end (before the ledger's tick) follows the ``PeriodEnded`` of every period
+  due by then (the ledger ends them first), so it cuts the period it falls in: the usage placed there ahead of
+  the ``PeriodEnded`` goes on the final draft, the ended period's on its renewal invoice.
 """
 
 from __future__ import annotations

@@ -157,3 +157,14 @@ async def test_a_cancel_after_the_end_of_a_period_set_to_cancel_there_ends_it_at
     final = stack.invoice(DEC_1.isoformat())
     assert (final.status, usage_money(final), final.total) == ("finalized", Decimal("15.00"), Decimal("15.00"))
     assert stack.ledger.repository.get(subscription_id("acme", "m")).status == "canceled"
+
+
+async def test_a_cancel_more_periods_behind_than_it_may_renew_is_rejected_and_changes_nothing(stack: Stack) -> None:
+    command = LedgerCommand(command_id=uuid4(), kind="subscription.cancel", tenant="acme", issued_at=NOV_1,
+                            issued_by="user:test", payload={"at": datetime(2030, 1, 1, tzinfo=UTC).isoformat(),
+                                                            "key": "m", "immediately": True})
+    [result] = stack.ledger.apply_commands([command])
+    assert (result.outcome, result.reason) == ("rejected", "renewals_behind")
+    sub = stack.ledger.repository.get(subscription_id("acme", "m"))
+    assert (sub.status, sub.period_start) == ("active", NOV_1)   # no renewal of the 36 tried was kept
+    assert DEC_1.isoformat() not in {key.rpartition("/")[2] for key in stack.invoices()}
