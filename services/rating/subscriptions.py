@@ -5,7 +5,20 @@ Rules (documented in docs/rating.md):
 * A meter is priced by the charge of the account's earliest-started live subscription whose plan has a
   charge for it; allowances (``included``) of every live subscription charging that meter pool together.
   Without such a subscription, the meter's list price applies.
-* Usage while the pricing subscription is trialing is recorded but not charged.
+* Usage while the pricing subscription is trialing is recorded but not charged: usage before its trial's end
+  (``trial_end`` of its ``Started``, kept in ``subscription_trials``). Usage at or after the trial's end is not
+  trial usage even before the ledger's ``TrialConverted`` reaches rating: it is priced by the plan and, for the
+  primary subscription, placed in the period the conversion starts (from the trial's end, ``period_end`` of the
+  cadence with the trial end's day as anchor, as the ledger's ``end_trial``), so it shares that period's running
+  total and allowance and is on its renewal invoice once. A close takes the pricing subscription's trial status
+  at the closed period's last instant. Without a kept trial end (started before rating kept them): the status.
+* A trial that ends without a payment method (``Canceled``, reason ``trial_ended_without_payment_method``) starts
+  no period: the usage rated after its end before that event stays charged once at the plan's price (its debits
+  posted; their overage stays on the account under the period's key, like any account's without a subscription:
+  a credit purchase repays it, a later subscription's renewal invoice bills it as earlier overage) and rating
+  closes the periods it was placed in (max, last, unique_count at the plan's price), sending no usage lines (the
+  ledger drafts no invoice). A redelivered ``Canceled`` sends the same close debits again. Later usage: list
+  price by calendar month.
 * An ``incomplete`` subscription (collection ``charge_before_access``, its first invoice not paid yet) is not
   live: usage is priced as for an account without it. Its ``Activated`` event makes it active, with the
   period that starts at the activation.
@@ -17,7 +30,8 @@ Rules (documented in docs/rating.md):
   (``subscription_periods``): an event of that period arriving later follows its meter's late policy.
 * Usage after the end of the current period that arrives before the ledger's ``PeriodEnded`` belongs to the
   period that follows (it starts where the current one ends; ``billing_events.periods`` gives its end from
-  the cadence, time zone and anchor day kept in ``subscription_renewals``), never to a calendar month.
+  the cadence, time zone and anchor day kept in ``subscription_renewals``), never to a calendar month; for a
+  trialing subscription, usage at or after its trial's end (above).
 * Events older than the last one applied to a subscription (a redelivery) change nothing: its period never
   moves backwards. A redelivered ``PeriodEnded`` (or restarting ``Changed``) still sends its commands again.
 * A change that restarts the period (a cadence change) closes the period cut short, like an end, and its
@@ -26,7 +40,8 @@ Rules (documented in docs/rating.md):
   the cancel: rating closes [period start, cancel) like an end and sends its usage lines for the ledger's final
   draft (the key of a period ending at the cancel). The canceled row keeps that cut as its ``period_end``, so a
   redelivered ``Canceled`` sends the same commands again. A cancel at period end (``canceled_at_period_end``,
-  after its ``PeriodEnded``), an ``incomplete`` one's and a trial's end without a payment method close nothing.
+  after its ``PeriodEnded``), an ``incomplete`` one's and a trial's end without a payment method close no period
+  of their own (the latter closes the periods after the trial's end it placed usage in, above).
 """
 
 from __future__ import annotations
