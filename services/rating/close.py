@@ -9,7 +9,7 @@ Two kinds of period are closed. A calendar month (``YYYY-MM``, accounts without 
 by ``POST /v1/rating/periods/{period}/close`` at the meters' list prices (:func:`close_period`). A
 subscription's period (its start, ISO 8601) is closed by rating itself when the ledger says the period
 ended (``Subscription.PeriodEnded``), before the renewal invoice's usage lines are sent, at the price real-
-time rating used: the plan's charge and pooled allowance, nothing while trialing
+time rating used: the plan's charge and pooled allowance, nothing while in a trial at the period's end
 (:func:`close_account_period`, pricing from ``RatingService._pricing``).
 """
 

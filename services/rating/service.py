@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -36,10 +37,12 @@ from billing_rating.codec import Usage, debit_command_json, decode_accepted, tim
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import (
+    TRIAL_ENDED_UNCONVERTED,
     AccountSubscription,
     apply_event,
     ended_periods,
     load_for,
+    load_subscription,
     load_subscriptions,
     record_ended_period,
     record_restarted_period,
@@ -56,6 +59,9 @@ log = get_logger(__name__)
 # The schema header of each topic rating publishes to (a re-published stored decision carries it too).
 SCHEMA_HEADERS = {topics.LEDGER_COMMANDS: (("schema", b"ledger.command/v1"),),
                   topics.USAGE_REJECTED: (("schema", b"usage.rejected/v1"),)}
+
+# A period's last instant is its end less this (periods are [start, end), to the microsecond).
+LAST_INSTANT = timedelta(microseconds=1)
 
 # Token counts of an AI usage event: properties ``input_tokens``, ``output_tokens``, ``cached_input_tokens``.
 TOKEN_PROPERTIES = {f"{c}_tokens": c for c in TOKEN_CLASSES}
@@ -120,6 +126,8 @@ class RatingService:
                         outputs.extend(await self._period_restarted(conn, ended))
                     elif ended is not None:
                         outputs.extend(await self._period_ended(conn, ended))
+                    elif event.type == "Subscription.Canceled" and event.data.get("reason") == TRIAL_ENDED_UNCONVERTED:
+                        outputs.extend(await self._trial_ended_unconverted(conn, str(event.aggregate_id)))
                 continue
             if event.type != "Catalog.Published":
                 continue
@@ -166,8 +174,9 @@ class RatingService:
         outputs: list[OutMessage] = []
         closed: list[CloseLine] = []
         if primary:
+            last = ended.period_end - LAST_INSTANT
             closed = await close_account_period(conn, catalog, ended.period_start.isoformat(), account, tenant,
-                                                lambda meter: self._close_pricing(catalog, live, meter))
+                                                lambda meter: self._close_pricing(catalog, live, meter, last))
             await record_ended_period(conn, account, ended)
             outputs.extend(c for c in (close_command(catalog, account, line) for line in closed) if c is not None)
         names = {code: {"name": m.definition.name, "unit_of_measure": m.definition.unit_of_measure}
@@ -191,23 +200,64 @@ class RatingService:
         if not live or live[0].subscription_id != cut.subscription_id:
             return []  # usage is billed by the primary subscription's periods only
         before = [cut if sub.subscription_id == cut.subscription_id else sub for sub in live]
+        last = cut.period_end - LAST_INSTANT
         closed = await close_account_period(conn, catalog, cut.period_start.isoformat(), account, tenant,
-                                            lambda meter: self._close_pricing(catalog, before, meter))
+                                            lambda meter: self._close_pricing(catalog, before, meter, last))
         await record_restarted_period(conn, account, cut)
         return [c for c in (close_command(catalog, account, line) for line in closed) if c is not None]
 
-    def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
-                       ) -> ClosePricing | None:
-        """The plan price of ``meter`` at close, resolved as in real time (``None``: the list price)."""
-        pricing = self._pricing(catalog, subs, meter) if subs and meter.ai_table is None else None
+    async def _trial_ended_unconverted(self, conn: Connection, subscription_id: str) -> list[OutMessage]:
+        """A trial ended without a payment method (the ledger's ``Canceled``, reason
+        ``trial_ended_without_payment_method``): no billed period follows it, but usage at or after the trial's
+        end that reached rating before this event was rated into the periods a conversion would have started
+        (``AccountSubscription.period_ahead``), at the plan's price, and its debits are posted. Those periods are
+        closed now (max, last, unique_count priced as real-time rating priced the rest: the plan's charge, the
+        subscription counted as it was, its usage not trial usage), so nothing of them stays open; no invoice
+        takes usage lines (the ledger drafts none): their overage stays on the account under their keys, like
+        the overage of any account without a live subscription (docs/rating.md). A redelivered ``Canceled``
+        finds them closed and sends the same close debits again (same ids).
+        """
+        found = await load_subscription(conn, subscription_id)
+        if found is None:
+            return []
+        account, tenant, ended = found
+        trial = replace(ended, status="trialing")  # as real-time rating saw it
+        others = [sub for sub in (await load_for(conn, [account])).get(account, [])
+                  if sub.subscription_id != subscription_id]
+        live = sorted([*others, trial], key=lambda sub: (sub.started_at, sub.subscription_id))
+        if live[0].subscription_id != trial.subscription_id:
+            return []  # usage follows the primary subscription's periods only: none was placed after this trial
+        starts = {start.isoformat(): start for start in trial.periods_after_trial()}
+        if not starts:
+            return []
+        keys = list(starts)
+        rows = await conn.fetch(
+            f"SELECT DISTINCT period FROM rated_events WHERE account_id = $1 AND period IN "
+            f"({', '.join(f'${i + 2}' for i in range(len(keys)))})", account, *keys)
+        catalog = self.catalog
+        outputs: list[OutMessage] = []
+        for key in sorted((r["period"] for r in rows), key=lambda k: starts[k]):
+            closed = await close_account_period(  # priced at the period's start: at or after the trial's end
+                conn, catalog, key, account, tenant,
+                lambda meter, at=starts[key]: self._close_pricing(catalog, live, meter, at))
+            outputs.extend(c for c in (close_command(catalog, account, line) for line in closed) if c is not None)
+        return outputs
+
+    def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView,
+                       moment: datetime) -> ClosePricing | None:
+        """The plan price of ``meter`` at close, resolved as in real time (``None``: the list price); trial
+        usage (free) when the pricing subscription is in its trial at ``moment``, the closed period's last
+        instant (the status it had at its end, whenever the ledger's ``TrialConverted`` reached rating)."""
+        pricing = self._pricing(catalog, subs, meter, moment) if subs and meter.ai_table is None else None
         if pricing is None:
             return None
         spec, included, _, trialing, price_json = pricing
         return ClosePricing(spec, included, trialing, price_json)
 
-    def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView
+    def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView, moment: datetime
                  ) -> tuple[Any, Decimal, str, bool, dict[str, Any]] | None:
-        """(spec, pooled allowance, overage policy, trialing, spec as JSON) from the plans of live subscriptions."""
+        """(spec, pooled allowance, overage policy, trial usage, spec as JSON) from the plans of live subscriptions;
+        trial usage: the pricing subscription is in its trial at ``moment`` (``AccountSubscription.in_trial``)."""
         chosen = None
         included = Decimal(0)
         for sub in subs:
@@ -229,7 +279,7 @@ class RatingService:
             spec = parse_spec(charge.price, credit_scales=_credit_scales(catalog))
             cached = (spec, spec.model_dump(mode="json"))  # dumped once per catalogue, not per event
             self._plan_specs[key] = cached
-        return cached[0], included, charge.overage_policy, sub.status == "trialing", cached[1]
+        return cached[0], included, charge.overage_policy, sub.in_trial(moment), cached[1]
 
     async def handle_accepted(self, records: list[Record]) -> None:
         """One batch, one transaction: a few set-wise reads, decisions in memory, then bulk writes.
@@ -376,7 +426,7 @@ class RatingService:
                     decision = "no_price"
                     output = self._rejection(batch, usage, RejectReason.NO_PRICE, str(exc))
             else:
-                plan_pricing = self._pricing(catalog, subs, meter) if subs else None
+                plan_pricing = self._pricing(catalog, subs, meter, event.timestamp) if subs else None
                 if plan_pricing is not None:
                     spec, included, overage_policy, trialing, price_json = plan_pricing
                 else:
@@ -755,11 +805,12 @@ def _period(subs: list[AccountSubscription] | None, ended: list[tuple[datetime, 
             moment: datetime) -> str:
     """The period key of ``moment``: the primary subscription's current period (its start), or one that
     follows it (``moment`` after its end, before the ledger's ``PeriodEnded`` reached rating: the periods the
-    ledger will renew, from its cadence), else an ended subscription period of the account containing it
-    (closed: the late policy applies), else the calendar month (UTC)."""
+    ledger will renew, from its cadence; at or after a trial's end, before its ``TrialConverted``: the periods
+    the conversion starts), else an ended subscription period of the account containing it (closed: the late
+    policy applies), else the calendar month (UTC)."""
     if subs:
         primary = subs[0]
-        if primary.period_start <= moment < primary.period_end:
+        if primary.period_start <= moment < primary.period_end and not primary.trial_ended_at(moment):
             return primary.period_start.isoformat()
         ahead = primary.period_ahead(moment)  # after the current period, before rating saw it end
         if ahead is not None:

@@ -5,7 +5,20 @@ Rules (documented in docs/rating.md):
 * A meter is priced by the charge of the account's earliest-started live subscription whose plan has a
   charge for it; allowances (``included``) of every live subscription charging that meter pool together.
   Without such a subscription, the meter's list price applies.
-* Usage while the pricing subscription is trialing is recorded but not charged.
+* Usage while the pricing subscription is trialing is recorded but not charged: usage before its trial's end
+  (``trial_end`` of its ``Started``, kept in ``subscription_trials``). Usage at or after the trial's end is not
+  trial usage even before the ledger's ``TrialConverted`` reaches rating: it is priced by the plan and, for the
+  primary subscription, placed in the period the conversion starts (from the trial's end, ``period_end`` of the
+  cadence with the trial end's day as anchor, as the ledger's ``end_trial``), so it shares that period's running
+  total and allowance and is on its renewal invoice once. A close takes the pricing subscription's trial status
+  at the closed period's last instant. Without a kept trial end (started before rating kept them): the status.
+* A trial that ends without a payment method (``Canceled``, reason ``trial_ended_without_payment_method``) starts
+  no period: the usage rated after its end before that event stays charged once at the plan's price (its debits
+  posted; their overage stays on the account under the period's key, like any account's without a subscription:
+  a credit purchase repays it, a later subscription's renewal invoice bills it as earlier overage) and rating
+  closes the periods it was placed in (max, last, unique_count at the plan's price), sending no usage lines (the
+  ledger drafts no invoice). A redelivered ``Canceled`` sends the same close debits again. Later usage: list
+  price by calendar month.
 * An ``incomplete`` subscription (collection ``charge_before_access``, its first invoice not paid yet) is not
   live: usage is priced as for an account without it. Its ``Activated`` event makes it active, with the
   period that starts at the activation.
@@ -17,7 +30,8 @@ Rules (documented in docs/rating.md):
   (``subscription_periods``): an event of that period arriving later follows its meter's late policy.
 * Usage after the end of the current period that arrives before the ledger's ``PeriodEnded`` belongs to the
   period that follows (it starts where the current one ends; ``billing_events.periods`` gives its end from
-  the cadence, time zone and anchor day kept in ``subscription_renewals``), never to a calendar month.
+  the cadence, time zone and anchor day kept in ``subscription_renewals``), never to a calendar month; for a
+  trialing subscription, usage at or after its trial's end (above).
 * Events older than the last one applied to a subscription (a redelivery) change nothing: its period never
   moves backwards. A redelivered ``PeriodEnded`` (or restarting ``Changed``) still sends its commands again.
 * A change that restarts the period (a cadence change) closes the period cut short, like an end, and its
@@ -26,7 +40,8 @@ Rules (documented in docs/rating.md):
   the cancel: rating closes [period start, cancel) like an end and sends its usage lines for the ledger's final
   draft (the key of a period ending at the cancel). The canceled row keeps that cut as its ``period_end``, so a
   redelivered ``Canceled`` sends the same commands again. A cancel at period end (``canceled_at_period_end``,
-  after its ``PeriodEnded``), an ``incomplete`` one's and a trial's end without a payment method close nothing.
+  after its ``PeriodEnded``), an ``incomplete`` one's and a trial's end without a payment method close no period
+  of their own (the latter closes the periods after the trial's end it placed usage in, above).
   A cancel after the current period's end (before the ledger's tick) follows the ``PeriodEnded`` of every period
   due by then (the ledger ends them first), so it cuts the period it falls in: the usage placed there ahead of
   the ``PeriodEnded`` goes on the final draft, the ended period's on its renewal invoice.
@@ -71,6 +86,7 @@ CREATE TABLE IF NOT EXISTS restarted_periods (
     account_id TEXT NOT NULL, period TEXT NOT NULL, period_start TEXT NOT NULL, restarted_at TEXT NOT NULL,
     subscription_id TEXT NOT NULL, billed_with TEXT NOT NULL, PRIMARY KEY (account_id, period));
 CREATE INDEX IF NOT EXISTS restarted_periods_billed_with ON restarted_periods (account_id, billed_with);
+CREATE TABLE IF NOT EXISTS subscription_trials (subscription_id TEXT PRIMARY KEY, trial_end TEXT NOT NULL);
 """
 
 LIVE = ("trialing", "active", "past_due", "paused")
@@ -85,6 +101,8 @@ STATUS_BY_EVENT = {"Paused": "paused", "Resumed": "active", "PastDue": "past_due
                    "Canceled": "canceled", "TrialConverted": "active", "Activated": "active"}
 # Events that start the subscription's first billed period (status active, new bounds and anchor day).
 PERIOD_STARTS = ("TrialConverted", "Activated")
+# The reason of the ledger's ``Canceled`` when a trial ends without a default payment method (not converted).
+TRIAL_ENDED_UNCONVERTED = "trial_ended_without_payment_method"
 
 
 @dataclass(frozen=True)
@@ -109,20 +127,59 @@ class AccountSubscription:
     period_end: datetime
     # None: not known (a subscription whose Started rating applied before it kept renewals).
     renewal: Renewal | None = None
+    # When its trial ends (the ledger's ``trial_end``); None: no trial, or not known (a subscription whose
+    # Started rating applied before it kept trial ends: its status alone says whether usage is trial usage).
+    trial_end: datetime | None = None
+
+    def in_trial(self, moment: datetime) -> bool:
+        """Whether usage at ``moment`` is trial usage (recorded, not charged): the subscription is trialing as
+        rating knows it and ``moment`` is before its trial's end. Usage at or after the trial's end is not, even
+        before the ledger's ``TrialConverted`` reaches rating: it belongs to the first billed period."""
+        return self.status == "trialing" and not self.trial_ended_at(moment)
+
+    def trial_ended_at(self, moment: datetime) -> bool:
+        """Whether ``moment`` is at or after the end of the trial rating knows the subscription is in."""
+        return self.status == "trialing" and self.trial_end is not None and moment >= self.trial_end
 
     def period_ahead(self, moment: datetime) -> datetime | None:
         """The start of the period after the current one that contains ``moment`` (``moment`` at or after the
-        current end), as the ledger will renew it; ``None`` when no period follows or it is not known."""
+        current end), as the ledger will renew it; ``None`` when no period follows or it is not known.
+
+        For a trialing subscription whose trial end is known: the periods the ledger's ``TrialConverted``
+        starts (the first from the trial's end to ``period_end(trial end, cadence, its day, time zone)``, the
+        trial end's day the anchor of those after it), for ``moment`` at or after the trial's end; a cancel
+        scheduled during the trial still lets that first billed period come (it ends at its end)."""
         renewal = self.renewal
-        if renewal is None or renewal.ends_at_period_end or self.status not in RENEWING or moment < self.period_end:
+        if renewal is None:
             return None
-        start = self.period_end
+        trialing = self.status == "trialing"
+        if trialing:
+            if self.trial_end is None or moment < self.trial_end:
+                return None
+            start, anchor_day = self.trial_end, self.trial_end.day  # as the ledger's ``end_trial``
+        else:
+            if renewal.ends_at_period_end or self.status not in RENEWING or moment < self.period_end:
+                return None
+            start, anchor_day = self.period_end, renewal.anchor_day
         for _ in range(PERIODS_AHEAD_MAX):
-            end = _next_end(start, renewal.cadence, renewal.anchor_day, renewal.time_zone)
+            end = _next_end(start, renewal.cadence, anchor_day, renewal.time_zone)
             if moment < end:
                 return start
+            if trialing and renewal.ends_at_period_end:
+                return None  # canceled at the end of the first billed period: nothing follows it
             start = end
         return None
+
+    def periods_after_trial(self) -> list[datetime]:
+        """The starts of the periods ``period_ahead`` may have placed usage in after the trial's end."""
+        renewal = self.renewal
+        if renewal is None or self.trial_end is None:
+            return []
+        starts, start = [], self.trial_end
+        for _ in range(PERIODS_AHEAD_MAX):
+            starts.append(start)
+            start = _next_end(start, renewal.cadence, self.trial_end.day, renewal.time_zone)
+        return starts
 
 
 @lru_cache(maxsize=4096)
@@ -145,22 +202,35 @@ async def load_subscriptions(conn: Connection, accounts: Sequence[str], dialect:
     if not accounts:
         return {}, set()
     where, args = _accounts_where(accounts, dialect)
-    rows = await conn.fetch(
-        f"SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end FROM account_subscriptions s "
-        f"LEFT JOIN subscription_renewals r ON r.subscription_id = s.subscription_id WHERE s.{where} "
-        f"ORDER BY s.started_at, s.subscription_id", *args)
+    rows = await conn.fetch(f"{_SELECT} WHERE s.{where} ORDER BY s.started_at, s.subscription_id", *args)
     result: dict[str, list[AccountSubscription]] = {}
     subscribed: set[str] = set()
     for r in rows:
         subscribed.add(r["account_id"])
         if r["status"] not in LIVE:
             continue
-        result.setdefault(r["account_id"], []).append(AccountSubscription(
-            r["subscription_id"], r["plan_code"], int(r["plan_version"]), int(r["quantity"]), r["status"],
-            r["started_at"], datetime.fromisoformat(r["period_start"]), datetime.fromisoformat(r["period_end"]),
-            Renewal(r["cadence"], r["time_zone"], int(r["anchor_day"]), bool(r["ends_at_period_end"]))
-            if r["cadence"] in MONTHS and r["time_zone"] and r["anchor_day"] else None))
+        result.setdefault(r["account_id"], []).append(_from_row(r))
     return result, subscribed
+
+
+async def load_subscription(conn: Connection, subscription_id: str) -> tuple[str, str, AccountSubscription] | None:
+    """(account, tenant, the subscription with its renewals and trial end) whatever its status."""
+    row = await conn.fetchrow(f"{_SELECT} WHERE s.subscription_id = $1", subscription_id)
+    return None if row is None else (row["account_id"], row["tenant"], _from_row(row))
+
+
+_SELECT = ("SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end, t.trial_end "
+           "FROM account_subscriptions s LEFT JOIN subscription_renewals r ON r.subscription_id = s.subscription_id "
+           "LEFT JOIN subscription_trials t ON t.subscription_id = s.subscription_id")
+
+
+def _from_row(r: Any) -> AccountSubscription:
+    return AccountSubscription(
+        r["subscription_id"], r["plan_code"], int(r["plan_version"]), int(r["quantity"]), r["status"],
+        r["started_at"], datetime.fromisoformat(r["period_start"]), datetime.fromisoformat(r["period_end"]),
+        Renewal(r["cadence"], r["time_zone"], int(r["anchor_day"]), bool(r["ends_at_period_end"]))
+        if r["cadence"] in MONTHS and r["time_zone"] and r["anchor_day"] else None,
+        datetime.fromisoformat(r["trial_end"]) if r["trial_end"] else None)
 
 
 async def ended_periods(conn: Connection, accounts: Sequence[str], dialect: str = ""
@@ -244,6 +314,9 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
         time_zone = data.get("time_zone") or "UTC"
         renewal = {"cadence": data["plan"].get("cadence", "month"), "time_zone": time_zone,
                    "anchor_day": data.get("anchor_day") or _local_day(data["period_start"], time_zone)}
+        if data["status"] == "trialing" and data.get("trial_end"):
+            await conn.execute("INSERT INTO subscription_trials (subscription_id, trial_end) VALUES ($1, $2) "
+                               "ON CONFLICT (subscription_id) DO NOTHING", sid, data["trial_end"])
     elif name == "Changed":
         await conn.execute(
             "UPDATE account_subscriptions SET plan_code = $2, plan_version = $3, quantity = $4, period_start = $5, "

@@ -579,3 +579,77 @@ async def test_the_cancel_of_an_incomplete_subscription_closes_nothing(rating) -
     await subscription_event(service, "Canceled", 4, at=datetime(2026, 11, 4, tzinfo=UTC).isoformat(),
                              by="user:test", reason="canceled", lines=[])
     assert [c["kind"] for c in await published(bus)] == []  # the ledger drafts no final invoice either
+
+
+# -- usage at or after a trial's end, before the ledger's TrialConverted (or the trial's unconverted end) ------
+
+NOV_15, DEC_15 = datetime(2026, 11, 15, tzinfo=UTC), datetime(2026, 12, 15, tzinfo=UTC)
+
+
+async def start_trial(service: RatingService) -> None:
+    """Trialing from Nov 1 (its period Nov 1 - Dec 1, as the ledger starts it), the trial ending on Nov 15."""
+    await subscribe(service, status="trialing", trial_end=NOV_15.isoformat())
+
+
+async def test_usage_after_the_trial_end_is_billed_in_the_first_paid_period_before_rating_sees_the_conversion(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await start_trial(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("t1", "150", at=day(10))])        # in the trial: free
+    # The ledger converted the trial at Nov 15; rating has not seen TrialConverted: Nov 20 usage arrives first.
+    await service.handle_accepted([accepted("a1", "150", at=day(20)),         # 100 included, 50 x 0.10 = 5.00
+                                   accepted("s1", "40", "storage_gb", at=day(20))])
+    await subscription_event(service, "TrialConverted", 4, at=NOV_15.isoformat(), by="system:trial",
+                             period_start=NOV_15.isoformat(), period_end=DEC_15.isoformat(), anchor_day=15)
+    await service.handle_accepted([accepted("a2", "50", at=day(25))])          # on the same total: 5.00 more
+    debits = [c["payload"] for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert [(d["cause"]["event_ids"], d["amount"], d["cause"]["period"], d["cause"]["priced_by"]) for d in debits] == [
+        (["a1"], "5.000000000", NOV_15.isoformat(), "plan"), (["a2"], "5.000000000", NOV_15.isoformat(), "plan")]
+    rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
+    assert decisions(rows)["t1"] == (NOV.isoformat(), "trial", 0)
+    # The first paid period's renewal invoice carries them, once: 200 calls (not 50), storage (40 - 10) x 0.50.
+    await end_period(service, NOV_15, DEC_15, datetime(2027, 1, 15, tzinfo=UTC), position=5)
+    commands = await published(bus)
+    assert usage_lines(commands) == {"api_calls": ("200", "10.000000000"), "storage_gb": ("40", "15.000000000")}
+    [lines] = [c for c in commands if c["kind"] == "invoice.usage_lines"]
+    assert lines["payload"]["invoice_key"] == f"{SUBSCRIPTION}/{DEC_15.isoformat()}"
+
+
+async def test_usage_after_a_trial_that_ends_unconverted_is_charged_once_and_its_period_closed(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await start_trial(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("a1", "150", at=day(16)),          # the plan's price: 5.00
+                                   accepted("s1", "40", "storage_gb", at=day(16))])
+    # No payment method: the ledger ends the trial (no billed period, no invoice).
+    ended = {"at": NOV_15.isoformat(), "by": "system:trial", "reason": "trial_ended_without_payment_method",
+             "lines": []}
+    await subscription_event(service, "Canceled", 4, **ended)
+    commands = await published(bus)
+    # Its usage rated before the cancel stays charged at the plan's price (debited once, its overage left on the
+    # account as for any account without a subscription), the period it was placed in is closed (storage at
+    # the plan's price too, never left unpriced), and no usage lines go to an invoice the ledger never drafts.
+    assert [(c["kind"], c["payload"]["amount"], c["payload"]["cause"]["period"]) for c in commands] == [
+        ("usage.debit", "5.000000000", NOV_15.isoformat()), ("usage.debit", "15.000000000", NOV_15.isoformat())]
+    close = commands[1]
+    assert close["command_id"] == str(ids.command_id("usage.close", str(ids.account_id("acme")), "storage_gb", "",
+                                                     NOV_15.isoformat()))
+    await subscription_event(service, "Canceled", 4, **ended)                 # redelivered: the same close again
+    assert [c["command_id"] for c in (await published(bus))[2:]] == [close["command_id"]]
+    # Afterwards: an account without a subscription (list price, calendar month): 2 included, 10 x 1.00.
+    await service.handle_accepted([accepted("a2", "12", at=day(20))])
+    [*_, later] = await published(bus)
+    assert (later["payload"]["amount"], later["payload"]["cause"]["period"]) == ("10.000000000", "2026-11")
+
+
+async def test_a_close_prices_usage_after_the_pricing_subscriptions_trial_end_before_it_converts(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # The primary subscription's plan has no storage charge; a second one, trialing until Nov 10, prices it.
+    await subscribe(service, plan="basic")
+    nov_10 = datetime(2026, 11, 10, tzinfo=UTC)
+    await subscribe(service, status="trialing", subscription=UUID(int=7), started=datetime(2026, 11, 2, tzinfo=UTC),
+                    trial_end=nov_10.isoformat())
+    await service.handle_accepted([accepted("s1", "40", "storage_gb", at=datetime(2026, 11, 20, tzinfo=UTC))])
+    # The primary's period ends before rating sees the second one's TrialConverted: its storage is not free.
+    await end_period(service, NOV, DEC, JAN)
+    assert usage_lines(await published(bus)) == {"storage_gb": ("40", "15.000000000")}
