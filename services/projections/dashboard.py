@@ -38,6 +38,7 @@ PDF_FETCH_SECONDS_MAX = 30.0
 LOGIN_BODY_BYTES_MAX = 16 * 1024
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+templates.env.globals["type_label"] = history.type_label
 
 
 def _principal(request: Request) -> Principal | None:

@@ -39,6 +39,22 @@ TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refu
          "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
          "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided", "invoice_refunded")
 
+# How the dashboard names each type (the API and CSV keep the keys above).
+TYPE_LABELS = {
+    "purchase": "Credit purchase", "grant": "Credit grant", "usage": "Usage", "usage_rejected": "Usage refused",
+    "expiry": "Credit expired", "void": "Grant voided", "refund": "Refund", "adjustment": "Adjustment",
+    "hold_placed": "Hold placed", "hold_captured": "Hold captured", "hold_released": "Hold released",
+    "hold_expired": "Hold expired", "receivable_settled": "Overage settled", "overage_repaid": "Overage repaid",
+    "payment": "Payment", "payment_refund": "Payment refunded", "invoice_billed": "Invoice billed",
+    "invoice_paid": "Invoice paid", "invoice_voided": "Invoice voided", "invoice_refunded": "Invoice refunded",
+}
+
+
+def type_label(type_: str) -> str:
+    """The dashboard's name of a transaction type; an unknown key is shown as it is."""
+    return TYPE_LABELS.get(type_, type_)
+
+
 PAYMENT_KEYS = ("payment_id", "gateway_payment_id", "gateway_event_id", "order_id", "checkout_id", "payment")
 
 

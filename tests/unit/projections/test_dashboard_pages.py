@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from billing_projections import history
 from billing_projections.http import build_routers
 from billing_projections.service import ProjectionService
 from billing_runtime.http import create_app
@@ -68,3 +69,15 @@ async def test_finance_page_filters_by_organisation(client: httpx.AsyncClient) -
     assert set(re.findall(r'data-testid="chargeback-row" data-tenant="([^"]+)"', one.text)) == {"globex"}
     api = (await client.get("/v1/reports/figures?year=2026&month=10&tenant=globex", headers=headers)).json()
     assert text_of(one.text, "figure-consumed-USD") == api["items"][0]["consumed"]
+
+
+async def test_transaction_types_are_named_in_words_and_filter_by_their_key(client: httpx.AsyncClient) -> None:
+    assert set(history.TYPE_LABELS) == set(history.TYPES), "every transaction type has a name on the dashboard"
+    headers = auth("viewer", "acme")
+    page = await client.get("/dashboard/accounts/acme?year=2026&month=11&type=usage", headers=headers)
+    assert page.status_code == 200
+    assert '<option value="hold_captured" >Hold captured</option>' in page.text
+    assert '<option value="usage" selected>Usage</option>' in page.text
+    shown = re.findall(r'data-type="([^"]+)">\s*<td[^>]*>[^<]*</td><td data-testid="transaction-type">([^<]*)<',
+                       page.text)
+    assert shown and all(key == "usage" and name == "Usage" for key, name in shown)
