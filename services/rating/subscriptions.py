@@ -10,8 +10,9 @@ Rules (documented in docs/rating.md):
   trial usage even before the ledger's ``TrialConverted`` reaches rating: it is priced by the plan and, for the
   primary subscription, placed in the period the conversion starts (from the trial's end, ``period_end`` of the
   cadence with the trial end's day as anchor, as the ledger's ``end_trial``), so it shares that period's running
-  total and allowance and is on its renewal invoice once. A close takes the pricing subscription's trial status
-  at the closed period's last instant. Without a kept trial end (started before rating kept them): the status.
+  total and allowance and is on its renewal invoice once. Usage before the trial's end that reaches rating after
+  the ``TrialConverted`` is still trial usage. A close takes the pricing subscription's trial status at the
+  closed period's last instant. Without a kept trial end (started before rating kept them): the status.
 * A trial that ends without a payment method (``Canceled``, reason ``trial_ended_without_payment_method``) starts
   no period: the usage rated after its end before that event stays charged once at the plan's price (its debits
   posted; their overage stays on the account under the period's key, like any account's without a subscription:
@@ -132,10 +133,13 @@ class AccountSubscription:
     trial_end: datetime | None = None
 
     def in_trial(self, moment: datetime) -> bool:
-        """Whether usage at ``moment`` is trial usage (recorded, not charged): the subscription is trialing as
-        rating knows it and ``moment`` is before its trial's end. Usage at or after the trial's end is not, even
-        before the ledger's ``TrialConverted`` reaches rating: it belongs to the first billed period."""
-        return self.status == "trialing" and not self.trial_ended_at(moment)
+        """Whether usage at ``moment`` is trial usage (recorded, not charged): ``moment`` is before the end of the
+        subscription's trial, whether or not rating has seen its ``TrialConverted`` yet (a late event of the trial
+        is still free). Usage at or after the trial's end is not, even before the ``TrialConverted`` reaches
+        rating: it belongs to the first billed period. Without a kept trial end: the status says."""
+        if self.trial_end is not None:
+            return moment < self.trial_end
+        return self.status == "trialing"
 
     def trial_ended_at(self, moment: datetime) -> bool:
         """Whether ``moment`` is at or after the end of the trial rating knows the subscription is in."""

@@ -653,3 +653,17 @@ async def test_a_close_prices_usage_after_the_pricing_subscriptions_trial_end_be
     # The primary's period ends before rating sees the second one's TrialConverted: its storage is not free.
     await end_period(service, NOV, DEC, JAN)
     assert usage_lines(await published(bus)) == {"storage_gb": ("40", "15.000000000")}
+
+
+async def test_trial_usage_that_arrives_after_the_conversion_is_still_free(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await start_trial(service)
+    await subscription_event(service, "TrialConverted", 4, at=NOV_15.isoformat(), by="system:trial",
+                             period_start=NOV_15.isoformat(), period_end=DEC_15.isoformat(), anchor_day=15)
+    # Usage of Nov 10 (in the trial) reaches rating late, after the conversion: trial usage, not the plan's price.
+    await service.handle_accepted([accepted("t1", "150", at=datetime(2026, 11, 10, tzinfo=UTC)),
+                                   accepted("a1", "150", at=datetime(2026, 11, 20, tzinfo=UTC))])
+    debits = [c["payload"] for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert [(d["cause"]["event_ids"], d["amount"]) for d in debits] == [(["a1"], "5.000000000")]
+    rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
+    assert decisions(rows)["t1"][1:] == ("trial", 0)
