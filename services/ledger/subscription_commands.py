@@ -10,6 +10,7 @@ invoice gets its gap-free number in the same transaction that finalizes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -56,6 +57,9 @@ from billing_ledger.domain.subscription import (
     PAUSED,
     TRIALING,
     Subscription,
+    change_invoice_key,
+    period_invoice_key,
+    resume_invoice_key,
     subscription_id,
 )
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
@@ -265,42 +269,52 @@ def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
 
 
 def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
-    """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules.
-
-    A change's or cancel's document corrects the invoice that billed the period (``related_invoice``): its
-    credit for the unused time (the negative lines) gives back the tax that invoice charged, at that invoice's
-    rate (0 when it had none), and only what it charges anew is taxed by today's profile and rules. With the
-    same rate as today (the usual case) that is one tax line on the net total, as for any document; with
-    another (a tax profile set since, a rule changed) the credit gets a tax line of its own at the invoiced rate.
-    """
+    """Tax, computed once on the invoice's net total, by the account's tax profile and the catalogue's rules
+    (``document_tax_lines``; a subscription document's ``related_invoice`` is the invoice it corrects)."""
     if any(item["kind"] == "tax" for item in invoice.lines):
         return []
     roster = batch.get(roster_id(invoice.tenant))
     catalog = batch.get(Catalog.create_id())
-    profile = roster.tax_profile if roster is not None else None
-    document = catalog.document if catalog is not None else None
-    current = tax_lines_for(invoice.total, invoice.currency, profile, document)
     corrected = batch.get(UUID(invoice.related_invoice)) if invoice.subscription_id and invoice.related_invoice \
         else None
-    rate = _invoiced_tax_rate(corrected) if isinstance(corrected, Invoice) else None
-    credited = sum((Decimal(item["amount"]) for item in invoice.lines if Decimal(item["amount"]) < 0), Decimal(0))
+    return document_tax_lines(invoice.lines, invoice.currency, roster.tax_profile if roster is not None else None,
+                              catalog.document if catalog is not None else None,
+                              corrected if isinstance(corrected, Invoice) else None)
+
+
+def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str, Any] | None,
+                       catalog: dict[str, Any] | None, corrected: Invoice | None) -> list[dict[str, Any]]:
+    """The tax lines of a document with ``lines`` (no tax yet): what finalizing adds, and what the invoice
+    preview shows for the same lines.
+
+    A change's or cancel's document corrects the invoice that billed the plan for the period (``corrected``,
+    the subscription's ``period_invoice``): its credit for the unused time (the negative lines) gives back the
+    tax that invoice charged, at that invoice's rate (0 when it had none), and only what it charges anew is taxed
+    by today's profile and rules. With the same rate as today (the usual case) that is one tax line on the net
+    total, as for any document; with another (a tax profile set since, a rule changed) the credit gets a tax line
+    of its own at the invoiced rate, naming that invoice (``invoice``).
+    """
+    total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
+    current = tax_lines_for(total, unit, profile, catalog)
+    rate = _invoiced_tax_rate(corrected) if corrected is not None else None
+    credited = sum((Decimal(item["amount"]) for item in lines if Decimal(item["amount"]) < 0), Decimal(0))
     if rate is None or not credited or rate == _tax_rate(current):
         return current
-    assert isinstance(corrected, Invoice)
-    charged = RATING_CONTEXT.subtract(invoice.total, credited)
-    lines = tax_lines_for(charged, invoice.currency, profile, document) if charged else []
+    assert corrected is not None
+    charged = RATING_CONTEXT.subtract(total, credited)
+    taxes = tax_lines_for(charged, unit, profile, catalog) if charged else []
     percent = (rate * 100).normalize()
-    lines.append(line("tax", f"Tax as invoiced on {corrected.number}: {percent} % of {credited}",
-                      RATING_CONTEXT.multiply(credited, rate), invoice.currency, rate=str(rate),
-                      invoice=str(corrected.id)))
-    after = RATING_CONTEXT.add(invoice.total, sum((Decimal(item["amount"]) for item in lines), Decimal(0)))
-    if (after <= 0) if invoice.document_type == INVOICE else (after >= 0):
+    taxes.append(line("tax", f"Tax as invoiced on {corrected.number}: {percent} % of {credited}",
+                      RATING_CONTEXT.multiply(credited, rate), unit, rate=str(rate), invoice=str(corrected.id)))
+    after = RATING_CONTEXT.add(total, sum((Decimal(item["amount"]) for item in taxes), Decimal(0)))
+    document_type = CREDIT_NOTE if total < 0 else INVOICE  # as ``_document`` decides it
+    if (after <= 0) if document_type == INVOICE else (after >= 0):
         # Rare: a new charge almost as large as the credit, taxed at another rate, flips the document's sign.
         raise CommandRejected("tax_rate_changed", f"the change credits {-credited} taxed at {percent} % on "
                                                   f"{corrected.number} and charges {charged} at today's tax: "
-                                                  f"the {invoice.document_type} would total {after}; cancel and "
+                                                  f"the {document_type} would total {after}; cancel and "
                                                   "subscribe again, or change at the period's end")
-    return lines
+    return taxes
 
 
 def _tax_rate(tax_lines: list[dict[str, Any]]) -> Decimal:
@@ -310,11 +324,13 @@ def _tax_rate(tax_lines: list[dict[str, Any]]) -> Decimal:
 
 
 def _invoiced_tax_rate(invoice: Invoice) -> Decimal | None:
-    """The tax rate ``invoice`` was issued with (0 when it had no tax); ``None`` for a draft, which is taxed
-    when it is finalized, by the profile and rules of that day (today's, for a document finalized now)."""
+    """The tax rate ``invoice`` charged what it billed anew with (0 when it had no tax); ``None`` for a draft,
+    which is taxed when it is finalized, by the profile and rules of that day (today's, for a document finalized
+    now). A change's document may also carry the tax it gave back at an earlier invoice's rate (a tax line
+    naming that ``invoice``): not the rate of its own charges, so not counted."""
     if invoice.status == DRAFT:
         return None
-    taxes = [item for item in invoice.lines if item["kind"] == "tax"]
+    taxes = [item for item in invoice.lines if item["kind"] == "tax" and not item.get("invoice")]
     if any(item.get("rate") is None for item in taxes):  # not recorded: the invoice's tax over its net
         tax = sum((Decimal(item["amount"]) for item in taxes), Decimal(0))
         net = RATING_CONTEXT.subtract(invoice.total, tax)
@@ -323,21 +339,19 @@ def _invoiced_tax_rate(invoice: Invoice) -> Decimal | None:
 
 
 def _period_invoice(batch: _Batch, sub: Subscription) -> Invoice | None:
-    """The invoice that billed the fee of ``sub``'s current period, which a change's or cancel's credit for the
-    unused time corrects: the period's own (first or renewal) invoice, or the first invoice of a
-    charge_before_access subscription still in the period it was activated in. ``None`` when another document
-    billed it (a resume's, a cadence change's) or nothing did: its credit is then taxed like the rest."""
-    if not sub.period_billed:
+    return period_invoice(sub, batch.get)
+
+
+def period_invoice(sub: Subscription, get: Callable[[UUID], Any]) -> Invoice | None:
+    """The document that billed ``sub``'s current plan for the rest of its current period, which a change's or
+    cancel's credit for the unused time corrects (``Subscription.period_invoice``: the period's first or renewal
+    invoice, a resume's, the last change's). ``None`` when nothing billed it (a period begun while paused and not
+    resumed, a trial) or it is unknown (a cadence change recorded before changes named their document): its
+    credit is then taxed like the rest. ``get``: an aggregate by id (the command's batch, or a read)."""
+    if not sub.period_billed or sub.period_invoice is None:
         return None
-    for start in (sub.period_start, sub.started_at):
-        found = batch.get(invoice_id(sub.tenant, f"{sub.id}/{start.isoformat()}"))
-        if not isinstance(found, Invoice) or found.document_type != INVOICE:
-            continue
-        if found.period_end is not None and found.period_end <= sub.period_start:
-            continue  # an earlier period's
-        if any(item["kind"] in ("base_fee", "proration") and Decimal(item["amount"]) > 0 for item in found.lines):
-            return found
-    return None
+    found = get(UUID(sub.period_invoice))
+    return found if isinstance(found, Invoice) else None
 
 
 # Lines whose money is already receivable when the invoice is finalized (usage posted beyond credit): the
@@ -423,7 +437,7 @@ def _start_billing(app: LedgerApplication, batch: _Batch, account: BillingAccoun
 
 
 def _first_invoice_key(sub: Subscription) -> str:
-    return f"{sub.id}/{sub.period_start.isoformat()}"
+    return period_invoice_key(sub.id, sub.period_start)
 
 
 def _first_invoice(app: LedgerApplication, batch: _Batch, sub: Subscription, at: datetime, by: str, *,
@@ -534,8 +548,10 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     quantity_changed = quantity != sub.quantity
     old_plan, old_quantity = sub.plan, sub.quantity
     old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
-    corrected = _period_invoice(batch, sub)  # before a cadence change starts a new period
-    sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines)
+    corrected = _period_invoice(batch, sub)  # before the change names its own document
+    key = change_invoice_key(sub.id, command.command_id)
+    sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines,
+               invoice=invoice_id(tenant, key))
     _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"change {sub.key}")
     if (plan_changed or quantity_changed) and sub.status != TRIALING and (
             new_plan.get("recurring_credits") or sub.recurring_grants):
@@ -548,8 +564,8 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
             fraction=proration_fraction(sub.period_start, sub.period_end, at)))
     else:
         voided = set()
-    _document(app, batch, sub, f"{sub.id}/change/{command.command_id}", lines, at, command.issued_by,
-              finalize=True, start=at, end=sub.period_end, corrects=corrected)
+    _document(app, batch, sub, key, lines, at, command.issued_by, finalize=True, start=at, end=sub.period_end,
+              corrects=corrected)
     _check_thresholds(account, voided, at, top_up=True)  # after the new grants and a downgrade's credit note
     return {"subscription_id": str(sub.id), "lines": lines}
 
@@ -640,7 +656,7 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         fraction=proration_fraction(sub.period_start, sub.period_end, billed_from)))
     lines = quote_resume(plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, at=billed_from)
-    _document(app, batch, sub, f"{sub.id}/resume/{billed_from.isoformat()}", lines, at, command.issued_by,
+    _document(app, batch, sub, resume_invoice_key(sub.id, billed_from), lines, at, command.issued_by,
               finalize=True, start=billed_from, end=sub.period_end)
     return {"subscription_id": str(sub.id), "lines": lines}
 
@@ -706,7 +722,7 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
         _, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
         _check_thresholds(account, voided, ended_end, top_up=top_up)  # nothing granted while paused: a real drop
         sub.set_recurring_grants([])
-        draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+        draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),
                           [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
                           "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
         _commit_minimum(draft, sub, minimum)
@@ -717,7 +733,7 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     _check_thresholds(account, voided, ended_end, top_up=top_up)  # on the new period's credit
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
-    draft = _document(app, batch, sub, f"{sub.id}/{sub.period_start.isoformat()}",
+    draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),
                       [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
                       "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
     _commit_minimum(draft, sub, minimum)

@@ -16,7 +16,7 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import parse_timestamp, utcnow
-from billing_ledger.application import CommandResult, LedgerApplication
+from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import localized, quote_change
@@ -25,7 +25,7 @@ from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
 from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.scheduler import DueIndex, tick_messages
-from billing_ledger.subscription_commands import tax_lines_for
+from billing_ledger.subscription_commands import document_tax_lines, period_invoice
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bus import Bus
@@ -140,11 +140,18 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                              period_start=sub.period_start, period_end_at=sub.period_end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
         net = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
-        # The tax finalizing would add: the same rules, on the same net total, by the account's tax profile.
+        # The tax finalizing would add: the same rules, on the same net total, by the account's tax profile, and
+        # the credit for unused time at the rate of the invoice it corrects (the subscription's period invoice).
         profile = await read(roster_id(tenant), lambda r: copy.deepcopy(r.tax_profile))
         catalog = await read(Catalog.create_id(), lambda c: copy.deepcopy(c.document))
+        corrected = await asyncio.to_thread(period_invoice, sub, lambda i: app.read(i, copy.deepcopy)) \
+            if lines else None
         if lines:
-            lines = lines + tax_lines_for(net, sub.plan["currency"], profile, catalog)
+            try:
+                lines = lines + document_tax_lines(lines, sub.plan["currency"], profile, catalog, corrected)
+            except CommandRejected as exc:  # the change itself would be refused so
+                raise Problem(STATUS_FOR_REASON.get(exc.reason, 422), "Refused", exc.detail,
+                              kind=exc.reason.replace("_", "-"), reason=exc.reason) from exc
         total = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
         return {"subscription": _view(sub), "at": moment, "lines": lines, "net": str(net), "total": str(total),
                 "currency": sub.plan["currency"],

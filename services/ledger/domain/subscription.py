@@ -15,6 +15,12 @@ not billed (``PeriodEnded(billed=False)``, ``period_billed`` false). Resuming in
 rest from the resume (``Resumed(billed_from=...)``); resuming within the paid period bills nothing. Money effects of a change (proration) are computed
 by ``billing_ledger.domain.proration`` from the same inputs for the preview and for the change itself, so
 a preview always equals the change actually made.
+
+``period_invoice``: the document that billed the current plan for the rest of the current period (the period's
+first or renewal invoice, a resume's, a change's), which a change's or cancel's credit for unused time corrects
+and whose tax rate it gives back. Derived in the apply methods from the events and the documents' keys
+(``period_invoice_key``, ``resume_invoice_key``; a change records its document in ``Changed.invoice``), so
+replaying older streams rebuilds it, except after a cadence change recorded without ``invoice`` (None).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.money import RATING_CONTEXT
+from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.periods import period_end, proration_fraction
 from eventsourcing.domain import Aggregate, event
 
@@ -40,6 +47,23 @@ INCOMPLETE_EXPIRED = "incomplete_expired"  # the Canceled reason of an incomplet
 
 def subscription_id(tenant: str, key: str) -> UUID:
     return uuid5(NAMESPACE_URL, f"/subscriptions/{tenant}/{key}")
+
+
+# The keys of a subscription's documents (``Invoice.create_id(tenant, key)``).
+
+def period_invoice_key(subscription: UUID, start: datetime) -> str:
+    """A period's own invoice (the first one, or a renewal's), by the period's start."""
+    return f"{subscription}/{start.isoformat()}"
+
+
+def resume_invoice_key(subscription: UUID, billed_from: datetime) -> str:
+    """A resume's invoice for the rest of a period that began while paused."""
+    return f"{subscription}/resume/{billed_from.isoformat()}"
+
+
+def change_invoice_key(subscription: UUID, command_id: UUID) -> str:
+    """A plan or quantity change's document (invoice or credit note), by the command's id."""
+    return f"{subscription}/change/{command_id}"
 
 
 class Subscription(Aggregate):
@@ -90,6 +114,10 @@ class Subscription(Aggregate):
         # billed). Derived from the events in their apply methods, so replay rebuilds it.
         self.minimum_accrued = Decimal(0)
         self.minimum_from: datetime | None = period_start
+        # The document that billed the current plan for the rest of the current period (module docstring): a
+        # trial's has none; a charge_before_access subscription's first invoice bills the period it activates.
+        self.period_invoice: str | None = None if status == TRIALING else self._document(
+            period_invoice_key(self.id, period_start))
 
     # -- changes ---------------------------------------------------------------------------------------------
 
@@ -97,9 +125,14 @@ class Subscription(Aggregate):
         if self.status not in statuses:
             raise InvalidTransition(f"subscription is {self.status}; this needs {' or '.join(statuses)}")
 
-    def change(self, *, plan: dict[str, Any], quantity: int, at: datetime, by: str, lines: list[dict[str, Any]]
-               ) -> None:
-        """Plan and/or quantity change at ``at``; ``lines`` are the proration lines (from the quote)."""
+    def _document(self, key: str) -> str:
+        return str(invoice_id(self.tenant, key))
+
+    def change(self, *, plan: dict[str, Any], quantity: int, at: datetime, by: str, lines: list[dict[str, Any]],
+               invoice: UUID | None = None) -> None:
+        """Plan and/or quantity change at ``at``; ``lines`` are the proration lines (from the quote), ``invoice``
+        the document that bills them (None: none, as in a trial); it bills the new plan for the rest of the
+        period (a cadence change: for the new period), so it becomes the ``period_invoice``."""
         self._require(TRIALING, ACTIVE, PAST_DUE)
         if quantity < 1:
             raise SubscriptionError("quantity must be at least 1")
@@ -119,12 +152,19 @@ class Subscription(Aggregate):
             minimum_carried = str(self._minimum_until(at))
         self._changed(old_plan=self.plan, plan=plan, old_quantity=self.quantity, quantity=quantity, at=at, by=by,
                       lines=lines, period_start=new_start, period_end=new_end,
-                      anchor_day=at.day if new_start == at else self.anchor_day, minimum_carried=minimum_carried)
+                      anchor_day=at.day if new_start == at else self.anchor_day, minimum_carried=minimum_carried,
+                      invoice=str(invoice) if invoice is not None and lines else None)
 
     @event("Changed")
     def _changed(self, old_plan: dict[str, Any], plan: dict[str, Any], old_quantity: int, quantity: int,
                  at: datetime, by: str, lines: list[dict[str, Any]], period_start: datetime, period_end: datetime,
-                 anchor_day: int, minimum_carried: str | None = None) -> None:
+                 anchor_day: int, minimum_carried: str | None = None, invoice: str | None = None) -> None:
+        # ``invoice`` None: no document (a trial's change keeps what it had), or a change recorded before it was
+        # named; a cadence change of those started a period whose document is unknown (None, as it was found).
+        if invoice is not None:
+            self.period_invoice = invoice
+        elif period_start != self.period_start:
+            self.period_invoice = None
         if period_start != self.period_start:  # a cadence change: a new period starts now
             # ``minimum_carried``: the cut period's commitment (None: recorded before it was carried, nothing).
             self.minimum_accrued, self.minimum_from = Decimal(minimum_carried or 0), period_start
@@ -165,6 +205,7 @@ class Subscription(Aggregate):
         self.period_billed = True
         if billed_from is not None:
             self.minimum_from = billed_from
+            self.period_invoice = self._document(resume_invoice_key(self.id, billed_from))
 
     def mark_past_due(self, *, at: datetime, reason: str, by: str) -> None:
         self._require(ACTIVE)
@@ -192,6 +233,7 @@ class Subscription(Aggregate):
         self.period_end = period_end
         self.anchor_day = anchor_day
         self.minimum_accrued, self.minimum_from = Decimal(0), period_start
+        # ``period_invoice`` stays the first invoice (its key is the start): paid, it bills this first period.
 
     def expire_incomplete(self, *, at: datetime, by: str, reason: str = INCOMPLETE_EXPIRED) -> None:
         """Its first invoice was never paid: canceled (``incomplete_expired``, or ``canceled`` when a user
@@ -242,6 +284,7 @@ class Subscription(Aggregate):
         self.period_end = period_end
         self.anchor_day = anchor_day
         self.minimum_accrued, self.minimum_from = Decimal(0), period_start
+        self.period_invoice = self._document(period_invoice_key(self.id, period_start))
 
     def renew(self, *, at: datetime) -> bool:
         """Closes the current period if it has ended: renews, or cancels when so scheduled. Once per period."""
@@ -267,6 +310,8 @@ class Subscription(Aggregate):
             self.period_end = next_end
             self.period_billed = billed
             self.minimum_accrued, self.minimum_from = Decimal(0), next_start if billed else None
+            # The renewal invoice bills it (a paused one's draft bills no fee: the resume's invoice will).
+            self.period_invoice = self._document(period_invoice_key(self.id, next_start)) if billed else None
 
     # -- minimum spend ---------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from billing_events import ids
@@ -15,7 +16,7 @@ from billing_ledger.audit import verify_store
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.postings import account_balances
-from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.domain.subscription import Subscription, subscription_id
 
 from tests.unit.subscriptions.test_invoice_overage import debit, renew_and_bill, run, usage_line
 
@@ -29,6 +30,8 @@ CATALOG: dict[str, Any] = {
     "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}},
                {"code": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
     "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00"},
+              {"code": "team-yearly", "name": "Team yearly", "currency": "USD", "cadence": "year",
+               "base_fee": "360.00"},
               {"code": "free", "name": "Free", "currency": "USD", "base_fee": "0.00",
                "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}],
     "packages": [{"code": "usd-20", "name": "20 USD", "unit": "USD", "credits": "20", "price": "20.00",
@@ -160,6 +163,61 @@ def test_a_cancel_after_the_tax_profile_changed_gives_back_the_tax_the_invoice_c
     assert verify_store(app, "acme").ok
 
 
+def test_a_cancel_after_a_resume_gives_back_the_tax_the_resumes_invoice_charged(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 + 5.70 VAT
+    run(app, "subscription.pause", "acme", at=datetime(2026, 11, 20, tzinfo=UTC), key="m")
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")  # December begins paused: not billed
+    run(app, "subscription.resume", "acme", at=DEC_1, key="m")  # ... until now: all of December, 30.00 + 5.70
+    sub_id = subscription_id("acme", "m")
+    resumed = app.repository.get(invoice_id("acme", f"{sub_id}/resume/{DEC_1.isoformat()}"))
+    assert resumed.total == Decimal("35.70")
+    run(app, "tax_profile.set", "acme", at=datetime(2026, 12, 5, tzinfo=UTC), country="US")  # no tax from now on
+    run(app, "subscription.cancel", "acme", at=datetime(2026, 12, 16, 12, tzinfo=UTC), key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{sub_id}/cancel"))
+    # Half of December back with the 2.85 of VAT the resume's invoice charged on it (it was 15.00: the period's
+    # invoice was looked up by the period's key, found none, and today's 0 % applied).
+    assert (note.total, note.related_invoice) == (Decimal("-17.85"), str(resumed.id))
+    assert account(app).available("USD") == 1785 * CENT
+    assert books(app)[("tax_payable", "USD")] == -(570 + 570 - 285) * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_a_cadence_change_gives_back_the_tax_the_changes_document_charged(
+        app: LedgerApplication) -> None:
+    run(app, "tax_profile.set", "acme", country="US")  # no tax rule: the first invoice has no tax
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00
+    run(app, "tax_profile.set", "acme", at=datetime(2026, 11, 10, tzinfo=UTC), country="DE")  # 19 % from now on
+    change = run(app, "subscription.change", "acme", at=NOV_16, key="m", plan="team-yearly")
+    sub_id = subscription_id("acme", "m")
+    yearly = app.repository.get(invoice_id("acme", f"{sub_id}/change/{change.command_id}"))
+    # 15.00 of November back at the 0 % it was invoiced at, a new year from Nov 16 at 360.00 + 68.40 VAT.
+    assert yearly.total == Decimal("413.40")
+    # Half the year later (182.5 of 365 days left) the cancel credits 180.00 and the 34.20 of VAT the change's
+    # invoice charged on it (it was 180.00: the first invoice's 0 %, the only one its key lookup found).
+    run(app, "subscription.cancel", "acme", at=datetime(2027, 5, 17, 12, tzinfo=UTC), key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{sub_id}/cancel"))
+    assert (note.total, note.related_invoice) == (Decimal("-214.20"), str(yearly.id))
+    assert books(app)[("tax_payable", "USD")] == -(6840 - 3420) * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_a_downgrade_gives_back_the_tax_the_downgrade_charged_on_the_new_fee(
+        app: LedgerApplication) -> None:
+    run(app, "tax_profile.set", "acme", country="US")
+    run(app, "subscription.create", "acme", key="m", plan="team", quantity=3)  # 90.00, no tax
+    run(app, "tax_profile.set", "acme", at=datetime(2026, 11, 5, tzinfo=UTC), country="DE")
+    change = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=1)  # -45.00 at 0 %, 15.00 + 2.85
+    run(app, "subscription.cancel", "acme", at=datetime(2026, 11, 25, tzinfo=UTC), key="m", immediately=True)
+    sub_id = subscription_id("acme", "m")
+    note = app.repository.get(invoice_id("acme", f"{sub_id}/cancel"))
+    # The last 6 of 30 days of the 30.00 fee, which the downgrade charged at 19 %: 6.00 + 1.14 (it was 6.00: the
+    # period's first invoice, at 0 %, was taken as the one corrected).
+    assert (note.total, note.related_invoice) == (
+        Decimal("-7.14"), str(invoice_id("acme", f"{sub_id}/change/{change.command_id}")))
+    assert books(app)[("tax_payable", "USD")] == -(285 - 114) * CENT
+    assert verify_store(app, "acme").ok
+
+
 def test_a_credit_note_cannot_be_voided_and_its_credit_and_tax_stay_consistent(app: LedgerApplication) -> None:
     run(app, "subscription.create", "acme", key="m", plan="team", quantity=3)
     result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=1)
@@ -275,3 +333,22 @@ def test_a_correction_of_usage_already_invoiced_comes_back_as_credit_and_the_inv
     assert chart[("gateway_clearing", "USD")] == 3000 * CENT + 3500 * CENT  # every cent paid is in the books
     assert ("receivables", "USD") not in chart  # and nothing stays owed
     assert verify_store(app, "acme").ok
+
+
+def test_changes_recorded_before_they_named_their_document_replay_as_they_were_found() -> None:
+    team, yearly = {"cadence": "month", **CATALOG["plans"][0], "version": 1}, {**CATALOG["plans"][1], "version": 1}
+    sub = Subscription.start(tenant="acme", key="m", plan=team, quantity=1, time_zone="UTC", at=NOV_1, trial=False,
+                             by="user:test")
+    first = str(invoice_id("acme", f"{sub.id}/{NOV_1.isoformat()}"))
+    assert sub.period_invoice == first
+    line = {"kind": "proration", "amount": "15.00"}
+    sub.change(plan=team, quantity=2, at=NOV_16, by="user:test", lines=[line], invoice=uuid4())
+    sub.change(plan=yearly, quantity=2, at=NOV_16, by="user:test", lines=[line], invoice=uuid4())
+    started, *changes = sub.collect_events()
+    for event in changes:  # as recorded before ``Changed.invoice`` existed
+        object.__delattr__(event, "invoice")
+    replayed = started.mutate(None)
+    # A quantity change's credit still corrects the period's invoice, as the key lookup found it; a cadence
+    # change's new period has no known document (its credit is taxed at today's rate, as before).
+    assert changes[0].mutate(replayed).period_invoice == first
+    assert changes[1].mutate(replayed).period_invoice is None

@@ -36,24 +36,48 @@ def run(ledger: LedgerApplication, kind: str, tenant: str | None, at: datetime =
     return result
 
 
-def test_the_preview_of_a_change_shows_the_tax_the_invoice_will_carry(tmp_path: Path) -> None:
+def ledger_with_subscription(tmp_path: Path) -> LedgerApplication:
     ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
     run(ledger, "catalog.publish", None, document=CATALOG, digest="preview-1")
     run(ledger, "account.open", "acme", currency="EUR")
     run(ledger, "tax_profile.set", "acme", country="DE")  # a consumer in Germany: 19 % VAT
     run(ledger, "subscription.create", "acme", key="m", plan="team", quantity=1)
+    return ledger
+
+
+def preview_of(ledger: LedgerApplication, tmp_path: Path, **params: Any) -> dict[str, Any]:
     app = create_app("t", Settings(data_dir=tmp_path))
     app.include_router(build_router(ledger, EmbeddedBus(tmp_path / "bus.sqlite"), "billing"))
     token = mint_token(Settings(), role="admin")
-    response = TestClient(app).get("/v1/accounts/acme/subscriptions/m/invoice-preview",
-                                   params={"quantity": 3, "at": NOV_16.isoformat()},
+    response = TestClient(app).get("/v1/accounts/acme/subscriptions/m/invoice-preview", params=params,
                                    headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
-    preview = response.json()
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_the_preview_of_a_change_shows_the_tax_the_invoice_will_carry(tmp_path: Path) -> None:
+    ledger = ledger_with_subscription(tmp_path)
+    preview = preview_of(ledger, tmp_path, quantity=3, at=NOV_16.isoformat())
     assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
         ("proration", "-15.00"), ("proration", "45.00"), ("tax", "5.70")]
     assert (preview["net"], preview["total"]) == ("30.00", "35.70")
     # The change itself bills exactly what was previewed.
+    result = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert invoice.total == Decimal(preview["total"])
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
+
+
+def test_the_preview_gives_back_the_tax_the_corrected_invoice_charged_after_the_rate_changed(
+        tmp_path: Path) -> None:
+    ledger = ledger_with_subscription(tmp_path)  # 30.00 + 5.70 VAT
+    run(ledger, "tax_profile.set", "acme", at=datetime(2026, 11, 5, tzinfo=UTC), country="US")  # no tax from now on
+    preview = preview_of(ledger, tmp_path, quantity=3, at=NOV_16.isoformat())
+    # The unused half of the fee comes back with the 2.85 of VAT invoiced on it; the new 45.00 is untaxed (the
+    # preview showed no tax at all, 30.00, while the change then billed 27.15).
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
+        ("proration", "-15.00"), ("proration", "45.00"), ("tax", "-2.85")]
+    assert (preview["net"], preview["total"], preview["document"]) == ("30.00", "27.15", "invoice")
     result = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)
     invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
     assert invoice.total == Decimal(preview["total"])
