@@ -55,7 +55,8 @@ class _Model(BaseModel):
 class CreditUnitDef(_Model):
     scale: int = Field(default=2, ge=0, le=9, description="Digits shown after the point")
     list_price: Amount | None = Field(default=None, description="Price of one credit in `currency`")
-    currency: str | None = None
+    currency: str | None = Field(default=None, description="ISO 4217 currency of `list_price` (default: the "
+                                                           "plan's own currency)")
     list_prices: dict[str, Amount] = Field(
         default_factory=dict, description="Price of one credit in other currencies (credits used beyond the "
                                           "prepaid ones are billed at it on invoices in that currency)")
@@ -138,7 +139,7 @@ class LocalPrice(_Model):
     minimum_spend: Amount | None = Field(default=None, description="Required when the plan has a minimum_spend")
 
 
-LocalPriceIn = Annotated[LocalPrice, BeforeValidator(_local_price)]
+LocalPriceIn = Annotated[LocalPrice, BeforeValidator(_local_price, json_schema_input_type=LocalPrice | str | int)]
 
 
 class PlanDef(_Model):
@@ -148,8 +149,8 @@ class PlanDef(_Model):
     name: str
     version: int | None = Field(default=None, description="Assigned by the ledger when published")
     cadence: Cadence = "month"
-    currency: str
-    base_fee: Amount = Decimal(0)
+    currency: str = Field(description="ISO 4217 currency of `base_fee` and `minimum_spend`")
+    base_fee: Amount = Field(default=Decimal(0), description="Per period and unit of quantity, billed in advance")
     charges: list[PlanCharge] = Field(default_factory=list)
     recurring_credits: list[RecurringCredit] = Field(default_factory=list)
     trial_days: int = Field(default=0, ge=0, le=365)
@@ -159,7 +160,9 @@ class PlanDef(_Model):
         default=None, description="Minimum commitment on usage per period, in `currency`: a renewal invoice "
                                   "whose usage lines total less bills the shortfall (prorated to the billed time)")
     prices: dict[str, LocalPriceIn] = Field(
-        default_factory=dict, description="Localized prices by ISO 4217 currency, beside `currency`/`base_fee`")
+        default_factory=dict, description="Localized prices by ISO 4217 currency, beside `currency`/`base_fee`: "
+                                          "`{EUR: {base_fee: \"27.00\", minimum_spend: \"45.00\"}}`, or `{EUR: "
+                                          "\"27.00\"}` for the fee alone")
     collection: Collection | None = Field(
         default=None, description="Default collection of its subscriptions (a subscription may say otherwise): "
                                   "`invoice` (access at once, invoice collected afterwards; the default) or "
@@ -285,14 +288,49 @@ def unsupported_credit_cadence(plan: str, index: int, cadence: str, plan_cadence
             f"{plan_cadence!r}, or amount per {plan_cadence})")
 
 
+# A small catalogue in the shape of examples/catalog.yaml (the reference): what a published one looks like.
+EXAMPLE: dict[str, Any] = {
+    "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.01", "currency": "USD", "list_prices": {"EUR": "0.0092"}}},
+    "meters": [
+        {"code": "api_calls", "name": "API calls", "unit_of_measure": "call", "usage_type": "api",
+         "aggregation": "sum", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.0020"}},
+        {"code": "data_operations", "name": "Data operations", "unit_of_measure": "operation", "usage_type": "data",
+         "aggregation": "count", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "0.5"}},
+    ],
+    "plans": [
+        {"code": "starter", "name": "Starter", "cadence": "month", "currency": "USD", "base_fee": "49.00",
+         "trial_days": 14, "resources": {"users": 5},
+         "charges": [{"meter": "api_calls", "included": "100000",
+                      "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.0015"}}],
+         "recurring_credits": [{"unit": "CREDIT", "amount": "1000", "cadence": "month"}]},
+        {"code": "credits-pro", "name": "Credits Pro", "cadence": "month", "currency": "USD", "base_fee": "99.00",
+         "minimum_spend": "50.00", "prices": {"EUR": {"base_fee": "92.00", "minimum_spend": "46.00"}},
+         "collection": "charge_before_access",
+         "charges": [{"meter": "data_operations",
+                      "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "0.4"}}],
+         "recurring_credits": [{"unit": "CREDIT", "amount": "20000", "cadence": "month"}]},
+    ],
+    "packages": [{"code": "credits-10k", "name": "10,000 credits", "unit": "CREDIT", "credits": "10000",
+                  "bonus_credits": "1000", "price": "95.00", "currency": "USD"}],
+    "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+    "seller": {"name": "Billing Inc.", "country": "US"},
+}
+
+
 class CatalogDocument(_Model):
-    credit_units: dict[str, CreditUnitDef] = Field(default_factory=dict)
-    meters: list[MeterDef] = Field(default_factory=list)
-    plans: list[PlanDef] = Field(default_factory=list)
-    packages: list[CreditPackage] = Field(default_factory=list)
-    tax_rules: list[TaxRule] = Field(default_factory=list)
-    promotions: list[PromotionDef] = Field(default_factory=list)
-    seller: Seller = Field(default_factory=Seller)
+    """A whole catalogue. Published, it is the next immutable version; a plan whose content changed gets the next
+    version of its code (subscriptions keep theirs: grandfathering)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE]})
+
+    credit_units: dict[str, CreditUnitDef] = Field(
+        default_factory=dict, description="Credit types by code (e.g. CREDIT): scale and list prices")
+    meters: list[MeterDef] = Field(default_factory=list, description="What usage is counted, and its list price")
+    plans: list[PlanDef] = Field(default_factory=list, description="Subscription plans, codes unique")
+    packages: list[CreditPackage] = Field(default_factory=list, description="Prepaid credit packages")
+    tax_rules: list[TaxRule] = Field(default_factory=list, description="Tax rates by region")
+    promotions: list[PromotionDef] = Field(default_factory=list, description="Promotion codes for top-ups")
+    seller: Seller = Field(default_factory=Seller, description="Who issues the invoices (and where, for tax)")
 
     @model_validator(mode="after")
     def _references(self, info: ValidationInfo) -> CatalogDocument:

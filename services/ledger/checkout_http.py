@@ -23,9 +23,20 @@ from billing_ledger.domain.checkout import Promotion, PromotionRefused, check_pr
 from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.refund_request import refund_request_id
 from billing_ledger.gateways import GatewayError, OutboundGateway
+from billing_ledger.http_models import (
+    AlertSettings,
+    AutoTopUpRule,
+    CheckoutRequest,
+    GatewayCustomer,
+    IdentityVerification,
+    LowBalanceThreshold,
+    RefundRequestCreate,
+    RefundRequestRejection,
+)
 from billing_ledger.refund_request_commands import request_view
 from billing_ledger.subscriptions_http import apply_now
 from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.bodies import described_by
 from billing_runtime.problems import Problem
 from billing_runtime.settings import Settings
 from fastapi import APIRouter, Body, Depends, Request
@@ -36,8 +47,15 @@ STATUS_FOR_REASON = {"unknown_account": 404, "unknown_order": 404, "unknown_refu
 AnyRole = Annotated[Principal, Depends(require())]
 Operator = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
 AdminOnly = Annotated[Principal, Depends(require(Role.ADMIN))]
-JsonBody = Annotated[dict[str, Any], Body()]
-OptionalBody = Annotated[dict[str, Any] | None, Body()]
+# The bodies go to their command (or quote) as sent, whose checks answer a bad field; the models describe them.
+CheckoutBody = Annotated[dict[str, Any], described_by(CheckoutRequest), Body()]
+IdentityBody = Annotated[dict[str, Any] | None, described_by(IdentityVerification, optional=True), Body()]
+CustomerBody = Annotated[dict[str, Any], described_by(GatewayCustomer), Body()]
+AlertsBody = Annotated[dict[str, Any], described_by(AlertSettings), Body()]
+AutoTopUpBody = Annotated[dict[str, Any], described_by(AutoTopUpRule), Body()]
+LowBalanceBody = Annotated[dict[str, Any], described_by(LowBalanceThreshold), Body()]
+RefundRequestBody = Annotated[dict[str, Any], described_by(RefundRequestCreate), Body()]
+RejectionBody = Annotated[dict[str, Any] | None, described_by(RefundRequestRejection, optional=True), Body()]
 
 
 def quote_now(app: LedgerApplication, tenant: str, payload: dict[str, Any], at: datetime) -> dict[str, Any]:
@@ -119,7 +137,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
 
     @router.post("/v1/accounts/{tenant}/checkout", status_code=201,
                  summary="Place a top-up order and open the gateway's hosted checkout page")
-    async def checkout(tenant: str, request: Request, body: JsonBody,
+    async def checkout(tenant: str, request: Request, body: CheckoutBody,
                        principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
         gateway_name = str(body.get("gateway") or (min(gateways) if gateways else ""))
@@ -164,14 +182,14 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         return await order(tenant, key)
 
     @router.post("/v1/accounts/{tenant}/identity/verify", summary="Record a completed identity verification")
-    async def verify(tenant: str, request: Request, principal: AdminOnly, body: OptionalBody = None) -> dict[str, Any]:
+    async def verify(tenant: str, request: Request, principal: AdminOnly, body: IdentityBody = None) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(principal, "identity.verify", tenant, body or {}, request.headers.get("idempotency-key"))
         return {"tenant": tenant, **result.value}
 
     @router.put("/v1/accounts/{tenant}/gateway-customers/{gateway}",
                 summary="The gateway's customer id that owns the saved payment methods")
-    async def put_customer(tenant: str, gateway: str, body: JsonBody,
+    async def put_customer(tenant: str, gateway: str, body: CustomerBody,
                            principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
         await run(principal, "payment_customer.set", tenant, {"gateway": gateway, "customer": body.get("customer")},
@@ -179,7 +197,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         return {"tenant": tenant, "gateway": gateway, "customer": body.get("customer")}
 
     @router.put("/v1/accounts/{tenant}/alerts", summary="Low-balance alerts: email and signed webhook endpoint")
-    async def put_alerts(tenant: str, body: JsonBody,
+    async def put_alerts(tenant: str, body: AlertsBody,
                          principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(principal, "alerts.configure", tenant, body, None)
@@ -188,7 +206,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
 
     @router.put("/v1/accounts/{tenant}/auto-top-up",
                 summary="Auto-top-up rule: below threshold, top up to target or by one package (cooldown, monthly cap)")
-    async def put_auto_top_up(tenant: str, body: JsonBody, principal: Operator) -> dict[str, Any]:
+    async def put_auto_top_up(tenant: str, body: AutoTopUpBody, principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
         known = ("unit", "threshold", "target", "package", "cooldown_seconds", "monthly_cap")
         unknown = sorted(set(body) - set(known))
@@ -208,7 +226,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
 
     @router.put("/v1/accounts/{tenant}/low-balance",
                 summary="Low-balance alert threshold (null removes it); alerts go where PUT .../alerts says")
-    async def put_low_balance(tenant: str, body: JsonBody, principal: Operator) -> dict[str, Any]:
+    async def put_low_balance(tenant: str, body: LowBalanceBody, principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if "threshold" not in body:
             raise Problem(422, "Invalid request", "threshold is required (null removes the alert).",
@@ -227,7 +245,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
 
     @router.post("/v1/accounts/{tenant}/refund-requests", status_code=201,
                  summary="Ask for a refund of a paid top-up order (reviewed by an operator)")
-    async def create_refund_request(tenant: str, request: Request, body: JsonBody,
+    async def create_refund_request(tenant: str, request: Request, body: RefundRequestBody,
                                     principal: AnyRole) -> dict[str, Any]:
         check_tenant(principal, tenant)
         key = str(body.get("key") or request.headers.get("idempotency-key") or uuid4().hex)
@@ -260,7 +278,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         return await refund_request(tenant, key)
 
     @router.post("/v1/accounts/{tenant}/refund-requests/{key}/reject")
-    async def reject(tenant: str, key: str, principal: Operator, body: OptionalBody = None) -> dict[str, Any]:
+    async def reject(tenant: str, key: str, principal: Operator, body: RejectionBody = None) -> dict[str, Any]:
         check_tenant(principal, tenant)
         await run(principal, "refund_request.reject", tenant, {"key": key, **(body or {})}, None)
         return await refund_request(tenant, key)

@@ -1,10 +1,18 @@
-"""Request bodies of the ledger's HTTP API. Amounts are decimal strings (or integers), never binary floats."""
+"""Request bodies of the ledger's HTTP API. Amounts are decimal strings (or integers), never binary floats.
+
+The models down to ``Body`` validate their routes' bodies. The ones after it (``Described``) describe bodies the
+route hands on to its ledger command as sent (``billing_runtime.bodies.described_by``): the command's checks
+answer a bad field with their own reason (``invalid_collection``, ``invalid_command``, ...), so they describe
+what those checks accept; their examples are accepted by the routes (tests/unit/subscriptions/test_http_bodies.py).
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
+from billing_events.catalog import CODE, Collection
 from billing_events.messages import CODE_PATTERN, DecimalStr, SignedDecimalStr
 from billing_ledger.limits import (
     HOLD_TTL_SECONDS_DEFAULT,
@@ -70,3 +78,181 @@ class RefundRequest(Body):
     reason: Reason
     finance_override: bool = Field(default=False, description="Refund credit that was already spent or has "
                                                               "lapsed (finance role only)")
+
+
+# -- bodies handed on to their command as sent (documented, validated by the command) ---------------------------
+
+At = Annotated[datetime | None, Field(default=None, description="When it takes effect (ISO 8601 with offset); "
+                                                                 "default: now")]
+PlanCode = Annotated[str, Field(pattern=CODE, description="Code of a published plan", examples=["starter"])]
+PlanVersion = Annotated[int | None, Field(default=None, ge=1, description="A published version of the plan "
+                                                                          "(default: its current one)")]
+Quantity = Annotated[int, Field(ge=1, description="Units of the plan (seats): its fee and its `resources` are "
+                                                  "multiplied by it")]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class Described(BaseModel):
+    """Fields the route does not know are ignored, as the command ignores them."""
+
+
+class SubscriptionCreate(Described):
+    """A subscription to a published plan version, billed in the account's currency: the plan's own or one of its
+    localized `prices` (else refused `currency_mismatch`)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"key": "main", "plan": "starter", "quantity": 3, "trial": False, "time_zone": "Europe/Berlin",
+         "collection": "charge_before_access"}]})
+
+    key: Text = Field(description="The subscription's name in the account (`.../subscriptions/{key}`); "
+                                  "a second subscription with it is refused (`subscription_exists`)",
+                      examples=["main"])
+    plan: PlanCode
+    plan_version: PlanVersion = None
+    quantity: Quantity = 1
+    trial: bool = Field(default=True, description="Start with the plan's `trial_days` when the account is "
+                                                  "eligible (false: billed at once)")
+    time_zone: str = Field(default="UTC", description="IANA time zone the billing periods turn in",
+                           examples=["Europe/Berlin"])
+    workspace: str | None = Field(default=None, description="The workspace (organisation) the account belongs to: "
+                                                            "a trial needs it to have one billing account only")
+    collection: Collection | None = Field(
+        default=None, description="`invoice` (access at once, invoice collected afterwards) or "
+                                  "`charge_before_access` (incomplete, no access, until the first invoice is "
+                                  "paid); default: the plan's `collection`, else `invoice`")
+    at: At = None
+
+
+class SubscriptionChange(Described):
+    """A plan or quantity change, prorated: charges and credits for the rest of the period
+    (`GET .../invoice-preview` shows them first)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"quantity": 5}, {"plan": "credits-pro"}]})
+
+    plan: PlanCode | None = Field(default=None, description="The new plan (default: the same plan)")
+    plan_version: PlanVersion = None
+    quantity: Quantity | None = Field(default=None, description="The new quantity (default: the same)")
+    at: At = None
+
+
+class SubscriptionCancel(Described):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"immediately": True}]})
+
+    immediately: bool = Field(default=False, description="End now, crediting the unused time (false: at the end "
+                                                         "of the period)")
+    at: At = None
+
+
+class SubscriptionMoment(Described):
+    """Pause or resume: nothing but when."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"at": "2026-11-16T00:00:00+00:00"}]})
+
+    at: At = None
+
+
+class PaymentMethodAdd(Described):
+    """A payment-method token of the gateway (no card data is ever stored)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"method_id": "pm_1Q2w3E4r", "gateway": "stripe", "label": "Visa 4242", "default": True}]})
+
+    method_id: Text = Field(description="The gateway's token of the method")
+    gateway: str = Field(default="stripe", description="stripe, razorpay or paypal")
+    label: str = Field(default="", description="Shown to people, e.g. the card's brand and last digits")
+    default: bool = Field(default=False, description="Charge it first (renewals, auto-top-up)")
+
+
+class TaxProfile(Described):
+    """Who the account is for tax: EU VAT ids are checked (and looked up in VIES when configured)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"country": "DE", "business_name": "Acme GmbH", "tax_id": "DE136695976"}]})
+
+    country: str = Field(pattern=r"^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2 country",
+                         examples=["DE"])
+    subdivision: str | None = Field(default=None, description="ISO 3166-2 subdivision, e.g. US-CA")
+    business_name: str | None = None
+    tax_id: str | None = Field(default=None, description="VAT or tax id, checked for the country (invalid: "
+                                                         "`invalid_vat_id` / `invalid_tax_id`)")
+
+
+class CheckoutRequest(Described):
+    """A top-up: a credit package or an amount, with an optional promotion code."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"package": "credits-10k", "promotion": "WELCOME10", "gateway": "stripe",
+         "success_url": "https://app.example.com/billing/done", "cancel_url": "https://app.example.com/billing"}]})
+
+    package: str | None = Field(default=None, description="A credit package of the catalogue")
+    amount: DecimalStr | None = Field(default=None, description="An amount in the account's currency (instead of "
+                                                            "a package)")
+    promotion: str | None = Field(default=None, description="A promotion code")
+    gateway: str | None = Field(default=None, description="An enabled gateway (default: the first by name)")
+    success_url: Text = Field(description="Where the hosted page sends the customer after paying")
+    cancel_url: Text = Field(description="Where it sends them when they give up")
+
+
+class IdentityVerification(Described):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"reference": "vs_1Q2w3E4r", "method": "stripe_identity"}]})
+
+    reference: str = Field(default="", description="The verification provider's reference")
+    method: str = Field(default="manual", description="How the identity was verified")
+    at: At = None
+
+
+class GatewayCustomer(Described):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"customer": "cus_Q2w3E4r"}]})
+
+    customer: Text = Field(description="The gateway's customer id", examples=["cus_Q2w3E4r"])
+
+
+class AlertSettings(Described):
+    """Where low-balance alerts go. Replaces the previous settings."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"email": "billing@acme.example", "webhook_url": "https://acme.example/hooks/billing",
+         "webhook_secret": "whsec_3f9a"}]})
+
+    email: str | None = None
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://",
+                                    description="Receives signed JSON alerts (HMAC-SHA256 with the secret)")
+    webhook_secret: str | None = Field(default=None, description="Never shown again (answered as `set`)")
+    enabled: bool = True
+
+
+class AutoTopUpRule(Described):
+    """Below `threshold`, top up to `target` (the account's currency only) or by one `package`; at most
+    `monthly_cap` a calendar month, not twice within the cooldown."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"threshold": "10", "target": "50", "cooldown_seconds": 600, "monthly_cap": "200"}]})
+
+    unit: str | None = Field(default=None, description="The wallet watched (default: the account's currency)")
+    threshold: DecimalStr = Field(description="Top up when the balance falls below it")
+    target: DecimalStr | None = Field(default=None, description="Exactly one of target or package")
+    package: str | None = Field(default=None, description="A credit package giving `unit`")
+    cooldown_seconds: int = Field(default=3600, ge=0)
+    monthly_cap: DecimalStr = Field(description="At most this much topped up per calendar month")
+
+
+class LowBalanceThreshold(Described):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"threshold": "20.00"}, {"threshold": None}]})
+
+    unit: str | None = Field(default=None, description="The wallet watched (default: the account's currency)")
+    threshold: DecimalStr | None = Field(description="Alert below it; null removes the alert")
+
+
+class RefundRequestCreate(Described):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"order": "top-up-7f3a", "reason": "bought twice"}]})
+
+    order: Text = Field(description="The paid top-up order (its key)")
+    reason: str = ""
+    key: str | None = Field(default=None, description="The request's key (default: the Idempotency-Key header, "
+                                                      "else a new one)")
+
+
+class RefundRequestRejection(Described):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"reason": "the credit was used"}]})
+
+    reason: str = ""

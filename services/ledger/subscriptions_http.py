@@ -11,7 +11,7 @@ import asyncio
 import copy
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from billing_events.messages import LedgerCommand
@@ -23,11 +23,20 @@ from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
+from billing_ledger.http_models import (
+    PaymentMethodAdd,
+    SubscriptionCancel,
+    SubscriptionChange,
+    SubscriptionCreate,
+    SubscriptionMoment,
+    TaxProfile,
+)
 from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.subscription_commands import document_tax_lines, period_invoice
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.bodies import described_by
 from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
 from eventsourcing.persistence import IntegrityError
@@ -38,6 +47,14 @@ STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "invalid_tax_
                      "unknown_subscription": 404, "unknown_plan": 422, "unsupported_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
                      "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409}
+# The bodies go to their command as sent (its checks answer a bad field); the models describe them.
+CreateBody = Annotated[dict[str, Any], described_by(SubscriptionCreate), Body()]
+ActionBody = Annotated[dict[str, Any] | None, Body()]
+ACTION_BODIES = {action: Annotated[dict[str, Any] | None, described_by(model, optional=True), Body()]
+                 for action, model in (("change", SubscriptionChange), ("cancel", SubscriptionCancel),
+                                       ("pause", SubscriptionMoment), ("resume", SubscriptionMoment))}
+PaymentMethodBody = Annotated[dict[str, Any], described_by(PaymentMethodAdd), Body()]
+TaxProfileBody = Annotated[dict[str, Any], described_by(TaxProfile), Body()]
 
 
 async def apply_now(app: LedgerApplication, command: LedgerCommand) -> CommandResult:
@@ -90,7 +107,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
 
     @router.post("/v1/accounts/{tenant}/subscriptions", status_code=201,
                  summary="Subscribe to a published plan version (trial when eligible)")
-    async def create(tenant: str, request: Request, body: dict[str, Any] = Body(...),
+    async def create(tenant: str, request: Request, body: CreateBody,
                      principal: Principal = Depends(admin)) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if not body.get("key") or not body.get("plan"):
@@ -159,18 +176,19 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
 
     for action in ("change", "cancel", "pause", "resume"):
         def make(action: str = action) -> Any:
-            async def act(tenant: str, key: str, request: Request, body: dict[str, Any] | None = Body(None),
+            async def act(tenant: str, key: str, request: Request, body: ActionBody = None,
                           principal: Principal = Depends(admin)) -> dict[str, Any]:
                 check_tenant(principal, tenant)
                 result = await run(request, principal, f"subscription.{action}", tenant, {**(body or {}), "key": key})
                 return {**await subscription(tenant, key), "result": result.value}
+            act.__annotations__["body"] = ACTION_BODIES[action]  # the action's own model documents its body
             return act
         router.post(f"/v1/accounts/{{tenant}}/subscriptions/{{key}}/{action}",
                     summary=f"{action.capitalize()} a subscription")(make())
 
     @router.post("/v1/accounts/{tenant}/payment-methods", status_code=201,
                  summary="Add a gateway payment-method token (no card data is ever stored); up to 5")
-    async def add_method(tenant: str, request: Request, body: dict[str, Any] = Body(...),
+    async def add_method(tenant: str, request: Request, body: PaymentMethodBody,
                          principal: Principal = Depends(admin)) -> dict[str, Any]:
         check_tenant(principal, tenant)
         await run(request, principal, "payment_method.add", tenant, body)
@@ -185,7 +203,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         return Response(status_code=204)
 
     @router.put("/v1/accounts/{tenant}/tax-profile", summary="Business name, country and VAT id (validated)")
-    async def put_tax_profile(tenant: str, request: Request, body: dict[str, Any] = Body(...),
+    async def put_tax_profile(tenant: str, request: Request, body: TaxProfileBody,
                               principal: Principal = Depends(require(Role.ADMIN, Role.FINANCE))) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if body.get("tax_id") and str(body.get("country", "")).upper() in EU_MEMBER_STATES:  # VIES: EU VAT ids only

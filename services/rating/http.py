@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from billing_events import ids, topics
+from billing_events.catalog import CatalogDocument
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_rating.catalog_view import CatalogError, validate_document
@@ -15,10 +16,14 @@ from billing_rating.close import close_period, lines_of
 from billing_rating.service import RatingService
 from billing_rating.text import subunits_text
 from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.bodies import described_by
 from billing_runtime.bus import OutMessage
 from billing_runtime.problems import Problem
 from fastapi import APIRouter, Body, Depends
 
+# Validated by ``validate_document`` (its refusals are ``invalid-catalog`` problems naming the field and the rating
+# checks of every price); the model it validates with describes the body.
+CatalogBody = Annotated[dict[str, Any], described_by(CatalogDocument), Body()]
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
 
@@ -60,7 +65,7 @@ def build_router(service: RatingService) -> APIRouter:
     @router.post("/v1/catalog", status_code=202, summary="Publish a catalogue (admin)",
                  description="Validated here (meters, price specs, plans, packages), then recorded by the "
                              "ledger as the next immutable version. Same content, same command id.")
-    async def post_catalog(document: dict[str, Any] = Body(...),
+    async def post_catalog(document: CatalogBody,
                            principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
         try:
             parsed = validate_document(document)

@@ -1,0 +1,78 @@
+"""``POST /v1/catalog``: the documented example is published as given; a bad catalogue is refused with the
+``invalid-catalog`` problem naming the field, and nothing reaches the ledger (embedded bus and database)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from billing_events import topics
+from billing_events.catalog import EXAMPLE
+from billing_rating.catalog_view import validate_document
+from billing_rating.http import build_router
+from billing_rating.service import RatingService
+from billing_runtime.auth import mint_token
+from billing_runtime.bus import EmbeddedBus
+from billing_runtime.db import SqliteDatabase
+from billing_runtime.http import create_app
+from billing_runtime.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
+from billing_runtime.settings import Settings
+from httpx import ASGITransport, AsyncClient
+
+ADMIN = {"Authorization": f"Bearer {mint_token(Settings(), role='admin')}"}
+
+
+@pytest.fixture
+async def rating(tmp_path: Path) -> AsyncIterator[tuple[AsyncClient, EmbeddedBus]]:
+    bus = EmbeddedBus(tmp_path / "bus.sqlite", partitions=1)
+    await bus.start()
+    service = RatingService(await SqliteDatabase(tmp_path / "rating.sqlite").connect(), bus)
+    await service.setup()
+    api = create_app("t", Settings(data_dir=tmp_path))
+    api.include_router(build_router(service))
+    async with AsyncClient(transport=ASGITransport(app=api), base_url="http://rating") as client:
+        yield client, bus
+    await service.db.close()
+    await bus.stop()
+
+
+async def commands(bus: EmbeddedBus) -> list[dict[str, Any]]:
+    rows = await bus._db.fetch('SELECT value FROM messages WHERE topic = $1 ORDER BY "offset"', topics.LEDGER_COMMANDS)
+    return [json.loads(bytes(r["value"])) for r in rows]
+
+
+async def test_the_documented_example_is_published(rating: tuple[AsyncClient, EmbeddedBus]) -> None:
+    client, bus = rating
+    accepted = await client.post("/v1/catalog", headers=ADMIN, json=EXAMPLE)
+    assert accepted.status_code == 202, accepted.text
+    [command] = await commands(bus)
+    assert command["kind"] == "catalog.publish"
+    published = command["payload"]["document"]
+    assert published == validate_document(EXAMPLE).model_dump(mode="json")
+    pro = next(p for p in published["plans"] if p["code"] == "credits-pro")
+    assert (pro["prices"], pro["minimum_spend"], pro["collection"]) == (
+        {"EUR": {"base_fee": "92.00", "minimum_spend": "46.00"}}, "50.00", "charge_before_access")
+
+
+@pytest.mark.parametrize(("body", "kind", "names"), [
+    ({**EXAMPLE, "plans": [{"code": "solo", "name": "Solo", "base_fee": "9.00"}]}, "invalid-catalog",
+     "plans.0.currency"),                                                              # required field missing
+    ({**EXAMPLE, "plans": "starter"}, "invalid-catalog", "plans"),                     # wrong type
+    ({**EXAMPLE, "credit_units": {"CREDIT": {"scale": "two"}}}, "invalid-catalog", "scale"),
+    ({"meters": [{"code": "x", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "-1"}}]},
+     "invalid-catalog", "negative"),                                                   # rating's price check
+    ([EXAMPLE], "invalid-request", None),                                              # not an object
+])
+async def test_a_bad_catalogue_gets_its_problem_and_publishes_nothing(
+        rating: tuple[AsyncClient, EmbeddedBus], body: Any, kind: str, names: str | None) -> None:
+    client, bus = rating
+    refused = await client.post("/v1/catalog", headers=ADMIN, json=body)
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"] == PROBLEM_MEDIA_TYPE
+    assert refused.json()["type"] == PROBLEM_BASE + kind
+    if names is not None:
+        assert names in refused.json()["detail"]
+    assert await commands(bus) == []
