@@ -22,6 +22,7 @@ from uuid import UUID
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import parse_decimal, to_subunits
+from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.catalog_commands import published_catalog
@@ -151,19 +152,19 @@ def fail_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) ->
 @handles("identity.verify")
 def verify_identity(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account_of(batch, command.tenant)
+    reference = fields.string(command, "reference")
+    method = fields.text(command, "method", default="manual")
     profile = profile_of(batch, command.tenant or "")
-    profile.verify_identity(reference=str(command.payload.get("reference", "")),
-                            method=str(command.payload.get("method", "manual")), at=effective_at(command),
-                            by=command.issued_by)
+    profile.verify_identity(reference=reference, method=method, at=effective_at(command), by=command.issued_by)
     return {"identity_verified": True, "identity": profile.identity}
 
 
 @handles("payment_customer.set")
 def set_customer(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     account_of(batch, command.tenant)
-    profile_of(batch, command.tenant or "").set_customer(
-        gateway=str(command.payload.get("gateway", "stripe")), customer=str(command.payload["customer"]),
-        at=effective_at(command))
+    # A missing or empty customer is rejected, never stored as "None" (later charges would name that customer).
+    gateway, customer = fields.text(command, "gateway", default="stripe"), fields.text(command, "customer")
+    profile_of(batch, command.tenant or "").set_customer(gateway=gateway, customer=customer, at=effective_at(command))
 
 
 @handles("alerts.configure")
@@ -172,10 +173,16 @@ def configure_alerts(app: LedgerApplication, batch: _Batch, command: LedgerComma
     account_of(batch, command.tenant)
     payload = command.payload
     url = payload.get("webhook_url")
-    if url is not None and not str(url).startswith(("https://", "http://")):
+    if url is not None and not (isinstance(url, str) and url.startswith(("https://", "http://"))):
         raise CommandRejected("invalid_alerts", "webhook_url must be an http(s) URL")
+    for name in ("email", "webhook_secret"):
+        if payload.get(name) is not None and not isinstance(payload[name], str):
+            raise CommandRejected("invalid_alerts", f"{name} must be a string")
+    enabled = payload.get("enabled", True)
+    if not isinstance(enabled, bool):  # "false" would have been true
+        raise CommandRejected("invalid_alerts", "enabled must be true or false")
     settings = {"email": payload.get("email"), "webhook_url": url, "webhook_secret": payload.get("webhook_secret"),
-                "enabled": bool(payload.get("enabled", True))}
+                "enabled": enabled}
     profile_of(batch, command.tenant or "").configure_alerts(settings=settings, at=effective_at(command), by=command.issued_by)
     return settings
 

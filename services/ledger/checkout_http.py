@@ -144,8 +144,9 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         gateway = gateways.get(gateway_name)
         if gateway is None:
             raise Problem(422, "Gateway not enabled", f"Choose one of {sorted(gateways)}.", kind="gateway-not-enabled")
-        if not body.get("success_url") or not body.get("cancel_url"):
-            raise Problem(422, "Invalid request", "success_url and cancel_url are required.", kind="invalid-request")
+        if not all(isinstance(body.get(url), str) and body[url] for url in ("success_url", "cancel_url")):
+            raise Problem(422, "Invalid request", "success_url and cancel_url are required (strings).",
+                          kind="invalid-request")
         payload = {k: body.get(k) for k in ("package", "amount", "promotion")}
         key = request.headers.get("idempotency-key") or uuid4().hex
         if await read(order_id(tenant, key), lambda o: o.tenant) is None:  # else: a retry of this request
@@ -167,7 +168,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
                 session = await gateway.open_checkout(
                     order_id=current["order_id"], tenant=tenant, total=Decimal(q["total"]), currency_code=q["currency"],
                     description=f"Credit package {q['package']}" if q["package"] else "Account top-up",
-                    success_url=str(body["success_url"]), cancel_url=str(body["cancel_url"]))
+                    success_url=body["success_url"], cancel_url=body["cancel_url"])
             except GatewayError as exc:
                 await run(principal, "checkout.fail", tenant, {"key": key, "reason": "gateway_unavailable"}, None)
                 raise Problem(502, "Gateway unavailable", str(exc), kind="gateway-unavailable") from exc
@@ -248,7 +249,9 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
     async def create_refund_request(tenant: str, request: Request, body: RefundRequestBody,
                                     principal: AnyRole) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        key = str(body.get("key") or request.headers.get("idempotency-key") or uuid4().hex)
+        if body.get("key") is not None and not (isinstance(body["key"], str) and body["key"]):
+            raise Problem(422, "Invalid request", "key must be a non-empty string.", kind="invalid-request")
+        key = body.get("key") or request.headers.get("idempotency-key") or uuid4().hex
         result = await run(principal, "refund_request.create", tenant, {**body, "key": key}, key)
         return result.value or await refund_request(tenant, key)  # type: ignore[no-any-return]
 
@@ -280,7 +283,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
     @router.post("/v1/accounts/{tenant}/refund-requests/{key}/reject")
     async def reject(tenant: str, key: str, principal: Operator, body: RejectionBody = None) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        await run(principal, "refund_request.reject", tenant, {"key": key, **(body or {})}, None)
+        await run(principal, "refund_request.reject", tenant, {**(body or {}), "key": key}, None)  # the path's
         return await refund_request(tenant, key)
 
     return router

@@ -65,8 +65,41 @@ def subunits(command: LedgerCommand, field: str, *, allow_negative: bool = False
     return result
 
 
-def flag(command: LedgerCommand, field: str) -> bool:
-    value: Any = command.payload.get(field, False)
+def flag(command: LedgerCommand, field: str, *, default: bool = False) -> bool:
+    """A JSON boolean; absent: ``default``. Anything else (``"no"``, ``0``, ``null``) is rejected, never read by
+    its truth (``bool("no")`` is true)."""
+    value: Any = command.payload.get(field, default)
     if not isinstance(value, bool):
         raise CommandRejected(INVALID, f"{field} must be true or false")
+    return value
+
+
+def string(command: LedgerCommand, field: str, *, default: str = "") -> str:
+    """A JSON string, possibly empty; absent: ``default``. Anything else is rejected, never stored as ``"None"``
+    or ``"5"``."""
+    value: Any = command.payload.get(field, default)
+    if not isinstance(value, str):
+        raise CommandRejected(INVALID, f"{field} must be a string")
+    return value
+
+
+def optional_whole(command: LedgerCommand, field: str) -> int | None:
+    """A JSON integer, or None when absent or null. A fraction (``2.5``), a string (``"3"``) or a boolean is
+    rejected, never truncated or converted: its range is the domain's to check."""
+    value: Any = command.payload.get(field)
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise CommandRejected(INVALID, f"{field} must be a whole number, not {value!r}")
+    return value
+
+
+def whole(command: LedgerCommand, field: str, *, default: int) -> int:
+    """A JSON integer (as ``optional_whole``); absent: ``default``. Null is rejected: give the field or leave it
+    out."""
+    if field not in command.payload:
+        return default
+    value = optional_whole(command, field)
+    if value is None:
+        raise CommandRejected(INVALID, f"{field} must be a whole number, not null")
     return value

@@ -27,6 +27,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import to_subunits
+from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.checkout_commands import bonus_grant_id, order_of, top_up_invoice_id
@@ -98,14 +99,15 @@ def _eligible(batch: _Batch, order: Order) -> None:
 @handles("refund_request.create")
 def create_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     tenant = command.tenant or ""
-    key = str(command.payload.get("key") or "")
-    if not key:
-        raise CommandRejected("invalid_refund_request", "a refund request needs a key")
+    key = command.payload.get("key")
+    if not key or not isinstance(key, str):
+        raise CommandRejected("invalid_refund_request", "a refund request needs a key (a string)")
+    reason = fields.string(command, "reason")  # never stored as "None"
     if batch.get(refund_request_id(tenant, key)) is not None:
         raise CommandRejected("refund_request_exists", f"refund request {key!r} exists")
-    order = order_of(batch, tenant, str(command.payload["order"]))
+    order = order_of(batch, tenant, fields.text(command, "order"))
     _eligible(batch, order)
-    request = RefundRequest(tenant=tenant, key=key, order_id=str(order.id), reason=str(command.payload.get("reason", "")),
+    request = RefundRequest(tenant=tenant, key=key, order_id=str(order.id), reason=reason,
                             at=effective_at(command), by=command.issued_by)
     batch.add(request)
     return request_view(request)
@@ -130,8 +132,9 @@ def approve_request(app: LedgerApplication, batch: _Batch, command: LedgerComman
 @handles("refund_request.reject")
 def reject_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     request = _request(batch, command.tenant or "", str(command.payload["key"]))
+    reason = fields.string(command, "reason")
     try:
-        request.reject(reason=str(command.payload.get("reason", "")), at=effective_at(command), by=command.issued_by)
+        request.reject(reason=reason, at=effective_at(command), by=command.issued_by)
     except RefundRequestError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc
     return request_view(request)

@@ -19,6 +19,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from billing_events.catalog import unsupported_credit_cadence
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT, parse_decimal, to_subunits
+from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.catalog_commands import published_catalog
@@ -501,21 +502,26 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     tenant = command.tenant
     account = account_of(batch, tenant)
     assert tenant is not None
-    key = str(payload["key"])
+    key = fields.text(command, "key")
+    # Every field is checked as documented (``http_models.SubscriptionCreate``) before anything changes: a
+    # ``quantity`` of 2.5 or "3" or a ``trial`` of "no" is rejected, never truncated or read by its truth.
+    quantity = fields.whole(command, "quantity", default=1)
+    wants_trial = fields.flag(command, "trial", default=True)
+    time_zone = fields.text(command, "time_zone", default="UTC")
+    workspace_name = fields.optional_text(command, "workspace")
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
-    plan = _billed_in(_plan(batch, payload["plan"], payload.get("plan_version")), account.currency)
-    quantity = int(payload.get("quantity", 1))
+    plan = _billed_in(_plan(batch, fields.text(command, "plan"), fields.optional_whole(command, "plan_version")),
+                      account.currency)
     roster = _roster(batch, tenant)
-    workspace = batch.get(workspace_id(payload["workspace"])) if payload.get("workspace") else None
+    workspace = batch.get(workspace_id(workspace_name)) if workspace_name else None
     accounts_in_workspace = len(workspace.accounts) if workspace is not None else 1
-    trial = bool(payload.get("trial", True)) and int(plan.get("trial_days", 0)) > 0 \
-        and roster.trial_eligible(accounts_in_workspace)
+    trial = wants_trial and int(plan.get("trial_days", 0)) > 0 and roster.trial_eligible(accounts_in_workspace)
     at = effective_at(command)
     before = _capacities(_live_subscriptions(batch, roster))
     collection = _collection(payload, plan)
     sub = Subscription.start(tenant=tenant, key=key, plan=plan, quantity=quantity,
-                             time_zone=payload.get("time_zone", "UTC"), at=at, trial=trial, by=command.issued_by,
+                             time_zone=time_zone, at=at, trial=trial, by=command.issued_by,
                              collection=collection)
     roster.admit(subscription_id=sub.id, limit=getattr(app, "max_active_subscriptions", 3), trial=trial, at=at)
     batch.add(sub)
@@ -531,13 +537,13 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 
 @handles("subscription.change")
 def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
-    payload = command.payload
     tenant = _tenant(command)
     account = account_of(batch, tenant)
-    sub = _subscription(batch, tenant, str(payload["key"]))
-    new_plan = _billed_in(_plan(batch, payload["plan"], payload.get("plan_version")), sub.plan["currency"]) \
-        if payload.get("plan") else sub.plan
-    quantity = int(payload.get("quantity", sub.quantity))
+    sub = _subscription(batch, tenant, fields.text(command, "key"))
+    plan_code, plan_version = fields.optional_text(command, "plan"), fields.optional_whole(command, "plan_version")
+    new_quantity = fields.optional_whole(command, "quantity")  # null or absent: the same
+    new_plan = _billed_in(_plan(batch, plan_code, plan_version), sub.plan["currency"]) if plan_code else sub.plan
+    quantity = sub.quantity if new_quantity is None else new_quantity
     at = effective_at(command)
     lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, time_zone=sub.time_zone, new_plan=new_plan,
@@ -574,7 +580,8 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     tenant = _tenant(command)
     account = account_of(batch, tenant)
-    sub = _subscription(batch, tenant, str(command.payload["key"]))
+    sub = _subscription(batch, tenant, fields.text(command, "key"))
+    immediately = fields.flag(command, "immediately")  # checked before the incomplete case ends it
     at = effective_at(command)
     if sub.status == INCOMPLETE:  # never paid, nothing granted: it ends now, its unpaid invoice voided
         first = batch.get(invoice_id(tenant, _first_invoice_key(sub)))
@@ -584,7 +591,6 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
                                                      "has succeeded (then as any subscription) or failed")
         _expire_incomplete(batch, sub, at, command.issued_by, reason="canceled")
         return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
-    immediately = bool(command.payload.get("immediately", False))
     roster = _roster(batch, tenant)
     if immediately and at >= sub.period_end:
         _renew_due(app, batch, account, roster, sub, at)
@@ -636,7 +642,7 @@ def _renew_due(app: LedgerApplication, batch: _Batch, account: BillingAccount, r
 
 @handles("subscription.pause")
 def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _subscription(batch, command.tenant or "", str(command.payload["key"])).pause(at=effective_at(command),
+    _subscription(batch, command.tenant or "", fields.text(command, "key")).pause(at=effective_at(command),
                                                                                   by=command.issued_by)
 
 
@@ -645,7 +651,7 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     """Active again. In a period that began while paused (unbilled), the rest of it is billed now and its
     recurring credits granted for the rest of it, both prorated like a change."""
     tenant = command.tenant or ""
-    sub = _subscription(batch, tenant, str(command.payload["key"]))
+    sub = _subscription(batch, tenant, fields.text(command, "key"))
     at = effective_at(command)
     billed_from = sub.resume(at=at, by=command.issued_by)
     if billed_from is None:
@@ -767,19 +773,23 @@ def _commit_minimum(draft: Invoice | None, sub: Subscription, minimum: Decimal) 
 @handles("payment_method.add")
 def add_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     account_of(batch, command.tenant)
-    payload = command.payload
     _roster(batch, command.tenant or "").add_payment_method(
-        method_id=payload["method_id"], gateway=payload.get("gateway", "stripe"), label=payload.get("label", ""),
-        make_default=bool(payload.get("default", False)), at=effective_at(command), by=command.issued_by)
+        method_id=fields.text(command, "method_id"), gateway=fields.text(command, "gateway", default="stripe"),
+        label=fields.string(command, "label"), make_default=fields.flag(command, "default"),
+        at=effective_at(command), by=command.issued_by)
 
 
 @handles("tax_profile.set")
 def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account_of(batch, command.tenant)
     payload = command.payload
-    country = str(payload.get("country", "")).upper()
-    if len(country) != 2 or not country.isalpha():
+    country = payload.get("country")
+    if not isinstance(country, str) or len(country) != 2 or not country.isalpha():
         raise CommandRejected("invalid_tax_profile", "country must be an ISO 3166-1 alpha-2 code")
+    country = country.upper()
+    for name in ("subdivision", "business_name", "tax_id"):  # stored or checked as sent: never a number or a list
+        if payload.get(name) is not None and not isinstance(payload[name], str):
+            raise CommandRejected("invalid_tax_profile", f"{name} must be a string")
     profile: dict[str, Any] = {"country": country, "subdivision": payload.get("subdivision"),
                                "business_name": payload.get("business_name"), "tax_id": None, "tax_id_valid": False}
     if payload.get("tax_id"):
@@ -798,5 +808,5 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
 
 @handles("payment_method.remove")
 def remove_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _roster(batch, command.tenant or "").remove_payment_method(method_id=command.payload["method_id"],
+    _roster(batch, command.tenant or "").remove_payment_method(method_id=fields.text(command, "method_id"),
                                                                 at=effective_at(command), by=command.issued_by)

@@ -10,6 +10,7 @@ from billing_events.messages import PaymentNotification
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.payment_commands import payment_command
 from billing_runtime.settings import Settings
 
@@ -137,3 +138,33 @@ def test_refund_request_approved_reverses_ledger_and_issues_a_credit_note(ledger
     assert result.outcome == "applied" and result.value["already_refunded"]
     again = http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve", headers=headers("finance"))
     assert again.status_code == 422 and again.json()["reason"] == "refund_not_eligible"
+
+
+def test_a_gateway_customer_without_a_customer_id_is_refused_and_changes_nothing(ledger: LedgerApplication) -> None:
+    http = client(ledger, {"stripe": stripe_gateway(FakeStripe())})
+    url = f"/v1/accounts/{TENANT}/gateway-customers/stripe"
+    profile = payment_profile_id(TENANT)
+    assert http.put(url, headers=headers(), json={"customer": "cus_1"}).status_code == 200
+    for body in ({}, {"customer": None}, {"customer": ""}, {"customer": 42}, {"customer": ["cus_2"]}):
+        refused = http.put(url, headers=headers(), json=body)
+        assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json"), body
+        assert refused.json()["reason"] == "invalid_command" and "customer" in refused.json()["detail"]
+        # Was stored as "None" / "42": charges of saved methods (auto-top-up, dunning) named that customer.
+        assert ledger.read(profile, lambda p: dict(p.customers)) == {"stripe": "cus_1"}, body
+    assert http.put(url, headers=headers(), json={"customer": "cus_2"}).json()["customer"] == "cus_2"
+    assert ledger.read(profile, lambda p: dict(p.customers)) == {"stripe": "cus_2"}
+
+
+def test_checkout_and_refund_request_fields_of_the_wrong_type_are_refused(ledger: LedgerApplication) -> None:
+    api = FakeStripe()
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    for urls in ({**URLS, "success_url": 5}, {**URLS, "cancel_url": ["https://app.test/x"]}):
+        refused = http.post(f"/v1/accounts/{TENANT}/checkout", headers={**headers(), "Idempotency-Key": "k-bad"},
+                            json={"gateway": "stripe", "amount": "10", **urls})
+        assert refused.status_code == 422 and refused.json()["type"].endswith("invalid-request"), refused.text
+    assert sessions(api) == 0 and http.get(f"/v1/accounts/{TENANT}/orders/k-bad", headers=headers()).status_code == 404
+    for body in ({"key": 7, "order": "o1"}, {"key": "r1", "order": "o1", "reason": None}):
+        refused = http.post(f"/v1/accounts/{TENANT}/refund-requests", headers=headers("viewer"), json=body)
+        assert refused.status_code == 422, refused.text
+    assert http.get(f"/v1/accounts/{TENANT}/refund-requests/r1", headers=headers()).status_code == 404
+    assert http.get(f"/v1/accounts/{TENANT}/refund-requests/7", headers=headers()).status_code == 404

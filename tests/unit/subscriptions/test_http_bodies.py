@@ -75,6 +75,14 @@ def test_the_documented_example_subscribes_and_bills_what_it_says(ledger: Ledger
     ({"key": "main"}, 422, "invalid-request"),                                        # plan missing
     ({"plan": "starter"}, 422, "invalid-request"),                                    # key missing
     ({"key": "main", "plan": "starter", "quantity": "three"}, 422, "invalid-command"),  # not an integer
+    ({"key": "main", "plan": "starter", "quantity": 2.5}, 422, "invalid-command"),    # was int(2.5): 2 seats
+    ({"key": "main", "plan": "starter", "quantity": "3"}, 422, "invalid-command"),    # a string, not an integer
+    ({"key": "main", "plan": "starter", "quantity": True}, 422, "invalid-command"),    # was int(True): 1
+    ({"key": "main", "plan": "starter", "quantity": None}, 422, "invalid-command"),
+    ({"key": "main", "plan": "starter", "trial": "no"}, 422, "invalid-command"),      # was bool("no"): a trial
+    ({"key": "main", "plan": "starter", "trial": 0}, 422, "invalid-command"),
+    ({"key": "main", "plan": "starter", "plan_version": "1"}, 422, "invalid-command"),
+    ({"key": 5, "plan": "starter"}, 422, "invalid-command"),                          # was stored as "5"
     ({"key": "main", "plan": "starter", "quantity": 0}, 422, "subscription-error"),
     ({"key": "main", "plan": "starter", "collection": "prepaid"}, 422, "invalid-collection"),
     ({"key": "main", "plan": "nope"}, 422, "unknown-plan"),
@@ -98,6 +106,35 @@ def test_a_lifecycle_body_is_optional_and_checked_by_its_command(client: TestCli
     changed = client.post(f"{URL}/main/change", headers=ADMIN, json=example(http_models.SubscriptionChange))
     assert changed.status_code == 200 and changed.json()["quantity"] == 5
     assert client.post(f"{URL}/main/pause", headers=ADMIN).json()["status"] == "paused"
+
+
+@pytest.mark.parametrize(("action", "body"), [
+    ("change", {"quantity": 2.5}), ("change", {"quantity": "3"}), ("change", {"quantity": True}),
+    ("change", {"plan": "starter", "plan_version": 1.0}), ("cancel", {"immediately": "no"}),
+    ("cancel", {"immediately": 1}), ("cancel", {"immediately": None}),
+])
+def test_a_bad_lifecycle_value_is_refused_and_changes_nothing(ledger: LedgerApplication, client: TestClient,
+                                                              action: str, body: dict[str, Any]) -> None:
+    assert client.post(URL, headers=ADMIN, json={"key": "main", "plan": "starter", "quantity": 2,
+                                                 "trial": False}).status_code == 201
+    sub = subscription_id("acme", "main")
+    before = ledger.read(sub, lambda s: (s.quantity, s.status, s.cancel_at_period_end, s.version))
+    refused = client.post(f"{URL}/main/{action}", headers=ADMIN, json=body)
+    assert (refused.status_code, refused.headers["content-type"]) == (422, PROBLEM_MEDIA_TYPE), refused.text
+    assert (refused.json()["type"], refused.json()["reason"]) == (PROBLEM_BASE + "invalid-command", "invalid_command")
+    # Still 2 seats billed 98.00, not changed to int(2.5) == 2 / int(True) == 1 or canceled by bool("no").
+    assert ledger.read(sub, lambda s: (s.quantity, s.status, s.cancel_at_period_end, s.version)) == before
+    assert before[:3] == (2, "active", False)
+
+
+def test_real_integers_and_booleans_keep_working(ledger: LedgerApplication, client: TestClient) -> None:
+    created = client.post(URL, headers=ADMIN, json={"key": "main", "plan": "starter", "quantity": 2, "trial": True,
+                                                    "plan_version": 1})
+    assert (created.status_code, created.json()["status"], created.json()["quantity"]) == (201, "trialing", 2)
+    changed = client.post(f"{URL}/main/change", headers=ADMIN, json={"quantity": 4, "plan_version": None})
+    assert (changed.status_code, changed.json()["quantity"]) == (200, 4)
+    canceled = client.post(f"{URL}/main/cancel", headers=ADMIN, json={"immediately": False})
+    assert (canceled.status_code, canceled.json()["cancel_at_period_end"]) == (200, True)
 
 
 def test_the_openapi_document_lists_the_fields_of_every_request_body() -> None:

@@ -4,6 +4,7 @@ the whole Kafka batch, retried forever, and block the partition."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -95,6 +96,34 @@ MALFORMED: list[tuple[str, str | None, dict[str, Any], str]] = [
     ("invoice.payment_pending", "acme", {"invoice_id": FIRST, "payment": "pi_2", "attempt": -1}, "invalid_command"),
     ("invoice.payment_pending", "acme", {"invoice_id": FIRST, "payment": "pi_2", "attempt": 1.5}, "invalid_command"),
     ("invoice.payment_pending", "acme", {"invoice_id": FIRST, "payment": 5, "attempt": 1}, "invalid_command"),
+    # Values the old handlers coerced: int(2.5) == 2, int("3") == 3, int(True) == 1, bool("no") is True.
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "quantity": 2.5}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "quantity": "3"}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "quantity": True}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "quantity": None}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "trial": "no"}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "trial": 0}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "plan_version": "1"}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "plan_version": 1.0}, "invalid_command"),
+    ("subscription.create", "acme", {"key": 5, "plan": "team"}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "workspace": 7}, "invalid_command"),
+    ("subscription.create", "acme", {"key": "n", "plan": "team", "time_zone": 1}, "invalid_command"),
+    ("subscription.change", "acme", {"key": "m", "quantity": 2.5}, "invalid_command"),
+    ("subscription.change", "acme", {"key": "m", "quantity": "3"}, "invalid_command"),
+    ("subscription.change", "acme", {"key": "m", "quantity": True}, "invalid_command"),
+    ("subscription.change", "acme", {"key": "m", "plan": "team", "plan_version": 1.5}, "invalid_command"),
+    ("subscription.cancel", "acme", {"key": "m", "immediately": "no"}, "invalid_command"),
+    ("subscription.cancel", "acme", {"key": "m", "immediately": 1}, "invalid_command"),
+    ("subscription.cancel", "acme", {"key": "m", "immediately": None}, "invalid_command"),
+    ("subscription.pause", "acme", {"key": ["m"]}, "invalid_command"),
+    ("payment_method.add", "acme", {"method_id": "pm_1", "default": "no"}, "invalid_command"),
+    ("payment_method.add", "acme", {"method_id": 5}, "invalid_command"),
+    ("payment_customer.set", "acme", {"gateway": "stripe"}, "invalid_command"),
+    ("payment_customer.set", "acme", {"gateway": "stripe", "customer": None}, "invalid_command"),
+    ("payment_customer.set", "acme", {"gateway": "stripe", "customer": ""}, "invalid_command"),
+    ("payment_customer.set", "acme", {"gateway": "stripe", "customer": 42}, "invalid_command"),
+    ("tax_profile.set", "acme", {"country": "DE", "business_name": ["Acme"]}, "invalid_tax_profile"),
+    ("alerts.configure", "acme", {"email": "a@acme.example", "enabled": "false"}, "invalid_alerts"),
 ]
 
 
@@ -114,6 +143,25 @@ def test_a_malformed_command_is_rejected_with_its_reason_and_changes_nothing(
     assert renewal_draft(app).status == "draft"
     assert first_invoice(app, "acme").status == "finalized" and first_invoice(app, "acme").pending_payments == {}
     assert app.repository.get(subscription_id("acme", "m")).status == "active"
+
+
+def test_a_malformed_subscription_command_from_kafka_is_rejected_once_and_its_redelivery_too(
+        app: LedgerApplication) -> None:
+    """The consumer's path (``apply_commands`` recording rejections): the rejection is recorded with its reason,
+    so a redelivery of the same command is a duplicate of a rejected one, and the subscription is as it was
+    (quantity 1, not int(2.5) == 2: 2 x 30.00 would have been billed)."""
+    command = LedgerCommand(command_id=uuid4(), kind="subscription.change", tenant="acme", issued_at=DEC_1,
+                            issued_by="service:test", payload={"key": "m", "quantity": 2.5, "at": DEC_1.isoformat()})
+    [first] = app.apply_commands([command])
+    [again] = app.apply_commands([command])
+    assert (first.outcome, first.reason) == ("rejected", "invalid_command")
+    assert "quantity must be a whole number" in (first.detail or "")
+    assert (again.outcome, again.first_outcome) == ("duplicate", "rejected")
+    sub = app.repository.get(subscription_id("acme", "m"))
+    assert (sub.quantity, sub.status) == (1, "active")
+    changed = run(app, "subscription.change", "acme", at=DEC_1 + timedelta(days=10), key="m", quantity=2)  # works
+    assert changed.outcome == "applied"
+    assert app.repository.get(subscription_id("acme", "m")).quantity == 2
 
 
 def test_well_formed_usage_lines_still_finalize_the_renewal(app: LedgerApplication) -> None:
