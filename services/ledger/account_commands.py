@@ -40,13 +40,16 @@ def _open_account(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
 def _grant_credit(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     account = account_of(batch, command.tenant)
     payload = command.payload
+    priority = payload.get("priority", 0)
+    if type(priority) is not int:  # int("3") or int(2.5) would have ranked it silently
+        raise CommandRejected("invalid_grant", f"priority must be a whole number, not {priority!r}")
     try:
         expires = payload.get("expires_at")
         account.grant_credit(
             grant_id=ids.grant_id(account.tenant, payload["grant_key"]),
             unit=payload["unit"],
             amount=to_subunits(parse_decimal(payload["amount"], field="amount")),
-            priority=int(payload.get("priority", 0)),
+            priority=priority,
             effective_at=parse_timestamp(payload.get("effective_at") or command.issued_at),
             expires_at=parse_timestamp(expires) if expires else None,
             scope=payload.get("scope"),
@@ -58,6 +61,15 @@ def _grant_credit(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
         raise CommandRejected("invalid_grant", str(exc)) from exc
 
 
+def _subunits_sent(command: LedgerCommand) -> int:
+    """The command's ``amount_subunits``: an integer as rating sends it; 2.5 or "3" is rejected, never truncated
+    or converted (the money posted would not be what was rated)."""
+    amount = command.payload["amount_subunits"]
+    if type(amount) is not int:
+        raise CommandRejected("invalid_command", f"amount_subunits must be a whole number, not {amount!r}")
+    return amount
+
+
 @handles("usage.debit")
 def _debit_usage(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     account = account_of(batch, command.tenant)
@@ -65,7 +77,7 @@ def _debit_usage(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     account.debit_usage(
         command_id=command.command_id,
         unit=payload["unit"],
-        amount=int(payload["amount_subunits"]),
+        amount=_subunits_sent(command),
         meter=payload["meter"],
         at=parse_timestamp(payload["at"]),
         overage_policy=payload.get("overage_policy", "overage"),

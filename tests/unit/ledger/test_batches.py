@@ -101,6 +101,24 @@ def test_malformed_payload_is_rejected_with_a_receipt(app: LedgerApplication) ->
     assert apply(app, unknown)[0].reason == "unknown_command"
 
 
+@pytest.mark.parametrize("amount", [2.5 * U, str(U), True])
+def test_a_debit_whose_amount_is_not_an_integer_is_rejected_not_truncated(app: LedgerApplication,
+                                                                         amount: object) -> None:
+    open_account(app, "a", {"key": "g", "amount": "10"})
+    [result] = apply(app, debit("a", "odd", amount))  # type: ignore[arg-type]
+    assert (result.outcome, result.reason) == ("rejected", "invalid_command"), result
+    assert available(app, "a") == 10 * U  # int("1000000000") or int(True) would have taken credit
+
+
+@pytest.mark.parametrize("priority", ["1", 0.5, None])
+def test_a_grant_whose_priority_is_not_an_integer_is_rejected(app: LedgerApplication, priority: object) -> None:
+    open_account(app, "a")
+    [result] = apply(app, command("credit.grant", "a", {"grant_key": "p", "unit": "USD", "amount": "5",
+                                                       "source": "manual", "priority": priority}, key="p"))
+    assert (result.outcome, result.reason) == ("rejected", "invalid_grant"), result
+    assert available(app, "a") == 0
+
+
 def test_an_event_that_fails_half_way_through_being_applied_leaves_no_half_changed_account(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The debit's event changes the receivable, then (a bug) fails: the account must not keep half of it."""
