@@ -153,7 +153,7 @@ def fail_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) ->
 def verify_identity(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account_of(batch, command.tenant)
     reference = fields.string(command, "reference")
-    method = fields.text(command, "method", default="manual")
+    method = fields.string(command, "method", default="manual")
     profile = profile_of(batch, command.tenant or "")
     profile.verify_identity(reference=reference, method=method, at=effective_at(command), by=command.issued_by)
     return {"identity_verified": True, "identity": profile.identity}

@@ -4,6 +4,9 @@ The models down to ``Body`` validate their routes' bodies. The ones after it (``
 route hands on to its ledger command as sent (``billing_runtime.bodies.described_by``): the command's checks
 answer a bad field with their own reason (``invalid_collection``, ``invalid_command``, ...), so they describe
 what those checks accept; their examples are accepted by the routes (tests/unit/subscriptions/test_http_bodies.py).
+The commands read them as strictly as the models say (``billing_ledger.payload``): an ``int`` field takes a JSON
+integer only (``2.5``, ``"3"`` and ``true`` are refused, never truncated or converted), a ``bool`` field a JSON
+boolean only (``"no"`` is refused, never read by its truth), a ``str`` field a string only (never ``"None"``).
 """
 
 from __future__ import annotations
