@@ -170,11 +170,15 @@ def _allotment(credit: dict[str, Any], quantity: int, fraction: Decimal = Decima
 
 
 def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
-                     carried: dict[str, int] | None = None, fraction: Decimal = Decimal(1)) -> list[str]:
+                     carried: dict[str, int] | None = None, fraction: Decimal = Decimal(1),
+                     change: UUID | None = None) -> list[str]:
     """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on.
 
     ``fraction``: the share of the period's allotment granted (a mid-period change); ``carried`` (by credit
     index, may be negative) is added to it, and a credit that comes to nothing or less is not granted.
+    ``change``: the command id of the change granting them. A period's grants are named by its start; a
+    change's by the change (one at the period's start, or two at one instant, would otherwise name the same
+    grant and be refused ``duplicate_grant``).
     """
     issued = []
     for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
@@ -182,7 +186,8 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
         amount += (carried or {}).get(str(index), 0)
         if amount <= 0:
             continue
-        grant = uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{start.isoformat()}/{index}")
+        named = start.isoformat() if change is None else f"change/{change}"
+        grant = uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{named}/{index}")
         expires = end if not credit.get("rollover") else end + (end - start)  # carried once at most
         account.grant_credit(grant_id=grant, unit=credit["unit"], amount=amount, priority=int(credit.get("priority", 0)),
                              effective_at=start, expires_at=expires, scope=credit.get("scope"),
@@ -567,7 +572,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         _, voided = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
-            fraction=proration_fraction(sub.period_start, sub.period_end, at)))
+            fraction=proration_fraction(sub.period_start, sub.period_end, at), change=command.command_id))
     else:
         voided = set()
     _document(app, batch, sub, key, lines, at, command.issued_by, finalize=True, start=at, end=sub.period_end,

@@ -446,3 +446,15 @@ def test_canceling_in_a_period_that_began_while_paused_credits_nothing(app: Ledg
     result = run(app, "subscription.cancel", "gone", at=datetime(2026, 12, 16, tzinfo=UTC), key="m", immediately=True)
     assert (result.outcome, result.value["lines"]) == ("applied", [])  # December was never billed
     assert app.repository.get(subscription_id("gone", "m")).status == "canceled"
+
+
+def test_a_change_at_the_period_start_or_twice_at_one_instant_grants_its_credits(app: LedgerApplication) -> None:
+    open_account(app, "instant")
+    run(app, "subscription.create", "instant", key="m", plan="team")
+    # Upgraded at the very start of the period (the first grant's start), then downgraded at that same instant.
+    up = run(app, "subscription.change", "instant", at=NOV_1, key="m", plan="pro")
+    assert up.outcome == "applied", up
+    assert app.repository.get(ids.account_id("instant")).available("CREDIT") == 500 * 10**9
+    down = run(app, "subscription.change", "instant", at=NOV_1, key="m", plan="team")
+    assert down.outcome == "applied", down
+    assert app.repository.get(ids.account_id("instant")).available("CREDIT") == 100 * 10**9
