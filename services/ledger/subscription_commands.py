@@ -61,6 +61,8 @@ from billing_ledger.domain.subscription import (
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
 from billing_ledger.limits import CANCEL_RENEWALS_MAX, INCOMPLETE_EXPIRY_DAYS
 from billing_ledger.payload import at as effective_at
+from billing_ledger.payload import time_zone as read_time_zone
+from billing_ledger.payload import whole_number
 
 INVOICE_DUE_DAYS = 14
 DEFAULT_ISSUER = "billing"
@@ -491,7 +493,8 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
     plan = _billed_in(_plan(batch, payload["plan"], payload.get("plan_version")), account.currency)
-    quantity = int(payload.get("quantity", 1))
+    quantity = whole_number(command, "quantity", default=1)
+    time_zone = read_time_zone(command, "time_zone")
     roster = _roster(batch, tenant)
     workspace = batch.get(workspace_id(payload["workspace"])) if payload.get("workspace") else None
     accounts_in_workspace = len(workspace.accounts) if workspace is not None else 1
@@ -501,7 +504,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     before = _capacities(_live_subscriptions(batch, roster))
     collection = _collection(payload, plan)
     sub = Subscription.start(tenant=tenant, key=key, plan=plan, quantity=quantity,
-                             time_zone=payload.get("time_zone", "UTC"), at=at, trial=trial, by=command.issued_by,
+                             time_zone=time_zone, at=at, trial=trial, by=command.issued_by,
                              collection=collection)
     roster.admit(subscription_id=sub.id, limit=getattr(app, "max_active_subscriptions", 3), trial=trial, at=at)
     batch.add(sub)
@@ -523,7 +526,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     sub = _subscription(batch, tenant, str(payload["key"]))
     new_plan = _billed_in(_plan(batch, payload["plan"], payload.get("plan_version")), sub.plan["currency"]) \
         if payload.get("plan") else sub.plan
-    quantity = int(payload.get("quantity", sub.quantity))
+    quantity = whole_number(command, "quantity", default=sub.quantity)
     at = effective_at(command)
     lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, time_zone=sub.time_zone, new_plan=new_plan,
