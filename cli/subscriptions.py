@@ -50,7 +50,18 @@ class Collection(str, Enum):
     INVOICE = "invoice"
     CHARGE_BEFORE_ACCESS = "charge_before_access"
 
-CommandId = Annotated[str | None, typer.Option("--id", help="Command id (uuid) to make a retry idempotent")]
+def _command_id(value: str | None) -> str | None:
+    """A malformed ``--id`` is a usage error (exit 2) before anything is sent, not a traceback."""
+    if value is not None:
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not a UUID (e.g. {uuid.uuid4()})") from None
+    return value
+
+
+CommandId = Annotated[str | None, typer.Option("--id", help="Command id (uuid) to make a retry idempotent",
+                                               callback=_command_id)]
 
 
 @app.command()
@@ -90,9 +101,11 @@ def cancel(tenant: Tenant, key: Key, immediately: bool = False, command_id: Comm
 
 @app.command()
 def pause(tenant: Tenant, key: Key, command_id: CommandId = None) -> None:
+    """Pauses billing from the next period (the period already paid runs to its end)."""
     _send("subscription.pause", tenant, {"key": key}, command_id)
 
 
 @app.command()
 def resume(tenant: Tenant, key: Key, command_id: CommandId = None) -> None:
+    """Resumes a paused subscription (the rest of an unbilled period is billed at once, prorated)."""
     _send("subscription.resume", tenant, {"key": key}, command_id)

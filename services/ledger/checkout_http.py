@@ -142,8 +142,13 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         check_tenant(principal, tenant)
         gateway_name = str(body.get("gateway") or (min(gateways) if gateways else ""))
         gateway = gateways.get(gateway_name)
+        if gateway is None and not gateways:  # "Choose one of []." told an operator nothing
+            raise Problem(422, "Gateway not enabled", "No payment gateway is enabled: set the credentials of Stripe, "
+                          "Razorpay or PayPal (BILLING_STRIPE_API_KEY, ...; see docs/payments.md).",
+                          kind="gateway-not-enabled", reason="gateway_not_enabled")
         if gateway is None:
-            raise Problem(422, "Gateway not enabled", f"Choose one of {sorted(gateways)}.", kind="gateway-not-enabled")
+            raise Problem(422, "Gateway not enabled", f"{gateway_name!r} is not enabled; choose one of "
+                          f"{', '.join(sorted(gateways))}.", kind="gateway-not-enabled", reason="gateway_not_enabled")
         if not all(isinstance(body.get(url), str) and body[url] for url in ("success_url", "cancel_url")):
             raise Problem(422, "Invalid request", "success_url and cancel_url are required (strings).",
                           kind="invalid-request")

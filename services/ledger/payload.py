@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from billing_events.messages import LedgerCommand
 from billing_events.money import MoneyError, from_subunits, parse_decimal, to_subunits
@@ -63,6 +64,19 @@ def subunits(command: LedgerCommand, field: str, *, allow_negative: bool = False
     if from_subunits(result) != amount:
         raise CommandRejected(INVALID, f"{field} is finer than the ledger sub-unit (9 decimal places)")
     return result
+
+
+def time_zone(command: LedgerCommand, field: str, *, default: str = "UTC") -> str:
+    """An IANA time zone name (``Europe/Berlin``), checked before anything is changed: an unknown one raised
+    ``ZoneInfoNotFoundError`` half-way through the command, which failed its whole batch."""
+    value: Any = command.payload.get(field, default)
+    try:
+        if isinstance(value, str) and value:
+            ZoneInfo(value)
+            return value
+    except (ZoneInfoNotFoundError, ValueError):
+        pass
+    raise CommandRejected(INVALID, f"{field} must be an IANA time zone name such as Europe/Berlin, not {value!r}")
 
 
 def flag(command: LedgerCommand, field: str, *, default: bool = False) -> bool:

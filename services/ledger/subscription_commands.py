@@ -66,6 +66,7 @@ from billing_ledger.domain.subscription import (
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
 from billing_ledger.limits import CANCEL_RENEWALS_MAX, INCOMPLETE_EXPIRY_DAYS
 from billing_ledger.payload import at as effective_at
+from billing_ledger.payload import time_zone as read_time_zone
 
 INVOICE_DUE_DAYS = 14
 DEFAULT_ISSUER = "billing"
@@ -512,7 +513,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     # ``quantity`` of 2.5 or "3" or a ``trial`` of "no" is rejected, never truncated or read by its truth.
     quantity = fields.whole(command, "quantity", default=1)
     wants_trial = fields.flag(command, "trial", default=True)
-    time_zone = fields.text(command, "time_zone", default="UTC")
+    time_zone = read_time_zone(command, "time_zone")
     workspace_name = fields.optional_text(command, "workspace")
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")

@@ -76,6 +76,17 @@ def _view(sub: Subscription) -> dict[str, Any]:
             "time_zone": sub.time_zone, "collection": sub.collection}
 
 
+def _moment(at: str | None) -> datetime:
+    """The ``at`` query parameter (ISO 8601 with a UTC offset), else now; a malformed one is a 422, not a 500."""
+    if not at:
+        return utcnow()
+    try:
+        return parse_timestamp(at)
+    except ValueError as exc:
+        raise Problem(422, "Invalid request", f"at: {exc}", kind="invalid-request",
+                      reason="invalid_command") from exc
+
+
 def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: VatRegistry | None = None
                  ) -> APIRouter:
     registry = vat_registry or NoRegistry()
@@ -152,7 +163,10 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
             if new_plan is None:
                 raise Problem(422, "No price in this currency",
                               f"Plan {plan!r} has no price in {sub.plan['currency']}.", kind="currency-mismatch")
-        moment = parse_timestamp(at) if at else utcnow()
+        if quantity is not None and quantity < 1:
+            raise Problem(422, "Invalid request", "quantity must be at least 1.", kind="invalid-request",
+                          reason="invalid_command")
+        moment = _moment(at)
         lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity,
                              period_start=sub.period_start, period_end_at=sub.period_end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
@@ -237,7 +251,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
     async def run_cycle(at: str | None = None, _: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
         index = DueIndex()
         await asyncio.to_thread(index.catch_up, app)
-        moment: datetime = parse_timestamp(at) if at else utcnow()
+        moment: datetime = _moment(at)
         commands = index.ticks(moment)
         await bus.publish(tick_messages(commands))
         return {"at": moment, "ticked": [{"tenant": c.tenant, "key": c.payload["key"]} for c in commands]}

@@ -149,7 +149,8 @@ def project(fact: Fact, w: BatchWriter) -> None:
     # usage_monthly.project
     meter = str(data["meter"])
     unit_key = str(data["unit"])
-    quantity = decimal_or_none(quantity_value) or 0
+    quantity = usage_monthly.metered_quantity(cause) if "corrects" in cause else (
+        decimal_or_none(quantity_value) or 0)
     month = occurred_at[:7]
     usage_type = cause.get("usage_type")
     if type(usage_type) is not str or not (usage_type := usage_type.strip()):

@@ -21,7 +21,8 @@ from billing_projections.writer import Table, value
 from billing_runtime.db import Connection, Database
 
 # 5: credit packages' money (PurchaseMoney* events) in figures and in the transaction history.
-SCHEMA_VERSION = "5"
+# 6: a usage correction adds the difference it made to the monthly usage quantity, not its new quantity.
+SCHEMA_VERSION = "6"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

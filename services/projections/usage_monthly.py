@@ -2,12 +2,15 @@
 
 Rows are keyed by meter; each also names the meter's reporting category (``usage_type`` from the rating
 decision, e.g. ai, compute). A usage debit adds its metered quantity (from the rating decision in its ``cause``) and its cost (the
-debit's amount; give-backs are negative) to the month of its usage time (UTC). A captured hold is
+debit's amount; give-backs are negative) to the month of its usage time (UTC). A correction's debit
+(``cause.corrects``) adds the difference it made (``quantity_new - quantity_old``), as its cost does: the
+corrected event's new quantity would count the usage twice (500 amended to 700 is 200 more, not 700). A captured hold is
 consumption too: its cost is added under its meter (``holds`` when it had none), with no quantity.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from billing_projections.facts import Fact, decimal_or_none, first_text, month_of
@@ -33,7 +36,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
     if fact.aggregate != "BillingAccount" or not fact.tenant:
         return
     if fact.name == "UsageDebited":
-        quantity = decimal_or_none(fact.cause.get("quantity")) or 0
+        quantity = metered_quantity(fact.cause)
         meter = str(fact.data["meter"])
     elif fact.name == "HoldCaptured":
         quantity, meter = 0, str(fact.data.get("meter") or HOLD_METER)
@@ -43,6 +46,15 @@ def project(fact: Fact, w: BatchWriter) -> None:
     w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at), meter, str(fact.data["unit"])),
              add={"quantity": quantity, "cost": int(fact.data["amount"]), "events": 1},
              set={"usage_type": usage_type, "last_position": fact.position})
+
+
+def metered_quantity(cause: dict[str, Any]) -> Decimal | int:
+    """The quantity a usage debit adds to its month: the event's, or for a correction the difference it made."""
+    if cause.get("corrects"):
+        new, old = decimal_or_none(cause.get("quantity_new")), decimal_or_none(cause.get("quantity_old"))
+        if new is not None and old is not None:
+            return new - old
+    return decimal_or_none(cause.get("quantity")) or 0
 
 
 def period(year: int | None, month: int | None) -> tuple[str | None, str | None]:

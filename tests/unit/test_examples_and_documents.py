@@ -35,6 +35,15 @@ def test_the_cli_refuses_an_unknown_collection_before_sending_anything() -> None
     assert result.exit_code == 2 and "charge_before_access" in result.output
 
 
+def test_the_cli_refuses_a_malformed_command_id_and_explains_every_subscription_command() -> None:
+    result = CliRunner().invoke(app, ["subscription", "cancel", "--tenant", "acme", "--key", "m", "--id", "retry-1"])
+    assert result.exit_code == 2 and "is not a UUID" in result.output  # a ValueError traceback before
+    listing = CliRunner().invoke(app, ["subscription", "--help"], terminal_width=200)
+    for command in ("pause", "resume"):
+        [row] = [r for r in listing.output.splitlines() if f" {command} " in r]
+        assert len(row.strip(" │").split()) > 1, row  # a description beside the name (none before)
+
+
 def test_an_invoice_pdf_prints_descriptions_as_written() -> None:
     invoice = Invoice(tenant="acme", key="k", document_type=INVOICE, currency="USD",
                       lines=[line("usage", "R&D calls <gpt-4> & more", Decimal("1.50"), "USD")], period_start=None,

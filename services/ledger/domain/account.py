@@ -106,6 +106,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from billing_events import ids
 from billing_events.money import MoneyError, credit_unit, is_currency_code
 from billing_events.money import currency as iso_currency
+from billing_ledger.amounts import show
 from billing_ledger.domain.chain import ChainedAggregate
 from billing_ledger.domain.postings import (
     FUNDING_ACCOUNT,
@@ -939,7 +940,8 @@ class BillingAccount(ChainedAggregate):
         if at >= h["expires_at"]:
             raise HoldLapsed(f"hold {hold_id} expired at {h['expires_at'].isoformat()}")
         if amount > h["amount"] and not allow_overage:
-            raise CaptureExceedsHold(f"capture of {amount} exceeds hold of {h['amount']}")
+            raise CaptureExceedsHold(f"capture of {_money(amount, h['unit'])} exceeds the hold of "
+                                     f"{_money(h['amount'], h['unit'])}")
         unit = h["unit"]
         # The hold's own reservation is spendable by its capture.
         eligible = sum(g["remaining"] for g in self._eligible_grants(unit, h["meter"], at))
@@ -1049,13 +1051,15 @@ class BillingAccount(ChainedAggregate):
         if g["source"] not in PAID_SOURCES:
             raise NotRefundable(f"grant {grant_id} is {g['source']}: only paid grants are refunded (void it)")
         if g["refunded"] + amount > g["amount"]:
-            raise RefundExceedsGrant(f"refunds would total more than the grant's {g['amount']}")
+            raise RefundExceedsGrant(f"refunds would total more than the grant's {_money(g['amount'], g['unit'])}")
         if g["refunded_tax"] + tax_amount > g["tax_amount"]:
-            raise RefundExceedsGrant(f"tax refunds would total more than the {g['tax_amount']} collected")
+            raise RefundExceedsGrant(f"tax refunds would total more than the {_money(g['tax_amount'], g['unit'])} "
+                                     "collected")
         in_wallet = g["remaining"] if g["status"] == "open" else 0
         unspent = max(0, min(in_wallet, self.available(g["unit"])))
         if amount > unspent and not finance_override:
-            raise RefundExceedsRemaining(f"only {unspent} of grant {grant_id} is unspent and unreserved")
+            raise RefundExceedsRemaining(f"only {_money(unspent, g['unit'])} of grant {grant_id} is unspent and "
+                                         "unreserved")
         from_wallet = min(amount, in_wallet)
         from_breakage = min(amount - from_wallet, g["breakage"] - g["breakage_reversed"])
         from_revenue = amount - from_wallet - from_breakage
@@ -1219,7 +1223,8 @@ class BillingAccount(ChainedAggregate):
         else:
             take = -amount
             if take > self.available(unit):
-                raise InsufficientCredit(f"cannot remove {take}: only {self.available(unit)} is available")
+                raise InsufficientCredit(f"cannot remove {_money(take, unit)}: only {_money(self.available(unit), unit)} "
+                                         "is available")
             open_grants = [
                 g
                 for g in self._grants.values()
@@ -1281,7 +1286,8 @@ class BillingAccount(ChainedAggregate):
         _require_amount("amount", amount)
         _require_time("at", at)
         if amount > self.overage_receivable(unit):
-            raise InvalidAmount(f"settlement {amount} exceeds the receivable {self.overage_receivable(unit)}")
+            raise InvalidAmount(f"settlement {_money(amount, unit)} exceeds the receivable "
+                                f"{_money(self.overage_receivable(unit), unit)}")
         postings = [
             posting(LedgerAccount.GATEWAY_CLEARING, unit, amount),
             posting(LedgerAccount.RECEIVABLES, unit, -amount),
@@ -1856,6 +1862,11 @@ def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remain
 def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:
     expires = g["expires_at"]
     return (g["priority"], expires is None, expires if expires is not None else _NO_EXPIRY_KEY, g["seq"])
+
+
+def _money(subunits: int, unit: str) -> str:
+    """An amount of sub-units as a person reads it in a refusal (``9.00 USD``), never the raw integer."""
+    return f"{show(subunits, unit)} {unit}"
 
 
 def _usage_postings(unit: str, draws: list[Draw], overage: int) -> list[Posting]:

@@ -48,6 +48,7 @@ def test_negative_adjustment_cannot_exceed_available(app: LedgerApplication, cli
     too_much = client.post("/v1/accounts/acme/adjustments", headers=FINANCE,
                            json={"idempotency_key": "take", "amount": "-10.01", "reason": "correction"})
     assert too_much.status_code == 409 and too_much.json()["reason"] == "insufficient_credit"
+    assert too_much.json()["detail"] == "cannot remove 10.01 USD: only 10.00 USD is available"  # not sub-units
     ok = client.post("/v1/accounts/acme/adjustments", headers=FINANCE,
                      json={"idempotency_key": "take", "amount": "-4", "reason": "correction"})
     assert ok.status_code == 201 and ok.json()["available"] == "6.00"

@@ -68,6 +68,7 @@ def test_capture_above_hold_is_refused_unless_overage_allowed(app: LedgerApplica
     hold = place(client, "acme", "job", "10.00")["hold_id"]
     refused = client.post(f"/v1/accounts/acme/holds/{hold}/capture", json={"amount": "12.00"}, headers=SERVICE)
     assert refused.status_code == 422 and refused.json()["reason"] == "capture_exceeds_hold"
+    assert refused.json()["detail"] == "capture of 12.00 USD exceeds the hold of 10.00 USD"  # not sub-units
     # Refusals record nothing: the same capture with overage allowed is a fresh decision.
     allowed = client.post(f"/v1/accounts/acme/holds/{hold}/capture", json={"amount": "12.00", "allow_overage": True},
                           headers=SERVICE)

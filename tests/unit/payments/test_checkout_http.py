@@ -51,6 +51,11 @@ def test_an_unknown_gateway_and_gateway_choice(ledger: LedgerApplication) -> Non
     http = client(ledger, {"stripe": stripe_gateway(FakeStripe())})
     refused = checkout(http, "k1", amount="10", gateway="paypal")
     assert refused.status_code == 422 and refused.json()["type"].endswith("gateway-not-enabled")
+    assert refused.json()["detail"] == "'paypal' is not enabled; choose one of stripe."
+    # Without any gateway (the embedded default) the refusal says what to configure ("Choose one of []." before).
+    bare = checkout(client(ledger, {}), "k2", amount="10", gateway=None)
+    assert bare.status_code == 422 and bare.json()["reason"] == "gateway_not_enabled"
+    assert "No payment gateway is enabled" in bare.json()["detail"] and "BILLING_STRIPE_API_KEY" in bare.json()["detail"]
 
 
 def test_vat_ids_valid_and_invalid(ledger: LedgerApplication) -> None:

@@ -62,6 +62,10 @@ SHAPES: list[dict[str, Any]] = [
                      {"account": "recognised_revenue", "unit": "EUR", "amount": -10}]),
     _debit(credit_grant={"grant_id": OTHER_GRANT, "unit": "USD", "amount": 1000, "source": "promotion"}),
     _debit(at=None, effective_at=None),
+    _debit(cause={"quantity": "700", "corrects": "e0", "quantity_old": "500", "quantity_new": "700"}),
+    _debit(amount=-50, cause={"quantity": "0", "corrects": "e0", "quantity_old": "300", "quantity_new": "0"}),
+    _debit(cause={"quantity": "700", "corrects": "e0", "quantity_new": "700"}),
+    _debit(cause={"quantity": "700", "corrects": "", "quantity_old": "500", "quantity_new": "700"}),
 ]
 
 

@@ -217,3 +217,22 @@ async def test_the_account_cache_is_bounded_between_batches_never_within_one(
         await apply(service, ledger.records(), batch=10_000)
         assert len(service._tenants) <= 3 + 1
         assert await db.fetchval("SELECT COUNT(*) FROM transactions WHERE tenant = 'later' AND type = 'usage'") == 1
+
+
+async def test_a_correction_adds_the_difference_it_made_to_the_monthly_quantity(service: ProjectionService) -> None:
+    """Rating's debit of a correction (500 calls amended to 700: 200 more, 0.40 USD at 0.002) and of a void
+    (300 calls to 0): the month shows 1,000 + 700 calls, as its cost does, not 1,000 + 500 + 700 + 300 + 0."""
+    ledger = Ledger()
+    a = simple_account(ledger, "acme")
+    debits = [("e1", "1000", None, 2 * U), ("e2", "500", None, U), ("e3", "700", ("e2", "500"), 400_000_000),
+              ("e4", "300", None, 600_000_000), ("e5", "0", ("e4", "300"), -600_000_000)]
+    for i, (event, quantity, corrects, amount) in enumerate(debits):
+        extra = {"corrects": corrects[0], "quantity_old": corrects[1], "quantity_new": quantity} if corrects else None
+        cause = usage_cause(event, quantity, extra)
+        a.debit_usage(command_id=uid("corr", i), unit="USD", amount=amount, meter="api_calls",  # < 0: give-back
+                      at=T0 + timedelta(seconds=i), overage_policy="overage", cause=cause)
+    ledger.save(a)
+    await apply(service, ledger.records())
+    [row] = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter="api_calls",
+                                          offset=0, limit=10)
+    assert (Decimal(row["quantity"]), Decimal(int(row["cost"])) / U) == (Decimal(1700), Decimal("3.40"))

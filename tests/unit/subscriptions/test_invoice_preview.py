@@ -82,3 +82,30 @@ def test_the_preview_gives_back_the_tax_the_corrected_invoice_charged_after_the_
     invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
     assert invoice.total == Decimal(preview["total"])
     assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
+
+
+
+def test_a_malformed_at_or_quantity_is_a_clear_422_not_a_500(tmp_path: Path) -> None:
+    """A date without a time and offset (``at=2026-11-16``) raised in the preview and the cycle run (HTTP 500),
+    and ``quantity=0`` previewed the unchanged subscription although the change refuses it."""
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=CATALOG, digest="preview-1")
+    run(ledger, "account.open", "acme", currency="EUR")
+    run(ledger, "subscription.create", "acme", key="m", plan="team", quantity=1)
+    app = create_app("t", Settings(data_dir=tmp_path))
+    app.include_router(build_router(ledger, EmbeddedBus(tmp_path / "bus.sqlite"), "billing"))
+    client = TestClient(app, raise_server_exceptions=False)
+    headers = {"Authorization": f"Bearer {mint_token(Settings(), role='admin')}"}
+    preview = "/v1/accounts/acme/subscriptions/m/invoice-preview"
+    for params in ({"quantity": 3, "at": "2026-11-16"}, {"at": "garbage"}, {"quantity": 0}):
+        response = client.get(preview, params=params, headers=headers)
+        assert response.status_code == 422, (params, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["reason"] == "invalid_command"
+    response = client.post("/v1/billing/cycle/run", params={"at": "2026-12-01"}, headers=headers)
+    assert response.status_code == 422, response.text
+    assert "UTC offset" in response.json()["detail"]
+    # A well-formed preview still answers.
+    response = client.get(preview, params={"quantity": 3, "at": NOV_16.isoformat()}, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["net"] == "30.00"
