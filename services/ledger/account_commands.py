@@ -1,4 +1,4 @@
-"""Ledger commands of billing accounts: ``account.open``, ``credit.grant``, ``usage.debit``."""
+"""Ledger commands of billing accounts: ``account.open``, ``credit.grant`` (``usage.debit``: :mod:`billing_ledger.usage_commands`)."""
 
 from __future__ import annotations
 
@@ -56,18 +56,3 @@ def _grant_credit(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
         )
     except (ValueError, KeyError) as exc:
         raise CommandRejected("invalid_grant", str(exc)) from exc
-
-
-@handles("usage.debit")
-def _debit_usage(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    account = account_of(batch, command.tenant)
-    payload = command.payload
-    account.debit_usage(
-        command_id=command.command_id,
-        unit=payload["unit"],
-        amount=int(payload["amount_subunits"]),
-        meter=payload["meter"],
-        at=parse_timestamp(payload["at"]),
-        overage_policy=payload.get("overage_policy", "overage"),
-        cause=payload.get("cause", {}),
-    )
