@@ -38,6 +38,9 @@ Usage give-back (negative usage amounts)
     skipping grants that are closed, expired at ``at`` or out of scope for the meter. Anything left (the
     grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
     whose id is derived from the command id.
+    A give-back of a period whose overage an invoice billed (``billed_overage``) is first credited, with that
+    invoice's tax, by a credit note the command issues (``credit_note_grant``; ``debit_usage(credit_note=...)``
+    records ``InvoicedUsageCredited``); only the rest takes the steps above.
 
 Overage repaid by new credit
     ``repay_overage``: credit a pay-as-you-go account buys first pays off the overage no invoice bills (Dr
