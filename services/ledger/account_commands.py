@@ -1,4 +1,4 @@
-"""Ledger commands of billing accounts: ``account.open``, ``credit.grant``, ``usage.debit``."""
+"""Ledger commands of billing accounts: ``account.open``, ``credit.grant`` (``usage.debit``: :mod:`billing_ledger.usage_commands`)."""
 
 from __future__ import annotations
 
@@ -59,27 +59,3 @@ def _grant_credit(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
         )
     except (ValueError, KeyError) as exc:
         raise CommandRejected("invalid_grant", str(exc)) from exc
-
-
-def _subunits_sent(command: LedgerCommand) -> int:
-    """The command's ``amount_subunits``: an integer as rating sends it; 2.5 or "3" is rejected, never truncated
-    or converted (the money posted would not be what was rated)."""
-    amount = command.payload["amount_subunits"]
-    if type(amount) is not int:
-        raise CommandRejected("invalid_command", f"amount_subunits must be a whole number, not {amount!r}")
-    return amount
-
-
-@handles("usage.debit")
-def _debit_usage(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    account = account_of(batch, command.tenant)
-    payload = command.payload
-    account.debit_usage(
-        command_id=command.command_id,
-        unit=payload["unit"],
-        amount=_subunits_sent(command),
-        meter=payload["meter"],
-        at=parse_timestamp(payload["at"]),
-        overage_policy=payload.get("overage_policy", "overage"),
-        cause=payload.get("cause", {}),
-    )

@@ -38,6 +38,9 @@ Usage give-back (negative usage amounts)
     skipping grants that are closed, expired at ``at`` or out of scope for the meter. Anything left (the
     grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
     whose id is derived from the command id.
+    A give-back of a period whose overage an invoice billed (``billed_overage``) is first credited, with that
+    invoice's tax, by a credit note the command issues (``credit_note_grant``; ``debit_usage(credit_note=...)``
+    records ``InvoicedUsageCredited``); only the rest takes the steps above.
 
 Overage repaid by new credit
     ``repay_overage``: credit a pay-as-you-go account buys first pays off the overage no invoice bills (Dr
@@ -132,6 +135,9 @@ TEXT_CHARS_MAX = 512
 ACTIVE_HOLDS_MAX = 10_000
 SETTLED_HOLDS_KEPT_MAX = 10_000
 AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
+# Periods whose invoiced overage a usage correction credits by a credit note, remembered per unit (older ones: a
+# correction of them is given back as credit without tax, as before). Three years of monthly periods.
+BILLED_PERIODS_KEPT_MAX = 36
 # Recognition of credit-package money (``purchase_money_due``): at most this often per account, besides the
 # first sweep of each UTC day and a grant that finishes or expires.
 MONEY_RECOGNITION_INTERVAL = timedelta(hours=1)
@@ -194,6 +200,10 @@ class BillingAccount(ChainedAggregate):
         # {"unit", "amount" (fees + tax, sub-units), "tax"}. Kept apart from ``_receivable`` (the overage), which
         # usage give-backs and repayments reduce: they must never eat into an invoice's fee.
         self._invoice_billed: dict[str, dict[str, Any]] = {}
+        # The invoice that billed each period's overage, and what of it a correction can still credit by a credit
+        # note (``billed_overage``): unit -> period key -> {"invoice", "amount" (sub-units)}, the last
+        # ``BILLED_PERIODS_KEPT_MAX`` periods per unit (oldest first).
+        self._billed_periods: dict[str, dict[str, dict[str, Any]]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
@@ -677,8 +687,15 @@ class BillingAccount(ChainedAggregate):
         at: datetime,
         overage_policy: str,
         cause: dict[str, Any],
+        credit_note: dict[str, Any] | None = None,
     ) -> None:
-        """Draws ``amount`` sub-units for ``meter`` (negative: give-back). Never raises for lack of credit."""
+        """Draws ``amount`` sub-units for ``meter`` (negative: give-back). Never raises for lack of credit.
+
+        ``credit_note``: a give-back of usage an invoice already billed (``billed_overage``) whose first
+        ``amount`` sub-units were credited, with the tax that invoice charged, by that credit note ``note``
+        (``credit_note_grant``, recorded just before): ``{"note", "invoice", "period", "amount"}``. The period's
+        creditable overage goes down by it (``InvoicedUsageCredited``) and only the rest is given back here; the
+        ``UsageDebited`` still records the whole ``amount`` (the usage corrected), with the postings of the rest."""
         self._require_unit(unit)
         _require_amount("amount", amount, allow_zero=True, allow_negative=True)
         _require_text("meter", meter)
@@ -695,8 +712,11 @@ class BillingAccount(ChainedAggregate):
                 raise InvalidArgument(f"cause.period must be a month (YYYY-MM) or an ISO 8601 time, not {period!r}"
                                       ) from None
         cause = dict(cause)
+        if credit_note is not None:
+            self._check_credit_note(unit, amount, credit_note)
         if amount < 0:
-            self._give_back(command_id=command_id, unit=unit, amount=amount, meter=meter, at=at, cause=cause)
+            self._give_back(command_id=command_id, unit=unit, amount=amount, meter=meter, at=at, cause=cause,
+                            credit_note=credit_note)
             return
         spendable = self.spendable(unit, meter, at)
         from_credit = min(amount, spendable)
@@ -730,10 +750,30 @@ class BillingAccount(ChainedAggregate):
         )
         self._check_thresholds(unit, at)
 
+    def _check_credit_note(self, unit: str, amount: int, credit_note: dict[str, Any]) -> None:
+        if not isinstance(credit_note, dict) or not all(isinstance(credit_note.get(f), str)
+                                                        for f in ("note", "invoice", "period")):
+            raise InvalidArgument("credit_note must name its note, invoice and period")
+        credited = credit_note.get("amount")
+        _require_amount("credit_note.amount", credited)
+        billed = self.billed_overage(unit, credit_note["period"])
+        if amount >= 0 or credited > -amount or billed is None or billed["invoice"] != credit_note["invoice"] \
+                or credited > billed["amount"]:
+            raise InvalidAmount(f"credit note {credit_note['note']} credits {credited} of a give-back of {-amount}: "
+                                f"more than the give-back or than invoice {credit_note['invoice']} billed for "
+                                f"{credit_note['period']}")
+
     def _give_back(
-        self, *, command_id: UUID, unit: str, amount: int, meter: str, at: datetime, cause: dict[str, Any]
+        self, *, command_id: UUID, unit: str, amount: int, meter: str, at: datetime, cause: dict[str, Any],
+        credit_note: dict[str, Any] | None = None,
     ) -> None:
         left = -amount
+        if credit_note is not None:
+            # What the credit note credited (net, its tax on top) is not given back again.
+            self._invoiced_usage_credited(command_id=command_id, unit=unit, invoice=credit_note["invoice"],
+                                          period=credit_note["period"], note=credit_note["note"],
+                                          amount=credit_note["amount"], at=at)
+            left -= credit_note["amount"]
         postings: list[Posting] = []
         # Only overage no invoice bills yet: an issued invoice is charged its full total (as its fees are), so what
         # it billed stays receivable until it is paid or voided, and the rest of the give-back becomes credit.
@@ -824,6 +864,19 @@ class BillingAccount(ChainedAggregate):
         if credit_grant is not None:
             self._add_grant(credit_grant)
         self._update_arming(unit)
+
+    @event("InvoicedUsageCredited")
+    def _invoiced_usage_credited(self, command_id: UUID, unit: str, invoice: str, period: str, note: str, amount: int,
+                                 at: datetime) -> None:
+        # No postings: the credit note's ``CreditGranted`` moved the money; this says what of the period is credited.
+        periods = self._billed_periods.get(unit, {})
+        billed = periods.get(period)
+        if billed is not None:
+            billed["amount"] -= amount
+            if billed["amount"] <= 0:
+                del periods[period]
+            if not periods:
+                del self._billed_periods[unit]
 
     @event("UsageRejected")
     def _usage_rejected(
@@ -1319,6 +1372,13 @@ class BillingAccount(ChainedAggregate):
         """The overage ``invoice`` billed and that is not settled yet: unit -> sub-units."""
         return dict(self._invoiced_overage.get(invoice, {}))
 
+    def billed_overage(self, unit: str, period: str) -> dict[str, Any] | None:
+        """The invoice that billed the overage of ``unit`` priced in ``period`` and what of it a usage correction can
+        still credit by a credit note (``{"invoice", "amount"}``, sub-units), or ``None`` (not invoiced, voided, or
+        older than the last ``BILLED_PERIODS_KEPT_MAX`` periods)."""
+        billed = self._billed_periods.get(unit, {}).get(period)
+        return dict(billed) if billed is not None else None
+
     def invoice_overage(
         self, *, invoice: str, units: Iterable[str], end: datetime, at: datetime
     ) -> dict[str, dict[str, int]]:
@@ -1350,6 +1410,15 @@ class BillingAccount(ChainedAggregate):
             if not left:
                 self._unbilled.pop(unit, None)
             billed[unit] = billed.get(unit, 0) + sum(periods.values())
+            kept = self._billed_periods.setdefault(unit, {})
+            for key, amount in periods.items():
+                kept.pop(key, None)  # re-billed (after a void): it moves to the end, the newest
+                if amount > 0:
+                    kept[key] = {"invoice": invoice, "amount": amount}
+            while len(kept) > BILLED_PERIODS_KEPT_MAX:
+                del kept[next(iter(kept))]
+            if not kept:
+                del self._billed_periods[unit]
         for unit in [u for u, amount in billed.items() if amount <= 0]:
             del billed[unit]  # a net give-back: nothing to collect
         if not billed:
@@ -1394,6 +1463,12 @@ class BillingAccount(ChainedAggregate):
         self._invoiced_overage.pop(invoice, None)
         for unit, amount in returned.items():
             _add_unbilled(self._unbilled, unit, at.isoformat(), amount)
+        for unit in list(self._billed_periods):  # owed again, unbilled: a correction of it reduces it instead
+            periods = self._billed_periods[unit]
+            for key in [k for k, billed in periods.items() if billed["invoice"] == invoice]:
+                del periods[key]
+            if not periods:
+                del self._billed_periods[unit]
 
     # == subscription invoices and credit notes ===============================================================
 

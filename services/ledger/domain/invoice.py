@@ -21,8 +21,9 @@ from eventsourcing.domain import Aggregate, event
 
 DRAFT, FINALIZED, PAID, VOID = "draft", "finalized", "paid", "void"
 INVOICE, CREDIT_NOTE = "invoice", "credit_note"
+# ``usage_correction``: a credit note's credit for usage an invoice billed that a correction lowered.
 LINE_KINDS = frozenset({"base_fee", "usage", "credits_applied", "overage", "proration", "discount", "tax",
-                        "top_up", "adjustment", "minimum_commitment"})
+                        "top_up", "adjustment", "minimum_commitment", "usage_correction"})
 
 
 def invoice_id(tenant: str, key: str) -> UUID:

@@ -174,8 +174,9 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # the same attributes, but the ``money`` of a credit-unit purchase grant (in ``_grants``) keeps its recognition.
 # Format 3: overage kept per period until invoiced (``_unbilled``) and per invoice until paid (``_invoiced_overage``).
 # Format 5: the same attributes, but a give-back reduces ``_unbilled`` period by period, never below zero.
-ACCOUNT_ATTRIBUTES_FORMAT_5 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
-    "_auto_top_up", "_created_on", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
+# Format 6: _billed_periods (the invoice that billed each period's overage, what a correction can still credit).
+ACCOUNT_ATTRIBUTES_FORMAT_6 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+    "_auto_top_up", "_billed_periods", "_created_on", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
     "_modified_on", "_pending_events", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history",
     "_unbilled", "_version",
@@ -194,7 +195,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 5 and account == ACCOUNT_ATTRIBUTES_FORMAT_5
+    assert snapshots.FORMATS[BillingAccount] == 6 and account == ACCOUNT_ATTRIBUTES_FORMAT_6
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 

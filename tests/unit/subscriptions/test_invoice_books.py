@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from billing_events import ids
@@ -352,3 +352,86 @@ def test_changes_recorded_before_they_named_their_document_replay_as_they_were_f
     # change's new period has no known document (its credit is taxed at today's rate, as before).
     assert changes[0].mutate(replayed).period_invoice == first
     assert changes[1].mutate(replayed).period_invoice is None
+
+
+def correct(app: LedgerApplication, amount: str, period: datetime, open_period: datetime, at: datetime,
+            event: str = "evt-1") -> None:
+    """A correction's give-back as rating sends it once ``period`` is invoiced (closed): rated into the open period,
+    naming the original's period and event (``late``, ``original_period``, ``corrects``)."""
+    run(app, "usage.debit", "acme", at=at, unit="USD", amount_subunits=int(Decimal(amount) * U), meter="api_calls",
+        overage_policy="overage",
+        cause={"event_ids": [str(uuid4())], "period": open_period.isoformat(), "late": "late",
+               "original_period": period.isoformat(), "corrects": event})
+
+
+def usage_correction_notes(app: LedgerApplication) -> list[Invoice]:
+    """The credit notes corrections of invoiced usage issued, oldest first."""
+    return [app.repository.get(UUID(e.note)) for e in events(app, "InvoicedUsageCredited")]
+
+
+def test_a_correction_of_invoiced_usage_credits_it_with_the_tax_that_invoice_charged(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 + 5.70 VAT
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))  # overage, billed on the renewal
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")])
+    assert renewal.total == Decimal("41.65")  # 30.00 + 5.00, and 6.65 of VAT
+    for invoice in (first_invoice(app), renewal):
+        run(app, "invoice.mark_paid", "acme", at=DEC_1, invoice_id=str(invoice.id), payment=f"pi-{invoice.id}")
+    # November's usage is corrected from 5.00 to 3.00 after the invoice was paid.
+    correct(app, "-2.00", NOV_1, DEC_1, datetime(2026, 12, 3, tzinfo=UTC))
+    [note] = usage_correction_notes(app)
+    # A credit note against the renewal: the 2.00 and the 0.38 of VAT it charged on them (it was 2.00 of credit,
+    # no document, and the 0.38 stayed in tax payable).
+    assert (note.document_type, note.status, note.related_invoice) == ("credit_note", "finalized", str(renewal.id))
+    assert [(x["kind"], x["amount"]) for x in note.lines] == [("usage_correction", "-2.00"), ("tax", "-0.38")]
+    assert note.total == Decimal("-2.38") and note.number == "CN-2026-000001"
+    assert app.repository.get(renewal.id).corrections == [str(note.id)]
+    after = account(app)
+    assert after.available("USD") == 238 * CENT and after.receivable("USD") == 0
+    [grant] = [g for g in after.grant_balances() if g["source"] == "credit_note"]
+    assert grant["amount"] == 238 * CENT
+    chart = books(app)  # every movement sums to zero
+    assert chart == {("gateway_clearing", "USD"): (3570 + 4165) * CENT, ("tenant_wallet", "USD"): -238 * CENT,
+                     ("recognised_revenue", "USD"): -(3000 + 3000 + 500 - 200) * CENT,
+                     ("tax_payable", "USD"): -(570 + 665 - 38) * CENT}
+    assert verify_store(app, "acme").ok
+
+
+def test_a_correction_of_usage_on_an_unpaid_invoice_is_a_credit_note_and_the_invoice_is_collected_as_issued(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")])
+    correct(app, "-2.00", NOV_1, DEC_1, datetime(2026, 12, 2, tzinfo=UTC))
+    [note] = usage_correction_notes(app)
+    assert (note.total, note.related_invoice) == (Decimal("-2.38"), str(renewal.id))
+    # Account credit, like a change's or cancel's note: the invoice is still owed in full (payments must match it).
+    assert (account(app).available("USD"), account(app).receivable("USD")) == (238 * CENT, (3570 + 4165) * CENT)
+    refused = run(app, "invoice.void", "acme", at=datetime(2026, 12, 3, tzinfo=UTC), outcome="rejected",
+                  invoice_id=str(renewal.id), reason="goodwill")
+    assert refused.reason == "invoice_has_credit_notes"
+    for invoice in (first_invoice(app), renewal):
+        run(app, "invoice.mark_paid", "acme", at=DEC_1, invoice_id=str(invoice.id), payment=f"pi-{invoice.id}")
+    assert account(app).receivable("USD") == 0
+    assert books(app)[("tax_payable", "USD")] == -(570 + 665 - 38) * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_a_correction_credits_at_most_the_overage_the_invoice_billed_and_gives_back_the_rest_as_before(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    run(app, "credit.grant", "acme", grant_key="usd", unit="USD", amount="2.00")
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))  # 2.00 from credit, 3.00 overage
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")])
+    assert renewal.total == Decimal("39.27")  # 30.00 + 5.00 - 2.00 applied, and 6.27 of VAT on the 33.00
+    correct(app, "-4.00", NOV_1, DEC_1, datetime(2026, 12, 2, tzinfo=UTC))
+    # The invoice billed 3.00 of it (and VAT on them): those come back with their VAT; the 1.00 prepaid credit paid
+    # (untaxed, not on the invoice's total) goes back to that credit.
+    [note] = usage_correction_notes(app)
+    assert note.total == Decimal("-3.57")
+    assert account(app).available("USD") == 357 * CENT + 100 * CENT
+    # A second correction finds nothing of the invoice left to credit: given back as credit, as before.
+    correct(app, "-0.50", NOV_1, DEC_1, datetime(2026, 12, 3, tzinfo=UTC), event="evt-2")
+    assert len(usage_correction_notes(app)) == 1
+    assert account(app).available("USD") == 357 * CENT + 150 * CENT
+    assert books(app)[("tax_payable", "USD")] == -(570 + 627 - 57) * CENT
+    assert verify_store(app, "acme").ok

@@ -1,0 +1,109 @@
+"""Ledger command ``usage.debit``: rating's usage debit on the account (a give-back when negative), and the credit
+note of a correction of usage an invoice already billed.
+
+A correction (``correction_of`` at ingest) that lowers usage rating priced in a period whose overage a
+subscription invoice has billed (``BillingAccount.billed_overage``: that invoice, and what of the period's overage
+no correction credited yet) corrects that invoice: a credit note against it (``related_invoice``, recorded on the
+invoice, which can then no longer be voided) credits the corrected usage, up to what the invoice billed for the
+period and rounded down to the currency's minor unit, with the tax at the rate that invoice charged
+(``document_tax_lines``), as account credit (``credit_note_grant``: Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax
+/ Cr TENANT_WALLET), whether the invoice is paid or not: it is collected as issued, like the invoice a change's or
+cancel's credit note corrects. The rest of the give-back (usage prepaid credit paid for, so not on the invoice's
+total; less than a minor unit) is given back as before. A correction of usage not invoiced yet, of credit-unit
+usage, or of a period older than the account remembers gives back as before (it reduces the open period).
+
+The corrected period is the one rating priced the original in: a late correction names it in
+``cause.original_period`` (with ``cause.corrects``, its ``period`` being the open period it was rated into),
+any other give-back in ``cause.period``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
+from uuid import UUID
+
+from billing_events.messages import LedgerCommand
+from billing_events.money import currency, from_subunits, is_currency_code, to_subunits
+from billing_events.timeutil import parse_timestamp
+from billing_ledger.account_commands import account_of
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.invoice import FINALIZED, PAID, Invoice, line
+from billing_ledger.domain.subscription import Subscription
+from billing_ledger.subscription_commands import _document
+
+
+@handles("usage.debit")
+def debit_usage(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
+    account = account_of(batch, command.tenant)
+    payload = command.payload
+    unit, amount, meter = payload["unit"], _subunits_sent(command), payload["meter"]
+    at = parse_timestamp(payload["at"])
+    cause = payload.get("cause", {})
+    credit_note = _credit_invoiced_usage(app, batch, account, command, unit, amount, meter, at, cause) \
+        if amount < 0 else None
+    account.debit_usage(
+        command_id=command.command_id,
+        unit=unit,
+        amount=amount,
+        meter=meter,
+        at=at,
+        overage_policy=payload.get("overage_policy", "overage"),
+        cause=cause,
+        credit_note=credit_note,
+    )
+
+
+def _subunits_sent(command: LedgerCommand) -> int:
+    """The command's ``amount_subunits``: an integer as rating sends it; 2.5 or "3" is rejected, never truncated
+    or converted (the money posted would not be what was rated)."""
+    amount = command.payload["amount_subunits"]
+    if type(amount) is not int:
+        raise CommandRejected("invalid_command", f"amount_subunits must be a whole number, not {amount!r}")
+    return amount
+
+
+def corrected_period(cause: Any) -> str | None:
+    """The period key (as rating priced it) a give-back corrects: a late correction's original period, else its own."""
+    if not isinstance(cause, dict):
+        return None
+    original = cause.get("original_period")
+    if cause.get("corrects") and isinstance(original, str) and original:
+        return original
+    period = cause.get("period")
+    return period if isinstance(period, str) and period else None
+
+
+def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: BillingAccount, command: LedgerCommand,
+                           unit: Any, amount: int, meter: Any, at: datetime, cause: Any) -> dict[str, Any] | None:
+    """The credit note of a give-back of ``amount`` (< 0) sub-units of usage an invoice billed (module docstring),
+    finalized and posted; what it credited for ``BillingAccount.debit_usage`` (``credit_note``), or ``None``."""
+    period = corrected_period(cause)
+    if period is None or not isinstance(unit, str) or not is_currency_code(unit) or not isinstance(meter, str):
+        return None
+    billed = account.billed_overage(unit, period)
+    if billed is None:
+        return None
+    invoice = batch.get(UUID(billed["invoice"]))
+    if not isinstance(invoice, Invoice) or invoice.status not in (FINALIZED, PAID) or invoice.currency != unit \
+            or not invoice.subscription_id:
+        return None
+    sub = batch.get(UUID(invoice.subscription_id))
+    if not isinstance(sub, Subscription):
+        return None
+    # Rounded down: the note never credits more than the give-back (a sub-unit rest is given back as before).
+    net = from_subunits(min(-amount, billed["amount"])).quantize(
+        Decimal(1).scaleb(-currency(unit).minor_scale), rounding=ROUND_DOWN)
+    if net <= 0:
+        return None
+    corrects = cause.get("corrects")
+    lines = [line("usage_correction", f"Usage corrected: {meter}, billed on {invoice.number}", -net, unit,
+                  meter=meter, period=period, **({"corrects": str(corrects)} if corrects else {}))]
+    note = _document(app, batch, sub, f"{sub.id}/usage-correction/{command.command_id}", lines, at,
+                     command.issued_by, finalize=True, start=invoice.period_start, end=invoice.period_end,
+                     corrects=invoice)
+    if note is None:  # the key is the command's id: a redelivery never reaches here (its receipt refuses it)
+        return None
+    return {"note": str(note.id), "invoice": str(invoice.id), "period": period, "amount": to_subunits(net)}
