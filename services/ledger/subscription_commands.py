@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+import pycountry
 from billing_events.catalog import unsupported_credit_cadence
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT, parse_decimal, to_subunits
@@ -793,10 +794,16 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
     if not isinstance(country, str) or len(country) != 2 or not country.isalpha():
         raise CommandRejected("invalid_tax_profile", "country must be an ISO 3166-1 alpha-2 code")
     country = country.upper()
+    if pycountry.countries.get(alpha_2=country) is None:  # "XX" has the shape of a code, not a country's
+        raise CommandRejected("invalid_tax_profile", f"country {country!r} is not an ISO 3166-1 country code")
     for name in ("subdivision", "business_name", "tax_id"):  # stored or checked as sent: never a number or a list
         if payload.get(name) is not None and not isinstance(payload[name], str):
             raise CommandRejected("invalid_tax_profile", f"{name} must be a string")
-    profile: dict[str, Any] = {"country": country, "subdivision": payload.get("subdivision"),
+    subdivision = payload.get("subdivision")
+    if subdivision and pycountry.subdivisions.get(code=f"{country}-{subdivision.upper()}") is None:
+        raise CommandRejected("invalid_tax_profile", f"subdivision {subdivision!r} is not an ISO 3166-2 subdivision "
+                                                     f"of {country} (e.g. CA for US-CA)")
+    profile: dict[str, Any] = {"country": country, "subdivision": subdivision.upper() if subdivision else None,
                                "business_name": payload.get("business_name"), "tax_id": None, "tax_id_valid": False}
     if payload.get("tax_id"):
         # EU VAT rules only for EU member states; elsewhere the country's own format, if known (reverse charge

@@ -62,3 +62,13 @@ def test_a_quantity_that_is_not_a_whole_number_is_refused_not_truncated(app: Led
     assert rejected(app, "subscription.change", key="m", quantity=quantity) == "invalid_command"
     assert changes_since(app, position) == []
     assert app.repository.get(subscription_id("acme", "m")).quantity == 2
+
+
+@pytest.mark.parametrize("profile", [{"country": "XX"}, {"country": "US", "subdivision": "ZZ"},
+                                     {"country": "DE", "subdivision": "CA"}])
+def test_a_tax_profile_of_no_real_country_or_region_is_refused(app: LedgerApplication, profile: dict[str, Any]) -> None:
+    position = app.recorder.max_notification_id() or 0
+    assert rejected(app, "tax_profile.set", **profile) == "invalid_tax_profile"
+    assert changes_since(app, position) == []
+    # Real ones are kept, the subdivision as its ISO 3166-2 code (the catalogue's tax regions: US-CA).
+    assert run(app, "tax_profile.set", "acme", country="us", subdivision="ca").value["subdivision"] == "CA"
