@@ -18,7 +18,14 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from billing_events.money import RATING_CONTEXT, RATING_ROUNDING, MoneyError, currency
+from billing_events.money import (
+    RATING_CONTEXT,
+    RATING_ROUNDING,
+    MoneyError,
+    currency,
+    format_subunits,
+    to_subunits,
+)
 from billing_projections.facts import Fact, json_text, utc_text
 from billing_projections.writer import BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
@@ -58,10 +65,15 @@ def _text(value: Any) -> str | None:
 
 
 def _fee(plan: dict[str, Any]) -> str:
+    """The plan's base fee shown like every amount of its currency (``92`` -> ``92.00``; more digits kept)."""
     try:
-        return str(Decimal(str(plan.get("base_fee") or "0")))
+        fee = Decimal(str(plan.get("base_fee") or "0"))
     except InvalidOperation:
         return "0"
+    try:
+        return format_subunits(to_subunits(fee), currency(str(plan.get("currency") or "")))
+    except MoneyError:
+        return str(fee)
 
 
 def _plan(plan: Any) -> dict[str, Any]:

@@ -119,8 +119,9 @@ def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_cur
                                  business_name=tax_profile.get("business_name"), tax_id=tax_profile.get("tax_id"),
                                  tax_id_valid=bool(tax_profile.get("tax_id_valid")))
     taxed = compute_tax(net, code, profile, tax_rules, seller_country)
-    return Quote(currency=code, unit=unit, amount=str(price), discount=str(discount), net=str(taxed.net),
-                 tax=str(taxed.tax), total=str(taxed.total), credits=str(credits), bonus_credits=str(bonus),
+    return Quote(currency=code, unit=unit, amount=str(price), discount=str(_money(discount, code)),
+                 net=str(_money(taxed.net, code)), tax=str(_money(taxed.tax, code)),
+                 total=str(_money(taxed.total, code)), credits=str(credits), bonus_credits=str(bonus),
                  promotion_credits=str(promo_credits), promotion_unit=promo_unit, tax_rule=taxed.rule,
                  tax_note=taxed.note,
                  promotion=promotion["code"] if promotion else None,

@@ -26,6 +26,7 @@ def test_a_free_amount_top_up_with_bonus_credit() -> None:
               promotion={"code": "BONUS5", "kind": "bonus_credit", "value": "5"}, tax_profile=None, tax_rules=[],
               seller_country=None)
     assert (q.total, q.credits, q.promotion_credits, q.unit) == ("50.00", "50.00", "5", "EUR")
+    assert (q.discount, q.tax) == ("0.00", "0.00")  # amounts of the currency, shown as such (not "0")
     with pytest.raises(CheckoutError):
         quote(package=None, amount=Decimal("0.001"), account_currency="EUR", promotion=None, tax_profile=None,
               tax_rules=[], seller_country=None)

@@ -380,3 +380,21 @@ async def test_incomplete_subscriptions_are_listed_activated_or_expired_as_the_l
     assert (str(usd["mrr"]), usd["subscriptions"]) == ("30.00", 1)
     listed = await subscriptions.page(service.db, tenant="shop", statuses=("incomplete",), offset=0, limit=10)
     assert [r["subscription_key"] for r in listed] == ["waiting"]
+
+
+async def test_a_plans_base_fee_is_shown_in_its_currencys_minor_units(tmp_path: Path) -> None:
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, document={"plans": [
+        {"code": "round", "name": "Round", "currency": "USD", "base_fee": "92", "cadence": "month"},
+        {"code": "yen", "name": "Yen", "currency": "JPY", "base_fee": "1200", "cadence": "month"}]}, digest="r")
+    ledger.command("account.open", "usd", currency="USD")
+    ledger.command("subscription.create", "usd", key="r", plan="round", quantity=1)
+    ledger.command("account.open", "jpy", currency="JPY")
+    ledger.command("subscription.create", "jpy", key="y", plan="yen", quantity=1)
+    db = await SqliteDatabase(tmp_path / "fees.sqlite").connect()
+    service = ProjectionService(db)
+    await service.setup()
+    await apply(service, ledger.records())
+    rows = await db.fetch("SELECT tenant, base_fee FROM subscriptions ORDER BY tenant")
+    assert [(r["tenant"], r["base_fee"]) for r in rows] == [("jpy", "1200"), ("usd", "92.00")]
+    await db.close()
