@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from billing_events import ids
 from billing_events.messages import PaymentNotification
@@ -98,6 +99,15 @@ def test_a_bonus_credit_promotion_is_granted_in_its_own_unit(ledger: LedgerAppli
     assert available(ledger, "CREDIT") == Decimal(500)
     assert books(ledger)[("promotional_expense", "CREDIT")] == Decimal(500)
     assert books(ledger)[("gateway_clearing", "USD")] == Decimal("11.90")
+
+
+def test_the_top_up_invoice_names_the_unit_a_bonus_promotion_grants(ledger: LedgerApplication) -> None:
+    order = place(ledger, "o1", amount="10", promotion="BONUS500")  # 500 CREDIT on a 10.00 USD top-up
+    pay(ledger, order)
+    invoice_id = ledger.read(UUID(order["order_id"]), lambda o: o.invoice_id)
+    lines = ledger.read(UUID(invoice_id), lambda i: list(i.lines))
+    assert [item["description"] for item in lines if item["kind"] == "adjustment"] == [
+        "Promotion BONUS500: 500 CREDIT bonus"]  # not "500 USD": no USD was given beyond the 10.00 paid
 
 
 def test_a_promotion_whose_unit_cannot_apply_is_refused_before_anything_is_placed(ledger: LedgerApplication) -> None:
