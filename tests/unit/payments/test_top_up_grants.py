@@ -127,6 +127,27 @@ def test_a_catalogue_whose_promotion_names_an_unknown_unit_is_not_published(ledg
     assert refused.outcome == "rejected" and "unknown unit 'TOKENS'" in (refused.detail or ""), refused
 
 
+def test_a_package_priced_above_the_credit_it_grants_is_not_published(ledger: LedgerApplication) -> None:
+    """100 USD of credit sold for 110.00: the 10.00 above the credit would be paid and booked in no account."""
+    fee = {"code": "usd-fee", "name": "100 USD (fee incl.)", "unit": "USD", "credits": "100", "price": "110.00",
+           "currency": "USD"}
+    refused = run(ledger, "catalog.publish", None, document={**CATALOG, "packages": [*CATALOG["packages"], fee]},
+                  digest="pay-fee")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog"), refused
+    assert "package 'usd-fee' costs 110.00 USD but grants 100 USD" in (refused.detail or ""), refused.detail
+    not_sold = place_order(ledger, "o1", package="usd-fee")  # the catalogue published before is still current
+    assert (not_sold.outcome, not_sold.reason) == ("rejected", "unknown_package"), not_sold
+
+    # Priced at the credit it grants, bonus included, it is sold and every cent paid is booked.
+    fair = {**fee, "code": "usd-fair", "bonus_credits": "10"}
+    assert run(ledger, "catalog.publish", None, document={**CATALOG, "packages": [fair]},
+               digest="pay-fair").outcome == "applied"
+    order = place(ledger, "o2", package="usd-fair")  # 110.00 + 19 % = 130.90 for 110 USD of credit
+    pay(ledger, order)
+    assert books(ledger) == {("gateway_clearing", "USD"): Decimal("130.90"), ("tax_payable", "USD"): Decimal("-20.90"),
+                             ("tenant_wallet", "USD"): Decimal(-110)}
+
+
 def use(app: LedgerApplication, amount: str, key: str) -> None:
     """Usage rating priced at ``amount`` USD (overage policy: what credit does not cover is owed)."""
     result = run(app, "usage.debit", TENANT, key=key, unit="USD", amount_subunits=int(Decimal(amount) * U),
