@@ -148,6 +148,28 @@ def test_a_package_priced_above_the_credit_it_grants_is_not_published(ledger: Le
                              ("tenant_wallet", "USD"): Decimal(-110)}
 
 
+def test_a_partial_refund_of_a_top_up_pays_back_its_share_of_the_vat(ledger: LedgerApplication) -> None:
+    """grant.refund (POST /refunds) of a quarter of a 100.00 + 19 % top-up: 25.00 + 4.75, as a credit package's."""
+    order = place(ledger, "o1", amount="100")  # 119.00 paid
+    pay(ledger, order)
+    grant = str(ids.grant_id(TENANT, f"order/{order['order_id']}/purchase"))
+    refunded = run(ledger, "grant.refund", TENANT, "r1", grant_id=grant, refund_id=str(ids.grant_id(TENANT, "r1")),
+                   amount="25", reason="goodwill")
+    assert refunded.outcome == "applied", refunded
+    assert books(ledger) == {("gateway_clearing", "USD"): Decimal("89.25"),  # 119.00 - 29.75 paid back
+                             ("tax_payable", "USD"): Decimal("-14.25"),  # 19 % of the 75.00 still sold
+                             ("tenant_wallet", "USD"): Decimal(-75)}
+    assert refunded.value["paid_back"] == {"unit": "USD", "amount": 2975 * U // 100, "tax_amount": 475 * U // 100}
+
+    # The gateway's refund of the order then reverses the rest of the credit and of the tax, exactly.
+    rest = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
+                               tenant=TENANT, order_id=order["order_id"], amount=Decimal("119.00"), currency="USD",
+                               verified_at=utcnow(), gateway_reference="re_1")
+    [result] = ledger.apply_commands([payment_command(rest)])
+    assert result.outcome == "applied", result
+    assert books(ledger) == {}
+
+
 def use(app: LedgerApplication, amount: str, key: str) -> None:
     """Usage rating priced at ``amount`` USD (overage policy: what credit does not cover is owed)."""
     result = run(app, "usage.debit", TENANT, key=key, unit="USD", amount_subunits=int(Decimal(amount) * U),
