@@ -288,6 +288,26 @@ def unsupported_credit_cadence(plan: str, index: int, cadence: str, plan_cadence
             f"{plan_cadence!r}, or amount per {plan_cadence})")
 
 
+def package_priced_above_credit(package: dict[str, Any]) -> str | None:
+    """Why a package of credit in its own currency cannot be sold for its price (None: it can).
+
+    A top-up in the currency books the money paid as the credit it grants (net to the wallet, tax to tax
+    payable): the credit's value is at most its price, and a package's bonus (or a discount) is promotional.
+    Money paid above the credit (a fee, a premium) would be booked in no ledger account, so such a package is
+    refused; a credit unit, or a currency other than the price's, has no such face value and is not checked.
+    """
+    if package["unit"] != package["currency"]:
+        return None
+    price, credit = Decimal(str(package["price"])), Decimal(str(package["credits"])) + Decimal(
+        str(package.get("bonus_credits") or "0"))
+    if price <= credit:
+        return None
+    return (f"package {package['code']!r} costs {price} {package['currency']} but grants {credit} "
+            f"{package['unit']} of credit: the {price - credit} {package['currency']} above it would be booked "
+            f"nowhere; a package in its own currency must cost at most the credit it grants (credits + "
+            f"bonus_credits)")
+
+
 # A small catalogue in the shape of examples/catalog.yaml (the reference): what a published one looks like.
 EXAMPLE: dict[str, Any] = {
     "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.01", "currency": "USD", "list_prices": {"EUR": "0.0092"}}},
@@ -366,6 +386,9 @@ class CatalogDocument(_Model):
             currency(package.currency)
             if package.unit not in units:
                 currency(package.unit)
+            refused = package_priced_above_credit(package.model_dump(mode="json"))
+            if refused and not (info.context or {}).get(STORED):
+                raise ValueError(refused)
         for promotion in self.promotions:
             # A bonus is granted in its unit (a credit unit of this document or a currency); an amount off is
             # money. Whether it fits a given order (its currency) is checked when the order is quoted.

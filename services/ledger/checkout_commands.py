@@ -293,7 +293,9 @@ def _top_up_invoice(app: LedgerApplication, batch: _Batch, order: Order, at: dat
     else:
         lines.append(line("tax", f"{q['tax_rule'] or 'Tax'} on {q['net']}", Decimal(q["tax"]), code))
     if Decimal(q["promotion_credits"]):
-        lines.append(line("adjustment", f"Promotion {q['promotion']}: {q['promotion_credits']} {q['unit']} bonus",
+        # The bonus is granted in the promotion's own unit (orders placed before it was recorded: the purchase's).
+        bonus_unit = q.get("promotion_unit") or q["unit"]
+        lines.append(line("adjustment", f"Promotion {q['promotion']}: {q['promotion_credits']} {bonus_unit} bonus",
                           Decimal(0), code))
     invoice = Invoice(tenant=order.tenant, key=f"orders/{order.id}", document_type=INVOICE, currency=code, lines=lines,
                       period_start=None, period_end=None, subscription_id=None, related_invoice=None, at=at, by=by)

@@ -8,9 +8,11 @@ Computed from the ledger's events *recorded* on that day (the notification log, 
   event counts, not the grant (grants recorded before that booking existed fall back to their order);
 * tax collected: the tax of those purchases;
 * credit consumed: ``UsageDebited`` and ``HoldCaptured`` amounts, per unit;
-* refunds: ``GrantRefunded`` - for a reversed checkout order the money paid back (its total), else the
-  amount refunded plus its tax; for a credit-unit grant with its money booked, the currency money paid back
-  (``PurchaseMoneyRefunded``, in proportion to the credit refunded).
+* refunds: ``GrantRefunded`` - in the currency, what the refund's postings took out of the gateway's clearing
+  (the credit refunded plus its tax: a reversed checkout order after a partial ``grant.refund`` counts only
+  the rest); for a credit-unit grant with its money booked, the currency money paid back
+  (``PurchaseMoneyRefunded``, in proportion to the credit refunded); for an older credit-unit grant without
+  it, a reversed checkout order's total.
 
 One leader sends it (advisory lock, like the other payment tasks). Two tracking positions make it
 restart-safe: ``digest:day`` holds the ordinal of the last day sent (a restart does not resend it), and
@@ -42,6 +44,7 @@ from billing_events.money import (
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.postings import LedgerAccount
 from billing_ledger.limits import DIGEST_BACKFILL_DAYS_MAX
 from billing_ledger.mail import send_text
 from billing_ledger.notifier import SmtpSettings
@@ -81,6 +84,12 @@ def _money_booked(app: LedgerApplication, account: UUID, grant: Any) -> bool:
         return bool(app.read(account, lambda a: a.purchase_money(UUID(str(grant))) is not None))
     except (ValueError, LookupError):
         return False
+
+
+def _out_of_clearing(postings: list[dict[str, Any]], unit: str) -> int:
+    """What a refund's postings took out of the gateway's clearing in ``unit`` (sub-units, positive)."""
+    return -sum(line["amount"] for line in postings
+                if line["account"] == LedgerAccount.GATEWAY_CLEARING and line["unit"] == unit)
 
 
 def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict[str, Any], int]:
@@ -129,8 +138,13 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
                 counts["refund_count"] += 1
                 if not is_currency_code(event.unit) and _money_booked(app, event.originator_id, event.grant_id):
                     continue
+                if is_currency_code(event.unit):
+                    # What this refund took out of the gateway's clearing (credit and its tax), never the order's
+                    # total: a partial grant.refund before an order's reversal paid part of it back already.
+                    sums["refunds"][event.unit] += _out_of_clearing(event.postings, event.unit)
+                    continue
                 order = _order_currency(app, event.cause) if event.cause.get("gateway_refund") else None
-                if order is not None:
+                if order is not None:  # credit-unit grants recorded before their money was booked
                     sums["refunds"][order[0]] += to_subunits(Decimal(order[1]["total"]))
                 else:
                     sums["refunds"][event.unit] += event.amount + event.tax_amount

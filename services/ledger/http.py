@@ -278,8 +278,13 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
             return {"refund_id": str(refund_uuid), "tenant": tenant, "duplicate": True}
         value = result.value
         unit = value["unit"]
+        money = value.get("paid_back")
+        paid_back = None if money is None else {
+            "unit": money["unit"], "amount": show(money["amount"], money["unit"]),
+            "tax": show(money["tax_amount"], money["unit"])}
         return {"refund_id": str(refund_uuid), "tenant": tenant, "grant_id": str(body.grant_id), "unit": unit,
-                "amount": show(value["amount"], unit), "from_wallet": show(value["from_wallet"], unit),
+                "amount": show(value["amount"], unit), "tax": show(value["tax_amount"], unit),
+                "paid_back": paid_back, "from_wallet": show(value["from_wallet"], unit),
                 "from_breakage": show(value["from_breakage"], unit),
                 "from_revenue": show(value["from_revenue"], unit), "reason": body.reason,
                 "finance_override": body.finance_override, "requested_by": principal.subject}

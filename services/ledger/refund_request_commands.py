@@ -26,7 +26,6 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand
-from billing_events.money import to_subunits
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
@@ -178,14 +177,13 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     grants = {g["grant_id"]: g for g in account.grant_balances()}
     purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")
     state = grants[str(purchase)]
-    q = order.quote
-    # The tax as booked on the grant (a currency package). A package in a credit unit has its money and tax
-    # booked in the currency apart (``book_purchase_money``): ``refund_grant`` reverses that in proportion.
-    tax = to_subunits(Decimal(q["tax"])) if q["unit"] == q["currency"] else 0
+    # The rest of the credit with the rest of the tax booked on the grant (a currency package: the tax a partial
+    # ``grant.refund`` gave back before is not given back again). A package in a credit unit has its money and
+    # tax booked in the currency apart (``book_purchase_money``): ``refund_grant`` reverses that in proportion.
     cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference}
     account.refund_grant(grant_id=purchase, amount=int(state["amount"]) - int(state["refunded"]),
                          refund_id=uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund"), at=at,
-                         finance_override=finance_override, cause=cause, tax_amount=tax)
+                         finance_override=finance_override, cause=cause)
     # What the order gave beyond the money (a package's bonus or a discount, the promotion's bonus) is voided:
     # its unspent remainder goes back to promotional expense; what of it was already used stays used.
     for free in (bonus_grant_id(order), ids.grant_id(order.tenant, f"order/{order.id}/promotion")):

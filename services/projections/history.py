@@ -8,7 +8,9 @@ why (``cause``: usage event ids, payment id, reason) and who (``user_id``).
 A credit package priced in a currency but granted in a credit unit shows twice: the credit (``purchase``, in
 the credit unit, on the wallet) and the money paid for it (``payment``: the total with its tax, in the
 currency, ``wallet_delta`` 0), and a refund of its credit as ``refund`` plus the money given back
-(``payment_refund``, negative). So the money rows of a currency sum to what the tenant paid for credit
+(``payment_refund``, negative). A refund of credit bought in the currency is one ``refund`` row (the credit)
+whose detail gives the tax paid back with it (``net N, tax N``, after ``finance override; `` if forced). So the
+money rows of a currency sum to what the tenant paid for credit
 packages net of refunds, and the wallet rows still sum to the balance.
 
 A subscription invoice's fees and tax show as ``invoice_billed`` (negative: owed) when it is finalized and
@@ -75,8 +77,12 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": "void", "amount": -int(d.get("remainder") or 0), "grant_id": d.get("grant_id"),
                 "user_id": d.get("voided_by"), "detail": d.get("reason")}
     if name == "GrantRefunded":
+        # A purchase in the currency gives back its tax with the credit: the row says what was paid back.
+        tax = int(d.get("tax_amount") or 0)
+        notes = [*(["finance override"] if d.get("finance_override") else []),
+                 *([f"net {int(d['amount'])}, tax {tax}"] if tax else [])]
         return {"type": "refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
-                "reference": d.get("refund_id"), "detail": "finance override" if d.get("finance_override") else None}
+                "reference": d.get("refund_id"), "detail": "; ".join(notes) or None}
     if name == "BalanceAdjusted":
         return {"type": "adjustment", "amount": int(d["amount"]), "reference": d.get("adjustment_id"),
                 "user_id": d.get("user"), "detail": d.get("reason")}

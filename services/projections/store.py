@@ -22,7 +22,8 @@ from billing_runtime.db import Connection, Database
 
 # 5: credit packages' money (PurchaseMoney* events) in figures and in the transaction history.
 # 6: a usage correction adds the difference it made to the monthly usage quantity, not its new quantity.
-SCHEMA_VERSION = "6"
+# 7: a refund of credit bought in the currency shows the tax paid back with it in its history row's detail.
+SCHEMA_VERSION = "7"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

@@ -126,15 +126,16 @@ def transaction_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
     }
 
 
-_NET_AND_TAX = re.compile(r"^net (-?\d+), tax (-?\d+)$")
+_NET_AND_TAX = re.compile(r"^(.*; )?net (-?\d+), tax (-?\d+)$")
 
 
 def _detail_text(detail: str | None, units: Units, code: str) -> str | None:
-    """A money row's split as stored (``net N, tax N`` in sub-units, history.py) in the unit's own scale."""
+    """A money row's split as stored (``net N, tax N`` in sub-units, after a note and ``; `` on a refund,
+    history.py) in the unit's own scale."""
     found = _NET_AND_TAX.match(detail or "")
     if found is None:
         return detail
-    return f"net {units.fmt(int(found[1]), code)}, tax {units.fmt(int(found[2]), code)}"
+    return f"{found[1] or ''}net {units.fmt(int(found[2]), code)}, tax {units.fmt(int(found[3]), code)}"
 
 
 def monthly_view(row: dict[str, Any], units: Units, meters: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -1082,9 +1082,14 @@ class BillingAccount(ChainedAggregate):
         at: datetime,
         finance_override: bool = False,
         cause: dict[str, Any],
-        tax_amount: int = 0,
+        tax_amount: int | None = None,
     ) -> None:
         """Pays back ``amount`` (+ ``tax_amount``) of a paid grant through the gateway.
+
+        ``tax_amount`` defaults to the grant's share of the tax it booked (a purchase in the currency, whose
+        ``tax_amount`` is on the grant): the same cumulative floor as a credit-unit grant's money below, so
+        after refunds of ``r`` of its ``amount``, ``floor(tax * r / amount)`` has been paid back (a quarter of
+        100.00 + 19.00 VAT pays back 25.00 + 4.75; the rest of the credit, the rest of the tax exactly).
 
         Without ``finance_override`` only unspent, unreserved credit can be refunded
         (``min(remaining, available)``). With it, the grant's remaining credit is taken first, then the
@@ -1099,12 +1104,14 @@ class BillingAccount(ChainedAggregate):
         """
         g = self._grant(grant_id)
         _require_amount("amount", amount)
-        _require_amount("tax_amount", tax_amount, allow_zero=True)
         _require_time("at", at)
         if g["source"] not in PAID_SOURCES:
             raise NotRefundable(f"grant {grant_id} is {g['source']}: only paid grants are refunded (void it)")
         if g["refunded"] + amount > g["amount"]:
             raise RefundExceedsGrant(f"refunds would total more than the grant's {_money(g['amount'], g['unit'])}")
+        if tax_amount is None:
+            tax_amount = _tax_share(g, amount)
+        _require_amount("tax_amount", tax_amount, allow_zero=True)
         if g["refunded_tax"] + tax_amount > g["tax_amount"]:
             raise RefundExceedsGrant(f"tax refunds would total more than the {_money(g['tax_amount'], g['unit'])} "
                                      "collected")
@@ -1920,6 +1927,16 @@ def _money_targets(
         else:
             recognised += rest
     return recognised, breakage, closed
+
+
+def _tax_share(g: GrantRecord, amount: int) -> int:
+    """The tax paid back with ``amount`` more of ``g``'s credit (see ``refund_grant``): cumulative and floored,
+    never below zero nor above the tax not yet paid back (refunds recorded before it gave back none: the next
+    one catches up to the grant's share)."""
+    if not g["tax_amount"]:
+        return 0
+    share = g["tax_amount"] * (g["refunded"] + amount) // g["amount"] - g["refunded_tax"]
+    return max(0, min(share, g["tax_amount"] - g["refunded_tax"]))
 
 
 def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remaining: bool = True) -> bool:

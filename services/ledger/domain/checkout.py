@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+from billing_events.catalog import package_priced_above_credit
 from billing_events.money import RATING_CONTEXT, currency, round_minor
 from billing_ledger.domain.tax import TaxProfileData, compute_tax
 from eventsourcing.domain import Aggregate, event
@@ -75,6 +76,9 @@ def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_cur
     currency than the order's is refused. A promotion must leave something to pay.
     """
     if package is not None:
+        refused = package_priced_above_credit(package)
+        if refused:  # a catalogue published before that was refused: the money above the credit has no account
+            raise CheckoutError(refused)
         code = package["currency"]
         price = Decimal(package["price"])
         unit = package["unit"]

@@ -32,6 +32,18 @@ def test_a_free_amount_top_up_with_bonus_credit() -> None:
               tax_rules=[], seller_country=None)
 
 
+def test_a_package_of_a_catalogue_published_before_that_costs_more_than_its_credit_is_not_quoted() -> None:
+    """Catalogues stored before publishing refused it are read as they are: the checkout refuses to sell it."""
+    premium = {"code": "usd-fee", "unit": "USD", "credits": "100", "bonus_credits": "0", "price": "110.00",
+               "currency": "USD"}
+    with pytest.raises(CheckoutError, match="package 'usd-fee' costs 110.00 USD but grants 100 USD"):
+        quote(package=premium, amount=None, account_currency="USD", promotion=None, tax_profile={"country": "DE"},
+              tax_rules=RULES, seller_country="DE")
+    # A credit unit has no face value in the currency: its price is not compared.
+    assert quote(package={**PACKAGE, "price": "20000.00"}, amount=None, account_currency="USD", promotion=None,
+                 tax_profile=None, tax_rules=[], seller_country=None).total == "20000.00"
+
+
 def test_promotions_are_refused_when_expired_or_exhausted() -> None:
     promo = Promotion(code="WELCOME")
     definition = {"code": "WELCOME", "kind": "bonus_credit", "value": "5", "max_redemptions": 2,

@@ -73,6 +73,8 @@ def test_refund_of_unspent_purchase(app: LedgerApplication, client: TestClient) 
     refunded = client.post("/v1/accounts/acme/refunds", json=body, headers=ADMIN)
     assert refunded.status_code == 201, refunded.text
     assert refunded.json()["from_wallet"] == "20.00" and refunded.json()["from_revenue"] == "0.00"
+    # What finance pays back through the gateway: this purchase had no tax booked on it.
+    assert refunded.json()["paid_back"] == {"unit": "USD", "amount": "20.00", "tax": "0.00"}
     assert account(app).available("USD") == 30 * U
     again = client.post("/v1/accounts/acme/refunds", json=body, headers=ADMIN)
     assert again.status_code == 200 and again.json()["duplicate"] is True

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from billing_events import ids
 from billing_events.messages import PaymentNotification
@@ -100,6 +101,15 @@ def test_a_bonus_credit_promotion_is_granted_in_its_own_unit(ledger: LedgerAppli
     assert books(ledger)[("gateway_clearing", "USD")] == Decimal("11.90")
 
 
+def test_the_top_up_invoice_names_the_unit_a_bonus_promotion_grants(ledger: LedgerApplication) -> None:
+    order = place(ledger, "o1", amount="10", promotion="BONUS500")  # 500 CREDIT on a 10.00 USD top-up
+    pay(ledger, order)
+    invoice_id = ledger.read(UUID(order["order_id"]), lambda o: o.invoice_id)
+    lines = ledger.read(UUID(invoice_id), lambda i: list(i.lines))
+    assert [item["description"] for item in lines if item["kind"] == "adjustment"] == [
+        "Promotion BONUS500: 500 CREDIT bonus"]  # not "500 USD": no USD was given beyond the 10.00 paid
+
+
 def test_a_promotion_whose_unit_cannot_apply_is_refused_before_anything_is_placed(ledger: LedgerApplication) -> None:
     for key, payload, words in (("eur", {"amount": "20", "promotion": "EUROFF"}, "EUR off; this order is in USD"),
                                 ("eur-gift", {"amount": "20", "promotion": "EUROGIFT"}, "grants EUR"),
@@ -115,6 +125,49 @@ def test_a_catalogue_whose_promotion_names_an_unknown_unit_is_not_published(ledg
                                            "unit": "TOKENS"}]}
     refused = run(ledger, "catalog.publish", None, document=document, digest="pay-tokens")
     assert refused.outcome == "rejected" and "unknown unit 'TOKENS'" in (refused.detail or ""), refused
+
+
+def test_a_package_priced_above_the_credit_it_grants_is_not_published(ledger: LedgerApplication) -> None:
+    """100 USD of credit sold for 110.00: the 10.00 above the credit would be paid and booked in no account."""
+    fee = {"code": "usd-fee", "name": "100 USD (fee incl.)", "unit": "USD", "credits": "100", "price": "110.00",
+           "currency": "USD"}
+    refused = run(ledger, "catalog.publish", None, document={**CATALOG, "packages": [*CATALOG["packages"], fee]},
+                  digest="pay-fee")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog"), refused
+    assert "package 'usd-fee' costs 110.00 USD but grants 100 USD" in (refused.detail or ""), refused.detail
+    not_sold = place_order(ledger, "o1", package="usd-fee")  # the catalogue published before is still current
+    assert (not_sold.outcome, not_sold.reason) == ("rejected", "unknown_package"), not_sold
+
+    # Priced at the credit it grants, bonus included, it is sold and every cent paid is booked.
+    fair = {**fee, "code": "usd-fair", "bonus_credits": "10"}
+    assert run(ledger, "catalog.publish", None, document={**CATALOG, "packages": [fair]},
+               digest="pay-fair").outcome == "applied"
+    order = place(ledger, "o2", package="usd-fair")  # 110.00 + 19 % = 130.90 for 110 USD of credit
+    pay(ledger, order)
+    assert books(ledger) == {("gateway_clearing", "USD"): Decimal("130.90"), ("tax_payable", "USD"): Decimal("-20.90"),
+                             ("tenant_wallet", "USD"): Decimal(-110)}
+
+
+def test_a_partial_refund_of_a_top_up_pays_back_its_share_of_the_vat(ledger: LedgerApplication) -> None:
+    """grant.refund (POST /refunds) of a quarter of a 100.00 + 19 % top-up: 25.00 + 4.75, as a credit package's."""
+    order = place(ledger, "o1", amount="100")  # 119.00 paid
+    pay(ledger, order)
+    grant = str(ids.grant_id(TENANT, f"order/{order['order_id']}/purchase"))
+    refunded = run(ledger, "grant.refund", TENANT, "r1", grant_id=grant, refund_id=str(ids.grant_id(TENANT, "r1")),
+                   amount="25", reason="goodwill")
+    assert refunded.outcome == "applied", refunded
+    assert books(ledger) == {("gateway_clearing", "USD"): Decimal("89.25"),  # 119.00 - 29.75 paid back
+                             ("tax_payable", "USD"): Decimal("-14.25"),  # 19 % of the 75.00 still sold
+                             ("tenant_wallet", "USD"): Decimal(-75)}
+    assert refunded.value["paid_back"] == {"unit": "USD", "amount": 2975 * U // 100, "tax_amount": 475 * U // 100}
+
+    # The gateway's refund of the order then reverses the rest of the credit and of the tax, exactly.
+    rest = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
+                               tenant=TENANT, order_id=order["order_id"], amount=Decimal("119.00"), currency="USD",
+                               verified_at=utcnow(), gateway_reference="re_1")
+    [result] = ledger.apply_commands([payment_command(rest)])
+    assert result.outcome == "applied", result
+    assert books(ledger) == {}
 
 
 def use(app: LedgerApplication, amount: str, key: str) -> None:

@@ -16,6 +16,7 @@ from uuid import uuid4
 from billing_events import ids
 from billing_projections import balances, figures, history
 from billing_projections.service import ProjectionService
+from billing_projections.views import load_units, transaction_view
 
 from tests.unit.projections.conftest import apply, dumps_by_batching
 from tests.unit.projections.ledger_events import T0, Ledger, U
@@ -191,3 +192,24 @@ async def test_funds_in_are_the_money_received_for_bonuses_and_discounts_in_the_
     assert october["funds_in"] == (11900 + 10710) * CENT
     assert (october["top_ups"], october["tax_collected"]) == (19000 * CENT, (1900 + 1710) * CENT)
     assert october["promotional"] == (2000 + 1000) * CENT
+
+
+async def test_a_partial_refund_of_a_currency_top_up_shows_the_vat_paid_back(service: ProjectionService) -> None:
+    """For comparison, a top-up in the currency itself (100.00 + 19 % VAT): finance refunds a quarter of its credit
+    with ``grant.refund``; the history row and the figures show the 4.75 of VAT paid back with the 25.00."""
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, document=CATALOG, digest="packages-1")
+    ledger.command("account.open", "acme", currency="USD")
+    ledger.command("tax_profile.set", "acme", country="DE", business_name="Acme GmbH")
+    placed = ledger.command("checkout.place", "acme", amount="100", key="o1", gateway="stripe").value
+    ledger.command("order.paid_off_session", "acme", key="o1", gateway="stripe", payment_id="pi_o1",
+                   amount="119.00", currency="USD")
+    ledger.command("grant.refund", "acme", at=NOVEMBER,
+                   grant_id=str(ids.grant_id("acme", f"order/{placed['order_id']}/purchase")), refund_id=str(uuid4()),
+                   amount="25", reason="goodwill")
+    await apply(service, ledger.records())
+    [refund] = [r for r in await history.page(service.db, tenant="acme", limit=1000) if r["type"] == "refund"]
+    assert (int(refund["amount"]), int(refund["wallet_delta"])) == (-25 * U, -25 * U)  # the credit, off the wallet
+    assert transaction_view(refund, await load_units(service.db))["detail"] == "net 25.00, tax 4.75"
+    november = (await monthly_figures(service))[("2026-11", "USD")]
+    assert (int(november["refunds"]), int(november["tax_refunded"])) == (2975 * CENT, 475 * CENT)
