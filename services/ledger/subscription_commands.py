@@ -393,8 +393,12 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
     account = account_of(batch, invoice.tenant)
     cause = {"invoice": str(invoice.id), "invoice_number": invoice.number, "subscription": invoice.subscription_id}
     if invoice.document_type == INVOICE:
+        deferred = _deferred_fee(invoice)
+        sub = batch.get(UUID(invoice.subscription_id))
+        if deferred is not None and isinstance(sub, Subscription) and sub.status == INCOMPLETE:
+            deferred["pending"] = True  # charge_before_access: its period starts when it is paid (``_activate``)
         account.bill_invoice(invoice=str(invoice.id), unit=invoice.currency, net=to_subunits(fees),
-                             tax=to_subunits(tax), at=at, cause=cause, deferred=_deferred_fee(invoice),
+                             tax=to_subunits(tax), at=at, cause=cause, deferred=deferred,
                              credits=_unused_time_credit(invoice))
     elif refunded:  # every line's money, usage included, went back: the whole note is revenue and tax given back
         amount, tax_back = to_subunits(-invoice.total), to_subunits(-tax)
@@ -517,11 +521,14 @@ def _activate(batch: _Batch, sub: Subscription, at: datetime, by: str) -> None:
     The capacity only rises, so it is set whatever is allocated (a payment received is never refused)."""
     roster = _roster(batch, sub.tenant)
     before = _capacities(_live_subscriptions(batch, roster))
+    first = str(invoice_id(sub.tenant, _first_invoice_key(sub)))  # keyed by the start it had when it was billed
     sub.activate(at=at, by=by)
     _set_pools(batch, sub.tenant, before, _capacities(_live_subscriptions(batch, roster)), f"activated {sub.key}",
                force=True)
-    sub.set_recurring_grants(_grant_recurring(account_of(batch, sub.tenant), sub, sub.period_start, sub.period_end,
-                                              by))
+    account = account_of(batch, sub.tenant)
+    sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, by))
+    # The fee it paid is recognised over that first period, from now (it was deferred, pending, when billed).
+    account.start_fee_schedule(invoice=first, start=sub.period_start, end=sub.period_end, at=at)
 
 
 def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str,

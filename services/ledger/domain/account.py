@@ -206,7 +206,7 @@ class BillingAccount(ChainedAggregate):
         self._billed_periods: dict[str, dict[str, dict[str, Any]]] = {}
         # Subscription fees billed in advance and not yet recognised (``bill_invoice`` with a service period):
         # invoice id -> {"unit", "amount" (net deferred at billing), "deferred" (what is left), "start", "end",
-        # "recognised_to" (the time up to which it is recognised)}. A schedule is forgotten once nothing of it is
+        # "recognised_to" (the time up to which it is recognised), "pending" (the service has not begun)}. A schedule is forgotten once nothing of it is
         # deferred (recognised to its end, or closed by a credit note, a void or a full refund).
         self._fee_schedules: dict[str, dict[str, Any]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
@@ -1645,8 +1645,9 @@ class BillingAccount(ChainedAggregate):
         negative: given back), and what it changes in the schedules (``None``: nothing, all of it is
         RECOGNISED_REVENUE as before fees were deferred).
 
-        ``deferred`` {"amount", "start", "end"}: ``amount`` of it (> 0) is the fee of the service period
-        [start, end): Cr DEFERRED_REVENUE, a new schedule named ``document``. ``credits`` {"invoice", "amount",
+        ``deferred`` {"amount", "start", "end"[, "pending"]}: ``amount`` of it (> 0) is the fee of the service
+        period [start, end): Cr DEFERRED_REVENUE, a new schedule named ``document`` (``pending``: the service has
+        not begun, nothing is recognised until ``start_fee_schedule`` says when it does). ``credits`` {"invoice", "amount",
         "close"}: ``amount`` (>= 0) of what is given back reverses ``invoice``'s fee: Dr DEFERRED_REVENUE as far
         as its schedule still defers it, the rest from RECOGNISED_REVENUE; ``close``: the schedule ends here and
         what it defers beyond the credit (the time up to now not yet recognised by a run) is recognised now, so a
@@ -1665,6 +1666,8 @@ class BillingAccount(ChainedAggregate):
             if new:
                 lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, -new, gid))
                 record["schedule"] = {"invoice": document, "unit": unit, "amount": new, "start": start, "end": end}
+                if deferred.get("pending"):
+                    record["schedule"]["pending"] = True
         out = recognised_now = 0
         if credits:
             corrected, amount, close = credits.get("invoice"), credits.get("amount"), credits.get("close")
@@ -1702,7 +1705,26 @@ class BillingAccount(ChainedAggregate):
         if new is not None:
             self._fee_schedules[new["invoice"]] = {
                 "unit": new["unit"], "amount": new["amount"], "deferred": new["amount"], "start": new["start"],
-                "end": new["end"], "recognised_to": new["start"]}
+                "end": new["end"], "recognised_to": new["start"], "pending": bool(new.get("pending"))}
+
+    def start_fee_schedule(self, *, invoice: str, start: datetime, end: datetime, at: datetime) -> None:
+        """The service a pending schedule's fee pays for begins (``charge_before_access``: the first invoice is
+        paid, the first period starts then): it is recognised over [start, end) from now on
+        (``FeeScheduleStarted``, no postings). Nothing recorded when ``invoice`` has no pending schedule (billed
+        before fees were deferred, or voided)."""
+        _require_time("start", start)
+        _require_time("end", end)
+        _require_time("at", at)
+        if end <= start:
+            raise InvalidTime(f"the service period of {invoice} ends ({end}) before it starts ({start})")
+        schedule = self._fee_schedules.get(invoice)
+        if schedule is None or not schedule.get("pending"):
+            return
+        self._fee_schedule_started(invoice=invoice, start=start, end=end, at=at)
+
+    @event("FeeScheduleStarted")
+    def _fee_schedule_started(self, invoice: str, start: datetime, end: datetime, at: datetime) -> None:
+        self._fee_schedules[invoice].update(start=start, end=end, recognised_to=start, pending=False)
 
     def fee_revenue_due(self, now: datetime) -> bool:
         """Whether the sweeper should run :meth:`recognise_fee_revenue` at ``now`` (cheap: no postings): a
@@ -2158,7 +2180,7 @@ def _fee_due(schedule: dict[str, Any], now: datetime) -> int:
     """What of a fee schedule is recognised by ``now`` and not yet: ratably by whole seconds over the rest of its
     period, rounded down; everything left once ``now`` reaches its end (so the sum is exactly what it deferred)."""
     deferred, since, end = schedule["deferred"], schedule["recognised_to"], schedule["end"]
-    if deferred <= 0 or now <= since:
+    if deferred <= 0 or now <= since or schedule.get("pending"):
         return 0
     if now >= end:
         return int(deferred)

@@ -1017,6 +1017,10 @@ def _every_event_type() -> BillingAccount:
     account.recognise_fee_revenue(at(days=1))
     account.credit_note_grant(grant_id=uuid4(), note="cn-4", unit=USD, net=14 * U, tax=0, at=at(days=15), cause={},
                               credits={"invoice": "inv-4", "amount": 14 * U, "close": True})
+    # charge_before_access: billed pending, its period starts when it is paid.
+    account.bill_invoice(invoice="inv-5", unit=USD, net=30 * U, tax=0, at=at(days=15), cause={},
+                         deferred={"amount": 30 * U, "start": at(days=15), "end": at(days=45), "pending": True})
+    account.start_fee_schedule(invoice="inv-5", start=at(days=17), end=at(days=47), at=at(days=17))
     account.set_low_balance_threshold(CREDIT, 10 * U)
     account.clear_auto_top_up(USD)
     assert promo

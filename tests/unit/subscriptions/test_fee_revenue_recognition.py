@@ -189,3 +189,19 @@ def test_the_sweeper_recognises_once_a_day_and_at_the_period_end_and_a_replay_re
     finally:
         again.close()
     assert verify_store(app, "acme").ok
+
+
+def test_a_fee_paid_before_access_is_recognised_from_the_payment_not_from_the_order(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team", trial=False, collection="charge_before_access")
+    invoice = first_invoice(app)
+    recognise(app, NOV_10)  # incomplete: no service yet, nothing earned
+    assert revenue(app) == (0, 3000 * CENT)
+    paid_at = datetime(2026, 11, 4, 12, tzinfo=UTC)
+    run(app, "invoice.mark_paid", "acme", at=paid_at, invoice_id=str(invoice.id), payment="pi_1")
+    schedule = account(app).fee_schedule(str(invoice.id))
+    assert schedule is not None and (schedule["start"], schedule["end"]) == (paid_at, paid_at + timedelta(days=30))
+    recognise(app, paid_at + timedelta(days=15))  # half the period it paid for
+    assert revenue(app) == (1500 * CENT, 1500 * CENT)
+    recognise(app, paid_at + timedelta(days=30))
+    assert revenue(app) == (3000 * CENT, 0)
+    assert verify_store(app, "acme").ok
