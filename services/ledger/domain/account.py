@@ -90,6 +90,17 @@ Revenue of purchases in a credit unit (IFRS 15)
     ledger's sweeper runs it for an account with unrecognised use at most once an hour, at the first
     sweep of each UTC day, and at once when a grant of it finishes or expires (``purchase_money_due``).
 
+Subscription fee revenue (IFRS 15 / ASC 606)
+    A subscription document's fees for a service period are deferred when billed (``bill_invoice``, a credit
+    note's ``credit_note_grant``: Cr ``DEFERRED_REVENUE``, one schedule per document in ``_fee_schedules``) and
+    recognised ratably by ``recognise_fee_revenue(now)`` (``FeeRevenueRecognised``: per schedule ``deferred x
+    elapsed // remaining`` in whole seconds since its last run, all that is left at its end, so exactly what it
+    deferred). A credit for unused time, a void and a refund take their net from the schedule of the invoice
+    they correct first (``_fee_revenue``; a credit, a void and a full refund end it, recognising what it still
+    defers beyond the credit), the rest from ``RECOGNISED_REVENUE``. Invoices billed before schedules existed have
+    none: revenue when billed, reversed from ``RECOGNISED_REVENUE``. The sweeper runs it at the first sweep of
+    each UTC day with something due and when a period ends (``fee_revenue_due``).
+
 Idempotency
     Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
     (``DuplicateGrant``). A repeated hold id returns the first yes/no answer without a new event while the
