@@ -2,9 +2,12 @@
 
 Recognises the currency money of credit packages granted in a credit unit as far as their credit was
 consumed or lapsed (``BillingAccount.recognise_purchase_money``): one ``PurchaseMoneyRecognised`` for the
-grants whose use changed since their last run, none if nothing did. Idempotent by construction: a second run
-(another ledger process, a redelivery, an overlapping sweep) finds the books already there and records no
-movement. The sweeper (:mod:`billing_ledger.sweeper`) sends it when ``purchase_money_due``; anyone may.
+grants whose use changed since their last run, none if nothing did; and the subscription fees billed in advance
+ratably over their service period up to ``now`` (``BillingAccount.recognise_fee_revenue``): one
+``FeeRevenueRecognised`` for the schedules with something due, none if nothing is. Idempotent by construction:
+a second run (another ledger process, a redelivery, an overlapping sweep) at the same ``now`` finds the books
+already there and records no movement. The sweeper (:mod:`billing_ledger.sweeper`) sends it when
+``purchase_money_due`` or ``fee_revenue_due``; anyone may.
 """
 
 from __future__ import annotations
@@ -21,5 +24,7 @@ from billing_ledger.application import LedgerApplication, _Batch, handles
 def recognise_purchase_money(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = account_of(batch, command.tenant)
     before = len(account.pending_events)
-    account.recognise_purchase_money(payload.timestamp(command, "now", default=command.issued_at))
+    now = payload.timestamp(command, "now", default=command.issued_at)
+    account.recognise_purchase_money(now)
+    account.recognise_fee_revenue(now)
     return {"events": len(account.pending_events) - before}

@@ -77,9 +77,10 @@ log = get_logger(__name__)
 # adjusted, recognised_at). 3: the overage each unpaid invoice billed (_invoiced_overage). 4: the fees and tax
 # each unpaid subscription invoice billed (_invoice_billed). 5: a give-back reduces the unbilled overage period by
 # period, never below zero (the same attributes, another meaning of _unbilled). 6: the invoice that billed each
-# period's overage and what a usage correction can still credit by a credit note (_billed_periods). ResourcePool 2:
-# finished requests are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 6, ResourcePool: 2}
+# period's overage and what a usage correction can still credit by a credit note (_billed_periods). 7: the
+# subscription fees billed in advance and not yet recognised (_fee_schedules). ResourcePool 2: finished requests
+# are forgotten after a while (_finished).
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 7, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

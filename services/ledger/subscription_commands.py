@@ -375,7 +375,14 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
     are receivable (``BillingAccount.bill_invoice``, settled when it is paid); a credit note's become account
     credit in the currency (``credit_note_grant``), unless it documents money the gateway gave back
     (``refunded``: ``refund_invoice_payment``, out of the gateway's clearing). Top-up invoices and their credit
-    notes (no subscription) post nothing here: the purchase grant and the refund already moved that money."""
+    notes (no subscription) post nothing here: the purchase grant and the refund already moved that money.
+
+    Revenue (IFRS 15): the fee lines that name their service period (``service_start``/``service_end``: a period's
+    fee, a change's or resume's rest of the period) are deferred and recognised over it (``_fee_revenue``); a
+    change's or cancel's credit for unused time (its negative proration lines) is taken back from the deferred
+    fee of the invoice it corrects, whose schedule ends; a refund from the refunded invoice's (a full refund ends
+    it). Other fee lines (a minimum-spend true-up of an ended period, lines of documents drafted before fees
+    named their period) are revenue at once."""
     if not invoice.subscription_id:
         return
     fees = tax = Decimal(0)
@@ -387,15 +394,58 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
     account = account_of(batch, invoice.tenant)
     cause = {"invoice": str(invoice.id), "invoice_number": invoice.number, "subscription": invoice.subscription_id}
     if invoice.document_type == INVOICE:
+        deferred = _deferred_fee(invoice)
+        sub = batch.get(UUID(invoice.subscription_id))
+        if deferred is not None and isinstance(sub, Subscription) and sub.status == INCOMPLETE:
+            deferred["pending"] = True  # charge_before_access: its period starts when it is paid (``_activate``)
         account.bill_invoice(invoice=str(invoice.id), unit=invoice.currency, net=to_subunits(fees),
-                             tax=to_subunits(tax), at=at, cause=cause)
+                             tax=to_subunits(tax), at=at, cause=cause, deferred=deferred,
+                             credits=_unused_time_credit(invoice))
     elif refunded:  # every line's money, usage included, went back: the whole note is revenue and tax given back
-        account.refund_invoice_payment(note=str(invoice.id), unit=invoice.currency, amount=to_subunits(-invoice.total),
-                                       tax=to_subunits(-tax), at=at, cause=cause)
+        amount, tax_back = to_subunits(-invoice.total), to_subunits(-tax)
+        refunded_invoice = batch.get(UUID(invoice.related_invoice)) if invoice.related_invoice else None
+        credits = None
+        if isinstance(refunded_invoice, Invoice):
+            credits = {"invoice": str(refunded_invoice.id), "amount": amount - tax_back,
+                       "close": invoice.total == -refunded_invoice.total}
+        account.refund_invoice_payment(note=str(invoice.id), unit=invoice.currency, amount=amount, tax=tax_back,
+                                       at=at, cause=cause, credits=credits)
     else:
         account.credit_note_grant(grant_id=uuid5(NAMESPACE_URL, f"/invoices/{invoice.id}/credit"),
                                   note=str(invoice.id), unit=invoice.currency, net=to_subunits(-fees),
-                                  tax=to_subunits(-tax), at=at, cause=cause)
+                                  tax=to_subunits(-tax), at=at, cause=cause, deferred=_deferred_fee(invoice),
+                                  credits=_unused_time_credit(invoice))
+
+
+def _deferred_fee(invoice: Invoice) -> dict[str, Any] | None:
+    """The fee ``invoice`` bills in advance for its service period, to defer: the sum of its lines that name the
+    period (``proration.service_period``), from the earliest start to the latest end; ``None`` if none or not
+    positive (nothing to spread: revenue at once)."""
+    amount, start, end = Decimal(0), None, None
+    for item in invoice.lines:
+        if not (item.get("service_start") and item.get("service_end")):
+            continue
+        amount = RATING_CONTEXT.add(amount, Decimal(item["amount"]))
+        began, ends = datetime.fromisoformat(item["service_start"]), datetime.fromisoformat(item["service_end"])
+        start = began if start is None or began < start else start
+        end = ends if end is None or ends > end else end
+    if amount <= 0 or start is None or end is None or end <= start:
+        return None
+    return {"amount": to_subunits(amount), "start": start, "end": end}
+
+
+def _unused_time_credit(invoice: Invoice) -> dict[str, Any] | None:
+    """A change's or cancel's credit for the unused time of the invoice it corrects (its negative proration lines
+    without a period of their own): taken back from that invoice's deferred fee, whose schedule ends here."""
+    if not invoice.related_invoice:
+        return None
+    credit = Decimal(0)
+    for item in invoice.lines:
+        if item["kind"] == "proration" and not item.get("service_start") and Decimal(item["amount"]) < 0:
+            credit = RATING_CONTEXT.subtract(credit, Decimal(item["amount"]))
+    if not credit:
+        return None
+    return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True}
 
 
 def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str, *,
@@ -472,11 +522,14 @@ def _activate(batch: _Batch, sub: Subscription, at: datetime, by: str) -> None:
     The capacity only rises, so it is set whatever is allocated (a payment received is never refused)."""
     roster = _roster(batch, sub.tenant)
     before = _capacities(_live_subscriptions(batch, roster))
+    first = str(invoice_id(sub.tenant, _first_invoice_key(sub)))  # keyed by the start it had when it was billed
     sub.activate(at=at, by=by)
     _set_pools(batch, sub.tenant, before, _capacities(_live_subscriptions(batch, roster)), f"activated {sub.key}",
                force=True)
-    sub.set_recurring_grants(_grant_recurring(account_of(batch, sub.tenant), sub, sub.period_start, sub.period_end,
-                                              by))
+    account = account_of(batch, sub.tenant)
+    sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, by))
+    # The fee it paid is recognised over that first period, from now (it was deferred, pending, when billed).
+    account.start_fee_schedule(invoice=first, start=sub.period_start, end=sub.period_end, at=at)
 
 
 def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str,

@@ -14,6 +14,8 @@ Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
    in a credit unit has use whose money is not recognised yet (``BillingAccount.purchase_money_due``): at
    most once an hour per account and at the first sweep of each UTC day, and at once when such a grant has
    no credit left or expires, so its deferred revenue closes. Usage debits never recognise it themselves.
+   The same command recognises the subscription fees billed in advance over their service period
+   (``BillingAccount.fee_revenue_due``): at the first sweep of each UTC day, and at once when a period ends.
 
 Exactly-once does not depend on the sweeper: an expiry closes its grant or hold in the same event, so a
 second sweep (another ledger process, an overlapping round, a retry after a conflict) finds nothing to do.
@@ -85,8 +87,8 @@ class Sweeper:
                 due.append(("grant.expire", 1))
             if holds := account.holds_expiring_by(now):
                 due.append(("hold.expire", holds))  # a HoldExpired each
-            if account.purchase_money_due(now):
-                due.append(("money.recognise", 1))  # after grant.expire: it sees the remainders lapsed
+            if account.purchase_money_due(now) or account.fee_revenue_due(now):
+                due.append(("money.recognise", 2))  # after grant.expire: it sees the remainders lapsed
             return account.tenant, due
 
         found: list[tuple[str, list[tuple[str, int]]]] = []

@@ -90,6 +90,17 @@ Revenue of purchases in a credit unit (IFRS 15)
     ledger's sweeper runs it for an account with unrecognised use at most once an hour, at the first
     sweep of each UTC day, and at once when a grant of it finishes or expires (``purchase_money_due``).
 
+Subscription fee revenue (IFRS 15 / ASC 606)
+    A subscription document's fees for a service period are deferred when billed (``bill_invoice``, a credit
+    note's ``credit_note_grant``: Cr ``DEFERRED_REVENUE``, one schedule per document in ``_fee_schedules``) and
+    recognised ratably by ``recognise_fee_revenue(now)`` (``FeeRevenueRecognised``: per schedule ``deferred x
+    elapsed // remaining`` in whole seconds since its last run, all that is left at its end, so exactly what it
+    deferred). A credit for unused time, a void and a refund take their net from the schedule of the invoice
+    they correct first (``_fee_revenue``; a credit, a void and a full refund end it, recognising what it still
+    defers beyond the credit), the rest from ``RECOGNISED_REVENUE``. Invoices billed before schedules existed have
+    none: revenue when billed, reversed from ``RECOGNISED_REVENUE``. The sweeper runs it at the first sweep of
+    each UTC day with something due and when a period ends (``fee_revenue_due``).
+
 Idempotency
     Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
     (``DuplicateGrant``). A repeated hold id returns the first yes/no answer without a new event while the
@@ -204,6 +215,11 @@ class BillingAccount(ChainedAggregate):
         # note (``billed_overage``): unit -> period key -> {"invoice", "amount" (sub-units)}, the last
         # ``BILLED_PERIODS_KEPT_MAX`` periods per unit (oldest first).
         self._billed_periods: dict[str, dict[str, dict[str, Any]]] = {}
+        # Subscription fees billed in advance and not yet recognised (``bill_invoice`` with a service period):
+        # invoice id -> {"unit", "amount" (net deferred at billing), "deferred" (what is left), "start", "end",
+        # "recognised_to" (the time up to which it is recognised), "pending" (the service has not begun)}. A schedule is forgotten once nothing of it is
+        # deferred (recognised to its end, or closed by a credit note, a void or a full refund).
+        self._fee_schedules: dict[str, dict[str, Any]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
@@ -372,7 +388,10 @@ class BillingAccount(ChainedAggregate):
         cause: dict[str, Any],
         granted_by: str,
         postings: list[Posting],
+        revenue: dict[str, Any] | None = None,
     ) -> None:
+        # ``revenue``: a subscription credit note's change to the fee schedules (``credit_note_grant``).
+        self._apply_fee_revenue(revenue)
         self._add_grant(
             {
                 "grant_id": str(grant_id),
@@ -1484,12 +1503,27 @@ class BillingAccount(ChainedAggregate):
         billed = self._invoice_billed.get(invoice)
         return dict(billed) if billed is not None else None
 
+    def fee_schedule(self, invoice: str) -> dict[str, Any] | None:
+        """Where the fee revenue ``invoice`` deferred stands (a copy), or ``None`` when nothing of it is deferred
+        (never deferred, recognised to its end, or closed): ``unit``, ``amount`` (deferred at billing),
+        ``deferred`` (left), ``start``, ``end`` and ``recognised_to``."""
+        schedule = self._fee_schedules.get(invoice)
+        return dict(schedule) if schedule is not None else None
+
+    def deferred_fees(self, unit: str) -> int:
+        """Fee revenue billed in advance and not recognised yet, in ``unit`` (the ``DEFERRED_REVENUE`` of fees)."""
+        return sum(s["deferred"] for s in self._fee_schedules.values() if s["unit"] == unit)
+
     def bill_invoice(
-        self, *, invoice: str, unit: str, net: int, tax: int, at: datetime, cause: dict[str, Any]
+        self, *, invoice: str, unit: str, net: int, tax: int, at: datetime, cause: dict[str, Any],
+        deferred: dict[str, Any] | None = None, credits: dict[str, Any] | None = None,
     ) -> None:
         """A finalized subscription invoice bills its fee lines (``net``: base fee, proration, discount) and its
-        tax: Dr RECEIVABLES net + tax / Cr RECOGNISED_REVENUE net / Cr TAX_PAYABLE tax (``InvoiceBilled``). Its
-        usage, credits-applied and overage lines are not posted again: that money is already receivable.
+        tax: Dr RECEIVABLES net + tax / Cr DEFERRED_REVENUE (the fees of its service period, ``deferred``) and
+        Cr RECOGNISED_REVENUE (the rest of the net) / Cr TAX_PAYABLE tax (``InvoiceBilled``). The deferred fee is
+        recognised over its period by ``recognise_fee_revenue``; ``credits`` (an upgrade's unused time of the
+        invoice it corrects) is taken back from that invoice's schedule (see ``_fee_revenue``). Its usage,
+        credits-applied and overage lines are not posted again: that money is already receivable.
         Nothing to bill (0 and 0) records nothing. Paying the invoice settles it (``settle_invoiced_overage``).
         ``tax`` (or ``net``) is negative only when the invoice also credits unused time taxed at another rate than
         today's (an upgrade after the tax profile changed: the credit gives back the tax its invoice charged);
@@ -1501,39 +1535,51 @@ class BillingAccount(ChainedAggregate):
         _require_time("at", at)
         if net + tax < 0:
             raise InvalidAmount(f"invoice {invoice} would bill {net + tax}: a negative total is a credit note")
-        if invoice in self._invoice_billed:
+        if invoice in self._invoice_billed or invoice in self._fee_schedules:
             raise InvalidArgument(f"invoice {invoice} is already billed")
-        if net + tax == 0:
+        if net + tax == 0 and not deferred and not credits:
             return
-        postings = [posting(LedgerAccount.RECEIVABLES, unit, net + tax)]
-        if net:
-            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, -net))
+        revenue_lines, revenue = self._fee_revenue(document=invoice, unit=unit, revenue=net, deferred=deferred,
+                                                   credits=credits)
+        postings = [posting(LedgerAccount.RECEIVABLES, unit, net + tax)] if net + tax else []
+        postings += revenue_lines
         if tax:
             postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, -tax))
+        if not postings:
+            return
         assert_balanced(postings)
         self._invoice_billed_event(invoice=invoice, unit=unit, amount=net + tax, tax_amount=tax, postings=postings,
-                                   cause=dict(cause), at=at)
+                                   cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}))
 
     @event("InvoiceBilled")
     def _invoice_billed_event(self, invoice: str, unit: str, amount: int, tax_amount: int, postings: list[Posting],
-                              cause: dict[str, Any], at: datetime) -> None:
-        self._invoice_billed[invoice] = {"unit": unit, "amount": amount, "tax": tax_amount}
+                              cause: dict[str, Any], at: datetime, revenue: dict[str, Any] | None = None) -> None:
+        # ``revenue`` None: nothing deferred nor taken back (and every InvoiceBilled recorded before fees were
+        # deferred: their fee went to RECOGNISED_REVENUE, and stays there).
+        if amount:
+            self._invoice_billed[invoice] = {"unit": unit, "amount": amount, "tax": tax_amount}
+        self._apply_fee_revenue(revenue)
 
     def void_invoice_bill(self, *, invoice: str, at: datetime, cause: dict[str, Any]) -> None:
         """A billed invoice was voided unpaid: its ``InvoiceBilled`` is reversed (``InvoiceBillVoided``: Dr
-        RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr RECEIVABLES). Nothing billed: nothing recorded."""
+        DEFERRED_REVENUE what of its fee is still deferred (its schedule ends) and Dr RECOGNISED_REVENUE the rest
+        of its net / Dr TAX_PAYABLE tax / Cr RECEIVABLES). Nothing billed: nothing recorded."""
         billed = self._invoice_billed.get(invoice)
         if billed is None:
             return
         unit, amount, tax = billed["unit"], billed["amount"], billed["tax"]
-        postings = _revenue_and_tax_back(LedgerAccount.RECEIVABLES, unit, amount, tax)
+        revenue_lines, revenue = self._fee_revenue(
+            document=invoice, unit=unit, revenue=-(amount - tax), deferred=None,
+            credits={"invoice": invoice, "amount": amount - tax, "close": True})
+        postings = _revenue_and_tax_back(LedgerAccount.RECEIVABLES, unit, amount, tax, revenue_lines)
         self._invoice_bill_voided(invoice=invoice, unit=unit, amount=amount, tax_amount=tax, postings=postings,
-                                  cause=dict(cause), at=at)
+                                  cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}))
 
     @event("InvoiceBillVoided")
     def _invoice_bill_voided(self, invoice: str, unit: str, amount: int, tax_amount: int, postings: list[Posting],
-                             cause: dict[str, Any], at: datetime) -> None:
+                             cause: dict[str, Any], at: datetime, revenue: dict[str, Any] | None = None) -> None:
         self._invoice_billed.pop(invoice, None)
+        self._apply_fee_revenue(revenue)
 
     @event("InvoicePaid")
     def _invoice_paid(self, invoice: str, unit: str, amount: int, tax_amount: int, postings: list[Posting],
@@ -1541,15 +1587,20 @@ class BillingAccount(ChainedAggregate):
         self._invoice_billed.pop(invoice, None)
 
     def credit_note_grant(
-        self, *, grant_id: UUID, note: str, unit: str, net: int, tax: int, at: datetime, cause: dict[str, Any]
+        self, *, grant_id: UUID, note: str, unit: str, net: int, tax: int, at: datetime, cause: dict[str, Any],
+        deferred: dict[str, Any] | None = None, credits: dict[str, Any] | None = None,
     ) -> None:
         """A subscription credit note (proration on a downgrade or an immediate cancel) credits ``net`` + ``tax``
-        as account credit in the currency: Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr TENANT_WALLET
-        (a non-expiring, unscoped grant with source ``credit_note``, recorded as ``CreditGranted``). The invoice
-        it corrects is charged its full total whether paid or not, so the credit never reduces its receivable.
-        ``tax`` (or ``net``) is negative only when the note also charges something new taxed at another rate than
-        the credit (a downgrade after the tax profile changed: the new plan's rest is taxed at today's rate, the
-        credit gives back the tax its invoice charged); ``net + tax``, the credit, is never negative."""
+        as account credit in the currency: Dr DEFERRED_REVENUE / Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax /
+        Cr TENANT_WALLET (a non-expiring, unscoped grant with source ``credit_note``, recorded as
+        ``CreditGranted``). ``credits`` (the unused time of the invoice it corrects) is taken from that invoice's
+        deferred fee, whose schedule ends here, and ``deferred`` (a downgrade's new fee for the rest of the
+        period) is deferred anew (see ``_fee_revenue``); without them the net comes from RECOGNISED_REVENUE. The
+        invoice it corrects is charged its full total whether paid or not, so the credit never reduces its
+        receivable. ``tax`` (or ``net``) is negative only when the note also charges something new taxed at
+        another rate than the credit (a downgrade after the tax profile changed: the new plan's rest is taxed at
+        today's rate, the credit gives back the tax its invoice charged); ``net + tax``, the credit, is never
+        negative."""
         self._require_unit(unit)
         _require_text("note", note)
         _require_amount("net", net, allow_zero=True, allow_negative=True)
@@ -1562,9 +1613,9 @@ class BillingAccount(ChainedAggregate):
         gid = str(grant_id)
         if gid in self._grants:
             raise DuplicateGrant(f"grant {grant_id} already exists")
-        postings = [posting(LedgerAccount.TENANT_WALLET, unit, -(net + tax), gid)]
-        if net:
-            postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, net, gid))
+        revenue_lines, revenue = self._fee_revenue(document=note, unit=unit, revenue=-net, deferred=deferred,
+                                                   credits=credits, gid=gid)
+        postings = [posting(LedgerAccount.TENANT_WALLET, unit, -(net + tax), gid), *revenue_lines]
         if tax:
             postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax, gid))
         assert_balanced(postings)
@@ -1572,15 +1623,18 @@ class BillingAccount(ChainedAggregate):
             grant_id=grant_id, unit=unit, amount=net + tax, priority=0, effective_at=at, expires_at=None, scope=None,
             # ``tax_amount`` is tax paid on top of a purchase; here the tax credited is inside ``amount``.
             source=GrantSource.CREDIT_NOTE.value, tax_amount=0, cause={**cause, "credit_note": note, "tax": tax},
-            granted_by="ledger", postings=postings,
+            granted_by="ledger", postings=postings, **({"revenue": revenue} if revenue else {}),
         )
 
     def refund_invoice_payment(
-        self, *, note: str, unit: str, amount: int, tax: int, at: datetime, cause: dict[str, Any]
+        self, *, note: str, unit: str, amount: int, tax: int, at: datetime, cause: dict[str, Any],
+        credits: dict[str, Any] | None = None,
     ) -> None:
         """The gateway gave back ``amount`` (``tax`` of it tax) of a paid invoice's payment, documented by credit
-        note ``note``: Dr RECOGNISED_REVENUE / Dr TAX_PAYABLE / Cr GATEWAY_CLEARING (``InvoicePaymentRefunded``).
-        The money went back to the customer, so no account credit is given."""
+        note ``note``: Dr DEFERRED_REVENUE / Dr RECOGNISED_REVENUE / Dr TAX_PAYABLE / Cr GATEWAY_CLEARING
+        (``InvoicePaymentRefunded``). ``credits`` names the refunded invoice: its net comes from that invoice's
+        deferred fee first, the rest from RECOGNISED_REVENUE (``close``: a full refund ends the schedule). The
+        money went back to the customer, so no account credit is given."""
         self._require_unit(unit)
         _require_text("note", note)
         _require_amount("amount", amount)
@@ -1588,14 +1642,156 @@ class BillingAccount(ChainedAggregate):
         _require_time("at", at)
         if tax > amount:
             raise InvalidAmount(f"refunded tax {tax} exceeds the refund {amount}")
-        postings = _revenue_and_tax_back(LedgerAccount.GATEWAY_CLEARING, unit, amount, tax)
+        revenue_lines, revenue = self._fee_revenue(document=note, unit=unit, revenue=-(amount - tax), deferred=None,
+                                                   credits=credits)
+        postings = _revenue_and_tax_back(LedgerAccount.GATEWAY_CLEARING, unit, amount, tax, revenue_lines)
         self._invoice_payment_refunded(note=note, unit=unit, amount=amount, tax_amount=tax, postings=postings,
-                                       cause=dict(cause), at=at)
+                                       cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}))
 
     @event("InvoicePaymentRefunded")
     def _invoice_payment_refunded(self, note: str, unit: str, amount: int, tax_amount: int,
-                                  postings: list[Posting], cause: dict[str, Any], at: datetime) -> None:
-        pass  # money only: no balance, grant or receivable of the account changes
+                                  postings: list[Posting], cause: dict[str, Any], at: datetime,
+                                  revenue: dict[str, Any] | None = None) -> None:
+        self._apply_fee_revenue(revenue)  # money only: no balance, grant or receivable of the account changes
+
+    # == fee revenue recognition (IFRS 15 / ASC 606: fees billed in advance, earned over their period) =========
+
+    def _fee_revenue(self, *, document: str, unit: str, revenue: int, deferred: dict[str, Any] | None,
+                     credits: dict[str, Any] | None, gid: str | None = None
+                     ) -> tuple[list[Posting], dict[str, Any] | None]:
+        """The revenue side of a document that changes the fee revenue by ``revenue`` sub-units (positive: billed,
+        negative: given back), and what it changes in the schedules (``None``: nothing, all of it is
+        RECOGNISED_REVENUE as before fees were deferred).
+
+        ``deferred`` {"amount", "start", "end"[, "pending"]}: ``amount`` of it (> 0) is the fee of the service
+        period [start, end): Cr DEFERRED_REVENUE, a new schedule named ``document`` (``pending``: the service has
+        not begun, nothing is recognised until ``start_fee_schedule`` says when it does). ``credits`` {"invoice", "amount",
+        "close"}: ``amount`` (>= 0) of what is given back reverses ``invoice``'s fee: Dr DEFERRED_REVENUE as far
+        as its schedule still defers it, the rest from RECOGNISED_REVENUE; ``close``: the schedule ends here and
+        what it defers beyond the credit (the time up to now not yet recognised by a run) is recognised now, so a
+        cancel's credit for the unused time is exactly what leaves DEFERRED_REVENUE of its period and the period
+        is recognised at its fee less that credit. Whatever else of ``revenue`` is RECOGNISED_REVENUE."""
+        record: dict[str, Any] = {}
+        lines: list[Posting] = []
+        new = 0
+        if deferred:
+            new, start, end = deferred.get("amount"), deferred.get("start"), deferred.get("end")
+            _require_amount("deferred amount", new, allow_zero=True)
+            _require_time("deferred start", start)
+            _require_time("deferred end", end)
+            if end <= start:
+                raise InvalidTime(f"the service period of {document} ends ({end}) before it starts ({start})")
+            if new:
+                lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, -new, gid))
+                record["schedule"] = {"invoice": document, "unit": unit, "amount": new, "start": start, "end": end}
+                if deferred.get("pending"):
+                    record["schedule"]["pending"] = True
+        out = recognised_now = 0
+        if credits:
+            corrected, amount, close = credits.get("invoice"), credits.get("amount"), credits.get("close")
+            _require_text("credited invoice", corrected)
+            _require_amount("credited amount", amount, allow_zero=True)
+            if not isinstance(close, bool):
+                raise InvalidArgument(f"close must be true or false, not {close!r}")
+            schedule = self._fee_schedules.get(corrected)
+            if schedule is not None and schedule["unit"] == unit:
+                taken = min(amount, schedule["deferred"])
+                recognised_now = schedule["deferred"] - taken if close else 0
+                out = taken + recognised_now
+                if out:
+                    lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, out, gid))
+                if out or close:
+                    record["reversal"] = {"invoice": corrected, "taken": taken, "recognised": recognised_now,
+                                          "close": close}
+        # Revenue accounts together are credited ``revenue``: -new + out on DEFERRED_REVENUE, the rest here.
+        to_recognised = new - out - revenue
+        if to_recognised:
+            lines.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, to_recognised, gid))
+        return lines, (record or None)
+
+    def _apply_fee_revenue(self, revenue: dict[str, Any] | None) -> None:
+        if not revenue:
+            return
+        reversal = revenue.get("reversal")
+        if reversal is not None:
+            schedule = self._fee_schedules.get(reversal["invoice"])
+            if schedule is not None:
+                schedule["deferred"] -= reversal["taken"] + reversal["recognised"]
+                if reversal["close"] or schedule["deferred"] <= 0:
+                    del self._fee_schedules[reversal["invoice"]]
+        new = revenue.get("schedule")
+        if new is not None:
+            self._fee_schedules[new["invoice"]] = {
+                "unit": new["unit"], "amount": new["amount"], "deferred": new["amount"], "start": new["start"],
+                "end": new["end"], "recognised_to": new["start"], "pending": bool(new.get("pending"))}
+
+    def start_fee_schedule(self, *, invoice: str, start: datetime, end: datetime, at: datetime) -> None:
+        """The service a pending schedule's fee pays for begins (``charge_before_access``: the first invoice is
+        paid, the first period starts then): it is recognised over [start, end) from now on
+        (``FeeScheduleStarted``, no postings). Nothing recorded when ``invoice`` has no pending schedule (billed
+        before fees were deferred, or voided)."""
+        _require_time("start", start)
+        _require_time("end", end)
+        _require_time("at", at)
+        if end <= start:
+            raise InvalidTime(f"the service period of {invoice} ends ({end}) before it starts ({start})")
+        schedule = self._fee_schedules.get(invoice)
+        if schedule is None or not schedule.get("pending"):
+            return
+        self._fee_schedule_started(invoice=invoice, start=start, end=end, at=at)
+
+    @event("FeeScheduleStarted")
+    def _fee_schedule_started(self, invoice: str, start: datetime, end: datetime, at: datetime) -> None:
+        self._fee_schedules[invoice].update(start=start, end=end, recognised_to=start, pending=False)
+
+    def fee_revenue_due(self, now: datetime) -> bool:
+        """Whether the sweeper should run :meth:`recognise_fee_revenue` at ``now`` (cheap: no postings): a
+        schedule has revenue to recognise and either its period has ended or it was last recognised on an
+        earlier UTC day (so at most one run a day per account, and one at each period's end)."""
+        for schedule in self._fee_schedules.values():
+            if not _fee_due(schedule, now):
+                continue
+            if now >= schedule["end"]:
+                return True
+            if schedule["recognised_to"].astimezone(UTC).date() != now.astimezone(UTC).date():
+                return True
+        return False
+
+    def recognise_fee_revenue(self, now: datetime) -> None:
+        """Recognises the subscription fees billed in advance ratably over their service period, up to ``now``.
+
+        Per schedule, of what it still defers (``deferred``) from the time it was last recognised to
+        (``recognised_to``, first its period's start) to its end: ``deferred x elapsed // remaining`` in whole
+        seconds (rounded down), and all that is left once ``now`` reaches the end, so the last run recognises
+        exactly what was billed less what was given back. One ``FeeRevenueRecognised`` for every schedule with
+        something due (none if nothing is, so a second run at the same ``now`` records nothing): Dr
+        DEFERRED_REVENUE / Cr RECOGNISED_REVENUE, per invoice.
+        """
+        _require_time("now", now)
+        changes: list[dict[str, Any]] = []
+        postings: list[Posting] = []
+        for invoice, schedule in self._fee_schedules.items():
+            amount = _fee_due(schedule, now)
+            if not amount:
+                continue
+            changes.append({"invoice": invoice, "amount": amount})
+            postings += [posting(LedgerAccount.DEFERRED_REVENUE, schedule["unit"], amount),
+                         posting(LedgerAccount.RECOGNISED_REVENUE, schedule["unit"], -amount)]
+        if not changes:
+            return
+        assert_balanced(postings)
+        self._fee_revenue_recognised(unit=self.currency, amount=sum(c["amount"] for c in changes), schedules=changes,
+                                     postings=postings, at=now)
+
+    @event("FeeRevenueRecognised")
+    def _fee_revenue_recognised(self, unit: str, amount: int, schedules: list[dict[str, Any]],
+                                postings: list[Posting], at: datetime) -> None:
+        for change in schedules:
+            schedule = self._fee_schedules[change["invoice"]]
+            schedule["deferred"] -= change["amount"]
+            schedule["recognised_to"] = at
+            if schedule["deferred"] <= 0:
+                del self._fee_schedules[change["invoice"]]
 
     def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any]) -> int:
         """New credit pays off the overage of its unit that no invoice bills (a pay-as-you-go account's negative
@@ -1996,16 +2192,31 @@ def _period_start(key: str) -> datetime:
     return began if began.tzinfo is not None else began.replace(tzinfo=UTC)
 
 
-def _revenue_and_tax_back(counter: LedgerAccount, unit: str, amount: int, tax: int) -> list[Posting]:
-    """``amount`` billed is taken back: Dr RECOGNISED_REVENUE (amount - tax) / Dr TAX_PAYABLE tax / Cr ``counter``
-    amount (receivables for an invoice voided unpaid, the gateway's clearing for money refunded)."""
-    postings = [posting(counter, unit, -amount)]
-    if amount - tax:
-        postings.append(posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount - tax))
+def _revenue_and_tax_back(counter: LedgerAccount, unit: str, amount: int, tax: int,
+                          revenue_lines: list[Posting]) -> list[Posting]:
+    """``amount`` billed is taken back: the revenue lines (Dr DEFERRED_REVENUE / Dr RECOGNISED_REVENUE, together
+    amount - tax: ``BillingAccount._fee_revenue``) / Dr TAX_PAYABLE tax / Cr ``counter`` amount (receivables for
+    an invoice voided unpaid, the gateway's clearing for money refunded)."""
+    postings = [posting(counter, unit, -amount), *revenue_lines]
     if tax:
         postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
     assert_balanced(postings)
     return postings
+
+
+def _fee_due(schedule: dict[str, Any], now: datetime) -> int:
+    """What of a fee schedule is recognised by ``now`` and not yet: ratably by whole seconds over the rest of its
+    period, rounded down; everything left once ``now`` reaches its end (so the sum is exactly what it deferred)."""
+    deferred, since, end = schedule["deferred"], schedule["recognised_to"], schedule["end"]
+    if deferred <= 0 or now <= since or schedule.get("pending"):
+        return 0
+    if now >= end:
+        return int(deferred)
+    second = timedelta(seconds=1)
+    remaining = (end - since) // second
+    if remaining <= 0:
+        return int(deferred)
+    return int(deferred * ((now - since) // second) // remaining)
 
 
 def _add_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> None:

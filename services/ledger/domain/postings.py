@@ -19,7 +19,7 @@ Chart of accounts (the platform's books, one tenant at a time)
     credit balance is exactly what the tenant can still spend (see :func:`wallet_delta`).
 ``DEFERRED_REVENUE`` (liability)
     Consideration billed in advance that is *not yet in a wallet*: subscription fees invoiced for a
-    period (booked by the subscription/invoice side). A plan's recurring credit grant reclassifies its
+    period (``InvoiceBilled``), recognised ratably over it (``FeeRevenueRecognised``). A plan's recurring credit grant reclassifies its
     share into the wallet (Dr ``DEFERRED_REVENUE`` / Cr ``TENANT_WALLET``); voiding it on a plan change
     moves the remainder back. Also, in the currency, the net money paid for a credit package granted in a
     credit unit (``PurchaseMoneyBooked``): its wallet is in the credit unit, so the money's liability is
@@ -65,13 +65,19 @@ refund of a purchase       Dr TENANT_WALLET unspent / Dr TAX_PAYABLE tax / Cr GA
                            from BREAKAGE (if it lapsed) and then from RECOGNISED_REVENUE (if spent)
 adjustment (+ / -)         Dr MANUAL_ADJUSTMENT / Cr TENANT_WALLET  (and the reverse)
 receivable settled         Dr GATEWAY_CLEARING / Cr RECEIVABLES
-subscription invoice       Dr RECEIVABLES fees + tax / Cr RECOGNISED_REVENUE fees / Cr TAX_PAYABLE tax
-                           (``InvoiceBilled`` at finalize: base fee, proration, discount; its usage and
-                           overage lines are receivable already; the fee is recognised at once)
+subscription invoice       Dr RECEIVABLES fees + tax / Cr DEFERRED_REVENUE the fees of the service period
+                           (Cr RECOGNISED_REVENUE fees without one) / Cr TAX_PAYABLE tax (``InvoiceBilled``
+                           at finalize: base fee, proration, discount; its usage and overage lines are
+                           receivable already); an upgrade's credit for unused time: Dr DEFERRED_REVENUE of the
+                           invoice it corrects (the rest Dr RECOGNISED_REVENUE)
+fee revenue recognised     Dr DEFERRED_REVENUE / Cr RECOGNISED_REVENUE, per invoice, ratably over its
+                           service period (``FeeRevenueRecognised``, a periodic run)
 invoice paid               Dr GATEWAY_CLEARING / Cr RECEIVABLES (``InvoicePaid`` for fees + tax, and
                            ``ReceivableSettled`` for the overage it billed)
-subscription credit note   Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax / Cr TENANT_WALLET (a grant,
-                           source ``credit_note``: account credit in the currency)
+subscription credit note   Dr DEFERRED_REVENUE (what the corrected invoice still defers) / Dr
+                           RECOGNISED_REVENUE (the rest of the net) / Dr TAX_PAYABLE tax / Cr TENANT_WALLET (a
+                           grant, source ``credit_note``: account credit in the currency); a void or a refund
+                           of an invoice takes its net back the same way
 package money booked       Dr GATEWAY_CLEARING total / Cr DEFERRED_REVENUE net / Cr TAX_PAYABLE tax
                            (in the currency, for a purchase granted in a credit unit)
 package money recognised   Dr DEFERRED_REVENUE / Cr RECOGNISED_REVENUE (credit consumed) / Cr BREAKAGE

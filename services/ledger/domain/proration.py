@@ -26,6 +26,12 @@ def _label(plan: dict[str, Any], quantity: int) -> str:
     return f"{plan['name']} v{plan['version']} x {quantity}"
 
 
+def service_period(start: datetime, end: datetime) -> dict[str, str]:
+    """The service period [start, end) a fee line charges for, on the line (``service_start``, ``service_end``):
+    the ledger defers the fee and recognises it over that period (``BillingAccount.recognise_fee_revenue``)."""
+    return {"service_start": start.isoformat(), "service_end": end.isoformat()}
+
+
 def quote_change(*, status: str, plan: dict[str, Any], quantity: int, period_start: datetime,
                  period_end_at: datetime, time_zone: str, new_plan: dict[str, Any], new_quantity: int,
                  at: datetime) -> list[dict[str, Any]]:
@@ -43,12 +49,13 @@ def quote_change(*, status: str, plan: dict[str, Any], quantity: int, period_sta
     if new_plan["cadence"] != plan["cadence"]:
         end = period_end(at, new_plan["cadence"], at.day, time_zone)
         lines.append(line("base_fee", f"{_label(new_plan, new_quantity)} from {at.date()} to {end.date()}",
-                          new_fee, unit, quantity=str(new_quantity), unit_amount=str(new_plan.get("base_fee", "0"))))
+                          new_fee, unit, quantity=str(new_quantity), unit_amount=str(new_plan.get("base_fee", "0")),
+                          **service_period(at, end)))
     else:
         remaining = RATING_CONTEXT.multiply(new_fee, fraction)
         if remaining:
             lines.append(line("proration", f"Remaining time on {_label(new_plan, new_quantity)}", remaining, unit,
-                              fraction=str(fraction)))
+                              fraction=str(fraction), **service_period(at, period_end_at)))
     return lines
 
 
@@ -69,13 +76,13 @@ def quote_resume(*, plan: dict[str, Any], quantity: int, period_start: datetime,
     if not remaining:
         return []
     return [line("proration", f"Remaining time on {_label(plan, quantity)} (resumed)", remaining, plan["currency"],
-                 fraction=str(proration_fraction(period_start, period_end_at, at)))]
+                 fraction=str(proration_fraction(period_start, period_end_at, at)), **service_period(at, period_end_at))]
 
 
 def period_fee_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime) -> dict[str, Any]:
     return line("base_fee", f"{_label(plan, quantity)} from {start.date()} to {end.date()}",
                 base_fee(plan, quantity), plan["currency"], quantity=str(quantity),
-                unit_amount=str(plan.get("base_fee", "0")))
+                unit_amount=str(plan.get("base_fee", "0")), **service_period(start, end))
 
 
 def paused_period_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime) -> dict[str, Any]:

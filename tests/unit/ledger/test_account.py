@@ -1009,8 +1009,18 @@ def _every_event_type() -> BillingAccount:
     account.bill_invoice(invoice="inv-3", unit=USD, net=30 * U, tax=0, at=at(21), cause={})
     account.void_invoice_bill(invoice="inv-3", at=at(22), cause={})
     account.credit_note_grant(grant_id=uuid4(), note="cn-1", unit=USD, net=5 * U, tax=U, at=at(23), cause={})
+    # A fee billed in advance for 30 days, partly recognised, and its unused rest credited by a cancel's note.
+    account.bill_invoice(invoice="inv-4", unit=USD, net=30 * U, tax=0, at=at(24), cause={},
+                         deferred={"amount": 30 * U, "start": at(24), "end": at(days=30)})
     account.expire_grants(at(days=1))
     account.recognise_purchase_money(at(days=1))
+    account.recognise_fee_revenue(at(days=1))
+    account.credit_note_grant(grant_id=uuid4(), note="cn-4", unit=USD, net=14 * U, tax=0, at=at(days=15), cause={},
+                              credits={"invoice": "inv-4", "amount": 14 * U, "close": True})
+    # charge_before_access: billed pending, its period starts when it is paid.
+    account.bill_invoice(invoice="inv-5", unit=USD, net=30 * U, tax=0, at=at(days=15), cause={},
+                         deferred={"amount": 30 * U, "start": at(days=15), "end": at(days=45), "pending": True})
+    account.start_fee_schedule(invoice="inv-5", start=at(days=17), end=at(days=47), at=at(days=17))
     account.set_low_balance_threshold(CREDIT, 10 * U)
     account.clear_auto_top_up(USD)
     assert promo

@@ -375,7 +375,7 @@ def test_the_refund_of_a_second_payment_the_ledger_rejected_leaves_the_paid_invo
 
     paid = books()
     assert paid == {("gateway_clearing", "USD"): to_subunits(Decimal("30.00")),
-                    ("recognised_revenue", "USD"): -to_subunits(Decimal("30.00"))}
+                    ("deferred_revenue", "USD"): -to_subunits(Decimal("30.00"))}  # the fee of the period ahead
     # Finance refunds pi_2 in Stripe: its refund names the invoice (the intent's metadata). It was booked as a
     # credit note of the invoice: its revenue and clearing back to 0 although the payment it kept was pi_1.
     refund = notified("refund_succeeded", "evt_re_2", "re_2", refunded_payment=refunded)

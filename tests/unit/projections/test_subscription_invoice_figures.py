@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from billing_events import ids
 from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.domain.postings import account_balances
 from billing_ledger.domain.subscription import subscription_id
 from billing_projections import balances, figures, history
 from billing_projections.service import ProjectionService
@@ -56,8 +57,25 @@ async def test_figures_count_a_paid_subscription_invoice_as_funds_in_and_tax_col
              for r in await balances.ledger_balances(service.db, "acme")}
     assert chart[("gateway_clearing", "USD")] == 10710 * CENT
     assert chart[("tax_payable", "USD")] == -1710 * CENT
-    assert chart[("recognised_revenue", "USD")] == -9000 * CENT
+    assert chart[("deferred_revenue", "USD")] == -9000 * CENT  # billed in advance for the period
+    assert chart.get(("recognised_revenue", "USD"), 0) == 0
     assert chart.get(("receivables", "USD"), 0) == 0
+
+
+async def test_the_chart_of_accounts_shows_fee_revenue_recognised_over_the_period_as_the_ledger_books_it(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    subscribed(ledger)
+    sub = ledger.get(subscription_id("acme", "m"))
+    middle = sub.period_start + (sub.period_end - sub.period_start) / 2
+    ledger.command("money.recognise", "acme", at=middle, now=middle.isoformat())
+    await apply(service, ledger.records())
+    chart = {(r["ledger_account"], r["unit"]): int(r["amount"])
+             for r in await balances.ledger_balances(service.db, "acme")}
+    # Half the period: half the 90.00 fee recognised, half still deferred; the same as the ledger's own postings.
+    assert (chart[("recognised_revenue", "USD")], chart[("deferred_revenue", "USD")]) == (-4500 * CENT, -4500 * CENT)
+    postings = [p for e in ledger.app.events.get(ids.account_id("acme")) for p in getattr(e, "postings", None) or []]
+    assert {k: v for k, v in chart.items() if v} == {k: v for k, v in account_balances(postings).items() if v}
 
 
 async def test_history_shows_a_subscription_invoice_billed_and_paid_and_a_credit_note(

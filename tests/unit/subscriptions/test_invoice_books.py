@@ -76,11 +76,12 @@ def test_an_invoice_posts_its_fee_and_tax_when_finalized_and_settles_them_when_p
     invoice = first_invoice(app)
     assert (invoice.status, invoice.total) == ("finalized", Decimal("35.70"))  # 30.00 + 5.70 VAT
     assert account(app).receivable("USD") == 3570 * CENT
-    assert books(app) == {("receivables", "USD"): 3570 * CENT, ("recognised_revenue", "USD"): -3000 * CENT,
+    # The fee is billed in advance for November: deferred, recognised over the month (see the tests below).
+    assert books(app) == {("receivables", "USD"): 3570 * CENT, ("deferred_revenue", "USD"): -3000 * CENT,
                           ("tax_payable", "USD"): -570 * CENT}
     run(app, "invoice.mark_paid", "acme", at=NOV_16, invoice_id=str(invoice.id), payment="pi_1")
     assert account(app).receivable("USD") == 0
-    assert books(app) == {("gateway_clearing", "USD"): 3570 * CENT, ("recognised_revenue", "USD"): -3000 * CENT,
+    assert books(app) == {("gateway_clearing", "USD"): 3570 * CENT, ("deferred_revenue", "USD"): -3000 * CENT,
                           ("tax_payable", "USD"): -570 * CENT}
     # Paid again (the webhook after dunning's mark_paid): nothing more.
     run(app, "invoice.mark_paid", "acme", at=NOV_16, invoice_id=str(invoice.id), payment="pi_1")
@@ -104,7 +105,9 @@ def test_a_renewal_invoice_posts_its_fee_and_tax_and_its_payment_settles_the_ove
     chart = books(app)
     assert chart[("gateway_clearing", "USD")] == 3570 * CENT + 3808 * CENT
     assert chart[("tax_payable", "USD")] == -(570 + 608) * CENT
-    assert chart[("recognised_revenue", "USD")] == -(3000 + 3000 + 200) * CENT
+    # Both fees are deferred until a recognition run; the usage is revenue at once.
+    assert chart[("deferred_revenue", "USD")] == -(3000 + 3000) * CENT
+    assert chart[("recognised_revenue", "USD")] == -200 * CENT
     assert verify_store(app, "acme").ok
 
 
@@ -118,8 +121,11 @@ def test_a_downgrade_credit_note_becomes_account_credit_in_the_currency(app: Led
     [grant] = [g for g in after.grant_balances() if g["source"] == "credit_note"]
     assert (grant["amount"], grant["expires_at"], grant["scope"]) == (3570 * CENT, None, None)
     assert after.receivable("USD") == 10710 * CENT  # the invoice is still owed in full (it is charged so)
+    # The 90.00 deferred for November: half of it given back (the unused time), the half used is recognised at the
+    # change, and the new 15.00 for the rest of the month is deferred anew.
     assert books(app) == {("receivables", "USD"): 10710 * CENT, ("tenant_wallet", "USD"): -3570 * CENT,
-                          ("recognised_revenue", "USD"): -6000 * CENT, ("tax_payable", "USD"): -(1710 - 570) * CENT}
+                          ("recognised_revenue", "USD"): -4500 * CENT, ("deferred_revenue", "USD"): -1500 * CENT,
+                          ("tax_payable", "USD"): -(1710 - 570) * CENT}
     assert verify_store(app, "acme").ok
 
 
@@ -391,7 +397,7 @@ def test_a_correction_of_invoiced_usage_credits_it_with_the_tax_that_invoice_cha
     assert grant["amount"] == 238 * CENT
     chart = books(app)  # every movement sums to zero
     assert chart == {("gateway_clearing", "USD"): (3570 + 4165) * CENT, ("tenant_wallet", "USD"): -238 * CENT,
-                     ("recognised_revenue", "USD"): -(3000 + 3000 + 500 - 200) * CENT,
+                     ("recognised_revenue", "USD"): -(500 - 200) * CENT, ("deferred_revenue", "USD"): -6000 * CENT,
                      ("tax_payable", "USD"): -(570 + 665 - 38) * CENT}
     assert verify_store(app, "acme").ok
 

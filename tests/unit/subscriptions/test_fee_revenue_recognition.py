@@ -1,0 +1,207 @@
+"""Subscription fees billed in advance are deferred revenue, recognised ratably over the service period they pay
+for (IFRS 15 / ASC 606) by the ledger's recognition runs (``money.recognise``, sent by the sweeper); credit
+notes, voids and refunds take back what is still deferred from the schedule of the invoice they correct. SQLite
+ledger, real commands; the chart of accounts is read from the account's events' postings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from billing_events import ids
+from billing_events.messages import PaymentNotification
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.audit import verify_store
+from billing_ledger.domain.invoice import Invoice, invoice_id
+from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.payment_commands import payment_command
+from billing_ledger.sweeper import Sweeper
+
+from tests.unit.subscriptions.test_invoice_books import account, books, events
+from tests.unit.subscriptions.test_invoice_overage import run
+
+U = 10**9
+CENT = U // 100
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+NOV_10 = datetime(2026, 11, 10, tzinfo=UTC)
+NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
+DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
+JAN_1 = datetime(2027, 1, 1, tzinfo=UTC)
+CATALOG: dict[str, Any] = {
+    "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}}],
+    "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00"},
+              {"code": "odd", "name": "Odd", "currency": "USD", "base_fee": "10.00"},
+              {"code": "yearly", "name": "Yearly", "currency": "USD", "cadence": "year", "base_fee": "100.00"}],
+    "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+    "seller": {"name": "Billing GmbH", "country": "DE"},
+}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> LedgerApplication:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=CATALOG, digest="revrec-1")
+    run(ledger, "account.open", "acme", currency="USD")
+    run(ledger, "tax_profile.set", "acme", country="DE")  # 19 % VAT: tax stays payable whatever revenue does
+    return ledger
+
+
+def recognise(app: LedgerApplication, now: datetime) -> None:
+    run(app, "money.recognise", "acme", at=now, now=now.isoformat())
+
+
+def first_invoice(app: LedgerApplication, start: datetime = NOV_1) -> Invoice:
+    return app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{start.isoformat()}"))
+
+
+def revenue(app: LedgerApplication) -> tuple[int, int]:
+    """(recognised, deferred) revenue of the account's books, as positive sub-units (they are credits)."""
+    chart = books(app)
+    return -chart.get(("recognised_revenue", "USD"), 0), -chart.get(("deferred_revenue", "USD"), 0)
+
+
+def test_a_monthly_fee_is_deferred_when_billed_half_recognised_mid_period_and_all_at_its_end(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # Nov 1 - Dec 1: 30.00 + 5.70 VAT
+    assert books(app) == {("receivables", "USD"): 3570 * CENT, ("deferred_revenue", "USD"): -3000 * CENT,
+                          ("tax_payable", "USD"): -570 * CENT}
+    recognise(app, NOV_16)  # 15 of 30 days
+    assert revenue(app) == (1500 * CENT, 1500 * CENT)
+    recognise(app, NOV_16)  # the same run again (a redelivery, another process): nothing more
+    assert len(events(app, "FeeRevenueRecognised")) == 1
+    recognise(app, DEC_1)
+    assert revenue(app) == (3000 * CENT, 0)
+    assert account(app).fee_schedule(str(first_invoice(app).id)) is None and account(app).deferred_fees("USD") == 0
+    recognise(app, DEC_1 + timedelta(days=3))  # nothing left: never recognised twice
+    assert len(events(app, "FeeRevenueRecognised")) == 2 and revenue(app) == (3000 * CENT, 0)
+    assert books(app)[("tax_payable", "USD")] == -570 * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_ten_dollars_over_31_days_recognised_daily_sums_to_exactly_the_fee(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", at=DEC_1, key="m", plan="odd")  # Dec 1 - Jan 1: 10.00
+    recognised = []
+    for day in range(1, 31):
+        now = DEC_1 + timedelta(days=day, hours=7, minutes=13, seconds=17)
+        recognise(app, now)
+        done, deferred = revenue(app)
+        assert done + deferred == 1000 * CENT and deferred > 0
+        # Rounded down, never ahead of the time elapsed (by more than a sub-unit per run).
+        assert done <= 1000 * CENT * (now - DEC_1).total_seconds() / (31 * 86400) + day
+        recognised.append(done)
+    assert recognised == sorted(recognised)
+    recognise(app, JAN_1)
+    assert revenue(app) == (1000 * CENT, 0)  # exactly the fee, not a sub-unit more or less
+    assert verify_store(app, "acme").ok
+
+
+def test_a_yearly_fee_recognised_month_by_month_sums_to_exactly_the_fee(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="yearly")  # Nov 1 2026 - Nov 1 2027: 100.00
+    assert revenue(app) == (0, 10000 * CENT)  # not the whole year on day one
+    month = NOV_1
+    for _ in range(12):
+        month = (month + timedelta(days=32)).replace(day=1)
+        recognise(app, month)
+    done, deferred = revenue(app)
+    assert (done, deferred) == (10000 * CENT, 0)
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_mid_period_gives_back_the_deferred_rest_and_keeps_the_recognised_part(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    recognise(app, NOV_10)
+    assert revenue(app) == (900 * CENT, 2100 * CENT)  # 9 of 30 days
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel"))
+    assert note.total == Decimal("-17.85")  # 15.00 of unused time and its 2.85 of VAT
+    # The credit leaves deferred revenue; Nov 10-16 (not recognised by a run yet) is recognised at the cancel: the
+    # period earned exactly its fee less the credit, and nothing is left deferred.
+    assert revenue(app) == (1500 * CENT, 0)
+    assert books(app) == {("receivables", "USD"): 3570 * CENT, ("tenant_wallet", "USD"): -1785 * CENT,
+                          ("recognised_revenue", "USD"): -1500 * CENT, ("tax_payable", "USD"): -285 * CENT}
+    recognise(app, DEC_1)
+    assert events(app, "FeeRevenueRecognised")[-1].at == NOV_10  # nothing after the cancel
+    assert verify_store(app, "acme").ok
+
+
+def test_an_upgrade_mid_period_recognises_the_old_fee_to_the_change_and_defers_the_new_one(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 for November
+    run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 unused, +45.00 rest
+    assert revenue(app) == (1500 * CENT, 4500 * CENT)  # Nov 1-16 of the old fee; Nov 16 - Dec 1 of the new one
+    recognise(app, NOV_16 + timedelta(days=7, hours=12))  # half the rest
+    assert revenue(app) == ((1500 + 2250) * CENT, 2250 * CENT)
+    recognise(app, DEC_1)
+    assert revenue(app) == (6000 * CENT, 0)  # everything billed (30.00 + 30.00 net), once
+    assert books(app)[("receivables", "USD")] == (3570 + 3570) * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_voiding_an_unpaid_invoice_reverses_both_its_recognised_and_its_deferred_fee(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    recognise(app, NOV_10)
+    run(app, "invoice.void", "acme", at=NOV_16, invoice_id=str(first_invoice(app).id), reason="goodwill")
+    assert books(app) == {}  # the 9.00 recognised and the 21.00 deferred both reversed
+    assert account(app).deferred_fees("USD") == 0
+    recognise(app, DEC_1)
+    assert len(events(app, "FeeRevenueRecognised")) == 1 and books(app) == {}
+    assert verify_store(app, "acme").ok
+
+
+def test_a_refund_of_a_paid_invoice_takes_its_deferred_fee_and_then_recognised_revenue(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    recognise(app, NOV_10)
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
+                                 order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("35.70"),
+                                 currency="USD", verified_at=NOV_16, gateway_reference="re_1",
+                                 refunded_payment="pi_1")
+    [result] = app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+    assert books(app) == {}  # every cent back: 21.00 from deferred, the 9.00 recognised reversed, the VAT
+    recognise(app, DEC_1)
+    assert len(events(app, "FeeRevenueRecognised")) == 1 and books(app) == {}
+    assert verify_store(app, "acme").ok
+
+
+def test_the_sweeper_recognises_once_a_day_and_at_the_period_end_and_a_replay_rebuilds_the_same(
+        app: LedgerApplication, tmp_path: Path) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    sweeper = Sweeper(app)
+    assert sweeper.sweep(NOV_1 + timedelta(hours=5)) == 0  # the first UTC day of the period: nothing yet
+    assert sweeper.sweep(datetime(2026, 11, 2, 0, 1, tzinfo=UTC)) == 1
+    assert sweeper.sweep(datetime(2026, 11, 2, 6, 0, tzinfo=UTC)) == 0  # once a day
+    assert sweeper.sweep(DEC_1) == 1  # the period ended: the rest at once
+    assert revenue(app) == (3000 * CENT, 0)
+    assert sweeper.sweep(DEC_1 + timedelta(days=1)) == 0
+    before = account(app)
+    again = LedgerApplication(persistence_env(None, str(tmp_path)))  # replayed from the stored events
+    try:
+        replayed = again.repository.get(ids.account_id("acme"))
+        assert vars(replayed) == vars(before)
+    finally:
+        again.close()
+    assert verify_store(app, "acme").ok
+
+
+def test_a_fee_paid_before_access_is_recognised_from_the_payment_not_from_the_order(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team", trial=False, collection="charge_before_access")
+    invoice = first_invoice(app)
+    recognise(app, NOV_10)  # incomplete: no service yet, nothing earned
+    assert revenue(app) == (0, 3000 * CENT)
+    paid_at = datetime(2026, 11, 4, 12, tzinfo=UTC)
+    run(app, "invoice.mark_paid", "acme", at=paid_at, invoice_id=str(invoice.id), payment="pi_1")
+    schedule = account(app).fee_schedule(str(invoice.id))
+    assert schedule is not None and (schedule["start"], schedule["end"]) == (paid_at, paid_at + timedelta(days=30))
+    recognise(app, paid_at + timedelta(days=15))  # half the period it paid for
+    assert revenue(app) == (1500 * CENT, 1500 * CENT)
+    recognise(app, paid_at + timedelta(days=30))
+    assert revenue(app) == (3000 * CENT, 0)
+    assert verify_store(app, "acme").ok
