@@ -516,9 +516,11 @@ class RatingService:
                 before, after = before_text, after_text  # type: ignore[assignment]
         if decision not in ("no_price", "filtered", "trial", "invalid_correction", "period_closed"):
             decision = decision_prefix + decision
+        # A refused correction amends nothing: the next one amends the quantity before it (as ``_correct``'s own).
+        amends = correction is not None and decision not in ("no_price", "invalid_correction", "period_closed")
         batch.record(usage, batch.catalog.version, period, group, value, before, after, amount, unit, decision,
-                     output, corrects=correction[0] if correction else None,
-                     effective_quantity=decimal_text(correction[2]) if correction else None)
+                     output, corrects=correction[0] if correction and amends else None,
+                     effective_quantity=decimal_text(correction[2]) if correction and amends else None)
         return output
 
     def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
@@ -527,6 +529,10 @@ class RatingService:
         The original decision stays as it was; the correction is a decision of its own whose charge is
         price(total - old + new) - price(total), posted as one more debit (or give-back when negative).
         Both show in the history. Only sum/count meters priced in real time can be corrected in place.
+
+        ``total`` is the running total of the period the original was rated in, even a closed one (a late
+        correction: that period's price and allowance, ``original_period`` in the command, so the ledger credits
+        the invoice that billed it); never the open period's. Whatever cannot be priced is a dead letter.
         """
         event = usage.event
         account = usage.account
