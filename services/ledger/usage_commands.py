@@ -13,8 +13,9 @@ total; less than a minor unit) is given back as before. A correction of usage no
 usage, or of a period older than the account remembers gives back as before (it reduces the open period).
 
 The corrected period is the one rating priced the original in: a late correction names it in
-``cause.original_period`` (with ``cause.corrects``, its ``period`` being the open period it was rated into),
-any other give-back in ``cause.period``.
+``cause.original_period`` (with ``cause.corrects``; rating prices it in that period and sends the same key as its
+``period``, while commands sent before session 8 have the open period they were rated into there), any other
+give-back in ``cause.period``.
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ log = get_logger(__name__)
 SCHEMA_HEADERS = {topics.LEDGER_COMMANDS: (("schema", b"ledger.command/v1"),),
                   topics.USAGE_REJECTED: (("schema", b"usage.rejected/v1"),)}
 
+# Decisions of events that were refused and counted in no total: a correction of one is refused too.
+REFUSED_DECISIONS = frozenset({"period_closed", "no_price", "invalid_correction", "unknown_correction"})
+
 # A period's last instant is its end less this (periods are [start, end), to the microsecond).
 LAST_INSTANT = timedelta(microseconds=1)
 
@@ -373,13 +376,17 @@ class RatingService:
             failed.append(exc)
 
     def _rate(self, batch: _BatchState, usage: Usage, *, correction: tuple[str, Decimal, Decimal] | None
-              = None) -> OutMessage | None:
-        """Rates one event; ``correction`` = (original id, old quantity, new quantity) for an amendment."""
+              = None, rated_in: str | None = None) -> OutMessage | None:
+        """Rates one event; ``correction`` = (original id, old quantity, new quantity) for an amendment, rated in
+        ``rated_in``, the period its original was rated in (``_correct``)."""
         event = usage.event
         account = usage.account
         catalog = batch.catalog
         subs = batch.subscriptions.get(account)
-        period, late = batch.period_of(account, event.timestamp)
+        if rated_in is None:
+            period, late = batch.period_of(account, event.timestamp)
+        else:
+            period, late = rated_in, (account, rated_in) in batch.closed
         meter = catalog.meters.get(event.meter)
         decision_prefix = ""
         original_period = period
@@ -391,7 +398,10 @@ class RatingService:
                 batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
                              "period_closed", rejection)
                 return rejection
-            period = batch.open_period_of(account)  # billed in the open period; the event keeps its timestamp
+            if rated_in is None:
+                period = batch.open_period_of(account)  # billed in the open period; the event keeps its timestamp
+            # A late correction stays in its original's period: priced on that period's total and allowance, the
+            # difference named by ``original_period`` (the ledger credits the invoice that billed it).
             decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
@@ -413,7 +423,13 @@ class RatingService:
             if definition.value_property:
                 value = str(event.properties.get(definition.value_property, "")) or None
             key = f"{event.meter}|{group}" if group else event.meter
-            if definition.aggregation not in REAL_TIME:
+            if definition.aggregation not in REAL_TIME and correction is not None and late:
+                # Priced once, at the close that already billed the period: it is not priced again.
+                decision = "period_closed"
+                output = self._rejection(batch, usage, RejectReason.PERIOD_CLOSED,
+                                         f"period {period} is closed and its {definition.aggregation} meter "
+                                         f"{event.meter!r} was priced at its close: a correction cannot change it")
+            elif definition.aggregation not in REAL_TIME:
                 decision = "deferred_to_close"
             elif meter.ai_table is not None and correction is not None:
                 decision = "invalid_correction"
@@ -433,6 +449,21 @@ class RatingService:
                     spec, included, overage_policy, trialing = (
                         meter.spec, definition.included, definition.overage_policy, False)
                     price_json = definition.price
+                priced_by = "plan" if plan_pricing is not None else "list_price"
+                billed = batch.close_lines.get((account, period, event.meter, group)) if late and correction else None
+                if billed is not None and billed.get("price") is not None:
+                    # The price and allowance the closed period was billed at (whatever changed since: a plan
+                    # change, a cancel, a new catalogue), so the difference is what that period's invoice billed.
+                    try:
+                        spec = parse_spec(billed["price"], credit_scales=_credit_scales(catalog))
+                    except PriceSpecError as exc:
+                        rejection = self._rejection(batch, usage, RejectReason.NO_PRICE,
+                                                    f"the price period {period} was billed at: {exc}")
+                        batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
+                                     "no_price", rejection)
+                        return rejection
+                    price_json, included = billed["price"], Decimal(billed["included"])
+                    priced_by = billed.get("priced_by", priced_by)
                 assert spec is not None
                 total_key = (account, key, period)
                 before = batch.total(account, key, period)
@@ -442,6 +473,14 @@ class RatingService:
                     _, old, new = correction
                     step = (contribution(definition, new) if new else Decimal(0)) - contribution(definition, old)
                 after = RATING_CONTEXT.add(before, step)
+                if after < 0:  # a correction taking back more than the period's total holds: never priced
+                    rejection = self._rejection(
+                        batch, usage, RejectReason.INVALID_CORRECTION,
+                        f"correction of {correction[0] if correction else event.id!r} takes the total of meter "
+                        f"{key!r} in period {period} below zero ({decimal_text(before)} by {decimal_text(step)})")
+                    batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
+                                 "invalid_correction", rejection)
+                    return rejection
                 batch.totals[total_key] = after
                 batch.dirty.add(total_key)
                 unit = spec.unit
@@ -456,12 +495,12 @@ class RatingService:
                 amount = charged_after - charged_before[1]
                 # The same few keys for every event of a price: one dict per batch, shared (never mutated:
                 # corrections and late events below build new ones).
-                inputs_key = (id(price_json), included, overage_policy, plan_pricing is not None)
+                inputs_key = (id(price_json), included, overage_policy, priced_by == "plan")
                 inputs = batch.inputs.get(inputs_key)  # type: ignore[assignment]
                 if inputs is None:
                     inputs = batch.inputs[inputs_key] = {
                         "price": price_json, "included": decimal_text(included), "overage_policy": overage_policy,
-                        "priced_by": "plan" if plan_pricing else "list_price"}
+                        "priced_by": priced_by}
                 if trialing:
                     decision, amount = "trial", 0  # recorded, not charged: nothing is billed during a trial
                 if correction is not None:
@@ -475,11 +514,13 @@ class RatingService:
                 output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text, group,
                                      inputs)
                 before, after = before_text, after_text  # type: ignore[assignment]
-        if decision not in ("no_price", "filtered", "trial", "invalid_correction"):
+        if decision not in ("no_price", "filtered", "trial", "invalid_correction", "period_closed"):
             decision = decision_prefix + decision
+        # A refused correction amends nothing: the next one amends the quantity before it (as ``_correct``'s own).
+        amends = correction is not None and decision not in ("no_price", "invalid_correction", "period_closed")
         batch.record(usage, batch.catalog.version, period, group, value, before, after, amount, unit, decision,
-                     output, corrects=correction[0] if correction else None,
-                     effective_quantity=decimal_text(correction[2]) if correction else None)
+                     output, corrects=correction[0] if correction and amends else None,
+                     effective_quantity=decimal_text(correction[2]) if correction and amends else None)
         return output
 
     def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
@@ -488,6 +529,10 @@ class RatingService:
         The original decision stays as it was; the correction is a decision of its own whose charge is
         price(total - old + new) - price(total), posted as one more debit (or give-back when negative).
         Both show in the history. Only sum/count meters priced in real time can be corrected in place.
+
+        ``total`` is the running total of the period the original was rated in, even a closed one (a late
+        correction: that period's price and allowance, ``original_period`` in the command, so the ledger credits
+        the invoice that billed it); never the open period's. Whatever cannot be priced is a dead letter.
         """
         event = usage.event
         account = usage.account
@@ -504,12 +549,25 @@ class RatingService:
             batch.record(usage, batch.catalog.version, original["period"], "", None, Decimal(0), Decimal(0), 0,
                          None, "invalid_correction", rejection)
             return rejection
-        # The correction is rated at its original's time (its period, or the late policy if that is closed).
+        decided = (original.get("decision") or "").rpartition(":")[2]
+        if decided in REFUSED_DECISIONS:
+            reason = RejectReason.PERIOD_CLOSED if decided == "period_closed" else RejectReason.INVALID_CORRECTION
+            rejection = self._rejection(batch, usage, reason, f"event {event.correction_of!r} was refused "
+                                                              f"({decided}): nothing of it was billed to correct")
+            batch.record(usage, batch.catalog.version, original["period"], "", None, Decimal(0), Decimal(0), 0,
+                         None, reason.value, rejection)
+            return rejection
+        # The correction is rated at its original's time, in the period its original was rated in: closed or not
+        # (a late correction, the late policy says whether it is rated at all), its total and allowance.
         old = Decimal(original["quantity"])
         at_original = Usage(usage.account, event.at(datetime.fromisoformat(original["event_time"])), usage.source,
                             usage.catalog_version)
-        batch.originals[(account, event.correction_of or "")] = {**original, "quantity": str(event.quantity)}
-        return self._rate(batch, at_original, correction=(event.correction_of or "", old, event.quantity))
+        rows = len(batch.rows)
+        output = self._rate(batch, at_original, correction=(event.correction_of or "", old, event.quantity),
+                            rated_in=original["period"])
+        if len(batch.rows) > rows and batch.rows[-1][18] is not None:  # amended (a refusal amends nothing)
+            batch.originals[(account, event.correction_of or "")] = {**original, "quantity": str(event.quantity)}
+        return output
 
     def _rate_ai(self, batch: _BatchState, account: str, key: str, period: str, usage: Usage,
                  meter: MeterView) -> tuple[int, str, Decimal, Decimal, dict[str, Any]]:
@@ -642,6 +700,9 @@ class _BatchState:
         self.ended: dict[str, list[tuple[datetime, datetime, str]]] = {}
         # (account, event id) -> the decision a correction amends, with its current effective quantity.
         self.originals: dict[tuple[str, str], dict[str, Any]] = {}
+        # (account, period, meter, group) -> the close line of a closed period a correction amends: the price and
+        # allowance that period was billed at (read only for batches with such corrections).
+        self.close_lines: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         # (account, period) pairs whose running totals were read; rating any other period is a bug.
         self.periods: set[tuple[str, str]] = set()
         self.pending: list[Usage] = []  # the batch's events that no earlier batch decided
@@ -688,20 +749,28 @@ class _BatchState:
         if corrected:
             await state._load_originals(conn, corrected)
         in_batch = {(u.account, u.event.id): u for u in pending if u.event.id in state.corrected}
-        # Each event's moment: its own, or its original's for a correction (an unknown original has none).
+        # Each event's moment: its own, or its original's for a correction of one rated in this batch (an unknown
+        # original has none). A correction of a stored decision is rated in that decision's period, closed or not.
         moments: list[tuple[str, datetime]] = []
+        closed_corrected: set[tuple[str, str]] = set()
         for usage in pending:
             moment = usage.event.timestamp
             if usage.event.correction_of:
                 key = (usage.account, usage.event.correction_of)
                 original = state.originals.get(key)
                 if original is not None:
-                    moment = datetime.fromisoformat(original["event_time"])
-                elif key in in_batch:
+                    pair = (usage.account, original["period"])
+                    state.periods.add(pair)
+                    if pair in state.closed:
+                        closed_corrected.add(pair)
+                    continue
+                if key in in_batch:
                     moment = in_batch[key].event.timestamp
                 else:
                     continue
             moments.append((usage.account, moment))
+        if closed_corrected:
+            await state._load_close_lines(conn, sorted(closed_corrected))
         # Ended subscription periods, only of accounts that have had a subscription and have an event before
         # their current period (none for most batches: no statement then).
         earlier = sorted({account for account, moment in moments if account in subscribed and (
@@ -722,7 +791,7 @@ class _BatchState:
         where = "event_id = ANY($1::text[])" if postgres else f"event_id IN ({_in(corrected)})"
         args: list[Any] = [corrected] if postgres else list(corrected)
         for row in await conn.fetch(
-                f"SELECT account_id, event_id, meter, period, event_time, quantity FROM rated_events "
+                f"SELECT account_id, event_id, meter, period, event_time, quantity, decision FROM rated_events "
                 f"WHERE {where} AND corrects IS NULL", *args):
             self.originals[(row["account_id"], row["event_id"])] = dict(row)
         where = "corrects = ANY($1::text[])" if postgres else f"corrects IN ({_in(corrected)})"
@@ -732,6 +801,16 @@ class _BatchState:
             original = self.originals.get((row["account_id"], row["corrects"]))
             if original is not None:  # the latest correction is what the next one amends
                 original["quantity"] = row["effective_quantity"]
+
+    async def _load_close_lines(self, conn: Connection, pairs: list[tuple[str, str]]) -> None:
+        """The close lines of the closed (account, period) pairs this batch's corrections amend."""
+        rows = await _rows_by_pairs(conn, self.dialect == "postgres", "account_id, period, meter, group_key, line",
+                                    "close_lines", ("account_id", "period"), pairs, sqlite_by=1)
+        wanted = set(pairs)
+        for row in rows:
+            if (row["account_id"], row["period"]) in wanted:
+                self.close_lines[(row["account_id"], row["period"], row["meter"], row["group_key"])] = json.loads(
+                    row["line"])
 
     async def _load_totals(self, conn: Connection) -> None:
         """Running totals of the (account, period) pairs the batch rates in, not of every period ever."""
@@ -747,7 +826,7 @@ class _BatchState:
         if (account, event_id) not in self.originals:
             self.originals[(account, event_id)] = {
                 "account_id": account, "event_id": event_id, "meter": row[3], "period": row[4],
-                "event_time": row[6], "quantity": row[7]}
+                "event_time": row[6], "quantity": row[7], "decision": row[14]}
 
     def period_of(self, account: str, moment: datetime) -> tuple[str, bool]:
         """(the billing period of ``moment`` for ``account``, whether that period is closed)."""

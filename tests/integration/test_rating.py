@@ -177,18 +177,20 @@ async def test_postgres_corrections_late_events_and_closed_periods(pg_rating) ->
     await service.handle_accepted([usage("acme", "o1", "12", at=october), usage("acme", "s1", "3", "seats", october)])
     await close_period(service.db, outbox, service.catalog, "2026-10")  # type: ignore[arg-type]
     outbox.messages.clear()
-    # The correction is rated at its original's (closed) time: by the late policy, +8 in the open period.
-    await service.handle_accepted([usage("acme", "c1", "20", correction_of="o1"),   # 0 -> 8: 6 billable
-                                   usage("acme", "late", "1", at=october),          # 8 -> 9: +1.00
+    # The correction is rated in its original's (closed) period, on October's total (12 -> 20: 10 billable ->
+    # 18, +4.00), named by it; a late new event follows the late policy: billed in the open period.
+    await service.handle_accepted([usage("acme", "c1", "20", correction_of="o1"),
+                                   usage("acme", "late", "9", at=october),          # 0 -> 9: 7 billable
                                    usage("acme", "s2", "4", "seats", october),       # reject: period_closed
                                    usage("acme", "c2", "1", correction_of="nope")])  # unknown_correction
     commands = outbox.commands()
     assert [(c["payload"]["cause"]["event_ids"], c["payload"]["amount"]) for c in commands] == [
-        (["c1"], "6.000000000"), (["late"], "1.000000000")]
+        (["c1"], "4.000000000"), (["late"], "7.000000000")]
     assert commands[0]["payload"]["cause"]["late"] == "late"
     assert commands[0]["payload"]["cause"]["corrects"] == "o1"
     open_period = datetime.now(UTC).strftime("%Y-%m")
-    assert {c["payload"]["cause"]["period"] for c in commands} == {open_period}
+    assert [(c["payload"]["cause"]["period"], c["payload"]["cause"]["original_period"]) for c in commands] == [
+        ("2026-10", "2026-10"), (open_period, "2026-10")]
     letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
     assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed"), ("c2", "unknown_correction")]
     decisions = {r["event_id"]: r["decision"] for r in await service.db.fetch(
@@ -287,6 +289,16 @@ async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_even
         "0.200000000", dec.isoformat(), "late")
     letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
     assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed")]
+    outbox.messages.clear()
+    # A correction of November's a1 (8 -> 3) is priced on November's total at the price it was billed at (its
+    # close line): 3 billable x 0.10 back, named by November; December's total is untouched.
+    await service.handle_accepted([usage("acme", "a1-fix", "3", correction_of="a1")])
+    [fix] = outbox.commands()
+    cause = fix["payload"]["cause"]
+    assert (fix["payload"]["amount"], cause["period"], cause["original_period"], cause["corrects"]) == (
+        "-0.300000000", nov.isoformat(), nov.isoformat(), "a1")
+    totals = {r["period"]: r["quantity"] for r in await service.db.fetch("SELECT period, quantity FROM period_totals")}
+    assert totals == {nov.isoformat(): "3", dec.isoformat(): "7"}
 
 
 async def test_postgres_an_immediate_cancel_closes_the_cut_period_once_and_later_events_of_it_are_late(pg_rating) -> None:  # type: ignore[no-untyped-def]

@@ -393,6 +393,83 @@ async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_pol
     assert usage_lines(await published(bus)) == {"api_calls": ("170", "7.000000000")}
 
 
+def corrections_of(commands: list[dict[str, Any]], event_id: str) -> list[tuple[str, str, str | None, str | None]]:
+    """(amount, period, original_period, late) of the debits correcting ``event_id``."""
+    return [(c["payload"]["amount"], c["payload"]["cause"]["period"], c["payload"]["cause"].get("original_period"),
+             c["payload"]["cause"].get("late")) for c in commands
+            if c["kind"] == "usage.debit" and c["payload"]["cause"].get("corrects") == event_id]
+
+
+async def test_a_late_correction_with_no_usage_in_the_open_period_gives_back_in_its_original_period(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    await service.handle_accepted([accepted("n1", "250", at=datetime(2026, 11, 20, tzinfo=UTC))])  # 15.00
+    await end_period(service, NOV, DEC, JAN)
+    # Dec 5, nothing used in December yet: November's 250 corrected to 150. It was -100 on December's 0 (a
+    # negative total: the batch raised and the partition stopped); it is 10.00 given back for November.
+    await service.handle_accepted([correction("c1", "n1", "150")])
+    assert corrections_of(await published(bus), "n1") == [
+        ("-10.000000000", NOV.isoformat(), NOV.isoformat(), "late")]
+    totals = await service.db.fetch("SELECT period, quantity FROM period_totals")
+    assert {r["period"]: r["quantity"] for r in totals} == {NOV.isoformat(): "150"}
+
+
+async def test_a_late_correction_is_priced_on_its_original_periods_total_never_the_open_ones(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    await service.handle_accepted([accepted("n1", "250", at=datetime(2026, 11, 20, tzinfo=UTC))])  # 15.00
+    await end_period(service, NOV, DEC, JAN)
+    await service.handle_accepted([accepted("d1", "130", at=datetime(2026, 12, 3, tzinfo=UTC))])  # 3.00
+    # November billed 250 calls (15.00) for 150 (5.00): 10.00 back, named by November, whose invoice billed it
+    # (December's margin gave 3.00 back: 130 -> 30). A second correction prices on November's corrected total.
+    await service.handle_accepted([correction("c1", "n1", "150")])
+    await service.handle_accepted([correction("c2", "n1", "120")])  # 150 -> 120: 3.00 more
+    assert corrections_of(await published(bus), "n1") == [
+        ("-10.000000000", NOV.isoformat(), NOV.isoformat(), "late"),
+        ("-3.000000000", NOV.isoformat(), NOV.isoformat(), "late")]
+    rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
+    assert decisions(rows)["c2"] == (NOV.isoformat(), "late:priced", -3_000_000_000)
+    totals = await service.db.fetch("SELECT period, quantity FROM period_totals")
+    assert {r["period"]: r["quantity"] for r in totals} == {NOV.isoformat(): "120", DEC.isoformat(): "130"}
+    # December's invoice bills December's usage only; November's correction is the ledger's credit note.
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    assert usage_lines(await published(bus)) == {"api_calls": ("130", "3.000000000")}
+
+
+async def test_a_late_correction_is_priced_as_its_period_was_billed_after_the_subscription_ended(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("n1", "250", at=day(3))])  # the plan: 100 included, 15.00
+    await subscription_event(service, "Canceled", 4, at=day(16).isoformat(), by="user:test", reason="canceled",
+                             lines=[])
+    # No live subscription now (the list price would make it 50.00), but the cut period was billed at the plan's.
+    await service.handle_accepted([correction("c1", "n1", "150")])
+    assert corrections_of(await published(bus), "n1") == [
+        ("-10.000000000", NOV.isoformat(), NOV.isoformat(), "late")]
+
+
+async def test_corrections_that_cannot_be_priced_are_dead_lettered_never_raised(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("s1", "40", "storage_gb", at=day(3)),     # max: priced at close
+                                   accepted("g1", "3", "gpu_calls", at=day(3), region="us")])  # filtered out
+    await end_period(service, NOV, DEC, JAN)
+    await service.handle_accepted([accepted("g2", "3", "gpu_calls", at=datetime(2026, 12, 2, tzinfo=UTC),
+                                            region="us")])
+    # Closed November's max was priced by its close: not priced again (it was counted into December's max).
+    # A correction of a filtered event into one that counts would take 3 off a total that never had them.
+    await service.handle_accepted([correction("c1", "s1", "10", meter="storage_gb"),
+                                   correction("c2", "g2", "1", meter="gpu_calls", region="eu")])
+    letters = await published(bus, topics.USAGE_REJECTED)
+    assert [(d["event_id"], d["reason"]) for d in letters] == [("c1", "period_closed"), ("c2", "invalid_correction")]
+    assert "priced at its close" in letters[0]["detail"] and "below zero" in letters[1]["detail"]
+    assert [c for c in await published(bus) if c["payload"].get("cause", {}).get("corrects")] == []
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    assert usage_lines(await published(bus)) == {}
+
+
 async def test_amounts_are_written_in_plain_notation_never_with_an_exponent(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     await subscribe(service, status="trialing")
