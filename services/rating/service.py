@@ -125,6 +125,11 @@ class RatingService:
                     if ended is not None and event.type == "Subscription.Changed":
                         outputs.extend(await self._period_restarted(conn, ended))
                     elif ended is not None:
+                        if event.type == "Subscription.Canceled" and ended.status == "trialing":
+                            # Usage at or after the trial's end rated before this event (placed in the periods
+                            # the conversion would start) is closed first, as for an unconverted end: its close
+                            # debits go before the cut's usage lines finalize the ledger's final draft.
+                            outputs.extend(await self._trial_ended_unconverted(conn, str(event.aggregate_id)))
                         outputs.extend(await self._period_ended(conn, ended))
                     elif event.type == "Subscription.Canceled" and event.data.get("reason") == TRIAL_ENDED_UNCONVERTED:
                         outputs.extend(await self._trial_ended_unconverted(conn, str(event.aggregate_id)))
