@@ -220,7 +220,8 @@ class RatingService:
         subscription counted as it was, its usage not trial usage), so nothing of them stays open; no invoice
         takes usage lines (the ledger drafts none): their overage stays on the account under their keys, like
         the overage of any account without a live subscription (docs/rating.md). A redelivered ``Canceled``
-        finds them closed and sends the same close debits again (same ids).
+        finds them closed and sends the same close debits again (same ids). A trialing subscription's immediate
+        cancel closes them the same way, before its cut (``handle_ledger_events``).
         """
         found = await load_subscription(conn, subscription_id)
         if found is None:
