@@ -660,6 +660,9 @@ async def test_a_trials_cancel_closes_the_usage_rated_after_its_trial_end_before
         ("usage.debit", "5.000000000", NOV_15.isoformat()), ("usage.debit", "15.000000000", NOV_15.isoformat()),
         ("invoice.usage_lines", None, None)]
     assert commands[-1]["payload"]["invoice_key"] == f"{SUBSCRIPTION}/{day(10).isoformat()}"
+    await subscription_event(service, "Canceled", 4, at=day(10).isoformat(), by="user:test", reason="canceled",
+                             lines=[])                                        # redelivered: the same commands
+    assert [c["command_id"] for c in (await published(bus))[3:]] == [c["command_id"] for c in commands[1:]]
 
 
 async def test_a_close_prices_usage_after_the_pricing_subscriptions_trial_end_before_it_converts(rating) -> None:  # type: ignore[no-untyped-def]

@@ -100,7 +100,7 @@ async def test_a_cancel_after_the_trial_end_converts_it_first_and_bills_the_usag
     assert usage_lines(converting, NOV_15.isoformat()) == {"api_calls": ("250", "15.00", ["calls"]),
                                                            "storage_gb": ("10", "5.00", ["disk"])}
     assert (usage_money(final), final.total) == (Decimal("20.00"), Decimal("20.00"))
-    assert owed(converting) == Decimal("51.00")  # 31.00 - 26.87 of fee and 20.00 of usage: each event once
+    assert owed(converting) == Decimal("51.00")  # the 31.00 fee (26.87 back as account credit), 20.00 of usage
     sub = converting.ledger.repository.get(subscription_id("acme", "m"))
     assert (sub.status, sub.period_start) == ("canceled", NOV_11)
 
