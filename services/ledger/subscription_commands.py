@@ -652,6 +652,18 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         _expire_incomplete(batch, sub, at, command.issued_by, reason="canceled")
         return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     roster = _roster(batch, tenant)
+    if immediately and _trial_over(sub, at):
+        # The trial ended before the cancel and no tick has ended it yet: it ends first, as the tick would end it
+        # (``_end_trial``). Rating rated the usage since the trial's end into the period the conversion starts
+        # (``period_ahead``): converted, that period is the one the cancel cuts below, so that usage is on the
+        # final invoice once, with the fee of the time used since the trial's end (the rest credited); without a
+        # payment method the trial ends unconverted, as the tick's would (rating closes those periods on its
+        # ``Canceled``), and the cancel has nothing left to end. Before, the cancel cut the trial's period: its
+        # final draft had no key that usage went under (real-time usage billed only as earlier overage, usage
+        # priced at close never priced).
+        _end_trial(app, batch, account, roster, sub, at)
+        if sub.status not in LIVE:
+            return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     if immediately and at >= sub.period_end:
         _renew_due(app, batch, account, roster, sub, at)
         if sub.status not in LIVE:  # it was set to cancel at that period's end: it ended there, nothing to cut
@@ -746,17 +758,30 @@ def tick_subscription(app: LedgerApplication, batch: _Batch, command: LedgerComm
             return {"transition": None, "payment_pending": True}
         _expire_incomplete(batch, sub, at, "system:incomplete_expiry")
         return {"transition": INCOMPLETE_EXPIRED}
-    if sub.status == TRIALING and sub.trial_end is not None and at >= sub.trial_end:
-        before = _capacities(_live_subscriptions(batch, roster))
-        if sub.end_trial(at=at, has_payment_method=roster.default_payment_method is not None):
-            _start_billing(app, batch, account, sub, at, "system:trial", finalize=True)  # first invoice at once
-            return {"transition": "trial_converted"}
-        # The trial ends whatever is allocated (the scheduler's tick for this due time is sent once).
-        _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), "trial ended",
-                   force=True)
-        roster.release(subscription_id=sub.id, at=at)
-        return {"transition": "trial_ended"}
+    if _trial_over(sub, at):
+        return {"transition": _end_trial(app, batch, account, roster, sub, at)}
     return _renew(app, batch, account, roster, sub, at, top_up=True)
+
+
+def _trial_over(sub: Subscription, at: datetime) -> bool:
+    """Whether ``sub`` is still trialing although its trial has ended by ``at`` (the tick has not ended it)."""
+    return sub.status == TRIALING and sub.trial_end is not None and at >= sub.trial_end
+
+
+def _end_trial(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,
+               at: datetime) -> str:
+    """Ends a trial whose end has come by ``at``: with a default payment method it converts (``TrialConverted``,
+    its first billed period from the trial's end, its first invoice finalized at once), else it ends unconverted
+    (``Canceled``, reason ``trial_ended_without_payment_method``). The scheduler's tick and an immediate cancel
+    issued after the trial's end (``cancel_subscription``) both end a trial here. Returns the transition."""
+    before = _capacities(_live_subscriptions(batch, roster))
+    if sub.end_trial(at=at, has_payment_method=roster.default_payment_method is not None):
+        _start_billing(app, batch, account, sub, at, "system:trial", finalize=True)  # first invoice at once
+        return "trial_converted"
+    # The trial ends whatever is allocated (the scheduler's tick for this due time is sent once).
+    _set_pools(batch, sub.tenant, before, _capacities(_live_subscriptions(batch, roster)), "trial ended", force=True)
+    roster.release(subscription_id=sub.id, at=at)
+    return "trial_ended"
 
 
 def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,

@@ -128,6 +128,12 @@ class RatingService:
                     if ended is not None and event.type == "Subscription.Changed":
                         outputs.extend(await self._period_restarted(conn, ended))
                     elif ended is not None:
+                        if event.type == "Subscription.Canceled":
+                            # A cut of a trial: usage at or after the trial's end rated before this event (placed
+                            # in the periods the conversion would start) is closed first, as for an unconverted
+                            # end; its close debits go before the cut's usage lines finalize the final draft.
+                            outputs.extend(await self._trial_ended_unconverted(conn, str(event.aggregate_id),
+                                                                               cut=ended))
                         outputs.extend(await self._period_ended(conn, ended))
                     elif event.type == "Subscription.Canceled" and event.data.get("reason") == TRIAL_ENDED_UNCONVERTED:
                         outputs.extend(await self._trial_ended_unconverted(conn, str(event.aggregate_id)))
@@ -209,7 +215,8 @@ class RatingService:
         await record_restarted_period(conn, account, cut)
         return [c for c in (close_command(catalog, account, line) for line in closed) if c is not None]
 
-    async def _trial_ended_unconverted(self, conn: Connection, subscription_id: str) -> list[OutMessage]:
+    async def _trial_ended_unconverted(self, conn: Connection, subscription_id: str,
+                                       cut: AccountSubscription | None = None) -> list[OutMessage]:
         """A trial ended without a payment method (the ledger's ``Canceled``, reason
         ``trial_ended_without_payment_method``): no billed period follows it, but usage at or after the trial's
         end that reached rating before this event was rated into the periods a conversion would have started
@@ -218,12 +225,16 @@ class RatingService:
         subscription counted as it was, its usage not trial usage), so nothing of them stays open; no invoice
         takes usage lines (the ledger drafts none): their overage stays on the account under their keys, like
         the overage of any account without a live subscription (docs/rating.md). A redelivered ``Canceled``
-        finds them closed and sends the same close debits again (same ids).
+        finds them closed and sends the same close debits again (same ids). An immediate cancel that ``cut`` the
+        trial's period (it starts before the trial's end: no ``TrialConverted`` moved it) closes them the same way,
+        before its cut (``handle_ledger_events``), also when redelivered; a converted one's cut closes nothing here.
         """
         found = await load_subscription(conn, subscription_id)
         if found is None:
             return []
         account, tenant, ended = found
+        if cut is not None and (ended.trial_end is None or cut.period_start >= ended.trial_end):
+            return []
         trial = replace(ended, status="trialing")  # as real-time rating saw it
         others = [sub for sub in (await load_for(conn, [account])).get(account, [])
                   if sub.subscription_id != subscription_id]

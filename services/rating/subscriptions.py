@@ -45,7 +45,12 @@ Rules (documented in docs/rating.md):
   of their own (the latter closes the periods after the trial's end it placed usage in, above).
   A cancel after the current period's end (before the ledger's tick) follows the ``PeriodEnded`` of every period
   due by then (the ledger ends them first), so it cuts the period it falls in: the usage placed there ahead of
-  the ``PeriodEnded`` goes on the final draft, the ended period's on its renewal invoice.
+  the ``PeriodEnded`` goes on the final draft, the ended period's on its renewal invoice. A cancel after a trial's
+  end follows the ledger's end of that trial (the ledger ends it first, as its tick would): a ``TrialConverted``,
+  so the cancel cuts the first billed period the usage since the trial's end was placed in (its usage lines
+  itemise it on the final draft), or the unconverted end's ``Canceled``. A ``Canceled`` of a trialing subscription
+  (cut in its trial, or recorded before the ledger ended trials first) first closes the periods after the trial's
+  end it placed usage in, as an unconverted end does, then its cut.
 """
 
 from __future__ import annotations

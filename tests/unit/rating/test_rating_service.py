@@ -719,6 +719,29 @@ async def test_usage_after_a_trial_that_ends_unconverted_is_charged_once_and_its
     assert (later["payload"]["amount"], later["payload"]["cause"]["period"]) == ("10.000000000", "2026-11")
 
 
+async def test_a_trials_cancel_closes_the_usage_rated_after_its_trial_end_before_its_cut(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await start_trial(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    # The ledger canceled the trial at once on Nov 10 (or, before it ended trials first, on Nov 20); rating rated
+    # usage of Nov 16, after the trial's end, before the Canceled reached it: the plan's price, in the period the
+    # conversion would have started (Nov 15).
+    await service.handle_accepted([accepted("a1", "150", at=day(16)),          # the plan's price: 5.00
+                                   accepted("s1", "40", "storage_gb", at=day(16))])
+    await subscription_event(service, "Canceled", 4, at=day(10).isoformat(), by="user:test", reason="canceled",
+                             lines=[])
+    commands = await published(bus)
+    # That period is closed too (storage at the plan's price, (40 - 10) x 0.50, once left unpriced), before the
+    # cut's usage lines finalize the ledger's final draft (which bills its overage with the account's).
+    assert [(c["kind"], c["payload"].get("amount"), c["payload"].get("cause", {}).get("period")) for c in commands] == [
+        ("usage.debit", "5.000000000", NOV_15.isoformat()), ("usage.debit", "15.000000000", NOV_15.isoformat()),
+        ("invoice.usage_lines", None, None)]
+    assert commands[-1]["payload"]["invoice_key"] == f"{SUBSCRIPTION}/{day(10).isoformat()}"
+    await subscription_event(service, "Canceled", 4, at=day(10).isoformat(), by="user:test", reason="canceled",
+                             lines=[])                                        # redelivered: the same commands
+    assert [c["command_id"] for c in (await published(bus))[3:]] == [c["command_id"] for c in commands[1:]]
+
+
 async def test_a_close_prices_usage_after_the_pricing_subscriptions_trial_end_before_it_converts(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     # The primary subscription's plan has no storage charge; a second one, trialing until Nov 10, prices it.

@@ -74,8 +74,8 @@ class Stack:
             self.results.extend(self.ledger.apply_commands([command]))
         self.delivered = len(rows)
 
-    async def use(self, event_id: str, calls: str, at: datetime) -> None:
-        event = UsageEvent(id=event_id, tenant="acme", meter="api_calls", quantity=calls, timestamp=at)
+    async def use(self, event_id: str, calls: str, at: datetime, meter: str = "api_calls") -> None:
+        event = UsageEvent(id=event_id, tenant="acme", meter=meter, quantity=calls, timestamp=at)
         message = AcceptedUsage(account_id=ids.account_id("acme"), event=event, accepted_at=at, source="test",
                                 catalog_version=1)
         await self.rating.handle_accepted([Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())])
