@@ -13,30 +13,25 @@ from billing_events import topics
 from billing_events.catalog import EXAMPLE
 from billing_rating.catalog_view import validate_document
 from billing_rating.http import build_router
-from billing_rating.service import RatingService
 from billing_runtime.auth import mint_token
 from billing_runtime.bus import EmbeddedBus
-from billing_runtime.db import SqliteDatabase
 from billing_runtime.http import create_app
 from billing_runtime.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
 from billing_runtime.settings import Settings
 from httpx import ASGITransport, AsyncClient
+
+from tests.unit.rating.support import embedded_rating
 
 ADMIN = {"Authorization": f"Bearer {mint_token(Settings(), role='admin')}"}
 
 
 @pytest.fixture
 async def rating(tmp_path: Path) -> AsyncIterator[tuple[AsyncClient, EmbeddedBus]]:
-    bus = EmbeddedBus(tmp_path / "bus.sqlite", partitions=1)
-    await bus.start()
-    service = RatingService(await SqliteDatabase(tmp_path / "rating.sqlite").connect(), bus)
-    await service.setup()
-    api = create_app("t", Settings(data_dir=tmp_path))
-    api.include_router(build_router(service))
-    async with AsyncClient(transport=ASGITransport(app=api), base_url="http://rating") as client:
-        yield client, bus
-    await service.db.close()
-    await bus.stop()
+    async with embedded_rating(tmp_path) as (service, bus):
+        api = create_app("t", Settings(data_dir=tmp_path))
+        api.include_router(build_router(service))
+        async with AsyncClient(transport=ASGITransport(app=api), base_url="http://rating") as client:
+            yield client, bus
 
 
 async def commands(bus: EmbeddedBus) -> list[dict[str, Any]]:

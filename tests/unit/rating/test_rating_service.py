@@ -17,7 +17,8 @@ from billing_rating.catalog_view import CatalogError, build_view, validate_docum
 from billing_rating.close import close_period
 from billing_rating.service import CatalogBehind, RatingService
 from billing_runtime.bus import EmbeddedBus, Record
-from billing_runtime.db import SqliteDatabase
+
+from tests.unit.rating.support import embedded_rating
 
 GRADUATED = {"model": "graduated", "unit": "USD", "tiers": [
     {"up_to": "10", "unit_amount": "1.00"}, {"up_to": None, "unit_amount": "0.50"}]}
@@ -38,16 +39,12 @@ CATALOG: dict[str, Any] = {"meters": [
 
 @pytest.fixture
 async def rating(tmp_path: Path) -> AsyncIterator[tuple[RatingService, EmbeddedBus]]:
-    bus = EmbeddedBus(tmp_path / "bus.sqlite", partitions=1)
-    await bus.start()
-    service = RatingService(await SqliteDatabase(tmp_path / "rating.sqlite").connect(), bus)
-    await service.setup()
-    catalog = LedgerEvent(position=1, aggregate_id=ids.catalog_id(), aggregate_version=2, type="Catalog.Published",
-                          recorded_at=datetime.now(UTC), data={"version": 1, "document": CATALOG})
-    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 0, None, catalog.to_json())])
-    yield service, bus
-    await service.db.close()
-    await bus.stop()
+    async with embedded_rating(tmp_path) as (service, bus):
+        catalog = LedgerEvent(position=1, aggregate_id=ids.catalog_id(), aggregate_version=2,
+                              type="Catalog.Published", recorded_at=datetime.now(UTC),
+                              data={"version": 1, "document": CATALOG})
+        await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 0, None, catalog.to_json())])
+        yield service, bus
 
 
 def accepted(event_id: str, quantity: str, meter: str = "api_calls", catalog_version: int = 1,
