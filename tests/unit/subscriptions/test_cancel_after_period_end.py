@@ -4,6 +4,7 @@ the relay and the Kafka consumers would, so the invoices show what a customer is
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,20 +95,29 @@ class Stack:
         return found
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def wired_stack(tmp_path: Path, catalog: dict[str, Any]) -> AsyncIterator[Stack]:
+    """The ledger (``catalog`` published, acme's USD account open) and rating on an embedded bus; closed after."""
     bus = EmbeddedBus(tmp_path / "bus.sqlite", partitions=1)
     await bus.start()
     rating = RatingService(await SqliteDatabase(tmp_path / "rating.sqlite").connect(), bus)
-    await rating.setup()
-    wired = Stack(LedgerApplication(persistence_env(None, str(tmp_path / "ledger"))), rating, bus)
-    wired.run("catalog.publish", NOV_1, tenant=None, document=CATALOG, digest="c1")
-    wired.run("account.open", NOV_1, currency="USD")
-    wired.run("subscription.create", NOV_1, key="m", plan="team")  # Nov 1 - Dec 1, 31.00 in advance
-    await wired.relay()
-    yield wired
-    await rating.db.close()
-    await bus.stop()
+    try:
+        await rating.setup()
+        wired = Stack(LedgerApplication(persistence_env(None, str(tmp_path / "ledger"))), rating, bus)
+        wired.run("catalog.publish", NOV_1, tenant=None, document=catalog, digest="c1")
+        wired.run("account.open", NOV_1, currency="USD")
+        yield wired
+    finally:
+        await rating.db.close()
+        await bus.stop()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with wired_stack(tmp_path, CATALOG) as wired:
+        wired.run("subscription.create", NOV_1, key="m", plan="team")  # Nov 1 - Dec 1, 31.00 in advance
+        await wired.relay()
+        yield wired
 
 
 def usage_money(invoice: Invoice) -> Decimal:

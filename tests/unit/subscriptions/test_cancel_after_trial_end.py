@@ -5,6 +5,7 @@ ends the trial first as the tick would, so that usage is billed once, on the fin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -13,13 +14,9 @@ from typing import Any
 
 import pytest
 from billing_events import ids
-from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.subscription import subscription_id
-from billing_rating.service import RatingService
-from billing_runtime.bus import EmbeddedBus
-from billing_runtime.db import SqliteDatabase
 
-from tests.unit.subscriptions.test_cancel_after_period_end import Stack, usage_money
+from tests.unit.subscriptions.test_cancel_after_period_end import Stack, usage_money, wired_stack
 
 NOV_1, NOV_11, NOV_15 = (datetime(2026, 11, day, tzinfo=UTC) for day in (1, 11, 15))
 DEC_11 = datetime(2026, 12, 11, tzinfo=UTC)
@@ -35,39 +32,30 @@ CATALOG: dict[str, Any] = {  # a 10-day trial: Nov 1 - Nov 11; converted, the fi
 }
 
 
-async def start(tmp_path: Path, *, payment_method: bool) -> Stack:
-    bus = EmbeddedBus(tmp_path / "bus.sqlite", partitions=1)
-    await bus.start()
-    rating = RatingService(await SqliteDatabase(tmp_path / "rating.sqlite").connect(), bus)
-    await rating.setup()
-    wired = Stack(LedgerApplication(persistence_env(None, str(tmp_path / "ledger"))), rating, bus)
-    wired.run("catalog.publish", NOV_1, tenant=None, document=CATALOG, digest="c1")
-    wired.run("account.open", NOV_1, currency="USD")
-    if payment_method:
-        wired.run("payment_method.add", NOV_1, method_id="pm_1", gateway="stripe", label="visa", default=True)
-    wired.run("subscription.create", NOV_1, key="m", plan="team")  # trialing until Nov 11
-    await wired.relay()
-    await wired.use("trial", "50", datetime(2026, 11, 5, tzinfo=UTC))  # in the trial: free
-    # The tick for the trial's end (Nov 11) has not run: rating prices this usage by the plan, in Nov 11 - Dec 11.
-    await wired.use("calls", "250", datetime(2026, 11, 12, tzinfo=UTC))  # 100 included: 150 x 0.10 = 15.00
-    await wired.use("disk", "10", datetime(2026, 11, 13, tzinfo=UTC), meter="storage_gb")  # 10 x 0.50 = 5.00
-    return wired
+@contextlib.asynccontextmanager
+async def started(tmp_path: Path, *, payment_method: bool) -> AsyncIterator[Stack]:
+    async with wired_stack(tmp_path, CATALOG) as wired:
+        if payment_method:
+            wired.run("payment_method.add", NOV_1, method_id="pm_1", gateway="stripe", label="visa", default=True)
+        wired.run("subscription.create", NOV_1, key="m", plan="team")  # trialing until Nov 11
+        await wired.relay()
+        await wired.use("trial", "50", datetime(2026, 11, 5, tzinfo=UTC))  # in the trial: free
+        # The tick for the trial's end (Nov 11) has not run: rating prices this usage by the plan, in Nov 11 - Dec 11.
+        await wired.use("calls", "250", datetime(2026, 11, 12, tzinfo=UTC))  # 100 included: 150 x 0.10 = 15.00
+        await wired.use("disk", "10", datetime(2026, 11, 13, tzinfo=UTC), meter="storage_gb")  # 10 x 0.50 = 5.00
+        yield wired
 
 
 @pytest.fixture
 async def converting(tmp_path: Path) -> AsyncIterator[Stack]:
-    wired = await start(tmp_path, payment_method=True)
-    yield wired
-    await wired.rating.db.close()
-    await wired.bus.stop()
+    async with started(tmp_path, payment_method=True) as wired:
+        yield wired
 
 
 @pytest.fixture
 async def unconverted(tmp_path: Path) -> AsyncIterator[Stack]:
-    wired = await start(tmp_path, payment_method=False)
-    yield wired
-    await wired.rating.db.close()
-    await wired.bus.stop()
+    async with started(tmp_path, payment_method=False) as wired:
+        yield wired
 
 
 async def settle(stack: Stack) -> None:
