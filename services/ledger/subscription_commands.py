@@ -64,7 +64,7 @@ from billing_ledger.domain.subscription import (
     resume_invoice_key,
     subscription_id,
 )
-from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
+from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, TaxResult, check_tax_id, compute_tax
 from billing_ledger.limits import CANCEL_RENEWALS_MAX, INCOMPLETE_EXPIRY_DAYS
 from billing_ledger.payload import at as effective_at
 from billing_ledger.payload import time_zone as read_time_zone
@@ -262,18 +262,25 @@ def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
                   catalog: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The tax lines of a document whose net total is ``net``, by a tax profile (the roster's) and a catalogue
     document's rules: what finalizing adds, and what the invoice preview shows."""
-    if profile is None or catalog is None:
+    result = _tax_result(net, unit, profile, catalog)
+    if result is None:
         return []
-    result = compute_tax(net, unit, TaxProfileData(
-        country=profile["country"], subdivision=profile.get("subdivision"), business_name=profile.get("business_name"),
-        tax_id=profile.get("tax_id"), tax_id_valid=bool(profile.get("tax_id_valid"))),
-        catalog.get("tax_rules") or [], (catalog.get("seller") or {}).get("country"))
     if result.reverse_charge:
         return [line("tax", result.note or "Reverse charge", Decimal(0), unit, rate="0")]
     if result.tax == 0:
         return []
     percent = (result.rate * 100).normalize()
     return [line("tax", f"{result.rule} {percent} % of {result.net}", result.tax, unit, rate=str(result.rate))]
+
+
+def _tax_result(net: Decimal, unit: str, profile: dict[str, Any] | None,
+                catalog: dict[str, Any] | None) -> TaxResult | None:
+    if profile is None or catalog is None:
+        return None
+    return compute_tax(net, unit, TaxProfileData(
+        country=profile["country"], subdivision=profile.get("subdivision"), business_name=profile.get("business_name"),
+        tax_id=profile.get("tax_id"), tax_id_valid=bool(profile.get("tax_id_valid"))),
+        catalog.get("tax_rules") or [], (catalog.get("seller") or {}).get("country"))
 
 
 def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
@@ -306,7 +313,17 @@ def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str
     current = tax_lines_for(total, unit, profile, catalog)
     rate = _invoiced_tax_rate(corrected) if corrected is not None else None
     credited = sum((Decimal(item["amount"]) for item in lines if Decimal(item["amount"]) < 0), Decimal(0))
-    if rate is None or not credited or rate == _tax_rate(current):
+    # Today's rate by the profile and rules, whatever the net: a net of 0.00 (a plan of the same fee) has no tax
+    # line, and read as 0 % it took the "rates differ" branch below and was refused ``tax_rate_changed``.
+    today = _tax_result(total, unit, profile, catalog)
+    today_rate = today.rate if today is not None else Decimal(0)
+    if rate is None or not credited or rate == today_rate:
+        if not current and credited and today is not None and today_rate and not today.reverse_charge:
+            # Nothing to tax, but a later cancel gives back its credit at the rate this document charged the new
+            # plan at (``_invoiced_tax_rate``): a 0.00 tax line records it (else it read 0 % and gave back no VAT).
+            percent = (today_rate * 100).normalize()
+            current = [line("tax", f"{today.rule} {percent} % of {today.net}", Decimal(0), unit,
+                            rate=str(today_rate))]
         return current
     assert corrected is not None
     charged = RATING_CONTEXT.subtract(total, credited)
