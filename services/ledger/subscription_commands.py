@@ -200,6 +200,23 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
     return issued
 
 
+def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: list[str], at: datetime) -> set[str]:
+    """The period's recurring credits just granted (``grants``) pay the overage already posted for usage of that
+    period: a renewal (or trial end) ticked late, after rating placed the period's first usage in it (the period
+    ahead), when the ledger had no credit of it yet, so it went to receivables. A timely tick's credit would have
+    covered it; now the grant repays it (``repay_overage`` limited to the period's overage, ``OverageRepaid``) and
+    the invoice shows it paid with credit, not billed as overage. Returns the units repaid, whose alerts the
+    caller checks once its movements are done. A grant for some meters only (``scope``) repays nothing: the
+    overage does not say which meter it was."""
+    units: set[str] = set()
+    cause = {"subscription": str(sub.id), "period_start": sub.period_start.isoformat(), "reason": "recurring_credits"}
+    for grant in grants:
+        if account.repay_overage(grant_id=UUID(grant), at=at, cause=cause, period=(sub.period_start, sub.period_end),
+                                 thresholds=False):
+            units.update(str(g["unit"]) for g in account.grant_balances() if g["grant_id"] == grant)
+    return units
+
+
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
                      rollover: bool) -> tuple[dict[str, int], set[str]]:
     """Voids what is left of the current recurring grants; returns the rollover to carry (capped) and the units
@@ -456,8 +473,10 @@ def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str
 
 def _start_billing(app: LedgerApplication, batch: _Batch, account: BillingAccount, sub: Subscription, at: datetime,
                    by: str, *, finalize: bool) -> None:
-    """A billed period begins: recurring credits for it, and its invoice (base fee in advance)."""
+    """A billed period begins: recurring credits for it (paying the period's overage posted before them, a trial
+    that ended before its tick: ``_repay_period_overage``), and its invoice (base fee in advance)."""
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, by))
+    _check_thresholds(account, _repay_period_overage(account, sub, sub.recurring_grants, at), at, top_up=True)
     _first_invoice(app, batch, sub, at, by, finalize=finalize)
 
 
@@ -760,7 +779,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
-    _check_thresholds(account, voided, ended_end, top_up=top_up)  # on the new period's credit
+    repaid = _repay_period_overage(account, sub, sub.recurring_grants, at)  # a late tick: the period's usage so far
+    _check_thresholds(account, voided | repaid, ended_end, top_up=top_up)  # on the new period's credit
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
     draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),

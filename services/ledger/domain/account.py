@@ -1597,16 +1597,22 @@ class BillingAccount(ChainedAggregate):
                                   postings: list[Posting], cause: dict[str, Any], at: datetime) -> None:
         pass  # money only: no balance, grant or receivable of the account changes
 
-    def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any]) -> int:
+    def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any],
+                      period: tuple[datetime, datetime] | None = None, thresholds: bool = True) -> int:
         """New credit pays off the overage of its unit that no invoice bills (a pay-as-you-go account's negative
         balance): Dr TENANT_WALLET (that grant) / Cr RECEIVABLES, oldest period first, at most what the grant
         holds. Returns the sub-units repaid. Revenue was recognised when the usage was posted; this only
-        settles the receivable, with credit instead of a payment."""
+        settles the receivable, with credit instead of a payment.
+
+        ``period`` (start, end): only the overage of periods that began in [start, end), the grant usable as of
+        its own start (a period's recurring grant issued late pays the usage of that period posted before it).
+        ``thresholds`` False: the caller checks the unit's alerts once its command's movements are done."""
         g = self._grant(grant_id)
         unit = g["unit"]
         owed = sorted(((period_began(key), key, amount) for key, amount in self._unbilled.get(unit, {}).items()
-                       if amount > 0))
-        if g["status"] != "open" or g["scope"] is not None or not _is_eligible(g, None, at):
+                       if amount > 0 and (period is None or period[0] <= period_began(key) < period[1])))
+        usable_at = at if period is None else g["effective_at"]
+        if g["status"] != "open" or g["scope"] is not None or not _is_eligible(g, None, usable_at):
             return 0  # credit for some meters only (or not yet / no longer usable) does not pay for others
         left = min(g["remaining"], self.available(unit), self.overage_receivable(unit), sum(a for _, _, a in owed))
         if left <= 0:
@@ -1625,7 +1631,8 @@ class BillingAccount(ChainedAggregate):
         assert_balanced(postings)
         self._overage_repaid(grant_id=gid, unit=unit, amount=total, periods=periods, postings=postings,
                              cause=dict(cause), at=at)
-        self._check_thresholds(unit, at)
+        if thresholds:
+            self._check_thresholds(unit, at)
         return total
 
     @event("OverageRepaid")
