@@ -247,6 +247,32 @@ def test_a_trial_converted_late_pays_its_first_periods_usage_from_its_recurring_
     assert (after.available("CREDIT"), after.receivable("CREDIT")) == (70 * U, 0)  # the first 100 paid them
 
 
+def test_after_a_cadence_change_the_renewal_bills_the_cut_periods_usage_as_usage_not_as_credit_and_overage(
+        tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    plans = [{"code": "monthly", "name": "Monthly", "currency": "USD", "base_fee": "30.00"},
+             {"code": "quarterly", "name": "Quarterly", "currency": "USD", "base_fee": "90.00", "cadence": "quarter"}]
+    run(app, "catalog.publish", None, document={**CATALOG, "plans": plans}, digest="c-cadence")
+    run(app, "account.open", "acme", currency="USD")  # no credit of any kind, ever
+    run(app, "subscription.create", "acme", key="m", plan="monthly")
+    nov_16, feb_16 = datetime(2026, 11, 16, tzinfo=UTC), datetime(2027, 2, 16, tzinfo=UTC)
+    debit(app, "10.00", NOV_1, datetime(2026, 11, 10, tzinfo=UTC))  # in the monthly period the change cuts
+    run(app, "subscription.change", "acme", at=nov_16, key="m", plan="quarterly")  # a new period from Nov 16
+    debit(app, "5.00", nov_16, datetime(2026, 11, 20, tzinfo=UTC))
+    run(app, "subscription.tick", "acme", at=feb_16, key="m")
+    # Rating bills the cut period's usage with the period it restarted into: one line, tracing both periods.
+    lines = [{**usage_line("15.00"), "trace": {"rating_periods": [NOV_1.isoformat(), nov_16.isoformat()],
+                                               "event_ids": [], "events": 2}}]
+    key = f"{subscription_id('acme', 'm')}/{feb_16.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=feb_16, invoice_key=key, lines=lines,
+        period_start=nov_16.isoformat(), period_end=feb_16.isoformat())
+    invoice: Invoice = app.repository.get(invoice_id("acme", key))
+    # It showed "Prepaid credits applied -10.00" and "Overage from earlier periods 10.00" (same total).
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [("base_fee", "90.00"), ("usage", "15.00")]
+    assert invoice.total == Decimal("105.00")
+    assert account(app).unbilled_overage("USD") == {}
+
+
 LOCALIZED = {"code": "euro", "name": "Euro", "currency": "USD", "base_fee": "30.00", "prices": {"EUR": "27.00"},
              "charges": [{"meter": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
              "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}
