@@ -107,7 +107,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
-from billing_events.money import MoneyError, credit_unit, is_currency_code
+from billing_events.money import SUBUNIT_SCALE, MoneyError, credit_unit, is_currency_code
 from billing_events.money import currency as iso_currency
 from billing_ledger.amounts import show
 from billing_ledger.domain.chain import ChainedAggregate
@@ -1088,8 +1088,9 @@ class BillingAccount(ChainedAggregate):
 
         ``tax_amount`` defaults to the grant's share of the tax it booked (a purchase in the currency, whose
         ``tax_amount`` is on the grant): the same cumulative floor as a credit-unit grant's money below, so
-        after refunds of ``r`` of its ``amount``, ``floor(tax * r / amount)`` has been paid back (a quarter of
-        100.00 + 19.00 VAT pays back 25.00 + 4.75; the rest of the credit, the rest of the tax exactly).
+        after refunds of ``r`` of its ``amount``, ``floor(tax * r / amount)`` has been paid back, floored to the
+        currency's minor unit (``_refunded_share``; a quarter of 100.00 + 19.00 VAT pays back 25.00 + 4.75, 33.33
+        of it 6.33, not 6.3327; the rest of the credit, the rest of the tax exactly).
 
         Without ``finance_override`` only unspent, unreserved credit can be refunded
         (``min(remaining, available)``). With it, the grant's remaining credit is taken first, then the
@@ -1099,8 +1100,9 @@ class BillingAccount(ChainedAggregate):
         A credit-unit grant whose money was booked in the currency (:meth:`book_purchase_money`) has that
         booking reversed in proportion, in the same command (a ``PurchaseMoneyRefunded`` after the
         ``GrantRefunded``): after refunds of ``r`` of the grant's ``amount`` credit, ``floor(net * r /
-        amount)`` of the net and ``floor(tax * r / amount)`` of the tax have been paid back, so a full
-        refund reverses exactly what was booked and no refund ever pays back more tax than was collected.
+        amount)`` of the net and ``floor(tax * r / amount)`` of the tax have been paid back, each floored to the
+        currency's minor unit, so a full refund reverses exactly what was booked and no refund ever pays back
+        more money or tax than was collected.
         """
         g = self._grant(grant_id)
         _require_amount("amount", amount)
@@ -1169,9 +1171,11 @@ class BillingAccount(ChainedAggregate):
         if money is None:
             return None
         refunded = g["refunded"] + amount
-        net = money["net"] * refunded // g["amount"] - money["refunded_net"]
-        tax = money["tax"] * refunded // g["amount"] - money["refunded_tax"]
-        assert 0 <= net and 0 <= tax and money["refunded_tax"] + tax <= money["tax"]
+        # Floored to the currency's minor unit (``_refunded_share``); a stream whose earlier refunds paid back
+        # sub-cent amounts (before they were floored) pays back nothing until the floor catches up.
+        net = max(0, _refunded_share(money["net"], refunded, g["amount"], money["unit"]) - money["refunded_net"])
+        tax = max(0, _refunded_share(money["tax"], refunded, g["amount"], money["unit"]) - money["refunded_tax"])
+        assert money["refunded_net"] + net <= money["net"] and money["refunded_tax"] + tax <= money["tax"]
         if net + tax == 0:
             return None
         recognised, breakage, _ = _money_targets(
@@ -1942,8 +1946,21 @@ def _tax_share(g: GrantRecord, amount: int) -> int:
     one catches up to the grant's share)."""
     if not g["tax_amount"]:
         return 0
-    share = g["tax_amount"] * (g["refunded"] + amount) // g["amount"] - g["refunded_tax"]
+    share = _refunded_share(g["tax_amount"], g["refunded"] + amount, g["amount"], g["unit"]) - g["refunded_tax"]
     return max(0, min(share, g["tax_amount"] - g["refunded_tax"]))
+
+
+def _refunded_share(booked: int, refunded: int, amount: int, unit: str) -> int:
+    """What of ``booked`` (money or tax of a grant, in ``unit``) has been paid back once ``refunded`` of its
+    ``amount`` credit is: ``booked * refunded / amount`` floored to the currency's minor unit (a gateway pays
+    back whole cents, never 6.3327), and all of it at the last refund, so the refunds add up to exactly what
+    was booked and never to more."""
+    if refunded >= amount:
+        return booked
+    share = booked * refunded // amount
+    if is_currency_code(unit):
+        share -= share % 10 ** (SUBUNIT_SCALE - iso_currency(unit).minor_scale)
+    return share
 
 
 def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remaining: bool = True) -> bool:
