@@ -5,7 +5,9 @@ kept on the account by the period rating priced it in (``BillingAccount.invoice_
 lines show the period's whole usage, so the invoice adds:
 
 * **Prepaid credits applied**: the usage lines' total (their rounded amounts, as the invoice adds them) less
-  the period's own overage in the invoice currency, so the period's usage costs exactly its overage.
+  the period's own overage in the invoice currency, so the period's usage costs exactly its overage. The
+  period's own overage is that of the periods the usage lines itemise (their ``trace.rating_periods``: a period
+  a cadence change cut short is billed with the one it restarted into), besides the ended period's.
 * **Overage** lines for what the usage lines cannot show: overage left from earlier periods (or more than the
   lines itemise), and overage in a credit unit (a meter priced in credits that ran out), priced at the credit
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
@@ -55,7 +57,8 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     usage = Decimal(0)
     for item in usage_lines:  # rating's lines, as rounded on the invoice
         usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
-    own, earlier = _own_and_earlier(taken.get(money, {}), period_start)
+    itemised = _itemised_periods(usage_lines)
+    own, earlier = _own_and_earlier(taken.get(money, {}), period_start, itemised)
     scale = currency(money)
     own_billed = max(round_minor(from_subunits(own), scale), Decimal(0))
     if usage > 0:
@@ -70,7 +73,7 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
         label = "Overage from earlier periods" if earlier else "Overage beyond the usage itemised above"
         lines.append(line("overage", label, rest, money))
     for unit, price in prices.items():
-        own_credits, earlier_credits = _own_and_earlier(taken.get(unit, {}), period_start)
+        own_credits, earlier_credits = _own_and_earlier(taken.get(unit, {}), period_start, itemised)
         if own_credits + earlier_credits <= 0:
             continue
         # The period's own credit overage and what is left of earlier periods' apart: only the former is this
@@ -87,10 +90,25 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     return lines
 
 
-def _own_and_earlier(periods: dict[str, int], period_start: datetime) -> tuple[int, int]:
-    """Overage taken, by period key -> (the ended period's own, the rest: earlier periods')."""
-    own = sum(amount for key, amount in periods.items() if period_began(key) == period_start)
+def _own_and_earlier(periods: dict[str, int], period_start: datetime, itemised: set[str]) -> tuple[int, int]:
+    """Overage taken, by period key -> (the ended period's own and that of the periods rating's usage lines
+    itemise, ``itemised``; the rest: earlier periods')."""
+    own = sum(amount for key, amount in periods.items() if period_began(key) == period_start or key in itemised)
     return own, sum(periods.values()) - own
+
+
+def _itemised_periods(usage_lines: list[dict[str, Any]]) -> set[str]:
+    """The rating periods whose usage rating's lines show (each line's ``trace.rating_periods``): the ended
+    period's, and those of a period a cadence change cut short, which rating bills with the period it restarted
+    into (``restarted_periods``), or a calendar month rated before rating knew of the subscription. Their overage
+    is this period's usage, already on the lines: counted as earlier periods', the lines showed "Prepaid credits
+    applied" for credit that never existed and billed the same money again as "Overage from earlier periods"."""
+    keys: set[str] = set()
+    for item in usage_lines:
+        trace = item.get("trace")
+        if item.get("kind") == "usage" and isinstance(trace, dict) and isinstance(trace.get("rating_periods"), list):
+            keys.update(str(key) for key in trace["rating_periods"])
+    return keys
 
 
 def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:

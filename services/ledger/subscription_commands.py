@@ -64,7 +64,7 @@ from billing_ledger.domain.subscription import (
     resume_invoice_key,
     subscription_id,
 )
-from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, check_tax_id, compute_tax
+from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, TaxResult, check_tax_id, compute_tax
 from billing_ledger.limits import CANCEL_RENEWALS_MAX, INCOMPLETE_EXPIRY_DAYS
 from billing_ledger.payload import at as effective_at
 from billing_ledger.payload import time_zone as read_time_zone
@@ -200,6 +200,23 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
     return issued
 
 
+def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: list[str], at: datetime) -> set[str]:
+    """The period's recurring credits just granted (``grants``) pay the overage already posted for usage of that
+    period: a renewal (or trial end) ticked late, after rating placed the period's first usage in it (the period
+    ahead), when the ledger had no credit of it yet, so it went to receivables. A timely tick's credit would have
+    covered it; now the grant repays it (``repay_overage`` limited to the period's overage, ``OverageRepaid``) and
+    the invoice shows it paid with credit, not billed as overage. Returns the units repaid, whose alerts the
+    caller checks once its movements are done. A grant for some meters only (``scope``) repays nothing: the
+    overage does not say which meter it was."""
+    units: set[str] = set()
+    cause = {"subscription": str(sub.id), "period_start": sub.period_start.isoformat(), "reason": "recurring_credits"}
+    for grant in grants:
+        if account.repay_overage(grant_id=UUID(grant), at=at, cause=cause, period=(sub.period_start, sub.period_end),
+                                 thresholds=False):
+            units.update(str(g["unit"]) for g in account.grant_balances() if g["grant_id"] == grant)
+    return units
+
+
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
                      rollover: bool) -> tuple[dict[str, int], set[str]]:
     """Voids what is left of the current recurring grants; returns the rollover to carry (capped) and the units
@@ -262,18 +279,25 @@ def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
                   catalog: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The tax lines of a document whose net total is ``net``, by a tax profile (the roster's) and a catalogue
     document's rules: what finalizing adds, and what the invoice preview shows."""
-    if profile is None or catalog is None:
+    result = _tax_result(net, unit, profile, catalog)
+    if result is None:
         return []
-    result = compute_tax(net, unit, TaxProfileData(
-        country=profile["country"], subdivision=profile.get("subdivision"), business_name=profile.get("business_name"),
-        tax_id=profile.get("tax_id"), tax_id_valid=bool(profile.get("tax_id_valid"))),
-        catalog.get("tax_rules") or [], (catalog.get("seller") or {}).get("country"))
     if result.reverse_charge:
         return [line("tax", result.note or "Reverse charge", Decimal(0), unit, rate="0")]
     if result.tax == 0:
         return []
     percent = (result.rate * 100).normalize()
     return [line("tax", f"{result.rule} {percent} % of {result.net}", result.tax, unit, rate=str(result.rate))]
+
+
+def _tax_result(net: Decimal, unit: str, profile: dict[str, Any] | None,
+                catalog: dict[str, Any] | None) -> TaxResult | None:
+    if profile is None or catalog is None:
+        return None
+    return compute_tax(net, unit, TaxProfileData(
+        country=profile["country"], subdivision=profile.get("subdivision"), business_name=profile.get("business_name"),
+        tax_id=profile.get("tax_id"), tax_id_valid=bool(profile.get("tax_id_valid"))),
+        catalog.get("tax_rules") or [], (catalog.get("seller") or {}).get("country"))
 
 
 def _tax_lines(batch: _Batch, invoice: Invoice) -> list[dict[str, Any]]:
@@ -306,7 +330,17 @@ def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str
     current = tax_lines_for(total, unit, profile, catalog)
     rate = _invoiced_tax_rate(corrected) if corrected is not None else None
     credited = sum((Decimal(item["amount"]) for item in lines if Decimal(item["amount"]) < 0), Decimal(0))
-    if rate is None or not credited or rate == _tax_rate(current):
+    # Today's rate by the profile and rules, whatever the net: a net of 0.00 (a plan of the same fee) has no tax
+    # line, and read as 0 % it took the "rates differ" branch below and was refused ``tax_rate_changed``.
+    today = _tax_result(total, unit, profile, catalog)
+    today_rate = today.rate if today is not None else Decimal(0)
+    if rate is None or not credited or rate == today_rate:
+        if not current and credited and today is not None and today_rate and not today.reverse_charge:
+            # Nothing to tax, but a later cancel gives back its credit at the rate this document charged the new
+            # plan at (``_invoiced_tax_rate``): a 0.00 tax line records it (else it read 0 % and gave back no VAT).
+            percent = (today_rate * 100).normalize()
+            current = [line("tax", f"{today.rule} {percent} % of {today.net}", Decimal(0), unit,
+                            rate=str(today_rate))]
         return current
     assert corrected is not None
     charged = RATING_CONTEXT.subtract(total, credited)
@@ -489,8 +523,10 @@ def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str
 
 def _start_billing(app: LedgerApplication, batch: _Batch, account: BillingAccount, sub: Subscription, at: datetime,
                    by: str, *, finalize: bool) -> None:
-    """A billed period begins: recurring credits for it, and its invoice (base fee in advance)."""
+    """A billed period begins: recurring credits for it (paying the period's overage posted before them, a trial
+    that ended before its tick: ``_repay_period_overage``), and its invoice (base fee in advance)."""
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, by))
+    _check_thresholds(account, _repay_period_overage(account, sub, sub.recurring_grants, at), at, top_up=True)
     _first_invoice(app, batch, sub, at, by, finalize=finalize)
 
 
@@ -821,7 +857,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
-    _check_thresholds(account, voided, ended_end, top_up=top_up)  # on the new period's credit
+    repaid = _repay_period_overage(account, sub, sub.recurring_grants, at)  # a late tick: the period's usage so far
+    _check_thresholds(account, voided | repaid, ended_end, top_up=top_up)  # on the new period's credit
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
     draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),

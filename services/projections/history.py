@@ -97,7 +97,7 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
                 "held_delta": -int(d["amount"]), "hold_id": d.get("hold_id")}
     if name == "ReceivableSettled":
         return {"type": "receivable_settled", "amount": int(d["amount"]), "reference": d.get("settlement_id")}
-    if name == "OverageRepaid":  # credit bought paid what was owed: the wallet goes down by it
+    if name == "OverageRepaid":  # credit bought (or a late period's recurring credit) paid what was owed
         return {"type": "overage_repaid", "amount": -int(d["amount"]), "grant_id": d.get("grant_id")}
     if name in _INVOICE_TYPES:  # a subscription invoice's fees and tax: owed (negative), then paid or voided
         amount = int(d["amount"])

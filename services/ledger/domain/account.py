@@ -118,7 +118,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
-from billing_events.money import MoneyError, credit_unit, is_currency_code
+from billing_events.money import SUBUNIT_SCALE, MoneyError, credit_unit, is_currency_code
 from billing_events.money import currency as iso_currency
 from billing_ledger.amounts import show
 from billing_ledger.domain.chain import ChainedAggregate
@@ -1107,8 +1107,9 @@ class BillingAccount(ChainedAggregate):
 
         ``tax_amount`` defaults to the grant's share of the tax it booked (a purchase in the currency, whose
         ``tax_amount`` is on the grant): the same cumulative floor as a credit-unit grant's money below, so
-        after refunds of ``r`` of its ``amount``, ``floor(tax * r / amount)`` has been paid back (a quarter of
-        100.00 + 19.00 VAT pays back 25.00 + 4.75; the rest of the credit, the rest of the tax exactly).
+        after refunds of ``r`` of its ``amount``, ``floor(tax * r / amount)`` has been paid back, floored to the
+        currency's minor unit (``_refunded_share``; a quarter of 100.00 + 19.00 VAT pays back 25.00 + 4.75, 33.33
+        of it 6.33, not 6.3327; the rest of the credit, the rest of the tax exactly).
 
         Without ``finance_override`` only unspent, unreserved credit can be refunded
         (``min(remaining, available)``). With it, the grant's remaining credit is taken first, then the
@@ -1118,8 +1119,9 @@ class BillingAccount(ChainedAggregate):
         A credit-unit grant whose money was booked in the currency (:meth:`book_purchase_money`) has that
         booking reversed in proportion, in the same command (a ``PurchaseMoneyRefunded`` after the
         ``GrantRefunded``): after refunds of ``r`` of the grant's ``amount`` credit, ``floor(net * r /
-        amount)`` of the net and ``floor(tax * r / amount)`` of the tax have been paid back, so a full
-        refund reverses exactly what was booked and no refund ever pays back more tax than was collected.
+        amount)`` of the net and ``floor(tax * r / amount)`` of the tax have been paid back, each floored to the
+        currency's minor unit, so a full refund reverses exactly what was booked and no refund ever pays back
+        more money or tax than was collected.
         """
         g = self._grant(grant_id)
         _require_amount("amount", amount)
@@ -1188,9 +1190,11 @@ class BillingAccount(ChainedAggregate):
         if money is None:
             return None
         refunded = g["refunded"] + amount
-        net = money["net"] * refunded // g["amount"] - money["refunded_net"]
-        tax = money["tax"] * refunded // g["amount"] - money["refunded_tax"]
-        assert 0 <= net and 0 <= tax and money["refunded_tax"] + tax <= money["tax"]
+        # Floored to the currency's minor unit (``_refunded_share``); a stream whose earlier refunds paid back
+        # sub-cent amounts (before they were floored) pays back nothing until the floor catches up.
+        net = max(0, _refunded_share(money["net"], refunded, g["amount"], money["unit"]) - money["refunded_net"])
+        tax = max(0, _refunded_share(money["tax"], refunded, g["amount"], money["unit"]) - money["refunded_tax"])
+        assert money["refunded_net"] + net <= money["net"] and money["refunded_tax"] + tax <= money["tax"]
         if net + tax == 0:
             return None
         recognised, breakage, _ = _money_targets(
@@ -1793,16 +1797,22 @@ class BillingAccount(ChainedAggregate):
             if schedule["deferred"] <= 0:
                 del self._fee_schedules[change["invoice"]]
 
-    def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any]) -> int:
+    def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any],
+                      period: tuple[datetime, datetime] | None = None, thresholds: bool = True) -> int:
         """New credit pays off the overage of its unit that no invoice bills (a pay-as-you-go account's negative
         balance): Dr TENANT_WALLET (that grant) / Cr RECEIVABLES, oldest period first, at most what the grant
         holds. Returns the sub-units repaid. Revenue was recognised when the usage was posted; this only
-        settles the receivable, with credit instead of a payment."""
+        settles the receivable, with credit instead of a payment.
+
+        ``period`` (start, end): only the overage of periods that began in [start, end), the grant usable as of
+        its own start (a period's recurring grant issued late pays the usage of that period posted before it).
+        ``thresholds`` False: the caller checks the unit's alerts once its command's movements are done."""
         g = self._grant(grant_id)
         unit = g["unit"]
         owed = sorted(((period_began(key), key, amount) for key, amount in self._unbilled.get(unit, {}).items()
-                       if amount > 0))
-        if g["status"] != "open" or g["scope"] is not None or not _is_eligible(g, None, at):
+                       if amount > 0 and (period is None or period[0] <= period_began(key) < period[1])))
+        usable_at = at if period is None else g["effective_at"]
+        if g["status"] != "open" or g["scope"] is not None or not _is_eligible(g, None, usable_at):
             return 0  # credit for some meters only (or not yet / no longer usable) does not pay for others
         left = min(g["remaining"], self.available(unit), self.overage_receivable(unit), sum(a for _, _, a in owed))
         if left <= 0:
@@ -1821,7 +1831,8 @@ class BillingAccount(ChainedAggregate):
         assert_balanced(postings)
         self._overage_repaid(grant_id=gid, unit=unit, amount=total, periods=periods, postings=postings,
                              cause=dict(cause), at=at)
-        self._check_thresholds(unit, at)
+        if thresholds:
+            self._check_thresholds(unit, at)
         return total
 
     @event("OverageRepaid")
@@ -2131,8 +2142,21 @@ def _tax_share(g: GrantRecord, amount: int) -> int:
     one catches up to the grant's share)."""
     if not g["tax_amount"]:
         return 0
-    share = g["tax_amount"] * (g["refunded"] + amount) // g["amount"] - g["refunded_tax"]
+    share = _refunded_share(g["tax_amount"], g["refunded"] + amount, g["amount"], g["unit"]) - g["refunded_tax"]
     return max(0, min(share, g["tax_amount"] - g["refunded_tax"]))
+
+
+def _refunded_share(booked: int, refunded: int, amount: int, unit: str) -> int:
+    """What of ``booked`` (money or tax of a grant, in ``unit``) has been paid back once ``refunded`` of its
+    ``amount`` credit is: ``booked * refunded / amount`` floored to the currency's minor unit (a gateway pays
+    back whole cents, never 6.3327), and all of it at the last refund, so the refunds add up to exactly what
+    was booked and never to more."""
+    if refunded >= amount:
+        return booked
+    share = booked * refunded // amount
+    if is_currency_code(unit):
+        share -= share % 10 ** (SUBUNIT_SCALE - iso_currency(unit).minor_scale)
+    return share
 
 
 def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remaining: bool = True) -> bool:

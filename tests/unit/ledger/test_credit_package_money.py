@@ -34,6 +34,7 @@ from tests.unit.payments.support import TENANT, command, ledger
 __all__ = ["ledger"]
 
 U = SUBUNITS_PER_UNIT
+CENT = U // 100
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 USD, CREDIT = "USD", "CREDIT"
 GC, DR, TAX = (LedgerAccount.GATEWAY_CLEARING.value, LedgerAccount.DEFERRED_REVENUE.value,
@@ -146,15 +147,17 @@ def test_a_full_refund_reverses_the_currency_money_and_tax_exactly() -> None:
 
 def test_partial_refunds_reverse_in_proportion_and_never_more_tax_than_collected() -> None:
     account = new_account()
-    # Awkward numbers: 3 credits for 0.000000010 + 0.000000007 (sub-units) do not divide evenly.
-    grant_id = buy_credits(account, credits=3, net=10, tax=7)
+    # Awkward numbers: 3 credits for 0.10 + 0.07 do not divide evenly.
+    grant_id = buy_credits(account, credits=3, net=10 * CENT, tax=7 * CENT)
     account.collect_events()
     parts = [refund(account, grant_id, 1)[-1] for _ in range(3)]
     assert names(parts) == ["PurchaseMoneyRefunded"] * 3
-    assert [(p.net, p.tax_amount) for p in parts] == [(3, 2), (3, 2), (4, 3)]  # floor of the running share
-    assert sum(p.net for p in parts) == 10 and sum(p.tax_amount for p in parts) == 7
-    assert account.purchase_money(grant_id) == {"unit": USD, "net": 10, "tax": 7, "refunded_net": 10,
-                                                "refunded_tax": 7}
+    # The running share floored to the cent (never 0.0333333333: a gateway pays back whole cents), the rest last.
+    assert [(p.net, p.tax_amount) for p in parts] == [(3 * CENT, 2 * CENT), (3 * CENT, 2 * CENT),
+                                                      (4 * CENT, 3 * CENT)]
+    assert sum(p.net for p in parts) == 10 * CENT and sum(p.tax_amount for p in parts) == 7 * CENT
+    assert account.purchase_money(grant_id) == {"unit": USD, "net": 10 * CENT, "tax": 7 * CENT,
+                                                "refunded_net": 10 * CENT, "refunded_tax": 7 * CENT}
     with pytest.raises(RefundExceedsGrant):
         refund(account, grant_id, 1, finance_override=True)
 

@@ -20,6 +20,7 @@ from billing_ledger.domain.postings import LedgerAccount, account_balances, asse
 from eventsourcing.application import Application
 
 U = SUBUNITS_PER_UNIT
+CENT = U // 100  # refunds pay back money floored to the cent: the money of refund tests is in cents
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 USD, CREDIT = "USD", "CREDIT"
 GC, DR, RR, BRK, TAX, WALLET = (LedgerAccount.GATEWAY_CLEARING.value, LedgerAccount.DEFERRED_REVENUE.value,
@@ -162,41 +163,50 @@ def test_running_recognition_again_changes_nothing() -> None:
 
 def test_a_refund_of_unspent_credit_after_partial_recognition_pays_back_from_deferred_revenue() -> None:
     books = Books()
-    grant_id = books.buy(credits=3, net=10, tax=3)
+    grant_id = books.buy(credits=3, net=10 * CENT, tax=3 * CENT)
     books.use(1)
     books.recognise()
-    assert books.revenue(grant_id) == {"deferred": 7, "recognised": 3, "breakage": 0, "refunded_net": 0}
+    third = 10 * CENT // 3  # recognised to the sub-unit
+    assert books.revenue(grant_id) == {"deferred": 10 * CENT - third, "recognised": third, "breakage": 0,
+                                       "refunded_net": 0}
     refunded = books.refund(grant_id, 2)  # the unspent rest
     assert names(refunded) == ["GrantRefunded", "PurchaseMoneyRefunded"]
-    assert account_balances(refunded[1].postings) == {(GC, USD): -8, (DR, USD): 6, (TAX, USD): 2}
-    # Nothing of the grant is deferred any more; the last sub-unit of rounding goes to its revenue.
-    assert books.revenue(grant_id) == {"deferred": 1, "recognised": 3, "breakage": 0, "refunded_net": 6}
+    # Two thirds of the money floored to the cent: 0.06 + 0.02 VAT (never 0.0666666666).
+    assert account_balances(refunded[1].postings) == {(GC, USD): -8 * CENT, (DR, USD): 6 * CENT,
+                                                      (TAX, USD): 2 * CENT}
+    # Nothing of the grant is deferred any more; the rest of the rounding goes to its revenue.
+    assert books.revenue(grant_id) == {"deferred": 4 * CENT - third, "recognised": third, "breakage": 0,
+                                       "refunded_net": 6 * CENT}
     assert books.account.purchase_money_due(at(31))
     books.recognise(31)
-    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 4, "breakage": 0, "refunded_net": 6}
-    assert books.usd() == {GC: -5, RR: 4, TAX: 1}  # the tenant paid 13, got 8 back: 4 revenue + 1 VAT
+    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 4 * CENT, "breakage": 0,
+                                       "refunded_net": 6 * CENT}
+    assert books.usd() == {GC: -5 * CENT, RR: 4 * CENT, TAX: 1 * CENT}  # paid 0.13, got 0.08 back
 
 
 def test_a_finance_override_refund_of_recognised_credit_reverses_revenue_and_breakage() -> None:
     books = Books()
-    grant_id = books.buy(credits=1000, net=500, tax=100, expires_at=at(60))
+    grant_id = books.buy(credits=1000, net=500 * CENT, tax=100 * CENT, expires_at=at(60))
     books.use(400)
     books.recognise()
     books.account.expire_grants(at(60))
     books.collect()
     books.recognise(60)
-    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 200, "breakage": 300, "refunded_net": 0}
+    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 200 * CENT, "breakage": 300 * CENT,
+                                       "refunded_net": 0}
     # A quarter back: from the lapsed credit first (as the credit side does), from breakage.
     [credit_side, money_back] = books.refund(grant_id, 250, finance_override=True)
     assert (credit_side.from_breakage, credit_side.from_revenue) == (250, 0)
-    assert account_balances(money_back.postings) == {(GC, USD): -150, (BRK, USD): 125, (TAX, USD): 25}
-    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 200, "breakage": 175, "refunded_net": 125}
+    assert account_balances(money_back.postings) == {(GC, USD): -150 * CENT, (BRK, USD): 125 * CENT,
+                                                     (TAX, USD): 25 * CENT}
+    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 200 * CENT, "breakage": 175 * CENT,
+                                       "refunded_net": 125 * CENT}
     # The rest: the lapsed part from breakage, the spent part from recognised revenue.
     [credit_side, money_back] = books.refund(grant_id, 750, finance_override=True)
     assert (credit_side.from_breakage, credit_side.from_revenue) == (350, 400)
-    assert account_balances(money_back.postings) == {(GC, USD): -450, (BRK, USD): 175, (RR, USD): 200,
-                                                     (TAX, USD): 75}
-    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 0, "breakage": 0, "refunded_net": 500}
+    assert account_balances(money_back.postings) == {(GC, USD): -450 * CENT, (BRK, USD): 175 * CENT,
+                                                     (RR, USD): 200 * CENT, (TAX, USD): 75 * CENT}
+    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 0, "breakage": 0, "refunded_net": 500 * CENT}
     assert books.recognise(61) == []
     # Every ledger account of both units is back at zero.
     lines = [line for e in books.events for line in getattr(e, "postings", [])]
@@ -218,16 +228,20 @@ def test_an_override_refund_of_spent_credit_not_yet_recognised_comes_from_deferr
 
 def test_a_partial_override_refund_keeps_each_currency_account_of_the_grant_on_its_side() -> None:
     books = Books()
-    grant_id = books.buy(credits=9, net=100, tax=0)
+    grant_id = books.buy(credits=9, net=100 * CENT, tax=0)
     books.use(8)
     books.recognise()
-    assert books.revenue(grant_id) == {"deferred": 12, "recognised": 88, "breakage": 0, "refunded_net": 0}
-    # 5 back: 1 from the wallet, 4 spent. floor(100 * 5 / 9) = 55 of money.
+    eight_ninths = 100 * CENT * 8 // 9  # recognised to the sub-unit
+    assert books.revenue(grant_id) == {"deferred": 100 * CENT - eight_ninths, "recognised": eight_ninths,
+                                       "breakage": 0, "refunded_net": 0}
+    # 5 back: 1 from the wallet, 4 spent. 1.00 * 5 / 9 floored to the cent: 0.55 of money.
     [_, money_back] = books.refund(grant_id, 5, finance_override=True)
-    # The 4 credits still consumed earn floor(100 * 4 / 9) = 44, plus the rounding rest now that nothing of the
-    # grant is deferred: 45. So 88 - 45 = 43 comes back from revenue, the other 12 from deferred revenue.
-    assert account_balances(money_back.postings) == {(GC, USD): -55, (DR, USD): 12, (RR, USD): 43}
-    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 45, "breakage": 0, "refunded_net": 55}
+    # The 4 credits still consumed earn the rest, 0.45, now that nothing of the grant is deferred. So what was
+    # recognised beyond 0.45 comes back from revenue, the rest of the 0.55 from deferred revenue.
+    assert account_balances(money_back.postings) == {(GC, USD): -55 * CENT, (DR, USD): 100 * CENT - eight_ninths,
+                                                     (RR, USD): eight_ninths - 45 * CENT}
+    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 45 * CENT, "breakage": 0,
+                                       "refunded_net": 55 * CENT}
     assert books.recognise(31) == []
 
 
@@ -273,7 +287,7 @@ def test_recognition_is_due_at_most_hourly_or_at_a_new_utc_day() -> None:
 
 def test_recognition_replays_to_the_same_account_and_currency_grants_are_untouched() -> None:
     books = Books()
-    grant_id = books.buy(credits=1000, net=777, tax=100, expires_at=at(60))
+    grant_id = books.buy(credits=1000, net=777 * CENT, tax=100 * CENT, expires_at=at(60))
     usd_grant = ids.grant_id("acme", "usd")
     books.account.grant_credit(grant_id=usd_grant, unit=USD, amount=50 * U, effective_at=T0, expires_at=None,
                                scope=None, source="purchase", cause={}, granted_by="test", tax_amount=10 * U)
@@ -298,5 +312,5 @@ def test_recognition_replays_to_the_same_account_and_currency_grants_are_untouch
     reloaded = app.repository.get(books.account.id)
     assert reloaded == books.account
     assert reloaded.purchase_revenue(grant_id) == books.account.purchase_revenue(grant_id)
-    assert reloaded.purchase_money(grant_id) == {"unit": USD, "net": 777, "tax": 100, "refunded_net": 77,
-                                                 "refunded_tax": 10}
+    assert reloaded.purchase_money(grant_id) == {"unit": USD, "net": 777 * CENT, "tax": 100 * CENT,
+                                                 "refunded_net": 77 * CENT, "refunded_tax": 10 * CENT}

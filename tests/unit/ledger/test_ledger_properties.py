@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from typing import Any
 from uuid import UUID, uuid5
 
+from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger import audit, snapshots
 from billing_ledger.domain.account import BillingAccount, LedgerError
 from billing_ledger.domain.postings import LedgerAccount, assert_balanced, wallet_delta
@@ -63,6 +64,7 @@ grant_ops = st.tuples(
     st.one_of(st.none(), st.tuples(st.integers(0, 3_000), st.integers(0, 600))),
 )
 # A credit package: CREDIT bought with money (net, tax) booked in the currency.
+MILLI = SUBUNITS_PER_UNIT // 1000
 package_ops = st.tuples(st.just("package"), st.integers(1, 1_000), st.integers(0, 3_000), st.integers(1, 600))
 debit_ops = st.tuples(
     st.just("debit"), units, st.integers(-300, 800), meters, st.sampled_from(("overage", "block"))
@@ -171,8 +173,9 @@ def apply(run: Run, op: tuple[Any, ...]) -> None:
         run.grants.append(grant_id)
         account.grant_credit(grant_id=grant_id, unit="CREDIT", amount=amount, effective_at=run.now, expires_at=None,
                              scope=None, source="purchase", cause={"op": "package"}, granted_by="hypothesis")
-        account.book_purchase_money(grant_id=grant_id, currency="USD", net=net, tax_amount=tax, at=run.now,
-                                    cause={"op": "package"})
+        # In thousandths of a USD: finer than the cent, so refunds' floor to the cent is exercised.
+        account.book_purchase_money(grant_id=grant_id, currency="USD", net=net * MILLI, tax_amount=tax * MILLI,
+                                    at=run.now, cause={"op": "package"})
     elif kind == "debit":
         _, unit, amount, meter, policy = op
         account.debit_usage(
@@ -324,10 +327,19 @@ def check_money(run: Run) -> None:
             assert grant["grant_id"] not in tax_payable
             continue
         assert grant["unit"] == "CREDIT" and grant["source"] == "purchase"
-        assert money["refunded_net"] == money["net"] * grant["refunded"] // grant["amount"] <= money["net"]
-        assert money["refunded_tax"] == money["tax"] * grant["refunded"] // grant["amount"] <= money["tax"]
+        assert money["refunded_net"] == paid_back(money["net"], grant["refunded"], grant["amount"]) <= money["net"]
+        assert money["refunded_tax"] == paid_back(money["tax"], grant["refunded"], grant["amount"]) <= money["tax"]
         assert tax_payable.get(grant["grant_id"], 0) == -(money["tax"] - money["refunded_tax"])
     check_revenue(run)
+
+
+def paid_back(booked: int, refunded: int, amount: int) -> int:
+    """What of a grant's ``booked`` USD money refunds of ``refunded`` of its ``amount`` credit paid back: the
+    running share floored to the cent (a gateway pays back whole cents), all of it at the last refund."""
+    if refunded >= amount:
+        return booked
+    share = booked * refunded // amount
+    return share - share % (SUBUNITS_PER_UNIT // 100)
 
 
 def check_revenue(run: Run) -> None:

@@ -104,8 +104,8 @@ def test_credit_packages_count_their_money_and_refunds_in_the_currency(ledger: L
     summary, _ = summarize(ledger, datetime.now(UTC).date(), 0)
     assert summary["funds_in"] == {"USD": 11305 * 10**7}
     assert summary["tax_collected"] == {"USD": 1805 * 10**7}
-    # A quarter of the money paid: 23.75 + 4.5125 VAT, in USD (not 2750 CREDIT).
-    assert summary["refunds"] == {"USD": 2375 * 10**7 + 1805 * 10**7 // 4}
+    # A quarter of the money paid: 23.75 + 4.51 VAT (floored to the cent), in USD (not 2750 CREDIT).
+    assert summary["refunds"] == {"USD": (2375 + 451) * 10**7}
     assert (summary["purchase_count"], summary["refund_count"]) == (1, 1)
 
 

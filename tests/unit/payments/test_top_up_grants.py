@@ -170,6 +170,37 @@ def test_a_partial_refund_of_a_top_up_pays_back_its_share_of_the_vat(ledger: Led
     assert books(ledger) == {}
 
 
+def test_partial_refunds_of_a_top_up_pay_back_whole_cents_and_in_all_exactly_what_was_paid(
+        ledger: LedgerApplication) -> None:
+    """Two refunds of 33.33 of a 100.00 + 19 % top-up: 33.33 + 6.33 each (the running share of the VAT floored to the
+    cent: it was 6.3327, which no gateway can pay back), then the order's reversal the rest, 33.34 + 6.34."""
+    order = place(ledger, "o1", amount="100")  # 119.00 paid
+    pay(ledger, order)
+    grant = str(ids.grant_id(TENANT, f"order/{order['order_id']}/purchase"))
+    paid_back = []
+    for key in ("r1", "r2"):
+        refunded = run(ledger, "grant.refund", TENANT, key, grant_id=grant, refund_id=str(ids.grant_id(TENANT, key)),
+                       amount="33.33", reason="goodwill")
+        assert refunded.outcome == "applied", refunded
+        paid_back.append(refunded.value["paid_back"])
+    assert paid_back == [{"unit": "USD", "amount": 3966 * U // 100, "tax_amount": 633 * U // 100}] * 2
+    assert books(ledger) == {("gateway_clearing", "USD"): Decimal("39.68"),  # 119.00 - 2 x 39.66
+                             ("tax_payable", "USD"): Decimal("-6.34"), ("tenant_wallet", "USD"): Decimal("-33.34")}
+    # A refund finer than the cent is refused, and changes nothing.
+    finer = run(ledger, "grant.refund", TENANT, "r3", grant_id=grant, refund_id=str(ids.grant_id(TENANT, "r3")),
+                amount="1.005", reason="goodwill")
+    assert (finer.outcome, finer.reason) == ("rejected", "invalid_command"), finer
+    assert "minor unit" in finer.detail
+    assert books(ledger)[("gateway_clearing", "USD")] == Decimal("39.68")
+    # The gateway's refund of the order gives back the rest: 119.00 in all, exactly.
+    rest = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
+                               tenant=TENANT, order_id=order["order_id"], amount=Decimal("119.00"), currency="USD",
+                               verified_at=utcnow(), gateway_reference="re_1")
+    [result] = ledger.apply_commands([payment_command(rest)])
+    assert result.outcome == "applied", result
+    assert books(ledger) == {}
+
+
 def use(app: LedgerApplication, amount: str, key: str) -> None:
     """Usage rating priced at ``amount`` USD (overage policy: what credit does not cover is owed)."""
     result = run(app, "usage.debit", TENANT, key=key, unit="USD", amount_subunits=int(Decimal(amount) * U),

@@ -71,8 +71,9 @@ async def test_finance_figures_count_the_money_and_vat_of_credit_packages_in_the
     assert october["funds_in"] == 2 * 11305 * CENT
     assert october["tax_collected"] == 2 * 1805 * CENT
     assert (october["refunds"], october["tax_refunded"]) == (0, 0)
-    # The whole of o2 (113.05, VAT 18.05) and a quarter of o1 (23.75 + 4.5125 VAT).
-    quarter_tax = 1805 * CENT // 4
+    # The whole of o2 (113.05, VAT 18.05) and a quarter of o1 (23.75 + 4.51 VAT: a quarter of 18.05 floored to the
+    # cent, as a gateway pays back; it was 4.5125).
+    quarter_tax = 451 * CENT
     assert november["refunds"] == 11305 * CENT + 2375 * CENT + quarter_tax
     assert november["tax_refunded"] == 1805 * CENT + quarter_tax
     # The credit itself stays in its unit.
@@ -102,7 +103,7 @@ async def test_history_shows_the_money_paid_and_given_back_for_credit_packages(s
     await apply(service, ledger.records())
     rows = list(reversed(await history.page(service.db, tenant="acme", limit=1000)))
     money = [(r["type"], r["unit"], int(r["amount"]), int(r["wallet_delta"])) for r in rows if r["unit"] == "USD"]
-    quarter_tax = 1805 * CENT // 4
+    quarter_tax = 451 * CENT  # a quarter of 18.05, floored to the cent
     assert money == [
         ("payment", "USD", 11305 * CENT, 0),
         ("payment", "USD", 11305 * CENT, 0),
@@ -155,12 +156,12 @@ async def test_finance_figures_count_the_revenue_recognised_for_credit_packages_
     # A quarter of 11,000 CREDIT used: a quarter of USD 95.00 earned, in USD; the credit itself in CREDIT.
     assert (november["consumed"], november["breakage"]) == (2375 * CENT, 0)
     assert rows[("2026-11", "CREDIT")]["consumed"] == 2750 * U
-    assert november["refunds"] == 7125 * CENT + 1805 * CENT * 3 // 4  # three quarters of the net and the VAT
+    assert november["refunds"] == 7125 * CENT + 1353 * CENT  # three quarters of the net and of the VAT (to the cent)
     chart = {(r["ledger_account"], r["unit"]): int(r["amount"]) for r in await balances.ledger_balances(service.db,
                                                                                                      "acme")}
     assert chart[("recognised_revenue", "USD")] == -2375 * CENT
     assert chart.get(("deferred_revenue", "USD"), 0) == 0  # used or refunded: nothing of it deferred
-    assert chart[("tax_payable", "USD")] == -(1805 * CENT - 1805 * CENT * 3 // 4)
+    assert chart[("tax_payable", "USD")] == -(1805 * CENT - 1353 * CENT)
 
 
 async def test_recognised_package_figures_do_not_depend_on_batching_or_replays(tmp_path: Path) -> None:
@@ -213,3 +214,23 @@ async def test_a_partial_refund_of_a_currency_top_up_shows_the_vat_paid_back(ser
     assert transaction_view(refund, await load_units(service.db))["detail"] == "net 25.00, tax 4.75"
     november = (await monthly_figures(service))[("2026-11", "USD")]
     assert (int(november["refunds"]), int(november["tax_refunded"])) == (2975 * CENT, 475 * CENT)
+
+
+async def test_a_refund_of_a_third_of_a_top_up_shows_whole_cents_of_vat_paid_back(service: ProjectionService) -> None:
+    """33.33 of a 100.00 + 19 % top-up refunded: the history row and the figures show 6.33 of VAT paid back (the
+    running share floored to the cent, what a gateway can pay back), not 6.3327."""
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, document=CATALOG, digest="packages-1")
+    ledger.command("account.open", "acme", currency="USD")
+    ledger.command("tax_profile.set", "acme", country="DE", business_name="Acme GmbH")
+    placed = ledger.command("checkout.place", "acme", amount="100", key="o1", gateway="stripe").value
+    ledger.command("order.paid_off_session", "acme", key="o1", gateway="stripe", payment_id="pi_o1",
+                   amount="119.00", currency="USD")
+    ledger.command("grant.refund", "acme", at=NOVEMBER,
+                   grant_id=str(ids.grant_id("acme", f"order/{placed['order_id']}/purchase")), refund_id=str(uuid4()),
+                   amount="33.33", reason="goodwill")
+    await apply(service, ledger.records())
+    [refund] = [r for r in await history.page(service.db, tenant="acme", limit=1000) if r["type"] == "refund"]
+    assert transaction_view(refund, await load_units(service.db))["detail"] == "net 33.33, tax 6.33"
+    november = (await monthly_figures(service))[("2026-11", "USD")]
+    assert (int(november["refunds"]), int(november["tax_refunded"])) == (3966 * CENT, 633 * CENT)

@@ -32,6 +32,8 @@ CATALOG: dict[str, Any] = {
     "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00"},
               {"code": "team-yearly", "name": "Team yearly", "currency": "USD", "cadence": "year",
                "base_fee": "360.00"},
+              {"code": "team-credits", "name": "Team with credits", "currency": "USD", "base_fee": "30.00",
+               "recurring_credits": [{"unit": "CREDIT", "amount": "200"}]},
               {"code": "free", "name": "Free", "currency": "USD", "base_fee": "0.00",
                "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}],
     "packages": [{"code": "usd-20", "name": "20 USD", "unit": "USD", "credits": "20", "price": "20.00",
@@ -221,6 +223,27 @@ def test_a_cancel_after_a_downgrade_gives_back_the_tax_the_downgrade_charged_on_
     assert (note.total, note.related_invoice) == (
         Decimal("-7.14"), str(invoice_id("acme", f"{sub_id}/change/{change.command_id}")))
     assert books(app)[("tax_payable", "USD")] == -(285 - 114) * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_a_change_to_a_plan_of_the_same_fee_is_applied_and_a_later_cancel_gives_back_the_vat_paid(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 + 5.70 VAT, 19 % all along
+    change = run(app, "subscription.change", "acme", at=datetime(2026, 11, 11, tzinfo=UTC), key="m",
+                 plan="team-credits")
+    sub_id = subscription_id("acme", "m")
+    document = app.repository.get(invoice_id("acme", f"{sub_id}/change/{change.command_id}"))
+    # -20.00 unused of the old plan, +20.00 for the rest of the period on the new one: a 0.00 invoice (it was
+    # refused ``tax_rate_changed``: the 0.00 net had no tax line, so today's rate read 0 %, not 19 %).
+    assert (document.status, document.total) == ("finalized", Decimal("0.00"))
+    assert [(x["kind"], x["amount"], x.get("rate")) for x in document.lines] == [
+        ("proration", "-20.00", None), ("proration", "20.00", None), ("tax", "0.00", "0.19")]
+    # The last 10 days of the new plan were paid with 19 % VAT: the cancel gives both back.
+    run(app, "subscription.cancel", "acme", at=datetime(2026, 11, 21, tzinfo=UTC), key="m", immediately=True)
+    note = app.repository.get(invoice_id("acme", f"{sub_id}/cancel"))
+    assert (note.total, note.related_invoice) == (Decimal("-11.90"), str(document.id))
+    assert account(app).available("USD") == 1190 * CENT
+    assert books(app)[("tax_payable", "USD")] == -(570 - 190) * CENT
     assert verify_store(app, "acme").ok
 
 

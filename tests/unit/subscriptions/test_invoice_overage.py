@@ -194,6 +194,85 @@ def test_credit_overage_of_earlier_periods_is_billed_but_is_not_this_periods_spe
     assert invoice.total == Decimal("53.00")
 
 
+def test_a_late_renewal_pays_its_periods_usage_posted_before_it_from_its_recurring_credits(
+        app: LedgerApplication) -> None:
+    debit(app, "100", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # November's 100
+    # 50 tokens on Dec 5, rated into the period ahead before the Dec 1 tick ran: December's credit is not granted
+    # yet, so they are owed.
+    debit(app, "50", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    assert account(app).receivable("CREDIT") == 50 * U
+    run(app, "subscription.tick", "acme", at=datetime(2026, 12, 6, tzinfo=UTC), key="m")
+    # December's 100 CREDIT pays them, as with a timely tick: 50 left, nothing owed.
+    after = account(app)
+    assert (after.available("CREDIT"), after.receivable("CREDIT"), after.unbilled_overage("CREDIT")) == (
+        50 * U, 0, {})
+    [repaid] = [e for e in app.events.get(after.id) if type(e).__name__ == "OverageRepaid"]
+    assert (repaid.unit, repaid.amount, repaid.periods) == ("CREDIT", 50 * U, {DEC_1.isoformat(): 50 * U})
+    # December's renewal invoice bills its fee only (it billed 50 CREDIT of overage, 5.00, while 50 of
+    # December's credit were voided unused at that renewal).
+    january = renew_and_bill(app, DEC_1, JAN_1, [usage_line("0", meter="tokens")])
+    assert [(x["kind"], x["amount"]) for x in january.lines] == [("base_fee", "30.00"), ("usage", "0.00")]
+    assert january.total == Decimal("30.00")
+
+
+def test_an_immediate_cancel_after_a_missed_renewal_pays_the_periods_usage_from_its_credits(
+        app: LedgerApplication) -> None:
+    debit(app, "100", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    debit(app, "50", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="tokens")  # before the tick
+    dec_11 = datetime(2026, 12, 11, tzinfo=UTC)
+    run(app, "subscription.cancel", "acme", at=dec_11, key="m", immediately=True)  # renews Dec 1 first
+    # Rating's lines of the cut period [Dec 1, Dec 11): the 50 tokens, paid with December's credit.
+    key = f"{subscription_id('acme', 'm')}/{dec_11.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=dec_11, invoice_key=key, lines=[usage_line("0", meter="tokens")],
+        period_start=DEC_1.isoformat(), period_end=dec_11.isoformat())
+    final: Invoice = app.repository.get(invoice_id("acme", key))
+    # Nothing to bill (it billed the 50 CREDIT as overage, 5.00, while December's 100 were voided unused).
+    assert (final.status, final.total) == ("void", Decimal("0.00"))
+    assert not [x for x in final.lines if x["kind"] == "overage"]
+    assert account(app).receivable("CREDIT") == 0
+
+
+def test_a_trial_converted_late_pays_its_first_periods_usage_from_its_recurring_credits(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    plan = {**CATALOG["plans"][0], "trial_days": 14}
+    run(app, "catalog.publish", None, document={**CATALOG, "plans": [plan]}, digest="c-trial")
+    run(app, "account.open", "acme", currency="USD")
+    run(app, "payment_method.add", "acme", method_id="pm_1", gateway="stripe", label="visa")
+    run(app, "subscription.create", "acme", key="m", plan="team")  # trial until Nov 15
+    nov_15 = datetime(2026, 11, 15, tzinfo=UTC)
+    # Rated into the period the conversion starts before the ledger's tick converted it: no credit yet, owed.
+    debit(app, "30", nov_15, datetime(2026, 11, 16, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    run(app, "subscription.tick", "acme", at=datetime(2026, 11, 17, tzinfo=UTC), key="m")
+    after = account(app)
+    assert (after.available("CREDIT"), after.receivable("CREDIT")) == (70 * U, 0)  # the first 100 paid them
+
+
+def test_after_a_cadence_change_the_renewal_bills_the_cut_periods_usage_as_usage_not_as_credit_and_overage(
+        tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    plans = [{"code": "monthly", "name": "Monthly", "currency": "USD", "base_fee": "30.00"},
+             {"code": "quarterly", "name": "Quarterly", "currency": "USD", "base_fee": "90.00", "cadence": "quarter"}]
+    run(app, "catalog.publish", None, document={**CATALOG, "plans": plans}, digest="c-cadence")
+    run(app, "account.open", "acme", currency="USD")  # no credit of any kind, ever
+    run(app, "subscription.create", "acme", key="m", plan="monthly")
+    nov_16, feb_16 = datetime(2026, 11, 16, tzinfo=UTC), datetime(2027, 2, 16, tzinfo=UTC)
+    debit(app, "10.00", NOV_1, datetime(2026, 11, 10, tzinfo=UTC))  # in the monthly period the change cuts
+    run(app, "subscription.change", "acme", at=nov_16, key="m", plan="quarterly")  # a new period from Nov 16
+    debit(app, "5.00", nov_16, datetime(2026, 11, 20, tzinfo=UTC))
+    run(app, "subscription.tick", "acme", at=feb_16, key="m")
+    # Rating bills the cut period's usage with the period it restarted into: one line, tracing both periods.
+    lines = [{**usage_line("15.00"), "trace": {"rating_periods": [NOV_1.isoformat(), nov_16.isoformat()],
+                                               "event_ids": [], "events": 2}}]
+    key = f"{subscription_id('acme', 'm')}/{feb_16.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=feb_16, invoice_key=key, lines=lines,
+        period_start=nov_16.isoformat(), period_end=feb_16.isoformat())
+    invoice: Invoice = app.repository.get(invoice_id("acme", key))
+    # It showed "Prepaid credits applied -10.00" and "Overage from earlier periods 10.00" (same total).
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [("base_fee", "90.00"), ("usage", "15.00")]
+    assert invoice.total == Decimal("105.00")
+    assert account(app).unbilled_overage("USD") == {}
+
+
 LOCALIZED = {"code": "euro", "name": "Euro", "currency": "USD", "base_fee": "30.00", "prices": {"EUR": "27.00"},
              "charges": [{"meter": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
              "recurring_credits": [{"unit": "CREDIT", "amount": "100"}]}

@@ -22,7 +22,8 @@ from fastapi.testclient import TestClient
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
 CATALOG: dict[str, Any] = {
-    "plans": [{"code": "team", "name": "Team", "currency": "EUR", "base_fee": "30.00"}],
+    "plans": [{"code": "team", "name": "Team", "currency": "EUR", "base_fee": "30.00"},
+              {"code": "team-b", "name": "Team B", "currency": "EUR", "base_fee": "30.00"}],
     "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
     "seller": {"name": "Billing GmbH", "country": "DE"},
 }
@@ -83,6 +84,15 @@ def test_the_preview_gives_back_the_tax_the_corrected_invoice_charged_after_the_
     assert invoice.total == Decimal(preview["total"])
     assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
 
+
+
+def test_the_preview_of_a_change_to_a_plan_of_the_same_fee_is_a_zero_invoice_not_a_refusal(tmp_path: Path) -> None:
+    ledger = ledger_with_subscription(tmp_path)  # 30.00 + 5.70 VAT
+    # It answered 422 tax_rate_changed: the 0.00 net had no tax line, read as a 0 % rate against the 19 % invoiced.
+    preview = preview_of(ledger, tmp_path, plan="team-b", at=NOV_16.isoformat())
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
+        ("proration", "-15.00"), ("proration", "15.00"), ("tax", "0.00")]
+    assert (preview["net"], preview["total"], preview["document"]) == ("0.00", "0.00", "invoice")
 
 
 def test_a_malformed_at_or_quantity_is_a_clear_422_not_a_500(tmp_path: Path) -> None:
