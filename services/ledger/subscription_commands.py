@@ -400,7 +400,7 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
             deferred["pending"] = True  # charge_before_access: its period starts when it is paid (``_activate``)
         account.bill_invoice(invoice=str(invoice.id), unit=invoice.currency, net=to_subunits(fees),
                              tax=to_subunits(tax), at=at, cause=cause, deferred=deferred,
-                             credits=_unused_time_credit(invoice))
+                             credits=_unused_time_credit(batch, invoice, at))
     elif refunded:  # every line's money, usage included, went back: the whole note is revenue and tax given back
         amount, tax_back = to_subunits(-invoice.total), to_subunits(-tax)
         refunded_invoice = batch.get(UUID(invoice.related_invoice)) if invoice.related_invoice else None
@@ -414,7 +414,7 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
         account.credit_note_grant(grant_id=uuid5(NAMESPACE_URL, f"/invoices/{invoice.id}/credit"),
                                   note=str(invoice.id), unit=invoice.currency, net=to_subunits(-fees),
                                   tax=to_subunits(-tax), at=at, cause=cause, deferred=_deferred_fee(invoice),
-                                  credits=_unused_time_credit(invoice))
+                                  credits=_unused_time_credit(batch, invoice, at))
 
 
 def _deferred_fee(invoice: Invoice) -> dict[str, Any] | None:
@@ -434,9 +434,12 @@ def _deferred_fee(invoice: Invoice) -> dict[str, Any] | None:
     return {"amount": to_subunits(amount), "start": start, "end": end}
 
 
-def _unused_time_credit(invoice: Invoice) -> dict[str, Any] | None:
+def _unused_time_credit(batch: _Batch, invoice: Invoice, at: datetime) -> dict[str, Any] | None:
     """A change's or cancel's credit for the unused time of the invoice it corrects (its negative proration lines
-    without a period of their own): taken back from that invoice's deferred fee, whose schedule ends here."""
+    without a period of their own): taken back from that invoice's deferred fee, whose schedule ends here. When
+    that invoice is still a draft (a renewal before rating's usage lines finalize it) it has no schedule yet: the
+    credit is taken from its fee all the same (``draft``), pending until it is billed, and its service ends at the
+    change or cancel (``end``: this document's start)."""
     if not invoice.related_invoice:
         return None
     credit = Decimal(0)
@@ -445,6 +448,10 @@ def _unused_time_credit(invoice: Invoice) -> dict[str, Any] | None:
             credit = RATING_CONTEXT.subtract(credit, Decimal(item["amount"]))
     if not credit:
         return None
+    corrected = batch.get(UUID(invoice.related_invoice))
+    if isinstance(corrected, Invoice) and corrected.status == DRAFT:
+        return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True, "draft": True,
+                "end": invoice.period_start or at}
     return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True}
 
 
