@@ -1641,31 +1641,64 @@ class BillingAccount(ChainedAggregate):
 
     def refund_invoice_payment(
         self, *, note: str, unit: str, amount: int, tax: int, at: datetime, cause: dict[str, Any],
-        credits: dict[str, Any] | None = None,
+        credits: dict[str, Any] | None = None, excess: int = 0, reclaim: list[str] | None = None,
     ) -> None:
         """The gateway gave back ``amount`` (``tax`` of it tax) of a paid invoice's payment, documented by credit
         note ``note``: Dr DEFERRED_REVENUE / Dr RECOGNISED_REVENUE / Dr TAX_PAYABLE / Cr GATEWAY_CLEARING
         (``InvoicePaymentRefunded``). ``credits`` names the refunded invoice: its net comes from that invoice's
         deferred fee first, the rest from RECOGNISED_REVENUE (``close``: a full refund ends the schedule). The
-        money went back to the customer, so no account credit is given."""
+        money went back to the customer, so no account credit is given.
+
+        ``excess`` (of ``amount``, beyond ``tax``) is what the gateway gave back beyond what the invoice had left
+        to give: credits for unused time (a change's or cancel's) had already given it back. It is taken back from
+        the account credit of the credit notes ``reclaim`` (grant ids) as far as it is unspent (Dr TENANT_WALLET),
+        and the rest is owed (Dr RECEIVABLES, an overage receivable settled as any: ``settle_receivable``); no
+        revenue or tax moves for it a second time."""
         self._require_unit(unit)
         _require_text("note", note)
         _require_amount("amount", amount)
         _require_amount("tax", tax, allow_zero=True)
+        _require_amount("excess", excess, allow_zero=True)
         _require_time("at", at)
-        if tax > amount:
-            raise InvalidAmount(f"refunded tax {tax} exceeds the refund {amount}")
-        revenue_lines, revenue = self._fee_revenue(document=note, unit=unit, revenue=-(amount - tax), deferred=None,
-                                                   credits=credits)
-        postings = _revenue_and_tax_back(LedgerAccount.GATEWAY_CLEARING, unit, amount, tax, revenue_lines)
+        if tax + excess > amount:
+            raise InvalidAmount(f"refunded tax {tax} and excess {excess} exceed the refund {amount}")
+        revenue_lines, revenue = self._fee_revenue(document=note, unit=unit, revenue=-(amount - tax - excess),
+                                                   deferred=None, credits=credits)
+        postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -amount), *revenue_lines]
+        if tax:
+            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
+        reclaimed: dict[str, Any] = {}
+        if excess:
+            draws, left = [], excess
+            for gid in reclaim or []:
+                g = self._grants.get(gid)
+                if g is None or g["unit"] != unit or g["status"] != "open" or g["remaining"] <= 0 or not left:
+                    continue
+                part = min(left, g["remaining"])
+                draws.append({"grant_id": gid, "amount": part})
+                postings.append(posting(LedgerAccount.TENANT_WALLET, unit, part, gid))
+                left -= part
+            if left:
+                postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
+            reclaimed = {"draws": draws, "receivable": left}
+        assert_balanced(postings)
         self._invoice_payment_refunded(note=note, unit=unit, amount=amount, tax_amount=tax, postings=postings,
-                                       cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}))
+                                       cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}),
+                                       **({"reclaimed": reclaimed} if reclaimed else {}))
+        if reclaimed.get("draws"):
+            self._check_thresholds(unit, at, top_up=False)
 
     @event("InvoicePaymentRefunded")
     def _invoice_payment_refunded(self, note: str, unit: str, amount: int, tax_amount: int,
                                   postings: list[Posting], cause: dict[str, Any], at: datetime,
-                                  revenue: dict[str, Any] | None = None) -> None:
-        self._apply_fee_revenue(revenue)  # money only: no balance, grant or receivable of the account changes
+                                  revenue: dict[str, Any] | None = None,
+                                  reclaimed: dict[str, Any] | None = None) -> None:
+        self._apply_fee_revenue(revenue)
+        if reclaimed:  # credit already given for the refunded money taken back, the rest owed
+            self._apply_draws(unit, reclaimed["draws"], remember=False)
+            if reclaimed["receivable"]:
+                self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
+            self._update_arming(unit)
 
     # == fee revenue recognition (IFRS 15 / ASC 606: fees billed in advance, earned over their period) =========
 

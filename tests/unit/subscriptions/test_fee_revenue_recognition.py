@@ -284,3 +284,56 @@ def test_an_upgrade_while_the_renewal_is_a_draft_ends_the_old_plans_share_at_the
     recognise(app, JAN_1)
     assert revenue(app) == ((3000 + 8 + 8976) * CENT, 0)  # December: exactly its service, 89.84
     assert verify_store(app, "acme").ok
+
+
+def gateway_refund(app: LedgerApplication, invoice: Invoice, amount: str, at: datetime, reference: str) -> None:
+    refund = PaymentNotification(gateway="stripe", gateway_event_id=f"evt_{reference}", kind="refund_succeeded",
+                                 tenant="acme", order_id=str(invoice.id), invoice_id=str(invoice.id),
+                                 amount=Decimal(amount), currency="USD", verified_at=at,
+                                 gateway_reference=reference, refunded_payment="pi_1")
+    [result] = app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+
+
+def test_a_cancel_after_a_full_refund_credits_nothing_more(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    gateway_refund(app, invoice, "35.70", NOV_10 + timedelta(days=3), "re_1")  # every cent back in cash
+    result = run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    assert result.value["lines"] == []  # was a 17.85 credit note on top of the 35.70 refunded
+    assert books(app) == {}  # no wallet credit, no revenue or tax below zero
+    assert verify_store(app, "acme").ok
+
+
+def test_a_full_refund_after_a_cancel_takes_the_credit_already_given_back_from_the_wallet(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # 17.85 of account credit
+    assert account(app).available("USD") == 1785 * CENT
+    gateway_refund(app, invoice, "35.70", NOV_16 + timedelta(days=1), "re_1")
+    # The customer has 35.70 back in cash and nothing more: the unspent credit for unused time is taken back.
+    assert books(app) == {}
+    assert account(app).available("USD") == 0
+    note = app.repository.get(invoice_id("acme", f"invoices/{invoice.id}/refunds/stripe/re_1"))
+    assert note.total == Decimal("-35.70")
+    assert [(x["kind"], x["amount"], bool(x.get("reclaimed"))) for x in note.lines] == [
+        ("adjustment", "-15.00", False), ("tax", "-2.85", False), ("adjustment", "-17.85", True)]
+    assert app.repository.get(invoice.id).given_back == Decimal("35.70")
+    assert verify_store(app, "acme").ok
+
+
+def test_a_full_refund_of_an_invoice_an_upgrade_credited_leaves_that_credit_owed(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 of team, +45.00: 35.70 owed
+    gateway_refund(app, invoice, "35.70", NOV_16 + timedelta(days=1), "re_1")
+    recognise(app, DEC_1)
+    # The first half of November's team seat was refunded; the upgrade's 17.85 credit of it is owed again: the
+    # customer owes 35.70 + 17.85, revenue is the new seats' 45.00 rest (was 30.00: the credit given back twice).
+    assert books(app) == {("receivables", "USD"): 5355 * CENT, ("recognised_revenue", "USD"): -4500 * CENT,
+                          ("tax_payable", "USD"): -855 * CENT}
+    assert verify_store(app, "acme").ok
