@@ -221,20 +221,36 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
     if existing is not None:  # the same refund announced by another event
         return {"invoice_id": str(invoice.id), "credit_note": str(existing.id), "already_refunded": True}
     at = payload.timestamp(command, "verified_at")
-    if amount == invoice.total:
+    tax_total = sum((Decimal(item["amount"]) for item in invoice.lines if item["kind"] == "tax"), Decimal(0))
+    left = RATING_CONTEXT.subtract(invoice.total, invoice.given_back)  # not refunded nor credited yet
+    if amount == invoice.total and not invoice.given_back:
         lines = reversing_lines(invoice)  # its own tax, never tax computed now
     else:
-        # Tax is given back in the invoice's own proportion; rounded once, the net takes the rest (exact sum).
-        tax_total = sum((Decimal(item["amount"]) for item in invoice.lines if item["kind"] == "tax"), Decimal(0))
-        tax = round_minor(RATING_CONTEXT.divide(RATING_CONTEXT.multiply(amount, tax_total), invoice.total),
-                          currency(code))
-        lines = [line("adjustment", f"Refund {reference} of invoice {invoice.number}", -(amount - tax), code),
+        # Tax is given back in the invoice's own proportion; rounded once, the net takes the rest (exact sum). Never
+        # more than the invoice has left to give back (net and tax): credits for unused time gave the rest already.
+        back = min(amount, max(left, Decimal(0)))
+        tax_left = max(RATING_CONTEXT.subtract(tax_total, Decimal(invoice.given_back_tax)), Decimal(0))
+        tax = min(round_minor(RATING_CONTEXT.divide(RATING_CONTEXT.multiply(back, tax_total), invoice.total),
+                              currency(code)), tax_left, back) if back else Decimal(0)
+        if back == left:
+            tax = min(tax_left, back)  # the last of it: exactly the tax it has left
+        lines = [line("adjustment", f"Refund {reference} of invoice {invoice.number}", -(back - tax), code),
                  line("tax", f"Tax refunded of invoice {invoice.number}", -tax, code)]
+        if amount > back:
+            # The gateway gave back money the invoice had already given back as credit for unused time (a cancel's
+            # or change's): taken back from that credit as far as it is unspent, else owed (``reclaimed``).
+            lines.append(line("adjustment", f"Refund {reference} beyond what invoice {invoice.number} had left: "
+                                            "taken back from its credit notes' account credit, else owed",
+                              -(amount - back), code, reclaimed=True))
     note = Invoice(tenant=invoice.tenant, key=key, document_type=CREDIT_NOTE, currency=code, lines=lines,
                    period_start=invoice.period_start, period_end=invoice.period_end,
                    subscription_id=invoice.subscription_id, related_invoice=str(invoice.id), at=at, by=command.issued_by)
     batch.add(note)
     _finalize(app, batch, note, at, command.issued_by, refunded=True)
+    given = [Decimal(item["amount"]) for item in note.lines if not item.get("reclaimed")]
+    given_tax = sum((Decimal(item["amount"]) for item in note.lines if item["kind"] == "tax"), Decimal(0))
+    invoice.record_given_back(document=note.id, net=-(sum(given, Decimal(0)) - given_tax), tax=-given_tax,
+                              by=command.issued_by)
     if note.total != -amount:  # a rejection (recorded, everything undone), never an error that blocks the partition
         raise CommandRejected("invoice_refund_mismatch", f"the credit note of refund {reference} would credit "
                                                          f"{-note.total} {code}, not the {amount} refunded: "

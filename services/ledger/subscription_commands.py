@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import pycountry
 from billing_events.catalog import unsupported_credit_cadence
 from billing_events.messages import LedgerCommand
-from billing_events.money import RATING_CONTEXT, parse_decimal, to_subunits
+from billing_events.money import RATING_CONTEXT, parse_decimal, round_minor, to_subunits
+from billing_events.money import currency as currency_of
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
@@ -434,21 +435,92 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
             deferred["pending"] = True  # charge_before_access: its period starts when it is paid (``_activate``)
         account.bill_invoice(invoice=str(invoice.id), unit=invoice.currency, net=to_subunits(fees),
                              tax=to_subunits(tax), at=at, cause=cause, deferred=deferred,
-                             credits=_unused_time_credit(invoice))
+                             credits=_unused_time_credit(batch, invoice, at))
     elif refunded:  # every line's money, usage included, went back: the whole note is revenue and tax given back
+        # ... but for the lines of money its invoice had already given back as credit for unused time (``reclaimed``
+        # lines, see payment_commands._refund_invoice): taken back from that credit, else owed.
         amount, tax_back = to_subunits(-invoice.total), to_subunits(-tax)
+        reclaimed = -sum((Decimal(item["amount"]) for item in invoice.lines if item.get("reclaimed")), Decimal(0))
+        excess = to_subunits(reclaimed)
         refunded_invoice = batch.get(UUID(invoice.related_invoice)) if invoice.related_invoice else None
-        credits = None
+        credits, reclaim = None, []
         if isinstance(refunded_invoice, Invoice):
-            credits = {"invoice": str(refunded_invoice.id), "amount": amount - tax_back,
-                       "close": invoice.total == -refunded_invoice.total}
+            back = RATING_CONTEXT.subtract(-invoice.total, reclaimed)  # this note, before the invoice records it
+            credits = {"invoice": str(refunded_invoice.id), "amount": amount - tax_back - excess,
+                       "close": RATING_CONTEXT.add(refunded_invoice.given_back, back) >= refunded_invoice.total}
+            reclaim = [str(credit_note_grant_id(UUID(document))) for document in refunded_invoice.corrections]
         account.refund_invoice_payment(note=str(invoice.id), unit=invoice.currency, amount=amount, tax=tax_back,
-                                       at=at, cause=cause, credits=credits)
+                                       at=at, cause=cause, credits=credits, excess=excess, reclaim=reclaim)
     else:
-        account.credit_note_grant(grant_id=uuid5(NAMESPACE_URL, f"/invoices/{invoice.id}/credit"),
+        account.credit_note_grant(grant_id=credit_note_grant_id(invoice.id),
                                   note=str(invoice.id), unit=invoice.currency, net=to_subunits(-fees),
                                   tax=to_subunits(-tax), at=at, cause=cause, deferred=_deferred_fee(invoice),
-                                  credits=_unused_time_credit(invoice))
+                                  credits=_unused_time_credit(batch, invoice, at))
+
+
+def credit_note_grant_id(note: UUID) -> UUID:
+    """The account credit (grant) a subscription credit note gives."""
+    return uuid5(NAMESPACE_URL, f"/invoices/{note}/credit")
+
+
+def _left_to_give_back(lines: list[dict[str, Any]], corrected: Invoice | None) -> list[dict[str, Any]]:
+    """A change's or cancel's lines with their credit for unused time (negative lines) capped by what of the
+    invoice it corrects is not given back yet (``Invoice.given_back``: gateway refunds, earlier credits), tax
+    included at that invoice's rate: nothing once it is refunded in full, as for a voided invoice. An invoice can
+    never give back more than it billed."""
+    if corrected is None or corrected.status == DRAFT:
+        return lines
+    rate = _invoiced_tax_rate(corrected) or Decimal(0)
+    # What it charged: its total, and the credit a change's document nets for the invoice it corrects in turn.
+    net, tax = _credit_given(corrected)
+    left = RATING_CONTEXT.subtract(RATING_CONTEXT.add(corrected.total, net + tax), corrected.given_back)
+    minor = Decimal(1).scaleb(-currency_of(corrected.currency).minor_scale)
+    # The most net whose tax at ``rate`` keeps the credit within what is left (rounded down to the minor unit).
+    most = max(Decimal(0), (RATING_CONTEXT.divide(left, 1 + rate) / minor).to_integral_value(ROUND_FLOOR) * minor)
+    while most > 0 and RATING_CONTEXT.add(most, round_minor(RATING_CONTEXT.multiply(most, rate),
+                                                            currency_of(corrected.currency))) > left:
+        most -= minor
+    out = []
+    for item in lines:
+        amount = Decimal(item["amount"])
+        if amount < 0:
+            amount = max(amount, -most)
+            most += amount
+            if not amount:
+                continue
+            if amount != Decimal(item["amount"]):
+                item = {**item, "amount": str(amount), "exact_amount": str(amount),
+                        "description": f"{item['description']} (up to what {corrected.number} has not given back)"}
+        out.append(item)
+    return out
+
+
+def _credit_given(document: Invoice) -> tuple[Decimal, Decimal]:
+    """The credit a change's or cancel's finalized ``document`` gives the invoice it corrects (its negative lines)
+    and that credit's tax: its own tax line when it has one (another rate than today's), else all the document's
+    tax when it only credits, else the credit at the document's rate. (0, 0) for any other document."""
+    if not document.related_invoice or not document.subscription_id or document.status == DRAFT:
+        return Decimal(0), Decimal(0)
+    credited = -sum((Decimal(i["amount"]) for i in document.lines if i["kind"] != "tax" and Decimal(i["amount"]) < 0),
+                    Decimal(0))
+    if not credited:
+        return Decimal(0), Decimal(0)
+    taxes = [i for i in document.lines if i["kind"] == "tax"]
+    own = [i for i in taxes if i.get("invoice") == document.related_invoice]
+    if own:
+        tax = -sum((Decimal(i["amount"]) for i in own), Decimal(0))
+    elif all(Decimal(i["amount"]) <= 0 for i in document.lines if i["kind"] != "tax"):
+        tax = -sum((Decimal(i["amount"]) for i in taxes), Decimal(0))
+    else:
+        tax = round_minor(RATING_CONTEXT.multiply(credited, _tax_rate(taxes)), currency_of(document.currency))
+    return credited, tax
+
+
+def _record_given_back(corrected: Invoice, document: Invoice, by: str) -> None:
+    """The invoice a change's or cancel's finalized document corrects records the credit it gave (``Invoice.
+    given_back``), so a later refund or credit never gives it back again."""
+    net, tax = _credit_given(document)
+    corrected.record_given_back(document=document.id, net=net, tax=tax, by=by)
 
 
 def _deferred_fee(invoice: Invoice) -> dict[str, Any] | None:
@@ -468,9 +540,12 @@ def _deferred_fee(invoice: Invoice) -> dict[str, Any] | None:
     return {"amount": to_subunits(amount), "start": start, "end": end}
 
 
-def _unused_time_credit(invoice: Invoice) -> dict[str, Any] | None:
+def _unused_time_credit(batch: _Batch, invoice: Invoice, at: datetime) -> dict[str, Any] | None:
     """A change's or cancel's credit for the unused time of the invoice it corrects (its negative proration lines
-    without a period of their own): taken back from that invoice's deferred fee, whose schedule ends here."""
+    without a period of their own): taken back from that invoice's deferred fee, whose schedule ends here. When
+    that invoice is still a draft (a renewal before rating's usage lines finalize it) it has no schedule yet: the
+    credit is taken from its fee all the same (``draft``), pending until it is billed, and its service ends at the
+    change or cancel (``end``: this document's start)."""
     if not invoice.related_invoice:
         return None
     credit = Decimal(0)
@@ -479,6 +554,10 @@ def _unused_time_credit(invoice: Invoice) -> dict[str, Any] | None:
             credit = RATING_CONTEXT.subtract(credit, Decimal(item["amount"]))
     if not credit:
         return None
+    corrected = batch.get(UUID(invoice.related_invoice))
+    if isinstance(corrected, Invoice) and corrected.status == DRAFT:
+        return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True, "draft": True,
+                "end": invoice.period_start or at}
     return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True}
 
 
@@ -518,6 +597,8 @@ def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str
         corrects.record_correction(document=invoice.id, by=by)  # it can no longer be voided (``void_invoice``)
     if finalize:
         _finalize(app, batch, invoice, at, by)
+        if corrects is not None and invoice.status != VOID:
+            _record_given_back(corrects, invoice, by)
     return invoice
 
 
@@ -651,6 +732,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     old_plan, old_quantity = sub.plan, sub.quantity
     old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
     corrected = _period_invoice(batch, sub)  # before the change names its own document
+    lines = _left_to_give_back(lines, corrected)
     key = change_invoice_key(sub.id, command.command_id)
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines,
                invoice=invoice_id(tenant, key))
@@ -713,6 +795,9 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     corrected = _period_invoice(batch, sub) if lines else None
     if corrected is not None and corrected.status == VOID:
         lines, corrected = [], None  # the period's fee was voided, never owed: no unused time to credit
+    lines = _left_to_give_back(lines, corrected)  # refunded in full: nothing left to credit either
+    if not lines:
+        corrected = None
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")

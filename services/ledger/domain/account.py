@@ -220,6 +220,11 @@ class BillingAccount(ChainedAggregate):
         # "recognised_to" (the time up to which it is recognised), "pending" (the service has not begun)}. A schedule is forgotten once nothing of it is
         # deferred (recognised to its end, or closed by a credit note, a void or a full refund).
         self._fee_schedules: dict[str, dict[str, Any]] = {}
+        # Credits for unused time taken from the fee of a renewal invoice still a draft (no schedule yet: a change
+        # or cancel after the tick, before rating's usage lines finalized it): invoice id -> {"unit", "amount"
+        # (sub-units already debited to DEFERRED_REVENUE), "end" (where the credit cut the invoice's service)}.
+        # Billing the draft settles them: its schedule starts net of them and ends at that cut (``_fee_revenue``).
+        self._pending_fee_credits: dict[str, dict[str, Any]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
@@ -1515,8 +1520,16 @@ class BillingAccount(ChainedAggregate):
         return dict(schedule) if schedule is not None else None
 
     def deferred_fees(self, unit: str) -> int:
-        """Fee revenue billed in advance and not recognised yet, in ``unit`` (the ``DEFERRED_REVENUE`` of fees)."""
-        return sum(s["deferred"] for s in self._fee_schedules.values() if s["unit"] == unit)
+        """Fee revenue billed in advance and not recognised yet, in ``unit`` (the ``DEFERRED_REVENUE`` of fees), less
+        the credits already taken from drafts not billed yet (``pending_fee_credit``)."""
+        return (sum(s["deferred"] for s in self._fee_schedules.values() if s["unit"] == unit)
+                - sum(c["amount"] for c in self._pending_fee_credits.values() if c["unit"] == unit))
+
+    def pending_fee_credit(self, invoice: str) -> dict[str, Any] | None:
+        """The credit for unused time taken from ``invoice``'s fee while it was a draft and not billed yet (a copy:
+        ``unit``, ``amount``, ``end``), or ``None``."""
+        credit = self._pending_fee_credits.get(invoice)
+        return dict(credit) if credit is not None else None
 
     def bill_invoice(
         self, *, invoice: str, unit: str, net: int, tax: int, at: datetime, cause: dict[str, Any],
@@ -1541,10 +1554,10 @@ class BillingAccount(ChainedAggregate):
             raise InvalidAmount(f"invoice {invoice} would bill {net + tax}: a negative total is a credit note")
         if invoice in self._invoice_billed or invoice in self._fee_schedules:
             raise InvalidArgument(f"invoice {invoice} is already billed")
-        if net + tax == 0 and not deferred and not credits:
+        if net + tax == 0 and not deferred and not credits and invoice not in self._pending_fee_credits:
             return
         revenue_lines, revenue = self._fee_revenue(document=invoice, unit=unit, revenue=net, deferred=deferred,
-                                                   credits=credits)
+                                                   credits=credits, at=at)
         postings = [posting(LedgerAccount.RECEIVABLES, unit, net + tax)] if net + tax else []
         postings += revenue_lines
         if tax:
@@ -1632,36 +1645,69 @@ class BillingAccount(ChainedAggregate):
 
     def refund_invoice_payment(
         self, *, note: str, unit: str, amount: int, tax: int, at: datetime, cause: dict[str, Any],
-        credits: dict[str, Any] | None = None,
+        credits: dict[str, Any] | None = None, excess: int = 0, reclaim: list[str] | None = None,
     ) -> None:
         """The gateway gave back ``amount`` (``tax`` of it tax) of a paid invoice's payment, documented by credit
         note ``note``: Dr DEFERRED_REVENUE / Dr RECOGNISED_REVENUE / Dr TAX_PAYABLE / Cr GATEWAY_CLEARING
         (``InvoicePaymentRefunded``). ``credits`` names the refunded invoice: its net comes from that invoice's
         deferred fee first, the rest from RECOGNISED_REVENUE (``close``: a full refund ends the schedule). The
-        money went back to the customer, so no account credit is given."""
+        money went back to the customer, so no account credit is given.
+
+        ``excess`` (of ``amount``, beyond ``tax``) is what the gateway gave back beyond what the invoice had left
+        to give: credits for unused time (a change's or cancel's) had already given it back. It is taken back from
+        the account credit of the credit notes ``reclaim`` (grant ids) as far as it is unspent (Dr TENANT_WALLET),
+        and the rest is owed (Dr RECEIVABLES, an overage receivable settled as any: ``settle_receivable``); no
+        revenue or tax moves for it a second time."""
         self._require_unit(unit)
         _require_text("note", note)
         _require_amount("amount", amount)
         _require_amount("tax", tax, allow_zero=True)
+        _require_amount("excess", excess, allow_zero=True)
         _require_time("at", at)
-        if tax > amount:
-            raise InvalidAmount(f"refunded tax {tax} exceeds the refund {amount}")
-        revenue_lines, revenue = self._fee_revenue(document=note, unit=unit, revenue=-(amount - tax), deferred=None,
-                                                   credits=credits)
-        postings = _revenue_and_tax_back(LedgerAccount.GATEWAY_CLEARING, unit, amount, tax, revenue_lines)
+        if tax + excess > amount:
+            raise InvalidAmount(f"refunded tax {tax} and excess {excess} exceed the refund {amount}")
+        revenue_lines, revenue = self._fee_revenue(document=note, unit=unit, revenue=-(amount - tax - excess),
+                                                   deferred=None, credits=credits)
+        postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -amount), *revenue_lines]
+        if tax:
+            postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
+        reclaimed: dict[str, Any] = {}
+        if excess:
+            draws, left = [], excess
+            for gid in reclaim or []:
+                g = self._grants.get(gid)
+                if g is None or g["unit"] != unit or g["status"] != "open" or g["remaining"] <= 0 or not left:
+                    continue
+                part = min(left, g["remaining"])
+                draws.append({"grant_id": gid, "amount": part})
+                postings.append(posting(LedgerAccount.TENANT_WALLET, unit, part, gid))
+                left -= part
+            if left:
+                postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
+            reclaimed = {"draws": draws, "receivable": left}
+        assert_balanced(postings)
         self._invoice_payment_refunded(note=note, unit=unit, amount=amount, tax_amount=tax, postings=postings,
-                                       cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}))
+                                       cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}),
+                                       **({"reclaimed": reclaimed} if reclaimed else {}))
+        if reclaimed.get("draws"):
+            self._check_thresholds(unit, at, top_up=False)
 
     @event("InvoicePaymentRefunded")
     def _invoice_payment_refunded(self, note: str, unit: str, amount: int, tax_amount: int,
                                   postings: list[Posting], cause: dict[str, Any], at: datetime,
-                                  revenue: dict[str, Any] | None = None) -> None:
-        self._apply_fee_revenue(revenue)  # money only: no balance, grant or receivable of the account changes
+                                  revenue: dict[str, Any] | None = None,
+                                  reclaimed: dict[str, Any] | None = None) -> None:
+        self._apply_fee_revenue(revenue)
+        if reclaimed:  # credit already given for the refunded money taken back, the rest owed
+            self._apply_draws(unit, reclaimed["draws"], remember=False)
+            if reclaimed["receivable"]:
+                self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
+            self._update_arming(unit)
 
     # == fee revenue recognition (IFRS 15 / ASC 606: fees billed in advance, earned over their period) =========
 
     def _fee_revenue(self, *, document: str, unit: str, revenue: int, deferred: dict[str, Any] | None,
-                     credits: dict[str, Any] | None, gid: str | None = None
+                     credits: dict[str, Any] | None, gid: str | None = None, at: datetime | None = None
                      ) -> tuple[list[Posting], dict[str, Any] | None]:
         """The revenue side of a document that changes the fee revenue by ``revenue`` sub-units (positive: billed,
         negative: given back), and what it changes in the schedules (``None``: nothing, all of it is
@@ -1670,14 +1716,22 @@ class BillingAccount(ChainedAggregate):
         ``deferred`` {"amount", "start", "end"[, "pending"]}: ``amount`` of it (> 0) is the fee of the service
         period [start, end): Cr DEFERRED_REVENUE, a new schedule named ``document`` (``pending``: the service has
         not begun, nothing is recognised until ``start_fee_schedule`` says when it does). ``credits`` {"invoice", "amount",
-        "close"}: ``amount`` (>= 0) of what is given back reverses ``invoice``'s fee: Dr DEFERRED_REVENUE as far
+        "close"[, "draft", "end"]}: ``amount`` (>= 0) of what is given back reverses ``invoice``'s fee: Dr DEFERRED_REVENUE as far
         as its schedule still defers it, the rest from RECOGNISED_REVENUE; ``close``: the schedule ends here and
         what it defers beyond the credit (the time up to now not yet recognised by a run) is recognised now, so a
         cancel's credit for the unused time is exactly what leaves DEFERRED_REVENUE of its period and the period
-        is recognised at its fee less that credit. Whatever else of ``revenue`` is RECOGNISED_REVENUE."""
+        is recognised at its fee less that credit. ``draft``: ``invoice`` is a draft not billed yet (a renewal
+        before rating's usage lines): the whole credit is Dr DEFERRED_REVENUE now, pending on that invoice, whose
+        service the credit cuts at ``end``; billing it (``document`` with a pending credit) settles the credit
+        against its fee: what of the fee is left is deferred to that cut and recognised at once when billed after
+        it (``at``), so no period's recognised revenue moves and nothing stays deferred past the cut. Whatever
+        else of ``revenue`` is RECOGNISED_REVENUE."""
         record: dict[str, Any] = {}
         lines: list[Posting] = []
         new = 0
+        pending = self._pending_fee_credits.get(document)
+        if pending is not None and pending["unit"] != unit:
+            raise InvalidUnit(f"invoice {document} bills {unit}, its credit for unused time is in {pending['unit']}")
         if deferred:
             new, start, end = deferred.get("amount"), deferred.get("start"), deferred.get("end")
             _require_amount("deferred amount", new, allow_zero=True)
@@ -1685,11 +1739,26 @@ class BillingAccount(ChainedAggregate):
             _require_time("deferred end", end)
             if end <= start:
                 raise InvalidTime(f"the service period of {document} ends ({end}) before it starts ({start})")
-            if new:
-                lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, -new, gid))
+            if pending is not None:
+                # Deferred to the cut, net of the credit already taken from DEFERRED_REVENUE; none once billed past
+                # the cut (recognised now below, as a close recognises the time up to the credit).
+                cut = pending["end"]
+                left = max(new - pending["amount"], 0) if at is not None and at < cut and start < cut else 0
+                if left:
+                    record["schedule"] = {"invoice": document, "unit": unit, "amount": left, "start": start,
+                                          "end": cut}
+                new = left
+            elif new:
                 record["schedule"] = {"invoice": document, "unit": unit, "amount": new, "start": start, "end": end}
                 if deferred.get("pending"):
                     record["schedule"]["pending"] = True
+        if pending is not None:
+            # The credit's debit of DEFERRED_REVENUE is cleared: what the fee had beyond it is revenue (now, or by
+            # the schedule above), what it had less (a credit above the fee billed) comes from RECOGNISED_REVENUE.
+            new += pending["amount"]
+            record["settled"] = {"invoice": document, "amount": pending["amount"]}
+        if new:
+            lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, -new, gid))
         out = recognised_now = 0
         if credits:
             corrected, amount, close = credits.get("invoice"), credits.get("amount"), credits.get("close")
@@ -1707,6 +1776,15 @@ class BillingAccount(ChainedAggregate):
                 if out or close:
                     record["reversal"] = {"invoice": corrected, "taken": taken, "recognised": recognised_now,
                                           "close": close}
+            elif credits.get("draft") and amount and corrected not in self._invoice_billed:
+                cut = credits.get("end")
+                _require_time("credit end", cut)
+                held = self._pending_fee_credits.get(corrected)
+                if held is not None and held["unit"] != unit:
+                    raise InvalidUnit(f"credit in {unit} of invoice {corrected} in {held['unit']}")
+                out = amount
+                lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, out, gid))
+                record["pending_credit"] = {"invoice": corrected, "unit": unit, "amount": amount, "end": cut}
         # Revenue accounts together are credited ``revenue``: -new + out on DEFERRED_REVENUE, the rest here.
         to_recognised = new - out - revenue
         if to_recognised:
@@ -1723,6 +1801,15 @@ class BillingAccount(ChainedAggregate):
                 schedule["deferred"] -= reversal["taken"] + reversal["recognised"]
                 if reversal["close"] or schedule["deferred"] <= 0:
                     del self._fee_schedules[reversal["invoice"]]
+        credit = revenue.get("pending_credit")
+        if credit is not None:
+            held = self._pending_fee_credits.get(credit["invoice"])
+            self._pending_fee_credits[credit["invoice"]] = {
+                "unit": credit["unit"], "amount": credit["amount"] + (held["amount"] if held else 0),
+                "end": min(credit["end"], held["end"]) if held else credit["end"]}
+        settled = revenue.get("settled")
+        if settled is not None:
+            self._pending_fee_credits.pop(settled["invoice"], None)
         new = revenue.get("schedule")
         if new is not None:
             self._fee_schedules[new["invoice"]] = {

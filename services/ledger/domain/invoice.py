@@ -81,6 +81,10 @@ class Invoice(Aggregate):
         self.failed_payments: dict[str, str] = {}
         # The documents (a change's or cancel's credit note) that credit part of it (``record_correction``).
         self.corrections: list[str] = []
+        # What of it was given back since (``record_given_back``: refunds and credits for unused time), net and tax,
+        # as decimal strings; refunds and credits recorded before these existed are not in it.
+        self.given_back_net = "0"
+        self.given_back_tax = "0"
 
     @property
     def total(self) -> Decimal:
@@ -151,6 +155,22 @@ class Invoice(Aggregate):
     @event("Corrected")
     def _corrected(self, document: str, by: str) -> None:
         self.corrections = [*self.corrections, document]
+
+    @property
+    def given_back(self) -> Decimal:
+        """What of this invoice was given back (refunded by the gateway, credited for unused time), tax included."""
+        return RATING_CONTEXT.add(Decimal(self.given_back_net), Decimal(self.given_back_tax))
+
+    def record_given_back(self, *, document: UUID, net: Decimal, tax: Decimal, by: str) -> None:
+        """``document`` gave back ``net`` and ``tax`` of what this invoice billed: a gateway refund's credit note, or
+        a change's or cancel's credit for unused time. Together they never exceed the invoice's total."""
+        if net or tax:
+            self._given_back(document=str(document), net=str(net), tax=str(tax), by=by)
+
+    @event("GivenBack")
+    def _given_back(self, document: str, net: str, tax: str, by: str) -> None:
+        self.given_back_net = str(RATING_CONTEXT.add(Decimal(self.given_back_net), Decimal(net)))
+        self.given_back_tax = str(RATING_CONTEXT.add(Decimal(self.given_back_tax), Decimal(tax)))
 
     # A charge of dunning attempt ``attempt`` (1-based) that the gateway left pending, and its failure, by the
     # gateway's payment reference (dunning.py). A charge recorded pending before these existed is not followed.

@@ -205,3 +205,135 @@ def test_a_fee_paid_before_access_is_recognised_from_the_payment_not_from_the_or
     recognise(app, paid_at + timedelta(days=30))
     assert revenue(app) == (3000 * CENT, 0)
     assert verify_store(app, "acme").ok
+
+
+def usage_lines(app: LedgerApplication, start: datetime, at: datetime) -> Invoice:
+    """Rating's usage lines of the period before ``start`` (none): they finalize the renewal draft of ``start``."""
+    key = f"{subscription_id('acme', 'm')}/{start.isoformat()}"
+    ended = (start - timedelta(days=1)).replace(day=1)
+    run(app, "invoice.usage_lines", "acme", at=at, invoice_key=key, lines=[], period_start=ended.isoformat(),
+        period_end=start.isoformat())
+    invoice: Invoice = app.repository.get(invoice_id("acme", key))
+    return invoice
+
+
+def replays_and_snapshots_the_same(app: LedgerApplication, tmp_path: Path) -> None:
+    before = account(app)
+    assert app.snapshotter is not None
+    back = app.snapshotter._from_stored(app.snapshotter.encode(before))
+    assert back is not None and vars(back) == vars(before)
+    again = LedgerApplication(persistence_env(None, str(tmp_path)))  # replayed from the stored events
+    try:
+        assert vars(again.repository.get(ids.account_id("acme"))) == vars(before)
+    finally:
+        again.close()
+
+
+def test_a_cancel_while_the_renewal_is_a_draft_takes_its_credit_from_the_renewal_not_from_earlier_revenue(
+        app: LedgerApplication, tmp_path: Path) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    recognise(app, DEC_1)
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")  # the renewal draft: 30.00 for December
+    cancel_at = DEC_1 + timedelta(days=10)
+    run(app, "subscription.cancel", "acme", at=cancel_at, key="m", immediately=True)  # 21 of 31 days unused: 20.32
+    assert revenue(app) == (3000 * CENT, -2032 * CENT)  # November's revenue stays; December's credit waits for it
+    draft = first_invoice(app, DEC_1)
+    assert draft.status == "draft"
+    assert account(app).pending_fee_credit(str(draft.id)) == {"unit": "USD", "amount": 2032 * CENT,
+                                                               "end": cancel_at}
+    replays_and_snapshots_the_same(app, tmp_path)
+    usage_lines(app, DEC_1, cancel_at + timedelta(hours=1))
+    # December earned its fee less the credit (Dec 1-11), recognised at billing: nothing stays deferred past the
+    # cancel, and later runs recognise nothing more.
+    assert revenue(app) == ((3000 + 968) * CENT, 0)
+    assert account(app).fee_schedule(str(draft.id)) is None and account(app).pending_fee_credit(str(draft.id)) is None
+    recognise(app, JAN_1)
+    assert revenue(app) == ((3000 + 968) * CENT, 0)
+    replays_and_snapshots_the_same(app, tmp_path)
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_the_period_end_before_the_tick_keeps_the_ended_periods_revenue(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    recognise(app, DEC_1)
+    run(app, "subscription.cancel", "acme", at=DEC_1 + timedelta(days=3), key="m", immediately=True)  # renews first
+    assert revenue(app)[0] == 3000 * CENT  # was 2.90: the credit of December came out of November's revenue
+    usage_lines(app, DEC_1, DEC_1 + timedelta(days=3, minutes=5))
+    assert revenue(app) == ((3000 + 290) * CENT, 0)  # Dec 1-4 of 30.00 (27.10 credited); nothing deferred to Jan 1
+    recognise(app, JAN_1)
+    assert revenue(app) == ((3000 + 290) * CENT, 0)
+    assert verify_store(app, "acme").ok
+
+
+def test_an_upgrade_while_the_renewal_is_a_draft_ends_the_old_plans_share_at_the_change(
+        app: LedgerApplication, tmp_path: Path) -> None:
+    app_catalog = {**CATALOG, "plans": [*CATALOG["plans"], {"code": "pro", "name": "Pro", "currency": "USD",
+                                                             "base_fee": "90.00"}]}
+    run(app, "catalog.publish", None, document=app_catalog, digest="revrec-2")
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")
+    recognise(app, DEC_1 + timedelta(hours=1))
+    change_at = DEC_1 + timedelta(hours=2)
+    run(app, "subscription.change", "acme", at=change_at, key="m", plan="pro")  # -29.92 unused, +89.76 rest
+    assert revenue(app) == (3000 * CENT, (8976 - 2992) * CENT)  # November's 30.00 untouched (was 0.08)
+    replays_and_snapshots_the_same(app, tmp_path)
+    renewal = usage_lines(app, DEC_1, DEC_1 + timedelta(hours=3))
+    assert account(app).fee_schedule(str(renewal.id)) is None  # the old plan's 2 hours (0.08) recognised at billing
+    assert revenue(app) == ((3000 + 8) * CENT, 8976 * CENT)  # only the new plan's rest deferred (was 119.76)
+    recognise(app, JAN_1)
+    assert revenue(app) == ((3000 + 8 + 8976) * CENT, 0)  # December: exactly its service, 89.84
+    assert verify_store(app, "acme").ok
+
+
+def gateway_refund(app: LedgerApplication, invoice: Invoice, amount: str, at: datetime, reference: str) -> None:
+    refund = PaymentNotification(gateway="stripe", gateway_event_id=f"evt_{reference}", kind="refund_succeeded",
+                                 tenant="acme", order_id=str(invoice.id), invoice_id=str(invoice.id),
+                                 amount=Decimal(amount), currency="USD", verified_at=at,
+                                 gateway_reference=reference, refunded_payment="pi_1")
+    [result] = app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+
+
+def test_a_cancel_after_a_full_refund_credits_nothing_more(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    gateway_refund(app, invoice, "35.70", NOV_10 + timedelta(days=3), "re_1")  # every cent back in cash
+    result = run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    assert result.value["lines"] == []  # was a 17.85 credit note on top of the 35.70 refunded
+    assert books(app) == {}  # no wallet credit, no revenue or tax below zero
+    assert verify_store(app, "acme").ok
+
+
+def test_a_full_refund_after_a_cancel_takes_the_credit_already_given_back_from_the_wallet(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # 17.85 of account credit
+    assert account(app).available("USD") == 1785 * CENT
+    gateway_refund(app, invoice, "35.70", NOV_16 + timedelta(days=1), "re_1")
+    # The customer has 35.70 back in cash and nothing more: the unspent credit for unused time is taken back.
+    assert books(app) == {}
+    assert account(app).available("USD") == 0
+    note = app.repository.get(invoice_id("acme", f"invoices/{invoice.id}/refunds/stripe/re_1"))
+    assert note.total == Decimal("-35.70")
+    assert [(x["kind"], x["amount"], bool(x.get("reclaimed"))) for x in note.lines] == [
+        ("adjustment", "-15.00", False), ("tax", "-2.85", False), ("adjustment", "-17.85", True)]
+    assert app.repository.get(invoice.id).given_back == Decimal("35.70")
+    assert verify_store(app, "acme").ok
+
+
+def test_a_full_refund_of_an_invoice_an_upgrade_credited_leaves_that_credit_owed(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 of team, +45.00: 35.70 owed
+    gateway_refund(app, invoice, "35.70", NOV_16 + timedelta(days=1), "re_1")
+    recognise(app, DEC_1)
+    # The first half of November's team seat was refunded; the upgrade's 17.85 credit of it is owed again: the
+    # customer owes 35.70 + 17.85, revenue is the new seats' 45.00 rest (was 30.00: the credit given back twice).
+    assert books(app) == {("receivables", "USD"): 5355 * CENT, ("recognised_revenue", "USD"): -4500 * CENT,
+                          ("tax_payable", "USD"): -855 * CENT}
+    assert verify_store(app, "acme").ok
