@@ -79,9 +79,10 @@ log = get_logger(__name__)
 # period, never below zero (the same attributes, another meaning of _unbilled). 6: the invoice that billed each
 # period's overage and what a usage correction can still credit by a credit note (_billed_periods). 7: the
 # subscription fees billed in advance and not yet recognised (_fee_schedules). 8: credits for unused time taken
-# from a renewal draft's fee before it is billed (_pending_fee_credits). ResourcePool 2: finished requests
+# from a renewal draft's fee before it is billed (_pending_fee_credits). 9: every invoice that billed a period's
+# overage, each with what a correction can still credit (_billed_periods: period -> list). ResourcePool 2: finished requests
 # are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 8, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 9, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

@@ -26,14 +26,14 @@ from typing import Any
 from uuid import UUID
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import currency, from_subunits, is_currency_code, to_subunits
+from billing_events.money import RATING_CONTEXT, currency, from_subunits, is_currency_code, to_subunits
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.invoice import FINALIZED, PAID, Invoice, line
 from billing_ledger.domain.subscription import Subscription
-from billing_ledger.subscription_commands import _document
+from billing_ledger.subscription_commands import _document, _left_to_give_back
 
 
 @handles("usage.debit")
@@ -78,33 +78,68 @@ def corrected_period(cause: Any) -> str | None:
 
 
 def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: BillingAccount, command: LedgerCommand,
-                           unit: Any, amount: int, meter: Any, at: datetime, cause: Any) -> dict[str, Any] | None:
-    """The credit note of a give-back of ``amount`` (< 0) sub-units of usage an invoice billed (module docstring),
-    finalized and posted; what it credited for ``BillingAccount.debit_usage`` (``credit_note``), or ``None``."""
+                           unit: Any, amount: int, meter: Any, at: datetime, cause: Any) -> list[dict[str, Any]] | None:
+    """The credit notes of a give-back of ``amount`` (< 0) sub-units of usage invoices billed (module docstring),
+    finalized and posted, newest invoice first; what each credited and absorbed for ``BillingAccount.debit_usage``
+    (``credit_note``), or ``None``."""
     period = corrected_period(cause)
     if period is None or not isinstance(unit, str) or not is_currency_code(unit) or not isinstance(meter, str):
         return None
-    billed = account.billed_overage(unit, period)
-    if billed is None:
-        return None
-    invoice = batch.get(UUID(billed["invoice"]))
-    if not isinstance(invoice, Invoice) or invoice.status not in (FINALIZED, PAID) or invoice.currency != unit \
-            or not invoice.subscription_id:
-        return None
-    sub = batch.get(UUID(invoice.subscription_id))
-    if not isinstance(sub, Subscription):
-        return None
-    # Rounded down: the note never credits more than the give-back (a sub-unit rest is given back as before).
-    net = from_subunits(min(-amount, billed["amount"])).quantize(
-        Decimal(1).scaleb(-currency(unit).minor_scale), rounding=ROUND_DOWN)
-    if net <= 0:
-        return None
-    corrects = cause.get("corrects")
-    lines = [line("usage_correction", f"Usage corrected: {meter}, billed on {invoice.number}", -net, unit,
-                  meter=meter, period=period, **({"corrects": str(corrects)} if corrects else {}))]
-    note = _document(app, batch, sub, f"{sub.id}/usage-correction/{command.command_id}", lines, at,
-                     command.issued_by, finalize=True, start=invoice.period_start, end=invoice.period_end,
-                     corrects=invoice)
-    if note is None:  # the key is the command's id: a redelivery never reaches here (its receipt refuses it)
-        return None
-    return {"note": str(note.id), "invoice": str(invoice.id), "period": period, "amount": to_subunits(net)}
+    minor = Decimal(1).scaleb(-currency(unit).minor_scale)
+    left, credited = -amount, []
+    for billed in account.billed_overage(unit, period):
+        invoice = batch.get(UUID(billed["invoice"]))
+        if not isinstance(invoice, Invoice) or invoice.status not in (FINALIZED, PAID) or invoice.currency != unit \
+                or not invoice.subscription_id:
+            continue
+        sub = batch.get(UUID(invoice.subscription_id))
+        if not isinstance(sub, Subscription):
+            continue
+        # Rounded down: the note never credits more than the give-back (a sub-unit rest is given back as before).
+        due = from_subunits(min(left, billed["amount"])).quantize(minor, rounding=ROUND_DOWN)
+        if due <= 0:
+            break
+        corrects = cause.get("corrects")
+        description = f"Usage corrected: {meter}, billed on {invoice.number}"
+        lines = [line("usage_correction", description, -min(due, _minimum_headroom(batch, invoice, period, due)),
+                      unit, meter=meter, period=period, **({"corrects": str(corrects)} if corrects else {}))]
+        # Never more than the invoice has not given back yet (a refund gave back all of it: nothing).
+        lines = _left_to_give_back([item for item in lines if Decimal(item["amount"])], invoice)
+        note = None
+        if lines:
+            key = f"{sub.id}/usage-correction/{command.command_id}" + (f"/{invoice.id}" if credited else "")
+            # Issued when the correction is, not at the corrected usage's time (``at``): in this year's sequence,
+            # after the invoice it corrects, and in the figures of the day it is issued.
+            note = _document(app, batch, sub, key, lines, command.issued_at, command.issued_by, finalize=True,
+                             start=invoice.period_start, end=invoice.period_end, corrects=invoice)
+            if note is None:  # the key is the command's id: a redelivery never reaches here (its receipt refuses it)
+                continue
+        net = -Decimal(lines[0]["amount"]) if lines else Decimal(0)
+        credited.append({"note": str(note.id) if note is not None else None, "invoice": str(invoice.id),
+                         "period": period, "amount": to_subunits(net), "absorbed": to_subunits(due - net)})
+        left -= to_subunits(due)
+    return credited or None
+
+
+def _minimum_headroom(batch: _Batch, invoice: Invoice, period: str, due: Decimal) -> Decimal:
+    """What of the usage ``invoice`` billed for ``period`` a correction can credit without taking the period's spend
+    below the minimum spend it committed (``minimum_spend``; its usage spend counted as its "Minimum commitment" line
+    counts it, ``invoice_overage.minimum_commitment_lines``), less what usage-correction notes credited against it
+    already: the period owes its minimum whatever its usage. ``due`` when the invoice has no minimum for that period
+    (none, or the period is not one its usage lines itemise: overage of earlier periods)."""
+    minimum = invoice.minimum_spend
+    usage = [item for item in invoice.lines if item["kind"] == "usage"]
+    if not minimum or not any(period in ((item.get("trace") or {}).get("rating_periods") or []) for item in usage):
+        return due
+    spend = Decimal(0)
+    for item in invoice.lines:
+        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")
+                                       and not item.get("earlier_periods")):
+            spend = RATING_CONTEXT.add(spend, Decimal(item["amount"]))
+    for document in invoice.corrections:
+        note = batch.get(UUID(document))
+        if isinstance(note, Invoice):
+            for item in note.lines:
+                if item["kind"] == "usage_correction":
+                    spend = RATING_CONTEXT.add(spend, Decimal(item["amount"]))
+    return max(RATING_CONTEXT.subtract(spend, minimum), Decimal(0))

@@ -38,9 +38,12 @@ Usage give-back (negative usage amounts)
     skipping grants that are closed, expired at ``at`` or out of scope for the meter. Anything left (the
     grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
     whose id is derived from the command id.
-    A give-back of a period whose overage an invoice billed (``billed_overage``) is first credited, with that
-    invoice's tax, by a credit note the command issues (``credit_note_grant``; ``debit_usage(credit_note=...)``
-    records ``InvoicedUsageCredited``); only the rest takes the steps above.
+    A give-back of a period whose overage invoices billed (``billed_overage``: every invoice that billed some of
+    it, a late correction's increase billed on a later invoice too) is first credited, with each invoice's tax, by
+    credit notes the command issues, newest invoice first (``credit_note_grant``; ``debit_usage(credit_note=...)``
+    records one ``InvoicedUsageCredited`` per invoice); what an invoice billed but can no longer give back (a
+    refund gave it back, its minimum commitment bills it anyway) is ``absorbed``: not given back again. Only the
+    rest takes the steps above.
 
 Overage repaid by new credit
     ``repay_overage``: credit a pay-as-you-go account buys first pays off the overage no invoice bills (Dr
@@ -147,7 +150,8 @@ ACTIVE_HOLDS_MAX = 10_000
 SETTLED_HOLDS_KEPT_MAX = 10_000
 AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
 # Periods whose invoiced overage a usage correction credits by a credit note, remembered per unit (older ones: a
-# correction of them is given back as credit without tax, as before). Three years of monthly periods.
+# correction of them is given back as credit without tax, as before). Three years of monthly periods. Each keeps
+# every invoice that billed some of it (a late correction's increase is billed by a later invoice): a few at most.
 BILLED_PERIODS_KEPT_MAX = 36
 # Recognition of credit-package money (``purchase_money_due``): at most this often per account, besides the
 # first sweep of each UTC day and a grant that finishes or expires.
@@ -211,10 +215,10 @@ class BillingAccount(ChainedAggregate):
         # {"unit", "amount" (fees + tax, sub-units), "tax"}. Kept apart from ``_receivable`` (the overage), which
         # usage give-backs and repayments reduce: they must never eat into an invoice's fee.
         self._invoice_billed: dict[str, dict[str, Any]] = {}
-        # The invoice that billed each period's overage, and what of it a correction can still credit by a credit
-        # note (``billed_overage``): unit -> period key -> {"invoice", "amount" (sub-units)}, the last
-        # ``BILLED_PERIODS_KEPT_MAX`` periods per unit (oldest first).
-        self._billed_periods: dict[str, dict[str, dict[str, Any]]] = {}
+        # The invoices that billed each period's overage, and what of it a correction can still credit by a credit
+        # note (``billed_overage``): unit -> period key -> [{"invoice", "amount" (sub-units)}, ...] in the order they
+        # billed it, the last ``BILLED_PERIODS_KEPT_MAX`` periods per unit (oldest first).
+        self._billed_periods: dict[str, dict[str, list[dict[str, Any]]]] = {}
         # Subscription fees billed in advance and not yet recognised (``bill_invoice`` with a service period):
         # invoice id -> {"unit", "amount" (net deferred at billing), "deferred" (what is left), "start", "end",
         # "recognised_to" (the time up to which it is recognised), "pending" (the service has not begun)}. A schedule is forgotten once nothing of it is
@@ -711,15 +715,18 @@ class BillingAccount(ChainedAggregate):
         at: datetime,
         overage_policy: str,
         cause: dict[str, Any],
-        credit_note: dict[str, Any] | None = None,
+        credit_note: dict[str, Any] | list[dict[str, Any]] | None = None,
     ) -> None:
         """Draws ``amount`` sub-units for ``meter`` (negative: give-back). Never raises for lack of credit.
 
-        ``credit_note``: a give-back of usage an invoice already billed (``billed_overage``) whose first
-        ``amount`` sub-units were credited, with the tax that invoice charged, by that credit note ``note``
-        (``credit_note_grant``, recorded just before): ``{"note", "invoice", "period", "amount"}``. The period's
-        creditable overage goes down by it (``InvoicedUsageCredited``) and only the rest is given back here; the
-        ``UsageDebited`` still records the whole ``amount`` (the usage corrected), with the postings of the rest."""
+        ``credit_note``: a give-back of usage invoices already billed (``billed_overage``), one entry per invoice
+        (a list, or one dict): ``{"note", "invoice", "period", "amount"[, "absorbed"]}``: ``amount`` sub-units of
+        the give-back were credited, with the tax that invoice charged, by its credit note ``note``
+        (``credit_note_grant``, recorded just before; ``None`` when it credits nothing), and ``absorbed`` more are
+        what the invoice billed but can no longer give back (a refund gave it back already, its minimum commitment
+        bills it anyway): neither is given back again. The period's creditable overage of that invoice goes down by
+        both (``InvoicedUsageCredited``) and only the rest is given back here; the ``UsageDebited`` still records
+        the whole ``amount`` (the usage corrected), with the postings of the rest."""
         self._require_unit(unit)
         _require_amount("amount", amount, allow_zero=True, allow_negative=True)
         _require_text("meter", meter)
@@ -736,11 +743,12 @@ class BillingAccount(ChainedAggregate):
                 raise InvalidArgument(f"cause.period must be a month (YYYY-MM) or an ISO 8601 time, not {period!r}"
                                       ) from None
         cause = dict(cause)
-        if credit_note is not None:
-            self._check_credit_note(unit, amount, credit_note)
+        notes = [credit_note] if isinstance(credit_note, dict) else list(credit_note or [])
+        if notes:
+            self._check_credit_notes(unit, amount, notes)
         if amount < 0:
             self._give_back(command_id=command_id, unit=unit, amount=amount, meter=meter, at=at, cause=cause,
-                            credit_note=credit_note)
+                            credit_notes=notes)
             return
         spendable = self.spendable(unit, meter, at)
         from_credit = min(amount, spendable)
@@ -774,30 +782,41 @@ class BillingAccount(ChainedAggregate):
         )
         self._check_thresholds(unit, at)
 
-    def _check_credit_note(self, unit: str, amount: int, credit_note: dict[str, Any]) -> None:
-        if not isinstance(credit_note, dict) or not all(isinstance(credit_note.get(f), str)
-                                                        for f in ("note", "invoice", "period")):
-            raise InvalidArgument("credit_note must name its note, invoice and period")
-        credited = credit_note.get("amount")
-        _require_amount("credit_note.amount", credited)
-        billed = self.billed_overage(unit, credit_note["period"])
-        if amount >= 0 or credited > -amount or billed is None or billed["invoice"] != credit_note["invoice"] \
-                or credited > billed["amount"]:
-            raise InvalidAmount(f"credit note {credit_note['note']} credits {credited} of a give-back of {-amount}: "
-                                f"more than the give-back or than invoice {credit_note['invoice']} billed for "
-                                f"{credit_note['period']}")
+    def _check_credit_notes(self, unit: str, amount: int, notes: list[dict[str, Any]]) -> None:
+        total, seen = 0, set()
+        for credit_note in notes:
+            if not isinstance(credit_note, dict) or not all(isinstance(credit_note.get(f), str)
+                                                            for f in ("invoice", "period")) \
+                    or not isinstance(credit_note.get("note"), str | None):
+                raise InvalidArgument("credit_note must name its note, invoice and period")
+            credited, absorbed = credit_note.get("amount"), credit_note.get("absorbed", 0)
+            _require_amount("credit_note.amount", credited, allow_zero=True)
+            _require_amount("credit_note.absorbed", absorbed, allow_zero=True)
+            if credit_note.get("note") is None and credited:
+                raise InvalidArgument("credit_note credits an amount without naming its note")
+            key = (credit_note["period"], credit_note["invoice"])
+            billed = next((b for b in self.billed_overage(unit, key[0]) if b["invoice"] == key[1]), None)
+            total += credited + absorbed
+            if amount >= 0 or not credited + absorbed or total > -amount or key in seen or billed is None \
+                    or credited + absorbed > billed["amount"]:
+                raise InvalidAmount(f"credit note {credit_note.get('note')} credits {credited} (and {absorbed} "
+                                    f"absorbed) of a give-back of {-amount}: nothing, more than the give-back or than "
+                                    f"invoice {key[1]} billed for {key[0]}")
+            seen.add(key)
 
     def _give_back(
         self, *, command_id: UUID, unit: str, amount: int, meter: str, at: datetime, cause: dict[str, Any],
-        credit_note: dict[str, Any] | None = None,
+        credit_notes: list[dict[str, Any]],
     ) -> None:
         left = -amount
-        if credit_note is not None:
-            # What the credit note credited (net, its tax on top) is not given back again.
+        for credit_note in credit_notes:
+            # What the credit note credited (net, its tax on top), or the invoice cannot give back, is not given back.
+            absorbed = credit_note.get("absorbed", 0)
             self._invoiced_usage_credited(command_id=command_id, unit=unit, invoice=credit_note["invoice"],
                                           period=credit_note["period"], note=credit_note["note"],
-                                          amount=credit_note["amount"], at=at)
-            left -= credit_note["amount"]
+                                          amount=credit_note["amount"], at=at,
+                                          **({"absorbed": absorbed} if absorbed else {}))
+            left -= credit_note["amount"] + absorbed
         postings: list[Posting] = []
         # Only overage no invoice bills yet: an issued invoice is charged its full total (as its fees are), so what
         # it billed stays receivable until it is paid or voided, and the rest of the give-back becomes credit.
@@ -890,17 +909,20 @@ class BillingAccount(ChainedAggregate):
         self._update_arming(unit)
 
     @event("InvoicedUsageCredited")
-    def _invoiced_usage_credited(self, command_id: UUID, unit: str, invoice: str, period: str, note: str, amount: int,
-                                 at: datetime) -> None:
-        # No postings: the credit note's ``CreditGranted`` moved the money; this says what of the period is credited.
+    def _invoiced_usage_credited(self, command_id: UUID, unit: str, invoice: str, period: str, note: str | None,
+                                 amount: int, at: datetime, absorbed: int = 0) -> None:
+        # No postings: the credit note's ``CreditGranted`` moved the money; this says what of the period is credited
+        # (``absorbed``: what of it the invoice can no longer give back, recorded since session 8).
         periods = self._billed_periods.get(unit, {})
-        billed = periods.get(period)
-        if billed is not None:
-            billed["amount"] -= amount
-            if billed["amount"] <= 0:
-                del periods[period]
-            if not periods:
-                del self._billed_periods[unit]
+        records = periods.get(period, [])
+        for billed in records:
+            if billed["invoice"] == invoice:
+                billed["amount"] -= amount + absorbed
+        records[:] = [billed for billed in records if billed["amount"] > 0]
+        if not records:
+            periods.pop(period, None)
+        if not periods:
+            self._billed_periods.pop(unit, None)
 
     @event("UsageRejected")
     def _usage_rejected(
@@ -1407,12 +1429,13 @@ class BillingAccount(ChainedAggregate):
         """The overage ``invoice`` billed and that is not settled yet: unit -> sub-units."""
         return dict(self._invoiced_overage.get(invoice, {}))
 
-    def billed_overage(self, unit: str, period: str) -> dict[str, Any] | None:
-        """The invoice that billed the overage of ``unit`` priced in ``period`` and what of it a usage correction can
-        still credit by a credit note (``{"invoice", "amount"}``, sub-units), or ``None`` (not invoiced, voided, or
-        older than the last ``BILLED_PERIODS_KEPT_MAX`` periods)."""
-        billed = self._billed_periods.get(unit, {}).get(period)
-        return dict(billed) if billed is not None else None
+    def billed_overage(self, unit: str, period: str) -> list[dict[str, Any]]:
+        """The invoices that billed the overage of ``unit`` priced in ``period`` and what of it a usage correction can
+        still credit by a credit note against each (``{"invoice", "amount"}``, sub-units), newest invoice first: a
+        late correction's increase of a period already invoiced is billed by a later invoice, and a later decrease
+        credits that one first. Empty: not invoiced, voided, or older than the last ``BILLED_PERIODS_KEPT_MAX``
+        periods."""
+        return [dict(billed) for billed in reversed(self._billed_periods.get(unit, {}).get(period, []))]
 
     def invoice_overage(
         self, *, invoice: str, units: Iterable[str], end: datetime, at: datetime
@@ -1447,9 +1470,16 @@ class BillingAccount(ChainedAggregate):
             billed[unit] = billed.get(unit, 0) + sum(periods.values())
             kept = self._billed_periods.setdefault(unit, {})
             for key, amount in periods.items():
-                kept.pop(key, None)  # re-billed (after a void): it moves to the end, the newest
-                if amount > 0:
-                    kept[key] = {"invoice": invoice, "amount": amount}
+                if amount <= 0:
+                    continue
+                # Billed again (a late correction's increase, or after a void): every invoice that billed some of it
+                # is kept, and the period moves to the end, the newest.
+                records = kept.pop(key, [])
+                if records and records[-1]["invoice"] == invoice:
+                    records[-1]["amount"] += amount
+                else:
+                    records.append({"invoice": invoice, "amount": amount})
+                kept[key] = records
             while len(kept) > BILLED_PERIODS_KEPT_MAX:
                 del kept[next(iter(kept))]
             if not kept:
@@ -1500,8 +1530,10 @@ class BillingAccount(ChainedAggregate):
             _add_unbilled(self._unbilled, unit, at.isoformat(), amount)
         for unit in list(self._billed_periods):  # owed again, unbilled: a correction of it reduces it instead
             periods = self._billed_periods[unit]
-            for key in [k for k, billed in periods.items() if billed["invoice"] == invoice]:
-                del periods[key]
+            for key in list(periods):
+                periods[key] = [billed for billed in periods[key] if billed["invoice"] != invoice]
+                if not periods[key]:
+                    del periods[key]
             if not periods:
                 del self._billed_periods[unit]
 

@@ -994,7 +994,8 @@ def _every_event_type() -> BillingAccount:
     assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(17))
     account.settle_invoiced_overage(invoice="inv-1", at=at(18), cause={"payment": "pi_1"})
     # A correction of usage inv-1 billed: its credit note's grant, then the give-back of the rest.
-    period, billed = next((k, v) for k, v in account._billed_periods[USD].items() if v["invoice"] == "inv-1")
+    period, billed = next((k, b) for k in account._billed_periods[USD] for b in account.billed_overage(USD, k)
+                          if b["invoice"] == "inv-1")
     credited = min(U // 2, billed["amount"])
     account.credit_note_grant(grant_id=uuid4(), note="cn-u", unit=USD, net=credited, tax=0, at=at(18), cause={})
     account.debit_usage(command_id=uuid4(), unit=USD, amount=-U, meter="tokens", at=at(18), overage_policy="overage",
@@ -1142,7 +1143,7 @@ def test_a_credit_note_of_a_give_back_credits_no_more_than_the_invoice_billed_fo
     account.debit_usage(command_id=uuid4(), unit=USD, amount=3 * U, meter="tokens", at=at(1), overage_policy="overage",
                         cause={"period": "2026-11"})
     account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=40), at=at(2))
-    assert account.billed_overage(USD, "2026-11") == {"invoice": "inv-1", "amount": 3 * U}
+    assert account.billed_overage(USD, "2026-11") == [{"invoice": "inv-1", "amount": 3 * U}]
     account.collect_events()
 
     def give_back(amount: int, credited: int, invoice: str = "inv-1") -> None:
@@ -1153,8 +1154,8 @@ def test_a_credit_note_of_a_give_back_credits_no_more_than_the_invoice_billed_fo
     for amount, credited, invoice in ((U, 2 * U, "inv-1"), (5 * U, 4 * U, "inv-1"), (U, U, "inv-2")):
         with pytest.raises(InvalidAmount):  # more than the give-back, than the invoice billed, another invoice
             give_back(amount, credited, invoice)
-    assert account.collect_events() == [] and account.billed_overage(USD, "2026-11")["amount"] == 3 * U
+    assert account.collect_events() == [] and account.billed_overage(USD, "2026-11")[0]["amount"] == 3 * U
     give_back(2 * U, 2 * U)
     assert [type(e).__name__ for e in account.collect_events()] == ["InvoicedUsageCredited", "UsageDebited"]
-    assert account.billed_overage(USD, "2026-11") == {"invoice": "inv-1", "amount": U}
+    assert account.billed_overage(USD, "2026-11") == [{"invoice": "inv-1", "amount": U}]
     assert account.receivable(USD) == 3 * U and account.balance(USD) == 0  # the rest: nothing else given back

@@ -11,12 +11,15 @@ from uuid import UUID, uuid4
 
 import pytest
 from billing_events import ids
+from billing_events.messages import LedgerCommand, PaymentNotification
+from billing_events.money import to_subunits
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.audit import verify_store
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.postings import account_balances
 from billing_ledger.domain.subscription import Subscription, subscription_id
+from billing_ledger.payment_commands import payment_command
 
 from tests.unit.subscriptions.test_invoice_overage import debit, renew_and_bill, run, usage_line
 
@@ -25,6 +28,7 @@ CENT = U // 100
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
 DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
+JAN_1 = datetime(2027, 1, 1, tzinfo=UTC)
 CATALOG: dict[str, Any] = {
     "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.10", "currency": "USD"}},
     "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}},
@@ -395,7 +399,7 @@ def correct(app: LedgerApplication, amount: str, period: datetime, open_period: 
 
 def usage_correction_notes(app: LedgerApplication) -> list[Invoice]:
     """The credit notes corrections of invoiced usage issued, oldest first."""
-    return [app.repository.get(UUID(e.note)) for e in events(app, "InvoicedUsageCredited")]
+    return [app.repository.get(UUID(e.note)) for e in events(app, "InvoicedUsageCredited") if e.note]
 
 
 def test_a_correction_of_invoiced_usage_credits_it_with_the_tax_that_invoice_charged(app: LedgerApplication) -> None:
@@ -463,4 +467,78 @@ def test_a_correction_credits_at_most_the_overage_the_invoice_billed_and_gives_b
     assert len(usage_correction_notes(app)) == 1
     assert account(app).available("USD") == 357 * CENT + 150 * CENT
     assert books(app)[("tax_payable", "USD")] == -(570 + 627 - 57) * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_a_correction_of_a_period_two_invoices_billed_credits_each_with_its_tax_newest_first(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "15.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))  # November: 15.00, billed on Dec 1
+    december = renew_and_bill(app, NOV_1, DEC_1, [usage_line("15.00")])
+    # A late correction raises November by 5.00 (priced on November): the January renewal bills it.
+    debit(app, "5.00", NOV_1, datetime(2026, 12, 5, tzinfo=UTC))
+    january = renew_and_bill(app, DEC_1, JAN_1, [])
+    assert [(x["kind"], x["amount"]) for x in january.lines if x["kind"] != "base_fee"] == [
+        ("overage", "5.00"), ("tax", "6.65")]
+    # A second correction lowers November to 5.00: the 20.00 billed less 5.00, 15.00 and their 19 % VAT come back,
+    # against each invoice what it billed (the newest first). It was one note of 5.95 against January and 10.00 of
+    # credit without VAT (December's record was forgotten when January billed the period).
+    correct(app, "-15.00", NOV_1, JAN_1, datetime(2027, 1, 5, tzinfo=UTC))
+    notes = usage_correction_notes(app)
+    assert [(n.related_invoice, n.total) for n in notes] == [(str(january.id), Decimal("-5.95")),
+                                                             (str(december.id), Decimal("-11.90"))]
+    assert account(app).available("USD") == 1785 * CENT  # 15.00 + 2.85 VAT, nothing else
+    assert books(app)[("tax_payable", "USD")] == -(570 + 855 + 665 - 285) * CENT
+    assert account(app).billed_overage("USD", NOV_1.isoformat()) == [{"invoice": str(december.id), "amount": 500 * CENT}]
+    assert verify_store(app, "acme").ok
+
+
+def gateway_refund(app: LedgerApplication, invoice: Invoice, amount: str, at: datetime) -> None:
+    refund = PaymentNotification(gateway="stripe", gateway_event_id=f"evt_re_{amount}", kind="refund_succeeded",
+                                 tenant="acme", order_id=str(invoice.id), invoice_id=str(invoice.id),
+                                 amount=Decimal(amount), currency="USD", verified_at=at,
+                                 gateway_reference=f"re_{amount}", refunded_payment="pi_1")
+    [result] = app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+
+
+@pytest.mark.parametrize(("refunded", "credited"), [("41.65", None), ("40.00", Decimal("-1.64"))])
+def test_a_correction_after_a_refund_credits_at_most_what_the_invoice_has_not_given_back(
+        app: LedgerApplication, refunded: str, credited: Decimal | None) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")])  # 35.00 + 6.65 VAT
+    run(app, "invoice.mark_paid", "acme", at=DEC_1, invoice_id=str(renewal.id), payment="pi_1")
+    gateway_refund(app, renewal, refunded, datetime(2026, 12, 2, tzinfo=UTC))
+    correct(app, "-2.00", NOV_1, DEC_1, datetime(2026, 12, 3, tzinfo=UTC))  # 2.00 + 0.38 VAT, if it had them left
+    # Refunded in full: nothing more (it was a 2.38 note on top of the 41.65 refunded). In part: at most the 1.65 it
+    # has left, net and VAT at its rate rounded down (1.38 + 0.26), as a change's credit is capped.
+    assert [n.total for n in usage_correction_notes(app)] == ([credited] if credited else [])
+    assert account(app).available("USD") == (-to_subunits(credited) if credited else 0)
+    assert app.repository.get(renewal.id).given_back == Decimal(refunded) - (credited or 0)  # a later refund: capped
+    assert verify_store(app, "acme").ok
+
+
+def test_a_usage_correction_note_is_issued_when_the_correction_is_not_at_the_corrected_usages_time(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "5.00", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
+    renew_and_bill(app, NOV_1, DEC_1, [usage_line("5.00")])
+    received = datetime(2027, 1, 5, tzinfo=UTC)
+    # Rating's give-back carries the corrected usage's time; the command is issued when the correction arrives.
+    command = LedgerCommand(command_id=uuid4(), kind="usage.debit", tenant="acme", issued_at=received,
+                            issued_by="service:rating",
+                            payload={"at": datetime(2026, 11, 20, tzinfo=UTC).isoformat(), "unit": "USD",
+                                     "amount_subunits": -200 * CENT, "meter": "api_calls", "overage_policy": "overage",
+                                     "cause": {"event_ids": ["evt-fix"], "period": JAN_1.isoformat(), "late": "late",
+                                               "original_period": NOV_1.isoformat(), "corrects": "evt-1"}})
+    [result] = app.apply_commands([command])
+    assert result.outcome == "applied", result
+    [note] = usage_correction_notes(app)
+    # In 2027's sequence, dated (and due) from the day it is issued: it was CN-2026-000001 of 2026-11-20, before the
+    # invoice it corrects.
+    [finalized] = [e for e in app.events.get(note.id) if type(e).__name__ == "Finalized"]
+    assert (note.number, finalized.issued_at) == ("CN-2027-000001", received)
+    [grant] = [g for g in account(app).grant_balances() if g["source"] == "credit_note"]
+    assert grant["effective_at"] == received
     assert verify_store(app, "acme").ok

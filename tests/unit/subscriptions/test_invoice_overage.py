@@ -215,6 +215,7 @@ def test_a_late_renewal_pays_its_periods_usage_posted_before_it_from_its_recurri
     assert january.total == Decimal("30.00")
 
 
+
 def test_an_immediate_cancel_after_a_missed_renewal_pays_the_periods_usage_from_its_credits(
         app: LedgerApplication) -> None:
     debit(app, "100", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")

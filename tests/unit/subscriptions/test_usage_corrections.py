@@ -3,9 +3,12 @@ hand, see ``test_cancel_after_period_end``): a credit note against the invoice t
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
+import pytest
 from billing_events import ids
 from billing_events.messages import AcceptedUsage, UsageEvent
 from billing_events.topics import USAGE_ACCEPTED
@@ -93,3 +96,28 @@ async def test_a_correction_after_the_renewal_credits_at_novembers_margin_and_de
     assert [(i["kind"], i["amount"]) for i in january.lines if i["kind"] != "base_fee"] == [("usage", "3.00")]
     usage = usage_money(stack.invoice(DEC_1.isoformat())) + usage_money(january) + sum(credited(stack))
     assert usage == Decimal("2.00") + Decimal("3.00")
+
+
+@pytest.mark.parametrize(("minimum", "notes"), [("20.00", []), ("10.00", [Decimal("-5.00")])])
+async def test_a_correction_never_credits_below_the_periods_minimum_spend(
+        tmp_path: Path, minimum: str, notes: list[Decimal]) -> None:
+    catalog = copy.deepcopy(wiring.CATALOG)
+    catalog["plans"][0]["minimum_spend"] = minimum
+    async with wiring.wired_stack(tmp_path, catalog) as wired:
+        wired.run("subscription.create", wiring.NOV_1, key="m", plan="team")
+        await wired.relay()
+        await wired.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))  # 15.00 of usage in November
+        wired.run("subscription.tick", DEC_1, key="m")
+        await wired.relay()
+        await wired.deliver()
+        renewal = wired.invoice(DEC_1.isoformat())
+        # Corrected to 150 calls: 5.00 of usage, so the period owes its minimum. 20.00: the renewal billed 15.00 and
+        # a 5.00 minimum commitment, 20.00 owed either way (it credited 10.00). 10.00: 5.00 above it (not 10.00).
+        await correct(wired, "nov-fix", "nov", "150", datetime(2026, 12, 5, tzinfo=UTC))
+        assert all(r.outcome == "applied" for r in wired.results), wired.results
+        assert credited(wired) == notes
+        usage = sum((Decimal(i["amount"]) for i in renewal.lines if i["kind"] in ("usage", "minimum_commitment")),
+                    Decimal(0))
+        assert usage + sum(notes, Decimal(0)) == Decimal(minimum)  # what the period's usage costs in all
+        account = wired.ledger.repository.get(ids.account_id("acme"))
+        assert account.available("USD") == -sum(notes, Decimal(0)) * 10**9  # and no credit besides
