@@ -48,7 +48,8 @@ Usage give-back (negative usage amounts)
 Overage repaid by new credit
     ``repay_overage``: credit a pay-as-you-go account buys first pays off the overage no invoice bills (Dr
     ``TENANT_WALLET`` / Cr ``RECEIVABLES``, oldest period first), at most what the grant holds and what is
-    available; a grant for some meters only repays nothing.
+    available; a grant for some meters only repays nothing. The draw is remembered like a debit's, so a give-back
+    of the usage it paid returns the credit to that grant (a period's recurring credit, not a new grant).
 
 Overage policies
     ``overage``: what the credit cannot cover is posted to ``RECEIVABLES``. ``block``: the whole debit
@@ -1949,15 +1950,17 @@ class BillingAccount(ChainedAggregate):
                     posting(LedgerAccount.RECEIVABLES, unit, -total)]
         assert_balanced(postings)
         self._overage_repaid(grant_id=gid, unit=unit, amount=total, periods=periods, postings=postings,
-                             cause=dict(cause), at=at)
+                             cause=dict(cause), at=at, remembered=True)
         if thresholds:
             self._check_thresholds(unit, at)
         return total
 
     @event("OverageRepaid")
     def _overage_repaid(self, grant_id: str, unit: str, amount: int, periods: dict[str, int],
-                        postings: list[Posting], cause: dict[str, Any], at: datetime) -> None:
-        self._apply_draws(unit, [{"grant_id": grant_id, "amount": amount}], remember=False)
+                        postings: list[Posting], cause: dict[str, Any], at: datetime, remembered: bool = False) -> None:
+        # ``remembered``: the draw is remembered as a debit's is, so a give-back of the usage it paid returns it to
+        # that grant (recorded since session 8; earlier events replay as they were: not remembered).
+        self._apply_draws(unit, [{"grant_id": grant_id, "amount": amount}], remember=remembered)
         self._receivable[unit] = self._receivable.get(unit, 0) - amount
         for key, part in periods.items():
             _add_unbilled(self._unbilled, unit, key, -part)

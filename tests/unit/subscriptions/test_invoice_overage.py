@@ -216,6 +216,33 @@ def test_a_late_renewal_pays_its_periods_usage_posted_before_it_from_its_recurri
 
 
 
+def test_a_give_back_of_usage_a_late_renewals_credit_repaid_returns_it_to_that_credit(app: LedgerApplication) -> None:
+    debit(app, "100", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # November's 100
+    debit(app, "50", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="tokens")  # before the tick
+    run(app, "subscription.tick", "acme", at=datetime(2026, 12, 6, tzinfo=UTC), key="m")  # December's 100 repays them
+    # The 50 tokens are voided: December's credit gets them back, as when the tick was on time. They were a new
+    # credit that never expires (source usage_reversal): 150 CREDIT to spend in January instead of 100.
+    debit(app, "-50", DEC_1, datetime(2026, 12, 7, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    after = account(app)
+    assert after.available("CREDIT") == 100 * U
+    assert [g["source"] for g in after.grant_balances() if g["status"] == "open"] == ["plan_recurrence"]
+    renew_and_bill(app, DEC_1, JAN_1, [usage_line("0", meter="tokens")])
+    assert account(app).available("CREDIT") == 100 * U  # January's credit, nothing carried over
+
+
+def test_an_overage_repaid_recorded_before_it_remembered_its_draw_replays_as_it_was(app: LedgerApplication) -> None:
+    debit(app, "50", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    run(app, "subscription.tick", "acme", at=datetime(2026, 12, 6, tzinfo=UTC), key="m")
+    stream = list(app.events.get(ids.account_id("acme")))
+    [repaid] = [e for e in stream if type(e).__name__ == "OverageRepaid"]
+    assert repaid.remembered is True
+    object.__delattr__(repaid, "remembered")  # as recorded before session 8
+    replayed = None
+    for event in stream:
+        replayed = event.mutate(replayed)
+    assert replayed is not None and replayed._recent_draws.get("CREDIT", []) == []  # not remembered, as then
+    assert replayed.available("CREDIT") == account(app).available("CREDIT")
+
 def test_an_immediate_cancel_after_a_missed_renewal_pays_the_periods_usage_from_its_credits(
         app: LedgerApplication) -> None:
     debit(app, "100", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")
