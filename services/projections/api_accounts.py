@@ -132,7 +132,8 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
                           f"ai-usage-{tenant}")
         return {"group_by": groups, "items": items}
 
-    @router.get("/v1/accounts/{tenant}/figures", summary="Top-ups, consumption, tax, refunds per day or month",
+    @router.get("/v1/accounts/{tenant}/figures",
+                summary="Top-ups, consumption, tax, refunds, credit notes per day or month",
                 response_model=api_models.FiguresList, responses=CSV)
     async def get_figures(tenant: str, principal: Reader, request: Request,
                           granularity: Annotated[str, Query(description="day | month")] = "day",

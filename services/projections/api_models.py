@@ -130,8 +130,13 @@ class Figures(BaseModel):
     consumed: Amount
     receivables: Amount
     breakage: Amount
-    refunds: Amount
-    tax_refunded: Amount
+    refunds: Amount = Field(description="Money paid back to the customer through the gateway (purchase refunds, "
+                                        "refunds of paid invoices), tax included")
+    tax_refunded: Amount = Field(description="The tax in refunds")
+    credit_notes: Amount = Field(description="Account credit given by subscription credit notes (a downgrade's or "
+                                             "cancel's unused time, a correction of invoiced usage), tax included; "
+                                             "no money paid back, so not in refunds")
+    credit_note_tax: Amount = Field(description="The tax in credit_notes")
     adjustments: Amount
 
 

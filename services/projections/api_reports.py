@@ -86,7 +86,8 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
 
     @router.get("/v1/reports/figures", summary="Dashboard figures of all tenants per day or month",
                 response_model=api_models.FiguresList, responses=CSV,
-                description="Funds taken in, top-ups, tax collected, credit consumed, refunds, breakage.")
+                description="Funds taken in, top-ups, tax collected, credit consumed, refunds (money paid "
+                            "back), credit notes (account credit given), breakage.")
     async def get_figures(principal: Finance, request: Request,
                           granularity: Annotated[str, Query(description="day | month")] = "month",
                           year: Year = None, month: Month = None,

@@ -13,10 +13,18 @@
   granted in a credit unit as their credit is used (``PurchaseMoneyRecognised``, periodic: ``recognised``), so
   a currency's ``consumed`` is the revenue its prepaid credit earned.
 * ``breakage``: unused credit lapsed at expiry (in the currency also the money of credit-unit packages whose
-  credit lapsed: ``PurchaseMoneyRecognised.breakage``); ``refunds``: money paid back (incl. tax), ``tax_refunded``
-  (for a credit-unit package also the currency money and tax paid back: ``PurchaseMoneyRefunded``);
-  ``adjustments``: net manual corrections. A subscription credit note, given as account credit (a grant with
-  source ``credit_note``), counts in ``refunds`` and its tax in ``tax_refunded``.
+  credit lapsed: ``PurchaseMoneyRecognised.breakage``).
+* ``refunds``: money paid back to the customer through the gateway, incl. tax, ``tax_refunded`` its tax:
+  what left the gateway's clearing for a purchase grant (``GrantRefunded``: credit + tax; for a credit-unit
+  package also the currency money and tax paid back: ``PurchaseMoneyRefunded``) and for a paid subscription
+  invoice (``InvoicePaymentRefunded``, documented by a credit note).
+* ``credit_notes``: account credit given by subscription credit notes (a downgrade's or immediate cancel's
+  unused time, a correction of invoiced usage: a grant with source ``credit_note``), tax inside,
+  ``credit_note_tax`` that tax. No money leaves, so they are not ``refunds``. A later gateway refund of the
+  same invoice beyond what it had left to give takes unspent credit of its notes back
+  (``InvoicePaymentRefunded.reclaimed``): ``refunds`` counts the money paid, ``credit_notes`` stays what the
+  notes credited.
+* ``adjustments``: net manual corrections.
 
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
 tenant (one Kafka partition) and concurrent projection instances never contend for it.
@@ -31,7 +39,8 @@ from billing_projections.writer import INT_SUM, BatchWriter, Handler, Table, val
 from billing_runtime.db import Database
 
 FIGURES = ("top_ups", "tax_collected", "funds_in", "settlements", "promotional", "plan_grants", "consumed",
-           "receivables", "breakage", "refunds", "tax_refunded", "adjustments")
+           "receivables", "breakage", "refunds", "tax_refunded", "credit_notes", "credit_note_tax",
+           "adjustments")
 FIGURES_DAILY = Table("figures_daily", {"tenant": "TEXT", "day": "TEXT", "unit": "TEXT"}, {
     **{name: INT_SUM for name in FIGURES}, "last_position": value("BIGINT"),
 }, indexes=("day, tenant",))
@@ -48,9 +57,9 @@ def _figures(fact: Fact) -> dict[str, int]:
             return {"funds_in": amount}
         if source == "plan_recurrence":
             return {"plan_grants": amount}
-        if source == "credit_note":  # a subscription credit note, given back as account credit (tax inside)
+        if source == "credit_note":  # subscription credit note: account credit (tax inside), no money out
             cause = d.get("cause") if isinstance(d.get("cause"), dict) else {}
-            return {"refunds": amount, "tax_refunded": int(cause.get("tax") or 0)}
+            return {"credit_notes": amount, "credit_note_tax": int(cause.get("tax") or 0)}
         return {"promotional": amount}
     if name in ("UsageDebited", "HoldCaptured"):
         return {"consumed": int(d["amount"]), "receivables": int(d.get("overage") or 0)}

@@ -191,7 +191,7 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     now = datetime.now(UTC)
     figures = _api(base, "/v1/reports/figures", finance, year=now.year, month=now.month)["items"]
     usd = next(f for f in figures if f["unit"] == "USD")
-    for key in ("funds_in", "top_ups", "consumed", "tax_collected", "refunds", "breakage"):
+    for key in ("funds_in", "top_ups", "consumed", "tax_collected", "refunds", "credit_notes", "breakage"):
         assert page.inner_text(f"[data-testid=figure-{key}-USD]") == usd[key], key
     assert usd["consumed"] == "6.09"
     mrr = _api(base, "/v1/reports/mrr", finance)["items"]

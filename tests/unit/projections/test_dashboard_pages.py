@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -15,6 +19,7 @@ from billing_runtime.http import create_app
 from tests.unit.projections.conftest import apply
 from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
 from tests.unit.projections.test_api import SETTINGS, auth
+from tests.unit.projections.test_subscription_invoice_figures import PAID_AT, gateway_refund, subscribed
 
 
 @pytest.fixture
@@ -23,6 +28,12 @@ async def client(service: ProjectionService) -> AsyncIterator[httpx.AsyncClient]
     full_scenario(ledger, "acme")
     simple_account(ledger, "globex", debits=10)
     await apply(service, ledger.records())
+    async with serving(service) as c:
+        yield c
+
+
+@asynccontextmanager
+async def serving(service: ProjectionService) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app("projections", SETTINGS)
     for router in build_routers(service.db):
         app.include_router(router)
@@ -81,3 +92,30 @@ async def test_transaction_types_are_named_in_words_and_filter_by_their_key(clie
     shown = re.findall(r'data-type="([^"]+)">\s*<td[^>]*>[^<]*</td><td data-testid="transaction-type">([^<]*)<',
                        page.text)
     assert shown and all(key == "usage" and name == "Usage" for key, name in shown)
+
+
+async def test_the_pages_show_credit_notes_apart_from_refunds(service: ProjectionService) -> None:
+    """A downgrade's credit note (62.19 of account credit) and a gateway refund (11.90 paid back) in November: the
+    account and finance pages show each on its own card, as the API and its CSV do."""
+    ledger = Ledger()
+    invoice = subscribed(ledger)
+    ledger.command("subscription.change", "acme", at=PAID_AT + timedelta(days=1), key="m", quantity=1)
+    gateway_refund(ledger, invoice, "11.90", "re_1")
+    await apply(service, ledger.records())
+    async with serving(service) as client:
+        account = await client.get("/dashboard/accounts/acme?year=2026&month=11", headers=auth("viewer", "acme"))
+        finance = await client.get("/dashboard/finance?year=2026&month=11", headers=auth("finance"))
+        api = (await client.get("/v1/accounts/acme/figures?granularity=month&year=2026&month=11",
+                                headers=auth("viewer", "acme"))).json()
+        exported = await client.get("/v1/reports/figures?year=2026&month=11&format=csv", headers=auth("finance"))
+    for page in (account, finance):
+        assert page.status_code == 200
+        assert (text_of(page.text, "figure-credit_notes-USD"), text_of(page.text, "figure-refunds-USD")) == (
+            "62.19", "11.90")
+        assert "Credit notes (account credit)" in page.text
+    [usd] = api["items"]
+    assert (usd["credit_notes"], usd["credit_note_tax"], usd["refunds"], usd["tax_refunded"]) == (
+        "62.19", "9.93", "11.90", "1.90")
+    [row] = list(csv.DictReader(io.StringIO(exported.text)))
+    assert (row["credit_notes"], row["credit_note_tax"], row["refunds"], row["tax_refunded"]) == (
+        "62.19", "9.93", "11.90", "1.90")

@@ -1,16 +1,20 @@
 """The dashboard's figures, history and chart of accounts count subscription invoices: their fees and tax are
-receivable when finalized, and money taken in (funds in, tax collected) when paid; a credit note is credit
-given back. Fed the ledger's real events (its own commands)."""
+receivable when finalized, and money taken in (funds in, tax collected) when paid; a credit note is account
+credit given (``credit_notes``), a gateway refund of a paid invoice money paid back (``refunds``). Fed the ledger's
+real events (its own commands)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 from billing_events import ids
+from billing_events.messages import PaymentNotification
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.postings import account_balances
 from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.payment_commands import payment_command
 from billing_projections import balances, figures, history
 from billing_projections.service import ProjectionService
 from billing_projections.views import load_units, transaction_view
@@ -95,7 +99,62 @@ async def test_history_shows_a_subscription_invoice_billed_and_paid_and_a_credit
     assert sum(int(r["wallet_delta"]) for r in rows if r["unit"] == "USD") == account.balance("USD")
     nov = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
                                                                     since=None, until=None)}[("2026-11", "USD")]
-    assert nov["refunds"] == int(grant["amount"]) and nov["tax_refunded"] > 0
+    assert (nov["refunds"], nov["tax_refunded"]) == (0, 0)  # account credit, no money paid back
+    assert nov["credit_notes"] == int(grant["amount"]) and nov["credit_note_tax"] > 0
+
+
+def gateway_refund(ledger: Ledger, invoice: str, amount: str, reference: str) -> None:
+    """The gateway paid back ``amount`` of the invoice's payment (pi_1), a verified webhook on Nov 4."""
+    refund = PaymentNotification(gateway="stripe", gateway_event_id=f"evt_{reference}", kind="refund_succeeded",
+                                 tenant="acme", order_id=invoice, invoice_id=invoice, amount=Decimal(amount),
+                                 currency="USD", verified_at=PAID_AT + timedelta(days=2), gateway_reference=reference,
+                                 refunded_payment="pi_1")
+    [result] = ledger.app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+
+
+async def november(service: ProjectionService) -> dict[str, Any]:
+    return {(r["bucket"], r["unit"]): r for r in await figures.series(
+        service.db, tenant="acme", granularity="month", since=None, until=None)}[("2026-11", "USD")]
+
+
+async def test_a_downgrade_credit_note_counts_as_credit_notes_and_a_gateway_refund_as_refunds(
+        service: ProjectionService) -> None:
+    """Team x3 paid (107.10), downgraded to x1 on Nov 3: 27 of the period's 31 days of two seats come back as
+    account credit, 52.26 + 9.93 VAT, no money paid out. Then the gateway pays back 11.90 (10.00 + 1.90 VAT)."""
+    ledger = Ledger()
+    invoice = subscribed(ledger)
+    ledger.command("subscription.change", "acme", at=PAID_AT + timedelta(days=1), key="m", quantity=1)
+    await apply(service, ledger.records())
+    nov = await november(service)
+    assert (nov["refunds"], nov["tax_refunded"]) == (0, 0)  # was 62.19 / 9.93: nothing left the gateway
+    assert (nov["credit_notes"], nov["credit_note_tax"]) == (6219 * CENT, 993 * CENT)
+
+    gateway_refund(ledger, invoice, "11.90", "re_1")
+    await apply(service, ledger.records())
+    nov = await november(service)
+    assert (nov["refunds"], nov["tax_refunded"]) == (1190 * CENT, 190 * CENT)  # was 74.09 / 11.83
+    assert (nov["credit_notes"], nov["credit_note_tax"]) == (6219 * CENT, 993 * CENT)
+    # ``refunds`` is the money that left the gateway's clearing: what came in less it is what is still there.
+    chart = {(r["ledger_account"], r["unit"]): int(r["amount"])
+             for r in await balances.ledger_balances(service.db, "acme")}
+    assert chart[("gateway_clearing", "USD")] == nov["funds_in"] - nov["refunds"] == (10710 - 1190) * CENT
+
+
+async def test_a_full_refund_after_a_downgrade_counts_the_money_paid_back_and_the_credit_note_as_issued(
+        service: ProjectionService) -> None:
+    """The whole 107.10 paid back after the downgrade's 62.19 credit note: the gateway paid 107.10 (the note's
+    unspent credit is taken back from the wallet); the note issued 62.19 of credit all the same."""
+    ledger = Ledger()
+    invoice = subscribed(ledger)
+    ledger.command("subscription.change", "acme", at=PAID_AT + timedelta(days=1), key="m", quantity=1)
+    gateway_refund(ledger, invoice, "107.10", "re_all")
+    await apply(service, ledger.records())
+    nov = await november(service)
+    assert nov["refunds"] == 10710 * CENT and nov["credit_notes"] == 6219 * CENT
+    chart = {(r["ledger_account"], r["unit"]): int(r["amount"])
+             for r in await balances.ledger_balances(service.db, "acme")}
+    assert chart.get(("gateway_clearing", "USD"), 0) == nov["funds_in"] - nov["refunds"] == 0
 
 
 async def test_an_invoice_payment_row_names_its_payment_and_the_api_shows_its_split_in_the_currency(
