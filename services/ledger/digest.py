@@ -63,7 +63,10 @@ GRANTED, DEBITED, CAPTURED, REFUNDED = (get_topic(BillingAccount.CreditGranted),
                                         get_topic(BillingAccount.GrantRefunded))
 MONEY_BOOKED, MONEY_REFUNDED = (get_topic(BillingAccount.PurchaseMoneyBooked),
                                 get_topic(BillingAccount.PurchaseMoneyRefunded))
-TOPICS = [GRANTED, DEBITED, CAPTURED, REFUNDED, MONEY_BOOKED, MONEY_REFUNDED]
+# Subscription invoices paid through a gateway, and gateway refunds of them (their credit notes).
+INVOICE_PAID, INVOICE_REFUNDED = (get_topic(BillingAccount.InvoicePaid),
+                                  get_topic(BillingAccount.InvoicePaymentRefunded))
+TOPICS = [GRANTED, DEBITED, CAPTURED, REFUNDED, MONEY_BOOKED, MONEY_REFUNDED, INVOICE_PAID, INVOICE_REFUNDED]
 FIGURES = ("funds_in", "tax_collected", "consumed", "refunds")
 Clock = Callable[[], datetime]
 
@@ -119,6 +122,12 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
                 sums["tax_collected"][event.unit] += event.tax_amount
             elif notification.topic == MONEY_REFUNDED:
                 sums["refunds"][event.unit] += event.amount
+            elif notification.topic == INVOICE_PAID:  # what the payment put in the gateway's clearing
+                sums["funds_in"][event.unit] -= _out_of_clearing(event.postings, event.unit)
+                sums["tax_collected"][event.unit] += event.tax_amount
+            elif notification.topic == INVOICE_REFUNDED:
+                counts["refund_count"] += 1
+                sums["refunds"][event.unit] += _out_of_clearing(event.postings, event.unit)
             elif notification.topic == GRANTED:
                 if event.source != "purchase":
                     continue

@@ -15,6 +15,7 @@ from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_events.money import to_subunits
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.audit import verify_store
+from billing_ledger.digest import summarize
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.postings import account_balances
@@ -542,3 +543,15 @@ def test_a_usage_correction_note_is_issued_when_the_correction_is_not_at_the_cor
     [grant] = [g for g in account(app).grant_balances() if g["source"] == "credit_note"]
     assert grant["effective_at"] == received
     assert verify_store(app, "acme").ok
+
+
+def test_the_daily_digest_counts_invoice_payments_and_their_gateway_refunds(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)  # 30.00 + 5.70 VAT
+    run(app, "invoice.mark_paid", "acme", at=NOV_16, invoice_id=str(invoice.id), payment="pi_1")
+    gateway_refund(app, invoice, "11.90", datetime(2026, 11, 20, tzinfo=UTC))
+    summary, _ = summarize(app, datetime.now(UTC).date(), 0)  # the digest goes by when events were recorded
+    # What reached and left the gateway's clearing, as the dashboard's figures count it.
+    assert (summary["funds_in"], summary["tax_collected"], summary["refunds"]) == (
+        {"USD": 3570 * CENT}, {"USD": 570 * CENT}, {"USD": 1190 * CENT})
+    assert summary["refund_count"] == 1
