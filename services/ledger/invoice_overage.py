@@ -13,6 +13,11 @@ lines show the period's whole usage, so the invoice adds:
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
   be billed: it stays receivable, unbilled, and is logged.
 
+* **Owed after a refund**: what a gateway refund gave back beyond what its invoice had left to give (credit for
+  unused time already given and spent) is owed, unbilled under the refund's time (``owed_refund_key``), so the
+  next renewal invoice bills it on a line of its own. Its revenue and tax were booked when it was first billed
+  and stay so: the line is ``tax_included`` and not taxed again (``document_tax_lines``), and it is no usage spend.
+
 * **Minimum commitment**: when the ended period committed a minimum spend on usage (the plan's
   ``minimum_spend``, recorded on the draft at renewal), the shortfall below it of the period's usage spend:
   the usage lines at their rated value, before prepaid credits applied (usage paid from credit bought in the
@@ -33,7 +38,7 @@ from uuid import UUID
 
 from billing_events.catalog import CreditUnitDef
 from billing_events.money import RATING_CONTEXT, currency, from_subunits, round_minor
-from billing_ledger.domain.account import BillingAccount, period_began
+from billing_ledger.domain.account import BillingAccount, is_owed_refund_key, period_began
 from billing_ledger.domain.invoice import Invoice, line
 from billing_ledger.domain.roster import roster_id
 from billing_runtime.logging import get_logger
@@ -58,7 +63,10 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     for item in usage_lines:  # rating's lines, as rounded on the invoice
         usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
     itemised = _itemised_periods(usage_lines)
-    own, earlier = _own_and_earlier(taken.get(money, {}), period_start, itemised)
+    taken_money = taken.get(money, {})
+    owed_refunds = sum(amount for key, amount in taken_money.items() if is_owed_refund_key(key))
+    own, earlier = _own_and_earlier({key: amount for key, amount in taken_money.items()
+                                     if not is_owed_refund_key(key)}, period_start, itemised)
     scale = currency(money)
     own_billed = max(round_minor(from_subunits(own), scale), Decimal(0))
     if usage > 0:
@@ -72,6 +80,9 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     if rest > 0:
         label = "Overage from earlier periods" if earlier else "Overage beyond the usage itemised above"
         lines.append(line("overage", label, rest, money))
+    if owed_refunds > 0:
+        lines.append(line("overage", "Refunded beyond what an earlier invoice had left to give back, owed (tax "
+                          "included)", from_subunits(owed_refunds), money, tax_included=True))
     for unit, price in prices.items():
         own_credits, earlier_credits = _own_and_earlier(taken.get(unit, {}), period_start, itemised)
         if own_credits + earlier_credits <= 0:

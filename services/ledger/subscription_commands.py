@@ -327,6 +327,8 @@ def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str
     total, as for any document; with another (a tax profile set since, a rule changed) the credit gets a tax line
     of its own at the invoiced rate, naming that invoice (``invoice``).
     """
+    # A line whose amount has its tax inside, already booked (``tax_included``: what a refund left owed) is not taxed.
+    lines = [item for item in lines if not item.get("tax_included")]
     total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
     current = tax_lines_for(total, unit, profile, catalog)
     rate = _invoiced_tax_rate(corrected) if corrected is not None else None

@@ -154,6 +154,10 @@ AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
 # correction of them is given back as credit without tax, as before). Three years of monthly periods. Each keeps
 # every invoice that billed some of it (a late correction's increase is billed by a later invoice): a few at most.
 BILLED_PERIODS_KEPT_MAX = 36
+# The overage key of what a gateway refund gave back beyond what its invoice had left and the account owes
+# (``refund_invoice_payment``): this prefix and the refund's time. Money whose revenue and tax are already booked
+# (not usage): a renewal invoice bills it without tax (``invoice_overage.overage_lines``).
+OWED_REFUND_KEY_PREFIX = "refund:"
 # Recognition of credit-package money (``purchase_money_due``): at most this often per account, besides the
 # first sweep of each UTC day and a grant that finishes or expires.
 MONEY_RECOGNITION_INTERVAL = timedelta(hours=1)
@@ -1689,8 +1693,10 @@ class BillingAccount(ChainedAggregate):
         ``excess`` (of ``amount``, beyond ``tax``) is what the gateway gave back beyond what the invoice had left
         to give: credits for unused time (a change's or cancel's) had already given it back. It is taken back from
         the account credit of the credit notes ``reclaim`` (grant ids) as far as it is unspent (Dr TENANT_WALLET),
-        and the rest is owed (Dr RECEIVABLES, an overage receivable settled as any: ``settle_receivable``); no
-        revenue or tax moves for it a second time."""
+        and the rest is owed (Dr RECEIVABLES): overage of the account, unbilled under the refund's time ``at`` (an
+        earlier period's), so the next renewal invoice bills it as "Overage from earlier periods" and paying that
+        invoice settles it, or, with no live subscription, credit bought repays it (``repay_overage``); no revenue
+        or tax moves for it a second time."""
         self._require_unit(unit)
         _require_text("note", note)
         _require_amount("amount", amount)
@@ -1715,9 +1721,10 @@ class BillingAccount(ChainedAggregate):
                 draws.append({"grant_id": gid, "amount": part})
                 postings.append(posting(LedgerAccount.TENANT_WALLET, unit, part, gid))
                 left -= part
+            reclaimed = {"draws": draws, "receivable": left}
             if left:
                 postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
-            reclaimed = {"draws": draws, "receivable": left}
+                reclaimed["period"] = owed_refund_key(at)  # the overage key it is owed under
         assert_balanced(postings)
         self._invoice_payment_refunded(note=note, unit=unit, amount=amount, tax_amount=tax, postings=postings,
                                        cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}),
@@ -1735,6 +1742,10 @@ class BillingAccount(ChainedAggregate):
             self._apply_draws(unit, reclaimed["draws"], remember=False)
             if reclaimed["receivable"]:
                 self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
+                # Owed as unbilled overage, to be invoiced or repaid (recorded since session 8; an earlier
+                # ``reclaimed`` without a ``period`` replays as it was: receivable only, never billed).
+                if type(reclaimed.get("period")) is str:
+                    _add_unbilled(self._unbilled, unit, reclaimed["period"], reclaimed["receivable"])
             self._update_arming(unit)
 
     # == fee revenue recognition (IFRS 15 / ASC 606: fees billed in advance, earned over their period) =========
@@ -2318,10 +2329,21 @@ def _usage_postings(unit: str, draws: list[Draw], overage: int) -> list[Posting]
     return postings
 
 
+def owed_refund_key(at: datetime) -> str:
+    """The overage key of what a gateway refund at ``at`` left owed (``OWED_REFUND_KEY_PREFIX``)."""
+    return f"{OWED_REFUND_KEY_PREFIX}{at.isoformat()}"
+
+
+def is_owed_refund_key(key: str) -> bool:
+    return key.startswith(OWED_REFUND_KEY_PREFIX)
+
+
 def period_began(key: str) -> datetime:
-    """When the period named by an overage key began: ``YYYY-MM`` (a calendar month) or an ISO 8601 time. A key
-    that is neither (none is accepted since ``debit_usage`` checks them) counts as the oldest period, so no event
-    of an account can fail to apply over it."""
+    """When the period named by an overage key began: ``YYYY-MM`` (a calendar month) or an ISO 8601 time (for a
+    refund's owed excess, ``owed_refund_key``: the refund's time). A key that is neither (none is accepted since
+    ``debit_usage`` checks them) counts as the oldest period, so no event of an account can fail to apply over it."""
+    if is_owed_refund_key(key):
+        key = key[len(OWED_REFUND_KEY_PREFIX):]
     try:
         return _period_start(key)
     except (TypeError, ValueError):

@@ -555,3 +555,72 @@ def test_the_daily_digest_counts_invoice_payments_and_their_gateway_refunds(app:
     assert (summary["funds_in"], summary["tax_collected"], summary["refunds"]) == (
         {"USD": 3570 * CENT}, {"USD": 570 * CENT}, {"USD": 1190 * CENT})
     assert summary["refund_count"] == 1
+
+
+def test_what_a_refund_leaves_owed_after_a_downgrade_is_billed_on_the_next_renewal_untaxed_and_settled_when_paid(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team", quantity=3)  # 90.00 + 17.10 VAT
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=datetime(2026, 11, 2, tzinfo=UTC), invoice_id=str(invoice.id),
+        payment="pi_1")
+    run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=1)  # 35.70 of account credit
+    debit(app, "35.70", NOV_1, datetime(2026, 11, 17, tzinfo=UTC))  # all of it spent on usage
+    gateway_refund(app, invoice, "107.10", datetime(2026, 11, 18, tzinfo=UTC))
+    # The second half of November's seat (15.00 + 2.85 VAT) and the usage paid with credit given back in cash.
+    assert account(app).receivable("USD") == 5355 * CENT
+    renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("35.70")])
+    # Billed once, without VAT a second time (its tax is booked): was 30.00 + 5.70 VAT, and the 53.55 owed forever.
+    assert [(x["kind"], x["amount"]) for x in renewal.lines] == [
+        ("base_fee", "30.00"), ("usage", "35.70"), ("credits_applied", "-35.70"), ("overage", "53.55"),
+        ("tax", "5.70")]
+    assert renewal.total == Decimal("89.25")
+    assert account(app).receivable("USD") == 8925 * CENT
+    run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 2, tzinfo=UTC), invoice_id=str(renewal.id),
+        payment="pi_2")
+    assert account(app).receivable("USD") == 0
+    chart = books(app)
+    assert ("receivables", "USD") not in chart
+    assert chart[("tax_payable", "USD")] == -(285 + 570) * CENT  # the seat's VAT and December's, once each
+    january = renew_and_bill(app, DEC_1, JAN_1, [])
+    assert january.total == Decimal("35.70")  # billed once
+    assert verify_store(app, "acme").ok
+
+
+def test_what_a_refund_leaves_owed_after_a_cancel_is_repaid_from_the_next_credit_bought(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 + 5.70 VAT
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=datetime(2026, 11, 2, tzinfo=UTC), invoice_id=str(invoice.id),
+        payment="pi_1")
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # 17.85 of account credit
+    debit(app, "10.00", NOV_1, datetime(2026, 11, 17, tzinfo=UTC))
+    gateway_refund(app, invoice, "35.70", datetime(2026, 11, 18, tzinfo=UTC))
+    assert (account(app).available("USD"), account(app).receivable("USD")) == (0, 1000 * CENT)
+    bought = datetime(2026, 11, 20, tzinfo=UTC)
+    placed = run(app, "checkout.place", "acme", at=bought, package="usd-20", key="o1", gateway="stripe").value
+    run(app, "order.paid_off_session", "acme", at=bought, key="o1", gateway="stripe", payment_id="pi_o1",
+        amount=placed["quote"]["total"], currency="USD")
+    # No live subscription will invoice it: the credit bought pays it off first (was 20.00 spendable, 10.00 owed).
+    assert (account(app).available("USD"), account(app).receivable("USD")) == (1000 * CENT, 0)
+    assert [e.amount for e in events(app, "OverageRepaid")] == [1000 * CENT]
+    assert ("receivables", "USD") not in books(app)
+    assert verify_store(app, "acme").ok
+
+
+def test_a_refund_recorded_before_its_owed_excess_was_overage_replays_as_it_was(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_16, invoice_id=str(invoice.id), payment="pi_1")
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    debit(app, "10.00", NOV_1, datetime(2026, 11, 17, tzinfo=UTC))
+    gateway_refund(app, invoice, "35.70", datetime(2026, 11, 18, tzinfo=UTC))
+    assert account(app).unbilled_overage("USD") == {"refund:2026-11-18T00:00:00+00:00": 1000 * CENT}
+    recorded = list(app.events.get(ids.account_id("acme")))
+    [refunded] = [e for e in recorded if type(e).__name__ == "InvoicePaymentRefunded"]
+    del refunded.reclaimed["period"]  # as recorded before session 8
+    replayed = None
+    for event in recorded:
+        replayed = event.mutate(replayed)
+    assert replayed is not None
+    # Owed, but never billed nor repaid, as it was.
+    assert (replayed.receivable("USD"), replayed.unbilled_overage("USD")) == (1000 * CENT, {})
