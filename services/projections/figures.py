@@ -23,7 +23,8 @@
   ``credit_note_tax`` that tax. No money leaves, so they are not ``refunds``. A later gateway refund of the
   same invoice beyond what it had left to give takes unspent credit of its notes back
   (``InvoicePaymentRefunded.reclaimed``): ``refunds`` counts the money paid, ``credit_notes`` stays what the
-  notes credited.
+  notes credited, and what that credit no longer covered (spent) is owed: ``receivables``
+  (``reclaimed.receivable``), settled when the renewal invoice billing it is paid or credit bought repays it.
 * ``adjustments``: net manual corrections.
 
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
@@ -88,7 +89,10 @@ def _figures(fact: Fact) -> dict[str, int]:
                 "tax_collected": int(d.get("tax_amount") or 0)}
     if name == "InvoicePaymentRefunded":  # money of a paid invoice given back through the gateway
         tax = int(d.get("tax_amount") or 0)
-        return {"refunds": int(d["amount"]), "tax_refunded": tax}
+        # Given back beyond what the invoice had left, and no longer in its notes' unspent credit: owed again.
+        reclaimed = d.get("reclaimed") if isinstance(d.get("reclaimed"), dict) else {}
+        return {"refunds": int(d["amount"]), "tax_refunded": tax,
+                "receivables": int(reclaimed.get("receivable") or 0)}
     if name == "OverageRepaid":  # paid with credit bought (its money counted in when it was bought)
         return {"settlements": int(d["amount"])}
     return {}

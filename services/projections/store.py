@@ -24,7 +24,8 @@ from billing_runtime.db import Connection, Database
 # 6: a usage correction adds the difference it made to the monthly usage quantity, not its new quantity.
 # 7: a refund of credit bought in the currency shows the tax paid back with it in its history row's detail.
 # 8: subscription credit notes (account credit) in figures' credit_notes / credit_note_tax, no longer in refunds.
-SCHEMA_VERSION = "8"
+# 9: what a gateway refund of an invoice left owed (``InvoicePaymentRefunded.reclaimed.receivable``) in receivables.
+SCHEMA_VERSION = "9"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

@@ -167,3 +167,28 @@ async def test_an_invoice_payment_row_names_its_payment_and_the_api_shows_its_sp
     assert paid["payment_id"] == "pi_1"  # the dashboard's cause: which payment settled it
     view = transaction_view(paid, await load_units(service.db))
     assert view["detail"] == "net 90.00, tax 17.10"  # not ledger sub-units
+
+
+async def test_what_a_full_refund_leaves_owed_counts_as_receivables_as_the_ledger_books_it(
+        service: ProjectionService) -> None:
+    """The downgrade's 62.19 of credit, 20.00 of it spent on usage, then the whole 107.10 paid back: the 20.00 the
+    credit no longer covers (and the seat kept since the downgrade) is owed; the figures say so, as the ledger."""
+    ledger = Ledger()
+    invoice = subscribed(ledger)
+    changed = PAID_AT + timedelta(days=1)
+    ledger.command("subscription.change", "acme", at=changed, key="m", quantity=1)
+    sub = ledger.get(subscription_id("acme", "m"))
+    ledger.command("usage.debit", "acme", at=changed + timedelta(hours=1), unit="USD", amount_subunits=20 * U,
+                   meter="api_calls", overage_policy="overage",
+                   cause={"event_ids": ["e1"], "period": sub.period_start.isoformat()})
+    gateway_refund(ledger, invoice, "107.10", "re_all")
+    owed = ledger.get(ids.account_id("acme")).receivable("USD")
+    assert owed > 20 * U
+    await apply(service, ledger.records())
+    nov = await november(service)
+    chart = {(r["ledger_account"], r["unit"]): int(r["amount"])
+             for r in await balances.ledger_balances(service.db, "acme")}
+    rows = await figures.series(service.db, tenant="acme", granularity="month", since=None, until=None)
+    booked = sum(r["receivables"] - r["settlements"] for r in rows if r["unit"] == "USD")
+    assert chart[("receivables", "USD")] == booked == owed  # was 0 booked: 107.10 billed, 107.10 settled
+    assert nov["refunds"] == 10710 * CENT
