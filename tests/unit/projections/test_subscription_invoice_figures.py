@@ -20,7 +20,7 @@ from billing_projections.service import ProjectionService
 from billing_projections.views import load_units, transaction_view
 
 from tests.unit.projections.conftest import apply
-from tests.unit.projections.ledger_events import T0, Ledger, U
+from tests.unit.projections.ledger_events import T0, Ledger, U, uid
 
 CENT = U // 100
 CATALOG = {
@@ -167,3 +167,22 @@ async def test_an_invoice_payment_row_names_its_payment_and_the_api_shows_its_sp
     assert paid["payment_id"] == "pi_1"  # the dashboard's cause: which payment settled it
     view = transaction_view(paid, await load_units(service.db))
     assert view["detail"] == "net 90.00, tax 17.10"  # not ledger sub-units
+
+
+async def test_overage_a_periods_minimum_commitment_already_billed_is_no_longer_receivable(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    account = ledger.open("acme")
+    # October was billed 15.00 of usage against a 20.00 minimum (a 5.00 commitment); a late correction raised it by
+    # 10.00, of which the next invoice bills 5.00: the other 5.00 is netted, owed once.
+    account.commit_period_minimum(invoice="inv-oct", unit="USD", period="2026-10", minimum=20 * U, spend=15 * U, at=T0)
+    account.debit_usage(command_id=uid("usage", 1), unit="USD", amount=10 * U, meter="api_calls", at=T0,
+                        overage_policy="overage", cause={"period": "2026-10"})
+    taken = account.invoice_overage(invoice="inv-nov", units=["USD"], end=T0, at=T0)
+    assert account.charge_period_minimums(invoice="inv-nov", unit="USD", taken=taken["USD"], minor=CENT,
+                                          at=T0) == {"2026-10": 5 * U}
+    ledger.save(account)
+    await apply(service, ledger.records())
+    rows = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
+                                                                     since=None, until=None)}
+    assert rows[("2026-10", "USD")]["receivables"] == account.receivable("USD") == 5 * U
