@@ -17,7 +17,12 @@ from billing_ledger.application import CommandRejected, LedgerApplication, _Batc
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, PAID, Invoice, invoice_id, line
 from billing_ledger.domain.subscription import ACTIVE, INCOMPLETE
-from billing_ledger.invoice_overage import minimum_commitment_lines, overage_lines, settle_paid
+from billing_ledger.invoice_overage import (
+    commit_period_minimum,
+    minimum_commitment_lines,
+    overage_lines,
+    settle_paid,
+)
 from billing_ledger.payload import INVALID, optional_text
 from billing_ledger.payload import at as effective_at
 from billing_ledger.payload import timestamp as payload_timestamp
@@ -55,6 +60,8 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
         lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units,
                                start or invoice.period_start, end or at, at, own)
     lines += minimum_commitment_lines(invoice, lines)
+    if primary:
+        commit_period_minimum(account_of(batch, tenant), invoice, lines, start or invoice.period_start, at)
     invoice.add_lines(lines, by=command.issued_by)
     _finalize(app, batch, invoice, at, command.issued_by)
 

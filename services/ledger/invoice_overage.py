@@ -37,7 +37,7 @@ from typing import Any
 from uuid import UUID
 
 from billing_events.catalog import CreditUnitDef
-from billing_events.money import RATING_CONTEXT, currency, from_subunits, round_minor
+from billing_events.money import RATING_CONTEXT, currency, from_subunits, round_minor, to_subunits
 from billing_ledger.domain.account import BillingAccount, is_owed_refund_key, period_began
 from billing_ledger.domain.invoice import Invoice, line
 from billing_ledger.domain.roster import roster_id
@@ -83,6 +83,7 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     if owed_refunds > 0:
         lines.append(line("overage", "Refunded beyond what an earlier invoice had left to give back, owed (tax "
                           "included)", from_subunits(owed_refunds), money, tax_included=True))
+    lines += _minimum_already_billed(account, invoice, taken.get(money, {}), period_start, itemised, at)
     for unit, price in prices.items():
         own_credits, earlier_credits = _own_and_earlier(taken.get(unit, {}), period_start, itemised)
         if own_credits + earlier_credits <= 0:
@@ -99,6 +100,48 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
                               unit_amount=str(price), credit_unit=unit, overage_subunits=credits,
                               **({"earlier_periods": True} if earlier_periods else {})))
     return lines
+
+
+def _minimum_already_billed(account: BillingAccount, invoice: Invoice, taken: dict[str, int],
+                            period_start: datetime, itemised: set[str], at: datetime) -> list[dict[str, Any]]:
+    """A negative "Minimum commitment" line for what of the earlier periods' overage ``taken`` (a late correction
+    raised their usage after an invoice billed them) their minimum commitment already billed: a period is charged
+    max(usage, minimum) in all, never its commitment and the usage it covered both. The account nets it from the
+    overage receivable (``BillingAccount.charge_period_minimums``), so the line is already posted (``_book``)."""
+    money = invoice.currency
+    earlier = {key: amount for key, amount in taken.items()
+               if not (period_began(key) == period_start or key in itemised)}
+    minor = to_subunits(Decimal(1).scaleb(-currency(money).minor_scale))
+    netted = account.charge_period_minimums(invoice=str(invoice.id), unit=money, taken=earlier, minor=minor, at=at)
+    if not netted:
+        return []
+    amount = from_subunits(sum(netted.values()))
+    periods = sorted(netted)
+    began = ", ".join(period_began(key).date().isoformat() for key in periods)
+    return [line("minimum_commitment", f"Minimum commitment already billed for the period from {began}, covering "
+                 "its usage above", -amount, money, earlier_periods=True, periods=periods)]
+
+
+def commit_period_minimum(account: BillingAccount, invoice: Invoice, lines: list[dict[str, Any]],
+                          period_start: datetime, at: datetime) -> None:
+    """The account remembers the minimum spend ``invoice`` (a primary subscription's renewal or final invoice, its
+    ``lines`` complete) billed its period against, and that period's usage spend (as ``minimum_commitment_lines``
+    counts it), so a later correction of the period keeps its charge at max(usage, minimum)
+    (``BillingAccount.period_minimum``). A period rating's lines itemise with another (a cadence change) shares one
+    minimum between two period keys: not remembered, corrections of it are capped per invoice as before."""
+    minimum = invoice.minimum_spend
+    if not minimum:
+        return
+    keys = _itemised_periods(lines) or {period_start.isoformat()}
+    if len(keys) != 1:
+        return
+    usage = Decimal(0)
+    for item in lines:
+        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")
+                                       and not item.get("earlier_periods")):
+            usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
+    account.commit_period_minimum(invoice=str(invoice.id), unit=invoice.currency, period=keys.pop(),
+                                  minimum=to_subunits(minimum), spend=to_subunits(usage), at=at)
 
 
 def _own_and_earlier(periods: dict[str, int], period_start: datetime, itemised: set[str]) -> tuple[int, int]:

@@ -426,7 +426,7 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
     for item in invoice.lines:
         if item["kind"] == "tax":
             tax = RATING_CONTEXT.add(tax, Decimal(item["amount"]))
-        elif item["kind"] not in ALREADY_POSTED_KINDS or item.get("credit_unit"):
+        elif (item["kind"] not in ALREADY_POSTED_KINDS or item.get("credit_unit")) and not _netted_minimum(item):
             fees = RATING_CONTEXT.add(fees, Decimal(item["amount"]))
     account = account_of(batch, invoice.tenant)
     cause = {"invoice": str(invoice.id), "invoice_number": invoice.number, "subscription": invoice.subscription_id}
@@ -458,6 +458,12 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
                                   note=str(invoice.id), unit=invoice.currency, net=to_subunits(-fees),
                                   tax=to_subunits(-tax), at=at, cause=cause, deferred=_deferred_fee(invoice),
                                   credits=_unused_time_credit(batch, invoice, at))
+
+
+def _netted_minimum(item: dict[str, Any]) -> bool:
+    """A negative "Minimum commitment" line of earlier periods (``invoice_overage._minimum_already_billed``): the
+    account netted it from the overage receivable when the invoice took that overage, so it is already posted."""
+    return item["kind"] == "minimum_commitment" and bool(item.get("earlier_periods"))
 
 
 def credit_note_grant_id(note: UUID) -> UUID:

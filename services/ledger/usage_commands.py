@@ -87,6 +87,11 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
         return None
     minor = Decimal(1).scaleb(-currency(unit).minor_scale)
     left, credited = -amount, []
+    # The period's minimum spend, across every invoice that billed it: what its usage spend is above it is all the
+    # corrections can credit, newest invoice first (``None``: not remembered, capped per invoice as before).
+    minimum = account.period_minimum(unit, period)
+    headroom = None if minimum is None else \
+        from_subunits(max(minimum["spend"] - minimum["minimum"], 0)).quantize(minor, rounding=ROUND_DOWN)
     for billed in account.billed_overage(unit, period):
         invoice = batch.get(UUID(billed["invoice"]))
         if not isinstance(invoice, Invoice) or invoice.status not in (FINALIZED, PAID) or invoice.currency != unit \
@@ -101,7 +106,12 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
             break
         corrects = cause.get("corrects")
         description = f"Usage corrected: {meter}, billed on {invoice.number}"
-        lines = [line("usage_correction", description, -min(due, _minimum_headroom(batch, invoice, period, due)),
+        if headroom is None:
+            creditable = min(due, _minimum_headroom(batch, invoice, period, due))
+        else:
+            creditable = min(due, headroom)
+            headroom -= creditable
+        lines = [line("usage_correction", description, -creditable,
                       unit, meter=meter, period=period, **({"corrects": str(corrects)} if corrects else {}))]
         # Never more than the invoice has not given back yet (a refund gave back all of it: nothing).
         lines = _left_to_give_back([item for item in lines if Decimal(item["amount"])], invoice)
@@ -122,7 +132,9 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
 
 
 def _minimum_headroom(batch: _Batch, invoice: Invoice, period: str, due: Decimal) -> Decimal:
-    """What of the usage ``invoice`` billed for ``period`` a correction can credit without taking the period's spend
+    """For a period whose minimum the account does not remember (``BillingAccount.period_minimum``: committed
+    before session 8, or shared by two period keys): what of the usage ``invoice`` billed for ``period`` a correction
+    can credit without taking the period's spend
     below the minimum spend it committed (``minimum_spend``; its usage spend counted as its "Minimum commitment" line
     counts it, ``invoice_overage.minimum_commitment_lines``), less what usage-correction notes credited against it
     already: the period owes its minimum whatever its usage. ``due`` when the invoice has no minimum for that period

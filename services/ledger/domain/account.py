@@ -224,6 +224,12 @@ class BillingAccount(ChainedAggregate):
         # note (``billed_overage``): unit -> period key -> [{"invoice", "amount" (sub-units)}, ...] in the order they
         # billed it, the last ``BILLED_PERIODS_KEPT_MAX`` periods per unit (oldest first).
         self._billed_periods: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        # The minimum spend a renewal invoice committed for the period it itemises, and the period's usage spend
+        # billed since (``period_minimum``): unit -> period key -> {"invoice", "minimum", "spend"} (sub-units), the
+        # last ``BILLED_PERIODS_KEPT_MAX`` periods per unit. A period is charged max(spend, minimum) across all its
+        # invoices and credit notes: a later increase is billed net of the commitment already billed, a decrease
+        # is credited only down to the minimum.
+        self._period_minimums: dict[str, dict[str, dict[str, Any]]] = {}
         # Subscription fees billed in advance and not yet recognised (``bill_invoice`` with a service period):
         # invoice id -> {"unit", "amount" (net deferred at billing), "deferred" (what is left), "start", "end",
         # "recognised_to" (the time up to which it is recognised), "pending" (the service has not begun)}. A schedule is forgotten once nothing of it is
@@ -928,6 +934,9 @@ class BillingAccount(ChainedAggregate):
             periods.pop(period, None)
         if not periods:
             self._billed_periods.pop(unit, None)
+        minimum = self._period_minimums.get(unit, {}).get(period)
+        if minimum is not None:  # the period's usage spend went down by all of it (credited or not)
+            minimum["spend"] -= amount + absorbed
 
     @event("UsageRejected")
     def _usage_rejected(
@@ -1442,6 +1451,93 @@ class BillingAccount(ChainedAggregate):
         periods."""
         return [dict(billed) for billed in reversed(self._billed_periods.get(unit, {}).get(period, []))]
 
+    def period_minimum(self, unit: str, period: str) -> dict[str, Any] | None:
+        """The minimum spend committed for ``period`` (a copy: ``invoice`` that committed it, ``minimum`` and the
+        period's usage ``spend`` billed so far, sub-units of ``unit``), or ``None``: no minimum, committed before
+        session 8, or older than the last ``BILLED_PERIODS_KEPT_MAX`` periods."""
+        found = self._period_minimums.get(unit, {}).get(period)
+        return dict(found) if found is not None else None
+
+    def commit_period_minimum(self, *, invoice: str, unit: str, period: str, minimum: int, spend: int,
+                              at: datetime) -> None:
+        """``invoice`` billed ``period``'s usage (``spend``, at its rated value) against the minimum spend the period
+        committed (``minimum``; its "Minimum commitment" line billed the shortfall): remembered so a later correction
+        of the period keeps its charge at max(spend, minimum) (``charge_period_minimums``, ``debit_usage``)."""
+        self._require_unit(unit)
+        _require_text("invoice", invoice)
+        _require_text("period", period)
+        _require_amount("minimum", minimum)
+        _require_amount("spend", spend, allow_zero=True, allow_negative=True)
+        _require_time("at", at)
+        self._period_minimum_committed(invoice=invoice, unit=unit, period=period, minimum=minimum, spend=spend,
+                                       at=at)
+
+    @event("PeriodMinimumCommitted")
+    def _period_minimum_committed(self, invoice: str, unit: str, period: str, minimum: int, spend: int,
+                                  at: datetime) -> None:
+        kept = self._period_minimums.setdefault(unit, {})
+        kept.pop(period, None)
+        kept[period] = {"invoice": invoice, "minimum": minimum, "spend": spend}
+        while len(kept) > BILLED_PERIODS_KEPT_MAX:
+            del kept[next(iter(kept))]
+
+    def charge_period_minimums(self, *, invoice: str, unit: str, taken: dict[str, int], minor: int,
+                               at: datetime) -> dict[str, int]:
+        """``invoice`` took ``taken`` (period key -> sub-units, ``invoice_overage``): overage of periods an earlier
+        invoice billed against a minimum spend (``period_minimum``: a late correction raised their usage). What of
+        each the minimum commitment already billed covers (the period's minimum less its spend, whole ``minor``
+        units) is netted: not owed twice (Dr RECOGNISED_REVENUE / Cr RECEIVABLES, ``PeriodMinimumsCharged``), and
+        every period's spend grows by what it took. Returns period key -> sub-units netted (none: ``{}``)."""
+        self._require_unit(unit)
+        _require_amount("minor", minor)
+        kept = self._period_minimums.get(unit, {})
+        periods: dict[str, dict[str, int]] = {}
+        for key, amount in taken.items():
+            record = kept.get(key)
+            if record is None or amount <= 0:
+                continue
+            cover = max(record["minimum"] - record["spend"], 0)
+            periods[key] = {"overage": amount, "netted": min(amount, cover) // minor * minor}
+        if not periods:
+            return {}
+        netted = sum(p["netted"] for p in periods.values())
+        postings = [posting(LedgerAccount.RECOGNISED_REVENUE, unit, netted),
+                    posting(LedgerAccount.RECEIVABLES, unit, -netted)] if netted else []
+        assert_balanced(postings)
+        self._period_minimums_charged(invoice=invoice, unit=unit, periods=periods, postings=postings, at=at)
+        return {key: p["netted"] for key, p in periods.items() if p["netted"]}
+
+    @event("PeriodMinimumsCharged")
+    def _period_minimums_charged(self, invoice: str, unit: str, periods: dict[str, dict[str, int]],
+                                 postings: list[Posting], at: datetime) -> None:
+        kept = self._period_minimums.get(unit, {})
+        netted = 0
+        for key, change in periods.items():
+            if key in kept:
+                kept[key]["spend"] += change["overage"]
+            if change["netted"]:
+                netted += change["netted"]
+                # What the invoice bills of the period is its overage less the commitment netted: all a later
+                # decrease can credit against it.
+                records = self._billed_periods.get(unit, {}).get(key, [])
+                for billed in records:
+                    if billed["invoice"] == invoice:
+                        billed["amount"] -= change["netted"]
+                records[:] = [billed for billed in records if billed["amount"] > 0]
+                if not records:
+                    self._billed_periods.get(unit, {}).pop(key, None)
+        if not self._billed_periods.get(unit, True):
+            self._billed_periods.pop(unit, None)
+        if netted:
+            self._receivable[unit] = self._receivable.get(unit, 0) - netted
+            billed_overage = self._invoiced_overage.get(invoice, {})
+            if unit in billed_overage:
+                billed_overage[unit] -= netted
+                if billed_overage[unit] <= 0:
+                    del billed_overage[unit]
+            if not billed_overage:
+                self._invoiced_overage.pop(invoice, None)
+
     def invoice_overage(
         self, *, invoice: str, units: Iterable[str], end: datetime, at: datetime
     ) -> dict[str, dict[str, int]]:
@@ -1533,6 +1629,12 @@ class BillingAccount(ChainedAggregate):
         self._invoiced_overage.pop(invoice, None)
         for unit, amount in returned.items():
             _add_unbilled(self._unbilled, unit, at.isoformat(), amount)
+        for unit in list(self._period_minimums):  # its minimum commitment is no longer billed
+            minimums = self._period_minimums[unit]
+            for key in [key for key, record in minimums.items() if record["invoice"] == invoice]:
+                del minimums[key]
+            if not minimums:
+                del self._period_minimums[unit]
         for unit in list(self._billed_periods):  # owed again, unbilled: a correction of it reduces it instead
             periods = self._billed_periods[unit]
             for key in list(periods):

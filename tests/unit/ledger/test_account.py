@@ -1022,6 +1022,11 @@ def _every_event_type() -> BillingAccount:
     account.bill_invoice(invoice="inv-5", unit=USD, net=30 * U, tax=0, at=at(days=15), cause={},
                          deferred={"amount": 30 * U, "start": at(days=15), "end": at(days=45), "pending": True})
     account.start_fee_schedule(invoice="inv-5", start=at(days=17), end=at(days=47), at=at(days=17))
+    # A period billed against a minimum spend of 20 (15 used), its usage later raised by 10: 5 of it is netted.
+    account.commit_period_minimum(invoice="inv-m", unit=USD, period="2026-10", minimum=20 * U, spend=15 * U,
+                                  at=at(days=17))
+    assert account.charge_period_minimums(invoice="inv-6", unit=USD, taken={"2026-10": 10 * U}, minor=U // 100,
+                                          at=at(days=17)) == {"2026-10": 5 * U}
     account.set_low_balance_threshold(CREDIT, 10 * U)
     account.clear_auto_top_up(USD)
     assert promo

@@ -20,7 +20,7 @@ from billing_projections.service import ProjectionService
 from billing_projections.views import load_units, transaction_view
 
 from tests.unit.projections.conftest import apply
-from tests.unit.projections.ledger_events import T0, Ledger, U
+from tests.unit.projections.ledger_events import T0, Ledger, U, uid
 
 CENT = U // 100
 CATALOG = {
@@ -192,3 +192,23 @@ async def test_what_a_full_refund_leaves_owed_counts_as_receivables_as_the_ledge
     booked = sum(r["receivables"] - r["settlements"] for r in rows if r["unit"] == "USD")
     assert chart[("receivables", "USD")] == booked == owed  # was 0 booked: 107.10 billed, 107.10 settled
     assert nov["refunds"] == 10710 * CENT
+
+
+
+async def test_overage_a_periods_minimum_commitment_already_billed_is_no_longer_receivable(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    account = ledger.open("acme")
+    # October was billed 15.00 of usage against a 20.00 minimum (a 5.00 commitment); a late correction raised it by
+    # 10.00, of which the next invoice bills 5.00: the other 5.00 is netted, owed once.
+    account.commit_period_minimum(invoice="inv-oct", unit="USD", period="2026-10", minimum=20 * U, spend=15 * U, at=T0)
+    account.debit_usage(command_id=uid("usage", 1), unit="USD", amount=10 * U, meter="api_calls", at=T0,
+                        overage_policy="overage", cause={"period": "2026-10"})
+    taken = account.invoice_overage(invoice="inv-nov", units=["USD"], end=T0, at=T0)
+    assert account.charge_period_minimums(invoice="inv-nov", unit="USD", taken=taken["USD"], minor=CENT,
+                                          at=T0) == {"2026-10": 5 * U}
+    ledger.save(account)
+    await apply(service, ledger.records())
+    rows = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
+                                                                     since=None, until=None)}
+    assert rows[("2026-10", "USD")]["receivables"] == account.receivable("USD") == 5 * U

@@ -12,6 +12,7 @@ import pytest
 from billing_events import ids
 from billing_events.messages import AcceptedUsage, UsageEvent
 from billing_events.topics import USAGE_ACCEPTED
+from billing_ledger.audit import verify_store
 from billing_runtime.bus import Record
 
 from tests.unit.subscriptions import test_cancel_after_period_end as wiring
@@ -121,3 +122,77 @@ async def test_a_correction_never_credits_below_the_periods_minimum_spend(
         assert usage + sum(notes, Decimal(0)) == Decimal(minimum)  # what the period's usage costs in all
         account = wired.ledger.repository.get(ids.account_id("acme"))
         assert account.available("USD") == -sum(notes, Decimal(0)) * 10**9  # and no credit besides
+
+
+def november_charge(stack: Stack) -> Decimal:
+    """What November's usage costs in all: the Dec 1 renewal's usage and minimum commitment, the overage of earlier
+    periods later invoices bill (and the commitment they net from it), the correction notes."""
+    total = Decimal(0)
+    for document in stack.invoices().values():
+        for item in document.lines:
+            if document.key.endswith(DEC_1.isoformat()) and item["kind"] in ("usage", "minimum_commitment") \
+                    or item["kind"] in ("overage", "usage_correction") or item.get("earlier_periods"):
+                total += Decimal(item["amount"])
+    return total
+
+
+async def test_a_late_increase_of_a_period_billed_with_a_minimum_commitment_is_charged_once(tmp_path: Path) -> None:
+    catalog = copy.deepcopy(wiring.CATALOG)
+    catalog["plans"][0]["minimum_spend"] = "20.00"
+    async with wiring.wired_stack(tmp_path, catalog) as wired:
+        wired.run("subscription.create", wiring.NOV_1, key="m", plan="team")
+        await wired.relay()
+        await wired.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))  # 15.00 of usage in November
+        wired.run("subscription.tick", DEC_1, key="m")
+        await wired.relay()
+        await wired.deliver()
+        assert november_charge(wired) == Decimal("20.00")  # 15.00 + a 5.00 minimum commitment
+        # Raised to 350 calls (25.00): January bills the 10.00 more, less the 5.00 commitment that already paid for
+        # it (30.00 before: the commitment and the usage it stood for, both).
+        await correct(wired, "nov-fix", "nov", "350", datetime(2026, 12, 5, tzinfo=UTC))
+        wired.run("subscription.tick", JAN_1, key="m")
+        await wired.relay()
+        await wired.deliver()
+        january = wired.invoice(JAN_1.isoformat())
+        assert [(i["kind"], i["amount"]) for i in january.lines if i["kind"] != "base_fee"] == [
+            ("overage", "10.00"), ("minimum_commitment", "-5.00"), ("minimum_commitment", "20.00")]  # December's
+        assert november_charge(wired) == Decimal("25.00")
+        # Lowered to 300 calls (20.00): 5.00 back (it took 10.00 below 25.00 before: January credited in full).
+        await correct(wired, "nov-fix2", "nov", "300", datetime(2027, 1, 5, tzinfo=UTC))
+        assert credited(wired) == [Decimal("-5.00")]
+        assert november_charge(wired) == Decimal("20.00")
+        # Lowered to 150 calls (5.00): the minimum, 20.00, is owed whatever the usage: nothing more back.
+        await correct(wired, "nov-fix3", "nov", "150", datetime(2027, 1, 6, tzinfo=UTC))
+        assert credited(wired) == [Decimal("-5.00")]
+        assert november_charge(wired) == Decimal("20.00")
+        assert all(r.outcome == "applied" for r in wired.results), wired.results
+        # The books say the same: owed, every invoice's total; the account credit, the one note's.
+        account = wired.ledger.repository.get(ids.account_id("acme"))
+        totals = sum((i.total for i in wired.invoices().values() if i.document_type == "invoice"), Decimal(0))
+        assert (account.receivable("USD"), account.available("USD")) == (totals * 10**9, 5 * 10**9)
+        assert verify_store(wired.ledger, "acme").ok
+
+
+async def test_a_period_raised_then_lowered_before_its_increase_is_invoiced_is_charged_its_usage(
+        tmp_path: Path) -> None:
+    catalog = copy.deepcopy(wiring.CATALOG)
+    catalog["plans"][0]["minimum_spend"] = "20.00"
+    async with wiring.wired_stack(tmp_path, catalog) as wired:
+        wired.run("subscription.create", wiring.NOV_1, key="m", plan="team")
+        await wired.relay()
+        await wired.use("nov", "350", datetime(2026, 11, 20, tzinfo=UTC))  # 25.00: above the minimum
+        wired.run("subscription.tick", DEC_1, key="m")
+        await wired.relay()
+        await wired.deliver()
+        # Raised to 450 calls (35.00, not invoiced yet), then back to 350 (25.00) before the Jan 1 renewal: the
+        # lowering credits the renewal down to the minimum (5.00 back) and the minimum covers the rest of the
+        # increase, so January bills 5.00 of it, not 10.00 (November charged 30.00).
+        await correct(wired, "nov-fix", "nov", "450", datetime(2026, 12, 5, tzinfo=UTC))
+        await correct(wired, "nov-fix2", "nov", "350", datetime(2026, 12, 6, tzinfo=UTC))
+        wired.run("subscription.tick", JAN_1, key="m")
+        await wired.relay()
+        await wired.deliver()
+        assert all(r.outcome == "applied" for r in wired.results), wired.results
+        assert credited(wired) == [Decimal("-5.00")]
+        assert november_charge(wired) == Decimal("25.00")
+        assert verify_store(wired.ledger, "acme").ok
