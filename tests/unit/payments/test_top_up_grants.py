@@ -162,12 +162,17 @@ def test_a_partial_refund_of_a_top_up_pays_back_its_share_of_the_vat(ledger: Led
     assert refunded.value["paid_back"] == {"unit": "USD", "amount": 2975 * U // 100, "tax_amount": 475 * U // 100}
 
     # The gateway's refund of the order then reverses the rest of the credit and of the tax, exactly.
+    refund_whole_order(ledger, order)
+    assert books(ledger) == {}
+
+
+def refund_whole_order(ledger: LedgerApplication, order: dict[str, Any]) -> None:
+    """The gateway's refund of the whole 119.00 order (what partial refunds left of it is reversed)."""
     rest = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
                                tenant=TENANT, order_id=order["order_id"], amount=Decimal("119.00"), currency="USD",
                                verified_at=utcnow(), gateway_reference="re_1")
     [result] = ledger.apply_commands([payment_command(rest)])
     assert result.outcome == "applied", result
-    assert books(ledger) == {}
 
 
 def test_partial_refunds_of_a_top_up_pay_back_whole_cents_and_in_all_exactly_what_was_paid(
@@ -193,11 +198,7 @@ def test_partial_refunds_of_a_top_up_pay_back_whole_cents_and_in_all_exactly_wha
     assert "minor unit" in finer.detail
     assert books(ledger)[("gateway_clearing", "USD")] == Decimal("39.68")
     # The gateway's refund of the order gives back the rest: 119.00 in all, exactly.
-    rest = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
-                               tenant=TENANT, order_id=order["order_id"], amount=Decimal("119.00"), currency="USD",
-                               verified_at=utcnow(), gateway_reference="re_1")
-    [result] = ledger.apply_commands([payment_command(rest)])
-    assert result.outcome == "applied", result
+    refund_whole_order(ledger, order)
     assert books(ledger) == {}
 
 

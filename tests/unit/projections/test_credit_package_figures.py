@@ -195,9 +195,9 @@ async def test_funds_in_are_the_money_received_for_bonuses_and_discounts_in_the_
     assert october["promotional"] == (2000 + 1000) * CENT
 
 
-async def test_a_partial_refund_of_a_currency_top_up_shows_the_vat_paid_back(service: ProjectionService) -> None:
-    """For comparison, a top-up in the currency itself (100.00 + 19 % VAT): finance refunds a quarter of its credit
-    with ``grant.refund``; the history row and the figures show the 4.75 of VAT paid back with the 25.00."""
+async def top_up_refunded_in_part(service: ProjectionService, amount: str) -> None:
+    """A 100.00 USD top-up paid with 19 % VAT (119.00), ``amount`` of its credit refunded by finance (``grant.refund``),
+    projected."""
     ledger = Ledger()
     ledger.command("catalog.publish", None, document=CATALOG, digest="packages-1")
     ledger.command("account.open", "acme", currency="USD")
@@ -207,8 +207,14 @@ async def test_a_partial_refund_of_a_currency_top_up_shows_the_vat_paid_back(ser
                    amount="119.00", currency="USD")
     ledger.command("grant.refund", "acme", at=NOVEMBER,
                    grant_id=str(ids.grant_id("acme", f"order/{placed['order_id']}/purchase")), refund_id=str(uuid4()),
-                   amount="25", reason="goodwill")
+                   amount=amount, reason="goodwill")
     await apply(service, ledger.records())
+
+
+async def test_a_partial_refund_of_a_currency_top_up_shows_the_vat_paid_back(service: ProjectionService) -> None:
+    """For comparison, a top-up in the currency itself (100.00 + 19 % VAT): finance refunds a quarter of its credit
+    with ``grant.refund``; the history row and the figures show the 4.75 of VAT paid back with the 25.00."""
+    await top_up_refunded_in_part(service, "25")
     [refund] = [r for r in await history.page(service.db, tenant="acme", limit=1000) if r["type"] == "refund"]
     assert (int(refund["amount"]), int(refund["wallet_delta"])) == (-25 * U, -25 * U)  # the credit, off the wallet
     assert transaction_view(refund, await load_units(service.db))["detail"] == "net 25.00, tax 4.75"
@@ -219,17 +225,7 @@ async def test_a_partial_refund_of_a_currency_top_up_shows_the_vat_paid_back(ser
 async def test_a_refund_of_a_third_of_a_top_up_shows_whole_cents_of_vat_paid_back(service: ProjectionService) -> None:
     """33.33 of a 100.00 + 19 % top-up refunded: the history row and the figures show 6.33 of VAT paid back (the
     running share floored to the cent, what a gateway can pay back), not 6.3327."""
-    ledger = Ledger()
-    ledger.command("catalog.publish", None, document=CATALOG, digest="packages-1")
-    ledger.command("account.open", "acme", currency="USD")
-    ledger.command("tax_profile.set", "acme", country="DE", business_name="Acme GmbH")
-    placed = ledger.command("checkout.place", "acme", amount="100", key="o1", gateway="stripe").value
-    ledger.command("order.paid_off_session", "acme", key="o1", gateway="stripe", payment_id="pi_o1",
-                   amount="119.00", currency="USD")
-    ledger.command("grant.refund", "acme", at=NOVEMBER,
-                   grant_id=str(ids.grant_id("acme", f"order/{placed['order_id']}/purchase")), refund_id=str(uuid4()),
-                   amount="33.33", reason="goodwill")
-    await apply(service, ledger.records())
+    await top_up_refunded_in_part(service, "33.33")
     [refund] = [r for r in await history.page(service.db, tenant="acme", limit=1000) if r["type"] == "refund"]
     assert transaction_view(refund, await load_units(service.db))["detail"] == "net 33.33, tax 6.33"
     november = (await monthly_figures(service))[("2026-11", "USD")]

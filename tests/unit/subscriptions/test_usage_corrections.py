@@ -3,7 +3,9 @@ hand, see ``test_cancel_after_period_end``): a credit note against the invoice t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -99,9 +101,9 @@ async def test_a_correction_after_the_renewal_credits_at_novembers_margin_and_de
     assert usage == Decimal("2.00") + Decimal("3.00")
 
 
-@pytest.mark.parametrize(("minimum", "notes"), [("20.00", []), ("10.00", [Decimal("-5.00")])])
-async def test_a_correction_never_credits_below_the_periods_minimum_spend(
-        tmp_path: Path, minimum: str, notes: list[Decimal]) -> None:
+@contextlib.asynccontextmanager
+async def november_billed(tmp_path: Path, minimum: str) -> AsyncIterator[Stack]:
+    """A team plan with ``minimum`` spend, 250 calls in November (15.00), billed on the Dec 1 renewal."""
     catalog = copy.deepcopy(wiring.CATALOG)
     catalog["plans"][0]["minimum_spend"] = minimum
     async with wiring.wired_stack(tmp_path, catalog) as wired:
@@ -111,6 +113,13 @@ async def test_a_correction_never_credits_below_the_periods_minimum_spend(
         wired.run("subscription.tick", DEC_1, key="m")
         await wired.relay()
         await wired.deliver()
+        yield wired
+
+
+@pytest.mark.parametrize(("minimum", "notes"), [("20.00", []), ("10.00", [Decimal("-5.00")])])
+async def test_a_correction_never_credits_below_the_periods_minimum_spend(
+        tmp_path: Path, minimum: str, notes: list[Decimal]) -> None:
+    async with november_billed(tmp_path, minimum) as wired:
         renewal = wired.invoice(DEC_1.isoformat())
         # Corrected to 150 calls: 5.00 of usage, so the period owes its minimum. 20.00: the renewal billed 15.00 and
         # a 5.00 minimum commitment, 20.00 owed either way (it credited 10.00). 10.00: 5.00 above it (not 10.00).
@@ -137,15 +146,7 @@ def november_charge(stack: Stack) -> Decimal:
 
 
 async def test_a_late_increase_of_a_period_billed_with_a_minimum_commitment_is_charged_once(tmp_path: Path) -> None:
-    catalog = copy.deepcopy(wiring.CATALOG)
-    catalog["plans"][0]["minimum_spend"] = "20.00"
-    async with wiring.wired_stack(tmp_path, catalog) as wired:
-        wired.run("subscription.create", wiring.NOV_1, key="m", plan="team")
-        await wired.relay()
-        await wired.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))  # 15.00 of usage in November
-        wired.run("subscription.tick", DEC_1, key="m")
-        await wired.relay()
-        await wired.deliver()
+    async with november_billed(tmp_path, "20.00") as wired:
         assert november_charge(wired) == Decimal("20.00")  # 15.00 + a 5.00 minimum commitment
         # Raised to 350 calls (25.00): January bills the 10.00 more, less the 5.00 commitment that already paid for
         # it (30.00 before: the commitment and the usage it stood for, both).
