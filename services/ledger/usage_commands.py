@@ -28,6 +28,7 @@ from uuid import UUID
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT, currency, from_subunits, is_currency_code, to_subunits
 from billing_events.timeutil import parse_timestamp
+from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
@@ -40,7 +41,7 @@ from billing_ledger.subscription_commands import _document, _left_to_give_back
 def debit_usage(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     account = account_of(batch, command.tenant)
     payload = command.payload
-    unit, amount, meter = payload["unit"], _subunits_sent(command), payload["meter"]
+    unit, amount, meter = payload["unit"], _subunits(command), payload["meter"]
     at = parse_timestamp(payload["at"])
     cause = payload.get("cause", {})
     credit_note = _credit_invoiced_usage(app, batch, account, command, unit, amount, meter, at, cause) \
@@ -57,12 +58,12 @@ def debit_usage(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -
     )
 
 
-def _subunits_sent(command: LedgerCommand) -> int:
-    """The command's ``amount_subunits``: an integer as rating sends it; 2.5 or "3" is rejected, never truncated
-    or converted (the money posted would not be what was rated)."""
-    amount = command.payload["amount_subunits"]
-    if type(amount) is not int:
-        raise CommandRejected("invalid_command", f"amount_subunits must be a whole number, not {amount!r}")
+def _subunits(command: LedgerCommand) -> int:
+    """The debit's ``amount_subunits``: an integer as rating sends it; 2.5 or "3" is rejected, never truncated or
+    converted (the money posted would not be what was rated)."""
+    amount = fields.optional_whole(command, "amount_subunits")
+    if amount is None:
+        raise CommandRejected("invalid_command", "amount_subunits is required")
     return amount
 
 

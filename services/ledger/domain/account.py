@@ -1684,11 +1684,7 @@ class BillingAccount(ChainedAggregate):
         ``tax`` (or ``net``) is negative only when the invoice also credits unused time taxed at another rate than
         today's (an upgrade after the tax profile changed: the credit gives back the tax its invoice charged);
         ``net + tax`` is never negative."""
-        self._require_unit(unit)
-        _require_text("invoice", invoice)
-        _require_amount("net", net, allow_zero=True, allow_negative=True)
-        _require_amount("tax", tax, allow_zero=True, allow_negative=True)
-        _require_time("at", at)
+        self._require_document(unit, "invoice", invoice, net, tax, at)
         if net + tax < 0:
             raise InvalidAmount(f"invoice {invoice} would bill {net + tax}: a negative total is a credit note")
         if invoice in self._invoice_billed or invoice in self._fee_schedules:
@@ -1757,11 +1753,7 @@ class BillingAccount(ChainedAggregate):
         another rate than the credit (a downgrade after the tax profile changed: the new plan's rest is taxed at
         today's rate, the credit gives back the tax its invoice charged); ``net + tax``, the credit, is never
         negative."""
-        self._require_unit(unit)
-        _require_text("note", note)
-        _require_amount("net", net, allow_zero=True, allow_negative=True)
-        _require_amount("tax", tax, allow_zero=True, allow_negative=True)
-        _require_time("at", at)
+        self._require_document(unit, "note", note, net, tax, at)
         if net + tax < 0:
             raise InvalidAmount(f"credit note {note} would take {-(net + tax)} from the account: it bills")
         if net + tax == 0:
@@ -2221,6 +2213,15 @@ class BillingAccount(ChainedAggregate):
         )
 
     # == internals (pure helpers shared by commands and event application) ===================================
+
+    def _require_document(self, unit: str, kind: str, document: str, net: int, tax: int, at: datetime) -> None:
+        """The arguments of a subscription document's posting (an invoice billed, a credit note): ``net`` and
+        ``tax`` may be negative (a credit at another tax rate than a new charge); the caller checks the total."""
+        self._require_unit(unit)
+        _require_text(kind, document)
+        _require_amount("net", net, allow_zero=True, allow_negative=True)
+        _require_amount("tax", tax, allow_zero=True, allow_negative=True)
+        _require_time("at", at)
 
     def _require_unit(self, unit: str) -> None:
         if not isinstance(unit, str):

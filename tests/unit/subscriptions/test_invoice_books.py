@@ -22,18 +22,23 @@ from billing_ledger.domain.postings import account_balances
 from billing_ledger.domain.subscription import Subscription, subscription_id
 from billing_ledger.payment_commands import payment_command
 
-from tests.unit.subscriptions.test_invoice_overage import debit, renew_and_bill, run, usage_line
+from tests.unit.subscriptions import test_invoice_overage as overage
+from tests.unit.subscriptions.test_invoice_overage import (
+    DEC_1,
+    JAN_1,
+    NOV_1,
+    U,
+    debit,
+    renew_and_bill,
+    run,
+    usage_line,
+)
 
-U = 10**9
 CENT = U // 100
-NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
-DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
-JAN_1 = datetime(2027, 1, 1, tzinfo=UTC)
 CATALOG: dict[str, Any] = {
-    "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.10", "currency": "USD"}},
-    "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}},
-               {"code": "tokens", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
+    "credit_units": overage.CATALOG["credit_units"],
+    "meters": overage.CATALOG["meters"],
     "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00"},
               {"code": "team-yearly", "name": "Team yearly", "currency": "USD", "cadence": "year",
                "base_fee": "360.00"},
