@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import namespaces
 from tests.support import smtp  # noqa: F401 - a fixture every test may ask for (a local SMTP server)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,18 @@ def infra() -> Iterator[dict[str, str]]:
         kafka = kafka or "127.0.0.1:9092"
         database = database or "postgresql://billing:billing@127.0.0.1:55432/billing"
     print(f"\n[infra] Kafka at {kafka}, PostgreSQL at {database.split('@')[-1]}", file=sys.stderr)
-    yield {"KAFKA_BOOTSTRAP_SERVERS": kafka, "DATABASE_URL": database}
+    lock, alone = namespaces.session_lock()
+    if alone:
+        topics, schemas = namespaces.prune_orphans(kafka, database)
+        if topics or schemas:
+            print(f"[infra] dropped {topics} topics and {schemas} schemas earlier test runs left behind",
+                  file=sys.stderr)
+        namespaces.share_lock(lock)
+    try:
+        yield {"KAFKA_BOOTSTRAP_SERVERS": kafka, "DATABASE_URL": database}
+    finally:
+        namespaces.drop_session_namespaces(kafka, database)
+        lock.close()
     for container in containers:
         container.stop()  # type: ignore[attr-defined]
 

@@ -17,7 +17,9 @@ STACK_DIR="${BILLING_STACK_DIR:-/var/tmp/billing-stack}"
 HOST=127.0.0.1
 PORT=9092
 CONTROLLER_PORT=9093
-READY_TIMEOUT_S="${KAFKA_READY_TIMEOUT_S:-90}"
+# A broker holding thousands of partitions (topics of killed test runs) loads them for minutes after an unclean
+# stop; the tests drop their topics (tests/namespaces.py), and this bound only catches a broker that hangs.
+READY_TIMEOUT_S="${KAFKA_READY_TIMEOUT_S:-420}"
 STOP_TIMEOUT_S="${KAFKA_STOP_TIMEOUT_S:-60}"
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}"
 
@@ -138,7 +140,7 @@ group.initial.rebalance.delay.ms=0
 # Small 2-core box.
 num.network.threads=3
 num.io.threads=4
-num.recovery.threads.per.data.dir=1
+num.recovery.threads.per.data.dir=2
 log.retention.hours=168
 log.retention.check.interval.ms=300000
 EOF
@@ -204,8 +206,16 @@ broker_ready() {
     org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$PORT" --list >/dev/null 2>&1
 }
 
+loading_progress() {
+  # What the broker is doing: how many partition logs it has loaded so far (a slow start is usually this).
+  local loaded total
+  loaded="$(grep -c 'Completed load of Log' "$SERVER_LOG" 2>/dev/null || true)"
+  total="$(find "$DATA_DIR" -mindepth 1 -maxdepth 1 -type d -name '*-[0-9]*' 2>/dev/null | wc -l)"
+  echo "server.log shows ${loaded:-0} partition logs loaded (since it was rolled); $total partition dirs in $DATA_DIR"
+}
+
 wait_ready() {
-  local pid="$1" start=$SECONDS
+  local pid="$1" start=$SECONDS next_report=30
   while ((SECONDS - start < READY_TIMEOUT_S)); do
     if ! kill -0 "$pid" 2>/dev/null; then
       show_logs
@@ -214,6 +224,10 @@ wait_ready() {
     if broker_ready; then
       log "ready on $HOST:$PORT (pid $pid, $((SECONDS - start)) s)"
       return 0
+    fi
+    if ((SECONDS - start >= next_report)); then
+      log "still starting after $((SECONDS - start)) s: $(loading_progress)"
+      next_report=$((next_report + 30))
     fi
     sleep 1
   done

@@ -10,31 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+from pathlib import Path
 
-import asyncpg
-from aiokafka.admin import AIOKafkaAdminClient
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make `tests.` importable
+
+from tests.namespaces import drop_namespaces
 
 PREFIX = "bench"
 
 
 async def main() -> None:
-    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
-    try:
-        schemas = [r["nspname"] for r in await conn.fetch(
-            "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1)", PREFIX)]
-        for schema in schemas:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        await conn.close()
-    admin = AIOKafkaAdminClient(bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"])
-    await admin.start()
-    try:
-        topics = [t for t in await admin.list_topics() if t.startswith(PREFIX)]
-        for start in range(0, len(topics), 100):
-            await admin.delete_topics(topics[start:start + 100])
-    finally:
-        await admin.close()
-    print(f"dropped {len(schemas)} schemas and {len(topics)} topics of {PREFIX}* namespaces")
+    topics, schemas = await drop_namespaces(os.environ["KAFKA_BOOTSTRAP_SERVERS"], os.environ["DATABASE_URL"],
+                                            lambda name: name.startswith(PREFIX))
+    print(f"dropped {schemas} schemas and {topics} topics of {PREFIX}* namespaces")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@ processes in one consumer group, on real Kafka and PostgreSQL, in a fresh namesp
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.namespaces import scratch_namespace
 from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack(infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    namespace = "t" + uuid.uuid4().hex[:10]
+    namespace = scratch_namespace("t")
     log_dir = tmp_path_factory.mktemp("stack-logs")
     env = {**infra, "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(log_dir / "var")}
     ports = {name: free_port() for name in ("ingest", "rating", "ledger", "ledger2", "projections")}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from billing_runtime.db import PostgresDatabase, is_unique_violation
 
+from tests.namespaces import scratch_namespace
 from tests.support import drop_schema, exercise_copy_records
 
 pytestmark = pytest.mark.integration
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def schema(infra: dict[str, str]) -> AsyncIterator[str]:
-    name = f"t{uuid.uuid4().hex[:10]}_db"
+    name = f"{scratch_namespace()}_db"
     yield name
     await drop_schema(infra["DATABASE_URL"], name)
 

@@ -4,7 +4,6 @@ batches with overlapping keys claim each key once (and never deadlock), cleanup 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +11,7 @@ import pytest
 from billing_ingest import dedup
 from billing_runtime.db import PostgresDatabase
 
+from tests.namespaces import scratch_namespace
 from tests.support import drop_schema
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def db(infra: dict[str, str]) -> AsyncIterator[PostgresDatabase]:
-    schema = f"t{uuid.uuid4().hex[:10]}_billing_ingest"
+    schema = f"{scratch_namespace()}_billing_ingest"
     database = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
     await database.executescript(dedup.SCHEMA)
     yield database

@@ -23,6 +23,7 @@ from billing_events import topics
 from billing_events.messages import LedgerEvent
 from billing_runtime.bus import ensure_topics
 
+from tests.namespaces import scratch_namespace
 from tests.support import ServiceProcess, auth, drop_schema, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -106,7 +107,7 @@ def accepted_ids(ingest: IngestEnv) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ingest(infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestEnv]:
-    namespace = "ti" + uuid.uuid4().hex[:10]
+    namespace = scratch_namespace("ti")
     log_dir = tmp_path_factory.mktemp("ingest-logs")
     env = {**infra, "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(log_dir / "var"),
            "BILLING_TOPIC_PARTITIONS": str(PARTITIONS), "BILLING_BATCH_RECORDS_MAX": "500"}

@@ -40,6 +40,7 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.sweeper import Sweeper
 from eventsourcing.persistence import IntegrityError, Tracking
 
+from tests.namespaces import scratch_namespace
 from tests.support import ServiceProcess, auth, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,7 @@ class Ledger:
 
 @pytest.fixture(scope="module")
 def ledger(infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
-    namespace = "tl" + uuid.uuid4().hex[:10]
+    namespace = scratch_namespace("tl")
     log_dir = tmp_path_factory.mktemp("ledger-logs")
     env = {**infra, "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(log_dir / "var")}
     schema = f"{namespace}_billing_ledger"
@@ -266,7 +267,7 @@ def test_parallel_allocations_over_two_processes_never_exceed_capacity(ledger: L
 @pytest.fixture
 def two_stores(infra: dict[str, str], tmp_path: Path) -> Iterator[tuple[LedgerApplication, LedgerApplication]]:
     """Two ledger applications (as two processes) on one fresh PostgreSQL schema."""
-    schema = f"tl{uuid.uuid4().hex[:10]}_billing_ledger"
+    schema = f"{scratch_namespace('tl')}_billing_ledger"
     with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     first = LedgerApplication(persistence_env(infra["DATABASE_URL"], str(tmp_path), schema))
@@ -666,7 +667,7 @@ def test_ledger_processes_starting_together_set_their_store_up_once(infra: dict[
     """Three ledger processes starting at the same moment on a new schema (and then again on the existing one)
     all come up: without the set-up lock, PostgreSQL's concurrent DDL failed them with duplicate pg_type keys
     (every round of 8 tried) or "tuple concurrently updated"."""
-    schema = f"tl{uuid.uuid4().hex[:10]}_billing_ledger"
+    schema = f"{scratch_namespace('tl')}_billing_ledger"
     with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from billing_events.money import SUBUNITS_PER_UNIT
 
+from tests.integration.projections_support import applied_offsets, publish, start_projections, wait_caught_up
 from tests.support import auth, wait_until
 from tests.unit.projections.ledger_events import Ledger, simple_account
-from tests.unit.projections.stack_support import applied_offsets, publish, start_projections, wait_caught_up
 
 pytestmark = pytest.mark.integration
 TENANTS = 120

@@ -16,15 +16,15 @@ import httpx
 import pytest
 from billing_events.money import SUBUNITS_PER_UNIT
 
-from tests.support import BILLING, ROOT, auth, drop_schema
-from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
-from tests.unit.projections.stack_support import (
+from tests.integration.projections_support import (
     ProjectionsStack,
     dump_schema,
     publish,
     start_projections,
     wait_caught_up,
 )
+from tests.support import BILLING, ROOT, auth, drop_schema
+from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
 
 pytestmark = pytest.mark.integration
 TENANTS = 20

@@ -3,7 +3,6 @@ upserts and updates of every column kind, sent as one JSON array per statement (
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Table, value
 from billing_runtime.db import Database, PostgresDatabase, SqliteDatabase
 
+from tests.namespaces import scratch_namespace
 from tests.support import drop_schema
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ async def _apply(db: Database, dialect: str) -> list[tuple[Any, ...]]:
 
 @pytest.fixture
 async def postgres(infra: dict[str, str]) -> AsyncIterator[PostgresDatabase]:
-    schema = f"t{uuid.uuid4().hex[:10]}_writer"
+    schema = f"{scratch_namespace()}_writer"
     db = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
     try:
         yield db

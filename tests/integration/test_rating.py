@@ -23,6 +23,7 @@ from billing_runtime.db import PostgresDatabase
 
 from tests.integration.conftest import Stack
 from tests.integration.test_walking_skeleton import apply_accounts, available, produce_raw, wait_balance
+from tests.namespaces import scratch_namespace
 from tests.support import auth, drop_schema, wait_until
 
 pytestmark = pytest.mark.integration
@@ -127,7 +128,7 @@ class _Outbox:
 
 @pytest.fixture
 async def pg_rating(infra: dict[str, str]) -> AsyncIterator[tuple[RatingService, _Outbox]]:
-    schema = f"t{uuid.uuid4().hex[:10]}_billing_rating"
+    schema = f"{scratch_namespace()}_billing_rating"
     db = await PostgresDatabase(infra["DATABASE_URL"], schema).connect()
     outbox = _Outbox()
     service = RatingService(db, outbox)  # type: ignore[arg-type]

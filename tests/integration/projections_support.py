@@ -4,7 +4,6 @@ ledger events through Kafka, and row-for-row dumps of its PostgreSQL schema."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from billing_projections.rebuild import kafka_partitions
 from billing_projections.store import ALL_TABLES
 from billing_runtime.bus import KafkaBus, OutMessage
 
+from tests.namespaces import scratch_namespace
 from tests.support import ServiceProcess, free_port, wait_until
 
 
@@ -45,7 +45,7 @@ class ProjectionsStack:
 
 
 def start_projections(infra: dict[str, str], log_dir: Path) -> ProjectionsStack:
-    namespace = "p" + uuid.uuid4().hex[:10]
+    namespace = scratch_namespace("p")
     port = free_port()
     env = {**infra, "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(log_dir / "var")}
     process = ServiceProcess(["serve", "projections", "--port", str(port)], env, log_dir / "projections.log",
