@@ -62,6 +62,9 @@ SCHEMA_HEADERS = {topics.LEDGER_COMMANDS: (("schema", b"ledger.command/v1"),),
 
 # Decisions of events that were refused and counted in no total: a correction of one is refused too.
 REFUSED_DECISIONS = frozenset({"period_closed", "no_price", "invalid_correction", "unknown_correction"})
+# The decision of an event (or of a correction) that the meter's property filters left out: it counted in no
+# total, so a correction of it that passes the filters counts as a fresh event of its own quantity.
+FILTERED = "filtered"
 
 # A period's last instant is its end less this (periods are [start, end), to the microsecond).
 LAST_INSTANT = timedelta(microseconds=1)
@@ -387,9 +390,11 @@ class RatingService:
             failed.append(exc)
 
     def _rate(self, batch: _BatchState, usage: Usage, *, correction: tuple[str, Decimal, Decimal] | None
-              = None, rated_in: str | None = None) -> OutMessage | None:
+              = None, counted: bool = True, rated_in: str | None = None) -> OutMessage | None:
         """Rates one event; ``correction`` = (original id, old quantity, new quantity) for an amendment, rated in
-        ``rated_in``, the period its original was rated in (``_correct``)."""
+        ``rated_in``, the period its original was rated in (``_correct``); ``counted``: whether the old quantity
+        is in that period's total (not when the event was filtered out or voided: the correction then counts its
+        own quantity, never a difference against nothing)."""
         event = usage.event
         account = usage.account
         catalog = batch.catalog
@@ -427,7 +432,16 @@ class RatingService:
             detail = meter.error if meter else f"meter {event.meter!r} is not in catalogue v{batch.catalog.version}"
             output = self._rejection(batch, usage, RejectReason.NO_PRICE, detail or "no price")
         elif meter.definition.filters and not matches(meter.definition, event.properties):
-            decision = "filtered"
+            decision = FILTERED
+            if correction is not None and counted:
+                # The event it corrects counted: filtering the correction out would leave the old quantity in the
+                # total while later corrections amend the new one. Refused (amends nothing); a void takes it back.
+                decision = "invalid_correction"
+                output = self._rejection(
+                    batch, usage, RejectReason.INVALID_CORRECTION,
+                    f"correction of {correction[0]!r} does not pass the filters of meter {event.meter!r} "
+                    f"({', '.join(sorted(meter.definition.filters))}) though the event it corrects counted: send its "
+                    f"properties, or a void (quantity 0) to take it back")
         else:
             definition = meter.definition
             group = group_key(definition, event.properties) if definition.group_by else ""
@@ -482,7 +496,8 @@ class RatingService:
                     step = contribution(definition, event.quantity)
                 else:
                     _, old, new = correction
-                    step = (contribution(definition, new) if new else Decimal(0)) - contribution(definition, old)
+                    step = ((contribution(definition, new) if new else Decimal(0))
+                            - (contribution(definition, old) if counted else Decimal(0)))
                 after = RATING_CONTEXT.add(before, step)
                 if after < 0:  # a correction taking back more than the period's total holds: never priced
                     rejection = self._rejection(
@@ -515,8 +530,13 @@ class RatingService:
                 if trialing:
                     decision, amount = "trial", 0  # recorded, not charged: nothing is billed during a trial
                 if correction is not None:
-                    inputs = {**inputs, "corrects": correction[0], "quantity_old": decimal_text(correction[1]),
+                    # ``quantity_old`` is what the event counted before (the monthly usage summary adds new - old);
+                    # an event that counted nothing names the quantity it had in ``quantity_old_uncounted``.
+                    inputs = {**inputs, "corrects": correction[0],
+                              "quantity_old": decimal_text(correction[1]) if counted else "0",
                               "quantity_new": decimal_text(correction[2])}
+                    if not counted:
+                        inputs["quantity_old_uncounted"] = decimal_text(correction[1])
             if amount != 0 and unit is not None and output is None:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
@@ -525,7 +545,7 @@ class RatingService:
                 output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text, group,
                                      inputs)
                 before, after = before_text, after_text  # type: ignore[assignment]
-        if decision not in ("no_price", "filtered", "trial", "invalid_correction", "period_closed"):
+        if decision not in ("no_price", FILTERED, "trial", "invalid_correction", "period_closed"):
             decision = decision_prefix + decision
         # A refused correction amends nothing: the next one amends the quantity before it (as ``_correct``'s own).
         amends = correction is not None and decision not in ("no_price", "invalid_correction", "period_closed")
@@ -571,13 +591,17 @@ class RatingService:
         # The correction is rated at its original's time, in the period its original was rated in: closed or not
         # (a late correction, the late policy says whether it is rated at all), its total and allowance.
         old = Decimal(original["quantity"])
+        # What the event counts now: nothing when it (or its latest correction) was filtered out, or voided (a
+        # correction to 0; a count meter counts an original of quantity 0 as one event, a void as none).
+        counted = decided != FILTERED and not (original.get("corrected") and old == 0)
         at_original = Usage(usage.account, event.at(datetime.fromisoformat(original["event_time"])), usage.source,
                             usage.catalog_version)
         rows = len(batch.rows)
         output = self._rate(batch, at_original, correction=(event.correction_of or "", old, event.quantity),
-                            rated_in=original["period"])
+                            counted=counted, rated_in=original["period"])
         if len(batch.rows) > rows and batch.rows[-1][18] is not None:  # amended (a refusal amends nothing)
-            batch.originals[(account, event.correction_of or "")] = {**original, "quantity": str(event.quantity)}
+            batch.originals[(account, event.correction_of or "")] = {
+                **original, "quantity": str(event.quantity), "decision": batch.rows[-1][14], "corrected": True}
         return output
 
     def _rate_ai(self, batch: _BatchState, account: str, key: str, period: str, usage: Usage,
@@ -807,11 +831,11 @@ class _BatchState:
             self.originals[(row["account_id"], row["event_id"])] = dict(row)
         where = "corrects = ANY($1::text[])" if postgres else f"corrects IN ({_in(corrected)})"
         for row in await conn.fetch(
-                f"SELECT account_id, corrects, effective_quantity FROM rated_events WHERE {where} "
+                f"SELECT account_id, corrects, effective_quantity, decision FROM rated_events WHERE {where} "
                 f"ORDER BY rated_at", *args):
             original = self.originals.get((row["account_id"], row["corrects"]))
-            if original is not None:  # the latest correction is what the next one amends
-                original["quantity"] = row["effective_quantity"]
+            if original is not None:  # the latest correction is what the next one amends (filtered out or not)
+                original.update(quantity=row["effective_quantity"], decision=row["decision"], corrected=True)
 
     async def _load_close_lines(self, conn: Connection, pairs: list[tuple[str, str]]) -> None:
         """The close lines of the closed (account, period) pairs this batch's corrections amend."""

@@ -453,18 +453,106 @@ async def test_corrections_that_cannot_be_priced_are_dead_lettered_never_raised(
     await service.handle_accepted([accepted("s1", "40", "storage_gb", at=day(3)),     # max: priced at close
                                    accepted("g1", "3", "gpu_calls", at=day(3), region="us")])  # filtered out
     await end_period(service, NOV, DEC, JAN)
-    await service.handle_accepted([accepted("g2", "3", "gpu_calls", at=datetime(2026, 12, 2, tzinfo=UTC),
-                                            region="us")])
+    await service.handle_accepted([accepted("a1", "10", "ai_tokens", at=datetime(2026, 12, 2, tzinfo=UTC),
+                                            model="mystery", input_tokens=10)])  # no_price
     # Closed November's max was priced by its close: not priced again (it was counted into December's max).
-    # A correction of a filtered event into one that counts would take 3 off a total that never had them.
+    # A dead-lettered event billed nothing to correct.
     await service.handle_accepted([correction("c1", "s1", "10", meter="storage_gb"),
-                                   correction("c2", "g2", "1", meter="gpu_calls", region="eu")])
+                                   correction("c2", "a1", "5", meter="ai_tokens", model="small")])
     letters = await published(bus, topics.USAGE_REJECTED)
-    assert [(d["event_id"], d["reason"]) for d in letters] == [("c1", "period_closed"), ("c2", "invalid_correction")]
-    assert "priced at its close" in letters[0]["detail"] and "below zero" in letters[1]["detail"]
+    assert [(d["event_id"], d["reason"]) for d in letters] == [
+        ("a1", "no_price"), ("c1", "period_closed"), ("c2", "invalid_correction")]
+    assert "priced at its close" in letters[1]["detail"] and "was refused (no_price)" in letters[2]["detail"]
     assert [c for c in await published(bus) if c["payload"].get("cause", {}).get("corrects")] == []
     await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
     assert usage_lines(await published(bus)) == {}
+
+
+def gpu_debits(commands: list[dict[str, Any]]) -> list[tuple[str, str, str | None, str | None, str | None]]:
+    """(amount, period, corrects, quantity_old, quantity_new) of the gpu_calls debits (2.00 a call, no plan)."""
+    return [(c["payload"]["amount"], c["payload"]["cause"]["period"], c["payload"]["cause"].get("corrects"),
+             c["payload"]["cause"].get("quantity_old"), c["payload"]["cause"].get("quantity_new"))
+            for c in commands if c["kind"] == "usage.debit" and c["payload"]["meter"] == "gpu_calls"]
+
+
+async def test_a_correction_of_a_filtered_event_counts_its_own_quantity_never_a_difference(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # g1 (region us) is filtered out: it counts nothing. Corrected into an eu event of 5, it is a fresh 5 calls,
+    # 10.00 (it was 5 - 3 = 2 calls, 4.00); g2's 3 corrected into 1 is a fresh call, 2.00 (it was 1 - 3 below
+    # zero: a dead letter). A second correction is the difference against the first: 5 -> 6, 2.00 more.
+    await service.handle_accepted([accepted("g1", "3", "gpu_calls", region="us"),
+                                   accepted("g2", "3", "gpu_calls", region="us")])
+    await service.handle_accepted([correction("c1", "g1", "5", meter="gpu_calls", region="eu"),
+                                   correction("c2", "g2", "1", meter="gpu_calls", region="eu")])
+    await service.handle_accepted([correction("c3", "g1", "6", meter="gpu_calls", region="eu")])
+    assert gpu_debits(await published(bus)) == [
+        ("10.000000000", "2026-11", "g1", "0", "5"), ("2.000000000", "2026-11", "g2", "0", "1"),
+        ("2.000000000", "2026-11", "g1", "5", "6")]
+    assert await published(bus, topics.USAGE_REJECTED) == []
+    causes = [c["payload"]["cause"] for c in await published(bus)]
+    assert causes[0]["quantity_old_uncounted"] == "3" and "quantity_old_uncounted" not in causes[2]
+    totals = await service.db.fetch("SELECT meter, quantity FROM period_totals")
+    assert {r["meter"]: r["quantity"] for r in totals} == {"gpu_calls": "7"}
+
+
+async def test_a_correction_filtered_out_itself_counts_nothing_and_one_of_a_counted_event_is_refused(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("g1", "3", "gpu_calls", region="us"),     # filtered out
+                                   accepted("g2", "3", "gpu_calls", region="eu")])    # 6.00
+    # A filtered event corrected into another filtered one stays filtered out: nothing billed, and a later
+    # correction that passes counts its own quantity (2 calls, 4.00). A correction of a counted event that the
+    # filters leave out is refused: it would leave g2's 3 calls in the total while amending it to 1 (the next
+    # correction, 3 -> 1, then gave nothing back); the next one amends the 3 calls.
+    await service.handle_accepted([correction("c1", "g1", "4", meter="gpu_calls", region="us"),
+                                   correction("c2", "g2", "1", meter="gpu_calls", region="us")])
+    await service.handle_accepted([correction("c3", "g1", "2", meter="gpu_calls", region="eu"),
+                                   correction("c4", "g2", "1", meter="gpu_calls", region="eu")])
+    assert gpu_debits(await published(bus)) == [
+        ("6.000000000", "2026-11", None, None, None), ("4.000000000", "2026-11", "g1", "0", "2"),
+        ("-4.000000000", "2026-11", "g2", "3", "1")]
+    [letter] = await published(bus, topics.USAGE_REJECTED)
+    assert (letter["event_id"], letter["reason"]) == ("c2", "invalid_correction")
+    assert "does not pass the filters of meter 'gpu_calls' (region)" in letter["detail"]
+    rows = await service.db.fetch("SELECT event_id, decision, corrects FROM rated_events")
+    assert {r["event_id"]: (r["decision"], r["corrects"]) for r in rows}["c1"] == ("filtered", "g1")
+    totals = await service.db.fetch("SELECT meter, quantity FROM period_totals")
+    assert {r["meter"]: r["quantity"] for r in totals} == {"gpu_calls": "3"}
+
+
+async def test_a_late_correction_of_a_filtered_event_bills_its_own_quantity_in_the_closed_period(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("g1", "3", "gpu_calls", at=day(3), region="us"),   # filtered out
+                                   accepted("g2", "1", "gpu_calls", at=day(4), region="eu")])  # 2.00
+    await end_period(service, NOV, DEC, JAN)
+    await service.handle_accepted([accepted("d1", "2", "gpu_calls", at=datetime(2026, 12, 2, tzinfo=UTC),
+                                            region="eu")])                                     # December: 4.00
+    # November billed 1 call. g1 corrected into 4 eu calls is 4 calls more for November, 8.00 of its overage
+    # (it was 4 - 3 = 1 call, 2.00); then 4 -> 2 gives 4.00 back. December's total and invoice are untouched.
+    await service.handle_accepted([correction("c1", "g1", "4", meter="gpu_calls", region="eu")])
+    await service.handle_accepted([correction("c2", "g1", "2", meter="gpu_calls", region="eu")])
+    assert [(c["payload"]["amount"], c["payload"]["cause"]["period"], c["payload"]["cause"]["original_period"],
+             c["payload"]["cause"]["late"]) for c in await published(bus)
+            if c["payload"].get("cause", {}).get("corrects") == "g1"] == [
+        ("8.000000000", NOV.isoformat(), NOV.isoformat(), "late"),
+        ("-4.000000000", NOV.isoformat(), NOV.isoformat(), "late")]
+    totals = await service.db.fetch("SELECT period, quantity FROM period_totals WHERE meter = 'gpu_calls'")
+    assert {r["period"]: r["quantity"] for r in totals} == {NOV.isoformat(): "3", DEC.isoformat(): "2"}
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    assert usage_lines(await published(bus)) == {"gpu_calls": ("2", "4.000000000")}
+
+
+async def test_a_voided_count_event_amended_again_counts_once_more(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    # logins counts events (1.00 each). A void takes l1 out; amended again it is one login again (it was
+    # 1 - 1 = nothing: the void's quantity 0 was taken for a counted event).
+    await service.handle_accepted([accepted("l1", "5", "logins")])
+    await service.handle_accepted([correction("c1", "l1", "0", meter="logins")])
+    await service.handle_accepted([correction("c2", "l1", "7", meter="logins")])
+    assert [c["payload"]["amount"] for c in await published(bus)] == ["1.000000000", "-1.000000000", "1.000000000"]
+    totals = await service.db.fetch("SELECT quantity FROM period_totals WHERE meter = 'logins'")
+    assert [r["quantity"] for r in totals] == ["1"]
 
 
 async def test_amounts_are_written_in_plain_notation_never_with_an_exponent(rating) -> None:  # type: ignore[no-untyped-def]
