@@ -19,7 +19,8 @@ and refused as a duplicate the second time, like every other command.
   another id could not grant it twice. Packages, tax and orders belong to another part of the system.
 * ``refund_succeeded`` books a refund the gateway has *already paid out*: it is a fact, not a request, so
   it is recorded even when the credit was spent (with the override: the spent part is reversed from
-  revenue, see ``BillingAccount.refund_grant``). It refunds the purchase grants of the same order.
+  revenue, see ``BillingAccount.refund_grant``). It refunds the purchase grants of the same order; a checkout
+  order is reversed when the refund is exactly what is left of it (``refund_request_commands.gateway_refunded``).
 * ``refund_succeeded`` of a payment that settled an invoice (the notification's ``invoice_id``, or an
   ``order_id`` naming one of the tenant's invoices, as for payments) is recorded against that invoice, never
   as a purchase reversal: a credit note (``CN-``, ``related_invoice``) for the refunded amount, tax
@@ -173,7 +174,7 @@ def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerComman
     if invoice is not None:  # the refunded payment settled an invoice: a credit note, no credit moves
         return _refund_invoice(app, batch, command, invoice, gateway=gateway, event_id=event_id)
     known = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
-    if known is not None:  # a checkout order: reversed as a whole (grants, credit note), once
+    if known is not None:  # a checkout order: what is left of it reversed (grants, credit note), once
         return refund_request_commands.gateway_refunded(
             app, batch, known, amount=parse_decimal(payload.text(command, "amount")),
             reference=str(command.payload.get("gateway_reference") or event_id),

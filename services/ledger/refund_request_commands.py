@@ -26,8 +26,10 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand
+from billing_events.money import to_subunits
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
+from billing_ledger.amounts import show
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.checkout_commands import bonus_grant_id, order_of, top_up_invoice_id
 from billing_ledger.domain.checkout import PAID, REFUNDED, Order
@@ -162,16 +164,52 @@ def complete_request(app: LedgerApplication, batch: _Batch, command: LedgerComma
 
 def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amount: Decimal, reference: str,
                      at: datetime, by: str) -> dict[str, Any]:
-    """A refund the gateway reports for a checkout order: the whole order, once (partial ones need a person)."""
+    """A refund the gateway reports for a checkout order: what is left of it, once (other amounts need a person).
+
+    What is left is the order's total less what earlier refunds of its purchase grant paid back (a partial
+    ``grant.refund``: its credit and tax, or a credit-unit package's share of the money): a gateway refunds the
+    rest of a payment, never more than was paid, so after 47.60 of a 119.00 order was paid back the order's
+    refund is 71.40, and the reversal gives back exactly that (the rest of the credit and of the tax). A refund
+    above it (119.00 again) would pay back more than was received: refused, as is one below it (a part: which
+    credit it pays for is a person's decision) and one that is also exactly what an earlier partial refund paid
+    back (the gateway's record of that payout, finance's refund in the gateway's dashboard, cannot be told from
+    the rest's refund: reversing the rest for it would pay back twice). Rejections are recorded for
+    reconciliation and change nothing.
+    """
     if order.status == REFUNDED:
         return {"order_id": str(order.id), "already_refunded": True}
-    if amount != Decimal(order.quote["total"]):
-        raise CommandRejected("partial_refund", f"{amount} of order total {order.quote['total']}: reconcile by hand")
-    return reverse_order(app, batch, order, reference=reference, at=at, by=by, finance_override=True)
+    code = order.quote["currency"]
+    total, refund = to_subunits(Decimal(order.quote["total"])), to_subunits(amount)
+    purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")
+    money = account_of(batch, order.tenant).money_paid_back(purchase)
+    if money is None and int(_purchase_grant(batch, order)["refunded"]):
+        # An older credit-unit grant without booked money, refunded in part: what that paid back is unknown.
+        raise CommandRejected("partial_refund", f"refund {reference} of {amount} {code} of order {order.key!r}, "
+                                                "whose credit was refunded in part: reconcile by hand")
+    paid_back = money["paid_back"] if money is not None else 0
+    left = total - paid_back
+    where = (f"the {show(left, code)} {code} left of order {order.key!r} ({show(total, code)} paid, "
+             f"{show(paid_back, code)} paid back by earlier refunds)" if paid_back
+             else f"order {order.key!r}'s total {show(total, code)} {code}")
+    if refund > left:
+        raise CommandRejected("refund_exceeds_order", f"refund {reference} of {amount} {code} is more than {where}: "
+                                                      "reconcile by hand")
+    if refund != left:
+        raise CommandRejected("partial_refund", f"refund {reference} of {amount} {code} is part of {where}: "
+                                                "reconcile by hand")
+    if money is not None and refund in money["refunds"]:
+        raise CommandRejected("ambiguous_refund", f"refund {reference} of {amount} {code}, {where}, is also what an "
+                                                  "earlier partial refund paid back (its payout at the gateway?): "
+                                                  "reconcile by hand")
+    return reverse_order(app, batch, order, reference=reference, at=at, by=by, finance_override=True,
+                         refunded_amount=str(amount))
 
 
 def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, reference: str, at: datetime, by: str,
-                  finance_override: bool) -> dict[str, Any]:
+                  finance_override: bool, refunded_amount: str | None = None) -> dict[str, Any]:
+    """The order's reversal: the rest of its credit, its promotional grants, a credit note mirroring its invoice
+    (all of it: what partial refunds paid back before had no document), the order refunded (``refunded_amount``:
+    what this refund paid back, by default the order's total)."""
     _release(batch, order, at)  # the credit an approved request reserved is the credit paid back now
     account = account_of(batch, order.tenant)
     grants = {g["grant_id"]: g for g in account.grant_balances()}
@@ -201,5 +239,5 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
                    at=at, by=by)
     batch.add(note)
     _finalize(app, batch, note, at, by)
-    order.mark_refunded(refund_id=reference, amount=order.quote["total"], at=at, by=by)
+    order.mark_refunded(refund_id=reference, amount=refunded_amount or order.quote["total"], at=at, by=by)
     return {"order_id": str(order.id), "credit_note": str(note.id), "credit_note_number": note.number}

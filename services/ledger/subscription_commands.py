@@ -730,10 +730,23 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     new_plan = _billed_in(_plan(batch, plan_code, plan_version), sub.plan["currency"]) if plan_code else sub.plan
     quantity = sub.quantity if new_quantity is None else new_quantity
     at = effective_at(command)
+    roster = _roster(batch, tenant)
+    if _trial_over(sub, at):
+        # The trial ended before the change and no tick has ended it yet: it ends first, as the tick would
+        # (``_end_trial``, as a cancel's does), so the change prorates against the converted paid period (its
+        # first invoice billed at the old plan from the trial's end, the change's credit and charge for the rest)
+        # and rating sees the conversion before the change. Before, the change was taken as a trial's (no
+        # proration) and the late tick billed the new plan for the whole first period, the time before the
+        # change included. Without a payment method the trial ends unconverted: nothing is left to change
+        # (refused, so nothing changes: the tick ends it).
+        _end_trial(app, batch, account, roster, sub, at)
+        if sub.status not in LIVE:
+            raise CommandRejected("invalid_transition", f"subscription {sub.key!r} ended with its trial on "
+                                                        f"{sub.trial_end.isoformat() if sub.trial_end else '?'} "
+                                                        "(no payment method): nothing to change")
     lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, time_zone=sub.time_zone, new_plan=new_plan,
                          new_quantity=quantity, at=at)
-    roster = _roster(batch, tenant)
     before = _capacities(_live_subscriptions(batch, roster))
     plan_changed = new_plan != sub.plan
     quantity_changed = quantity != sub.quantity

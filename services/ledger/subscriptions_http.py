@@ -21,7 +21,7 @@ from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id
-from billing_ledger.domain.subscription import Subscription, subscription_id
+from billing_ledger.domain.subscription import ACTIVE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
 from billing_ledger.http_models import (
     PaymentMethodAdd,
@@ -167,8 +167,13 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
             raise Problem(422, "Invalid request", "quantity must be at least 1.", kind="invalid-request",
                           reason="invalid_command")
         moment = _moment(at)
-        lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity,
-                             period_start=sub.period_start, period_end_at=sub.period_end, time_zone=sub.time_zone,
+        status, start, end = sub.status, sub.period_start, sub.period_end
+        if status == TRIALING and sub.trial_end is not None and moment >= sub.trial_end \
+                and await read(roster_id(tenant), lambda r: r.default_payment_method is not None):
+            # The change ends the trial first (``change_subscription``): converted, it prorates that paid period.
+            status, (start, end) = ACTIVE, sub.converted_period()
+        lines = quote_change(status=status, plan=sub.plan, quantity=sub.quantity,
+                             period_start=start, period_end_at=end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
         net = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
         # The tax finalizing would add: the same rules, on the same net total, by the account's tax profile, and

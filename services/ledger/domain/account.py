@@ -520,6 +520,23 @@ class BillingAccount(ChainedAggregate):
                 "breakage": money["breakage"], "refunded_net": money["refunded_net"],
                 "recognised_at": money["recognised_at"]}
 
+    def money_paid_back(self, grant_id: UUID) -> dict[str, Any] | None:
+        """What the refunds of a paid grant took out of the gateway's clearing, in the currency it was paid in, or
+        ``None`` when that money is not known (a credit-unit grant whose money was never booked):
+        ``unit``, ``paid_back`` (in all: credit in the currency plus its tax, or a credit-unit package's money
+        and tax) and ``refunds`` (each refund's share, in recorded order; refunds recorded before format 11 of
+        the snapshot are there too: the record is rebuilt from the events)."""
+        g = self._grant(grant_id)
+        money = g.get("money")
+        if money is not None:
+            paid_back = money["refunded_net"] + money["refunded_tax"]
+            unit = money["unit"]
+        elif is_currency_code(g["unit"]):
+            paid_back, unit = g["refunded"] + g["refunded_tax"], g["unit"]
+        else:
+            return None
+        return {"unit": unit, "paid_back": paid_back, "refunds": list(g["refunds_paid_back"])}
+
     def purchase_money_due(self, now: datetime) -> bool:
         """Whether the sweeper should run :meth:`recognise_purchase_money` at ``now`` (cheap: no postings).
 
@@ -1272,9 +1289,11 @@ class BillingAccount(ChainedAggregate):
         cause: dict[str, Any],
         at: datetime,
     ) -> None:
-        money = self._grants[str(grant_id)]["money"]
+        g = self._grants[str(grant_id)]
+        money = g["money"]
         money["refunded_net"] += net
         money["refunded_tax"] += tax_amount
+        g["refunds_paid_back"].append(amount)
         # Streams recorded before recognition existed reverse from deferred revenue only: no such lines.
         for line in postings:
             if line["account"] == LedgerAccount.RECOGNISED_REVENUE:
@@ -1303,6 +1322,8 @@ class BillingAccount(ChainedAggregate):
         g["refunded"] += amount
         g["refunded_tax"] += tax_amount
         g["breakage_reversed"] += from_breakage
+        if is_currency_code(unit):  # paid back as money: the credit and its tax (a credit unit's money: below)
+            g["refunds_paid_back"].append(amount + tax_amount)
         self._update_arming(unit)
 
     def adjust(
@@ -2288,6 +2309,7 @@ class BillingAccount(ChainedAggregate):
             refunded_tax=0,
             breakage=0,
             breakage_reversed=0,
+            refunds_paid_back=[],  # what each refund took out of clearing (``money_paid_back``); format 11
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:

@@ -270,12 +270,17 @@ class Subscription(Aggregate):
         if self.trial_end is None or at < self.trial_end:
             raise InvalidTransition("the trial has not ended yet")
         if has_payment_method:
-            end = period_end(self.trial_end, self.plan["cadence"], self.trial_end.day, self.time_zone)
-            self._converted(at=at, by="system:trial", period_start=self.trial_end, period_end=end,
-                            anchor_day=self.trial_end.day)
+            start, end = self.converted_period()
+            self._converted(at=at, by="system:trial", period_start=start, period_end=end, anchor_day=start.day)
             return True
         self._canceled(at=at, by="system:trial", reason="trial_ended_without_payment_method", lines=[])
         return False
+
+    def converted_period(self) -> tuple[datetime, datetime]:
+        """The first paid period a trialing subscription converts into: from its trial's end, one cadence long."""
+        if self.trial_end is None:
+            raise InvalidTransition("no trial to convert")
+        return self.trial_end, period_end(self.trial_end, self.plan["cadence"], self.trial_end.day, self.time_zone)
 
     @event("TrialConverted")
     def _converted(self, at: datetime, by: str, period_start: datetime, period_end: datetime, anchor_day: int) -> None:

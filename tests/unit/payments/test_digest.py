@@ -111,16 +111,16 @@ def test_credit_packages_count_their_money_and_refunds_in_the_currency(ledger: L
 
 def test_refunds_count_what_left_clearing_when_a_partial_refund_precedes_the_gateway_reversal(
         ledger: LedgerApplication) -> None:
-    """A 50.00 top-up (59.50 with VAT); finance refunds 25.00 of its credit (29.75 with its VAT), then the gateway's
-    refund of the order reverses the rest (29.75): 59.50 was paid back in all, not 29.75 + the order's 59.50."""
+    """A 50.00 top-up (59.50 with VAT); finance refunds 20.00 of its credit (23.80 with its VAT), then the gateway's
+    refund of the rest of the order (35.70) reverses it: 59.50 was paid back in all, not 23.80 + the order's 59.50."""
     placed = apply(ledger, "checkout.place", {"amount": "50", "key": "o1", "gateway": "stripe"}, "o1/place")
     apply(ledger, "order.paid_off_session", {"key": "o1", "gateway": "stripe", "payment_id": "pi_o1",
                                              "amount": "59.50", "currency": "USD"}, "o1/paid")
     grant = str(ids.grant_id(TENANT, f"order/{order_id(TENANT, 'o1')}/purchase"))
     apply(ledger, "grant.refund", {"grant_id": grant, "refund_id": str(ids.grant_id(TENANT, "refund-1")),
-                                   "amount": "25", "reason": "goodwill"}, "refund-1")
+                                   "amount": "20", "reason": "goodwill"}, "refund-1")
     reversal = PaymentNotification(gateway="stripe", gateway_event_id="evt_refund", kind="refund_succeeded",
-                                   tenant=TENANT, order_id=placed.value["order_id"], amount=Decimal("59.50"),
+                                   tenant=TENANT, order_id=placed.value["order_id"], amount=Decimal("35.70"),
                                    currency="USD", verified_at=datetime.now(UTC), gateway_reference="re_1")
     assert ledger.apply_commands([payment_command(reversal)])[0].outcome == "applied"
     # The books: all 59.50 taken in went back out of the gateway's clearing.
@@ -128,7 +128,7 @@ def test_refunds_count_what_left_clearing_when_a_partial_refund_precedes_the_gat
                for line in getattr(event, "postings", None) or [] if line["account"] == "gateway_clearing") == 0
     summary, _ = summarize(ledger, datetime.now(UTC).date(), 0)
     assert summary["funds_in"] == {"USD": 5950 * 10**7}
-    assert summary["refunds"] == {"USD": 5950 * 10**7}  # was 89.25 (29.75 + the order's total 59.50)
+    assert summary["refunds"] == {"USD": 5950 * 10**7}  # not 23.80 + the order's total 59.50
     assert summary["refund_count"] == 2
 
 

@@ -161,18 +161,101 @@ def test_a_partial_refund_of_a_top_up_pays_back_its_share_of_the_vat(ledger: Led
                              ("tenant_wallet", "USD"): Decimal(-75)}
     assert refunded.value["paid_back"] == {"unit": "USD", "amount": 2975 * U // 100, "tax_amount": 475 * U // 100}
 
-    # The gateway's refund of the order then reverses the rest of the credit and of the tax, exactly.
-    refund_whole_order(ledger, order)
+    # The gateway's refund of the rest of the order (89.25) reverses the rest of the credit and of the tax, exactly.
+    assert refund_order(ledger, order, "89.25").outcome == "applied"
     assert books(ledger) == {}
 
 
-def refund_whole_order(ledger: LedgerApplication, order: dict[str, Any]) -> None:
-    """The gateway's refund of the whole 119.00 order (what partial refunds left of it is reversed)."""
-    rest = PaymentNotification(gateway="stripe", gateway_event_id="evt-refund", kind="refund_succeeded",
-                               tenant=TENANT, order_id=order["order_id"], amount=Decimal("119.00"), currency="USD",
-                               verified_at=utcnow(), gateway_reference="re_1")
+def refund_order(ledger: LedgerApplication, order: dict[str, Any], amount: str, event: str = "evt-refund",
+                 reference: str = "re_1") -> CommandResult:
+    """The gateway's verified refund of ``amount`` of the order (Stripe's refund, its own amount, not cumulative)."""
+    rest = PaymentNotification(gateway="stripe", gateway_event_id=event, kind="refund_succeeded",
+                               tenant=TENANT, order_id=order["order_id"], amount=Decimal(amount), currency="USD",
+                               verified_at=utcnow(), gateway_reference=reference)
     [result] = ledger.apply_commands([payment_command(rest)])
+    return result
+
+
+def refund_credit(ledger: LedgerApplication, order: dict[str, Any], key: str, amount: str) -> CommandResult:
+    """Finance refunds ``amount`` of the order's purchased credit (``grant.refund``, ``POST /refunds``)."""
+    grant = str(ids.grant_id(TENANT, f"order/{order['order_id']}/purchase"))
+    refunded = run(ledger, "grant.refund", TENANT, key, grant_id=grant, refund_id=str(ids.grant_id(TENANT, key)),
+                   amount=amount, reason="goodwill")
+    assert refunded.outcome == "applied", refunded
+    return refunded
+
+
+def order_status(ledger: LedgerApplication, order: dict[str, Any]) -> str:
+    return str(ledger.read(UUID(order["order_id"]), lambda o: o.status))
+
+
+def test_the_gateway_refund_of_what_a_partial_refund_left_of_an_order_reverses_the_rest_once(
+        ledger: LedgerApplication) -> None:
+    """40.00 of a 100.00 + 19 % top-up refunded by finance (47.60 paid back); then the operator refunds the rest in
+    Stripe's dashboard: Stripe reports a refund of 71.40, what was left of the 119.00 paid. It was refused
+    (``partial_refund``: only the order's whole total was taken) and the 60.00 of credit and its 11.40 of VAT stayed."""
+    order = place(ledger, "o1", amount="100")
+    pay(ledger, order)
+    refund_credit(ledger, order, "r1", "40")
+    result = refund_order(ledger, order, "71.40")
     assert result.outcome == "applied", result
+    assert books(ledger) == {}  # 119.00 out of clearing in all, the 19.00 of VAT given back, the wallet empty
+    assert (available(ledger, "USD"), order_status(ledger, order)) == (0, "refunded")
+    # The same refund announced again (refund.updated after refund.created): nothing given back twice.
+    again = refund_order(ledger, order, "71.40", event="evt-refund-updated")
+    assert (again.outcome, again.value.get("already_refunded")) == ("applied", True)
+    assert refund_order(ledger, order, "71.40").outcome == "duplicate"
+    assert books(ledger) == {}
+
+
+def test_the_gateway_refund_of_a_packages_rest_after_its_credit_was_partly_refunded_and_spent(
+        ledger: LedgerApplication) -> None:
+    """11,000 CREDIT for 95.00 + 18.05 VAT: finance refunds 4,400 (38.00 + 7.22 paid back), 1,100 are spent; the
+    gateway's refund of the rest, 67.83, reverses the rest of the credit (the spent part from revenue, as a full
+    refund's) and of the money and VAT: all 113.05 taken in went back, never more."""
+    order = place(ledger, "o1", package="credits-10k")
+    assert order["quote"]["total"] == "113.05"
+    pay(ledger, order)
+    paid_back = refund_credit(ledger, order, "r1", "4400").value["paid_back"]
+    assert paid_back == {"unit": "USD", "amount": 4522 * U // 100, "tax_amount": 722 * U // 100}
+    result = run(ledger, "usage.debit", TENANT, key="u1", unit="CREDIT", amount_subunits=1100 * U, meter="api_calls",
+                 at=utcnow().isoformat(), cause={"event_ids": ["u1"]})
+    assert result.outcome == "applied", result
+    assert refund_order(ledger, order, "68.00").reason == "refund_exceeds_order"
+    assert refund_order(ledger, order, "67.83", event="evt-rest").outcome == "applied"
+    usd = {account: amount for (account, unit), amount in books(ledger).items() if unit == "USD"}
+    assert usd == {}  # clearing, deferred revenue and tax payable in USD back to zero: 45.22 + 67.83 = 113.05
+    assert available(ledger, "CREDIT") == 0 and order_status(ledger, order) == "refunded"
+
+
+def test_a_gateway_refund_of_an_order_above_or_below_what_is_left_is_refused_and_changes_nothing(
+        ledger: LedgerApplication) -> None:
+    order = place(ledger, "o1", amount="100")
+    pay(ledger, order)
+    refund_credit(ledger, order, "r1", "40")
+    before = books(ledger)
+    whole = "is more than the 71.40 USD left of order 'o1' (119.00 paid, 47.60 paid back by earlier refunds)"
+    for amount, reason, words in (("119.00", "refund_exceeds_order", whole),
+                                  ("71.41", "refund_exceeds_order", "more than the 71.40 USD left"),
+                                  ("30.00", "partial_refund", "part of the 71.40 USD left")):
+        refused = refund_order(ledger, order, amount, event=f"evt-{amount}")
+        assert (refused.outcome, refused.reason) == ("rejected", reason), refused
+        assert words in (refused.detail or ""), refused.detail
+    assert books(ledger) == before and available(ledger, "USD") == Decimal(60)
+    assert order_status(ledger, order) == "paid"
+
+
+def test_the_gateway_payout_of_a_half_refund_is_not_taken_for_the_rest_of_the_order(ledger: LedgerApplication) -> None:
+    """Finance refunds half of a 100.00 + 19 % top-up (59.50) and pays it back in the gateway's dashboard: the gateway
+    reports that refund, 59.50, which is also what is left. It cannot be told from the rest's refund, so it is
+    refused for reconciliation (taken for the rest, the customer's other half would be reversed unpaid)."""
+    order = place(ledger, "o1", amount="100")
+    pay(ledger, order)
+    refund_credit(ledger, order, "r1", "50")
+    before = books(ledger)
+    refused = refund_order(ledger, order, "59.50")
+    assert (refused.outcome, refused.reason) == ("rejected", "ambiguous_refund"), refused
+    assert books(ledger) == before and available(ledger, "USD") == Decimal(50)
 
 
 def test_partial_refunds_of_a_top_up_pay_back_whole_cents_and_in_all_exactly_what_was_paid(
@@ -197,8 +280,8 @@ def test_partial_refunds_of_a_top_up_pay_back_whole_cents_and_in_all_exactly_wha
     assert (finer.outcome, finer.reason) == ("rejected", "invalid_command"), finer
     assert "minor unit" in finer.detail
     assert books(ledger)[("gateway_clearing", "USD")] == Decimal("39.68")
-    # The gateway's refund of the order gives back the rest: 119.00 in all, exactly.
-    refund_whole_order(ledger, order)
+    # The gateway's refund of the rest of the order gives it back: 119.00 in all, exactly.
+    assert refund_order(ledger, order, "39.68").outcome == "applied"
     assert books(ledger) == {}
 
 

@@ -119,3 +119,21 @@ def test_a_malformed_at_or_quantity_is_a_clear_422_not_a_500(tmp_path: Path) -> 
     response = client.get(preview, params={"quantity": 3, "at": NOV_16.isoformat()}, headers=headers)
     assert response.status_code == 200, response.text
     assert response.json()["net"] == "30.00"
+
+
+def test_the_preview_of_a_change_after_the_trial_end_prorates_the_period_it_converts_into(tmp_path: Path) -> None:
+    """A 10-day trial (Nov 1 - Nov 11) whose tick has not run: the change ends it first, converted into Nov 11 - Dec 11,
+    and prorates that paid period; the preview shows it (it showed nothing to pay, as for a trial's change)."""
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    trial = {"code": "team-trial", "name": "Team", "currency": "EUR", "base_fee": "30.00", "trial_days": 10}
+    run(ledger, "catalog.publish", None, document={**CATALOG, "plans": [trial]}, digest="preview-trial")
+    run(ledger, "account.open", "acme", currency="EUR")
+    run(ledger, "tax_profile.set", "acme", country="DE")
+    run(ledger, "payment_method.add", "acme", method_id="pm_1", gateway="stripe", label="visa", default=True)
+    run(ledger, "subscription.create", "acme", key="m", plan="team-trial", quantity=1)
+    preview = preview_of(ledger, tmp_path, quantity=2, at=NOV_16.isoformat())  # 25 of the period's 30 days left
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
+        ("proration", "-25.00"), ("proration", "50.00"), ("tax", "4.75")]
+    result = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
