@@ -374,3 +374,36 @@ def test_usage_lines_carrying_a_line_only_the_ledger_writes_are_refused_and_chan
     assert refused.reason == "invalid_command"
     draft: Invoice = app.repository.get(invoice_id("acme", key))
     assert (draft.status, [x["kind"] for x in draft.lines]) == ("draft", ["base_fee"])
+
+
+SCOPED: dict[str, Any] = {
+    **CATALOG,
+    "meters": [*CATALOG["meters"],
+               {"code": "images", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
+    "plans": [{**CATALOG["plans"][0], "recurring_credits": [{"unit": "CREDIT", "amount": "100", "scope": ["tokens"]}]}],
+}
+
+
+def test_a_late_renewals_credit_for_some_meters_pays_its_periods_usage_of_those_meters_only(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(app, "catalog.publish", None, document=SCOPED, digest="c-scoped")
+    run(app, "account.open", "acme", currency="USD")
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 100 CREDIT a month, for tokens only
+    debit(app, "100", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # November's 100
+    # Rated into December before the Dec 1 tick ran: 50 tokens (December's credit covers them) and 20 images (no
+    # credit of the plan covers images), all owed for now.
+    debit(app, "50", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    debit(app, "20", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="images")
+    assert account(app).unbilled_overage_meters("CREDIT") == {DEC_1.isoformat(): {"tokens": 50 * U, "images": 20 * U}}
+    run(app, "subscription.tick", "acme", at=datetime(2026, 12, 6, tzinfo=UTC), key="m")
+    # December's 100 CREDIT for tokens pays the 50 tokens, as with a timely tick; the images stay owed. It repaid
+    # nothing: 70 CREDIT owed, 100 unused.
+    after = account(app)
+    assert (after.available("CREDIT"), after.receivable("CREDIT")) == (50 * U, 20 * U)
+    assert after.unbilled_overage("CREDIT") == {DEC_1.isoformat(): 20 * U}
+    [repaid] = [e for e in app.events.get(after.id) if type(e).__name__ == "OverageRepaid"]
+    assert (repaid.amount, repaid.meters) == (50 * U, {DEC_1.isoformat(): {"tokens": 50 * U}})
+    # December's invoice bills the 20 images as overage (2.00), not the tokens (it billed 7.00).
+    january = renew_and_bill(app, DEC_1, JAN_1, [usage_line("0", meter="tokens"), usage_line("0", meter="images")])
+    assert [(x["kind"], x["amount"]) for x in january.lines if x["kind"] == "overage"] == [("overage", "2.00")]
+    assert january.total == Decimal("32.00")
