@@ -407,3 +407,18 @@ def test_a_late_renewals_credit_for_some_meters_pays_its_periods_usage_of_those_
     january = renew_and_bill(app, DEC_1, JAN_1, [usage_line("0", meter="tokens"), usage_line("0", meter="images")])
     assert [(x["kind"], x["amount"]) for x in january.lines if x["kind"] == "overage"] == [("overage", "2.00")]
     assert january.total == Decimal("32.00")
+
+
+def test_an_upgrades_credits_granted_from_the_change_do_not_pay_the_periods_usage_from_before_it(
+        app: LedgerApplication) -> None:
+    pro = {"code": "pro", "name": "Pro", "currency": "USD", "base_fee": "90.00",
+           "recurring_credits": [{"unit": "CREDIT", "amount": "500"}]}
+    run(app, "catalog.publish", None, document={**CATALOG, "plans": [*CATALOG["plans"], pro]}, digest="c-pro")
+    debit(app, "150", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # 50 beyond
+    run(app, "subscription.change", "acme", at=datetime(2026, 11, 16, tzinfo=UTC), key="m", plan="pro")
+    # 500 x 1/2 for the rest of November less the 50 of the old allotment used ahead of time; no credit of either
+    # plan existed for the 50 beyond it on Nov 10: owed, as the renewal invoice bills it (not a late renewal's).
+    after = account(app)
+    assert (after.available("CREDIT"), after.receivable("CREDIT")) == (200 * U, 50 * U)
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
+    assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["5.00"]
