@@ -422,3 +422,40 @@ def test_an_upgrades_credits_granted_from_the_change_do_not_pay_the_periods_usag
     assert (after.available("CREDIT"), after.receivable("CREDIT")) == (200 * U, 50 * U)
     invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
     assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["5.00"]
+
+
+def credit_usage_line(credits: str, meter: str = "tokens", legacy: bool = False) -> dict[str, Any]:
+    """Rating's line of a meter priced in CREDIT (as it sends it; ``legacy``: as it sent it before session 9)."""
+    if legacy:
+        return {**usage_line("0", meter=meter), "description": f"{meter}: {credits} tokens (paid with {credits} CREDIT)"}
+    return {**usage_line("0", meter=meter), "description": f"{meter}: {credits} tokens ({credits} CREDIT)",
+            "credits": credits, "credits_unit": "CREDIT"}
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_usage_paid_with_credits_in_part_says_how_much_credit_paid_and_how_much_went_beyond_it(
+        app: LedgerApplication, legacy: bool) -> None:
+    debit(app, "150", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # 100 granted
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [credit_usage_line("150.000000000", legacy=legacy)])
+    # It said "paid with 150 CREDIT" above a line billing 50 of them as overage.
+    assert [(x["kind"], x["description"], x["amount"]) for x in invoice.lines if x["kind"] != "base_fee"] == [
+        ("usage", "tokens: 150.000000000 tokens (paid with 100 CREDIT, 50 CREDIT beyond prepaid credit)", "0.00"),
+        ("overage", "50 CREDIT used beyond prepaid credit, at 0.10 USD each", "5.00")]
+    [usage] = [x for x in invoice.lines if x["kind"] == "usage"]
+    assert (usage["credits_paid"], usage["credits_beyond"]) == ("100", "50")
+    assert invoice.total == Decimal("35.00")
+
+
+def test_each_credit_priced_meter_names_its_own_overage(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(app, "catalog.publish", None, document={**SCOPED, "plans": CATALOG["plans"]}, digest="c-two")
+    run(app, "account.open", "acme", currency="USD")
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 100 CREDIT, any meter
+    debit(app, "80", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    debit(app, "40", NOV_1, datetime(2026, 11, 11, tzinfo=UTC), unit="CREDIT", meter="images")  # 20 beyond
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [credit_usage_line("80"),
+                                                  credit_usage_line("40", meter="images")])
+    assert [x["description"] for x in invoice.lines if x["kind"] == "usage"] == [
+        "tokens: 80 tokens (paid with 80 CREDIT)",
+        "images: 40 tokens (paid with 20 CREDIT, 20 CREDIT beyond prepaid credit)"]
+    assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["2.00"]
