@@ -19,6 +19,7 @@ from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, PAID, Invoice, i
 from billing_ledger.domain.subscription import ACTIVE, INCOMPLETE
 from billing_ledger.invoice_overage import (
     commit_period_minimum,
+    credit_usage_lines,
     minimum_commitment_lines,
     overage_lines,
     settle_paid,
@@ -57,6 +58,7 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
         # that one's periods): a secondary's renewal or final invoice (``primary`` false) takes none of it.
         sub = batch.get(UUID(invoice.subscription_id)) if invoice.subscription_id else None
         own = (sub.plan.get("list_currency") or sub.plan["currency"]) if sub is not None else None  # the plan's
+        lines = credit_usage_lines(account_of(batch, tenant), lines, start or invoice.period_start)
         lines += overage_lines(account_of(batch, tenant), invoice, lines, credit_units,
                                start or invoice.period_start, end or at, at, own)
     lines += minimum_commitment_lines(invoice, lines)

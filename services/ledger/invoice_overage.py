@@ -13,6 +13,11 @@ lines show the period's whole usage, so the invoice adds:
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
   be billed: it stays receivable, unbilled, and is logged.
 
+* **Usage paid with credits** (a meter priced in a credit unit: rating's line shows 0.00 and the credits the
+  usage cost, ``credits``/``credits_unit``): its description says how many of them prepaid credit paid and how many
+  went beyond it (the overage the overage line bills), by the meter each period's overage came from
+  (``BillingAccount.unbilled_overage_meters``; ``credit_usage_lines``). It said "paid with" all of them.
+
 * **Owed after a refund**: what a gateway refund gave back beyond what its invoice had left to give (credit for
   unused time already given and spent) is owed, unbilled under the refund's time (``owed_refund_key``), so the
   next renewal invoice bills it on a line of its own. Its revenue and tax were booked when it was first billed
@@ -31,6 +36,7 @@ account without a live subscription gets no invoice for its overage: credit it b
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -100,6 +106,69 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
                               unit_amount=str(price), credit_unit=unit, overage_subunits=credits,
                               **({"earlier_periods": True} if earlier_periods else {})))
     return lines
+
+
+def credit_usage_lines(account: BillingAccount, usage_lines: list[dict[str, Any]], period_start: datetime,
+                       ) -> list[dict[str, Any]]:
+    """Rating's ``usage_lines`` with each line priced in a credit unit (``credits`` of ``credits_unit``) described
+    by what prepaid credit paid of it and what went beyond it, from the period's own unbilled overage of its meter
+    (call it before ``overage_lines`` takes that overage). Overage of the period of no known meter is the line's
+    when it is the unit's only line; with several, their descriptions claim nothing about credit. A line of a
+    rating from before (``(paid with N UNIT)`` in its description, no ``credits``) is read the same way."""
+    itemised = _itemised_periods(usage_lines)
+    parsed = {index: found for index, item in enumerate(usage_lines)
+              if item.get("kind") == "usage" and (found := _credit_usage(item)) is not None}
+    result = [dict(item) for item in usage_lines]
+    for unit in sorted({found[2] for found in parsed.values()}):
+        own = {key: amount for key, amount in account.unbilled_overage(unit).items()
+               if amount > 0 and (period_began(key) == period_start or key in itemised)}
+        by_meter: dict[str, int] = {}
+        for key, parts in account.unbilled_overage_meters(unit).items():
+            if key in own:
+                for meter, part in parts.items():
+                    by_meter[meter] = by_meter.get(meter, 0) + part
+        unknown = sum(own.values()) - sum(by_meter.values())
+        lines = [index for index, found in parsed.items() if found[2] == unit]
+        for index in lines:
+            base, credits, _ = parsed[index]
+            if unknown > 0 and len(lines) > 1:  # whose that overage was is not known: no claim about credit
+                result[index]["description"] = f"{base} ({_credits_text(credits)} {unit})"
+                continue
+            beyond = max(min(by_meter.get(str(result[index].get("meter")), 0) + max(unknown, 0), credits), 0)
+            paid = credits - beyond
+            said = ([f"paid with {_credits_text(paid)} {unit}"] if paid or not beyond else []) + (
+                [f"{_credits_text(beyond)} {unit} beyond prepaid credit"] if beyond else [])
+            result[index].update(description=f"{base} ({', '.join(said)})", credits_paid=_credits_text(paid),
+                                 credits_beyond=_credits_text(beyond))
+    return result
+
+
+def _credit_usage(item: dict[str, Any]) -> tuple[str, int, str] | None:
+    """A usage line priced in credits: (its description without the credits, the credits in sub-units, the unit);
+    ``None`` for a line priced in money."""
+    description = str(item.get("description", ""))
+    credits, unit = item.get("credits"), item.get("credits_unit")
+    if isinstance(credits, str) and isinstance(unit, str):
+        suffix = f" ({credits} {unit})"
+    else:  # rating's lines from before: "tokens: 150 tokens (paid with 150.000000000 CREDIT)"
+        found = _LEGACY_CREDITS.search(description)
+        if found is None:
+            return None
+        credits, unit, suffix = found.group(1), found.group(2), found.group(0)
+    try:
+        amount = to_subunits(Decimal(credits))
+    except (ArithmeticError, ValueError):
+        return None
+    base = description.removesuffix(suffix)
+    return base, amount, unit
+
+
+_LEGACY_CREDITS = re.compile(r" \(paid with ([0-9]+(?:\.[0-9]+)?) ([A-Za-z0-9_]+)\)$")
+
+
+def _credits_text(subunits: int) -> str:
+    """Credits as a person reads them: ``150``, ``12.5``, never ``150.000000000``."""
+    return format(from_subunits(subunits).normalize(), "f")
 
 
 def _minimum_already_billed(account: BillingAccount, invoice: Invoice, taken: dict[str, int],

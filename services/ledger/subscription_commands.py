@@ -207,11 +207,12 @@ def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: li
     ahead), when the ledger had no credit of it yet, so it went to receivables. A timely tick's credit would have
     covered it; now the grant repays it (``repay_overage`` limited to the period's overage, ``OverageRepaid``) and
     the invoice shows it paid with credit, not billed as overage. Returns the units repaid, whose alerts the
-    caller checks once its movements are done. A grant for some meters only (``scope``) repays nothing: the
-    overage does not say which meter it was."""
+    caller checks once its movements are done. A grant for some meters only (``scope``) repays the overage of
+    those meters; the grants for some meters repay first, so unscoped credit is left for the other meters'."""
     units: set[str] = set()
     cause = {"subscription": str(sub.id), "period_start": sub.period_start.isoformat(), "reason": "recurring_credits"}
-    for grant in grants:
+    scoped = {g["grant_id"] for g in account.grant_balances() if g["scope"] is not None}
+    for grant in sorted(grants, key=lambda g: g not in scoped):  # stable: the plan's order otherwise
         if account.repay_overage(grant_id=UUID(grant), at=at, cause=cause, period=(sub.period_start, sub.period_end),
                                  thresholds=False):
             units.update(str(g["unit"]) for g in account.grant_balances() if g["grant_id"] == grant)

@@ -467,8 +467,11 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
                 lines.append({"kind": "usage", "description": label, "amount": subunits_text(amount),
                               "meter": meter, "quantity": decimal_text(quantity), "trace": trace})
             else:
-                lines.append({"kind": "usage", "description": f"{label} (paid with {subunits_text(amount)} {unit})",
-                              "amount": "0", "meter": meter, "quantity": decimal_text(quantity), "trace": trace})
+                # Priced in credits: what of them prepaid credit paid and what went beyond it (overage) only the
+                # ledger knows; it says so on the invoice (``credits``, ``credits_unit``: invoice_overage.py).
+                lines.append({"kind": "usage", "description": f"{label} ({subunits_text(amount)} {unit})",
+                              "amount": "0", "meter": meter, "quantity": decimal_text(quantity), "trace": trace,
+                              "credits": subunits_text(amount), "credits_unit": unit})
     invoice_key = f"{ended.subscription_id}/{ended.period_end.isoformat()}"
     command = LedgerCommand(
         command_id=uuid5(NAMESPACE_URL, f"/usage-lines/{ended.subscription_id}/{ended.period_end.isoformat()}"),

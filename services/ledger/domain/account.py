@@ -48,8 +48,10 @@ Usage give-back (negative usage amounts)
 Overage repaid by new credit
     ``repay_overage``: credit a pay-as-you-go account buys first pays off the overage no invoice bills (Dr
     ``TENANT_WALLET`` / Cr ``RECEIVABLES``, oldest period first), at most what the grant holds and what is
-    available; a grant for some meters only repays nothing. The draw is remembered like a debit's, so a give-back
-    of the usage it paid returns the credit to that grant (a period's recurring credit, not a new grant).
+    available; a grant for some meters only (``scope``) repays only the overage those meters posted (the meter of
+    each period's overage is kept, ``unbilled_overage_meters``; overage of no known meter only unscoped credit
+    repays). The draw is remembered like a debit's, so a give-back of the usage it paid returns the credit to that
+    grant (a period's recurring credit, not a new grant).
 
 Overage policies
     ``overage``: what the credit cannot cover is posted to ``RECEIVABLES``. ``block``: the whole debit
@@ -215,6 +217,11 @@ class BillingAccount(ChainedAggregate):
         # Overage not yet on an invoice: unit -> period key (rating's ``cause.period``, else the time it was
         # posted) -> net sub-units; and the overage each unpaid invoice billed: invoice id -> unit -> sub-units.
         self._unbilled: dict[str, dict[str, int]] = {}
+        # The meters the unbilled overage of each period came from (``unbilled_overage_meters``): unit -> period key
+        # -> meter -> sub-units, never more in all than the period's ``_unbilled``; the rest is of no known meter (a
+        # voided invoice's overage owed again, a refund's owed excess, a capture of a hold without a meter). A grant
+        # for some meters only repays the overage of those meters (``repay_overage``).
+        self._unbilled_meters: dict[str, dict[str, dict[str, int]]] = {}
         self._invoiced_overage: dict[str, dict[str, int]] = {}
         # What each unpaid subscription invoice billed besides overage (``bill_invoice``): invoice id ->
         # {"unit", "amount" (fees + tax, sub-units), "tax"}. Kept apart from ``_receivable`` (the overage), which
@@ -930,8 +937,10 @@ class BillingAccount(ChainedAggregate):
             key = period if type(period) is str and period else at.isoformat()
             if overage > 0:
                 _add_unbilled(self._unbilled, unit, key, overage)
+                _add_meter_overage(self._unbilled_meters, self._unbilled, unit, key, meter, overage)
             else:
-                _reduce_unbilled(self._unbilled, unit, key, -overage)
+                for reduced, part in _reduce_unbilled(self._unbilled, unit, key, -overage).items():
+                    _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, reduced, {meter: part})
         if credit_grant is not None:
             self._add_grant(credit_grant)
         self._update_arming(unit)
@@ -1112,6 +1121,8 @@ class BillingAccount(ChainedAggregate):
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
         if overage:
             _add_unbilled(self._unbilled, unit, at.isoformat(), overage)
+            if meter is not None:
+                _add_meter_overage(self._unbilled_meters, self._unbilled, unit, at.isoformat(), meter, overage)
         self._update_arming(unit)
 
     def release_hold(self, *, hold_id: UUID, at: datetime) -> None:
@@ -1460,6 +1471,11 @@ class BillingAccount(ChainedAggregate):
         """Overage of ``unit`` not yet on an invoice: period key -> net sub-units (see ``invoice_overage``)."""
         return dict(self._unbilled.get(unit, {}))
 
+    def unbilled_overage_meters(self, unit: str) -> dict[str, dict[str, int]]:
+        """The meters ``unbilled_overage`` came from: period key -> meter -> sub-units (copies). A period's meters
+        add up to at most its unbilled overage; the rest is of no known meter."""
+        return {key: dict(parts) for key, parts in self._unbilled_meters.get(unit, {}).items()}
+
     def invoiced_overage(self, invoice: str) -> dict[str, int]:
         """The overage ``invoice`` billed and that is not settled yet: unit -> sub-units."""
         return dict(self._invoiced_overage.get(invoice, {}))
@@ -1587,6 +1603,7 @@ class BillingAccount(ChainedAggregate):
             left = self._unbilled.get(unit, {})
             for key in periods:
                 left.pop(key, None)
+                _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, key)
             if not left:
                 self._unbilled.pop(unit, None)
             billed[unit] = billed.get(unit, 0) + sum(periods.values())
@@ -2052,44 +2069,62 @@ class BillingAccount(ChainedAggregate):
 
         ``period`` (start, end): only the overage of periods that began in [start, end), the grant usable as of
         its own start (a period's recurring grant issued late pays the usage of that period posted before it).
-        ``thresholds`` False: the caller checks the unit's alerts once its command's movements are done."""
+        A grant for some meters only (``scope``) repays only the overage those meters posted
+        (``unbilled_overage_meters``; overage of no known meter it never repays), and the event records which
+        (``meters``). ``thresholds`` False: the caller checks the unit's alerts once its command's movements are done."""
         g = self._grant(grant_id)
         unit = g["unit"]
-        owed = sorted(((period_began(key), key, amount) for key, amount in self._unbilled.get(unit, {}).items()
-                       if amount > 0 and (period is None or period[0] <= period_began(key) < period[1])))
+        scope = g["scope"]
         usable_at = at if period is None else g["effective_at"]
-        if g["status"] != "open" or g["scope"] is not None or not _is_eligible(g, None, usable_at):
-            return 0  # credit for some meters only (or not yet / no longer usable) does not pay for others
+        if g["status"] != "open" or not _is_eligible(g, None if scope is None else scope[0], usable_at):
+            return 0  # not yet (or no longer) usable
+        by_meter = self._unbilled_meters.get(unit, {})
+        owed: list[tuple[datetime, str, int]] = []
+        for key, amount in self._unbilled.get(unit, {}).items():
+            if amount <= 0 or (period is not None and not period[0] <= period_began(key) < period[1]):
+                continue
+            if scope is not None:  # only what the meters it pays for posted
+                amount = min(amount, sum(part for meter, part in by_meter.get(key, {}).items() if meter in scope))
+            if amount > 0:
+                owed.append((period_began(key), key, amount))
+        owed.sort()
         left = min(g["remaining"], self.available(unit), self.overage_receivable(unit), sum(a for _, _, a in owed))
         if left <= 0:
             return 0
         periods: dict[str, int] = {}
+        meters: dict[str, dict[str, int]] = {}
         for _, key, amount in owed:
             if left == 0:
                 break
             part = min(left, amount)
             periods[key] = part
             left -= part
+            if scope is not None:
+                meters[key] = _take_meters(by_meter.get(key, {}), scope, part)
         total = sum(periods.values())
         gid = str(grant_id)
         postings = [posting(LedgerAccount.TENANT_WALLET, unit, total, gid),
                     posting(LedgerAccount.RECEIVABLES, unit, -total)]
         assert_balanced(postings)
         self._overage_repaid(grant_id=gid, unit=unit, amount=total, periods=periods, postings=postings,
-                             cause=dict(cause), at=at, remembered=True)
+                             cause=dict(cause), at=at, remembered=True, **({"meters": meters} if meters else {}))
         if thresholds:
             self._check_thresholds(unit, at)
         return total
 
     @event("OverageRepaid")
     def _overage_repaid(self, grant_id: str, unit: str, amount: int, periods: dict[str, int],
-                        postings: list[Posting], cause: dict[str, Any], at: datetime, remembered: bool = False) -> None:
+                        postings: list[Posting], cause: dict[str, Any], at: datetime, remembered: bool = False,
+                        meters: dict[str, dict[str, int]] | None = None) -> None:
         # ``remembered``: the draw is remembered as a debit's is, so a give-back of the usage it paid returns it to
-        # that grant (recorded since session 8; earlier events replay as they were: not remembered).
+        # that grant (recorded since session 8; earlier events replay as they were: not remembered). ``meters``:
+        # period key -> meter -> sub-units, what a grant for some meters repaid of each meter's overage (since
+        # session 9; without it, as before: the overage of no known meter first, ``_fit_meter_overage``).
         self._apply_draws(unit, [{"grant_id": grant_id, "amount": amount}], remember=remembered)
         self._receivable[unit] = self._receivable.get(unit, 0) - amount
         for key, part in periods.items():
             _add_unbilled(self._unbilled, unit, key, -part)
+            _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, key, (meters or {}).get(key))
         self._update_arming(unit)
 
     # == low balance and auto top-up =========================================================================
@@ -2523,22 +2558,78 @@ def _add_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amou
             del unbilled[unit]
 
 
-def _reduce_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> None:
+def _reduce_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> dict[str, int]:
     """A give-back of ``amount`` reduces the unbilled overage of its own period first, then of the latest periods,
     so no period is left negative: an invoice taking some periods never takes a give-back without the overage it
     offsets. Whatever finds no unbilled overage (streams recorded when a give-back could reduce invoiced overage)
-    stays negative under its own period, as it was then."""
+    stays negative under its own period, as it was then. Returns period key -> sub-units reduced."""
     periods = unbilled.get(unit, {})
     order = [key] if periods.get(key, 0) > 0 else []
     order += sorted((k for k in periods if k != key and periods[k] > 0), key=lambda k: (period_began(k), k), reverse=True)
+    reduced: dict[str, int] = {}
     for k in order:
         if amount == 0:
             break
         part = min(amount, periods[k])
         _add_unbilled(unbilled, unit, k, -part)
+        reduced[k] = part
         amount -= part
     if amount:
         _add_unbilled(unbilled, unit, key, -amount)
+        reduced[key] = reduced.get(key, 0) + amount
+    return reduced
+
+
+def _add_meter_overage(by_meter: dict[str, dict[str, dict[str, int]]], unbilled: dict[str, dict[str, int]],
+                       unit: str, key: str, meter: str, amount: int) -> None:
+    """``meter`` posted ``amount`` of the period ``key``'s unbilled overage (already added to ``unbilled``)."""
+    parts = by_meter.setdefault(unit, {}).setdefault(key, {})
+    parts[meter] = parts.get(meter, 0) + amount
+    _fit_meter_overage(by_meter, unbilled, unit, key)
+
+
+def _fit_meter_overage(by_meter: dict[str, dict[str, dict[str, int]]], unbilled: dict[str, dict[str, int]],
+                       unit: str, key: str, taken: dict[str, int] | None = None) -> None:
+    """The period ``key``'s unbilled overage went down: ``taken`` (meter -> sub-units; a give-back of a meter's
+    usage, a grant for some meters repaying theirs) comes off those meters' parts, then the parts are kept within
+    what is left of the period's overage: what left it for no known meter (an invoice took the period, unscoped
+    credit repaid it) is taken from the part of no known meter first, then from the meters' in meter order, so a
+    grant for some meters never repays more than those meters posted and not paid or billed yet."""
+    periods = by_meter.get(unit)
+    if not periods or key not in periods:
+        return
+    parts = periods[key]
+    for meter, amount in (taken or {}).items():
+        if meter in parts:
+            parts[meter] -= min(amount, parts[meter])
+    total = unbilled.get(unit, {}).get(key, 0)
+    excess = sum(parts.values()) - max(total, 0)
+    for meter in sorted(parts):
+        if excess <= 0:
+            break
+        cut = min(excess, parts[meter])
+        parts[meter] -= cut
+        excess -= cut
+    for meter in [m for m, amount in parts.items() if amount <= 0]:
+        del parts[meter]
+    if not parts:
+        del periods[key]
+        if not periods:
+            del by_meter[unit]
+
+
+def _take_meters(parts: dict[str, int], scope: list[str], amount: int) -> dict[str, int]:
+    """``amount`` of a period's overage repaid by a grant for the meters ``scope``: from those meters' ``parts``,
+    in the order of the scope. Meter -> sub-units."""
+    taken: dict[str, int] = {}
+    for meter in scope:
+        if amount <= 0:
+            break
+        part = min(amount, parts.get(meter, 0))
+        if part > 0:
+            taken[meter] = part
+            amount -= part
+    return taken
 
 
 def _month(at: datetime) -> str:

@@ -1108,6 +1108,35 @@ def test_credit_for_some_meters_only_or_reserved_by_holds_repays_nothing_beyond_
     assert (account.receivable(USD), account.available(USD)) == (1 * U, 1 * U)
 
 
+def test_credit_for_some_meters_repays_the_overage_those_meters_posted_and_no_more() -> None:
+    account = new_account()
+    debit(account, 3 * U, meter="compute", when=at(1))
+    debit(account, 2 * U, meter="tokens", when=at(1))
+    debit(account, -1 * U, meter="compute", when=at(2))  # a give-back of compute: 2 of it left owed
+    assert account.unbilled_overage_meters(USD) == {at(1).isoformat(): {"compute": 2 * U, "tokens": 2 * U}}
+    scoped = give(account, "scoped", 10 * U, scope=["compute"])
+    assert account.repay_overage(grant_id=scoped, at=at(3), cause={}) == 2 * U  # compute's 2, not the tokens'
+    assert (account.available(USD), account.receivable(USD)) == (8 * U, 2 * U)
+    assert account.unbilled_overage_meters(USD) == {at(1).isoformat(): {"tokens": 2 * U}}
+    assert account.repay_overage(grant_id=give(account, "more", 5 * U, scope=["compute"]), at=at(4), cause={}) == 0
+    [repaid] = [e for e in account.collect_events() if type(e).__name__ == "OverageRepaid"]
+    assert repaid.meters == {at(1).isoformat(): {"compute": 2 * U}}
+    assert sum(p["amount"] for p in repaid.postings) == 0
+
+
+def test_overage_of_no_known_meter_is_repaid_by_unscoped_credit_only() -> None:
+    account = new_account()
+    debit(account, 3 * U, meter="compute", when=at(1))
+    assert account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=1), at=at(2)) == {
+        USD: {at(1).isoformat(): 3 * U}}
+    assert account.unbilled_overage_meters(USD) == {}  # billed: no longer unbilled of any meter
+    account.return_invoiced_overage(invoice="inv-1", at=at(3))  # voided unpaid: owed again, of no known meter
+    assert account.repay_overage(grant_id=give(account, "scoped", 10 * U, scope=["compute"]), at=at(4),
+                                 cause={}) == 0
+    assert account.repay_overage(grant_id=give(account, "any", 10 * U), at=at(5), cause={}) == 3 * U
+    assert account.receivable(USD) == 0
+
+
 def test_invoiced_overage_is_not_repaid_by_credit_bought_later() -> None:
     account = new_account()
     debit(account, 3 * U, when=at(1))

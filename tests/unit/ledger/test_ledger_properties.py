@@ -614,6 +614,8 @@ def check_invoicing_step(run: InvoiceRun) -> None:
         assert min(invoiced, default=0) >= 0 and min(unbilled.values(), default=0) >= 0, (unbilled, invoiced)
         assert sum(unbilled.values()) + sum(invoiced) == account.overage_receivable(unit) >= 0, (
             unit, unbilled, invoiced, account.overage_receivable(unit))
+        for key, parts in account.unbilled_overage_meters(unit).items():  # what scoped credit may repay
+            assert min(parts.values()) > 0 and sum(parts.values()) <= unbilled.get(key, 0), (unit, key, parts, unbilled)
 
 
 class SnapshotCodec(Application[UUID]):

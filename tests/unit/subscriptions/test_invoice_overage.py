@@ -374,3 +374,88 @@ def test_usage_lines_carrying_a_line_only_the_ledger_writes_are_refused_and_chan
     assert refused.reason == "invalid_command"
     draft: Invoice = app.repository.get(invoice_id("acme", key))
     assert (draft.status, [x["kind"] for x in draft.lines]) == ("draft", ["base_fee"])
+
+
+SCOPED: dict[str, Any] = {
+    **CATALOG,
+    "meters": [*CATALOG["meters"],
+               {"code": "images", "price": {"model": "per_unit", "unit": "CREDIT", "unit_amount": "1"}}],
+    "plans": [{**CATALOG["plans"][0], "recurring_credits": [{"unit": "CREDIT", "amount": "100", "scope": ["tokens"]}]}],
+}
+
+
+def test_a_late_renewals_credit_for_some_meters_pays_its_periods_usage_of_those_meters_only(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(app, "catalog.publish", None, document=SCOPED, digest="c-scoped")
+    run(app, "account.open", "acme", currency="USD")
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 100 CREDIT a month, for tokens only
+    debit(app, "100", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # November's 100
+    # Rated into December before the Dec 1 tick ran: 50 tokens (December's credit covers them) and 20 images (no
+    # credit of the plan covers images), all owed for now.
+    debit(app, "50", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    debit(app, "20", DEC_1, datetime(2026, 12, 5, tzinfo=UTC), unit="CREDIT", meter="images")
+    assert account(app).unbilled_overage_meters("CREDIT") == {DEC_1.isoformat(): {"tokens": 50 * U, "images": 20 * U}}
+    run(app, "subscription.tick", "acme", at=datetime(2026, 12, 6, tzinfo=UTC), key="m")
+    # December's 100 CREDIT for tokens pays the 50 tokens, as with a timely tick; the images stay owed. It repaid
+    # nothing: 70 CREDIT owed, 100 unused.
+    after = account(app)
+    assert (after.available("CREDIT"), after.receivable("CREDIT")) == (50 * U, 20 * U)
+    assert after.unbilled_overage("CREDIT") == {DEC_1.isoformat(): 20 * U}
+    [repaid] = [e for e in app.events.get(after.id) if type(e).__name__ == "OverageRepaid"]
+    assert (repaid.amount, repaid.meters) == (50 * U, {DEC_1.isoformat(): {"tokens": 50 * U}})
+    # December's invoice bills the 20 images as overage (2.00), not the tokens (it billed 7.00).
+    january = renew_and_bill(app, DEC_1, JAN_1, [usage_line("0", meter="tokens"), usage_line("0", meter="images")])
+    assert [(x["kind"], x["amount"]) for x in january.lines if x["kind"] == "overage"] == [("overage", "2.00")]
+    assert january.total == Decimal("32.00")
+
+
+def test_an_upgrades_credits_granted_from_the_change_do_not_pay_the_periods_usage_from_before_it(
+        app: LedgerApplication) -> None:
+    pro = {"code": "pro", "name": "Pro", "currency": "USD", "base_fee": "90.00",
+           "recurring_credits": [{"unit": "CREDIT", "amount": "500"}]}
+    run(app, "catalog.publish", None, document={**CATALOG, "plans": [*CATALOG["plans"], pro]}, digest="c-pro")
+    debit(app, "150", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # 50 beyond
+    run(app, "subscription.change", "acme", at=datetime(2026, 11, 16, tzinfo=UTC), key="m", plan="pro")
+    # 500 x 1/2 for the rest of November less the 50 of the old allotment used ahead of time; no credit of either
+    # plan existed for the 50 beyond it on Nov 10: owed, as the renewal invoice bills it (not a late renewal's).
+    after = account(app)
+    assert (after.available("CREDIT"), after.receivable("CREDIT")) == (200 * U, 50 * U)
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
+    assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["5.00"]
+
+
+def credit_usage_line(credits: str, meter: str = "tokens", legacy: bool = False) -> dict[str, Any]:
+    """Rating's line of a meter priced in CREDIT (as it sends it; ``legacy``: as it sent it before session 9)."""
+    if legacy:
+        return {**usage_line("0", meter=meter), "description": f"{meter}: {credits} tokens (paid with {credits} CREDIT)"}
+    return {**usage_line("0", meter=meter), "description": f"{meter}: {credits} tokens ({credits} CREDIT)",
+            "credits": credits, "credits_unit": "CREDIT"}
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_usage_paid_with_credits_in_part_says_how_much_credit_paid_and_how_much_went_beyond_it(
+        app: LedgerApplication, legacy: bool) -> None:
+    debit(app, "150", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # 100 granted
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [credit_usage_line("150.000000000", legacy=legacy)])
+    # It said "paid with 150 CREDIT" above a line billing 50 of them as overage.
+    assert [(x["kind"], x["description"], x["amount"]) for x in invoice.lines if x["kind"] != "base_fee"] == [
+        ("usage", "tokens: 150.000000000 tokens (paid with 100 CREDIT, 50 CREDIT beyond prepaid credit)", "0.00"),
+        ("overage", "50 CREDIT used beyond prepaid credit, at 0.10 USD each", "5.00")]
+    [usage] = [x for x in invoice.lines if x["kind"] == "usage"]
+    assert (usage["credits_paid"], usage["credits_beyond"]) == ("100", "50")
+    assert invoice.total == Decimal("35.00")
+
+
+def test_each_credit_priced_meter_names_its_own_overage(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(app, "catalog.publish", None, document={**SCOPED, "plans": CATALOG["plans"]}, digest="c-two")
+    run(app, "account.open", "acme", currency="USD")
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 100 CREDIT, any meter
+    debit(app, "80", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")
+    debit(app, "40", NOV_1, datetime(2026, 11, 11, tzinfo=UTC), unit="CREDIT", meter="images")  # 20 beyond
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [credit_usage_line("80"),
+                                                  credit_usage_line("40", meter="images")])
+    assert [x["description"] for x in invoice.lines if x["kind"] == "usage"] == [
+        "tokens: 80 tokens (paid with 80 CREDIT)",
+        "images: 40 tokens (paid with 20 CREDIT, 20 CREDIT beyond prepaid credit)"]
+    assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["2.00"]
