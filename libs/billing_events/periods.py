@@ -4,12 +4,19 @@ Periods are computed in the subscription's time zone with calendar-correct month
 anchored on the 31st renews on Feb 28 (29 in leap years), Mar 31, Apr 30 ... always returning to its anchor
 day when the month has it. The ledger ends and renews periods with it; rating uses it to know the period of
 usage that arrives before the ledger's ``PeriodEnded`` (the next period starts where the current one ends).
+
+A period's anchor day is the day of the month of its start *in the subscription's time zone* (``anchor_day``):
+Nov 1 00:00 in Europe/Berlin is Oct 31 23:00 UTC, and anchoring on the UTC day (31) gave a first period of two
+months; Nov 30 20:00 in America/New_York (Dec 1 01:00 UTC) got periods ending on the 1st, its first one day
+long. Every new anchor (a start, a trial's conversion, an activation, a cadence change) is computed here, by the
+ledger and by rating alike; anchors already recorded on events are used as recorded. A trial of N days ends N
+local calendar days later at the same local time (``add_days``), across a daylight saving change too.
 """
 
 from __future__ import annotations
 
 import calendar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 MONTHS = {"month": 1, "quarter": 3, "year": 12}
@@ -23,6 +30,19 @@ def add_months(moment: datetime, months: int, anchor_day: int, tz: str) -> datet
     day = min(anchor_day, calendar.monthrange(year, month)[1])
     shifted = local.replace(year=year, month=month, day=day, tzinfo=None)
     return shifted.replace(tzinfo=ZoneInfo(tz)).astimezone(UTC)
+
+
+def anchor_day(moment: datetime, tz: str) -> int:
+    """The anchor day of periods starting at ``moment``: its day of the month in ``tz``, not in UTC."""
+    return moment.astimezone(ZoneInfo(tz)).day
+
+
+def add_days(moment: datetime, days: int, tz: str) -> datetime:
+    """``moment`` plus ``days`` calendar days in ``tz``, at the same local time (23 or 25 hours for a day that
+    changes the clocks)."""
+    local = moment.astimezone(ZoneInfo(tz))
+    shifted = (local.replace(tzinfo=None) + timedelta(days=days)).replace(tzinfo=ZoneInfo(tz))
+    return shifted.astimezone(UTC)
 
 
 def period_end(start: datetime, cadence: str, anchor_day: int, tz: str) -> datetime:

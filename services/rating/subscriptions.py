@@ -9,10 +9,11 @@ Rules (documented in docs/rating.md):
   (``trial_end`` of its ``Started``, kept in ``subscription_trials``). Usage at or after the trial's end is not
   trial usage even before the ledger's ``TrialConverted`` reaches rating: it is priced by the plan and, for the
   primary subscription, placed in the period the conversion starts (from the trial's end, ``period_end`` of the
-  cadence with the trial end's day as anchor, as the ledger's ``end_trial``), so it shares that period's running
-  total and allowance and is on its renewal invoice once. Usage before the trial's end that reaches rating after
-  the ``TrialConverted`` is still trial usage. A close takes the pricing subscription's trial status at the
-  closed period's last instant. Without a kept trial end (started before rating kept them): the status.
+  cadence with the trial end's day in the subscription's time zone as anchor, as the ledger's ``end_trial``), so
+  it shares that period's running total and allowance and is on its renewal invoice once. Usage before the
+  trial's end that reaches rating after the ``TrialConverted`` is still trial usage. A close takes the pricing
+  subscription's trial status at the closed period's last instant. Without a kept trial end (started before
+  rating kept them): the status.
 * A trial that ends without a payment method (``Canceled``, reason ``trial_ended_without_payment_method``) starts
   no period: the usage rated after its end before that event stays charged once at the plan's price (its debits
   posted; their overage stays on the account under the period's key, like any account's without a subscription:
@@ -63,12 +64,12 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
-from zoneinfo import ZoneInfo
 
 from billing_events import topics
 from billing_events.messages import LedgerCommand, LedgerEvent
 from billing_events.money import RATING_CONTEXT, is_currency_code
 from billing_events.periods import MONTHS, period_end
+from billing_events.periods import anchor_day as local_anchor_day
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, period_of
 from billing_rating.close import CloseLine
@@ -156,8 +157,9 @@ class AccountSubscription:
 
         For a trialing subscription whose trial end is known: the periods the ledger's ``TrialConverted``
         starts (the first from the trial's end to ``period_end(trial end, cadence, its day, time zone)``, the
-        trial end's day the anchor of those after it), for ``moment`` at or after the trial's end; a cancel
-        scheduled during the trial still lets that first billed period come (it ends at its end)."""
+        trial end's day in the subscription's time zone the anchor of those after it), for ``moment`` at or after
+        the trial's end; a cancel scheduled during the trial still lets that first billed period come (it ends at
+        its end)."""
         renewal = self.renewal
         if renewal is None:
             return None
@@ -165,7 +167,8 @@ class AccountSubscription:
         if trialing:
             if self.trial_end is None or moment < self.trial_end:
                 return None
-            start, anchor_day = self.trial_end, self.trial_end.day  # as the ledger's ``end_trial``
+            # As the ledger's ``end_trial``: anchored on the trial end's day in the subscription's time zone.
+            start, anchor_day = self.trial_end, local_anchor_day(self.trial_end, renewal.time_zone)
         else:
             if renewal.ends_at_period_end or self.status not in RENEWING or moment < self.period_end:
                 return None
@@ -185,9 +188,10 @@ class AccountSubscription:
         if renewal is None or self.trial_end is None:
             return []
         starts, start = [], self.trial_end
+        anchor_day = local_anchor_day(self.trial_end, renewal.time_zone)
         for _ in range(PERIODS_AHEAD_MAX):
             starts.append(start)
-            start = _next_end(start, renewal.cadence, self.trial_end.day, renewal.time_zone)
+            start = _next_end(start, renewal.cadence, anchor_day, renewal.time_zone)
         return starts
 
 
@@ -322,7 +326,8 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
             data["period_start"], data["period_end"])
         time_zone = data.get("time_zone") or "UTC"
         renewal = {"cadence": data["plan"].get("cadence", "month"), "time_zone": time_zone,
-                   "anchor_day": data.get("anchor_day") or _local_day(data["period_start"], time_zone)}
+                   "anchor_day": data.get("anchor_day") or local_anchor_day(
+                       datetime.fromisoformat(data["period_start"]), time_zone)}
         if data["status"] == "trialing" and data.get("trial_end"):
             await conn.execute("INSERT INTO subscription_trials (subscription_id, trial_end) VALUES ($1, $2) "
                                "ON CONFLICT (subscription_id) DO NOTHING", sid, data["trial_end"])
@@ -381,10 +386,6 @@ def _cut_at(data: dict[str, Any]) -> datetime | None:
     if data.get("reason") != IMMEDIATE_CANCEL or not data.get("at"):
         return None
     return datetime.fromisoformat(data["at"])
-
-
-def _local_day(moment: str, time_zone: str) -> int:
-    return datetime.fromisoformat(moment).astimezone(ZoneInfo(time_zone)).day
 
 
 async def record_restarted_period(conn: Connection, account: str, cut: AccountSubscription) -> None:

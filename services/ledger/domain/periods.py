@@ -1,9 +1,10 @@
 """Billing periods and proration, pure.
 
 The period calendar itself (calendar-correct month ends in the subscription's time zone, ``period_end``) is
-``billing_events.periods``, shared with rating, which must find the same periods. Proration is to the second:
-the unused fraction of a period is (period end - change time) / (period end - period start), exact as a
-Decimal ratio of whole seconds.
+``billing_events.periods``, shared with rating, which must find the same periods; so is a new period's
+anchor day (``anchor_day``: the day of its start in the subscription's time zone, never the UTC day).
+Proration is to the second: the unused fraction of a period is (period end - change time) / (period end -
+period start), exact as a Decimal ratio of whole seconds.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from datetime import datetime
 from decimal import Decimal
 
 from billing_events.money import RATING_CONTEXT
-from billing_events.periods import MONTHS, add_months, period_end
+from billing_events.periods import MONTHS, add_days, add_months, anchor_day, period_end
 
-__all__ = ["MONTHS", "add_months", "period_end", "prorate", "proration_fraction"]
+__all__ = ["MONTHS", "add_days", "add_months", "anchor_day", "period_end", "prorate", "proration_fraction"]
 
 
 def proration_fraction(start: datetime, end: datetime, at: datetime) -> Decimal:

@@ -14,7 +14,7 @@ from typing import Any
 
 from billing_events.money import RATING_CONTEXT
 from billing_ledger.domain.invoice import line
-from billing_ledger.domain.periods import period_end, proration_fraction
+from billing_ledger.domain.periods import anchor_day, period_end, proration_fraction
 from billing_ledger.domain.subscription import TRIALING
 
 
@@ -47,7 +47,7 @@ def quote_change(*, status: str, plan: dict[str, Any], quantity: int, period_sta
         lines.append(line("proration", f"Unused time on {_label(plan, quantity)}", -unused, unit,
                           fraction=str(fraction)))
     if new_plan["cadence"] != plan["cadence"]:
-        end = period_end(at, new_plan["cadence"], at.day, time_zone)
+        end = period_end(at, new_plan["cadence"], anchor_day(at, time_zone), time_zone)  # as ``change``
         lines.append(line("base_fee", f"{_label(new_plan, new_quantity)} from {at.date()} to {end.date()}",
                           new_fee, unit, quantity=str(new_quantity), unit_amount=str(new_plan.get("base_fee", "0")),
                           **service_period(at, end)))

@@ -25,14 +25,14 @@ replaying older streams rebuilds it, except after a cadence change recorded with
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.money import RATING_CONTEXT
 from billing_ledger.domain.invoice import invoice_id
-from billing_ledger.domain.periods import period_end, proration_fraction
+from billing_ledger.domain.periods import add_days, anchor_day, period_end, proration_fraction
 from eventsourcing.domain import Aggregate, event
 
 TRIALING, ACTIVE, PAST_DUE, PAUSED, CANCELED = "trialing", "active", "past_due", "paused", "canceled"
@@ -79,14 +79,17 @@ class Subscription(Aggregate):
         if collection not in COLLECTIONS:
             raise SubscriptionError(f"collection must be one of {', '.join(COLLECTIONS)}, not {collection!r}")
         trial_days = int(plan.get("trial_days", 0)) if trial else 0
-        anchor = at
-        end = period_end(anchor, plan["cadence"], anchor.day, time_zone)
-        trial_end = anchor + timedelta(days=trial_days) if trial_days else None
+        # Periods are whole months of the subscription's time zone: anchored on the local day of the start (the
+        # UTC day gave Nov 1 00:00 Berlin, Oct 31 23:00 UTC, a first period to Dec 31), and a trial ends after
+        # whole local days. Both are recorded on the event, so replay never recomputes them.
+        anchor, day = at, anchor_day(at, time_zone)
+        end = period_end(anchor, plan["cadence"], day, time_zone)
+        trial_end = add_days(anchor, trial_days, time_zone) if trial_days else None
         # A trial needs no payment to start; a free plan has nothing to charge before access.
         status = TRIALING if trial_end else ACTIVE
         if status == ACTIVE and collection == CHARGE_BEFORE_ACCESS and Decimal(str(plan.get("base_fee") or 0)) > 0:
             status = INCOMPLETE
-        return cls(tenant=tenant, key=key, plan=plan, quantity=quantity, time_zone=time_zone, anchor_day=anchor.day,
+        return cls(tenant=tenant, key=key, plan=plan, quantity=quantity, time_zone=time_zone, anchor_day=day,
                    started_at=at, period_start=anchor, period_end=end, trial_end=trial_end, status=status, by=by,
                    collection=collection)
 
@@ -148,12 +151,12 @@ class Subscription(Aggregate):
             # minimum spend committed so far is carried into the new period, as rating carries its usage onto
             # the next renewal invoice: billed there once, against that usage.
             new_start = at
-            new_end = period_end(at, plan["cadence"], at.day, self.time_zone)
+            new_end = period_end(at, plan["cadence"], anchor_day(at, self.time_zone), self.time_zone)
             minimum_carried = str(self._minimum_until(at))
         self._changed(old_plan=self.plan, plan=plan, old_quantity=self.quantity, quantity=quantity, at=at, by=by,
                       lines=lines, period_start=new_start, period_end=new_end,
-                      anchor_day=at.day if new_start == at else self.anchor_day, minimum_carried=minimum_carried,
-                      invoice=str(invoice) if invoice is not None and lines else None)
+                      anchor_day=anchor_day(at, self.time_zone) if new_start == at else self.anchor_day,
+                      minimum_carried=minimum_carried, invoice=str(invoice) if invoice is not None and lines else None)
 
     @event("Changed")
     def _changed(self, old_plan: dict[str, Any], plan: dict[str, Any], old_quantity: int, quantity: int,
@@ -223,8 +226,9 @@ class Subscription(Aggregate):
         """Its first invoice is paid (``charge_before_access``): active from ``at``, when its first period starts
         (a full period for the fee paid, however late the payment came)."""
         self._require(INCOMPLETE)
-        end = period_end(at, self.plan["cadence"], at.day, self.time_zone)
-        self._activated(at=at, by=by, period_start=at, period_end=end, anchor_day=at.day)
+        day = anchor_day(at, self.time_zone)
+        end = period_end(at, self.plan["cadence"], day, self.time_zone)
+        self._activated(at=at, by=by, period_start=at, period_end=end, anchor_day=day)
 
     @event("Activated")
     def _activated(self, at: datetime, by: str, period_start: datetime, period_end: datetime, anchor_day: int) -> None:
@@ -271,7 +275,8 @@ class Subscription(Aggregate):
             raise InvalidTransition("the trial has not ended yet")
         if has_payment_method:
             start, end = self.converted_period()
-            self._converted(at=at, by="system:trial", period_start=start, period_end=end, anchor_day=start.day)
+            self._converted(at=at, by="system:trial", period_start=start, period_end=end,
+                            anchor_day=anchor_day(start, self.time_zone))
             return True
         self._canceled(at=at, by="system:trial", reason="trial_ended_without_payment_method", lines=[])
         return False
@@ -280,7 +285,8 @@ class Subscription(Aggregate):
         """The first paid period a trialing subscription converts into: from its trial's end, one cadence long."""
         if self.trial_end is None:
             raise InvalidTransition("no trial to convert")
-        return self.trial_end, period_end(self.trial_end, self.plan["cadence"], self.trial_end.day, self.time_zone)
+        day = anchor_day(self.trial_end, self.time_zone)  # rating's ``period_ahead`` predicts the same
+        return self.trial_end, period_end(self.trial_end, self.plan["cadence"], day, self.time_zone)
 
     @event("TrialConverted")
     def _converted(self, at: datetime, by: str, period_start: datetime, period_end: datetime, anchor_day: int) -> None:
