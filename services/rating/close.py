@@ -24,6 +24,7 @@ from typing import Any
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
+from billing_events.money import RATING_CONTEXT
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, Observation, aggregate
 from billing_rating.catalog_view import CatalogView, MeterView
@@ -88,7 +89,8 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
     now = now or utcnow()
     rows = await db.fetch(
         "SELECT account_id, tenant, meter, group_key, event_id, event_time, quantity, value, amount_subunits, "
-        f"decision, corrects, effective_quantity FROM rated_events WHERE period = $1 AND decision IN "
+        "decision, corrects, effective_quantity, quantity_before, quantity_after "
+        f"FROM rated_events WHERE period = $1 AND decision IN "
         f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time", period)
     done = {(r["account_id"]) for r in await db.fetch(
         "SELECT account_id FROM closed_periods WHERE period = $1", period)}
@@ -129,7 +131,7 @@ async def close_account_period(conn: Connection, catalog: CatalogView, period: s
     now = now or utcnow()
     rows = await conn.fetch(
         "SELECT meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
-        f"effective_quantity FROM rated_events WHERE period = $1 AND account_id = $2 AND decision IN "
+        f"effective_quantity, quantity_before, quantity_after FROM rated_events WHERE period = $1 AND account_id = $2 AND decision IN "
         f"({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time", period, account)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
@@ -181,7 +183,15 @@ def _line(catalog: CatalogView, period: str, tenant: str, meter_code: str, group
         Observation(r["event_id"], datetime.fromisoformat(r["event_time"]), Decimal(r["quantity"]), r["value"])
         for r in items
     ]
-    quantity = aggregate(definition, observations)
+    if definition.aggregation in REAL_TIME and meter.ai_table is None:
+        # What the decisions moved the running total by: a correction counts by its difference (500 amended to
+        # 700 adds 200, a void takes its event back), a count meter one per event, as real time priced them.
+        quantity = Decimal(0)
+        for r in items:
+            moved = RATING_CONTEXT.subtract(Decimal(r["quantity_after"]), Decimal(r["quantity_before"]))
+            quantity = RATING_CONTEXT.add(quantity, moved)
+    else:
+        quantity = aggregate(definition, observations)
     real_time = sum(int(r["amount_subunits"]) for r in items)
     spec = pricing.spec if pricing is not None else meter.spec
     included = pricing.included if pricing is not None else definition.included

@@ -223,6 +223,19 @@ async def test_a_corrected_max_meter_closes_on_the_corrected_value(rating) -> No
     assert lines["storage_gb"].quantity == "30"
 
 
+async def test_a_close_line_counts_a_correction_by_its_difference(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("a1", "500"), accepted("l1", "1", "logins"),
+                                   accepted("l2", "1", "logins")])
+    await service.handle_accepted([correction("c1", "a1", "700"), correction("c2", "l2", "0", meter="logins")])
+    charged = sum(int(c["payload"]["amount_subunits"]) for c in await published(bus))
+    lines = {line.meter: line for line in await close_period(service.db, bus, service.catalog, "2026-11")}
+    # 700 calls (not 500 + 700): 2 included, 10 x 1.00, 688 x 0.50 = 354.00; one login left (not 3), 1.00.
+    assert (lines["api_calls"].quantity, lines["api_calls"].amount) == ("700", "354.000000000")
+    assert (lines["logins"].quantity, lines["logins"].amount) == ("1", "1.000000000")
+    assert sum(line.amount_subunits for line in lines.values()) == charged  # the lines say what was charged
+
+
 async def test_a_correction_in_the_same_batch_as_its_original_amends_it(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     # One poll carries the event and its correction (whole-poll batches make this likelier): 12 then 14.
