@@ -91,7 +91,7 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
         "SELECT account_id, tenant, meter, group_key, event_id, event_time, quantity, value, amount_subunits, "
         "decision, corrects, effective_quantity, quantity_before, quantity_after "
         f"FROM rated_events WHERE period = $1 AND decision IN "
-        f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time", period)
+        f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time, rated_at", period)
     done = {(r["account_id"]) for r in await db.fetch(
         "SELECT account_id FROM closed_periods WHERE period = $1", period)}
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
@@ -132,7 +132,7 @@ async def close_account_period(conn: Connection, catalog: CatalogView, period: s
     rows = await conn.fetch(
         "SELECT meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
         f"effective_quantity, quantity_before, quantity_after FROM rated_events WHERE period = $1 AND account_id = $2 AND decision IN "
-        f"({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time", period, account)
+        f"({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time, rated_at", period, account)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["meter"], row["group_key"]), []).append(dict(row))
@@ -171,13 +171,17 @@ def _line(catalog: CatalogView, period: str, tenant: str, meter_code: str, group
     meter = catalog.meters[meter_code]
     definition = meter.definition
     if definition.aggregation not in REAL_TIME:
-        # A corrected event counts with its latest corrected value; real-time meters carry deltas instead.
+        # A corrected event counts with its latest corrected value (corrections of one event share its time and
+        # come in the order they were rated); real-time meters carry deltas instead. A correction to 0 voids the
+        # event: it no longer counts, even as a ``last`` reading (the reading before it is the last one then),
+        # while an event sent with quantity 0 is a reading of 0 for ``last`` (nothing for the other rules).
         superseded = {r["corrects"] for r in items if r["corrects"]}
         latest: dict[str, dict[str, Any]] = {}
         for r in items:
             if r["corrects"]:
                 latest[r["corrects"]] = {**r, "quantity": r["effective_quantity"]}
-        items = [r for r in items if not r["corrects"] and r["event_id"] not in superseded] + list(latest.values())
+        amended = [r for r in latest.values() if Decimal(r["quantity"]) != 0]
+        items = [r for r in items if not r["corrects"] and r["event_id"] not in superseded] + amended
         items = [r for r in items if Decimal(r["quantity"]) != 0 or definition.aggregation == "last"]
     observations = [
         Observation(r["event_id"], datetime.fromisoformat(r["event_time"]), Decimal(r["quantity"]), r["value"])

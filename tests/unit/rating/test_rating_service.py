@@ -338,6 +338,31 @@ async def test_max_and_last_meters_are_billed_at_the_plan_price_when_the_subscri
     assert usage_lines(again) == usage_lines(commands)
 
 
+async def test_voiding_the_last_reading_of_a_last_meter_bills_the_reading_before_it(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("u1", "7", "seats", at=day(3)), accepted("u2", "9", "seats", at=day(20)),
+                                   accepted("s1", "7", "storage_gb", at=day(3)),
+                                   accepted("s2", "19", "storage_gb", at=day(20))])
+    await service.handle_accepted([correction("v1", "u2", "0", meter="seats"),
+                                   correction("v2", "s2", "0", meter="storage_gb")])
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    debits = {c["payload"]["meter"]: c["payload"]["amount"] for c in commands if c["kind"] == "usage.debit"}
+    # The void takes the 9 back: 7 seats, 1 included, 6 x 1.00 (not 0 seats); like max: 7 GB, all included.
+    assert debits == {"seats": "6.000000000"}
+    assert usage_lines(commands) == {"seats": ("7", "6.000000000"), "storage_gb": ("7", "0.000000000")}
+
+
+async def test_a_last_reading_of_zero_is_billed_as_zero(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("u1", "7", "seats", at=day(3)), accepted("u2", "0", "seats", at=day(20))])
+    [line] = await close_period(service.db, bus, service.catalog, "2026-11")
+    assert (line.meter, line.quantity, line.amount) == ("seats", "0", "0.000000000")
+
+
 async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     # The primary (earliest) subscription's plan has no storage charge; a second one, on trial, prices it.
