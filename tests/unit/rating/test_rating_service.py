@@ -14,7 +14,7 @@ import pytest
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
 from billing_rating.catalog_view import CatalogError, build_view, validate_document
-from billing_rating.close import close_period
+from billing_rating.close import close_period, lines_of
 from billing_rating.service import CatalogBehind, RatingService
 from billing_runtime.bus import EmbeddedBus, Record
 
@@ -361,6 +361,46 @@ async def test_a_last_reading_of_zero_is_billed_as_zero(rating) -> None:  # type
     await service.handle_accepted([accepted("u1", "7", "seats", at=day(3)), accepted("u2", "0", "seats", at=day(20))])
     [line] = await close_period(service.db, bus, service.catalog, "2026-11")
     assert (line.meter, line.quantity, line.amount) == ("seats", "0", "0.000000000")
+
+
+REGIONAL_CALLS = {"model": "graduated", "unit": "USD", "tiers": [
+    {"up_to": "100", "unit_amount": "0.10"}, {"up_to": None, "unit_amount": "0.05"}]}
+REGIONAL = {"code": "regional", "name": "Regional", "version": 1, "currency": "USD", "charges": [
+    {"meter": "regional_calls", "price": REGIONAL_CALLS, "included": "100"},
+    {"meter": "regional_storage", "price": per_unit("1.00"), "included": "10"}]}
+GROUPED_METERS = [
+    {"code": "regional_calls", "aggregation": "sum", "group_by": ["region"], "price": per_unit("0.10")},
+    {"code": "regional_storage", "aggregation": "max", "group_by": ["region"], "price": per_unit("1.00")}]
+
+
+async def test_a_meters_allowance_and_tiers_apply_once_per_period_across_its_groups(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    document = {**CATALOG, "meters": [*CATALOG["meters"], *GROUPED_METERS], "plans": [REGIONAL]}
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 2, "document": document})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
+    await subscription_event(service, "Started", 3, tenant="acme", plan={"code": "regional", "version": 1},
+                             quantity=1, status="active", started_at=NOV.isoformat(), period_start=NOV.isoformat(),
+                             period_end=DEC.isoformat())
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([
+        accepted(f"c{d}", "150", "regional_calls", 2, day(d), region=region)
+        for d, region in ((3, "eu"), (4, "us"), (5, "ap"))])
+    await service.handle_accepted([accepted("s1", "8", "regional_storage", 2, day(6), region="eu"),
+                                   accepted("s2", "7", "regional_storage", 2, day(7), region="us")])
+    # 450 calls, 100 included, 350 billable: 100 x 0.10 + 250 x 0.05 = 22.50, not 3 x (50 x 0.10) = 15.00.
+    debits = [c["payload"]["amount"] for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert debits == ["5.000000000", "10.000000000", "7.500000000"]
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    # 8 + 7 GB, 10 included: 5.00 (each region under its own 10 would bill nothing); the invoice agrees.
+    closed = [c["payload"] for c in commands if c["kind"] == "usage.debit" and c["payload"]["cause"].get("closed")]
+    assert [(d["cause"]["group"], d["amount"]) for d in closed] == [("region=us", "5.000000000")]
+    assert usage_lines(commands) == {"regional_calls": ("450", "22.500000000"),
+                                     "regional_storage": ("15", "5.000000000")}
+    lines = [line for line in await lines_of(service.db, NOV.isoformat()) if line.meter == "regional_calls"]
+    assert sum(Decimal(line.amount) for line in lines) == Decimal("22.5")
+    assert sum(Decimal(line.billable) for line in lines) == 350
 
 
 async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing(rating) -> None:  # type: ignore[no-untyped-def]
