@@ -24,6 +24,7 @@ from typing import Any
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
+from billing_events.money import RATING_CONTEXT
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import REAL_TIME, Observation, aggregate
 from billing_rating.catalog_view import CatalogView, MeterView
@@ -88,24 +89,26 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
     now = now or utcnow()
     rows = await db.fetch(
         "SELECT account_id, tenant, meter, group_key, event_id, event_time, quantity, value, amount_subunits, "
-        f"decision, corrects, effective_quantity FROM rated_events WHERE period = $1 AND decision IN "
-        f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time", period)
+        "decision, corrects, effective_quantity, quantity_before, quantity_after "
+        f"FROM rated_events WHERE period = $1 AND decision IN "
+        f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time, rated_at", period)
     done = {(r["account_id"]) for r in await db.fetch(
         "SELECT account_id FROM closed_periods WHERE period = $1", period)}
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    meters: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
-        groups.setdefault((row["account_id"], row["tenant"], row["meter"], row["group_key"]), []).append(row)
+        meters.setdefault((row["account_id"], row["tenant"], row["meter"]), {}).setdefault(
+            row["group_key"], []).append(row)
     commands: list[OutMessage] = []
     async with db.transaction() as conn:
-        for (account, tenant, meter_code, group), items in groups.items():
+        for (account, tenant, meter_code), groups in meters.items():
             if account in done:
                 continue
-            line = _line(catalog, period, tenant, meter_code, group, items, None)
-            await _save_line(conn, account, line, now)
-            command = close_command(catalog, account, line)
-            if command is not None:
-                commands.append(command)
-        for account in {key[0] for key in groups} - done:
+            for line in _lines(catalog, period, tenant, meter_code, groups, None):
+                await _save_line(conn, account, line, now)
+                command = close_command(catalog, account, line)
+                if command is not None:
+                    commands.append(command)
+        for account in {key[0] for key in meters} - done:
             await conn.execute("INSERT INTO closed_periods (period, account_id, closed_at) VALUES ($1, $2, $3) "
                                "ON CONFLICT DO NOTHING", period, account, now.isoformat())
     await bus.publish(commands)
@@ -129,19 +132,19 @@ async def close_account_period(conn: Connection, catalog: CatalogView, period: s
     now = now or utcnow()
     rows = await conn.fetch(
         "SELECT meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
-        f"effective_quantity FROM rated_events WHERE period = $1 AND account_id = $2 AND decision IN "
-        f"({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time", period, account)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        "effective_quantity, quantity_before, quantity_after FROM rated_events WHERE period = $1 "
+        f"AND account_id = $2 AND decision IN ({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time, rated_at", period, account)
+    meters: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
-        groups.setdefault((row["meter"], row["group_key"]), []).append(dict(row))
+        meters.setdefault(row["meter"], {}).setdefault(row["group_key"], []).append(dict(row))
     lines = []
-    for (meter_code, group), items in sorted(groups.items()):
+    for meter_code, groups in sorted(meters.items()):
         meter = catalog.meters.get(meter_code)
         if meter is None or meter.error:
-            continue  # its events were refused (no_price), none is in ``items``
-        line = _line(catalog, period, tenant, meter_code, group, items, pricing(meter))
-        await _save_line(conn, account, line, now)
-        lines.append(line)
+            continue  # its events were refused (no_price), none is in ``groups``
+        for line in _lines(catalog, period, tenant, meter_code, groups, pricing(meter)):
+            await _save_line(conn, account, line, now)
+            lines.append(line)
     await conn.execute("INSERT INTO closed_periods (period, account_id, closed_at) VALUES ($1, $2, $3) "
                        "ON CONFLICT DO NOTHING", period, account, now.isoformat())
     return lines
@@ -164,47 +167,83 @@ async def lines_of(db: Database, period: str, tenant: str | None = None) -> list
     return [CloseLine(**json.loads(r["line"])) for r in rows]
 
 
-def _line(catalog: CatalogView, period: str, tenant: str, meter_code: str, group: str,
-          items: list[dict[str, Any]], pricing: ClosePricing | None) -> CloseLine:
+def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
+           groups: dict[str, list[dict[str, Any]]], pricing: ClosePricing | None) -> list[CloseLine]:
+    """The lines of one meter, one per ``group_by`` group (sorted by group key).
+
+    The meter's quantity is the sum of its groups' (each aggregated by the meter's rule) and is priced once: the
+    allowance and the tiers apply once per meter and period, as in real time. Each group's line takes its part of
+    that price in group order, ``period_charge(groups up to it) - period_charge(groups before it)``, so the lines
+    add up to the meter's price exactly (a close-priced meter posts each line's part, command id per group).
+    """
     meter = catalog.meters[meter_code]
     definition = meter.definition
+    spec = pricing.spec if pricing is not None else meter.spec
+    included = pricing.included if pricing is not None else definition.included
+    unit = spec.unit if spec else (meter.ai_table.unit if meter.ai_table else None)
+    # Usage while the pricing subscription is trialing is recorded, not charged (as in real time).
+    trialing = pricing is not None and pricing.trialing
+    before = Decimal(0)  # the quantity of the groups before this one
+    charged_before = 0  # period_charge of it
+    lines = []
+    for group, rows in sorted(groups.items()):
+        items, observations, quantity = _counted(meter, rows)
+        real_time = sum(int(r["amount_subunits"]) for r in items)
+        if meter.ai_table is not None:
+            total = real_time  # linear per-token prices: the real-time increments are the period price
+            billable = quantity
+        else:
+            assert spec is not None
+            after = RATING_CONTEXT.add(before, quantity)
+            charged_after = period_charge(spec, after, included)
+            total = 0 if trialing else charged_after - charged_before
+            billable = max(Decimal(0), after - included) - max(Decimal(0), before - included)
+            before, charged_before = after, charged_after
+        at_close = 0 if definition.aggregation in REAL_TIME else total
+        lines.append(CloseLine(
+            period=period, tenant=tenant, meter=meter_code, group=group, aggregation=definition.aggregation,
+            quantity=decimal_text(quantity), included=decimal_text(included), billable=decimal_text(billable),
+            unit=unit, amount_subunits=total, amount=subunits_text(total), charged_in_real_time_subunits=real_time,
+            charged_at_close_subunits=at_close, event_count=len(items),
+            event_ids=[r["event_id"] for r in items[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
+            priced_by="plan" if pricing is not None else "list_price",
+            price=pricing.price if pricing is not None else definition.price,
+            last_event_at=max(o.at for o in observations).isoformat() if observations else None,
+        ))
+    return lines
+
+
+def _counted(meter: MeterView, items: list[dict[str, Any]]
+             ) -> tuple[list[dict[str, Any]], list[Observation], Decimal]:
+    """(the decisions that count, their observations, the quantity) of one group of a meter."""
+    definition = meter.definition
     if definition.aggregation not in REAL_TIME:
-        # A corrected event counts with its latest corrected value; real-time meters carry deltas instead.
+        # A corrected event counts with its latest corrected value (corrections of one event share its time and
+        # come in the order they were rated); real-time meters carry deltas instead. A correction to 0 voids the
+        # event: it no longer counts, even as a ``last`` reading (the reading before it is the last one then),
+        # while an event sent with quantity 0 is a reading of 0 for ``last`` (nothing for the other rules).
         superseded = {r["corrects"] for r in items if r["corrects"]}
         latest: dict[str, dict[str, Any]] = {}
         for r in items:
             if r["corrects"]:
                 latest[r["corrects"]] = {**r, "quantity": r["effective_quantity"]}
-        items = [r for r in items if not r["corrects"] and r["event_id"] not in superseded] + list(latest.values())
+        amended = [r for r in latest.values() if Decimal(r["quantity"]) != 0]
+        items = [r for r in items if not r["corrects"] and r["event_id"] not in superseded] + amended
         items = [r for r in items if Decimal(r["quantity"]) != 0 or definition.aggregation == "last"]
     observations = [
         Observation(r["event_id"], datetime.fromisoformat(r["event_time"]), Decimal(r["quantity"]), r["value"])
         for r in items
     ]
-    quantity = aggregate(definition, observations)
-    real_time = sum(int(r["amount_subunits"]) for r in items)
-    spec = pricing.spec if pricing is not None else meter.spec
-    included = pricing.included if pricing is not None else definition.included
-    unit = spec.unit if spec else (meter.ai_table.unit if meter.ai_table else None)
-    if meter.ai_table is not None:
-        total = real_time  # linear per-token prices: the real-time increments are the period price
-        billable = quantity
+    if definition.aggregation in REAL_TIME and meter.ai_table is None:
+        # What the decisions moved the running total by: a correction counts by its difference (500 amended to
+        # 700 adds 200, a void takes its event back), a count meter one per event, as real time priced them.
+        quantity = Decimal(0)
+        for r in items:
+            moved = RATING_CONTEXT.subtract(Decimal(r["quantity_after"]), Decimal(r["quantity_before"]))
+            quantity = RATING_CONTEXT.add(quantity, moved)
     else:
-        assert spec is not None
-        # Usage while the pricing subscription is trialing is recorded, not charged (as in real time).
-        total = 0 if pricing is not None and pricing.trialing else period_charge(spec, quantity, included)
-        billable = max(Decimal(0), quantity - included)
-    at_close = 0 if definition.aggregation in REAL_TIME else total
-    return CloseLine(
-        period=period, tenant=tenant, meter=meter_code, group=group, aggregation=definition.aggregation,
-        quantity=decimal_text(quantity), included=decimal_text(included), billable=decimal_text(billable), unit=unit,
-        amount_subunits=total, amount=subunits_text(total), charged_in_real_time_subunits=real_time,
-        charged_at_close_subunits=at_close, event_count=len(items),
-        event_ids=[r["event_id"] for r in items[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
-        priced_by="plan" if pricing is not None else "list_price",
-        price=pricing.price if pricing is not None else definition.price,
-        last_event_at=max(o.at for o in observations).isoformat() if observations else None,
-    )
+        quantity = aggregate(definition, observations)
+    return items, observations, quantity
 
 
 def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMessage | None:

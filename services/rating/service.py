@@ -29,7 +29,7 @@ from billing_events import topics
 from billing_events.messages import LedgerEvent, RejectReason, UsageRejection
 from billing_events.money import RATING_CONTEXT, to_subunits
 from billing_events.timeutil import utcnow
-from billing_rating.aggregation import REAL_TIME, contribution, group_key, matches, period_of
+from billing_rating.aggregation import GROUP_SEPARATOR, REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
@@ -490,29 +490,36 @@ class RatingService:
                     price_json, included = billed["price"], Decimal(billed["included"])
                     priced_by = billed.get("priced_by", priced_by)
                 assert spec is not None
+                # Two running totals: the group's (stored, what ``group_by`` attributes) and the meter's, the sum
+                # of its groups, which is priced: the allowance and the tiers apply once per meter and period, as
+                # the invoice shows the meter's quantity on one line, never once per group.
                 total_key = (account, key, period)
-                before = batch.total(account, key, period)
+                group_before = batch.total(account, key, period)
+                before = batch.meter_total(account, event.meter, period)
                 if correction is None:
                     step = contribution(definition, event.quantity)
                 else:
                     _, old, new = correction
                     step = ((contribution(definition, new) if new else Decimal(0))
                             - (contribution(definition, old) if counted else Decimal(0)))
-                after = RATING_CONTEXT.add(before, step)
-                if after < 0:  # a correction taking back more than the period's total holds: never priced
+                group_after = RATING_CONTEXT.add(group_before, step)
+                if group_after < 0:  # a correction taking back more than the period's total holds: never priced
                     rejection = self._rejection(
                         batch, usage, RejectReason.INVALID_CORRECTION,
                         f"correction of {correction[0] if correction else event.id!r} takes the total of meter "
-                        f"{key!r} in period {period} below zero ({decimal_text(before)} by {decimal_text(step)})")
+                        f"{key!r} in period {period} below zero ({decimal_text(group_before)} by "
+                        f"{decimal_text(step)})")
                     batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
                                  "invalid_correction", rejection)
                     return rejection
-                batch.totals[total_key] = after
+                after = RATING_CONTEXT.add(before, step)
+                batch.totals[total_key] = group_after
                 batch.dirty.add(total_key)
+                batch.meter_moved(account, event.meter, period, step)
                 unit = spec.unit
-                # The charge is period_charge(after) - period_charge(before); the batch remembers the last
-                # period_charge per key so each event prices one cumulative quantity, not two.
-                charged_key = (account, key, period, included)
+                # The charge is period_charge(after) - period_charge(before) of the meter's total; the batch
+                # remembers the last period_charge per meter so each event prices one cumulative quantity, not two.
+                charged_key = (account, event.meter, period, included)
                 charged_before = batch.charged.get(charged_key)
                 if charged_before is None or charged_before[0] != before:
                     charged_before = (before, period_charge(spec, before, included))
@@ -723,6 +730,8 @@ class _BatchState:
         self.catalog = CatalogView()  # the catalogue the batch is rated with (set before rating)
         self.decided: dict[tuple[str, str], OutMessage | None] = {}
         self.totals: dict[tuple[str, str, str], Decimal] = {}
+        # (account, meter, period) -> the sum of the meter's group totals (``meter_total``), summed when needed.
+        self.meter_totals: dict[tuple[str, str, str], Decimal] | None = None
         self.dirty: set[tuple[str, str, str]] = set()
         self.closed: set[tuple[str, str]] = set()
         self.charged: dict[tuple[str, str, str, Decimal], tuple[Decimal, int]] = {}
@@ -879,7 +888,27 @@ class _BatchState:
             raise RuntimeError(f"totals of period {period} of account {account} were not loaded")
         return self.totals.get((account, key, period), Decimal(0))
 
+    def meter_total(self, account: str, meter: str, period: str) -> Decimal:
+        """The running total of ``meter`` in ``period``: the sum of its groups' (``meter``, ``meter|group...``)."""
+        if (account, period) not in self.periods:
+            raise RuntimeError(f"totals of period {period} of account {account} were not loaded")
+        if self.meter_totals is None:  # summed once per batch, on the first grouped event
+            self.meter_totals = {}
+            for (total_account, key, total_period), quantity in self.totals.items():
+                code = key.partition(GROUP_SEPARATOR)[0]
+                summed = (total_account, code, total_period)
+                self.meter_totals[summed] = RATING_CONTEXT.add(self.meter_totals.get(summed, Decimal(0)), quantity)
+        return self.meter_totals.get((account, meter, period), Decimal(0))
+
+    def meter_moved(self, account: str, meter: str, period: str, step: Decimal) -> None:
+        """Keeps the summed meter totals (once summed) in step with a group's total."""
+        if self.meter_totals is not None:
+            summed = (account, meter, period)
+            self.meter_totals[summed] = RATING_CONTEXT.add(self.meter_totals.get(summed, Decimal(0)), step)
+
     def set_total(self, account: str, key: str, period: str, quantity: Decimal) -> None:
+        self.meter_moved(account, key.partition(GROUP_SEPARATOR)[0], period,
+                         quantity - self.totals.get((account, key, period), Decimal(0)))
         self.totals[(account, key, period)] = quantity
         self.dirty.add((account, key, period))
 

@@ -14,7 +14,7 @@ import pytest
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
 from billing_rating.catalog_view import CatalogError, build_view, validate_document
-from billing_rating.close import close_period
+from billing_rating.close import close_period, lines_of
 from billing_rating.service import CatalogBehind, RatingService
 from billing_runtime.bus import EmbeddedBus, Record
 
@@ -223,6 +223,19 @@ async def test_a_corrected_max_meter_closes_on_the_corrected_value(rating) -> No
     assert lines["storage_gb"].quantity == "30"
 
 
+async def test_a_close_line_counts_a_correction_by_its_difference(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([accepted("a1", "500"), accepted("l1", "1", "logins"),
+                                   accepted("l2", "1", "logins")])
+    await service.handle_accepted([correction("c1", "a1", "700"), correction("c2", "l2", "0", meter="logins")])
+    charged = sum(int(c["payload"]["amount_subunits"]) for c in await published(bus))
+    lines = {line.meter: line for line in await close_period(service.db, bus, service.catalog, "2026-11")}
+    # 700 calls (not 500 + 700): 2 included, 10 x 1.00, 688 x 0.50 = 354.00; one login left (not 3), 1.00.
+    assert (lines["api_calls"].quantity, lines["api_calls"].amount) == ("700", "354.000000000")
+    assert (lines["logins"].quantity, lines["logins"].amount) == ("1", "1.000000000")
+    assert sum(line.amount_subunits for line in lines.values()) == charged  # the lines say what was charged
+
+
 async def test_a_correction_in_the_same_batch_as_its_original_amends_it(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     # One poll carries the event and its correction (whole-poll batches make this likelier): 12 then 14.
@@ -323,6 +336,71 @@ async def test_max_and_last_meters_are_billed_at_the_plan_price_when_the_subscri
     again = (await published(bus))[len(commands):]
     assert [c["command_id"] for c in again] == [c["command_id"] for c in commands[1:]]
     assert usage_lines(again) == usage_lines(commands)
+
+
+async def test_voiding_the_last_reading_of_a_last_meter_bills_the_reading_before_it(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("u1", "7", "seats", at=day(3)), accepted("u2", "9", "seats", at=day(20)),
+                                   accepted("s1", "7", "storage_gb", at=day(3)),
+                                   accepted("s2", "19", "storage_gb", at=day(20))])
+    await service.handle_accepted([correction("v1", "u2", "0", meter="seats"),
+                                   correction("v2", "s2", "0", meter="storage_gb")])
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    debits = {c["payload"]["meter"]: c["payload"]["amount"] for c in commands if c["kind"] == "usage.debit"}
+    # The void takes the 9 back: 7 seats, 1 included, 6 x 1.00 (not 0 seats); like max: 7 GB, all included.
+    assert debits == {"seats": "6.000000000"}
+    assert usage_lines(commands) == {"seats": ("7", "6.000000000"), "storage_gb": ("7", "0.000000000")}
+
+
+async def test_a_last_reading_of_zero_is_billed_as_zero(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("u1", "7", "seats", at=day(3)), accepted("u2", "0", "seats", at=day(20))])
+    [line] = await close_period(service.db, bus, service.catalog, "2026-11")
+    assert (line.meter, line.quantity, line.amount) == ("seats", "0", "0.000000000")
+
+
+REGIONAL_CALLS = {"model": "graduated", "unit": "USD", "tiers": [
+    {"up_to": "100", "unit_amount": "0.10"}, {"up_to": None, "unit_amount": "0.05"}]}
+REGIONAL = {"code": "regional", "name": "Regional", "version": 1, "currency": "USD", "charges": [
+    {"meter": "regional_calls", "price": REGIONAL_CALLS, "included": "100"},
+    {"meter": "regional_storage", "price": per_unit("1.00"), "included": "10"}]}
+GROUPED_METERS = [
+    {"code": "regional_calls", "aggregation": "sum", "group_by": ["region"], "price": per_unit("0.10")},
+    {"code": "regional_storage", "aggregation": "max", "group_by": ["region"], "price": per_unit("1.00")}]
+
+
+async def test_a_meters_allowance_and_tiers_apply_once_per_period_across_its_groups(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    document = {**CATALOG, "meters": [*CATALOG["meters"], *GROUPED_METERS], "plans": [REGIONAL]}
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 2, "document": document})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
+    await subscription_event(service, "Started", 3, tenant="acme", plan={"code": "regional", "version": 1},
+                             quantity=1, status="active", started_at=NOV.isoformat(), period_start=NOV.isoformat(),
+                             period_end=DEC.isoformat())
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([
+        accepted(f"c{d}", "150", "regional_calls", 2, day(d), region=region)
+        for d, region in ((3, "eu"), (4, "us"), (5, "ap"))])
+    await service.handle_accepted([accepted("s1", "8", "regional_storage", 2, day(6), region="eu"),
+                                   accepted("s2", "7", "regional_storage", 2, day(7), region="us")])
+    # 450 calls, 100 included, 350 billable: 100 x 0.10 + 250 x 0.05 = 22.50, not 3 x (50 x 0.10) = 15.00.
+    debits = [c["payload"]["amount"] for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert debits == ["5.000000000", "10.000000000", "7.500000000"]
+    await end_period(service, NOV, DEC, JAN)
+    commands = await published(bus)
+    # 8 + 7 GB, 10 included: 5.00 (each region under its own 10 would bill nothing); the invoice agrees.
+    closed = [c["payload"] for c in commands if c["kind"] == "usage.debit" and c["payload"]["cause"].get("closed")]
+    assert [(d["cause"]["group"], d["amount"]) for d in closed] == [("region=us", "5.000000000")]
+    assert usage_lines(commands) == {"regional_calls": ("450", "22.500000000"),
+                                     "regional_storage": ("15", "5.000000000")}
+    lines = [line for line in await lines_of(service.db, NOV.isoformat()) if line.meter == "regional_calls"]
+    assert sum(Decimal(line.amount) for line in lines) == Decimal("22.5")
+    assert sum(Decimal(line.billable) for line in lines) == 350
 
 
 async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing(rating) -> None:  # type: ignore[no-untyped-def]
