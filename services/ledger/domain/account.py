@@ -99,8 +99,10 @@ Subscription fee revenue (IFRS 15 / ASC 606)
     note's ``credit_note_grant``: Cr ``DEFERRED_REVENUE``, one schedule per document in ``_fee_schedules``) and
     recognised ratably by ``recognise_fee_revenue(now)`` (``FeeRevenueRecognised``: per schedule ``deferred x
     elapsed // remaining`` in whole seconds since its last run, all that is left at its end, so exactly what it
-    deferred). A credit for unused time, a void and a refund take their net from the schedule of the invoice
-    they correct first (``_fee_revenue``; a credit, a void and a full refund end it, recognising what it still
+    deferred), but for the share of a plan's recurring credit in the currency the fee includes (``included``): its
+    grant took that share into the wallet, earned as it is used or lapses. A credit for unused time, a void and a
+    refund take their net from the schedule of the invoice they correct first (``_fee_revenue``; a credit, a void
+    and a full refund end it, recognising what it still
     defers beyond the credit), the rest from ``RECOGNISED_REVENUE``. Invoices billed before schedules existed have
     none: revenue when billed, reversed from ``RECOGNISED_REVENUE``. The sweeper runs it at the first sweep of
     each UTC day with something due and when a period ends (``fee_revenue_due``).
