@@ -19,7 +19,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 import pycountry
 from billing_events.catalog import unsupported_credit_cadence
 from billing_events.messages import LedgerCommand
-from billing_events.money import RATING_CONTEXT, parse_decimal, round_minor, to_subunits
+from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal, round_minor, to_subunits
 from billing_events.money import currency as currency_of
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
@@ -172,6 +172,60 @@ def _allotment(credit: dict[str, Any], quantity: int, fraction: Decimal = Decima
         RATING_CONTEXT.multiply(parse_decimal(credit["amount"]), Decimal(quantity)), fraction))
 
 
+def _included_credit(plan: dict[str, Any], quantity: int, fraction: Decimal = Decimal(1)) -> int:
+    """The plan's recurring credit in its own billing currency for ``quantity`` over ``fraction`` of a period, in
+    sub-units: the share of the period's fee that pays for that credit (a separate performance obligation, IFRS
+    15: earned as the credit is used or lapses, not ratably with the rest of the fee). Credits in a credit unit
+    (``CREDIT``) are not money of the fee: 0 for them."""
+    return sum(_allotment(credit, quantity, fraction) for credit in plan.get("recurring_credits") or []
+               if credit["unit"] == plan["currency"])
+
+
+def _including(item: dict[str, Any], included: int) -> dict[str, Any]:
+    """A fee line for a service period that includes ``included`` sub-units of the plan's recurring credit in the
+    currency (``included_credit`` on the line, read by ``_deferred_fee``): that share of its fee is not deferred
+    for ratable recognition, its grant took it into the wallet."""
+    return {**item, "included_credit": str(from_subunits(included))} if included > 0 else item
+
+
+def _with_included(lines: list[dict[str, Any]], included: int, back: int) -> list[dict[str, Any]]:
+    """A change's or cancel's lines with the included recurring credit in the currency: ``included`` on its new fee
+    for the rest of the period (the line naming its service period) and ``back`` on its credit for unused time
+    (``included_back``, read by ``_unused_time_credit``): what of the included credit left the wallet for
+    DEFERRED_REVENUE, which the credit takes out again."""
+    out, charged, credited = [], False, False
+    for item in lines:
+        amount = Decimal(item["amount"])
+        if not charged and amount > 0 and item.get("service_start"):
+            item, charged = _including(item, included), True
+        elif not credited and back > 0 and amount < 0 and item["kind"] == "proration" and not item.get("service_start"):
+            item, credited = {**item, "included_back": str(from_subunits(back))}, True
+        out.append(item)
+    return out
+
+
+def _currency_recurring_left(account: BillingAccount, sub: Subscription) -> int:
+    """What is left of ``sub``'s open recurring grants in its billing currency (sub-units)."""
+    balances = {g["grant_id"]: g for g in account.grant_balances()}
+    return sum(int(state.get("remaining", 0)) for grant in sub.recurring_grants
+               if (state := balances.get(grant)) is not None and state.get("status") == "open"
+               and state["unit"] == sub.plan["currency"])
+
+
+def _granted_in_currency(account: BillingAccount, grants: list[str], currency: str) -> int:
+    """The amount of the recurring grants ``grants`` (just issued) in ``currency`` (sub-units)."""
+    balances = {g["grant_id"]: g for g in account.grant_balances()}
+    return sum(int(balances[grant]["amount"]) for grant in grants
+               if grant in balances and balances[grant]["unit"] == currency)
+
+
+def _includes_credit(invoice: Invoice | None) -> bool:
+    """Whether ``invoice`` deferred its fee net of an included recurring credit in the currency (a fee line with
+    ``included_credit``, since session 9): a change or cancel correcting it gives that credit's remainder back
+    from DEFERRED_REVENUE (``included_back``). Invoices billed before recognise their whole fee ratably, as before."""
+    return invoice is not None and any(item.get("included_credit") for item in invoice.lines)
+
+
 def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
                      carried: dict[str, int] | None = None, fraction: Decimal = Decimal(1),
                      change: UUID | None = None) -> list[str]:
@@ -235,10 +289,17 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
             continue
         remaining = int(state.get("remaining", 0))
         spec = credits[index] if index < len(credits) else {}
-        if rollover and spec.get("rollover") and remaining > 0:
+        rolled = rollover and bool(spec.get("rollover"))
+        if rolled and remaining > 0:
             cap = spec.get("rollover_cap")
             carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
-        account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False)
+        if not rolled and state.get("expires_at") is not None and state["expires_at"] <= at:
+            # Its period is over (a renewal, a cancel at the period's end): what is left lapsed, breakage as the
+            # sweeper's expiry would post it, whichever comes first. Voided, it went back to DEFERRED_REVENUE and
+            # stayed there, the period's fee having already taken its share out (``_fee_revenue``).
+            account.expire_grants(at, grant_ids=[grant], thresholds=False)
+        else:
+            account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False)
         units.add(str(state["unit"]))
     return carried, units
 
@@ -436,6 +497,7 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
         sub = batch.get(UUID(invoice.subscription_id))
         if deferred is not None and isinstance(sub, Subscription) and sub.status == INCOMPLETE:
             deferred["pending"] = True  # charge_before_access: its period starts when it is paid (``_activate``)
+            deferred.pop("included", None)  # nothing granted yet: its credit is granted, and taken out, then
         account.bill_invoice(invoice=str(invoice.id), unit=invoice.currency, net=to_subunits(fees),
                              tax=to_subunits(tax), at=at, cause=cause, deferred=deferred,
                              credits=_unused_time_credit(batch, invoice, at))
@@ -535,18 +597,24 @@ def _record_given_back(corrected: Invoice, document: Invoice, by: str) -> None:
 def _deferred_fee(invoice: Invoice) -> dict[str, Any] | None:
     """The fee ``invoice`` bills in advance for its service period, to defer: the sum of its lines that name the
     period (``proration.service_period``), from the earliest start to the latest end; ``None`` if none or not
-    positive (nothing to spread: revenue at once)."""
-    amount, start, end = Decimal(0), None, None
+    positive (nothing to spread: revenue at once). ``included``: the share of it that pays for the plan's recurring
+    credit in the currency (its lines' ``included_credit``), not recognised ratably (``_fee_revenue``)."""
+    amount, start, end, included = Decimal(0), None, None, Decimal(0)
     for item in invoice.lines:
         if not (item.get("service_start") and item.get("service_end")):
             continue
         amount = RATING_CONTEXT.add(amount, Decimal(item["amount"]))
+        if item.get("included_credit") and Decimal(item["amount"]) > 0:
+            included = RATING_CONTEXT.add(included, Decimal(item["included_credit"]))
         began, ends = datetime.fromisoformat(item["service_start"]), datetime.fromisoformat(item["service_end"])
         start = began if start is None or began < start else start
         end = ends if end is None or ends > end else end
     if amount <= 0 or start is None or end is None or end <= start:
         return None
-    return {"amount": to_subunits(amount), "start": start, "end": end}
+    deferred: dict[str, Any] = {"amount": to_subunits(amount), "start": start, "end": end}
+    if included > 0:  # the included recurring credit's share: not ratable (capped by the fee)
+        deferred["included"] = min(to_subunits(included), deferred["amount"])
+    return deferred
 
 
 def _unused_time_credit(batch: _Batch, invoice: Invoice, at: datetime) -> dict[str, Any] | None:
@@ -557,17 +625,19 @@ def _unused_time_credit(batch: _Batch, invoice: Invoice, at: datetime) -> dict[s
     change or cancel (``end``: this document's start)."""
     if not invoice.related_invoice:
         return None
-    credit = Decimal(0)
+    credit = back = Decimal(0)
     for item in invoice.lines:
         if item["kind"] == "proration" and not item.get("service_start") and Decimal(item["amount"]) < 0:
             credit = RATING_CONTEXT.subtract(credit, Decimal(item["amount"]))
+            back = RATING_CONTEXT.add(back, Decimal(item.get("included_back") or 0))
     if not credit:
         return None
     corrected = batch.get(UUID(invoice.related_invoice))
+    included = {"included": to_subunits(back)} if back > 0 else {}
     if isinstance(corrected, Invoice) and corrected.status == DRAFT:
         return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True, "draft": True,
-                "end": invoice.period_start or at}
-    return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True}
+                "end": invoice.period_start or at, **included}
+    return {"invoice": invoice.related_invoice, "amount": to_subunits(credit), "close": True, **included}
 
 
 def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str, *,
@@ -628,7 +698,8 @@ def _first_invoice(app: LedgerApplication, batch: _Batch, sub: Subscription, at:
                    finalize: bool) -> Invoice | None:
     """The invoice of the period starting now: its base fee in advance."""
     return _document(app, batch, sub, _first_invoice_key(sub),
-                     [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at, by,
+                     [_including(period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end),
+                                 _included_credit(sub.plan, sub.quantity))], at, by,
                      finalize=finalize, start=sub.period_start, end=sub.period_end)
 
 
@@ -654,8 +725,12 @@ def _activate(batch: _Batch, sub: Subscription, at: datetime, by: str) -> None:
                force=True)
     account = account_of(batch, sub.tenant)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, by))
-    # The fee it paid is recognised over that first period, from now (it was deferred, pending, when billed).
-    account.start_fee_schedule(invoice=first, start=sub.period_start, end=sub.period_end, at=at)
+    # The fee it paid is recognised over that first period, from now (it was deferred, pending, when billed), but
+    # for the share of its included credit in the currency, granted now: that is earned as the credit is used.
+    invoice = batch.get(UUID(first))
+    deferred = _deferred_fee(invoice) if isinstance(invoice, Invoice) else None
+    account.start_fee_schedule(invoice=first, start=sub.period_start, end=sub.period_end, at=at,
+                               included=(deferred or {}).get("included", 0))
 
 
 def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str,
@@ -764,10 +839,19 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         # The old plan's remaining recurring grant is voided and the new one issued, atomically: the new
         # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
         carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
+        left = _currency_recurring_left(account, sub)
         _, voided = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
+        fraction = proration_fraction(sub.period_start, sub.period_end, at)
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
-            fraction=proration_fraction(sub.period_start, sub.period_end, at), change=command.command_id))
+            fraction=fraction, change=command.command_id))
+        # The new fee's included credit in the currency (the new allotment for the rest of the period) is not
+        # recognised ratably; what the old grants had left beyond what the new ones carry, plus that allotment,
+        # came back to DEFERRED_REVENUE from the wallet: the credit for unused time takes it out again.
+        included = _included_credit(sub.plan, sub.quantity, fraction)
+        back = left - _granted_in_currency(account, sub.recurring_grants, sub.plan["currency"]) + included \
+            if _includes_credit(corrected) else 0
+        lines = _with_included(lines, included, back)
     else:
         voided = set()
     _document(app, batch, sub, key, lines, at, command.issued_by, finalize=True, start=at, end=sub.period_end,
@@ -824,9 +908,12 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
         roster.release(subscription_id=sub.id, at=at)
+        # The included credit in the currency left unused goes back from the wallet to DEFERRED_REVENUE: the credit
+        # for unused time takes it out again (the corrected invoice did not recognise it ratably).
+        back = _currency_recurring_left(account, sub) if _includes_credit(corrected) else 0
         _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
-        _document(app, batch, sub, f"{sub.id}/cancel", lines, at, command.issued_by, finalize=True,
-                  start=at, end=sub.period_end, corrects=corrected)
+        _document(app, batch, sub, f"{sub.id}/cancel", _with_included(lines, 0, back), at, command.issued_by,
+                  finalize=True, start=at, end=sub.period_end, corrects=corrected)
         _check_thresholds(account, voided, at, top_up=False)  # after its credit note
         if at > cut_start:
             # The period is cut short at the cancel: rating closes [start, at) on this Canceled event and sends
@@ -872,11 +959,12 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     if billed_from is None:
         return {"subscription_id": str(sub.id), "lines": []}
     account = account_of(batch, tenant)
+    fraction = proration_fraction(sub.period_start, sub.period_end, billed_from)
     sub.set_recurring_grants(_grant_recurring(
-        account, sub, billed_from, sub.period_end, command.issued_by,
-        fraction=proration_fraction(sub.period_start, sub.period_end, billed_from)))
-    lines = quote_resume(plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
-                         period_end_at=sub.period_end, at=billed_from)
+        account, sub, billed_from, sub.period_end, command.issued_by, fraction=fraction))
+    lines = [_including(item, _included_credit(sub.plan, sub.quantity, fraction))
+             for item in quote_resume(plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
+                                      period_end_at=sub.period_end, at=billed_from)]
     _document(app, batch, sub, resume_invoice_key(sub.id, billed_from), lines, at, command.issued_by,
               finalize=True, start=billed_from, end=sub.period_end)
     return {"subscription_id": str(sub.id), "lines": lines}
@@ -969,7 +1057,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
     draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),
-                      [period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
+                      [_including(period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end),
+                                  _included_credit(sub.plan, sub.quantity))], at,
                       "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
     _commit_minimum(draft, sub, minimum)
     return {"transition": "renewed", "ended": [ended_start, ended_end]}

@@ -101,8 +101,10 @@ Subscription fee revenue (IFRS 15 / ASC 606)
     note's ``credit_note_grant``: Cr ``DEFERRED_REVENUE``, one schedule per document in ``_fee_schedules``) and
     recognised ratably by ``recognise_fee_revenue(now)`` (``FeeRevenueRecognised``: per schedule ``deferred x
     elapsed // remaining`` in whole seconds since its last run, all that is left at its end, so exactly what it
-    deferred). A credit for unused time, a void and a refund take their net from the schedule of the invoice
-    they correct first (``_fee_revenue``; a credit, a void and a full refund end it, recognising what it still
+    deferred), but for the share of a plan's recurring credit in the currency the fee includes (``included``): its
+    grant took that share into the wallet, earned as it is used or lapses. A credit for unused time, a void and a
+    refund take their net from the schedule of the invoice they correct first (``_fee_revenue``; a credit, a void
+    and a full refund end it, recognising what it still
     defers beyond the credit), the rest from ``RECOGNISED_REVENUE``. Invoices billed before schedules existed have
     none: revenue when billed, reversed from ``RECOGNISED_REVENUE``. The sweeper runs it at the first sweep of
     each UTC day with something due and when a period ends (``fee_revenue_due``).
@@ -626,13 +628,17 @@ class BillingAccount(ChainedAggregate):
             money["breakage"] += change["breakage"]
             money["recognised_at"] = at
 
-    def expire_grants(self, now: datetime) -> None:
-        """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once each."""
+    def expire_grants(self, now: datetime, *, grant_ids: Iterable[str] | None = None, thresholds: bool = True) -> None:
+        """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once each. ``grant_ids``: only
+        these (a renewal ends its period's recurring credits; the sweeper the rest); ``thresholds`` False: the
+        caller checks the units' alerts once its command's movements are done (``check_thresholds``)."""
         _require_time("now", now)
+        only = None if grant_ids is None else set(grant_ids)
         due = [
             g
             for g in self._grants.values()
             if g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
+            and (only is None or g["grant_id"] in only)
         ]
         due.sort(key=lambda g: (g["expires_at"], g["seq"]))
         units: set[str] = set()
@@ -655,7 +661,7 @@ class BillingAccount(ChainedAggregate):
                 at=now,
             )
             units.add(g["unit"])
-        for unit in sorted(units):
+        for unit in sorted(units if thresholds else ()):
             self._check_thresholds(unit, now)
 
     @event("GrantExpired")
@@ -1915,19 +1921,31 @@ class BillingAccount(ChainedAggregate):
             _require_time("deferred end", end)
             if end <= start:
                 raise InvalidTime(f"the service period of {document} ends ({end}) before it starts ({start})")
+            included = deferred.get("included", 0)
+            _require_amount("included credit", included, allow_zero=True)
+            if included > new:
+                raise InvalidAmount(f"{document} includes {included} of credit in a fee of {new}")
             if pending is not None:
-                # Deferred to the cut, net of the credit already taken from DEFERRED_REVENUE; none once billed past
-                # the cut (recognised now below, as a close recognises the time up to the credit).
+                # Deferred to the cut, net of the credit already taken from DEFERRED_REVENUE and of the included
+                # credit (its grant's funding); none once billed past the cut (recognised now below, as a close
+                # recognises the time up to the credit).
                 cut = pending["end"]
-                left = max(new - pending["amount"], 0) if at is not None and at < cut and start < cut else 0
+                left = (max(new - pending["amount"] - included, 0) if at is not None and at < cut and start < cut
+                        else 0)
                 if left:
                     record["schedule"] = {"invoice": document, "unit": unit, "amount": left, "start": start,
                                           "end": cut}
-                new = left
-            elif new:
-                record["schedule"] = {"invoice": document, "unit": unit, "amount": new, "start": start, "end": end}
+                new = left + included
+            elif new - included:
+                record["schedule"] = {"invoice": document, "unit": unit, "amount": new - included, "start": start,
+                                      "end": end}
                 if deferred.get("pending"):
                     record["schedule"]["pending"] = True
+            if included:
+                # The plan's recurring credit in this currency the fee includes: its grant took that share from
+                # DEFERRED_REVENUE into the wallet (earned as it is used, breakage if it lapses), so it is credited
+                # there with the rest but not recognised ratably (never recognised twice).
+                record["included"] = {"invoice": document, "amount": included}
         if pending is not None:
             # The credit's debit of DEFERRED_REVENUE is cleared: what the fee had beyond it is revenue (now, or by
             # the schedule above), what it had less (a credit above the fee billed) comes from RECOGNISED_REVENUE.
@@ -1961,6 +1979,15 @@ class BillingAccount(ChainedAggregate):
                 out = amount
                 lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, out, gid))
                 record["pending_credit"] = {"invoice": corrected, "unit": unit, "amount": amount, "end": cut}
+            back = credits.get("included", 0)
+            _require_amount("included credit given back", back, allow_zero=True)
+            if back:
+                # The included recurring credit the change or cancel took out of the wallet back into DEFERRED_REVENUE
+                # (voided, less what its new grants carry): it leaves DEFERRED_REVENUE with the credit, so what the
+                # corrected invoice's included share left there ends at zero.
+                out += back
+                lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, back, gid))
+                record["included_back"] = {"invoice": corrected, "amount": back}
         # Revenue accounts together are credited ``revenue``: -new + out on DEFERRED_REVENUE, the rest here.
         to_recognised = new - out - revenue
         if to_recognised:
@@ -1992,24 +2019,35 @@ class BillingAccount(ChainedAggregate):
                 "unit": new["unit"], "amount": new["amount"], "deferred": new["amount"], "start": new["start"],
                 "end": new["end"], "recognised_to": new["start"], "pending": bool(new.get("pending"))}
 
-    def start_fee_schedule(self, *, invoice: str, start: datetime, end: datetime, at: datetime) -> None:
+    def start_fee_schedule(self, *, invoice: str, start: datetime, end: datetime, at: datetime,
+                           included: int = 0) -> None:
         """The service a pending schedule's fee pays for begins (``charge_before_access``: the first invoice is
         paid, the first period starts then): it is recognised over [start, end) from now on
-        (``FeeScheduleStarted``, no postings). Nothing recorded when ``invoice`` has no pending schedule (billed
-        before fees were deferred, or voided)."""
+        (``FeeScheduleStarted``, no postings). ``included``: the plan's recurring credit in the currency granted
+        now for that period, funded from the fee's DEFERRED_REVENUE: that share leaves the schedule (earned as the
+        credit is used), as a fee billed with its grant defers it (``_fee_revenue``). Nothing recorded when
+        ``invoice`` has no pending schedule (billed before fees were deferred, or voided)."""
         _require_time("start", start)
         _require_time("end", end)
         _require_time("at", at)
+        _require_amount("included", included, allow_zero=True)
         if end <= start:
             raise InvalidTime(f"the service period of {invoice} ends ({end}) before it starts ({start})")
         schedule = self._fee_schedules.get(invoice)
         if schedule is None or not schedule.get("pending"):
             return
-        self._fee_schedule_started(invoice=invoice, start=start, end=end, at=at)
+        self._fee_schedule_started(invoice=invoice, start=start, end=end, at=at,
+                                   **({"included": min(included, schedule["deferred"])} if included else {}))
 
     @event("FeeScheduleStarted")
-    def _fee_schedule_started(self, invoice: str, start: datetime, end: datetime, at: datetime) -> None:
-        self._fee_schedules[invoice].update(start=start, end=end, recognised_to=start, pending=False)
+    def _fee_schedule_started(self, invoice: str, start: datetime, end: datetime, at: datetime,
+                              included: int = 0) -> None:
+        # ``included`` recorded since session 9 (earlier events: none, the whole fee recognised ratably).
+        schedule = self._fee_schedules[invoice]
+        schedule.update(start=start, end=end, recognised_to=start, pending=False,
+                        amount=schedule["amount"] - included, deferred=schedule["deferred"] - included)
+        if schedule["deferred"] <= 0:
+            del self._fee_schedules[invoice]
 
     def fee_revenue_due(self, now: datetime) -> bool:
         """Whether the sweeper should run :meth:`recognise_fee_revenue` at ``now`` (cheap: no postings): a

@@ -20,8 +20,9 @@ Chart of accounts (the platform's books, one tenant at a time)
 ``DEFERRED_REVENUE`` (liability)
     Consideration billed in advance that is *not yet in a wallet*: subscription fees invoiced for a
     period (``InvoiceBilled``), recognised ratably over it (``FeeRevenueRecognised``). A plan's recurring credit grant reclassifies its
-    share into the wallet (Dr ``DEFERRED_REVENUE`` / Cr ``TENANT_WALLET``); voiding it on a plan change
-    moves the remainder back. Also, in the currency, the net money paid for a credit package granted in a
+    share into the wallet (Dr ``DEFERRED_REVENUE`` / Cr ``TENANT_WALLET``), so in the currency that share of the
+    fee is not on the ratable schedule; voiding it on a plan change moves the remainder back, and the change's
+    credit for unused time takes it out again. Also, in the currency, the net money paid for a credit package granted in a
     credit unit (``PurchaseMoneyBooked``): its wallet is in the credit unit, so the money's liability is
     here, recognised in periodic runs as the credit is consumed or lapses (``PurchaseMoneyRecognised``).
 ``RECOGNISED_REVENUE`` (revenue)

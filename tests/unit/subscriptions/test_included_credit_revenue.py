@@ -1,0 +1,257 @@
+"""A plan's recurring credit in its own billing currency (30.00 a month including 10.00 of usage credit) is a
+separate performance obligation (IFRS 15): its share of the fee is earned as the credit is used (or lapses to
+breakage), the rest of the fee ratably over the period. Over a whole period recognised revenue + breakage from
+the invoice is exactly the fee and its deferred revenue ends at zero. SQLite ledger, real commands; the chart of
+accounts is read from the account's events' postings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from billing_events.messages import PaymentNotification
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.audit import verify_store
+from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.payment_commands import payment_command
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.unit.subscriptions.test_fee_revenue_recognition import replays_and_snapshots_the_same
+from tests.unit.subscriptions.test_invoice_books import account, books, events
+from tests.unit.subscriptions.test_invoice_overage import debit, renew_and_bill, run
+
+U = 10**9
+CENT = U // 100
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
+NOV_20 = datetime(2026, 11, 20, tzinfo=UTC)
+DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
+JAN_1 = datetime(2027, 1, 1, tzinfo=UTC)
+CATALOG: dict[str, Any] = {
+    "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}}],
+    "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00",
+               "recurring_credits": [{"unit": "USD", "amount": "10.00"}]}],
+}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> LedgerApplication:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=CATALOG, digest="included-1")
+    run(ledger, "account.open", "acme", currency="USD")
+    return ledger
+
+
+def recognise(app: LedgerApplication, now: datetime) -> None:
+    run(app, "grant.expire", "acme", at=now, now=now.isoformat())
+    run(app, "money.recognise", "acme", at=now, now=now.isoformat())
+
+
+def revenue(app: LedgerApplication) -> tuple[int, int, int]:
+    """(recognised, breakage, deferred) revenue of the account's books in USD, as positive sub-units (credits)."""
+    chart = books(app)
+    return (-chart.get(("recognised_revenue", "USD"), 0), -chart.get(("breakage", "USD"), 0),
+            -chart.get(("deferred_revenue", "USD"), 0))
+
+
+def test_a_period_whose_included_credit_is_partly_used_earns_exactly_its_fee(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # Nov 1 - Dec 1: 30.00, 10.00 of credit
+    debit(app, "4.00", NOV_1, NOV_20)  # from the included credit
+    recognise(app, DEC_1)  # the credit's 6.00 left lapses, the period ends
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0  # was -10.00: the grant's funding left a debit in deferred revenue
+    assert recognised + breakage == 3000 * CENT  # was 40.00: the credit's share recognised twice
+    assert (recognised, breakage) == (2400 * CENT, 600 * CENT)
+    assert verify_store(app, "acme").ok
+
+
+def fee_deferred(app: LedgerApplication) -> int:
+    """What the account's fee schedules still defer for ratable recognition (sub-units)."""
+    return account(app).deferred_fees("USD")
+
+
+def test_a_renewal_ticked_before_the_expiry_sweep_lapses_the_ended_credit_to_breakage(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "4.00", NOV_1, NOV_20)
+    renew_and_bill(app, NOV_1, DEC_1, [])  # the tick comes first: November's 6.00 left lapses, was voided
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    assert (recognised, breakage) == (2400 * CENT, 600 * CENT)  # November: exactly its fee
+    # December's 30.00: its 10.00 of credit is in the wallet, the other 20.00 deferred to recognise over December.
+    assert deferred == fee_deferred(app) == 2000 * CENT
+    assert account(app).available("USD") == 1000 * CENT
+    assert [e.remainder for e in events(app, "GrantExpired")] == [600 * CENT]
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_mid_period_earns_the_fee_less_its_credit_whatever_of_the_included_credit_was_used(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=9))
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # 15 of 30 days: 15.00 back
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0  # was 10.00 of debit: the 6.00 credit voided back stayed there
+    assert recognised + breakage == 1500 * CENT  # November: 30.00 less the 15.00 credited
+    assert account(app).available("USD") == 1500 * CENT  # the credit note; the included credit is voided
+    assert verify_store(app, "acme").ok
+
+
+def test_an_upgrade_mid_period_earns_both_plans_fees_for_their_time_with_their_included_credit(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=9))
+    run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 unused, +45.00 rest
+    # The new grant: 15.00 for the rest of the period (3 x 10.00 for half of it) and 1.00 carried (6.00 left of the
+    # old one beyond its 5.00 for the rest); 45.00 - 15.00 of the new fee deferred, the old schedule ended.
+    assert account(app).available("USD") == 1600 * CENT
+    assert fee_deferred(app) == 3000 * CENT
+    debit(app, "12.00", NOV_1, NOV_20)
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0
+    assert recognised + breakage == (3000 - 1500 + 4500) * CENT
+    assert breakage == 400 * CENT  # the 4.00 of credit never used
+    assert verify_store(app, "acme").ok
+
+
+def test_a_fee_paid_before_access_takes_its_included_credit_out_of_the_schedule_when_granted(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team", trial=False, collection="charge_before_access")
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    assert fee_deferred(app) == 3000 * CENT  # not paid, nothing granted: the whole fee waits
+    paid_at = datetime(2026, 11, 4, 12, tzinfo=UTC)
+    run(app, "invoice.mark_paid", "acme", at=paid_at, invoice_id=str(invoice.id), payment="pi_1")
+    assert fee_deferred(app) == 2000 * CENT and account(app).available("USD") == 1000 * CENT
+    debit(app, "7.00", paid_at, paid_at + timedelta(days=3))
+    recognise(app, paid_at + timedelta(days=30))
+    assert revenue(app) == (2700 * CENT, 300 * CENT, 0)
+    assert verify_store(app, "acme").ok
+
+
+def test_an_unpaid_fee_before_access_voided_reverses_the_whole_fee(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team", trial=False, collection="charge_before_access")
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m")
+    assert books(app) == {}
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_while_the_renewal_is_a_draft_leaves_nothing_deferred(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    recognise(app, DEC_1)
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")  # December's credit granted, its invoice a draft
+    debit(app, "2.00", DEC_1, DEC_1 + timedelta(days=2))
+    cancel_at = DEC_1 + timedelta(days=10)
+    run(app, "subscription.cancel", "acme", at=cancel_at, key="m", immediately=True)  # 21 of 31 days: 20.32 back
+    key = f"{subscription_id('acme', 'm')}/{DEC_1.isoformat()}"
+    run(app, "invoice.usage_lines", "acme", at=cancel_at + timedelta(hours=1), invoice_key=key, lines=[],
+        period_start=NOV_1.isoformat(), period_end=DEC_1.isoformat())
+    recognise(app, JAN_1)
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0
+    assert recognised + breakage == (3000 + 3000 - 2032) * CENT  # November, December less its credit
+    assert verify_store(app, "acme").ok
+
+
+def test_a_full_refund_gives_back_the_fee_once_and_leaves_nothing_deferred(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
+    recognise(app, NOV_1 + timedelta(days=9))
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
+                                 order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("30.00"),
+                                 currency="USD", verified_at=NOV_16, gateway_reference="re_1",
+                                 refunded_payment="pi_1")
+    [result] = app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+    assert revenue(app)[2] == 0 and fee_deferred(app) == 0
+    recognise(app, DEC_1)  # the included credit left lapses
+    # Every cent of the fee went back: the period earned nothing, the 4.00 used and 6.00 lapsed net to zero.
+    assert revenue(app) == (-600 * CENT, 600 * CENT, 0)
+    assert ("gateway_clearing", "USD") not in books(app)  # paid 30.00, refunded 30.00
+    assert verify_store(app, "acme").ok
+
+
+def test_a_replay_and_a_snapshot_rebuild_the_same_schedules(app: LedgerApplication, tmp_path: Path) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    [billed] = events(app, "InvoiceBilled")
+    # The event records what it deferred ratably and the included share: a replay never recomputes it, so an
+    # InvoiceBilled recorded before (its whole fee on the schedule, no ``included``) replays as it was.
+    assert billed.revenue["schedule"]["amount"] == 2000 * CENT and billed.revenue["included"]["amount"] == 1000 * CENT
+    debit(app, "4.00", NOV_1, NOV_20)
+    run(app, "subscription.change", "acme", at=NOV_20, key="m", quantity=2)
+    replays_and_snapshots_the_same(app, tmp_path)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(periods=st.lists(st.tuples(
+    st.lists(st.tuples(st.integers(1, 29), st.integers(0, 600)), max_size=4),  # usage: day, cents
+    st.lists(st.integers(1, 29), max_size=3),  # recognition runs (with the expiry sweep): days
+    st.booleans(),  # the sweep at the period's end before the renewal's tick
+    st.sampled_from([None, 1, 2, 3])), min_size=1, max_size=3),  # a quantity change at day 12, or none
+    cancel=st.booleans())
+def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and_recognition(
+        tmp_path_factory: pytest.TempPathFactory, periods: list[tuple[Any, ...]], cancel: bool) -> None:
+    """fees = recognised + breakage + what is still deferred (the fee schedules) + the credit in the wallet
+    (included credit, credit notes), deferred revenue never a debit and never more or less than the schedules
+    defer, at every step; at the end nothing deferred and recognised + breakage = the fees less the credit for
+    unused time."""
+    app = LedgerApplication(persistence_env(None, str(tmp_path_factory.mktemp("prop"))))
+    try:
+        run(app, "catalog.publish", None, document=CATALOG, digest="included-1")
+        run(app, "account.open", "acme", currency="USD")
+        run(app, "subscription.create", "acme", key="m", plan="team")
+
+        def check() -> None:
+            recognised, breakage, deferred = revenue(app)
+            assert deferred >= 0 and deferred == fee_deferred(app)
+            assert recognised + breakage + deferred + account(app).balance("USD") == billed(app)
+
+        start = NOV_1
+        for usage, runs, sweep_first, quantity in periods:
+            end = (start + timedelta(days=32)).replace(day=1)
+            steps = sorted([(day, "use", cents) for day, cents in usage] + [(day, "recognise", 0) for day in runs]
+                           + ([(12, "change", quantity)] if quantity is not None else []), key=lambda x: x[0])
+            for day, kind, value in steps:
+                at = start + timedelta(days=day, hours=1)
+                if kind == "use":
+                    amount = min(value * CENT, account(app).available("USD"))
+                    if amount:
+                        debit(app, str(Decimal(amount) / U), start, at)
+                elif kind == "recognise":
+                    recognise(app, at)
+                elif value != app.repository.get(subscription_id("acme", "m")).quantity:
+                    run(app, "subscription.change", "acme", at=at, key="m", quantity=value)
+                check()
+            if sweep_first:
+                recognise(app, end)
+            renew_and_bill(app, start, end, [])
+            recognise(app, end)
+            check()
+            start = end
+        if cancel:
+            run(app, "subscription.cancel", "acme", at=start + timedelta(days=5), key="m", immediately=True)
+            check()
+        recognise(app, (start + timedelta(days=32)).replace(day=1))
+        recognised, breakage, deferred = revenue(app)
+        assert deferred == 0 and fee_deferred(app) == 0
+        assert recognised + breakage == billed(app) - credited(app)
+        assert verify_store(app, "acme").ok
+    finally:
+        app.close()
+
+
+def billed(app: LedgerApplication) -> int:
+    """Fees billed (the account's receivables: no tax and no overage in these tests)."""
+    return books(app).get(("receivables", "USD"), 0)
+
+
+def credited(app: LedgerApplication) -> int:
+    """Credit for unused time given (the credit notes' account credit)."""
+    return sum(e.amount for e in events(app, "CreditGranted") if e.source == "credit_note")
