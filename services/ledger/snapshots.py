@@ -81,9 +81,10 @@ log = get_logger(__name__)
 # subscription fees billed in advance and not yet recognised (_fee_schedules). 8: credits for unused time taken
 # from a renewal draft's fee before it is billed (_pending_fee_credits). 9: every invoice that billed a period's
 # overage, each with what a correction can still credit (_billed_periods: period -> list). 10: the minimum spend each
-# period was billed against and its usage spend since (_period_minimums). ResourcePool 2: finished requests
+# period was billed against and its usage spend since (_period_minimums). 11: the rounding of each unpaid invoice's
+# usage lines posted with its overage (_overage_rounding). ResourcePool 2: finished requests
 # are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 10, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 11, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}
