@@ -4,8 +4,8 @@ Real-time drawdown already took what credit covered; what it did not went to ``R
 kept on the account by the period rating priced it in (``BillingAccount.invoice_overage``). Rating's usage
 lines show the period's whole usage, so the invoice adds:
 
-* **Prepaid credits applied**: the usage lines' total (their rounded amounts, as the invoice adds them) less
-  the period's own overage in the invoice currency, so the period's usage costs exactly its overage. The
+* **Prepaid credits applied**: the credit drawn for the usage the lines show: their exact total (``exact_amount``)
+  less the period's own overage in the invoice currency, rounded once, never more than the lines bill. The
   period's own overage is that of the periods the usage lines itemise (their ``trace.rating_periods``: a period
   a cadence change cut short is billed with the one it restarted into), besides the ended period's.
 * **Overage** lines for what the usage lines cannot show: overage left from earlier periods (or more than the
@@ -29,7 +29,11 @@ lines show the period's whole usage, so the invoice adds:
   invoice currency is spend), plus the overage lines billing a credit unit at its list price. Usage paid from
   credits of a credit unit (granted by the plan or bought) shows at 0 and counts nothing.
 
-The overage an invoice billed is settled (leaves receivables) when the invoice is paid (``settle_paid``). An
+Each line is rounded once (``invoice.line``), so what these lines bill for the overage taken (exact to the sub-unit)
+is off by their rounding: it is posted when they are made (``_post_rounding``,
+``BillingAccount.round_invoiced_overage``), so what is receivable for the invoice is what it bills. The overage an
+invoice billed, its rounding included, is settled (leaves receivables) when the invoice is paid (``settle_paid``):
+the payment books the invoice's total to the minor unit. An
 account without a live subscription gets no invoice for its overage: credit it buys pays it off first
 (``repay_from_purchase``), like a prepaid balance that went below zero.
 """
@@ -66,23 +70,28 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     taken = account.invoice_overage(invoice=str(invoice.id), units=[money, *prices], end=period_end, at=at)
     lines: list[dict[str, Any]] = []
     usage = Decimal(0)
-    for item in usage_lines:  # rating's lines, as rounded on the invoice
+    exact = 0
+    for item in usage_lines:  # rating's lines, as rounded on the invoice, and at their exact rated value
         usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
+        exact += to_subunits(Decimal(item.get("exact_amount") or item["amount"]))
     itemised = _itemised_periods(usage_lines)
     taken_money = taken.get(money, {})
     owed_refunds = sum(amount for key, amount in taken_money.items() if is_owed_refund_key(key))
     own, earlier = _own_and_earlier({key: amount for key, amount in taken_money.items()
                                      if not is_owed_refund_key(key)}, period_start, itemised)
     scale = currency(money)
-    own_billed = max(round_minor(from_subunits(own), scale), Decimal(0))
+    # The period's usage at its rated value is what credit covered plus its own overage (real-time drawdown
+    # debited exactly the lines' amounts): the credit drawn is the exact difference, rounded once, never more than
+    # the usage lines show. Rounding the lines first and taking the overage from them showed their rounding as
+    # credit ("Prepaid credits applied -0.01" with no credit at all).
+    shown = min(max(own, 0), max(exact, 0))  # the overage the usage lines show
     if usage > 0:
-        applied = max(RATING_CONTEXT.subtract(usage, own_billed), Decimal(0))
-        if applied:
+        applied = min(round_minor(from_subunits(max(exact, 0) - shown), scale), usage)
+        if applied > 0:
             lines.append(line("credits_applied", "Prepaid credits applied", -applied, money))
-    # What the usage lines and credits applied leave unbilled of the overage taken (earlier periods, or more
-    # overage than the lines itemise): the invoice then bills exactly the overage taken, rounded once.
-    rest = RATING_CONTEXT.subtract(round_minor(from_subunits(own + earlier), scale),
-                                   min(max(usage, Decimal(0)), own_billed))
+    # What the usage lines do not show of the overage taken (earlier periods, or more overage than the lines
+    # itemise), rounded once.
+    rest = round_minor(from_subunits(own + earlier - shown), scale)
     if rest > 0:
         label = "Overage from earlier periods" if earlier else "Overage beyond the usage itemised above"
         lines.append(line("overage", label, rest, money))
@@ -90,6 +99,7 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
         lines.append(line("overage", "Refunded beyond what an earlier invoice had left to give back, owed (tax "
                           "included)", from_subunits(owed_refunds), money, tax_included=True))
     lines += _minimum_already_billed(account, invoice, taken.get(money, {}), period_start, itemised, at)
+    _post_rounding(account, invoice, [*usage_lines, *lines], at)
     for unit, price in prices.items():
         own_credits, earlier_credits = _own_and_earlier(taken.get(unit, {}), period_start, itemised)
         if own_credits + earlier_credits <= 0:
@@ -169,6 +179,34 @@ _LEGACY_CREDITS = re.compile(r" \(paid with ([0-9]+(?:\.[0-9]+)?) ([A-Za-z0-9_]+
 def _credits_text(subunits: int) -> str:
     """Credits as a person reads them: ``150``, ``12.5``, never ``150.000000000``."""
     return format(from_subunits(subunits).normalize(), "f")
+
+
+def _post_rounding(account: BillingAccount, invoice: Invoice, lines: list[dict[str, Any]], at: datetime) -> None:
+    """What the invoice bills for the overage it took (its usage, credits-applied and overage lines in the invoice
+    currency, and the minimum commitment netted from it: all already receivable) is that overage with each line
+    rounded once: the difference is posted (``BillingAccount.round_invoiced_overage``), so paying the invoice
+    settles its total to the minor unit and leaves nothing receivable. A difference beyond the lines' rounding
+    (overage taken net negative, in a stream recorded before give-backs kept periods at zero or more) is logged and
+    not posted: the invoice settles what it took, as before."""
+    money = invoice.currency
+    billed = Decimal(0)
+    rounded = 0
+    for item in lines:
+        if (item["kind"] in ("usage", "credits_applied", "overage") and not item.get("credit_unit")) \
+                or (item["kind"] == "minimum_commitment" and item.get("earlier_periods")):
+            billed = RATING_CONTEXT.add(billed, Decimal(item["amount"]))
+            rounded += 1
+    minor = to_subunits(Decimal(1).scaleb(-currency(money).minor_scale))
+    # Each line is rounded once, half-up: off by half a minor unit at most; the credits applied and the overage
+    # beyond the usage lines are rounded even when they show no line.
+    bound = (rounded + 2) * (minor // 2)
+    took = account.invoiced_overage(str(invoice.id)).get(money, 0)
+    if billed < 0 or abs(to_subunits(billed) - took) > bound:
+        log.warning("overage_rounding_out_of_bounds", tenant=account.tenant, invoice=str(invoice.id),
+                    billed=str(billed), took=str(from_subunits(took)), unit=money)
+        return
+    account.round_invoiced_overage(invoice=str(invoice.id), unit=money, billed=to_subunits(billed), bound=bound,
+                                   at=at)
 
 
 def _minimum_already_billed(account: BillingAccount, invoice: Invoice, taken: dict[str, int],

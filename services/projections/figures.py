@@ -10,7 +10,8 @@
 * ``consumed``: credit consumed by usage and captured holds (give-backs negative); ``receivables``: the part
   posted beyond credit (overage), and the fees and tax a subscription invoice bills (``InvoiceBilled``; a
   voided one negative), less the overage of a period raised late that its minimum commitment already billed
-  (``PeriodMinimumsCharged``). In the currency it is also the revenue recognised for the money of packages
+  (``PeriodMinimumsCharged``), plus the rounding of an invoice's usage lines posted with its overage
+  (``InvoicedOverageRounded``; taken back when it is voided: ``InvoicedOverageRoundingReversed``). In the currency it is also the revenue recognised for the money of packages
   granted in a credit unit as their credit is used (``PurchaseMoneyRecognised``, periodic: ``recognised``), so
   a currency's ``consumed`` is the revenue its prepaid credit earned.
 * ``breakage``: unused credit lapsed at expiry (in the currency also the money of credit-unit packages whose
@@ -96,6 +97,10 @@ def _figures(fact: Fact) -> dict[str, int]:
                 "receivables": int(reclaimed.get("receivable") or 0)}
     if name == "OverageRepaid":  # paid with credit bought (its money counted in when it was bought)
         return {"settlements": int(d["amount"])}
+    if name == "InvoicedOverageRounded":  # what an invoice's rounded usage lines bill beyond (or below) the overage
+        return {"receivables": int(d["amount"])}
+    if name == "InvoicedOverageRoundingReversed":  # that invoice voided: owed again exactly as used
+        return {"receivables": -int(d["amount"])}
     if name == "PeriodMinimumsCharged":  # overage a period's minimum commitment already billed: not owed twice
         periods = d.get("periods") if isinstance(d.get("periods"), dict) else {}
         return {"receivables": -sum(int(p.get("netted") or 0) for p in periods.values() if isinstance(p, dict))}
@@ -105,7 +110,8 @@ def _figures(fact: Fact) -> dict[str, int]:
 _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
                             "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
                             "PurchaseMoneyRefunded", "PurchaseMoneyRecognised", "InvoiceBilled",
-                            "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded", "PeriodMinimumsCharged"})
+                            "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded", "PeriodMinimumsCharged",
+                            "InvoicedOverageRounded", "InvoicedOverageRoundingReversed"})
 
 
 def handler_for(event_type: str) -> Handler | None:

@@ -225,6 +225,9 @@ class BillingAccount(ChainedAggregate):
         # for some meters only repays the overage of those meters (``repay_overage``).
         self._unbilled_meters: dict[str, dict[str, dict[str, int]]] = {}
         self._invoiced_overage: dict[str, dict[str, int]] = {}
+        # What of each unpaid invoice's ``_invoiced_overage`` is the rounding of its lines (``round_invoiced_overage``,
+        # already in it): invoice id -> unit -> sub-units (negative: rounded down), taken back if it is voided.
+        self._overage_rounding: dict[str, dict[str, int]] = {}
         # What each unpaid subscription invoice billed besides overage (``bill_invoice``): invoice id ->
         # {"unit", "amount" (fees + tax, sub-units), "tax"}. Kept apart from ``_receivable`` (the overage), which
         # usage give-backs and repayments reduce: they must never eat into an invoice's fee.
@@ -1634,6 +1637,46 @@ class BillingAccount(ChainedAggregate):
         if not billed:
             del self._invoiced_overage[invoice]
 
+    def round_invoiced_overage(self, *, invoice: str, unit: str, billed: int, bound: int, at: datetime) -> int:
+        """``invoice`` bills ``billed`` sub-units of ``unit`` (whole minor units: its usage, credits-applied and overage
+        lines, each rounded once) for the overage it took (``invoiced_overage``, exact to the sub-unit). The difference
+        is the rounding of those lines, at most ``bound``: posted (``InvoicedOverageRounded``: Dr RECEIVABLES / Cr
+        RECOGNISED_REVENUE, the reverse when the lines rounded down) so the invoice's overage receivable is what it
+        bills and its payment settles exactly its total. Returns the sub-units posted (0: nothing recorded)."""
+        self._require_unit(unit)
+        _require_text("invoice", invoice)
+        _require_amount("billed", billed, allow_zero=True)
+        _require_amount("bound", bound, allow_zero=True)
+        _require_time("at", at)
+        minor = 10 ** (SUBUNIT_SCALE - iso_currency(unit).minor_scale) if is_currency_code(unit) else 1
+        if billed % minor:
+            raise InvalidAmount(f"invoice {invoice} bills {billed} sub-units of {unit}: not whole minor units")
+        if invoice in self._overage_rounding:
+            raise InvalidArgument(f"invoice {invoice}'s overage is already rounded")
+        rounding = billed - self._invoiced_overage.get(invoice, {}).get(unit, 0)
+        if abs(rounding) > bound:
+            raise InvalidAmount(f"invoice {invoice} bills {_money(billed, unit)} for "
+                                f"{_money(billed - rounding, unit)} of overage: more than rounding ({_money(bound, unit)})")
+        if not rounding:
+            return 0
+        postings = [posting(LedgerAccount.RECEIVABLES, unit, rounding),
+                    posting(LedgerAccount.RECOGNISED_REVENUE, unit, -rounding)]
+        assert_balanced(postings)
+        self._invoiced_overage_rounded(invoice=invoice, unit=unit, amount=rounding, postings=postings, at=at)
+        return rounding
+
+    @event("InvoicedOverageRounded")
+    def _invoiced_overage_rounded(self, invoice: str, unit: str, amount: int, postings: list[Posting],
+                                  at: datetime) -> None:
+        self._receivable[unit] = self._receivable.get(unit, 0) + amount
+        _change_invoiced(self._invoiced_overage, invoice, unit, amount)
+        self._overage_rounding.setdefault(invoice, {})[unit] = amount
+
+    def overage_rounding(self, invoice: str) -> dict[str, int]:
+        """The rounding of ``invoice``'s lines posted with its overage (``round_invoiced_overage``), while it is
+        unpaid: unit -> sub-units."""
+        return dict(self._overage_rounding.get(invoice, {}))
+
     def settle_invoiced_overage(self, *, invoice: str, at: datetime, cause: dict[str, Any]) -> None:
         """``invoice`` was paid: what it billed leaves receivables (Dr GATEWAY_CLEARING / Cr RECEIVABLES): its
         fees and tax (``bill_invoice``, one ``InvoicePaid``) and the overage it billed, each unit at most what
@@ -1648,6 +1691,8 @@ class BillingAccount(ChainedAggregate):
                                postings=postings, cause=dict(cause), at=at)
         due = self._invoiced_overage.get(invoice)
         if not due:
+            if invoice in self._overage_rounding:  # its lines rounded what it took down to nothing: forgotten
+                self._invoiced_overage_closed(invoice=invoice, at=at)
             return
         for unit, amount in sorted(due.items()):
             amount = min(amount, self.overage_receivable(unit))
@@ -1660,13 +1705,32 @@ class BillingAccount(ChainedAggregate):
     @event("InvoicedOverageClosed")
     def _invoiced_overage_closed(self, invoice: str, at: datetime) -> None:
         self._invoiced_overage.pop(invoice, None)
+        self._overage_rounding.pop(invoice, None)
 
     def return_invoiced_overage(self, *, invoice: str, at: datetime) -> None:
         """``invoice`` was voided unpaid: the overage it billed is owed again, unbilled (as posted at ``at``), so
-        the next invoice bills it or, pay as you go, credit bought repays it. Nothing billed: nothing recorded."""
+        the next invoice bills it or, pay as you go, credit bought repays it. The rounding of its lines is taken
+        back first (``InvoicedOverageRoundingReversed``): what is owed again is the overage exact, rounded anew by
+        the invoice that bills it. Nothing billed: nothing recorded."""
+        for unit, amount in sorted(self._overage_rounding.get(invoice, {}).items()):
+            postings = [posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount),
+                        posting(LedgerAccount.RECEIVABLES, unit, -amount)]
+            assert_balanced(postings)
+            self._invoiced_overage_rounding_reversed(invoice=invoice, unit=unit, amount=amount, postings=postings,
+                                                     at=at)
         due = self._invoiced_overage.get(invoice)
         if due:
             self._invoiced_overage_returned(invoice=invoice, returned=dict(due), at=at)
+
+    @event("InvoicedOverageRoundingReversed")
+    def _invoiced_overage_rounding_reversed(self, invoice: str, unit: str, amount: int, postings: list[Posting],
+                                            at: datetime) -> None:
+        self._receivable[unit] = self._receivable.get(unit, 0) - amount
+        _change_invoiced(self._invoiced_overage, invoice, unit, -amount)
+        rounding = self._overage_rounding.get(invoice, {})
+        rounding.pop(unit, None)
+        if not rounding:
+            self._overage_rounding.pop(invoice, None)
 
     @event("InvoicedOverageReturned")
     def _invoiced_overage_returned(self, invoice: str, returned: dict[str, int], at: datetime) -> None:
@@ -2583,6 +2647,17 @@ def _fee_due(schedule: dict[str, Any], now: datetime) -> int:
     if remaining <= 0:
         return int(deferred)
     return int(deferred * ((now - since) // second) // remaining)
+
+
+def _change_invoiced(invoiced: dict[str, dict[str, int]], invoice: str, unit: str, amount: int) -> None:
+    """``invoice``'s overage of ``unit`` to collect changes by ``amount``; none left (or less: a net give-back,
+    nothing to collect, as ``_overage_invoiced`` keeps it) forgets it."""
+    billed = invoiced.setdefault(invoice, {})
+    billed[unit] = billed.get(unit, 0) + amount
+    if billed[unit] <= 0:
+        del billed[unit]
+    if not billed:
+        del invoiced[invoice]
 
 
 def _add_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> None:

@@ -73,6 +73,9 @@ subscription invoice       Dr RECEIVABLES fees + tax / Cr DEFERRED_REVENUE the f
                            invoice it corrects (the rest Dr RECOGNISED_REVENUE)
 fee revenue recognised     Dr DEFERRED_REVENUE / Cr RECOGNISED_REVENUE, per invoice, ratably over its
                            service period (``FeeRevenueRecognised``, a periodic run)
+invoice usage rounding     Dr RECEIVABLES / Cr RECOGNISED_REVENUE (the reverse when rounded down): what a
+                           finalized invoice's rounded usage, credits-applied and overage lines bill beyond the
+                           overage it took, exact (``InvoicedOverageRounded``); reversed when it is voided unpaid
 invoice paid               Dr GATEWAY_CLEARING / Cr RECEIVABLES (``InvoicePaid`` for fees + tax, and
                            ``ReceivableSettled`` for the overage it billed)
 subscription credit note   Dr DEFERRED_REVENUE (what the corrected invoice still defers) / Dr

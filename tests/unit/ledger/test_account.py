@@ -1003,6 +1003,10 @@ def _every_event_type() -> BillingAccount:
                         credit_note={"note": "cn-u", "invoice": "inv-1", "period": period, "amount": credited})
     debit(account, 2 * U, when=at(18))
     assert account.invoice_overage(invoice="inv-void", units=[USD], end=at(days=1), at=at(18))
+    # Its lines billed a cent more than it took (their rounding), taken back when it is voided.
+    took = account.invoiced_overage("inv-void")[USD]
+    assert account.round_invoiced_overage(invoice="inv-void", unit=USD, billed=took + U // 100, bound=U // 100,
+                                          at=at(18)) == U // 100
     account.return_invoiced_overage(invoice="inv-void", at=at(18))
     account.bill_invoice(invoice="inv-2", unit=USD, net=30 * U, tax=6 * U, at=at(19), cause={})
     account.settle_invoiced_overage(invoice="inv-2", at=at(20), cause={"payment": "pi_2"})

@@ -212,3 +212,27 @@ async def test_overage_a_periods_minimum_commitment_already_billed_is_no_longer_
     rows = {(r["bucket"], r["unit"]): r for r in await figures.series(service.db, tenant="acme", granularity="month",
                                                                      since=None, until=None)}
     assert rows[("2026-10", "USD")]["receivables"] == account.receivable("USD") == 5 * U
+
+
+async def test_the_rounding_of_an_invoices_usage_lines_is_receivable_as_the_ledger_books_it(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    account = ledger.open("acme")
+    # 0.015 used beyond credit, billed on three lines of 0.01: 0.015 more is receivable; a second invoice rounded
+    # down 0.004 and was voided, so its rounding is owed again.
+    account.debit_usage(command_id=uid("usage", 1), unit="USD", amount=15 * U // 1000, meter="api_calls", at=T0,
+                        overage_policy="overage", cause={"period": "2026-10"})
+    account.invoice_overage(invoice="inv-1", units=["USD"], end=T0, at=T0)
+    account.round_invoiced_overage(invoice="inv-1", unit="USD", billed=3 * CENT, bound=5 * CENT // 2, at=T0)
+    account.debit_usage(command_id=uid("usage", 2), unit="USD", amount=4 * U // 1000, meter="api_calls", at=T0,
+                        overage_policy="overage", cause={"period": "2026-10"})
+    account.invoice_overage(invoice="inv-2", units=["USD"], end=T0, at=T0)
+    account.round_invoiced_overage(invoice="inv-2", unit="USD", billed=0, bound=CENT, at=T0)
+    account.return_invoiced_overage(invoice="inv-2", at=T0)
+    ledger.save(account)
+    await apply(service, ledger.records())
+    rows = await figures.series(service.db, tenant="acme", granularity="month", since=None, until=None)
+    chart = {(r["ledger_account"], r["unit"]): int(r["amount"])
+             for r in await balances.ledger_balances(service.db, "acme")}
+    booked = sum(r["receivables"] - r["settlements"] for r in rows if r["unit"] == "USD")
+    assert chart[("receivables", "USD")] == booked == account.receivable("USD") == 3 * CENT + 4 * U // 1000

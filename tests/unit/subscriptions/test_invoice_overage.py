@@ -134,14 +134,17 @@ def test_paying_the_invoice_settles_the_overage_it_billed(app: LedgerApplication
     assert account(app).overage_receivable("USD") == 1 * U
 
 
-def test_usage_fully_covered_by_credit_costs_nothing_whatever_the_rounding_of_its_lines(
+def test_usage_covered_by_credit_applies_the_credit_drawn_and_bills_only_the_rounding_of_its_lines(
         app: LedgerApplication) -> None:
     run(app, "credit.grant", "acme", grant_key="usd", unit="USD", amount="1.00")
     debit(app, "0.005", NOV_1, datetime(2026, 11, 20, tzinfo=UTC))
     debit(app, "0.005", NOV_1, datetime(2026, 11, 21, tzinfo=UTC))
     invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0.005"), usage_line("0.005", meter="other")])
-    assert [x["amount"] for x in invoice.lines[1:]] == ["0.01", "0.01", "-0.02"]
-    assert invoice.total == Decimal("30.00")
+    # 0.01 of credit was drawn, not 0.02: each line is rounded once (0.01 + 0.01) and their rounding is billed,
+    # posted to receivables with it (docs/money.md), so the invoice and the books agree to the cent.
+    assert [x["amount"] for x in invoice.lines[1:]] == ["0.01", "0.01", "-0.01"]
+    assert invoice.total == Decimal("30.01")
+    assert account(app).overage_receivable("USD") == U // 100
 
 
 def test_the_last_period_of_a_subscription_canceled_at_its_end_still_bills_its_usage(app: LedgerApplication) -> None:
