@@ -89,7 +89,9 @@ class MeterDef(_Model):
         default=None, description="unique_count: the property whose distinct values are counted")
     filters: dict[str, list[str]] = Field(
         default_factory=dict, description="Only events whose property is one of the listed values count")
-    group_by: list[str] = Field(default_factory=list, description="Properties that split the quantity")
+    group_by: list[str] = Field(default_factory=list, description=(
+        "Properties that split the quantity into groups (one usage line and running total per group); the allowance "
+        "and the tiers apply once to the meter's total over all its groups"))
     required_properties: list[str] = Field(default_factory=list)
     price: dict[str, Any] | None = Field(default=None, description="List price when no plan prices the meter")
     ai_prices: dict[str, Any] | None = Field(
