@@ -112,8 +112,8 @@ DIGEST_BACKFILL_DAYS_MAX = 31
 
 # Audit: events read from the store per query while verifying or exporting.
 AUDIT_PAGE_EVENTS_MAX = 1_000
-# An immediate cancel issued after the current period's end, before the scheduler's tick renewed it, first ends
-# the periods due by then (each as the tick would: its renewal draft, rating's usage lines), at most this many
-# (3 years of monthly periods, as far as rating places usage ahead of the ledger's PeriodEnded); further behind
-# it is rejected (``renewals_behind``): tick the subscription first.
+# An immediate cancel, a change, a pause or a resume issued after the current period's end, before the scheduler's
+# tick renewed it, first ends the periods due by then (each as the tick would: its renewal draft, rating's usage
+# lines), at most this many (3 years of monthly periods, as far as rating places usage ahead of the ledger's
+# PeriodEnded); further behind it is rejected (``renewals_behind``): tick the subscription first.
 CANCEL_RENEWALS_MAX = 36

@@ -820,6 +820,14 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
             raise CommandRejected("invalid_transition", f"subscription {sub.key!r} ended with its trial on "
                                                         f"{sub.trial_end.isoformat() if sub.trial_end else '?'} "
                                                         "(no payment method): nothing to change")
+    if sub.live and at >= sub.period_end:
+        # The period ended before the change and no tick has renewed it yet: the periods due end first, as the
+        # tick would end them (``_renew_due``, as a cancel's does), so the ended period's renewal bills the old plan
+        # from its end (rating closes it at the old plan's prices) and the change prorates against the period it
+        # falls in, the one rating rated the usage since into. Before, it prorated nothing (the old period was
+        # over) and the late tick billed the new plan for the whole new period, the days before the change too.
+        _renew_due(app, batch, account, roster, sub, at, doing="changing it", top_up=True)
+        _refuse_if_ended(sub, "change")
     lines = quote_change(status=sub.status, plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                          period_end_at=sub.period_end, time_zone=sub.time_zone, new_plan=new_plan,
                          new_quantity=quantity, at=at)
@@ -889,7 +897,7 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         if sub.status not in LIVE:
             return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     if immediately and at >= sub.period_end:
-        _renew_due(app, batch, account, roster, sub, at)
+        _renew_due(app, batch, account, roster, sub, at, doing="canceling", top_up=False)
         if sub.status not in LIVE:  # it was set to cancel at that period's end: it ended there, nothing to cut
             return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
     # A period that began while paused was never billed: nothing of it to credit.
@@ -925,40 +933,60 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 
 
 def _renew_due(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,
-               at: datetime) -> None:
-    """An immediate cancel at ``at``, after the current period's end, before the scheduler's tick renewed it: the
-    periods that ended by ``at`` end first, each as the tick would end it (``_renew``: its renewal draft with the
-    next period's fee, which rating's ``PeriodEnded`` usage lines finalize), so the cancel cuts the period ``at``
-    falls in, as rating placed the usage since the old end (``period_ahead``). Without it the cancel cut the old
-    period at ``at``: its final draft had no key rating's lines of the period ahead went under (that usage was
-    never invoiced) and the time after the old end was billed no fee. No auto-top-up: the customer is leaving."""
+               at: datetime, *, doing: str, top_up: bool) -> None:
+    """A command at ``at`` (an immediate cancel, a change, a pause, a resume), after the current period's end,
+    before the scheduler's tick renewed it: the periods that ended by ``at`` end first, each as the tick would end
+    it (``_renew``: its renewal draft with the next period's fee, which rating's ``PeriodEnded`` usage lines
+    finalize; a paused one's without a fee), so the command acts on the period ``at`` falls in, as rating placed
+    the usage since the old end (``period_ahead``). Without it a cancel cut the old period at ``at`` (the usage
+    rated ahead never invoiced, no fee for the time after the old end), a change prorated nothing and the late
+    tick billed the new plan for the whole next period (the ended one's usage priced at close by the new plan),
+    a pause left the next period unbilled and a resume billed all of it. ``doing`` names the command in the
+    rejection; ``top_up``: whether the renewals' new balances may request an auto-top-up (a cancel's may not: the
+    customer is leaving)."""
     since = sub.period_end
     for _ in range(CANCEL_RENEWALS_MAX):
-        if at < sub.period_end or _renew(app, batch, account, roster, sub, at, top_up=False)["transition"] is None:
+        if at < sub.period_end or _renew(app, batch, account, roster, sub, at, top_up=top_up)["transition"] is None:
             return
     if at >= sub.period_end and sub.live:  # rejected: the renewals above are rolled back with the command
         raise CommandRejected("renewals_behind", f"subscription {sub.key!r} has more than {CANCEL_RENEWALS_MAX} "
                                                  f"periods ended since {since.isoformat()} not renewed: tick it "
-                                                 "(subscription.tick) before canceling")
+                                                 f"(subscription.tick) before {doing}")
 
 
 @handles("subscription.pause")
 def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _subscription(batch, command.tenant or "", fields.text(command, "key")).pause(at=effective_at(command),
-                                                                                  by=command.issued_by)
+    """Paused from ``at``: the period already billed runs to its end, the next is not billed. Issued after the
+    current period's end before the tick renewed it, the periods due end first, as the tick would end them, so the
+    period ``at`` falls in is billed (it began before the pause) and the pause stops billing from the next one;
+    before, the late tick found it paused and left that period unbilled."""
+    tenant = _tenant(command)
+    sub = _subscription(batch, tenant, fields.text(command, "key"))
+    at = effective_at(command)
+    if sub.live and at >= sub.period_end:
+        _renew_due(app, batch, account_of(batch, tenant), _roster(batch, tenant), sub, at, doing="pausing it",
+                   top_up=True)
+        _refuse_if_ended(sub, "pause")
+    sub.pause(at=at, by=command.issued_by)
 
 
 @handles("subscription.resume")
 def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     """Active again. In a period that began while paused (unbilled), the rest of it is billed now and its
-    recurring credits granted for the rest of it, both prorated like a change."""
-    tenant = command.tenant or ""
+    recurring credits granted for the rest of it, both prorated like a change. Issued after the current period's
+    end before the tick renewed it, the periods due end first, as the tick would end them (paused: unbilled), so
+    the resume bills the rest of the period ``at`` falls in; before, the late tick billed all of it, the days
+    paused before the resume included."""
+    tenant = _tenant(command)
     sub = _subscription(batch, tenant, fields.text(command, "key"))
     at = effective_at(command)
+    account = account_of(batch, tenant)
+    if sub.live and at >= sub.period_end:
+        _renew_due(app, batch, account, _roster(batch, tenant), sub, at, doing="resuming it", top_up=True)
+        _refuse_if_ended(sub, "resume")
     billed_from = sub.resume(at=at, by=command.issued_by)
     if billed_from is None:
         return {"subscription_id": str(sub.id), "lines": []}
-    account = account_of(batch, tenant)
     fraction = proration_fraction(sub.period_start, sub.period_end, billed_from)
     sub.set_recurring_grants(_grant_recurring(
         account, sub, billed_from, sub.period_end, command.issued_by, fraction=fraction))
@@ -968,6 +996,14 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     _document(app, batch, sub, resume_invoice_key(sub.id, billed_from), lines, at, command.issued_by,
               finalize=True, start=billed_from, end=sub.period_end)
     return {"subscription_id": str(sub.id), "lines": lines}
+
+
+def _refuse_if_ended(sub: Subscription, what: str) -> None:
+    """After ``_renew_due`` of a live subscription: one set to cancel at its period's end has ended there, so a
+    command that needs it live is refused (and the renewal with it: nothing changes; the tick ends it)."""
+    if sub.status not in LIVE:
+        raise CommandRejected("invalid_transition", f"subscription {sub.key!r} ended on {sub.period_end.isoformat()} "
+                                                    f"(canceled at its period's end): nothing to {what}")
 
 
 @handles("subscription.tick")

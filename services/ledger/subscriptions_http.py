@@ -21,7 +21,7 @@ from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id
-from billing_ledger.domain.subscription import ACTIVE, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.subscription import ACTIVE, PAST_DUE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
 from billing_ledger.http_models import (
     PaymentMethodAdd,
@@ -32,6 +32,7 @@ from billing_ledger.http_models import (
     TaxProfile,
 )
 from billing_ledger.invoice_pdf import render_pdf
+from billing_ledger.limits import CANCEL_RENEWALS_MAX
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.subscription_commands import document_tax_lines, period_invoice
 from billing_ledger.vies import NoRegistry, VatRegistry
@@ -168,10 +169,25 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                           reason="invalid_command")
         moment = _moment(at)
         status, start, end = sub.status, sub.period_start, sub.period_end
-        if status == TRIALING and sub.trial_end is not None and moment >= sub.trial_end \
-                and await read(roster_id(tenant), lambda r: r.default_payment_method is not None):
+        converted = status == TRIALING and sub.trial_end is not None and moment >= sub.trial_end \
+            and await read(roster_id(tenant), lambda r: r.default_payment_method is not None)
+        if converted:
             # The change ends the trial first (``change_subscription``): converted, it prorates that paid period.
             status, (start, end) = ACTIVE, sub.converted_period()
+        renewed = status in (ACTIVE, PAST_DUE) and moment >= end
+        if renewed:
+            # The change renews the periods ended by then first, as the tick would (``_renew_due``): it prorates the
+            # period ``moment`` falls in, and corrects that period's renewal invoice (a draft: today's tax).
+            if sub.cancel_at_period_end:
+                raise Problem(422, "Refused", f"The subscription ended on {end.isoformat()} (canceled at its "
+                                              "period's end): nothing to change.", kind="invalid-transition",
+                              reason="invalid_transition")
+            due = sub.renewed_period(moment, CANCEL_RENEWALS_MAX, converted=converted)
+            if due is None:
+                raise Problem(422, "Refused", f"More than {CANCEL_RENEWALS_MAX} periods ended since "
+                                              f"{end.isoformat()} are not renewed: tick the subscription first.",
+                              kind="renewals-behind", reason="renewals_behind")
+            start, end = due
         lines = quote_change(status=status, plan=sub.plan, quantity=sub.quantity,
                              period_start=start, period_end_at=end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
@@ -181,7 +197,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         profile = await read(roster_id(tenant), lambda r: copy.deepcopy(r.tax_profile))
         catalog = await read(Catalog.create_id(), lambda c: copy.deepcopy(c.document))
         corrected = await asyncio.to_thread(period_invoice, sub, lambda i: app.read(i, copy.deepcopy)) \
-            if lines else None
+            if lines and not renewed else None
         if lines:
             try:
                 lines = lines + document_tax_lines(lines, sub.plan["currency"], profile, catalog, corrected)

@@ -288,6 +288,22 @@ class Subscription(Aggregate):
         day = anchor_day(self.trial_end, self.time_zone)  # rating's ``period_ahead`` predicts the same
         return self.trial_end, period_end(self.trial_end, self.plan["cadence"], day, self.time_zone)
 
+    def renewed_period(self, at: datetime, renewals_max: int, *, converted: bool = False
+                       ) -> tuple[datetime, datetime] | None:
+        """The period ``at`` falls in once the periods ended by ``at`` are renewed, each as ``renew`` renews it
+        (``converted``: from the first paid period a trial ended by ``at`` converts into, ``converted_period``).
+        ``None`` when more than ``renewals_max`` periods are due. Pure: the invoice preview of a change issued
+        after the period's end, before the tick, prorates this period, as the change does after renewing them."""
+        start, end, day = self.period_start, self.period_end, self.anchor_day
+        if converted:
+            start, end = self.converted_period()
+            day = anchor_day(start, self.time_zone)
+        for _ in range(renewals_max + 1):
+            if at < end:
+                return start, end
+            start, end = end, period_end(end, self.plan["cadence"], day, self.time_zone)
+        return None
+
     @event("TrialConverted")
     def _converted(self, at: datetime, by: str, period_start: datetime, period_end: datetime, anchor_day: int) -> None:
         self.status = ACTIVE

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
 NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
+DEC_3 = datetime(2026, 12, 3, tzinfo=UTC)  # 29 of December's 31 days left
 CATALOG: dict[str, Any] = {
     "plans": [{"code": "team", "name": "Team", "currency": "EUR", "base_fee": "30.00"},
               {"code": "team-b", "name": "Team B", "currency": "EUR", "base_fee": "30.00"}],
@@ -135,5 +136,31 @@ def test_the_preview_of_a_change_after_the_trial_end_prorates_the_period_it_conv
     assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
         ("proration", "-25.00"), ("proration", "50.00"), ("tax", "4.75")]
     result = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
+
+
+def test_the_preview_of_a_change_after_the_period_end_prorates_the_period_the_renewal_starts(tmp_path: Path) -> None:
+    """Nov 1 - Dec 1, the Dec 1 tick not run: a change on Dec 3 renews first and prorates December (29 of 31 days
+    left), as the change does; the preview showed nothing to pay (the November period was over)."""
+    ledger = ledger_with_subscription(tmp_path)  # 30.00 + 5.70 VAT
+    preview = preview_of(ledger, tmp_path, quantity=2, at=DEC_3.isoformat())
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
+        ("proration", "-28.06"), ("proration", "56.13"), ("tax", "5.33")]
+    result = run(ledger, "subscription.change", "acme", at=DEC_3, key="m", quantity=2)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
+
+
+def test_the_preview_of_a_change_after_the_period_end_taxes_the_credit_as_the_renewal_draft_will_be(
+        tmp_path: Path) -> None:
+    """The change corrects December's renewal, still a draft (taxed by today's profile when finalized), not
+    November's invoice: its credit takes today's tax (none, the profile now American), in the preview as in the
+    change, not the 19 % November was invoiced at."""
+    ledger = ledger_with_subscription(tmp_path)
+    run(ledger, "tax_profile.set", "acme", at=datetime(2026, 11, 5, tzinfo=UTC), country="US")
+    preview = preview_of(ledger, tmp_path, quantity=2, at=DEC_3.isoformat())
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [("proration", "-28.06"), ("proration", "56.13")]
+    result = run(ledger, "subscription.change", "acme", at=DEC_3, key="m", quantity=2)
     invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
     assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
