@@ -89,10 +89,13 @@ class MonthlyUsage(BaseModel):
     usage_type: str | None = Field(description="Reporting category of the meter, e.g. ai, compute, storage")
     meter_name: str | None
     unit_of_measure: str | None
-    quantity: str
+    quantity: str = Field(description="Quantity used in the month (exact decimal), including usage that cost "
+                                      "nothing (within the allowance, a flat fee or band, a trial); a correction "
+                                      "counts by the difference it made; a max/last/unique_count meter: its "
+                                      "period's quantity as invoiced")
     unit: str
-    cost: Amount
-    events: int
+    cost: Amount = Field(description="What the month's usage was charged (0 for free usage)")
+    events: int = Field(description="Usage events counted (corrections included)")
 
 
 class MonthlyUsagePage(BaseModel):

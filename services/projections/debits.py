@@ -155,11 +155,12 @@ def project(fact: Fact, w: BatchWriter) -> None:
     usage_type = cause.get("usage_type")
     if type(usage_type) is not str or not (usage_type := usage_type.strip()):
         usage_type = meter
+    events = usage_monthly.counted_events(cause) if "closed" in cause else 1
     row_key = (tenant, month, meter, unit_key)
     row = monthly_rows.get(row_key)
     if row is None:
         monthly_rows[row_key] = _Row({}, {"usage_type": usage_type, "last_position": position},
-                                     {"quantity": quantity, "cost": amount, "events": 1})
+                                     {"quantity": quantity, "cost": amount, "events": events})
     else:
         row_set, row_add = row.set, row.add
         if ("quantity" in row_add and "cost" in row_add and "events" in row_add and "usage_type" in row_set
@@ -170,12 +171,12 @@ def project(fact: Fact, w: BatchWriter) -> None:
                 row_add["quantity"] += quantity
             if amount:
                 row_add["cost"] += amount
-            row_add["events"] += 1
+            row_add["events"] += events
         else:
             merge_set(row, "usage_type", usage_type)
             _merge(row, position, "quantity", quantity)
             merge_add(row, "cost", amount)
-            merge_add(row, "events", 1)
+            merge_add(row, "events", events)
 
     # ai_usage.project
     if cause:

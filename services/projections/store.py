@@ -25,7 +25,8 @@ from billing_runtime.db import Connection, Database
 # 7: a refund of credit bought in the currency shows the tax paid back with it in its history row's detail.
 # 8: subscription credit notes (account credit) in figures' credit_notes / credit_note_tax, no longer in refunds.
 # 9: what a gateway refund of an invoice left owed (``InvoicePaymentRefunded.reclaimed.receivable``) in receivables.
-SCHEMA_VERSION = "9"
+# 10: usage_monthly.events counts the events of a close debit (``cause.event_count``), not 1.
+SCHEMA_VERSION = "10"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

@@ -6,6 +6,12 @@ debit's amount; give-backs are negative) to the month of its usage time (UTC). A
 (``cause.corrects``) adds the difference it made (``quantity_new - quantity_old``), as its cost does: the
 corrected event's new quantity would count the usage twice (500 amended to 700 is 200 more, not 700). A captured hold is
 consumption too: its cost is added under its meter (``holds`` when it had none), with no quantity.
+
+Usage that cost nothing (inside the allowance, a flat fee or stairstep band already charged, a trial) reaches the
+ledger as a debit of 0 (no postings, since session 9): its quantity counts here with a cost of 0, so the month's
+quantity is the quantity used, as the invoice shows it. ``events`` counts usage events: one per debit, and for the
+close debit of a ``max``/``last``/``unique_count`` meter (``cause.closed``) the events its line counted
+(``cause.event_count``).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
         return
     usage_type = first_text(fact.cause.get("usage_type")) or meter
     w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at), meter, str(fact.data["unit"])),
-             add={"quantity": quantity, "cost": int(fact.data["amount"]), "events": 1},
+             add={"quantity": quantity, "cost": int(fact.data["amount"]), "events": counted_events(fact.cause)},
              set={"usage_type": usage_type, "last_position": fact.position})
 
 
@@ -55,6 +61,15 @@ def metered_quantity(cause: dict[str, Any]) -> Decimal | int:
         if new is not None and old is not None:
             return new - old
     return decimal_or_none(cause.get("quantity")) or 0
+
+
+def counted_events(cause: dict[str, Any]) -> int:
+    """The usage events a debit stands for: the events a close debit's line counted, else one."""
+    if cause.get("closed"):
+        count = cause.get("event_count")
+        if type(count) is int and count >= 0:
+            return count
+    return 1
 
 
 def period(year: int | None, month: int | None) -> tuple[str | None, str | None]:

@@ -247,13 +247,16 @@ def _counted(meter: MeterView, items: list[dict[str, Any]]
 
 
 def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMessage | None:
-    """The ``usage.debit`` of what only the close prices (max, last, unique_count), if anything.
+    """The ``usage.debit`` of what only the close prices (max, last, unique_count); ``None`` for a real-time meter
+    (its events were debited as they came).
 
-    Its id comes from (account, meter, group, period): built again from the stored line, it is the same
+    Sent also when the line costs nothing (within the allowance, a trial): a debit of 0, which the ledger records
+    with no postings, so the monthly usage summary shows the period's quantity (docs/rating.md "Usage that costs
+    nothing"). Its id comes from (account, meter, group, period): built again from the stored line, it is the same
     command, which the ledger posts once.
     """
-    if not line.charged_at_close_subunits or not line.unit:
-        return None
+    if line.aggregation in REAL_TIME or not line.unit or line.last_event_at is None:
+        return None  # (no reading left: every event of the line was voided, nothing to record)
     meter = catalog.meters.get(line.meter)
     usage_type = (meter.definition.usage_type if meter else "") or line.meter
     message = LedgerCommand(

@@ -544,7 +544,11 @@ class RatingService:
                               "quantity_new": decimal_text(correction[2])}
                     if not counted:
                         inputs["quantity_old_uncounted"] = decimal_text(correction[1])
-            if amount != 0 and unit is not None and output is None:
+            # Usage that costs nothing (inside the allowance, a flat fee or a stairstep band already charged, a
+            # trial, a correction that moves no price) is sent too, as a debit of 0: the ledger records its
+            # quantity with no postings, and the monthly usage summary (built from the ledger's events alone)
+            # counts it (docs/rating.md "Usage that costs nothing").
+            if unit is not None and output is None:
                 if decision_prefix:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
                               "original_period": original_period}

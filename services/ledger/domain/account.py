@@ -794,6 +794,13 @@ class BillingAccount(ChainedAggregate):
             self._give_back(command_id=command_id, unit=unit, amount=amount, meter=meter, at=at, cause=cause,
                             credit_notes=notes)
             return
+        if amount == 0:
+            # Usage that cost nothing (an allowance, a flat fee or band already charged, a trial): recorded for its
+            # quantity (the monthly usage summary), no postings; nothing moved, so no credit is looked at, never
+            # refused, and no balance alert or auto-top-up can follow from it.
+            self._usage_debited(command_id=command_id, meter=meter, unit=unit, amount=0, postings=[], draws=[],
+                                overage=0, credit_grant=None, cause=cause, at=at)
+            return
         spendable = self.spendable(unit, meter, at)
         from_credit = min(amount, spendable)
         if from_credit < amount and overage_policy == "block":

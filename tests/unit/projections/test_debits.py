@@ -66,6 +66,11 @@ SHAPES: list[dict[str, Any]] = [
     _debit(amount=-50, cause={"quantity": "0", "corrects": "e0", "quantity_old": "300", "quantity_new": "0"}),
     _debit(cause={"quantity": "700", "corrects": "e0", "quantity_new": "700"}),
     _debit(cause={"quantity": "700", "corrects": "", "quantity_old": "500", "quantity_new": "700"}),
+    # A close debit (max/last/unique_count) counts the events its line counted; of 0 (within the allowance) too.
+    _debit(meter="disk", cause={"quantity": "9", "closed": True, "event_count": 3, "event_ids": ["d1", "d2", "d3"]}),
+    _debit(amount=0, postings=[], draws=[], cause={"quantity": "9", "closed": True, "event_count": 2}),
+    _debit(cause={"quantity": "9", "closed": True, "event_count": "2"}),
+    _debit(cause={"quantity": "9", "closed": False, "event_count": 2}),
 ]
 
 

@@ -350,8 +350,9 @@ async def test_voiding_the_last_reading_of_a_last_meter_bills_the_reading_before
     await end_period(service, NOV, DEC, JAN)
     commands = await published(bus)
     debits = {c["payload"]["meter"]: c["payload"]["amount"] for c in commands if c["kind"] == "usage.debit"}
-    # The void takes the 9 back: 7 seats, 1 included, 6 x 1.00 (not 0 seats); like max: 7 GB, all included.
-    assert debits == {"seats": "6.000000000"}
+    # The void takes the 9 back: 7 seats, 1 included, 6 x 1.00 (not 0 seats); like max: 7 GB, all included (a
+    # debit of 0: the ledger records the quantity for the monthly usage summary).
+    assert debits == {"seats": "6.000000000", "storage_gb": "0.000000000"}
     assert usage_lines(commands) == {"seats": ("7", "6.000000000"), "storage_gb": ("7", "0.000000000")}
 
 
@@ -395,7 +396,9 @@ async def test_a_meters_allowance_and_tiers_apply_once_per_period_across_its_gro
     commands = await published(bus)
     # 8 + 7 GB, 10 included: 5.00 (each region under its own 10 would bill nothing); the invoice agrees.
     closed = [c["payload"] for c in commands if c["kind"] == "usage.debit" and c["payload"]["cause"].get("closed")]
-    assert [(d["cause"]["group"], d["amount"]) for d in closed] == [("region=us", "5.000000000")]
+    # The eu group, within the allowance, is recorded at 0 (its quantity for the monthly usage summary).
+    assert [(d["cause"]["group"], d["cause"]["quantity"], d["amount"]) for d in closed] == [
+        ("region=eu", "8", "0.000000000"), ("region=us", "7", "5.000000000")]
     assert usage_lines(commands) == {"regional_calls": ("450", "22.500000000"),
                                      "regional_storage": ("15", "5.000000000")}
     lines = [line for line in await lines_of(service.db, NOV.isoformat()) if line.meter == "regional_calls"]
@@ -412,7 +415,9 @@ async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing
     await service.handle_accepted([accepted("s1", "40", "storage_gb", at=datetime(2026, 11, 5, tzinfo=UTC))])
     await end_period(service, NOV, DEC, JAN)
     commands = await published(bus)
-    assert [c["kind"] for c in commands] == ["invoice.usage_lines"]  # no close debit
+    # Nothing charged: the close debit is of 0, recording the 40 GB (the monthly usage summary shows them).
+    assert [(c["kind"], c["payload"].get("amount"), c["payload"].get("cause", {}).get("quantity"))
+            for c in commands] == [("usage.debit", "0.000000000", "40"), ("invoice.usage_lines", None, None)]
     assert usage_lines(commands) == {"storage_gb": ("40", "0.000000000")}
 
 
@@ -816,9 +821,10 @@ async def test_the_cancel_of_an_incomplete_subscription_closes_nothing(rating) -
     service, bus = rating
     await subscribe(service, status="incomplete")  # never paid: its usage is priced by calendar month
     await service.handle_accepted([accepted("a1", "1", at=datetime(2026, 11, 3, tzinfo=UTC))])
+    rated = len(await published(bus))  # a1's debit (of 0: within the allowance)
     await subscription_event(service, "Canceled", 4, at=datetime(2026, 11, 4, tzinfo=UTC).isoformat(),
                              by="user:test", reason="canceled", lines=[])
-    assert [c["kind"] for c in await published(bus)] == []  # the ledger drafts no final invoice either
+    assert [c["kind"] for c in (await published(bus))[rated:]] == []  # the ledger drafts no final invoice either
 
 
 # -- usage at or after a trial's end, before the ledger's TrialConverted (or the trial's unconverted end) ------
@@ -844,6 +850,7 @@ async def test_usage_after_the_trial_end_is_billed_in_the_first_paid_period_befo
     await service.handle_accepted([accepted("a2", "50", at=day(25))])          # on the same total: 5.00 more
     debits = [c["payload"] for c in await published(bus) if c["kind"] == "usage.debit"]
     assert [(d["cause"]["event_ids"], d["amount"], d["cause"]["period"], d["cause"]["priced_by"]) for d in debits] == [
+        (["t1"], "0.000000000", NOV.isoformat(), "plan"),  # trial usage: free, its quantity recorded
         (["a1"], "5.000000000", NOV_15.isoformat(), "plan"), (["a2"], "5.000000000", NOV_15.isoformat(), "plan")]
     rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
     assert decisions(rows)["t1"] == (NOV.isoformat(), "trial", 0)
@@ -927,6 +934,6 @@ async def test_trial_usage_that_arrives_after_the_conversion_is_still_free(ratin
     await service.handle_accepted([accepted("t1", "150", at=datetime(2026, 11, 10, tzinfo=UTC)),
                                    accepted("a1", "150", at=datetime(2026, 11, 20, tzinfo=UTC))])
     debits = [c["payload"] for c in await published(bus) if c["kind"] == "usage.debit"]
-    assert [(d["cause"]["event_ids"], d["amount"]) for d in debits] == [(["a1"], "5.000000000")]
+    assert [(d["cause"]["event_ids"], d["amount"]) for d in debits] == [(["t1"], "0.000000000"), (["a1"], "5.000000000")]
     rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
     assert decisions(rows)["t1"][1:] == ("trial", 0)
