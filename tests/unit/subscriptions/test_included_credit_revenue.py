@@ -15,9 +15,11 @@ import pytest
 from billing_events.messages import PaymentNotification
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.audit import verify_store
+from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.payment_commands import payment_command
+from billing_rating.catalog_view import build_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -187,6 +189,27 @@ def test_a_replay_and_a_snapshot_rebuild_the_same_schedules(app: LedgerApplicati
     debit(app, "4.00", NOV_1, NOV_20)
     run(app, "subscription.change", "acme", at=NOV_20, key="m", quantity=2)
     replays_and_snapshots_the_same(app, tmp_path)
+
+
+def test_a_plan_whose_included_credit_is_above_its_fee_is_refused_and_changes_nothing(
+        app: LedgerApplication) -> None:
+    generous = {**CATALOG, "plans": [{**CATALOG["plans"][0], "base_fee": "30.00",
+                                      "recurring_credits": [{"unit": "USD", "amount": "20.00"},
+                                                            {"unit": "USD", "amount": "15.00"}]}]}
+    result = run(app, "catalog.publish", None, outcome="rejected", document=generous, digest="generous")
+    assert result.reason == "invalid_catalog"
+    assert "includes 35.00 USD of recurring credit per period but its base_fee is 30.00" in result.detail
+    assert app.repository.get(Catalog.create_id()).digest == "included-1"
+    # Before, its 35.00 were granted for 30.00 billed: 5.00 funded from deferred revenue nothing had put there.
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    assert account(app).available("USD") == 1000 * CENT
+    # As much credit as the fee (all of it earned as used), or more in a credit unit, is accepted.
+    whole = {**CATALOG, "credit_units": {"CREDIT": {"scale": 0, "list_price": "0.01", "currency": "USD"}},
+             "plans": [{**CATALOG["plans"][0], "recurring_credits": [{"unit": "USD", "amount": "30.00"},
+                                                                     {"unit": "CREDIT", "amount": "5000"}]}]}
+    run(app, "catalog.publish", None, document=whole, digest="whole")
+    # A catalogue published before the check was added is still read as it was (rating reads it back).
+    assert build_view(1, generous, {}).document == generous
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
