@@ -290,6 +290,27 @@ def unsupported_credit_cadence(plan: str, index: int, cadence: str, plan_cadence
             f"{plan_cadence!r}, or amount per {plan_cadence})")
 
 
+def included_credit_above_fee(plan: dict[str, Any]) -> str | None:
+    """Why a plan's recurring credit in its own currency cannot be included in its fee (None: it can).
+
+    That credit is part of what the fee pays for (docs/ledger.md "Included credit"): its grant takes its share of
+    the fee from ``deferred_revenue`` into the wallet, earned as it is used or lapses. A credit above the fee (per
+    period and unit of quantity, both prorated alike) would be funded beyond what was billed, from deferred
+    revenue no invoice put there, and its use recognised as revenue nobody paid. Free credit has no consideration
+    behind it: it is a promotion (``promotional_expense``), or a credit unit (not money of the fee). So such a
+    plan is refused; a credit unit is not checked.
+    """
+    included = sum((Decimal(str(credit["amount"])) for credit in plan.get("recurring_credits") or []
+                    if credit["unit"] == plan["currency"]), Decimal(0))
+    fee = Decimal(str(plan.get("base_fee") or "0"))
+    if included <= fee:
+        return None
+    return (f"plan {plan['code']!r} includes {included} {plan['currency']} of recurring credit per period but its "
+            f"base_fee is {fee}: the {included - fee} {plan['currency']} above the fee would be paid for by "
+            f"nothing; a plan's recurring credits in its own currency must total at most its base_fee (give more "
+            f"in a credit unit, or as a promotion)")
+
+
 def package_priced_above_credit(package: dict[str, Any]) -> str | None:
     """Why a package of credit in its own currency cannot be sold for its price (None: it can).
 
@@ -384,6 +405,9 @@ class CatalogDocument(_Model):
                     raise ValueError(f"plan {plan.code!r}: unknown credit unit {grant.unit!r}")
                 if grant.cadence != plan.cadence and not (info.context or {}).get(STORED):
                     raise ValueError(unsupported_credit_cadence(plan.code, index, grant.cadence, plan.cadence))
+            refused = included_credit_above_fee(plan.model_dump(mode="json"))
+            if refused and not (info.context or {}).get(STORED):
+                raise ValueError(refused)
         for package in self.packages:
             currency(package.currency)
             if package.unit not in units:

@@ -274,11 +274,20 @@ def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: li
 
 
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
-                     rollover: bool) -> tuple[dict[str, int], set[str]]:
+                     rollover: bool, *, ended: bool = False, lapse_currency: bool = False
+                     ) -> tuple[dict[str, int], set[str]]:
     """Voids what is left of the current recurring grants; returns the rollover to carry (capped) and the units
     voided. The voids check no balance thresholds: the command goes on to grant (the next period's credit, a
     credit note) and calls ``_check_thresholds`` on those units after its last movement, so a balance that is
-    0 only between the void and the new grant requests no auto-top-up."""
+    0 only between the void and the new grant requests no auto-top-up.
+
+    ``ended``: the grants' period is over at ``at`` (a renewal, a paused renewal, a cancel at the period's end):
+    what is left of them and not carried lapses to breakage, as their expiry would post it: a grant expired by
+    then is expired (``GrantExpired``), a rollover grant (it expires a period later) is voided with the part
+    above what it carries lapsed (``rollover_cap``; all of it when nothing is carried). Voided back to
+    DEFERRED_REVENUE it stayed there, the period's fee having already taken its share out (``_fee_revenue``).
+    ``lapse_currency``: the grants in the plan's currency lapse whole (an immediate cancel of a period whose fee
+    was given back in full, refunded or voided: that fee no longer funds their credit)."""
     carried: dict[str, int] = {}
     units: set[str] = set()
     credits = sub.plan.get("recurring_credits") or []
@@ -290,16 +299,19 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
         remaining = int(state.get("remaining", 0))
         spec = credits[index] if index < len(credits) else {}
         rolled = rollover and bool(spec.get("rollover"))
+        carry = 0
         if rolled and remaining > 0:
             cap = spec.get("rollover_cap")
-            carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
+            carry = carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
         if not rolled and state.get("expires_at") is not None and state["expires_at"] <= at:
             # Its period is over (a renewal, a cancel at the period's end): what is left lapsed, breakage as the
-            # sweeper's expiry would post it, whichever comes first. Voided, it went back to DEFERRED_REVENUE and
-            # stayed there, the period's fee having already taken its share out (``_fee_revenue``).
+            # sweeper's expiry would post it, whichever comes first.
             account.expire_grants(at, grant_ids=[grant], thresholds=False)
         else:
-            account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False)
+            lapsed = (remaining - carry if ended or rolled
+                      else remaining if lapse_currency and state["unit"] == sub.plan["currency"] else 0)
+            account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False,
+                               lapsed=lapsed)
         units.add(str(state["unit"]))
     return carried, units
 
@@ -907,11 +919,17 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     cut_start = sub.period_start
     minimum = sub.period_minimum(until=at) if immediately else Decimal(0)  # before the cancel: a trial commits 0
     corrected = _period_invoice(batch, sub) if lines else None
+    # The period's fee included credit in the currency and was given back in full (voided, or refunded): the void
+    # or refund took all of the fee out of revenue, the included credit's share too, and the customer kept the
+    # credit, earned back as it is used or lapses. The cancel voids what is left of it: it lapses (breakage), as
+    # it would at the period's end; back in DEFERRED_REVENUE no schedule nor credit would ever take it out.
+    fee_given_back = _includes_credit(corrected)
     if corrected is not None and corrected.status == VOID:
         lines, corrected = [], None  # the period's fee was voided, never owed: no unused time to credit
     lines = _left_to_give_back(lines, corrected)  # refunded in full: nothing left to credit either
     if not lines:
         corrected = None
+    fee_given_back = fee_given_back and corrected is None
     sub.cancel(at=at, by=command.issued_by, immediately=immediately, lines=lines)
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
@@ -919,7 +937,8 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         # The included credit in the currency left unused goes back from the wallet to DEFERRED_REVENUE: the credit
         # for unused time takes it out again (the corrected invoice did not recognise it ratably).
         back = _currency_recurring_left(account, sub) if _includes_credit(corrected) else 0
-        _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False)
+        _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False,
+                                     lapse_currency=fee_given_back)
         _document(app, batch, sub, f"{sub.id}/cancel", _with_included(lines, 0, back), at, command.issued_by,
                   finalize=True, start=at, end=sub.period_end, corrects=corrected)
         _check_thresholds(account, voided, at, top_up=False)  # after its credit note
@@ -1066,7 +1085,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     if sub.status not in LIVE:  # canceled at period end: its capacity goes, whatever is allocated
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)),
                    f"canceled at period end {sub.key}", force=True)
-        _, voided = _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False)
+        _, voided = _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False,
+                                       ended=True)
         _check_thresholds(account, voided, at, top_up=False)
         roster.release(subscription_id=sub.id, at=at)
         # No fee for a next period, but the ended one's usage is still billed: a final draft under the key
@@ -1077,7 +1097,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     if sub.status == PAUSED:
         # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
         # takes rating's usage lines of the ended period, which was live until its end.
-        _, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False)
+        _, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False,
+                                       ended=True)
         _check_thresholds(account, voided, ended_end, top_up=top_up)  # nothing granted while paused: a real drop
         sub.set_recurring_grants([])
         draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),
@@ -1085,7 +1106,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
                           "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
         _commit_minimum(draft, sub, minimum)
         return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
-    carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True)
+    carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True,
+                                           ended=True)
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
     repaid = _repay_period_overage(account, sub, sub.recurring_grants, at)  # a late tick: the period's usage so far

@@ -161,7 +161,10 @@ def _project_grants(fact: Fact, w: BatchWriter, sums: PostingSums) -> None:
         change["set"]["status"] = "expired"
         change["add"]["breakage"] = int(data.get("remainder") or 0)
     elif name == "GrantVoided":
-        changes.setdefault(grant_id, {"set": {}, "add": {}})["set"]["status"] = "voided"
+        change = changes.setdefault(grant_id, {"set": {}, "add": {}})
+        change["set"]["status"] = "voided"
+        if data.get("lapsed"):  # the part that lapsed instead of going back (recorded since session 9)
+            change["add"]["breakage"] = int(data["lapsed"])
     elif name == "GrantRefunded":
         changes.setdefault(grant_id, {"set": {}, "add": {}})["add"]["refunded"] = int(data["amount"])
     for gid in sorted(changes):

@@ -14,8 +14,9 @@
   (``InvoicedOverageRounded``; taken back when it is voided: ``InvoicedOverageRoundingReversed``). In the currency it is also the revenue recognised for the money of packages
   granted in a credit unit as their credit is used (``PurchaseMoneyRecognised``, periodic: ``recognised``), so
   a currency's ``consumed`` is the revenue its prepaid credit earned.
-* ``breakage``: unused credit lapsed at expiry (in the currency also the money of credit-unit packages whose
-  credit lapsed: ``PurchaseMoneyRecognised.breakage``).
+* ``breakage``: unused credit lapsed at expiry, or the part of a voided plan credit that lapsed (above its
+  rollover cap at its period's end, or its fee given back in full: ``GrantVoided.lapsed``); in the currency also
+  the money of credit-unit packages whose credit lapsed (``PurchaseMoneyRecognised.breakage``).
 * ``refunds``: money paid back to the customer through the gateway, incl. tax, ``tax_refunded`` its tax:
   what left the gateway's clearing for a purchase grant (``GrantRefunded``: credit + tax; for a credit-unit
   package also the currency money and tax paid back: ``PurchaseMoneyRefunded``) and for a paid subscription
@@ -68,6 +69,8 @@ def _figures(fact: Fact) -> dict[str, int]:
         return {"consumed": int(d["amount"]), "receivables": int(d.get("overage") or 0)}
     if name == "GrantExpired":
         return {"breakage": int(d.get("remainder") or 0)}
+    if name == "GrantVoided":  # the part of a void that lapsed (above a rollover cap, a fee given back in full)
+        return {"breakage": int(d.get("lapsed") or 0)}
     if name == "GrantRefunded":
         tax = int(d.get("tax_amount") or 0)
         return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax}
@@ -107,8 +110,8 @@ def _figures(fact: Fact) -> dict[str, int]:
     return {}
 
 
-_FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantRefunded",
-                            "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
+_FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantVoided",
+                            "GrantRefunded", "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
                             "PurchaseMoneyRefunded", "PurchaseMoneyRecognised", "InvoiceBilled",
                             "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded", "PeriodMinimumsCharged",
                             "InvoicedOverageRounded", "InvoicedOverageRoundingReversed"})

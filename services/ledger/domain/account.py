@@ -686,29 +686,38 @@ class BillingAccount(ChainedAggregate):
         self._update_arming(unit)
 
     def void_grant(self, *, grant_id: UUID, reason: str, voided_by: str, at: datetime,
-                   thresholds: bool = True) -> None:
+                   thresholds: bool = True, lapsed: int = 0) -> None:
         """Closes a non-paid grant (e.g. a plan change voids the old plan's recurring grant).
 
         The remainder goes back to the account that funded the grant. Paid grants are refunded instead.
         ``thresholds`` False: no low-balance alert or auto-top-up here; the command goes on to move more of
         the unit (a renewal grants the next period's credit, a cancel its credit note, a refund just paid
         back) and calls :meth:`check_thresholds` once, after its last movement, on the balance it leaves.
+        ``lapsed`` (at most the remainder): the part of it the tenant's right to ended unused, posted to
+        ``BREAKAGE`` as an expiry would post it instead of going back to the funding account: a recurring
+        credit's remainder above its ``rollover_cap`` at its period's end, or an included credit whose fee was
+        given back in full (the fee's funding of it is gone, so nothing is there to return it to).
         """
         g = self._grant(grant_id)
         _require_text("reason", reason)
         _require_text("voided_by", voided_by)
         _require_time("at", at)
+        _require_amount("lapsed", lapsed, allow_zero=True)
         if g["source"] in PAID_SOURCES:
             raise NotVoidable(f"grant {grant_id} was paid for: refund it instead")
         if g["status"] != "open":
             raise GrantClosed(f"grant {grant_id} is {g['status']}")
         remainder = g["remaining"]
+        if lapsed > remainder:
+            raise InvalidAmount(f"grant {grant_id} has {remainder} left, {lapsed} cannot lapse")
         postings: list[Posting] = []
         if remainder:
-            postings = [
-                posting(LedgerAccount.TENANT_WALLET, g["unit"], remainder, g["grant_id"]),
-                posting(LedgerAccount(g["funded_by"]), g["unit"], -remainder, g["grant_id"]),
-            ]
+            postings = [posting(LedgerAccount.TENANT_WALLET, g["unit"], remainder, g["grant_id"])]
+            if remainder - lapsed:
+                postings.append(posting(LedgerAccount(g["funded_by"]), g["unit"], -(remainder - lapsed),
+                                        g["grant_id"]))
+            if lapsed:
+                postings.append(posting(LedgerAccount.BREAKAGE, g["unit"], -lapsed, g["grant_id"]))
         assert_balanced(postings)
         self._grant_voided(
             grant_id=grant_id,
@@ -718,6 +727,7 @@ class BillingAccount(ChainedAggregate):
             voided_by=voided_by,
             postings=postings,
             at=at,
+            **({"lapsed": lapsed} if lapsed else {}),
         )
         if thresholds:
             self._check_thresholds(g["unit"], at)
@@ -740,9 +750,12 @@ class BillingAccount(ChainedAggregate):
         voided_by: str,
         postings: list[Posting],
         at: datetime,
+        lapsed: int = 0,
     ) -> None:
+        # ``lapsed`` recorded since session 9 (earlier voids: all of the remainder back to the funding account).
         g = self._grants[str(grant_id)]
         g["remaining"] -= remainder
+        g["breakage"] = lapsed
         g["status"] = "voided"
         self._forget_draws_of(unit, g["grant_id"])
         self._update_arming(unit)

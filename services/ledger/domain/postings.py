@@ -60,7 +60,8 @@ usage give-back            Dr RECOGNISED_REVENUE / Cr RECEIVABLES first, then / 
 hold placed / released     no postings (an authorisation is not a movement; see ``held``)
 hold captured              as usage
 grant expiry               Dr TENANT_WALLET remainder / Cr BREAKAGE
-grant voided               Dr TENANT_WALLET remainder / Cr the account that funded the grant
+grant voided               Dr TENANT_WALLET remainder / Cr the account that funded the grant (Cr BREAKAGE the
+                           part that lapsed: a plan credit above its rollover cap, or its fee given back in full)
 refund of a purchase       Dr TENANT_WALLET unspent / Dr TAX_PAYABLE tax / Cr GATEWAY_CLEARING total;
                            with a finance override the part no longer in the wallet is reversed
                            from BREAKAGE (if it lapsed) and then from RECOGNISED_REVENUE (if spent)

@@ -236,3 +236,24 @@ async def test_the_rounding_of_an_invoices_usage_lines_is_receivable_as_the_ledg
              for r in await balances.ledger_balances(service.db, "acme")}
     booked = sum(r["receivables"] - r["settlements"] for r in rows if r["unit"] == "USD")
     assert chart[("receivables", "USD")] == booked == account.receivable("USD") == 3 * CENT + 4 * U // 1000
+
+
+async def test_a_plan_credit_lapsed_above_its_rollover_cap_is_breakage_in_the_figures_and_on_its_grant(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, digest="rollover-1", document={
+        "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00",
+                   "recurring_credits": [{"unit": "USD", "amount": "10.00", "rollover": True,
+                                          "rollover_cap": "2.00"}]}]})
+    ledger.command("account.open", "acme", currency="USD")
+    ledger.command("subscription.create", "acme", key="m", plan="team")
+    sub = ledger.get(subscription_id("acme", "m"))
+    start, end = sub.period_start, sub.period_end
+    ledger.command("usage.debit", "acme", at=start + timedelta(days=3), unit="USD", amount_subunits=400 * CENT,
+                   meter="api_calls", overage_policy="overage", cause={"event_ids": ["e1"], "period": start.isoformat()})
+    ledger.command("subscription.tick", "acme", at=end, key="m")  # 6.00 left: 2.00 carried, 4.00 lapses
+    await apply(service, ledger.records())
+    rows = await figures.series(service.db, tenant="acme", granularity="month", since=None, until=None)
+    assert sum(r["breakage"] for r in rows) == 400 * CENT  # was 0: the void's lapsed part was not counted
+    [voided] = await balances.grants(service.db, "acme", status="voided")
+    assert (voided["remaining"], voided["breakage"]) == (0, 400 * CENT)

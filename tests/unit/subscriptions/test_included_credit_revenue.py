@@ -15,9 +15,11 @@ import pytest
 from billing_events.messages import PaymentNotification
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.audit import verify_store
+from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.payment_commands import payment_command
+from billing_rating.catalog_view import build_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -189,22 +191,131 @@ def test_a_replay_and_a_snapshot_rebuild_the_same_schedules(app: LedgerApplicati
     replays_and_snapshots_the_same(app, tmp_path)
 
 
+def test_a_plan_whose_included_credit_is_above_its_fee_is_refused_and_changes_nothing(
+        app: LedgerApplication) -> None:
+    generous = {**CATALOG, "plans": [{**CATALOG["plans"][0], "base_fee": "30.00",
+                                      "recurring_credits": [{"unit": "USD", "amount": "20.00"},
+                                                            {"unit": "USD", "amount": "15.00"}]}]}
+    result = run(app, "catalog.publish", None, outcome="rejected", document=generous, digest="generous")
+    assert result.reason == "invalid_catalog"
+    assert "includes 35.00 USD of recurring credit per period but its base_fee is 30.00" in result.detail
+    assert app.repository.get(Catalog.create_id()).digest == "included-1"
+    # Before, its 35.00 were granted for 30.00 billed: 5.00 funded from deferred revenue nothing had put there.
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    assert account(app).available("USD") == 1000 * CENT
+    # As much credit as the fee (all of it earned as used), or more in a credit unit, is accepted.
+    whole = {**CATALOG, "credit_units": {"CREDIT": {"scale": 0, "list_price": "0.01", "currency": "USD"}},
+             "plans": [{**CATALOG["plans"][0], "recurring_credits": [{"unit": "USD", "amount": "30.00"},
+                                                                     {"unit": "CREDIT", "amount": "5000"}]}]}
+    run(app, "catalog.publish", None, document=whole, digest="whole")
+    # A catalogue published before the check was added is still read as it was (rating reads it back).
+    assert build_view(1, generous, {}).document == generous
+
+
+ROLLOVER: dict[str, Any] = {
+    "meters": CATALOG["meters"],
+    "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00",
+               "recurring_credits": [{"unit": "USD", "amount": "10.00", "rollover": True, "rollover_cap": "2.00"}]}],
+}
+
+
+def rollover_app(tmp_path: Path) -> LedgerApplication:
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, document=ROLLOVER, digest="included-rollover")
+    run(ledger, "account.open", "acme", currency="USD")
+    return ledger
+
+
+def test_a_renewal_lapses_the_credit_above_the_rollover_cap_to_breakage_once(tmp_path: Path) -> None:
+    app = rollover_app(tmp_path)
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "4.00", NOV_1, NOV_20)  # 6.00 of November's 10.00 left: 2.00 carried, 4.00 above the cap
+    renew_and_bill(app, NOV_1, DEC_1, [])
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    # November's 30.00: 20.00 ratably, 4.00 used, 4.00 lapsed above the cap, 2.00 carried into December's grant.
+    assert (recognised, breakage) == (2400 * CENT, 400 * CENT)  # breakage was 0: the 4.00 voided back
+    assert deferred == fee_deferred(app) == 2000 * CENT  # was 24.00: 4.00 no schedule accounts for
+    assert account(app).available("USD") == 1200 * CENT
+    [voided] = events(app, "GrantVoided")
+    assert (voided.remainder, voided.lapsed) == (600 * CENT, 400 * CENT)
+    recognise(app, DEC_1 + timedelta(days=45))  # the sweeper after December: nothing of November lapses again
+    renew_and_bill(app, DEC_1, JAN_1, [])
+    recognise(app, JAN_1)
+    recognised, breakage, deferred = revenue(app)
+    # December: 20.00 ratably, nothing used, 12.00 left: 2.00 carried, 10.00 above the cap lapses.
+    assert (recognised, breakage) == (4400 * CENT, 1400 * CENT)
+    assert deferred == fee_deferred(app) == 2000 * CENT
+    assert recognised + breakage + deferred + account(app).balance("USD") == billed(app)
+    assert verify_store(app, "acme").ok
+    app.close()
+
+
+def test_a_cancel_at_the_period_end_lapses_a_rollover_credit_left(tmp_path: Path) -> None:
+    app = rollover_app(tmp_path)
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    debit(app, "4.00", NOV_1, NOV_20)
+    run(app, "subscription.cancel", "acme", at=NOV_20, key="m")  # at the period's end
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")
+    recognise(app, DEC_1 + timedelta(days=45))
+    assert revenue(app) == (2400 * CENT, 600 * CENT, 0)  # deferred was 6.00: the rollover credit voided back
+    assert account(app).balance("USD") == 0
+    assert verify_store(app, "acme").ok
+    app.close()
+
+
+def test_a_cancel_after_a_full_refund_leaves_nothing_deferred_and_the_period_earns_nothing(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
+                                 order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("30.00"),
+                                 currency="USD", verified_at=NOV_1 + timedelta(days=9), gateway_reference="re_1",
+                                 refunded_payment="pi_1")
+    [result] = app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # nothing left to credit
+    recognise(app, DEC_1)
+    # The refund gave the whole fee back; the 4.00 used and the 6.00 the cancel voided net to zero, as if lapsed.
+    assert revenue(app) == (-600 * CENT, 600 * CENT, 0)  # deferred was 6.00: the voided credit went back there
+    assert account(app).balance("USD") == 0 and fee_deferred(app) == 0
+    assert ("gateway_clearing", "USD") not in books(app)
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_the_invoice_was_voided_leaves_nothing_deferred(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
+    run(app, "invoice.void", "acme", at=NOV_1 + timedelta(days=9), invoice_id=str(invoice.id))
+    run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
+    recognise(app, DEC_1)
+    assert revenue(app) == (-600 * CENT, 600 * CENT, 0)  # deferred was 6.00
+    assert books(app).get(("receivables", "USD"), 0) == 0
+    assert verify_store(app, "acme").ok
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(periods=st.lists(st.tuples(
     st.lists(st.tuples(st.integers(1, 29), st.integers(0, 600)), max_size=4),  # usage: day, cents
     st.lists(st.integers(1, 29), max_size=3),  # recognition runs (with the expiry sweep): days
     st.booleans(),  # the sweep at the period's end before the renewal's tick
     st.sampled_from([None, 1, 2, 3])), min_size=1, max_size=3),  # a quantity change at day 12, or none
-    cancel=st.booleans())
+    cancel=st.booleans(), rollover=st.booleans(), void_last=st.booleans())
 def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and_recognition(
-        tmp_path_factory: pytest.TempPathFactory, periods: list[tuple[Any, ...]], cancel: bool) -> None:
+        tmp_path_factory: pytest.TempPathFactory, periods: list[tuple[Any, ...]], cancel: bool, rollover: bool,
+        void_last: bool) -> None:
     """fees = recognised + breakage + what is still deferred (the fee schedules) + the credit in the wallet
-    (included credit, credit notes), deferred revenue never a debit and never more or less than the schedules
-    defer, at every step; at the end nothing deferred and recognised + breakage = the fees less the credit for
-    unused time."""
+    (included credit, credit notes, credit rolled over), deferred revenue never a debit and never more or less
+    than the schedules defer, at every step; at the end nothing deferred and recognised + breakage = the fees less
+    the credit for unused time. ``rollover``: the credit rolls over, capped at 2.00 (the rest lapses at each
+    renewal); ``void_last``: the last period's invoice is voided (when no change credited part of it) before the
+    cancel, which then credits nothing."""
     app = LedgerApplication(persistence_env(None, str(tmp_path_factory.mktemp("prop"))))
     try:
-        run(app, "catalog.publish", None, document=CATALOG, digest="included-1")
+        run(app, "catalog.publish", None, document=ROLLOVER if rollover else CATALOG, digest="included-1")
         run(app, "account.open", "acme", currency="USD")
         run(app, "subscription.create", "acme", key="m", plan="team")
 
@@ -231,17 +342,24 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
                 check()
             if sweep_first:
                 recognise(app, end)
-            renew_and_bill(app, start, end, [])
+            last = renew_and_bill(app, start, end, [])
             recognise(app, end)
             check()
             start = end
+        if void_last and not last.corrections:
+            run(app, "invoice.void", "acme", at=start + timedelta(days=3), invoice_id=str(last.id))
+            check()
         if cancel:
             run(app, "subscription.cancel", "acme", at=start + timedelta(days=5), key="m", immediately=True)
             check()
-        recognise(app, (start + timedelta(days=32)).replace(day=1))
+        recognise(app, start + timedelta(days=70))  # a credit rolled over lapses a period after its own
         recognised, breakage, deferred = revenue(app)
         assert deferred == 0 and fee_deferred(app) == 0
-        assert recognised + breakage == billed(app) - credited(app)
+        # No included or rolled-over credit is left: only what usage did not spend of the credit notes' credit
+        # (what it spent of it is revenue), so the fees less that credit are earned.
+        notes_left = sum(g["remaining"] for g in account(app).grant_balances() if g["source"] == "credit_note")
+        assert account(app).balance("USD") == notes_left <= credited(app)
+        assert recognised + breakage == billed(app) - notes_left
         assert verify_store(app, "acme").ok
     finally:
         app.close()
