@@ -12,7 +12,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from billing_events import ids
 from billing_ledger.domain.subscription import subscription_id
 
@@ -43,18 +42,6 @@ async def started(tmp_path: Path, *, payment_method: bool) -> AsyncIterator[Stac
         # The tick for the trial's end (Nov 11) has not run: rating prices this usage by the plan, in Nov 11 - Dec 11.
         await wired.use("calls", "250", datetime(2026, 11, 12, tzinfo=UTC))  # 100 included: 150 x 0.10 = 15.00
         await wired.use("disk", "10", datetime(2026, 11, 13, tzinfo=UTC), meter="storage_gb")  # 10 x 0.50 = 5.00
-        yield wired
-
-
-@pytest.fixture
-async def converting(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with started(tmp_path, payment_method=True) as wired:
-        yield wired
-
-
-@pytest.fixture
-async def unconverted(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with started(tmp_path, payment_method=False) as wired:
         yield wired
 
 

@@ -4,32 +4,17 @@ an immediate cancel do (``_end_trial``), then prorates against the converted pai
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from uuid import uuid4
 
-import pytest
 from billing_events.messages import LedgerCommand
 from billing_ledger.domain.subscription import subscription_id
 
 from tests.unit.subscriptions.test_cancel_after_period_end import Stack
-from tests.unit.subscriptions.test_cancel_after_trial_end import NOV_11, NOV_15, owed, settle, started
+from tests.unit.subscriptions.test_cancel_after_trial_end import NOV_11, NOV_15, owed, settle
 
 DEC_11 = datetime(2026, 12, 11, tzinfo=UTC)
-
-
-@pytest.fixture
-async def converting(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with started(tmp_path, payment_method=True) as wired:
-        yield wired
-
-
-@pytest.fixture
-async def unconverted(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with started(tmp_path, payment_method=False) as wired:
-        yield wired
 
 
 def fees(stack: Stack) -> dict[str, Decimal]:
