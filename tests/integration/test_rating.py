@@ -214,10 +214,11 @@ async def test_postgres_plan_pricing_pools_allowances_and_trials_are_free(pg_rat
                                         for i, e in enumerate(events)])
     await service.handle_accepted([usage("acme", "p1", "8"), usage("acme", "p2", "4"), usage("tria", "t1", "50")])
     commands = outbox.commands()
-    # Two Pro subscriptions pool 5 + 5 included: 8 -> 0, 12 -> 2 x 0.10; the trial is recorded, not charged.
+    # Two Pro subscriptions pool 5 + 5 included: 8 -> 0, 12 -> 2 x 0.10; the trial is recorded, not charged. What
+    # costs nothing goes to the ledger as a debit of 0 (the month's usage summary counts its quantity).
     assert [(c["payload"]["cause"]["event_ids"], c["payload"]["amount"]) for c in commands] == [
-        (["p2"], "0.200000000")]
-    cause = commands[0]["payload"]["cause"]
+        (["p1"], "0.000000000"), (["p2"], "0.200000000"), (["t1"], "0.000000000")]
+    cause = commands[1]["payload"]["cause"]
     assert (cause["priced_by"], cause["included"], cause["period"]) == ("plan", "10", "2026-11-01T00:00:00+00:00")
     assert cause["price"] == {"model": "per_unit", "unit": "USD", "unit_amount": "0.1"}  # the parsed spec, dumped
     decisions = {r["event_id"]: r["decision"] for r in await service.db.fetch(
