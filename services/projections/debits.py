@@ -149,8 +149,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
     # usage_monthly.project
     meter = str(data["meter"])
     unit_key = str(data["unit"])
-    quantity = usage_monthly.metered_quantity(cause) if "corrects" in cause else (
-        decimal_or_none(quantity_value) or 0)
+    quantity = usage_monthly.metered_quantity(cause)
     month = occurred_at[:7]
     usage_type = cause.get("usage_type")
     if type(usage_type) is not str or not (usage_type := usage_type.strip()):
@@ -182,7 +181,10 @@ def project(fact: Fact, w: BatchWriter) -> None:
     if cause:
         model = first_text(properties.get("model"), cause.get("model"))
         if model:
-            per_class, total_tokens = ai_usage.tokens_by_class(cause, properties, quantity or _ZERO)
+            # ai_usage.project: the event's own quantity (a count meter's or a correction's metered quantity is not
+            # its tokens)
+            per_class, total_tokens = ai_usage.tokens_by_class(cause, properties,
+                                                               decimal_or_none(quantity_value) or _ZERO)
             row_key = (tenant, month, model, first_text(cause.get("operation"), properties.get("operation")),
                        user, unit_key)
             row = ai_rows.get(row_key)

@@ -26,7 +26,9 @@ from billing_runtime.db import Connection, Database
 # 8: subscription credit notes (account credit) in figures' credit_notes / credit_note_tax, no longer in refunds.
 # 9: what a gateway refund of an invoice left owed (``InvoicePaymentRefunded.reclaimed.receivable``) in receivables.
 # 10: usage_monthly.events counts the events of a close debit (``cause.event_count``), not 1.
-SCHEMA_VERSION = "10"
+# 11: usage_monthly.quantity adds what a debit's event added to its meter (``cause.contribution``, before it
+#     ``quantity_after - quantity_before``): a count meter's event counts 1, not its quantity.
+SCHEMA_VERSION = "11"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

@@ -1,11 +1,16 @@
 """Read model: monthly usage summaries per tenant (organisation), month and meter (usage type).
 
 Rows are keyed by meter; each also names the meter's reporting category (``usage_type`` from the rating
-decision, e.g. ai, compute). A usage debit adds its metered quantity (from the rating decision in its ``cause``) and its cost (the
-debit's amount; give-backs are negative) to the month of its usage time (UTC). A correction's debit
-(``cause.corrects``) adds the difference it made (``quantity_new - quantity_old``), as its cost does: the
-corrected event's new quantity would count the usage twice (500 amended to 700 is 200 more, not 700). A captured hold is
-consumption too: its cost is added under its meter (``holds`` when it had none), with no quantity.
+decision, e.g. ai, compute). A usage debit adds its metered quantity (from the rating decision in its ``cause``) and
+its cost (the debit's amount; give-backs are negative) to the month of its usage time (UTC). The metered quantity is
+what the event added to the meter's total, as the invoice counts it (``cause.contribution``, since session 9): a
+``sum`` meter's event its quantity, a ``count`` meter's event 1 whatever its quantity, a correction the difference it
+made (500 amended to 700 is 200 more, not 700; a count meter's amendment 0, its void -1), as its cost does; a close
+debit (``cause.closed``) its line's quantity. ``cause.quantity`` stays the event's own quantity (the history shows
+it). A debit recorded before ``contribution`` existed takes what it moved rating's running total by
+(``quantity_after - quantity_before``, as the close counts real-time meters), else the difference a correction
+made (``quantity_new - quantity_old``), else its quantity. A captured hold is consumption too: its cost is added
+under its meter (``holds`` when it had none), with no quantity.
 
 Usage that cost nothing (inside the allowance, a flat fee or stairstep band already charged, a trial) reaches the
 ledger as a debit of 0 (no postings, since session 9): its quantity counts here with a cost of 0, so the month's
@@ -55,7 +60,17 @@ def project(fact: Fact, w: BatchWriter) -> None:
 
 
 def metered_quantity(cause: dict[str, Any]) -> Decimal | int:
-    """The quantity a usage debit adds to its month: the event's, or for a correction the difference it made."""
+    """The quantity a usage debit adds to its month: what its event added to the meter's total (module docstring)."""
+    if "contribution" in cause:
+        contributed = decimal_or_none(cause["contribution"])
+        if contributed is not None:
+            return contributed
+    elif not cause.get("closed") and "ai_prices" not in cause:
+        # Recorded before rating sent ``contribution``: a real-time meter's debit moved the meter's running total by
+        # after - before (a count meter's event by 1). An AI meter's totals count tokens, not its quantity.
+        before, after = decimal_or_none(cause.get("quantity_before")), decimal_or_none(cause.get("quantity_after"))
+        if before is not None and after is not None:
+            return after - before
     if cause.get("corrects"):
         new, old = decimal_or_none(cause.get("quantity_new")), decimal_or_none(cause.get("quantity_old"))
         if new is not None and old is not None:

@@ -424,6 +424,7 @@ class RatingService:
         unit: str | None = None
         output: OutMessage | None = None
         before = after = Decimal(0)
+        step = Decimal(0)  # what the event moves the meter's total by (``contribution``; a correction's difference)
         group = ""
         value: str | None = None
         inputs: dict[str, Any] = {}
@@ -463,6 +464,7 @@ class RatingService:
             elif meter.ai_table is not None:
                 try:
                     amount, unit, before, after, inputs = self._rate_ai(batch, account, key, period, usage, meter)
+                    step = event.quantity  # a sum meter: the close adds the events' quantities, whatever the tokens
                 except PriceSpecError as exc:
                     decision = "no_price"
                     output = self._rejection(batch, usage, RejectReason.NO_PRICE, str(exc))
@@ -553,8 +555,8 @@ class RatingService:
                     inputs = {**inputs, "late": decision_prefix.rstrip(":"),
                               "original_period": original_period}
                 before_text, after_text = decimal_text(before), decimal_text(after)  # the command and decision show them
-                output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text, group,
-                                     inputs)
+                output = self._debit(batch, usage, unit, amount, meter, period, before_text, after_text,
+                                     decimal_text(step), group, inputs)
                 before, after = before_text, after_text  # type: ignore[assignment]
         if decision not in ("no_price", FILTERED, "trial", "invalid_correction", "period_closed"):
             decision = decision_prefix + decision
@@ -642,8 +644,14 @@ class RatingService:
         return amount, meter.ai_table.unit, before, after, inputs
 
     def _debit(self, batch: _BatchState, usage: Usage, unit: str, amount: int, meter: MeterView, period: str,
-               before: str, after: str, group: str, inputs: dict[str, Any]) -> OutMessage:
-        """The ``usage.debit`` command (contract: ``LedgerCommand``, written by ``codec.debit_command_json``)."""
+               before: str, after: str, contributed: str, group: str, inputs: dict[str, Any]) -> OutMessage:
+        """The ``usage.debit`` command (contract: ``LedgerCommand``, written by ``codec.debit_command_json``).
+
+        ``cause.quantity`` is the event's own quantity (the audit trail); ``cause.contribution`` what it added to
+        the meter's total, as the invoice counts it: a ``count`` meter's event 1 whatever its quantity, a correction
+        the difference it made (an amendment 0 more, a void 1 less), else the quantity. The monthly usage summary
+        adds it (docs/rating.md "Usage that costs nothing").
+        """
         event = usage.event
         properties = ({k: v if type(v) is str else str(v) for k, v in event.properties.items()}
                       if event.properties else _NO_PROPERTIES)
@@ -653,7 +661,7 @@ class RatingService:
             "overage_policy": inputs.get("overage_policy", meter.definition.overage_policy),
             "cause": {
                 "event_ids": [event.id], "period": period, "quantity": event.quantity_text(),
-                "quantity_before": before, "quantity_after": after, "group": group,
+                "quantity_before": before, "quantity_after": after, "contribution": contributed, "group": group,
                 "usage_type": meter.definition.usage_type or event.meter,
                 "catalog_version": batch.catalog.version, **inputs,
                 "properties": properties, "user": properties.get("user"),

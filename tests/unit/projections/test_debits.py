@@ -66,6 +66,24 @@ SHAPES: list[dict[str, Any]] = [
     _debit(amount=-50, cause={"quantity": "0", "corrects": "e0", "quantity_old": "300", "quantity_new": "0"}),
     _debit(cause={"quantity": "700", "corrects": "e0", "quantity_new": "700"}),
     _debit(cause={"quantity": "700", "corrects": "", "quantity_old": "500", "quantity_new": "700"}),
+    # What the event added to the meter's total (a count meter: 1 whatever its quantity; its void -1), and debits
+    # recorded before ``contribution`` (after - before; an AI meter's token totals are not its quantity).
+    _debit(meter="requests", cause={"quantity": "5", "quantity_before": "3", "quantity_after": "4",
+                                    "contribution": "1"}),
+    _debit(meter="requests", cause={"quantity": "0", "corrects": "e0", "quantity_old": "5", "quantity_new": "0",
+                                    "quantity_before": "4", "quantity_after": "3", "contribution": "-1"}),
+    _debit(meter="requests", cause={"quantity": "5", "quantity_before": "3", "quantity_after": "4"}),
+    _debit(meter="requests", cause={"quantity": "9", "corrects": "e0", "quantity_old": "5", "quantity_new": "9",
+                                    "quantity_before": "4", "quantity_after": "4"}),
+    _debit(meter="requests", cause={"quantity": "5", "contribution": "x", "quantity_before": "3",
+                                    "quantity_after": "4"}),
+    _debit(meter="requests", cause={"quantity": "5", "quantity_before": "3", "quantity_after": None}),
+    _debit(cause={**_debit()["cause"], "quantity_before": "0", "quantity_after": "1200", "ai_prices": {}}),
+    # A correction on a meter whose events name a model: the AI usage read model takes the event's own quantity.
+    _debit(meter="requests", cause={"quantity": "9", "corrects": "e0", "quantity_old": "5", "quantity_new": "9",
+                                    "contribution": "0", "properties": {"model": "m1"}}),
+    _debit(meter="calls", cause={"quantity": "700", "corrects": "e0", "quantity_old": "500", "quantity_new": "700",
+                                 "properties": {"model": "m1"}}),
     # A close debit (max/last/unique_count) counts the events its line counted; of 0 (within the allowance) too.
     _debit(meter="disk", cause={"quantity": "9", "closed": True, "event_count": 3, "event_ids": ["d1", "d2", "d3"]}),
     _debit(amount=0, postings=[], draws=[], cause={"quantity": "9", "closed": True, "event_count": 2}),

@@ -236,3 +236,32 @@ async def test_a_correction_adds_the_difference_it_made_to_the_monthly_quantity(
     [row] = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter="api_calls",
                                           offset=0, limit=10)
     assert (Decimal(row["quantity"]), Decimal(int(row["cost"])) / U) == (Decimal(1700), Decimal("3.40"))
+
+
+async def test_a_count_meters_debits_recorded_before_contribution_count_one_per_event(service: ProjectionService
+                                                                                     ) -> None:
+    """Rating's debits of a ``count`` meter as recorded before they carried ``cause.contribution``, replayed: each
+    counts what it moved the meter's running total by (5 requests then 3 then 4: 3 events; r2 amended to 9: none
+    more; r3 voided: one less), as the invoice counts them (2), not the events' quantities (5 + 3 + 4 + 6 - 4 = 14).
+    An AI meter's running totals count tokens: its debit counts its quantity; a close debit its line's quantity."""
+    ledger = Ledger()
+    a = simple_account(ledger, "acme")
+    debits = [("r1", "5", "0", "1", None), ("r2", "3", "1", "2", None), ("r3", "4", "2", "3", None),
+              ("c2", "9", "3", "3", ("r2", "3")), ("c3", "0", "3", "2", ("r3", "4"))]
+    for i, (event, quantity, before, after, corrects) in enumerate(debits):
+        extra = {"quantity_before": before, "quantity_after": after}
+        if corrects:
+            extra |= {"corrects": corrects[0], "quantity_old": corrects[1], "quantity_new": quantity}
+        a.debit_usage(command_id=uid("count", i), unit="USD", amount=0, meter="requests",
+                      at=T0 + timedelta(seconds=i), overage_policy="overage", cause=usage_cause(event, quantity, extra))
+    a.debit_usage(command_id=uid("ai", 0), unit="USD", amount=0, meter="ai_tokens", at=T0, overage_policy="overage",
+                  cause=usage_cause("t1", "1200", {"quantity_before": "0", "quantity_after": "1500",
+                                                   "ai_prices": {"m1": {}}, "tokens": {"input": "1500"}}, model="m1"))
+    a.debit_usage(command_id=uid("close", 0), unit="USD", amount=0, meter="disk", at=T0, overage_policy="overage",
+                  cause={"quantity": "12", "closed": True, "event_count": 2, "aggregation": "max", "period": "2026-11"})
+    ledger.save(a)
+    await apply(service, ledger.records())
+    rows = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter=None, offset=0,
+                                         limit=10)
+    assert {r["meter"]: (Decimal(r["quantity"]), int(r["events"])) for r in rows} == {
+        "requests": (Decimal(2), 5), "ai_tokens": (Decimal(1200), 1), "disk": (Decimal(12), 2)}

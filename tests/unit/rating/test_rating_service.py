@@ -101,6 +101,8 @@ async def test_ai_tokens_are_priced_per_model_and_token_class(rating) -> None:  
     assert [Decimal(c["payload"]["amount"]) for c in commands] == [Decimal("0.00045"), Decimal("0.00625")]
     assert [c["payload"]["cause"]["model"] for c in commands] == ["small", "large"]
     assert commands[0]["payload"]["cause"]["user"] == "ann"
+    # What each event adds to the meter's total (a sum at close: its quantity), not the tokens' running totals.
+    assert [c["payload"]["cause"]["contribution"] for c in commands] == ["1500", "3000"]
 
 
 async def test_unknown_ai_model_is_dead_lettered(rating) -> None:  # type: ignore[no-untyped-def]
@@ -636,6 +638,10 @@ async def test_a_voided_count_event_amended_again_counts_once_more(rating) -> No
     assert [c["payload"]["amount"] for c in await published(bus)] == ["1.000000000", "-1.000000000", "1.000000000"]
     totals = await service.db.fetch("SELECT quantity FROM period_totals WHERE meter = 'logins'")
     assert [r["quantity"] for r in totals] == ["1"]
+    # Each debit names the event's own quantity and what it added to the count (the monthly usage summary adds
+    # that): one login of quantity 5, the void one less, the amendment one more.
+    assert [(c["payload"]["cause"]["quantity"], c["payload"]["cause"]["contribution"])
+            for c in await published(bus)] == [("5", "1"), ("0", "-1"), ("7", "1")]
 
 
 async def test_amounts_are_written_in_plain_notation_never_with_an_exponent(rating) -> None:  # type: ignore[no-untyped-def]
