@@ -90,9 +90,10 @@ class MonthlyUsage(BaseModel):
     meter_name: str | None
     unit_of_measure: str | None
     quantity: str = Field(description="Quantity used in the month (exact decimal), including usage that cost "
-                                      "nothing (within the allowance, a flat fee or band, a trial); a correction "
-                                      "counts by the difference it made; a max/last/unique_count meter: its "
-                                      "period's quantity as invoiced")
+                                      "nothing (within the allowance, a flat fee or band, a trial), counted as the "
+                                      "invoice counts it: a count meter one per event (whatever the event's "
+                                      "quantity); a correction counts by the difference it made; a "
+                                      "max/last/unique_count meter: its period's quantity as invoiced")
     unit: str
     cost: Amount = Field(description="What the month's usage was charged (0 for free usage)")
     events: int = Field(description="Usage events counted (corrections included)")
