@@ -27,7 +27,13 @@ from billing_ledger.invoice_overage import (
 from billing_ledger.payload import INVALID, optional_text
 from billing_ledger.payload import at as effective_at
 from billing_ledger.payload import timestamp as payload_timestamp
-from billing_ledger.subscription_commands import _activate, _expire_incomplete, _finalize, _tenant
+from billing_ledger.subscription_commands import (
+    _activate,
+    _credit_given,
+    _expire_incomplete,
+    _finalize,
+    _tenant,
+)
 
 
 @handles("invoice.usage_lines")
@@ -223,6 +229,16 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
                                                           "credited part of it; adjust the account instead")
     at = effective_at(command)
     invoice.void(at=at, reason=optional_text(command, "reason") or "void", by=command.issued_by)
+    corrected = batch.get(UUID(invoice.related_invoice)) if invoice.subscription_id and invoice.related_invoice \
+        else None
+    if isinstance(corrected, Invoice):
+        # A change's invoice netted a credit for the unused time of the invoice it corrects (-15.00 + 30.00): the
+        # void reverses all it billed, that credit with it, so the corrected invoice is owed in full again and has
+        # given nothing back for it; a later cancel or change credits its unused time (against it, the period's
+        # live invoice: ``live_period_invoice``). Left recorded, the cancel credited nothing (30.00 owed for 20
+        # days, 25.00 without the void).
+        net, tax = _credit_given(invoice)
+        corrected.restore_given_back(document=invoice.id, net=net, tax=tax, by=command.issued_by)
     if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again
         account = account_of(batch, invoice.tenant)
         account.void_invoice_bill(invoice=str(invoice.id), at=at, cause={"invoice_number": invoice.number})

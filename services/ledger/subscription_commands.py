@@ -47,6 +47,7 @@ from billing_ledger.domain.proration import (
     quote_cancel,
     quote_change,
     quote_resume,
+    quote_unused,
 )
 from billing_ledger.domain.roster import Roster, Workspace, roster_id, workspace_id
 from billing_ledger.domain.subscription import (
@@ -457,10 +458,6 @@ def _invoiced_tax_rate(invoice: Invoice) -> Decimal | None:
     return _tax_rate(taxes)
 
 
-def _period_invoice(batch: _Batch, sub: Subscription) -> Invoice | None:
-    return period_invoice(sub, batch.get)
-
-
 def period_invoice(sub: Subscription, get: Callable[[UUID], Any]) -> Invoice | None:
     """The document that billed ``sub``'s current plan for the rest of its current period, which a change's or
     cancel's credit for the unused time corrects (``Subscription.period_invoice``: the period's first or renewal
@@ -471,6 +468,34 @@ def period_invoice(sub: Subscription, get: Callable[[UUID], Any]) -> Invoice | N
         return None
     found = get(UUID(sub.period_invoice))
     return found if isinstance(found, Invoice) else None
+
+
+def live_period_invoice(sub: Subscription, get: Callable[[UUID], Any]) -> Invoice | None:
+    """The document that still bills ``sub``'s current period, which a change's or cancel's credit for the unused
+    time corrects: its ``period_invoice``, unless that is a change's document that was voided (``invoice.void``
+    forgave the change's charge and gave its credit back to the document it corrected, ``Invoice.given_back``):
+    then that corrected document, as long as it is not void itself. One step is enough: a document a change
+    credited cannot be voided (``invoice_has_credit_notes``), so the one a voided change corrected is live."""
+    found = period_invoice(sub, get)
+    if found is None or found.status != VOID or not found.related_invoice:
+        return found
+    corrected = get(UUID(found.related_invoice))
+    return corrected if isinstance(corrected, Invoice) and corrected.status != VOID else found
+
+
+def credit_live_invoice(lines: list[dict[str, Any]], sub: Subscription, live: Invoice | None, at: datetime, *,
+                        canceled: bool) -> list[dict[str, Any]]:
+    """A change's or cancel's quoted ``lines`` with their credit for the unused time (negative lines without a
+    service period of their own) taken from what ``live`` billed (``quote_unused``) when it is not the
+    subscription's ``period_invoice``: the change that billed the plan and quantity held now was voided, so the
+    quote's credit for them (20.00 for two seats) would give back a fee never owed, and ``live`` billed the
+    period at its own amounts (10.00 for one). Unchanged otherwise."""
+    if live is None or str(live.id) == sub.period_invoice:
+        return lines
+    kept = [item for item in lines
+            if not (item["kind"] == "proration" and not item.get("service_start") and Decimal(item["amount"]) < 0)]
+    credit = quote_unused(lines=live.lines, unit=live.currency, billed_by=str(live.number), at=at, canceled=canceled)
+    return credit + kept
 
 
 # Lines whose money is already receivable when the invoice is finalized (usage posted beyond credit): the
@@ -848,8 +873,8 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     quantity_changed = quantity != sub.quantity
     old_plan, old_quantity = sub.plan, sub.quantity
     old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
-    corrected = _period_invoice(batch, sub)  # before the change names its own document
-    lines = _left_to_give_back(lines, corrected)
+    corrected = live_period_invoice(sub, batch.get)  # before the change names its own document
+    lines = _left_to_give_back(credit_live_invoice(lines, sub, corrected, at, canceled=False), corrected)
     key = change_invoice_key(sub.id, command.command_id)
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines,
                invoice=invoice_id(tenant, key))
@@ -918,7 +943,9 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     before = _capacities(_live_subscriptions(batch, roster))
     cut_start = sub.period_start
     minimum = sub.period_minimum(until=at) if immediately else Decimal(0)  # before the cancel: a trial commits 0
-    corrected = _period_invoice(batch, sub) if lines else None
+    corrected = live_period_invoice(sub, batch.get) if lines else None
+    # A voided change's document no longer bills the period: the document it corrected does, at its own amounts.
+    lines = credit_live_invoice(lines, sub, corrected, at, canceled=True)
     # The period's fee included credit in the currency and was given back in full (voided, or refunded): the void
     # or refund took all of the fee out of revenue, the included credit's share too, and the customer kept the
     # credit, earned back as it is used or lapses. The cancel voids what is left of it: it lapses (breakage), as

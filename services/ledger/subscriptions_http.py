@@ -34,7 +34,7 @@ from billing_ledger.http_models import (
 from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.limits import CANCEL_RENEWALS_MAX
 from billing_ledger.scheduler import DueIndex, tick_messages
-from billing_ledger.subscription_commands import document_tax_lines, period_invoice
+from billing_ledger.subscription_commands import credit_live_invoice, document_tax_lines, live_period_invoice
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bodies import described_by
@@ -191,13 +191,16 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         lines = quote_change(status=status, plan=sub.plan, quantity=sub.quantity,
                              period_start=start, period_end_at=end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
+        # The invoice it corrects (the subscription's period invoice, or the one a voided change corrected, whose
+        # unused time it credits at what that billed), read as the change reads it.
+        corrected = await asyncio.to_thread(live_period_invoice, sub, lambda i: app.read(i, copy.deepcopy)) \
+            if lines and not renewed else None
+        lines = credit_live_invoice(lines, sub, corrected, moment, canceled=False)
         net = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
         # The tax finalizing would add: the same rules, on the same net total, by the account's tax profile, and
-        # the credit for unused time at the rate of the invoice it corrects (the subscription's period invoice).
+        # the credit for unused time at the rate of the invoice it corrects.
         profile = await read(roster_id(tenant), lambda r: copy.deepcopy(r.tax_profile))
         catalog = await read(Catalog.create_id(), lambda c: copy.deepcopy(c.document))
-        corrected = await asyncio.to_thread(period_invoice, sub, lambda i: app.read(i, copy.deepcopy)) \
-            if lines and not renewed else None
         if lines:
             try:
                 lines = lines + document_tax_lines(lines, sub.plan["currency"], profile, catalog, corrected)

@@ -172,6 +172,22 @@ class Invoice(Aggregate):
         self.given_back_net = str(RATING_CONTEXT.add(Decimal(self.given_back_net), Decimal(net)))
         self.given_back_tax = str(RATING_CONTEXT.add(Decimal(self.given_back_tax), Decimal(tax)))
 
+    def restore_given_back(self, *, document: UUID, net: Decimal, tax: Decimal, by: str) -> None:
+        """``document``, a change's invoice that netted ``net`` and ``tax`` of credit for this invoice's unused time,
+        was voided: that credit is no longer given, so it is taken off what this invoice gave back (never below
+        nothing: a credit recorded before ``given_back`` existed is not in it), and a later change or cancel can
+        credit that time again, once."""
+        net = min(net, Decimal(self.given_back_net))
+        tax = min(tax, Decimal(self.given_back_tax))
+        if net > 0 or tax > 0:
+            self._given_back_restored(document=str(document), net=str(max(net, Decimal(0))),
+                                      tax=str(max(tax, Decimal(0))), by=by)
+
+    @event("GivenBackRestored")
+    def _given_back_restored(self, document: str, net: str, tax: str, by: str) -> None:
+        self.given_back_net = str(RATING_CONTEXT.subtract(Decimal(self.given_back_net), Decimal(net)))
+        self.given_back_tax = str(RATING_CONTEXT.subtract(Decimal(self.given_back_tax), Decimal(tax)))
+
     # A charge of dunning attempt ``attempt`` (1-based) that the gateway left pending, and its failure, by the
     # gateway's payment reference (dunning.py). A charge recorded pending before these existed is not followed.
 

@@ -69,6 +69,24 @@ def quote_cancel(*, status: str, plan: dict[str, Any], quantity: int, period_sta
     return [line("proration", f"Unused time on {_label(plan, quantity)} (canceled)", -unused, plan["currency"])]
 
 
+def quote_unused(*, lines: list[dict[str, Any]], unit: str, billed_by: str, at: datetime,
+                 canceled: bool) -> list[dict[str, Any]]:
+    """The credit for the unused time at ``at`` of what a document billed for its service period (its ``lines``
+    that name one, ``service_period``), at the amounts it billed: a change's or cancel's credit for the unused time
+    of that document when it is not the plan and quantity the subscription holds now (the document that billed
+    those was voided, so the one it corrected bills the period again). ``billed_by``: the document's number."""
+    unused = Decimal(0)
+    for item in lines:
+        amount = Decimal(item["amount"])
+        if amount > 0 and item.get("service_start") and item.get("service_end"):
+            share = proration_fraction(datetime.fromisoformat(item["service_start"]),
+                                       datetime.fromisoformat(item["service_end"]), at)
+            unused = RATING_CONTEXT.add(unused, RATING_CONTEXT.multiply(amount, share))
+    if not unused:
+        return []
+    return [line("proration", f"Unused time on {billed_by}{' (canceled)' if canceled else ''}", -unused, unit)]
+
+
 def quote_resume(*, plan: dict[str, Any], quantity: int, period_start: datetime, period_end_at: datetime,
                  at: datetime) -> list[dict[str, Any]]:
     """Resuming in a period that began while paused (so unbilled): its rest, at the plan's fee."""

@@ -297,6 +297,25 @@ def test_a_cancel_after_the_invoice_was_voided_leaves_nothing_deferred(app: Ledg
     assert verify_store(app, "acme").ok
 
 
+def test_a_cancel_after_an_upgrades_invoice_was_voided_credits_the_first_invoice_and_leaves_nothing_deferred(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 including 10.00 of credit
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=9))
+    changed = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 unused, +45.00 rest
+    upgrade = invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{changed.command_id}")
+    run(app, "invoice.void", "acme", at=NOV_16 + timedelta(days=1), invoice_id=str(upgrade))
+    result = run(app, "subscription.cancel", "acme", at=NOV_20 + timedelta(days=1), key="m", immediately=True)
+    # The unused Nov 21 - Dec 1 of the first invoice (was none: the cancel credited the voided upgrade's invoice).
+    assert [item["amount"] for item in result.value["lines"]] == ["-10.00"]
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0 and fee_deferred(app) == 0
+    assert recognised + breakage == 2000 * CENT  # November's 30.00 less the 10.00 credited (was all 30.00)
+    chart = books(app)
+    assert chart[("receivables", "USD")] + chart[("tenant_wallet", "USD")] == 2000 * CENT
+    assert verify_store(app, "acme").ok
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(periods=st.lists(st.tuples(
     st.lists(st.tuples(st.integers(1, 29), st.integers(0, 600)), max_size=4),  # usage: day, cents

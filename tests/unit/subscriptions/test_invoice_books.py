@@ -629,3 +629,49 @@ def test_a_refund_recorded_before_its_owed_excess_was_overage_replays_as_it_was(
     assert replayed is not None
     # Owed, but never billed nor repaid, as it was.
     assert (replayed.receivable("USD"), replayed.unbilled_overage("USD")) == (1000 * CENT, {})
+
+
+def change_invoice(app: LedgerApplication, result: Any) -> Invoice:
+    return app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+
+
+def test_voiding_an_upgrades_invoice_gives_its_credit_back_so_a_cancel_credits_the_first_invoices_unused_time(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # Nov 1 - Dec 1: 30.00 + 5.70 VAT
+    upgrade = change_invoice(app, run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=2))
+    assert upgrade.total == Decimal("17.85")  # -15.00 unused time of the first invoice + 30.00, and 2.85 VAT
+    run(app, "invoice.void", "acme", at=datetime(2026, 11, 17, tzinfo=UTC), invoice_id=str(upgrade.id),
+        reason="goodwill")
+    # The void forgave the upgrade and the credit it netted: the first invoice is owed in full, nothing given back.
+    result = run(app, "subscription.cancel", "acme", at=datetime(2026, 11, 21, tzinfo=UTC), key="m",
+                 immediately=True)
+    # The cancel credits the unused Nov 21 - Dec 1 of the first invoice, the period's live invoice: 10.00 + 1.90 VAT
+    # (was nothing: it credited the voided upgrade's invoice, 35.70 owed for 20 days, more than without the void).
+    assert [item["amount"] for item in result.value["lines"]] == ["-10.00"]
+    note = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/cancel"))
+    assert (note.total, note.related_invoice) == (Decimal("-11.90"), str(first_invoice(app).id))
+    assert (account(app).receivable("USD"), account(app).available("USD")) == (3570 * CENT, 1190 * CENT)
+    # 20 days of one seat, as without the upgrade (without the void: 25.00, the upgrade's 5 days of two seats).
+    chart = books(app)
+    assert chart[("receivables", "USD")] + chart[("tenant_wallet", "USD")] == 2380 * CENT
+    assert chart[("tax_payable", "USD")] == -380 * CENT
+    assert chart[("recognised_revenue", "USD")] == -2000 * CENT and ("deferred_revenue", "USD") not in chart
+    assert first_invoice(app).given_back == Decimal("11.90")  # credited once
+    assert verify_store(app, "acme").ok
+
+
+def test_after_a_voided_upgrade_a_change_back_credits_what_the_first_invoice_billed(app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    upgrade = change_invoice(app, run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=2))
+    run(app, "invoice.void", "acme", at=datetime(2026, 11, 17, tzinfo=UTC), invoice_id=str(upgrade.id),
+        reason="goodwill")
+    back = run(app, "subscription.change", "acme", at=datetime(2026, 11, 21, tzinfo=UTC), key="m", quantity=1)
+    # One seat's unused 10 days of the first invoice against one seat for them: nothing to pay, nothing credited
+    # (was -20.00 for two seats of the voided upgrade: 10.00 of account credit for a fee never owed).
+    assert [item["amount"] for item in back.value["lines"]] == ["-10.00", "10.00"]
+    assert change_invoice(app, back).related_invoice == str(first_invoice(app).id)
+    assert (account(app).receivable("USD"), account(app).available("USD")) == (3570 * CENT, 0)
+    chart = books(app)
+    assert chart[("deferred_revenue", "USD")] == -1000 * CENT  # Nov 21 - Dec 1, one seat
+    assert chart[("recognised_revenue", "USD")] == -2000 * CENT
+    assert verify_store(app, "acme").ok

@@ -164,3 +164,20 @@ def test_the_preview_of_a_change_after_the_period_end_taxes_the_credit_as_the_re
     result = run(ledger, "subscription.change", "acme", at=DEC_3, key="m", quantity=2)
     invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
     assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
+
+
+def test_the_preview_after_an_upgrades_invoice_was_voided_credits_what_the_first_invoice_billed(
+        tmp_path: Path) -> None:
+    ledger = ledger_with_subscription(tmp_path)  # Nov 1 - Dec 1: 30.00 + 5.70 VAT
+    upgrade = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)  # -15.00 + 30.00
+    run(ledger, "invoice.void", "acme", at=NOV_16, reason="goodwill",
+        invoice_id=str(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{upgrade.command_id}")))
+    nov_21 = datetime(2026, 11, 21, tzinfo=UTC)
+    preview = preview_of(ledger, tmp_path, quantity=3, at=nov_21.isoformat())
+    # One seat's unused 10 days of the first invoice, the live one (was two seats' of the voided upgrade: -20.00).
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [
+        ("proration", "-10.00"), ("proration", "30.00"), ("tax", "3.80")]
+    result = run(ledger, "subscription.change", "acme", at=nov_21, key="m", quantity=3)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert invoice.total == Decimal(preview["total"]) == Decimal("23.80")
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
