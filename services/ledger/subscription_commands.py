@@ -232,6 +232,12 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
                      change: UUID | None = None) -> list[str]:
     """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on.
 
+    A rollover credit is drawn only by usage of [start, end) too (``drawable_until``), but stays open a period
+    longer (``expires_at``) so the renewal that ends its period carries or lapses what is left of it
+    (``_close_recurring``), whether the expiry sweep or the tick runs first. Drawable until its later expiry, as it
+    was, usage after the period's end that came before a late tick drew it instead of waiting for the next period's
+    credit (``_repay_period_overage``): less of it lapsed above the cap and the next period's credit stayed unused.
+
     ``fraction``: the share of the period's allotment granted (a mid-period change); ``carried`` (by credit
     index, may be negative) is added to it, and a credit that comes to nothing or less is not granted.
     ``change``: the command id of the change granting them. A period's grants are named by its start; a
@@ -246,9 +252,11 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
             continue
         named = start.isoformat() if change is None else f"change/{change}"
         grant = uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{named}/{index}")
-        expires = end if not credit.get("rollover") else end + (end - start)  # carried once at most
+        rollover = bool(credit.get("rollover"))
+        expires = end if not rollover else end + (end - start)  # carried once at most
         account.grant_credit(grant_id=grant, unit=credit["unit"], amount=amount, priority=int(credit.get("priority", 0)),
-                             effective_at=start, expires_at=expires, scope=credit.get("scope"),
+                             effective_at=start, expires_at=expires, drawable_until=end if rollover else None,
+                             scope=credit.get("scope"),
                              source="plan_recurrence", granted_by=by,
                              cause={"subscription": str(sub.id), "plan": sub.plan["code"],
                                     "plan_version": sub.plan["version"], "period_start": start.isoformat()})

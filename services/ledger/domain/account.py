@@ -14,12 +14,18 @@ Wallets and grants
 
 Drawdown order (usage, captures)
     Only grants that are effective at ``at`` (``effective_at <= at``), not expired at ``at``
-    (``at < expires_at``), in scope for the meter (``scope`` is ``None`` = every meter) and with
-    ``remaining > 0`` are drawn, ordered by
+    (``at < expires_at``), still drawable at ``at`` (``at < drawable_until``, when set), in scope for the
+    meter (``scope`` is ``None`` = every meter) and with ``remaining > 0`` are drawn, ordered by
 
     1. ``priority`` ascending: **a lower number is drawn first** (0 before 10);
-    2. earliest ``expires_at`` first; a grant that never expires comes last;
+    2. earliest end first (``drawable_until`` or ``expires_at``, whichever comes first); a grant that never
+       ends comes last;
     3. oldest first (the order in which the grants were recorded).
+
+    ``drawable_until`` (since session 9): a plan's recurring credit with rollover is drawn only by usage of its
+    own period (before the period's end), but stays open after it, until ``expires_at`` (a period later), so the
+    renewal, whenever its tick runs, decides what of it is carried and what lapses (``void_grant(lapsed=...)``);
+    the expiry sweep does not take it first. Grants recorded before have none: drawable until they expire.
 
     One debit may span several grants; every draw and every wallet posting names its grant.
 
@@ -359,8 +365,12 @@ class BillingAccount(ChainedAggregate):
         cause: dict[str, Any],
         granted_by: str,
         tax_amount: int = 0,
+        drawable_until: datetime | None = None,
     ) -> None:
-        """Adds a grant of ``amount`` sub-units. ``tax_amount`` (same unit) only for purchases."""
+        """Adds a grant of ``amount`` sub-units. ``tax_amount`` (same unit) only for purchases.
+        ``drawable_until``: usage at or after it no longer draws the grant, which stays open until ``expires_at``
+        (a recurring credit with rollover: drawn in its period, carried or lapsed by the renewal; see the module
+        docstring); after ``effective_at`` and not after ``expires_at``."""
         self._require_unit(unit)
         if str(grant_id) in self._grants:
             raise DuplicateGrant(f"grant {grant_id} already exists")
@@ -372,6 +382,12 @@ class BillingAccount(ChainedAggregate):
             _require_time("expires_at", expires_at)
             if expires_at <= effective_at:
                 raise InvalidArgument("expires_at must be after effective_at")
+        if drawable_until is not None:
+            _require_time("drawable_until", drawable_until)
+            if drawable_until <= effective_at:
+                raise InvalidArgument("drawable_until must be after effective_at")
+            if expires_at is not None and drawable_until > expires_at:
+                raise InvalidArgument("drawable_until must not be after expires_at")
         scope = _require_scope(scope)
         if source not in _CALLER_SOURCES:
             raise InvalidArgument(
@@ -402,6 +418,7 @@ class BillingAccount(ChainedAggregate):
             cause=dict(cause),
             granted_by=granted_by,
             postings=postings,
+            **({"drawable_until": drawable_until} if drawable_until is not None else {}),
         )
         # A grant only raises the balance: no downward crossing to check.
 
@@ -421,8 +438,10 @@ class BillingAccount(ChainedAggregate):
         granted_by: str,
         postings: list[Posting],
         revenue: dict[str, Any] | None = None,
+        drawable_until: datetime | None = None,
     ) -> None:
         # ``revenue``: a subscription credit note's change to the fee schedules (``credit_note_grant``).
+        # ``drawable_until``: recorded since session 9 (a rollover recurring credit); earlier grants have none.
         self._apply_fee_revenue(revenue)
         self._add_grant(
             {
@@ -438,6 +457,7 @@ class BillingAccount(ChainedAggregate):
                 "tax_amount": tax_amount,
                 "cause": cause,
                 "granted_by": granted_by,
+                "drawable_until": drawable_until,
             }
         )
         self._update_arming(unit)
@@ -2467,6 +2487,7 @@ class BillingAccount(ChainedAggregate):
             breakage=0,
             breakage_reversed=0,
             refunds_paid_back=[],  # what each refund took out of clearing (``money_paid_back``); format 11
+            drawable_until=record.get("drawable_until"),  # usage from then on does not draw it; format 14
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
@@ -2579,16 +2600,23 @@ def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remain
         return False
     if g["effective_at"] > at:
         return False
-    if g["expires_at"] is not None and at >= g["expires_at"]:
+    end = _draw_end(g)
+    if end is not None and at >= end:
         return False
     if g["scope"] is None:
         return True
     return meter is not None and meter in g["scope"]
 
 
+def _draw_end(g: GrantRecord) -> datetime | None:
+    """When usage stops drawing ``g``: its ``drawable_until`` or its ``expires_at``, the earlier; ``None``: never."""
+    ends = [end for end in (g["expires_at"], g.get("drawable_until")) if end is not None]
+    return min(ends) if ends else None
+
+
 def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:
-    expires = g["expires_at"]
-    return (g["priority"], expires is None, expires if expires is not None else _NO_EXPIRY_KEY, g["seq"])
+    end = _draw_end(g)
+    return (g["priority"], end is None, end if end is not None else _NO_EXPIRY_KEY, g["seq"])
 
 
 def _money(subunits: int, unit: str) -> str:

@@ -76,6 +76,7 @@ def give(
     scope: list[str] | None = None,
     source: str = "purchase",
     tax_amount: int = 0,
+    drawable_until: datetime | None = None,
 ) -> UUID:
     grant_id = ids.grant_id(account.tenant, key)
     account.grant_credit(
@@ -90,6 +91,7 @@ def give(
         cause={"key": key},
         granted_by="test",
         tax_amount=tax_amount,
+        **({"drawable_until": drawable_until} if drawable_until is not None else {}),
     )
     return grant_id
 
@@ -300,6 +302,34 @@ def test_grants_not_yet_effective_or_already_expired_at_the_usage_time_are_skipp
     assert remaining(account, future) == 10 * U and remaining(account, past) == 10 * U
     debit(account, U, when=at(60))  # "future" becomes effective at 60 and has the better priority
     assert remaining(account, future) == 9 * U
+
+
+def test_a_grant_past_its_drawable_until_is_not_drawn_but_stays_open_until_it_expires() -> None:
+    """A rollover plan credit: drawn by usage of its period only, left open for its renewal to carry or lapse."""
+    account = new_account()
+    period = give(account, "period", 10 * U, source="plan_recurrence", expires_at=at(days=60),
+                  drawable_until=at(days=30))
+    promo = give(account, "promo", 10 * U, source="promotion", expires_at=at(days=45))
+    debit(account, 3 * U, when=at(days=29))  # drawn first: its drawing ends before the promotion expires
+    assert (remaining(account, period), remaining(account, promo)) == (7 * U, 10 * U)
+    debit(account, 3 * U, when=at(days=30))  # from then on only the promotion pays
+    assert (remaining(account, period), remaining(account, promo)) == (7 * U, 7 * U)
+    assert account.spendable(USD, "tokens", at(days=30)) == 7 * U
+    account.expire_grants(at(days=30))  # the sweep at its period's end leaves it open
+    assert next(g["status"] for g in account.grant_balances() if g["grant_id"] == str(period)) == "open"
+    account.void_grant(grant_id=period, reason="period_ended", voided_by="test", at=at(days=31), lapsed=5 * U)
+    assert account_balances(events(account)[-1].postings) == {
+        (LedgerAccount.TENANT_WALLET.value, USD): 7 * U, (LedgerAccount.DEFERRED_REVENUE.value, USD): -2 * U,
+        (LedgerAccount.BREAKAGE.value, USD): -5 * U}
+
+
+@pytest.mark.parametrize("drawable_until", [T0, at(days=61)])
+def test_a_drawable_until_not_within_the_grants_life_is_refused(drawable_until: datetime) -> None:
+    account = new_account()
+    with pytest.raises(InvalidArgument, match="drawable_until"):
+        give(account, "period", 10 * U, source="plan_recurrence", expires_at=at(days=60),
+             drawable_until=drawable_until)
+    assert account.grant_balances() == []
 
 
 # -- expiry -------------------------------------------------------------------------------------------------
