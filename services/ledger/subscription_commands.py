@@ -227,6 +227,18 @@ def _includes_credit(invoice: Invoice | None) -> bool:
     return invoice is not None and any(item.get("included_credit") for item in invoice.lines)
 
 
+def _recurring_amounts(sub: Subscription, carried: dict[str, int] | None, fraction: Decimal) -> dict[int, int]:
+    """Per credit index of ``sub``'s plan, what ``_grant_recurring`` grants (sub-units): the allotment for the
+    quantity over ``fraction`` of a period plus what is ``carried`` in; a credit that comes to nothing or less is
+    left out."""
+    amounts = {}
+    for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
+        amount = _allotment(credit, sub.quantity, fraction) + (carried or {}).get(str(index), 0)
+        if amount > 0:
+            amounts[index] = amount
+    return amounts
+
+
 def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
                      carried: dict[str, int] | None = None, fraction: Decimal = Decimal(1),
                      change: UUID | None = None) -> list[str]:
@@ -245,11 +257,9 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
     grant and be refused ``duplicate_grant``).
     """
     issued = []
-    for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
-        amount = _allotment(credit, sub.quantity, fraction)
-        amount += (carried or {}).get(str(index), 0)
-        if amount <= 0:
-            continue
+    credits = sub.plan.get("recurring_credits") or []
+    for index, amount in _recurring_amounts(sub, carried, fraction).items():
+        credit = credits[index]
         named = start.isoformat() if change is None else f"change/{change}"
         grant = uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{named}/{index}")
         rollover = bool(credit.get("rollover"))
@@ -283,7 +293,7 @@ def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: li
 
 
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
-                     rollover: bool, *, ended: bool = False, lapse_currency: bool = False
+                     rollover: bool, *, ended: bool = False, lapse_currency: int = 0
                      ) -> tuple[dict[str, int], set[str]]:
     """Voids what is left of the current recurring grants; returns the rollover to carry (capped) and the units
     voided. The voids check no balance thresholds: the command goes on to grant (the next period's credit, a
@@ -295,8 +305,9 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
     then is expired (``GrantExpired``), a rollover grant (it expires a period later) is voided with the part
     above what it carries lapsed (``rollover_cap``; all of it when nothing is carried). Voided back to
     DEFERRED_REVENUE it stayed there, the period's fee having already taken its share out (``_fee_revenue``).
-    ``lapse_currency``: the grants in the plan's currency lapse whole (an immediate cancel of a period whose fee
-    was given back in full, refunded or voided: that fee no longer funds their credit)."""
+    ``lapse_currency``: this much of what is left of the grants in the plan's currency lapses, in their order (a
+    period whose fee was given back in full, refunded or voided, so that fee no longer funds their credit: all of
+    it at an immediate cancel, at a change what the new grants do not carry)."""
     carried: dict[str, int] = {}
     units: set[str] = set()
     credits = sub.plan.get("recurring_credits") or []
@@ -317,8 +328,10 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
             # sweeper's expiry would post it, whichever comes first.
             account.expire_grants(at, grant_ids=[grant], thresholds=False)
         else:
-            lapsed = (remaining - carry if ended or rolled
-                      else remaining if lapse_currency and state["unit"] == sub.plan["currency"] else 0)
+            lapsed = remaining - carry if ended or rolled else 0
+            if not (ended or rolled) and lapse_currency > 0 and state["unit"] == sub.plan["currency"]:
+                lapsed = min(remaining, lapse_currency)
+                lapse_currency -= lapsed
             account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False,
                                lapsed=lapsed)
         units.add(str(state["unit"]))
@@ -491,17 +504,28 @@ def live_period_invoice(sub: Subscription, get: Callable[[UUID], Any]) -> Invoic
     return corrected if isinstance(corrected, Invoice) and corrected.status != VOID else found
 
 
+def _unused_time_line(item: dict[str, Any]) -> bool:
+    """A change's or cancel's credit for the unused time of the invoice it corrects: a negative proration line
+    without a service period of its own."""
+    return item["kind"] == "proration" and not item.get("service_start") and Decimal(item["amount"]) < 0
+
+
 def credit_live_invoice(lines: list[dict[str, Any]], sub: Subscription, live: Invoice | None, at: datetime, *,
                         canceled: bool) -> list[dict[str, Any]]:
     """A change's or cancel's quoted ``lines`` with their credit for the unused time (negative lines without a
     service period of their own) taken from what ``live`` billed (``quote_unused``) when it is not the
     subscription's ``period_invoice``: the change that billed the plan and quantity held now was voided, so the
     quote's credit for them (20.00 for two seats) would give back a fee never owed, and ``live`` billed the
-    period at its own amounts (10.00 for one). Unchanged otherwise."""
+    period at its own amounts (10.00 for one). When ``live`` is void itself (the period's only invoice voided,
+    ``invoice.void``: the period is not billed) it billed nothing: no credit at all, the rest of the lines (a
+    change's new fee for the rest of the period) as quoted; a credit of the voided fee (-15.00 against 30.00) let
+    the customer pay 15.00 for the rest of the period at two seats and took revenue below nothing. Unchanged
+    otherwise."""
+    if live is not None and live.status == VOID:
+        return [item for item in lines if not _unused_time_line(item)]
     if live is None or str(live.id) == sub.period_invoice:
         return lines
-    kept = [item for item in lines
-            if not (item["kind"] == "proration" and not item.get("service_start") and Decimal(item["amount"]) < 0)]
+    kept = [item for item in lines if not _unused_time_line(item)]
     credit = quote_unused(lines=live.lines, unit=live.currency, billed_by=str(live.number), at=at, canceled=canceled)
     return credit + kept
 
@@ -882,7 +906,14 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     old_plan, old_quantity = sub.plan, sub.quantity
     old_fraction = proration_fraction(sub.period_start, sub.period_end, at)
     corrected = live_period_invoice(sub, batch.get)  # before the change names its own document
+    quoted = lines
     lines = _left_to_give_back(credit_live_invoice(lines, sub, corrected, at, canceled=False), corrected)
+    # The period's fee was given back in full (its invoice voided, or refunded): nothing of it is credited, the
+    # change bills the new plan's rest as quoted. Its included credit in the currency is no longer funded by it.
+    fee_given_back = _includes_credit(corrected) and any(_unused_time_line(item) for item in quoted) \
+        and not any(_unused_time_line(item) for item in lines)
+    if corrected is not None and corrected.status == VOID:
+        corrected = None  # nothing bills the period: the change's document corrects no invoice
     key = change_invoice_key(sub.id, command.command_id)
     sub.change(plan=new_plan, quantity=quantity, at=at, by=command.issued_by, lines=lines,
                invoice=invoice_id(tenant, key))
@@ -893,17 +924,29 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
         carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
         left = _currency_recurring_left(account, sub)
-        _, voided = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False)
         fraction = proration_fraction(sub.period_start, sub.period_end, at)
+        included = _included_credit(sub.plan, sub.quantity, fraction)
+        lapse = 0
+        if fee_given_back:
+            # No credit for unused time takes the old grants' remainder out of DEFERRED_REVENUE: what of it the new
+            # grants do not carry lapses (breakage), as an immediate cancel's would, and the new fee includes no more
+            # credit than its grants hold (credit used beyond the elapsed time's share came out of the new
+            # allotment: that share of the fee is earned with the rest). Back in DEFERRED_REVENUE, nothing took the
+            # old allotment's rest out (5.00 left there for Nov 16 - Dec 1 of 10.00 a month).
+            credits = sub.plan.get("recurring_credits") or []
+            granting = sum(amount for index, amount in _recurring_amounts(sub, carried, fraction).items()
+                           if credits[index]["unit"] == sub.plan["currency"])
+            lapse, included = max(left - max(granting - included, 0), 0), min(included, granting)
+        _, voided = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False,
+                                     lapse_currency=lapse)
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
             fraction=fraction, change=command.command_id))
         # The new fee's included credit in the currency (the new allotment for the rest of the period) is not
         # recognised ratably; what the old grants had left beyond what the new ones carry, plus that allotment,
         # came back to DEFERRED_REVENUE from the wallet: the credit for unused time takes it out again.
-        included = _included_credit(sub.plan, sub.quantity, fraction)
         back = left - _granted_in_currency(account, sub.recurring_grants, sub.plan["currency"]) + included \
-            if _includes_credit(corrected) else 0
+            if _includes_credit(corrected) and not fee_given_back else 0
         lines = _with_included(lines, included, back)
     else:
         voided = set()
@@ -973,7 +1016,7 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         # for unused time takes it out again (the corrected invoice did not recognise it ratably).
         back = _currency_recurring_left(account, sub) if _includes_credit(corrected) else 0
         _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False,
-                                     lapse_currency=fee_given_back)
+                                     lapse_currency=_currency_recurring_left(account, sub) if fee_given_back else 0)
         _document(app, batch, sub, f"{sub.id}/cancel", _with_included(lines, 0, back), at, command.issued_by,
                   finalize=True, start=at, end=sub.period_end, corrects=corrected)
         _check_thresholds(account, voided, at, top_up=False)  # after its credit note

@@ -316,6 +316,51 @@ def test_a_cancel_after_an_upgrades_invoice_was_voided_credits_the_first_invoice
     assert verify_store(app, "acme").ok
 
 
+@pytest.mark.parametrize(("used", "granted"), [("4.00", "11.00"), ("8.00", "7.00")])
+def test_a_change_after_the_invoice_was_voided_credits_nothing_and_leaves_nothing_deferred(
+        app: LedgerApplication, used: str, granted: str) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 including 10.00 of credit
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    debit(app, used, NOV_1, NOV_1 + timedelta(days=5))
+    run(app, "invoice.void", "acme", at=NOV_1 + timedelta(days=9), invoice_id=str(invoice.id))  # goodwill
+    result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
+    # Two seats' rest of the period, 20.00 of credit included, nothing credited (was -15.00 of the voided invoice).
+    assert [item["amount"] for item in result.value["lines"]] == ["30.00"]
+    # The new grant is what it is without the void: the new allotment (10.00) plus what is left of the old one
+    # beyond its share of Nov 1 - Nov 16 (5.00), negative when more was used; the old share of the rest lapses.
+    assert account(app).available("USD") == int(Decimal(granted) * U)
+    debit(app, "3.00", NOV_1, NOV_20)
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0 and fee_deferred(app) == 0  # was 5.00 left deferred
+    assert recognised + breakage == 3000 * CENT  # the change's invoice, all that was billed (was 15.00 billed)
+    chart = books(app)
+    assert chart[("receivables", "USD")] == 3000 * CENT and ("tenant_wallet", "USD") not in chart
+    assert verify_store(app, "acme").ok
+
+
+def test_a_change_after_a_full_refund_lapses_the_old_credits_rest_and_leaves_nothing_deferred(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
+                                 order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("30.00"),
+                                 currency="USD", verified_at=NOV_1 + timedelta(days=9), gateway_reference="re_1",
+                                 refunded_payment="pi_1")
+    [refunded] = app.apply_commands([payment_command(refund)])
+    assert refunded.outcome == "applied", refunded
+    result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
+    assert [item["amount"] for item in result.value["lines"]] == ["30.00"]  # nothing left of November to credit
+    assert account(app).available("USD") == 1100 * CENT  # 10.00 for the rest at two seats + 1.00 unused beyond
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0 and fee_deferred(app) == 0  # was 5.00: the old credit's rest voided back, never taken out
+    assert recognised + breakage == 3000 * CENT  # the change's 30.00; November's fee went back with the refund
+    assert verify_store(app, "acme").ok
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(periods=st.lists(st.tuples(
     st.lists(st.tuples(st.integers(1, 29), st.integers(0, 600)), max_size=4),  # usage: day, cents

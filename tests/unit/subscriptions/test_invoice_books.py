@@ -675,3 +675,24 @@ def test_after_a_voided_upgrade_a_change_back_credits_what_the_first_invoice_bil
     assert chart[("deferred_revenue", "USD")] == -1000 * CENT  # Nov 21 - Dec 1, one seat
     assert chart[("recognised_revenue", "USD")] == -2000 * CENT
     assert verify_store(app, "acme").ok
+
+
+def test_a_change_after_the_periods_invoice_was_voided_bills_the_new_plans_rest_with_no_credit(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # Nov 1 - Dec 1: 30.00 + 5.70 VAT
+    run(app, "invoice.void", "acme", at=datetime(2026, 11, 2, tzinfo=UTC), invoice_id=str(first_invoice(app).id),
+        reason="goodwill")  # the period is not billed
+    changed = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
+    # Two seats for Nov 16 - Dec 1, nothing credited: the voided invoice billed nothing to give back (was -15.00 of
+    # its unused time against 30.00: 15.00 for the rest of the period at two seats).
+    assert [item["amount"] for item in changed.value["lines"]] == ["30.00"]
+    invoice = change_invoice(app, changed)
+    assert (invoice.document_type, invoice.total) == ("invoice", Decimal("35.70"))
+    assert first_invoice(app).given_back == 0
+    assert (account(app).receivable("USD"), account(app).available("USD")) == (3570 * CENT, 0)
+    run(app, "money.recognise", "acme", at=DEC_1, now=DEC_1.isoformat())
+    chart = books(app)
+    # The change's 30.00 earned over Nov 16 - Dec 1; nothing negative, nothing left deferred.
+    assert chart[("recognised_revenue", "USD")] == -3000 * CENT and ("deferred_revenue", "USD") not in chart
+    assert (chart[("receivables", "USD")], chart[("tax_payable", "USD")]) == (3570 * CENT, -570 * CENT)
+    assert verify_store(app, "acme").ok

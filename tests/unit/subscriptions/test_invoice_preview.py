@@ -181,3 +181,17 @@ def test_the_preview_after_an_upgrades_invoice_was_voided_credits_what_the_first
     invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
     assert invoice.total == Decimal(preview["total"]) == Decimal("23.80")
     assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
+
+
+def test_the_preview_after_the_periods_invoice_was_voided_bills_the_new_plans_rest_with_no_credit(
+        tmp_path: Path) -> None:
+    ledger = ledger_with_subscription(tmp_path)  # Nov 1 - Dec 1: 30.00 + 5.70 VAT
+    run(ledger, "invoice.void", "acme", at=datetime(2026, 11, 2, tzinfo=UTC), reason="goodwill",
+        invoice_id=str(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}")))
+    preview = preview_of(ledger, tmp_path, quantity=2, at=NOV_16.isoformat())
+    # Two seats for Nov 16 - Dec 1 and nothing credited (was -15.00 of the voided invoice: 15.00 + 2.85 VAT).
+    assert [(x["kind"], x["amount"]) for x in preview["lines"]] == [("proration", "30.00"), ("tax", "5.70")]
+    result = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
+    assert invoice.total == Decimal(preview["total"]) == Decimal("35.70")
+    assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
