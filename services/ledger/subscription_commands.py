@@ -620,6 +620,7 @@ def _left_to_give_back(lines: list[dict[str, Any]], corrected: Invoice | None) -
     while most > 0 and RATING_CONTEXT.add(most, round_minor(RATING_CONTEXT.multiply(most, rate),
                                                             currency_of(corrected.currency))) > left:
         most -= minor
+    most = most.quantize(minor, context=RATING_CONTEXT)  # a capped line reads -10.00 like the others, not -10
     out = []
     for item in lines:
         amount = Decimal(item["amount"])

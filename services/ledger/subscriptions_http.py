@@ -34,7 +34,12 @@ from billing_ledger.http_models import (
 from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.limits import CANCEL_RENEWALS_MAX
 from billing_ledger.scheduler import DueIndex, tick_messages
-from billing_ledger.subscription_commands import credit_live_invoice, document_tax_lines, live_period_invoice
+from billing_ledger.subscription_commands import (
+    _left_to_give_back,
+    credit_live_invoice,
+    document_tax_lines,
+    live_period_invoice,
+)
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bodies import described_by
@@ -195,7 +200,9 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         # unused time it credits at what that billed), read as the change reads it.
         corrected = await asyncio.to_thread(live_period_invoice, sub, lambda i: app.read(i, copy.deepcopy)) \
             if lines and not renewed else None
-        lines = credit_live_invoice(lines, sub, corrected, moment, canceled=False)
+        # ... and no more than that invoice has left to give back (a gateway refund, in full or in part), as the
+        # change caps it: the preview quoted the whole unused time after a refund.
+        lines = _left_to_give_back(credit_live_invoice(lines, sub, corrected, moment, canceled=False), corrected)
         net = sum((Decimal(line["amount"]) for line in lines), Decimal(0))
         # The tax finalizing would add: the same rules, on the same net total, by the account's tax profile, and
         # the credit for unused time at the rate of the invoice it corrects.

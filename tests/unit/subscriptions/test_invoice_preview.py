@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from billing_events.messages import LedgerCommand
+import pytest
+from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.payment_commands import payment_command
 from billing_ledger.subscriptions_http import build_router
 from billing_runtime.auth import mint_token
 from billing_runtime.bus import EmbeddedBus
@@ -195,3 +197,31 @@ def test_the_preview_after_the_periods_invoice_was_voided_bills_the_new_plans_re
     invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{result.command_id}"))
     assert invoice.total == Decimal(preview["total"]) == Decimal("35.70")
     assert [(x["kind"], x["amount"]) for x in invoice.lines] == [(x["kind"], x["amount"]) for x in preview["lines"]]
+
+
+@pytest.mark.parametrize(("refunded", "credit", "total"), [
+    ("35.70", None, "35.70"),  # refunded in full: nothing left to credit (the preview quoted -15.00, total 17.85)
+    ("23.80", "-10.00", "23.80"),  # 11.90 left of it: 10.00 + 1.90 VAT credited at most (the preview quoted -15.00)
+])
+def test_the_preview_after_a_gateway_refund_credits_no_more_than_the_invoice_has_left_to_give_back(
+        tmp_path: Path, refunded: str, credit: str | None, total: str) -> None:
+    ledger = ledger_with_subscription(tmp_path)  # Nov 1 - Dec 1: 30.00 + 5.70 VAT
+    first = invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}")
+    run(ledger, "invoice.mark_paid", "acme", invoice_id=str(first), payment="pi_1")
+    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
+                                 order_id=str(first), invoice_id=str(first), amount=Decimal(refunded),
+                                 currency="EUR", verified_at=datetime(2026, 11, 10, tzinfo=UTC),
+                                 gateway_reference="re_1", refunded_payment="pi_1")
+    [result] = ledger.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
+    preview = preview_of(ledger, tmp_path, quantity=2, at=NOV_16.isoformat())
+    # Two seats for Nov 16 - Dec 1 (30.00), less the unused half of November (15.00) only as far as the refund left it.
+    credited = [("proration", credit)] if credit else []
+    assert [(x["kind"], x["amount"]) for x in preview["lines"] if x["kind"] != "tax"] == [
+        *credited, ("proration", "30.00")]
+    assert preview["total"] == total
+    change = run(ledger, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
+    invoice = ledger.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{change.command_id}"))
+    assert invoice.total == Decimal(preview["total"])
+    assert [(x["kind"], x["amount"], x["description"]) for x in invoice.lines] == [
+        (x["kind"], x["amount"], x["description"]) for x in preview["lines"]]
