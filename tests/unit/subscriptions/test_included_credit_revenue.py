@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from billing_events.messages import PaymentNotification
@@ -361,22 +362,54 @@ def test_a_change_after_a_full_refund_lapses_the_old_credits_rest_and_leaves_not
     assert verify_store(app, "acme").ok
 
 
+@pytest.mark.parametrize(("action", "earned"), [("cancel", 0), ("change", 6000 * CENT)])
+def test_a_credit_capped_by_a_partial_refund_still_takes_the_whole_included_credits_rest_out_of_deferred_revenue(
+        app: LedgerApplication, action: str, earned: int) -> None:
+    """30.00 with 10.00 included, paid, 4.00 used, 24.90 refunded: a cancel or upgrade on Nov 11 credits 5.10 of the
+    20.00 unused (what is left to give back). ``included_back`` is not that credit's share: it is what the void of
+    the old grants put back into ``deferred_revenue`` (6.00 left, less what the new grants carry, plus the new fee's
+    included credit), and it must leave there whole; the credit's amount only moves ``recognised_revenue``. Capped at
+    the 5.10 credited, 0.90 would stay deferred with no schedule or credit behind it."""
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
+    pay_and_refund(app, invoice.id, 83, NOV_1 + timedelta(days=9))  # 24.90 of 30.00: 5.10 left to give back
+    at = NOV_1 + timedelta(days=10)
+    if action == "cancel":
+        result = run(app, "subscription.cancel", "acme", at=at, key="m", immediately=True)
+        assert [item["amount"] for item in result.value["lines"]] == ["-5.10"]  # of 20.00 unused
+    else:
+        result = run(app, "subscription.change", "acme", at=at, key="m", quantity=3)
+        assert [item["amount"] for item in result.value["lines"]] == ["-5.10", "60.00"]
+    recognise(app, DEC_1)
+    recognised, breakage, deferred = revenue(app)
+    assert deferred == 0 and fee_deferred(app) == 0
+    # Fees billed (30.00, and the upgrade's 60.00) less the refund (24.90) and the credit (5.10).
+    assert recognised + breakage == billed(app) - account(app).balance("USD") == earned
+    assert verify_store(app, "acme").ok
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(periods=st.lists(st.tuples(
     st.lists(st.tuples(st.integers(1, 29), st.integers(0, 600)), max_size=4),  # usage: day, cents
     st.lists(st.integers(1, 29), max_size=3),  # recognition runs (with the expiry sweep): days
     st.booleans(),  # the sweep at the period's end before the renewal's tick
-    st.sampled_from([None, 1, 2, 3])), min_size=1, max_size=3),  # a quantity change at day 12, or none
-    cancel=st.booleans(), rollover=st.booleans(), void_last=st.booleans())
+    st.sampled_from([None, 1, 2, 3]),  # a quantity change at day 12, or none
+    st.sampled_from([None, 30, 50, 90, 100])), min_size=1, max_size=3),  # % of the period's invoice refunded at day 8
+    cancel=st.booleans(), rollover=st.booleans(), void_last=st.booleans(),
+    refund_last=st.sampled_from([None, 30, 50, 90, 100]))
 def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and_recognition(
         tmp_path_factory: pytest.TempPathFactory, periods: list[tuple[Any, ...]], cancel: bool, rollover: bool,
-        void_last: bool) -> None:
+        void_last: bool, refund_last: int | None) -> None:
     """fees = recognised + breakage + what is still deferred (the fee schedules) + the credit in the wallet
     (included credit, credit notes, credit rolled over), deferred revenue never a debit and never more or less
     than the schedules defer, at every step; at the end nothing deferred and recognised + breakage = the fees less
     the credit for unused time. ``rollover``: the credit rolls over, capped at 2.00 (the rest lapses at each
-    renewal); ``void_last``: the last period's invoice is voided (when no change credited part of it) before the
-    cancel, which then credits nothing."""
+    renewal); ``void_last``: the last period's invoice is voided (when no change credited part of it nor a refund
+    paid it back) before the cancel, which then credits nothing; else ``refund_last`` % of it is paid back by the
+    gateway. A period's invoice may be paid and refunded in part or in full before its change too: the change's or
+    the cancel's credit for unused time is then capped by what the invoice has left to give back, and the books
+    end the same."""
     app = LedgerApplication(persistence_env(None, str(tmp_path_factory.mktemp("prop"))))
     try:
         run(app, "catalog.publish", None, document=ROLLOVER if rollover else CATALOG, digest="included-1")
@@ -389,9 +422,10 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
             assert recognised + breakage + deferred + account(app).balance("USD") == billed(app)
 
         start = NOV_1
-        for usage, runs, sweep_first, quantity in periods:
+        for usage, runs, sweep_first, quantity, refund in periods:
             end = (start + timedelta(days=32)).replace(day=1)
             steps = sorted([(day, "use", cents) for day, cents in usage] + [(day, "recognise", 0) for day in runs]
+                           + ([(8, "refund", refund)] if refund is not None else [])
                            + ([(12, "change", quantity)] if quantity is not None else []), key=lambda x: x[0])
             for day, kind, value in steps:
                 at = start + timedelta(days=day, hours=1)
@@ -401,6 +435,9 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
                         debit(app, str(Decimal(amount) / U), start, at)
                 elif kind == "recognise":
                     recognise(app, at)
+                elif kind == "refund":
+                    pay_and_refund(app, invoice_id("acme", f"{subscription_id('acme', 'm')}/{start.isoformat()}"),
+                                   value, at)
                 elif value != app.repository.get(subscription_id("acme", "m")).quantity:
                     run(app, "subscription.change", "acme", at=at, key="m", quantity=value)
                 check()
@@ -410,8 +447,11 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
             recognise(app, end)
             check()
             start = end
-        if void_last and not last.corrections:
+        if void_last and not last.corrections and app.repository.get(last.id).status == "finalized":
             run(app, "invoice.void", "acme", at=start + timedelta(days=3), invoice_id=str(last.id))
+            check()
+        elif refund_last is not None:
+            pay_and_refund(app, last.id, refund_last, start + timedelta(days=3))
             check()
         if cancel:
             run(app, "subscription.cancel", "acme", at=start + timedelta(days=5), key="m", immediately=True)
@@ -430,8 +470,25 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
 
 
 def billed(app: LedgerApplication) -> int:
-    """Fees billed (the account's receivables: no tax and no overage in these tests)."""
-    return books(app).get(("receivables", "USD"), 0)
+    """Fees billed less what the gateway paid back (the account's receivables and the money paid and not refunded:
+    no tax and no overage in these tests)."""
+    chart = books(app)
+    return chart.get(("receivables", "USD"), 0) + chart.get(("gateway_clearing", "USD"), 0)
+
+
+def pay_and_refund(app: LedgerApplication, invoice: UUID, percent: int, at: datetime) -> None:
+    """``invoice`` paid (if not yet) and ``percent`` of its total refunded by the gateway at ``at``."""
+    found = app.repository.get(invoice)
+    payment = f"pi_{invoice}"
+    if found.status == "finalized":
+        run(app, "invoice.mark_paid", "acme", at=at, invoice_id=str(invoice), payment=payment)
+    amount = (found.total * percent / 100).quantize(Decimal("0.01"))
+    refund = PaymentNotification(gateway="stripe", gateway_event_id=f"evt_re_{invoice}", kind="refund_succeeded",
+                                 tenant="acme", order_id=str(invoice), invoice_id=str(invoice), amount=amount,
+                                 currency="USD", verified_at=at, gateway_reference=f"re_{invoice}",
+                                 refunded_payment=payment)
+    [result] = app.apply_commands([payment_command(refund)])
+    assert result.outcome == "applied", result
 
 
 def credited(app: LedgerApplication) -> int:
