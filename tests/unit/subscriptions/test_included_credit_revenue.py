@@ -267,16 +267,7 @@ def test_a_cancel_at_the_period_end_lapses_a_rollover_credit_left(tmp_path: Path
 
 def test_a_cancel_after_a_full_refund_leaves_nothing_deferred_and_the_period_earns_nothing(
         app: LedgerApplication) -> None:
-    run(app, "subscription.create", "acme", key="m", plan="team")
-    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
-    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
-    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
-    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
-                                 order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("30.00"),
-                                 currency="USD", verified_at=NOV_1 + timedelta(days=9), gateway_reference="re_1",
-                                 refunded_payment="pi_1")
-    [result] = app.apply_commands([payment_command(refund)])
-    assert result.outcome == "applied", result
+    paid_used_and_refunded(app)
     run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # nothing left to credit
     recognise(app, DEC_1)
     # The refund gave the whole fee back; the 4.00 used and the 6.00 the cancel voided net to zero, as if lapsed.
@@ -342,16 +333,7 @@ def test_a_change_after_the_invoice_was_voided_credits_nothing_and_leaves_nothin
 
 def test_a_change_after_a_full_refund_lapses_the_old_credits_rest_and_leaves_nothing_deferred(
         app: LedgerApplication) -> None:
-    run(app, "subscription.create", "acme", key="m", plan="team")
-    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
-    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
-    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
-    refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
-                                 order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("30.00"),
-                                 currency="USD", verified_at=NOV_1 + timedelta(days=9), gateway_reference="re_1",
-                                 refunded_payment="pi_1")
-    [refunded] = app.apply_commands([payment_command(refund)])
-    assert refunded.outcome == "applied", refunded
+    paid_used_and_refunded(app)
     result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
     assert [item["amount"] for item in result.value["lines"]] == ["30.00"]  # nothing left of November to credit
     assert account(app).available("USD") == 1100 * CENT  # 10.00 for the rest at two seats + 1.00 unused beyond
@@ -489,6 +471,16 @@ def pay_and_refund(app: LedgerApplication, invoice: UUID, percent: int, at: date
                                  refunded_payment=payment)
     [result] = app.apply_commands([payment_command(refund)])
     assert result.outcome == "applied", result
+
+
+def paid_used_and_refunded(app: LedgerApplication) -> None:
+    """Team (30.00, 10.00 included) from Nov 1, its invoice paid that day, 4.00 of the credit used by Nov 6, and the
+    invoice refunded in full by the gateway on Nov 10."""
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment=f"pi_{invoice.id}")
+    debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
+    pay_and_refund(app, invoice.id, 100, NOV_1 + timedelta(days=9))
 
 
 def credited(app: LedgerApplication) -> int:
