@@ -41,7 +41,12 @@ Usage give-back (negative usage amounts)
     A give-back first reduces the unit's overage that no invoice bills yet (its own period's first, then the
     latest periods', never below zero: an invoice issued is collected in full), then credits the wallet back to the
     grants most recently drawn (a bounded per-unit stack of recent draws, ``DRAW_HISTORY_MAX`` entries),
-    skipping grants that are closed, expired at ``at`` or out of scope for the meter. Anything left (the
+    skipping grants that are closed, expired at ``at`` or out of scope for the meter. A grant is credited back at
+    most its credit spent and not paid back by a refund (``_give_back_room``: ``amount - remaining - refunded -
+    lapsed``), so ``remaining + refunded`` never exceeds ``amount``: what a finance override refunded of spent
+    credit (from ``RECOGNISED_REVENUE``) is usage the customer already has the money of, and the part of a
+    remembered draw beyond that room is ``absorbed`` (recorded on the ``UsageDebited``, no postings, taken off the
+    draws remembered), never credited a second time nor taken from revenue again. Anything left (the
     grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
     whose id is derived from the command id.
     A give-back of a period whose overage invoices billed (``billed_overage``: every invoice that billed some of
@@ -803,7 +808,8 @@ class BillingAccount(ChainedAggregate):
         what the invoice billed but can no longer give back (a refund gave it back already, its minimum commitment
         bills it anyway): neither is given back again. The period's creditable overage of that invoice goes down by
         both (``InvoicedUsageCredited``) and only the rest is given back here; the ``UsageDebited`` still records
-        the whole ``amount`` (the usage corrected), with the postings of the rest."""
+        the whole ``amount`` (the usage corrected), with the postings of the rest. Usage of a grant a finance override
+        already refunded is ``absorbed`` too (see the module docstring, "Usage give-back")."""
         self._require_unit(unit)
         _require_amount("amount", amount, allow_zero=True, allow_negative=True)
         _require_text("meter", meter)
@@ -913,19 +919,31 @@ class BillingAccount(ChainedAggregate):
             ]
             left -= reduce_receivable
         draws: list[Draw] = []
+        # What of a drawn grant's usage a refund already paid back from revenue (a finance override): the customer
+        # has that money, so it is not credited again, only taken off the draws remembered (``absorbed``).
+        absorbed: list[Draw] = []
+        room: dict[str, int] = {}  # per grant: what this give-back may still credit it (``_give_back_room``)
         for entry in reversed(self._recent_draws.get(unit, [])):
             if left == 0:
                 break
             g = self._grants[entry["grant_id"]]
             if not _is_eligible(g, meter, at, need_remaining=False):
                 continue
-            back = min(left, entry["amount"])
-            draws.append({"grant_id": g["grant_id"], "amount": -back})
-            postings += [
-                posting(LedgerAccount.RECOGNISED_REVENUE, unit, back, g["grant_id"]),
-                posting(LedgerAccount.TENANT_WALLET, unit, -back, g["grant_id"]),
-            ]
-            left -= back
+            gid = g["grant_id"]
+            if gid not in room:
+                room[gid] = _give_back_room(g)
+            take = min(left, entry["amount"])
+            back = min(take, room[gid])
+            if back:
+                room[gid] -= back
+                draws.append({"grant_id": gid, "amount": -back})
+                postings += [
+                    posting(LedgerAccount.RECOGNISED_REVENUE, unit, back, gid),
+                    posting(LedgerAccount.TENANT_WALLET, unit, -back, gid),
+                ]
+            if take - back:
+                absorbed.append({"grant_id": gid, "amount": take - back})
+            left -= take
         credit_grant: GrantRecord | None = None
         if left:
             gid = str(uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/give-back/{command_id}"))
@@ -961,6 +979,7 @@ class BillingAccount(ChainedAggregate):
             credit_grant=credit_grant,
             cause=cause,
             at=at,
+            **({"absorbed": absorbed} if absorbed else {}),
         )
         self._check_thresholds(unit, at)
 
@@ -977,9 +996,14 @@ class BillingAccount(ChainedAggregate):
         credit_grant: GrantRecord | None,
         cause: dict[str, Any],
         at: datetime,
+        absorbed: list[Draw] | None = None,
     ) -> None:
         # ``overage`` is the change of receivables: positive = posted beyond credit, negative = given back.
+        # ``absorbed`` (a give-back, recorded since session 9): usage of these grants a refund already paid back;
+        # no postings, only the draws remembered go down.
         self._apply_draws(unit, draws, remember=True)
+        for part in absorbed or ():
+            self._trim_draws(unit, part["grant_id"], part["amount"])
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
         if overage:
             period = cause.get("period")
@@ -1232,7 +1256,9 @@ class BillingAccount(ChainedAggregate):
         Without ``finance_override`` only unspent, unreserved credit can be refunded
         (``min(remaining, available)``). With it, the grant's remaining credit is taken first, then the
         part that lapsed to breakage is reversed from ``BREAKAGE`` and the part that was spent from
-        ``RECOGNISED_REVENUE`` (a concession: the tenant is not billed again, so not ``RECEIVABLES``).
+        ``RECOGNISED_REVENUE`` (a concession: the tenant is not billed again, so not ``RECEIVABLES``). A later
+        give-back of that usage credits the grant back only what was not refunded; the rest is absorbed
+        (``_give_back``), so the draws remembered are kept: they say which give-back the refund already paid.
 
         A credit-unit grant whose money was booked in the currency (:meth:`book_purchase_money`) has that
         booking reversed in proportion, in the same command (a ``PurchaseMoneyRefunded`` after the
@@ -2505,17 +2531,22 @@ class BillingAccount(ChainedAggregate):
                     if len(stack) > DRAW_HISTORY_MAX:
                         del stack[0]
             else:
-                left = -amount
-                for index in range(len(stack) - 1, -1, -1):
-                    if left == 0:
-                        break
-                    entry = stack[index]
-                    if entry["grant_id"] != gid:
-                        continue
-                    back = min(left, entry["amount"])
-                    entry["amount"] -= back
-                    left -= back
-                stack[:] = [entry for entry in stack if entry["amount"] > 0]
+                self._trim_draws(unit, gid, -amount)
+
+    def _trim_draws(self, unit: str, grant_id: str, amount: int) -> None:
+        """Takes ``amount`` off the draws of ``grant_id`` remembered for give-backs, the most recent first."""
+        stack = self._recent_draws.setdefault(unit, [])
+        left = amount
+        for index in range(len(stack) - 1, -1, -1):
+            if left == 0:
+                break
+            entry = stack[index]
+            if entry["grant_id"] != grant_id:
+                continue
+            back = min(left, entry["amount"])
+            entry["amount"] -= back
+            left -= back
+        stack[:] = [entry for entry in stack if entry["amount"] > 0]
 
     def _forget_draws_of(self, unit: str, grant_id: str) -> None:
         stack = self._recent_draws.get(unit)
@@ -2557,7 +2588,8 @@ def _money_targets(
     reversed_ = g["breakage_reversed"] if breakage_reversed is None else breakage_reversed
     room = amount - refunded
     lapsed = g["breakage"] - reversed_ + money["adjusted"]
-    # Clamped: a give-back onto a grant already refunded from revenue can leave more credit than not refunded.
+    # Clamped: a give-back recorded before session 9 could credit a grant already refunded from revenue beyond what
+    # is not refunded (``_give_back_room`` caps it since), and a negative adjustment is not spent credit.
     consumed = min(max(amount - remaining - lapsed - refunded, 0), room)
     lapsed = min(max(lapsed, 0), room - consumed)
     recognised = net * consumed // amount
@@ -2570,6 +2602,16 @@ def _money_targets(
         else:
             recognised += rest
     return recognised, breakage, closed
+
+
+def _give_back_room(g: GrantRecord) -> int:
+    """What a usage give-back may credit back to ``g``: its credit spent and not paid back by a refund, ``amount -
+    remaining - refunded - lapsed`` (lapsed: breakage not refunded, a package's credit removed by adjustments), so
+    ``remaining + refunded`` never exceeds ``amount``. A finance override refunds spent credit from revenue: that
+    usage is paid back in money already, and its give-back is absorbed, not credited to the grant a second time."""
+    money = g.get("money")
+    lapsed = g["breakage"] - g["breakage_reversed"] + (money["adjusted"] if money is not None else 0)
+    return max(0, g["amount"] - g["remaining"] - g["refunded"] - lapsed)
 
 
 def _tax_share(g: GrantRecord, amount: int) -> int:

@@ -485,6 +485,80 @@ def test_a_give_back_to_lapsed_grants_becomes_a_dedicated_account_credit() -> No
     assert wallet_delta(back.postings) == {USD: U}
 
 
+def _ledger(recorded: list[Any]) -> dict[tuple[str, str], int]:
+    """The ledger accounts' balances (debit positive) over ``recorded`` events, zeros left out."""
+    lines = [line for e in recorded for line in getattr(e, "postings", [])]
+    return {k: v for k, v in account_balances(lines).items() if v}
+
+
+def _grant(account: BillingAccount, grant_id: UUID) -> dict[str, Any]:
+    return next(g for g in account.grant_balances() if g["grant_id"] == str(grant_id))
+
+
+def test_a_give_back_of_usage_refunded_with_a_finance_override_gives_no_credit_back() -> None:
+    # Reviewer's s04: the spent 100.00 was paid back from revenue, then rating gave the usage back; the grant was
+    # credited 100.00 again (remaining 100.00, refunded 100.00, recognised_revenue a debit of 100.00) and a further
+    # 100.00 of usage under `block` was paid from it.
+    account = new_account()
+    grant_id = give(account, "p", 100 * U)
+    debit(account, 100 * U)
+    account.refund_grant(grant_id=grant_id, amount=100 * U, refund_id=uuid4(), at=at(2), finance_override=True,
+                         cause={"reason": "goodwill: outage"})
+    recorded = events(account)
+    debit(account, -100 * U, when=at(3))
+    (back,) = events(account)
+    recorded.append(back)
+    assert back.amount == -100 * U and back.postings == [] and back.draws == [] and back.credit_grant is None
+    assert back.absorbed == [{"grant_id": str(grant_id), "amount": 100 * U}]
+    grant = _grant(account, grant_id)
+    assert (grant["remaining"], grant["refunded"]) == (0, 100 * U)
+    assert account.available(USD) == 0
+    # Paid 100.00, got 100.00 back, no usage: every ledger account is back at zero, revenue never below it.
+    assert _ledger(recorded) == {}
+    debit(account, 100 * U, when=at(4), policy="block")
+    assert names(events(account)) == ["UsageRejected"]
+
+
+def test_a_give_back_after_a_partial_override_refund_credits_only_what_was_not_paid_back() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 100 * U)
+    debit(account, 100 * U)
+    account.refund_grant(grant_id=grant_id, amount=60 * U, refund_id=uuid4(), at=at(2), finance_override=True,
+                         cause={})
+    recorded = events(account)
+    debit(account, -100 * U, when=at(3))
+    (back,) = events(account)
+    recorded.append(back)
+    assert back.draws == [{"grant_id": str(grant_id), "amount": -40 * U}]
+    assert back.absorbed == [{"grant_id": str(grant_id), "amount": 60 * U}]
+    grant = _grant(account, grant_id)
+    assert (grant["remaining"], grant["refunded"]) == (40 * U, 60 * U)  # remaining + refunded = amount
+    # 100.00 paid: 60.00 back in money, 40.00 of credit; no revenue left for usage that did not happen.
+    assert _ledger(recorded) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): 40 * U,
+                                 (LedgerAccount.TENANT_WALLET.value, USD): -40 * U}
+    # Nothing more comes back: the usage given back drew nothing else.
+    debit(account, -10 * U, when=at(4))
+    (again,) = events(account)
+    assert again.draws == [] and again.credit_grant is not None and again.credit_grant["amount"] == 10 * U
+
+
+def test_a_give_back_credits_the_other_grants_that_drew_and_absorbs_the_refunded_ones_share() -> None:
+    account = new_account()
+    a = give(account, "a", 60 * U, priority=0)
+    b = give(account, "b", 40 * U, priority=1)
+    debit(account, 100 * U)  # a: 60, b: 40
+    account.refund_grant(grant_id=a, amount=60 * U, refund_id=uuid4(), at=at(2), finance_override=True, cause={})
+    recorded = events(account)
+    debit(account, -100 * U, when=at(3))
+    (back,) = events(account)
+    recorded.append(back)
+    assert back.draws == [{"grant_id": str(b), "amount": -40 * U}]
+    assert back.absorbed == [{"grant_id": str(a), "amount": 60 * U}] and back.credit_grant is None
+    assert (remaining(account, a), remaining(account, b)) == (0, 40 * U)
+    assert _ledger(recorded) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): 40 * U,
+                                 (LedgerAccount.TENANT_WALLET.value, USD): -40 * U}
+
+
 # -- holds --------------------------------------------------------------------------------------------------
 
 

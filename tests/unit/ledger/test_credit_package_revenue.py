@@ -263,6 +263,47 @@ def test_a_give_back_reverses_recognised_revenue_and_a_negative_adjustment_lapse
     assert books.revenue(grant_id) == {"deferred": 600, "recognised": 300, "breakage": 100, "refunded_net": 0}
 
 
+def credit_books(books: Books) -> dict[str, int]:
+    """The CREDIT ledger accounts, debit positive (revenue below zero is earned)."""
+    lines = [line for e in books.events for line in getattr(e, "postings", []) if line["unit"] == CREDIT]
+    return {account: amount for (account, _), amount in account_balances(lines).items() if amount}
+
+
+def test_a_give_back_after_an_override_refund_of_the_spent_credit_credits_only_what_was_not_paid_back() -> None:
+    books = Books()
+    grant_id = books.buy(credits=100, net=100 * CENT, tax=0)
+    books.use(100)
+    books.recognise()
+    [credit_side, _] = books.refund(grant_id, 60, finance_override=True)  # 60 of the spent credit, 0.60 paid back
+    assert credit_side.from_revenue == 60
+    books.use(-100, minutes=40)  # the usage given back (a correction)
+    [back] = [e for e in books.events if type(e).__name__ == "UsageDebited"][-1:]
+    assert back.draws == [{"grant_id": str(grant_id), "amount": -40}]
+    assert back.absorbed == [{"grant_id": str(grant_id), "amount": 60}]
+    grant = next(g for g in books.account.grant_balances() if g["grant_id"] == str(grant_id))
+    assert (grant["remaining"], grant["refunded"]) == (40, 60)
+    # No CREDIT revenue is left for usage that did not happen, and none below zero.
+    assert credit_books(books) == {GC: 40, WALLET: -40}
+    books.recognise(41)
+    assert books.revenue(grant_id) == {"deferred": 40 * CENT, "recognised": 0, "breakage": 0,
+                                       "refunded_net": 60 * CENT}
+
+
+def test_a_give_back_after_a_full_override_refund_leaves_nothing_to_spend() -> None:
+    books = Books()
+    grant_id = books.buy(credits=100, net=100 * CENT, tax=0)
+    books.use(100)
+    books.recognise()
+    books.refund(grant_id, 100, finance_override=True)
+    books.use(-100, minutes=40)
+    assert books.account.available(CREDIT) == 0
+    books.account.debit_usage(command_id=uuid4(), unit=CREDIT, amount=100, meter="tokens", at=at(41),
+                              overage_policy="block", cause={})
+    assert names(books.collect()) == ["UsageRejected"]
+    assert credit_books(books) == {} and books.recognise(42) == []
+    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 0, "breakage": 0, "refunded_net": 100 * CENT}
+
+
 def test_recognition_is_due_at_most_hourly_or_at_a_new_utc_day() -> None:
     books = Books()
     books.buy(credits=1000, net=1000, tax=0)

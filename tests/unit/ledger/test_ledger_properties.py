@@ -16,6 +16,10 @@ adjustments:
   each equal to the grant's currency postings on that account); recognition runs at random points, and a
   last run (after expiring what is due) leaves nothing deferred for a grant with no credit left, gives the
   exact floor amounts for grants never refunded nor adjusted, and a second run records nothing;
+* a grant's remaining credit plus what refunds paid back never exceeds its amount, and the recognised revenue of
+  a paid grant in its own unit (usage drawn from it, less give-backs and refunds of spent credit) never goes below
+  zero, also when usage is given back after a finance override refunded the credit it spent (the give-back is
+  absorbed, not credited again);
 * a refused command records nothing and changes nothing;
 * replaying the recorded events (``mutate`` chain, and an eventsourcing ``Application``) rebuilds the
   same account.
@@ -32,7 +36,7 @@ from uuid import UUID, uuid5
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger import audit, snapshots
 from billing_ledger.domain.account import BillingAccount, LedgerError
-from billing_ledger.domain.postings import LedgerAccount, assert_balanced, wallet_delta
+from billing_ledger.domain.postings import PAID_SOURCES, LedgerAccount, assert_balanced, wallet_delta
 from billing_ledger.transcoder import OrjsonTranscoder
 from eventsourcing.application import Application
 from eventsourcing.persistence import Transcoder
@@ -83,6 +87,10 @@ refund_share_ops = st.tuples(st.just("refund_share"), indices, st.integers(1, 10
 void_ops = st.tuples(st.just("void"), indices)
 adjust_ops = st.tuples(st.just("adjust"), units, st.integers(-500, 500).filter(bool))
 advance_ops = st.tuples(st.just("advance"), st.integers(1, 90))
+# A finance override refunds a share (percent) of a grant's credit not refunded yet (spent credit from revenue), then
+# usage of the grant's unit is given back (a correction): the give-back credits back only what was not paid back.
+refund_give_back_ops = st.tuples(st.just("refund_give_back"), indices, st.sampled_from((100, 60, 30)),
+                                 st.integers(1, 800), meters)
 recognise_ops = st.tuples(st.just("recognise"))
 
 operations = st.lists(
@@ -104,6 +112,8 @@ operations = st.lists(
         refund_ops,
         refund_share_ops,
         refund_share_ops,
+        refund_give_back_ops,
+        refund_give_back_ops,
         void_ops,
         adjust_ops,
         advance_ops,
@@ -242,6 +252,14 @@ def apply(run: Run, op: tuple[Any, ...]) -> None:
                 finance_override=override and not run.block_only,
                 cause={},
             )
+    elif kind == "refund_give_back":
+        _, index, percent, amount, meter = op
+        grant_id = run.pick(run.grants, index)
+        if grant_id is not None:
+            unit = next(g["unit"] for g in account.grant_balances() if g["grant_id"] == str(grant_id))
+            apply(run, ("refund_share", index, percent, True))
+            account.debit_usage(command_id=run.new_id(), unit=unit, amount=-amount, meter=meter, at=run.now,
+                                overage_policy="overage", cause={})
     elif kind == "void":
         grant_id = run.pick(run.grants, op[1])
         if grant_id is not None:
@@ -269,6 +287,8 @@ def check_step(run: Run) -> None:
     account = run.account
     for grant in account.grant_balances():
         assert 0 <= grant["remaining"] <= grant["amount"], grant
+        assert grant["remaining"] + grant["refunded"] <= grant["amount"], grant
+    check_grant_revenue(run)
     active = account.active_holds()
     for unit in UNITS:
         assert account.held(unit) == sum(h["amount"] for h in active if h["unit"] == unit)
@@ -280,6 +300,27 @@ def check_step(run: Run) -> None:
         if revenue is not None:
             parts = (revenue["deferred"], revenue["recognised"], revenue["breakage"], revenue["refunded_net"])
             assert min(parts) >= 0 and sum(parts) == revenue["net"], revenue
+
+
+def check_grant_revenue(run: Run) -> None:
+    """The recognised revenue of each paid grant in its unit is never below zero (a debit balance): a give-back
+    never credits a grant again with usage a refund already paid back from revenue. Grants a negative adjustment
+    took credit from (a finance override refunds that credit from revenue too) or whose credit repaid overage
+    (posted against receivables) are left out: their revenue lines are not their usage alone."""
+    revenue: dict[str, int] = {}
+    left_out: set[str] = set()
+    for evt in run.events:
+        name = type(evt).__name__
+        if name == "BalanceAdjusted":
+            left_out |= {draw["grant_id"] for draw in evt.draws}
+        elif name == "OverageRepaid":
+            left_out.add(str(evt.grant_id))
+        for line in getattr(evt, "postings", []):
+            if line["account"] == LedgerAccount.RECOGNISED_REVENUE and line["grant_id"] is not None:
+                revenue[line["grant_id"]] = revenue.get(line["grant_id"], 0) + line["amount"]
+    for grant in run.account.grant_balances():
+        if grant["source"] in PAID_SOURCES and grant["grant_id"] not in left_out:
+            assert revenue.get(grant["grant_id"], 0) <= 0, (grant, revenue.get(grant["grant_id"]))
 
 
 def check_history(run: Run) -> None:
@@ -449,8 +490,10 @@ package_operations = st.lists(
         capture_ops,
         expire_grants_ops,
         refund_share_ops,
-        # Finance refunds spent or lapsed credit (the rest of a grant, or a share of it).
+        # Finance refunds spent or lapsed credit (the rest of a grant, or a share of it), then usage is given back.
         st.tuples(st.just("refund_share"), indices, st.sampled_from((100, 100, 50, 30)), st.just(True)),
+        st.tuples(st.just("refund_give_back"), indices, st.sampled_from((100, 60, 30)), st.integers(1, 800),
+                  meters),
         st.tuples(st.just("adjust"), st.just("CREDIT"), st.integers(-500, 500).filter(bool)),
         advance_ops,
         recognise_ops,
