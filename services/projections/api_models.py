@@ -15,7 +15,8 @@ class Wallet(BaseModel):
     held: Amount
     balance: Amount
     receivable: Amount = Field(description="Owed: usage posted beyond credit (overage) and the fees and tax of unpaid subscription invoices")
-    expiring_soon: Amount = Field(description="Remaining credit of open grants expiring within 7 days")
+    expiring_soon: Amount = Field(description="Remaining credit of open grants expiring within 7 days (or, "
+                                  "sooner, no longer drawable: drawable_until)")
     low_balance_threshold: Amount | None = None
     low_balance: bool = Field(description="available is below the low-balance threshold")
     low_balance_reached_at: str | None = None
@@ -43,7 +44,12 @@ class Grant(BaseModel):
     priority: int
     effective_at: str
     expires_at: str | None
-    expiring_soon: bool
+    drawable_until: str | None = Field(
+        default=None, description="When usage stops drawing this credit though the grant stays open until "
+                                  "expires_at (a plan's recurring credit with rollover: its period's end; the "
+                                  "renewal carries or lapses it); null: drawable until it expires")
+    expiring_soon: bool = Field(description="Remaining credit whose end (the earlier of drawable_until and "
+                                            "expires_at) falls within 7 days")
     scope: list[str] | None
     granted_by: str | None
     cause: dict[str, Any]

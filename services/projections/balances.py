@@ -4,7 +4,10 @@
 * ``wallets``: per tenant and unit: ``balance`` (sum of wallet postings, credit-negative turned positive),
   ``held`` (active holds), ``receivable`` (overage owed), low-balance threshold and last alert, freshness.
   ``available = balance - held``.
-* ``grants``: one row per grant with its ``remaining`` credit (minus its wallet postings), status, expiry.
+* ``grants``: one row per grant with its ``remaining`` credit (minus its wallet postings), status, expiry, and
+  ``drawable_until`` (a rollover plan credit: usage from then on no longer draws it, though it stays open until
+  ``expires_at``; ``CreditGranted.drawable_until``, recorded since session 9). "Expiring soon" looks at the earlier
+  of the two (``ends_at``).
 * ``ledger_balances``: signed balance (debit positive) per tenant, ledger account and unit.
 """
 
@@ -31,7 +34,8 @@ GRANTS = Table("grants", {"grant_id": "TEXT"}, {
     "tenant": value("TEXT NOT NULL"), "unit": value("TEXT NOT NULL"), "source": value("TEXT NOT NULL"),
     "amount": value("BIGINT NOT NULL"), "tax_amount": value("BIGINT NOT NULL"), "remaining": INT_SUM,
     "refunded": INT_SUM, "breakage": INT_SUM, "priority": value("BIGINT NOT NULL"),
-    "effective_at": value("TEXT NOT NULL"), "expires_at": value("TEXT"), "scope": value("TEXT"),
+    "effective_at": value("TEXT NOT NULL"), "expires_at": value("TEXT"), "drawable_until": value("TEXT"),
+    "scope": value("TEXT"),
     "status": value("TEXT NOT NULL"), "granted_by": value("TEXT"), "cause": value("TEXT"),
     "last_position": value("BIGINT"),
 }, indexes=("tenant, expires_at",))
@@ -176,13 +180,14 @@ _GRANT_EVENTS = frozenset({"GrantExpired", "GrantVoided", "GrantRefunded"})
 
 
 def _insert_grant(fact: Fact, w: BatchWriter, grant: dict[str, Any], *, granted_at: str) -> None:
-    expires = grant.get("expires_at")
+    expires, drawable = grant.get("expires_at"), grant.get("drawable_until")
     w.insert(GRANTS, (str(grant["grant_id"]),), {
         "tenant": fact.tenant, "unit": grant["unit"], "source": grant.get("source") or "manual",
         "amount": int(grant["amount"]), "tax_amount": int(grant.get("tax_amount") or 0),
         "priority": int(grant.get("priority") or 0),
         "effective_at": utc_text(grant.get("effective_at") or granted_at),
         "expires_at": utc_text(expires) if expires else None,
+        "drawable_until": utc_text(drawable) if drawable else None,
         "scope": json_text(grant["scope"]) if grant.get("scope") else None,
         "status": "open", "granted_by": grant.get("granted_by") or fact.data.get("user"),
         "cause": json_text(grant.get("cause") or {}),
@@ -219,12 +224,13 @@ async def grants(db: Database, tenant: str, *, status: str | None = None, unit: 
             where.append(f"{column} = ${len(args)}")
     return await db.fetch(
         "SELECT grant_id, unit, source, amount, tax_amount, remaining, refunded, breakage, priority, effective_at, "
-        f"expires_at, scope, status, granted_by, cause, last_position FROM grants WHERE {' AND '.join(where)} "
+        f"expires_at, drawable_until, scope, status, granted_by, cause, last_position FROM grants WHERE {' AND '.join(where)} "
         "ORDER BY effective_at, grant_id", *args)
 
 
 async def expiring(db: Database, now: datetime, tenant: str | None = None) -> dict[tuple[str, str], int]:
-    """Remaining credit per (tenant, unit) of open grants that expire within ``EXPIRING_SOON_SECONDS``."""
+    """Remaining credit per (tenant, unit) of open grants whose credit stops being drawable (``ENDS_AT_SQL``)
+    within ``EXPIRING_SOON_SECONDS``."""
     start, end = expiring_window(now)
     args: list[Any] = [start, end]
     where = ""
@@ -232,9 +238,20 @@ async def expiring(db: Database, now: datetime, tenant: str | None = None) -> di
         args.append(tenant)
         where = " AND tenant = $3"
     rows = await db.fetch(
-        "SELECT tenant, unit, SUM(remaining) AS remaining FROM grants WHERE status = 'open' AND expires_at > $1 "
-        f"AND expires_at <= $2 AND remaining > 0{where} GROUP BY tenant, unit", *args)
+        "SELECT tenant, unit, SUM(remaining) AS remaining FROM grants WHERE status = 'open' AND "
+        f"{ENDS_AT_SQL} > $1 AND {ENDS_AT_SQL} <= $2 AND remaining > 0{where} GROUP BY tenant, unit", *args)
     return {(r["tenant"], r["unit"]): int(r["remaining"]) for r in rows}
+
+
+# When a grant's credit stops being drawable: ``drawable_until`` if it has one (the ledger refuses one after
+# ``expires_at``), else ``expires_at``; NULL: never. Stored UTC texts compare in time order.
+ENDS_AT_SQL = "COALESCE(drawable_until, expires_at)"
+
+
+def ends_at(grant: dict[str, Any]) -> str | None:
+    """``ENDS_AT_SQL`` of a grant row: the earlier of ``drawable_until`` and ``expires_at`` (None: never)."""
+    ends = [t for t in (grant.get("drawable_until"), grant.get("expires_at")) if t]
+    return min(ends) if ends else None
 
 
 def expiring_window(now: datetime) -> tuple[str, str]:
@@ -243,11 +260,13 @@ def expiring_window(now: datetime) -> tuple[str, str]:
 
 
 def expiring_soon(grant_rows: list[dict[str, Any]], now: datetime) -> dict[str, int]:
-    """Remaining credit per unit of open grants that expire within ``EXPIRING_SOON_SECONDS`` of ``now``."""
+    """Remaining credit per unit of open grants whose credit stops being drawable (``ends_at``: the earlier of
+    ``drawable_until`` and ``expires_at``) within ``EXPIRING_SOON_SECONDS`` of ``now``."""
     start, end = utc_text(now), utc_text(now + timedelta(seconds=EXPIRING_SOON_SECONDS))
     found: dict[str, int] = {}
     for g in grant_rows:
-        if g["status"] == "open" and g["expires_at"] and start < g["expires_at"] <= end and g["remaining"] > 0:
+        ends = ends_at(g)
+        if g["status"] == "open" and ends and start < ends <= end and g["remaining"] > 0:
             found[g["unit"]] = found.get(g["unit"], 0) + int(g["remaining"])
     return found
 

@@ -142,7 +142,8 @@ def project(fact: Fact, w: BatchWriter) -> None:
         None if quantity_value is None or quantity_value == "" else str(quantity_value),
         user or first_text(cause.get("issued_by"), cause.get("requested_by")) or None, None, None,
         _dumps(event_ids).decode() if event_ids else None, payment,
-        None if reference is None or reference == "" else str(reference), "give-back" if amount < 0 else None,
+        None if reference is None or reference == "" else str(reference),
+        history.give_back_detail(data) if amount < 0 else None,
         _dumps(cause, option=_SORT_KEYS).decode() if cause else None,
     ))
 

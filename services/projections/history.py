@@ -16,6 +16,13 @@ packages net of refunds, and the wallet rows still sum to the balance.
 A subscription invoice's fees and tax show as ``invoice_billed`` (negative: owed) when it is finalized and
 ``invoice_paid`` (positive) when it is paid, or ``invoice_voided`` if it is voided unpaid; ``reference`` is
 the invoice id and ``wallet_delta`` 0. A subscription credit note is a ``grant`` (detail ``credit_note``).
+The rounding of an invoice's usage lines posted with its overage is ``invoice_rounding`` (negative when the lines
+rounded up: owed more; ``InvoicedOverageRounded``) and, when that invoice is voided unpaid, ``invoice_rounding_reversed``
+(the opposite sign); ``reference`` is the invoice id, the detail names it too, ``wallet_delta`` 0.
+
+A usage give-back (``usage``, positive, detail ``give-back``) whose part a finance-override refund already paid back
+in money is *absorbed* (``UsageDebited.absorbed``, no postings): the detail says how much (``give-back; absorbed N``,
+sub-units), and ``wallet_delta`` is only what was credited back.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ TABLES = (TRANSACTIONS,)
 
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
          "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
-         "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided", "invoice_refunded")
+         "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided", "invoice_refunded", "invoice_rounding",
+         "invoice_rounding_reversed")
 
 # How the dashboard names each type (the API and CSV keep the keys above).
 TYPE_LABELS = {
@@ -49,6 +57,7 @@ TYPE_LABELS = {
     "hold_expired": "Hold expired", "receivable_settled": "Overage settled", "overage_repaid": "Overage repaid",
     "payment": "Payment", "payment_refund": "Payment refunded", "invoice_billed": "Invoice billed",
     "invoice_paid": "Invoice paid", "invoice_voided": "Invoice voided", "invoice_refunded": "Invoice refunded",
+    "invoice_rounding": "Invoice rounding", "invoice_rounding_reversed": "Invoice rounding reversed",
 }
 
 
@@ -68,7 +77,7 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
                 "grant_id": d.get("grant_id"), "user_id": d.get("granted_by"), "detail": d.get("source")}
     if name == "UsageDebited":
         return {"type": "usage", "amount": -int(d["amount"]), "reference": d.get("command_id"),
-                "detail": "give-back" if int(d["amount"]) < 0 else None}
+                "detail": give_back_detail(d) if int(d["amount"]) < 0 else None}
     if name == "UsageRejected":
         return {"type": "usage_rejected", "amount": 0, "reference": d.get("command_id"), "detail": d.get("reason")}
     if name == "GrantExpired":
@@ -105,6 +114,11 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": _INVOICE_TYPES[name], "amount": -amount if negative else amount,
                 "reference": d.get("invoice") or d.get("note"), "detail": f"net {amount - int(d.get('tax_amount') or 0)}, "
                                                           f"tax {int(d.get('tax_amount') or 0)}"}
+    if name in _ROUNDING_TYPES:  # an invoice's usage lines rounded: owed more (rounded up) or less; voided: back
+        amount = int(d["amount"])
+        reversed_ = name == "InvoicedOverageRoundingReversed"
+        return {"type": _ROUNDING_TYPES[name], "amount": amount if reversed_ else -amount,
+                "reference": d.get("invoice"), "detail": f"invoice {d.get('invoice')}"}
     if name == "PurchaseMoneyBooked":
         return {"type": "payment", "amount": int(d["amount"]), "grant_id": d.get("grant_id"),
                 "detail": _tax_detail(d)}
@@ -114,6 +128,15 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     return None
 
 
+def give_back_detail(data: dict[str, Any]) -> str:
+    """A give-back's detail: ``give-back``, and what of it was absorbed (``UsageDebited.absorbed``, recorded since
+    session 9: usage a finance-override refund already paid back, credited to no grant) as ``; absorbed N``."""
+    absorbed = data.get("absorbed")
+    total = sum(int(part.get("amount") or 0) for part in absorbed if isinstance(part, dict)) \
+        if isinstance(absorbed, list) else 0
+    return f"give-back; absorbed {total}" if total else "give-back"
+
+
 def _tax_detail(data: dict[str, Any]) -> str:
     """The split of a package's money, in the currency's minor units as every amount here."""
     return f"net {int(data.get('net') or 0)}, tax {int(data.get('tax_amount') or 0)}"
@@ -121,7 +144,9 @@ def _tax_detail(data: dict[str, Any]) -> str:
 
 _INVOICE_TYPES = {"InvoiceBilled": "invoice_billed", "InvoicePaid": "invoice_paid",
                   "InvoiceBillVoided": "invoice_voided", "InvoicePaymentRefunded": "invoice_refunded"}
-_MOVEMENTS = frozenset({*_INVOICE_TYPES, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
+_ROUNDING_TYPES = {"InvoicedOverageRounded": "invoice_rounding",
+                   "InvoicedOverageRoundingReversed": "invoice_rounding_reversed"}
+_MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 

@@ -28,7 +28,10 @@ from billing_runtime.db import Connection, Database
 # 10: usage_monthly.events counts the events of a close debit (``cause.event_count``), not 1.
 # 11: usage_monthly.quantity adds what a debit's event added to its meter (``cause.contribution``, before it
 #     ``quantity_after - quantity_before``): a count meter's event counts 1, not its quantity.
-SCHEMA_VERSION = "11"
+# 12: grants.drawable_until (a rollover plan credit; "expiring soon" looks at the earlier of it and expires_at); the
+#     history lists an invoice's usage lines' rounding (invoice_rounding, invoice_rounding_reversed) and says what
+#     of a give-back was absorbed (detail ``give-back; absorbed N``).
+SCHEMA_VERSION = "12"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

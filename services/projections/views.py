@@ -50,12 +50,13 @@ def decimal_text(value: Decimal | str | int) -> str:
     return "0" if number == 0 else format(number.normalize(), "f")
 
 
+_ENDS_AT = "COALESCE(g.drawable_until, g.expires_at)"  # balances.ENDS_AT_SQL of the grants aliased g
 _BALANCE_SQL = (
     "SELECT a.currency, a.last_position AS account_position, w.unit, w.balance, w.held, w.receivable, "
     "w.low_balance_threshold, w.low_balance_reached_at, w.low_balance_alerts, w.updated_at, w.last_position, "
     "(SELECT c.scale FROM catalog_units c WHERE c.code = w.unit) AS credit_scale, "
     "(SELECT SUM(g.remaining) FROM grants g WHERE g.tenant = a.tenant AND g.unit = w.unit AND g.status = 'open' "
-    "AND g.expires_at > $2 AND g.expires_at <= $3 AND g.remaining > 0) AS expiring "
+    f"AND {_ENDS_AT} > $2 AND {_ENDS_AT} <= $3 AND g.remaining > 0) AS expiring "
     "FROM accounts a LEFT JOIN wallets w ON w.tenant = a.tenant WHERE a.tenant = $1 ORDER BY w.unit")
 
 
@@ -105,7 +106,7 @@ def grant_view(row: dict[str, Any], units: Units, now: datetime) -> dict[str, An
         "amount": units.fmt(row["amount"], code), "remaining": units.fmt(row["remaining"], code),
         "tax": units.fmt(row["tax_amount"], code), "refunded": units.fmt(row["refunded"], code),
         "breakage": units.fmt(row["breakage"], code), "priority": int(row["priority"]),
-        "effective_at": row["effective_at"], "expires_at": expires,
+        "effective_at": row["effective_at"], "expires_at": expires, "drawable_until": row.get("drawable_until"),
         "expiring_soon": bool(balances.expiring_soon([row], now)),
         "scope": json.loads(row["scope"]) if row["scope"] else None, "granted_by": row["granted_by"],
         "cause": json.loads(row["cause"]) if row["cause"] else {},
@@ -127,13 +128,17 @@ def transaction_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
 
 
 _NET_AND_TAX = re.compile(r"^(.*; )?net (-?\d+), tax (-?\d+)$")
+_ABSORBED = re.compile(r"^(.*; )absorbed (-?\d+)$")
 
 
 def _detail_text(detail: str | None, units: Units, code: str) -> str | None:
     """A money row's split as stored (``net N, tax N`` in sub-units, after a note and ``; `` on a refund,
-    history.py) in the unit's own scale."""
+    history.py), or a give-back's absorbed part (``give-back; absorbed N``), in the unit's own scale."""
     found = _NET_AND_TAX.match(detail or "")
     if found is None:
+        absorbed = _ABSORBED.match(detail or "")
+        if absorbed is not None:
+            return f"{absorbed[1]}absorbed {units.fmt(int(absorbed[2]), code)}"
         return detail
     return f"{found[1] or ''}net {units.fmt(int(found[2]), code)}, tax {units.fmt(int(found[3]), code)}"
 

@@ -89,6 +89,15 @@ SHAPES: list[dict[str, Any]] = [
     _debit(amount=0, postings=[], draws=[], cause={"quantity": "9", "closed": True, "event_count": 2}),
     _debit(cause={"quantity": "9", "closed": True, "event_count": "2"}),
     _debit(cause={"quantity": "9", "closed": False, "event_count": 2}),
+    # A give-back whose part a finance-override refund already paid back is absorbed (no postings for it).
+    _debit(amount=-100, absorbed=[{"grant_id": GRANT, "amount": 60}],
+           postings=[{"account": "tenant_wallet", "unit": "USD", "amount": -40, "grant_id": GRANT},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": 40, "grant_id": GRANT}],
+           draws=[{"grant_id": GRANT, "amount": -40}]),
+    _debit(amount=-100, absorbed=[{"grant_id": GRANT, "amount": 60}, {"grant_id": OTHER_GRANT, "amount": 40}],
+           postings=[], draws=[]),
+    _debit(amount=-50, absorbed="odd"),
+    _debit(amount=-50, absorbed=[]),
 ]
 
 
