@@ -57,6 +57,14 @@ def first_invoice(app: LedgerApplication, start: datetime = NOV_1) -> Invoice:
     return app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{start.isoformat()}"))
 
 
+def subscribed_and_paid(app: LedgerApplication) -> Invoice:
+    """Team from Nov 1, its first invoice paid that day (payment ``pi_1``)."""
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    invoice = first_invoice(app)
+    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    return invoice
+
+
 def revenue(app: LedgerApplication) -> tuple[int, int]:
     """(recognised, deferred) revenue of the account's books, as positive sub-units (they are credits)."""
     chart = books(app)
@@ -155,9 +163,7 @@ def test_voiding_an_unpaid_invoice_reverses_both_its_recognised_and_its_deferred
 
 def test_a_refund_of_a_paid_invoice_takes_its_deferred_fee_and_then_recognised_revenue(
         app: LedgerApplication) -> None:
-    run(app, "subscription.create", "acme", key="m", plan="team")
-    invoice = first_invoice(app)
-    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    invoice = subscribed_and_paid(app)
     recognise(app, NOV_10)
     refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
                                  order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("35.70"),
@@ -296,9 +302,7 @@ def gateway_refund(app: LedgerApplication, invoice: Invoice, amount: str, at: da
 
 
 def test_a_cancel_after_a_full_refund_credits_nothing_more(app: LedgerApplication) -> None:
-    run(app, "subscription.create", "acme", key="m", plan="team")
-    invoice = first_invoice(app)
-    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    invoice = subscribed_and_paid(app)
     gateway_refund(app, invoice, "35.70", NOV_10 + timedelta(days=3), "re_1")  # every cent back in cash
     result = run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
     assert result.value["lines"] == []  # was a 17.85 credit note on top of the 35.70 refunded
@@ -308,9 +312,7 @@ def test_a_cancel_after_a_full_refund_credits_nothing_more(app: LedgerApplicatio
 
 def test_a_full_refund_after_a_cancel_takes_the_credit_already_given_back_from_the_wallet(
         app: LedgerApplication) -> None:
-    run(app, "subscription.create", "acme", key="m", plan="team")
-    invoice = first_invoice(app)
-    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    invoice = subscribed_and_paid(app)
     run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # 17.85 of account credit
     assert account(app).available("USD") == 1785 * CENT
     gateway_refund(app, invoice, "35.70", NOV_16 + timedelta(days=1), "re_1")
@@ -326,9 +328,7 @@ def test_a_full_refund_after_a_cancel_takes_the_credit_already_given_back_from_t
 
 
 def test_a_full_refund_of_an_invoice_an_upgrade_credited_leaves_that_credit_owed(app: LedgerApplication) -> None:
-    run(app, "subscription.create", "acme", key="m", plan="team")
-    invoice = first_invoice(app)
-    run(app, "invoice.mark_paid", "acme", at=NOV_1, invoice_id=str(invoice.id), payment="pi_1")
+    invoice = subscribed_and_paid(app)
     run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 of team, +45.00: 35.70 owed
     gateway_refund(app, invoice, "35.70", NOV_16 + timedelta(days=1), "re_1")
     recognise(app, DEC_1)

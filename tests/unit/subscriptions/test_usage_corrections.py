@@ -23,11 +23,17 @@ from tests.unit.subscriptions.test_cancel_after_period_end import DEC_1, JAN_1, 
 stack = wiring.stack  # the ledger and rating wired by hand (that module's fixture)
 
 
-async def test_a_correction_rating_rates_after_the_invoice_is_credited_against_that_invoice(stack: Stack) -> None:
-    await stack.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))  # 100 included, 150 x 0.10 = 15.00
+async def november_renewed(stack: Stack) -> None:
+    """250 calls on Nov 20 (100 included, 150 x 0.10 = 15.00), then the Dec 1 renewal: rating closes November and
+    its usage lines finalize the renewal invoice (31.00 + 15.00)."""
+    await stack.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))
     stack.run("subscription.tick", DEC_1, key="m")
-    await stack.relay()  # rating closes November
-    await stack.deliver()  # its usage lines finalize the renewal
+    await stack.relay()
+    await stack.deliver()
+
+
+async def test_a_correction_rating_rates_after_the_invoice_is_credited_against_that_invoice(stack: Stack) -> None:
+    await november_renewed(stack)
     renewal = stack.invoice(DEC_1.isoformat())
     assert (renewal.status, renewal.total) == ("finalized", Decimal("46.00"))  # 31.00 + 15.00
     await stack.use("dec", "150", datetime(2026, 12, 5, tzinfo=UTC))  # December's overage: 5.00
@@ -62,10 +68,7 @@ def credited(stack: Stack) -> list[Decimal]:
 
 async def test_a_correction_after_the_renewal_with_no_new_usage_is_credited_not_a_stopped_partition(
         stack: Stack) -> None:
-    await stack.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))  # 15.00 on the Dec 1 renewal
-    stack.run("subscription.tick", DEC_1, key="m")
-    await stack.relay()
-    await stack.deliver()
+    await november_renewed(stack)
     # Dec 5, no December usage yet: 150 calls really (5.00). Rating raised here, so the bus retried forever.
     await correct(stack, "nov-fix", "nov", "150", datetime(2026, 12, 5, tzinfo=UTC))
     assert all(r.outcome == "applied" for r in stack.results), stack.results
@@ -81,10 +84,7 @@ async def test_a_correction_after_the_renewal_with_no_new_usage_is_credited_not_
 
 async def test_a_correction_after_the_renewal_credits_at_novembers_margin_and_decembers_usage_stays_billed(
         stack: Stack) -> None:
-    await stack.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))  # 15.00 on the Dec 1 renewal
-    stack.run("subscription.tick", DEC_1, key="m")
-    await stack.relay()
-    await stack.deliver()
+    await november_renewed(stack)
     await stack.use("dec", "130", datetime(2026, 12, 3, tzinfo=UTC))  # December's own 3.00
     # Corrected to 150 (5.00: 10.00 back, as before the close), then to 120 (2.00: 3.00 more back).
     await correct(stack, "nov-fix", "nov", "150", datetime(2026, 12, 5, tzinfo=UTC))
