@@ -617,9 +617,7 @@ async def test_a_late_correction_of_a_filtered_event_bills_its_own_quantity_in_t
     # (it was 4 - 3 = 1 call, 2.00); then 4 -> 2 gives 4.00 back. December's total and invoice are untouched.
     await service.handle_accepted([correction("c1", "g1", "4", meter="gpu_calls", region="eu")])
     await service.handle_accepted([correction("c2", "g1", "2", meter="gpu_calls", region="eu")])
-    assert [(c["payload"]["amount"], c["payload"]["cause"]["period"], c["payload"]["cause"]["original_period"],
-             c["payload"]["cause"]["late"]) for c in await published(bus)
-            if c["payload"].get("cause", {}).get("corrects") == "g1"] == [
+    assert corrections_of(await published(bus), "g1") == [
         ("8.000000000", NOV.isoformat(), NOV.isoformat(), "late"),
         ("-4.000000000", NOV.isoformat(), NOV.isoformat(), "late")]
     totals = await service.db.fetch("SELECT period, quantity FROM period_totals WHERE meter = 'gpu_calls'")
