@@ -199,7 +199,7 @@ def _with_included(lines: list[dict[str, Any]], included: int, back: int) -> lis
         amount = Decimal(item["amount"])
         if not charged and amount > 0 and item.get("service_start"):
             item, charged = _including(item, included), True
-        elif not credited and back > 0 and amount < 0 and item["kind"] == "proration" and not item.get("service_start"):
+        elif not credited and back > 0 and _unused_time_line(item):
             item, credited = {**item, "included_back": str(from_subunits(back))}, True
         out.append(item)
     return out
@@ -284,11 +284,12 @@ def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: li
     those meters; the grants for some meters repay first, so unscoped credit is left for the other meters'."""
     units: set[str] = set()
     cause = {"subscription": str(sub.id), "period_start": sub.period_start.isoformat(), "reason": "recurring_credits"}
-    scoped = {g["grant_id"] for g in account.grant_balances() if g["scope"] is not None}
-    for grant in sorted(grants, key=lambda g: g not in scoped):  # stable: the plan's order otherwise
+    balances = {g["grant_id"]: g for g in account.grant_balances()}  # a grant's unit and scope never change
+    for grant in sorted(grants, key=lambda g: balances[g]["scope"] is None if g in balances else True):
+        # stable: the plan's order otherwise
         if account.repay_overage(grant_id=UUID(grant), at=at, cause=cause, period=(sub.period_start, sub.period_end),
-                                 thresholds=False):
-            units.update(str(g["unit"]) for g in account.grant_balances() if g["grant_id"] == grant)
+                                 thresholds=False) and grant in balances:
+            units.add(str(balances[grant]["unit"]))
     return units
 
 
@@ -376,7 +377,11 @@ def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
                   catalog: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The tax lines of a document whose net total is ``net``, by a tax profile (the roster's) and a catalogue
     document's rules: what finalizing adds, and what the invoice preview shows."""
-    result = _tax_result(net, unit, profile, catalog)
+    return _lines_of_tax(_tax_result(net, unit, profile, catalog), unit)
+
+
+def _lines_of_tax(result: TaxResult | None, unit: str) -> list[dict[str, Any]]:
+    """``tax_lines_for`` of a tax already computed."""
     if result is None:
         return []
     if result.reverse_charge:
@@ -426,12 +431,12 @@ def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str
     # A line whose amount has its tax inside, already booked (``tax_included``: what a refund left owed) is not taxed.
     lines = [item for item in lines if not item.get("tax_included")]
     total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
-    current = tax_lines_for(total, unit, profile, catalog)
-    rate = _invoiced_tax_rate(corrected) if corrected is not None else None
-    credited = sum((Decimal(item["amount"]) for item in lines if Decimal(item["amount"]) < 0), Decimal(0))
     # Today's rate by the profile and rules, whatever the net: a net of 0.00 (a plan of the same fee) has no tax
     # line, and read as 0 % it took the "rates differ" branch below and was refused ``tax_rate_changed``.
     today = _tax_result(total, unit, profile, catalog)
+    current = _lines_of_tax(today, unit)
+    rate = _invoiced_tax_rate(corrected) if corrected is not None else None
+    credited = sum((Decimal(item["amount"]) for item in lines if Decimal(item["amount"]) < 0), Decimal(0))
     today_rate = today.rate if today is not None else Decimal(0)
     if rate is None or not credited or rate == today_rate:
         if not current and credited and today is not None and today_rate and not today.reverse_charge:
@@ -697,7 +702,7 @@ def _unused_time_credit(batch: _Batch, invoice: Invoice, at: datetime) -> dict[s
         return None
     credit = back = Decimal(0)
     for item in invoice.lines:
-        if item["kind"] == "proration" and not item.get("service_start") and Decimal(item["amount"]) < 0:
+        if _unused_time_line(item):
             credit = RATING_CONTEXT.subtract(credit, Decimal(item["amount"]))
             back = RATING_CONTEXT.add(back, Decimal(item.get("included_back") or 0))
     if not credit:
