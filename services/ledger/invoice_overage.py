@@ -242,11 +242,7 @@ def commit_period_minimum(account: BillingAccount, invoice: Invoice, lines: list
     keys = _itemised_periods(lines) or {period_start.isoformat()}
     if len(keys) != 1:
         return
-    usage = Decimal(0)
-    for item in lines:
-        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")
-                                       and not item.get("earlier_periods")):
-            usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
+    usage = usage_spend(lines)
     account.commit_period_minimum(invoice=str(invoice.id), unit=invoice.currency, period=keys.pop(),
                                   minimum=to_subunits(minimum), spend=to_subunits(usage), at=at)
 
@@ -272,6 +268,17 @@ def _itemised_periods(usage_lines: list[dict[str, Any]]) -> set[str]:
     return keys
 
 
+def usage_spend(lines: list[dict[str, Any]]) -> Decimal:
+    """What a period's usage cost on an invoice's lines, as a minimum commitment counts it: its usage lines and the
+    overage of its credit-priced usage (not the overage of earlier periods)."""
+    spend = Decimal(0)
+    for item in lines:
+        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")
+                                       and not item.get("earlier_periods")):
+            spend = RATING_CONTEXT.add(spend, Decimal(item["amount"]))
+    return spend
+
+
 def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A "Minimum commitment" line for what the period's usage spend (rating's usage lines and the credit-unit
     overage lines, as rounded on the invoice) falls short of the minimum spend the renewal draft recorded; none
@@ -279,11 +286,7 @@ def minimum_commitment_lines(invoice: Invoice, usage_lines: list[dict[str, Any]]
     minimum = invoice.minimum_spend
     if not minimum:
         return []
-    usage = Decimal(0)
-    for item in usage_lines:
-        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")
-                                       and not item.get("earlier_periods")):
-            usage = RATING_CONTEXT.add(usage, Decimal(item["amount"]))
+    usage = usage_spend(usage_lines)
     shortfall = RATING_CONTEXT.subtract(minimum, usage)
     if shortfall <= 0:
         return []

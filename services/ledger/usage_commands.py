@@ -34,6 +34,7 @@ from billing_ledger.application import CommandRejected, LedgerApplication, _Batc
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.invoice import FINALIZED, PAID, Invoice, line
 from billing_ledger.domain.subscription import Subscription
+from billing_ledger.invoice_overage import usage_spend
 from billing_ledger.subscription_commands import _document, _left_to_give_back
 
 
@@ -144,11 +145,7 @@ def _minimum_headroom(batch: _Batch, invoice: Invoice, period: str, due: Decimal
     usage = [item for item in invoice.lines if item["kind"] == "usage"]
     if not minimum or not any(period in ((item.get("trace") or {}).get("rating_periods") or []) for item in usage):
         return due
-    spend = Decimal(0)
-    for item in invoice.lines:
-        if item["kind"] == "usage" or (item["kind"] == "overage" and item.get("credit_unit")
-                                       and not item.get("earlier_periods")):
-            spend = RATING_CONTEXT.add(spend, Decimal(item["amount"]))
+    spend = usage_spend(invoice.lines)
     for document in invoice.corrections:
         note = batch.get(UUID(document))
         if isinstance(note, Invoice):

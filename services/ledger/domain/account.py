@@ -2651,9 +2651,10 @@ def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remain
 
 
 def _draw_end(g: GrantRecord) -> datetime | None:
-    """When usage stops drawing ``g``: its ``drawable_until`` or its ``expires_at``, the earlier; ``None``: never."""
-    ends = [end for end in (g["expires_at"], g.get("drawable_until")) if end is not None]
-    return min(ends) if ends else None
+    """When usage stops drawing ``g``: its ``drawable_until`` or its ``expires_at``, the earlier; ``None``: never.
+    ``grant_credit`` refuses a ``drawable_until`` after ``expires_at``, so when there is one it is the earlier."""
+    drawable_until = g.get("drawable_until")
+    return drawable_until if drawable_until is not None else g["expires_at"]
 
 
 def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:
