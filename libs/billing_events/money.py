@@ -153,6 +153,11 @@ def from_subunits(subunits: int) -> Decimal:
     return Decimal(subunits).scaleb(-SUBUNIT_SCALE, context=RATING_CONTEXT)
 
 
+def minor_subunits(unit: Unit) -> int:
+    """One minor unit of ``unit`` (a cent) in sub-units."""
+    return 10 ** (SUBUNIT_SCALE - unit.minor_scale)
+
+
 def round_minor(amount: Decimal, unit: Unit) -> Decimal:
     """Rounds once to the unit's minor scale (invoice lines)."""
     return amount.quantize(Decimal(1).scaleb(-unit.minor_scale), rounding=INVOICE_ROUNDING, context=RATING_CONTEXT)

@@ -47,7 +47,14 @@ from typing import Any
 from uuid import UUID
 
 from billing_events.catalog import CreditUnitDef
-from billing_events.money import RATING_CONTEXT, currency, from_subunits, round_minor, to_subunits
+from billing_events.money import (
+    RATING_CONTEXT,
+    currency,
+    from_subunits,
+    minor_subunits,
+    round_minor,
+    to_subunits,
+)
 from billing_ledger.domain.account import BillingAccount, is_owed_refund_key, period_began
 from billing_ledger.domain.invoice import Invoice, line
 from billing_ledger.domain.roster import roster_id
@@ -196,7 +203,7 @@ def _post_rounding(account: BillingAccount, invoice: Invoice, lines: list[dict[s
                 or (item["kind"] == "minimum_commitment" and item.get("earlier_periods")):
             billed = RATING_CONTEXT.add(billed, Decimal(item["amount"]))
             rounded += 1
-    minor = to_subunits(Decimal(1).scaleb(-currency(money).minor_scale))
+    minor = minor_subunits(currency(money))
     # Each line is rounded once, half-up: off by half a minor unit at most; the credits applied and the overage
     # beyond the usage lines are rounded even when they show no line.
     bound = (rounded + 2) * (minor // 2)
@@ -218,7 +225,7 @@ def _minimum_already_billed(account: BillingAccount, invoice: Invoice, taken: di
     money = invoice.currency
     earlier = {key: amount for key, amount in taken.items()
                if not (period_began(key) == period_start or key in itemised)}
-    minor = to_subunits(Decimal(1).scaleb(-currency(money).minor_scale))
+    minor = minor_subunits(currency(money))
     netted = account.charge_period_minimums(invoice=str(invoice.id), unit=money, taken=earlier, minor=minor, at=at)
     if not netted:
         return []

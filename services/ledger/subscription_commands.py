@@ -1020,9 +1020,10 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         roster.release(subscription_id=sub.id, at=at)
         # The included credit in the currency left unused goes back from the wallet to DEFERRED_REVENUE: the credit
         # for unused time takes it out again (the corrected invoice did not recognise it ratably).
-        back = _currency_recurring_left(account, sub) if _includes_credit(corrected) else 0
+        left = _currency_recurring_left(account, sub) if _includes_credit(corrected) or fee_given_back else 0
+        back = left if _includes_credit(corrected) else 0
         _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False,
-                                     lapse_currency=_currency_recurring_left(account, sub) if fee_given_back else 0)
+                                     lapse_currency=left if fee_given_back else 0)
         _document(app, batch, sub, f"{sub.id}/cancel", _with_included(lines, 0, back), at, command.issued_by,
                   finalize=True, start=at, end=sub.period_end, corrects=corrected)
         _check_thresholds(account, voided, at, top_up=False)  # after its credit note

@@ -137,7 +137,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
-from billing_events.money import SUBUNIT_SCALE, MoneyError, credit_unit, is_currency_code
+from billing_events.money import MoneyError, credit_unit, is_currency_code, minor_subunits
 from billing_events.money import currency as iso_currency
 from billing_ledger.amounts import show
 from billing_ledger.domain.chain import ChainedAggregate
@@ -1714,7 +1714,7 @@ class BillingAccount(ChainedAggregate):
         _require_amount("billed", billed, allow_zero=True)
         _require_amount("bound", bound, allow_zero=True)
         _require_time("at", at)
-        minor = 10 ** (SUBUNIT_SCALE - iso_currency(unit).minor_scale) if is_currency_code(unit) else 1
+        minor = minor_subunits(iso_currency(unit)) if is_currency_code(unit) else 1
         if billed % minor:
             raise InvalidAmount(f"invoice {invoice} bills {billed} sub-units of {unit}: not whole minor units")
         if invoice in self._overage_rounding:
@@ -2633,7 +2633,7 @@ def _refunded_share(booked: int, refunded: int, amount: int, unit: str) -> int:
         return booked
     share = booked * refunded // amount
     if is_currency_code(unit):
-        share -= share % 10 ** (SUBUNIT_SCALE - iso_currency(unit).minor_scale)
+        share -= share % minor_subunits(iso_currency(unit))
     return share
 
 
