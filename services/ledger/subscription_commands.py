@@ -773,7 +773,7 @@ def _first_invoice(app: LedgerApplication, batch: _Batch, sub: Subscription, at:
                    finalize: bool) -> Invoice | None:
     """The invoice of the period starting now: its base fee in advance."""
     return _document(app, batch, sub, _first_invoice_key(sub),
-                     [_including(period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end),
+                     [_including(period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end, sub.time_zone),
                                  _included_credit(sub.plan, sub.quantity))], at, by,
                      finalize=finalize, start=sub.period_start, end=sub.period_end)
 
@@ -1187,7 +1187,7 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
         _check_thresholds(account, voided, ended_end, top_up=top_up)  # nothing granted while paused: a real drop
         sub.set_recurring_grants([])
         draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),
-                          [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end)], at,
+                          [paused_period_line(sub.plan, sub.quantity, sub.period_start, sub.period_end, sub.time_zone)], at,
                           "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
         _commit_minimum(draft, sub, minimum)
         return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
@@ -1200,7 +1200,7 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     # The renewal invoice: next period's base fee in advance; rating adds the ended period's usage lines
     # (invoice.usage_lines) and that finalizes it, so one invoice carries both (seed 001 "hybrid billing").
     draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),
-                      [_including(period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end),
+                      [_including(period_fee_line(sub.plan, sub.quantity, sub.period_start, sub.period_end, sub.time_zone),
                                   _included_credit(sub.plan, sub.quantity))], at,
                       "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
     _commit_minimum(draft, sub, minimum)

@@ -8,9 +8,10 @@ nothing has been billed, so nothing is prorated. An immediate cancellation credi
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from billing_events.money import RATING_CONTEXT
 from billing_ledger.domain.invoice import line
@@ -24,6 +25,13 @@ def base_fee(plan: dict[str, Any], quantity: int) -> Decimal:
 
 def _label(plan: dict[str, Any], quantity: int) -> str:
     return f"{plan['name']} v{plan['version']} x {quantity}"
+
+
+def local_date(moment: datetime, time_zone: str) -> date:
+    """The calendar date of ``moment`` in the subscription's time zone, as a fee line's description says it (the
+    exact ``service_start``/``service_end`` stay UTC instants): a Berlin period from Nov 1 00:00 local reads
+    "from 2026-11-01 to 2026-12-01", not the UTC dates 2026-10-31 and 2026-11-30."""
+    return moment.astimezone(ZoneInfo(time_zone)).date()
 
 
 def service_period(start: datetime, end: datetime) -> dict[str, str]:
@@ -48,7 +56,7 @@ def quote_change(*, status: str, plan: dict[str, Any], quantity: int, period_sta
                           fraction=str(fraction)))
     if new_plan["cadence"] != plan["cadence"]:
         end = period_end(at, new_plan["cadence"], anchor_day(at, time_zone), time_zone)  # as ``change``
-        lines.append(line("base_fee", f"{_label(new_plan, new_quantity)} from {at.date()} to {end.date()}",
+        lines.append(line("base_fee", f"{_label(new_plan, new_quantity)} from {local_date(at, time_zone)} to {local_date(end, time_zone)}",
                           new_fee, unit, quantity=str(new_quantity), unit_amount=str(new_plan.get("base_fee", "0")),
                           **service_period(at, end)))
     else:
@@ -97,15 +105,18 @@ def quote_resume(*, plan: dict[str, Any], quantity: int, period_start: datetime,
                  fraction=str(proration_fraction(period_start, period_end_at, at)), **service_period(at, period_end_at))]
 
 
-def period_fee_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime) -> dict[str, Any]:
-    return line("base_fee", f"{_label(plan, quantity)} from {start.date()} to {end.date()}",
+def period_fee_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime, time_zone: str
+                    ) -> dict[str, Any]:
+    return line("base_fee", f"{_label(plan, quantity)} from {local_date(start, time_zone)} to {local_date(end, time_zone)}",
                 base_fee(plan, quantity), plan["currency"], quantity=str(quantity),
                 unit_amount=str(plan.get("base_fee", "0")), **service_period(start, end))
 
 
-def paused_period_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime) -> dict[str, Any]:
+def paused_period_line(plan: dict[str, Any], quantity: int, start: datetime, end: datetime, time_zone: str
+                       ) -> dict[str, Any]:
     """The renewal draft's line for a period that begins while paused: no fee (the draft takes usage lines)."""
-    return line("base_fee", f"{_label(plan, quantity)} from {start.date()} to {end.date()}: paused, no fee",
+    return line("base_fee", f"{_label(plan, quantity)} from {local_date(start, time_zone)} to "
+                f"{local_date(end, time_zone)}: paused, no fee",
                 Decimal(0), plan["currency"], quantity=str(quantity), unit_amount="0")
 
 

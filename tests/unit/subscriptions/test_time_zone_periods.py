@@ -81,6 +81,20 @@ async def test_periods_in_a_time_zone_are_whole_local_months_from_the_local_star
         assert fee_periods(stack) == [(local(tz, *begin), local(tz, *end), Decimal("10.00")) for begin, end in periods]
 
 
+async def test_fee_lines_name_the_local_dates_of_their_period(tmp_path: Path) -> None:
+    # Nov 1 00:00 in Berlin is Oct 31 23:00 UTC: the lines said "from 2026-10-31 to 2026-11-30" (the UTC dates of
+    # a period the customer knows as November), while their service_start/service_end were right.
+    nov_1, dec_1 = local(BERLIN, 2026, 11, 1), local(BERLIN, 2026, 12, 1)
+    async with wired_stack(tmp_path, CATALOG) as stack:
+        stack.run("subscription.create", nov_1, key="m", plan="p", time_zone="Europe/Berlin")
+        stack.run("subscription.tick", dec_1, key="m")
+        await settle(stack)
+        fees = sorted((item["service_start"], item["description"]) for invoice in stack.invoices().values()
+                      for item in invoice.lines if item["kind"] == "base_fee")
+        assert [description for _, description in fees] == ["P v1 x 1 from 2026-11-01 to 2026-12-01",
+                                                            "P v1 x 1 from 2026-12-01 to 2027-01-01"]
+
+
 async def test_usage_around_local_month_ends_is_billed_with_the_local_month_it_was_used_in(tmp_path: Path) -> None:
     nov_1, dec_1, jan_1 = local(BERLIN, 2026, 11, 1), local(BERLIN, 2026, 12, 1), local(BERLIN, 2027, 1, 1)
     async with wired_stack(tmp_path, CATALOG) as stack:
@@ -149,6 +163,7 @@ def test_a_cadence_change_restarts_the_period_on_the_local_day_of_the_change() -
     year_end = local(BERLIN, 2027, 12, 15, 0, 30)
     assert (sub.anchor_day, sub.period_start, sub.period_end) == (15, at, year_end)
     assert (fee["amount"], fee["service_start"], fee["service_end"]) == ("100.00", at.isoformat(), year_end.isoformat())
+    assert fee["description"] == "P v1 x 1 from 2026-12-15 to 2027-12-15"  # local dates (UTC: from 2026-12-14)
 
 
 def test_a_charge_before_access_subscription_activates_into_a_local_month() -> None:
