@@ -150,6 +150,32 @@ class CpuWatch:
         self.machine = psutil.cpu_times()
         self.started = time.monotonic()
         self.own = self._own()
+        self.root = self._root()
+        self.stack = self._stack()
+
+    def _root(self) -> float:
+        """CPU seconds of the first process alone (``serve projections``: the API, without its consumer child)."""
+        try:
+            times = psutil.Process(self.pids[0]).cpu_times()
+            return times.user + times.system
+        except (psutil.Error, IndexError):
+            return 0.0
+
+    @staticmethod
+    def _stack() -> dict[str, float]:
+        """CPU seconds so far of the stack's servers on this machine: PostgreSQL's processes, Kafka's JVM."""
+        found = {"postgres": 0.0, "kafka": 0.0}
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            try:
+                name = proc.info["name"] or ""
+                group = ("postgres" if name.startswith("postgres") else
+                         "kafka" if name == "java" and "kafka" in " ".join(proc.info["cmdline"] or ()) else None)
+                if group:
+                    times = proc.cpu_times()
+                    found[group] += times.user + times.system
+            except psutil.Error:
+                continue
+        return found
 
     def _own(self) -> float:
         total = 0.0
@@ -176,6 +202,13 @@ class CpuWatch:
             found[f"{prefix}_service_cpu_percent"] = round(100 * own / elapsed)
             if events:
                 found[f"{prefix}_service_cpu_us_per_event"] = round(own / events * 1e6, 1)
+                root = self._root() - self.root
+                found[f"{prefix}_service_children_cpu_us_per_event"] = round((own - root) / events * 1e6, 1)
+        if events:  # where the rest of the machine's CPU went (backends that exited meanwhile are not counted)
+            now_stack = self._stack()
+            for group, before in self.stack.items():
+                found[f"{prefix}_{group}_cpu_us_per_event"] = round((now_stack[group] - before) / events * 1e6, 1)
+            found[f"{prefix}_machine_cpu_us_per_event"] = round(busy / events * 1e6, 1)
         return found
 
 
