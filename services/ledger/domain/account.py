@@ -303,8 +303,7 @@ class BillingAccount(ChainedAggregate):
 
     def spendable(self, unit: str, meter: str | None, at: datetime) -> int:
         """What a debit or hold for ``meter`` at ``at`` can draw from credit: eligible grants, minus holds."""
-        eligible = sum(g["remaining"] for g in self._eligible_grants(unit, meter, at))
-        return max(0, min(eligible, self.available(unit)))
+        return _spendable(self._eligible_grants(unit, meter, at), self.available(unit))
 
     def grant_balances(self) -> list[dict[str, Any]]:
         """Every grant in granted order with its remaining credit (copies: changing them changes nothing)."""
@@ -840,7 +839,9 @@ class BillingAccount(ChainedAggregate):
             self._record_usage_debited(command_id=command_id, meter=meter, unit=unit, amount=0, postings=[], draws=[],
                                 overage=0, credit_grant=None, cause=cause, at=at)
             return
-        spendable = self.spendable(unit, meter, at)
+        # ``spendable`` and ``_plan_draws`` of one list of eligible grants, looked up once.
+        eligible = self._eligible_grants(unit, meter, at)
+        spendable = _spendable(eligible, self.available(unit))
         from_credit = min(amount, spendable)
         if from_credit < amount and overage_policy == "block":
             self._usage_rejected(
@@ -854,7 +855,7 @@ class BillingAccount(ChainedAggregate):
                 at=at,
             )
             return
-        draws = self._plan_draws(unit, meter, at, from_credit)
+        draws = self._plan_draws(unit, meter, at, from_credit, eligible=eligible)
         overage = amount - from_credit
         postings = _usage_postings(unit, draws, overage)
         assert_balanced(postings)
@@ -2498,10 +2499,13 @@ class BillingAccount(ChainedAggregate):
         found.sort(key=_drawdown_key)
         return found
 
-    def _plan_draws(self, unit: str, meter: str | None, at: datetime, amount: int) -> list[Draw]:
+    def _plan_draws(self, unit: str, meter: str | None, at: datetime, amount: int, *,
+                    eligible: list[GrantRecord] | None = None) -> list[Draw]:
+        """Draws of ``amount`` in drawdown order; ``eligible``: ``_eligible_grants(unit, meter, at)`` already
+        looked up (the state unchanged since)."""
         draws: list[Draw] = []
         left = amount
-        for g in self._eligible_grants(unit, meter, at):
+        for g in self._eligible_grants(unit, meter, at) if eligible is None else eligible:
             if left == 0:
                 break
             part = min(left, g["remaining"])
@@ -2643,6 +2647,11 @@ def _refunded_share(booked: int, refunded: int, amount: int, unit: str) -> int:
     if is_currency_code(unit):
         share -= share % minor_subunits(iso_currency(unit))
     return share
+
+
+def _spendable(eligible: list[GrantRecord], available: int) -> int:
+    """``BillingAccount.spendable`` of the eligible grants and the wallet's available credit."""
+    return max(0, min(sum(g["remaining"] for g in eligible), available))
 
 
 def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remaining: bool = True) -> bool:
