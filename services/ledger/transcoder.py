@@ -2,8 +2,8 @@
 
 Stored event state stays exactly what eventsourcing's ``JSONTranscoder`` reads: UUIDs, datetimes and
 Decimals as ``{"_type_": name, "_data_": value}`` (``uuid_hex``, ``datetime_iso``, ``decimal_str``). orjson
-writes UUIDs and datetimes itself, so UUIDs are tagged by a short walk first and datetimes are passed
-through to ``default``. Decoding is the library's own. Anything orjson refuses (integers beyond 64 bits,
+writes UUIDs and datetimes itself, so UUIDs and datetimes are tagged by a short walk first (datetime
+subclasses are passed through to ``default``, and Decimals go there). Decoding is the library's own. Anything orjson refuses (integers beyond 64 bits,
 non-string keys) falls back to the library's encoder.
 """
 
@@ -20,11 +20,14 @@ from eventsourcing.persistence import JSONTranscoder
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
-# Values that need no walk: checked inline, so a scalar costs a set lookup, not a function call.
-_PLAIN = frozenset({str, int, bool, float, type(None), datetime, Decimal})
+# Values orjson writes as they are: checked inline, so a scalar costs a set lookup, not a function call.
+_PLAIN = frozenset({str, int, bool, float, type(None)})
 
 
 def _tag_uuids(value: Any) -> Any:
+    """``value`` with every UUID, and every datetime, in its tagged form. Datetimes are tagged here rather
+    than by ``_default`` (which still tags datetime subclasses and Decimals): orjson calling back into Python
+    for each of them cost more than the walk (a usage debit's event: 9.3 -> 6.3 us encoded)."""
     kind = type(value)
     if kind is dict:
         for v in value.values():
@@ -35,6 +38,8 @@ def _tag_uuids(value: Any) -> Any:
         return [v if type(v) in _PLAIN else _tag_uuids(v) for v in value]
     if kind is UUID:
         return {"_type_": "uuid_hex", "_data_": value.hex}
+    if kind is datetime:
+        return {"_type_": "datetime_iso", "_data_": value.isoformat()}
     if isinstance(value, dict):  # subclasses, rarely
         return {k: _tag_uuids(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

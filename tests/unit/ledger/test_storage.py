@@ -37,6 +37,27 @@ def test_orjson_transcoder_writes_what_the_library_reads() -> None:
     assert fast.decode(fast.encode(value)) == library.decode(library.encode(value))
 
 
+def test_orjson_transcoder_writes_the_library_s_bytes() -> None:
+    """Byte for byte what eventsourcing's own transcoder writes (datetimes, UUIDs and Decimals nested anywhere)."""
+    fast, library = transcoders()
+    value = {
+        "id": uuid.uuid4(), "at": datetime(2026, 11, 21, 10, 0, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        "price": Decimal("0.000002"), "old": datetime(999, 1, 1, 0, 0, 0, 5),
+        "nested": [{"grant": uuid.uuid4(), "when": datetime.now(UTC), "plain": {"a": 1}}, [uuid.uuid4(), Decimal(3)]],
+        "text": "naïve – ünïcode", "none": None, "flag": True, "amount": -(10**18), "ratio": 0.5,
+    }
+    assert fast.encode(value) == library.encode(value)
+
+
+def test_orjson_transcoder_tags_datetime_subclasses_as_datetimes() -> None:
+    class Moment(datetime):
+        pass
+
+    fast, library = transcoders()
+    at = Moment(2026, 11, 21, 10, 0, 0, 7, tzinfo=UTC)
+    assert library.decode(fast.encode({"at": at, "more": [at]})) == {"at": at, "more": [at]}
+
+
 def test_orjson_transcoder_falls_back_for_what_orjson_refuses() -> None:
     fast, library = transcoders()
     huge = {"amount": 10**30, "id": uuid.UUID(int=7)}
