@@ -98,9 +98,11 @@ async def reconcile_usage(settings: Settings, now: datetime, tenant: str | None,
         if missing:
             raise StoreMissing(f"no {', '.join(missing)} in {settings.data_dir}/ (BILLING_DATA_DIR): has "
                                "`billing run` run there? (or set DATABASE_URL for the real stack)")
-    ingest_db, rating_db = await _open("ingest", settings), await _open("rating", settings)
     ledger_app = _ledger(settings)
+    stores: list[Database] = []
     try:
+        ingest_db = await _open("ingest", settings, stores)
+        rating_db = await _open("rating", settings, stores)
         for name in await ingest.tenants(ingest_db, tenant):
             report.tenants.append(name)
             usage = await asyncio.to_thread(ledger.account_usage, ledger_app, name, first, end)
@@ -115,20 +117,21 @@ async def reconcile_usage(settings: Settings, now: datetime, tenant: str | None,
             check_debits(report, name, usage.debits, await ingest.remembered(ingest_db, name, debited))
     finally:
         ledger_app.close()
-        await ingest_db.close()
-        await rating_db.close()
+        for db in stores:
+            await db.close()
     return report
 
 
-async def _open(service: str, settings: Settings) -> Database:
+async def _open(service: str, settings: Settings, stores: list[Database]) -> Database:
+    """The service's database (added to ``stores``, which the caller closes), its main table checked to be there."""
     from billing_runtime.db import open_database
 
     db = await open_database(service, settings)
+    stores.append(db)
     table = {"ingest": "seen_events", "rating": "rated_events"}[service]
     try:
         await db.fetchval(f"SELECT 1 FROM {table} LIMIT 1")
     except Exception as exc:  # noqa: BLE001 - asyncpg's or sqlite3's "no such table": the service never ran here
-        await db.close()
         where = settings.schema(service) if settings.database_url else str(settings.data_dir / f"{service}.sqlite")
         raise StoreMissing(f"{service}'s table {table} is not in {where}: has {service} run there? ({exc})") from None
     return db
@@ -136,6 +139,14 @@ async def _open(service: str, settings: Settings) -> Database:
 
 def _ledger(settings: Settings) -> LedgerApplication:
     from billing_ledger.application import LedgerApplication, persistence_env
+    from eventsourcing.persistence import PersistenceError
 
     env = persistence_env(settings.database_url, str(settings.data_dir), settings.schema("ledger"))
-    return LedgerApplication({**env, "CREATE_TABLE": "n"})  # read only: never sets a store up
+    ledger = LedgerApplication({**env, "CREATE_TABLE": "n"})  # read only: never sets a store up
+    try:
+        ledger.recorder.max_notification_id()
+    except PersistenceError as exc:  # no events table: the ledger never ran on this store
+        ledger.close()
+        where = settings.schema("ledger") if settings.database_url else env["SQLITE_DBNAME"]
+        raise StoreMissing(f"the ledger's event store is not in {where}: has the ledger run there? ({exc})") from None
+    return ledger

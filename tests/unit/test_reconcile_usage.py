@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import asyncpg
 import pytest
 from billing_cli.main import app as cli
 from billing_cli.reconcile import reconcile_usage
@@ -30,7 +31,7 @@ from billing_rating.aggregation import period_of as calendar_period
 from billing_rating.close import close_period
 from billing_rating.service import RatingService
 from billing_runtime.bus import EmbeddedBus, Record
-from billing_runtime.db import SqliteDatabase
+from billing_runtime.db import ensure_schema, open_database
 from billing_runtime.settings import Settings
 from typer.testing import CliRunner
 
@@ -105,13 +106,22 @@ class Services:
 
 
 @contextlib.asynccontextmanager
-async def wired(tmp_path: Path) -> AsyncIterator[Services]:
-    settings = Settings(data_dir=tmp_path)
+async def wired(tmp_path: Path, settings: Settings | None = None) -> AsyncIterator[Services]:
+    """The services' stores where ``settings`` put them (default: SQLite files under ``tmp_path``, as ``billing
+    run`` keeps them; with a ``database_url``, the namespace's PostgreSQL schemas), the catalogue published."""
+    settings = settings or Settings(data_dir=tmp_path)
+    if settings.database_url:  # eventsourcing creates its tables, not the schema holding them (as the ledger's build)
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await ensure_schema(conn, settings.schema("ledger"))
+        finally:
+            await conn.close()
     bus = EmbeddedBus(tmp_path / "bus.sqlite", partitions=1)
     await bus.start()
-    ingest = IngestService(settings, await SqliteDatabase(tmp_path / "ingest.sqlite").connect(), bus)
-    rating = RatingService(await SqliteDatabase(tmp_path / "rating.sqlite").connect(), bus)
-    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    ingest = IngestService(settings, await open_database("ingest", settings), bus)
+    rating = RatingService(await open_database("rating", settings), bus)
+    ledger = LedgerApplication(persistence_env(settings.database_url, str(settings.data_dir),
+                                               settings.schema("ledger")))
     try:
         await ingest.setup()
         await rating.setup()
