@@ -103,7 +103,10 @@ async def reconcile_usage(settings: Settings, now: datetime, tenant: str | None,
     try:
         ingest_db = await _open("ingest", settings, stores)
         rating_db = await _open("rating", settings, stores)
-        for name in await ingest.tenants(ingest_db, tenant):
+        names = await ingest.tenants(ingest_db, tenant)
+        if tenant is not None and not names:
+            report.notes.append(f"ingest knows no tenant {tenant!r} (no account opened, no event remembered)")
+        for name in names:
             report.tenants.append(name)
             usage = await asyncio.to_thread(ledger.account_usage, ledger_app, name, first, end)
             async for page in ingest.accepted(ingest_db, name, first, end):

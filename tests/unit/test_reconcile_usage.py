@@ -270,6 +270,9 @@ async def test_the_window_is_the_dedup_window_and_a_bad_time_or_store_is_refused
         report = await services.reconcile(since=utcnow() - timedelta(days=400))
         assert report.window_start > utcnow() - timedelta(days=36)
         assert any("raised to its start" in note for note in report.notes)
+        unknown = await services.reconcile(tenant="nobody")
+        assert (unknown.tenants, unknown.accepted) == ([], 0)
+        assert any("ingest knows no tenant 'nobody'" in note for note in unknown.notes)
 
 
 async def stack_commands(services: Services) -> list[LedgerCommand]:
