@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
@@ -246,6 +247,17 @@ def _counted(meter: MeterView, items: list[dict[str, Any]]
     return items, observations, quantity
 
 
+def close_command_id(account: str, meter: str, group: str, period: str) -> UUID:
+    """The id of the debit a close sends for one line: the same whenever the close is sent again."""
+    return ids.command_id("usage.close", account, meter, group, period)
+
+
+def sends_debit(line: CloseLine) -> bool:
+    """Whether the close sends a debit for ``line``: only a close-priced meter's (max, last, unique_count) with a
+    unit and a reading left (every event of a line can have been voided: nothing to record then)."""
+    return line.aggregation not in REAL_TIME and bool(line.unit) and line.last_event_at is not None
+
+
 def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMessage | None:
     """The ``usage.debit`` of what only the close prices (max, last, unique_count); ``None`` for a real-time meter
     (its events were debited as they came).
@@ -255,12 +267,12 @@ def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMes
     nothing"). Its id comes from (account, meter, group, period): built again from the stored line, it is the same
     command, which the ledger posts once.
     """
-    if line.aggregation in REAL_TIME or not line.unit or line.last_event_at is None:
-        return None  # (no reading left: every event of the line was voided, nothing to record)
+    if not sends_debit(line):
+        return None
     meter = catalog.meters.get(line.meter)
     usage_type = (meter.definition.usage_type if meter else "") or line.meter
     message = LedgerCommand(
-        command_id=ids.command_id("usage.close", account, line.meter, line.group, line.period), kind="usage.debit",
+        command_id=close_command_id(account, line.meter, line.group, line.period), kind="usage.debit",
         tenant=line.tenant, issued_at=utcnow(), issued_by="service:rating",
         payload={"unit": line.unit, "amount_subunits": line.charged_at_close_subunits,
                  "amount": subunits_text(line.charged_at_close_subunits), "meter": line.meter,

@@ -1,0 +1,155 @@
+"""``billing reconcile usage``: proves from the services' own stores that every accepted usage event ended in one
+outcome (posted, rejected with a reason, not billable, or still in flight), and lists every discrepancy.
+
+It reads ingest's ``seen_events``, rating's decisions and the ledger's event store (``DATABASE_URL``'s schemas,
+``BILLING_NAMESPACE`` included, or the SQLite files of ``billing run`` under ``BILLING_DATA_DIR``), tenant by
+tenant, and joins them with ``billing_events.reconciliation``. It writes nothing. Ingest remembers accepted events
+for the dedup window only (``BILLING_DEDUP_WINDOW_DAYS``): that is the window it can prove, and ``--since`` is
+raised to its start. Exit status 0: no discrepancy; 1: discrepancies; 2: bad input or a store missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from billing_events.reconciliation import GRACE_SECONDS_DEFAULT, Report, account_for, check_debits
+from billing_events.timeutil import parse_timestamp, utcnow
+from billing_runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from billing_ledger.application import LedgerApplication
+    from billing_runtime.db import Database
+
+app = typer.Typer(help="Reconciliation: prove every accepted usage event has exactly one outcome.",
+                  no_args_is_help=True)
+
+FORMATS = ("table", "json")
+STORES = ("ingest.sqlite", "rating.sqlite", "ledger-events.sqlite")  # the embedded default's files
+
+
+class StoreMissing(RuntimeError):
+    pass
+
+
+def _moment(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{name}: {exc}") from None
+
+
+@app.command("usage")
+def usage(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant (default: every tenant ingest knows)")] = None,
+    since: Annotated[str | None, typer.Option(help="Events at or after this time (ISO 8601 with offset; default "
+                                                   "and earliest: the start of the dedup window)")] = None,
+    until: Annotated[str | None, typer.Option(help="Events before this time (ISO 8601 with offset; default: now "
+                                                   "plus the allowed future skew)")] = None,
+    grace_seconds: Annotated[int, typer.Option(help="How long an event may be in flight (not rated, or rated and "
+                                                    "not applied by the ledger) before it is a discrepancy")]
+    = GRACE_SECONDS_DEFAULT,
+    output: Annotated[str, typer.Option("--format", help="table (readable) | json (one document)")] = "table",
+) -> None:
+    """Counts the outcomes of accepted usage events and lists every discrepancy (exit status 1 if any)."""
+    if output not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+    if grace_seconds < 0:
+        raise typer.BadParameter("--grace-seconds must not be negative")
+    settings = Settings.from_env()
+    now = utcnow()
+    first, last = _moment("--since", since), _moment("--until", until)
+    try:
+        report = asyncio.run(reconcile_usage(settings, now, tenant, first, last, timedelta(seconds=grace_seconds)))
+    except StoreMissing as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(json.dumps(report.to_json(), indent=2) if output == "json" else report.to_table())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+async def reconcile_usage(settings: Settings, now: datetime, tenant: str | None, since: datetime | None,
+                          until: datetime | None, grace: timedelta) -> Report:
+    """Opens the three stores (read only in effect: nothing is written), reconciles tenant by tenant."""
+    from billing_ingest import reconcile as ingest
+    from billing_ledger import reconcile as ledger
+    from billing_rating import reconcile as rating
+
+    start = ingest.window_start(now, timedelta(days=settings.dedup_window_days))
+    end = until or now + timedelta(seconds=settings.future_skew_seconds)
+    notes = [(f"ingest remembers accepted events for the dedup window ({settings.dedup_window_days} days, "
+              f"BILLING_DEDUP_WINDOW_DAYS): events before {start.isoformat()} cannot be reconciled")]
+    if since is not None and since < start:
+        notes.append(f"--since {since.isoformat()} is before the dedup window: raised to its start")
+    first = max(since, start) if since is not None else start
+    if end <= first:
+        raise ValueError(f"nothing to reconcile: --until {end.isoformat()} is not after {first.isoformat()}")
+    report = Report(first, end, now, grace, notes=notes)
+    if not settings.database_url:
+        missing = [name for name in STORES if not (settings.data_dir / name).exists()]
+        if missing:
+            raise StoreMissing(f"no {', '.join(missing)} in {settings.data_dir}/ (BILLING_DATA_DIR): has "
+                               "`billing run` run there? (or set DATABASE_URL for the real stack)")
+    ledger_app = _ledger(settings)
+    stores: list[Database] = []
+    try:
+        ingest_db = await _open("ingest", settings, stores)
+        rating_db = await _open("rating", settings, stores)
+        names = await ingest.tenants(ingest_db, tenant)
+        if tenant is not None and not names:
+            report.notes.append(f"ingest knows no tenant {tenant!r} (no account opened, no event remembered)")
+        for name in names:
+            report.tenants.append(name)
+            usage = await asyncio.to_thread(ledger.account_usage, ledger_app, name, first, end)
+            async for page in ingest.accepted(ingest_db, name, first, end):
+                decisions = await rating.decisions(rating_db, name, [e.event_id for e in page])
+                unanswered = [d.command_id for d in decisions.values()
+                              if d.command_id is not None and d.command_id not in usage.outcomes]
+                if unanswered:  # rejected by the ledger, or not applied (yet): their receipts say which
+                    usage.outcomes.update(await asyncio.to_thread(ledger.receipts, ledger_app, unanswered))
+                account_for(report, name, page, decisions, usage.outcomes)
+            debited = {event_id for debit in usage.debits if not debit.closed for event_id in debit.event_ids}
+            check_debits(report, name, usage.debits, await ingest.remembered(ingest_db, name, debited))
+    finally:
+        ledger_app.close()
+        for db in stores:
+            await db.close()
+    return report
+
+
+async def _open(service: str, settings: Settings, stores: list[Database]) -> Database:
+    """The service's database (added to ``stores``, which the caller closes), its main table checked to be there."""
+    from billing_runtime.db import open_database
+
+    db = await open_database(service, settings)
+    stores.append(db)
+    table = {"ingest": "seen_events", "rating": "rated_events"}[service]
+    try:
+        await db.fetchval(f"SELECT 1 FROM {table} LIMIT 1")
+    except Exception as exc:  # noqa: BLE001 - asyncpg's or sqlite3's "no such table": the service never ran here
+        where = settings.schema(service) if settings.database_url else str(settings.data_dir / f"{service}.sqlite")
+        raise StoreMissing(f"{service}'s table {table} is not in {where}: has {service} run there? ({exc})") from None
+    return db
+
+
+def _ledger(settings: Settings) -> LedgerApplication:
+    from billing_ledger.application import LedgerApplication, persistence_env
+    from eventsourcing.persistence import PersistenceError
+
+    env = persistence_env(settings.database_url, str(settings.data_dir), settings.schema("ledger"))
+    ledger = LedgerApplication({**env, "CREATE_TABLE": "n"})  # read only: never sets a store up
+    try:
+        ledger.recorder.max_notification_id()
+    except PersistenceError as exc:  # no events table: the ledger never ran on this store
+        ledger.close()
+        where = settings.schema("ledger") if settings.database_url else env["SQLITE_DBNAME"]
+        raise StoreMissing(f"the ledger's event store is not in {where}: has the ledger run there? ({exc})") from None
+    return ledger

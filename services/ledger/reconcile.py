@@ -1,0 +1,70 @@
+"""The ledger's part of ``billing reconcile usage``: what became of each usage command, from the event store.
+
+Every command gets a ``CommandReceipt`` (its id is the command's id): ``rejected`` with a reason code, or
+``applied``. An applied ``usage.debit`` is recorded on the tenant's account as ``UsageDebited`` (a debit of 0 has
+no postings, a negative one gives back) or, refused for lack of credit under a ``block`` overage policy, as
+``UsageRejected`` with its reason. The account's stream is read once (as ``billing audit`` reads it, in pages,
+never from the aggregate cache), receipts only for commands the stream does not answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+from billing_events.reconciliation import LedgerOutcome, UsageDebit
+from billing_ledger.application import LedgerApplication
+from billing_ledger.audit import account_events
+from billing_ledger.domain.receipt import CommandReceipt
+
+USAGE_DEBITED = "BillingAccount.UsageDebited"
+USAGE_REJECTED = "BillingAccount.UsageRejected"
+# Receipts read per statement.
+RECEIPTS_PER_READ_MAX = 500
+
+
+@dataclass
+class AccountUsage:
+    """One account's usage commands: the outcome of each (by command id) and the debits of usage in a window."""
+
+    outcomes: dict[UUID, LedgerOutcome] = field(default_factory=dict)
+    debits: list[UsageDebit] = field(default_factory=list)
+
+
+def account_usage(app: LedgerApplication, tenant: str, since: datetime, until: datetime) -> AccountUsage:
+    """Reads the tenant's account stream: every usage command's outcome, and the ``UsageDebited`` of usage at
+    ``since <= at < until`` (rating sends the usage's own time as ``at``; a close, its period's last reading)."""
+    usage = AccountUsage()
+    for event in account_events(app, tenant):
+        kind = type(event).__qualname__
+        if kind == USAGE_DEBITED:
+            usage.outcomes[event.command_id] = LedgerOutcome(event.command_id, "posted")
+            if since <= event.at < until:
+                cause = event.cause if isinstance(event.cause, dict) else {}
+                event_ids = cause.get("event_ids") or []
+                usage.debits.append(UsageDebit(
+                    tenant, event.command_id, tuple(str(e) for e in event_ids), event.at, bool(cause.get("closed")),
+                    int(event.amount), event.unit))
+        elif kind == USAGE_REJECTED:
+            usage.outcomes[event.command_id] = LedgerOutcome(event.command_id, "rejected", event.reason)
+    return usage
+
+
+def receipts(app: LedgerApplication, command_ids: Iterable[UUID]) -> dict[UUID, LedgerOutcome]:
+    """The outcome the receipts of ``command_ids`` record (none: never applied). An ``applied`` receipt is given as
+    ``applied_without_debit``: ask only for commands the account's stream has no usage event of."""
+    wanted = sorted(set(command_ids))
+    found: dict[UUID, LedgerOutcome] = {}
+    for start in range(0, len(wanted), RECEIPTS_PER_READ_MAX):
+        stored = app.reader.events_after({command_id: 0 for command_id in wanted[start:start + RECEIPTS_PER_READ_MAX]})
+        for command_id, events in stored.items():
+            receipt = app.mapper.to_domain_event(events[0])
+            if not isinstance(receipt, CommandReceipt.Recorded):
+                continue  # not a receipt: an aggregate with that id (never a command's)
+            if receipt.outcome == "rejected":  # type: ignore[attr-defined]
+                found[command_id] = LedgerOutcome(command_id, "rejected", receipt.reason)  # type: ignore[attr-defined]
+            else:
+                found[command_id] = LedgerOutcome(command_id, "applied_without_debit")
+    return found

@@ -1,0 +1,94 @@
+"""Rating's part of ``billing reconcile usage``: its decision of each event and the ledger command it implies.
+
+A decision (``rated_events``) stores what rating published: a ``usage.debit`` (``output_topic`` the ledger's
+commands; a debit of 0 for usage that costs nothing: an allowance, a trial, a flat fee already charged, a
+correction that moves no price), a dead letter (the rejected topic: ``period_closed``, ``no_price``,
+``invalid_correction``, ``unknown_correction``), or nothing. Nothing is either a meter's filters leaving the event
+out (``filtered``) or a close-priced meter (``max``, ``last``, ``unique_count``: ``deferred_to_close``, also
+``late:`` / ``late_adjustment:``), billed by the debit its period's close sends (``close.close_command``, one per
+line, its id from the line's key), once the period is closed (``closed_periods``). A correction is an event of its
+own with its own decision and command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from billing_events import ids, topics
+from billing_events.reconciliation import Decision
+from billing_rating.close import CloseLine, close_command_id, sends_debit
+from billing_runtime.db import Database
+
+DEFERRED = "deferred_to_close"
+# Event ids per lookup statement (SQLite allows 32,766 parameters).
+LOOKUP_IDS_MAX = 500
+
+
+async def decisions(db: Database, tenant: str, event_ids: Iterable[str]) -> dict[str, Decision]:
+    """Rating's decisions of ``event_ids`` of ``tenant``, by event id (an event not rated yet has none)."""
+    account = str(ids.account_id(tenant))
+    wanted = sorted(set(event_ids))
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(wanted), LOOKUP_IDS_MAX):
+        chunk = wanted[start:start + LOOKUP_IDS_MAX]
+        marks = ", ".join(f"${i + 2}" for i in range(len(chunk)))
+        rows += await db.fetch(
+            "SELECT event_id, meter, period, group_key, decision, output_topic, output, rated_at FROM rated_events "
+            f"WHERE account_id = $1 AND event_id IN ({marks})", account, *chunk)
+    closes = _Closes(db, account)
+    found: dict[str, Decision] = {}
+    for row in rows:
+        found[row["event_id"]] = await _decision(tenant, row, closes)
+    return found
+
+
+async def _decision(tenant: str, row: dict[str, Any], closes: _Closes) -> Decision:
+    decision, event_id = row["decision"], row["event_id"]
+    rated_at = datetime.fromisoformat(row["rated_at"])
+    if row["output_topic"] == topics.LEDGER_COMMANDS:
+        command = json.loads(row["output"])
+        return Decision(tenant, event_id, decision, "debit", UUID(command["command_id"]), sent_at=rated_at)
+    if row["output_topic"] == topics.USAGE_REJECTED:
+        return Decision(tenant, event_id, decision, "rejected", reason=json.loads(row["output"])["reason"])
+    if not decision.endswith(DEFERRED):
+        return Decision(tenant, event_id, decision, "not_billable", reason=decision)
+    closed_at = await closes.closed_at(row["period"])
+    if closed_at is None:
+        return Decision(tenant, event_id, decision, "awaiting_close")
+    line = await closes.line(row["period"], row["meter"], row["group_key"])
+    if line is not None and not sends_debit(line):
+        return Decision(tenant, event_id, decision, "not_billable", reason="voided_before_close")
+    # A closed period without this event's line sent no debit for it: its command is then never applied, which
+    # the report shows as a discrepancy.
+    return Decision(tenant, event_id, decision, "close_debit",
+                    close_command_id(closes.account, row["meter"], row["group_key"], row["period"]),
+                    sent_at=closed_at)
+
+
+class _Closes:
+    """The account's closed periods and close lines, each read once."""
+
+    def __init__(self, db: Database, account: str) -> None:
+        self.db = db
+        self.account = account
+        self._closed: dict[str, datetime | None] = {}
+        self._lines: dict[tuple[str, str, str], CloseLine | None] = {}
+
+    async def closed_at(self, period: str) -> datetime | None:
+        if period not in self._closed:
+            value = await self.db.fetchval("SELECT closed_at FROM closed_periods WHERE period = $1 AND account_id = $2",
+                                           period, self.account)
+            self._closed[period] = datetime.fromisoformat(value) if value else None
+        return self._closed[period]
+
+    async def line(self, period: str, meter: str, group: str) -> CloseLine | None:
+        key = (period, meter, group)
+        if key not in self._lines:
+            text = await self.db.fetchval("SELECT line FROM close_lines WHERE period = $1 AND account_id = $2 "
+                                          "AND meter = $3 AND group_key = $4", period, self.account, meter, group)
+            self._lines[key] = CloseLine(**json.loads(text)) if text else None
+        return self._lines[key]

@@ -1,0 +1,38 @@
+"""``billing reconcile usage`` on real PostgreSQL: the services' stores in a namespace's schemas (ingest's and
+rating's through ``billing_runtime.db``, the ledger's eventsourcing tables), read back by the command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from billing_cli.main import app as cli
+from billing_runtime.settings import Settings
+from typer.testing import CliRunner
+
+from tests.namespaces import scratch_namespace
+from tests.unit.test_reconcile_usage import AT, wired
+
+pytestmark = pytest.mark.integration
+
+
+async def test_reconciles_the_namespaced_postgres_stores_and_finds_a_lost_decision(
+        infra: dict[str, str], tmp_path: Path) -> None:
+    namespace = scratch_namespace("t")  # its schemas are dropped at the end of the session
+    settings = Settings(database_url=infra["DATABASE_URL"], namespace=namespace, data_dir=tmp_path)
+    async with wired(tmp_path, settings) as services:
+        await services.send("paid", "api_calls", "5", AT)
+        await services.send("us-gpu", "gpu_calls", "3", AT, properties={"region": "us"})
+        await services.send("export", "exports", "2", AT)
+        await services.flow()
+        clean = await services.reconcile()
+        assert (clean.ok, clean.accepted, clean.counts["posted"], dict(clean.rejected), dict(clean.not_billable)) == (
+            True, 3, 1, {"ledger:insufficient_credit": 1}, {"filtered": 1})
+        await services.rating.db.execute("DELETE FROM rated_events WHERE event_id = 'paid'")
+    env = {"DATABASE_URL": infra["DATABASE_URL"], "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(tmp_path)}
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "usage", "--format", "json"], env=env)
+    assert result.exit_code == 1, result.output
+    document = json.loads(result.output)
+    assert [(d["kind"], d["event_id"]) for d in document["discrepancies"]] == [("not_rated", "paid")]
