@@ -234,6 +234,15 @@ class BatchWriter:
         if key not in rows:
             rows[key] = row
 
+    def appended_of(self, table: Table) -> dict[Any, tuple[Any, ...]]:
+        """The batch's rows of an append-only table with a one-column key, by key, for a handler that appends them
+        itself (``debits.py``: ``append``'s rule, an existing row is kept, without a call per row)."""
+        found = self._appends.get(table.name)
+        if found is None:
+            assert table.append_only and len(table.key) == 1, table.name
+            found = self._appends[table.name] = (table, {})
+        return found[1]
+
     def __len__(self) -> int:
         return (sum(len(rows) for _, rows in self._rows.values())
                 + sum(len(rows) for _, rows in self._appends.values()))
