@@ -35,6 +35,8 @@ _TRANSACTIONS = history.TRANSACTIONS
 _TABLES = (_LEDGER_BALANCES, _WALLETS, _GRANTS, _USAGE_MONTHLY, _AI_USAGE, _FIGURES_DAILY)
 _TOKEN_COLUMNS = {c: f"{c}_tokens" for c in ai_usage.TOKEN_CLASSES}
 _PAYMENT_KEYS = history.PAYMENT_KEYS
+_PAYMENT_KEY_SET = frozenset(_PAYMENT_KEYS)
+_SEQUENCES = (list, tuple)  # ``list | tuple`` would build its union on every call
 _ZERO = Decimal(0)
 # ``facts.json_text``: canonical JSON (sorted keys); a list of strings has no keys to sort.
 _dumps = orjson.dumps
@@ -66,9 +68,11 @@ def project(fact: Fact, w: BatchWriter) -> None:
     if type(properties) is not dict:
         properties = {}
     balance_rows, wallet_rows, grant_rows, monthly_rows, ai_rows, figure_rows = w.rows_of_tables(_TABLES)
+    transactions = w.appended_of(_TRANSACTIONS)
     # Each row: ``BatchWriter.upsert``'s merge, written out (the row's first change in the batch keeps the
     # fresh dicts; a row seen already takes each value by the rules of ``merge_set`` / ``merge_add``). A row
-    # this handler created has its added columns in ``row.add`` already: adding there directly is that rule.
+    # this handler created has its added columns in ``row.add`` already: adding there directly is that rule, as it is
+    # for any row whose column is in ``row.add`` (the writer never keeps a column in both ``set`` and ``add``).
 
     # balances (balances._project_debit): ledger accounts, the wallet, the grants drawn (facts.posting_sums).
     sums = posting_sums(fact)
@@ -79,6 +83,10 @@ def project(fact: Fact, w: BatchWriter) -> None:
         row = balance_rows.get(row_key)
         if row is None:
             balance_rows[row_key] = _Row({}, {"last_position": position}, {"amount": total})
+        elif "amount" in (row_add := row.add) and "last_position" not in row_add:  # the usual: added to already
+            row.set["last_position"] = position
+            if total:
+                row_add["amount"] += total
         else:
             _merge(row, position, "amount", total)
         if key[0] == RECEIVABLES:
@@ -88,12 +96,20 @@ def project(fact: Fact, w: BatchWriter) -> None:
         row = grant_rows.get(row_key)
         if row is None:
             grant_rows[row_key] = _Row({}, {"last_position": position}, {"remaining": delta})
+        elif "remaining" in (row_add := row.add) and "last_position" not in row_add:
+            row.set["last_position"] = position
+            if delta:
+                row_add["remaining"] += delta
         else:
             _merge(row, position, "remaining", delta)
     recorded_at = fact.recorded_at
-    if wallet or receivable or isinstance(unit, str):
-        for one in (*receivable, *(u for u in wallet if u not in receivable),
-                    *((unit,) if isinstance(unit, str) and unit not in receivable and unit not in wallet else ())):
+    if receivable:
+        touched: Any = (*receivable, *(u for u in wallet if u not in receivable),
+                        *((unit,) if isinstance(unit, str) and unit not in receivable and unit not in wallet else ()))
+    else:  # the usual: the same units in the same order, without building them one by one
+        touched = (*wallet, unit) if isinstance(unit, str) and unit not in wallet else wallet
+    if touched:
+        for one in touched:
             add: dict[str, Any] = {}
             if one in receivable:
                 add["receivable"] = receivable[one]
@@ -120,12 +136,12 @@ def project(fact: Fact, w: BatchWriter) -> None:
     # history.project: one transactions row.
     text_unit = str(unit or "")
     event_ids = cause.get("event_ids") or cause.get("event_id")
-    if isinstance(event_ids, list | tuple):
+    if isinstance(event_ids, _SEQUENCES):
         event_ids = [str(v) for v in event_ids]
     else:
         event_ids = [event_ids] if isinstance(event_ids, str) and event_ids else []
     payment = None
-    for name in _PAYMENT_KEYS:
+    for name in () if _PAYMENT_KEY_SET.isdisjoint(cause) else _PAYMENT_KEYS:
         found = cause.get(name)
         if found and type(found) is str:
             found = found.strip()
@@ -134,18 +150,21 @@ def project(fact: Fact, w: BatchWriter) -> None:
                 break
     quantity_value = cause.get("quantity")
     reference = data.get("command_id")
-    user = first_text(cause.get("user"), properties.get("user"))
+    user = cause.get("user")  # first_text(cause's user, properties' user), written out
+    if type(user) is not str or not user or not (user := user.strip()):
+        user = first_text(properties.get("user"))
     occurred_at = fact.occurred_at
-    w.append(_TRANSACTIONS, (
-        position, tenant, occurred_at, recorded_at, "usage", text_unit, -amount,
-        wallet.get(text_unit, 0), 0, data.get("meter") or None,
-        None if quantity_value is None or quantity_value == "" else str(quantity_value),
-        user or first_text(cause.get("issued_by"), cause.get("requested_by")) or None, None, None,
-        _dumps(event_ids).decode() if event_ids else None, payment,
-        None if reference is None or reference == "" else str(reference),
-        history.give_back_detail(data) if amount < 0 else None,
-        _dumps(cause, option=_SORT_KEYS).decode() if cause else None,
-    ))
+    if position not in transactions:  # BatchWriter.append: an existing row is kept
+        transactions[position] = (
+            position, tenant, occurred_at, recorded_at, "usage", text_unit, -amount,
+            wallet.get(text_unit, 0), 0, data.get("meter") or None,
+            None if quantity_value is None or quantity_value == "" else str(quantity_value),
+            user or first_text(cause.get("issued_by"), cause.get("requested_by")) or None, None, None,
+            _dumps(event_ids).decode() if event_ids else None, payment,
+            None if reference is None or reference == "" else str(reference),
+            history.give_back_detail(data) if amount < 0 else None,
+            _dumps(cause, option=_SORT_KEYS).decode() if cause else None,
+        )
 
     # usage_monthly.project
     meter = str(data["meter"])
@@ -180,14 +199,18 @@ def project(fact: Fact, w: BatchWriter) -> None:
 
     # ai_usage.project
     if cause:
-        model = first_text(properties.get("model"), cause.get("model"))
+        model = properties.get("model")  # first_text(properties' model, cause's model), written out
+        if type(model) is not str or not model or not (model := model.strip()):
+            model = first_text(cause.get("model"))
         if model:
             # ai_usage.project: the event's own quantity (a count meter's or a correction's metered quantity is not
             # its tokens)
             per_class, total_tokens = ai_usage.tokens_by_class(cause, properties,
                                                                decimal_or_none(quantity_value) or _ZERO)
-            row_key = (tenant, month, model, first_text(cause.get("operation"), properties.get("operation")),
-                       user, unit_key)
+            operation = cause.get("operation")  # first_text(cause's, properties' operation)
+            if type(operation) is not str or not operation or not (operation := operation.strip()):
+                operation = first_text(properties.get("operation"))
+            row_key = (tenant, month, model, operation, user, unit_key)
             row = ai_rows.get(row_key)
             if row is None:
                 add = {_TOKEN_COLUMNS[c]: count for c, count in per_class.items()}
@@ -196,12 +219,27 @@ def project(fact: Fact, w: BatchWriter) -> None:
                 add["events"] = 1
                 ai_rows[row_key] = _Row({}, {"last_position": position}, add)
             else:
-                merge_set(row, "last_position", position)
+                row.set["last_position"] = position  # merge_set
+                row_add = row.add
+                if "last_position" in row_add:
+                    del row_add["last_position"]
                 for token_class, count in per_class.items():
-                    merge_add(row, _TOKEN_COLUMNS[token_class], count)
-                merge_add(row, "tokens", total_tokens)
-                merge_add(row, "cost", amount)
-                merge_add(row, "events", 1)
+                    column = _TOKEN_COLUMNS[token_class]
+                    if column in row_add:
+                        if count:
+                            row_add[column] += count
+                    else:
+                        merge_add(row, column, count)
+                if "tokens" in row_add and "cost" in row_add and "events" in row_add:
+                    if total_tokens:
+                        row_add["tokens"] += total_tokens
+                    if amount:
+                        row_add["cost"] += amount
+                    row_add["events"] += 1
+                else:
+                    merge_add(row, "tokens", total_tokens)
+                    merge_add(row, "cost", amount)
+                    merge_add(row, "events", 1)
 
     # figures.project
     overage = int(data.get("overage") or 0)
@@ -214,9 +252,15 @@ def project(fact: Fact, w: BatchWriter) -> None:
                 add["receivables"] = overage
             figure_rows[row_key] = _Row({}, {"last_position": position}, add)
         else:
-            merge_set(row, "last_position", position)
+            row.set["last_position"] = position  # merge_set
+            row_add = row.add
+            if "last_position" in row_add:
+                del row_add["last_position"]
             if amount:
-                merge_add(row, "consumed", amount)
+                if "consumed" in row_add:
+                    row_add["consumed"] += amount
+                else:
+                    merge_add(row, "consumed", amount)
             if overage:
                 merge_add(row, "receivables", overage)
 

@@ -72,8 +72,10 @@ def posting_sums(fact: Fact) -> PostingSums:
     grants: dict[str, int] = {}
     accounts: dict[tuple[str, str], int] = {}
     for line in lines:
-        account, unit, amount = line.get("account"), line["unit"], int(line["amount"])
-        key = (str(account), str(unit))
+        account, unit, amount = line.get("account"), line["unit"], line["amount"]
+        if type(amount) is not int:
+            amount = int(amount)
+        key = (account, unit) if type(account) is str and type(unit) is str else (str(account), str(unit))
         accounts[key] = accounts.get(key, 0) + amount
         if account == WALLET:
             wallet[unit] = wallet.get(unit, 0) - amount

@@ -36,6 +36,7 @@ from billing_projections.limits import (
     REBUILD_WORKERS_MAX,
 )
 from billing_projections.service import ProjectionService
+from billing_projections.store import create_secondary_indexes
 from billing_projections.tuning import gc_tuned, tune_gc
 from billing_runtime.bus import Record
 from billing_runtime.db import Database, PostgresDatabase, SqliteDatabase
@@ -78,7 +79,9 @@ async def rebuild(settings: Settings, *, schema: str | None = None, sqlite_path:
     events share one), so the workers do not contend; each partition keeps its order and its position."""
     db, target = await open_target(settings, schema, sqlite_path)
     try:
-        await ProjectionService(db).drop()
+        # Into empty tables: the secondary indexes are built once the rows are in (one sorted build each), not
+        # maintained row by row during the replay.
+        await ProjectionService(db).drop(secondary_indexes=False)
     except BaseException:
         await db.close()
         raise
@@ -87,6 +90,7 @@ async def rebuild(settings: Settings, *, schema: str | None = None, sqlite_path:
         try:
             events, partitions = await _replay(ProjectionService(db), _embedded_batches(
                 settings.data_dir / "bus.sqlite", batch_records_max))
+            await create_secondary_indexes(db)
         finally:
             await db.close()
         return RebuildReport(target, events, time.monotonic() - started, len(partitions))
@@ -94,6 +98,7 @@ async def rebuild(settings: Settings, *, schema: str | None = None, sqlite_path:
     if not settings.database_url:  # into a SQLite file: one writer
         try:
             events, _ = await _replay(ProjectionService(db), _kafka_batches(settings, batch_records_max, parts))
+            await create_secondary_indexes(db)
         finally:
             await db.close()
         return RebuildReport(target, events, time.monotonic() - started, len(parts))
@@ -116,6 +121,11 @@ async def rebuild(settings: Settings, *, schema: str | None = None, sqlite_path:
         if failed:
             raise failed[0]
         events += sum(int(r) for r in results if not isinstance(r, BaseException))
+    db, _ = await open_target(settings, schema, None)
+    try:
+        await create_secondary_indexes(db, concurrency=count)  # one statement per worker's core
+    finally:
+        await db.close()
     return RebuildReport(target, events, time.monotonic() - started, len(parts))
 
 

@@ -62,9 +62,10 @@ class ProjectionService:
         if await ensure_schema(self.db):
             log.info("projection_schema_created")
 
-    async def drop(self) -> None:
+    async def drop(self, *, secondary_indexes: bool = True) -> None:
+        """Empties the read models (``secondary_indexes=False``: created later, ``store.create_secondary_indexes``)."""
         self._tenants.clear()
-        await reset(self.db)
+        await reset(self.db, secondary_indexes=secondary_indexes)
 
     async def start_positions(self, topic: str, partitions: list[int]) -> dict[int, int]:
         rows = await self.db.fetch("SELECT partition, next_offset FROM positions WHERE topic = $1", topic)

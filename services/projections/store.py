@@ -7,6 +7,8 @@ start again at 0, so the service replays the topic into the new shape by itself.
 
 from __future__ import annotations
 
+import asyncio
+
 from billing_projections import (
     ai_usage,
     balances,
@@ -48,8 +50,13 @@ ALL_TABLES: tuple[Table, ...] = (POSITIONS, *READ_MODEL_TABLES)
 _LEGACY_TABLES = ("wallet_holds",)
 
 
-async def ensure_schema(db: Database) -> bool:
-    """Creates the tables; drops them first when the stored schema version differs. True if it dropped."""
+async def ensure_schema(db: Database, *, secondary_indexes: bool = True) -> bool:
+    """Creates the tables; drops them first when the stored schema version differs. True if it dropped.
+
+    ``secondary_indexes=False`` (a rebuild into empty tables): the tables and their primary keys only;
+    ``create_secondary_indexes`` adds the rest once the rows are in. Every start of the service runs this with
+    them (``CREATE INDEX IF NOT EXISTS``), so a rebuild that stopped half-way leaves no table without its
+    indexes for long."""
     async with db.transaction() as conn:
         if db.dialect == "postgres":
             # Several instances starting together: one migrates, the others wait and find it done.
@@ -62,7 +69,7 @@ async def ensure_schema(db: Database) -> bool:
             await _drop(conn)
             dropped = True
         for table in ALL_TABLES:
-            for statement in table.ddl(db.dialect):
+            for statement in table.ddl(db.dialect, indexes=secondary_indexes):
                 await conn.execute(statement)
         await conn.execute(
             "INSERT INTO projection_meta (name, value) VALUES ('schema_version', $1) "
@@ -70,13 +77,27 @@ async def ensure_schema(db: Database) -> bool:
     return dropped
 
 
-async def reset(db: Database) -> None:
+async def reset(db: Database, *, secondary_indexes: bool = True) -> None:
     """Drops every projection table and creates them empty (``billing projections rebuild``)."""
     async with db.transaction() as conn:
         if db.dialect == "postgres":
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()))")
         await _drop(conn)
-    await ensure_schema(db)
+    await ensure_schema(db, secondary_indexes=secondary_indexes)
+
+
+async def create_secondary_indexes(db: Database, concurrency: int = 1) -> None:
+    """Every table's secondary indexes, ``concurrency`` statements at a time (one connection each).
+
+    A rebuild creates them after its bulk load: maintained row by row during the replay they cost PostgreSQL
+    more CPU than one sorted build each at the end (measured: README "Processes")."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+
+    async def create(statement: str) -> None:
+        async with gate:
+            await db.execute(statement)
+
+    await asyncio.gather(*(create(statement) for table in ALL_TABLES for statement in table.index_ddl()))
 
 
 async def _drop(conn: Connection) -> None:

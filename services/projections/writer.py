@@ -101,7 +101,8 @@ class Table:
         kind = self.column_specs[column].kind
         return 0 if kind is Kind.INT_SUM else "0" if kind is Kind.DEC_SUM else None
 
-    def ddl(self, dialect: str = "sqlite") -> list[str]:
+    def ddl(self, dialect: str = "sqlite", *, indexes: bool = True) -> list[str]:
+        """The table, then its secondary indexes (``indexes=False``: the table alone, see ``index_ddl``)."""
         lines = [f"{name} {sql} NOT NULL" for name, sql in self.key_types.items()]
         lines += [f"{name} {spec.sql}" for name, spec in self.column_specs.items()]
         lines.append(f"PRIMARY KEY ({', '.join(self.key)})")
@@ -110,9 +111,12 @@ class Table:
         storage = f" WITH (fillfactor = {UPDATED_TABLE_FILLFACTOR})" if (
             dialect == "postgres" and not self.append_only) else ""
         statements = [f"CREATE TABLE IF NOT EXISTS {self.name} ({', '.join(lines)}){storage}"]
-        for index, columns in enumerate(self.indexes):
-            statements.append(f"CREATE INDEX IF NOT EXISTS {self.name}_ix{index} ON {self.name} ({columns})")
-        return statements
+        return statements + self.index_ddl() if indexes else statements
+
+    def index_ddl(self) -> list[str]:
+        """The secondary indexes (the primary key is part of the table)."""
+        return [f"CREATE INDEX IF NOT EXISTS {self.name}_ix{index} ON {self.name} ({columns})"
+                for index, columns in enumerate(self.indexes)]
 
 
 class _Row:
@@ -229,6 +233,15 @@ class BatchWriter:
         rows = found[1]
         if key not in rows:
             rows[key] = row
+
+    def appended_of(self, table: Table) -> dict[Any, tuple[Any, ...]]:
+        """The batch's rows of an append-only table with a one-column key, by key, for a handler that appends them
+        itself (``debits.py``: ``append``'s rule, an existing row is kept, without a call per row)."""
+        found = self._appends.get(table.name)
+        if found is None:
+            assert table.append_only and len(table.key) == 1, table.name
+            found = self._appends[table.name] = (table, {})
+        return found[1]
 
     def __len__(self) -> int:
         return (sum(len(rows) for _, rows in self._rows.values())

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from billing_projections import debits
 from billing_projections.facts import Fact
-from billing_projections.service import ProjectionService
+from billing_projections.service import PROJECTIONS, ProjectionService
 from billing_projections.writer import BatchWriter
 
 from tests.unit.projections.conftest import apply, dump, sqlite_service
@@ -135,6 +135,32 @@ def test_a_batch_of_debits_merges_like_the_general_path() -> None:
             handler(fact, general)
     for fact in _facts(SHAPES * 3):
         debits.project(fact, fused)
+    assert _state(fused) == _state(general)
+
+
+def test_debits_merge_like_the_general_path_into_rows_other_events_changed() -> None:
+    """Rows another event of the batch created or set first (a grant, a manual adjustment, an expiry: their columns
+    in ``set``, not ``add``) take the debits' changes alike: the one-pass handler's quick adds are for its own."""
+    granted = {"grant_id": GRANT, "unit": "USD", "amount": 10_000, "priority": 0, "source": "promotion",
+               "effective_at": "2026-11-01T00:00:00+00:00", "expires_at": None, "tax_amount": 0, "cause": {},
+               "postings": [{"account": "promotional_expense", "unit": "USD", "amount": 10_000, "grant_id": GRANT},
+                            {"account": "tenant_wallet", "unit": "USD", "amount": -10_000, "grant_id": GRANT}]}
+    expired = {"grant_id": GRANT, "unit": "USD", "remainder": 70, "at": "2026-11-03T11:00:00+00:00",
+               "postings": [{"account": "tenant_wallet", "unit": "USD", "amount": 70, "grant_id": GRANT},
+                            {"account": "breakage", "unit": "USD", "amount": -70, "grant_id": GRANT}]}
+    events = [("BillingAccount.CreditGranted", granted), *((debits.EVENT_TYPE, d) for d in SHAPES),
+              ("BillingAccount.GrantExpired", expired), *((debits.EVENT_TYPE, d) for d in SHAPES)]
+    facts = [Fact(i + 1, "acct-1", kind, "2026-11-03T10:00:01.000000Z", copy.deepcopy(data), "acme")
+             for i, (kind, data) in enumerate(events)]
+    general, fused = BatchWriter(), BatchWriter()
+    for fact in facts:
+        for module in PROJECTIONS:
+            if (handler := module.handler_for(fact.type)) is not None:
+                handler(fact, general)
+    service = ProjectionService(None)  # type: ignore[arg-type]
+    for fact in copy.deepcopy(facts):
+        for handler in service._handlers_of(fact.type):
+            handler(fact, fused)
     assert _state(fused) == _state(general)
 
 

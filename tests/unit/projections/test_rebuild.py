@@ -6,6 +6,7 @@ from pathlib import Path
 
 from billing_projections.rebuild import rebuild
 from billing_projections.service import ProjectionService
+from billing_projections.store import ALL_TABLES
 from billing_runtime.bus import EmbeddedBus
 from billing_runtime.db import SqliteDatabase
 from billing_runtime.settings import Settings
@@ -35,6 +36,9 @@ async def test_rebuild_from_the_embedded_log_equals_the_live_tables(tmp_path: Pa
     rebuilt = await SqliteDatabase(tmp_path / "rebuilt.sqlite").connect()
     try:
         assert await dump(rebuilt) == await dump(service.db)
+        # The secondary indexes, created after the replay's bulk load, are all there, as the live service has them.
+        assert await _indexes(rebuilt) == await _indexes(service.db) == {
+            f"{table.name}_ix{i}" for table in ALL_TABLES for i in range(len(table.indexes))}
     finally:
         await rebuilt.close()
 
@@ -48,3 +52,6 @@ async def test_rebuild_from_the_embedded_log_equals_the_live_tables(tmp_path: Pa
         await rebuilt.close()
 
 
+async def _indexes(db: SqliteDatabase) -> set[str]:
+    rows = await db.fetch("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex%'")
+    return {str(r["name"]) for r in rows}
