@@ -48,12 +48,12 @@ from billing_ledger.limits import (
 )
 from billing_ledger.pg_recorder import BinaryArrayProcessRecorder
 from billing_ledger.snapshots import Snapshots
-from billing_ledger.transcoder import OrjsonTranscoder
+from billing_ledger.transcoder import OrjsonTranscoder, encode_plain_state
 from billing_runtime.logging import get_logger
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, ProcessRecorder, StoredEvent, Tracking, Transcoder
-from eventsourcing.utils import strtobool
+from eventsourcing.utils import get_topic, strtobool
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -129,6 +129,8 @@ CommandHandler = Callable[["LedgerApplication", "_Batch", LedgerCommand], Any]
 # Events read ahead for a batch's first load: ({aggregate id: version read from}, {aggregate id: events after it}).
 _Known = tuple[Mapping[UUID, int], Mapping[UUID, list[StoredEvent]]]
 HANDLERS: dict[str, CommandHandler] = {}
+# Per event class: its topic, or "" when its state is not exactly its attributes (``_to_stored_events``).
+_TOPICS: dict[type, str] = {}
 
 
 def handles(kind: str) -> Callable[[CommandHandler], CommandHandler]:
@@ -626,8 +628,28 @@ class LedgerApplication(Application[UUID]):
         batch.prefetch({ids.account_id(c.tenant) for c in commands if c.tenant}, [c.command_id for c in commands])
         batch.results = [self._apply_one(batch, command, record_rejections) for command in commands]
         batch.collect()
-        batch.stored = batch.stored_receipts + [self.mapper.to_stored_event(e) for e in batch.processing.events]
+        batch.stored = batch.stored_receipts + self._to_stored_events(batch.processing.events)
         return batch
+
+    def _to_stored_events(self, events: Sequence[Any]) -> list[StoredEvent]:
+        """``self.mapper.to_stored_event`` of each of ``events``: the same stored events, those whose state is
+        plain values (``encode_plain_state``: a usage debit's) encoded without the transcoder's walk."""
+        mapper = self.mapper
+        if mapper.compressor is not None or mapper.cipher is not None or type(mapper.transcoder) is not OrjsonTranscoder:
+            return [mapper.to_stored_event(e) for e in events]
+        stored = []
+        for event in events:
+            cls = type(event)
+            topic = _TOPICS.get(cls)
+            if topic is None:  # class_version > 1 adds a key to the state: such events go the mapper's way
+                topic = _TOPICS[cls] = get_topic(cls) if getattr(cls, "class_version", 1) == 1 else ""
+            state = dict(event.__dict__)
+            originator_id = state.pop("originator_id")
+            originator_version = state.pop("originator_version")
+            encoded = encode_plain_state(state) if topic else None
+            stored.append(mapper.to_stored_event(event) if encoded is None else StoredEvent(
+                originator_id=originator_id, originator_version=originator_version, topic=topic, state=encoded))
+        return stored
 
     def _commit(self, batch: _Batch) -> None:
         if batch.stored or batch.processing.tracking is not None:

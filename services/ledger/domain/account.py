@@ -986,11 +986,13 @@ class BillingAccount(ChainedAggregate):
 
     def _record_usage_debited(self, **kwargs: Any) -> None:
         """``self._usage_debited(**kwargs)``, without eventsourcing's decorator layers (binding, argument coercion
-        and filtering: ~7 us of a usage debit's ~90): every argument is given by name and the one default filled as
+        and filtering: ~7 us of a usage debit's ~90) nor the dataclass's per-field ``__setattr__``: every argument is given by name and the one default filled as
         the library fills it, so the event and its hash are the same (``tests/unit/ledger/test_event_paths.py``);
         a missing or unknown argument fails to construct the event."""
         kwargs.setdefault("absorbed", None)
-        self.trigger_event(self.UsageDebited, **kwargs)
+        # Every caller names the arguments in the event's field order (absorbed last): the event is built and applied
+        # directly (``ChainedAggregate.trigger_complete``; any other order goes ``trigger_event``'s way).
+        self.trigger_complete(self.UsageDebited, kwargs)
 
     @event("UsageDebited")
     def _usage_debited(
@@ -2419,11 +2421,13 @@ class BillingAccount(ChainedAggregate):
     def _check_thresholds(self, unit: str, at: datetime, *, top_up: bool = True) -> None:
         """Records the edge-triggered alerts a movement just caused (called after every movement); ``top_up``
         False: no auto-top-up request (a refund)."""
-        available = self.available(unit)
         alert = self._low_balance.get(unit)
+        rule = self._auto_top_up.get(unit)
+        if alert is None and rule is None:
+            return  # nothing to check: ``available`` (a sum over the unit's grants) is not needed
+        available = self.available(unit)
         if alert is not None and alert["armed"] and available < alert["threshold"]:
             self._low_balance_reached(unit=unit, threshold=alert["threshold"], available=available, at=at)
-        rule = self._auto_top_up.get(unit)
         if rule is None or not rule["armed"] or available >= rule["threshold"] or not top_up:
             return
         amount = rule["package_amount"] if rule["package_code"] is not None else rule["target"] - available
@@ -2567,11 +2571,13 @@ class BillingAccount(ChainedAggregate):
 
     def _update_arming(self, unit: str) -> None:
         """Re-arms the unit's alerts once ``available`` is back at or above their thresholds (derived)."""
-        available = self.available(unit)
         alert = self._low_balance.get(unit)
+        rule = self._auto_top_up.get(unit)
+        if alert is None and rule is None:
+            return  # no alert to arm: ``available`` (a sum over the unit's grants) is not needed
+        available = self.available(unit)
         if alert is not None and available >= alert["threshold"]:
             alert["armed"] = True
-        rule = self._auto_top_up.get(unit)
         if rule is not None and available >= rule["threshold"]:
             rule["armed"] = True
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 from billing_events import ids
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.account import BillingAccount
-from billing_ledger.domain.chain import GENESIS, NOT_CONTENT, ChainedAggregate, chain_hash
+from billing_ledger.domain.chain import GENESIS, NOT_CONTENT, ChainedAggregate, canonical_json, chain_hash
 from eventsourcing.domain import Aggregate
 
 from tests.unit.ledger.ledger_support import apply, command
@@ -44,6 +44,8 @@ def _library_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ChainedAggregate, "trigger_event", _library_trigger_event)
     monkeypatch.setattr(ChainedAggregate.Event, "mutate", _library_mutate)
     monkeypatch.setattr(BillingAccount, "_record_usage_debited", lambda self, **kwargs: self._usage_debited(**kwargs))
+    monkeypatch.setattr(LedgerApplication, "_to_stored_events",
+                        lambda self, events: [self.mapper.to_stored_event(e) for e in events])
 
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
@@ -62,11 +64,18 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[An
                                             "cause": {"period": "2026-11"}}, key="g"),
             command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 3, "meter": "m", "at": at,
                                             "cause": {"event_id": "e"}}, key="d"),
+            # Beyond the credit (draws of every grant left, overage), and causes of odd values.
+            command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 10**15, "meter": "m", "at": at,
+                                            "cause": {"event_id": "é☃\"\n", "n": 1.5, "none": None}}, key="o"),
+            command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 4, "meter": "m", "at": at,
+                                            "cause": {"event_id": "x", "big": 2**70, "nested": {"a": [1, {"b": 2}]}}},
+                    key="x"),
         )
         assert all(r.outcome == "applied" for r in results), results
         account_id = ids.account_id("acme")
+        # As the batches stored them (``_to_stored_events``; the library's paths: the mapper's).
         stored = [(s.originator_id, s.originator_version, s.topic, s.state)
-                  for s in (app.mapper.to_stored_event(e) for e in app.events.get(account_id))]
+                  for s in app.recorder.select_events(account_id)]
         state = {k: v for k, v in vars(app.repository.get(account_id)).items() if k != "_pending_events"}
         return stored, state
     finally:
@@ -82,6 +91,29 @@ def test_short_paths_record_and_replay_what_the_library_does(tmp_path: Path, mon
     assert len(fast_events) >= 14
     assert fast_events == library_events
     assert fast_state == library_state
+
+
+def test_the_chain_hash_written_by_orjson_alone_is_the_canonical_one() -> None:
+    """``chain_hash``'s short path (plain data, UTC datetimes written by orjson) hashes the text ``canonical_json``
+    writes, and data it cannot write alone goes the long way."""
+    grant = str(ids.grant_id("acme", "g"))
+    samples: list[dict[str, Any]] = [
+        {"command_id": ids.grant_id("acme", "c"), "meter": "m", "amount": 5, "at": T0, "credit_grant": None,
+         "postings": [{"account": "tenant_wallet", "unit": "USD", "amount": 5, "grant_id": grant}],
+         "draws": [{"grant_id": grant, "amount": 5}], "cause": {"event_id": "é☃\"", "n": 1.5, "none": None},
+         "absorbed": [{"grant_id": grant, "amount": 1}], "ids": [ids.grant_id("acme", "x")]},
+        {"at": datetime(1, 1, 1, tzinfo=UTC), "later": datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+         "micro": T0 + timedelta(microseconds=1)},
+        {"at": T0.astimezone(timezone(timedelta(hours=5, minutes=30)))}, {"cause": {"at": T0}}, {"big": 2**70},
+        {"tags": {"b", "a"}}, {"nested": {"a": {"b": T0}}}, {"keys": {1: "a"}},
+    ]
+    for data in samples:
+        for timestamp in (T0, T0 + timedelta(microseconds=7), T0.isoformat()):
+            content = canonical_json({"aggregate_id": ids.account_id("acme"), "version": 3, "type": "A.E",
+                                      "timestamp": timestamp if isinstance(timestamp, str) else timestamp.isoformat(),
+                                      "data": data})
+            expected = hashlib.sha256((GENESIS + content).encode()).hexdigest()
+            assert chain_hash(GENESIS, "A.E", ids.account_id("acme"), 3, timestamp, data) == expected, data
 
 
 def test_the_chain_hashes_the_aggregate_id_as_its_canonical_string() -> None:

@@ -9,10 +9,11 @@ from decimal import Decimal
 import orjson
 from billing_ledger.aggregate_cache import AggregateCache
 from billing_ledger.application import LedgerApplication
+from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.receipt import RECORDED_TOPIC, CommandReceipt
 from billing_ledger.pg_recorder import existing_aggregates
-from billing_ledger.transcoder import OrjsonTranscoder
+from billing_ledger.transcoder import OrjsonTranscoder, encode_plain_state
 from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscoder, StoredEvent, UUIDAsHex
 
 from tests.unit.ledger.ledger_support import command, open_account
@@ -47,6 +48,54 @@ def test_orjson_transcoder_writes_the_library_s_bytes() -> None:
         "text": "naïve – ünïcode", "none": None, "flag": True, "amount": -(10**18), "ratio": 0.5,
     }
     assert fast.encode(value) == library.encode(value)
+
+
+def test_plain_states_are_encoded_as_the_walk_encodes_them() -> None:
+    """``encode_plain_state`` (a usage debit's event state) writes the walk's bytes, or declines (``None``)."""
+    fast, library = transcoders()
+    grant = str(uuid.uuid4())
+    usage = {
+        "timestamp": datetime(2026, 11, 21, 10, 0, tzinfo=UTC), "chain_hash": "0" * 64, "command_id": uuid.uuid4(),
+        "meter": "tokens", "unit": "USD", "amount": 2_000,
+        "postings": [{"account": "tenant_wallet", "unit": "USD", "amount": 1_500, "grant_id": grant},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -1_500, "grant_id": grant},
+                     {"account": "receivables", "unit": "USD", "amount": 500, "grant_id": None},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -500, "grant_id": None}],
+        "draws": [{"grant_id": grant, "amount": 1_000}, {"grant_id": str(uuid.uuid4()), "amount": 500}],
+        "overage": 500, "credit_grant": None, "cause": {"event_id": "é☃\"\n", "period": "2026-11", "n": 1.5,
+                                                        "ok": True, "none": None},
+        "at": datetime(1, 1, 1, tzinfo=UTC), "absorbed": [{"grant_id": grant, "amount": 3}], "empty": [],
+        "scalars": [1, "a", None, 2.5], "later": datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    }
+    assert encode_plain_state(usage) == fast.encode(usage) == library.encode(usage)
+    declined = [
+        {"at": datetime(2026, 11, 21, 10, 0, tzinfo=timezone(timedelta(hours=1)))},  # not UTC
+        {"at": datetime(2026, 11, 21, 10, 0)},  # naive
+        {"cause": {"id": uuid.uuid4()}}, {"cause": {"at": datetime.now(UTC)}}, {"cause": {"a": {"b": 1}}},
+        {"draws": [{"grant_id": uuid.uuid4(), "amount": 1}]}, {"draws": [[1]]}, {"draws": ({"a": 1},)},
+        {"price": Decimal("1.5")}, {"big": 2**70}, {"nested_big": {"n": 2**70}}, {"tags": {1, 2}},
+        {"credit_grant": {"grant_id": "g", "effective_at": datetime.now(UTC), "cause": {}}},
+    ]
+    for state in declined:
+        assert encode_plain_state(state) is None, state
+        if "tags" not in state:
+            assert fast.encode(state) == library.encode(state)
+
+
+def test_batches_store_what_the_mapper_stores(app: LedgerApplication) -> None:
+    """``_to_stored_events`` (a batch's events, plain states encoded without the walk) = ``mapper.to_stored_event``."""
+    open_account(app, "acme")
+    at = datetime(2026, 11, 21, 10, 0, tzinfo=UTC).isoformat()
+    app.apply_commands([command("credit.grant", "acme", {"grant_key": f"g{n}", "unit": "USD", "amount": "1",
+                                                         "source": "promotion"}, key=f"g{n}") for n in range(3)])
+    account = app.repository.get(BillingAccount.create_id("acme"))
+    for n, (amount, cause) in enumerate([(2_000_000_000, {"event_id": "x"}), (0, {}), (-7, {"period": "2026-11"}),
+                                         (5, {"event_id": "é☃", "nested": {"a": [1]}, "big": 2**70})]):
+        account.debit_usage(command_id=uuid.uuid4(), unit="USD", amount=amount, meter="m",
+                            at=datetime.fromisoformat(at) + timedelta(seconds=n), overage_policy="overage", cause=cause)
+    events = account.collect_events()
+    assert len(events) >= 4
+    assert app._to_stored_events(events) == [app.mapper.to_stored_event(e) for e in events]
 
 
 def test_orjson_transcoder_tags_datetime_subclasses_as_datetimes() -> None:
