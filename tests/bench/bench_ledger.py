@@ -14,7 +14,9 @@
 2. **Hold decisions**: ``POST /v1/accounts/{tenant}/holds`` through the real HTTP stack (the ledger's
    routes under uvicorn in their own process, a minimal keep-alive client here) at a fixed, open-loop
    offered rate (``--hold-rate``, default 200/s), group commit as in the service; latency measured at the
-   client from when each request was due. Target: p99 < 5 ms. First the floor: a bare one-row INSERT +
+   client (a process of its own: ``measure_holds``) from when each request was due, and from when it was issued
+   (the due figure adds the client's own timer lateness, up to a millisecond of the event loop's resolution, and
+   any wait for a free connection). Target: p99 < 5 ms. First the floor: a bare one-row INSERT +
    COMMIT at the same rate (PostgreSQL's WAL flush on this machine). Then holds on a quiet ledger, then
    the same while another ledger process consumes usage on the same accounts at ``--load-rate`` debits/s
    (as ``LedgerService.handle_records`` does: batches per poll interval split into transactions, retried on
