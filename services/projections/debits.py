@@ -8,19 +8,21 @@ exactly the rows those five handlers write (same keys, same values, same ``set``
 ``BatchWriter.upsert``), reading each field once and adding straight into the
 columns of rows it created itself: 14 us of CPU per debit instead of 24 for the five handlers (the bench's
 events, handlers alone, each batch's events decoded first). The shared rules stay in their modules
-(``facts.posting_sums``, ``ai_usage.tokens_by_class``, ...); a debit whose shape is unusual (it grants
-credit, has no tenant) goes through the five handlers themselves. ``tests/unit/projections/test_debits.py``
+(``facts.posting_sums``, ``ai_usage.tokens_by_class``, ...); their usual cases are written out here (postings of
+text accounts and units walked in place, keyed by their rows' keys; a plain quantity or ``contribution`` and the
+priced token texts decoded without a call each; one event id as is), anything else takes the shared rule. A debit
+whose shape is unusual (it grants credit, has no tenant) goes through the five handlers themselves. ``tests/unit/projections/test_debits.py``
 checks that both paths write identical rows for every shape of debit.
 """
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
 from billing_projections import ai_usage, balances, figures, history, usage_monthly
-from billing_projections.facts import RECEIVABLES, Fact, decimal_or_none, first_text, posting_sums
+from billing_projections.facts import RECEIVABLES, WALLET, Fact, decimal_or_none, first_text, posting_sums
 from billing_projections.writer import BatchWriter, Handler, _Row, merge_add, merge_set
 
 EVENT_TYPE = "BillingAccount.UsageDebited"
@@ -38,6 +40,9 @@ _PAYMENT_KEYS = history.PAYMENT_KEYS
 _PAYMENT_KEY_SET = frozenset(_PAYMENT_KEYS)
 _SEQUENCES = (list, tuple)  # ``list | tuple`` would build its union on every call
 _ZERO = Decimal(0)
+# A cause with none of these keys: usage_monthly.metered_quantity is its quantity (or 0).
+_METERED_KEYS = frozenset(("contribution", "closed", "ai_prices", "quantity_before", "quantity_after", "corrects"))
+_CLASS_NAMES = ai_usage._CLASS_NAMES
 # ``facts.json_text``: canonical JSON (sorted keys); a list of strings has no keys to sort.
 _dumps = orjson.dumps
 _SORT_KEYS = orjson.OPT_SORT_KEYS
@@ -74,12 +79,34 @@ def project(fact: Fact, w: BatchWriter) -> None:
     # this handler created has its added columns in ``row.add`` already: adding there directly is that rule, as it is
     # for any row whose column is in ``row.add`` (the writer never keeps a column in both ``set`` and ``add``).
 
-    # balances (balances._project_debit): ledger accounts, the wallet, the grants drawn (facts.posting_sums).
-    sums = posting_sums(fact)
-    wallet = sums.wallet  # unit -> change of the tenant's wallet
+    # balances (balances._project_debit): ledger accounts, the wallet, the grants drawn (facts.posting_sums, walked
+    # here: each account's sum keyed by its row's key at once, without a ``PostingSums`` per debit).
+    wallet: dict[Any, int] = {}  # unit -> change of the tenant's wallet
+    grants: dict[Any, int] = {}
+    accounts: dict[tuple[str, str, str], int] = {}
+    lines = data.get("postings")
+    if fact.sums is not None or not (type(lines) is list or isinstance(lines, list)):
+        lines = ()  # walked already, or none: posting_sums below
+    for line in lines:
+        account, posted_unit, posted = line.get("account"), line["unit"], line["amount"]
+        if type(account) is not str or type(posted_unit) is not str:
+            lines = None  # keys made with str(): posting_sums' own walk below
+            break
+        if type(posted) is not int:
+            posted = int(posted)
+        row_key = (tenant, account, posted_unit)
+        accounts[row_key] = accounts.get(row_key, 0) + posted
+        if account == WALLET:
+            wallet[posted_unit] = wallet.get(posted_unit, 0) - posted
+            grant = line.get("grant_id")
+            if grant:
+                grants[grant] = grants.get(grant, 0) - posted
+    if not lines:  # no postings, not walked here
+        sums = posting_sums(fact)
+        wallet, grants = sums.wallet, sums.grants
+        accounts = {(tenant, key[0], key[1]): total for key, total in sums.accounts.items()}
     receivable: dict[str, int] = {}
-    for key, total in sums.accounts.items():
-        row_key = (tenant, key[0], key[1])
+    for row_key, total in accounts.items():
         row = balance_rows.get(row_key)
         if row is None:
             balance_rows[row_key] = _Row({}, {"last_position": position}, {"amount": total})
@@ -89,9 +116,9 @@ def project(fact: Fact, w: BatchWriter) -> None:
                 row_add["amount"] += total
         else:
             _merge(row, position, "amount", total)
-        if key[0] == RECEIVABLES:
-            receivable[key[1]] = total
-    for grant_id, delta in sums.grants.items():
+        if row_key[1] == RECEIVABLES:
+            receivable[row_key[2]] = total
+    for grant_id, delta in grants.items():
         row_key = (grant_id,)
         row = grant_rows.get(row_key)
         if row is None:
@@ -136,7 +163,9 @@ def project(fact: Fact, w: BatchWriter) -> None:
     # history.project: one transactions row.
     text_unit = str(unit or "")
     event_ids = cause.get("event_ids") or cause.get("event_id")
-    if isinstance(event_ids, _SEQUENCES):
+    if type(event_ids) is list and len(event_ids) == 1 and type(event_ids[0]) is str:
+        pass  # the usual: one usage event's id (the list of its ``str``s is the same list)
+    elif isinstance(event_ids, _SEQUENCES):
         event_ids = [str(v) for v in event_ids]
     else:
         event_ids = [event_ids] if isinstance(event_ids, str) and event_ids else []
@@ -169,7 +198,30 @@ def project(fact: Fact, w: BatchWriter) -> None:
     # usage_monthly.project
     meter = str(data["meter"])
     unit_key = str(data["unit"])
-    quantity = usage_monthly.metered_quantity(cause)
+    if _METERED_KEYS.isdisjoint(cause):  # metered_quantity of a debit with none of them: its quantity, else 0
+        if type(quantity_value) is str:
+            try:
+                quantity = Decimal(quantity_value)
+            except InvalidOperation:
+                quantity = 0
+            else:
+                if not quantity.is_finite() or not quantity:
+                    quantity = 0
+        else:
+            quantity = decimal_or_none(quantity_value) or 0
+    else:
+        contributed = cause.get("contribution")  # what its event added (rating, since session 9): the usual
+        quantity = None
+        if type(contributed) is str:
+            try:
+                quantity = Decimal(contributed)
+            except InvalidOperation:
+                pass
+            else:
+                if not quantity.is_finite():
+                    quantity = None
+        if quantity is None:
+            quantity = usage_monthly.metered_quantity(cause)
     month = occurred_at[:7]
     usage_type = cause.get("usage_type")
     if type(usage_type) is not str or not (usage_type := usage_type.strip()):
@@ -205,8 +257,32 @@ def project(fact: Fact, w: BatchWriter) -> None:
         if model:
             # ai_usage.project: the event's own quantity (a count meter's or a correction's metered quantity is not
             # its tokens)
-            per_class, total_tokens = ai_usage.tokens_by_class(cause, properties,
-                                                               decimal_or_none(quantity_value) or _ZERO)
+            # (tokens_by_class's first rule written out: the token counts rating priced, a map of decimal texts)
+            per_class: dict[str, Decimal] | None = None
+            priced = cause.get("tokens")
+            if type(priced) is dict:
+                found: dict[str, Decimal] = {}
+                for name, count in priced.items():
+                    token_class = _CLASS_NAMES.get(name) or _CLASS_NAMES.get(str(name).lower())
+                    if not token_class:
+                        continue
+                    if type(count) is str:  # decimal_or_none, written out
+                        try:
+                            number = Decimal(count)
+                        except InvalidOperation:
+                            continue
+                        if not number.is_finite():
+                            continue
+                    else:
+                        number = decimal_or_none(count)
+                        if number is None:
+                            continue
+                    found[token_class] = found[token_class] + number if token_class in found else number
+                if found:
+                    per_class, total_tokens = found, sum(found.values(), _ZERO)
+            if per_class is None:
+                per_class, total_tokens = ai_usage.tokens_by_class(cause, properties,
+                                                                   decimal_or_none(quantity_value) or _ZERO)
             operation = cause.get("operation")  # first_text(cause's, properties' operation)
             if type(operation) is not str or not operation or not (operation := operation.strip()):
                 operation = first_text(properties.get("operation"))

@@ -131,6 +131,19 @@ def business_time(data: dict[str, Any], recorded_at: str) -> str:
 
 
 def utc_text(value: str | datetime) -> str:
+    if type(value) is str and value[10:11] == "T":  # the ledger's own texts, each shape checked by its length
+        size = len(value)
+        if size == 32:
+            if value[19] == "." and value[26:] == "+00:00":
+                return value[:26] + "Z"
+        elif size == 27:
+            if value[19] == "." and value[26] == "Z":
+                return value
+        elif size == 25:
+            if value[19:] == "+00:00":
+                return value[:19] + ".000000Z"
+        elif size == 20 and value[19] == "Z":
+            return value[:19] + ".000000Z"
     if isinstance(value, str) and value.endswith(_UTC_LENGTHS.get(len(value), "?")) and value[10:11] == "T" and (
             len(value) in (20, 25) or value[19] == "."):
         # Already UTC (what the ledger writes): reshaped without parsing, the hot path of a rebuild.

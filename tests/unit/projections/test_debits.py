@@ -98,6 +98,30 @@ SHAPES: list[dict[str, Any]] = [
            postings=[], draws=[]),
     _debit(amount=-50, absorbed="odd"),
     _debit(amount=-50, absorbed=[]),
+    # What the one-pass handler reads its own way (postings walked in place, the usual quantity, contribution and
+    # token texts decoded directly, one event id as is): every other shape of them takes the shared rules.
+    _debit(postings=[{"account": "tenant_wallet", "unit": "USD", "amount": "150", "grant_id": GRANT},
+                     {"account": "tenant_wallet", "unit": "USD", "amount": 50, "grant_id": GRANT},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -150},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -50}]),
+    _debit(postings=[{"account": "tenant_wallet", "unit": "USD", "amount": 200, "grant_id": GRANT},
+                     {"account": 7, "unit": "USD", "amount": -200}]),
+    _debit(postings=[{"account": "tenant_wallet", "unit": "USD", "amount": 200, "grant_id": GRANT},
+                     {"account": "recognised_revenue", "unit": 840, "amount": -200}]),
+    _debit(postings=[{"account": "tenant_wallet", "unit": "USD", "amount": 200}]),
+    _debit(postings=[]),
+    _debit(postings="odd"),
+    *(_debit(cause={**_debit()["cause"], "quantity": quantity}) for quantity in (
+        "0", "-0", "0.000", " 12 ", "1e3", "-5", "Infinity", "NaN", "sNaN", "x", "", 1200, 0, True, None)),
+    *(_debit(cause={**_debit()["cause"], "contribution": contribution}) for contribution in (
+        "1200", "0", "-0.5", " 3 ", "Infinity", "x", "", 7, 0, None, False)),
+    _debit(cause={**_debit()["cause"], "contribution": "2", "closed": True, "event_count": 4}),
+    *(_debit(cause={**_debit()["cause"], "tokens": tokens}) for tokens in (
+        {"input": 1000, "output": "200"}, {"Input": "10", "OUTPUT": " 2 ", "prompt": "3"},
+        {"input": "nan", "output": "-Infinity"}, {"input": "x"}, {"other": "5"}, {}, {"input": None, "cached": 1.5},
+        {"input": "1e2", "cached_input": "0.5", "completion": True}, "odd")),
+    *(_debit(cause={**_debit()["cause"], "event_ids": ids}) for ids in (
+        ["e1", "e2"], [5], [""], [], ("e1",), "e9", None)),
 ]
 
 
