@@ -183,7 +183,8 @@ def project(fact: Fact, w: BatchWriter) -> None:
     if type(user) is not str or not user or not (user := user.strip()):
         user = first_text(properties.get("user"))
     occurred_at = fact.occurred_at
-    if position not in transactions:  # BatchWriter.append: an existing row is kept
+    if position not in transactions and (amount or data.get("postings") or data.get("absorbed")):
+        # BatchWriter.append (an existing row is kept); a debit of 0 is no movement (history.is_free_usage)
         transactions[position] = (
             position, tenant, occurred_at, recorded_at, "usage", text_unit, -amount,
             wallet.get(text_unit, 0), 0, data.get("meter") or None,

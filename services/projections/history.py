@@ -76,6 +76,8 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": "purchase" if d.get("source") == "purchase" else "grant", "amount": int(d["amount"]),
                 "grant_id": d.get("grant_id"), "user_id": d.get("granted_by"), "detail": d.get("source")}
     if name == "UsageDebited":
+        if is_free_usage(d):
+            return None
         return {"type": "usage", "amount": -int(d["amount"]), "reference": d.get("command_id"),
                 "detail": give_back_detail(d) if int(d["amount"]) < 0 else None}
     if name == "UsageRejected":
@@ -126,6 +128,12 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": "payment_refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
                 "reference": d.get("refund_id"), "detail": _tax_detail(d)}
     return None
+
+
+def is_free_usage(data: dict[str, Any]) -> bool:
+    """A debit of 0 (usage that cost nothing, sent by rating for the monthly summary's quantity): nothing moved, so
+    it is no movement of the history (a free tier's 10,000 calls would be 10,000 rows of 0.00)."""
+    return int(data["amount"]) == 0 and not data.get("postings") and not data.get("absorbed")
 
 
 def give_back_detail(data: dict[str, Any]) -> str:

@@ -33,7 +33,8 @@ from billing_runtime.db import Connection, Database
 # 12: grants.drawable_until (a rollover plan credit; "expiring soon" looks at the earlier of it and expires_at); the
 #     history lists an invoice's usage lines' rounding (invoice_rounding, invoice_rounding_reversed) and says what
 #     of a give-back was absorbed (detail ``give-back; absorbed N``).
-SCHEMA_VERSION = "12"
+# 13: the history leaves out debits of 0 (usage that cost nothing: no movement); the monthly summary keeps them.
+SCHEMA_VERSION = "13"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

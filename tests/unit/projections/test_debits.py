@@ -135,7 +135,7 @@ def _state(writer: BatchWriter) -> tuple[Any, Any]:
     writer sorts them before writing); appended rows stay in their order (the order they are copied in)."""
     rows = {name: sorted(((key, (row.init, row.set, row.add)) for key, row in found[1].items()), key=repr)
             for name, found in writer._rows.items() if found[1]}  # a table without rows writes nothing
-    appends = {name: list(found[1].items()) for name, found in writer._appends.items()}
+    appends = {name: list(found[1].items()) for name, found in writer._appends.items() if found[1]}
     return repr(sorted(rows.items())), repr(sorted(appends.items()))
 
 

@@ -120,3 +120,21 @@ async def test_a_correction_within_the_allowance_and_trial_usage_count_at_no_cos
         assert [(e.amount, e.postings) for e in debits] == [(0, []), (0, []), (0, [])]
         records = ledger_records(stack)
     assert await monthly(records, tmp_path / "p.sqlite") == {"api_calls": ("5700", 0, 3)}
+
+
+async def test_the_history_lists_what_usage_charged_and_leaves_out_usage_that_cost_nothing(tmp_path: Path) -> None:
+    async with wired_stack(tmp_path, CATALOG) as stack:
+        stack.run("subscription.create", NOV_1, key="m", plan="p")
+        await pump(stack)
+        # 800 within the allowance (free), then 300 of which 100 beyond it (1.00)
+        await use(stack, [("a1", "api_calls", "800", day(2), None), ("a2", "api_calls", "300", day(3), None)])
+        await pump(stack)
+        records = ledger_records(stack)
+    async with sqlite_service(tmp_path / "p.sqlite") as service:
+        await apply(service, records)
+        usage = await service.db.fetch("SELECT amount, quantity, event_ids FROM transactions "
+                                       "WHERE tenant = 'acme' AND type = 'usage' ORDER BY position")
+        summary = await service.db.fetch("SELECT quantity FROM usage_monthly WHERE tenant = 'acme'")
+    # A free tier's every call used to be a history row of 0.00 ("Usage", nothing moved).
+    assert [(int(r["amount"]), r["quantity"], r["event_ids"]) for r in usage] == [(-1 * U, "300", '["a2"]')]
+    assert [str(Decimal(r["quantity"])) for r in summary] == ["1100"]  # the summary still counts the free 800
