@@ -81,6 +81,12 @@ class Table:
         return frozenset(name for name, kind in self.columns.items() if kind is Kind.DEC_SUM)
 
     @cached_property
+    def stated_defaults(self) -> frozenset[str]:
+        """Value columns whose DDL states a default of its own (not ``default``'s NULL): an INSERT always gives them."""
+        return frozenset(name for name, spec in self.column_specs.items()
+                         if spec.kind is Kind.VALUE and "DEFAULT" in spec.sql.upper())
+
+    @cached_property
     def defaults(self) -> dict[str, Any]:
         return {name: self.default(name) for name in self.column_specs}
 
@@ -327,11 +333,13 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
     decimals = table.decimal_columns
     decimal_others = tuple(c for c in others if c in decimals)
     required = table.required
+    postgres = dialect == "postgres"
     # A row's values in column order: set, else added, else init, else the default (one dict, then C code).
     pick = itemgetter(*others) if len(others) > 1 else (lambda found: (found[others[0]],))
-    shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[tuple[str, ...], tuple[str, ...]]] = {}
-    upserts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
-    updates: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
+    shapes: dict[tuple[tuple[str, ...], ...], _Shape] = {}
+    distinct: dict[tuple[tuple[str, ...], ...], _Shape] = {}
+    upserts: dict[_Shape, list[list[Any]]] = {}
+    updates: dict[_Shape, list[list[Any]]] = {}
     try:
         ordered = sorted(rows)  # a table's keys have the same types in the same places: tuples compare
     except TypeError:
@@ -339,10 +347,13 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
     for key in ordered:
         row = rows[key]
         row_set, row_add, row_init = row.set, row.add, row.init
-        seen = (tuple(row_set), tuple(row_add))  # insertion order: the same few recur, sorted once each
+        # Insertion order: the same few recur, sorted once each. On PostgreSQL a new row is given only the
+        # columns its changes name (``_Shape``), so the shape counts the init columns too.
+        seen = (tuple(row_set), tuple(row_add), tuple(row_init)) if postgres else (tuple(row_set), tuple(row_add))
         shape = shapes.get(seen)
         if shape is None:
-            shape = shapes[seen] = (tuple(sorted(row_set)), tuple(sorted(row_add)))
+            shape = _Shape.of(table, row_set, row_add, row_init if postgres else None)
+            shape = shapes[seen] = distinct.setdefault(shape.key, shape)  # one object per shape: hashed by id
         if decimals:
             for column in decimals.intersection(row_set):
                 row_set[column] = _decimal_text(row_set[column])
@@ -350,8 +361,22 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
             # Not enough to create the row (e.g. a grant's balance change): it exists already, update it.
             if row_set or row_add:
                 updates.setdefault(shape, []).append(
-                    [row_set[c] for c in shape[0]]
-                    + [_decimal_text(row_add[c]) if c in decimals else row_add[c] for c in shape[1]] + list(key))
+                    [row_set[c] for c in shape.set_columns]
+                    + [_decimal_text(row_add[c]) if c in decimals else row_add[c] for c in shape.add_columns]
+                    + list(key))
+            continue
+        if postgres:
+            # Set, else added, else init (the table's defaults fill the columns left out, the same values).
+            found = shape.given.copy()
+            if row_init:
+                found.update(row_init)
+            found.update(row_add)
+            found.update(row_set)
+            for column in shape.decimals_unset:
+                found[column] = _decimal_text(found[column])
+            values = list(key)
+            values += shape.pick(found)
+            upserts.setdefault(shape, []).append(values)
             continue
         found = defaults.copy()
         if row_init:
@@ -364,19 +389,20 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
         values = list(key)
         values += pick(found)
         upserts.setdefault(shape, []).append(values)
-    if dialect == "postgres":
+    if postgres:
         await _write_unnested(conn, table, upserts, updates)
         return
     columns = table.all_columns
-    for (set_columns, add_columns), params in upserts.items():
-        changes = [f"{c} = excluded.{c}" for c in set_columns]
-        changes += [f"{c} = {_sum(table, c, f'{table.name}.{c}', f'excluded.{c}')}" for c in add_columns]
+    for shape, params in upserts.items():
+        changes = [f"{c} = excluded.{c}" for c in shape.set_columns]
+        changes += [f"{c} = {_sum(table, c, f'{table.name}.{c}', f'excluded.{c}')}" for c in shape.add_columns]
         placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
         action = f"DO UPDATE SET {', '.join(changes)}" if changes else "DO NOTHING"
         await conn.executemany(
             f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
             f"ON CONFLICT ({', '.join(table.key)}) {action}", params)
-    for (set_columns, add_columns), params in updates.items():
+    for shape, params in updates.items():
+        set_columns, add_columns = shape.set_columns, shape.add_columns
         changes = [f"{c} = ${i + 1}" for i, c in enumerate(set_columns)]
         changes += [f"{c} = {_sum(table, c, c, f'${len(set_columns) + i + 1}')}" for i, c in enumerate(add_columns)]
         first_key = len(set_columns) + len(add_columns) + 1
@@ -384,7 +410,46 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
         await conn.executemany(f"UPDATE {table.name} SET {', '.join(changes)} WHERE {where}", params)
 
 
-Shapes = dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]]
+class _Shape:
+    """The columns one kind of row change names: set, added, and (PostgreSQL) the columns a new row is given.
+
+    On PostgreSQL an upsert inserts the key and the columns the row's changes name (set, added, init) and
+    leaves every other column to the table's DDL default, which is the writer's default (``Table.default``:
+    0, '0', NULL; a column whose DDL has another default is always given). Measured on live polls of ~440
+    debits: figures_daily's 18 columns become 5, wallets' 10 become 5, ~15 % less PostgreSQL CPU per event.
+    """
+
+    __slots__ = ("add_columns", "columns", "decimals_unset", "given", "pick", "set_columns")
+
+    def __init__(self, set_columns: tuple[str, ...], add_columns: tuple[str, ...], columns: tuple[str, ...],
+                 decimals_unset: tuple[str, ...], given: dict[str, Any] | None = None) -> None:
+        self.set_columns = set_columns
+        self.add_columns = add_columns
+        self.columns = columns  # the non-key columns an INSERT gives (PostgreSQL); every one elsewhere
+        self.decimals_unset = decimals_unset  # decimal columns among them whose value is not set (made text)
+        self.given = given or {}  # columns always given, with the writer's default (``Table.stated_defaults``)
+        self.pick: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+            itemgetter(*columns) if len(columns) > 1 else
+            (lambda found: (found[columns[0]],)) if columns else (lambda found: ()))
+
+    @classmethod
+    def of(cls, table: Table, row_set: dict[str, Any], row_add: dict[str, Any],
+           row_init: dict[str, Any] | None) -> _Shape:
+        set_columns, add_columns = tuple(sorted(row_set)), tuple(sorted(row_add))
+        if row_init is None:
+            return cls(set_columns, add_columns, tuple(table.column_specs), ())
+        named = set(row_set) | set(row_add) | set(row_init) | table.stated_defaults
+        columns = tuple(c for c in table.column_specs if c in named)
+        decimals_unset = tuple(c for c in columns if c in table.decimal_columns and c not in row_set)
+        return cls(set_columns, add_columns, columns, decimals_unset,
+                   {c: table.default(c) for c in table.stated_defaults})
+
+    @property
+    def key(self) -> tuple[tuple[str, ...], ...]:
+        return (self.set_columns, self.add_columns, self.columns)
+
+
+Shapes = dict[_Shape, list[list[Any]]]
 
 
 async def _write_unnested(conn: Connection, table: Table, upserts: Shapes, updates: Shapes) -> None:
@@ -398,20 +463,21 @@ async def _write_unnested(conn: Connection, table: Table, upserts: Shapes, updat
     2,000 ten-column rows, 2.5 us of client CPU and 8 us of server time per row, against 0.13 and 4.1 here.
     """
     name, types = table.name, table.sql_types
-    columns = table.all_columns
 
     def rows(names: tuple[str, ...]) -> str:
         picked = ", ".join(f"(r->>{i})::{types[c]} AS {c}" for i, c in enumerate(names))
         return f"SELECT {picked} FROM jsonb_array_elements($1::jsonb) AS r"
 
-    for (set_columns, add_columns), params in upserts.items():
-        changes = [f"{c} = excluded.{c}" for c in set_columns]
-        changes += [f"{c} = {_sum(table, c, f'{name}.{c}', f'excluded.{c}')}" for c in add_columns]
+    for shape, params in upserts.items():
+        changes = [f"{c} = excluded.{c}" for c in shape.set_columns]
+        changes += [f"{c} = {_sum(table, c, f'{name}.{c}', f'excluded.{c}')}" for c in shape.add_columns]
         action = f"DO UPDATE SET {', '.join(changes)}" if changes else "DO NOTHING"
+        columns = table.key + shape.columns
         await conn.execute(
             f"INSERT INTO {name} ({', '.join(columns)}) {rows(columns)} ON CONFLICT ({', '.join(table.key)}) {action}",
             _json_rows(params))
-    for (set_columns, add_columns), params in updates.items():
+    for shape, params in updates.items():
+        set_columns, add_columns = shape.set_columns, shape.add_columns
         names = set_columns + add_columns + table.key
         changes = [f"{c} = v.{c}" for c in set_columns]
         changes += [f"{c} = {_sum(table, c, f'{name}.{c}', f'v.{c}')}" for c in add_columns]

@@ -1,5 +1,7 @@
 """The batch writer on real PostgreSQL writes exactly the rows it writes on SQLite (the tested reference):
-upserts and updates of every column kind, sent as one JSON array per statement (``writer._write_unnested``)."""
+upserts and updates of every column kind, sent as one JSON array per statement (``writer._write_unnested``). On
+PostgreSQL a new row is given only the columns its changes name (``writer._Shape``), the table's defaults the rest;
+SQLite is given every column: the rows must be the same."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ pytestmark = pytest.mark.integration
 # ``unit`` is required (NOT NULL, no default): a change without it can only update an existing row.
 T = Table("t", {"k": "TEXT", "p": "INTEGER"}, {
     "unit": value("TEXT NOT NULL"), "n": INT_SUM, "q": DEC_SUM, "note": value("TEXT"), "at": value("BIGINT"),
+    # A default of its own in the DDL: the writer's is NULL, so PostgreSQL must be given the column too.
+    "tag": value("TEXT DEFAULT 'untagged'"),
 })
 ODD_TEXTS = ["plain", "quote ' and \" both", "back\\slash", "ünïcödé ✓ 日本", '{"looks": ["like", "json"]}', "",
              "null", "tab\tnew\nline"]
@@ -39,6 +43,7 @@ def _batches() -> list[list[Op]]:
         later.append(((text, i), None, {"note": text[::-1], "at": -5}, None))
     later.append((("missing", 0), None, None, {"n": 1}))  # no row and no unit: nothing to update
     later.append((("new", 0), {"unit": "EUR"}, None, {"q": Decimal("2.50")}))
+    later.append((("init and add", 0), {"unit": "USD", "n": 5, "note": "init"}, None, {"n": 3}))
     return [first, later]
 
 
@@ -52,8 +57,8 @@ async def _apply(db: Database, dialect: str) -> list[tuple[Any, ...]]:
             writer.upsert(T, key, init=init, set=set_, add=add)
         async with db.transaction() as conn:
             await writer.flush(conn, dialect)
-    rows = await db.fetch("SELECT k, p, unit, n, q, note, at FROM t")
-    return sorted((tuple(r[c] for c in ("k", "p", "unit", "n", "q", "note", "at")) for r in rows), key=repr)
+    rows = await db.fetch("SELECT k, p, unit, n, q, note, at, tag FROM t")
+    return sorted((tuple(r[c] for c in ("k", "p", "unit", "n", "q", "note", "at", "tag")) for r in rows), key=repr)
 
 
 @pytest.fixture
@@ -77,5 +82,6 @@ async def test_postgres_writes_the_rows_sqlite_writes(postgres: PostgresDatabase
     assert found == expected
     by_key = {(row[0], row[1]): row for row in found}
     assert ("missing", 0) not in by_key
-    assert by_key[("new", 0)][2:5] == ("EUR", 0, "2.5")
-    assert by_key[("ünïcödé ✓ 日本", 3)][3:] == (-(2**40) - 3 + 10, "998.85", "本日 ✓ édöcïnü", -5)
+    assert by_key[("new", 0)][2:] == ("EUR", 0, "2.5", None, None, None)
+    assert by_key[("init and add", 0)][2:] == ("USD", 3, "0", "init", None, None)
+    assert by_key[("ünïcödé ✓ 日本", 3)][3:7] == (-(2**40) - 3 + 10, "998.85", "本日 ✓ édöcïnü", -5)
