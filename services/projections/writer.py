@@ -328,32 +328,26 @@ def _decimal_text(value: Any) -> str:
 
 
 async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Row], dialect: str) -> None:
+    if dialect == "postgres":
+        await _write_postgres(conn, table, rows)
+        return
     others = tuple(table.column_specs)
     defaults = table.defaults
     decimals = table.decimal_columns
     decimal_others = tuple(c for c in others if c in decimals)
     required = table.required
-    postgres = dialect == "postgres"
     # A row's values in column order: set, else added, else init, else the default (one dict, then C code).
     pick = itemgetter(*others) if len(others) > 1 else (lambda found: (found[others[0]],))
-    shapes: dict[tuple[tuple[str, ...], ...], _Shape] = {}
-    distinct: dict[tuple[tuple[str, ...], ...], _Shape] = {}
-    upserts: dict[_Shape, list[list[Any]]] = {}
-    updates: dict[_Shape, list[list[Any]]] = {}
-    try:
-        ordered = sorted(rows)  # a table's keys have the same types in the same places: tuples compare
-    except TypeError:
-        ordered = sorted(rows, key=_sort_key)
-    for key in ordered:
+    shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    upserts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
+    updates: dict[tuple[tuple[str, ...], tuple[str, ...]], list[list[Any]]] = {}
+    for key in _ordered(rows):
         row = rows[key]
         row_set, row_add, row_init = row.set, row.add, row.init
-        # Insertion order: the same few recur, sorted once each. On PostgreSQL a new row is given only the
-        # columns its changes name (``_Shape``), so the shape counts the init columns too.
-        seen = (tuple(row_set), tuple(row_add), tuple(row_init)) if postgres else (tuple(row_set), tuple(row_add))
+        seen = (tuple(row_set), tuple(row_add))  # insertion order: the same few recur, sorted once each
         shape = shapes.get(seen)
         if shape is None:
-            shape = _Shape.of(table, row_set, row_add, row_init if postgres else None)
-            shape = shapes[seen] = distinct.setdefault(shape.key, shape)  # one object per shape: hashed by id
+            shape = shapes[seen] = (tuple(sorted(row_set)), tuple(sorted(row_add)))
         if decimals:
             for column in decimals.intersection(row_set):
                 row_set[column] = _decimal_text(row_set[column])
@@ -361,22 +355,8 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
             # Not enough to create the row (e.g. a grant's balance change): it exists already, update it.
             if row_set or row_add:
                 updates.setdefault(shape, []).append(
-                    [row_set[c] for c in shape.set_columns]
-                    + [_decimal_text(row_add[c]) if c in decimals else row_add[c] for c in shape.add_columns]
-                    + list(key))
-            continue
-        if postgres:
-            # Set, else added, else init (the table's defaults fill the columns left out, the same values).
-            found = shape.given.copy()
-            if row_init:
-                found.update(row_init)
-            found.update(row_add)
-            found.update(row_set)
-            for column in shape.decimals_unset:
-                found[column] = _decimal_text(found[column])
-            values = list(key)
-            values += shape.pick(found)
-            upserts.setdefault(shape, []).append(values)
+                    [row_set[c] for c in shape[0]]
+                    + [_decimal_text(row_add[c]) if c in decimals else row_add[c] for c in shape[1]] + list(key))
             continue
         found = defaults.copy()
         if row_init:
@@ -389,20 +369,16 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
         values = list(key)
         values += pick(found)
         upserts.setdefault(shape, []).append(values)
-    if postgres:
-        await _write_unnested(conn, table, upserts, updates)
-        return
     columns = table.all_columns
-    for shape, params in upserts.items():
-        changes = [f"{c} = excluded.{c}" for c in shape.set_columns]
-        changes += [f"{c} = {_sum(table, c, f'{table.name}.{c}', f'excluded.{c}')}" for c in shape.add_columns]
+    for (set_columns, add_columns), params in upserts.items():
+        changes = [f"{c} = excluded.{c}" for c in set_columns]
+        changes += [f"{c} = {_sum(table, c, f'{table.name}.{c}', f'excluded.{c}')}" for c in add_columns]
         placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
         action = f"DO UPDATE SET {', '.join(changes)}" if changes else "DO NOTHING"
         await conn.executemany(
             f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
             f"ON CONFLICT ({', '.join(table.key)}) {action}", params)
-    for shape, params in updates.items():
-        set_columns, add_columns = shape.set_columns, shape.add_columns
+    for (set_columns, add_columns), params in updates.items():
         changes = [f"{c} = ${i + 1}" for i, c in enumerate(set_columns)]
         changes += [f"{c} = {_sum(table, c, c, f'${len(set_columns) + i + 1}')}" for i, c in enumerate(add_columns)]
         first_key = len(set_columns) + len(add_columns) + 1
@@ -410,46 +386,103 @@ async def _write(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Ro
         await conn.executemany(f"UPDATE {table.name} SET {', '.join(changes)} WHERE {where}", params)
 
 
-class _Shape:
-    """The columns one kind of row change names: set, added, and (PostgreSQL) the columns a new row is given.
+def _ordered(rows: dict[tuple[Any, ...], _Row]) -> list[tuple[Any, ...]]:
+    try:
+        return sorted(rows)  # a table's keys have the same types in the same places: tuples compare
+    except TypeError:
+        return sorted(rows, key=_sort_key)
 
-    On PostgreSQL an upsert inserts the key and the columns the row's changes name (set, added, init) and
-    leaves every other column to the table's DDL default, which is the writer's default (``Table.default``:
-    0, '0', NULL; a column whose DDL has another default is always given). Measured on live polls of ~440
-    debits: figures_daily's 18 columns become 5, wallets' 10 become 5, ~15 % less PostgreSQL CPU per event.
+
+async def _write_postgres(conn: Connection, table: Table, rows: dict[tuple[Any, ...], _Row]) -> None:
+    """``_write`` on PostgreSQL: the same rows, merged by the same rules, with less work per row.
+
+    A new row is given only the columns its changes name (set, added, init) and the table's defaults, which are
+    the writer's (``Table.default``: 0, '0', NULL; a column whose DDL has another default is always given), fill
+    the rest: figures_daily's upsert for a debit names 5 of its 18 columns. What a row's change does depends only
+    on which columns it names, so that is decided once per kind of change (``_Shape``), and a row whose set and
+    added columns come in its statement's order (every debit's do) is sent as its dicts' values, without a dict
+    per row. The SQLite path is the reference: ``tests/integration/test_projections_writer_postgres.py``.
     """
+    decimals = table.decimal_columns
+    shapes: dict[tuple[tuple[str, ...], ...], _Shape] = {}
+    statements: dict[tuple[Any, ...], _Shape] = {}
+    upserts: Shapes = {}
+    updates: Shapes = {}
+    for key in _ordered(rows):
+        row = rows[key]
+        row_set, row_add, row_init = row.set, row.add, row.init
+        seen = (tuple(row_set), tuple(row_add), tuple(row_init)) if row_init else (tuple(row_set), tuple(row_add))
+        shape = shapes.get(seen)
+        if shape is None:
+            shape = shapes[seen] = _Shape(table, row_set, row_add, row_init, statements)
+        if decimals:
+            for column in shape.set_decimals:
+                row_set[column] = _decimal_text(row_set[column])
+            for column in shape.add_decimals:
+                row_add[column] = _decimal_text(row_add[column])
+        if shape.update:
+            # Not enough to create the row (e.g. a grant's balance change): it exists already, update it.
+            if row_set or row_add:
+                statement = shape.statement
+                updates.setdefault(statement, []).append(
+                    [*row_set.values(), *row_add.values(), *key] if shape.direct else
+                    [row_set[c] for c in statement.set_columns] + [row_add[c] for c in statement.add_columns]
+                    + list(key))
+            continue
+        if shape.direct:
+            upserts.setdefault(shape.statement, []).append([*key, *row_set.values(), *row_add.values()])
+            continue
+        # Set, else added, else init, else the default (columns always given).
+        found = shape.given.copy()
+        if row_init:
+            found.update(row_init)
+        found.update(row_add)
+        found.update(row_set)
+        for column in shape.init_decimals:
+            found[column] = _decimal_text(found[column])
+        values = list(key)
+        values += shape.statement.pick(found)
+        upserts.setdefault(shape.statement, []).append(values)
+    await _write_unnested(conn, table, upserts, updates)
 
-    __slots__ = ("add_columns", "columns", "decimals_unset", "given", "pick", "set_columns")
 
-    def __init__(self, set_columns: tuple[str, ...], add_columns: tuple[str, ...], columns: tuple[str, ...],
-                 decimals_unset: tuple[str, ...], given: dict[str, Any] | None = None) -> None:
-        self.set_columns = set_columns
-        self.add_columns = add_columns
-        self.columns = columns  # the non-key columns an INSERT gives (PostgreSQL); every one elsewhere
-        self.decimals_unset = decimals_unset  # decimal columns among them whose value is not set (made text)
-        self.given = given or {}  # columns always given, with the writer's default (``Table.stated_defaults``)
+class _Shape:
+    """One kind of row change on PostgreSQL (which columns it sets, adds and inits, in their dicts' order), and
+    the statement its rows go to (``statement``: the first shape seen with the same columns, whatever their
+    order, and the same choice of insert or update; its ``columns`` are what its INSERT gives)."""
+
+    __slots__ = ("add_columns", "add_decimals", "columns", "direct", "given", "init_decimals", "pick",
+                 "set_columns", "set_decimals", "statement", "update")
+
+    def __init__(self, table: Table, row_set: dict[str, Any], row_add: dict[str, Any], row_init: dict[str, Any],
+                 statements: dict[tuple[Any, ...], _Shape]) -> None:
+        decimals = table.decimal_columns
+        self.set_columns, self.add_columns = tuple(row_set), tuple(row_add)
+        self.set_decimals = tuple(c for c in row_set if c in decimals)
+        self.add_decimals = tuple(c for c in row_add if c in decimals)
+        required = table.required
+        self.update = bool(required) and not required <= set(row_init) | set(row_set)
+        stated = table.stated_defaults
+        named = set(row_set) | set(row_add) | set(row_init) | stated
+        # The INSERT's columns: set, then added, in their order, then the rest named (init, stated defaults).
+        self.columns = self.set_columns + self.add_columns + tuple(
+            c for c in table.column_specs if c in named and c not in row_set and c not in row_add)
+        self.init_decimals = tuple(c for c in self.columns
+                                   if c in decimals and c not in row_set and c not in row_add)
+        self.given = {c: table.default(c) for c in stated}
+        columns = self.columns
         self.pick: Callable[[dict[str, Any]], tuple[Any, ...]] = (
             itemgetter(*columns) if len(columns) > 1 else
             (lambda found: (found[columns[0]],)) if columns else (lambda found: ()))
-
-    @classmethod
-    def of(cls, table: Table, row_set: dict[str, Any], row_add: dict[str, Any],
-           row_init: dict[str, Any] | None) -> _Shape:
-        set_columns, add_columns = tuple(sorted(row_set)), tuple(sorted(row_add))
-        if row_init is None:
-            return cls(set_columns, add_columns, tuple(table.column_specs), ())
-        named = set(row_set) | set(row_add) | set(row_init) | table.stated_defaults
-        columns = tuple(c for c in table.column_specs if c in named)
-        decimals_unset = tuple(c for c in columns if c in table.decimal_columns and c not in row_set)
-        return cls(set_columns, add_columns, columns, decimals_unset,
-                   {c: table.default(c) for c in table.stated_defaults})
-
-    @property
-    def key(self) -> tuple[tuple[str, ...], ...]:
-        return (self.set_columns, self.add_columns, self.columns)
+        same = (self.update, tuple(sorted(row_set)), tuple(sorted(row_add)), tuple(sorted(columns)))
+        self.statement = statements.setdefault(same, self)
+        # The row's values are its dicts' values: no init, nothing else given, and the statement's order.
+        self.direct = (self.statement.set_columns == self.set_columns
+                       and self.statement.add_columns == self.add_columns
+                       and (self.update or (not row_init and not stated)))
 
 
-Shapes = dict[_Shape, list[list[Any]]]
+Shapes = dict[Any, list[list[Any]]]
 
 
 async def _write_unnested(conn: Connection, table: Table, upserts: Shapes, updates: Shapes) -> None:
