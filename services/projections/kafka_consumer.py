@@ -22,7 +22,6 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from billing_events import topics
 from billing_projections.limits import CONSUMER_BATCH_RECORDS_MAX, CONSUMER_RETRY_SECONDS_MAX
 from billing_projections.service import ProjectionService
-from billing_runtime.bus import Record
 from billing_runtime.logging import get_logger
 from billing_runtime.settings import Settings
 from prometheus_client import Histogram
@@ -66,8 +65,10 @@ async def consume_ledger_events(settings: Settings, service: ProjectionService, 
         while not stopping.is_set():
             fetched = await consumer.getmany(timeout_ms=settings.poll_timeout_ms,
                                              max_records=CONSUMER_BATCH_RECORDS_MAX)
-            batches = [[Record(topics.LEDGER_EVENTS, r.partition, r.offset, r.key, r.value or b"",
-                               tuple(r.headers or ())) for r in raw] for raw in fetched.values() if raw]
+            # The client's own records, as a rebuild passes them (no ``Record`` copy of each: ~2 us per record;
+            # ``handle_partitions`` reads their partition, offset, headers and value, and names the positions
+            # after ``topic``).
+            batches: list[list[Any]] = [raw for raw in fetched.values() if raw]
             if not batches:
                 continue
             began = time.monotonic()
@@ -113,12 +114,12 @@ class _Progress:
             self.reset()
 
 
-async def _apply(service: ProjectionService, batches: list[list[Record]], stopping: asyncio.Event) -> bool:
+async def _apply(service: ProjectionService, batches: list[list[Any]], stopping: asyncio.Event) -> bool:
     """Until it succeeds (infrastructure errors are retried, never skipped); False when stopping first."""
     delay = 0.1
     while True:
         try:
-            await service.handle_partitions(batches)
+            await service.handle_partitions(batches, topics.LEDGER_EVENTS)
             return True
         except asyncio.CancelledError:
             raise
