@@ -28,7 +28,10 @@
    on the same store (its Kafka consumer, outbox relay publishing every hold's events, sweeper and the
    other background tasks in the process), not only its HTTP routes: what a caller of a deployed ledger
    sees.
-4. **A busy account** (``--busy-account LIVE``): against the service too, one account gets ``LIVE`` holds over
+4. **Debits through the service** (``--service-debits N``): N usage.debit commands published to the namespace's
+   Kafka topic, then ``billing serve ledger`` started: debits/s from its first applied command to its last, with
+   everything the service does meanwhile (its consumer, decoding, relay), its CPU per debit and the machine's.
+5. **A busy account** (``--busy-account LIVE``): against the service too, one account gets ``LIVE`` holds over
    20 s (each living 60 s), then holds at 50/s for 90 s, while the sweeper expires the earlier ones in parts
    of 50 per transaction on the same account: p50/p95/p99 overall and while they expire (an account with
    3,000 live holds carries about 1 MB of state, so every replay of it is expensive).
@@ -513,6 +516,64 @@ async def busy_account_holds(port: int, tenant: str, live: int, ttl: float, rate
             **figures("expiring_", [latency for due, latency in samples if due >= expiring_from] or [0.0])}
 
 
+def service_debits(app: LedgerApplication, database_url: str, schema: str, tenants: list[str], debits: int) -> str:
+    """``debits`` usage.debit commands published to the namespace's ``billing.ledger.commands`` first, then
+    ``billing serve ledger`` started on the store: debits/s from its first applied command to its last (its Kafka
+    consumer, its relay publishing the events meanwhile, everything the service does), and its CPU per debit."""
+    from billing_events import topics
+    from billing_runtime.bus import KafkaBus, OutMessage
+    from billing_runtime.settings import Settings
+
+    from tests.support import ServiceProcess, free_port
+
+    namespace = schema.removesuffix("_billing_ledger")
+    settings = Settings(**{**Settings.from_env().__dict__, "namespace": namespace})
+    bootstrap = settings.kafka_bootstrap_servers or "127.0.0.1:9092"
+    records = debit_records(tenants, debits, uuid.uuid4().hex[:8])
+    messages = [OutMessage(topics.LEDGER_COMMANDS, str(ids.account_id(tenants[i % len(tenants)])), record,
+                           (("schema", b"ledger.command/v1"),)) for i, record in enumerate(records)]
+
+    async def publish() -> None:
+        bus = KafkaBus(bootstrap, settings.topic_partitions, namespace=namespace)
+        await bus.start()
+        try:
+            for start in range(0, len(messages), 20_000):
+                await bus.publish(messages[start:start + 20_000])
+        finally:
+            await bus.stop()
+
+    def applied() -> int:
+        return sum(app.next_offset(topics.LEDGER_COMMANDS, p) or 0 for p in range(settings.topic_partitions))
+
+    asyncio.run(publish())
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "BILLING_NAMESPACE": namespace,
+           "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{namespace}-ledger-debits.log"
+    process = ServiceProcess(["serve", "ledger", "--port", str(port)], env, log, port).start()
+    try:
+        import psutil
+
+        assert process.proc is not None
+        service = psutil.Process(process.proc.pid)
+        deadline = time.monotonic() + 600
+        while (first := applied()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        began, cpu_began, machine = time.perf_counter(), sum(service.cpu_times()[:2]), psutil.cpu_times()
+        while applied() < debits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seconds, cpu = time.perf_counter() - began, sum(service.cpu_times()[:2]) - cpu_began
+        now = psutil.cpu_times()
+        busy = sum(getattr(now, f) - getattr(machine, f) for f in ("user", "nice", "system", "irq", "softirq"))
+        done = applied() - first
+        return (f"usage debits through `billing serve ledger` from a backlog of {debits:,} on Kafka: {done / seconds:,.0f}/s "
+                f"committed ({done:,} in {seconds:.1f} s; service CPU {1e6 * cpu / done:.0f} us per debit, its relay "
+                f"publishing the events meanwhile; machine {100 * busy / (seconds * (os.cpu_count() or 1)):.0f} % busy)")
+    finally:
+        process.stop()
+        asyncio.run(_drop_topics(bootstrap, namespace))
+
+
 async def _drop_topics(bootstrap_servers: str, namespace: str) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -540,6 +601,8 @@ def main() -> None:
                         help="decisions per transaction at most (1: one transaction per request)")
     parser.add_argument("--service", action="store_true",
                         help="also hold at --hold-rate against `billing serve ledger` (relay and tasks running)")
+    parser.add_argument("--service-debits", type=int, default=0, metavar="N",
+                        help="also N usage debits through `billing serve ledger` from a backlog on Kafka")
     parser.add_argument("--busy-account", type=int, default=0, metavar="LIVE",
                         help="also hold at 50/s for 90 s against `billing serve ledger` on one account that has "
                              "LIVE live holds (e.g. 3000) expiring meanwhile")
@@ -563,6 +626,8 @@ def main() -> None:
             print(f"usage debits via {how}: {debits['debits_per_second']:,.0f}/s committed "
                   f"(transactions of {args.batch}, {args.tenants} accounts; ledger CPU "
                   f"{debits['cpu_us_per_debit']:.0f} us/debit); decoding {debits['decode_per_second']:,.0f} records/s")
+        if args.service_debits:
+            print(service_debits(app, database_url, schema, tenants, args.service_debits))
         if args.workers > 1:
             rate = bench_workers(database_url, schema, tenants, args.debits, args.batch, args.workers)
             print(f"usage debits by {args.workers} ledger processes on their own accounts: {rate:,.0f}/s committed")
