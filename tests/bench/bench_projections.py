@@ -173,6 +173,10 @@ class CpuWatch:
                 if group:
                     times = proc.cpu_times()
                     found[group] += times.user + times.system
+                    parent = proc.parent()
+                    if group == "postgres" and not (parent and (parent.name() or "").startswith("postgres")):
+                        # the postmaster: what its backends that have exited used (a rebuild's connections)
+                        found[group] += times.children_user + times.children_system
             except psutil.Error:
                 continue
         return found
@@ -204,7 +208,7 @@ class CpuWatch:
                 found[f"{prefix}_service_cpu_us_per_event"] = round(own / events * 1e6, 1)
                 root = self._root() - self.root
                 found[f"{prefix}_service_children_cpu_us_per_event"] = round((own - root) / events * 1e6, 1)
-        if events:  # where the rest of the machine's CPU went (backends that exited meanwhile are not counted)
+        if events:  # where the rest of the machine's CPU went (PostgreSQL: its backends, live and exited)
             now_stack = self._stack()
             for group, before in self.stack.items():
                 found[f"{prefix}_{group}_cpu_us_per_event"] = round((now_stack[group] - before) / events * 1e6, 1)
