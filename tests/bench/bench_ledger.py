@@ -521,31 +521,25 @@ def service_debits(app: LedgerApplication, database_url: str, schema: str, tenan
     ``billing serve ledger`` started on the store: debits/s from its first applied command to its last (its Kafka
     consumer, its relay publishing the events meanwhile, everything the service does), and its CPU per debit."""
     from billing_events import topics
-    from billing_runtime.bus import KafkaBus, OutMessage
+    from billing_runtime.bus import OutMessage
     from billing_runtime.settings import Settings
 
     from tests.support import ServiceProcess, free_port
 
     namespace = schema.removesuffix("_billing_ledger")
-    settings = Settings(**{**Settings.from_env().__dict__, "namespace": namespace})
-    bootstrap = settings.kafka_bootstrap_servers or "127.0.0.1:9092"
+    from tests.bench.harness.backlog import publish
+
+    base = Settings.from_env()
+    bootstrap = base.kafka_bootstrap_servers or "127.0.0.1:9092"
+    settings = Settings(**{**base.__dict__, "namespace": namespace, "kafka_bootstrap_servers": bootstrap})
     records = debit_records(tenants, debits, uuid.uuid4().hex[:8])
     messages = [OutMessage(topics.LEDGER_COMMANDS, str(ids.account_id(tenants[i % len(tenants)])), record,
                            (("schema", b"ledger.command/v1"),)) for i, record in enumerate(records)]
 
-    async def publish() -> None:
-        bus = KafkaBus(bootstrap, settings.topic_partitions, namespace=namespace)
-        await bus.start()
-        try:
-            for start in range(0, len(messages), 20_000):
-                await bus.publish(messages[start:start + 20_000])
-        finally:
-            await bus.stop()
-
     def applied() -> int:
         return sum(app.next_offset(topics.LEDGER_COMMANDS, p) or 0 for p in range(settings.topic_partitions))
 
-    asyncio.run(publish())
+    asyncio.run(publish(settings, messages))
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "BILLING_NAMESPACE": namespace,
            "KAFKA_BOOTSTRAP_SERVERS": bootstrap}

@@ -50,6 +50,7 @@ from billing_runtime.auth import mint_token
 from billing_runtime.bus import KafkaBus, OutMessage
 from billing_runtime.settings import Settings
 
+from tests.bench.harness.backlog import publish
 from tests.bench.harness.probes import KeepAliveClient, _open_loop
 from tests.bench.harness.resources import host_speed_ms
 from tests.namespaces import drop_namespaces, namespace_of
@@ -128,16 +129,6 @@ class Stream:
                       "tokens": {"input": "1000", "output": "200"},
                       "properties": {"model": model, "operation": "chat", "user": f"user-{n % 7}"}},
         }
-
-
-async def publish(settings: Settings, messages: list[OutMessage]) -> None:
-    bus = KafkaBus(settings.kafka_bootstrap_servers or "", namespace=settings.namespace)
-    await bus.start()
-    try:
-        for start in range(0, len(messages), 20_000):
-            await bus.publish(messages[start:start + 20_000])
-    finally:
-        await bus.stop()
 
 
 class CpuWatch:
