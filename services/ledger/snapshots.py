@@ -85,9 +85,10 @@ log = get_logger(__name__)
 # refunds paid back (refunds_paid_back in _grants: a gateway refund of an order's rest is told from a partial
 # refund's own payout). 12: the meters each period's unbilled overage came from (_unbilled_meters). 13: the rounding
 # of each unpaid invoice's usage lines posted with its overage (_overage_rounding). 14: each grant keeps when usage
-# stops drawing it (drawable_until in _grants: a rollover plan credit is drawn in its own period only). ResourcePool 2: finished
-# requests are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 14, ResourcePool: 2}
+# stops drawing it (drawable_until in _grants: a rollover plan credit is drawn in its own period only). 15: each grant
+# keeps its usage given back after it lapsed (reversed in _grants), and an expired grant's draws stay remembered
+# (_recent_draws). ResourcePool 2: finished requests are forgotten after a while (_finished).
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 15, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

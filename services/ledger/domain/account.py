@@ -48,7 +48,10 @@ Usage give-back (negative usage amounts)
     remembered draw beyond that room is ``absorbed`` (recorded on the ``UsageDebited``, no postings, taken off the
     draws remembered), never credited a second time nor taken from revenue again. Anything left (the
     grants lapsed meanwhile) becomes a new non-expiring, unscoped grant with source ``usage_reversal``
-    whose id is derived from the command id.
+    whose id is derived from the command id. An expired grant's draws stay remembered (since session 11): a
+    give-back of a lapsed grant's usage (expired, or past its draw end at ``at``) absorbs what a refund paid back
+    of it, as for an open grant, and gives the rest back as that ``usage_reversal`` credit, which names the grant
+    (``reverses``); the grant counts it (``reversed``) so it is never given back twice.
     A give-back of a period whose overage invoices billed (``billed_overage``: every invoice that billed some of
     it, a late correction's increase billed on a later invoice too) is first credited, with each invoice's tax, by
     credit notes the command issues, newest invoice first (``credit_note_grant``; ``debit_usage(credit_note=...)``
@@ -686,6 +689,7 @@ class BillingAccount(ChainedAggregate):
                 expired_at=g["expires_at"],
                 postings=postings,
                 at=now,
+                draws_kept=True,
             )
             units.add(g["unit"])
         for unit in sorted(units if thresholds else ()):
@@ -701,12 +705,17 @@ class BillingAccount(ChainedAggregate):
         expired_at: datetime,
         postings: list[Posting],
         at: datetime,
+        draws_kept: bool = False,
     ) -> None:
+        # ``draws_kept`` (recorded since session 11): the grant's draws stay remembered, so a give-back of its usage
+        # after the expiry absorbs what a refund already paid back of it (``_give_back``). Earlier expiries forgot
+        # them: their streams replay as recorded.
         g = self._grants[str(grant_id)]
         g["remaining"] -= remainder
         g["breakage"] = remainder
         g["status"] = "expired"
-        self._forget_draws_of(unit, g["grant_id"])
+        if not draws_kept:
+            self._forget_draws_of(unit, g["grant_id"])
         self._update_arming(unit)
 
     def void_grant(self, *, grant_id: UUID, reason: str, voided_by: str, at: datetime,
@@ -923,12 +932,17 @@ class BillingAccount(ChainedAggregate):
         # What of a drawn grant's usage a refund already paid back from revenue (a finance override): the customer
         # has that money, so it is not credited again, only taken off the draws remembered (``absorbed``).
         absorbed: list[Draw] = []
+        # What of a lapsed grant's remembered draws (expired, or past its draw end at ``at``) is given back: the
+        # grant can take no credit, so it goes to the ``usage_reversal`` grant below like any other rest, and the
+        # grant counts it (``reversed``, part of ``_give_back_room``) so no later give-back credits it again.
+        reverses: list[Draw] = []
         room: dict[str, int] = {}  # per grant: what this give-back may still credit it (``_give_back_room``)
         for entry in reversed(self._recent_draws.get(unit, [])):
             if left == 0:
                 break
             g = self._grants[entry["grant_id"]]
-            if not _is_eligible(g, meter, at, need_remaining=False):
+            lapsed = _has_lapsed(g, at)
+            if not (_in_scope(g, meter) if lapsed else _is_eligible(g, meter, at, need_remaining=False)):
                 continue
             gid = g["grant_id"]
             if gid not in room:
@@ -937,14 +951,18 @@ class BillingAccount(ChainedAggregate):
             back = min(take, room[gid])
             if back:
                 room[gid] -= back
-                draws.append({"grant_id": gid, "amount": -back})
-                postings += [
-                    posting(LedgerAccount.RECOGNISED_REVENUE, unit, back, gid),
-                    posting(LedgerAccount.TENANT_WALLET, unit, -back, gid),
-                ]
+                if lapsed:
+                    reverses.append({"grant_id": gid, "amount": back})
+                else:
+                    draws.append({"grant_id": gid, "amount": -back})
+                    postings += [
+                        posting(LedgerAccount.RECOGNISED_REVENUE, unit, back, gid),
+                        posting(LedgerAccount.TENANT_WALLET, unit, -back, gid),
+                    ]
             if take - back:
                 absorbed.append({"grant_id": gid, "amount": take - back})
             left -= take
+        left += sum(part["amount"] for part in reverses)
         credit_grant: GrantRecord | None = None
         if left:
             gid = str(uuid5(NAMESPACE_URL, f"/accounts/{self.tenant}/give-back/{command_id}"))
@@ -963,6 +981,7 @@ class BillingAccount(ChainedAggregate):
                 "tax_amount": 0,
                 "cause": {"command_id": str(command_id), "meter": meter},
                 "granted_by": "ledger",
+                **({"reverses": reverses} if reverses else {}),
             }
             postings += [
                 posting(LedgerAccount.RECOGNISED_REVENUE, unit, left, gid),
@@ -1014,6 +1033,10 @@ class BillingAccount(ChainedAggregate):
         # no postings, only the draws remembered go down.
         self._apply_draws(unit, draws, remember=True)
         for part in absorbed or ():
+            self._trim_draws(unit, part["grant_id"], part["amount"])
+        # ``credit_grant["reverses"]`` (since session 11): usage of lapsed grants this credit gives back.
+        for part in (credit_grant or {}).get("reverses", ()):
+            self._grants[part["grant_id"]]["reversed"] += part["amount"]
             self._trim_draws(unit, part["grant_id"], part["amount"])
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
         if overage:
@@ -2529,6 +2552,7 @@ class BillingAccount(ChainedAggregate):
             breakage=0,
             breakage_reversed=0,
             refunds_paid_back=[],  # what each refund took out of clearing (``money_paid_back``); format 11
+            reversed=0,  # its usage given back after it lapsed, as ``usage_reversal`` credit; format 15
             drawable_until=record.get("drawable_until"),  # usage from then on does not draw it; format 14
         )
 
@@ -2623,13 +2647,24 @@ def _money_targets(
 
 
 def _give_back_room(g: GrantRecord) -> int:
-    """What a usage give-back may credit back to ``g``: its credit spent and not paid back by a refund, ``amount -
-    remaining - refunded - lapsed`` (lapsed: breakage not refunded, a package's credit removed by adjustments), so
+    """What a usage give-back may credit back to ``g``: its credit spent and not paid back by a refund nor given
+    back already, ``amount - remaining - refunded - lapsed - reversed`` (lapsed: breakage not refunded, a package's
+    credit removed by adjustments; reversed: given back after the grant lapsed, as ``usage_reversal`` credit), so
     ``remaining + refunded`` never exceeds ``amount``. A finance override refunds spent credit from revenue: that
     usage is paid back in money already, and its give-back is absorbed, not credited to the grant a second time."""
     money = g.get("money")
     lapsed = g["breakage"] - g["breakage_reversed"] + (money["adjusted"] if money is not None else 0)
-    return max(0, g["amount"] - g["remaining"] - g["refunded"] - lapsed)
+    return max(0, g["amount"] - g["remaining"] - g["refunded"] - lapsed - g["reversed"])
+
+
+def _has_lapsed(g: GrantRecord, at: datetime) -> bool:
+    """Whether ``g`` can take no credit back at ``at``: closed (expired, voided) or past its draw end."""
+    end = _draw_end(g)
+    return g["status"] != "open" or (end is not None and at >= end)
+
+
+def _in_scope(g: GrantRecord, meter: str | None) -> bool:
+    return g["scope"] is None or (meter is not None and meter in g["scope"])
 
 
 def _tax_share(g: GrantRecord, amount: int) -> int:

@@ -559,6 +559,83 @@ def test_a_give_back_credits_the_other_grants_that_drew_and_absorbs_the_refunded
                                  (LedgerAccount.TENANT_WALLET.value, USD): -40 * U}
 
 
+def _expired_after_override_refund(*, sweep_first: bool) -> tuple[BillingAccount, UUID, list[Any], Any]:
+    """100.00 bought (expiring at day 1), 100.00 used, 60.00 of it refunded with a finance override, then the usage
+    given back after the expiry: the sweep's ``GrantExpired`` recorded before or after the give-back."""
+    account = new_account()
+    grant_id = give(account, "p", 100 * U, expires_at=at(days=1))
+    debit(account, 100 * U)
+    account.refund_grant(grant_id=grant_id, amount=60 * U, refund_id=uuid4(), at=at(2), finance_override=True,
+                         cause={})
+    if sweep_first:
+        account.expire_grants(at(days=1))
+    recorded = events(account)
+    debit(account, -100 * U, when=at(days=1, minutes=5))
+    (back,) = events(account)
+    recorded.append(back)
+    if not sweep_first:
+        account.expire_grants(at(days=1, minutes=10))
+        recorded += events(account)
+    return account, grant_id, recorded, back
+
+
+@pytest.mark.parametrize("sweep_first", [True, False])
+def test_a_give_back_after_the_expiry_of_a_grant_refunded_with_an_override_absorbs_what_the_refund_paid(
+        sweep_first: bool) -> None:
+    # Audit: the expiry forgot the grant's draws, so the give-back became 100.00 of usage_reversal credit taken from
+    # revenue on top of the 60.00 already paid back: 160.00 of value for 100.00 paid, revenue a debit of 60.00.
+    account, grant_id, recorded, back = _expired_after_override_refund(sweep_first=sweep_first)
+    assert back.absorbed == [{"grant_id": str(grant_id), "amount": 60 * U}] and back.draws == []
+    # The 40.00 spent and not paid back is given back as for any lapsed grant: usage_reversal credit.
+    assert back.credit_grant is not None and back.credit_grant["source"] == "usage_reversal"
+    assert back.credit_grant["amount"] == 40 * U
+    assert account.available(USD) == 40 * U
+    # 100.00 paid: 60.00 back in money, 40.00 of credit, no revenue for usage that did not happen; the same books
+    # whichever of the sweep and the give-back was recorded first, and as when the grant had not expired.
+    assert _ledger(recorded) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): 40 * U,
+                                 (LedgerAccount.TENANT_WALLET.value, USD): -40 * U}
+    assert_balanced([line for e in recorded for line in getattr(e, "postings", [])])
+    # The grant's usage is given back in full: a further give-back credits it nothing more.
+    debit(account, -100 * U, when=at(days=1, minutes=20))
+    (again,) = events(account)
+    assert again.absorbed is None and again.credit_grant is not None
+    assert "reverses" not in again.credit_grant and again.credit_grant["amount"] == 100 * U
+
+
+def test_a_give_back_after_an_expiry_and_then_an_override_refund_credits_nothing_the_refund_paid_back() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 10 * U, expires_at=at(days=1))
+    debit(account, 6 * U)
+    account.expire_grants(at(days=1))  # 4.00 to breakage
+    account.refund_grant(grant_id=grant_id, amount=10 * U, refund_id=uuid4(), at=at(days=2), finance_override=True,
+                         cause={})  # 4.00 from breakage, the 6.00 spent from revenue
+    recorded = events(account)
+    debit(account, -6 * U, when=at(days=3))
+    (back,) = events(account)
+    recorded.append(back)
+    assert back.absorbed == [{"grant_id": str(grant_id), "amount": 6 * U}]
+    assert back.postings == [] and back.credit_grant is None and account.available(USD) == 0
+    assert _ledger(recorded) == {}  # paid 10.00, got 10.00 back, no usage left
+
+
+def test_usage_given_back_after_the_expiry_is_reversed_once_even_when_a_refund_follows() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 100 * U, expires_at=at(days=1))
+    debit(account, 100 * U)
+    account.expire_grants(at(days=1))
+    recorded = events(account)
+    debit(account, -40 * U, when=at(days=1, minutes=5))  # 40.00 of usage_reversal credit
+    account.refund_grant(grant_id=grant_id, amount=60 * U, refund_id=uuid4(), at=at(days=2), finance_override=True,
+                         cause={})
+    debit(account, -60 * U, when=at(days=3))  # what is left of the usage was paid back by the refund
+    recorded += events(account)
+    (first, _, last_back) = [e for e in recorded if type(e).__name__ in ("UsageDebited", "GrantRefunded")][-3:]
+    assert first.credit_grant["amount"] == 40 * U
+    assert last_back.absorbed == [{"grant_id": str(grant_id), "amount": 60 * U}] and last_back.credit_grant is None
+    assert _ledger(recorded) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): 40 * U,
+                                 (LedgerAccount.TENANT_WALLET.value, USD): -40 * U}
+
+
 # -- holds --------------------------------------------------------------------------------------------------
 
 
