@@ -286,6 +286,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
                 "amount": show(value["amount"], unit), "tax": show(value["tax_amount"], unit),
                 "paid_back": paid_back, "from_wallet": show(value["from_wallet"], unit),
                 "from_breakage": show(value["from_breakage"], unit),
+                "from_adjustment": show(value["from_adjustment"], unit),
                 "from_revenue": show(value["from_revenue"], unit), "reason": body.reason,
                 "finance_override": body.finance_override, "requested_by": principal.subject}
 

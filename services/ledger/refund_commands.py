@@ -41,7 +41,7 @@ def refund_grant(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     event = next(e for e in reversed(account.pending_events) if isinstance(e, BillingAccount.GrantRefunded))
     return {"refund_id": str(refund), "grant_id": str(grant), "unit": event.unit, "amount": event.amount,
             "tax_amount": event.tax_amount, "from_wallet": event.from_wallet, "from_breakage": event.from_breakage,
-            "from_revenue": event.from_revenue, "paid_back": _paid_back(account, event)}
+            "from_adjustment": event.from_adjustment, "from_revenue": event.from_revenue, "paid_back": _paid_back(account, event)}
 
 
 def _paid_back(account: BillingAccount, event: BillingAccount.GrantRefunded) -> dict[str, Any] | None:

@@ -87,8 +87,9 @@ log = get_logger(__name__)
 # of each unpaid invoice's usage lines posted with its overage (_overage_rounding). 14: each grant keeps when usage
 # stops drawing it (drawable_until in _grants: a rollover plan credit is drawn in its own period only). 15: each grant
 # keeps its usage given back after it lapsed (reversed in _grants), and an expired grant's draws stay remembered
-# (_recent_draws). ResourcePool 2: finished requests are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 15, ResourcePool: 2}
+# (_recent_draws). 16: each grant keeps the credit negative adjustments took from it and what of it override refunds paid
+# back (adjusted, adjusted_reversed in _grants). ResourcePool 2: finished requests are forgotten after a while (_finished).
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 16, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

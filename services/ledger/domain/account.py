@@ -1289,8 +1289,10 @@ class BillingAccount(ChainedAggregate):
 
         Without ``finance_override`` only unspent, unreserved credit can be refunded
         (``min(remaining, available)``). With it, the grant's remaining credit is taken first, then the
-        part that lapsed to breakage is reversed from ``BREAKAGE`` and the part that was spent from
-        ``RECOGNISED_REVENUE`` (a concession: the tenant is not billed again, so not ``RECEIVABLES``). A later
+        part that lapsed to breakage is reversed from ``BREAKAGE``, the part a negative adjustment removed from
+        ``MANUAL_ADJUSTMENT`` (``from_adjustment``, since session 11: it was taken from revenue, where that credit
+        never went) and the part that was spent from ``RECOGNISED_REVENUE`` (a concession: the tenant is not
+        billed again, so not ``RECEIVABLES``). A later
         give-back of that usage credits the grant back only what was not refunded; the rest is absorbed
         (``_give_back``), so the draws remembered are kept: they say which give-back the refund already paid.
 
@@ -1321,19 +1323,21 @@ class BillingAccount(ChainedAggregate):
                                          "unreserved")
         from_wallet = min(amount, in_wallet)
         from_breakage = min(amount - from_wallet, g["breakage"] - g["breakage_reversed"])
-        from_revenue = amount - from_wallet - from_breakage
+        from_adjustment = min(amount - from_wallet - from_breakage, g["adjusted"] - g["adjusted_reversed"])
+        from_revenue = amount - from_wallet - from_breakage - from_adjustment
         unit, gid = g["unit"], g["grant_id"]
         postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -(amount + tax_amount), gid)]
         for account, part in (
             (LedgerAccount.TENANT_WALLET, from_wallet),
             (LedgerAccount.BREAKAGE, from_breakage),
+            (LedgerAccount.MANUAL_ADJUSTMENT, from_adjustment),
             (LedgerAccount.RECOGNISED_REVENUE, from_revenue),
             (LedgerAccount.TAX_PAYABLE, tax_amount),
         ):
             if part:
                 postings.append(posting(account, unit, part, gid))
         assert_balanced(postings)
-        money_back = self._money_refund(g, amount, from_wallet, from_breakage, gid)
+        money_back = self._money_refund(g, amount, from_wallet, from_breakage, from_adjustment, gid)
         self._grant_refunded(
             refund_id=refund_id,
             grant_id=grant_id,
@@ -1347,6 +1351,7 @@ class BillingAccount(ChainedAggregate):
             postings=postings,
             cause=dict(cause),
             at=at,
+            **({"from_adjustment": from_adjustment} if from_adjustment else {}),
         )
         if money_back is not None:
             self._purchase_money_refunded(refund_id=refund_id, grant_id=grant_id, **money_back, cause=dict(cause),
@@ -1356,7 +1361,7 @@ class BillingAccount(ChainedAggregate):
         self._check_thresholds(unit, at, top_up=False)
 
     def _money_refund(
-        self, g: GrantRecord, amount: int, from_wallet: int, from_breakage: int, gid: str
+        self, g: GrantRecord, amount: int, from_wallet: int, from_breakage: int, from_adjustment: int, gid: str
     ) -> dict[str, Any] | None:
         """The currency reversal refunding ``amount`` more of ``g``'s credit takes (``None``: nothing).
 
@@ -1381,6 +1386,7 @@ class BillingAccount(ChainedAggregate):
             refunded_net=money["refunded_net"] + net,
             remaining=(g["remaining"] if g["status"] == "open" else 0) - from_wallet,
             breakage_reversed=g["breakage_reversed"] + from_breakage,
+            adjusted_reversed=g["adjusted_reversed"] + from_adjustment,
         )
         from_revenue = min(net, max(0, money["recognised"] - recognised))
         from_lapsed = min(net - from_revenue, max(0, money["breakage"] - breakage))
@@ -1436,12 +1442,15 @@ class BillingAccount(ChainedAggregate):
         postings: list[Posting],
         cause: dict[str, Any],
         at: datetime,
+        from_adjustment: int = 0,
     ) -> None:
+        # ``from_adjustment`` recorded since session 11 (earlier override refunds took it from revenue).
         g = self._grants[str(grant_id)]
         g["remaining"] -= from_wallet
         g["refunded"] += amount
         g["refunded_tax"] += tax_amount
         g["breakage_reversed"] += from_breakage
+        g["adjusted_reversed"] += from_adjustment
         if is_currency_code(unit):  # paid back as money: the credit and its tax (a credit unit's money: below)
             g["refunds_paid_back"].append(amount + tax_amount)
         self._update_arming(unit)
@@ -1536,6 +1545,7 @@ class BillingAccount(ChainedAggregate):
     ) -> None:
         self._apply_draws(unit, draws, remember=False)
         for draw in draws:  # credit of a package taken away: its money lapses (see recognise_purchase_money)
+            self._grants[draw["grant_id"]]["adjusted"] += draw["amount"]
             money = self._grants[draw["grant_id"]].get("money")
             if money is not None:
                 money["adjusted"] += draw["amount"]
@@ -2553,6 +2563,8 @@ class BillingAccount(ChainedAggregate):
             breakage_reversed=0,
             refunds_paid_back=[],  # what each refund took out of clearing (``money_paid_back``); format 11
             reversed=0,  # its usage given back after it lapsed, as ``usage_reversal`` credit; format 15
+            adjusted=0,  # credit negative adjustments took from it (to MANUAL_ADJUSTMENT); format 16
+            adjusted_reversed=0,  # of it, paid back by override refunds (from MANUAL_ADJUSTMENT); format 16
             drawable_until=record.get("drawable_until"),  # usage from then on does not draw it; format 14
         )
 
@@ -2619,6 +2631,7 @@ def _money_targets(
     refunded_net: int | None = None,
     remaining: int | None = None,
     breakage_reversed: int | None = None,
+    adjusted_reversed: int | None = None,
 ) -> tuple[int, int, bool]:
     """(recognised, breakage, closed): where the net money of ``g`` (a grant with booked money) stands for
     its credit as it is (or as given: the state after a refund being decided). See the module docstring."""
@@ -2628,8 +2641,9 @@ def _money_targets(
     refunded_net = money["refunded_net"] if refunded_net is None else refunded_net
     remaining = g["remaining"] if remaining is None else remaining
     reversed_ = g["breakage_reversed"] if breakage_reversed is None else breakage_reversed
+    adjusted_reversed = g["adjusted_reversed"] if adjusted_reversed is None else adjusted_reversed
     room = amount - refunded
-    lapsed = g["breakage"] - reversed_ + money["adjusted"]
+    lapsed = g["breakage"] - reversed_ + money["adjusted"] - adjusted_reversed
     # Clamped: a give-back recorded before session 9 could credit a grant already refunded from revenue beyond what
     # is not refunded (``_give_back_room`` caps it since), and a negative adjustment is not spent credit.
     consumed = min(max(amount - remaining - lapsed - refunded, 0), room)
@@ -2648,12 +2662,11 @@ def _money_targets(
 
 def _give_back_room(g: GrantRecord) -> int:
     """What a usage give-back may credit back to ``g``: its credit spent and not paid back by a refund nor given
-    back already, ``amount - remaining - refunded - lapsed - reversed`` (lapsed: breakage not refunded, a package's
-    credit removed by adjustments; reversed: given back after the grant lapsed, as ``usage_reversal`` credit), so
+    back already, ``amount - remaining - refunded - lapsed - reversed`` (lapsed: breakage and credit removed by
+    negative adjustments, not refunded; reversed: given back after the grant lapsed, as ``usage_reversal`` credit), so
     ``remaining + refunded`` never exceeds ``amount``. A finance override refunds spent credit from revenue: that
     usage is paid back in money already, and its give-back is absorbed, not credited to the grant a second time."""
-    money = g.get("money")
-    lapsed = g["breakage"] - g["breakage_reversed"] + (money["adjusted"] if money is not None else 0)
+    lapsed = g["breakage"] - g["breakage_reversed"] + g["adjusted"] - g["adjusted_reversed"]
     return max(0, g["amount"] - g["remaining"] - g["refunded"] - lapsed - g["reversed"])
 
 

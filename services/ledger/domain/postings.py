@@ -64,7 +64,8 @@ grant voided               Dr TENANT_WALLET remainder / Cr the account that fund
                            part that lapsed: a plan credit above its rollover cap, or its fee given back in full)
 refund of a purchase       Dr TENANT_WALLET unspent / Dr TAX_PAYABLE tax / Cr GATEWAY_CLEARING total;
                            with a finance override the part no longer in the wallet is reversed
-                           from BREAKAGE (if it lapsed) and then from RECOGNISED_REVENUE (if spent)
+                           from BREAKAGE (if it lapsed), then from MANUAL_ADJUSTMENT (if a negative
+                           adjustment removed it) and then from RECOGNISED_REVENUE (if spent)
 adjustment (+ / -)         Dr MANUAL_ADJUSTMENT / Cr TENANT_WALLET  (and the reverse)
 receivable settled         Dr GATEWAY_CLEARING / Cr RECEIVABLES
 subscription invoice       Dr RECEIVABLES fees + tax / Cr DEFERRED_REVENUE the fees of the service period

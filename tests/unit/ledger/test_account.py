@@ -898,6 +898,51 @@ def test_manual_adjustments_need_a_reason_and_post_against_manual_adjustment() -
         account.adjust(adjustment_id=uuid4(), unit=USD, amount=0, reason="nothing", user="f", at=at(3))
 
 
+def test_an_override_refund_after_a_negative_adjustment_takes_the_adjusted_credit_from_manual_adjustment() -> None:
+    # Audit: the 40.00 finance removed went to manual_adjustment, but the refund of the whole grant took it from
+    # revenue: recognised_revenue a debit of 40.00 and manual_adjustment a credit of 40.00 with no usage at all.
+    account = new_account()
+    grant_id = give(account, "p", 100 * U)
+    debit(account, 30 * U)
+    account.adjust(adjustment_id=uuid4(), unit=USD, amount=-40 * U, reason="double grant", user="finance@x",
+                   at=at(2))
+    recorded = events(account)
+    account.refund_grant(grant_id=grant_id, amount=100 * U, refund_id=uuid4(), at=at(3), finance_override=True,
+                         cause={})
+    (refunded,) = events(account)
+    recorded.append(refunded)
+    # 100.00 paid, 100.00 paid back: the purchase is reversed and every account it reached is back at zero.
+    assert _ledger(recorded) == {}
+    assert (refunded.from_wallet, refunded.from_breakage, refunded.from_adjustment, refunded.from_revenue) == (
+        30 * U, 0, 40 * U, 30 * U)
+    assert account_balances(refunded.postings) == {
+        (LedgerAccount.GATEWAY_CLEARING.value, USD): -100 * U,
+        (LedgerAccount.TENANT_WALLET.value, USD): 30 * U,
+        (LedgerAccount.MANUAL_ADJUSTMENT.value, USD): 40 * U,
+        (LedgerAccount.RECOGNISED_REVENUE.value, USD): 30 * U,
+    }
+    # The spent 30.00 was paid back too: its give-back is absorbed, nothing is credited.
+    debit(account, -30 * U, when=at(4))
+    (back,) = events(account)
+    assert back.absorbed == [{"grant_id": str(grant_id), "amount": 30 * U}] and back.postings == []
+
+
+def test_a_partial_override_refund_after_an_adjustment_takes_the_adjusted_credit_before_revenue() -> None:
+    account = new_account()
+    grant_id = give(account, "p", 100 * U)
+    debit(account, 60 * U)
+    account.adjust(adjustment_id=uuid4(), unit=USD, amount=-40 * U, reason="correction", user="finance@x", at=at(2))
+    events(account)
+    account.refund_grant(grant_id=grant_id, amount=50 * U, refund_id=uuid4(), at=at(3), finance_override=True,
+                         cause={})
+    (first,) = events(account)
+    assert (first.from_wallet, first.from_adjustment, first.from_revenue) == (0, 40 * U, 10 * U)
+    account.refund_grant(grant_id=grant_id, amount=50 * U, refund_id=uuid4(), at=at(4), finance_override=True,
+                         cause={})
+    (second,) = events(account)
+    assert (second.from_wallet, second.from_adjustment, second.from_revenue) == (0, 0, 50 * U)
+
+
 def test_settling_a_receivable_moves_it_to_gateway_clearing() -> None:
     account = new_account()
     debit(account, 3 * U)

@@ -263,6 +263,27 @@ def test_a_give_back_reverses_recognised_revenue_and_a_negative_adjustment_lapse
     assert books.revenue(grant_id) == {"deferred": 600, "recognised": 300, "breakage": 100, "refunded_net": 0}
 
 
+def test_an_override_refund_after_a_negative_adjustment_reverses_the_adjusted_credit_and_its_lapsed_money() -> None:
+    books = Books()
+    grant_id = books.buy(credits=100, net=1000, tax=0)
+    books.use(30)
+    books.account.adjust(adjustment_id=uuid4(), unit=CREDIT, amount=-40, reason="correction", user="finance",
+                         at=at(5))
+    books.collect()
+    books.recognise(6)
+    assert books.revenue(grant_id) == {"deferred": 300, "recognised": 300, "breakage": 400, "refunded_net": 0}
+    [credit_side, money_back] = books.refund(grant_id, 100, finance_override=True)
+    assert (credit_side.from_wallet, credit_side.from_adjustment, credit_side.from_revenue) == (30, 40, 30)
+    # The money follows the credit: the adjusted credit's from breakage, the spent credit's from revenue.
+    assert account_balances(money_back.postings) == {(GC, USD): -1000, (DR, USD): 300, (RR, USD): 300,
+                                                     (BRK, USD): 400}
+    assert books.revenue(grant_id) == {"deferred": 0, "recognised": 0, "breakage": 0, "refunded_net": 1000}
+    # Every ledger account of both units is back at zero: no CREDIT revenue taken for the adjusted credit.
+    assert credit_books(books) == {}
+    assert books.usd() == {}
+    assert books.recognise(40) == []
+
+
 def credit_books(books: Books) -> dict[str, int]:
     """The CREDIT ledger accounts, debit positive (revenue below zero is earned)."""
     lines = [line for e in books.events for line in getattr(e, "postings", []) if line["unit"] == CREDIT]
