@@ -11,6 +11,13 @@ months; Nov 30 20:00 in America/New_York (Dec 1 01:00 UTC) got periods ending on
 long. Every new anchor (a start, a trial's conversion, an activation, a cadence change) is computed here, by the
 ledger and by rating alike; anchors already recorded on events are used as recorded. A trial of N days ends N
 local calendar days later at the same local time (``add_days``), across a daylight saving change too.
+
+Every period ends at the local time of its chain's anchor (``anchor``: the start the anchor day was taken from).
+On a day whose clocks are put forward over that time (a subscription anchored at 02:30 in Europe/Berlin or
+America/New_York, on the spring-forward day) that local time does not exist: that one period ends at the first
+instant after the gap (03:00 local), and the periods after it end at the anchor's local time again. Each end is
+computed from the one before it, so without the anchor the adjusted end (a later local time) was carried on to
+every later period.
 """
 
 from __future__ import annotations
@@ -22,14 +29,37 @@ from zoneinfo import ZoneInfo
 MONTHS = {"month": 1, "quarter": 3, "year": 12}
 
 
-def add_months(moment: datetime, months: int, anchor_day: int, tz: str) -> datetime:
-    """``moment`` plus ``months`` calendar months in ``tz``, on ``anchor_day`` clamped to the month's end."""
-    local = moment.astimezone(ZoneInfo(tz))
+def add_months(moment: datetime, months: int, anchor_day: int, tz: str, anchor: datetime | None = None) -> datetime:
+    """``moment`` plus ``months`` calendar months in ``tz``, on ``anchor_day`` clamped to the month's end, at the
+    local time of ``anchor`` (None: of ``moment``); a local time the clocks skip that day is the first instant
+    after the skip (module docstring)."""
+    zone = ZoneInfo(tz)
+    local = moment.astimezone(zone)
     index = local.month - 1 + months
     year, month = local.year + index // 12, index % 12 + 1
     day = min(anchor_day, calendar.monthrange(year, month)[1])
-    shifted = local.replace(year=year, month=month, day=day, tzinfo=None)
-    return shifted.replace(tzinfo=ZoneInfo(tz)).astimezone(UTC)
+    clock = (local if anchor is None else anchor.astimezone(zone)).time()
+    return _existing(datetime.combine(local.date().replace(year=year, month=month, day=day), clock), zone)
+
+
+def _existing(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The instant (UTC) of the local time ``wall`` (naive) in ``zone``: the first occurrence of a repeated one; for
+    one the clocks skip (put forward), the first instant after the skip, when the clocks jump."""
+    early = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    if early.astimezone(zone).replace(tzinfo=None) == wall:
+        return early
+    # Skipped: fold 1 reads ``wall`` with the offset after the jump, an instant before it; fold 0 with the offset
+    # before it, an instant after it. The jump is the first whole second between them with the later offset.
+    low, high = wall.replace(tzinfo=zone, fold=1).astimezone(UTC), early
+    after = high.astimezone(zone).utcoffset()
+    while (high - low).total_seconds() > 1:
+        middle = low + (high - low) / 2
+        middle = middle.replace(microsecond=0)
+        if middle.astimezone(zone).utcoffset() == after:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def anchor_day(moment: datetime, tz: str) -> int:
@@ -45,5 +75,7 @@ def add_days(moment: datetime, days: int, tz: str) -> datetime:
     return shifted.astimezone(UTC)
 
 
-def period_end(start: datetime, cadence: str, anchor_day: int, tz: str) -> datetime:
-    return add_months(start, MONTHS[cadence], anchor_day, tz)
+def period_end(start: datetime, cadence: str, anchor_day: int, tz: str, anchor: datetime | None = None) -> datetime:
+    """The end of the period from ``start``: one cadence later on ``anchor_day``, at the local time of ``anchor``
+    (the start its anchor day was taken from; None: of ``start``, right when ``start`` is that anchor)."""
+    return add_months(start, MONTHS[cadence], anchor_day, tz, anchor)

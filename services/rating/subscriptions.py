@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS restarted_periods (
     subscription_id TEXT NOT NULL, billed_with TEXT NOT NULL, PRIMARY KEY (account_id, period));
 CREATE INDEX IF NOT EXISTS restarted_periods_billed_with ON restarted_periods (account_id, billed_with);
 CREATE TABLE IF NOT EXISTS subscription_trials (subscription_id TEXT PRIMARY KEY, trial_end TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subscription_anchors (subscription_id TEXT PRIMARY KEY, anchor_at TEXT NOT NULL);
 """
 
 LIVE = ("trialing", "active", "past_due", "paused")
@@ -120,6 +121,10 @@ class Renewal:
     time_zone: str
     anchor_day: int
     ends_at_period_end: bool  # cancel at period end: no period follows
+    # The start the anchor day was taken from (``subscription_anchors``): periods end at its local time, as the
+    # ledger's do (``billing_events.periods``). None: not known (kept since session 11): the local time of the end
+    # before, as before.
+    anchor_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -169,12 +174,13 @@ class AccountSubscription:
                 return None
             # As the ledger's ``end_trial``: anchored on the trial end's day in the subscription's time zone.
             start, anchor_day = self.trial_end, local_anchor_day(self.trial_end, renewal.time_zone)
+            anchor = self.trial_end
         else:
             if renewal.ends_at_period_end or self.status not in RENEWING or moment < self.period_end:
                 return None
-            start, anchor_day = self.period_end, renewal.anchor_day
+            start, anchor_day, anchor = self.period_end, renewal.anchor_day, renewal.anchor_at
         for _ in range(PERIODS_AHEAD_MAX):
-            end = _next_end(start, renewal.cadence, anchor_day, renewal.time_zone)
+            end = _next_end(start, renewal.cadence, anchor_day, renewal.time_zone, anchor)
             if moment < end:
                 return start
             if trialing and renewal.ends_at_period_end:
@@ -191,13 +197,13 @@ class AccountSubscription:
         anchor_day = local_anchor_day(self.trial_end, renewal.time_zone)
         for _ in range(PERIODS_AHEAD_MAX):
             starts.append(start)
-            start = _next_end(start, renewal.cadence, anchor_day, renewal.time_zone)
+            start = _next_end(start, renewal.cadence, anchor_day, renewal.time_zone, self.trial_end)
         return starts
 
 
 @lru_cache(maxsize=4096)
-def _next_end(start: datetime, cadence: str, anchor_day: int, time_zone: str) -> datetime:
-    return period_end(start, cadence, anchor_day, time_zone)
+def _next_end(start: datetime, cadence: str, anchor_day: int, time_zone: str, anchor: datetime | None) -> datetime:
+    return period_end(start, cadence, anchor_day, time_zone, anchor)
 
 
 async def load_for(conn: Connection, accounts: Sequence[str], dialect: str = "") -> dict[str, list[AccountSubscription]]:
@@ -232,16 +238,18 @@ async def load_subscription(conn: Connection, subscription_id: str) -> tuple[str
     return None if row is None else (row["account_id"], row["tenant"], _from_row(row))
 
 
-_SELECT = ("SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end, t.trial_end "
+_SELECT = ("SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end, t.trial_end, a.anchor_at "
            "FROM account_subscriptions s LEFT JOIN subscription_renewals r ON r.subscription_id = s.subscription_id "
-           "LEFT JOIN subscription_trials t ON t.subscription_id = s.subscription_id")
+           "LEFT JOIN subscription_trials t ON t.subscription_id = s.subscription_id "
+           "LEFT JOIN subscription_anchors a ON a.subscription_id = s.subscription_id")
 
 
 def _from_row(r: Any) -> AccountSubscription:
     return AccountSubscription(
         r["subscription_id"], r["plan_code"], int(r["plan_version"]), int(r["quantity"]), r["status"],
         r["started_at"], datetime.fromisoformat(r["period_start"]), datetime.fromisoformat(r["period_end"]),
-        Renewal(r["cadence"], r["time_zone"], int(r["anchor_day"]), bool(r["ends_at_period_end"]))
+        Renewal(r["cadence"], r["time_zone"], int(r["anchor_day"]), bool(r["ends_at_period_end"]),
+                datetime.fromisoformat(r["anchor_at"]) if r["anchor_at"] else None)
         if r["cadence"] in MONTHS and r["time_zone"] and r["anchor_day"] else None,
         datetime.fromisoformat(r["trial_end"]) if r["trial_end"] else None)
 
@@ -328,6 +336,7 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
         renewal = {"cadence": data["plan"].get("cadence", "month"), "time_zone": time_zone,
                    "anchor_day": data.get("anchor_day") or local_anchor_day(
                        datetime.fromisoformat(data["period_start"]), time_zone)}
+        renewal["anchor_at"] = data["period_start"]
         if data["status"] == "trialing" and data.get("trial_end"):
             await conn.execute("INSERT INTO subscription_trials (subscription_id, trial_end) VALUES ($1, $2) "
                                "ON CONFLICT (subscription_id) DO NOTHING", sid, data["trial_end"])
@@ -340,6 +349,7 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
         if row is not None and datetime.fromisoformat(data["period_start"]) > datetime.fromisoformat(
                 row["period_start"]):
             result = _with_bounds(row, row["period_start"], data["period_start"])  # the period restarted
+            renewal["anchor_at"] = data["period_start"]  # as its anchor day: the ledger's cadence change
     elif name == "PeriodEnded":
         if row is not None:
             if data.get("next_start") and datetime.fromisoformat(data["next_start"]) > datetime.fromisoformat(
@@ -361,7 +371,11 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
         if name in PERIOD_STARTS:
             await conn.execute("UPDATE account_subscriptions SET period_start = $2, period_end = $3 "
                                "WHERE subscription_id = $1", sid, data["period_start"], data["period_end"])
-            renewal = {"anchor_day": data.get("anchor_day")}
+            renewal = {"anchor_day": data.get("anchor_day"), "anchor_at": data["period_start"]}
+    if renewal.get("anchor_at"):
+        await conn.execute("INSERT INTO subscription_anchors (subscription_id, anchor_at) VALUES ($1, $2) "
+                           "ON CONFLICT (subscription_id) DO UPDATE SET anchor_at = excluded.anchor_at", sid,
+                           datetime.fromisoformat(renewal["anchor_at"]).isoformat())
     await conn.execute(
         "INSERT INTO subscription_renewals (subscription_id, version, cadence, time_zone, anchor_day, "
         "ends_at_period_end) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (subscription_id) DO UPDATE SET "

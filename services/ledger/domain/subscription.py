@@ -103,6 +103,10 @@ class Subscription(Aggregate):
         self.quantity = quantity
         self.time_zone = time_zone
         self.anchor_day = anchor_day
+        # The start the anchor day was taken from: every period ends at its local time (``periods.period_end``), one
+        # the clocks skip that day at the first instant after the skip and the next ones at that time again.
+        # Derived from the events (the start, a conversion's, an activation's or a cadence change's period start).
+        self.anchor_at = period_start
         self.started_at = started_at
         self.period_start = period_start
         self.period_end = period_end
@@ -171,6 +175,7 @@ class Subscription(Aggregate):
         if period_start != self.period_start:  # a cadence change: a new period starts now
             # ``minimum_carried``: the cut period's commitment (None: recorded before it was carried, nothing).
             self.minimum_accrued, self.minimum_from = Decimal(minimum_carried or 0), period_start
+            self.anchor_at = period_start
         elif self.minimum_from is not None and self.status != TRIALING:
             self.minimum_accrued = RATING_CONTEXT.add(self.minimum_accrued, self._minimum_share(self.minimum_from, at))
             self.minimum_from = at
@@ -236,6 +241,7 @@ class Subscription(Aggregate):
         self.period_start = period_start
         self.period_end = period_end
         self.anchor_day = anchor_day
+        self.anchor_at = period_start
         self.minimum_accrued, self.minimum_from = Decimal(0), period_start
         # ``period_invoice`` stays the first invoice (its key is the start): paid, it bills this first period.
 
@@ -294,14 +300,14 @@ class Subscription(Aggregate):
         (``converted``: from the first paid period a trial ended by ``at`` converts into, ``converted_period``).
         ``None`` when more than ``renewals_max`` periods are due. Pure: the invoice preview of a change issued
         after the period's end, before the tick, prorates this period, as the change does after renewing them."""
-        start, end, day = self.period_start, self.period_end, self.anchor_day
+        start, end, day, anchor = self.period_start, self.period_end, self.anchor_day, self.anchor_at
         if converted:
             start, end = self.converted_period()
-            day = anchor_day(start, self.time_zone)
+            day, anchor = anchor_day(start, self.time_zone), start
         for _ in range(renewals_max + 1):
             if at < end:
                 return start, end
-            start, end = end, period_end(end, self.plan["cadence"], day, self.time_zone)
+            start, end = end, period_end(end, self.plan["cadence"], day, self.time_zone, anchor)
         return None
 
     @event("TrialConverted")
@@ -310,6 +316,7 @@ class Subscription(Aggregate):
         self.period_start = period_start
         self.period_end = period_end
         self.anchor_day = anchor_day
+        self.anchor_at = period_start
         self.minimum_accrued, self.minimum_from = Decimal(0), period_start
         self.period_invoice = self._document(period_invoice_key(self.id, period_start))
 
@@ -324,7 +331,7 @@ class Subscription(Aggregate):
                                next_end=None)
             self._canceled(at=self.period_end, by="system:period_end", reason="canceled_at_period_end", lines=[])
             return True
-        next_end = period_end(self.period_end, self.plan["cadence"], self.anchor_day, self.time_zone)
+        next_end = period_end(self.period_end, self.plan["cadence"], self.anchor_day, self.time_zone, self.anchor_at)
         self._period_ended(period_start=self.period_start, period_end=self.period_end,
                            next_start=self.period_end, next_end=next_end, billed=self.status != PAUSED)
         return True

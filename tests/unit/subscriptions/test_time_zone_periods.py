@@ -184,3 +184,47 @@ def test_a_subscription_recorded_with_a_utc_day_anchor_renews_on_it_as_recorded(
                        by="user:test")
     assert sub.renew(at=dec_31)
     assert (sub.anchor_day, sub.period_start, sub.period_end) == (31, dec_31, local(BERLIN, 2027, 1, 31))
+
+
+@pytest.mark.parametrize(("tz", "day", "gap"), [
+    (BERLIN, 29, (2026, 3, 29)),    # clocks forward 02:00 -> 03:00 on Sunday Mar 29 2026
+    (NEW_YORK, 8, (2026, 3, 8)),    # clocks forward 02:00 -> 03:00 on Sunday Mar 8 2026
+])
+async def test_only_the_period_ending_in_a_daylight_saving_gap_is_moved_and_rating_agrees(
+        tmp_path: Path, tz: ZoneInfo, day: int, gap: tuple[int, int, int]) -> None:
+    # Anchored at 02:30 local: the spring-forward day has no 02:30, so that period ends when the clocks jump
+    # (03:00). Each end was computed from the one before, so 03:00 (03:30 before) became the local time of every
+    # later period: April's fee ran to 03:00, a month and half an hour long, and so on for good.
+    start = local(tz, 2026, 1, day, 2, 30)
+    jump = datetime(*gap, 3, 0, tzinfo=tz).astimezone(UTC)
+    ends = [local(tz, 2026, 2, min(day, 28), 2, 30), jump, local(tz, 2026, 4, day, 2, 30), local(tz, 2026, 5, day, 2, 30)]
+    async with wired_stack(tmp_path, CATALOG) as stack:
+        stack.run("subscription.create", start, key="m", plan="p", time_zone=str(tz))
+        await settle(stack)
+        stack.run("subscription.tick", ends[0], key="m")
+        await settle(stack)
+        # Before the ledger's ticks of the March and April ends: rating predicts the period after March's from the
+        # anchor too, so usage at 02:45 local on the April end's day is in the period after it (at 02:15, before
+        # it, in the one from the jump), as the ledger then renews.
+        await stack.use("april", "3", ends[2] - timedelta(minutes=15))
+        await stack.use("may", "4", ends[2] + timedelta(minutes=15))
+        for end in ends[1:]:
+            stack.run("subscription.tick", end, key="m")
+            await settle(stack)
+        sub = stack.ledger.repository.get(subscription_id("acme", "m"))
+        assert (sub.period_start, sub.period_end) == (ends[3], local(tz, 2026, 6, day, 2, 30))
+        assert [(s, e) for s, e, _ in fee_periods(stack)] == list(zip([start, *ends], [*ends, sub.period_end],
+                                                                     strict=True))
+        assert usage_lines(stack.invoice(ends[2].isoformat()))["api_calls"][0] == "3"
+        assert usage_lines(stack.invoice(ends[3].isoformat()))["api_calls"][0] == "4"
+
+
+def test_a_period_end_in_a_daylight_saving_gap_is_the_jump_and_the_next_ends_keep_the_anchors_local_time() -> None:
+    sub = started(BERLIN, local(BERLIN, 2026, 1, 29, 2, 30))
+    for _ in range(2):  # Feb 28, then Mar 29
+        assert sub.renew(at=sub.period_end)
+    assert sub.period_start == datetime(2026, 3, 29, 3, 0, tzinfo=BERLIN).astimezone(UTC)  # 01:00 UTC, CEST
+    assert sub.period_end == local(BERLIN, 2026, 4, 29, 2, 30)
+    # The invoice preview's walk over periods due (``renewed_period``) finds the same periods.
+    fresh = started(BERLIN, local(BERLIN, 2026, 1, 29, 2, 30))
+    assert fresh.renewed_period(local(BERLIN, 2026, 4, 29, 2, 0), 12) == (sub.period_start, sub.period_end)
