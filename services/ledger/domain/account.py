@@ -327,10 +327,10 @@ class BillingAccount(ChainedAggregate):
 
     def grants_caused_by(self, **match: str) -> list[dict[str, Any]]:
         """Grants (granted order) whose ``cause`` has every given key with the given value, with what of
-        each may still be refunded (``refundable`` = amount - refunded)."""
+        each may still be refunded (``refundable`` = amount - refunded - reversed: see :func:`_refundable`)."""
         return [
             {"grant_id": g["grant_id"], "unit": g["unit"], "source": g["source"], "status": g["status"],
-             "remaining": g["remaining"], "refundable": g["amount"] - g["refunded"]}
+             "remaining": g["remaining"], "refundable": _refundable(g)}
             for g in self._grants.values()
             if all(g["cause"].get(k) == v for k, v in match.items())
         ]
@@ -1310,6 +1310,12 @@ class BillingAccount(ChainedAggregate):
             raise NotRefundable(f"grant {grant_id} is {g['source']}: only paid grants are refunded (void it)")
         if g["refunded"] + amount > g["amount"]:
             raise RefundExceedsGrant(f"refunds would total more than the grant's {_money(g['amount'], g['unit'])}")
+        if g["refunded"] + amount > g["amount"] - g["reversed"]:
+            # Usage of the grant given back after it lapsed is the customer's again as ``usage_reversal`` credit
+            # (``_give_back``): refunding it in money too would pay it back twice.
+            raise RefundExceedsGrant(
+                f"only {_money(max(0, _refundable(g)), g['unit'])} of grant {grant_id} can still be refunded: "
+                f"{_money(g['reversed'], g['unit'])} of its usage was given back as usage_reversal credit")
         if tax_amount is None:
             tax_amount = _tax_share(g, amount)
         _require_amount("tax_amount", tax_amount, allow_zero=True)
@@ -2668,6 +2674,13 @@ def _give_back_room(g: GrantRecord) -> int:
     usage is paid back in money already, and its give-back is absorbed, not credited to the grant a second time."""
     lapsed = g["breakage"] - g["breakage_reversed"] + g["adjusted"] - g["adjusted_reversed"]
     return max(0, g["amount"] - g["remaining"] - g["refunded"] - lapsed - g["reversed"])
+
+
+def _refundable(g: GrantRecord) -> int:
+    """What of ``g``'s credit a refund may still pay back: ``amount - refunded - reversed``. Its usage given back
+    after it lapsed (``reversed``) is the customer's again as ``usage_reversal`` credit, so no refund pays it back
+    in money as well (a finance override would take it from revenue, where the give-back already took it)."""
+    return g["amount"] - g["refunded"] - g["reversed"]
 
 
 def _has_lapsed(g: GrantRecord, at: datetime) -> bool:

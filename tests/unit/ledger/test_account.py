@@ -636,6 +636,37 @@ def test_usage_given_back_after_the_expiry_is_reversed_once_even_when_a_refund_f
                                  (LedgerAccount.TENANT_WALLET.value, USD): -40 * U}
 
 
+def test_an_override_refund_after_a_lapsed_grant_s_usage_was_given_back_pays_none_of_it_back_twice() -> None:
+    # Audit: 100.00 bought and used, the grant expired, 60.00 of its usage given back as usage_reversal credit; an
+    # override refund of the whole grant then paid 100.00 back in money on top (160.00 of value for 100.00 paid,
+    # revenue a debit of 60.00).
+    account = new_account()
+    grant_id = give(account, "p", 100 * U, expires_at=at(days=1))
+    debit(account, 100 * U)
+    account.expire_grants(at(days=1))
+    debit(account, -60 * U, when=at(days=1, minutes=5))
+    recorded = events(account)
+    assert account.available(USD) == 60 * U  # the usage_reversal credit
+    refused = "only 40.00 USD .* can still be refunded: 60.00 USD of its usage was given back"
+    with pytest.raises(RefundExceedsGrant, match=refused):
+        account.refund_grant(grant_id=grant_id, amount=100 * U, refund_id=uuid4(), at=at(days=2),
+                             finance_override=True, cause={})
+    assert events(account) == []  # refused: nothing recorded
+    assert account.grants_caused_by()[0]["refundable"] == 40 * U
+    account.refund_grant(grant_id=grant_id, amount=40 * U, refund_id=uuid4(), at=at(days=2), finance_override=True,
+                         cause={})
+    (refund,) = events(account)
+    assert refund.from_revenue == 40 * U
+    recorded.append(refund)
+    # 100.00 paid: 40.00 back in money, 60.00 of credit; no revenue left for usage that was all given back.
+    assert _ledger(recorded) == {(LedgerAccount.GATEWAY_CLEARING.value, USD): 60 * U,
+                                 (LedgerAccount.TENANT_WALLET.value, USD): -60 * U}
+    assert_balanced([line for e in recorded for line in getattr(e, "postings", [])])
+    with pytest.raises(RefundExceedsGrant):
+        account.refund_grant(grant_id=grant_id, amount=1, refund_id=uuid4(), at=at(days=3), finance_override=True,
+                             cause={})
+
+
 # -- holds --------------------------------------------------------------------------------------------------
 
 

@@ -96,6 +96,31 @@ def test_refund_of_spent_credit_needs_finance_override(app: LedgerApplication, c
     assert account(app).available("USD") == 0
 
 
+def test_an_override_refund_is_refused_for_usage_already_given_back_as_credit(
+        app: LedgerApplication, client: TestClient) -> None:
+    open_account(app, "acme", {"key": "order-1", "amount": "50.00", "expires_at": "2026-11-21T12:00:00+00:00"})
+    spend(app, 50 * U, "spend-1")
+    [expired] = apply(app, command("grant.expire", "acme", {"now": "2026-11-21T12:00:00+00:00"}))
+    [given_back] = apply(app, command("usage.debit", "acme", {"unit": "USD", "amount_subunits": -20 * U,
+                                                              "meter": "tokens", "at": "2026-11-21T13:00:00+00:00"},
+                                      key="give-back-1"))
+    assert expired.outcome == given_back.outcome == "applied"
+    assert account(app).available("USD") == 20 * U  # usage_reversal credit
+    before = len(events(app))
+    grant = str(ids.grant_id("acme", "order-1"))
+    body = {"idempotency_key": "r1", "grant_id": grant, "amount": "50.00", "reason": "dispute",
+            "finance_override": True}
+    refused = client.post("/v1/accounts/acme/refunds", json=body, headers=FINANCE)
+    assert refused.status_code == 422 and refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.json()["reason"] == "refund_exceeds_grant"
+    assert "30.00" in refused.json()["detail"] and "usage_reversal" in refused.json()["detail"]
+    assert len(events(app)) == before and account(app).available("USD") == 20 * U
+    forced = client.post("/v1/accounts/acme/refunds", json={**body, "idempotency_key": "r2", "amount": "30.00"},
+                         headers=FINANCE)
+    assert forced.status_code == 201, forced.text
+    assert forced.json()["from_revenue"] == "30.00" and forced.json()["paid_back"]["amount"] == "30.00"
+
+
 def test_promotional_grant_is_not_refundable(app: LedgerApplication, client: TestClient) -> None:
     open_account(app, "acme", {"key": "promo", "amount": "5.00", "source": "promotion"})
     body = {"idempotency_key": "r", "grant_id": str(ids.grant_id("acme", "promo")), "amount": "1", "reason": "x"}
