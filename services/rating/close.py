@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
+from itertools import pairwise
 from typing import Any
 from uuid import UUID
 
@@ -27,7 +28,7 @@ from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT
 from billing_events.timeutil import utcnow
-from billing_rating.aggregation import REAL_TIME, Observation, aggregate
+from billing_rating.aggregation import REAL_TIME, Observation, aggregate, contribution
 from billing_rating.catalog_view import CatalogView, MeterView
 from billing_rating.pricing import period_charge
 from billing_rating.text import decimal_text, subunits_text
@@ -90,7 +91,7 @@ async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str
     now = now or utcnow()
     rows = await db.fetch(
         "SELECT account_id, tenant, meter, group_key, event_id, event_time, quantity, value, amount_subunits, "
-        "decision, corrects, effective_quantity, quantity_before, quantity_after "
+        "decision, corrects, effective_quantity, quantity_before, quantity_after, rated_at "
         f"FROM rated_events WHERE period = $1 AND decision IN "
         f"({_CLOSE_DECISIONS_SQL}) ORDER BY account_id, meter, group_key, event_time, rated_at", period)
     done = {(r["account_id"]) for r in await db.fetch(
@@ -133,7 +134,7 @@ async def close_account_period(conn: Connection, catalog: CatalogView, period: s
     now = now or utcnow()
     rows = await conn.fetch(
         "SELECT meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
-        "effective_quantity, quantity_before, quantity_after FROM rated_events WHERE period = $1 "
+        "effective_quantity, quantity_before, quantity_after, rated_at FROM rated_events WHERE period = $1 "
         f"AND account_id = $2 AND decision IN ({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time, rated_at", period, account)
     meters: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
@@ -187,8 +188,10 @@ def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
     before = Decimal(0)  # the quantity of the groups before this one
     charged_before = 0  # period_charge of it
     lines = []
+    latest, shifts = _moves(meter, groups)
     for group, rows in sorted(groups.items()):
-        items, observations, quantity = _counted(meter, rows)
+        items, observations, quantity = _counted(meter, rows, latest)
+        quantity = RATING_CONTEXT.add(quantity, shifts.get(group, Decimal(0)))
         real_time = sum(int(r["amount_subunits"]) for r in items)
         if meter.ai_table is not None:
             total = real_time  # linear per-token prices: the real-time increments are the period price
@@ -214,22 +217,60 @@ def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
     return lines
 
 
-def _counted(meter: MeterView, items: list[dict[str, Any]]
+def _moves(meter: MeterView, groups: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, str], dict[str, Decimal]]:
+    """(corrected event id -> the id of its latest correction, group -> what corrections moved into it from other
+    groups) of one meter's decisions, over all its groups.
+
+    A correction counts in its own group (its properties'), which may not be its original's: the latest correction
+    of an event is the one that counts for a meter priced at close, in whichever group (the original's group no
+    longer counts the event). A real-time correction's decision moved the meter's total by the difference (``new -
+    old``); moved out of the group of the version it amends, that group gives up the old quantity and its own
+    counts the new one: the correction's group gets ``new - difference`` more, the other as much less.
+    """
+    versions: dict[str, list[dict[str, Any]]] = {}
+    for rows in groups.values():
+        for r in rows:
+            versions.setdefault(r["corrects"] or r["event_id"], []).append(r)
+    latest: dict[str, str] = {}
+    shifts: dict[str, Decimal] = {}
+    real_time = meter.definition.aggregation in REAL_TIME and meter.ai_table is None
+    for event_id, chain in versions.items():
+        if len(chain) == 1 and not chain[0]["corrects"]:
+            continue  # never corrected (most events)
+        # The original first, then its corrections in the order they were rated (they share its time).
+        chain.sort(key=lambda r: (r["corrects"] is not None, r["rated_at"]))
+        if chain[-1]["corrects"]:
+            latest[event_id] = chain[-1]["event_id"]
+        if not real_time:
+            continue
+        for amended, r in pairwise(chain):
+            if r["group_key"] == amended["group_key"]:
+                continue
+            new = Decimal(r["effective_quantity"])
+            gained = contribution(meter.definition, new) if new else Decimal(0)
+            shift = RATING_CONTEXT.subtract(gained, RATING_CONTEXT.subtract(Decimal(r["quantity_after"]),
+                                                                            Decimal(r["quantity_before"])))
+            shifts[r["group_key"]] = RATING_CONTEXT.add(shifts.get(r["group_key"], Decimal(0)), shift)
+            shifts[amended["group_key"]] = RATING_CONTEXT.subtract(shifts.get(amended["group_key"], Decimal(0)),
+                                                                   shift)
+    return latest, shifts
+
+
+def _counted(meter: MeterView, items: list[dict[str, Any]], latest: dict[str, str]
              ) -> tuple[list[dict[str, Any]], list[Observation], Decimal]:
-    """(the decisions that count, their observations, the quantity) of one group of a meter."""
+    """(the decisions that count, their observations, the quantity) of one group of a meter; ``latest``: each
+    corrected event's latest correction, over all the meter's groups (:func:`_moves`)."""
     definition = meter.definition
     if definition.aggregation not in REAL_TIME:
         # A corrected event counts with its latest corrected value (corrections of one event share its time and
-        # come in the order they were rated); real-time meters carry deltas instead. A correction to 0 voids the
-        # event: it no longer counts, even as a ``last`` reading (the reading before it is the last one then),
-        # while an event sent with quantity 0 is a reading of 0 for ``last`` (nothing for the other rules).
-        superseded = {r["corrects"] for r in items if r["corrects"]}
-        latest: dict[str, dict[str, Any]] = {}
-        for r in items:
-            if r["corrects"]:
-                latest[r["corrects"]] = {**r, "quantity": r["effective_quantity"]}
-        amended = [r for r in latest.values() if Decimal(r["quantity"]) != 0]
-        items = [r for r in items if not r["corrects"] and r["event_id"] not in superseded] + amended
+        # come in the order they were rated), in the latest correction's group; real-time meters carry deltas
+        # instead. A correction to 0 voids the event: it no longer counts, even as a ``last`` reading (the reading
+        # before it is the last one then), while an event sent with quantity 0 is a reading of 0 for ``last``
+        # (nothing for the other rules).
+        counting = set(latest.values())
+        amended = [{**r, "quantity": r["effective_quantity"]} for r in items
+                   if r["corrects"] and r["event_id"] in counting and Decimal(r["effective_quantity"]) != 0]
+        items = [r for r in items if not r["corrects"] and r["event_id"] not in latest] + amended
         items = [r for r in items if Decimal(r["quantity"]) != 0 or definition.aggregation == "last"]
     observations = [
         Observation(r["event_id"], datetime.fromisoformat(r["event_time"]), Decimal(r["quantity"]), r["value"])

@@ -390,11 +390,13 @@ class RatingService:
             failed.append(exc)
 
     def _rate(self, batch: _BatchState, usage: Usage, *, correction: tuple[str, Decimal, Decimal] | None
-              = None, counted: bool = True, rated_in: str | None = None) -> OutMessage | None:
+              = None, counted: bool = True, rated_in: str | None = None, group_old: str = "") -> OutMessage | None:
         """Rates one event; ``correction`` = (original id, old quantity, new quantity) for an amendment, rated in
         ``rated_in``, the period its original was rated in (``_correct``); ``counted``: whether the old quantity
         is in that period's total (not when the event was filtered out or voided: the correction then counts its
-        own quantity, never a difference against nothing)."""
+        own quantity, never a difference against nothing), in the ``group_by`` group ``group_old``: a correction
+        whose properties put it in another group takes the old quantity out of that one and counts the new one in
+        its own (the meter's total, which is priced, moves by the difference either way)."""
         event = usage.event
         account = usage.account
         catalog = batch.catalog
@@ -477,7 +479,10 @@ class RatingService:
                         meter.spec, definition.included, definition.overage_policy, False)
                     price_json = definition.price
                 priced_by = "plan" if plan_pricing is not None else "list_price"
-                billed = batch.close_lines.get((account, period, event.meter, group)) if late and correction else None
+                billed = None
+                if late and correction:  # the price is the meter's: any of its lines has it, the original's first
+                    billed = (batch.close_lines.get((account, period, event.meter, group_old))
+                              or batch.close_lines.get((account, period, event.meter, group)))
                 if billed is not None and billed.get("price") is not None:
                     # The price and allowance the closed period was billed at (whatever changed since: a plan
                     # change, a cancel, a new catalogue), so the difference is what that period's invoice billed.
@@ -498,25 +503,43 @@ class RatingService:
                 total_key = (account, key, period)
                 group_before = batch.total(account, key, period)
                 before = batch.meter_total(account, event.meter, period)
+                # A correction into another group (``group_old`` != ``group``): the old quantity leaves the original's
+                # group (``moved``: its key and its total after), the new one counts in this one.
+                moved: tuple[tuple[str, str, str], Decimal] | None = None
+                below: tuple[str, Decimal, Decimal] | None = None  # (group key, its total, the step) gone below zero
                 if correction is None:
                     step = contribution(definition, event.quantity)
+                    group_after = RATING_CONTEXT.add(group_before, step)
                 else:
                     _, old, new = correction
-                    step = ((contribution(definition, new) if new else Decimal(0))
-                            - (contribution(definition, old) if counted else Decimal(0)))
-                group_after = RATING_CONTEXT.add(group_before, step)
-                if group_after < 0:  # a correction taking back more than the period's total holds: never priced
+                    gained = contribution(definition, new) if new else Decimal(0)
+                    lost = contribution(definition, old) if counted else Decimal(0)
+                    step = gained - lost
+                    if lost and group_old != group:
+                        moved_key = (account, f"{event.meter}|{group_old}" if group_old else event.meter, period)
+                        moved = (moved_key, RATING_CONTEXT.subtract(batch.total(*moved_key), lost))
+                        if moved[1] < 0:  # the old group does not hold the old quantity: never priced
+                            below = (moved_key[1], batch.total(*moved_key), -lost)
+                        group_after = RATING_CONTEXT.add(group_before, gained)
+                    else:
+                        group_after = RATING_CONTEXT.add(group_before, step)
+                if group_after < 0 and below is None:  # a correction taking back more than the total holds
+                    below = (key, group_before, step)
+                if below is not None:
                     rejection = self._rejection(
                         batch, usage, RejectReason.INVALID_CORRECTION,
                         f"correction of {correction[0] if correction else event.id!r} takes the total of meter "
-                        f"{key!r} in period {period} below zero ({decimal_text(group_before)} by "
-                        f"{decimal_text(step)})")
+                        f"{below[0]!r} in period {period} below zero ({decimal_text(below[1])} by "
+                        f"{decimal_text(below[2])})")
                     batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
                                  "invalid_correction", rejection)
                     return rejection
                 after = RATING_CONTEXT.add(before, step)
                 batch.totals[total_key] = group_after
                 batch.dirty.add(total_key)
+                if moved is not None:
+                    batch.totals[moved[0]] = moved[1]
+                    batch.dirty.add(moved[0])
                 batch.meter_moved(account, event.meter, period, step)
                 unit = spec.unit
                 # The charge is period_charge(after) - period_charge(before) of the meter's total; the batch
@@ -544,6 +567,8 @@ class RatingService:
                     inputs = {**inputs, "corrects": correction[0],
                               "quantity_old": decimal_text(correction[1]) if counted else "0",
                               "quantity_new": decimal_text(correction[2])}
+                    if moved is not None:  # the group the old quantity left (``group``: where the new one counts)
+                        inputs["group_old"] = group_old
                     if not counted:
                         inputs["quantity_old_uncounted"] = decimal_text(correction[1])
             # Usage that costs nothing (inside the allowance, a flat fee or a stairstep band already charged, a
@@ -611,10 +636,11 @@ class RatingService:
                             usage.catalog_version)
         rows = len(batch.rows)
         output = self._rate(batch, at_original, correction=(event.correction_of or "", old, event.quantity),
-                            counted=counted, rated_in=original["period"])
+                            counted=counted, rated_in=original["period"], group_old=original["group_key"])
         if len(batch.rows) > rows and batch.rows[-1][18] is not None:  # amended (a refusal amends nothing)
             batch.originals[(account, event.correction_of or "")] = {
-                **original, "quantity": str(event.quantity), "decision": batch.rows[-1][14], "corrected": True}
+                **original, "quantity": str(event.quantity), "decision": batch.rows[-1][14], "corrected": True,
+                "group_key": batch.rows[-1][5]}
         return output
 
     def _rate_ai(self, batch: _BatchState, account: str, key: str, period: str, usage: Usage,
@@ -847,16 +873,17 @@ class _BatchState:
         where = "event_id = ANY($1::text[])" if postgres else f"event_id IN ({_in(corrected)})"
         args: list[Any] = [corrected] if postgres else list(corrected)
         for row in await conn.fetch(
-                f"SELECT account_id, event_id, meter, period, event_time, quantity, decision FROM rated_events "
-                f"WHERE {where} AND corrects IS NULL", *args):
+                f"SELECT account_id, event_id, meter, period, event_time, quantity, decision, group_key "
+                f"FROM rated_events WHERE {where} AND corrects IS NULL", *args):
             self.originals[(row["account_id"], row["event_id"])] = dict(row)
         where = "corrects = ANY($1::text[])" if postgres else f"corrects IN ({_in(corrected)})"
         for row in await conn.fetch(
-                f"SELECT account_id, corrects, effective_quantity, decision FROM rated_events WHERE {where} "
-                f"ORDER BY rated_at", *args):
+                f"SELECT account_id, corrects, effective_quantity, decision, group_key FROM rated_events "
+                f"WHERE {where} ORDER BY rated_at", *args):
             original = self.originals.get((row["account_id"], row["corrects"]))
             if original is not None:  # the latest correction is what the next one amends (filtered out or not)
-                original.update(quantity=row["effective_quantity"], decision=row["decision"], corrected=True)
+                original.update(quantity=row["effective_quantity"], decision=row["decision"], corrected=True,
+                                group_key=row["group_key"])
 
     async def _load_close_lines(self, conn: Connection, pairs: list[tuple[str, str]]) -> None:
         """The close lines of the closed (account, period) pairs this batch's corrections amend."""
@@ -882,7 +909,7 @@ class _BatchState:
         if (account, event_id) not in self.originals:
             self.originals[(account, event_id)] = {
                 "account_id": account, "event_id": event_id, "meter": row[3], "period": row[4],
-                "event_time": row[6], "quantity": row[7], "decision": row[14]}
+                "event_time": row[6], "quantity": row[7], "decision": row[14], "group_key": row[5]}
 
     def period_of(self, account: str, moment: datetime) -> tuple[str, bool]:
         """(the billing period of ``moment`` for ``account``, whether that period is closed)."""

@@ -408,6 +408,57 @@ async def test_a_meters_allowance_and_tiers_apply_once_per_period_across_its_gro
     assert sum(Decimal(line.billable) for line in lines) == 350
 
 
+async def publish_grouped_meters(service: RatingService) -> None:
+    document = {**CATALOG, "meters": [*CATALOG["meters"], *GROUPED_METERS]}
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 2, "document": document})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
+
+
+def grouped_correction(event_id: str, of: str, quantity: str, meter: str, **properties: Any) -> Record:
+    event = UsageEvent(id=event_id, tenant="acme", meter=meter, quantity=quantity, correction_of=of,
+                       timestamp=datetime(2026, 11, 22, tzinfo=UTC), properties=properties)
+    message = AcceptedUsage(account_id=ids.account_id("acme"), event=event, accepted_at=datetime.now(UTC),
+                            source="test", catalog_version=2)
+    return Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())
+
+
+async def test_a_correction_into_another_group_moves_its_whole_quantity_out_of_the_originals_group(rating) -> None:  # type: ignore[no-untyped-def]
+    # Audit: a correction whose properties put it in another group moved only the difference into the new group:
+    # 100 eu calls corrected to 80 us calls left eu at 100 and us at 50 - 20 = 30 (a correction to less than the
+    # difference took the new group's total below zero and was refused).
+    service, bus = rating
+    await publish_grouped_meters(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("e1", "100", "regional_calls", 2, day(3), region="eu"),
+                                   accepted("e2", "50", "regional_calls", 2, day(4), region="us"),
+                                   accepted("s1", "8", "regional_storage", 2, day(5), region="eu"),
+                                   accepted("s2", "7", "regional_storage", 2, day(6), region="us")])
+    await service.handle_accepted([grouped_correction("c1", "e1", "80", "regional_calls", region="us"),
+                                   grouped_correction("c2", "e2", "10", "regional_calls", region="ap"),
+                                   grouped_correction("s3", "s1", "9", "regional_storage", region="us")])
+    assert await published(bus, topics.USAGE_REJECTED) == []
+    debits = {c["payload"]["cause"]["event_ids"][0]: c["payload"] for c in await published(bus)}
+    # The charge is the meter's difference (-2.00, -4.00); the debit names the group the event left.
+    assert [(debits[e]["amount"], debits[e]["cause"]["group"], debits[e]["cause"].get("group_old"))
+            for e in ("c1", "c2")] == [("-2.000000000", "region=us", "region=eu"),
+                                       ("-4.000000000", "region=ap", "region=us")]
+    totals = {r["meter"]: r["quantity"] for r in await service.db.fetch("SELECT meter, quantity FROM period_totals")}
+    assert {k: Decimal(v) for k, v in totals.items()} == {
+        "regional_calls|region=eu": 0, "regional_calls|region=us": 80, "regional_calls|region=ap": 10}
+    await service.handle_accepted([grouped_correction("c3", "e1", "60", "regional_calls", region="ap")])
+    lines = {(line.meter, line.group): line for line in await close_period(service.db, bus, service.catalog,
+                                                                           "2026-11")}
+    # Each group's line holds what its events count now: eu nothing, us e2's 10 ... moved to ap, ap 10 + 60.
+    assert {k: (Decimal(v.quantity), Decimal(v.amount)) for k, v in lines.items()} == {
+        ("regional_calls", "region=eu"): (0, 0), ("regional_calls", "region=us"): (0, 0),
+        ("regional_calls", "region=ap"): (70, 7),
+        ("regional_storage", "region=eu"): (0, 0), ("regional_storage", "region=us"): (9, 9)}
+    charged = sum(int(c["payload"]["amount_subunits"]) for c in await published(bus)
+                  if c["payload"]["meter"] == "regional_calls")
+    assert sum(v.amount_subunits for k, v in lines.items() if k[0] == "regional_calls") == charged
+
+
 async def test_usage_at_close_is_free_while_the_pricing_subscription_is_trialing(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     # The primary (earliest) subscription's plan has no storage charge; a second one, on trial, prices it.
