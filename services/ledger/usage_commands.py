@@ -5,7 +5,12 @@ A correction (``correction_of`` at ingest) that lowers usage rating priced in a 
 subscription invoice has billed (``BillingAccount.billed_overage``: that invoice, and what of the period's overage
 no correction credited yet) corrects that invoice: a credit note against it (``related_invoice``, recorded on the
 invoice, which can then no longer be voided) credits the corrected usage, up to what the invoice billed for the
-period and rounded down to the currency's minor unit, with the tax at the rate that invoice charged
+period, as the invoice's usage line of the meter charged it: that line rounded (``round_minor``) before the
+correction less the line rounded after it (since session 11: 0.005 of usage billed 0.01, its void credits 0.01,
+and 1.234 billed 1.23 credits 1.23, the 0.004 its rounding took off already absorbed; it used to credit the exact
+usage rounded down, 0.00 and 1.23 with 0.004 given back on top), so the invoice less its notes bills the
+corrected usage exactly as a line would; without such a line (overage of earlier periods, invoices billed before
+session 9) it is the corrected usage rounded down. The tax is at the rate that invoice charged
 (``document_tax_lines``), as account credit (``credit_note_grant``: Dr RECOGNISED_REVENUE net / Dr TAX_PAYABLE tax
 / Cr TENANT_WALLET), whether the invoice is paid or not: it is collected as issued, like the invoice a change's or
 cancel's credit note corrects. The rest of the give-back (usage prepaid credit paid for, so not on the invoice's
@@ -26,7 +31,14 @@ from typing import Any
 from uuid import UUID
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import RATING_CONTEXT, currency, from_subunits, is_currency_code, to_subunits
+from billing_events.money import (
+    RATING_CONTEXT,
+    currency,
+    from_subunits,
+    is_currency_code,
+    round_minor,
+    to_subunits,
+)
 from billing_events.timeutil import parse_timestamp
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
@@ -87,7 +99,8 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
     period = corrected_period(cause)
     if period is None or not isinstance(unit, str) or not is_currency_code(unit) or not isinstance(meter, str):
         return None
-    minor = Decimal(1).scaleb(-currency(unit).minor_scale)
+    scale = currency(unit)
+    minor = Decimal(1).scaleb(-scale.minor_scale)
     left, credited = -amount, []
     # The period's minimum spend, across every invoice that billed it: what its usage spend is above it is all the
     # corrections can credit, newest invoice first (``None``: not remembered, capped per invoice as before).
@@ -102,10 +115,18 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
         sub = batch.get(UUID(invoice.subscription_id))
         if not isinstance(sub, Subscription):
             continue
-        # Rounded down: the note never credits more than the give-back (a sub-unit rest is given back as before).
-        due = from_subunits(min(left, billed["amount"])).quantize(minor, rounding=ROUND_DOWN)
-        if due <= 0:
-            break
+        corrected = min(left, billed["amount"])  # the usage this invoice billed that the correction takes back
+        exact = _line_exact(batch, invoice, meter, period)
+        if exact is None:
+            # Rounded down: the note never credits more than the give-back (a sub-unit rest is given back as before).
+            due = from_subunits(corrected).quantize(minor, rounding=ROUND_DOWN)
+            if due <= 0:
+                break
+        else:
+            # What the meter's line charged less what it would charge without the corrected usage, each rounded as
+            # the line was: the rounding the invoice posted (``round_invoiced_overage``) goes with the usage.
+            after = RATING_CONTEXT.subtract(exact, from_subunits(corrected))
+            due = max(RATING_CONTEXT.subtract(round_minor(exact, scale), round_minor(after, scale)), Decimal(0))
         corrects = cause.get("corrects")
         description = f"Usage corrected: {meter}, billed on {invoice.number}"
         if headroom is None:
@@ -114,7 +135,8 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
             creditable = min(due, headroom)
             headroom -= creditable
         lines = [line("usage_correction", description, -creditable,
-                      unit, meter=meter, period=period, **({"corrects": str(corrects)} if corrects else {}))]
+                      unit, meter=meter, period=period, usage_corrected=str(from_subunits(corrected)),
+                      **({"corrects": str(corrects)} if corrects else {}))]
         # Never more than the invoice has not given back yet (a refund gave back all of it: nothing).
         lines = _left_to_give_back([item for item in lines if Decimal(item["amount"])], invoice)
         note = None
@@ -127,10 +149,41 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
             if note is None:  # the key is the command's id: a redelivery never reaches here (its receipt refuses it)
                 continue
         net = -Decimal(lines[0]["amount"]) if lines else Decimal(0)
+        if exact is None:
+            taken = to_subunits(due)
+            amount_credited = to_subunits(net)
+        else:
+            # The note may credit up to a minor unit more or less than the usage it corrects (the line's rounding):
+            # the give-back it covers is the usage corrected, the part it did not credit absorbed (the rounding or a
+            # minimum commitment kept it billed), never given back again.
+            taken = corrected
+            amount_credited = min(to_subunits(net), corrected)
         credited.append({"note": str(note.id) if note is not None else None, "invoice": str(invoice.id),
-                         "period": period, "amount": to_subunits(net), "absorbed": to_subunits(due - net)})
-        left -= to_subunits(due)
-    return credited or None
+                         "period": period, "amount": amount_credited, "absorbed": taken - amount_credited})
+        left -= taken
+    return [entry for entry in credited if entry["amount"] or entry["absorbed"]] or None
+
+
+def _line_exact(batch: _Batch, invoice: Invoice, meter: str, period: str) -> Decimal | None:
+    """The exact amount ``invoice``'s usage line of ``meter`` (the one whose ``trace.rating_periods`` has ``period``)
+    charges now: its ``exact_amount`` less the usage its usage-correction notes corrected (``usage_corrected``).
+    ``None``: no such line, or an earlier note of it does not say what usage it corrected (issued before session
+    11)."""
+    found = [item for item in invoice.lines if item["kind"] == "usage" and item.get("meter") == meter
+             and period in ((item.get("trace") or {}).get("rating_periods") or [])]
+    if len(found) != 1 or Decimal(found[0]["amount"]) <= 0:
+        return None
+    exact = Decimal(found[0].get("exact_amount") or found[0]["amount"])
+    for document in invoice.corrections:
+        note = batch.get(UUID(document))
+        if not isinstance(note, Invoice):
+            continue
+        for item in note.lines:
+            if item["kind"] == "usage_correction" and item.get("meter") == meter:
+                if item.get("usage_corrected") is None:
+                    return None
+                exact = RATING_CONTEXT.subtract(exact, Decimal(item["usage_corrected"]))
+    return exact
 
 
 def _minimum_headroom(batch: _Batch, invoice: Invoice, period: str, due: Decimal) -> Decimal:

@@ -101,6 +101,33 @@ async def test_a_correction_after_the_renewal_credits_at_novembers_margin_and_de
     assert usage == Decimal("2.00") + Decimal("3.00")
 
 
+@pytest.mark.parametrize(("used", "line", "corrected", "credit"), [
+    ("250.05", "15.01", "100", "-15.01"),   # 15.005 billed 15.01 (half up), voided: 15.01 back, not 15.00
+    ("250.04", "15.00", "100", "-15.00"),   # 15.004 billed 15.00: 15.00 back, not 15.00 and 0.004 of credit more
+    ("250.05", "15.01", "150.05", "-10.00"),  # 15.005 -> 5.005: billed 15.01, 5.01 left billed
+])
+async def test_a_correction_credits_what_the_invoice_line_charged_rounded_as_the_line_was(
+        stack: Stack, used: str, line: str, corrected: str, credit: str) -> None:
+    # Audit: the note credited the corrected usage rounded down and gave the sub-cent rest back as credit, so the
+    # invoice less its note did not bill the corrected usage to the cent (15.01 - 15.00 = 0.01 for no usage).
+    await stack.use("nov", used, datetime(2026, 11, 20, tzinfo=UTC))
+    stack.run("subscription.tick", DEC_1, key="m")
+    await stack.relay()
+    await stack.deliver()
+    renewal = stack.invoice(DEC_1.isoformat())
+    assert usage_money(renewal) == Decimal(line)
+    await correct(stack, "nov-fix", "nov", corrected, datetime(2026, 12, 5, tzinfo=UTC))
+    assert all(r.outcome == "applied" for r in stack.results), stack.results
+    assert credited(stack) == [Decimal(credit)]
+    # The invoice less its note bills the corrected usage as its line would: 0.00, or 5.005 as 5.01.
+    usage_left = max(Decimal(corrected) - 100, Decimal(0)) * Decimal("0.10")
+    assert usage_money(renewal) + sum(credited(stack)) == usage_left.quantize(Decimal("0.01"), rounding="ROUND_HALF_UP")
+    account = stack.ledger.repository.get(ids.account_id("acme"))
+    # The customer's credit is the note's and nothing more (no sub-cent rest given back on top of it).
+    assert account.available("USD") == -Decimal(credit) * 10**9
+    assert verify_store(stack.ledger, "acme").ok
+
+
 @contextlib.asynccontextmanager
 async def november_billed(tmp_path: Path, minimum: str) -> AsyncIterator[Stack]:
     """A team plan with ``minimum`` spend, 250 calls in November (15.00), billed on the Dec 1 renewal."""
