@@ -43,7 +43,7 @@ REBUILD_GC_GEN0_THRESHOLD = 1_000_000
 # `billing projections rebuild`: replay processes at most (each takes a share of the topic's partitions).
 REBUILD_WORKERS_MAX = 16
 # Query API (PostgreSQL): connections of its read pool, all opened at startup and kept open (no session reset:
-# billing_runtime.db). A new connection costs its backend and the API ~10-15 ms of CPU (fork, SCRAM, caches); opened
-# on demand, a burst of reads made the pool open up to 8 at once, and the reads of the next ~150 ms waited for them.
+# billing_runtime.db). A new connection costs the API ~5 ms of CPU (SCRAM) and its backend ~10-15 ms over its first
+# queries; opened on demand, a burst of reads made the pool open 8 at once, and the next ~150 ms of reads waited.
 READ_POOL_CONNECTIONS_MAX = 10
 READ_POOL_CONNECTIONS_MIN = READ_POOL_CONNECTIONS_MAX
