@@ -59,7 +59,7 @@ from tests.support import ServiceProcess, free_port
 U = 10**9
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 # Reads before the measured ones (connections, query plans), and how often the freshness probe polls by default:
-# every 20 ms, a resolution far below the 1 s target. Until session 11 it polled every 5 ms, ~80 reads/s on top of
+# every 20 ms, a resolution far below the 1 s target. Until session 11 it polled every 5 ms, ~50 reads/s on top of
 # the 200/s the target states (``--freshness-poll-ms 5`` reproduces those runs).
 READ_WARM_UP = 20
 FRESHNESS_POLL_MS = 20
