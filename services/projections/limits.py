@@ -42,6 +42,8 @@ GC_GEN0_THRESHOLD = 50_000
 REBUILD_GC_GEN0_THRESHOLD = 1_000_000
 # `billing projections rebuild`: replay processes at most (each takes a share of the topic's partitions).
 REBUILD_WORKERS_MAX = 16
-# Query API (PostgreSQL): connections of its read pool kept open, and at most (no session reset: billing_runtime.db).
-READ_POOL_CONNECTIONS_MIN = 2
+# Query API (PostgreSQL): connections of its read pool, all opened at startup and kept open (no session reset:
+# billing_runtime.db). A new connection costs the API ~5 ms of CPU (SCRAM) and its backend ~10-15 ms over its first
+# queries; opened on demand, a burst of reads made the pool open 8 at once, and the next ~150 ms of reads waited.
 READ_POOL_CONNECTIONS_MAX = 10
+READ_POOL_CONNECTIONS_MIN = READ_POOL_CONNECTIONS_MAX
