@@ -1954,17 +1954,24 @@ class BillingAccount(ChainedAggregate):
             self._invoice_billed[invoice] = {"unit": unit, "amount": amount, "tax": tax_amount}
         self._apply_fee_revenue(revenue)
 
-    def void_invoice_bill(self, *, invoice: str, at: datetime, cause: dict[str, Any]) -> None:
+    def void_invoice_bill(self, *, invoice: str, at: datetime, cause: dict[str, Any],
+                          restored: str | None = None) -> None:
         """A billed invoice was voided unpaid: its ``InvoiceBilled`` is reversed (``InvoiceBillVoided``: Dr
         DEFERRED_REVENUE what of its fee is still deferred (its schedule ends) and Dr RECOGNISED_REVENUE the rest
-        of its net / Dr TAX_PAYABLE tax / Cr RECEIVABLES). Nothing billed: nothing recorded."""
+        of its net / Dr TAX_PAYABLE tax / Cr RECEIVABLES). Nothing billed: nothing recorded.
+
+        ``restored``: the invoice whose unused time the voided one (a change's) netted as a credit, owed in full
+        again: what the voided schedule defers beyond the net reversed is that invoice's fee for the rest of the
+        period, so it stays deferred on a schedule of ``restored`` to the voided one's end (``revenue.moved``) and is
+        recognised as the time passes, not at the void (when ``restored`` has no schedule of its own)."""
         billed = self._invoice_billed.get(invoice)
         if billed is None:
             return
         unit, amount, tax = billed["unit"], billed["amount"], billed["tax"]
         revenue_lines, revenue = self._fee_revenue(
             document=invoice, unit=unit, revenue=-(amount - tax), deferred=None,
-            credits={"invoice": invoice, "amount": amount - tax, "close": True})
+            credits={"invoice": invoice, "amount": amount - tax, "close": True,
+                     **({"restored": restored} if restored is not None else {})})
         postings = _revenue_and_tax_back(LedgerAccount.RECEIVABLES, unit, amount, tax, revenue_lines)
         self._invoice_bill_voided(invoice=invoice, unit=unit, amount=amount, tax_amount=tax, postings=postings,
                                   cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}))
@@ -2162,6 +2169,15 @@ class BillingAccount(ChainedAggregate):
             if schedule is not None and schedule["unit"] == unit:
                 taken = min(amount, schedule["deferred"])
                 recognised_now = schedule["deferred"] - taken if close else 0
+                restored = credits.get("restored")
+                if (recognised_now and restored is not None and not schedule.get("pending")
+                        and restored not in self._fee_schedules):
+                    # A change's invoice voided: the fee of the invoice whose unused time it credited is owed again
+                    # (``restored``), for service still to come; what the voided schedule defers beyond its net is
+                    # that fee's rest, recognised over the rest of the period on that invoice's schedule, not now.
+                    record["moved"] = {"invoice": restored, "unit": unit, "amount": recognised_now,
+                                       "start": schedule["recognised_to"], "end": schedule["end"]}
+                    recognised_now = 0
                 out = taken + recognised_now
                 if out:
                     lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, out, gid))
@@ -2202,6 +2218,11 @@ class BillingAccount(ChainedAggregate):
                 schedule["deferred"] -= reversal["taken"] + reversal["recognised"]
                 if reversal["close"] or schedule["deferred"] <= 0:
                     del self._fee_schedules[reversal["invoice"]]
+        moved = revenue.get("moved")
+        if moved is not None:  # recorded since session 11 (a void of a change's invoice)
+            self._fee_schedules[moved["invoice"]] = {
+                "unit": moved["unit"], "amount": moved["amount"], "deferred": moved["amount"], "start": moved["start"],
+                "end": moved["end"], "recognised_to": moved["start"], "pending": False}
         credit = revenue.get("pending_credit")
         if credit is not None:
             held = self._pending_fee_credits.get(credit["invoice"])
