@@ -14,8 +14,10 @@ The outcomes of an accepted event (``Report.counts``):
   or ``unique_count`` meter's event, billed by the debit its period's close sent, which the ledger recorded;
 * ``rejected``, by reason: rating refused it (its dead letter's reason, ``rating:<reason>``), or the ledger did
   (a rejected receipt, or ``UsageRejected`` for a ``block`` overage policy: ``ledger:<reason>``);
-* ``not_billable``, by rating's decision: the meter's filters left it out, or every reading of a close-priced
-  line was voided before the close;
+* ``not_billable``, by rating's decision: the meter's filters left it out, every reading of a close-priced
+  line was voided before the close (``voided_before_close``), or a correction in another ``group_by`` group
+  voided the reading (``voided_by_correction``; a correction there to more than 0 moves it: posted at that
+  group's close);
 * ``in_flight``: accepted and not rated yet, rated and sent but not applied by the ledger yet (both for at most
   the grace period), or waiting for its period's close (a close-priced meter: no age limit).
 

@@ -15,7 +15,7 @@ from billing_events.money import parse_decimal
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.catalog import Catalog
-from billing_ledger.domain.invoice import CREDIT_NOTE, INVOICE, PAID, Invoice, invoice_id, line
+from billing_ledger.domain.invoice import CREDIT_NOTE, DRAFT, INVOICE, PAID, Invoice, invoice_id, line
 from billing_ledger.domain.subscription import ACTIVE, INCOMPLETE
 from billing_ledger.invoice_overage import (
     commit_period_minimum,
@@ -231,6 +231,7 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     invoice.void(at=at, reason=optional_text(command, "reason") or "void", by=command.issued_by)
     corrected = batch.get(UUID(invoice.related_invoice)) if invoice.subscription_id and invoice.related_invoice \
         else None
+    restored = None
     if isinstance(corrected, Invoice):
         # A change's invoice netted a credit for the unused time of the invoice it corrects (-15.00 + 30.00): the
         # void reverses all it billed, that credit with it, so the corrected invoice is owed in full again and has
@@ -239,7 +240,12 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
         # days, 25.00 without the void).
         net, tax = _credit_given(invoice)
         corrected.restore_given_back(document=invoice.id, net=net, tax=tax, by=command.issued_by)
+        if net > 0 and corrected.status != DRAFT:
+            # Its fee for the rest of the period is owed again: deferred on its schedule, not recognised at the void
+            # (a renewal still a draft holds the credit pending: ``_pending_fee_credits``, as before).
+            restored = str(corrected.id)
     if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again
         account = account_of(batch, invoice.tenant)
-        account.void_invoice_bill(invoice=str(invoice.id), at=at, cause={"invoice_number": invoice.number})
+        account.void_invoice_bill(invoice=str(invoice.id), at=at, cause={"invoice_number": invoice.number},
+                                  restored=restored)
         account.return_invoiced_overage(invoice=str(invoice.id), at=at)

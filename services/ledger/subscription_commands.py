@@ -274,21 +274,28 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
     return issued
 
 
-def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: list[str], at: datetime) -> set[str]:
+def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: list[str], at: datetime,
+                          since: datetime | None = None) -> set[str]:
     """The period's recurring credits just granted (``grants``) pay the overage already posted for usage of that
     period: a renewal (or trial end) ticked late, after rating placed the period's first usage in it (the period
     ahead), when the ledger had no credit of it yet, so it went to receivables. A timely tick's credit would have
     covered it; now the grant repays it (``repay_overage`` limited to the period's overage, ``OverageRepaid``) and
     the invoice shows it paid with credit, not billed as overage. Returns the units repaid, whose alerts the
     caller checks once its movements are done. A grant for some meters only (``scope``) repays the overage of
-    those meters; the grants for some meters repay first, so unscoped credit is left for the other meters'."""
+    those meters; the grants for some meters repay first, so unscoped credit is left for the other meters'.
+
+    ``since``: the grants of a change or resume, granted from ``since`` (its ``at``): they repay only the overage
+    usage at or after it posted (``BillingAccount.overage_since``), usage already posted when the change or resume
+    came with an earlier ``at``; the period's usage before it had no credit of them on time either."""
     units: set[str] = set()
     cause = {"subscription": str(sub.id), "period_start": sub.period_start.isoformat(), "reason": "recurring_credits"}
+    if since is not None:
+        cause["since"] = since.isoformat()
     balances = {g["grant_id"]: g for g in account.grant_balances()}  # a grant's unit and scope never change
     for grant in sorted(grants, key=lambda g: balances[g]["scope"] is None if g in balances else True):
         # stable: the plan's order otherwise
         if account.repay_overage(grant_id=UUID(grant), at=at, cause=cause, period=(sub.period_start, sub.period_end),
-                                 thresholds=False) and grant in balances:
+                                 since=since, thresholds=False) and grant in balances:
             units.add(str(balances[grant]["unit"]))
     return units
 
@@ -954,6 +961,9 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         back = left - _granted_in_currency(account, sub.recurring_grants, sub.plan["currency"]) + included \
             if _includes_credit(corrected) and not fee_given_back else 0
         lines = _with_included(lines, included, back)
+        # Usage since ``at`` already posted beyond credit (the change came later, given an earlier ``at``) drew
+        # nothing of the new grants: they repay it, as they would have covered it on time.
+        voided |= _repay_period_overage(account, sub, sub.recurring_grants, at, since=at)
     else:
         voided = set()
     _document(app, batch, sub, key, lines, at, command.issued_by, finalize=True, start=at, end=sub.period_end,
@@ -1094,6 +1104,10 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     fraction = proration_fraction(sub.period_start, sub.period_end, billed_from)
     sub.set_recurring_grants(_grant_recurring(
         account, sub, billed_from, sub.period_end, command.issued_by, fraction=fraction))
+    # Usage since the resume already posted beyond credit (the resume came later, given an earlier ``at``): the
+    # credits repay it, as they would have covered it on time; usage while paused before it stays owed.
+    _check_thresholds(account, _repay_period_overage(account, sub, sub.recurring_grants, at, since=billed_from), at,
+                      top_up=True)
     lines = [_including(item, _included_credit(sub.plan, sub.quantity, fraction))
              for item in quote_resume(plan=sub.plan, quantity=sub.quantity, period_start=sub.period_start,
                                       period_end_at=sub.period_end, at=billed_from)]

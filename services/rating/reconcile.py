@@ -7,7 +7,10 @@ correction that moves no price), a dead letter (the rejected topic: ``period_clo
 out (``filtered``) or a close-priced meter (``max``, ``last``, ``unique_count``: ``deferred_to_close``, also
 ``late:`` / ``late_adjustment:``), billed by the debit its period's close sends (``close.close_command``, one per
 line, its id from the line's key), once the period is closed (``closed_periods``). A correction is an event of its
-own with its own decision and command.
+own with its own decision and command. An event of a close-priced meter whose latest correction put it in another
+``group_by`` group (``close._moves``: the group it was rated in no longer counts it) is billed by the close line of
+that group, its debit (``close_debit``), or not billable ``voided_by_correction`` when that correction is to 0; it
+used to be taken for its own group's line, reported ``voided_before_close`` when nothing else was left there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -37,8 +41,8 @@ async def decisions(db: Database, tenant: str, event_ids: Iterable[str]) -> dict
         chunk = wanted[start:start + LOOKUP_IDS_MAX]
         marks = ", ".join(f"${i + 2}" for i in range(len(chunk)))
         rows += await db.fetch(
-            "SELECT event_id, meter, period, group_key, decision, output_topic, output, rated_at FROM rated_events "
-            f"WHERE account_id = $1 AND event_id IN ({marks})", account, *chunk)
+            "SELECT event_id, meter, period, group_key, decision, output_topic, output, rated_at, corrects "
+            f"FROM rated_events WHERE account_id = $1 AND event_id IN ({marks})", account, *chunk)
     closes = _Closes(db, account)
     found: dict[str, Decision] = {}
     for row in rows:
@@ -59,14 +63,20 @@ async def _decision(tenant: str, row: dict[str, Any], closes: _Closes) -> Decisi
     closed_at = await closes.closed_at(row["period"])
     if closed_at is None:
         return Decision(tenant, event_id, decision, "awaiting_close")
-    line = await closes.line(row["period"], row["meter"], row["group_key"])
+    group = row["group_key"]
+    latest = await closes.latest_correction(row["corrects"] or event_id)
+    if latest is not None and latest["event_id"] != event_id and latest["group_key"] != group:
+        # A later correction moved the event to another group, whose line counts it now (``close._moves``).
+        if Decimal(latest["effective_quantity"] or 0) == 0:
+            return Decision(tenant, event_id, decision, "not_billable", reason="voided_by_correction")
+        group = latest["group_key"]
+    line = await closes.line(row["period"], row["meter"], group)
     if line is not None and not sends_debit(line):
         return Decision(tenant, event_id, decision, "not_billable", reason="voided_before_close")
     # A closed period without this event's line sent no debit for it: its command is then never applied, which
     # the report shows as a discrepancy.
     return Decision(tenant, event_id, decision, "close_debit",
-                    close_command_id(closes.account, row["meter"], row["group_key"], row["period"]),
-                    sent_at=closed_at)
+                    close_command_id(closes.account, row["meter"], group, row["period"]), sent_at=closed_at)
 
 
 class _Closes:
@@ -77,6 +87,7 @@ class _Closes:
         self.account = account
         self._closed: dict[str, datetime | None] = {}
         self._lines: dict[tuple[str, str, str], CloseLine | None] = {}
+        self._latest: dict[str, dict[str, Any]] | None = None  # corrected event id -> its latest correction
 
     async def closed_at(self, period: str) -> datetime | None:
         if period not in self._closed:
@@ -84,6 +95,17 @@ class _Closes:
                                            period, self.account)
             self._closed[period] = datetime.fromisoformat(value) if value else None
         return self._closed[period]
+
+    async def latest_correction(self, original: str) -> dict[str, Any] | None:
+        """The latest correction of event ``original`` (the one a close counts, in its own group), if any. The
+        account's corrections (few) are read once, in the order a close takes them (``close._moves``)."""
+        if self._latest is None:
+            self._latest = {}
+            for r in await self.db.fetch(
+                    "SELECT event_id, corrects, group_key, effective_quantity FROM rated_events WHERE account_id = $1 "
+                    "AND corrects IS NOT NULL ORDER BY event_time, rated_at", self.account):
+                self._latest[r["corrects"]] = r
+        return self._latest.get(original)
 
     async def line(self, period: str, meter: str, group: str) -> CloseLine | None:
         key = (period, meter, group)

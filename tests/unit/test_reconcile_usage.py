@@ -41,6 +41,7 @@ CATALOG: dict[str, Any] = {"meters": [
     {"code": "gpu_calls", "aggregation": "sum", "filters": {"region": ["eu"]}, "price": PER_CALL},
     {"code": "storage_gb", "aggregation": "max", "price": PER_CALL},
     {"code": "exports", "aggregation": "sum", "price": PER_CALL, "overage_policy": "block"},
+    {"code": "regional_gb", "aggregation": "max", "group_by": ["region"], "price": PER_CALL},
 ]}
 GRACE = timedelta(seconds=GRACE_SECONDS_DEFAULT)
 
@@ -257,6 +258,27 @@ async def test_a_period_close_debit_the_ledger_never_applied_is_a_discrepancy(tm
         [found] = report.discrepancies
         assert (found.kind, found.event_id) == ("not_applied", "disk")
         assert "close debit" in found.detail
+
+
+async def test_a_close_priced_event_a_correction_moved_to_another_group_is_billed_by_that_groups_close(
+        tmp_path: Path) -> None:
+    async with wired(tmp_path) as services:
+        await services.send("eu-disk", "regional_gb", "8", AT, properties={"region": "eu"})
+        await services.send("ap-disk", "regional_gb", "5", AT, properties={"region": "ap"})
+        await services.flow()
+        await services.send("us-disk", "regional_gb", "9", AT, correction_of="eu-disk", properties={"region": "us"})
+        await services.send("ap-void", "regional_gb", "0", AT, correction_of="ap-disk", properties={"region": "us"})
+        await services.flow()
+        await close_period(services.rating.db, services.bus, services.rating.catalog, calendar_period(AT))
+        await services.deliver()
+        report = await services.reconcile()
+        # eu-disk's reading (corrected to 9 GB in us) is billed by the us line's close debit, as its correction is
+        # (and the void, a correction in us); ap-disk, corrected to 0 in another group, was voided by that correction.
+        # Both were "voided_before_close" (their own lines had nothing left), eu-disk though it is billed.
+        assert report.to_json()["outcomes"] == {
+            "posted": 0, "posted_at_period_close": 3, "rejected": 0, "not_billable": 1, "in_flight": 0}
+        assert dict(report.not_billable) == {"voided_by_correction": 1}
+        assert report.discrepancies == []
 
 
 async def test_the_window_is_the_dedup_window_and_a_bad_time_or_store_is_refused(tmp_path: Path) -> None:

@@ -172,6 +172,9 @@ AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
 # correction of them is given back as credit without tax, as before). Three years of monthly periods. Each keeps
 # every invoice that billed some of it (a late correction's increase is billed by a later invoice): a few at most.
 BILLED_PERIODS_KEPT_MAX = 36
+# Per unit and unbilled period, at most this many entries of the overage posted by usage time
+# (``overage_since``): beyond it the earliest two merge into one spanning both times.
+OVERAGE_TIMES_MAX = 64
 # The overage key of what a gateway refund gave back beyond what its invoice had left and the account owes
 # (``refund_invoice_payment``): this prefix and the refund's time. Money whose revenue and tax are already booked
 # (not usage): a renewal invoice bills it without tax (``invoice_overage.overage_lines``).
@@ -238,6 +241,11 @@ class BillingAccount(ChainedAggregate):
         # voided invoice's overage owed again, a refund's owed excess, a capture of a hold without a meter). A grant
         # for some meters only repays the overage of those meters (``repay_overage``).
         self._unbilled_meters: dict[str, dict[str, dict[str, int]]] = {}
+        # The unbilled overage of each period by the time of the usage that posted it (``overage_since``): unit ->
+        # period key -> [[first, last, sub-units], ...] by time (an entry merged from several spans their times), so a
+        # change or resume given an earlier ``at`` repays what usage since then posted, as its credit would have
+        # covered it on time. Forgotten with the period's unbilled overage.
+        self._overage_times: dict[str, dict[str, list[list[Any]]]] = {}
         self._invoiced_overage: dict[str, dict[str, int]] = {}
         # What of each unpaid invoice's ``_invoiced_overage`` is the rounding of its lines (``round_invoiced_overage``,
         # already in it): invoice id -> unit -> sub-units (negative: rounded down), taken back if it is voided.
@@ -1045,9 +1053,11 @@ class BillingAccount(ChainedAggregate):
             if overage > 0:
                 _add_unbilled(self._unbilled, unit, key, overage)
                 _add_meter_overage(self._unbilled_meters, self._unbilled, unit, key, meter, overage)
+                _add_overage_time(self._overage_times, unit, key, at, overage)
             else:
                 for reduced, part in _reduce_unbilled(self._unbilled, unit, key, -overage).items():
                     _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, reduced, {meter: part})
+                _forget_overage_times(self._overage_times, self._unbilled, unit)
         if credit_grant is not None:
             self._add_grant(credit_grant)
         self._update_arming(unit)
@@ -1230,6 +1240,7 @@ class BillingAccount(ChainedAggregate):
             _add_unbilled(self._unbilled, unit, at.isoformat(), overage)
             if meter is not None:
                 _add_meter_overage(self._unbilled_meters, self._unbilled, unit, at.isoformat(), meter, overage)
+            _add_overage_time(self._overage_times, unit, at.isoformat(), at, overage)
         self._update_arming(unit)
 
     def release_hold(self, *, hold_id: UUID, at: datetime) -> None:
@@ -1596,6 +1607,12 @@ class BillingAccount(ChainedAggregate):
         """Overage of ``unit`` not yet on an invoice: period key -> net sub-units (see ``invoice_overage``)."""
         return dict(self._unbilled.get(unit, {}))
 
+    def overage_since(self, unit: str, key: str, since: datetime) -> int:
+        """What of period ``key``'s unbilled overage of ``unit`` usage at or after ``since`` posted (sub-units; an
+        entry merged from usage on both sides of ``since`` counts as before it), at most the period's unbilled."""
+        posted = sum(entry[2] for entry in self._overage_times.get(unit, {}).get(key, ()) if entry[0] >= since)
+        return max(min(posted, self._unbilled.get(unit, {}).get(key, 0)), 0)
+
     def unbilled_overage_meters(self, unit: str) -> dict[str, dict[str, int]]:
         """The meters ``unbilled_overage`` came from: period key -> meter -> sub-units (copies). A period's meters
         add up to at most its unbilled overage; the rest is of no known meter."""
@@ -1731,6 +1748,7 @@ class BillingAccount(ChainedAggregate):
                 _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, key)
             if not left:
                 self._unbilled.pop(unit, None)
+            _forget_overage_times(self._overage_times, self._unbilled, unit)
             billed[unit] = billed.get(unit, 0) + sum(periods.values())
             kept = self._billed_periods.setdefault(unit, {})
             for key, amount in periods.items():
@@ -1936,17 +1954,24 @@ class BillingAccount(ChainedAggregate):
             self._invoice_billed[invoice] = {"unit": unit, "amount": amount, "tax": tax_amount}
         self._apply_fee_revenue(revenue)
 
-    def void_invoice_bill(self, *, invoice: str, at: datetime, cause: dict[str, Any]) -> None:
+    def void_invoice_bill(self, *, invoice: str, at: datetime, cause: dict[str, Any],
+                          restored: str | None = None) -> None:
         """A billed invoice was voided unpaid: its ``InvoiceBilled`` is reversed (``InvoiceBillVoided``: Dr
         DEFERRED_REVENUE what of its fee is still deferred (its schedule ends) and Dr RECOGNISED_REVENUE the rest
-        of its net / Dr TAX_PAYABLE tax / Cr RECEIVABLES). Nothing billed: nothing recorded."""
+        of its net / Dr TAX_PAYABLE tax / Cr RECEIVABLES). Nothing billed: nothing recorded.
+
+        ``restored``: the invoice whose unused time the voided one (a change's) netted as a credit, owed in full
+        again: what the voided schedule defers beyond the net reversed is that invoice's fee for the rest of the
+        period, so it stays deferred on a schedule of ``restored`` to the voided one's end (``revenue.moved``) and is
+        recognised as the time passes, not at the void (when ``restored`` has no schedule of its own)."""
         billed = self._invoice_billed.get(invoice)
         if billed is None:
             return
         unit, amount, tax = billed["unit"], billed["amount"], billed["tax"]
         revenue_lines, revenue = self._fee_revenue(
             document=invoice, unit=unit, revenue=-(amount - tax), deferred=None,
-            credits={"invoice": invoice, "amount": amount - tax, "close": True})
+            credits={"invoice": invoice, "amount": amount - tax, "close": True,
+                     **({"restored": restored} if restored is not None else {})})
         postings = _revenue_and_tax_back(LedgerAccount.RECEIVABLES, unit, amount, tax, revenue_lines)
         self._invoice_bill_voided(invoice=invoice, unit=unit, amount=amount, tax_amount=tax, postings=postings,
                                   cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}))
@@ -2144,6 +2169,15 @@ class BillingAccount(ChainedAggregate):
             if schedule is not None and schedule["unit"] == unit:
                 taken = min(amount, schedule["deferred"])
                 recognised_now = schedule["deferred"] - taken if close else 0
+                restored = credits.get("restored")
+                if (recognised_now and restored is not None and not schedule.get("pending")
+                        and restored not in self._fee_schedules):
+                    # A change's invoice voided: the fee of the invoice whose unused time it credited is owed again
+                    # (``restored``), for service still to come; what the voided schedule defers beyond its net is
+                    # that fee's rest, recognised over the rest of the period on that invoice's schedule, not now.
+                    record["moved"] = {"invoice": restored, "unit": unit, "amount": recognised_now,
+                                       "start": schedule["recognised_to"], "end": schedule["end"]}
+                    recognised_now = 0
                 out = taken + recognised_now
                 if out:
                     lines.append(posting(LedgerAccount.DEFERRED_REVENUE, unit, out, gid))
@@ -2184,6 +2218,11 @@ class BillingAccount(ChainedAggregate):
                 schedule["deferred"] -= reversal["taken"] + reversal["recognised"]
                 if reversal["close"] or schedule["deferred"] <= 0:
                     del self._fee_schedules[reversal["invoice"]]
+        moved = revenue.get("moved")
+        if moved is not None:  # recorded since session 11 (a void of a change's invoice)
+            self._fee_schedules[moved["invoice"]] = {
+                "unit": moved["unit"], "amount": moved["amount"], "deferred": moved["amount"], "start": moved["start"],
+                "end": moved["end"], "recognised_to": moved["start"], "pending": False}
         credit = revenue.get("pending_credit")
         if credit is not None:
             held = self._pending_fee_credits.get(credit["invoice"])
@@ -2279,7 +2318,8 @@ class BillingAccount(ChainedAggregate):
                 del self._fee_schedules[change["invoice"]]
 
     def repay_overage(self, *, grant_id: UUID, at: datetime, cause: dict[str, Any],
-                      period: tuple[datetime, datetime] | None = None, thresholds: bool = True) -> int:
+                      period: tuple[datetime, datetime] | None = None, since: datetime | None = None,
+                      thresholds: bool = True) -> int:
         """New credit pays off the overage of its unit that no invoice bills (a pay-as-you-go account's negative
         balance): Dr TENANT_WALLET (that grant) / Cr RECEIVABLES, oldest period first, at most what the grant
         holds. Returns the sub-units repaid. Revenue was recognised when the usage was posted; this only
@@ -2289,7 +2329,10 @@ class BillingAccount(ChainedAggregate):
         its own start (a period's recurring grant issued late pays the usage of that period posted before it).
         A grant for some meters only (``scope``) repays only the overage those meters posted
         (``unbilled_overage_meters``; overage of no known meter it never repays), and the event records which
-        (``meters``). ``thresholds`` False: the caller checks the unit's alerts once its command's movements are done."""
+        (``meters``). ``since`` (with ``period``): only what usage at or after it posted (``overage_since``): the
+        credit of a change or resume given an earlier ``at`` than usage already posted beyond credit pays what it
+        would have covered on time, not the usage before it. ``thresholds`` False: the caller checks the unit's
+        alerts once its command's movements are done."""
         g = self._grant(grant_id)
         unit = g["unit"]
         scope = g["scope"]
@@ -2301,6 +2344,8 @@ class BillingAccount(ChainedAggregate):
         for key, amount in self._unbilled.get(unit, {}).items():
             if amount <= 0 or (period is not None and not period[0] <= period_began(key) < period[1]):
                 continue
+            if since is not None:
+                amount = self.overage_since(unit, key, since)
             if scope is not None:  # only what the meters it pays for posted
                 amount = min(amount, sum(part for meter, part in by_meter.get(key, {}).items() if meter in scope))
             if amount > 0:
@@ -2325,7 +2370,8 @@ class BillingAccount(ChainedAggregate):
                     posting(LedgerAccount.RECEIVABLES, unit, -total)]
         assert_balanced(postings)
         self._overage_repaid(grant_id=gid, unit=unit, amount=total, periods=periods, postings=postings,
-                             cause=dict(cause), at=at, remembered=True, **({"meters": meters} if meters else {}))
+                             cause=dict(cause), at=at, remembered=True, **({"meters": meters} if meters else {}),
+                             **({"since": since} if since is not None else {}))
         if thresholds:
             self._check_thresholds(unit, at)
         return total
@@ -2333,16 +2379,20 @@ class BillingAccount(ChainedAggregate):
     @event("OverageRepaid")
     def _overage_repaid(self, grant_id: str, unit: str, amount: int, periods: dict[str, int],
                         postings: list[Posting], cause: dict[str, Any], at: datetime, remembered: bool = False,
-                        meters: dict[str, dict[str, int]] | None = None) -> None:
+                        meters: dict[str, dict[str, int]] | None = None, since: datetime | None = None) -> None:
         # ``remembered``: the draw is remembered as a debit's is, so a give-back of the usage it paid returns it to
         # that grant (recorded since session 8; earlier events replay as they were: not remembered). ``meters``:
         # period key -> meter -> sub-units, what a grant for some meters repaid of each meter's overage (since
         # session 9; without it, as before: the overage of no known meter first, ``_fit_meter_overage``).
         self._apply_draws(unit, [{"grant_id": grant_id, "amount": amount}], remember=remembered)
         self._receivable[unit] = self._receivable.get(unit, 0) - amount
+        # ``since`` (recorded since session 11): it repaid the overage usage at or after that time posted.
         for key, part in periods.items():
             _add_unbilled(self._unbilled, unit, key, -part)
             _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, key, (meters or {}).get(key))
+            if since is not None:
+                _take_overage_times(self._overage_times, unit, key, since, part)
+        _forget_overage_times(self._overage_times, self._unbilled, unit)
         self._update_arming(unit)
 
     # == low balance and auto top-up =========================================================================
@@ -2833,6 +2883,51 @@ def _change_invoiced(invoiced: dict[str, dict[str, int]], invoice: str, unit: st
         del billed[unit]
     if not billed:
         del invoiced[invoice]
+
+
+def _add_overage_time(times: dict[str, dict[str, list[list[Any]]]], unit: str, key: str, at: datetime,
+                      amount: int) -> None:
+    """Records ``amount`` of overage posted under period ``key`` by usage at ``at`` (``overage_since``), in time
+    order; beyond ``OVERAGE_TIMES_MAX`` entries the earliest two merge (spanning both times)."""
+    entries = times.setdefault(unit, {}).setdefault(key, [])
+    index = len(entries)
+    while index > 0 and entries[index - 1][0] > at:
+        index -= 1
+    if index > 0 and entries[index - 1][0] == at == entries[index - 1][1]:
+        entries[index - 1][2] += amount
+        return
+    entries.insert(index, [at, at, amount])
+    if len(entries) > OVERAGE_TIMES_MAX:
+        first, second = entries[0], entries[1]
+        entries[0:2] = [[first[0], max(first[1], second[1]), first[2] + second[2]]]
+
+
+def _take_overage_times(times: dict[str, dict[str, list[list[Any]]]], unit: str, key: str, since: datetime,
+                        amount: int) -> None:
+    """``amount`` of the overage posted under ``key`` by usage at or after ``since`` is paid: off those entries,
+    the earliest first (as the usage would have drawn the credit)."""
+    entries = times.get(unit, {}).get(key, [])
+    for entry in entries:
+        if amount <= 0:
+            break
+        if entry[0] >= since:
+            part = min(amount, entry[2])
+            entry[2] -= part
+            amount -= part
+    entries[:] = [entry for entry in entries if entry[2] > 0]
+
+
+def _forget_overage_times(times: dict[str, dict[str, list[list[Any]]]], unbilled: dict[str, dict[str, int]],
+                          unit: str) -> None:
+    """Drops the times of ``unit``'s periods that have no unbilled overage left (billed, repaid, given back)."""
+    periods = times.get(unit)
+    if not periods:
+        return
+    left = unbilled.get(unit, {})
+    for key in [k for k in periods if left.get(k, 0) <= 0 or not periods[k]]:
+        del periods[key]
+    if not periods:
+        del times[unit]
 
 
 def _add_unbilled(unbilled: dict[str, dict[str, int]], unit: str, key: str, amount: int) -> None:

@@ -337,3 +337,37 @@ def test_a_full_refund_of_an_invoice_an_upgrade_credited_leaves_that_credit_owed
     assert books(app) == {("receivables", "USD"): 5355 * CENT, ("recognised_revenue", "USD"): -4500 * CENT,
                           ("tax_payable", "USD"): -855 * CENT}
     assert verify_store(app, "acme").ok
+
+
+def test_voiding_an_upgrades_invoice_keeps_the_rest_of_the_periods_fee_deferred_until_the_service_is_given(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 for November
+    changed = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 unused, +45.00 rest
+    upgrade = invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{changed.command_id}")
+    run(app, "invoice.void", "acme", at=NOV_16 + timedelta(days=1), invoice_id=str(upgrade))
+    # The upgrade's 30.00 net is reversed; the first invoice's 30.00 is owed in full again, Nov 16 - Dec 1 of it
+    # (15.00) for service still to come: deferred, not all recognised at the void (it was (30.00, 0) here).
+    assert revenue(app) == (1500 * CENT, 1500 * CENT)
+    assert account(app).fee_schedule(str(first_invoice(app).id)) is not None
+    recognise(app, NOV_16 + timedelta(days=7, hours=12))  # half the rest of the period
+    assert revenue(app) == (2250 * CENT, 750 * CENT)
+    recognise(app, DEC_1)
+    assert revenue(app) == (3000 * CENT, 0)  # the same total as before, November's fee, once
+    assert books(app)[("receivables", "USD")] == 3570 * CENT
+    assert verify_store(app, "acme").ok
+
+
+def test_a_cancel_after_an_upgrades_invoice_was_voided_credits_the_rest_from_what_is_still_deferred(
+        app: LedgerApplication) -> None:
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    changed = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)
+    upgrade = invoice_id("acme", f"{subscription_id('acme', 'm')}/change/{changed.command_id}")
+    run(app, "invoice.void", "acme", at=NOV_16 + timedelta(days=1), invoice_id=str(upgrade))
+    recognise(app, NOV_16 + timedelta(days=4))  # Nov 16-20 of the first invoice's rest: 4.00
+    assert revenue(app) == (1900 * CENT, 1100 * CENT)
+    run(app, "subscription.cancel", "acme", at=NOV_16 + timedelta(days=5), key="m", immediately=True)
+    # The cancel credits Nov 21 - Dec 1 (10.00) from what is deferred; Nov 20-21 is recognised at the cancel.
+    assert revenue(app) == (2000 * CENT, 0)
+    recognise(app, DEC_1)
+    assert revenue(app) == (2000 * CENT, 0)
+    assert verify_store(app, "acme").ok

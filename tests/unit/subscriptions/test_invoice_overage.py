@@ -462,3 +462,54 @@ def test_each_credit_priced_meter_names_its_own_overage(tmp_path: Path) -> None:
         "tokens: 80 tokens (paid with 80 CREDIT)",
         "images: 40 tokens (paid with 20 CREDIT, 20 CREDIT beyond prepaid credit)"]
     assert [x["amount"] for x in invoice.lines if x["kind"] == "overage"] == ["2.00"]
+
+
+def _books(app: LedgerApplication) -> tuple[int, int, list[str]]:
+    """CREDIT available and owed, and November's overage line as December's renewal bills it."""
+    after = account(app)
+    books = (after.available("CREDIT"), after.receivable("CREDIT"))
+    invoice = renew_and_bill(app, NOV_1, DEC_1, [usage_line("0", meter="tokens")])
+    return (*books, [x["amount"] for x in invoice.lines if x["kind"] == "overage"])
+
+
+def _with_pro(app: LedgerApplication) -> None:
+    pro = {"code": "pro", "name": "Pro", "currency": "USD", "base_fee": "90.00",
+           "recurring_credits": [{"unit": "CREDIT", "amount": "500"}]}
+    run(app, "catalog.publish", None, document={**CATALOG, "plans": [*CATALOG["plans"], pro]}, digest="c-pro")
+
+
+@pytest.mark.parametrize("backdated", [False, True])
+def test_an_upgrade_given_an_earlier_at_than_usage_posted_beyond_credit_repays_it_as_on_time(
+        app: LedgerApplication, backdated: bool) -> None:
+    _with_pro(app)
+    nov_16, nov_20 = datetime(2026, 11, 16, tzinfo=UTC), datetime(2026, 11, 20, tzinfo=UTC)
+    debit(app, "120", NOV_1, datetime(2026, 11, 10, tzinfo=UTC), unit="CREDIT", meter="tokens")  # 20 beyond
+    if not backdated:
+        run(app, "subscription.change", "acme", at=nov_16, key="m", plan="pro")
+    debit(app, "30", NOV_1, nov_20, unit="CREDIT", meter="tokens")
+    if backdated:  # the same change, sent after the Nov 20 usage was posted (30 more beyond credit then)
+        run(app, "subscription.change", "acme", at=nov_16, key="m", plan="pro")
+    # 500 x 1/2 less the 50 of the old allotment used ahead of time: 200, of which the Nov 20 usage takes 30; the
+    # 20 beyond credit on Nov 10 had no credit of either plan: billed (the backdated change left 50 owed, 200 unused).
+    assert _books(app) == (170 * U, 20 * U, ["2.00"])
+
+
+@pytest.mark.parametrize("backdated", [False, True])
+def test_a_resume_given_an_earlier_at_than_usage_posted_beyond_credit_repays_it_as_on_time(
+        app: LedgerApplication, backdated: bool) -> None:
+    nov_10 = datetime(2026, 11, 10, tzinfo=UTC)
+    debit(app, "100", NOV_1, datetime(2026, 11, 2, tzinfo=UTC), unit="CREDIT", meter="tokens")  # the 100 granted
+    run(app, "subscription.pause", "acme", at=nov_10, key="m")
+    run(app, "subscription.tick", "acme", at=DEC_1, key="m")  # December unbilled, no credit
+    dec_10, dec_16, dec_20 = (datetime(2026, 12, d, tzinfo=UTC) for d in (10, 16, 20))
+    debit(app, "10", DEC_1, dec_10, unit="CREDIT", meter="tokens")  # while paused: owed
+    if not backdated:
+        run(app, "subscription.resume", "acme", at=dec_16, key="m")
+    debit(app, "30", DEC_1, dec_20, unit="CREDIT", meter="tokens")
+    if backdated:
+        run(app, "subscription.resume", "acme", at=dec_16, key="m")
+    after = account(app)
+    # December's credit from the resume, 100 x 16/31 = 51.612903226, pays the Dec 20 usage; Dec 10's (while paused)
+    # stays owed. The backdated resume left the 30 owed too, its credit unused.
+    assert (after.available("CREDIT"), after.receivable("CREDIT")) == (21_612_903_226, 10 * U)
+    assert after.unbilled_overage("CREDIT") == {DEC_1.isoformat(): 10 * U}
