@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
 from billing_ledger.application import LedgerApplication, persistence_env
@@ -96,20 +96,27 @@ def debits(tenants: list[str], count: int, run: str) -> list[LedgerCommand]:
 def published(ledger: Ledger) -> list[tuple[int, int, dict[str, object]]]:
     """Every record on the namespace's ``billing.ledger.events``: (partition, offset, envelope), in offset order."""
     async def read() -> list[tuple[int, int, dict[str, object]]]:
-        consumer = AIOKafkaConsumer(ledger.topic(topics.LEDGER_EVENTS), bootstrap_servers=ledger.env["KAFKA_BOOTSTRAP_SERVERS"],
-                                    group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+        topic = ledger.topic(topics.LEDGER_EVENTS)
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=ledger.env["KAFKA_BOOTSTRAP_SERVERS"], group_id=None,
+                                    auto_offset_reset="earliest", enable_auto_commit=False)
         await consumer.start()
         try:
-            partitions = consumer.assignment()
-            while not partitions:
-                await asyncio.sleep(0.1)
-                partitions = consumer.assignment()
-            ends = await consumer.end_offsets(list(partitions))
             records: list[tuple[int, int, dict[str, object]]] = []
+
+            def take(polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+                for batch in polled.values():
+                    records.extend((r.partition, r.offset, orjson.loads(r.value or b"")) for r in batch)
+
+            while not consumer.assignment():
+                take(await consumer.getmany(timeout_ms=200))
+            ends = await consumer.end_offsets(list(consumer.assignment()))
             deadline = time.monotonic() + 60
-            while any(await consumer.position(p) < end for p, end in ends.items()) and time.monotonic() < deadline:
-                for batch in (await consumer.getmany(timeout_ms=500)).values():
-                    records += [(r.partition, r.offset, orjson.loads(r.value)) for r in batch]
+
+            async def behind() -> bool:
+                return any([await consumer.position(p) < end for p, end in ends.items()])
+
+            while await behind() and time.monotonic() < deadline:
+                take(await consumer.getmany(timeout_ms=500))
             return sorted(records, key=lambda r: (r[0], r[1]))
         finally:
             await consumer.stop()
