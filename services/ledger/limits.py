@@ -117,3 +117,7 @@ AUDIT_PAGE_EVENTS_MAX = 1_000
 # lines), at most this many (3 years of monthly periods, as far as rating places usage ahead of the ledger's
 # PeriodEnded); further behind it is rejected (``renewals_behind``): tick the subscription first.
 CANCEL_RENEWALS_MAX = 36
+
+# `billing serve ledger` stopping its relay process: SIGTERM (it finishes its round and records its position),
+# then SIGKILL after this long (a re-publication of at most RELAY_POSITION_RECORD_SECONDS of events follows).
+RELAY_STOP_SECONDS_MAX = 10.0

@@ -6,7 +6,8 @@ backlog), when it finds nothing new, when it stops, and otherwise at most every
 ``RELAY_POSITION_RECORD_SECONDS`` (the position it reads from next is kept in memory). A crash re-publishes
 the tail published since the last recorded position (at most about that long of events); each event carries
 its ``position`` so consumers drop the repeats. Only one relay runs per store: on PostgreSQL several ledger
-processes elect it with an advisory lock, and a relay that was not the leader reads its position anew.
+processes elect it with an advisory lock, and a relay that was not the leader reads its position anew. Under
+``billing serve ledger`` it runs in a process of its own (``relay_process.py``), which holds that lock.
 """
 
 from __future__ import annotations

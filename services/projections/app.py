@@ -9,17 +9,15 @@
 Projecting is CPU-bound pure Python: in one process it competes with the HTTP server for the event loop (and
 the GIL, so a worker thread would not help), and a batch of thousands of events delays every read by as much.
 In ``all`` the two share nothing but PostgreSQL: reads stay a single indexed query however fast events come.
-The child is supervised: it dies with the parent (it watches a pipe from it), and if it exits on its own the
-parent stops too, so the process supervisor restarts both (as with any crashed consumer).
+The child is supervised (``billing_runtime.child``, as the ledger's relay process is): it dies with the parent
+(it watches a pipe from it), and if it exits on its own the parent stops too, so the process supervisor restarts
+both (as with any crashed consumer).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -35,12 +33,10 @@ from billing_projections.limits import (
 from billing_projections.service import ProjectionService
 from billing_projections.tuning import freeze_startup_heap
 from billing_runtime.bus import Bus
+from billing_runtime.child import ChildProcess
 from billing_runtime.db import Database, PostgresDatabase, open_database
-from billing_runtime.logging import get_logger
 from billing_runtime.service import ConsumerSpec, ServiceParts
 from billing_runtime.settings import Settings
-
-log = get_logger(__name__)
 
 ROLES = ("inline", "api", "consumer", "all")
 # Where invoice PDFs are served (the ledger's GET /v1/accounts/{tenant}/invoices/{id}.pdf). Unset: the ledger of
@@ -111,51 +107,20 @@ def consumer_processes() -> int:
     return max(1, min(count, CONSUMER_PROCESSES_MAX))
 
 
-class ConsumerChild:
+class ConsumerChild(ChildProcess):
     """``python -m billing_projections.consumer`` as a child process, stopped with this one."""
 
-    started = 0  # children of this process so far (each child's metrics port is the next one)
+    started_children = 0  # children of this process so far (each child's metrics port is the next one)
 
     def __init__(self) -> None:
-        self.process: asyncio.subprocess.Process | None = None
-        self.index = ConsumerChild.started
-        ConsumerChild.started += 1
-
-    async def ready(self) -> bool:
-        return self.process is not None and self.process.returncode is None
+        super().__init__("consumer", CONSUMER_STOP_SECONDS_MAX)
+        self.index = ConsumerChild.started_children
+        ConsumerChild.started_children += 1
 
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "billing_projections.consumer"]
         port = os.environ.get(CONSUMER_PORT_ENV, "").strip()
         return args + (["--port", str(int(port) + self.index)] if port.isdigit() else [])
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        # stdin is a pipe the child watches: if this process dies, even by SIGKILL, the child sees EOF and stops.
-        self.process = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.PIPE)
-        log.info("consumer_process_started", pid=self.process.pid)
-        exited = asyncio.create_task(self.process.wait())
-        stop = asyncio.create_task(stopping.wait())
-        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if exited.done():
-            stop.cancel()
-            if not stopping.is_set():
-                raise RuntimeError(f"the projections consumer process exited with {self.process.returncode}")
-            return
-        await _stop_child(self.process, exited)
-
-
-async def _stop_child(process: asyncio.subprocess.Process, exited: Awaitable[int]) -> None:
-    """SIGTERM: the child finishes the batch in hand (its transaction) and exits; SIGKILL if it takes too long."""
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(asyncio.shield(exited), CONSUMER_STOP_SECONDS_MAX)
-    except TimeoutError:
-        log.error("consumer_process_kill", pid=process.pid)
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await exited
-    log.info("consumer_process_stopped", pid=process.pid, returncode=process.returncode)
 
 
 def builder(role: str) -> Callable[[Settings, Bus], Awaitable[ServiceParts]]:

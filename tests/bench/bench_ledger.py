@@ -30,7 +30,8 @@
    sees.
 4. **Debits through the service** (``--service-debits N``): N usage.debit commands published to the namespace's
    Kafka topic, then ``billing serve ledger`` started: debits/s from its first applied command to its last, with
-   everything the service does meanwhile (its consumer, decoding, relay), its CPU per debit and the machine's.
+   everything the service does meanwhile (its consumer, decoding, relay), its CPU per debit (its child processes'
+   included: the relay's) and the machine's; then until its relay has published every recorded event.
 5. **A busy account** (``--busy-account LIVE``): against the service too, one account gets ``LIVE`` holds over
    20 s (each living 60 s), then holds at 50/s for 90 s, while the sweeper expires the earlier ones in parts
    of 50 per transaction on the same account: p50/p95/p99 overall and while they expire (an account with
@@ -520,7 +521,9 @@ def service_debits(app: LedgerApplication, database_url: str, schema: str, tenan
     """``debits`` usage.debit commands published to the namespace's ``billing.ledger.commands`` first, then
     ``billing serve ledger`` started on the store: debits/s from its first applied command to its last (its Kafka
     consumer, its relay publishing the events meanwhile, everything the service does), and its CPU per debit."""
+    import psutil
     from billing_events import topics
+    from billing_ledger.relay import RELAY_NAME
     from billing_runtime.bus import OutMessage
     from billing_runtime.settings import Settings
 
@@ -539,6 +542,17 @@ def service_debits(app: LedgerApplication, database_url: str, schema: str, tenan
     def applied() -> int:
         return sum(app.next_offset(topics.LEDGER_COMMANDS, p) or 0 for p in range(settings.topic_partitions))
 
+    def relayed() -> int:
+        return app.process_recorder.max_tracking_id(RELAY_NAME) or 0
+
+    def service_cpu(service: Any) -> float:
+        """User + system CPU seconds of the service and its child processes (its relay's, when it has one)."""
+        total = 0.0
+        for process in (service, *service.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += sum(process.cpu_times()[:2])
+        return total
+
     asyncio.run(publish(settings, messages))
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "BILLING_NAMESPACE": namespace,
@@ -546,23 +560,27 @@ def service_debits(app: LedgerApplication, database_url: str, schema: str, tenan
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{namespace}-ledger-debits.log"
     process = ServiceProcess(["serve", "ledger", "--port", str(port)], env, log, port).start()
     try:
-        import psutil
-
         assert process.proc is not None
         service = psutil.Process(process.proc.pid)
         deadline = time.monotonic() + 600
         while (first := applied()) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        began, cpu_began, machine = time.perf_counter(), sum(service.cpu_times()[:2]), psutil.cpu_times()
+        began, cpu_began, machine = time.perf_counter(), service_cpu(service), psutil.cpu_times()
         while applied() < debits and time.monotonic() < deadline:
             time.sleep(0.05)
-        seconds, cpu = time.perf_counter() - began, sum(service.cpu_times()[:2]) - cpu_began
+        seconds, cpu = time.perf_counter() - began, service_cpu(service) - cpu_began
         now = psutil.cpu_times()
         busy = sum(getattr(now, f) - getattr(machine, f) for f in ("user", "nice", "system", "irq", "softirq"))
         done = applied() - first
+        # Then until the relay has published every recorded event (wherever it runs, its CPU counts).
+        while relayed() < app.recorder.max_notification_id() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        relay_seconds, relay_cpu = time.perf_counter() - began, service_cpu(service) - cpu_began
         return (f"usage debits through `billing serve ledger` from a backlog of {debits:,} on Kafka: {done / seconds:,.0f}/s "
                 f"committed ({done:,} in {seconds:.1f} s; service CPU {1e6 * cpu / done:.0f} us per debit, its relay "
-                f"publishing the events meanwhile; machine {100 * busy / (seconds * (os.cpu_count() or 1)):.0f} % busy)")
+                f"publishing the events meanwhile; machine {100 * busy / (seconds * (os.cpu_count() or 1)):.0f} % busy); "
+                f"all relayed after {relay_seconds:.1f} s ({done / relay_seconds:,.0f} debits/s, service CPU "
+                f"{1e6 * relay_cpu / done:.0f} us per debit)")
     finally:
         process.stop()
         asyncio.run(_drop_topics(bootstrap, namespace))
