@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -40,8 +39,9 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.sweeper import Sweeper
 from eventsourcing.persistence import IntegrityError, Tracking
 
+from tests.integration.ledger_support import Ledger, command
 from tests.namespaces import scratch_namespace
-from tests.support import ServiceProcess, auth, free_port, wait_until
+from tests.support import auth, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,38 +52,14 @@ DEBITS = 12_000
 ROUNDS = 30  # the debits go out in this many rounds, a little apart, while the ledger is killed
 
 
-@dataclass
-class Ledger:
-    env: dict[str, str]
-    namespace: str
-    schema: str
-    log_dir: Path
-
-    def topic(self, name: str) -> str:
-        return f"{self.namespace}.{name}"
-
-    def process(self, name: str) -> ServiceProcess:
-        port = free_port()
-        return ServiceProcess(["serve", "ledger", "--port", str(port)], self.env, self.log_dir / f"{name}.log", port)
-
-    def store(self) -> LedgerApplication:
-        return LedgerApplication(persistence_env(self.env["DATABASE_URL"], str(self.log_dir), self.schema))
-
-
 @pytest.fixture(scope="module")
 def ledger(infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
     namespace = scratch_namespace("tl")
     log_dir = tmp_path_factory.mktemp("ledger-logs")
     env = {**infra, "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(log_dir / "var")}
-    schema = f"{namespace}_billing_ledger"
-    yield Ledger(env, namespace, schema, log_dir)
+    yield Ledger(env, namespace, log_dir)
     with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # ours: created by this module's processes
-
-
-def command(kind: str, tenant: str, payload: dict[str, object], cause: str) -> LedgerCommand:
-    return LedgerCommand(command_id=ids.command_id(kind, tenant, cause), kind=kind, tenant=tenant,
-                         issued_at=datetime.now(UTC), issued_by="integration-test", payload=payload)
+        conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}_billing_ledger" CASCADE')  # ours: created by this module's processes
 
 
 async def produce(ledger: Ledger, topic: str, messages: list[tuple[str, bytes]]) -> None:

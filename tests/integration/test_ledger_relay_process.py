@@ -24,31 +24,16 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
-from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.application import LedgerApplication
 from billing_ledger.relay import RELAY_NAME
 
+from tests.integration.ledger_support import Ledger, command
 from tests.namespaces import scratch_namespace
-from tests.support import ServiceProcess, free_port, wait_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
 TENANTS = 6
-
-
-class Ledger:
-    def __init__(self, env: dict[str, str], namespace: str, log_dir: Path) -> None:
-        self.env, self.namespace, self.log_dir = env, namespace, log_dir
-        self.schema = f"{namespace}_billing_ledger"
-
-    def topic(self, name: str) -> str:
-        return f"{self.namespace}.{name}"
-
-    def process(self, name: str) -> ServiceProcess:
-        port = free_port()
-        return ServiceProcess(["serve", "ledger", "--port", str(port)], self.env, self.log_dir / f"{name}.log", port)
-
-    def store(self) -> LedgerApplication:
-        return LedgerApplication(persistence_env(self.env["DATABASE_URL"], str(self.log_dir), self.schema))
 
 
 @pytest.fixture
@@ -59,11 +44,6 @@ def ledger(infra: dict[str, str], tmp_path: Path) -> Iterator[Ledger]:
     yield Ledger(env, namespace, tmp_path)
     with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}_billing_ledger" CASCADE')
-
-
-def command(kind: str, tenant: str, payload: dict[str, object], cause: str) -> LedgerCommand:
-    return LedgerCommand(command_id=ids.command_id(kind, tenant, cause), kind=kind, tenant=tenant,
-                         issued_at=datetime.now(UTC), issued_by="integration-test", payload=payload)
 
 
 def send(ledger: Ledger, commands: list[LedgerCommand]) -> None:
