@@ -28,7 +28,10 @@
   (``InvoicePaymentRefunded.reclaimed``): ``refunds`` counts the money paid, ``credit_notes`` stays what the
   notes credited, and what that credit no longer covered (spent) is owed: ``receivables``
   (``reclaimed.receivable``), settled when the renewal invoice billing it is paid or credit bought repays it.
-* ``adjustments``: net manual corrections.
+* ``adjustments``: net manual corrections, what the ledger posted to ``manual_adjustment`` (credit given
+  positive): a manual adjustment's signed amount, and the part of a finance-override refund taken back from
+  ``manual_adjustment`` (``GrantRefunded.from_adjustment``: credit a negative adjustment removed, now paid back
+  as money, so that removal no longer stands; the refund's money is in ``refunds`` as well).
 
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
 tenant (one Kafka partition) and concurrent projection instances never contend for it.
@@ -73,7 +76,9 @@ def _figures(fact: Fact) -> dict[str, int]:
         return {"breakage": int(d.get("lapsed") or 0)}
     if name == "GrantRefunded":
         tax = int(d.get("tax_amount") or 0)
-        return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax}
+        # from_adjustment: absent before session 11 (such a refund took that credit from revenue then).
+        return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax,
+                "adjustments": int(d.get("from_adjustment") or 0)}
     if name == "PurchaseMoneyBooked":
         return {"tax_collected": int(d.get("tax_amount") or 0), "funds_in": int(d["amount"])}
     if name == "PurchaseMoneyRefunded":

@@ -34,7 +34,9 @@ from billing_runtime.db import Connection, Database
 #     history lists an invoice's usage lines' rounding (invoice_rounding, invoice_rounding_reversed) and says what
 #     of a give-back was absorbed (detail ``give-back; absorbed N``).
 # 13: the history leaves out debits of 0 (usage that cost nothing: no movement); the monthly summary keeps them.
-SCHEMA_VERSION = "13"
+# 14: figures' adjustments count what a finance-override refund takes back from manual_adjustment
+#     (``GrantRefunded.from_adjustment``), as the ledger posts it.
+SCHEMA_VERSION = "14"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

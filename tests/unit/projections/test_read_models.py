@@ -126,6 +126,29 @@ async def test_dashboard_figures_per_day_and_month(service: ProjectionService) -
     assert [d["bucket"] for d in days] == ["2026-11-01"]
 
 
+async def test_adjustments_figure_counts_an_override_refund_of_adjusted_credit(service: ProjectionService) -> None:
+    # 100.00 bought, 30.00 used, 40.00 removed by finance, then the whole grant refunded with the override: the
+    # ledger takes the removed 40.00 back from manual_adjustment (GrantRefunded.from_adjustment), so the net manual
+    # corrections the dashboard shows are 0, not -40.00, agreeing with the chart of accounts.
+    ledger = Ledger()
+    a = ledger.open("acme")
+    purchase = uid("acme", "purchase")
+    a.grant_credit(grant_id=purchase, unit="USD", amount=100 * U, effective_at=T0, expires_at=None, scope=None,
+                   source="purchase", cause={"payment_id": "pi_1"}, granted_by="service:payments")
+    a.debit_usage(command_id=uid("acme", "u1"), unit="USD", amount=30 * U, meter="api_calls", at=T0,
+                  overage_policy="overage", cause=usage_cause("evt-1", "30"))
+    a.adjust(adjustment_id=uid("acme", "adj-"), unit="USD", amount=-40 * U, reason="double grant",
+             user="finance@test", at=T0 + timedelta(hours=1))
+    a.refund_grant(grant_id=purchase, amount=100 * U, refund_id=uid("acme", "refund"), at=T0 + timedelta(hours=2),
+                   finance_override=True, cause={"payment_id": "re_1"})
+    ledger.save(a)
+    await apply(service, ledger.records())
+    [october] = await figures.series(service.db, tenant="acme", granularity="month", since=None, until=None)
+    chart = {r["ledger_account"]: int(r["amount"]) for r in await balances.ledger_balances(service.db, "acme")}
+    assert october["adjustments"] == chart["manual_adjustment"] == 0
+    assert (october["refunds"], october["consumed"]) == (100 * U, 30 * U)
+
+
 async def test_replays_and_re_relayed_events_change_nothing(service: ProjectionService) -> None:
     ledger = Ledger()
     full_scenario(ledger)
