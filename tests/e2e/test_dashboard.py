@@ -161,6 +161,9 @@ def test_tenant_dashboard_matches_the_api_and_filters(embedded: str, browser: An
     tx_rows = page.locator("[data-testid=transaction-row]")
     assert [tx_rows.nth(i).get_attribute("data-position") for i in range(tx_rows.count())] == [
         str(t["position"]) for t in transactions]
+    # Each row's reference (the invoice of an invoice's movements, a refund's or an adjustment's id), as the API's.
+    assert [tx_rows.nth(i).locator("[data-testid=transaction-reference]").inner_text()
+            for i in range(tx_rows.count())] == [t["reference"] or "" for t in transactions]
 
     # Filter the monthly summary to one usage type.
     page.select_option("[data-testid=filter-meter]", "ai_tokens")

@@ -119,3 +119,26 @@ async def test_the_pages_show_credit_notes_apart_from_refunds(service: Projectio
     [row] = list(csv.DictReader(io.StringIO(exported.text)))
     assert (row["credit_notes"], row["credit_note_tax"], row["refunds"], row["tax_refunded"]) == (
         "62.19", "9.93", "11.90", "1.90")
+
+
+async def test_the_transactions_table_shows_each_rows_reference(service: ProjectionService) -> None:
+    """The invoice a subscription's bill and payment belong to, and the refund's id, are on the account page (the
+    rows' ``reference``, as the API and the CSV give it), not only in a rounding row's detail."""
+    ledger = Ledger()
+    invoice = subscribed(ledger)
+    gateway_refund(ledger, invoice, "11.90", "re_1")
+    await apply(service, ledger.records())
+    async with serving(service) as client:
+        headers = auth("viewer", "acme")
+        page = await client.get("/dashboard/accounts/acme?year=2026&month=11", headers=headers)
+        api = (await client.get("/v1/accounts/acme/transactions", headers=headers)).json()["items"]
+        exported = await client.get("/dashboard/accounts/acme/export/transactions.csv", headers=headers)
+    assert page.status_code == 200
+    shown = dict(re.findall(r'data-position="(\d+)"[^>]*>(?:(?!</tr>).)*?data-testid="transaction-reference">([^<]*)<',
+                            page.text, re.DOTALL))
+    assert shown == {str(t["position"]): t["reference"] or "" for t in api}
+    by_type = {t["type"]: t["reference"] for t in api}
+    assert by_type["invoice_billed"] == by_type["invoice_paid"] == invoice
+    assert invoice in shown.values()
+    assert {r["position"]: r["reference"] for r in csv.DictReader(io.StringIO(exported.text))} == {
+        str(t["position"]): t["reference"] or "" for t in api}
