@@ -677,6 +677,9 @@ class RatingService:
         the meter's total, as the invoice counts it: a ``count`` meter's event 1 whatever its quantity, a correction
         the difference it made (an amendment 0 more, a void 1 less), else the quantity. The monthly usage summary
         adds it (docs/rating.md "Usage that costs nothing").
+
+        ``cause.time_zone``: the zone of the subscription periods the usage is billed in, when not UTC, so the monthly
+        summaries put it in the month of its usage time there, the invoice's (``billing_time_zone``).
         """
         event = usage.event
         properties = ({k: v if type(v) is str else str(v) for k, v in event.properties.items()}
@@ -694,6 +697,9 @@ class RatingService:
                 "model": properties.get("model"), "operation": properties.get("operation"),
             },
         }
+        zone = billing_time_zone(batch.subscriptions.get(usage.account), period)
+        if zone is not None:
+            payload["cause"]["time_zone"] = zone
         value = debit_command_json(usage_command_id(event.tenant, event.id), event.tenant, batch.now,
                                    batch.now_json, payload)
         return OutMessage(topics.LEDGER_COMMANDS, usage.account, value, SCHEMA_HEADERS[topics.LEDGER_COMMANDS])
@@ -707,6 +713,21 @@ class RatingService:
 
 
 _NO_PROPERTIES: dict[str, str] = {}  # shared, only ever read
+
+
+def billing_time_zone(subs: list[AccountSubscription] | None, period: str) -> str | None:
+    """The zone a usage debit billed in ``period`` names (``cause.time_zone``), or None: UTC.
+
+    The projections cannot look it up (``Subscription.Started`` is in another partition than the account's debits,
+    and partitions replay in parallel), so rating names it. A subscription's period (an ISO 8601 start: the primary
+    subscription's, whose invoice bills the account's usage, ``usage_lines_command``) turns in that subscription's
+    zone; a calendar month (``YYYY-MM``: no live subscription, or usage before it started) is a UTC month. UTC itself
+    is not named, so the debits of UTC accounts and of credit-only accounts are as they were.
+    """
+    if not subs or len(period) == 7:
+        return None
+    zone = subs[0].time_zone
+    return zone if zone and zone != "UTC" else None
 _AMOUNT_TEXTS_MAX = 4096
 _amount_texts: dict[int, str] = {}
 

@@ -142,6 +142,9 @@ class AccountSubscription:
     # When its trial ends (the ledger's ``trial_end``); None: no trial, or not known (a subscription whose
     # Started rating applied before it kept trial ends: its status alone says whether usage is trial usage).
     trial_end: datetime | None = None
+    # The IANA zone its periods turn in (``Subscription.Started``'s ``time_zone``, kept for every cadence); None: not
+    # known. Rating names it on the usage debits it bills in its periods (``cause.time_zone``), for the monthly summary.
+    time_zone: str | None = None
 
     def in_trial(self, moment: datetime) -> bool:
         """Whether usage at ``moment`` is trial usage (recorded, not charged): ``moment`` is before the end of the
@@ -251,7 +254,7 @@ def _from_row(r: Any) -> AccountSubscription:
         Renewal(r["cadence"], r["time_zone"], int(r["anchor_day"]), bool(r["ends_at_period_end"]),
                 datetime.fromisoformat(r["anchor_at"]) if r["anchor_at"] else None)
         if r["cadence"] in MONTHS and r["time_zone"] and r["anchor_day"] else None,
-        datetime.fromisoformat(r["trial_end"]) if r["trial_end"] else None)
+        datetime.fromisoformat(r["trial_end"]) if r["trial_end"] else None, r["time_zone"] or None)
 
 
 async def ended_periods(conn: Connection, accounts: Sequence[str], dialect: str = ""

@@ -736,6 +736,29 @@ async def test_usage_after_the_period_end_is_rated_in_the_next_period_before_rat
     assert usage_lines(await published(bus)) == {"api_calls": ("240", "14.000000000")}
 
 
+async def test_usage_debits_name_the_time_zone_of_the_subscription_periods_that_bill_them(rating) -> None:  # type: ignore[no-untyped-def]
+    """``cause.time_zone``: the monthly summaries put the usage in the month of its usage time there (the invoice's),
+    which the projections cannot look up themselves. Not named for UTC, nor for calendar months (no subscription)."""
+    service, bus = rating
+    await service.handle_accepted([accepted("n1", "5", at=datetime(2026, 10, 31, 23, 30, tzinfo=UTC))])
+    start, end = datetime(2026, 10, 31, 23, tzinfo=UTC), datetime(2026, 11, 30, 23, tzinfo=UTC)  # Berlin's November
+    await subscribe(service, started=start, period=(start, end), time_zone="Europe/Berlin", anchor_day=1)
+    await service.handle_accepted([accepted("b1", "5", at=datetime(2026, 11, 30, 23, 30, tzinfo=UTC)),  # Dec 1 local
+                                   accepted("b2", "1", "ai_tokens", at=datetime(2026, 11, 10, tzinfo=UTC),
+                                            model="small", input_tokens=1)])
+    zones = {c["payload"]["cause"]["event_ids"][0]: c["payload"]["cause"].get("time_zone", "-")
+             for c in await published(bus) if c["kind"] == "usage.debit"}
+    assert zones == {"n1": "-", "b1": "Europe/Berlin", "b2": "Europe/Berlin"}
+
+
+async def test_usage_debits_of_a_utc_subscription_name_no_time_zone(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await subscribe(service, time_zone="UTC")
+    await service.handle_accepted([accepted("u1", "5", at=datetime(2026, 11, 30, 23, 30, tzinfo=UTC))])
+    [debit] = [c for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert "time_zone" not in debit["payload"]["cause"]
+
+
 async def test_an_older_period_end_delivered_again_does_not_move_the_period_back(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     await subscribe(service)
