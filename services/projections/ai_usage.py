@@ -5,7 +5,8 @@ event's model, operation, user, properties, quantity and, for AI meters, the tok
 priced: ``tokens = {"input": .., "output": .., "cached_input": ..}``). Without that map the counts come
 from the event's properties (``input_tokens``, ``output_tokens``, ``cached_input_tokens``), or from a
 ``token_class`` property, and else the quantity is input tokens, as rating prices it. ``tokens`` is the
-sum over classes. Cost is the debit's amount for the whole event.
+sum over classes. Cost is the debit's amount for the whole event. The month is the usage time's, in
+``cause.time_zone`` when rating names one, as ``usage_monthly``'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from billing_projections.facts import Fact, decimal_or_none, first_text
+from billing_projections.facts import Fact, decimal_or_none, first_text, month_of
 from billing_projections.writer import DEC_SUM, INT_SUM, BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
@@ -91,7 +92,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
     add["tokens"] = total
     add["cost"] = int(data["amount"])
     add["events"] = 1
-    key = (fact.tenant, fact.occurred_at[:7], model,
+    key = (fact.tenant, month_of(fact.occurred_at, cause.get("time_zone")), model,
            first_text(cause.get("operation"), properties.get("operation")),
            first_text(cause.get("user"), properties.get("user")), str(data["unit"]))
     w.upsert(AI_USAGE, key, add=add, set={"last_position": fact.position})

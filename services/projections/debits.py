@@ -22,7 +22,15 @@ from typing import Any
 
 import orjson
 from billing_projections import ai_usage, balances, figures, history, usage_monthly
-from billing_projections.facts import RECEIVABLES, WALLET, Fact, decimal_or_none, first_text, posting_sums
+from billing_projections.facts import (
+    RECEIVABLES,
+    WALLET,
+    Fact,
+    decimal_or_none,
+    first_text,
+    local_month,
+    posting_sums,
+)
 from billing_projections.writer import BatchWriter, Handler, _Row, merge_add, merge_set
 
 EVENT_TYPE = "BillingAccount.UsageDebited"
@@ -223,7 +231,8 @@ def project(fact: Fact, w: BatchWriter) -> None:
                     quantity = None
         if quantity is None:
             quantity = usage_monthly.metered_quantity(cause)
-    month = occurred_at[:7]
+    zone = cause.get("time_zone")  # month_of, written out: the usual debit names no zone (UTC)
+    month = occurred_at[:7] if not zone else local_month(occurred_at, zone)
     usage_type = cause.get("usage_type")
     if type(usage_type) is not str or not (usage_type := usage_type.strip()):
         usage_type = meter

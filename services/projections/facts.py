@@ -10,7 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
@@ -158,8 +160,37 @@ def parse_utc_text(value: str) -> datetime:
     return datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
 
 
-def month_of(time_text: str) -> str:
-    return time_text[:7]  # "YYYY-MM"
+def month_of(time_text: str, time_zone: Any = None) -> str:
+    """``YYYY-MM`` of a stored time text: its UTC month, or with ``time_zone`` (an IANA name, a usage debit's
+    ``cause.time_zone``) its month in that zone, as the subscription whose periods bill it counts months."""
+    if not time_zone or time_zone == "UTC":
+        return time_text[:7]
+    return local_month(time_text, time_zone)
+
+
+# No zone is a day or more away from UTC (today -12:00 .. +14:00, never a day): between the 2nd and the 27th of a UTC
+# month every zone is in the same month, and only the texts of the month's first and last days are converted.
+_SAME_MONTH_DAYS = frozenset(f"{d:02d}" for d in range(2, 28))
+
+
+def local_month(time_text: str, time_zone: Any) -> str:
+    """The month of ``time_text`` (a stored UTC time text) in ``time_zone``; its UTC month for a zone not known here
+    (not a string, or not in this host's time zone database)."""
+    if time_text[8:10] in _SAME_MONTH_DAYS:
+        return time_text[:7]
+    zone = _zone(time_zone) if type(time_zone) is str else None
+    if zone is None:
+        return time_text[:7]
+    local = parse_utc_text(utc_text(time_text)).astimezone(zone)
+    return f"{local.year:04d}-{local.month:02d}"
+
+
+@lru_cache(maxsize=256)
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # unknown, not a key (a path, ""), a folder ("Europe")
+        return None
 
 
 def day_of(time_text: str) -> str:

@@ -2,7 +2,9 @@
 
 Rows are keyed by meter; each also names the meter's reporting category (``usage_type`` from the rating
 decision, e.g. ai, compute). A usage debit adds its metered quantity (from the rating decision in its ``cause``) and
-its cost (the debit's amount; give-backs are negative) to the month of its usage time (UTC). The metered quantity is
+its cost (the debit's amount; give-backs are negative) to the month of its usage time: in the time zone of the
+subscription periods that bill it when rating names one (``cause.time_zone``, since session 11: the invoice's month),
+else UTC (debits recorded before, accounts billed by calendar month, UTC subscriptions). The metered quantity is
 what the event added to the meter's total, as the invoice counts it (``cause.contribution``, since session 9): a
 ``sum`` meter's event its quantity, a ``count`` meter's event 1 whatever its quantity, a correction the difference it
 made (500 amended to 700 is 200 more, not 700; a count meter's amendment 0, its void -1), as its cost does; a close
@@ -54,7 +56,8 @@ def project(fact: Fact, w: BatchWriter) -> None:
     else:
         return
     usage_type = first_text(fact.cause.get("usage_type")) or meter
-    w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at), meter, str(fact.data["unit"])),
+    w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at, fact.cause.get("time_zone")), meter,
+                             str(fact.data["unit"])),
              add={"quantity": quantity, "cost": int(fact.data["amount"]), "events": counted_events(fact.cause)},
              set={"usage_type": usage_type, "last_position": fact.position})
 

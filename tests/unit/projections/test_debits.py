@@ -122,6 +122,18 @@ SHAPES: list[dict[str, Any]] = [
         {"input": "1e2", "cached_input": "0.5", "completion": True}, "odd")),
     *(_debit(cause={**_debit()["cause"], "event_ids": ids}) for ids in (
         ["e1", "e2"], [5], [""], [], ("e1",), "e9", None)),
+    # The zone of the subscription periods that bill the usage (rating's ``cause.time_zone``): the month of the usage
+    # time there, at both ends of a UTC month; a zone not known here, or not a name, leaves the UTC month.
+    *(_debit(at=at, cause={**_debit()["cause"], "time_zone": zone})
+      for at in ("2026-11-30T23:30:00+00:00", "2026-12-01T03:30:00.5+00:00", "2026-11-15T12:00:00+00:00",
+                 "2026-12-31T23:30:00Z", "2027-01-01T04:59:59.999999+00:00")
+      for zone in ("Europe/Berlin", "America/New_York", "Pacific/Kiritimati", "UTC", "", None, "Nope/Nowhere",
+                   "Europe", "../etc", 5, ["Europe/Berlin"])),
+    _debit(at="2026-11-30T23:30:00+00:00", meter="requests",
+           cause={"quantity": "0", "corrects": "e0", "quantity_old": "5", "quantity_new": "0", "contribution": "-1",
+                  "time_zone": "Europe/Berlin"}),
+    _debit(at="2026-11-30T23:30:00+00:00", meter="disk",
+           cause={"quantity": "9", "closed": True, "event_count": 3, "time_zone": "Europe/Berlin"}),
 ]
 
 
@@ -276,3 +288,27 @@ async def test_records_no_read_model_needs_are_skipped_by_their_headers_without_
     # Same rows; each partition's stored position is one further (the receipt's), its offset too.
     assert [(t, p, o + 1, last + 1) for t, p, o, last in plain.pop("positions")] == with_receipts.pop("positions")
     assert plain["accounts"] and plain == with_receipts
+
+
+@pytest.mark.parametrize(("at", "zone", "month"), [
+    ("2026-11-30T23:30:00+00:00", "Europe/Berlin", "2026-12"),  # 00:30 on Dec 1 in Berlin
+    ("2026-12-01T03:30:00+00:00", "America/New_York", "2026-11"),  # 22:30 on Nov 30 in New York
+    ("2026-12-01T05:00:00+00:00", "America/New_York", "2026-12"),  # 00:00 on Dec 1 in New York
+    ("2026-11-30T23:30:00+00:00", "UTC", "2026-11"),
+    ("2026-11-30T23:30:00+00:00", None, "2026-11"),  # recorded before rating named zones: its UTC month
+    ("2026-11-30T23:30:00+00:00", "Nope/Nowhere", "2026-11"),
+])
+def test_a_debit_is_summed_into_the_month_of_its_usage_time_in_the_zone_it_names(
+        at: str, zone: str | None, month: str) -> None:
+    for fused in (True, False):
+        writer = BatchWriter()
+        for fact in _facts([_debit(at=at, cause={**_debit()["cause"], "time_zone": zone})]):
+            if fused:
+                debits.project(fact, writer)
+            else:
+                for handler in debits.HANDLERS:
+                    handler(fact, writer)
+        monthly = [key[1] for key in writer._rows["usage_monthly"][1]]
+        ai = [key[1] for key in writer._rows["ai_usage"][1]]
+        figures = [key[1] for key in writer._rows["figures_daily"][1]]
+        assert (monthly, ai, figures) == ([month], [month], [at[:10]])  # the daily figures stay by UTC day
