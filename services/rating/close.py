@@ -299,7 +299,8 @@ def sends_debit(line: CloseLine) -> bool:
     return line.aggregation not in REAL_TIME and bool(line.unit) and line.last_event_at is not None
 
 
-def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMessage | None:
+def close_command(catalog: CatalogView, account: str, line: CloseLine, time_zone: str | None = None
+                  ) -> OutMessage | None:
     """The ``usage.debit`` of what only the close prices (max, last, unique_count); ``None`` for a real-time meter
     (its events were debited as they came).
 
@@ -307,6 +308,9 @@ def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMes
     with no postings, so the monthly usage summary shows the period's quantity (docs/rating.md "Usage that costs
     nothing"). Its id comes from (account, meter, group, period): built again from the stored line, it is the same
     command, which the ledger posts once.
+
+    ``time_zone``: the zone of the subscription whose period closed, when not UTC (``cause.time_zone``, as real-time
+    debits name it: the monthly summaries put the line in the month of its last event there).
     """
     if not sends_debit(line):
         return None
@@ -321,5 +325,6 @@ def close_command(catalog: CatalogView, account: str, line: CloseLine) -> OutMes
                  "cause": {"period": line.period, "aggregation": line.aggregation, "quantity": line.quantity,
                            "group": line.group, "event_ids": line.event_ids, "event_count": line.event_count,
                            "usage_type": usage_type, "catalog_version": line.catalog_version, "price": line.price,
-                           "included": line.included, "priced_by": line.priced_by, "closed": True}})
+                           "included": line.included, "priced_by": line.priced_by, "closed": True,
+                           **({"time_zone": time_zone} if time_zone and time_zone != "UTC" else {})}})
     return OutMessage(topics.LEDGER_COMMANDS, account, message.to_json(), (("schema", b"ledger.command/v1"),))

@@ -46,6 +46,7 @@ from billing_rating.subscriptions import (
     load_subscriptions,
     record_ended_period,
     record_restarted_period,
+    time_zone_of,
     usage_lines_command,
 )
 from billing_rating.text import decimal_text, subunits_text
@@ -190,7 +191,8 @@ class RatingService:
             closed = await close_account_period(conn, catalog, ended.period_start.isoformat(), account, tenant,
                                                 lambda meter: self._close_pricing(catalog, live, meter, last))
             await record_ended_period(conn, account, ended)
-            outputs.extend(c for c in (close_command(catalog, account, line) for line in closed) if c is not None)
+            zone = await time_zone_of(conn, ended.subscription_id)
+            outputs.extend(c for c in (close_command(catalog, account, line, zone) for line in closed) if c is not None)
         names = {code: {"name": m.definition.name, "unit_of_measure": m.definition.unit_of_measure}
                  for code, m in catalog.meters.items()}
         outputs.append(await usage_lines_command(conn, ended, tenant, account, names, primary, closed))
@@ -216,7 +218,8 @@ class RatingService:
         closed = await close_account_period(conn, catalog, cut.period_start.isoformat(), account, tenant,
                                             lambda meter: self._close_pricing(catalog, before, meter, last))
         await record_restarted_period(conn, account, cut)
-        return [c for c in (close_command(catalog, account, line) for line in closed) if c is not None]
+        zone = await time_zone_of(conn, cut.subscription_id)
+        return [c for c in (close_command(catalog, account, line, zone) for line in closed) if c is not None]
 
     async def _trial_ended_unconverted(self, conn: Connection, subscription_id: str,
                                        cut: AccountSubscription | None = None) -> list[OutMessage]:
@@ -253,11 +256,12 @@ class RatingService:
             f"({', '.join(f'${i + 2}' for i in range(len(keys)))})", account, *keys)
         catalog = self.catalog
         outputs: list[OutMessage] = []
+        zone = trial.time_zone
         for key in sorted((r["period"] for r in rows), key=lambda k: starts[k]):
             closed = await close_account_period(  # priced at the period's start: at or after the trial's end
                 conn, catalog, key, account, tenant,
                 lambda meter, at=starts[key]: self._close_pricing(catalog, live, meter, at))
-            outputs.extend(c for c in (close_command(catalog, account, line) for line in closed) if c is not None)
+            outputs.extend(c for c in (close_command(catalog, account, line, zone) for line in closed) if c is not None)
         return outputs
 
     def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView,

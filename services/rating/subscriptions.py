@@ -241,6 +241,12 @@ async def load_subscription(conn: Connection, subscription_id: str) -> tuple[str
     return None if row is None else (row["account_id"], row["tenant"], _from_row(row))
 
 
+async def time_zone_of(conn: Connection, subscription_id: str) -> str | None:
+    """The zone the subscription's periods turn in (``Subscription.Started``'s), None when not known."""
+    return await conn.fetchval("SELECT time_zone FROM subscription_renewals WHERE subscription_id = $1",
+                               subscription_id)
+
+
 _SELECT = ("SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end, t.trial_end, a.anchor_at "
            "FROM account_subscriptions s LEFT JOIN subscription_renewals r ON r.subscription_id = s.subscription_id "
            "LEFT JOIN subscription_trials t ON t.subscription_id = s.subscription_id "
