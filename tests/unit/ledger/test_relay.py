@@ -266,3 +266,20 @@ def test_the_ledgers_own_states_are_not_walked(app: LedgerApplication, monkeypat
 
     monkeypatch.setattr(relay_module, "_walked_message", walk)
     assert [_direct_message(n).value for n in notifications] == expected
+
+
+def test_rows_read_back_give_the_notifications_records(app: LedgerApplication) -> None:
+    """The relay's read on PostgreSQL (``select_notification_rows``: the originator id as text), odd states too."""
+    _some_history(app)
+    notifications = list(app.recorder.select_notifications(1, 10_000))
+    position = notifications[-1].id
+    for plain in (True, False):
+        for state in _odd_states():
+            position += 1
+            notifications.append(_stored(app, state, position=position, plain=plain))
+    stamp = {"_type_": "datetime_iso", "_data_": NOW.isoformat()}
+    notifications.append(Notification(id=position + 1, originator_id=uuid.uuid4(), originator_version=1,
+                                      topic=USAGE_TOPIC, state=orjson.dumps({"timestamp": stamp, "class_version": 2})))
+    rows = [(n.id, str(n.originator_id), n.originator_version, n.topic, n.state) for n in notifications]
+    assert [(m.topic, m.key, m.value, m.headers) for m in relay_module._row_messages(app, rows)] == [
+        (m.topic, m.key, m.value, m.headers) for m in relay_module.to_messages(app, notifications)]
