@@ -545,10 +545,15 @@ def service_debits(app: LedgerApplication, database_url: str, schema: str, tenan
     def relayed() -> int:
         return app.process_recorder.max_tracking_id(RELAY_NAME) or 0
 
-    def service_cpu(service: Any) -> float:
-        """User + system CPU seconds of the service and its child processes (its relay's, when it has one)."""
+    children: dict[int, Any] = {}
+
+    def service_cpu(service: Any, of_children: bool = False) -> float:
+        """User + system CPU seconds of the service and its child processes (its relay's, when it has one), or
+        of the children alone."""
         total = 0.0
-        for process in (service, *service.children(recursive=True)):
+        for child in service.children(recursive=True):
+            children.setdefault(child.pid, child)  # the same Process object: its CPU once it is gone too
+        for process in ([] if of_children else [service]) + list(children.values()):
             with contextlib.suppress(psutil.NoSuchProcess):
                 total += sum(process.cpu_times()[:2])
         return total
@@ -566,6 +571,7 @@ def service_debits(app: LedgerApplication, database_url: str, schema: str, tenan
         while (first := applied()) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         began, cpu_began, machine = time.perf_counter(), service_cpu(service), psutil.cpu_times()
+        children_began = service_cpu(service, of_children=True)
         while applied() < debits and time.monotonic() < deadline:
             time.sleep(0.05)
         seconds, cpu = time.perf_counter() - began, service_cpu(service) - cpu_began
@@ -576,11 +582,13 @@ def service_debits(app: LedgerApplication, database_url: str, schema: str, tenan
         while relayed() < app.recorder.max_notification_id() and time.monotonic() < deadline:
             time.sleep(0.05)
         relay_seconds, relay_cpu = time.perf_counter() - began, service_cpu(service) - cpu_began
+        children_cpu = service_cpu(service, of_children=True) - children_began
         return (f"usage debits through `billing serve ledger` from a backlog of {debits:,} on Kafka: {done / seconds:,.0f}/s "
                 f"committed ({done:,} in {seconds:.1f} s; service CPU {1e6 * cpu / done:.0f} us per debit, its relay "
                 f"publishing the events meanwhile; machine {100 * busy / (seconds * (os.cpu_count() or 1)):.0f} % busy); "
                 f"all relayed after {relay_seconds:.1f} s ({done / relay_seconds:,.0f} debits/s, service CPU "
-                f"{1e6 * relay_cpu / done:.0f} us per debit)")
+                f"{1e6 * relay_cpu / done:.0f} us per debit, of which its child processes' (the relay's) "
+                f"{1e6 * children_cpu / done:.0f})")
     finally:
         process.stop()
         asyncio.run(_drop_topics(bootstrap, namespace))

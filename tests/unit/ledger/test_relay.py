@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -13,8 +15,11 @@ from billing_events import ids
 from billing_events.messages import LedgerEvent
 from billing_ledger import relay as relay_module
 from billing_ledger.application import LedgerApplication
-from billing_ledger.relay import _direct_message, _mapped_message, to_message
+from billing_ledger.relay import _direct_message, _mapped_message, _walked_message, to_message
 from billing_ledger.sweeper import Sweeper
+from billing_ledger.transcoder import encode_plain_state
+from billing_runtime.bus import OutMessage
+from eventsourcing.persistence import Notification
 
 from tests.unit.ledger.ledger_support import apply, command, open_account
 
@@ -142,3 +147,139 @@ def test_a_stopped_relay_records_what_it_published_and_the_next_resumes_after_it
         assert second.positions == list(range(published + 1, app.recorder.max_notification_id() + 1))
 
     asyncio.run(scenario())
+
+
+USAGE_TOPIC = "billing_ledger.domain.account:BillingAccount.UsageDebited"
+
+
+def _stored(app: LedgerApplication, state: dict[str, Any], position: int = 7, plain: bool = True,
+            topic: str = USAGE_TOPIC) -> Any:
+    """A notification of ``state`` as the ledger stores it (``encode_plain_state`` when it takes it)."""
+    encoded = encode_plain_state(state) if plain else None
+    return Notification(id=position, originator_id=uuid.uuid4(), originator_version=3, topic=topic,
+                        state=encoded if encoded is not None else app.mapper.transcoder.encode(state))
+
+
+def _same_records(app: LedgerApplication, n: Any, mapped: bool = True) -> OutMessage:
+    direct = _direct_message(n)
+    for other in (_walked_message(n), *([_mapped_message(app, n)] if mapped else [])):
+        assert (direct.topic, direct.key, direct.value, direct.headers) == (
+            other.topic, other.key, other.value, other.headers), n.state
+    return direct
+
+
+def _odd_states() -> list[dict[str, Any]]:
+    grant = str(uuid.uuid4())
+    usage = {
+        "timestamp": NOW, "chain_hash": "0" * 64, "command_id": uuid.uuid4(), "meter": "tokens", "unit": "USD",
+        "amount": 2_000, "tenant": "acme",
+        "postings": [{"account": "tenant_wallet", "unit": "USD", "amount": 1_500, "grant_id": grant},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -1_500, "grant_id": grant},
+                     {"account": "receivables", "unit": "USD", "amount": 500, "grant_id": None},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -500, "grant_id": None}],
+        "draws": [{"grant_id": grant, "amount": 1_000}], "overage": 500, "credit_grant": None,
+        "cause": {"event_id": "é☃\"\n\\u00e9 \x01", "n": 1.5, "ok": True, "none": None, "big": -(2**63)},
+    }
+    return [
+        usage,
+        {**usage, "tenant": "ü-ß☃"},
+        {**usage, "tenant": None}, {**usage, "tenant": 5},
+        {**usage, "hold_id": uuid.uuid4(), "expires_at": datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+         "at": datetime(2026, 1, 1, tzinfo=UTC), "placed": datetime(1, 1, 1, tzinfo=UTC)},
+        {**usage, "meter": "_type_"}, {**usage, "cause": {"note": 'say "_type_"', "x": '\\"_type_\\"'}},
+        # Values encode_plain_state declines (the transcoder's walk writes them): tags below the top level.
+        {**usage, "cause": {"id": uuid.uuid4(), "at": datetime(2026, 5, 6, 7, 8, 9, 123, tzinfo=UTC),
+                            "price": Decimal("0.000000000001"), "deep": [{"a": [uuid.uuid4(), Decimal("-1E+3")]}]}},
+        {**usage, "price": Decimal("12.50"), "ratio": Decimal("1E-12"), "nan": Decimal("NaN")},
+        {**usage, "at": datetime(2026, 11, 21, 10, 0, tzinfo=timezone(timedelta(hours=5, minutes=30)))},
+        {**usage, "draws": [{"grant_id": uuid.uuid4(), "amount": 1}], "tuple": ("a", 1)},
+        {"timestamp": NOW, "originator_topic": "billing_ledger.domain.account:BillingAccount", "tenant": "t",
+         "currency": "USD", "empty": {}, "list": [], "float": 0.1, "neg": -0.0},
+    ]
+
+
+def test_direct_records_equal_the_walks_and_the_mapped_ones_for_odd_values(app: LedgerApplication) -> None:
+    for plain in (True, False):
+        for state in _odd_states():
+            _same_records(app, _stored(app, state, plain=plain))
+    # orjson reads an integer beyond 64 bits as a float: the direct path relays what it relayed before
+    # (1.1805916207174113e+21), the mapped one the integer. No ledger amount comes near (a posting is < 2**63).
+    _same_records(app, _stored(app, {"timestamp": NOW, "big": 2**70}, plain=False), mapped=False)
+
+
+@pytest.mark.parametrize("when", [
+    NOW, NOW.replace(microsecond=1), NOW.replace(microsecond=999_999), NOW.replace(microsecond=100_000),
+    datetime(1, 1, 1, tzinfo=UTC), datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC),
+    datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    NOW.astimezone(timezone(timedelta(hours=-8))), NOW.replace(microsecond=5).astimezone(timezone(timedelta(hours=14))),
+    datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=1), "CET")),
+])
+def test_recorded_at_is_the_mapped_ones_for_any_stored_timestamp(app: LedgerApplication, when: datetime) -> None:
+    n = _stored(app, {"timestamp": when, "tenant": "acme", "amount": 1}, plain=False)
+    record = _same_records(app, n)
+    assert LedgerEvent.model_validate_json(record.value).recorded_at == when
+
+
+@pytest.mark.parametrize("text", [
+    "2026-11-21T10:00:00+00:00", "2026-11-21T10:00:00.000000+00:00", "2026-11-21T10:00:00.000001+00:00",
+    "2026-11-21T10:00:00,500000+00:00", "2026-11-21T10:00:00.5+00:00", "2026-11-21 10:00:00+00:00",
+    "2026-11-21T10:00:00Z", "2026-11-21T10:00+00:00", "2026-11-21T10:00:00.123456-00:00",
+    "2026-11-21T10:00:00+01:00", "20261121T100000+00:00", "2026-11-21T10:00:00.1234567+00:00",
+])
+def test_a_stored_timestamp_text_is_reused_only_when_it_is_the_records(text: str) -> None:
+    """Texts ``isoformat()`` never writes (the ledger's are all its) are parsed and written as before."""
+    state = orjson.dumps({"timestamp": {"_type_": "datetime_iso", "_data_": text}, "tenant": "acme"})
+    n = Notification(id=1, originator_id=uuid.uuid4(), originator_version=1, topic=USAGE_TOPIC, state=state)
+    direct, walked = _direct_message(n), _walked_message(n)
+    assert direct.value == walked.value
+    assert orjson.loads(direct.value)["recorded_at"] == orjson.dumps(
+        datetime.fromisoformat(text).astimezone(UTC), option=orjson.OPT_UTC_Z).decode().strip('"')
+
+
+def test_unknown_tags_and_odd_stored_states_take_the_mapped_way(app: LedgerApplication) -> None:
+    stamp = {"_type_": "datetime_iso", "_data_": NOW.isoformat()}
+    odd = [
+        {"timestamp": stamp, "amount": {"_type_": "other", "_data_": "1"}},
+        {"timestamp": stamp, "amount": {"_type_": "decimal_str", "_data_": "1", "extra": 1}},
+        {"timestamp": stamp, "amount": {"_type_": "decimal_str", "_data_": 1}},
+        {"timestamp": stamp, "cause": [{"_type_": "other", "_data_": "1"}]},
+        {"timestamp": stamp, "cause": {"_type_": "x"}}, {"timestamp": stamp, "cause": {"a": {"_type_": "x"}}},
+        {"timestamp": stamp, "class_version": 2},
+        {"timestamp": NOW.isoformat()},
+        {"amount": 1},
+    ]
+    for state in odd:  # to_message takes the mapped way with them (or fails with its error)
+        n = Notification(id=1, originator_id=uuid.uuid4(), originator_version=1, topic=USAGE_TOPIC,
+                         state=orjson.dumps(state))
+        with pytest.raises(relay_module._Unusual):
+            _direct_message(n)
+
+
+def test_the_ledgers_own_states_are_not_walked(app: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tags at the top level only (``encode_plain_state``'s, and most of the transcoder's): no walk."""
+    _some_history(app)
+    notifications = app.recorder.select_notifications(1, 10_000)
+    expected = [_walked_message(n).value for n in notifications]
+
+    def walk(n: Any) -> Any:
+        raise AssertionError(n.state)
+
+    monkeypatch.setattr(relay_module, "_walked_message", walk)
+    assert [_direct_message(n).value for n in notifications] == expected
+
+
+def test_rows_read_back_give_the_notifications_records(app: LedgerApplication) -> None:
+    """The relay's read on PostgreSQL (``select_notification_rows``: the originator id as text), odd states too."""
+    _some_history(app)
+    notifications = list(app.recorder.select_notifications(1, 10_000))
+    position = notifications[-1].id
+    for plain in (True, False):
+        for state in _odd_states():
+            position += 1
+            notifications.append(_stored(app, state, position=position, plain=plain))
+    stamp = {"_type_": "datetime_iso", "_data_": NOW.isoformat()}
+    notifications.append(Notification(id=position + 1, originator_id=uuid.uuid4(), originator_version=1,
+                                      topic=USAGE_TOPIC, state=orjson.dumps({"timestamp": stamp, "class_version": 2})))
+    rows = [(n.id, str(n.originator_id), n.originator_version, n.topic, n.state) for n in notifications]
+    assert [(m.topic, m.key, m.value, m.headers) for m in relay_module._row_messages(app, rows)] == [
+        (m.topic, m.key, m.value, m.headers) for m in relay_module.to_messages(app, notifications)]
