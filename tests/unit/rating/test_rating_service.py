@@ -186,11 +186,12 @@ def test_a_catalogue_published_before_a_check_was_added_still_loads() -> None:
     assert ("yearly", 1) in build_view(3, stored, {("yearly", 1): YEARLY_WITH_MONTHLY_CREDITS}).plans
 
 
-def correction(event_id: str, of: str, quantity: str, meter: str = "api_calls", **properties: Any) -> Record:
+def correction(event_id: str, of: str, quantity: str, meter: str = "api_calls", catalog_version: int = 1,
+               **properties: Any) -> Record:
     event = UsageEvent(id=event_id, tenant="acme", meter=meter, quantity=quantity, correction_of=of,
                        timestamp=datetime(2026, 11, 22, tzinfo=UTC), properties=properties)
     message = AcceptedUsage(account_id=ids.account_id("acme"), event=event, accepted_at=datetime.now(UTC),
-                            source="test", catalog_version=1)
+                            source="test", catalog_version=catalog_version)
     return Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())
 
 
@@ -415,14 +416,6 @@ async def publish_grouped_meters(service: RatingService) -> None:
     await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
 
 
-def grouped_correction(event_id: str, of: str, quantity: str, meter: str, **properties: Any) -> Record:
-    event = UsageEvent(id=event_id, tenant="acme", meter=meter, quantity=quantity, correction_of=of,
-                       timestamp=datetime(2026, 11, 22, tzinfo=UTC), properties=properties)
-    message = AcceptedUsage(account_id=ids.account_id("acme"), event=event, accepted_at=datetime.now(UTC),
-                            source="test", catalog_version=2)
-    return Record(topics.USAGE_ACCEPTED, 0, 0, None, message.to_json())
-
-
 async def test_a_correction_into_another_group_moves_its_whole_quantity_out_of_the_originals_group(rating) -> None:  # type: ignore[no-untyped-def]
     # Audit: a correction whose properties put it in another group moved only the difference into the new group:
     # 100 eu calls corrected to 80 us calls left eu at 100 and us at 50 - 20 = 30 (a correction to less than the
@@ -434,9 +427,9 @@ async def test_a_correction_into_another_group_moves_its_whole_quantity_out_of_t
                                    accepted("e2", "50", "regional_calls", 2, day(4), region="us"),
                                    accepted("s1", "8", "regional_storage", 2, day(5), region="eu"),
                                    accepted("s2", "7", "regional_storage", 2, day(6), region="us")])
-    await service.handle_accepted([grouped_correction("c1", "e1", "80", "regional_calls", region="us"),
-                                   grouped_correction("c2", "e2", "10", "regional_calls", region="ap"),
-                                   grouped_correction("s3", "s1", "9", "regional_storage", region="us")])
+    await service.handle_accepted([correction("c1", "e1", "80", "regional_calls", catalog_version=2, region="us"),
+                                   correction("c2", "e2", "10", "regional_calls", catalog_version=2, region="ap"),
+                                   correction("s3", "s1", "9", "regional_storage", catalog_version=2, region="us")])
     assert await published(bus, topics.USAGE_REJECTED) == []
     debits = {c["payload"]["cause"]["event_ids"][0]: c["payload"] for c in await published(bus)}
     # The charge is the meter's difference (-2.00, -4.00); the debit names the group the event left.
@@ -446,7 +439,7 @@ async def test_a_correction_into_another_group_moves_its_whole_quantity_out_of_t
     totals = {r["meter"]: r["quantity"] for r in await service.db.fetch("SELECT meter, quantity FROM period_totals")}
     assert {k: Decimal(v) for k, v in totals.items()} == {
         "regional_calls|region=eu": 0, "regional_calls|region=us": 80, "regional_calls|region=ap": 10}
-    await service.handle_accepted([grouped_correction("c3", "e1", "60", "regional_calls", region="ap")])
+    await service.handle_accepted([correction("c3", "e1", "60", "regional_calls", catalog_version=2, region="ap")])
     lines = {(line.meter, line.group): line for line in await close_period(service.db, bus, service.catalog,
                                                                            "2026-11")}
     # Each group's line holds what its events count now: eu nothing, us e2's 10 ... moved to ap, ap 10 + 60.
