@@ -181,17 +181,21 @@ def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerComman
             at=payload.timestamp(command, "verified_at"), by=command.issued_by)
     order = payload.text(command, "order_id")
     left = payload.subunits(command, "amount")
-    grants = [g for g in account.grants_caused_by(gateway=gateway, order_id=order) if g["refundable"] > 0]
-    if sum(g["refundable"] for g in grants) < left:
+    # The money has left at the gateway: usage a give-back already returned as ``usage_reversal`` credit is
+    # refunded too, and that credit taken back (``reclaim_reversed``; what of it was spent is owed).
+    grants = [g for g in account.grants_caused_by(gateway=gateway, order_id=order)
+              if g["refundable"] + g["reversed"] > 0]
+    if sum(g["refundable"] + g["reversed"] for g in grants) < left:
         raise CommandRejected("unknown_purchase", f"order {order!r} at {gateway} has less than the refund paid for")
     refunds = []
     for index, grant in enumerate(grants):
         if left == 0:
             break
-        part = min(left, grant["refundable"])
+        part = min(left, grant["refundable"] + grant["reversed"])
         refund = uuid5(NAMESPACE_URL, f"/payments/{gateway}/{event_id}/refunds/{index}")
         account.refund_grant(grant_id=UUID(grant["grant_id"]), amount=part, refund_id=refund,
                              at=payload.timestamp(command, "verified_at"), finance_override=True,
+                             reclaim_reversed=True,
                              cause={"gateway": gateway, "gateway_event_id": event_id, "order_id": order,
                                     "command_id": str(command.command_id), "forced_by": "gateway"})
         refunds.append(str(refund))

@@ -202,14 +202,17 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
                                                   "earlier partial refund paid back (its payout at the gateway?): "
                                                   "reconcile by hand")
     return reverse_order(app, batch, order, reference=reference, at=at, by=by, finance_override=True,
-                         refunded_amount=str(amount))
+                         refunded_amount=str(amount), reclaim_reversed=True)
 
 
 def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, reference: str, at: datetime, by: str,
-                  finance_override: bool, refunded_amount: str | None = None) -> dict[str, Any]:
+                  finance_override: bool, refunded_amount: str | None = None,
+                  reclaim_reversed: bool = False) -> dict[str, Any]:
     """The order's reversal: the rest of its credit, its promotional grants, a credit note mirroring its invoice
     (all of it: what partial refunds paid back before had no document), the order refunded (``refunded_amount``:
-    what this refund paid back, by default the order's total)."""
+    what this refund paid back, by default the order's total). ``reclaim_reversed`` (the gateway's refund: the
+    money has left): usage of the purchase a give-back returned as ``usage_reversal`` credit is refunded too and
+    that credit taken back (``BillingAccount.refund_grant``); otherwise such a refund is refused."""
     _release(batch, order, at)  # the credit an approved request reserved is the credit paid back now
     account = account_of(batch, order.tenant)
     grants = {g["grant_id"]: g for g in account.grant_balances()}
@@ -221,7 +224,7 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference}
     account.refund_grant(grant_id=purchase, amount=int(state["amount"]) - int(state["refunded"]),
                          refund_id=uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund"), at=at,
-                         finance_override=finance_override, cause=cause)
+                         finance_override=finance_override, cause=cause, reclaim_reversed=reclaim_reversed)
     # What the order gave beyond the money (a package's bonus or a discount, the promotion's bonus) is voided:
     # its unspent remainder goes back to promotional expense; what of it was already used stays used.
     for free in (bonus_grant_id(order), ids.grant_id(order.tenant, f"order/{order.id}/promotion")):

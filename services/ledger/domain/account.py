@@ -335,10 +335,11 @@ class BillingAccount(ChainedAggregate):
 
     def grants_caused_by(self, **match: str) -> list[dict[str, Any]]:
         """Grants (granted order) whose ``cause`` has every given key with the given value, with what of
-        each may still be refunded (``refundable`` = amount - refunded - reversed: see :func:`_refundable`)."""
+        each may still be refunded (``refundable`` = amount - refunded - reversed: see :func:`_refundable`; a
+        gateway's refund may pay back ``reversed`` too, ``refund_grant(reclaim_reversed=True)``)."""
         return [
             {"grant_id": g["grant_id"], "unit": g["unit"], "source": g["source"], "status": g["status"],
-             "remaining": g["remaining"], "refundable": _refundable(g)}
+             "remaining": g["remaining"], "refundable": _refundable(g), "reversed": g["reversed"]}
             for g in self._grants.values()
             if all(g["cause"].get(k) == v for k, v in match.items())
         ]
@@ -1289,6 +1290,7 @@ class BillingAccount(ChainedAggregate):
         finance_override: bool = False,
         cause: dict[str, Any],
         tax_amount: int | None = None,
+        reclaim_reversed: bool = False,
     ) -> None:
         """Pays back ``amount`` (+ ``tax_amount``) of a paid grant through the gateway.
 
@@ -1313,6 +1315,15 @@ class BillingAccount(ChainedAggregate):
         amount)`` of the net and ``floor(tax * r / amount)`` of the tax have been paid back, each floored to the
         currency's minor unit, so a full refund reverses exactly what was booked and no refund ever pays back
         more money or tax than was collected.
+
+        Usage of the grant given back after it lapsed (``reversed``) is the customer's again as ``usage_reversal``
+        credit, so a refund may pay back only ``amount - refunded - reversed`` (``refund_exceeds_grant``). With
+        ``reclaim_reversed`` (a refund the gateway already paid out: the money has left, the ledger records it) the
+        whole rest can be refunded, and the part of it beyond that is no longer owed as credit: it is taken back
+        from the ``usage_reversal`` grants that reversed this grant's usage as far as they are unspent (Dr
+        TENANT_WALLET) and the rest is owed (Dr RECEIVABLES, unbilled overage under the refund's time, as for an
+        invoice refund's excess: ``refund_invoice_payment``); no revenue moves for it a second time (the give-back
+        took it). ``GrantRefunded.reclaimed`` records it; the grant's ``reversed`` goes down by it.
         """
         g = self._grant(grant_id)
         _require_amount("amount", amount)
@@ -1321,7 +1332,9 @@ class BillingAccount(ChainedAggregate):
             raise NotRefundable(f"grant {grant_id} is {g['source']}: only paid grants are refunded (void it)")
         if g["refunded"] + amount > g["amount"]:
             raise RefundExceedsGrant(f"refunds would total more than the grant's {_money(g['amount'], g['unit'])}")
-        if g["refunded"] + amount > g["amount"] - g["reversed"]:
+        # What of the refund pays back usage a give-back already returned as ``usage_reversal`` credit.
+        reclaim = max(0, g["refunded"] + amount - (g["amount"] - g["reversed"]))
+        if reclaim and not reclaim_reversed:
             # Usage of the grant given back after it lapsed is the customer's again as ``usage_reversal`` credit
             # (``_give_back``): refunding it in money too would pay it back twice.
             raise RefundExceedsGrant(
@@ -1338,10 +1351,12 @@ class BillingAccount(ChainedAggregate):
         if amount > unspent and not finance_override:
             raise RefundExceedsRemaining(f"only {_money(unspent, g['unit'])} of grant {grant_id} is unspent and "
                                          "unreserved")
-        from_wallet = min(amount, in_wallet)
-        from_breakage = min(amount - from_wallet, g["breakage"] - g["breakage_reversed"])
-        from_adjustment = min(amount - from_wallet - from_breakage, g["adjusted"] - g["adjusted_reversed"])
-        from_revenue = amount - from_wallet - from_breakage - from_adjustment
+        # A reversed grant has lapsed (no credit in the wallet): the reclaimed part is never taken from it again.
+        paid = amount - reclaim
+        from_wallet = min(paid, in_wallet)
+        from_breakage = min(paid - from_wallet, g["breakage"] - g["breakage_reversed"])
+        from_adjustment = min(paid - from_wallet - from_breakage, g["adjusted"] - g["adjusted_reversed"])
+        from_revenue = paid - from_wallet - from_breakage - from_adjustment
         unit, gid = g["unit"], g["grant_id"]
         postings = [posting(LedgerAccount.GATEWAY_CLEARING, unit, -(amount + tax_amount), gid)]
         for account, part in (
@@ -1353,6 +1368,7 @@ class BillingAccount(ChainedAggregate):
         ):
             if part:
                 postings.append(posting(account, unit, part, gid))
+        reclaimed = self._reclaim_reversal(g, reclaim, at, postings) if reclaim else None
         assert_balanced(postings)
         money_back = self._money_refund(g, amount, from_wallet, from_breakage, from_adjustment, gid)
         self._grant_refunded(
@@ -1369,6 +1385,7 @@ class BillingAccount(ChainedAggregate):
             cause=dict(cause),
             at=at,
             **({"from_adjustment": from_adjustment} if from_adjustment else {}),
+            **({"reclaimed": reclaimed} if reclaimed else {}),
         )
         if money_back is not None:
             self._purchase_money_refunded(refund_id=refund_id, grant_id=grant_id, **money_back, cause=dict(cause),
@@ -1460,6 +1477,7 @@ class BillingAccount(ChainedAggregate):
         cause: dict[str, Any],
         at: datetime,
         from_adjustment: int = 0,
+        reclaimed: dict[str, Any] | None = None,
     ) -> None:
         # ``from_adjustment`` recorded since session 11 (earlier override refunds took it from revenue).
         g = self._grants[str(grant_id)]
@@ -1468,9 +1486,39 @@ class BillingAccount(ChainedAggregate):
         g["refunded_tax"] += tax_amount
         g["breakage_reversed"] += from_breakage
         g["adjusted_reversed"] += from_adjustment
+        if reclaimed:  # (since session 11) usage_reversal credit of this grant's usage taken back, the rest owed
+            g["reversed"] -= reclaimed["amount"]
+            self._apply_draws(unit, reclaimed["draws"], remember=False)
+            if reclaimed["receivable"]:
+                self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
+                _add_unbilled(self._unbilled, unit, reclaimed["period"], reclaimed["receivable"])
         if is_currency_code(unit):  # paid back as money: the credit and its tax (a credit unit's money: below)
             g["refunds_paid_back"].append(amount + tax_amount)
         self._update_arming(unit)
+
+    def _reclaim_reversal(self, g: GrantRecord, amount: int, at: datetime, postings: list[Posting]) -> dict[str, Any]:
+        """Takes back ``amount`` of the ``usage_reversal`` credit given for ``g``'s usage (a gateway refund paid
+        it back in money): from the unspent credit of the grants that reversed ``g`` (``reverses``), newest first,
+        at most what each reversed of it (Dr TENANT_WALLET), the rest owed (Dr RECEIVABLES), appended to
+        ``postings``. What ``GrantRefunded.reclaimed`` records: ``amount``, ``draws``, ``receivable``, ``period``."""
+        unit, gid, left = g["unit"], g["grant_id"], amount
+        draws: list[Draw] = []
+        for credit in reversed(list(self._grants.values())):
+            if not left:
+                break
+            if credit["source"] != GrantSource.USAGE_REVERSAL.value or credit["unit"] != unit:
+                continue
+            if credit["status"] != "open" or credit["remaining"] <= 0:
+                continue
+            part = sum(r["amount"] for r in credit.get("reverses") or () if r["grant_id"] == gid)
+            take = min(left, part, credit["remaining"])
+            if take:
+                draws.append({"grant_id": credit["grant_id"], "amount": take})
+                postings.append(posting(LedgerAccount.TENANT_WALLET, unit, take, credit["grant_id"]))
+                left -= take
+        if left:
+            postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
+        return {"amount": amount, "draws": draws, "receivable": left, "period": owed_refund_key(at)}
 
     def adjust(
         self, *, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, at: datetime

@@ -667,6 +667,73 @@ def test_an_override_refund_after_a_lapsed_grant_s_usage_was_given_back_pays_non
                              cause={})
 
 
+def _opened_with_a_lapsed_grant_s_usage_given_back() -> tuple[BillingAccount, UUID, list[Any]]:
+    """100.00 bought, used, expired, 60.00 of the usage given back as usage_reversal credit: every event kept."""
+    account = BillingAccount.open("acme", USD, opened_by="admin@test")
+    grant_id = give(account, "p", 100 * U, expires_at=at(days=1))
+    debit(account, 100 * U)
+    account.expire_grants(at(days=1))
+    debit(account, -60 * U, when=at(days=1, minutes=5))
+    assert account.available(USD) == 60 * U
+    return account, grant_id, events(account)
+
+
+def _replayed(recorded: list[Any]) -> BillingAccount:
+    replayed = None
+    for event in recorded:
+        replayed = event.mutate(replayed)
+    assert isinstance(replayed, BillingAccount)
+    return replayed
+
+
+def test_a_gateway_refund_after_a_lapsed_grant_s_usage_was_given_back_takes_the_usage_reversal_credit_back() -> None:
+    # Reviewer: the gateway refunded the 100.00 at Stripe after the give-back; the ledger refused it for hand
+    # reconciliation (refund_exceeds_grant), so the books kept 100.00 in clearing that had left and 60.00 of credit.
+    account, grant_id, recorded = _opened_with_a_lapsed_grant_s_usage_given_back()
+    account.refund_grant(grant_id=grant_id, amount=100 * U, refund_id=uuid4(), at=at(days=2), finance_override=True,
+                         reclaim_reversed=True, cause={"forced_by": "gateway"})
+    (refund,) = [e for e in events(account) if type(e).__name__ == "GrantRefunded"]
+    recorded.append(refund)
+    assert refund.amount == 100 * U and refund.from_revenue == 40 * U
+    assert refund.reclaimed["amount"] == 60 * U and refund.reclaimed["receivable"] == 0
+    assert account.available(USD) == 0 and account.overage_receivable(USD) == 0
+    # 100.00 paid and paid back, the usage_reversal credit gone: nothing left anywhere.
+    assert _ledger(recorded) == {}
+    for e in recorded:
+        assert_balanced(list(getattr(e, "postings", [])))
+    assert _grant(account, grant_id)["refunded"] == 100 * U
+    assert account.grants_caused_by(key="p")[0]["refundable"] == 0
+    with pytest.raises(RefundExceedsGrant):
+        account.refund_grant(grant_id=grant_id, amount=1, refund_id=uuid4(), at=at(days=3), finance_override=True,
+                             reclaim_reversed=True, cause={})
+    replayed = _replayed(recorded)
+    assert replayed.grant_balances() == account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
+
+
+def test_a_gateway_refund_after_the_usage_reversal_credit_was_spent_leaves_the_spent_part_owed() -> None:
+    account, grant_id, recorded = _opened_with_a_lapsed_grant_s_usage_given_back()
+    debit(account, 25 * U, when=at(days=1, minutes=10))  # 25.00 of the usage_reversal credit spent
+    recorded += events(account)
+    account.refund_grant(grant_id=grant_id, amount=100 * U, refund_id=uuid4(), at=at(days=2), finance_override=True,
+                         reclaim_reversed=True, cause={"forced_by": "gateway"})
+    refund_events = events(account)
+    recorded += refund_events
+    (refund,) = [e for e in refund_events if type(e).__name__ == "GrantRefunded"]
+    assert refund.reclaimed["receivable"] == 25 * U
+    assert sum(d["amount"] for d in refund.reclaimed["draws"]) == 35 * U
+    assert account.available(USD) == 0 and account.overage_receivable(USD) == 25 * U
+    # The 25.00 used since is owed (billed next, or repaid by credit bought); revenue keeps it.
+    assert _ledger(recorded) == {(LedgerAccount.RECEIVABLES.value, USD): 25 * U,
+                                 (LedgerAccount.RECOGNISED_REVENUE.value, USD): -25 * U}
+    for e in recorded:
+        assert_balanced(list(getattr(e, "postings", [])))
+    replayed = _replayed(recorded)
+    assert replayed.grant_balances() == account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 25 * U
+    assert replayed._unbilled == account._unbilled
+
+
 # -- holds --------------------------------------------------------------------------------------------------
 
 

@@ -75,6 +75,27 @@ def test_gateway_refund_is_booked_even_when_spent(app: LedgerApplication) -> Non
     assert (refund.from_wallet, refund.from_revenue) == (5 * U, 5 * U)  # type: ignore[attr-defined]
 
 
+def test_gateway_refund_after_a_give_back_of_the_lapsed_grant_s_usage_takes_that_credit_back(
+        app: LedgerApplication) -> None:
+    # The give-back returned 20.00 of the expired grant's usage as usage_reversal credit; the gateway then refunded
+    # the whole 50.00 at Stripe. It was rejected (unknown_purchase: only 30.00 refundable) while the money had left.
+    expires = (NOW - timedelta(days=1)).isoformat()
+    open_account(app, "acme", {"key": "order-1", "amount": "50.00", "expires_at": expires,
+                               "cause": {"gateway": "stripe", "order_id": "order-1"}})
+    results = apply(app, command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 50 * U, "meter": "m",
+                                                         "at": (NOW - timedelta(days=2)).isoformat()}),
+                    command("grant.expire", "acme", {"now": expires}),
+                    command("usage.debit", "acme", {"unit": "USD", "amount_subunits": -20 * U, "meter": "m",
+                                                    "at": (NOW - timedelta(hours=1)).isoformat()}, key="give-back"))
+    assert [r.outcome for r in results] == ["applied"] * 3
+    assert account(app).available("USD") == 20 * U
+    asyncio.run(LedgerService(app).handle_records(records(0, notification("refund_succeeded", "evt_9", "50.00"))))
+    acct = account(app)
+    [refund] = [e for e in app.events.get(acct.id) if type(e).__name__ == "GrantRefunded"]
+    assert refund.amount == 50 * U and refund.reclaimed["amount"] == 20 * U  # type: ignore[attr-defined]
+    assert acct.available("USD") == 0 and acct.overage_receivable("USD") == 0
+
+
 def test_sweeper_expires_grants_and_holds_once(app: LedgerApplication) -> None:
     open_account(app, "acme", {"key": "trial", "amount": "10.00", "source": "promotion",
                                "expires_at": (NOW + timedelta(days=1)).isoformat(), "effective_at": NOW.isoformat()})
