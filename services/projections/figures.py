@@ -77,8 +77,12 @@ def _figures(fact: Fact) -> dict[str, int]:
     if name == "GrantRefunded":
         tax = int(d.get("tax_amount") or 0)
         # from_adjustment: absent before session 11 (such a refund took that credit from revenue then).
+        # reclaimed (since session 11): a gateway refund of usage a give-back had returned as usage_reversal credit
+        # takes that credit back, and what of it was spent is owed (``reclaimed.receivable``).
+        reclaimed = d.get("reclaimed") if isinstance(d.get("reclaimed"), dict) else {}
         return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax,
-                "adjustments": int(d.get("from_adjustment") or 0)}
+                "adjustments": int(d.get("from_adjustment") or 0),
+                "receivables": int(reclaimed.get("receivable") or 0)}
     if name == "PurchaseMoneyBooked":
         return {"tax_collected": int(d.get("tax_amount") or 0), "funds_in": int(d["amount"])}
     if name == "PurchaseMoneyRefunded":

@@ -23,6 +23,11 @@ rounded up: owed more; ``InvoicedOverageRounded``) and, when that invoice is voi
 A usage give-back (``usage``, positive, detail ``give-back``) whose part a finance-override refund already paid back
 in money is *absorbed* (``UsageDebited.absorbed``, no postings): the detail says how much (``give-back; absorbed N``,
 sub-units), and ``wallet_delta`` is only what was credited back.
+
+A gateway refund of a grant whose usage a give-back had returned as ``usage_reversal`` credit (since session 11)
+is one ``refund`` row of the whole amount paid back; it takes that credit back (``GrantRefunded.reclaimed``), so
+its ``wallet_delta`` is only the credit taken, and its detail says so (``usage_reversal credit taken back N``, and
+``owed N`` for what of it was spent: receivables).
 """
 
 from __future__ import annotations
@@ -90,8 +95,12 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     if name == "GrantRefunded":
         # A purchase in the currency gives back its tax with the credit: the row says what was paid back.
         tax = int(d.get("tax_amount") or 0)
+        reclaimed = d.get("reclaimed") if isinstance(d.get("reclaimed"), dict) else {}
         notes = [*(["finance override"] if d.get("finance_override") else []),
-                 *([f"net {int(d['amount'])}, tax {tax}"] if tax else [])]
+                 *([f"net {int(d['amount'])}, tax {tax}"] if tax else []),
+                 # A gateway refund that took back usage_reversal credit (since session 11): the wallet_delta is it.
+                 *([f"usage_reversal credit taken back {int(reclaimed['amount'])}"] if reclaimed.get("amount") else []),
+                 *([f"owed {int(reclaimed['receivable'])}"] if reclaimed.get("receivable") else [])]
         return {"type": "refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
                 "reference": d.get("refund_id"), "detail": "; ".join(notes) or None}
     if name == "BalanceAdjusted":

@@ -127,20 +127,27 @@ def transaction_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
     }
 
 
-_NET_AND_TAX = re.compile(r"^(.*; )?net (-?\d+), tax (-?\d+)$")
-_ABSORBED = re.compile(r"^(.*; )absorbed (-?\d+)$")
+_NET_AND_TAX = re.compile(r"^net (-?\d+), tax (-?\d+)$")
+# After a note and ``; ``: a give-back's absorbed part, a gateway refund's usage_reversal credit taken back and owed.
+_AMOUNT_NOTE = re.compile(r"^(absorbed|usage_reversal credit taken back|owed) (-?\d+)$")
 
 
 def _detail_text(detail: str | None, units: Units, code: str) -> str | None:
     """A money row's split as stored (``net N, tax N`` in sub-units, after a note and ``; `` on a refund,
-    history.py), or a give-back's absorbed part (``give-back; absorbed N``), in the unit's own scale."""
-    found = _NET_AND_TAX.match(detail or "")
-    if found is None:
-        absorbed = _ABSORBED.match(detail or "")
-        if absorbed is not None:
-            return f"{absorbed[1]}absorbed {units.fmt(int(absorbed[2]), code)}"
+    history.py), a give-back's absorbed part (``give-back; absorbed N``), or what a gateway refund took back of
+    ``usage_reversal`` credit (``...; usage_reversal credit taken back N; owed N``), in the unit's own scale."""
+    if not detail:
         return detail
-    return f"{found[1] or ''}net {units.fmt(int(found[2]), code)}, tax {units.fmt(int(found[3]), code)}"
+    parts = detail.split("; ")
+    for index, part in enumerate(parts):
+        found = _NET_AND_TAX.match(part)
+        if found is not None:
+            parts[index] = f"net {units.fmt(int(found[1]), code)}, tax {units.fmt(int(found[2]), code)}"
+            continue
+        noted = _AMOUNT_NOTE.match(part) if index else None
+        if noted is not None:
+            parts[index] = f"{noted[1]} {units.fmt(int(noted[2]), code)}"
+    return "; ".join(parts)
 
 
 def monthly_view(row: dict[str, Any], units: Units, meters: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -112,3 +112,35 @@ async def test_a_rollover_credit_records_drawable_until_and_expires_soon_by_its_
     grant = views.grant_view(rows[str(rollover)], units, NOV_1 + timedelta(days=26))
     assert grant["drawable_until"] == "2026-12-01T00:00:00.000000Z" and grant["expiring_soon"] is True
     assert grant["expires_at"] == "2027-01-01T00:00:00.000000Z"
+
+
+async def test_a_gateway_refund_that_takes_usage_reversal_credit_back_shows_it_and_what_is_owed(
+        service: ProjectionService) -> None:
+    ledger = Ledger()
+    a = ledger.open("acme")
+    grant = uid("acme", "purchase")
+    a.grant_credit(grant_id=grant, unit="USD", amount=100 * U, effective_at=NOV_1, expires_at=DEC_1, scope=None,
+                   source="purchase", cause={"payment_id": "pi_1"}, granted_by="service:payments")
+    a.debit_usage(command_id=uid("acme", "use"), unit="USD", amount=100 * U, meter="api_calls",
+                  at=NOV_1 + timedelta(days=1), overage_policy="block", cause=usage_cause("e-1", "500"))
+    a.expire_grants(DEC_1)
+    a.debit_usage(command_id=uid("acme", "back"), unit="USD", amount=-60 * U, meter="api_calls",
+                  at=DEC_1 + timedelta(days=1), overage_policy="overage", cause=usage_cause("e-1", "200"))
+    a.debit_usage(command_id=uid("acme", "spend"), unit="USD", amount=25 * U, meter="api_calls",
+                  at=DEC_1 + timedelta(days=2), overage_policy="overage", cause=usage_cause("e-2", "125"))
+    a.refund_grant(grant_id=grant, amount=100 * U, refund_id=uuid4(), at=DEC_1 + timedelta(days=3),
+                   finance_override=True, reclaim_reversed=True, cause={"forced_by": "gateway"})
+    ledger.save(a)
+    await apply(service, ledger.records())
+
+    rows = await _rows(service, "acme")
+    refund = rows[-1]
+    assert refund["type"] == "refund" and int(refund["amount"]) == -100 * U
+    assert int(refund["wallet_delta"]) == -35 * U  # the unspent usage_reversal credit taken back
+    units = await views.load_units(service.db)
+    assert views.transaction_view(refund, units)["detail"] == \
+        "finance override; usage_reversal credit taken back 60.00; owed 25.00"
+    assert sum(int(r["wallet_delta"]) for r in rows) == a.balance("USD") == 0
+    [wallet] = await balances.wallets(service.db, "acme")
+    assert (int(wallet["balance"]), int(wallet["receivable"])) == (0, 25 * U)
+    assert {int(g["remaining"]) for g in await balances.grants(service.db, "acme")} == {0}
