@@ -4,7 +4,8 @@ was absorbed, and a rollover credit's ``drawable_until`` on its grant row ("expi
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from typing import Any
+from uuid import UUID, uuid4
 
 from billing_projections import balances, history, lists, views
 from billing_projections.service import ProjectionService
@@ -56,12 +57,7 @@ async def test_an_invoices_usage_line_rounding_and_its_reversal_are_listed_with_
 async def test_a_give_back_after_an_override_refund_says_what_was_absorbed_and_credits_only_the_rest(
         service: ProjectionService) -> None:
     ledger = Ledger()
-    a = ledger.open("acme")
-    grant = uid("acme", "purchase")
-    a.grant_credit(grant_id=grant, unit="USD", amount=100 * U, effective_at=NOV_1, expires_at=None, scope=None,
-                   source="purchase", cause={"payment_id": "pi_1"}, granted_by="service:payments")
-    a.debit_usage(command_id=uid("acme", "use"), unit="USD", amount=100 * U, meter="api_calls",
-                  at=NOV_1 + timedelta(days=1), overage_policy="block", cause=usage_cause("e-1", "500"))
+    a, grant = _bought_and_used(ledger, expires_at=None)
     a.refund_grant(grant_id=grant, amount=60 * U, refund_id=uuid4(), at=NOV_1 + timedelta(days=2),
                    finance_override=True, cause={"payment_id": "re_1"})
     a.debit_usage(command_id=uid("acme", "back"), unit="USD", amount=-100 * U, meter="api_calls",
@@ -117,12 +113,7 @@ async def test_a_rollover_credit_records_drawable_until_and_expires_soon_by_its_
 async def test_a_gateway_refund_that_takes_usage_reversal_credit_back_shows_it_and_what_is_owed(
         service: ProjectionService) -> None:
     ledger = Ledger()
-    a = ledger.open("acme")
-    grant = uid("acme", "purchase")
-    a.grant_credit(grant_id=grant, unit="USD", amount=100 * U, effective_at=NOV_1, expires_at=DEC_1, scope=None,
-                   source="purchase", cause={"payment_id": "pi_1"}, granted_by="service:payments")
-    a.debit_usage(command_id=uid("acme", "use"), unit="USD", amount=100 * U, meter="api_calls",
-                  at=NOV_1 + timedelta(days=1), overage_policy="block", cause=usage_cause("e-1", "500"))
+    a, grant = _bought_and_used(ledger, expires_at=DEC_1)
     a.expire_grants(DEC_1)
     a.debit_usage(command_id=uid("acme", "back"), unit="USD", amount=-60 * U, meter="api_calls",
                   at=DEC_1 + timedelta(days=1), overage_policy="overage", cause=usage_cause("e-1", "200"))
@@ -144,3 +135,14 @@ async def test_a_gateway_refund_that_takes_usage_reversal_credit_back_shows_it_a
     [wallet] = await balances.wallets(service.db, "acme")
     assert (int(wallet["balance"]), int(wallet["receivable"])) == (0, 25 * U)
     assert {int(g["remaining"]) for g in await balances.grants(service.db, "acme")} == {0}
+
+
+def _bought_and_used(ledger: Ledger, expires_at: datetime | None) -> tuple[Any, UUID]:
+    """acme's 100.00 USD purchase grant (``pi_1``), all of it used on Nov 2 (event ``e-1``, 500 calls)."""
+    a = ledger.open("acme")
+    grant = uid("acme", "purchase")
+    a.grant_credit(grant_id=grant, unit="USD", amount=100 * U, effective_at=NOV_1, expires_at=expires_at, scope=None,
+                   source="purchase", cause={"payment_id": "pi_1"}, granted_by="service:payments")
+    a.debit_usage(command_id=uid("acme", "use"), unit="USD", amount=100 * U, meter="api_calls",
+                  at=NOV_1 + timedelta(days=1), overage_policy="block", cause=usage_cause("e-1", "500"))
+    return a, grant
