@@ -1238,10 +1238,11 @@ class BillingAccount(ChainedAggregate):
         self._apply_draws(unit, draws, remember=True)
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
         if overage:
-            _add_unbilled(self._unbilled, unit, at.isoformat(), overage)
+            key = at.isoformat()
+            _add_unbilled(self._unbilled, unit, key, overage)
             if meter is not None:
-                _add_meter_overage(self._unbilled_meters, self._unbilled, unit, at.isoformat(), meter, overage)
-            _add_overage_time(self._overage_times, unit, at.isoformat(), at, overage)
+                _add_meter_overage(self._unbilled_meters, self._unbilled, unit, key, meter, overage)
+            _add_overage_time(self._overage_times, unit, key, at, overage)
         self._update_arming(unit)
 
     def release_hold(self, *, hold_id: UUID, at: datetime) -> None:
