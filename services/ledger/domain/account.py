@@ -1189,11 +1189,18 @@ class BillingAccount(ChainedAggregate):
             }
         )
 
-    def capture_hold(self, *, hold_id: UUID, amount: int, at: datetime, allow_overage: bool = False) -> None:
-        """Spends ``amount`` (at most the hold unless ``allow_overage``) like a debit; frees the rest."""
+    def capture_hold(self, *, hold_id: UUID, amount: int, at: datetime, allow_overage: bool = False,
+                     time_zone: str | None = None) -> None:
+        """Spends ``amount`` (at most the hold unless ``allow_overage``) like a debit; frees the rest.
+
+        ``time_zone``: the zone of the subscription periods that bill usage at ``at`` (not UTC; the caller's
+        ``hold_commands.billing_time_zone``), recorded on ``HoldCaptured`` so the monthly summary puts the capture in
+        the local month a usage debit at that instant is in (rating's ``cause.time_zone``). None: its UTC month."""
         h = self._active_hold(hold_id)
         _require_amount("amount", amount, allow_zero=True)
         _require_time("at", at)
+        if time_zone is not None:
+            _require_text("time_zone", time_zone)
         if at >= h["expires_at"]:
             raise HoldLapsed(f"hold {hold_id} expired at {h['expires_at'].isoformat()}")
         if amount > h["amount"] and not allow_overage:
@@ -1218,6 +1225,7 @@ class BillingAccount(ChainedAggregate):
             draws=draws,
             overage=overage,
             at=at,
+            time_zone=time_zone,
         )
         self._check_thresholds(unit, at)
 
@@ -1233,6 +1241,7 @@ class BillingAccount(ChainedAggregate):
         draws: list[Draw],
         overage: int,
         at: datetime,
+        time_zone: str | None = None,  # (since session 12) only read by the projections; captures before name none
     ) -> None:
         self._settle_hold(str(hold_id), "captured", captured=amount)
         self._apply_draws(unit, draws, remember=True)
