@@ -12,7 +12,8 @@ debit (``cause.closed``) its line's quantity. ``cause.quantity`` stays the event
 it). A debit recorded before ``contribution`` existed takes what it moved rating's running total by
 (``quantity_after - quantity_before``, as the close counts real-time meters), else the difference a correction
 made (``quantity_new - quantity_old``), else its quantity. A captured hold is consumption too: its cost is added
-under its meter (``holds`` when it had none), with no quantity.
+under its meter (``holds`` when it had none), with no quantity, in the month of its capture time in the zone the
+ledger names on it (``HoldCaptured.time_zone``, since session 12: the zone a debit at that instant names), else UTC.
 
 Usage that cost nothing (inside the allowance, a flat fee or stairstep band already charged, a trial) reaches the
 ledger as a debit of 0 (no postings, since session 9): its quantity counts here with a cost of 0, so the month's
@@ -51,13 +52,14 @@ def project(fact: Fact, w: BatchWriter) -> None:
     if fact.name == "UsageDebited":
         quantity = metered_quantity(fact.cause)
         meter = str(fact.data["meter"])
+        zone = fact.cause.get("time_zone")
     elif fact.name == "HoldCaptured":
         quantity, meter = 0, str(fact.data.get("meter") or HOLD_METER)
+        zone = fact.data.get("time_zone")  # named by the ledger since session 12 (no cause: not rated)
     else:
         return
     usage_type = first_text(fact.cause.get("usage_type")) or meter
-    w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at, fact.cause.get("time_zone")), meter,
-                             str(fact.data["unit"])),
+    w.upsert(USAGE_MONTHLY, (fact.tenant, month_of(fact.occurred_at, zone), meter, str(fact.data["unit"])),
              add={"quantity": quantity, "cost": int(fact.data["amount"]), "events": counted_events(fact.cause)},
              set={"usage_type": usage_type, "last_position": fact.position})
 

@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 from billing_events import ids, topics
 from billing_events.messages import AcceptedUsage, UsageEvent
+from billing_events.money import SUBUNITS_PER_UNIT
+from billing_ledger import http as ledger_http
+from billing_ledger.hold_commands import hold_id
+from billing_ledger.http import build_router
 from billing_runtime.bus import Record
+from billing_runtime.http import create_app
+from fastapi.testclient import TestClient
 
+from tests.unit.ledger.ledger_support import SETTINGS, headers
 from tests.unit.projections.conftest import apply, dumps_by_batching, sqlite_service
 from tests.unit.projections.test_usage_monthly_free_usage import ledger_records, pump
 from tests.unit.subscriptions.test_cancel_after_period_end import Stack, wired_stack
@@ -110,3 +118,103 @@ async def test_usage_of_a_utc_subscription_and_of_an_account_without_one_stays_i
         rows = await service.db.fetch("SELECT period, quantity FROM usage_monthly WHERE tenant = 'acme'")
     assert {r["period"]: str(Decimal(r["quantity"])) for r in rows} == {"2026-10": "3", "2026-11": "50",
                                                                         "2026-12": "200"}
+
+
+HOUR = timedelta(hours=1)
+
+
+def costs_by_month(rows: list[Any]) -> dict[str, dict[str, Decimal]]:
+    """period -> meter -> cost in units."""
+    found: dict[str, dict[str, Decimal]] = {}
+    for row in rows:
+        found.setdefault(row["period"], {})[row["meter"]] = Decimal(int(row["cost"])) / SUBUNITS_PER_UNIT
+    return found
+
+
+async def capture_and_use(stack: Stack, name: str, at: datetime) -> None:
+    """A hold of 2.00 captured for 1.50 at ``at`` (the ledger's ``hold.capture``, as the HTTP route sends it) and 10
+    api_calls (1.00) used at the same instant."""
+    hold = str(hold_id("acme", name))
+    stack.run("hold.place", at - MINUTE, hold_id=hold, amount="2.00", expires_at=(at + HOUR).isoformat())
+    stack.run("hold.capture", at, hold_id=hold, amount="1.50")
+    await use(stack, name, "api_calls", "10", at)
+
+
+def capture_over_http(client: TestClient, monkeypatch: pytest.MonkeyPatch, name: str, at: datetime) -> None:
+    """``POST /v1/accounts/acme/holds`` (2.00) and ``POST .../holds/{id}/capture`` (1.50), the routes' clock at ``at``."""
+    monkeypatch.setattr(ledger_http, "_now", lambda: at)
+    service = headers("service")
+    placed = client.post("/v1/accounts/acme/holds", json={"idempotency_key": name, "amount": "2.00"},
+                         headers=service)
+    assert placed.status_code == 201 and placed.json()["approved"] is True, placed.text
+    captured = client.post(f"/v1/accounts/acme/holds/{placed.json()['hold_id']}/capture", json={"amount": "1.50"},
+                           headers=service)
+    assert captured.status_code == 200 and captured.json()["status"] == "captured", captured.text
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "America/New_York"])
+async def test_a_hold_captured_over_http_is_summed_into_the_local_month_a_usage_debit_at_that_instant_is_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    nov_1, dec_1 = local(zone, 2026, 11, 1), local(zone, 2026, 12, 1)
+    async with wired_stack(tmp_path, CATALOG) as stack:
+        stack.run("credit.grant", nov_1, grant_key="bought", unit="USD", amount="100.00", source="purchase")
+        stack.run("subscription.create", nov_1, key="m", plan="p", time_zone=zone)
+        await pump(stack)
+        api = create_app("ledger-test", SETTINGS)
+        api.include_router(build_router(stack.ledger))
+        with TestClient(api) as client:
+            for name, at in (("nov", dec_1 - 30 * MINUTE), ("dec", dec_1 + 30 * MINUTE)):  # 23:30, 00:30 local
+                capture_over_http(client, monkeypatch, name, at)
+                await use(stack, name, "api_calls", "10", at)  # 1.00 at the same instant
+        await pump(stack)
+        assert all(r.outcome in ("applied", "duplicate") for r in stack.results), stack.results
+        records = ledger_records(stack)
+    account = str(ids.account_id("acme")).encode()
+    async with sqlite_service(tmp_path / "p.sqlite") as service:
+        # The account's own events alone (its partition), as a rebuild worker replays them: no subscription event.
+        await apply(service, [r for r in records if r.key == account])
+        rows = await service.db.fetch("SELECT period, meter, cost FROM usage_monthly WHERE tenant = 'acme'")
+    # Summed by UTC month, Berlin's showed the capture at Dec 1 00:30 local in November next to the debit at that
+    # instant in December (New York's the capture at Nov 30 22:30 local in December, its debit in November).
+    assert costs_by_month(rows) == {"2026-11": {"api_calls": Decimal("1.00"), "holds": Decimal("1.50")},
+                                    "2026-12": {"api_calls": Decimal("1.00"), "holds": Decimal("1.50")}}
+    one, everything, random_slices = await dumps_by_batching(records, tmp_path, seed=5, size_max=4, replay_all=True)
+    assert one == everything == random_slices
+
+
+async def test_a_captured_hold_of_a_utc_account_before_or_without_a_subscription_or_recorded_before_stays_in_its_utc_month(
+        tmp_path: Path) -> None:
+    nov_1, dec_1 = local("Europe/Berlin", 2026, 11, 1), local("Europe/Berlin", 2026, 12, 1)
+    async with wired_stack(tmp_path, CATALOG) as stack:
+        stack.run("credit.grant", nov_1 - 2 * HOUR, grant_key="bought", unit="USD", amount="100.00",
+                  source="purchase")
+        await pump(stack)  # the catalogue, to rating
+        # Oct 31 23:30 UTC, Nov 1 00:30 in Berlin, before the Berlin subscription starts: billed by calendar month.
+        hold = str(hold_id("acme", "early"))
+        stack.run("hold.place", nov_1 - HOUR, hold_id=hold, amount="2.00", expires_at=(nov_1 + HOUR).isoformat())
+        stack.run("hold.capture", nov_1 - 30 * MINUTE, hold_id=hold, amount="0.50")
+        stack.run("subscription.create", nov_1, key="m", plan="p", time_zone="Europe/Berlin")
+        await pump(stack)
+        await capture_and_use(stack, "dec", dec_1 + 30 * MINUTE)  # Nov 30 23:30 UTC, Dec 1 00:30 in Berlin
+        records = ledger_records(stack)
+    captures = [orjson.loads(r.value)["data"] for r in records if b"HoldCaptured" in r.value]
+    assert [c["time_zone"] for c in captures] == [None, "Europe/Berlin"]
+    # The same capture recorded before session 12 named no zone: it keeps its UTC month on replay.
+    recorded_before = [Record(r.topic, r.partition, r.offset, r.key, _without_zone(r.value), r.headers)
+                       if b"HoldCaptured" in r.value else r for r in records]
+    async with sqlite_service(tmp_path / "p.sqlite") as service:
+        await apply(service, records)
+        rows = await service.db.fetch("SELECT period, meter, cost FROM usage_monthly WHERE tenant = 'acme'")
+    async with sqlite_service(tmp_path / "before.sqlite") as service:
+        await apply(service, recorded_before)
+        before = await service.db.fetch("SELECT period, meter, cost FROM usage_monthly WHERE tenant = 'acme'")
+    assert costs_by_month(rows) == {"2026-10": {"holds": Decimal("0.50")},
+                                    "2026-12": {"api_calls": Decimal("1.00"), "holds": Decimal("1.50")}}
+    assert costs_by_month(before) == {"2026-10": {"holds": Decimal("0.50")}, "2026-11": {"holds": Decimal("1.50")},
+                                      "2026-12": {"api_calls": Decimal("1.00")}}
+
+
+def _without_zone(value: bytes) -> bytes:
+    envelope = orjson.loads(value)
+    del envelope["data"]["time_zone"]
+    return orjson.dumps(envelope)
