@@ -192,8 +192,11 @@ def _periods(app: LedgerApplication, now: datetime, late: bool) -> dict[str, Any
             renew_and_bill(app, start, end, [usage_line(amount)])
     sweeper.sweep(now)
     recognise(app, now)
-    return {**_outcome(app), "revenue": revenue(app),
-            "invoices": {end: _lines(_invoice(app, end.isoformat())) for _, end, _ in due}}
+    outcome = {**_outcome(app), "revenue": revenue(app),
+               "invoices": {end: _lines(_invoice(app, end.isoformat())) for _, end, _ in due}}
+    assert verify_store(app, "acme").ok
+    app.close()
+    return outcome
 
 
 @pytest.mark.parametrize("late", sorted(LATE))
@@ -206,9 +209,8 @@ def test_a_tick_more_than_a_period_late_carries_the_rollover_credit_as_a_tick_on
     now = LATE[late]
     make = rollover_app if capped else _uncapped_app
     on_time = _periods(make(tmp_path / "on_time"), now, late=False)
-    ticked_late = _periods(app := make(tmp_path / "late"), now, late=True)
+    ticked_late = _periods(make(tmp_path / "late"), now, late=True)
     assert ticked_late == on_time
-    assert verify_store(app, "acme").ok
     # On time, with the cap: November 6.00 left, 2.00 carried, 4.00 lapsed; December 12.00 - 11.00: 1.00 carried;
     # January 11.00 - 5.00 = 6.00 left (open until its renewal; on Feb 1 2.00 carried into 12.00, 4.00 lapsed).
     # Without it: 6.00 carried into 16.00, 5.00 left carried into 15.00, 10.00 left carried into 20.00, none lapsed.
@@ -219,7 +221,6 @@ def test_a_tick_more_than_a_period_late_carries_the_rollover_credit_as_a_tick_on
     breakage = {("one_and_a_half", True): 400, ("two_and_a_half", True): 800}.get((late, capped), 0)
     assert on_time["revenue"][1] == breakage * CENT
     assert on_time["invoices"][JAN_1] == [("base_fee", "30.00"), ("usage", "11.00"), ("credits_applied", "-11.00")]
-    app.close()
 
 
 @pytest.mark.parametrize("command", ["cancel", "change", "pause"])
