@@ -244,9 +244,11 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
                      change: UUID | None = None) -> list[str]:
     """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on.
 
-    A rollover credit is drawn only by usage of [start, end) too (``drawable_until``), but stays open a period
-    longer (``expires_at``) so the renewal that ends its period carries or lapses what is left of it
-    (``_close_recurring``), whether the expiry sweep or the tick runs first. Drawable until its later expiry, as it
+    A rollover credit is drawn only by usage of [start, end) too (``drawable_until``), but stays open after it
+    (``expires_at`` a period later) so the renewal that ends its period carries or lapses what is left of it
+    (``_close_recurring``), whether the expiry sweep or the tick runs first: the sweep leaves it to the renewal even
+    after ``expires_at``, a tick more than a period late included (``BillingAccount.expire_grants``; it expired all
+    of it to breakage, and the renewal had nothing left to carry). Drawable until its later expiry, as it
     was, usage after the period's end that came before a late tick drew it instead of waiting for the next period's
     credit (``_repay_period_overage``): less of it lapsed above the cap and the next period's credit stayed unused.
 
@@ -310,8 +312,9 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
 
     ``ended``: the grants' period is over at ``at`` (a renewal, a paused renewal, a cancel at the period's end):
     what is left of them and not carried lapses to breakage, as their expiry would post it: a grant expired by
-    then is expired (``GrantExpired``), a rollover grant (it expires a period later) is voided with the part
-    above what it carries lapsed (``rollover_cap``; all of it when nothing is carried). Voided back to
+    then is expired (``GrantExpired``), a rollover grant (it expires a period later, and the sweep leaves it to this
+    however late) is voided with the part above what it carries lapsed (``rollover_cap``; all of it when nothing is
+    carried). Voided back to
     DEFERRED_REVENUE it stayed there, the period's fee having already taken its share out (``_fee_revenue``).
     ``lapse_currency``: this much of what is left of the grants in the plan's currency lapses, in their order (a
     period whose fee was given back in full, refunded or voided, so that fee no longer funds their credit: all of

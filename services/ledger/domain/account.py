@@ -23,9 +23,10 @@ Drawdown order (usage, captures)
     3. oldest first (the order in which the grants were recorded).
 
     ``drawable_until`` (since session 9): a plan's recurring credit with rollover is drawn only by usage of its
-    own period (before the period's end), but stays open after it, until ``expires_at`` (a period later), so the
-    renewal, whenever its tick runs, decides what of it is carried and what lapses (``void_grant(lapsed=...)``);
-    the expiry sweep does not take it first. Grants recorded before have none: drawable until they expire.
+    own period (before the period's end), but stays open after it, so the renewal, whenever its tick runs, decides
+    what of it is carried and what lapses (``void_grant(lapsed=...)``); the expiry sweep does not take it first,
+    not even after its ``expires_at`` (a period later), when the tick comes later still (since session 12:
+    ``_left_to_renewal``). Grants recorded before have none: drawable until they expire, and swept then.
 
     One debit may span several grants; every draw and every wallet posting names its grant.
 
@@ -345,9 +346,10 @@ class BillingAccount(ChainedAggregate):
         ]
 
     def grants_expiring_by(self, now: datetime) -> bool:
-        """Whether an open grant has ``expires_at <= now`` (what ``expire_grants(now)`` would expire)."""
+        """Whether an open grant has ``expires_at <= now`` (what ``expire_grants(now)`` would expire), one left to
+        its renewal (``_left_to_renewal``) aside."""
         return any(g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
-                   for g in self._grants.values())
+                   and not _left_to_renewal(g) for g in self._grants.values())
 
     def holds_expiring_by(self, now: datetime) -> int:
         """How many active holds have ``expires_at <= now`` (what ``expire_holds(now)`` would release)."""
@@ -670,14 +672,18 @@ class BillingAccount(ChainedAggregate):
     def expire_grants(self, now: datetime, *, grant_ids: Iterable[str] | None = None, thresholds: bool = True) -> None:
         """Posts each grant expired at ``now`` (``expires_at <= now``) to breakage, once each. ``grant_ids``: only
         these (a renewal ends its period's recurring credits; the sweeper the rest); ``thresholds`` False: the
-        caller checks the units' alerts once its command's movements are done (``check_thresholds``)."""
+        caller checks the units' alerts once its command's movements are done (``check_thresholds``).
+
+        The sweep (no ``grant_ids``) leaves a plan's rollover credit to the renewal that ends its period
+        (``_left_to_renewal``), however late that comes: expired first, its carry was lost (see the module
+        docstring, ``drawable_until``)."""
         _require_time("now", now)
         only = None if grant_ids is None else set(grant_ids)
         due = [
             g
             for g in self._grants.values()
             if g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
-            and (only is None or g["grant_id"] in only)
+            and (g["grant_id"] in only if only is not None else not _left_to_renewal(g))
         ]
         due.sort(key=lambda g: (g["expires_at"], g["seq"]))
         units: set[str] = set()
@@ -2847,6 +2853,16 @@ def _draw_end(g: GrantRecord) -> datetime | None:
     ``grant_credit`` refuses a ``drawable_until`` after ``expires_at``, so when there is one it is the earlier."""
     drawable_until = g.get("drawable_until")
     return drawable_until if drawable_until is not None else g["expires_at"]
+
+
+def _left_to_renewal(g: GrantRecord) -> bool:
+    """Whether the expiry sweep leaves ``g`` open past its ``expires_at``: a plan's recurring credit with rollover
+    (``drawable_until``, recorded since session 9). The subscription's renewal that ends its period carries it (up to
+    ``rollover_cap``) and lapses the rest (``void_grant(lapsed=...)``), and a change, pause or cancel closes it the
+    same way; the scheduler ticks every live subscription at each period's end, so it is always closed by one of
+    them. Swept first when the tick came more than a period late, all of it lapsed and the renewal had nothing to
+    carry. Usage never draws it after ``drawable_until``, so it stays open but unspent meanwhile."""
+    return g["source"] == GrantSource.PLAN_RECURRENCE and g.get("drawable_until") is not None
 
 
 def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:

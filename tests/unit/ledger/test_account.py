@@ -323,6 +323,33 @@ def test_a_grant_past_its_drawable_until_is_not_drawn_but_stays_open_until_it_ex
         (LedgerAccount.BREAKAGE.value, USD): -5 * U}
 
 
+def test_the_sweep_leaves_a_rollover_credit_past_its_expiry_to_its_renewal() -> None:
+    """A renewal ticked more than a period late still finds the credit it carries: the sweep (``expire_grants``
+    without grant ids) after ``expires_at`` leaves it open and asks for nothing; the renewal closes it."""
+    account = new_account()
+    period = give(account, "period", 10 * U, source="plan_recurrence", expires_at=at(days=60),
+                  drawable_until=at(days=30))
+    promo = give(account, "promo", 10 * U, source="promotion", expires_at=at(days=45))
+    debit(account, 4 * U, when=at(days=10))
+    events(account)
+    assert account.grants_expiring_by(at(days=75))  # the promotion
+    account.expire_grants(at(days=75))
+    assert names(events(account)) == ["GrantExpired"]  # the promotion's 10.00 lapsed; was the period's 6.00 too
+    assert not account.grants_expiring_by(at(days=90))
+    assert (remaining(account, period), remaining(account, promo)) == (6 * U, 0)
+    assert [g["status"] for g in account.grant_balances()] == ["open", "expired"]
+    # The renewal carries 2.00 of it and lapses 4.00 (the cap), as it would have on time.
+    account.void_grant(grant_id=period, reason="period_ended", voided_by="test", at=at(days=30), lapsed=4 * U)
+    assert account_balances(events(account)[-1].postings) == {
+        (LedgerAccount.TENANT_WALLET.value, USD): 6 * U, (LedgerAccount.DEFERRED_REVENUE.value, USD): -2 * U,
+        (LedgerAccount.BREAKAGE.value, USD): -4 * U}
+    # A command that ends the period otherwise (a cancel at its end, ticked that late) still expires it by name.
+    again = give(account, "again", 10 * U, source="plan_recurrence", effective_at=at(days=30), expires_at=at(days=90),
+                 drawable_until=at(days=60))
+    account.expire_grants(at(days=95), grant_ids=[str(again)])
+    assert remaining(account, again) == 0 and last(events(account), "GrantExpired").remainder == 10 * U
+
+
 @pytest.mark.parametrize("drawable_until", [T0, at(days=61)])
 def test_a_drawable_until_not_within_the_grants_life_is_refused(drawable_until: datetime) -> None:
     account = new_account()
