@@ -88,8 +88,10 @@ log = get_logger(__name__)
 # stops drawing it (drawable_until in _grants: a rollover plan credit is drawn in its own period only). 15: each grant
 # keeps its usage given back after it lapsed (reversed in _grants), and an expired grant's draws stay remembered
 # (_recent_draws). 16: each grant keeps the credit negative adjustments took from it and what of it override refunds paid
-# back (adjusted, adjusted_reversed in _grants). ResourcePool 2: finished requests are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 17, ResourcePool: 2}
+# back (adjusted, adjusted_reversed in _grants). 17: each unbilled period's overage by usage time (_overage_times). 18:
+# a usage_reversal credit keeps what gateway refunds took back of each grant's usage it reversed (taken_back in
+# _grants). ResourcePool 2: finished requests are forgotten after a while (_finished).
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 18, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

@@ -1504,6 +1504,16 @@ class BillingAccount(ChainedAggregate):
         g["adjusted_reversed"] += from_adjustment
         if reclaimed:  # (since session 11) usage_reversal credit of this grant's usage taken back, the rest owed
             g["reversed"] -= reclaimed["amount"]
+            # Each credit counts what was taken back of the part it reversed of this grant (``taken_back``), from the
+            # wallet or owed, so no later refund takes that part again. ``owed`` names the credits of the owed part
+            # since session 12; a refund recorded before is attributed here as it would be now.
+            owed = reclaimed.get("owed")
+            if owed is None:
+                owed = self._owed_reversal_parts(g["grant_id"], unit, reclaimed["receivable"],
+                                                 {d["grant_id"]: d["amount"] for d in reclaimed["draws"]})
+            for part in list(reclaimed["draws"]) + list(owed):
+                taken = self._grants[part["grant_id"]].setdefault("taken_back", {})
+                taken[g["grant_id"]] = taken.get(g["grant_id"], 0) + part["amount"]
             self._apply_draws(unit, reclaimed["draws"], remember=False)
             if reclaimed["receivable"]:
                 self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
@@ -1514,27 +1524,49 @@ class BillingAccount(ChainedAggregate):
 
     def _reclaim_reversal(self, g: GrantRecord, amount: int, at: datetime, postings: list[Posting]) -> dict[str, Any]:
         """Takes back ``amount`` of the ``usage_reversal`` credit given for ``g``'s usage (a gateway refund paid
-        it back in money): from the unspent credit of the grants that reversed ``g`` (``reverses``), newest first,
-        at most what each reversed of it (Dr TENANT_WALLET), the rest owed (Dr RECEIVABLES), appended to
-        ``postings``. What ``GrantRefunded.reclaimed`` records: ``amount``, ``draws``, ``receivable``, ``period``."""
+        it back in money), appending the postings to ``postings``. Each credit that reversed some of ``g``'s usage
+        (``reverses``) gives up at most that part less what earlier refunds of ``g`` took back of it
+        (``taken_back``), so over any number of partial refunds no part is taken twice and each credit keeps what it
+        gives for other grants' usage: first from the unspent credit, newest credit first (Dr TENANT_WALLET), then
+        the rest is owed (Dr RECEIVABLES) for the parts their credit no longer holds (it was spent). What
+        ``GrantRefunded.reclaimed`` records: ``amount``, ``draws`` (from the wallet), ``receivable`` and ``owed``
+        (per credit, since session 12), ``period``."""
         unit, gid, left = g["unit"], g["grant_id"], amount
         draws: list[Draw] = []
-        for credit in reversed(list(self._grants.values())):
+        for credit in self._reversals_of(gid, unit):
             if not left:
                 break
-            if credit["source"] != GrantSource.USAGE_REVERSAL.value or credit["unit"] != unit:
-                continue
-            if credit["status"] != "open" or credit["remaining"] <= 0:
-                continue
-            part = sum(r["amount"] for r in credit.get("reverses") or () if r["grant_id"] == gid)
-            take = min(left, part, credit["remaining"])
+            held = credit["remaining"] if credit["status"] == "open" else 0
+            take = min(left, _reversal_left(credit, gid), max(0, held))
             if take:
                 draws.append({"grant_id": credit["grant_id"], "amount": take})
                 postings.append(posting(LedgerAccount.TENANT_WALLET, unit, take, credit["grant_id"]))
                 left -= take
+        owed = self._owed_reversal_parts(gid, unit, left, {d["grant_id"]: d["amount"] for d in draws})
         if left:
             postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
-        return {"amount": amount, "draws": draws, "receivable": left, "period": owed_refund_key(at)}
+        return {"amount": amount, "draws": draws, "receivable": left, "owed": owed, "period": owed_refund_key(at)}
+
+    def _reversals_of(self, grant_id: str, unit: str) -> list[GrantRecord]:
+        """The ``usage_reversal`` credits that reversed some of ``grant_id``'s usage, newest first."""
+        return [credit for credit in reversed(list(self._grants.values()))
+                if credit["source"] == GrantSource.USAGE_REVERSAL.value and credit["unit"] == unit
+                and _reversal_left(credit, grant_id) > 0]
+
+    def _owed_reversal_parts(self, grant_id: str, unit: str, amount: int, drawn: dict[str, int]) -> list[Draw]:
+        """Which credits the owed ``amount`` of a reclaim of ``grant_id`` stands for: the parts of ``grant_id``'s
+        usage they reversed and still give (less ``drawn`` from them by the same reclaim), newest credit first.
+        Only state built from the events themselves: a command and a replay attribute it the same way."""
+        owed: list[Draw] = []
+        left = amount
+        for credit in self._reversals_of(grant_id, unit):
+            if not left:
+                break
+            part = min(left, _reversal_left(credit, grant_id) - drawn.get(credit["grant_id"], 0))
+            if part > 0:
+                owed.append({"grant_id": credit["grant_id"], "amount": part})
+                left -= part
+        return owed
 
     def adjust(
         self, *, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, at: datetime
@@ -2795,6 +2827,13 @@ def _refundable(g: GrantRecord) -> int:
     after it lapsed (``reversed``) is the customer's again as ``usage_reversal`` credit, so no refund pays it back
     in money as well (a finance override would take it from revenue, where the give-back already took it)."""
     return g["amount"] - g["refunded"] - g["reversed"]
+
+
+def _reversal_left(credit: GrantRecord, grant_id: str) -> int:
+    """What of ``grant_id``'s usage the ``usage_reversal`` ``credit`` reversed (``reverses``) and no gateway refund
+    of ``grant_id`` has taken back yet (``taken_back``, since session 12)."""
+    part = sum(r["amount"] for r in credit.get("reverses") or () if r["grant_id"] == grant_id)
+    return part - (credit.get("taken_back") or {}).get(grant_id, 0) if part else 0
 
 
 def _has_lapsed(g: GrantRecord, at: datetime) -> bool:

@@ -297,6 +297,25 @@ def owed(app: LedgerApplication) -> Decimal:
     return Decimal(app.read(ids.account_id(TENANT), lambda a: a.receivable("USD"))) / U
 
 
+def test_the_gateway_refund_of_an_order_whose_usage_was_given_back_and_spent_again_pays_back_the_order_once(
+        ledger: LedgerApplication) -> None:
+    """100.00 + 19 % VAT bought by checkout, all of it used, 60.00 of the usage given back, 25.00 spent again; then
+    the gateway refunds the order (119.00). An order's purchase grant never lapses, so the give-back credited the
+    grant itself (no usage_reversal credit to take back): the refund takes its 35.00 left from the wallet, the 65.00
+    used from revenue, the VAT from tax payable, and nothing is owed."""
+    order = place(ledger, "o1", amount="100")
+    pay(ledger, order)
+    use(ledger, "100", "u1")
+    use(ledger, "-60", "u2")
+    use(ledger, "25", "u3")
+    assert (available(ledger, "USD"), owed(ledger)) == (Decimal(35), 0)
+    assert refund_order(ledger, order, "119.00").outcome == "applied"
+    assert (available(ledger, "USD"), owed(ledger), order_status(ledger, order)) == (0, 0, "refunded")
+    assert books(ledger) == {}  # 119.00 back out of clearing, the VAT given back, revenue and the wallet at zero
+    grants = ledger.read(ids.account_id(TENANT), lambda a: a.grant_balances())
+    assert [g["source"] for g in grants] == ["purchase"]  # no usage_reversal credit was ever given
+
+
 def test_a_top_up_first_pays_off_what_a_pay_as_you_go_account_owes(ledger: LedgerApplication) -> None:
     use(ledger, "5.00", "u1")  # no credit, no subscription: 5.00 owed, and no invoice will ever bill it
     assert (available(ledger, "USD"), owed(ledger)) == (0, Decimal(5))

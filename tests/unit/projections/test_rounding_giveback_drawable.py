@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+from billing_ledger.domain.postings import account_balances
 from billing_projections import balances, history, lists, views
 from billing_projections.service import ProjectionService
 
@@ -146,3 +147,49 @@ def _bought_and_used(ledger: Ledger, expires_at: datetime | None) -> tuple[Any, 
     a.debit_usage(command_id=uid("acme", "use"), unit="USD", amount=100 * U, meter="api_calls",
                   at=NOV_1 + timedelta(days=1), overage_policy="block", cause=usage_cause("e-1", "500"))
     return a, grant
+
+
+async def test_a_gateway_refund_of_a_credit_package_in_parts_takes_its_usage_reversal_credit_back_once(
+        service: ProjectionService) -> None:
+    """1,000 CREDIT bought for 50.00 + 10.00 VAT (money booked in USD), used up, expired; 600 of the usage given back
+    as usage_reversal credit, 250 of it spent; the gateway refunds the package in two halves. The credit is taken
+    back once in all (350 from the wallet, 250 owed), the USD money exactly once (60.00: the revenue recognised for
+    the usage and the VAT), and each refund's history row says what it took back."""
+    ledger = Ledger()
+    ledger.publish_catalog({"credit_units": {"CREDIT": {"scale": 0}}})
+    a = ledger.open("acme")
+    grant = uid("acme", "package")
+    a.grant_credit(grant_id=grant, unit="CREDIT", amount=1000 * U, effective_at=NOV_1, expires_at=DEC_1, scope=None,
+                   source="purchase", cause={"order_id": "o1"}, granted_by="service:payments")
+    a.book_purchase_money(grant_id=grant, currency="USD", net=50 * U, tax_amount=10 * U, at=NOV_1,
+                          cause={"order_id": "o1"})
+    a.debit_usage(command_id=uid("acme", "use"), unit="CREDIT", amount=1000 * U, meter="api_calls",
+                  at=NOV_1 + timedelta(days=1), overage_policy="block", cause=usage_cause("e-1", "1000"))
+    a.expire_grants(DEC_1)
+    a.recognise_purchase_money(DEC_1)
+    a.debit_usage(command_id=uid("acme", "back"), unit="CREDIT", amount=-600 * U, meter="api_calls",
+                  at=DEC_1 + timedelta(days=1), overage_policy="overage", cause=usage_cause("e-1", "400"))
+    a.debit_usage(command_id=uid("acme", "spend"), unit="CREDIT", amount=250 * U, meter="api_calls",
+                  at=DEC_1 + timedelta(days=2), overage_policy="overage", cause=usage_cause("e-2", "250"))
+    for day in (3, 4):
+        a.refund_grant(grant_id=grant, amount=500 * U, refund_id=uid("acme", "refund", day),
+                       at=DEC_1 + timedelta(days=day), finance_override=True, reclaim_reversed=True,
+                       cause={"forced_by": "gateway"})
+    recorded = list(a.pending_events)
+    ledger.save(a)
+    await apply(service, ledger.records())
+
+    books = account_balances([line for e in recorded for line in getattr(e, "postings", [])])
+    assert {k: v for k, v in books.items() if v and k[1] == "USD"} == {}  # 60.00 in, 60.00 back: nothing left
+    assert {k: v for k, v in books.items() if v and k[1] == "CREDIT"} == {
+        ("receivables", "CREDIT"): 250 * U, ("recognised_revenue", "CREDIT"): -250 * U}
+    assert (a.available("CREDIT"), a.overage_receivable("CREDIT")) == (0, 250 * U)
+    refunds = [e for e in recorded if type(e).__name__ == "GrantRefunded"]
+    assert [e.reclaimed["amount"] if e.reclaimed else 0 for e in refunds] == [100 * U, 500 * U]
+    rows = [r for r in await _rows(service, "acme") if r["type"] == "refund"]
+    units = await views.load_units(service.db)
+    assert [views.transaction_view(r, units)["detail"] for r in rows] == [
+        "finance override; usage_reversal credit taken back 100", "finance override; usage_reversal credit taken back 500; owed 250"]
+    assert [int(r["wallet_delta"]) for r in rows] == [-100 * U, -250 * U]
+    wallet = {w["unit"]: w for w in await balances.wallets(service.db, "acme")}["CREDIT"]
+    assert (int(wallet["balance"]), int(wallet["receivable"])) == (0, 250 * U)
