@@ -13,9 +13,10 @@ from billing_events.catalog import CatalogDocument
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_rating.aggregation import period_of
-from billing_rating.catalog_view import CatalogError, validate_document
+from billing_rating.catalog_view import CatalogError, check_meters_kept, validate_document
 from billing_rating.close import close_period, lines_of
 from billing_rating.service import RatingService
+from billing_rating.subscriptions import meters_of_live_plans
 from billing_rating.text import subunits_text
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bodies import described_by
@@ -70,11 +71,15 @@ def build_router(service: RatingService) -> APIRouter:
 
     @router.post("/v1/catalog", status_code=202, summary="Publish a catalogue (admin)",
                  description="Validated here (meters, price specs, plans, packages), then recorded by the "
-                             "ledger as the next immutable version. Same content, same command id.")
+                             "ledger as the next immutable version, which replaces the whole catalogue. Same "
+                             "content, same command id. Refused (422 `invalid-catalog`, nothing published): a "
+                             "document with no meter, plan or package, and one that leaves out a meter the plan "
+                             "of a subscription (not canceled) charges.")
     async def post_catalog(document: CatalogBody,
                            principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
         try:
             parsed = validate_document(document)
+            check_meters_kept(parsed, await meters_of_live_plans(service.db))
         except CatalogError as exc:
             raise Problem(422, "Invalid catalogue", str(exc), kind="invalid-catalog") from exc
         command = publish_command(parsed.model_dump(mode="json"), f"user:{principal.subject}")
