@@ -12,11 +12,14 @@ from typing import Any
 
 import yaml
 from billing_events import ids
+from billing_events.catalog import STORED, CatalogDocument
 from billing_events.messages import LedgerCommand
 from billing_events.money import MoneyError, currency, parse_decimal
 from billing_events.timeutil import utcnow
-from billing_rating.catalog_view import CatalogError, validate_document
+from billing_rating.catalog_view import CatalogError, check_meters_kept, validate_document
 from billing_rating.http import publish_command
+from billing_rating.subscriptions import meters_of_live_plans
+from billing_runtime.settings import Settings
 
 
 class CatalogFileError(ValueError):
@@ -75,3 +78,25 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
                 tenant=tenant, issued_at=now, issued_by=issued_by,
                 payload={"grant_key": grant["key"], **{k: v for k, v in grant.items() if k != "key"}}))
     return commands
+
+
+async def check_live_meters(settings: Settings, commands: list[LedgerCommand]) -> None:
+    """As ``POST /v1/catalog``: a catalogue that leaves out a meter the plan of a live subscription charges is
+    refused (``CatalogFileError``). Rating's store says which plans are live; a store rating has not set up (no
+    file, no table) has no subscription."""
+    from billing_runtime.db import open_database
+
+    publish = next((c for c in commands if c.kind == "catalog.publish"), None)
+    if publish is None or (not settings.database_url and not (settings.data_dir / "rating.sqlite").exists()):
+        return
+    db = await open_database("rating", settings)
+    try:
+        in_use = await meters_of_live_plans(db)
+    except Exception:  # noqa: BLE001 - asyncpg's or sqlite3's "no such table": rating never ran on this store
+        return
+    finally:
+        await db.close()
+    try:
+        check_meters_kept(CatalogDocument.model_validate(publish.payload["document"], context={STORED: True}), in_use)
+    except CatalogError as exc:
+        raise CatalogFileError(f"catalog: {exc}") from exc

@@ -143,15 +143,16 @@ def token(
 @catalog_app.command("apply")
 def catalog_apply(file: Annotated[Path, typer.Argument(help="Catalogue YAML or JSON")]) -> None:
     """Validates a catalogue file and sends it to the ledger (idempotent: same file, same command ids)."""
-    from billing_cli.catalog import CatalogFileError, commands_for, load_document
+    from billing_cli.catalog import CatalogFileError, check_live_meters, commands_for, load_document
 
     configure_logging()
+    settings = Settings.from_env()
     try:
         commands = commands_for(load_document(file), "cli:catalog-apply")
+        asyncio.run(check_live_meters(settings, commands))
     except CatalogFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    settings = Settings.from_env()
 
     async def main() -> None:
         bus = _bus(settings)

@@ -27,6 +27,9 @@ def _scales(document: CatalogDocument) -> dict[str, int]:
 
 
 def validate_document(data: Any) -> CatalogDocument:
+    """The document as published, or a ``CatalogError``. A version replaces the whole catalogue, so a document
+    with no meter, plan or package (``{}``: nothing to count or sell) is refused rather than publishing an empty
+    one."""
     try:
         document = CatalogDocument.model_validate(data)
     except ValidationError as exc:
@@ -37,6 +40,9 @@ def validate_document(data: Any) -> CatalogDocument:
         raise CatalogError("; ".join(problems)) from None
     except MoneyError as exc:
         raise CatalogError(str(exc)) from None
+    if not (document.meters or document.plans or document.packages):
+        raise CatalogError("catalog: no meters, plans or packages; a published version replaces the whole catalogue, "
+                           "so this one would remove every meter, plan and package")
     scales = _scales(document)
     for index, meter in enumerate(document.meters):
         try:
@@ -56,6 +62,18 @@ def validate_document(data: Any) -> CatalogDocument:
             if spec.unit != plan.currency and spec.unit not in scales:
                 raise CatalogError(f"{where}: unit {spec.unit!r} is neither the plan currency nor a credit unit")
     return document
+
+
+def check_meters_kept(document: CatalogDocument, in_use: dict[str, list[str]]) -> None:
+    """Refuses a document that removes a meter a subscription's plan charges (``in_use``: meter -> those plans,
+    ``meters_of_live_plans``): its usage would be refused as an unknown meter while the subscription, which
+    keeps its plan version, goes on billing it. A plan may be left out (no longer sold; subscriptions keep theirs)."""
+    kept = {meter.code for meter in document.meters}
+    missing = sorted(code for code in in_use if code not in kept)
+    if missing:
+        named = "; ".join(f"{code!r} (charged by {', '.join(in_use[code])})" for code in missing)
+        raise CatalogError(f"meters: a published version replaces the whole catalogue, and this one leaves out "
+                           f"meters that plans of live subscriptions charge: {named}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ command id derived from (account, meter, group, period), which the ledger refuse
 line keeps the trace to its raw events (``rated_events`` of the same period, meter and group).
 
 Two kinds of period are closed. A calendar month (``YYYY-MM``, accounts without a subscription) is closed
-by ``POST /v1/rating/periods/{period}/close`` at the meters' list prices (:func:`close_period`). A
+by ``POST /v1/rating/periods/{period}/close`` at the meters' list prices (:func:`close_period`), once the UTC
+month has ended (the route refuses the current month and later ones). A
 subscription's period (its start, ISO 8601) is closed by rating itself when the ledger says the period
 ended (``Subscription.PeriodEnded``), before the renewal invoice's usage lines are sent, at the price real-
 time rating used: the plan's charge and pooled allowance, nothing while in a trial at the period's end

@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import datetime
 from typing import Annotated, Any
 
 from billing_events import ids, topics
 from billing_events.catalog import CatalogDocument
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
-from billing_rating.catalog_view import CatalogError, validate_document
+from billing_rating.aggregation import period_of
+from billing_rating.catalog_view import CatalogError, check_meters_kept, validate_document
 from billing_rating.close import close_period, lines_of
 from billing_rating.service import RatingService
+from billing_rating.subscriptions import meters_of_live_plans
 from billing_rating.text import subunits_text
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.bodies import described_by
@@ -25,6 +28,10 @@ from fastapi import APIRouter, Body, Depends
 # checks of every price); the model it validates with describes the body.
 CatalogBody = Annotated[dict[str, Any], described_by(CatalogDocument), Body()]
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+def _now() -> datetime:
+    return utcnow()
 
 
 def publish_command(document: dict[str, Any], issued_by: str) -> LedgerCommand:
@@ -64,11 +71,15 @@ def build_router(service: RatingService) -> APIRouter:
 
     @router.post("/v1/catalog", status_code=202, summary="Publish a catalogue (admin)",
                  description="Validated here (meters, price specs, plans, packages), then recorded by the "
-                             "ledger as the next immutable version. Same content, same command id.")
+                             "ledger as the next immutable version, which replaces the whole catalogue. Same "
+                             "content, same command id. Refused (422 `invalid-catalog`, nothing published): a "
+                             "document with no meter, plan or package, and one that leaves out a meter the plan "
+                             "of a subscription (not canceled) charges.")
     async def post_catalog(document: CatalogBody,
                            principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
         try:
             parsed = validate_document(document)
+            check_meters_kept(parsed, await meters_of_live_plans(service.db))
         except CatalogError as exc:
             raise Problem(422, "Invalid catalogue", str(exc), kind="invalid-catalog") from exc
         command = publish_command(parsed.model_dump(mode="json"), f"user:{principal.subject}")
@@ -76,10 +87,20 @@ def build_router(service: RatingService) -> APIRouter:
                                               (("schema", b"ledger.command/v1"),))])
         return {"command_id": str(command.command_id), "status": "accepted"}
 
-    @router.post("/v1/rating/periods/{period}/close", summary="Close a billing period (admin, idempotent)")
+    @router.post("/v1/rating/periods/{period}/close", summary="Close a billing period (admin, idempotent)",
+                 description="Closes a calendar month (`YYYY-MM`, UTC) of the accounts billed by calendar month, "
+                             "once it has ended: a month that has not ended yet (the current one, or one in the "
+                             "future) is refused with 422 `period-not-ended` and nothing is closed.")
     async def post_close(period: str, _: Principal = Depends(require(Role.ADMIN, Role.SERVICE))) -> dict[str, Any]:
         if not PERIOD.match(period):
             raise Problem(422, "Invalid period", "Use YYYY-MM.", kind="invalid-period")
+        if period >= period_of(_now()):
+            # Closed early, the rest of the month's usage would be late (refused under `late_policy: reject`, else
+            # billed in the next month) and its max/last/unique_count meters priced on part of it.
+            year, month = int(period[:4]), int(period[5:])
+            raise Problem(422, "Period not ended",
+                          f"{period} has not ended yet: a calendar month (UTC) can be closed from its end on, "
+                          f"{year + month // 12:04d}-{month % 12 + 1:02d}-01T00:00:00+00:00.", kind="period-not-ended")
         lines = await close_period(service.db, service.bus, service.catalog, period)
         return {"period": period, "lines": [line.__dict__ for line in lines]}
 

@@ -75,7 +75,7 @@ from billing_rating.aggregation import REAL_TIME, period_of
 from billing_rating.close import CloseLine
 from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import OutMessage
-from billing_runtime.db import Connection
+from billing_runtime.db import Connection, Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS account_subscriptions (
@@ -516,6 +516,22 @@ def _months(start: datetime, end: datetime) -> list[str]:
             return months
         year, number = int(month[:4]), int(month[5:])
         month = f"{year + number // 12}-{number % 12 + 1:02d}"
+
+
+async def meters_of_live_plans(conn: Connection | Database) -> dict[str, list[str]]:
+    """meter -> the plan versions (``code vN``) of subscriptions not canceled that charge it (a catalogue version
+    must keep these meters: ``catalog_view.check_meters_kept``). An ``incomplete`` subscription counts: its
+    activation makes it live on the version it was sold."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT p.code, p.version, p.content FROM account_subscriptions s JOIN plan_versions p "
+        "ON p.code = s.plan_code AND p.version = s.plan_version WHERE s.status <> 'canceled'")
+    meters: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: (r["code"], int(r["version"]))):
+        for charge in json.loads(row["content"]).get("charges") or []:
+            plans = meters.setdefault(charge["meter"], [])
+            if f"{row['code']} v{row['version']}" not in plans:
+                plans.append(f"{row['code']} v{row['version']}")
+    return meters
 
 
 def subscription_uuid(value: str) -> UUID:
