@@ -104,7 +104,9 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
         return {"items": items, "next_cursor": next_cursor}
 
     @router.get("/v1/accounts/{tenant}/usage/monthly", summary="Monthly usage summary by usage type",
-                response_model=api_models.MonthlyUsagePage, responses=CSV)
+                response_model=api_models.MonthlyUsagePage, responses=CSV,
+                description="Newest month first, then by meter and unit. Pages are keyset cursors, stable while "
+                            "new rows arrive.")
     async def get_monthly(tenant: str, principal: Reader, request: Request, year: Year = None, month: Month = None,
                           meter: str | None = None, cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT,
                           fmt: Format = None) -> Any:

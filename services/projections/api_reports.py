@@ -60,7 +60,9 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         return {"items": items}
 
     @router.get("/v1/reports/usage/monthly", summary="Monthly usage summaries of all tenants",
-                response_model=api_models.MonthlyUsagePage, responses=CSV)
+                response_model=api_models.MonthlyUsagePage, responses=CSV,
+                description="Newest month first, then by tenant, meter and unit. Pages are keyset cursors, stable "
+                            "while new rows arrive.")
     async def get_monthly(principal: Finance, request: Request, tenant: TenantFilter = None, year: Year = None,
                           month: Month = None, meter: str | None = None, cursor: Cursor = None,
                           limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
@@ -141,7 +143,8 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
 
     @router.get("/v1/reports/subscriptions", summary="Subscriptions of all tenants",
                 response_model=api_models.Subscriptions, responses=CSV,
-                description="Status, plan and version, quantity, current period, trial end, cancellation.")
+                description="Status, plan and version, quantity, current period, trial end, cancellation. By "
+                            "tenant and key; pages are keyset cursors, stable while new subscriptions arrive.")
     async def get_subscriptions(
             principal: Finance, request: Request, tenant: TenantFilter = None,
             statuses: Annotated[str | None, Query(alias="status", description="Comma-separated: incomplete, trialing, "
