@@ -99,7 +99,7 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.transactions(db, **filters, cursor=c, limit=n)
-            return csv_response(TRANSACTION_COLUMNS, fetch, f"transactions-{tenant}")
+            return await csv_response(TRANSACTION_COLUMNS, fetch, f"transactions-{tenant}")
         items, next_cursor = await lists.transactions(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -115,7 +115,7 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.monthly(db, **filters, cursor=c, limit=n)
-            return csv_response(MONTHLY_COLUMNS, fetch, f"usage-monthly-{tenant}")
+            return await csv_response(MONTHLY_COLUMNS, fetch, f"usage-monthly-{tenant}")
         items, next_cursor = await lists.monthly(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -160,7 +160,7 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.invoice_list(db, **filters, cursor=c, limit=n)
-            return csv_response(INVOICE_COLUMNS, fetch, f"invoices-{tenant}")
+            return await csv_response(INVOICE_COLUMNS, fetch, f"invoices-{tenant}")
         items, next_cursor = await lists.invoice_list(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 

@@ -70,7 +70,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.monthly(db, **filters, cursor=c, limit=n)
-            return csv_response(MONTHLY_COLUMNS, fetch, "usage-monthly")
+            return await csv_response(MONTHLY_COLUMNS, fetch, "usage-monthly")
         items, next_cursor = await lists.monthly(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -114,7 +114,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.transactions(db, **filters, cursor=c, limit=n)
-            return csv_response(("tenant",) + TRANSACTION_COLUMNS, fetch, "transactions")
+            return await csv_response(("tenant",) + TRANSACTION_COLUMNS, fetch, "transactions")
         items, next_cursor = await lists.transactions(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -137,7 +137,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.invoice_list(db, **filters, cursor=c, limit=n)
-            return csv_response(("tenant",) + INVOICE_COLUMNS, fetch, "invoices")
+            return await csv_response(("tenant",) + INVOICE_COLUMNS, fetch, "invoices")
         items, next_cursor = await lists.invoice_list(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -156,7 +156,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.subscription_list(db, **filters, cursor=c, limit=n)
-            return csv_response(SUBSCRIPTION_COLUMNS, fetch, "subscriptions")
+            return await csv_response(SUBSCRIPTION_COLUMNS, fetch, "subscriptions")
         items, next_cursor = await lists.subscription_list(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 

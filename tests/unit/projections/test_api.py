@@ -119,6 +119,29 @@ async def test_bad_parameters_are_problems_that_change_nothing(client: httpx.Asy
         assert r.headers["content-type"].startswith("application/problem+json")
 
 
+async def test_a_bad_filter_on_a_csv_export_is_the_same_422_problem_as_its_json_form(
+        client: httpx.AsyncClient) -> None:
+    """Checked before the response starts (it was a 200 text/csv with the header line, then a broken stream)."""
+    admin = auth("admin")
+    for path, bad in (("/v1/accounts/acme/transactions", {"type": "bogus"}),
+                      ("/v1/reports/transactions", {"type": "bogus"}),
+                      ("/v1/accounts/acme/invoices", {"status": "bogus"}),
+                      ("/v1/accounts/acme/invoices", {"period": "2026-13"}),
+                      ("/v1/reports/invoices", {"type": "bill"}),
+                      ("/v1/reports/subscriptions", {"status": "bogus"})):
+        as_json = await client.get(path, params=bad, headers=admin)
+        assert as_json.status_code == 422, (path, bad)
+        for asked in ({"params": {**bad, "format": "csv"}, "headers": admin},
+                      {"params": bad, "headers": {**admin, "Accept": "text/csv"}}):
+            as_csv = await client.get(path, **asked)  # type: ignore[arg-type]
+            assert as_csv.status_code == 422, (path, asked, as_csv.text)
+            assert as_csv.headers["content-type"].startswith("application/problem+json")
+            assert as_csv.json() == as_json.json()
+    dashboard = await client.get("/dashboard/accounts/acme/export/transactions.csv", params={"type": "bogus"},
+                                 headers=admin)
+    assert dashboard.status_code == 422 and "bogus" in dashboard.json()["detail"]
+
+
 async def test_monthly_usage_and_ai_usage(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/accounts/acme/usage/monthly", params={"year": 2026, "month": 11, "meter": "ai_tokens"},
                          headers=auth("viewer", "acme"))
