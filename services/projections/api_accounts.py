@@ -99,12 +99,14 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.transactions(db, **filters, cursor=c, limit=n)
-            return csv_response(TRANSACTION_COLUMNS, fetch, f"transactions-{tenant}")
+            return await csv_response(TRANSACTION_COLUMNS, fetch, f"transactions-{tenant}")
         items, next_cursor = await lists.transactions(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
     @router.get("/v1/accounts/{tenant}/usage/monthly", summary="Monthly usage summary by usage type",
-                response_model=api_models.MonthlyUsagePage, responses=CSV)
+                response_model=api_models.MonthlyUsagePage, responses=CSV,
+                description="Newest month first, then by meter and unit. Pages are keyset cursors, stable while "
+                            "new rows arrive.")
     async def get_monthly(tenant: str, principal: Reader, request: Request, year: Year = None, month: Month = None,
                           meter: str | None = None, cursor: Cursor = None, limit: Limit = PAGE_ITEMS_DEFAULT,
                           fmt: Format = None) -> Any:
@@ -113,7 +115,7 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.monthly(db, **filters, cursor=c, limit=n)
-            return csv_response(MONTHLY_COLUMNS, fetch, f"usage-monthly-{tenant}")
+            return await csv_response(MONTHLY_COLUMNS, fetch, f"usage-monthly-{tenant}")
         items, next_cursor = await lists.monthly(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -158,7 +160,7 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.invoice_list(db, **filters, cursor=c, limit=n)
-            return csv_response(INVOICE_COLUMNS, fetch, f"invoices-{tenant}")
+            return await csv_response(INVOICE_COLUMNS, fetch, f"invoices-{tenant}")
         items, next_cursor = await lists.invoice_list(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 

@@ -60,7 +60,9 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         return {"items": items}
 
     @router.get("/v1/reports/usage/monthly", summary="Monthly usage summaries of all tenants",
-                response_model=api_models.MonthlyUsagePage, responses=CSV)
+                response_model=api_models.MonthlyUsagePage, responses=CSV,
+                description="Newest month first, then by tenant, meter and unit. Pages are keyset cursors, stable "
+                            "while new rows arrive.")
     async def get_monthly(principal: Finance, request: Request, tenant: TenantFilter = None, year: Year = None,
                           month: Month = None, meter: str | None = None, cursor: Cursor = None,
                           limit: Limit = PAGE_ITEMS_DEFAULT, fmt: Format = None) -> Any:
@@ -68,7 +70,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.monthly(db, **filters, cursor=c, limit=n)
-            return csv_response(MONTHLY_COLUMNS, fetch, "usage-monthly")
+            return await csv_response(MONTHLY_COLUMNS, fetch, "usage-monthly")
         items, next_cursor = await lists.monthly(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -112,7 +114,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.transactions(db, **filters, cursor=c, limit=n)
-            return csv_response(("tenant",) + TRANSACTION_COLUMNS, fetch, "transactions")
+            return await csv_response(("tenant",) + TRANSACTION_COLUMNS, fetch, "transactions")
         items, next_cursor = await lists.transactions(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
@@ -135,13 +137,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.invoice_list(db, **filters, cursor=c, limit=n)
-            return csv_response(("tenant",) + INVOICE_COLUMNS, fetch, "invoices")
+            return await csv_response(("tenant",) + INVOICE_COLUMNS, fetch, "invoices")
         items, next_cursor = await lists.invoice_list(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 
     @router.get("/v1/reports/subscriptions", summary="Subscriptions of all tenants",
                 response_model=api_models.Subscriptions, responses=CSV,
-                description="Status, plan and version, quantity, current period, trial end, cancellation.")
+                description="Status, plan and version, quantity, current period, trial end, cancellation. By "
+                            "tenant and key; pages are keyset cursors, stable while new subscriptions arrive.")
     async def get_subscriptions(
             principal: Finance, request: Request, tenant: TenantFilter = None,
             statuses: Annotated[str | None, Query(alias="status", description="Comma-separated: incomplete, trialing, "
@@ -153,7 +156,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             async def fetch(c: str | None, n: int) -> lists.Page:
                 return await lists.subscription_list(db, **filters, cursor=c, limit=n)
-            return csv_response(SUBSCRIPTION_COLUMNS, fetch, "subscriptions")
+            return await csv_response(SUBSCRIPTION_COLUMNS, fetch, "subscriptions")
         items, next_cursor = await lists.subscription_list(db, **filters, cursor=cursor, limit=limit)
         return {"items": items, "next_cursor": next_cursor}
 

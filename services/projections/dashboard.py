@@ -198,15 +198,15 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             async def monthly_page(c: str | None, n: int) -> lists.Page:
                 return await lists.monthly(db, tenant=tenant, year=year, month=month, meter=meter or None,
                                            cursor=c, limit=n)
-            return csv_response(MONTHLY_COLUMNS, monthly_page, f"usage-monthly-{tenant}")
+            return await csv_response(MONTHLY_COLUMNS, monthly_page, f"usage-monthly-{tenant}")
         if name == "transactions":
             async def transaction_page(c: str | None, n: int) -> lists.Page:
                 return await lists.transactions(db, tenant=tenant, types=[type] if type else [], cursor=c, limit=n)
-            return csv_response(TRANSACTION_COLUMNS, transaction_page, f"transactions-{tenant}")
+            return await csv_response(TRANSACTION_COLUMNS, transaction_page, f"transactions-{tenant}")
         if name == "invoices":
             async def invoice_page(c: str | None, n: int) -> lists.Page:
                 return await lists.invoice_list(db, tenant=tenant, ledger_url=ledger_url, cursor=c, limit=n)
-            return csv_response(INVOICE_COLUMNS, invoice_page, f"invoices-{tenant}")
+            return await csv_response(INVOICE_COLUMNS, invoice_page, f"invoices-{tenant}")
         return _page(request, "error.html", {"principal": principal, "title": "Not found",
                                              "detail": f"No export named {name}."}, 404)
 

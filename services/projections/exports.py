@@ -1,4 +1,13 @@
-"""CSV exports (RFC 4180) of any list the API returns: the same rows, flattened, every page streamed."""
+"""CSV exports (RFC 4180) of any list the API returns: the same rows, flattened, every page streamed.
+
+An export has no row cap: it reads its list a page (``CSV_PAGE_ITEMS``) at a time through the list's keyset cursor
+and writes each page before reading the next, so it holds one page whatever its length (the ASGI server waits for
+a slow client before the next page is read). The first page is read before the response starts: the list functions
+check their filters when they read (an unknown ``type`` or ``status``, a bad ``period``), so bad input is the same
+422 problem+json as the JSON form's, never a ``200 text/csv`` whose stream breaks. A failure after that (the
+database) propagates from the body: the server aborts the connection without the chunked body's last chunk, so a
+client never takes a cut file for a complete one.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,12 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from billing_projections.limits import CSV_PAGE_ITEMS, CSV_ROWS_MAX
+from billing_projections.limits import CSV_PAGE_ITEMS
 from fastapi.responses import StreamingResponse
 
+Page = tuple[list[dict[str, Any]], str | None]
 # Fetches one page: (cursor, page size) -> (items, next cursor or None).
-PageFetcher = Callable[[str | None, int], Awaitable[tuple[list[dict[str, Any]], str | None]]]
+PageFetcher = Callable[[str | None, int], Awaitable[Page]]
 
 
 def _cell(value: Any) -> str:
@@ -33,25 +43,26 @@ def _line(values: Sequence[Any]) -> str:
     return buffer.getvalue()
 
 
-def csv_response(columns: Sequence[str], fetch: PageFetcher, filename: str) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        yield _line(columns)
-        cursor: str | None = None
-        written = 0
-        while written < CSV_ROWS_MAX:
-            items, cursor = await fetch(cursor, min(CSV_PAGE_ITEMS, CSV_ROWS_MAX - written))
-            for item in items:
-                yield _line([item.get(c) for c in columns])
-            written += len(items)
-            if cursor is None or not items:
-                return
-
-    return StreamingResponse(body(), media_type="text/csv; charset=utf-8",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'})
+async def csv_response(columns: Sequence[str], fetch: PageFetcher, filename: str) -> StreamingResponse:
+    """Every page of ``fetch`` as CSV; its first page read now, so that bad input raises before any byte is sent."""
+    return _streamed(columns, await fetch(None, CSV_PAGE_ITEMS), fetch, filename)
 
 
 def csv_of(columns: Sequence[str], items: list[dict[str, Any]], filename: str) -> StreamingResponse:
-    async def single(cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        return items[:CSV_ROWS_MAX], None
+    """A list already read whole (the lists without pages) as CSV."""
+    return _streamed(columns, (items, None), None, filename)
 
-    return csv_response(columns, single, filename)
+
+def _streamed(columns: Sequence[str], first: Page, fetch: PageFetcher | None, filename: str) -> StreamingResponse:
+    async def body(items: list[dict[str, Any]], cursor: str | None) -> AsyncIterator[str]:
+        yield _line(columns)
+        while True:
+            for item in items:
+                yield _line([item.get(c) for c in columns])
+            if fetch is None or cursor is None or not items:
+                return
+            items = []  # the page written is let go before the next is read: one page held, not two
+            items, cursor = await fetch(cursor, CSV_PAGE_ITEMS)
+
+    return StreamingResponse(body(*first), media_type="text/csv; charset=utf-8",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'})

@@ -5,8 +5,8 @@ from __future__ import annotations
 # Query API pages: the default and the largest page a caller may ask for.
 PAGE_ITEMS_DEFAULT = 50
 PAGE_ITEMS_MAX = 500
-# CSV exports stream every page of a list, up to this many rows (a larger export is cut, and says so).
-CSV_ROWS_MAX = 100_000
+# CSV exports stream every page of a list, this many rows per page (read, written, then the next: an export of any
+# length holds one page; no row cap since session 12, exports.py).
 CSV_PAGE_ITEMS = 1_000
 # A grant whose expiry is this close counts as "expiring soon" on balances and the dashboard.
 EXPIRING_SOON_SECONDS = 7 * 24 * 3600

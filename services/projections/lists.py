@@ -18,7 +18,7 @@ from billing_projections import (
     usage_monthly,
     views,
 )
-from billing_projections.params import decode_cursor, encode_cursor, invalid
+from billing_projections.params import decode_cursor, decode_key_cursor, encode_cursor, invalid
 from billing_runtime.db import Database
 
 Page = tuple[list[dict[str, Any]], str | None]
@@ -41,12 +41,18 @@ async def transactions(db: Database, *, tenant: str | None, types: Sequence[str]
 
 async def monthly(db: Database, *, tenant: str | None, year: int | None, month: int | None,
                   meter: str | None, cursor: str | None = None, limit: int) -> Page:
-    offset = decode_cursor(cursor, "offset") or 0
-    rows = await usage_monthly.summaries(db, tenant=tenant, year=year, month=month, meter=meter, offset=offset,
-                                         limit=limit + 1)
+    rows = await usage_monthly.summaries(db, tenant=tenant, year=year, month=month, meter=meter,
+                                         after=decode_key_cursor(cursor, len(usage_monthly.SORT_KEY)), limit=limit + 1)
     units, meters = await views.load_units(db), await catalog.meters(db)
     items = [views.monthly_view(r, units, meters) for r in rows[:limit]]
-    return items, encode_cursor({"offset": offset + limit}) if len(rows) > limit else None
+    return items, _after(rows, limit, usage_monthly.SORT_KEY)
+
+
+def _after(rows: list[dict[str, Any]], limit: int, sort_key: Sequence[str]) -> str | None:
+    """A keyset cursor past the page's last row (``rows`` were read with ``limit + 1``: one more means a next page)."""
+    if len(rows) <= limit:
+        return None
+    return encode_cursor({"after": [str(rows[limit - 1][column]) for column in sort_key]})
 
 
 async def ai(db: Database, *, tenant: str | None, year: int | None, month: int | None,
@@ -152,11 +158,11 @@ async def invoice_detail(db: Database, *, tenant: str, invoice_id: str, ledger_u
 
 async def subscription_list(db: Database, *, tenant: str | None, statuses: Sequence[str] = (),
                             plan: str | None = None, cursor: str | None = None, limit: int) -> Page:
-    offset = decode_cursor(cursor, "offset") or 0
     rows = await subscriptions.page(db, tenant=tenant, statuses=_one_of(statuses, subscriptions.STATUSES, "status"),
-                                    plan=plan, offset=offset, limit=limit + 1)
+                                    plan=plan, after=decode_key_cursor(cursor, len(subscriptions.SORT_KEY)),
+                                    limit=limit + 1)
     items = [views.subscription_view(r) for r in rows[:limit]]
-    return items, encode_cursor({"offset": offset + limit}) if len(rows) > limit else None
+    return items, _after(rows, limit, subscriptions.SORT_KEY)
 
 
 async def mrr(db: Database, *, tenant: str | None, by_tenant: bool = False) -> list[dict[str, Any]]:

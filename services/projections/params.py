@@ -62,18 +62,46 @@ def encode_cursor(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
+def _cursor_state(cursor: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+
+
+def _not_ours() -> Problem:
+    return invalid("cursor is not one this API returned (use next_cursor as given)", "cursor")
+
+
 def decode_cursor(cursor: str | None, field: str) -> int | None:
     """The integer ``field`` of an opaque cursor made by :func:`encode_cursor`."""
     if not cursor:
         return None
     try:
-        state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        found = state[field]
+        found = _cursor_state(cursor)[field]
         if type(found) is not int or found < 0:
             raise ValueError(field)
         return found
     except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
-        raise invalid("cursor is not one this API returned (use next_cursor as given)", "cursor") from exc
+        raise _not_ours() from exc
+
+
+def decode_key_cursor(cursor: str | None, size: int) -> tuple[str, ...] | None:
+    """The sort key (``size`` texts) of the last row a keyset cursor's page ended with: ``{"after": [...]}``.
+
+    Until session 12 monthly usage and subscriptions paged by ``{"offset": n}``, which repeated or skipped rows when
+    one was added before the page: such a cursor is refused (422) with what to do, not read as another position.
+    """
+    if not cursor:
+        return None
+    try:
+        state = _cursor_state(cursor)
+        if isinstance(state, dict) and "offset" in state and "after" not in state:
+            raise invalid("cursor is an offset cursor of an earlier version, no longer accepted (it could repeat "
+                          "or skip rows): read the list again from its first page", "cursor")
+        found = state["after"]
+        if type(found) is not list or len(found) != size or not all(type(v) is str for v in found):
+            raise ValueError("after")
+        return tuple(found)
+    except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+        raise _not_ours() from exc
 
 
 def wants_csv(request: Request, fmt: str | None) -> bool:

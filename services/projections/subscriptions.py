@@ -175,8 +175,13 @@ COLUMNS = ("subscription_id", "tenant", "subscription_key", "status", "plan_code
            "updated_at", "last_position")
 
 
+SORT_KEY = ("tenant", "subscription_key", "subscription_id")  # unique: the id ends every tie
+
+
 async def page(db: Database, *, tenant: str | None, statuses: tuple[str, ...] = (), plan: str | None = None,
-               offset: int, limit: int) -> list[dict[str, Any]]:
+               after: tuple[str, ...] | None = None, limit: int) -> list[dict[str, Any]]:
+    """In ``SORT_KEY`` order; keyset: the rows after ``after`` (the previous page's last row's ``SORT_KEY``), so a
+    subscription started between two pages moves no other row from one page to another."""
     where: list[str] = []
     args: list[Any] = []
     if tenant is not None:
@@ -191,10 +196,13 @@ async def page(db: Database, *, tenant: str | None, statuses: tuple[str, ...] = 
     if plan:
         args.append(plan)
         where.append(f"plan_code = ${len(args)}")
-    args += [limit, offset]
+    if after is not None:
+        args += list(after)
+        where.append(f"(tenant, subscription_key, subscription_id) > (${len(args) - 2}, ${len(args) - 1}, ${len(args)})")
+    args.append(limit)
     return await db.fetch(
         f"SELECT {', '.join(COLUMNS)} FROM subscriptions {'WHERE ' + ' AND '.join(where) if where else ''} "
-        f"ORDER BY tenant, subscription_key, subscription_id LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+        f"ORDER BY tenant, subscription_key, subscription_id LIMIT ${len(args)}", *args)
 
 
 async def mrr(db: Database, *, tenant: str | None, by_tenant: bool = False) -> list[dict[str, Any]]:

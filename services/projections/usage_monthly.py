@@ -101,13 +101,22 @@ def period(year: int | None, month: int | None) -> tuple[str | None, str | None]
     return None, None
 
 
+SORT_KEY = ("period", "tenant", "meter", "unit")  # newest month first, then by tenant, meter, unit: the row's key
+
+
 async def summaries(db: Database, *, tenant: str | None, year: int | None, month: int | None,
-                    meter: str | None, offset: int, limit: int) -> list[dict[str, Any]]:
+                    meter: str | None, after: tuple[str, ...] | None = None, limit: int) -> list[dict[str, Any]]:
+    """In ``SORT_KEY`` order; keyset: the rows after ``after`` (the previous page's last row's ``SORT_KEY``), so a
+    row added between two pages moves no other row from one page to another (an offset would repeat or skip one)."""
     where, args = _filters(tenant, year, month, meter)
-    args += [limit, offset]
+    if after is not None:
+        args += list(after)
+        p, t, m, u = (f"${i}" for i in range(len(args) - 3, len(args) + 1))
+        where += (" AND " if where else "WHERE ") + f"(period < {p} OR (period = {p} AND (tenant, meter, unit) > ({t}, {m}, {u})))"
+    args.append(limit)
     return await db.fetch(
         "SELECT tenant, period, meter, unit, usage_type, quantity, cost, events FROM usage_monthly "
-        f"{where} ORDER BY period DESC, tenant, meter, unit LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+        f"{where} ORDER BY period DESC, tenant, meter, unit LIMIT ${len(args)}", *args)
 
 
 async def chargeback(db: Database, *, year: int, month: int, tenant: str | None = None) -> list[dict[str, Any]]:

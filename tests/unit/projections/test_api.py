@@ -5,16 +5,21 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
 import pytest
 from billing_projections import api_models
 from billing_projections.http import build_routers
+from billing_projections.params import encode_cursor
 from billing_projections.service import ProjectionService
 from billing_runtime.auth import mint_token
+from billing_runtime.db import Database
 from billing_runtime.http import create_app
 from billing_runtime.settings import Settings
+from fastapi import FastAPI
 
 from tests.unit.projections.conftest import apply
 from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
@@ -26,16 +31,27 @@ def auth(role: str, tenant: str | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token(SETTINGS, role=role, tenant=tenant)}"}
 
 
+def projections_app(db: Database) -> FastAPI:
+    app = create_app("projections", SETTINGS)
+    for router in build_routers(db):
+        app.include_router(router)
+    return app
+
+
+@asynccontextmanager
+async def api_client(db: Database) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=projections_app(db))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
 @pytest.fixture
 async def client(service: ProjectionService) -> AsyncIterator[httpx.AsyncClient]:
     ledger = Ledger()
     full_scenario(ledger, "acme")
     simple_account(ledger, "globex", debits=120)
     await apply(service, ledger.records())
-    app = create_app("projections", SETTINGS)
-    for router in build_routers(service.db):
-        app.include_router(router)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+    async with api_client(service.db) as c:
         yield c
 
 
@@ -103,6 +119,29 @@ async def test_bad_parameters_are_problems_that_change_nothing(client: httpx.Asy
         assert r.headers["content-type"].startswith("application/problem+json")
 
 
+async def test_a_bad_filter_on_a_csv_export_is_the_same_422_problem_as_its_json_form(
+        client: httpx.AsyncClient) -> None:
+    """Checked before the response starts (it was a 200 text/csv with the header line, then a broken stream)."""
+    admin = auth("admin")
+    for path, bad in (("/v1/accounts/acme/transactions", {"type": "bogus"}),
+                      ("/v1/reports/transactions", {"type": "bogus"}),
+                      ("/v1/accounts/acme/invoices", {"status": "bogus"}),
+                      ("/v1/accounts/acme/invoices", {"period": "2026-13"}),
+                      ("/v1/reports/invoices", {"type": "bill"}),
+                      ("/v1/reports/subscriptions", {"status": "bogus"})):
+        as_json = await client.get(path, params=bad, headers=admin)
+        assert as_json.status_code == 422, (path, bad)
+        for asked in ({"params": {**bad, "format": "csv"}, "headers": admin},
+                      {"params": bad, "headers": {**admin, "Accept": "text/csv"}}):
+            as_csv = await client.get(path, **asked)  # type: ignore[arg-type]
+            assert as_csv.status_code == 422, (path, asked, as_csv.text)
+            assert as_csv.headers["content-type"].startswith("application/problem+json")
+            assert as_csv.json() == as_json.json()
+    dashboard = await client.get("/dashboard/accounts/acme/export/transactions.csv", params={"type": "bogus"},
+                                 headers=admin)
+    assert dashboard.status_code == 422 and "bogus" in dashboard.json()["detail"]
+
+
 async def test_monthly_usage_and_ai_usage(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/accounts/acme/usage/monthly", params={"year": 2026, "month": 11, "meter": "ai_tokens"},
                          headers=auth("viewer", "acme"))
@@ -113,6 +152,44 @@ async def test_monthly_usage_and_ai_usage(client: httpx.AsyncClient) -> None:
                           headers=auth("viewer", "acme"))
     rows = {(i["model"], i["user"]): i for i in ai.json()["items"]}
     assert rows[("gpt-large", "bob")]["input_tokens"] == "1000" and rows[("gpt-large", "bob")]["cost"] == "0.0000024"
+
+
+async def test_monthly_usage_pages_neither_repeat_nor_skip_a_row_added_between_two_reads(
+        service: ProjectionService) -> None:
+    """Keyset cursors: a row added before the page read last (it was an offset: the next page repeated a row)."""
+    ledger = Ledger()
+    full_scenario(ledger, "acme")
+    simple_account(ledger, "globex", debits=3)
+    await apply(service, ledger.records())
+    finance = auth("finance")
+
+    def key(row: dict[str, object]) -> tuple[object, ...]:
+        return row["year"], row["month"], row["tenant"], row["meter"], row["unit"]
+
+    async with api_client(service.db) as client:
+        before = (await client.get("/v1/reports/usage/monthly", params={"limit": 500}, headers=finance)).json()
+        first = (await client.get("/v1/reports/usage/monthly", params={"limit": 2}, headers=finance)).json()
+        paged, cursor = [key(r) for r in first["items"]], first["next_cursor"]
+        assert paged == [key(r) for r in before["items"][:2]] and paged[0][2] == "acme"
+        # Between two reads, November usage of a tenant sorting before the rows read ("aaa") and of one after ("zzz").
+        for tenant in ("aaa", "zzz"):
+            simple_account(ledger, tenant, debits=1, start=datetime(2026, 11, 5, tzinfo=UTC))
+        await apply(service, ledger.records())
+        while cursor:
+            page = (await client.get("/v1/reports/usage/monthly", params={"limit": 2, "cursor": cursor},
+                                     headers=finance)).json()
+            paged += [key(r) for r in page["items"]]
+            cursor = page["next_cursor"]
+        after = (await client.get("/v1/reports/usage/monthly", params={"limit": 500}, headers=finance)).json()
+        assert len(after["items"]) == len(before["items"]) + 2
+        # Every row once, in order: all that were there, and the one added ahead of the cursor.
+        assert paged == [key(r) for r in after["items"] if r["tenant"] != "aaa"]
+        assert len(set(paged)) == len(paged)
+        # An offset cursor (what this list returned before session 12) is refused, not read as another position.
+        old = await client.get("/v1/accounts/acme/usage/monthly", params={"cursor": encode_cursor({"offset": 2})},
+                               headers=finance)
+        assert old.status_code == 422 and old.headers["content-type"].startswith("application/problem+json")
+        assert "first page" in old.json()["detail"]
 
 
 async def test_csv_export_of_lists(client: httpx.AsyncClient) -> None:

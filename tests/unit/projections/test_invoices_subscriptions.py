@@ -19,6 +19,7 @@ from billing_ledger.invoice_pdf import render_pdf
 from billing_projections import invoices, subscriptions
 from billing_projections.facts import utc_text
 from billing_projections.http import build_routers
+from billing_projections.params import encode_cursor
 from billing_projections.service import ProjectionService
 from billing_runtime.bus import Record
 from billing_runtime.db import SqliteDatabase
@@ -98,7 +99,7 @@ async def test_subscriptions_equal_the_ledgers_aggregates(service: ProjectionSer
     ledger, keys, records = scenario
     ids = _ids(records, "Subscription")
     assert len(ids) == 6
-    rows = {r["subscription_id"]: r for r in await subscriptions.page(service.db, tenant=None, offset=0, limit=100)}
+    rows = {r["subscription_id"]: r for r in await subscriptions.page(service.db, tenant=None, limit=100)}
     for subscription_id in ids:
         sub = ledger.get(subscription_id)
         row = rows[subscription_id]
@@ -367,7 +368,7 @@ async def test_incomplete_subscriptions_are_listed_activated_or_expired_as_the_l
     ledger.command("invoice.payment_failed", "shop", at=nov_4,
                    invoice_id=invoice_id_of(made["unpaid"], "shop", NOV_1), final=True)
     await apply(service, ledger.records())
-    rows = {r["subscription_key"]: r for r in await subscriptions.page(service.db, tenant="shop", offset=0, limit=10)}
+    rows = {r["subscription_key"]: r for r in await subscriptions.page(service.db, tenant="shop", limit=10)}
     assert {key: row["status"] for key, row in rows.items()} == {
         "paid": "active", "unpaid": "canceled", "waiting": "incomplete"}
     for key, row in rows.items():
@@ -378,7 +379,7 @@ async def test_incomplete_subscriptions_are_listed_activated_or_expired_as_the_l
     assert rows["unpaid"]["cancel_reason"] == "incomplete_expired"
     [usd] = await subscriptions.mrr(service.db, tenant="shop")
     assert (str(usd["mrr"]), usd["subscriptions"]) == ("30.00", 1)
-    listed = await subscriptions.page(service.db, tenant="shop", statuses=("incomplete",), offset=0, limit=10)
+    listed = await subscriptions.page(service.db, tenant="shop", statuses=("incomplete",), limit=10)
     assert [r["subscription_key"] for r in listed] == ["waiting"]
 
 
@@ -398,3 +399,34 @@ async def test_a_plans_base_fee_is_shown_in_its_currencys_minor_units(tmp_path: 
     rows = await db.fetch("SELECT tenant, base_fee FROM subscriptions ORDER BY tenant")
     assert [(r["tenant"], r["base_fee"]) for r in rows] == [("jpy", "1200"), ("usd", "92.00")]
     await db.close()
+
+
+async def test_subscription_pages_neither_repeat_nor_skip_one_started_between_two_reads(
+        client: httpx.AsyncClient, service: ProjectionService, scenario: Scenario) -> None:
+    """Keyset cursors: a subscription started before the page read last (it was an offset: the next page repeated
+    a subscription)."""
+    ledger = scenario[0]
+    finance = auth("finance")
+
+    def keys(items: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [(s["tenant"], s["key"]) for s in items]
+
+    first = (await client.get("/v1/reports/subscriptions", params={"limit": 4}, headers=finance)).json()
+    paged, cursor = keys(first["items"]), first["next_cursor"]
+    assert paged == [("acme", "ops"), ("acme", "team"), ("acme", "yearly"), ("globex", "gone")]
+    # Between two reads: one sorting before the rows read (globex "aaa"), one after them (initech "zzz").
+    later = NOV_1 + timedelta(days=20)
+    ledger.command("subscription.create", "globex", at=later, key="aaa", plan="team", quantity=1)
+    ledger.command("subscription.create", "initech", at=later, key="zzz", plan="euro", quantity=1)
+    await apply(service, ledger.records())
+    while cursor:
+        page = (await client.get("/v1/reports/subscriptions", params={"limit": 4, "cursor": cursor},
+                                 headers=finance)).json()
+        paged += keys(page["items"])
+        cursor = page["next_cursor"]
+    every = keys((await client.get("/v1/reports/subscriptions", params={"limit": 500}, headers=finance)).json()["items"])
+    assert len(every) == 8
+    assert paged == [k for k in every if k != ("globex", "aaa")]  # each once, the one added ahead included
+    old = await client.get("/v1/reports/subscriptions", params={"cursor": encode_cursor({"offset": 4})},
+                           headers=finance)
+    assert old.status_code == 422 and "first page" in old.json()["detail"]

@@ -76,7 +76,7 @@ async def test_monthly_summaries_split_by_month_and_meter(service: ProjectionSer
     ledger = Ledger()
     full_scenario(ledger)
     await apply(service, ledger.records())
-    rows = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter=None, offset=0,
+    rows = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter=None,
                                          limit=100)
     got = {(r["period"], r["meter"], r["unit"]): (r["quantity"], int(r["cost"]), int(r["events"])) for r in rows}
     assert got[("2026-10", "api_calls", "USD")] == ("23", 4 * U + 600_000_000, 1)
@@ -86,7 +86,7 @@ async def test_monthly_summaries_split_by_month_and_meter(service: ProjectionSer
     assert got[("2026-11", "api_calls", "CREDIT")] == ("5", 250 * U, 1)
     assert got[("2026-11", "holds", "USD")] == ("0", 2 * U, 1)
     november = await usage_monthly.summaries(service.db, tenant="acme", year=2026, month=11, meter="ai_tokens",
-                                             offset=0, limit=100)
+                                             limit=100)
     assert [(r["meter"], r["quantity"]) for r in november] == [("ai_tokens", "1500")]
 
 
@@ -257,7 +257,7 @@ async def test_a_correction_adds_the_difference_it_made_to_the_monthly_quantity(
     ledger.save(a)
     await apply(service, ledger.records())
     [row] = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter="api_calls",
-                                          offset=0, limit=10)
+                                          limit=10)
     assert (Decimal(row["quantity"]), Decimal(int(row["cost"])) / U) == (Decimal(1700), Decimal("3.40"))
 
 
@@ -284,7 +284,7 @@ async def test_a_count_meters_debits_recorded_before_contribution_count_one_per_
                   cause={"quantity": "12", "closed": True, "event_count": 2, "aggregation": "max", "period": "2026-11"})
     ledger.save(a)
     await apply(service, ledger.records())
-    rows = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter=None, offset=0,
+    rows = await usage_monthly.summaries(service.db, tenant="acme", year=None, month=None, meter=None,
                                          limit=10)
     assert {r["meter"]: (Decimal(r["quantity"]), int(r["events"])) for r in rows} == {
         "requests": (Decimal(2), 5), "ai_tokens": (Decimal(1200), 1), "disk": (Decimal(12), 2)}
