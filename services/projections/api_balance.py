@@ -15,7 +15,8 @@ for a core: each read wakes the client, the API twice and a PostgreSQL backend (
 
 What stays the same: the app's middleware (problem+json for every exception raised here, as for any route),
 the authentication (``billing_runtime.auth``: the verifier's token memory, the same 401 and 403 problems),
-the view (``views.balance_view``: one indexed query) serialized as before (orjson: the view already has the
+the view (``views.balance_view``: one indexed query; on PostgreSQL from the API's copy of balance states kept by
+the consumer's notifications, ``balance_cache.py``, the same answer for the same committed state) serialized as before (orjson: the view already has the
 model's exact shape), and 405 for any other method with ``Allow: GET`` (FastAPI's GET route allows no HEAD).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import orjson
 from billing_events.timeutil import utcnow
 from billing_projections import views
+from billing_projections.balance_cache import BalanceCache
 from billing_runtime.auth import authenticate, check_tenant
 from billing_runtime.db import Database
 from billing_runtime.problems import Problem
@@ -42,15 +44,18 @@ def unknown_account(tenant: str) -> Problem:
 class BalanceEndpoint:
     """A raw ASGI app for a Starlette ``Route`` (path parameters already parsed into the scope)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache: BalanceCache | None = None) -> None:
         self._db = db
+        self._cache = cache  # PostgreSQL: the API's copy of balance states (balance_cache.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":  # as FastAPI's GET-only route: 405 problem with Allow: GET
             raise HTTPException(status_code=405, headers={"Allow": "GET"})
         tenant: str = scope["path_params"]["tenant"]
         check_tenant(authenticate(Request(scope)), tenant)
-        view = await views.balance_view(self._db, tenant, utcnow())
+        cache = self._cache
+        view = await (views.balance_view(self._db, tenant, utcnow()) if cache is None
+                      else cache.view(tenant, utcnow()))
         if view is None:
             raise unknown_account(tenant)
         body = orjson.dumps(view)
