@@ -130,7 +130,7 @@ class BalanceCache:
         self._states: dict[str, TenantState] = {}
         self.listening = False
         self._epoch = 0  # moves on every loss of the listener and every RESET: misses begun before are not kept
-        self._lost: asyncio.Event | None = None
+        self.listener_pid: int | None = None  # the LISTEN connection's PostgreSQL backend
 
     def __len__(self) -> int:
         return len(self._states)
@@ -194,7 +194,9 @@ class BalanceCache:
             conn: asyncpg.Connection | None = None
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._url, server_settings={"search_path": self._schema})
+                conn = await asyncpg.connect(self._url, server_settings={
+                    "search_path": self._schema, "application_name": "billing projections balance listener"})
+                self.listener_pid = conn.get_server_pid()
                 conn.add_termination_listener(functools.partial(_set, lost))
                 await conn.add_listener(self.channel, lambda _c, _pid, _ch, payload: self.notified(payload))
                 self.reset()
