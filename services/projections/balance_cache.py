@@ -64,21 +64,24 @@ _ENDS_AT = "COALESCE(g.drawable_until, g.expires_at)"  # balances.ENDS_AT_SQL of
 # threshold, reached at, updated at, last position, credit scale]; grants [unit, ends at, remaining] (open,
 # remaining > 0 and with an end: the only ones "expiring soon" can count). ``a`` is the accounts row.
 STATE_SQL = (
-    "json_build_array(a.tenant, GREATEST(a.last_position, "
-    "(SELECT MAX(w.last_position) FROM wallets w WHERE w.tenant = a.tenant), "
-    "(SELECT MAX(g.last_position) FROM grants g WHERE g.tenant = a.tenant)), a.currency, a.last_position, "
-    "COALESCE((SELECT json_agg(json_build_array(w.unit, w.balance, w.held, w.receivable, w.low_balance_threshold, "
+    "json_build_array(a.tenant, GREATEST(a.last_position, w.last_position, g.last_position), a.currency, "
+    "a.last_position, COALESCE(w.wallets, '[]'), COALESCE(g.grants, '[]'))::text")
+# The accounts a with each one's wallets w and grants g (one scan each, their highest position with them).
+STATE_FROM = (
+    "accounts a LEFT JOIN LATERAL (SELECT MAX(w.last_position) AS last_position, "
+    "json_agg(json_build_array(w.unit, w.balance, w.held, w.receivable, w.low_balance_threshold, "
     "w.low_balance_reached_at, w.updated_at, w.last_position, "
-    "(SELECT c.scale FROM catalog_units c WHERE c.code = w.unit)) ORDER BY w.unit) "
-    "FROM wallets w WHERE w.tenant = a.tenant), '[]'), "
-    f"COALESCE((SELECT json_agg(json_build_array(g.unit, {_ENDS_AT}, g.remaining)) FROM grants g "
-    f"WHERE g.tenant = a.tenant AND g.status = 'open' AND g.remaining > 0 AND {_ENDS_AT} IS NOT NULL), '[]'))::text")
-STATE_OF_TENANT_SQL = f"SELECT {STATE_SQL} FROM accounts a WHERE a.tenant = $1"
+    "(SELECT c.scale FROM catalog_units c WHERE c.code = w.unit)) ORDER BY w.unit) AS wallets "
+    "FROM wallets w WHERE w.tenant = a.tenant) w ON true "
+    "LEFT JOIN LATERAL (SELECT MAX(g.last_position) AS last_position, "
+    f"json_agg(json_build_array(g.unit, {_ENDS_AT}, g.remaining)) FILTER (WHERE g.status = 'open' "
+    f"AND g.remaining > 0 AND {_ENDS_AT} IS NOT NULL) AS grants FROM grants g WHERE g.tenant = a.tenant) g ON true")
+STATE_OF_TENANT_SQL = f"SELECT {STATE_SQL} FROM {STATE_FROM} WHERE a.tenant = $1"
 # The consumer's notification of a poll's tenants ($1 the channel, $2 the tenants): each tenant's state, or its
 # name alone when the state is over 3000 bytes (or ``*`` when even the name is), in chunks whose running sum of
 # sizes falls in one 4000-byte window: at most 3999 + 3000 bytes, under PostgreSQL's 8000-byte payload limit.
 NOTIFY_SQL = (
-    f"WITH s AS (SELECT a.tenant, {STATE_SQL} AS j FROM accounts a WHERE a.tenant = ANY($2::text[])), "
+    f"WITH s AS MATERIALIZED (SELECT a.tenant, {STATE_SQL} AS j FROM {STATE_FROM} WHERE a.tenant = ANY($2::text[])), "
     "e AS (SELECT tenant, CASE WHEN octet_length(j) <= 3000 THEN j "
     "WHEN octet_length(to_json(tenant)::text) <= 3000 THEN to_json(tenant)::text ELSE '\"*\"' END AS j FROM s), "
     "n AS (SELECT j, SUM(octet_length(j) + 1) OVER (ORDER BY tenant) AS upto FROM e) "
