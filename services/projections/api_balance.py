@@ -11,7 +11,9 @@ balance read cost the API process 264-275 us of CPU in process (PostgreSQL, no H
 query and view; served here, 187-199 us. End to end (``serve projections --role api``, a keep-alive client,
 one read at a time) 373-382 -> 292-294 us per read, and under the benchmark's 5,000 usage events/s the
 median read 0.74-0.78 -> 0.64-0.71 ms. The p99 (4.2-5.3 ms either way on 2 shared cores) is mostly waiting
-for a core: each read wakes the client, the API twice and a PostgreSQL backend (bench_projections.py).
+for a core: each read wakes the client, the API twice and a PostgreSQL backend (bench_projections.py). Served
+from the API's copy of balance states (session 12, ``balance_cache.py``), 171-197 -> 27-29 us of CPU in process,
+and a read wakes the client and the API once each.
 
 What stays the same: the app's middleware (problem+json for every exception raised here, as for any route),
 the authentication (``billing_runtime.auth``: the verifier's token memory, the same 401 and 403 problems),
