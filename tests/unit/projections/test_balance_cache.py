@@ -228,3 +228,19 @@ async def test_a_notification_stays_under_the_payload_limit(stack: Stack) -> Non
     assert len(payloads) > 1 and max(len(p.encode()) for p in payloads) < 8000
     items = [item for p in payloads for item in orjson.loads(p)]
     assert "big" in items and sorted(i[0] for i in items if type(i) is list) == tenants
+
+
+async def test_a_replay_and_dropped_tables_drop_the_copy(stack: Stack) -> None:
+    """A rebuild's service (no states notified) and a drop of the tables tell the copy to go."""
+    ledger, cache = stack.ledger, stack.cache
+    simple_account(ledger, "globex", debits=1)
+    await apply(stack.service, ledger.records())
+    await until(lambda: "globex" in cache._states)
+    simple_account(ledger, "initech", debits=1)
+    await apply(ProjectionService(stack.db), ledger.records())  # as `billing projections rebuild` writes
+    await until(lambda: len(cache) == 0)
+    await cache.view("globex", utcnow())
+    assert "globex" in cache._states
+    await stack.service.drop()
+    await until(lambda: len(cache) == 0)
+    assert await cache.view("globex", utcnow()) is None
