@@ -8,6 +8,7 @@ from uuid import UUID
 from billing_events.money import SUBUNIT_SCALE
 from billing_events.timeutil import utcnow
 from billing_projections import api_balance, api_models, balances, lists, views
+from billing_projections.balance_cache import BalanceCache
 from billing_projections.exports import csv_of, csv_response
 from billing_projections.limits import PAGE_ITEMS_DEFAULT, PAGE_ITEMS_MAX
 from billing_projections.params import day_bound, month_range, split_list, time_bound, wants_csv
@@ -50,12 +51,14 @@ async def _known(db: Database, principal: Principal, tenant: str) -> None:
         raise api_balance.unknown_account(tenant)
 
 
-def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = True) -> APIRouter:
-    """``lean_balance=False``: the balance is served by its FastAPI route alone (the reference in tests)."""
+def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = True,
+                 balance_cache: BalanceCache | None = None) -> APIRouter:
+    """``lean_balance=False``: the balance is served by its FastAPI route alone (the reference in tests).
+    ``balance_cache``: the lean route reads balances from it (balance_cache.py)."""
     router = APIRouter(tags=["accounts"])
     if lean_balance:  # first: it serves every request to the path; the FastAPI route below documents it
         # Not a function, so Starlette's Route calls it as an ASGI app; methods=None: it answers 405 itself.
-        endpoint: Any = api_balance.BalanceEndpoint(db)
+        endpoint: Any = api_balance.BalanceEndpoint(db, balance_cache)
         router.add_route(api_balance.PATH, endpoint, methods=None, name="get_balance_lean", include_in_schema=False)
 
     @router.get(api_balance.PATH, summary="Balances per wallet", response_model=api_models.Balance,

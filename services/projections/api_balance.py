@@ -11,11 +11,14 @@ balance read cost the API process 264-275 us of CPU in process (PostgreSQL, no H
 query and view; served here, 187-199 us. End to end (``serve projections --role api``, a keep-alive client,
 one read at a time) 373-382 -> 292-294 us per read, and under the benchmark's 5,000 usage events/s the
 median read 0.74-0.78 -> 0.64-0.71 ms. The p99 (4.2-5.3 ms either way on 2 shared cores) is mostly waiting
-for a core: each read wakes the client, the API twice and a PostgreSQL backend (bench_projections.py).
+for a core: each read wakes the client, the API twice and a PostgreSQL backend (bench_projections.py). Served
+from the API's copy of balance states (session 12, ``balance_cache.py``), 171-197 -> 27-29 us of CPU in process,
+and a read wakes the client and the API once each.
 
 What stays the same: the app's middleware (problem+json for every exception raised here, as for any route),
 the authentication (``billing_runtime.auth``: the verifier's token memory, the same 401 and 403 problems),
-the view (``views.balance_view``: one indexed query) serialized as before (orjson: the view already has the
+the view (``views.balance_view``: one indexed query; on PostgreSQL from the API's copy of balance states kept by
+the consumer's notifications, ``balance_cache.py``, the same answer for the same committed state) serialized as before (orjson: the view already has the
 model's exact shape), and 405 for any other method with ``Allow: GET`` (FastAPI's GET route allows no HEAD).
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import orjson
 from billing_events.timeutil import utcnow
 from billing_projections import views
+from billing_projections.balance_cache import BalanceCache
 from billing_runtime.auth import authenticate, check_tenant
 from billing_runtime.db import Database
 from billing_runtime.problems import Problem
@@ -42,15 +46,18 @@ def unknown_account(tenant: str) -> Problem:
 class BalanceEndpoint:
     """A raw ASGI app for a Starlette ``Route`` (path parameters already parsed into the scope)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache: BalanceCache | None = None) -> None:
         self._db = db
+        self._cache = cache  # PostgreSQL: the API's copy of balance states (balance_cache.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":  # as FastAPI's GET-only route: 405 problem with Allow: GET
             raise HTTPException(status_code=405, headers={"Allow": "GET"})
         tenant: str = scope["path_params"]["tenant"]
         check_tenant(authenticate(Request(scope)), tenant)
-        view = await views.balance_view(self._db, tenant, utcnow())
+        cache = self._cache
+        view = await (views.balance_view(self._db, tenant, utcnow()) if cache is None
+                      else cache.view(tenant, utcnow()))
         if view is None:
             raise unknown_account(tenant)
         body = orjson.dumps(view)

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from billing_events import topics
+from billing_projections.balance_cache import BalanceCache
 from billing_projections.http import build_routers
 from billing_projections.kafka_consumer import consume_ledger_events
 from billing_projections.limits import (
@@ -63,9 +64,11 @@ async def build(settings: Settings, bus: Bus, role: str = "inline") -> ServicePa
     if role not in ROLES:
         raise ValueError(f"projections role must be one of {', '.join(ROLES)}, not {role!r}")
     db = await open_database("projections", settings)
-    service = ProjectionService(db)
+    # The live consumer (consumer, inline) notifies the API's copy of balance states of what it changed.
+    service = ProjectionService(db, notify_balances=role in ("consumer", "inline"))
     await service.setup()
     parts = ServiceParts(name=f"projections ({role})", close=db.close)
+    cache: BalanceCache | None = None
     if role != "consumer":
         reads: Database = db
         if db.dialect == "postgres" and settings.database_url:
@@ -81,21 +84,24 @@ async def build(settings: Settings, bus: Bus, role: str = "inline") -> ServicePa
                     await db.close()
 
             parts.close = close
-        parts.routers = build_routers(reads, ledger_url=ledger_url(settings))
+            # Balance reads from the API's copy, kept by LISTEN (works with any consumer process, any replica).
+            cache = BalanceCache(reads, settings.database_url, settings.schema("projections"))
+            parts.tasks.append(cache.listen)
+        parts.routers = build_routers(reads, ledger_url=ledger_url(settings), balance_cache=cache)
         if role in ("api", "all"):  # this process serves HTTP only
             freeze_startup_heap()
     if role == "inline":  # the bus's loop: embedded log or Kafka, one partition per transaction
         parts.consumers = [ConsumerSpec(settings.group("billing-projections"), [topics.LEDGER_EVENTS],
                                         service.handle_ledger_events, service.start_positions)]
     if role == "consumer":  # Kafka: a whole poll, all its partitions, per transaction (kafka_consumer.py)
-        parts.tasks = [functools.partial(consume_ledger_events, settings, service)]
+        parts.tasks.append(functools.partial(consume_ledger_events, settings, service))
     if role == "all":
         children = [ConsumerChild() for _ in range(consumer_processes())]
 
         async def ready() -> bool:
             return all([await child.ready() for child in children])
 
-        parts.tasks = [child.run for child in children]
+        parts.tasks += [child.run for child in children]
         parts.ready = ready
     return parts
 

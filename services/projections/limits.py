@@ -47,3 +47,10 @@ REBUILD_WORKERS_MAX = 16
 # queries; opened on demand, a burst of reads made the pool open 8 at once, and the next ~150 ms of reads waited.
 READ_POOL_CONNECTIONS_MAX = 10
 READ_POOL_CONNECTIONS_MIN = READ_POOL_CONNECTIONS_MAX
+# Query API (PostgreSQL): tenants in its copy of balance states (balance_cache.py; ~1 KB each with a few wallets and
+# grants): a notification adds a tenant only while there is room, a read of a tenant not held evicts the oldest.
+BALANCE_CACHE_TENANTS_MAX = 50_000
+# Query API: how often the LISTEN connection is checked with a query (a connection lost without a word would
+# leave the copy stale), and the longest wait between attempts to LISTEN again (reads use the query meanwhile).
+BALANCE_LISTENER_CHECK_SECONDS = 2.0
+BALANCE_LISTENER_RETRY_SECONDS_MAX = 5.0

@@ -14,6 +14,7 @@ from typing import Any
 
 from billing_projections import (
     ai_usage,
+    balance_cache,
     balances,
     catalog,
     debits,
@@ -43,8 +44,13 @@ EVENTS_SKIPPED = Counter("projections_events_skipped_total", "Ledger records ski
 
 
 class ProjectionService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, notify_balances: bool = False) -> None:
+        """``notify_balances``: the live consumer's service (PostgreSQL): every transaction notifies the new
+        balance states of the tenants it changed (balance_cache.py); without it (a rebuild's replay) a
+        transaction only tells the query API to drop its copy."""
         self.db = db
+        self._notify_balances = notify_balances
+        self._channel: str | None = None
         self._tenants: dict[str, str] = {}  # account id -> tenant (immutable once opened)
         self._handlers: dict[str, tuple[Handler, ...]] = {}  # event type -> the read models' handlers
         self._kinds: dict[str, tuple[str, str]] = {}  # event type -> (aggregate, name)
@@ -111,6 +117,7 @@ class ProjectionService:
             writer = BatchWriter()
             waiting: list[dict[str, Any]] = []
             moved: list[tuple[str, int, int, int]] = []
+            touched: set[str] = set()  # tenants whose account events this transaction applies
             applied = 0
             handlers_of = self._handlers_of
             fact_of = self._fact
@@ -153,6 +160,8 @@ class ProjectionService:
                         continue
                     for handler in handlers:
                         handler(fact, writer)
+                    if fact.aggregate == "BillingAccount":
+                        touched.add(fact.tenant)
                 moved.append((topic, partition, records[-1].offset + 1, last_position))
             if not moved:
                 return
@@ -160,8 +169,13 @@ class ProjectionService:
                 for fact in await self._facts(conn, waiting):
                     for handler in handlers_of(fact.type):
                         handler(fact, writer)
+                    if fact.aggregate == "BillingAccount":
+                        touched.add(fact.tenant)
+            scales_changed = writer.touches(catalog.CATALOG_UNITS)
             await writer.flush(conn, self.db.dialect)
-            if postgres:  # one statement, not one execution per partition
+            if postgres:
+                await self._notify(conn, touched, scales_changed)
+                # one statement, not one execution per partition
                 await conn.execute(
                     "UPDATE positions SET next_offset = v.next_offset, last_position = v.last_position "
                     "FROM unnest($2::integer[], $3::bigint[], $4::bigint[]) AS v (partition, next_offset, last_position) "
@@ -172,6 +186,16 @@ class ProjectionService:
                     "UPDATE positions SET next_offset = $3, last_position = $4 WHERE topic = $1 AND partition = $2",
                     moved)
         EVENTS_APPLIED.inc(applied)
+
+    async def _notify(self, conn: Connection, tenants: set[str], scales_changed: bool) -> None:
+        """Tells the query API's copy of balance states (balance_cache.py) what this transaction changes,
+        delivered by PostgreSQL when it commits."""
+        if self._channel is None:
+            self._channel = balance_cache.channel(await conn.fetchval("SELECT current_schema()"))
+        if scales_changed or not self._notify_balances:
+            await conn.execute("SELECT pg_notify($1, $2)", self._channel, balance_cache.RESET)
+        if tenants and self._notify_balances:
+            await conn.execute(balance_cache.NOTIFY_SQL, self._channel, sorted(tenants))
 
     async def _facts(self, conn: Connection, events: list[dict[str, Any]]) -> list[Fact]:
         """Resolves each account event's tenant: from its Opened event, this batch, the cache or the table."""

@@ -19,6 +19,7 @@ from billing_projections import (
     subscriptions,
     usage_monthly,
 )
+from billing_projections.balance_cache import notify_reset
 from billing_projections.writer import Table, value
 from billing_runtime.db import Connection, Database
 
@@ -69,7 +70,7 @@ async def ensure_schema(db: Database, *, secondary_indexes: bool = True) -> bool
         stored = await conn.fetchval("SELECT value FROM projection_meta WHERE name = 'schema_version'")
         dropped = False
         if stored != SCHEMA_VERSION:
-            await _drop(conn)
+            await _drop(conn, db.dialect)
             dropped = True
         for table in ALL_TABLES:
             for statement in table.ddl(db.dialect, indexes=secondary_indexes):
@@ -85,7 +86,7 @@ async def reset(db: Database, *, secondary_indexes: bool = True) -> None:
     async with db.transaction() as conn:
         if db.dialect == "postgres":
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()))")
-        await _drop(conn)
+        await _drop(conn, db.dialect)
     await ensure_schema(db, secondary_indexes=secondary_indexes)
 
 
@@ -103,6 +104,8 @@ async def create_secondary_indexes(db: Database, concurrency: int = 1) -> None:
     await asyncio.gather(*(create(statement) for table in ALL_TABLES for statement in table.index_ddl()))
 
 
-async def _drop(conn: Connection) -> None:
+async def _drop(conn: Connection, dialect: str) -> None:
+    if dialect == "postgres":  # the query API's copy of balance states goes too (balance_cache.py)
+        await notify_reset(conn)
     for name in (*(t.name for t in ALL_TABLES), *_LEGACY_TABLES):
         await conn.execute(f"DROP TABLE IF EXISTS {name}")

@@ -64,8 +64,11 @@ async def balance_view(db: Database, tenant: str, now: datetime) -> dict[str, An
     """The balance of every wallet of a tenant: ONE indexed query (account, wallets, units' scales, expiring)."""
     start, end = balances.expiring_window(now)
     rows = await db.fetch(_BALANCE_SQL, tenant, start, end)
-    if not rows:
-        return None
+    return balance_from_rows(tenant, rows) if rows else None
+
+
+def balance_from_rows(tenant: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``balance_view``'s answer from its query's rows (also built by the API's copy, balance_cache.py)."""
     units = Units({r["unit"]: int(r["credit_scale"]) for r in rows if r["credit_scale"] is not None})
     wallets = []
     position, updated_at = int(rows[0]["account_position"]), ""

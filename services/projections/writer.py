@@ -249,6 +249,11 @@ class BatchWriter:
             found = self._appends[table.name] = (table, {})
         return found[1]
 
+    def touches(self, table: Table) -> bool:
+        """Whether the batch changes a row of ``table`` (an upserted one: append-only tables are not asked)."""
+        found = self._rows.get(table.name)
+        return found is not None and bool(found[1])
+
     def __len__(self) -> int:
         return (sum(len(rows) for _, rows in self._rows.values())
                 + sum(len(rows) for _, rows in self._appends.values()))

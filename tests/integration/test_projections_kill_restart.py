@@ -87,9 +87,14 @@ def test_sigkill_mid_stream_then_restart_double_applies_nothing(infra: dict[str,
 
         for i in range(0, TENANTS, 7):
             tenant = f"k-{i:03d}"
-            body = httpx.get(f"{stack.url}/v1/accounts/{tenant}/balance", headers=auth("viewer", tenant)).json()
-            usd = next(w for w in body["wallets"] if w["unit"] == "USD")
-            assert Decimal(usd["balance"]) * SUBUNITS_PER_UNIT == ledger.accounts[tenant].balance("USD"), tenant
+            def balance_equal(tenant: str = tenant) -> bool:
+                body = httpx.get(f"{stack.url}/v1/accounts/{tenant}/balance", headers=auth("viewer", tenant)).json()
+                usd = next(w for w in body["wallets"] if w["unit"] == "USD")
+                assert Decimal(usd["balance"]) * SUBUNITS_PER_UNIT == ledger.accounts[tenant].balance("USD"), tenant
+                return True
+
+            # Served from the API's copy, refreshed a moment after each commit (balance_cache.py).
+            wait_until(balance_equal, timeout=10, interval=0.05, what=f"{tenant}'s balance")
         counts = asyncio.run(_counts(stack.database_url, stack.schema))
         expected_tenants = {f"k-{i:03d}" for i in range(TENANTS)}
         assert counts["history"] == counts["history_distinct"] == {t: DEBITS + 1 for t in expected_tenants}

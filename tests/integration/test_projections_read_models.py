@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ from tests.integration.projections_support import (
     start_projections,
     wait_caught_up,
 )
-from tests.support import BILLING, ROOT, auth, drop_schema
+from tests.support import BILLING, ROOT, auth, drop_schema, wait_until
 from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
 
 pytestmark = pytest.mark.integration
@@ -56,12 +57,18 @@ def _get(stack: ProjectionsStack, path: str, **kwargs: object) -> httpx.Response
 def test_balances_per_wallet_and_grant_equal_the_ledger(fed: tuple[ProjectionsStack, Ledger]) -> None:
     stack, ledger = fed
     for tenant, account in ledger.accounts.items():
-        body = _get(stack, f"/v1/accounts/{tenant}/balance", headers=auth("viewer", tenant)).json()
-        for wallet in body["wallets"]:
-            unit = wallet["unit"]
-            assert Decimal(wallet["balance"]) * SUBUNITS_PER_UNIT == account.balance(unit), (tenant, unit)
-            assert Decimal(wallet["held"]) * SUBUNITS_PER_UNIT == account.held(unit), (tenant, unit)
-            assert Decimal(wallet["receivable"]) * SUBUNITS_PER_UNIT == account.receivable(unit), (tenant, unit)
+        def balances_equal(tenant: str = tenant, account: Any = account) -> bool:
+            body = _get(stack, f"/v1/accounts/{tenant}/balance", headers=auth("viewer", tenant)).json()
+            for wallet in body["wallets"]:
+                unit = wallet["unit"]
+                assert Decimal(wallet["balance"]) * SUBUNITS_PER_UNIT == account.balance(unit), (tenant, unit)
+                assert Decimal(wallet["held"]) * SUBUNITS_PER_UNIT == account.held(unit), (tenant, unit)
+                assert Decimal(wallet["receivable"]) * SUBUNITS_PER_UNIT == account.receivable(unit), (tenant, unit)
+            return True
+
+        # The API serves balances from its copy, refreshed by the consumer's notifications a moment after each
+        # commit (balance_cache.py): the positions read by wait_caught_up may be ahead of it by that moment.
+        wait_until(balances_equal, timeout=10, interval=0.05, what=f"{tenant}'s balances")
         grants = _get(stack, f"/v1/accounts/{tenant}/grants", headers=auth("viewer", tenant)).json()["items"]
         remaining = {g["grant_id"]: Decimal(g["remaining"]) * SUBUNITS_PER_UNIT for g in grants}
         assert remaining == {g["grant_id"]: g["remaining"] for g in account.grant_balances()}

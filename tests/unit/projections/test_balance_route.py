@@ -1,10 +1,12 @@
 """GET /v1/accounts/{tenant}/balance: the lean ASGI handler (api_balance.py) answers exactly as the FastAPI route
 it replaces (validated and serialized by ``api_models.Balance``): status, headers and body bytes, for balances
 and for every problem+json answer, and the path stays in the OpenAPI document. On SQLite, and on PostgreSQL
-(the API's production reads: other column types) when ``DATABASE_URL`` is set."""
+(the API's production reads: other column types) when ``DATABASE_URL`` is set, there also with the API's copy of
+balance states (balance_cache.py: kept by the consumer's notifications) serving the lean handler."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +18,7 @@ import httpx
 import pytest
 from billing_events.timeutil import utcnow
 from billing_projections import api_balance, api_models
+from billing_projections.balance_cache import BalanceCache
 from billing_projections.http import build_routers
 from billing_projections.service import ProjectionService
 from billing_runtime.auth import mint_token
@@ -39,28 +42,43 @@ def bearer(role: str, tenant: str | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(role, tenant)}"}
 
 
+CACHES: dict[int, BalanceCache] = {}  # id(service) -> its API's copy of balance states ("postgres-cached")
+
+
 def app_of(service: ProjectionService, *, lean_balance: bool) -> FastAPI:
     app = create_app("projections", SETTINGS)
-    for router in build_routers(service.db, lean_balance=lean_balance):
+    for router in build_routers(service.db, lean_balance=lean_balance, balance_cache=CACHES.get(id(service))):
         app.include_router(router)
     return app
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres-cached"])
 async def any_service(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ProjectionService]:
     db: Database
+    stopping = asyncio.Event()
+    listener: asyncio.Task[None] | None = None
     if request.param == "sqlite":
         db = await SqliteDatabase(tmp_path / "projections.sqlite").connect()
     else:
         url = os.environ.get("DATABASE_URL")
         if not url:
             pytest.skip("DATABASE_URL is not set")
-        db = await PostgresDatabase(url, f"balance_route_{uuid.uuid4().hex[:10]}", reset_sessions=False).connect()
+        schema = f"balance_route_{uuid.uuid4().hex[:10]}"
+        db = await PostgresDatabase(url, schema, reset_sessions=False).connect()
     try:
-        service = ProjectionService(db)
+        service = ProjectionService(db, notify_balances=request.param == "postgres-cached")
         await service.setup()
+        if request.param == "postgres-cached":
+            cache = CACHES[id(service)] = BalanceCache(db, url, schema)
+            listener = asyncio.create_task(cache.listen(stopping))
+            while not cache.listening:
+                await asyncio.sleep(0.01)
         yield service
     finally:
+        stopping.set()
+        if listener is not None:
+            await listener
+        CACHES.clear()
         if isinstance(db, PostgresDatabase):
             await db.execute("DO $$ BEGIN EXECUTE format('DROP SCHEMA %I CASCADE', current_schema()); END $$")
         await db.close()
@@ -84,6 +102,13 @@ async def clients(any_service: ProjectionService) -> AsyncIterator[tuple[httpx.A
     ledger.save(initech)
     ledger.save(ledger.open("empty"))  # opened, nothing else
     await apply(service, ledger.records())
+    cache = CACHES.get(id(service))
+    if cache is not None:  # every tenant's state notified: the lean handler answers from the copy
+        for _ in range(500):
+            if len(cache) == len(TENANTS):
+                break
+            await asyncio.sleep(0.01)
+        assert len(cache) == len(TENANTS)
     transports = [httpx.ASGITransport(app=app_of(service, lean_balance=lean)) for lean in (True, False)]
     async with httpx.AsyncClient(transport=transports[0], base_url="http://test") as lean, \
             httpx.AsyncClient(transport=transports[1], base_url="http://test") as reference:
