@@ -53,6 +53,11 @@ Usage give-back (negative usage amounts)
     give-back of a lapsed grant's usage (expired, or past its draw end at ``at``) absorbs what a refund paid back
     of it, as for an open grant, and gives the rest back as that ``usage_reversal`` credit, which names the grant
     (``reverses``); the grant counts it (``reversed``) so it is never given back twice.
+    Usage that drew such a credit and that a gateway refund then made owed (the credit taken back though spent,
+    ``reclaimed.owed``) is kept (``_owed_usage``): a give-back that reduces that unbilled overage, or credit bought
+    that repays it, forgets that much of the credit's draws (since session 12), so no later give-back credits the
+    credit for it again; an invoice that bills it collects it in full, so its draws stay and a give-back of it credits
+    the credit back once, as for any invoiced usage.
     A give-back of a period whose overage invoices billed (``billed_overage``: every invoice that billed some of
     it, a late correction's increase billed on a later invoice too) is first credited, with each invoice's tax, by
     credit notes the command issues, newest invoice first (``credit_note_grant``; ``debit_usage(credit_note=...)``
