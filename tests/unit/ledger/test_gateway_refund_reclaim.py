@@ -330,3 +330,23 @@ def test_a_give_back_after_credit_bought_repaid_the_owed_part_credits_it_back_on
     assert books.available() == 25 * U and books.owed() == 0
     replayed = books.replayed()
     assert replayed.grant_balances() == books.account.grant_balances()
+
+
+def test_a_give_back_after_the_invoice_billing_the_owed_part_is_paid_or_voided() -> None:
+    # Paid: the customer paid the 25.00 and gets it back as credit once. Voided unpaid: owed again, unbilled, so the
+    # give-back clears it and nothing comes back.
+    for paid in (True, False):
+        books, _ = _refunded_with_spent_credit_owed()
+        books.account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=30), at=at(days=3))
+        if paid:
+            books.account.settle_invoiced_overage(invoice="inv-1", at=at(days=4), cause={})
+        else:
+            books.account.return_invoiced_overage(invoice="inv-1", at=at(days=4))
+        books._take()
+        books.use(-25 * U, books.now())
+        books.use(-40 * U, books.now())
+        assert (books.available(), books.owed()) == ((25 * U, 0) if paid else (0, 0)), paid
+        if not paid:
+            assert books.ledger() == {}
+        replayed = books.replayed()
+        assert replayed.grant_balances() == books.account.grant_balances()
