@@ -183,8 +183,15 @@ def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerComman
     left = payload.subunits(command, "amount")
     # The money has left at the gateway: usage a give-back already returned as ``usage_reversal`` credit is
     # refunded too, and that credit taken back (``reclaim_reversed``; what of it was spent is owed).
-    grants = [g for g in account.grants_caused_by(gateway=gateway, order_id=order)
-              if g["refundable"] + g["reversed"] > 0]
+    # The refund is money in the account's currency: only the order's grants in that unit are refunded by it. A
+    # credit-unit grant's credits are not the money paid for them (a package's price per credit), so a refund of an
+    # order with only such grants is rejected for reconciliation, nothing recorded (it was read as credits).
+    matched = account.grants_caused_by(gateway=gateway, order_id=order)
+    grants = [g for g in matched if g["unit"] == account.currency and g["refundable"] + g["reversed"] > 0]
+    if not grants and any(g["unit"] != account.currency for g in matched):
+        raise CommandRejected("currency_mismatch", f"order {order!r} at {gateway} granted credit in "
+                                                   f"{sorted({g['unit'] for g in matched})}, not money in "
+                                                   f"{account.currency}: a person reconciles its refund")
     if sum(g["refundable"] + g["reversed"] for g in grants) < left:
         raise CommandRejected("unknown_purchase", f"order {order!r} at {gateway} has less than the refund paid for")
     refunds = []

@@ -53,6 +53,11 @@ Usage give-back (negative usage amounts)
     give-back of a lapsed grant's usage (expired, or past its draw end at ``at``) absorbs what a refund paid back
     of it, as for an open grant, and gives the rest back as that ``usage_reversal`` credit, which names the grant
     (``reverses``); the grant counts it (``reversed``) so it is never given back twice.
+    Usage that drew such a credit and that a gateway refund then made owed (the credit taken back though spent,
+    ``reclaimed.owed``) is kept (``_owed_usage``): a give-back that reduces that unbilled overage, or credit bought
+    that repays it, forgets that much of the credit's draws (since session 12), so no later give-back credits the
+    credit for it again; an invoice that bills it collects it in full, so its draws stay and a give-back of it credits
+    the credit back once, as for any invoiced usage.
     A give-back of a period whose overage invoices billed (``billed_overage``: every invoice that billed some of
     it, a late correction's increase billed on a later invoice too) is first credited, with each invoice's tax, by
     credit notes the command issues, newest invoice first (``credit_note_grant``; ``debit_usage(credit_note=...)``
@@ -176,6 +181,10 @@ BILLED_PERIODS_KEPT_MAX = 36
 # Per unit and unbilled period, at most this many entries of the overage posted by usage time
 # (``overage_since``): beyond it the earliest two merge into one spanning both times.
 OVERAGE_TIMES_MAX = 64
+# Per unit, at most this many records of usage whose ``usage_reversal`` credit a gateway refund took back though it
+# was spent, so the usage is owed (``_owed_usage``); beyond it the oldest is forgotten (its draws stay remembered, as
+# before session 12's fix: a give-back of it may credit that credit again).
+OWED_USAGE_KEPT_MAX = 256
 # The overage key of what a gateway refund gave back beyond what its invoice had left and the account owes
 # (``refund_invoice_payment``): this prefix and the refund's time. Money whose revenue and tax are already booked
 # (not usage): a renewal invoice bills it without tax (``invoice_overage.overage_lines``).
@@ -276,6 +285,14 @@ class BillingAccount(ChainedAggregate):
         # Billing the draft settles them: its schedule starts net of them and ends at that cut (``_fee_revenue``).
         self._pending_fee_credits: dict[str, dict[str, Any]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
+        # Usage that drew a ``usage_reversal`` credit which a gateway refund then took back though it was spent
+        # (``GrantRefunded.reclaimed.owed``), owed as overage: unit -> [{"grant_id" (the credit), "amount", "key" (the
+        # unbilled overage period it is owed under) or "invoice" (the unpaid invoice that billed it)}]. As long as it
+        # is owed and unbilled, the credit's draws stay remembered; once a give-back or credit bought clears it, that
+        # much of them is forgotten (the usage no longer drew the credit), so no later give-back credits it again; once
+        # an invoice bills it, it is collected in full and the record is dropped when the invoice is paid (a give-back
+        # of that usage then credits the credit back, as the invoice charged it). Since session 12 (format 19).
+        self._owed_usage: dict[str, list[dict[str, Any]]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
         self._top_up_history: dict[str, dict[str, Any]] = {}
@@ -937,12 +954,21 @@ class BillingAccount(ChainedAggregate):
         # it billed stays receivable until it is paid or voided, and the rest of the give-back becomes credit.
         unbilled = sum(self._unbilled.get(unit, {}).values())
         reduce_receivable = max(0, min(left, self.overage_receivable(unit), unbilled))
+        stack = self._recent_draws.get(unit, [])
         if reduce_receivable:
             postings += [
                 posting(LedgerAccount.RECOGNISED_REVENUE, unit, reduce_receivable),
                 posting(LedgerAccount.RECEIVABLES, unit, -reduce_receivable),
             ]
             left -= reduce_receivable
+            if self._owed_usage.get(unit):
+                # What it clears of usage a gateway refund made owed no longer draws the credit it drew (the event
+                # forgets those draws, ``_clear_owed_usage``): the rest is given back against the draws left.
+                reduced = _reduce_unbilled({unit: dict(self._unbilled.get(unit, {}))}, unit,
+                                           _overage_key(cause, at), reduce_receivable)
+                stack = [dict(entry) for entry in stack]
+                for part in _owed_cleared(self._owed_usage[unit], reduced):
+                    _trim_entries(stack, part["grant_id"], part["amount"])
         draws: list[Draw] = []
         # What of a drawn grant's usage a refund already paid back from revenue (a finance override): the customer
         # has that money, so it is not credited again, only taken off the draws remembered (``absorbed``).
@@ -952,7 +978,7 @@ class BillingAccount(ChainedAggregate):
         # grant counts it (``reversed``, part of ``_give_back_room``) so no later give-back credits it again.
         reverses: list[Draw] = []
         room: dict[str, int] = {}  # per grant: what this give-back may still credit it (``_give_back_room``)
-        for entry in reversed(self._recent_draws.get(unit, [])):
+        for entry in reversed(stack):
             if left == 0:
                 break
             g = self._grants[entry["grant_id"]]
@@ -1044,6 +1070,20 @@ class BillingAccount(ChainedAggregate):
         absorbed: list[Draw] | None = None,
     ) -> None:
         # ``overage`` is the change of receivables: positive = posted beyond credit, negative = given back.
+        self._receivable[unit] = self._receivable.get(unit, 0) + overage
+        if overage:
+            key = _overage_key(cause, at)
+            if overage > 0:
+                _add_unbilled(self._unbilled, unit, key, overage)
+                _add_meter_overage(self._unbilled_meters, self._unbilled, unit, key, meter, overage)
+                _add_overage_time(self._overage_times, unit, key, at, overage)
+            else:
+                reduced_by_key = _reduce_unbilled(self._unbilled, unit, key, -overage)
+                for reduced, part in reduced_by_key.items():
+                    _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, reduced, {meter: part})
+                _forget_overage_times(self._overage_times, self._unbilled, unit)
+                # First, as the give-back decided on the draws left after it (since session 12).
+                self._clear_owed_usage(unit, reduced_by_key)
         # ``absorbed`` (a give-back, recorded since session 9): usage of these grants a refund already paid back;
         # no postings, only the draws remembered go down.
         self._apply_draws(unit, draws, remember=True)
@@ -1053,18 +1093,6 @@ class BillingAccount(ChainedAggregate):
         for part in (credit_grant or {}).get("reverses", ()):
             self._grants[part["grant_id"]]["reversed"] += part["amount"]
             self._trim_draws(unit, part["grant_id"], part["amount"])
-        self._receivable[unit] = self._receivable.get(unit, 0) + overage
-        if overage:
-            period = cause.get("period")
-            key = period if type(period) is str and period else at.isoformat()
-            if overage > 0:
-                _add_unbilled(self._unbilled, unit, key, overage)
-                _add_meter_overage(self._unbilled_meters, self._unbilled, unit, key, meter, overage)
-                _add_overage_time(self._overage_times, unit, key, at, overage)
-            else:
-                for reduced, part in _reduce_unbilled(self._unbilled, unit, key, -overage).items():
-                    _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, reduced, {meter: part})
-                _forget_overage_times(self._overage_times, self._unbilled, unit)
         if credit_grant is not None:
             self._add_grant(credit_grant)
         self._update_arming(unit)
@@ -1518,6 +1546,9 @@ class BillingAccount(ChainedAggregate):
             if reclaimed["receivable"]:
                 self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
                 _add_unbilled(self._unbilled, unit, reclaimed["period"], reclaimed["receivable"])
+                # The spent credit's usage is owed now (since session 12): ``_owed_usage``.
+                for part in owed:
+                    self._add_owed_usage(unit, part["grant_id"], part["amount"], key=reclaimed["period"])
         if is_currency_code(unit):  # paid back as money: the credit and its tax (a credit unit's money: below)
             g["refunds_paid_back"].append(amount + tax_amount)
         self._update_arming(unit)
@@ -1842,6 +1873,10 @@ class BillingAccount(ChainedAggregate):
             for key in periods:
                 left.pop(key, None)
                 _fit_meter_overage(self._unbilled_meters, self._unbilled, unit, key)
+            for entry in self._owed_usage.get(unit, ()):  # billed: collected in full (since session 12)
+                if entry.get("key") in periods:
+                    del entry["key"]
+                    entry["invoice"] = invoice
             if not left:
                 self._unbilled.pop(unit, None)
             _forget_overage_times(self._overage_times, self._unbilled, unit)
@@ -1936,6 +1971,11 @@ class BillingAccount(ChainedAggregate):
     def _invoiced_overage_closed(self, invoice: str, at: datetime) -> None:
         self._invoiced_overage.pop(invoice, None)
         self._overage_rounding.pop(invoice, None)
+        # Owed usage it billed is paid: a give-back of it credits its credit back (since session 12).
+        for unit in list(self._owed_usage):
+            self._owed_usage[unit] = [e for e in self._owed_usage[unit] if e.get("invoice") != invoice]
+            if not self._owed_usage[unit]:
+                del self._owed_usage[unit]
 
     def return_invoiced_overage(self, *, invoice: str, at: datetime) -> None:
         """``invoice`` was voided unpaid: the overage it billed is owed again, unbilled (as posted at ``at``), so
@@ -1967,6 +2007,11 @@ class BillingAccount(ChainedAggregate):
         self._invoiced_overage.pop(invoice, None)
         for unit, amount in returned.items():
             _add_unbilled(self._unbilled, unit, at.isoformat(), amount)
+        for entries in self._owed_usage.values():  # owed usage it billed is owed again, unbilled (since session 12)
+            for entry in entries:
+                if entry.get("invoice") == invoice:
+                    del entry["invoice"]
+                    entry["key"] = at.isoformat()
         for unit in list(self._period_minimums):  # its minimum commitment is no longer billed
             minimums = self._period_minimums[unit]
             for key in [key for key, record in minimums.items() if record["invoice"] == invoice]:
@@ -2489,6 +2534,9 @@ class BillingAccount(ChainedAggregate):
             if since is not None:
                 _take_overage_times(self._overage_times, unit, key, since, part)
         _forget_overage_times(self._overage_times, self._unbilled, unit)
+        # Owed usage of a usage_reversal credit it repays is paid by this grant now (its draw is remembered): the
+        # credit's draws for it are forgotten, so a give-back of that usage returns it here, once (since session 12).
+        self._clear_owed_usage(unit, periods)
         self._update_arming(unit)
 
     # == low balance and auto top-up =========================================================================
@@ -2739,18 +2787,30 @@ class BillingAccount(ChainedAggregate):
 
     def _trim_draws(self, unit: str, grant_id: str, amount: int) -> None:
         """Takes ``amount`` off the draws of ``grant_id`` remembered for give-backs, the most recent first."""
-        stack = self._recent_draws.setdefault(unit, [])
-        left = amount
-        for index in range(len(stack) - 1, -1, -1):
-            if left == 0:
-                break
-            entry = stack[index]
-            if entry["grant_id"] != grant_id:
-                continue
-            back = min(left, entry["amount"])
-            entry["amount"] -= back
-            left -= back
-        stack[:] = [entry for entry in stack if entry["amount"] > 0]
+        _trim_entries(self._recent_draws.setdefault(unit, []), grant_id, amount)
+
+    def _add_owed_usage(self, unit: str, grant_id: str, amount: int, *, key: str) -> None:
+        entries = self._owed_usage.setdefault(unit, [])
+        entry = next((e for e in entries if e["grant_id"] == grant_id and e.get("key") == key), None)
+        if entry is None:
+            entries.append({"grant_id": grant_id, "amount": amount, "key": key})
+            if len(entries) > OWED_USAGE_KEPT_MAX:
+                del entries[0]
+        else:
+            entry["amount"] += amount
+
+    def _clear_owed_usage(self, unit: str, reduced: dict[str, int]) -> None:
+        """Unbilled overage of these period keys (key -> sub-units) left receivables without an invoice (a give-back,
+        credit bought): as far as it is owed usage of a usage_reversal credit (``_owed_usage``), that usage no longer
+        drew the credit, so its draws are forgotten and no later give-back credits it to the credit again."""
+        entries = self._owed_usage.get(unit)
+        if not entries:
+            return
+        for part in _owed_cleared(entries, reduced):
+            _trim_entries(entries, part["grant_id"], part["amount"], key=part["key"])
+            self._trim_draws(unit, part["grant_id"], part["amount"])
+        if not entries:
+            del self._owed_usage[unit]
 
     def _forget_draws_of(self, unit: str, grant_id: str) -> None:
         stack = self._recent_draws.get(unit)
@@ -2810,6 +2870,48 @@ def _money_targets(
         else:
             recognised += rest
     return recognised, breakage, closed
+
+
+def _overage_key(cause: dict[str, Any], at: datetime) -> str:
+    """The unbilled overage period a debit's overage (or a give-back's reduction) is kept under: rating's
+    ``cause.period``, else the time it was posted."""
+    period = cause.get("period")
+    return period if type(period) is str and period else at.isoformat()
+
+
+def _trim_entries(entries: list[dict[str, Any]], grant_id: str, amount: int, *, key: str | None = None) -> None:
+    """Takes ``amount`` off the entries of ``grant_id`` (and of period ``key``, when given), the most recent first;
+    entries left empty are dropped."""
+    left = amount
+    for index in range(len(entries) - 1, -1, -1):
+        if left == 0:
+            break
+        entry = entries[index]
+        if entry["grant_id"] != grant_id or (key is not None and entry.get("key") != key):
+            continue
+        back = min(left, entry["amount"])
+        entry["amount"] -= back
+        left -= back
+    entries[:] = [entry for entry in entries if entry["amount"] > 0]
+
+
+def _owed_cleared(entries: list[dict[str, Any]], reduced: dict[str, int]) -> list[dict[str, Any]]:
+    """Of the owed usage ``entries`` (``_owed_usage``), what the unbilled overage ``reduced`` (period key ->
+    sub-units) clears: [{"grant_id", "key", "amount"}], the newest entry of each key first. The overage of a key
+    reduced counts as its owed usage first (a refund's owed excess of an invoice may share the key)."""
+    cleared: list[dict[str, Any]] = []
+    for key, amount in reduced.items():
+        left = amount
+        for entry in reversed(entries):
+            if left <= 0:
+                break
+            if entry.get("key") != key:
+                continue
+            part = min(left, entry["amount"])
+            if part > 0:
+                cleared.append({"grant_id": entry["grant_id"], "key": key, "amount": part})
+                left -= part
+    return cleared
 
 
 def _give_back_room(g: GrantRecord) -> int:

@@ -189,9 +189,9 @@ steps = st.lists(st.one_of(
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=steps, used=st.tuples(st.integers(0, 100), st.integers(0, 100)))
+@given(steps=steps, used=st.tuples(st.integers(0, 100), st.integers(0, 100)), split=st.integers(0, 4))
 def test_any_sequence_of_partial_gateway_refunds_takes_back_what_was_reversed_once(
-        steps: list[tuple[Any, ...]], used: tuple[int, int]) -> None:
+        steps: list[tuple[Any, ...]], used: tuple[int, int], split: int) -> None:
     books = Books()
     keys = ("g1", "g2")
     grants = [str(books.buy("g1", 100 * U, expires_at=at(days=2))), str(books.buy("g2", 100 * U, expires_at=at(days=1)))]
@@ -248,3 +248,105 @@ def test_any_sequence_of_partial_gateway_refunds_takes_back_what_was_reversed_on
     replayed = books.replayed()
     assert replayed.grant_balances() == books.account.grant_balances()
     assert replayed.overage_receivable(USD) == books.owed()
+    # Then the rest of the usage given back (in two parts, ``split`` quarters first): the grants' money all went back
+    # at the gateway and no usage is left, so nothing is left either: no credit, nothing owed, no revenue (a give-back
+    # of usage whose credit a refund made owed clears it once and never credits it again).
+    first = net_usage * split // 4
+    for amount in (first, net_usage - first):
+        if amount:
+            books.use(-amount, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    assert books.ledger() == {}
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+
+
+# -- a give-back of usage whose credit a gateway refund made owed --------------------------------------------------
+
+def _refunded_with_spent_credit_owed() -> tuple[Books, UUID]:
+    """g (100.00) bought, used up, expired; 60.00 of its usage given back (credit r); 25.00 of r spent; then the
+    gateway refunds g in full: 40.00 from revenue, 35.00 of r taken back from the wallet, 25.00 owed."""
+    books = Books()
+    g = books.buy("g", 100 * U, expires_at=at(days=1))
+    books.use(100 * U, at(1))
+    books.expire(at(days=2))
+    books.use(-60 * U, books.now())
+    books.use(25 * U, books.now())  # drawn from r
+    refund = books.refund(g, 100 * U, books.now())
+    assert refund.from_revenue == 40 * U and refund.reclaimed["receivable"] == 25 * U
+    assert books.available() == 0 and books.owed() == 25 * U
+    return books, g
+
+
+def test_a_give_back_of_usage_whose_credit_was_owed_clears_it_once_and_never_credits_it_again() -> None:
+    # The give-back of the 25.00 cleared what was owed, but the draw of r stayed remembered: the give-back of g's
+    # last 40.00 of usage then credited r 25.00 again (the customer got credit for usage they no longer owed for),
+    # where all 40.00 is absorbed (g's money went back to the customer at the gateway).
+    books, _ = _refunded_with_spent_credit_owed()
+    books.use(-25 * U, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    [last] = [e for e in books.use(-40 * U, books.now()) if type(e).__name__ == "UsageDebited"]
+    assert sum(part["amount"] for part in last.absorbed or ()) == 40 * U and not last.postings
+    assert books.available() == 0 and books.owed() == 0
+    # 100.00 paid and 100.00 back at the gateway, the usage all given back: nothing left anywhere.
+    assert books.ledger() == {}
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
+
+
+def test_a_give_back_in_the_other_order_after_the_owed_part_clears_it_once() -> None:
+    # g's 40.00 given back first clears the 25.00 owed and absorbs the other 15.00; the 25.00 after it is absorbed
+    # too (it used to credit r 15.00 and then 10.00 more).
+    books, _ = _refunded_with_spent_credit_owed()
+    books.use(-40 * U, books.now())
+    books.use(-25 * U, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    assert books.ledger() == {}
+
+
+def test_a_give_back_after_the_owed_part_was_invoiced_is_credited_as_the_invoice_bills_it() -> None:
+    # Billed by an invoice (collected in full), the usage given back becomes credit once: 25.00, not 50.00.
+    books, _ = _refunded_with_spent_credit_owed()
+    taken = books.account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=30), at=at(days=3))
+    assert sum(taken[USD].values()) == 25 * U
+    books._take()
+    books.use(-25 * U, books.now())
+    books.use(-40 * U, books.now())
+    assert books.available() == 25 * U and books.owed() == 25 * U  # the invoice's 25.00, paid or not
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+
+
+def test_a_give_back_after_credit_bought_repaid_the_owed_part_credits_it_back_once() -> None:
+    # 25.00 bought repays what is owed (its draw remembered); the give-backs then give that 25.00 back once.
+    books, _ = _refunded_with_spent_credit_owed()
+    n = books.buy("n", 25 * U, expires_at=at(days=90))
+    assert books.account.repay_overage(grant_id=n, at=books.now(), cause={}) == 25 * U
+    books._take()
+    assert books.owed() == 0 and books.available() == 0
+    books.use(-25 * U, books.now())
+    books.use(-40 * U, books.now())
+    assert books.available() == 25 * U and books.owed() == 0
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+
+
+def test_a_give_back_after_the_invoice_billing_the_owed_part_is_paid_or_voided() -> None:
+    # Paid: the customer paid the 25.00 and gets it back as credit once. Voided unpaid: owed again, unbilled, so the
+    # give-back clears it and nothing comes back.
+    for paid in (True, False):
+        books, _ = _refunded_with_spent_credit_owed()
+        books.account.invoice_overage(invoice="inv-1", units=[USD], end=at(days=30), at=at(days=3))
+        if paid:
+            books.account.settle_invoiced_overage(invoice="inv-1", at=at(days=4), cause={})
+        else:
+            books.account.return_invoiced_overage(invoice="inv-1", at=at(days=4))
+        books._take()
+        books.use(-25 * U, books.now())
+        books.use(-40 * U, books.now())
+        assert (books.available(), books.owed()) == ((25 * U, 0) if paid else (0, 0)), paid
+        if not paid:
+            assert books.ledger() == {}
+        replayed = books.replayed()
+        assert replayed.grant_balances() == books.account.grant_balances()

@@ -221,3 +221,17 @@ def test_one_accounts_mass_expiry_is_swept_in_parts_earliest_first(app: LedgerAp
     assert [str(e.hold_id) for e in expired] == [str(ids.grant_id("acme", f"h{n}")) for n in range(9, -1, -1)]  # type: ignore[attr-defined]
     assert account(app).held("USD") == 0 and account(app).available("USD") == 100 * U
     assert Sweeper(app).sweep(NOW + timedelta(hours=2)) == 0
+
+
+def test_gateway_refund_of_an_order_whose_grant_is_in_a_credit_unit_is_rejected_and_changes_nothing(
+        app: LedgerApplication) -> None:
+    # payment.refunded matched the order's grants by gateway and order only: 5.00 USD refunded of an order whose
+    # grant is 500 CREDIT was read as 5.00 of credits (5 CREDIT taken back, the USD money never reversed).
+    open_account(app, "acme", {"key": "order-c", "unit": "CREDIT", "amount": "500",
+                               "cause": {"gateway": "stripe", "order_id": "order-c"}})
+    before = account(app).grant_balances()
+    asyncio.run(LedgerService(app).handle_records(
+        records(0, notification("refund_succeeded", "evt_c", "5.00", order="order-c"))))
+    acct = account(app)
+    assert acct.grant_balances() == before and acct.available("CREDIT") == 500 * U
+    assert not [e for e in app.events.get(acct.id) if type(e).__name__ == "GrantRefunded"]
