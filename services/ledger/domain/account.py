@@ -2631,6 +2631,9 @@ class BillingAccount(ChainedAggregate):
             return h
         settled = self._settled_holds.get(str(hold_id))
         if settled is not None:
+            if settled["status"] == "captured":  # what it spent, so the caller can tell it from its own attempt
+                raise HoldAlreadySettled(f"hold {hold_id} is already captured "
+                                         f"({_money(settled.get('captured', 0), settled['unit'])})")
             raise HoldAlreadySettled(f"hold {hold_id} is {settled['status']}")
         raise UnknownHold(f"no hold {hold_id}")
 

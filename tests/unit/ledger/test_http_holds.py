@@ -63,6 +63,27 @@ def test_capture_spends_actual_amount_and_frees_the_rest(app: LedgerApplication,
     assert release.json()["reason"] == "hold_already_settled"
 
 
+def test_a_captured_hold_refuses_another_amount_or_a_release_naming_what_it_captured(
+        app: LedgerApplication, client: TestClient) -> None:
+    """A second capture of another amount was answered 200 with the first capture (its command id is the hold's, so
+    it was a duplicate), as if 30.00 had been spent, while a release of the same hold was a 409."""
+    open_account(app, "acme", {"key": "g1", "amount": "100.00"})
+    hold = place(client, "acme", "job", "40.00")["hold_id"]
+    capture = f"/v1/accounts/acme/holds/{hold}/capture"
+    assert client.post(capture, json={"amount": "25.50"}, headers=SERVICE).status_code == 200
+    before = list(app.events.get(ids.account_id("acme")))
+    other = client.post(capture, json={"amount": "30.00"}, headers=SERVICE)
+    assert (other.status_code, other.headers["content-type"]) == (409, "application/problem+json"), other.text
+    assert other.json()["reason"] == "hold_already_settled"
+    assert "already captured (25.50 USD)" in other.json()["detail"]
+    release = client.post(f"/v1/accounts/acme/holds/{hold}/release", headers=SERVICE)
+    assert release.status_code == 409 and "already captured (25.50 USD)" in release.json()["detail"]
+    same = client.post(capture, json={"amount": "25.500"}, headers=SERVICE)  # the same amount: the first answer
+    assert same.status_code == 200 and same.json()["captured"] == "25.50"
+    assert list(app.events.get(ids.account_id("acme"))) == before
+    assert available(app, "acme") == 100 * U - 2550 * U // 100
+
+
 def test_capture_above_hold_is_refused_unless_overage_allowed(app: LedgerApplication, client: TestClient) -> None:
     open_account(app, "acme", {"key": "g1", "amount": "100.00"})
     hold = place(client, "acme", "job", "10.00")["hold_id"]
