@@ -24,5 +24,4 @@ def adjust_balance(app: LedgerApplication, batch: _Batch, command: LedgerCommand
     account.adjust(adjustment_id=adjustment, unit=unit, amount=payload.subunits(command, "amount", allow_negative=True),
                    reason=payload.text(command, "reason"), user=payload.text(command, "user", default=command.issued_by),
                    at=payload.timestamp(command, "at", default=command.issued_at))
-    return {"adjustment_id": str(adjustment), "unit": unit, "balance": account.balance(unit),
-            "available": account.available(unit)}
+    return {"adjustment_id": str(adjustment), **(account.adjustment(adjustment) or {})}

@@ -77,6 +77,14 @@ def hold_view(tenant: str, hold: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def adjustment_view(tenant: str, adjustment: UUID, record: dict[str, Any]) -> dict[str, Any]:
+    """An adjustment's answer (``BillingAccount.adjustment``): the same to its first request and to every retry."""
+    unit = record["unit"]
+    return {"adjustment_id": str(adjustment), "tenant": tenant, "unit": unit, "amount": show(record["amount"], unit),
+            "user": record["user"], "reason": record["reason"], "balance": show(record["balance"], unit),
+            "available": show(record["available"], unit)}
+
+
 def _problem(result: CommandResult) -> Problem:
     reason = result.reason or "rejected"
     return Problem(_STATUS.get(reason, 422), reason.replace("_", " ").capitalize(), result.detail or reason,
@@ -265,14 +273,13 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
             "adjustment_id": str(adjustment), "amount": str(body.amount), "unit": body.unit, "reason": body.reason,
             "user": principal.subject, "at": _now().isoformat()})
         result = await decide(command, ids.account_id(tenant))
-        if result.outcome == "duplicate":
+        if result.outcome == "duplicate":  # a retry: the first answer, as the account remembers it
             response.status_code = 200
-            return {"adjustment_id": str(adjustment), "tenant": tenant, "duplicate": True}
-        value = result.value
-        return {"adjustment_id": str(adjustment), "tenant": tenant, "unit": value["unit"],
-                "amount": str(body.amount), "user": principal.subject, "reason": body.reason,
-                "balance": show(value["balance"], value["unit"]),
-                "available": show(value["available"], value["unit"])}
+            record = await direct.read(ids.account_id(tenant), lambda account: account.adjustment(adjustment))
+            if record is None:  # forgotten (beyond ADJUSTMENTS_KEPT_MAX later ones)
+                return {"adjustment_id": str(adjustment), "tenant": tenant, "duplicate": True}
+            return adjustment_view(tenant, adjustment, record)
+        return adjustment_view(tenant, adjustment, result.value)
 
     @router.post("/v1/accounts/{tenant}/refunds", status_code=201, summary="Refund a purchase grant (admin, finance)")
     async def refund(tenant: Tenant, body: RefundRequest, principal: Corrector, response: Response) -> dict[str, Any]:

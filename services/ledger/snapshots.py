@@ -89,7 +89,7 @@ log = get_logger(__name__)
 # keeps its usage given back after it lapsed (reversed in _grants), and an expired grant's draws stay remembered
 # (_recent_draws). 16: each grant keeps the credit negative adjustments took from it and what of it override refunds paid
 # back (adjusted, adjusted_reversed in _grants). ResourcePool 2: finished requests are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 17, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 18, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

@@ -36,11 +36,26 @@ def test_adjustment_records_user_and_reason_and_is_idempotent(app: LedgerApplica
     assert first.status_code == 201, first.text
     assert first.json()["user"] == "ada@ops" and first.json()["available"] == "12.50"
     again = client.post("/v1/accounts/acme/adjustments", json=body, headers=ADMIN)
-    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.status_code == 200 and again.json() == first.json()  # the first answer, not {"duplicate": true}
     adjusted = [e for e in events(app) if type(e).__name__ == "BalanceAdjusted"]
     assert len(adjusted) == 1
     assert adjusted[0].user == "ada@ops" and adjusted[0].reason == "goodwill for outage"  # type: ignore[attr-defined]
     assert account(app).available("USD") == 1250 * U // 100
+
+
+def test_a_retried_adjustment_gets_its_first_answer_after_later_movements(app: LedgerApplication,
+                                                                          client: TestClient) -> None:
+    """Answered ``{"duplicate": true}`` before: the caller could not tell what its adjustment did."""
+    open_account(app, "acme", {"key": "g1", "amount": "10.00"})
+    body = {"idempotency_key": "take-1", "amount": "-4", "reason": "correction"}
+    first = client.post("/v1/accounts/acme/adjustments", json=body, headers=FINANCE)
+    assert first.status_code == 201, first.text
+    assert (first.json()["amount"], first.json()["balance"], first.json()["available"]) == ("-4.00", "6.00", "6.00")
+    spend(app, 1 * U, "spend-1")
+    again = client.post("/v1/accounts/acme/adjustments", json=body, headers=ADMIN)  # another user retries it
+    assert again.status_code == 200 and again.json() == first.json()
+    assert again.json()["user"] == "fiona@finance"
+    assert account(app).available("USD") == 5 * U  # taken once
 
 
 def test_negative_adjustment_cannot_exceed_available(app: LedgerApplication, client: TestClient) -> None:

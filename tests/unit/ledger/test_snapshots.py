@@ -186,8 +186,9 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # expired grant's draws stay in _recent_draws. Format 16: the same attributes, but each grant keeps the credit
 # negative adjustments took from it and what of it refunds paid back (adjusted, adjusted_reversed).
 # Format 17: _overage_times (each unbilled period's overage by the time of the usage that posted it).
-ACCOUNT_ATTRIBUTES_FORMAT_17 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
-    "_auto_top_up", "_billed_periods", "_created_on", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
+# Format 18: _adjustments (what each manual adjustment left, the answer a retry of it gets).
+ACCOUNT_ATTRIBUTES_FORMAT_18 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+    "_adjustments", "_auto_top_up", "_billed_periods", "_created_on", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
     "_modified_on", "_overage_rounding", "_overage_times", "_pending_events", "_pending_fee_credits", "_period_minimums", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history",
     "_unbilled", "_unbilled_meters", "_version",
@@ -206,7 +207,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 17 and account == ACCOUNT_ATTRIBUTES_FORMAT_17
+    assert snapshots.FORMATS[BillingAccount] == 18 and account == ACCOUNT_ATTRIBUTES_FORMAT_18
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 
