@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from billing_events import ids
+from billing_events.catalog import EXAMPLE as CATALOG
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
@@ -144,3 +145,18 @@ def test_promotional_grant_is_not_refundable(app: LedgerApplication, client: Tes
     unknown = client.post("/v1/accounts/acme/refunds", json={**body, "grant_id": str(ids.grant_id("acme", "zz"))},
                           headers=FINANCE)
     assert unknown.status_code == 404
+
+
+def test_an_adjustment_adds_credit_in_a_declared_unit_only(app: LedgerApplication, client: TestClient) -> None:
+    """A ``ZZZ`` adjustment made a wallet of a unit the catalogue does not declare (docs/money.md)."""
+    assert apply(app, command("catalog.publish", None, {"document": CATALOG, "digest": "c1"}))[0].outcome == "applied"
+    open_account(app, "acme", {"key": "g1", "amount": "10.00"})
+    before = len(events(app))
+    refused = client.post("/v1/accounts/acme/adjustments", headers=ADMIN,
+                          json={"idempotency_key": "k", "amount": "1", "unit": "ZZZ", "reason": "t"})
+    assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json")
+    assert refused.json()["reason"] == "unknown_unit"
+    assert len(events(app)) == before and account(app).units() == ["USD"]
+    credit = client.post("/v1/accounts/acme/adjustments", headers=ADMIN,
+                         json={"idempotency_key": "k2", "amount": "25", "unit": "CREDIT", "reason": "goodwill"})
+    assert credit.status_code == 201 and credit.json()["available"] == "25.00"
