@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from billing_events import ids
 from billing_events.messages import LedgerCommand
-from billing_events.money import parse_decimal, to_subunits
+from billing_events.money import (
+    MoneyError,
+    Unit,
+    is_currency_code,
+    parse_decimal,
+    resolve_unit,
+    round_minor,
+    to_subunits,
+)
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.catalog import Catalog
+
+UNKNOWN_UNIT = "unknown_unit"
 
 
 def account_of(batch: _Batch, tenant: str | None) -> BillingAccount:
@@ -15,6 +28,48 @@ def account_of(batch: _Batch, tenant: str | None) -> BillingAccount:
         raise CommandRejected("missing_tenant", "the command names no tenant")
     return batch.existing(ids.account_id(tenant), "unknown_account",  # type: ignore[no-any-return]
                           f"tenant {tenant!r} has no billing account")
+
+
+def _credit_units(batch: _Batch) -> dict[str, Any]:
+    """The credit types the published catalogue declares (``credit_units``: code -> {"scale", ...}); none before
+    one is published."""
+    catalog = batch.get(Catalog.create_id())
+    return (catalog.document.get("credit_units") or {}) if isinstance(catalog, Catalog) else {}
+
+
+def declared_unit(batch: _Batch, account: BillingAccount, unit: str | None) -> str:
+    """``unit`` (None: the account's currency) if a wallet may be in it: an ISO 4217 currency (the account refuses
+    another than its own, ``UnitMismatch``) or a credit type declared in the catalogue (docs/money.md). Any other
+    code (``ZZZ``) is rejected (``unknown_unit``): it made a wallet of a unit nothing prices. The account's own
+    currency, the common case (and a hold's), costs one comparison; a credit unit a lookup in the catalogue."""
+    if unit is None or unit == account.currency:
+        return account.currency
+    if unit not in _credit_units(batch) and not is_currency_code(unit):
+        raise CommandRejected(UNKNOWN_UNIT, f"unit {unit!r} is neither an ISO 4217 currency nor a credit unit "
+                                            "declared in the catalogue")
+    return unit
+
+
+def unit_scale(batch: _Batch, unit: str) -> Unit:
+    """``unit`` with its minor scale: ISO 4217's for a currency, the catalogue's ``scale`` for a credit type."""
+    try:
+        return resolve_unit(unit, {code: int(spec.get("scale", 2)) for code, spec in _credit_units(batch).items()})
+    except MoneyError as exc:
+        raise CommandRejected(UNKNOWN_UNIT, str(exc)) from exc
+
+
+def minor_amount(batch: _Batch, unit: str, field: str, raw: Any, reason: str) -> int:
+    """A non-negative decimal amount of ``unit`` in whole minor units (cents: ``50.001`` USD is refused, as a
+    checkout quote refuses it), as sub-units; a malformed or finer one is rejected with ``reason``."""
+    try:
+        amount = parse_decimal(raw, field=field)
+    except MoneyError as exc:
+        raise CommandRejected(reason, str(exc)) from exc
+    scale = unit_scale(batch, unit)
+    if round_minor(amount, scale) != amount:
+        raise CommandRejected(reason, f"{field} {amount} has more decimals than {unit} allows "
+                                      f"({scale.minor_scale})")
+    return to_subunits(amount)
 
 
 @handles("account.open")

@@ -23,7 +23,7 @@ from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import parse_decimal, to_subunits
 from billing_ledger import payload as fields
-from billing_ledger.account_commands import account_of
+from billing_ledger.account_commands import account_of, declared_unit, minor_amount
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.catalog_commands import published_catalog
 from billing_ledger.domain.checkout import (
@@ -192,7 +192,7 @@ def set_auto_top_up(app: LedgerApplication, batch: _Batch, command: LedgerComman
     """The account's rule: below ``threshold``, top up to ``target`` or by one ``package``; cap per month."""
     account = account_of(batch, command.tenant)
     p = command.payload
-    unit = str(p.get("unit") or account.currency)
+    unit = declared_unit(batch, account, str(p["unit"]) if p.get("unit") else None)
     package = None
     if p.get("package"):
         package = next((x for x in catalog_document(batch).get("packages") or [] if x["code"] == p["package"]), None)
@@ -206,12 +206,18 @@ def set_auto_top_up(app: LedgerApplication, batch: _Batch, command: LedgerComman
         # (``topups._order_payload``): refused now rather than failing every time the rule fires.
         raise CommandRejected("invalid_auto_top_up", f"a {unit} rule needs a package: only {account.currency} "
                                                      f"can be topped up to a target")
+    for field in ("threshold", "monthly_cap"):
+        if p.get(field) is None:
+            raise CommandRejected("invalid_auto_top_up", f"{field} is required")
+    # Amounts in whole minor units of the unit (a target of 50.001 USD was taken, as a checkout quote refuses it).
+    threshold, monthly_cap, target = (
+        None if p.get(field) is None else minor_amount(batch, unit, field, p[field], "invalid_auto_top_up")
+        for field in ("threshold", "monthly_cap", "target"))
     try:
         account.set_auto_top_up(
-            unit, to_subunits(parse_decimal(p["threshold"])),
-            to_subunits(parse_decimal(p["target"])) if p.get("target") is not None else None,
+            unit, threshold, target,
             package["code"] if package else None, int(p.get("cooldown_seconds", 3600)),
-            to_subunits(parse_decimal(p["monthly_cap"])),
+            monthly_cap,
             package_amount=to_subunits(Decimal(package["credits"]) + Decimal(package.get("bonus_credits", "0")))
             if package else None)
     except (KeyError, ValueError) as exc:

@@ -13,7 +13,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.messages import LedgerCommand
 from billing_ledger import payload
-from billing_ledger.account_commands import account_of
+from billing_ledger.account_commands import account_of, declared_unit
 from billing_ledger.application import LedgerApplication, _Batch, handles
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import ENTITLED
@@ -52,7 +52,7 @@ def place_hold(app: LedgerApplication, batch: _Batch, command: LedgerCommand) ->
     hold = payload.uuid(command, "hold_id")
     account.place_hold(
         hold_id=hold,
-        unit=payload.optional_text(command, "unit") or account.currency,
+        unit=declared_unit(batch, account, payload.optional_text(command, "unit")),
         amount=payload.subunits(command, "amount"),
         meter=payload.optional_text(command, "meter"),
         expires_at=payload.timestamp(command, "expires_at"),

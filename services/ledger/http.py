@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -74,6 +75,14 @@ def hold_view(tenant: str, hold: dict[str, Any]) -> dict[str, Any]:
     if hold["status"] == "rejected":
         view["reason"] = hold.get("reason", "insufficient_credit")
     return view
+
+
+def adjustment_view(tenant: str, adjustment: UUID, record: dict[str, Any]) -> dict[str, Any]:
+    """An adjustment's answer (``BillingAccount.adjustment``): the same to its first request and to every retry."""
+    unit = record["unit"]
+    return {"adjustment_id": str(adjustment), "tenant": tenant, "unit": unit, "amount": show(record["amount"], unit),
+            "user": record["user"], "reason": record["reason"], "balance": show(record["balance"], unit),
+            "available": show(record["available"], unit)}
 
 
 def _problem(result: CommandResult) -> Problem:
@@ -163,20 +172,30 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
         check_tenant(principal, tenant)
         return await read_hold(tenant, hold)
 
-    async def settle(kind: str, tenant: str, hold: UUID, principal: Principal, payload: dict[str, Any]
-                     ) -> dict[str, Any]:
+    async def settle(kind: str, tenant: str, hold: UUID, principal: Principal, payload: dict[str, Any],
+                     amount: Decimal | None = None) -> dict[str, Any]:
+        """A capture (of ``amount``) or release. The command id is the hold's, so a second capture is a duplicate:
+        answered with the hold (200) when it captured the same amount, else refused (409) as a release of a captured
+        hold is, naming what it captured; the first answer was given to another request."""
         check_tenant(principal, tenant)
         command = _command(kind, tenant, principal, str(hold), {"hold_id": str(hold), "at": _now().isoformat(),
                                                                 **payload})
         result = await decide(command, ids.account_id(tenant))
         if result.outcome == "duplicate":
-            return await read_hold(tenant, hold)
+            view = await read_hold(tenant, hold)
+            if amount is not None and view["status"] == "captured" and Decimal(view["captured"]) != amount:
+                raise Problem(409, "Hold already settled", f"hold {hold} is already captured ({view['captured']} "
+                              f"{view['unit']}), not for {amount}", kind="hold-already-settled",
+                              reason="hold_already_settled")
+            return view
         return hold_view(tenant, result.value)
 
-    @router.post("/v1/accounts/{tenant}/holds/{hold}/capture", summary="Spend the actual amount of a hold")
+    @router.post("/v1/accounts/{tenant}/holds/{hold}/capture", summary="Spend the actual amount of a hold",
+                 responses={409: {"description": "The hold is settled: released, expired, or captured for "
+                                                 "another amount (a capture of the same amount is answered 200)"}})
     async def capture_hold(tenant: Tenant, hold: UUID, body: CaptureRequest, principal: Spender) -> dict[str, Any]:
         return await settle("hold.capture", tenant, hold, principal,
-                            {"amount": str(body.amount), "allow_overage": body.allow_overage})
+                            {"amount": str(body.amount), "allow_overage": body.allow_overage}, body.amount)
 
     @router.post("/v1/accounts/{tenant}/holds/{hold}/release", summary="Release a hold without spending")
     async def release_hold(tenant: Tenant, hold: UUID, principal: Spender) -> dict[str, Any]:
@@ -254,14 +273,13 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
             "adjustment_id": str(adjustment), "amount": str(body.amount), "unit": body.unit, "reason": body.reason,
             "user": principal.subject, "at": _now().isoformat()})
         result = await decide(command, ids.account_id(tenant))
-        if result.outcome == "duplicate":
+        if result.outcome == "duplicate":  # a retry: the first answer, as the account remembers it
             response.status_code = 200
-            return {"adjustment_id": str(adjustment), "tenant": tenant, "duplicate": True}
-        value = result.value
-        return {"adjustment_id": str(adjustment), "tenant": tenant, "unit": value["unit"],
-                "amount": str(body.amount), "user": principal.subject, "reason": body.reason,
-                "balance": show(value["balance"], value["unit"]),
-                "available": show(value["available"], value["unit"])}
+            record = await direct.read(ids.account_id(tenant), lambda account: account.adjustment(adjustment))
+            if record is None:  # forgotten (beyond ADJUSTMENTS_KEPT_MAX later ones)
+                return {"adjustment_id": str(adjustment), "tenant": tenant, "duplicate": True}
+            return adjustment_view(tenant, adjustment, record)
+        return adjustment_view(tenant, adjustment, result.value)
 
     @router.post("/v1/accounts/{tenant}/refunds", status_code=201, summary="Refund a purchase grant (admin, finance)")
     async def refund(tenant: Tenant, body: RefundRequest, principal: Corrector, response: Response) -> dict[str, Any]:

@@ -47,9 +47,17 @@ def timestamp(command: LedgerCommand, field: str, *, default: datetime | None = 
 
 
 def at(command: LedgerCommand) -> datetime:
-    """When the command takes effect: its payload's ``at``, else when it was issued."""
+    """When the command takes effect: its payload's ``at``, else when it was issued. A malformed one (no offset,
+    ``"yesterday"``, a number) is rejected as ``timestamp`` rejects it: its ``ValueError`` escaped a command that
+    had already changed an aggregate (``subscription.create`` had made the roster), which failed the command
+    (HTTP: a plain-text 500) instead of rejecting it."""
     raw = command.payload.get("at")
-    return parse_timestamp(raw) if raw else command.issued_at
+    if raw is None or raw == "":
+        return command.issued_at
+    try:
+        return parse_timestamp(raw)
+    except ValueError as exc:
+        raise CommandRejected(INVALID, f"at: {exc}") from exc
 
 
 def subunits(command: LedgerCommand, field: str, *, allow_negative: bool = False) -> int:

@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import MoneyError, parse_decimal, to_subunits
-from billing_ledger.account_commands import account_of
-from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.account_commands import account_of, declared_unit, minor_amount
+from billing_ledger.application import LedgerApplication, _Batch, handles
 
 
 @handles("low_balance.set")
@@ -17,12 +16,12 @@ def set_low_balance(app: LedgerApplication, batch: _Batch, command: LedgerComman
     """Alerts once when the available balance of ``unit`` drops below ``threshold``; null removes the alert."""
     account = account_of(batch, command.tenant)
     p = command.payload
-    unit = str(p.get("unit") or account.currency)
     raw = p.get("threshold")
-    try:
-        threshold = to_subunits(parse_decimal(raw, field="threshold")) if raw is not None else None
-    except (MoneyError, ValueError) as exc:
-        raise CommandRejected("invalid_low_balance", str(exc)) from exc
+    if raw is None:  # removing an alert needs no declared unit (its credit type may have left the catalogue since)
+        unit, threshold = str(p.get("unit") or account.currency), None
+    else:  # in a declared unit, in whole minor units of it (5.0000000001 USD was taken)
+        unit = declared_unit(batch, account, str(p["unit"]) if p.get("unit") else None)
+        threshold = minor_amount(batch, unit, "threshold", raw, "invalid_low_balance")
     account.set_low_balance_threshold(unit, threshold)
     return {"unit": unit, "threshold": None if raw is None else str(raw)}
 

@@ -855,6 +855,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     wants_trial = fields.flag(command, "trial", default=True)
     time_zone = read_time_zone(command, "time_zone")
     workspace_name = fields.optional_text(command, "workspace")
+    at = effective_at(command)
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
     plan = _billed_in(_plan(batch, fields.text(command, "plan"), fields.optional_whole(command, "plan_version")),
@@ -863,7 +864,6 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     workspace = batch.get(workspace_id(workspace_name)) if workspace_name else None
     accounts_in_workspace = len(workspace.accounts) if workspace is not None else 1
     trial = wants_trial and int(plan.get("trial_days", 0)) > 0 and roster.trial_eligible(accounts_in_workspace)
-    at = effective_at(command)
     before = _capacities(_live_subscriptions(batch, roster))
     collection = _collection(payload, plan)
     sub = Subscription.start(tenant=tenant, key=key, plan=plan, quantity=quantity,

@@ -173,6 +173,8 @@ TEXT_CHARS_MAX = 512
 # ones remembered for idempotent answers (older ones are forgotten; command receipts dedupe beyond that).
 ACTIVE_HOLDS_MAX = 10_000
 SETTLED_HOLDS_KEPT_MAX = 10_000
+# Adjustments remembered for idempotent answers (what each left: ``adjustment``); older ones are forgotten.
+ADJUSTMENTS_KEPT_MAX = 10_000
 AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
 # Periods whose invoiced overage a usage correction credits by a credit note, remembered per unit (older ones: a
 # correction of them is given back as credit without tax, as before). Three years of monthly periods. Each keeps
@@ -241,6 +243,9 @@ class BillingAccount(ChainedAggregate):
         self._grants: dict[str, GrantRecord] = {}  # insertion order = granted order
         self._holds: dict[str, HoldRecord] = {}  # active holds only
         self._settled_holds: dict[str, HoldRecord] = {}  # the last SETTLED_HOLDS_KEPT_MAX, oldest first
+        # Manual adjustments (``adjust``), the last ADJUSTMENTS_KEPT_MAX, oldest first: adjustment id -> {"unit",
+        # "amount", "reason", "user", "balance", "available" (the wallet's just after it)}, the answer a retry gets.
+        self._adjustments: dict[str, dict[str, Any]] = {}
         self._held: dict[str, int] = {}  # sum of active holds per unit
         self._receivable: dict[str, int] = {}
         # Overage not yet on an invoice: unit -> period key (rating's ``cause.period``, else the time it was
@@ -378,6 +383,12 @@ class BillingAccount(ChainedAggregate):
         if found is None:
             raise UnknownHold(f"no hold {hold_id}")
         return dict(found)
+
+    def adjustment(self, adjustment_id: UUID) -> dict[str, Any] | None:
+        """A manual adjustment still remembered (the last ``ADJUSTMENTS_KEPT_MAX``): its unit, amount, reason and
+        user, and the wallet's ``balance`` and ``available`` just after it; None if unknown or forgotten."""
+        found = self._adjustments.get(str(adjustment_id))
+        return None if found is None else dict(found)
 
     def units(self) -> list[str]:
         """Every unit that has had a grant, a hold or a receivable on this account."""
@@ -1696,6 +1707,10 @@ class BillingAccount(ChainedAggregate):
         if grant is not None:
             self._add_grant(grant)
         self._update_arming(unit)
+        self._adjustments[str(adjustment_id)] = {"unit": unit, "amount": amount, "reason": reason, "user": user,
+                                                 "balance": self.balance(unit), "available": self.available(unit)}
+        while len(self._adjustments) > ADJUSTMENTS_KEPT_MAX:
+            del self._adjustments[next(iter(self._adjustments))]
 
     def settle_receivable(
         self, *, settlement_id: UUID, unit: str, amount: int, at: datetime, cause: dict[str, Any]
@@ -2717,6 +2732,9 @@ class BillingAccount(ChainedAggregate):
             return h
         settled = self._settled_holds.get(str(hold_id))
         if settled is not None:
+            if settled["status"] == "captured":  # what it spent, so the caller can tell it from its own attempt
+                raise HoldAlreadySettled(f"hold {hold_id} is already captured "
+                                         f"({_money(settled.get('captured', 0), settled['unit'])})")
             raise HoldAlreadySettled(f"hold {hold_id} is {settled['status']}")
         raise UnknownHold(f"no hold {hold_id}")
 

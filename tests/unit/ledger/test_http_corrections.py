@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from billing_events import ids
+from billing_events.catalog import EXAMPLE as CATALOG
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
@@ -36,11 +37,26 @@ def test_adjustment_records_user_and_reason_and_is_idempotent(app: LedgerApplica
     assert first.status_code == 201, first.text
     assert first.json()["user"] == "ada@ops" and first.json()["available"] == "12.50"
     again = client.post("/v1/accounts/acme/adjustments", json=body, headers=ADMIN)
-    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.status_code == 200 and again.json() == first.json()  # the first answer, not {"duplicate": true}
     adjusted = [e for e in events(app) if type(e).__name__ == "BalanceAdjusted"]
     assert len(adjusted) == 1
     assert adjusted[0].user == "ada@ops" and adjusted[0].reason == "goodwill for outage"  # type: ignore[attr-defined]
     assert account(app).available("USD") == 1250 * U // 100
+
+
+def test_a_retried_adjustment_gets_its_first_answer_after_later_movements(app: LedgerApplication,
+                                                                          client: TestClient) -> None:
+    """Answered ``{"duplicate": true}`` before: the caller could not tell what its adjustment did."""
+    open_account(app, "acme", {"key": "g1", "amount": "10.00"})
+    body = {"idempotency_key": "take-1", "amount": "-4", "reason": "correction"}
+    first = client.post("/v1/accounts/acme/adjustments", json=body, headers=FINANCE)
+    assert first.status_code == 201, first.text
+    assert (first.json()["amount"], first.json()["balance"], first.json()["available"]) == ("-4.00", "6.00", "6.00")
+    spend(app, 1 * U, "spend-1")
+    again = client.post("/v1/accounts/acme/adjustments", json=body, headers=ADMIN)  # another user retries it
+    assert again.status_code == 200 and again.json() == first.json()
+    assert again.json()["user"] == "fiona@finance"
+    assert account(app).available("USD") == 5 * U  # taken once
 
 
 def test_negative_adjustment_cannot_exceed_available(app: LedgerApplication, client: TestClient) -> None:
@@ -129,3 +145,18 @@ def test_promotional_grant_is_not_refundable(app: LedgerApplication, client: Tes
     unknown = client.post("/v1/accounts/acme/refunds", json={**body, "grant_id": str(ids.grant_id("acme", "zz"))},
                           headers=FINANCE)
     assert unknown.status_code == 404
+
+
+def test_an_adjustment_adds_credit_in_a_declared_unit_only(app: LedgerApplication, client: TestClient) -> None:
+    """A ``ZZZ`` adjustment made a wallet of a unit the catalogue does not declare (docs/money.md)."""
+    assert apply(app, command("catalog.publish", None, {"document": CATALOG, "digest": "c1"}))[0].outcome == "applied"
+    open_account(app, "acme", {"key": "g1", "amount": "10.00"})
+    before = len(events(app))
+    refused = client.post("/v1/accounts/acme/adjustments", headers=ADMIN,
+                          json={"idempotency_key": "k", "amount": "1", "unit": "ZZZ", "reason": "t"})
+    assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json")
+    assert refused.json()["reason"] == "unknown_unit"
+    assert len(events(app)) == before and account(app).units() == ["USD"]
+    credit = client.post("/v1/accounts/acme/adjustments", headers=ADMIN,
+                         json={"idempotency_key": "k2", "amount": "25", "unit": "CREDIT", "reason": "goodwill"})
+    assert credit.status_code == 201 and credit.json()["available"] == "25.00"

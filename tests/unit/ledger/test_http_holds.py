@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from billing_events import ids
+from billing_events.catalog import EXAMPLE as CATALOG
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger.application import LedgerApplication
 from billing_ledger.hold_commands import hold_id
@@ -61,6 +62,27 @@ def test_capture_spends_actual_amount_and_frees_the_rest(app: LedgerApplication,
     release = client.post(f"/v1/accounts/acme/holds/{hold}/release", headers=SERVICE)
     assert release.status_code == 409 and release.headers["content-type"] == "application/problem+json"
     assert release.json()["reason"] == "hold_already_settled"
+
+
+def test_a_captured_hold_refuses_another_amount_or_a_release_naming_what_it_captured(
+        app: LedgerApplication, client: TestClient) -> None:
+    """A second capture of another amount was answered 200 with the first capture (its command id is the hold's, so
+    it was a duplicate), as if 30.00 had been spent, while a release of the same hold was a 409."""
+    open_account(app, "acme", {"key": "g1", "amount": "100.00"})
+    hold = place(client, "acme", "job", "40.00")["hold_id"]
+    capture = f"/v1/accounts/acme/holds/{hold}/capture"
+    assert client.post(capture, json={"amount": "25.50"}, headers=SERVICE).status_code == 200
+    before = list(app.events.get(ids.account_id("acme")))
+    other = client.post(capture, json={"amount": "30.00"}, headers=SERVICE)
+    assert (other.status_code, other.headers["content-type"]) == (409, "application/problem+json"), other.text
+    assert other.json()["reason"] == "hold_already_settled"
+    assert "already captured (25.50 USD)" in other.json()["detail"]
+    release = client.post(f"/v1/accounts/acme/holds/{hold}/release", headers=SERVICE)
+    assert release.status_code == 409 and "already captured (25.50 USD)" in release.json()["detail"]
+    same = client.post(capture, json={"amount": "25.500"}, headers=SERVICE)  # the same amount: the first answer
+    assert same.status_code == 200 and same.json()["captured"] == "25.50"
+    assert list(app.events.get(ids.account_id("acme"))) == before
+    assert available(app, "acme") == 100 * U - 2550 * U // 100
 
 
 def test_capture_above_hold_is_refused_unless_overage_allowed(app: LedgerApplication, client: TestClient) -> None:
@@ -137,3 +159,24 @@ def test_malformed_path_parameters_are_422(app: LedgerApplication, client: TestC
     assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
     assert client.get("/v1/accounts/acme/holds/not-a-uuid", headers=SERVICE).status_code == 422
     assert client.post("/v1/accounts/acme/allocations/Seats!/x/release", headers=SERVICE).status_code == 422
+
+
+def test_a_hold_in_a_unit_the_catalogue_does_not_declare_is_refused(app: LedgerApplication,
+                                                                    client: TestClient) -> None:
+    """docs/money.md: a unit is an ISO 4217 currency or a credit type of the catalogue. A ``ZZZ`` hold was placed
+    (and declined for want of credit) in a unit nothing prices."""
+    [published] = apply(app, command("catalog.publish", None, {"document": CATALOG, "digest": "c1"}))
+    assert published.outcome == "applied"
+    open_account(app, "acme", {"key": "g1", "amount": "5.00"}, {"key": "c1", "amount": "100", "unit": "CREDIT"})
+    before = list(app.events.get(ids.account_id("acme")))
+    refused = client.post("/v1/accounts/acme/holds", json={"idempotency_key": "z", "amount": "1", "unit": "ZZZ"},
+                          headers=SERVICE)
+    assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json")
+    assert refused.json()["reason"] == "unknown_unit"
+    [sent] = apply(app, command("hold.place", "acme", {"hold_id": str(hold_id("acme", "k")), "amount": "1",
+                                                       "unit": "ZZZ", "expires_at": "2099-01-01T00:00:00+00:00"}))
+    assert (sent.outcome, sent.reason) == ("rejected", "unknown_unit")  # over Kafka: its receipt says why
+    assert list(app.events.get(ids.account_id("acme"))) == before
+    assert app.read(ids.account_id("acme"), lambda a: a.units()) == ["CREDIT", "USD"]
+    declared = place(client, "acme", "c", "40", unit="CREDIT")
+    assert declared["http"] == 201 and declared["approved"] is True

@@ -93,3 +93,45 @@ async def test_put_low_balance_threshold_raises_an_alert(ledger: LedgerApplicati
     assert fund_more.outcome == "applied"
     debit(ledger, "u2", 20)
     assert await alerts.process_pending(ledger, None) == []  # removed: no alert
+
+
+def account_state(app: LedgerApplication) -> tuple[object, ...]:
+    """The account's version (an event would move it) and its units."""
+    return app.read(ids.account_id(TENANT), lambda a: (a.version, a.units()))  # type: ignore[return-value]
+
+
+LOW, TOP_UP = "low-balance", "auto-top-up"
+RULE = {"threshold": "5.10", "target": "50.50", "monthly_cap": "100.99"}  # whole cents: taken
+
+
+@pytest.mark.parametrize(("route", "body", "reason", "fine"), [
+    # finer than the unit allows (checkout quotes refuse 10.001 too): were accepted
+    (LOW, {"threshold": "5.0000000001"}, "invalid_low_balance", {"threshold": "5.10"}),
+    (LOW, {"threshold": "5.001"}, "invalid_low_balance", {"threshold": "5.10"}),
+    (LOW, {"threshold": "2.5", "unit": "CREDIT"}, "invalid_low_balance", {"threshold": "3", "unit": "CREDIT"}),  # scale 0
+    (TOP_UP, {**RULE, "target": "50.001"}, "invalid_auto_top_up", RULE),
+    (TOP_UP, {**RULE, "threshold": "5.001"}, "invalid_auto_top_up", RULE),
+    (TOP_UP, {**RULE, "monthly_cap": "100.009"}, "invalid_auto_top_up", RULE),
+    # a unit nobody declared: ZZZ made an alert of its own
+    (LOW, {"threshold": "5", "unit": "ZZZ"}, "unknown_unit", {"threshold": "5", "unit": "USD"}),
+    (TOP_UP, {"unit": "ZZZ", "threshold": "5", "package": "credits-10k", "monthly_cap": "100"}, "unknown_unit",
+     {"unit": "CREDIT", "threshold": "5", "package": "credits-10k", "monthly_cap": "100000"}),
+])
+def test_an_undeclared_unit_or_an_amount_finer_than_its_unit_is_refused(
+        ledger: LedgerApplication, route: str, body: dict[str, object], reason: str, fine: dict[str, object]) -> None:
+    http = client(ledger, {})
+    before = account_state(ledger)
+    refused = http.put(f"/v1/accounts/{TENANT}/{route}", headers=headers(), json=body)
+    assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json"), refused.text
+    assert refused.json()["reason"] == reason
+    assert account_state(ledger) == before
+    taken = http.put(f"/v1/accounts/{TENANT}/{route}", headers=headers(), json=fine)
+    assert taken.status_code == 200, taken.text
+
+
+def test_a_command_naming_an_undeclared_unit_is_rejected_with_its_reason(ledger: LedgerApplication) -> None:
+    """Over Kafka too: rejected (its receipt says why), nothing changed."""
+    before = account_state(ledger)
+    result = run(ledger, "low_balance.set", TENANT, "lb", unit="ZZZ", threshold="5")
+    assert (result.outcome, result.reason) == ("rejected", "unknown_unit")
+    assert account_state(ledger) == before

@@ -97,6 +97,21 @@ def test_a_bad_body_gets_its_problem_and_subscribes_nothing(ledger: LedgerApplic
     assert live(ledger) == [] and ledger.read(subscription_id("acme", "main"), lambda s: s.key) is None
 
 
+@pytest.mark.parametrize("at", ["2026-11-22T00:00:00", "yesterday", 12345])
+def test_a_malformed_at_gets_a_problem_and_subscribes_nothing(ledger: LedgerApplication, client: TestClient,
+                                                               at: Any) -> None:
+    """It was a plain-text 500 (the command had made the account's roster before reading ``at``), while the same
+    ``at`` on change, cancel, pause or resume was a 422."""
+    position = ledger.recorder.max_notification_id() or 0
+    refused = client.post(URL, headers=ADMIN, json={"key": "main", "plan": "starter", "at": at})
+    assert (refused.status_code, refused.headers["content-type"]) == (422, PROBLEM_MEDIA_TYPE), refused.text
+    assert (refused.json()["type"], refused.json()["reason"]) == (PROBLEM_BASE + "invalid-command", "invalid_command")
+    assert "at:" in refused.json()["detail"]
+    assert ledger.recorder.max_notification_id() == position  # no roster, no subscription, no receipt
+    assert client.post(URL, headers=ADMIN, json={"key": "main", "plan": "starter",
+                                                 "at": "2026-11-22T00:00:00Z"}).status_code == 201
+
+
 def test_a_lifecycle_body_is_optional_and_checked_by_its_command(client: TestClient) -> None:
     assert client.post(URL, headers=ADMIN, json={"key": "main", "plan": "starter", "trial": False}).status_code == 201
     wrong = client.post(f"{URL}/main/change", headers=ADMIN, json={"quantity": "many"})

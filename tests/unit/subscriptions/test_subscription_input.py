@@ -50,6 +50,17 @@ def test_an_unknown_time_zone_is_refused_before_anything_changes(app: LedgerAppl
     assert first_invoice_total(app, "m") == Decimal("30.00")
 
 
+@pytest.mark.parametrize("at", ["2026-11-01T00:00:00", "yesterday", 12345])
+def test_a_malformed_at_is_refused_before_anything_changes(app: LedgerApplication, at: Any) -> None:
+    """The roster was made before ``at`` was read: its ``ValueError`` then failed the command (the consumer's whole
+    batch) instead of rejecting it."""
+    position = app.recorder.max_notification_id() or 0
+    assert rejected(app, "subscription.create", key="m", plan="team", at=at) == "invalid_command"
+    assert changes_since(app, position) == []
+    run(app, "subscription.create", "acme", key="m", plan="team")
+    assert first_invoice_total(app, "m") == Decimal("30.00")
+
+
 @pytest.mark.parametrize("quantity", [2.7, True, "2.5"])
 def test_a_quantity_that_is_not_a_whole_number_is_refused_not_truncated(app: LedgerApplication, quantity: Any) -> None:
     position = app.recorder.max_notification_id() or 0
