@@ -100,3 +100,13 @@ async def test_usage_and_webhooks_keep_their_own_body_limits_above_the_apps_defa
         assert other.status_code == 413 and other.json()["detail"] == "Bodies are limited to 1024 bytes."
     finally:
         await small.stop()
+
+
+async def test_a_quantity_in_other_digits_or_with_spaces_is_rejected_not_counted(ingest: Ingest) -> None:
+    events = [{**event(f"digits-{i}"), "quantity": quantity} for i, quantity in enumerate(["١٢", " 12 ", "+12"])]
+    response = await ingest.http.post("/v1/usage", json=events, headers=headers(ingest))
+    assert response.status_code == 200
+    assert response.json()["accepted"] == 0 and response.json()["rejected"] == 3
+    assert {r["reason"] for r in response.json()["results"]} == {"invalid_quantity"}
+    assert await ingest.published(topics.USAGE_ACCEPTED) == []
+    assert len(await ingest.published(topics.USAGE_REJECTED)) == 3
