@@ -7,19 +7,22 @@ file twice issues the same command ids, which the ledger refuses the second time
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from billing_events import ids
 from billing_events.catalog import STORED, CatalogDocument
-from billing_events.messages import LedgerCommand
+from billing_events.messages import TENANT_PATTERN, LedgerCommand
 from billing_events.money import MoneyError, currency, parse_decimal
 from billing_events.timeutil import utcnow
 from billing_rating.catalog_view import CatalogError, check_meters_kept, validate_document
 from billing_rating.http import publish_command
 from billing_rating.subscriptions import meters_of_live_plans
 from billing_runtime.settings import Settings
+
+_TENANT = re.compile(TENANT_PATTERN)
 
 
 class CatalogFileError(ValueError):
@@ -58,21 +61,33 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
         except CatalogError as exc:
             raise CatalogFileError(f"catalog: {exc}") from exc
         commands.append(publish_command(parsed.model_dump(mode="json"), issued_by))
-    for index, account in enumerate(document.get("accounts") or []):
+    for index, account in enumerate(_list_of(document, "accounts", "accounts")):
+        where = f"accounts[{index}]"
+        if not isinstance(account, dict):
+            raise CatalogFileError(f"{where}: expected a mapping with 'tenant', 'currency' and 'grants'")
         tenant = account.get("tenant")
+        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+            raise CatalogFileError(f"{where}.tenant: {_missing_or(tenant)}: expected a tenant id (letters, digits, "
+                                   "'.', '_' or '-', at most 128)")
         try:
             currency(account.get("currency", ""))
         except MoneyError as exc:
-            raise CatalogFileError(f"accounts[{index}]: {exc}") from exc
+            raise CatalogFileError(f"{where}: {exc}") from exc
         commands.append(LedgerCommand(
             command_id=ids.command_id("account.open", tenant), kind="account.open", tenant=tenant,
             issued_at=now, issued_by=issued_by,
             payload={k: v for k, v in account.items() if k != "grants"}))
-        for grant in account.get("grants") or []:
+        for grant_index, grant in enumerate(_list_of(account, "grants", f"{where}.grants")):
+            at = f"{where}.grants[{grant_index}]"
+            if not isinstance(grant, dict):
+                raise CatalogFileError(f"{at}: expected a mapping with 'key', 'unit' and 'amount'")
+            for name in ("key", "unit"):
+                if not isinstance(grant.get(name), str) or not grant[name]:
+                    raise CatalogFileError(f"{at}.{name}: {_missing_or(grant.get(name))}: expected a non-empty string")
             try:
                 parse_decimal(grant.get("amount"), field="amount")
             except MoneyError as exc:
-                raise CatalogFileError(f"accounts[{index}].grants: {exc}") from exc
+                raise CatalogFileError(f"{at}: {exc}") from exc
             commands.append(LedgerCommand(
                 command_id=ids.command_id("credit.grant", tenant, grant["key"]), kind="credit.grant",
                 tenant=tenant, issued_at=now, issued_by=issued_by,
@@ -100,3 +115,17 @@ async def check_live_meters(settings: Settings, commands: list[LedgerCommand]) -
         check_meters_kept(CatalogDocument.model_validate(publish.payload["document"], context={STORED: True}), in_use)
     except CatalogError as exc:
         raise CatalogFileError(f"catalog: {exc}") from exc
+
+
+def _list_of(mapping: dict[str, Any], name: str, where: str) -> list[Any]:
+    """``mapping[name]`` as a list (absent or empty: none), else a CatalogFileError naming ``where``."""
+    value = mapping.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CatalogFileError(f"{where}: expected a list, not {_missing_or(value)}")
+    return value
+
+
+def _missing_or(value: Any) -> str:
+    return "missing" if value is None else f"{value!r} ({type(value).__name__})"

@@ -39,7 +39,10 @@ DECIMAL_FRACTION_DIGITS_MAX = 18
 RATING_CONTEXT = Context(prec=60, rounding=RATING_ROUNDING)
 _SUBUNITS_PER_UNIT_DECIMAL = Decimal(1).scaleb(SUBUNIT_SCALE)  # 1E+9: one digit, so the product stays exact
 
-_PLAIN_DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+# A decimal string: ASCII digits only (``\\d`` would take any script's digits, "١٢" as 12), nothing around them, an
+# optional minus, a fraction with digits after its point. The exponent stays: ``str(Decimal)`` writes one (1E-7,
+# 1E+3) in the messages the services send each other, and JSON numbers with one are read as Decimals.
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _CREDIT_CODE = re.compile(r"^[A-Z][A-Z0-9_]{1,31}$")
 
 
@@ -48,7 +51,8 @@ class MoneyError(ValueError):
 
 
 def parse_decimal(value: Any, *, field: str = "value", allow_negative: bool = False) -> Decimal:
-    """Parses a decimal from a string, an int or a Decimal; refuses floats, NaN, infinities, huge values."""
+    """Parses a decimal from a string (``[-]digits[.digits][e[+-]digits]``, ASCII, nothing around it), an int or a
+    Decimal; refuses floats, NaN, infinities, huge values."""
     if isinstance(value, (bool, float)):
         raise MoneyError(f"{field} must be a decimal string or an integer, not a binary float")
     if isinstance(value, int):
@@ -56,11 +60,10 @@ def parse_decimal(value: Any, *, field: str = "value", allow_negative: bool = Fa
     elif isinstance(value, Decimal):
         result = value
     elif isinstance(value, str):
-        text = value.strip()
-        if not _PLAIN_DECIMAL.match(text):
+        if not _PLAIN_DECIMAL.fullmatch(value):
             raise MoneyError(f"{field} is not a decimal number: {value[:40]!r}")
         try:
-            result = Decimal(text)
+            result = Decimal(value)
         except InvalidOperation as exc:  # pragma: no cover - the regex already guards
             raise MoneyError(f"{field} is not a decimal number") from exc
     else:

@@ -1,23 +1,28 @@
-"""The pieces every HTTP app shares: problem handlers, auth state, /healthz, /readyz and /metrics."""
+"""The pieces every HTTP app shares: problem handlers, auth state, the request body limit, /healthz, /readyz and
+/metrics."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from billing_runtime.auth import TokenVerifier
+from billing_runtime.body_limit import BodyLimit
 from billing_runtime.problems import install_problem_handlers, problem_response
 from billing_runtime.settings import Settings
 
 ReadyCheck = Callable[[], Awaitable[bool]]
 
 
-def create_app(title: str, settings: Settings, ready: ReadyCheck | None = None, version: str = "0.1.0") -> FastAPI:
+def create_app(title: str, settings: Settings, ready: ReadyCheck | None = None, version: str = "0.1.0",
+               body_limits: Mapping[str, int] | None = None) -> FastAPI:
+    """``body_limits``: routes whose request body limit is not the default (``ServiceParts.body_limits``)."""
     app = FastAPI(title=title, version=version)
     app.state.token_verifier = TokenVerifier(settings)
     install_problem_handlers(app)
+    app.add_middleware(BodyLimit, default_bytes_max=settings.http_default_body_bytes_max, routes=body_limits)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -27,6 +27,11 @@ class Problem(Exception):
         self.extra = extra
 
 
+def payload_too_large(limit: int) -> Problem:
+    """A request body above ``limit`` bytes (``billing_runtime.body_limit``, ``POST /v1/usage``, webhooks)."""
+    return Problem(413, "Payload too large", f"Bodies are limited to {limit} bytes.", kind="payload-too-large")
+
+
 def problem_response(status: int, title: str, detail: str = "", *, kind: str | None = None,
                      instance: str | None = None, headers: dict[str, str] | None = None,
                      **extra: Any) -> JSONResponse:

@@ -50,7 +50,8 @@ class Runner:
                     return False
             return True
 
-        app = create_app(self.title, self.settings, ready=ready)
+        body_limits = {path: limit for part in self.parts for path, limit in part.body_limits.items()}
+        app = create_app(self.title, self.settings, ready=ready, body_limits=body_limits)
         for part in self.parts:
             for router in part.routers:
                 app.include_router(router)

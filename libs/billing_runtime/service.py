@@ -46,3 +46,5 @@ class ServiceParts:
     tasks: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
     ready: Callable[[], Awaitable[bool]] | None = None
     close: Callable[[], Awaitable[None]] | None = None
+    # Routes whose request body limit is not the app's default: path template -> bytes (billing_runtime.body_limit).
+    body_limits: dict[str, int] = field(default_factory=dict)

@@ -28,7 +28,11 @@ class Settings:
     batch_records_max: int = 2000  # measured: 2000 beat 500 end to end (bench/results/reference.md)
     poll_timeout_ms: int = 200
     http_events_per_request_max: int = 1000
-    http_body_bytes_max: int = 4 * 1024 * 1024
+    http_body_bytes_max: int = 4 * 1024 * 1024  # POST /v1/usage (up to 1,000 events; gzip: before and after)
+    # Every other route's request body (billing_runtime.body_limit), unless it declares its own (webhooks). The
+    # largest legitimate bodies are catalogues (POST /v1/catalog: the examples are 2-5 KB; a catalogue is published as
+    # one ledger command, and a Kafka record is at most 1 MiB by default anyway).
+    http_default_body_bytes_max: int = 1024 * 1024
     dedup_window_days: int = 35
     future_skew_seconds: int = 300
     jwt_secret: str = DEV_JWT_SECRET
@@ -102,6 +106,7 @@ class Settings:
             service_ports=ports,
             topic_partitions=_env_int("BILLING_TOPIC_PARTITIONS", 6),
             batch_records_max=_env_int("BILLING_BATCH_RECORDS_MAX", 2000),
+            http_default_body_bytes_max=_env_int("BILLING_HTTP_DEFAULT_BODY_BYTES_MAX", 1024 * 1024),
             dedup_window_days=_env_int("BILLING_DEDUP_WINDOW_DAYS", 35),
             future_skew_seconds=_env_int("BILLING_FUTURE_SKEW_SECONDS", 300),
             jwt_secret=os.environ.get("BILLING_JWT_SECRET", DEV_JWT_SECRET),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from billing_events import topics
-from billing_ingest.http import build_router, build_webhook_router
+from billing_ingest.http import body_limits, build_router, build_webhook_router
 from billing_ingest.payments import PaymentWebhooks
 from billing_ingest.service import IngestService
 from billing_ingest.webhooks.registry import enabled_gateways
@@ -33,4 +33,5 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         ],
         tasks=[service.cleanup_loop],
         close=close,
+        body_limits=body_limits(settings),
     )

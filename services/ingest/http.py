@@ -12,11 +12,17 @@ from billing_events.messages import loads_exact
 from billing_ingest.payments import PaymentWebhooks
 from billing_ingest.service import IngestService
 from billing_runtime.auth import Principal, Role, require
-from billing_runtime.problems import Problem, problem_response
+from billing_runtime.problems import Problem, payload_too_large, problem_response
+from billing_runtime.settings import Settings
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 UsageSender = Annotated[Principal, Depends(require(Role.SERVICE, Role.ADMIN))]
+
+
+def body_limits(settings: Settings) -> dict[str, int]:
+    """The routes' own request body limits, instead of the app's default (``ServiceParts.body_limits``)."""
+    return {"/v1/usage": settings.http_body_bytes_max, "/v1/webhooks/{gateway}": settings.webhook_body_bytes_max}
 
 
 def build_router(service: IngestService) -> APIRouter:
@@ -37,8 +43,7 @@ def build_router(service: IngestService) -> APIRouter:
                 raise Problem(400, "Bad request", "The gzip body could not be decompressed.",
                               kind="bad-gzip") from exc
         if len(body) > body_max:
-            raise Problem(413, "Payload too large", f"Bodies are limited to {body_max} bytes.",
-                          kind="payload-too-large")
+            raise payload_too_large(body_max)
         try:
             data = loads_exact(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -73,14 +78,13 @@ async def read_body_capped(request: Request, body_max: int) -> bytes:
     """The raw body, refused with 413 as soon as it exceeds ``body_max`` bytes (never buffered beyond it)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_max:
-        raise Problem(413, "Payload too large", f"Bodies are limited to {body_max} bytes.", kind="payload-too-large")
+        raise payload_too_large(body_max)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > body_max:
-            raise Problem(413, "Payload too large", f"Bodies are limited to {body_max} bytes.",
-                          kind="payload-too-large")
+            raise payload_too_large(body_max)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -151,6 +151,9 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                       quantity: int | None = None, at: str | None = None,
                       principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
+        if plan_version is not None and (plan_version < 1 or not plan):
+            raise Problem(422, "Invalid request", "plan_version must be a version (1 or more) of the plan given "
+                          "as plan.", kind="invalid-request", reason="invalid_command")
         sub = await subscription(tenant, key, lambda s: copy.deepcopy(s))
         new_plan = sub.plan
         if plan:

@@ -11,7 +11,7 @@ from billing_projections import api_balance, api_models, balances, lists, views
 from billing_projections.balance_cache import BalanceCache
 from billing_projections.exports import csv_of, csv_response
 from billing_projections.limits import PAGE_ITEMS_DEFAULT, PAGE_ITEMS_MAX
-from billing_projections.params import day_bound, month_range, split_list, time_bound, wants_csv
+from billing_projections.params import day_bound, invalid, month_range, split_list, time_bound, wants_csv
 from billing_runtime.auth import Principal, check_tenant, require
 from billing_runtime.db import Database
 from billing_runtime.problems import Problem
@@ -79,6 +79,8 @@ def build_router(db: Database, ledger_url: str = "", *, lean_balance: bool = Tru
                          status: Annotated[str | None, Query(description="open | expired | voided")] = None,
                          unit: str | None = None, fmt: Format = None) -> Any:
         await _known(db, principal, tenant)
+        if status and status not in balances.GRANT_STATUSES:
+            raise invalid(f"unknown status {status}; known: {', '.join(balances.GRANT_STATUSES)}", "status")
         units, now = await views.load_units(db), utcnow()
         items = [views.grant_view(g, units, now) for g in await balances.grants(db, tenant, status=status, unit=unit)]
         if wants_csv(request, fmt):

@@ -215,6 +215,9 @@ async def wallets(db: Database, tenant: str | None = None) -> list[dict[str, Any
     return await db.fetch(sql + " WHERE tenant = $1 ORDER BY unit", tenant)
 
 
+GRANT_STATUSES = ("open", "expired", "voided")  # a grant's status: open until it expires or is voided
+
+
 async def grants(db: Database, tenant: str, *, status: str | None = None, unit: str | None = None
                  ) -> list[dict[str, Any]]:
     where, args = ["tenant = $1"], [tenant]

@@ -107,6 +107,7 @@ def build_router(service: RatingService) -> APIRouter:
     @router.get("/v1/rating/periods/{period}/accounts/{tenant}/lines", summary="Closed lines of a tenant")
     async def get_lines(period: str, tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
+        _check_period(period)
         return {"period": period, "tenant": tenant,
                 "lines": [line.__dict__ for line in await lines_of(service.db, period, tenant)]}
 
@@ -115,6 +116,7 @@ def build_router(service: RatingService) -> APIRouter:
     async def get_decisions(period: str, tenant: str, meter: str | None = None,
                             principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
+        _check_period(period)
         rows = await service.db.fetch(
             "SELECT event_id, meter, group_key, event_time, quantity, quantity_before, quantity_after, "
             "amount_subunits, unit, catalog_version, decision, output, rated_at FROM rated_events "
@@ -138,3 +140,9 @@ def build_router(service: RatingService) -> APIRouter:
         return {"period": period, "tenant": tenant, "decisions": decisions}
 
     return router
+
+
+def _check_period(period: str) -> None:
+    """A period read back (lines, decisions) is a month, as one closed: else no period could have any."""
+    if not (period.isascii() and PERIOD.fullmatch(period)):
+        raise Problem(422, "Invalid period", "Use YYYY-MM.", kind="invalid-period")

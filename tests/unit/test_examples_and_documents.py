@@ -29,6 +29,31 @@ def test_the_example_catalogues_are_accepted_by_the_ledger(name: str, tmp_path: 
     assert results and [r for r in results if r.outcome != "applied"] == []
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("accounts: 5", "accounts: expected a list, not 5 (int)"),
+    ("accounts: [acme]", "accounts[0]: expected a mapping"),
+    ("accounts:\n  - currency: USD", "accounts[0].tenant: missing: expected a tenant id"),
+    ("accounts:\n  - {tenant: 42, currency: USD}", "accounts[0].tenant: 42 (int): expected a tenant id"),
+    ("accounts:\n  - {tenant: 'bad tenant!', currency: USD}", "accounts[0].tenant: 'bad tenant!' (str)"),
+    ("accounts:\n  - {tenant: acme, currency: USD, grants: 5}", "accounts[0].grants: expected a list, not 5 (int)"),
+    ("accounts:\n  - {tenant: acme, currency: USD, grants: [x]}", "accounts[0].grants[0]: expected a mapping"),
+    ("accounts:\n  - tenant: bbb\n    currency: USD\n    grants:\n      - {unit: USD, amount: '5.00'}",
+     "accounts[0].grants[0].key: missing: expected a non-empty string"),
+    ("accounts:\n  - {tenant: acme, currency: USD, grants: [{key: k, amount: '5.00'}]}",
+     "accounts[0].grants[0].unit: missing: expected a non-empty string"),
+    ("accounts:\n  - {tenant: acme, currency: USD, grants: [{key: k, unit: USD, amount: '١٢'}]}",
+     "accounts[0].grants[0]: amount is not a decimal number"),
+])
+def test_a_malformed_catalogue_file_is_an_error_naming_the_entry_and_field_not_a_traceback(
+        text: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "catalogue.yaml"
+    path.write_text(text + "\n")
+    result = CliRunner().invoke(app, ["catalog", "apply", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"error: {message}" in result.output
+
+
 def test_the_cli_refuses_an_unknown_collection_before_sending_anything() -> None:
     result = CliRunner().invoke(app, ["subscription", "create", "--tenant", "acme", "--key", "m", "--plan", "team",
                                       "--collection", "bogus"])

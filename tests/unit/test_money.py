@@ -34,10 +34,17 @@ def test_credit_units_cannot_shadow_a_currency() -> None:
         credit_unit("USD")
 
 
-@pytest.mark.parametrize("bad", [0.1, float("nan"), "1e400", "NaN", "Infinity", "-1", "abc", True, None])
+@pytest.mark.parametrize("bad", [0.1, float("nan"), "1e400", "NaN", "Infinity", "-1", "abc", True, None,
+                                 "١٢", "１２", " 12 ", "12\n", "+12", ".5", "12.", "1_000", "1e", ""])
 def test_parse_decimal_refuses_floats_and_nonsense(bad: object) -> None:
     with pytest.raises(MoneyError):
         parse_decimal(bad)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, min_value=-10**14, max_value=10**14, places=9))
+def test_parse_decimal_reads_what_str_of_a_decimal_writes(value: Decimal) -> None:
+    # Exponents included (1E-7, 0E-9): the services send each other amounts as str(Decimal).
+    assert parse_decimal(str(value), allow_negative=True) == value
 
 
 def test_sub_cent_usage_accumulates_exactly() -> None:

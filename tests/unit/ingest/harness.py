@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from billing_events import topics
 from billing_events.messages import LedgerEvent
-from billing_ingest.http import build_router, build_webhook_router
+from billing_ingest.http import body_limits, build_router, build_webhook_router
 from billing_ingest.payments import PaymentWebhooks
 from billing_ingest.service import IngestService
 from billing_ingest.webhooks import Gateway
@@ -46,7 +46,7 @@ class Ingest:
         self.db = SqliteDatabase(tmp_path / "ingest.sqlite")
         self.service = IngestService(self.settings, self.db, self.bus)
         self.webhooks = PaymentWebhooks(self.db, self.bus, gateways or {})
-        self.app = create_app("ingest (test)", self.settings)
+        self.app = create_app("ingest (test)", self.settings, body_limits=body_limits(self.settings))
         self.app.include_router(build_router(self.service))
         self.app.include_router(build_webhook_router(self.webhooks, self.settings.webhook_body_bytes_max))
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://ingest")

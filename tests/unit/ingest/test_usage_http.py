@@ -74,3 +74,39 @@ async def test_a_json_string_is_not_an_event_even_if_it_contains_one(ingest: Ing
     assert response.status_code == 200
     assert response.json()["results"][0]["reason"] == "schema_invalid"
     assert await ingest.published(topics.USAGE_ACCEPTED) == []
+
+
+async def test_usage_and_webhooks_keep_their_own_body_limits_above_the_apps_default(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "limits", http_default_body_bytes_max=1024, http_body_bytes_max=4096,
+                        webhook_body_bytes_max=3000)
+    (tmp_path / "limits").mkdir()
+    small = await Ingest(tmp_path / "limits", settings=settings).start()
+    try:
+        events = [event(f"batch-{i}") for i in range(20)]
+        body = json.dumps(events).encode()
+        assert 1024 < len(body) <= 4096
+        response = await small.http.post("/v1/usage", content=body, headers=headers(small))
+        assert response.status_code == 200 and response.json()["accepted"] == 20
+        refused = await small.http.post("/v1/usage", content=b" " * 5000, headers=headers(small))
+        assert refused.status_code == 413 and refused.json()["detail"] == "Bodies are limited to 4096 bytes."
+        # A webhook body above the app's default reaches the route (an unknown gateway: 404), one above its own
+        # limit does not.
+        webhook = await small.http.post("/v1/webhooks/nope", content=b" " * 2000)
+        assert webhook.status_code == 404
+        webhook = await small.http.post("/v1/webhooks/nope", content=b" " * 3001)
+        assert webhook.status_code == 413 and webhook.json()["detail"] == "Bodies are limited to 3000 bytes."
+        # Any other path holds to the default.
+        other = await small.http.post("/v1/nowhere", content=b" " * 1025)
+        assert other.status_code == 413 and other.json()["detail"] == "Bodies are limited to 1024 bytes."
+    finally:
+        await small.stop()
+
+
+async def test_a_quantity_in_other_digits_or_with_spaces_is_rejected_not_counted(ingest: Ingest) -> None:
+    events = [{**event(f"digits-{i}"), "quantity": quantity} for i, quantity in enumerate(["١٢", " 12 ", "+12"])]
+    response = await ingest.http.post("/v1/usage", json=events, headers=headers(ingest))
+    assert response.status_code == 200
+    assert response.json()["accepted"] == 0 and response.json()["rejected"] == 3
+    assert {r["reason"] for r in response.json()["results"]} == {"invalid_quantity"}
+    assert await ingest.published(topics.USAGE_ACCEPTED) == []
+    assert len(await ingest.published(topics.USAGE_REJECTED)) == 3

@@ -142,6 +142,19 @@ async def test_a_bad_filter_on_a_csv_export_is_the_same_422_problem_as_its_json_
     assert dashboard.status_code == 422 and "bogus" in dashboard.json()["detail"]
 
 
+async def test_a_grant_status_filter_is_one_of_the_statuses_or_a_problem(client: httpx.AsyncClient) -> None:
+    everything = (await client.get("/v1/accounts/acme/grants", headers=auth("admin"))).json()["items"]
+    for status in ("open", "expired", "voided"):
+        r = await client.get("/v1/accounts/acme/grants", params={"status": status}, headers=auth("admin"))
+        assert r.status_code == 200
+        assert r.json()["items"] == [g for g in everything if g["status"] == status]
+    for status in ("bogus", "OPEN", "open,expired"):  # not an empty list, as if acme had no such grant
+        r = await client.get("/v1/accounts/acme/grants", params={"status": status}, headers=auth("admin"))
+        assert r.status_code == 422, (status, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["errors"][0]["location"] == "query.status" and "known: open, expired, voided" in r.text
+
+
 async def test_monthly_usage_and_ai_usage(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/accounts/acme/usage/monthly", params={"year": 2026, "month": 11, "meter": "ai_tokens"},
                          headers=auth("viewer", "acme"))

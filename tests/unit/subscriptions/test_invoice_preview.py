@@ -110,7 +110,9 @@ def test_a_malformed_at_or_quantity_is_a_clear_422_not_a_500(tmp_path: Path) -> 
     client = TestClient(app, raise_server_exceptions=False)
     headers = {"Authorization": f"Bearer {mint_token(Settings(), role='admin')}"}
     preview = "/v1/accounts/acme/subscriptions/m/invoice-preview"
-    for params in ({"quantity": 3, "at": "2026-11-16"}, {"at": "garbage"}, {"quantity": 0}):
+    # plan_version=-1 (or 0, or without a plan) previewed the unchanged subscription, as if it were not given.
+    for params in ({"quantity": 3, "at": "2026-11-16"}, {"at": "garbage"}, {"quantity": 0}, {"plan_version": -1},
+                   {"plan": "team-b", "plan_version": 0}, {"plan_version": 1, "quantity": 2}):
         response = client.get(preview, params=params, headers=headers)
         assert response.status_code == 422, (params, response.text)
         assert response.headers["content-type"] == "application/problem+json"
