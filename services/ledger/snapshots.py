@@ -90,8 +90,9 @@ log = get_logger(__name__)
 # (_recent_draws). 16: each grant keeps the credit negative adjustments took from it and what of it override refunds paid
 # back (adjusted, adjusted_reversed in _grants). 17: each unbilled period's overage by usage time (_overage_times). 18:
 # a usage_reversal credit keeps what gateway refunds took back of each grant's usage it reversed (taken_back in
-# _grants). ResourcePool 2: finished requests are forgotten after a while (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 18, ResourcePool: 2}
+# _grants). 19: gateway refunds that came before the payment they give back wait for it (_parked_refunds).
+# ResourcePool 2: finished requests are forgotten after a while (_finished).
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 19, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

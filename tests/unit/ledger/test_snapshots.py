@@ -187,11 +187,11 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # negative adjustments took from it and what of it refunds paid back (adjusted, adjusted_reversed).
 # Format 17: _overage_times (each unbilled period's overage by the time of the usage that posted it).
 # Format 18: the same attributes, but a usage_reversal credit in _grants keeps what gateway refunds took back of
-# each grant's usage it reversed (taken_back).
-ACCOUNT_ATTRIBUTES_FORMAT_18 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+# each grant's usage it reversed (taken_back). Format 19: _parked_refunds (gateway refunds waiting for their payment).
+ACCOUNT_ATTRIBUTES_FORMAT_19 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
     "_auto_top_up", "_billed_periods", "_created_on", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
-    "_modified_on", "_overage_rounding", "_overage_times", "_pending_events", "_pending_fee_credits", "_period_minimums", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history",
+    "_modified_on", "_overage_rounding", "_overage_times", "_parked_refunds", "_pending_events", "_pending_fee_credits", "_period_minimums", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history",
     "_unbilled", "_unbilled_meters", "_version",
     "chain_head", "currency", "opened_by", "tenant",
 ]
@@ -208,7 +208,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 18 and account == ACCOUNT_ATTRIBUTES_FORMAT_18
+    assert snapshots.FORMATS[BillingAccount] == 19 and account == ACCOUNT_ATTRIBUTES_FORMAT_19
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 
