@@ -5,12 +5,14 @@ never comes stays listed for reconciliation."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from billing_cli.main import app as cli
 from billing_events.messages import PaymentNotification
 from billing_events.timeutil import utcnow
 from billing_ledger import reconcile
@@ -18,6 +20,7 @@ from billing_ledger.application import CommandResult, LedgerApplication, persist
 from billing_ledger.domain.checkout import Order
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.payment_commands import payment_command
+from typer.testing import CliRunner
 
 from tests.unit.payments.support import TENANT, ledger, setup
 from tests.unit.payments.test_top_up_grants import available, books, place
@@ -145,3 +148,19 @@ def test_a_waiting_refund_its_payment_cannot_take_is_rejected_for_reconciliation
     assert ledger.read(Order.create_id(TENANT, "o1"), lambda o: o.status) == "paid"
     [listed] = reconcile.parked_refunds(ledger, TENANT)
     assert (listed.status, listed.reason, listed.payment) == ("rejected", "partial_refund", "pi_1")
+
+
+def test_billing_reconcile_refunds_lists_the_refunds_not_applied_to_a_payment(tmp_path: Path) -> None:
+    app = fresh(tmp_path, "ledger")
+    try:
+        order = place(app, "o1", amount="100")
+        deliver(app, notification("refund_succeeded", order["order_id"], "119.00", "evt_refund", "re_1", "pi_1"))
+    finally:
+        app.close()
+    env = {"BILLING_DATA_DIR": str(tmp_path / "ledger"), "DATABASE_URL": "", "BILLING_NAMESPACE": ""}
+    listed = CliRunner().invoke(cli, ["reconcile", "refunds", "--tenant", TENANT, "--format", "json"], env=env)
+    assert listed.exit_code == 1, listed.output
+    [refund] = json.loads(listed.output)
+    assert (refund["key"], refund["amount"], refund["status"]) == ("stripe/re_1", "119.00", "awaiting_payment")
+    none = CliRunner().invoke(cli, ["reconcile", "refunds", "--tenant", "other"], env=env)
+    assert (none.exit_code, none.output.splitlines()[0]) == (0, "0 gateway refund(s) not applied to a payment")
