@@ -21,6 +21,11 @@ and refused as a duplicate the second time, like every other command.
   it is recorded even when the credit was spent (with the override: the spent part is reversed from
   revenue, see ``BillingAccount.refund_grant``). It refunds the purchase grants of the same order; a checkout
   order is reversed when the refund is exactly what is left of it (``refund_request_commands.gateway_refunded``).
+* ``refund_succeeded`` before the payment it gives back (the gateway's notifications crossed: a checkout order not
+  paid yet, or an order none of whose purchase is booked) waits on the account (``_park_refund``,
+  ``RefundAwaitingPayment``, once per gateway refund reference); that order's ``payment_succeeded`` applies it in
+  the same command, exactly as a refund after it, or settles it rejected with the reason such a refund would get
+  (``_apply_parked_refunds``). Either order ends the same; ``reconcile.parked_refunds`` lists those not applied.
 * ``refund_succeeded`` of a payment that settled an invoice (the notification's ``invoice_id``, or an
   ``order_id`` naming one of the tenant's invoices, as for payments) is recorded against that invoice, never
   as a purchase reversal: a credit note (``CN-``, ``related_invoice``) for the refunded amount, tax
