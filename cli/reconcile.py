@@ -6,6 +6,9 @@ It reads ingest's ``seen_events``, rating's decisions and the ledger's event sto
 tenant, and joins them with ``billing_events.reconciliation``. It writes nothing. Ingest remembers accepted events
 for the dedup window only (``BILLING_DEDUP_WINDOW_DAYS``): that is the window it can prove, and ``--since`` is
 raised to its start. Exit status 0: no discrepancy; 1: discrepancies; 2: bad input or a store missing.
+
+``billing reconcile refunds --tenant T`` lists, from the ledger's store alone, the tenant's gateway refunds that came
+before the payment they give back and were not applied with it (``billing_ledger.reconcile.parked_refunds``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ if TYPE_CHECKING:
     from billing_ledger.application import LedgerApplication
     from billing_runtime.db import Database
 
-app = typer.Typer(help="Reconciliation: prove every accepted usage event has exactly one outcome.",
+app = typer.Typer(help="Reconciliation: prove every accepted usage event has exactly one outcome; list gateway refunds "
+                       "not applied to a payment.",
                   no_args_is_help=True)
 
 FORMATS = ("table", "json")
@@ -73,6 +77,38 @@ def usage(
         raise typer.BadParameter(str(exc)) from None
     typer.echo(json.dumps(report.to_json(), indent=2) if output == "json" else report.to_table())
     if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("refunds")
+def refunds(
+    tenant: Annotated[list[str], typer.Option(help="The tenant (repeat for several)")],
+    output: Annotated[str, typer.Option("--format", help="table (readable) | json (one document)")] = "table",
+) -> None:
+    """Lists the gateway refunds that came before the payment they give back and were not applied with it: still
+    awaiting their payment, or rejected when it came (with the reason). The money has left at the gateway for each:
+    exit status 1 if any, 0 if none, 2 if the ledger's store is missing."""
+    from billing_ledger.reconcile import parked_refunds
+
+    if output not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+    try:
+        ledger = _ledger(Settings.from_env())
+    except StoreMissing as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        found = [refund for name in tenant for refund in parked_refunds(ledger, name)]
+    finally:
+        ledger.close()
+    if output == "json":
+        typer.echo(json.dumps([{**vars(r), "at": r.at.isoformat()} for r in found], indent=2))
+    else:
+        typer.echo(f"{len(found)} gateway refund(s) not applied to a payment")
+        for r in found:
+            typer.echo(f"{r.tenant}  {r.key}  {r.amount} {r.currency}  order {r.order_id}  {r.status}"
+                       + (f" ({r.reason}: {r.detail})" if r.reason else ""))
+    if found:
         raise typer.Exit(1)
 
 

@@ -21,6 +21,11 @@ and refused as a duplicate the second time, like every other command.
   it is recorded even when the credit was spent (with the override: the spent part is reversed from
   revenue, see ``BillingAccount.refund_grant``). It refunds the purchase grants of the same order; a checkout
   order is reversed when the refund is exactly what is left of it (``refund_request_commands.gateway_refunded``).
+* ``refund_succeeded`` before the payment it gives back (the gateway's notifications crossed: a checkout order not
+  paid yet, or an order none of whose purchase is booked) waits on the account (``_park_refund``,
+  ``RefundAwaitingPayment``, once per gateway refund reference); that order's ``payment_succeeded`` applies it in
+  the same command, exactly as a refund after it, or settles it rejected with the reason such a refund would get
+  (``_apply_parked_refunds``). Either order ends the same; ``reconcile.parked_refunds`` lists those not applied.
 * ``refund_succeeded`` of a payment that settled an invoice (the notification's ``invoice_id``, or an
   ``order_id`` naming one of the tenant's invoices, as for payments) is recorded against that invoice, never
   as a purchase reversal: a credit note (``CN-``, ``related_invoice``) for the refunded amount, tax
@@ -51,8 +56,10 @@ from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_events.money import RATING_CONTEXT, currency, from_subunits, parse_decimal, round_minor
 from billing_ledger import checkout_commands, payload, refund_request_commands
 from billing_ledger.account_commands import account_of
-from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
-from billing_ledger.domain.account import BillingAccount
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, _snake, handles
+from billing_ledger.domain.account import BillingAccount, LedgerError, TooManyParkedRefunds
+from billing_ledger.domain.checkout import PAID as ORDER_PAID
+from billing_ledger.domain.checkout import REFUNDED as ORDER_REFUNDED
 from billing_ledger.domain.invoice import (
     CREDIT_NOTE,
     FINALIZED,
@@ -129,10 +136,11 @@ def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand
         return _settle_invoice(batch, command, invoice, gateway=gateway, event_id=event_id)
     order = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
     if order is not None:  # a checkout order: paid (exact total), credited and invoiced by its quote
-        return checkout_commands.pay_order(
+        paid = checkout_commands.pay_order(
             app, batch, order, gateway=gateway, payment_id=str(command.payload.get("gateway_reference") or event_id),
             amount=parse_decimal(payload.text(command, "amount")), currency_code=payload.text(command, "currency"),
             at=payload.timestamp(command, "verified_at"), by=command.issued_by, command_id=command.command_id)
+        return _with_parked_refunds(paid, _apply_parked_refunds(app, batch, account, command))
     grant = payment_grant_id(account.tenant, gateway, event_id)
     verified_at = payload.timestamp(command, "verified_at")
     account.grant_credit(
@@ -144,7 +152,12 @@ def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand
     )
     repaid = repay_from_purchase(batch, account, grant, verified_at,
                                  {"gateway": gateway, "gateway_event_id": event_id})
-    return {"grant_id": str(grant), "overage_repaid": str(from_subunits(repaid))}
+    return _with_parked_refunds({"grant_id": str(grant), "overage_repaid": str(from_subunits(repaid))},
+                                _apply_parked_refunds(app, batch, account, command))
+
+
+def _with_parked_refunds(result: dict[str, Any], settled: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**result, "parked_refunds": settled} if settled else result
 
 
 def _settle_invoice(batch: _Batch, command: LedgerCommand, invoice: Invoice, *, gateway: str,
@@ -166,6 +179,12 @@ def _settle_invoice(batch: _Batch, command: LedgerCommand, invoice: Invoice, *, 
 @handles(PAYMENT_REFUNDED)
 def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = _account_in_currency(batch, command)
+    return _refund(app, batch, account, command, park=True)
+
+
+def _refund(app: LedgerApplication, batch: _Batch, account: BillingAccount, command: LedgerCommand, *,
+            park: bool) -> dict[str, Any]:
+    """A gateway refund (see the module doc); ``park``: one whose payment is not booked yet waits for it."""
     gateway, event_id = payload.text(command, "gateway"), payload.text(command, "gateway_event_id")
     named_invoice = command.payload.get("invoice_id")
     invoice = tenant_invoice(batch, command.tenant, named_invoice or command.payload.get("order_id"))
@@ -174,6 +193,8 @@ def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerComman
     if invoice is not None:  # the refunded payment settled an invoice: a credit note, no credit moves
         return _refund_invoice(app, batch, command, invoice, gateway=gateway, event_id=event_id)
     known = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
+    if known is not None and park and known.status not in (ORDER_PAID, ORDER_REFUNDED):
+        return _park_refund(account, command)  # its order's payment has not been booked yet
     if known is not None:  # a checkout order: what is left of it reversed (grants, credit note), once
         return refund_request_commands.gateway_refunded(
             app, batch, known, amount=parse_decimal(payload.text(command, "amount")),
@@ -181,16 +202,18 @@ def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerComman
             at=payload.timestamp(command, "verified_at"), by=command.issued_by)
     order = payload.text(command, "order_id")
     left = payload.subunits(command, "amount")
+    caused = account.grants_caused_by(gateway=gateway, order_id=order)
+    if park and not caused:
+        return _park_refund(account, command)  # no payment of that order is booked yet
     # The money has left at the gateway: usage a give-back already returned as ``usage_reversal`` credit is
     # refunded too, and that credit taken back (``reclaim_reversed``; what of it was spent is owed).
     # The refund is money in the account's currency: only the order's grants in that unit are refunded by it. A
     # credit-unit grant's credits are not the money paid for them (a package's price per credit), so a refund of an
     # order with only such grants is rejected for reconciliation, nothing recorded (it was read as credits).
-    matched = account.grants_caused_by(gateway=gateway, order_id=order)
-    grants = [g for g in matched if g["unit"] == account.currency and g["refundable"] + g["reversed"] > 0]
-    if not grants and any(g["unit"] != account.currency for g in matched):
+    grants = [g for g in caused if g["unit"] == account.currency and g["refundable"] + g["reversed"] > 0]
+    if not grants and any(g["unit"] != account.currency for g in caused):
         raise CommandRejected("currency_mismatch", f"order {order!r} at {gateway} granted credit in "
-                                                   f"{sorted({g['unit'] for g in matched})}, not money in "
+                                                   f"{sorted({g['unit'] for g in caused})}, not money in "
                                                    f"{account.currency}: a person reconciles its refund")
     if sum(g["refundable"] + g["reversed"] for g in grants) < left:
         raise CommandRejected("unknown_purchase", f"order {order!r} at {gateway} has less than the refund paid for")
@@ -208,6 +231,75 @@ def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerComman
         refunds.append(str(refund))
         left -= part
     return {"refunds": refunds}
+
+
+def parked_refund_key(gateway: str, reference: str) -> str:
+    """A gateway refund's name while it waits for its payment: the gateway's refund reference (else its event)."""
+    return f"{gateway}/{reference}"
+
+
+def _park_refund(account: BillingAccount, command: LedgerCommand) -> dict[str, Any]:
+    """The gateway paid this refund out before the ledger booked the payment it gives back (the notifications
+    crossed): recorded on the account (``RefundAwaitingPayment``), applied by that payment's command."""
+    gateway = payload.text(command, "gateway")
+    reference = str(command.payload.get("gateway_reference") or payload.text(command, "gateway_event_id"))
+    key = parked_refund_key(gateway, reference)
+    refunded = command.payload.get("refunded_payment")
+    try:
+        parked = account.park_refund(
+            key=key, gateway=gateway, order_id=payload.text(command, "order_id"),
+            refunded_payment=refunded if isinstance(refunded, str) and refunded else None,
+            refund={"command_id": str(command.command_id), "kind": command.kind, "tenant": command.tenant,
+                    "issued_at": command.issued_at.isoformat(), "issued_by": command.issued_by,
+                    "payload": dict(command.payload)},
+            at=payload.timestamp(command, "verified_at"))
+    except TooManyParkedRefunds as exc:
+        raise CommandRejected("too_many_parked_refunds", f"refund {reference}: {exc}; reconcile by hand") from exc
+    return {"awaiting_payment": key, "already_awaiting": not parked}
+
+
+def _apply_parked_refunds(app: LedgerApplication, batch: _Batch, account: BillingAccount,
+                          command: LedgerCommand) -> list[dict[str, Any]]:
+    """The refunds of the payment ``command`` just booked that came before it (``_park_refund``), applied now in
+    the same transaction, exactly as if they had come after it (at the payment's time if they are older).
+
+    A parked refund names the order it gives back and, when the gateway said, the payment
+    (``refunded_payment``): a refund of another payment of the order waits on. One that cannot be applied (a
+    refund that would be rejected after its payment too, e.g. part of an order) is settled ``rejected`` with that
+    reason, nothing moved, and the payment is booked all the same: the money was received."""
+    gateway = payload.text(command, "gateway")
+    order = command.payload.get("order_id")
+    reference = str(command.payload.get("gateway_reference") or payload.text(command, "gateway_event_id"))
+    booked_at = payload.timestamp(command, "verified_at")
+    settled = []
+    for parked in account.parked_refunds(gateway=gateway, order_id=str(order)) if order else ():
+        named = parked["refunded_payment"]
+        if named and command.payload.get("gateway_reference") and named != reference:
+            continue
+        first = parked["refund"]
+        refund = LedgerCommand(
+            command_id=UUID(first["command_id"]), kind=first["kind"], tenant=first["tenant"],
+            issued_at=datetime.fromisoformat(first["issued_at"]), issued_by=first["issued_by"],
+            payload={**first["payload"], "verified_at": max(parked["at"], booked_at).isoformat()})
+        before = _pending_counts(batch)
+        outcome, reason, detail, value = "applied", None, None, None
+        try:
+            value = _refund(app, batch, account, refund, park=False)
+        except (CommandRejected, LedgerError) as exc:
+            if _pending_counts(batch) != before:
+                raise  # refused half-way: the whole payment command is rejected and undone (recorded)
+            outcome = "rejected"
+            reason = exc.reason if isinstance(exc, CommandRejected) else _snake(type(exc).__name__)
+            detail = exc.detail if isinstance(exc, CommandRejected) else str(exc)
+        account.settle_parked_refund(key=parked["key"], payment=reference, outcome=outcome, reason=reason,
+                                     detail=detail, at=booked_at)
+        settled.append({"refund": parked["key"], "outcome": outcome, "reason": reason, "detail": detail,
+                        "value": value})
+    return settled
+
+
+def _pending_counts(batch: _Batch) -> dict[UUID, int]:
+    return {i: len(a.pending_events) for i, a in batch.loaded.items() if a is not None and a.pending_events}
 
 
 def refund_credit_note_key(invoice: Invoice, gateway: str, reference: str) -> str:

@@ -5,12 +5,17 @@ Every command gets a ``CommandReceipt`` (its id is the command's id): ``rejected
 no postings, a negative one gives back) or, refused for lack of credit under a ``block`` overage policy, as
 ``UsageRejected`` with its reason. The account's stream is read once (as ``billing audit`` reads it, in pages,
 never from the aggregate cache), receipts only for commands the stream does not answer.
+
+``parked_refunds`` lists, from the same stream, the gateway refunds that came before the payment they give back
+(``BillingAccount.RefundAwaitingPayment``) and were not applied with it: still waiting (the payment never came,
+or was rejected), or settled ``rejected`` when it came (the refund would be rejected after its payment too), with
+the reason. The money has left at the gateway for each of them: finance reconciles them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
 
@@ -21,6 +26,8 @@ from billing_ledger.domain.receipt import CommandReceipt
 
 USAGE_DEBITED = "BillingAccount.UsageDebited"
 USAGE_REJECTED = "BillingAccount.UsageRejected"
+REFUND_PARKED = "BillingAccount.RefundAwaitingPayment"
+PARKED_REFUND_SETTLED = "BillingAccount.ParkedRefundSettled"
 # Receipts read per statement.
 RECEIPTS_PER_READ_MAX = 500
 
@@ -68,3 +75,38 @@ def receipts(app: LedgerApplication, command_ids: Iterable[UUID]) -> dict[UUID, 
             else:
                 found[command_id] = LedgerOutcome(command_id, "applied_without_debit")
     return found
+
+
+@dataclass(frozen=True)
+class ParkedRefund:
+    """A gateway refund recorded before its payment and not applied: ``awaiting_payment`` or ``rejected``."""
+
+    tenant: str
+    key: str  # "<gateway>/<refund reference>"
+    order_id: str
+    refunded_payment: str | None
+    amount: str
+    currency: str
+    at: datetime  # when the gateway's refund was verified
+    status: str  # awaiting_payment | rejected
+    payment: str | None = None  # the payment that came (rejected)
+    reason: str | None = None
+    detail: str | None = None
+
+
+def parked_refunds(app: LedgerApplication, tenant: str) -> list[ParkedRefund]:
+    """The tenant's gateway refunds that came before their payment and were not applied (see the module doc)."""
+    found: dict[str, ParkedRefund] = {}
+    for event in account_events(app, tenant):
+        kind = type(event).__qualname__
+        if kind == REFUND_PARKED:
+            refund = event.refund["payload"]
+            found[event.key] = ParkedRefund(tenant, event.key, event.order_id, event.refunded_payment,
+                                            str(refund.get("amount")), str(refund.get("currency")), event.at,
+                                            "awaiting_payment")
+        elif kind == PARKED_REFUND_SETTLED and event.key in found:
+            parked = found.pop(event.key)
+            if event.outcome != "applied":
+                found[event.key] = replace(parked, status="rejected", payment=event.payment, reason=event.reason,
+                                           detail=event.detail)
+    return list(found.values())

@@ -139,6 +139,7 @@ Idempotency
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -194,6 +195,10 @@ OWED_REFUND_KEY_PREFIX = "refund:"
 # Recognition of credit-package money (``purchase_money_due``): at most this often per account, besides the
 # first sweep of each UTC day and a grant that finishes or expires.
 MONEY_RECOGNITION_INTERVAL = timedelta(hours=1)
+# Gateway refunds waiting for the payment they give back (``park_refund``) at once per account: a further one is
+# refused (``TooManyParkedRefunds``, its rejection recorded for reconciliation). Each is settled when its payment
+# is booked; only a payment that never comes keeps one here.
+PARKED_REFUNDS_MAX = 1_000
 
 OVERAGE_POLICIES = ("overage", "block")
 REJECTED_INSUFFICIENT_CREDIT = "insufficient_credit"
@@ -301,6 +306,10 @@ class BillingAccount(ChainedAggregate):
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
         self._top_up_history: dict[str, dict[str, Any]] = {}
+        # Gateway refunds that came before the payment they give back (``park_refund``): "<gateway>/<refund
+        # reference>" -> {"gateway", "order_id", "refunded_payment", "refund" (the refund's command, JSON), "at"}.
+        # The payment's command applies them and settles each (``settle_parked_refund``), so it is forgotten.
+        self._parked_refunds: dict[str, dict[str, Any]] = {}
         if low_balance_threshold is not None:
             self._low_balance[currency] = {
                 "threshold": low_balance_threshold,
@@ -1609,6 +1618,57 @@ class BillingAccount(ChainedAggregate):
                 owed.append({"grant_id": credit["grant_id"], "amount": part})
                 left -= part
         return owed
+
+    # == gateway refunds before their payment ================================================================
+
+    def park_refund(self, *, key: str, gateway: str, order_id: str, refunded_payment: str | None,
+                    refund: dict[str, Any], at: datetime) -> bool:
+        """Records a refund the gateway paid out of a payment not booked yet (``RefundAwaitingPayment``).
+
+        Notifications may come in any order: the payment's command applies it when it books the payment
+        (``settle_parked_refund``). ``key`` names the refund at its gateway ("<gateway>/<refund reference>"):
+        the same refund announced again while it waits records nothing (False). ``refund`` is its command, as
+        JSON. At most ``PARKED_REFUNDS_MAX`` wait at once (``TooManyParkedRefunds``)."""
+        _require_text("key", key)
+        _require_text("gateway", gateway)
+        _require_text("order_id", order_id)
+        _require_time("at", at)
+        if key in self._parked_refunds:
+            return False
+        if len(self._parked_refunds) >= PARKED_REFUNDS_MAX:
+            raise TooManyParkedRefunds(f"{len(self._parked_refunds)} gateway refunds already wait for their payment")
+        self._refund_parked(key=key, gateway=gateway, order_id=order_id, refunded_payment=refunded_payment,
+                            refund=copy.deepcopy(refund), at=at)
+        return True
+
+    @event("RefundAwaitingPayment")
+    def _refund_parked(self, key: str, gateway: str, order_id: str, refunded_payment: str | None,
+                       refund: dict[str, Any], at: datetime) -> None:
+        self._parked_refunds[key] = {"key": key, "gateway": gateway, "order_id": order_id,
+                                     "refunded_payment": refunded_payment, "refund": refund, "at": at}
+
+    def parked_refunds(self, *, gateway: str | None = None, order_id: str | None = None) -> list[dict[str, Any]]:
+        """The refunds waiting for their payment (oldest first; copies), of ``gateway``'s ``order_id`` if given."""
+        return [copy.deepcopy(p) for p in self._parked_refunds.values()
+                if (gateway is None or p["gateway"] == gateway) and (order_id is None or p["order_id"] == order_id)]
+
+    def settle_parked_refund(self, *, key: str, payment: str, outcome: str, reason: str | None,
+                             detail: str | None, at: datetime) -> None:
+        """The payment ``payment`` was booked and the parked refund ``key`` with it: ``applied`` (its movements
+        are in the same command), or ``rejected`` with ``reason`` (nothing moved: reconcile it by hand, as a
+        refund after its payment rejected for that reason). It no longer waits (``ParkedRefundSettled``)."""
+        if key not in self._parked_refunds:
+            raise UnknownParkedRefund(f"no gateway refund {key!r} waits for its payment")
+        if outcome not in ("applied", "rejected"):
+            raise InvalidArgument(f"outcome {outcome!r} is neither applied nor rejected")
+        _require_text("payment", payment)
+        _require_time("at", at)
+        self._parked_refund_settled(key=key, payment=payment, outcome=outcome, reason=reason, detail=detail, at=at)
+
+    @event("ParkedRefundSettled")
+    def _parked_refund_settled(self, key: str, payment: str, outcome: str, reason: str | None, detail: str | None,
+                               at: datetime) -> None:
+        self._parked_refunds.pop(key, None)
 
     def adjust(
         self, *, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, at: datetime
@@ -3370,4 +3430,12 @@ class CaptureExceedsHold(InvalidAmount):
 
 
 class MoneyAlreadyBooked(LedgerError):
+    pass
+
+
+class TooManyParkedRefunds(LedgerError):
+    pass
+
+
+class UnknownParkedRefund(LedgerError):
     pass

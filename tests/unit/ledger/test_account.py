@@ -1384,6 +1384,16 @@ def _every_event_type() -> BillingAccount:
                                           at=at(days=17)) == {"2026-10": 5 * U}
     account.set_low_balance_threshold(CREDIT, 10 * U)
     account.clear_auto_top_up(USD)
+    # Gateway refunds before their payment: one applied with it, one still waiting (kept in snapshots).
+    for reference in ("re_1", "re_2"):
+        refund = {"command_id": str(uuid4()), "payload": {"amount": "1.00", "order_id": "o-9"}}
+        assert account.park_refund(key=f"stripe/{reference}", gateway="stripe", order_id="o-9",
+                                   refunded_payment="pi_9", refund=refund, at=at(days=18))
+    assert not account.park_refund(key="stripe/re_1", gateway="stripe", order_id="o-9", refunded_payment=None,
+                                   refund={}, at=at(days=18))
+    account.settle_parked_refund(key="stripe/re_1", payment="pi_9", outcome="applied", reason=None, detail=None,
+                                 at=at(days=19))
+    assert [p["key"] for p in account.parked_refunds(gateway="stripe", order_id="o-9")] == ["stripe/re_2"]
     assert promo
     return account
 
