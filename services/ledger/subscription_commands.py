@@ -1277,11 +1277,13 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
     profile: dict[str, Any] = {"country": country, "subdivision": subdivision.upper() if subdivision else None,
                                "business_name": payload.get("business_name"), "tax_id": None, "tax_id_valid": False}
     if payload.get("tax_id"):
-        # EU VAT rules only for EU member states; elsewhere the country's own format, if known (reverse charge
-        # still needs an EU VAT id: compute_tax).
+        # EU VAT rules only for EU member states, with an id of that member state; elsewhere the country's own
+        # format, if known (reverse charge still needs an EU VAT id of another member state: compute_tax).
         check = check_tax_id(country, str(payload["tax_id"]))
         if not check.valid and check.checked:
-            reason = "invalid_vat_id" if country in EU_MEMBER_STATES else "invalid_tax_id"
+            reason = "invalid_tax_id"
+            if country in EU_MEMBER_STATES:
+                reason = "vat_id_country_mismatch" if check.country not in (None, country) else "invalid_vat_id"
             raise CommandRejected(reason, f"tax id {payload['tax_id']!r} is not valid for {country}: {check.reason}")
         profile.update(tax_id=check.number, tax_id_valid=check.valid)
         if country in EU_MEMBER_STATES:
