@@ -20,6 +20,8 @@ from pydantic import (
     computed_field,
     model_validator,
 )
+from stdnum.eu import vat as eu_vat
+from stdnum.exceptions import ValidationError as StdnumError
 
 from billing_events.money import (
     RATING_CONTEXT,
@@ -262,6 +264,27 @@ class TaxRule(_Model):
 class Seller(_Model):
     name: str = "billing"
     country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    vat_id: str | None = Field(default=None, min_length=1, max_length=32,
+                               description="The seller's VAT id, printed on every invoice finalized after it is "
+                                           "published (an EU member state's: checked, with that state's prefix)",
+                               examples=["DE136695976"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vat_id_checked(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("vat_id"), str):
+            return data
+        number, country = data["vat_id"], data.get("country")
+        if isinstance(country, str) and country.lower() in eu_vat.MEMBER_STATES - {"xi"}:
+            try:
+                compact = eu_vat.validate(number)
+            except StdnumError as exc:
+                raise ValueError(f"seller vat_id {number!r} is not a valid EU VAT id: {exc}") from exc
+            prefix = "EL" if country == "GR" else country
+            if compact[:2] not in {prefix, country}:
+                raise ValueError(f"seller vat_id {number!r} is not a VAT id of {country} (one starts with {prefix})")
+            return {**data, "vat_id": compact}
+        return {**data, "vat_id": number.strip()}
 
 
 class PromotionDef(_Model):

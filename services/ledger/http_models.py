@@ -177,7 +177,8 @@ class TaxProfile(Described):
     subdivision: str | None = Field(default=None, description="ISO 3166-2 subdivision, e.g. US-CA")
     business_name: str | None = None
     tax_id: str | None = Field(default=None, description="VAT or tax id, checked for the country (invalid: "
-                                                         "`invalid_vat_id` / `invalid_tax_id`)")
+                                                         "`invalid_vat_id` / `invalid_tax_id`; an EU VAT id of "
+                                                         "another member state: `vat_id_country_mismatch`)")
 
 
 class CheckoutRequest(Described):

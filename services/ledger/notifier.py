@@ -59,7 +59,7 @@ def send_pending(app: LedgerApplication, settings: SmtpSettings) -> int:
             event: Any = app.mapper.to_domain_event(notification)
             rendered = app.read(notification.originator_id, lambda invoice, event=event: (
                 invoice.tenant, invoice.currency, invoice.document_type,
-                render_pdf(invoice, issuer=settings.issuer, issued_at=event.issued_at, due_at=event.due_at)))
+                render_pdf(invoice, issuer=settings.issuer)))
             if rendered is not None:
                 tenant, currency, document_type, pdf = rendered
                 kind = "Credit note" if document_type == "credit_note" else "Invoice"

@@ -738,8 +738,26 @@ def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datet
     sequence = batch.get_or_create(InvoiceSequence.create_id(issuer, at.year, prefix),
                                    lambda: InvoiceSequence(issuer=issuer, year=at.year, prefix=prefix))
     number = sequence.next_number(invoice=invoice.id)
-    invoice.finalize(number=number, issued_at=at, due_at=at + timedelta(days=INVOICE_DUE_DAYS), by=by)
+    invoice.finalize(number=number, issued_at=at, due_at=at + timedelta(days=INVOICE_DUE_DAYS), by=by,
+                     billed_to=_billed_to(batch, invoice.tenant), seller=_seller(batch, issuer))
     _book(batch, invoice, at, refunded)
+
+
+def _billed_to(batch: _Batch, tenant: str) -> dict[str, Any] | None:
+    """The customer on a document finalized now: its tax profile's name, country and tax id (None without one)."""
+    roster = batch.get(roster_id(tenant))
+    profile = roster.tax_profile if roster is not None else None
+    if not profile:
+        return None
+    return {name: profile.get(name) for name in ("business_name", "country", "subdivision", "tax_id")}
+
+
+def _seller(batch: _Batch, issuer: str) -> dict[str, Any]:
+    """The seller on a document finalized now: the issuer it is numbered for, and the catalogue seller's country
+    and VAT id."""
+    catalog = batch.get(Catalog.create_id())
+    seller = (catalog.document.get("seller") if catalog is not None else None) or {}
+    return {"name": issuer, "country": seller.get("country"), "vat_id": seller.get("vat_id")}
 
 
 def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str, lines: list[dict[str, Any]],
@@ -1277,11 +1295,13 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
     profile: dict[str, Any] = {"country": country, "subdivision": subdivision.upper() if subdivision else None,
                                "business_name": payload.get("business_name"), "tax_id": None, "tax_id_valid": False}
     if payload.get("tax_id"):
-        # EU VAT rules only for EU member states; elsewhere the country's own format, if known (reverse charge
-        # still needs an EU VAT id: compute_tax).
+        # EU VAT rules only for EU member states, with an id of that member state; elsewhere the country's own
+        # format, if known (reverse charge still needs an EU VAT id of another member state: compute_tax).
         check = check_tax_id(country, str(payload["tax_id"]))
         if not check.valid and check.checked:
-            reason = "invalid_vat_id" if country in EU_MEMBER_STATES else "invalid_tax_id"
+            reason = "invalid_tax_id"
+            if country in EU_MEMBER_STATES:
+                reason = "vat_id_country_mismatch" if check.country not in (None, country) else "invalid_vat_id"
             raise CommandRejected(reason, f"tax id {payload['tax_id']!r} is not valid for {country}: {check.reason}")
         profile.update(tax_id=check.number, tax_id_valid=check.valid)
         if country in EU_MEMBER_STATES:

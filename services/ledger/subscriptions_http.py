@@ -22,7 +22,7 @@ from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import ACTIVE, PAST_DUE, TRIALING, Subscription, subscription_id
-from billing_ledger.domain.tax import EU_MEMBER_STATES, check_vat_id
+from billing_ledger.domain.tax import EU_MEMBER_STATES, check_tax_id
 from billing_ledger.http_models import (
     PaymentMethodAdd,
     SubscriptionCancel,
@@ -49,7 +49,8 @@ from eventsourcing.persistence import IntegrityError
 from fastapi import APIRouter, Body, Depends, Request, Response
 
 APPLY_ATTEMPTS_MAX = 5
-STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "invalid_tax_profile": 422, "unknown_account": 404,
+STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "vat_id_country_mismatch": 422,
+                     "invalid_tax_profile": 422, "unknown_account": 404,
                      "unknown_subscription": 404, "unknown_plan": 422, "unsupported_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
                      "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409}
@@ -255,7 +256,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                               principal: Principal = Depends(require(Role.ADMIN, Role.FINANCE))) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if body.get("tax_id") and str(body.get("country", "")).upper() in EU_MEMBER_STATES:  # VIES: EU VAT ids only
-            check = check_vat_id(str(body["tax_id"]))
+            check = check_tax_id(str(body["country"]), str(body["tax_id"]))  # VIES is not asked about another's
             registered = await registry.is_registered(check.number) if check.valid else None
             if registered is False:
                 raise Problem(422, "Refused", f"VAT id {check.number} is not registered (VIES).",

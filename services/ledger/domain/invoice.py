@@ -85,6 +85,11 @@ class Invoice(Aggregate):
         # as decimal strings; refunds and credits recorded before these existed are not in it.
         self.given_back_net = "0"
         self.given_back_tax = "0"
+        # Set when finalized: its dates, and who it is billed to and by as they were then (``finalize``).
+        self.issued_at: datetime | None = None
+        self.due_at: datetime | None = None
+        self.billed_to: dict[str, Any] | None = None
+        self.seller: dict[str, Any] | None = None
 
     @property
     def total(self) -> Decimal:
@@ -117,15 +122,26 @@ class Invoice(Aggregate):
     def _minimum_committed(self, amount: str, by: str) -> None:
         self.minimum_spend = Decimal(amount)
 
-    def finalize(self, *, number: str, issued_at: datetime, due_at: datetime, by: str) -> None:
+    def finalize(self, *, number: str, issued_at: datetime, due_at: datetime, by: str,
+                 billed_to: dict[str, Any] | None = None, seller: dict[str, Any] | None = None) -> None:
+        """``billed_to``: the customer's tax profile as it is now (business name, country, subdivision, tax id);
+        ``seller``: the issuer's name, country and VAT id. Recorded, so that every copy of the document (the
+        emailed PDF, a download years later) shows them as they were when it was issued."""
         if self.status != DRAFT:
             raise InvoiceError(f"invoice is {self.status}, not a draft")
-        self._finalized(number=number, issued_at=issued_at, due_at=due_at, total=str(self.total), by=by)
+        self._finalized(number=number, issued_at=issued_at, due_at=due_at, total=str(self.total), by=by,
+                        billed_to=billed_to, seller=seller)
 
     @event("Finalized")
-    def _finalized(self, number: str, issued_at: datetime, due_at: datetime, total: str, by: str) -> None:
+    def _finalized(self, number: str, issued_at: datetime, due_at: datetime, total: str, by: str,
+                   billed_to: dict[str, Any] | None = None, seller: dict[str, Any] | None = None) -> None:
+        # billed_to and seller: None on documents finalized before they were recorded (session 12).
         self.status = FINALIZED
         self.number = number
+        self.issued_at = issued_at
+        self.due_at = due_at
+        self.billed_to = billed_to
+        self.seller = seller
 
     def mark_paid(self, *, at: datetime, payment: str, by: str) -> None:
         if self.status != FINALIZED:

@@ -2,12 +2,14 @@
 
 Rules come from the catalogue (``tax_rules``): a region (ISO 3166-1 alpha-2 country, or country-subdivision
 such as ``US-CA``), a rate (fraction), a name. The customer's tax profile (country, optional subdivision,
-business name, tax id) picks the most specific rule. For a business customer in another EU member state
-with a valid VAT id, the reverse charge applies: no VAT is charged and the invoice says so. Tax is computed
+business name, tax id) picks the most specific rule. For a business customer in another EU member state than
+the seller's, with a valid VAT id of that same member state, the reverse charge applies: no VAT is charged and
+the invoice says so. A business in the seller's own country is charged its VAT like anyone there. Tax is computed
 once, on the net amount, and rounded once to the currency's minor unit (half-up).
 
-Tax ids (``check_tax_id``): a customer in an EU member state gives an EU VAT id (checked with stdnum's
-``eu.vat``); elsewhere the id is checked by stdnum's module for that country (``gb.vat``, ``ch.vat``,
+Tax ids (``check_tax_id``): a customer in an EU member state gives an EU VAT id of that member state (checked
+with stdnum's ``eu.vat``, which accepts any member state's prefix: the prefix must name the profile's country,
+EL or GR for Greece); elsewhere the id is checked by stdnum's module for that country (``gb.vat``, ``ch.vat``,
 ``us.tin``...) when it has one, and otherwise kept as given, marked unchecked (``tax_id_valid`` false).
 """
 
@@ -44,6 +46,14 @@ class VatCheck:
 NATIONAL_TAX_ID_MODULES = ("vat", "tin")
 
 
+def vat_id_country(number: str | None) -> str | None:
+    """The ISO 3166-1 country an EU VAT id's prefix names (EL is Greece's prefix, GR its country code)."""
+    prefix = (number or "")[:2].upper()
+    if not prefix.isalpha():
+        return None
+    return "GR" if prefix == "EL" else prefix
+
+
 def check_vat_id(number: str) -> VatCheck:
     """Format and check digits (python-stdnum). The VIES lookup is a separate, optional adapter."""
     try:
@@ -51,8 +61,7 @@ def check_vat_id(number: str) -> VatCheck:
     except StdnumError as exc:
         compact = "".join(ch for ch in (number or "") if ch.isalnum()).upper()
         return VatCheck(False, compact, None, str(exc) or type(exc).__name__)
-    country = compact[:2].upper()
-    return VatCheck(True, compact, "GR" if country == "EL" else country)
+    return VatCheck(True, compact, vat_id_country(compact))
 
 
 def check_tax_id(country: str, number: str) -> VatCheck:
@@ -60,7 +69,15 @@ def check_tax_id(country: str, number: str) -> VatCheck:
     the country's own format when stdnum knows it, else unchecked (kept, ``checked=False``)."""
     country = country.upper()
     if country in EU_MEMBER_STATES:
-        return check_vat_id(number)
+        check = check_vat_id(number)
+        if check.valid and check.country != country:
+            # stdnum checks any member state's id (and OSS "EU" ids): a German id on an Austrian profile is well
+            # formed, but names another taxable person's country; reverse charge would be granted on it.
+            prefix = "EL" if country == "GR" else country
+            return VatCheck(False, check.number, check.country,
+                            f"the VAT id is from {check.country}, not {country} (a VAT id of {country} "
+                            f"starts with {prefix})")
+        return check
     compact = "".join(ch for ch in (number or "") if ch.isalnum()).upper()
     module = next((m for m in (get_cc_module(country.lower(), name) for name in NATIONAL_TAX_ID_MODULES)
                    if m is not None), None)
@@ -110,9 +127,11 @@ def compute_tax(net: Decimal, unit: str, profile: TaxProfileData | None, rules: 
     net = round_minor(net, currency(unit))
     if profile is None:
         return TaxResult(None, Decimal(0), net, Decimal(0), net, False, None)
+    # Reverse charge: a business of another member state than the seller's, with a VAT id of its own country (a
+    # profile recorded before ids were checked against the country may name another one: charged as not B2B).
     if (profile.business_name and profile.tax_id and profile.tax_id_valid and seller_country
             and profile.country in EU_MEMBER_STATES and seller_country in EU_MEMBER_STATES
-            and profile.country != seller_country):
+            and profile.country != seller_country and vat_id_country(profile.tax_id) == profile.country):
         return TaxResult("eu_reverse_charge", Decimal(0), net, Decimal(0), net, True,
                          f"Reverse charge: VAT to be accounted for by the recipient ({profile.tax_id})")
     rule = pick_rule(rules, profile)

@@ -239,6 +239,37 @@ def test_tax_is_computed_once_by_the_profile_and_vat_ids_are_checked(app: Ledger
     assert reverse.total == Decimal("30.00") and "Reverse charge" in reverse.lines[-1]["description"]
 
 
+def test_a_vat_id_of_another_country_than_the_profile_is_refused_and_gives_no_reverse_charge(
+        app: LedgerApplication) -> None:
+    catalog = {**CATALOG, "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"},
+                                        {"region": "AT", "rate": "0.20", "name": "AT VAT"}],
+               "seller": {"name": "Billing GmbH", "country": "DE"}}
+    run(app, "catalog.publish", None, document=catalog, digest="c2")
+    open_account(app, "vienna")
+    run(app, "tax_profile.set", "vienna", country="AT", business_name="Deutsche GmbH")
+    refused = run(app, "tax_profile.set", "vienna", country="AT", business_name="Deutsche GmbH", tax_id="DE136695976")
+    assert (refused.outcome, refused.reason) == ("rejected", "vat_id_country_mismatch")
+    assert "from DE, not AT" in refused.detail
+    assert app.repository.get(roster_id("vienna")).tax_profile["tax_id"] is None  # unchanged
+    # A German business of a German seller: domestic VAT, no reverse charge.
+    open_account(app, "munich")
+    assert run(app, "tax_profile.set", "munich", country="DE", business_name="M GmbH",
+               tax_id="DE136695976").outcome == "applied"
+    run(app, "subscription.create", "munich", key="m", plan="team")
+    first = invoice(app, "munich", f"{subscription_id('munich', 'm')}/{NOV_1.isoformat()}")
+    assert [(item["kind"], item["amount"]) for item in first.lines] == [("base_fee", "30.00"), ("tax", "5.70")]
+    # Such a profile recorded before the check still replays, and is charged its country's VAT, not reverse charged.
+    roster = app.repository.get(roster_id("vienna"))
+    roster.set_tax_profile(profile={"country": "AT", "subdivision": None, "business_name": "Deutsche GmbH",
+                                    "tax_id": "DE136695976", "tax_id_valid": True, "vies": "not_checked"},
+                           at=NOV_1, by="user:test")
+    app.save(roster)
+    run(app, "subscription.create", "vienna", key="m", plan="team")
+    old = invoice(app, "vienna", f"{subscription_id('vienna', 'm')}/{NOV_1.isoformat()}")
+    assert [(item["kind"], item["amount"]) for item in old.lines] == [("base_fee", "30.00"), ("tax", "6.00")]
+    assert old.total == Decimal("36.00")
+
+
 def test_lifecycle_pause_resume_past_due_and_recovery(app: LedgerApplication) -> None:
     open_account(app, "life")
     run(app, "subscription.create", "life", key="m", plan="team")

@@ -61,3 +61,17 @@ def test_an_unregistered_number_is_refused(tmp_path: Path) -> None:
 def test_an_unreachable_registry_does_not_block_a_valid_number(tmp_path: Path) -> None:
     response = put(client(tmp_path, vies(None)))
     assert response.status_code == 200 and response.json()["tax_profile"]["vies"] == "not_checked"
+
+
+def test_a_vat_id_of_another_member_state_is_refused_without_asking_vies(tmp_path: Path) -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("VIES asked about an id the profile's country cannot have")
+
+    c = client(tmp_path, ViesRegistry("http://vies.test/check", transport=httpx.MockTransport(handle)))
+    token = mint_token(Settings(), role="finance")
+    response = c.put("/v1/accounts/acme/tax-profile", headers={"Authorization": f"Bearer {token}"},
+                     json={"country": "AT", "business_name": "Deutsche GmbH", "tax_id": "DE136695976"})
+    assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
+    assert response.json()["reason"] == "vat_id_country_mismatch" and "from DE, not AT" in response.json()["detail"]
+    profile = c.get("/v1/accounts/acme/tax-profile", headers={"Authorization": f"Bearer {token}"}).json()
+    assert profile["tax_profile"] is None
