@@ -49,6 +49,16 @@ def _november(app: LedgerApplication, tick: str, december_usage: str = "3.00") -
     renew_and_bill(app, NOV_1, DEC_1, [usage_line("4.00")])
 
 
+def _renew_first(app: LedgerApplication, command: str, at: datetime) -> None:
+    """Ends the subscription's period by ``command`` (cancel at once, change or pause), which renews first."""
+    if command == "cancel":
+        run(app, "subscription.cancel", "acme", at=at, key="m", immediately=True)
+    elif command == "change":
+        run(app, "subscription.change", "acme", at=at, key="m", quantity=2)
+    else:
+        run(app, "subscription.pause", "acme", at=at, key="m")
+
+
 def _lines(invoice: Invoice) -> list[tuple[str, str]]:
     return [(item["kind"], item["amount"]) for item in invoice.lines]
 
@@ -111,12 +121,7 @@ def test_a_command_that_renews_first_pays_the_next_periods_usage_from_its_credit
     for tick in ("on_time", "late"):
         app = rollover_app(tmp_path / tick)
         _november(app, tick)
-        if command == "cancel":
-            run(app, "subscription.cancel", "acme", at=DEC_3, key="m", immediately=True)
-        elif command == "change":
-            run(app, "subscription.change", "acme", at=DEC_3, key="m", quantity=2)
-        else:
-            run(app, "subscription.pause", "acme", at=DEC_3, key="m")
+        _renew_first(app, command, DEC_3)
         recognise(app, DEC_3 + timedelta(days=45))
         outcomes[tick] = _outcome(app)
         app.close()
@@ -241,12 +246,7 @@ def test_a_command_more_than_a_period_late_that_renews_first_carries_the_rollove
         debit(app, "11.00", DEC_1, DEC_2)
         for moment in (DEC_1 + timedelta(hours=1), DEC_1 + (DEC_1 - NOV_1), now):
             sweeper.sweep(moment)
-        if command == "cancel":
-            run(app, "subscription.cancel", "acme", at=now, key="m", immediately=True)
-        elif command == "change":
-            run(app, "subscription.change", "acme", at=now, key="m", quantity=2)
-        else:
-            run(app, "subscription.pause", "acme", at=now, key="m")
+        _renew_first(app, command, now)
         # Rating's usage lines of the periods the command ended first finalize their renewals.
         for ended, end, amount in ([(NOV_1, DEC_1, "4.00")] if tick == "late" else []) + [(DEC_1, JAN_1, "11.00")]:
             run(app, "invoice.usage_lines", "acme", at=now, invoice_key=f"{subscription_id('acme', 'm')}/"
