@@ -81,7 +81,7 @@ class BodyLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
@@ -92,8 +92,9 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> Non
     await response(scope, receive, send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The body read as one message, then the server's own ``receive`` (it reports the disconnect)."""
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands a body already read over again as one message, then is the server's own (it
+    reports the disconnect)."""
     sent = False
 
     async def replay() -> Message:

@@ -27,9 +27,10 @@ import orjson
 from billing_events.messages import TENANT_PATTERN
 from billing_ledger.http_models import HoldRequest
 from billing_runtime.auth import Principal, Role, authenticate
+from billing_runtime.body_limit import replay_body
 from fastapi.routing import APIRoute
 from starlette.requests import Request
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 PATH = "/v1/accounts/{tenant}/holds"
 SPENDERS = (Role.SERVICE, Role.ADMIN)
@@ -59,7 +60,7 @@ class HoldEndpoint:
                             "headers": [(b"content-length", str(len(payload)).encode()), _JSON]})
                 await send({"type": "http.response.body", "body": payload})
                 return
-            receive = _replay(body)
+            receive = replay_body(body, receive)
         await self._refer(scope, receive, send)
 
     def _take(self, scope: Scope, body: bytes) -> tuple[str, HoldRequest, Principal] | None:
@@ -102,17 +103,3 @@ async def _read_body(receive: Receive) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
-
-
-def _replay(body: bytes) -> Receive:
-    """A ``receive`` that hands the body already read over again, then waits as the server's would."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
-
-    return receive
