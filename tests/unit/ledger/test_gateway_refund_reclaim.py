@@ -350,3 +350,69 @@ def test_a_give_back_after_the_invoice_billing_the_owed_part_is_paid_or_voided()
             assert books.ledger() == {}
         replayed = books.replayed()
         assert replayed.grant_balances() == books.account.grant_balances()
+
+
+# -- an invoice refund that made a credit note's spent credit owed -------------------------------------------------
+
+def _invoice_refund_with_spent_credit_note_owed() -> tuple[Books, UUID]:
+    """g (100.00) bought and used up, then refunded at the gateway in full (from revenue: its usage is paid back in
+    money, so a give-back of it is absorbed). An invoice of 30.00, paid; a credit note gives its 30.00 back as account
+    credit (c, for unused time), and usage spends it; then the gateway refunds the invoice's 30.00 too: the note's
+    credit is taken back, and as it was spent, 30.00 is owed."""
+    books = Books()
+    g = books.buy("g", 100 * U, expires_at=at(days=90))
+    books.use(100 * U, books.now())
+    books.refund(g, 100 * U, books.now())
+    account = books.account
+    account.bill_invoice(invoice="inv-1", unit=USD, net=30 * U, tax=0, at=books.now(), cause={})
+    account.settle_invoiced_overage(invoice="inv-1", at=books.now(), cause={})
+    note = uuid4()
+    account.credit_note_grant(grant_id=note, note="cn-1", unit=USD, net=30 * U, tax=0, at=books.now(), cause={})
+    books._take()
+    books.use(30 * U, books.now())  # drawn from the note's credit
+    account.refund_invoice_payment(note="re-1", unit=USD, amount=30 * U, tax=0, at=books.now(), cause={},
+                                   excess=30 * U, reclaim=[str(note)])
+    books._take()
+    assert books.available() == 0 and books.owed() == 30 * U
+    return books, note
+
+
+def test_a_give_back_after_an_invoice_refund_made_a_credit_note_s_spent_credit_owed_credits_it_once() -> None:
+    # The give-back of the 30.00 that spent the note's credit cleared what was owed, but that usage's draw of the
+    # note stayed remembered: the give-back of g's 100.00 of usage (its money already back at the gateway) then
+    # credited the note 30.00 again, where all of it is absorbed. The customer kept 30.00 of credit for an invoice
+    # whose money the gateway gave back.
+    books, _ = _invoice_refund_with_spent_credit_note_owed()
+    books.use(-30 * U, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    [last] = [e for e in books.use(-100 * U, books.now()) if type(e).__name__ == "UsageDebited"]
+    assert sum(part["amount"] for part in last.absorbed or ()) == 100 * U and not last.postings
+    assert books.available() == 0 and books.owed() == 0
+    # 130.00 paid, 130.00 back at the gateway, the usage all given back: nothing left anywhere.
+    assert books.ledger() == {}
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
+
+
+def test_a_give_back_after_an_invoice_refund_in_the_other_order_clears_what_is_owed_once() -> None:
+    # g's 100.00 first: 30.00 clears what is owed, 70.00 absorbed; the 30.00 after it is absorbed too (the note's
+    # credit is gone with the invoice's money).
+    books, _ = _invoice_refund_with_spent_credit_note_owed()
+    books.use(-100 * U, books.now())
+    books.use(-30 * U, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    assert books.ledger() == {}
+
+
+def test_a_give_back_after_the_invoice_refund_s_owed_part_was_invoiced_and_paid_credits_the_note_once() -> None:
+    # Billed and paid, the 30.00 is the customer's again: a give-back of the usage credits the note's credit back once.
+    books, _ = _invoice_refund_with_spent_credit_note_owed()
+    books.account.invoice_overage(invoice="inv-2", units=[USD], end=at(days=30), at=books.now())
+    books.account.settle_invoiced_overage(invoice="inv-2", at=books.now(), cause={})
+    books._take()
+    books.use(-30 * U, books.now())
+    books.use(-100 * U, books.now())
+    assert books.available() == 30 * U and books.owed() == 0
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
