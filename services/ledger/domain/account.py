@@ -1540,7 +1540,12 @@ class BillingAccount(ChainedAggregate):
             if owed is None:
                 owed = self._owed_reversal_parts(g["grant_id"], unit, reclaimed["receivable"],
                                                  {d["grant_id"]: d["amount"] for d in reclaimed["draws"]})
-            for part in list(reclaimed["draws"]) + list(owed):
+            # ``adjusted`` (since session 12): what a negative adjustment had removed of a credit, paid back from
+            # MANUAL_ADJUSTMENT; that credit's adjustment is reversed by it.
+            adjusted = list(reclaimed.get("adjusted") or ())
+            for part in adjusted:
+                self._grants[part["grant_id"]]["adjusted_reversed"] += part["amount"]
+            for part in list(reclaimed["draws"]) + adjusted + list(owed):
                 taken = self._grants[part["grant_id"]].setdefault("taken_back", {})
                 taken[g["grant_id"]] = taken.get(g["grant_id"], 0) + part["amount"]
             self._apply_draws(unit, reclaimed["draws"], remember=False)
@@ -1556,9 +1561,11 @@ class BillingAccount(ChainedAggregate):
         (``reverses``) gives up at most that part less what earlier refunds of ``g`` took back of it
         (``taken_back``), so over any number of partial refunds no part is taken twice and each credit keeps what it
         gives for other grants' usage: first from the unspent credit, newest credit first (Dr TENANT_WALLET), then
+        from what negative adjustments removed of them (Dr MANUAL_ADJUSTMENT: already taken from the customer), then
         the rest is owed (Dr RECEIVABLES) for the parts their credit no longer holds (it was spent). What
         ``GrantRefunded.reclaimed`` records: ``amount``, ``draws`` (from the wallet), ``receivable`` and ``owed``
-        (per credit, since session 12), ``period``."""
+        (per credit, since session 12), ``period``, and ``adjusted`` (per credit) with its total ``from_adjustment``
+        (since session 12, only when there is some): ``amount = draws + from_adjustment + receivable``."""
         unit, gid, left = g["unit"], g["grant_id"], amount
         draws: list[Draw] = []
         for credit in self._reversals_of(gid, unit):
@@ -1570,10 +1577,28 @@ class BillingAccount(ChainedAggregate):
                 draws.append({"grant_id": credit["grant_id"], "amount": take})
                 postings.append(posting(LedgerAccount.TENANT_WALLET, unit, take, credit["grant_id"]))
                 left -= take
-        owed = self._owed_reversal_parts(gid, unit, left, {d["grant_id"]: d["amount"] for d in draws})
+        drawn = {d["grant_id"]: d["amount"] for d in draws}
+        # Then what a negative adjustment removed of those credits (since session 12): already taken from the customer
+        # (to MANUAL_ADJUSTMENT), so neither taken again nor owed; the money went back at the gateway, so that removal
+        # no longer stands and is paid back from MANUAL_ADJUSTMENT, as an override refund's ``from_adjustment``.
+        adjusted: list[Draw] = []
+        for credit in self._reversals_of(gid, unit):
+            if not left:
+                break
+            cid = credit["grant_id"]
+            take = min(left, _reversal_left(credit, gid) - drawn.get(cid, 0),
+                       credit["adjusted"] - credit["adjusted_reversed"])
+            if take > 0:
+                adjusted.append({"grant_id": cid, "amount": take})
+                postings.append(posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, take, cid))
+                drawn[cid] = drawn.get(cid, 0) + take
+                left -= take
+        owed = self._owed_reversal_parts(gid, unit, left, drawn)
         if left:
             postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
-        return {"amount": amount, "draws": draws, "receivable": left, "owed": owed, "period": owed_refund_key(at)}
+        return {"amount": amount, "draws": draws, "receivable": left, "owed": owed, "period": owed_refund_key(at),
+                **({"adjusted": adjusted, "from_adjustment": sum(part["amount"] for part in adjusted)}
+                   if adjusted else {})}
 
     def _reversals_of(self, grant_id: str, unit: str) -> list[GrantRecord]:
         """The ``usage_reversal`` credits that reversed some of ``grant_id``'s usage, newest first."""

@@ -86,6 +86,11 @@ class Books:
         [refund] = [e for e in self._take() if type(e).__name__ == "GrantRefunded"]
         return refund
 
+    def adjust(self, amount: int, when: datetime) -> None:
+        self.account.adjust(adjustment_id=uuid4(), unit=self.unit, amount=amount, reason="correction",
+                            user="finance@test", at=when)
+        self._take()
+
     def left_to_refund(self, key: str) -> int:
         """What the gateway may still refund of grant ``key`` (as ``payment.refunded`` finds it)."""
         [grant] = self.account.grants_caused_by(order_id=key)
@@ -124,7 +129,8 @@ class Books:
         taken: dict[tuple[str, str], int] = defaultdict(int)
         for event in self.recorded:
             reclaimed = getattr(event, "reclaimed", None) if type(event).__name__ == "GrantRefunded" else None
-            for part in (reclaimed or {}).get("draws", []) + (reclaimed or {}).get("owed", []):
+            parts = [part for name in ("draws", "adjusted", "owed") for part in (reclaimed or {}).get(name, [])]
+            for part in parts:
                 taken[(part["grant_id"], str(event.grant_id))] += part["amount"]
         return taken
 
@@ -180,9 +186,11 @@ def test_partial_gateway_refunds_after_spending_owe_only_what_was_spent() -> Non
 # -- sequences ---------------------------------------------------------------------------------------------------
 
 # A step: ("use", amount) spends (or, negative, gives back) usage; ("refund", grant index, share of what is left to
-# refund, 1..4 quarters); ("expire",) lapses both grants (once, at the first time it comes up).
+# refund, 1..4 quarters); ("expire",) lapses both grants (once, at the first time it comes up); ("adjust", share)
+# removes that many quarters of the available credit by a negative manual adjustment.
 steps = st.lists(st.one_of(
     st.tuples(st.just("use"), st.integers(-80, 80).filter(bool)),
+    st.tuples(st.just("adjust"), st.integers(1, 4)),
     st.tuples(st.just("refund"), st.integers(0, 1), st.integers(1, 4)),
     st.tuples(st.just("expire")),
 ), min_size=1, max_size=12)
@@ -210,6 +218,10 @@ def test_any_sequence_of_partial_gateway_refunds_takes_back_what_was_reversed_on
             if amount:
                 books.use(amount, when)
                 net_usage += amount
+        elif step[0] == "adjust":
+            amount = books.available() * step[1] // 4
+            if amount > 0:
+                books.adjust(-amount, when)
         elif step[0] == "refund":
             amount = books.left_to_refund(keys[step[1]]) * step[2] // 4
             if amount:
@@ -219,7 +231,8 @@ def test_any_sequence_of_partial_gateway_refunds_takes_back_what_was_reversed_on
                 # The money refunded is its paid part plus what it took back of usage_reversal credit.
                 paid = refund.from_wallet + refund.from_breakage + refund.from_adjustment + refund.from_revenue
                 assert refund.amount == paid + reclaimed["amount"]
-                assert reclaimed["amount"] == sum(d["amount"] for d in reclaimed["draws"]) + reclaimed["receivable"]
+                assert reclaimed["amount"] == (sum(d["amount"] for d in reclaimed["draws"]) + reclaimed["receivable"]
+                                               + reclaimed.get("from_adjustment", 0))
         # Never a credit taken back beyond what it reversed of a grant; breakage never reversed below zero.
         reversals = books.reversal_credits()
         for (credit, grant_id), taken in books.taken_back().items():
@@ -416,3 +429,31 @@ def test_a_give_back_after_the_invoice_refund_s_owed_part_was_invoiced_and_paid_
     assert books.available() == 30 * U and books.owed() == 0
     replayed = books.replayed()
     assert replayed.grant_balances() == books.account.grant_balances()
+
+
+# -- a gateway refund after a negative adjustment removed usage_reversal credit ------------------------------------
+
+def test_a_gateway_refund_takes_usage_reversal_credit_an_adjustment_removed_from_manual_adjustment_not_owed() -> None:
+    # g (100.00) bought, used, expired; 60.00 of its usage given back (credit r); a negative adjustment removes 20.00
+    # of r; then the gateway refunds g in full. The refund took 40.00 of r back from the wallet and left 20.00 owed,
+    # as if spent: the customer was charged again for credit the adjustment had already taken away. That 20.00 comes
+    # back out of manual_adjustment (the adjustment's removal no longer stands: the money went back at the gateway),
+    # as an override refund's ``from_adjustment`` does; nothing is owed.
+    books = Books()
+    g = books.buy("g", 100 * U, expires_at=at(days=1))
+    books.use(100 * U, at(1))
+    books.expire(at(days=2))
+    books.use(-60 * U, books.now())
+    books.account.adjust(adjustment_id=uuid4(), unit=USD, amount=-20 * U, reason="goodwill clawback",
+                         user="finance@test", at=books.now())
+    books._take()
+    assert books.available() == 40 * U
+    refund = books.refund(g, 100 * U, books.now())
+    assert refund.from_revenue == 40 * U and refund.reclaimed["amount"] == 60 * U
+    assert refund.reclaimed["receivable"] == 0 and refund.reclaimed["from_adjustment"] == 20 * U
+    assert books.available() == 0 and books.owed() == 0
+    # 100.00 paid, 100.00 back at the gateway: nothing left, the adjustment's 20.00 included.
+    assert books.ledger() == {}
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
