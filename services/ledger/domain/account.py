@@ -287,7 +287,8 @@ class BillingAccount(ChainedAggregate):
         self._pending_fee_credits: dict[str, dict[str, Any]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         # Usage that drew a ``usage_reversal`` credit which a gateway refund then took back though it was spent
-        # (``GrantRefunded.reclaimed.owed``), owed as overage: unit -> [{"grant_id" (the credit), "amount", "key" (the
+        # (``GrantRefunded.reclaimed.owed``; or a credit note's credit an invoice refund took back,
+        # ``InvoicePaymentRefunded.reclaimed.owed``), owed as overage: unit -> [{"grant_id" (the credit), "amount", "key" (the
         # unbilled overage period it is owed under) or "invoice" (the unpaid invoice that billed it)}]. As long as it
         # is owed and unbilled, the credit's draws stay remembered; once a give-back or credit bought clears it, that
         # much of them is forgotten (the usage no longer drew the credit), so no later give-back credits it again; once
