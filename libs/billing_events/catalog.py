@@ -354,6 +354,20 @@ def package_priced_above_credit(package: dict[str, Any]) -> str | None:
             f"bonus_credits)")
 
 
+def nothing_to_publish(document: CatalogDocument) -> str | None:
+    """Why ``document`` cannot be published as a catalogue version (None: it can).
+
+    A version replaces the whole catalogue, so a document with no meter, plan or package (``{}``, or only credit
+    units, tax rules or a seller) would remove every meter, plan and package: all later usage refused as an unknown
+    meter. Every path that publishes refuses it: rating's authoring routes and the CLI (``validate_document``) and
+    the ledger's ``catalog.publish`` command, whoever sent it.
+    """
+    if document.meters or document.plans or document.packages:
+        return None
+    return ("catalog: no meters, plans or packages; a published version replaces the whole catalogue, so this one "
+            "would remove every meter, plan and package")
+
+
 # A small catalogue in the shape of examples/catalog.yaml (the reference): what a published one looks like.
 EXAMPLE: dict[str, Any] = {
     "credit_units": {"CREDIT": {"scale": 2, "list_price": "0.01", "currency": "USD", "list_prices": {"EUR": "0.0092"}}},

@@ -31,7 +31,9 @@
 * ``adjustments``: net manual corrections, what the ledger posted to ``manual_adjustment`` (credit given
   positive): a manual adjustment's signed amount, and the part of a finance-override refund taken back from
   ``manual_adjustment`` (``GrantRefunded.from_adjustment``: credit a negative adjustment removed, now paid back
-  as money, so that removal no longer stands; the refund's money is in ``refunds`` as well).
+  as money, so that removal no longer stands; the refund's money is in ``refunds`` as well), and likewise the
+  ``usage_reversal`` credit a negative adjustment removed that a gateway refund takes back
+  (``GrantRefunded.reclaimed.from_adjustment``, not owed again).
 
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
 tenant (one Kafka partition) and concurrent projection instances never contend for it.
@@ -78,10 +80,11 @@ def _figures(fact: Fact) -> dict[str, int]:
         tax = int(d.get("tax_amount") or 0)
         # from_adjustment: absent before session 11 (such a refund took that credit from revenue then).
         # reclaimed (since session 11): a gateway refund of usage a give-back had returned as usage_reversal credit
-        # takes that credit back, and what of it was spent is owed (``reclaimed.receivable``).
+        # takes that credit back, and what of it was spent is owed (``reclaimed.receivable``); what a negative
+        # adjustment had removed of it comes back from manual_adjustment (``reclaimed.from_adjustment``, session 12).
         reclaimed = d.get("reclaimed") if isinstance(d.get("reclaimed"), dict) else {}
         return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax,
-                "adjustments": int(d.get("from_adjustment") or 0),
+                "adjustments": int(d.get("from_adjustment") or 0) + int(reclaimed.get("from_adjustment") or 0),
                 "receivables": int(reclaimed.get("receivable") or 0)}
     if name == "PurchaseMoneyBooked":
         return {"tax_collected": int(d.get("tax_amount") or 0), "funds_in": int(d["amount"])}

@@ -100,7 +100,10 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
                  *([f"net {int(d['amount'])}, tax {tax}"] if tax else []),
                  # A gateway refund that took back usage_reversal credit (since session 11): the wallet_delta is it.
                  *([f"usage_reversal credit taken back {int(reclaimed['amount'])}"] if reclaimed.get("amount") else []),
-                 *([f"owed {int(reclaimed['receivable'])}"] if reclaimed.get("receivable") else [])]
+                 *([f"owed {int(reclaimed['receivable'])}"] if reclaimed.get("receivable") else []),
+                 # ... and what of it a negative adjustment had removed, back from manual_adjustment (session 12).
+                 *([f"removed by adjustment {int(reclaimed['from_adjustment'])}"]
+                   if reclaimed.get("from_adjustment") else [])]
         return {"type": "refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
                 "reference": d.get("refund_id"), "detail": "; ".join(notes) or None}
     if name == "BalanceAdjusted":

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from billing_events.catalog import STORED, CatalogDocument, MeterDef, PlanDef
+from billing_events.catalog import STORED, CatalogDocument, MeterDef, PlanDef, nothing_to_publish
 from billing_events.money import MoneyError
 from billing_rating.charge_models import PriceSpec, PriceSpecError, parse_spec
 from billing_rating.pricing import AiPriceTable, parse_ai_price_table
@@ -40,9 +40,9 @@ def validate_document(data: Any) -> CatalogDocument:
         raise CatalogError("; ".join(problems)) from None
     except MoneyError as exc:
         raise CatalogError(str(exc)) from None
-    if not (document.meters or document.plans or document.packages):
-        raise CatalogError("catalog: no meters, plans or packages; a published version replaces the whole catalogue, "
-                           "so this one would remove every meter, plan and package")
+    refused = nothing_to_publish(document)
+    if refused:
+        raise CatalogError(refused)
     scales = _scales(document)
     for index, meter in enumerate(document.meters):
         try:

@@ -54,7 +54,8 @@ Usage give-back (negative usage amounts)
     of it, as for an open grant, and gives the rest back as that ``usage_reversal`` credit, which names the grant
     (``reverses``); the grant counts it (``reversed``) so it is never given back twice.
     Usage that drew such a credit and that a gateway refund then made owed (the credit taken back though spent,
-    ``reclaimed.owed``) is kept (``_owed_usage``): a give-back that reduces that unbilled overage, or credit bought
+    ``reclaimed.owed``; likewise a credit note's credit an invoice's refund took back, ``refund_invoice_payment``) is
+    kept (``_owed_usage``): a give-back that reduces that unbilled overage, or credit bought
     that repays it, forgets that much of the credit's draws (since session 12), so no later give-back credits the
     credit for it again; an invoice that bills it collects it in full, so its draws stay and a give-back of it credits
     the credit back once, as for any invoiced usage.
@@ -296,7 +297,8 @@ class BillingAccount(ChainedAggregate):
         self._pending_fee_credits: dict[str, dict[str, Any]] = {}
         self._recent_draws: dict[str, list[Draw]] = {}
         # Usage that drew a ``usage_reversal`` credit which a gateway refund then took back though it was spent
-        # (``GrantRefunded.reclaimed.owed``), owed as overage: unit -> [{"grant_id" (the credit), "amount", "key" (the
+        # (``GrantRefunded.reclaimed.owed``; or a credit note's credit an invoice refund took back,
+        # ``InvoicePaymentRefunded.reclaimed.owed``), owed as overage: unit -> [{"grant_id" (the credit), "amount", "key" (the
         # unbilled overage period it is owed under) or "invoice" (the unpaid invoice that billed it)}]. As long as it
         # is owed and unbilled, the credit's draws stay remembered; once a give-back or credit bought clears it, that
         # much of them is forgotten (the usage no longer drew the credit), so no later give-back credits it again; once
@@ -1559,16 +1561,17 @@ class BillingAccount(ChainedAggregate):
             if owed is None:
                 owed = self._owed_reversal_parts(g["grant_id"], unit, reclaimed["receivable"],
                                                  {d["grant_id"]: d["amount"] for d in reclaimed["draws"]})
-            for part in list(reclaimed["draws"]) + list(owed):
+            # ``adjusted`` (since session 12): what a negative adjustment had removed of a credit, paid back from
+            # MANUAL_ADJUSTMENT; that credit's adjustment is reversed by it.
+            adjusted = list(reclaimed.get("adjusted") or ())
+            for part in adjusted:
+                self._grants[part["grant_id"]]["adjusted_reversed"] += part["amount"]
+            for part in list(reclaimed["draws"]) + adjusted + list(owed):
                 taken = self._grants[part["grant_id"]].setdefault("taken_back", {})
                 taken[g["grant_id"]] = taken.get(g["grant_id"], 0) + part["amount"]
             self._apply_draws(unit, reclaimed["draws"], remember=False)
-            if reclaimed["receivable"]:
-                self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
-                _add_unbilled(self._unbilled, unit, reclaimed["period"], reclaimed["receivable"])
-                # The spent credit's usage is owed now (since session 12): ``_owed_usage``.
-                for part in owed:
-                    self._add_owed_usage(unit, part["grant_id"], part["amount"], key=reclaimed["period"])
+            # The spent credit's usage is owed now (since session 12): ``_owed_usage``.
+            self._owe_reclaimed(unit, reclaimed, owed)
         if is_currency_code(unit):  # paid back as money: the credit and its tax (a credit unit's money: below)
             g["refunds_paid_back"].append(amount + tax_amount)
         self._update_arming(unit)
@@ -1579,9 +1582,11 @@ class BillingAccount(ChainedAggregate):
         (``reverses``) gives up at most that part less what earlier refunds of ``g`` took back of it
         (``taken_back``), so over any number of partial refunds no part is taken twice and each credit keeps what it
         gives for other grants' usage: first from the unspent credit, newest credit first (Dr TENANT_WALLET), then
+        from what negative adjustments removed of them (Dr MANUAL_ADJUSTMENT: already taken from the customer), then
         the rest is owed (Dr RECEIVABLES) for the parts their credit no longer holds (it was spent). What
         ``GrantRefunded.reclaimed`` records: ``amount``, ``draws`` (from the wallet), ``receivable`` and ``owed``
-        (per credit, since session 12), ``period``."""
+        (per credit, since session 12), ``period``, and ``adjusted`` (per credit) with its total ``from_adjustment``
+        (since session 12, only when there is some): ``amount = draws + from_adjustment + receivable``."""
         unit, gid, left = g["unit"], g["grant_id"], amount
         draws: list[Draw] = []
         for credit in self._reversals_of(gid, unit):
@@ -1593,10 +1598,28 @@ class BillingAccount(ChainedAggregate):
                 draws.append({"grant_id": credit["grant_id"], "amount": take})
                 postings.append(posting(LedgerAccount.TENANT_WALLET, unit, take, credit["grant_id"]))
                 left -= take
-        owed = self._owed_reversal_parts(gid, unit, left, {d["grant_id"]: d["amount"] for d in draws})
+        drawn = {d["grant_id"]: d["amount"] for d in draws}
+        # Then what a negative adjustment removed of those credits (since session 12): already taken from the customer
+        # (to MANUAL_ADJUSTMENT), so neither taken again nor owed; the money went back at the gateway, so that removal
+        # no longer stands and is paid back from MANUAL_ADJUSTMENT, as an override refund's ``from_adjustment``.
+        adjusted: list[Draw] = []
+        for credit in self._reversals_of(gid, unit):
+            if not left:
+                break
+            cid = credit["grant_id"]
+            take = min(left, _reversal_left(credit, gid) - drawn.get(cid, 0),
+                       credit["adjusted"] - credit["adjusted_reversed"])
+            if take > 0:
+                adjusted.append({"grant_id": cid, "amount": take})
+                postings.append(posting(LedgerAccount.MANUAL_ADJUSTMENT, unit, take, cid))
+                drawn[cid] = drawn.get(cid, 0) + take
+                left -= take
+        owed = self._owed_reversal_parts(gid, unit, left, drawn)
         if left:
             postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
-        return {"amount": amount, "draws": draws, "receivable": left, "owed": owed, "period": owed_refund_key(at)}
+        return {"amount": amount, "draws": draws, "receivable": left, "owed": owed, "period": owed_refund_key(at),
+                **({"adjusted": adjusted, "from_adjustment": sum(part["amount"] for part in adjusted)}
+                   if adjusted else {})}
 
     def _reversals_of(self, grant_id: str, unit: str) -> list[GrantRecord]:
         """The ``usage_reversal`` credits that reversed some of ``grant_id``'s usage, newest first."""
@@ -2284,6 +2307,11 @@ class BillingAccount(ChainedAggregate):
             if left:
                 postings.append(posting(LedgerAccount.RECEIVABLES, unit, left))
                 reclaimed["period"] = owed_refund_key(at)  # the overage key it is owed under
+                # The usage that spent those notes' credit is owed now (since session 12), as a gateway refund's
+                # spent usage_reversal credit is: ``_owed_usage``.
+                owed = self._owed_credit_parts(unit, list(reclaim or []), left)
+                if owed:
+                    reclaimed["owed"] = owed
         assert_balanced(postings)
         self._invoice_payment_refunded(note=note, unit=unit, amount=amount, tax_amount=tax, postings=postings,
                                        cause=dict(cause), at=at, **({"revenue": revenue} if revenue else {}),
@@ -2299,12 +2327,10 @@ class BillingAccount(ChainedAggregate):
         self._apply_fee_revenue(revenue)
         if reclaimed:  # credit already given for the refunded money taken back, the rest owed
             self._apply_draws(unit, reclaimed["draws"], remember=False)
-            if reclaimed["receivable"]:
-                self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
-                # Owed as unbilled overage, to be invoiced or repaid (recorded since session 8; an earlier
-                # ``reclaimed`` without a ``period`` replays as it was: receivable only, never billed).
-                if type(reclaimed.get("period")) is str:
-                    _add_unbilled(self._unbilled, unit, reclaimed["period"], reclaimed["receivable"])
+            # Owed as unbilled overage, to be invoiced or repaid (recorded since session 8; an earlier ``reclaimed``
+            # without a ``period`` replays as it was: receivable only, never billed). ``owed`` (since session 12): the
+            # credit notes whose spent credit it is; a refund recorded before owes no usage of them (replays as it was).
+            self._owe_reclaimed(unit, reclaimed, reclaimed.get("owed") or [])
             self._update_arming(unit)
 
     # == fee revenue recognition (IFRS 15 / ASC 606: fees billed in advance, earned over their period) =========
@@ -2866,6 +2892,38 @@ class BillingAccount(ChainedAggregate):
     def _trim_draws(self, unit: str, grant_id: str, amount: int) -> None:
         """Takes ``amount`` off the draws of ``grant_id`` remembered for give-backs, the most recent first."""
         _trim_entries(self._recent_draws.setdefault(unit, []), grant_id, amount)
+
+    def _owe_reclaimed(self, unit: str, reclaimed: dict[str, Any], owed: Iterable[Draw]) -> None:
+        """What a gateway refund took back of credit already given (a grant's ``usage_reversal`` credit, an invoice's
+        credit notes) and found spent is owed: receivable, unbilled under ``reclaimed["period"]`` (when recorded), and
+        the usage that spent each credit (``owed``: [{"grant_id", "amount"}]) kept as owed usage (``_owed_usage``)."""
+        if not reclaimed["receivable"]:
+            return
+        self._receivable[unit] = self._receivable.get(unit, 0) + reclaimed["receivable"]
+        key = reclaimed.get("period")
+        if type(key) is not str:
+            return
+        _add_unbilled(self._unbilled, unit, key, reclaimed["receivable"])
+        for part in owed:
+            self._add_owed_usage(unit, part["grant_id"], part["amount"], key=key)
+
+    def _owed_credit_parts(self, unit: str, credits: list[str], amount: int) -> list[Draw]:
+        """Which of the credit notes ``credits`` (grant ids, in that order) the owed ``amount`` of an invoice refund
+        stands for: the usage remembered as drawing each (its credit spent), less what of it is owed already. Only
+        that usage can be given back against the credit, so only it needs forgetting once it is no longer owed."""
+        owed: list[Draw] = []
+        left = amount
+        stack = self._recent_draws.get(unit, [])
+        for gid in dict.fromkeys(credits):
+            if not left:
+                break
+            drawn = sum(entry["amount"] for entry in stack if entry["grant_id"] == gid)
+            drawn -= sum(entry["amount"] for entry in self._owed_usage.get(unit, ()) if entry["grant_id"] == gid)
+            part = min(left, drawn)
+            if part > 0:
+                owed.append({"grant_id": gid, "amount": part})
+                left -= part
+        return owed
 
     def _add_owed_usage(self, unit: str, grant_id: str, amount: int, *, key: str) -> None:
         entries = self._owed_usage.setdefault(unit, [])

@@ -1,6 +1,7 @@
 """The catalogue aggregate: meters, plans, credit packages, credit types. Published versions are immutable.
 
-A publish whose content digest equals the current one changes nothing (idempotent apply). Otherwise the
+A publish whose content digest equals the current one changes nothing (idempotent apply). A document with no
+meter, plan or package is refused (``nothing_to_publish``, shared with rating's authoring checks). Otherwise the
 document becomes the next catalogue version, and every plan whose content changed (or is new) gets the
 next version number of its code: existing subscriptions keep the version they were sold (grandfathering),
 and every version stays in the aggregate's history.
@@ -12,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from billing_events import ids
-from billing_events.catalog import CatalogDocument
+from billing_events.catalog import CatalogDocument, nothing_to_publish
 from eventsourcing.domain import Aggregate, event
 from pydantic import ValidationError
 
@@ -37,6 +38,11 @@ class Catalog(Aggregate):
             parsed = CatalogDocument.model_validate(document)
         except ValidationError as exc:
             raise InvalidCatalog(str(exc)) from exc
+        # A version replaces the whole catalogue: an empty one is refused here too (since session 12), not only by
+        # rating's routes and the CLI, so a raw ``catalog.publish`` command cannot remove every meter and plan.
+        refused = nothing_to_publish(parsed)
+        if refused:
+            raise InvalidCatalog(refused)
         plans = []
         new_versions: dict[str, int] = {}
         for plan in parsed.plans:

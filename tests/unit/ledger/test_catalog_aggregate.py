@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
+from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.catalog import Catalog, InvalidCatalog
 from eventsourcing.application import Application
+
+from tests.unit.ledger.ledger_support import apply, command
 
 DOC: dict[str, Any] = {
     "meters": [{"code": "api_calls"}],
@@ -59,3 +63,31 @@ def test_an_invalid_catalogue_is_refused_without_an_event() -> None:
     with pytest.raises(InvalidCatalog, match="unknown meter"):
         catalog.publish(document=bad, digest="x", published_by="admin")
     assert catalog.catalog_version == 0 and len(catalog.collect_events()) == 1  # only Created
+
+
+@pytest.mark.parametrize("document", [{}, {"tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}]},
+                                      {"meters": [], "plans": [], "packages": []}])
+def test_an_empty_catalogue_is_refused_and_the_published_one_stays(document: dict[str, Any]) -> None:
+    # A version replaces the whole catalogue: an empty one published by a raw catalog.publish command used to become
+    # the current version (every meter, plan and package gone; all later usage refused as unknown meters).
+    catalog = Catalog()
+    catalog.publish(document=DOC, digest="d1", published_by="admin")
+    catalog.collect_events()
+    with pytest.raises(InvalidCatalog, match="no meters, plans or packages"):
+        catalog.publish(document=document, digest="empty", published_by="kafka")
+    assert catalog.catalog_version == 1 and catalog.document["meters"][0]["code"] == "api_calls"
+    assert catalog.collect_events() == []
+
+
+def test_the_catalog_publish_command_of_an_empty_catalogue_is_rejected_with_its_reason(tmp_path: Path) -> None:
+    app = LedgerApplication(persistence_env(None, str(tmp_path)))
+    try:
+        [published] = apply(app, command("catalog.publish", None, {"document": DOC, "digest": "d1"}))
+        assert published.outcome == "applied"
+        [refused] = apply(app, command("catalog.publish", None, {"document": {}, "digest": "empty"}))
+        assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog")
+        assert "no meters, plans or packages" in refused.detail
+        catalog = app.repository.get(Catalog.create_id())
+        assert catalog.catalog_version == 1 and [m["code"] for m in catalog.document["meters"]] == ["api_calls"]
+    finally:
+        app.close()

@@ -86,6 +86,11 @@ class Books:
         [refund] = [e for e in self._take() if type(e).__name__ == "GrantRefunded"]
         return refund
 
+    def adjust(self, amount: int, when: datetime) -> None:
+        self.account.adjust(adjustment_id=uuid4(), unit=self.unit, amount=amount, reason="correction",
+                            user="finance@test", at=when)
+        self._take()
+
     def left_to_refund(self, key: str) -> int:
         """What the gateway may still refund of grant ``key`` (as ``payment.refunded`` finds it)."""
         [grant] = self.account.grants_caused_by(order_id=key)
@@ -124,7 +129,8 @@ class Books:
         taken: dict[tuple[str, str], int] = defaultdict(int)
         for event in self.recorded:
             reclaimed = getattr(event, "reclaimed", None) if type(event).__name__ == "GrantRefunded" else None
-            for part in (reclaimed or {}).get("draws", []) + (reclaimed or {}).get("owed", []):
+            parts = [part for name in ("draws", "adjusted", "owed") for part in (reclaimed or {}).get(name, [])]
+            for part in parts:
                 taken[(part["grant_id"], str(event.grant_id))] += part["amount"]
         return taken
 
@@ -180,9 +186,11 @@ def test_partial_gateway_refunds_after_spending_owe_only_what_was_spent() -> Non
 # -- sequences ---------------------------------------------------------------------------------------------------
 
 # A step: ("use", amount) spends (or, negative, gives back) usage; ("refund", grant index, share of what is left to
-# refund, 1..4 quarters); ("expire",) lapses both grants (once, at the first time it comes up).
+# refund, 1..4 quarters); ("expire",) lapses both grants (once, at the first time it comes up); ("adjust", share)
+# removes that many quarters of the available credit by a negative manual adjustment.
 steps = st.lists(st.one_of(
     st.tuples(st.just("use"), st.integers(-80, 80).filter(bool)),
+    st.tuples(st.just("adjust"), st.integers(1, 4)),
     st.tuples(st.just("refund"), st.integers(0, 1), st.integers(1, 4)),
     st.tuples(st.just("expire")),
 ), min_size=1, max_size=12)
@@ -210,6 +218,10 @@ def test_any_sequence_of_partial_gateway_refunds_takes_back_what_was_reversed_on
             if amount:
                 books.use(amount, when)
                 net_usage += amount
+        elif step[0] == "adjust":
+            amount = books.available() * step[1] // 4
+            if amount > 0:
+                books.adjust(-amount, when)
         elif step[0] == "refund":
             amount = books.left_to_refund(keys[step[1]]) * step[2] // 4
             if amount:
@@ -219,7 +231,8 @@ def test_any_sequence_of_partial_gateway_refunds_takes_back_what_was_reversed_on
                 # The money refunded is its paid part plus what it took back of usage_reversal credit.
                 paid = refund.from_wallet + refund.from_breakage + refund.from_adjustment + refund.from_revenue
                 assert refund.amount == paid + reclaimed["amount"]
-                assert reclaimed["amount"] == sum(d["amount"] for d in reclaimed["draws"]) + reclaimed["receivable"]
+                assert reclaimed["amount"] == (sum(d["amount"] for d in reclaimed["draws"]) + reclaimed["receivable"]
+                                               + reclaimed.get("from_adjustment", 0))
         # Never a credit taken back beyond what it reversed of a grant; breakage never reversed below zero.
         reversals = books.reversal_credits()
         for (credit, grant_id), taken in books.taken_back().items():
@@ -350,3 +363,97 @@ def test_a_give_back_after_the_invoice_billing_the_owed_part_is_paid_or_voided()
             assert books.ledger() == {}
         replayed = books.replayed()
         assert replayed.grant_balances() == books.account.grant_balances()
+
+
+# -- an invoice refund that made a credit note's spent credit owed -------------------------------------------------
+
+def _invoice_refund_with_spent_credit_note_owed() -> tuple[Books, UUID]:
+    """g (100.00) bought and used up, then refunded at the gateway in full (from revenue: its usage is paid back in
+    money, so a give-back of it is absorbed). An invoice of 30.00, paid; a credit note gives its 30.00 back as account
+    credit (c, for unused time), and usage spends it; then the gateway refunds the invoice's 30.00 too: the note's
+    credit is taken back, and as it was spent, 30.00 is owed."""
+    books = Books()
+    g = books.buy("g", 100 * U, expires_at=at(days=90))
+    books.use(100 * U, books.now())
+    books.refund(g, 100 * U, books.now())
+    account = books.account
+    account.bill_invoice(invoice="inv-1", unit=USD, net=30 * U, tax=0, at=books.now(), cause={})
+    account.settle_invoiced_overage(invoice="inv-1", at=books.now(), cause={})
+    note = uuid4()
+    account.credit_note_grant(grant_id=note, note="cn-1", unit=USD, net=30 * U, tax=0, at=books.now(), cause={})
+    books._take()
+    books.use(30 * U, books.now())  # drawn from the note's credit
+    account.refund_invoice_payment(note="re-1", unit=USD, amount=30 * U, tax=0, at=books.now(), cause={},
+                                   excess=30 * U, reclaim=[str(note)])
+    books._take()
+    assert books.available() == 0 and books.owed() == 30 * U
+    return books, note
+
+
+def test_a_give_back_after_an_invoice_refund_made_a_credit_note_s_spent_credit_owed_credits_it_once() -> None:
+    # The give-back of the 30.00 that spent the note's credit cleared what was owed, but that usage's draw of the
+    # note stayed remembered: the give-back of g's 100.00 of usage (its money already back at the gateway) then
+    # credited the note 30.00 again, where all of it is absorbed. The customer kept 30.00 of credit for an invoice
+    # whose money the gateway gave back.
+    books, _ = _invoice_refund_with_spent_credit_note_owed()
+    books.use(-30 * U, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    [last] = [e for e in books.use(-100 * U, books.now()) if type(e).__name__ == "UsageDebited"]
+    assert sum(part["amount"] for part in last.absorbed or ()) == 100 * U and not last.postings
+    assert books.available() == 0 and books.owed() == 0
+    # 130.00 paid, 130.00 back at the gateway, the usage all given back: nothing left anywhere.
+    assert books.ledger() == {}
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
+
+
+def test_a_give_back_after_an_invoice_refund_in_the_other_order_clears_what_is_owed_once() -> None:
+    # g's 100.00 first: 30.00 clears what is owed, 70.00 absorbed; the 30.00 after it is absorbed too (the note's
+    # credit is gone with the invoice's money).
+    books, _ = _invoice_refund_with_spent_credit_note_owed()
+    books.use(-100 * U, books.now())
+    books.use(-30 * U, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    assert books.ledger() == {}
+
+
+def test_a_give_back_after_the_invoice_refund_s_owed_part_was_invoiced_and_paid_credits_the_note_once() -> None:
+    # Billed and paid, the 30.00 is the customer's again: a give-back of the usage credits the note's credit back once.
+    books, _ = _invoice_refund_with_spent_credit_note_owed()
+    books.account.invoice_overage(invoice="inv-2", units=[USD], end=at(days=30), at=books.now())
+    books.account.settle_invoiced_overage(invoice="inv-2", at=books.now(), cause={})
+    books._take()
+    books.use(-30 * U, books.now())
+    books.use(-100 * U, books.now())
+    assert books.available() == 30 * U and books.owed() == 0
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+
+
+# -- a gateway refund after a negative adjustment removed usage_reversal credit ------------------------------------
+
+def test_a_gateway_refund_takes_usage_reversal_credit_an_adjustment_removed_from_manual_adjustment_not_owed() -> None:
+    # g (100.00) bought, used, expired; 60.00 of its usage given back (credit r); a negative adjustment removes 20.00
+    # of r; then the gateway refunds g in full. The refund took 40.00 of r back from the wallet and left 20.00 owed,
+    # as if spent: the customer was charged again for credit the adjustment had already taken away. That 20.00 comes
+    # back out of manual_adjustment (the adjustment's removal no longer stands: the money went back at the gateway),
+    # as an override refund's ``from_adjustment`` does; nothing is owed.
+    books = Books()
+    g = books.buy("g", 100 * U, expires_at=at(days=1))
+    books.use(100 * U, at(1))
+    books.expire(at(days=2))
+    books.use(-60 * U, books.now())
+    books.account.adjust(adjustment_id=uuid4(), unit=USD, amount=-20 * U, reason="goodwill clawback",
+                         user="finance@test", at=books.now())
+    books._take()
+    assert books.available() == 40 * U
+    refund = books.refund(g, 100 * U, books.now())
+    assert refund.from_revenue == 40 * U and refund.reclaimed["amount"] == 60 * U
+    assert refund.reclaimed["receivable"] == 0 and refund.reclaimed["from_adjustment"] == 20 * U
+    assert books.available() == 0 and books.owed() == 0
+    # 100.00 paid, 100.00 back at the gateway: nothing left, the adjustment's 20.00 included.
+    assert books.ledger() == {}
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0

@@ -181,7 +181,7 @@ async def test_a_catalogue_change_of_scales_drops_the_copy(stack: Stack) -> None
     await apply(stack.service, ledger.records())
     await until(lambda: "globex" in cache._states)
     cache.notified("[]")
-    ledger.publish_catalog({"credit_units": {"CREDIT": {"scale": 3}}, "meters": []})
+    ledger.publish_catalog({"credit_units": {"CREDIT": {"scale": 3}}, "meters": [{"code": "api_calls"}]})
     await apply(stack.service, ledger.records())
     await until(lambda: len(cache) == 0)
 

@@ -149,6 +149,37 @@ async def test_adjustments_figure_counts_an_override_refund_of_adjusted_credit(s
     assert (october["refunds"], october["consumed"]) == (100 * U, 30 * U)
 
 
+async def test_adjustments_figure_counts_a_gateway_refund_taking_back_adjusted_usage_reversal_credit(
+        service: ProjectionService) -> None:
+    # 100.00 bought and used, expired, 60.00 of its usage given back as usage_reversal credit, 20.00 of that removed
+    # by finance, then the gateway refunds the 100.00: the refund takes the removed 20.00 back from manual_adjustment
+    # (GrantRefunded.reclaimed.from_adjustment), not owed again; the dashboard's adjustments and receivables agree
+    # with the chart of accounts (0 and 0).
+    ledger = Ledger()
+    a = ledger.open("acme")
+    purchase = uid("acme", "purchase")
+    a.grant_credit(grant_id=purchase, unit="USD", amount=100 * U, effective_at=T0, expires_at=T0 + timedelta(days=1),
+                   scope=None, source="purchase", cause={"payment_id": "pi_1"}, granted_by="service:payments")
+    a.debit_usage(command_id=uid("acme", "u1"), unit="USD", amount=100 * U, meter="api_calls", at=T0,
+                  overage_policy="overage", cause=usage_cause("evt-1", "100"))
+    a.expire_grants(T0 + timedelta(days=2))
+    a.debit_usage(command_id=uid("acme", "u2"), unit="USD", amount=-60 * U, meter="api_calls",
+                  at=T0 + timedelta(days=2, hours=1), overage_policy="overage", cause=usage_cause("evt-2", "-60"))
+    a.adjust(adjustment_id=uid("acme", "adj-"), unit="USD", amount=-20 * U, reason="clawback",
+             user="finance@test", at=T0 + timedelta(days=2, hours=2))
+    a.refund_grant(grant_id=purchase, amount=100 * U, refund_id=uid("acme", "refund"),
+                   at=T0 + timedelta(days=2, hours=3), finance_override=True, reclaim_reversed=True,
+                   cause={"forced_by": "gateway"})
+    ledger.save(a)
+    await apply(service, ledger.records())
+    months = await figures.series(service.db, tenant="acme", granularity="month", since=None, until=None)
+    total = {name: sum(int(m[name]) for m in months) for name in ("adjustments", "receivables", "refunds")}
+    chart = {r["ledger_account"]: int(r["amount"]) for r in await balances.ledger_balances(service.db, "acme")}
+    assert total["adjustments"] == chart["manual_adjustment"] == 0
+    assert total["receivables"] == chart.get("receivables", 0) == 0
+    assert total["refunds"] == 100 * U
+
+
 async def test_replays_and_re_relayed_events_change_nothing(service: ProjectionService) -> None:
     ledger = Ledger()
     full_scenario(ledger)

@@ -156,7 +156,7 @@ async def test_a_gateway_refund_of_a_credit_package_in_parts_takes_its_usage_rev
     back once in all (350 from the wallet, 250 owed), the USD money exactly once (60.00: the revenue recognised for
     the usage and the VAT), and each refund's history row says what it took back."""
     ledger = Ledger()
-    ledger.publish_catalog({"credit_units": {"CREDIT": {"scale": 0}}})
+    ledger.publish_catalog({"credit_units": {"CREDIT": {"scale": 0}}, "meters": [{"code": "api_calls"}]})
     a = ledger.open("acme")
     grant = uid("acme", "package")
     a.grant_credit(grant_id=grant, unit="CREDIT", amount=1000 * U, effective_at=NOV_1, expires_at=DEC_1, scope=None,
