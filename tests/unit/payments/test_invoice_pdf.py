@@ -29,7 +29,8 @@ from tests.unit.payments.support import SETTINGS, command, headers, run
 __all__: list[str] = []
 TENANT = "acme"
 SELLER = {"name": "Billing GmbH", "country": "DE", "vat_id": "DE 136 695 976"}
-CATALOG = {"tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}], "packages": [], "seller": SELLER}
+CATALOG = {"tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}], "packages": [], "seller": SELLER,
+           "meters": [{"code": "api_calls"}]}  # a catalogue publishes something (billing_events.catalog.nothing_to_publish)
 
 
 @pytest.fixture
