@@ -92,7 +92,7 @@ def build_router(service: RatingService) -> APIRouter:
                              "once it has ended: a month that has not ended yet (the current one, or one in the "
                              "future) is refused with 422 `period-not-ended` and nothing is closed.")
     async def post_close(period: str, _: Principal = Depends(require(Role.ADMIN, Role.SERVICE))) -> dict[str, Any]:
-        if not PERIOD.match(period):
+        if not (period.isascii() and PERIOD.fullmatch(period)):  # ASCII digits only, no trailing newline
             raise Problem(422, "Invalid period", "Use YYYY-MM.", kind="invalid-period")
         if period >= period_of(_now()):
             # Closed early, the rest of the month's usage would be late (refused under `late_policy: reject`, else

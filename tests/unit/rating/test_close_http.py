@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from billing_events import ids, topics
@@ -63,6 +64,15 @@ async def test_a_month_that_has_not_ended_is_not_closed(rating: Rating, period: 
     # The rest of November is still November's usage: not refused as late (period_closed).
     await service.handle_accepted([accepted("u2", "1", "active_users", at=NOV_22 + timedelta(hours=1), user="bob")])
     assert await published(bus, topics.USAGE_REJECTED) == []
+
+
+@pytest.mark.parametrize("period", ["\u0662\u0660\u0662\u0666-10", "2026-10\n", "2026-1", "2026-13"])
+async def test_a_period_that_is_not_an_ascii_month_is_refused(rating: Rating, period: str) -> None:
+    client, service, _, _ = rating
+    refused = await client.post(f"/v1/rating/periods/{quote(period)}/close", headers=ADMIN)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["type"] == PROBLEM_BASE + "invalid-period"
+    assert await lines_of(service.db, "2026-10") == []
 
 
 async def test_a_month_is_closed_from_its_end_on(rating: Rating) -> None:
