@@ -291,21 +291,27 @@ def _refunded_with_spent_credit_owed() -> tuple[Books, UUID]:
     return books, g
 
 
+def _clears_what_is_owed_then_absorbs(books: Books, *, owed: int, rest: int) -> None:
+    """The give-back of the usage whose credit is ``owed`` clears it; the give-back of the refunded grant's
+    ``rest`` after it is absorbed whole (no credit, no postings); the books end at nothing, and a replay agrees."""
+    books.use(-owed, books.now())
+    assert books.available() == 0 and books.owed() == 0
+    [last] = [e for e in books.use(-rest, books.now()) if type(e).__name__ == "UsageDebited"]
+    assert sum(part["amount"] for part in last.absorbed or ()) == rest and not last.postings
+    assert books.available() == 0 and books.owed() == 0
+    assert books.ledger() == {}
+    replayed = books.replayed()
+    assert replayed.grant_balances() == books.account.grant_balances()
+    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
+
+
 def test_a_give_back_of_usage_whose_credit_was_owed_clears_it_once_and_never_credits_it_again() -> None:
     # The give-back of the 25.00 cleared what was owed, but the draw of r stayed remembered: the give-back of g's
     # last 40.00 of usage then credited r 25.00 again (the customer got credit for usage they no longer owed for),
     # where all 40.00 is absorbed (g's money went back to the customer at the gateway).
     books, _ = _refunded_with_spent_credit_owed()
-    books.use(-25 * U, books.now())
-    assert books.available() == 0 and books.owed() == 0
-    [last] = [e for e in books.use(-40 * U, books.now()) if type(e).__name__ == "UsageDebited"]
-    assert sum(part["amount"] for part in last.absorbed or ()) == 40 * U and not last.postings
-    assert books.available() == 0 and books.owed() == 0
     # 100.00 paid and 100.00 back at the gateway, the usage all given back: nothing left anywhere.
-    assert books.ledger() == {}
-    replayed = books.replayed()
-    assert replayed.grant_balances() == books.account.grant_balances()
-    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
+    _clears_what_is_owed_then_absorbs(books, owed=25 * U, rest=40 * U)
 
 
 def test_a_give_back_in_the_other_order_after_the_owed_part_clears_it_once() -> None:
@@ -396,16 +402,8 @@ def test_a_give_back_after_an_invoice_refund_made_a_credit_note_s_spent_credit_o
     # credited the note 30.00 again, where all of it is absorbed. The customer kept 30.00 of credit for an invoice
     # whose money the gateway gave back.
     books, _ = _invoice_refund_with_spent_credit_note_owed()
-    books.use(-30 * U, books.now())
-    assert books.available() == 0 and books.owed() == 0
-    [last] = [e for e in books.use(-100 * U, books.now()) if type(e).__name__ == "UsageDebited"]
-    assert sum(part["amount"] for part in last.absorbed or ()) == 100 * U and not last.postings
-    assert books.available() == 0 and books.owed() == 0
     # 130.00 paid, 130.00 back at the gateway, the usage all given back: nothing left anywhere.
-    assert books.ledger() == {}
-    replayed = books.replayed()
-    assert replayed.grant_balances() == books.account.grant_balances()
-    assert replayed.available(USD) == 0 and replayed.overage_receivable(USD) == 0
+    _clears_what_is_owed_then_absorbs(books, owed=30 * U, rest=100 * U)
 
 
 def test_a_give_back_after_an_invoice_refund_in_the_other_order_clears_what_is_owed_once() -> None:
