@@ -166,6 +166,44 @@ class MRRList(BaseModel):
     items: list[MRR]
 
 
+Ratio = str
+
+
+class SubscriptionAnalytics(BaseModel):
+    """One calendar month (UTC) of one currency's subscription revenue (services/projections/README.md
+    "Subscription analytics"). A customer is an account in that currency; it is live when its MRR (active and
+    past_due subscriptions, as /v1/reports/mrr) is above zero. Each customer's MRR at the month's start is compared
+    with its MRR at its end, so changes within the month net out."""
+
+    month: str = Field(description="YYYY-MM (UTC)", examples=["2026-11"])
+    currency: str = Field(examples=["USD"])
+    complete: bool = Field(description="The month has ended; false: this month, counted to date")
+    accounts_start: int = Field(description="Customers live at the month's start")
+    accounts_new: int = Field(description="Customers live at its end that were not at its start")
+    accounts_churned: int = Field(description="Customers live at its start that are not at its end")
+    accounts_end: int = Field(description="Customers live at its end")
+    mrr_start: Amount = Field(description="MRR at the month's start (as /v1/reports/mrr then)", examples=["280.00"])
+    mrr_new: Amount = Field(description="End MRR of the new customers")
+    mrr_expansion: Amount = Field(description="MRR gained by customers live at both ends (upgrades, more seats)")
+    mrr_contraction: Amount = Field(description="MRR lost by customers live at both ends (downgrades, fewer "
+                                                "seats, one of several subscriptions canceled or paused)")
+    mrr_churned: Amount = Field(description="Start MRR of the churned customers (canceled or paused)")
+    mrr_end: Amount = Field(description="MRR at the month's end (this month: now)")
+    logo_churn_rate: Ratio | None = Field(description="accounts_churned / accounts_start, a fraction with 4 "
+                                                      "digits, half-up; null without customers at the start",
+                                          examples=["0.0400"])
+    revenue_churn_rate: Ratio | None = Field(description="Gross: (contraction + churned) / start, exact sums, 4 "
+                                                         "digits, half-up", examples=["0.6786"])
+    net_revenue_retention: Ratio | None = Field(description="(start + expansion - contraction - churned) / start, "
+                                                            "exact sums, 4 digits, half-up", examples=["1.0250"])
+
+
+class SubscriptionAnalyticsList(BaseModel):
+    months: list[str] = Field(description="The months asked for, oldest first (a month without a live customer "
+                                          "has no item)")
+    items: list[SubscriptionAnalytics]
+
+
 class FiguresList(BaseModel):
     granularity: str
     items: list[Figures]

@@ -36,6 +36,7 @@ TenantFilter = Annotated[str | None, Query(description="Only this tenant (organi
 CHARGEBACK_COLUMNS = tuple(api_models.ChargebackLine.model_fields)
 SUBSCRIPTION_COLUMNS = tuple(api_models.Subscription.model_fields)
 MRR_COLUMNS = tuple(api_models.MRR.model_fields)
+ANALYTICS_COLUMNS = tuple(api_models.SubscriptionAnalytics.model_fields)
 ACCOUNT_COLUMNS = ("tenant", "currency", "opened_at", "unit", "available", "held", "balance", "receivable",
                    "expiring_soon", "low_balance_threshold", "low_balance", "updated_at")
 
@@ -174,5 +175,29 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if wants_csv(request, fmt):
             return csv_of(MRR_COLUMNS, items, "mrr")
         return {"items": items}
+
+    @router.get("/v1/reports/subscriptions/analytics",
+                summary="Churn, net revenue retention and MRR movements per calendar month and currency",
+                response_model=api_models.SubscriptionAnalyticsList, responses=CSV,
+                description="Per UTC calendar month and currency, from the same subscription events MRR reads: "
+                            "customers (accounts) live at the start and end, new, expansion, contraction and "
+                            "churned MRR, logo churn, gross revenue churn and net revenue retention. Each customer's "
+                            "MRR at the month's start is compared with its MRR at its end (changes within the month "
+                            "net out); amounts rounded once as MRR, ratios to 4 digits. Defined in "
+                            "services/projections/README.md \"Subscription analytics\".")
+    async def get_subscription_analytics(
+            principal: Finance, request: Request, tenant: TenantFilter = None,
+            since: Annotated[str | None, Query(alias="from", description="First month, YYYY-MM (default: 11 months "
+                                               "before `to`)", examples=["2026-01"])] = None,
+            until: Annotated[str | None, Query(alias="to", description="Last month, YYYY-MM, not after this month "
+                                               "(default: this month, UTC)", examples=["2026-12"])] = None,
+            fmt: Format = None) -> Any:
+        now = utcnow()
+        months = lists.analytics_months(since, until, now)
+        csv = wants_csv(request, fmt)
+        items = await lists.analytics(db, tenant=_scope(principal, tenant), months=months, now=now)
+        if csv:
+            return csv_of(ANALYTICS_COLUMNS, items, f"subscription-analytics-{months[0]}-{months[-1]}")
+        return {"months": months, "items": items}
 
     return router

@@ -41,6 +41,14 @@ templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 templates.env.globals["type_label"] = history.type_label
 
 
+def _percent(ratio: str | None) -> str:
+    """A ratio of the API (``0.4000``) as a percentage, exactly (``40.00 %``); an em dash for none."""
+    return "—" if ratio is None else f"{Decimal(ratio).scaleb(2)} %"
+
+
+templates.env.filters["percent"] = _percent
+
+
 def _principal(request: Request) -> Principal | None:
     verifier: TokenVerifier = request.app.state.token_verifier
     token = _token(request)
@@ -254,10 +262,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         ai = await lists.ai(db, tenant=scope, year=y, month=m, group_by=["model"])
         chart_units = sorted({r["unit"] for r in daily}) or ["USD"]
         recurring = await lists.mrr(db, tenant=scope)
+        # The ANALYTICS_MONTHS_SHOWN months up to the page's month (this month at the latest: later ones have none).
+        last = min((y, m), (now.year, now.month))
+        analytics_months = lists.analytics_months(None, f"{last[0]:04d}-{last[1]:02d}", now)
+        analytics = await lists.analytics(db, tenant=scope, months=analytics_months, now=now)
         invoice_rows, _ = await lists.invoice_list(db, tenant=scope, ledger_url=ledger_url,
                                                    period=f"{y:04d}-{m:02d}", limit=INVOICES_SHOWN)
         return _page(request, "finance.html", {
-            "mrr": recurring, "invoices": invoice_rows,
+            "mrr": recurring, "invoices": invoice_rows, "analytics": analytics, "analytics_months": analytics_months,
             "principal": principal, "year": y, "month": m, "years": _years(now), "tenant": scope or "",
             "tenants": [a["tenant"] for a in accounts], "month_figures": month_figures, "accounts": accounts,
             "monthly": monthly, "chargeback": chargeback, "ai": ai,

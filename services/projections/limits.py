@@ -8,6 +8,10 @@ PAGE_ITEMS_MAX = 500
 # CSV exports stream every page of a list, this many rows per page (read, written, then the next: an export of any
 # length holds one page; no row cap since session 12, exports.py).
 CSV_PAGE_ITEMS = 1_000
+# `/v1/reports/subscriptions/analytics`: months per request at most (each is computed when asked from every change
+# of every subscription: subscription_analytics.py), and how many the dashboard's finance page shows.
+ANALYTICS_MONTHS_MAX = 36
+ANALYTICS_MONTHS_SHOWN = 12
 # A grant whose expiry is this close counts as "expiring soon" on balances and the dashboard.
 EXPIRING_SOON_SECONDS = 7 * 24 * 3600
 # Append-only rows written with COPY (PostgreSQL) from this many per batch and table; fewer: INSERT.

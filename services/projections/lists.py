@@ -14,11 +14,14 @@ from billing_projections import (
     figures,
     history,
     invoices,
+    subscription_analytics,
     subscriptions,
     usage_monthly,
     views,
 )
-from billing_projections.params import decode_cursor, decode_key_cursor, encode_cursor, invalid
+from billing_projections.facts import utc_text
+from billing_projections.limits import ANALYTICS_MONTHS_MAX, ANALYTICS_MONTHS_SHOWN
+from billing_projections.params import decode_cursor, decode_key_cursor, encode_cursor, invalid, month_param
 from billing_runtime.db import Database
 
 Page = tuple[list[dict[str, Any]], str | None]
@@ -168,3 +171,33 @@ async def subscription_list(db: Database, *, tenant: str | None, statuses: Seque
 async def mrr(db: Database, *, tenant: str | None, by_tenant: bool = False) -> list[dict[str, Any]]:
     units = views.Units({})
     return [views.mrr_view(r, units) for r in await subscriptions.mrr(db, tenant=tenant, by_tenant=by_tenant)]
+
+
+def analytics_months(since: str | None, until: str | None, now: datetime) -> list[str]:
+    """The months of ``from`` .. ``to`` (``YYYY-MM``, checked): by default ``to`` is this month (UTC) and ``from``
+    the ``ANALYTICS_MONTHS_SHOWN``th month back to it; a month after this one is refused (it has no figures yet), as
+    are ``from`` after ``to`` and more than ``ANALYTICS_MONTHS_MAX`` months."""
+    this_month = (now.year, now.month)
+    last = month_param(until, "to") or this_month
+    if last > this_month:
+        raise invalid(f"to is after this month ({this_month[0]:04d}-{this_month[1]:02d}, UTC): a month that has not "
+                      "begun has no figures", "to")
+    first = month_param(since, "from") or _months_back(last, ANALYTICS_MONTHS_SHOWN - 1)
+    if first > last:
+        raise invalid("from is after to", "from")
+    labels = subscription_analytics.month_labels(first, last)
+    if len(labels) > ANALYTICS_MONTHS_MAX:
+        raise invalid(f"at most {ANALYTICS_MONTHS_MAX} months at once ({len(labels)} asked)", "from")
+    return labels
+
+
+def _months_back(month: tuple[int, int], count: int) -> tuple[int, int]:
+    index = month[0] * 12 + month[1] - 1 - count
+    return max((index // 12, index % 12 + 1), (1970, 1))
+
+
+async def analytics(db: Database, *, tenant: str | None, months: list[str], now: datetime) -> list[dict[str, Any]]:
+    units = views.Units({})
+    first, last = (int(months[0][:4]), int(months[0][5:])), (int(months[-1][:4]), int(months[-1][5:]))
+    rows = await subscription_analytics.analytics(db, tenant=tenant, first=first, last=last, now_text=utc_text(now))
+    return [views.analytics_view(r, units) for r in rows]

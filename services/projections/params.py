@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -56,6 +57,18 @@ def month_range(year: int | None, month: int | None) -> tuple[str | None, str | 
         return f"{year:04d}-01-01", f"{year + 1:04d}-01-01"
     end = (year + 1, 1) if month == 12 else (year, month + 1)
     return f"{year:04d}-{month:02d}-01", f"{end[0]:04d}-{end[1]:02d}-01"
+
+
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")  # ASCII digits only ([0-9], not \d); fullmatch: no trailing newline
+
+
+def month_param(value: str | None, parameter: str) -> tuple[int, int] | None:
+    """A month ``YYYY-MM`` (1970-01 .. 9999-12) as (year, month); None when not given."""
+    if value is None or value == "":
+        return None
+    if not _MONTH.fullmatch(value) or value < "1970":
+        raise invalid(f"{parameter} must be a month YYYY-MM from 1970-01 (e.g. 2026-11), not {value!r}", parameter)
+    return int(value[:4]), int(value[5:])
 
 
 def encode_cursor(state: dict[str, Any]) -> str:

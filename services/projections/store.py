@@ -16,6 +16,7 @@ from billing_projections import (
     figures,
     history,
     invoices,
+    subscription_changes,
     subscriptions,
     usage_monthly,
 )
@@ -37,7 +38,8 @@ from billing_runtime.db import Connection, Database
 # 13: the history leaves out debits of 0 (usage that cost nothing: no movement); the monthly summary keeps them.
 # 14: figures' adjustments count what a finance-override refund takes back from manual_adjustment
 #     (``GrantRefunded.from_adjustment``), as the ledger posts it.
-SCHEMA_VERSION = "14"
+# 15: subscription_changes (every change of a subscription's status or price, when it took effect: churn and NRR).
+SCHEMA_VERSION = "15"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),
@@ -47,7 +49,7 @@ META = Table("projection_meta", {"name": "TEXT"}, {"value": value("TEXT NOT NULL
 # Every read model's tables; the order is the order of creation (and of comparison in the rebuild test).
 READ_MODEL_TABLES: tuple[Table, ...] = (
     *balances.TABLES, *history.TABLES, *usage_monthly.TABLES, *ai_usage.TABLES, *figures.TABLES, *catalog.TABLES,
-    *invoices.TABLES, *subscriptions.TABLES,
+    *invoices.TABLES, *subscriptions.TABLES, *subscription_changes.TABLES,
 )
 ALL_TABLES: tuple[Table, ...] = (POSITIONS, *READ_MODEL_TABLES)
 # Tables of earlier schema versions, dropped on upgrade.

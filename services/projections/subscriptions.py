@@ -76,7 +76,9 @@ def _fee(plan: dict[str, Any]) -> str:
         return str(fee)
 
 
-def _plan(plan: Any) -> dict[str, Any]:
+def plan_columns(plan: Any) -> dict[str, Any]:
+    """The ``subscriptions`` columns of a plan snapshot (``Started``, ``Changed``); ``subscription_changes`` prices
+    its rows with the same ``base_fee`` and ``cadence``, so its ARR is MRR's."""
     plan = plan if isinstance(plan, dict) else {}
     version = plan.get("version")
     return {"plan_code": str(plan.get("code") or ""), "plan_name": _text(plan.get("name")),
@@ -96,7 +98,7 @@ def _started(fact: Fact, w: BatchWriter) -> None:
         return
     w.insert(SUBSCRIPTIONS, (fact.aggregate_id,), {
         "tenant": tenant, "subscription_key": str(data.get("key") or ""), "status": str(data.get("status") or ""),
-        **_plan(data.get("plan")), "quantity": int(data.get("quantity") or 0), "time_zone": _text(data.get("time_zone")),
+        **plan_columns(data.get("plan")), "quantity": int(data.get("quantity") or 0), "time_zone": _text(data.get("time_zone")),
         "started_at": _time(data.get("started_at")) or fact.recorded_at,
         "period_start": _time(data.get("period_start")), "period_end": _time(data.get("period_end")),
         "trial_end": _time(data.get("trial_end")), "cancel_at_period_end": 0, "started_by": _text(data.get("by")),
@@ -106,7 +108,7 @@ def _started(fact: Fact, w: BatchWriter) -> None:
 def _changed(fact: Fact, w: BatchWriter) -> None:
     data = fact.data
     w.upsert(SUBSCRIPTIONS, (fact.aggregate_id,), set={
-        **_plan(data.get("plan")), "quantity": int(data.get("quantity") or 0),
+        **plan_columns(data.get("plan")), "quantity": int(data.get("quantity") or 0),
         "period_start": _time(data.get("period_start")), "period_end": _time(data.get("period_end")),
         "changed_by": _text(data.get("by")), **_fresh(fact)})
 
@@ -219,7 +221,7 @@ async def mrr(db: Database, *, tenant: str | None, by_tenant: bool = False) -> l
         key = (r["tenant"] if by_tenant else "", r["currency"])
         acc = totals.setdefault(key, {"tenant": key[0] or None, "currency": r["currency"], "subscriptions": 0,
                                       "per_cadence": {c: Decimal(0) for c in MONTHS_PER_PERIOD}})
-        cadence = r["cadence"] if r["cadence"] in MONTHS_PER_PERIOD else "month"
+        cadence = cadence_of(r["cadence"])
         fee = RATING_CONTEXT.multiply(Decimal(r["base_fee"]), Decimal(int(r["quantity"])))
         acc["per_cadence"][cadence] = RATING_CONTEXT.add(acc["per_cadence"][cadence], fee)
         acc["subscriptions"] += 1
@@ -228,8 +230,24 @@ async def mrr(db: Database, *, tenant: str | None, by_tenant: bool = False) -> l
         acc = totals[key]
         arr = sum((RATING_CONTEXT.multiply(amount, Decimal(PERIODS_PER_YEAR[c]))
                    for c, amount in acc["per_cadence"].items()), Decimal(0))
-        result.append({**acc, "arr": arr, "mrr": _minor(RATING_CONTEXT.divide(arr, Decimal(12)), acc["currency"])})
+        result.append({**acc, "arr": arr, "mrr": mrr_of(arr, acc["currency"])})
     return result
+
+
+def cadence_of(cadence: Any) -> str:
+    """The cadence MRR counts a fee by (an unknown one as monthly)."""
+    return cadence if cadence in MONTHS_PER_PERIOD else "month"
+
+
+def annual_fee(base_fee: str, quantity: int, cadence: Any) -> Decimal:
+    """A subscription's share of ARR, exact: base fee x quantity x its periods per year (what ``mrr`` sums)."""
+    fee = RATING_CONTEXT.multiply(Decimal(base_fee), Decimal(int(quantity)))
+    return RATING_CONTEXT.multiply(fee, Decimal(PERIODS_PER_YEAR[cadence_of(cadence)]))
+
+
+def mrr_of(arr: Decimal, code: str) -> Decimal:
+    """MRR of an exact ARR: ARR / 12 rounded once, half-up, to the currency's minor unit."""
+    return _minor(RATING_CONTEXT.divide(arr, Decimal(12)), code)
 
 
 def _minor(amount: Decimal, code: str) -> Decimal:

@@ -242,3 +242,19 @@ def mrr_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
            for cadence, amount in row["per_cadence"].items()},
     })
     return view
+
+
+ANALYTICS_AMOUNTS = ("mrr_start", "mrr_new", "mrr_expansion", "mrr_contraction", "mrr_churned", "mrr_end")
+ANALYTICS_RATIOS = ("logo_churn_rate", "revenue_churn_rate", "net_revenue_retention")
+
+
+def analytics_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
+    """A month of ``subscription_analytics``: amounts as MRR's (rounded once, at least the minor digits), ratios as
+    their decimal text (``RATIO_PLACES`` digits), null when nothing was live at the month's start."""
+    code = row["currency"]
+    view = dict(row)
+    for name in ANALYTICS_AMOUNTS:
+        view[name] = units.fmt(to_subunits(row[name]), code)
+    for name in ANALYTICS_RATIOS:
+        view[name] = None if row[name] is None else str(row[name])
+    return view

@@ -201,6 +201,23 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     assert [(m["currency"], m["mrr"]) for m in mrr] == [("USD", "29.00")]
     assert page.inner_text("[data-testid=mrr-USD]") == mrr[0]["mrr"]
     assert page.inner_text("[data-testid=arr-USD]") == mrr[0]["arr"] == "348.00"
+    # Subscription analytics: the API's months (the 12 up to this one), row for row, figure for figure.
+    analytics = _api(base, "/v1/reports/subscriptions/analytics", finance)
+    this_month = f"{now.year:04d}-{now.month:02d}"
+    assert analytics["months"][-1] == this_month
+    current = next(r for r in analytics["items"] if (r["month"], r["currency"]) == (this_month, "USD"))
+    assert (current["accounts_new"], current["mrr_new"], current["mrr_end"], current["complete"]) == (
+        1, "29.00", mrr[0]["mrr"], False)  # the subscription started this month; its end is MRR now
+    rows = page.locator("[data-testid=analytics-row]")
+    assert rows.count() == len(analytics["items"]) >= 1
+    for i, item in enumerate(analytics["items"]):
+        row = rows.nth(i)
+        assert (row.get_attribute("data-month"), row.get_attribute("data-currency")) == (item["month"], item["currency"])
+        for key in ("mrr_start", "mrr_new", "mrr_expansion", "mrr_contraction", "mrr_churned", "mrr_end",
+                    "accounts_start", "accounts_new", "accounts_churned", "accounts_end"):
+            assert row.locator(f"[data-testid=analytics-{key}]").inner_text() == str(item[key]), key
+        for key in ("logo_churn_rate", "revenue_churn_rate", "net_revenue_retention"):
+            assert row.locator(f"[data-testid=analytics-{key}]").get_attribute("data-ratio") == (item[key] or ""), key
     issued = page.locator("[data-testid=invoice-row]")
     assert issued.count() >= 1 and issued.nth(0).get_attribute("data-status") == "finalized"
     chargeback = page.locator("[data-testid=chargeback-row]")

@@ -1,6 +1,6 @@
 """Every read model on real Kafka + PostgreSQL: the ledger's own events, published to Kafka, read by a
 `billing serve projections` process; then `billing projections rebuild` into a second schema gives the
-same tables, row for row."""
+same tables, row for row (subscription_changes, what churn and NRR are computed from, included)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.integration.projections_support import (
     wait_caught_up,
 )
 from tests.support import BILLING, ROOT, auth, drop_schema, wait_until
-from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
+from tests.unit.projections.ledger_events import Ledger, analytics_scenario, full_scenario, simple_account
 
 pytestmark = pytest.mark.integration
 TENANTS = 20
@@ -38,6 +38,7 @@ def fed(infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iter
     stack = start_projections(infra, tmp_path_factory.mktemp("projections"))
     try:
         ledger = Ledger()
+        analytics_scenario(ledger, prefix="sub-")  # its catalogue first: full_scenario publishes the demo one after
         full_scenario(ledger, "acme")
         for i in range(TENANTS):
             simple_account(ledger, f"org-{i:02d}", debits=DEBITS)
@@ -117,6 +118,31 @@ def test_monthly_usage_ai_usage_and_figures(fed: tuple[ProjectionsStack, Ledger]
     assert sum(Decimal(c["share_percent"]) for c in chargeback if c["unit"] == "USD") == pytest.approx(100, abs=0.2)
 
 
+def test_subscription_analytics_through_the_consumer(fed: tuple[ProjectionsStack, Ledger]) -> None:
+    stack, _ = fed
+    body = _get(stack, "/v1/reports/subscriptions/analytics", params={"from": "2026-08", "to": "2026-10"},
+                headers=auth("finance")).json()
+    found = {(r["month"], r["currency"]): r for r in body["items"]}
+    assert sorted(found) == [(m, c) for m in body["months"] for c in ("EUR", "USD")]
+    sep, oct_ = found[("2026-09", "USD")], found[("2026-10", "USD")]
+    assert (sep["accounts_start"], sep["accounts_new"], sep["accounts_churned"], sep["mrr_start"], sep["mrr_new"],
+            sep["mrr_expansion"], sep["mrr_contraction"], sep["mrr_churned"], sep["mrr_end"]) == (
+        8, 2, 2, "310.00", "30.00", "50.00", "60.00", "130.00", "200.00")
+    assert (sep["logo_churn_rate"], sep["revenue_churn_rate"], sep["net_revenue_retention"]) == (
+        "0.2500", "0.6129", "0.5484")
+    assert (oct_["mrr_new"], oct_["mrr_churned"], oct_["mrr_end"], oct_["net_revenue_retention"]) == (
+        "100.00", "10.00", "290.00", "0.9500")
+    assert found[("2026-09", "EUR")]["net_revenue_retention"] == "2.0000"
+    exported = _get(stack, "/v1/reports/subscriptions/analytics", headers=auth("finance"),
+                    params={"from": "2026-09", "to": "2026-09", "tenant": "sub-nap", "format": "csv"}).text
+    assert [(r["month"], r["mrr_churned"], r["accounts_churned"]) for r in csv.DictReader(io.StringIO(exported))] == [
+        ("2026-09", "100.00", "1")]
+    # The month under way ends at MRR now.
+    mrr = {m["currency"]: m["mrr"] for m in _get(stack, "/v1/reports/mrr", headers=auth("finance")).json()["items"]}
+    current = _get(stack, "/v1/reports/subscriptions/analytics", headers=auth("finance")).json()
+    assert {r["currency"]: r["mrr_end"] for r in current["items"] if r["month"] == current["months"][-1]} == mrr
+
+
 def test_rebuild_into_a_second_schema_equals_the_live_tables(fed: tuple[ProjectionsStack, Ledger]) -> None:
     stack, _ = fed
     target = f"{stack.namespace}_rebuilt"
@@ -130,6 +156,7 @@ def test_rebuild_into_a_second_schema_equals_the_live_tables(fed: tuple[Projecti
         live = asyncio.run(dump_schema(stack.database_url, stack.schema))
         rebuilt = asyncio.run(dump_schema(stack.database_url, target))
         assert sum(len(rows) for rows in live.values()) > 1000
+        assert len(live["subscription_changes"]) == 26  # analytics_scenario's 13 starts and 13 changes
         for table, rows in live.items():
             assert rebuilt[table] == rows, table
     finally:

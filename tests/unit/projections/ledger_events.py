@@ -258,3 +258,71 @@ def invoice_uuid(tenant: str, key: str) -> UUID:
 def invoice_id_of(subscription_id: str, tenant: str, period_start: datetime) -> str:
     """The first invoice of a subscription period (the ledger keys it by subscription and period start)."""
     return str(invoice_uuid(tenant, f"{subscription_id}/{period_start.isoformat()}"))
+
+
+AUG_1 = datetime(2026, 8, 1, tzinfo=UTC)
+SEP = datetime(2026, 9, 1, 12, tzinfo=UTC)  # Sep 1, noon; the day of a change is SEP + days
+OCT = datetime(2026, 10, 1, 12, tzinfo=UTC)
+ANALYTICS_CATALOG: dict[str, Any] = {
+    "plans": [
+        {"code": "basic", "name": "Basic", "currency": "USD", "base_fee": "10.00"},
+        {"code": "pro", "name": "Pro", "currency": "USD", "base_fee": "50.00"},
+        {"code": "annual", "name": "Annual", "currency": "USD", "base_fee": "1200.00", "cadence": "year"},
+        {"code": "quarter", "name": "Quarter", "currency": "USD", "base_fee": "90.00", "cadence": "quarter"},
+        {"code": "tried", "name": "Tried", "currency": "USD", "base_fee": "20.00", "trial_days": 14},
+        {"code": "euro", "name": "Euro", "currency": "EUR", "base_fee": "30.00"},
+    ],
+}
+
+
+def analytics_scenario(ledger: Ledger, prefix: str = "") -> None:
+    """Customers whose MRR moves in September 2026, through the ledger's own commands (tenants ``prefix`` + name).
+
+    Live from Aug 1 (USD, MRR): up 10 (Sep 10: basic -> pro, 50), down 100 (pro x 2; Sep 12: x 1, 50), gone 30
+    (basic x 3; Sep 15: canceled), nap 100 (annual 1200.00 a year; Sep 5: paused; Oct 3: resumed), both 40 (basic 10
+    + quarter 90.00 a quarter; Sep 14: basic canceled, 30 left), zigzag 10 (Sep 3: basic x 5, 50; Sep 20: x 2, 20),
+    late 10 (Sep 2: its first invoice's payment failed: past_due), ends 10 (Sep 20: to cancel at its period's end,
+    Oct 1; the tick records it on Oct 2). tryout: a trial from Aug 25, converted Sep 8 (20).
+    fresh: basic from Sep 18 (10). flash: pro from Sep 8, canceled Sep 20. euro (EUR): 30 from Aug 1, Sep 9: x 2.
+    """
+    ledger.command("catalog.publish", None, at=AUG_1, document=ANALYTICS_CATALOG, digest=f"analytics-{prefix}")
+    for name in ("up", "down", "gone", "nap", "both", "zigzag", "late", "ends", "tryout", "fresh", "flash"):
+        ledger.command("account.open", prefix + name, at=AUG_1, currency="USD")
+    ledger.command("account.open", prefix + "euro", at=AUG_1, currency="EUR")
+
+    def create(name: str, key: str, plan: str, at: datetime = AUG_1, quantity: int = 1, trial: bool = False) -> str:
+        made = ledger.command("subscription.create", prefix + name, at=at, key=key, plan=plan, quantity=quantity,
+                              trial=trial)
+        return str(made.value["subscription_id"])
+
+    def command(kind: str, name: str, days: int, key: str = "main", base: datetime = SEP, **payload: Any) -> None:
+        ledger.command(f"subscription.{kind}", prefix + name, at=base + timedelta(days=days), key=key, **payload)
+
+    for name, plan, quantity in (("up", "basic", 1), ("down", "pro", 2), ("gone", "basic", 3), ("nap", "annual", 1),
+                                 ("both", "basic", 1), ("zigzag", "basic", 1), ("ends", "basic", 1),
+                                 ("euro", "euro", 1)):
+        create(name, "main", plan, quantity=quantity)
+    create("both", "extra", "quarter")
+    late = create("late", "main", "basic")
+    create("tryout", "main", "tried", at=AUG_1 + timedelta(days=24), trial=True)
+    ledger.command("payment_method.add", prefix + "tryout", at=AUG_1 + timedelta(days=24), method_id="pm_1",
+                   gateway="stripe", label="visa 4242", default=True)
+
+    command("change", "zigzag", 2, quantity=5)
+    ledger.command("invoice.payment_failed", prefix + "late", at=SEP + timedelta(days=1),
+                   invoice_id=invoice_id_of(late, prefix + "late", AUG_1))
+    command("pause", "nap", 4)
+    ledger.command("subscription.tick", prefix + "tryout", at=datetime(2026, 9, 8, tzinfo=UTC), key="main")
+    create("flash", "main", "pro", at=SEP + timedelta(days=7))
+    command("change", "euro", 8, quantity=2)
+    command("change", "up", 9, plan="pro")
+    command("change", "down", 11, quantity=1)
+    command("cancel", "both", 13, key="main", immediately=True)
+    command("cancel", "gone", 14, immediately=True)
+    create("fresh", "main", "basic", at=SEP + timedelta(days=17))
+    command("change", "zigzag", 19, quantity=2)
+    command("cancel", "flash", 19, immediately=True)
+    command("tick", "ends", 0)  # renewed on time: Sep 1 - Oct 1
+    command("cancel", "ends", 19)  # at its period's end, Oct 1
+    command("resume", "nap", 2, base=OCT)
+    command("tick", "ends", 1, base=OCT)  # a day late: canceled as of Oct 1 all the same
