@@ -7,7 +7,7 @@ Price specs stay plain mappings here: their meaning and validation belong to rat
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -26,8 +26,10 @@ from stdnum.exceptions import ValidationError as StdnumError
 from billing_events.money import (
     RATING_CONTEXT,
     MoneyError,
+    billed_step,
     credit_unit,
     currency,
+    is_billable,
     is_currency_code,
     parse_decimal,
 )
@@ -354,6 +356,25 @@ def package_priced_above_credit(package: dict[str, Any]) -> str | None:
             f"bonus_credits)")
 
 
+def price_not_billable(what: str, amount: Any, code: str) -> str | None:
+    """Why ``amount`` of currency ``code`` cannot be a price (None: it can).
+
+    A price is billed and charged as it is (a package's price is its checkout total before tax; a plan's fee is a
+    line of its invoices), so it must be in what the currency is billed in (``Unit.billed_scale``): whole cents, and
+    whole hundredths of the three-decimal currencies, whose card payments take no last digit (Stripe and Razorpay
+    refuse 11.906 KWD). A finer price would be charged rounded, another amount than the catalogue says.
+    """
+    money = currency(code)
+    value = Decimal(str(amount))
+    if is_billable(value, money):
+        return None
+    step = billed_step(money)
+    lower = (RATING_CONTEXT.divide(value, step).to_integral_value(ROUND_FLOOR) * step).quantize(step)
+    return (f"{what} {value} {code} is finer than {code} is billed and charged in ({step}"
+            + (": card payments in three-decimal currencies take a last digit of 0" if money.billed_scale
+               < money.minor_scale else "") + f"); use {lower} or {lower + step}")
+
+
 def nothing_to_publish(document: CatalogDocument) -> str | None:
     """Why ``document`` cannot be published as a catalogue version (None: it can).
 
@@ -445,11 +466,20 @@ class CatalogDocument(_Model):
             refused = included_credit_above_fee(plan.model_dump(mode="json"))
             if refused and not (info.context or {}).get(STORED):
                 raise ValueError(refused)
+            prices = [("base_fee", plan.base_fee, plan.currency), ("minimum_spend", plan.minimum_spend, plan.currency)]
+            for code, local in plan.prices.items():
+                prices += [(f"prices.{code}.base_fee", local.base_fee, code),
+                           (f"prices.{code}.minimum_spend", local.minimum_spend, code)]
+            for name, amount, code in prices:
+                refused = None if amount is None else price_not_billable(f"plan {plan.code!r}: {name}", amount, code)
+                if refused and not (info.context or {}).get(STORED):
+                    raise ValueError(refused)
         for package in self.packages:
             currency(package.currency)
             if package.unit not in units:
                 currency(package.unit)
-            refused = package_priced_above_credit(package.model_dump(mode="json"))
+            refused = package_priced_above_credit(package.model_dump(mode="json")) or price_not_billable(
+                f"package {package.code!r}: price", package.price, package.currency)
             if refused and not (info.context or {}).get(STORED):
                 raise ValueError(refused)
         for promotion in self.promotions:

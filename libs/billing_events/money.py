@@ -10,7 +10,10 @@ Rules (DESIGN.md section 5, binding):
   2,000 sub-units) and a 64-bit integer still holds 9.2 billion units per balance.
 * Rating prices the *cumulative* quantity of a period and converts it to sub-units with
   ``RATING_ROUNDING`` (half-up); increments are differences of those integers, so they telescope exactly.
-* Invoices round each line once, to the unit's minor scale, with ``INVOICE_ROUNDING`` (half-up).
+* Invoices round each line once, to the unit's *billed* scale, with ``INVOICE_ROUNDING`` (half-up). The billed
+  scale is the minor scale, except for the three-decimal currencies (BHD, JOD, KWD, LYD, OMR, TND): card payments
+  take their thousandths with a last digit of 0 (Stripe, Razorpay), so what is billed or charged in them is rounded
+  to hundredths (``CHARGED_DECIMALS_MAX``) and still shown with three decimals (``11.910`` KWD).
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ SUBUNIT_SCALE = 9
 SUBUNITS_PER_UNIT = 10**SUBUNIT_SCALE
 RATING_ROUNDING = ROUND_HALF_UP
 INVOICE_ROUNDING = ROUND_HALF_UP
+
+# The most decimals of a currency amount a customer is billed or charged: card payments in the three-decimal
+# currencies (BHD, JOD, KWD, OMR, TND) take thousandths whose last digit is 0 (Stripe's Payment Intents, Checkout and
+# Refunds, Razorpay's payments: 5.124 KWD must be 5.120 or 5.130). Checkout figures and invoice lines in them are
+# rounded to hundredths, so what is booked is what a gateway can charge (docs/money.md "Billed scale").
+CHARGED_DECIMALS_MAX = 2
 
 # Bounds on anything that enters as a decimal (quantities, prices): at most 15 integer digits and 18
 # fractional digits. Anything larger is bad input, not a number we should try to bill.
@@ -95,10 +104,18 @@ class Unit:
 
     code: str
     kind: UnitKind
-    minor_scale: int  # digits after the point shown on invoices and balances
+    minor_scale: int  # digits after the point shown on invoices and balances (ISO 4217 for a currency)
 
     def __str__(self) -> str:
         return self.code
+
+    @property
+    def billed_scale(self) -> int:
+        """Digits an amount billed or charged in this unit keeps (invoice lines, checkout figures, money paid
+        back): the minor scale, at most ``CHARGED_DECIMALS_MAX`` for a currency (KWD: 2, USD: 2, JPY: 0)."""
+        if self.kind is UnitKind.CURRENCY:
+            return min(self.minor_scale, CHARGED_DECIMALS_MAX)
+        return self.minor_scale
 
 
 @lru_cache(maxsize=512)
@@ -157,13 +174,27 @@ def from_subunits(subunits: int) -> Decimal:
 
 
 def minor_subunits(unit: Unit) -> int:
-    """One minor unit of ``unit`` (a cent) in sub-units."""
-    return 10 ** (SUBUNIT_SCALE - unit.minor_scale)
+    """The smallest amount of ``unit`` billed or charged (a cent; ten fils of KWD: ``Unit.billed_scale``) in
+    sub-units."""
+    return 10 ** (SUBUNIT_SCALE - unit.billed_scale)
+
+
+def billed_step(unit: Unit) -> Decimal:
+    """The smallest amount of ``unit`` billed or charged: ``0.01`` USD, ``0.010`` KWD, ``1`` JPY (written with the
+    unit's minor digits)."""
+    return Decimal(1).scaleb(-unit.billed_scale).quantize(Decimal(1).scaleb(-unit.minor_scale), context=RATING_CONTEXT)
 
 
 def round_minor(amount: Decimal, unit: Unit) -> Decimal:
-    """Rounds once to the unit's minor scale (invoice lines)."""
-    return amount.quantize(Decimal(1).scaleb(-unit.minor_scale), rounding=INVOICE_ROUNDING, context=RATING_CONTEXT)
+    """Rounds once, half-up, to what the unit is billed in (``Unit.billed_scale``: invoice lines, checkout figures),
+    written with its minor digits: ``11.9055`` KWD is ``11.910``."""
+    rounded = amount.quantize(Decimal(1).scaleb(-unit.billed_scale), rounding=INVOICE_ROUNDING, context=RATING_CONTEXT)
+    return rounded.quantize(Decimal(1).scaleb(-unit.minor_scale), context=RATING_CONTEXT)
+
+
+def is_billable(amount: Decimal, unit: Unit) -> bool:
+    """Whether ``amount`` is in whole billed minor units of ``unit`` (``11.910`` KWD is, ``11.906`` is not)."""
+    return round_minor(amount, unit) == amount
 
 
 def format_subunits(subunits: int, unit: Unit) -> str:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import (
+    RATING_CONTEXT,
     MoneyError,
     Unit,
     is_currency_code,
     parse_decimal,
     resolve_unit,
-    round_minor,
     to_subunits,
 )
 from billing_events.timeutil import parse_timestamp
@@ -59,14 +60,17 @@ def unit_scale(batch: _Batch, unit: str) -> Unit:
 
 
 def minor_amount(batch: _Batch, unit: str, field: str, raw: Any, reason: str) -> int:
-    """A non-negative decimal amount of ``unit`` in whole minor units (cents: ``50.001`` USD is refused, as a
-    checkout quote refuses it), as sub-units; a malformed or finer one is rejected with ``reason``."""
+    """A non-negative decimal amount of ``unit`` in whole minor units of it (ISO 4217: ``50.001`` USD is refused,
+    as a checkout quote refuses it; ``5.005`` KWD is taken: a threshold is compared, and an auto-top-up's amount is
+    rounded up to what KWD is charged in, ``topups``), as sub-units; a malformed or finer one is rejected with
+    ``reason``."""
     try:
         amount = parse_decimal(raw, field=field)
     except MoneyError as exc:
         raise CommandRejected(reason, str(exc)) from exc
     scale = unit_scale(batch, unit)
-    if round_minor(amount, scale) != amount:
+    # The unit's own minor digits (ISO 4217): a threshold is compared, never charged, so 5.005 KWD is one.
+    if amount.quantize(Decimal(1).scaleb(-scale.minor_scale), context=RATING_CONTEXT) != amount:
         raise CommandRejected(reason, f"{field} {amount} has more decimals than {unit} allows "
                                       f"({scale.minor_scale})")
     return to_subunits(amount)

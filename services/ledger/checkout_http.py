@@ -22,7 +22,7 @@ from billing_ledger.checkout_commands import build_quote, order_view
 from billing_ledger.domain.checkout import Promotion, PromotionRefused, check_promotion, order_id
 from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.refund_request import refund_request_id
-from billing_ledger.gateways import GatewayError, OutboundGateway
+from billing_ledger.gateways import AmountNotChargeable, GatewayError, OutboundGateway
 from billing_ledger.http_models import (
     AlertSettings,
     AutoTopUpRule,
@@ -159,6 +159,10 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
                 q = await asyncio.to_thread(quote_now, app, tenant, payload, utcnow())
             except CommandRejected as exc:
                 raise _refused(exc) from exc
+            refused = gateway.refusal(Decimal(q["total"]), q["currency"])
+            if refused:  # before the order is placed (and a promotion redeemed): nothing changes
+                raise Problem(422, "Amount not chargeable", f"{refused}; choose another gateway or amount.",
+                              kind="amount-not-chargeable", reason="amount_not_chargeable")
             await check_identity(tenant, Decimal(q["total"]))
             placed = await apply_now(app, LedgerCommand(
                 command_id=uuid5(NAMESPACE_URL, f"/http/{tenant}/checkout.place/{key}"), kind="checkout.place",
@@ -177,6 +181,10 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
             except GatewayError as exc:
                 await run(principal, "checkout.fail", tenant, {"key": key, "reason": "gateway_unavailable"}, None)
                 raise Problem(502, "Gateway unavailable", str(exc), kind="gateway-unavailable") from exc
+            except AmountNotChargeable as exc:  # an order placed before the gateway could refuse it (nothing sent)
+                await run(principal, "checkout.fail", tenant, {"key": key, "reason": "amount_not_chargeable"}, None)
+                raise Problem(422, "Amount not chargeable", str(exc), kind="amount-not-chargeable",
+                              reason="amount_not_chargeable") from exc
             await run(principal, "checkout.open", tenant, {"key": key, "session_id": session.session_id,
                                                            "url": session.url}, f"{key}/open")
             current = await order(tenant, key)
@@ -281,6 +289,9 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
                                           tenant=tenant, order_id=approved.value["order_id"])
         except GatewayError as exc:  # stays approved: approving again retries the same refund (same key)
             raise Problem(502, "Gateway unavailable", str(exc), kind="gateway-unavailable") from exc
+        except AmountNotChargeable as exc:  # nothing sent; an order the gateway charged is always refundable
+            raise Problem(422, "Amount not chargeable", str(exc), kind="amount-not-chargeable",
+                          reason="amount_not_chargeable") from exc
         await run(principal, "refund_request.complete", tenant, {"key": key, "gateway_refund": refund.reference},
                   f"{key}/complete")
         return await refund_request(tenant, key)

@@ -6,7 +6,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import SUBUNIT_SCALE, currency, from_subunits, is_currency_code
+from billing_events.money import billed_step, currency, from_subunits, is_currency_code, minor_subunits
 from billing_ledger import payload
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
@@ -27,13 +27,13 @@ def refund_grant(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     amount = payload.subunits(command, "amount")
     unit = next((g["unit"] for g in account.grant_balances() if g["grant_id"] == str(grant)), None)
     if unit is not None and is_currency_code(unit):
-        # Credit in the currency is paid back as money: in whole minor units, as a gateway pays (its tax share
-        # is floored to them too: ``refund_grant``).
-        scale = currency(unit).minor_scale
-        if amount % 10 ** (SUBUNIT_SCALE - scale):
+        # Credit in the currency is paid back as money: in what a gateway pays back (its tax share is floored to
+        # it too: ``refund_grant``): whole minor units, ten fils of a three-decimal currency (``billed_scale``).
+        money = currency(unit)
+        if amount % minor_subunits(money):
             raise CommandRejected(payload.INVALID, f"amount {from_subunits(amount)} {unit} is finer than the "
-                                                   f"currency's minor unit ({scale} decimal places): money is paid "
-                                                   "back in whole minor units")
+                                                   f"currency is paid back in ({billed_step(money)} {unit}): money "
+                                                   "is paid back in whole minor units")
     account.refund_grant(grant_id=grant, amount=amount, refund_id=refund,
                          at=payload.timestamp(command, "at", default=command.issued_at),
                          finance_override=payload.flag(command, "finance_override"), cause=cause)

@@ -19,7 +19,14 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 import pycountry
 from billing_events.catalog import unsupported_credit_cadence
 from billing_events.messages import LedgerCommand
-from billing_events.money import RATING_CONTEXT, from_subunits, parse_decimal, round_minor, to_subunits
+from billing_events.money import (
+    RATING_CONTEXT,
+    billed_step,
+    from_subunits,
+    parse_decimal,
+    round_minor,
+    to_subunits,
+)
 from billing_events.money import currency as currency_of
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
@@ -629,13 +636,14 @@ def _left_to_give_back(lines: list[dict[str, Any]], corrected: Invoice | None) -
     # What it charged: its total, and the credit a change's document nets for the invoice it corrects in turn.
     net, tax = _credit_given(corrected)
     left = RATING_CONTEXT.subtract(RATING_CONTEXT.add(corrected.total, net + tax), corrected.given_back)
-    minor = Decimal(1).scaleb(-currency_of(corrected.currency).minor_scale)
+    money = currency_of(corrected.currency)
+    minor = billed_step(money)  # what its lines are rounded to (``round_minor``): a cent, ten fils of KWD
     # The most net whose tax at ``rate`` keeps the credit within what is left (rounded down to the minor unit).
     most = max(Decimal(0), (RATING_CONTEXT.divide(left, 1 + rate) / minor).to_integral_value(ROUND_FLOOR) * minor)
-    while most > 0 and RATING_CONTEXT.add(most, round_minor(RATING_CONTEXT.multiply(most, rate),
-                                                            currency_of(corrected.currency))) > left:
+    while most > 0 and RATING_CONTEXT.add(most, round_minor(RATING_CONTEXT.multiply(most, rate), money)) > left:
         most -= minor
-    most = most.quantize(minor, context=RATING_CONTEXT)  # a capped line reads -10.00 like the others, not -10
+    # A capped line reads -10.00 like the others, not -10 (-10.000 in KWD).
+    most = most.quantize(Decimal(1).scaleb(-money.minor_scale), context=RATING_CONTEXT)
     out = []
     for item in lines:
         amount = Decimal(item["amount"])

@@ -57,7 +57,10 @@ def _order_payload(account: tuple[str, str], event: Any) -> dict[str, Any] | Non
         return {"package": event.package_code}
     if event.unit != code:
         return None  # a credit unit without a package has no price
-    amount = from_subunits(event.amount).quantize(Decimal(1).scaleb(-currency(code).minor_scale), ROUND_CEILING)
+    # Up to what the currency is charged in (a cent; ten fils of KWD: ``Unit.billed_scale``), never below the target.
+    unit = currency(code)
+    amount = from_subunits(event.amount).quantize(Decimal(1).scaleb(-unit.billed_scale), ROUND_CEILING).quantize(
+        Decimal(1).scaleb(-unit.minor_scale))
     return {"amount": str(amount)}
 
 

@@ -100,7 +100,7 @@ def _credit_invoiced_usage(app: LedgerApplication, batch: _Batch, account: Billi
     if period is None or not isinstance(unit, str) or not is_currency_code(unit) or not isinstance(meter, str):
         return None
     scale = currency(unit)
-    minor = Decimal(1).scaleb(-scale.minor_scale)
+    minor = Decimal(1).scaleb(-scale.billed_scale)  # what the invoice's lines are rounded to (``round_minor``)
     left, credited = -amount, []
     # The period's minimum spend, across every invoice that billed it: what its usage spend is above it is all the
     # corrections can credit, newest invoice first (``None``: not remembered, capped per invoice as before).

@@ -16,9 +16,12 @@ import pytest
 import stripe
 from billing_events import ids, topics
 from billing_events.messages import PaymentNotification
+from billing_events.money import to_subunits
 from billing_ingest.webhooks import stripe as ingest_stripe
 from billing_ledger.application import LedgerApplication
+from billing_ledger.audit import account_events
 from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.domain.postings import account_balances
 from billing_ledger.notifier import SmtpSettings, send_pending
 from billing_ledger.payment_commands import payment_command
 from billing_runtime.settings import Settings
@@ -27,11 +30,13 @@ from pypdf import PdfReader
 from tests.support import Inbox
 from tests.unit.ingest.harness import Ingest
 from tests.unit.payments.support import (
+    CATALOG,
     TENANT,
     FakeStripe,
     client,
     headers,
     ledger,
+    run,
     stripe_gateway,
 )
 
@@ -132,3 +137,41 @@ async def test_a_package_purchase_end_to_end(tmp_path: Path, ledger: LedgerAppli
     [pdf] = [p for p in mail.walk() if p.get_content_type() == "application/pdf"]
     text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.get_payload(decode=True))).pages)
     assert number in text and "101.75" in text and "16.25" in text
+
+
+@pytest.mark.asyncio
+async def test_a_three_decimal_currency_purchase_end_to_end(tmp_path: Path, ledger: LedgerApplication) -> None:
+    """A KWD package of 12.340 with 5 % tax: the quote's total was 12.957, which Stripe refuses (a three-decimal
+    amount's last digit must be 0), so the checkout failed. Billed in hundredths it is 12.960: the hosted page, the
+    webhook through ingest and the ledger's books all carry 12.960 KWD."""
+    kwd = {"code": "kwd-12", "name": "12.340 KWD of credit", "unit": "KWD", "credits": "12.340", "price": "12.340",
+           "currency": "KWD"}
+    document = {**CATALOG, "packages": [*CATALOG["packages"], kwd],
+                "tax_rules": [*CATALOG["tax_rules"], {"region": "OM", "rate": "0.05", "name": "OM VAT"}]}
+    assert run(ledger, "catalog.publish", None, document=document, digest="pay-kwd").outcome == "applied"
+    assert run(ledger, "account.open", "gulf", currency="KWD").outcome == "applied"
+    assert run(ledger, "tax_profile.set", "gulf", country="OM", business_name="Gulf LLC").outcome == "applied"
+    api = FakeStripe()
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    placed = http.post("/v1/accounts/gulf/checkout", headers={**headers(tenant="gulf"), "Idempotency-Key": "kwd-1"},
+                       json={"package": "kwd-12", "success_url": "https://app.test/ok",
+                             "cancel_url": "https://app.test/cancel"})
+    assert placed.status_code == 201, placed.text
+    order = placed.json()
+    assert (order["quote"]["tax"], order["quote"]["total"]) == ("0.620", "12.960")
+
+    session_id = order["checkout"]["session_id"]
+    api.complete(session_id)
+    [notification] = await through_ingest(tmp_path, api, signed_event(
+        "checkout.session.completed", {"id": session_id, "object": "checkout.session"}, "evt_kwd"))
+    assert (notification.amount, notification.currency) == (Decimal("12.960"), "KWD")
+    [paid] = ledger.apply_commands([payment_command(notification)])
+    assert paid.outcome == "applied", paid
+
+    postings = [p for e in account_events(ledger, "gulf") for p in getattr(e, "postings", None) or []]
+    assert {k: v for k, v in account_balances(postings).items() if v} == {
+        ("gateway_clearing", "KWD"): to_subunits(Decimal("12.960")), ("tax_payable", "KWD"): -to_subunits(Decimal("0.620")),
+        ("tenant_wallet", "KWD"): -to_subunits(Decimal("12.340"))}
+    invoice = ledger.read(invoice_id("gulf", f"orders/{order['order_id']}"),
+                          lambda i: [(x["kind"], x["amount"]) for x in i.lines])
+    assert invoice == [("top_up", "12.340"), ("tax", "0.620")]

@@ -6,10 +6,13 @@ from billing_events.money import (
     RATING_CONTEXT,
     SUBUNITS_PER_UNIT,
     MoneyError,
+    billed_step,
     credit_unit,
     currency,
     format_subunits,
     from_subunits,
+    is_billable,
+    minor_subunits,
     parse_decimal,
     round_minor,
     to_subunits,
@@ -64,6 +67,23 @@ def test_invoice_rounding_is_half_up_once() -> None:
     assert round_minor(Decimal("0.005"), currency("USD")) == Decimal("0.01")
     assert round_minor(Decimal("0.0049"), currency("USD")) == Decimal("0.00")
     assert round_minor(Decimal("1.5"), currency("JPY")) == Decimal(2)
+
+
+def test_three_decimal_currencies_are_billed_in_hundredths_and_shown_in_thousandths() -> None:
+    """Card payments take KWD (BHD, JOD, OMR, TND) thousandths with a last digit of 0: an amount billed in them is
+    rounded to hundredths, half-up, and still written with the ISO 4217 three decimals."""
+    kwd = currency("KWD")
+    assert (kwd.minor_scale, kwd.billed_scale) == (3, 2)
+    assert str(round_minor(Decimal("0.617"), kwd)) == "0.620"
+    assert str(round_minor(Decimal("11.9049"), kwd)) == "11.900"
+    assert str(round_minor(Decimal("11.905"), kwd)) == "11.910"
+    assert minor_subunits(kwd) == 10 * minor_subunits(credit_unit("FILS", 3))
+    assert (billed_step(kwd), is_billable(Decimal("11.91"), kwd), is_billable(Decimal("11.906"), kwd)) == (
+        Decimal("0.010"), True, False)
+    # Every other unit is billed in its own minor unit.
+    assert [currency(code).billed_scale for code in ("USD", "JPY", "HUF")] == [2, 0, 2]
+    assert credit_unit("TOKENS", 6).billed_scale == 6
+    assert format_subunits(to_subunits(Decimal("11.91")), kwd) == "11.910"
 
 
 @given(st.integers(min_value=-(10**18), max_value=10**18))

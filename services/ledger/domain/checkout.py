@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from billing_events.catalog import package_priced_above_credit
+from billing_events.catalog import package_priced_above_credit, price_not_billable
 from billing_events.money import RATING_CONTEXT, currency, round_minor
 from billing_ledger.domain.tax import TaxProfileData, compute_tax
 from eventsourcing.domain import Aggregate, event
@@ -63,6 +63,8 @@ class Quote:
 
 
 def _money(value: Decimal, code: str) -> Decimal:
+    """Rounded once to what ``code`` is charged in (cents; ten fils of the three-decimal currencies), so the
+    quote's net, tax and total are what the gateway charges and what the ledger books (docs/money.md)."""
     return round_minor(value, currency(code))
 
 
@@ -76,8 +78,11 @@ def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_cur
     currency than the order's is refused. A promotion must leave something to pay.
     """
     if package is not None:
-        refused = package_priced_above_credit(package)
-        if refused:  # a catalogue published before that was refused: the money above the credit has no account
+        # A catalogue published before these were refused: the money above the credit has no account; a price
+        # finer than the currency is charged in (11.906 KWD) cannot be charged as quoted.
+        refused = package_priced_above_credit(package) or price_not_billable(
+            f"package {package['code']!r}: price", package["price"], package["currency"])
+        if refused:
             raise CheckoutError(refused)
         code = package["currency"]
         price = Decimal(package["price"])
@@ -89,8 +94,9 @@ def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_cur
             raise CheckoutError("a top-up amount must be positive")
         code = account_currency
         price = _money(amount, code)
-        if price != amount:
-            raise CheckoutError(f"{amount} has more decimals than {code} allows")
+        if price != amount:  # 50.001 USD; 11.906 KWD (a card payment's last digit of thousandths is 0)
+            raise CheckoutError(price_not_billable("a top-up amount of", amount, code) or
+                                f"{amount} has more decimals than {code} allows")
         unit, credits, bonus = code, price, Decimal(0)
     else:
         raise CheckoutError("choose a package or an amount")

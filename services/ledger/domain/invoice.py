@@ -5,8 +5,9 @@ next number and the invoice's ``Finalized`` event in ONE transaction: if it fail
 gap), and two finalizations racing for the same number conflict on the sequence's version (optimistic
 concurrency), so one retries with the next number (no duplicate).
 
-Amounts on lines are decimal strings rounded once per line to the currency's minor unit (half-up, see
-``billing_events.money.round_minor``); the total is the sum of the rounded lines.
+Amounts on lines are decimal strings rounded once per line to what the currency is billed in (half-up, see
+``billing_events.money.round_minor``: the minor unit, ten fils of a three-decimal currency, so that a total in KWD
+ends in 0 as a card payment must); the total is the sum of the rounded lines.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def sequence_id(issuer: str, year: int, prefix: str) -> UUID:
 
 def line(kind: str, description: str, amount: Decimal, unit: str, *, quantity: str | None = None,
          unit_amount: str | None = None, **extra: Any) -> dict[str, Any]:
-    """One invoice line, rounded once to the currency's minor unit."""
+    """One invoice line, rounded once to what the currency is billed in (``round_minor``)."""
     if kind not in LINE_KINDS:
         raise InvoiceError(f"unknown line kind {kind!r}")
     rounded = round_minor(amount, currency(unit))

@@ -11,7 +11,10 @@ The ledger asks a gateway for three things, never touching card data (hosted pag
   gateway's metadata next to ``order_id``: the payment settles that invoice and grants no credit;
 * ``refund``: pay back a payment.
 
-Amounts are exact Decimals; each adapter converts them to the gateway's integer minor units itself.
+Amounts are exact Decimals; each adapter converts them to the gateway's integer minor units itself, and knows
+what its gateway cannot take (``refusal``: a currency it does not support, an amount finer than it charges, e.g. a
+last digit of thousandths other than 0 at Stripe): such an amount is refused before anything is sent, never
+rounded, so what a gateway charges is always what the ledger books.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from billing_events.money import MoneyError, currency
 
 class GatewayError(Exception):
     """The gateway could not be reached or answered with a server error: nothing is known, retry later."""
+
+
+class AmountNotChargeable(MoneyError):
+    """The gateway cannot charge or pay back this amount in this currency (``OutboundGateway.refusal`` says
+    why); nothing was sent to it. Retrying changes nothing."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,12 @@ class RefundResult:
 
 class OutboundGateway(Protocol):
     name: str
+
+    def refusal(self, total: Decimal, currency_code: str) -> str | None:
+        """Why this gateway cannot charge ``total`` in ``currency_code`` (None: it can). No I/O: checked before an
+        order is placed; ``open_checkout`` and ``refund`` raise ``AmountNotChargeable`` with it and
+        ``charge_saved_method`` declines with it, without calling the gateway."""
+        ...
 
     async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal, currency_code: str,
                             success_url: str, cancel_url: str) -> CheckoutSession: ...

@@ -6,10 +6,25 @@ from __future__ import annotations
 from decimal import Decimal
 
 import httpx
-from billing_ledger.gateways import Charge, CheckoutSession, GatewayError, RefundResult, to_minor_units
+from billing_events.money import MoneyError, currency
+from billing_ledger.gateways import (
+    AmountNotChargeable,
+    Charge,
+    CheckoutSession,
+    GatewayError,
+    RefundResult,
+    to_minor_units,
+)
 from billing_runtime.settings import Settings
 
 NAME = "paypal"
+# The currencies PayPal's REST APIs take for payments (developer.paypal.com/api/rest/reference/currency-codes;
+# BRL and MYR for in-country accounts only). Any other (KWD, INR, ...) is refused before PayPal is called.
+PAYPAL_CURRENCIES = frozenset({"AUD", "BRL", "CAD", "CNY", "CZK", "DKK", "EUR", "GBP", "HKD", "HUF", "ILS", "JPY",
+                               "MXN", "MYR", "NOK", "NZD", "PHP", "PLN", "SEK", "SGD", "CHF", "THB", "TWD", "USD"})
+# "This currency does not support decimals. If you pass a decimal amount, an error occurs." (HUF, JPY, TWD; JPY has
+# none in ISO 4217 either). Their values are sent as whole units: "1000", never "1000.00".
+PAYPAL_SCALE_OVERRIDES = {"HUF": 0, "TWD": 0}
 
 
 class PayPalGateway:
@@ -38,10 +53,25 @@ class PayPalGateway:
         data: dict[str, object] = response.json()
         return data
 
-    @staticmethod
-    def _value(total: Decimal, code: str) -> str:
-        to_minor_units(total, code)  # refuses amounts finer than the currency
-        return str(total)
+    def refusal(self, total: Decimal, currency_code: str) -> str | None:
+        code = currency_code.upper()
+        if code not in PAYPAL_CURRENCIES:
+            return f"PayPal does not take {code} (its currencies: {', '.join(sorted(PAYPAL_CURRENCIES))})"
+        try:
+            to_minor_units(total, code, PAYPAL_SCALE_OVERRIDES)
+        except MoneyError:
+            scale = PAYPAL_SCALE_OVERRIDES.get(code, currency(code).minor_scale)
+            return (f"PayPal takes {code} " + ("in whole units" if scale == 0 else f"with at most {scale} decimals")
+                    + f": {total} {code} cannot be charged")
+        return None
+
+    def _value(self, total: Decimal, code: str) -> str:
+        """The amount as PayPal's ``value``: a decimal string with exactly the currency's decimals at PayPal."""
+        refused = self.refusal(total, code)
+        if refused:
+            raise AmountNotChargeable(refused)
+        scale = PAYPAL_SCALE_OVERRIDES.get(code.upper(), currency(code.upper()).minor_scale)
+        return f"{total.quantize(Decimal(1).scaleb(-scale)):f}"
 
     async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
                             currency_code: str, success_url: str, cancel_url: str) -> CheckoutSession:

@@ -6,10 +6,21 @@ from __future__ import annotations
 from decimal import Decimal
 
 import httpx
-from billing_ledger.gateways import Charge, CheckoutSession, GatewayError, RefundResult, to_minor_units
+from billing_events.money import MoneyError, currency
+from billing_ledger.gateways import (
+    AmountNotChargeable,
+    Charge,
+    CheckoutSession,
+    GatewayError,
+    RefundResult,
+    to_minor_units,
+)
 from billing_runtime.settings import Settings
 
 NAME = "razorpay"
+# Razorpay takes three-decimal currencies (KWD, BHD, OMR, ...) in thousandths, "as per payment guidelines" with the
+# last digit 0 (razorpay.com/docs, Checkout parameters: 99.991 KWD is passed as 99990).
+LAST_DIGIT_ZERO_SCALE = 3
 
 
 class RazorpayGateway:
@@ -22,6 +33,22 @@ class RazorpayGateway:
         self._base = api_base.rstrip("/")
         self._timeout = timeout_seconds
         self._transport = transport
+
+    def refusal(self, total: Decimal, currency_code: str) -> str | None:
+        try:
+            minor = to_minor_units(total, currency_code)
+        except MoneyError as exc:
+            return f"Razorpay cannot charge it: {exc}"
+        if currency(currency_code.upper()).minor_scale == LAST_DIGIT_ZERO_SCALE and minor % 10:
+            return (f"Razorpay charges {currency_code.upper()} in thousandths whose last digit is 0: {total} "
+                    f"{currency_code.upper()} ({minor}) cannot be charged")
+        return None
+
+    def _minor(self, total: Decimal, code: str) -> int:
+        refused = self.refusal(total, code)
+        if refused:
+            raise AmountNotChargeable(refused)
+        return to_minor_units(total, code)
 
     async def _post(self, path: str, body: dict[str, object], idempotency_key: str) -> dict[str, object]:
         async with httpx.AsyncClient(base_url=self._base, auth=self._auth, timeout=self._timeout,
@@ -39,7 +66,7 @@ class RazorpayGateway:
 
     async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
                             currency_code: str, success_url: str, cancel_url: str) -> CheckoutSession:
-        order = await self._post("/v1/orders", {"amount": to_minor_units(total, currency_code),
+        order = await self._post("/v1/orders", {"amount": self._minor(total, currency_code),
                                                 "currency": currency_code, "receipt": order_id[:40],
                                                 "notes": {"tenant": tenant, "order_id": order_id}}, order_id)
         rid = str(order["id"])
@@ -55,7 +82,7 @@ class RazorpayGateway:
     async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,
                      tenant: str, order_id: str) -> RefundResult:
         refund = await self._post(f"/v1/payments/{payment_reference}/refund",
-                                  {"amount": to_minor_units(total, currency_code),
+                                  {"amount": self._minor(total, currency_code),
                                    "notes": {"tenant": tenant, "order_id": order_id}}, idempotency_key)
         return RefundResult(str(refund["id"]), str(refund.get("status", "pending")))
 

@@ -6,12 +6,24 @@ from __future__ import annotations
 from decimal import Decimal
 
 import stripe as stripe_sdk
-from billing_ledger.gateways import Charge, CheckoutSession, GatewayError, RefundResult, to_minor_units
+from billing_events.money import MoneyError
+from billing_ledger.gateways import (
+    AmountNotChargeable,
+    Charge,
+    CheckoutSession,
+    GatewayError,
+    RefundResult,
+    to_minor_units,
+)
 from billing_runtime.settings import Settings
 
 NAME = "stripe"
 # Stripe's API takes these zero-decimal ISO 4217 currencies with two decimals (backwards compatibility).
 STRIPE_SCALE_OVERRIDES = {"ISK": 2, "UGX": 2}
+# Stripe's three-decimal currencies: amounts in thousandths, but Payment Intents, Checkout and Refunds require the
+# last digit to be 0 "to ensure compatibility with Stripe's payments partners" (stripe.com/docs/currencies,
+# "Three-decimal currencies"): 5.124 KWD is refused, 5.120 or 5.130 is charged.
+STRIPE_LAST_DIGIT_ZERO = frozenset({"BHD", "JOD", "KWD", "OMR", "TND"})
 STRIPE_NETWORK_RETRIES_MAX = 2
 # PaymentIntent statuses of a payment under way: the money may still arrive (bank debits, delayed card
 # networks, an authorisation awaiting capture), so they are pending, never declines (the webhook settles them).
@@ -24,7 +36,20 @@ class StripeGateway:
     def __init__(self, client: stripe_sdk.StripeClient) -> None:
         self._client = client
 
+    def refusal(self, total: Decimal, currency_code: str) -> str | None:
+        try:
+            minor = to_minor_units(total, currency_code, STRIPE_SCALE_OVERRIDES)
+        except MoneyError as exc:
+            return f"Stripe cannot charge it: {exc}"
+        if currency_code.upper() in STRIPE_LAST_DIGIT_ZERO and minor % 10:
+            return (f"Stripe charges {currency_code.upper()} in thousandths whose last digit is 0: {total} "
+                    f"{currency_code.upper()} ({minor}) cannot be charged")
+        return None
+
     def _minor(self, total: Decimal, code: str) -> int:
+        refused = self.refusal(total, code)
+        if refused:
+            raise AmountNotChargeable(refused)
         return to_minor_units(total, code, STRIPE_SCALE_OVERRIDES)
 
     async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
@@ -45,6 +70,9 @@ class StripeGateway:
     async def charge_saved_method(self, *, customer: str | None, method_id: str, total: Decimal,
                                   currency_code: str, idempotency_key: str, tenant: str, order_id: str,
                                   invoice_id: str | None = None) -> Charge:
+        refused = self.refusal(total, currency_code)
+        if refused:  # Stripe would answer 400 for every attempt: a decline of this method, nothing sent
+            return Charge(False, None, refused)
         metadata = {"tenant": tenant, "order_id": order_id}
         if invoice_id:  # the payment settles this invoice (dunning): the ledger grants no credit for it
             metadata["invoice_id"] = invoice_id

@@ -44,6 +44,40 @@ def test_a_package_of_a_catalogue_published_before_that_costs_more_than_its_cred
                  tax_profile=None, tax_rules=[], seller_country=None).total == "20000.00"
 
 
+KWD_PACKAGE = {"code": "kwd-12", "unit": "KWD", "credits": "12.340", "bonus_credits": "0", "price": "12.340",
+               "currency": "KWD"}
+OMAN = [{"region": "OM", "rate": "0.05", "name": "OM VAT"}]
+
+
+def test_a_three_decimal_currency_quote_is_charged_in_hundredths_and_adds_up() -> None:
+    """5 % of 12.340 KWD is 0.617: the quote's total was 12.957 KWD, which Stripe (and Razorpay) cannot charge (the
+    last digit of thousandths must be 0). The tax is rounded to hundredths instead, so the total is chargeable and
+    net + tax is exactly the total the gateway charges and the ledger books."""
+    q = quote(package=KWD_PACKAGE, amount=None, account_currency="KWD", promotion=None,
+              tax_profile={"country": "OM"}, tax_rules=OMAN, seller_country="DE")
+    assert (q.amount, q.net, q.tax, q.total) == ("12.340", "12.340", "0.620", "12.960")
+    assert Decimal(q.net) + Decimal(q.tax) == Decimal(q.total)
+    # A discount is rounded the same way: 15 % of 12.340 is 1.851, taken off as 1.850.
+    off = quote(package=KWD_PACKAGE, amount=None, account_currency="KWD",
+                promotion={"code": "OFF15", "kind": "discount_percent", "value": "0.15"}, tax_profile=None,
+                tax_rules=[], seller_country=None)
+    assert (off.discount, off.net, off.total) == ("1.850", "10.490", "10.490")
+    # A free amount is taken in what KWD is charged in; 11.906 is refused, with why.
+    assert quote(package=None, amount=Decimal("11.91"), account_currency="KWD", promotion=None, tax_profile=None,
+                 tax_rules=[], seller_country=None).total == "11.910"
+    with pytest.raises(CheckoutError, match=r"11\.906 KWD is finer than KWD is billed and charged in \(0\.010: card "
+                                            r"payments in three-decimal currencies take a last digit of 0\); use "
+                                            r"11\.900 or 11\.910"):
+        quote(package=None, amount=Decimal("11.906"), account_currency="KWD", promotion=None, tax_profile=None,
+              tax_rules=[], seller_country=None)
+
+
+def test_a_package_of_a_catalogue_published_before_that_is_priced_finer_than_charged_is_not_quoted() -> None:
+    with pytest.raises(CheckoutError, match="package 'kwd-12': price 12.345 KWD is finer than KWD is billed"):
+        quote(package={**KWD_PACKAGE, "price": "12.345", "credits": "13"}, amount=None, account_currency="KWD",
+              promotion=None, tax_profile=None, tax_rules=[], seller_country=None)
+
+
 def test_promotions_are_refused_when_expired_or_exhausted() -> None:
     promo = Promotion(code="WELCOME")
     definition = {"code": "WELCOME", "kind": "bonus_credit", "value": "5", "max_redemptions": 2,

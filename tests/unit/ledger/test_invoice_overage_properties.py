@@ -86,7 +86,7 @@ def test_the_usage_part_of_a_renewal_invoice_is_the_overage_taken_its_lines_roun
     drawn = exact - min(max(own, 0), exact)
     assert applied == min(round_minor(from_subunits(drawn), currency(money)), max(usage, Decimal(0)))
     assert part >= 0
-    half = to_subunits(Decimal(1).scaleb(-currency(money).minor_scale)) // 2
+    half = to_subunits(Decimal(1).scaleb(-currency(money).billed_scale)) // 2  # KWD's lines: hundredths
     assert abs(to_subunits(part) - taken) <= (len(usage_lines) + 2) * half, (usage, own, taken, invoice.lines)
     assert account.unbilled_overage(money) == {}
     assert account.invoiced_overage(str(invoice.id)) == ({money: to_subunits(part)} if part else {})

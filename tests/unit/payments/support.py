@@ -43,6 +43,10 @@ CATALOG = {
 }
 
 
+# Stripe's three-decimal currencies (lower case, as its API writes them).
+THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+
 def _form(post_data: Any) -> dict[str, str]:
     if not post_data:
         return {}
@@ -51,7 +55,8 @@ def _form(post_data: Any) -> dict[str, str]:
 
 
 class FakeStripe(stripe.HTTPClient):
-    """Answers the SDK offline: creates and serves checkout sessions, payment intents and refunds.
+    """Answers the SDK offline: creates and serves checkout sessions, payment intents and refunds; refuses (400) an
+    amount in a three-decimal currency whose last digit is not 0, as Stripe does.
 
     ``declined`` payment methods are refused (402 card_declined); ``processing`` ones answer a payment intent
     still ``processing`` (a bank debit: the money may arrive later); every call is recorded with its
@@ -83,6 +88,13 @@ class FakeStripe(stripe.HTTPClient):
     def _handle(self, method: str, path: str, query: str, form: dict[str, str]) -> tuple[bytes, int]:
         metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
         n = len(self.objects) + 1
+        amount = form.get("amount") or form.get("line_items[0][price_data][unit_amount]")
+        code = form.get("currency") or form.get("line_items[0][price_data][currency]")
+        if method == "post" and amount and code in THREE_DECIMAL and int(amount) % 10:
+            # As Stripe: three-decimal currencies are taken in thousandths whose last digit is 0.
+            error = {"type": "invalid_request_error", "param": "amount",
+                     "message": f"Invalid amount: {code.upper()} amounts must end in 0 (round to the nearest ten)."}
+            return json.dumps({"error": error}).encode(), 400
         if method == "post" and path == "/v1/checkout/sessions":
             sid = f"cs_test_{n}"
             obj = {"id": sid, "object": "checkout.session", "status": "open", "payment_status": "unpaid",

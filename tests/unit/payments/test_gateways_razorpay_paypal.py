@@ -1,5 +1,6 @@
 """The Razorpay and PayPal outbound adapters against stand-ins for their APIs (``httpx.MockTransport``):
-hosted checkout, refund, idempotency headers, exact minor units, and errors as ``GatewayError``."""
+hosted checkout, refund, idempotency headers, exact minor units (each gateway's currency rules: thousandths ending
+in 0 at Razorpay, no decimals for HUF/TWD at PayPal, PayPal's currencies only), and errors as ``GatewayError``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 from billing_events.money import MoneyError
-from billing_ledger.gateways import GatewayError, paypal, razorpay
+from billing_ledger.gateways import AmountNotChargeable, GatewayError, paypal, razorpay
 from billing_ledger.gateways.registry import enabled_gateways
 from billing_runtime.settings import Settings
 
@@ -116,6 +117,25 @@ async def test_razorpay_refuses_amounts_finer_than_the_currency_and_off_session_
     assert api.requests == []  # nothing sent for either
 
 
+@pytest.mark.asyncio
+async def test_razorpay_takes_three_decimal_currencies_in_thousandths_ending_in_0() -> None:
+    """Razorpay's rule for KWD, BHD, OMR (99.991 KWD is passed as 99990): 11.906 KWD was sent as 11906."""
+    api = Api(razorpay_api)
+    gateway = razorpay_gateway(api)
+    await gateway.open_checkout(order_id="o-1", tenant="acme", description="d", total=Decimal("11.910"),
+                                currency_code="KWD", success_url="https://a/ok", cancel_url="https://a/no")
+    assert body(api.requests[-1])["amount"] == 11910
+    assert gateway.refusal(Decimal("11.906"), "KWD") == (
+        "Razorpay charges KWD in thousandths whose last digit is 0: 11.906 KWD (11906) cannot be charged")
+    with pytest.raises(AmountNotChargeable, match="last digit is 0"):
+        await gateway.open_checkout(order_id="o-2", tenant="acme", description="d", total=Decimal("11.906"),
+                                    currency_code="KWD", success_url="https://a/ok", cancel_url="https://a/no")
+    with pytest.raises(AmountNotChargeable, match="last digit is 0"):
+        await gateway.refund(payment_reference="pay_ABC", total=Decimal("0.005"), currency_code="BHD",
+                             idempotency_key="r", tenant="acme", order_id="o-1")
+    assert len(api.requests) == 1  # only the chargeable order was sent
+
+
 # -- PayPal ---------------------------------------------------------------------------------------------------
 
 
@@ -193,6 +213,40 @@ async def test_paypal_failures_are_gateway_errors() -> None:
         await paypal_gateway(Api(server_error)).refund(payment_reference="CAP", total=Decimal(1),
                                                        currency_code="EUR", idempotency_key="k", tenant="t",
                                                        order_id="o")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("total", "code", "value"), [
+    ("1000", "HUF", "1000"), ("1000.00", "HUF", "1000"), ("300", "TWD", "300"), ("1000", "JPY", "1000"),
+    ("10.5", "USD", "10.50"), ("113.05", "EUR", "113.05"),
+])
+async def test_paypal_values_carry_exactly_the_decimals_paypal_takes(total: str, code: str, value: str) -> None:
+    """HUF and TWD have two decimals in ISO 4217 but none at PayPal: "1000.00" HUF was sent, which PayPal refuses."""
+    api = Api(paypal_api)
+    await paypal_gateway(api).open_checkout(order_id="o", tenant="acme", description="d", total=Decimal(total),
+                                            currency_code=code, success_url="https://a/ok", cancel_url="https://a/no")
+    assert body(api.requests[-1])["purchase_units"][0]["amount"] == {"currency_code": code, "value": value}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("total", "code", "why"), [
+    ("1000.50", "HUF", "PayPal takes HUF in whole units: 1000.50 HUF cannot be charged"),
+    ("300.10", "TWD", "PayPal takes TWD in whole units: 300.10 TWD cannot be charged"),
+    ("11.910", "KWD", "PayPal does not take KWD"),
+    ("100.00", "INR", "PayPal does not take INR"),
+    ("10.001", "USD", "PayPal takes USD with at most 2 decimals: 10.001 USD cannot be charged"),
+])
+async def test_paypal_refuses_what_it_cannot_take_before_calling_it(total: str, code: str, why: str) -> None:
+    api = Api(paypal_api)
+    gateway = paypal_gateway(api)
+    assert (gateway.refusal(Decimal(total), code) or "").startswith(why)
+    with pytest.raises(AmountNotChargeable, match=why.split(":")[0]):
+        await gateway.open_checkout(order_id="o", tenant="acme", description="d", total=Decimal(total),
+                                    currency_code=code, success_url="https://a/ok", cancel_url="https://a/no")
+    with pytest.raises(AmountNotChargeable):
+        await gateway.refund(payment_reference="CAP", total=Decimal(total), currency_code=code,
+                             idempotency_key="k", tenant="acme", order_id="o")
+    assert api.requests == []  # not even a token
 
 
 def test_gateways_are_enabled_by_their_credentials() -> None:

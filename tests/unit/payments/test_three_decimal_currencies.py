@@ -1,0 +1,184 @@
+"""Three-decimal currencies (KWD, BHD, JOD, OMR, TND) at the gateways: card payments take their thousandths with a
+last digit of 0 (Stripe, Razorpay), so what the ledger bills in them (catalogue prices, a top-up's tax, an
+invoice's lines) is in hundredths, and what the gateway charges is exactly what the ledger books. A gateway that
+cannot take an order's currency or amount at all is refused before the order is placed.
+
+The fake Stripe API refuses a three-decimal amount whose last digit is not 0, as Stripe does."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from uuid import uuid4
+
+import httpx
+import pytest
+from billing_events import ids
+from billing_events.messages import PaymentNotification
+from billing_events.money import SUBUNITS_PER_UNIT, to_subunits
+from billing_events.timeutil import utcnow
+from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.audit import account_events
+from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.dunning import Dunning
+from billing_ledger.gateways import paypal
+from billing_ledger.payment_commands import payment_command
+from billing_ledger.topups import process_pending
+
+from tests.unit.payments.support import FakeStripe, client, command, headers, run, stripe_gateway
+
+TENANT = "gulf"
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+CATALOG = {
+    "plans": [{"code": "team-kwd", "name": "Team", "currency": "KWD", "base_fee": "12.340"}],
+    "packages": [{"code": "kwd-12", "name": "12.340 KWD of credit", "unit": "KWD", "credits": "12.340",
+                  "price": "12.340", "currency": "KWD"}],
+    "tax_rules": [{"region": "OM", "rate": "0.05", "name": "OM VAT"}],
+    "seller": {"name": "billing", "country": "DE"},
+}
+URLS = {"success_url": "https://app.test/ok", "cancel_url": "https://app.test/cancel"}
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[LedgerApplication]:
+    app = LedgerApplication(persistence_env(None, str(tmp_path / "ledger")))
+    assert run(app, "catalog.publish", None, document=CATALOG, digest="kwd1").outcome == "applied"
+    assert run(app, "account.open", TENANT, currency="KWD").outcome == "applied"
+    assert run(app, "tax_profile.set", TENANT, country="OM", business_name="Gulf LLC").outcome == "applied"
+    yield app
+    app.close()
+
+
+def books(app: LedgerApplication) -> dict[tuple[str, str], Decimal]:
+    """The account's ledger accounts (debit positive) per unit, from every posting it recorded."""
+    sums: dict[tuple[str, str], int] = defaultdict(int)
+    for event in account_events(app, TENANT):
+        for line in getattr(event, "postings", None) or []:
+            sums[(line["account"], line["unit"])] += line["amount"]
+    return {key: Decimal(amount) / SUBUNITS_PER_UNIT for key, amount in sums.items() if amount}
+
+
+def add_card(app: LedgerApplication) -> None:
+    assert run(app, "payment_method.add", TENANT, "pm", method_id="pm_card", gateway="stripe",
+               label="card").outcome == "applied"
+    assert run(app, "payment_customer.set", TENANT, "cus", gateway="stripe", customer="cus_1").outcome == "applied"
+
+
+def test_a_price_finer_than_the_currency_is_charged_in_is_not_published(ledger: LedgerApplication) -> None:
+    for document, what in [
+        ({**CATALOG, "packages": [{**CATALOG["packages"][0], "price": "11.906", "credits": "11.906"}]},
+         "package 'kwd-12': price 11.906 KWD"),
+        ({**CATALOG, "plans": [{**CATALOG["plans"][0], "base_fee": "9.995"}]}, "plan 'team-kwd': base_fee 9.995 KWD"),
+    ]:
+        refused = run(ledger, "catalog.publish", None, document=document, digest=what)
+        assert (refused.outcome, refused.reason) == ("rejected", "invalid_catalog"), refused
+        assert f"{what} is finer than KWD is billed and charged in (0.010: card payments in three-decimal " \
+               "currencies take a last digit of 0)" in (refused.detail or ""), refused.detail
+
+
+def test_a_top_up_whose_tax_ends_in_a_thousandth_is_charged_and_booked_the_same(ledger: LedgerApplication) -> None:
+    """12.340 KWD + 5 % tax: the total was 12.957, sent to Stripe as 12957 and refused there (the checkout failed
+    with 502). The tax is billed in hundredths: 0.620, so Stripe charges 12960 and the ledger books 12.960."""
+    api = FakeStripe()
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    placed = http.post(f"/v1/accounts/{TENANT}/checkout", headers={**headers(tenant=TENANT), "Idempotency-Key": "k1"},
+                       json={"package": "kwd-12", "gateway": "stripe", **URLS})
+    assert placed.status_code == 201, placed.text
+    order = placed.json()
+    assert (order["quote"]["net"], order["quote"]["tax"], order["quote"]["total"]) == ("12.340", "0.620", "12.960")
+    [form] = [c[3] for c in api.calls if c[1] == "/v1/checkout/sessions"]
+    assert (form["line_items[0][price_data][unit_amount]"], form["line_items[0][price_data][currency]"]) == (
+        "12960", "kwd")
+    paid = PaymentNotification(gateway="stripe", gateway_event_id="evt_1", kind="payment_succeeded", tenant=TENANT,
+                               order_id=order["order_id"], amount=Decimal("12.960"), currency="KWD",
+                               verified_at=utcnow(), gateway_reference="pi_1")
+    [result] = ledger.apply_commands([payment_command(paid)])
+    assert result.outcome == "applied", result
+    assert books(ledger) == {("gateway_clearing", "KWD"): Decimal("12.960"), ("tax_payable", "KWD"): Decimal("-0.620"),
+                             ("tenant_wallet", "KWD"): Decimal("-12.340")}
+
+
+def test_a_partial_refund_pays_back_what_the_gateway_can_pay_back(ledger: LedgerApplication) -> None:
+    """Money paid back goes through the gateway too, so in hundredths of KWD: a refund of 5.005 KWD of credit was
+    taken, and a share of the tax was floored to the fils (5.000 of 12.340 of a 0.620 tax: 0.251), refunds of 5.xx5
+    and 5.251 that Stripe cannot pay back. The share is floored to hundredths: 0.250."""
+    placed = ledger.apply_commands([command("checkout.place", TENANT, {"key": "o1", "package": "kwd-12",
+                                                                       "gateway": "stripe"})])[0]
+    assert placed.outcome == "applied", placed
+    paid = PaymentNotification(gateway="stripe", gateway_event_id="evt_1", kind="payment_succeeded", tenant=TENANT,
+                               order_id=placed.value["order_id"], amount=Decimal("12.960"), currency="KWD",
+                               verified_at=utcnow(), gateway_reference="pi_1")
+    assert ledger.apply_commands([payment_command(paid)])[0].outcome == "applied"
+    grant = str(ids.grant_id(TENANT, f"order/{placed.value['order_id']}/purchase"))
+    before = books(ledger)
+    refused = run(ledger, "grant.refund", TENANT, "r1", grant_id=grant, refund_id=str(uuid4()), amount="5.005",
+                  reason="goodwill")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_command"), refused
+    assert "finer than the currency is paid back in (0.010 KWD)" in (refused.detail or "")
+    assert books(ledger) == before
+    refunded = run(ledger, "grant.refund", TENANT, "r2", grant_id=grant, refund_id=str(uuid4()), amount="5",
+                   reason="goodwill")
+    assert refunded.outcome == "applied", refunded
+    back = refunded.value["paid_back"]
+    assert (back["amount"], back["tax_amount"]) == (to_subunits(Decimal("5.250")), to_subunits(Decimal("0.250")))
+
+
+def test_a_gateway_that_cannot_take_the_currency_is_refused_before_the_order(ledger: LedgerApplication) -> None:
+    requests: list[httpx.Request] = []
+    transport = httpx.MockTransport(lambda r: requests.append(r) or httpx.Response(500))
+    gateway = paypal.PayPalGateway("pp-client", "pp-secret", "https://paypal.api.test", 5, transport)
+    http = client(ledger, {"paypal": gateway})
+    refused = http.post(f"/v1/accounts/{TENANT}/checkout", headers={**headers(tenant=TENANT), "Idempotency-Key": "k2"},
+                        json={"package": "kwd-12", "gateway": "paypal", **URLS})
+    assert refused.status_code == 422, refused.text
+    problem = refused.json()
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert problem["reason"] == "amount_not_chargeable" and problem["detail"].startswith("PayPal does not take KWD")
+    assert http.get(f"/v1/accounts/{TENANT}/orders/k2", headers=headers(tenant=TENANT)).status_code == 404
+    assert requests == []
+
+
+@pytest.mark.asyncio
+async def test_a_subscription_invoice_is_dunned_for_what_it_bills(ledger: LedgerApplication) -> None:
+    """The invoice's tax line was 0.617 KWD and its total 12.957: Stripe refused every attempt, which dunning took
+    for a gateway outage and retried at every round, the invoice never paid nor past due."""
+    add_card(ledger)
+    [created] = ledger.apply_commands([command("subscription.create", TENANT, {
+        "key": "main", "plan": "team-kwd", "at": NOV_1.isoformat()})])
+    assert created.outcome == "applied", created
+    invoice = ledger.repository.get(invoice_id(TENANT, f"{subscription_id(TENANT, 'main')}/{NOV_1.isoformat()}"))
+    assert [(line["kind"], line["amount"]) for line in invoice.lines] == [("base_fee", "12.340"), ("tax", "0.620")]
+    assert invoice.total == Decimal("12.960")
+    api = FakeStripe()
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0, 3, 5), now=lambda: NOV_1 + timedelta(hours=1))
+    assert await dunning.process() == {str(invoice.id): "paid"}
+    [form] = [c[3] for c in api.calls if c[1] == "/v1/payment_intents"]
+    assert (form["amount"], form["currency"]) == ("12960", "kwd")
+    assert ledger.repository.get(invoice.id).status == "paid"
+    assert books(ledger) == {("gateway_clearing", "KWD"): Decimal("12.960"), ("tax_payable", "KWD"): Decimal("-0.620"),
+                             ("deferred_revenue", "KWD"): Decimal("-12.340")}
+
+
+@pytest.mark.asyncio
+async def test_an_auto_top_up_to_a_target_is_charged_in_hundredths(ledger: LedgerApplication) -> None:
+    """Up to a target of 50.005 KWD from 5.000: 45.005 was ordered and charged as 45005, which Stripe refuses. The
+    amount is rounded up to what KWD is charged in: 45.010 (+ 5 % tax, 2.250), never below the target."""
+    add_card(ledger)
+    now = datetime.now(UTC)
+    assert run(ledger, "credit.grant", TENANT, "g", unit="KWD", amount="20", grant_key="start", source="manual",
+               effective_at=(now - timedelta(days=1)).isoformat()).outcome == "applied"
+    rule = run(ledger, "auto_top_up.set", TENANT, "rule", threshold="10", target="50.005", cooldown_seconds=0,
+               monthly_cap="500")
+    assert rule.outcome == "applied", rule
+    assert run(ledger, "usage.debit", TENANT, "u1", unit="KWD", amount_subunits=15 * SUBUNITS_PER_UNIT,
+               meter="api_calls", at=now.isoformat(), cause={}).outcome == "applied"
+    api = FakeStripe()
+    assert await process_pending(ledger, {"stripe": stripe_gateway(api)}, None) == ["paid"]
+    [form] = [c[3] for c in api.calls if c[1] == "/v1/payment_intents"]
+    assert (form["amount"], form["currency"]) == ("47260", "kwd")  # 45.010 + 2.250 tax
+    available = ledger.read(ids.account_id(TENANT), lambda a: a.available("KWD"))
+    assert Decimal(available) / SUBUNITS_PER_UNIT == Decimal("50.010")
