@@ -179,6 +179,7 @@ SETTLED_HOLDS_KEPT_MAX = 10_000
 ADJUSTMENTS_KEPT_MAX = 10_000
 # Grant refunds remembered for idempotent answers (what each took from where and paid back: ``refund``).
 REFUNDS_KEPT_MAX = 10_000
+AUTO_TOP_UP_COOLDOWN_SECONDS_DEFAULT = 3600
 AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
 # Periods whose invoiced overage a usage correction credits by a credit note, remembered per unit (older ones: a
 # correction of them is given back as credit without tax, as before). Three years of monthly periods. Each keeps
@@ -2725,7 +2726,8 @@ class BillingAccount(ChainedAggregate):
             _require_amount("package_amount", package_amount)
         if type(cooldown_seconds) is not int or not 0 <= cooldown_seconds <= AUTO_TOP_UP_COOLDOWN_SECONDS_MAX:
             raise InvalidArgument(
-                f"cooldown_seconds must be an int in [0, {AUTO_TOP_UP_COOLDOWN_SECONDS_MAX}]"
+                f"cooldown_seconds must be a whole number of seconds in [0, {AUTO_TOP_UP_COOLDOWN_SECONDS_MAX}], "
+                f"not {cooldown_seconds!r}"
             )
         _require_amount("monthly_cap", monthly_cap)
         self._auto_top_up_set(
