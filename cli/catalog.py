@@ -3,6 +3,11 @@
 The file has two sections: ``catalog`` (meters, prices, credit units: published as one immutable
 version) and ``accounts`` (billing accounts to open, with their initial credit grants). Applying the same
 file twice issues the same command ids, which the ledger refuses the second time.
+
+A grant is in the account's currency or a credit unit the catalogue declares (the ledger refuses another,
+``unknown_unit``): checked here against the file's catalogue when it has one. The ledger applies commands of different
+keys (partitions) in any order, so the catalogue's publish command is also sent under the key of each account granted
+a credit unit, ahead of its grants (``keyed``): the ledger applies it once, the other copies are duplicates.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import yaml
 from billing_events import ids
 from billing_events.catalog import STORED, CatalogDocument
 from billing_events.messages import TENANT_PATTERN, LedgerCommand
-from billing_events.money import MoneyError, currency, parse_decimal
+from billing_events.money import MoneyError, currency, is_currency_code, parse_decimal
 from billing_events.timeutil import utcnow
 from billing_rating.catalog_view import CatalogError, check_meters_kept, validate_document
 from billing_rating.http import publish_command
@@ -55,12 +60,14 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
     now = utcnow()
     commands: list[LedgerCommand] = []
     catalog = document.get("catalog")
+    declared: set[str] | None = None  # the credit units of the file's catalogue (None: no catalogue in the file)
     if catalog:
         try:
             parsed = validate_document(catalog)
         except CatalogError as exc:
             raise CatalogFileError(f"catalog: {exc}") from exc
         commands.append(publish_command(parsed.model_dump(mode="json"), issued_by))
+        declared = set(parsed.credit_units)
     for index, account in enumerate(_list_of(document, "accounts", "accounts")):
         where = f"accounts[{index}]"
         if not isinstance(account, dict):
@@ -70,7 +77,7 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
             raise CatalogFileError(f"{where}.tenant: {_missing_or(tenant)}: expected a tenant id (letters, digits, "
                                    "'.', '_' or '-', at most 128)")
         try:
-            currency(account.get("currency", ""))
+            account_currency = currency(account.get("currency", "")).code
         except MoneyError as exc:
             raise CatalogFileError(f"{where}: {exc}") from exc
         commands.append(LedgerCommand(
@@ -88,11 +95,36 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
                 parse_decimal(grant.get("amount"), field="amount")
             except MoneyError as exc:
                 raise CatalogFileError(f"{at}: {exc}") from exc
+            unit = grant["unit"]
+            if unit != account_currency and (is_currency_code(unit) or (declared is not None and unit not in declared)):
+                raise CatalogFileError(f"{at}.unit: {unit!r} is neither the account's currency ({account_currency}) "
+                                       f"nor a credit unit of the catalogue ({', '.join(sorted(declared or ())) or 'none'})")
             commands.append(LedgerCommand(
                 command_id=ids.command_id("credit.grant", tenant, grant["key"]), kind="credit.grant",
                 tenant=tenant, issued_at=now, issued_by=issued_by,
                 payload={"grant_key": grant["key"], **{k: v for k, v in grant.items() if k != "key"}}))
     return commands
+
+
+def keyed(commands: list[LedgerCommand]) -> list[tuple[str, LedgerCommand]]:
+    """Each command with the key it is published under (its account's id; the catalogue's id for the catalogue's),
+    and the catalogue's publish command again under the key of each account granted a credit unit, before the
+    account's first command (see the module docstring)."""
+    publish = next((c for c in commands if c.kind == "catalog.publish"), None)
+    credit_granted = {c.tenant for c in commands if c.kind == "credit.grant" and c.tenant
+                      and not is_currency_code(str(c.payload.get("unit")))}
+    sent: list[tuple[str, LedgerCommand]] = []
+    ahead: set[str] = set()
+    for command in commands:
+        if command.tenant is None:
+            sent.append((str(ids.catalog_id()), command))
+            continue
+        key = str(ids.account_id(command.tenant))
+        if publish is not None and command.tenant in credit_granted and command.tenant not in ahead:
+            ahead.add(command.tenant)
+            sent.append((key, publish))
+        sent.append((key, command))
+    return sent
 
 
 async def check_live_meters(settings: Settings, commands: list[LedgerCommand]) -> None:

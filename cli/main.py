@@ -38,19 +38,14 @@ def _bus(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 async def _publish_commands(bus, commands) -> None:  # type: ignore[no-untyped-def]
+    from billing_cli.catalog import keyed
     from billing_events import topics
     from billing_runtime.bus import OutMessage
 
     await bus.publish([
-        OutMessage(topics.LEDGER_COMMANDS, str(_key(c)), c.to_json(), (("schema", b"ledger.command/v1"),))
-        for c in commands
+        OutMessage(topics.LEDGER_COMMANDS, key, c.to_json(), (("schema", b"ledger.command/v1"),))
+        for key, c in keyed(commands)
     ])
-
-
-def _key(command) -> str:  # type: ignore[no-untyped-def]
-    from billing_events import ids
-
-    return str(ids.account_id(command.tenant)) if command.tenant else str(ids.catalog_id())
 
 
 @app.command()

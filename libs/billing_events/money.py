@@ -62,7 +62,9 @@ class MoneyError(ValueError):
 def parse_decimal(value: Any, *, field: str = "value", allow_negative: bool = False) -> Decimal:
     """Parses a decimal from a string (``[-]digits[.digits][e[+-]digits]``, ASCII, nothing around it), an int or a
     Decimal; refuses floats, NaN, infinities, huge values."""
-    if isinstance(value, (bool, float)):
+    if isinstance(value, bool):  # an int to Python, never an amount
+        raise MoneyError(f"{field} must be a decimal string or an integer, not {str(value).lower()}")
+    if isinstance(value, float):
         raise MoneyError(f"{field} must be a decimal string or an integer, not a binary float")
     if isinstance(value, int):
         result = Decimal(value)

@@ -102,6 +102,10 @@ def _grant_credit(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
     priority = payload.get("priority", 0)
     if type(priority) is not int:  # int("3") or int(2.5) would have ranked it silently
         raise CommandRejected("invalid_grant", f"priority must be a whole number, not {priority!r}")
+    if isinstance(payload.get("unit"), str):
+        # As an adjustment's or a hold's: a code neither ISO 4217 nor declared in the catalogue (``ZZZ``) made a
+        # wallet nothing prices (``unknown_unit``). Another currency than the account's: ``UnitMismatch`` below.
+        declared_unit(batch, account, payload["unit"])
     try:
         expires = payload.get("expires_at")
         account.grant_credit(

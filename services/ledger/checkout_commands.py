@@ -26,6 +26,7 @@ from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of, declared_unit, minor_amount
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.catalog_commands import published_catalog
+from billing_ledger.domain.account import AUTO_TOP_UP_COOLDOWN_SECONDS_DEFAULT
 from billing_ledger.domain.checkout import (
     PAID,
     CheckoutError,
@@ -213,17 +214,23 @@ def set_auto_top_up(app: LedgerApplication, batch: _Batch, command: LedgerComman
     threshold, monthly_cap, target = (
         None if p.get(field) is None else minor_amount(batch, unit, field, p[field], "invalid_auto_top_up")
         for field in ("threshold", "monthly_cap", "target"))
+    # A JSON integer only: 1.9 was truncated to 1 and true taken as 1 (the answer still said 1.9); its range is the
+    # account's to check.
+    try:
+        cooldown = fields.whole(command, "cooldown_seconds", default=AUTO_TOP_UP_COOLDOWN_SECONDS_DEFAULT)
+    except CommandRejected as exc:
+        raise CommandRejected("invalid_auto_top_up", exc.detail) from exc
     try:
         account.set_auto_top_up(
             unit, threshold, target,
-            package["code"] if package else None, int(p.get("cooldown_seconds", 3600)),
+            package["code"] if package else None, cooldown,
             monthly_cap,
             package_amount=to_subunits(Decimal(package["credits"]) + Decimal(package.get("bonus_credits", "0")))
             if package else None)
     except (KeyError, ValueError) as exc:
         raise CommandRejected("invalid_auto_top_up", str(exc)) from exc
-    return {"unit": unit, **{k: p.get(k) for k in ("threshold", "target", "package", "cooldown_seconds",
-                                                    "monthly_cap")}}
+    return {"unit": unit, **{k: p.get(k) for k in ("threshold", "target", "package", "monthly_cap")},
+            "cooldown_seconds": cooldown}
 
 
 @handles("order.paid_off_session")

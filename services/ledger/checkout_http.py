@@ -199,6 +199,9 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
     async def verify(tenant: str, request: Request, principal: AdminOnly, body: IdentityBody = None) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(principal, "identity.verify", tenant, body or {}, request.headers.get("idempotency-key"))
+        if result.outcome == "duplicate":  # a retry (same Idempotency-Key): the verification as the profile holds it
+            return {"tenant": tenant, **await read(payment_profile_id(tenant), lambda p: {
+                "identity_verified": p.identity_verified, "identity": copy.deepcopy(p.identity)})}
         return {"tenant": tenant, **result.value}
 
     @router.put("/v1/accounts/{tenant}/gateway-customers/{gateway}",

@@ -85,6 +85,20 @@ def adjustment_view(tenant: str, adjustment: UUID, record: dict[str, Any]) -> di
             "available": show(record["available"], unit)}
 
 
+def refund_view(tenant: str, refund: UUID, record: dict[str, Any]) -> dict[str, Any]:
+    """A grant refund's answer (``BillingAccount.refund``): the same to its first request and to every retry."""
+    unit, money = record["unit"], record["paid_back"]
+    paid_back = None if money is None else {
+        "unit": money["unit"], "amount": show(money["amount"], money["unit"]),
+        "tax": show(money["tax_amount"], money["unit"])}
+    return {"refund_id": str(refund), "tenant": tenant, "grant_id": record["grant_id"], "unit": unit,
+            "amount": show(record["amount"], unit), "tax": show(record["tax_amount"], unit), "paid_back": paid_back,
+            "from_wallet": show(record["from_wallet"], unit), "from_breakage": show(record["from_breakage"], unit),
+            "from_adjustment": show(record["from_adjustment"], unit),
+            "from_revenue": show(record["from_revenue"], unit), "reason": record["reason"],
+            "finance_override": record["finance_override"], "requested_by": record["requested_by"]}
+
+
 def _problem(result: CommandResult) -> Problem:
     reason = result.reason or "rejected"
     return Problem(_STATUS.get(reason, 422), reason.replace("_", " ").capitalize(), result.detail or reason,
@@ -291,21 +305,12 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
             "grant_id": str(body.grant_id), "refund_id": str(refund_uuid), "amount": str(body.amount),
             "reason": body.reason, "finance_override": body.finance_override, "at": _now().isoformat()})
         result = await decide(command, ids.account_id(tenant))
-        if result.outcome == "duplicate":
+        if result.outcome == "duplicate":  # a retry: the first answer, as the account remembers it
             response.status_code = 200
-            return {"refund_id": str(refund_uuid), "tenant": tenant, "duplicate": True}
-        value = result.value
-        unit = value["unit"]
-        money = value.get("paid_back")
-        paid_back = None if money is None else {
-            "unit": money["unit"], "amount": show(money["amount"], money["unit"]),
-            "tax": show(money["tax_amount"], money["unit"])}
-        return {"refund_id": str(refund_uuid), "tenant": tenant, "grant_id": str(body.grant_id), "unit": unit,
-                "amount": show(value["amount"], unit), "tax": show(value["tax_amount"], unit),
-                "paid_back": paid_back, "from_wallet": show(value["from_wallet"], unit),
-                "from_breakage": show(value["from_breakage"], unit),
-                "from_adjustment": show(value["from_adjustment"], unit),
-                "from_revenue": show(value["from_revenue"], unit), "reason": body.reason,
-                "finance_override": body.finance_override, "requested_by": principal.subject}
+            record = await direct.read(ids.account_id(tenant), lambda account: account.refund(refund_uuid))
+            if record is None:  # forgotten (beyond REFUNDS_KEPT_MAX later ones)
+                return {"refund_id": str(refund_uuid), "tenant": tenant, "duplicate": True}
+            return refund_view(tenant, refund_uuid, record)
+        return refund_view(tenant, refund_uuid, result.value)
 
     return router

@@ -17,6 +17,10 @@ from uuid import UUID
 
 from billing_events.catalog import CODE, Collection
 from billing_events.messages import CODE_PATTERN, DecimalStr, SignedDecimalStr
+from billing_ledger.domain.account import (
+    AUTO_TOP_UP_COOLDOWN_SECONDS_DEFAULT,
+    AUTO_TOP_UP_COOLDOWN_SECONDS_MAX,
+)
 from billing_ledger.limits import (
     HOLD_TTL_SECONDS_DEFAULT,
     HOLD_TTL_SECONDS_MAX,
@@ -236,7 +240,9 @@ class AutoTopUpRule(Described):
     threshold: DecimalStr = Field(description="Top up when the balance falls below it")
     target: DecimalStr | None = Field(default=None, description="Exactly one of target or package")
     package: str | None = Field(default=None, description="A credit package giving `unit`")
-    cooldown_seconds: int = Field(default=3600, ge=0)
+    cooldown_seconds: int = Field(default=AUTO_TOP_UP_COOLDOWN_SECONDS_DEFAULT, ge=0,
+                                  le=AUTO_TOP_UP_COOLDOWN_SECONDS_MAX,
+                                  description="Seconds, a JSON integer (1.9, \"60\" or true: invalid_auto_top_up)")
     monthly_cap: DecimalStr = Field(description="At most this much topped up per calendar month")
 
 

@@ -15,11 +15,13 @@ How it stays right:
 * The consumer, in the SAME transaction that writes a poll's rows, sends ``pg_notify(channel(schema), ...)``
   with the new state of every tenant whose account events the poll applied (``NOTIFY_SQL``: computed by
   PostgreSQL from the rows just written, in chunks under the 8000-byte payload limit; a tenant too large for one
-  is named only, and dropped from the copy). PostgreSQL delivers notifications only after commit, in commit
-  order, so the copy never shows a state that was not committed.
+  is named only, and dropped from the copy, with any miss of it in flight: see below). PostgreSQL delivers
+  notifications only after commit, in commit order, so the copy never shows a state that was not committed.
 * A state carries a version: the highest ledger position of the tenant's account, wallet and grant rows (every
   change of them sets its event's position). A state older than the one held is ignored, so a copy filled by a
-  query (a miss) that raced a notification never goes backwards.
+  query (a miss) that raced a notification never goes backwards. A tenant named only leaves nothing to compare
+  with, so its drop also marks the misses of that tenant in flight (``_dropped_at``): one whose query began
+  before the drop may have read the state before that commit and is answered but not kept.
 * Anything that may change the rows without naming the tenants sends ``*``: a catalogue change of a unit's
   scale, the tables dropped (``store._drop``), a transaction of a replay (``billing projections rebuild``),
   which sends no states. ``*`` drops the whole copy.
@@ -133,6 +135,12 @@ class BalanceCache:
         self._states: dict[str, TenantState] = {}
         self.listening = False
         self._epoch = 0  # moves on every loss of the listener and every RESET: misses begun before are not kept
+        # Name-only drops (a state too large for a notification): ``_drops`` counts them, ``_dropped_at`` holds
+        # the count at the last drop of each tenant with a miss in flight (``_misses``: how many), so a miss begun
+        # before its tenant's drop is not kept. Both hold only tenants with a miss in flight.
+        self._drops = 0
+        self._dropped_at: dict[str, int] = {}
+        self._misses: dict[str, int] = {}
         self.listener_pid: int | None = None  # the LISTEN connection's PostgreSQL backend
 
     def __len__(self) -> int:
@@ -145,20 +153,28 @@ class BalanceCache:
             return state.view(tenant, now)
         if not self.listening:
             return await views.balance_view(self._db, tenant, now)
-        epoch = self._epoch
-        found = await self._db.fetchval(STATE_OF_TENANT_SQL, tenant)
-        if found is None:
-            return None
-        state = TenantState(orjson.loads(found))
-        if self.listening and epoch == self._epoch:
-            held = self._states.get(tenant)
-            if held is None:
-                if len(self._states) >= self._tenants_max:
-                    del self._states[next(iter(self._states))]  # the oldest entry
-                self._states[tenant] = state
-            elif state.version >= held.version:
-                self._states[tenant] = state
-        return state.view(tenant, now)
+        epoch, drops = self._epoch, self._drops
+        self._misses[tenant] = self._misses.get(tenant, 0) + 1
+        try:
+            found = await self._db.fetchval(STATE_OF_TENANT_SQL, tenant)
+            if found is None:
+                return None
+            state = TenantState(orjson.loads(found))
+            if self.listening and epoch == self._epoch and self._dropped_at.get(tenant, drops) <= drops:
+                held = self._states.get(tenant)
+                if held is None:
+                    if len(self._states) >= self._tenants_max:
+                        del self._states[next(iter(self._states))]  # the oldest entry
+                    self._states[tenant] = state
+                elif state.version >= held.version:
+                    self._states[tenant] = state
+            return state.view(tenant, now)
+        finally:
+            if self._misses[tenant] == 1:
+                del self._misses[tenant]
+                self._dropped_at.pop(tenant, None)
+            else:
+                self._misses[tenant] -= 1
 
     def notified(self, payload: str) -> None:
         """One notification: RESET, or a JSON array of tenant states (and names of tenants to drop)."""
@@ -171,7 +187,7 @@ class BalanceCache:
                 if found == RESET:
                     self.reset()
                 else:
-                    states.pop(found, None)
+                    self._dropped(found)
                 continue
             tenant = found[0]
             held = states.get(tenant)
@@ -180,6 +196,13 @@ class BalanceCache:
                     states[tenant] = TenantState(found)
             elif found[1] >= held.version:
                 states[tenant] = TenantState(found)
+
+    def _dropped(self, tenant: str) -> None:
+        """A tenant named only: its state changed but is not given, so the held one and any miss in flight go."""
+        self._states.pop(tenant, None)
+        self._drops += 1
+        if tenant in self._misses:
+            self._dropped_at[tenant] = self._drops
 
     def reset(self) -> None:
         self._epoch += 1

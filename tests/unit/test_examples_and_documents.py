@@ -8,8 +8,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from billing_cli.catalog import commands_for, load_document
+from billing_cli.catalog import CatalogFileError, commands_for, keyed, load_document
 from billing_cli.main import app
+from billing_events import ids
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.invoice import INVOICE, Invoice, line
 from billing_ledger.invoice_pdf import render_pdf
@@ -27,6 +28,33 @@ def test_the_example_catalogues_are_accepted_by_the_ledger(name: str, tmp_path: 
     finally:
         ledger.close()
     assert results and [r for r in results if r.outcome != "applied"] == []
+
+
+def test_an_accounts_credit_grants_apply_even_before_the_catalogue_partitions_publish(tmp_path: Path) -> None:
+    """The ledger refuses a grant in a credit unit no published catalogue declares (``unknown_unit``), and applies
+    commands of different keys in any order: examples/catalog.yaml's 5000 CREDIT welcome grant, applied before the
+    catalogue's partition, is granted all the same (the publish command goes ahead of it under the account's key)."""
+    messages = keyed(commands_for(load_document(EXAMPLES / "catalog.yaml"), "user:test"))
+    acme = str(ids.account_id("acme"))
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    try:
+        first = ledger.apply_commands([c for key, c in messages if key == acme])  # the account's partition first
+        rest = ledger.apply_commands([c for key, c in messages if key != acme])
+        units = ledger.read(ids.account_id("acme"), lambda a: {u: a.available(u) for u in a.units()})
+    finally:
+        ledger.close()
+    assert [r.outcome for r in first] == ["applied"] * len(first)
+    assert [r.outcome for r in rest] == ["duplicate"]  # the catalogue's own copy: published once
+    assert units == {"CREDIT": 5000 * 10**9, "USD": 100 * 10**9}
+
+
+def test_a_catalogue_file_granting_a_unit_its_catalogue_does_not_declare_is_refused_before_sending() -> None:
+    document = load_document(EXAMPLES / "catalog.yaml")
+    document["accounts"][0]["grants"].append({"key": "odd", "unit": "TOKENS", "amount": "5"})
+    with pytest.raises(CatalogFileError, match=r"accounts\[0\]\.grants\[2\]\.unit: 'TOKENS' is neither the "
+                                               r"account's currency \(USD\) nor a credit unit of the catalogue "
+                                               r"\(CREDIT\)"):
+        commands_for(document, "user:test")
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -177,6 +177,9 @@ ACTIVE_HOLDS_MAX = 10_000
 SETTLED_HOLDS_KEPT_MAX = 10_000
 # Adjustments remembered for idempotent answers (what each left: ``adjustment``); older ones are forgotten.
 ADJUSTMENTS_KEPT_MAX = 10_000
+# Grant refunds remembered for idempotent answers (what each took from where and paid back: ``refund``).
+REFUNDS_KEPT_MAX = 10_000
+AUTO_TOP_UP_COOLDOWN_SECONDS_DEFAULT = 3600
 AUTO_TOP_UP_COOLDOWN_SECONDS_MAX = 366 * 24 * 3600
 # Periods whose invoiced overage a usage correction credits by a credit note, remembered per unit (older ones: a
 # correction of them is given back as credit without tax, as before). Three years of monthly periods. Each keeps
@@ -252,6 +255,10 @@ class BillingAccount(ChainedAggregate):
         # Manual adjustments (``adjust``), the last ADJUSTMENTS_KEPT_MAX, oldest first: adjustment id -> {"unit",
         # "amount", "reason", "user", "balance", "available" (the wallet's just after it)}, the answer a retry gets.
         self._adjustments: dict[str, dict[str, Any]] = {}
+        # Grant refunds (``refund_grant``), the last REFUNDS_KEPT_MAX, oldest first: refund id -> {"grant_id",
+        # "unit", "amount", "tax_amount", "from_wallet", "from_breakage", "from_adjustment", "from_revenue",
+        # "finance_override", "reason", "requested_by", "paid_back"}, the answer a retry gets.
+        self._refunds: dict[str, dict[str, Any]] = {}
         self._held: dict[str, int] = {}  # sum of active holds per unit
         self._receivable: dict[str, int] = {}
         # Overage not yet on an invoice: unit -> period key (rating's ``cause.period``, else the time it was
@@ -400,6 +407,18 @@ class BillingAccount(ChainedAggregate):
         user, and the wallet's ``balance`` and ``available`` just after it; None if unknown or forgotten."""
         found = self._adjustments.get(str(adjustment_id))
         return None if found is None else dict(found)
+
+    def refund(self, refund_id: UUID) -> dict[str, Any] | None:
+        """A grant refund still remembered (the last ``REFUNDS_KEPT_MAX``): its grant, unit, amount and tax, where
+        the credit came from (``from_wallet``, ``from_breakage``, ``from_adjustment``, ``from_revenue``), whether
+        finance overrode, the reason and who asked (``cause``), and ``paid_back``: the money to pay back through
+        the gateway (``{"unit", "amount", "tax_amount"}``, None for credit with no money booked); None if unknown
+        or forgotten."""
+        found = self._refunds.get(str(refund_id))
+        if found is None:
+            return None
+        paid_back = found["paid_back"]
+        return {**found, "paid_back": None if paid_back is None else dict(paid_back)}
 
     def units(self) -> list[str]:
         """Every unit that has had a grant, a hold or a receivable on this account."""
@@ -1520,6 +1539,9 @@ class BillingAccount(ChainedAggregate):
         money["refunded_net"] += net
         money["refunded_tax"] += tax_amount
         g["refunds_paid_back"].append(amount)
+        remembered = self._refunds.get(str(refund_id))
+        if remembered is not None:  # the money of a credit-unit grant: what its refund pays back
+            remembered["paid_back"] = {"unit": unit, "amount": amount, "tax_amount": tax_amount}
         # Streams recorded before recognition existed reverse from deferred revenue only: no such lines.
         for line in postings:
             if line["account"] == LedgerAccount.RECOGNISED_REVENUE:
@@ -1575,6 +1597,16 @@ class BillingAccount(ChainedAggregate):
         if is_currency_code(unit):  # paid back as money: the credit and its tax (a credit unit's money: below)
             g["refunds_paid_back"].append(amount + tax_amount)
         self._update_arming(unit)
+        self._refunds[str(refund_id)] = {
+            "grant_id": g["grant_id"], "unit": unit, "amount": amount, "tax_amount": tax_amount,
+            "from_wallet": from_wallet, "from_breakage": from_breakage, "from_adjustment": from_adjustment,
+            "from_revenue": from_revenue, "finance_override": finance_override, "reason": cause.get("reason"),
+            "requested_by": cause.get("requested_by"),
+            # a credit unit's money, if any, follows in a PurchaseMoneyRefunded (``_purchase_money_refunded``)
+            "paid_back": {"unit": unit, "amount": amount + tax_amount, "tax_amount": tax_amount}
+            if is_currency_code(unit) else None}
+        while len(self._refunds) > REFUNDS_KEPT_MAX:
+            del self._refunds[next(iter(self._refunds))]
 
     def _reclaim_reversal(self, g: GrantRecord, amount: int, at: datetime, postings: list[Posting]) -> dict[str, Any]:
         """Takes back ``amount`` of the ``usage_reversal`` credit given for ``g``'s usage (a gateway refund paid
@@ -2694,7 +2726,8 @@ class BillingAccount(ChainedAggregate):
             _require_amount("package_amount", package_amount)
         if type(cooldown_seconds) is not int or not 0 <= cooldown_seconds <= AUTO_TOP_UP_COOLDOWN_SECONDS_MAX:
             raise InvalidArgument(
-                f"cooldown_seconds must be an int in [0, {AUTO_TOP_UP_COOLDOWN_SECONDS_MAX}]"
+                f"cooldown_seconds must be a whole number of seconds in [0, {AUTO_TOP_UP_COOLDOWN_SECONDS_MAX}], "
+                f"not {cooldown_seconds!r}"
             )
         _require_amount("monthly_cap", monthly_cap)
         self._auto_top_up_set(

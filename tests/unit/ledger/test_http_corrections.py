@@ -93,8 +93,32 @@ def test_refund_of_unspent_purchase(app: LedgerApplication, client: TestClient) 
     assert refunded.json()["paid_back"] == {"unit": "USD", "amount": "20.00", "tax": "0.00"}
     assert account(app).available("USD") == 30 * U
     again = client.post("/v1/accounts/acme/refunds", json=body, headers=ADMIN)
-    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.status_code == 200 and again.json() == refunded.json()  # the first answer, not {"duplicate": true}
     assert account(app).available("USD") == 30 * U
+
+
+def test_a_retried_refund_gets_its_first_answer_after_later_movements(app: LedgerApplication,
+                                                                      client: TestClient) -> None:
+    """Answered ``{"duplicate": true}`` before: finance could not tell what to pay back through the gateway."""
+    open_account(app, "acme", {"key": "order-1", "amount": "50.00"})
+    spend(app, 45 * U, "spend-1")
+    grant = str(ids.grant_id("acme", "order-1"))
+    body = {"idempotency_key": "r1", "grant_id": grant, "amount": "20.00", "reason": "dispute",
+            "finance_override": True}
+    first = client.post("/v1/accounts/acme/refunds", json=body, headers=FINANCE)
+    assert first.status_code == 201, first.text
+    assert (first.json()["from_wallet"], first.json()["from_revenue"], first.json()["paid_back"]) == (
+        "5.00", "15.00", {"unit": "USD", "amount": "20.00", "tax": "0.00"})
+    later = client.post("/v1/accounts/acme/refunds", headers=FINANCE,
+                        json={**body, "idempotency_key": "r2", "amount": "10.00", "reason": "more"})
+    assert later.status_code == 201 and later.json()["from_revenue"] == "10.00"
+    # Retried by another finance user with another reason: the first refund's answer, nothing refunded again.
+    again = client.post("/v1/accounts/acme/refunds", json={**body, "reason": "retry"},
+                        headers=headers("finance", subject="finn@finance"))
+    assert again.status_code == 200 and again.json() == first.json()
+    assert again.json()["requested_by"] == "fiona@finance" and again.json()["reason"] == "dispute"
+    refunds = [e for e in events(app) if type(e).__name__ == "GrantRefunded"]
+    assert len(refunds) == 2 and account(app).available("USD") == 0
 
 
 def test_refund_of_spent_credit_needs_finance_override(app: LedgerApplication, client: TestClient) -> None:

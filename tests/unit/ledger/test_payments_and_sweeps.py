@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from billing_events import ids, topics
+from billing_events.catalog import EXAMPLE as CATALOG
 from billing_events.messages import PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT
 from billing_ledger import sweeper as sweeper_module
@@ -22,6 +23,11 @@ from tests.unit.ledger.ledger_support import apply, command, open_account
 
 U = SUBUNITS_PER_UNIT
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+
+
+def publish_catalog(app: LedgerApplication) -> None:
+    [published] = apply(app, command("catalog.publish", None, {"document": CATALOG, "digest": "c1"}))
+    assert published.outcome == "applied", published
 
 
 def notification(kind: str, event_id: str, amount: str, order: str = "order-1", currency: str = "USD",
@@ -122,6 +128,7 @@ def test_sweeper_expires_grants_and_holds_once(app: LedgerApplication) -> None:
 def test_sweeper_recognises_credit_package_money_when_due_and_once(app: LedgerApplication) -> None:
     """A CREDIT package's money (deferred revenue, USD) is recognised by ``money.recognise`` from the sweeper:
     at once the first time, then at most hourly, and with the grant's expiry, each time once."""
+    publish_catalog(app)  # CREDIT declared
     open_account(app, "acme", {"key": "pkg", "amount": "1000", "unit": "CREDIT", "effective_at": NOW.isoformat(),
                                "expires_at": (NOW + timedelta(days=2)).isoformat()})
     grant = ids.grant_id("acme", "pkg")
@@ -227,6 +234,7 @@ def test_gateway_refund_of_an_order_whose_grant_is_in_a_credit_unit_is_rejected_
         app: LedgerApplication) -> None:
     # payment.refunded matched the order's grants by gateway and order only: 5.00 USD refunded of an order whose
     # grant is 500 CREDIT was read as 5.00 of credits (5 CREDIT taken back, the USD money never reversed).
+    publish_catalog(app)  # CREDIT declared
     open_account(app, "acme", {"key": "order-c", "unit": "CREDIT", "amount": "500",
                                "cause": {"gateway": "stripe", "order_id": "order-c"}})
     before = account(app).grant_balances()

@@ -139,3 +139,19 @@ def test_a_credit_unit_rule_with_a_target_is_refused_when_set(ledger: LedgerAppl
     assert (result.outcome, result.reason) == ("rejected", "invalid_auto_top_up"), result
     assert "needs a package" in result.detail
     assert ledger.read(ids.account_id(TENANT), lambda a: dict(a._auto_top_up)) == {}
+
+
+def test_a_rule_command_with_a_cooldown_that_is_not_whole_seconds_is_rejected_with_a_reason(
+        ledger: LedgerApplication) -> None:
+    """``auto_top_up.set`` from Kafka: 1.9 was saved as 1 second, true as 1, and null stopped the command with a
+    TypeError; each is a rejection with a reason now, recorded on the command's receipt, nothing saved."""
+    for n, bad in enumerate((1.9, True, None, "60", [60])):
+        result = run(ledger, "auto_top_up.set", TENANT, f"bad-{n}", threshold="10", target="50",
+                     cooldown_seconds=bad, monthly_cap="500")
+        assert (result.outcome, result.reason) == ("rejected", "invalid_auto_top_up"), (bad, result)
+        assert "cooldown_seconds must be a whole number" in (result.detail or ""), result
+        assert ledger.read(ids.account_id(TENANT), lambda a: dict(a._auto_top_up)) == {}
+        # The rejection is recorded: the same command again is a duplicate of it, not applied.
+        again = run(ledger, "auto_top_up.set", TENANT, f"bad-{n}", threshold="10", target="50",
+                    cooldown_seconds=bad, monthly_cap="500")
+        assert (again.outcome, again.first_outcome) == ("duplicate", "rejected"), again

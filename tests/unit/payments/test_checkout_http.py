@@ -78,9 +78,13 @@ def test_identity_gate_before_the_first_top_up(ledger: LedgerApplication) -> Non
     refused = checkout(http, "k1", amount="10")
     assert refused.status_code == 403 and refused.json()["type"].endswith("identity_verification_required")
     assert sessions(api) == 0
-    verified = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers=headers("admin"),
+    verified = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers={**headers("admin"), "Idempotency-Key": "v1"},
                          json={"reference": "kyc-123", "method": "document"})
     assert verified.status_code == 200 and verified.json()["identity_verified"]
+    # A retry with the same key: the same answer (it was a 500: the duplicate command has no value).
+    again = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers={**headers("admin"), "Idempotency-Key": "v1"},
+                      json={"reference": "kyc-123", "method": "document"})
+    assert again.status_code == 200 and again.json() == verified.json()
     assert checkout(http, "k2", amount="10").status_code == 201
 
 

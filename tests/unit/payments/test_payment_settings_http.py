@@ -71,6 +71,34 @@ async def test_put_auto_top_up_rule_then_a_low_balance_tops_up(ledger: LedgerApp
     assert available(ledger) == 5
 
 
+def test_a_cooldown_or_amount_that_is_not_exact_is_refused_and_changes_nothing(ledger: LedgerApplication) -> None:
+    """A cooldown of 1.9 was saved as 1 second (and answered as 1.9), true as 1; "abc" was refused with Python's
+    words. Each is a 422 invalid_auto_top_up problem now, and the rule in effect stays as it was."""
+    http = client(ledger, {})
+    url = f"/v1/accounts/{TENANT}/auto-top-up"
+    rule = {"threshold": "10", "target": "50", "cooldown_seconds": 600, "monthly_cap": "200"}
+    saved = http.put(url, headers=headers(), json={**rule, "cooldown_seconds": 60})
+    assert saved.status_code == 200 and saved.json()["auto_top_up"]["cooldown_seconds"] == 60
+    kept = ledger.read(ids.account_id(TENANT), lambda a: dict(a._auto_top_up["USD"]))
+    assert kept is not None and kept["cooldown_seconds"] == 60
+    for field, bad, words in (("cooldown_seconds", 1.9, "whole number"), ("cooldown_seconds", "abc", "whole number"),
+                              ("cooldown_seconds", True, "whole number"), ("cooldown_seconds", "600", "whole number"),
+                              ("cooldown_seconds", -5, "[0, 31622400]"),
+                              ("cooldown_seconds", 10**12, "[0, 31622400]"),
+                              ("threshold", True, "not true"), ("threshold", "abc", "not a decimal"),
+                              ("threshold", -5, "negative"), ("target", 0.5, "binary float"),
+                              ("monthly_cap", "1.001", "decimals"), ("monthly_cap", False, "not false")):
+        refused = http.put(url, headers=headers(), json={**rule, field: bad})
+        assert refused.status_code == 422, (field, bad, refused.text)
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.json()["reason"] == "invalid_auto_top_up" and field in refused.json()["detail"], refused.text
+        assert words in refused.json()["detail"], refused.text
+    assert ledger.read(ids.account_id(TENANT), lambda a: dict(a._auto_top_up["USD"])) == kept
+    # Left out, the cooldown is the documented default, and the answer says so.
+    default = http.put(url, headers=headers(), json={k: v for k, v in rule.items() if k != "cooldown_seconds"})
+    assert default.status_code == 200 and default.json()["auto_top_up"]["cooldown_seconds"] == 3600
+
+
 @pytest.mark.asyncio
 async def test_put_low_balance_threshold_raises_an_alert(ledger: LedgerApplication) -> None:
     http = client(ledger, {})

@@ -15,9 +15,12 @@ from billing_events.money import SUBUNITS_PER_UNIT
 from billing_events.timeutil import utcnow
 from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.audit import account_events
+from billing_ledger.http import build_router
 from billing_ledger.payment_commands import payment_command
+from billing_runtime.http import create_app
+from fastapi.testclient import TestClient
 
-from tests.unit.payments.support import CATALOG, TENANT, command, ledger, run
+from tests.unit.payments.support import CATALOG, SETTINGS, TENANT, command, headers, ledger, run
 
 __all__ = ["ledger"]
 U = SUBUNITS_PER_UNIT
@@ -226,6 +229,24 @@ def test_the_gateway_refund_of_a_packages_rest_after_its_credit_was_partly_refun
     usd = {account: amount for (account, unit), amount in books(ledger).items() if unit == "USD"}
     assert usd == {}  # clearing, deferred revenue and tax payable in USD back to zero: 45.22 + 67.83 = 113.05
     assert available(ledger, "CREDIT") == 0 and order_status(ledger, order) == "refunded"
+
+
+def test_a_retried_refund_of_package_credit_answers_the_money_it_paid_back(ledger: LedgerApplication) -> None:
+    """POST /refunds of 4,400 of 11,000 CREDIT bought for 95.00 + 18.05 VAT: the retry's answer names the 45.22 (7.22
+    VAT) to pay back through the gateway, as the first did (the money is booked apart from the credit)."""
+    order = place(ledger, "o1", package="credits-10k")
+    pay(ledger, order)
+    api = create_app("ledger-refunds-test", SETTINGS)
+    api.include_router(build_router(ledger))
+    http = TestClient(api)
+    grant = str(ids.grant_id(TENANT, f"order/{order['order_id']}/purchase"))
+    body = {"idempotency_key": "r1", "grant_id": grant, "amount": "4400", "reason": "goodwill"}
+    first = http.post(f"/v1/accounts/{TENANT}/refunds", json=body, headers=headers("finance"))
+    assert first.status_code == 201, first.text
+    assert first.json()["paid_back"] == {"unit": "USD", "amount": "45.22", "tax": "7.22"}
+    again = http.post(f"/v1/accounts/{TENANT}/refunds", json=body, headers=headers("finance"))
+    assert again.status_code == 200 and again.json() == first.json()
+    assert available(ledger, "CREDIT") == 6600
 
 
 def test_a_gateway_refund_of_an_order_above_or_below_what_is_left_is_refused_and_changes_nothing(

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from billing_events.timeutil import utcnow
 from billing_projections import views
-from billing_projections.balance_cache import NOTIFY_SQL, STATE_OF_TENANT_SQL, BalanceCache
+from billing_projections.balance_cache import NOTIFY_SQL, STATE_OF_TENANT_SQL, BalanceCache, channel
 from billing_projections.service import ProjectionService
 from billing_runtime.db import PostgresDatabase
 
@@ -151,6 +151,52 @@ async def test_a_miss_that_raced_a_reset_is_not_kept(stack: Stack) -> None:
     finally:
         stack.db.fetchval = fetch  # type: ignore[method-assign]
     assert "globex" not in cache._states
+
+
+async def test_a_miss_that_raced_a_drop_by_name_is_not_kept(stack: Stack) -> None:
+    """A tenant too large for a notification goes by name: a miss whose query read the state before that commit
+    answers it but does not keep it, so the next read is the new balance, not the old one until the next change."""
+    ledger = stack.ledger
+    cache = BalanceCache(stack.db, URL, stack.schema)
+    cache.listening = True  # as if LISTEN were established: the consumer's real notifications are given by hand
+    big = ledger.open("big")
+    now = utcnow()
+    for i in range(60):  # 60 open grants with an end: a state over the 3000 bytes one notification carries
+        big.grant_credit(grant_id=uid("big", i), unit="USD", amount=U, effective_at=now,
+                         expires_at=now + timedelta(days=30 + i), scope=None, source="manual", cause={},
+                         granted_by="t")
+    ledger.save(big)
+    await apply(stack.service, ledger.records())
+    payloads: list[str] = []
+    conn = await asyncpg.connect(URL)
+    fetch = stack.db.fetchval
+
+    async def commit_meanwhile(sql: str, *args: Any) -> Any:
+        found = await fetch(sql, *args)  # the state before the debit below
+        big.debit_usage(command_id=uid("big", "debit"), unit="USD", amount=U, meter="api_calls", at=now,
+                        overage_policy="overage", cause={})
+        ledger.save(big)
+        await apply(stack.service, ledger.records())  # commits, and notifies "big" by name only
+        await until(lambda: len(payloads) == 1)
+        assert orjson.loads(payloads[0]) == ["big"]
+        cache.notified(payloads[0])  # delivered while the miss's query is out
+        return found
+
+    try:
+        await conn.add_listener(channel(stack.schema), lambda _c, _p, _ch, payload: payloads.append(payload))
+        stack.db.fetchval = commit_meanwhile  # type: ignore[method-assign]
+        try:
+            old = await cache.view("big", now)
+        finally:
+            stack.db.fetchval = fetch  # type: ignore[method-assign]
+    finally:
+        await conn.close()
+    new = await views.balance_view(stack.db, "big", now)
+    assert old is not None and new is not None and new["position"] > old["position"]
+    assert await cache.view("big", now) == new
+    assert await cache.view("big", now) == new  # kept now: a miss begun after the drop
+    assert "big" in cache._states
+    assert not cache._misses and not cache._dropped_at  # held only while a miss is in flight
 
 
 async def test_losing_the_listener_drops_the_copy_and_reads_take_the_query(stack: Stack) -> None:
