@@ -4,7 +4,8 @@
   ledger schema, or ``var/ledger-events.sqlite``), recomputes every hash of the chain and every balance
   (from the postings, and again with the domain model), then compares with the projections service's
   balance API over HTTP (``GET /v1/accounts/{tenant}/balance``: the projections' public read model, not
-  their tables, whose layout is theirs to change). Exit status 1 on any mismatch.
+  their tables, whose layout is theirs to change), and checks the tenant's invoices and credit notes against the
+  account's postings (``billing_ledger.audit_invoices``). Exit status 1 on any mismatch.
 * ``export --tenant T [--out FILE]`` writes the stream as JSON lines (see ``billing_ledger.audit``).
 * ``replay FILE`` is what an auditor runs on an export: chain and balances from the file alone.
 """

@@ -106,7 +106,8 @@ def refunds(
     else:
         typer.echo(f"{len(found)} gateway refund(s) not applied to a payment")
         for r in found:
-            typer.echo(f"{r.tenant}  {r.key}  {r.amount} {r.currency}  order {r.order_id}  {r.status}"
+            gives_back = f"invoice {r.invoice_id}" if r.invoice_id else f"order {r.order_id}"
+            typer.echo(f"{r.tenant}  {r.key}  {r.amount} {r.currency}  {gives_back}  {r.status}"
                        + (f" ({r.reason}: {r.detail})" if r.reason else ""))
     if found:
         raise typer.Exit(1)

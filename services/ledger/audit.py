@@ -15,7 +15,9 @@ An export line is one event of the tenant's ``BillingAccount``, in version order
 
 :func:`replay` does exactly that with nothing but the lines (an auditor needs only this repository);
 :func:`verify_store` also rebuilds the aggregate from the event store with the domain model and checks the
-two agree; :func:`compare_with_projection` compares with the projections' balance API.
+two agree, and checks the tenant's invoices and credit notes (documents of their own, in the store, not in the
+export) against the account's postings (:mod:`billing_ledger.audit_invoices`); :func:`compare_with_projection`
+compares with the projections' balance API.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from billing_events import ids
 from billing_events.money import from_subunits
 from billing_ledger.amounts import show
 from billing_ledger.application import LedgerApplication
+from billing_ledger.audit_invoices import InvoiceBooks, invoice_problems
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.chain import GENESIS, chain_hash, event_content, jsonable
 from billing_ledger.domain.postings import LedgerAccount, assert_balanced
@@ -136,26 +139,31 @@ class Verification:
     tenant: str
     replay: Replay
     problems: list[str]
+    documents: int = 0  # invoices and credit notes checked against the books (``audit_invoices``)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"tenant": self.tenant, "ok": self.ok, "problems": self.problems, **self.replay.to_json()}
+        return {"tenant": self.tenant, "ok": self.ok, "problems": self.problems, **self.replay.to_json(),
+                "documents_checked": self.documents}
 
 
 def verify_store(app: LedgerApplication, tenant: str) -> Verification:
-    """Replays the account from the event store twice (postings, and the domain model) and checks the chain."""
+    """Replays the account from the event store twice (postings, and the domain model) and checks the chain, then
+    the tenant's invoices and credit notes against the books (``audit_invoices``)."""
     replayed = replay(to_record(e) for e in account_events(app, tenant))
     problems = list(replayed.problems)
     if replayed.events == 0:
         return Verification(tenant, replayed, [f"tenant {tenant!r} has no billing account"])
     snapshot = app.snapshotter.latest(ids.account_id(tenant)) if app.snapshotter is not None else None
     account: Any = None
+    books = InvoiceBooks()
     try:  # from the events alone (never a snapshot), checking the latest snapshot on the way
         for event in account_events(app, tenant):
             account = event.mutate(account)
+            books.observe(event)
             if snapshot is not None and account.version == snapshot[0]:
                 problems += _snapshot_problems(app, account, snapshot[1])
     except Exception as exc:  # noqa: BLE001 - a broken stream is a finding, not a crash
@@ -171,7 +179,11 @@ def verify_store(app: LedgerApplication, tenant: str) -> Verification:
         for name, value in rebuilt.items():
             if wallet[name] != value:
                 problems.append(f"{unit} {name}: postings give {wallet[name]}, the domain model {value}")
-    return Verification(tenant, replayed, problems)
+    try:
+        documents, mismatches = invoice_problems(app, tenant, account, books, replayed.ledger)
+    except Exception as exc:  # noqa: BLE001 - a document that does not replay is a finding, not a crash
+        documents, mismatches = 0, [f"the invoices cannot be checked: {exc!r}"]
+    return Verification(tenant, replayed, problems + mismatches, documents)
 
 
 def _snapshot_problems(app: LedgerApplication, replayed: BillingAccount, snapshotted: Any) -> list[str]:

@@ -170,8 +170,18 @@ def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerComm
         # of its own, so a gateway payment afterwards is money received twice (``invoice_already_paid``), never
         # absorbed as "already paid". Deterministic (the command's id), so replay and redelivery agree.
         payment = f"manual:{command.command_id}"
-    settled = settle_invoice(batch, invoice, at=effective_at(command), payment=payment or "", by=command.issued_by)
-    return {"invoice_id": str(invoice.id), "already_paid": not settled}
+    at = effective_at(command)
+    settled = settle_invoice(batch, invoice, at=at, payment=payment or "", by=command.issued_by)
+    result: dict[str, Any] = {"invoice_id": str(invoice.id), "already_paid": not settled}
+    if settled:
+        # Gateway refunds of its payment that came before this (dunning's charge is booked here, its webhook may be
+        # later) are applied now, as after it. Imported here: payment_commands imports this module.
+        from billing_ledger.payment_commands import apply_parked_invoice_refunds
+
+        parked = apply_parked_invoice_refunds(app, batch, invoice, at)
+        if parked:
+            result["parked_refunds"] = parked
+    return result
 
 
 def _payment_reference(command: LedgerCommand) -> str | None:

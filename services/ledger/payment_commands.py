@@ -26,6 +26,11 @@ and refused as a duplicate the second time, like every other command.
   ``RefundAwaitingPayment``, once per gateway refund reference); that order's ``payment_succeeded`` applies it in
   the same command, exactly as a refund after it, or settles it rejected with the reason such a refund would get
   (``_apply_parked_refunds``). Either order ends the same; ``reconcile.parked_refunds`` lists those not applied.
+* ``refund_succeeded`` of an invoice's payment before that payment (the invoice finalized, not paid yet) waits on
+  the account the same way, naming the invoice (since session 13; it was rejected ``invoice_refund_mismatch``);
+  whatever pays the invoice (its ``payment_succeeded``, or ``invoice.mark_paid``: dunning's charge, a payment
+  booked by hand) applies it in the same command (``apply_parked_invoice_refunds``): the same credit note, books,
+  tax and invoice state as a refund after the payment, or settled rejected with that refund's reason.
 * ``refund_succeeded`` of a payment that settled an invoice (the notification's ``invoice_id``, or an
   ``order_id`` naming one of the tenant's invoices, as for payments) is recorded against that invoice, never
   as a purchase reversal: a credit note (``CN-``, ``related_invoice``) for the refunded amount, tax
@@ -133,7 +138,7 @@ def grant_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand
     if named_invoice and invoice is None:
         raise CommandRejected("unknown_invoice", f"payment for invoice {named_invoice!r}, not one of this tenant's")
     if invoice is not None:  # an invoice charged off-session (dunning): it is paid, no credit is granted
-        return _settle_invoice(batch, command, invoice, gateway=gateway, event_id=event_id)
+        return _settle_invoice(app, batch, command, invoice, gateway=gateway, event_id=event_id)
     order = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
     if order is not None:  # a checkout order: paid (exact total), credited and invoiced by its quote
         paid = checkout_commands.pay_order(
@@ -160,20 +165,21 @@ def _with_parked_refunds(result: dict[str, Any], settled: list[dict[str, Any]]) 
     return {**result, "parked_refunds": settled} if settled else result
 
 
-def _settle_invoice(batch: _Batch, command: LedgerCommand, invoice: Invoice, *, gateway: str,
-                    event_id: str) -> dict[str, Any]:
+def _settle_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand, invoice: Invoice, *,
+                    gateway: str, event_id: str) -> dict[str, Any]:
     amount, code = parse_decimal(payload.text(command, "amount")), payload.text(command, "currency")
     if invoice.document_type != INVOICE or code != invoice.currency or amount != invoice.total:
         raise CommandRejected("invoice_payment_mismatch", f"payment {amount} {code} does not match "
                                                           f"{invoice.document_type} {invoice.number} of "
                                                           f"{invoice.total} {invoice.currency}")
+    at = payload.timestamp(command, "verified_at")
     try:
-        settled = settle_invoice(batch, invoice, at=payload.timestamp(command, "verified_at"),
-                                 payment=str(command.payload.get("gateway_reference") or event_id),
+        settled = settle_invoice(batch, invoice, at=at, payment=str(command.payload.get("gateway_reference") or event_id),
                                  by=command.issued_by)
     except InvoiceError as exc:  # a draft or void invoice: a person reconciles the money
         raise CommandRejected("invoice_not_payable", str(exc)) from exc
-    return {"invoice_id": str(invoice.id), "gateway": gateway, "already_paid": not settled}
+    result = {"invoice_id": str(invoice.id), "gateway": gateway, "already_paid": not settled}
+    return _with_parked_refunds(result, apply_parked_invoice_refunds(app, batch, invoice, at) if settled else [])
 
 
 @handles(PAYMENT_REFUNDED)
@@ -190,6 +196,8 @@ def _refund(app: LedgerApplication, batch: _Batch, account: BillingAccount, comm
     invoice = tenant_invoice(batch, command.tenant, named_invoice or command.payload.get("order_id"))
     if named_invoice and invoice is None:
         raise CommandRejected("unknown_invoice", f"refund of invoice {named_invoice!r}, not one of this tenant's")
+    if invoice is not None and park and _awaits_invoice_payment(invoice, command):
+        return _park_refund(account, command, invoice=invoice)  # the invoice's payment has not been booked yet
     if invoice is not None:  # the refunded payment settled an invoice: a credit note, no credit moves
         return _refund_invoice(app, batch, command, invoice, gateway=gateway, event_id=event_id)
     known = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
@@ -238,9 +246,19 @@ def parked_refund_key(gateway: str, reference: str) -> str:
     return f"{gateway}/{reference}"
 
 
-def _park_refund(account: BillingAccount, command: LedgerCommand) -> dict[str, Any]:
+def _awaits_invoice_payment(invoice: Invoice, command: LedgerCommand) -> bool:
+    """A refund of ``invoice``'s payment before that payment is booked: the invoice is finalized, not paid, and the
+    refund is one a payment of it could take (its currency, at most its total). Anything else is judged now, as
+    after the payment (``_refund_invoice``: ``invoice_refund_mismatch``); a draft or void invoice is never paid."""
+    amount, code = parse_decimal(payload.text(command, "amount")), payload.text(command, "currency")
+    return invoice.document_type == INVOICE and invoice.status == FINALIZED and code == invoice.currency \
+        and 0 < amount <= invoice.total
+
+
+def _park_refund(account: BillingAccount, command: LedgerCommand, invoice: Invoice | None = None) -> dict[str, Any]:
     """The gateway paid this refund out before the ledger booked the payment it gives back (the notifications
-    crossed): recorded on the account (``RefundAwaitingPayment``), applied by that payment's command."""
+    crossed): recorded on the account (``RefundAwaitingPayment``), applied by that payment's command (``invoice``:
+    by the command that pays that invoice, ``apply_parked_invoice_refunds``)."""
     gateway = payload.text(command, "gateway")
     reference = str(command.payload.get("gateway_reference") or payload.text(command, "gateway_event_id"))
     key = parked_refund_key(gateway, reference)
@@ -252,7 +270,7 @@ def _park_refund(account: BillingAccount, command: LedgerCommand) -> dict[str, A
             refund={"command_id": str(command.command_id), "kind": command.kind, "tenant": command.tenant,
                     "issued_at": command.issued_at.isoformat(), "issued_by": command.issued_by,
                     "payload": dict(command.payload)},
-            at=payload.timestamp(command, "verified_at"))
+            at=payload.timestamp(command, "verified_at"), invoice=str(invoice.id) if invoice is not None else None)
     except TooManyParkedRefunds as exc:
         raise CommandRejected("too_many_parked_refunds", f"refund {reference}: {exc}; reconcile by hand") from exc
     return {"awaiting_payment": key, "already_awaiting": not parked}
@@ -276,26 +294,46 @@ def _apply_parked_refunds(app: LedgerApplication, batch: _Batch, account: Billin
         named = parked["refunded_payment"]
         if named and command.payload.get("gateway_reference") and named != reference:
             continue
-        first = parked["refund"]
-        refund = LedgerCommand(
-            command_id=UUID(first["command_id"]), kind=first["kind"], tenant=first["tenant"],
-            issued_at=datetime.fromisoformat(first["issued_at"]), issued_by=first["issued_by"],
-            payload={**first["payload"], "verified_at": max(parked["at"], booked_at).isoformat()})
-        before = _pending_counts(batch)
-        outcome, reason, detail, value = "applied", None, None, None
-        try:
-            value = _refund(app, batch, account, refund, park=False)
-        except (CommandRejected, LedgerError) as exc:
-            if _pending_counts(batch) != before:
-                raise  # refused half-way: the whole payment command is rejected and undone (recorded)
-            outcome = "rejected"
-            reason = exc.reason if isinstance(exc, CommandRejected) else _snake(type(exc).__name__)
-            detail = exc.detail if isinstance(exc, CommandRejected) else str(exc)
-        account.settle_parked_refund(key=parked["key"], payment=reference, outcome=outcome, reason=reason,
-                                     detail=detail, at=booked_at)
-        settled.append({"refund": parked["key"], "outcome": outcome, "reason": reason, "detail": detail,
-                        "value": value})
+        settled.append(_settle_parked(app, batch, account, parked, payment=reference, booked_at=booked_at))
     return settled
+
+
+def apply_parked_invoice_refunds(app: LedgerApplication, batch: _Batch, invoice: Invoice,
+                                 at: datetime) -> list[dict[str, Any]]:
+    """``invoice`` was just paid (``settle_invoice``: the gateway's ``payment_succeeded`` or ``invoice.mark_paid``,
+    dunning's charge or a payment booked by hand): the gateway refunds of its payment that came before it
+    (``_park_refund`` with the invoice) are applied now, in the same transaction, exactly as if they had come after
+    it: a credit note each, at the payment's time ``at`` when they are older. Every one of them is settled, as a
+    refund after the payment would be: ``applied``, or ``rejected`` with that refund's reason (the refund of another
+    payment than the one that paid it: ``refund_of_other_payment``), nothing of it moved, the payment booked."""
+    account = account_of(batch, invoice.tenant)
+    payment = invoice.payment or ""
+    return [_settle_parked(app, batch, account, parked, payment=payment, booked_at=at)
+            for parked in account.parked_refunds(invoice=str(invoice.id))]
+
+
+def _settle_parked(app: LedgerApplication, batch: _Batch, account: BillingAccount, parked: dict[str, Any], *,
+                   payment: str, booked_at: datetime) -> dict[str, Any]:
+    """Applies one parked refund as a refund after its payment ``payment`` booked at ``booked_at`` and records how
+    it ended (``ParkedRefundSettled``)."""
+    first = parked["refund"]
+    refund = LedgerCommand(
+        command_id=UUID(first["command_id"]), kind=first["kind"], tenant=first["tenant"],
+        issued_at=datetime.fromisoformat(first["issued_at"]), issued_by=first["issued_by"],
+        payload={**first["payload"], "verified_at": max(parked["at"], booked_at).isoformat()})
+    before = _pending_counts(batch)
+    outcome, reason, detail, value = "applied", None, None, None
+    try:
+        value = _refund(app, batch, account, refund, park=False)
+    except (CommandRejected, LedgerError) as exc:
+        if _pending_counts(batch) != before:
+            raise  # refused half-way: the whole payment command is rejected and undone (recorded)
+        outcome = "rejected"
+        reason = exc.reason if isinstance(exc, CommandRejected) else _snake(type(exc).__name__)
+        detail = exc.detail if isinstance(exc, CommandRejected) else str(exc)
+    account.settle_parked_refund(key=parked["key"], payment=payment, outcome=outcome, reason=reason,
+                                 detail=detail, at=booked_at)
+    return {"refund": parked["key"], "outcome": outcome, "reason": reason, "detail": detail, "value": value}
 
 
 def _pending_counts(batch: _Batch) -> dict[UUID, int]:

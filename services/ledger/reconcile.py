@@ -7,9 +7,10 @@ no postings, a negative one gives back) or, refused for lack of credit under a `
 never from the aggregate cache), receipts only for commands the stream does not answer.
 
 ``parked_refunds`` lists, from the same stream, the gateway refunds that came before the payment they give back
-(``BillingAccount.RefundAwaitingPayment``) and were not applied with it: still waiting (the payment never came,
-or was rejected), or settled ``rejected`` when it came (the refund would be rejected after its payment too), with
-the reason. The money has left at the gateway for each of them: finance reconciles them.
+(``BillingAccount.RefundAwaitingPayment``: a checkout order's or another purchase's, or an invoice's payment, naming
+the invoice) and were not applied with it: still waiting (the payment never came, or was rejected), or settled
+``rejected`` when it came (the refund would be rejected after its payment too), with the reason. The money has left
+at the gateway for each of them: finance reconciles them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class ParkedRefund:
     payment: str | None = None  # the payment that came (rejected)
     reason: str | None = None
     detail: str | None = None
+    invoice_id: str | None = None  # the refund of an invoice's payment: that invoice (since session 13)
 
 
 def parked_refunds(app: LedgerApplication, tenant: str) -> list[ParkedRefund]:
@@ -103,7 +105,7 @@ def parked_refunds(app: LedgerApplication, tenant: str) -> list[ParkedRefund]:
             refund = event.refund["payload"]
             found[event.key] = ParkedRefund(tenant, event.key, event.order_id, event.refunded_payment,
                                             str(refund.get("amount")), str(refund.get("currency")), event.at,
-                                            "awaiting_payment")
+                                            "awaiting_payment", invoice_id=getattr(event, "invoice", None))
         elif kind == PARKED_REFUND_SETTLED and event.key in found:
             parked = found.pop(event.key)
             if event.outcome != "applied":

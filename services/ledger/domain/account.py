@@ -316,7 +316,8 @@ class BillingAccount(ChainedAggregate):
         self._auto_top_up: dict[str, dict[str, Any]] = {}
         self._top_up_history: dict[str, dict[str, Any]] = {}
         # Gateway refunds that came before the payment they give back (``park_refund``): "<gateway>/<refund
-        # reference>" -> {"gateway", "order_id", "refunded_payment", "refund" (the refund's command, JSON), "at"}.
+        # reference>" -> {"gateway", "order_id", "refunded_payment", "refund" (the refund's command, JSON), "at"},
+        # and "invoice" (its id) for the refund of an invoice's payment (since session 13; no other entry has it).
         # The payment's command applies them and settles each (``settle_parked_refund``), so it is forgotten.
         self._parked_refunds: dict[str, dict[str, Any]] = {}
         if low_balance_threshold is not None:
@@ -1677,35 +1678,45 @@ class BillingAccount(ChainedAggregate):
     # == gateway refunds before their payment ================================================================
 
     def park_refund(self, *, key: str, gateway: str, order_id: str, refunded_payment: str | None,
-                    refund: dict[str, Any], at: datetime) -> bool:
+                    refund: dict[str, Any], at: datetime, invoice: str | None = None) -> bool:
         """Records a refund the gateway paid out of a payment not booked yet (``RefundAwaitingPayment``).
 
         Notifications may come in any order: the payment's command applies it when it books the payment
         (``settle_parked_refund``). ``key`` names the refund at its gateway ("<gateway>/<refund reference>"):
         the same refund announced again while it waits records nothing (False). ``refund`` is its command, as
-        JSON. At most ``PARKED_REFUNDS_MAX`` wait at once (``TooManyParkedRefunds``)."""
+        JSON; ``invoice``: the invoice whose payment it gives back (None: a checkout order's or another purchase's,
+        by ``order_id``), which applies it when it is paid, whoever books that payment. At most
+        ``PARKED_REFUNDS_MAX`` wait at once (``TooManyParkedRefunds``)."""
         _require_text("key", key)
         _require_text("gateway", gateway)
         _require_text("order_id", order_id)
+        if invoice is not None:
+            _require_text("invoice", invoice)
         _require_time("at", at)
         if key in self._parked_refunds:
             return False
         if len(self._parked_refunds) >= PARKED_REFUNDS_MAX:
             raise TooManyParkedRefunds(f"{len(self._parked_refunds)} gateway refunds already wait for their payment")
         self._refund_parked(key=key, gateway=gateway, order_id=order_id, refunded_payment=refunded_payment,
-                            refund=copy.deepcopy(refund), at=at)
+                            refund=copy.deepcopy(refund), at=at, invoice=invoice)
         return True
 
     @event("RefundAwaitingPayment")
     def _refund_parked(self, key: str, gateway: str, order_id: str, refunded_payment: str | None,
-                       refund: dict[str, Any], at: datetime) -> None:
+                       refund: dict[str, Any], at: datetime, invoice: str | None = None) -> None:
+        # ``invoice`` since session 13; kept only when set, so a state without one reads as it was recorded.
         self._parked_refunds[key] = {"key": key, "gateway": gateway, "order_id": order_id,
-                                     "refunded_payment": refunded_payment, "refund": refund, "at": at}
+                                     "refunded_payment": refunded_payment, "refund": refund, "at": at,
+                                     **({"invoice": invoice} if invoice is not None else {})}
 
-    def parked_refunds(self, *, gateway: str | None = None, order_id: str | None = None) -> list[dict[str, Any]]:
-        """The refunds waiting for their payment (oldest first; copies), of ``gateway``'s ``order_id`` if given."""
+    def parked_refunds(self, *, gateway: str | None = None, order_id: str | None = None,
+                       invoice: str | None = None) -> list[dict[str, Any]]:
+        """The refunds waiting for their payment (oldest first; copies): of ``gateway``'s ``order_id`` if given
+        (never an invoice's then), of ``invoice`` if given, else all."""
         return [copy.deepcopy(p) for p in self._parked_refunds.values()
-                if (gateway is None or p["gateway"] == gateway) and (order_id is None or p["order_id"] == order_id)]
+                if (gateway is None or p["gateway"] == gateway)
+                and (order_id is None or (p["order_id"] == order_id and "invoice" not in p))
+                and (invoice is None or p.get("invoice") == invoice)]
 
     def settle_parked_refund(self, *, key: str, payment: str, outcome: str, reason: str | None,
                              detail: str | None, at: datetime) -> None:
