@@ -42,6 +42,9 @@ and refused as a duplicate the second time, like every other command.
   treats it like a declined attempt (email, ``invoice.payment_failed``, past_due after the last one) and
   retries on its schedule. A failure of any other charge of the invoice (a decline dunning saw when it
   charged) or of a closed invoice changes nothing.
+* ``dispute_*`` (a card dispute: opened, funds withdrawn or reinstated, closed) is ``dispute_commands``'; a lost
+  dispute's chargeback is booked by ``_refund`` here, as a refund the gateway paid out, its events' cause naming the
+  dispute (``dispute_cause``).
 """
 
 from __future__ import annotations

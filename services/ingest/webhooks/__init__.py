@@ -7,8 +7,9 @@ A webhook goes through three steps, the first and last in the adapter, the middl
    ``VerifiedEvent`` (with a replay key derived from *signed* content) or a ``Refused``.
 2. the core refuses a replay key it has already processed (409) before anything else happens;
 3. ``confirm(event)``: re-fetches the object from the gateway's API and returns a ``ConfirmedPayment`` only
-   when the gateway itself says it is paid / succeeded; ``Ignored`` for events that move no money we act on;
-   ``NotConfirmed`` otherwise. A webhook body is never trusted for amounts or status: the API answer is.
+   when the gateway itself says it is paid / succeeded (or, for a dispute, that it is in the state the event says:
+   ``dispute_movement``); ``Ignored`` for events that move no money we act on; ``NotConfirmed`` otherwise. A
+   webhook body is never trusted for amounts or status: the API answer is.
 
 Attribution convention (documented in services/ingest/WEBHOOKS.md): the checkout object carries the tenant and the
 order id in its metadata -- Stripe ``metadata.tenant`` / ``metadata.order_id`` (session, payment intent or

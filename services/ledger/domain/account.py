@@ -130,6 +130,15 @@ Subscription fee revenue (IFRS 15 / ASC 606)
     none: revenue when billed, reversed from ``RECOGNISED_REVENUE``. The sweeper runs it at the first sweep of
     each UTC day with something due and when a period ends (``fee_revenue_due``).
 
+Disputes (chargebacks, since session 13)
+    ``open_dispute`` records a dispute of one of the account's payments (``DisputeOpened``, no postings: the
+    customer keeps the credit until the bank decides). Funds the gateway withdraws for it move from
+    ``GATEWAY_CLEARING`` to ``DISPUTED_FUNDS`` (``withdraw_dispute_funds``, once, while it is open) and back
+    (``reinstate_dispute_funds``). ``close_dispute`` (``DisputeClosed``) returns what is still withdrawn to clearing;
+    won or closed, that is all; lost, the caller books the chargeback as a gateway refund (``refund_grant``) that
+    takes the money out of clearing once, or, for an invoice's payment, ``owed`` makes it receivable again (unbilled
+    under ``OWED_CHARGEBACK_KEY_PREFIX``). A lost dispute never changes its outcome (``DisputeOutcomeChanged``).
+
 Idempotency
     Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
     (``DuplicateGrant``). A repeated hold id returns the first yes/no answer without a new event while the
