@@ -107,11 +107,17 @@ def test_a_lost_dispute_takes_the_credit_back_like_a_gateway_refund(ledger: Ledg
     assert verify_store(ledger, TENANT).ok
 
 
-def test_a_lost_dispute_of_a_package_voids_its_bonus_as_a_refund_does(ledger: LedgerApplication) -> None:
-    order = place(ledger, "o1", package="usd-100")  # 100 USD + 20 bonus for 119.00
+@pytest.mark.parametrize("package", ["usd-100", "credits-10k"])
+def test_a_lost_dispute_of_a_package_voids_its_bonus_and_gives_its_money_back_as_a_refund_does(
+        ledger: LedgerApplication, package: str) -> None:
+    # 100 USD + 20 bonus for 119.00; 10,000 + 1,000 CREDIT for 95.00 + 18.05 VAT, its money booked in USD apart.
+    order = place(ledger, "o1", package=package)
     pay(ledger, order)
     assert deliver(ledger, lost(order)).outcome == "applied"
-    assert books(ledger) == {} and available(ledger, "USD") == 0
+    assert books(ledger) == {}  # clearing, wallet, deferred revenue, tax payable, promotional expense: all zero
+    assert available(ledger, "USD") == 0 and available(ledger, "CREDIT") == 0
+    money = [e for e in account_events(ledger, TENANT) if type(e).__name__ == "PurchaseMoneyRefunded"]
+    assert all(e.cause["dispute"] == "dp_1" for e in money) and len(money) == (package == "credits-10k")
 
 
 def test_a_won_dispute_changes_nothing_in_the_books_whatever_the_order_of_its_notifications(
