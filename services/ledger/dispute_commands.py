@@ -7,7 +7,7 @@ batch transaction with its Kafka position, a duplicate the second time. The acco
 (``BillingAccount.open_dispute``, key ``<gateway>/<dispute id>``): whichever of its notifications comes first opens
 it, so they may arrive in any order. The accounting (docs/ledger.md "Disputes"):
 
-* opened: recorded (``DisputeOpened``), no money moves: the customer keeps the credit until the bank decides.
+* opened: recorded (``DisputeRaised``), no money moves: the customer keeps the credit until the bank decides.
 * funds withdrawn (Stripe takes the disputed amount from our balance while it is decided): the money leaves the
   gateway's clearing for ``disputed_funds`` (``DisputeFundsWithdrawn``); reinstated, it comes back
   (``DisputeFundsReinstated``). Only while the dispute is open, once.

@@ -29,7 +29,7 @@ is one ``refund`` row of the whole amount paid back; it takes that credit back (
 its ``wallet_delta`` is only the credit taken, and its detail says so (``usage_reversal credit taken back N``, and
 ``owed N`` for what of it was spent: receivables).
 
-A dispute (a chargeback, since session 13) shows as ``dispute`` rows: its opening (``DisputeOpened``, amount 0,
+A dispute (a chargeback, since session 13) shows as ``dispute`` rows: its opening (``DisputeRaised``, amount 0,
 detail ``opened``), the funds the gateway withdrew and reinstated (``funds withdrawn N`` / ``funds reinstated N``,
 amount and ``wallet_delta`` 0: the customer's credit does not move) and its close (``won``, ``closed``, ``lost``;
 a lost dispute of an invoice's payment has the amount owed again, negative, and ``owed N``), each with the dispute
@@ -162,7 +162,7 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
 def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any]:
     """A dispute's own events: the customer's credit never moves with them (the chargeback's refund rows do)."""
     dispute, amount = d.get("dispute") or str(d.get("key") or "").partition("/")[2], 0
-    if name == "DisputeOpened":
+    if name == "DisputeRaised":
         notes = ["opened"]
     elif name == "DisputeFundsWithdrawn":
         notes = [f"funds withdrawn {int(d['amount'])}"]
@@ -201,7 +201,7 @@ _INVOICE_TYPES = {"InvoiceBilled": "invoice_billed", "InvoicePaid": "invoice_pai
                   "InvoiceBillVoided": "invoice_voided", "InvoicePaymentRefunded": "invoice_refunded"}
 _ROUNDING_TYPES = {"InvoicedOverageRounded": "invoice_rounding",
                    "InvoicedOverageRoundingReversed": "invoice_rounding_reversed"}
-_DISPUTE_EVENTS = frozenset({"DisputeOpened", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed"})
+_DISPUTE_EVENTS = frozenset({"DisputeRaised", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed"})
 _MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})

@@ -131,7 +131,7 @@ Subscription fee revenue (IFRS 15 / ASC 606)
     each UTC day with something due and when a period ends (``fee_revenue_due``).
 
 Disputes (chargebacks, since session 13)
-    ``open_dispute`` records a dispute of one of the account's payments (``DisputeOpened``, no postings: the
+    ``open_dispute`` records a dispute of one of the account's payments (``DisputeRaised``, no postings: the
     customer keeps the credit until the bank decides). Funds the gateway withdraws for it move from
     ``GATEWAY_CLEARING`` to ``DISPUTED_FUNDS`` (``withdraw_dispute_funds``, once, while it is open) and back
     (``reinstate_dispute_funds``). ``close_dispute`` (``DisputeClosed``) returns what is still withdrawn to clearing;
@@ -1728,7 +1728,7 @@ class BillingAccount(ChainedAggregate):
 
     def open_dispute(self, *, key: str, gateway: str, dispute: str, order_id: str, payment: str | None,
                      invoice: str | None, unit: str, amount: int, at: datetime) -> bool:
-        """Records that the customer's bank disputes a payment (``DisputeOpened``, no postings: nothing moved yet).
+        """Records that the customer's bank disputes a payment (``DisputeRaised``, no postings: nothing moved yet).
         Every later movement of the dispute finds it; one that comes first (the gateway's webhooks crossed) opens it
         itself. False when it is known already. At most ``DISPUTES_KEPT_MAX`` (``TooManyDisputes``)."""
         for name, value in (("key", key), ("gateway", gateway), ("dispute", dispute), ("order_id", order_id)):
@@ -1744,7 +1744,7 @@ class BillingAccount(ChainedAggregate):
                              invoice=invoice, unit=unit, amount=amount, at=at)
         return True
 
-    @event("DisputeOpened")
+    @event("DisputeRaised")
     def _dispute_opened(self, key: str, gateway: str, dispute: str, order_id: str, payment: str | None,
                         invoice: str | None, unit: str, amount: int, at: datetime) -> None:
         self._disputes[key] = {"key": key, "gateway": gateway, "dispute": dispute, "order_id": order_id,
