@@ -11,7 +11,15 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 
 from billing_events.money import MoneyError, parse_decimal
 from billing_events.timeutil import Timestamp, parse_timestamp
@@ -139,15 +147,23 @@ class UsageRejection(Message):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
+PaymentKind = Literal["payment_succeeded", "refund_succeeded", "payment_failed", "dispute_opened",
+                      "dispute_funds_withdrawn", "dispute_funds_reinstated", "dispute_closed"]
+DISPUTE_KINDS = frozenset({"dispute_opened", "dispute_funds_withdrawn", "dispute_funds_reinstated", "dispute_closed"})
+DisputeOutcome = Literal["won", "lost", "closed"]
+
+
 class PaymentNotification(Message):
-    """A payment or refund verified with the gateway (``billing.payments``)."""
+    """A payment, refund or dispute (chargeback) movement verified with the gateway (``billing.payments``)."""
 
     schema_: Literal["payment/v1"] = Field(default="payment/v1", alias="schema")
     gateway: str
     gateway_event_id: str
-    kind: Literal["payment_succeeded", "refund_succeeded", "payment_failed"] = Field(
+    kind: PaymentKind = Field(
         description="payment_failed: a charge that was pending (e.g. a bank debit still processing) has failed; "
-                    "only published for charges that name an invoice (dunning follows it up).")
+                    "only published for charges that name an invoice (dunning follows it up). dispute_*: the "
+                    "customer's bank disputes a payment (a chargeback): opened, funds withdrawn from the merchant's "
+                    "gateway balance, funds reinstated, closed with an outcome (dispute_outcome).")
     tenant: str = Field(pattern=TENANT_PATTERN)
     order_id: str
     amount: DecimalStr
@@ -173,8 +189,34 @@ class PaymentNotification(Message):
                     "invoice's money back only for the payment that paid it: the refund of another payment of the "
                     "invoice (a second payment it rejected) is rejected for reconciliation.",
         examples=["pi_3PqXyZ"])
+    dispute: str | None = Field(
+        default=None, max_length=255,
+        description="On a dispute_* notification: the gateway's id of the dispute (Stripe dp_, Razorpay disp_, PayPal "
+                    "PP-D-), the same for every movement of one dispute; gateway_reference names the movement "
+                    "(e.g. the dispute id and its outcome for dispute_closed).", examples=["dp_1PqXyZ"])
+    disputed_payment: str | None = Field(
+        default=None, max_length=255,
+        description="On a dispute_* notification: the gateway's id of the payment disputed (Stripe payment intent, "
+                    "else charge; Razorpay payment; PayPal capture), as in that payment's gateway_reference.",
+        examples=["pi_3PqXyZ"])
+    dispute_outcome: DisputeOutcome | None = Field(
+        default=None,
+        description="On dispute_closed: won (the merchant keeps the money), lost (the bank gave it back to the "
+                    "customer: a chargeback) or closed (ended without a chargeback, e.g. an inquiry closed or the "
+                    "customer withdrew it).", examples=["lost"])
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _dispute_fields(self) -> PaymentNotification:
+        if self.kind in DISPUTE_KINDS:
+            if not self.dispute:
+                raise ValueError(f"a {self.kind} notification names its dispute")
+            if (self.kind == "dispute_closed") != (self.dispute_outcome is not None):
+                raise ValueError("dispute_outcome is given on dispute_closed, and only there")
+        elif self.dispute is not None or self.disputed_payment is not None or self.dispute_outcome is not None:
+            raise ValueError(f"a {self.kind} notification carries no dispute fields")
+        return self
 
 
 class LedgerCommand(Message):

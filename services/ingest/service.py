@@ -390,7 +390,7 @@ class IngestService:
         async with self.db.transaction() as conn:
             for record in records:
                 event = LedgerEvent.model_validate_json(record.value)
-                if event.type.startswith("BillingAccount.") and event.type.endswith(("Opened", "Created")):
+                if event.type in ACCOUNT_OPENED_TYPES:
                     await conn.execute("INSERT INTO known_tenants (tenant) VALUES ($1) ON CONFLICT DO NOTHING",
                                        event.data["tenant"])
                     changed = True
@@ -409,10 +409,15 @@ class IngestService:
             await self._reload_knowledge()
 
 
+# The events that open a billing account, by exact name: a suffix match also took other account events whose names
+# end the same way (a dispute's, which has no tenant field) and failed the consumer on them.
+ACCOUNT_OPENED_TYPES = frozenset({"BillingAccount.Opened", "BillingAccount.Created"})
+_ACCOUNT_OPENED_HEADERS = frozenset(name.encode() for name in ACCOUNT_OPENED_TYPES)
+
+
 def _may_concern_ingest(event_type: bytes | None) -> bool:
     """Tenants opened and catalogues published; a record without a ``type`` header is decoded to see."""
-    return (event_type is None or event_type == b"Catalog.Published"
-            or (event_type.startswith(b"BillingAccount.") and event_type.endswith((b"Opened", b"Created"))))
+    return event_type is None or event_type == b"Catalog.Published" or event_type in _ACCOUNT_OPENED_HEADERS
 
 
 def _text(value: str | None) -> str | None:

@@ -22,6 +22,8 @@ lines show the period's whole usage, so the invoice adds:
   unused time already given and spent) is owed, unbilled under the refund's time (``owed_refund_key``), so the
   next renewal invoice bills it on a line of its own. Its revenue and tax were booked when it was first billed
   and stay so: the line is ``tax_included`` and not taxed again (``document_tax_lines``), and it is no usage spend.
+  An invoice's payment a lost dispute took back (a chargeback, ``owed_chargeback_key``) is billed the same way on a
+  line of its own ("Charged back by the card issuer ...").
 
 * **Minimum commitment**: when the ended period committed a minimum spend on usage (the plan's
   ``minimum_spend``, recorded on the draft at renewal), the shortfall below it of the period's usage spend:
@@ -55,7 +57,13 @@ from billing_events.money import (
     round_minor,
     to_subunits,
 )
-from billing_ledger.domain.account import BillingAccount, is_owed_refund_key, period_began
+from billing_ledger.domain.account import (
+    BillingAccount,
+    is_owed_chargeback_key,
+    is_owed_money_key,
+    is_owed_refund_key,
+    period_began,
+)
 from billing_ledger.domain.invoice import Invoice, line
 from billing_ledger.domain.roster import roster_id
 from billing_runtime.logging import get_logger
@@ -84,8 +92,9 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     itemised = _itemised_periods(usage_lines)
     taken_money = taken.get(money, {})
     owed_refunds = sum(amount for key, amount in taken_money.items() if is_owed_refund_key(key))
+    owed_chargebacks = sum(amount for key, amount in taken_money.items() if is_owed_chargeback_key(key))
     own, earlier = _own_and_earlier({key: amount for key, amount in taken_money.items()
-                                     if not is_owed_refund_key(key)}, period_start, itemised)
+                                     if not is_owed_money_key(key)}, period_start, itemised)
     scale = currency(money)
     # The period's usage at its rated value is what credit covered plus its own overage (real-time drawdown
     # debited exactly the lines' amounts): the credit drawn is the exact difference, rounded once, never more than
@@ -105,6 +114,9 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     if owed_refunds > 0:
         lines.append(line("overage", "Refunded beyond what an earlier invoice had left to give back, owed (tax "
                           "included)", from_subunits(owed_refunds), money, tax_included=True))
+    if owed_chargebacks > 0:
+        lines.append(line("overage", "Charged back by the card issuer (a lost dispute of an earlier invoice's "
+                          "payment), owed (tax included)", from_subunits(owed_chargebacks), money, tax_included=True))
     lines += _minimum_already_billed(account, invoice, taken.get(money, {}), period_start, itemised, at)
     _post_rounding(account, invoice, [*usage_lines, *lines], at)
     for unit, price in prices.items():

@@ -47,6 +47,9 @@ and refused as a duplicate the second time, like every other command.
   treats it like a declined attempt (email, ``invoice.payment_failed``, past_due after the last one) and
   retries on its schedule. A failure of any other charge of the invoice (a decline dunning saw when it
   charged) or of a closed invoice changes nothing.
+* ``dispute_*`` (a card dispute: opened, funds withdrawn or reinstated, closed) is ``dispute_commands``'; a lost
+  dispute's chargeback is booked by ``_refund`` here, as a refund the gateway paid out, its events' cause naming the
+  dispute (``dispute_cause``).
 """
 
 from __future__ import annotations
@@ -85,8 +88,15 @@ PAYMENT_ACCOUNT_WAIT_SECONDS = 600
 PAYMENT_SUCCEEDED = "payment.succeeded"
 PAYMENT_REFUNDED = "payment.refunded"
 PAYMENT_FAILED = "payment.failed"
+# A dispute's movements (``dispute_commands``).
+DISPUTE_OPENED = "dispute.opened"
+DISPUTE_FUNDS_WITHDRAWN = "dispute.funds_withdrawn"
+DISPUTE_FUNDS_REINSTATED = "dispute.funds_reinstated"
+DISPUTE_CLOSED = "dispute.closed"
 KINDS = {"payment_succeeded": PAYMENT_SUCCEEDED, "refund_succeeded": PAYMENT_REFUNDED,
-         "payment_failed": PAYMENT_FAILED}
+         "payment_failed": PAYMENT_FAILED, "dispute_opened": DISPUTE_OPENED,
+         "dispute_funds_withdrawn": DISPUTE_FUNDS_WITHDRAWN, "dispute_funds_reinstated": DISPUTE_FUNDS_REINSTATED,
+         "dispute_closed": DISPUTE_CLOSED}
 
 
 def payment_grant_id(tenant: str, gateway: str, gateway_event_id: str) -> UUID:
@@ -104,7 +114,11 @@ def payment_command(notification: PaymentNotification) -> LedgerCommand:
                  "order_id": notification.order_id, "amount": str(notification.amount),
                  "currency": notification.currency, "verified_at": notification.verified_at.isoformat(),
                  "gateway_reference": notification.gateway_reference, "invoice_id": notification.invoice_id,
-                 "refunded_payment": notification.refunded_payment},
+                 "refunded_payment": notification.refunded_payment,
+                 # A dispute names its dispute and outcome; the payment it disputes is the one a lost dispute gives
+                 # back, read by the refund it is booked as (``_refund``, a parked refund) as ``refunded_payment``.
+                 **({"dispute": notification.dispute, "dispute_outcome": notification.dispute_outcome,
+                     "refunded_payment": notification.disputed_payment} if notification.dispute else {})},
     )
 
 
@@ -207,7 +221,7 @@ def _refund(app: LedgerApplication, batch: _Batch, account: BillingAccount, comm
         return refund_request_commands.gateway_refunded(
             app, batch, known, amount=parse_decimal(payload.text(command, "amount")),
             reference=str(command.payload.get("gateway_reference") or event_id),
-            at=payload.timestamp(command, "verified_at"), by=command.issued_by)
+            at=payload.timestamp(command, "verified_at"), by=command.issued_by, cause=dispute_cause(command))
     order = payload.text(command, "order_id")
     left = payload.subunits(command, "amount")
     caused = account.grants_caused_by(gateway=gateway, order_id=order)
@@ -235,10 +249,18 @@ def _refund(app: LedgerApplication, batch: _Batch, account: BillingAccount, comm
                              at=payload.timestamp(command, "verified_at"), finance_override=True,
                              reclaim_reversed=True,
                              cause={"gateway": gateway, "gateway_event_id": event_id, "order_id": order,
-                                    "command_id": str(command.command_id), "forced_by": "gateway"})
+                                    "command_id": str(command.command_id), "forced_by": "gateway",
+                                    **dispute_cause(command)})
         refunds.append(str(refund))
         left -= part
     return {"refunds": refunds}
+
+
+def dispute_cause(command: LedgerCommand) -> dict[str, Any]:
+    """What a refund's events add to their ``cause`` when a lost dispute (a chargeback) pays the money back: the
+    dispute, so the read models tell a chargeback from a refund (``dispute_commands``)."""
+    dispute = command.payload.get("dispute")
+    return {"dispute": dispute} if isinstance(dispute, str) and dispute else {}
 
 
 def parked_refund_key(gateway: str, reference: str) -> str:

@@ -163,7 +163,7 @@ def complete_request(app: LedgerApplication, batch: _Batch, command: LedgerComma
 
 
 def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amount: Decimal, reference: str,
-                     at: datetime, by: str) -> dict[str, Any]:
+                     at: datetime, by: str, cause: dict[str, Any] | None = None) -> dict[str, Any]:
     """A refund the gateway reports for a checkout order: what is left of it, once (other amounts need a person).
 
     What is left is the order's total less what earlier refunds of its purchase grant paid back (a partial
@@ -174,7 +174,8 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
     credit it pays for is a person's decision) and one that is also exactly what an earlier partial refund paid
     back (the gateway's record of that payout, finance's refund in the gateway's dashboard, cannot be told from
     the rest's refund: reversing the rest for it would pay back twice). Rejections are recorded for
-    reconciliation and change nothing.
+    reconciliation and change nothing. ``cause``: added to the reversal's events' cause (a chargeback names its
+    dispute, ``payment_commands.dispute_cause``).
     """
     if order.status == REFUNDED:
         return {"order_id": str(order.id), "already_refunded": True}
@@ -202,12 +203,12 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
                                                   "earlier partial refund paid back (its payout at the gateway?): "
                                                   "reconcile by hand")
     return reverse_order(app, batch, order, reference=reference, at=at, by=by, finance_override=True,
-                         refunded_amount=str(amount), reclaim_reversed=True)
+                         refunded_amount=str(amount), reclaim_reversed=True, cause=cause)
 
 
 def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, reference: str, at: datetime, by: str,
                   finance_override: bool, refunded_amount: str | None = None,
-                  reclaim_reversed: bool = False) -> dict[str, Any]:
+                  reclaim_reversed: bool = False, cause: dict[str, Any] | None = None) -> dict[str, Any]:
     """The order's reversal: the rest of its credit, its promotional grants, a credit note mirroring its invoice
     (all of it: what partial refunds paid back before had no document), the order refunded (``refunded_amount``:
     what this refund paid back, by default the order's total). ``reclaim_reversed`` (the gateway's refund: the
@@ -221,7 +222,7 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     # The rest of the credit with the rest of the tax booked on the grant (a currency package: the tax a partial
     # ``grant.refund`` gave back before is not given back again). A package in a credit unit has its money and
     # tax booked in the currency apart (``book_purchase_money``): ``refund_grant`` reverses that in proportion.
-    cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference}
+    cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference, **(cause or {})}
     account.refund_grant(grant_id=purchase, amount=int(state["amount"]) - int(state["refunded"]),
                          refund_id=uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund"), at=at,
                          finance_override=finance_override, cause=cause, reclaim_reversed=reclaim_reversed)

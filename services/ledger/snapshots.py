@@ -94,9 +94,10 @@ log = get_logger(__name__)
 # or an invoice billing it is paid (_owed_usage). 20: what each manual adjustment left, the answer a retry of it gets
 # (_adjustments). 21: gateway refunds that came before the payment they give back wait for it (_parked_refunds). 22: what each grant
 # refund took from where and paid back, the answer a retry of it gets (_refunds).
+# 23: disputes (chargebacks) of the account's payments and the funds the gateway withdrew for them (_disputes).
 # ResourcePool 2: finished requests are forgotten after a while
 # (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 22, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 23, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

@@ -148,6 +148,12 @@ class Figures(BaseModel):
                                              "no money paid back, so not in refunds")
     credit_note_tax: Amount = Field(description="The tax in credit_notes")
     adjustments: Amount
+    chargebacks: Amount = Field(description="Money lost disputes took back through the gateway (the credit and tax "
+                                            "of a chargeback, an invoice's payment owed again), tax included; not "
+                                            "in refunds")
+    chargeback_tax: Amount = Field(description="The tax in chargebacks")
+    disputed: Amount = Field(description="Funds gateways withdrew for open disputes, less what they reinstated or a "
+                                         "close returned (summed over all time: the money still held)")
 
 
 class MRR(BaseModel):

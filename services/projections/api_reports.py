@@ -90,7 +90,9 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
     @router.get("/v1/reports/figures", summary="Dashboard figures of all tenants per day or month",
                 response_model=api_models.FiguresList, responses=CSV,
                 description="Funds taken in, top-ups, tax collected, credit consumed, refunds (money paid "
-                            "back), credit notes (account credit given), breakage.")
+                            "back), credit notes (account credit given), breakage, chargebacks (money lost card "
+                            "disputes took back; not the tenant cost-allocation report /v1/reports/chargeback) and "
+                            "funds held for open disputes.")
     async def get_figures(principal: Finance, request: Request,
                           granularity: Annotated[str, Query(description="day | month")] = "month",
                           year: Year = None, month: Month = None,

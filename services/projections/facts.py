@@ -242,6 +242,13 @@ def decimal_or_none(value: Any) -> Decimal | None:
     return result if result.is_finite() else None
 
 
+def chargeback_of(data: dict[str, Any]) -> str | None:
+    """The dispute a refund's event is the chargeback of (its ``cause.dispute``, since session 13), else None."""
+    cause = data.get("cause")
+    dispute = cause.get("dispute") if isinstance(cause, dict) else None
+    return dispute if isinstance(dispute, str) and dispute else None
+
+
 def first_text(*values: Any) -> str:
     for value in values:
         if type(value) is str and value:

@@ -35,6 +35,14 @@
   ``usage_reversal`` credit a negative adjustment removed that a gateway refund takes back
   (``GrantRefunded.reclaimed.from_adjustment``, not owed again).
 
+* ``chargebacks`` (since session 13): money a lost dispute took back through the gateway, tax included, and
+  ``chargeback_tax`` its tax: the chargeback's refund events (``GrantRefunded`` / ``PurchaseMoneyRefunded`` whose
+  cause names the dispute; not counted in ``refunds``: the customer's bank took it, nobody paid it back) and an
+  invoice's payment taken back (``DisputeClosed.owed``, owed again: also in ``receivables``; its tax stays booked).
+  ``disputed``: the funds gateways withdrew for open disputes (``DisputeFundsWithdrawn``), less what they reinstated
+  or what a close returned to clearing (``DisputeFundsReinstated``, ``DisputeClosed.returned``): summed over all days,
+  the money still held for disputes.
+
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
 tenant (one Kafka partition) and concurrent projection instances never contend for it.
 """
@@ -43,13 +51,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from billing_projections.facts import Fact, day_of
+from billing_projections.facts import Fact, chargeback_of, day_of
 from billing_projections.writer import INT_SUM, BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
 FIGURES = ("top_ups", "tax_collected", "funds_in", "settlements", "promotional", "plan_grants", "consumed",
            "receivables", "breakage", "refunds", "tax_refunded", "credit_notes", "credit_note_tax",
-           "adjustments")
+           "adjustments", "chargebacks", "chargeback_tax", "disputed")
 FIGURES_DAILY = Table("figures_daily", {"tenant": "TEXT", "day": "TEXT", "unit": "TEXT"}, {
     **{name: INT_SUM for name in FIGURES}, "last_position": value("BIGINT"),
 }, indexes=("day, tenant",))
@@ -83,14 +91,25 @@ def _figures(fact: Fact) -> dict[str, int]:
         # takes that credit back, and what of it was spent is owed (``reclaimed.receivable``); what a negative
         # adjustment had removed of it comes back from manual_adjustment (``reclaimed.from_adjustment``, session 12).
         reclaimed = d.get("reclaimed") if isinstance(d.get("reclaimed"), dict) else {}
-        return {"refunds": int(d["amount"]) + tax, "tax_refunded": tax,
+        paid_back = ({"chargebacks": int(d["amount"]) + tax, "chargeback_tax": tax} if chargeback_of(d)
+                     else {"refunds": int(d["amount"]) + tax, "tax_refunded": tax})
+        return {**paid_back,
                 "adjustments": int(d.get("from_adjustment") or 0) + int(reclaimed.get("from_adjustment") or 0),
                 "receivables": int(reclaimed.get("receivable") or 0)}
     if name == "PurchaseMoneyBooked":
         return {"tax_collected": int(d.get("tax_amount") or 0), "funds_in": int(d["amount"])}
     if name == "PurchaseMoneyRefunded":
         tax = int(d.get("tax_amount") or 0)
+        if chargeback_of(d):
+            return {"chargebacks": int(d["amount"]), "chargeback_tax": tax}
         return {"refunds": int(d["amount"]), "tax_refunded": tax}
+    if name == "DisputeFundsWithdrawn":
+        return {"disputed": int(d["amount"])}
+    if name == "DisputeFundsReinstated":
+        return {"disputed": -int(d["amount"])}
+    if name == "DisputeClosed":  # what the gateway still held goes back to clearing; an invoice's payment is owed
+        owed = int(d["owed"].get("receivable") or 0) if isinstance(d.get("owed"), dict) else 0
+        return {"disputed": -int(d.get("returned") or 0), "chargebacks": owed, "receivables": owed}
     if name == "PurchaseMoneyRecognised":
         return {"consumed": int(d.get("recognised") or 0), "breakage": int(d.get("breakage") or 0)}
     if name == "BalanceAdjusted":
@@ -126,7 +145,8 @@ _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "Gr
                             "GrantRefunded", "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
                             "PurchaseMoneyRefunded", "PurchaseMoneyRecognised", "InvoiceBilled",
                             "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded", "PeriodMinimumsCharged",
-                            "InvoicedOverageRounded", "InvoicedOverageRoundingReversed"})
+                            "InvoicedOverageRounded", "InvoicedOverageRoundingReversed", "DisputeFundsWithdrawn",
+                            "DisputeFundsReinstated", "DisputeClosed"})
 
 
 def handler_for(event_type: str) -> Handler | None:

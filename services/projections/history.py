@@ -28,6 +28,15 @@ A gateway refund of a grant whose usage a give-back had returned as ``usage_reve
 is one ``refund`` row of the whole amount paid back; it takes that credit back (``GrantRefunded.reclaimed``), so
 its ``wallet_delta`` is only the credit taken, and its detail says so (``usage_reversal credit taken back N``, and
 ``owed N`` for what of it was spent: receivables).
+
+A dispute (a chargeback, since session 13) shows as ``dispute`` rows: its opening (``DisputeRaised``, amount 0,
+detail ``opened``), the funds the gateway withdrew and reinstated (``funds withdrawn N`` / ``funds reinstated N``,
+amount and ``wallet_delta`` 0: the customer's credit does not move) and its close (``won``, ``closed``, ``lost``;
+a lost dispute of an invoice's payment has the amount owed again, negative, and ``owed N``), each with the dispute
+id as ``reference``; a lost dispute's chargeback is booked as a refund and its rows (``GrantRefunded``, and a
+credit-unit package's money, ``PurchaseMoneyRefunded``) are ``dispute`` rows too, their detail starting with
+``chargeback <dispute id>``. So the money rows of a currency sum to what was paid for packages net of refunds and
+chargebacks.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from billing_projections.facts import Fact, first_text, json_text, posting_sums, text_list
+from billing_projections.facts import Fact, chargeback_of, first_text, json_text, posting_sums, text_list
 from billing_projections.writer import BatchWriter, Handler, Table, value
 from billing_runtime.db import Database
 
@@ -52,7 +61,7 @@ TABLES = (TRANSACTIONS,)
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
          "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
          "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided", "invoice_refunded", "invoice_rounding",
-         "invoice_rounding_reversed")
+         "invoice_rounding_reversed", "dispute")
 
 # How the dashboard names each type (the API and CSV keep the keys above).
 TYPE_LABELS = {
@@ -63,6 +72,7 @@ TYPE_LABELS = {
     "payment": "Payment", "payment_refund": "Payment refunded", "invoice_billed": "Invoice billed",
     "invoice_paid": "Invoice paid", "invoice_voided": "Invoice voided", "invoice_refunded": "Invoice refunded",
     "invoice_rounding": "Invoice rounding", "invoice_rounding_reversed": "Invoice rounding reversed",
+    "dispute": "Dispute (chargeback)",
 }
 
 
@@ -104,8 +114,11 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
                  # ... and what of it a negative adjustment had removed, back from manual_adjustment (session 12).
                  *([f"removed by adjustment {int(reclaimed['from_adjustment'])}"]
                    if reclaimed.get("from_adjustment") else [])]
-        return {"type": "refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
-                "reference": d.get("refund_id"), "detail": "; ".join(notes) or None}
+        dispute = chargeback_of(d)
+        if dispute:  # a lost dispute's chargeback, booked as a refund the gateway paid out (since session 13)
+            notes.insert(0, f"chargeback {dispute}")
+        return {"type": "dispute" if dispute else "refund", "amount": -int(d["amount"]),
+                "grant_id": d.get("grant_id"), "reference": d.get("refund_id"), "detail": "; ".join(notes) or None}
     if name == "BalanceAdjusted":
         return {"type": "adjustment", "amount": int(d["amount"]), "reference": d.get("adjustment_id"),
                 "user_id": d.get("user"), "detail": d.get("reason")}
@@ -137,9 +150,31 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": "payment", "amount": int(d["amount"]), "grant_id": d.get("grant_id"),
                 "detail": _tax_detail(d)}
     if name == "PurchaseMoneyRefunded":
-        return {"type": "payment_refund", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
-                "reference": d.get("refund_id"), "detail": _tax_detail(d)}
+        dispute = chargeback_of(d)
+        return {"type": "dispute" if dispute else "payment_refund", "amount": -int(d["amount"]),
+                "grant_id": d.get("grant_id"), "reference": d.get("refund_id"),
+                "detail": f"chargeback {dispute}; {_tax_detail(d)}" if dispute else _tax_detail(d)}
+    if name in _DISPUTE_EVENTS:
+        return _dispute_movement(name, d)
     return None
+
+
+def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any]:
+    """A dispute's own events: the customer's credit never moves with them (the chargeback's refund rows do)."""
+    dispute, amount = d.get("dispute") or str(d.get("key") or "").partition("/")[2], 0
+    if name == "DisputeRaised":
+        notes = ["opened"]
+    elif name == "DisputeFundsWithdrawn":
+        notes = [f"funds withdrawn {int(d['amount'])}"]
+    elif name == "DisputeFundsReinstated":
+        notes = [f"funds reinstated {int(d['amount'])}"]
+    else:
+        owed = d.get("owed") if isinstance(d.get("owed"), dict) else {}
+        amount = -int(owed.get("receivable") or 0)  # an invoice's payment taken back: owed again
+        notes = [str(d.get("outcome")), *([f"funds reinstated {int(d['returned'])}"]
+                                          if d.get("returned") and d.get("outcome") != "lost" else []),
+                 *([f"owed {-amount}"] if amount else [])]
+    return {"type": "dispute", "amount": amount, "reference": dispute, "detail": "; ".join(notes)}
 
 
 def is_free_usage(data: dict[str, Any]) -> bool:
@@ -166,7 +201,8 @@ _INVOICE_TYPES = {"InvoiceBilled": "invoice_billed", "InvoicePaid": "invoice_pai
                   "InvoiceBillVoided": "invoice_voided", "InvoicePaymentRefunded": "invoice_refunded"}
 _ROUNDING_TYPES = {"InvoicedOverageRounded": "invoice_rounding",
                    "InvoicedOverageRoundingReversed": "invoice_rounding_reversed"}
-_MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
+_DISPUTE_EVENTS = frozenset({"DisputeRaised", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed"})
+_MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 

@@ -39,7 +39,9 @@ from billing_runtime.db import Connection, Database
 # 14: figures' adjustments count what a finance-override refund takes back from manual_adjustment
 #     (``GrantRefunded.from_adjustment``), as the ledger posts it.
 # 15: subscription_changes (every change of a subscription's status or price, when it took effect: churn and NRR).
-SCHEMA_VERSION = "15"
+# 16: disputes (chargebacks): history rows of type dispute (a chargeback's refund rows too, no longer refund), figures'
+#     chargebacks / chargeback_tax (no longer in refunds) and disputed.
+SCHEMA_VERSION = "16"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

@@ -132,7 +132,7 @@ def transaction_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
 
 _NET_AND_TAX = re.compile(r"^net (-?\d+), tax (-?\d+)$")
 # After a note and ``; ``: a give-back's absorbed part, a gateway refund's usage_reversal credit taken back and owed.
-_AMOUNT_NOTE = re.compile(r"^(absorbed|usage_reversal credit taken back|owed) (-?\d+)$")
+_AMOUNT_NOTE = re.compile(r"^(absorbed|usage_reversal credit taken back|owed|funds withdrawn|funds reinstated) (-?\d+)$")
 
 
 def _detail_text(detail: str | None, units: Units, code: str) -> str | None:
@@ -147,7 +147,7 @@ def _detail_text(detail: str | None, units: Units, code: str) -> str | None:
         if found is not None:
             parts[index] = f"net {units.fmt(int(found[1]), code)}, tax {units.fmt(int(found[2]), code)}"
             continue
-        noted = _AMOUNT_NOTE.match(part) if index else None
+        noted = _AMOUNT_NOTE.match(part) if index or part.startswith("funds ") else None
         if noted is not None:
             parts[index] = f"{noted[1]} {units.fmt(int(noted[2]), code)}"
     return "; ".join(parts)

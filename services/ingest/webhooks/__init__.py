@@ -7,8 +7,9 @@ A webhook goes through three steps, the first and last in the adapter, the middl
    ``VerifiedEvent`` (with a replay key derived from *signed* content) or a ``Refused``.
 2. the core refuses a replay key it has already processed (409) before anything else happens;
 3. ``confirm(event)``: re-fetches the object from the gateway's API and returns a ``ConfirmedPayment`` only
-   when the gateway itself says it is paid / succeeded; ``Ignored`` for events that move no money we act on;
-   ``NotConfirmed`` otherwise. A webhook body is never trusted for amounts or status: the API answer is.
+   when the gateway itself says it is paid / succeeded (or, for a dispute, that it is in the state the event says:
+   ``dispute_movement``); ``Ignored`` for events that move no money we act on; ``NotConfirmed`` otherwise. A
+   webhook body is never trusted for amounts or status: the API answer is.
 
 Attribution convention (documented in services/ingest/WEBHOOKS.md): the checkout object carries the tenant and the
 order id in its metadata -- Stripe ``metadata.tenant`` / ``metadata.order_id`` (session, payment intent or
@@ -25,12 +26,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from billing_events.messages import TENANT_PATTERN, PaymentNotification
+from billing_events.messages import TENANT_PATTERN, DisputeOutcome, PaymentKind, PaymentNotification
 from billing_events.money import MoneyError, currency
 
-PaymentKind = Literal["payment_succeeded", "refund_succeeded", "payment_failed"]
 ORDER_ID_LENGTH_MAX = 255
 _TENANT = re.compile(TENANT_PATTERN)
 
@@ -72,12 +72,32 @@ class ConfirmedPayment:
     reference: str  # the gateway's id of the money movement (see PaymentNotification.gateway_reference)
     invoice_id: str | None = None  # the invoice the payment settles (see PaymentNotification.invoice_id)
     refunded_payment: str | None = None  # a refund's payment (see PaymentNotification.refunded_payment)
+    # A dispute_* movement: the dispute, the payment it disputes and, when closed, its outcome (see
+    # PaymentNotification.dispute / disputed_payment / dispute_outcome).
+    dispute: str | None = None
+    disputed_payment: str | None = None
+    dispute_outcome: DisputeOutcome | None = None
 
     def notification(self, event: VerifiedEvent, now: datetime) -> PaymentNotification:
         return PaymentNotification(gateway=event.gateway, gateway_event_id=event.event_id, kind=self.kind,
                                    tenant=self.tenant, order_id=self.order_id, amount=self.amount,
                                    currency=self.currency, verified_at=now, gateway_reference=self.reference,
-                                   invoice_id=self.invoice_id, refunded_payment=self.refunded_payment)
+                                   invoice_id=self.invoice_id, refunded_payment=self.refunded_payment,
+                                   dispute=self.dispute, disputed_payment=self.disputed_payment,
+                                   dispute_outcome=self.dispute_outcome)
+
+
+def dispute_movement(kind: PaymentKind, who: tuple[str, str], amount: Decimal, code: str, dispute: str,
+                     payment: str | None, *, outcome: DisputeOutcome | None = None, movement: str | None = None,
+                     invoice_id: str | None = None) -> ConfirmedPayment:
+    """A dispute's movement as the core publishes it: one per (gateway, kind, reference). The reference is the
+    dispute for its opening, ``movement`` (the gateway's id of a withdrawal or reinstatement) or the dispute with a
+    suffix for its money movements, and ``<dispute>/<outcome>`` for its close, so a won dispute that is lost later
+    (an appeal, a pre-arbitration) is a new movement while a second event of one outcome is ``already_notified``."""
+    reference = {"dispute_opened": dispute, "dispute_closed": f"{dispute}/{outcome}"}.get(
+        kind, movement or f"{dispute}/{kind.removeprefix('dispute_')}")
+    return ConfirmedPayment(kind, who[0], who[1], amount, code, reference, invoice_id, dispute=dispute,
+                            disputed_payment=payment, dispute_outcome=outcome)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,14 @@ which moves no money until someone captures it, so ingest captures it here (``PO
 twice; an order captured already is re-fetched). A ``COMPLETED`` capture is published like
 ``PAYMENT.CAPTURE.COMPLETED`` (same reference: the capture id, so that event, when it follows, publishes
 nothing more); a capture still ``PENDING`` is left to the ``PAYMENT.CAPTURE.COMPLETED`` that follows it.
+
+Disputes: ``CUSTOMER.DISPUTE.CREATED`` (opened) and ``CUSTOMER.DISPUTE.RESOLVED`` (status ``RESOLVED``; its
+``dispute_outcome.outcome_code`` gives the outcome: ``RESOLVED_BUYER_FAVOUR`` / ``ACCEPTED`` lost,
+``RESOLVED_SELLER_FAVOUR`` / ``DENIED`` / ``RESOLVED_WITH_PAYOUT`` won, ``CANCELED_BY_BUYER`` / ``NONE`` closed). The
+dispute is re-fetched (``GET /v1/customer/disputes/{dispute_id}``) and so is the capture it disputes (the first
+``disputed_transactions[].seller_transaction_id``), whose ``custom_id`` / ``invoice_id`` attribute it. Amount: the
+``dispute_amount``; a lost dispute's ``dispute_outcome.amount_refunded`` when PayPal gives it. PayPal announces no
+separate withdrawal: the books follow the outcome. ``CUSTOMER.DISPUTE.UPDATED`` is ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-from billing_events.messages import loads_exact
+from billing_events.messages import PaymentKind, loads_exact
 from billing_events.money import MoneyError, currency, parse_decimal
 from billing_ingest.webhooks import (
     Confirmation,
@@ -39,6 +47,7 @@ from billing_ingest.webhooks import (
     Refused,
     VerifiedEvent,
     attribution,
+    dispute_movement,
     header,
 )
 from billing_runtime.settings import Settings
@@ -53,6 +62,9 @@ TRANSMISSION_HEADERS = {
 }
 TOKEN_REFRESH_MARGIN_SECONDS = 60
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+DISPUTE_OUTCOMES = {"RESOLVED_BUYER_FAVOUR": "lost", "ACCEPTED": "lost", "RESOLVED_SELLER_FAVOUR": "won",
+                    "DENIED": "won", "RESOLVED_WITH_PAYOUT": "won", "CANCELED_BY_BUYER": "closed", "NONE": "closed"}
+DISPUTE_EVENTS = {"CUSTOMER.DISPUTE.CREATED": "dispute_opened", "CUSTOMER.DISPUTE.RESOLVED": "dispute_closed"}
 
 
 class PayPalGateway:
@@ -98,6 +110,8 @@ class PayPalGateway:
     async def confirm(self, event: VerifiedEvent) -> Confirmation:
         if event.event_type == "CHECKOUT.ORDER.APPROVED":
             return await self._capture_approved(event)
+        if event.event_type in DISPUTE_EVENTS:
+            return await self._confirm_dispute(DISPUTE_EVENTS[event.event_type], event)  # type: ignore[arg-type]
         kinds = {"PAYMENT.CAPTURE.COMPLETED": ("captures", "payment_succeeded"),
                  "PAYMENT.CAPTURE.REFUNDED": ("refunds", "refund_succeeded")}
         if event.event_type not in kinds:
@@ -146,6 +160,51 @@ class PayPalGateway:
         attributed = {**{k: unit.get(k) for k in ("custom_id", "invoice_id")},
                       **{k: v for k, v in capture.items() if k in ("custom_id", "invoice_id") and v}}
         return _confirmed("payment_succeeded", "captures", capture["id"], {**capture, **attributed})
+
+    async def _confirm_dispute(self, kind: PaymentKind, event: VerifiedEvent) -> Confirmation:
+        dispute_id = event.payload["resource"].get("dispute_id")
+        if not isinstance(dispute_id, str) or not _RESOURCE_ID.match(dispute_id):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, "The event carries no valid resource.dispute_id.")
+        response = await self._call("GET", f"/v1/customer/disputes/{dispute_id}")
+        if response.status_code in (400, 404):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal does not know dispute {dispute_id}.")
+        if response.status_code != 200:
+            raise GatewayUnavailable(f"PayPal API answered HTTP {response.status_code} for dispute {dispute_id}")
+        dispute = _json(response)
+        outcome = None
+        if kind == "dispute_closed":
+            found = dispute.get("dispute_outcome")
+            code = found.get("outcome_code") if isinstance(found, dict) else None
+            outcome = DISPUTE_OUTCOMES.get(str(code))
+            if dispute.get("status") != "RESOLVED" or outcome is None:
+                return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                    f"PayPal says dispute {dispute_id} is {dispute.get('status')} ({code}), not "
+                                    "resolved.")
+        transactions = dispute.get("disputed_transactions")
+        first = transactions[0] if isinstance(transactions, list) and transactions else None
+        capture_id = first.get("seller_transaction_id") if isinstance(first, dict) else None
+        if not isinstance(capture_id, str) or not _RESOURCE_ID.match(capture_id):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Dispute {dispute_id} names no capture.")
+        captured = await self._call("GET", f"/v2/payments/captures/{capture_id}")
+        if captured.status_code in (400, 404):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal does not know capture {capture_id}.")
+        if captured.status_code != 200:
+            raise GatewayUnavailable(f"PayPal API answered HTTP {captured.status_code} for {capture_id}")
+        who = attribution(_json(captured), tenant_key="custom_id", order_key="invoice_id")
+        if who is None:
+            return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
+                                f"Dispute {dispute_id}: capture {capture_id} has no custom_id (tenant) / invoice_id "
+                                "(order id).")
+        refunded = dispute["dispute_outcome"].get("amount_refunded") if outcome == "lost" else None
+        money = refunded if isinstance(refunded, dict) and refunded.get("value") else dispute.get("dispute_amount")
+        try:
+            money = money if isinstance(money, dict) else {}
+            unit = currency(str(money.get("currency_code")))
+            amount = parse_decimal(money.get("value"), field="amount")
+        except MoneyError as exc:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal's dispute amount is not usable: {exc}")
+        return dispute_movement(kind, who, amount, unit.code, dispute_id, capture_id,
+                                outcome=outcome)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         await self._http.aclose()

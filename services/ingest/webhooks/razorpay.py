@@ -10,6 +10,12 @@ Events acted on: ``payment.captured`` (payment status ``captured``, or ``refunde
 refunded since) and ``refund.processed`` (refund status ``processed``). ``order.paid`` announces the same
 money as ``payment.captured`` and is ignored. Tenant and order id: ``notes.tenant`` / ``notes.order_id`` of
 the payment (a refund's own notes first).
+
+Disputes (``GET /v1/disputes/{id}``, then its payment for the tenant and order id): ``payment.dispute.created``
+(any status: opened), ``payment.dispute.won`` / ``lost`` / ``closed`` (the dispute's status must say so; closed:
+ended without a chargeback, e.g. the transaction details sufficed). Razorpay deducts the money only when a
+dispute is lost (``amount_deducted``, the amount of a lost dispute's notification; the disputed ``amount``
+otherwise), so there is no withdrawal to announce before. ``under_review`` / ``action_required`` are ignored.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-from billing_events.messages import loads_exact
+from billing_events.messages import PaymentKind, loads_exact
 from billing_events.money import MoneyError
 from billing_ingest.webhooks import (
     Confirmation,
@@ -35,6 +41,7 @@ from billing_ingest.webhooks import (
     Refused,
     VerifiedEvent,
     attribution,
+    dispute_movement,
     header,
     minor_units_to_amount,
 )
@@ -44,6 +51,10 @@ NAME = "razorpay"
 CLOCK_SKEW_SECONDS_MAX = 300  # how far in the future a signed created_at may be
 _ENTITY_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 CAPTURED_PAYMENT_STATUSES = frozenset({"captured", "refunded"})
+# A dispute event -> (the kind published, the dispute status Razorpay's API must show; None: any).
+DISPUTE_EVENTS: dict[str, tuple[PaymentKind, str | None]] = {
+    "payment.dispute.created": ("dispute_opened", None), "payment.dispute.won": ("dispute_closed", "won"),
+    "payment.dispute.lost": ("dispute_closed", "lost"), "payment.dispute.closed": ("dispute_closed", "closed")}
 
 
 class RazorpayGateway:
@@ -80,6 +91,9 @@ class RazorpayGateway:
                 return await self._confirm_payment(_entity_id(event.payload, "payment"))
             if event.event_type == "refund.processed":
                 return await self._confirm_refund(_entity_id(event.payload, "refund"))
+            if event.event_type in DISPUTE_EVENTS:
+                return await self._confirm_dispute(*DISPUTE_EVENTS[event.event_type],
+                                                   _entity_id(event.payload, "dispute"))
         except _NotFound as exc:
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, str(exc))
         except MoneyError as exc:
@@ -94,17 +108,40 @@ class RazorpayGateway:
         if payment.get("status") not in CAPTURED_PAYMENT_STATUSES:
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
                                 f"Razorpay says payment {payment_id} is {payment.get('status')}, not captured.")
+        who = await self._payment_attribution(payment)
+        if who is None:
+            return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
+                                f"Payment {payment_id}: no notes.tenant / notes.order_id on it or its order.")
+        amount, code = minor_units_to_amount(payment.get("amount"), payment.get("currency"))
+        return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, payment_id)
+
+    async def _payment_attribution(self, payment: Mapping[str, Any]) -> tuple[str, str] | None:
         who = attribution(payment.get("notes"))
         order_id = payment.get("order_id")
         if who is None and isinstance(order_id, str) and _ENTITY_ID.match(order_id):
             # A Checkout payment of a Razorpay order carries the notes given to Checkout, not the order's: the
             # tenant and our order id are on the order (gateways/razorpay.py writes them there).
             who = attribution((await self._get(f"/v1/orders/{order_id}")).get("notes"))
+        return who
+
+    async def _confirm_dispute(self, kind: PaymentKind, status: str | None, dispute_id: str) -> Confirmation:
+        dispute = await self._get(f"/v1/disputes/{dispute_id}")
+        if status is not None and dispute.get("status") != status:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                f"Razorpay says dispute {dispute_id} is {dispute.get('status')}, not {status}.")
+        payment_id = dispute.get("payment_id")
+        if not isinstance(payment_id, str) or not _ENTITY_ID.match(payment_id):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Dispute {dispute_id} names no payment.")
+        who = await self._payment_attribution(await self._get(f"/v1/payments/{payment_id}"))
         if who is None:
             return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
-                                f"Payment {payment_id}: no notes.tenant / notes.order_id on it or its order.")
-        amount, code = minor_units_to_amount(payment.get("amount"), payment.get("currency"))
-        return ConfirmedPayment("payment_succeeded", who[0], who[1], amount, code, payment_id)
+                                f"Dispute {dispute_id}: no notes.tenant / notes.order_id on payment {payment_id} or "
+                                "its order.")
+        deducted = dispute.get("amount_deducted")
+        lost = status == "lost" and isinstance(deducted, int) and not isinstance(deducted, bool) and deducted > 0
+        amount, code = minor_units_to_amount(deducted if lost else dispute.get("amount"), dispute.get("currency"))
+        return dispute_movement(kind, who, amount, code, dispute_id, payment_id,
+                                outcome=status if kind == "dispute_closed" else None)  # type: ignore[arg-type]
 
     async def _confirm_refund(self, refund_id: str) -> Confirmation:
         refund = await self._get(f"/v1/refunds/{refund_id}")

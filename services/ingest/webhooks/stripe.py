@@ -14,6 +14,12 @@ Events acted on (anything else is answered 200 ``ignored``):
 * ``refund.created`` / ``refund.updated``: status ``succeeded``; tenant and order id from the refund's
   metadata, else its payment intent's, else the checkout session that created the payment intent; the
   invoice a refunded dunning charge settled from ``metadata.invoice_id`` (the refund's, else the intent's).
+* ``charge.dispute.created`` / ``funds_withdrawn`` / ``funds_reinstated`` / ``closed``: the dispute re-fetched
+  (``GET /v1/disputes/{id}``, its payment intent expanded); amount and currency: the dispute's. Tenant and order id
+  as for a refund (the intent's metadata, else its checkout session). ``funds_withdrawn`` needs a withdrawal among
+  the dispute's ``balance_transactions`` (amount < 0), ``funds_reinstated`` a reinstatement (amount > 0): each is
+  published with that balance transaction as its reference. ``closed`` needs a final status: ``won``, ``lost``, or
+  ``warning_closed`` / ``prevented`` (an inquiry closed, no chargeback: outcome ``closed``).
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import stripe
-from billing_events.messages import loads_exact
+from billing_events.messages import PaymentKind, loads_exact
 from billing_events.money import MoneyError
 from billing_ingest.webhooks import (
     Confirmation,
@@ -37,6 +44,7 @@ from billing_ingest.webhooks import (
     Refused,
     VerifiedEvent,
     attribution,
+    dispute_movement,
     header,
     invoice_reference,
     minor_units_to_amount,
@@ -50,6 +58,10 @@ STRIPE_SCALE_OVERRIDES = {"ISK": 2, "UGX": 2}
 STRIPE_NETWORK_RETRIES_MAX = 2
 # A payment intent whose attempt failed: it waits for another payment method, or was given up.
 FAILED_INTENT_STATUSES = frozenset({"requires_payment_method", "canceled"})
+# A closed dispute's final status -> its outcome (an inquiry, warning_*, never withdraws funds).
+DISPUTE_OUTCOMES = {"won": "won", "lost": "lost", "warning_closed": "closed", "prevented": "closed"}
+DISPUTE_EVENTS = {"charge.dispute.created": "dispute_opened", "charge.dispute.funds_withdrawn": "dispute_funds_withdrawn",
+                  "charge.dispute.funds_reinstated": "dispute_funds_reinstated", "charge.dispute.closed": "dispute_closed"}
 
 
 def _signed_timestamp(signature_header: str) -> int:
@@ -76,6 +88,7 @@ class StripeGateway:
             "payment_intent.payment_failed": self._confirm_failed_intent,
             "refund.created": self._confirm_refund,
             "refund.updated": self._confirm_refund,
+            **{name: partial(self._confirm_dispute, kind) for name, kind in DISPUTE_EVENTS.items()},
         }
 
     async def verify(self, raw_body: bytes, headers: Mapping[str, str], now: datetime) -> VerifiedEvent | Refused:
@@ -193,6 +206,40 @@ class StripeGateway:
         # The payment given back, as its own notification named it (dunning's charges and checkout: the intent).
         refunded = _id_of(intent) or _id_of(refund.get("charge"))
         return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id, invoice, refunded)
+
+    async def _confirm_dispute(self, kind: PaymentKind, dispute_id: str) -> Confirmation:
+        """A dispute movement (see the module doc): the dispute as Stripe's API has it, never the webhook's body."""
+        dispute = (await self._client.v1.disputes.retrieve_async(
+            dispute_id, params={"expand": ["payment_intent"]})).to_dict()
+        intent = dispute.get("payment_intent")
+        metadata = intent.get("metadata") if isinstance(intent, dict) else None
+        who = attribution(metadata)
+        if who is None and _id_of(intent):
+            who = await self._session_attribution(_id_of(intent) or "")
+        if who is None:
+            return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
+                                f"Dispute {dispute_id}: no tenant / order id on its payment intent or its checkout "
+                                "session.")
+        amount, code = minor_units_to_amount(dispute.get("amount"), dispute.get("currency"), STRIPE_SCALE_OVERRIDES)
+        status, movement, outcome = dispute.get("status"), None, None
+        if kind in ("dispute_funds_withdrawn", "dispute_funds_reinstated"):
+            withdrawn = kind == "dispute_funds_withdrawn"
+            movement = next((t["id"] for t in dispute.get("balance_transactions") or ()
+                             if isinstance(t, dict) and isinstance(t.get("id"), str)
+                             and isinstance(t.get("amount"), int) and (t["amount"] < 0) == withdrawn
+                             and t["amount"] != 0), None)
+            if movement is None:
+                return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                    f"Stripe shows no {'withdrawal' if withdrawn else 'reinstatement'} of dispute "
+                                    f"{dispute_id}'s funds.")
+        if kind == "dispute_closed":
+            outcome = DISPUTE_OUTCOMES.get(str(status))
+            if outcome is None:
+                return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
+                                    f"Stripe says dispute {dispute_id} is {status}, not closed.")
+        payment = _id_of(intent) or _id_of(dispute.get("charge"))
+        return dispute_movement(kind, who, amount, code, dispute_id, payment, outcome=outcome,  # type: ignore[arg-type]
+                                movement=movement, invoice_id=invoice_reference(metadata))
 
     async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
         sessions = await self._client.v1.checkout.sessions.list_async(

@@ -130,6 +130,15 @@ Subscription fee revenue (IFRS 15 / ASC 606)
     none: revenue when billed, reversed from ``RECOGNISED_REVENUE``. The sweeper runs it at the first sweep of
     each UTC day with something due and when a period ends (``fee_revenue_due``).
 
+Disputes (chargebacks, since session 13)
+    ``open_dispute`` records a dispute of one of the account's payments (``DisputeRaised``, no postings: the
+    customer keeps the credit until the bank decides). Funds the gateway withdraws for it move from
+    ``GATEWAY_CLEARING`` to ``DISPUTED_FUNDS`` (``withdraw_dispute_funds``, once, while it is open) and back
+    (``reinstate_dispute_funds``). ``close_dispute`` (``DisputeClosed``) returns what is still withdrawn to clearing;
+    won or closed, that is all; lost, the caller books the chargeback as a gateway refund (``refund_grant``) that
+    takes the money out of clearing once, or, for an invoice's payment, ``owed`` makes it receivable again (unbilled
+    under ``OWED_CHARGEBACK_KEY_PREFIX``). A lost dispute never changes its outcome (``DisputeOutcomeChanged``).
+
 Idempotency
     Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
     (``DuplicateGrant``). A repeated hold id returns the first yes/no answer without a new event while the
@@ -203,6 +212,14 @@ MONEY_RECOGNITION_INTERVAL = timedelta(hours=1)
 # refused (``TooManyParkedRefunds``, its rejection recorded for reconciliation). Each is settled when its payment
 # is booked; only a payment that never comes keeps one here.
 PARKED_REFUNDS_MAX = 1_000
+# The overage key of an invoice payment a lost dispute took back (a chargeback): owed again, revenue and tax booked
+# when it was billed, so a renewal invoice bills it without tax as the refund prefix above (``overage_lines``).
+OWED_CHARGEBACK_KEY_PREFIX = "chargeback:"
+# Disputes (chargebacks) an account keeps (``open_dispute``), open and closed: a further one is refused
+# (``TooManyDisputes``, recorded for reconciliation). Closed ones are kept so that a late event of one (a withdrawal
+# after its loss, a reinstatement after its win) finds it and moves nothing twice.
+DISPUTES_KEPT_MAX = 10_000
+DISPUTE_OUTCOMES = ("won", "lost", "closed")
 
 OVERAGE_POLICIES = ("overage", "block")
 REJECTED_INSUFFICIENT_CREDIT = "insufficient_credit"
@@ -320,6 +337,11 @@ class BillingAccount(ChainedAggregate):
         # and "invoice" (its id) for the refund of an invoice's payment (since session 13; no other entry has it).
         # The payment's command applies them and settles each (``settle_parked_refund``), so it is forgotten.
         self._parked_refunds: dict[str, dict[str, Any]] = {}
+        # Disputes of the account's payments (``open_dispute``, since session 13): "<gateway>/<dispute id>" ->
+        # {"key", "gateway", "dispute", "order_id", "payment", "invoice", "unit", "amount", "status" (open, won, lost,
+        # closed), "withdrawn" (sub-units the gateway withdrew and holds: in DISPUTED_FUNDS), "opened_at",
+        # "closed_at"}.
+        self._disputes: dict[str, dict[str, Any]] = {}
         if low_balance_threshold is not None:
             self._low_balance[currency] = {
                 "threshold": low_balance_threshold,
@@ -1735,6 +1757,134 @@ class BillingAccount(ChainedAggregate):
     def _parked_refund_settled(self, key: str, payment: str, outcome: str, reason: str | None, detail: str | None,
                                at: datetime) -> None:
         self._parked_refunds.pop(key, None)
+
+    # == disputes (chargebacks) ==============================================================================
+
+    def dispute(self, key: str) -> dict[str, Any] | None:
+        """The dispute ``key`` ("<gateway>/<dispute id>") as the account keeps it (a copy), or ``None``."""
+        found = self._disputes.get(key)
+        return copy.deepcopy(found) if found is not None else None
+
+    def disputes(self) -> list[dict[str, Any]]:
+        """Every dispute the account keeps, oldest first (copies)."""
+        return [copy.deepcopy(d) for d in self._disputes.values()]
+
+    def open_dispute(self, *, key: str, gateway: str, dispute: str, order_id: str, payment: str | None,
+                     invoice: str | None, unit: str, amount: int, at: datetime) -> bool:
+        """Records that the customer's bank disputes a payment (``DisputeRaised``, no postings: nothing moved yet).
+        Every later movement of the dispute finds it; one that comes first (the gateway's webhooks crossed) opens it
+        itself. False when it is known already. At most ``DISPUTES_KEPT_MAX`` (``TooManyDisputes``)."""
+        for name, value in (("key", key), ("gateway", gateway), ("dispute", dispute), ("order_id", order_id)):
+            _require_text(name, value)
+        self._require_unit(unit)
+        _require_amount("amount", amount)
+        _require_time("at", at)
+        if key in self._disputes:
+            return False
+        if len(self._disputes) >= DISPUTES_KEPT_MAX:
+            raise TooManyDisputes(f"the account keeps {len(self._disputes)} disputes already")
+        self._dispute_opened(key=key, gateway=gateway, dispute=dispute, order_id=order_id, payment=payment,
+                             invoice=invoice, unit=unit, amount=amount, at=at)
+        return True
+
+    @event("DisputeRaised")
+    def _dispute_opened(self, key: str, gateway: str, dispute: str, order_id: str, payment: str | None,
+                        invoice: str | None, unit: str, amount: int, at: datetime) -> None:
+        self._disputes[key] = {"key": key, "gateway": gateway, "dispute": dispute, "order_id": order_id,
+                               "payment": payment, "invoice": invoice, "unit": unit, "amount": amount,
+                               "status": "open", "withdrawn": 0, "opened_at": at, "closed_at": None}
+
+    def withdraw_dispute_funds(self, *, key: str, amount: int, at: datetime) -> bool:
+        """The gateway took ``amount`` of the disputed money out of our balance while the dispute is decided: it
+        leaves clearing for DISPUTED_FUNDS (Dr DISPUTED_FUNDS / Cr GATEWAY_CLEARING, ``DisputeFundsWithdrawn``). Once
+        per dispute and only while it is open: a withdrawal announced after its close moves nothing (lost: the
+        chargeback already paid that money out of clearing; won: the money is back). False when nothing moved."""
+        d = self._known_dispute(key)
+        _require_amount("amount", amount)
+        _require_time("at", at)
+        if d["status"] != "open" or d["withdrawn"]:
+            return False
+        postings = [posting(LedgerAccount.DISPUTED_FUNDS, d["unit"], amount),
+                    posting(LedgerAccount.GATEWAY_CLEARING, d["unit"], -amount)]
+        assert_balanced(postings)
+        self._dispute_funds_withdrawn(key=key, unit=d["unit"], amount=amount, postings=postings, at=at)
+        return True
+
+    @event("DisputeFundsWithdrawn")
+    def _dispute_funds_withdrawn(self, key: str, unit: str, amount: int, postings: list[Posting],
+                                 at: datetime) -> None:
+        self._disputes[key]["withdrawn"] = amount
+
+    def reinstate_dispute_funds(self, *, key: str, at: datetime) -> bool:
+        """The gateway gave the withdrawn money back (a won dispute): DISPUTED_FUNDS back to clearing
+        (``DisputeFundsReinstated``). False when nothing is withdrawn (never, or already reinstated or closed)."""
+        d = self._known_dispute(key)
+        _require_time("at", at)
+        withdrawn = d["withdrawn"]
+        if not withdrawn:
+            return False
+        postings = [posting(LedgerAccount.GATEWAY_CLEARING, d["unit"], withdrawn),
+                    posting(LedgerAccount.DISPUTED_FUNDS, d["unit"], -withdrawn)]
+        assert_balanced(postings)
+        self._dispute_funds_reinstated(key=key, unit=d["unit"], amount=withdrawn, postings=postings, at=at)
+        return True
+
+    @event("DisputeFundsReinstated")
+    def _dispute_funds_reinstated(self, key: str, unit: str, amount: int, postings: list[Posting],
+                                  at: datetime) -> None:
+        self._disputes[key]["withdrawn"] = 0
+
+    def close_dispute(self, *, key: str, outcome: str, amount: int, at: datetime, owed: int = 0) -> bool:
+        """The dispute ended (``DisputeClosed``) ``won``, ``closed`` (no chargeback) or ``lost`` (a chargeback of
+        ``amount``). What the gateway still holds of it goes back to clearing (Dr GATEWAY_CLEARING / Cr
+        DISPUTED_FUNDS): won or closed, the money is ours again; lost, the chargeback that the caller books next, as
+        a refund the gateway paid out, takes it out of clearing once. ``owed`` (lost, of an invoice's payment): that
+        money is owed again (Dr RECEIVABLES / Cr GATEWAY_CLEARING), unbilled overage under the chargeback's time
+        (``OWED_CHARGEBACK_KEY_PREFIX``), billed by the next renewal invoice or repaid by credit bought.
+
+        The same outcome again records nothing (False). A won or closed dispute may still be lost (an appeal, a
+        pre-arbitration: the bank took the money after all); a lost one never changes its outcome
+        (``DisputeOutcomeChanged``: the chargeback was booked, a person reconciles the money that came back)."""
+        d = self._known_dispute(key)
+        if outcome not in DISPUTE_OUTCOMES:
+            raise InvalidArgument(f"outcome {outcome!r} is none of {', '.join(DISPUTE_OUTCOMES)}")
+        _require_amount("amount", amount)
+        _require_amount("owed", owed, allow_zero=True)
+        _require_time("at", at)
+        if owed and outcome != "lost":
+            raise InvalidArgument("only a lost dispute leaves money owed")
+        if d["status"] == outcome:
+            return False
+        if d["status"] == "lost" or (d["status"] != "open" and outcome != "lost"):
+            raise DisputeOutcomeChanged(f"dispute {d['dispute']} was {d['status']}; the gateway now says {outcome}")
+        unit, withdrawn = d["unit"], d["withdrawn"]
+        postings: list[Posting] = []
+        if withdrawn:
+            postings += [posting(LedgerAccount.GATEWAY_CLEARING, unit, withdrawn),
+                         posting(LedgerAccount.DISPUTED_FUNDS, unit, -withdrawn)]
+        if owed:
+            postings += [posting(LedgerAccount.RECEIVABLES, unit, owed),
+                         posting(LedgerAccount.GATEWAY_CLEARING, unit, -owed)]
+        if postings:
+            assert_balanced(postings)
+        self._dispute_closed(key=key, outcome=outcome, unit=unit, amount=amount, returned=withdrawn,
+                             postings=postings, at=at,
+                             **({"owed": {"receivable": owed, "period": owed_chargeback_key(at)}} if owed else {}))
+        return True
+
+    @event("DisputeClosed")
+    def _dispute_closed(self, key: str, outcome: str, unit: str, amount: int, returned: int,
+                        postings: list[Posting], at: datetime, owed: dict[str, Any] | None = None) -> None:
+        d = self._disputes[key]
+        d.update(status=outcome, withdrawn=0, closed_at=at, amount=amount)
+        if owed:
+            self._owe_reclaimed(unit, owed, ())
+
+    def _known_dispute(self, key: str) -> dict[str, Any]:
+        found = self._disputes.get(key)
+        if found is None:
+            raise UnknownDispute(f"no dispute {key!r} is open on the account")
+        return found
 
     def adjust(
         self, *, adjustment_id: UUID, unit: str, amount: int, reason: str, user: str, at: datetime
@@ -3216,16 +3366,31 @@ def owed_refund_key(at: datetime) -> str:
     return f"{OWED_REFUND_KEY_PREFIX}{at.isoformat()}"
 
 
+def owed_chargeback_key(at: datetime) -> str:
+    """The overage key of an invoice payment a dispute lost at ``at`` took back (``OWED_CHARGEBACK_KEY_PREFIX``)."""
+    return f"{OWED_CHARGEBACK_KEY_PREFIX}{at.isoformat()}"
+
+
 def is_owed_refund_key(key: str) -> bool:
     return key.startswith(OWED_REFUND_KEY_PREFIX)
 
 
+def is_owed_chargeback_key(key: str) -> bool:
+    return key.startswith(OWED_CHARGEBACK_KEY_PREFIX)
+
+
+def is_owed_money_key(key: str) -> bool:
+    """Owed money whose revenue and tax were booked when first billed (a refund's excess, a chargeback), not usage."""
+    return is_owed_refund_key(key) or is_owed_chargeback_key(key)
+
+
 def period_began(key: str) -> datetime:
     """When the period named by an overage key began: ``YYYY-MM`` (a calendar month) or an ISO 8601 time (for a
-    refund's owed excess, ``owed_refund_key``: the refund's time). A key that is neither (none is accepted since
-    ``debit_usage`` checks them) counts as the oldest period, so no event of an account can fail to apply over it."""
-    if is_owed_refund_key(key):
-        key = key[len(OWED_REFUND_KEY_PREFIX):]
+    refund's owed excess, ``owed_refund_key``, or a chargeback's, ``owed_chargeback_key``: its time). A key that is
+    neither (none is accepted since ``debit_usage`` checks them) counts as the oldest period, so no event of an account
+    can fail to apply over it."""
+    for prefix in (OWED_REFUND_KEY_PREFIX, OWED_CHARGEBACK_KEY_PREFIX):
+        key = key.removeprefix(prefix)
     try:
         return _period_start(key)
     except (TypeError, ValueError):
@@ -3540,4 +3705,16 @@ class TooManyParkedRefunds(LedgerError):
 
 
 class UnknownParkedRefund(LedgerError):
+    pass
+
+
+class TooManyDisputes(LedgerError):
+    pass
+
+
+class UnknownDispute(LedgerError):
+    pass
+
+
+class DisputeOutcomeChanged(LedgerError):
     pass

@@ -42,6 +42,10 @@ Chart of accounts (the platform's books, one tenant at a time)
     unpaid subscription invoices. Reduced by give-backs (overage only) and by settlements (the invoice paid).
 ``GATEWAY_CLEARING`` (asset)
     Cash in transit at the payment gateway: purchases are paid in here, refunds paid out from here.
+``DISPUTED_FUNDS`` (asset)
+    Money the gateway withdrew from our balance for an open dispute (a chargeback under way): no longer in
+    clearing, not yet lost. Reinstated (a won dispute) it goes back to clearing; when the dispute is lost it goes
+    back to clearing too and the chargeback pays it out from there like a refund, so clearing moves once.
 ``TAX_PAYABLE`` (liability)
     Tax collected on purchases (computed by the caller, in the grant's unit), reversed by refunds.
 
@@ -91,6 +95,12 @@ package money recognised   Dr DEFERRED_REVENUE / Cr RECOGNISED_REVENUE (credit c
                            amounts reverse it after give-backs); never on the usage path
 package money refunded     Dr DEFERRED_REVENUE (Dr RECOGNISED_REVENUE / Dr BREAKAGE as far as already
                            recognised for the credit refunded) / Dr TAX_PAYABLE / Cr GATEWAY_CLEARING
+dispute funds withdrawn    Dr DISPUTED_FUNDS / Cr GATEWAY_CLEARING (``DisputeFundsWithdrawn``); reinstated, or
+                           the dispute closed won or without a chargeback: the reverse
+dispute lost               Dr GATEWAY_CLEARING / Cr DISPUTED_FUNDS what was withdrawn (``DisputeClosed``), then
+                           the chargeback as a refund of a purchase (above, with the override: spent credit
+                           from RECOGNISED_REVENUE); of an invoice's payment: Dr RECEIVABLES / Cr
+                           GATEWAY_CLEARING, owed again
 =========================  ====================================================================
 
 Postings are plain dicts (JSON-transcodable by eventsourcing), never custom classes, because they are
@@ -114,6 +124,7 @@ class LedgerAccount(StrEnum):
     GATEWAY_CLEARING = "gateway_clearing"
     TAX_PAYABLE = "tax_payable"
     MANUAL_ADJUSTMENT = "manual_adjustment"
+    DISPUTED_FUNDS = "disputed_funds"
 
 
 class GrantSource(StrEnum):

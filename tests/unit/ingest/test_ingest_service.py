@@ -250,3 +250,34 @@ async def test_ledger_events_are_skipped_by_their_type_header_and_new_tenants_le
     assert "globex" in service.knowledge.tenants
     await service.db.close()
     await bus.stop()
+
+
+async def test_only_an_accounts_opening_teaches_a_tenant_whatever_the_other_account_events_are_named(
+        tmp_path: Path) -> None:
+    """Ingest matched account events by suffix (``...Opened``, ``...Created``), so a dispute's event (recorded as
+    ``BillingAccount.DisputeOpened`` at first; it names no tenant) failed its ledger-events consumer for good: the
+    partition stopped and tenants opened after it were never learned. Every other account event, with or without a
+    type header, is passed over now."""
+    from billing_ledger.domain.account import BillingAccount
+
+    service, bus = await make(tmp_path)
+    names = sorted(name for name, value in vars(BillingAccount).items() if isinstance(value, type)
+                   and issubclass(value, BillingAccount.Event) and name not in ("Event", "Created", "Opened"))
+    assert "DisputeRaised" in names
+    others = [LedgerEvent(position=10 + i, aggregate_id="00000000-0000-0000-0000-000000000004", aggregate_version=2 + i,
+                          type=f"BillingAccount.{name}", recorded_at=datetime.now(UTC), data={"key": "stripe/dp_1"})
+              for i, name in enumerate([*names, "DisputeOpened"])]
+    opened = LedgerEvent(position=9, aggregate_id="00000000-0000-0000-0000-000000000003", aggregate_version=1,
+                         type="BillingAccount.Opened", recorded_at=datetime.now(UTC),
+                         data={"tenant": "globex", "currency": "USD"})
+    records = [Record(topics.LEDGER_EVENTS, 0, 3 + i, None, e.to_json(), headers)
+               for i, (e, headers) in enumerate([
+                   *[(e, (("type", e.type.encode()),)) for e in others],
+                   *[(e, ()) for e in others],  # no type header: decoded to see
+                   (opened, ())])]
+    try:
+        await service.handle_ledger_events(records)
+        assert "globex" in service.knowledge.tenants
+    finally:
+        await service.db.close()
+        await bus.stop()

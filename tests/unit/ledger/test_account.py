@@ -1394,6 +1394,20 @@ def _every_event_type() -> BillingAccount:
     account.settle_parked_refund(key="stripe/re_1", payment="pi_9", outcome="applied", reason=None, detail=None,
                                  at=at(days=19))
     assert [p["key"] for p in account.parked_refunds(gateway="stripe", order_id="o-9")] == ["stripe/re_2"]
+    # Disputes: one withdrawn, reinstated and won; one of an invoice's payment withdrawn and lost (owed again); one
+    # still open with its funds withdrawn (kept in snapshots).
+    for dispute in ("dp_1", "dp_2", "dp_3"):
+        assert account.open_dispute(key=f"stripe/{dispute}", gateway="stripe", dispute=dispute, order_id="o-9",
+                                    payment="pi_9", invoice="inv-7" if dispute == "dp_2" else None, unit=USD,
+                                    amount=2 * U, at=at(days=20))
+        assert account.withdraw_dispute_funds(key=f"stripe/{dispute}", amount=2 * U, at=at(days=20))
+    assert account.reinstate_dispute_funds(key="stripe/dp_1", at=at(days=21))
+    assert account.close_dispute(key="stripe/dp_1", outcome="won", amount=2 * U, at=at(days=21))
+    receivable = account.receivable(USD)
+    assert account.close_dispute(key="stripe/dp_2", outcome="lost", amount=2 * U, at=at(days=21), owed=2 * U)
+    assert account.receivable(USD) == receivable + 2 * U
+    assert [(d["dispute"], d["status"], d["withdrawn"]) for d in account.disputes()] == [
+        ("dp_1", "won", 0), ("dp_2", "lost", 0), ("dp_3", "open", 2 * U)]
     assert promo
     return account
 
