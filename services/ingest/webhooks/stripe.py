@@ -14,6 +14,10 @@ Events acted on (anything else is answered 200 ``ignored``):
 * ``refund.created`` / ``refund.updated``: status ``succeeded``; tenant and order id from the refund's
   metadata, else its payment intent's, else the checkout session that created the payment intent; the
   invoice a refunded dunning charge settled from ``metadata.invoice_id`` (the refund's, else the intent's).
+* ``payment_method.updated`` / ``payment_method.automatically_updated`` (the account updater renewed a saved card):
+  the PaymentMethod re-fetched (its customer expanded); a card whose ``metadata.tenant`` (else its customer's)
+  names a tenant becomes a ``payment_method.card_update`` ledger command with the card's brand, last4, exp_month
+  and exp_year. Any other method (not a card, no tenant) is ignored.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from datetime import datetime
 from typing import Any
 
 import stripe
+from billing_events.cards import CardDetailsError, card_details
 from billing_events.messages import loads_exact
 from billing_events.money import MoneyError
 from billing_ingest.webhooks import (
     Confirmation,
+    ConfirmedCardUpdate,
     ConfirmedPayment,
     GatewayUnavailable,
     Ignored,
@@ -40,6 +46,7 @@ from billing_ingest.webhooks import (
     header,
     invoice_reference,
     minor_units_to_amount,
+    tenant_reference,
 )
 from billing_runtime.settings import Settings
 
@@ -76,6 +83,8 @@ class StripeGateway:
             "payment_intent.payment_failed": self._confirm_failed_intent,
             "refund.created": self._confirm_refund,
             "refund.updated": self._confirm_refund,
+            "payment_method.updated": self._confirm_card,
+            "payment_method.automatically_updated": self._confirm_card,
         }
 
     async def verify(self, raw_body: bytes, headers: Mapping[str, str], now: datetime) -> VerifiedEvent | Refused:
@@ -193,6 +202,26 @@ class StripeGateway:
         # The payment given back, as its own notification named it (dunning's charges and checkout: the intent).
         refunded = _id_of(intent) or _id_of(refund.get("charge"))
         return ConfirmedPayment("refund_succeeded", who[0], who[1], amount, code, refund_id, invoice, refunded)
+
+    async def _confirm_card(self, method_id: str) -> Confirmation:
+        method = (await self._client.v1.payment_methods.retrieve_async(
+            method_id, params={"expand": ["customer"]})).to_dict()
+        card = method.get("card")
+        if method.get("type") != "card" or not isinstance(card, dict):
+            return Ignored(f"Payment method {method_id} is not a card: no expiry to keep.")
+        customer = method.get("customer")
+        tenant = tenant_reference(method.get("metadata")) or (
+            tenant_reference(customer.get("metadata")) if isinstance(customer, dict) else None)
+        if tenant is None:
+            return Ignored(f"Payment method {method_id} names no billing tenant (metadata.tenant on it or on its "
+                           f"customer).")
+        try:
+            details = card_details({"brand": card.get("brand"), "last4": card.get("last4"),
+                                    "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
+        except CardDetailsError as exc:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's card details of {method_id} are not "
+                                                                f"usable: {exc}")
+        return ConfirmedCardUpdate(tenant, method_id, details)
 
     async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
         sessions = await self._client.v1.checkout.sessions.list_async(
