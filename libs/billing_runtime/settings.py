@@ -81,6 +81,9 @@ class Settings:
     identity_threshold: str | None = None  # top-ups above this (account currency) need a verified identity
     dunning_retry_days: tuple[int, ...] = (0, 3, 5)
     alert_webhook_attempts_max: int = 5
+    # Days before the end of a saved card's expiry month at which PaymentMethodExpiring is recorded and sent
+    # (0: only PaymentMethodExpired, after it); at most CARD_EXPIRY_NOTICE_DAYS_MAX (ledger limits.py).
+    card_expiry_notice_days: int = 30
     digest_recipient: str | None = None  # None: the daily income digest is off
     digest_interval_seconds: float = 60.0  # how often the leader checks whether yesterday's digest is due
     payments_interval_seconds: float = 5.0
@@ -145,6 +148,7 @@ class Settings:
             dunning_retry_days=tuple(int(d) for d in os.environ.get("BILLING_DUNNING_RETRY_DAYS", "0,3,5").split(",")
                                      if d.strip()),
             alert_webhook_attempts_max=_env_int("BILLING_ALERT_WEBHOOK_ATTEMPTS_MAX", 5),
+            card_expiry_notice_days=_env_int("BILLING_CARD_EXPIRY_NOTICE_DAYS", 30),
             digest_recipient=os.environ.get("BILLING_DIGEST_RECIPIENT") or None,
             digest_interval_seconds=float(os.environ.get("BILLING_DIGEST_INTERVAL_SECONDS", "60")),
             payments_interval_seconds=float(os.environ.get("BILLING_PAYMENTS_INTERVAL_SECONDS", "5")),

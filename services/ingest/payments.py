@@ -15,6 +15,11 @@ Two tables in ingest's own schema:
   and re-publishes the stored message.
 
 A webhook the gateway does not confirm records nothing, so the gateway's retry re-checks it.
+
+A saved card's update (``ConfirmedCardUpdate``: no money moves) is published as a ``payment_method.card_update``
+ledger command on ``billing.ledger.commands`` (key: the billing account id), its id derived from the gateway's
+event, then the event is marked. A crash in between lets the gateway's retry publish it again: the same command
+id, which the ledger applies once.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from datetime import datetime
 from billing_events import ids, topics
 from billing_events.timeutil import isoformat, utcnow
 from billing_ingest.webhooks import (
+    ConfirmedCardUpdate,
     ConfirmedPayment,
     Gateway,
     GatewayUnavailable,
@@ -121,6 +127,8 @@ class PaymentWebhooks:
             if not await self._record_ignored(verified, confirmation, now):
                 return self._replayed(verified)
             return WebhookResult(200, "ignored", confirmation.detail, verified.event_id)
+        if isinstance(confirmation, ConfirmedCardUpdate):
+            return await self._publish_card_update(verified, confirmation, now)
         return await self._publish(verified, confirmation, now)
 
     async def _seen(self, event: VerifiedEvent) -> bool:
@@ -141,6 +149,24 @@ class PaymentWebhooks:
                 "RETURNING replay_key", event.gateway, event.replay_key, event.event_id, event.event_type,
                 isoformat(now))
         return bool(rows)
+
+    async def _publish_card_update(self, event: VerifiedEvent, update: ConfirmedCardUpdate,
+                                   now: datetime) -> WebhookResult:
+        command = update.command(event, now)
+        await self.bus.publish([OutMessage(topics.LEDGER_COMMANDS, str(ids.account_id(update.tenant)),
+                                           command.to_json(), (("schema", b"ledger.command/v1"),))])
+        async with self.db.transaction() as conn:
+            recorded = await conn.fetch(
+                "INSERT INTO webhook_events (gateway, replay_key, event_id, event_type, outcome, reference, "
+                "received_at) VALUES ($1, $2, $3, $4, 'published', $5, $6) ON CONFLICT DO NOTHING "
+                "RETURNING replay_key", event.gateway, event.replay_key, event.event_id, event.event_type,
+                update.method_id, isoformat(now))
+        if not recorded:  # the same event, delivered twice at once, finished first in another request
+            return self._replayed(event)
+        card = update.card
+        return WebhookResult(200, "published", f"card {update.method_id} of {update.tenant}: {card['brand']} "
+                                               f"{card['last4']}, expires {card['exp_month']:02d}/{card['exp_year']}",
+                             event.event_id)
 
     async def _publish(self, event: VerifiedEvent, payment: ConfirmedPayment, now: datetime) -> WebhookResult:
         key = (event.gateway, payment.kind, payment.reference)

@@ -1,10 +1,14 @@
-"""Low-balance alerts: on ``LowBalanceReached``, an email and a signed webhook to the account's endpoint.
+"""Account alerts: an email and a signed webhook to the account's endpoint on ``LowBalanceReached``, and on a saved
+card's expiry notices (``Roster.PaymentMethodExpiring``, ``Roster.PaymentMethodExpired``, recorded once per card
+expiry by ``card_expiry_notices``).
 
-Configured per account (``PUT /v1/accounts/{t}/alerts``: email, webhook_url, webhook_secret). The webhook body
-is JSON; ``Billing-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` lets the receiver
+Configured per account (``PUT /v1/accounts/{t}/alerts``: email, webhook_url, webhook_secret, enabled). The webhook
+body is JSON; ``Billing-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` lets the receiver
 check it and refuse old timestamps (replays). Delivery is retried with exponential backoff, a bounded number
-of times; the position (``alerts:low-balance``) is recorded after each alert, so a restart does not resend
-what was delivered.
+of times; the position (``alerts:low-balance``, the name it had before the card notices joined: a new name would
+resend every alert) is recorded after each alert, so a restart does not resend what was delivered. A low-balance
+email goes to the configured address only; a card notice, like a failed payment's email (dunning), goes to the
+configured address, else to the tenant's (``<tenant>@BILLING_SMTP_RECIPIENT_DOMAIN``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import httpx
 from billing_events.money import from_subunits
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.card_expiry import expiry_label
 from billing_ledger.domain.payment_profile import payment_profile_id
-from billing_ledger.mail import send_text
+from billing_ledger.domain.roster import Roster
+from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
 from billing_runtime.logging import get_logger
 from billing_runtime.service import pause
@@ -31,6 +37,9 @@ from eventsourcing.utils import get_topic
 log = get_logger(__name__)
 ALERTS_NAME = "alerts:low-balance"
 REACHED_TOPIC = get_topic(BillingAccount.LowBalanceReached)
+EXPIRING_TOPIC = get_topic(Roster.PaymentMethodExpiring)
+EXPIRED_TOPIC = get_topic(Roster.PaymentMethodExpired)
+ALERT_TOPICS = [REACHED_TOPIC, EXPIRING_TOPIC, EXPIRED_TOPIC]
 SIGNATURE_HEADER = "Billing-Signature"
 BACKOFF_BASE_SECONDS = 1.0
 SCAN_BATCH_EVENTS_MAX = 100
@@ -61,23 +70,61 @@ async def post_signed(url: str, secret: str, payload: dict[str, Any], *, attempt
     return False
 
 
+def _card_alert(event: Any, tenant: str, method: dict[str, Any] | None) -> tuple[dict[str, Any], str, str]:
+    """The webhook body, email subject and email text of a card's expiry notice."""
+    card, expired = event.card, type(event).__name__ == "PaymentMethodExpired"
+    name = (method or {}).get("label") or f"{card['brand'].title()} {card['last4']}"
+    alert = {"type": "payment_method_expired" if expired else "payment_method_expiring", "tenant": tenant,
+             "method_id": event.method_id, "label": name, "brand": card["brand"], "last4": card["last4"],
+             "exp_month": card["exp_month"], "exp_year": card["exp_year"],
+             "expires_at": event.expires_at.isoformat(), "at": event.at.isoformat()}
+    default = bool(method and method.get("default"))
+    role = "default payment method" if default else "backup payment method"
+    if expired:
+        subject = f"Card expired: {name} ({expiry_label(card)})"
+        body = (f"The card {name} of {tenant}, your {role}, expired at the end of {expiry_label(card)}. Charges now "
+                "go to your other saved payment methods first; add a new card or update this one.\n")
+    else:
+        subject = f"Card expiring: {name} ({expiry_label(card)})"
+        body = (f"The card {name} of {tenant}, your {role}, expires at the end of {expiry_label(card)}. Add a new "
+                "card or update this one so that your payments go on.\n")
+    return alert, subject, body
+
+
+def _method(roster: Any, method_id: str) -> dict[str, Any] | None:
+    for index, method in enumerate(roster.payment_methods):
+        if method["method_id"] == method_id:
+            return {**method, "default": index == 0}
+    return None
+
+
 async def process_pending(app: LedgerApplication, smtp: SmtpSettings | None, *, attempts_max: int = 5,
                           transport: httpx.AsyncBaseTransport | None = None,
                           backoff_base_seconds: float = BACKOFF_BASE_SECONDS) -> list[dict[str, Any]]:
-    notifications = await asyncio.to_thread(app.unprocessed, ALERTS_NAME, SCAN_BATCH_EVENTS_MAX, [REACHED_TOPIC])
+    notifications = await asyncio.to_thread(app.unprocessed, ALERTS_NAME, SCAN_BATCH_EVENTS_MAX, ALERT_TOPICS)
     sent = []
     for notification in notifications:
         event: Any = app.mapper.to_domain_event(notification)
-        tenant = await asyncio.to_thread(app.read, event.originator_id, lambda a: a.tenant)
+        if notification.topic == REACHED_TOPIC:
+            tenant = await asyncio.to_thread(app.read, event.originator_id, lambda a: a.tenant)
+            alert = {"type": "low_balance", "tenant": tenant, "unit": event.unit, "at": event.at.isoformat(),
+                     "available": str(from_subunits(event.available)),
+                     "threshold": str(from_subunits(event.threshold))}
+            subject = f"Low balance: {alert['available']} {event.unit}"
+            body = f"The balance of {tenant} is {alert['available']} {event.unit}, below {alert['threshold']}.\n"
+            fallback = None  # low-balance emails go to the configured address only
+        else:
+            found = await asyncio.to_thread(app.read, event.originator_id,
+                                            lambda r, m=event.method_id: (r.tenant, _method(r, m)))
+            tenant, method = found if found is not None else (None, None)
+            alert, subject, body = _card_alert(event, tenant or "", method)
+            fallback = tenant_address(smtp, tenant) if tenant else None
         config = await asyncio.to_thread(app.read, payment_profile_id(tenant or ""), lambda p: dict(p.alerts)) or {}
-        alert = {"type": "low_balance", "tenant": tenant, "unit": event.unit, "at": event.at.isoformat(),
-                 "available": str(from_subunits(event.available)), "threshold": str(from_subunits(event.threshold))}
         result = {**alert, "email": False, "webhook": None}
         if config.get("enabled", True) and tenant:
-            if config.get("email"):
-                result["email"] = await asyncio.to_thread(
-                    send_text, smtp, config["email"], f"Low balance: {alert['available']} {event.unit}",
-                    f"The balance of {tenant} is {alert['available']} {event.unit}, below {alert['threshold']}.\n")
+            recipient = config.get("email") or fallback
+            if recipient:
+                result["email"] = await asyncio.to_thread(send_text, smtp, recipient, subject, body)
             if config.get("webhook_url") and config.get("webhook_secret"):
                 result["webhook"] = await post_signed(config["webhook_url"], config["webhook_secret"], alert,
                                                       attempts_max=attempts_max, transport=transport,

@@ -17,6 +17,7 @@ from billing_ledger import checkout_http, subscriptions_http
 from billing_ledger import http as ledger_http
 from billing_ledger.alerts import run_alerts
 from billing_ledger.application import LedgerApplication, persistence_env
+from billing_ledger.card_expiry_notices import run_card_expiry
 from billing_ledger.digest import run_digest
 from billing_ledger.dunning import run_dunning
 from billing_ledger.gateways.registry import enabled_gateways
@@ -78,7 +79,9 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
         name="ledger",
         consumers=[ConsumerSpec(settings.group("billing-ledger"), COMMAND_TOPICS, service.handle_records,
                                 service.start_positions)],
-        routers=[subscriptions_http.build_router(app, bus, settings.invoice_issuer, registry_from(settings.vies_enabled, settings.vies_url)), ledger_http.build_router(app),
+        routers=[subscriptions_http.build_router(app, bus, settings.invoice_issuer,
+                                                 registry_from(settings.vies_enabled, settings.vies_url), gateways),
+                 ledger_http.build_router(app),
                  checkout_http.build_router(app, settings, gateways)],
         tasks=[relay,
                partial(run_sweeper, app, is_leader=leader),
@@ -93,6 +96,8 @@ async def build(settings: Settings, bus: Bus) -> ServiceParts:
                partial(run_alerts, app, smtp, settings.alert_webhook_attempts_max,
                        interval_seconds=settings.payments_interval_seconds, is_leader=leader),
                partial(run_dunning, app, gateways, smtp, settings.dunning_retry_days,
+                       interval_seconds=settings.payments_interval_seconds, is_leader=leader),
+               partial(run_card_expiry, app, settings.card_expiry_notice_days,
                        interval_seconds=settings.payments_interval_seconds, is_leader=leader),
                *([partial(run_digest, app, smtp, settings.digest_recipient,
                           interval_seconds=settings.digest_interval_seconds, is_leader=leader)]

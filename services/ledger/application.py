@@ -735,7 +735,8 @@ HANDLER_MODULES = (
     "account_commands", "adjustment_commands", "allocation_commands", "catalog_commands", "expiry_commands",
     "hold_commands", "payment_commands", "refund_commands", "subscription_commands", "invoice_commands",
     "checkout_commands",
-    "payment_settings_commands", "refund_request_commands", "revenue_commands", "usage_commands", "dispute_commands",
+    "payment_settings_commands", "payment_method_commands", "refund_request_commands", "revenue_commands",
+    "usage_commands", "dispute_commands",
 )
 
 

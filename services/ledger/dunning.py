@@ -4,7 +4,7 @@ A ledger background task (one leader at a time, like the auto-top-up task). It f
 ``Invoice.Paid`` and ``Invoice.Voided`` in the event store's notification log and keeps the subscription
 invoices still open. Attempt ``k`` of an invoice is due ``dunning_retry_days[k]`` days after its issue
 (``BILLING_DUNNING_RETRY_DAYS``, default ``0,3,5``). An attempt charges the default payment method, then each
-backup in order (``charge_in_order``; the gateway's idempotency key is ``dunning/<invoice>/<k>/<method
+backup in order, a card past its expiry month after the others (``charge_in_order``; the gateway's idempotency key is ``dunning/<invoice>/<k>/<method
 index>``, so a repeated attempt never charges twice):
 
 * the first success applies ``invoice.mark_paid`` (a past_due subscription recovers);
@@ -166,7 +166,7 @@ class Dunning:
         else:
             charged = await charge_in_order(self.app, self.gateways, tenant=tenant, total=total, currency_code=code,
                                             key_prefix=f"dunning/{invoice}/{made}", order_ref=str(invoice),
-                                            invoice_ref=str(invoice))
+                                            invoice_ref=str(invoice), now=now)
         if charged.pending is not None:
             result = await asyncio.to_thread(
                 self._apply, "invoice.payment_pending", pending_command_id(invoice, made), tenant, {

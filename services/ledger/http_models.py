@@ -159,14 +159,17 @@ class SubscriptionMoment(Described):
 
 
 class PaymentMethodAdd(Described):
-    """A payment-method token of the gateway (no card data is ever stored)."""
+    """A payment-method token of the gateway (no card data is ever stored). When the gateway is enabled, it is asked
+    for the card's brand, last four digits and expiry, which the method keeps (a token it does not know: 422
+    ``unknown-payment-method``); ``card`` is never taken from the request."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"method_id": "pm_1Q2w3E4r", "gateway": "stripe", "label": "Visa 4242", "default": True}]})
 
     method_id: Text = Field(description="The gateway's token of the method")
     gateway: str = Field(default="stripe", description="stripe, razorpay or paypal")
-    label: str = Field(default="", description="Shown to people, e.g. the card's brand and last digits")
+    label: str = Field(default="", description="Shown to people; empty: the card's brand and last digits "
+                                               "(Visa 4242) when the gateway told them")
     default: bool = Field(default=False, description="Charge it first (renewals, auto-top-up)")
 
 

@@ -6,7 +6,7 @@ runs one query at a time, so the questions are serialised.
 One lock per store, ``<schema>_relay``, held by the process that relays: the relay process of a
 ``billing serve ledger`` (``relay_process.py``), or the service itself when it relays in process (the embedded
 default has no lock: one process). The leader tasks of a service whose relay runs in a process of its own
-(sweeper, scheduler, top-ups, alerts, dunning, digest) follow their relay process's leadership
+(sweeper, scheduler, top-ups, alerts, dunning, card expiry, digest) follow their relay process's leadership
 (``ReportedLeadership``): they run in the service whose relay holds the lock, as they always did. No second
 lock: a ledger of an earlier version relaying in process during a rolling restart holds the same lock, so
 neither a second relay nor a second set of leader tasks starts next to it.

@@ -121,3 +121,8 @@ CANCEL_RENEWALS_MAX = 36
 # `billing serve ledger` stopping its relay process: SIGTERM (it finishes its round and records its position),
 # then SIGKILL after this long (a re-publication of at most RELAY_POSITION_RECORD_SECONDS of events follows).
 RELAY_STOP_SECONDS_MAX = 10.0
+
+# Card expiry notices (card_expiry_notices.py): BILLING_CARD_EXPIRY_NOTICE_DAYS, the days before the end of a saved
+# card's expiry month at which PaymentMethodExpiring is sent, is 0 to this many (a card is issued for years; a
+# notice a year ahead is already no use).
+CARD_EXPIRY_NOTICE_DAYS_MAX = 365

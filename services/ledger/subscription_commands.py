@@ -1,4 +1,4 @@
-"""Ledger commands of subscriptions: ``subscription.*``, ``workspace.*``, ``payment_method.*``, ``tax_profile.*``,
+"""Ledger commands of subscriptions: ``subscription.*``, ``workspace.*``, ``tax_profile.*``,
 and how their documents are made (``_document``, ``_finalize``: tax, number, postings); the ``invoice.*`` commands
 that follow a document's life are in :mod:`billing_ledger.invoice_commands`.
 
@@ -1274,15 +1274,6 @@ def _commit_minimum(draft: Invoice | None, sub: Subscription, minimum: Decimal) 
         draft.commit_minimum_spend(amount=minimum, currency=sub.plan["currency"], by="system:renewal")
 
 
-@handles("payment_method.add")
-def add_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    account_of(batch, command.tenant)
-    _roster(batch, command.tenant or "").add_payment_method(
-        method_id=fields.text(command, "method_id"), gateway=fields.text(command, "gateway", default="stripe"),
-        label=fields.string(command, "label"), make_default=fields.flag(command, "default"),
-        at=effective_at(command), by=command.issued_by)
-
-
 @handles("tax_profile.set")
 def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account_of(batch, command.tenant)
@@ -1316,9 +1307,3 @@ def set_tax_profile(app: LedgerApplication, batch: _Batch, command: LedgerComman
             profile["vies"] = str(payload.get("vies", "not_checked"))
     _roster(batch, command.tenant or "").set_tax_profile(profile=profile, at=effective_at(command), by=command.issued_by)
     return profile
-
-
-@handles("payment_method.remove")
-def remove_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    _roster(batch, command.tenant or "").remove_payment_method(method_id=fields.text(command, "method_id"),
-                                                                at=effective_at(command), by=command.issued_by)

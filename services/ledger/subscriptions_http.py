@@ -1,5 +1,8 @@
 """HTTP routes for subscriptions, payment methods, invoice previews and invoice PDFs (ledger service).
 
+Saving a payment method asks its gateway (when enabled here) for the card's brand, last four digits and expiry
+(``OutboundGateway.saved_card``), which the method keeps; a method the gateway does not know is refused.
+
 Changes are applied synchronously in this process (one-command transactions) so the caller gets the
 outcome at once; an optimistic-concurrency conflict with the Kafka consumer is retried on fresh state.
 An ``Idempotency-Key`` header makes a retried request the same command (same id: the first answer).
@@ -19,10 +22,12 @@ from billing_events.timeutil import parse_timestamp, utcnow
 from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
+from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.domain.subscription import ACTIVE, PAST_DUE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_tax_id
+from billing_ledger.gateways import GatewayError, OutboundGateway, UnknownPaymentMethod
 from billing_ledger.http_models import (
     PaymentMethodAdd,
     SubscriptionCancel,
@@ -33,6 +38,7 @@ from billing_ledger.http_models import (
 )
 from billing_ledger.invoice_pdf import render_pdf
 from billing_ledger.limits import CANCEL_RENEWALS_MAX
+from billing_ledger.saved_methods import method_view
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.subscription_commands import (
     _left_to_give_back,
@@ -53,7 +59,8 @@ STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "vat_id_count
                      "invalid_tax_profile": 422, "unknown_account": 404,
                      "unknown_subscription": 404, "unknown_plan": 422, "unsupported_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
-                     "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409}
+                     "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409,
+                     "invalid_card": 422}
 # The bodies go to their command as sent (its checks answer a bad field); the models describe them.
 CreateBody = Annotated[dict[str, Any], described_by(SubscriptionCreate), Body()]
 ActionBody = Annotated[dict[str, Any] | None, Body()]
@@ -94,9 +101,15 @@ def _moment(at: str | None) -> datetime:
                       reason="invalid_command") from exc
 
 
-def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: VatRegistry | None = None
-                 ) -> APIRouter:
+def _methods(roster: Any) -> list[dict[str, Any]]:
+    now = utcnow()
+    return [method_view(m, now) for m in roster.payment_methods]
+
+
+def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: VatRegistry | None = None,
+                 gateways: dict[str, OutboundGateway] | None = None) -> APIRouter:
     registry = vat_registry or NoRegistry()
+    outbound = gateways or {}
     router = APIRouter(tags=["subscriptions"])
 
     async def run(request: Request, principal: Principal, kind: str, tenant: str, payload: dict[str, Any]
@@ -136,7 +149,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
     @router.get("/v1/accounts/{tenant}/subscriptions", summary="Live subscriptions of an account")
     async def list_live(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        roster = await read(roster_id(tenant), lambda r: (list(r.live), [dict(m) for m in r.payment_methods]))
+        roster = await read(roster_id(tenant), lambda r: (list(r.live), _methods(r)))
         live, methods = roster or ([], [])
         subs = [await read(UUID(i), _view) for i in live]
         return {"tenant": tenant, "subscriptions": [s for s in subs if s is not None], "payment_methods": methods}
@@ -235,14 +248,43 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         router.post(f"/v1/accounts/{{tenant}}/subscriptions/{{key}}/{action}",
                     summary=f"{action.capitalize()} a subscription")(make())
 
+    async def saved_card(tenant: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """What the method's gateway says of the card; None when that gateway is not enabled here (or the body is
+        malformed: the command says how)."""
+        method_id, name = body.get("method_id"), body.get("gateway", "stripe")
+        gateway = outbound.get(name) if isinstance(name, str) else None
+        if gateway is None or not isinstance(method_id, str) or not method_id.strip():
+            return None
+        customers = await read(payment_profile_id(tenant), lambda p: dict(p.customers)) or {}
+        try:
+            return await gateway.saved_card(customer=customers.get(name), method_id=method_id)
+        except UnknownPaymentMethod as exc:
+            raise Problem(422, "Unknown payment method", str(exc), kind="unknown-payment-method",
+                          reason="unknown_payment_method") from exc
+        except GatewayError as exc:
+            raise Problem(503, "Gateway unavailable", f"{exc}; nothing was saved, retry later.",
+                          kind="gateway-unavailable", reason="gateway_unavailable") from exc
+
     @router.post("/v1/accounts/{tenant}/payment-methods", status_code=201,
-                 summary="Add a gateway payment-method token (no card data is ever stored); up to 5")
+                 summary="Add a gateway payment-method token (no card data is ever stored); up to 5. A card's brand, "
+                         "last four digits and expiry come from its gateway")
     async def add_method(tenant: str, request: Request, body: PaymentMethodBody,
                          principal: Principal = Depends(admin)) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        await run(request, principal, "payment_method.add", tenant, body)
-        methods = await read(roster_id(tenant), lambda r: [dict(m) for m in r.payment_methods])
+        if "card" in body:
+            raise Problem(422, "Invalid request", "card is not taken from the request: the brand, last four digits "
+                          "and expiry of a card come from its gateway.", kind="invalid-command",
+                          reason="invalid_command")
+        card = await saved_card(tenant, body)
+        await run(request, principal, "payment_method.add", tenant, {**body, "card": card} if card else body)
+        methods = await read(roster_id(tenant), _methods)
         return {"tenant": tenant, "payment_methods": methods}
+
+    @router.get("/v1/accounts/{tenant}/payment-methods",
+                summary="Saved payment methods, the default first: card brand, last four digits, expiry")
+    async def list_methods(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        return {"tenant": tenant, "payment_methods": await read(roster_id(tenant), _methods) or []}
 
     @router.delete("/v1/accounts/{tenant}/payment-methods/{method_id}", status_code=204)
     async def remove_method(tenant: str, method_id: str, request: Request,

@@ -7,7 +7,8 @@ position (``topups:charge``) after each request is settled, like the invoice not
 1. ``checkout.place`` an order ``auto-top-up/<request id>`` (the package, or the amount up to the target,
    with tax from the tax profile): the credit granted is the quote's, once;
 2. charge the default payment method off-session (Stripe PaymentIntent, ``confirm`` + ``off_session``,
-   idempotency key ``<request id>/<method index>``); when declined, each backup method in order;
+   idempotency key ``<request id>/<method index>``); when declined, each backup method in order (a card past
+   its expiry month after the others, see ``saved_methods``);
 3. the first success applies ``order.paid_off_session`` (credits, invoice); if every method is declined the
    order fails and the account is notified. A gateway outage leaves the position where it is: retried. A
    *pending* charge (Stripe ``processing``) leaves the order open without trying a backup method (that would

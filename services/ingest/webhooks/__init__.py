@@ -16,6 +16,11 @@ order id in its metadata -- Stripe ``metadata.tenant`` / ``metadata.order_id`` (
 refund), Razorpay ``notes.tenant`` / ``notes.order_id``, PayPal ``custom_id`` (tenant) / ``invoice_id``
 (order id) on the purchase unit. An off-session charge that pays an invoice (dunning) also carries
 Stripe ``metadata.invoice_id``: the notification names the invoice, which the ledger settles (no credit).
+
+Saved cards (no money moves): Stripe's ``payment_method.updated`` / ``payment_method.automatically_updated`` (the
+account updater gave a card a new expiry) confirm a ``ConfirmedCardUpdate`` -- the re-fetched PaymentMethod's
+card details and the tenant from its ``metadata.tenant``, else its customer's -- which the core publishes as a
+``payment_method.card_update`` ledger command (``billing.ledger.commands``, key: the billing account id).
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
-from billing_events.messages import TENANT_PATTERN, DisputeOutcome, PaymentKind, PaymentNotification
+from billing_events import ids
+from billing_events.messages import (
+    TENANT_PATTERN,
+    DisputeOutcome,
+    LedgerCommand,
+    PaymentKind,
+    PaymentNotification,
+)
 from billing_events.money import MoneyError, currency
 
 ORDER_ID_LENGTH_MAX = 255
@@ -101,6 +113,22 @@ def dispute_movement(kind: PaymentKind, who: tuple[str, str], amount: Decimal, c
 
 
 @dataclass(frozen=True, slots=True)
+class ConfirmedCardUpdate:
+    """A saved card's details as the gateway's API gives them now (``billing_events.cards.card_details``)."""
+
+    tenant: str
+    method_id: str
+    card: dict[str, Any]
+
+    def command(self, event: VerifiedEvent, now: datetime) -> LedgerCommand:
+        """The ledger command, its id derived from the gateway's event (a redelivery is the same command)."""
+        return LedgerCommand(command_id=ids.command_id("payment_method.card_update", event.gateway, event.event_id),
+                             kind="payment_method.card_update", tenant=self.tenant, issued_at=now,
+                             issued_by=f"webhook:{event.gateway}",
+                             payload={"gateway": event.gateway, "method_id": self.method_id, "card": self.card})
+
+
+@dataclass(frozen=True, slots=True)
 class Ignored:
     """A genuine event that moves no money we act on (other event types, no payment required...)."""
 
@@ -122,7 +150,7 @@ class GatewayUnavailable(Exception):
     """The gateway's API could not answer (network, 5xx, rate limit, our credentials): retry later."""
 
 
-Confirmation = ConfirmedPayment | Ignored | NotConfirmed
+Confirmation = ConfirmedPayment | ConfirmedCardUpdate | Ignored | NotConfirmed
 
 
 class Gateway(Protocol):
@@ -168,6 +196,14 @@ def attribution(metadata: object, tenant_key: str = "tenant", order_key: str = "
     if not isinstance(order_id, str) or not 0 < len(order_id) <= ORDER_ID_LENGTH_MAX:
         return None
     return tenant, order_id
+
+
+def tenant_reference(metadata: object, key: str = "tenant") -> str | None:
+    """The tenant a gateway object's metadata names, or None when absent or malformed."""
+    if not isinstance(metadata, Mapping):
+        return None
+    tenant = metadata.get(key)
+    return tenant if isinstance(tenant, str) and _TENANT.match(tenant) else None
 
 
 def invoice_reference(metadata: object, key: str = "invoice_id") -> str | None:

@@ -20,6 +20,10 @@ Events acted on (anything else is answered 200 ``ignored``):
   the dispute's ``balance_transactions`` (amount < 0), ``funds_reinstated`` a reinstatement (amount > 0): each is
   published with that balance transaction as its reference. ``closed`` needs a final status: ``won``, ``lost``, or
   ``warning_closed`` / ``prevented`` (an inquiry closed, no chargeback: outcome ``closed``).
+* ``payment_method.updated`` / ``payment_method.automatically_updated`` (the account updater renewed a saved card):
+  the PaymentMethod re-fetched (its customer expanded); a card whose ``metadata.tenant`` (else its customer's)
+  names a tenant becomes a ``payment_method.card_update`` ledger command with the card's brand, last4, exp_month
+  and exp_year. Any other method (not a card, no tenant) is ignored.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from functools import partial
 from typing import Any
 
 import stripe
+from billing_events.cards import CardDetailsError, card_details
 from billing_events.messages import PaymentKind, loads_exact
 from billing_events.money import MoneyError
 from billing_ingest.webhooks import (
     Confirmation,
+    ConfirmedCardUpdate,
     ConfirmedPayment,
     GatewayUnavailable,
     Ignored,
@@ -48,6 +54,7 @@ from billing_ingest.webhooks import (
     header,
     invoice_reference,
     minor_units_to_amount,
+    tenant_reference,
 )
 from billing_runtime.settings import Settings
 
@@ -89,6 +96,8 @@ class StripeGateway:
             "refund.created": self._confirm_refund,
             "refund.updated": self._confirm_refund,
             **{name: partial(self._confirm_dispute, kind) for name, kind in DISPUTE_EVENTS.items()},
+            "payment_method.updated": self._confirm_card,
+            "payment_method.automatically_updated": self._confirm_card,
         }
 
     async def verify(self, raw_body: bytes, headers: Mapping[str, str], now: datetime) -> VerifiedEvent | Refused:
@@ -240,6 +249,26 @@ class StripeGateway:
         payment = _id_of(intent) or _id_of(dispute.get("charge"))
         return dispute_movement(kind, who, amount, code, dispute_id, payment, outcome=outcome,  # type: ignore[arg-type]
                                 movement=movement, invoice_id=invoice_reference(metadata))
+
+    async def _confirm_card(self, method_id: str) -> Confirmation:
+        method = (await self._client.v1.payment_methods.retrieve_async(
+            method_id, params={"expand": ["customer"]})).to_dict()
+        card = method.get("card")
+        if method.get("type") != "card" or not isinstance(card, dict):
+            return Ignored(f"Payment method {method_id} is not a card: no expiry to keep.")
+        customer = method.get("customer")
+        tenant = tenant_reference(method.get("metadata")) or (
+            tenant_reference(customer.get("metadata")) if isinstance(customer, dict) else None)
+        if tenant is None:
+            return Ignored(f"Payment method {method_id} names no billing tenant (metadata.tenant on it or on its "
+                           f"customer).")
+        try:
+            details = card_details({"brand": card.get("brand"), "last4": card.get("last4"),
+                                    "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
+        except CardDetailsError as exc:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's card details of {method_id} are not "
+                                                                f"usable: {exc}")
+        return ConfirmedCardUpdate(tenant, method_id, details)
 
     async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
         sessions = await self._client.v1.checkout.sessions.list_async(

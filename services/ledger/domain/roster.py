@@ -3,7 +3,9 @@
 The roster enforces the limit of live subscriptions per billing account (3 by default, configurable), and
 remembers what trial eligibility needs (any subscription ever, trial ever used). Payment methods are the
 gateway's tokens only (no card data is ever stored): up to 5, the first is the default, the others are
-backups in order.
+backups in order. A card method keeps what its gateway told about it (``card``: brand, last four digits, expiry
+month and year; never the number), updated by the gateway's webhook, and the expiry notices recorded for it
+(``PaymentMethodExpiring`` / ``PaymentMethodExpired``, once per method and expiry: see ``card_expiry``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+from billing_ledger.domain.card_expiry import EXPIRED, EXPIRING, notice_due, notice_key
+from billing_ledger.domain.card_expiry import expires_at as card_end
 from eventsourcing.domain import Aggregate, event
 
 PAYMENT_METHODS_MAX = 5
@@ -39,6 +43,7 @@ class Roster(Aggregate):
         self.payment_methods: list[dict[str, Any]] = []
         self.receivable_invoiced: dict[str, int] = {}  # unit -> receivables already put on invoices
         self.tax_profile: dict[str, Any] | None = None
+        self.expiry_notices: list[str] = []  # ``card_expiry.notice_key`` of every notice recorded
 
     def set_tax_profile(self, *, profile: dict[str, Any], at: datetime, by: str) -> None:
         """Country (ISO 3166-1), optional subdivision, business name and tax id (with its check result)."""
@@ -82,22 +87,68 @@ class Roster(Aggregate):
     # -- payment methods (gateway tokens only) -----------------------------------------------------------------
 
     def add_payment_method(self, *, method_id: str, gateway: str, label: str, make_default: bool, at: datetime,
-                           by: str) -> None:
+                           by: str, card: dict[str, Any] | None = None) -> None:
         if any(m["method_id"] == method_id for m in self.payment_methods):
             raise RosterError(f"payment method {method_id!r} is already on the account")
         if len(self.payment_methods) >= PAYMENT_METHODS_MAX:
             raise RosterError(f"at most {PAYMENT_METHODS_MAX} payment methods per billing account")
         self._method_added(method_id=method_id, gateway=gateway, label=label,
-                           make_default=make_default or not self.payment_methods, at=at, by=by)
+                           make_default=make_default or not self.payment_methods, at=at, by=by, card=card)
 
     @event("PaymentMethodAdded")
     def _method_added(self, method_id: str, gateway: str, label: str, make_default: bool, at: datetime,
-                      by: str) -> None:
-        method = {"method_id": method_id, "gateway": gateway, "label": label}
+                      by: str, card: dict[str, Any] | None = None) -> None:
+        # ``card`` since session 13: methods added before have none (no expiry known, never called expired).
+        method = {"method_id": method_id, "gateway": gateway, "label": label, "card": dict(card) if card else None}
         if make_default:
             self.payment_methods.insert(0, method)
         else:
             self.payment_methods.append(method)
+
+    def payment_method(self, method_id: str) -> dict[str, Any] | None:
+        return next((m for m in self.payment_methods if m["method_id"] == method_id), None)
+
+    def update_card(self, *, method_id: str, gateway: str, card: dict[str, Any], at: datetime, by: str) -> bool:
+        """The gateway's new details of a saved card (its account updater renewed the expiry); False when they are
+        what the roster already has."""
+        method = self.payment_method(method_id)
+        if method is None or method["gateway"] != gateway:
+            raise UnknownPaymentMethod(f"payment method {method_id!r} of {gateway} is not on the account")
+        if method.get("card") == card:
+            return False
+        self._card_updated(method_id=method_id, card=card, at=at, by=by)
+        return True
+
+    @event("PaymentMethodCardUpdated")
+    def _card_updated(self, method_id: str, card: dict[str, Any], at: datetime, by: str) -> None:
+        method = self.payment_method(method_id)
+        if method is not None:
+            method["card"] = dict(card)
+
+    def record_expiry_notice(self, *, method_id: str, notice: str, notice_days: int, at: datetime) -> bool:
+        """Records the card's ``notice`` if it is due at ``at`` and was not recorded for this expiry yet; False
+        otherwise (a method removed or renewed meanwhile, a notice already recorded, or not due)."""
+        method = self.payment_method(method_id)
+        card = method.get("card") if method else None
+        if card is None or notice_due(card, at, notice_days) != notice:
+            return False
+        if notice_key(method_id, card, notice) in self.expiry_notices:
+            return False
+        end = card_end(card)
+        assert end is not None
+        if notice == EXPIRING:
+            self._expiring(method_id=method_id, card=dict(card), expires_at=end, at=at)
+        else:
+            self._expired(method_id=method_id, card=dict(card), expires_at=end, at=at)
+        return True
+
+    @event("PaymentMethodExpiring")
+    def _expiring(self, method_id: str, card: dict[str, Any], expires_at: datetime, at: datetime) -> None:
+        self.expiry_notices.append(notice_key(method_id, card, EXPIRING))
+
+    @event("PaymentMethodExpired")
+    def _expired(self, method_id: str, card: dict[str, Any], expires_at: datetime, at: datetime) -> None:
+        self.expiry_notices.append(notice_key(method_id, card, EXPIRED))
 
     def remove_payment_method(self, *, method_id: str, at: datetime, by: str) -> None:
         if not any(m["method_id"] == method_id for m in self.payment_methods):
@@ -139,4 +190,8 @@ class RosterError(ValueError):
 
 
 class SubscriptionLimitReached(RosterError):
+    pass
+
+
+class UnknownPaymentMethod(RosterError):
     pass

@@ -9,7 +9,10 @@ The ledger asks a gateway for three things, never touching card data (hosted pag
   Stripe PaymentIntent ``processing``): a pending charge is neither paid nor declined, so the caller must not
   charge another method for it; the gateway's webhook settles it. ``invoice_id`` (dunning) goes into the
   gateway's metadata next to ``order_id``: the payment settles that invoice and grants no credit;
-* ``refund``: pay back a payment.
+* ``refund``: pay back a payment;
+* ``saved_card``: what the gateway knows of a saved method that is a card (brand, last four digits, expiry month
+  and year; ``billing_events.cards``), asked when the method is saved so its expiry can be watched. Never the
+  number. ``None`` for a method that is not a card (a bank debit) or that the adapter cannot look up.
 
 Amounts are exact Decimals; each adapter converts them to the gateway's integer minor units itself, and knows
 what its gateway cannot take (``refusal``: a currency it does not support, an amount finer than it charges, e.g. a
@@ -21,13 +24,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from billing_events.money import MoneyError, currency
 
 
 class GatewayError(Exception):
     """The gateway could not be reached or answered with a server error: nothing is known, retry later."""
+
+
+class UnknownPaymentMethod(Exception):
+    """The gateway does not know this saved method (or it belongs to another customer): nothing to save."""
 
 
 class AmountNotChargeable(MoneyError):
@@ -74,6 +81,11 @@ class OutboundGateway(Protocol):
 
     async def refund(self, *, payment_reference: str, total: Decimal, currency_code: str, idempotency_key: str,
                      tenant: str, order_id: str) -> RefundResult: ...
+
+    async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
+        """The card details of a saved method (``billing_events.cards.card_details``), None when it is no card;
+        ``UnknownPaymentMethod`` when the gateway does not know it, ``GatewayError`` when it cannot answer."""
+        ...
 
 
 def to_minor_units(amount: Decimal, code: str, overrides: dict[str, int] | None = None) -> int:

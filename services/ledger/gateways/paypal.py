@@ -1,11 +1,16 @@
 """PayPal Orders v2 through httpx (injectable transport): the purchase unit carries ``custom_id`` (tenant) and
-``invoice_id`` (order id); the customer approves on PayPal's hosted page (the ``approve`` link)."""
+``invoice_id`` (order id); the customer approves on PayPal's hosted page (the ``approve`` link). A saved card is a
+vault payment token (``GET /v3/vault/payment-tokens/{id}``: ``payment_source.card.brand``, ``last_digits``,
+``expiry`` as ``YYYY-MM``)."""
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
+from typing import Any
 
 import httpx
+from billing_events.cards import CardDetailsError, card_details
 from billing_events.money import MoneyError, currency
 from billing_ledger.gateways import (
     AmountNotChargeable,
@@ -13,6 +18,7 @@ from billing_ledger.gateways import (
     CheckoutSession,
     GatewayError,
     RefundResult,
+    UnknownPaymentMethod,
     to_minor_units,
 )
 from billing_runtime.settings import Settings
@@ -25,6 +31,8 @@ PAYPAL_CURRENCIES = frozenset({"AUD", "BRL", "CAD", "CNY", "CZK", "DKK", "EUR", 
 # "This currency does not support decimals. If you pass a decimal amount, an error occurs." (HUF, JPY, TWD; JPY has
 # none in ISO 4217 either). Their values are sent as whole units: "1000", never "1000.00".
 PAYPAL_SCALE_OVERRIDES = {"HUF": 0, "TWD": 0}
+# A vaulted card's ``expiry``: "The card expiration year and month, in Internet date format" (2028-04).
+_EXPIRY = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
 
 
 class PayPalGateway:
@@ -52,6 +60,44 @@ class PayPalGateway:
             raise GatewayError(f"PayPal answered {response.status_code}: {response.text[:200]}")
         data: dict[str, object] = response.json()
         return data
+
+    async def _get(self, path: str) -> tuple[int, Any]:
+        async with httpx.AsyncClient(base_url=self._base, timeout=self._timeout, transport=self._transport) as client:
+            try:
+                token = await client.post("/v1/oauth2/token", auth=self._auth,
+                                          data={"grant_type": "client_credentials"})
+                if token.status_code != 200:
+                    raise GatewayError(f"PayPal token: {token.status_code}")
+                response = await client.get(path, headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"PayPal: {exc}") from exc
+        if response.status_code >= 500 or response.status_code in (401, 403, 429):
+            raise GatewayError(f"PayPal answered {response.status_code}")
+        try:
+            return response.status_code, response.json()
+        except ValueError:  # not JSON: nothing to read from it
+            return response.status_code, None
+
+    async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
+        status, token = await self._get(f"/v3/vault/payment-tokens/{method_id}")
+        if status >= 400 or not isinstance(token, dict):
+            raise UnknownPaymentMethod(f"PayPal's vault has no payment token {method_id} ({status})")
+        owner = token.get("customer", {}).get("id") if isinstance(token.get("customer"), dict) else None
+        if customer and owner and owner != customer:
+            raise UnknownPaymentMethod(f"payment token {method_id} belongs to PayPal customer {owner}, not to the "
+                                       f"account's {customer}")
+        source = token.get("payment_source")
+        card = source.get("card") if isinstance(source, dict) else None
+        if not isinstance(card, dict):
+            return None  # a PayPal wallet, Venmo, a bank: no expiry to watch
+        expiry = _EXPIRY.match(str(card.get("expiry", "")))
+        if expiry is None:
+            return None
+        try:
+            return card_details({"brand": card.get("brand"), "last4": card.get("last_digits"),
+                                 "exp_month": int(expiry.group(2)), "exp_year": int(expiry.group(1))})
+        except CardDetailsError:  # not what PayPal documents: saved without details rather than refused
+            return None
 
     def refusal(self, total: Decimal, currency_code: str) -> str | None:
         code = currency_code.upper()

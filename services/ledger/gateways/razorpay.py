@@ -1,11 +1,15 @@
 """Razorpay Orders API through httpx (injectable transport): the order carries ``notes.tenant`` and
-``notes.order_id``; the customer pays on Razorpay's hosted Checkout (``key_id`` + Razorpay order id)."""
+``notes.order_id``; the customer pays on Razorpay's hosted Checkout (``key_id`` + Razorpay order id). A saved
+card is a token of the account's Razorpay customer (``GET /v1/customers/{id}/tokens``: ``card.network``,
+``last4``, ``expiry_month``, ``expiry_year``)."""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import httpx
+from billing_events.cards import CardDetailsError, card_details, four_digit_year
 from billing_events.money import MoneyError, currency
 from billing_ledger.gateways import (
     AmountNotChargeable,
@@ -13,6 +17,7 @@ from billing_ledger.gateways import (
     CheckoutSession,
     GatewayError,
     RefundResult,
+    UnknownPaymentMethod,
     to_minor_units,
 )
 from billing_runtime.settings import Settings
@@ -63,6 +68,38 @@ class RazorpayGateway:
         if response.status_code >= 400:
             raise GatewayError(f"Razorpay refused: {data.get('error')}")
         return data
+
+    async def _get(self, path: str) -> tuple[int, Any]:
+        async with httpx.AsyncClient(base_url=self._base, auth=self._auth, timeout=self._timeout,
+                                     transport=self._transport) as client:
+            try:
+                response = await client.get(path)
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"Razorpay: {exc}") from exc
+        if response.status_code >= 500 or response.status_code in (401, 403, 429):
+            raise GatewayError(f"Razorpay answered {response.status_code}")
+        try:
+            return response.status_code, response.json()
+        except ValueError:  # not JSON: nothing to read from it
+            return response.status_code, None
+
+    async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
+        if not customer:  # a token belongs to a customer: without the account's, it cannot be looked up
+            return None
+        status, data = await self._get(f"/v1/customers/{customer}/tokens")
+        items = data.get("items") if status == 200 and isinstance(data, dict) else None
+        token = next((t for t in items or [] if isinstance(t, dict) and t.get("id") == method_id), None)
+        if token is None:
+            raise UnknownPaymentMethod(f"Razorpay customer {customer} has no token {method_id}")
+        card = token.get("card")
+        if token.get("method") != "card" or not isinstance(card, dict):
+            return None
+        try:
+            return card_details({"brand": card.get("network"), "last4": card.get("last4"),
+                                 "exp_month": card.get("expiry_month"),
+                                 "exp_year": four_digit_year(card.get("expiry_year"))})
+        except CardDetailsError:  # not what Razorpay documents: saved without details rather than refused
+            return None
 
     async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
                             currency_code: str, success_url: str, cancel_url: str) -> CheckoutSession:

@@ -1,11 +1,14 @@
 """Stripe through the official SDK (``stripe.StripeClient``): hosted Checkout Sessions (card data never touches
-our servers; 3-D Secure / SCA is handled by the hosted page), off-session PaymentIntents, refunds."""
+our servers; 3-D Secure / SCA is handled by the hosted page), off-session PaymentIntents, refunds, and a saved
+PaymentMethod's card details (``card.brand``, ``last4``, ``exp_month``, ``exp_year``)."""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import stripe as stripe_sdk
+from billing_events.cards import CardDetailsError, card_details
 from billing_events.money import MoneyError
 from billing_ledger.gateways import (
     AmountNotChargeable,
@@ -13,6 +16,7 @@ from billing_ledger.gateways import (
     CheckoutSession,
     GatewayError,
     RefundResult,
+    UnknownPaymentMethod,
     to_minor_units,
 )
 from billing_runtime.settings import Settings
@@ -103,6 +107,28 @@ class StripeGateway:
         except stripe_sdk.StripeError as exc:
             raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
         return RefundResult(refund.id, str(refund.status))
+
+    async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
+        try:
+            method = (await self._client.v1.payment_methods.retrieve_async(method_id)).to_dict()
+        except stripe_sdk.InvalidRequestError as exc:  # 404: no such PaymentMethod in this account / mode
+            raise UnknownPaymentMethod(f"Stripe does not know payment method {method_id}: "
+                                       f"{exc.user_message or exc}") from exc
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        owner = method.get("customer")
+        owner = owner.get("id") if isinstance(owner, dict) else owner
+        if customer and owner and owner != customer:
+            raise UnknownPaymentMethod(f"payment method {method_id} belongs to Stripe customer {owner}, not to "
+                                       f"the account's {customer}")
+        card = method.get("card")
+        if method.get("type") != "card" or not isinstance(card, dict):
+            return None  # a bank debit, a wallet...: no expiry to watch
+        try:
+            return card_details({"brand": card.get("brand"), "last4": card.get("last4"),
+                                 "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
+        except CardDetailsError:  # not what Stripe documents: saved without details rather than refused forever
+            return None
 
 
 def build(settings: Settings, http_client: stripe_sdk.HTTPClient | None = None) -> StripeGateway | None:

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import stripe
 from billing_events import ids, topics
-from billing_events.messages import PaymentNotification
+from billing_events.messages import LedgerCommand, PaymentNotification
 from billing_ingest.webhooks import stripe as stripe_gateway
 from billing_runtime.settings import Settings
 
@@ -51,6 +51,8 @@ class FakeStripeApi(stripe.HTTPClient):
             return json.dumps(error).encode(), 404, {}
         if "expand[0]=payment_intent" in parts.query and isinstance(obj.get("payment_intent"), str):
             obj = {**obj, "payment_intent": self.objects.get(f"/v1/payment_intents/{obj['payment_intent']}")}
+        if "expand[0]=customer" in parts.query and isinstance(obj.get("customer"), str):
+            obj = {**obj, "customer": self.objects.get(f"/v1/customers/{obj['customer']}")}
         return json.dumps(obj).encode(), 200, {}
 
     def request(self, method: str, url: str, headers: Any, post_data: Any = None, *,
@@ -90,6 +92,20 @@ class FakeStripeApi(stripe.HTTPClient):
         self.objects[f"/v1/refunds/{refund_id}"] = {
             "id": refund_id, "object": "refund", "status": status, "amount": amount, "currency": "usd",
             "payment_intent": intent, "metadata": {}}
+
+
+    def card_method(self, method_id: str = "pm_1", *, customer: str | None = "cus_1", exp_month: int = 4,
+                    exp_year: int = 2031, metadata: dict[str, str] | None = None, kind: str = "card") -> None:
+        """A saved PaymentMethod as Stripe's API answers it (its card's brand, last4 and expiry; never the number)."""
+        self.objects[f"/v1/payment_methods/{method_id}"] = {
+            "id": method_id, "object": "payment_method", "type": kind, "customer": customer,
+            "metadata": metadata or {},
+            **({"card": {"brand": "visa", "last4": "4242", "exp_month": exp_month, "exp_year": exp_year,
+                         "funding": "credit"}} if kind == "card" else {})}
+
+    def customer(self, customer_id: str = "cus_1", metadata: dict[str, str] | None = None) -> None:
+        self.objects[f"/v1/customers/{customer_id}"] = {"id": customer_id, "object": "customer",
+                                                        "metadata": {"tenant": TENANT} if metadata is None else metadata}
 
 
 def event(event_type: str, obj: dict[str, Any], event_id: str = "evt_1") -> str:
@@ -368,3 +384,61 @@ async def test_an_oversized_body_is_refused_before_verification(ingest: Ingest) 
     body = b"x" * (SETTINGS.webhook_body_bytes_max + 1)
     response = await ingest.http.post("/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": "t=1"})
     assert response.status_code == 413
+
+
+# -- saved cards: Stripe's account updater ---------------------------------------------------------------------
+
+
+def method_updated(event_type: str = "payment_method.automatically_updated", event_id: str = "evt_pm_1") -> str:
+    # The body's card is never trusted either: the re-fetched PaymentMethod's is published.
+    return event(event_type, {"id": "pm_1", "object": "payment_method", "type": "card",
+                              "card": {"exp_month": 1, "exp_year": 2099}}, event_id)
+
+
+async def test_a_card_renewed_by_the_account_updater_becomes_one_ledger_command(
+        ingest: Ingest, api: FakeStripeApi, tmp_path: Path) -> None:
+    from billing_ledger.application import LedgerApplication, persistence_env
+    from billing_ledger.domain.roster import roster_id
+
+    api.customer()  # the customer's metadata.tenant names the billing account
+    api.card_method(exp_month=4, exp_year=2031)
+    payload = method_updated()
+    response = await post(ingest, payload, signed(payload))
+    assert (response.status_code, response.json()["status"]) == (200, "published"), response.text
+    [(key, published)] = await ingest.published_with_keys(topics.LEDGER_COMMANDS)
+    assert key == str(ids.account_id(TENANT))
+    command = LedgerCommand.model_validate(published)
+    assert (command.kind, command.tenant, command.command_id) == (
+        "payment_method.card_update", TENANT, ids.command_id("payment_method.card_update", "stripe", "evt_pm_1"))
+    assert command.payload == {"gateway": "stripe", "method_id": "pm_1", "card": {
+        "brand": "visa", "last4": "4242", "exp_month": 4, "exp_year": 2031}}
+    assert api.calls == [("get", "/v1/payment_methods/pm_1?expand[0]=customer")]
+    assert await ingest.published(topics.PAYMENTS) == []  # no money moved
+    assert (await post(ingest, payload, signed(payload))).status_code == 409  # a redelivery: nothing more
+
+    # The ledger applies it: the saved card now expires in April 2031; a second delivery changes nothing.
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path / "ledger")))
+    try:
+        for kind, payload_ in (("account.open", {"currency": "USD"}), ("payment_method.add", {
+                "method_id": "pm_1", "gateway": "stripe",
+                "card": {"brand": "visa", "last4": "4242", "exp_month": 3, "exp_year": 2026}})):
+            [result] = ledger.apply_commands([command.model_copy(update={
+                "command_id": ids.command_id(kind, TENANT), "kind": kind, "payload": payload_})])
+            assert result.outcome == "applied", result
+        assert [r.outcome for r in ledger.apply_commands([command, command])] == ["applied", "duplicate"]
+        assert ledger.read(roster_id(TENANT), lambda r: r.payment_methods[0]["card"]) == {
+            "brand": "visa", "last4": "4242", "exp_month": 4, "exp_year": 2031}
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("case", ["no tenant", "not a card"])
+async def test_a_method_update_ingest_cannot_map_is_acknowledged_and_publishes_nothing(
+        ingest: Ingest, api: FakeStripeApi, case: str) -> None:
+    api.customer(metadata={})
+    api.card_method(kind="sepa_debit" if case == "not a card" else "card",
+                    metadata={"tenant": TENANT} if case == "not a card" else None)
+    payload = method_updated("payment_method.updated")
+    response = await post(ingest, payload, signed(payload))
+    assert (response.status_code, response.json()["status"]) == (200, "ignored"), response.text
+    assert await ingest.published(topics.LEDGER_COMMANDS) == []

@@ -58,6 +58,7 @@ class FakeStripe(stripe.HTTPClient):
     """Answers the SDK offline: creates and serves checkout sessions, payment intents and refunds; refuses (400) an
     amount in a three-decimal currency whose last digit is not 0, as Stripe does.
 
+    ``card`` saves a card PaymentMethod (brand, last4, expiry) that ``GET /v1/payment_methods/{id}`` answers.
     ``declined`` payment methods are refused (402 card_declined); ``processing`` ones answer a payment intent
     still ``processing`` (a bank debit: the money may arrive later); every call is recorded with its
     idempotency key, and a repeated key answers the first answer (as Stripe does)."""
@@ -127,6 +128,14 @@ class FakeStripe(stripe.HTTPClient):
         if obj is None:
             return json.dumps({"error": {"type": "invalid_request_error", "message": f"No such {path}"}}).encode(), 404
         return json.dumps(obj).encode(), 200
+
+    def card(self, method_id: str, *, brand: str = "visa", last4: str = "4242", exp_month: int = 12,
+             exp_year: int = 2030, customer: str | None = None) -> None:
+        """A saved card PaymentMethod, as Stripe answers ``GET /v1/payment_methods/{id}`` (never the number)."""
+        self.objects[f"/v1/payment_methods/{method_id}"] = {
+            "id": method_id, "object": "payment_method", "type": "card", "customer": customer, "metadata": {},
+            "card": {"brand": brand, "last4": last4, "exp_month": exp_month, "exp_year": exp_year,
+                     "funding": "credit", "country": "US"}}
 
     def complete(self, session_id: str) -> str:
         """The customer paid on the hosted page (3-D Secure included): the session is complete and paid."""

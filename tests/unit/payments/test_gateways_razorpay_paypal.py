@@ -1,6 +1,7 @@
 """The Razorpay and PayPal outbound adapters against stand-ins for their APIs (``httpx.MockTransport``):
 hosted checkout, refund, idempotency headers, exact minor units (each gateway's currency rules: thousandths ending
-in 0 at Razorpay, no decimals for HUF/TWD at PayPal, PayPal's currencies only), and errors as ``GatewayError``."""
+in 0 at Razorpay, no decimals for HUF/TWD at PayPal, PayPal's currencies only), a saved card's brand, last four
+digits and expiry in each gateway's own shape, and errors as ``GatewayError``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 from billing_events.money import MoneyError
-from billing_ledger.gateways import AmountNotChargeable, GatewayError, paypal, razorpay
+from billing_ledger.gateways import AmountNotChargeable, GatewayError, UnknownPaymentMethod, paypal, razorpay
 from billing_ledger.gateways.registry import enabled_gateways
 from billing_runtime.settings import Settings
 
@@ -56,6 +57,14 @@ def razorpay_api(request: httpx.Request) -> httpx.Response:
     if request.url.path.startswith("/v1/payments/") and request.url.path.endswith("/refund"):
         return httpx.Response(200, json={"id": "rfnd_RZP1", "entity": "refund", "status": "processed",
                                          "amount": body(request)["amount"]})
+    if request.method == "GET" and request.url.path == "/v1/customers/cust_RZP1/tokens":
+        # Razorpay's token entity (Customers API, "Fetch tokens by customer id"): the card's network, last4 and
+        # expiry; the year may come with two digits.
+        return httpx.Response(200, json={"entity": "collection", "count": 2, "items": [
+            {"id": "token_CARD1", "entity": "token", "method": "card", "card": {
+                "entity": "card", "name": "Gaurav Kumar", "last4": "8950", "network": "Visa", "type": "credit",
+                "issuer": "STCB", "expiry_month": 12, "expiry_year": 27}},
+            {"id": "token_UPI1", "entity": "token", "method": "upi", "card": None}]})
     return httpx.Response(404, json={"error": {"code": "BAD_REQUEST_ERROR"}})
 
 
@@ -151,6 +160,14 @@ def paypal_api(request: httpx.Request) -> httpx.Response:
              "method": "GET"}]})
     if request.url.path.startswith("/v2/payments/captures/") and request.url.path.endswith("/refund"):
         return httpx.Response(201, json={"id": "1JU08902781691411", "status": "COMPLETED"})
+    if request.method == "GET" and request.url.path == "/v3/vault/payment-tokens/8kk8451t":
+        # Payment Method Tokens v3, "Retrieve a payment token": payment_source.card with last_digits and expiry.
+        return httpx.Response(200, json={"id": "8kk8451t", "customer": {"id": "customer_4029352050"},
+                                         "payment_source": {"card": {"brand": "VISA", "last_digits": "1111",
+                                                                     "expiry": "2027-02"}}})
+    if request.method == "GET" and request.url.path == "/v3/vault/payment-tokens/wallet1":
+        return httpx.Response(200, json={"id": "wallet1", "customer": {"id": "customer_4029352050"},
+                                         "payment_source": {"paypal": {"email_address": "buyer@example.com"}}})
     return httpx.Response(404, json={"name": "RESOURCE_NOT_FOUND"})
 
 
@@ -255,3 +272,38 @@ def test_gateways_are_enabled_by_their_credentials() -> None:
                                         paypal_client_secret="s"))
     assert sorted(enabled) == ["paypal", "razorpay"]
     assert razorpay.build(Settings(razorpay_key_id="k")) is None and paypal.build(Settings(paypal_client_id="c")) is None
+
+
+# -- saved cards ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_razorpay_tells_a_saved_card_token_of_the_customer() -> None:
+    api = Api(razorpay_api)
+    gateway = razorpay_gateway(api)
+    assert await gateway.saved_card(customer="cust_RZP1", method_id="token_CARD1") == {
+        "brand": "visa", "last4": "8950", "exp_month": 12, "exp_year": 2027}
+    [request] = api.requests
+    assert (request.method, request.url.path) == ("GET", "/v1/customers/cust_RZP1/tokens")
+    assert request.headers["Authorization"] == basic("rzp_test_key", "rzp_secret")
+    assert await gateway.saved_card(customer="cust_RZP1", method_id="token_UPI1") is None  # not a card
+    with pytest.raises(UnknownPaymentMethod):
+        await gateway.saved_card(customer="cust_RZP1", method_id="token_OTHER")
+    assert await gateway.saved_card(customer=None, method_id="token_CARD1") is None  # no customer to ask
+
+
+@pytest.mark.asyncio
+async def test_paypal_tells_a_vaulted_card_and_refuses_another_customers_token() -> None:
+    api = Api(paypal_api)
+    gateway = paypal_gateway(api)
+    assert await gateway.saved_card(customer="customer_4029352050", method_id="8kk8451t") == {
+        "brand": "visa", "last4": "1111", "exp_month": 2, "exp_year": 2027}
+    assert [r.url.path for r in api.requests] == ["/v1/oauth2/token", "/v3/vault/payment-tokens/8kk8451t"]
+    assert await gateway.saved_card(customer=None, method_id="wallet1") is None  # a PayPal wallet: no expiry
+    with pytest.raises(UnknownPaymentMethod):
+        await gateway.saved_card(customer=None, method_id="missing")
+    with pytest.raises(UnknownPaymentMethod):
+        await gateway.saved_card(customer="customer_other", method_id="8kk8451t")
+    down = paypal_gateway(Api(lambda r: paypal_api(r) if r.url.path == "/v1/oauth2/token" else httpx.Response(503)))
+    with pytest.raises(GatewayError):
+        await down.saved_card(customer=None, method_id="8kk8451t")
