@@ -8,7 +8,8 @@ included. Now the subscription events that change how usage from some instant on
 a ``Started``, a ``Changed``, an ``Activated``; ``since`` gives the instant) reprice the account's usage of that
 instant or later that rating already decided, once, in the transaction that applies the event:
 
-* each event whose period or price is not what rating resolves now (``RatingService._reprice``) gets a *give-back*
+* each event whose period or price is not what rating resolves now (``RatingService._reprice``; real-time, AI token
+  and close-priced meters alike, the last moving only their period) gets a *give-back*
   in the period it was rated in, at the price it was rated at (a period that is closed: at the price its close line
   billed, named as a late correction, ``late``/``original_period``, so the ledger credits the invoice that billed
   it with a credit note), then a *charge* in the period and at the price rating resolves now (a trial: a debit of
@@ -233,6 +234,8 @@ class Move:
     meter: Any  # the catalogue's ``MeterView``
     old_period: str
     new_period: str
-    counted: Decimal  # what it adds to its meter's running total (a count meter: 1); 0 for a meter priced at close
-    old: Price | None  # None: a meter priced at close (its period's close prices it, nothing is debited now)
+    counted: Decimal  # what it adds to its meter's running total (a count meter: 1)
+    # None: a meter priced at close (its period's close prices it, nothing is debited now), or an AI token meter
+    # (priced by its own table, per model and token class, whatever the plan: only its period changes)
+    old: Price | None
     new: Price | None
