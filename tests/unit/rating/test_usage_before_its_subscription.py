@@ -204,3 +204,17 @@ async def test_usage_of_a_period_closed_before_the_subscription_event_keeps_its_
                                  at=day(3).isoformat(), by="user:test", lines=[], period_start=DEC_2.isoformat(),
                                  period_end=JAN_2.isoformat(), anchor_day=2)
         assert (await published(bus))[sent:] == []  # its invoice stands
+
+
+async def test_usage_rated_before_an_activation_is_priced_by_the_plan_from_the_activation(tmp_path: Path) -> None:
+    async def start_then_activate(service: RatingService) -> None:
+        await subscribe(service, status="incomplete", started=NOV_2, period=(NOV_2, DEC_2))  # not live: list price
+        await subscription_event(service, "Activated", 4, at=NOV_2.isoformat(), by="system:payment",
+                                 period_start=NOV_2.isoformat(), period_end=DEC_2.isoformat(), anchor_day=2)
+
+    async def renew(service: RatingService) -> None:
+        await end_period(service, NOV_2, DEC_2, JAN_2, position=5)
+
+    known_first, usage_first = await both_orders(tmp_path, start_then_activate, renew)
+    assert usage_first == known_first
+    assert (known_first["per_event"]["a1"], known_first["per_event"]["a2"]) == (5_000_000_000, 8_000_000_000)
