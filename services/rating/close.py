@@ -29,6 +29,7 @@ from billing_events import ids, topics
 from billing_events.messages import LedgerCommand
 from billing_events.money import RATING_CONTEXT
 from billing_events.timeutil import utcnow
+from billing_rating import repricing
 from billing_rating.aggregation import REAL_TIME, Observation, aggregate, contribution
 from billing_rating.catalog_view import CatalogView, MeterView
 from billing_rating.pricing import period_charge
@@ -192,6 +193,7 @@ def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
     latest, shifts = _moves(meter, groups)
     for group, rows in sorted(groups.items()):
         items, observations, quantity = _counted(meter, rows, latest)
+        events = repricing.traced(items)  # the raw events the line counts (a repricing's decisions are not ones)
         quantity = RATING_CONTEXT.add(quantity, shifts.get(group, Decimal(0)))
         real_time = sum(int(r["amount_subunits"]) for r in items)
         if meter.ai_table is not None:
@@ -209,8 +211,8 @@ def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
             period=period, tenant=tenant, meter=meter_code, group=group, aggregation=definition.aggregation,
             quantity=decimal_text(quantity), included=decimal_text(included), billable=decimal_text(billable),
             unit=unit, amount_subunits=total, amount=subunits_text(total), charged_in_real_time_subunits=real_time,
-            charged_at_close_subunits=at_close, event_count=len(items),
-            event_ids=[r["event_id"] for r in items[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
+            charged_at_close_subunits=at_close, event_count=len(events),
+            event_ids=[event for event, _ in events[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
             priced_by="plan" if pricing is not None else "list_price",
             price=pricing.price if pricing is not None else definition.price,
             last_event_at=max(o.at for o in observations).isoformat() if observations else None,
@@ -273,9 +275,12 @@ def _counted(meter: MeterView, items: list[dict[str, Any]], latest: dict[str, st
                    if r["corrects"] and r["event_id"] in counting and Decimal(r["effective_quantity"]) != 0]
         items = [r for r in items if not r["corrects"] and r["event_id"] not in latest] + amended
         items = [r for r in items if Decimal(r["quantity"]) != 0 or definition.aggregation == "last"]
+    # An AI meter's quantity is its events' (its running totals count tokens): those it counts here, not the ones a
+    # repricing moved to another period (their decisions and give-backs stay in ``items``, for the amounts).
+    counted = items if meter.ai_table is None else [row for _, row in repricing.traced(items)]
     observations = [
         Observation(r["event_id"], datetime.fromisoformat(r["event_time"]), Decimal(r["quantity"]), r["value"])
-        for r in items
+        for r in counted
     ]
     if definition.aggregation in REAL_TIME and meter.ai_table is None:
         # What the decisions moved the running total by: a correction counts by its difference (500 amended to

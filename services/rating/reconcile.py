@@ -60,23 +60,25 @@ async def _decision(tenant: str, row: dict[str, Any], closes: _Closes) -> Decisi
         return Decision(tenant, event_id, decision, "rejected", reason=json.loads(row["output"])["reason"])
     if not decision.endswith(DEFERRED):
         return Decision(tenant, event_id, decision, "not_billable", reason=decision)
-    closed_at = await closes.closed_at(row["period"])
-    if closed_at is None:
-        return Decision(tenant, event_id, decision, "awaiting_close")
-    group = row["group_key"]
+    group, period = row["group_key"], row["period"]
     latest = await closes.latest_correction(row["corrects"] or event_id)
-    if latest is not None and latest["event_id"] != event_id and latest["group_key"] != group:
-        # A later correction moved the event to another group, whose line counts it now (``close._moves``).
+    if latest is not None and latest["event_id"] != event_id and (latest["group_key"], latest["period"]) != (
+            group, period):
+        # A later correction moved the event to another group, whose line counts it now (``close._moves``), or a
+        # repricing to another period, whose close counts it (``RatingService._charge_again``).
         if Decimal(latest["effective_quantity"] or 0) == 0:
             return Decision(tenant, event_id, decision, "not_billable", reason="voided_by_correction")
-        group = latest["group_key"]
-    line = await closes.line(row["period"], row["meter"], group)
+        group, period = latest["group_key"], latest["period"]
+    closed_at = await closes.closed_at(period)
+    if closed_at is None:
+        return Decision(tenant, event_id, decision, "awaiting_close")
+    line = await closes.line(period, row["meter"], group)
     if line is not None and not sends_debit(line):
         return Decision(tenant, event_id, decision, "not_billable", reason="voided_before_close")
     # A closed period without this event's line sent no debit for it: its command is then never applied, which
     # the report shows as a discrepancy.
     return Decision(tenant, event_id, decision, "close_debit",
-                    close_command_id(closes.account, row["meter"], group, row["period"]), sent_at=closed_at)
+                    close_command_id(closes.account, row["meter"], group, period), sent_at=closed_at)
 
 
 class _Closes:
@@ -102,7 +104,7 @@ class _Closes:
         if self._latest is None:
             self._latest = {}
             for r in await self.db.fetch(
-                    "SELECT event_id, corrects, group_key, effective_quantity FROM rated_events WHERE account_id = $1 "
+                    "SELECT event_id, corrects, group_key, period, effective_quantity FROM rated_events WHERE account_id = $1 "
                     "AND corrects IS NOT NULL ORDER BY event_time, rated_at", self.account):
                 self._latest[r["corrects"]] = r
         return self._latest.get(original)

@@ -25,20 +25,29 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from billing_events import topics
+from billing_events import ids, topics
 from billing_events.messages import LedgerEvent, RejectReason, UsageRejection
 from billing_events.money import RATING_CONTEXT, to_subunits
 from billing_events.timeutil import utcnow
+from billing_rating import repricing
 from billing_rating.aggregation import GROUP_SEPARATOR, REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
-from billing_rating.codec import Usage, debit_command_json, decode_accepted, timestamp_text, usage_command_id
+from billing_rating.codec import (
+    Event,
+    Usage,
+    debit_command_json,
+    decode_accepted,
+    timestamp_text,
+    usage_command_id,
+)
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import (
     TRIAL_ENDED_UNCONVERTED,
     AccountSubscription,
+    already_applied,
     apply_event,
     ended_periods,
     load_for,
@@ -105,7 +114,8 @@ class RatingService:
         self._plan_specs: dict[tuple[int, str, int, str], tuple[Any, dict[str, Any]]] = {}
 
     async def setup(self) -> None:
-        await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA)  # type: ignore[attr-defined]
+        await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA  # type: ignore[attr-defined]
+                                    + repricing.SCHEMA)
         await self._load_catalog()
 
     async def _load_catalog(self) -> None:
@@ -128,7 +138,14 @@ class RatingService:
             event = LedgerEvent.model_validate_json(record.value)
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:
+                    # Usage of the account rated before this event that it prices otherwise is repriced first (the
+                    # give-backs and charges go before any close debit or usage lines of the same event).
+                    reprices = await self._repricing_target(conn, event)
+                    stale = reprices is not None and await already_applied(conn, event)
                     ended = await apply_event(conn, event, self.db.dialect)
+                    if reprices is not None:
+                        outputs.extend(await repricing.sent_before(conn, repricing.cause_of(event)) if stale
+                                       else await self._reprice(conn, event, *reprices))
                     if ended is not None and event.type == "Subscription.Changed":
                         outputs.extend(await self._period_restarted(conn, ended))
                     elif ended is not None:
@@ -277,13 +294,14 @@ class RatingService:
 
     def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView, moment: datetime
                  ) -> tuple[Any, Decimal, str, bool, dict[str, Any]] | None:
-        """(spec, pooled allowance, overage policy, trial usage, spec as JSON) from the plans of live subscriptions;
-        trial usage: the pricing subscription is in its trial at ``moment`` (``AccountSubscription.in_trial``)."""
+        """(spec, pooled allowance, overage policy, trial usage, spec as JSON) from the plans of live subscriptions
+        started by ``moment``; trial usage: the pricing subscription is in its trial at ``moment``
+        (``AccountSubscription.in_trial``)."""
         chosen = None
         included = Decimal(0)
         for sub in subs:
             plan = catalog.plans.get((sub.plan_code, sub.plan_version))
-            if plan is None:
+            if plan is None or sub.start > moment:  # not started at ``moment``: its usage is priced as without it
                 continue
             for charge in plan.charges:
                 if charge.meter != meter.code:
@@ -301,6 +319,247 @@ class RatingService:
             cached = (spec, spec.model_dump(mode="json"))  # dumped once per catalogue, not per event
             self._plan_specs[key] = cached
         return cached[0], included, charge.overage_policy, sub.in_trial(moment), cached[1]
+
+    async def _repricing_target(self, conn: Connection, event: LedgerEvent) -> tuple[str, str] | None:
+        """(account, tenant) whose usage ``event`` may reprice (``repricing.since``), locked against usage batches of
+        the account (``repricing.lock_account``) before anything else of the event is read or written; else None."""
+        if repricing.since(event) is None:
+            return None
+        if event.type == "Subscription.Started":
+            tenant = str(event.data["tenant"])
+            account = str(ids.account_id(tenant))
+        else:
+            row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
+                                      str(event.aggregate_id))
+            if row is None:
+                return None
+            account, tenant = row["account_id"], row["tenant"]
+        await repricing.lock_account(conn, self.db.dialect, account)
+        return account, tenant
+
+    async def _reprice(self, conn: Connection, event: LedgerEvent, account: str, tenant: str) -> list[OutMessage]:
+        """Reprices the usage of ``account`` at or after ``event``'s instant that rating decided before it learnt of
+        ``event`` and that it now places in another period or prices otherwise (``billing_rating.repricing``): a
+        give-back in the period it was rated in, at that price, and a charge in the period and at the price resolved
+        now, as decisions of their own; returns their commands, after the events' own commands sent again."""
+        moment = repricing.since(event)
+        assert moment is not None
+        cause = repricing.cause_of(event)
+        dialect = self.db.dialect
+        rows = await conn.fetch(f"SELECT {', '.join(RATED_COLUMNS)} FROM rated_events WHERE account_id = $1 "
+                                f"AND period >= $2", account, repricing.period_floor(moment))
+        chains = repricing.chains_since(rows, moment)
+        if not chains:
+            return []
+        batch = _BatchState(dialect, utcnow())
+        batch.catalog = self.catalog
+        batch.subscriptions, _ = await load_subscriptions(conn, [account], dialect)
+        batch.ended = await ended_periods(conn, [account], dialect)
+        batch.closed = {(account, r["period"]) for r in await conn.fetch(
+            "SELECT period FROM closed_periods WHERE account_id = $1", account)}
+        closed = sorted({(account, c.latest["period"]) for c in chains} & batch.closed)
+        if closed:
+            await batch._load_close_lines(conn, closed)
+        moves = [m for m in (self._move(batch, account, chain) for chain in chains) if m is not None]
+        if not moves:
+            return []
+        batch.periods = {(account, period) for m in moves for period in (m.old_period, m.new_period)}
+        await batch._load_totals(conn)
+        # The events' own commands go again first: on the account's partition the ledger then has each debit before
+        # its give-back, even when the batch that rated it has not published it yet (same ids: posted once).
+        resent = [row for move in moves for row in move.chain.commands()]
+        # Out of the old periods, the last added first (each gives back what it added on top of those before it:
+        # the latest rated, and of decisions rated together the one that took its meter's total the highest), then
+        # into the new ones in the order the events happened; give-back before charge in each event's history.
+        gave_back = [m for m in sorted(moves, key=repricing.added_last, reverse=True)
+                     if self._give_back(batch, m, cause, batch.rated_at)]
+        charged_at = (batch.now + LAST_INSTANT).isoformat()
+        for move in sorted(gave_back, key=lambda m: (m.chain.moment, m.chain.rows[0]["rated_at"], m.chain.event_id)):
+            self._charge_again(batch, move, cause, charged_at)
+        await conn.copy_records("rated_events", RATED_COLUMNS, batch.rows)
+        await batch.save_totals(conn)
+        sent = [*resent, *({"event_id": row[1], "output_topic": row[15], "output": row[16]} for row in batch.rows
+                           if row[15] is not None)]
+        await repricing.record_sent(conn, cause, account, [row["event_id"] for row in sent])
+        log.info("usage_repriced", account=account, cause=cause, events=len(gave_back))
+        return [OutMessage(row["output_topic"], account, row["output"].encode(), SCHEMA_HEADERS[row["output_topic"]])
+                for row in sent]
+
+    def _move(self, batch: _BatchState, account: str, chain: repricing.Chain) -> repricing.Move | None:
+        """Where and at what price ``chain``'s event is rated now, when that is not where and how it was rated."""
+        latest = chain.latest
+        meter = batch.catalog.meters.get(latest["meter"])
+        if latest["decision"] not in repricing.MOVABLE or meter is None or meter.error:
+            return None  # refused, filtered, or late (in the open period because its own was closed)
+        definition = meter.definition
+        counted = contribution(definition, chain.quantity)
+        if latest["corrects"] and chain.quantity == 0 or definition.aggregation in REAL_TIME and counted == 0:
+            return None  # voided, or counting nothing: nothing to move
+        moment = chain.moment
+        subs = batch.subscriptions.get(account)
+        old_period, new_period = latest["period"], _period(subs, batch.ended.get(account), moment)
+        if (account, new_period) in batch.closed:
+            return None  # its period was invoiced as it was rated: it stays so
+        if definition.aggregation not in REAL_TIME or meter.ai_table is not None:
+            # Priced at its period's close, or by the meter's own token prices whatever the plan: only its period may
+            # change (a close-priced meter's not out of a closed period: that close billed it).
+            if new_period == old_period or definition.aggregation not in REAL_TIME and (
+                    account, old_period) in batch.closed or meter.ai_table is not None and chain.payload() is None:
+                return None
+            return repricing.Move(chain, meter, old_period, new_period, counted, None, None)
+        payload = chain.payload()
+        old = self._recorded_price(batch, account, chain, payload) if payload is not None else None
+        new = self._price_now(batch.catalog, subs, meter, moment)
+        if old is None or new is None:
+            return None
+        if new_period == old_period and (old.trial and new.trial or not old.trial and not new.trial and (
+                old.inputs["price"], old.included) == (new.inputs["price"], new.included)):
+            return None
+        return repricing.Move(chain, meter, old_period, new_period, counted, old, new)
+
+    def _recorded_price(self, batch: _BatchState, account: str, chain: repricing.Chain, payload: dict[str, Any]
+                        ) -> repricing.Price | None:
+        """The price ``chain``'s event was rated at (its latest debit's inputs); in a closed period the price and
+        allowance its close line billed, as a late correction is priced."""
+        latest, cause = chain.latest, payload["cause"]
+        price, included, priced_by = cause.get("price"), cause.get("included"), cause.get("priced_by")
+        billed = batch.close_lines.get((account, latest["period"], latest["meter"], latest["group_key"]))
+        if billed is not None and billed.get("price") is not None:
+            price, included, priced_by = billed["price"], billed["included"], billed.get("priced_by", priced_by)
+        if price is None or included is None:
+            return None
+        try:
+            spec = parse_spec(price, credit_scales=_credit_scales(batch.catalog))
+        except PriceSpecError as exc:
+            log.error("repricing_skipped", event_id=chain.event_id, error=str(exc))
+            return None
+        return repricing.Price(spec, Decimal(included), latest["decision"] == "trial", {
+            "price": price, "included": decimal_text(Decimal(included)),
+            "overage_policy": cause.get("overage_policy", payload.get("overage_policy")), "priced_by": priced_by})
+
+    def _price_now(self, catalog: CatalogView, subs: list[AccountSubscription] | None, meter: MeterView,
+                   moment: datetime) -> repricing.Price | None:
+        """The price real-time rating resolves for ``meter``'s usage at ``moment`` (as ``_rate``)."""
+        plan = self._pricing(catalog, subs, meter, moment) if subs else None
+        definition = meter.definition
+        if plan is not None:
+            spec, included, overage_policy, trialing, price = plan
+        else:
+            spec, included, overage_policy, trialing, price = (
+                meter.spec, definition.included, definition.overage_policy, False, definition.price)
+        if spec is None:
+            return None
+        return repricing.Price(spec, included, trialing, {
+            "price": price, "included": decimal_text(included), "overage_policy": overage_policy,
+            "priced_by": "plan" if plan is not None else "list_price"})
+
+    def _give_back(self, batch: _BatchState, move: repricing.Move, cause: str, rated_at: str) -> bool:
+        """Takes ``move``'s event out of the period it was rated in: its decision (quantity 0), and for a real-time
+        meter the debit of the difference it made to that period's price, at the price it was rated at (a closed
+        period: named as a late correction, so the ledger credits the invoice that billed it)."""
+        chain, latest, old = move.chain, move.chain.latest, move.old
+        account, tenant, code, group, period = (latest["account_id"], latest["tenant"], latest["meter"],
+                                                latest["group_key"], move.old_period)
+        out_id = repricing.repriced_id(chain.event_id, "out", cause)
+        if old is None and move.meter.ai_table is None:  # priced at close: its new period's close counts it, not this
+            batch.rows.append((account, out_id, tenant, code, period, group, latest["event_time"], "0", latest["value"],
+                               "0", "0", 0, None, batch.catalog.version, "deferred_to_close", None, None, rated_at,
+                               chain.event_id, "0"))
+            return True
+        payload = chain.payload()
+        assert payload is not None
+        key = f"{code}{GROUP_SEPARATOR}{group}" if group else code
+        inputs: dict[str, Any]
+        if old is None:  # AI tokens: each token class's running total, priced by the meter's table
+            gone = self._ai_give_back(batch, account, key, period, move.meter, payload["cause"])
+            if gone is None:
+                log.error("repricing_skipped", event_id=chain.event_id, period=period)
+                return False
+            amount, before, after, inputs = gone
+        else:
+            before = batch.meter_total(account, code, period)
+            after = RATING_CONTEXT.subtract(before, move.counted)
+            group_after = RATING_CONTEXT.subtract(batch.total(account, key, period), move.counted)
+            if after < 0 or group_after < 0:  # its period does not hold it (never expected): neither out nor in
+                log.error("repricing_skipped", event_id=chain.event_id, period=period, total=decimal_text(before))
+                return False
+            batch.set_total(account, key, period, group_after)
+            amount = 0 if old.trial else (period_charge(old.spec, after, old.included)
+                                          - period_charge(old.spec, before, old.included))
+            inputs = old.inputs
+        late = (account, period) in batch.closed
+        given = {k: v for k, v in payload["cause"].items()
+                 if k not in ("group_old", "quantity_old_uncounted", "late", "original_period")}
+        given.update(inputs, quantity_before=decimal_text(before), quantity_after=decimal_text(after),
+                     contribution=decimal_text(-move.counted), corrects=chain.event_id,
+                     quantity_old=decimal_text(chain.quantity), quantity_new="0",
+                     repriced={"by": cause, "as": "give_back"},
+                     **({"late": "late", "original_period": period} if late else {}))
+        value = debit_command_json(usage_command_id(tenant, out_id), tenant, batch.now, batch.now_json,
+                                   {**payload, "amount_subunits": amount, "amount": _amount_text(amount), "cause": given})
+        decision = "trial" if old is not None and old.trial else "late:priced" if late else "priced"
+        batch.rows.append((account, out_id, tenant, code, period, group, latest["event_time"], "0", latest["value"],
+                           decimal_text(before), decimal_text(after), amount, payload["unit"], batch.catalog.version,
+                           decision, topics.LEDGER_COMMANDS, value.decode(), rated_at, chain.event_id, "0"))
+        return True
+
+    @staticmethod
+    def _ai_give_back(batch: _BatchState, account: str, key: str, period: str, meter: MeterView,
+                      cause: dict[str, Any]) -> tuple[int, Decimal, Decimal, dict[str, Any]] | None:
+        """An AI token event out of ``period``'s running totals (per model and token class, as ``_rate_ai`` added it):
+        (amount, tokens before, after, the debit's inputs), or None when they do not hold it."""
+        assert meter.ai_table is not None
+        model, tokens = str(cause.get("model") or ""), cause.get("tokens") or {}
+        before_counts = {c: batch.total(account, f"{key}|model={model}|{c}", period) for c in tokens}
+        after_counts = {c: RATING_CONTEXT.subtract(before_counts[c], Decimal(str(n))) for c, n in tokens.items()}
+        if not tokens or any(n < 0 for n in after_counts.values()):
+            return None
+        for token_class, total in after_counts.items():
+            batch.set_total(account, f"{key}|model={model}|{token_class}", period, total)
+        amount = (to_subunits(ai_token_price(meter.ai_table, model, after_counts).amount)
+                  - to_subunits(ai_token_price(meter.ai_table, model, before_counts).amount))
+        inputs = {"ai_prices": meter.definition.ai_prices, "model": model, "tokens": dict(tokens),
+                  "tokens_before": {c: decimal_text(v) for c, v in before_counts.items()}}
+        return amount, sum(before_counts.values(), Decimal(0)), sum(after_counts.values(), Decimal(0)), inputs
+
+    def _charge_again(self, batch: _BatchState, move: repricing.Move, cause: str, rated_at: str) -> None:
+        """Counts ``move``'s event in the period rating places it in now, and for a real-time meter debits the
+        difference it makes to that period's price at the price resolved now (a trial: 0)."""
+        chain, latest, new = move.chain, move.chain.latest, move.new
+        account, tenant, code, group, period = (latest["account_id"], latest["tenant"], latest["meter"],
+                                                latest["group_key"], move.new_period)
+        in_id = repricing.repriced_id(chain.event_id, "in", cause)
+        quantity = decimal_text(chain.quantity)
+        if new is None and move.meter.ai_table is None:  # priced at close: its new period's close counts it
+            batch.rows.append((account, in_id, tenant, code, period, group, latest["event_time"], quantity,
+                               latest["value"], "0", "0", 0, None, batch.catalog.version, "deferred_to_close", None,
+                               None, rated_at, chain.event_id, quantity))
+            return
+        key = f"{code}{GROUP_SEPARATOR}{group}" if group else code
+        payload = chain.payload()
+        assert payload is not None
+        properties = payload["cause"].get("properties") or {}
+        usage = Usage(account, Event(chain.event_id, tenant, code, chain.quantity, chain.moment, properties, None),
+                      "repricing", batch.catalog.version)
+        inputs: dict[str, Any]
+        if new is None:  # AI tokens: added to the new period's totals per model and token class, as when rated
+            amount, unit, before, after, inputs = self._rate_ai(batch, account, key, period, usage, move.meter)
+        else:
+            before = batch.meter_total(account, code, period)
+            after = RATING_CONTEXT.add(before, move.counted)
+            batch.set_total(account, key, period, RATING_CONTEXT.add(batch.total(account, key, period), move.counted))
+            amount = 0 if new.trial else (period_charge(new.spec, after, new.included)
+                                          - period_charge(new.spec, before, new.included))
+            unit, inputs = new.spec.unit, new.inputs
+        inputs = {**inputs, "corrects": chain.event_id, "quantity_old": "0", "quantity_new": quantity,
+                  "repriced": {"by": cause, "as": "charge"}}
+        output = self._debit(batch, usage, unit, amount, move.meter, period, decimal_text(before),
+                             decimal_text(after), decimal_text(move.counted), group, inputs,
+                             command_id=usage_command_id(tenant, in_id))
+        batch.rows.append((account, in_id, tenant, code, period, group, latest["event_time"], quantity,
+                           latest["value"], decimal_text(before), decimal_text(after), amount, unit,
+                           batch.catalog.version, "trial" if new is not None and new.trial else "priced", output.topic,
+                           output.value.decode(), rated_at, chain.event_id, quantity))
 
     async def handle_accepted(self, records: list[Record]) -> None:
         """One batch, one transaction: a few set-wise reads, decisions in memory, then bulk writes.
@@ -674,7 +933,8 @@ class RatingService:
         return amount, meter.ai_table.unit, before, after, inputs
 
     def _debit(self, batch: _BatchState, usage: Usage, unit: str, amount: int, meter: MeterView, period: str,
-               before: str, after: str, contributed: str, group: str, inputs: dict[str, Any]) -> OutMessage:
+               before: str, after: str, contributed: str, group: str, inputs: dict[str, Any],
+               command_id: str | None = None) -> OutMessage:
         """The ``usage.debit`` command (contract: ``LedgerCommand``, written by ``codec.debit_command_json``).
 
         ``cause.quantity`` is the event's own quantity (the audit trail); ``cause.contribution`` what it added to
@@ -684,6 +944,8 @@ class RatingService:
 
         ``cause.time_zone``: the zone of the subscription periods the usage is billed in, when not UTC, so the monthly
         summaries put it in the month of its usage time there, the invoice's (``billing_time_zone``).
+
+        ``command_id``: a repricing's charge (``_charge_again``), keyed by its own decision; else the event's.
         """
         event = usage.event
         properties = ({k: v if type(v) is str else str(v) for k, v in event.properties.items()}
@@ -704,7 +966,7 @@ class RatingService:
         zone = billing_time_zone(batch.subscriptions.get(usage.account), period)
         if zone is not None:
             payload["cause"]["time_zone"] = zone
-        value = debit_command_json(usage_command_id(event.tenant, event.id), event.tenant, batch.now,
+        value = debit_command_json(command_id or usage_command_id(event.tenant, event.id), event.tenant, batch.now,
                                    batch.now_json, payload)
         return OutMessage(topics.LEDGER_COMMANDS, usage.account, value, SCHEMA_HEADERS[topics.LEDGER_COMMANDS])
 
@@ -845,6 +1107,9 @@ class _BatchState:
             # its new bounds. Without it a batch that read the closed periods just before a close committed
             # rated into the period being closed, after its lines were taken: never invoiced. SQLite runs one
             # transaction at a time (the embedded database's lock): nothing can overlap there.
+            # First of all, the accounts' repricing locks, shared (``repricing.lock_account``): a subscription event
+            # that reprices an account waits for this batch, or this batch for it (and then rates with it).
+            await repricing.lock_accounts_shared(conn, dialect, accounts)
             await conn.execute(f"SELECT 1 FROM account_subscriptions WHERE {by_account[0]} FOR SHARE", *by_account[1])
         for row in await conn.fetch(f"SELECT account_id, period FROM closed_periods WHERE {by_account[0]}",
                                     *by_account[1]):
@@ -903,12 +1168,13 @@ class _BatchState:
             self.originals[(row["account_id"], row["event_id"])] = dict(row)
         where = "corrects = ANY($1::text[])" if postgres else f"corrects IN ({_in(corrected)})"
         for row in await conn.fetch(
-                f"SELECT account_id, corrects, effective_quantity, decision, group_key FROM rated_events "
+                f"SELECT account_id, corrects, effective_quantity, decision, group_key, period FROM rated_events "
                 f"WHERE {where} ORDER BY rated_at", *args):
             original = self.originals.get((row["account_id"], row["corrects"]))
-            if original is not None:  # the latest correction is what the next one amends (filtered out or not)
+            if original is not None:  # the latest correction is what the next one amends (filtered out or not),
+                # in the period it counts in (a repricing's charge may have moved the event: ``_charge_again``)
                 original.update(quantity=row["effective_quantity"], decision=row["decision"], corrected=True,
-                                group_key=row["group_key"])
+                                group_key=row["group_key"], period=row["period"])
 
     async def _load_close_lines(self, conn: Connection, pairs: list[tuple[str, str]]) -> None:
         """The close lines of the closed (account, period) pairs this batch's corrections amend."""

@@ -4,7 +4,8 @@ for an account, the account's billing period, and the usage lines of an ended pe
 Rules (documented in docs/rating.md):
 * A meter is priced by the charge of the account's earliest-started live subscription whose plan has a
   charge for it; allowances (``included``) of every live subscription charging that meter pool together.
-  Without such a subscription, the meter's list price applies.
+  Without such a subscription, the meter's list price applies. A subscription prices usage from its start
+  (``started_at``) on: usage before it is priced as without it, whether rating learnt of it before or after.
 * Usage while the pricing subscription is trialing is recorded but not charged: usage before its trial's end
   (``trial_end`` of its ``Started``, kept in ``subscription_trials``). Usage at or after the trial's end is not
   trial usage even before the ledger's ``TrialConverted`` reaches rating: it is priced by the plan and, for the
@@ -61,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -71,6 +72,7 @@ from billing_events.money import RATING_CONTEXT, is_currency_code
 from billing_events.periods import MONTHS, period_end
 from billing_events.periods import anchor_day as local_anchor_day
 from billing_events.timeutil import utcnow
+from billing_rating import repricing
 from billing_rating.aggregation import REAL_TIME, period_of
 from billing_rating.close import CloseLine
 from billing_rating.text import decimal_text, subunits_text
@@ -145,6 +147,11 @@ class AccountSubscription:
     # The IANA zone its periods turn in (``Subscription.Started``'s ``time_zone``, kept for every cadence); None: not
     # known. Rating names it on the usage debits it bills in its periods (``cause.time_zone``), for the monthly summary.
     time_zone: str | None = None
+
+    @cached_property
+    def start(self) -> datetime:
+        """When it started (``started_at``): usage before it is not priced by it, whenever rating learnt of it."""
+        return datetime.fromisoformat(self.started_at)
 
     def in_trial(self, moment: datetime) -> bool:
         """Whether usage at ``moment`` is trial usage (recorded, not charged): ``moment`` is before the end of the
@@ -292,6 +299,13 @@ def _accounts_where(accounts: Sequence[str], dialect: str) -> tuple[str, list[An
     return f"account_id IN ({', '.join(f'${i}' for i in range(1, len(accounts) + 1))})", list(accounts)
 
 
+async def already_applied(conn: Connection, event: LedgerEvent) -> bool:
+    """Whether ``event`` is not newer than the last event applied to its subscription (a redelivery)."""
+    known = await conn.fetchval("SELECT version FROM subscription_renewals WHERE subscription_id = $1",
+                                str(event.aggregate_id))
+    return known is not None and event.aggregate_version <= int(known)
+
+
 async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -> AccountSubscription | None:
     """Updates the tables from one Subscription event. Returns the subscription with the bounds of a period
     that ended (``PeriodEnded``), that a change cut short by restarting the period (``Changed``, ending at
@@ -309,8 +323,7 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
     data = event.data
     sid = str(event.aggregate_id)
     version = event.aggregate_version
-    known = await conn.fetchval("SELECT version FROM subscription_renewals WHERE subscription_id = $1", sid)
-    stale = known is not None and version <= int(known)
+    stale = await already_applied(conn, event)
     row = None
     if name in ("PeriodEnded", "Changed", "Canceled"):
         lock = " FOR UPDATE" if dialect == "postgres" else ""
@@ -450,9 +463,10 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
         months = _months(span_start, ended.period_end)
         periods = [*sorted(keys), *months]
         rows = await conn.fetch(
-            "SELECT event_id, meter, unit, quantity_before, quantity_after, amount_subunits, event_time, period "
-            f"FROM rated_events WHERE account_id = $1 AND period IN ({', '.join(f'${i + 2}' for i in range(len(periods)))}) "
-            "AND decision LIKE '%priced' ORDER BY event_time, event_id", account, *periods)
+            "SELECT event_id, meter, unit, quantity_before, quantity_after, amount_subunits, event_time, period, "
+            "corrects, rated_at FROM rated_events WHERE account_id = $1 AND period IN "
+            f"({', '.join(f'${i + 2}' for i in range(len(periods)))}) AND decision LIKE '%priced' "
+            "ORDER BY event_time, event_id", account, *periods)
         if restarted:  # their close lines (max, last, unique_count), closed when the change cut them short
             cut_keys = sorted(keys - {key})
             closed = [*closed, *(CloseLine(**json.loads(r["line"])) for r in await conn.fetch(
@@ -460,18 +474,21 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
                 f"({', '.join(f'${i + 2}' for i in range(len(cut_keys)))}) ORDER BY period, meter, group_key",
                 account, *cut_keys))]
         totals: dict[tuple[str, str], tuple[Decimal, int, list[str], set[str], int]] = {}
+        rows = [r for r in rows if r["period"] in keys or span_start <= datetime.fromisoformat(r["event_time"])
+                < ended.period_end]  # not a calendar month's decision outside the subscription's period
+        # The events traced (repricings: ``billing_rating.repricing``), each period's decisions on their own.
+        traced = {id(row): event for period in {r["period"] for r in rows}
+                  for event, row in repricing.traced([r for r in rows if r["period"] == period])}
         for r in rows:
-            if r["period"] not in keys and not (
-                    span_start <= datetime.fromisoformat(r["event_time"]) < ended.period_end):
-                continue  # a calendar month's decision outside the subscription's period
             meter_unit = (r["meter"], r["unit"] or "")
             quantity, amount, event_ids, seen, events = totals.get(meter_unit, (Decimal(0), 0, [], set(), 0))
-            if len(event_ids) < TRACE_EVENT_IDS_MAX:
-                event_ids.append(r["event_id"])
+            event = traced.get(id(r))
+            if event is not None and len(event_ids) < TRACE_EVENT_IDS_MAX:
+                event_ids.append(event)
             seen.add(r["period"])
             moved = RATING_CONTEXT.subtract(Decimal(r["quantity_after"]), Decimal(r["quantity_before"]))
             totals[meter_unit] = (RATING_CONTEXT.add(quantity, moved), amount + int(r["amount_subunits"]),
-                                  event_ids, seen, events + 1)
+                                  event_ids, seen, events + (event is not None))
         for line in closed:
             if line.aggregation in REAL_TIME:
                 continue  # priced in real time: its decisions above
@@ -482,6 +499,8 @@ async def usage_lines_command(conn: Connection, ended: AccountSubscription, tena
             totals[meter_unit] = (RATING_CONTEXT.add(quantity, Decimal(line.quantity)),
                                   amount + line.charged_at_close_subunits, event_ids, seen, events + line.event_count)
         for (meter, unit), (quantity, amount, event_ids, seen, events) in sorted(totals.items()):
+            if not events and not quantity and not amount:
+                continue  # only usage a repricing moved to another period: nothing of it is billed here
             meta = meter_names.get(meter, {})
             label = f"{meta.get('name') or meter}: {decimal_text(quantity)} {meta.get('unit_of_measure', 'units')}"
             # The trace: rating's decisions (GET /v1/rating/periods/{period}/accounts/{tenant}/decisions)

@@ -7,7 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -394,3 +394,90 @@ async def test_postgres_a_period_close_during_a_usage_batch_waits_and_counts_it(
     november = [c for c in outbox.commands() if c["kind"] == "invoice.usage_lines"][-1]
     assert [(line["meter"], line["quantity"], line["amount"]) for line in november["payload"]["lines"]] == [
         ("api_calls", "12", "0.700000000")]
+
+
+# -- usage rated before rating learns of its subscription (two topics, no order between them) ------------------
+
+def _tryout_started(subscription: uuid.UUID, tenant: str = "acme") -> Record:
+    """The trial of plan tryout from Nov 1 (its period Nov 1 - Dec 1, its trial ending on Nov 15)."""
+    return subscription_record(subscription, 1, "Started", tenant=tenant, plan={"code": "tryout", "version": 1},
+                               quantity=1, status="trialing", started_at="2026-11-01T00:00:00+00:00",
+                               period_start="2026-11-01T00:00:00+00:00", period_end="2026-12-01T00:00:00+00:00",
+                               trial_end="2026-11-15T00:00:00+00:00")
+
+
+def _net_charged(outbox: _Outbox) -> int:
+    """What the ledger posts of the usage debits sent: each command once (by its id)."""
+    debits = {c["command_id"]: c for c in outbox.commands() if c["kind"] == "usage.debit"}
+    return sum(int(c["payload"]["amount_subunits"]) for c in debits.values())
+
+
+async def test_postgres_trial_usage_rated_before_its_started_is_given_back_once(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    await service.handle_accepted([usage("acme", "t1", "150", at=datetime(2026, 11, 10, tzinfo=UTC))])
+    assert _net_charged(outbox) == 79_000_000_000  # the list price: 2 included, 10 x 1.00 + 138 x 0.50
+    started = _tryout_started(uuid.uuid4())
+    await service.handle_ledger_events([started])
+    assert _net_charged(outbox) == 0  # given back in November, charged 0 in the trial's period
+    sent = list(outbox.messages)
+    await service.handle_ledger_events([started])  # redelivered: the same commands, nothing repriced again
+    assert [m.value for m in outbox.messages[len(sent):]] == [m.value for m in sent[1:]]  # t1's again, back, charge
+    assert await service.db.fetchval("SELECT count(*) FROM rated_events") == 3
+    totals = {r["period"]: r["quantity"] for r in await service.db.fetch("SELECT period, quantity FROM period_totals")}
+    assert totals == {"2026-11": "0", "2026-11-01T00:00:00+00:00": "150"}
+
+
+async def test_postgres_a_started_during_a_usage_batch_waits_for_it_and_reprices_it(pg_rating, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    decide, racing = service._decide, []
+
+    async def decide_then_a_started(*args: Any) -> Any:
+        async for row in decide(*args):
+            yield row
+        # The batch has rated t1 at the list price (no subscription yet); not committed: the trial starts now.
+        racing.append(asyncio.create_task(service.handle_ledger_events([_tryout_started(uuid.uuid4())])))
+        await asyncio.sleep(RACE_WAIT_MS / 1000)  # the other side runs now, or waits for this one
+
+    monkeypatch.setattr(service, "_decide", decide_then_a_started)
+    await service.handle_accepted([usage("acme", "t1", "150", at=datetime(2026, 11, 10, tzinfo=UTC))])
+    await racing[0]
+    # The Started waited for the batch and repriced t1 (without waiting it read no decision and t1 kept 79.00).
+    assert _net_charged(outbox) == 0
+
+
+async def test_postgres_a_usage_batch_during_a_repricing_waits_and_rates_with_the_subscription(pg_rating, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    await service.handle_accepted([usage("acme", "t1", "150", at=datetime(2026, 11, 10, tzinfo=UTC))])
+    reprice, racing = service._reprice, []
+
+    async def reprice_then_a_batch(*args: Any) -> Any:
+        outputs = await reprice(*args)  # t1 repriced; the Started not committed yet: t2 arrives now
+        racing.append(asyncio.create_task(service.handle_accepted([usage("acme", "t2", "50",
+                                                                         at=datetime(2026, 11, 12, tzinfo=UTC))])))
+        await asyncio.sleep(RACE_WAIT_MS / 1000)
+        return outputs
+
+    monkeypatch.setattr(service, "_reprice", reprice_then_a_batch)
+    await service.handle_ledger_events([_tryout_started(uuid.uuid4())])
+    await racing[0]
+    rows = await service.db.fetch("SELECT period, decision FROM rated_events WHERE event_id = 't2'")
+    assert [(r["period"], r["decision"]) for r in rows] == [("2026-11-01T00:00:00+00:00", "trial")]
+    assert _net_charged(outbox) == 0
+
+
+def test_usage_published_before_its_subscription_exists_is_repriced_when_it_starts(stack: Stack, tmp_path: Path
+                                                                                   ) -> None:
+    tenant = f"early-{uuid.uuid4().hex[:8]}"
+    apply_accounts(stack, tmp_path, [tenant])
+    wait_balance(stack, tenant, Decimal("100.00"))
+    now = datetime.now(UTC)
+    asyncio.run(produce_raw(stack, [{"id": "early-1", "tenant": tenant, "meter": "api_calls", "quantity": "50",
+                                     "timestamp": now.isoformat()}]))
+    wait_balance(stack, tenant, Decimal("90.00"))  # rated before any subscription: the list price, 50 x 0.20
+    # The starter trial, started an hour before that usage (the ledger's Started reaches rating after the usage).
+    created = httpx.post(f"{stack.ledger_url}/v1/accounts/{tenant}/subscriptions", headers=auth("admin"),
+                         json={"key": "main", "plan": "starter", "at": (now - timedelta(hours=1)).isoformat()},
+                         timeout=30)
+    assert created.status_code == 201, created.text
+    assert created.json()["status"] == "trialing"
+    wait_balance(stack, tenant, Decimal("100.00"))  # trial usage: the 10.00 given back, nothing charged

@@ -281,6 +281,27 @@ async def test_a_close_priced_event_a_correction_moved_to_another_group_is_bille
         assert report.discrepancies == []
 
 
+async def test_a_close_priced_event_a_repricing_moved_to_its_subscriptions_period_is_billed_by_that_close(
+        tmp_path: Path) -> None:
+    async with wired(tmp_path) as services:
+        await services.send("disk", "storage_gb", "40", AT)
+        await services.flow()  # rated by calendar month: rating knows of no subscription
+        plan = {"code": "team", "name": "Team", "currency": "USD", "charges": [{"meter": "storage_gb", "price": PER_CALL}]}
+        services.run("catalog.publish", tenant=None, document={**CATALOG, "plans": [plan]}, digest="c2")
+        start = AT - timedelta(hours=1)  # it started before the reading; rating learns of it after
+        services.run("subscription.create", key="m", plan="team", trial=False, at=start.isoformat())
+        await services.relay()  # the reading moves to the subscription's period
+        await services.deliver()
+        services.run("subscription.tick", key="m", at=(start + timedelta(days=32)).isoformat())
+        await services.relay()  # the period ends: its close prices the reading
+        await services.deliver()
+        report = await services.reconcile()
+        # Billed by the close of the subscription's period (it was "rated, period not closed yet": the calendar
+        # month it was first rated in, which no longer counts it).
+        assert report.to_json()["outcomes"]["posted_at_period_close"] == 1
+        assert report.discrepancies == [] and dict(report.in_flight) == {}
+
+
 async def test_the_window_is_the_dedup_window_and_a_bad_time_or_store_is_refused(tmp_path: Path) -> None:
     env = {"BILLING_DATA_DIR": str(tmp_path / "nothing"), "DATABASE_URL": "", "BILLING_NAMESPACE": ""}
     missing = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "usage"], env=env)

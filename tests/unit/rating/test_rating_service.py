@@ -733,7 +733,7 @@ async def test_usage_debits_name_the_time_zone_of_the_subscription_periods_that_
     """``cause.time_zone``: the monthly summaries put the usage in the month of its usage time there (the invoice's),
     which the projections cannot look up themselves. Not named for UTC, nor for calendar months (no subscription)."""
     service, bus = rating
-    await service.handle_accepted([accepted("n1", "5", at=datetime(2026, 10, 31, 23, 30, tzinfo=UTC))])
+    await service.handle_accepted([accepted("n1", "5", at=datetime(2026, 10, 31, 22, 30, tzinfo=UTC))])  # before it
     start, end = datetime(2026, 10, 31, 23, tzinfo=UTC), datetime(2026, 11, 30, 23, tzinfo=UTC)  # Berlin's November
     await subscribe(service, started=start, period=(start, end), time_zone="Europe/Berlin", anchor_day=1)
     await service.handle_accepted([accepted("b1", "5", at=datetime(2026, 11, 30, 23, 30, tzinfo=UTC)),  # Dec 1 local
