@@ -64,7 +64,7 @@ async def test_a_three_decimal_currency_alert_keeps_its_fils(ledger: LedgerAppli
     assert run(ledger, "low_balance.set", "kappa", unit="KWD", threshold="10.005").outcome == "applied"
     assert run(ledger, "usage.debit", "kappa", "u1", unit="KWD", amount_subunits=12 * 10**9, meter="api_calls",
                at=now.isoformat(), cause={}).outcome == "applied"
-    alert, subject, body, webhook = await _alert(ledger, smtp)
+    _, subject, body, webhook = await _alert(ledger, smtp)
     assert subject == "Low balance: 8.000 KWD", subject
     assert "8.000 KWD, below 10.005" in body, body
     assert (webhook["available"], webhook["threshold"]) == ("8.000", "10.005")
@@ -77,7 +77,7 @@ async def test_a_credit_unit_alert_uses_the_catalogue_scale_and_shows_sub_minor_
     assert run(ledger, "low_balance.set", "sigma", unit="CREDIT", threshold="500").outcome == "applied"
     assert run(ledger, "usage.debit", "sigma", "u1", unit="CREDIT", amount_subunits=600 * 10**9 + 5 * 10**8,
                meter="api_calls", at=now.isoformat(), cause={}).outcome == "applied"
-    alert, subject, body, webhook = await _alert(ledger, smtp)
+    _, subject, body, webhook = await _alert(ledger, smtp)
     assert subject == "Low balance: 399.5 CREDIT", subject  # exact: never rounded for display
     assert "399.5 CREDIT, below 500." in body, body
     assert (webhook["available"], webhook["threshold"]) == ("399.5", "500")
