@@ -4,7 +4,9 @@ expiry by ``card_expiry_notices``).
 
 Configured per account (``PUT /v1/accounts/{t}/alerts``: email, webhook_url, webhook_secret, enabled). The webhook
 body is JSON; ``Billing-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` lets the receiver
-check it and refuse old timestamps (replays). Delivery is retried with exponential backoff, a bounded number
+check it and refuse old timestamps (replays). The balance and threshold are written as the ledger shows amounts
+(``amounts.show``): the currency's ISO 4217 minor digits (``219.00`` EUR, ``5.005`` KWD), a credit type's catalogue
+scale, more digits only when sub-minor value exists. Delivery is retried with exponential backoff, a bounded number
 of times; the position (``alerts:low-balance``, the name it had before the card notices joined: a new name would
 resend every alert) is recorded after each alert, so a restart does not resend what was delivered. A low-balance
 email goes to the configured address only; a card notice, like a failed payment's email (dunning), goes to the
@@ -22,10 +24,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-from billing_events.money import from_subunits
+from billing_ledger.amounts import credit_scales, show
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.card_expiry import expiry_label
+from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.roster import Roster
 from billing_ledger.mail import send_text, tenant_address
@@ -102,14 +105,18 @@ async def process_pending(app: LedgerApplication, smtp: SmtpSettings | None, *, 
                           transport: httpx.AsyncBaseTransport | None = None,
                           backoff_base_seconds: float = BACKOFF_BASE_SECONDS) -> list[dict[str, Any]]:
     notifications = await asyncio.to_thread(app.unprocessed, ALERTS_NAME, SCAN_BATCH_EVENTS_MAX, ALERT_TOPICS)
-    sent = []
+    sent: list[dict[str, Any]] = []
+    if not notifications:
+        return sent
+    scales = credit_scales(await asyncio.to_thread(
+        app.read, Catalog.create_id(), lambda c: dict(c.document.get("credit_units") or {})))
     for notification in notifications:
         event: Any = app.mapper.to_domain_event(notification)
         if notification.topic == REACHED_TOPIC:
             tenant = await asyncio.to_thread(app.read, event.originator_id, lambda a: a.tenant)
             alert = {"type": "low_balance", "tenant": tenant, "unit": event.unit, "at": event.at.isoformat(),
-                     "available": str(from_subunits(event.available)),
-                     "threshold": str(from_subunits(event.threshold))}
+                     "available": show(event.available, event.unit, scales),
+                     "threshold": show(event.threshold, event.unit, scales)}
             subject = f"Low balance: {alert['available']} {event.unit}"
             body = f"The balance of {tenant} is {alert['available']} {event.unit}, below {alert['threshold']}.\n"
             fallback = None  # low-balance emails go to the configured address only

@@ -279,7 +279,8 @@ def pay_order(app: LedgerApplication, batch: _Batch, order: Order, *, gateway: s
     if not in_currency and net + tax > 0:
         # Credits bought in a credit unit: the money paid (and its tax) is booked in the currency too.
         account.book_purchase_money(grant_id=purchase, currency=q["currency"], net=net, tax_amount=tax, at=at,
-                                    cause={**cause, "total": q["total"], "tax": q["tax"]})
+                                    cause={**cause, "total": q["total"], "tax": q["tax"],
+                                           **({"user": by} if by else {})})  # who (session 13), as the grant
     if Decimal(q["promotion_credits"]) > 0:
         # In the promotion's own unit (orders placed before it was recorded: the purchase unit).
         account.grant_credit(

@@ -33,17 +33,12 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from billing_events.money import (
-    MoneyError,
-    currency,
-    format_subunits,
-    from_subunits,
-    is_currency_code,
-    to_subunits,
-)
+from billing_events.money import is_currency_code, to_subunits
 from billing_events.timeutil import utcnow
+from billing_ledger.amounts import credit_scales, show
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
+from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.postings import LedgerAccount
 from billing_ledger.limits import DIGEST_BACKFILL_DAYS_MAX
 from billing_ledger.mail import send_text
@@ -165,22 +160,15 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
     return summary, mark
 
 
-def _amount(unit: str, subunits: int) -> str:
-    try:
-        if is_currency_code(unit):
-            return format_subunits(subunits, currency(unit))
-    except MoneyError:
-        pass
-    return format(from_subunits(subunits).normalize(), "f")
-
-
-def render(summary: dict[str, Any]) -> str:
+def render(summary: dict[str, Any], scales: dict[str, int] | None = None) -> str:
+    """The digest's text: each amount as the ledger shows one (``amounts.show``: a currency's minor digits, a credit
+    type's catalogue scale from ``scales``)."""
     labels = {"funds_in": "Funds taken in", "tax_collected": "Tax collected", "consumed": "Credit consumed",
               "refunds": "Refunds"}
     lines = [f"Income digest for {summary['day']} (UTC)", ""]
     for name, label in labels.items():
         values = summary[name]
-        shown = ", ".join(f"{_amount(unit, value)} {unit}" for unit, value in values.items()) or "none"
+        shown = ", ".join(f"{show(value, unit, scales)} {unit}" for unit, value in values.items()) or "none"
         lines.append(f"{label}: {shown}")
     lines += ["", f"Purchases: {summary['purchase_count']}, refunds: {summary['refund_count']}", ""]
     return "\n".join(lines)
@@ -200,10 +188,11 @@ def send_due(app: LedgerApplication, smtp: SmtpSettings | None, recipient: str, 
     oldest = yesterday - timedelta(days=DIGEST_BACKFILL_DAYS_MAX - 1)
     day = yesterday if last is None else max(date.fromordinal(last + 1), oldest)
     summary = None
+    scales = credit_scales(app.read(Catalog.create_id(), lambda c: dict(c.document.get("credit_units") or {})))
     while day <= yesterday:
         start = recorder.max_tracking_id(POSITION_NAME) or 0
         summary, mark = summarize(app, day, start)
-        send_text(smtp, recipient, f"Income digest {summary['day']}", render(summary))
+        send_text(smtp, recipient, f"Income digest {summary['day']}", render(summary, scales))
         recorder.insert_tracking(Tracking(DAY_NAME, day.toordinal()))
         if mark > start:
             recorder.insert_tracking(Tracking(POSITION_NAME, mark))

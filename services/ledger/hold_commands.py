@@ -57,6 +57,7 @@ def place_hold(app: LedgerApplication, batch: _Batch, command: LedgerCommand) ->
         meter=payload.optional_text(command, "meter"),
         expires_at=payload.timestamp(command, "expires_at"),
         at=payload.timestamp(command, "at", default=command.issued_at),
+        by=command.issued_by or None,
     )
     return account.hold(hold)
 
@@ -68,7 +69,7 @@ def capture_hold(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     at = payload.timestamp(command, "at", default=command.issued_at)
     account.capture_hold(hold_id=hold, amount=payload.subunits(command, "amount"), at=at,
                          allow_overage=payload.flag(command, "allow_overage"),
-                         time_zone=billing_time_zone(batch, command.tenant, at))
+                         time_zone=billing_time_zone(batch, command.tenant, at), by=command.issued_by or None)
     return account.hold(hold)
 
 
@@ -76,5 +77,6 @@ def capture_hold(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
 def release_hold(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = account_of(batch, command.tenant)
     hold = payload.uuid(command, "hold_id")
-    account.release_hold(hold_id=hold, at=payload.timestamp(command, "at", default=command.issued_at))
+    account.release_hold(hold_id=hold, at=payload.timestamp(command, "at", default=command.issued_at),
+                         by=command.issued_by or None)
     return account.hold(hold)

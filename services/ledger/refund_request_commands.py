@@ -65,21 +65,21 @@ def _purchase_grant(batch: _Batch, order: Order) -> dict[str, Any]:
     return next(g for g in account_of(batch, order.tenant).grant_balances() if g["grant_id"] == purchase)
 
 
-def _reserve(batch: _Batch, order: Order, at: datetime) -> None:
+def _reserve(batch: _Batch, order: Order, at: datetime, by: str) -> None:
     """Holds the unrefunded purchased credit until the gateway's refund is booked (see the module docstring)."""
     grant = _purchase_grant(batch, order)
     amount = int(grant["amount"]) - int(grant["refunded"])
     if not account_of(batch, order.tenant).place_hold(
             hold_id=refund_hold_id(order), unit=grant["unit"], amount=amount, meter=None,
-            expires_at=at + timedelta(seconds=REFUND_HOLD_SECONDS), at=at, thresholds=False):
+            expires_at=at + timedelta(seconds=REFUND_HOLD_SECONDS), at=at, thresholds=False, by=by or None):
         raise CommandRejected("refund_not_eligible", f"the credit of order {order.key!r} cannot be reserved")
 
 
-def _release(batch: _Batch, order: Order, at: datetime) -> None:
+def _release(batch: _Batch, order: Order, at: datetime, by: str) -> None:
     account = account_of(batch, order.tenant)
     hold = str(refund_hold_id(order))
     if any(h["hold_id"] == hold for h in account.active_holds()):
-        account.release_hold(hold_id=UUID(hold), at=at)
+        account.release_hold(hold_id=UUID(hold), at=at, by=by or None)
 
 
 def request_view(request: RefundRequest) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def approve_request(app: LedgerApplication, batch: _Batch, command: LedgerComman
     except RefundRequestError as exc:
         raise CommandRejected("invalid_transition", str(exc)) from exc
     if order.status == PAID:  # approving again (a gateway retry) keeps the first hold; refunded: nothing to hold
-        _reserve(batch, order, effective_at(command))
+        _reserve(batch, order, effective_at(command), command.issued_by)
     return {**request_view(request), "order": {"key": order.key, "gateway": order.gateway,
                                                "payment": order.payment, "quote": dict(order.quote)}}
 
@@ -214,7 +214,7 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     what this refund paid back, by default the order's total). ``reclaim_reversed`` (the gateway's refund: the
     money has left): usage of the purchase a give-back returned as ``usage_reversal`` credit is refunded too and
     that credit taken back (``BillingAccount.refund_grant``); otherwise such a refund is refused."""
-    _release(batch, order, at)  # the credit an approved request reserved is the credit paid back now
+    _release(batch, order, at, by)  # the credit an approved request reserved is the credit paid back now
     account = account_of(batch, order.tenant)
     grants = {g["grant_id"]: g for g in account.grant_balances()}
     purchase = ids.grant_id(order.tenant, f"order/{order.id}/purchase")
@@ -222,7 +222,10 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     # The rest of the credit with the rest of the tax booked on the grant (a currency package: the tax a partial
     # ``grant.refund`` gave back before is not given back again). A package in a credit unit has its money and
     # tax booked in the currency apart (``book_purchase_money``): ``refund_grant`` reverses that in proportion.
-    cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference, **(cause or {})}
+    # ``user``: who refunded it (the finance user completing an approved request, the gateway's webhook), as a
+    # ``grant.refund``'s cause names its user (since session 13; the history's ``user``).
+    cause = {"order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference,
+             **({"user": by} if by else {}), **(cause or {})}
     account.refund_grant(grant_id=purchase, amount=int(state["amount"]) - int(state["refunded"]),
                          refund_id=uuid5(NAMESPACE_URL, f"/orders/{order.id}/refund"), at=at,
                          finance_override=finance_override, cause=cause, reclaim_reversed=reclaim_reversed)

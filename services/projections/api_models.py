@@ -72,7 +72,9 @@ class Transaction(BaseModel):
     held_delta: Amount = Field(description="Exact change of held credit")
     meter: str | None
     quantity: str | None
-    user: str | None = Field(description="Who did it: granted_by, the adjusting user, or the usage's user")
+    user: str | None = Field(description="Who did it: granted_by, the adjusting or refunding user, who placed, "
+                                         "captured or released a hold (since session 13), or the usage's user; "
+                                         "null when the event names nobody")
     grant_id: str | None
     hold_id: str | None
     event_ids: list[str] = Field(description="Usage event ids that caused a debit")

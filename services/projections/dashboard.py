@@ -170,6 +170,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         start, end = month_range(y, m)
         days = _days(y, m)
         daily = await lists.figure_series(db, tenant=tenant, granularity="day", since=start, until=end)
+        units = await views.load_units(db)
         month_figures = await lists.figure_series(db, tenant=tenant, granularity="month", since=start, until=end)
         chart_units = sorted({r["unit"] for r in daily}) or [balance["currency"]]
         meters = await catalog.meters(db)
@@ -178,7 +179,6 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         types = [type] if type else []
         transactions, next_cursor = await lists.transactions(db, tenant=tenant, types=types, cursor=cursor,
                                                              limit=TRANSACTIONS_SHOWN)
-        units = await views.load_units(db)
         grant_rows = [views.grant_view(g, units, now) for g in await balances.grants(db, tenant, status="open")]
         invoice_rows, _ = await lists.invoice_list(db, tenant=tenant, ledger_url=ledger_url, limit=INVOICES_SHOWN)
         return _page(request, "account.html", {
@@ -187,7 +187,8 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             "years": _years(now), "meter": meter or "", "meters": sorted(set(meters) | {r["meter"] for r in monthly}),
             "charts": [charts.bar_chart(_chart_points(daily, days, u), unit=u, test_id=f"consumption-chart-{u}",
                                         title=f"Credit consumed per day, {y:04d}-{m:02d} ({u})") for u in chart_units],
-            "month_figures": month_figures, "monthly": monthly, "ai": ai, "transactions": transactions,
+            "month_figures": views.figure_cards(month_figures, units), "monthly": monthly, "ai": ai,
+            "transactions": transactions,
             "next_cursor": next_cursor, "type": type or "", "types": history.TYPES, "grants": grant_rows,
         })
 
@@ -255,7 +256,9 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         y, m = _period(year, month)
         start, end = month_range(y, m)
         daily = await lists.figure_series(db, tenant=scope, granularity="day", since=start, until=end)
-        month_figures = await lists.figure_series(db, tenant=scope, granularity="month", since=start, until=end)
+        month_figures = views.figure_cards(
+            await lists.figure_series(db, tenant=scope, granularity="month", since=start, until=end),
+            await views.load_units(db))
         accounts = [a for a in await lists.accounts(db, now) if principal.can_see(a["tenant"])]
         monthly, _ = await lists.monthly(db, tenant=scope, year=y, month=m, meter=None, limit=500)
         chargeback = await lists.chargeback(db, year=y, month=m, tenant=scope)

@@ -122,15 +122,16 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     if name == "BalanceAdjusted":
         return {"type": "adjustment", "amount": int(d["amount"]), "reference": d.get("adjustment_id"),
                 "user_id": d.get("user"), "detail": d.get("reason")}
+    # A hold's ``by`` (since session 13): who placed, captured or released it; older holds name none.
     if name == "HoldPlaced":
         return {"type": "hold_placed", "amount": -int(d["amount"]), "held_delta": int(d["amount"]),
-                "hold_id": d.get("hold_id")}
+                "hold_id": d.get("hold_id"), "user_id": d.get("by")}
     if name == "HoldCaptured":
         return {"type": "hold_captured", "amount": -int(d["amount"]), "held_delta": -int(d["held_amount"]),
-                "hold_id": d.get("hold_id")}
+                "hold_id": d.get("hold_id"), "user_id": d.get("by")}
     if name in ("HoldReleased", "HoldExpired"):
         return {"type": "hold_released" if name == "HoldReleased" else "hold_expired", "amount": int(d["amount"]),
-                "held_delta": -int(d["amount"]), "hold_id": d.get("hold_id")}
+                "held_delta": -int(d["amount"]), "hold_id": d.get("hold_id"), "user_id": d.get("by")}
     if name == "ReceivableSettled":
         return {"type": "receivable_settled", "amount": int(d["amount"]), "reference": d.get("settlement_id")}
     if name == "OverageRepaid":  # credit bought (or a late period's recurring credit) paid what was owed

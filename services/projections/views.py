@@ -1,7 +1,8 @@
 """Read-model rows -> what the API and the dashboard show: exact decimal strings, ISO 8601 times.
 
 The JSON API and the HTML dashboard both render these views, so a number on the page is the number the
-API returns.
+API returns; the dashboard's figure cards (``figure_cards``) show it at the unit's scale, rounded once for display,
+with the exact figure beside it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,19 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import quote
 
-from billing_events.money import MoneyError, Unit, UnitKind, format_subunits, resolve_unit, to_subunits
+from billing_events.money import (
+    RATING_CONTEXT,
+    MoneyError,
+    Unit,
+    UnitKind,
+    format_subunits,
+    resolve_unit,
+    to_subunits,
+)
 from billing_projections import balances, catalog
 from billing_projections.facts import utc_text
 from billing_projections.figures import FIGURES
@@ -177,6 +186,35 @@ def ai_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
 
 def figures_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
     return {"period": row["bucket"], "unit": row["unit"], **{n: units.fmt(row[n], row["unit"]) for n in FIGURES}}
+
+
+# The dashboard's cards of a month's figures (figures.py), per kind of unit. A currency's row is money: what came
+# in, was consumed (revenue), collected, paid back. A credit type's row is credit, never money: its ``funds_in``
+# is only the clearing posting in that unit (the money is in the currency, ``PurchaseMoneyBooked``), so it is
+# not shown; what was bought, granted, consumed and lapsed is, labelled as credits.
+MONEY_CARDS = (("funds_in", "Funds taken in"), ("top_ups", "Top-ups"), ("consumed", "Credit consumed"),
+               ("tax_collected", "Tax collected"), ("refunds", "Refunds (money paid back)"),
+               ("credit_notes", "Credit notes (account credit)"), ("breakage", "Breakage"),
+               ("chargebacks", "Chargebacks (lost card disputes)"))
+CREDIT_CARDS = (("top_ups", "Credits bought"), ("plan_grants", "Credits granted by plans"),
+                ("promotional", "Credits given (promotions, manual)"), ("consumed", "Credits consumed"),
+                ("breakage", "Credits lapsed"))
+
+
+def figure_cards(figures: list[dict[str, Any]], units: Units) -> list[dict[str, Any]]:
+    """``figures_view`` rows as the dashboard's cards: each figure ``shown`` at its unit's scale (a currency's ISO
+    4217 minor digits, a credit type's catalogue scale), rounded half-up once for display, with the API's
+    ``exact`` figure beside it (the card's tooltip and ``data-exact``): 8.186886363 USD consumed shows 8.19."""
+    cards = []
+    for f in figures:
+        unit = units.unit(f["unit"])
+        step = Decimal(1).scaleb(-unit.minor_scale)
+        chosen = MONEY_CARDS if unit.kind is UnitKind.CURRENCY else CREDIT_CARDS
+        cards.append({"unit": f["unit"], "kind": unit.kind.value, "cards": [
+            {"key": key, "label": label, "exact": f[key],
+             "shown": str(Decimal(f[key]).quantize(step, rounding=ROUND_HALF_UP, context=RATING_CONTEXT))}
+            for key, label in chosen]})
+    return cards
 
 
 def now_text(now: datetime) -> str:

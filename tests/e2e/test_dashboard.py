@@ -11,6 +11,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,14 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             {"id": "ai-2", "tenant": "acme", "meter": "ai_tokens", "quantity": "150000", "timestamp": now,
              "properties": {"model": "gpt-4o-mini", "operation": "summarise", "user": "bob",
                             "input_tokens": 100000, "output_tokens": 50000}},
+            # 0.00000015 USD: below the cent, so the exact figures (API, balance) differ from the cards' cents.
+            {"id": "ai-3", "tenant": "acme", "meter": "ai_tokens", "quantity": "1", "timestamp": now,
+             "properties": {"model": "gpt-4o-mini", "operation": "chat", "user": "bob", "input_tokens": 1}},
         ]
         r = httpx.post(f"{base}/v1/usage", json={"events": events}, headers=auth("service"), timeout=10)
-        assert [x["status"] for x in r.json()["results"]] == ["accepted"] * 4, r.text
-        wait_until(lambda: _balance(base) == "93.91", what="the debits (30 x 0.20 + 0.045 + 0.045)")
+        assert [x["status"] for x in r.json()["results"]] == ["accepted"] * 5, r.text
+        wait_until(lambda: _balance(base) == "93.90999985",
+                   what="the debits (30 x 0.20 + 0.045 + 0.045 + 0.00000015)")
         # A subscription to the demo plan (29.00 a month): its first invoice is finalized at once.
         created = httpx.post(f"{base}/v1/accounts/acme/subscriptions", headers=auth("admin"), timeout=30,
                              json={"key": "main", "plan": "starter", "quantity": 1, "trial": False})
@@ -118,7 +123,7 @@ def test_tenant_dashboard_matches_the_api_and_filters(embedded: str, browser: An
 
     balance = _api(base, "/v1/accounts/acme/balance", viewer)
     usd = next(w for w in balance["wallets"] if w["unit"] == "USD")
-    assert page.inner_text("[data-testid=available-USD]") == usd["available"] == "93.91"
+    assert page.inner_text("[data-testid=available-USD]") == usd["available"] == "93.90999985"  # a balance: exact
     assert page.inner_text("[data-testid=held-USD]") == usd["held"]
     assert page.locator("[data-testid=consumption-chart-USD] rect.bar").count() >= 28  # one bar per day
 
@@ -138,7 +143,9 @@ def test_tenant_dashboard_matches_the_api_and_filters(embedded: str, browser: An
     figures = _api(base, "/v1/accounts/acme/figures", viewer, granularity="month", year=now.year,
                    month=now.month)["items"]
     usd_figures = next(f for f in figures if f["unit"] == "USD")
-    assert page.inner_text("[data-testid=figure-consumed-USD]") == usd_figures["consumed"]
+    assert usd_figures["consumed"] == "6.09000015"  # the API: exact
+    consumed = page.locator("[data-testid=figure-consumed-USD]")
+    assert consumed.inner_text() == "6.09" and consumed.get_attribute("data-exact") == usd_figures["consumed"]
 
     # Invoices: the API's list, each with a PDF link that downloads the ledger's rendering with the cookie.
     invoices = _api(base, "/v1/accounts/acme/invoices", viewer)["items"]
@@ -180,7 +187,7 @@ def test_tenant_dashboard_matches_the_api_and_filters(embedded: str, browser: An
     page.select_option("[data-testid=filter-type]", "usage")
     _submit(page, "apply-type")
     types = page.locator("[data-testid=transaction-row]")
-    assert types.count() == 4 and {types.nth(i).get_attribute("data-type") for i in range(4)} == {"usage"}
+    assert types.count() == 5 and {types.nth(i).get_attribute("data-type") for i in range(5)} == {"usage"}
 
     # Another tenant's page is refused.
     page.goto(f"{base}/dashboard/accounts/globex")
@@ -194,9 +201,21 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     now = datetime.now(UTC)
     figures = _api(base, "/v1/reports/figures", finance, year=now.year, month=now.month)["items"]
     usd = next(f for f in figures if f["unit"] == "USD")
+    # Money cards: the API's figures at the currency's minor digits (the exact one in data-exact).
     for key in ("funds_in", "top_ups", "consumed", "tax_collected", "refunds", "credit_notes", "breakage"):
-        assert page.inner_text(f"[data-testid=figure-{key}-USD]") == usd[key], key
-    assert usd["consumed"] == "6.09"
+        card = page.locator(f"[data-testid=figure-{key}-USD]")
+        assert card.get_attribute("data-exact") == usd[key], key
+        assert card.inner_text() == str(Decimal(usd[key]).quantize(Decimal("0.01"), ROUND_HALF_UP)), key
+    assert (usd["consumed"], page.inner_text("[data-testid=figure-consumed-USD]")) == ("6.09000015", "6.09")
+    # The plan's 1000 CREDIT: credit, never money. Its row has no funds, tax or refund cards; its cards say credits.
+    credit = next(f for f in figures if f["unit"] == "CREDIT")
+    cards = page.locator("[data-testid=finance-cards-CREDIT]")
+    assert cards.get_attribute("data-kind") == "credit"
+    assert page.locator("[data-testid=figure-funds_in-CREDIT]").count() == 0
+    assert page.locator("[data-testid=figure-tax_collected-CREDIT]").count() == 0
+    assert page.inner_text("[data-testid=figure-plan_grants-CREDIT]") == credit["plan_grants"] == "1000.00"
+    labels = cards.text_content()
+    assert "Funds taken in" not in labels and "Credits granted by plans" in labels
     mrr = _api(base, "/v1/reports/mrr", finance)["items"]
     assert [(m["currency"], m["mrr"]) for m in mrr] == [("USD", "29.00")]
     assert page.inner_text("[data-testid=mrr-USD]") == mrr[0]["mrr"]
@@ -227,7 +246,7 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     page.select_option("[data-testid=filter-tenant]", "acme")
     _submit(page, "apply-filters")
     assert "tenant=acme" in page.url
-    assert page.inner_text("[data-testid=figure-consumed-USD]") == usd["consumed"]
+    assert page.inner_text("[data-testid=figure-consumed-USD]") == "6.09"
     page.select_option("[data-testid=filter-month]", str(1 if now.month != 1 else 2))
     page.select_option("[data-testid=filter-year]", str(now.year - 1))
     _submit(page, "apply-filters")

@@ -1198,9 +1198,12 @@ class BillingAccount(ChainedAggregate):
 
     def place_hold(
         self, *, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime,
-        thresholds: bool = True,
+        thresholds: bool = True, by: str | None = None,
     ) -> bool:
         """Reserves ``amount`` if spendable; answers yes/no. Repeating a hold id returns the first answer.
+
+        ``by``: who placed it (the command's issuer: a service token's subject, the finance user approving a refund
+        request), recorded on ``HoldPlaced`` since session 13 (earlier holds name none).
 
         ``thresholds=False`` (a refund request's hold on the credit being refunded): no low-balance alert and
         no auto-top-up for the drop, which is money going back, not spending (the alerts stay armed)."""
@@ -1239,7 +1242,7 @@ class BillingAccount(ChainedAggregate):
             )
             return False
         self._hold_placed(
-            hold_id=hold_id, unit=unit, amount=amount, meter=meter, expires_at=expires_at, at=at
+            hold_id=hold_id, unit=unit, amount=amount, meter=meter, expires_at=expires_at, at=at, by=by
         )
         if thresholds:
             self._check_thresholds(unit, at)
@@ -1247,7 +1250,8 @@ class BillingAccount(ChainedAggregate):
 
     @event("HoldPlaced")
     def _hold_placed(
-        self, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime
+        self, hold_id: UUID, unit: str, amount: int, meter: str | None, expires_at: datetime, at: datetime,
+        by: str | None = None,  # (since session 13) who placed it; only read by the projections
     ) -> None:
         self._holds[str(hold_id)] = {
             "hold_id": str(hold_id),
@@ -1288,7 +1292,7 @@ class BillingAccount(ChainedAggregate):
         )
 
     def capture_hold(self, *, hold_id: UUID, amount: int, at: datetime, allow_overage: bool = False,
-                     time_zone: str | None = None) -> None:
+                     time_zone: str | None = None, by: str | None = None) -> None:
         """Spends ``amount`` (at most the hold unless ``allow_overage``) like a debit; frees the rest.
 
         ``time_zone``: the zone of the subscription periods that bill usage at ``at`` (not UTC; the caller's
@@ -1324,6 +1328,7 @@ class BillingAccount(ChainedAggregate):
             overage=overage,
             at=at,
             time_zone=time_zone,
+            by=by,
         )
         self._check_thresholds(unit, at)
 
@@ -1340,6 +1345,7 @@ class BillingAccount(ChainedAggregate):
         overage: int,
         at: datetime,
         time_zone: str | None = None,  # (since session 12) only read by the projections; captures before name none
+        by: str | None = None,  # (since session 13) who captured it; only read by the projections
     ) -> None:
         self._settle_hold(str(hold_id), "captured", captured=amount)
         self._apply_draws(unit, draws, remember=True)
@@ -1352,13 +1358,14 @@ class BillingAccount(ChainedAggregate):
             _add_overage_time(self._overage_times, unit, key, at, overage)
         self._update_arming(unit)
 
-    def release_hold(self, *, hold_id: UUID, at: datetime) -> None:
+    def release_hold(self, *, hold_id: UUID, at: datetime, by: str | None = None) -> None:
+        """Frees the hold without spending; ``by``: who released it (since session 13, as ``place_hold``)."""
         h = self._active_hold(hold_id)
         _require_time("at", at)
-        self._hold_released(hold_id=hold_id, unit=h["unit"], amount=h["amount"], at=at)
+        self._hold_released(hold_id=hold_id, unit=h["unit"], amount=h["amount"], at=at, by=by)
 
     @event("HoldReleased")
-    def _hold_released(self, hold_id: UUID, unit: str, amount: int, at: datetime) -> None:
+    def _hold_released(self, hold_id: UUID, unit: str, amount: int, at: datetime, by: str | None = None) -> None:
         self._settle_hold(str(hold_id), "released")
         self._update_arming(unit)
 

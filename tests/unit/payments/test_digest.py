@@ -11,7 +11,7 @@ from billing_events import ids
 from billing_events.messages import PaymentNotification
 from billing_ledger.application import LedgerApplication
 from billing_ledger.audit import account_events
-from billing_ledger.digest import send_due, summarize
+from billing_ledger.digest import render, send_due, summarize
 from billing_ledger.domain.checkout import order_id
 from billing_ledger.limits import DIGEST_BACKFILL_DAYS_MAX
 from billing_ledger.notifier import SmtpSettings
@@ -162,3 +162,13 @@ def test_a_long_outage_sends_at_most_the_last_month_of_digests(ledger: LedgerApp
     assert len(inbox.messages) == DIGEST_BACKFILL_DAYS_MAX
     assert inbox.messages[0]["Subject"] == f"Income digest {today - timedelta(days=DIGEST_BACKFILL_DAYS_MAX)}"
     assert inbox.messages[-1]["Subject"] == f"Income digest {today - timedelta(days=1)}"
+
+
+def test_the_digest_states_each_unit_at_its_own_scale() -> None:
+    """A currency at its ISO 4217 minor digits (KWD: 3), a credit type at its catalogue scale (here 2), not the
+    bare digits a credit amount used to be written with (``1500``)."""
+    summary = {"day": "2026-11-21", "purchase_count": 1, "refund_count": 0, "funds_in": {"KWD": 12_960_000_000},
+               "tax_collected": {}, "refunds": {}, "consumed": {"TOKENS": 1500 * 10**9, "KWD": 5 * 10**8}}
+    body = render(summary, {"TOKENS": 2})
+    assert "Funds taken in: 12.960 KWD" in body, body
+    assert "Credit consumed: 1500.00 TOKENS, 0.500 KWD" in body, body

@@ -48,11 +48,13 @@ class Ledger:
     def save(self, *aggregates: Any) -> None:
         self.app.save(*aggregates)
 
-    def command(self, kind: str, tenant: str | None, at: datetime = T0, **payload: Any) -> CommandResult:
-        """A ledger command applied as the ledger's consumer applies it (subscriptions, invoices, ...)."""
+    def command(self, kind: str, tenant: str | None, at: datetime = T0, *, issued_by: str = "user:test",
+                **payload: Any) -> CommandResult:
+        """A ledger command applied as the ledger's consumer applies it (subscriptions, invoices, ...), issued by
+        ``issued_by`` (a token's subject)."""
         self._commands = getattr(self, "_commands", 0) + 1
         command = LedgerCommand(command_id=uid("command", self._commands), kind=kind, tenant=tenant, issued_at=at,
-                                issued_by="user:test", payload={"at": at.isoformat(), **payload})
+                                issued_by=issued_by, payload={"at": at.isoformat(), **payload})
         [result] = self.app.apply_commands([command])
         assert result.outcome in ("applied", "duplicate"), result
         return result

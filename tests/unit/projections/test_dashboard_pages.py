@@ -19,6 +19,7 @@ from billing_runtime.http import create_app
 from tests.unit.projections.conftest import apply
 from tests.unit.projections.ledger_events import Ledger, full_scenario, simple_account
 from tests.unit.projections.test_api import SETTINGS, auth
+from tests.unit.projections.test_credit_package_figures import credit_packages
 from tests.unit.projections.test_subscription_invoice_figures import PAID_AT, gateway_refund, subscribed
 
 
@@ -39,6 +40,14 @@ async def serving(service: ProjectionService) -> AsyncIterator[httpx.AsyncClient
         app.include_router(router)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         yield c
+
+
+def cards_of(html: str, unit: str) -> dict[str, tuple[str, str, str]]:
+    """The figure cards of ``unit``: key -> (label, what is shown, data-exact)."""
+    assert f'data-testid="finance-cards-{unit}"' in html, f"no cards for {unit}"
+    return {key: (label, shown, exact) for label, key, exact, shown in re.findall(
+        rf'<div class="label">([^<]*)</div>\s*<div class="value"><span data-testid="figure-(\w+)-{unit}" '
+        rf'data-exact="([^"]*)"[^>]*>([^<]*)<', html)}
 
 
 def text_of(html: str, name: str) -> str:
@@ -65,7 +74,9 @@ async def test_login_sets_a_cookie_and_lands_on_the_tenants_page(client: httpx.A
     assert text_of(page.text, "available-USD") == usd["available"]
     assert text_of(page.text, "low-balance-USD").startswith("Low balance")
     assert 'data-testid="consumption-chart-USD"' in page.text
-    assert text_of(page.text, "figure-consumed-USD") == "101.000003"
+    # The card shows money at the currency's minor digits; the API (and the card's data-exact) keeps it exact.
+    assert text_of(page.text, "figure-consumed-USD") == "101.00"
+    assert 'data-exact="101.000003"' in page.text
     assert (await client.get("/dashboard/accounts/globex")).status_code == 403
     assert (await client.get("/dashboard/finance")).status_code == 403
 
@@ -142,3 +153,29 @@ async def test_the_transactions_table_shows_each_rows_reference(service: Project
     assert invoice in shown.values()
     assert {r["position"]: r["reference"] for r in csv.DictReader(io.StringIO(exported.text))} == {
         str(t["position"]): t["reference"] or "" for t in api}
+
+
+async def test_money_cards_show_minor_units_and_credit_cards_are_labelled_credits(service: ProjectionService) -> None:
+    """Two packages of 10,000 + 1,000 CREDIT bought for 113.05 USD each, and usage of 8.186886363 USD: the USD cards
+    show 226.10 taken in and 8.19 consumed (the API's exact figures beside them); the CREDIT row shows the credit
+    bought as credits, and no "Funds taken in" (its clearing posting in CREDIT is not money)."""
+    ledger = Ledger()
+    credit_packages(ledger)
+    ledger.command("usage.debit", "acme", unit="USD", amount_subunits=8_186_886_363, meter="api_calls")
+    await apply(service, ledger.records())
+    async with serving(service) as client:
+        account = await client.get("/dashboard/accounts/acme?year=2026&month=10", headers=auth("viewer", "acme"))
+        finance = await client.get("/dashboard/finance?year=2026&month=10", headers=auth("finance"))
+        api = (await client.get("/v1/accounts/acme/figures?granularity=month&year=2026&month=10",
+                                headers=auth("viewer", "acme"))).json()
+    figures = {f["unit"]: f for f in api["items"]}
+    assert (figures["USD"]["consumed"], figures["USD"]["funds_in"]) == ("8.186886363", "226.10")  # the API: exact
+    for page in (account, finance):
+        assert page.status_code == 200
+        usd, credit = cards_of(page.text, "USD"), cards_of(page.text, "CREDIT")
+        assert usd["funds_in"] == ("Funds taken in", "226.10", "226.10")
+        assert usd["consumed"] == ("Credit consumed", "8.19", "8.186886363")
+        assert usd["tax_collected"][1] == "36.10"
+        assert "funds_in" not in credit and "tax_collected" not in credit and "refunds" not in credit
+        assert credit["top_ups"] == ("Credits bought", "22000", "22000")
+        assert all("credit" in label.lower() for label, _, _ in credit.values()), credit
