@@ -92,10 +92,12 @@ log = get_logger(__name__)
 # a usage_reversal credit keeps what gateway refunds took back of each grant's usage it reversed (taken_back in
 # _grants). 19: usage of a usage_reversal credit a gateway refund made owed, until a give-back or credit bought clears it
 # or an invoice billing it is paid (_owed_usage). 20: what each manual adjustment left, the answer a retry of it gets
-# (_adjustments). 21: gateway refunds that came before the payment they give back wait for it (_parked_refunds).
+# (_adjustments). 21: gateway refunds that came before the payment they give back wait for it (_parked_refunds). 22:
+# each grant keeps whether it is a plan credit left open after its period for that period's late usage (late_usage in
+# _grants: the sweep, not the renewal, lapses it).
 # ResourcePool 2: finished requests are forgotten after a while
 # (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 21, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 22, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

@@ -46,8 +46,9 @@ class Grant(BaseModel):
     expires_at: str | None
     drawable_until: str | None = Field(
         default=None, description="When usage stops drawing this credit though the grant stays open until "
-                                  "expires_at (a plan's recurring credit with rollover: its period's end; the "
-                                  "renewal carries or lapses it); null: drawable until it expires")
+                                  "expires_at (a plan's recurring credit: its period's end; with rollover the "
+                                  "renewal carries or lapses it, without it stays open for that period's late "
+                                  "usage and lapses at expires_at); null: drawable until it expires")
     expiring_soon: bool = Field(description="Remaining credit whose end (the earlier of drawable_until and "
                                             "expires_at) falls within 7 days")
     scope: list[str] | None

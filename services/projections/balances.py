@@ -5,9 +5,10 @@
   ``held`` (active holds), ``receivable`` (overage owed), low-balance threshold and last alert, freshness.
   ``available = balance - held``.
 * ``grants``: one row per grant with its ``remaining`` credit (minus its wallet postings), status, expiry, and
-  ``drawable_until`` (a rollover plan credit: usage from then on no longer draws it, though it stays open until
-  ``expires_at``; ``CreditGranted.drawable_until``, recorded since session 9). "Expiring soon" looks at the earlier
-  of the two (``ends_at``).
+  ``drawable_until`` (a plan credit: usage from then on no longer draws it, though it stays open until
+  ``expires_at``: a rollover credit until its renewal carries it, one without for its period's late usage;
+  ``CreditGranted.drawable_until``, recorded since session 9 for rollover credits, since session 13 for all). "Expiring
+  soon" looks at the earlier of the two (``ends_at``).
 * ``ledger_balances``: signed balance (debit positive) per tenant, ledger account and unit.
 """
 

@@ -27,6 +27,12 @@ Drawdown order (usage, captures)
     what of it is carried and what lapses (``void_grant(lapsed=...)``); the expiry sweep does not take it first,
     not even after its ``expires_at`` (a period later), when the tick comes later still (since session 12:
     ``_left_to_renewal``). Grants recorded before have none: drawable until they expire, and swept then.
+    Since session 13 a plan credit without rollover has a ``drawable_until`` too (its period's end) and stays open
+    after it for ``RECURRING_CREDIT_LATE_USAGE_DAYS`` (its ``expires_at``, ``late_usage``): usage is drawn by the
+    time it happened, not by when it reaches the ledger, so a close debit (max, last, unique_count, sent after the
+    renewal) or usage of the period that comes late still draws the period's credit, as it would have on time; the
+    sweep lapses what is left at its ``expires_at``, once (the renewal leaves it open). Such credits granted before
+    expired at the period's end (the renewal or the sweep, whichever came first) and replay so.
 
     One debit may span several grants; every draw and every wallet posting names its grant.
 
@@ -378,6 +384,11 @@ class BillingAccount(ChainedAggregate):
             if all(g["cause"].get(k) == v for k, v in match.items())
         ]
 
+    def open_for_late_usage(self, grant_id: UUID) -> bool:
+        """Whether grant ``grant_id`` is a plan credit left open after its period for that period's late usage, lapsed
+        by the expiry sweep at its ``expires_at`` (``grant_credit(late_usage=True)``, since session 13)."""
+        return bool(self._grant(grant_id).get("late_usage"))
+
     def grants_expiring_by(self, now: datetime) -> bool:
         """Whether an open grant has ``expires_at <= now`` (what ``expire_grants(now)`` would expire), one left to
         its renewal (``_left_to_renewal``) aside."""
@@ -423,11 +434,14 @@ class BillingAccount(ChainedAggregate):
         granted_by: str,
         tax_amount: int = 0,
         drawable_until: datetime | None = None,
+        late_usage: bool = False,
     ) -> None:
         """Adds a grant of ``amount`` sub-units. ``tax_amount`` (same unit) only for purchases.
         ``drawable_until``: usage at or after it no longer draws the grant, which stays open until ``expires_at``
-        (a recurring credit with rollover: drawn in its period, carried or lapsed by the renewal; see the module
-        docstring); after ``effective_at`` and not after ``expires_at``."""
+        (a plan's recurring credit: drawn in its period; see the module docstring); after ``effective_at`` and not
+        after ``expires_at``. ``late_usage`` (a plan credit without rollover, with ``drawable_until`` and an
+        ``expires_at`` after it): open after its period only for that period's late usage, it lapses at its
+        ``expires_at`` by the expiry sweep like any grant, never by the renewal (which closes a rollover credit)."""
         self._require_unit(unit)
         if str(grant_id) in self._grants:
             raise DuplicateGrant(f"grant {grant_id} already exists")
@@ -445,6 +459,8 @@ class BillingAccount(ChainedAggregate):
                 raise InvalidArgument("drawable_until must be after effective_at")
             if expires_at is not None and drawable_until > expires_at:
                 raise InvalidArgument("drawable_until must not be after expires_at")
+        if late_usage and (source != GrantSource.PLAN_RECURRENCE or drawable_until is None or expires_at is None):
+            raise InvalidArgument("only a plan credit with drawable_until and expires_at stays open for late usage")
         scope = _require_scope(scope)
         if source not in _CALLER_SOURCES:
             raise InvalidArgument(
@@ -476,6 +492,7 @@ class BillingAccount(ChainedAggregate):
             granted_by=granted_by,
             postings=postings,
             **({"drawable_until": drawable_until} if drawable_until is not None else {}),
+            **({"late_usage": True} if late_usage else {}),
         )
         # A grant only raises the balance: no downward crossing to check.
 
@@ -496,9 +513,12 @@ class BillingAccount(ChainedAggregate):
         postings: list[Posting],
         revenue: dict[str, Any] | None = None,
         drawable_until: datetime | None = None,
+        late_usage: bool = False,
     ) -> None:
         # ``revenue``: a subscription credit note's change to the fee schedules (``credit_note_grant``).
-        # ``drawable_until``: recorded since session 9 (a rollover recurring credit); earlier grants have none.
+        # ``drawable_until``: recorded since session 9 (a rollover recurring credit; since session 13 every plan
+        # credit); earlier grants have none. ``late_usage``: recorded since session 13 (a plan credit without
+        # rollover, open after its period for late usage of it until its expiry); earlier grants have none.
         self._apply_fee_revenue(revenue)
         self._add_grant(
             {
@@ -515,6 +535,7 @@ class BillingAccount(ChainedAggregate):
                 "cause": cause,
                 "granted_by": granted_by,
                 "drawable_until": drawable_until,
+                "late_usage": late_usage,
             }
         )
         self._update_arming(unit)
@@ -2870,6 +2891,7 @@ class BillingAccount(ChainedAggregate):
             adjusted=0,  # credit negative adjustments took from it (to MANUAL_ADJUSTMENT); format 16
             adjusted_reversed=0,  # of it, paid back by override refunds (from MANUAL_ADJUSTMENT); format 16
             drawable_until=record.get("drawable_until"),  # usage from then on does not draw it; format 14
+            late_usage=bool(record.get("late_usage")),  # open after drawable_until for late usage only; format 22
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
@@ -3138,8 +3160,13 @@ def _left_to_renewal(g: GrantRecord) -> bool:
     ``rollover_cap``) and lapses the rest (``void_grant(lapsed=...)``), and a change, pause or cancel closes it the
     same way; the scheduler ticks every live subscription at each period's end, so it is always closed by one of
     them. Swept first when the tick came more than a period late, all of it lapsed and the renewal had nothing to
-    carry. Usage never draws it after ``drawable_until``, so it stays open but unspent meanwhile."""
-    return g["source"] == GrantSource.PLAN_RECURRENCE and g.get("drawable_until") is not None
+    carry. Usage never draws it after ``drawable_until``, so it stays open but unspent meanwhile.
+
+    A plan credit without rollover (``late_usage``, since session 13) is not: the renewal leaves it open for its
+    period's late usage and the sweep lapses it at its ``expires_at``, ``RECURRING_CREDIT_LATE_USAGE_DAYS`` after the
+    period's end (``billing_ledger.limits``)."""
+    return (g["source"] == GrantSource.PLAN_RECURRENCE and g.get("drawable_until") is not None
+            and not g.get("late_usage"))
 
 
 def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:

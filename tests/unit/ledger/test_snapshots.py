@@ -191,7 +191,9 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # Format 19: _owed_usage (usage of a usage_reversal credit a gateway refund made owed, until cleared or paid).
 # Format 20: _adjustments (what each manual adjustment left, the answer a retry of it gets).
 # Format 21: _parked_refunds (gateway refunds waiting for their payment).
-ACCOUNT_ATTRIBUTES_FORMAT_21 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+# Format 22: the same attributes, but each grant in _grants keeps whether it is a plan credit left open after its
+# period for that period's late usage (late_usage).
+ACCOUNT_ATTRIBUTES_FORMAT_22 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
     "_adjustments", "_auto_top_up", "_billed_periods", "_created_on", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
     "_modified_on", "_overage_rounding", "_overage_times", "_owed_usage", "_parked_refunds", "_pending_events", "_pending_fee_credits", "_period_minimums", "_receivable", "_recent_draws", "_settled_holds", "_top_up_history",
@@ -211,7 +213,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 21 and account == ACCOUNT_ATTRIBUTES_FORMAT_21
+    assert snapshots.FORMATS[BillingAccount] == 22 and account == ACCOUNT_ATTRIBUTES_FORMAT_22
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 
