@@ -328,7 +328,10 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
     then is expired (``GrantExpired``), a rollover grant (it expires a period later, and the sweep leaves it to this
     however late) is voided with the part above what it carries lapsed (``rollover_cap``; all of it when nothing is
     carried), and a grant open for its period's late usage (``late_usage``, since session 13) is left open: the
-    expiry sweep lapses it at its ``expires_at``, so close debits and late usage of the period still draw it. Voided
+    expiry sweep lapses it at its ``expires_at``, so close debits and late usage of the period still draw it; it is
+    set aside (``set_aside_grants``: out of ``available``, new usage cannot draw it) and its unit returned, so the
+    caller's alerts see the drop once the command's movements are done (a renewal: with the next period's credit,
+    a paused one or a cancel at the period's end: without). Voided
     back to DEFERRED_REVENUE it stayed there, the period's fee having already taken its share out (``_fee_revenue``).
     ``lapse_currency``: this much of what is left of the grants in the plan's currency lapses, in their order (a
     period whose fee was given back in full, refunded or voided, so that fee no longer funds their credit: all of
@@ -355,7 +358,10 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
             account.expire_grants(at, grant_ids=[grant], thresholds=False)
             units.add(str(state["unit"]))
         elif ended and late_usage:
-            continue  # the period's late usage may still draw it; the sweep lapses it at its expires_at
+            # The period's late usage may still draw it and the sweep lapses it at its expires_at; new usage no longer
+            # can: it is set aside, out of ``available``, its alerts checked by the caller after its last movement.
+            account.set_aside_grants(at, grant_ids=[grant], thresholds=False)
+            units.add(str(state["unit"]))
         else:
             lapsed = remaining - carry if ended or rolled else 0
             if not (ended or rolled) and lapse_currency > 0 and state["unit"] == sub.plan["currency"]:

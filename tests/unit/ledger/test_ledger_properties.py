@@ -699,6 +699,7 @@ def check_audit_and_snapshot(run: InvoiceRun) -> None:
     assert replayed.problems == []
     for unit, wallet in replayed.wallets().items():
         assert wallet == {"balance": account.balance(unit), "held": account.held(unit),
+                          "late_usage_reserve": account.late_usage_reserve(unit),
                           "available": account.available(unit), "receivable": account.receivable(unit)}, unit
     # The ledger's snapshot encoding (snapshots.py: its format tag, the ledger's orjson transcoder) and back.
     ledger = SimpleNamespace(_app=SnapshotCodec())

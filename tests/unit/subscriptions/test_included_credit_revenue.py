@@ -102,9 +102,10 @@ def test_a_renewal_leaves_the_ended_credit_open_for_late_usage_and_the_sweep_lap
     assert [e.remainder for e in events(app, "GrantExpired")] == [600 * CENT]  # once
     recognised, breakage, deferred = revenue(app)
     # November exactly its fee (20.00 ratably, 4.00 used, 6.00 lapsed); December 20.00 ratably and 1.00 used, its
-    # 9.00 of credit still open (in the wallet) for December's late usage.
+    # 9.00 of credit still open (in the wallet) for December's late usage, set aside since its period ended on Jan 1
+    # (no renewal here): not available to new usage.
     assert (recognised, breakage, deferred) == ((2400 + 2100) * CENT, 600 * CENT, 0)
-    assert account(app).available("USD") == 900 * CENT
+    assert (account(app).available("USD"), account(app).late_usage_reserve("USD")) == (0, 900 * CENT)
     assert verify_store(app, "acme").ok
 
 
