@@ -37,7 +37,9 @@ from billing_runtime.db import Connection, Database
 # 13: the history leaves out debits of 0 (usage that cost nothing: no movement); the monthly summary keeps them.
 # 14: figures' adjustments count what a finance-override refund takes back from manual_adjustment
 #     (``GrantRefunded.from_adjustment``), as the ledger posts it.
-SCHEMA_VERSION = "14"
+# 15: grants.set_aside_at (a plan credit set aside at its period's end for its late usage, ``GrantSetAside``): the
+#     wallets' late_usage_reserve, out of available.
+SCHEMA_VERSION = "15"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),
