@@ -423,7 +423,9 @@ class BillingAccount(ChainedAggregate):
     def grants_due_by(self, now: datetime) -> bool:
         """Whether the expiry sweep (``expire_grants(now)``) has something to do: a grant to expire, or one past its
         ``drawable_until`` to set aside (``set_aside_grants``)."""
-        return self.grants_expiring_by(now) or any(_to_set_aside(g, now) for g in self._grants.values())
+        return any(g["status"] == "open" and (
+            (g["expires_at"] is not None and g["expires_at"] <= now and not _left_to_renewal(g)) or _to_set_aside(g, now))
+            for g in self._grants.values())  # one pass: the sweeper asks every account every round
 
     def holds_expiring_by(self, now: datetime) -> int:
         """How many active holds have ``expires_at <= now`` (what ``expire_holds(now)`` would release)."""
