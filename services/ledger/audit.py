@@ -11,7 +11,9 @@ An export line is one event of the tenant's ``BillingAccount``, in version order
   timestamp, data)``, the first event's previous hash being ``GENESIS``;
 * the balances are sums of ``data.postings`` (debit positive, credit negative, integer sub-units of
   10**-9) per ledger account and unit: the wallet balance is minus the ``tenant_wallet`` sum, receivables
-  the ``receivables`` sum, and ``held`` follows the hold events (holds post nothing).
+  the ``receivables`` sum, and ``held`` follows the hold events (holds post nothing); the late usage reserve is
+  minus the ``tenant_wallet`` postings of the grants a ``GrantSetAside`` names (every wallet posting names its
+  grant), and ``available = balance - held - late_usage_reserve``.
 
 :func:`replay` does exactly that with nothing but the lines (an auditor needs only this repository);
 :func:`verify_store` also rebuilds the aggregate from the event store with the domain model and checks the
@@ -46,6 +48,8 @@ HOLD_CHANGES = {
     "BillingAccount.HoldReleased": (-1, "amount"),
     "BillingAccount.HoldExpired": (-1, "amount"),
 }
+# A grant's credit set aside for its ended period's late usage: out of ``available`` from then on (no postings).
+SET_ASIDE = "BillingAccount.GrantSetAside"
 
 
 @dataclass
@@ -56,15 +60,26 @@ class Replay:
     # (ledger account, unit) -> signed sub-units
     ledger: dict[tuple[str, str], int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
+    # grant id -> (unit, signed sum of its tenant_wallet postings); the grants set aside (``GrantSetAside``)
+    grant_wallet: dict[str, tuple[str, int]] = field(default_factory=dict)
+    set_aside: set[str] = field(default_factory=set)
 
     def wallets(self) -> dict[str, dict[str, int]]:
-        """Per unit: balance (open credit), held, available = balance - held, receivable (sub-units)."""
+        """Per unit: balance (open credit), held, late_usage_reserve (credit set aside for an ended period's late
+        usage), available = balance - held - late_usage_reserve, receivable (sub-units)."""
         units = {u for (_, u) in self.ledger} | set(self.held)
+        reserve: dict[str, int] = {}
+        for grant in self.set_aside:
+            unit, amount = self.grant_wallet.get(grant, ("", 0))
+            if unit:
+                reserve[unit] = reserve.get(unit, 0) - amount
         result = {}
         for unit in sorted(units):
             balance = -self.ledger.get((LedgerAccount.TENANT_WALLET.value, unit), 0)
             held = self.held.get(unit, 0)
-            result[unit] = {"balance": balance, "held": held, "available": balance - held,
+            aside = reserve.get(unit, 0)
+            result[unit] = {"balance": balance, "held": held, "late_usage_reserve": aside,
+                            "available": balance - held - aside,
                             "receivable": self.ledger.get((LedgerAccount.RECEIVABLES.value, unit), 0)}
         return result
 
@@ -122,6 +137,12 @@ def replay(records: Iterable[dict[str, Any]]) -> Replay:
         for line in postings:
             key = (line["account"], line["unit"])
             result.ledger[key] = result.ledger.get(key, 0) + int(line["amount"])
+            if line["account"] == LedgerAccount.TENANT_WALLET.value and line.get("grant_id"):
+                grant = str(line["grant_id"])
+                result.grant_wallet[grant] = (line["unit"], result.grant_wallet.get(grant, ("", 0))[1]
+                                              + int(line["amount"]))
+        if record["type"] == SET_ASIDE:
+            result.set_aside.add(str(record["data"]["grant_id"]))
         change = HOLD_CHANGES.get(record["type"])
         if change is not None:
             unit = record["data"]["unit"]
@@ -175,6 +196,7 @@ def verify_store(app: LedgerApplication, tenant: str) -> Verification:
         problems.append(f"aggregate chain head {account.chain_head} != replayed {replayed.head}")
     for unit, wallet in replayed.wallets().items():
         rebuilt = {"balance": account.balance(unit), "held": account.held(unit),
+                   "late_usage_reserve": account.late_usage_reserve(unit),
                    "available": account.available(unit), "receivable": account.receivable(unit)}
         for name, value in rebuilt.items():
             if wallet[name] != value:
@@ -210,7 +232,7 @@ def compare_with_projection(verification: Verification, projection: dict[str, An
             if any(wallet.values()):
                 problems.append(f"projection has no {unit} wallet")
             continue
-        for name in ("balance", "held", "available", "receivable"):
+        for name in ("balance", "held", "late_usage_reserve", "available", "receivable"):
             if name in shown[unit] and Decimal(shown[unit][name]) != from_subunits(wallet[name]):
                 problems.append(f"projection {unit} {name} {shown[unit][name]} != ledger {show(wallet[name], unit)}")
     return problems

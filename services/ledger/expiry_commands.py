@@ -1,8 +1,10 @@
 """Expiry sweeps of one account: ``grant.expire`` and ``hold.expire``.
 
-Both are idempotent by construction: an expired grant or hold is closed by the event that expires it, so a
-second sweep (another ledger process, a redelivery, an overlapping round) finds nothing left to do and
-records no movement. The sweeper (:mod:`billing_ledger.sweeper`) sends them; anyone may.
+``grant.expire`` also sets aside the plan credits whose period has ended (``GrantSetAside``, out of ``available``;
+see ``BillingAccount.expire_grants``). Both are idempotent by construction: an expired grant or hold is closed by the
+event that expires it, and a grant set aside is marked so by its event, so a second sweep (another ledger process,
+a redelivery, an overlapping round) finds nothing left to do and records no movement. The sweeper
+(:mod:`billing_ledger.sweeper`) sends them; anyone may.
 """
 
 from __future__ import annotations

@@ -118,6 +118,16 @@ AUDIT_PAGE_EVENTS_MAX = 1_000
 # PeriodEnded); further behind it is rejected (``renewals_behind``): tick the subscription first.
 CANCEL_RENEWALS_MAX = 36
 
+# A plan's recurring credit without rollover is drawn only by usage of its own period (``drawable_until``, the
+# period's end) but stays open this long after that end (its ``expires_at``) and lapses to breakage then, by the expiry
+# sweep, once: the close debits of meters priced at close (max, last, unique_count), which rating sends only after
+# the renewal ended the period, and usage of the period that reaches the ledger late (Kafka and rating lag, an
+# upstream sending late) still draw it, so the books are the same whether they land before or after the period's
+# end, its renewal or the sweep. 35 days is ingest's dedup window (``BILLING_DEDUP_WINDOW_DAYS``, default 35): the
+# oldest usage ingest accepts (older is ``too_old``), so any usage it accepts of a period ended this long ago at most
+# finds its credit open. Recorded on each grant (``expires_at``): changing it changes grants issued from then on only.
+RECURRING_CREDIT_LATE_USAGE_DAYS = 35
+
 # `billing serve ledger` stopping its relay process: SIGTERM (it finishes its round and records its position),
 # then SIGKILL after this long (a re-publication of at most RELAY_POSITION_RECORD_SECONDS of events follows).
 RELAY_STOP_SECONDS_MAX = 10.0

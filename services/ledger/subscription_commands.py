@@ -74,7 +74,11 @@ from billing_ledger.domain.subscription import (
     subscription_id,
 )
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, TaxResult, check_tax_id, compute_tax
-from billing_ledger.limits import CANCEL_RENEWALS_MAX, INCOMPLETE_EXPIRY_DAYS
+from billing_ledger.limits import (
+    CANCEL_RENEWALS_MAX,
+    INCOMPLETE_EXPIRY_DAYS,
+    RECURRING_CREDIT_LATE_USAGE_DAYS,
+)
 from billing_ledger.payload import at as effective_at
 from billing_ledger.payload import time_zone as read_time_zone
 
@@ -249,15 +253,23 @@ def _recurring_amounts(sub: Subscription, carried: dict[str, int] | None, fracti
 def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime, end: datetime, by: str,
                      carried: dict[str, int] | None = None, fraction: Decimal = Decimal(1),
                      change: UUID | None = None) -> list[str]:
-    """Issues the plan's recurring credits for [start, end); they expire at ``end`` unless rollover is on.
+    """Issues the plan's recurring credits for [start, end), each drawn only by usage of [start, end)
+    (``drawable_until``: ``end``).
 
-    A rollover credit is drawn only by usage of [start, end) too (``drawable_until``), but stays open after it
-    (``expires_at`` a period later) so the renewal that ends its period carries or lapses what is left of it
-    (``_close_recurring``), whether the expiry sweep or the tick runs first: the sweep leaves it to the renewal even
-    after ``expires_at``, a tick more than a period late included (``BillingAccount.expire_grants``; it expired all
-    of it to breakage, and the renewal had nothing left to carry). Drawable until its later expiry, as it
-    was, usage after the period's end that came before a late tick drew it instead of waiting for the next period's
-    credit (``_repay_period_overage``): less of it lapsed above the cap and the next period's credit stayed unused.
+    Without rollover a credit stays open ``RECURRING_CREDIT_LATE_USAGE_DAYS`` after ``end`` (``expires_at``,
+    ``late_usage``) and the expiry sweep lapses what is left of it then, once; the renewal leaves it open
+    (``_close_recurring``). The period's usage that reaches the ledger after its end still draws it: the close debits
+    of meters priced at close (rating sends them after the renewal's ``PeriodEnded``) and usage from the period's last
+    moments delayed in Kafka or rating. It expired at ``end`` (the renewal or the sweep, whichever came first) before
+    session 13, and that usage was all billed as overage while the credit lapsed to breakage.
+
+    A rollover credit stays open a period longer (``expires_at``) so the renewal that ends its period carries or
+    lapses what is left of it (``_close_recurring``), whether the expiry sweep or the tick runs first: the sweep
+    leaves it to the renewal even after ``expires_at``, a tick more than a period late included
+    (``BillingAccount.expire_grants``; it expired all of it to breakage, and the renewal had nothing left to carry).
+    Drawable until its later expiry, as it was, usage after the period's end that came before a late tick drew it
+    instead of waiting for the next period's credit (``_repay_period_overage``): less of it lapsed above the cap and
+    the next period's credit stayed unused.
 
     ``fraction``: the share of the period's allotment granted (a mid-period change); ``carried`` (by credit
     index, may be negative) is added to it, and a credit that comes to nothing or less is not granted.
@@ -272,9 +284,10 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
         named = start.isoformat() if change is None else f"change/{change}"
         grant = uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{named}/{index}")
         rollover = bool(credit.get("rollover"))
-        expires = end if not rollover else end + (end - start)  # carried once at most
+        # Rollover: carried once at most, by the renewal. Without: open for the period's late usage, then lapsed.
+        expires = end + (end - start) if rollover else end + timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
         account.grant_credit(grant_id=grant, unit=credit["unit"], amount=amount, priority=int(credit.get("priority", 0)),
-                             effective_at=start, expires_at=expires, drawable_until=end if rollover else None,
+                             effective_at=start, expires_at=expires, drawable_until=end, late_usage=not rollover,
                              scope=credit.get("scope"),
                              source="plan_recurrence", granted_by=by,
                              cause={"subscription": str(sub.id), "plan": sub.plan["code"],
@@ -321,8 +334,12 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
     what is left of them and not carried lapses to breakage, as their expiry would post it: a grant expired by
     then is expired (``GrantExpired``), a rollover grant (it expires a period later, and the sweep leaves it to this
     however late) is voided with the part above what it carries lapsed (``rollover_cap``; all of it when nothing is
-    carried). Voided back to
-    DEFERRED_REVENUE it stayed there, the period's fee having already taken its share out (``_fee_revenue``).
+    carried), and a grant open for its period's late usage (``late_usage``, since session 13) is left open: the
+    expiry sweep lapses it at its ``expires_at``, so close debits and late usage of the period still draw it; it is
+    set aside (``set_aside_grants``: out of ``available``, new usage cannot draw it) and its unit returned, so the
+    caller's alerts see the drop once the command's movements are done (a renewal: with the next period's credit,
+    a paused one or a cancel at the period's end: without). Voided
+    back to DEFERRED_REVENUE it stayed there, the period's fee having already taken its share out (``_fee_revenue``).
     ``lapse_currency``: this much of what is left of the grants in the plan's currency lapses, in their order (a
     period whose fee was given back in full, refunded or voided, so that fee no longer funds their credit: all of
     it at an immediate cancel, at a change what the new grants do not carry)."""
@@ -336,7 +353,8 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
             continue
         remaining = int(state.get("remaining", 0))
         spec = credits[index] if index < len(credits) else {}
-        rolled = rollover and bool(spec.get("rollover"))
+        late_usage = account.open_for_late_usage(UUID(grant))  # a credit without rollover, since session 13
+        rolled = rollover and bool(spec.get("rollover")) and not late_usage
         carry = 0
         if rolled and remaining > 0:
             cap = spec.get("rollover_cap")
@@ -345,6 +363,12 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
             # Its period is over (a renewal, a cancel at the period's end): what is left lapsed, breakage as the
             # sweeper's expiry would post it, whichever comes first.
             account.expire_grants(at, grant_ids=[grant], thresholds=False)
+            units.add(str(state["unit"]))
+        elif ended and late_usage:
+            # The period's late usage may still draw it and the sweep lapses it at its expires_at; new usage no longer
+            # can: it is set aside, out of ``available``, its alerts checked by the caller after its last movement.
+            account.set_aside_grants(at, grant_ids=[grant], thresholds=False)
+            units.add(str(state["unit"]))
         else:
             lapsed = remaining - carry if ended or rolled else 0
             if not (ended or rolled) and lapse_currency > 0 and state["unit"] == sub.plan["currency"]:
@@ -352,7 +376,7 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
                 lapse_currency -= lapsed
             account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False,
                                lapsed=lapsed)
-        units.add(str(state["unit"]))
+            units.add(str(state["unit"]))
     return carried, units
 
 

@@ -1,6 +1,7 @@
 """Scheduled expiry inside the ledger process: grants past ``expires_at`` post their remainder to breakage,
-holds past ``expires_at`` release themselves; the money of credit packages is recognised as their credit
-is used.
+plan credits past ``drawable_until`` (their period ended, the renewal not come yet) are set aside out of
+``available``, holds past ``expires_at`` release themselves; the money of credit packages is recognised as their
+credit is used.
 
 Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
 
@@ -83,7 +84,7 @@ class Sweeper:
             if not isinstance(account, BillingAccount):
                 return None
             due = []
-            if account.grants_expiring_by(now):
+            if account.grants_due_by(now):  # to expire, or past drawable_until to set aside
                 due.append(("grant.expire", 1))
             if holds := account.holds_expiring_by(now):
                 due.append(("hold.expire", holds))  # a HoldExpired each

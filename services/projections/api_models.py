@@ -11,9 +11,16 @@ Amount = str
 
 class Wallet(BaseModel):
     unit: str = Field(description="ISO 4217 currency or catalogue credit type", examples=["USD"])
-    available: Amount = Field(description="balance - held", examples=["95.40"])
+    available: Amount = Field(description="What new usage and holds can spend: balance - held - late_usage_reserve "
+                                          "(the ledger's low-balance alert, auto-top-up, holds and block policy use it)",
+                              examples=["95.40"])
     held: Amount
-    balance: Amount
+    late_usage_reserve: Amount = Field(
+        description="Credit of a plan period that has ended, kept for that period's usage reaching the ledger late "
+                    "(a close debit, delayed usage) until it lapses: in balance, not available (new usage cannot "
+                    "draw it)", examples=["0.00"])
+    balance: Amount = Field(description="Accounting balance of the wallet (tenant_wallet): available + held + "
+                                        "late_usage_reserve")
     receivable: Amount = Field(description="Owed: usage posted beyond credit (overage) and the fees and tax of unpaid subscription invoices")
     expiring_soon: Amount = Field(description="Remaining credit of open grants expiring within 7 days (or, "
                                   "sooner, no longer drawable: drawable_until)")
@@ -46,10 +53,14 @@ class Grant(BaseModel):
     expires_at: str | None
     drawable_until: str | None = Field(
         default=None, description="When usage stops drawing this credit though the grant stays open until "
-                                  "expires_at (a plan's recurring credit with rollover: its period's end; the "
-                                  "renewal carries or lapses it); null: drawable until it expires")
+                                  "expires_at (a plan's recurring credit: its period's end; with rollover the "
+                                  "renewal carries or lapses it, without it stays open for that period's late "
+                                  "usage and lapses at expires_at); null: drawable until it expires")
     expiring_soon: bool = Field(description="Remaining credit whose end (the earlier of drawable_until and "
                                             "expires_at) falls within 7 days")
+    set_aside_at: str | None = Field(
+        default=None, description="When its period ended and what is left of it was set aside for that period's "
+                                  "late usage (the wallet's late_usage_reserve, out of available); null: not set aside")
     scope: list[str] | None
     granted_by: str | None
     cause: dict[str, Any]

@@ -6,7 +6,8 @@ this copy a read is the client's and the API's wake-ups only.
 
 What is kept per tenant (``TenantState``): the rows ``views.balance_view`` reads (the account's currency and
 position, each wallet with its unit's catalogue scale) and the tenant's open grants that could count as
-"expiring soon" (unit, end, remaining). "Expiring soon" is still summed at read time with ``now`` and the view is
+"expiring soon" or in the late usage reserve (unit, end, remaining, set aside). "Expiring soon" (with ``now``) and
+the reserve (the grants set aside, ``balances.RESERVE_SQL``) are still summed at read time and the view is
 built by the same function as the query's (``views.balance_from_rows``), so the answer is the bytes the query
 path gives for the same committed state (tests/unit/projections/test_balance_cache.py).
 
@@ -63,8 +64,9 @@ _CHANNEL_BYTES_MAX = 63  # PostgreSQL's identifier length (NAMEDATALEN - 1)
 _ENDS_AT = "COALESCE(g.drawable_until, g.expires_at)"  # balances.ENDS_AT_SQL of the grants aliased g
 # One tenant's state as a JSON array: [tenant, version, currency, account position, wallets, grants]; wallets
 # in the query's order (ORDER BY unit, the same collation), each [unit, balance, held, receivable, low balance
-# threshold, reached at, updated at, last position, credit scale]; grants [unit, ends at, remaining] (open,
-# remaining > 0 and with an end: the only ones "expiring soon" can count). ``a`` is the accounts row.
+# threshold, reached at, updated at, last position, credit scale]; grants [unit, ends at, remaining, set aside]
+# (open, remaining > 0 and with an end: the only ones "expiring soon" and the late usage reserve can count; a grant
+# set aside always has its drawable_until). ``a`` is the accounts row.
 STATE_SQL = (
     "json_build_array(a.tenant, GREATEST(a.last_position, w.last_position, g.last_position), a.currency, "
     "a.last_position, COALESCE(w.wallets, '[]'), COALESCE(g.grants, '[]'))::text")
@@ -76,7 +78,8 @@ STATE_FROM = (
     "(SELECT c.scale FROM catalog_units c WHERE c.code = w.unit)) ORDER BY w.unit) AS wallets "
     "FROM wallets w WHERE w.tenant = a.tenant) w ON true "
     "LEFT JOIN LATERAL (SELECT MAX(g.last_position) AS last_position, "
-    f"json_agg(json_build_array(g.unit, {_ENDS_AT}, g.remaining)) FILTER (WHERE g.status = 'open' "
+    f"json_agg(json_build_array(g.unit, {_ENDS_AT}, g.remaining, g.set_aside_at IS NOT NULL)) "
+    "FILTER (WHERE g.status = 'open' "
     f"AND g.remaining > 0 AND {_ENDS_AT} IS NOT NULL) AS grants FROM grants g WHERE g.tenant = a.tenant) g ON true")
 STATE_OF_TENANT_SQL = f"SELECT {STATE_SQL} FROM {STATE_FROM} WHERE a.tenant = $1"
 # The consumer's notification of a poll's tenants ($1 the channel, $2 the tenants): each tenant's state, or its
@@ -110,13 +113,17 @@ class TenantState:
         """``views.balance_view``'s answer for this state at ``now`` (its rows, "expiring" summed here)."""
         start, end = balances.expiring_window(now)
         expiring: dict[str, int] = {}
-        for unit, ends, remaining in self.grants:
+        reserve: dict[str, int] = {}
+        for unit, ends, remaining, set_aside in self.grants:
             if start < ends <= end:
                 expiring[unit] = expiring.get(unit, 0) + remaining
+            if set_aside:
+                reserve[unit] = reserve.get(unit, 0) + remaining
         currency, position = self.currency, self.account_position
         rows = [{"currency": currency, "account_position": position, "unit": w[0], "balance": w[1], "held": w[2],
                  "receivable": w[3], "low_balance_threshold": w[4], "low_balance_reached_at": w[5],
-                 "updated_at": w[6], "last_position": w[7], "credit_scale": w[8], "expiring": expiring.get(w[0])}
+                 "updated_at": w[6], "last_position": w[7], "credit_scale": w[8], "expiring": expiring.get(w[0]),
+                 "late_usage_reserve": reserve.get(w[0])}
                 for w in self.wallets]
         if not rows:  # the query's LEFT JOIN: one row without a wallet
             rows = [{"currency": currency, "account_position": position, "unit": None, "credit_scale": None}]

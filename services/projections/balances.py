@@ -3,11 +3,15 @@
 * ``accounts``: one row per billing account (the tenant of every later event of that aggregate).
 * ``wallets``: per tenant and unit: ``balance`` (sum of wallet postings, credit-negative turned positive),
   ``held`` (active holds), ``receivable`` (overage owed), low-balance threshold and last alert, freshness.
-  ``available = balance - held``.
+  ``available = balance - held - late_usage_reserve``, the reserve summed from ``grants`` when read
+  (``RESERVE_SQL``): the ``remaining`` of the open grants set aside.
 * ``grants``: one row per grant with its ``remaining`` credit (minus its wallet postings), status, expiry, and
-  ``drawable_until`` (a rollover plan credit: usage from then on no longer draws it, though it stays open until
-  ``expires_at``; ``CreditGranted.drawable_until``, recorded since session 9). "Expiring soon" looks at the earlier
-  of the two (``ends_at``).
+  ``drawable_until`` (a plan credit: usage from then on no longer draws it, though it stays open until
+  ``expires_at``: a rollover credit until its renewal carries it, one without for its period's late usage;
+  ``CreditGranted.drawable_until``, recorded since session 9 for rollover credits, since session 13 for all). "Expiring
+  soon" looks at the earlier of the two (``ends_at``). ``set_aside_at``: when its period ended and the ledger set
+  it aside for that period's late usage (``GrantSetAside``, since session 13): what is left of it is the wallet's
+  ``late_usage_reserve``, in ``balance`` but not ``available`` (new usage cannot draw it).
 * ``ledger_balances``: signed balance (debit positive) per tenant, ledger account and unit.
 """
 
@@ -35,7 +39,7 @@ GRANTS = Table("grants", {"grant_id": "TEXT"}, {
     "amount": value("BIGINT NOT NULL"), "tax_amount": value("BIGINT NOT NULL"), "remaining": INT_SUM,
     "refunded": INT_SUM, "breakage": INT_SUM, "priority": value("BIGINT NOT NULL"),
     "effective_at": value("TEXT NOT NULL"), "expires_at": value("TEXT"), "drawable_until": value("TEXT"),
-    "scope": value("TEXT"),
+    "set_aside_at": value("TEXT"), "scope": value("TEXT"),
     "status": value("TEXT NOT NULL"), "granted_by": value("TEXT"), "cause": value("TEXT"),
     "last_position": value("BIGINT"),
 }, indexes=("tenant, expires_at",))
@@ -171,12 +175,14 @@ def _project_grants(fact: Fact, w: BatchWriter, sums: PostingSums) -> None:
             change["add"]["breakage"] = int(data["lapsed"])
     elif name == "GrantRefunded":
         changes.setdefault(grant_id, {"set": {}, "add": {}})["add"]["refunded"] = int(data["amount"])
+    elif name == "GrantSetAside":  # no postings: its remaining leaves the wallet's available for its reserve
+        changes.setdefault(grant_id, {"set": {}, "add": {}})["set"]["set_aside_at"] = fact.occurred_at
     for gid in sorted(changes):
         w.upsert(GRANTS, (gid,), set={**changes[gid]["set"], "last_position": fact.position},
                  add=changes[gid]["add"])
 
 
-_GRANT_EVENTS = frozenset({"GrantExpired", "GrantVoided", "GrantRefunded"})
+_GRANT_EVENTS = frozenset({"GrantExpired", "GrantVoided", "GrantRefunded", "GrantSetAside"})
 
 
 def _insert_grant(fact: Fact, w: BatchWriter, grant: dict[str, Any], *, granted_at: str) -> None:
@@ -227,7 +233,8 @@ async def grants(db: Database, tenant: str, *, status: str | None = None, unit: 
             where.append(f"{column} = ${len(args)}")
     return await db.fetch(
         "SELECT grant_id, unit, source, amount, tax_amount, remaining, refunded, breakage, priority, effective_at, "
-        f"expires_at, drawable_until, scope, status, granted_by, cause, last_position FROM grants WHERE {' AND '.join(where)} "
+        "expires_at, drawable_until, set_aside_at, scope, status, granted_by, cause, last_position FROM grants "
+        f"WHERE {' AND '.join(where)} "
         "ORDER BY effective_at, grant_id", *args)
 
 
@@ -244,6 +251,21 @@ async def expiring(db: Database, now: datetime, tenant: str | None = None) -> di
         "SELECT tenant, unit, SUM(remaining) AS remaining FROM grants WHERE status = 'open' AND "
         f"{ENDS_AT_SQL} > $1 AND {ENDS_AT_SQL} <= $2 AND remaining > 0{where} GROUP BY tenant, unit", *args)
     return {(r["tenant"], r["unit"]): int(r["remaining"]) for r in rows}
+
+
+async def late_usage_reserves(db: Database, tenant: str | None = None) -> dict[tuple[str, str], int]:
+    """Per (tenant, unit): the credit set aside for ended periods' late usage (``RESERVE_SQL``)."""
+    where, args = "", []
+    if tenant is not None:
+        where, args = " AND tenant = $1", [tenant]
+    rows = await db.fetch(f"SELECT tenant, unit, SUM(remaining) AS remaining FROM grants WHERE {RESERVE_SQL}{where} "
+                          "GROUP BY tenant, unit", *args)
+    return {(r["tenant"], r["unit"]): int(r["remaining"]) for r in rows}
+
+
+# The grants whose remaining credit is a wallet's ``late_usage_reserve``: open and set aside at their period's end
+# (their remaining is 0 once expired or voided, but the status keeps the sum to open grants, as the ledger's).
+RESERVE_SQL = "status = 'open' AND set_aside_at IS NOT NULL"
 
 
 # When a grant's credit stops being drawable: ``drawable_until`` if it has one (the ledger refuses one after

@@ -101,10 +101,12 @@ async def chargeback(db: Database, *, year: int, month: int, tenant: str | None 
 async def accounts(db: Database, now: datetime) -> list[dict[str, Any]]:
     units = await views.load_units(db)
     soon = await balances.expiring(db, now)
+    reserves = await balances.late_usage_reserves(db)
     by_tenant: dict[str, list[dict[str, Any]]] = {}
     for w in await balances.wallets(db):
+        key = (w["tenant"], w["unit"])
         by_tenant.setdefault(w["tenant"], []).append(
-            views.wallet_view(w, units, soon.get((w["tenant"], w["unit"]), 0)))
+            views.wallet_view(w, units, soon.get(key, 0), reserves.get(key, 0)))
     return [{"tenant": a["tenant"], "currency": a["currency"], "opened_at": a["opened_at"],
              "wallets": by_tenant.get(a["tenant"], [])} for a in await balances.accounts(db)]
 

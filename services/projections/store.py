@@ -41,7 +41,9 @@ from billing_runtime.db import Connection, Database
 # 15: subscription_changes (every change of a subscription's status or price, when it took effect: churn and NRR).
 # 16: disputes (chargebacks): history rows of type dispute (a chargeback's refund rows too, no longer refund), figures'
 #     chargebacks / chargeback_tax (no longer in refunds) and disputed.
-SCHEMA_VERSION = "16"
+# 17: grants.set_aside_at (a plan credit set aside at its period's end for its late usage, ``GrantSetAside``): the
+#     wallets' late_usage_reserve, out of available.
+SCHEMA_VERSION = "17"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

@@ -65,12 +65,15 @@ _BALANCE_SQL = (
     "w.low_balance_threshold, w.low_balance_reached_at, w.low_balance_alerts, w.updated_at, w.last_position, "
     "(SELECT c.scale FROM catalog_units c WHERE c.code = w.unit) AS credit_scale, "
     "(SELECT SUM(g.remaining) FROM grants g WHERE g.tenant = a.tenant AND g.unit = w.unit AND g.status = 'open' "
-    f"AND {_ENDS_AT} > $2 AND {_ENDS_AT} <= $3 AND g.remaining > 0) AS expiring "
+    f"AND {_ENDS_AT} > $2 AND {_ENDS_AT} <= $3 AND g.remaining > 0) AS expiring, "
+    "(SELECT SUM(g.remaining) FROM grants g WHERE g.tenant = a.tenant AND g.unit = w.unit AND g.status = 'open' "
+    "AND g.set_aside_at IS NOT NULL) AS late_usage_reserve "  # balances.RESERVE_SQL of the grants aliased g
     "FROM accounts a LEFT JOIN wallets w ON w.tenant = a.tenant WHERE a.tenant = $1 ORDER BY w.unit")
 
 
 async def balance_view(db: Database, tenant: str, now: datetime) -> dict[str, Any] | None:
-    """The balance of every wallet of a tenant: ONE indexed query (account, wallets, units' scales, expiring)."""
+    """The balance of every wallet of a tenant: ONE indexed query (account, wallets, units' scales, expiring, the
+    late usage reserve)."""
     start, end = balances.expiring_window(now)
     rows = await db.fetch(_BALANCE_SQL, tenant, start, end)
     return balance_from_rows(tenant, rows) if rows else None
@@ -84,22 +87,25 @@ def balance_from_rows(tenant: str, rows: list[dict[str, Any]]) -> dict[str, Any]
     for w in rows:
         if w["unit"] is None:
             continue  # an account without a wallet row (LEFT JOIN)
-        wallets.append(wallet_view(w, units, int(w["expiring"] or 0)))
+        wallets.append(wallet_view(w, units, int(w["expiring"] or 0), int(w["late_usage_reserve"] or 0)))
         position = max(position, int(w["last_position"] or 0))
         updated_at = max(updated_at, w["updated_at"] or "")
     return {"tenant": tenant, "currency": rows[0]["currency"], "wallets": wallets, "position": position,
             "updated_at": updated_at or None}
 
 
-def wallet_view(w: dict[str, Any], units: Units, expiring_soon: int) -> dict[str, Any]:
+def wallet_view(w: dict[str, Any], units: Units, expiring_soon: int, late_usage_reserve: int) -> dict[str, Any]:
+    """One wallet: ``available`` (what new usage and holds can spend) = ``balance`` - ``held`` - ``late_usage_reserve``
+    (credit of ended periods set aside for their late usage, ``balances.RESERVE_SQL``), as the ledger decides."""
     code = w["unit"]
     balance, held = int(w["balance"]), int(w["held"])
-    available = balance - held
+    available = balance - held - late_usage_reserve
     threshold = w["low_balance_threshold"]
     return {
         "unit": code,
         "available": units.fmt(available, code),
         "held": units.fmt(held, code),
+        "late_usage_reserve": units.fmt(late_usage_reserve, code),
         "balance": units.fmt(balance, code),
         "receivable": units.fmt(w["receivable"], code),
         "expiring_soon": units.fmt(expiring_soon, code),
@@ -119,7 +125,7 @@ def grant_view(row: dict[str, Any], units: Units, now: datetime) -> dict[str, An
         "tax": units.fmt(row["tax_amount"], code), "refunded": units.fmt(row["refunded"], code),
         "breakage": units.fmt(row["breakage"], code), "priority": int(row["priority"]),
         "effective_at": row["effective_at"], "expires_at": expires, "drawable_until": row.get("drawable_until"),
-        "expiring_soon": bool(balances.expiring_soon([row], now)),
+        "expiring_soon": bool(balances.expiring_soon([row], now)), "set_aside_at": row.get("set_aside_at"),
         "scope": json.loads(row["scope"]) if row["scope"] else None, "granted_by": row["granted_by"],
         "cause": json.loads(row["cause"]) if row["cause"] else {},
     }

@@ -10,7 +10,20 @@ Wallets and grants
     A wallet is the set of open grants of one *unit*: the account's ISO 4217 currency or a catalogue credit
     type (``CREDIT``...). A currency unit must be the account's own currency, so an account never holds
     balances in two currencies. The wallet balance is the sum of its open grants' ``remaining``.
-    ``available = balance - held``; ``held`` is the sum of active holds.
+    ``available = balance - held - late_usage_reserve``: what new usage and holds can spend; ``held`` is the sum of
+    active holds, ``late_usage_reserve`` the credit set aside (below).
+
+Credit set aside for its period's late usage (since session 13)
+    A plan credit past its ``drawable_until`` (its period's end) stays open, for its period's usage that reaches the
+    ledger late (a credit without rollover until its ``expires_at``; a rollover credit until its renewal), but new
+    usage can no longer draw it. When its period ends it is *set aside* (``GrantSetAside``): by the renewal (a paused
+    one, a cancel at the period's end) or by the expiry sweep, whichever comes first, once. What is left of a grant
+    set aside is the wallet's ``late_usage_reserve``: in ``balance`` (the accounting balance, ``tenant_wallet``) but
+    not in ``available``, so the low-balance alert and the auto-top-up rule see the drop when the period ends
+    (re-evaluated then, edge-triggered as for a debit), and holds and ``block`` debits never count it. Late usage of
+    its period still draws it (``_spendable``: eligible credit set aside counts in full, the rest at most
+    ``available``), which lowers the reserve, not ``available``; the sweep lapses what is left at its ``expires_at``.
+    Until session 13 such credit expired at the period's end, which lowered ``available`` the same way.
 
 Drawdown order (usage, captures)
     Only grants that are effective at ``at`` (``effective_at <= at``), not expired at ``at``
@@ -27,16 +40,24 @@ Drawdown order (usage, captures)
     what of it is carried and what lapses (``void_grant(lapsed=...)``); the expiry sweep does not take it first,
     not even after its ``expires_at`` (a period later), when the tick comes later still (since session 12:
     ``_left_to_renewal``). Grants recorded before have none: drawable until they expire, and swept then.
+    Since session 13 a plan credit without rollover has a ``drawable_until`` too (its period's end) and stays open
+    after it for ``RECURRING_CREDIT_LATE_USAGE_DAYS`` (its ``expires_at``, ``late_usage``): usage is drawn by the
+    time it happened, not by when it reaches the ledger, so a close debit (max, last, unique_count, sent after the
+    renewal) or usage of the period that comes late still draws the period's credit, as it would have on time; the
+    sweep lapses what is left at its ``expires_at``, once (the renewal leaves it open). Such credits granted before
+    expired at the period's end (the renewal or the sweep, whichever came first) and replay so.
 
     One debit may span several grants; every draw and every wallet posting names its grant.
 
 Holds reserve credit
     Holds are authorisations at the *unit* level: a usage debit or another hold can only take what is
-    ``spendable`` = ``min(eligible credit for the meter at that time, available)``. A hold with no meter
+    ``spendable`` = ``min(eligible credit for the meter at that time, available)`` (plus eligible credit set aside:
+    usage of an ended period). A hold with no meter
     can only be covered by unscoped grants. Holds reserve an amount, not particular grants, so with scoped
     grants the guarantee is best effort; a capture never fails for lack of credit: if credit under a hold
     vanished (the grant expired, was voided, or refunded with a finance override) the shortfall goes to
-    ``RECEIVABLES``. That is also the only way ``available`` can become negative.
+    ``RECEIVABLES``. That, and credit under a hold set aside at its period's end, are the only ways ``available``
+    can become negative.
 
 Usage give-back (negative usage amounts)
     A give-back first reduces the unit's overage that no invoice bills yet (its own period's first, then the
@@ -79,7 +100,8 @@ Overage policies
     is refused with a ``UsageRejected`` event (no postings) so the command is still recorded as handled.
 
 Low balance and auto top-up (edge-triggered, per unit, on ``available``)
-    Low means ``available < threshold`` (strictly). A downward crossing records exactly one
+    Low means ``available < threshold`` (strictly), credit set aside excluded. A downward crossing (a movement, or a
+    period's credit set aside at its end) records exactly one
     ``LowBalanceReached`` (the alert disarms); reaching ``available >= threshold`` again re-arms it, which
     is derived state, not an event. Setting a threshold while already below it arms nothing: only a
     future downward crossing alerts. The auto-top-up rule works the same way and records one
@@ -364,8 +386,16 @@ class BillingAccount(ChainedAggregate):
         return [dict(h) for h in self._holds.values()]
 
     def available(self, unit: str) -> int:
-        """Wallet balance minus active holds (negative only when credit under a hold vanished)."""
-        return self.balance(unit) - self.held(unit)
+        """What new usage and holds can spend: the open grants' credit not set aside for an ended period's late
+        usage, minus active holds (negative only when credit under a hold vanished or was set aside)."""
+        return sum(g["remaining"] for g in self._grants.values()
+                   if g["unit"] == unit and g["status"] == "open" and not g["set_aside"]) - self.held(unit)
+
+    def late_usage_reserve(self, unit: str) -> int:
+        """Credit of ``unit`` set aside for late usage of an ended period (``set_aside_grants``): in ``balance``,
+        not ``available``; ``balance = available + held + late_usage_reserve``."""
+        return sum(g["remaining"] for g in self._grants.values()
+                   if g["unit"] == unit and g["status"] == "open" and g["set_aside"])
 
     def receivable(self, unit: str) -> int:
         """Everything the tenant owes in ``unit``: overage plus the fees and tax of unpaid invoices."""
@@ -377,7 +407,8 @@ class BillingAccount(ChainedAggregate):
         return self._receivable.get(unit, 0)
 
     def spendable(self, unit: str, meter: str | None, at: datetime) -> int:
-        """What a debit or hold for ``meter`` at ``at`` can draw from credit: eligible grants, minus holds."""
+        """What a debit or hold for ``meter`` at ``at`` can draw from credit: eligible grants, minus holds (credit
+        set aside, eligible only for usage of its ended period, in full)."""
         return _spendable(self._eligible_grants(unit, meter, at), self.available(unit))
 
     def grant_balances(self) -> list[dict[str, Any]]:
@@ -408,11 +439,23 @@ class BillingAccount(ChainedAggregate):
             if all(g["cause"].get(k) == v for k, v in match.items())
         ]
 
+    def open_for_late_usage(self, grant_id: UUID) -> bool:
+        """Whether grant ``grant_id`` is a plan credit left open after its period for that period's late usage, lapsed
+        by the expiry sweep at its ``expires_at`` (``grant_credit(late_usage=True)``, since session 13)."""
+        return bool(self._grant(grant_id).get("late_usage"))
+
     def grants_expiring_by(self, now: datetime) -> bool:
         """Whether an open grant has ``expires_at <= now`` (what ``expire_grants(now)`` would expire), one left to
         its renewal (``_left_to_renewal``) aside."""
         return any(g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
                    and not _left_to_renewal(g) for g in self._grants.values())
+
+    def grants_due_by(self, now: datetime) -> bool:
+        """Whether the expiry sweep (``expire_grants(now)``) has something to do: a grant to expire, or one past its
+        ``drawable_until`` to set aside (``set_aside_grants``)."""
+        return any(g["status"] == "open" and (
+            (g["expires_at"] is not None and g["expires_at"] <= now and not _left_to_renewal(g)) or _to_set_aside(g, now))
+            for g in self._grants.values())  # one pass: the sweeper asks every account every round
 
     def holds_expiring_by(self, now: datetime) -> int:
         """How many active holds have ``expires_at <= now`` (what ``expire_holds(now)`` would release)."""
@@ -465,11 +508,14 @@ class BillingAccount(ChainedAggregate):
         granted_by: str,
         tax_amount: int = 0,
         drawable_until: datetime | None = None,
+        late_usage: bool = False,
     ) -> None:
         """Adds a grant of ``amount`` sub-units. ``tax_amount`` (same unit) only for purchases.
         ``drawable_until``: usage at or after it no longer draws the grant, which stays open until ``expires_at``
-        (a recurring credit with rollover: drawn in its period, carried or lapsed by the renewal; see the module
-        docstring); after ``effective_at`` and not after ``expires_at``."""
+        (a plan's recurring credit: drawn in its period; see the module docstring); after ``effective_at`` and not
+        after ``expires_at``. ``late_usage`` (a plan credit without rollover, with ``drawable_until`` and an
+        ``expires_at`` after it): open after its period only for that period's late usage, it lapses at its
+        ``expires_at`` by the expiry sweep like any grant, never by the renewal (which closes a rollover credit)."""
         self._require_unit(unit)
         if str(grant_id) in self._grants:
             raise DuplicateGrant(f"grant {grant_id} already exists")
@@ -487,6 +533,8 @@ class BillingAccount(ChainedAggregate):
                 raise InvalidArgument("drawable_until must be after effective_at")
             if expires_at is not None and drawable_until > expires_at:
                 raise InvalidArgument("drawable_until must not be after expires_at")
+        if late_usage and (source != GrantSource.PLAN_RECURRENCE or drawable_until is None or expires_at is None):
+            raise InvalidArgument("only a plan credit with drawable_until and expires_at stays open for late usage")
         scope = _require_scope(scope)
         if source not in _CALLER_SOURCES:
             raise InvalidArgument(
@@ -518,6 +566,7 @@ class BillingAccount(ChainedAggregate):
             granted_by=granted_by,
             postings=postings,
             **({"drawable_until": drawable_until} if drawable_until is not None else {}),
+            **({"late_usage": True} if late_usage else {}),
         )
         # A grant only raises the balance: no downward crossing to check.
 
@@ -538,9 +587,12 @@ class BillingAccount(ChainedAggregate):
         postings: list[Posting],
         revenue: dict[str, Any] | None = None,
         drawable_until: datetime | None = None,
+        late_usage: bool = False,
     ) -> None:
         # ``revenue``: a subscription credit note's change to the fee schedules (``credit_note_grant``).
-        # ``drawable_until``: recorded since session 9 (a rollover recurring credit); earlier grants have none.
+        # ``drawable_until``: recorded since session 9 (a rollover recurring credit; since session 13 every plan
+        # credit); earlier grants have none. ``late_usage``: recorded since session 13 (a plan credit without
+        # rollover, open after its period for late usage of it until its expiry); earlier grants have none.
         self._apply_fee_revenue(revenue)
         self._add_grant(
             {
@@ -557,6 +609,7 @@ class BillingAccount(ChainedAggregate):
                 "cause": cause,
                 "granted_by": granted_by,
                 "drawable_until": drawable_until,
+                "late_usage": late_usage,
             }
         )
         self._update_arming(unit)
@@ -757,7 +810,9 @@ class BillingAccount(ChainedAggregate):
 
         The sweep (no ``grant_ids``) leaves a plan's rollover credit to the renewal that ends its period
         (``_left_to_renewal``), however late that comes: expired first, its carry was lost (see the module
-        docstring, ``drawable_until``)."""
+        docstring, ``drawable_until``). It also sets aside every open grant past its ``drawable_until`` not expiring
+        now (``GrantSetAside``, since session 13: a plan credit whose period ended before its renewal came), and checks
+        the alerts of the units it expired or set aside once, after both."""
         _require_time("now", now)
         only = None if grant_ids is None else set(grant_ids)
         due = [
@@ -766,8 +821,13 @@ class BillingAccount(ChainedAggregate):
             if g["status"] == "open" and g["expires_at"] is not None and g["expires_at"] <= now
             and (g["grant_id"] in only if only is not None else not _left_to_renewal(g))
         ]
+        if only is None:
+            # The sweep also sets aside the credit whose period has ended (not expiring now), the renewal not come
+            # yet: new usage can no longer draw it, so it leaves ``available`` now, its alerts checked below once.
+            units = self._set_aside(now, [g for g in self._grants.values() if _to_set_aside(g, now)])
+        else:
+            units = set()
         due.sort(key=lambda g: (g["expires_at"], g["seq"]))
-        units: set[str] = set()
         for g in due:
             remainder = g["remaining"]
             postings: list[Posting] = []
@@ -790,6 +850,34 @@ class BillingAccount(ChainedAggregate):
             units.add(g["unit"])
         for unit in sorted(units if thresholds else ()):
             self._check_thresholds(unit, now)
+
+    def set_aside_grants(self, now: datetime, *, grant_ids: Iterable[str], thresholds: bool = True) -> None:
+        """Sets aside the credit left of each of ``grant_ids`` whose ``drawable_until`` has come by ``now`` (its
+        period has ended) and that stays open, once each: the renewal that ends the period of a plan credit left open
+        for that period's late usage (``late_usage``). It leaves ``available`` for ``late_usage_reserve`` (see the
+        module docstring); ``thresholds`` False: the caller checks the units' alerts once its command's movements are
+        done (the renewal, after the next period's credit). The expiry sweep sets aside the others
+        (``expire_grants``)."""
+        _require_time("now", now)
+        wanted = set(grant_ids)
+        units = self._set_aside(now, [g for g in self._grants.values()
+                                      if g["grant_id"] in wanted and _to_set_aside(g, now)])
+        for unit in sorted(units if thresholds else ()):
+            self._check_thresholds(unit, now)
+
+    def _set_aside(self, now: datetime, grants: list[GrantRecord]) -> set[str]:
+        for g in sorted(grants, key=lambda g: (g["drawable_until"], g["seq"])):
+            self._grant_set_aside(grant_id=UUID(g["grant_id"]), unit=g["unit"], remaining=g["remaining"],
+                                  drawable_until=g["drawable_until"], at=now)
+        return {g["unit"] for g in grants}
+
+    @event("GrantSetAside")
+    def _grant_set_aside(self, grant_id: UUID, unit: str, remaining: int, drawable_until: datetime,
+                         at: datetime) -> None:
+        # Recorded since session 13. No postings: the credit stays in ``tenant_wallet`` (``balance``), out of
+        # ``available``; ``remaining`` is what was left of the grant then (a read model's reserve follows the grant's
+        # postings from here). ``available`` only goes down: nothing to re-arm.
+        self._grants[str(grant_id)]["set_aside"] = True
 
     @event("GrantExpired")
     def _grant_expired(
@@ -946,7 +1034,8 @@ class BillingAccount(ChainedAggregate):
             return
         # ``spendable`` and ``_plan_draws`` of one list of eligible grants, looked up once.
         eligible = self._eligible_grants(unit, meter, at)
-        spendable = _spendable(eligible, self.available(unit))
+        available = self.available(unit)
+        spendable = _spendable(eligible, available)
         from_credit = min(amount, spendable)
         if from_credit < amount and overage_policy == "block":
             self._usage_rejected(
@@ -960,7 +1049,7 @@ class BillingAccount(ChainedAggregate):
                 at=at,
             )
             return
-        draws = self._plan_draws(unit, meter, at, from_credit, eligible=eligible)
+        draws = self._plan_draws(unit, meter, at, from_credit, available, eligible=eligible)
         overage = amount - from_credit
         postings = _usage_postings(unit, draws, overage)
         assert_balanced(postings)
@@ -1310,10 +1399,10 @@ class BillingAccount(ChainedAggregate):
                                      f"{_money(h['amount'], h['unit'])}")
         unit = h["unit"]
         # The hold's own reservation is spendable by its capture.
-        eligible = sum(g["remaining"] for g in self._eligible_grants(unit, h["meter"], at))
-        spendable = max(0, min(eligible, self.available(unit) + h["amount"]))
-        from_credit = min(amount, spendable)
-        draws = self._plan_draws(unit, h["meter"], at, from_credit)
+        eligible = self._eligible_grants(unit, h["meter"], at)
+        available = self.available(unit) + h["amount"]
+        from_credit = min(amount, _spendable(eligible, available))
+        draws = self._plan_draws(unit, h["meter"], at, from_credit, available, eligible=eligible)
         overage = amount - from_credit
         postings = _usage_postings(unit, draws, overage)
         assert_balanced(postings)
@@ -1937,10 +2026,10 @@ class BillingAccount(ChainedAggregate):
             if take > self.available(unit):
                 raise InsufficientCredit(f"cannot remove {_money(take, unit)}: only {_money(self.available(unit), unit)} "
                                          "is available")
-            open_grants = [
+            open_grants = [  # what ``available`` counts: not credit set aside for an ended period's late usage
                 g
                 for g in self._grants.values()
-                if g["unit"] == unit and g["status"] == "open" and g["remaining"] > 0
+                if g["unit"] == unit and g["status"] == "open" and g["remaining"] > 0 and not g["set_aside"]
             ]
             left = take
             for g in sorted(open_grants, key=_drawdown_key):
@@ -2793,7 +2882,9 @@ class BillingAccount(ChainedAggregate):
             if amount > 0:
                 owed.append((period_began(key), key, amount))
         owed.sort()
-        left = min(g["remaining"], self.available(unit), self.overage_receivable(unit), sum(a for _, _, a in owed))
+        # Credit set aside for its period's late usage is no hold's: all of it can repay that period's overage.
+        room = g["remaining"] if g["set_aside"] else min(g["remaining"], self.available(unit))
+        left = min(room, self.overage_receivable(unit), sum(a for _, _, a in owed))
         if left <= 0:
             return 0
         periods: dict[str, int] = {}
@@ -3041,19 +3132,24 @@ class BillingAccount(ChainedAggregate):
         found.sort(key=_drawdown_key)
         return found
 
-    def _plan_draws(self, unit: str, meter: str | None, at: datetime, amount: int, *,
+    def _plan_draws(self, unit: str, meter: str | None, at: datetime, amount: int, available: int, *,
                     eligible: list[GrantRecord] | None = None) -> list[Draw]:
-        """Draws of ``amount`` in drawdown order; ``eligible``: ``_eligible_grants(unit, meter, at)`` already
-        looked up (the state unchanged since)."""
+        """Draws of ``amount`` (at most ``_spendable(eligible, available)``) in drawdown order, taking at most
+        ``available`` of credit not set aside (holds reserve the rest; credit set aside, usage of its ended period,
+        in full); ``eligible``: ``_eligible_grants(unit, meter, at)`` already looked up (the state unchanged since)."""
         draws: list[Draw] = []
-        left = amount
+        left, kept_left = amount, max(0, available)
         for g in self._eligible_grants(unit, meter, at) if eligible is None else eligible:
             if left == 0:
                 break
-            part = min(left, g["remaining"])
+            part = min(left, g["remaining"] if g["set_aside"] else min(g["remaining"], kept_left))
+            if part == 0:
+                continue
+            if not g["set_aside"]:
+                kept_left -= part
             draws.append({"grant_id": g["grant_id"], "amount": part})
             left -= part
-        assert left == 0, "callers never plan more than the eligible credit"
+        assert left == 0, "callers never plan more than the spendable credit"
         return draws
 
     def _add_grant(self, record: GrantRecord) -> None:
@@ -3071,6 +3167,8 @@ class BillingAccount(ChainedAggregate):
             adjusted=0,  # credit negative adjustments took from it (to MANUAL_ADJUSTMENT); format 16
             adjusted_reversed=0,  # of it, paid back by override refunds (from MANUAL_ADJUSTMENT); format 16
             drawable_until=record.get("drawable_until"),  # usage from then on does not draw it; format 14
+            late_usage=bool(record.get("late_usage")),  # open after drawable_until for late usage only; format 22
+            set_aside=False,  # past drawable_until, out of ``available`` (``GrantSetAside``); format 22
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
@@ -3309,8 +3407,16 @@ def _refunded_share(booked: int, refunded: int, amount: int, unit: str) -> int:
 
 
 def _spendable(eligible: list[GrantRecord], available: int) -> int:
-    """``BillingAccount.spendable`` of the eligible grants and the wallet's available credit."""
-    return max(0, min(sum(g["remaining"] for g in eligible), available))
+    """``BillingAccount.spendable`` of the eligible grants and the wallet's available credit: the eligible credit not
+    set aside, at most ``available`` (holds reserve it), and the eligible credit set aside (usage of its ended period,
+    which no hold reserves) in full. ``_plan_draws`` draws the first part at most ``available`` the same way."""
+    kept = aside = 0
+    for g in eligible:
+        if g["set_aside"]:
+            aside += g["remaining"]
+        else:
+            kept += g["remaining"]
+    return max(0, min(kept, available)) + aside
 
 
 def _is_eligible(g: GrantRecord, meter: str | None, at: datetime, *, need_remaining: bool = True) -> bool:
@@ -3333,14 +3439,27 @@ def _draw_end(g: GrantRecord) -> datetime | None:
     return drawable_until if drawable_until is not None else g["expires_at"]
 
 
+def _to_set_aside(g: GrantRecord, now: datetime) -> bool:
+    """Whether ``g`` is open, not set aside and past its ``drawable_until`` at ``now`` (its period has ended: new usage
+    can no longer draw it) without expiring by ``now`` (an expiry closes it instead)."""
+    drawable_until = g.get("drawable_until")
+    return (g["status"] == "open" and not g["set_aside"] and drawable_until is not None and drawable_until <= now
+            and (g["expires_at"] is None or g["expires_at"] > now or _left_to_renewal(g)))
+
+
 def _left_to_renewal(g: GrantRecord) -> bool:
     """Whether the expiry sweep leaves ``g`` open past its ``expires_at``: a plan's recurring credit with rollover
     (``drawable_until``, recorded since session 9). The subscription's renewal that ends its period carries it (up to
     ``rollover_cap``) and lapses the rest (``void_grant(lapsed=...)``), and a change, pause or cancel closes it the
     same way; the scheduler ticks every live subscription at each period's end, so it is always closed by one of
     them. Swept first when the tick came more than a period late, all of it lapsed and the renewal had nothing to
-    carry. Usage never draws it after ``drawable_until``, so it stays open but unspent meanwhile."""
-    return g["source"] == GrantSource.PLAN_RECURRENCE and g.get("drawable_until") is not None
+    carry. Usage never draws it after ``drawable_until``, so it stays open but unspent meanwhile.
+
+    A plan credit without rollover (``late_usage``, since session 13) is not: the renewal leaves it open for its
+    period's late usage and the sweep lapses it at its ``expires_at``, ``RECURRING_CREDIT_LATE_USAGE_DAYS`` after the
+    period's end (``billing_ledger.limits``)."""
+    return (g["source"] == GrantSource.PLAN_RECURRENCE and g.get("drawable_until") is not None
+            and not g.get("late_usage"))
 
 
 def _drawdown_key(g: GrantRecord) -> tuple[int, bool, datetime, int]:

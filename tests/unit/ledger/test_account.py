@@ -325,7 +325,8 @@ def test_a_grant_past_its_drawable_until_is_not_drawn_but_stays_open_until_it_ex
 
 def test_the_sweep_leaves_a_rollover_credit_past_its_expiry_to_its_renewal() -> None:
     """A renewal ticked more than a period late still finds the credit it carries: the sweep (``expire_grants``
-    without grant ids) after ``expires_at`` leaves it open and asks for nothing; the renewal closes it."""
+    without grant ids) after ``expires_at`` leaves it open, only set aside (new usage cannot draw it: out of
+    ``available`` since session 13), and asks for nothing more; the renewal closes it."""
     account = new_account()
     period = give(account, "period", 10 * U, source="plan_recurrence", expires_at=at(days=60),
                   drawable_until=at(days=30))
@@ -334,9 +335,11 @@ def test_the_sweep_leaves_a_rollover_credit_past_its_expiry_to_its_renewal() -> 
     events(account)
     assert account.grants_expiring_by(at(days=75))  # the promotion
     account.expire_grants(at(days=75))
-    assert names(events(account)) == ["GrantExpired"]  # the promotion's 10.00 lapsed; was the period's 6.00 too
-    assert not account.grants_expiring_by(at(days=90))
+    # The promotion's 10.00 lapsed (was the period's 6.00 too); the period's 6.00 is set aside, not expired.
+    assert names(events(account)) == ["GrantSetAside", "GrantExpired"]
+    assert not account.grants_expiring_by(at(days=90)) and not account.grants_due_by(at(days=90))
     assert (remaining(account, period), remaining(account, promo)) == (6 * U, 0)
+    assert (account.available(USD), account.late_usage_reserve(USD), account.balance(USD)) == (0, 6 * U, 6 * U)
     assert [g["status"] for g in account.grant_balances()] == ["open", "expired"]
     # The renewal carries 2.00 of it and lapses 4.00 (the cap), as it would have on time.
     account.void_grant(grant_id=period, reason="period_ended", voided_by="test", at=at(days=30), lapsed=4 * U)
@@ -1368,6 +1371,9 @@ def _every_event_type() -> BillingAccount:
     # A fee billed in advance for 30 days, partly recognised, and its unused rest credited by a cancel's note.
     account.bill_invoice(invoice="inv-4", unit=USD, net=30 * U, tax=0, at=at(24), cause={},
                          deferred={"amount": 30 * U, "start": at(24), "end": at(days=30)})
+    # A plan credit whose period ends on day 1: the sweep sets it aside (open for its period's late usage).
+    give(account, "period", 2 * U, source="plan_recurrence", effective_at=at(24), expires_at=at(days=30),
+         drawable_until=at(days=1))
     account.expire_grants(at(days=1))
     account.recognise_purchase_money(at(days=1))
     account.recognise_fee_revenue(at(days=1))

@@ -67,6 +67,7 @@ def test_export_replays_to_the_same_balances(app: LedgerApplication, tmp_path: P
     account = app.repository.get(ids.account_id("acme"))
     wallet = replayed.wallets()["USD"]
     assert wallet == {"balance": account.balance("USD"), "held": account.held("USD"),
+                      "late_usage_reserve": account.late_usage_reserve("USD"),
                       "available": account.available("USD"), "receivable": account.receivable("USD")}
     assert wallet["held"] == U and wallet["receivable"] > 0  # the open hold, the overage
     assert replayed.head == account.chain_head

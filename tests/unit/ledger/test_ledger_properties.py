@@ -20,6 +20,9 @@ adjustments:
   a paid grant in its own unit (usage drawn from it, less give-backs and refunds of spent credit) never goes below
   zero, also when usage is given back after a finance override refunded the credit it spent (the give-back is
   absorbed, not credited again);
+* usage, on time or late, draws only grants drawable at its own time (effective, before their ``drawable_until``
+  or expiry), and the expiry sweep leaves open past their expiry only rollover plan credits (a plan credit open
+  for its period's late usage lapses at its expiry);
 * a refused command records nothing and changes nothing;
 * replaying the recorded events (``mutate`` chain, and an eventsourcing ``Application``) rebuilds the
   same account.
@@ -66,12 +69,16 @@ grant_ops = st.tuples(
     st.integers(0, 50),
     # The money (net, tax) a purchase in CREDIT books in the currency, if any.
     st.one_of(st.none(), st.tuples(st.integers(0, 3_000), st.integers(0, 600))),
+    # A plan credit drawn only until halfway to its expiry: left to its renewal (rollover), or open for its period's
+    # late usage until its expiry and swept then (``late_usage``); or neither (drawn until it expires).
+    st.sampled_from((None, "rollover", "late_usage")),
 )
 # A credit package: CREDIT bought with money (net, tax) booked in the currency.
 MILLI = SUBUNITS_PER_UNIT // 1000
 package_ops = st.tuples(st.just("package"), st.integers(1, 1_000), st.integers(0, 3_000), st.integers(1, 600))
 debit_ops = st.tuples(
-    st.just("debit"), units, st.integers(-300, 800), meters, st.sampled_from(("overage", "block"))
+    st.just("debit"), units, st.integers(-300, 800), meters, st.sampled_from(("overage", "block")),
+    st.sampled_from((0, 0, 0, 20, 90)),  # minutes the usage happened before it reaches the ledger (late usage)
 )
 place_ops = st.tuples(
     st.just("place"), units, st.integers(1, 400), st.one_of(st.none(), meters), st.integers(1, 120)
@@ -156,10 +163,13 @@ def snapshot_of(account: BillingAccount) -> tuple[Any, ...]:
 def apply(run: Run, op: tuple[Any, ...]) -> None:
     account, kind = run.account, op[0]
     if kind == "grant":
-        _, unit, amount, priority, effective, expires, scope, source, tax, money = op
+        _, unit, amount, priority, effective, expires, scope, source, tax, money = op[:10]
+        plan_credit = op[10] if len(op) > 10 and source == "plan_recurrence" and expires else None
         grant_id = run.new_id()
         run.grants.append(grant_id)
         effective_at = run.now + timedelta(minutes=effective - 30)
+        drawn_until = {"drawable_until": effective_at + timedelta(minutes=max(1, expires // 2)),
+                       "late_usage": plan_credit == "late_usage"} if plan_credit else {}
         account.grant_credit(
             grant_id=grant_id,
             unit=unit,
@@ -172,6 +182,7 @@ def apply(run: Run, op: tuple[Any, ...]) -> None:
             cause={"op": "grant"},
             granted_by="hypothesis",
             tax_amount=tax if source == "purchase" else 0,
+            **drawn_until,
         )
         if source == "purchase" and unit == "CREDIT" and money is not None and sum(money):
             account.book_purchase_money(
@@ -187,13 +198,14 @@ def apply(run: Run, op: tuple[Any, ...]) -> None:
         account.book_purchase_money(grant_id=grant_id, currency="USD", net=net * MILLI, tax_amount=tax * MILLI,
                                     at=run.now, cause={"op": "package"})
     elif kind == "debit":
-        _, unit, amount, meter, policy = op
+        _, unit, amount, meter, policy = op[:5]
+        late = op[5] if len(op) > 5 else 0
         account.debit_usage(
             command_id=run.new_id(),
             unit=unit,
             amount=amount,
             meter=meter,
-            at=run.now,
+            at=run.now - timedelta(minutes=late),
             overage_policy="block" if run.block_only else policy,
             cause={},
         )
@@ -223,6 +235,12 @@ def apply(run: Run, op: tuple[Any, ...]) -> None:
             account.release_hold(hold_id=hold_id, at=run.now)
     elif kind == "expire_grants":
         account.expire_grants(run.now)
+        # The sweep leaves only rollover plan credits open past their expiry (their renewal closes them); a plan
+        # credit open for its period's late usage lapses at its expiry like any grant.
+        for grant in account.grant_balances():
+            if grant["status"] == "open" and grant["expires_at"] is not None and grant["expires_at"] <= run.now:
+                record = account._grants[grant["grant_id"]]
+                assert record["drawable_until"] is not None and not record["late_usage"], grant
     elif kind == "expire_holds":
         account.expire_holds(run.now)
     elif kind == "refund":
@@ -341,8 +359,15 @@ def check_history(run: Run) -> None:
                 per_grant[line["grant_id"]] = per_grant.get(line["grant_id"], 0) - line["amount"]
         if run.block_only and type(evt).__name__ == "UsageDebited":
             assert evt.overage <= 0, "a block-only debit never posts beyond the credit"
+        if type(evt).__name__ == "UsageDebited" and evt.amount > 0:
+            for draw in evt.draws:  # usage draws only credit drawable at its own time, however late it comes
+                record = account._grants[draw["grant_id"]]
+                ends = record["drawable_until"] or record["expires_at"]
+                assert record["effective_at"] <= evt.at and (ends is None or evt.at < ends), (record, evt.at)
     for unit in UNITS:
-        assert wallet.get(unit, 0) == account.available(unit) + account.held(unit) == account.balance(unit)
+        # balance = available + held + the credit set aside for an ended period's late usage (GrantSetAside)
+        assert wallet.get(unit, 0) == account.available(unit) + account.held(unit) + account.late_usage_reserve(unit) \
+            == account.balance(unit)
         assert receivables.get(unit, 0) == account.receivable(unit)
     for grant in account.grant_balances():
         assert per_grant.get(grant["grant_id"], 0) == grant["remaining"], grant
@@ -676,6 +701,7 @@ def check_audit_and_snapshot(run: InvoiceRun) -> None:
     assert replayed.problems == []
     for unit, wallet in replayed.wallets().items():
         assert wallet == {"balance": account.balance(unit), "held": account.held(unit),
+                          "late_usage_reserve": account.late_usage_reserve(unit),
                           "available": account.available(unit), "receivable": account.receivable(unit)}, unit
     # The ledger's snapshot encoding (snapshots.py: its format tag, the ledger's orjson transcoder) and back.
     ledger = SimpleNamespace(_app=SnapshotCodec())

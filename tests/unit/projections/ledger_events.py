@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -328,3 +329,38 @@ def analytics_scenario(ledger: Ledger, prefix: str = "") -> None:
     command("cancel", "ends", 19)  # at its period's end, Oct 1
     command("resume", "nap", 2, base=OCT)
     command("tick", "ends", 1, base=OCT)  # a day late: canceled as of Oct 1 all the same
+
+
+# A plan of 10.00 a month including 10.00 USD of credit; ``api_calls`` priced in real time, ``seats`` (the last
+# reading) at the period's close, after the renewal.
+LATE_USAGE_CATALOG: dict[str, Any] = {
+    "meters": [{"code": "api_calls", "name": "API calls", "unit_of_measure": "call",
+                "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.10"}},
+               {"code": "seats", "name": "Seats", "unit_of_measure": "seat", "aggregation": "last",
+                "price": {"model": "per_unit", "unit": "USD", "unit_amount": "3.00"}}],
+    "plans": [{"code": "included", "name": "Included", "currency": "USD", "base_fee": "10.00",
+               "recurring_credits": [{"unit": "USD", "amount": "10.00"}]}],
+}
+
+
+def usage_debit(ledger: Ledger, tenant: str, amount: str, at: datetime, *, meter: str = "api_calls",
+                policy: str = "overage", period: datetime = NOV_1) -> CommandResult:
+    """A ``usage.debit`` as rating sends it (of the subscription period beginning at ``period``)."""
+    return ledger.command("usage.debit", tenant, at=at, unit="USD", amount_subunits=int(Decimal(amount) * U),
+                          meter=meter, overage_policy=policy,
+                          cause={"event_ids": [f"{tenant}-{meter}-{at.isoformat()}"], "period": period.isoformat()})
+
+
+def period_ended_scenario(ledger: Ledger, tenant: str = "acme") -> None:
+    """``tenant`` on the plan above from Nov 1, a low-balance alert below 5.00 and a rule "below 5.00, top up to
+    20.00", 4.00 of November's 10.00 of credit used, paused from Nov 25: the Dec 1 renewal grants no December credit
+    and sets November's 6.00 aside for November's late usage (0.00 available, 6.00 in the balance)."""
+    ledger.command("catalog.publish", None, at=NOV_1, document=LATE_USAGE_CATALOG, digest="late-usage-1")
+    ledger.command("account.open", tenant, at=NOV_1, currency="USD")
+    ledger.command("subscription.create", tenant, at=NOV_1, key="m", plan="included")
+    ledger.command("low_balance.set", tenant, at=NOV_1, threshold="5.00", unit="USD")
+    ledger.command("auto_top_up.set", tenant, at=NOV_1, threshold="5.00", target="20.00", cooldown_seconds=0,
+                   monthly_cap="500")
+    usage_debit(ledger, tenant, "4.00", NOV_1 + timedelta(days=19))
+    ledger.command("subscription.pause", tenant, at=NOV_1 + timedelta(days=24), key="m")
+    ledger.command("subscription.tick", tenant, at=datetime(2026, 12, 1, tzinfo=UTC), key="m")

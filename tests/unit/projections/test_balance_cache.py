@@ -10,7 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -23,7 +23,15 @@ from billing_projections.service import ProjectionService
 from billing_runtime.db import PostgresDatabase
 
 from tests.unit.projections.conftest import apply
-from tests.unit.projections.ledger_events import Ledger, U, full_scenario, simple_account, uid
+from tests.unit.projections.ledger_events import (
+    Ledger,
+    U,
+    full_scenario,
+    period_ended_scenario,
+    simple_account,
+    uid,
+    usage_debit,
+)
 
 URL = os.environ.get("DATABASE_URL", "")
 pytestmark = pytest.mark.skipif(not URL, reason="DATABASE_URL is not set")
@@ -97,6 +105,30 @@ async def test_the_copy_answers_as_the_query_and_follows_commits(stack: Stack) -
     assert expected is not None and expected["position"] > before["position"]
     await until(lambda: cache._states["globex"] is not state)  # the notification, not a query, refreshed it
     assert await cache.view("globex", now) == expected
+
+
+async def test_the_copy_shows_the_credit_set_aside_at_a_periods_end_as_the_query(stack: Stack) -> None:
+    """A plan credit set aside at its period's end (``GrantSetAside``: in the balance, not available) and drawn by the
+    period's late usage: the copy's ``late_usage_reserve`` and ``available`` are the query's, commit after commit."""
+    ledger, cache = stack.ledger, stack.cache
+    period_ended_scenario(ledger)
+    await apply(stack.service, ledger.records())
+    await until(lambda: "acme" in cache._states)
+    now = utcnow()
+    view = await cache.view("acme", now)
+    assert view == await views.balance_view(stack.db, "acme", now)
+    assert view is not None
+    [usd] = view["wallets"]
+    assert (usd["balance"], usd["available"], usd["late_usage_reserve"]) == ("6.00", "0.00", "6.00")
+    state = cache._states["acme"]
+    usage_debit(ledger, "acme", "2.50", datetime(2026, 11, 25, tzinfo=UTC), meter="seats")  # late: from the reserve
+    await apply(stack.service, ledger.records())
+    await until(lambda: cache._states["acme"] is not state)
+    view = await cache.view("acme", now)
+    assert view == await views.balance_view(stack.db, "acme", now)
+    assert view is not None
+    [usd] = view["wallets"]
+    assert (usd["balance"], usd["available"], usd["late_usage_reserve"]) == ("3.50", "0.00", "3.50")
 
 
 async def test_a_state_never_goes_backwards(stack: Stack) -> None:

@@ -6,6 +6,7 @@ accounts is read from the account's events' postings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +20,7 @@ from billing_ledger.audit import verify_store
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.limits import RECURRING_CREDIT_LATE_USAGE_DAYS
 from billing_ledger.payment_commands import payment_command
 from billing_rating.catalog_view import build_view
 from hypothesis import HealthCheck, given, settings
@@ -35,6 +37,8 @@ NOV_16 = datetime(2026, 11, 16, tzinfo=UTC)
 NOV_20 = datetime(2026, 11, 20, tzinfo=UTC)
 DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
 JAN_1 = datetime(2027, 1, 1, tzinfo=UTC)
+# How long after its period's end a plan credit without rollover lapses (open for the period's late usage till then).
+LAPSES = timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
 CATALOG: dict[str, Any] = {
     "meters": [{"code": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.01"}}],
     "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "30.00",
@@ -65,7 +69,7 @@ def revenue(app: LedgerApplication) -> tuple[int, int, int]:
 def test_a_period_whose_included_credit_is_partly_used_earns_exactly_its_fee(app: LedgerApplication) -> None:
     run(app, "subscription.create", "acme", key="m", plan="team")  # Nov 1 - Dec 1: 30.00, 10.00 of credit
     debit(app, "4.00", NOV_1, NOV_20)  # from the included credit
-    recognise(app, DEC_1)  # the credit's 6.00 left lapses, the period ends
+    recognise(app, DEC_1 + LAPSES)  # the credit's 6.00 left lapses after the period's late usage
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0  # was -10.00: the grant's funding left a debit in deferred revenue
     assert recognised + breakage == 3000 * CENT  # was 40.00: the credit's share recognised twice
@@ -78,17 +82,30 @@ def fee_deferred(app: LedgerApplication) -> int:
     return account(app).deferred_fees("USD")
 
 
-def test_a_renewal_ticked_before_the_expiry_sweep_lapses_the_ended_credit_to_breakage(app: LedgerApplication) -> None:
+def test_a_renewal_leaves_the_ended_credit_open_for_late_usage_and_the_sweep_lapses_it_once_after_that(
+        app: LedgerApplication) -> None:
     run(app, "subscription.create", "acme", key="m", plan="team")
     debit(app, "4.00", NOV_1, NOV_20)
-    renew_and_bill(app, NOV_1, DEC_1, [])  # the tick comes first: November's 6.00 left lapses, was voided
+    renew_and_bill(app, NOV_1, DEC_1, [])  # the tick comes first
     recognise(app, DEC_1)
-    recognised, breakage, deferred = revenue(app)
-    assert (recognised, breakage) == (2400 * CENT, 600 * CENT)  # November: exactly its fee
+    # November's 6.00 left stays open for November's late usage (before session 13 the renewal expired it).
+    assert revenue(app)[1] == 0 and not events(app, "GrantExpired")
     # December's 30.00: its 10.00 of credit is in the wallet, the other 20.00 deferred to recognise over December.
-    assert deferred == fee_deferred(app) == 2000 * CENT
-    assert account(app).available("USD") == 1000 * CENT
-    assert [e.remainder for e in events(app, "GrantExpired")] == [600 * CENT]
+    assert fee_deferred(app) == 2000 * CENT
+    debit(app, "1.00", DEC_1, DEC_1 + timedelta(days=2))  # December's usage draws December's credit only
+    assert [(g["status"], g["remaining"]) for g in account(app).grant_balances()] == [
+        ("open", 600 * CENT), ("open", 900 * CENT)]
+    recognise(app, DEC_1 + LAPSES - timedelta(seconds=1))
+    assert not events(app, "GrantExpired")
+    recognise(app, DEC_1 + LAPSES)
+    recognise(app, DEC_1 + LAPSES + timedelta(hours=1))
+    assert [e.remainder for e in events(app, "GrantExpired")] == [600 * CENT]  # once
+    recognised, breakage, deferred = revenue(app)
+    # November exactly its fee (20.00 ratably, 4.00 used, 6.00 lapsed); December 20.00 ratably and 1.00 used, its
+    # 9.00 of credit still open (in the wallet) for December's late usage, set aside since its period ended on Jan 1
+    # (no renewal here): not available to new usage.
+    assert (recognised, breakage, deferred) == ((2400 + 2100) * CENT, 600 * CENT, 0)
+    assert (account(app).available("USD"), account(app).late_usage_reserve("USD")) == (0, 900 * CENT)
     assert verify_store(app, "acme").ok
 
 
@@ -115,7 +132,7 @@ def test_an_upgrade_mid_period_earns_both_plans_fees_for_their_time_with_their_i
     assert account(app).available("USD") == 1600 * CENT
     assert fee_deferred(app) == 3000 * CENT
     debit(app, "12.00", NOV_1, NOV_20)
-    recognise(app, DEC_1)
+    recognise(app, DEC_1 + LAPSES)
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0
     assert recognised + breakage == (3000 - 1500 + 4500) * CENT
@@ -132,7 +149,7 @@ def test_a_fee_paid_before_access_takes_its_included_credit_out_of_the_schedule_
     run(app, "invoice.mark_paid", "acme", at=paid_at, invoice_id=str(invoice.id), payment="pi_1")
     assert fee_deferred(app) == 2000 * CENT and account(app).available("USD") == 1000 * CENT
     debit(app, "7.00", paid_at, paid_at + timedelta(days=3))
-    recognise(app, paid_at + timedelta(days=30))
+    recognise(app, paid_at + timedelta(days=30) + LAPSES)
     assert revenue(app) == (2700 * CENT, 300 * CENT, 0)
     assert verify_store(app, "acme").ok
 
@@ -154,7 +171,7 @@ def test_a_cancel_while_the_renewal_is_a_draft_leaves_nothing_deferred(app: Ledg
     key = f"{subscription_id('acme', 'm')}/{DEC_1.isoformat()}"
     run(app, "invoice.usage_lines", "acme", at=cancel_at + timedelta(hours=1), invoice_key=key, lines=[],
         period_start=NOV_1.isoformat(), period_end=DEC_1.isoformat())
-    recognise(app, JAN_1)
+    recognise(app, JAN_1 + LAPSES)
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0
     assert recognised + breakage == (3000 + 3000 - 2032) * CENT  # November, December less its credit
@@ -174,7 +191,7 @@ def test_a_full_refund_gives_back_the_fee_once_and_leaves_nothing_deferred(app: 
     [result] = app.apply_commands([payment_command(refund)])
     assert result.outcome == "applied", result
     assert revenue(app)[2] == 0 and fee_deferred(app) == 0
-    recognise(app, DEC_1)  # the included credit left lapses
+    recognise(app, DEC_1 + LAPSES)  # the included credit left lapses
     # Every cent of the fee went back: the period earned nothing, the 4.00 used and 6.00 lapsed net to zero.
     assert revenue(app) == (-600 * CENT, 600 * CENT, 0)
     assert ("gateway_clearing", "USD") not in books(app)  # paid 30.00, refunded 30.00
@@ -322,7 +339,7 @@ def test_a_change_after_the_invoice_was_voided_credits_nothing_and_leaves_nothin
     # beyond its share of Nov 1 - Nov 16 (5.00), negative when more was used; the old share of the rest lapses.
     assert account(app).available("USD") == int(Decimal(granted) * U)
     debit(app, "3.00", NOV_1, NOV_20)
-    recognise(app, DEC_1)
+    recognise(app, DEC_1 + LAPSES)
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0 and fee_deferred(app) == 0  # was 5.00 left deferred
     assert recognised + breakage == 3000 * CENT  # the change's invoice, all that was billed (was 15.00 billed)
@@ -337,7 +354,7 @@ def test_a_change_after_a_full_refund_lapses_the_old_credits_rest_and_leaves_not
     result = run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=2)
     assert [item["amount"] for item in result.value["lines"]] == ["30.00"]  # nothing left of November to credit
     assert account(app).available("USD") == 1100 * CENT  # 10.00 for the rest at two seats + 1.00 unused beyond
-    recognise(app, DEC_1)
+    recognise(app, DEC_1 + LAPSES)
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0 and fee_deferred(app) == 0  # was 5.00: the old credit's rest voided back, never taken out
     assert recognised + breakage == 3000 * CENT  # the change's 30.00; November's fee went back with the refund
@@ -363,7 +380,7 @@ def test_a_credit_capped_by_a_partial_refund_still_takes_the_whole_included_cred
     else:
         result = run(app, "subscription.change", "acme", at=at, key="m", quantity=3)
         assert [item["amount"] for item in result.value["lines"]] == ["-5.10", "60.00"]
-    recognise(app, DEC_1)
+    recognise(app, DEC_1 + LAPSES)
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0 and fee_deferred(app) == 0
     # Fees billed (30.00, and the upgrade's 60.00) less the refund (24.90) and the credit (5.10).
@@ -375,6 +392,7 @@ def test_a_credit_capped_by_a_partial_refund_still_takes_the_whole_included_cred
 @given(periods=st.lists(st.tuples(
     st.lists(st.tuples(st.integers(1, 29), st.integers(0, 600)), max_size=4),  # usage: day, cents
     st.lists(st.integers(1, 29), max_size=3),  # recognition runs (with the expiry sweep): days
+    st.integers(0, 600),  # cents of usage in the period's last hour that reach the ledger after its renewal
     st.booleans(),  # the sweep at the period's end before the renewal's tick
     st.sampled_from([None, 1, 2, 3]),  # a quantity change at day 12, or none
     st.sampled_from([None, 30, 50, 90, 100])), min_size=1, max_size=3),  # % of the period's invoice refunded at day 8
@@ -391,7 +409,9 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
     paid it back) before the cancel, which then credits nothing; else ``refund_last`` % of it is paid back by the
     gateway. A period's invoice may be paid and refunded in part or in full before its change too: the change's or
     the cancel's credit for unused time is then capped by what the invoice has left to give back, and the books
-    end the same."""
+    end the same. Usage within the period's credit never goes beyond it, also when it reaches the ledger after the
+    renewal and the sweep (a close debit, late usage): the credit without rollover stays open for it (since session
+    13; a rollover credit is carried by the renewal, so usage that late finds none of it)."""
     app = LedgerApplication(persistence_env(None, str(tmp_path_factory.mktemp("prop"))))
     try:
         run(app, "catalog.publish", None, document=ROLLOVER if rollover else CATALOG, digest="included-1")
@@ -402,9 +422,13 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
             recognised, breakage, deferred = revenue(app)
             assert deferred >= 0 and deferred == fee_deferred(app)
             assert recognised + breakage + deferred + account(app).balance("USD") == billed(app)
+            assert account(app).overage_receivable("USD") == 0  # usage only within the credit drawable at its time
+
+        def late(amount: int, at: datetime) -> Callable[[], None]:
+            return lambda: debit(app, str(Decimal(amount) / U), start, at) if amount else None
 
         start = NOV_1
-        for usage, runs, sweep_first, quantity, refund in periods:
+        for usage, runs, late_cents, sweep_first, quantity, refund in periods:
             end = (start + timedelta(days=32)).replace(day=1)
             steps = sorted([(day, "use", cents) for day, cents in usage] + [(day, "recognise", 0) for day in runs]
                            + ([(8, "refund", refund)] if refund is not None else [])
@@ -412,7 +436,7 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
             for day, kind, value in steps:
                 at = start + timedelta(days=day, hours=1)
                 if kind == "use":
-                    amount = min(value * CENT, account(app).available("USD"))
+                    amount = min(value * CENT, account(app).spendable("USD", "api_calls", at))
                     if amount:
                         debit(app, str(Decimal(amount) / U), start, at)
                 elif kind == "recognise":
@@ -423,9 +447,14 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
                 elif value != app.repository.get(subscription_id("acme", "m")).quantity:
                     run(app, "subscription.change", "acme", at=at, key="m", quantity=value)
                 check()
+            last_hour = end - timedelta(hours=1)
+            # Usage of the period's last hour, within what credit it can draw then, reaches the ledger after the sweep
+            # and the renewal (as a close debit always does). Not with rollover: the renewal carries that credit.
+            late_usage = late(0 if rollover else min(late_cents * CENT, account(app).spendable(
+                "USD", "api_calls", last_hour)), last_hour)
             if sweep_first:
                 recognise(app, end)
-            last = renew_and_bill(app, start, end, [])
+            last = renew_and_bill(app, start, end, [], usage_before_lines=late_usage)
             recognise(app, end)
             check()
             start = end

@@ -227,10 +227,12 @@ def test_a_give_back_of_usage_a_late_renewals_credit_repaid_returns_it_to_that_c
     # credit that never expires (source usage_reversal): 150 CREDIT to spend in January instead of 100.
     debit(app, "-50", DEC_1, datetime(2026, 12, 7, tzinfo=UTC), unit="CREDIT", meter="tokens")
     after = account(app)
-    assert after.available("CREDIT") == 100 * U
-    assert [g["source"] for g in after.grant_balances() if g["status"] == "open"] == ["plan_recurrence"]
+    assert after.available("CREDIT") == 100 * U  # November's credit, all used, is open for November's late usage
+    assert [(g["source"], g["remaining"]) for g in after.grant_balances() if g["status"] == "open"] == [
+        ("plan_recurrence", 0), ("plan_recurrence", 100 * U)]
     renew_and_bill(app, DEC_1, JAN_1, [usage_line("0", meter="tokens")])
-    assert account(app).available("CREDIT") == 100 * U  # January's credit, nothing carried over
+    # January's credit, nothing carried over (December's 100 left is open for December's late usage only).
+    assert account(app).spendable("CREDIT", "tokens", JAN_1) == 100 * U
 
 
 def test_an_overage_repaid_recorded_before_it_remembered_its_draw_replays_as_it_was(app: LedgerApplication) -> None:

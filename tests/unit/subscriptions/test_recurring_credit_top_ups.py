@@ -53,8 +53,12 @@ def available(app: LedgerApplication) -> int:
 
 def test_a_renewal_with_credit_left_requests_no_auto_top_up(app: LedgerApplication) -> None:
     run(app, "subscription.tick", "acme", at=DEC_1, key="m")
-    # The 60.00 left lapses and December's 100.00 granted: the balance never really fell below 55.00.
-    assert (available(app), top_ups(app)) == (100 * U, [])
+    # December's 100.00 granted; November's 60.00 left is set aside for November's late usage (it lapses
+    # RECURRING_CREDIT_LATE_USAGE_DAYS later), no longer drawn by new usage: what is available never fell below 55.00.
+    account = app.repository.get(ids.account_id("acme"))
+    spendable = account.spendable("USD", "api_calls", DEC_1)
+    assert (available(app), account.late_usage_reserve("USD"), spendable, top_ups(app)) == (
+        100 * U, 60 * U, 100 * U, [])
 
 
 def test_an_immediate_cancel_requests_no_auto_top_up_but_the_next_usage_below_the_threshold_does(

@@ -179,7 +179,9 @@ def test_renewal_runs_once_and_usage_lines_finalize_the_invoice(app: LedgerAppli
     assert (final.status, final.total) == ("finalized", Decimal("30.00"))
     assert [line["kind"] for line in final.lines] == ["base_fee", "usage", "credits_applied"]
     account = app.repository.get(ids.account_id("renew"))
-    assert account.available("CREDIT") == 100 * 10**9  # November's grant closed, December's issued
+    # December's grant issued; November's stays open for November's late usage only (it lapses later).
+    assert account.spendable("CREDIT", "api_calls", dec_1) == 100 * 10**9
+    assert [(g["status"], g["remaining"]) for g in account.grant_balances()] == [("open", 100 * 10**9)] * 2
 
 
 def test_immediate_cancel_credits_the_unused_time(app: LedgerApplication) -> None:
@@ -427,8 +429,9 @@ def test_an_upgrade_grants_the_rest_of_the_period_at_the_new_plan_less_what_was_
     # A quarter left: 220 - 500 x 1/4 + 100 x 1/4 = 120.
     assert app.repository.get(ids.account_id("used")).available("CREDIT") == 120 * 10**9
     # At renewal the next period starts with the plan's full allotment.
-    run(app, "subscription.tick", "used", at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
-    assert app.repository.get(ids.account_id("used")).available("CREDIT") == 100 * 10**9
+    dec_1 = datetime(2026, 12, 1, tzinfo=UTC)
+    run(app, "subscription.tick", "used", at=dec_1, key="m")
+    assert app.repository.get(ids.account_id("used")).spendable("CREDIT", "api_calls", dec_1) == 100 * 10**9
 
 
 def test_a_paused_subscription_is_not_billed_nor_granted_credits_until_it_resumes(app: LedgerApplication) -> None:
@@ -446,14 +449,14 @@ def test_a_paused_subscription_is_not_billed_nor_granted_credits_until_it_resume
     # Nothing to bill at all: voided unnumbered (nothing_to_bill), not a numbered 0.00 invoice.
     assert (invoice(app, "nap", key).status, invoice(app, "nap", key).number) == ("void", None)
     account = app.repository.get(ids.account_id("nap"))
-    assert account.available("CREDIT") == 0
+    assert account.spendable("CREDIT", "api_calls", dec_1) == 0  # November's left is for November's usage only
     # Resumed on Dec 16 (16 of 31 days left): the rest of December is billed and its credits granted.
     dec_16 = datetime(2026, 12, 16, tzinfo=UTC)
     resumed = run(app, "subscription.resume", "nap", at=dec_16, key="m")
     assert [item["amount"] for item in resumed.value["lines"]] == ["15.48"]  # 30.00 x 16/31
     bill = invoice(app, "nap", f"{sub.id}/resume/{dec_16.isoformat()}")
     assert (bill.status, bill.total) == ("finalized", Decimal("15.48"))
-    assert app.repository.get(ids.account_id("nap")).available("CREDIT") == to_subunits(
+    assert app.repository.get(ids.account_id("nap")).spendable("CREDIT", "api_calls", dec_16) == to_subunits(
         Decimal(100) * Decimal(16) / Decimal(31))
 
 
