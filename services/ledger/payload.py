@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from billing_events.messages import LedgerCommand
+from billing_events.messages import RESOURCE_KEY_PATTERN, LedgerCommand
 from billing_events.money import MoneyError, from_subunits, parse_decimal, to_subunits
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.application import CommandRejected
@@ -19,6 +20,21 @@ def text(command: LedgerCommand, field: str, *, default: str | None = None) -> s
     value = command.payload.get(field, default)
     if not isinstance(value, str) or not value.strip():
         raise CommandRejected(INVALID, f"{field} must be a non-empty string")
+    return value
+
+
+_RESOURCE_KEY = re.compile(RESOURCE_KEY_PATTERN)
+
+
+def key(command: LedgerCommand, field: str, *, reason: str = INVALID) -> str:
+    """A key naming what the command creates, which a URL path then addresses (``RESOURCE_KEY_PATTERN``). A key
+    with a ``/`` was taken and could never be reached again (``GET .../subscriptions/a%2Fb`` is routed as two path
+    segments: 404), and one of 5,000 characters was stored as given."""
+    value = text(command, field)
+    if not _RESOURCE_KEY.fullmatch(value):
+        raise CommandRejected(reason, f"{field} must be 1 to 128 ASCII letters, digits, '.', '_', ':' or '-', "
+                                      f"starting with a letter or digit (it is part of a URL path), not "
+                                      f"{value[:40]!r}{'...' if len(value) > 40 else ''}")
     return value
 
 

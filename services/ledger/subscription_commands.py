@@ -874,7 +874,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     tenant = command.tenant
     account = account_of(batch, tenant)
     assert tenant is not None
-    key = fields.text(command, "key")
+    key = fields.key(command, "key")  # reachable at .../subscriptions/{key}: no '/', at most 128 characters
     # Every field is checked as documented (``http_models.SubscriptionCreate``) before anything changes: a
     # ``quantity`` of 2.5 or "3" or a ``trial`` of "no" is rejected, never truncated or read by its truth.
     quantity = fields.whole(command, "quantity", default=1)
@@ -1278,7 +1278,7 @@ def _commit_minimum(draft: Invoice | None, sub: Subscription, minimum: Decimal) 
 def add_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
     account_of(batch, command.tenant)
     _roster(batch, command.tenant or "").add_payment_method(
-        method_id=fields.text(command, "method_id"), gateway=fields.text(command, "gateway", default="stripe"),
+        method_id=fields.key(command, "method_id"), gateway=fields.text(command, "gateway", default="stripe"),
         label=fields.string(command, "label"), make_default=fields.flag(command, "default"),
         at=effective_at(command), by=command.issued_by)
 
