@@ -123,8 +123,10 @@ class SubscriptionCreate(Described):
                                                   "eligible (false: billed at once)")
     time_zone: str = Field(default="UTC", description="IANA time zone the billing periods turn in",
                            examples=["Europe/Berlin"])
-    workspace: str | None = Field(default=None, description="The workspace (organisation) the account belongs to: "
-                                                            "a trial needs it to have one billing account only")
+    workspace: ResourceKey | None = Field(
+        default=None, description="The workspace (organisation) the account belongs to, joined now if it is not a "
+                                  "member yet (another one: `workspace_mismatch`): a trial needs the workspace to "
+                                  "have one billing account only, this one", examples=["acme-corp"])
     collection: Collection | None = Field(
         default=None, description="`invoice` (access at once, invoice collected afterwards) or "
                                   "`charge_before_access` (incomplete, no access, until the first invoice is "

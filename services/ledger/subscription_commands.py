@@ -860,12 +860,29 @@ def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str,
 
 # -- handlers ------------------------------------------------------------------------------------------------
 
+def _join_workspace(batch: _Batch, roster: Roster, name: str, at: datetime, by: str) -> Workspace:
+    """The account joins workspace ``name`` (its roster records it, the workspace lists it), in the command's
+    transaction: two accounts subscribing at once both write the workspace, so the second is decided again on the
+    first's membership (an optimistic-concurrency conflict) and gets no trial."""
+    roster.join_workspace(workspace=name, at=at, by=by)
+    workspace: Workspace = batch.get_or_create(workspace_id(name), lambda: Workspace(workspace=name))
+    workspace.add_account(roster.tenant)
+    return workspace
+
+
+def workspace_view(workspace: Workspace) -> dict[str, Any]:
+    return {"workspace": workspace.workspace, "accounts": list(workspace.accounts)}
+
+
 @handles("workspace.add_account")
-def add_to_workspace(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    account_of(batch, command.tenant)
-    name = command.payload["workspace"]
-    workspace = batch.get_or_create(workspace_id(name), lambda: Workspace(workspace=name))
-    workspace.add_account(command.tenant)
+def add_to_workspace(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """Admin (``PUT /v1/workspaces/{workspace}/accounts/{tenant}``, ``billing workspace add-account``): the account
+    is a member of the workspace from now on, so no account of it gets a trial while it has more than one."""
+    tenant = _tenant(command)
+    account_of(batch, tenant)
+    name = fields.key(command, "workspace")
+    return workspace_view(_join_workspace(batch, _roster(batch, tenant), name, effective_at(command),
+                                          command.issued_by))
 
 
 @handles("subscription.create")
@@ -880,15 +897,22 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     quantity = fields.whole(command, "quantity", default=1)
     wants_trial = fields.flag(command, "trial", default=True)
     time_zone = read_time_zone(command, "time_zone")
-    workspace_name = fields.optional_text(command, "workspace")
+    workspace_name = fields.key(command, "workspace") if command.payload.get("workspace") is not None else None
     at = effective_at(command)
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
     plan = _billed_in(_plan(batch, fields.text(command, "plan"), fields.optional_whole(command, "plan_version")),
                       account.currency)
     roster = _roster(batch, tenant)
-    workspace = batch.get(workspace_id(workspace_name)) if workspace_name else None
-    accounts_in_workspace = len(workspace.accounts) if workspace is not None else 1
+    # Seed 004: a trial needs the workspace to have exactly one billing account, this one. Naming a workspace joins
+    # it (in this transaction: refused, the command changes nothing); named before, the account's is counted. Before
+    # session 13 the name was only looked up (never joined), without counting the subscribing account: every account
+    # of a workspace got a trial, and an account outside a one-account workspace got one there too.
+    if workspace_name is not None:
+        workspace = _join_workspace(batch, roster, workspace_name, at, command.issued_by)
+    else:
+        workspace = batch.get(workspace_id(roster.workspace)) if roster.workspace else None
+    accounts_in_workspace = len({*workspace.accounts, tenant}) if workspace is not None else 1
     trial = wants_trial and int(plan.get("trial_days", 0)) > 0 and roster.trial_eligible(accounts_in_workspace)
     before = _capacities(_live_subscriptions(batch, roster))
     collection = _collection(payload, plan)

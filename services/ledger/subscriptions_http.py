@@ -1,4 +1,5 @@
-"""HTTP routes for subscriptions, payment methods, invoice previews and invoice PDFs (ledger service).
+"""HTTP routes for subscriptions, payment methods, invoice previews and invoice PDFs, and workspace membership
+(trial eligibility) (ledger service).
 
 Changes are applied synchronously in this process (one-command transactions) so the caller gets the
 outcome at once; an optimistic-concurrency conflict with the Kafka consumer is retried on fresh state.
@@ -14,13 +15,13 @@ from decimal import Decimal
 from typing import Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
-from billing_events.messages import LedgerCommand
+from billing_events.messages import RESOURCE_KEY_PATTERN, TENANT_PATTERN, LedgerCommand
 from billing_events.timeutil import parse_timestamp, utcnow
 from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import localized, quote_change
-from billing_ledger.domain.roster import roster_id
+from billing_ledger.domain.roster import roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, PAST_DUE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_tax_id
 from billing_ledger.http_models import (
@@ -39,6 +40,7 @@ from billing_ledger.subscription_commands import (
     credit_live_invoice,
     document_tax_lines,
     live_period_invoice,
+    workspace_view,
 )
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
@@ -46,14 +48,15 @@ from billing_runtime.bodies import described_by
 from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
 from eventsourcing.persistence import IntegrityError
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Request, Response
 
 APPLY_ATTEMPTS_MAX = 5
 STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "vat_id_country_mismatch": 422,
                      "invalid_tax_profile": 422, "unknown_account": 404,
                      "unknown_subscription": 404, "unknown_plan": 422, "unsupported_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
-                     "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409}
+                     "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409,
+                     "workspace_mismatch": 409}
 # The bodies go to their command as sent (its checks answer a bad field); the models describe them.
 CreateBody = Annotated[dict[str, Any], described_by(SubscriptionCreate), Body()]
 ActionBody = Annotated[dict[str, Any] | None, Body()]
@@ -62,6 +65,8 @@ ACTION_BODIES = {action: Annotated[dict[str, Any] | None, described_by(model, op
                                        ("pause", SubscriptionMoment), ("resume", SubscriptionMoment))}
 PaymentMethodBody = Annotated[dict[str, Any], described_by(PaymentMethodAdd), Body()]
 TaxProfileBody = Annotated[dict[str, Any], described_by(TaxProfile), Body()]
+WorkspaceName = Annotated[str, Path(pattern=RESOURCE_KEY_PATTERN, description="The workspace (organisation)")]
+TenantName = Annotated[str, Path(pattern=TENANT_PATTERN, description="The billing account (tenant)")]
 
 
 async def apply_now(app: LedgerApplication, command: LedgerCommand) -> CommandResult:
@@ -136,10 +141,12 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
     @router.get("/v1/accounts/{tenant}/subscriptions", summary="Live subscriptions of an account")
     async def list_live(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        roster = await read(roster_id(tenant), lambda r: (list(r.live), [dict(m) for m in r.payment_methods]))
-        live, methods = roster or ([], [])
+        roster = await read(roster_id(tenant), lambda r: (list(r.live), [dict(m) for m in r.payment_methods],
+                                                          r.workspace))
+        live, methods, workspace = roster or ([], [], None)
         subs = [await read(UUID(i), _view) for i in live]
-        return {"tenant": tenant, "subscriptions": [s for s in subs if s is not None], "payment_methods": methods}
+        return {"tenant": tenant, "subscriptions": [s for s in subs if s is not None], "payment_methods": methods,
+                "workspace": workspace}
 
     @router.get("/v1/accounts/{tenant}/subscriptions/{key}")
     async def get_one(tenant: str, key: str, principal: Principal = Depends(require())) -> dict[str, Any]:
@@ -281,6 +288,24 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
             raise Problem(404, "Not found", "No such invoice.", kind="unknown-invoice")
         return Response(rendered[2], media_type="application/pdf",
                         headers={"Content-Disposition": f'inline; filename="{rendered[1] or invoice_id}.pdf"'})
+
+    @router.put("/v1/workspaces/{workspace}/accounts/{tenant}",
+                summary="Make a billing account a member of a workspace (admin; a trial needs it to have one only)")
+    async def join_workspace(workspace: WorkspaceName, tenant: TenantName, request: Request,
+                             principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        result = await run(request, principal, "workspace.add_account", tenant, {"workspace": workspace})
+        return result.value  # type: ignore[no-any-return]
+
+    @router.get("/v1/workspaces/{workspace}", summary="A workspace's billing accounts (admin)")
+    async def get_workspace(workspace: WorkspaceName, principal: Principal = Depends(require(Role.ADMIN))
+                            ) -> dict[str, Any]:
+        found = await read(workspace_id(workspace), workspace_view)
+        if found is not None and principal.tenant is not None and principal.tenant not in found["accounts"]:
+            found = None  # a tenant's token sees its own workspace only (another's is not said to exist)
+        if found is None:
+            raise Problem(404, "Not found", f"No workspace {workspace!r}.", kind="unknown-workspace")
+        return found  # type: ignore[no-any-return]
 
     @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)")
     async def run_cycle(at: str | None = None, _: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
