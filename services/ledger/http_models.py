@@ -91,7 +91,9 @@ class RefundRequest(Body):
 # -- bodies handed on to their command as sent (documented, validated by the command) ---------------------------
 
 At = Annotated[datetime | None, Field(default=None, description="When it takes effect (ISO 8601 with offset); "
-                                                                 "default: now")]
+                                                                 "default: now. At most 35 days before now and 300 s "
+                                                                 "after it (else 422 `at_out_of_range`): nothing is "
+                                                                 "scheduled")]
 PlanCode = Annotated[str, Field(pattern=CODE, description="Code of a published plan", examples=["starter"])]
 PlanVersion = Annotated[int | None, Field(default=None, ge=1, description="A published version of the plan "
                                                                           "(default: its current one)")]

@@ -898,7 +898,7 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     wants_trial = fields.flag(command, "trial", default=True)
     time_zone = read_time_zone(command, "time_zone")
     workspace_name = fields.key(command, "workspace") if command.payload.get("workspace") is not None else None
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
     plan = _billed_in(_plan(batch, fields.text(command, "plan"), fields.optional_whole(command, "plan_version")),
@@ -940,7 +940,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     new_quantity = fields.optional_whole(command, "quantity")  # null or absent: the same
     new_plan = _billed_in(_plan(batch, plan_code, plan_version), sub.plan["currency"]) if plan_code else sub.plan
     quantity = sub.quantity if new_quantity is None else new_quantity
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     roster = _roster(batch, tenant)
     if _trial_over(sub, at):
         # The trial ended before the change and no tick has ended it yet: it ends first, as the tick would
@@ -1031,7 +1031,7 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, fields.text(command, "key"))
     immediately = fields.flag(command, "immediately")  # checked before the incomplete case ends it
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     if sub.status == INCOMPLETE:  # never paid, nothing granted: it ends now, its unpaid invoice voided
         first = batch.get(invoice_id(tenant, _first_invoice_key(sub)))
         if first is not None and first.status == FINALIZED and first.payment_under_way:
@@ -1129,7 +1129,7 @@ def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCom
     before, the late tick found it paused and left that period unbilled."""
     tenant = _tenant(command)
     sub = _subscription(batch, tenant, fields.text(command, "key"))
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     if sub.live and at >= sub.period_end:
         _renew_due(app, batch, account_of(batch, tenant), _roster(batch, tenant), sub, at, doing="pausing it",
                    top_up=True)
@@ -1146,7 +1146,7 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     paused before the resume included."""
     tenant = _tenant(command)
     sub = _subscription(batch, tenant, fields.text(command, "key"))
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     account = account_of(batch, tenant)
     if sub.live and at >= sub.period_end:
         _renew_due(app, batch, account, _roster(batch, tenant), sub, at, doing="resuming it", top_up=True)

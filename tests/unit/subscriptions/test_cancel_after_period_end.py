@@ -170,7 +170,9 @@ async def test_a_cancel_after_the_end_of_a_period_set_to_cancel_there_ends_it_at
 
 
 async def test_a_cancel_more_periods_behind_than_it_may_renew_is_rejected_and_changes_nothing(stack: Stack) -> None:
-    command = LedgerCommand(command_id=uuid4(), kind="subscription.cancel", tenant="acme", issued_at=NOV_1,
+    # No tick ran from November 2026 to the cancel in 2030 (issued then: an ``at`` that far from its issue is refused).
+    command = LedgerCommand(command_id=uuid4(), kind="subscription.cancel", tenant="acme",
+                            issued_at=datetime(2030, 1, 1, tzinfo=UTC),
                             issued_by="user:test", payload={"at": datetime(2030, 1, 1, tzinfo=UTC).isoformat(),
                                                             "key": "m", "immediately": True})
     [result] = stack.ledger.apply_commands([command])
