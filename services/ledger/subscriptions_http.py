@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
@@ -33,7 +33,7 @@ from billing_ledger.http_models import (
     TaxProfile,
 )
 from billing_ledger.invoice_pdf import render_pdf
-from billing_ledger.limits import CANCEL_RENEWALS_MAX
+from billing_ledger.limits import CANCEL_RENEWALS_MAX, EFFECTIVE_AT_SKEW_SECONDS_MAX
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.subscription_commands import (
     _left_to_give_back,
@@ -307,11 +307,20 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
             raise Problem(404, "Not found", f"No workspace {workspace!r}.", kind="unknown-workspace")
         return found  # type: ignore[no-any-return]
 
-    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)")
+    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)",
+                 description="`at` (default: now) may be in the past (ticks what was due then), never after now "
+                             "(plus `EFFECTIVE_AT_SKEW_SECONDS_MAX`): 422 `at-in-the-future`, nothing ticked.")
     async def run_cycle(at: str | None = None, _: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+        moment: datetime = _moment(at)
+        latest = utcnow() + timedelta(seconds=EFFECTIVE_AT_SKEW_SECONDS_MAX)
+        if moment > latest:
+            # Ticked early, a period would be renewed before its end (its next fee invoiced, its credits expired)
+            # and rating would take the usage of now as late, into the period after (``late:priced``).
+            raise Problem(422, "Refused", f"at {moment.isoformat()} is in the future: the cycle ticks what is due "
+                                          f"by now (at most {EFFECTIVE_AT_SKEW_SECONDS_MAX} s ahead, a clock's skew).",
+                          kind="at-in-the-future", reason="at_in_the_future")
         index = DueIndex()
         await asyncio.to_thread(index.catch_up, app)
-        moment: datetime = _moment(at)
         commands = index.ticks(moment)
         await bus.publish(tick_messages(commands))
         return {"at": moment, "ticked": [{"tenant": c.tenant, "key": c.payload["key"]} for c in commands]}
