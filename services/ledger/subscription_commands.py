@@ -10,6 +10,7 @@ invoice gets its gap-free number in the same transaction that finalizes it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
@@ -143,20 +144,52 @@ def _capacities(subscriptions: list[Subscription]) -> dict[str, int]:
     return pooled
 
 
+# (resource, capacity) -> whether its pool may take that capacity (``ResourcePool.can_reduce_to``) and what is in use
+# from it, or None without a pool.
+PoolCheck = Callable[[str, int], tuple[bool, int] | None]
+
+
+def pool_check(get: Callable[[UUID], Any], tenant: str) -> PoolCheck:
+    """``PoolCheck`` of the pools ``get`` loads (a batch's aggregates)."""
+    def check(resource: str, capacity: int) -> tuple[bool, int] | None:
+        pool = get(ResourcePool.create_id(tenant, resource))
+        return None if pool is None else (pool.can_reduce_to(capacity), pool.in_use)
+    return check
+
+
+def check_capacity(check: PoolCheck, before: dict[str, int], after: dict[str, int]) -> None:
+    """Refuses (``capacity_below_usage``) pooled capacity ``after`` that would leave a pool below what is allocated
+    from it: the change's check (``_set_pools``) and its invoice preview's, so both answer the same."""
+    for resource in sorted(set(before) | set(after)):
+        capacity = after.get(resource, 0)
+        found = check(resource, capacity)
+        if found is not None and not found[0]:
+            raise CommandRejected("capacity_below_usage",
+                                  f"{resource}: {found[1]} in use, the change would leave {capacity}")
+
+
+def capacities_after_change(subscriptions: list[Subscription], changed: Subscription, plan: dict[str, Any],
+                            quantity: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The pooled capacity of ``subscriptions`` (an account's live ones) before and after ``changed`` takes ``plan``
+    and ``quantity``, for the invoice preview (the change itself changes the subscription and pools it again)."""
+    stand_in = copy.copy(changed)  # read by _capacities only, never saved
+    stand_in.plan, stand_in.quantity = plan, quantity
+    after = [stand_in if sub.id == changed.id else sub for sub in subscriptions]
+    return _capacities(subscriptions), _capacities(after)
+
+
 def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[str, int], cause: str, *,
                force: bool = False) -> None:
-    """Checks every pool first (capacity can't drop below current usage), then changes them.
+    """Checks every pool first (capacity can't drop below current usage: ``check_capacity``), then changes them.
 
     ``force``: a subscription ended by itself (period end, trial end) and must end whatever is allocated, so
     its capacity goes even below usage; the pool is then over capacity and refuses new allocations.
     """
+    if not force:
+        check_capacity(pool_check(batch.get, tenant), before, after)
     pools: dict[str, ResourcePool] = {}
     for resource in sorted(set(before) | set(after)):
         pool = batch.get(ResourcePool.create_id(tenant, resource))
-        capacity = after.get(resource, 0)
-        if pool is not None and not force and not pool.can_reduce_to(capacity):
-            raise CommandRejected("capacity_below_usage",
-                                  f"{resource}: {pool.in_use} in use, the change would leave {capacity}")
         if pool is not None:
             pools[resource] = pool
     for resource in sorted(set(before) | set(after)):

@@ -18,11 +18,12 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 from billing_events.messages import RESOURCE_KEY_PATTERN, TENANT_PATTERN, LedgerCommand
 from billing_events.timeutil import parse_timestamp, utcnow
 from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication
+from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id, workspace_id
-from billing_ledger.domain.subscription import ACTIVE, PAST_DUE, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.subscription import ACTIVE, LIVE, PAST_DUE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_tax_id
 from billing_ledger.http_models import (
     PaymentMethodAdd,
@@ -37,6 +38,8 @@ from billing_ledger.limits import CANCEL_RENEWALS_MAX, EFFECTIVE_AT_SKEW_SECONDS
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.subscription_commands import (
     _left_to_give_back,
+    capacities_after_change,
+    check_capacity,
     credit_live_invoice,
     document_tax_lines,
     live_period_invoice,
@@ -128,6 +131,15 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
 
     admin = require(Role.ADMIN, Role.SERVICE)
 
+    def check_pools(tenant: str, sub: Subscription, plan: dict[str, Any], quantity: int) -> None:
+        """The change's capacity check (``check_capacity``) on the account's pools as they are now: a cut the
+        change would refuse (``capacity_below_usage``) is refused by its preview too."""
+        live = app.read(roster_id(tenant), lambda r: list(r.live)) or []
+        subs = [s for s in (app.read(UUID(i), copy.deepcopy) for i in live) if s is not None and s.status in LIVE]
+        before, after = capacities_after_change(subs, sub, plan, quantity)
+        check_capacity(lambda resource, capacity: app.read(ResourcePool.create_id(tenant, resource), lambda p: (
+            p.can_reduce_to(capacity), p.in_use)), before, after)
+
     @router.post("/v1/accounts/{tenant}/subscriptions", status_code=201,
                  summary="Subscribe to a published plan version (trial when eligible)")
     async def create(tenant: str, request: Request, body: CreateBody,
@@ -204,6 +216,11 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                                               f"{end.isoformat()} are not renewed: tick the subscription first.",
                               kind="renewals-behind", reason="renewals_behind")
             start, end = due
+        try:
+            await asyncio.to_thread(check_pools, tenant, sub, new_plan, quantity or sub.quantity)
+        except CommandRejected as exc:  # the change would be refused so (it answered 200 with prorated lines)
+            raise Problem(STATUS_FOR_REASON.get(exc.reason, 422), "Refused", exc.detail,
+                          kind=exc.reason.replace("_", "-"), reason=exc.reason) from exc
         lines = quote_change(status=status, plan=sub.plan, quantity=sub.quantity,
                              period_start=start, period_end_at=end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
