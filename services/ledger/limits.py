@@ -123,7 +123,7 @@ AUDIT_PAGE_EVENTS_MAX = 1_000
 EFFECTIVE_AT_BACKDATE_DAYS_MAX = 35
 EFFECTIVE_AT_SKEW_SECONDS_MAX = 300
 
-# An immediate cancel, a change, a pause or a resume issued after the current period's end, before the scheduler's
+# A cancel (immediate or at period end), a change, a pause or a resume issued after the current period's end, before the scheduler's
 # tick renewed it, first ends the periods due by then (each as the tick would: its renewal draft, rating's usage
 # lines), at most this many (3 years of monthly periods, as far as rating places usage ahead of the ledger's
 # PeriodEnded); further behind it is rejected (``renewals_behind``): tick the subscription first.

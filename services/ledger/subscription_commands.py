@@ -1086,7 +1086,11 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         _end_trial(app, batch, account, roster, sub, at)
         if sub.status not in LIVE:
             return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
-    if immediately and at >= sub.period_end:
+    if at >= sub.period_end:
+        # The period ended before the cancel and no tick has renewed it yet: the periods due end first, as the tick
+        # would end them, immediately or not. A cancel at period end then ends the period the customer is in (the
+        # one rating rates the usage since into), billed by its renewal; before session 13 it took the old end,
+        # already past, so the subscription ended there and that period was never billed.
         _renew_due(app, batch, account, roster, sub, at, doing="canceling", top_up=False)
         if sub.status not in LIVE:  # it was set to cancel at that period's end: it ended there, nothing to cut
             return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
@@ -1134,7 +1138,7 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 
 def _renew_due(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,
                at: datetime, *, doing: str, top_up: bool) -> None:
-    """A command at ``at`` (an immediate cancel, a change, a pause, a resume), after the current period's end,
+    """A command at ``at`` (a cancel, a change, a pause, a resume), after the current period's end,
     before the scheduler's tick renewed it: the periods that ended by ``at`` end first, each as the tick would end
     it (``_renew``: its renewal draft with the next period's fee, which rating's ``PeriodEnded`` usage lines
     finalize; a paused one's without a fee), so the command acts on the period ``at`` falls in, as rating placed
@@ -1259,7 +1263,7 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
            at: datetime, *, top_up: bool) -> dict[str, Any]:
     """Ends ``sub``'s current period if it has ended by ``at`` (once per period): renews it (the renewal draft,
     the next period's recurring credits) or, canceled at period end, ends the subscription. The scheduler's tick
-    and an immediate cancel issued after the period's end (``cancel_subscription``) both end a period here.
+    and a cancel, change, pause or resume issued after the period's end (``_renew_due``) both end a period here.
     ``top_up``: whether the renewal's new balances may request an auto-top-up (a cancel requests none)."""
     tenant = sub.tenant
     ended_start, ended_end = sub.period_start, sub.period_end
