@@ -205,6 +205,9 @@ def _register_subcommands() -> None:
     from billing_cli.subscriptions import app as subscription_app
 
     app.add_typer(subscription_app, name="subscription")
+    from billing_cli.workspaces import app as workspace_app
+
+    app.add_typer(workspace_app, name="workspace")
     from billing_cli.reconcile import app as reconcile_app
 
     app.add_typer(reconcile_app, name="reconcile")

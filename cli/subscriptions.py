@@ -22,7 +22,7 @@ from billing_runtime.settings import Settings
 app = typer.Typer(help="Subscriptions (sent to the ledger as commands).", no_args_is_help=True)
 
 
-def _send(kind: str, tenant: str, payload: dict[str, Any], command_id: str | None) -> None:
+def send_command(kind: str, tenant: str, payload: dict[str, Any], command_id: str | None) -> None:
     from billing_cli.main import _bus
     from billing_runtime.bus import OutMessage
 
@@ -79,7 +79,7 @@ def create(tenant: Tenant, key: Key, plan: Annotated[str, typer.Option(help="Pla
         payload["plan_version"] = plan_version
     if collection is not None:
         payload["collection"] = collection.value
-    _send("subscription.create", tenant, payload, command_id)
+    send_command("subscription.create", tenant, payload, command_id)
 
 
 @app.command()
@@ -90,22 +90,22 @@ def change(tenant: Tenant, key: Key, plan: str | None = None, plan_version: int 
     for name, value in (("plan", plan), ("plan_version", plan_version), ("quantity", quantity)):
         if value is not None:
             payload[name] = value
-    _send("subscription.change", tenant, payload, command_id)
+    send_command("subscription.change", tenant, payload, command_id)
 
 
 @app.command()
 def cancel(tenant: Tenant, key: Key, immediately: bool = False, command_id: CommandId = None) -> None:
     """Cancels at period end, or immediately with a prorated credit note."""
-    _send("subscription.cancel", tenant, {"key": key, "immediately": immediately}, command_id)
+    send_command("subscription.cancel", tenant, {"key": key, "immediately": immediately}, command_id)
 
 
 @app.command()
 def pause(tenant: Tenant, key: Key, command_id: CommandId = None) -> None:
     """Pauses billing from the next period (the period already paid runs to its end)."""
-    _send("subscription.pause", tenant, {"key": key}, command_id)
+    send_command("subscription.pause", tenant, {"key": key}, command_id)
 
 
 @app.command()
 def resume(tenant: Tenant, key: Key, command_id: CommandId = None) -> None:
     """Resumes a paused subscription (the rest of an unbilled period is billed at once, prorated)."""
-    _send("subscription.resume", tenant, {"key": key}, command_id)
+    send_command("subscription.resume", tenant, {"key": key}, command_id)

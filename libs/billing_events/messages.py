@@ -48,6 +48,10 @@ AwareTimestamp = Annotated[Timestamp, BeforeValidator(parse_timestamp)]
 
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 CODE_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
+# A key naming what a command creates and a URL path then addresses (a subscription, an allocation request, an
+# order, a refund request, a payment method, a workspace): 1 to 128 ASCII letters, digits, '.', '_', ':' or '-',
+# starting with a letter or digit. No '/': a path segment cannot hold one (`a%2Fb` is routed as two segments).
+RESOURCE_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 # Limits on what one usage event may carry (TIGER_STYLE: a bound on everything, chosen once).
 EVENT_ID_LENGTH_MAX = 128

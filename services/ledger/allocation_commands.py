@@ -58,7 +58,7 @@ def allocate(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> d
     quantity = command.payload.get("quantity")
     if type(quantity) is not int:
         raise CommandRejected(payload.INVALID, "quantity must be an integer")
-    request = allocation_request_id(pool.tenant, pool.resource, payload.text(command, "request_id"))
+    request = allocation_request_id(pool.tenant, pool.resource, payload.key(command, "request_id"))
     allocated = pool.allocate(request, quantity, payload.timestamp(command, "at", default=command.issued_at))
     return {**pool_view(pool), "allocated": allocated, "request": pool.allocation(request)}
 

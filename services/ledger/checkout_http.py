@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
-from billing_events.messages import LedgerCommand
+from billing_events.messages import RESOURCE_KEY_PATTERN, LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_ledger import payment_settings_commands  # noqa: F401  (registers its commands)
 from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication, _Batch
@@ -41,6 +42,7 @@ from billing_runtime.problems import Problem
 from billing_runtime.settings import Settings
 from fastapi import APIRouter, Body, Depends, Request
 
+_ORDER_KEY = re.compile(RESOURCE_KEY_PATTERN)
 STATUS_FOR_REASON = {"unknown_account": 404, "unknown_order": 404, "unknown_refund_request": 404,
                      "order_exists": 409, "refund_request_exists": 409, "invalid_transition": 409,
                      "no_catalog": 503}
@@ -154,6 +156,11 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
                           kind="invalid-request")
         payload = {k: body.get(k) for k in ("package", "amount", "promotion")}
         key = request.headers.get("idempotency-key") or uuid4().hex
+        if not _ORDER_KEY.fullmatch(key):  # the order is read back at .../orders/{key} (auto-top-ups' keys are
+            # the ledger's own, ``auto-top-up/<request>``, never read by path)
+            raise Problem(422, "Invalid request", "The Idempotency-Key names the order (.../orders/{key}): 1 to 128 "
+                          "ASCII letters, digits, '.', '_', ':' or '-', starting with a letter or digit.",
+                          kind="invalid-request", reason="invalid_checkout")
         if await read(order_id(tenant, key), lambda o: o.tenant) is None:  # else: a retry of this request
             try:
                 q = await asyncio.to_thread(quote_now, app, tenant, payload, utcnow())

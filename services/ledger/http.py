@@ -17,7 +17,7 @@ from uuid import UUID
 
 import orjson
 from billing_events import ids
-from billing_events.messages import CODE_PATTERN, TENANT_PATTERN, LedgerCommand
+from billing_events.messages import CODE_PATTERN, RESOURCE_KEY_PATTERN, TENANT_PATTERN, LedgerCommand
 from billing_events.money import to_subunits
 from billing_ledger import holds_http
 from billing_ledger.adjustment_commands import adjustment_id
@@ -29,7 +29,6 @@ from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import FINISHED_REQUEST_KEEP, ResourcePool
 from billing_ledger.hold_commands import hold_id
 from billing_ledger.http_models import (
-    KEY_PATTERN,
     AdjustmentRequest,
     AllocationRequest,
     CapacityRequest,
@@ -37,7 +36,6 @@ from billing_ledger.http_models import (
     HoldRequest,
     RefundRequest,
 )
-from billing_ledger.limits import KEY_CHARS_MAX
 from billing_ledger.refund_commands import refund_id
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.problems import Problem
@@ -50,7 +48,7 @@ Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 Reader = Annotated[Principal, Depends(require())]
 Tenant = Annotated[str, Path(pattern=TENANT_PATTERN, description="The tenant (organisation)")]
 Resource = Annotated[str, Path(pattern=CODE_PATTERN, description="A pooled resource, e.g. seats")]
-RequestId = Annotated[str, Path(pattern=KEY_PATTERN, max_length=KEY_CHARS_MAX)]
+RequestId = Annotated[str, Path(pattern=RESOURCE_KEY_PATTERN)]
 
 # Rejection reason -> HTTP status (anything else is 422: the request cannot be carried out as given).
 _STATUS = {

@@ -16,7 +16,7 @@ from typing import Annotated
 from uuid import UUID
 
 from billing_events.catalog import CODE, Collection
-from billing_events.messages import CODE_PATTERN, DecimalStr, SignedDecimalStr
+from billing_events.messages import CODE_PATTERN, RESOURCE_KEY_PATTERN, DecimalStr, SignedDecimalStr
 from billing_ledger.domain.account import (
     AUTO_TOP_UP_COOLDOWN_SECONDS_DEFAULT,
     AUTO_TOP_UP_COOLDOWN_SECONDS_MAX,
@@ -34,6 +34,10 @@ IdempotencyKey = Annotated[str, Field(min_length=1, max_length=KEY_CHARS_MAX, pa
                                       description="Chosen by the caller; a retry with the same key is answered "
                                                   "with the first answer and changes nothing",
                                       examples=["job-7f3a"])]
+# A key naming what a request creates, read back at a URL path (``RESOURCE_KEY_PATTERN``: no '/', at most 128).
+ResourceKey = Annotated[str, Field(pattern=RESOURCE_KEY_PATTERN, description="1 to 128 ASCII letters, digits, "
+                                   "`.`, `_`, `:` or `-`, starting with a letter or digit (no `/`: it is part of "
+                                   "a URL path)")]
 Reason = Annotated[str, Field(min_length=1, max_length=REASON_CHARS_MAX, description="Why, for the audit trail")]
 UnitCode = Annotated[str | None, Field(default=None, min_length=2, max_length=32,
                                        description="ISO 4217 currency or catalogue credit type; default: the "
@@ -62,7 +66,8 @@ class CaptureRequest(Body):
 
 
 class AllocationRequest(Body):
-    request_id: IdempotencyKey
+    request_id: ResourceKey = Field(description="Chosen by the caller (`.../allocations/{resource}/{request_id}`); "
+                                              "a retry with the same id changes nothing", examples=["job-7f3a"])
     resource: str = Field(pattern=CODE_PATTERN, examples=["seats"])
     quantity: int = Field(ge=1, le=10**12, examples=[1])
 
@@ -90,7 +95,9 @@ class RefundRequest(Body):
 # -- bodies handed on to their command as sent (documented, validated by the command) ---------------------------
 
 At = Annotated[datetime | None, Field(default=None, description="When it takes effect (ISO 8601 with offset); "
-                                                                 "default: now")]
+                                                                 "default: now. At most 35 days before now and 300 s "
+                                                                 "after it (else 422 `at_out_of_range`): nothing is "
+                                                                 "scheduled")]
 PlanCode = Annotated[str, Field(pattern=CODE, description="Code of a published plan", examples=["starter"])]
 PlanVersion = Annotated[int | None, Field(default=None, ge=1, description="A published version of the plan "
                                                                           "(default: its current one)")]
@@ -111,9 +118,10 @@ class SubscriptionCreate(Described):
         {"key": "main", "plan": "starter", "quantity": 3, "trial": False, "time_zone": "Europe/Berlin",
          "collection": "charge_before_access"}]})
 
-    key: Text = Field(description="The subscription's name in the account (`.../subscriptions/{key}`); "
-                                  "a second subscription with it is refused (`subscription_exists`)",
-                      examples=["main"])
+    key: ResourceKey = Field(description="The subscription's name in the account (`.../subscriptions/{key}`): 1 to "
+                                         "128 ASCII letters, digits, `.`, `_`, `:` or `-`, starting with a letter "
+                                         "or digit (else `invalid_command`); a second subscription with it is "
+                                         "refused (`subscription_exists`)", examples=["main"])
     plan: PlanCode
     plan_version: PlanVersion = None
     quantity: Quantity = 1
@@ -121,8 +129,10 @@ class SubscriptionCreate(Described):
                                                   "eligible (false: billed at once)")
     time_zone: str = Field(default="UTC", description="IANA time zone the billing periods turn in",
                            examples=["Europe/Berlin"])
-    workspace: str | None = Field(default=None, description="The workspace (organisation) the account belongs to: "
-                                                            "a trial needs it to have one billing account only")
+    workspace: ResourceKey | None = Field(
+        default=None, description="The workspace (organisation) the account belongs to, joined now if it is not a "
+                                  "member yet (another one: `workspace_mismatch`): a trial needs the workspace to "
+                                  "have one billing account only, this one", examples=["acme-corp"])
     collection: Collection | None = Field(
         default=None, description="`invoice` (access at once, invoice collected afterwards) or "
                                   "`charge_before_access` (incomplete, no access, until the first invoice is "
@@ -166,7 +176,7 @@ class PaymentMethodAdd(Described):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"method_id": "pm_1Q2w3E4r", "gateway": "stripe", "label": "Visa 4242", "default": True}]})
 
-    method_id: Text = Field(description="The gateway's token of the method")
+    method_id: ResourceKey = Field(description="The gateway's token of the method (`.../payment-methods/{method_id}`)")
     gateway: str = Field(default="stripe", description="stripe, razorpay or paypal")
     label: str = Field(default="", description="Shown to people; empty: the card's brand and last digits "
                                                "(Visa 4242) when the gateway told them")
@@ -261,8 +271,8 @@ class RefundRequestCreate(Described):
 
     order: Text = Field(description="The paid top-up order (its key)")
     reason: str = ""
-    key: str | None = Field(default=None, description="The request's key (default: the Idempotency-Key header, "
-                                                      "else a new one)")
+    key: ResourceKey | None = Field(default=None, description="The request's key (`.../refund-requests/{key}`; "
+                                                              "default: the Idempotency-Key header, else a new one)")
 
 
 class RefundRequestRejection(Described):

@@ -112,7 +112,18 @@ DIGEST_BACKFILL_DAYS_MAX = 31
 
 # Audit: events read from the store per query while verifying or exporting.
 AUDIT_PAGE_EVENTS_MAX = 1_000
-# An immediate cancel, a change, a pause or a resume issued after the current period's end, before the scheduler's
+# When a subscription command (create, change, cancel, pause, resume) may take effect, from when it was issued
+# (``issued_at``: a redelivery decides the same): ``at`` at most EFFECTIVE_AT_BACKDATE_DAYS_MAX days before it, as far
+# back as ingest takes usage by default (its dedup window, BILLING_DEDUP_WINDOW_DAYS 35: older usage is refused
+# ``too_old``, so an earlier period could never be rated), and at most EFFECTIVE_AT_SKEW_SECONDS_MAX after it, the
+# clock skew ingest allows usage (BILLING_FUTURE_SKEW_SECONDS 300): nothing is scheduled, a command takes effect
+# when it is applied, so a later ``at`` would date its documents in the future. Beyond either, it is refused
+# (``at_out_of_range``): an ``at`` in 1900 started a subscription billing every month since (INV-1900-000001, one
+# more renewal per tick), one in 2099 numbered INV-2099-000001 at once and pooled its capacity now.
+EFFECTIVE_AT_BACKDATE_DAYS_MAX = 35
+EFFECTIVE_AT_SKEW_SECONDS_MAX = 300
+
+# A cancel (immediate or at period end), a change, a pause or a resume issued after the current period's end, before the scheduler's
 # tick renewed it, first ends the periods due by then (each as the tick would: its renewal draft, rating's usage
 # lines), at most this many (3 years of monthly periods, as far as rating places usage ahead of the ledger's
 # PeriodEnded); further behind it is rejected (``renewals_behind``): tick the subscription first.

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from billing_events.messages import LedgerCommand
+from billing_events.messages import RESOURCE_KEY_PATTERN, LedgerCommand
 from billing_events.money import MoneyError, from_subunits, parse_decimal, to_subunits
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.application import CommandRejected
+from billing_ledger.limits import EFFECTIVE_AT_BACKDATE_DAYS_MAX, EFFECTIVE_AT_SKEW_SECONDS_MAX
 
 INVALID = "invalid_command"
 
@@ -19,6 +21,21 @@ def text(command: LedgerCommand, field: str, *, default: str | None = None) -> s
     value = command.payload.get(field, default)
     if not isinstance(value, str) or not value.strip():
         raise CommandRejected(INVALID, f"{field} must be a non-empty string")
+    return value
+
+
+_RESOURCE_KEY = re.compile(RESOURCE_KEY_PATTERN)
+
+
+def key(command: LedgerCommand, field: str, *, reason: str = INVALID) -> str:
+    """A key naming what the command creates, which a URL path then addresses (``RESOURCE_KEY_PATTERN``). A key
+    with a ``/`` was taken and could never be reached again (``GET .../subscriptions/a%2Fb`` is routed as two path
+    segments: 404), and one of 5,000 characters was stored as given."""
+    value = text(command, field)
+    if not _RESOURCE_KEY.fullmatch(value):
+        raise CommandRejected(reason, f"{field} must be 1 to 128 ASCII letters, digits, '.', '_', ':' or '-', "
+                                      f"starting with a letter or digit (it is part of a URL path), not "
+                                      f"{value[:40]!r}{'...' if len(value) > 40 else ''}")
     return value
 
 
@@ -58,6 +75,32 @@ def at(command: LedgerCommand) -> datetime:
         return parse_timestamp(raw)
     except ValueError as exc:
         raise CommandRejected(INVALID, f"at: {exc}") from exc
+
+
+AT_OUT_OF_RANGE = "at_out_of_range"
+
+
+def check_effective(moment: datetime, now: datetime, *, field: str = "at") -> datetime:
+    """``moment`` within the bounds a subscription command may take effect in around ``now`` (``limits.py``:
+    EFFECTIVE_AT_BACKDATE_DAYS_MAX before, EFFECTIVE_AT_SKEW_SECONDS_MAX after), else ``at_out_of_range``."""
+    earliest = now - timedelta(days=EFFECTIVE_AT_BACKDATE_DAYS_MAX)
+    latest = now + timedelta(seconds=EFFECTIVE_AT_SKEW_SECONDS_MAX)
+    if moment < earliest:
+        raise CommandRejected(AT_OUT_OF_RANGE, f"{field} {moment.isoformat()} is more than "
+                                               f"{EFFECTIVE_AT_BACKDATE_DAYS_MAX} days before {now.isoformat()}")
+    if moment > latest:
+        raise CommandRejected(AT_OUT_OF_RANGE, f"{field} {moment.isoformat()} is more than "
+                                               f"{EFFECTIVE_AT_SKEW_SECONDS_MAX} s after {now.isoformat()}: a "
+                                               "subscription command takes effect when it is applied, nothing "
+                                               "is scheduled")
+    return moment
+
+
+def bounded_at(command: LedgerCommand) -> datetime:
+    """When a subscription command (create, change, cancel, pause, resume) takes effect: ``at`` as ``at`` reads it,
+    within the bounds ``check_effective`` gives around when the command was issued (so a redelivery, or a command
+    applied late from Kafka, decides the same)."""
+    return check_effective(at(command), command.issued_at)
 
 
 def subunits(command: LedgerCommand, field: str, *, allow_negative: bool = False) -> int:

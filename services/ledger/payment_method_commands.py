@@ -46,7 +46,7 @@ def add_payment_method(app: LedgerApplication, batch: _Batch, command: LedgerCom
     account_of(batch, command.tenant)
     card = _card(command, required=False)
     _roster(batch, command.tenant or "").add_payment_method(
-        method_id=fields.text(command, "method_id"), gateway=fields.text(command, "gateway", default="stripe"),
+        method_id=fields.key(command, "method_id"), gateway=fields.text(command, "gateway", default="stripe"),
         label=fields.string(command, "label") or card_label(card), make_default=fields.flag(command, "default"),
         at=effective_at(command), by=command.issued_by, card=card)
 

@@ -100,9 +100,7 @@ def _eligible(batch: _Batch, order: Order) -> None:
 @handles("refund_request.create")
 def create_request(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     tenant = command.tenant or ""
-    key = command.payload.get("key")
-    if not key or not isinstance(key, str):
-        raise CommandRejected("invalid_refund_request", "a refund request needs a key (a string)")
+    key = fields.key(command, "key", reason="invalid_refund_request")  # read at .../refund-requests/{key}
     reason = fields.string(command, "reason")  # never stored as "None"
     if batch.get(refund_request_id(tenant, key)) is not None:
         raise CommandRejected("refund_request_exists", f"refund request {key!r} exists")

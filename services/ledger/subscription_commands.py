@@ -10,6 +10,7 @@ invoice gets its gap-free number in the same transaction that finalizes it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
@@ -147,20 +148,52 @@ def _capacities(subscriptions: list[Subscription]) -> dict[str, int]:
     return pooled
 
 
+# (resource, capacity) -> whether its pool may take that capacity (``ResourcePool.can_reduce_to``) and what is in use
+# from it, or None without a pool.
+PoolCheck = Callable[[str, int], tuple[bool, int] | None]
+
+
+def pool_check(get: Callable[[UUID], Any], tenant: str) -> PoolCheck:
+    """``PoolCheck`` of the pools ``get`` loads (a batch's aggregates)."""
+    def check(resource: str, capacity: int) -> tuple[bool, int] | None:
+        pool = get(ResourcePool.create_id(tenant, resource))
+        return None if pool is None else (pool.can_reduce_to(capacity), pool.in_use)
+    return check
+
+
+def check_capacity(check: PoolCheck, before: dict[str, int], after: dict[str, int]) -> None:
+    """Refuses (``capacity_below_usage``) pooled capacity ``after`` that would leave a pool below what is allocated
+    from it: the change's check (``_set_pools``) and its invoice preview's, so both answer the same."""
+    for resource in sorted(set(before) | set(after)):
+        capacity = after.get(resource, 0)
+        found = check(resource, capacity)
+        if found is not None and not found[0]:
+            raise CommandRejected("capacity_below_usage",
+                                  f"{resource}: {found[1]} in use, the change would leave {capacity}")
+
+
+def capacities_after_change(subscriptions: list[Subscription], changed: Subscription, plan: dict[str, Any],
+                            quantity: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The pooled capacity of ``subscriptions`` (an account's live ones) before and after ``changed`` takes ``plan``
+    and ``quantity``, for the invoice preview (the change itself changes the subscription and pools it again)."""
+    stand_in = copy.copy(changed)  # read by _capacities only, never saved
+    stand_in.plan, stand_in.quantity = plan, quantity
+    after = [stand_in if sub.id == changed.id else sub for sub in subscriptions]
+    return _capacities(subscriptions), _capacities(after)
+
+
 def _set_pools(batch: _Batch, tenant: str, before: dict[str, int], after: dict[str, int], cause: str, *,
                force: bool = False) -> None:
-    """Checks every pool first (capacity can't drop below current usage), then changes them.
+    """Checks every pool first (capacity can't drop below current usage: ``check_capacity``), then changes them.
 
     ``force``: a subscription ended by itself (period end, trial end) and must end whatever is allocated, so
     its capacity goes even below usage; the pool is then over capacity and refuses new allocations.
     """
+    if not force:
+        check_capacity(pool_check(batch.get, tenant), before, after)
     pools: dict[str, ResourcePool] = {}
     for resource in sorted(set(before) | set(after)):
         pool = batch.get(ResourcePool.create_id(tenant, resource))
-        capacity = after.get(resource, 0)
-        if pool is not None and not force and not pool.can_reduce_to(capacity):
-            raise CommandRejected("capacity_below_usage",
-                                  f"{resource}: {pool.in_use} in use, the change would leave {capacity}")
         if pool is not None:
             pools[resource] = pool
     for resource in sorted(set(before) | set(after)):
@@ -884,12 +917,29 @@ def _expire_incomplete(batch: _Batch, sub: Subscription, at: datetime, by: str,
 
 # -- handlers ------------------------------------------------------------------------------------------------
 
+def _join_workspace(batch: _Batch, roster: Roster, name: str, at: datetime, by: str) -> Workspace:
+    """The account joins workspace ``name`` (its roster records it, the workspace lists it), in the command's
+    transaction: two accounts subscribing at once both write the workspace, so the second is decided again on the
+    first's membership (an optimistic-concurrency conflict) and gets no trial."""
+    roster.join_workspace(workspace=name, at=at, by=by)
+    workspace: Workspace = batch.get_or_create(workspace_id(name), lambda: Workspace(workspace=name))
+    workspace.add_account(roster.tenant)
+    return workspace
+
+
+def workspace_view(workspace: Workspace) -> dict[str, Any]:
+    return {"workspace": workspace.workspace, "accounts": list(workspace.accounts)}
+
+
 @handles("workspace.add_account")
-def add_to_workspace(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    account_of(batch, command.tenant)
-    name = command.payload["workspace"]
-    workspace = batch.get_or_create(workspace_id(name), lambda: Workspace(workspace=name))
-    workspace.add_account(command.tenant)
+def add_to_workspace(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """Admin (``PUT /v1/workspaces/{workspace}/accounts/{tenant}``, ``billing workspace add-account``): the account
+    is a member of the workspace from now on, so no account of it gets a trial while it has more than one."""
+    tenant = _tenant(command)
+    account_of(batch, tenant)
+    name = fields.key(command, "workspace")
+    return workspace_view(_join_workspace(batch, _roster(batch, tenant), name, effective_at(command),
+                                          command.issued_by))
 
 
 @handles("subscription.create")
@@ -898,21 +948,28 @@ def create_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     tenant = command.tenant
     account = account_of(batch, tenant)
     assert tenant is not None
-    key = fields.text(command, "key")
+    key = fields.key(command, "key")  # reachable at .../subscriptions/{key}: no '/', at most 128 characters
     # Every field is checked as documented (``http_models.SubscriptionCreate``) before anything changes: a
     # ``quantity`` of 2.5 or "3" or a ``trial`` of "no" is rejected, never truncated or read by its truth.
     quantity = fields.whole(command, "quantity", default=1)
     wants_trial = fields.flag(command, "trial", default=True)
     time_zone = read_time_zone(command, "time_zone")
-    workspace_name = fields.optional_text(command, "workspace")
-    at = effective_at(command)
+    workspace_name = fields.key(command, "workspace") if command.payload.get("workspace") is not None else None
+    at = fields.bounded_at(command)
     if batch.get(subscription_id(tenant, key)) is not None:
         raise CommandRejected("subscription_exists", f"subscription {key!r} exists")
     plan = _billed_in(_plan(batch, fields.text(command, "plan"), fields.optional_whole(command, "plan_version")),
                       account.currency)
     roster = _roster(batch, tenant)
-    workspace = batch.get(workspace_id(workspace_name)) if workspace_name else None
-    accounts_in_workspace = len(workspace.accounts) if workspace is not None else 1
+    # Seed 004: a trial needs the workspace to have exactly one billing account, this one. Naming a workspace joins
+    # it (in this transaction: refused, the command changes nothing); named before, the account's is counted. Before
+    # session 13 the name was only looked up (never joined), without counting the subscribing account: every account
+    # of a workspace got a trial, and an account outside a one-account workspace got one there too.
+    if workspace_name is not None:
+        workspace = _join_workspace(batch, roster, workspace_name, at, command.issued_by)
+    else:
+        workspace = batch.get(workspace_id(roster.workspace)) if roster.workspace else None
+    accounts_in_workspace = len({*workspace.accounts, tenant}) if workspace is not None else 1
     trial = wants_trial and int(plan.get("trial_days", 0)) > 0 and roster.trial_eligible(accounts_in_workspace)
     before = _capacities(_live_subscriptions(batch, roster))
     collection = _collection(payload, plan)
@@ -940,7 +997,7 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     new_quantity = fields.optional_whole(command, "quantity")  # null or absent: the same
     new_plan = _billed_in(_plan(batch, plan_code, plan_version), sub.plan["currency"]) if plan_code else sub.plan
     quantity = sub.quantity if new_quantity is None else new_quantity
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     roster = _roster(batch, tenant)
     if _trial_over(sub, at):
         # The trial ended before the change and no tick has ended it yet: it ends first, as the tick would
@@ -1031,7 +1088,7 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     account = account_of(batch, tenant)
     sub = _subscription(batch, tenant, fields.text(command, "key"))
     immediately = fields.flag(command, "immediately")  # checked before the incomplete case ends it
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     if sub.status == INCOMPLETE:  # never paid, nothing granted: it ends now, its unpaid invoice voided
         first = batch.get(invoice_id(tenant, _first_invoice_key(sub)))
         if first is not None and first.status == FINALIZED and first.payment_under_way:
@@ -1053,7 +1110,11 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         _end_trial(app, batch, account, roster, sub, at)
         if sub.status not in LIVE:
             return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
-    if immediately and at >= sub.period_end:
+    if at >= sub.period_end:
+        # The period ended before the cancel and no tick has renewed it yet: the periods due end first, as the tick
+        # would end them, immediately or not. A cancel at period end then ends the period the customer is in (the
+        # one rating rates the usage since into), billed by its renewal; before session 13 it took the old end,
+        # already past, so the subscription ended there and that period was never billed.
         _renew_due(app, batch, account, roster, sub, at, doing="canceling", top_up=False)
         if sub.status not in LIVE:  # it was set to cancel at that period's end: it ended there, nothing to cut
             return {"subscription_id": str(sub.id), "status": sub.status, "lines": []}
@@ -1101,7 +1162,7 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
 
 def _renew_due(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,
                at: datetime, *, doing: str, top_up: bool) -> None:
-    """A command at ``at`` (an immediate cancel, a change, a pause, a resume), after the current period's end,
+    """A command at ``at`` (a cancel, a change, a pause, a resume), after the current period's end,
     before the scheduler's tick renewed it: the periods that ended by ``at`` end first, each as the tick would end
     it (``_renew``: its renewal draft with the next period's fee, which rating's ``PeriodEnded`` usage lines
     finalize; a paused one's without a fee), so the command acts on the period ``at`` falls in, as rating placed
@@ -1129,7 +1190,7 @@ def pause_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCom
     before, the late tick found it paused and left that period unbilled."""
     tenant = _tenant(command)
     sub = _subscription(batch, tenant, fields.text(command, "key"))
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     if sub.live and at >= sub.period_end:
         _renew_due(app, batch, account_of(batch, tenant), _roster(batch, tenant), sub, at, doing="pausing it",
                    top_up=True)
@@ -1146,7 +1207,7 @@ def resume_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     paused before the resume included."""
     tenant = _tenant(command)
     sub = _subscription(batch, tenant, fields.text(command, "key"))
-    at = effective_at(command)
+    at = fields.bounded_at(command)
     account = account_of(batch, tenant)
     if sub.live and at >= sub.period_end:
         _renew_due(app, batch, account, _roster(batch, tenant), sub, at, doing="resuming it", top_up=True)
@@ -1226,7 +1287,7 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
            at: datetime, *, top_up: bool) -> dict[str, Any]:
     """Ends ``sub``'s current period if it has ended by ``at`` (once per period): renews it (the renewal draft,
     the next period's recurring credits) or, canceled at period end, ends the subscription. The scheduler's tick
-    and an immediate cancel issued after the period's end (``cancel_subscription``) both end a period here.
+    and a cancel, change, pause or resume issued after the period's end (``_renew_due``) both end a period here.
     ``top_up``: whether the renewal's new balances may request an auto-top-up (a cancel requests none)."""
     tenant = sub.tenant
     ended_start, ended_end = sub.period_start, sub.period_end

@@ -1,4 +1,5 @@
-"""HTTP routes for subscriptions, payment methods, invoice previews and invoice PDFs (ledger service).
+"""HTTP routes for subscriptions, payment methods, invoice previews and invoice PDFs, and workspace membership
+(trial eligibility) (ledger service).
 
 Saving a payment method asks its gateway (when enabled here) for the card's brand, last four digits and expiry
 (``OutboundGateway.saved_card``), which the method keeps; a method the gateway does not know is refused.
@@ -12,20 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
-from billing_events.messages import LedgerCommand
+from billing_events.messages import RESOURCE_KEY_PATTERN, TENANT_PATTERN, LedgerCommand
 from billing_events.timeutil import parse_timestamp, utcnow
 from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication
+from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
 from billing_ledger.domain.invoice import Invoice
 from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.proration import localized, quote_change
-from billing_ledger.domain.roster import roster_id
-from billing_ledger.domain.subscription import ACTIVE, PAST_DUE, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.roster import roster_id, workspace_id
+from billing_ledger.domain.subscription import ACTIVE, LIVE, PAST_DUE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_tax_id
 from billing_ledger.gateways import GatewayError, OutboundGateway, UnknownPaymentMethod
 from billing_ledger.http_models import (
@@ -37,14 +39,17 @@ from billing_ledger.http_models import (
     TaxProfile,
 )
 from billing_ledger.invoice_pdf import render_pdf
-from billing_ledger.limits import CANCEL_RENEWALS_MAX
+from billing_ledger.limits import CANCEL_RENEWALS_MAX, EFFECTIVE_AT_SKEW_SECONDS_MAX
 from billing_ledger.saved_methods import method_view
 from billing_ledger.scheduler import DueIndex, tick_messages
 from billing_ledger.subscription_commands import (
     _left_to_give_back,
+    capacities_after_change,
+    check_capacity,
     credit_live_invoice,
     document_tax_lines,
     live_period_invoice,
+    workspace_view,
 )
 from billing_ledger.vies import NoRegistry, VatRegistry
 from billing_runtime.auth import Principal, Role, check_tenant, require
@@ -52,7 +57,7 @@ from billing_runtime.bodies import described_by
 from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
 from eventsourcing.persistence import IntegrityError
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Request, Response
 
 APPLY_ATTEMPTS_MAX = 5
 STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "vat_id_country_mismatch": 422,
@@ -60,7 +65,7 @@ STATUS_FOR_REASON = {"invalid_vat_id": 422, "invalid_tax_id": 422, "vat_id_count
                      "unknown_subscription": 404, "unknown_plan": 422, "unsupported_plan": 422,
                      "unknown_invoice": 404, "subscription_limit_reached": 409, "subscription_exists": 409,
                      "capacity_below_usage": 409, "invalid_transition": 409, "renewals_behind": 409,
-                     "invalid_card": 422}
+                     "invalid_card": 422, "workspace_mismatch": 409}
 # The bodies go to their command as sent (its checks answer a bad field); the models describe them.
 CreateBody = Annotated[dict[str, Any], described_by(SubscriptionCreate), Body()]
 ActionBody = Annotated[dict[str, Any] | None, Body()]
@@ -69,6 +74,8 @@ ACTION_BODIES = {action: Annotated[dict[str, Any] | None, described_by(model, op
                                        ("pause", SubscriptionMoment), ("resume", SubscriptionMoment))}
 PaymentMethodBody = Annotated[dict[str, Any], described_by(PaymentMethodAdd), Body()]
 TaxProfileBody = Annotated[dict[str, Any], described_by(TaxProfile), Body()]
+WorkspaceName = Annotated[str, Path(pattern=RESOURCE_KEY_PATTERN, description="The workspace (organisation)")]
+TenantName = Annotated[str, Path(pattern=TENANT_PATTERN, description="The billing account (tenant)")]
 
 
 async def apply_now(app: LedgerApplication, command: LedgerCommand) -> CommandResult:
@@ -136,6 +143,15 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
 
     admin = require(Role.ADMIN, Role.SERVICE)
 
+    def check_pools(tenant: str, sub: Subscription, plan: dict[str, Any], quantity: int) -> None:
+        """The change's capacity check (``check_capacity``) on the account's pools as they are now: a cut the
+        change would refuse (``capacity_below_usage``) is refused by its preview too."""
+        live = app.read(roster_id(tenant), lambda r: list(r.live)) or []
+        subs = [s for s in (app.read(UUID(i), copy.deepcopy) for i in live) if s is not None and s.status in LIVE]
+        before, after = capacities_after_change(subs, sub, plan, quantity)
+        check_capacity(lambda resource, capacity: app.read(ResourcePool.create_id(tenant, resource), lambda p: (
+            p.can_reduce_to(capacity), p.in_use)), before, after)
+
     @router.post("/v1/accounts/{tenant}/subscriptions", status_code=201,
                  summary="Subscribe to a published plan version (trial when eligible)")
     async def create(tenant: str, request: Request, body: CreateBody,
@@ -149,10 +165,11 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
     @router.get("/v1/accounts/{tenant}/subscriptions", summary="Live subscriptions of an account")
     async def list_live(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        roster = await read(roster_id(tenant), lambda r: (list(r.live), _methods(r)))
-        live, methods = roster or ([], [])
+        roster = await read(roster_id(tenant), lambda r: (list(r.live), _methods(r), r.workspace))
+        live, methods, workspace = roster or ([], [], None)
         subs = [await read(UUID(i), _view) for i in live]
-        return {"tenant": tenant, "subscriptions": [s for s in subs if s is not None], "payment_methods": methods}
+        return {"tenant": tenant, "subscriptions": [s for s in subs if s is not None], "payment_methods": methods,
+                "workspace": workspace}
 
     @router.get("/v1/accounts/{tenant}/subscriptions/{key}")
     async def get_one(tenant: str, key: str, principal: Principal = Depends(require())) -> dict[str, Any]:
@@ -210,6 +227,11 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                                               f"{end.isoformat()} are not renewed: tick the subscription first.",
                               kind="renewals-behind", reason="renewals_behind")
             start, end = due
+        try:
+            await asyncio.to_thread(check_pools, tenant, sub, new_plan, quantity or sub.quantity)
+        except CommandRejected as exc:  # the change would be refused so (it answered 200 with prorated lines)
+            raise Problem(STATUS_FOR_REASON.get(exc.reason, 422), "Refused", exc.detail,
+                          kind=exc.reason.replace("_", "-"), reason=exc.reason) from exc
         lines = quote_change(status=status, plan=sub.plan, quantity=sub.quantity,
                              period_start=start, period_end_at=end, time_zone=sub.time_zone,
                              new_plan=new_plan, new_quantity=quantity or sub.quantity, at=moment)
@@ -324,11 +346,38 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         return Response(rendered[2], media_type="application/pdf",
                         headers={"Content-Disposition": f'inline; filename="{rendered[1] or invoice_id}.pdf"'})
 
-    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)")
+    @router.put("/v1/workspaces/{workspace}/accounts/{tenant}",
+                summary="Make a billing account a member of a workspace (admin; a trial needs it to have one only)")
+    async def join_workspace(workspace: WorkspaceName, tenant: TenantName, request: Request,
+                             principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+        check_tenant(principal, tenant)
+        result = await run(request, principal, "workspace.add_account", tenant, {"workspace": workspace})
+        return result.value  # type: ignore[no-any-return]
+
+    @router.get("/v1/workspaces/{workspace}", summary="A workspace's billing accounts (admin)")
+    async def get_workspace(workspace: WorkspaceName, principal: Principal = Depends(require(Role.ADMIN))
+                            ) -> dict[str, Any]:
+        found = await read(workspace_id(workspace), workspace_view)
+        if found is not None and principal.tenant is not None and principal.tenant not in found["accounts"]:
+            found = None  # a tenant's token sees its own workspace only (another's is not said to exist)
+        if found is None:
+            raise Problem(404, "Not found", f"No workspace {workspace!r}.", kind="unknown-workspace")
+        return found  # type: ignore[no-any-return]
+
+    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)",
+                 description="`at` (default: now) may be in the past (ticks what was due then), never after now "
+                             "(plus `EFFECTIVE_AT_SKEW_SECONDS_MAX`): 422 `at-in-the-future`, nothing ticked.")
     async def run_cycle(at: str | None = None, _: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+        moment: datetime = _moment(at)
+        latest = utcnow() + timedelta(seconds=EFFECTIVE_AT_SKEW_SECONDS_MAX)
+        if moment > latest:
+            # Ticked early, a period would be renewed before its end (its next fee invoiced, its credits expired)
+            # and rating would take the usage of now as late, into the period after (``late:priced``).
+            raise Problem(422, "Refused", f"at {moment.isoformat()} is in the future: the cycle ticks what is due "
+                                          f"by now (at most {EFFECTIVE_AT_SKEW_SECONDS_MAX} s ahead, a clock's skew).",
+                          kind="at-in-the-future", reason="at_in_the_future")
         index = DueIndex()
         await asyncio.to_thread(index.catch_up, app)
-        moment: datetime = _moment(at)
         commands = index.ticks(moment)
         await bus.publish(tick_messages(commands))
         return {"at": moment, "ticked": [{"tenant": c.tenant, "key": c.payload["key"]} for c in commands]}

@@ -21,7 +21,14 @@ from billing_projections import (
 )
 from billing_projections.facts import utc_text
 from billing_projections.limits import ANALYTICS_MONTHS_MAX, ANALYTICS_MONTHS_SHOWN
-from billing_projections.params import decode_cursor, decode_key_cursor, encode_cursor, invalid, month_param
+from billing_projections.params import (
+    decode_cursor,
+    decode_key_cursor,
+    encode_cursor,
+    invalid,
+    month_or_year,
+    month_param,
+)
 from billing_runtime.db import Database
 
 Page = tuple[list[dict[str, Any]], str | None]
@@ -118,15 +125,9 @@ async def ledger(db: Database, tenant: str | None) -> list[dict[str, Any]]:
 
 
 def _period_filter(period: str | None) -> tuple[str | None, str | None]:
-    """``YYYY-MM`` -> (exact month, None); ``YYYY`` -> (None, year prefix); checked."""
-    if not period:
-        return None, None
-    if len(period) == 4 and period.isdigit():
-        return None, f"{period}-"
-    if len(period) == 7 and period[4] == "-" and period[:4].isdigit() and period[5:].isdigit() and (
-            1 <= int(period[5:]) <= 12):
-        return period, None
-    raise invalid("period must be a month (2026-11) or a year (2026)", "period")
+    """``YYYY-MM`` -> (exact month, None); ``YYYY`` -> (None, year prefix); checked (``params.month_or_year``)."""
+    month, year = month_or_year(period, "period")
+    return month, f"{year}-" if year else None
 
 
 def _one_of(values: Sequence[str], known: Sequence[str], parameter: str) -> tuple[str, ...]:

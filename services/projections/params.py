@@ -71,6 +71,23 @@ def month_param(value: str | None, parameter: str) -> tuple[int, int] | None:
     return int(value[:4]), int(value[5:])
 
 
+_YEAR = re.compile(r"[0-9]{4}")
+
+
+def month_or_year(value: str | None, parameter: str) -> tuple[str | None, str | None]:
+    """A month ``YYYY-MM`` -> (it, None) or a year ``YYYY`` -> (None, it), ASCII digits from 1970 on as
+    ``month_param``; None, None when not given. ``str.isdigit`` took other digits (``٢٠٢٦``), which matched nothing,
+    so a wrong period answered an empty list instead of a 422."""
+    if value is None or value == "":
+        return None, None
+    if _YEAR.fullmatch(value) and value >= "1970":
+        return None, value
+    if _MONTH.fullmatch(value) and value >= "1970":
+        return value, None
+    raise invalid(f"{parameter} must be a month YYYY-MM (2026-11) or a year YYYY (2026) from 1970, not {value!r}",
+                  parameter)
+
+
 def encode_cursor(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode().rstrip("=")
 

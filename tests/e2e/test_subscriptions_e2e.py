@@ -38,20 +38,26 @@ def test_subscription_lifecycle_with_invoices_pdfs_and_email(tmp_path: Path, smt
     try:
         wait_until(lambda: httpx.get(f"{base}/v1/catalog/plans", headers=admin).status_code == 200,
                    what="the catalogue")
-        start = datetime(2026, 11, 1, tzinfo=UTC)
+        # Started 33 days ago (a command may be dated up to 35 days back): its first month has ended, not ticked yet.
+        start = (datetime.now(UTC) - timedelta(days=33)).replace(hour=0, minute=0, second=0, microsecond=0)
         # acme already had no subscription: it is trial-eligible, but asks for none here (pays at once).
         created = httpx.post(f"{base}/v1/accounts/acme/subscriptions", headers=admin,
                              json={"key": "main", "plan": "starter", "trial": False, "at": start.isoformat()})
         assert created.status_code == 201, created.text
         assert created.json()["status"] == "active"
+        end = datetime.fromisoformat(created.json()["period_end"])
+        assert end < datetime.now(UTC)
 
         first = wait_until(lambda: inbox.messages[:1], what="the first invoice email")[0]
-        assert "INV-2026-000001" in first["Subject"]
+        first_number = f"INV-{start.year}-000001"
+        assert first_number in first["Subject"]
         [attachment] = [p for p in first.walk() if p.get_content_type() == "application/pdf"]
         text = pdf_text(attachment.get_payload(decode=True))
-        assert "INV-2026-000001" in text and "29.00" in text and "acme" in text
+        assert first_number in text and "29.00" in text and "acme" in text
 
-        mid = (start + timedelta(days=15)).isoformat()
+        mid_point = start + (end - start) / 2  # half of the period left: half of each fee
+        mid = mid_point.isoformat()
+        change_number = f"INV-{mid_point.year}-{2 if mid_point.year == start.year else 1:06d}"
         preview = httpx.get(f"{base}/v1/accounts/acme/subscriptions/main/invoice-preview",
                             params={"quantity": 3, "at": mid}, headers=admin).json()
         changed = httpx.post(f"{base}/v1/accounts/acme/subscriptions/main/change", headers=admin,
@@ -64,18 +70,23 @@ def test_subscription_lifecycle_with_invoices_pdfs_and_email(tmp_path: Path, smt
                               json={"plan": "nope"})
         assert too_many.status_code == 422 and too_many.headers["content-type"] == "application/problem+json"
 
-        # The period ends: the cycle runs (twice: still one renewal), rating adds usage lines, invoice #3 goes out.
+        # A cycle run cannot tick ahead of now (it would renew periods early).
+        ahead = httpx.post(f"{base}/v1/billing/cycle/run", params={"at": (end + timedelta(days=40)).isoformat()},
+                           headers=admin)
+        assert (ahead.status_code, ahead.headers["content-type"]) == (422, "application/problem+json")
+        # The period has ended: the cycle runs (twice: still one renewal), rating adds usage lines, invoice #3 goes out.
         for _ in range(2):
-            ticked = httpx.post(f"{base}/v1/billing/cycle/run", params={"at": "2026-12-01T00:00:01+00:00"},
+            ticked = httpx.post(f"{base}/v1/billing/cycle/run", params={"at": (end + timedelta(seconds=1)).isoformat()},
                                 headers=admin)
             assert ticked.status_code == 200
         wait_until(lambda: len(inbox.messages) >= 3, timeout=30, what="the renewal invoice email")
         time.sleep(2)
         subjects = sorted(m["Subject"] for m in inbox.messages)
-        assert len(subjects) == 3 and any("INV-2026-000003" in s for s in subjects), subjects
+        assert len(subjects) == 3 and any(change_number in s for s in subjects), subjects
         renewal = httpx.get(f"{base}/v1/accounts/acme/subscriptions/main", headers=admin).json()
-        assert renewal["period_start"].startswith("2026-12-01")
-        renewal_invoice = next(m for m in inbox.messages if "INV-2026-000003" in m["Subject"])
+        assert datetime.fromisoformat(renewal["period_start"]) == end
+        renewal_invoice = next(m for m in inbox.messages
+                               if first_number not in m["Subject"] and change_number not in m["Subject"])
         [pdf] = [p for p in renewal_invoice.walk() if p.get_content_type() == "application/pdf"]
         assert "Starter" in pdf_text(pdf.get_payload(decode=True))
 

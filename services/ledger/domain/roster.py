@@ -1,7 +1,7 @@
 """An account's subscription roster and payment methods; a workspace's billing accounts.
 
 The roster enforces the limit of live subscriptions per billing account (3 by default, configurable), and
-remembers what trial eligibility needs (any subscription ever, trial ever used). Payment methods are the
+remembers what trial eligibility needs (any subscription ever, trial ever used, the workspace the account is in). Payment methods are the
 gateway's tokens only (no card data is ever stored): up to 5, the first is the default, the others are
 backups in order. A card method keeps what its gateway told about it (``card``: brand, last four digits, expiry
 month and year; never the number), updated by the gateway's webhook, and the expiry notices recorded for it
@@ -44,6 +44,7 @@ class Roster(Aggregate):
         self.receivable_invoiced: dict[str, int] = {}  # unit -> receivables already put on invoices
         self.tax_profile: dict[str, Any] | None = None
         self.expiry_notices: list[str] = []  # ``card_expiry.notice_key`` of every notice recorded
+        self.workspace: str | None = None  # the one workspace the account belongs to (``Workspace``)
 
     def set_tax_profile(self, *, profile: dict[str, Any], at: datetime, by: str) -> None:
         """Country (ISO 3166-1), optional subdivision, business name and tax id (with its check result)."""
@@ -81,8 +82,22 @@ class Roster(Aggregate):
         self.live.remove(subscription_id)
 
     def trial_eligible(self, workspace_accounts: int) -> bool:
-        """Seed 004: exactly one billing account in the workspace, no prior or live subscription, no trial used."""
+        """Seed 004: exactly one billing account in the workspace (this one: ``workspace_accounts`` counts it), no
+        prior or live subscription, no trial used."""
         return workspace_accounts == 1 and not self.ever_subscribed and not self.trial_used
+
+    def join_workspace(self, *, workspace: str, at: datetime, by: str) -> None:
+        """A billing account belongs to one workspace: joining another is refused (``workspace_mismatch``)."""
+        if self.workspace == workspace:
+            return
+        if self.workspace is not None:
+            raise WorkspaceMismatch(f"account {self.tenant!r} belongs to workspace {self.workspace!r}, not "
+                                    f"{workspace!r}")
+        self._workspace_joined(workspace=workspace, at=at, by=by)
+
+    @event("WorkspaceJoined")
+    def _workspace_joined(self, workspace: str, at: datetime, by: str) -> None:
+        self.workspace = workspace
 
     # -- payment methods (gateway tokens only) -----------------------------------------------------------------
 
@@ -194,4 +209,8 @@ class SubscriptionLimitReached(RosterError):
 
 
 class UnknownPaymentMethod(RosterError):
+    pass
+
+
+class WorkspaceMismatch(RosterError):
     pass

@@ -82,3 +82,16 @@ def test_parallel_requests_never_exceed_capacity(app: LedgerApplication, client:
     assert len(granted) == 7
     final = client.get("/v1/accounts/acme/allocations/seats/user-0", headers=SERVICE).json()
     assert final["in_use"] == 7 and final["capacity"] == 7
+
+
+def test_a_request_id_no_path_can_address_is_refused(app: LedgerApplication, client: TestClient) -> None:
+    """``a/b`` was allocated (201) but ``.../allocations/seats/a%2Fb`` is routed as two path segments: it could never
+    be read nor released, its seat held for good."""
+    set_capacity(client, "acme", "seats", 1)
+    for request_id in ("a/b", "x" * 129):
+        refused = allocate(client, request_id)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+    taken = allocate(client, "a-b")  # the one seat is still free
+    assert (taken.status_code, taken.json()["allocated"], taken.json()["in_use"]) == (201, True, 1)
+    assert client.post("/v1/accounts/acme/allocations/seats/a-b/release", headers=SERVICE).status_code == 200

@@ -177,3 +177,23 @@ def test_checkout_and_refund_request_fields_of_the_wrong_type_are_refused(ledger
         assert refused.status_code == 422, refused.text
     assert http.get(f"/v1/accounts/{TENANT}/refund-requests/r1", headers=headers()).status_code == 404
     assert http.get(f"/v1/accounts/{TENANT}/refund-requests/7", headers=headers()).status_code == 404
+
+
+def test_an_order_or_refund_request_key_no_path_can_address_is_refused(ledger: LedgerApplication) -> None:
+    """An order's key (its Idempotency-Key) is read back at ``.../orders/{key}``, a refund request's at
+    ``.../refund-requests/{key}``: one with a ``/`` was placed, and never found again (404)."""
+    api = FakeStripe()
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    refused = checkout(http, "o/1", amount="50")
+    assert (refused.status_code, refused.json()["type"].rsplit("/", 1)[1]) == (422, "invalid-request"), refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert sessions(api) == 0  # refused before the order is placed: the gateway was never asked
+    order = checkout(http, "o1", amount="50").json()
+    pay(ledger, api, order)
+    bad = http.post(f"/v1/accounts/{TENANT}/refund-requests", headers=headers("viewer"),
+                    json={"key": "r/1", "order": "o1", "reason": "bought by mistake"})
+    assert (bad.status_code, bad.json()["reason"]) == (422, "invalid_refund_request"), bad.text
+    good = http.post(f"/v1/accounts/{TENANT}/refund-requests", headers=headers("viewer"),
+                     json={"key": "r1", "order": "o1", "reason": "bought by mistake"})
+    assert good.status_code == 201, good.text
+    assert http.get(f"/v1/accounts/{TENANT}/refund-requests/r1", headers=headers()).json()["status"] == "requested"

@@ -211,6 +211,21 @@ async def test_invoice_list_filters_pages_and_csv(client: httpx.AsyncClient,
     assert [(r["number"], r["total"]) for r in rows] == [(i["number"], i["total"]) for i in items]
 
 
+@pytest.mark.parametrize("period", ["٢٠٢٦", "٢٠٢٦-١١", "２０２６-11", "2026-1１", "²⁰²⁶", "2026\n", "1969", "0000-01"])
+async def test_an_invoice_period_in_other_digits_is_a_422_not_an_empty_list(client: httpx.AsyncClient,
+                                                                            scenario: Scenario, period: str) -> None:
+    """``str.isdigit`` took Arabic-Indic, full-width and superscript digits: the period matched no invoice and the
+    list answered 200 with no items, as for a month without invoices."""
+    for url, headers in (("/v1/accounts/acme/invoices", auth("viewer", "acme")),
+                         ("/v1/reports/invoices", auth("finance"))):
+        refused = await client.get(url, headers=headers, params={"period": period})
+        assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json"), (
+            url, refused.text)
+        assert refused.json()["errors"] == [{"location": "query.period", "message": refused.json()["detail"]}]
+    assert len((await client.get("/v1/accounts/acme/invoices", headers=auth("viewer", "acme"),
+                                 params={"period": "2026"})).json()["items"]) == 5
+
+
 async def test_invoice_detail_has_its_lines_and_the_pdf_link(client: httpx.AsyncClient,
                                                               scenario: Scenario) -> None:
     ledger, keys, _ = scenario

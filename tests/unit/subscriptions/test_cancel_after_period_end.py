@@ -170,7 +170,9 @@ async def test_a_cancel_after_the_end_of_a_period_set_to_cancel_there_ends_it_at
 
 
 async def test_a_cancel_more_periods_behind_than_it_may_renew_is_rejected_and_changes_nothing(stack: Stack) -> None:
-    command = LedgerCommand(command_id=uuid4(), kind="subscription.cancel", tenant="acme", issued_at=NOV_1,
+    # No tick ran from November 2026 to the cancel in 2030 (issued then: an ``at`` that far from its issue is refused).
+    command = LedgerCommand(command_id=uuid4(), kind="subscription.cancel", tenant="acme",
+                            issued_at=datetime(2030, 1, 1, tzinfo=UTC),
                             issued_by="user:test", payload={"at": datetime(2030, 1, 1, tzinfo=UTC).isoformat(),
                                                             "key": "m", "immediately": True})
     [result] = stack.ledger.apply_commands([command])
@@ -178,3 +180,37 @@ async def test_a_cancel_more_periods_behind_than_it_may_renew_is_rejected_and_ch
     sub = stack.ledger.repository.get(subscription_id("acme", "m"))
     assert (sub.status, sub.period_start) == ("active", NOV_1)   # no renewal of the 36 tried was kept
     assert DEC_1.isoformat() not in {key.rpartition("/")[2] for key in stack.invoices()}
+
+
+async def test_a_cancel_at_period_end_after_the_period_end_ends_the_period_the_customer_is_in(stack: Stack) -> None:
+    """November ended on Dec 1, the tick has not run; on Dec 11 the customer cancels at period end. It used to take
+    November's end, already past: canceled as of Dec 1, December (used since) never billed. Now November ends first
+    as the tick would end it, and the cancel is at the end of December, billed in advance by the Dec 1 renewal."""
+    await stack.use("nov", "250", datetime(2026, 11, 20, tzinfo=UTC))   # 15.00 of November's usage
+    await stack.use("dec", "130", datetime(2026, 12, 5, tzinfo=UTC))    # rated into December: 3.00
+    result = stack.run("subscription.cancel", DEC_11, key="m")
+    assert (result.value["status"], result.value["lines"]) == ("active", [])
+    sub = stack.ledger.repository.get(subscription_id("acme", "m"))
+    assert (sub.status, sub.period_start, sub.period_end, sub.cancel_at_period_end) == ("active", DEC_1, JAN_1, True)
+    await stack.relay()
+    await stack.deliver()
+    renewal = stack.invoice(DEC_1.isoformat())  # December's 31.00 in advance, November's usage
+    assert (renewal.status, renewal.period_start, usage_money(renewal), renewal.total) == (
+        "finalized", NOV_1, Decimal("15.00"), Decimal("46.00"))
+    # The tick at the end of December ends it there: December's usage on its final invoice, no January fee.
+    assert stack.run("subscription.tick", JAN_1, key="m").value == {"transition": "canceled_at_period_end"}
+    await stack.relay()
+    await stack.deliver()
+    final = stack.invoice(JAN_1.isoformat())
+    assert (final.status, usage_money(final), final.total) == ("finalized", Decimal("3.00"), Decimal("3.00"))
+    assert all(r.outcome in ("applied", "duplicate") for r in stack.results), stack.results
+    assert stack.ledger.repository.get(subscription_id("acme", "m")).status == "canceled"
+
+
+async def test_a_cancel_at_period_end_after_the_end_of_a_period_set_to_cancel_there_ends_it_there(
+        stack: Stack) -> None:
+    stack.run("subscription.cancel", datetime(2026, 11, 25, tzinfo=UTC), key="m")  # at period end
+    result = stack.run("subscription.cancel", DEC_11, key="m")  # again, after that end, before the tick
+    assert (result.value["status"], result.value["lines"]) == ("canceled", [])
+    sub = stack.ledger.repository.get(subscription_id("acme", "m"))
+    assert (sub.status, sub.period_start) == ("canceled", NOV_1)  # ended on Dec 1 as scheduled, nothing renewed

@@ -227,3 +227,31 @@ def test_the_preview_after_a_gateway_refund_credits_no_more_than_the_invoice_has
     assert invoice.total == Decimal(preview["total"])
     assert [(x["kind"], x["amount"], x["description"]) for x in invoice.lines] == [
         (x["kind"], x["amount"], x["description"]) for x in preview["lines"]]
+
+
+def test_the_preview_of_a_cut_below_what_is_allocated_answers_the_changes_refusal(tmp_path: Path) -> None:
+    """Two seats of a plan pooling 5 users each, 8 users allocated: cutting to one seat would leave 5. The change is
+    refused 409 ``capacity_below_usage``; the preview answered 200 with its prorated lines (-15.00 + 15.00)."""
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path)))
+    run(ledger, "catalog.publish", None, digest="preview-pools", document={
+        "plans": [{"code": "team", "name": "Team", "currency": "EUR", "base_fee": "30.00", "resources": {"users": 5}}]})
+    run(ledger, "account.open", "acme", currency="EUR")
+    run(ledger, "subscription.create", "acme", key="m", plan="team", quantity=2)
+    run(ledger, "allocation.allocate", "acme", resource="users", request_id="crew", quantity=8)
+    app = create_app("t", Settings(data_dir=tmp_path))
+    app.include_router(build_router(ledger, EmbeddedBus(tmp_path / "bus.sqlite"), "billing"))
+    client = TestClient(app)
+    headers = {"Authorization": f"Bearer {mint_token(Settings(), role='admin')}"}
+    preview = client.get("/v1/accounts/acme/subscriptions/m/invoice-preview",
+                         params={"quantity": 1, "at": NOV_16.isoformat()}, headers=headers)
+    command = LedgerCommand(command_id=uuid4(), kind="subscription.change", tenant="acme", issued_at=NOV_16,
+                            issued_by="user:test", payload={"at": NOV_16.isoformat(), "key": "m", "quantity": 1})
+    [change] = ledger.apply_commands([command])
+    assert (change.outcome, change.reason) == ("rejected", "capacity_below_usage")
+    assert (preview.status_code, preview.headers["content-type"]) == (409, "application/problem+json"), preview.text
+    assert (preview.json()["reason"], preview.json()["detail"]) == (change.reason, change.detail)
+    assert preview.json()["type"].endswith("/capacity-below-usage")
+    # The same quantity, or a raise, is quoted.
+    for quantity in (2, 3):
+        assert client.get("/v1/accounts/acme/subscriptions/m/invoice-preview", params={"quantity": quantity},
+                          headers=headers).status_code == 200
