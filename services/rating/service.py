@@ -35,6 +35,7 @@ from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
 from billing_rating.codec import Usage, debit_command_json, decode_accepted, timestamp_text, usage_command_id
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
+from billing_rating.refusals import REFUSALS_SCHEMA, REFUSED, apply_refusal
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import (
     TRIAL_ENDED_UNCONVERTED,
@@ -62,10 +63,14 @@ SCHEMA_HEADERS = {topics.LEDGER_COMMANDS: (("schema", b"ledger.command/v1"),),
                   topics.USAGE_REJECTED: (("schema", b"usage.rejected/v1"),)}
 
 # Decisions of events that were refused and counted in no total: a correction of one is refused too.
-REFUSED_DECISIONS = frozenset({"period_closed", "no_price", "invalid_correction", "unknown_correction"})
+# ``refused``: the ledger refused its debit (a ``block`` overage policy, ``billing_rating.refusals``).
+REFUSED_DECISIONS = frozenset({"period_closed", "no_price", "invalid_correction", "unknown_correction", REFUSED})
 # The decision of an event (or of a correction) that the meter's property filters left out: it counted in no
 # total, so a correction of it that passes the filters counts as a fresh event of its own quantity.
 FILTERED = "filtered"
+
+# The ledger's event of a usage debit it refused (a ``block`` overage policy): rating takes its usage back.
+USAGE_REJECTED = "BillingAccount.UsageRejected"
 
 # A period's last instant is its end less this (periods are [start, end), to the microsecond).
 LAST_INSTANT = timedelta(microseconds=1)
@@ -105,7 +110,7 @@ class RatingService:
         self._plan_specs: dict[tuple[int, str, int, str], tuple[Any, dict[str, Any]]] = {}
 
     async def setup(self) -> None:
-        await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA)  # type: ignore[attr-defined]
+        await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA + REFUSALS_SCHEMA)  # type: ignore[attr-defined]
         await self._load_catalog()
 
     async def _load_catalog(self) -> None:
@@ -123,9 +128,15 @@ class RatingService:
         outputs: list[OutMessage] = []
         for record in records:
             event_type = header(record, "type")
-            if event_type is not None and not event_type.startswith((b"Subscription.", b"Catalog.Published")):
+            if event_type is not None and not event_type.startswith(
+                    (b"Subscription.", b"Catalog.Published", USAGE_REJECTED.encode())):
                 continue  # usage debits and the like: nothing rating follows (see the relay's ``type`` header)
             event = LedgerEvent.model_validate_json(record.value)
+            if event.type == USAGE_REJECTED:
+                # A debit the ledger refused (``block``): its usage leaves the running totals (``refusals``).
+                async with self.db.transaction() as conn:
+                    outputs.extend(await apply_refusal(conn, self.catalog, event))
+                continue
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:
                     ended = await apply_event(conn, event, self.db.dialect)
