@@ -53,6 +53,11 @@ REFUSED = "refused"
 # The decisions whose debit carried a charge (a debit of 0 is never refused).
 _CHARGED = ("priced", "late:priced", "late_adjustment:priced")
 
+# PostgreSQL advisory lock class of an account's running totals (``pg_advisory_xact_lock(class, hashtext(account))``):
+# a usage batch takes its accounts' shared, a refusal its account's exclusive (the two-key space, apart from the
+# one-key locks other services take).
+ACCOUNT_LOCK_CLASS = 7311
+
 REFUSALS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS refused_debits (
     account_id TEXT NOT NULL, event_id TEXT NOT NULL, reason TEXT NOT NULL, command_id TEXT NOT NULL,
@@ -65,15 +70,22 @@ def adjustment_command_id(account: str, event_id: str) -> str:
     return str(ids.command_id("usage.refusal_adjustment", account, event_id))
 
 
-async def apply_refusal(conn: Connection, catalog: CatalogView, event: LedgerEvent) -> list[OutMessage]:
+async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, event: LedgerEvent
+                        ) -> list[OutMessage]:
     """Takes a refused usage debit's event out of rating's totals (module docstring); returns the adjustment to
-    publish once the caller's transaction is committed (none when nothing was mispriced)."""
+    publish once the caller's transaction is committed (none when nothing was mispriced).
+
+    The usage consumer writes the same totals from another task: on PostgreSQL the account's advisory lock (taken
+    shared by every usage batch before it reads totals) keeps the two apart, so neither overwrites the other's
+    total with one computed from a stale read. SQLite runs one transaction at a time."""
     data = event.data
     cause = data.get("cause") or {}
     event_ids = cause.get("event_ids") or []
     if cause.get("closed") or cause.get("refusal_of") or len(event_ids) != 1:
         return []  # not a real-time debit of one event (a close's or an adjustment's are never refused)
     account, event_id = str(event.aggregate_id), str(event_ids[0])
+    if dialect == "postgres":
+        await conn.execute(f"SELECT pg_advisory_xact_lock({ACCOUNT_LOCK_CLASS}, hashtext($1))", account)
     stored = await conn.fetchrow("SELECT output FROM refused_debits WHERE account_id = $1 AND event_id = $2",
                                  account, event_id)
     if stored is not None:  # a redelivered UsageRejected: the same adjustment again (same id)

@@ -35,7 +35,7 @@ from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
 from billing_rating.codec import Usage, debit_command_json, decode_accepted, timestamp_text, usage_command_id
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
-from billing_rating.refusals import REFUSALS_SCHEMA, REFUSED, apply_refusal
+from billing_rating.refusals import ACCOUNT_LOCK_CLASS, REFUSALS_SCHEMA, REFUSED, apply_refusal
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import (
     TRIAL_ENDED_UNCONVERTED,
@@ -135,7 +135,7 @@ class RatingService:
             if event.type == USAGE_REJECTED:
                 # A debit the ledger refused (``block``): its usage leaves the running totals (``refusals``).
                 async with self.db.transaction() as conn:
-                    outputs.extend(await apply_refusal(conn, self.catalog, event))
+                    outputs.extend(await apply_refusal(conn, self.db.dialect, self.catalog, event))
                 continue
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:
@@ -857,6 +857,11 @@ class _BatchState:
             # rated into the period being closed, after its lines were taken: never invoiced. SQLite runs one
             # transaction at a time (the embedded database's lock): nothing can overlap there.
             await conn.execute(f"SELECT 1 FROM account_subscriptions WHERE {by_account[0]} FOR SHARE", *by_account[1])
+            # The other writer of an account's running totals: a refusal the ledger-events consumer takes back
+            # (``refusals.apply_refusal``, the same key exclusively). Taken before the totals are read, so either
+            # the refusal waits for this batch and reads its totals, or this batch reads the totals it left.
+            await conn.execute(f"SELECT pg_advisory_xact_lock_shared({ACCOUNT_LOCK_CLASS}, hashtext(a)) "
+                               "FROM unnest($1::text[]) AS a", accounts)
         for row in await conn.fetch(f"SELECT account_id, period FROM closed_periods WHERE {by_account[0]}",
                                     *by_account[1]):
             state.closed.add((row["account_id"], row["period"]))

@@ -234,30 +234,34 @@ async def test_a_refused_debit_rating_still_counts_is_a_discrepancy_after_the_gr
 
 
 async def test_usage_priced_on_a_refused_events_quantity_is_made_right_once(tmp_path: Path) -> None:
+    async with wired(tmp_path) as services:
+        await priced_on_a_refused_quantity_and_made_right_once(services)
+
+
+async def priced_on_a_refused_quantity_and_made_right_once(services: Services) -> None:
     """5 reports included, then 0.10 each; 0.30 USD of credit. 10 reports are refused (0.50), 3 more are rated
     before rating reads the refusal: priced 0.30 as reports 11-13, they are within the allowance (the refused 10
     were never billed), so rating gives the 0.30 back once the refusal reaches it, exactly once."""
-    async with wired(tmp_path) as services:
-        services.run("credit.grant", unit="USD", amount="0.30", grant_key="g", source="manual",
-                     effective_at=(AT - timedelta(hours=1)).isoformat())
-        await services.send("r1", "reports", "10", AT)
-        await services.flow()
-        await services.send("r2", "reports", "3", AT + timedelta(seconds=1))
-        await services.flow()  # r2 priced on 13 reports: 0.30, posted
-        account = services.ledger.repository.get(ids.account_id("acme"))
-        assert account.available("USD") == 0
-        await services.relay()  # the ledger's refusal of r1 and the debit of r2 reach rating
-        [adjustment] = await services.deliver()
-        assert (Decimal(adjustment.payload["amount"]), adjustment.payload["cause"]["refusal_of"]) == (
-            Decimal("-0.30"), str(usage_command_id("acme", "r1")))
-        await services.relay()
-        await services.relay()  # nothing new: no second adjustment
-        assert await services.deliver() == []
-        account = services.ledger.repository.get(ids.account_id("acme"))
-        assert account.available("USD") == 30 * 10**7  # the 0.30 back: 3 reports within the allowance cost 0
-        report = await services.reconcile(grace=timedelta(0))
-        assert (report.ok, report.counts["posted"], dict(report.rejected)) == (
-            True, 1, {"ledger:insufficient_credit": 1})
+    services.run("credit.grant", unit="USD", amount="0.30", grant_key="g", source="manual",
+                 effective_at=(AT - timedelta(hours=1)).isoformat())
+    await services.send("r1", "reports", "10", AT)
+    await services.flow()
+    await services.send("r2", "reports", "3", AT + timedelta(seconds=1))
+    await services.flow()  # r2 priced on 13 reports: 0.30, posted
+    account = services.ledger.repository.get(ids.account_id("acme"))
+    assert account.available("USD") == 0
+    await services.relay()  # the ledger's refusal of r1 and the debit of r2 reach rating
+    [adjustment] = await services.deliver()
+    assert (Decimal(adjustment.payload["amount"]), adjustment.payload["cause"]["refusal_of"]) == (
+        Decimal("-0.30"), str(usage_command_id("acme", "r1")))
+    await services.relay()
+    await services.relay()  # nothing new: no second adjustment
+    assert await services.deliver() == []
+    account = services.ledger.repository.get(ids.account_id("acme"))
+    assert account.available("USD") == 30 * 10**7  # the 0.30 back: 3 reports within the allowance cost 0
+    report = await services.reconcile(grace=timedelta(0))
+    assert (report.ok, report.counts["posted"], dict(report.rejected)) == (
+        True, 1, {"ledger:insufficient_credit": 1})
 
 
 async def test_an_event_debited_by_a_second_command_is_debited_twice(stack: Services) -> None:
