@@ -28,6 +28,8 @@ CATALOG: dict[str, Any] = {
         {"code": "evidence_documents", "aggregation": "sum", "overage_policy": "block", "price": STAIRSTEP},
         {"code": "api_calls", "aggregation": "sum", "overage_policy": "block", "included": "100",
          "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.10"}},
+        {"code": "ai_tokens", "aggregation": "sum", "overage_policy": "block", "ai_prices": {
+            "unit": "USD", "models": {"small": {"input": "0.15", "output": "0.60"}}}},
     ]}
 ACCOUNT = ids.account_id("acme")
 NOVEMBER = datetime(2026, 11, 21, 10, tzinfo=UTC)
@@ -121,3 +123,15 @@ async def test_the_decisions_trace_shows_a_refused_event_as_refused(rating) -> N
     await service.handle_accepted([correction("doc-1b", "doc-1", "5", meter="evidence_documents")])
     [dead] = await published(bus, topics.USAGE_REJECTED)
     assert dead["reason"] == "invalid_correction"
+
+
+async def test_a_refused_ai_debit_takes_its_tokens_out_of_the_models_totals(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    call = {"model": "small", "operation": "chat", "input_tokens": 1000, "output_tokens": 500}
+    await service.handle_accepted([accepted("a1", "1500", "ai_tokens", at=NOVEMBER, **call)])
+    [first] = await published(bus)
+    await service.handle_ledger_events([refused(first, 10)])
+    await service.handle_accepted([accepted("a2", "1500", "ai_tokens", at=NOVEMBER, **call)])
+    second = by_event(await published(bus))["a2"]
+    assert second["payload"]["cause"]["tokens_before"] == {"input": "0", "output": "0"}
+    assert second["payload"]["amount_subunits"] == first["payload"]["amount_subunits"]
