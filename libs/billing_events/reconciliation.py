@@ -23,7 +23,9 @@ The outcomes of an accepted event (``Report.counts``):
 
 Discrepancies (``Report.discrepancies``), each with the event id: an accepted event with no rating decision past
 the grace period (``not_rated``), a decision whose ledger command was never applied past it (``not_applied``), a
-receipt saying applied without the account recording the debit (``applied_without_debit``), an event debited by
+receipt saying applied without the account recording the debit (``applied_without_debit``), a debit the ledger
+refused (``block``) whose event rating still counts in its running total past the grace period
+(``refusal_still_counted``: the period's later usage was priced as if it had been billed), an event debited by
 more than one ``UsageDebited`` or a command recorded twice (``debited_twice``), and a usage debit of an event
 ingest never accepted (``debit_not_accepted``).
 
@@ -45,6 +47,10 @@ from uuid import UUID
 # What rating's decision sent: a debit of its own, the debit of its period's close, nothing yet (the period is
 # open), a dead letter, or nothing at all (not billable).
 DecisionKind = Literal["debit", "close_debit", "awaiting_close", "rejected", "not_billable"]
+
+# A usage debit the ledger refused under a ``block`` overage policy, and rating's decision once it took it back.
+REFUSED_FOR_CREDIT = "insufficient_credit"
+REFUSED_DECISION = "refused"
 
 # How long an accepted event may wait for its rating decision, and a sent command for the ledger, before its
 # absence is a discrepancy rather than work in flight: far above the lag of a healthy stack (seconds).
@@ -231,6 +237,18 @@ def _ledger_outcome(report: Report, tenant: str, decision: Decision, outcome: Le
             decision.command_id))
     elif outcome.outcome == "posted":
         report.counts["posted_at_period_close" if at_close else "posted"] += 1
+    elif outcome.outcome == "rejected" and outcome.reason == REFUSED_FOR_CREDIT and not at_close and (
+            decision.decision != REFUSED_DECISION):
+        # The ledger refused the debit (``block``) and rating still counts the event in its running total: the
+        # period's later usage was priced as if it had been billed (rating takes it back when it reads the ledger's
+        # ``UsageRejected``: ``billing_rating.refusals``).
+        if decision.sent_at is not None and decision.sent_at >= stale:
+            report.in_flight["refused by the ledger, not taken back by rating yet"] += 1
+            return
+        report.discrepancies.append(Discrepancy(
+            "refusal_still_counted", tenant, decision.event_id,
+            f"the ledger refused {decision.command_id} ({outcome.reason}); rating's decision is still "
+            f"{decision.decision!r}: its quantity stays in the period's running total", decision.command_id))
     elif outcome.outcome == "rejected":
         report.rejected[f"ledger:{outcome.reason}"] += 1
     else:

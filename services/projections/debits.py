@@ -236,7 +236,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
     usage_type = cause.get("usage_type")
     if type(usage_type) is not str or not (usage_type := usage_type.strip()):
         usage_type = meter
-    events = usage_monthly.counted_events(cause) if "closed" in cause else 1
+    events = usage_monthly.counted_events(cause) if "closed" in cause or "refusal_of" in cause else 1
     row_key = (tenant, month, meter, unit_key)
     row = monthly_rows.get(row_key)
     if row is None:

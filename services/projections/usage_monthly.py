@@ -84,7 +84,10 @@ def metered_quantity(cause: dict[str, Any]) -> Decimal | int:
 
 
 def counted_events(cause: dict[str, Any]) -> int:
-    """The usage events a debit stands for: the events a close debit's line counted, else one."""
+    """The usage events a debit stands for: the events a close debit's line counted, none for rating's adjustment
+    after a refused debit (``refusal_of``: it re-prices usage already counted), else one."""
+    if cause.get("refusal_of"):
+        return 0
     if cause.get("closed"):
         count = cause.get("event_count")
         if type(count) is int and count >= 0:

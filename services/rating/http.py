@@ -118,17 +118,16 @@ def build_router(service: RatingService) -> APIRouter:
         check_tenant(principal, tenant)
         _check_period(period)
         rows = await service.db.fetch(
-            "SELECT event_id, meter, group_key, event_time, quantity, quantity_before, quantity_after, "
-            "amount_subunits, unit, catalog_version, decision, output, rated_at FROM rated_events "
-            "WHERE period = $1 AND tenant = $2 ORDER BY event_time, event_id", period, tenant)
+            "SELECT r.event_id, r.meter, r.group_key, r.event_time, r.quantity, r.quantity_before, r.quantity_after, "
+            "r.amount_subunits, r.unit, r.catalog_version, r.decision, r.output, r.rated_at, f.reason AS refusal, "
+            "f.adjustment_subunits FROM rated_events r LEFT JOIN refused_debits f "
+            "ON f.account_id = r.account_id AND f.event_id = r.event_id "
+            "WHERE r.period = $1 AND r.tenant = $2 ORDER BY r.event_time, r.event_id", period, tenant)
         decisions = []
         for row in rows:
             if meter and row["meter"] != meter:
                 continue
-            cause = {}
-            if row["output"]:
-                payload = json.loads(row["output"]).get("payload", {})
-                cause = payload.get("cause", {})
+            cause, reason = _trace_of(row["output"])
             decisions.append({
                 "event_id": row["event_id"], "meter": row["meter"], "group": row["group_key"],
                 "event_time": row["event_time"], "decision": row["decision"], "quantity": row["quantity"],
@@ -136,10 +135,28 @@ def build_router(service: RatingService) -> APIRouter:
                 "amount": subunits_text(int(row["amount_subunits"])), "unit": row["unit"],
                 "catalog_version": row["catalog_version"], "model": cause.get("model"),
                 "operation": cause.get("operation"), "user": cause.get("user"), "rated_at": row["rated_at"],
+                "reason": row["refusal"] or reason,
+                "refusal_adjustment": (subunits_text(int(row["adjustment_subunits"]))
+                                       if row["adjustment_subunits"] is not None else None),
             })
         return {"period": period, "tenant": tenant, "decisions": decisions}
 
     return router
+
+
+def _trace_of(output: str | None) -> tuple[dict[str, Any], str | None]:
+    """(the cause, the reason of a refusal) of a decision's stored output: a ``usage.debit`` command carries its
+    cause; a dead letter (``usage.rejected/v1``: ``no_price``, ``period_closed``, ...) carries the reason and the
+    event itself as a JSON string (``payload``), whose properties name the model, operation and user."""
+    if not output:
+        return {}, None
+    message = json.loads(output)
+    payload = message.get("payload")
+    if isinstance(payload, dict):  # a ledger command
+        return payload.get("cause") or {}, None
+    event = json.loads(payload) if isinstance(payload, str) else None
+    properties = (event.get("properties") if isinstance(event, dict) else None) or {}
+    return {key: properties.get(key) for key in ("model", "operation", "user")}, message.get("reason")
 
 
 def _check_period(period: str) -> None:

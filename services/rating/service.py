@@ -43,6 +43,7 @@ from billing_rating.codec import (
     usage_command_id,
 )
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
+from billing_rating.refusals import REFUSALS_SCHEMA, REFUSED, apply_refusal
 from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import (
     TRIAL_ENDED_UNCONVERTED,
@@ -71,10 +72,14 @@ SCHEMA_HEADERS = {topics.LEDGER_COMMANDS: (("schema", b"ledger.command/v1"),),
                   topics.USAGE_REJECTED: (("schema", b"usage.rejected/v1"),)}
 
 # Decisions of events that were refused and counted in no total: a correction of one is refused too.
-REFUSED_DECISIONS = frozenset({"period_closed", "no_price", "invalid_correction", "unknown_correction"})
+# ``refused``: the ledger refused its debit (a ``block`` overage policy, ``billing_rating.refusals``).
+REFUSED_DECISIONS = frozenset({"period_closed", "no_price", "invalid_correction", "unknown_correction", REFUSED})
 # The decision of an event (or of a correction) that the meter's property filters left out: it counted in no
 # total, so a correction of it that passes the filters counts as a fresh event of its own quantity.
 FILTERED = "filtered"
+
+# The ledger's event of a usage debit it refused (a ``block`` overage policy): rating takes its usage back.
+USAGE_REJECTED = "BillingAccount.UsageRejected"
 
 # A period's last instant is its end less this (periods are [start, end), to the microsecond).
 LAST_INSTANT = timedelta(microseconds=1)
@@ -115,7 +120,7 @@ class RatingService:
 
     async def setup(self) -> None:
         await self.db.executescript(SCHEMA + CLOSE_SCHEMA + SUBSCRIPTIONS_SCHEMA  # type: ignore[attr-defined]
-                                    + repricing.SCHEMA)
+                                    + repricing.SCHEMA + REFUSALS_SCHEMA)
         await self._load_catalog()
 
     async def _load_catalog(self) -> None:
@@ -133,9 +138,15 @@ class RatingService:
         outputs: list[OutMessage] = []
         for record in records:
             event_type = header(record, "type")
-            if event_type is not None and not event_type.startswith((b"Subscription.", b"Catalog.Published")):
+            if event_type is not None and not event_type.startswith(
+                    (b"Subscription.", b"Catalog.Published", USAGE_REJECTED.encode())):
                 continue  # usage debits and the like: nothing rating follows (see the relay's ``type`` header)
             event = LedgerEvent.model_validate_json(record.value)
+            if event.type == USAGE_REJECTED:
+                # A debit the ledger refused (``block``): its usage leaves the running totals (``refusals``).
+                async with self.db.transaction() as conn:
+                    outputs.extend(await apply_refusal(conn, self.db.dialect, self.catalog, event))
+                continue
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:
                     # Usage of the account rated before this event that it prices otherwise is repriced first (the
@@ -1107,8 +1118,10 @@ class _BatchState:
             # its new bounds. Without it a batch that read the closed periods just before a close committed
             # rated into the period being closed, after its lines were taken: never invoiced. SQLite runs one
             # transaction at a time (the embedded database's lock): nothing can overlap there.
-            # First of all, the accounts' repricing locks, shared (``repricing.lock_account``): a subscription event
-            # that reprices an account waits for this batch, or this batch for it (and then rates with it).
+            # First of all, the accounts' locks, shared (``repricing.lock_account``): a subscription event that
+            # reprices an account, or a refusal the ledger-events consumer takes back (``refusals.apply_refusal``),
+            # the other writers of its running totals, waits for this batch, or this batch for it (and then reads
+            # the totals it left and rates with it).
             await repricing.lock_accounts_shared(conn, dialect, accounts)
             await conn.execute(f"SELECT 1 FROM account_subscriptions WHERE {by_account[0]} FOR SHARE", *by_account[1])
         for row in await conn.fetch(f"SELECT account_id, period FROM closed_periods WHERE {by_account[0]}",

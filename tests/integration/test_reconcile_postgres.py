@@ -13,7 +13,7 @@ from billing_runtime.settings import Settings
 from typer.testing import CliRunner
 
 from tests.namespaces import scratch_namespace
-from tests.unit.test_reconcile_usage import AT, wired
+from tests.unit.test_reconcile_usage import AT, priced_on_a_refused_quantity_and_made_right_once, wired
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,7 @@ async def test_reconciles_the_namespaced_postgres_stores_and_finds_a_lost_decisi
         await services.send("us-gpu", "gpu_calls", "3", AT, properties={"region": "us"})
         await services.send("export", "exports", "2", AT)
         await services.flow()
+        await services.relay()  # rating reads the ledger's refusal of "export"
         clean = await services.reconcile()
         assert (clean.ok, clean.accepted, clean.counts["posted"], dict(clean.rejected), dict(clean.not_billable)) == (
             True, 3, 1, {"ledger:insufficient_credit": 1}, {"filtered": 1})
@@ -36,3 +37,10 @@ async def test_reconciles_the_namespaced_postgres_stores_and_finds_a_lost_decisi
     assert result.exit_code == 1, result.output
     document = json.loads(result.output)
     assert [(d["kind"], d["event_id"]) for d in document["discrepancies"]] == [("not_rated", "paid")]
+
+
+async def test_usage_priced_on_a_refused_events_quantity_is_made_right_once_on_postgres(
+        infra: dict[str, str], tmp_path: Path) -> None:
+    settings = Settings(database_url=infra["DATABASE_URL"], namespace=scratch_namespace("t"), data_dir=tmp_path)
+    async with wired(tmp_path, settings) as services:
+        await priced_on_a_refused_quantity_and_made_right_once(services)

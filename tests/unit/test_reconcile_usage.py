@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -29,6 +30,7 @@ from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.relay import to_message
 from billing_rating.aggregation import period_of as calendar_period
 from billing_rating.close import close_period
+from billing_rating.codec import usage_command_id
 from billing_rating.service import RatingService
 from billing_runtime.bus import EmbeddedBus, Record
 from billing_runtime.db import ensure_schema, open_database
@@ -41,6 +43,7 @@ CATALOG: dict[str, Any] = {"meters": [
     {"code": "gpu_calls", "aggregation": "sum", "filters": {"region": ["eu"]}, "price": PER_CALL},
     {"code": "storage_gb", "aggregation": "max", "price": PER_CALL},
     {"code": "exports", "aggregation": "sum", "price": PER_CALL, "overage_policy": "block"},
+    {"code": "reports", "aggregation": "sum", "price": PER_CALL, "overage_policy": "block", "included": "5"},
     {"code": "regional_gb", "aggregation": "max", "group_by": ["region"], "price": PER_CALL},
 ]}
 GRACE = timedelta(seconds=GRACE_SECONDS_DEFAULT)
@@ -153,6 +156,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Services]:
         await services.send("export", "exports", "2", AT)          # block policy, no credit: the ledger refuses
         await services.send("fix-ghost", "api_calls", "2", AT, correction_of="ghost")  # corrects nothing: rating refuses
         await services.flow()
+        await services.relay()  # rating reads the ledger's refusal of "export"
         await services.send("paid-fix", "api_calls", "7", AT, correction_of="paid")  # an amendment: its own debit
         await services.flow()
         await close_period(services.rating.db, services.bus, services.rating.catalog, calendar_period(AT))
@@ -215,6 +219,49 @@ async def test_an_accepted_event_rating_has_no_decision_of_is_a_discrepancy_afte
     result = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "usage"], env=env)
     assert result.exit_code == 1
     assert "not_rated (1):" in result.output and "disk" in result.output and "DISCREPANCIES FOUND" in result.output
+
+
+async def test_a_refused_debit_rating_still_counts_is_a_discrepancy_after_the_grace_period(tmp_path: Path) -> None:
+    async with wired(tmp_path) as services:
+        await services.send("export", "exports", "2", AT)  # block policy, no credit: the ledger refuses
+        await services.flow()  # rating has not read the ledger's UsageRejected (as before session 13: never)
+        assert (await services.reconcile()).in_flight == {"refused by the ledger, not taken back by rating yet": 1}
+        report = await services.reconcile(grace=timedelta(0))
+        assert [(d.kind, d.event_id) for d in report.discrepancies] == [("refusal_still_counted", "export")]
+        await services.relay()
+        report = await services.reconcile(grace=timedelta(0))
+        assert (report.ok, dict(report.rejected)) == (True, {"ledger:insufficient_credit": 1})
+
+
+async def test_usage_priced_on_a_refused_events_quantity_is_made_right_once(tmp_path: Path) -> None:
+    async with wired(tmp_path) as services:
+        await priced_on_a_refused_quantity_and_made_right_once(services)
+
+
+async def priced_on_a_refused_quantity_and_made_right_once(services: Services) -> None:
+    """5 reports included, then 0.10 each; 0.30 USD of credit. 10 reports are refused (0.50), 3 more are rated
+    before rating reads the refusal: priced 0.30 as reports 11-13, they are within the allowance (the refused 10
+    were never billed), so rating gives the 0.30 back once the refusal reaches it, exactly once."""
+    services.run("credit.grant", unit="USD", amount="0.30", grant_key="g", source="manual",
+                 effective_at=(AT - timedelta(hours=1)).isoformat())
+    await services.send("r1", "reports", "10", AT)
+    await services.flow()
+    await services.send("r2", "reports", "3", AT + timedelta(seconds=1))
+    await services.flow()  # r2 priced on 13 reports: 0.30, posted
+    account = services.ledger.repository.get(ids.account_id("acme"))
+    assert account.available("USD") == 0
+    await services.relay()  # the ledger's refusal of r1 and the debit of r2 reach rating
+    [adjustment] = await services.deliver()
+    assert (Decimal(adjustment.payload["amount"]), adjustment.payload["cause"]["refusal_of"]) == (
+        Decimal("-0.30"), str(usage_command_id("acme", "r1")))
+    await services.relay()
+    await services.relay()  # nothing new: no second adjustment
+    assert await services.deliver() == []
+    account = services.ledger.repository.get(ids.account_id("acme"))
+    assert account.available("USD") == 30 * 10**7  # the 0.30 back: 3 reports within the allowance cost 0
+    report = await services.reconcile(grace=timedelta(0))
+    assert (report.ok, report.counts["posted"], dict(report.rejected)) == (
+        True, 1, {"ledger:insufficient_credit": 1})
 
 
 async def test_an_event_debited_by_a_second_command_is_debited_twice(stack: Services) -> None:

@@ -138,3 +138,24 @@ async def test_the_history_lists_what_usage_charged_and_leaves_out_usage_that_co
     # A free tier's every call used to be a history row of 0.00 ("Usage", nothing moved).
     assert [(int(r["amount"]), r["quantity"], r["event_ids"]) for r in usage] == [(-1 * U, "300", '["a2"]')]
     assert [str(Decimal(r["quantity"])) for r in summary] == ["1100"]  # the summary still counts the free 800
+
+
+async def test_usage_after_a_refused_debit_is_summed_at_the_price_of_the_usage_billed(tmp_path: Path) -> None:
+    """A stairstep meter under ``block`` (10 documents: 10.00), no credit: 10 documents refused, 10 more rated before
+    rating reads the refusal (priced 0 as documents 11-20). Rating's refusal adjustment bills the 10.00 once; the
+    month shows the 10 documents billed, 10.00, one event (it showed 10 documents costing 0.00)."""
+    steps = {"model": "stairstep", "unit": "USD", "steps": [{"up_to": "100", "amount": "10"},
+                                                           {"up_to": None, "amount": "20"}]}
+    catalog = {"meters": [{"code": "documents", "price": steps, "overage_policy": "block"}]}
+    async with wired_stack(tmp_path, catalog) as stack:
+        await pump(stack)  # the catalogue reaches rating
+        await use(stack, [("d1", "documents", "10", day(2), None)])  # refused: no credit
+        await use(stack, [("d2", "documents", "10", day(3), None)])  # rated before rating read the refusal
+        await pump(stack)
+        account = stack.ledger.repository.get(ids.account_id("acme"))
+        debits = [e for e in stack.ledger.events.get(account.id) if type(e).__name__ == "UsageDebited"]
+        assert sum(e.amount for e in debits) == 10 * U
+        records = ledger_records(stack)
+    assert await monthly(records, tmp_path / "p.sqlite") == {"documents": ("10", 10 * U, 1)}
+    one, everything, random_slices = await dumps_by_batching(records, tmp_path, seed=3, size_max=5, replay_all=True)
+    assert one == everything == random_slices

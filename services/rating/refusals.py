@@ -1,0 +1,198 @@
+"""Usage debits the ledger refused: their quantity leaves rating's running totals, and what was mispriced since is
+made right once.
+
+Under a ``block`` overage policy the ledger refuses a usage debit the account's credit cannot cover
+(``BillingAccount.UsageRejected``, reason ``insufficient_credit``): nothing is posted and the usage is not billed.
+Rating had already counted the event in the period's running total (the meter's, its ``group_by`` group's, an AI
+model's token classes), so the allowance, tiers and stairstep bands it used up stayed used: the next event of the
+period was priced as if the refused one had been billed (10 refused documents, then 10 more priced 0 instead of the
+first step's 500 CREDIT).
+
+When rating reads the ledger's ``UsageRejected`` of a debit it sent for an event (:func:`apply_refusal`):
+
+* the event's contribution (``cause.contribution``; a correction's difference, each group's part when it moved the
+  event between groups; an AI event's token counts) leaves the period's running totals;
+* its decision becomes ``refused`` (no close or invoice counts it; a correction of it is refused like a correction
+  of any refused event), and a refused correction amends nothing (the next one amends the quantity before it);
+* the ledger's cumulative charge of the period is set right: it holds ``period_charge(T) - refused`` (``T`` the
+  meter's total now, every debit since priced on it), it must hold ``period_charge(T - q)``, so rating sends one
+  *refusal adjustment* of ``period_charge(T - q) - (period_charge(T) - refused)`` (0 when the refusal is learned
+  before any later event of the meter was priced: nothing is sent then). It is a ``usage.debit`` with overage
+  policy ``overage`` (the usage it bills already happened and was accepted: never refused), ``cause.refusal_of``
+  naming the refused command, ``contribution`` 0 (it adds no quantity and no event to the monthly summary), and a
+  command id from (account, refused event id), so a redelivered ``UsageRejected`` sends the same command again.
+
+The refusal (its reason, the adjustment's amount and command) is kept in ``refused_debits``; the decisions trace
+shows it. A refusal of a period rating has closed already is logged and left alone (its close line counted the
+event; the ledger's ``block`` refusal and rating's close run on one partition in order, so this needs the close to
+have overtaken the refusal).
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from billing_events import ids, topics
+from billing_events.messages import LedgerCommand, LedgerEvent
+from billing_events.money import RATING_CONTEXT, to_subunits
+from billing_events.timeutil import utcnow
+from billing_rating import repricing
+from billing_rating.aggregation import GROUP_SEPARATOR, contribution
+from billing_rating.catalog_view import CatalogView
+from billing_rating.charge_models import PriceSpecError, parse_spec
+from billing_rating.pricing import ai_token_price, period_charge
+from billing_rating.text import subunits_text
+from billing_runtime.bus import OutMessage
+from billing_runtime.db import Connection
+from billing_runtime.logging import get_logger
+
+log = get_logger(__name__)
+
+REFUSED = "refused"
+# The decisions whose debit carried a charge (a debit of 0 is never refused).
+_CHARGED = ("priced", "late:priced", "late_adjustment:priced")
+
+REFUSALS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS refused_debits (
+    account_id TEXT NOT NULL, event_id TEXT NOT NULL, reason TEXT NOT NULL, command_id TEXT NOT NULL,
+    adjustment_subunits BIGINT NOT NULL, output TEXT, refused_at TEXT NOT NULL, PRIMARY KEY (account_id, event_id));
+"""
+
+
+def adjustment_command_id(account: str, event_id: str) -> str:
+    """The id of the refusal adjustment of ``event_id``'s refused debit: the same whenever it is sent again."""
+    return str(ids.command_id("usage.refusal_adjustment", account, event_id))
+
+
+async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, event: LedgerEvent
+                        ) -> list[OutMessage]:
+    """Takes a refused usage debit's event out of rating's totals (module docstring); returns the adjustment to
+    publish once the caller's transaction is committed (none when nothing was mispriced).
+
+    The usage consumer writes the same totals from another task: on PostgreSQL the account's advisory lock
+    (``repricing.lock_account``, taken shared by every usage batch before it reads totals) keeps the two apart, so neither overwrites the other's
+    total with one computed from a stale read. SQLite runs one transaction at a time."""
+    data = event.data
+    cause = data.get("cause") or {}
+    event_ids = cause.get("event_ids") or []
+    if cause.get("closed") or cause.get("refusal_of") or len(event_ids) != 1:
+        return []  # not a real-time debit of one event (a close's or an adjustment's are never refused)
+    account, event_id = str(event.aggregate_id), str(event_ids[0])
+    await repricing.lock_account(conn, dialect, account)
+    stored = await conn.fetchrow("SELECT output FROM refused_debits WHERE account_id = $1 AND event_id = $2",
+                                 account, event_id)
+    if stored is not None:  # a redelivered UsageRejected: the same adjustment again (same id)
+        return [_message(account, stored["output"])] if stored["output"] else []
+    row = await conn.fetchrow(
+        "SELECT tenant, meter, period, group_key, decision, output_topic, output, amount_subunits FROM rated_events "
+        "WHERE account_id = $1 AND event_id = $2", account, event_id)
+    if row is None or row["output_topic"] != topics.LEDGER_COMMANDS or row["decision"] not in _CHARGED:
+        return []
+    sent = json.loads(row["output"])
+    if sent.get("command_id") != str(data.get("command_id")):
+        return []
+    period = row["period"]
+    if await conn.fetchrow("SELECT 1 FROM closed_periods WHERE period = $1 AND account_id = $2", period, account):
+        log.warning("refusal_of_closed_period", account=account, event_id=event_id, period=period)
+        return []
+    sent_cause = sent["payload"]["cause"]
+    refused = int(row["amount_subunits"])
+    totals = {r["meter"]: Decimal(r["quantity"]) for r in await conn.fetch(
+        "SELECT meter, quantity FROM period_totals WHERE account_id = $1 AND period = $2", account, period)}
+    meter = row["meter"]
+    try:
+        if "ai_prices" in sent_cause:
+            moves, adjustment = _ai(meter, row["group_key"], sent_cause, totals, refused)
+        else:
+            moves, adjustment = _metered(catalog, meter, row["group_key"], sent_cause, totals, refused)
+    except (PriceSpecError, KeyError, ValueError) as exc:
+        log.error("refusal_not_applied", account=account, event_id=event_id, error=str(exc)[:300])
+        return []
+    for key, quantity in moves.items():
+        await conn.execute(
+            "INSERT INTO period_totals (account_id, meter, period, quantity) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
+            account, key, period, str(quantity))
+    # A refused correction amends nothing: the next one amends the quantity before it.
+    await conn.execute("UPDATE rated_events SET decision = $1, corrects = NULL, effective_quantity = NULL "
+                       "WHERE account_id = $2 AND event_id = $3", REFUSED, account, event_id)
+    output = None
+    if adjustment:
+        output = _adjustment(account, row["tenant"], event_id, sent, adjustment, str(data.get("reason")))
+    await conn.execute(
+        "INSERT INTO refused_debits (account_id, event_id, reason, command_id, adjustment_subunits, output, "
+        "refused_at) VALUES ($1, $2, $3, $4, $5, $6, $7)", account, event_id, str(data.get("reason")),
+        str(data.get("command_id")), adjustment, output, utcnow().isoformat())
+    log.info("usage_refusal_applied", account=account, event_id=event_id, period=period, refused=refused,
+             adjustment=adjustment)
+    return [_message(account, output)] if output else []
+
+
+def _metered(catalog: CatalogView, meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal],
+             refused: int) -> tuple[dict[str, Decimal], int]:
+    """(group totals after, adjustment) of a sum/count meter's refused debit, priced by the price and allowance the
+    debit was priced at (its cause)."""
+    step = Decimal(cause["contribution"])
+    key = f"{meter}{GROUP_SEPARATOR}{group}" if group else meter
+    moves: dict[str, Decimal] = {}
+    group_old = cause.get("group_old")
+    if cause.get("corrects") and group_old is not None and group_old != group:
+        # The correction moved the event between groups: the new quantity leaves this one, the old one goes back.
+        definition = catalog.meters[meter].definition
+        new = Decimal(cause["quantity_new"])
+        gained = contribution(definition, new) if new else Decimal(0)
+        old_key = f"{meter}{GROUP_SEPARATOR}{group_old}" if group_old else meter
+        moves[key] = RATING_CONTEXT.subtract(totals.get(key, Decimal(0)), gained)
+        moves[old_key] = RATING_CONTEXT.add(totals.get(old_key, Decimal(0)), gained - step)
+    else:
+        moves[key] = RATING_CONTEXT.subtract(totals.get(key, Decimal(0)), step)
+    if any(quantity < 0 for quantity in moves.values()):
+        raise ValueError(f"taking {step} out of meter {meter!r} leaves a running total below zero")
+    total = sum((q for k, q in totals.items() if k.partition(GROUP_SEPARATOR)[0] == meter), Decimal(0))
+    scales = {"CREDIT": 2, **{code: int((u or {}).get("scale", 2))
+                              for code, u in (catalog.document.get("credit_units") or {}).items()}}
+    spec = parse_spec(cause["price"], credit_scales=scales)
+    included = Decimal(cause["included"])
+    charged_now = period_charge(spec, total, included) - refused  # what the ledger holds for the period
+    return moves, period_charge(spec, RATING_CONTEXT.subtract(total, step), included) - charged_now
+
+
+def _ai(meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal], refused: int
+        ) -> tuple[dict[str, Decimal], int]:
+    """(token totals after, adjustment) of an AI meter's refused debit: its token counts leave the model's classes."""
+    model = str(cause["model"])
+    base = f"{meter}{GROUP_SEPARATOR}{group}" if group else meter
+    keys = {cls: f"{base}|model={model}|{cls}" for cls in cause["tokens"]}
+    now = {cls: totals.get(key, Decimal(0)) for cls, key in keys.items()}
+    after = {cls: RATING_CONTEXT.subtract(now[cls], Decimal(str(count))) for cls, count in cause["tokens"].items()}
+    if any(quantity < 0 for quantity in after.values()):
+        raise ValueError(f"taking the tokens of model {model!r} out leaves a running total below zero")
+    table = cause["ai_prices"]
+    charged_now = to_subunits(ai_token_price(table, model, now).amount) - refused
+    adjustment = to_subunits(ai_token_price(table, model, after).amount) - charged_now
+    return {keys[cls]: quantity for cls, quantity in after.items()}, adjustment
+
+
+def _adjustment(account: str, tenant: str, event_id: str, sent: dict[str, Any], amount: int, reason: str) -> str:
+    payload = sent["payload"]
+    cause = payload["cause"]
+    kept = {k: cause[k] for k in ("period", "group", "usage_type", "catalog_version", "price", "included",
+                                  "priced_by", "time_zone", "original_period", "late") if k in cause}
+    message = LedgerCommand(
+        command_id=adjustment_command_id(account, event_id), kind="usage.debit", tenant=tenant,
+        issued_at=utcnow(), issued_by="service:rating",
+        payload={"unit": payload["unit"], "amount_subunits": amount, "amount": subunits_text(amount),
+                 "meter": payload["meter"], "at": payload["at"],
+                 "overage_policy": "overage",  # the usage it bills was accepted: never refused
+                 "cause": {**kept, "event_ids": [event_id], "refusal_of": sent["command_id"], "refusal_reason": reason,
+                           "quantity": "0", "contribution": "0",
+                           "quantity_refused": cause.get("contribution", cause.get("quantity"))}})
+    return message.to_json().decode()
+
+
+def _message(account: str, output: str) -> OutMessage:
+    return OutMessage(topics.LEDGER_COMMANDS, account, output.encode(), (("schema", b"ledger.command/v1"),))
+
+
