@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from billing_events import ids
 from billing_events.messages import PaymentNotification
 from billing_ledger.application import LedgerApplication
 from billing_ledger.audit import account_events
-from billing_ledger.digest import send_due, summarize
+from billing_ledger.digest import render, send_due, summarize
 from billing_ledger.domain.checkout import order_id
 from billing_ledger.limits import DIGEST_BACKFILL_DAYS_MAX
 from billing_ledger.notifier import SmtpSettings
@@ -162,3 +163,54 @@ def test_a_long_outage_sends_at_most_the_last_month_of_digests(ledger: LedgerApp
     assert len(inbox.messages) == DIGEST_BACKFILL_DAYS_MAX
     assert inbox.messages[0]["Subject"] == f"Income digest {today - timedelta(days=DIGEST_BACKFILL_DAYS_MAX)}"
     assert inbox.messages[-1]["Subject"] == f"Income digest {today - timedelta(days=1)}"
+
+
+def test_chargebacks_are_reported_on_their_own_line_not_as_refunds(ledger: LedgerApplication) -> None:
+    """A package (113.05) and a top-up (119.00) lost to disputes, another top-up (59.50) disputed and still open, a
+    third (11.90) refunded: the refund is a refund, the two lost disputes are chargebacks, and what the gateway holds
+    for the open one is held, as the projections' figures (``refunds``, ``chargebacks``, ``disputed``) count them."""
+    from tests.unit.payments.test_disputes import dispute, lost
+    from tests.unit.payments.test_refund_before_payment import deliver, notification
+    from tests.unit.payments.test_top_up_grants import pay, place
+
+    package, top_up, open_one, refunded = (place(ledger, "o1", package="credits-10k"), place(ledger, "o2", amount="100"),
+                                           place(ledger, "o3", amount="50"), place(ledger, "o4", amount="10"))
+    for order in (package, top_up, open_one, refunded):
+        pay(ledger, order)
+    for message in (dispute("dispute_funds_withdrawn", top_up, "119.00", "evt_w2", dispute_id="dp_2"),
+                    dispute("dispute_closed", top_up, "119.00", "evt_l2", outcome="lost", dispute_id="dp_2"),
+                    lost(package, "evt_l1"),
+                    dispute("dispute_funds_withdrawn", open_one, "59.50", "evt_w3", dispute_id="dp_3"),
+                    notification("refund_succeeded", refunded["order_id"], "11.90", "evt_r4", "re_4")):
+        assert deliver(ledger, message).outcome == "applied"
+    summary, _ = summarize(ledger, datetime.now(UTC).date(), 0)
+    cent = 10**7
+    assert summary["funds_in"] == {"USD": (11305 + 11900 + 5950 + 1190) * cent}
+    assert summary["refunds"] == {"USD": 1190 * cent} and summary["refund_count"] == 1
+    assert summary["chargebacks"] == {"USD": (11305 + 11900) * cent} and summary["chargeback_count"] == 2
+    assert summary["disputed"] == {"USD": 5950 * cent}  # dp_2's withdrawal came back at its close
+    text = render(summary)
+    assert "Refunds: 11.90 USD" in text and "Chargebacks (lost disputes): 232.05 USD" in text
+    assert "Held for open disputes (net): 59.50 USD" in text
+    assert "refunds: 1, chargebacks: 2" in text
+
+
+def test_a_chargeback_of_an_invoice_payment_is_a_chargeback_in_the_digest(tmp_path: Path) -> None:
+    from tests.unit.payments.test_disputes import dispute, subscribed
+    from tests.unit.payments.test_refund_before_payment import deliver
+    from tests.unit.subscriptions.test_invoice_books import first_invoice
+    from tests.unit.subscriptions.test_invoice_overage import run
+
+    app = subscribed(tmp_path)
+    try:
+        run(app, "subscription.create", TENANT, key="m", plan="team")  # 30.00 + 5.70 VAT
+        invoice = first_invoice(app)
+        run(app, "invoice.mark_paid", TENANT, at=datetime.now(UTC), invoice_id=str(invoice.id), payment="pi_1")
+        result = deliver(app, dispute("dispute_closed", str(invoice.id), "35.70", "evt_inv_lost", outcome="lost",
+                                      payment="pi_1", invoice_id=str(invoice.id)))
+        assert result.outcome == "applied", result
+        summary, _ = summarize(app, datetime.now(UTC).date(), 0)
+        assert summary["chargebacks"] == {"USD": 3570 * 10**7} and summary["chargeback_count"] == 1
+        assert summary["refunds"] == {} and summary["refund_count"] == 0
+    finally:
+        app.close()
