@@ -36,3 +36,41 @@ async def test_reconciles_the_namespaced_postgres_stores_and_finds_a_lost_decisi
     assert result.exit_code == 1, result.output
     document = json.loads(result.output)
     assert [(d["kind"], d["event_id"]) for d in document["discrepancies"]] == [("not_rated", "paid")]
+
+
+async def test_reconcile_disputes_finds_a_rejected_chargeback_in_the_postgres_store(
+        infra: dict[str, str], tmp_path: Path) -> None:
+    """The rejected dispute commands come from the receipts in PostgreSQL's notification log (bytea states)."""
+    import asyncpg
+    from billing_ledger.application import LedgerApplication, persistence_env
+    from billing_runtime.db import ensure_schema
+
+    from tests.unit.payments.support import TENANT, setup
+    from tests.unit.payments.test_disputes import deliver, dispute, pay, place
+
+    namespace = scratch_namespace("t")
+    settings = Settings(database_url=infra["DATABASE_URL"], namespace=namespace, data_dir=tmp_path)
+    conn = await asyncpg.connect(infra["DATABASE_URL"])
+    try:
+        await ensure_schema(conn, settings.schema("ledger"))
+    finally:
+        await conn.close()
+
+    def record() -> None:
+        app = LedgerApplication(persistence_env(infra["DATABASE_URL"], str(tmp_path), settings.schema("ledger")))
+        try:
+            setup(app)
+            order = place(app, "o1", amount="50")
+            pay(app, order)
+            part = dispute("dispute_closed", order, "20.00", "evt_part", outcome="lost", dispute_id="dp_part")
+            assert deliver(app, part).outcome == "rejected"
+        finally:
+            app.close()
+
+    await asyncio.to_thread(record)
+    env = {"DATABASE_URL": infra["DATABASE_URL"], "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(tmp_path)}
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "disputes", "--tenant", TENANT,
+                                                               "--format", "json"], env=env)
+    assert result.exit_code == 1, result.output
+    assert [(r["kind"], r["reason"]) for r in json.loads(result.output)["rejected"]] == [
+        ("dispute.closed", "partial_refund")]
