@@ -9,6 +9,9 @@ raised to its start. Exit status 0: no discrepancy; 1: discrepancies; 2: bad inp
 
 ``billing reconcile refunds --tenant T`` lists, from the ledger's store alone, the tenant's gateway refunds that came
 before the payment they give back and were not applied with it (``billing_ledger.reconcile.parked_refunds``).
+``billing reconcile disputes --tenant T`` lists the tenant's card disputes finance has to follow
+(``billing_ledger.reconcile.disputes``): open ones and the funds withdrawn for them, lost ones waiting for their
+payment, and dispute notifications the ledger rejected.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from billing_runtime.db import Database
 
 app = typer.Typer(help="Reconciliation: prove every accepted usage event has exactly one outcome; list gateway refunds "
-                       "not applied to a payment.",
+                       "not applied to a payment and card disputes to follow.",
                   no_args_is_help=True)
 
 FORMATS = ("table", "json")
@@ -110,6 +113,52 @@ def refunds(
             typer.echo(f"{r.tenant}  {r.key}  {r.amount} {r.currency}  {gives_back}  {r.status}"
                        + (f" ({r.reason}: {r.detail})" if r.reason else ""))
     if found:
+        raise typer.Exit(1)
+
+
+@app.command("disputes")
+def disputes(
+    tenant: Annotated[list[str], typer.Option(help="The tenant (repeat for several)")],
+    output: Annotated[str, typer.Option("--format", help="table (readable) | json (one document)")] = "table",
+) -> None:
+    """Lists the tenant's card disputes finance follows: open ones (and the funds the gateway withdrew for them, not
+    settled yet), lost ones whose chargeback waits for the payment it takes back, and dispute notifications the
+    ledger rejected for reconciliation (reason code). Exit status 1 if any, 0 if none, 2 if the ledger's store is
+    missing."""
+    from billing_ledger.reconcile import disputes as disputes_of
+
+    if output not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+    try:
+        ledger = _ledger(Settings.from_env())
+    except StoreMissing as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        found = disputes_of(ledger, tenant)
+    finally:
+        ledger.close()
+    if output == "json":
+        typer.echo(json.dumps({
+            "open": [{**vars(d), "opened_at": d.opened_at.isoformat()} for d in found.open],
+            "funds_withdrawn": [d.key for d in found.withdrawn],
+            "awaiting_payment": [{**vars(r), "at": r.at.isoformat()} for r in found.awaiting_payment],
+            "rejected": [{**vars(r), "at": r.at.isoformat()} for r in found.rejected]}, indent=2))
+    else:
+        withdrawn = found.withdrawn
+        typer.echo(f"{len(found.open)} open dispute(s), {len(withdrawn)} with funds withdrawn")
+        for d in found.open:
+            of = f"invoice {d.invoice_id}" if d.invoice_id else f"order {d.order_id}"
+            typer.echo(f"{d.tenant}  {d.key}  {d.amount} {d.currency}  {of}  withdrawn {d.withdrawn} {d.currency}  "
+                       f"opened {d.opened_at.isoformat()}")
+        typer.echo(f"{len(found.awaiting_payment)} lost dispute(s) waiting for their payment")
+        for r in found.awaiting_payment:
+            typer.echo(f"{r.tenant}  {r.key}  {r.amount} {r.currency}  order {r.order_id}  {r.status}"
+                       + (f" ({r.reason}: {r.detail})" if r.reason else ""))
+        typer.echo(f"{len(found.rejected)} dispute notification(s) rejected for reconciliation")
+        for c in found.rejected:
+            typer.echo(f"{c.tenant}  {c.kind}  {c.reason}  command {c.command_id}  {c.at.isoformat()}")
+    if found.open or found.awaiting_payment or found.rejected:
         raise typer.Exit(1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEV_JWT_SECRET = "billing-local-development-key-change-me-in-production"
 
@@ -63,6 +64,8 @@ class Settings:
     stripe_api_key: str | None = None
     stripe_webhook_secret: str | None = None
     stripe_webhook_tolerance_seconds: int = 300
+    # Stripe's API address (e.g. stripe-mock, a test's fake); None: the stripe library's own (api.stripe.com).
+    stripe_api_base: str | None = None
     razorpay_key_id: str | None = None
     razorpay_key_secret: str | None = None
     razorpay_webhook_secret: str | None = None
@@ -87,6 +90,17 @@ class Settings:
     digest_recipient: str | None = None  # None: the daily income digest is off
     digest_interval_seconds: float = 60.0  # how often the leader checks whether yesterday's digest is due
     payments_interval_seconds: float = 5.0
+
+    def stripe_api_address(self) -> str | None:
+        """The ``api`` base address of a ``stripe.StripeClient``: BILLING_STRIPE_API_BASE when set (an http(s) URL
+        with a host, else ValueError), None for the stripe library's own address."""
+        if self.stripe_api_base is None:
+            return None
+        url = urlsplit(self.stripe_api_base)
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ValueError(f"BILLING_STRIPE_API_BASE must be an http(s) URL such as http://localhost:12111, not "
+                             f"{self.stripe_api_base!r}")
+        return self.stripe_api_base.rstrip("/")
 
     def schema(self, service: str) -> str:
         return f"{self.namespace}_billing_{service}" if self.namespace else f"billing_{service}"
@@ -132,6 +146,7 @@ class Settings:
             stripe_api_key=os.environ.get("BILLING_STRIPE_API_KEY") or None,
             stripe_webhook_secret=os.environ.get("BILLING_STRIPE_WEBHOOK_SECRET") or None,
             stripe_webhook_tolerance_seconds=_env_int("BILLING_STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300),
+            stripe_api_base=os.environ.get("BILLING_STRIPE_API_BASE") or None,
             razorpay_key_id=os.environ.get("BILLING_RAZORPAY_KEY_ID") or None,
             razorpay_key_secret=os.environ.get("BILLING_RAZORPAY_KEY_SECRET") or None,
             razorpay_webhook_secret=os.environ.get("BILLING_RAZORPAY_WEBHOOK_SECRET") or None,

@@ -12,7 +12,14 @@ Computed from the ledger's events *recorded* on that day (the notification log, 
   (the credit refunded plus its tax: a reversed checkout order after a partial ``grant.refund`` counts only
   the rest); for a credit-unit grant with its money booked, the currency money paid back
   (``PurchaseMoneyRefunded``, in proportion to the credit refunded); for an older credit-unit grant without
-  it, a reversed checkout order's total.
+  it, a reversed checkout order's total. Not the refunds of a chargeback: those are chargebacks;
+* chargebacks (since session 13): money lost disputes took back through the gateway, tax included, counted as
+  refunds are (the same events whose ``cause`` names the dispute: ``GrantRefunded``, ``PurchaseMoneyRefunded``) and
+  an invoice's payment owed again (``DisputeClosed.owed``), as the projections' ``chargebacks`` figure counts them;
+  the number of disputes they belong to is ``chargeback_count``;
+* held for disputes: funds gateways withdrew for open disputes that day (``DisputeFundsWithdrawn``) less what they
+  reinstated or a close returned to clearing (``DisputeFundsReinstated``, ``DisputeClosed.returned``): the
+  projections' ``disputed`` figure, negative on a day more came back than was withdrawn.
 
 One leader sends it (advisory lock, like the other payment tasks). Two tracking positions make it
 restart-safe: ``digest:day`` holds the ordinal of the last day sent (a restart does not resend it), and
@@ -61,8 +68,13 @@ MONEY_BOOKED, MONEY_REFUNDED = (get_topic(BillingAccount.PurchaseMoneyBooked),
 # Subscription invoices paid through a gateway, and gateway refunds of them (their credit notes).
 INVOICE_PAID, INVOICE_REFUNDED = (get_topic(BillingAccount.InvoicePaid),
                                   get_topic(BillingAccount.InvoicePaymentRefunded))
-TOPICS = [GRANTED, DEBITED, CAPTURED, REFUNDED, MONEY_BOOKED, MONEY_REFUNDED, INVOICE_PAID, INVOICE_REFUNDED]
-FIGURES = ("funds_in", "tax_collected", "consumed", "refunds")
+# Disputes (since session 13): the funds a gateway holds for them, and an invoice's payment a lost one takes back.
+WITHDRAWN, REINSTATED, DISPUTE_CLOSED = (get_topic(BillingAccount.DisputeFundsWithdrawn),
+                                         get_topic(BillingAccount.DisputeFundsReinstated),
+                                         get_topic(BillingAccount.DisputeClosed))
+TOPICS = [GRANTED, DEBITED, CAPTURED, REFUNDED, MONEY_BOOKED, MONEY_REFUNDED, INVOICE_PAID, INVOICE_REFUNDED,
+          WITHDRAWN, REINSTATED, DISPUTE_CLOSED]
+FIGURES = ("funds_in", "tax_collected", "consumed", "refunds", "chargebacks", "disputed")
 Clock = Callable[[], datetime]
 
 
@@ -90,12 +102,20 @@ def _out_of_clearing(postings: list[dict[str, Any]], unit: str) -> int:
                 if line["account"] == LedgerAccount.GATEWAY_CLEARING and line["unit"] == unit)
 
 
+def _chargeback_of(event: Any) -> str | None:
+    """The dispute a refund's event is the chargeback of (its ``cause.dispute``), else None."""
+    cause = getattr(event, "cause", None)
+    dispute = cause.get("dispute") if isinstance(cause, dict) else None
+    return dispute if isinstance(dispute, str) and dispute else None
+
+
 def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict[str, Any], int]:
     """The figures of ``day`` (UTC) in sub-units per unit, and the next scan's start position."""
     begin = datetime.combine(day, time(), UTC)
     end = begin + timedelta(days=1)
     sums: dict[str, dict[str, int]] = {name: defaultdict(int) for name in FIGURES}
     counts = {"purchase_count": 0, "refund_count": 0}
+    disputes: set[tuple[UUID, str]] = set()  # the chargebacks' disputes (one may book several refund events)
     recorder = app.process_recorder
     position, mark, before_end = start_after, start_after, True
     while True:
@@ -112,11 +132,26 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
                 mark = notification.id
             if recorded < begin:
                 continue
-            if notification.topic == MONEY_BOOKED:
+            chargeback = _chargeback_of(event) if notification.topic in (REFUNDED, MONEY_REFUNDED) else None
+            paid_back = sums["refunds"]
+            if chargeback is not None:  # the customer's bank took it: a chargeback, not a refund
+                disputes.add((event.originator_id, chargeback))
+                paid_back = sums["chargebacks"]
+            if notification.topic == WITHDRAWN:
+                sums["disputed"][event.unit] += event.amount
+            elif notification.topic == REINSTATED:
+                sums["disputed"][event.unit] -= event.amount
+            elif notification.topic == DISPUTE_CLOSED:
+                sums["disputed"][event.unit] -= event.returned
+                owed = event.owed.get("receivable") if isinstance(getattr(event, "owed", None), dict) else None
+                if owed:  # an invoice's payment taken back: owed again
+                    disputes.add((event.originator_id, str(event.key).split("/", 1)[-1]))
+                    sums["chargebacks"][event.unit] += int(owed)
+            elif notification.topic == MONEY_BOOKED:
                 sums["funds_in"][event.unit] += event.amount
                 sums["tax_collected"][event.unit] += event.tax_amount
             elif notification.topic == MONEY_REFUNDED:
-                sums["refunds"][event.unit] += event.amount
+                paid_back[event.unit] += event.amount
             elif notification.topic == INVOICE_PAID:  # what the payment put in the gateway's clearing
                 sums["funds_in"][event.unit] -= _out_of_clearing(event.postings, event.unit)
                 sums["tax_collected"][event.unit] += event.tax_amount
@@ -139,22 +174,23 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
             elif notification.topic in (DEBITED, CAPTURED):
                 sums["consumed"][event.unit] += event.amount
             else:
-                counts["refund_count"] += 1
+                if chargeback is None:
+                    counts["refund_count"] += 1
                 if not is_currency_code(event.unit) and _money_booked(app, event.originator_id, event.grant_id):
                     continue
                 if is_currency_code(event.unit):
                     # What this refund took out of the gateway's clearing (credit and its tax), never the order's
                     # total: a partial grant.refund before an order's reversal paid part of it back already.
-                    sums["refunds"][event.unit] += _out_of_clearing(event.postings, event.unit)
+                    paid_back[event.unit] += _out_of_clearing(event.postings, event.unit)
                     continue
                 order = _order_currency(app, event.cause) if event.cause.get("gateway_refund") else None
                 if order is not None:  # credit-unit grants recorded before their money was booked
-                    sums["refunds"][order[0]] += to_subunits(Decimal(order[1]["total"]))
+                    paid_back[order[0]] += to_subunits(Decimal(order[1]["total"]))
                 else:
-                    sums["refunds"][event.unit] += event.amount + event.tax_amount
+                    paid_back[event.unit] += event.amount + event.tax_amount
         if len(notifications) < SCAN_BATCH_EVENTS_MAX:
             break
-    summary = {"day": day.isoformat(), **counts,
+    summary = {"day": day.isoformat(), **counts, "chargeback_count": len(disputes),
                **{name: {unit: value for unit, value in sorted(values.items()) if value}
                   for name, values in sums.items()}}
     return summary, mark
@@ -164,13 +200,15 @@ def render(summary: dict[str, Any], scales: dict[str, int] | None = None) -> str
     """The digest's text: each amount as the ledger shows one (``amounts.show``: a currency's minor digits, a credit
     type's catalogue scale from ``scales``)."""
     labels = {"funds_in": "Funds taken in", "tax_collected": "Tax collected", "consumed": "Credit consumed",
-              "refunds": "Refunds"}
+              "refunds": "Refunds", "chargebacks": "Chargebacks (lost disputes)",
+              "disputed": "Held for open disputes (net)"}
     lines = [f"Income digest for {summary['day']} (UTC)", ""]
     for name, label in labels.items():
         values = summary[name]
         shown = ", ".join(f"{show(value, unit, scales)} {unit}" for unit, value in values.items()) or "none"
         lines.append(f"{label}: {shown}")
-    lines += ["", f"Purchases: {summary['purchase_count']}, refunds: {summary['refund_count']}", ""]
+    lines += ["", (f"Purchases: {summary['purchase_count']}, refunds: {summary['refund_count']}, "
+                  f"chargebacks: {summary['chargeback_count']}"), ""]
     return "\n".join(lines)
 
 

@@ -11,6 +11,15 @@ never from the aggregate cache), receipts only for commands the stream does not 
 the invoice) and were not applied with it: still waiting (the payment never came, or was rejected), or settled
 ``rejected`` when it came (the refund would be rejected after its payment too), with the reason. The money has left
 at the gateway for each of them: finance reconciles them.
+
+``disputes`` (``billing reconcile disputes``, since session 13) gives, from the same stream, the tenant's disputes
+still open (those whose funds the gateway withdrew and has not settled among them), the lost ones whose chargeback
+waits for the payment it takes back (a ``RefundAwaitingPayment`` naming its dispute), and, from the ledger's
+receipts, the dispute notifications rejected for reconciliation (a partial chargeback of an order, a dispute lost
+then reported won, one of another payment of an invoice, ...): the receipt keeps the command's id, kind, reason
+code and time, not the notification, so finance finds the gateway's event by its id
+(``ids.command_id(kind, gateway, gateway event id)``). Receipts are found by scanning the notification log for them
+(every command has one): an offline reading of the whole store, pages of ``RECEIPTS_PER_SCAN_MAX``.
 """
 
 from __future__ import annotations
@@ -18,19 +27,30 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
+from billing_events.money import MoneyError, currency, format_subunits, from_subunits, is_currency_code
 from billing_events.reconciliation import LedgerOutcome, UsageDebit
 from billing_ledger.application import LedgerApplication
 from billing_ledger.audit import account_events
+from billing_ledger.domain.receipt import RECORDED_TOPIC as RECEIPT_RECORDED_TOPIC
 from billing_ledger.domain.receipt import CommandReceipt
 
 USAGE_DEBITED = "BillingAccount.UsageDebited"
 USAGE_REJECTED = "BillingAccount.UsageRejected"
 REFUND_PARKED = "BillingAccount.RefundAwaitingPayment"
 PARKED_REFUND_SETTLED = "BillingAccount.ParkedRefundSettled"
+DISPUTE_RAISED = "BillingAccount.DisputeRaised"
+DISPUTE_FUNDS_WITHDRAWN = "BillingAccount.DisputeFundsWithdrawn"
+DISPUTE_FUNDS_REINSTATED = "BillingAccount.DisputeFundsReinstated"
+DISPUTE_CLOSED = "BillingAccount.DisputeClosed"
+DISPUTE_COMMAND_PREFIX = "dispute."
 # Receipts read per statement.
 RECEIPTS_PER_READ_MAX = 500
+# Receipt notifications read per statement when scanning the log for a tenant's rejected dispute commands.
+RECEIPTS_PER_SCAN_MAX = 5000
 
 
 @dataclass
@@ -83,7 +103,7 @@ class ParkedRefund:
     """A gateway refund recorded before its payment and not applied: ``awaiting_payment`` or ``rejected``."""
 
     tenant: str
-    key: str  # "<gateway>/<refund reference>"
+    key: str  # "<gateway>/<refund reference>" (a lost dispute's: "<gateway>/<dispute id>/lost")
     order_id: str
     refunded_payment: str | None
     amount: str
@@ -94,6 +114,7 @@ class ParkedRefund:
     reason: str | None = None
     detail: str | None = None
     invoice_id: str | None = None  # the refund of an invoice's payment: that invoice (since session 13)
+    dispute: str | None = None  # a lost dispute's chargeback: its dispute id (since session 13)
 
 
 def parked_refunds(app: LedgerApplication, tenant: str) -> list[ParkedRefund]:
@@ -105,10 +126,108 @@ def parked_refunds(app: LedgerApplication, tenant: str) -> list[ParkedRefund]:
             refund = event.refund["payload"]
             found[event.key] = ParkedRefund(tenant, event.key, event.order_id, event.refunded_payment,
                                             str(refund.get("amount")), str(refund.get("currency")), event.at,
-                                            "awaiting_payment", invoice_id=getattr(event, "invoice", None))
+                                            "awaiting_payment", invoice_id=getattr(event, "invoice", None),
+                                            dispute=refund.get("dispute") or None)
         elif kind == PARKED_REFUND_SETTLED and event.key in found:
             parked = found.pop(event.key)
             if event.outcome != "applied":
                 found[event.key] = replace(parked, status="rejected", payment=event.payment, reason=event.reason,
                                            detail=event.detail)
     return list(found.values())
+
+
+@dataclass(frozen=True)
+class OpenDispute:
+    """A dispute the gateway has not decided: ``withdrawn`` the funds it holds meanwhile (0: none withdrawn)."""
+
+    tenant: str
+    key: str  # "<gateway>/<dispute id>"
+    order_id: str
+    payment: str | None
+    invoice_id: str | None
+    amount: str  # disputed, in ``currency``
+    withdrawn: str
+    currency: str
+    opened_at: datetime
+
+
+@dataclass(frozen=True)
+class RejectedDisputeCommand:
+    """A dispute notification the ledger rejected (changed nothing): its command, reason code and time."""
+
+    tenant: str
+    command_id: str
+    kind: str
+    reason: str | None
+    at: datetime
+
+
+@dataclass
+class DisputesToReconcile:
+    open: list[OpenDispute] = field(default_factory=list)
+    awaiting_payment: list[ParkedRefund] = field(default_factory=list)  # lost, the payment not booked yet
+    rejected: list[RejectedDisputeCommand] = field(default_factory=list)
+
+    @property
+    def withdrawn(self) -> list[OpenDispute]:
+        """The open disputes whose funds the gateway withdrew and has not settled yet."""
+        return [d for d in self.open if Decimal(d.withdrawn) != 0]
+
+
+def _money(unit: str, subunits: int) -> str:
+    """``subunits`` of ``unit`` as its customers read it (a currency with its minor unit's decimals)."""
+    try:
+        if is_currency_code(unit):
+            return format_subunits(subunits, currency(unit))
+    except MoneyError:
+        pass
+    return format(from_subunits(subunits).normalize(), "f")
+
+
+def open_disputes(app: LedgerApplication, tenant: str) -> list[OpenDispute]:
+    """The tenant's disputes not closed yet, from its account's stream (oldest first)."""
+    found: dict[str, dict[str, Any]] = {}
+    for event in account_events(app, tenant):
+        kind = type(event).__qualname__
+        if kind == DISPUTE_RAISED:
+            found[event.key] = {"order_id": event.order_id, "payment": event.payment, "invoice": event.invoice,
+                                "unit": event.unit, "amount": event.amount, "at": event.at, "withdrawn": 0}
+        elif kind == DISPUTE_FUNDS_WITHDRAWN and event.key in found:
+            found[event.key]["withdrawn"] = event.amount
+        elif kind == DISPUTE_FUNDS_REINSTATED and event.key in found:
+            found[event.key]["withdrawn"] = 0
+        elif kind == DISPUTE_CLOSED:
+            found.pop(event.key, None)
+    return [OpenDispute(tenant, key, d["order_id"], d["payment"], d["invoice"], _money(d["unit"], d["amount"]),
+                        _money(d["unit"], d["withdrawn"]), d["unit"], d["at"]) for key, d in found.items()]
+
+
+def rejected_dispute_commands(app: LedgerApplication, tenants: Iterable[str]) -> list[RejectedDisputeCommand]:
+    """The dispute commands of ``tenants`` the ledger rejected, oldest first, from their receipts (see the module
+    doc: a scan of the notification log's receipts)."""
+    wanted, found, position = set(tenants), [], 0
+    while True:
+        page = app.recorder.select_notifications(position + 1, RECEIPTS_PER_SCAN_MAX, topics=[RECEIPT_RECORDED_TOPIC])
+        for notification in page:
+            position = notification.id
+            # Receipts are stored as plain JSON (``CommandReceipt.recorded_state``): look before decoding.
+            state = bytes(notification.state)
+            if b'"dispute.' not in state or b'"rejected"' not in state:
+                continue
+            receipt: Any = app.mapper.to_domain_event(notification)
+            if receipt.tenant in wanted and receipt.outcome == "rejected" \
+                    and str(receipt.kind).startswith(DISPUTE_COMMAND_PREFIX):
+                found.append(RejectedDisputeCommand(receipt.tenant, str(receipt.command_id), receipt.kind,
+                                                    receipt.reason, receipt.timestamp))
+        if len(page) < RECEIPTS_PER_SCAN_MAX:
+            return found
+
+
+def disputes(app: LedgerApplication, tenants: Iterable[str]) -> DisputesToReconcile:
+    """What finance reconciles of ``tenants``' disputes (see the module doc)."""
+    names = list(dict.fromkeys(tenants))
+    result = DisputesToReconcile(rejected=rejected_dispute_commands(app, names))
+    for tenant in names:
+        result.open += open_disputes(app, tenant)
+        result.awaiting_payment += [p for p in parked_refunds(app, tenant) if p.dispute]
+    return result

@@ -6,9 +6,13 @@ Screenshots go to tests/e2e/artifacts/ (not committed).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -18,24 +22,56 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fake_http_api import Request, serve
 from tests.support import ServiceProcess, auth, free_port, token, wait_until
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = os.environ.get("BILLING_CHROMIUM", "/usr/bin/chromium")
+RAZORPAY_WEBHOOK_SECRET = "rzp_dashboard_webhook_secret"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
 
+def _razorpay(request: Request) -> tuple[int, object]:
+    """Razorpay's API (a local fake) for acme's captured payment of 50.00 USD and its lost dispute."""
+    objects = {
+        "/v1/payments/pay_D1": {"id": "pay_D1", "entity": "payment", "amount": 5000, "currency": "USD",
+                                "status": "captured", "notes": {"tenant": "acme", "order_id": "order-d1"}},
+        "/v1/disputes/disp_D1": {"id": "disp_D1", "entity": "dispute", "payment_id": "pay_D1", "amount": 5000,
+                                 "currency": "USD", "amount_deducted": 5000, "reason_code": "chargeback",
+                                 "status": "lost", "phase": "chargeback", "created_at": int(time.time()),
+                                 "respond_by": int(time.time()) + 86400}}
+    found = objects.get(request.path)
+    return (200, found) if found else (404, {"error": {}})
+
+
+def _razorpay_webhook(base: str, name: str, entity: str, entity_id: str) -> None:
+    body = json.dumps({"entity": "event", "account_id": "acc_1", "event": name, "contains": [entity],
+                       "payload": {entity: {"entity": {"id": entity_id, "entity": entity}}},
+                       "created_at": int(time.time())}).encode()
+    signature = hmac.new(RAZORPAY_WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    r = httpx.post(f"{base}/v1/webhooks/razorpay", content=body, timeout=10, headers={
+        "X-Razorpay-Signature": signature, "X-Razorpay-Event-Id": f"evt_{name}", "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`billing run` with the demo catalogue (tenant acme, 100.00 USD), fed a little usage."""
+    """`billing run` with the demo catalogue (tenant acme, 100.00 USD), fed a little usage, a Razorpay payment of
+    50.00 and its lost dispute (a chargeback of 50.00) through the webhook route, Razorpay's API a local fake."""
     tmp = tmp_path_factory.mktemp("dashboard")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"BILLING_DATA_DIR": str(tmp / "var"), "BILLING_PORT": str(port), "KAFKA_BOOTSTRAP_SERVERS": "",
-           "DATABASE_URL": ""}
-    run = ServiceProcess(["run"], env, tmp / "run.log", port).start()
+    with serve(_razorpay) as razorpay:
+        env = {"BILLING_DATA_DIR": str(tmp / "var"), "BILLING_PORT": str(port), "KAFKA_BOOTSTRAP_SERVERS": "",
+               "DATABASE_URL": "", "BILLING_RAZORPAY_KEY_ID": "rzp_key", "BILLING_RAZORPAY_KEY_SECRET": "rzp_secret",
+               "BILLING_RAZORPAY_WEBHOOK_SECRET": RAZORPAY_WEBHOOK_SECRET, "BILLING_RAZORPAY_API_BASE": razorpay.base}
+        yield from _embedded(base, env, tmp)
+
+
+def _embedded(base: str, env: dict[str, str], tmp: Path) -> Iterator[str]:
+    run = ServiceProcess(["run"], env, tmp / "run.log", int(base.rsplit(":", 1)[1])).start()
     try:
         wait_until(lambda: _balance(base) == "100.00", what="the demo grant")
         now = datetime.now(UTC).isoformat()
@@ -62,6 +98,10 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                              json={"key": "main", "plan": "starter", "quantity": 1, "trial": False})
         assert created.status_code == 201, created.text
         wait_until(lambda: _invoices(base), what="the first invoice in the read model")
+        _razorpay_webhook(base, "payment.captured", "payment", "pay_D1")
+        wait_until(lambda: _balance(base) == "143.90999985", what="the 50.00 paid through Razorpay")
+        _razorpay_webhook(base, "payment.dispute.lost", "dispute", "disp_D1")
+        wait_until(lambda: _balance(base) == "93.90999985", what="the chargeback of those 50.00")
         yield base
     finally:
         run.stop(signal.SIGINT)
@@ -202,11 +242,13 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     figures = _api(base, "/v1/reports/figures", finance, year=now.year, month=now.month)["items"]
     usd = next(f for f in figures if f["unit"] == "USD")
     # Money cards: the API's figures at the currency's minor digits (the exact one in data-exact).
-    for key in ("funds_in", "top_ups", "consumed", "tax_collected", "refunds", "credit_notes", "breakage"):
+    for key in ("funds_in", "top_ups", "consumed", "tax_collected", "refunds", "credit_notes", "breakage",
+                "chargebacks"):
         card = page.locator(f"[data-testid=figure-{key}-USD]")
         assert card.get_attribute("data-exact") == usd[key], key
         assert card.inner_text() == str(Decimal(usd[key]).quantize(Decimal("0.01"), ROUND_HALF_UP)), key
     assert (usd["consumed"], page.inner_text("[data-testid=figure-consumed-USD]")) == ("6.09000015", "6.09")
+    assert (usd["chargebacks"], usd["refunds"]) == ("50.00", "0.00")  # the lost dispute, not a refund
     # The plan's 1000 CREDIT: credit, never money. Its row has no funds, tax or refund cards; its cards say credits.
     credit = next(f for f in figures if f["unit"] == "CREDIT")
     cards = page.locator("[data-testid=finance-cards-CREDIT]")

@@ -44,3 +44,41 @@ async def test_usage_priced_on_a_refused_events_quantity_is_made_right_once_on_p
     settings = Settings(database_url=infra["DATABASE_URL"], namespace=scratch_namespace("t"), data_dir=tmp_path)
     async with wired(tmp_path, settings) as services:
         await priced_on_a_refused_quantity_and_made_right_once(services)
+
+
+async def test_reconcile_disputes_finds_a_rejected_chargeback_in_the_postgres_store(
+        infra: dict[str, str], tmp_path: Path) -> None:
+    """The rejected dispute commands come from the receipts in PostgreSQL's notification log (bytea states)."""
+    import asyncpg
+    from billing_ledger.application import LedgerApplication, persistence_env
+    from billing_runtime.db import ensure_schema
+
+    from tests.unit.payments.support import TENANT, setup
+    from tests.unit.payments.test_disputes import deliver, dispute, pay, place
+
+    namespace = scratch_namespace("t")
+    settings = Settings(database_url=infra["DATABASE_URL"], namespace=namespace, data_dir=tmp_path)
+    conn = await asyncpg.connect(infra["DATABASE_URL"])
+    try:
+        await ensure_schema(conn, settings.schema("ledger"))
+    finally:
+        await conn.close()
+
+    def record() -> None:
+        app = LedgerApplication(persistence_env(infra["DATABASE_URL"], str(tmp_path), settings.schema("ledger")))
+        try:
+            setup(app)
+            order = place(app, "o1", amount="50")
+            pay(app, order)
+            part = dispute("dispute_closed", order, "20.00", "evt_part", outcome="lost", dispute_id="dp_part")
+            assert deliver(app, part).outcome == "rejected"
+        finally:
+            app.close()
+
+    await asyncio.to_thread(record)
+    env = {"DATABASE_URL": infra["DATABASE_URL"], "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(tmp_path)}
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "disputes", "--tenant", TENANT,
+                                                               "--format", "json"], env=env)
+    assert result.exit_code == 1, result.output
+    assert [(r["kind"], r["reason"]) for r in json.loads(result.output)["rejected"]] == [
+        ("dispute.closed", "partial_refund")]

@@ -294,7 +294,9 @@ def build(settings: Settings, http_client: stripe.HTTPClient | None = None) -> S
     if not settings.stripe_api_key or not settings.stripe_webhook_secret:
         raise ValueError("Stripe webhooks need both BILLING_STRIPE_API_KEY (to re-fetch every payment) and "
                          "BILLING_STRIPE_WEBHOOK_SECRET")
+    api = settings.stripe_api_address()  # BILLING_STRIPE_API_BASE (stripe-mock, a test's fake), else Stripe's
     http = http_client or stripe.HTTPXClient(timeout=settings.gateway_api_timeout_seconds)
     client = stripe.StripeClient(settings.stripe_api_key, http_client=http,
-                                 max_network_retries=STRIPE_NETWORK_RETRIES_MAX)
+                                 max_network_retries=STRIPE_NETWORK_RETRIES_MAX,
+                                 base_addresses={"api": api} if api else None)
     return StripeGateway(client, http, settings.stripe_webhook_secret, settings.stripe_webhook_tolerance_seconds)

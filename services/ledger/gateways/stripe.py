@@ -134,6 +134,8 @@ class StripeGateway:
 def build(settings: Settings, http_client: stripe_sdk.HTTPClient | None = None) -> StripeGateway | None:
     if not settings.stripe_api_key:
         return None
+    api = settings.stripe_api_address()  # BILLING_STRIPE_API_BASE (stripe-mock, a test's fake), else Stripe's
     http = http_client or stripe_sdk.HTTPXClient(timeout=settings.gateway_api_timeout_seconds)
     return StripeGateway(stripe_sdk.StripeClient(settings.stripe_api_key, http_client=http,
-                                                 max_network_retries=STRIPE_NETWORK_RETRIES_MAX))
+                                                 max_network_retries=STRIPE_NETWORK_RETRIES_MAX,
+                                                 base_addresses={"api": api} if api else None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from billing_events import ids
@@ -168,7 +169,59 @@ def test_the_digest_states_each_unit_at_its_own_scale() -> None:
     """A currency at its ISO 4217 minor digits (KWD: 3), a credit type at its catalogue scale (here 2), not the
     bare digits a credit amount used to be written with (``1500``)."""
     summary = {"day": "2026-11-21", "purchase_count": 1, "refund_count": 0, "funds_in": {"KWD": 12_960_000_000},
-               "tax_collected": {}, "refunds": {}, "consumed": {"TOKENS": 1500 * 10**9, "KWD": 5 * 10**8}}
+               "tax_collected": {}, "refunds": {}, "consumed": {"TOKENS": 1500 * 10**9, "KWD": 5 * 10**8},
+               "chargebacks": {}, "chargeback_count": 0, "disputed": {}}
     body = render(summary, {"TOKENS": 2})
     assert "Funds taken in: 12.960 KWD" in body, body
     assert "Credit consumed: 1500.00 TOKENS, 0.500 KWD" in body, body
+
+
+def test_chargebacks_are_reported_on_their_own_line_not_as_refunds(ledger: LedgerApplication) -> None:
+    """A package (113.05) and a top-up (119.00) lost to disputes, another top-up (59.50) disputed and still open, a
+    third (11.90) refunded: the refund is a refund, the two lost disputes are chargebacks, and what the gateway holds
+    for the open one is held, as the projections' figures (``refunds``, ``chargebacks``, ``disputed``) count them."""
+    from tests.unit.payments.test_disputes import dispute, lost
+    from tests.unit.payments.test_refund_before_payment import deliver, notification
+    from tests.unit.payments.test_top_up_grants import pay, place
+
+    package, top_up, open_one, refunded = (place(ledger, "o1", package="credits-10k"), place(ledger, "o2", amount="100"),
+                                           place(ledger, "o3", amount="50"), place(ledger, "o4", amount="10"))
+    for order in (package, top_up, open_one, refunded):
+        pay(ledger, order)
+    for message in (dispute("dispute_funds_withdrawn", top_up, "119.00", "evt_w2", dispute_id="dp_2"),
+                    dispute("dispute_closed", top_up, "119.00", "evt_l2", outcome="lost", dispute_id="dp_2"),
+                    lost(package, "evt_l1"),
+                    dispute("dispute_funds_withdrawn", open_one, "59.50", "evt_w3", dispute_id="dp_3"),
+                    notification("refund_succeeded", refunded["order_id"], "11.90", "evt_r4", "re_4")):
+        assert deliver(ledger, message).outcome == "applied"
+    summary, _ = summarize(ledger, datetime.now(UTC).date(), 0)
+    cent = 10**7
+    assert summary["funds_in"] == {"USD": (11305 + 11900 + 5950 + 1190) * cent}
+    assert summary["refunds"] == {"USD": 1190 * cent} and summary["refund_count"] == 1
+    assert summary["chargebacks"] == {"USD": (11305 + 11900) * cent} and summary["chargeback_count"] == 2
+    assert summary["disputed"] == {"USD": 5950 * cent}  # dp_2's withdrawal came back at its close
+    text = render(summary)
+    assert "Refunds: 11.90 USD" in text and "Chargebacks (lost disputes): 232.05 USD" in text
+    assert "Held for open disputes (net): 59.50 USD" in text
+    assert "refunds: 1, chargebacks: 2" in text
+
+
+def test_a_chargeback_of_an_invoice_payment_is_a_chargeback_in_the_digest(tmp_path: Path) -> None:
+    from tests.unit.payments.test_disputes import dispute, subscribed
+    from tests.unit.payments.test_refund_before_payment import deliver
+    from tests.unit.subscriptions.test_invoice_books import first_invoice
+    from tests.unit.subscriptions.test_invoice_overage import run
+
+    app = subscribed(tmp_path)
+    try:
+        run(app, "subscription.create", TENANT, key="m", plan="team")  # 30.00 + 5.70 VAT
+        invoice = first_invoice(app)
+        run(app, "invoice.mark_paid", TENANT, at=datetime.now(UTC), invoice_id=str(invoice.id), payment="pi_1")
+        result = deliver(app, dispute("dispute_closed", str(invoice.id), "35.70", "evt_inv_lost", outcome="lost",
+                                      payment="pi_1", invoice_id=str(invoice.id)))
+        assert result.outcome == "applied", result
+        summary, _ = summarize(app, datetime.now(UTC).date(), 0)
+        assert summary["chargebacks"] == {"USD": 3570 * 10**7} and summary["chargeback_count"] == 1
+        assert summary["refunds"] == {} and summary["refund_count"] == 0
+    finally:
+        app.close()

@@ -5,6 +5,7 @@ given back, its bonus voided), in any order of the gateway's notifications and e
 
 from __future__ import annotations
 
+import json
 import tempfile
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from billing_cli.main import app as cli
 from billing_events import ids
 from billing_events.messages import PaymentNotification
 from billing_events.timeutil import utcnow
@@ -21,6 +23,7 @@ from billing_ledger.audit import account_events, verify_store
 from billing_ledger.domain.checkout import Order
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from tests.unit.payments.support import TENANT, ledger
 from tests.unit.payments.test_refund_before_payment import deliver, fresh, notification
@@ -313,3 +316,44 @@ def test_a_disputes_notifications_in_any_order_and_redelivered_end_in_the_books_
             assert verify_store(app, TENANT).ok
         finally:
             app.close()
+
+
+def test_billing_reconcile_disputes_lists_open_withdrawn_waiting_and_rejected_disputes(tmp_path: Path) -> None:
+    """dp_open: opened, nothing withdrawn; dp_held: 59.50 withdrawn, open; dp_part: a partial chargeback of an order
+    (rejected); dp_turn: lost, then reported won (rejected); dp_wait: lost before its payment (waiting for it)."""
+    app = fresh(tmp_path, "ledger")
+    try:
+        orders = {key: place(app, key, amount="50") for key in ("o1", "o2", "o3", "o4", "o5")}  # 59.50 each
+        for key in ("o1", "o2", "o3", "o4"):
+            pay(app, orders[key])
+        o1, o2, o3, o4, o5 = orders.values()
+        for message, outcome in (
+                (dispute("dispute_opened", o1, "59.50", "evt_1", dispute_id="dp_open"), "applied"),
+                (dispute("dispute_funds_withdrawn", o2, "59.50", "evt_2", dispute_id="dp_held"), "applied"),
+                (dispute("dispute_closed", o3, "20.00", "evt_3", outcome="lost", dispute_id="dp_part"), "rejected"),
+                (dispute("dispute_closed", o4, "59.50", "evt_4", outcome="lost", dispute_id="dp_turn"), "applied"),
+                (dispute("dispute_closed", o4, "59.50", "evt_5", outcome="won", dispute_id="dp_turn"), "rejected"),
+                (dispute("dispute_closed", o5, "59.50", "evt_6", outcome="lost", dispute_id="dp_wait",
+                         payment="pi-o5"), "applied")):
+            assert deliver(app, message).outcome == outcome
+    finally:
+        app.close()
+    env = {"BILLING_DATA_DIR": str(tmp_path / "ledger"), "DATABASE_URL": "", "BILLING_NAMESPACE": ""}
+    listed = CliRunner().invoke(cli, ["reconcile", "disputes", "--tenant", TENANT, "--format", "json"], env=env)
+    assert listed.exit_code == 1, listed.output
+    found = json.loads(listed.output)
+    assert [(d["key"], d["amount"], d["withdrawn"], d["order_id"]) for d in found["open"]] == [
+        ("stripe/dp_open", "59.50", "0.00", o1["order_id"]), ("stripe/dp_held", "59.50", "59.50", o2["order_id"])]
+    assert found["funds_withdrawn"] == ["stripe/dp_held"]
+    assert [(r["dispute"], r["order_id"], r["amount"], r["status"]) for r in found["awaiting_payment"]] == [
+        ("dp_wait", o5["order_id"], "59.50", "awaiting_payment")]
+    assert [(r["kind"], r["reason"], r["command_id"]) for r in found["rejected"]] == [
+        ("dispute.closed", "partial_refund", str(ids.command_id("dispute.closed", "stripe", "evt_3"))),
+        ("dispute.closed", "dispute_outcome_changed", str(ids.command_id("dispute.closed", "stripe", "evt_5")))]
+    table = CliRunner().invoke(cli, ["reconcile", "disputes", "--tenant", TENANT], env=env)
+    assert table.exit_code == 1
+    assert "2 open dispute(s), 1 with funds withdrawn" in table.output
+    assert "1 lost dispute(s) waiting for their payment" in table.output
+    assert "2 dispute notification(s) rejected for reconciliation" in table.output
+    none = CliRunner().invoke(cli, ["reconcile", "disputes", "--tenant", "other"], env=env)
+    assert (none.exit_code, none.output.splitlines()[0]) == (0, "0 open dispute(s), 0 with funds withdrawn")
