@@ -47,7 +47,7 @@ from billing_ledger.subscription_commands import (
     live_period_invoice,
 )
 from billing_ledger.vies import NoRegistry, VatRegistry
-from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator
 from billing_runtime.bodies import described_by
 from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
@@ -324,8 +324,9 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         return Response(rendered[2], media_type="application/pdf",
                         headers={"Content-Disposition": f'inline; filename="{rendered[1] or invoice_id}.pdf"'})
 
-    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)")
-    async def run_cycle(at: str | None = None, _: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+    @router.post("/v1/billing/cycle/run",
+                 summary="Tick every subscription due now (operator: platform admin; idempotent)")
+    async def run_cycle(at: str | None = None, _: Principal = Depends(require_operator(Role.ADMIN))) -> dict[str, Any]:
         index = DueIndex()
         await asyncio.to_thread(index.catch_up, app)
         moment: datetime = _moment(at)
