@@ -9,6 +9,7 @@ from typing import Any
 from billing_events import ids
 from billing_ledger.application import LedgerApplication
 from billing_ledger.checkout_http import build_router as build_checkout_router
+from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.http import build_router as build_ledger_router
 from billing_ledger.subscriptions_http import build_router as build_subscriptions_router
 from billing_runtime.bus import EmbeddedBus
@@ -39,7 +40,7 @@ def test_a_tenants_own_admin_cannot_raise_its_pool_capacity(ledger: LedgerApplic
     client = http(ledger, tmp_path)
     path = f"/v1/accounts/{TENANT}/pools/users"
     forbidden(client.put(path, headers=headers("admin", TENANT), json={"capacity": 100000}))
-    assert ledger.read(ids.account_id(TENANT), lambda a: a.version) is not None  # the account is there
+    assert ledger.read(ResourcePool.create_id(TENANT, "users"), lambda p: p.capacity) is None  # nothing set
     operator = client.put(path, headers=headers("admin", None), json={"capacity": 5})
     assert operator.status_code == 200, operator.text
     assert operator.json()["capacity"] == 5
