@@ -3,6 +3,12 @@
 Keys: a shared HS256 secret (the local development key by default, ``BILLING_JWT_SECRET`` in production)
 or a JWKS URL (``BILLING_JWKS_URL``, RS256/ES256). A token with a ``tenant`` claim sees only that tenant;
 a token without one is platform-wide (admin, finance, service).
+
+Who is an operator is decided here and nowhere else: platform staff, i.e. the admin or finance role WITHOUT a
+``tenant`` claim. A token with a ``tenant`` claim is the customer's own (its admin, finance, service or viewer)
+whatever its role: it acts on its own account as a customer, never as the platform. Operator actions (catalogue
+publish, period close, billing cycle, adjustments, refunds, refund-request review, pool capacity, identity
+verification, ...) use ``require_operator``/``require_platform``; a tenant's token gets 403 problem+json there.
 """
 
 from __future__ import annotations
@@ -42,6 +48,18 @@ class Principal:
 
     def can_see(self, tenant: str) -> bool:
         return self.tenant is None or self.tenant == tenant
+
+    @property
+    def platform(self) -> bool:
+        """A platform-wide token (no ``tenant`` claim): platform staff or a platform service."""
+        return self.tenant is None
+
+    def is_operator(self, *roles: Role) -> bool:
+        """Platform staff: one of ``roles`` (admin or finance if none given) and no ``tenant`` claim."""
+        return self.tenant is None and self.role in (roles or OPERATOR_ROLES)
+
+
+OPERATOR_ROLES = (Role.ADMIN, Role.FINANCE)
 
 
 def mint_token(settings: Settings, *, role: str, tenant: str | None = None, subject: str | None = None,
@@ -152,6 +170,32 @@ def require(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
         return principal
 
     return dependency
+
+
+def require_platform(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
+    """A FastAPI dependency: a platform-wide principal (no ``tenant`` claim) with one of ``roles``.
+
+    For actions of the platform, not of one customer: a tenant-scoped token gets 403 whatever its role.
+    """
+    assert roles
+
+    async def dependency(request: Request) -> Principal:
+        principal = authenticate(request)
+        if principal.role not in roles:
+            raise Problem(403, "Forbidden", f"This action needs one of the roles: {', '.join(roles)}.",
+                          kind="forbidden")
+        if principal.tenant is not None:
+            raise Problem(403, "Forbidden", f"This is an operator action: it needs a platform-wide token (role "
+                          f"{' or '.join(roles)} without a tenant claim); a tenant's own token may not use it.",
+                          kind="forbidden")
+        return principal
+
+    return dependency
+
+
+def require_operator(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
+    """A FastAPI dependency: platform staff (``Principal.is_operator``): admin or finance if no ``roles``."""
+    return require_platform(*(roles or OPERATOR_ROLES))
 
 
 def check_tenant(principal: Principal, tenant: str) -> None:

@@ -36,7 +36,7 @@ from billing_ledger.http_models import (
 )
 from billing_ledger.refund_request_commands import request_view
 from billing_ledger.subscriptions_http import apply_now
-from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator
 from billing_runtime.bodies import described_by
 from billing_runtime.problems import Problem
 from billing_runtime.settings import Settings
@@ -47,8 +47,11 @@ STATUS_FOR_REASON = {"unknown_account": 404, "unknown_order": 404, "unknown_refu
                      "order_exists": 409, "refund_request_exists": 409, "invalid_transition": 409,
                      "no_catalog": 503}
 AnyRole = Annotated[Principal, Depends(require())]
-Operator = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
-AdminOnly = Annotated[Principal, Depends(require(Role.ADMIN))]
+# A customer's own settings and purchases: the tenant's admin/finance token (or platform staff).
+Manager = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
+# Operator actions: platform staff only (admin/finance without a tenant claim; see billing_runtime.auth).
+Operator = Annotated[Principal, Depends(require_operator(Role.ADMIN, Role.FINANCE))]
+AdminOnly = Annotated[Principal, Depends(require_operator(Role.ADMIN))]
 # The bodies go to their command (or quote) as sent, whose checks answer a bad field; the models describe them.
 CheckoutBody = Annotated[dict[str, Any], described_by(CheckoutRequest), Body()]
 IdentityBody = Annotated[dict[str, Any] | None, described_by(IdentityVerification, optional=True), Body()]
@@ -140,7 +143,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
     @router.post("/v1/accounts/{tenant}/checkout", status_code=201,
                  summary="Place a top-up order and open the gateway's hosted checkout page")
     async def checkout(tenant: str, request: Request, body: CheckoutBody,
-                       principal: Operator) -> dict[str, Any]:
+                       principal: Manager) -> dict[str, Any]:
         check_tenant(principal, tenant)
         gateway_name = str(body.get("gateway") or (min(gateways) if gateways else ""))
         gateway = gateways.get(gateway_name)
@@ -202,7 +205,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         check_tenant(principal, tenant)
         return await order(tenant, key)
 
-    @router.post("/v1/accounts/{tenant}/identity/verify", summary="Record a completed identity verification")
+    @router.post("/v1/accounts/{tenant}/identity/verify", summary="Record a completed identity verification (operator: platform admin)")
     async def verify(tenant: str, request: Request, principal: AdminOnly, body: IdentityBody = None) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(principal, "identity.verify", tenant, body or {}, request.headers.get("idempotency-key"))
@@ -212,7 +215,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         return {"tenant": tenant, **result.value}
 
     @router.put("/v1/accounts/{tenant}/gateway-customers/{gateway}",
-                summary="The gateway's customer id that owns the saved payment methods")
+                summary="The gateway's customer id that owns the saved payment methods (operator: platform admin, finance)")
     async def put_customer(tenant: str, gateway: str, body: CustomerBody,
                            principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
@@ -222,7 +225,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
 
     @router.put("/v1/accounts/{tenant}/alerts", summary="Low-balance alerts: email and signed webhook endpoint")
     async def put_alerts(tenant: str, body: AlertsBody,
-                         principal: Operator) -> dict[str, Any]:
+                         principal: Manager) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(principal, "alerts.configure", tenant, body, None)
         shown = {**result.value, "webhook_secret": "set" if result.value.get("webhook_secret") else None}
@@ -230,7 +233,7 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
 
     @router.put("/v1/accounts/{tenant}/auto-top-up",
                 summary="Auto-top-up rule: below threshold, top up to target or by one package (cooldown, monthly cap)")
-    async def put_auto_top_up(tenant: str, body: AutoTopUpBody, principal: Operator) -> dict[str, Any]:
+    async def put_auto_top_up(tenant: str, body: AutoTopUpBody, principal: Manager) -> dict[str, Any]:
         check_tenant(principal, tenant)
         known = ("unit", "threshold", "target", "package", "cooldown_seconds", "monthly_cap")
         unknown = sorted(set(body) - set(known))
@@ -243,14 +246,14 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         return {"tenant": tenant, "auto_top_up": result.value}
 
     @router.delete("/v1/accounts/{tenant}/auto-top-up", summary="Remove the auto-top-up rule")
-    async def delete_auto_top_up(tenant: str, principal: Operator, unit: str | None = None) -> dict[str, Any]:
+    async def delete_auto_top_up(tenant: str, principal: Manager, unit: str | None = None) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(principal, "auto_top_up.clear", tenant, {"unit": unit}, None)
         return {"tenant": tenant, **result.value}
 
     @router.put("/v1/accounts/{tenant}/low-balance",
                 summary="Low-balance alert threshold (null removes it); alerts go where PUT .../alerts says")
-    async def put_low_balance(tenant: str, body: LowBalanceBody, principal: Operator) -> dict[str, Any]:
+    async def put_low_balance(tenant: str, body: LowBalanceBody, principal: Manager) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if "threshold" not in body:
             raise Problem(422, "Invalid request", "threshold is required (null removes the alert).",
@@ -284,7 +287,8 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
         return await refund_request(tenant, key)
 
     @router.post("/v1/accounts/{tenant}/refund-requests/{key}/approve",
-                 summary="Approve: the gateway refunds, then the ledger reverses the order and issues a credit note")
+                 summary="Approve: the gateway refunds, then the ledger reverses the order and issues a credit note (operator: "
+                         "platform admin, finance)")
     async def approve(tenant: str, key: str, principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
         approved = await run(principal, "refund_request.approve", tenant, {"key": key}, None)
@@ -306,7 +310,8 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
                   f"{key}/complete")
         return await refund_request(tenant, key)
 
-    @router.post("/v1/accounts/{tenant}/refund-requests/{key}/reject")
+    @router.post("/v1/accounts/{tenant}/refund-requests/{key}/reject",
+                 summary="Reject a refund request (operator: platform admin, finance)")
     async def reject(tenant: str, key: str, principal: Operator, body: RejectionBody = None) -> dict[str, Any]:
         check_tenant(principal, tenant)
         await run(principal, "refund_request.reject", tenant, {**(body or {}), "key": key}, None)  # the path's

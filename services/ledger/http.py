@@ -37,14 +37,15 @@ from billing_ledger.http_models import (
     RefundRequest,
 )
 from billing_ledger.refund_commands import refund_id
-from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator
 from billing_runtime.problems import Problem
 from fastapi import APIRouter, Depends, Path, Response
 from fastapi.routing import APIRoute
 
 Spender = Annotated[Principal, Depends(require(Role.SERVICE, Role.ADMIN))]
-Corrector = Annotated[Principal, Depends(require(Role.ADMIN, Role.FINANCE))]
-Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+# Operator actions: platform staff only (admin/finance without a tenant claim; see billing_runtime.auth).
+Corrector = Annotated[Principal, Depends(require_operator(Role.ADMIN, Role.FINANCE))]
+Admin = Annotated[Principal, Depends(require_operator(Role.ADMIN))]
 Reader = Annotated[Principal, Depends(require())]
 Tenant = Annotated[str, Path(pattern=TENANT_PATTERN, description="The tenant (organisation)")]
 Resource = Annotated[str, Path(pattern=CODE_PATTERN, description="A pooled resource, e.g. seats")]
@@ -262,7 +263,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
         await decide(command, ResourcePool.create_id(tenant, resource))
         return await read_allocation(tenant, resource, request_id)
 
-    @router.put("/v1/accounts/{tenant}/pools/{resource}", summary="Set a pool's capacity by hand (admin)")
+    @router.put("/v1/accounts/{tenant}/pools/{resource}", summary="Set a pool's capacity by hand (operator: platform admin)")
     async def set_capacity(tenant: Tenant, resource: Resource, body: CapacityRequest, principal: Admin) -> dict[str, Any]:
         check_tenant(principal, tenant)
         # Not idempotent by key, and need not be: the capacity is an absolute value, a retry sets it again.
@@ -274,7 +275,7 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
 
     # -- corrections -----------------------------------------------------------------------------------------
 
-    @router.post("/v1/accounts/{tenant}/adjustments", status_code=201, summary="Manual correction (admin, finance)")
+    @router.post("/v1/accounts/{tenant}/adjustments", status_code=201, summary="Manual correction (operator: platform admin, finance)")
     async def adjust(tenant: Tenant, body: AdjustmentRequest, principal: Corrector, response: Response
                      ) -> dict[str, Any]:
         check_tenant(principal, tenant)
@@ -293,11 +294,12 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
             return adjustment_view(tenant, adjustment, record)
         return adjustment_view(tenant, adjustment, result.value)
 
-    @router.post("/v1/accounts/{tenant}/refunds", status_code=201, summary="Refund a purchase grant (admin, finance)")
+    @router.post("/v1/accounts/{tenant}/refunds", status_code=201, summary="Refund a purchase grant (operator: platform admin, finance)")
     async def refund(tenant: Tenant, body: RefundRequest, principal: Corrector, response: Response) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        if body.finance_override and principal.role != Role.FINANCE:
-            raise Problem(403, "Forbidden", "Only the finance role may refund spent credit.", kind="forbidden")
+        if body.finance_override and not principal.is_operator(Role.FINANCE):
+            raise Problem(403, "Forbidden", "Only the platform's finance role may refund spent credit.",
+                          kind="forbidden")
         refund_uuid = refund_id(tenant, body.idempotency_key)
         command = _command("grant.refund", tenant, principal, body.idempotency_key, {
             "grant_id": str(body.grant_id), "refund_id": str(refund_uuid), "amount": str(body.amount),

@@ -52,7 +52,7 @@ from billing_ledger.subscription_commands import (
     workspace_view,
 )
 from billing_ledger.vies import NoRegistry, VatRegistry
-from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator
 from billing_runtime.bodies import described_by
 from billing_runtime.bus import Bus
 from billing_runtime.problems import Problem
@@ -347,9 +347,10 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                         headers={"Content-Disposition": f'inline; filename="{rendered[1] or invoice_id}.pdf"'})
 
     @router.put("/v1/workspaces/{workspace}/accounts/{tenant}",
-                summary="Make a billing account a member of a workspace (admin; a trial needs it to have one only)")
+                summary="Make a billing account a member of a workspace (operator: platform admin; a trial needs "
+                        "it to have one only)")
     async def join_workspace(workspace: WorkspaceName, tenant: TenantName, request: Request,
-                             principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+                             principal: Principal = Depends(require_operator(Role.ADMIN))) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(request, principal, "workspace.add_account", tenant, {"workspace": workspace})
         return result.value  # type: ignore[no-any-return]
@@ -364,10 +365,11 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
             raise Problem(404, "Not found", f"No workspace {workspace!r}.", kind="unknown-workspace")
         return found  # type: ignore[no-any-return]
 
-    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (admin; idempotent)",
+    @router.post("/v1/billing/cycle/run", summary="Tick every subscription due now (operator: platform admin; idempotent)",
                  description="`at` (default: now) may be in the past (ticks what was due then), never after now "
                              "(plus `EFFECTIVE_AT_SKEW_SECONDS_MAX`): 422 `at-in-the-future`, nothing ticked.")
-    async def run_cycle(at: str | None = None, _: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+    async def run_cycle(at: str | None = None,
+                        _: Principal = Depends(require_operator(Role.ADMIN))) -> dict[str, Any]:
         moment: datetime = _moment(at)
         latest = utcnow() + timedelta(seconds=EFFECTIVE_AT_SKEW_SECONDS_MAX)
         if moment > latest:

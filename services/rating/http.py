@@ -18,7 +18,7 @@ from billing_rating.close import close_period, lines_of
 from billing_rating.service import RatingService
 from billing_rating.subscriptions import meters_of_live_plans
 from billing_rating.text import subunits_text
-from billing_runtime.auth import Principal, Role, check_tenant, require
+from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator, require_platform
 from billing_runtime.bodies import described_by
 from billing_runtime.bus import OutMessage
 from billing_runtime.problems import Problem
@@ -69,14 +69,14 @@ def build_router(service: RatingService) -> APIRouter:
     async def get_packages(_: Principal = Depends(require())) -> dict[str, Any]:
         return {"version": service.catalog.version, "packages": current().get("packages", [])}
 
-    @router.post("/v1/catalog", status_code=202, summary="Publish a catalogue (admin)",
+    @router.post("/v1/catalog", status_code=202, summary="Publish a catalogue (operator: platform admin)",
                  description="Validated here (meters, price specs, plans, packages), then recorded by the "
                              "ledger as the next immutable version, which replaces the whole catalogue. Same "
                              "content, same command id. Refused (422 `invalid-catalog`, nothing published): a "
                              "document with no meter, plan or package, and one that leaves out a meter the plan "
                              "of a subscription (not canceled) charges.")
     async def post_catalog(document: CatalogBody,
-                           principal: Principal = Depends(require(Role.ADMIN))) -> dict[str, Any]:
+                           principal: Principal = Depends(require_operator(Role.ADMIN))) -> dict[str, Any]:
         try:
             parsed = validate_document(document)
             check_meters_kept(parsed, await meters_of_live_plans(service.db))
@@ -87,11 +87,13 @@ def build_router(service: RatingService) -> APIRouter:
                                               (("schema", b"ledger.command/v1"),))])
         return {"command_id": str(command.command_id), "status": "accepted"}
 
-    @router.post("/v1/rating/periods/{period}/close", summary="Close a billing period (admin, idempotent)",
+    @router.post("/v1/rating/periods/{period}/close",
+                 summary="Close a billing period (platform admin or service token; idempotent)",
                  description="Closes a calendar month (`YYYY-MM`, UTC) of the accounts billed by calendar month, "
                              "once it has ended: a month that has not ended yet (the current one, or one in the "
                              "future) is refused with 422 `period-not-ended` and nothing is closed.")
-    async def post_close(period: str, _: Principal = Depends(require(Role.ADMIN, Role.SERVICE))) -> dict[str, Any]:
+    async def post_close(period: str,
+                         _: Principal = Depends(require_platform(Role.ADMIN, Role.SERVICE))) -> dict[str, Any]:
         if not (period.isascii() and PERIOD.fullmatch(period)):  # ASCII digits only, no trailing newline
             raise Problem(422, "Invalid period", "Use YYYY-MM.", kind="invalid-period")
         if period >= period_of(_now()):

@@ -78,11 +78,11 @@ def test_identity_gate_before_the_first_top_up(ledger: LedgerApplication) -> Non
     refused = checkout(http, "k1", amount="10")
     assert refused.status_code == 403 and refused.json()["type"].endswith("identity_verification_required")
     assert sessions(api) == 0
-    verified = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers={**headers("admin"), "Idempotency-Key": "v1"},
+    verified = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers={**headers("admin", None), "Idempotency-Key": "v1"},
                          json={"reference": "kyc-123", "method": "document"})
     assert verified.status_code == 200 and verified.json()["identity_verified"]
     # A retry with the same key: the same answer (it was a 500: the duplicate command has no value).
-    again = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers={**headers("admin"), "Idempotency-Key": "v1"},
+    again = http.post(f"/v1/accounts/{TENANT}/identity/verify", headers={**headers("admin", None), "Idempotency-Key": "v1"},
                       json={"reference": "kyc-123", "method": "document"})
     assert again.status_code == 200 and again.json() == verified.json()
     assert checkout(http, "k2", amount="10").status_code == 201
@@ -119,7 +119,9 @@ def test_refund_request_approved_reverses_ledger_and_issues_a_credit_note(ledger
     assert request.status_code == 201, request.text
     assert http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve",
                      headers=headers("viewer")).status_code == 403  # operators only
-    approved = http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve", headers=headers("finance"))
+    assert http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve",
+                     headers=headers("finance")).status_code == 403  # not the tenant's own finance token
+    approved = http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve", headers=headers("finance", None))
     assert approved.status_code == 200, approved.text
     done = approved.json()
     assert done["status"] == "refunded" and done["gateway_refund"].startswith("re_test_")
@@ -145,7 +147,7 @@ def test_refund_request_approved_reverses_ledger_and_issues_a_credit_note(ledger
                                        currency="USD", verified_at=utcnow(), gateway_reference=done["gateway_refund"])
     [result] = ledger.apply_commands([payment_command(notification)])
     assert result.outcome == "applied" and result.value["already_refunded"]
-    again = http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve", headers=headers("finance"))
+    again = http.post(f"/v1/accounts/{TENANT}/refund-requests/r1/approve", headers=headers("finance", None))
     assert again.status_code == 422 and again.json()["reason"] == "refund_not_eligible"
 
 
@@ -153,14 +155,14 @@ def test_a_gateway_customer_without_a_customer_id_is_refused_and_changes_nothing
     http = client(ledger, {"stripe": stripe_gateway(FakeStripe())})
     url = f"/v1/accounts/{TENANT}/gateway-customers/stripe"
     profile = payment_profile_id(TENANT)
-    assert http.put(url, headers=headers(), json={"customer": "cus_1"}).status_code == 200
+    assert http.put(url, headers=headers("admin", None), json={"customer": "cus_1"}).status_code == 200
     for body in ({}, {"customer": None}, {"customer": ""}, {"customer": 42}, {"customer": ["cus_2"]}):
-        refused = http.put(url, headers=headers(), json=body)
+        refused = http.put(url, headers=headers("admin", None), json=body)
         assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json"), body
         assert refused.json()["reason"] == "invalid_command" and "customer" in refused.json()["detail"]
         # Was stored as "None" / "42": charges of saved methods (auto-top-up, dunning) named that customer.
         assert ledger.read(profile, lambda p: dict(p.customers)) == {"stripe": "cus_1"}, body
-    assert http.put(url, headers=headers(), json={"customer": "cus_2"}).json()["customer"] == "cus_2"
+    assert http.put(url, headers=headers("admin", None), json={"customer": "cus_2"}).json()["customer"] == "cus_2"
     assert ledger.read(profile, lambda p: dict(p.customers)) == {"stripe": "cus_2"}
 
 

@@ -241,10 +241,10 @@ def test_a_retried_refund_of_package_credit_answers_the_money_it_paid_back(ledge
     http = TestClient(api)
     grant = str(ids.grant_id(TENANT, f"order/{order['order_id']}/purchase"))
     body = {"idempotency_key": "r1", "grant_id": grant, "amount": "4400", "reason": "goodwill"}
-    first = http.post(f"/v1/accounts/{TENANT}/refunds", json=body, headers=headers("finance"))
+    first = http.post(f"/v1/accounts/{TENANT}/refunds", json=body, headers=headers("finance", None))
     assert first.status_code == 201, first.text
     assert first.json()["paid_back"] == {"unit": "USD", "amount": "45.22", "tax": "7.22"}
-    again = http.post(f"/v1/accounts/{TENANT}/refunds", json=body, headers=headers("finance"))
+    again = http.post(f"/v1/accounts/{TENANT}/refunds", json=body, headers=headers("finance", None))
     assert again.status_code == 200 and again.json() == first.json()
     assert available(ledger, "CREDIT") == 6600
 
