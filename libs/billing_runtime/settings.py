@@ -74,6 +74,8 @@ class Settings:
     paypal_client_secret: str | None = None
     paypal_webhook_id: str | None = None
     paypal_api_base: str = "https://api-m.paypal.com"
+    # PayPal signs PAYPAL-TRANSMISSION-TIME: it must be within this window of our clock (either direction).
+    paypal_webhook_tolerance_seconds: int = 300
     # Payments (issue 8): identity gate, dunning, alerts, daily digest.
     vies_enabled: bool = False  # VAT registration lookup (network); format + check digits are always checked
     vies_url: str | None = None
@@ -141,6 +143,7 @@ class Settings:
             paypal_client_secret=os.environ.get("BILLING_PAYPAL_CLIENT_SECRET") or None,
             paypal_webhook_id=os.environ.get("BILLING_PAYPAL_WEBHOOK_ID") or None,
             paypal_api_base=os.environ.get("BILLING_PAYPAL_API_BASE") or "https://api-m.paypal.com",
+            paypal_webhook_tolerance_seconds=_env_int("BILLING_PAYPAL_WEBHOOK_TOLERANCE_SECONDS", 300),
             vies_enabled=os.environ.get("BILLING_VIES_ENABLED", "").lower() in ("1", "true", "yes"),
             vies_url=os.environ.get("BILLING_VIES_URL") or None,
             identity_verification=os.environ.get("BILLING_IDENTITY_VERIFICATION", "off"),
