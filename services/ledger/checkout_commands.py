@@ -22,6 +22,7 @@ from uuid import UUID
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import parse_decimal, to_subunits
+from billing_ledger import identity_gate
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of, declared_unit, minor_amount
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
@@ -111,6 +112,10 @@ def place_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -
         raise CommandRejected("order_exists", f"order {key!r} exists")
     built = build_quote(batch, tenant, payload, at)
     oid = order_id(tenant, key)
+    # The identity gate, in this transaction: the profile's write below (the order counts as open) makes
+    # concurrent checkouts conflict, so one is decided again and sees the other's order.
+    profile = profile_of(batch, tenant)
+    identity_gate.check(batch, profile, payload.get("identity_gate"), Decimal(built["quote"]["total"]))
     if built["promotion"] is not None:
         definition = {**built["promotion"], "_package": payload.get("package")}
         promo = batch.get_or_create(Promotion.create_id(definition["code"]),
@@ -122,6 +127,7 @@ def place_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -
     order = Order(tenant=tenant, key=key, quote=built["quote"], gateway=str(payload.get("gateway", "stripe")),
                   at=at, by=command.issued_by)
     batch.add(order)
+    profile.place_order(order=str(oid), total=built["quote"]["total"], at=at)
     return order_view(order)
 
 
