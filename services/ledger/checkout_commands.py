@@ -41,8 +41,10 @@ from billing_ledger.domain.invoice import INVOICE, Invoice, invoice_id, line
 from billing_ledger.domain.payment_profile import PaymentProfile, payment_profile_id
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.invoice_overage import repay_from_purchase
+from billing_ledger.outbound_urls import OutboundUrlRefused, check_url
 from billing_ledger.payload import at as effective_at
 from billing_ledger.subscription_commands import _finalize
+from billing_runtime.settings import Settings
 
 
 def catalog_document(batch: _Batch) -> dict[str, Any]:
@@ -182,6 +184,12 @@ def configure_alerts(app: LedgerApplication, batch: _Batch, command: LedgerComma
     url = payload.get("webhook_url")
     if url is not None and not (isinstance(url, str) and url.startswith(("https://", "http://"))):
         raise CommandRejected("invalid_alerts", "webhook_url must be an http(s) URL")
+    if url is not None:
+        try:  # SSRF: no private, loopback or link-local target unless the deployment allows them
+            check_url(url, private_allowed=Settings.from_env().outbound_private_targets_allowed)
+        except OutboundUrlRefused as exc:
+            raise CommandRejected("invalid_alerts", f"webhook_url {exc} (BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED "
+                                                    "allows private targets)") from exc
     for name in ("email", "webhook_secret"):
         if payload.get(name) is not None and not isinstance(payload[name], str):
             raise CommandRejected("invalid_alerts", f"{name} must be a string")
