@@ -77,9 +77,14 @@ class Settings:
     paypal_client_secret: str | None = None
     paypal_webhook_id: str | None = None
     paypal_api_base: str = "https://api-m.paypal.com"
+    # PayPal signs PAYPAL-TRANSMISSION-TIME: it must be within this window of our clock (either direction).
+    paypal_webhook_tolerance_seconds: int = 300
     # Payments (issue 8): identity gate, dunning, alerts, daily digest.
     vies_enabled: bool = False  # VAT registration lookup (network); format + check digits are always checked
     vies_url: str | None = None
+    # Tenant-set outbound URLs (alerts webhook_url) may point at private/loopback/link-local addresses only when
+    # this is on (on-premises deployments); off, they are refused when set and at send time (SSRF).
+    outbound_private_targets_allowed: bool = False
     identity_verification: str = "off"  # off | first_top_up | threshold
     identity_threshold: str | None = None  # top-ups above this (account currency) need a verified identity
     dunning_retry_days: tuple[int, ...] = (0, 3, 5)
@@ -156,8 +161,11 @@ class Settings:
             paypal_client_secret=os.environ.get("BILLING_PAYPAL_CLIENT_SECRET") or None,
             paypal_webhook_id=os.environ.get("BILLING_PAYPAL_WEBHOOK_ID") or None,
             paypal_api_base=os.environ.get("BILLING_PAYPAL_API_BASE") or "https://api-m.paypal.com",
+            paypal_webhook_tolerance_seconds=_env_int("BILLING_PAYPAL_WEBHOOK_TOLERANCE_SECONDS", 300),
             vies_enabled=os.environ.get("BILLING_VIES_ENABLED", "").lower() in ("1", "true", "yes"),
             vies_url=os.environ.get("BILLING_VIES_URL") or None,
+            outbound_private_targets_allowed=os.environ.get("BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED", "").lower()
+            in ("1", "true", "yes"),
             identity_verification=os.environ.get("BILLING_IDENTITY_VERIFICATION", "off"),
             identity_threshold=os.environ.get("BILLING_IDENTITY_THRESHOLD") or None,
             dunning_retry_days=tuple(int(d) for d in os.environ.get("BILLING_DUNNING_RETRY_DAYS", "0,3,5").split(",")

@@ -10,7 +10,9 @@ scale, more digits only when sub-minor value exists. Delivery is retried with ex
 of times; the position (``alerts:low-balance``, the name it had before the card notices joined: a new name would
 resend every alert) is recorded after each alert, so a restart does not resend what was delivered. A low-balance
 email goes to the configured address only; a card notice, like a failed payment's email (dunning), goes to the
-configured address, else to the tenant's (``<tenant>@BILLING_SMTP_RECIPIENT_DOMAIN``).
+configured address, else to the tenant's (``<tenant>@BILLING_SMTP_RECIPIENT_DOMAIN``). The webhook URL must reach
+a public address (``outbound_urls``: checked when set and, resolved, before each send; a refused target is logged
+``alert_webhook_target_refused`` and not posted to) unless ``BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.roster import Roster
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
+from billing_ledger.outbound_urls import OutboundUrlRefused, check_resolved
 from billing_runtime.logging import get_logger
 from billing_runtime.service import pause
+from billing_runtime.settings import Settings
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -55,7 +59,12 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
 
 async def post_signed(url: str, secret: str, payload: dict[str, Any], *, attempts_max: int,
                       transport: httpx.AsyncBaseTransport | None = None,
-                      backoff_base_seconds: float = BACKOFF_BASE_SECONDS) -> bool:
+                      backoff_base_seconds: float = BACKOFF_BASE_SECONDS, private_allowed: bool = False) -> bool:
+    try:  # what the name resolves to now (DNS rebinding): never a private, loopback or link-local address
+        await check_resolved(url, private_allowed=private_allowed)
+    except OutboundUrlRefused as exc:
+        log.warning("alert_webhook_target_refused", url=url, reason=str(exc))
+        return False
     body = json.dumps(payload, sort_keys=True).encode()
     async with httpx.AsyncClient(timeout=10, transport=transport) as client:
         for attempt in range(attempts_max):
@@ -103,7 +112,10 @@ def _method(roster: Any, method_id: str) -> dict[str, Any] | None:
 
 async def process_pending(app: LedgerApplication, smtp: SmtpSettings | None, *, attempts_max: int = 5,
                           transport: httpx.AsyncBaseTransport | None = None,
-                          backoff_base_seconds: float = BACKOFF_BASE_SECONDS) -> list[dict[str, Any]]:
+                          backoff_base_seconds: float = BACKOFF_BASE_SECONDS,
+                          private_allowed: bool | None = None) -> list[dict[str, Any]]:
+    if private_allowed is None:
+        private_allowed = Settings.from_env().outbound_private_targets_allowed
     notifications = await asyncio.to_thread(app.unprocessed, ALERTS_NAME, SCAN_BATCH_EVENTS_MAX, ALERT_TOPICS)
     sent: list[dict[str, Any]] = []
     if not notifications:
@@ -135,7 +147,8 @@ async def process_pending(app: LedgerApplication, smtp: SmtpSettings | None, *, 
             if config.get("webhook_url") and config.get("webhook_secret"):
                 result["webhook"] = await post_signed(config["webhook_url"], config["webhook_secret"], alert,
                                                       attempts_max=attempts_max, transport=transport,
-                                                      backoff_base_seconds=backoff_base_seconds)
+                                                      backoff_base_seconds=backoff_base_seconds,
+                                                      private_allowed=private_allowed)
         sent.append(result)
         await asyncio.to_thread(app.processed, ALERTS_NAME, notification.id)
     return sent

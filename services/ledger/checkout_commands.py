@@ -22,6 +22,7 @@ from uuid import UUID
 from billing_events import ids
 from billing_events.messages import LedgerCommand
 from billing_events.money import parse_decimal, to_subunits
+from billing_ledger import identity_gate
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of, declared_unit, minor_amount
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
@@ -40,8 +41,10 @@ from billing_ledger.domain.invoice import INVOICE, Invoice, invoice_id, line
 from billing_ledger.domain.payment_profile import PaymentProfile, payment_profile_id
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.invoice_overage import repay_from_purchase
+from billing_ledger.outbound_urls import OutboundUrlRefused, check_url
 from billing_ledger.payload import at as effective_at
 from billing_ledger.subscription_commands import _finalize
+from billing_runtime.settings import Settings
 
 
 def catalog_document(batch: _Batch) -> dict[str, Any]:
@@ -111,6 +114,10 @@ def place_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -
         raise CommandRejected("order_exists", f"order {key!r} exists")
     built = build_quote(batch, tenant, payload, at)
     oid = order_id(tenant, key)
+    # The identity gate, in this transaction: the profile's write below (the order counts as open) makes
+    # concurrent checkouts conflict, so one is decided again and sees the other's order.
+    profile = profile_of(batch, tenant)
+    identity_gate.check(batch, profile, payload.get("identity_gate"), Decimal(built["quote"]["total"]))
     if built["promotion"] is not None:
         definition = {**built["promotion"], "_package": payload.get("package")}
         promo = batch.get_or_create(Promotion.create_id(definition["code"]),
@@ -122,6 +129,7 @@ def place_order(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -
     order = Order(tenant=tenant, key=key, quote=built["quote"], gateway=str(payload.get("gateway", "stripe")),
                   at=at, by=command.issued_by)
     batch.add(order)
+    profile.place_order(order=str(oid), total=built["quote"]["total"], at=at)
     return order_view(order)
 
 
@@ -176,6 +184,12 @@ def configure_alerts(app: LedgerApplication, batch: _Batch, command: LedgerComma
     url = payload.get("webhook_url")
     if url is not None and not (isinstance(url, str) and url.startswith(("https://", "http://"))):
         raise CommandRejected("invalid_alerts", "webhook_url must be an http(s) URL")
+    if url is not None:
+        try:  # SSRF: no private, loopback or link-local target unless the deployment allows them
+            check_url(url, private_allowed=Settings.from_env().outbound_private_targets_allowed)
+        except OutboundUrlRefused as exc:
+            raise CommandRejected("invalid_alerts", f"webhook_url {exc} (BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED "
+                                                    "allows private targets)") from exc
     for name in ("email", "webhook_secret"):
         if payload.get(name) is not None and not isinstance(payload[name], str):
             raise CommandRejected("invalid_alerts", f"{name} must be a string")

@@ -34,6 +34,8 @@ from billing_ledger.http_models import (
     RefundRequestCreate,
     RefundRequestRejection,
 )
+from billing_ledger.identity_gate import REASON as IDENTITY_REQUIRED
+from billing_ledger.identity_gate import gate_of
 from billing_ledger.refund_request_commands import request_view
 from billing_ledger.subscriptions_http import apply_now
 from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator
@@ -114,20 +116,6 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
             raise Problem(404, "Not found", f"No order {key!r} for {tenant!r}.", kind="unknown-order")
         return found  # type: ignore[no-any-return]
 
-    async def check_identity(tenant: str, total: Decimal) -> None:
-        mode = settings.identity_verification
-        if mode == "off":
-            return
-        profile = await read(payment_profile_id(tenant), lambda p: (p.identity_verified, p.top_ups_paid))
-        verified, paid = profile or (False, "0")
-        if verified:
-            return
-        threshold = Decimal(settings.identity_threshold or "0")
-        if mode == "first_top_up" or (mode == "threshold" and Decimal(paid) + total > threshold):
-            raise Problem(403, "Identity verification required",
-                          "Complete identity verification before adding funds.",
-                          kind="identity_verification_required", reason="identity_verification_required")
-
     @router.get("/v1/accounts/{tenant}/checkout/quote",
                 summary="The top-up summary (amount, promotion, tax, total, credits) before confirming")
     async def get_quote(tenant: str, principal: AnyRole, package: str | None = None, amount: str | None = None,
@@ -173,11 +161,13 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
             if refused:  # before the order is placed (and a promotion redeemed): nothing changes
                 raise Problem(422, "Amount not chargeable", f"{refused}; choose another gateway or amount.",
                               kind="amount-not-chargeable", reason="amount_not_chargeable")
-            await check_identity(tenant, Decimal(q["total"]))
             placed = await apply_now(app, LedgerCommand(
                 command_id=uuid5(NAMESPACE_URL, f"/http/{tenant}/checkout.place/{key}"), kind="checkout.place",
                 tenant=tenant, issued_at=utcnow(), issued_by=f"user:{principal.subject}",
-                payload={**payload, "key": key, "gateway": gateway_name}))
+                payload={**payload, "key": key, "gateway": gateway_name, "identity_gate": gate_of(settings)}))
+            if placed.outcome == "rejected" and placed.reason == IDENTITY_REQUIRED:  # decided with open orders
+                raise Problem(403, "Identity verification required", placed.detail or "",
+                              kind=IDENTITY_REQUIRED, reason=IDENTITY_REQUIRED)
             if placed.outcome == "rejected":
                 raise _refused(CommandRejected(placed.reason or "rejected", placed.detail or ""))
         current = await order(tenant, key)  # a retried request finds its order (and its page, once opened)

@@ -13,6 +13,9 @@ position (``topups:charge``) after each request is settled, like the invoice not
    order fails and the account is notified. A gateway outage leaves the position where it is: retried. A
    *pending* charge (Stripe ``processing``) leaves the order open without trying a backup method (that would
    charge twice): the payment's webhook names the order and pays it (``payment.succeeded``).
+
+The identity gate applies as at checkout (``identity_gate``): a request it refuses places no order and charges
+nothing; it is logged (``auto_top_up_skipped``, reason ``identity_verification_required``) and the account emailed.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from billing_ledger.checkout_commands import order_view
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.checkout import PAID, order_id
 from billing_ledger.gateways import GatewayError, OutboundGateway
+from billing_ledger.identity_gate import REASON as IDENTITY_REQUIRED
+from billing_ledger.identity_gate import gate_of
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.saved_methods import charge_in_order
 from billing_runtime.logging import get_logger
 from billing_runtime.service import pause
+from billing_runtime.settings import Settings
 from eventsourcing.utils import get_topic
 
 log = get_logger(__name__)
@@ -66,8 +72,9 @@ def _order_payload(account: tuple[str, str], event: Any) -> dict[str, Any] | Non
 
 
 async def settle_request(app: LedgerApplication, gateways: dict[str, OutboundGateway], smtp: SmtpSettings | None,
-                         event: Any) -> str:
-    """Carries out one request; returns its outcome (paid, pending, declined, unpriceable, no_method, rejected)."""
+                         event: Any, settings: Settings | None = None) -> str:
+    """Carries out one request; returns its outcome (paid, pending, declined, unpriceable, no_method, rejected,
+    identity_required: the identity gate (``BILLING_IDENTITY_VERIFICATION``) refused it, nothing charged)."""
     account = await asyncio.to_thread(app.read, event.originator_id, lambda a: (a.tenant, a.currency))
     if account is None:
         return "rejected"
@@ -79,8 +86,14 @@ async def settle_request(app: LedgerApplication, gateways: dict[str, OutboundGat
                                 f"An auto-top-up of {event.unit} needs a credit package.\n")
         return "unpriceable"
     placed = await asyncio.to_thread(_apply, app, "checkout.place", tenant, str(event.request_id),
-                                     {**payload, "key": key, "gateway": "stripe", "at": event.at.isoformat()})
+                                     {**payload, "key": key, "gateway": "stripe", "at": event.at.isoformat(),
+                                      "identity_gate": gate_of(settings or Settings.from_env())})
     order = await asyncio.to_thread(app.read, order_id(tenant, key), order_view)
+    if order is None and placed.reason == IDENTITY_REQUIRED:  # the checkout route's gate: nothing is charged
+        log.warning("auto_top_up_skipped", tenant=tenant, reason=IDENTITY_REQUIRED)
+        await asyncio.to_thread(send_text, smtp, tenant_address(smtp, tenant), "Auto-top-up not possible",
+                                "An auto-top-up was skipped: complete identity verification before adding funds.\n")
+        return "identity_required"
     if order is None:
         log.warning("auto_top_up_not_placed", tenant=tenant, reason=placed.reason, detail=placed.detail)
         return "rejected"

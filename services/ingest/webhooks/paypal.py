@@ -70,8 +70,10 @@ DISPUTE_EVENTS = {"CUSTOMER.DISPUTE.CREATED": "dispute_opened", "CUSTOMER.DISPUT
 class PayPalGateway:
     name = NAME
 
-    def __init__(self, http: httpx.AsyncClient, client_id: str, client_secret: str, webhook_id: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, client_id: str, client_secret: str, webhook_id: str,
+                 tolerance_seconds: int = 300) -> None:
         self._http = http
+        self._tolerance_seconds = tolerance_seconds
         self._credentials = (client_id, client_secret)
         self._webhook_id = webhook_id
         self._token: str | None = None
@@ -82,6 +84,10 @@ class PayPalGateway:
         missing = [TRANSMISSION_HEADERS[f] for f, v in transmission.items() if not v]
         if missing:
             return Refused(RefusalKind.SIGNATURE_INVALID, f"Missing PayPal headers: {', '.join(missing)}.")
+        transmitted_at = _transmission_time(transmission["transmission_time"] or "")
+        if transmitted_at is None:
+            return Refused(RefusalKind.SIGNATURE_INVALID,
+                           "PAYPAL-TRANSMISSION-TIME is not an ISO 8601 date-time with a UTC offset.")
         try:
             text = raw_body.decode("utf-8")
             event = loads_exact(text)
@@ -105,6 +111,12 @@ class PayPalGateway:
         status = _json(response).get("verification_status")
         if status != "SUCCESS":
             return Refused(RefusalKind.SIGNATURE_INVALID, f"PayPal says the signature is {status}.")
+        # PayPal's signature covers the transmission time; like Stripe's signed `t`, it must be within the window
+        # (both directions) against our clock, or a captured webhook could be replayed for ever.
+        age = now.timestamp() - transmitted_at.timestamp()
+        if abs(age) > self._tolerance_seconds:
+            return Refused(RefusalKind.EXPIRED, f"Transmitted {int(age)} s ago; the tolerance is "
+                                                f"{self._tolerance_seconds} s.")
         return VerifiedEvent(NAME, event["id"], event["event_type"], event, replay_key=event["id"])
 
     async def confirm(self, event: VerifiedEvent) -> Confirmation:
@@ -271,6 +283,15 @@ def _refunded_capture(refund: dict[str, Any]) -> str | None:
     return None
 
 
+def _transmission_time(value: str) -> datetime | None:
+    """PAYPAL-TRANSMISSION-TIME (e.g. ``2026-11-21T10:00:00Z``) as an aware datetime; None when unreadable."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
         body = loads_exact(response.content)
@@ -292,4 +313,4 @@ def build(settings: Settings, transport: httpx.AsyncBaseTransport | None = None)
     http = httpx.AsyncClient(base_url=settings.paypal_api_base, transport=transport,
                              timeout=settings.gateway_api_timeout_seconds)
     return PayPalGateway(http, settings.paypal_client_id or "", settings.paypal_client_secret or "",
-                         settings.paypal_webhook_id or "")
+                         settings.paypal_webhook_id or "", settings.paypal_webhook_tolerance_seconds)

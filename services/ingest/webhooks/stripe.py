@@ -72,11 +72,18 @@ DISPUTE_EVENTS = {"charge.dispute.created": "dispute_opened", "charge.dispute.fu
 
 
 def _signed_timestamp(signature_header: str) -> int:
+    """The timestamp the stripe SDK verified the HMAC over: the first item whose key is exactly ``t`` (not
+    stripped: the SDK reads it so), never a look-alike such as `` t=`` put in front of a captured header."""
     for item in signature_header.split(","):
         key, _, value = item.partition("=")
-        if key.strip() == "t":
+        if key == "t":
             return int(value)
     raise ValueError("no timestamp in Stripe-Signature")
+
+
+def _timestamp_count(signature_header: str) -> int:
+    """How many items name a timestamp, spaced or not: a genuine header has exactly one."""
+    return sum(1 for item in signature_header.split(",") if item.partition("=")[0].strip() == "t")
 
 
 class StripeGateway:
@@ -117,6 +124,8 @@ class StripeGateway:
         if abs(age) > self._tolerance_seconds:
             return Refused(RefusalKind.EXPIRED, f"Signed {int(age)} s ago; the tolerance is "
                                                 f"{self._tolerance_seconds} s.")
+        if _timestamp_count(signature or "") != 1:
+            return Refused(RefusalKind.SIGNATURE_INVALID, "Stripe-Signature must carry exactly one timestamp (t=).")
         try:
             event = loads_exact(text)
         except ValueError as exc:

@@ -29,6 +29,7 @@ class PaymentProfile(Aggregate):
         self.alerts: dict[str, Any] = {}  # email, webhook_url, webhook_secret
         self.top_ups_paid = "0"  # sum of paid top-up totals, in the account's currency
         self.top_ups_count = 0
+        self.open_orders: dict[str, str] = {}  # order id -> total, top-up orders placed and not yet paid or closed
 
     def verify_identity(self, *, reference: str, method: str, at: datetime, by: str) -> None:
         self._identity_verified(reference=reference, method=method, at=at, by=by)
@@ -60,3 +61,20 @@ class PaymentProfile(Aggregate):
     def _top_up_recorded(self, order: str, total: str, at: datetime) -> None:
         self.top_ups_paid = str(Decimal(self.top_ups_paid) + Decimal(total))
         self.top_ups_count += 1
+        self.open_orders.pop(order, None)
+
+    def place_order(self, *, order: str, total: str, at: datetime) -> None:
+        """A top-up order was placed: it counts towards the identity threshold until paid, failed or expired."""
+        self._order_placed(order=order, total=total, at=at)
+
+    @event("OrderPlaced")
+    def _order_placed(self, order: str, total: str, at: datetime) -> None:
+        self.open_orders[order] = total
+
+    def release_orders(self, *, orders: list[str]) -> None:
+        self._orders_released(orders=list(orders))
+
+    @event("OrdersReleased")
+    def _orders_released(self, orders: list[str]) -> None:
+        for order in orders:
+            self.open_orders.pop(order, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def event(capture_id: str = "CAP-1") -> bytes:
 def transmission(signature: str = GOOD_SIGNATURE) -> dict[str, str]:
     return {"PAYPAL-AUTH-ALGO": "SHA256withRSA", "PAYPAL-CERT-URL": "https://paypal.test/cert.pem",
             "PAYPAL-TRANSMISSION-ID": "tx-1", "PAYPAL-TRANSMISSION-SIG": signature,
-            "PAYPAL-TRANSMISSION-TIME": "2026-11-21T10:00:00Z", "Content-Type": "application/json"}
+            "PAYPAL-TRANSMISSION-TIME": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "Content-Type": "application/json"}
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""Review (session 13) findings: ways past the identity-verification gate (seed 003) and the correction routes
-that a tenant's own token can use on itself. Each is xfail(strict=True) until fixed."""
+"""Review (session 13) findings: ways past the identity-verification gate (seed 003): orders still open did not
+count towards the threshold, auto-top-up never checked it, and a tenant's own token could verify itself or use the
+correction routes on itself (operators only now: billing_runtime.auth.require_operator)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +14,16 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.topups import process_pending
 from billing_runtime.settings import Settings
 
-from tests.unit.payments.support import TENANT, FakeStripe, client, headers, ledger, run, stripe_gateway
+from tests.unit.payments.support import (
+    TENANT,
+    FakeStripe,
+    client,
+    command,
+    headers,
+    ledger,
+    run,
+    stripe_gateway,
+)
 
 __all__ = ["ledger"]
 URLS = {"success_url": "https://app.test/ok", "cancel_url": "https://app.test/cancel"}
@@ -35,7 +46,6 @@ def test_a_tenants_own_admin_token_cannot_lift_its_identity_gate(ledger: LedgerA
     assert checkout(http, "k2", amount="10").status_code == 403  # ... and may still not pay unverified
 
 
-@pytest.mark.xfail(strict=True, reason="review3: the threshold counts paid top-ups only, not orders still open")
 def test_open_orders_count_towards_the_identity_threshold(ledger: LedgerApplication) -> None:
     settings = Settings(identity_verification="threshold", identity_threshold="50")
     http = client(ledger, {"stripe": stripe_gateway(FakeStripe())}, settings)
@@ -43,7 +53,24 @@ def test_open_orders_count_towards_the_identity_threshold(ledger: LedgerApplicat
     assert accepted.count(201) <= 2, accepted  # at most 47.60 may be opened unverified
 
 
-@pytest.mark.xfail(strict=True, reason="review3: auto-top-up charges a saved method without the identity gate")
+def test_concurrent_checkouts_cannot_both_pass_the_threshold(ledger: LedgerApplication) -> None:
+    gate = {"mode": "threshold", "threshold": "50"}
+
+    def place(key: str) -> str:
+        [placed] = ledger.apply_commands([command("checkout.place", TENANT, {
+            "key": key, "amount": "20", "gateway": "stripe", "identity_gate": gate}, key)])
+        return placed.outcome  # 23.80 each with tax: three together are 71.40
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        outcomes = list(pool.map(place, ["c1", "c2", "c3"]))
+    assert outcomes.count("applied") == 2, outcomes
+    # A failed order no longer counts: the next checkout passes again.
+    first = next(k for k, o in zip(["c1", "c2", "c3"], outcomes, strict=True) if o == "applied")
+    [failed] = ledger.apply_commands([command("checkout.fail", TENANT, {"key": first, "reason": "declined"}, "f")])
+    assert failed.outcome == "applied"
+    assert place("c4") == "applied"
+
+
 @pytest.mark.asyncio
 async def test_auto_top_up_respects_the_identity_gate(ledger: LedgerApplication,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
