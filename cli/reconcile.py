@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from billing_events.reconciliation import GRACE_SECONDS_DEFAULT, Report, account_for, check_debits
@@ -83,6 +84,21 @@ def usage(
         raise typer.Exit(1)
 
 
+def _listed(output: str, listing: Callable[[Any], Any]) -> Any:
+    """``listing`` of the ledger's store (``--format`` checked first; exit status 2 if the store is missing)."""
+    if output not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+    try:
+        ledger = _ledger(Settings.from_env())
+    except StoreMissing as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        return listing(ledger)
+    finally:
+        ledger.close()
+
+
 @app.command("refunds")
 def refunds(
     tenant: Annotated[list[str], typer.Option(help="The tenant (repeat for several)")],
@@ -93,17 +109,7 @@ def refunds(
     exit status 1 if any, 0 if none, 2 if the ledger's store is missing."""
     from billing_ledger.reconcile import parked_refunds
 
-    if output not in FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
-    try:
-        ledger = _ledger(Settings.from_env())
-    except StoreMissing as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    try:
-        found = [refund for name in tenant for refund in parked_refunds(ledger, name)]
-    finally:
-        ledger.close()
+    found = _listed(output, lambda ledger: [refund for name in tenant for refund in parked_refunds(ledger, name)])
     if output == "json":
         typer.echo(json.dumps([{**vars(r), "at": r.at.isoformat()} for r in found], indent=2))
     else:
@@ -127,17 +133,7 @@ def disputes(
     missing."""
     from billing_ledger.reconcile import disputes as disputes_of
 
-    if output not in FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
-    try:
-        ledger = _ledger(Settings.from_env())
-    except StoreMissing as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    try:
-        found = disputes_of(ledger, tenant)
-    finally:
-        ledger.close()
+    found = _listed(output, lambda ledger: disputes_of(ledger, tenant))
     if output == "json":
         typer.echo(json.dumps({
             "open": [{**vars(d), "opened_at": d.opened_at.isoformat()} for d in found.open],

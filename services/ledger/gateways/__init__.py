@@ -88,6 +88,18 @@ class OutboundGateway(Protocol):
         ...
 
 
+def read_answer(gateway: str, response: Any) -> tuple[int, Any]:
+    """A gateway API's answer to a read (an ``httpx.Response``): its status and JSON body (None when not JSON). The
+    gateway unavailable, or refusing our credentials or rate (5xx, 401, 403, 429), is a ``GatewayError`` (nothing
+    is known); any other status is the caller's to read (404: no such object)."""
+    if response.status_code >= 500 or response.status_code in (401, 403, 429):
+        raise GatewayError(f"{gateway} answered {response.status_code}")
+    try:
+        return response.status_code, response.json()
+    except ValueError:  # not JSON: nothing to read from it
+        return response.status_code, None
+
+
 def to_minor_units(amount: Decimal, code: str, overrides: dict[str, int] | None = None) -> int:
     """An exact amount as integer minor units of ``code`` (ISO 4217 scale); refuses finer amounts."""
     scale = (overrides or {}).get(code.upper(), currency(code.upper()).minor_scale)

@@ -19,6 +19,7 @@ from billing_ledger.gateways import (
     GatewayError,
     RefundResult,
     UnknownPaymentMethod,
+    read_answer,
     to_minor_units,
 )
 from billing_runtime.settings import Settings
@@ -71,12 +72,7 @@ class PayPalGateway:
                 response = await client.get(path, headers={"Authorization": f"Bearer {token.json()['access_token']}"})
             except httpx.HTTPError as exc:
                 raise GatewayError(f"PayPal: {exc}") from exc
-        if response.status_code >= 500 or response.status_code in (401, 403, 429):
-            raise GatewayError(f"PayPal answered {response.status_code}")
-        try:
-            return response.status_code, response.json()
-        except ValueError:  # not JSON: nothing to read from it
-            return response.status_code, None
+        return read_answer("PayPal", response)
 
     async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
         status, token = await self._get(f"/v3/vault/payment-tokens/{method_id}")

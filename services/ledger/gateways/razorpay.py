@@ -18,6 +18,7 @@ from billing_ledger.gateways import (
     GatewayError,
     RefundResult,
     UnknownPaymentMethod,
+    read_answer,
     to_minor_units,
 )
 from billing_runtime.settings import Settings
@@ -76,12 +77,7 @@ class RazorpayGateway:
                 response = await client.get(path)
             except httpx.HTTPError as exc:
                 raise GatewayError(f"Razorpay: {exc}") from exc
-        if response.status_code >= 500 or response.status_code in (401, 403, 429):
-            raise GatewayError(f"Razorpay answered {response.status_code}")
-        try:
-            return response.status_code, response.json()
-        except ValueError:  # not JSON: nothing to read from it
-            return response.status_code, None
+        return read_answer("Razorpay", response)
 
     async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
         if not customer:  # a token belongs to a customer: without the account's, it cannot be looked up
