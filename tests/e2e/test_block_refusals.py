@@ -73,7 +73,7 @@ def test_usage_refused_under_block_does_not_make_the_next_usage_free(tmp_path: P
         assert r.json()["results"][0]["status"] == "accepted", r.text
         wait_until(lambda: any(t["type"] == "usage_rejected" for t in history(base)), what="doc-1 refused")
 
-        given = httpx.post(f"{base}/v1/accounts/acme/adjustments", headers=auth("admin", "acme"),
+        given = httpx.post(f"{base}/v1/accounts/acme/adjustments", headers=auth("admin"),
                            json={"idempotency_key": "topup", "amount": "1000", "unit": "CREDIT", "reason": "credit"})
         assert given.status_code == 201, given.text
         wait_until(lambda: credit(base) == Decimal("1000.00"), what="1000 CREDIT")
