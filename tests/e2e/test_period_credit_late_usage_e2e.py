@@ -92,25 +92,27 @@ def test_the_periods_credit_pays_usage_that_reaches_the_ledger_after_the_period_
     now = datetime.now(UTC).replace(microsecond=0)
     try:
         wait_until(lambda: api.get("/v1/catalog/plans"), what="the catalogue")
-        # t1: a period that ended 9-10 days ago, ticked only now; t13 (Europe/Berlin): a period ending in ~10 days.
+        # t1 and t13 (Europe/Berlin): periods that ended a few days ago, ticked only now (a subscription's start is at
+        # most 35 days back, and the cycle is never run ahead of now).
         t1 = api.post("/v1/accounts/t1/subscriptions", {"key": "main", "plan": "hybrid", "trial": False,
-                                                          "at": (now - timedelta(days=40)).isoformat()})
+                                                          "at": (now - timedelta(days=34)).isoformat()})
         t13 = api.post("/v1/accounts/t13/subscriptions", {"key": "main", "plan": "hybrid", "trial": False,
                                                             "time_zone": "Europe/Berlin",
-                                                            "at": (now - timedelta(days=20)).isoformat()})
+                                                            "at": (now - timedelta(days=33)).isoformat()})
         t1_end, t13_end = (datetime.fromisoformat(s["period_end"]) for s in (t1, t13))
-        assert t1_end < now - timedelta(days=5) and t13_end > now + timedelta(days=5)
+        assert t1_end < now - timedelta(days=1) and t13_end < now - timedelta(days=1)
         time.sleep(SWEEP_ROUNDS_SECONDS)  # the sweeper's rounds after t1's period ended: they expired its credit
         # t1 sends its cycle's usage after the period's end, before the tick: 220 calls (12.00) and 3 seats (9.00).
         used = now - timedelta(days=20)
         api.usage("t1", [("1", "api_calls", "220", used), ("2", "seats", "3", used)])
         # t13: 150 calls (5.00 of the 10.00 of credit drawn) and seats reading 3, priced at 3.00 at close.
-        api.usage("t13", [("1", "api_calls", "150", now - timedelta(days=1)),
-                          ("2", "seats", "3", now - timedelta(days=1))])
+        api.usage("t13", [("1", "api_calls", "150", now - timedelta(days=4)),
+                          ("2", "seats", "3", now - timedelta(days=4))])
         for tenant in ("t1", "t13"):  # rated and debited before the tick (so on the renewal's usage lines)
             wait_until(lambda t=tenant: api.debited(t, "api_calls"), what=f"{tenant}'s calls debited")
         time.sleep(2)  # the seats' readings came in the same request: rated with the calls
-        assert Decimal(api.get("/v1/accounts/t13/balance")["wallets"][0]["available"]) == Decimal("5.00")
+        # the 5.00 left: set aside for the ended period's late usage (in the balance, not available to new usage)
+        assert Decimal(api.get("/v1/accounts/t13/balance")["wallets"][0]["balance"]) == Decimal("5.00")
         api.tick(t1_end + timedelta(seconds=1))
         api.tick(t13_end + timedelta(seconds=1))  # the renewal, then rating's close debit of the seats
         t1_lines = wait_until(lambda: api.renewal_lines("t1"), what="t1's renewal invoice")
