@@ -102,7 +102,9 @@ def test_auto_top_up_charges_off_session_through_the_fake_stripe_and_credits_thr
                     ("PUT", "auto-top-up", {"threshold": "5", "target": "30", "cooldown_seconds": 3600,
                                             "monthly_cap": "100"}),
                     ("POST", "adjustments", {"idempotency_key": "spend", "amount": "-18.00", "reason": "spent"})):
-                response = httpx.request(method, f"{ledger}/{path}", json=body, headers=admin, timeout=10)
+                # the adjustment is an operator's (a platform token), the settings the customer's own admin's
+                headers = auth("admin") if path == "adjustments" else admin
+                response = httpx.request(method, f"{ledger}/{path}", json=body, headers=headers, timeout=10)
                 assert response.status_code in (200, 201), response.text
 
             # 2.00 left, below the threshold of 5: the ledger charges the saved card off-session at the fake Stripe.
