@@ -132,16 +132,23 @@ class PayPalGateway:
         resource_id = event.payload["resource"].get("id")
         if not isinstance(resource_id, str) or not _RESOURCE_ID.match(resource_id):
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, "The event carries no valid resource.id.")
-        response = await self._call("GET", f"/v2/payments/{collection}/{resource_id}")
-        if response.status_code in (400, 404):
-            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal does not know {collection} {resource_id}.")
-        if response.status_code != 200:
-            raise GatewayUnavailable(f"PayPal API answered HTTP {response.status_code} for {resource_id}")
-        obj = _json(response)
+        obj = await self._read(f"/v2/payments/{collection}/{resource_id}", f"{collection} {resource_id}")
+        if isinstance(obj, NotConfirmed):
+            return obj
         if obj.get("status") != "COMPLETED":
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED,
                                 f"PayPal says {collection} {resource_id} is {obj.get('status')}, not COMPLETED.")
         return _confirmed(kind, collection, resource_id, obj)
+
+    async def _read(self, path: str, what: str) -> dict[str, Any] | NotConfirmed:
+        """``GET path`` of PayPal's API: the object, or NotConfirmed when PayPal does not know ``what`` (400, 404);
+        any other answer than 200 is the gateway unavailable (``GatewayUnavailable``)."""
+        response = await self._call("GET", path)
+        if response.status_code in (400, 404):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal does not know {what}.")
+        if response.status_code != 200:
+            raise GatewayUnavailable(f"PayPal API answered HTTP {response.status_code} for {what}")
+        return _json(response)
 
     async def _capture_approved(self, event: VerifiedEvent) -> Confirmation:
         order_id = event.payload["resource"].get("id")
@@ -177,12 +184,9 @@ class PayPalGateway:
         dispute_id = event.payload["resource"].get("dispute_id")
         if not isinstance(dispute_id, str) or not _RESOURCE_ID.match(dispute_id):
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, "The event carries no valid resource.dispute_id.")
-        response = await self._call("GET", f"/v1/customer/disputes/{dispute_id}")
-        if response.status_code in (400, 404):
-            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal does not know dispute {dispute_id}.")
-        if response.status_code != 200:
-            raise GatewayUnavailable(f"PayPal API answered HTTP {response.status_code} for dispute {dispute_id}")
-        dispute = _json(response)
+        dispute = await self._read(f"/v1/customer/disputes/{dispute_id}", f"dispute {dispute_id}")
+        if isinstance(dispute, NotConfirmed):
+            return dispute
         outcome = None
         if kind == "dispute_closed":
             found = dispute.get("dispute_outcome")
@@ -197,12 +201,10 @@ class PayPalGateway:
         capture_id = first.get("seller_transaction_id") if isinstance(first, dict) else None
         if not isinstance(capture_id, str) or not _RESOURCE_ID.match(capture_id):
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Dispute {dispute_id} names no capture.")
-        captured = await self._call("GET", f"/v2/payments/captures/{capture_id}")
-        if captured.status_code in (400, 404):
-            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal does not know capture {capture_id}.")
-        if captured.status_code != 200:
-            raise GatewayUnavailable(f"PayPal API answered HTTP {captured.status_code} for {capture_id}")
-        who = attribution(_json(captured), tenant_key="custom_id", order_key="invoice_id")
+        capture = await self._read(f"/v2/payments/captures/{capture_id}", f"capture {capture_id}")
+        if isinstance(capture, NotConfirmed):
+            return capture
+        who = attribution(capture, tenant_key="custom_id", order_key="invoice_id")
         if who is None:
             return NotConfirmed(NotConfirmedKind.UNATTRIBUTABLE,
                                 f"Dispute {dispute_id}: capture {capture_id} has no custom_id (tenant) / invoice_id "
