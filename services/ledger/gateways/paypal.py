@@ -46,15 +46,18 @@ class PayPalGateway:
         self._timeout = timeout_seconds
         self._transport = transport
 
+    async def _bearer(self, client: httpx.AsyncClient) -> str:
+        """An OAuth access token for one call (client credentials), as its ``Authorization`` header."""
+        token = await client.post("/v1/oauth2/token", auth=self._auth, data={"grant_type": "client_credentials"})
+        if token.status_code != 200:
+            raise GatewayError(f"PayPal token: {token.status_code}")
+        return f"Bearer {token.json()['access_token']}"
+
     async def _call(self, path: str, body: dict[str, object], request_id: str) -> dict[str, object]:
         async with httpx.AsyncClient(base_url=self._base, timeout=self._timeout, transport=self._transport) as client:
             try:
-                token = await client.post("/v1/oauth2/token", auth=self._auth,
-                                          data={"grant_type": "client_credentials"})
-                if token.status_code != 200:
-                    raise GatewayError(f"PayPal token: {token.status_code}")
                 response = await client.post(path, json=body, headers={
-                    "Authorization": f"Bearer {token.json()['access_token']}", "PayPal-Request-Id": request_id})
+                    "Authorization": await self._bearer(client), "PayPal-Request-Id": request_id})
             except httpx.HTTPError as exc:
                 raise GatewayError(f"PayPal: {exc}") from exc
         if response.status_code >= 400:
@@ -65,11 +68,7 @@ class PayPalGateway:
     async def _get(self, path: str) -> tuple[int, Any]:
         async with httpx.AsyncClient(base_url=self._base, timeout=self._timeout, transport=self._transport) as client:
             try:
-                token = await client.post("/v1/oauth2/token", auth=self._auth,
-                                          data={"grant_type": "client_credentials"})
-                if token.status_code != 200:
-                    raise GatewayError(f"PayPal token: {token.status_code}")
-                response = await client.get(path, headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+                response = await client.get(path, headers={"Authorization": await self._bearer(client)})
             except httpx.HTTPError as exc:
                 raise GatewayError(f"PayPal: {exc}") from exc
         return read_answer("PayPal", response)
