@@ -1,17 +1,20 @@
-"""Session 14 review: what rating bills for a period that a plan change or a cancel at period end touches, found by
-running the month end of a tenant mix on the real stack (these tests fail on the current code: xfail, strict)."""
+"""Session 14 review: what rating bills for a period that a plan change or a cancel at period end touches, and how an
+invoice line's usage traces back to its decisions, found by running the month end of a tenant mix on the real stack
+(these tests fail on the current code: xfail, strict)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from billing_events import ids, topics
 from billing_events.messages import LedgerEvent
 from billing_runtime.bus import Record
 
+from tests.unit.rating.test_decisions_trace import ADMIN, rating_api
 from tests.unit.rating.test_rating_service import (
     CATALOG,
     DEC,
@@ -27,7 +30,7 @@ from tests.unit.rating.test_rating_service import (
     usage_lines,
 )
 
-__all__ = ["rating"]
+__all__ = ["rating", "rating_api"]
 day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
 
 # Two plans with the same tiers (0.10 up to 50 billable calls, then 0.05), Small with 10 calls included, Big with 30.
@@ -92,3 +95,30 @@ async def test_usage_after_a_cancel_at_period_end_took_effect_is_billed_at_the_l
                              reason="canceled_at_period_end", lines=[])
     assert TEAM["charges"][0]["included"] == "100"
     assert charged(await published(bus), "late-user") == Decimal("29.00")
+
+
+@pytest.mark.xfail(strict=True, reason="an invoice usage line's trace names subscription periods by their start "
+                                       "(2026-11-02T00:00:00+00:00) but the decisions route takes only YYYY-MM and "
+                                       "looks up calendar months: the decisions behind a subscription's invoice line "
+                                       "cannot be read (review s14)")
+@pytest.mark.parametrize("rating_api", [CATALOG], indirect=True, ids=["catalog"])
+async def test_the_decisions_behind_a_subscription_invoice_line_can_be_read_from_its_trace(rating_api) -> None:  # type: ignore[no-untyped-def]
+    """docs/subscriptions.md: "Each usage line carries a trace: the rating periods and the raw event ids whose decisions
+    (GET /v1/rating/periods/{p}/accounts/{t}/decisions) explain it." Team from Nov 2 to Dec 2: the renewal's line of
+    150 calls names the period 2026-11-02T00:00:00+00:00; the route refuses that (422, "Use YYYY-MM") and answers
+    2026-11 with no decision (the review's tenant A: INV-2026-000010's 8,000 calls, period 2026-10-20, untraceable)."""
+    service, bus, client = rating_api
+    start, end = datetime(2026, 11, 2, tzinfo=UTC), datetime(2026, 12, 2, tzinfo=UTC)
+    await subscribe(service, started=start, period=(start, end))
+    await service.handle_accepted([accepted("a1", "150", at=day(3))])
+    await end_period(service, start, end, datetime(2027, 1, 2, tzinfo=UTC), position=4)
+    [lines] = [c for c in await published(bus) if c["kind"] == "invoice.usage_lines"]
+    [line] = [x for x in lines["payload"]["lines"] if x["meter"] == "api_calls"]
+    assert line["trace"]["event_ids"] == ["a1"]
+    found = []
+    for period in line["trace"]["rating_periods"]:
+        response = await client.get(f"/v1/rating/periods/{quote(period, safe='')}/accounts/acme/decisions",
+                                    headers=ADMIN)
+        assert response.status_code == 200, response.text
+        found += [d["event_id"] for d in response.json()["decisions"]]
+    assert found == ["a1"]
