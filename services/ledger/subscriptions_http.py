@@ -208,8 +208,13 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                           reason="invalid_command")
         moment = _moment(at)
         status, start, end = sub.status, sub.period_start, sub.period_end
-        converted = status == TRIALING and sub.trial_end is not None and moment >= sub.trial_end \
-            and await read(roster_id(tenant), lambda r: r.default_payment_method is not None)
+        trial_over = status == TRIALING and sub.trial_end is not None and moment >= sub.trial_end
+        converted = trial_over and await read(roster_id(tenant), lambda r: r.usable_payment_method(moment) is not None)
+        if trial_over and not converted:
+            # The change would end the trial unconverted first (no payment method but expired cards) and be refused.
+            raise Problem(422, "Refused", f"The trial ended on {sub.trial_end.isoformat()} without a usable payment "
+                                          "method (none saved, or every saved card has expired): nothing to change.",
+                          kind="invalid-transition", reason="invalid_transition")
         if converted:
             # The change ends the trial first (``change_subscription``): converted, it prorates that paid period.
             status, (start, end) = ACTIVE, sub.converted_period()
