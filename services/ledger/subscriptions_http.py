@@ -2,7 +2,9 @@
 (trial eligibility) (ledger service).
 
 Saving a payment method asks its gateway (when enabled here) for the card's brand, last four digits and expiry
-(``OutboundGateway.saved_card``), which the method keeps; a method the gateway does not know is refused.
+(``OutboundGateway.saved_card``), which the method keeps, and marks it the tenant's there
+(``OutboundGateway.attribute_method``: Stripe's ``metadata.tenant``, so its card updates are attributed); a method the
+gateway does not know, or marks another tenant's, is refused.
 
 Changes are applied synchronously in this process (one-command transactions) so the caller gets the
 outcome at once; an optimistic-concurrency conflict with the Kafka consumer is retried on fresh state.
@@ -276,15 +278,18 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                     summary=f"{action.capitalize()} a subscription")(make())
 
     async def saved_card(tenant: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """What the method's gateway says of the card; None when that gateway is not enabled here (or the body is
-        malformed: the command says how)."""
+        """What the method's gateway says of the card, once it has marked the method the tenant's (Stripe's
+        ``metadata.tenant``: its card updates reach the ledger); None when that gateway is not enabled here (or the
+        body is malformed: the command says how)."""
         method_id, name = body.get("method_id"), body.get("gateway", "stripe")
         gateway = outbound.get(name) if isinstance(name, str) else None
         if gateway is None or not isinstance(method_id, str) or not method_id.strip():
             return None
         customers = await read(payment_profile_id(tenant), lambda p: dict(p.customers)) or {}
         try:
-            return await gateway.saved_card(customer=customers.get(name), method_id=method_id)
+            card = await gateway.saved_card(customer=customers.get(name), method_id=method_id)
+            await gateway.attribute_method(customer=customers.get(name), method_id=method_id, tenant=tenant)
+            return card
         except UnknownPaymentMethod as exc:
             raise Problem(422, "Unknown payment method", str(exc), kind="unknown-payment-method",
                           reason="unknown_payment_method") from exc
