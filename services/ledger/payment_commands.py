@@ -183,7 +183,7 @@ def _settle_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
                     gateway: str, event_id: str) -> dict[str, Any]:
     amount, code = parse_decimal(payload.text(command, "amount")), payload.text(command, "currency")
     # Its total, or what dunning charged of a total finer than the currency is charged in (``charge_of``).
-    paid = paid_amount(invoice, amount) if code == invoice.currency else None
+    paid = paid_amount(invoice, amount) if code == invoice.currency and amount > 0 else None
     if invoice.document_type != INVOICE or paid is None:
         raise CommandRejected("invoice_payment_mismatch", f"payment {amount} {code} does not match "
                                                           f"{invoice.document_type} {invoice.number} of "

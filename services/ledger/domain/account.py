@@ -2387,7 +2387,10 @@ class BillingAccount(ChainedAggregate):
         billed = self._invoice_billed.get(invoice)
         if billed is not None and billed["unit"] == unit:
             taken = min(rest, billed["amount"])
-            self._invoice_billed[invoice] = {**billed, "amount": billed["amount"] - taken}
+            if taken == billed["amount"]:  # all of its fees and tax written off: no payment of them to record
+                del self._invoice_billed[invoice]
+            else:
+                self._invoice_billed[invoice] = {**billed, "amount": billed["amount"] - taken}
             rest -= taken
         if rest:
             _change_invoiced(self._invoiced_overage, invoice, unit, -rest)

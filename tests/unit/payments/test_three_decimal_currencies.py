@@ -273,3 +273,27 @@ async def test_an_old_invoice_charged_pending_is_settled_by_the_webhook_with_the
     assert books(ledger)[("recognised_revenue", "KWD")] == Decimal("0.007")
     assert ("receivables", "KWD") not in books(ledger)
     assert verify_store(ledger, TENANT).problems == []
+
+
+@pytest.mark.asyncio
+async def test_an_old_invoice_below_one_step_is_written_off_whole_and_nothing_is_charged(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.005 KWD (a fee of a catalogue published before session 13): no gateway can charge any of it."""
+    add_card(ledger)
+    with monkeypatch.context() as before_session_13:
+        before_session_13.setattr(money, "CHARGED_DECIMALS_MAX", 3)
+        tiny = {**CATALOG, "plans": [{"code": "tiny", "name": "Tiny", "currency": "KWD", "base_fee": "0.005"}]}
+        assert run(ledger, "catalog.publish", None, document=tiny, digest="kwd-tiny").outcome == "applied"
+        [created] = ledger.apply_commands([command("subscription.create", TENANT, {
+            "key": "tiny", "plan": "tiny", "at": NOV_1.isoformat()})])
+    assert created.outcome == "applied", created
+    invoice = ledger.repository.get(invoice_id(TENANT, f"{subscription_id(TENANT, 'tiny')}/{NOV_1.isoformat()}"))
+    assert invoice.total == Decimal("0.005")
+    api = FakeStripe()
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0,), now=lambda: NOV_1 + timedelta(hours=1))
+    assert await dunning.process() == {str(invoice.id): "written_off"}
+    assert api.calls == []
+    assert ledger.repository.get(invoice.id).status == "paid"
+    assert books(ledger)[("recognised_revenue", "KWD")] == Decimal("0.005")
+    assert ("receivables", "KWD") not in books(ledger)
+    assert verify_store(ledger, TENANT).problems == []
