@@ -211,6 +211,9 @@ def _register_subcommands() -> None:
     from billing_cli.reconcile import app as reconcile_app
 
     app.add_typer(reconcile_app, name="reconcile")
+    from billing_cli.payment_methods import app as payment_methods_app
+
+    app.add_typer(payment_methods_app, name="payment-methods")
 
 
 def _register_price() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
@@ -192,6 +192,15 @@ def round_minor(amount: Decimal, unit: Unit) -> Decimal:
     written with its minor digits: ``11.9055`` KWD is ``11.910``."""
     rounded = amount.quantize(Decimal(1).scaleb(-unit.billed_scale), rounding=INVOICE_ROUNDING, context=RATING_CONTEXT)
     return rounded.quantize(Decimal(1).scaleb(-unit.minor_scale), context=RATING_CONTEXT)
+
+
+def charged_floor(amount: Decimal, unit: Unit) -> Decimal:
+    """``amount`` rounded down to what ``unit`` is billed and charged in (``Unit.billed_scale``), written with its
+    minor digits: ``12.957`` KWD is ``12.950``, a billable amount itself. What a gateway can charge of an amount billed
+    before the billed scale existed (an invoice of 12.957 KWD finalized before session 13); the rest, less than one
+    step, is the ledger's to write off (docs/money.md "Billed scale")."""
+    down = amount.quantize(Decimal(1).scaleb(-unit.billed_scale), rounding=ROUND_FLOOR, context=RATING_CONTEXT)
+    return down.quantize(Decimal(1).scaleb(-unit.minor_scale), context=RATING_CONTEXT)
 
 
 def is_billable(amount: Decimal, unit: Unit) -> bool:

@@ -61,9 +61,9 @@ def unit_scale(batch: _Batch, unit: str) -> Unit:
 
 def minor_amount(batch: _Batch, unit: str, field: str, raw: Any, reason: str) -> int:
     """A non-negative decimal amount of ``unit`` in whole minor units of it (ISO 4217: ``50.001`` USD is refused,
-    as a checkout quote refuses it; ``5.005`` KWD is taken: a threshold is compared, and an auto-top-up's amount is
-    rounded up to what KWD is charged in, ``topups``), as sub-units; a malformed or finer one is rejected with
-    ``reason``."""
+    as a checkout quote refuses it; ``5.005`` KWD is taken: a threshold is compared, never charged; an auto-top-up's
+    target is also checked against what KWD is charged in, ``auto_top_up.set``), as sub-units; a malformed or finer
+    one is rejected with ``reason``."""
     try:
         amount = parse_decimal(raw, field=field)
     except MoneyError as exc:

@@ -10,7 +10,8 @@ The identities that hold in this ledger's accounting, checked document by docume
   rounding of its lines, ``InvoicedOverageRounded``). So its total is what it billed plus the overage it took in its
   currency, and its tax lines are the tax it billed.
 * **A paid invoice was cleared by its payment**: ``InvoicePaid`` (its fees and tax) and ``ReceivableSettled`` (its
-  overage, in each unit) took exactly what it made receivable out of receivables into the gateway's clearing, and
+  overage, in each unit) took exactly what it made receivable out of receivables into the gateway's clearing (less
+  the rounding of a total finer than its currency is charged in, written off: ``InvoiceChargeRounded``), and
   it names the payment; a void one gave all of it back (``InvoiceBillVoided``, ``InvoicedOverageReturned``,
   ``InvoicedOverageRoundingReversed``) and was never paid; an open (finalized) one neither.
 * **A credit note posts exactly its total and never gives back more than was charged.** A gateway refund's note
@@ -63,6 +64,7 @@ class Posted:
     overage: dict[str, int] = field(default_factory=dict)  # the overage it took, with its rounding, net of netting
     paid: int = 0  # its fees + tax cleared (InvoicePaid)
     settled: dict[str, int] = field(default_factory=dict)  # its overage cleared (ReceivableSettled)
+    written_off: dict[str, int] = field(default_factory=dict)  # its total's rounding to a charge (InvoiceChargeRounded)
     voided: int = 0  # its fees + tax reversed (InvoiceBillVoided)
     returned: dict[str, int] = field(default_factory=dict)  # its overage owed again (and its rounding taken back)
     refunded: int | None = None  # a gateway refund's credit note: out of clearing (InvoicePaymentRefunded)
@@ -97,6 +99,8 @@ class InvoiceBooks:
             _add(self._of(event.invoice).overage, event.unit, -sum(p["netted"] for p in event.periods.values()))
         elif kind == "InvoicePaid":
             self._of(event.invoice).paid += event.amount
+        elif kind == "InvoiceChargeRounded":
+            _add(self._of(event.invoice).written_off, event.unit, event.amount)
         elif kind == "ReceivableSettled" and isinstance(event.cause, dict) and event.cause.get("invoice"):
             _add(self._of(event.cause["invoice"]).settled, event.unit, event.amount)
         elif kind == "InvoiceBillVoided":
@@ -226,7 +230,8 @@ def _check_invoice(invoice: Invoice, posted: Posted, problems: list[str]) -> dic
     if (made[unit], posted.billed_tax) != (total, tax):
         problems.append(f"{_name(invoice)} bills {_money(total, tax, unit)}, but made receivable "
                         f"{_money(made[unit], posted.billed_tax, unit)}")
-    cleared = {u: posted.settled.get(u, 0) + (posted.paid if u == unit else 0) for u in made}
+    cleared = {u: posted.settled.get(u, 0) + posted.written_off.get(u, 0) + (posted.paid if u == unit else 0)
+               for u in made}
     reversed_ = {u: posted.returned.get(u, 0) + (posted.voided if u == unit else 0) for u in made}
     for u in sorted(made):
         if invoice.status == PAID and (cleared[u] != made[u] or reversed_[u]):

@@ -20,6 +20,7 @@ from typing import Any
 from uuid import UUID
 
 from billing_events import ids
+from billing_events.catalog import price_not_billable
 from billing_events.messages import LedgerCommand
 from billing_events.money import parse_decimal, to_subunits
 from billing_ledger import identity_gate
@@ -228,6 +229,11 @@ def set_auto_top_up(app: LedgerApplication, batch: _Batch, command: LedgerComman
     threshold, monthly_cap, target = (
         None if p.get(field) is None else minor_amount(batch, unit, field, p[field], "invalid_auto_top_up")
         for field in ("threshold", "monthly_cap", "target"))
+    # The balance is topped up to the target by a charge, so the target is in what the currency is charged in: a
+    # top-up can land on 50.000 KWD, never on 50.005 (it went to 50.010, above the target).
+    unbillable = None if target is None else price_not_billable("target", parse_decimal(p["target"]), unit)
+    if unbillable:
+        raise CommandRejected("invalid_auto_top_up", unbillable)
     # A JSON integer only: 1.9 was truncated to 1 and true taken as 1 (the answer still said 1.9); its range is the
     # account's to check.
     try:

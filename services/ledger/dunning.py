@@ -7,7 +7,12 @@ invoices still open. Attempt ``k`` of an invoice is due ``dunning_retry_days[k]`
 backup in order, a card past its expiry month after the others (``charge_in_order``; the gateway's idempotency key is ``dunning/<invoice>/<k>/<method
 index>``, so a repeated attempt never charges twice):
 
-* the first success applies ``invoice.mark_paid`` (a past_due subscription recovers);
+* the first success applies ``invoice.mark_paid`` with the amount charged (a past_due subscription recovers);
+
+What is charged is the invoice's total in what its currency is charged in (``charge_of``): an invoice finalized
+before session 13 with a last digit of thousandths (12.957 KWD, which Stripe and Razorpay refuse: every attempt was
+a decline, the invoice past due) is charged 12.950, and its payment writes the 0.007 off
+(``InvoiceChargeRounded``); one below a step (0.005 KWD) is written off whole, nothing charged.
 * a *pending* charge (Stripe ``processing``: the money may still arrive) stops the attempt without trying a
   backup method (that would charge twice) and applies ``invoice.payment_pending`` (a receipt per (invoice,
   attempt)), so no later round or restart charges that attempt again, even after the gateway's idempotency key
@@ -40,6 +45,7 @@ from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.domain.invoice import FINALIZED, INVOICE, Invoice
 from billing_ledger.domain.subscription import INCOMPLETE
 from billing_ledger.gateways import GatewayError, OutboundGateway
+from billing_ledger.invoice_commands import charge_of
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
 from billing_ledger.saved_methods import Charged, charge_in_order
@@ -71,7 +77,8 @@ def pending_command_id(invoice: UUID, attempt: int) -> UUID:
 
 def _invoice_view(invoice: Invoice) -> dict[str, Any]:
     return {"status": invoice.status, "tenant": invoice.tenant, "subscription_id": invoice.subscription_id,
-            "document_type": invoice.document_type, "total": invoice.total, "currency": invoice.currency,
+            "document_type": invoice.document_type, "total": invoice.total, "charge": charge_of(invoice),
+            "currency": invoice.currency,
             "number": invoice.number, "failed_payments": dict(invoice.failed_payments)}
 
 
@@ -156,7 +163,12 @@ class Dunning:
         now = self.now()
         if now < issued_at + timedelta(days=self.retry_days[made]):
             return "waiting"
-        tenant, total, code = view["tenant"], view["total"], view["currency"]
+        tenant, total, code = view["tenant"], view["charge"], view["currency"]
+        if total <= 0:  # finalized before session 13 below one step of its currency (0.005 KWD): written off
+            result = await asyncio.to_thread(self._apply, "invoice.mark_paid", paid_command_id(invoice), tenant, {
+                "invoice_id": str(invoice), "payment": "", "amount": str(total), "at": now.isoformat()})
+            log.info("dunning_written_off", tenant=tenant, invoice=view["number"], outcome=result.outcome)
+            return "written_off"
         if await asyncio.to_thread(self.app.read, pending_command_id(invoice, made), lambda r: True):
             failed = view["failed_payments"].get(str(made + 1))
             if failed is None:
@@ -177,7 +189,8 @@ class Dunning:
             return "pending"
         if charged.charge is not None:
             result = await asyncio.to_thread(self._apply, "invoice.mark_paid", paid_command_id(invoice), tenant, {
-                "invoice_id": str(invoice), "payment": charged.charge.reference or "", "at": now.isoformat()})
+                "invoice_id": str(invoice), "payment": charged.charge.reference or "", "amount": str(total),
+                "at": now.isoformat()})
             log.info("dunning_paid", tenant=tenant, invoice=view["number"], attempt=made + 1,
                      method_index=charged.method_index, outcome=result.outcome)
             return "paid"

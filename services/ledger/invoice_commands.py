@@ -7,11 +7,19 @@ period: the renewal or final draft is completed and finalized), ``invoice.mark_p
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import parse_decimal
+from billing_events.money import (
+    RATING_CONTEXT,
+    MoneyError,
+    charged_floor,
+    currency,
+    parse_decimal,
+    to_subunits,
+)
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.catalog import Catalog
@@ -110,9 +118,26 @@ def tenant_invoice(batch: _Batch, tenant: str | None, reference: str | None) -> 
     return found if isinstance(found, Invoice) and found.tenant == tenant else None
 
 
-def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: str, by: str) -> bool:
+def charge_of(invoice: Invoice) -> Decimal:
+    """What a gateway is asked to charge for ``invoice``: its total, in what its currency is charged in. An invoice
+    finalized before its currency was billed in hundredths (12.957 KWD, before session 13) is charged its total
+    rounded down to that (12.950: Stripe and Razorpay take no last digit of thousandths), and paying it writes the
+    rest off (``settle_invoice``); it was declined at every dunning attempt."""
+    return charged_floor(invoice.total, currency(invoice.currency))
+
+
+def paid_amount(invoice: Invoice, amount: Decimal) -> Decimal | None:
+    """``amount`` if it pays ``invoice`` in full: its total, or what a gateway charges of it (``charge_of``); else
+    None (a payment that does not match is for a person to reconcile)."""
+    return amount if amount in (invoice.total, charge_of(invoice)) else None
+
+
+def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: str, by: str,
+                   amount: Decimal | None = None) -> bool:
     """Marks a finalized invoice paid (its past_due subscription recovers, an incomplete one is activated);
-    ``False`` when it already was paid by this same ``payment``.
+    ``False`` when it already was paid by this same ``payment``. ``amount`` (``paid_amount``; default: the total):
+    what was paid; less than the total (``charge_of`` an invoice finer than its currency is charged in) writes the
+    difference off first (``BillingAccount.write_off_charge_rounding``), so the payment clears what is left.
 
     Idempotent for one payment, because dunning's ``invoice.mark_paid`` and the gateway's webhook for the same
     charge both settle it, in either order. Another payment of an invoice already paid (a pending charge that
@@ -127,9 +152,16 @@ def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: st
             raise CommandRejected("invoice_already_paid", f"invoice {invoice.number} was paid by {invoice.payment}; "
                                                           f"payment {payment} paid it again: reconcile it by hand")
         return False
+    short = RATING_CONTEXT.subtract(invoice.total, amount) if amount is not None else Decimal(0)
     invoice.mark_paid(at=at, payment=payment, by=by)
     if invoice.document_type == INVOICE:
-        settle_paid(account_of(batch, invoice.tenant), invoice, at, payment)  # the overage it billed
+        account = account_of(batch, invoice.tenant)
+        if short:
+            account.write_off_charge_rounding(
+                invoice=str(invoice.id), unit=invoice.currency, amount=to_subunits(short), at=at,
+                cause={"invoice_number": invoice.number, "payment": payment, "total": str(invoice.total),
+                       "paid": str(amount)})
+        settle_paid(account, invoice, at, payment)  # the overage it billed
     if invoice.subscription_id:
         sub = batch.get(UUID(invoice.subscription_id))
         if sub is not None and sub.status == INCOMPLETE and invoice.document_type == INVOICE:
@@ -171,8 +203,20 @@ def mark_invoice_paid(app: LedgerApplication, batch: _Batch, command: LedgerComm
         # absorbed as "already paid". Deterministic (the command's id), so replay and redelivery agree.
         payment = f"manual:{command.command_id}"
     at = effective_at(command)
-    settled = settle_invoice(batch, invoice, at=at, payment=payment or "", by=command.issued_by)
+    amount = None
+    if command.payload.get("amount") is not None:  # what was charged (dunning): the total, or ``charge_of`` it
+        try:
+            amount = paid_amount(invoice, parse_decimal(command.payload["amount"], field="amount"))
+        except MoneyError as exc:
+            raise CommandRejected(INVALID, str(exc)) from exc
+        if amount is None:
+            raise CommandRejected("invoice_payment_mismatch", f"payment {command.payload['amount']} "
+                                                              f"{invoice.currency} does not pay invoice "
+                                                              f"{invoice.number} of {invoice.total} {invoice.currency}")
+    settled = settle_invoice(batch, invoice, at=at, payment=payment or "", by=command.issued_by, amount=amount)
     result: dict[str, Any] = {"invoice_id": str(invoice.id), "already_paid": not settled}
+    if settled and amount is not None and amount != invoice.total:
+        result["written_off"] = str(RATING_CONTEXT.subtract(invoice.total, amount))
     if settled:
         # Gateway refunds of its payment that came before this (dunning's charge is booked here, its webhook may be
         # later) are applied now, as after it. Imported here: payment_commands imports this module.

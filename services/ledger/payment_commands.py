@@ -79,7 +79,7 @@ from billing_ledger.domain.invoice import (
     line,
     reversing_lines,
 )
-from billing_ledger.invoice_commands import settle_invoice, tenant_invoice
+from billing_ledger.invoice_commands import paid_amount, settle_invoice, tenant_invoice
 from billing_ledger.invoice_overage import repay_from_purchase
 from billing_ledger.subscription_commands import _finalize
 
@@ -182,14 +182,16 @@ def _with_parked_refunds(result: dict[str, Any], settled: list[dict[str, Any]]) 
 def _settle_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand, invoice: Invoice, *,
                     gateway: str, event_id: str) -> dict[str, Any]:
     amount, code = parse_decimal(payload.text(command, "amount")), payload.text(command, "currency")
-    if invoice.document_type != INVOICE or code != invoice.currency or amount != invoice.total:
+    # Its total, or what dunning charged of a total finer than the currency is charged in (``charge_of``).
+    paid = paid_amount(invoice, amount) if code == invoice.currency and amount > 0 else None
+    if invoice.document_type != INVOICE or paid is None:
         raise CommandRejected("invoice_payment_mismatch", f"payment {amount} {code} does not match "
                                                           f"{invoice.document_type} {invoice.number} of "
                                                           f"{invoice.total} {invoice.currency}")
     at = payload.timestamp(command, "verified_at")
     try:
         settled = settle_invoice(batch, invoice, at=at, payment=str(command.payload.get("gateway_reference") or event_id),
-                                 by=command.issued_by)
+                                 by=command.issued_by, amount=paid)
     except InvoiceError as exc:  # a draft or void invoice: a person reconciles the money
         raise CommandRejected("invoice_not_payable", str(exc)) from exc
     result = {"invoice_id": str(invoice.id), "gateway": gateway, "already_paid": not settled}

@@ -1269,12 +1269,15 @@ def _trial_over(sub: Subscription, at: datetime) -> bool:
 
 def _end_trial(app: LedgerApplication, batch: _Batch, account: BillingAccount, roster: Roster, sub: Subscription,
                at: datetime) -> str:
-    """Ends a trial whose end has come by ``at``: with a default payment method it converts (``TrialConverted``,
+    """Ends a trial whose end has come by ``at``: with a usable payment method it converts (``TrialConverted``,
     its first billed period from the trial's end, its first invoice finalized at once), else it ends unconverted
-    (``Canceled``, reason ``trial_ended_without_payment_method``). The scheduler's tick and an immediate cancel
-    issued after the trial's end (``cancel_subscription``) both end a trial here. Returns the transition."""
+    (``Canceled``, reason ``trial_ended_without_payment_method``). Usable: a saved method whose card has not
+    expired by ``at`` (``Roster.usable_payment_method``): an expired default gives way to a valid backup (which
+    dunning then charges first), and only expired cards are no payment method. The scheduler's tick and an
+    immediate cancel issued after the trial's end (``cancel_subscription``) both end a trial here. Returns the
+    transition."""
     before = _capacities(_live_subscriptions(batch, roster))
-    if sub.end_trial(at=at, has_payment_method=roster.default_payment_method is not None):
+    if sub.end_trial(at=at, has_payment_method=roster.usable_payment_method(at) is not None):
         _start_billing(app, batch, account, sub, at, "system:trial", finalize=True)  # first invoice at once
         return "trial_converted"
     # The trial ends whatever is allocated (the scheduler's tick for this due time is sent once).

@@ -2,7 +2,9 @@
 (trial eligibility) (ledger service).
 
 Saving a payment method asks its gateway (when enabled here) for the card's brand, last four digits and expiry
-(``OutboundGateway.saved_card``), which the method keeps; a method the gateway does not know is refused.
+(``OutboundGateway.saved_card``), which the method keeps, and marks it the tenant's there
+(``OutboundGateway.attribute_method``: Stripe's ``metadata.tenant``, so its card updates are attributed); a method the
+gateway does not know, or marks another tenant's, is refused.
 
 Changes are applied synchronously in this process (one-command transactions) so the caller gets the
 outcome at once; an optimistic-concurrency conflict with the Kafka consumer is retried on fresh state.
@@ -208,8 +210,13 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                           reason="invalid_command")
         moment = _moment(at)
         status, start, end = sub.status, sub.period_start, sub.period_end
-        converted = status == TRIALING and sub.trial_end is not None and moment >= sub.trial_end \
-            and await read(roster_id(tenant), lambda r: r.default_payment_method is not None)
+        trial_over = status == TRIALING and sub.trial_end is not None and moment >= sub.trial_end
+        converted = trial_over and await read(roster_id(tenant), lambda r: r.usable_payment_method(moment) is not None)
+        if trial_over and not converted:
+            # The change would end the trial unconverted first (no payment method but expired cards) and be refused.
+            raise Problem(422, "Refused", f"The trial ended on {sub.trial_end.isoformat()} without a usable payment "
+                                          "method (none saved, or every saved card has expired): nothing to change.",
+                          kind="invalid-transition", reason="invalid_transition")
         if converted:
             # The change ends the trial first (``change_subscription``): converted, it prorates that paid period.
             status, (start, end) = ACTIVE, sub.converted_period()
@@ -271,15 +278,18 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                     summary=f"{action.capitalize()} a subscription")(make())
 
     async def saved_card(tenant: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """What the method's gateway says of the card; None when that gateway is not enabled here (or the body is
-        malformed: the command says how)."""
+        """What the method's gateway says of the card, once it has marked the method the tenant's (Stripe's
+        ``metadata.tenant``: its card updates reach the ledger); None when that gateway is not enabled here (or the
+        body is malformed: the command says how)."""
         method_id, name = body.get("method_id"), body.get("gateway", "stripe")
         gateway = outbound.get(name) if isinstance(name, str) else None
         if gateway is None or not isinstance(method_id, str) or not method_id.strip():
             return None
         customers = await read(payment_profile_id(tenant), lambda p: dict(p.customers)) or {}
         try:
-            return await gateway.saved_card(customer=customers.get(name), method_id=method_id)
+            card = await gateway.saved_card(customer=customers.get(name), method_id=method_id)
+            await gateway.attribute_method(customer=customers.get(name), method_id=method_id, tenant=tenant)
+            return card
         except UnknownPaymentMethod as exc:
             raise Problem(422, "Unknown payment method", str(exc), kind="unknown-payment-method",
                           reason="unknown_payment_method") from exc

@@ -64,7 +64,9 @@ def _order_payload(account: tuple[str, str], event: Any) -> dict[str, Any] | Non
         return {"package": event.package_code}
     if event.unit != code:
         return None  # a credit unit without a package has no price
-    # Up to what the currency is charged in (a cent; ten fils of KWD: ``Unit.billed_scale``), never below the target.
+    # The account asks for whole steps of what the currency is charged in (a cent; ten fils of KWD:
+    # ``Unit.billed_scale``; ``BillingAccount._top_up_to_target``). A request recorded before session 14 holds
+    # ``target - available`` exact: rounded up to the step, as it was then (never below the target).
     unit = currency(code)
     amount = from_subunits(event.amount).quantize(Decimal(1).scaleb(-unit.billed_scale), ROUND_CEILING).quantize(
         Decimal(1).scaleb(-unit.minor_scale))

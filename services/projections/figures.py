@@ -11,7 +11,8 @@
   posted beyond credit (overage), and the fees and tax a subscription invoice bills (``InvoiceBilled``; a
   voided one negative), less the overage of a period raised late that its minimum commitment already billed
   (``PeriodMinimumsCharged``), plus the rounding of an invoice's usage lines posted with its overage
-  (``InvoicedOverageRounded``; taken back when it is voided: ``InvoicedOverageRoundingReversed``). In the currency it is also the revenue recognised for the money of packages
+  (``InvoicedOverageRounded``; taken back when it is voided: ``InvoicedOverageRoundingReversed``), less what of an
+  invoice finalized before session 13 no gateway could charge (12.957 KWD paid 12.950: ``InvoiceChargeRounded``). In the currency it is also the revenue recognised for the money of packages
   granted in a credit unit as their credit is used (``PurchaseMoneyRecognised``, periodic: ``recognised``), so
   a currency's ``consumed`` is the revenue its prepaid credit earned.
 * ``breakage``: unused credit lapsed at expiry, or the part of a voided plan credit that lapsed (above its
@@ -135,6 +136,8 @@ def _figures(fact: Fact) -> dict[str, int]:
         return {"receivables": int(d["amount"])}
     if name == "InvoicedOverageRoundingReversed":  # that invoice voided: owed again exactly as used
         return {"receivables": -int(d["amount"])}
+    if name == "InvoiceChargeRounded":  # what a gateway could not charge of an old invoice's total: written off
+        return {"receivables": -int(d["amount"])}
     if name == "PeriodMinimumsCharged":  # overage a period's minimum commitment already billed: not owed twice
         periods = d.get("periods") if isinstance(d.get("periods"), dict) else {}
         return {"receivables": -sum(int(p.get("netted") or 0) for p in periods.values() if isinstance(p, dict))}
@@ -145,7 +148,8 @@ _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "Gr
                             "GrantRefunded", "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
                             "PurchaseMoneyRefunded", "PurchaseMoneyRecognised", "InvoiceBilled",
                             "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded", "PeriodMinimumsCharged",
-                            "InvoicedOverageRounded", "InvoicedOverageRoundingReversed", "DisputeFundsWithdrawn",
+                            "InvoicedOverageRounded", "InvoicedOverageRoundingReversed", "InvoiceChargeRounded",
+                            "DisputeFundsWithdrawn",
                             "DisputeFundsReinstated", "DisputeClosed"})
 
 

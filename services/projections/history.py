@@ -18,7 +18,10 @@ A subscription invoice's fees and tax show as ``invoice_billed`` (negative: owed
 the invoice id and ``wallet_delta`` 0. A subscription credit note is a ``grant`` (detail ``credit_note``).
 The rounding of an invoice's usage lines posted with its overage is ``invoice_rounding`` (negative when the lines
 rounded up: owed more; ``InvoicedOverageRounded``) and, when that invoice is voided unpaid, ``invoice_rounding_reversed``
-(the opposite sign); ``reference`` is the invoice id, the detail names it too, ``wallet_delta`` 0.
+(the opposite sign); ``reference`` is the invoice id, the detail names it too, ``wallet_delta`` 0. An invoice
+finalized before session 13 whose total is finer than its currency is charged in (12.957 KWD) is paid what a gateway
+can charge (12.950: ``invoice_paid``) and the rest written off first: ``invoice_charge_rounding`` (positive, no
+longer owed; ``InvoiceChargeRounded``, detail ``written off; invoice <id>``), so the invoice's rows still net to 0.
 
 A usage give-back (``usage``, positive, detail ``give-back``) whose part a finance-override refund already paid back
 in money is *absorbed* (``UsageDebited.absorbed``, no postings): the detail says how much (``give-back; absorbed N``,
@@ -61,7 +64,7 @@ TABLES = (TRANSACTIONS,)
 TYPES = ("purchase", "grant", "usage", "usage_rejected", "expiry", "void", "refund", "adjustment", "hold_placed",
          "hold_captured", "hold_released", "hold_expired", "receivable_settled", "overage_repaid", "payment",
          "payment_refund", "invoice_billed", "invoice_paid", "invoice_voided", "invoice_refunded", "invoice_rounding",
-         "invoice_rounding_reversed", "dispute")
+         "invoice_rounding_reversed", "invoice_charge_rounding", "dispute")
 
 # How the dashboard names each type (the API and CSV keep the keys above).
 TYPE_LABELS = {
@@ -72,7 +75,7 @@ TYPE_LABELS = {
     "payment": "Payment", "payment_refund": "Payment refunded", "invoice_billed": "Invoice billed",
     "invoice_paid": "Invoice paid", "invoice_voided": "Invoice voided", "invoice_refunded": "Invoice refunded",
     "invoice_rounding": "Invoice rounding", "invoice_rounding_reversed": "Invoice rounding reversed",
-    "dispute": "Dispute (chargeback)",
+    "invoice_charge_rounding": "Invoice charge rounding written off", "dispute": "Dispute (chargeback)",
 }
 
 
@@ -147,6 +150,9 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         reversed_ = name == "InvoicedOverageRoundingReversed"
         return {"type": _ROUNDING_TYPES[name], "amount": amount if reversed_ else -amount,
                 "reference": d.get("invoice"), "detail": f"invoice {d.get('invoice')}"}
+    if name == "InvoiceChargeRounded":  # a total finer than its currency is charged in: the rest written off
+        return {"type": "invoice_charge_rounding", "amount": int(d["amount"]), "reference": d.get("invoice"),
+                "detail": f"written off; invoice {d.get('invoice')}"}
     if name == "PurchaseMoneyBooked":
         return {"type": "payment", "amount": int(d["amount"]), "grant_id": d.get("grant_id"),
                 "detail": _tax_detail(d)}
@@ -203,7 +209,7 @@ _INVOICE_TYPES = {"InvoiceBilled": "invoice_billed", "InvoicePaid": "invoice_pai
 _ROUNDING_TYPES = {"InvoicedOverageRounded": "invoice_rounding",
                    "InvoicedOverageRoundingReversed": "invoice_rounding_reversed"}
 _DISPUTE_EVENTS = frozenset({"DisputeRaised", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed"})
-_MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
+_MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "InvoiceChargeRounded", "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 

@@ -107,8 +107,10 @@ Low balance and auto top-up (edge-triggered, per unit, on ``available``)
     future downward crossing alerts. The auto-top-up rule works the same way and records one
     ``AutoTopUpRequested`` per crossing, unless the cooldown since the last request has not elapsed or
     the request would take the calendar month's (UTC) requested total above ``monthly_cap``; a suppressed
-    rule stays armed and fires at the next movement that is allowed to, once. The requested amount is
-    ``target - available`` or the package's amount.
+    rule stays armed and fires at the next movement that is allowed to, once. The requested amount is the
+    package's amount, or ``target - available`` in whole steps of what the currency is charged in
+    (``_top_up_to_target``: the balance lands on the target, never a minor unit above it). Requests recorded before
+    session 14 hold ``target - available`` exact (the auto-top-up task rounded it up to the step).
 
 Money of purchases in a credit unit
     A purchase grant in the account's currency books the money paid and its tax on the grant itself
@@ -179,7 +181,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
-from billing_events.money import MoneyError, credit_unit, is_currency_code, minor_subunits
+from billing_events.money import SUBUNITS_PER_UNIT, MoneyError, credit_unit, is_currency_code, minor_subunits
 from billing_events.money import currency as iso_currency
 from billing_ledger.amounts import show
 from billing_ledger.domain.chain import ChainedAggregate
@@ -2354,6 +2356,46 @@ class BillingAccount(ChainedAggregate):
                     unit=unit, amount=amount, at=at, cause={**cause, "invoice": invoice})
         self._invoiced_overage_closed(invoice=invoice, at=at)
 
+    def write_off_charge_rounding(self, *, invoice: str, unit: str, amount: int, at: datetime,
+                                  cause: dict[str, Any]) -> None:
+        """``invoice`` is paid ``amount`` less than it bills because its total is finer than its currency is charged
+        in (12.957 KWD, finalized before session 13; a gateway charges 12.950): the difference is written off
+        before the payment clears the rest (Dr RECOGNISED_REVENUE / Cr RECEIVABLES, ``InvoiceChargeRounded``), so
+        nothing of the invoice stays receivable. Taken from its fees and tax (``bill_invoice``), the rest from the
+        overage it billed. Less than one step of what the currency is charged in (``minor_subunits``)."""
+        self._require_unit(unit)
+        _require_amount("amount", amount)
+        step = minor_subunits(iso_currency(unit))
+        if amount >= step:
+            raise InvalidAmount(f"a charge's rounding of {_money(amount, unit)} is a whole step of {unit} or more")
+        billed = self._invoice_billed.get(invoice)
+        owed = (billed["amount"] if billed is not None and billed["unit"] == unit else 0) + min(
+            self._invoiced_overage.get(invoice, {}).get(unit, 0), self.overage_receivable(unit))
+        if amount > owed:
+            raise InvalidAmount(f"invoice {invoice} has {_money(owed, unit)} receivable, less than the "
+                                f"{_money(amount, unit)} to write off")
+        postings = [posting(LedgerAccount.RECOGNISED_REVENUE, unit, amount),
+                    posting(LedgerAccount.RECEIVABLES, unit, -amount)]
+        assert_balanced(postings)
+        self._invoice_charge_rounded(invoice=invoice, unit=unit, amount=amount, postings=postings, cause=dict(cause),
+                                     at=at)
+
+    @event("InvoiceChargeRounded")
+    def _invoice_charge_rounded(self, invoice: str, unit: str, amount: int, postings: list[Posting],
+                                cause: dict[str, Any], at: datetime) -> None:
+        rest = amount
+        billed = self._invoice_billed.get(invoice)
+        if billed is not None and billed["unit"] == unit:
+            taken = min(rest, billed["amount"])
+            if taken == billed["amount"]:  # all of its fees and tax written off: no payment of them to record
+                del self._invoice_billed[invoice]
+            else:
+                self._invoice_billed[invoice] = {**billed, "amount": billed["amount"] - taken}
+            rest -= taken
+        if rest:
+            _change_invoiced(self._invoiced_overage, invoice, unit, -rest)
+            self._receivable[unit] = self._receivable.get(unit, 0) - rest
+
     @event("InvoicedOverageClosed")
     def _invoiced_overage_closed(self, invoice: str, at: datetime) -> None:
         self._invoiced_overage.pop(invoice, None)
@@ -3056,7 +3098,8 @@ class BillingAccount(ChainedAggregate):
             self._low_balance_reached(unit=unit, threshold=alert["threshold"], available=available, at=at)
         if rule is None or not rule["armed"] or available >= rule["threshold"] or not top_up:
             return
-        amount = rule["package_amount"] if rule["package_code"] is not None else rule["target"] - available
+        amount = rule["package_amount"] if rule["package_code"] is not None else _top_up_to_target(
+            unit, rule["target"], rule["threshold"], available)
         history = self._top_up_history.get(unit, {"count": 0, "last_at": None, "month": "", "month_total": 0})
         if history["last_at"] is not None and at - history["last_at"] < timedelta(
             seconds=rule["cooldown_seconds"]
@@ -3707,6 +3750,27 @@ def _month(at: datetime) -> str:
 
 def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
+
+
+
+def _top_up_to_target(unit: str, target: int, threshold: int, available: int) -> int:
+    """What a top-up to ``target`` asks for, in sub-units: ``target - available`` in whole steps of what ``unit`` is
+    charged in (``minor_subunits``: a cent; ten fils of KWD, whose thousandths cards take with a last digit of 0),
+    never taking the balance a whole minor unit (a cent, a fils) above the target: the difference is rounded up to
+    the minor unit (a balance's sub-cent remainder of usage costs no whole step), then down to the step. So a
+    balance in whole steps lands on a target in whole steps, and none ends above it by a minor unit (rounded up to
+    the step, 50.001 KWD from 5.000 reached 50.010, and 50.000 from 5.001 reached 50.001). Rounded up to the step
+    only when down would leave the balance below ``threshold`` (a target less than one step above it)."""
+    exact = target - available
+    if not is_currency_code(unit):
+        return exact
+    code = iso_currency(unit)
+    step, minor = minor_subunits(code), SUBUNITS_PER_UNIT // 10**code.minor_scale
+    up_to_minor = -(-exact // minor) * minor
+    down = up_to_minor - up_to_minor % step
+    if down > 0 and available + down >= threshold:
+        return down
+    return -(-exact // step) * step
 
 
 def _require_amount(name: str, value: Any, *, allow_zero: bool = False, allow_negative: bool = False) -> None:

@@ -84,6 +84,9 @@ invoice usage rounding     Dr RECEIVABLES / Cr RECOGNISED_REVENUE (the reverse w
                            overage it took, exact (``InvoicedOverageRounded``); reversed when it is voided unpaid
 invoice paid               Dr GATEWAY_CLEARING / Cr RECEIVABLES (``InvoicePaid`` for fees + tax, and
                            ``ReceivableSettled`` for the overage it billed)
+invoice charge rounding    Dr RECOGNISED_REVENUE / Cr RECEIVABLES what a gateway cannot charge of a total finer than
+                           its currency is charged in (12.957 KWD, finalized before session 13, paid 12.950), written
+                           off before the payment clears the rest (``InvoiceChargeRounded``)
 subscription credit note   Dr DEFERRED_REVENUE (what the corrected invoice still defers) / Dr
                            RECOGNISED_REVENUE (the rest of the net) / Dr TAX_PAYABLE tax / Cr TENANT_WALLET (a
                            grant, source ``credit_note``: account credit in the currency); a void or a refund

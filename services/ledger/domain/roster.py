@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from billing_ledger.domain.card_expiry import EXPIRED, EXPIRING, notice_due, notice_key
+from billing_ledger.domain.card_expiry import EXPIRED, EXPIRING, is_expired, notice_due, notice_key
 from billing_ledger.domain.card_expiry import expires_at as card_end
 from eventsourcing.domain import Aggregate, event
 
@@ -177,6 +177,13 @@ class Roster(Aggregate):
     @property
     def default_payment_method(self) -> dict[str, Any] | None:
         return self.payment_methods[0] if self.payment_methods else None
+
+    def usable_payment_method(self, at: datetime) -> dict[str, Any] | None:
+        """The method a charge at ``at`` can use: the default unless its card has expired by then, else the first
+        backup whose card has not (a method the gateway told no card details of counts: its expiry is unknown);
+        None when every saved card has expired, or none is saved. What "has a payment method" means wherever the
+        ledger decides on it (a trial's end); charging tries the expired ones too, last (``saved_methods``)."""
+        return next((m for m in self.payment_methods if not is_expired(m.get("card"), at)), None)
 
 
 class Workspace(Aggregate):

@@ -12,7 +12,12 @@ The ledger asks a gateway for three things, never touching card data (hosted pag
 * ``refund``: pay back a payment;
 * ``saved_card``: what the gateway knows of a saved method that is a card (brand, last four digits, expiry month
   and year; ``billing_events.cards``), asked when the method is saved so its expiry can be watched. Never the
-  number. ``None`` for a method that is not a card (a bank debit) or that the adapter cannot look up.
+  number. ``None`` for a method that is not a card (a bank debit) or that the adapter cannot look up;
+* ``attribute_method``: marks a saved method at the gateway as the tenant's, when it is saved, so that the
+  gateway's own notifications about it can be attributed: Stripe's ``payment_method.updated`` /
+  ``automatically_updated`` (its account updater renewed the card) reach the ledger only for a method (or customer)
+  whose ``metadata.tenant`` names the tenant (ingest reads it). A no-op for gateways whose card updates the ledger
+  does not follow.
 
 Amounts are exact Decimals; each adapter converts them to the gateway's integer minor units itself, and knows
 what its gateway cannot take (``refusal``: a currency it does not support, an amount finer than it charges, e.g. a
@@ -85,6 +90,13 @@ class OutboundGateway(Protocol):
     async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
         """The card details of a saved method (``billing_events.cards.card_details``), None when it is no card;
         ``UnknownPaymentMethod`` when the gateway does not know it, ``GatewayError`` when it cannot answer."""
+        ...
+
+    async def attribute_method(self, *, customer: str | None, method_id: str, tenant: str) -> bool:
+        """Marks the saved method as ``tenant``'s at the gateway (idempotent); False when the gateway keeps no such
+        mark for it (nothing to follow, or it cannot take one: a Stripe method attached to no customer).
+        ``UnknownPaymentMethod`` when the gateway does not know it or marks it another tenant's, ``GatewayError``
+        when it cannot answer."""
         ...
 
 

@@ -79,6 +79,9 @@ class RazorpayGateway:
                 raise GatewayError(f"Razorpay: {exc}") from exc
         return read_answer("Razorpay", response)
 
+    async def attribute_method(self, *, customer: str | None, method_id: str, tenant: str) -> bool:
+        return False  # ingest follows no Razorpay card updates: nothing to attribute
+
     async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
         if not customer:  # a token belongs to a customer: without the account's, it cannot be looked up
             return None

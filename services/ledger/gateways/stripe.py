@@ -1,6 +1,7 @@
 """Stripe through the official SDK (``stripe.StripeClient``): hosted Checkout Sessions (card data never touches
-our servers; 3-D Secure / SCA is handled by the hosted page), off-session PaymentIntents, refunds, and a saved
-PaymentMethod's card details (``card.brand``, ``last4``, ``exp_month``, ``exp_year``)."""
+our servers; 3-D Secure / SCA is handled by the hosted page), off-session PaymentIntents, refunds, a saved
+PaymentMethod's card details (``card.brand``, ``last4``, ``exp_month``, ``exp_year``) and its ``metadata.tenant``
+(written when it is saved, read by ingest on Stripe's card updates)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,37 @@ class StripeGateway:
                                  "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
         except CardDetailsError:  # not what Stripe documents: saved without details rather than refused forever
             return None
+
+    async def attribute_method(self, *, customer: str | None, method_id: str, tenant: str) -> bool:
+        """``metadata.tenant`` on the PaymentMethod: ingest attributes Stripe's ``payment_method.updated`` /
+        ``automatically_updated`` of it by that (it was never written, so the account updater's renewals of cards
+        the ledger saved were ignored). Stripe updates a method only once it is attached to a customer (its account
+        updater renews only those): an unattached one is left as it is (False)."""
+        try:
+            method = (await self._client.v1.payment_methods.retrieve_async(method_id)).to_dict()
+        except stripe_sdk.InvalidRequestError as exc:  # 404: no such PaymentMethod in this account / mode
+            raise UnknownPaymentMethod(f"Stripe does not know payment method {method_id}: "
+                                       f"{exc.user_message or exc}") from exc
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        metadata = method.get("metadata") if isinstance(method.get("metadata"), dict) else {}
+        marked = metadata.get("tenant")
+        if marked == tenant:
+            return True
+        if marked:  # its card updates would go to that tenant: not this account's method
+            raise UnknownPaymentMethod(f"payment method {method_id} is another billing account's at Stripe "
+                                       f"(metadata.tenant {marked!r})")
+        owner = method.get("customer")
+        if not owner:
+            return False
+        try:
+            await self._client.v1.payment_methods.update_async(method_id, params={"metadata": {"tenant": tenant}})
+        except stripe_sdk.InvalidRequestError as exc:  # detached meanwhile: nothing Stripe would update
+            raise UnknownPaymentMethod(f"Stripe refused to mark payment method {method_id}: "
+                                       f"{exc.user_message or exc}") from exc
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        return True
 
 
 def build(settings: Settings, http_client: stripe_sdk.HTTPClient | None = None) -> StripeGateway | None:

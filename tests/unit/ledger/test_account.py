@@ -1365,6 +1365,10 @@ def _every_event_type() -> BillingAccount:
     account.bill_invoice(invoice="inv-2", unit=USD, net=30 * U, tax=6 * U, at=at(19), cause={})
     account.settle_invoiced_overage(invoice="inv-2", at=at(20), cause={"payment": "pi_2"})
     account.refund_invoice_payment(note="cn-2", unit=USD, amount=36 * U, tax=6 * U, at=at(20), cause={})
+    # An invoice finer than its currency is charged in (billed before session 13): paid less, the rest written off.
+    account.bill_invoice(invoice="inv-w", unit=USD, net=30 * U + U // 200, tax=0, at=at(20), cause={})
+    account.write_off_charge_rounding(invoice="inv-w", unit=USD, amount=U // 200, at=at(20), cause={})
+    account.settle_invoiced_overage(invoice="inv-w", at=at(20), cause={"payment": "pi_w"})
     account.bill_invoice(invoice="inv-3", unit=USD, net=30 * U, tax=0, at=at(21), cause={})
     account.void_invoice_bill(invoice="inv-3", at=at(22), cause={})
     account.credit_note_grant(grant_id=uuid4(), note="cn-1", unit=USD, net=5 * U, tax=U, at=at(23), cause={})

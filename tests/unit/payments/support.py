@@ -58,7 +58,8 @@ class FakeStripe(stripe.HTTPClient):
     """Answers the SDK offline: creates and serves checkout sessions, payment intents and refunds; refuses (400) an
     amount in a three-decimal currency whose last digit is not 0, as Stripe does.
 
-    ``card`` saves a card PaymentMethod (brand, last4, expiry) that ``GET /v1/payment_methods/{id}`` answers.
+    ``card`` saves a card PaymentMethod (brand, last4, expiry) that ``GET /v1/payment_methods/{id}`` answers and
+    ``POST /v1/payment_methods/{id}`` updates (its ``metadata``, merged; only once attached to a customer, as Stripe).
     ``declined`` payment methods are refused (402 card_declined); ``processing`` ones answer a payment intent
     still ``processing`` (a bank debit: the money may arrive later); every call is recorded with its
     idempotency key, and a repeated key answers the first answer (as Stripe does)."""
@@ -127,13 +128,20 @@ class FakeStripe(stripe.HTTPClient):
         obj = self.objects.get(path)
         if obj is None:
             return json.dumps({"error": {"type": "invalid_request_error", "message": f"No such {path}"}}).encode(), 404
+        if method == "post" and path.startswith("/v1/payment_methods/"):
+            if not obj.get("customer"):  # as Stripe: "A PaymentMethod must be attached a customer to be updated."
+                error = {"type": "invalid_request_error",
+                         "message": "You must save this PaymentMethod to a customer before you can update it."}
+                return json.dumps({"error": error}).encode(), 400
+            obj["metadata"] = {**obj.get("metadata", {}), **metadata}
         return json.dumps(obj).encode(), 200
 
     def card(self, method_id: str, *, brand: str = "visa", last4: str = "4242", exp_month: int = 12,
-             exp_year: int = 2030, customer: str | None = None) -> None:
+             exp_year: int = 2030, customer: str | None = None, metadata: dict[str, str] | None = None) -> None:
         """A saved card PaymentMethod, as Stripe answers ``GET /v1/payment_methods/{id}`` (never the number)."""
         self.objects[f"/v1/payment_methods/{method_id}"] = {
-            "id": method_id, "object": "payment_method", "type": "card", "customer": customer, "metadata": {},
+            "id": method_id, "object": "payment_method", "type": "card", "customer": customer,
+            "metadata": dict(metadata or {}),
             "card": {"brand": brand, "last4": last4, "exp_month": exp_month, "exp_year": exp_year,
                      "funding": "credit", "country": "US"}}
 

@@ -107,3 +107,31 @@ def test_a_method_of_a_gateway_not_enabled_here_is_saved_without_card_details(le
     assert response.status_code == 201, response.text
     assert response.json()["payment_methods"] == [{"method_id": "pp_token", "gateway": "paypal", "label": "",
                                                    "card": None, "expires_at": None, "expired": False}]
+
+
+def test_a_saved_stripe_card_is_marked_the_tenants_so_its_card_updates_are_attributed(
+        ledger: LedgerApplication, api: FakeStripe, client: TestClient) -> None:
+    """Ingest attributes Stripe's ``payment_method.(automatically_)updated`` by ``metadata.tenant`` on the method or
+    its customer, which the ledger never wrote: the account updater's renewals of the cards it saved were ignored."""
+    api.card("pm_visa", customer="cus_1")
+    api.card("pm_loose")  # attached to no customer: Stripe updates no such method (nor does its account updater)
+    for method in ("pm_visa", "pm_loose"):
+        assert client.post(URL, headers=headers(), json={"method_id": method}).status_code == 201
+    assert api.objects["/v1/payment_methods/pm_visa"]["metadata"] == {"tenant": TENANT}
+    assert [c[3] for c in api.calls if c[0] == "post" and c[1] == "/v1/payment_methods/pm_visa"] == [
+        {"metadata[tenant]": TENANT}]
+    assert not [c for c in api.calls if c[0] == "post" and c[1] == "/v1/payment_methods/pm_loose"]
+    assert [m["method_id"] for m in saved(ledger)] == ["pm_visa", "pm_loose"]
+
+
+def test_a_stripe_card_marked_another_tenants_is_refused_and_nothing_is_saved(
+        ledger: LedgerApplication, api: FakeStripe, client: TestClient) -> None:
+    """Its card updates would be attributed to that tenant (and it is no card of this account's)."""
+    api.card("pm_theirs", customer="cus_9", metadata={"tenant": "beta"})
+    response = client.post(URL, headers=headers(), json={"method_id": "pm_theirs"})
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["type"].endswith("/unknown-payment-method")
+    assert "another billing account's at Stripe" in response.json()["detail"]
+    assert api.objects["/v1/payment_methods/pm_theirs"]["metadata"] == {"tenant": "beta"}
+    assert saved(ledger) == []

@@ -16,13 +16,13 @@ from uuid import uuid4
 
 import httpx
 import pytest
-from billing_events import ids
+from billing_events import ids, money
 from billing_events.messages import PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT, to_subunits
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication, persistence_env
-from billing_ledger.audit import account_events
-from billing_ledger.domain.invoice import invoice_id
+from billing_ledger.audit import account_events, verify_store
+from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.dunning import Dunning
 from billing_ledger.gateways import paypal
@@ -163,22 +163,137 @@ async def test_a_subscription_invoice_is_dunned_for_what_it_bills(ledger: Ledger
                              ("deferred_revenue", "KWD"): Decimal("-12.340")}
 
 
+def test_an_auto_top_up_target_is_in_what_the_currency_is_charged_in(ledger: LedgerApplication) -> None:
+    """A target of 50.005 KWD was taken and topped up to 50.010: no charge in hundredths lands on it."""
+    refused = run(ledger, "auto_top_up.set", TENANT, "rule", threshold="10", target="50.005", cooldown_seconds=0,
+                  monthly_cap="500")
+    assert (refused.outcome, refused.reason) == ("rejected", "invalid_auto_top_up")
+    assert "target 50.005 KWD is finer than KWD is billed and charged in (0.010" in (refused.detail or "")
+    assert "use 50.000 or 50.010" in (refused.detail or "")
+    assert ledger.read(ids.account_id(TENANT), lambda a: dict(a._auto_top_up)) == {}
+    # A threshold is compared, never charged: it keeps the fils.
+    assert run(ledger, "auto_top_up.set", TENANT, "rule2", threshold="10.005", target="50.000", cooldown_seconds=0,
+               monthly_cap="500").outcome == "applied"
+
+
 @pytest.mark.asyncio
-async def test_an_auto_top_up_to_a_target_is_charged_in_hundredths(ledger: LedgerApplication) -> None:
-    """Up to a target of 50.005 KWD from 5.000: 45.005 was ordered and charged as 45005, which Stripe refuses. The
-    amount is rounded up to what KWD is charged in: 45.010 (+ 5 % tax, 2.250), never below the target."""
+@pytest.mark.parametrize(("spent", "charged", "reached"), [
+    ("15.000", "47250", "50.000"),  # a balance in whole steps lands on the target: 45.000 + 2.250 tax
+    # 4.999 left, 45.001 to the target: rounded up to the step, 45.010 was charged and 50.009 reached, 0.009 above
+    # the target; now 45.000, the most that stays within it (+ 2.250 tax).
+    ("15.001", "47250", "49.999"),
+    ("14.991", "47240", "49.999"),  # 5.009 left: 44.991 to the target, 44.990 (+ 2.250 tax; was 45.000, 50.009)
+    # Usage priced in fractions of a fils leaves 4.9999999: 45.0000001 to go costs no whole step more (was 45.010).
+    ("15.0000001", "47250", "49.9999999"),
+])
+async def test_an_auto_top_up_lands_on_its_target_never_above_it(ledger: LedgerApplication, spent: str, charged: str,
+                                                                  reached: str) -> None:
     add_card(ledger)
     now = datetime.now(UTC)
     assert run(ledger, "credit.grant", TENANT, "g", unit="KWD", amount="20", grant_key="start", source="manual",
                effective_at=(now - timedelta(days=1)).isoformat()).outcome == "applied"
-    rule = run(ledger, "auto_top_up.set", TENANT, "rule", threshold="10", target="50.005", cooldown_seconds=0,
+    rule = run(ledger, "auto_top_up.set", TENANT, "rule", threshold="10", target="50.000", cooldown_seconds=0,
                monthly_cap="500")
     assert rule.outcome == "applied", rule
-    assert run(ledger, "usage.debit", TENANT, "u1", unit="KWD", amount_subunits=15 * SUBUNITS_PER_UNIT,
+    assert run(ledger, "usage.debit", TENANT, "u1", unit="KWD", amount_subunits=to_subunits(Decimal(spent)),
                meter="api_calls", at=now.isoformat(), cause={}).outcome == "applied"
     api = FakeStripe()
     assert await process_pending(ledger, {"stripe": stripe_gateway(api)}, None) == ["paid"]
     [form] = [c[3] for c in api.calls if c[1] == "/v1/payment_intents"]
-    assert (form["amount"], form["currency"]) == ("47260", "kwd")  # 45.010 + 2.250 tax
+    assert (form["amount"], form["currency"]) == (charged, "kwd")
     available = ledger.read(ids.account_id(TENANT), lambda a: a.available("KWD"))
-    assert Decimal(available) / SUBUNITS_PER_UNIT == Decimal("50.010")
+    assert Decimal(available) / SUBUNITS_PER_UNIT == Decimal(reached)
+
+def old_invoice(ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> Invoice:
+    """A subscription's first invoice as the ledger finalized it before session 13, when KWD was billed in
+    thousandths: 12.340 + 0.617 tax (5 %) = 12.957."""
+    add_card(ledger)
+    with monkeypatch.context() as before_session_13:
+        before_session_13.setattr(money, "CHARGED_DECIMALS_MAX", 3)
+        [created] = ledger.apply_commands([command("subscription.create", TENANT, {
+            "key": "main", "plan": "team-kwd", "at": NOV_1.isoformat()})])
+    assert created.outcome == "applied", created
+    invoice = ledger.repository.get(invoice_id(TENANT, f"{subscription_id(TENANT, 'main')}/{NOV_1.isoformat()}"))
+    assert (invoice.status, invoice.total, [item["amount"] for item in invoice.lines]) == (
+        "finalized", Decimal("12.957"), ["12.340", "0.617"])
+    return invoice
+
+
+@pytest.mark.asyncio
+async def test_an_old_invoice_in_thousandths_is_charged_what_the_gateway_takes_and_the_rest_written_off(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dunning sent 12957 to Stripe, which refuses a last digit of thousandths: every attempt was a "decline" of a
+    good card, and after the last one the subscription went past due. It now charges 12.950, the invoice is paid and
+    the 0.007 no gateway can charge is written off (Dr recognised revenue / Cr receivables), nothing left owed."""
+    invoice = old_invoice(ledger, monkeypatch)
+    api = FakeStripe()
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0,), now=lambda: NOV_1 + timedelta(hours=1))
+    assert await dunning.process() == {str(invoice.id): "paid"}
+    [form] = [c[3] for c in api.calls if c[1] == "/v1/payment_intents"]
+    assert (form["amount"], form["currency"], form["metadata[invoice_id]"]) == ("12950", "kwd", str(invoice.id))
+    assert ledger.repository.get(invoice.id).status == "paid"
+    assert ledger.repository.get(subscription_id(TENANT, "main")).status == "active"
+    assert books(ledger) == {("gateway_clearing", "KWD"): Decimal("12.950"),
+                             ("recognised_revenue", "KWD"): Decimal("0.007"),
+                             ("tax_payable", "KWD"): Decimal("-0.617"), ("deferred_revenue", "KWD"): Decimal("-12.340")}
+    [rounded] = [e for e in account_events(ledger, TENANT) if type(e).__name__ == "InvoiceChargeRounded"]
+    assert (rounded.invoice, rounded.amount) == (str(invoice.id), to_subunits(Decimal("0.007")))
+    assert verify_store(ledger, TENANT).problems == []
+    # The charge's webhook (ingest re-fetched the intent: 12.950 for this invoice) finds it paid by that payment.
+    paid = PaymentNotification(gateway="stripe", gateway_event_id="evt_old", kind="payment_succeeded", tenant=TENANT,
+                               invoice_id=str(invoice.id), order_id=str(invoice.id), amount=Decimal("12.950"),
+                               currency="KWD", verified_at=utcnow(), gateway_reference=rounded.cause["payment"])
+    [result] = ledger.apply_commands([payment_command(paid)])
+    assert (result.outcome, result.value["already_paid"]) == ("applied", True), result
+
+
+@pytest.mark.asyncio
+async def test_an_old_invoice_charged_pending_is_settled_by_the_webhook_with_the_rounding_written_off(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    invoice = old_invoice(ledger, monkeypatch)
+    api = FakeStripe()
+    api.processing.add("pm_card")  # a bank debit: the money arrives later, through the webhook
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0, 3), now=lambda: NOV_1 + timedelta(hours=1))
+    assert await dunning.process() == {str(invoice.id): "pending"}
+    [intent] = [o for path, o in api.objects.items() if path.startswith("/v1/payment_intents/")]
+    assert intent["amount"] == 12950
+    short = PaymentNotification(gateway="stripe", gateway_event_id="evt_short", kind="payment_succeeded",
+                                tenant=TENANT, invoice_id=str(invoice.id), order_id=str(invoice.id),
+                                amount=Decimal("12.940"), currency="KWD", verified_at=utcnow(),
+                                gateway_reference="pi_other")
+    [refused] = ledger.apply_commands([payment_command(short)])  # not what the invoice is charged: a person's
+    assert (refused.outcome, refused.reason) == ("rejected", "invoice_payment_mismatch")
+    paid = PaymentNotification(gateway="stripe", gateway_event_id="evt_pending", kind="payment_succeeded",
+                               tenant=TENANT, invoice_id=str(invoice.id), order_id=str(invoice.id),
+                               amount=Decimal("12.950"), currency="KWD", verified_at=utcnow(),
+                               gateway_reference=intent["id"])
+    [result] = ledger.apply_commands([payment_command(paid)])
+    assert (result.outcome, result.value["already_paid"]) == ("applied", False), result
+    assert ledger.repository.get(invoice.id).status == "paid"
+    assert books(ledger)[("recognised_revenue", "KWD")] == Decimal("0.007")
+    assert ("receivables", "KWD") not in books(ledger)
+    assert verify_store(ledger, TENANT).problems == []
+
+
+@pytest.mark.asyncio
+async def test_an_old_invoice_below_one_step_is_written_off_whole_and_nothing_is_charged(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.005 KWD (a fee of a catalogue published before session 13): no gateway can charge any of it."""
+    add_card(ledger)
+    with monkeypatch.context() as before_session_13:
+        before_session_13.setattr(money, "CHARGED_DECIMALS_MAX", 3)
+        tiny = {**CATALOG, "plans": [{"code": "tiny", "name": "Tiny", "currency": "KWD", "base_fee": "0.005"}]}
+        assert run(ledger, "catalog.publish", None, document=tiny, digest="kwd-tiny").outcome == "applied"
+        [created] = ledger.apply_commands([command("subscription.create", TENANT, {
+            "key": "tiny", "plan": "tiny", "at": NOV_1.isoformat()})])
+    assert created.outcome == "applied", created
+    invoice = ledger.repository.get(invoice_id(TENANT, f"{subscription_id(TENANT, 'tiny')}/{NOV_1.isoformat()}"))
+    assert invoice.total == Decimal("0.005")
+    api = FakeStripe()
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, None, (0,), now=lambda: NOV_1 + timedelta(hours=1))
+    assert await dunning.process() == {str(invoice.id): "written_off"}
+    assert api.calls == []
+    assert ledger.repository.get(invoice.id).status == "paid"
+    assert books(ledger)[("recognised_revenue", "KWD")] == Decimal("0.005")
+    assert ("receivables", "KWD") not in books(ledger)
+    assert verify_store(ledger, TENANT).problems == []
