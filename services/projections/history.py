@@ -38,7 +38,7 @@ credit-unit package's money, ``PurchaseMoneyRefunded``) are ``dispute`` rows too
 ``chargeback <dispute id>``. So the money rows of a currency sum to what was paid for packages net of refunds and
 chargebacks. Since session 14 the gateway's fee for a dispute is a ``dispute`` row too (``DisputeFeeBooked``, amount
 0: the operator's expense, not the customer's; detail ``fee charged N`` / ``fee given back N``, or ``fee N <unit> not
-booked`` in another currency), and a partial chargeback's share of an order's bonus a ``void`` row
+booked`` in another currency; a reading that changed nothing has no row), and a partial chargeback's share of an order's bonus a ``void`` row
 (``GrantPartVoided``, detail ``chargeback <dispute id>; order_charged_back``).
 """
 
@@ -168,8 +168,9 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     return None
 
 
-def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any]:
-    """A dispute's own events: the customer's credit never moves with them (the chargeback's refund rows do)."""
+def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any] | None:
+    """A dispute's own events: the customer's credit never moves with them (the chargeback's refund rows do). A fee
+    reading that changed nothing (the gateway's fee as before, recorded for its time) is no movement: no row."""
     dispute, amount = d.get("dispute") or str(d.get("key") or "").partition("/")[2], 0
     if name == "DisputeRaised":
         notes = ["opened"]
@@ -179,9 +180,12 @@ def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any]:
         notes = [f"funds reinstated {int(d['amount'])}"]
     elif name == "DisputeFeeBooked":  # the operator's expense: the customer's credit does not move
         change = int(d.get("amount") or 0)
-        notes = ([f"fee {int(d['fee'])} {d.get('unit')} not booked (another currency)"] if d.get("unbooked")
-                 else [f"fee charged {change}" if change > 0 else f"fee given back {-change}" if change else
-                       f"fee {int(d['fee'])}"])
+        if d.get("unbooked"):
+            notes = [f"fee {int(d['fee'])} {d.get('unit')} not booked (another currency)"]
+        elif change:
+            notes = [f"fee charged {change}" if change > 0 else f"fee given back {-change}"]
+        else:
+            return None
     else:
         owed = d.get("owed") if isinstance(d.get("owed"), dict) else {}
         amount = -int(owed.get("receivable") or 0)  # an invoice's payment taken back: owed again
