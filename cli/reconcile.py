@@ -11,7 +11,8 @@ raised to its start. Exit status 0: no discrepancy; 1: discrepancies; 2: bad inp
 before the payment they give back and were not applied with it (``billing_ledger.reconcile.parked_refunds``).
 ``billing reconcile disputes --tenant T`` lists the tenant's card disputes finance has to follow
 (``billing_ledger.reconcile.disputes``): open ones and the funds withdrawn for them, lost ones waiting for their
-payment, and dispute notifications the ledger rejected.
+payment, dispute notifications the ledger rejected (from the tenant's own index of them; ``--scan-receipts`` also
+reads every receipt, for rejections recorded before session 14), and the fees gateways charged for disputes.
 """
 
 from __future__ import annotations
@@ -126,20 +127,27 @@ def refunds(
 def disputes(
     tenant: Annotated[list[str], typer.Option(help="The tenant (repeat for several)")],
     output: Annotated[str, typer.Option("--format", help="table (readable) | json (one document)")] = "table",
+    scan_receipts: Annotated[bool, typer.Option(
+        "--scan-receipts", help="Also find rejected dispute notifications in every receipt of the store (those "
+                                "rejected before session 14 are not indexed by tenant; the scan reads the whole "
+                                "store)")] = False,
 ) -> None:
     """Lists the tenant's card disputes finance follows: open ones (and the funds the gateway withdrew for them, not
-    settled yet), lost ones whose chargeback waits for the payment it takes back, and dispute notifications the
-    ledger rejected for reconciliation (reason code). Exit status 1 if any, 0 if none, 2 if the ledger's store is
-    missing."""
+    settled yet), lost ones whose chargeback waits for the payment it takes back, dispute notifications the ledger
+    rejected for reconciliation (reason code), and the fees gateways charged for disputes (booked as the operator's
+    expense; one stated in another currency than the account's is not booked). Exit status 1 if any needs a person
+    (open, waiting, rejected, or a fee not booked), 0 if none, 2 if the ledger's store is missing."""
     from billing_ledger.reconcile import disputes as disputes_of
 
-    found = _listed(output, lambda ledger: disputes_of(ledger, tenant))
+    found = _listed(output, lambda ledger: disputes_of(ledger, tenant, scan_receipts=scan_receipts))
     if output == "json":
         typer.echo(json.dumps({
             "open": [{**vars(d), "opened_at": d.opened_at.isoformat()} for d in found.open],
             "funds_withdrawn": [d.key for d in found.withdrawn],
             "awaiting_payment": [{**vars(r), "at": r.at.isoformat()} for r in found.awaiting_payment],
-            "rejected": [{**vars(r), "at": r.at.isoformat()} for r in found.rejected]}, indent=2))
+            "rejected": [{**vars(r), "at": r.at.isoformat()} for r in found.rejected],
+            "fees": [vars(f) for f in found.fees],
+            "fees_booked": {code: str(total) for code, total in found.fees_booked().items()}}, indent=2))
     else:
         withdrawn = found.withdrawn
         typer.echo(f"{len(found.open)} open dispute(s), {len(withdrawn)} with funds withdrawn")
@@ -153,8 +161,15 @@ def disputes(
                        + (f" ({r.reason}: {r.detail})" if r.reason else ""))
         typer.echo(f"{len(found.rejected)} dispute notification(s) rejected for reconciliation")
         for c in found.rejected:
-            typer.echo(f"{c.tenant}  {c.kind}  {c.reason}  command {c.command_id}  {c.at.isoformat()}")
-    if found.open or found.awaiting_payment or found.rejected:
+            typer.echo(f"{c.tenant}  {c.kind}  {c.reason}  command {c.command_id}  {c.at.isoformat()}"
+                       + (f"  {c.dispute}" if c.dispute else "") + (f"  ({c.detail})" if c.detail else ""))
+        booked = ", ".join(f"{total} {code}" for code, total in found.fees_booked().items()) or "none"
+        typer.echo(f"{len(found.fees)} dispute fee(s) booked: {booked}"
+                   + (f"; {len(found.unbooked_fees)} in another currency, not booked" if found.unbooked_fees else ""))
+        for f in found.fees:
+            typer.echo(f"{f.tenant}  {f.key}  {f.status}  fee {f.fee} {f.currency}"
+                       + (f"  not booked: {f.unbooked}" if f.unbooked else ""))
+    if found.open or found.awaiting_payment or found.rejected or found.unbooked_fees:
         raise typer.Exit(1)
 
 

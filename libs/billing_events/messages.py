@@ -208,6 +208,18 @@ class PaymentNotification(Message):
         description="On dispute_closed: won (the merchant keeps the money), lost (the bank gave it back to the "
                     "customer: a chargeback) or closed (ended without a chargeback, e.g. an inquiry closed or the "
                     "customer withdrew it).", examples=["lost"])
+    dispute_fee: DecimalStr | None = Field(
+        default=None,
+        description="On a dispute_* notification (since session 14): the fees the gateway has charged the merchant for "
+                    "the dispute so far, less what it gave back, in dispute_fee_currency, as its API showed them when "
+                    "the movement was verified (Stripe: the fee of the dispute's balance transactions; PayPal: the "
+                    "seller's DISPUTE_FEE / CHARGEBACK_FEE / DISPUTE_SETTLEMENT_FEE money movements). The ledger books "
+                    "the latest reading as an expense of the operator. Absent: the gateway's API states no fee "
+                    "(Razorpay's dispute entity).", examples=["15.00"])
+    dispute_fee_currency: str | None = Field(
+        default=None, pattern=r"^[A-Z]{3}$",
+        description="The ISO 4217 currency of dispute_fee (a gateway account may settle in another currency than the "
+                    "payment's); given with dispute_fee, and only then.", examples=["USD"])
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -218,7 +230,10 @@ class PaymentNotification(Message):
                 raise ValueError(f"a {self.kind} notification names its dispute")
             if (self.kind == "dispute_closed") != (self.dispute_outcome is not None):
                 raise ValueError("dispute_outcome is given on dispute_closed, and only there")
-        elif self.dispute is not None or self.disputed_payment is not None or self.dispute_outcome is not None:
+            if (self.dispute_fee is None) != (self.dispute_fee_currency is None):
+                raise ValueError("dispute_fee and dispute_fee_currency are given together")
+        elif self.dispute is not None or self.disputed_payment is not None or self.dispute_outcome is not None \
+                or self.dispute_fee is not None or self.dispute_fee_currency is not None:
             raise ValueError(f"a {self.kind} notification carries no dispute fields")
         return self
 

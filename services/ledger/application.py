@@ -126,9 +126,13 @@ class CommandResult:
 
 
 CommandHandler = Callable[["LedgerApplication", "_Batch", LedgerCommand], Any]
+# Records a rejected command of a kind somewhere a reconciliation finds it by its tenant (the receipt is keyed by the
+# command's id alone), in the batch that records the receipt: (batch, command, reason code, detail).
+RejectionRecorder = Callable[["_Batch", LedgerCommand, str | None, str | None], None]
 # Events read ahead for a batch's first load: ({aggregate id: version read from}, {aggregate id: events after it}).
 _Known = tuple[Mapping[UUID, int], Mapping[UUID, list[StoredEvent]]]
 HANDLERS: dict[str, CommandHandler] = {}
+REJECTION_RECORDERS: dict[str, RejectionRecorder] = {}
 # Per event class: its topic, or "" when its state is not exactly its attributes (``_to_stored_events``).
 _TOPICS: dict[type, str] = {}
 
@@ -140,6 +144,19 @@ def handles(kind: str) -> Callable[[CommandHandler], CommandHandler]:
         assert kind not in HANDLERS, f"two handlers for {kind}"
         HANDLERS[kind] = handler
         return handler
+
+    return register
+
+
+def records_rejections(*kinds: str) -> Callable[[RejectionRecorder], RejectionRecorder]:
+    """Registers what records a rejection of these command kinds besides its receipt (``dispute_commands``: the
+    tenant's ``DisputeRejections``, which ``billing reconcile disputes`` reads instead of every receipt)."""
+
+    def register(recorder: RejectionRecorder) -> RejectionRecorder:
+        for kind in kinds:
+            assert kind not in REJECTION_RECORDERS, f"two rejection recorders for {kind}"
+            REJECTION_RECORDERS[kind] = recorder
+        return recorder
 
     return register
 
@@ -687,6 +704,10 @@ class LedgerApplication(Application[UUID]):
                 log.warning("command_invalid", kind=command.kind, tenant=command.tenant, error=repr(exc))
         if outcome == "rejected" and not record_rejections:
             return CommandResult(command.command_id, outcome, reason, detail=detail)
+        recorder = REJECTION_RECORDERS.get(command.kind) if outcome == "rejected" else None
+        if recorder is not None:  # after the rollback: it stays whatever the command had changed
+            batch.begin_command()
+            recorder(batch, command, reason, detail)
         self._record_receipt(batch, command, outcome, reason)
         batch.receipts.add(command.command_id)
         return CommandResult(command.command_id, outcome, reason, value, detail=detail)

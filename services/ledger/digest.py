@@ -19,7 +19,9 @@ Computed from the ledger's events *recorded* on that day (the notification log, 
   the number of disputes they belong to is ``chargeback_count``;
 * held for disputes: funds gateways withdrew for open disputes that day (``DisputeFundsWithdrawn``) less what they
   reinstated or a close returned to clearing (``DisputeFundsReinstated``, ``DisputeClosed.returned``): the
-  projections' ``disputed`` figure, negative on a day more came back than was withdrawn.
+  projections' ``disputed`` figure, negative on a day more came back than was withdrawn;
+* dispute fees (since session 14): what gateways charged the operator for disputes that day, less fees they gave back
+  (``DisputeFeeBooked.amount``): the projections' ``dispute_fees`` figure.
 
 One leader sends it (advisory lock, like the other payment tasks). Two tracking positions make it
 restart-safe: ``digest:day`` holds the ordinal of the last day sent (a restart does not resend it), and
@@ -72,9 +74,10 @@ INVOICE_PAID, INVOICE_REFUNDED = (get_topic(BillingAccount.InvoicePaid),
 WITHDRAWN, REINSTATED, DISPUTE_CLOSED = (get_topic(BillingAccount.DisputeFundsWithdrawn),
                                          get_topic(BillingAccount.DisputeFundsReinstated),
                                          get_topic(BillingAccount.DisputeClosed))
+DISPUTE_FEE = get_topic(BillingAccount.DisputeFeeBooked)  # since session 14
 TOPICS = [GRANTED, DEBITED, CAPTURED, REFUNDED, MONEY_BOOKED, MONEY_REFUNDED, INVOICE_PAID, INVOICE_REFUNDED,
-          WITHDRAWN, REINSTATED, DISPUTE_CLOSED]
-FIGURES = ("funds_in", "tax_collected", "consumed", "refunds", "chargebacks", "disputed")
+          WITHDRAWN, REINSTATED, DISPUTE_CLOSED, DISPUTE_FEE]
+FIGURES = ("funds_in", "tax_collected", "consumed", "refunds", "chargebacks", "disputed", "dispute_fees")
 Clock = Callable[[], datetime]
 
 
@@ -141,6 +144,8 @@ def summarize(app: LedgerApplication, day: date, start_after: int) -> tuple[dict
                 sums["disputed"][event.unit] += event.amount
             elif notification.topic == REINSTATED:
                 sums["disputed"][event.unit] -= event.amount
+            elif notification.topic == DISPUTE_FEE:
+                sums["dispute_fees"][event.unit] += event.amount
             elif notification.topic == DISPUTE_CLOSED:
                 sums["disputed"][event.unit] -= event.returned
                 owed = event.owed.get("receivable") if isinstance(getattr(event, "owed", None), dict) else None
@@ -201,10 +206,10 @@ def render(summary: dict[str, Any], scales: dict[str, int] | None = None) -> str
     type's catalogue scale from ``scales``)."""
     labels = {"funds_in": "Funds taken in", "tax_collected": "Tax collected", "consumed": "Credit consumed",
               "refunds": "Refunds", "chargebacks": "Chargebacks (lost disputes)",
-              "disputed": "Held for open disputes (net)"}
+              "disputed": "Held for open disputes (net)", "dispute_fees": "Dispute fees (gateways)"}
     lines = [f"Income digest for {summary['day']} (UTC)", ""]
     for name, label in labels.items():
-        values = summary[name]
+        values = summary.get(name) or {}  # a figure the summary predates shows as none
         shown = ", ".join(f"{show(value, unit, scales)} {unit}" for unit, value in values.items()) or "none"
         lines.append(f"{label}: {shown}")
     lines += ["", (f"Purchases: {summary['purchase_count']}, refunds: {summary['refund_count']}, "

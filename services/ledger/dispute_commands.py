@@ -20,7 +20,8 @@ it, so they may arrive in any order. The accounting (docs/ledger.md "Disputes"):
   note), a payment's purchase grants are refunded with the override; a chargeback before the payment it takes back
   waits for it (``RefundAwaitingPayment``). Every event of it names the dispute in its ``cause``, so the read models
   show it as a chargeback. An order already refunded moves nothing again (the gateway takes no money twice: its
-  dispute of a refunded payment withdraws nothing), the dispute is closed lost all the same.
+  dispute of a refunded payment withdraws nothing), the dispute is closed lost all the same. A chargeback of part of
+  what is left of an order takes back that share of it (since session 14, ``order_chargebacks``).
 * closed ``lost`` of a payment that settled an invoice (``invoice_id``, or an ``order_id`` that names one): no credit
   was bought, so none is taken; the invoice's money is owed again (Dr ``receivables`` / Cr ``gateway_clearing``,
   unbilled under the chargeback's time: the next renewal invoice bills it on a line of its own, tax included, or
@@ -29,7 +30,13 @@ it, so they may arrive in any order. The accounting (docs/ledger.md "Disputes"):
 
 A lost dispute never changes its outcome (``dispute_outcome_changed``: the money that came back is reconciled by a
 person); a won or closed one may still be lost (an appeal, a pre-arbitration). Rejections are recorded on the
-command's receipt for reconciliation and change nothing, as for payments.
+command's receipt for reconciliation and change nothing, as for payments; since session 14 also on the tenant's
+``DisputeRejections`` (``record_rejection``, in the same transaction), which ``billing reconcile disputes`` reads.
+
+The gateway's fee for a dispute (since session 14): every notification carries the fee so far as the gateway's API
+showed it (``dispute_fee``, ``dispute_fee_currency``); each command books that reading after its movement
+(``BillingAccount.book_dispute_fee``: Dr ``dispute_fees`` / Cr ``gateway_clearing`` the change, the latest reading
+winning whatever the order of delivery), the operator's expense.
 """
 
 from __future__ import annotations
@@ -38,11 +45,13 @@ from decimal import Decimal
 from typing import Any
 
 from billing_events.messages import LedgerCommand
-from billing_events.money import parse_decimal
+from billing_events.money import is_currency_code, parse_decimal
 from billing_ledger import checkout_commands, payload
-from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.amounts import show
+from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles, records_rejections
 from billing_ledger.domain.account import DISPUTE_OUTCOMES, BillingAccount
 from billing_ledger.domain.checkout import REFUNDED as ORDER_REFUNDED
+from billing_ledger.domain.dispute_rejections import DisputeRejections
 from billing_ledger.domain.invoice import INVOICE, PAID, Invoice
 from billing_ledger.invoice_commands import tenant_invoice
 from billing_ledger.payment_commands import (
@@ -54,6 +63,24 @@ from billing_ledger.payment_commands import (
     _refund,
     _refund_of_other_payment,
 )
+
+
+@records_rejections(DISPUTE_OPENED, DISPUTE_FUNDS_WITHDRAWN, DISPUTE_FUNDS_REINSTATED, DISPUTE_CLOSED)
+def record_rejection(batch: _Batch, command: LedgerCommand, reason: str | None, detail: str | None) -> None:
+    """A rejected dispute notification, on its tenant's ``DisputeRejections`` (in the batch that records its
+    receipt), where ``billing reconcile disputes`` finds it without reading every receipt."""
+    tenant = command.tenant
+    if not tenant:
+        return
+    index = batch.get_or_create(DisputeRejections.create_id(tenant), lambda: DisputeRejections(tenant))
+
+    def given(field: str) -> str | None:
+        value = command.payload.get(field)
+        return str(value)[:255] if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+    index.record(command_id=command.command_id, kind=command.kind, reason=reason, detail=detail,
+                 gateway=given("gateway"), dispute=given("dispute"), order_id=given("order_id"),
+                 amount=given("amount"), currency=given("currency"), at=batch.now)
 
 
 def dispute_key(gateway: str, dispute: str) -> str:
@@ -77,11 +104,28 @@ def _dispute(batch: _Batch, account: BillingAccount, command: LedgerCommand) -> 
     return key
 
 
+def _book_fee(account: BillingAccount, key: str, command: LedgerCommand) -> dict[str, Any]:
+    """The gateway's fee for the dispute as the notification read it (``dispute_fee``, since session 14), booked as
+    the account's latest reading of it (``BillingAccount.book_dispute_fee``): what the result adds (nothing when the
+    notification states no fee)."""
+    if command.payload.get("dispute_fee") is None:
+        return {}
+    code = payload.text(command, "dispute_fee_currency")
+    if not is_currency_code(code):
+        raise CommandRejected("invalid_command", f"dispute_fee_currency must be an ISO 4217 code, not {code!r}")
+    booked = account.book_dispute_fee(key=key, fee=payload.subunits(command, "dispute_fee"), unit=code,
+                                      at=payload.timestamp(command, "verified_at"))
+    kept = account.dispute(key) or {}
+    return {"fee": payload.text(command, "dispute_fee"), "fee_currency": code,
+            "fee_booked": show(booked, code) if booked else None, "fee_unbooked": kept.get("fee_unbooked") is not None}
+
+
 @handles(DISPUTE_OPENED)
 def dispute_opened(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = _account_in_currency(batch, command)
     key = _dispute(batch, account, command)
-    return {"dispute": key, "status": account.dispute(key)["status"]}  # type: ignore[index]
+    return {"dispute": key, "status": account.dispute(key)["status"],  # type: ignore[index]
+            **_book_fee(account, key, command)}
 
 
 @handles(DISPUTE_FUNDS_WITHDRAWN)
@@ -90,7 +134,7 @@ def dispute_funds_withdrawn(app: LedgerApplication, batch: _Batch, command: Ledg
     key = _dispute(batch, account, command)
     moved = account.withdraw_dispute_funds(key=key, amount=payload.subunits(command, "amount"),
                                            at=payload.timestamp(command, "verified_at"))
-    return {"dispute": key, "withdrawn": moved}
+    return {"dispute": key, "withdrawn": moved, **_book_fee(account, key, command)}
 
 
 @handles(DISPUTE_FUNDS_REINSTATED)
@@ -98,7 +142,7 @@ def dispute_funds_reinstated(app: LedgerApplication, batch: _Batch, command: Led
     account = _account_in_currency(batch, command)
     key = _dispute(batch, account, command)
     moved = account.reinstate_dispute_funds(key=key, at=payload.timestamp(command, "verified_at"))
-    return {"dispute": key, "reinstated": moved}
+    return {"dispute": key, "reinstated": moved, **_book_fee(account, key, command)}
 
 
 @handles(DISPUTE_CLOSED)
@@ -112,7 +156,8 @@ def dispute_closed(app: LedgerApplication, batch: _Batch, command: LedgerCommand
     amount, at = payload.subunits(command, "amount"), payload.timestamp(command, "verified_at")
     result: dict[str, Any] = {"dispute": key, "outcome": outcome}
     if outcome != "lost" or account.dispute(key)["status"] == "lost":  # type: ignore[index]
-        return {**result, "closed": account.close_dispute(key=key, outcome=outcome, amount=amount, at=at)}
+        closed = account.close_dispute(key=key, outcome=outcome, amount=amount, at=at)
+        return {**result, "closed": closed, **_book_fee(account, key, command)}
     named = command.payload.get("invoice_id")
     invoice = tenant_invoice(batch, command.tenant, named or command.payload.get("order_id"))
     if named and invoice is None:
@@ -120,13 +165,16 @@ def dispute_closed(app: LedgerApplication, batch: _Batch, command: LedgerCommand
     if invoice is not None:  # the money paid an invoice: owed again, no credit to take back
         _check_invoice_dispute(command, invoice)
         account.close_dispute(key=key, outcome="lost", amount=amount, at=at, owed=amount)
-        return {**result, "closed": True, "invoice_id": str(invoice.id), "owed": payload.text(command, "amount")}
+        return {**result, "closed": True, "invoice_id": str(invoice.id), "owed": payload.text(command, "amount"),
+                **_book_fee(account, key, command)}
     order = checkout_commands.known_order(batch, command.tenant, command.payload.get("order_id"))
     account.close_dispute(key=key, outcome="lost", amount=amount, at=at)
     if order is not None and order.status == ORDER_REFUNDED:
-        return {**result, "closed": True, "already_refunded": True}
-    # The chargeback is a refund the gateway paid out (a fact): booked as one, waiting for its payment if need be.
-    return {**result, "closed": True, "chargeback": _refund(app, batch, account, command, park=True)}
+        return {**result, "closed": True, "already_refunded": True, **_book_fee(account, key, command)}
+    # The chargeback is a refund the gateway paid out (a fact): booked as one, waiting for its payment if need be (all
+    # of what is left of a checkout order, or a part of it: ``order_chargebacks``).
+    chargeback = _refund(app, batch, account, command, park=True)
+    return {**result, "closed": True, "chargeback": chargeback, **_book_fee(account, key, command)}
 
 
 def _check_invoice_dispute(command: LedgerCommand, invoice: Invoice) -> None:

@@ -118,7 +118,11 @@ def payment_command(notification: PaymentNotification) -> LedgerCommand:
                  # A dispute names its dispute and outcome; the payment it disputes is the one a lost dispute gives
                  # back, read by the refund it is booked as (``_refund``, a parked refund) as ``refunded_payment``.
                  **({"dispute": notification.dispute, "dispute_outcome": notification.dispute_outcome,
-                     "refunded_payment": notification.disputed_payment} if notification.dispute else {})},
+                     "refunded_payment": notification.disputed_payment} if notification.dispute else {}),
+                 # The gateway's fee for the dispute as its API showed it (since session 14; absent: none stated).
+                 **({"dispute_fee": str(notification.dispute_fee),
+                     "dispute_fee_currency": notification.dispute_fee_currency}
+                    if notification.dispute_fee is not None else {})},
     )
 
 

@@ -15,11 +15,16 @@ at the gateway for each of them: finance reconciles them.
 ``disputes`` (``billing reconcile disputes``, since session 13) gives, from the same stream, the tenant's disputes
 still open (those whose funds the gateway withdrew and has not settled among them), the lost ones whose chargeback
 waits for the payment it takes back (a ``RefundAwaitingPayment`` naming its dispute), and, from the ledger's
-receipts, the dispute notifications rejected for reconciliation (a partial chargeback of an order, a dispute lost
-then reported won, one of another payment of an invoice, ...): the receipt keeps the command's id, kind, reason
-code and time, not the notification, so finance finds the gateway's event by its id
-(``ids.command_id(kind, gateway, gateway event id)``). Receipts are found by scanning the notification log for them
-(every command has one): an offline reading of the whole store, pages of ``RECEIPTS_PER_SCAN_MAX``.
+receipts, the dispute notifications rejected for reconciliation (a chargeback above what is left of an order, a
+dispute lost then reported won, one of another payment of an invoice, ...): the command's id, kind, reason code and
+time, so finance finds the gateway's event by its id (``ids.command_id(kind, gateway, gateway event id)``), and since
+session 14 the reason in words and the dispute, order and amount it named. They are read from the tenant's
+``DisputeRejections`` (``domain/dispute_rejections.py``), recorded with each rejection's receipt: the tenant's own
+events, however many receipts the store holds. Session 13 found them by scanning every receipt of the store (every
+command has one: a store of ten million usage debits was ten million receipts to read for one tenant); that scan is
+left for rejections recorded before the index existed (``scan_receipts``, ``--scan-receipts``). It also lists what
+gateways charged for each dispute (``fees``: the fee booked, ``DisputeFeeBooked``, and a fee in another currency
+than the account's, which a person books).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from billing_events.money import MoneyError, currency, format_subunits, from_sub
 from billing_events.reconciliation import LedgerOutcome, UsageDebit
 from billing_ledger.application import LedgerApplication
 from billing_ledger.audit import account_events
+from billing_ledger.domain.dispute_rejections import dispute_rejections_id
 from billing_ledger.domain.receipt import RECORDED_TOPIC as RECEIPT_RECORDED_TOPIC
 from billing_ledger.domain.receipt import CommandReceipt
 
@@ -46,10 +52,16 @@ DISPUTE_RAISED = "BillingAccount.DisputeRaised"
 DISPUTE_FUNDS_WITHDRAWN = "BillingAccount.DisputeFundsWithdrawn"
 DISPUTE_FUNDS_REINSTATED = "BillingAccount.DisputeFundsReinstated"
 DISPUTE_CLOSED = "BillingAccount.DisputeClosed"
+DISPUTE_FEE_BOOKED = "BillingAccount.DisputeFeeBooked"
+DISPUTE_MOVEMENTS = frozenset({DISPUTE_FUNDS_WITHDRAWN, DISPUTE_FUNDS_REINSTATED, DISPUTE_CLOSED, DISPUTE_FEE_BOOKED})
+DISPUTE_REJECTED = "DisputeRejections.Rejected"
 DISPUTE_COMMAND_PREFIX = "dispute."
 # Receipts read per statement.
 RECEIPTS_PER_READ_MAX = 500
-# Receipt notifications read per statement when scanning the log for a tenant's rejected dispute commands.
+# A tenant's recorded dispute rejections read per statement.
+REJECTIONS_PER_READ_MAX = 500
+# Receipt notifications read per statement when scanning the log for a tenant's rejected dispute commands
+# (``--scan-receipts``: rejections recorded before session 14).
 RECEIPTS_PER_SCAN_MAX = 5000
 
 
@@ -149,17 +161,37 @@ class OpenDispute:
     withdrawn: str
     currency: str
     opened_at: datetime
+    fee: str = "0"  # the gateway's fee booked for it so far (since session 14)
+
+
+@dataclass(frozen=True)
+class DisputeFee:
+    """What a gateway charged for a dispute (since session 14): ``fee`` booked in ``dispute_fees`` (net of what it gave
+    back), and ``unbooked`` a fee it stated in another currency than the account's, which a person books."""
+
+    tenant: str
+    key: str
+    status: str  # open | won | lost | closed
+    fee: str
+    currency: str
+    unbooked: str | None = None  # e.g. "15.00 EUR"
 
 
 @dataclass(frozen=True)
 class RejectedDisputeCommand:
-    """A dispute notification the ledger rejected (changed nothing): its command, reason code and time."""
+    """A dispute notification the ledger rejected (changed nothing): its command, reason code and time, and (recorded
+    since session 14) the reason in words and what it named."""
 
     tenant: str
     command_id: str
     kind: str
     reason: str | None
     at: datetime
+    detail: str | None = None
+    dispute: str | None = None
+    order_id: str | None = None
+    amount: str | None = None
+    currency: str | None = None
 
 
 @dataclass
@@ -167,11 +199,24 @@ class DisputesToReconcile:
     open: list[OpenDispute] = field(default_factory=list)
     awaiting_payment: list[ParkedRefund] = field(default_factory=list)  # lost, the payment not booked yet
     rejected: list[RejectedDisputeCommand] = field(default_factory=list)
+    fees: list[DisputeFee] = field(default_factory=list)  # every dispute a gateway charged a fee for
 
     @property
     def withdrawn(self) -> list[OpenDispute]:
         """The open disputes whose funds the gateway withdrew and has not settled yet."""
         return [d for d in self.open if Decimal(d.withdrawn) != 0]
+
+    @property
+    def unbooked_fees(self) -> list[DisputeFee]:
+        """The fees a gateway stated in another currency than the account's: a person books them."""
+        return [f for f in self.fees if f.unbooked]
+
+    def fees_booked(self) -> dict[str, Decimal]:
+        """The fees booked in all, per currency."""
+        totals: dict[str, Decimal] = {}
+        for f in self.fees:
+            totals[f.currency] = totals.get(f.currency, Decimal(0)) + Decimal(f.fee)
+        return {code: total for code, total in sorted(totals.items()) if total}
 
 
 def _money(unit: str, subunits: int) -> str:
@@ -184,27 +229,68 @@ def _money(unit: str, subunits: int) -> str:
     return format(from_subunits(subunits).normalize(), "f")
 
 
-def open_disputes(app: LedgerApplication, tenant: str) -> list[OpenDispute]:
-    """The tenant's disputes not closed yet, from its account's stream (oldest first)."""
+def _account_disputes(app: LedgerApplication, tenant: str) -> tuple[list[OpenDispute], list[DisputeFee]]:
+    """The tenant's disputes not closed yet and those a gateway charged a fee for, from its account's stream (oldest
+    first)."""
     found: dict[str, dict[str, Any]] = {}
     for event in account_events(app, tenant):
         kind = type(event).__qualname__
         if kind == DISPUTE_RAISED:
             found[event.key] = {"order_id": event.order_id, "payment": event.payment, "invoice": event.invoice,
-                                "unit": event.unit, "amount": event.amount, "at": event.at, "withdrawn": 0}
-        elif kind == DISPUTE_FUNDS_WITHDRAWN and event.key in found:
-            found[event.key]["withdrawn"] = event.amount
-        elif kind == DISPUTE_FUNDS_REINSTATED and event.key in found:
-            found[event.key]["withdrawn"] = 0
+                                "unit": event.unit, "amount": event.amount, "at": event.at, "withdrawn": 0,
+                                "status": "open", "fee": 0, "unbooked": None}
+            continue
+        d = found.get(event.key) if kind in DISPUTE_MOVEMENTS else None
+        if d is None:
+            continue
+        if kind == DISPUTE_FUNDS_WITHDRAWN:
+            d["withdrawn"] = event.amount
+        elif kind == DISPUTE_FUNDS_REINSTATED:
+            d["withdrawn"] = 0
         elif kind == DISPUTE_CLOSED:
-            found.pop(event.key, None)
-    return [OpenDispute(tenant, key, d["order_id"], d["payment"], d["invoice"], _money(d["unit"], d["amount"]),
-                        _money(d["unit"], d["withdrawn"]), d["unit"], d["at"]) for key, d in found.items()]
+            d.update(status=event.outcome, withdrawn=0)
+        elif getattr(event, "unbooked", False):  # a fee in another currency: listed for a person
+            d["unbooked"] = f"{_money(event.unit, event.fee)} {event.unit}" if event.fee else None
+        else:
+            d["fee"] = event.fee
+    opened = [OpenDispute(tenant, key, d["order_id"], d["payment"], d["invoice"], _money(d["unit"], d["amount"]),
+                          _money(d["unit"], d["withdrawn"]), d["unit"], d["at"], _money(d["unit"], d["fee"]))
+              for key, d in found.items() if d["status"] == "open"]
+    fees = [DisputeFee(tenant, key, d["status"], _money(d["unit"], d["fee"]), d["unit"], d["unbooked"])
+            for key, d in found.items() if d["fee"] or d["unbooked"]]
+    return opened, fees
+
+
+def open_disputes(app: LedgerApplication, tenant: str) -> list[OpenDispute]:
+    """The tenant's disputes not closed yet, from its account's stream (oldest first)."""
+    return _account_disputes(app, tenant)[0]
 
 
 def rejected_dispute_commands(app: LedgerApplication, tenants: Iterable[str]) -> list[RejectedDisputeCommand]:
-    """The dispute commands of ``tenants`` the ledger rejected, oldest first, from their receipts (see the module
-    doc: a scan of the notification log's receipts)."""
+    """The dispute commands of ``tenants`` the ledger rejected, oldest first per tenant, from each tenant's
+    ``DisputeRejections`` (see the module doc): its own events, in pages of ``REJECTIONS_PER_READ_MAX``."""
+    found: list[RejectedDisputeCommand] = []
+    for tenant in tenants:
+        index, last = dispute_rejections_id(tenant), 0
+        while True:
+            page = list(app.events.get(index, gt=last or None, limit=REJECTIONS_PER_READ_MAX))
+            for event in page:
+                last = event.originator_version
+                if type(event).__qualname__ != DISPUTE_REJECTED:
+                    continue
+                found.append(RejectedDisputeCommand(tenant, str(event.command_id), event.kind, event.reason, event.at,
+                                                    event.detail, event.dispute, event.order_id, event.amount,
+                                                    event.currency))
+            if len(page) < REJECTIONS_PER_READ_MAX:
+                break
+    return found
+
+
+def scanned_rejected_dispute_commands(app: LedgerApplication,
+                                      tenants: Iterable[str]) -> list[RejectedDisputeCommand]:
+    """The same from the receipts themselves, for rejections recorded before ``DisputeRejections`` existed (session
+    13's store): a scan of every receipt in the notification log (an offline read, pages of
+    ``RECEIPTS_PER_SCAN_MAX``), ``billing reconcile disputes --scan-receipts``."""
     wanted, found, position = set(tenants), [], 0
     while True:
         page = app.recorder.select_notifications(position + 1, RECEIPTS_PER_SCAN_MAX, topics=[RECEIPT_RECORDED_TOPIC])
@@ -223,11 +309,17 @@ def rejected_dispute_commands(app: LedgerApplication, tenants: Iterable[str]) ->
             return found
 
 
-def disputes(app: LedgerApplication, tenants: Iterable[str]) -> DisputesToReconcile:
-    """What finance reconciles of ``tenants``' disputes (see the module doc)."""
+def disputes(app: LedgerApplication, tenants: Iterable[str], *, scan_receipts: bool = False) -> DisputesToReconcile:
+    """What finance reconciles of ``tenants``' disputes (see the module doc). ``scan_receipts``: the rejected ones from
+    every receipt in the store as well (rejections recorded before session 14), each listed once."""
     names = list(dict.fromkeys(tenants))
     result = DisputesToReconcile(rejected=rejected_dispute_commands(app, names))
+    if scan_receipts:
+        indexed = {r.command_id for r in result.rejected}
+        result.rejected += [r for r in scanned_rejected_dispute_commands(app, names) if r.command_id not in indexed]
     for tenant in names:
-        result.open += open_disputes(app, tenant)
+        opened, fees = _account_disputes(app, tenant)
+        result.open += opened
+        result.fees += fees
         result.awaiting_payment += [p for p in parked_refunds(app, tenant) if p.dispute]
     return result

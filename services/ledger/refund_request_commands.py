@@ -36,6 +36,7 @@ from billing_ledger.domain.checkout import PAID, REFUNDED, Order
 from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice, invoice_id, reversing_lines
 from billing_ledger.domain.refund_request import RefundRequest, RefundRequestError, refund_request_id
 from billing_ledger.limits import REFUND_HOLD_SECONDS
+from billing_ledger.order_chargebacks import charge_back_part
 from billing_ledger.payload import at as effective_at
 from billing_ledger.subscription_commands import _finalize
 
@@ -173,7 +174,9 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
     back (the gateway's record of that payout, finance's refund in the gateway's dashboard, cannot be told from
     the rest's refund: reversing the rest for it would pay back twice). Rejections are recorded for
     reconciliation and change nothing. ``cause``: added to the reversal's events' cause (a chargeback names its
-    dispute, ``payment_commands.dispute_cause``).
+    dispute, ``payment_commands.dispute_cause``). A chargeback of a part of what is left (since session 14) takes back
+    that share of the order (``order_chargebacks.charge_back_part``), and one of all that is left reverses it even when
+    it is also what an earlier refund paid back (a bank's decision is never a gateway's payout).
     """
     if order.status == REFUNDED:
         return {"order_id": str(order.id), "already_refunded": True}
@@ -193,10 +196,15 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
     if refund > left:
         raise CommandRejected("refund_exceeds_order", f"refund {reference} of {amount} {code} is more than {where}: "
                                                       "reconcile by hand")
+    chargeback = bool((cause or {}).get("dispute"))
+    if refund != left and chargeback:  # the bank took back part of the payment: that share of the order
+        return charge_back_part(batch, order, amount=refund, reference=reference, at=at, by=by, cause={
+            "order_id": str(order.id), "gateway": order.gateway, "gateway_refund": reference, **(cause or {})})
     if refund != left:
         raise CommandRejected("partial_refund", f"refund {reference} of {amount} {code} is part of {where}: "
                                                 "reconcile by hand")
-    if money is not None and refund in money["refunds"]:
+    # A chargeback is its bank's decision, never the gateway's payout of an earlier partial refund.
+    if money is not None and refund in money["refunds"] and not chargeback:
         raise CommandRejected("ambiguous_refund", f"refund {reference} of {amount} {code}, {where}, is also what an "
                                                   "earlier partial refund paid back (its payout at the gateway?): "
                                                   "reconcile by hand")

@@ -99,7 +99,7 @@ log = get_logger(__name__)
 # (late_usage in _grants: the sweep, not the renewal, lapses it) and whether it is set aside (set_aside).
 # ResourcePool 2: finished requests are forgotten after a while
 # (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 24, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 25, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

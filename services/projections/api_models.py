@@ -167,6 +167,9 @@ class Figures(BaseModel):
     chargeback_tax: Amount = Field(description="The tax in chargebacks")
     disputed: Amount = Field(description="Funds gateways withdrew for open disputes, less what they reinstated or a "
                                          "close returned (summed over all time: the money still held)")
+    dispute_fees: Amount = Field(description="What gateways charged the operator for disputes (Stripe's dispute fee, "
+                                             "PayPal's chargeback fee), less fees they gave back: the operator's "
+                                             "expense, not the tenant's")
 
 
 class MRR(BaseModel):

@@ -43,6 +43,8 @@
   ``disputed``: the funds gateways withdrew for open disputes (``DisputeFundsWithdrawn``), less what they reinstated
   or what a close returned to clearing (``DisputeFundsReinstated``, ``DisputeClosed.returned``): summed over all days,
   the money still held for disputes.
+* ``dispute_fees`` (since session 14): what gateways charged the operator for disputes (``DisputeFeeBooked.amount``,
+  the change of a dispute's fee: negative when a gateway gave some back), the operator's expense, never the tenant's.
 
 Figures for all tenants, or per month, are sums of these rows at query time, so every row belongs to one
 tenant (one Kafka partition) and concurrent projection instances never contend for it.
@@ -58,7 +60,7 @@ from billing_runtime.db import Database
 
 FIGURES = ("top_ups", "tax_collected", "funds_in", "settlements", "promotional", "plan_grants", "consumed",
            "receivables", "breakage", "refunds", "tax_refunded", "credit_notes", "credit_note_tax",
-           "adjustments", "chargebacks", "chargeback_tax", "disputed")
+           "adjustments", "chargebacks", "chargeback_tax", "disputed", "dispute_fees")
 FIGURES_DAILY = Table("figures_daily", {"tenant": "TEXT", "day": "TEXT", "unit": "TEXT"}, {
     **{name: INT_SUM for name in FIGURES}, "last_position": value("BIGINT"),
 }, indexes=("day, tenant",))
@@ -111,6 +113,8 @@ def _figures(fact: Fact) -> dict[str, int]:
     if name == "DisputeClosed":  # what the gateway still held goes back to clearing; an invoice's payment is owed
         owed = int(d["owed"].get("receivable") or 0) if isinstance(d.get("owed"), dict) else 0
         return {"disputed": -int(d.get("returned") or 0), "chargebacks": owed, "receivables": owed}
+    if name == "DisputeFeeBooked":  # the gateway's fee for a dispute: charged, or given back (negative)
+        return {"dispute_fees": int(d.get("amount") or 0)}
     if name == "PurchaseMoneyRecognised":
         return {"consumed": int(d.get("recognised") or 0), "breakage": int(d.get("breakage") or 0)}
     if name == "BalanceAdjusted":
@@ -150,7 +154,7 @@ _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "Gr
                             "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded", "PeriodMinimumsCharged",
                             "InvoicedOverageRounded", "InvoicedOverageRoundingReversed", "InvoiceChargeRounded",
                             "DisputeFundsWithdrawn",
-                            "DisputeFundsReinstated", "DisputeClosed"})
+                            "DisputeFundsReinstated", "DisputeClosed", "DisputeFeeBooked"})
 
 
 def handler_for(event_type: str) -> Handler | None:

@@ -39,7 +39,10 @@ a lost dispute of an invoice's payment has the amount owed again, negative, and 
 id as ``reference``; a lost dispute's chargeback is booked as a refund and its rows (``GrantRefunded``, and a
 credit-unit package's money, ``PurchaseMoneyRefunded``) are ``dispute`` rows too, their detail starting with
 ``chargeback <dispute id>``. So the money rows of a currency sum to what was paid for packages net of refunds and
-chargebacks.
+chargebacks. Since session 14 the gateway's fee for a dispute is a ``dispute`` row too (``DisputeFeeBooked``, amount
+0: the operator's expense, not the customer's; detail ``fee charged N`` / ``fee given back N``, or ``fee N <unit> not
+booked`` in another currency; a reading that changed nothing has no row), and a partial chargeback's share of an order's bonus a ``void`` row
+(``GrantPartVoided``, detail ``chargeback <dispute id>; order_charged_back``).
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     if name == "GrantVoided":
         return {"type": "void", "amount": -int(d.get("remainder") or 0), "grant_id": d.get("grant_id"),
                 "user_id": d.get("voided_by"), "detail": d.get("reason")}
+    if name == "GrantPartVoided":  # a partial chargeback's share of an order's bonus (since session 14)
+        dispute = chargeback_of(d)
+        return {"type": "void", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
+                "user_id": d.get("voided_by"),
+                "detail": f"chargeback {dispute}; {d.get('reason')}" if dispute else d.get("reason")}
     if name == "GrantRefunded":
         # A purchase in the currency gives back its tax with the credit: the row says what was paid back.
         tax = int(d.get("tax_amount") or 0)
@@ -166,8 +174,9 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     return None
 
 
-def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any]:
-    """A dispute's own events: the customer's credit never moves with them (the chargeback's refund rows do)."""
+def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any] | None:
+    """A dispute's own events: the customer's credit never moves with them (the chargeback's refund rows do). A fee
+    reading that changed nothing (the gateway's fee as before, recorded for its time) is no movement: no row."""
     dispute, amount = d.get("dispute") or str(d.get("key") or "").partition("/")[2], 0
     if name == "DisputeRaised":
         notes = ["opened"]
@@ -175,6 +184,14 @@ def _dispute_movement(name: str, d: dict[str, Any]) -> dict[str, Any]:
         notes = [f"funds withdrawn {int(d['amount'])}"]
     elif name == "DisputeFundsReinstated":
         notes = [f"funds reinstated {int(d['amount'])}"]
+    elif name == "DisputeFeeBooked":  # the operator's expense: the customer's credit does not move
+        change = int(d.get("amount") or 0)
+        if d.get("unbooked"):
+            notes = [f"fee {int(d['fee'])} {d.get('unit')} not booked (another currency)"]
+        elif change:
+            notes = [f"fee charged {change}" if change > 0 else f"fee given back {-change}"]
+        else:
+            return None
     else:
         owed = d.get("owed") if isinstance(d.get("owed"), dict) else {}
         amount = -int(owed.get("receivable") or 0)  # an invoice's payment taken back: owed again
@@ -208,8 +225,9 @@ _INVOICE_TYPES = {"InvoiceBilled": "invoice_billed", "InvoicePaid": "invoice_pai
                   "InvoiceBillVoided": "invoice_voided", "InvoicePaymentRefunded": "invoice_refunded"}
 _ROUNDING_TYPES = {"InvoicedOverageRounded": "invoice_rounding",
                    "InvoicedOverageRoundingReversed": "invoice_rounding_reversed"}
-_DISPUTE_EVENTS = frozenset({"DisputeRaised", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed"})
-_MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "InvoiceChargeRounded", "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
+_DISPUTE_EVENTS = frozenset({"DisputeRaised", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed",
+                             "DisputeFeeBooked"})
+_MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "InvoiceChargeRounded", "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided", "GrantPartVoided",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 

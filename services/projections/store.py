@@ -43,7 +43,9 @@ from billing_runtime.db import Connection, Database
 #     chargebacks / chargeback_tax (no longer in refunds) and disputed.
 # 17: grants.set_aside_at (a plan credit set aside at its period's end for its late usage, ``GrantSetAside``): the
 #     wallets' late_usage_reserve, out of available.
-SCHEMA_VERSION = "17"
+# 18: figures' dispute_fees (what gateways charged for disputes, ``DisputeFeeBooked``); the history's dispute rows show
+#     the fee, and a partial chargeback's share of an order's bonus (``GrantPartVoided``) as a void row.
+SCHEMA_VERSION = "18"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

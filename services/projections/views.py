@@ -201,7 +201,7 @@ def figures_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
 MONEY_CARDS = (("funds_in", "Funds taken in"), ("top_ups", "Top-ups"), ("consumed", "Credit consumed"),
                ("tax_collected", "Tax collected"), ("refunds", "Refunds (money paid back)"),
                ("credit_notes", "Credit notes (account credit)"), ("breakage", "Breakage"),
-               ("chargebacks", "Chargebacks (lost card disputes)"))
+               ("chargebacks", "Chargebacks (lost card disputes)"), ("dispute_fees", "Dispute fees (gateways)"))
 CREDIT_CARDS = (("top_ups", "Credits bought"), ("plan_grants", "Credits granted by plans"),
                 ("promotional", "Credits given (promotions, manual)"), ("consumed", "Credits consumed"),
                 ("breakage", "Credits lapsed"))

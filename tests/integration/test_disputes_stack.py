@@ -9,11 +9,13 @@ chargeback of 50.00, and ``billing audit verify`` agrees with the projection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -70,32 +72,39 @@ def webhook(name: str, entity: str, entity_id: str, tenant: str) -> tuple[bytes,
                   "Content-Type": "application/json"}
 
 
-async def through_ingest(stack: Stack, api: RazorpayApi, steps: list[tuple[str, str, str, str, int]]) -> None:
-    """Each webhook through ingest's route, on the stack's Kafka and ingest schema; ``steps``: (webhook, entity,
-    id, dispute status to answer, expected HTTP status)."""
-    settings = Settings(database_url=stack.env["DATABASE_URL"], namespace=stack.namespace,
-                        razorpay_key_id="rzp_key", razorpay_key_secret="rzp_secret", razorpay_webhook_secret=SECRET)
+@contextlib.asynccontextmanager
+async def ingest_webhooks(stack: Stack, name: str, gateway: Any, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """Ingest's webhook route for ``gateway`` (its API answered offline) on the stack's Kafka and ingest schema."""
     db = await open_database("ingest", settings)
     bus = KafkaBus(stack.env["KAFKA_BOOTSTRAP_SERVERS"], namespace=stack.namespace, client_id="dispute-test")
     await bus.start()
-    gateway = razorpay.build(settings, transport=httpx.MockTransport(api))
-    assert gateway is not None
-    webhooks = PaymentWebhooks(db, bus, {"razorpay": gateway})
+    webhooks = PaymentWebhooks(db, bus, {name: gateway})
     await webhooks.setup()
     app = create_app("ingest (dispute test)", settings)
     app.include_router(build_webhook_router(webhooks, settings.webhook_body_bytes_max))
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as http:
-            for name, entity, entity_id, status, expected in steps:
-                if status:
-                    api.dispute(status, deducted=5000 if status == "lost" else 0)
-                body, headers = webhook(name, entity, entity_id, api.tenant)
-                response = await http.post("/v1/webhooks/razorpay", content=body, headers=headers)
-                assert response.status_code == expected, response.text
+            yield http
     finally:
         await webhooks.close()
         await bus.stop()
         await db.close()
+
+
+async def through_ingest(stack: Stack, api: RazorpayApi, steps: list[tuple[str, str, str, str, int]]) -> None:
+    """Each webhook through ingest's route, on the stack's Kafka and ingest schema; ``steps``: (webhook, entity,
+    id, dispute status to answer, expected HTTP status)."""
+    settings = Settings(database_url=stack.env["DATABASE_URL"], namespace=stack.namespace,
+                        razorpay_key_id="rzp_key", razorpay_key_secret="rzp_secret", razorpay_webhook_secret=SECRET)
+    gateway = razorpay.build(settings, transport=httpx.MockTransport(api))
+    assert gateway is not None
+    async with ingest_webhooks(stack, "razorpay", gateway, settings) as http:
+        for name, entity, entity_id, status, expected in steps:
+            if status:
+                api.dispute(status, deducted=5000 if status == "lost" else 0)
+            body, headers = webhook(name, entity, entity_id, api.tenant)
+            response = await http.post("/v1/webhooks/razorpay", content=body, headers=headers)
+            assert response.status_code == expected, response.text
 
 
 def rows(stack: Stack, tenant: str, path: str) -> list[dict[str, Any]]:
@@ -138,6 +147,67 @@ def test_a_lost_dispute_through_ingest_takes_the_credit_back_once_and_shows_as_a
     wait_until(lambda: [f["chargebacks"] for f in rows(stack, tenant, "figures?granularity=month")
                         if f["unit"] == "USD"] == ["50.00"], timeout=30, what="the chargeback in the figures")
 
+    for name, value in stack.env.items():
+        monkeypatch.setenv(name, value)
+    verified = CliRunner().invoke(audit_cli, ["verify", "--tenant", tenant, "--projections-url",
+                                              stack.projections_url, "--wait-seconds", "30"])
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.output)["ok"]
+
+
+async def through_stripe(stack: Stack, api: Any, steps: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+    """Stripe's signed webhooks through ingest's route; ``steps``: (event type, event id, object, the object as
+    Stripe's API answers it then: a payment intent or the dispute)."""
+    from billing_ingest.webhooks import stripe as stripe_gateway
+
+    from tests.unit.ingest.test_webhook_disputes import stripe_event
+    from tests.unit.ingest.test_webhooks_stripe import SETTINGS as STRIPE_SETTINGS
+    from tests.unit.ingest.test_webhooks_stripe import signed
+
+    settings = Settings(database_url=stack.env["DATABASE_URL"], namespace=stack.namespace,
+                        stripe_api_key=STRIPE_SETTINGS.stripe_api_key,
+                        stripe_webhook_secret=STRIPE_SETTINGS.stripe_webhook_secret)
+    gateway = stripe_gateway.build(settings, http_client=api)
+    assert gateway is not None
+    async with ingest_webhooks(stack, "stripe", gateway, settings) as http:
+        for event_type, event_id, path, answer in steps:
+            api.objects[path] = answer
+            body = stripe_event(event_type, answer, event_id)
+            response = await http.post("/v1/webhooks/stripe", content=body.encode(), headers=signed(body))
+            assert response.status_code == 200, response.text
+
+
+def test_a_stripe_dispute_fee_through_ingest_is_the_operators_expense_in_the_books_and_the_figures(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Stripe payment of 50.00, disputed: Stripe withdraws the 50.00 and charges its 15.00 dispute fee (the
+    withdrawal's balance transaction), and the dispute is lost. The chargeback takes the credit back; the fee, taken
+    from the gateway's balance too, is booked as the operator's expense (``dispute_fees``), not the tenant's, and
+    shows in the figures and the history; ``billing audit verify`` agrees with the projection."""
+    from tests.unit.ingest.test_webhook_disputes import stripe_dispute
+    from tests.unit.ingest.test_webhooks_stripe import FakeStripeApi
+
+    tenant = f"dispfee-{uuid.uuid4().hex[:6]}"
+    apply_accounts(stack, tmp_path, [tenant], amount="20.00")
+    wait_balance(stack, tenant, Decimal("20.00"))
+    api = FakeStripeApi()
+    api.intent("pi_F1", amount=5000, metadata={"tenant": tenant, "order_id": "order-f1"})
+    intent = api.objects["/v1/payment_intents/pi_F1"]
+    disputed = {**stripe_dispute(amount=5000), "id": "dp_F1", "payment_intent": "pi_F1"}
+    asyncio.run(through_stripe(stack, api, [
+        ("payment_intent.succeeded", "evt_pay_f1", "/v1/payment_intents/pi_F1", intent)]))
+    wait_balance(stack, tenant, Decimal("70.00"))
+    asyncio.run(through_stripe(stack, api, [
+        ("charge.dispute.funds_withdrawn", "evt_w_f1", "/v1/disputes/dp_F1", disputed),
+        ("charge.dispute.closed", "evt_l_f1", "/v1/disputes/dp_F1", {**disputed, "status": "lost"})]))
+
+    def usd_figures() -> tuple[Any, Any]:
+        found = next((f for f in rows(stack, tenant, "figures?granularity=month") if f["unit"] == "USD"), {})
+        return found.get("chargebacks"), found.get("dispute_fees")
+
+    wait_until(lambda: usd_figures() == ("50.00", "15.00"), timeout=30, what="the chargeback and its fee in the figures")
+    wait_balance(stack, tenant, Decimal("20.00"))  # the 50.00 charged back; the fee is not the tenant's
+    fee_rows = [r for r in rows(stack, tenant, "transactions?type=dispute") if r["detail"].startswith("fee")]
+    assert [(r["reference"], r["amount"], r["wallet_delta"]) for r in fee_rows] == [("dp_F1", "0.00", "0.00")]
     for name, value in stack.env.items():
         monkeypatch.setenv(name, value)
     verified = CliRunner().invoke(audit_cli, ["verify", "--tenant", tenant, "--projections-url",

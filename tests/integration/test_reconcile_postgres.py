@@ -48,7 +48,8 @@ async def test_usage_priced_on_a_refused_events_quantity_is_made_right_once_on_p
 
 async def test_reconcile_disputes_finds_a_rejected_chargeback_in_the_postgres_store(
         infra: dict[str, str], tmp_path: Path) -> None:
-    """The rejected dispute commands come from the receipts in PostgreSQL's notification log (bytea states)."""
+    """The rejected dispute commands come from the tenant's index of them in PostgreSQL (its DisputeRejections), and
+    from the receipts in the notification log (bytea states) with --scan-receipts, each listed once."""
     import asyncpg
     from billing_ledger.application import LedgerApplication, persistence_env
     from billing_runtime.db import ensure_schema
@@ -70,15 +71,16 @@ async def test_reconcile_disputes_finds_a_rejected_chargeback_in_the_postgres_st
             setup(app)
             order = place(app, "o1", amount="50")
             pay(app, order)
-            part = dispute("dispute_closed", order, "20.00", "evt_part", outcome="lost", dispute_id="dp_part")
-            assert deliver(app, part).outcome == "rejected"
+            over = dispute("dispute_closed", order, "70.00", "evt_over", outcome="lost", dispute_id="dp_over")
+            assert deliver(app, over).outcome == "rejected"
         finally:
             app.close()
 
     await asyncio.to_thread(record)
     env = {"DATABASE_URL": infra["DATABASE_URL"], "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(tmp_path)}
-    result = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "disputes", "--tenant", TENANT,
-                                                               "--format", "json"], env=env)
-    assert result.exit_code == 1, result.output
-    assert [(r["kind"], r["reason"]) for r in json.loads(result.output)["rejected"]] == [
-        ("dispute.closed", "partial_refund")]
+    for flags in ([], ["--scan-receipts"]):
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "disputes", "--tenant", TENANT,
+                                                                   "--format", "json", *flags], env=env)
+        assert result.exit_code == 1, result.output
+        assert [(r["kind"], r["reason"], r["dispute"]) for r in json.loads(result.output)["rejected"]] == [
+            ("dispute.closed", "refund_exceeds_order", "dp_over")]

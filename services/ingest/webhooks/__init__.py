@@ -89,27 +89,34 @@ class ConfirmedPayment:
     dispute: str | None = None
     disputed_payment: str | None = None
     dispute_outcome: DisputeOutcome | None = None
+    # The gateway's fee for the dispute so far, net of what it gave back, and its currency (since session 14; see
+    # PaymentNotification.dispute_fee). None: the gateway's API states none.
+    dispute_fee: tuple[Decimal, str] | None = None
 
     def notification(self, event: VerifiedEvent, now: datetime) -> PaymentNotification:
+        fee, fee_currency = self.dispute_fee if self.dispute_fee is not None else (None, None)
         return PaymentNotification(gateway=event.gateway, gateway_event_id=event.event_id, kind=self.kind,
                                    tenant=self.tenant, order_id=self.order_id, amount=self.amount,
                                    currency=self.currency, verified_at=now, gateway_reference=self.reference,
                                    invoice_id=self.invoice_id, refunded_payment=self.refunded_payment,
                                    dispute=self.dispute, disputed_payment=self.disputed_payment,
-                                   dispute_outcome=self.dispute_outcome)
+                                   dispute_outcome=self.dispute_outcome, dispute_fee=fee,
+                                   dispute_fee_currency=fee_currency)
 
 
 def dispute_movement(kind: PaymentKind, who: tuple[str, str], amount: Decimal, code: str, dispute: str,
                      payment: str | None, *, outcome: DisputeOutcome | None = None, movement: str | None = None,
-                     invoice_id: str | None = None) -> ConfirmedPayment:
+                     invoice_id: str | None = None, fee: tuple[Decimal, str] | None = None) -> ConfirmedPayment:
     """A dispute's movement as the core publishes it: one per (gateway, kind, reference). The reference is the
     dispute for its opening, ``movement`` (the gateway's id of a withdrawal or reinstatement) or the dispute with a
     suffix for its money movements, and ``<dispute>/<outcome>`` for its close, so a won dispute that is lost later
-    (an appeal, a pre-arbitration) is a new movement while a second event of one outcome is ``already_notified``."""
+    (an appeal, a pre-arbitration) is a new movement while a second event of one outcome is ``already_notified``.
+    ``fee``: the gateway's fee for the dispute so far as its API shows it (amount, ISO 4217 code), every movement
+    carrying the latest reading."""
     reference = {"dispute_opened": dispute, "dispute_closed": f"{dispute}/{outcome}"}.get(
         kind, movement or f"{dispute}/{kind.removeprefix('dispute_')}")
     return ConfirmedPayment(kind, who[0], who[1], amount, code, reference, invoice_id, dispute=dispute,
-                            disputed_payment=payment, dispute_outcome=outcome)
+                            disputed_payment=payment, dispute_outcome=outcome, dispute_fee=fee)
 
 
 @dataclass(frozen=True, slots=True)

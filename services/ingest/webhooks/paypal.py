@@ -21,7 +21,8 @@ Disputes: ``CUSTOMER.DISPUTE.CREATED`` (opened) and ``CUSTOMER.DISPUTE.RESOLVED`
 dispute is re-fetched (``GET /v1/customer/disputes/{dispute_id}``) and so is the capture it disputes (the first
 ``disputed_transactions[].seller_transaction_id``), whose ``custom_id`` / ``invoice_id`` attribute it. Amount: the
 ``dispute_amount``; a lost dispute's ``dispute_outcome.amount_refunded`` when PayPal gives it. PayPal announces no
-separate withdrawal: the books follow the outcome. ``CUSTOMER.DISPUTE.UPDATED`` is ignored.
+separate withdrawal: the books follow the outcome. ``CUSTOMER.DISPUTE.UPDATED`` is ignored. Every movement carries the
+dispute's fees so far (``dispute_fee``: the seller's fee money movements, ``DISPUTE_FEE_REASONS``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -62,6 +64,8 @@ TRANSMISSION_HEADERS = {
 }
 TOKEN_REFRESH_MARGIN_SECONDS = 60
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+# The seller's money movements of a dispute that are fees PayPal charged (or, credited, gave back).
+DISPUTE_FEE_REASONS = frozenset({"DISPUTE_FEE", "CHARGEBACK_FEE", "DISPUTE_SETTLEMENT_FEE"})
 DISPUTE_OUTCOMES = {"RESOLVED_BUYER_FAVOUR": "lost", "ACCEPTED": "lost", "RESOLVED_SELLER_FAVOUR": "won",
                     "DENIED": "won", "RESOLVED_WITH_PAYOUT": "won", "CANCELED_BY_BUYER": "closed", "NONE": "closed"}
 DISPUTE_EVENTS = {"CUSTOMER.DISPUTE.CREATED": "dispute_opened", "CUSTOMER.DISPUTE.RESOLVED": "dispute_closed"}
@@ -215,10 +219,11 @@ class PayPalGateway:
             money = money if isinstance(money, dict) else {}
             unit = currency(str(money.get("currency_code")))
             amount = parse_decimal(money.get("value"), field="amount")
+            fee = dispute_fee(dispute)
         except MoneyError as exc:
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"PayPal's dispute amount is not usable: {exc}")
         return dispute_movement(kind, who, amount, unit.code, dispute_id, capture_id,
-                                outcome=outcome)  # type: ignore[arg-type]
+                                outcome=outcome, fee=fee)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -272,6 +277,28 @@ def _confirmed(kind: str, collection: str, resource_id: str, obj: dict[str, Any]
     refunded = _refunded_capture(obj) if collection == "refunds" else None
     return ConfirmedPayment(kind, who[0], who[1], amount, unit.code, resource_id,  # type: ignore[arg-type]
                             refunded_payment=refunded)
+
+
+def dispute_fee(dispute: dict[str, Any]) -> tuple[Decimal, str] | None:
+    """The fees PayPal has charged the seller for a dispute so far, net of what it gave back: its ``money_movements``
+    of the seller (``affected_party``, or ``party``) for a fee (``reason`` in ``DISPUTE_FEE_REASONS``), a ``DEBIT``
+    adding and a ``CREDIT`` taking off, in their currency. None: no fee movement (yet). ``MoneyError`` when PayPal's
+    answer is not usable (several currencies, an unknown direction, a negative net)."""
+    movements = [m for m in dispute.get("money_movements") or () if isinstance(m, dict)
+                 and m.get("reason") in DISPUTE_FEE_REASONS and (m.get("affected_party") or m.get("party")) == "SELLER"]
+    if not movements:
+        return None
+    total, codes = Decimal(0), set()
+    for movement in movements:
+        money = movement.get("amount") if isinstance(movement.get("amount"), dict) else {}
+        codes.add(currency(str(money.get("currency_code"))).code)
+        value = parse_decimal(money.get("value"), field="dispute fee")
+        if movement.get("type") not in ("DEBIT", "CREDIT"):
+            raise MoneyError(f"a dispute fee movement of type {movement.get('type')!r}, neither DEBIT nor CREDIT")
+        total += value if movement["type"] == "DEBIT" else -value
+    if len(codes) != 1 or total < 0:
+        raise MoneyError(f"dispute fees of {total} in {sorted(codes)}")
+    return total, codes.pop()
 
 
 def _refunded_capture(refund: dict[str, Any]) -> str | None:

@@ -19,7 +19,8 @@ Events acted on (anything else is answered 200 ``ignored``):
   as for a refund (the intent's metadata, else its checkout session). ``funds_withdrawn`` needs a withdrawal among
   the dispute's ``balance_transactions`` (amount < 0), ``funds_reinstated`` a reinstatement (amount > 0): each is
   published with that balance transaction as its reference. ``closed`` needs a final status: ``won``, ``lost``, or
-  ``warning_closed`` / ``prevented`` (an inquiry closed, no chargeback: outcome ``closed``).
+  ``warning_closed`` / ``prevented`` (an inquiry closed, no chargeback: outcome ``closed``). Every movement carries the
+  dispute's fee so far (``dispute_fee``: the fee of its balance transactions, net of a fee Stripe gave back).
 * ``payment_method.updated`` / ``payment_method.automatically_updated`` (the account updater renewed a saved card):
   the PaymentMethod re-fetched (its customer expanded); a card whose ``metadata.tenant`` (else its customer's)
   names a tenant becomes a ``payment_method.card_update`` ledger command with the card's brand, last4, exp_month
@@ -31,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
 from functools import partial
 from typing import Any
 
@@ -257,7 +259,8 @@ class StripeGateway:
                                     f"Stripe says dispute {dispute_id} is {status}, not closed.")
         payment = _id_of(intent) or _id_of(dispute.get("charge"))
         return dispute_movement(kind, who, amount, code, dispute_id, payment, outcome=outcome,  # type: ignore[arg-type]
-                                movement=movement, invoice_id=invoice_reference(metadata))
+                                movement=movement, invoice_id=invoice_reference(metadata),
+                                fee=dispute_fee(dispute))
 
     async def _confirm_card(self, method_id: str) -> Confirmation:
         method = (await self._client.v1.payment_methods.retrieve_async(
@@ -285,6 +288,22 @@ class StripeGateway:
         for session in sessions.to_dict().get("data", []):
             return attribution(session.get("metadata"))
         return None
+
+
+def dispute_fee(dispute: Mapping[str, Any]) -> tuple[Decimal, str] | None:
+    """The fee Stripe has charged for a dispute so far, net of what it gave back: the sum of the ``fee`` of the
+    dispute's balance transactions (the withdrawal's dispute fee, e.g. 1500; a reinstatement's negative fee where
+    Stripe returns it on a won dispute), in their currency (the account's settlement currency). None: no balance
+    transaction yet (an inquiry; nothing withdrawn). ``MoneyError`` when Stripe's answer is not usable (a fee that is
+    no integer, transactions in several currencies, a negative net): the movement is not confirmed."""
+    transactions = [t for t in dispute.get("balance_transactions") or () if isinstance(t, dict)]
+    if not transactions:
+        return None
+    currencies = {str(t.get("currency")) for t in transactions}
+    fees = [t.get("fee") for t in transactions]
+    if len(currencies) != 1 or not all(isinstance(f, int) and not isinstance(f, bool) for f in fees):
+        raise MoneyError(f"the dispute's balance transactions carry no usable fee: {fees} in {sorted(currencies)}")
+    return minor_units_to_amount(sum(fees), currencies.pop(), STRIPE_SCALE_OVERRIDES)  # type: ignore[arg-type]
 
 
 def _id_of(value: Any) -> str | None:

@@ -162,6 +162,8 @@ Disputes (chargebacks, since session 13)
     won or closed, that is all; lost, the caller books the chargeback as a gateway refund (``refund_grant``) that
     takes the money out of clearing once, or, for an invoice's payment, ``owed`` makes it receivable again (unbilled
     under ``OWED_CHARGEBACK_KEY_PREFIX``). A lost dispute never changes its outcome (``DisputeOutcomeChanged``).
+    The gateway's fee for a dispute (since session 14) follows its latest reading (``book_dispute_fee``): Dr
+    ``DISPUTE_FEES`` / Cr ``GATEWAY_CLEARING`` the change, back when the gateway gives some back.
 
 Idempotency
     Grant ids (and positive adjustment ids, which become grant ids) are refused when repeated
@@ -364,7 +366,8 @@ class BillingAccount(ChainedAggregate):
         # Disputes of the account's payments (``open_dispute``, since session 13): "<gateway>/<dispute id>" ->
         # {"key", "gateway", "dispute", "order_id", "payment", "invoice", "unit", "amount", "status" (open, won, lost,
         # closed), "withdrawn" (sub-units the gateway withdrew and holds: in DISPUTED_FUNDS), "opened_at",
-        # "closed_at"}.
+        # "closed_at", and since session 14 (format 25) "fee" (the gateway's fee booked, in DISPUTE_FEES), "fee_at" (the
+        # time of the reading it follows) and "fee_unbooked" ({"unit", "amount"}: a fee in another currency)}.
         self._disputes: dict[str, dict[str, Any]] = {}
         if low_balance_threshold is not None:
             self._low_balance[currency] = {
@@ -723,6 +726,23 @@ class BillingAccount(ChainedAggregate):
             return None
         return {"unit": unit, "paid_back": paid_back, "refunds": list(g["refunds_paid_back"])}
 
+    def paid_money(self, grant_id: UUID) -> dict[str, Any] | None:
+        """What was paid for a paid grant and what its refunds gave back of it, in the currency it was paid in:
+        ``unit``, ``net``, ``tax``, ``refunded_net``, ``refunded_tax``, and ``credit`` / ``refunded`` (the grant's credit
+        and what of it was refunded, in the grant's own unit). A grant in the currency: its credit is the net and its
+        tax on it; a credit-unit grant: the money booked for it (:meth:`book_purchase_money`). ``None`` when that money
+        is not known (a credit-unit grant whose money was never booked)."""
+        g = self._grant(grant_id)
+        money = g.get("money")
+        if money is not None:
+            paid = {k: money[k] for k in _MONEY_KEYS}
+        elif is_currency_code(g["unit"]):
+            paid = {"unit": g["unit"], "net": g["amount"], "tax": g["tax_amount"], "refunded_net": g["refunded"],
+                    "refunded_tax": g["refunded_tax"]}
+        else:
+            return None
+        return {**paid, "credit": g["amount"], "refunded": g["refunded"]}
+
     def purchase_money_due(self, now: datetime) -> bool:
         """Whether the sweeper should run :meth:`recognise_purchase_money` at ``now`` (cheap: no postings).
 
@@ -950,6 +970,36 @@ class BillingAccount(ChainedAggregate):
         )
         if thresholds:
             self._check_thresholds(g["unit"], at)
+
+    def void_grant_part(self, *, grant_id: UUID, amount: int, reason: str, voided_by: str, at: datetime,
+                        cause: dict[str, Any]) -> int:
+        """Takes up to ``amount`` of a non-paid grant's remaining credit back to the account that funded it (Dr
+        TENANT_WALLET / Cr its funding account, ``GrantPartVoided``); the grant stays open with the rest. What of it
+        was used stays used: at most what is left is taken. A partial chargeback of a checkout order voids that share
+        of the order's bonus so (``order_chargebacks``). No alerts here: the caller moves more of the unit and calls
+        :meth:`check_thresholds` once. Returns what was taken (0: nothing left of it, nothing recorded)."""
+        g = self._grant(grant_id)
+        _require_amount("amount", amount)
+        _require_text("reason", reason)
+        _require_text("voided_by", voided_by)
+        _require_time("at", at)
+        if g["source"] in PAID_SOURCES:
+            raise NotVoidable(f"grant {grant_id} was paid for: refund it instead")
+        take = min(amount, g["remaining"]) if g["status"] == "open" else 0
+        if take <= 0:
+            return 0
+        postings = [posting(LedgerAccount.TENANT_WALLET, g["unit"], take, g["grant_id"]),
+                    posting(LedgerAccount(g["funded_by"]), g["unit"], -take, g["grant_id"])]
+        assert_balanced(postings)
+        self._grant_part_voided(grant_id=grant_id, unit=g["unit"], amount=take, reason=reason, voided_by=voided_by,
+                                postings=postings, cause=dict(cause), at=at)
+        return take
+
+    @event("GrantPartVoided")
+    def _grant_part_voided(self, grant_id: UUID, unit: str, amount: int, reason: str, voided_by: str,
+                           postings: list[Posting], cause: dict[str, Any], at: datetime) -> None:
+        self._grants[str(grant_id)]["remaining"] -= amount
+        self._update_arming(unit)
 
     def check_thresholds(self, unit: str, at: datetime, *, top_up: bool = True) -> None:
         """The alerts of a command that moved ``unit`` several times (``void_grant(thresholds=False)`` then a
@@ -1497,6 +1547,7 @@ class BillingAccount(ChainedAggregate):
         cause: dict[str, Any],
         tax_amount: int | None = None,
         reclaim_reversed: bool = False,
+        money: tuple[int, int] | None = None,
     ) -> None:
         """Pays back ``amount`` (+ ``tax_amount``) of a paid grant through the gateway.
 
@@ -1520,7 +1571,9 @@ class BillingAccount(ChainedAggregate):
         ``GrantRefunded``): after refunds of ``r`` of the grant's ``amount`` credit, ``floor(net * r /
         amount)`` of the net and ``floor(tax * r / amount)`` of the tax have been paid back, each floored to the
         currency's minor unit, so a full refund reverses exactly what was booked and no refund ever pays back
-        more money or tax than was collected.
+        more money or tax than was collected. ``money`` (net, tax), since session 14: the share of that money this refund
+        pays back when the caller knows it exactly (a partial chargeback takes exactly the money the bank took back,
+        ``order_chargebacks``), at most what is left of each; the floors above then catch up from it.
 
         Usage of the grant given back after it lapsed (``reversed``) is the customer's again as ``usage_reversal``
         credit, so a refund may pay back only ``amount - refunded - reversed`` (``refund_exceeds_grant``). With
@@ -1576,7 +1629,7 @@ class BillingAccount(ChainedAggregate):
                 postings.append(posting(account, unit, part, gid))
         reclaimed = self._reclaim_reversal(g, reclaim, at, postings) if reclaim else None
         assert_balanced(postings)
-        money_back = self._money_refund(g, amount, from_wallet, from_breakage, from_adjustment, gid)
+        money_back = self._money_refund(g, amount, from_wallet, from_breakage, from_adjustment, gid, money)
         self._grant_refunded(
             refund_id=refund_id,
             grant_id=grant_id,
@@ -1601,7 +1654,8 @@ class BillingAccount(ChainedAggregate):
         self._check_thresholds(unit, at, top_up=False)
 
     def _money_refund(
-        self, g: GrantRecord, amount: int, from_wallet: int, from_breakage: int, from_adjustment: int, gid: str
+        self, g: GrantRecord, amount: int, from_wallet: int, from_breakage: int, from_adjustment: int, gid: str,
+        exact: tuple[int, int] | None = None,
     ) -> dict[str, Any] | None:
         """The currency reversal refunding ``amount`` more of ``g``'s credit takes (``None``: nothing).
 
@@ -1617,6 +1671,12 @@ class BillingAccount(ChainedAggregate):
         # sub-cent amounts (before they were floored) pays back nothing until the floor catches up.
         net = max(0, _refunded_share(money["net"], refunded, g["amount"], money["unit"]) - money["refunded_net"])
         tax = max(0, _refunded_share(money["tax"], refunded, g["amount"], money["unit"]) - money["refunded_tax"])
+        if exact is not None:  # the caller's exact share of the money (a partial chargeback): never beyond what is left
+            net, tax = exact
+            if min(net, tax) < 0 or money["refunded_net"] + net > money["net"] \
+                    or money["refunded_tax"] + tax > money["tax"]:
+                raise RefundExceedsGrant(f"{_money(net, money['unit'])} + {_money(tax, money['unit'])} tax is more "
+                                         f"than grant {gid} has left of the money paid for it")
         assert money["refunded_net"] + net <= money["net"] and money["refunded_tax"] + tax <= money["tax"]
         if net + tax == 0:
             return None
@@ -1890,7 +1950,8 @@ class BillingAccount(ChainedAggregate):
                         invoice: str | None, unit: str, amount: int, at: datetime) -> None:
         self._disputes[key] = {"key": key, "gateway": gateway, "dispute": dispute, "order_id": order_id,
                                "payment": payment, "invoice": invoice, "unit": unit, "amount": amount,
-                               "status": "open", "withdrawn": 0, "opened_at": at, "closed_at": None}
+                               "status": "open", "withdrawn": 0, "opened_at": at, "closed_at": None,
+                               "fee": 0, "fee_at": None, "fee_unbooked": None}
 
     def withdraw_dispute_funds(self, *, key: str, amount: int, at: datetime) -> bool:
         """The gateway took ``amount`` of the disputed money out of our balance while the dispute is decided: it
@@ -1977,6 +2038,48 @@ class BillingAccount(ChainedAggregate):
         d.update(status=outcome, withdrawn=0, closed_at=at, amount=amount)
         if owed:
             self._owe_reclaimed(unit, owed, ())
+
+    def book_dispute_fee(self, *, key: str, fee: int, unit: str, at: datetime) -> int | None:
+        """The gateway's fee for dispute ``key`` as its API showed it when a notification of the dispute was verified
+        at ``at``: ``fee`` in all (what it charged for the dispute less what it gave back, in ``unit``). The books follow
+        it (``DisputeFeeBooked``): the change since the last reading leaves clearing for DISPUTE_FEES (Dr DISPUTE_FEES /
+        Cr GATEWAY_CLEARING), or comes back when the gateway gave some back (a won Stripe dispute, in some regions). A
+        reading older than the last one applied (notifications crossed) moves nothing, so the latest reading wins in
+        any order of delivery and a repeated one changes nothing. A fee in another currency than the dispute's (a
+        gateway account settling in another currency) cannot be booked on this account, whose units are its own
+        currency and credit types: it is recorded as ``fee_unbooked`` for a person (``billing reconcile disputes``).
+        Every newer reading is recorded (its time is what decides against an older one delivered later). Returns the
+        change booked (sub-units; negative: given back; 0: none), None when the reading is older than the last or the
+        same one again (nothing recorded)."""
+        d = self._known_dispute(key)
+        _require_amount("fee", fee, allow_zero=True)
+        _require_text("unit", unit)
+        _require_time("at", at)
+        if d["fee_at"] is not None and at < d["fee_at"]:
+            return None  # an older reading than one applied already
+        foreign = unit != d["unit"]
+        change = 0 if foreign else fee - d["fee"]
+        unbooked = ({"unit": unit, "amount": fee} if fee else None) if foreign else d["fee_unbooked"]
+        if at == d["fee_at"] and not change and unbooked == d["fee_unbooked"]:
+            return None  # this reading again
+        # Every newer reading is recorded, a change or not: its time is what an older one that comes later loses to.
+        postings = [posting(LedgerAccount.DISPUTE_FEES, unit, change),
+                    posting(LedgerAccount.GATEWAY_CLEARING, unit, -change)] if change else []
+        if postings:
+            assert_balanced(postings)
+        self._dispute_fee_booked(key=key, unit=unit, fee=fee, amount=change, postings=postings, at=at,
+                                 **({"unbooked": True} if foreign else {}))
+        return change
+
+    @event("DisputeFeeBooked")
+    def _dispute_fee_booked(self, key: str, unit: str, fee: int, amount: int, postings: list[Posting], at: datetime,
+                            unbooked: bool = False) -> None:
+        d = self._disputes[key]
+        d["fee_at"] = at
+        if unbooked:
+            d["fee_unbooked"] = {"unit": unit, "amount": fee} if fee else None
+        else:
+            d["fee"] = fee
 
     def _known_dispute(self, key: str) -> dict[str, Any]:
         found = self._disputes.get(key)

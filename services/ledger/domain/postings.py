@@ -46,6 +46,11 @@ Chart of accounts (the platform's books, one tenant at a time)
     Money the gateway withdrew from our balance for an open dispute (a chargeback under way): no longer in
     clearing, not yet lost. Reinstated (a won dispute) it goes back to clearing; when the dispute is lost it goes
     back to clearing too and the chargeback pays it out from there like a refund, so clearing moves once.
+``DISPUTE_FEES`` (expense)
+    What gateways charge the operator for handling a dispute (Stripe's dispute fee in the dispute's balance
+    transactions, PayPal's dispute and chargeback fees in its money movements): a cost the operator bears, never
+    the tenant's. Paid out of the gateway's clearing; a fee the gateway gives back (a won Stripe dispute in some
+    regions) comes back to it (since session 14).
 ``TAX_PAYABLE`` (liability)
     Tax collected on purchases (computed by the caller, in the grant's unit), reversed by refunds.
 
@@ -103,7 +108,12 @@ dispute funds withdrawn    Dr DISPUTED_FUNDS / Cr GATEWAY_CLEARING (``DisputeFun
 dispute lost               Dr GATEWAY_CLEARING / Cr DISPUTED_FUNDS what was withdrawn (``DisputeClosed``), then
                            the chargeback as a refund of a purchase (above, with the override: spent credit
                            from RECOGNISED_REVENUE); of an invoice's payment: Dr RECEIVABLES / Cr
-                           GATEWAY_CLEARING, owed again
+                           GATEWAY_CLEARING, owed again; part of a checkout order's payment: that share of it
+                           (its credit, tax and bonus in proportion), the order stays paid
+dispute fee                Dr DISPUTE_FEES / Cr GATEWAY_CLEARING what the gateway charged for a dispute, the
+                           reverse what it gave back (``DisputeFeeBooked``: the change of its net fee)
+bonus voided in part       Dr TENANT_WALLET / Cr the account that funded the grant (``GrantPartVoided``: a
+                           partial chargeback's share of an order's bonus, at most what is left of it)
 =========================  ====================================================================
 
 Postings are plain dicts (JSON-transcodable by eventsourcing), never custom classes, because they are
@@ -128,6 +138,7 @@ class LedgerAccount(StrEnum):
     TAX_PAYABLE = "tax_payable"
     MANUAL_ADJUSTMENT = "manual_adjustment"
     DISPUTED_FUNDS = "disputed_funds"
+    DISPUTE_FEES = "dispute_fees"
 
 
 class GrantSource(StrEnum):

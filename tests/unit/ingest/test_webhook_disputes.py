@@ -32,17 +32,19 @@ from tests.unit.ingest.test_webhooks_stripe import FakeStripeApi, signed
 
 
 def stripe_dispute(status: str = "needs_response", *, withdrawn: bool = True, reinstated: bool = False,
-                   amount: int = 11900) -> dict[str, Any]:
+                   amount: int = 11900, fee_returned: bool = False) -> dict[str, Any]:
     """A dispute as Stripe's API answers it (``GET /v1/disputes/{id}``): funds are withdrawn when it is created
-    (a balance transaction of -amount with the 15.00 dispute fee) and reinstated when it is won."""
+    (a balance transaction of -amount with the 15.00 dispute fee) and reinstated when it is won (with the fee given
+    back, ``fee_returned``, where Stripe returns it)."""
     transactions = []
     if withdrawn:
         transactions.append({"id": "txn_withdrawn", "object": "balance_transaction", "amount": -amount,
                              "currency": "usd", "fee": 1500, "net": -amount - 1500, "reporting_category": "dispute",
                              "type": "adjustment", "status": "available"})
     if reinstated:
+        fee = -1500 if fee_returned else 0
         transactions.append({"id": "txn_reinstated", "object": "balance_transaction", "amount": amount,
-                             "currency": "usd", "fee": 0, "net": amount, "reporting_category": "dispute_reversal",
+                             "currency": "usd", "fee": fee, "net": amount - fee, "reporting_category": "dispute_reversal",
                              "type": "adjustment", "status": "pending"})
     return {"id": "dp_1", "object": "dispute", "amount": amount, "currency": "usd", "charge": "ch_1",
             "payment_intent": "pi_1", "status": status, "reason": "fraudulent", "is_charge_refundable": False,
@@ -107,6 +109,23 @@ async def test_a_redelivered_stripe_dispute_event_is_a_replay_and_another_event_
     other = await send_stripe(stripe_ingest, stripe_api, "charge.dispute.closed", "evt_closed_2", status="lost")
     assert other.json()["status"] == "already_notified"
     assert len(await stripe_ingest.published(topics.PAYMENTS)) == 1
+
+
+async def test_each_stripe_dispute_movement_carries_the_fee_its_balance_transactions_show(
+        stripe_ingest: Ingest, stripe_api: FakeStripeApi) -> None:
+    """Stripe's 15.00 dispute fee is in the withdrawal's balance transaction; on a won dispute (some regions) the
+    reinstatement's gives it back: the notifications carry the fee so far, net, as the API shows it then."""
+    steps = [("charge.dispute.created", "evt_created", {"withdrawn": False}),
+             ("charge.dispute.funds_withdrawn", "evt_withdrawn", {}),
+             ("charge.dispute.funds_reinstated", "evt_reinstated", {"reinstated": True, "fee_returned": True}),
+             ("charge.dispute.closed", "evt_closed", {"status": "won", "reinstated": True, "fee_returned": True})]
+    for event_type, event_id, state in steps:
+        response = await send_stripe(stripe_ingest, stripe_api, event_type, event_id, **state)
+        assert response.status_code == 200, response.text
+    seen = [PaymentNotification.model_validate(m) for m in await stripe_ingest.published(topics.PAYMENTS)]
+    assert [(n.kind, n.dispute_fee, n.dispute_fee_currency) for n in seen] == [
+        ("dispute_opened", None, None), ("dispute_funds_withdrawn", Decimal("15.00"), "USD"),
+        ("dispute_funds_reinstated", Decimal("0.00"), "USD"), ("dispute_closed", Decimal("0.00"), "USD")]
 
 
 @pytest.mark.parametrize(("status", "outcome"), [("won", "won"), ("warning_closed", "closed")])
@@ -233,13 +252,17 @@ class FakePayPalDisputes(FakePayPalApi):
         return super().__call__(request)
 
     def dispute(self, status: str = "WAITING_FOR_SELLER_RESPONSE", outcome: str | None = None,
-                refunded: str | None = None) -> None:
+                refunded: str | None = None, fees: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+        """``fees``: the seller's fee money movements, (type DEBIT or CREDIT, value in EUR)."""
         self.disputes["PP-D-1234"] = {
             "dispute_id": "PP-D-1234", "create_time": "2026-11-20T10:00:00.000Z", "reason": "UNAUTHORISED",
             "status": status, "dispute_amount": {"currency_code": "EUR", "value": "12.34"},
             "disputed_transactions": [{"seller_transaction_id": "CAP-1", "buyer_transaction_id": "4EX11",
                                        "seller": {"merchant_id": "MERCH1"}}],
             "dispute_life_cycle_stage": "CHARGEBACK", "dispute_channel": "EXTERNAL",
+            "money_movements": [{"affected_party": "SELLER", "amount": {"currency_code": "EUR", "value": value},
+                                 "initiated_time": "2026-11-21T10:00:00.000Z", "type": kind, "reason": "CHARGEBACK_FEE"}
+                                for kind, value in fees],
             **({"dispute_outcome": {"outcome_code": outcome,
                                     **({"amount_refunded": {"currency_code": "EUR", "value": refunded}}
                                        if refunded else {})}} if outcome else {})}
@@ -296,3 +319,26 @@ async def test_a_paypal_dispute_not_resolved_yet_is_not_confirmed(paypal_ingest:
                                              content=paypal_event("CUSTOMER.DISPUTE.RESOLVED", "WH-D-3"))
     assert response.status_code == 422
     assert await paypal_ingest.published(topics.PAYMENTS) == []
+
+
+async def test_a_paypal_dispute_carries_the_chargeback_fees_paypal_charged_the_seller(
+        paypal_ingest: Ingest, paypal_api: FakePayPalDisputes) -> None:
+    paypal_api.dispute("RESOLVED", "RESOLVED_BUYER_FAVOUR", refunded="12.34", fees=[("DEBIT", "20.00")])
+    lost = await paypal_ingest.http.post("/v1/webhooks/paypal", headers=transmission(),
+                                         content=paypal_event("CUSTOMER.DISPUTE.RESOLVED", "WH-D-4"))
+    assert lost.status_code == 200, lost.text
+    paypal_api.dispute("RESOLVED", "RESOLVED_SELLER_FAVOUR", fees=[("DEBIT", "20.00"), ("CREDIT", "20.00")])
+    won = await paypal_ingest.http.post("/v1/webhooks/paypal", headers=transmission(),
+                                        content=paypal_event("CUSTOMER.DISPUTE.RESOLVED", "WH-D-5"))
+    assert won.status_code == 200, won.text
+    first, second = await paypal_ingest.published(topics.PAYMENTS)
+    assert (first["dispute_fee"], first["dispute_fee_currency"]) == ("20.00", "EUR")
+    assert (Decimal(second["dispute_fee"]), second["dispute_fee_currency"]) == (Decimal(0), "EUR")
+
+
+async def test_a_razorpay_dispute_states_no_fee(razorpay_ingest: Ingest, razorpay_api: FakeRazorpayApi) -> None:
+    lost = await send_razorpay(razorpay_ingest, razorpay_api, "payment.dispute.lost", "evt_1", status="lost",
+                               deducted=49900)
+    assert lost.status_code == 200
+    [message] = await razorpay_ingest.published(topics.PAYMENTS)
+    assert message.get("dispute_fee") is None

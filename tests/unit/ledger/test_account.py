@@ -1418,6 +1418,13 @@ def _every_event_type() -> BillingAccount:
     assert account.receivable(USD) == receivable + 2 * U
     assert [(d["dispute"], d["status"], d["withdrawn"]) for d in account.disputes()] == [
         ("dp_1", "won", 0), ("dp_2", "lost", 0), ("dp_3", "open", 2 * U)]
+    # The gateway's fee for dp_3 (booked), and one stated in another currency (recorded unbooked).
+    assert account.book_dispute_fee(key="stripe/dp_3", fee=U // 2, unit=USD, at=at(days=21)) == U // 2
+    assert account.book_dispute_fee(key="stripe/dp_1", fee=U // 2, unit="EUR", at=at(days=21)) == 0
+    # A partial chargeback's share of an order's bonus.
+    bonus = give(account, "bonus", 2 * U, source="promotion")
+    assert account.void_grant_part(grant_id=bonus, amount=U, reason="order_charged_back", voided_by="gateway",
+                                   at=at(days=21), cause={"dispute": "dp_2"}) == U
     assert promo
     return account
 

@@ -225,3 +225,24 @@ def test_a_chargeback_of_an_invoice_payment_is_a_chargeback_in_the_digest(tmp_pa
         assert summary["refunds"] == {} and summary["refund_count"] == 0
     finally:
         app.close()
+
+
+def test_dispute_fees_are_reported_on_their_own_line(ledger: LedgerApplication) -> None:
+    """Stripe's 15.00 fee on two disputes' withdrawals, given back on the one that is won: the digest says what the
+    day's disputes cost the operator, 15.00, as the projections' ``dispute_fees`` figure counts it."""
+    from tests.unit.payments.test_dispute_fees import with_fee
+    from tests.unit.payments.test_disputes import dispute
+    from tests.unit.payments.test_refund_before_payment import deliver
+    from tests.unit.payments.test_top_up_grants import pay, place
+
+    first, second = place(ledger, "o1", amount="100"), place(ledger, "o2", amount="50")
+    for order in (first, second):
+        pay(ledger, order)
+    for message in (with_fee(dispute("dispute_funds_withdrawn", first, "119.00", "evt_w1"), "15.00"),
+                    with_fee(dispute("dispute_funds_withdrawn", second, "59.50", "evt_w2", dispute_id="dp_2"), "15.00"),
+                    with_fee(dispute("dispute_closed", second, "59.50", "evt_won2", outcome="won", dispute_id="dp_2"),
+                             "0", later=60)):
+        assert deliver(ledger, message).outcome == "applied"
+    summary, _ = summarize(ledger, datetime.now(UTC).date(), 0)
+    assert summary["dispute_fees"] == {"USD": 1500 * 10**7}
+    assert "Dispute fees (gateways): 15.00 USD" in render(summary)

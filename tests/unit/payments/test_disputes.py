@@ -191,16 +191,6 @@ def test_a_lost_dispute_of_an_order_already_refunded_takes_nothing_twice(ledger:
     assert books(ledger) == {} and len(refunds(ledger)) == 1
 
 
-def test_a_partial_chargeback_of_an_order_is_rejected_for_reconciliation_and_changes_nothing(
-        ledger: LedgerApplication) -> None:
-    order = paid_top_up(ledger)
-    assert deliver(ledger, dispute("dispute_funds_withdrawn", order, "50.00", "evt_w")).outcome == "applied"
-    before = books(ledger)
-    part = deliver(ledger, dispute("dispute_closed", order, "50.00", "evt_lost", outcome="lost"))
-    assert (part.outcome, part.reason) == ("rejected", "partial_refund")
-    assert books(ledger) == before and status(ledger)["status"] == "open"  # type: ignore[index]
-
-
 def test_a_chargeback_of_a_payment_without_an_order_refunds_its_purchase_grant(ledger: LedgerApplication) -> None:
     bought = notification("payment_succeeded", "ext-9", "50.00", "evt_pay9", "pi_9")
     assert deliver(ledger, bought).outcome == "applied"
@@ -319,7 +309,7 @@ def test_a_disputes_notifications_in_any_order_and_redelivered_end_in_the_books_
 
 
 def test_billing_reconcile_disputes_lists_open_withdrawn_waiting_and_rejected_disputes(tmp_path: Path) -> None:
-    """dp_open: opened, nothing withdrawn; dp_held: 59.50 withdrawn, open; dp_part: a partial chargeback of an order
+    """dp_open: opened, nothing withdrawn; dp_held: 59.50 withdrawn, open; dp_over: a chargeback of more than the order
     (rejected); dp_turn: lost, then reported won (rejected); dp_wait: lost before its payment (waiting for it)."""
     app = fresh(tmp_path, "ledger")
     try:
@@ -330,7 +320,7 @@ def test_billing_reconcile_disputes_lists_open_withdrawn_waiting_and_rejected_di
         for message, outcome in (
                 (dispute("dispute_opened", o1, "59.50", "evt_1", dispute_id="dp_open"), "applied"),
                 (dispute("dispute_funds_withdrawn", o2, "59.50", "evt_2", dispute_id="dp_held"), "applied"),
-                (dispute("dispute_closed", o3, "20.00", "evt_3", outcome="lost", dispute_id="dp_part"), "rejected"),
+                (dispute("dispute_closed", o3, "70.00", "evt_3", outcome="lost", dispute_id="dp_over"), "rejected"),
                 (dispute("dispute_closed", o4, "59.50", "evt_4", outcome="lost", dispute_id="dp_turn"), "applied"),
                 (dispute("dispute_closed", o4, "59.50", "evt_5", outcome="won", dispute_id="dp_turn"), "rejected"),
                 (dispute("dispute_closed", o5, "59.50", "evt_6", outcome="lost", dispute_id="dp_wait",
@@ -348,8 +338,12 @@ def test_billing_reconcile_disputes_lists_open_withdrawn_waiting_and_rejected_di
     assert [(r["dispute"], r["order_id"], r["amount"], r["status"]) for r in found["awaiting_payment"]] == [
         ("dp_wait", o5["order_id"], "59.50", "awaiting_payment")]
     assert [(r["kind"], r["reason"], r["command_id"]) for r in found["rejected"]] == [
-        ("dispute.closed", "partial_refund", str(ids.command_id("dispute.closed", "stripe", "evt_3"))),
+        ("dispute.closed", "refund_exceeds_order", str(ids.command_id("dispute.closed", "stripe", "evt_3"))),
         ("dispute.closed", "dispute_outcome_changed", str(ids.command_id("dispute.closed", "stripe", "evt_5")))]
+    # What each rejected notification named and why, in words (recorded with the rejection since session 14).
+    assert [(r["dispute"], r["order_id"], r["amount"]) for r in found["rejected"]] == [
+        ("dp_over", o3["order_id"], "70.00"), ("dp_turn", o4["order_id"], "59.50")]
+    assert "more than order 'o3'" in found["rejected"][0]["detail"]
     table = CliRunner().invoke(cli, ["reconcile", "disputes", "--tenant", TENANT], env=env)
     assert table.exit_code == 1
     assert "2 open dispute(s), 1 with funds withdrawn" in table.output
@@ -357,3 +351,32 @@ def test_billing_reconcile_disputes_lists_open_withdrawn_waiting_and_rejected_di
     assert "2 dispute notification(s) rejected for reconciliation" in table.output
     none = CliRunner().invoke(cli, ["reconcile", "disputes", "--tenant", "other"], env=env)
     assert (none.exit_code, none.output.splitlines()[0]) == (0, "0 open dispute(s), 0 with funds withdrawn")
+
+
+def test_reconcile_disputes_reads_the_tenants_rejections_not_every_receipt_of_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command leaves a receipt (most of them usage debits), and receipts are keyed by command id alone: session
+    13 found a tenant's rejected dispute notifications by reading every receipt of the store. They are recorded on the
+    tenant's own index with the rejection now, and the listing reads no notification log at all."""
+    app = fresh(tmp_path, "ledger")
+    try:
+        order = place(app, "o1", amount="50")
+        pay(app, order)
+        for index in range(3):
+            use(app, "1", f"u{index}")
+        over = deliver(app, dispute("dispute_closed", order, "70.00", "evt_over", outcome="lost", dispute_id="dp_over"))
+        assert over.outcome == "rejected"
+        scans: list[Any] = []
+        real = app.recorder.select_notifications
+        monkeypatch.setattr(app.recorder, "select_notifications",
+                            lambda *args, **kwargs: scans.append(kwargs.get("topics")) or real(*args, **kwargs))
+        found = reconcile.disputes(app, [TENANT])
+        assert [(r.kind, r.reason, r.dispute) for r in found.rejected] == [
+            ("dispute.closed", "refund_exceeds_order", "dp_over")]
+        assert scans == []
+        # The scan is still there for rejections recorded before the index (--scan-receipts): the same one, once.
+        assert [r.command_id for r in reconcile.disputes(app, [TENANT], scan_receipts=True).rejected] == [
+            str(ids.command_id("dispute.closed", "stripe", "evt_over"))]
+        assert scans
+    finally:
+        app.close()

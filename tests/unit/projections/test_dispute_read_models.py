@@ -101,6 +101,70 @@ async def test_the_dashboard_shows_the_months_chargebacks_on_their_own_card(serv
 
 async def test_any_batching_of_a_disputes_events_gives_the_same_rows(tmp_path: Path) -> None:
     ledger = Ledger()
-    disputed_top_ups(ledger)
+    disputed_with_fees(ledger)
     first, *others = await dumps_by_batching(ledger.records(), tmp_path, seed=13, size_max=4, replay_all=True)
     assert all(dump == first for dump in others)
+
+
+def disputed_with_fees(ledger: Ledger) -> None:
+    """The two disputes above, Stripe's 15.00 dispute fee on each withdrawal; the won one's fee given back with its
+    close (its balance transactions net to no fee then)."""
+    disputed_top_ups(ledger)
+    for dispute, event, fee, minutes in (("dp_1", "evt_dp_1_fee", "15.00", 1), ("dp_2", "evt_dp_2_fee", "15.00", 1),
+                                         ("dp_2", "evt_dp_2_back", "0", 2)):
+        message = PaymentNotification(
+            gateway="stripe", gateway_event_id=event, kind="dispute_opened", tenant="acme", order_id="-",
+            amount=Decimal("119.00"), currency="USD", verified_at=DISPUTED_AT + timedelta(minutes=minutes),
+            dispute=dispute, gateway_reference=dispute, dispute_fee=Decimal(fee), dispute_fee_currency="USD")
+        [result] = ledger.app.apply_commands([payment_command(message)])
+        assert result.outcome == "applied", result
+
+
+async def test_dispute_fees_are_their_own_figure_and_dispute_rows_of_the_history(service: ProjectionService) -> None:
+    ledger = Ledger()
+    disputed_with_fees(ledger)
+    await apply(service, ledger.records())
+    rows = await history.page(service.db, tenant="acme", types=["dispute"], limit=100)
+    fees = [(r["reference"], r["amount"], r["wallet_delta"], r["detail"]) for r in reversed(rows)
+            if r["detail"].startswith("fee")]
+    assert fees == [("dp_1", 0, 0, f"fee charged {15 * U}"), ("dp_2", 0, 0, f"fee charged {15 * U}"),
+                    ("dp_2", 0, 0, f"fee given back {15 * U}")]
+    [november] = [r for r in await figures.series(service.db, tenant="acme", granularity="month", since="2026-11",
+                                                  until=None) if r["unit"] == "USD"]
+    assert (november["dispute_fees"], november["chargebacks"]) == (15 * U, 11900 * CENT)
+    balances = {r["ledger_account"]: r["amount"] for r in await service.db.fetch(
+        "SELECT ledger_account, amount FROM ledger_balances WHERE tenant = 'acme' AND unit = 'USD'")}
+    assert (balances["dispute_fees"], balances["gateway_clearing"]) == (15 * U, 11900 * CENT - 15 * U)
+    async with serving(service) as client:
+        finance = await client.get("/dashboard/finance?year=2026&month=11", headers=auth("finance"))
+        api = (await client.get("/v1/reports/figures?year=2026&month=11", headers=auth("finance"))).json()
+    assert text_of(finance.text, "figure-dispute_fees-USD") == "15.00" and "Dispute fees (gateways)" in finance.text
+    [usd] = [item for item in api["items"] if item["unit"] == "USD"]
+    assert usd["dispute_fees"] == "15.00"
+
+
+async def test_a_partial_chargebacks_share_of_a_bonus_is_a_void_row_and_leaves_the_rest_of_the_grant(
+        service: ProjectionService) -> None:
+    """A package of 100.00 + 20.00 bonus for 119.00, a quarter of its payment lost to a dispute: the history shows the
+    chargeback's refund and the 5.00 of the bonus voided, and the grants keep the rest (75.00 and 15.00)."""
+    ledger = Ledger()
+    disputed_top_ups(ledger)
+    placed = ledger.command("checkout.place", "acme", package="usd-100", key="o3", gateway="stripe").value
+    ledger.command("order.paid_off_session", "acme", key="o3", gateway="stripe", payment_id="pi_o3",
+                   amount="119.00", currency="USD")
+    message = PaymentNotification(gateway="stripe", gateway_event_id="evt_dp_3", kind="dispute_closed", tenant="acme",
+                                  order_id=placed["order_id"], amount=Decimal("29.75"), currency="USD",
+                                  verified_at=DISPUTED_AT, dispute="dp_3", gateway_reference="dp_3/lost",
+                                  disputed_payment="pi_o3", dispute_outcome="lost")
+    [result] = ledger.app.apply_commands([payment_command(message)])
+    assert result.outcome == "applied", result
+    await apply(service, ledger.records())
+    voids = await history.page(service.db, tenant="acme", types=["void"], limit=10)
+    assert [(r["amount"], r["wallet_delta"], r["detail"]) for r in voids] == [
+        (-5 * U, -5 * U, "chargeback dp_3; order_charged_back")]
+    charged_back = [r for r in await history.page(service.db, tenant="acme", types=["dispute"], limit=100)
+                    if r["detail"].startswith("chargeback dp_3")]
+    assert [(r["amount"], r["wallet_delta"]) for r in charged_back] == [(-25 * U, -25 * U)]
+    grants = await service.db.fetch("SELECT source, remaining FROM grants WHERE tenant = 'acme' AND cause LIKE $1",
+                                    f"%{placed['order_id']}%")
+    assert sorted((r["source"], r["remaining"]) for r in grants) == [("promotion", 15 * U), ("purchase", 75 * U)]
