@@ -14,23 +14,33 @@ When rating reads the ledger's ``UsageRejected`` of a debit it sent for an event
   event between groups; an AI event's token counts) leaves the period's running totals;
 * its decision becomes ``refused`` (no close or invoice counts it; a correction of it is refused like a correction
   of any refused event), and a refused correction amends nothing (the next one amends the quantity before it);
-* the ledger's cumulative charge of the period is set right: it holds ``period_charge(T) - refused`` (``T`` the
-  meter's total now, every debit since priced on it), it must hold ``period_charge(T - q)``, so rating sends one
-  *refusal adjustment* of ``period_charge(T - q) - (period_charge(T) - refused)`` (0 when the refusal is learned
-  before any later event of the meter was priced: nothing is sent then). It is a ``usage.debit`` with overage
-  policy ``overage`` (the usage it bills already happened and was accepted: never refused), ``cause.refusal_of``
-  naming the refused command, ``contribution`` 0 (it adds no quantity and no event to the monthly summary), and a
-  command id from (account, refused event id), so a redelivered ``UsageRejected`` sends the same command again.
+* the ledger's charge of the meter's period is set right: every debit rated after the refused one was priced on a
+  running total that counted it; priced without it (each at the price it was rated at: a plan change or a new tier
+  mid-period prices the debits before and after it otherwise), the period's debits would hold ``should``, they hold
+  ``held`` (the refused one posted nothing). Rating sends one *refusal adjustment* of ``should - held``
+  (:func:`adjustment`; with one price for the whole period it is ``period_charge(T - q) - (period_charge(T) -
+  refused)``, ``T`` the meter's total; 0 when the refusal is learned before any later event of the meter was priced:
+  nothing is sent then). It is a ``usage.debit`` with overage policy ``overage`` (the usage it bills already
+  happened and was accepted: never refused), ``cause.refusal_of`` naming the refused command, ``contribution`` 0 (it
+  adds no quantity and no event to the monthly summary), and a command id from (account, refused event id), so a
+  redelivered ``UsageRejected`` sends the same command again.
+
+A refusal of a period rating has closed already (its close and usage lines counted the event: the ledger's ``block``
+refusal and rating's close run on one partition in order, so this needs rating's ledger-events consumer to lag behind
+the close) is made right the same way, its adjustment named as a late correction of that period (``cause.late``,
+``cause.original_period``): an increase is overage of that period, which the next renewal invoice bills, a decrease
+is credited to the invoice that billed it (a credit note), as the ledger does for late corrections. It used to be
+logged and left alone.
 
 The refusal (its reason, the adjustment's amount and command) is kept in ``refused_debits``; the decisions trace
-shows it. A refusal of a period rating has closed already is logged and left alone (its close line counted the
-event; the ledger's ``block`` refusal and rating's close run on one partition in order, so this needs the close to
-have overtaken the refusal).
+shows it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -94,9 +104,9 @@ async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, ev
     if sent.get("command_id") != str(data.get("command_id")):
         return []
     period = row["period"]
-    if await conn.fetchrow("SELECT 1 FROM closed_periods WHERE period = $1 AND account_id = $2", period, account):
-        log.warning("refusal_of_closed_period", account=account, event_id=event_id, period=period)
-        return []
+    # A closed period (its close and invoice counted the event): made right as a late correction of it.
+    closed = await conn.fetchrow("SELECT 1 FROM closed_periods WHERE period = $1 AND account_id = $2", period,
+                                 account) is not None
     sent_cause = sent["payload"]["cause"]
     refused = int(row["amount_subunits"])
     totals = {r["meter"]: Decimal(r["quantity"]) for r in await conn.fetch(
@@ -106,7 +116,8 @@ async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, ev
         if "ai_prices" in sent_cause:
             moves, adjustment = _ai(meter, row["group_key"], sent_cause, totals, refused)
         else:
-            moves, adjustment = _metered(catalog, meter, row["group_key"], sent_cause, totals, refused)
+            moves = _metered(catalog, meter, row["group_key"], sent_cause, totals)
+            adjustment = await _metered_adjustment(conn, catalog, account, meter, period, event_id)
     except (PriceSpecError, KeyError, ValueError) as exc:
         log.error("refusal_not_applied", account=account, event_id=event_id, error=str(exc)[:300])
         return []
@@ -120,20 +131,20 @@ async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, ev
                        "WHERE account_id = $2 AND event_id = $3", REFUSED, account, event_id)
     output = None
     if adjustment:
-        output = _adjustment(account, row["tenant"], event_id, sent, adjustment, str(data.get("reason")))
+        output = _adjustment(account, row["tenant"], event_id, sent, adjustment, str(data.get("reason")),
+                             closed_period=period if closed else None)
     await conn.execute(
         "INSERT INTO refused_debits (account_id, event_id, reason, command_id, adjustment_subunits, output, "
         "refused_at) VALUES ($1, $2, $3, $4, $5, $6, $7)", account, event_id, str(data.get("reason")),
         str(data.get("command_id")), adjustment, output, utcnow().isoformat())
     log.info("usage_refusal_applied", account=account, event_id=event_id, period=period, refused=refused,
-             adjustment=adjustment)
+             adjustment=adjustment, closed=closed)
     return [_message(account, output)] if output else []
 
 
-def _metered(catalog: CatalogView, meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal],
-             refused: int) -> tuple[dict[str, Decimal], int]:
-    """(group totals after, adjustment) of a sum/count meter's refused debit, priced by the price and allowance the
-    debit was priced at (its cause)."""
+def _metered(catalog: CatalogView, meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal]
+             ) -> dict[str, Decimal]:
+    """The group totals after a sum/count meter's refused debit leaves them."""
     step = Decimal(cause["contribution"])
     key = f"{meter}{GROUP_SEPARATOR}{group}" if group else meter
     moves: dict[str, Decimal] = {}
@@ -150,13 +161,80 @@ def _metered(catalog: CatalogView, meter: str, group: str, cause: dict[str, Any]
         moves[key] = RATING_CONTEXT.subtract(totals.get(key, Decimal(0)), step)
     if any(quantity < 0 for quantity in moves.values()):
         raise ValueError(f"taking {step} out of meter {meter!r} leaves a running total below zero")
-    total = sum((q for k, q in totals.items() if k.partition(GROUP_SEPARATOR)[0] == meter), Decimal(0))
+    return moves
+
+
+@dataclass(frozen=True)
+class Debit:
+    """One real-time decision of a meter's period as the ledger holds it (:func:`adjustment`)."""
+
+    event_id: str
+    issued_at: datetime  # its command's: every decision of one rating batch (or one repricing) shares it
+    before: Decimal  # the meter's running total it was priced from, and to
+    after: Decimal
+    amount: int  # sub-units it debited
+    spec: Any  # the price it was rated at (its ``cause.price``), parsed
+    included: Decimal  # the allowance it was rated with
+    refused: bool  # the ledger refused it (``refused``, or the refusal being applied): nothing of it was posted
+
+    def counted_in(self, other: Debit) -> bool:
+        """Whether ``other`` was priced on a running total that counted this one: rated after it (a later batch; in
+        the same batch, from the total this one took its meter to, or above)."""
+        if other.issued_at != self.issued_at:
+            return other.issued_at > self.issued_at
+        return other.event_id != self.event_id and other.before >= self.after
+
+
+def adjustment(debits: list[Debit], adjusted: int) -> int:
+    """What one meter's period still owes (or is owed) once its refused debits count nowhere: every debit posted,
+    priced again at its own price on its running totals less the refused quantities they counted, less what the
+    ledger holds for them (their amounts and the refusal adjustments sent before, ``adjusted``).
+
+    Each debit keeps the price it was rated at, so a price that changed mid-period (a plan change, a new catalogue,
+    the price a closed period was billed at for its late corrections) prices the debits on each side of the change by
+    their own, where the former formula priced them all by the refused debit's price."""
+    held = adjusted
+    should = 0
+    for debit in debits:
+        if debit.refused:
+            continue
+        held += debit.amount
+        removed = sum((r.after - r.before for r in debits if r.refused and r.counted_in(debit)), Decimal(0))
+        if removed > debit.before:
+            removed = Decimal(0)  # its total never held them (never expected): priced as it was
+        should += (period_charge(debit.spec, RATING_CONTEXT.subtract(debit.after, removed), debit.included)
+                   - period_charge(debit.spec, RATING_CONTEXT.subtract(debit.before, removed), debit.included))
+    return should - held
+
+
+async def _metered_adjustment(conn: Connection, catalog: CatalogView, account: str, meter: str, period: str,
+                              event_id: str) -> int:
+    """The refusal adjustment of ``event_id``'s debit (``adjustment``), from the meter's decisions in ``period`` and
+    the adjustments sent for its earlier refusals."""
+    rows = await conn.fetch(
+        "SELECT event_id, decision, output_topic, output, amount_subunits, quantity_before, quantity_after "
+        "FROM rated_events WHERE period = $1 AND account_id = $2 AND meter = $3", period, account, meter)
+    adjusted = sum(int(r["adjustment_subunits"]) for r in await conn.fetch(
+        "SELECT d.adjustment_subunits FROM refused_debits d JOIN rated_events e ON e.account_id = d.account_id AND "
+        "e.event_id = d.event_id WHERE d.account_id = $1 AND e.period = $2 AND e.meter = $3", account, period, meter))
     scales = {"CREDIT": 2, **{code: int((u or {}).get("scale", 2))
                               for code, u in (catalog.document.get("credit_units") or {}).items()}}
-    spec = parse_spec(cause["price"], credit_scales=scales)
-    included = Decimal(cause["included"])
-    charged_now = period_charge(spec, total, included) - refused  # what the ledger holds for the period
-    return moves, period_charge(spec, RATING_CONTEXT.subtract(total, step), included) - charged_now
+    specs: dict[str, Any] = {}
+    debits = []
+    for row in rows:
+        refused = row["event_id"] == event_id or row["decision"] == REFUSED
+        if row["output_topic"] != topics.LEDGER_COMMANDS or not row["output"] or not (
+                refused or row["decision"] in _CHARGED):
+            continue  # trial usage (0 whatever the total), dead letters, meters priced at close
+        command = json.loads(row["output"])
+        cause = command["payload"]["cause"]
+        text = json.dumps(cause["price"], sort_keys=True)
+        if text not in specs:
+            specs[text] = parse_spec(cause["price"], credit_scales=scales)
+        debits.append(Debit(row["event_id"], datetime.fromisoformat(command["issued_at"]),
+                            Decimal(row["quantity_before"]), Decimal(row["quantity_after"]),
+                            int(row["amount_subunits"]), specs[text], Decimal(cause["included"]), refused))
+    return adjustment(debits, adjusted)
 
 
 def _ai(meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal], refused: int
@@ -175,11 +253,15 @@ def _ai(meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal
     return {keys[cls]: quantity for cls, quantity in after.items()}, adjustment
 
 
-def _adjustment(account: str, tenant: str, event_id: str, sent: dict[str, Any], amount: int, reason: str) -> str:
+def _adjustment(account: str, tenant: str, event_id: str, sent: dict[str, Any], amount: int, reason: str,
+                closed_period: str | None = None) -> str:
+    """The refusal adjustment's ``usage.debit``; of a ``closed_period``: named as a late correction of it."""
     payload = sent["payload"]
     cause = payload["cause"]
     kept = {k: cause[k] for k in ("period", "group", "usage_type", "catalog_version", "price", "included",
                                   "priced_by", "time_zone", "original_period", "late") if k in cause}
+    if closed_period is not None:
+        kept.update(late=cause.get("late", "late"), original_period=closed_period)
     message = LedgerCommand(
         command_id=adjustment_command_id(account, event_id), kind="usage.debit", tenant=tenant,
         issued_at=utcnow(), issued_by="service:rating",

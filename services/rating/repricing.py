@@ -5,8 +5,9 @@ Rating learns of subscriptions from the ledger's events (``billing.ledger.events
 rated before rating applies the subscription's ``Started`` (the ledger's relay trails its commits). Such usage was
 priced as if the subscription did not exist (the meter's list price, the calendar month) and stayed so, trial usage
 included. Now the subscription events that change how usage from some instant on is priced (``REPRICING_EVENTS``:
-a ``Started``, a ``Changed``, an ``Activated``; ``since`` gives the instant) reprice the account's usage of that
-instant or later that rating already decided, once, in the transaction that applies the event:
+a ``Started``, a ``Changed``, an ``Activated``, a ``Canceled`` of a live subscription; ``since`` gives the instant)
+reprice the account's usage of that instant or later that rating already decided (only those decisions are read:
+``time_floor``), once, in the transaction that applies the event:
 
 * each event whose period or price is not what rating resolves now (``RatingService._reprice``; real-time, AI token
   and close-priced meters alike, the last moving only their period) gets a *give-back*
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -50,15 +51,18 @@ CREATE TABLE IF NOT EXISTS repricings (
 """
 
 # Subscription events that price usage from an instant on, and the field of their data that holds it: a ``Started``
-# (a live one: trialing, active), a ``Changed`` (a plan or quantity change, from its ``at``) and an ``Activated``
-# (an ``incomplete`` subscription's first payment: from the period it starts).
-REPRICING_EVENTS = {"Started": "started_at", "Changed": "at", "Activated": "period_start"}
+# (a live one: trialing, active), a ``Changed`` (a plan or quantity change, from its ``at``), an ``Activated``
+# (an ``incomplete`` subscription's first payment: from the period it starts) and a ``Canceled`` of a live one (from
+# its ``at``: an immediate cancel's cut, a cancel at period end's end; a trial ended without a payment method: from
+# the trial's end). ``Paused``, ``Resumed``, ``PastDue`` and ``Recovered`` are not among them: a paused or past-due
+# subscription prices usage as an active one does (same plan, allowance and periods: ``LIVE``, ``RENEWING``), so
+# learning of them late leaves nothing priced otherwise (docs/rating.md "Usage rated before its subscription").
+REPRICING_EVENTS = {"Started": "started_at", "Changed": "at", "Activated": "period_start", "Canceled": "at"}
+# The reason of the ledger's ``Canceled`` of a trial that ended without a payment method: it ended at the trial's end.
+TRIAL_ENDED_UNCONVERTED = "trial_ended_without_payment_method"
 # The decisions a repricing may move: on time, counted, not refused (a ``late:`` decision sits in the open period
 # because its own was closed; a filtered or refused one counts nowhere).
 MOVABLE = ("priced", "trial", "deferred_to_close")
-# The longest billing period (a year) and a day of time-zone offsets: a period holding an instant starts no earlier
-# than this before it, so the decisions read back are those of periods starting from there on.
-PERIOD_SPAN_MAX = timedelta(days=367)
 # Repricing decisions are keyed ``{prefix}{event id}``, the prefix padded to this length: longer than any event id
 # ingest accepts, so no usage event can ever take (or be refused for) a repricing's key.
 REPRICED_PREFIX_LENGTH = EVENT_ID_LENGTH_MAX + 1
@@ -70,14 +74,27 @@ ACCOUNT_LOCK_CLASS = 0x52415445
 ACCOUNT_LOCK_BUCKETS = 256
 
 
-def since(event: LedgerEvent) -> datetime | None:
-    """The instant from which ``event`` prices the account's usage otherwise, or None (it reprices nothing)."""
+def may_reprice(event: LedgerEvent) -> bool:
+    """Whether ``event`` is of a kind that reprices (a redelivered one sends what it sent again: ``sent_before``)."""
+    return event.type.removeprefix("Subscription.") in REPRICING_EVENTS
+
+
+def since(event: LedgerEvent, live: bool = True, trial_end: datetime | None = None) -> datetime | None:
+    """The instant from which ``event`` prices the account's usage otherwise, or None (it reprices nothing).
+
+    ``live``: whether the subscription was live before ``event`` (a ``Canceled`` of an ``incomplete`` one priced
+    nothing: nothing to reprice); ``trial_end``: its trial's end, when rating kept it."""
     name = event.type.removeprefix("Subscription.")
     field = REPRICING_EVENTS.get(name)
     if field is None or not event.data.get(field):
         return None
     if name == "Started" and event.data.get("status") not in ("trialing", "active"):
         return None  # an ``incomplete`` one is not live: usage is priced as without it until its ``Activated``
+    if name == "Canceled":
+        if not live:
+            return None
+        if event.data.get("reason") == TRIAL_ENDED_UNCONVERTED and trial_end is not None:
+            return trial_end  # the ledger's tick ends the trial later than its end: usage since its end is repriced
     return datetime.fromisoformat(event.data[field])
 
 
@@ -118,10 +135,11 @@ def traced(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def period_floor(moment: datetime) -> str:
-    """A lower bound of the keys of the periods that may hold ``moment`` or later (a ``YYYY-MM`` month sorts before
-    the ISO 8601 starts of that month and after those of the months before)."""
-    return (moment - PERIOD_SPAN_MAX).strftime("%Y-%m")
+def time_floor(moment: datetime) -> str:
+    """A lower bound of the stored ``event_time`` of the events at or after ``moment``: event times are stored in UTC
+    (``+00:00``, the codec's), whose ISO 8601 text sorts as the instants do; to the whole second below it (the text of
+    a fraction sorts after that of none), ``chains_since`` keeping those at or after ``moment`` exactly."""
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat()
 
 
 @dataclass

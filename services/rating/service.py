@@ -44,8 +44,8 @@ from billing_rating.codec import (
 )
 from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
 from billing_rating.refusals import REFUSALS_SCHEMA, REFUSED, apply_refusal
-from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.subscriptions import (
+    LIVE,
     TRIAL_ENDED_UNCONVERTED,
     AccountSubscription,
     already_applied,
@@ -59,6 +59,7 @@ from billing_rating.subscriptions import (
     time_zone_of,
     usage_lines_command,
 )
+from billing_rating.subscriptions import SCHEMA as SUBSCRIPTIONS_SCHEMA
 from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import Bus, OutMessage, Record, header
 from billing_runtime.db import Connection, Database, is_unique_violation
@@ -103,6 +104,7 @@ CREATE TABLE IF NOT EXISTS rated_events (
     corrects TEXT, effective_quantity TEXT,
     PRIMARY KEY (account_id, event_id));
 CREATE INDEX IF NOT EXISTS rated_events_period ON rated_events (period, account_id, meter);
+CREATE INDEX IF NOT EXISTS rated_events_account_time ON rated_events (account_id, event_time);
 """
 
 
@@ -150,13 +152,15 @@ class RatingService:
             if event.type.startswith("Subscription."):
                 async with self.db.transaction() as conn:
                     # Usage of the account rated before this event that it prices otherwise is repriced first (the
-                    # give-backs and charges go before any close debit or usage lines of the same event).
+                    # give-backs and charges go before any close debit or usage lines of the same event). A
+                    # redelivered event (not newer than the subscription's last) sends what its repricing sent.
                     reprices = await self._repricing_target(conn, event)
-                    stale = reprices is not None and await already_applied(conn, event)
+                    stale = repricing.may_reprice(event) and await already_applied(conn, event)
                     ended = await apply_event(conn, event, self.db.dialect)
-                    if reprices is not None:
-                        outputs.extend(await repricing.sent_before(conn, repricing.cause_of(event)) if stale
-                                       else await self._reprice(conn, event, *reprices))
+                    if stale:
+                        outputs.extend(await repricing.sent_before(conn, repricing.cause_of(event)))
+                    elif reprices is not None:
+                        outputs.extend(await self._reprice(conn, event, *reprices))
                     if ended is not None and event.type == "Subscription.Changed":
                         outputs.extend(await self._period_restarted(conn, ended))
                     elif ended is not None:
@@ -254,9 +258,10 @@ class RatingService:
         """A trial ended without a payment method (the ledger's ``Canceled``, reason
         ``trial_ended_without_payment_method``): no billed period follows it, but usage at or after the trial's
         end that reached rating before this event was rated into the periods a conversion would have started
-        (``AccountSubscription.period_ahead``), at the plan's price, and its debits are posted. Those periods are
-        closed now (max, last, unique_count priced as real-time rating priced the rest: the plan's charge, the
-        subscription counted as it was, its usage not trial usage), so nothing of them stays open; no invoice
+        (``AccountSubscription.period_ahead``), at the plan's price. The event's repricing (``_reprice``, run
+        first) moves it out, as for an account without the subscription; those periods are closed now with what
+        could not be moved (max, last, unique_count priced as real-time rating priced the rest: the plan's charge,
+        the subscription counted as it was, its usage not trial usage), so nothing of them stays open; no invoice
         takes usage lines (the ledger drafts none): their overage stays on the account under their keys, like
         the overage of any account without a live subscription (docs/rating.md). A redelivered ``Canceled``
         finds them closed and sends the same close debits again (same ids). An immediate cancel that ``cut`` the
@@ -311,7 +316,9 @@ class RatingService:
         chosen = None
         included = Decimal(0)
         for sub in subs:
-            plan = catalog.plans.get((sub.plan_code, sub.plan_version))
+            # The plan in force at ``moment`` (``plan_at``: a change's old plan before its ``at``).
+            code, version = sub.plan_at(moment) if sub.plans else (sub.plan_code, sub.plan_version)
+            plan = catalog.plans.get((code, version))
             if plan is None or sub.start > moment:  # not started at ``moment``: its usage is priced as without it
                 continue
             for charge in plan.charges:
@@ -319,11 +326,11 @@ class RatingService:
                     continue
                 included = RATING_CONTEXT.add(included, charge.included)
                 if chosen is None:
-                    chosen = (sub, charge)
+                    chosen = (sub, charge, code, version)
         if chosen is None:
             return None
-        sub, charge = chosen
-        key = (catalog.version, sub.plan_code, sub.plan_version, meter.code)
+        sub, charge, code, version = chosen
+        key = (catalog.version, code, version, meter.code)
         cached = self._plan_specs.get(key)
         if cached is None:
             spec = parse_spec(charge.price, credit_scales=_credit_scales(catalog))
@@ -331,34 +338,41 @@ class RatingService:
             self._plan_specs[key] = cached
         return cached[0], included, charge.overage_policy, sub.in_trial(moment), cached[1]
 
-    async def _repricing_target(self, conn: Connection, event: LedgerEvent) -> tuple[str, str] | None:
-        """(account, tenant) whose usage ``event`` may reprice (``repricing.since``), locked against usage batches of
-        the account (``repricing.lock_account``) before anything else of the event is read or written; else None."""
-        if repricing.since(event) is None:
+    async def _repricing_target(self, conn: Connection, event: LedgerEvent) -> tuple[str, str, datetime] | None:
+        """(account, tenant, the instant from which it prices otherwise: ``repricing.since``) whose usage ``event`` may
+        reprice, locked against usage batches of the account (``repricing.lock_account``) before anything else of the
+        event is read or written; else None. Read before the event is applied (a ``Canceled``: whether the
+        subscription was live)."""
+        if not repricing.may_reprice(event):
             return None
         if event.type == "Subscription.Started":
+            moment = repricing.since(event)
             tenant = str(event.data["tenant"])
             account = str(ids.account_id(tenant))
         else:
-            row = await conn.fetchrow("SELECT account_id, tenant FROM account_subscriptions WHERE subscription_id = $1",
-                                      str(event.aggregate_id))
-            if row is None:
+            found = await load_subscription(conn, str(event.aggregate_id))
+            if found is None:
                 return None
-            account, tenant = row["account_id"], row["tenant"]
+            account, tenant, sub = found
+            moment = repricing.since(event, sub.status in LIVE, sub.trial_end)
+        if moment is None:
+            return None
         await repricing.lock_account(conn, self.db.dialect, account)
-        return account, tenant
+        return account, tenant, moment
 
-    async def _reprice(self, conn: Connection, event: LedgerEvent, account: str, tenant: str) -> list[OutMessage]:
-        """Reprices the usage of ``account`` at or after ``event``'s instant that rating decided before it learnt of
-        ``event`` and that it now places in another period or prices otherwise (``billing_rating.repricing``): a
-        give-back in the period it was rated in, at that price, and a charge in the period and at the price resolved
-        now, as decisions of their own; returns their commands, after the events' own commands sent again."""
-        moment = repricing.since(event)
-        assert moment is not None
+    async def _reprice(self, conn: Connection, event: LedgerEvent, account: str, tenant: str, moment: datetime
+                       ) -> list[OutMessage]:
+        """Reprices the usage of ``account`` at or after ``moment`` (``event``'s instant) that rating decided before
+        it learnt of ``event`` and that it now places in another period or prices otherwise
+        (``billing_rating.repricing``): a give-back in the period it was rated in, at that price, and a charge in the
+        period and at the price resolved now, as decisions of their own; returns their commands, after the events'
+        own commands sent again."""
         cause = repricing.cause_of(event)
         dialect = self.db.dialect
+        # Only the decisions a repricing can move: of events at or after its instant (``rated_events_account_time``;
+        # corrections and repricings carry their event's time), never the account's earlier periods.
         rows = await conn.fetch(f"SELECT {', '.join(RATED_COLUMNS)} FROM rated_events WHERE account_id = $1 "
-                                f"AND period >= $2", account, repricing.period_floor(moment))
+                                f"AND event_time >= $2", account, repricing.time_floor(moment))
         chains = repricing.chains_since(rows, moment)
         if not chains:
             return []

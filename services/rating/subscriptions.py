@@ -6,6 +6,9 @@ Rules (documented in docs/rating.md):
   charge for it; allowances (``included``) of every live subscription charging that meter pool together.
   Without such a subscription, the meter's list price applies. A subscription prices usage from its start
   (``started_at``) on: usage before it is priced as without it, whether rating learnt of it before or after.
+  It prices usage by the plan it had at the usage's time (``AccountSubscription.plan_at``: the plans changes
+  replaced are kept in ``subscription_plans``, ``PLAN_HISTORY_KEPT``), whether the usage reaches rating before or
+  after the change.
 * Usage while the pricing subscription is trialing is recorded but not charged: usage before its trial's end
   (``trial_end`` of its ``Started``, kept in ``subscription_trials``). Usage at or after the trial's end is not
   trial usage even before the ledger's ``TrialConverted`` reaches rating: it is priced by the plan and, for the
@@ -16,12 +19,10 @@ Rules (documented in docs/rating.md):
   subscription's trial status at the closed period's last instant. Without a kept trial end (started before
   rating kept them): the status.
 * A trial that ends without a payment method (``Canceled``, reason ``trial_ended_without_payment_method``) starts
-  no period: the usage rated after its end before that event stays charged once at the plan's price (its debits
-  posted; their overage stays on the account under the period's key, like any account's without a subscription:
-  a credit purchase repays it, a later subscription's renewal invoice bills it as earlier overage) and rating
-  closes the periods it was placed in (max, last, unique_count at the plan's price), sending no usage lines (the
-  ledger drafts no invoice). A redelivered ``Canceled`` sends the same close debits again. Later usage: list
-  price by calendar month.
+  no period: usage from its end on is priced as without the subscription (list price by calendar month); usage
+  rated after its end before that event is repriced so (``billing_rating.repricing``), then rating closes the
+  periods it was placed in (what could not be moved out), sending no usage lines (the ledger drafts no invoice).
+  A redelivered ``Canceled`` sends the same commands again.
 * An ``incomplete`` subscription (collection ``charge_before_access``, its first invoice not paid yet) is not
   live: usage is priced as for an account without it. Its ``Activated`` event makes it active, with the
   period that starts at the activation.
@@ -97,6 +98,7 @@ CREATE TABLE IF NOT EXISTS restarted_periods (
 CREATE INDEX IF NOT EXISTS restarted_periods_billed_with ON restarted_periods (account_id, billed_with);
 CREATE TABLE IF NOT EXISTS subscription_trials (subscription_id TEXT PRIMARY KEY, trial_end TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subscription_anchors (subscription_id TEXT PRIMARY KEY, anchor_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subscription_plans (subscription_id TEXT PRIMARY KEY, history TEXT NOT NULL);
 """
 
 LIVE = ("trialing", "active", "past_due", "paused")
@@ -112,7 +114,14 @@ STATUS_BY_EVENT = {"Paused": "paused", "Resumed": "active", "PastDue": "past_due
 # Events that start the subscription's first billed period (status active, new bounds and anchor day).
 PERIOD_STARTS = ("TrialConverted", "Activated")
 # The reason of the ledger's ``Canceled`` when a trial ends without a default payment method (not converted).
-TRIAL_ENDED_UNCONVERTED = "trial_ended_without_payment_method"
+TRIAL_ENDED_UNCONVERTED = repricing.TRIAL_ENDED_UNCONVERTED
+# How long rating remembers a plan a ``Changed`` replaced (``subscription_plans``), by the change's ``at``: usage
+# reaches rating at most ingest's window after it happened (35 days: older usage is refused ``too_old``, and a
+# subscription command's ``at`` goes as far back), plus a week for a consumer lagging behind; and at most this many
+# plans per subscription (the earliest forgotten first). Usage older than what is remembered is priced by the
+# earliest plan remembered.
+PLAN_HISTORY_KEPT = timedelta(days=35 + 7)
+PLAN_HISTORY_ENTRIES_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,17 @@ class AccountSubscription:
     # The IANA zone its periods turn in (``Subscription.Started``'s ``time_zone``, kept for every cadence); None: not
     # known. Rating names it on the usage debits it bills in its periods (``cause.time_zone``), for the monthly summary.
     time_zone: str | None = None
+    # The plans changes replaced, oldest first: (until, plan code, plan version), each in force up to ``until`` (the
+    # ``at`` of the change that replaced it; ``subscription_plans``). Empty: never changed plan (most).
+    plans: tuple[tuple[datetime, str, int], ...] = ()
+
+    def plan_at(self, moment: datetime) -> tuple[str, int]:
+        """(code, version) of the plan in force at ``moment``: usage is priced by the plan of its own time, whether
+        it reaches rating before or after a change."""
+        for until, code, version in self.plans:
+            if moment < until:
+                return code, version
+        return self.plan_code, self.plan_version
 
     @cached_property
     def start(self) -> datetime:
@@ -254,10 +274,12 @@ async def time_zone_of(conn: Connection, subscription_id: str) -> str | None:
                                subscription_id)
 
 
-_SELECT = ("SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end, t.trial_end, a.anchor_at "
+_SELECT = ("SELECT s.*, r.cadence, r.time_zone, r.anchor_day, r.ends_at_period_end, t.trial_end, a.anchor_at, "
+           "h.history AS plan_history "
            "FROM account_subscriptions s LEFT JOIN subscription_renewals r ON r.subscription_id = s.subscription_id "
            "LEFT JOIN subscription_trials t ON t.subscription_id = s.subscription_id "
-           "LEFT JOIN subscription_anchors a ON a.subscription_id = s.subscription_id")
+           "LEFT JOIN subscription_anchors a ON a.subscription_id = s.subscription_id "
+           "LEFT JOIN subscription_plans h ON h.subscription_id = s.subscription_id")
 
 
 def _from_row(r: Any) -> AccountSubscription:
@@ -267,7 +289,30 @@ def _from_row(r: Any) -> AccountSubscription:
         Renewal(r["cadence"], r["time_zone"], int(r["anchor_day"]), bool(r["ends_at_period_end"]),
                 datetime.fromisoformat(r["anchor_at"]) if r["anchor_at"] else None)
         if r["cadence"] in MONTHS and r["time_zone"] and r["anchor_day"] else None,
-        datetime.fromisoformat(r["trial_end"]) if r["trial_end"] else None, r["time_zone"] or None)
+        datetime.fromisoformat(r["trial_end"]) if r["trial_end"] else None, r["time_zone"] or None,
+        _plans(r["plan_history"]) if r["plan_history"] else ())
+
+
+def _plans(history: str) -> tuple[tuple[datetime, str, int], ...]:
+    return tuple((datetime.fromisoformat(until), str(code), int(version)) for until, code, version in json.loads(history))
+
+
+async def _remember_plan(conn: Connection, sid: str, row: Any, data: dict[str, Any]) -> None:
+    """A ``Changed`` that replaced the plan: the old one is kept as in force until the change's ``at``, so usage of
+    before the change is priced by it whenever it reaches rating (bounded: ``PLAN_HISTORY_KEPT``,
+    ``PLAN_HISTORY_ENTRIES_MAX``)."""
+    new = (str(data["plan"]["code"]), int(data["plan"]["version"]))
+    if row is None or (row["plan_code"], int(row["plan_version"])) == new or not data.get("at"):
+        return  # a quantity change (the plan stays), or a subscription rating does not know
+    at = datetime.fromisoformat(data["at"])
+    stored = await conn.fetchval("SELECT history FROM subscription_plans WHERE subscription_id = $1", sid)
+    history = [entry for entry in (_plans(stored) if stored else ()) if entry[0] >= at - PLAN_HISTORY_KEPT]
+    history.append((at, row["plan_code"], int(row["plan_version"])))
+    history = sorted(history)[-PLAN_HISTORY_ENTRIES_MAX:]
+    await conn.execute(
+        "INSERT INTO subscription_plans (subscription_id, history) VALUES ($1, $2) ON CONFLICT (subscription_id) "
+        "DO UPDATE SET history = excluded.history", sid,
+        json.dumps([[until.isoformat(), code, version] for until, code, version in history]))
 
 
 async def ended_periods(conn: Connection, accounts: Sequence[str], dialect: str = ""
@@ -363,6 +408,7 @@ async def apply_event(conn: Connection, event: LedgerEvent, dialect: str = "") -
             await conn.execute("INSERT INTO subscription_trials (subscription_id, trial_end) VALUES ($1, $2) "
                                "ON CONFLICT (subscription_id) DO NOTHING", sid, data["trial_end"])
     elif name == "Changed":
+        await _remember_plan(conn, sid, row, data)
         await conn.execute(
             "UPDATE account_subscriptions SET plan_code = $2, plan_version = $3, quantity = $4, period_start = $5, "
             "period_end = $6 WHERE subscription_id = $1", sid, data["plan"]["code"], int(data["plan"]["version"]),

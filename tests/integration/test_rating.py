@@ -108,6 +108,9 @@ PG_CATALOG: dict[str, Any] = {
                                                               "unit_amount": "0.10"}}]},
         {"code": "tryout", "name": "Tryout", "currency": "USD", "version": 1, "trial_days": 14, "charges": [
             {"meter": "api_calls", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.10"}}]},
+        {"code": "scale", "name": "Scale", "currency": "USD", "version": 1, "charges": [
+            {"meter": "api_calls", "included": "20", "price": {"model": "per_unit", "unit": "USD",
+                                                               "unit_amount": "0.05"}}]},
     ],
 }
 NOV = datetime(2026, 11, 21, 10, tzinfo=UTC)
@@ -481,3 +484,73 @@ def test_usage_published_before_its_subscription_exists_is_repriced_when_it_star
     assert created.status_code == 201, created.text
     assert created.json()["status"] == "trialing"
     wait_balance(stack, tenant, Decimal("100.00"))  # trial usage: the 10.00 given back, nothing charged
+
+
+def _net_by_event(outbox: _Outbox) -> dict[str, int]:
+    """What the ledger posts per usage event (each command once, by its id; a repricing's by the event it amends)."""
+    net: dict[str, int] = {}
+    for command in {c["command_id"]: c for c in outbox.commands() if c["kind"] == "usage.debit"}.values():
+        cause = command["payload"]["cause"]
+        event = cause.get("corrects") or cause["event_ids"][0]
+        net[event] = net.get(event, 0) + int(command["payload"]["amount_subunits"])
+    return net
+
+
+async def test_postgres_usage_is_priced_by_the_plan_of_its_time_and_repriced_by_a_cancel_learnt_late(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    nov, dec = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    subscription = uuid.uuid4()
+    ledger_event = await started_pro_subscription(service, subscription, nov, dec)
+    await ledger_event(2, "Changed", old_plan={"code": "pro", "version": 1}, plan={"code": "scale", "version": 1},
+                       old_quantity=1, quantity=1, at=day(10).isoformat(), by="user:test", lines=[],
+                       period_start=nov.isoformat(), period_end=dec.isoformat(), anchor_day=1)
+    # Usage of Nov 5 reaching rating after the change is priced by Pro (5 included, 0.10): 3 x 0.10; Nov 12's by
+    # Scale (20 included): 0. Nov 20's too, before rating learns that the subscription was canceled on Nov 16.
+    await service.handle_accepted([usage("acme", "u1", "8", at=day(5)), usage("acme", "u2", "10", at=day(12)),
+                                   usage("acme", "u3", "5", at=day(20))])
+    assert _net_by_event(outbox) == {"u1": 300_000_000, "u2": 0, "u3": 150_000_000}  # 18 -> 23: 3 x 0.05
+    await ledger_event(3, "Canceled", at=day(16).isoformat(), by="user:test", reason="canceled", lines=[])
+    # u3 is priced as without the subscription (November's list price: 2 included, 3 x 1.00) and is not on the cut's
+    # final invoice, which bills Nov 1 - 16: 18 calls, 0.30.
+    assert _net_by_event(outbox) == {"u1": 300_000_000, "u2": 0, "u3": 3_000_000_000}
+    [lines] = [c for c in outbox.commands() if c["kind"] == "invoice.usage_lines"]
+    assert [(line["meter"], line["quantity"], line["amount"]) for line in lines["payload"]["lines"]] == [
+        ("api_calls", "18", "0.300000000")]
+    first = [c["command_id"] for c in outbox.commands()][-4:]  # u3's own debit, its give-back, charge, usage lines
+    await ledger_event(3, "Canceled", at=day(16).isoformat(), by="user:test", reason="canceled", lines=[])
+    assert [c["command_id"] for c in outbox.commands()][-4:] == first  # redelivered: the same commands again
+    assert _net_by_event(outbox) == {"u1": 300_000_000, "u2": 0, "u3": 3_000_000_000}
+
+
+def _usage_rejected(tenant: str, command: dict[str, Any], position: int) -> Record:
+    """The ledger's ``UsageRejected`` of ``command`` (a ``block`` overage policy), as relayed."""
+    payload = command["payload"]
+    event = LedgerEvent(position=position, aggregate_id=ids.account_id(tenant), aggregate_version=position,
+                        type="BillingAccount.UsageRejected", tenant=tenant, recorded_at=NOV,
+                        data={"command_id": command["command_id"], "meter": payload["meter"], "unit": payload["unit"],
+                              "amount": payload["amount_subunits"], "reason": "insufficient_credit", "spendable": 0,
+                              "cause": payload["cause"], "at": payload["at"]})
+    return Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json(),
+                  (("type", b"BillingAccount.UsageRejected"),))
+
+
+async def test_postgres_a_refusal_learnt_after_its_period_closed_is_adjusted_as_a_late_correction(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    october = datetime(2026, 10, 20, tzinfo=UTC)
+    # 2 included, then 10 at 1.00, then 0.50: o1 12 calls, 10.00; o2 5 more, 2.50. October is closed, then the
+    # ledger's refusal of o1 reaches rating.
+    await service.handle_accepted([usage("acme", "o1", "12", at=october), usage("acme", "o2", "5", at=october)])
+    first = next(c for c in outbox.commands() if c["payload"]["cause"]["event_ids"] == ["o1"])
+    await close_period(service.db, outbox, service.catalog, "2026-10")  # type: ignore[arg-type]
+    outbox.messages.clear()
+    await service.handle_ledger_events([_usage_rejected("acme", first, 50)])
+    [adjustment] = outbox.commands()
+    # Without o1, o2's 5 calls are October's first: 3 x 1.00; the ledger holds 2.50: 0.50 more, billed as overage
+    # of October by the next invoice (it was logged and left alone).
+    cause = adjustment["payload"]["cause"]
+    assert (adjustment["payload"]["amount"], cause["period"], cause["original_period"], cause["late"],
+            cause["refusal_of"]) == ("0.500000000", "2026-10", "2026-10", "late", first["command_id"])
+    rows = {r["event_id"]: r["decision"] for r in await service.db.fetch("SELECT event_id, decision FROM rated_events")}
+    assert rows == {"o1": "refused", "o2": "priced"}
+    assert await service.db.fetchval("SELECT quantity FROM period_totals WHERE period = '2026-10'") == "5"

@@ -933,54 +933,84 @@ async def test_usage_after_the_trial_end_is_billed_in_the_first_paid_period_befo
     assert lines["payload"]["invoice_key"] == f"{SUBSCRIPTION}/{DEC_15.isoformat()}"
 
 
-async def test_usage_after_a_trial_that_ends_unconverted_is_charged_once_and_its_period_closed(rating) -> None:  # type: ignore[no-untyped-def]
+def debit_rows(commands: list[dict[str, Any]]) -> list[tuple[str, str | None, str | None, str | None]]:
+    """(kind, amount, period, what a repricing made of it) of each command, in the order sent."""
+    return [(c["kind"], c["payload"].get("amount"), c["payload"].get("cause", {}).get("period"),
+             (c["payload"].get("cause", {}).get("repriced") or {}).get("as")) for c in commands]
+
+
+async def test_usage_after_a_trial_that_ends_unconverted_is_repriced_as_without_the_subscription(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     await start_trial(service)
     day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
     await service.handle_accepted([accepted("a1", "150", at=day(16)),          # the plan's price: 5.00
                                    accepted("s1", "40", "storage_gb", at=day(16))])
-    # No payment method: the ledger ends the trial (no billed period, no invoice).
-    ended = {"at": NOV_15.isoformat(), "by": "system:trial", "reason": "trial_ended_without_payment_method",
+    # No payment method: the ledger's tick ends the trial on Nov 16 (no billed period, no invoice).
+    ended = {"at": day(16).isoformat(), "by": "system:trial", "reason": "trial_ended_without_payment_method",
              "lines": []}
     await subscription_event(service, "Canceled", 4, **ended)
-    commands = await published(bus)
-    # Its usage rated before the cancel stays charged at the plan's price (debited once, its overage left on the
-    # account as for any account without a subscription), the period it was placed in is closed (storage at
-    # the plan's price too, never left unpriced), and no usage lines go to an invoice the ledger never drafts.
-    assert [(c["kind"], c["payload"]["amount"], c["payload"]["cause"]["period"]) for c in commands] == [
-        ("usage.debit", "5.000000000", NOV_15.isoformat()), ("usage.debit", "15.000000000", NOV_15.isoformat())]
-    close = commands[1]
-    assert close["command_id"] == str(ids.command_id("usage.close", str(ids.account_id("acme")), "storage_gb", "",
-                                                     NOV_15.isoformat()))
-    await subscription_event(service, "Canceled", 4, **ended)                 # redelivered: the same close again
-    assert [c["command_id"] for c in (await published(bus))[2:]] == [close["command_id"]]
-    # Afterwards: an account without a subscription (list price, calendar month): 2 included, 10 x 1.00.
+    commands = (await published(bus))[1:]  # after a1's own debit
+    # Usage since the trial's end (Nov 15) is priced as for an account without the subscription, as if the cancel had
+    # reached rating first: a1 given back at the plan's price and charged at the list price in November (2 included,
+    # 10 x 1.00 + 138 x 0.50); the storage moves to November's close (it was billed at the plan's price, 15.00, in a
+    # period no invoice takes). The period the trial's end started is closed: nothing of it is left to bill.
+    assert debit_rows(commands) == [
+        ("usage.debit", "5.000000000", NOV_15.isoformat(), None),
+        ("usage.debit", "-5.000000000", NOV_15.isoformat(), "give_back"),
+        ("usage.debit", "79.000000000", "2026-11", "charge")]
+    await subscription_event(service, "Canceled", 4, **ended)                 # redelivered: the same commands again
+    assert [c["command_id"] for c in (await published(bus))[4:]] == [c["command_id"] for c in commands]
+    assert await service.db.fetchval("SELECT count(*) FROM closed_periods WHERE period = $1", NOV_15.isoformat()) == 1
+    # Afterwards: an account without a subscription (list price, calendar month), a1's 150 calls counted: 6.00.
     await service.handle_accepted([accepted("a2", "12", at=day(20))])
     [*_, later] = await published(bus)
-    assert (later["payload"]["amount"], later["payload"]["cause"]["period"]) == ("10.000000000", "2026-11")
+    assert (later["payload"]["amount"], later["payload"]["cause"]["period"]) == ("6.000000000", "2026-11")
+    [storage] = [line for line in await close_period(service.db, bus, service.catalog, "2026-11")
+                 if line.meter == "storage_gb"]
+    assert (storage.quantity, storage.amount, storage.event_ids) == ("40", "4.000000000", ["s1"])  # 40 x 0.10
 
 
 async def test_a_trials_cancel_closes_the_usage_rated_after_its_trial_end_before_its_cut(rating) -> None:  # type: ignore[no-untyped-def]
     service, bus = rating
     await start_trial(service)
     day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
-    # The ledger canceled the trial at once on Nov 10 (or, before it ended trials first, on Nov 20); rating rated
-    # usage of Nov 16, after the trial's end, before the Canceled reached it: the plan's price, in the period the
-    # conversion would have started (Nov 15).
+    # The ledger canceled the trial at once on Nov 20, recorded before it ended trials first (a cancel after the
+    # trial's end now converts or ends the trial first); rating rated usage of Nov 16, after the trial's end, before
+    # the Canceled reached it: the plan's price, in the period the conversion would have started (Nov 15).
     await service.handle_accepted([accepted("a1", "150", at=day(16)),          # the plan's price: 5.00
                                    accepted("s1", "40", "storage_gb", at=day(16))])
-    await subscription_event(service, "Canceled", 4, at=day(10).isoformat(), by="user:test", reason="canceled",
+    await subscription_event(service, "Canceled", 4, at=day(20).isoformat(), by="user:test", reason="canceled",
                              lines=[])
     commands = await published(bus)
-    # That period is closed too (storage at the plan's price, (40 - 10) x 0.50, once left unpriced), before the
-    # cut's usage lines finalize the ledger's final draft (which bills its overage with the account's).
+    # Nov 16 is before the cut: that period is closed too (storage at the plan's price, (40 - 10) x 0.50, once left
+    # unpriced), before the cut's usage lines finalize the ledger's final draft (which bills its overage).
     assert [(c["kind"], c["payload"].get("amount"), c["payload"].get("cause", {}).get("period")) for c in commands] == [
         ("usage.debit", "5.000000000", NOV_15.isoformat()), ("usage.debit", "15.000000000", NOV_15.isoformat()),
         ("invoice.usage_lines", None, None)]
-    assert commands[-1]["payload"]["invoice_key"] == f"{SUBSCRIPTION}/{day(10).isoformat()}"
-    await subscription_event(service, "Canceled", 4, at=day(10).isoformat(), by="user:test", reason="canceled",
+    assert commands[-1]["payload"]["invoice_key"] == f"{SUBSCRIPTION}/{day(20).isoformat()}"
+    await subscription_event(service, "Canceled", 4, at=day(20).isoformat(), by="user:test", reason="canceled",
                              lines=[])                                        # redelivered: the same commands
     assert [c["command_id"] for c in (await published(bus))[3:]] == [c["command_id"] for c in commands[1:]]
+
+
+async def test_usage_after_a_trials_immediate_cancel_rated_before_it_is_repriced_before_its_cut(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await start_trial(service)
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    # Canceled at once on Nov 10, in its trial; usage of Nov 16 rated before the Canceled reached rating (the plan's
+    # price, in the period the trial's end would have started).
+    await service.handle_accepted([accepted("a1", "150", at=day(16)), accepted("s1", "40", "storage_gb", at=day(16))])
+    await subscription_event(service, "Canceled", 4, at=day(10).isoformat(), by="user:test", reason="canceled",
+                             lines=[])
+    commands = (await published(bus))[1:]  # after a1's own debit
+    # After the cancel: no subscription, the list price in November (given back first); the cut's usage lines, on
+    # the final draft, bill nothing of it (it used to be closed and billed at the plan's price, storage 15.00).
+    assert debit_rows(commands) == [
+        ("usage.debit", "5.000000000", NOV_15.isoformat(), None),
+        ("usage.debit", "-5.000000000", NOV_15.isoformat(), "give_back"),
+        ("usage.debit", "79.000000000", "2026-11", "charge"),
+        ("invoice.usage_lines", None, None, None)]
+    assert commands[-1]["payload"]["lines"] == []
 
 
 async def test_a_close_prices_usage_after_the_pricing_subscriptions_trial_end_before_it_converts(rating) -> None:  # type: ignore[no-untyped-def]

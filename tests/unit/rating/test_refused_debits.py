@@ -8,12 +8,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from billing_events import ids, topics
 from billing_events.messages import LedgerEvent
+from billing_rating.charge_models import parse_spec
 from billing_rating.close import close_period
-from billing_rating.refusals import adjustment_command_id
+from billing_rating.refusals import Debit, adjustment, adjustment_command_id
 from billing_rating.service import RatingService
 from billing_runtime.bus import EmbeddedBus, Record
 
@@ -135,3 +137,98 @@ async def test_a_refused_ai_debit_takes_its_tokens_out_of_the_models_totals(rati
     second = by_event(await published(bus))["a2"]
     assert second["payload"]["cause"]["tokens_before"] == {"input": "0", "output": "0"}
     assert second["payload"]["amount_subunits"] == first["payload"]["amount_subunits"]
+
+
+async def test_a_refusal_reaching_rating_after_its_period_closed_is_made_right_by_a_late_adjustment(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    await service.handle_accepted([docs("doc-1", "10")])
+    await service.handle_accepted([docs("doc-2", "10")])  # priced on 20 documents: 0 more
+    first = by_event(await published(bus))["doc-1"]
+    await close_period(service.db, bus, service.catalog, "2026-11")  # counted doc-1: 20 documents, 500
+    await service.handle_ledger_events([refused(first, 10)])          # the refusal, after the close
+    commands = await published(bus)
+    [adjustment] = [c for c in commands if "refusal_of" in c["payload"]["cause"]]
+    # The ledger holds 0 for November (doc-1 refused, doc-2 priced 0): the 10 accepted documents owe the first step.
+    # Named as a late correction of November, the ledger bills it as overage of that period on the next invoice
+    # (it used to be logged and left alone: November's 10 accepted documents were never billed).
+    cause = adjustment["payload"]["cause"]
+    assert (Decimal(adjustment["payload"]["amount"]), cause["period"], cause["original_period"], cause["late"]) == (
+        500, "2026-11", "2026-11", "late")
+    assert adjustment["payload"]["at"] == first["payload"]["at"]
+    row = await service.db.fetchrow("SELECT decision FROM rated_events WHERE event_id = 'doc-1'")
+    assert row["decision"] == "refused"
+    totals = await service.db.fetchval("SELECT quantity FROM period_totals WHERE meter = 'evidence_documents'")
+    assert totals == "10"  # a late correction of November is priced on its 10 accepted documents
+    await service.handle_ledger_events([refused(first, 10)])          # redelivered: the same command again
+    assert (await published(bus))[-1] == adjustment
+
+
+PLANS_CATALOG: dict[str, Any] = {**CATALOG, "plans": [
+    {"code": "team", "name": "Team", "currency": "USD", "version": 1, "charges": [
+        {"meter": "api_calls", "overage_policy": "block", "included": "100",
+         "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.10"}}]},
+    {"code": "scale", "name": "Scale", "currency": "USD", "version": 1, "charges": [
+        {"meter": "api_calls", "overage_policy": "block", "included": "50",
+         "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.05"}}]}]}
+SUBSCRIPTION = UUID(int=42)
+NOV_1, DEC_1 = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+
+
+async def ledger_event(service: RatingService, kind: str, position: int, **data: Any) -> None:
+    event = LedgerEvent(position=position, aggregate_id=SUBSCRIPTION, aggregate_version=position, recorded_at=NOV_1,
+                        type=f"Subscription.{kind}", data=data)
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, position, None, event.to_json())])
+
+
+async def test_a_refusal_adjustment_prices_the_later_usage_at_the_price_it_was_rated_at(rating) -> None:  # type: ignore[no-untyped-def]
+    service, bus = rating
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV_1, data={"version": 2, "document": PLANS_CATALOG})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 1, None, catalog.to_json())])
+    await ledger_event(service, "Started", 1, tenant="acme", plan={"code": "team", "version": 1}, quantity=1,
+                       status="active", started_at=NOV_1.isoformat(), period_start=NOV_1.isoformat(),
+                       period_end=DEC_1.isoformat())
+    day = lambda d: datetime(2026, 11, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("r1", "150", at=day(3), catalog_version=2)])  # Team: 50 x 0.10 = 5.00
+    # Changed to Scale on Nov 8 (50 included, 0.05): Nov 10's 100 calls are priced on 150 -> 250, 5.00.
+    await ledger_event(service, "Changed", 2, old_plan={"code": "team", "version": 1},
+                       plan={"code": "scale", "version": 1}, old_quantity=1, quantity=1, at=day(8).isoformat(),
+                       by="user:test", lines=[], period_start=NOV_1.isoformat(), period_end=DEC_1.isoformat(),
+                       anchor_day=1)
+    await service.handle_accepted([accepted("a2", "100", at=day(10), catalog_version=2)])
+    debits = by_event(await published(bus))
+    assert (debits["r1"]["payload"]["amount"], debits["a2"]["payload"]["amount"]) == ("5.000000000", "5.000000000")
+    await service.handle_ledger_events([refused(debits["r1"], 10)])  # r1's debit was refused (block)
+    [adjustment] = [c for c in await published(bus) if "refusal_of" in c["payload"]["cause"]]
+    # Without r1, a2's 100 calls are the period's first: 50 beyond Scale's 50 included, 2.50; the ledger holds 5.00:
+    # 2.50 back. Priced at r1's price (Team's) the adjustment was period_charge(100) - (period_charge(250) - 5.00)
+    # = 0.00 - 10.00: 10.00 back, more than a2 was charged.
+    assert adjustment["payload"]["amount"] == "-2.500000000"
+
+
+def debit(event_id: str, batch: int, before: str, after: str, amount: int, spec: Any, included: str = "0",
+          refused: bool = False) -> Debit:
+    return Debit(event_id, datetime(2026, 11, 1, batch, tzinfo=UTC), Decimal(before), Decimal(after), amount, spec,
+                 Decimal(included), refused)
+
+
+def test_the_refusal_adjustment_reprices_each_later_debit_at_its_own_price_and_composes() -> None:
+    graduated = parse_spec({"model": "graduated", "unit": "USD", "tiers": [
+        {"up_to": "100", "unit_amount": "1"}, {"up_to": None, "unit_amount": "0.50"}]})
+    volume = parse_spec({"model": "volume", "unit": "USD", "tiers": [
+        {"up_to": "100", "unit_amount": "2"}, {"up_to": None, "unit_amount": "1"}]})
+    unit = 1_000_000_000
+    # r (80) refused, then a (40, same batch, from 80 to 120) at the graduated price, then b (30, a later batch) at
+    # the volume price of a new catalogue: 120 -> 150.
+    r = debit("r", 1, "0", "80", 80 * unit, graduated, refused=True)
+    a = debit("a", 1, "80", "120", 30 * unit, graduated)          # 20 x 1 + 20 x 0.50
+    b = debit("b", 2, "120", "150", 30 * unit, volume)            # 150 x 1 - 120 x 1
+    # Without r: a is 0 -> 40 (40.00), b 40 -> 70 at volume (140 - 80 = 60.00): 100.00 held as 60.00.
+    assert adjustment([r, a, b], 0) == 40 * unit
+    # A second refusal (b) learned after the first's adjustment was sent: b's 60.00 (priced without r) is not
+    # held, a stays at 40.00; the ledger holds a's 30.00 + 40.00 sent: 30.00 back, a at 40.00 in all.
+    assert adjustment([r, a, debit("b", 2, "120", "150", 30 * unit, volume, refused=True)], 40 * unit) == -30 * unit
+    # A debit rated before the refused one is priced as it was; one of the same batch below it too.
+    early = debit("early", 1, "0", "10", 10 * unit, graduated)
+    late = debit("r", 1, "10", "90", 80 * unit, graduated, refused=True)
+    assert adjustment([early, late], 0) == 0

@@ -1,9 +1,11 @@
 """Usage that rating rates before it learns of the subscription event that prices it (``Started``, ``Changed``) is
 repriced when it does, so both arrival orders end with the same charges, running totals, invoice usage lines and
-monthly usage (docs/rating.md "Usage rated before its subscription")."""
+monthly usage (docs/rating.md "Usage rated before its subscription"). So is usage after a ``Canceled`` rated before
+it; a ``Paused`` or ``Resumed`` prices nothing otherwise."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,6 +14,7 @@ from typing import Any
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerEvent
+from billing_rating import repricing
 from billing_rating.close import close_period
 from billing_rating.service import RatingService
 from billing_runtime.bus import EmbeddedBus, Record
@@ -71,18 +74,19 @@ async def outcome(service: RatingService, bus: EmbeddedBus) -> dict[str, Any]:
 
 
 async def both_orders(tmp_path: Path, learn: Callable[[RatingService], Awaitable[None]],
-                      then: Callable[[RatingService], Awaitable[None]]) -> tuple[dict[str, Any], dict[str, Any]]:
+                      then: Callable[[RatingService], Awaitable[None]], usage: list[Record] = USAGE
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The outcome with the subscription events first (as rating was built for), then with the usage first."""
     results = []
     for usage_first in (False, True):
         async with embedded_rating(tmp_path / str(usage_first)) as (service, bus):
             await catalogue(service)
             if usage_first:
-                await service.handle_accepted(USAGE)
+                await service.handle_accepted(usage)
                 await learn(service)
             else:
                 await learn(service)
-                await service.handle_accepted(USAGE)
+                await service.handle_accepted(usage)
             await then(service)
             results.append(await outcome(service, bus))
     return results[0], results[1]
@@ -157,7 +161,7 @@ async def test_trial_usage_rated_before_the_trial_started_is_free_and_its_storag
 
 
 async def test_usage_rated_before_a_plan_change_is_priced_by_the_new_plan(tmp_path: Path) -> None:
-    at = datetime(2026, 11, 2, 12, tzinfo=UTC)  # before every event of the period (rating keeps no plan history)
+    at = datetime(2026, 11, 2, 12, tzinfo=UTC)  # before every event of the period
 
     async def change_to_basic(service: RatingService) -> None:
         await start_team(service)
@@ -173,6 +177,44 @@ async def test_usage_rated_before_a_plan_change_is_priced_by_the_new_plan(tmp_pa
     assert usage_first == known_first
     # Basic charges nothing for calls: the list price on the period's total (2 included, 10 x 1.00, then 0.50).
     assert (known_first["per_event"]["a1"], known_first["per_event"]["a2"]) == (79_000_000_000, 40_000_000_000)
+
+
+def changed(plan: str, old_plan: str, at: datetime, position: int) -> dict[str, Any]:
+    return {"kind": "Changed", "position": position, "old_plan": {"code": old_plan, "version": 1},
+            "plan": {"code": plan, "version": 1}, "old_quantity": 1, "quantity": 1, "at": at.isoformat(),
+            "by": "user:test", "lines": [], "period_start": NOV_2.isoformat(), "period_end": DEC_2.isoformat(),
+            "anchor_day": 2}
+
+
+async def test_usage_before_a_plan_change_is_priced_by_the_old_plan_whenever_it_reaches_rating(tmp_path: Path) -> None:
+    async def change_on_nov_8(service: RatingService) -> None:
+        await start_team(service)
+        await subscription_event(service, **changed("basic", "team", day(8), 4))
+
+    async def renew(service: RatingService) -> None:
+        await end_period(service, NOV_2, DEC_2, JAN_2, position=5)
+
+    known_first, usage_first = await both_orders(tmp_path, change_on_nov_8, renew)
+    assert usage_first == known_first
+    # a1 (Nov 3) by Team, the plan of its time: 100 included, 50 x 0.10 (rating used to price it by Basic, the plan
+    # it had when the usage arrived: the list price, 79.00); a2 (Nov 10) by Basic: the list price from 150 to 230.
+    assert (known_first["per_event"]["a1"], known_first["per_event"]["a2"]) == (5_000_000_000, 40_000_000_000)
+    assert known_first["per_event"]["l2"] == 1_000_000_000  # Team's logins: 2, 1 included
+
+
+async def test_the_plans_a_subscription_had_are_remembered_for_the_usage_window_only(tmp_path: Path) -> None:
+    async with embedded_rating(tmp_path) as (service, bus):
+        await catalogue(service)
+        await start_team(service)
+        await subscription_event(service, **changed("basic", "team", day(8), 4))
+        # 51 days later (beyond the 35 days usage may be late, and a week's lag): Team from Nov 8 is forgotten.
+        await subscription_event(service, **changed("team", "basic", datetime(2026, 12, 29, tzinfo=UTC), 5))
+        history = await service.db.fetchval("SELECT history FROM subscription_plans")
+        assert json.loads(history) == [["2026-12-29T00:00:00+00:00", "basic", 1]]
+        # Usage of Dec 20 reaching rating now is priced by Basic, the plan of its time (list price: 2 included).
+        await service.handle_accepted([accepted("d1", "12", at=datetime(2026, 12, 20, tzinfo=UTC))])
+        [*_, debit] = [c for c in await published(bus) if c["kind"] == "usage.debit"]
+        assert (debit["payload"]["cause"]["priced_by"], debit["payload"]["amount"]) == ("list_price", "10.000000000")
 
 
 async def test_a_give_back_of_a_closed_month_is_a_late_correction_of_it(tmp_path: Path) -> None:
@@ -218,3 +260,112 @@ async def test_usage_rated_before_an_activation_is_priced_by_the_plan_from_the_a
     known_first, usage_first = await both_orders(tmp_path, start_then_activate, renew)
     assert usage_first == known_first
     assert (known_first["per_event"]["a1"], known_first["per_event"]["a2"]) == (5_000_000_000, 8_000_000_000)
+
+
+# -- a cancel (immediate, at period end, a trial's unconverted end) or a pause learnt after usage it prices ---------
+
+# After Nov 6 noon: calls, storage (at close), logins, AI tokens.
+AFTER_NOV_6 = [accepted("a2", "80", at=day(10)), accepted("s2", "40", "storage_gb", at=day(12)),
+               accepted("l2", "1", "logins", at=day(8)), accepted("l3", "1", "logins", at=day(11)),
+               accepted("g1", "1000", "ai_tokens", at=day(9), model="small", input_tokens=1000)]
+
+
+async def close_november(service: RatingService) -> None:
+    await close_period(service.db, service.bus, service.catalog, "2026-11")  # type: ignore[arg-type]
+
+
+async def test_usage_after_an_immediate_cancel_rated_before_it_is_priced_as_without_the_subscription(
+        tmp_path: Path) -> None:
+    async def start_then_cancel(service: RatingService) -> None:
+        await start_team(service)
+        await subscription_event(service, "Canceled", 4, at=datetime(2026, 11, 6, 12, tzinfo=UTC).isoformat(),
+                                 by="user:test", reason="canceled", lines=[])
+
+    known_first, usage_first = await both_orders(tmp_path, start_then_cancel, close_november, AFTER_NOV_6)
+    assert usage_first == known_first
+    # The list price in November: 2 included, 10 x 1.00 + 68 x 0.50; logins 1.00 each; storage 40 x 0.10 at
+    # November's close. The cut's usage lines (the final draft) bill none of it (Team priced a2 at 0.00, 100
+    # included, and the final invoice billed it with the storage at Team's price).
+    assert {event: known_first["per_event"][event] for event in ("a2", "l2", "l3", "s2")} == {
+        "a2": 44_000_000_000, "l2": 1_000_000_000, "l3": 1_000_000_000, "s2": 4_000_000_000}
+    assert known_first["lines"] == {}
+
+
+async def test_usage_after_a_trials_unconverted_end_rated_before_it_is_priced_as_without_the_subscription(
+        tmp_path: Path) -> None:
+    async def trial_then_unconverted_end(service: RatingService) -> None:
+        await subscribe(service, status="trialing", started=NOV_2, period=(NOV_2, DEC_2),
+                        trial_end=datetime(2026, 11, 6, 12, tzinfo=UTC).isoformat())
+        await subscription_event(service, "Canceled", 4, at=day(7).isoformat(), by="system:trial",
+                                 reason="trial_ended_without_payment_method", lines=[])  # the tick, a day later
+
+    known_first, usage_first = await both_orders(tmp_path, trial_then_unconverted_end, close_november, AFTER_NOV_6)
+    assert usage_first == known_first
+    assert {event: known_first["per_event"][event] for event in ("a2", "l2", "s2")} == {
+        "a2": 44_000_000_000, "l2": 1_000_000_000, "s2": 4_000_000_000}
+    assert known_first["totals"] == {("api_calls", "2026-11"): "80", ("logins", "2026-11"): "2",
+                                     ("ai_tokens|model=small|input", "2026-11"): "1000"}
+
+
+async def test_usage_after_a_cancel_at_period_end_rated_before_it_is_priced_as_without_the_subscription(
+        tmp_path: Path) -> None:
+    async def cancel_at_period_end(service: RatingService) -> None:
+        await start_team(service)
+        await subscription_event(service, "CancelScheduled", 4, at=day(20).isoformat(), by="user:test",
+                                 cancel_at=DEC_2.isoformat())
+        await subscription_event(service, "PeriodEnded", 5, period_start=NOV_2.isoformat(),
+                                 period_end=DEC_2.isoformat(), next_start=None, next_end=None)
+        await subscription_event(service, "Canceled", 6, at=DEC_2.isoformat(), by="system:period_end",
+                                 reason="canceled_at_period_end", lines=[])
+
+    async def nothing(service: RatingService) -> None:
+        return None
+
+    december = [accepted("d1", "30", at=datetime(2026, 12, 5, tzinfo=UTC))]
+    known_first, usage_first = await both_orders(tmp_path, cancel_at_period_end, nothing, december)
+    assert usage_first == known_first
+    # December's list price (2 included, 10 x 1.00 + 18 x 0.50), not Team's in a period that never came (0.00).
+    assert known_first["per_event"] == {"d1": 19_000_000_000}
+
+
+async def test_a_pause_or_resume_learnt_late_prices_nothing_otherwise(tmp_path: Path) -> None:
+    async def pause_and_resume(service: RatingService) -> None:
+        await start_team(service)
+        await subscription_event(service, "Paused", 4, at=day(4).isoformat(), by="user:test")
+        await subscription_event(service, "Resumed", 5, at=day(9).isoformat(), by="user:test")
+
+    async def renew(service: RatingService) -> None:
+        await end_period(service, NOV_2, DEC_2, JAN_2, position=6)
+
+    known_first, usage_first = await both_orders(tmp_path, pause_and_resume, renew)
+    assert usage_first == known_first
+    # Usage while paused is priced as while active (Team, its allowance, its period): the ledger bills it as overage.
+    assert (known_first["per_event"]["a1"], known_first["per_event"]["a2"]) == (5_000_000_000, 8_000_000_000)
+
+
+async def test_a_repricing_reads_only_the_decisions_of_usage_at_or_after_its_instant(tmp_path: Path,
+                                                                                     monkeypatch: Any) -> None:
+    read: list[int] = []
+    chains_since = repricing.chains_since
+
+    def counted(rows: list[dict[str, Any]], moment: datetime) -> list[repricing.Chain]:
+        read.append(len(rows))
+        return chains_since(rows, moment)
+
+    monkeypatch.setattr(repricing, "chains_since", counted)
+    async with embedded_rating(tmp_path) as (service, bus):
+        await catalogue(service)
+        await start_team(service)
+        # A month of usage before the change (October, and November before Nov 8), then two events after it.
+        october = [accepted(f"o{n}", "1", at=datetime(2026, 10, 3 + n % 25, tzinfo=UTC)) for n in range(200)]
+        early = [accepted(f"e{n}", "1", at=day(3)) for n in range(100)]
+        await service.handle_accepted([*october, *early, accepted("a1", "150", at=day(9)),
+                                       accepted("a2", "80", at=day(10))])
+        read.clear()
+        await subscription_event(service, **changed("basic", "team", day(8), 4))
+        # The change could only move a1 and a2: their two decisions are all it read (it read the 302 of periods up to
+        # a year back, once per subscription event).
+        assert read == [2]
+        repriced = {c["payload"]["cause"]["corrects"] for c in await published(bus)
+                    if c["kind"] == "usage.debit" and c["payload"]["cause"].get("repriced")}
+        assert repriced == {"a1", "a2"}

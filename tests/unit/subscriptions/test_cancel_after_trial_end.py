@@ -14,6 +14,7 @@ from typing import Any
 
 from billing_events import ids
 from billing_ledger.domain.subscription import subscription_id
+from billing_rating.close import close_period
 
 from tests.unit.subscriptions.test_cancel_after_period_end import Stack, usage_money, wired_stack
 
@@ -102,11 +103,16 @@ async def test_without_a_payment_method_a_cancel_after_the_trial_end_ends_it_as_
     result = unconverted.run("subscription.cancel", NOV_15, key="m", immediately=True)
     await settle(unconverted)
     # The trial ended unconverted (reason trial_ended_without_payment_method) and the cancel had nothing left to
-    # end: as after the tick, the usage since the trial's end is charged once at the plan's price, storage
-    # included (rating closed the period it was rated in), and stays owed on the account; no invoice is drafted.
-    # It used to be cut as a trial: 15.00 billed on a final invoice, the storage's 5.00 never priced.
-    assert owed(unconverted) == Decimal("20.00")
+    # end: as after the tick, the usage since the trial's end is priced as for an account without the plan (the
+    # calls at the list price, 250 x 0.10 with nothing included: 25.00, repriced from the plan's 15.00 since session
+    # 14) and stays owed on the account; no invoice is drafted. It used to be cut as a trial: 15.00 billed on a final
+    # invoice, the storage's 5.00 never priced.
+    assert owed(unconverted) == Decimal("25.00")
     assert [key for key, i in unconverted.invoices().items() if i.status == "finalized"] == []
+    # The storage is November's, an account without a subscription: priced when that month is closed, 10 x 0.50.
+    await close_period(unconverted.rating.db, unconverted.bus, unconverted.rating.catalog, "2026-11")
+    await unconverted.deliver()
+    assert owed(unconverted) == Decimal("30.00")
     assert (result.value["status"], result.value["lines"]) == ("canceled", [])
     [ended] = [e for e in unconverted.ledger.events.get(subscription_id("acme", "m")) if type(e).__name__ == "Canceled"]
     assert ended.reason == "trial_ended_without_payment_method"
