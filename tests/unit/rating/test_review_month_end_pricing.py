@@ -76,9 +76,6 @@ async def test_a_mid_period_upgrade_never_bills_the_periods_usage_above_either_p
     assert Decimal(amount) <= Decimal("6.00"), f"80 calls billed {amount}: Small prices them 6.00, Big 5.00"
 
 
-@pytest.mark.xfail(strict=True, reason="usage after the end of a period set to cancel at its end, rated before the "
-                                       "ledger's tick, is priced by the ended plan with a fresh allowance in a calendar "
-                                       "month and never repriced: free, where the list price applies (review s14)")
 async def test_usage_after_a_cancel_at_period_end_took_effect_is_billed_at_the_list_price(rating) -> None:  # type: ignore[no-untyped-def]
     """Team (100 calls included) set on Nov 10 to cancel at its period's end, Dec 1. 50 calls on Dec 3 reach rating
     before the tick (the period end, then the cancel): the subscription has ended, so they are an account's without a
