@@ -75,6 +75,35 @@ def _forbidden(request: Request, principal: Principal, detail: str) -> HTMLRespo
     return _page(request, "error.html", {"principal": principal, "title": "Forbidden", "detail": detail}, 403)
 
 
+# The pages' year and month filters, read by the page itself after it compared the token's tenant: declared as
+# validated query parameters, a bad value was FastAPI's 422 problem+json before the page looked at the token, so
+# another tenant's page answered a stranger's bad query (and a person saw JSON instead of a page).
+Filter = Annotated[str | None, Query()]
+YEAR_MIN, YEAR_MAX = 1970, 9999
+
+
+class InvalidFilter(ValueError):
+    """A page filter that is not one of the values the page offers."""
+
+
+def _whole(text: str | None, name: str, low: int, high: int) -> int | None:
+    if text is None or text.strip() == "":
+        return None
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise InvalidFilter(f"{name} must be a whole number from {low} to {high}, not {text!r}.")
+    return int(value)
+
+
+def _month_filter(year: str | None, month: str | None) -> tuple[int | None, int | None]:
+    return _whole(year, "year", YEAR_MIN, YEAR_MAX), _whole(month, "month", 1, 12)
+
+
+def _invalid(request: Request, principal: Principal, exc: InvalidFilter) -> HTMLResponse:
+    return _page(request, "error.html", {"principal": principal, "title": "Invalid request", "detail": str(exc)},
+                 422)
+
+
 def _period(year: int | None, month: int | None) -> tuple[int, int]:
     now = utcnow()
     return year or now.year, month or (now.month if year is None else 1)
@@ -151,9 +180,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         return _forbidden(request, principal, "This token sees no tenant: use a tenant's token or a finance one.")
 
     @router.get("/dashboard/accounts/{tenant}", response_class=HTMLResponse)
-    async def account_page(request: Request, tenant: str,
-                           year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
-                           month: Annotated[int | None, Query(ge=1, le=12)] = None,
+    async def account_page(request: Request, tenant: str, year: Filter = None, month: Filter = None,
                            meter: str | None = None, type: str | None = None,
                            cursor: str | None = None) -> Response:
         principal = _principal(request)
@@ -161,12 +188,16 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             return _to_login(request)
         if not principal.can_see(tenant):
             return _forbidden(request, principal, "This token is scoped to another tenant.")
+        try:
+            chosen_year, chosen_month = _month_filter(year, month)
+        except InvalidFilter as exc:
+            return _invalid(request, principal, exc)
         now = utcnow()
         balance = await views.balance_view(db, tenant, now)
         if balance is None:
             return _page(request, "error.html", {"principal": principal, "title": "Not found",
                                                  "detail": f"No billing account for tenant {tenant}."}, 404)
-        y, m = _period(year, month)
+        y, m = _period(chosen_year, chosen_month)
         start, end = month_range(y, m)
         days = _days(y, m)
         daily = await lists.figure_series(db, tenant=tenant, granularity="day", since=start, until=end)
@@ -193,9 +224,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         })
 
     @router.get("/dashboard/accounts/{tenant}/export/{name}.csv")
-    async def account_export(request: Request, tenant: str, name: str,
-                             year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
-                             month: Annotated[int | None, Query(ge=1, le=12)] = None,
+    async def account_export(request: Request, tenant: str, name: str, year: Filter = None, month: Filter = None,
                              meter: str | None = None, type: str | None = None) -> Response:
         """The page's lists as CSV, with the dashboard's cookie (the API itself takes the bearer header)."""
         principal = _principal(request)
@@ -203,10 +232,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             return _to_login(request)
         if not principal.can_see(tenant):
             return _forbidden(request, principal, "This token is scoped to another tenant.")
+        try:
+            chosen_year, chosen_month = _month_filter(year, month)
+        except InvalidFilter as exc:
+            return _invalid(request, principal, exc)
         if name == "usage-monthly":
             async def monthly_page(c: str | None, n: int) -> lists.Page:
-                return await lists.monthly(db, tenant=tenant, year=year, month=month, meter=meter or None,
-                                           cursor=c, limit=n)
+                return await lists.monthly(db, tenant=tenant, year=chosen_year, month=chosen_month,
+                                           meter=meter or None, cursor=c, limit=n)
             return await csv_response(MONTHLY_COLUMNS, monthly_page, f"usage-monthly-{tenant}")
         if name == "transactions":
             async def transaction_page(c: str | None, n: int) -> lists.Page:
@@ -241,8 +274,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             "Content-Disposition": found.headers.get("content-disposition", f'inline; filename="{invoice_id}.pdf"')})
 
     @router.get("/dashboard/finance", response_class=HTMLResponse)
-    async def finance_page(request: Request, year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
-                           month: Annotated[int | None, Query(ge=1, le=12)] = None,
+    async def finance_page(request: Request, year: Filter = None, month: Filter = None,
                            tenant: str | None = None) -> Response:
         principal = _principal(request)
         if principal is None:
@@ -251,9 +283,13 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             return _forbidden(request, principal, "The finance dashboard needs the admin or finance role.")
         if tenant and not principal.can_see(tenant):
             return _forbidden(request, principal, "This token is scoped to another tenant.")
+        try:
+            chosen_year, chosen_month = _month_filter(year, month)
+        except InvalidFilter as exc:
+            return _invalid(request, principal, exc)
         scope = tenant or principal.tenant
         now = utcnow()
-        y, m = _period(year, month)
+        y, m = _period(chosen_year, chosen_month)
         start, end = month_range(y, m)
         daily = await lists.figure_series(db, tenant=scope, granularity="day", since=start, until=end)
         month_figures = views.figure_cards(
