@@ -1,7 +1,8 @@
 """The billing dashboard: server-rendered HTML (Jinja2) with inline SVG charts, no build step, no CDN.
 
 Same bearer tokens as the API: the login page takes a token and keeps it in an HttpOnly, SameSite=Strict
-cookie scoped to ``/dashboard``; an ``Authorization: Bearer`` header works too. A tenant's token sees only
+cookie scoped to ``/dashboard``; an ``Authorization: Bearer`` header works too. The forms that post (sign in, sign
+out) carry a CSRF token and are refused from another site's page (``csrf.py``). A tenant's token sees only
 its own account page; the finance page needs the admin or finance role. Every number comes from the same
 views as the JSON API (``views.py`` / ``lists.py``).
 """
@@ -19,7 +20,7 @@ from uuid import UUID
 import httpx
 import jwt
 from billing_events.timeutil import utcnow
-from billing_projections import balances, catalog, charts, history, lists, views
+from billing_projections import balances, catalog, charts, csrf, history, lists, views
 from billing_projections.api_accounts import INVOICE_COLUMNS, MONTHLY_COLUMNS, TRANSACTION_COLUMNS
 from billing_projections.exports import csv_response
 from billing_projections.params import month_range
@@ -68,7 +69,11 @@ def _to_login(request: Request, message: str = "") -> RedirectResponse:
 
 
 def _page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context, status_code=status)
+    """A page; its forms that post (sign in, sign out) carry this browser's CSRF token (``csrf.py``)."""
+    response = templates.TemplateResponse(request, name, {**context, "csrf": csrf.form_token(request)},
+                                          status_code=status)
+    csrf.set_cookie(request, response)
+    return response
 
 
 def _forbidden(request: Request, principal: Principal, detail: str) -> HTMLResponse:
@@ -151,6 +156,12 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         token = (form.get("token") or [""])[0].strip()
         target = (form.get("next") or ["/dashboard"])[0]
         target = target if target.startswith("/dashboard") else "/dashboard"
+        try:
+            csrf.check(request, form)
+        except csrf.CsrfRefused as exc:  # signed in by another site's page: nothing is set
+            return _page(request, "login.html", {"next": target, "principal": None,
+                                                 "message": f"Not signed in: {exc}. Sign in again from this page."},
+                         403)
         verifier: TokenVerifier = request.app.state.token_verifier
         try:
             verifier.verify(token)
@@ -164,6 +175,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
 
     @router.post("/dashboard/logout")
     async def logout(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > LOGIN_BODY_BYTES_MAX:
+            raise Problem(413, "Payload too large", "The sign-out form is too large.")
+        try:
+            csrf.check(request, parse_qs(body.decode(errors="replace")))
+        except csrf.CsrfRefused as exc:  # signed out by another site's page: the cookie stays
+            return _page(request, "error.html", {"principal": _principal(request), "title": "Forbidden",
+                                                 "detail": f"Not signed out: {exc}."}, 403)
         response = RedirectResponse("/dashboard/login", status_code=303)
         response.delete_cookie(COOKIE, path=COOKIE_PATH)
         return response
