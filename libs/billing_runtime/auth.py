@@ -9,6 +9,13 @@ Who is an operator is decided here and nowhere else: platform staff, i.e. the ad
 whatever its role: it acts on its own account as a customer, never as the platform. Operator actions (catalogue
 publish, period close, billing cycle, adjustments, refunds, refund-request review, pool capacity, identity
 verification, ...) use ``require_operator``/``require_platform``; a tenant's token gets 403 problem+json there.
+
+A request addressed to a tenant (a ``{tenant}`` in its path, or a ``tenant`` query filter its route declares) by a
+token that may not see that tenant is refused 403 before anything else of it is looked at: the ``require*``
+dependencies compare the tenant (FastAPI solves them before it validates the query, the path's other parameters
+and the body), and ``foreign_tenant`` answers the one validation error FastAPI raises before any dependency, a body
+that is not JSON (``billing_runtime.http``). A stranger gets the same 403 whatever it sends, never a 422 that tells
+it how the route would have read its request. Routes still call ``check_tenant`` themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 
 import jwt
 from fastapi import Request
+from fastapi.routing import APIRoute
 
 from billing_runtime.problems import Problem
 from billing_runtime.settings import Settings
@@ -167,6 +175,8 @@ def require(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
         if roles and principal.role not in roles:
             raise Problem(403, "Forbidden", f"This action needs one of the roles: {', '.join(roles)}.",
                           kind="forbidden")
+        if principal.tenant is not None:
+            check_addressed_tenant(principal, request)
         return principal
 
     return dependency
@@ -198,6 +208,45 @@ def require_operator(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
     return require_platform(*(roles or OPERATOR_ROLES))
 
 
+def _other_tenant() -> Problem:
+    return Problem(403, "Forbidden", "This token is scoped to another tenant.", kind="forbidden")
+
+
 def check_tenant(principal: Principal, tenant: str) -> None:
     if not principal.can_see(tenant):
-        raise Problem(403, "Forbidden", "This token is scoped to another tenant.", kind="forbidden")
+        raise _other_tenant()
+
+
+def addressed_tenant(request: Request) -> str | None:
+    """The tenant a request is addressed to: its path's ``{tenant}``, else the ``tenant`` query filter of a route
+    that declares one (``/v1/reports/...?tenant=``, the dashboard's finance page); None for any other request.
+    The path's text as sent, before its pattern is checked: a tenant that is not well-formed is not the token's."""
+    tenant = request.path_params.get("tenant")
+    if tenant is not None:
+        return str(tenant)
+    if b"tenant=" not in request.scope.get("query_string", b""):
+        return None
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute) and any(p.alias == "tenant" for p in route.dependant.query_params):
+        return request.query_params.get("tenant")
+    return None
+
+
+def check_addressed_tenant(principal: Principal, request: Request) -> None:
+    """403 problem+json when ``principal`` may not see the tenant the request is addressed to."""
+    tenant = addressed_tenant(request)
+    if tenant is not None and not principal.can_see(tenant):
+        raise _other_tenant()
+
+
+def foreign_tenant(request: Request) -> Problem | None:
+    """The 403 a request's bearer token gets for the tenant the request is addressed to, if it may not see it;
+    None when it may, or when the request has no valid bearer token (the route answers those as it does)."""
+    tenant = addressed_tenant(request)
+    if tenant is None or not request.headers.get("authorization"):
+        return None
+    try:
+        principal = authenticate(request)
+    except Problem:
+        return None
+    return None if principal.can_see(tenant) else _other_tenant()

@@ -13,6 +13,12 @@ routes, a hold or a balance, pay nothing more), and the route's own limit is loo
 a larger limit is enforced here and a smaller one by the route as it reads (its own 413, as
 ``POST /v1/webhooks/{gateway}`` does). A body of unknown length is held to the route's own limit.
 
+A refused body is read and dropped before the 413 is sent (``discard_rest``): closing a connection with unread data
+in it makes the kernel reset it, and the client, still sending, saw the reset (httpx: ``ReadError``), never the 413.
+It is read one chunk at a time and kept nowhere, at most ``REFUSED_BODY_DRAIN_BYTES_MAX`` bytes and
+``REFUSED_BODY_DRAIN_SECONDS_MAX`` seconds; a body declared larger than that, or a client waiting for ``100
+Continue`` (it has not sent the body), is answered at once.
+
 A pure ASGI middleware, not Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``): that runs every request in an
 anyio task group whose cancellation leaves cyclic garbage per request, and the collections that free it pause the
 server (tests/bench/bench_ledger.py, ``ServerTime``).
@@ -20,6 +26,7 @@ server (tests/bench/bench_ledger.py, ``ServerTime``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from re import Pattern
 
@@ -27,6 +34,11 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing_runtime.problems import payload_too_large, problem_response
+
+# How much of a refused body is read (and dropped) so that the client gets the 413 rather than a reset connection:
+# far above every route's limit (usage batches: 4 MiB), far below what would keep a worker busy for long.
+REFUSED_BODY_DRAIN_BYTES_MAX = 64 * 1024 * 1024
+REFUSED_BODY_DRAIN_SECONDS_MAX = 10.0
 
 
 class BodyLimit:
@@ -48,6 +60,7 @@ class BodyLimit:
                     if declared > self.default_bytes_max:
                         limit = self._limit_of(scope)
                         if declared > limit:
+                            await discard_rest(scope, receive, unread=declared)
                             await _refuse(scope, receive, send, limit)
                             return
                     break
@@ -76,6 +89,8 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
+                if message.get("more_body", False):
+                    await discard_rest(scope, receive)
                 await _refuse(scope, receive, send, limit)
                 return
             chunks.append(chunk)
@@ -84,9 +99,32 @@ class BodyLimit:
         await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
 
+async def discard_rest(scope: Scope, receive: Receive, *, unread: int | None = None) -> None:
+    """Reads and drops what is left of a refused request's body (the server has more of it: a declared ``unread``
+    length not read yet, or a last message with ``more_body``), so that its 413 is read rather than reset; within
+    ``REFUSED_BODY_DRAIN_BYTES_MAX`` and ``REFUSED_BODY_DRAIN_SECONDS_MAX``, one chunk at a time."""
+    if unread is not None and unread > REFUSED_BODY_DRAIN_BYTES_MAX:
+        return  # not worth reading: the client may see a reset
+    for name, value in scope["headers"]:
+        if name == b"expect" and value.lower() == b"100-continue":
+            return  # the client waits for a go-ahead before it sends the body: the 413 comes first
+    dropped = 0
+    try:
+        async with asyncio.timeout(REFUSED_BODY_DRAIN_SECONDS_MAX):
+            while dropped <= REFUSED_BODY_DRAIN_BYTES_MAX:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
+
+
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
     problem = payload_too_large(limit)
-    # The rest of the body is never read: the connection closes after the answer, not to parse it as a request.
+    # What is left of the body is not parsed as a request: the connection closes after the answer.
     response = problem_response(problem.status, problem.title, problem.detail, kind=problem.kind,
                                 instance=scope["path"], headers={"connection": "close"})
     await response(scope, receive, send)

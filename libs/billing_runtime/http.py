@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from billing_runtime.auth import TokenVerifier
+from billing_runtime.auth import TokenVerifier, foreign_tenant
 from billing_runtime.body_limit import BodyLimit
 from billing_runtime.problems import install_problem_handlers, problem_response
 from billing_runtime.settings import Settings
@@ -21,7 +21,7 @@ def create_app(title: str, settings: Settings, ready: ReadyCheck | None = None, 
     """``body_limits``: routes whose request body limit is not the default (``ServiceParts.body_limits``)."""
     app = FastAPI(title=title, version=version)
     app.state.token_verifier = TokenVerifier(settings)
-    install_problem_handlers(app)
+    install_problem_handlers(app, refuse_first=foreign_tenant)
     app.add_middleware(BodyLimit, default_bytes_max=settings.http_default_body_bytes_max, routes=body_limits)
 
     @app.get("/healthz", include_in_schema=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,7 +49,10 @@ def problem_response(status: int, title: str, detail: str = "", *, kind: str | N
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
-def install_problem_handlers(app: FastAPI) -> None:
+def install_problem_handlers(app: FastAPI, *, refuse_first: Callable[[Request], Problem | None] | None = None
+                             ) -> None:
+    """``refuse_first``: a refusal that comes before a request's validation errors (a token of another tenant:
+    ``billing_runtime.auth.foreign_tenant``); when it gives a problem, that is the answer instead of the 422."""
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.title, exc.detail, kind=exc.kind, instance=request.url.path,
@@ -56,6 +60,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        refusal = refuse_first(request) if refuse_first is not None else None
+        if refusal is not None:
+            return await _problem(request, refusal)
         errors = [
             {"location": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
             for e in exc.errors()

@@ -12,10 +12,12 @@ from billing_events.messages import loads_exact
 from billing_ingest.payments import PaymentWebhooks
 from billing_ingest.service import IngestService
 from billing_runtime.auth import Principal, Role, require
+from billing_runtime.body_limit import discard_rest
 from billing_runtime.problems import Problem, payload_too_large, problem_response
 from billing_runtime.settings import Settings
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 UsageSender = Annotated[Principal, Depends(require(Role.SERVICE, Role.ADMIN))]
 
@@ -75,18 +77,27 @@ def build_router(service: IngestService) -> APIRouter:
 
 
 async def read_body_capped(request: Request, body_max: int) -> bytes:
-    """The raw body, refused with 413 as soon as it exceeds ``body_max`` bytes (never buffered beyond it)."""
+    """The raw body, refused with 413 as soon as it exceeds ``body_max`` bytes (never buffered beyond it). The rest
+    of a refused body is read and dropped first (``discard_rest``: the client reads the 413, not a reset)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_max:
+        await discard_rest(request.scope, request.receive, unread=int(declared))
         raise payload_too_large(body_max)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > body_max:
+            if more:
+                await discard_rest(request.scope, request.receive)
             raise payload_too_large(body_max)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not more:
+            return b"".join(chunks)
 
 
 def build_webhook_router(webhooks: PaymentWebhooks, body_max: int) -> APIRouter:

@@ -11,8 +11,9 @@ of times; the position (``alerts:low-balance``, the name it had before the card 
 resend every alert) is recorded after each alert, so a restart does not resend what was delivered. A low-balance
 email goes to the configured address only; a card notice, like a failed payment's email (dunning), goes to the
 configured address, else to the tenant's (``<tenant>@BILLING_SMTP_RECIPIENT_DOMAIN``). The webhook URL must reach
-a public address (``outbound_urls``: checked when set and, resolved, before each send; a refused target is logged
-``alert_webhook_target_refused`` and not posted to) unless ``BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED``.
+a public address (``outbound_urls``: checked when set and, resolved, before each attempt, which connects to the very
+address checked; a refused target is logged ``alert_webhook_target_refused`` and not posted to) unless
+``BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.roster import Roster
 from billing_ledger.mail import send_text, tenant_address
 from billing_ledger.notifier import SmtpSettings
-from billing_ledger.outbound_urls import OutboundUrlRefused, check_resolved
+from billing_ledger.outbound_urls import OutboundUrlRefused, PinnedTransport, public_address
 from billing_runtime.logging import get_logger
 from billing_runtime.service import pause
 from billing_runtime.settings import Settings
@@ -49,6 +50,7 @@ EXPIRED_TOPIC = get_topic(Roster.PaymentMethodExpired)
 ALERT_TOPICS = [REACHED_TOPIC, EXPIRING_TOPIC, EXPIRED_TOPIC]
 SIGNATURE_HEADER = "Billing-Signature"
 BACKOFF_BASE_SECONDS = 1.0
+WEBHOOK_SECONDS_MAX = 10.0  # one attempt's timeout (connect, send, each read)
 SCAN_BATCH_EVENTS_MAX = 100
 
 
@@ -60,25 +62,30 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
 async def post_signed(url: str, secret: str, payload: dict[str, Any], *, attempts_max: int,
                       transport: httpx.AsyncBaseTransport | None = None,
                       backoff_base_seconds: float = BACKOFF_BASE_SECONDS, private_allowed: bool = False) -> bool:
-    try:  # what the name resolves to now (DNS rebinding): never a private, loopback or link-local address
-        await check_resolved(url, private_allowed=private_allowed)
-    except OutboundUrlRefused as exc:
-        log.warning("alert_webhook_target_refused", url=url, reason=str(exc))
-        return False
+    """``transport``: the network in tests (the resolved address is still checked; it is not connected to)."""
     body = json.dumps(payload, sort_keys=True).encode()
-    async with httpx.AsyncClient(timeout=10, transport=transport) as client:
-        for attempt in range(attempts_max):
-            timestamp = int(time.time())
-            try:
+    for attempt in range(attempts_max):
+        through = transport
+        if not private_allowed:
+            try:  # what the name resolves to now (DNS rebinding): never a private, loopback or link-local address
+                address = await public_address(url)
+            except OutboundUrlRefused as exc:
+                log.warning("alert_webhook_target_refused", url=url, reason=str(exc))
+                return False
+            # ... and the connection goes to that very address: the client does not resolve the name again.
+            through = transport or PinnedTransport(url, address)
+        timestamp = int(time.time())
+        try:
+            async with httpx.AsyncClient(timeout=WEBHOOK_SECONDS_MAX, transport=through) as client:
                 response = await client.post(url, content=body, headers={
                     "Content-Type": "application/json", SIGNATURE_HEADER: signature(secret, timestamp, body)})
-                if response.status_code < 300:
-                    return True
-                log.warning("alert_webhook_refused", url=url, status=response.status_code, attempt=attempt + 1)
-            except httpx.HTTPError as exc:
-                log.warning("alert_webhook_unreachable", url=url, error=str(exc), attempt=attempt + 1)
-            if attempt + 1 < attempts_max:
-                await asyncio.sleep(backoff_base_seconds * 2**attempt)
+            if response.status_code < 300:
+                return True
+            log.warning("alert_webhook_refused", url=url, status=response.status_code, attempt=attempt + 1)
+        except httpx.HTTPError as exc:
+            log.warning("alert_webhook_unreachable", url=url, error=str(exc), attempt=attempt + 1)
+        if attempt + 1 < attempts_max:
+            await asyncio.sleep(backoff_base_seconds * 2**attempt)
     return False
 
 

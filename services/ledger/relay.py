@@ -53,7 +53,22 @@ _UNTAG = {
 
 
 class _Unusual(Exception):
-    """Stored state the direct path does not know (another tag, a class version): the mapper's way."""
+    """Stored state the direct path does not know (another tag, a class version, a long number): the mapper's way."""
+
+
+# orjson reads an integer outside [-2**63, 2**64) as a float (2**70 as 1.1805916207174113e+21) and cannot write one:
+# the direct and walked paths relayed such a payload integer rounded. A stored state with a number of 19 digits or
+# more (every integer outside that range has at least 19) goes the mapped way, whose JSON keeps integers of any size
+# exact. A number is a run of digits after ``:``, ``,`` or ``[`` (a minus sign and spaces left out); digits in a
+# string (a chain hash, an id) follow a quote or a letter, so they do not count, except a string's own ``: `` or
+# ``, `` before 19 digits, which only sends its state the mapped way. Found in C: every digit mapped to 0, those
+# three characters to ``:``, minus and space dropped, then ``:`` and 19 zeros looked for (0.6 us for a debit's event).
+_NUMBERS_AS_ZEROS = bytes.maketrans(b"123456789,[", b"000000000::")
+_LONG_NUMBER = b":" + b"0" * 19
+
+
+def _long_number(raw: bytes) -> bool:
+    return _LONG_NUMBER in raw.translate(_NUMBERS_AS_ZEROS, b"- ")
 
 
 def _untag(value: Any) -> Any:
@@ -107,6 +122,8 @@ def _direct(position: int, originator_id: UUID | str, version: int, topic: str, 
     bytes differ from the tags replaced: then ``None`` (take ``_walked_message``, the general walk). Neither orjson
     nor the ``json`` module (eventsourcing's transcoder) writes a printable ASCII character escaped, so every
     ``_type_`` key is counted. Stored events of a bench run: 10.6-11.2 -> 6.8-7.0 us each."""
+    if _long_number(raw):
+        raise _Unusual("a long number")
     state = orjson.loads(raw)
     if type(state) is not dict or "class_version" in state:
         raise _Unusual("class_version")
@@ -188,6 +205,8 @@ def _recorded_at(text: Any) -> bytes:
 
 def _walked_message(notification: Any) -> OutMessage:
     """The direct record of any stored state of the default transcodings: every value walked for tags."""
+    if _long_number(notification.state):
+        raise _Unusual("a long number")
     state = orjson.loads(notification.state)
     stamp = state["timestamp"]
     data = {k: _untag(v) for k, v in state.items() if k not in _ORIGINATOR_FIELDS}

@@ -349,12 +349,20 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                 response_class=Response)
     async def invoice_pdf(tenant: str, invoice_id: UUID, principal: Principal = Depends(require())) -> Response:
         check_tenant(principal, tenant)
-        rendered = await read(invoice_id, lambda invoice: (invoice.tenant, invoice.number, render_pdf(
-            invoice, issuer=issuer)) if isinstance(invoice, Invoice) else None)
-        if rendered is None or rendered[0] != tenant:
+
+        def owned_pdf(invoice: Any) -> tuple[str | None, bytes] | None:
+            # The invoice's tenant first: another tenant's document is never rendered (it was, then refused 404,
+            # which cost the server a rendering per request and told by its time that the invoice exists).
+            if not isinstance(invoice, Invoice) or invoice.tenant != tenant:
+                return None
+            return invoice.number, render_pdf(invoice, issuer=issuer)
+
+        rendered = await read(invoice_id, owned_pdf)
+        if rendered is None:
             raise Problem(404, "Not found", "No such invoice.", kind="unknown-invoice")
-        return Response(rendered[2], media_type="application/pdf",
-                        headers={"Content-Disposition": f'inline; filename="{rendered[1] or invoice_id}.pdf"'})
+        number, pdf = rendered
+        return Response(pdf, media_type="application/pdf",
+                        headers={"Content-Disposition": f'inline; filename="{number or invoice_id}.pdf"'})
 
     @router.put("/v1/workspaces/{workspace}/accounts/{tenant}",
                 summary="Make a billing account a member of a workspace (operator: platform admin; a trial needs "

@@ -1,7 +1,8 @@
 """The billing dashboard: server-rendered HTML (Jinja2) with inline SVG charts, no build step, no CDN.
 
 Same bearer tokens as the API: the login page takes a token and keeps it in an HttpOnly, SameSite=Strict
-cookie scoped to ``/dashboard``; an ``Authorization: Bearer`` header works too. A tenant's token sees only
+cookie scoped to ``/dashboard``; an ``Authorization: Bearer`` header works too. The forms that post (sign in, sign
+out) carry a CSRF token and are refused from another site's page (``csrf.py``). A tenant's token sees only
 its own account page; the finance page needs the admin or finance role. Every number comes from the same
 views as the JSON API (``views.py`` / ``lists.py``).
 """
@@ -19,7 +20,7 @@ from uuid import UUID
 import httpx
 import jwt
 from billing_events.timeutil import utcnow
-from billing_projections import balances, catalog, charts, history, lists, views
+from billing_projections import balances, catalog, charts, csrf, history, lists, views
 from billing_projections.api_accounts import INVOICE_COLUMNS, MONTHLY_COLUMNS, TRANSACTION_COLUMNS
 from billing_projections.exports import csv_response
 from billing_projections.params import month_range
@@ -68,11 +69,44 @@ def _to_login(request: Request, message: str = "") -> RedirectResponse:
 
 
 def _page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context, status_code=status)
+    """A page; its forms that post (sign in, sign out) carry this browser's CSRF token (``csrf.py``)."""
+    response = templates.TemplateResponse(request, name, {**context, "csrf": csrf.form_token(request)},
+                                          status_code=status)
+    csrf.set_cookie(request, response)
+    return response
 
 
 def _forbidden(request: Request, principal: Principal, detail: str) -> HTMLResponse:
     return _page(request, "error.html", {"principal": principal, "title": "Forbidden", "detail": detail}, 403)
+
+
+# The pages' year and month filters, read by the page itself after it compared the token's tenant: declared as
+# validated query parameters, a bad value was FastAPI's 422 problem+json before the page looked at the token, so
+# another tenant's page answered a stranger's bad query (and a person saw JSON instead of a page).
+Filter = Annotated[str | None, Query()]
+YEAR_MIN, YEAR_MAX = 1970, 9999
+
+
+class InvalidFilter(ValueError):
+    """A page filter that is not one of the values the page offers."""
+
+
+def _whole(text: str | None, name: str, low: int, high: int) -> int | None:
+    if text is None or text.strip() == "":
+        return None
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise InvalidFilter(f"{name} must be a whole number from {low} to {high}, not {text!r}.")
+    return int(value)
+
+
+def _month_filter(year: str | None, month: str | None) -> tuple[int | None, int | None]:
+    return _whole(year, "year", YEAR_MIN, YEAR_MAX), _whole(month, "month", 1, 12)
+
+
+def _invalid(request: Request, principal: Principal, exc: InvalidFilter) -> HTMLResponse:
+    return _page(request, "error.html", {"principal": principal, "title": "Invalid request", "detail": str(exc)},
+                 422)
 
 
 def _period(year: int | None, month: int | None) -> tuple[int, int]:
@@ -122,6 +156,12 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         token = (form.get("token") or [""])[0].strip()
         target = (form.get("next") or ["/dashboard"])[0]
         target = target if target.startswith("/dashboard") else "/dashboard"
+        try:
+            csrf.check(request, form)
+        except csrf.CsrfRefused as exc:  # signed in by another site's page: nothing is set
+            return _page(request, "login.html", {"next": target, "principal": None,
+                                                 "message": f"Not signed in: {exc}. Sign in again from this page."},
+                         403)
         verifier: TokenVerifier = request.app.state.token_verifier
         try:
             verifier.verify(token)
@@ -135,6 +175,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
 
     @router.post("/dashboard/logout")
     async def logout(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > LOGIN_BODY_BYTES_MAX:
+            raise Problem(413, "Payload too large", "The sign-out form is too large.")
+        try:
+            csrf.check(request, parse_qs(body.decode(errors="replace")))
+        except csrf.CsrfRefused as exc:  # signed out by another site's page: the cookie stays
+            return _page(request, "error.html", {"principal": _principal(request), "title": "Forbidden",
+                                                 "detail": f"Not signed out: {exc}."}, 403)
         response = RedirectResponse("/dashboard/login", status_code=303)
         response.delete_cookie(COOKIE, path=COOKIE_PATH)
         return response
@@ -151,9 +199,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         return _forbidden(request, principal, "This token sees no tenant: use a tenant's token or a finance one.")
 
     @router.get("/dashboard/accounts/{tenant}", response_class=HTMLResponse)
-    async def account_page(request: Request, tenant: str,
-                           year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
-                           month: Annotated[int | None, Query(ge=1, le=12)] = None,
+    async def account_page(request: Request, tenant: str, year: Filter = None, month: Filter = None,
                            meter: str | None = None, type: str | None = None,
                            cursor: str | None = None) -> Response:
         principal = _principal(request)
@@ -161,12 +207,16 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             return _to_login(request)
         if not principal.can_see(tenant):
             return _forbidden(request, principal, "This token is scoped to another tenant.")
+        try:
+            chosen_year, chosen_month = _month_filter(year, month)
+        except InvalidFilter as exc:
+            return _invalid(request, principal, exc)
         now = utcnow()
         balance = await views.balance_view(db, tenant, now)
         if balance is None:
             return _page(request, "error.html", {"principal": principal, "title": "Not found",
                                                  "detail": f"No billing account for tenant {tenant}."}, 404)
-        y, m = _period(year, month)
+        y, m = _period(chosen_year, chosen_month)
         start, end = month_range(y, m)
         days = _days(y, m)
         daily = await lists.figure_series(db, tenant=tenant, granularity="day", since=start, until=end)
@@ -193,9 +243,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         })
 
     @router.get("/dashboard/accounts/{tenant}/export/{name}.csv")
-    async def account_export(request: Request, tenant: str, name: str,
-                             year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
-                             month: Annotated[int | None, Query(ge=1, le=12)] = None,
+    async def account_export(request: Request, tenant: str, name: str, year: Filter = None, month: Filter = None,
                              meter: str | None = None, type: str | None = None) -> Response:
         """The page's lists as CSV, with the dashboard's cookie (the API itself takes the bearer header)."""
         principal = _principal(request)
@@ -203,10 +251,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             return _to_login(request)
         if not principal.can_see(tenant):
             return _forbidden(request, principal, "This token is scoped to another tenant.")
+        try:
+            chosen_year, chosen_month = _month_filter(year, month)
+        except InvalidFilter as exc:
+            return _invalid(request, principal, exc)
         if name == "usage-monthly":
             async def monthly_page(c: str | None, n: int) -> lists.Page:
-                return await lists.monthly(db, tenant=tenant, year=year, month=month, meter=meter or None,
-                                           cursor=c, limit=n)
+                return await lists.monthly(db, tenant=tenant, year=chosen_year, month=chosen_month,
+                                           meter=meter or None, cursor=c, limit=n)
             return await csv_response(MONTHLY_COLUMNS, monthly_page, f"usage-monthly-{tenant}")
         if name == "transactions":
             async def transaction_page(c: str | None, n: int) -> lists.Page:
@@ -241,8 +293,7 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             "Content-Disposition": found.headers.get("content-disposition", f'inline; filename="{invoice_id}.pdf"')})
 
     @router.get("/dashboard/finance", response_class=HTMLResponse)
-    async def finance_page(request: Request, year: Annotated[int | None, Query(ge=1970, le=9999)] = None,
-                           month: Annotated[int | None, Query(ge=1, le=12)] = None,
+    async def finance_page(request: Request, year: Filter = None, month: Filter = None,
                            tenant: str | None = None) -> Response:
         principal = _principal(request)
         if principal is None:
@@ -251,9 +302,13 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             return _forbidden(request, principal, "The finance dashboard needs the admin or finance role.")
         if tenant and not principal.can_see(tenant):
             return _forbidden(request, principal, "This token is scoped to another tenant.")
+        try:
+            chosen_year, chosen_month = _month_filter(year, month)
+        except InvalidFilter as exc:
+            return _invalid(request, principal, exc)
         scope = tenant or principal.tenant
         now = utcnow()
-        y, m = _period(year, month)
+        y, m = _period(chosen_year, chosen_month)
         start, end = month_range(y, m)
         daily = await lists.figure_series(db, tenant=scope, granularity="day", since=start, until=end)
         month_figures = views.figure_cards(

@@ -12,10 +12,12 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +234,50 @@ def test_tenant_dashboard_matches_the_api_and_filters(embedded: str, browser: An
     # Another tenant's page is refused.
     page.goto(f"{base}/dashboard/accounts/globex")
     assert page.inner_text("[data-testid=error-title]") == "Forbidden"
+
+    # Signing out (a form with the page's CSRF token) clears the cookie.
+    with page.expect_navigation():
+        page.click("text=Sign out")
+    assert "/dashboard/login" in page.url
+    assert not [c for c in page.context.cookies() if c["name"] == "billing_token"]
+
+
+def test_a_login_form_on_another_site_does_not_sign_the_browser_in(embedded: str, browser: Any) -> None:
+    """Login CSRF: a page of another origin posts the attacker's token to the dashboard's login, going on to a page
+    that does not sign out a visitor without a cookie (the login form). Before, the browser kept the attacker's
+    token and was signed in as the attacker from then on; now it gets the refusal (403) and no dashboard cookie."""
+    attacker = token("viewer", "acme")
+    html = f"""<!doctype html><form id="f" method="post" action="{embedded}/dashboard/login">
+<input name="token" value="{attacker}"><input name="next" value="/dashboard/login"></form>
+<script>document.getElementById("f").submit()</script>""".encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"http://localhost:{server.server_address[1]}/")  # another site than 127.0.0.1
+        page.wait_for_url(f"{embedded}/dashboard/**")
+        page.wait_for_load_state()
+        assert not [c for c in context.cookies() if c["name"] == "billing_token"]
+        assert "Not signed in" in page.content()
+        page.goto(f"{embedded}/dashboard")
+        assert "/dashboard/login" in page.url
+        context.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser: Any) -> None:

@@ -1,22 +1,29 @@
 """Every service's HTTP app limits request bodies before any route reads them (billing_runtime.body_limit): a
-declared length above the limit is answered 413 problem+json unread, a body of unknown length is cut off at the
-limit, and bodies within it reach the routes as sent. Served by the ledger's real routes (its hot hold route too)."""
+declared length above the limit is answered 413 problem+json without the app reading it, a body of unknown length is
+cut off at the limit, and bodies within it reach the routes as sent. A refused body is read and dropped before the
+answer, within bounds, so that a real client reads the 413 (uvicorn and httpx, at the end). Served by the ledger's
+real routes (its hot hold route too)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from billing_cli.catalog import load_document
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.http import build_router
+from billing_runtime.body_limit import REFUSED_BODY_DRAIN_BYTES_MAX
 from billing_runtime.http import create_app
 from billing_runtime.settings import Settings
 from fastapi import FastAPI
 
+from tests.support import free_port
 from tests.unit.ledger.ledger_support import SETTINGS, headers, open_account
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -70,19 +77,25 @@ def _too_large(answer: dict[str, Any], path: str) -> None:
                               "status": 413, "detail": f"Bodies are limited to {LIMIT} bytes.", "instance": path}
 
 
-async def test_a_declared_length_above_the_limit_is_refused_unread_before_the_token_is_looked_at(
-        api: FastAPI) -> None:
+async def test_a_declared_length_above_the_limit_is_refused_before_the_token_is_looked_at(api: FastAPI) -> None:
     # No token: the route would read the whole body only to answer 401 (a 200 MB body was held in memory whole).
+    # The body is read and dropped chunk by chunk before the 413 (the client reads the answer, not a reset).
     chunks = [b"x" * 1024] * 1000
     answer = await call(api, ADJUSTMENTS, chunks, {"content-type": "application/json",
                                                    "content-length": str(1024 * 1000)})
     _too_large(answer, ADJUSTMENTS)
-    assert answer["chunks_read"] == 0
+    assert answer["chunks_read"] == 1000
     # The hot hold route too, with a valid token.
     answer = await call(api, HOLDS, [b" " * (LIMIT + 1)], {**headers("service"), "content-type": "application/json",
                                                             "content-length": str(LIMIT + 1)})
     _too_large(answer, HOLDS)
-    assert answer["chunks_read"] == 0
+    assert answer["chunks_read"] == 1
+    # A body declared beyond what is worth reading, or one the client sends only after 100 Continue: unread.
+    beyond = str(REFUSED_BODY_DRAIN_BYTES_MAX + 1)
+    for head in ({"content-length": beyond}, {"content-length": str(LIMIT + 1), "expect": "100-continue"}):
+        answer = await call(api, ADJUSTMENTS, chunks, {"content-type": "application/json", **head})
+        _too_large(answer, ADJUSTMENTS)
+        assert answer["chunks_read"] == 0
 
 
 async def test_a_body_of_unknown_length_is_cut_off_at_the_limit(api: FastAPI) -> None:
@@ -90,7 +103,7 @@ async def test_a_body_of_unknown_length_is_cut_off_at_the_limit(api: FastAPI) ->
     answer = await call(api, ADJUSTMENTS, chunks, {"content-type": "application/json",
                                                    "transfer-encoding": "chunked"})
     _too_large(answer, ADJUSTMENTS)
-    assert answer["chunks_read"] == 3  # 3,000 bytes: the first chunk beyond the limit, and not one more
+    assert answer["chunks_read"] == 1000  # refused at the first chunk beyond the limit, the rest read and dropped
 
 
 async def test_bodies_within_the_limit_reach_the_routes_as_sent(api: FastAPI) -> None:
@@ -115,3 +128,35 @@ def test_the_default_limit_is_a_setting_far_above_the_largest_catalogue(monkeypa
         assert len(json.dumps(document).encode()) * 100 < SETTINGS.http_default_body_bytes_max
     monkeypatch.setenv("BILLING_HTTP_DEFAULT_BODY_BYTES_MAX", "65536")
     assert Settings.from_env().http_default_body_bytes_max == 65536
+
+
+@pytest.fixture
+async def server(api: FastAPI) -> AsyncIterator[str]:
+    """The app served by uvicorn on a local port (as ``billing serve`` does): its base URL."""
+    port = free_port()
+    served = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           lifespan="off"))
+    task = asyncio.create_task(served.serve())
+    while not served.started:
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    served.should_exit = True
+    await task
+
+
+async def test_a_client_sending_a_body_over_the_limit_reads_the_413(server: str) -> None:
+    """Before, the server answered and closed the connection with the body unread: the kernel reset it, and httpx,
+    still sending 8 MB, raised ``ReadError`` instead of reading the 413. Declared or chunked, it now reads the
+    problem, and the next request (a new connection) is served."""
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(128):
+            yield b"x" * 65536
+
+    async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+        for content in (b"x" * (8 * 1024 * 1024), chunked()):
+            response = await client.post(ADJUSTMENTS, content=content, headers={"Content-Type": "application/json"})
+            assert response.status_code == 413
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["detail"] == f"Bodies are limited to {LIMIT} bytes."
+        assert (await client.get("/healthz")).status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -178,7 +179,8 @@ def _odd_states() -> list[dict[str, Any]]:
                      {"account": "receivables", "unit": "USD", "amount": 500, "grant_id": None},
                      {"account": "recognised_revenue", "unit": "USD", "amount": -500, "grant_id": None}],
         "draws": [{"grant_id": grant, "amount": 1_000}], "overage": 500, "credit_grant": None,
-        "cause": {"event_id": "é☃\"\n\\u00e9 \x01", "n": 1.5, "ok": True, "none": None, "big": -(2**63)},
+        # The longest number the direct path takes (18 digits; 19 and more go the mapped way: test below).
+        "cause": {"event_id": "é☃\"\n\\u00e9 \x01", "n": 1.5, "ok": True, "none": None, "big": -(10**18 - 1)},
     }
     return [
         usage,
@@ -202,9 +204,30 @@ def test_direct_records_equal_the_walks_and_the_mapped_ones_for_odd_values(app: 
     for plain in (True, False):
         for state in _odd_states():
             _same_records(app, _stored(app, state, plain=plain))
-    # orjson reads an integer beyond 64 bits as a float: the direct path relays what it relayed before
-    # (1.1805916207174113e+21), the mapped one the integer. No ledger amount comes near (a posting is < 2**63).
-    _same_records(app, _stored(app, {"timestamp": NOW, "big": 2**70}, plain=False), mapped=False)
+
+
+LONG_INTEGERS = [2**70, -(2**63) - 1, 2**64, 2**64 - 1, 2**63, -(2**63), 10**18, -(10**40)]
+
+
+def test_integers_beyond_64_bits_are_relayed_exact(app: LedgerApplication) -> None:
+    """A command's payload integers beyond 64 bits (here a usage debit's cause, recorded as sent) reach
+    ``billing.ledger.events`` as the same integers. Before, the direct path read them with orjson, as floats, and
+    relayed 2**70 as 1.1805916207174113e+21 (and 2**64 as 1.8446744073709552e+19)."""
+    open_account(app, "acme", {"key": "paid", "amount": "25.50"})
+    cause = {"event_ids": ["e1"], "counters": LONG_INTEGERS, "big": 2**70, "nested": {"small": -(2**63) - 1}}
+    apply(app, command("usage.debit", "acme", {"unit": "USD", "amount_subunits": 1_000, "meter": "api_calls",
+                                               "at": NOW.isoformat(), "cause": cause}, key="long"))
+    notifications = list(app.recorder.select_notifications(1, 10_000))
+    rows = [(n.id, str(n.originator_id), n.originator_version, n.topic, n.state) for n in notifications]
+    for messages in (relay_module.to_messages(app, notifications), relay_module._row_messages(app, rows)):
+        [debit] = [json.loads(m.value) for m in messages if dict(m.headers)["type"] == b"BillingAccount.UsageDebited"]
+        assert debit["data"]["cause"] == cause
+    # The same for every such integer, stored by either encoder, and as the mapped record writes it.
+    for number in LONG_INTEGERS:
+        n = _stored(app, {"timestamp": NOW, "tenant": "acme", "number": number}, plain=False)
+        record = to_message(app, n)
+        assert record.value == _mapped_message(app, n).value
+        assert json.loads(record.value)["data"]["number"] == number
 
 
 @pytest.mark.parametrize("when", [

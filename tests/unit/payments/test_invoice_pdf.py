@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from billing_events.messages import PaymentNotification
 from billing_events.timeutil import utcnow
+from billing_ledger import subscriptions_http
 from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.domain.invoice import INVOICE, Invoice, line
 from billing_ledger.invoice_pdf import render_pdf
@@ -105,3 +106,29 @@ def test_an_invoice_finalized_before_it_recorded_customer_and_seller_still_rende
     text = text_of(render_pdf(invoice, issuer="Billing GmbH"))
     assert "Billed to\nacme" in text and "Issuer\nBilling GmbH" in text
     assert "2026-11-01T00:00:00+00:00" in text and "2026-11-15T00:00:00+00:00" in text
+
+
+def test_another_tenants_invoice_is_refused_without_being_rendered(
+        ledger: LedgerApplication, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked for under another tenant's path, an invoice is 404 and never rendered: before, the route rendered the
+    whole PDF and only then compared its tenant (a rendering for any stranger's request, and its time told that the
+    invoice exists)."""
+    assert run(ledger, "account.open", "globex", currency="EUR").outcome == "applied"
+    invoice = paid_top_up(ledger, "o3")
+    rendered: list[str] = []
+
+    def rendering(document: Invoice, *, issuer: str) -> bytes:  # the real renderer, watched
+        rendered.append(document.tenant)
+        return render_pdf(document, issuer=issuer)
+
+    monkeypatch.setattr(subscriptions_http, "render_pdf", rendering)
+    api = create_app("ledger-pdf-test", SETTINGS)
+    api.include_router(build_router(ledger, EmbeddedBus(tmp_path / "bus.sqlite"), "billing"))
+    http = TestClient(api)
+    for token in (headers(tenant="globex"), headers(tenant=None)):  # globex's own token, and a platform admin's
+        response = http.get(f"/v1/accounts/globex/invoices/{invoice.id}.pdf", headers=token)
+        assert response.status_code == 404 and response.json()["type"].endswith("/unknown-invoice")
+    assert rendered == []
+    owner = http.get(f"/v1/accounts/{TENANT}/invoices/{invoice.id}.pdf", headers=headers(tenant=TENANT))
+    assert owner.status_code == 200 and invoice.number in text_of(owner.content)
+    assert rendered == [TENANT]

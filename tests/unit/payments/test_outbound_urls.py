@@ -3,11 +3,18 @@ deployment allows them (BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 import pytest
+from billing_ledger import outbound_urls
 from billing_ledger.alerts import process_pending
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.payment_profile import payment_profile_id
@@ -45,7 +52,9 @@ def test_private_targets_are_allowed_when_the_deployment_says_so(ledger: LedgerA
 
 
 async def _low_balance_alert(ledger: LedgerApplication, url: str, monkeypatch: pytest.MonkeyPatch,
-                             private_allowed: bool) -> tuple[dict[str, object], list[httpx.Request]]:
+                             private_allowed: bool, transport: httpx.AsyncBaseTransport | None | bool = True
+                             ) -> tuple[dict[str, object], list[httpx.Request]]:
+    """``transport``: True, a mock answering 200 that keeps the requests; None, the network."""
     now = datetime.now(UTC)
     run(ledger, "account.open", "delta", currency="USD", low_balance_threshold="10")
     run(ledger, "credit.grant", "delta", "g", unit="USD", amount="20", grant_key="g", source="manual",
@@ -61,8 +70,8 @@ async def _low_balance_alert(ledger: LedgerApplication, url: str, monkeypatch: p
         received.append(request)
         return httpx.Response(200)
 
-    [alert] = await process_pending(ledger, None, attempts_max=1, transport=httpx.MockTransport(endpoint),
-                                    private_allowed=private_allowed)
+    [alert] = await process_pending(ledger, None, attempts_max=1, private_allowed=private_allowed,
+                                    transport=httpx.MockTransport(endpoint) if transport is True else None)
     return alert, received
 
 
@@ -80,3 +89,74 @@ async def test_the_same_name_is_posted_to_when_private_targets_are_allowed(
     url = f"http://{socket.gethostname()}:9/hook"
     alert, received = await _low_balance_alert(ledger, url, monkeypatch, private_allowed=True)
     assert alert["webhook"] is True and len(received) == 1
+
+
+@contextmanager
+def _endpoint(host: str, port: int) -> Iterator[list[dict[str, str]]]:
+    """An HTTP server on ``host``:``port`` answering 200; the headers of each request it received."""
+    received: list[dict[str, str]] = []
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.asyncio
+async def test_the_webhook_goes_to_the_address_that_was_checked_not_to_a_rebound_one(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding between the check and the connection: the name answers a public address to the check and an
+    internal one a moment later. Before, the HTTP client resolved the name again and posted to the internal
+    service; now the post goes to the address that was checked, with the name in its Host header.
+
+    Two real HTTP servers on this machine stand for the public endpoint (127.0.0.1, taken as public here) and the
+    internal service (127.0.0.2); the name's answers come from a resolver that changes its mind."""
+    name = "hooks.rebinding.test"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    real_getaddrinfo = socket.getaddrinfo
+    answers: list[str] = []
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if (host.decode() if isinstance(host, bytes) else host) != name:  # anyio asks with the name's bytes
+            return real_getaddrinfo(host, *args, **kwargs)
+        answers.append("127.0.0.1" if not answers else "127.0.0.2")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answers[-1], port))]
+
+    def public_is_127_0_0_1(address: str) -> bool:
+        ipaddress.ip_address(address)  # a name is not an address (ValueError), as for the real check
+        return address != "127.0.0.1"
+
+    with _endpoint("127.0.0.1", port) as public, _endpoint("127.0.0.2", port) as internal:
+        monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+        monkeypatch.setattr(outbound_urls, "_is_private", public_is_127_0_0_1)
+        alert, _ = await _low_balance_alert(ledger, f"http://{name}:{port}/hook", monkeypatch, private_allowed=False,
+                                            transport=None)
+    assert internal == []
+    assert alert["webhook"] is True and len(public) == 1 and public[0]["host"] == f"{name}:{port}"
+    assert answers[0] == "127.0.0.1"
+
+
+@pytest.mark.asyncio
+async def test_only_the_checked_host_is_connected_to_at_its_checked_address() -> None:
+    transport = outbound_urls.PinnedTransport("https://hooks.example.test/x", None)
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx.ConnectError, match="does not resolve"):
+            await client.post("https://hooks.example.test/x")
+        with pytest.raises(httpx.ConnectError, match="only 'hooks.example.test'"):
+            await client.post("https://elsewhere.test/x")

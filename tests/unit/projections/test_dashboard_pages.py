@@ -56,14 +56,24 @@ def text_of(html: str, name: str) -> str:
     return found.group(1).strip()
 
 
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+async def form_token(client: httpx.AsyncClient) -> str:
+    """The CSRF token of the login page's form (the page sets the same value in the browser's cookie)."""
+    page = await client.get("/dashboard/login")
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found and client.cookies.get("billing_csrf") == found.group(1)
+    return found.group(1)
+
+
 async def test_login_sets_a_cookie_and_lands_on_the_tenants_page(client: httpx.AsyncClient) -> None:
     assert (await client.get("/dashboard")).headers["location"].startswith("/dashboard/login")
     token = auth("viewer", "acme")["Authorization"].split()[1]
-    bad = await client.post("/dashboard/login", content="token=nope", headers={
-        "content-type": "application/x-www-form-urlencoded"})
+    csrf = await form_token(client)
+    bad = await client.post("/dashboard/login", content=f"token=nope&csrf={csrf}", headers=FORM)
     assert bad.status_code == 401 and "not accepted" in bad.text
-    r = await client.post("/dashboard/login", content=f"token={token}&next=/dashboard",
-                          headers={"content-type": "application/x-www-form-urlencoded"})
+    r = await client.post("/dashboard/login", content=f"token={token}&next=/dashboard&csrf={csrf}", headers=FORM)
     assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
     home = await client.get("/dashboard")
     assert home.headers["location"] == "/dashboard/accounts/acme"
