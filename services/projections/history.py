@@ -102,6 +102,11 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
     if name == "GrantVoided":
         return {"type": "void", "amount": -int(d.get("remainder") or 0), "grant_id": d.get("grant_id"),
                 "user_id": d.get("voided_by"), "detail": d.get("reason")}
+    if name == "GrantKeptForLateUsage":  # since session 14: what it moved into the next grant leaves it (a void row)
+        if not int(d.get("moved") or 0):
+            return None  # nothing moved: it stays in the wallet, set aside (no movement)
+        return {"type": "void", "amount": -int(d["moved"]), "grant_id": d.get("grant_id"), "user_id": d.get("by"),
+                "detail": f"{d.get('reason')}; kept for late usage until {d.get('expires_at')}"}
     if name == "GrantRefunded":
         # A purchase in the currency gives back its tax with the credit: the row says what was paid back.
         tax = int(d.get("tax_amount") or 0)
@@ -204,6 +209,7 @@ _ROUNDING_TYPES = {"InvoicedOverageRounded": "invoice_rounding",
                    "InvoicedOverageRoundingReversed": "invoice_rounding_reversed"}
 _DISPUTE_EVENTS = frozenset({"DisputeRaised", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed"})
 _MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided",
+                        "GrantKeptForLateUsage",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 
