@@ -372,10 +372,11 @@ def test_a_change_after_a_full_refund_lapses_the_old_credits_rest_and_leaves_not
 def test_a_credit_capped_by_a_partial_refund_still_takes_the_whole_included_credits_rest_out_of_deferred_revenue(
         app: LedgerApplication, action: str, earned: int) -> None:
     """30.00 with 10.00 included, paid, 4.00 used, 24.90 refunded: a cancel or upgrade on Nov 11 credits 5.10 of the
-    20.00 unused (what is left to give back). ``included_back`` is not that credit's share: it is what the void of
+    20.00 unused (what is left to give back). ``included_back`` is not that credit's share: it is what the close of
     the old grants put back into ``deferred_revenue`` (6.00 left, less what the new grants carry, plus the new fee's
-    included credit), and it must leave there whole; the credit's amount only moves ``recognised_revenue``. Capped at
-    the 5.10 credited, 0.90 would stay deferred with no schedule or credit behind it."""
+    included credit; a cancel's, since session 14, nothing: the 6.00 stays for late usage and lapses), and it must
+    leave there whole; the credit's amount only moves ``recognised_revenue``. Capped at the 5.10 credited, 0.90 would
+    stay deferred with no schedule or credit behind it."""
     run(app, "subscription.create", "acme", key="m", plan="team")
     invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
     debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
