@@ -296,10 +296,11 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
     moments delayed in Kafka or rating. It expired at ``end`` (the renewal or the sweep, whichever came first) before
     session 13, and that usage was all billed as overage while the credit lapsed to breakage.
 
-    A rollover credit stays open a period longer (``expires_at``) so the renewal that ends its period carries or
-    lapses what is left of it (``_close_recurring``), whether the expiry sweep or the tick runs first: the sweep
-    leaves it to the renewal even after ``expires_at``, a tick more than a period late included
-    (``BillingAccount.expire_grants``; it expired all of it to breakage, and the renewal had nothing left to carry).
+    A rollover credit stays open a period longer (``expires_at``) so the renewal that ends its period carries what is
+    left of it (``_close_recurring``), whether the expiry sweep or the tick runs first: the sweep leaves it to the
+    renewal even after ``expires_at``, a tick more than a period late included (``BillingAccount.expire_grants``; it
+    expired all of it to breakage, and the renewal had nothing left to carry). The renewal keeps the rest open for the
+    period's late usage then, as a credit without rollover (since session 14, ``keep_for_late_usage``).
     Drawable until its later expiry, as it was, usage after the period's end that came before a late tick drew it
     instead of waiting for the next period's credit (``_repay_period_overage``): less of it lapsed above the cap and
     the next period's credit stayed unused.
@@ -316,7 +317,8 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
         credit = credits[index]
         grant = _recurring_grant_id(sub, start, index, change)
         rollover = bool(credit.get("rollover"))
-        # Rollover: carried once at most, by the renewal. Without: open for the period's late usage, then lapsed.
+        # Rollover: carried once at most, by the renewal, which then keeps its rest for the period's late usage (session
+        # 14). Without: open for the period's late usage, then lapsed.
         expires = end + (end - start) if rollover else end + timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
         account.grant_credit(grant_id=grant, unit=credit["unit"], amount=amount, priority=int(credit.get("priority", 0)),
                              effective_at=start, expires_at=expires, drawable_until=end, late_usage=not rollover,
