@@ -137,6 +137,9 @@ CANCEL_RENEWALS_MAX = 36
 # end, its renewal or the sweep. 35 days is ingest's dedup window (``BILLING_DEDUP_WINDOW_DAYS``, default 35): the
 # oldest usage ingest accepts (older is ``too_old``), so any usage it accepts of a period ended this long ago at most
 # finds its credit open. Recorded on each grant (``expires_at``): changing it changes grants issued from then on only.
+# Since session 14 every other close of a plan credit keeps it open this long too for the usage of before the close
+# (``BillingAccount.keep_for_late_usage``): a rollover credit after its renewal, a credit cut by an immediate cancel or
+# a change after the cut (its new ``expires_at``, recorded on ``GrantKeptForLateUsage`` when it is kept).
 RECURRING_CREDIT_LATE_USAGE_DAYS = 35
 
 # `billing serve ledger` stopping its relay process: SIGTERM (it finishes its round and records its position),

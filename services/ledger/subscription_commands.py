@@ -296,10 +296,11 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
     moments delayed in Kafka or rating. It expired at ``end`` (the renewal or the sweep, whichever came first) before
     session 13, and that usage was all billed as overage while the credit lapsed to breakage.
 
-    A rollover credit stays open a period longer (``expires_at``) so the renewal that ends its period carries or
-    lapses what is left of it (``_close_recurring``), whether the expiry sweep or the tick runs first: the sweep
-    leaves it to the renewal even after ``expires_at``, a tick more than a period late included
-    (``BillingAccount.expire_grants``; it expired all of it to breakage, and the renewal had nothing left to carry).
+    A rollover credit stays open a period longer (``expires_at``) so the renewal that ends its period carries what is
+    left of it (``_close_recurring``), whether the expiry sweep or the tick runs first: the sweep leaves it to the
+    renewal even after ``expires_at``, a tick more than a period late included (``BillingAccount.expire_grants``; it
+    expired all of it to breakage, and the renewal had nothing left to carry). The renewal keeps the rest open for the
+    period's late usage then, as a credit without rollover (since session 14, ``keep_for_late_usage``).
     Drawable until its later expiry, as it was, usage after the period's end that came before a late tick drew it
     instead of waiting for the next period's credit (``_repay_period_overage``): less of it lapsed above the cap and
     the next period's credit stayed unused.
@@ -314,10 +315,10 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
     credits = sub.plan.get("recurring_credits") or []
     for index, amount in _recurring_amounts(sub, carried, fraction).items():
         credit = credits[index]
-        named = start.isoformat() if change is None else f"change/{change}"
-        grant = uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{named}/{index}")
+        grant = _recurring_grant_id(sub, start, index, change)
         rollover = bool(credit.get("rollover"))
-        # Rollover: carried once at most, by the renewal. Without: open for the period's late usage, then lapsed.
+        # Rollover: carried once at most, by the renewal, which then keeps its rest for the period's late usage (session
+        # 14). Without: open for the period's late usage, then lapsed.
         expires = end + (end - start) if rollover else end + timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
         account.grant_credit(grant_id=grant, unit=credit["unit"], amount=amount, priority=int(credit.get("priority", 0)),
                              effective_at=start, expires_at=expires, drawable_until=end, late_usage=not rollover,
@@ -327,6 +328,29 @@ def _grant_recurring(account: BillingAccount, sub: Subscription, start: datetime
                                     "plan_version": sub.plan["version"], "period_start": start.isoformat()})
         issued.append(str(grant))
     return issued
+
+
+def _recurring_grant_id(sub: Subscription, start: datetime, index: int, change: UUID | None = None) -> UUID:
+    """The id of ``sub``'s recurring grant of credit ``index`` from ``start`` (a period's, named by its start) or of
+    the change ``change`` (named by its command id): what ``_grant_recurring`` issues, known before it does."""
+    named = start.isoformat() if change is None else f"change/{change}"
+    return uuid5(NAMESPACE_URL, f"/subscriptions/{sub.id}/grants/{named}/{index}")
+
+
+def _successors(sub: Subscription, start: datetime, amounts: dict[int, int] | None = None,
+                change: UUID | None = None) -> dict[str, UUID]:
+    """The grants about to be issued from ``start`` that take the carry of the grants a renewal or a change closes
+    (``_close_recurring``'s ``successors``). A renewal's (``change`` None): per credit index, the same index, issued
+    whenever it carries something (the allotment plus a positive carry). A change's: per unit, its first new credit
+    (``_change_carry`` gives it that unit's carry), if it is issued (``amounts``: ``_recurring_amounts``)."""
+    credits = sub.plan.get("recurring_credits") or []
+    if change is None:
+        return {str(index): _recurring_grant_id(sub, start, index) for index in range(len(credits))}
+    first: dict[str, int] = {}
+    for index, credit in enumerate(credits):
+        first.setdefault(credit["unit"], index)
+    return {unit: _recurring_grant_id(sub, start, index, change) for unit, index in first.items()
+            if index in (amounts or {})}
 
 
 def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: list[str], at: datetime,
@@ -356,61 +380,107 @@ def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: li
 
 
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
-                     rollover: bool, *, ended: bool = False, lapse_currency: int = 0
-                     ) -> tuple[dict[str, int], set[str]]:
-    """Voids what is left of the current recurring grants; returns the rollover to carry (capped) and the units
-    voided. The voids check no balance thresholds: the command goes on to grant (the next period's credit, a
-    credit note) and calls ``_check_thresholds`` on those units after its last movement, so a balance that is
-    0 only between the void and the new grant requests no auto-top-up.
+                     rollover: bool, *, ended: bool = False, lapse_currency: int = 0, now: datetime | None = None,
+                     successors: dict[str, UUID] | None = None) -> tuple[dict[str, int], set[str], int]:
+    """Closes the current recurring grants to new usage at ``at``; returns the rollover to carry (capped), the units
+    moved and what of the plan's currency went back to DEFERRED_REVENUE (not lapsed): the sub-units a change's or
+    cancel's credit for unused time takes out of it again (``included_back``). No balance thresholds are checked: the
+    command goes on to grant (the next period's credit, a credit note) and calls ``_check_thresholds`` on those units
+    after its last movement, so a balance that is 0 only between the close and the new grant requests no auto-top-up.
 
-    ``ended``: the grants' period is over at ``at`` (a renewal, a paused renewal, a cancel at the period's end):
-    what is left of them and not carried lapses to breakage, as their expiry would post it: a grant expired by
-    then is expired (``GrantExpired``), a rollover grant (it expires a period later, and the sweep leaves it to this
-    however late) is voided with the part above what it carries lapsed (``rollover_cap``; all of it when nothing is
-    carried), and a grant open for its period's late usage (``late_usage``, since session 13) is left open: the
-    expiry sweep lapses it at its ``expires_at``, so close debits and late usage of the period still draw it; it is
-    set aside (``set_aside_grants``: out of ``available``, new usage cannot draw it) and its unit returned, so the
-    caller's alerts see the drop once the command's movements are done (a renewal: with the next period's credit,
-    a paused one or a cancel at the period's end: without). Voided
-    back to DEFERRED_REVENUE it stayed there, the period's fee having already taken its share out (``_fee_revenue``).
-    ``lapse_currency``: this much of what is left of the grants in the plan's currency lapses, in their order (a
-    period whose fee was given back in full, refunded or voided, so that fee no longer funds their credit: all of
-    it at an immediate cancel, at a change what the new grants do not carry)."""
+    Usage from before the close that reaches the ledger after it (late usage, and the close debits of meters priced
+    at close, which rating sends after the period's end or cut) still draws the credit it was entitled to, as on time:
+    every plan credit with ``drawable_until`` stays open ``RECURRING_CREDIT_LATE_USAGE_DAYS`` after its period's end or
+    the cut for it, set aside (out of ``available``: new usage cannot draw it), and the expiry sweep lapses what is left
+    of it to breakage then, once (``BillingAccount.keep_for_late_usage``, since session 14). Before, only a credit
+    without rollover did so at its period's end (session 13); a rollover credit was voided at the renewal, a cut
+    credit at the cut, and that usage was billed as overage.
+
+    ``ended``: the grants' period is over at ``at`` (a renewal, a paused renewal, a cancel at the period's end). A
+    credit without rollover (``late_usage``, since session 13) is set aside; a rollover credit moves what it carries
+    (``rollover_cap``; nothing at a paused renewal or a cancel) into the next period's grant at once (``successors``:
+    per credit index, that grant's id), and late usage draws its rest first, then at most that carry of the next grant
+    (the same money: on time it would have lowered the carry). ``now`` (the tick's time): a window over by then lapses
+    the rest at once. A grant expired by ``at`` (granted before session 13: it expires at its period's end) is expired.
+
+    Otherwise the grants are cut at ``at`` (an immediate cancel, a change). A change's new grant of the unit
+    (``successors``, per unit) takes all of what is left now (``lapse_currency``: this much of it in the plan's
+    currency lapses instead, in the grants' order: a period whose fee was given back in full, refunded or voided, so
+    that fee no longer funds their credit), and late usage from before the cut draws it up to that. Without one (an
+    immediate cancel, a unit the new plan does not grant) the grant keeps its rest for that usage and it lapses after
+    the window; before session 14 a cancel voided it back to DEFERRED_REVENUE, where the credit for unused time took
+    it out again. A grant cut at or before its own start, or granted before session 9 (no ``drawable_until``), is
+    voided at once as before."""
     carried: dict[str, int] = {}
     units: set[str] = set()
+    back = 0
     credits = sub.plan.get("recurring_credits") or []
     balances = {g["grant_id"]: g for g in account.grant_balances()}
+    window = timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
     for index, grant in enumerate(sub.recurring_grants):
         state = balances.get(grant)
         if state is None or state.get("status") != "open":
             continue
+        gid, unit = UUID(grant), str(state["unit"])
         remaining = int(state.get("remaining", 0))
         spec = credits[index] if index < len(credits) else {}
-        late_usage = account.open_for_late_usage(UUID(grant))  # a credit without rollover, since session 13
+        late_usage = account.open_for_late_usage(gid)  # a credit without rollover, since session 13
+        drawable_until = account.drawable_until(gid)
         rolled = rollover and bool(spec.get("rollover")) and not late_usage
         carry = 0
         if rolled and remaining > 0:
             cap = spec.get("rollover_cap")
             carry = carried[str(index)] = min(remaining, to_subunits(parse_decimal(cap))) if cap else remaining
-        if not rolled and state.get("expires_at") is not None and state["expires_at"] <= at:
-            # Its period is over (a renewal, a cancel at the period's end): what is left lapsed, breakage as the
-            # sweeper's expiry would post it, whichever comes first.
+        units.add(unit)
+        currency = unit == sub.plan["currency"]
+        if not rolled and (late_usage or drawable_until is None) and state.get("expires_at") is not None \
+                and state["expires_at"] <= at:
+            # Its period and window are over (a renewal, a cancel at the period's end, ticked that late; a credit
+            # granted before session 13 expires at its period's end): what is left lapsed, breakage as the sweeper's
+            # expiry would post it, whichever comes first.
             account.expire_grants(at, grant_ids=[grant], thresholds=False)
-            units.add(str(state["unit"]))
         elif ended and late_usage:
             # The period's late usage may still draw it and the sweep lapses it at its expires_at; new usage no longer
             # can: it is set aside, out of ``available``, its alerts checked by the caller after its last movement.
             account.set_aside_grants(at, grant_ids=[grant], thresholds=False)
-            units.add(str(state["unit"]))
+        elif ended and drawable_until is not None:
+            # A rollover credit: its carry goes into the next grant now, its rest stays for the period's late usage.
+            successor = (successors or {}).get(str(index)) if carry else None
+            account.keep_for_late_usage(grant_id=gid, at=at, drawable_until=drawable_until,
+                                        expires_at=drawable_until + window, reason=reason, by=by, moved=carry,
+                                        successor=successor, carry=carry if successor is not None else 0)
+            back += carry if currency else 0
+            _set_aside_or_lapse(account, grant, at, now or at)
         else:
             lapsed = remaining - carry if ended or rolled else 0
-            if not (ended or rolled) and lapse_currency > 0 and state["unit"] == sub.plan["currency"]:
+            if not (ended or rolled) and lapse_currency > 0 and currency:
                 lapsed = min(remaining, lapse_currency)
                 lapse_currency -= lapsed
-            account.void_grant(grant_id=UUID(grant), reason=reason, voided_by=by, at=at, thresholds=False,
-                               lapsed=lapsed)
-            units.add(str(state["unit"]))
-    return carried, units
+            successor = (successors or {}).get(unit)
+            if ended or drawable_until is None or at <= state["effective_at"]:
+                account.void_grant(grant_id=gid, reason=reason, voided_by=by, at=at, thresholds=False, lapsed=lapsed)
+                back += remaining - lapsed if currency else 0
+                continue
+            cut = min(at, drawable_until)
+            if successor is not None:  # a change's new grant of the unit takes the rest now, late usage from it
+                account.keep_for_late_usage(grant_id=gid, at=at, drawable_until=cut, expires_at=cut + window,
+                                            reason=reason, by=by, moved=remaining, lapsed=lapsed,
+                                            successor=successor if remaining else None, carry=remaining)
+                back += remaining - lapsed if currency else 0
+            else:
+                account.keep_for_late_usage(grant_id=gid, at=at, drawable_until=cut, expires_at=cut + window,
+                                            reason=reason, by=by)
+            account.set_aside_grants(at, grant_ids=[grant], thresholds=False)
+    return carried, units, back
+
+
+def _set_aside_or_lapse(account: BillingAccount, grant: str, at: datetime, now: datetime) -> None:
+    """A plan credit just kept for its period's late usage (``keep_for_late_usage``): set aside from ``at``, or lapsed
+    now when its window is over by ``now`` (a renewal ticked later than that: no late usage is waited for)."""
+    if account.expires_at(UUID(grant)) <= now:
+        account.expire_grants(now, grant_ids=[grant], thresholds=False)
+    else:
+        account.set_aside_grants(at, grant_ids=[grant], thresholds=False)
 
 
 def _check_thresholds(account: BillingAccount, units: set[str], at: datetime, *, top_up: bool) -> None:
@@ -1046,7 +1116,6 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
         # The old plan's remaining recurring grant is voided and the new one issued, atomically: the new
         # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
         carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
-        left = _currency_recurring_left(account, sub)
         fraction = proration_fraction(sub.period_start, sub.period_end, at)
         included = _included_credit(sub.plan, sub.quantity, fraction)
         lapse = 0
@@ -1056,19 +1125,22 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
             # credit than its grants hold (credit used beyond the elapsed time's share came out of the new
             # allotment: that share of the fee is earned with the rest). Back in DEFERRED_REVENUE, nothing took the
             # old allotment's rest out (5.00 left there for Nov 16 - Dec 1 of 10.00 a month).
-            credits = sub.plan.get("recurring_credits") or []
+            credits, left = sub.plan.get("recurring_credits") or [], _currency_recurring_left(account, sub)
             granting = sum(amount for index, amount in _recurring_amounts(sub, carried, fraction).items()
                            if credits[index]["unit"] == sub.plan["currency"])
             lapse, included = max(left - max(granting - included, 0), 0), min(included, granting)
-        _, voided = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False,
-                                     lapse_currency=lapse)
+        # The new grant of each unit takes what is left of the old ones now (late usage from before the change draws
+        # it there); a unit it does not grant keeps its rest in the old grants for that usage, lapsed after it.
+        successors = _successors(sub, at, _recurring_amounts(sub, carried, fraction), change=command.command_id)
+        _, voided, returned = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False,
+                                               lapse_currency=lapse, successors=successors)
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
             fraction=fraction, change=command.command_id))
         # The new fee's included credit in the currency (the new allotment for the rest of the period) is not
         # recognised ratably; what the old grants had left beyond what the new ones carry, plus that allotment,
         # came back to DEFERRED_REVENUE from the wallet: the credit for unused time takes it out again.
-        back = left - _granted_in_currency(account, sub.recurring_grants, sub.plan["currency"]) + included \
+        back = returned - _granted_in_currency(account, sub.recurring_grants, sub.plan["currency"]) + included \
             if _includes_credit(corrected) and not fee_given_back else 0
         lines = _with_included(lines, included, back)
         # Usage since ``at`` already posted beyond credit (the change came later, given an earlier ``at``) drew
@@ -1142,12 +1214,14 @@ def cancel_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
     if immediately:
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)), f"cancel {sub.key}")
         roster.release(subscription_id=sub.id, at=at)
-        # The included credit in the currency left unused goes back from the wallet to DEFERRED_REVENUE: the credit
-        # for unused time takes it out again (the corrected invoice did not recognise it ratably).
-        left = _currency_recurring_left(account, sub) if _includes_credit(corrected) or fee_given_back else 0
-        back = left if _includes_credit(corrected) else 0
-        _, voided = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled", rollover=False,
-                                     lapse_currency=left if fee_given_back else 0)
+        # The included credit in the currency left unused stays open for the late usage of before the cancel, then
+        # lapses (since session 14); only a grant voided at once (granted before session 9, or cut at its start) goes
+        # back from the wallet to DEFERRED_REVENUE, and the credit for unused time takes that out again (the corrected
+        # invoice did not recognise it ratably).
+        left = _currency_recurring_left(account, sub) if fee_given_back else 0
+        _, voided, returned = _close_recurring(account, sub, at, command.issued_by, "subscription_canceled",
+                                               rollover=False, lapse_currency=left)
+        back = returned if _includes_credit(corrected) else 0
         _document(app, batch, sub, f"{sub.id}/cancel", _with_included(lines, 0, back), at, command.issued_by,
                   finalize=True, start=at, end=sub.period_end, corrects=corrected)
         _check_thresholds(account, voided, at, top_up=False)  # after its credit note
@@ -1301,8 +1375,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     if sub.status not in LIVE:  # canceled at period end: its capacity goes, whatever is allocated
         _set_pools(batch, tenant, before, _capacities(_live_subscriptions(batch, roster)),
                    f"canceled at period end {sub.key}", force=True)
-        _, voided = _close_recurring(account, sub, at, "system:period_end", "subscription_canceled", rollover=False,
-                                       ended=True)
+        _, voided, _ = _close_recurring(account, sub, at, "system:period_end", "subscription_canceled",
+                                        rollover=False, ended=True, now=at)
         _check_thresholds(account, voided, at, top_up=False)
         roster.release(subscription_id=sub.id, at=at)
         # No fee for a next period, but the ended one's usage is still billed: a final draft under the key
@@ -1313,8 +1387,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
     if sub.status == PAUSED:
         # Paused: the new period is not billed and gets no credits (resume bills its rest). The draft still
         # takes rating's usage lines of the ended period, which was live until its end.
-        _, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False,
-                                       ended=True)
+        _, voided, _ = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=False,
+                                        ended=True, now=at)
         _check_thresholds(account, voided, ended_end, top_up=top_up)  # nothing granted while paused: a real drop
         sub.set_recurring_grants([])
         draft = _document(app, batch, sub, period_invoice_key(sub.id, sub.period_start),
@@ -1322,8 +1396,8 @@ def _renew(app: LedgerApplication, batch: _Batch, account: BillingAccount, roste
                           "system:renewal", finalize=False, start=ended_start, end=sub.period_end)
         _commit_minimum(draft, sub, minimum)
         return {"transition": "renewed_paused", "ended": [ended_start, ended_end]}
-    carried, voided = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True,
-                                           ended=True)
+    carried, voided, _ = _close_recurring(account, sub, ended_end, "system:renewal", "period_ended", rollover=True,
+                                          ended=True, now=at, successors=_successors(sub, sub.period_start))
     sub.set_recurring_grants(_grant_recurring(account, sub, sub.period_start, sub.period_end, "system:renewal",
                                               carried))
     repaid = _repay_period_overage(account, sub, sub.recurring_grants, at)  # a late tick: the period's usage so far

@@ -177,12 +177,18 @@ def _project_grants(fact: Fact, w: BatchWriter, sums: PostingSums) -> None:
         changes.setdefault(grant_id, {"set": {}, "add": {}})["add"]["refunded"] = int(data["amount"])
     elif name == "GrantSetAside":  # no postings: its remaining leaves the wallet's available for its reserve
         changes.setdefault(grant_id, {"set": {}, "add": {}})["set"]["set_aside_at"] = fact.occurred_at
+    elif name == "GrantKeptForLateUsage":  # since session 14: cut or ended, open for late usage until its new expiry
+        change = changes.setdefault(grant_id, {"set": {}, "add": {}})
+        change["set"]["drawable_until"] = utc_text(data["drawable_until"])
+        change["set"]["expires_at"] = utc_text(data["expires_at"])
+        if data.get("lapsed"):  # what of what it moved out lapsed (a change after its fee was given back in full)
+            change["add"]["breakage"] = int(data["lapsed"])
     for gid in sorted(changes):
         w.upsert(GRANTS, (gid,), set={**changes[gid]["set"], "last_position": fact.position},
                  add=changes[gid]["add"])
 
 
-_GRANT_EVENTS = frozenset({"GrantExpired", "GrantVoided", "GrantRefunded", "GrantSetAside"})
+_GRANT_EVENTS = frozenset({"GrantExpired", "GrantVoided", "GrantRefunded", "GrantSetAside", "GrantKeptForLateUsage"})
 
 
 def _insert_grant(fact: Fact, w: BatchWriter, grant: dict[str, Any], *, granted_at: str) -> None:

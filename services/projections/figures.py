@@ -85,7 +85,8 @@ def _figures(fact: Fact) -> dict[str, int]:
         return {"consumed": int(d["amount"]), "receivables": int(d.get("overage") or 0)}
     if name == "GrantExpired":
         return {"breakage": int(d.get("remainder") or 0)}
-    if name == "GrantVoided":  # the part of a void that lapsed (above a rollover cap, a fee given back in full)
+    if name in ("GrantVoided", "GrantKeptForLateUsage"):  # the part that lapsed (above a rollover cap before session
+        # 14, a fee given back in full) of a void, or of what a plan credit kept for late usage moved out
         return {"breakage": int(d.get("lapsed") or 0)}
     if name == "GrantRefunded":
         tax = int(d.get("tax_amount") or 0)
@@ -149,6 +150,7 @@ def _figures(fact: Fact) -> dict[str, int]:
 
 
 _FIGURE_EVENTS = frozenset({"CreditGranted", "UsageDebited", "HoldCaptured", "GrantExpired", "GrantVoided",
+                            "GrantKeptForLateUsage",
                             "GrantRefunded", "BalanceAdjusted", "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked",
                             "PurchaseMoneyRefunded", "PurchaseMoneyRecognised", "InvoiceBilled",
                             "InvoiceBillVoided", "InvoicePaid", "InvoicePaymentRefunded", "PeriodMinimumsCharged",

@@ -113,6 +113,11 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         return {"type": "void", "amount": -int(d["amount"]), "grant_id": d.get("grant_id"),
                 "user_id": d.get("voided_by"),
                 "detail": f"chargeback {dispute}; {d.get('reason')}" if dispute else d.get("reason")}
+    if name == "GrantKeptForLateUsage":  # since session 14: what it moved into the next grant leaves it (a void row)
+        if not int(d.get("moved") or 0):
+            return None  # nothing moved: it stays in the wallet, set aside (no movement)
+        return {"type": "void", "amount": -int(d["moved"]), "grant_id": d.get("grant_id"), "user_id": d.get("by"),
+                "detail": f"{d.get('reason')}; kept for late usage until {d.get('expires_at')}"}
     if name == "GrantRefunded":
         # A purchase in the currency gives back its tax with the credit: the row says what was paid back.
         tax = int(d.get("tax_amount") or 0)
@@ -228,6 +233,7 @@ _ROUNDING_TYPES = {"InvoicedOverageRounded": "invoice_rounding",
 _DISPUTE_EVENTS = frozenset({"DisputeRaised", "DisputeFundsWithdrawn", "DisputeFundsReinstated", "DisputeClosed",
                              "DisputeFeeBooked"})
 _MOVEMENTS = frozenset({*_INVOICE_TYPES, *_ROUNDING_TYPES, *_DISPUTE_EVENTS, "InvoiceChargeRounded", "CreditGranted", "UsageDebited", "UsageRejected", "GrantExpired", "GrantVoided", "GrantPartVoided",
+                        "GrantKeptForLateUsage",
                         "GrantRefunded", "BalanceAdjusted", "HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired",
                         "ReceivableSettled", "OverageRepaid", "PurchaseMoneyBooked", "PurchaseMoneyRefunded"})
 

@@ -25,6 +25,22 @@ Credit set aside for its period's late usage (since session 13)
     ``available``), which lowers the reserve, not ``available``; the sweep lapses what is left at its ``expires_at``.
     Until session 13 such credit expired at the period's end, which lowered ``available`` the same way.
 
+Credit kept for late usage (since session 14)
+    ``keep_for_late_usage`` (``GrantKeptForLateUsage``) does the same for every other close of a plan credit: a
+    rollover credit at its renewal (a paused one, a cancel at the period's end), and any plan credit cut short by an
+    immediate cancel or a plan or quantity change (``drawable_until`` becomes the cut). It stays open
+    ``RECURRING_CREDIT_LATE_USAGE_DAYS`` after its period's end or the cut (its new ``expires_at``) and is set aside,
+    and the sweep lapses what is left to breakage then. What a next grant takes of it leaves it at once (``moved``,
+    back to its funding account, which the next grant draws again): a rollover's carry (``rollover_cap``), a change's
+    whole rest. The kept grant names that grant (``carry``: {"to", "left"}) and late usage of before its
+    ``drawable_until`` draws the kept rest first, then at most ``left`` of the next grant (``_carried_parts``, draws
+    naming the next grant with ``carry_of``): the same money, since on time that usage would have come out of the part
+    that lapses first and then the carry. A chain is followed (the next grant kept and carried on in turn), at most
+    ``CARRY_CHAIN_MAX`` grants deep. The next grant's ``amount`` shows the carry as it was at the close. Such draws
+    are remembered apart (``carry_of`` on the entry): a give-back of that usage while the kept grant is open credits
+    the next grant back and restores the carry. Before session 14 those closes voided the credit at once, and such
+    usage was owed as overage.
+
 Drawdown order (usage, captures)
     Only grants that are effective at ``at`` (``effective_at <= at``), not expired at ``at``
     (``at < expires_at``), still drawable at ``at`` (``at < drawable_until``, when set), in scope for the
@@ -46,6 +62,9 @@ Drawdown order (usage, captures)
     renewal) or usage of the period that comes late still draws the period's credit, as it would have on time; the
     sweep lapses what is left at its ``expires_at``, once (the renewal leaves it open). Such credits granted before
     expired at the period's end (the renewal or the sweep, whichever came first) and replay so.
+
+    A plan credit kept for late usage with a carry (``keep_for_late_usage``) is followed, in that order, by what of
+    its carry the next grant still holds (usage of the kept grant's period only).
 
     One debit may span several grants; every draw and every wallet posting names its grant.
 
@@ -210,6 +229,10 @@ TEXT_CHARS_MAX = 512
 # ones remembered for idempotent answers (older ones are forgotten; command receipts dedupe beyond that).
 ACTIVE_HOLDS_MAX = 10_000
 SETTLED_HOLDS_KEPT_MAX = 10_000
+# Late usage drawing a carried credit follows the carry from grant to successor at most this many times (a month's
+# carry into the next and on into the one after: within ``RECURRING_CREDIT_LATE_USAGE_DAYS`` of a period's end at
+# most the next renewal comes; the rest is a margin).
+CARRY_CHAIN_MAX = 4
 # Adjustments remembered for idempotent answers (what each left: ``adjustment``); older ones are forgotten.
 ADJUSTMENTS_KEPT_MAX = 10_000
 # Grant refunds remembered for idempotent answers (what each took from where and paid back: ``refund``).
@@ -448,6 +471,16 @@ class BillingAccount(ChainedAggregate):
         """Whether grant ``grant_id`` is a plan credit left open after its period for that period's late usage, lapsed
         by the expiry sweep at its ``expires_at`` (``grant_credit(late_usage=True)``, since session 13)."""
         return bool(self._grant(grant_id).get("late_usage"))
+
+    def drawable_until(self, grant_id: UUID) -> datetime | None:
+        """When usage stops drawing grant ``grant_id`` (its ``drawable_until``: a plan credit's period end, or the cut of
+        an immediate cancel or a change, ``keep_for_late_usage``); None: recorded before session 9, drawn until it
+        expires."""
+        return self._grant(grant_id).get("drawable_until")  # type: ignore[no-any-return]
+
+    def expires_at(self, grant_id: UUID) -> datetime | None:
+        """When grant ``grant_id`` expires (None: never)."""
+        return self._grant(grant_id)["expires_at"]  # type: ignore[no-any-return]
 
     def grants_expiring_by(self, now: datetime) -> bool:
         """Whether an open grant has ``expires_at <= now`` (what ``expire_grants(now)`` would expire), one left to
@@ -851,6 +884,7 @@ class BillingAccount(ChainedAggregate):
             units = set()
         due.sort(key=lambda g: (g["expires_at"], g["seq"]))
         for g in due:
+            units.add(g["unit"])
             remainder = g["remaining"]
             postings: list[Posting] = []
             if remainder:
@@ -869,7 +903,6 @@ class BillingAccount(ChainedAggregate):
                 at=now,
                 draws_kept=True,
             )
-            units.add(g["unit"])
         for unit in sorted(units if thresholds else ()):
             self._check_thresholds(unit, now)
 
@@ -901,6 +934,72 @@ class BillingAccount(ChainedAggregate):
         # postings from here). ``available`` only goes down: nothing to re-arm.
         self._grants[str(grant_id)]["set_aside"] = True
 
+    def keep_for_late_usage(self, *, grant_id: UUID, at: datetime, drawable_until: datetime, expires_at: datetime,
+                            reason: str, by: str, moved: int = 0, lapsed: int = 0, successor: UUID | None = None,
+                            carry: int = 0) -> None:
+        """A plan credit whose period ended (a renewal, a paused one, a cancel at the period's end) or was cut short at
+        ``drawable_until`` (an immediate cancel, a plan or quantity change) stays open until ``expires_at`` for the usage
+        of before ``drawable_until`` that reaches the ledger late, as a credit without rollover does after its period
+        (since session 14; see the module docstring, "Credit kept for late usage"); the expiry sweep lapses what is
+        left of it to breakage then.
+
+        ``moved`` of its remaining leaves it now, back to the account that funded it (``lapsed`` of that to breakage):
+        what a next grant takes again (a rollover's carry, a change's whole rest). ``successor`` (with ``carry``): that
+        grant; late usage of before ``drawable_until`` draws this grant's rest first and then at most ``carry`` of the
+        successor (the same money: on time it would have come out of the carry). No alerts here: the caller sets it
+        aside (``set_aside_grants``) and checks them once its movements are done."""
+        g = self._grant(grant_id)
+        _require_time("at", at)
+        _require_time("drawable_until", drawable_until)
+        _require_time("expires_at", expires_at)
+        _require_text("reason", reason)
+        _require_text("by", by)
+        _require_amount("moved", moved, allow_zero=True)
+        _require_amount("lapsed", lapsed, allow_zero=True)
+        _require_amount("carry", carry, allow_zero=True)
+        if g["status"] != "open":
+            raise GrantClosed(f"grant {grant_id} is {g['status']}")
+        if g["source"] != GrantSource.PLAN_RECURRENCE or g.get("drawable_until") is None:
+            raise InvalidArgument("only a plan credit with drawable_until is kept for late usage")
+        if not g["effective_at"] < drawable_until <= g["drawable_until"]:
+            raise InvalidArgument("drawable_until must be after effective_at and not after the grant's own")
+        if expires_at <= drawable_until:
+            raise InvalidArgument("expires_at must be after drawable_until")
+        if lapsed > moved or moved > g["remaining"]:
+            raise InvalidAmount(f"grant {grant_id} has {g['remaining']} left: {moved} cannot move, {lapsed} of it "
+                                "lapse")
+        if (successor is None) != (carry == 0) or (successor is not None and str(successor) == g["grant_id"]):
+            raise InvalidArgument("a successor needs a carry, and a carry a successor other than the grant")
+        unit, gid = g["unit"], g["grant_id"]
+        postings: list[Posting] = []
+        if moved:
+            postings = [posting(LedgerAccount.TENANT_WALLET, unit, moved, gid)]
+            if moved - lapsed:
+                postings.append(posting(LedgerAccount(g["funded_by"]), unit, -(moved - lapsed), gid))
+            if lapsed:
+                postings.append(posting(LedgerAccount.BREAKAGE, unit, -lapsed, gid))
+        assert_balanced(postings)
+        self._grant_kept_for_late_usage(
+            grant_id=grant_id, unit=unit, moved=moved, lapsed=lapsed, postings=postings,
+            drawable_until=drawable_until, expires_at=expires_at,
+            successor=None if successor is None else str(successor), carry=carry, reason=reason, by=by, at=at)
+
+    @event("GrantKeptForLateUsage")
+    def _grant_kept_for_late_usage(self, grant_id: UUID, unit: str, moved: int, lapsed: int, postings: list[Posting],
+                                   drawable_until: datetime, expires_at: datetime, successor: str | None, carry: int,
+                                   reason: str, by: str, at: datetime) -> None:
+        # Recorded since session 14. ``moved`` left the wallet (``lapsed`` of it to breakage); ``moved - lapsed`` is
+        # kept apart (``moved``) so a give-back never credits back what went to the next grant.
+        g = self._grants[str(grant_id)]
+        g["remaining"] -= moved
+        g["moved"] += moved - lapsed
+        g["breakage"] += lapsed
+        g["drawable_until"] = drawable_until
+        g["expires_at"] = expires_at
+        g["late_usage"] = True
+        g["carry"] = {"to": successor, "left": carry} if successor is not None and carry > 0 else None
+        self._update_arming(unit)
+
     @event("GrantExpired")
     def _grant_expired(
         self,
@@ -918,7 +1017,7 @@ class BillingAccount(ChainedAggregate):
         # them: their streams replay as recorded.
         g = self._grants[str(grant_id)]
         g["remaining"] -= remainder
-        g["breakage"] = remainder
+        g["breakage"] += remainder  # 0 before (a grant kept for late usage may have lapsed part when kept)
         g["status"] = "expired"
         if not draws_kept:
             self._forget_draws_of(unit, g["grant_id"])
@@ -1024,7 +1123,7 @@ class BillingAccount(ChainedAggregate):
         # ``lapsed`` recorded since session 9 (earlier voids: all of the remainder back to the funding account).
         g = self._grants[str(grant_id)]
         g["remaining"] -= remainder
-        g["breakage"] = lapsed
+        g["breakage"] += lapsed  # 0 before (a grant kept for late usage may have lapsed part when kept)
         g["status"] = "voided"
         self._forget_draws_of(unit, g["grant_id"])
         self._update_arming(unit)
@@ -1187,9 +1286,19 @@ class BillingAccount(ChainedAggregate):
             if left == 0:
                 break
             g = self._grants[entry["grant_id"]]
-            lapsed = _has_lapsed(g, at)
-            if not (_in_scope(g, meter) if lapsed else _is_eligible(g, meter, at, need_remaining=False)):
-                continue
+            carry_of = entry.get("carry_of")
+            if carry_of:
+                # Usage of a kept grant's period drew this next grant through its carry (since session 14): given
+                # back to it, and the carry restored, while that period's late usage may still draw it.
+                carrier = self._grants[carry_of[0]]
+                if g["status"] != "open" or not _in_scope(g, meter) or carrier["status"] != "open" \
+                        or not _is_eligible(carrier, meter, at, need_remaining=False):
+                    continue
+                lapsed = False
+            else:
+                lapsed = _has_lapsed(g, at)
+                if not (_in_scope(g, meter) if lapsed else _is_eligible(g, meter, at, need_remaining=False)):
+                    continue
             gid = g["grant_id"]
             if gid not in room:
                 room[gid] = _give_back_room(g)
@@ -1200,7 +1309,7 @@ class BillingAccount(ChainedAggregate):
                 if lapsed:
                     reverses.append({"grant_id": gid, "amount": back})
                 else:
-                    draws.append({"grant_id": gid, "amount": -back})
+                    draws.append({"grant_id": gid, "amount": -back, **({"carry_of": carry_of} if carry_of else {})})
                     postings += [
                         posting(LedgerAccount.RECOGNISED_REVENUE, unit, back, gid),
                         posting(LedgerAccount.TENANT_WALLET, unit, -back, gid),
@@ -3273,10 +3382,58 @@ class BillingAccount(ChainedAggregate):
             del self._settled_holds[next(iter(self._settled_holds))]
 
     def _eligible_grants(self, unit: str, meter: str | None, at: datetime) -> list[GrantRecord]:
-        """Grants a debit for ``meter`` at ``at`` may draw from, in drawdown order."""
-        found = [g for g in self._grants.values() if g["unit"] == unit and _is_eligible(g, meter, at)]
+        """Grants a debit for ``meter`` at ``at`` may draw from, in drawdown order. A grant kept for late usage with a
+        successor (``carry``) is followed by what of its successor that usage may draw (``_carried_parts``): entries
+        naming the successor, ``remaining`` at most the carry left, ``carry_of`` the grants whose carry they use."""
+        found, carrying = [], []
+        for g in self._grants.values():
+            if g["unit"] != unit:
+                continue
+            if _is_eligible(g, meter, at):
+                found.append(g)
+            if g["carry"] is not None and _is_eligible(g, meter, at, need_remaining=False):
+                carrying.append(g)
         found.sort(key=_drawdown_key)
+        if carrying:
+            found = self._with_carried_parts(found, carrying, meter)
         return found
+
+    def _with_carried_parts(self, found: list[GrantRecord], carrying: list[GrantRecord], meter: str | None
+                            ) -> list[GrantRecord]:
+        """``found`` with each carrying grant's ``_carried_parts`` right after where it sorts (its rest first, then the
+        carry: on time the usage would have come out of the part that lapses before the part carried). One successor
+        shared by several carrying grants gives each at most what the ones before left of it."""
+        taken: dict[str, int] = {}
+        entries = [(_drawdown_key(g), 0, g) for g in found]
+        for g in carrying:
+            for hop, part in enumerate(self._carried_parts(g, meter, taken), start=1):
+                entries.append((_drawdown_key(g), hop, part))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        return [g for _, _, g in entries]
+
+    def _carried_parts(self, g: GrantRecord, meter: str | None, taken: dict[str, int]) -> list[GrantRecord]:
+        """What late usage of ``g``'s period may draw of what ``g`` carried into its successor, and on through the
+        successor's own carry (a chain: a monthly period's usage may come after the next renewal too), each part at
+        most the carry left along the way and the successor's credit not ``taken`` by an earlier part."""
+        parts: list[GrantRecord] = []
+        link, via = g["carry"], [g["grant_id"]]
+        left = link["left"]
+        for _ in range(CARRY_CHAIN_MAX):
+            successor = self._grants.get(link["to"])
+            if successor is None or successor["status"] != "open" or not _in_scope(successor, meter) or left <= 0:
+                break
+            gid = successor["grant_id"]
+            part = min(left, successor["remaining"] - taken.get(gid, 0))
+            if part > 0:
+                taken[gid] = taken.get(gid, 0) + part
+                parts.append({"grant_id": gid, "remaining": part, "set_aside": successor["set_aside"],
+                              "carry_of": list(via)})
+                left -= part
+            link = successor["carry"]
+            if link is None:
+                break
+            left, via = min(left, link["left"]), [*via, gid]
+        return parts
 
     def _plan_draws(self, unit: str, meter: str | None, at: datetime, amount: int, available: int, *,
                     eligible: list[GrantRecord] | None = None) -> list[Draw]:
@@ -3293,7 +3450,10 @@ class BillingAccount(ChainedAggregate):
                 continue
             if not g["set_aside"]:
                 kept_left -= part
-            draws.append({"grant_id": g["grant_id"], "amount": part})
+            draw: Draw = {"grant_id": g["grant_id"], "amount": part}
+            if g.get("carry_of"):  # a successor's credit through these grants' carry (``_carried_parts``)
+                draw["carry_of"] = g["carry_of"]
+            draws.append(draw)
             left -= part
         assert left == 0, "callers never plan more than the spendable credit"
         return draws
@@ -3315,22 +3475,31 @@ class BillingAccount(ChainedAggregate):
             drawable_until=record.get("drawable_until"),  # usage from then on does not draw it; format 14
             late_usage=bool(record.get("late_usage")),  # open after drawable_until for late usage only; format 22
             set_aside=False,  # past drawable_until, out of ``available`` (``GrantSetAside``); format 22
+            # Kept for late usage (``GrantKeptForLateUsage``, format 25): what left it for a next grant, and the link to
+            # that grant with what late usage may still draw of it ({"to", "left"}).
+            moved=0,
+            carry=None,
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
         for draw in draws:
             gid, amount = draw["grant_id"], draw["amount"]
             self._grants[gid]["remaining"] -= amount
+            for carrier in draw.get("carry_of") or ():  # since session 14: late usage drawing a carry
+                self._grants[carrier]["carry"]["left"] -= amount
             if not remember:
                 continue
             stack = self._recent_draws.setdefault(unit, [])
+            carry_of = draw.get("carry_of")  # a draw through a carry is remembered apart, with its carriers
             if amount > 0:
-                if stack and stack[-1]["grant_id"] == gid:
+                if stack and stack[-1]["grant_id"] == gid and stack[-1].get("carry_of") == carry_of:
                     stack[-1]["amount"] += amount
                 else:
-                    stack.append({"grant_id": gid, "amount": amount})
+                    stack.append({"grant_id": gid, "amount": amount, **({"carry_of": carry_of} if carry_of else {})})
                     if len(stack) > DRAW_HISTORY_MAX:
                         del stack[0]
+            elif "carry_of" in draw or any(entry.get("carry_of") for entry in stack):
+                _trim_entries(stack, gid, -amount, carry_of=carry_of)  # since session 14: the draws it gave back
             else:
                 self._trim_draws(unit, gid, -amount)
 
@@ -3460,15 +3629,18 @@ def _overage_key(cause: dict[str, Any], at: datetime) -> str:
     return period if type(period) is str and period else at.isoformat()
 
 
-def _trim_entries(entries: list[dict[str, Any]], grant_id: str, amount: int, *, key: str | None = None) -> None:
-    """Takes ``amount`` off the entries of ``grant_id`` (and of period ``key``, when given), the most recent first;
-    entries left empty are dropped."""
+def _trim_entries(entries: list[dict[str, Any]], grant_id: str, amount: int, *, key: str | None = None,
+                  carry_of: Any = ...) -> None:
+    """Takes ``amount`` off the entries of ``grant_id`` (and of period ``key``, when given; and drawn through exactly
+    the carry ``carry_of``, when given: None for draws not through one), the most recent first; entries left empty
+    are dropped."""
     left = amount
     for index in range(len(entries) - 1, -1, -1):
         if left == 0:
             break
         entry = entries[index]
-        if entry["grant_id"] != grant_id or (key is not None and entry.get("key") != key):
+        if entry["grant_id"] != grant_id or (key is not None and entry.get("key") != key) \
+                or (carry_of is not ... and entry.get("carry_of") != carry_of):
             continue
         back = min(left, entry["amount"])
         entry["amount"] -= back
@@ -3502,7 +3674,7 @@ def _give_back_room(g: GrantRecord) -> int:
     ``remaining + refunded`` never exceeds ``amount``. A finance override refunds spent credit from revenue: that
     usage is paid back in money already, and its give-back is absorbed, not credited to the grant a second time."""
     lapsed = g["breakage"] - g["breakage_reversed"] + g["adjusted"] - g["adjusted_reversed"]
-    return max(0, g["amount"] - g["remaining"] - g["refunded"] - lapsed - g["reversed"])
+    return max(0, g["amount"] - g["remaining"] - g["refunded"] - lapsed - g["reversed"] - g["moved"])
 
 
 def _refundable(g: GrantRecord) -> int:

@@ -1379,6 +1379,16 @@ def _every_event_type() -> BillingAccount:
     give(account, "period", 2 * U, source="plan_recurrence", effective_at=at(24), expires_at=at(days=30),
          drawable_until=at(days=1))
     account.expire_grants(at(days=1))
+    # A rollover plan credit of a period ending on day 1: its renewal carries 1 of it into the next period's grant and
+    # keeps the rest for the period's late usage, which then draws that rest and the carry (since session 14).
+    rolled = give(account, "rolled", 2 * U, source="plan_recurrence", effective_at=at(24), expires_at=at(days=2),
+                  drawable_until=at(days=1))
+    following = ids.grant_id(account.tenant, "following")
+    account.keep_for_late_usage(grant_id=rolled, at=at(days=1), drawable_until=at(days=1), expires_at=at(days=36),
+                                reason="period_ended", by="system:renewal", moved=U, successor=following, carry=U)
+    give(account, "following", 3 * U, source="plan_recurrence", effective_at=at(days=1), expires_at=at(days=3),
+         drawable_until=at(days=2))
+    debit(account, 30 * U, when=at(25))
     account.recognise_purchase_money(at(days=1))
     account.recognise_fee_revenue(at(days=1))
     account.credit_note_grant(grant_id=uuid4(), note="cn-4", unit=USD, net=14 * U, tax=0, at=at(days=15), cause={},

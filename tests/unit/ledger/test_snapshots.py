@@ -197,7 +197,9 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # period for that period's late usage (late_usage) and whether it is set aside (set_aside).
 # Format 25: the same attributes, but each dispute in _disputes keeps the gateway's fee booked for it (fee, fee_at,
 # fee_unbooked).
-ACCOUNT_ATTRIBUTES_FORMAT_25 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+# Format 26: the same attributes, but each grant in _grants keeps what it moved into a next grant when kept for late
+# usage (moved) and its carry into that grant that late usage may still draw (carry).
+ACCOUNT_ATTRIBUTES_FORMAT_26 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
     "_adjustments", "_auto_top_up", "_billed_periods", "_created_on", "_disputes", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
     "_modified_on", "_overage_rounding", "_overage_times", "_owed_usage", "_parked_refunds", "_pending_events", "_pending_fee_credits", "_period_minimums", "_receivable", "_recent_draws", "_refunds", "_settled_holds", "_top_up_history",
@@ -217,7 +219,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 25 and account == ACCOUNT_ATTRIBUTES_FORMAT_25
+    assert snapshots.FORMATS[BillingAccount] == 26 and account == ACCOUNT_ATTRIBUTES_FORMAT_26
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 

@@ -19,7 +19,13 @@ from billing_projections.balances import GRANTS
 from billing_projections.service import ProjectionService
 
 from tests.unit.projections.conftest import apply, dumps_by_batching
-from tests.unit.projections.ledger_events import NOV_1, Ledger, period_ended_scenario, usage_debit
+from tests.unit.projections.ledger_events import (
+    LATE_USAGE_CATALOG,
+    NOV_1,
+    Ledger,
+    period_ended_scenario,
+    usage_debit,
+)
 from tests.unit.projections.test_api import api_client, auth
 from tests.unit.projections.test_dashboard_pages import text_of
 
@@ -112,3 +118,35 @@ async def test_the_reserve_rebuilds_from_the_events_alone_whatever_the_batches(t
     assert dumps[0] == dumps[1] == dumps[2]
     column = ["grant_id", *GRANTS.columns].index("set_aside_at")
     assert sum(1 for row in dumps[0]["grants"] if row[column] is not None) == 2  # both November credits
+
+
+async def test_a_credit_cut_by_an_immediate_cancel_shows_its_cut_and_reserve_as_the_ledger_decides(
+        service: ProjectionService, tmp_path: Path) -> None:
+    """Since session 14 an immediate cancel keeps the plan credit left for the usage of before the cut that comes late
+    (``GrantKeptForLateUsage``): the grants list shows it drawable until the cut and open for 35 days after it, set
+    aside; the seats' close debit after the cancel draws it, and the read models rebuild the same from the events."""
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, at=NOV_1, document=LATE_USAGE_CATALOG, digest="late-usage-1")
+    ledger.command("account.open", "acme", at=NOV_1, currency="USD")
+    ledger.command("subscription.create", "acme", at=NOV_1, key="m", plan="included")  # 10.00, all of it credit
+    usage_debit(ledger, "acme", "4.00", NOV_1 + timedelta(days=9))
+    cut = NOV_1 + timedelta(days=15)
+    ledger.command("subscription.cancel", "acme", at=cut, key="m", immediately=True)  # 5.00 credited back
+    usage_debit(ledger, "acme", "3.00", cut - timedelta(days=1), meter="seats")  # rating's close, after the cancel
+    records = ledger.records()
+    await apply(service, records)
+    wallet = await _api_wallet(service)
+    assert {k: wallet[k] for k in ("balance", "available", "held", "late_usage_reserve")} == _ledger_wallet(ledger) == {
+        "balance": "8.00", "available": "5.00", "held": "0.00", "late_usage_reserve": "3.00"}
+    async with api_client(service.db) as client:
+        grants = (await client.get("/v1/accounts/acme/grants", headers=auth("viewer", "acme"))).json()["items"]
+    plan = next(g for g in grants if g["source"] == "plan_recurrence")
+    assert (plan["remaining"], plan["drawable_until"], plan["set_aside_at"], plan["expires_at"]) == (
+        "3.00", "2026-11-16T00:00:00.000000Z", "2026-11-16T00:00:00.000000Z", "2026-12-21T00:00:00.000000Z")
+    Sweeper(ledger.app).sweep(cut + timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS))
+    lapsed = ledger.records()
+    await apply(service, lapsed)
+    assert {k: (await _api_wallet(service))[k] for k in ("balance", "available", "late_usage_reserve")} == {
+        "balance": "5.00", "available": "5.00", "late_usage_reserve": "0.00"}
+    dumps = await dumps_by_batching(records + lapsed, tmp_path, seed=14, size_max=5, replay_all=True)
+    assert dumps[0] == dumps[1] == dumps[2]

@@ -14,8 +14,10 @@ from billing_events.messages import PaymentNotification
 from billing_ledger.domain.invoice import invoice_id
 from billing_ledger.domain.postings import account_balances
 from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.limits import RECURRING_CREDIT_LATE_USAGE_DAYS
 from billing_ledger.payment_commands import payment_command
 from billing_projections import balances, figures, history
+from billing_projections.facts import utc_text
 from billing_projections.service import ProjectionService
 from billing_projections.views import load_units, transaction_view
 
@@ -251,9 +253,24 @@ async def test_a_plan_credit_lapsed_above_its_rollover_cap_is_breakage_in_the_fi
     start, end = sub.period_start, sub.period_end
     ledger.command("usage.debit", "acme", at=start + timedelta(days=3), unit="USD", amount_subunits=400 * CENT,
                    meter="api_calls", overage_policy="overage", cause={"event_ids": ["e1"], "period": start.isoformat()})
-    ledger.command("subscription.tick", "acme", at=end, key="m")  # 6.00 left: 2.00 carried, 4.00 lapses
+    ledger.command("subscription.tick", "acme", at=end, key="m")  # 6.00 left: 2.00 carried, 4.00 kept
+    await apply(service, ledger.records())
+    # Since session 14 the 4.00 above the cap stays for the period's late usage, set aside, and lapses after it.
+    november, december = await balances.grants(service.db, "acme")
+    lapses = end + timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
+    assert (november["status"], november["remaining"], november["expires_at"], december["remaining"]) == (
+        "open", 400 * CENT, utc_text(lapses), 1200 * CENT)
+    assert november["set_aside_at"] is not None
+    assert await balances.late_usage_reserves(service.db, "acme") == {("acme", "USD"): 400 * CENT}
+    # The carry leaves November's grant as a void row naming it: the wallet's rows still sum to its balance.
+    rows = list(reversed(await history.page(service.db, tenant="acme", limit=100)))
+    assert [(r["grant_id"], r["wallet_delta"]) for r in rows if r["type"] == "void"] == [
+        (november["grant_id"], -200 * CENT)]
+    [wallet] = await balances.wallets(service.db, "acme")
+    assert sum(r["wallet_delta"] for r in rows) == wallet["balance"] == 1600 * CENT
+    ledger.command("grant.expire", "acme", at=lapses, now=lapses.isoformat())
     await apply(service, ledger.records())
     rows = await figures.series(service.db, tenant="acme", granularity="month", since=None, until=None)
     assert sum(r["breakage"] for r in rows) == 400 * CENT  # was 0: the void's lapsed part was not counted
-    [voided] = await balances.grants(service.db, "acme", status="voided")
-    assert (voided["remaining"], voided["breakage"]) == (0, 400 * CENT)
+    [expired] = await balances.grants(service.db, "acme", status="expired")
+    assert (expired["remaining"], expired["breakage"]) == (0, 400 * CENT)

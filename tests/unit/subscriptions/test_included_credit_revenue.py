@@ -114,11 +114,14 @@ def test_a_cancel_mid_period_earns_the_fee_less_its_credit_whatever_of_the_inclu
     run(app, "subscription.create", "acme", key="m", plan="team")
     debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=9))
     run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # 15 of 30 days: 15.00 back
-    recognise(app, DEC_1)
+    # The credit note; the included credit's 6.00 left is set aside for usage of before the cancel that comes late.
+    assert (account(app).available("USD"), account(app).late_usage_reserve("USD")) == (1500 * CENT, 600 * CENT)
+    recognise(app, NOV_16 + LAPSES)  # ... and lapses after that usage's window (since session 14)
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0  # was 10.00 of debit: the 6.00 credit voided back stayed there
     assert recognised + breakage == 1500 * CENT  # November: 30.00 less the 15.00 credited
-    assert account(app).available("USD") == 1500 * CENT  # the credit note; the included credit is voided
+    assert breakage == 600 * CENT
+    assert account(app).available("USD") == account(app).balance("USD") == 1500 * CENT
     assert verify_store(app, "acme").ok
 
 
@@ -251,15 +254,19 @@ def test_a_renewal_lapses_the_credit_above_the_rollover_cap_to_breakage_once(tmp
     renew_and_bill(app, NOV_1, DEC_1, [])
     recognise(app, DEC_1)
     recognised, breakage, deferred = revenue(app)
-    # November's 30.00: 20.00 ratably, 4.00 used, 4.00 lapsed above the cap, 2.00 carried into December's grant.
-    assert (recognised, breakage) == (2400 * CENT, 400 * CENT)  # breakage was 0: the 4.00 voided back
+    # November's 30.00: 20.00 ratably, 4.00 used, 2.00 carried into December's grant; the 4.00 above the cap stays
+    # set aside for November's late usage (since session 14) and lapses after its window.
+    assert (recognised, breakage) == (2400 * CENT, 0)
     assert deferred == fee_deferred(app) == 2000 * CENT  # was 24.00: 4.00 no schedule accounts for
-    assert account(app).available("USD") == 1200 * CENT
-    [voided] = events(app, "GrantVoided")
-    assert (voided.remainder, voided.lapsed) == (600 * CENT, 400 * CENT)
-    recognise(app, DEC_1 + timedelta(days=45))  # the sweeper after December: nothing of November lapses again
+    assert (account(app).available("USD"), account(app).late_usage_reserve("USD")) == (1200 * CENT, 400 * CENT)
+    [kept] = events(app, "GrantKeptForLateUsage")
+    assert (kept.moved, kept.carry, kept.expires_at) == (200 * CENT, 200 * CENT, DEC_1 + LAPSES)
+    recognise(app, DEC_1 + timedelta(days=45))  # the sweeper after December: November's 4.00 lapses, once
+    assert revenue(app)[1] == 400 * CENT
+    assert [e.remainder for e in events(app, "GrantExpired")] == [400 * CENT]
     renew_and_bill(app, DEC_1, JAN_1, [])
     recognise(app, JAN_1)
+    run(app, "grant.expire", "acme", at=JAN_1 + LAPSES, now=(JAN_1 + LAPSES).isoformat())  # December's 10.00 lapses
     recognised, breakage, deferred = revenue(app)
     # December: 20.00 ratably, nothing used, 12.00 left: 2.00 carried, 10.00 above the cap lapses.
     assert (recognised, breakage) == (4400 * CENT, 1400 * CENT)
@@ -286,7 +293,7 @@ def test_a_cancel_after_a_full_refund_leaves_nothing_deferred_and_the_period_ear
         app: LedgerApplication) -> None:
     paid_used_and_refunded(app)
     run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)  # nothing left to credit
-    recognise(app, DEC_1)
+    recognise(app, NOV_16 + LAPSES)  # the credit left lapses after the late usage of before the cancel
     # The refund gave the whole fee back; the 4.00 used and the 6.00 the cancel voided net to zero, as if lapsed.
     assert revenue(app) == (-600 * CENT, 600 * CENT, 0)  # deferred was 6.00: the voided credit went back there
     assert account(app).balance("USD") == 0 and fee_deferred(app) == 0
@@ -300,7 +307,7 @@ def test_a_cancel_after_the_invoice_was_voided_leaves_nothing_deferred(app: Ledg
     debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
     run(app, "invoice.void", "acme", at=NOV_1 + timedelta(days=9), invoice_id=str(invoice.id))
     run(app, "subscription.cancel", "acme", at=NOV_16, key="m", immediately=True)
-    recognise(app, DEC_1)
+    recognise(app, NOV_16 + LAPSES)
     assert revenue(app) == (-600 * CENT, 600 * CENT, 0)  # deferred was 6.00
     assert books(app).get(("receivables", "USD"), 0) == 0
     assert verify_store(app, "acme").ok
@@ -316,7 +323,7 @@ def test_a_cancel_after_an_upgrades_invoice_was_voided_credits_the_first_invoice
     result = run(app, "subscription.cancel", "acme", at=NOV_20 + timedelta(days=1), key="m", immediately=True)
     # The unused Nov 21 - Dec 1 of the first invoice (was none: the cancel credited the voided upgrade's invoice).
     assert [item["amount"] for item in result.value["lines"]] == ["-10.00"]
-    recognise(app, DEC_1)
+    recognise(app, DEC_1 + LAPSES)
     recognised, breakage, deferred = revenue(app)
     assert deferred == 0 and fee_deferred(app) == 0
     assert recognised + breakage == 2000 * CENT  # November's 30.00 less the 10.00 credited (was all 30.00)
@@ -365,10 +372,11 @@ def test_a_change_after_a_full_refund_lapses_the_old_credits_rest_and_leaves_not
 def test_a_credit_capped_by_a_partial_refund_still_takes_the_whole_included_credits_rest_out_of_deferred_revenue(
         app: LedgerApplication, action: str, earned: int) -> None:
     """30.00 with 10.00 included, paid, 4.00 used, 24.90 refunded: a cancel or upgrade on Nov 11 credits 5.10 of the
-    20.00 unused (what is left to give back). ``included_back`` is not that credit's share: it is what the void of
+    20.00 unused (what is left to give back). ``included_back`` is not that credit's share: it is what the close of
     the old grants put back into ``deferred_revenue`` (6.00 left, less what the new grants carry, plus the new fee's
-    included credit), and it must leave there whole; the credit's amount only moves ``recognised_revenue``. Capped at
-    the 5.10 credited, 0.90 would stay deferred with no schedule or credit behind it."""
+    included credit; a cancel's, since session 14, nothing: the 6.00 stays for late usage and lapses), and it must
+    leave there whole; the credit's amount only moves ``recognised_revenue``. Capped at the 5.10 credited, 0.90 would
+    stay deferred with no schedule or credit behind it."""
     run(app, "subscription.create", "acme", key="m", plan="team")
     invoice = app.repository.get(invoice_id("acme", f"{subscription_id('acme', 'm')}/{NOV_1.isoformat()}"))
     debit(app, "4.00", NOV_1, NOV_1 + timedelta(days=5))
@@ -411,7 +419,7 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
     the cancel's credit for unused time is then capped by what the invoice has left to give back, and the books
     end the same. Usage within the period's credit never goes beyond it, also when it reaches the ledger after the
     renewal and the sweep (a close debit, late usage): the credit without rollover stays open for it (since session
-    13; a rollover credit is carried by the renewal, so usage that late finds none of it)."""
+    13), and a rollover credit's rest too, then its carry in the next grant (since session 14)."""
     app = LedgerApplication(persistence_env(None, str(tmp_path_factory.mktemp("prop"))))
     try:
         run(app, "catalog.publish", None, document=ROLLOVER if rollover else CATALOG, digest="included-1")
@@ -449,9 +457,8 @@ def test_fees_are_recognised_exactly_once_across_renewals_use_expiry_changes_and
                 check()
             last_hour = end - timedelta(hours=1)
             # Usage of the period's last hour, within what credit it can draw then, reaches the ledger after the sweep
-            # and the renewal (as a close debit always does). Not with rollover: the renewal carries that credit.
-            late_usage = late(0 if rollover else min(late_cents * CENT, account(app).spendable(
-                "USD", "api_calls", last_hour)), last_hour)
+            # and the renewal (as a close debit always does).
+            late_usage = late(min(late_cents * CENT, account(app).spendable("USD", "api_calls", last_hour)), last_hour)
             if sweep_first:
                 recognise(app, end)
             last = renew_and_bill(app, start, end, [], usage_before_lines=late_usage)

@@ -16,6 +16,7 @@ from billing_ledger.application import LedgerApplication, persistence_env
 from billing_ledger.audit import verify_store
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.limits import RECURRING_CREDIT_LATE_USAGE_DAYS
 from billing_ledger.sweeper import Sweeper
 
 from tests.unit.subscriptions.test_included_credit_revenue import ROLLOVER, recognise, revenue, rollover_app
@@ -32,6 +33,13 @@ DEC_3 = datetime(2026, 12, 3, tzinfo=UTC)
 JAN_1 = datetime(2027, 1, 1, tzinfo=UTC)
 # The Dec 1 tick on time; late, after December's first usage; late, the expiry sweep of Dec 1 run before it too.
 TICKS = ["on_time", "late", "late_after_sweep"]
+# How long after its period's end a plan credit's rest stays open for that period's late usage (then it lapses).
+LAPSES = timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
+
+
+def lapse(app: LedgerApplication, now: datetime) -> None:
+    """The expiry sweep alone at ``now`` (``grant.expire``): credit past its late usage window lapses."""
+    run(app, "grant.expire", "acme", at=now, now=now.isoformat())
 
 
 def _november(app: LedgerApplication, tick: str, december_usage: str = "3.00") -> None:
@@ -82,15 +90,18 @@ def test_a_late_tick_pays_the_next_periods_usage_from_its_credit_and_lapses_the_
     december = _invoice(app, DEC_1.isoformat())
     # December's 30.00 and November's 4.00 of usage paid by November's credit: nothing of December on it.
     assert _lines(december) == [("base_fee", "30.00"), ("usage", "4.00"), ("credits_applied", "-4.00")]
-    # November's 6.00 left: 2.00 carried into December's 12.00, 4.00 lapsed; December's 3.00 from December's
-    # grant. Before, the late tick's December usage was drawn from November's credit: 1.00 lapsed, 12.00 left.
-    assert -books(app)[("breakage", "USD")] == 400 * CENT
+    # November's 6.00 left: 2.00 carried into December's 12.00, 4.00 set aside for November's late usage (lapsed
+    # after its window); December's 3.00 from December's grant. Before, the late tick's December usage was drawn
+    # from November's credit: 1.00 lapsed, 12.00 left.
+    assert account(app).late_usage_reserve("USD") == 400 * CENT
+    assert ("breakage", "USD") not in books(app)
     assert account(app).available("USD") == 900 * CENT
     assert account(app).grant_balances()[-1]["remaining"] == 900 * CENT
     assert account(app).receivable("USD") == 3000 * CENT + 3000 * CENT  # the two fees; no overage owed
     january = renew_and_bill(app, DEC_1, JAN_1, [usage_line("3.00")])
     assert _lines(january) == [("base_fee", "30.00"), ("usage", "3.00"), ("credits_applied", "-3.00")]
     recognise(app, JAN_1)
+    lapse(app, JAN_1 + LAPSES)  # after November's and December's late usage windows
     # December's 9.00 left: 2.00 carried, 7.00 lapsed. November: 20.00 + 4.00 used; December 20.00 + 3.00 used.
     assert revenue(app) == (4700 * CENT, 1100 * CENT, 2000 * CENT)
     assert verify_store(app, "acme").ok
@@ -143,8 +154,13 @@ def test_a_rollover_credit_is_not_drawn_after_its_period_but_its_renewal_still_c
     assert account(app).balance("USD") == 600 * CENT  # not drawn
     run(app, "subscription.tick", "acme", at=DEC_2, key="m")
     assert account(app).overage_receivable("USD") == 0  # repaid by December's grant
+    # 2.00 carried into December's 10.00 (less the 1.00 repaid); the 4.00 above the cap stays for November's late
+    # usage, set aside, and lapses after its window.
     assert [(g["status"], g["remaining"]) for g in account(app).grant_balances()] == [
-        ("voided", 0), ("open", 1100 * CENT)]  # 10.00 + 2.00 carried - 1.00
+        ("open", 400 * CENT), ("open", 1100 * CENT)]
+    lapse(app, DEC_1 + LAPSES)
+    assert [(g["status"], g["remaining"]) for g in account(app).grant_balances()] == [
+        ("expired", 0), ("open", 1100 * CENT)]
     assert Decimal(-books(app)[("breakage", "USD")]) == 400 * CENT
     app.close()
 
@@ -217,13 +233,14 @@ def test_a_tick_more_than_a_period_late_carries_the_rollover_credit_as_a_tick_on
     ticked_late = _periods(make(tmp_path / "late"), now, late=True)
     assert ticked_late == on_time
     # On time, with the cap: November 6.00 left, 2.00 carried, 4.00 lapsed; December 12.00 - 11.00: 1.00 carried;
-    # January 11.00 - 5.00 = 6.00 left (open until its renewal; on Feb 1 2.00 carried into 12.00, 4.00 lapsed).
+    # January 11.00 - 5.00 = 6.00 left (open until its renewal; on Feb 1 2.00 carried into 12.00, 4.00 set aside
+    # for January's late usage until Mar 8, so not lapsed yet on Feb 15).
     # Without it: 6.00 carried into 16.00, 5.00 left carried into 15.00, 10.00 left carried into 20.00, none lapsed.
     # Before, the sweep expired November's 6.00 first: December's 10.00 left 1.00 of its usage billed as overage.
     available = {("one_and_a_half", True): 600, ("two_and_a_half", True): 1200,
                  ("one_and_a_half", False): 1000, ("two_and_a_half", False): 2000}[(late, capped)]
     assert on_time["available"] == available * CENT
-    breakage = {("one_and_a_half", True): 400, ("two_and_a_half", True): 800}.get((late, capped), 0)
+    breakage = {("one_and_a_half", True): 400, ("two_and_a_half", True): 400}.get((late, capped), 0)
     assert on_time["revenue"][1] == breakage * CENT
     assert on_time["invoices"][JAN_1] == [("base_fee", "30.00"), ("usage", "11.00"), ("credits_applied", "-11.00")]
 

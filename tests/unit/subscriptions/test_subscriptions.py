@@ -141,15 +141,19 @@ def test_a_downgrade_issues_a_credit_note(app: LedgerApplication) -> None:
     assert (note.document_type, note.total, note.number) == ("credit_note", Decimal("-30.00"), "CN-2026-000001")
 
 
-def test_a_plan_change_voids_the_old_grant_and_issues_the_new_one(app: LedgerApplication) -> None:
+def test_a_plan_change_moves_the_old_grants_rest_into_the_new_one(app: LedgerApplication) -> None:
     open_account(app, "up")
     run(app, "subscription.create", "up", key="m", plan="team")
     run(app, "subscription.change", "up", at=datetime(2026, 11, 10, tzinfo=UTC), key="m", plan="pro")
     account = app.repository.get(ids.account_id("up"))
     grants = [g for g in account.grant_balances() if g["unit"] == "CREDIT"]
-    # 21 of 30 days left, like the fee: 500 x 0.7 of Pro, plus Team's 100 unused beyond its own 100 x 0.7.
-    assert [(g["status"], g["amount"]) for g in grants] == [("voided", 100 * 10**9), ("open", 380 * 10**9)]
+    # 21 of 30 days left, like the fee: 500 x 0.7 of Pro, plus Team's 100 unused beyond its own 100 x 0.7. Team's
+    # grant keeps nothing but stays open (for 35 days) for late usage of before the change, which draws its 100
+    # from the new grant (since session 14; it was voided).
+    assert [(g["status"], g["amount"], g["remaining"]) for g in grants] == [
+        ("open", 100 * 10**9, 0), ("open", 380 * 10**9, 380 * 10**9)]
     assert account.available("CREDIT") == 380 * 10**9
+    assert account.spendable("CREDIT", "api_calls", datetime(2026, 11, 9, tzinfo=UTC)) == 100 * 10**9
 
 
 def test_capacity_cannot_drop_below_usage(app: LedgerApplication) -> None:
