@@ -6,8 +6,12 @@
   balance API over HTTP (``GET /v1/accounts/{tenant}/balance``: the projections' public read model, not
   their tables, whose layout is theirs to change), and checks the tenant's invoices and credit notes against the
   account's postings (``billing_ledger.audit_invoices``). Exit status 1 on any mismatch.
-* ``export --tenant T [--out FILE]`` writes the stream as JSON lines (see ``billing_ledger.audit``).
-* ``replay FILE`` is what an auditor runs on an export: chain and balances from the file alone.
+* ``export --tenant T [--out FILE]`` writes the account's stream and the tenant's invoices and credit notes as JSON
+  lines (see ``billing_ledger.audit``).
+* ``replay FILE [--anchor VERSION:HASH]`` is what an auditor runs on an export: chain, balances and documents from
+  the file alone (no database, no service, no settings); an anchor (``events`` and ``chain_head`` of an earlier
+  audit, kept where the operator's database writers cannot change it) must be found again. Exit status 1 on any
+  problem, 2 on a file that cannot be read.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from billing_runtime.settings import Settings
 if TYPE_CHECKING:
     from billing_ledger.application import LedgerApplication
 
-app = typer.Typer(help="Tamper evidence: verify, export and replay an account's ledger stream.",
+app = typer.Typer(help="Tamper evidence: verify, export and replay an account's ledger stream and its invoices.",
                   no_args_is_help=True)
 
 PROJECTION_TIMEOUT_SECONDS = 10.0
@@ -96,7 +100,8 @@ def export(
     tenant: Annotated[str, typer.Option(help="The tenant whose account to export")],
     out: Annotated[Path | None, typer.Option(help="JSON lines file (default: standard output)")] = None,
 ) -> None:
-    """Writes the account's event stream as JSON lines, one event per line, in version order."""
+    """Writes the account's event stream as JSON lines, one event per line, in version order, then the events of
+    the tenant's invoices and credit notes, one document after the other."""
     from billing_ledger.audit import export_lines
 
     settings = Settings.from_env()
@@ -114,13 +119,27 @@ def export(
 
 
 @app.command()
-def replay(file: Annotated[Path, typer.Argument(help="A file written by `billing audit export`")]) -> None:
-    """Replays an export offline: recomputes the hash chain and the balances from the file alone."""
-    from billing_ledger.audit import replay_lines
+def replay(
+    file: Annotated[Path, typer.Argument(help="A file written by `billing audit export`")],
+    anchor: Annotated[list[str] | None, typer.Option(
+        help="VERSION:HASH, the `events` and `chain_head` of an earlier audit of this account: the export must hold "
+             "that event with that hash (repeat for several)")] = None,
+) -> None:
+    """Replays an export offline: recomputes the hash chain, the balances and the invoices and credit notes (their
+    lines, totals and tax, against the account's postings) from the file alone."""
+    from billing_ledger.audit import parse_anchor, replay_lines
 
-    with file.open() as lines:
-        result = replay_lines(lines)
-    report = {**result.to_json(), "problems": result.problems}
+    try:
+        anchors = dict(parse_anchor(text) for text in anchor or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--anchor") from None
+    try:
+        with file.open() as lines:
+            result = replay_lines(lines, anchors)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        typer.echo(f"error: {file} is not an export of `billing audit export`: {exc!r}", err=True)
+        raise typer.Exit(2) from None
+    report = result.report()
     typer.echo(json.dumps(report, indent=2))
-    if result.problems:
+    if report["problems"]:
         raise typer.Exit(1)

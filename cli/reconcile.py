@@ -7,8 +7,9 @@ tenant, and joins them with ``billing_events.reconciliation``. It writes nothing
 for the dedup window only (``BILLING_DEDUP_WINDOW_DAYS``): that is the window it can prove, and ``--since`` is
 raised to its start. Exit status 0: no discrepancy; 1: discrepancies; 2: bad input or a store missing.
 
-``billing reconcile refunds --tenant T`` lists, from the ledger's store alone, the tenant's gateway refunds that came
-before the payment they give back and were not applied with it (``billing_ledger.reconcile.parked_refunds``).
+``billing reconcile refunds --tenant T`` lists, from the ledger's store alone, the tenant's gateway refunds the ledger
+did not apply: those that came before the payment they give back and were not applied with it
+(``billing_ledger.reconcile.parked_refunds``) and those it rejected when they came (``rejected_refunds``).
 ``billing reconcile disputes --tenant T`` lists the tenant's card disputes finance has to follow
 (``billing_ledger.reconcile.disputes``): open ones and the funds withdrawn for them, lost ones waiting for their
 payment, dispute notifications the ledger rejected (from the tenant's own index of them; ``--scan-receipts`` also
@@ -105,12 +106,15 @@ def refunds(
     tenant: Annotated[list[str], typer.Option(help="The tenant (repeat for several)")],
     output: Annotated[str, typer.Option("--format", help="table (readable) | json (one document)")] = "table",
 ) -> None:
-    """Lists the gateway refunds that came before the payment they give back and were not applied with it: still
-    awaiting their payment, or rejected when it came (with the reason). The money has left at the gateway for each:
-    exit status 1 if any, 0 if none, 2 if the ledger's store is missing."""
-    from billing_ledger.reconcile import parked_refunds
+    """Lists the gateway refunds the ledger did not apply to their payment: those that came before it, still awaiting
+    it or rejected when it came, and those rejected when they came (part of a paid order, more than is left of it,
+    ...), each with its reason. The money has left at the gateway for each: exit status 1 if any, 0 if none, 2 if the
+    ledger's store is missing."""
+    from billing_ledger.reconcile import parked_refunds, rejected_refunds
 
-    found = _listed(output, lambda ledger: [refund for name in tenant for refund in parked_refunds(ledger, name)])
+    names = list(dict.fromkeys(tenant))
+    found = _listed(output, lambda ledger: [refund for name in names for refund in parked_refunds(ledger, name)]
+                    + rejected_refunds(ledger, names))
     if output == "json":
         typer.echo(json.dumps([{**vars(r), "at": r.at.isoformat()} for r in found], indent=2))
     else:
@@ -118,7 +122,8 @@ def refunds(
         for r in found:
             gives_back = f"invoice {r.invoice_id}" if r.invoice_id else f"order {r.order_id}"
             typer.echo(f"{r.tenant}  {r.key}  {r.amount} {r.currency}  {gives_back}  {r.status}"
-                       + (f" ({r.reason}: {r.detail})" if r.reason else ""))
+                       + (f" ({r.reason}: {r.detail})" if r.reason else "")
+                       + (f"  command {r.command_id}" if r.command_id else ""))
     if found:
         raise typer.Exit(1)
 

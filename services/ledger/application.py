@@ -133,16 +133,24 @@ RejectionRecorder = Callable[["_Batch", LedgerCommand, str | None, str | None], 
 _Known = tuple[Mapping[UUID, int], Mapping[UUID, list[StoredEvent]]]
 HANDLERS: dict[str, CommandHandler] = {}
 REJECTION_RECORDERS: dict[str, RejectionRecorder] = {}
+# Kinds whose rejections keep the command on the receipt (``handles(kind, keep_rejected=True)``).
+KEPT_WHEN_REJECTED: set[str] = set()
 # Per event class: its topic, or "" when its state is not exactly its attributes (``_to_stored_events``).
 _TOPICS: dict[type, str] = {}
 
 
-def handles(kind: str) -> Callable[[CommandHandler], CommandHandler]:
-    """Registers a command handler; handler modules live next to this one (e.g. catalog_commands.py)."""
+def handles(kind: str, *, keep_rejected: bool = False) -> Callable[[CommandHandler], CommandHandler]:
+    """Registers a command handler; handler modules live next to this one (e.g. catalog_commands.py).
+
+    ``keep_rejected``: a rejection of this kind keeps the command and the rejection's detail on its receipt
+    (``CommandReceipt.RejectedCommandKept``), for commands that report money moved elsewhere (a gateway refund): a
+    person reconciles each, so it must be found and named later, not just counted."""
 
     def register(handler: CommandHandler) -> CommandHandler:
         assert kind not in HANDLERS, f"two handlers for {kind}"
         HANDLERS[kind] = handler
+        if keep_rejected:
+            KEPT_WHEN_REJECTED.add(kind)
         return handler
 
     return register
@@ -709,8 +717,22 @@ class LedgerApplication(Application[UUID]):
             batch.begin_command()
             recorder(batch, command, reason, detail)
         self._record_receipt(batch, command, outcome, reason)
+        if outcome == "rejected" and command.kind in KEPT_WHEN_REJECTED:
+            self._keep_rejected(batch, command, reason, detail)
         batch.receipts.add(command.command_id)
         return CommandResult(command.command_id, outcome, reason, value, detail=detail)
+
+    def _keep_rejected(self, batch: _Batch, command: LedgerCommand, reason: str | None, detail: str | None) -> None:
+        """The receipt's second event: the rejected command as it came, with the rejection's detail (see
+        ``handles``). Rare (a gateway refund the ledger cannot book), so it goes the mapper's way."""
+        kept = CommandReceipt.rejected_command_kept(
+            command_id=command.command_id, reason=reason, detail=detail, at=batch.now,
+            command={"kind": command.kind, "tenant": command.tenant, "issued_at": command.issued_at.isoformat(),
+                     "issued_by": command.issued_by, "payload": jsonable(dict(command.payload))})
+        if self.mapper.compressor is None and self.mapper.cipher is None:
+            batch.stored_receipts.append(self.mapper.to_stored_event(kept))  # after its receipt's first event
+        else:
+            batch.processing.events.append(kept)
 
 
     def _record_receipt(self, batch: _Batch, command: LedgerCommand, outcome: str, reason: str | None) -> None:

@@ -1,25 +1,34 @@
-"""Audit: an account's event stream as JSON lines, replayed to its balances, hash chain checked.
+"""Audit: a tenant's account stream and its invoices and credit notes as JSON lines, replayed to its balances and
+documents, hash chain checked.
 
-An export line is one event of the tenant's ``BillingAccount``, in version order::
+An export line is one event, as JSON::
 
     {"aggregate_id": "...", "version": 3, "type": "BillingAccount.UsageDebited",
      "timestamp": "2026-11-21T10:00:00.123456+00:00", "chain_hash": "<hex>", "data": {...}}
 
+First every event of the tenant's ``BillingAccount``, in version order; then (since session 14) every event of each
+of its invoices and credit notes (``type`` ``Invoice.*``, ``chain_hash`` null: documents are not chained), one
+document after the other, each in version order (``billing_ledger.audit_invoices.stored_documents`` says which).
 ``data`` is every event attribute in the canonical JSON form of :mod:`billing_ledger.domain.chain`, so
 
-* the chain is recomputed from the line alone: ``chain_hash(previous, type, aggregate_id, version,
-  timestamp, data)``, the first event's previous hash being ``GENESIS``;
+* the chain is recomputed from the account's lines alone: ``chain_hash(previous, type, aggregate_id, version,
+  timestamp, data)``, the first event's previous hash being ``GENESIS``; the last hash is ``chain_head``, and an
+  ``anchor`` (a version and the hash recorded for it at an earlier audit) must be found again;
 * the balances are sums of ``data.postings`` (debit positive, credit negative, integer sub-units of
   10**-9) per ledger account and unit: the wallet balance is minus the ``tenant_wallet`` sum, receivables
   the ``receivables`` sum, and ``held`` follows the hold events (holds post nothing); the late usage reserve is
   minus the ``tenant_wallet`` postings of the grants a ``GrantSetAside`` names (every wallet posting names its
-  grant), and ``available = balance - held - late_usage_reserve``.
+  grant), and ``available = balance - held - late_usage_reserve``;
+* the documents are read from their lines and checked against the account's (chained) postings
+  (:mod:`billing_ledger.audit_invoices`: each line rounded once, totals, tax at each line's rate, what each invoice
+  made receivable and how it was paid or voided, what credit notes gave back, top-ups against their purchases).
 
 :func:`replay` does exactly that with nothing but the lines (an auditor needs only this repository);
-:func:`verify_store` also rebuilds the aggregate from the event store with the domain model and checks the
-two agree, and checks the tenant's invoices and credit notes (documents of their own, in the store, not in the
-export) against the account's postings (:mod:`billing_ledger.audit_invoices`); :func:`compare_with_projection`
-compares with the projections' balance API.
+:func:`verify_store` reads the same from the event store, also rebuilds the aggregate with the domain model and
+checks the two agree, and checks receivables against the open invoices and the unbilled overage the domain model
+keeps (which an export does not carry); :func:`compare_with_projection` compares with the projections' balance API.
+An export written before session 14 holds the account's lines only: its chain and balances replay as before, and each
+document its postings name is reported missing (export again).
 """
 
 from __future__ import annotations
@@ -34,13 +43,20 @@ from billing_events import ids
 from billing_events.money import from_subunits
 from billing_ledger.amounts import show
 from billing_ledger.application import LedgerApplication
-from billing_ledger.audit_invoices import InvoiceBooks, invoice_problems
+from billing_ledger.audit_invoices import (
+    DOCUMENT_EVENT_PREFIX,
+    InvoiceBooks,
+    check_documents,
+    invoice_problems,
+    read_documents,
+    stored_documents,
+)
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.chain import GENESIS, chain_hash, event_content, jsonable
 from billing_ledger.domain.postings import LedgerAccount, assert_balanced
 from billing_ledger.limits import AUDIT_PAGE_EVENTS_MAX
 
-EXPORT_FORMAT = "billing.ledger.export/v1"
+ACCOUNT_EVENT_PREFIX = "BillingAccount."
 # Holds post nothing; these events change what is held: (sign, the data field with the amount).
 HOLD_CHANGES = {
     "BillingAccount.HoldPlaced": (1, "amount"),
@@ -50,13 +66,17 @@ HOLD_CHANGES = {
 }
 # A grant's credit set aside for its ended period's late usage: out of ``available`` from then on (no postings).
 SET_ASIDE = "BillingAccount.GrantSetAside"
+OPENED = "BillingAccount.Opened"
 
 
 @dataclass
 class Replay:
-    events: int = 0
+    events: int = 0  # the account's events: its last version, when none is missing
     head: str = GENESIS
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # of the chain and the postings
+    tenant: str | None = None  # the account's (its ``Opened``)
+    documents: int = 0  # invoices and credit notes read from the export
+    document_problems: list[str] = field(default_factory=list)
     # (ledger account, unit) -> signed sub-units
     ledger: dict[tuple[str, str], int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
@@ -90,6 +110,11 @@ class Replay:
             "ledger": {f"{a}:{u}": show(v, u) for (a, u), v in sorted(self.ledger.items())},
         }
 
+    def report(self) -> dict[str, Any]:
+        """What ``billing audit replay`` prints: ``to_json``, the tenant, the documents checked, every problem."""
+        return {"tenant": self.tenant, **self.to_json(), "documents_checked": self.documents,
+                "problems": self.problems + self.document_problems}
+
 
 def to_record(event: Any) -> dict[str, Any]:
     """One export line (as a dict) for a stored domain event."""
@@ -110,15 +135,51 @@ def account_events(app: LedgerApplication, tenant: str) -> Iterator[Any]:
 
 
 def export_lines(app: LedgerApplication, tenant: str) -> Iterator[str]:
+    """The tenant's export: its account's events, then its documents' (see the module doc)."""
+    books = InvoiceBooks()
     for event in account_events(app, tenant):
-        yield json.dumps(to_record(event), sort_keys=True, ensure_ascii=False)
+        books.observe(event)
+        yield _line(to_record(event))
+    for records in document_records(app, tenant, books).values():
+        for record in records:
+            yield _line(record)
 
 
-def replay(records: Iterable[dict[str, Any]]) -> Replay:
-    """Recomputes the chain and the balances from export records alone."""
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def document_records(app: LedgerApplication, tenant: str, books: InvoiceBooks) -> dict[str, list[dict[str, Any]]]:
+    """The export records of the tenant's documents in the store (``stored_documents``), by id, the oldest document
+    first."""
+    streams = stored_documents(app, tenant, books)
+    ordered = sorted(streams.items(), key=lambda item: (item[1][0].timestamp, item[0]))
+    return {key: [to_record(event) for event in events] for key, events in ordered}
+
+
+def replay(records: Iterable[dict[str, Any]], anchors: dict[int, str] | None = None, *,
+           with_documents: bool = True) -> Replay:
+    """Recomputes the chain and the balances from export records alone, then (``with_documents``) reads and checks
+    the documents against the account's postings: every document the postings name must be in the records.
+    ``anchors`` (version -> the chain hash recorded for it at an earlier audit) must be found again."""
     result = Replay()
     previous = GENESIS
+    books = InvoiceBooks()
+    documents: dict[str, list[dict[str, Any]]] = {}
     for record in records:
+        if str(record.get("type", "")).startswith(DOCUMENT_EVENT_PREFIX):
+            documents.setdefault(str(record.get("aggregate_id")), []).append(record)
+            continue
+        if not str(record.get("type", "")).startswith(ACCOUNT_EVENT_PREFIX):
+            result.problems.append(f"a line of type {record.get('type')!r} is neither the account's nor a "
+                                   "document's")
+            continue
+        if documents:
+            result.problems.append(f"version {record['version']} ({record['type']}) of the account comes after its "
+                                   "documents: the export was rearranged")
+        books.observe_record(record)
+        if record["type"] == OPENED:
+            result.tenant = record["data"].get("tenant")
         result.events += 1
         version = record["version"]
         where = f"version {version} ({record['type']})"
@@ -147,12 +208,34 @@ def replay(records: Iterable[dict[str, Any]]) -> Replay:
         if change is not None:
             unit = record["data"]["unit"]
             result.held[unit] = result.held.get(unit, 0) + change[0] * int(record["data"][change[1]])
+        if anchors and version in anchors and record.get("chain_hash") != anchors[version]:
+            result.problems.append(f"{where}: chain hash {record.get('chain_hash')} is not the anchor's "
+                                   f"{anchors[version]}: the stream was rewritten since that audit")
     result.head = previous
+    for version in sorted(v for v in anchors or {} if v > result.events):
+        result.problems.append(f"the anchor's version {version} is beyond the export's last event ({result.events}): "
+                               "events were removed since that audit")
+    if with_documents and (documents or books.documents):
+        tenant = result.tenant or ""
+        read, problems = read_documents(tenant, documents)
+        result.documents = len(read)
+        result.document_problems = problems + check_documents(tenant, read, books, result.ledger)
     return result
 
 
-def replay_lines(lines: Iterable[str]) -> Replay:
-    return replay(json.loads(line) for line in lines if line.strip())
+def replay_lines(lines: Iterable[str], anchors: dict[int, str] | None = None) -> Replay:
+    return replay((json.loads(line) for line in lines if line.strip()), anchors)
+
+
+def parse_anchor(text: str) -> tuple[int, str]:
+    """``VERSION:HASH`` (``events`` and ``chain_head`` of an earlier audit's output) as (version, hash), else
+    ValueError."""
+    version, _, hashed = text.partition(":")
+    if not version.isdigit() or int(version) < 1 or len(hashed) != len(GENESIS) \
+            or any(c not in "0123456789abcdef" for c in hashed):
+        raise ValueError(f"an anchor is VERSION:HASH, the `events` and `chain_head` of an earlier audit (e.g. "
+                         f"42:{'0' * 8}...), not {text!r}")
+    return int(version), hashed
 
 
 @dataclass
@@ -174,7 +257,7 @@ class Verification:
 def verify_store(app: LedgerApplication, tenant: str) -> Verification:
     """Replays the account from the event store twice (postings, and the domain model) and checks the chain, then
     the tenant's invoices and credit notes against the books (``audit_invoices``)."""
-    replayed = replay(to_record(e) for e in account_events(app, tenant))
+    replayed = replay((to_record(e) for e in account_events(app, tenant)), with_documents=False)
     problems = list(replayed.problems)
     if replayed.events == 0:
         return Verification(tenant, replayed, [f"tenant {tenant!r} has no billing account"])
@@ -202,7 +285,8 @@ def verify_store(app: LedgerApplication, tenant: str) -> Verification:
             if wallet[name] != value:
                 problems.append(f"{unit} {name}: postings give {wallet[name]}, the domain model {value}")
     try:
-        documents, mismatches = invoice_problems(app, tenant, account, books, replayed.ledger)
+        records = document_records(app, tenant, books)
+        documents, mismatches = invoice_problems(app, tenant, account, books, replayed.ledger, records)
     except Exception as exc:  # noqa: BLE001 - a document that does not replay is a finding, not a crash
         documents, mismatches = 0, [f"the invoices cannot be checked: {exc!r}"]
     return Verification(tenant, replayed, problems + mismatches, documents)

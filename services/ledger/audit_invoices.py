@@ -1,4 +1,15 @@
-"""The audit's invoice checks (``billing audit verify``): the tenant's subscription documents against its books.
+"""The audit's invoice checks (``billing audit verify``, and ``billing audit replay`` of an export): the tenant's
+invoices and credit notes, their arithmetic and their tax, against its books.
+
+Each document is read from its events' export records (``Document.of``: the same JSON an export line carries,
+``billing_ledger.audit.to_record``), so the checks run alike on the event store and, offline, on an export file.
+Every finalized document's arithmetic is re-derived from its lines: each line rounded once to what its currency is
+billed in (its ``exact_amount`` rounded half-up, when it has one), the total the sum of the lines and the total
+recorded when it was finalized, and each tax line that names its ``rate`` that rate of its net (the lines not
+``tax_included``, rounded once, then taxed and rounded once: ``compute_tax``; a change's credit taxed at the rate of
+the invoice it corrects, a line naming that ``invoice``, is that rate of the credit). A top-up's invoice bills what
+its purchase grant recorded as paid (``CreditGranted`` source ``purchase``: the order's ``total`` and ``tax``), and
+the credit note of its refund mirrors it.
 
 The identities that hold in this ledger's accounting, checked document by document and then for the balance
 (docs/ledger.md "Tamper evidence and audit"):
@@ -28,31 +39,116 @@ The identities that hold in this ledger's accounting, checked document by docume
   beyond credit since the last invoice, what a refund left owed). Not the open invoices alone: usage beyond credit is
   receivable when it is used, before the renewal invoice that bills it.
 
-The documents: every one the account's stream names (billed, paid, voided, refunded, credited) and every period
-document of the tenant's subscriptions (the roster's history), with the invoices their credit notes name, each
-rebuilt from its own events (never a cache). Top-up invoices and their credit notes (no subscription) post nothing
-on the account (the purchase grant and its refund move that money, which the balance checks cover): not checked
-here. Streams recorded before these postings existed (an invoice billed before session 5's ``InvoiceBilled``, an
-overage invoice before its rounding was posted, a refund's owed excess before session 8) are reported as found.
+The documents (``stored_documents``): every one the account's stream names (billed, paid, voided, refunded,
+credited), every period document of the tenant's subscriptions (the roster's history), the invoices of its top-ups
+and their refunds' credit notes (the orders its purchase grants name), with the invoices their credit notes name,
+each read from its own events (never a cache). Top-up invoices and their credit notes (no subscription) post nothing
+on the account (the purchase grant and its refund move that money, which the balance checks cover): only their
+arithmetic, tax and purchase are checked. Streams recorded before these postings existed (an invoice billed before
+session 5's ``InvoiceBilled``, an overage invoice before its rounding was posted, a refund's owed excess before
+session 8) are reported as found. The receivables identity needs the account's unbilled overage, which only the
+domain model keeps: ``verify`` checks it, the offline replay of an export cannot (``account`` None).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from billing_events.money import RATING_CONTEXT, to_subunits
+from billing_events.money import RATING_CONTEXT, MoneyError, currency, is_billable, round_minor, to_subunits
 from billing_ledger.amounts import show
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
-from billing_ledger.domain.invoice import CREDIT_NOTE, DRAFT, FINALIZED, INVOICE, PAID, VOID, Invoice
+from billing_ledger.domain.invoice import (
+    CREDIT_NOTE,
+    DRAFT,
+    FINALIZED,
+    INVOICE,
+    PAID,
+    VOID,
+    Invoice,
+    invoice_id,
+)
 from billing_ledger.domain.postings import LedgerAccount
 from billing_ledger.domain.roster import roster_id
 from billing_ledger.subscription_commands import _credit_given
 
 CREDIT_NOTE_SOURCE = "credit_note"
+PURCHASE_SOURCE = "purchase"
+# A document's events (``Invoice.<name>``) and what each changes of what the checks read; the others change nothing
+# of it. A type not here is one this code does not know: reported, the document not checked.
+DOCUMENT_EVENT_PREFIX = "Invoice."
+DOCUMENT_EVENTS = frozenset({"Drafted", "LinesAdded", "Finalized", "Paid", "Voided", "MinimumSpendCommitted",
+                             "Corrected", "GivenBack", "GivenBackRestored", "PaymentPending", "PaymentFailed"})
+
+
+class DocumentUnreadable(ValueError):
+    """A document's records do not make a document: not from version 1 in order, not drafted first, an event type
+    this code does not know."""
+
+
+@dataclass
+class Document:
+    """An invoice or credit note as its events' records tell it (``of``): the attributes of ``Invoice`` the checks
+    read, and the total its ``Finalized`` recorded."""
+
+    id: str
+    tenant: str
+    key: str
+    document_type: str
+    currency: str
+    lines: list[dict[str, Any]]
+    subscription_id: str | None
+    related_invoice: str | None
+    status: str = DRAFT
+    number: str | None = None
+    payment: str | None = None
+    finalized_total: str | None = None
+
+    @property
+    def total(self) -> Decimal:
+        total = Decimal(0)
+        for item in self.lines:
+            total = RATING_CONTEXT.add(total, Decimal(item["amount"]))
+        return total
+
+    @classmethod
+    def of(cls, records: Sequence[Mapping[str, Any]]) -> Document:
+        """The document ``records`` (its events' export records, in version order) make, or DocumentUnreadable."""
+        document: Document | None = None
+        for expected, record in enumerate(records, start=1):
+            kind = str(record.get("type", ""))
+            name = kind.removeprefix(DOCUMENT_EVENT_PREFIX)
+            data = record.get("data") or {}
+            if record.get("version") != expected:
+                raise DocumentUnreadable(f"version {record.get('version')} ({kind}) where {expected} was expected: "
+                                         "an event is missing or moved")
+            if not kind.startswith(DOCUMENT_EVENT_PREFIX) or name not in DOCUMENT_EVENTS:
+                raise DocumentUnreadable(f"version {expected} is a {kind}, not an event of an invoice this audit "
+                                         "knows (a newer version of this repository may)")
+            if (name == "Drafted") != (document is None):
+                raise DocumentUnreadable(f"version {expected} is a {kind}: a document is drafted first, once")
+            if name == "Drafted":
+                document = cls(str(record["aggregate_id"]), str(data["tenant"]), str(data["key"]),
+                               str(data["document_type"]), str(data["currency"]), list(data["lines"]),
+                               data.get("subscription_id"), data.get("related_invoice"))
+                continue
+            assert document is not None
+            if name == "LinesAdded":
+                document.lines = [*document.lines, *data["lines"]]
+            elif name == "Finalized":
+                document.status, document.number = FINALIZED, data["number"]
+                document.finalized_total = data.get("total")
+            elif name == "Paid":
+                document.status, document.payment = PAID, data["payment"]
+            elif name == "Voided":
+                document.status = VOID
+        if document is None:
+            raise DocumentUnreadable("no events")
+        return document
 
 
 @dataclass
@@ -74,16 +170,29 @@ class Posted:
 
 
 class InvoiceBooks:
-    """Collects, event by event of the account's stream, what each document posted (``observe``)."""
+    """Collects, event by event of the account's stream, what each document posted (``observe`` a domain event,
+    ``observe_record`` its export record), and what each top-up order's purchase grant recorded as paid."""
 
     def __init__(self) -> None:
         self.documents: dict[str, Posted] = {}
+        # order id -> (the total paid, its tax), as the order's purchase grant recorded them (decimal strings)
+        self.top_ups: dict[str, tuple[str, str]] = {}
 
     def _of(self, document: Any) -> Posted:
         return self.documents.setdefault(str(document), Posted())
 
     def observe(self, event: Any) -> None:
-        kind = type(event).__name__
+        self._observe(type(event).__name__, event)
+
+    def observe_record(self, record: Mapping[str, Any]) -> None:
+        """An account event's export record (its ``data`` holds the event's attributes, in their JSON form)."""
+        self._observe(str(record["type"]).rsplit(".", 1)[-1], _Attributes(record["data"]))
+
+    def _observe(self, kind: str, event: Any) -> None:
+        if kind == "CreditGranted" and event.source == PURCHASE_SOURCE and isinstance(event.cause, dict) \
+                and event.cause.get("order_id") and event.cause.get("total") is not None:
+            self.top_ups.setdefault(str(event.cause["order_id"]), (str(event.cause["total"]),
+                                                                  str(event.cause.get("tax") or "0")))
         if kind == "InvoiceBilled":
             posted = self._of(event.invoice)
             posted.billed += event.amount
@@ -121,22 +230,71 @@ class InvoiceBooks:
             posted.credited_tax += int(event.cause.get("tax") or 0)
 
 
+class _Attributes:
+    """An export record's ``data`` read as the event's attributes (``data.amount`` for ``event.amount``)."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 def _add(amounts: dict[str, int], unit: str, amount: int) -> None:
     amounts[unit] = amounts.get(unit, 0) + amount
 
 
 def invoice_problems(app: LedgerApplication, tenant: str, account: BillingAccount, books: InvoiceBooks,
-                     ledger: dict[tuple[str, str], int]) -> tuple[int, list[str]]:
-    """The documents checked and every mismatch (see the module doc); ``account`` replayed from its events and
-    ``ledger`` its postings summed per (ledger account, unit)."""
-    problems: list[str] = []
-    documents = _documents(app, tenant, books, problems)
-    open_totals: dict[str, list[tuple[str, int]]] = {}
-    given: dict[str, list[tuple[Invoice, Decimal]]] = {}
+                     ledger: dict[tuple[str, str], int],
+                     records: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[int, list[str]]:
+    """``verify``'s checks of the documents in the store: ``records`` are their events' export records (by document
+    id, ``stored_documents``), each read as the export reads it and, here, compared with the domain model's document
+    (so the offline reading cannot drift from it); then ``check_documents`` with the account replayed from its
+    events (``account``) and its postings summed per (ledger account, unit) (``ledger``)."""
+    documents, problems = read_documents(tenant, records)
     for document in documents.values():
-        if not document.subscription_id or document.status == DRAFT or document.number is None:
-            continue  # a top-up's (posts nothing here), a draft, or a period with nothing to bill (never numbered)
-        posted = books.documents.get(str(document.id), Posted())
+        problems += _drift(app, document)
+    return len(documents), problems + check_documents(tenant, documents, books, ledger, account)
+
+
+def read_documents(tenant: str, records: Mapping[str, Sequence[Mapping[str, Any]]]
+                   ) -> tuple[dict[str, Document], list[str]]:
+    """The documents ``records`` make (by id), and a problem for each that does not make one or is another
+    tenant's."""
+    documents: dict[str, Document] = {}
+    problems: list[str] = []
+    for key, stream in records.items():
+        try:
+            document = Document.of(stream)
+        except (DocumentUnreadable, KeyError, TypeError) as exc:
+            problems.append(f"document {key} cannot be read: {exc}")
+            continue
+        if document.tenant != tenant:
+            problems.append(f"{_name(document)} is tenant {document.tenant}'s, not tenant {tenant}'s")
+            continue
+        documents[key] = document
+    return documents, problems
+
+
+def check_documents(tenant: str, documents: Mapping[str, Document], books: InvoiceBooks,
+                    ledger: dict[tuple[str, str], int], account: BillingAccount | None = None) -> list[str]:
+    """Every check of the module doc on ``documents`` (the tenant's, by id) against the books of its account's
+    stream; the receivables identity only with ``account`` (the domain model's unbilled overage)."""
+    problems = [f"the account's postings name document {key}, which is not one of tenant {tenant}'s invoices or "
+                "credit notes" for key in sorted(books.documents) if key not in documents]
+    open_totals: dict[str, list[tuple[str, int]]] = {}
+    given: dict[str, list[tuple[Document, Decimal]]] = {}
+    for document in documents.values():
+        if document.status == DRAFT or document.number is None:
+            continue  # a draft, or a period with nothing to bill (never numbered): nothing issued to check
+        _check_arithmetic(document, problems)
+        if not document.subscription_id:
+            _check_top_up(document, documents, books, problems)
+            continue  # a top-up's documents post nothing on the account
+        posted = books.documents.get(document.id, Posted())
         if document.document_type == INVOICE:
             made = _check_invoice(document, posted, problems)
             if document.status == FINALIZED:  # owed: its total, and in a credit unit the overage of it it took
@@ -150,32 +308,50 @@ def invoice_problems(app: LedgerApplication, tenant: str, account: BillingAccoun
             back = _given_back(document, posted)
             if back:
                 given.setdefault(document.related_invoice, []).append((document, back))
-    for invoice_id, documents_giving in given.items():
-        _check_given_back(documents.get(invoice_id), invoice_id, tenant, documents_giving, problems)
-    _check_receivables(account, ledger, open_totals, problems)
-    return len(documents), problems
+    for corrected, documents_giving in given.items():
+        _check_given_back(documents.get(corrected), corrected, tenant, documents_giving, problems)
+    if account is not None:
+        _check_receivables(account, ledger, open_totals, problems)
+    return problems
 
 
-def _documents(app: LedgerApplication, tenant: str, books: InvoiceBooks, problems: list[str]) -> dict[str, Invoice]:
-    """The tenant's documents: those the account's stream names (one missing is a problem), its subscriptions'
-    period documents, and the invoices their documents correct."""
-    found: dict[str, Invoice] = {}
-    named = set(books.documents)
-    wanted = [*sorted(named), *_subscription_documents(app, tenant)]
+def stored_documents(app: LedgerApplication, tenant: str, books: InvoiceBooks) -> dict[str, list[Any]]:
+    """The tenant's documents in the store (see the module doc), each as its stored events in version order, by
+    id: those the account's stream names, its subscriptions' period documents, its top-up orders' invoices and
+    refund credit notes, and the invoices their documents correct. Another tenant's, or not a document: left out
+    (a named one is then reported missing by ``check_documents``)."""
+    found: dict[str, list[Any]] = {}
+    orders = [str(invoice_id(tenant, f"orders/{order}{refund}")) for order in books.top_ups
+              for refund in ("", "/refund")]
+    wanted = [*orders, *_subscription_documents(app, tenant), *sorted(books.documents)]
+    seen: set[str] = set()
     while wanted:
         key = wanted.pop()
-        if key in found:
+        if key in seen or not _is_uuid(key):
             continue
-        document = _rebuilt(app, UUID(key)) if _is_uuid(key) else None
-        if not isinstance(document, Invoice) or document.tenant != tenant:
-            if key in named:
-                problems.append(f"the account's postings name document {key}, which is not one of tenant {tenant}'s "
-                                "invoices or credit notes")
+        seen.add(key)
+        events = list(app.events.get(UUID(key)))
+        first = events[0] if events else None
+        if type(first).__qualname__ != "Invoice.Drafted" or getattr(first, "tenant", None) != tenant:
             continue
-        found[key] = document
-        if document.related_invoice:
-            wanted.append(document.related_invoice)
+        found[key] = events
+        if first.related_invoice:  # type: ignore[union-attr]
+            wanted.append(str(first.related_invoice))  # type: ignore[union-attr]
     return found
+
+
+def _drift(app: LedgerApplication, document: Document) -> list[str]:
+    """``document`` as the export reads it must be the domain model's document (``Invoice``) in what the checks read:
+    a new kind of document event this module does not follow is found here, not by a wrong finding."""
+    model = _rebuilt(app, UUID(document.id))
+    read = (document.status, document.number, document.total, document.lines, document.payment,
+            document.related_invoice, document.subscription_id, document.document_type, document.currency)
+    if not isinstance(model, Invoice) or read != (model.status, model.number, model.total, model.lines, model.payment,
+                                                  model.related_invoice, model.subscription_id, model.document_type,
+                                                  model.currency):
+        return [(f"{_name(document)} reads otherwise from its events' records than in the domain model: the audit "
+                "does not follow one of its events (billing_ledger.audit_invoices.Document)")]
+    return []
 
 
 def _subscription_documents(app: LedgerApplication, tenant: str) -> list[str]:
@@ -207,12 +383,70 @@ def _rebuilt(app: LedgerApplication, aggregate_id: UUID) -> Any:
     return aggregate
 
 
-def _name(document: Invoice) -> str:
+def _check_arithmetic(document: Document, problems: list[str]) -> None:
+    """Each line rounded once to what the currency is billed in, the total its lines' sum and the one recorded when
+    it was finalized, each tax line with a ``rate`` that rate of its net (see the module doc)."""
+    try:
+        unit = currency(document.currency)
+    except MoneyError as exc:
+        problems.append(f"{_name(document)}: {exc}")
+        return
+    for index, item in enumerate(document.lines, start=1):
+        amount = Decimal(item["amount"])
+        exact = item.get("exact_amount")
+        if not is_billable(amount, unit) or (exact is not None and round_minor(Decimal(exact), unit) != amount):
+            problems.append(f"{_name(document)} line {index} ({item['kind']}) bills {amount} {document.currency}: not "
+                            + (f"its exact amount {exact} rounded once" if exact is not None else
+                               f"in whole minor units of {document.currency}"))
+    total = document.total
+    if document.finalized_total is not None and Decimal(document.finalized_total) != total:
+        problems.append(f"{_name(document)} was finalized for {document.finalized_total} {document.currency}, but "
+                        f"its lines add up to {total}")
+    lines = [item for item in document.lines if item["kind"] != "tax" and not item.get("tax_included")]
+    net = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
+    credited = sum((Decimal(item["amount"]) for item in lines if Decimal(item["amount"]) < 0), Decimal(0))
+    taxes = [item for item in document.lines if item["kind"] == "tax" and item.get("rate") is not None]
+    at_invoiced_rate = any(item.get("invoice") for item in taxes)
+    for item in taxes:
+        rate = Decimal(str(item["rate"]))
+        if item.get("invoice"):  # a change's credit, at the rate of the invoice it corrects
+            base, expected = credited, round_minor(RATING_CONTEXT.multiply(credited, rate), unit)
+        else:  # the net (less that credit when it has a line of its own), rounded once, then taxed
+            base = round_minor(RATING_CONTEXT.subtract(net, credited) if at_invoiced_rate else net, unit)
+            expected = round_minor(RATING_CONTEXT.multiply(base, rate), unit)
+        if Decimal(item["amount"]) != expected:
+            problems.append(f"{_name(document)} charges {item['amount']} {document.currency} of tax at "
+                            f"{(rate * 100).normalize()} % of {base}, which is {expected}")
+
+
+def _tax_of(document: Document) -> Decimal:
+    return sum((Decimal(item["amount"]) for item in document.lines if item["kind"] == "tax"), Decimal(0))
+
+
+def _check_top_up(document: Document, documents: Mapping[str, Document], books: InvoiceBooks,
+                  problems: list[str]) -> None:
+    """A top-up's invoice bills what its purchase grant recorded as paid; its refund's credit note mirrors it."""
+    order, _, rest = document.key.removeprefix("orders/").partition("/")
+    if not document.key.startswith("orders/") or order not in books.top_ups or rest not in ("", "refund"):
+        return
+    paid, tax = books.top_ups[order]
+    if rest == "":
+        if (document.total, _tax_of(document)) != (Decimal(paid), Decimal(tax)):
+            problems.append(f"{_name(document)} bills {document.total} {document.currency} (tax {_tax_of(document)}), "
+                            f"but its purchase recorded {paid} paid (tax {tax})")
+        return
+    invoice = documents.get(str(document.related_invoice))
+    if invoice is not None and (document.total, _tax_of(document)) != (-invoice.total, -_tax_of(invoice)):
+        problems.append(f"{_name(document)} credits {-document.total} {document.currency} (tax {-_tax_of(document)}) "
+                        f"of {_name(invoice)}, which billed {invoice.total} (tax {_tax_of(invoice)})")
+
+
+def _name(document: Document | Invoice) -> str:
     kind = "credit note" if document.document_type == CREDIT_NOTE else "invoice"
     return f"{kind} {document.number} ({document.id})"
 
 
-def _tax(document: Invoice) -> Decimal:
+def _tax(document: Document | Invoice) -> Decimal:
     return sum((Decimal(item["amount"]) for item in document.lines if item["kind"] == "tax"), Decimal(0))
 
 
@@ -220,7 +454,7 @@ def _money(subunits: int, tax: int, unit: str) -> str:
     return f"{show(subunits, unit)} {unit} (net {show(subunits - tax, unit)}, tax {show(tax, unit)})"
 
 
-def _check_invoice(invoice: Invoice, posted: Posted, problems: list[str]) -> dict[str, int]:
+def _check_invoice(invoice: Document, posted: Posted, problems: list[str]) -> dict[str, int]:
     """An invoice's total and tax against what it made receivable, and what its payment or void did with it;
     returns what it made receivable, per unit."""
     unit = invoice.currency
@@ -253,7 +487,7 @@ def _reversed(amount: int, unit: str) -> str:
     return f" and {show(amount, unit)} {unit} reversed as void" if amount else ""
 
 
-def _check_credit_note(note: Invoice, posted: Posted, problems: list[str]) -> None:
+def _check_credit_note(note: Document, posted: Posted, problems: list[str]) -> None:
     """A credit note credits, and posted exactly its total and tax (a refund's out of clearing, else credit)."""
     unit = note.currency
     credit, tax = to_subunits(-note.total), to_subunits(-_tax(note))
@@ -268,7 +502,7 @@ def _check_credit_note(note: Invoice, posted: Posted, problems: list[str]) -> No
                         f"was {how}")
 
 
-def _given_back(document: Invoice, posted: Posted) -> Decimal:
+def _given_back(document: Document, posted: Posted) -> Decimal:
     """What ``document`` gives back of the invoice it names: a gateway refund's note all its lines but the
     ``reclaimed`` ones (credit given before, taken back), any other document the credit it gives (its credit lines
     and their tax, ``_credit_given``)."""
@@ -278,14 +512,14 @@ def _given_back(document: Invoice, posted: Posted) -> Decimal:
     return RATING_CONTEXT.add(net, tax)
 
 
-def _check_given_back(invoice: Invoice | None, invoice_id: str, tenant: str,
-                      documents: list[tuple[Invoice, Decimal]], problems: list[str]) -> None:
+def _check_given_back(invoice: Document | None, corrected: str, tenant: str,
+                      documents: list[tuple[Document, Decimal]], problems: list[str]) -> None:
     """The documents correcting ``invoice`` name a document of the tenant in their currency and, together, never
     give back more than it charged (its total and the credit it netted itself: a change's credit note may bill a new
     plan's rest, which a later cancel credits): it is never below zero."""
     names = ", ".join(f"{_name(d)} {back}" for d, back in documents)
     if invoice is None:
-        problems.append(f"{names} correct{'s' if len(documents) == 1 else ''} document {invoice_id}, which is not "
+        problems.append(f"{names} correct{'s' if len(documents) == 1 else ''} document {corrected}, which is not "
                         f"one of tenant {tenant}'s invoices or credit notes")
         return
     for document, _ in documents:

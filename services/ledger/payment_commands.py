@@ -26,6 +26,10 @@ and refused as a duplicate the second time, like every other command.
   ``RefundAwaitingPayment``, once per gateway refund reference); that order's ``payment_succeeded`` applies it in
   the same command, exactly as a refund after it, or settles it rejected with the reason such a refund would get
   (``_apply_parked_refunds``). Either order ends the same; ``reconcile.parked_refunds`` lists those not applied.
+* a ``refund_succeeded`` the ledger rejects (part of an order, more than is left of it, of another payment, ...)
+  books nothing, but the money has left at the gateway: its receipt keeps the notification and the rejection's
+  detail (``handles(..., keep_rejected=True)``), and ``reconcile.rejected_refunds`` (``billing reconcile refunds``)
+  lists it with its reason for finance to reconcile by hand.
 * ``refund_succeeded`` of an invoice's payment before that payment (the invoice finalized, not paid yet) waits on
   the account the same way, naming the invoice (since session 13; it was rejected ``invoice_refund_mismatch``);
   whatever pays the invoice (its ``payment_succeeded``, or ``invoice.mark_paid``: dunning's charge, a payment
@@ -202,7 +206,7 @@ def _settle_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
     return _with_parked_refunds(result, apply_parked_invoice_refunds(app, batch, invoice, at) if settled else [])
 
 
-@handles(PAYMENT_REFUNDED)
+@handles(PAYMENT_REFUNDED, keep_rejected=True)  # money that left at the gateway: each rejection is reconciled
 def refund_purchase(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
     account = _account_in_currency(batch, command)
     return _refund(app, batch, account, command, park=True)

@@ -12,6 +12,13 @@ the invoice) and were not applied with it: still waiting (the payment never came
 ``rejected`` when it came (the refund would be rejected after its payment too), with the reason. The money has left
 at the gateway for each of them: finance reconciles them.
 
+``rejected_refunds`` (since session 14) lists the gateway refunds the ledger rejected when they came (part of a
+paid order, more than is left of it, an ambiguous one, one of another payment of an invoice, ...): nothing was
+booked, but the money has left at the gateway too. Their receipts keep the notification and the rejection's detail
+(``CommandReceipt.RejectedCommandKept``, for ``payment.refunded`` only), found by scanning the notification log for
+that event (like the dispute receipts below). A refund rejected before session 14 kept no notification: it is not
+listed (``billing reconcile usage`` and the receipts still count it).
+
 ``disputes`` (``billing reconcile disputes``, since session 13) gives, from the same stream, the tenant's disputes
 still open (those whose funds the gateway withdrew and has not settled among them), the lost ones whose chargeback
 waits for the payment it takes back (a ``RefundAwaitingPayment`` naming its dispute), and, from the ledger's
@@ -42,7 +49,8 @@ from billing_ledger.application import LedgerApplication
 from billing_ledger.audit import account_events
 from billing_ledger.domain.dispute_rejections import dispute_rejections_id
 from billing_ledger.domain.receipt import RECORDED_TOPIC as RECEIPT_RECORDED_TOPIC
-from billing_ledger.domain.receipt import CommandReceipt
+from billing_ledger.domain.receipt import REJECTED_COMMAND_KEPT_TOPIC, CommandReceipt
+from billing_ledger.payment_commands import PAYMENT_REFUNDED, parked_refund_key
 
 USAGE_DEBITED = "BillingAccount.UsageDebited"
 USAGE_REJECTED = "BillingAccount.UsageRejected"
@@ -111,8 +119,9 @@ def receipts(app: LedgerApplication, command_ids: Iterable[UUID]) -> dict[UUID, 
 
 
 @dataclass(frozen=True)
-class ParkedRefund:
-    """A gateway refund recorded before its payment and not applied: ``awaiting_payment`` or ``rejected``."""
+class UnappliedRefund:
+    """A gateway refund the ledger did not apply: recorded before its payment and ``awaiting_payment`` it, or
+    ``rejected`` (when its payment came, or when it came: then ``command_id`` names its rejected command)."""
 
     tenant: str
     key: str  # "<gateway>/<refund reference>" (a lost dispute's: "<gateway>/<dispute id>/lost")
@@ -127,25 +136,59 @@ class ParkedRefund:
     detail: str | None = None
     invoice_id: str | None = None  # the refund of an invoice's payment: that invoice (since session 13)
     dispute: str | None = None  # a lost dispute's chargeback: its dispute id (since session 13)
+    command_id: str | None = None  # rejected when it came: its command, whose receipt keeps it (since session 14)
 
 
-def parked_refunds(app: LedgerApplication, tenant: str) -> list[ParkedRefund]:
+def parked_refunds(app: LedgerApplication, tenant: str) -> list[UnappliedRefund]:
     """The tenant's gateway refunds that came before their payment and were not applied (see the module doc)."""
-    found: dict[str, ParkedRefund] = {}
+    found: dict[str, UnappliedRefund] = {}
     for event in account_events(app, tenant):
         kind = type(event).__qualname__
         if kind == REFUND_PARKED:
             refund = event.refund["payload"]
-            found[event.key] = ParkedRefund(tenant, event.key, event.order_id, event.refunded_payment,
-                                            str(refund.get("amount")), str(refund.get("currency")), event.at,
-                                            "awaiting_payment", invoice_id=getattr(event, "invoice", None),
-                                            dispute=refund.get("dispute") or None)
+            found[event.key] = UnappliedRefund(tenant, event.key, event.order_id, event.refunded_payment,
+                                               str(refund.get("amount")), str(refund.get("currency")), event.at,
+                                               "awaiting_payment", invoice_id=getattr(event, "invoice", None),
+                                               dispute=refund.get("dispute") or None)
         elif kind == PARKED_REFUND_SETTLED and event.key in found:
             parked = found.pop(event.key)
             if event.outcome != "applied":
                 found[event.key] = replace(parked, status="rejected", payment=event.payment, reason=event.reason,
                                            detail=event.detail)
     return list(found.values())
+
+
+def rejected_refunds(app: LedgerApplication, tenants: Iterable[str]) -> list[UnappliedRefund]:
+    """The gateway refunds of ``tenants`` the ledger rejected when they came, oldest first, one per gateway refund
+    (its first rejected notification), from their receipts (see the module doc: a scan of the notification log)."""
+    wanted, position = set(tenants), 0
+    found: dict[tuple[str, str], UnappliedRefund] = {}
+    while True:
+        page = app.recorder.select_notifications(position + 1, RECEIPTS_PER_SCAN_MAX,
+                                                 topics=[REJECTED_COMMAND_KEPT_TOPIC])
+        for notification in page:
+            position = notification.id
+            kept: Any = app.mapper.to_domain_event(notification)
+            command = kept.command
+            if command.get("kind") != PAYMENT_REFUNDED or command.get("tenant") not in wanted:
+                continue
+            refund = _rejected_refund(kept, command)
+            found.setdefault((refund.tenant, refund.key), refund)
+        if len(page) < RECEIPTS_PER_SCAN_MAX:
+            return list(found.values())
+
+
+def _rejected_refund(kept: Any, command: dict[str, Any]) -> UnappliedRefund:
+    payload = command.get("payload") or {}
+    gateway = str(payload.get("gateway"))
+    reference = str(payload.get("gateway_reference") or payload.get("gateway_event_id"))
+    verified = payload.get("verified_at") or command.get("issued_at")
+    return UnappliedRefund(
+        str(command["tenant"]), parked_refund_key(gateway, reference), str(payload.get("order_id")),
+        payload.get("refunded_payment") or None, str(payload.get("amount")), str(payload.get("currency")),
+        datetime.fromisoformat(verified) if isinstance(verified, str) else kept.timestamp, "rejected",
+        reason=kept.reason, detail=kept.detail, invoice_id=payload.get("invoice_id") or None,
+        dispute=payload.get("dispute") or None, command_id=str(kept.originator_id))
 
 
 @dataclass(frozen=True)
@@ -197,7 +240,7 @@ class RejectedDisputeCommand:
 @dataclass
 class DisputesToReconcile:
     open: list[OpenDispute] = field(default_factory=list)
-    awaiting_payment: list[ParkedRefund] = field(default_factory=list)  # lost, the payment not booked yet
+    awaiting_payment: list[UnappliedRefund] = field(default_factory=list)  # lost, the payment not booked yet
     rejected: list[RejectedDisputeCommand] = field(default_factory=list)
     fees: list[DisputeFee] = field(default_factory=list)  # every dispute a gateway charged a fee for
 

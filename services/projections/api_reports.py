@@ -26,7 +26,7 @@ from billing_projections.api_accounts import (
 )
 from billing_projections.exports import csv_of, csv_response
 from billing_projections.limits import PAGE_ITEMS_DEFAULT
-from billing_projections.params import invalid, split_list, time_bound, wants_csv
+from billing_projections.params import invalid, month_param, split_list, time_bound, wants_csv
 from billing_runtime.auth import Principal, Role, check_tenant, require
 from billing_runtime.db import Database
 from fastapi import APIRouter, Depends, Query, Request
@@ -46,6 +46,20 @@ def _scope(principal: Principal, tenant: str | None) -> str | None:
         check_tenant(principal, tenant)
         return tenant
     return principal.tenant
+
+
+def chargeback_month(period: str | None, year: int | None, month: int | None) -> tuple[int, int]:
+    """The chargeback report's month: ``period`` (``YYYY-MM``, as the other reports take a month) or ``year`` and
+    ``month`` (its first parameters, kept); both forms, or neither, or half of the second, is a 422 problem."""
+    if period is not None:
+        if year is not None or month is not None:
+            raise invalid("give the month as period=YYYY-MM or as year and month, not both", "period")
+        found = month_param(period, "period")
+        if found is not None:
+            return found
+    if year is None or month is None:
+        raise invalid("the month is required: period=YYYY-MM (e.g. 2026-11), or year and month", "period")
+    return year, month
 
 
 def build_router(db: Database, ledger_url: str = "") -> APIRouter:
@@ -77,11 +91,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
 
     @router.get("/v1/reports/chargeback", summary="Tenant chargeback: each tenant's cost for a month",
                 response_model=api_models.Chargeback, responses=CSV,
-                description="Per tenant and unit, summed over usage types, with the tenant's share of the month.")
+                description="Per tenant and unit, summed over usage types, with the tenant's share of the month. "
+                            "The month: `period=YYYY-MM`, as the other reports take it, or `year` and `month` "
+                            "(integers, as before); one of the two forms, else 422 problem+json.")
     async def get_chargeback(principal: Finance, request: Request,
-                             year: Annotated[int, Query(ge=1970, le=9999)],
-                             month: Annotated[int, Query(ge=1, le=12)],
+                             period: Annotated[str | None, Query(description="The month, YYYY-MM (2026-11)")] = None,
+                             year: Year = None, month: Month = None,
                              tenant: TenantFilter = None, fmt: Format = None) -> Any:
+        year, month = chargeback_month(period, year, month)
         items = await lists.chargeback(db, year=year, month=month, tenant=_scope(principal, tenant))
         if wants_csv(request, fmt):
             return csv_of(CHARGEBACK_COLUMNS, items, f"chargeback-{year:04d}-{month:02d}")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from billing_events import ids, topics
 from billing_events.catalog import CatalogDocument
 from billing_events.messages import LedgerCommand
-from billing_events.timeutil import utcnow
+from billing_events.timeutil import parse_timestamp, utcnow
 from billing_rating.aggregation import period_of
 from billing_rating.catalog_view import CatalogError, check_meters_kept, validate_document
 from billing_rating.close import close_period, lines_of
@@ -28,6 +28,9 @@ from fastapi import APIRouter, Body, Depends
 # checks of every price); the model it validates with describes the body.
 CatalogBody = Annotated[dict[str, Any], described_by(CatalogDocument), Body()]
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+PERIOD_READ = ("`period`: a calendar month `YYYY-MM` (UTC), or a subscription period by its start with its offset, "
+               "as an invoice usage line's `trace.rating_periods` names it (`2026-11-02T00:00:00+00:00`; "
+               "URL-encoded). Anything else: 422 `invalid-period`.")
 
 
 def _now() -> datetime:
@@ -106,25 +109,27 @@ def build_router(service: RatingService) -> APIRouter:
         lines = await close_period(service.db, service.bus, service.catalog, period)
         return {"period": period, "lines": [line.__dict__ for line in lines]}
 
-    @router.get("/v1/rating/periods/{period}/accounts/{tenant}/lines", summary="Closed lines of a tenant")
+    @router.get("/v1/rating/periods/{period}/accounts/{tenant}/lines", summary="Closed lines of a tenant",
+                description=PERIOD_READ)
     async def get_lines(period: str, tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        _check_period(period)
-        return {"period": period, "tenant": tenant,
-                "lines": [line.__dict__ for line in await lines_of(service.db, period, tenant)]}
+        lines = [line for key in period_keys(period) for line in await lines_of(service.db, key, tenant)]
+        return {"period": period, "tenant": tenant, "lines": [line.__dict__ for line in lines]}
 
     @router.get("/v1/rating/periods/{period}/accounts/{tenant}/decisions",
-                summary="Every rating decision of a tenant in a period, with its inputs (the audit trace)")
+                summary="Every rating decision of a tenant in a period, with its inputs (the audit trace)",
+                description=PERIOD_READ)
     async def get_decisions(period: str, tenant: str, meter: str | None = None,
                             principal: Principal = Depends(require())) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        _check_period(period)
+        keys = period_keys(period)
         rows = await service.db.fetch(
             "SELECT r.event_id, r.meter, r.group_key, r.event_time, r.quantity, r.quantity_before, r.quantity_after, "
             "r.amount_subunits, r.unit, r.catalog_version, r.decision, r.output, r.rated_at, f.reason AS refusal, "
             "f.adjustment_subunits FROM rated_events r LEFT JOIN refused_debits f "
             "ON f.account_id = r.account_id AND f.event_id = r.event_id "
-            "WHERE r.period = $1 AND r.tenant = $2 ORDER BY r.event_time, r.event_id", period, tenant)
+            f"WHERE r.tenant = $1 AND r.period IN ({', '.join(f'${i + 2}' for i in range(len(keys)))}) "
+            "ORDER BY r.event_time, r.event_id", tenant, *keys)
         decisions = []
         for row in rows:
             if meter and row["meter"] != meter:
@@ -161,7 +166,20 @@ def _trace_of(output: str | None) -> tuple[dict[str, Any], str | None]:
     return {key: properties.get(key) for key in ("model", "operation", "user")}, message.get("reason")
 
 
-def _check_period(period: str) -> None:
-    """A period read back (lines, decisions) is a month, as one closed: else no period could have any."""
-    if not (period.isascii() and PERIOD.fullmatch(period)):
-        raise Problem(422, "Invalid period", "Use YYYY-MM.", kind="invalid-period")
+def period_keys(period: str) -> list[str]:
+    """The rating periods a period read back (lines, decisions) names: a calendar month ``YYYY-MM`` (UTC; accounts
+    without a subscription, and usage rated before rating knew of one), or a subscription period by its start with
+    its offset, as an invoice usage line's ``trace.rating_periods`` names it (``2026-11-02T00:00:00+00:00``; rating
+    keys a subscription's period by ``period_start.isoformat()``): that text, and the same instant written in UTC.
+    Anything else is 422 ``invalid-period``: else no period could have any decision."""
+    if period.isascii() and PERIOD.fullmatch(period):
+        return [period]
+    if period.isascii() and len(period) >= len("2026-11-02T00:00Z") and period[10:11] == "T":
+        try:
+            start = parse_timestamp(period)
+        except ValueError:
+            pass
+        else:
+            return list(dict.fromkeys([period, start.isoformat(), start.astimezone(UTC).isoformat()]))
+    raise Problem(422, "Invalid period", "Use a calendar month YYYY-MM (2026-11) or a subscription period's start "
+                  "as an invoice line's trace names it (2026-11-02T00:00:00+00:00).", kind="invalid-period")

@@ -84,3 +84,52 @@ async def test_reconcile_disputes_finds_a_rejected_chargeback_in_the_postgres_st
         assert result.exit_code == 1, result.output
         assert [(r["kind"], r["reason"], r["dispute"]) for r in json.loads(result.output)["rejected"]] == [
             ("dispute.closed", "refund_exceeds_order", "dp_over")]
+
+
+async def test_reconcile_refunds_and_the_audit_export_read_the_postgres_store(
+        infra: dict[str, str], tmp_path: Path) -> None:
+    """A gateway refund the ledger rejected is listed from its receipt in PostgreSQL (the receipt's second event, kept
+    for the rejection), and the tenant's audit export carries its top-up invoice and replays clean."""
+    import asyncpg
+    from billing_ledger.application import LedgerApplication, persistence_env
+    from billing_runtime.db import ensure_schema
+
+    from tests.unit.payments.support import TENANT
+    from tests.unit.payments.test_refund_before_payment import deliver, notification
+    from tests.unit.payments.test_top_up_grants import pay, place
+
+    namespace = scratch_namespace("t")
+    settings = Settings(database_url=infra["DATABASE_URL"], namespace=namespace, data_dir=tmp_path)
+    conn = await asyncpg.connect(infra["DATABASE_URL"])
+    try:
+        await ensure_schema(conn, settings.schema("ledger"))
+    finally:
+        await conn.close()
+
+    def record() -> None:
+        from tests.unit.payments.support import setup
+
+        app = LedgerApplication(persistence_env(infra["DATABASE_URL"], str(tmp_path), settings.schema("ledger")))
+        try:
+            setup(app)
+            order = place(app, "o1", amount="100")
+            pay(app, order)
+            part = deliver(app, notification("refund_succeeded", order["order_id"], "30.00", "evt_part", "re_part"))
+            assert (part.outcome, part.reason) == ("rejected", "partial_refund")
+        finally:
+            app.close()
+
+    await asyncio.to_thread(record)
+    env = {"DATABASE_URL": infra["DATABASE_URL"], "BILLING_NAMESPACE": namespace, "BILLING_DATA_DIR": str(tmp_path)}
+    listed = await asyncio.to_thread(CliRunner().invoke, cli, ["reconcile", "refunds", "--tenant", TENANT,
+                                                               "--format", "json"], env=env)
+    assert listed.exit_code == 1, listed.output
+    assert [(r["key"], r["amount"], r["status"], r["reason"]) for r in json.loads(listed.output)] == [
+        ("stripe/re_part", "30.00", "rejected", "partial_refund")]
+    out = tmp_path / "export.jsonl"
+    exported = await asyncio.to_thread(CliRunner().invoke, cli, ["audit", "export", "--tenant", TENANT,
+                                                                 "--out", str(out)], env=env)
+    assert exported.exit_code == 0, exported.output
+    replayed = await asyncio.to_thread(CliRunner().invoke, cli, ["audit", "replay", str(out)], env=env)
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads(replayed.output)["documents_checked"] == 1

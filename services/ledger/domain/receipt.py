@@ -1,4 +1,10 @@
-"""A receipt per ledger command: its id is the command id, so a second delivery is recognised and refused."""
+"""A receipt per ledger command: its id is the command id, so a second delivery is recognised and refused.
+
+A receipt is one ``Recorded`` event (the command's kind, tenant, outcome and reason code). The rejection of a command
+whose kind keeps its rejections (``application.handles(kind, keep_rejected=True)``: a gateway refund, money that
+left at the gateway) adds a second, ``RejectedCommandKept``: the command as it came and why it was rejected in
+words, so reconciliation can name it (``billing_ledger.reconcile.rejected_refunds``).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,20 @@ class CommandReceipt(Aggregate):
         self.outcome = outcome
         self.reason = reason
         self.issued_by = issued_by
+
+    @event("RejectedCommandKept")
+    def _rejected_command_kept(self, reason: str | None, detail: str | None, command: dict[str, Any]) -> None:
+        self.detail = detail
+        self.command = command
+
+    @classmethod
+    def rejected_command_kept(cls, *, command_id: UUID, reason: str | None, detail: str | None,
+                              command: dict[str, Any], at: datetime) -> CommandReceipt.RejectedCommandKept:
+        """The receipt's second event (after ``recorded``'s): the rejected command kept for reconciliation
+        (``command``: its kind, tenant, issued_at, issued_by and payload), with its reason code and ``detail``."""
+        return cls.RejectedCommandKept(  # type: ignore[attr-defined,no-any-return]
+            originator_id=cls.create_id(command_id), originator_version=cls.INITIAL_VERSION + 1, timestamp=at,
+            reason=reason, detail=detail, command=command)
 
     @classmethod
     def recorded(cls, *, command_id: UUID, kind: str, tenant: str | None, outcome: str, reason: str | None,
@@ -52,3 +72,4 @@ class CommandReceipt(Aggregate):
 
 _TOPIC = get_topic(CommandReceipt)
 RECORDED_TOPIC = get_topic(CommandReceipt.Recorded)
+REJECTED_COMMAND_KEPT_TOPIC = get_topic(CommandReceipt.RejectedCommandKept)  # type: ignore[attr-defined]

@@ -101,6 +101,11 @@ def test_an_invoice_that_no_longer_bills_what_it_made_receivable_is_reported(
     exit_code, shown = verify_cli(tmp_path, monkeypatch)
     assert exit_code == 1 and shown["chain_ok"] is True  # documents are not chained
     assert shown["problems"] == [
+        # Its own arithmetic (since session 14): the line is not what it was rounded from, the lines add up to more
+        # than it was finalized for, and its tax is not 19 % of what it now bills.
+        f"{name} line 1 (base_fee) bills 31.00 USD: not its exact amount 30.00 rounded once",
+        f"{name} was finalized for 38.08 USD, but its lines add up to 39.08",
+        f"{name} charges 6.08 USD of tax at 19 % of 33.00, which is 6.27",
         f"{name} bills 39.08 USD (net 33.00, tax 6.08), but made receivable 38.08 USD (net 32.00, tax 6.08)",
         (f"USD receivables are 39.66 in the postings, but the open invoices ({name} 39.08) and the overage no invoice "
         "bills yet (1.58) come to 40.66: -1.00 unexplained")]
@@ -127,6 +132,9 @@ def test_a_credit_note_that_gives_back_more_than_its_invoice_charged_is_reported
     exit_code, shown = verify_cli(tmp_path, monkeypatch)
     assert exit_code == 1
     assert shown["problems"] == [
+        (f"credit note CN-2026-000001 ({note.id}) line 1 (adjustment) bills -40.00 USD: not its exact amount -10.00 "
+        "rounded once"),
+        f"credit note CN-2026-000001 ({note.id}) was finalized for -11.90 USD, but its lines add up to -41.90",
         (f"credit note CN-2026-000001 ({note.id}) credits 41.90 USD (net 40.00, tax 1.90), but 11.90 USD (net 10.00, "
         "tax 1.90) was refunded out of the gateway's clearing"),
         (f"invoice INV-2026-000001 ({first_invoice(ledger).id}) charged 35.70 USD, but the documents correcting it "

@@ -63,9 +63,6 @@ def test_a_partial_refund_of_a_taxed_top_up_is_documented_by_a_credit_note_of_it
     assert notes == [(Decimal("-29.75"), Decimal("-4.75"))]
 
 
-@pytest.mark.xfail(strict=True, reason="a gateway refund the ledger rejects after its payment (partial_refund, "
-                                       "refund_exceeds_order, ambiguous_refund) is money gone at the gateway that no "
-                                       "reconciliation command lists (review s14)")
 def test_billing_reconcile_refunds_lists_a_gateway_refund_the_ledger_rejected_after_its_payment(
         tmp_path: Path) -> None:
     """A refund of 30.00 of a paid 119.00 top-up made in the gateway's dashboard: the ledger rejects it

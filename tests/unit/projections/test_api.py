@@ -217,6 +217,25 @@ async def test_csv_export_of_lists(client: httpx.AsyncClient) -> None:
     assert sum(float(line["share_percent"]) for line in lines if line["unit"] == "USD") == pytest.approx(100, abs=0.02)
 
 
+async def test_the_chargeback_report_takes_its_month_as_period_like_the_other_reports(
+        client: httpx.AsyncClient) -> None:
+    """``period=YYYY-MM`` as the other reports take a month (it took only integer ``year`` and ``month``, which still
+    work); both forms, neither, half of the old one or a bad month is a 422 problem naming the forms."""
+    finance = auth("finance")
+    by_period = await client.get("/v1/reports/chargeback", params={"period": "2026-10"}, headers=finance)
+    assert by_period.status_code == 200, by_period.text
+    by_year = await client.get("/v1/reports/chargeback", params={"year": 2026, "month": 10}, headers=finance)
+    assert by_period.json() == by_year.json() and {i["tenant"] for i in by_period.json()["items"]} == {"acme", "globex"}
+    as_csv = await client.get("/v1/reports/chargeback", params={"period": "2026-10", "format": "csv"}, headers=finance)
+    assert as_csv.status_code == 200 and "chargeback-2026-10" in as_csv.headers["content-disposition"]
+    for params in ({"period": "2026-10", "year": 2026, "month": 10}, {}, {"year": 2026}, {"period": "2026-13"},
+                   {"period": "10/2026"}, {"period": ""}):
+        refused = await client.get("/v1/reports/chargeback", params=params, headers=finance)
+        assert refused.status_code == 422, (params, refused.text)
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "YYYY-MM" in refused.json()["detail"], params
+
+
 async def test_reports_for_finance(client: httpx.AsyncClient) -> None:
     figures = (await client.get("/v1/reports/figures", params={"year": 2026, "month": 10},
                                 headers=auth("finance"))).json()

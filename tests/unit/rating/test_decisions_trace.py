@@ -20,7 +20,7 @@ from billing_runtime.settings import Settings
 from httpx import ASGITransport, AsyncClient
 
 from tests.unit.rating.support import embedded_rating
-from tests.unit.rating.test_rating_service import CATALOG, accepted, published
+from tests.unit.rating.test_rating_service import CATALOG, accepted, published, subscribe
 from tests.unit.rating.test_refused_debits import CATALOG as BLOCK_CATALOG
 from tests.unit.rating.test_refused_debits import docs, refused
 
@@ -74,3 +74,27 @@ async def test_the_decisions_trace_shows_a_debit_the_ledger_refused_as_refused(r
     assert (found["doc-1"]["decision"], found["doc-1"]["reason"]) == ("refused", "insufficient_credit")
     assert Decimal(str(found["doc-1"]["refusal_adjustment"])) == 500  # doc-2 was priced 0 on the inflated total
     assert (found["doc-2"]["decision"], found["doc-2"]["reason"]) == ("priced", None)
+
+
+@pytest.mark.parametrize("rating_api", [CATALOG], indirect=True, ids=["catalog"])
+async def test_a_subscription_periods_decisions_are_read_by_its_start_in_any_offset_and_a_bad_period_is_refused(
+        rating_api) -> None:  # type: ignore[no-untyped-def]
+    """A subscription period is named by its start (as an invoice line's trace names it): the same instant written
+    with ``Z`` finds the same decisions; a start without an offset, or anything else, is a 422 problem naming the
+    forms it takes, as is any other text."""
+    service, _bus, client = rating_api
+    start, end = datetime(2026, 11, 2, tzinfo=UTC), datetime(2026, 12, 2, tzinfo=UTC)
+    await subscribe(service, started=start, period=(start, end))
+    await service.handle_accepted([accepted("a1", "150", at=datetime(2026, 11, 3, tzinfo=UTC))])
+    for period in ("2026-11-02T00:00:00%2B00:00", "2026-11-02T00:00:00Z", "2026-11-02T01:00:00%2B01:00"):
+        response = await client.get(f"/v1/rating/periods/{period}/accounts/acme/decisions", headers=ADMIN)
+        assert response.status_code == 200, (period, response.text)
+        assert [d["event_id"] for d in response.json()["decisions"]] == ["a1"], period
+    lines = await client.get("/v1/rating/periods/2026-11-02T00:00:00Z/accounts/acme/lines", headers=ADMIN)
+    assert (lines.status_code, lines.json()["lines"]) == (200, [])  # not closed yet
+    for period in ("2026-11-02T00:00:00", "2026-13", "november", "2026-11-02"):
+        refused_read = await client.get(f"/v1/rating/periods/{period}/accounts/acme/decisions", headers=ADMIN)
+        assert refused_read.status_code == 422, (period, refused_read.text)
+        assert refused_read.headers["content-type"].startswith("application/problem+json")
+        assert refused_read.json()["type"].endswith("invalid-period") and "2026-11-02T00:00:00+00:00" in \
+            refused_read.json()["detail"]

@@ -94,10 +94,6 @@ async def test_usage_after_a_cancel_at_period_end_took_effect_is_billed_at_the_l
     assert charged(await published(bus), "late-user") == Decimal("29.00")
 
 
-@pytest.mark.xfail(strict=True, reason="an invoice usage line's trace names subscription periods by their start "
-                                       "(2026-11-02T00:00:00+00:00) but the decisions route takes only YYYY-MM and "
-                                       "looks up calendar months: the decisions behind a subscription's invoice line "
-                                       "cannot be read (review s14)")
 @pytest.mark.parametrize("rating_api", [CATALOG], indirect=True, ids=["catalog"])
 async def test_the_decisions_behind_a_subscription_invoice_line_can_be_read_from_its_trace(rating_api) -> None:  # type: ignore[no-untyped-def]
     """docs/subscriptions.md: "Each usage line carries a trace: the rating periods and the raw event ids whose decisions
