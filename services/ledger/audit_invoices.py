@@ -52,13 +52,22 @@ domain model keeps: ``verify`` checks it, the offline replay of an export cannot
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from billing_events.money import RATING_CONTEXT, MoneyError, currency, is_billable, round_minor, to_subunits
+from billing_events.money import (
+    INVOICE_ROUNDING,
+    RATING_CONTEXT,
+    MoneyError,
+    Unit,
+    currency,
+    is_billable,
+    round_minor,
+    to_subunits,
+)
 from billing_ledger.amounts import show
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.account import BillingAccount
@@ -391,10 +400,11 @@ def _check_arithmetic(document: Document, problems: list[str]) -> None:
     except MoneyError as exc:
         problems.append(f"{_name(document)}: {exc}")
         return
+    rounded = _rounding(document, unit)
     for index, item in enumerate(document.lines, start=1):
         amount = Decimal(item["amount"])
         exact = item.get("exact_amount")
-        if not is_billable(amount, unit) or (exact is not None and round_minor(Decimal(exact), unit) != amount):
+        if rounded(amount) != amount or (exact is not None and rounded(Decimal(exact)) != amount):
             problems.append(f"{_name(document)} line {index} ({item['kind']}) bills {amount} {document.currency}: not "
                             + (f"its exact amount {exact} rounded once" if exact is not None else
                                f"in whole minor units of {document.currency}"))
@@ -410,13 +420,25 @@ def _check_arithmetic(document: Document, problems: list[str]) -> None:
     for item in taxes:
         rate = Decimal(str(item["rate"]))
         if item.get("invoice"):  # a change's credit, at the rate of the invoice it corrects
-            base, expected = credited, round_minor(RATING_CONTEXT.multiply(credited, rate), unit)
+            base, expected = credited, rounded(RATING_CONTEXT.multiply(credited, rate))
         else:  # the net (less that credit when it has a line of its own), rounded once, then taxed
-            base = round_minor(RATING_CONTEXT.subtract(net, credited) if at_invoiced_rate else net, unit)
-            expected = round_minor(RATING_CONTEXT.multiply(base, rate), unit)
+            base = rounded(RATING_CONTEXT.subtract(net, credited) if at_invoiced_rate else net)
+            expected = rounded(RATING_CONTEXT.multiply(base, rate))
         if Decimal(item["amount"]) != expected:
             problems.append(f"{_name(document)} charges {item['amount']} {document.currency} of tax at "
                             f"{(rate * 100).normalize()} % of {base}, which is {expected}")
+
+
+def _rounding(document: Document, unit: Unit) -> Callable[[Decimal], Decimal]:
+    """How ``document``'s amounts were rounded once: to what its currency is billed in (``round_minor``), or, for a
+    document of a three-decimal currency finalized before those were billed in hundredths (session 13: a line of
+    ``0.617`` KWD), to the currency's own minor digits; its charge's rounding was written off when it was paid
+    (``InvoiceChargeRounded``). A document with any line finer than the billed step is checked at the finer scale."""
+    if unit.minor_scale > unit.billed_scale and any(not is_billable(Decimal(item["amount"]), unit)
+                                                    for item in document.lines):
+        step = Decimal(1).scaleb(-unit.minor_scale)
+        return lambda amount: amount.quantize(step, rounding=INVOICE_ROUNDING, context=RATING_CONTEXT)
+    return lambda amount: round_minor(amount, unit)
 
 
 def _tax_of(document: Document) -> Decimal:
