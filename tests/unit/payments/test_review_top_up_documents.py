@@ -87,9 +87,6 @@ def test_billing_reconcile_refunds_lists_a_gateway_refund_the_ledger_rejected_af
     assert "re_1" in listed.output and "partial_refund" in listed.output
 
 
-@pytest.mark.xfail(strict=True, reason="the catalogue's seller.name is accepted and ignored: invoices name the issuer "
-                                       "setting (BILLING_INVOICE_ISSUER, default 'billing', not in the README's "
-                                       "settings) next to the seller's VAT id (review s14)")
 def test_an_invoice_names_the_seller_the_catalogue_declares(tmp_path: Path) -> None:
     """The catalogue says who issues the invoices (``seller: {name: Billing GmbH, country: DE, vat_id: ...}``); a
     ledger started as ``billing serve ledger`` is (no ``BILLING_INVOICE_ISSUER``) printed "Issuer: billing" beside
@@ -97,7 +94,8 @@ def test_an_invoice_names_the_seller_the_catalogue_declares(tmp_path: Path) -> N
     app = LedgerApplication(persistence_env(None, str(tmp_path / "ledger")))
     try:
         app.invoice_issuer = Settings().invoice_issuer  # type: ignore[attr-defined]  # as billing_ledger.app does
-        seller = {"name": "Billing GmbH", "country": "DE", "vat_id": "DE136695976"}
+        seller = {"name": "Billing GmbH", "country": "DE", "vat_id": "DE136695976",
+                  "address": "Friedrichstr. 1, 10117 Berlin"}
         assert run(app, "catalog.publish", None, document={**CATALOG, "seller": seller},
                    digest="seller").outcome == "applied"
         assert run(app, "account.open", TENANT, currency="USD").outcome == "applied"
@@ -110,3 +108,26 @@ def test_an_invoice_names_the_seller_the_catalogue_declares(tmp_path: Path) -> N
         app.close()
     assert "Issuer VAT id\nDE136695976" in text
     assert "Issuer\nBilling GmbH" in text, text
+    assert "Issuer address\nFriedrichstr. 1, 10117 Berlin" in text, text
+    assert "billing" not in text.replace("Billing GmbH", ""), text  # the setting's default is named nowhere
+
+
+def test_an_invoice_of_a_catalogue_naming_no_seller_names_the_issuer_setting(tmp_path: Path) -> None:
+    """Without a ``seller.name`` in the catalogue, the ledger's ``BILLING_INVOICE_ISSUER`` names the issuer (the
+    fallback, as every invoice did before session 14), beside the country and VAT id the catalogue declares."""
+    app = LedgerApplication(persistence_env(None, str(tmp_path / "ledger")))
+    try:
+        app.invoice_issuer = Settings(invoice_issuer="Acme Billing Ltd").invoice_issuer  # type: ignore[attr-defined]
+        seller = {"country": "DE", "vat_id": "DE136695976"}
+        assert run(app, "catalog.publish", None, document={**CATALOG, "seller": seller},
+                   digest="no-name").outcome == "applied"
+        assert run(app, "account.open", TENANT, currency="USD").outcome == "applied"
+        order = place(app, "o1", amount="100")
+        pay(app, order)
+        invoice = app.repository.get(Invoice.create_id(TENANT, f"orders/{order['order_id']}"))
+        text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(
+            render_pdf(invoice, issuer=app.invoice_issuer))).pages)  # type: ignore[attr-defined]
+    finally:
+        app.close()
+    assert invoice.seller == {"name": "Acme Billing Ltd", "country": "DE", "vat_id": "DE136695976"}
+    assert "Issuer\nAcme Billing Ltd" in text and "Issuer address" not in text, text
