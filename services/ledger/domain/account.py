@@ -439,6 +439,12 @@ class BillingAccount(ChainedAggregate):
             if all(g["cause"].get(k) == v for k, v in match.items())
         ]
 
+    def grant_cause(self, grant_id: UUID) -> dict[str, Any] | None:
+        """What grant ``grant_id`` was granted for (a copy of its ``cause``: a checkout order's ``order_id``, ...), or
+        ``None`` for an unknown grant."""
+        g = self._grants.get(str(grant_id))
+        return _copy(g["cause"]) if g is not None else None
+
     def open_for_late_usage(self, grant_id: UUID) -> bool:
         """Whether grant ``grant_id`` is a plan credit left open after its period for that period's late usage, lapsed
         by the expiry sweep at its ``expires_at`` (``grant_credit(late_usage=True)``, since session 13)."""

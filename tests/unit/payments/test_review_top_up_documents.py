@@ -13,7 +13,7 @@ import pytest
 from billing_cli.main import app as cli
 from billing_events import ids
 from billing_ledger.application import LedgerApplication, persistence_env
-from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice
+from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice, invoice_id
 from billing_ledger.invoice_pdf import render_pdf
 from billing_runtime.settings import Settings
 from pypdf import PdfReader
@@ -40,9 +40,6 @@ def documents(app: LedgerApplication, tenant: str) -> list[tuple[str, str, Decim
     return sorted(found.values(), key=lambda d: str(d[0]))
 
 
-@pytest.mark.xfail(strict=True, reason="a partial grant.refund of a taxed top-up pays back money and VAT (tax payable "
-                                       "goes down) but issues no credit note: the documents still declare the whole "
-                                       "VAT (review s14)")
 def test_a_partial_refund_of_a_taxed_top_up_is_documented_by_a_credit_note_of_its_money_and_vat(
         ledger: LedgerApplication) -> None:
     """100.00 + 19 % DE VAT bought (invoice 119.00, VAT 19.00), 25.00 of it refunded by finance (``POST /refunds``):
@@ -61,6 +58,30 @@ def test_a_partial_refund_of_a_taxed_top_up_is_documented_by_a_credit_note_of_it
         (Decimal("119.00"), Decimal("19.00"))]  # the top-up's invoice
     notes = [(total, tax) for _number, kind, total, tax in found if kind == CREDIT_NOTE]
     assert notes == [(Decimal("-29.75"), Decimal("-4.75"))]
+    # The documents declare the VAT the books hold: 19.00 - 4.75 = 14.25.
+    assert sum((tax for *_, tax in found), Decimal(0)) == -books(ledger)[("tax_payable", "USD")]
+    note = ledger.repository.get(invoice_id(TENANT, f"orders/{order['order_id']}/refunds/{ids.grant_id(TENANT, 'r1')}"))
+    assert (note.number, note.related_invoice, note.status) == (
+        "CN-2026-000001", str(invoice_id(TENANT, f"orders/{order['order_id']}")), "finalized")
+
+
+def test_the_gateway_refund_of_the_rest_after_a_partial_refund_credits_only_the_rest(
+        ledger: LedgerApplication) -> None:
+    """After 25.00 + 4.75 of a 119.00 top-up were refunded (and documented), the gateway's refund of the 89.25 left
+    reverses the order: its credit note credits those 89.25 (75.00 + 14.25 VAT), not the whole invoice again, so the
+    documents credit 119.00 and 19.00 of VAT in all, as the books paid back."""
+    order = place(ledger, "o1", amount="100")
+    pay(ledger, order)
+    grant = str(ids.grant_id(TENANT, f"order/{order['order_id']}/purchase"))
+    assert run(ledger, "grant.refund", TENANT, "r1", grant_id=grant, refund_id=str(ids.grant_id(TENANT, "r1")),
+               amount="25", reason="partial refund").outcome == "applied"
+    rest = deliver(ledger, notification("refund_succeeded", order["order_id"], "89.25", "evt_refund", "re_1",
+                                        f"pi-{order['key']}"))
+    assert rest.outcome == "applied", rest
+    assert books(ledger).get(("tax_payable", "USD"), Decimal(0)) == 0  # all the VAT given back
+    notes = [(number, total, tax) for number, kind, total, tax in documents(ledger, TENANT) if kind == CREDIT_NOTE]
+    assert notes == [("CN-2026-000001", Decimal("-29.75"), Decimal("-4.75")),
+                     ("CN-2026-000002", Decimal("-89.25"), Decimal("-14.25"))]
 
 
 @pytest.mark.xfail(strict=True, reason="a gateway refund the ledger rejects after its payment (partial_refund, "
