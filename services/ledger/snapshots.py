@@ -97,9 +97,11 @@ log = get_logger(__name__)
 # 23: disputes (chargebacks) of the account's payments and the funds the gateway withdrew for them (_disputes).
 # 24: each grant keeps whether it is a plan credit left open after its period for that period's late usage
 # (late_usage in _grants: the sweep, not the renewal, lapses it) and whether it is set aside (set_aside).
+# 25: the credit notes' credit usage drew per period, until the invoice of that period applies it after tax
+# (_credit_note_spend).
 # ResourcePool 2: finished requests are forgotten after a while
 # (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 24, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 25, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

@@ -503,8 +503,9 @@ def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str
     total, as for any document; with another (a tax profile set since, a rule changed) the credit gets a tax line
     of its own at the invoiced rate, naming that invoice (``invoice``).
     """
-    # A line whose amount has its tax inside, already booked (``tax_included``: what a refund left owed) is not taxed.
-    lines = [item for item in lines if not item.get("tax_included")]
+    # A line whose amount has its tax inside, already booked (``tax_included``: what a refund left owed) is not taxed,
+    # nor is a means of payment applied after tax (``after_tax``: a credit note's credit, ``invoice_overage``).
+    lines = [item for item in lines if not item.get("tax_included") and not item.get("after_tax")]
     total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
     # Today's rate by the profile and rules, whatever the net: a net of 0.00 (a plan of the same fee) has no tax
     # line, and read as 0 % it took the "rates differ" branch below and was refused ``tax_rate_changed``.
@@ -794,13 +795,16 @@ def _unused_time_credit(batch: _Batch, invoice: Invoice, at: datetime) -> dict[s
 
 
 def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str, *,
-              refunded: bool = False) -> None:
-    """Tax, number and posting of a document (``refunded``: a credit note of money the gateway gave back)."""
+              refunded: bool = False, after_tax: list[dict[str, Any]] | None = None) -> None:
+    """Tax, number and posting of a document (``refunded``: a credit note of money the gateway gave back;
+    ``after_tax``: lines of payment means applied after the tax, shown below it)."""
     if invoice.subscription_id and all(Decimal(item["amount"]) == 0 for item in invoice.lines):
         # A free plan's period (or a paused one without usage): no number, no email, nothing to collect.
         invoice.void(at=at, reason=NOTHING_TO_BILL, by=by)
         return
     invoice.add_lines(_tax_lines(batch, invoice), by="system:tax")
+    if after_tax:
+        invoice.add_lines(after_tax, by=by)
     prefix = "CN" if invoice.document_type == CREDIT_NOTE else "INV"
     issuer = getattr(app, "invoice_issuer", DEFAULT_ISSUER)
     # Issued (dated, numbered in that year's series) when the command issuing it is applied, never at an earlier

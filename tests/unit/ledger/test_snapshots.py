@@ -195,8 +195,9 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # Format 23: _disputes (disputes of the account's payments, the funds withdrawn for them).
 # Format 24: the same attributes, but each grant in _grants keeps whether it is a plan credit left open after its
 # period for that period's late usage (late_usage) and whether it is set aside (set_aside).
-ACCOUNT_ATTRIBUTES_FORMAT_24 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
-    "_adjustments", "_auto_top_up", "_billed_periods", "_created_on", "_disputes", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
+# Format 25: _credit_note_spend (credit notes' credit usage drew, per period, until its invoice applies it).
+ACCOUNT_ATTRIBUTES_FORMAT_25 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+    "_adjustments", "_auto_top_up", "_billed_periods", "_created_on", "_credit_note_spend", "_disputes", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
     "_modified_on", "_overage_rounding", "_overage_times", "_owed_usage", "_parked_refunds", "_pending_events", "_pending_fee_credits", "_period_minimums", "_receivable", "_recent_draws", "_refunds", "_settled_holds", "_top_up_history",
     "_unbilled", "_unbilled_meters", "_version",
@@ -215,7 +216,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 24 and account == ACCOUNT_ATTRIBUTES_FORMAT_24
+    assert snapshots.FORMATS[BillingAccount] == 25 and account == ACCOUNT_ATTRIBUTES_FORMAT_25
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 

@@ -576,17 +576,20 @@ def test_what_a_refund_leaves_owed_after_a_downgrade_is_billed_on_the_next_renew
     assert account(app).receivable("USD") == 5355 * CENT
     renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("35.70")])
     # Billed once, without VAT a second time (its tax is booked): was 30.00 + 5.70 VAT, and the 53.55 owed forever.
+    # The usage the credit note's credit paid bears its VAT (6.78 of 35.70): that credit is a payment, applied
+    # after tax (it was taken off before tax, the usage untaxed, before session 14).
     assert [(x["kind"], x["amount"]) for x in renewal.lines] == [
-        ("base_fee", "30.00"), ("usage", "35.70"), ("credits_applied", "-35.70"), ("overage", "53.55"),
-        ("tax", "5.70")]
-    assert renewal.total == Decimal("89.25")
-    assert account(app).receivable("USD") == 8925 * CENT
+        ("base_fee", "30.00"), ("usage", "35.70"), ("overage", "53.55"), ("tax", "12.48"),
+        ("credits_applied", "-35.70")]
+    assert renewal.total == Decimal("96.03")
+    assert account(app).receivable("USD") == 9603 * CENT
     run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 2, tzinfo=UTC), invoice_id=str(renewal.id),
         payment="pi_2")
     assert account(app).receivable("USD") == 0
     chart = books(app)
     assert ("receivables", "USD") not in chart
-    assert chart[("tax_payable", "USD")] == -(285 + 570) * CENT  # the seat's VAT and December's, once each
+    # The seat's VAT, December's and the usage's, once each.
+    assert chart[("tax_payable", "USD")] == -(285 + 570 + 678) * CENT
     january = renew_and_bill(app, DEC_1, JAN_1, [])
     assert january.total == Decimal("35.70")  # billed once
     assert verify_store(app, "acme").ok
