@@ -1,6 +1,7 @@
 """Session 14 review: what finance, an auditor and the customer find on the documents and reconciliations of a top-up
-(its partial refunds, its invoice's seller), found by running the month end of a tenant mix on the real stack (these
-tests fail on the current code: xfail, strict)."""
+(its partial refunds, its invoice's seller), found by running the month end of a tenant mix on the real stack. The
+partial refund's credit note and the seller are fixed (session 14); the rejected gateway refund's reconciliation is
+still xfail (strict)."""
 
 from __future__ import annotations
 
