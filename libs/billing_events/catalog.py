@@ -264,7 +264,17 @@ class TaxRule(_Model):
 
 
 class Seller(_Model):
-    name: str = "billing"
+    """Who issues the invoices: named, with its address and VAT id, on every document finalized after the catalogue
+    is published (a VAT invoice names its supplier: EU VAT Directive art. 226(5))."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200,
+                             description="The seller's full name, printed as the issuer of every invoice and credit "
+                                         "note (left out: the ledger's BILLING_INVOICE_ISSUER setting)",
+                             examples=["Billing GmbH"])
+    address: str | None = Field(default=None, min_length=1, max_length=500,
+                                description="The seller's postal address, printed under its name (lines separated by "
+                                            "newlines or commas)",
+                                examples=["Friedrichstr. 1, 10117 Berlin"])
     country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
     vat_id: str | None = Field(default=None, min_length=1, max_length=32,
                                description="The seller's VAT id, printed on every invoice finalized after it is "

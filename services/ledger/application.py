@@ -203,6 +203,9 @@ class _Batch:
         self.stored_receipts: list[StoredEvent] = []  # encoded directly (see LedgerApplication._record_receipt)
         # Pending-event counts of the aggregates the current command touched, when it first touched them.
         self.touched: dict[UUID, int] = {}
+        # When the current command was issued (``LedgerCommand.issued_at``): the day a document it finalizes is
+        # issued, whatever earlier time the command takes effect at (``subscription_commands._finalize``).
+        self.command_issued_at: datetime | None = None
 
     def prefetch(self, aggregate_ids: Iterable[UUID], receipt_ids: Iterable[UUID]) -> None:
         wanted = [i for i in aggregate_ids if i not in self.loaded and not self._take_from_previous(i)]
@@ -256,8 +259,9 @@ class _Batch:
         self.loaded[aggregate.id] = aggregate
         self.touched.setdefault(aggregate.id, 0)
 
-    def begin_command(self) -> None:
+    def begin_command(self, command: LedgerCommand) -> None:
         self.touched = {}
+        self.command_issued_at = command.issued_at
 
     def rollback(self) -> None:
         """Undoes what the current command did to the batch's aggregates (it was rejected half-way).
@@ -691,7 +695,7 @@ class LedgerApplication(Application[UUID]):
         if handler is None:
             outcome, reason, detail = "rejected", "unknown_command", f"no handler for {command.kind!r}"
         else:
-            batch.begin_command()
+            batch.begin_command(command)
             try:
                 value = handler(self, batch, command)
             except CommandRejected as exc:

@@ -78,8 +78,10 @@ def add_usage_lines(app: LedgerApplication, batch: _Batch, command: LedgerComman
     lines += minimum_commitment_lines(invoice, lines)
     if primary:
         commit_period_minimum(account_of(batch, tenant), invoice, lines, start or invoice.period_start, at)
-    invoice.add_lines(lines, by=command.issued_by)
-    _finalize(app, batch, invoice, at, command.issued_by)
+    # A credit note's credit applied is a payment: shown after the tax, which it is not part of.
+    after_tax = [item for item in lines if item.get("after_tax")]
+    invoice.add_lines([item for item in lines if not item.get("after_tax")], by=command.issued_by)
+    _finalize(app, batch, invoice, at, command.issued_by, after_tax=after_tax)
 
 
 def _usage_items(command: LedgerCommand) -> list[dict[str, Any]]:

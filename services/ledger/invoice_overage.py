@@ -8,6 +8,12 @@ lines show the period's whole usage, so the invoice adds:
   less the period's own overage in the invoice currency, rounded once, never more than the lines bill. The
   period's own overage is that of the periods the usage lines itemise (their ``trace.rating_periods``: a period
   a cadence change cut short is billed with the one it restarted into), besides the ended period's.
+* **Credit note credit applied**: what of that credit came from credit notes (a downgrade's or cancel's credit for
+  unused time, given back *with its tax*: account credit that is a means of payment, not a discount), on a line of its
+  own applied after tax (``after_tax``: not in the taxable net), so the usage it paid bears its VAT like any other
+  (``BillingAccount.apply_credit_note_credit``: the account counts it per period as usage draws it). A top-up's credit
+  is the net paid (its VAT booked at purchase) and a plan's credit is part of its taxed fee: taken off before tax,
+  as before. Before session 14 a credit note's credit was too: usage it paid bore no VAT (35.70 of calls, 6.78).
 * **Overage** lines for what the usage lines cannot show: overage left from earlier periods (or more than the
   lines itemise), and overage in a credit unit (a meter priced in credits that ran out), priced at the credit
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
@@ -101,10 +107,20 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
     # the usage lines show. Rounding the lines first and taking the overage from them showed their rounding as
     # credit ("Prepaid credits applied -0.01" with no credit at all).
     shown = min(max(own, 0), max(exact, 0))  # the overage the usage lines show
+    # What of the credit drawn came from credit notes (given back with its tax: a means of payment), applied after
+    # tax on a line of its own (``after_tax``): the usage it paid is taxed like any other (``document_tax_lines``).
+    from_notes = account.apply_credit_note_credit(
+        invoice=str(invoice.id), unit=money, at=at,
+        periods=[key for key in account.credit_note_spend(money)
+                 if not is_owed_money_key(key) and (period_began(key) == period_start or key in itemised)])
     if usage > 0:
         applied = min(round_minor(from_subunits(max(exact, 0) - shown), scale), usage)
-        if applied > 0:
-            lines.append(line("credits_applied", "Prepaid credits applied", -applied, money))
+        paid_by_notes = min(round_minor(from_subunits(from_notes), scale), max(applied, Decimal(0)))
+        if applied - paid_by_notes > 0:
+            lines.append(line("credits_applied", "Prepaid credits applied", -(applied - paid_by_notes), money))
+        if paid_by_notes > 0:
+            lines.append(line("credits_applied", "Credit note credit applied (a payment, after tax)", -paid_by_notes,
+                              money, after_tax=True))
     # What the usage lines do not show of the overage taken (earlier periods, or more overage than the lines
     # itemise), rounded once.
     rest = round_minor(from_subunits(own + earlier - shown), scale)

@@ -60,9 +60,13 @@ def render_pdf(invoice: Invoice, *, issuer: str) -> bytes:
 
 
 def _party(role: str, prefix: str, party: dict[str, Any], fallback: str, styles: Any) -> list[list[Any]]:
-    """A party's rows: its name, its country (ISO 3166: ``US-CA`` with a subdivision) and its VAT or tax id."""
+    """A party's rows: its name, its address (the seller's, when the catalogue declares one), its country (ISO 3166:
+    ``US-CA`` with a subdivision) and its VAT or tax id."""
     name = party.get("business_name") or party.get("name") or fallback
     rows: list[list[Any]] = [[role, Paragraph(escape(name), styles["BodyText"])]]
+    if party.get("address"):
+        rows.append([f"{prefix} address", Paragraph(escape(party["address"]).replace("\n", "<br/>"),
+                                                    styles["BodyText"])])
     country = party.get("country")
     if country:
         subdivision = party.get("subdivision")

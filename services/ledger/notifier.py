@@ -59,12 +59,12 @@ def send_pending(app: LedgerApplication, settings: SmtpSettings) -> int:
             event: Any = app.mapper.to_domain_event(notification)
             rendered = app.read(notification.originator_id, lambda invoice, event=event: (
                 invoice.tenant, invoice.currency, invoice.document_type,
-                render_pdf(invoice, issuer=settings.issuer)))
+                (invoice.seller or {}).get("name") or settings.issuer, render_pdf(invoice, issuer=settings.issuer)))
             if rendered is not None:
-                tenant, currency, document_type, pdf = rendered
+                tenant, currency, document_type, seller, pdf = rendered
                 kind = "Credit note" if document_type == "credit_note" else "Invoice"
                 _send(settings, f"{tenant}@{settings.recipient_domain}",
-                      f"{kind} {event.number} from {settings.issuer}",
+                      f"{kind} {event.number} from {seller}",
                       f"{kind} {event.number}: {event.total} {currency}, due {event.due_at.date()}.\n",
                       pdf, f"{event.number}.pdf")
                 sent += 1

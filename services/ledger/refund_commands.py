@@ -7,7 +7,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events.messages import LedgerCommand
 from billing_events.money import billed_step, currency, from_subunits, is_currency_code, minor_subunits
-from billing_ledger import payload
+from billing_ledger import payload, refund_request_commands
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 
@@ -33,8 +33,12 @@ def refund_grant(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
             raise CommandRejected(payload.INVALID, f"amount {from_subunits(amount)} {unit} is finer than the "
                                                    f"currency is paid back in ({billed_step(money)} {unit}): money "
                                                    "is paid back in whole minor units")
-    account.refund_grant(grant_id=grant, amount=amount, refund_id=refund,
-                         at=payload.timestamp(command, "at", default=command.issued_at),
+    at = payload.timestamp(command, "at", default=command.issued_at)
+    account.refund_grant(grant_id=grant, amount=amount, refund_id=refund, at=at,
                          finance_override=payload.flag(command, "finance_override"), cause=cause)
+    # The purchase grant of a top-up order: the money and tax paid back are documented by a credit note of its
+    # invoice, in the same transaction (before session 14 a partial refund had none: the documents kept declaring
+    # the whole VAT the books had given back in part).
+    refund_request_commands.document_grant_refund(app, batch, account, grant, refund, at, command.issued_by)
     # What the account remembers of it (``BillingAccount.refund``): the answer to this command and to its retries.
     return {"refund_id": str(refund), **(account.refund(refund) or {})}

@@ -26,14 +26,16 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from billing_events import ids
 from billing_events.messages import LedgerCommand
-from billing_events.money import to_subunits
+from billing_events.money import currency, from_subunits, round_minor, to_subunits
+from billing_ledger import checkout_commands
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.amounts import show
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.checkout_commands import bonus_grant_id, order_of, top_up_invoice_id
+from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.checkout import PAID, REFUNDED, Order
-from billing_ledger.domain.invoice import CREDIT_NOTE, Invoice, invoice_id, reversing_lines
+from billing_ledger.domain.invoice import CREDIT_NOTE, DRAFT, Invoice, invoice_id, line, reversing_lines
 from billing_ledger.domain.refund_request import RefundRequest, RefundRequestError, refund_request_id
 from billing_ledger.limits import REFUND_HOLD_SECONDS
 from billing_ledger.order_chargebacks import charge_back_part
@@ -216,7 +218,8 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
                   finance_override: bool, refunded_amount: str | None = None,
                   reclaim_reversed: bool = False, cause: dict[str, Any] | None = None) -> dict[str, Any]:
     """The order's reversal: the rest of its credit, its promotional grants, a credit note mirroring its invoice
-    (all of it: what partial refunds paid back before had no document), the order refunded (``refunded_amount``:
+    less what the credit notes of partial refunds credited before (``_credited_before``; a partial refund recorded
+    before session 14 had no note: all of it), the order refunded (``refunded_amount``:
     what this refund paid back, by default the order's total). ``reclaim_reversed`` (the gateway's refund: the
     money has left): usage of the purchase a give-back returned as ``usage_reversal`` credit is refunded too and
     that credit taken back (``BillingAccount.refund_grant``); otherwise such a refund is refused."""
@@ -247,10 +250,70 @@ def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, refere
     original = batch.get(top_up_invoice_id(order))
     note = Invoice(tenant=order.tenant, key=f"orders/{order.id}/refund", document_type=CREDIT_NOTE,
                    currency=order.quote["currency"],
-                   lines=reversing_lines(original),
+                   lines=reversing_lines(original) + _credited_before(batch, original),
                    period_start=None, period_end=None, subscription_id=None, related_invoice=str(original.id),
                    at=at, by=by)
     batch.add(note)
     _finalize(app, batch, note, at, by)
     order.mark_refunded(refund_id=reference, amount=refunded_amount or order.quote["total"], at=at, by=by)
     return {"order_id": str(order.id), "credit_note": str(note.id), "credit_note_number": note.number}
+
+
+def document_grant_refund(app: LedgerApplication, batch: _Batch, account: BillingAccount, grant: UUID, refund: UUID,
+                          at: datetime, by: str) -> Invoice | None:
+    """A ``grant.refund`` (``POST /v1/accounts/{t}/refunds``) of a checkout order's purchase grant paid money back,
+    with its share of the tax: a credit note of the order's top-up invoice for exactly that (``top_up`` line: the
+    money net of tax; ``tax`` line: the tax, 0.00 when the invoice charged none), ``related_invoice`` that invoice,
+    numbered ``CN-`` in the same transaction. 25.00 of a 100.00 + 19 % top-up refunded: -25.00 and -4.75 of VAT, the
+    VAT the books gave back. The invoice records it (``Invoice.Corrected``, ``GivenBack``), so the order's reversal
+    later credits only the rest. ``None`` for any other grant (no order, or an order without an invoice), or when no
+    money went back (an older credit-unit grant without its money booked)."""
+    cause = account.grant_cause(grant) or {}
+    order = checkout_commands.known_order(batch, account.tenant, cause.get("order_id"))
+    if order is None or grant != ids.grant_id(order.tenant, f"order/{order.id}/purchase"):
+        return None
+    original = batch.get(top_up_invoice_id(order))
+    money = (account.refund(refund) or {}).get("paid_back")
+    if not isinstance(original, Invoice) or not money or money["unit"] != original.currency or not money["amount"]:
+        return None
+    code = original.currency
+    tax = from_subunits(money["tax_amount"])
+    net = from_subunits(money["amount"] - money["tax_amount"])
+    taxes = [item for item in original.lines if item["kind"] == "tax"]
+    lines = [line("top_up", f"Refund of {round_minor(net, currency(code))} {code} of {original.number} "
+                            f"({_what(original)})", -net, code)]
+    if tax:
+        lines.append(line("tax", f"Tax refunded with it ({taxes[0]['description'] if taxes else 'tax'})", -tax, code))
+    else:
+        lines.append(line("tax", f"No tax on {original.number}" + (f" ({taxes[0]['description']})" if taxes else ""),
+                          Decimal(0), code, rate="0"))
+    note = Invoice(tenant=order.tenant, key=f"orders/{order.id}/refunds/{refund}", document_type=CREDIT_NOTE,
+                   currency=code, lines=lines, period_start=None, period_end=None, subscription_id=None,
+                   related_invoice=str(original.id), at=at, by=by)
+    batch.add(note)
+    _finalize(app, batch, note, at, by)
+    original.record_correction(document=note.id, by=by)
+    original.record_given_back(document=note.id, net=net, tax=tax, by=by)
+    return note
+
+
+def _what(invoice: Invoice) -> str:
+    """What a top-up invoice sold: its ``top_up`` line's description."""
+    return next((str(item["description"]) for item in invoice.lines if item["kind"] == "top_up"), "top-up")
+
+
+def _credited_before(batch: _Batch, original: Invoice) -> list[dict[str, Any]]:
+    """Lines taking back of a reversal's mirror of ``original`` what the credit notes of its partial refunds
+    (``document_grant_refund``, ``Invoice.corrections``) credited already: each of their lines negated, naming the
+    note, so the reversal's note credits exactly the rest its refund pays back (71.40 after 47.60 of 119.00)."""
+    lines: list[dict[str, Any]] = []
+    for document in original.corrections:
+        earlier = batch.get(UUID(document))
+        if not isinstance(earlier, Invoice) or earlier.status == DRAFT:
+            continue
+        for item in earlier.lines:
+            if Decimal(item["amount"]) or Decimal(item["exact_amount"]):
+                lines.append({**item, "description": f"Credited before by {earlier.number}: {item['description']}",
+                              "amount": str(-Decimal(item["amount"])),
+                              "exact_amount": str(-Decimal(item["exact_amount"]))})
+    return lines

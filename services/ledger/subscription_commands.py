@@ -75,6 +75,7 @@ from billing_ledger.domain.subscription import (
     subscription_id,
 )
 from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, TaxResult, check_tax_id, compute_tax
+from billing_ledger.invoice_overage import settle_paid
 from billing_ledger.limits import (
     CANCEL_RENEWALS_MAX,
     INCOMPLETE_EXPIRY_DAYS,
@@ -572,8 +573,9 @@ def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str
     total, as for any document; with another (a tax profile set since, a rule changed) the credit gets a tax line
     of its own at the invoiced rate, naming that invoice (``invoice``).
     """
-    # A line whose amount has its tax inside, already booked (``tax_included``: what a refund left owed) is not taxed.
-    lines = [item for item in lines if not item.get("tax_included")]
+    # A line whose amount has its tax inside, already booked (``tax_included``: what a refund left owed) is not taxed,
+    # nor is a means of payment applied after tax (``after_tax``: a credit note's credit, ``invoice_overage``).
+    lines = [item for item in lines if not item.get("tax_included") and not item.get("after_tax")]
     total = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
     # Today's rate by the profile and rules, whatever the net: a net of 0.00 (a plan of the same fee) has no tax
     # line, and read as 0 % it took the "rates differ" branch below and was refused ``tax_rate_changed``.
@@ -685,6 +687,8 @@ def credit_live_invoice(lines: list[dict[str, Any]], sub: Subscription, live: In
 # its money in the invoice currency (as a credit package's money is booked apart from its credits).
 ALREADY_POSTED_KINDS = frozenset({"usage", "credits_applied", "overage"})
 NOTHING_TO_BILL = "nothing_to_bill"
+# The payment a subscription invoice of 0.00 is settled by, at once when it is finalized (``_settle_nothing_due``).
+NOTHING_DUE = "nothing_due"
 
 
 def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False) -> None:
@@ -861,21 +865,45 @@ def _unused_time_credit(batch: _Batch, invoice: Invoice, at: datetime) -> dict[s
 
 
 def _finalize(app: LedgerApplication, batch: _Batch, invoice: Invoice, at: datetime, by: str, *,
-              refunded: bool = False) -> None:
-    """Tax, number and posting of a document (``refunded``: a credit note of money the gateway gave back)."""
+              refunded: bool = False, after_tax: list[dict[str, Any]] | None = None) -> None:
+    """Tax, number and posting of a document (``refunded``: a credit note of money the gateway gave back;
+    ``after_tax``: lines of payment means applied after the tax, shown below it)."""
     if invoice.subscription_id and all(Decimal(item["amount"]) == 0 for item in invoice.lines):
         # A free plan's period (or a paused one without usage): no number, no email, nothing to collect.
         invoice.void(at=at, reason=NOTHING_TO_BILL, by=by)
         return
     invoice.add_lines(_tax_lines(batch, invoice), by="system:tax")
+    if after_tax:
+        invoice.add_lines(after_tax, by=by)
     prefix = "CN" if invoice.document_type == CREDIT_NOTE else "INV"
     issuer = getattr(app, "invoice_issuer", DEFAULT_ISSUER)
-    sequence = batch.get_or_create(InvoiceSequence.create_id(issuer, at.year, prefix),
-                                   lambda: InvoiceSequence(issuer=issuer, year=at.year, prefix=prefix))
-    number = sequence.next_number(invoice=invoice.id)
-    invoice.finalize(number=number, issued_at=at, due_at=at + timedelta(days=INVOICE_DUE_DAYS), by=by,
+    # Issued (dated, numbered in that year's series) when the command issuing it is applied, never at an earlier
+    # time it takes effect: a backdated command's document is dated today, its service period says what it bills
+    # (``period_start``/``period_end``, the lines' ``service_start``/``service_end``), and its postings keep the
+    # effective time ``at``. Before session 14 it was dated ``at``: numbered after invoices dated after it.
+    issued = max(at, batch.command_issued_at or at)
+    sequence = batch.get_or_create(InvoiceSequence.create_id(issuer, issued.year, prefix),
+                                   lambda: InvoiceSequence(issuer=issuer, year=issued.year, prefix=prefix))
+    issued = sequence.issue_date(issued)
+    number = sequence.next_number(invoice=invoice.id, issued_at=issued)
+    invoice.finalize(number=number, issued_at=issued, due_at=issued + timedelta(days=INVOICE_DUE_DAYS), by=by,
                      billed_to=_billed_to(batch, invoice.tenant), seller=_seller(batch, issuer))
     _book(batch, invoice, at, refunded)
+    if invoice.document_type == INVOICE and invoice.subscription_id and invoice.total == 0:
+        _settle_nothing_due(batch, invoice, at, by)
+
+
+def _settle_nothing_due(batch: _Batch, invoice: Invoice, at: datetime, by: str) -> None:
+    """A subscription invoice of 0.00 that shows something (usage paid with credit, a change to a plan of the same
+    fee) is settled as it is issued: paid by nothing (payment ``nothing_due``), what it billed (nothing) settled, so
+    it is never open, never dunned, and never counted as owed. It pays nothing else: a past_due subscription stays so
+    until the invoice it owes is paid (an incomplete one, ``charge_before_access``, had nothing to pay first: it is
+    active). Before session 14 such an invoice stayed ``finalized`` (open) forever."""
+    invoice.mark_paid(at=at, payment=NOTHING_DUE, by=by)
+    settle_paid(account_of(batch, invoice.tenant), invoice, at, NOTHING_DUE)
+    sub = batch.get(UUID(invoice.subscription_id)) if invoice.subscription_id else None
+    if isinstance(sub, Subscription) and sub.status == INCOMPLETE:
+        _activate(batch, sub, at, by)
 
 
 def _billed_to(batch: _Batch, tenant: str) -> dict[str, Any] | None:
@@ -887,12 +915,24 @@ def _billed_to(batch: _Batch, tenant: str) -> dict[str, Any] | None:
     return {name: profile.get(name) for name in ("business_name", "country", "subdivision", "tax_id")}
 
 
+# What a catalogue published before session 14 stored as its seller's name when it declared none (the model's
+# default then): read as no name, so such a catalogue's documents keep naming the issuer setting, as they did.
+_UNDECLARED_SELLER_NAME = "billing"
+
+
 def _seller(batch: _Batch, issuer: str) -> dict[str, Any]:
-    """The seller on a document finalized now: the issuer it is numbered for, and the catalogue seller's country
-    and VAT id."""
+    """The seller on a document finalized now: the catalogue's ``seller`` (its name, address, country and VAT id),
+    named by the issuer setting the document is numbered for when the catalogue declares no name. Before session 14
+    the name was always the setting (``BILLING_INVOICE_ISSUER``, default ``billing``), printed beside the catalogue
+    seller's VAT id: "Issuer: billing" on Billing GmbH's invoices."""
     catalog = batch.get(Catalog.create_id())
     seller = (catalog.document.get("seller") if catalog is not None else None) or {}
-    return {"name": issuer, "country": seller.get("country"), "vat_id": seller.get("vat_id")}
+    name = seller.get("name")
+    found = {"name": name if name and name != _UNDECLARED_SELLER_NAME else issuer, "country": seller.get("country"),
+             "vat_id": seller.get("vat_id")}
+    if seller.get("address"):
+        found["address"] = seller["address"]
+    return found
 
 
 def _document(app: LedgerApplication, batch: _Batch, sub: Subscription, key: str, lines: list[dict[str, Any]],

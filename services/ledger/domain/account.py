@@ -378,6 +378,12 @@ class BillingAccount(ChainedAggregate):
         # an invoice bills it, it is collected in full and the record is dropped when the invoice is paid (a give-back
         # of that usage then credits the credit back, as the invoice charged it). Since session 12 (format 19).
         self._owed_usage: dict[str, list[dict[str, Any]]] = {}
+        # The credit of credit notes (``credit_note`` grants: money given back with its tax, a means of payment) that
+        # usage drew, per rating period, until the invoice billing that period's usage applies it after tax
+        # (``apply_credit_note_credit``): unit -> period key (as ``_unbilled``) -> sub-units, the last
+        # ``BILLED_PERIODS_KEPT_MAX`` periods per unit. A give-back of such usage takes it down. Since session 14
+        # (format 25): before, that credit was taken off before tax and the usage it paid bore no VAT.
+        self._credit_note_spend: dict[str, dict[str, int]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
         self._top_up_history: dict[str, dict[str, Any]] = {}
@@ -466,6 +472,12 @@ class BillingAccount(ChainedAggregate):
             for g in self._grants.values()
             if all(g["cause"].get(k) == v for k, v in match.items())
         ]
+
+    def grant_cause(self, grant_id: UUID) -> dict[str, Any] | None:
+        """What grant ``grant_id`` was granted for (a copy of its ``cause``: a checkout order's ``order_id``, ...), or
+        ``None`` for an unknown grant."""
+        g = self._grants.get(str(grant_id))
+        return _copy(g["cause"]) if g is not None else None
 
     def open_for_late_usage(self, grant_id: UUID) -> bool:
         """Whether grant ``grant_id`` is a plan credit left open after its period for that period's late usage, lapsed
@@ -1401,6 +1413,8 @@ class BillingAccount(ChainedAggregate):
         # ``absorbed`` (a give-back, recorded since session 9): usage of these grants a refund already paid back;
         # no postings, only the draws remembered go down.
         self._apply_draws(unit, draws, remember=True)
+        if draws:
+            self._count_credit_note_spend(unit, _overage_key(cause, at), draws)
         for part in absorbed or ():
             self._trim_draws(unit, part["grant_id"], part["amount"])
         # ``credit_grant["reverses"]`` (since session 11): usage of lapsed grants this credit gives back.
@@ -1410,6 +1424,45 @@ class BillingAccount(ChainedAggregate):
         if credit_grant is not None:
             self._add_grant(credit_grant)
         self._update_arming(unit)
+
+    def _count_credit_note_spend(self, unit: str, key: str, draws: list[Draw]) -> None:
+        """What ``draws`` (of a usage debit or give-back under period ``key``) took from credit notes' credit, or gave
+        back to it, counted for the invoice of that period (``_credit_note_spend``, never below zero)."""
+        change = sum(draw["amount"] for draw in draws
+                     if self._grants[draw["grant_id"]]["source"] == GrantSource.CREDIT_NOTE.value)
+        if not change:
+            return
+        periods = self._credit_note_spend.setdefault(unit, {})
+        spent = max(periods.pop(key, 0) + change, 0)
+        if spent:
+            periods[key] = spent  # the newest last
+            while len(periods) > BILLED_PERIODS_KEPT_MAX:
+                del periods[next(iter(periods))]
+        if not periods:
+            del self._credit_note_spend[unit]
+
+    def credit_note_spend(self, unit: str) -> dict[str, int]:
+        """Credit notes' credit usage drew in ``unit`` that no invoice applied yet, by period key (a copy)."""
+        return dict(self._credit_note_spend.get(unit, {}))
+
+    def apply_credit_note_credit(self, *, invoice: str, unit: str, periods: Iterable[str], at: datetime) -> int:
+        """``invoice`` bills the usage of ``periods``: the credit notes' credit that usage drew is applied on it after
+        tax, as a payment (``invoice_overage.overage_lines``), and forgotten here (``CreditNoteCreditApplied``, no
+        postings: the usage debits moved the money). Returns the sub-units applied."""
+        spent = self._credit_note_spend.get(unit, {})
+        taken = {key: spent[key] for key in sorted(set(periods)) if spent.get(key, 0) > 0}
+        if not taken:
+            return 0
+        self._credit_note_credit_applied(invoice=invoice, unit=unit, taken=taken, at=at)
+        return sum(taken.values())
+
+    @event("CreditNoteCreditApplied")
+    def _credit_note_credit_applied(self, invoice: str, unit: str, taken: dict[str, int], at: datetime) -> None:
+        periods = self._credit_note_spend.get(unit, {})
+        for key in taken:
+            periods.pop(key, None)
+        if not periods:
+            self._credit_note_spend.pop(unit, None)
 
     @event("InvoicedUsageCredited")
     def _invoiced_usage_credited(self, command_id: UUID, unit: str, invoice: str, period: str, note: str | None,

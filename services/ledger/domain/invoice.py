@@ -234,7 +234,10 @@ class Invoice(Aggregate):
 
 
 class InvoiceSequence(Aggregate):
-    """Gap-free numbers per issuer and year: ``INV-2026-000123`` (credit notes: ``CN-2026-000007``)."""
+    """Gap-free numbers per issuer and year: ``INV-2026-000123`` (credit notes: ``CN-2026-000007``), in the order of
+    their issue dates: a number is never dated before the one assigned ahead of it (EU VAT Directive art. 226(2):
+    a sequential series; several member states require it chronological). ``issue_date`` says when a document
+    numbered now is dated."""
 
     @staticmethod
     def create_id(issuer: str, year: int, prefix: str) -> UUID:
@@ -246,14 +249,31 @@ class InvoiceSequence(Aggregate):
         self.year = year
         self.prefix = prefix
         self.last = 0
+        # The issue date of the last number (None: none assigned, or only before session 14, which did not record it).
+        self.last_issued_at: datetime | None = None
 
-    def next_number(self, *, invoice: UUID) -> str:
-        self._assigned(number=self.last + 1, invoice=str(invoice))
+    def issue_date(self, issued_at: datetime) -> datetime:
+        """The issue date of the next number for a document issued at ``issued_at``: that, or the last number's date
+        when that is later (two commands of one moment, clocks a little apart), so dates never run backwards."""
+        if self.last_issued_at is not None and self.last_issued_at > issued_at:
+            return self.last_issued_at
+        return issued_at
+
+    def next_number(self, *, invoice: UUID, issued_at: datetime | None = None) -> str:
+        """The next number, for ``invoice`` dated ``issued_at`` (refused when before the last number's date: take
+        ``issue_date``)."""
+        if issued_at is not None and self.last_issued_at is not None and issued_at < self.last_issued_at:
+            raise InvoiceError(f"{self.prefix}-{self.year}-{self.last + 1:06d} would be dated {issued_at.isoformat()}, "
+                               f"before {self.prefix}-{self.year}-{self.last:06d} ({self.last_issued_at.isoformat()})")
+        self._assigned(number=self.last + 1, invoice=str(invoice), issued_at=issued_at)
         return f"{self.prefix}-{self.year}-{self.last:06d}"
 
     @event("NumberAssigned")
-    def _assigned(self, number: int, invoice: str) -> None:
+    def _assigned(self, number: int, invoice: str, issued_at: datetime | None = None) -> None:
+        # ``issued_at``: recorded since session 14 (None before).
         self.last = number
+        if issued_at is not None:
+            self.last_issued_at = issued_at
 
 
 class InvoiceError(ValueError):

@@ -1372,6 +1372,11 @@ def _every_event_type() -> BillingAccount:
     account.bill_invoice(invoice="inv-3", unit=USD, net=30 * U, tax=0, at=at(21), cause={})
     account.void_invoice_bill(invoice="inv-3", at=at(22), cause={})
     account.credit_note_grant(grant_id=uuid4(), note="cn-1", unit=USD, net=5 * U, tax=U, at=at(23), cause={})
+    # Usage paid with that credit note's credit, applied on the invoice of its period (after tax).
+    debit(account, 40 * U, when=at(23))
+    assert account.credit_note_spend(USD)[at(23).isoformat()] == 6 * U
+    assert account.apply_credit_note_credit(invoice="inv-6", unit=USD, periods=[at(23).isoformat()], at=at(23)) == 6 * U
+    assert at(23).isoformat() not in account.credit_note_spend(USD)
     # A fee billed in advance for 30 days, partly recognised, and its unused rest credited by a cancel's note.
     account.bill_invoice(invoice="inv-4", unit=USD, net=30 * U, tax=0, at=at(24), cause={},
                          deferred={"amount": 30 * U, "start": at(24), "end": at(days=30)})
@@ -1599,3 +1604,23 @@ def test_a_credit_note_of_a_give_back_credits_no_more_than_the_invoice_billed_fo
     assert [type(e).__name__ for e in account.collect_events()] == ["InvoicedUsageCredited", "UsageDebited"]
     assert account.billed_overage(USD, "2026-11") == [{"invoice": "inv-1", "amount": U}]
     assert account.receivable(USD) == 3 * U and account.balance(USD) == 0  # the rest: nothing else given back
+
+
+def test_usage_paid_with_a_credit_notes_credit_is_counted_per_period_until_its_invoice_applies_it() -> None:
+    """A credit note's credit is money given back with its tax (a means of payment): what usage draws of it is kept
+    per rating period, apart from a purchase's credit (its VAT paid at purchase), net of give-backs, so the invoice of
+    that period applies it after tax (``invoice_overage.overage_lines``) and the usage bears its VAT."""
+    account = new_account()
+    november, december = "2026-11-01T00:00:00+00:00", "2026-12-01T00:00:00+00:00"
+    give(account, "bought", 5 * U)  # drawn first (the oldest), a purchase: not counted
+    account.credit_note_grant(grant_id=uuid4(), note="cn-1", unit=USD, net=30 * U, tax=57 * U // 10, at=T0,
+                              cause={})
+    for amount, period in ((20 * U, november), (-3 * U, november), (4 * U, december)):
+        account.debit_usage(command_id=uuid4(), unit=USD, amount=amount, meter="tokens", at=at(1),
+                            overage_policy="overage", cause={"period": period})
+    # November: 20.00 drawn, 5.00 of it the purchase's; 3.00 given back (to the credit note's credit, the last drawn).
+    assert account.credit_note_spend(USD) == {november: 12 * U, december: 4 * U}
+    assert account.apply_credit_note_credit(invoice="inv-1", unit=USD, periods=[november], at=at(2)) == 12 * U
+    assert account.credit_note_spend(USD) == {december: 4 * U}
+    assert account.apply_credit_note_credit(invoice="inv-1", unit=USD, periods=[november], at=at(2)) == 0
+    assert names(events(account))[-1] == "CreditNoteCreditApplied"

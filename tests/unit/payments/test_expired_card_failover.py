@@ -50,7 +50,7 @@ def ledger(tmp_path: Path) -> Iterator[LedgerApplication]:
                    card=card).outcome == "applied"
     assert run(app, "payment_customer.set", TENANT, "cus", gateway="stripe", customer="cus_7").outcome == "applied"
     [created] = app.apply_commands([command("subscription.create", TENANT, {
-        "key": "main", "plan": "team", "at": NOV_1.isoformat()})])
+        "key": "main", "plan": "team", "at": NOV_1.isoformat()}, at=NOV_1)])  # issued then (dated then)
     assert created.outcome == "applied", created
     yield app
     app.close()

@@ -148,7 +148,7 @@ async def test_a_subscription_invoice_is_dunned_for_what_it_bills(ledger: Ledger
     for a gateway outage and retried at every round, the invoice never paid nor past due."""
     add_card(ledger)
     [created] = ledger.apply_commands([command("subscription.create", TENANT, {
-        "key": "main", "plan": "team-kwd", "at": NOV_1.isoformat()})])
+        "key": "main", "plan": "team-kwd", "at": NOV_1.isoformat()}, at=NOV_1)])  # issued then (dated then)
     assert created.outcome == "applied", created
     invoice = ledger.repository.get(invoice_id(TENANT, f"{subscription_id(TENANT, 'main')}/{NOV_1.isoformat()}"))
     assert [(line["kind"], line["amount"]) for line in invoice.lines] == [("base_fee", "12.340"), ("tax", "0.620")]

@@ -287,7 +287,10 @@ async def test_dashboard_shows_invoices_and_mrr(client: httpx.AsyncClient) -> No
     assert "INV-2026-000004" in page.text and "/dashboard/accounts/acme/invoices/" in page.text
     finance = await client.get("/dashboard/finance", headers=auth("finance"), params={"year": 2026, "month": 11})
     assert 'data-testid="mrr-USD">60.00<' in finance.text and 'data-testid="mrr-EUR">100.00<' in finance.text
-    assert finance.text.count('data-testid="invoice-row"') == 8  # issued in November 2026, all tenants
+    # Issued in November 2026, all tenants: 6. The scenario numbers initech's and globex's first invoices
+    # (commands dated Nov 1) after acme's renewal INV-2026-000004 of Dec 1: numbers follow their issue dates
+    # (session 14), so INV-2026-000005 and -000006 are dated Dec 1, not before the number ahead of them.
+    assert finance.text.count('data-testid="invoice-row"') == 6
     exported = await client.get("/dashboard/accounts/acme/export/invoices.csv", headers=auth("viewer", "acme"))
     assert exported.status_code == 200 and exported.text.count("INV-2026-") == 4
 

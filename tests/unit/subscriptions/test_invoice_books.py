@@ -244,8 +244,9 @@ def test_a_change_to_a_plan_of_the_same_fee_is_applied_and_a_later_cancel_gives_
     sub_id = subscription_id("acme", "m")
     document = app.repository.get(invoice_id("acme", f"{sub_id}/change/{change.command_id}"))
     # -20.00 unused of the old plan, +20.00 for the rest of the period on the new one: a 0.00 invoice (it was
-    # refused ``tax_rate_changed``: the 0.00 net had no tax line, so today's rate read 0 %, not 19 %).
-    assert (document.status, document.total) == ("finalized", Decimal("0.00"))
+    # refused ``tax_rate_changed``: the 0.00 net had no tax line, so today's rate read 0 %, not 19 %), settled as it
+    # is issued (nothing due: it stayed open before session 14).
+    assert (document.status, document.total, document.payment) == ("paid", Decimal("0.00"), "nothing_due")
     assert [(x["kind"], x["amount"], x.get("rate")) for x in document.lines] == [
         ("proration", "-20.00", None), ("proration", "20.00", None), ("tax", "0.00", "0.19")]
     # The last 10 days of the new plan were paid with 19 % VAT: the cancel gives both back.
@@ -575,17 +576,20 @@ def test_what_a_refund_leaves_owed_after_a_downgrade_is_billed_on_the_next_renew
     assert account(app).receivable("USD") == 5355 * CENT
     renewal = renew_and_bill(app, NOV_1, DEC_1, [usage_line("35.70")])
     # Billed once, without VAT a second time (its tax is booked): was 30.00 + 5.70 VAT, and the 53.55 owed forever.
+    # The usage the credit note's credit paid bears its VAT (6.78 of 35.70): that credit is a payment, applied
+    # after tax (it was taken off before tax, the usage untaxed, before session 14).
     assert [(x["kind"], x["amount"]) for x in renewal.lines] == [
-        ("base_fee", "30.00"), ("usage", "35.70"), ("credits_applied", "-35.70"), ("overage", "53.55"),
-        ("tax", "5.70")]
-    assert renewal.total == Decimal("89.25")
-    assert account(app).receivable("USD") == 8925 * CENT
+        ("base_fee", "30.00"), ("usage", "35.70"), ("overage", "53.55"), ("tax", "12.48"),
+        ("credits_applied", "-35.70")]
+    assert renewal.total == Decimal("96.03")
+    assert account(app).receivable("USD") == 9603 * CENT
     run(app, "invoice.mark_paid", "acme", at=datetime(2026, 12, 2, tzinfo=UTC), invoice_id=str(renewal.id),
         payment="pi_2")
     assert account(app).receivable("USD") == 0
     chart = books(app)
     assert ("receivables", "USD") not in chart
-    assert chart[("tax_payable", "USD")] == -(285 + 570) * CENT  # the seat's VAT and December's, once each
+    # The seat's VAT, December's and the usage's, once each.
+    assert chart[("tax_payable", "USD")] == -(285 + 570 + 678) * CENT
     january = renew_and_bill(app, DEC_1, JAN_1, [])
     assert january.total == Decimal("35.70")  # billed once
     assert verify_store(app, "acme").ok

@@ -1,6 +1,6 @@
 """Session 14 review: the VAT of services paid with a credit note's account credit, on the real ledger and rating
 wired by hand (tests/unit/subscriptions/test_cancel_after_period_end.py's ``Stack``). Found by running the month end
-of a tenant mix on the real stack; fails on the current code (xfail, strict).
+of a tenant mix on the real stack (session 14: fixed, the credit is applied after tax as a payment).
 
 A downgrade's credit note gives the unused fee back *with its VAT* as account credit (a ``credit_note`` grant: Dr
 recognised revenue net, Dr tax payable VAT, Cr wallet gross), and the renewal invoice takes the credit drawn for usage
@@ -16,9 +16,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from billing_events.money import SUBUNITS_PER_UNIT
-from billing_ledger.audit import account_events
+from billing_ledger.audit import account_events, verify_store
 
 from tests.unit.subscriptions.test_cancel_after_period_end import Stack, wired_stack
 
@@ -51,9 +50,6 @@ async def settle(stack: Stack) -> None:
         await stack.deliver()
 
 
-@pytest.mark.xfail(strict=True, reason="usage paid with a credit note's account credit bears no VAT: the note gives "
-                                       "the VAT back as spendable credit and the invoice takes that credit off before "
-                                       "tax (review s14)")
 async def test_services_paid_with_a_credit_notes_credit_bear_their_vat(tmp_path: Path) -> None:
     """A DE consumer on Pro (90.00 + 17.10 VAT, Nov 1), downgraded to Team on Nov 16: a credit note of 45.00 - 15.00
     = 30.00 + 5.70 VAT, given as 35.70 of account credit. 357 calls on Nov 20 (35.70) draw it; the Dec 1 renewal
@@ -72,8 +68,19 @@ async def test_services_paid_with_a_credit_notes_credit_bear_their_vat(tmp_path:
         await settle(stack)
         assert all(r.outcome in ("applied", "duplicate") for r in stack.results), stack.results
         documents = {key: (i.status, i.total) for key, i in stack.invoices().items()}
+        issued = [i for i in stack.invoices().values() if i.status != "void"]
+        renewal = stack.invoice(DEC_1.isoformat())
         ledger = books(stack)
+        audit = verify_store(stack.ledger, "acme")
     revenue = -(ledger.get("recognised_revenue", Decimal(0)) + ledger.get("deferred_revenue", Decimal(0)))
     assert revenue == Decimal("125.70"), (revenue, ledger, documents)
     vat_due = (revenue * Decimal("0.19")).quantize(Decimal("0.01"), ROUND_HALF_UP)  # 23.88
     assert -ledger["tax_payable"] == vat_due, (ledger, documents)
+    # The documents declare the VAT the books hold, and the renewal shows the credit as a payment after its tax:
+    # 30.00 + 35.70 of calls, 19 % of 65.70, then the note's 35.70 of credit: 42.48 to pay.
+    assert sum((Decimal(x["amount"]) for i in issued for x in i.lines if x["kind"] == "tax"), Decimal(0)) == vat_due
+    assert [(x["kind"], x["amount"]) for x in renewal.lines] == [
+        ("base_fee", "30.00"), ("usage", "35.70"), ("tax", "12.48"), ("credits_applied", "-35.70")], renewal.lines
+    assert renewal.lines[-1]["description"] == "Credit note credit applied (a payment, after tax)"
+    assert renewal.total == Decimal("42.48") and renewal.lines[2]["description"] == "DE VAT 19 % of 65.70"
+    assert audit.ok, audit.problems
