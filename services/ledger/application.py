@@ -718,7 +718,7 @@ class LedgerApplication(Application[UUID]):
             return CommandResult(command.command_id, outcome, reason, detail=detail)
         recorder = REJECTION_RECORDERS.get(command.kind) if outcome == "rejected" else None
         if recorder is not None:  # after the rollback: it stays whatever the command had changed
-            batch.begin_command()
+            batch.begin_command(command)
             recorder(batch, command, reason, detail)
         self._record_receipt(batch, command, outcome, reason)
         if outcome == "rejected" and command.kind in KEPT_WHEN_REJECTED:

@@ -412,7 +412,10 @@ def _check_arithmetic(document: Document, problems: list[str]) -> None:
     if document.finalized_total is not None and Decimal(document.finalized_total) != total:
         problems.append(f"{_name(document)} was finalized for {document.finalized_total} {document.currency}, but "
                         f"its lines add up to {total}")
-    lines = [item for item in document.lines if item["kind"] != "tax" and not item.get("tax_included")]
+    # Taxed as ``document_tax_lines`` taxes: not tax lines, not amounts with their tax included, not a means of
+    # payment applied after tax (``after_tax``: a credit note's credit, since session 14).
+    lines = [item for item in document.lines
+             if item["kind"] != "tax" and not item.get("tax_included") and not item.get("after_tax")]
     net = sum((Decimal(item["amount"]) for item in lines), Decimal(0))
     credited = sum((Decimal(item["amount"]) for item in lines if Decimal(item["amount"]) < 0), Decimal(0))
     taxes = [item for item in document.lines if item["kind"] == "tax" and item.get("rate") is not None]

@@ -10,7 +10,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from billing_cli.main import app as cli
 from billing_events import ids
 from billing_ledger.application import LedgerApplication, persistence_env

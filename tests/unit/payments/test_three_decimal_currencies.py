@@ -211,7 +211,7 @@ def old_invoice(ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> I
     with monkeypatch.context() as before_session_13:
         before_session_13.setattr(money, "CHARGED_DECIMALS_MAX", 3)
         [created] = ledger.apply_commands([command("subscription.create", TENANT, {
-            "key": "main", "plan": "team-kwd", "at": NOV_1.isoformat()})])
+            "key": "main", "plan": "team-kwd", "at": NOV_1.isoformat()}, at=NOV_1)])  # issued (and dated) Nov 1
     assert created.outcome == "applied", created
     invoice = ledger.repository.get(invoice_id(TENANT, f"{subscription_id(TENANT, 'main')}/{NOV_1.isoformat()}"))
     assert (invoice.status, invoice.total, [item["amount"] for item in invoice.lines]) == (
@@ -285,7 +285,7 @@ async def test_an_old_invoice_below_one_step_is_written_off_whole_and_nothing_is
         tiny = {**CATALOG, "plans": [{"code": "tiny", "name": "Tiny", "currency": "KWD", "base_fee": "0.005"}]}
         assert run(ledger, "catalog.publish", None, document=tiny, digest="kwd-tiny").outcome == "applied"
         [created] = ledger.apply_commands([command("subscription.create", TENANT, {
-            "key": "tiny", "plan": "tiny", "at": NOV_1.isoformat()})])
+            "key": "tiny", "plan": "tiny", "at": NOV_1.isoformat()}, at=NOV_1)])  # issued (and dated) Nov 1
     assert created.outcome == "applied", created
     invoice = ledger.repository.get(invoice_id(TENANT, f"{subscription_id(TENANT, 'tiny')}/{NOV_1.isoformat()}"))
     assert invoice.total == Decimal("0.005")
