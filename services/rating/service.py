@@ -415,7 +415,7 @@ class RatingService:
         latest = chain.latest
         meter = batch.catalog.meters.get(latest["meter"])
         if latest["decision"] not in repricing.MOVABLE or meter is None or meter.error:
-            return None  # refused, filtered, or late (in the open period because its own was closed)
+            return None  # refused, filtered, or late (priced in its own period, closed: that stands)
         definition = meter.definition
         counted = contribution(definition, chain.quantity)
         if latest["corrects"] and chain.quantity == 0 or definition.aggregation in REAL_TIME and counted == 0:
@@ -704,10 +704,15 @@ class RatingService:
                 batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
                              "period_closed", rejection)
                 return rejection
-            if rated_in is None:
-                period = batch.open_period_of(account)  # billed in the open period; the event keeps its timestamp
-            # A late correction stays in its original's period: priced on that period's total and allowance, the
-            # difference named by ``original_period`` (the ledger credits the invoice that billed it).
+            if rated_in is None and not (meter is not None and not meter.error
+                                         and meter.definition.aggregation in REAL_TIME):
+                # Priced at close (max, last, unique_count): the closed period's close billed its aggregate, so the
+                # event counts in the open period's; the event keeps its timestamp.
+                period = batch.open_period_of(account)
+            # A late event of a real-time meter, like a late correction, stays in its own period: priced on that
+            # period's total and allowance at the price it was billed at, named by ``original_period`` (the ledger
+            # draws it by its time from that period's credit and bills what the credit leaves as that period's
+            # overage on the next renewal invoice), so its price never depends on the open period's usage.
             decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
@@ -768,9 +773,8 @@ class RatingService:
                     price_json = definition.price
                 priced_by = "plan" if plan_pricing is not None else "list_price"
                 billed = None
-                if late and correction:  # the price is the meter's: any of its lines has it, the original's first
-                    billed = (batch.close_lines.get((account, period, event.meter, group_old))
-                              or batch.close_lines.get((account, period, event.meter, group)))
+                if late:  # the price is the meter's: any of its lines has it, the original's (or its own) first
+                    billed = batch.billed_line(account, period, event.meter, group_old, group)
                 if billed is not None and billed.get("price") is not None:
                     # The price and allowance the closed period was billed at (whatever changed since: a plan
                     # change, a cancel, a new catalogue), so the difference is what that period's invoice billed.
@@ -1168,18 +1172,23 @@ class _BatchState:
                 else:
                     continue
             moments.append((usage.account, moment))
-        if closed_corrected:
-            await state._load_close_lines(conn, sorted(closed_corrected))
         # Ended subscription periods, only of accounts that have had a subscription and have an event before
         # their current period (none for most batches: no statement then).
         earlier = sorted({account for account, moment in moments if account in subscribed and (
             account not in state.subscriptions or moment < state.subscriptions[account][0].period_start)})
         if earlier:
             state.ended = await ended_periods(conn, earlier, dialect)
-        # The periods this batch rates in: each event's (or its original's) period, the open one if closed.
+        # The periods this batch rates in: each event's (or its original's) period; when it is closed, the open one
+        # too (a late event of a meter priced at close counts there).
+        late_pairs: set[tuple[str, str]] = set()
         for account, moment in moments:
             period, late = state.period_of(account, moment)
-            state.periods.add((account, state.open_period_of(account) if late else period))
+            state.periods.add((account, period))
+            if late:
+                late_pairs.add((account, period))
+                state.periods.add((account, state.open_period_of(account)))
+        if closed_corrected or late_pairs:  # the price and allowance each closed period was billed at
+            await state._load_close_lines(conn, sorted(closed_corrected | late_pairs))
         if state.periods:
             await state._load_totals(conn)
         return state
@@ -1220,6 +1229,18 @@ class _BatchState:
         for row in rows:
             if (row["account_id"], row["period"]) in self.periods:
                 self.totals[(row["account_id"], row["meter"], row["period"])] = Decimal(row["quantity"])
+
+    def billed_line(self, account: str, period: str, meter: str, *groups: str) -> dict[str, Any] | None:
+        """The close line a closed ``period`` billed ``meter`` with: the line of the first of ``groups`` it has, else
+        any line of the meter (its price and allowance are the meter's), else None (no usage of it was billed)."""
+        for group in groups:
+            line = self.close_lines.get((account, period, meter, group))
+            if line is not None:
+                return line
+        for (line_account, line_period, line_meter, _), line in self.close_lines.items():
+            if (line_account, line_period, line_meter) == (account, period, meter):
+                return line
+        return None
 
     def original_from(self, row: tuple[Any, ...]) -> None:
         """Makes a decision of this batch amendable by a later correction in the same batch (as if stored)."""
