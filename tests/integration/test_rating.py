@@ -510,10 +510,12 @@ async def test_postgres_usage_is_priced_by_the_plan_of_its_time_and_repriced_by_
                        old_quantity=1, quantity=1, at=day(10).isoformat(), by="user:test", lines=[],
                        period_start=nov.isoformat(), period_end=dec.isoformat(), anchor_day=1)
     # Usage of Nov 5 reaching rating after the change is priced by Pro (5 included, 0.10): 3 x 0.10; Nov 12's by
-    # Scale (20 included): 0. Nov 20's too, before rating learns that the subscription was canceled on Nov 16.
+    # Scale (20 included): 0. Nov 20's too, before rating learns that the subscription was canceled on Nov 16: Scale
+    # prices the period's 23 calls 0.15 (3 x 0.05), less than the 0.30 Pro charged before the change, which counts
+    # as paid towards it (docs/rating.md "Which price applies": it cost 0.15 more, on top).
     await service.handle_accepted([usage("acme", "u1", "8", at=day(5)), usage("acme", "u2", "10", at=day(12)),
                                    usage("acme", "u3", "5", at=day(20))])
-    assert _net_by_event(outbox) == {"u1": 300_000_000, "u2": 0, "u3": 150_000_000}  # 18 -> 23: 3 x 0.05
+    assert _net_by_event(outbox) == {"u1": 300_000_000, "u2": 0, "u3": 0}
     await ledger_event(3, "Canceled", at=day(16).isoformat(), by="user:test", reason="canceled", lines=[])
     # u3 is priced as without the subscription (November's list price: 2 included, 3 x 1.00) and is not on the cut's
     # final invoice, which bills Nov 1 - 16: 18 calls, 0.30.
