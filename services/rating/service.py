@@ -1275,7 +1275,7 @@ class _BatchState:
         back, and usage before it is never charged again. ``subs``: the account's live subscriptions the usage is
         priced with (default: the batch's)."""
         subs = self.subscriptions.get(account) if subs is None else subs
-        change = self.plan_change_in(subs, period, moment) if subs else None
+        change = self.plan_change_in(subs, period, moment) if subs and any(sub.plans for sub in subs) else None
         if change is None:
             return charged_after - charged_before
         floor = self.charged_before_change(account, meter, period, change)
