@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -338,11 +338,12 @@ class RatingService:
             self._plan_specs[key] = cached
         return cached[0], included, charge.overage_policy, sub.in_trial(moment), cached[1]
 
-    async def _repricing_target(self, conn: Connection, event: LedgerEvent) -> tuple[str, str, datetime] | None:
-        """(account, tenant, the instant from which it prices otherwise: ``repricing.since``) whose usage ``event`` may
-        reprice, locked against usage batches of the account (``repricing.lock_account``) before anything else of the
-        event is read or written; else None. Read before the event is applied (a ``Canceled``: whether the
-        subscription was live)."""
+    async def _repricing_target(self, conn: Connection, event: LedgerEvent
+                                ) -> tuple[str, str, datetime, list[AccountSubscription]] | None:
+        """(account, tenant, the instant from which it prices otherwise: ``repricing.since``, the account's live
+        subscriptions before the event: what its usage was rated with) whose usage ``event`` may reprice, locked
+        against usage batches of the account (``repricing.lock_account``) before anything else of the event is read or
+        written; else None. Read before the event is applied (a ``Canceled``: whether the subscription was live)."""
         if not repricing.may_reprice(event):
             return None
         if event.type == "Subscription.Started":
@@ -358,10 +359,11 @@ class RatingService:
         if moment is None:
             return None
         await repricing.lock_account(conn, self.db.dialect, account)
-        return account, tenant, moment
+        rated_with = (await load_subscriptions(conn, [account], self.db.dialect))[0].get(account, [])
+        return account, tenant, moment, rated_with
 
-    async def _reprice(self, conn: Connection, event: LedgerEvent, account: str, tenant: str, moment: datetime
-                       ) -> list[OutMessage]:
+    async def _reprice(self, conn: Connection, event: LedgerEvent, account: str, tenant: str, moment: datetime,
+                       rated_with: list[AccountSubscription]) -> list[OutMessage]:
         """Reprices the usage of ``account`` at or after ``moment`` (``event``'s instant) that rating decided before
         it learnt of ``event`` and that it now places in another period or prices otherwise
         (``billing_rating.repricing``): a give-back in the period it was rated in, at that price, and a charge in the
@@ -379,6 +381,7 @@ class RatingService:
         batch = _BatchState(dialect, utcnow())
         batch.catalog = self.catalog
         batch.subscriptions, _ = await load_subscriptions(conn, [account], dialect)
+        batch.rated_with = {account: rated_with}  # the give-backs' plan changes (``floored``): as the usage was rated
         batch.ended = await ended_periods(conn, [account], dialect)
         batch.closed = {(account, r["period"]) for r in await conn.fetch(
             "SELECT period FROM closed_periods WHERE account_id = $1", account)}
@@ -390,6 +393,7 @@ class RatingService:
             return []
         batch.periods = {(account, period) for m in moves for period in (m.old_period, m.new_period)}
         await batch._load_totals(conn)
+        await batch._load_charged_before_changes(conn)
         # The events' own commands go again first: on the account's partition the ledger then has each debit before
         # its give-back, even when the batch that rated it has not published it yet (same ids: posted once).
         resent = [row for move in moves for row in move.chain.commands()]
@@ -415,7 +419,7 @@ class RatingService:
         latest = chain.latest
         meter = batch.catalog.meters.get(latest["meter"])
         if latest["decision"] not in repricing.MOVABLE or meter is None or meter.error:
-            return None  # refused, filtered, or late (in the open period because its own was closed)
+            return None  # refused, filtered, or late (priced in its own period, closed: that stands)
         definition = meter.definition
         counted = contribution(definition, chain.quantity)
         if latest["corrects"] and chain.quantity == 0 or definition.aggregation in REAL_TIME and counted == 0:
@@ -509,9 +513,11 @@ class RatingService:
                 log.error("repricing_skipped", event_id=chain.event_id, period=period, total=decimal_text(before))
                 return False
             batch.set_total(account, key, period, group_after)
-            amount = 0 if old.trial else (period_charge(old.spec, after, old.included)
-                                          - period_charge(old.spec, before, old.included))
+            amount = 0 if old.trial else -batch.floored(
+                account, code, period, chain.moment, period_charge(old.spec, after, old.included),
+                period_charge(old.spec, before, old.included), batch.rated_with.get(account))
             inputs = old.inputs
+        batch.charged_at(account, code, period, chain.moment, amount)
         late = (account, period) in batch.closed
         given = {k: v for k, v in payload["cause"].items()
                  if k not in ("group_old", "quantity_old_uncounted", "late", "original_period")}
@@ -573,9 +579,11 @@ class RatingService:
             before = batch.meter_total(account, code, period)
             after = RATING_CONTEXT.add(before, move.counted)
             batch.set_total(account, key, period, RATING_CONTEXT.add(batch.total(account, key, period), move.counted))
-            amount = 0 if new.trial else (period_charge(new.spec, after, new.included)
-                                          - period_charge(new.spec, before, new.included))
+            amount = 0 if new.trial else batch.floored(
+                account, code, period, chain.moment, period_charge(new.spec, before, new.included),
+                period_charge(new.spec, after, new.included))
             unit, inputs = new.spec.unit, new.inputs
+        batch.charged_at(account, code, period, chain.moment, amount)
         inputs = {**inputs, "corrects": chain.event_id, "quantity_old": "0", "quantity_new": quantity,
                   "repriced": {"by": cause, "as": "charge"}}
         output = self._debit(batch, usage, unit, amount, move.meter, period, decimal_text(before),
@@ -704,10 +712,15 @@ class RatingService:
                 batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
                              "period_closed", rejection)
                 return rejection
-            if rated_in is None:
-                period = batch.open_period_of(account)  # billed in the open period; the event keeps its timestamp
-            # A late correction stays in its original's period: priced on that period's total and allowance, the
-            # difference named by ``original_period`` (the ledger credits the invoice that billed it).
+            if rated_in is None and not (meter is not None and not meter.error
+                                         and meter.definition.aggregation in REAL_TIME):
+                # Priced at close (max, last, unique_count): the closed period's close billed its aggregate, so the
+                # event counts in the open period's; the event keeps its timestamp.
+                period = batch.open_period_of(account)
+            # A late event of a real-time meter, like a late correction, stays in its own period: priced on that
+            # period's total and allowance at the price it was billed at, named by ``original_period`` (the ledger
+            # draws it by its time from that period's credit and bills what the credit leaves as that period's
+            # overage on the next renewal invoice), so its price never depends on the open period's usage.
             decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
@@ -768,9 +781,8 @@ class RatingService:
                     price_json = definition.price
                 priced_by = "plan" if plan_pricing is not None else "list_price"
                 billed = None
-                if late and correction:  # the price is the meter's: any of its lines has it, the original's first
-                    billed = (batch.close_lines.get((account, period, event.meter, group_old))
-                              or batch.close_lines.get((account, period, event.meter, group)))
+                if late:  # the price is the meter's: any of its lines has it, the original's (or its own) first
+                    billed = batch.billed_line(account, period, event.meter, group_old, group)
                 if billed is not None and billed.get("price") is not None:
                     # The price and allowance the closed period was billed at (whatever changed since: a plan
                     # change, a cancel, a new catalogue), so the difference is what that period's invoice billed.
@@ -839,6 +851,9 @@ class RatingService:
                 charged_after = period_charge(spec, after, included)
                 batch.charged[charged_key] = (after, charged_after)
                 amount = charged_after - charged_before[1]
+                if billed is None:  # after a plan change in the period: what was charged before it counts
+                    amount = batch.floored(account, event.meter, period, event.timestamp, charged_before[1],
+                                           charged_after)
                 # The same few keys for every event of a price: one dict per batch, shared (never mutated:
                 # corrections and late events below build new ones).
                 inputs_key = (id(price_json), included, overage_policy, priced_by == "plan")
@@ -878,6 +893,8 @@ class RatingService:
         batch.record(usage, batch.catalog.version, period, group, value, before, after, amount, unit, decision,
                      output, corrects=correction[0] if correction and amends else None,
                      effective_quantity=decimal_text(correction[2]) if correction and amends else None)
+        if amount and decision not in REFUSED_DECISIONS:
+            batch.charged_at(account, event.meter, period, event.timestamp, amount)
         return output
 
     def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
@@ -1102,6 +1119,13 @@ class _BatchState:
         self.pending: list[Usage] = []  # the batch's events that no earlier batch decided
         self.corrected: set[str] = set()  # ids the batch's corrections amend
         self.rows: list[tuple[Any, ...]] = []  # decisions not yet handed to the COPY
+        # (account, period) -> (meter, usage time, sub-units) of its charged decisions, read only for periods in which
+        # a subscription of the account changed plan; (account, meter, period, change) -> what usage before the
+        # change was charged (``floored``).
+        self.period_charges: dict[tuple[str, str], list[tuple[str, datetime, int]]] = {}
+        self.before_change: dict[tuple[str, str, str, datetime], int] = {}
+        # account -> its live subscriptions before the subscription event a repricing follows (``_reprice``).
+        self.rated_with: dict[str, list[AccountSubscription]] = {}
 
     @classmethod
     async def load(cls, conn: Connection, dialect: str, usages: list[Usage], now: datetime, *,
@@ -1168,20 +1192,26 @@ class _BatchState:
                 else:
                     continue
             moments.append((usage.account, moment))
-        if closed_corrected:
-            await state._load_close_lines(conn, sorted(closed_corrected))
         # Ended subscription periods, only of accounts that have had a subscription and have an event before
         # their current period (none for most batches: no statement then).
         earlier = sorted({account for account, moment in moments if account in subscribed and (
             account not in state.subscriptions or moment < state.subscriptions[account][0].period_start)})
         if earlier:
             state.ended = await ended_periods(conn, earlier, dialect)
-        # The periods this batch rates in: each event's (or its original's) period, the open one if closed.
+        # The periods this batch rates in: each event's (or its original's) period; when it is closed, the open one
+        # too (a late event of a meter priced at close counts there).
+        late_pairs: set[tuple[str, str]] = set()
         for account, moment in moments:
             period, late = state.period_of(account, moment)
-            state.periods.add((account, state.open_period_of(account) if late else period))
+            state.periods.add((account, period))
+            if late:
+                late_pairs.add((account, period))
+                state.periods.add((account, state.open_period_of(account)))
+        if closed_corrected or late_pairs:  # the price and allowance each closed period was billed at
+            await state._load_close_lines(conn, sorted(closed_corrected | late_pairs))
         if state.periods:
             await state._load_totals(conn)
+            await state._load_charged_before_changes(conn)
         return state
 
     async def _load_originals(self, conn: Connection, corrected: list[str]) -> None:
@@ -1220,6 +1250,85 @@ class _BatchState:
         for row in rows:
             if (row["account_id"], row["period"]) in self.periods:
                 self.totals[(row["account_id"], row["meter"], row["period"])] = Decimal(row["quantity"])
+
+    def plan_change_in(self, subs: list[AccountSubscription], period: str, moment: datetime) -> datetime | None:
+        """The instant of the latest plan change of live subscriptions ``subs`` (started by ``moment``) after
+        ``period``'s start and at or before ``moment``, or None: the plan pricing usage at ``moment`` took over within
+        the period (docs/rating.md "Which price applies")."""
+        start = _period_start(period)
+        latest = None
+        for sub in subs:
+            if sub.start > moment:
+                continue
+            for until, _, _ in sub.plans:
+                if start < until <= moment and (latest is None or until > latest):
+                    latest = until
+        return latest
+
+    def floored(self, account: str, meter: str, period: str, moment: datetime, charged_before: int,
+                charged_after: int, subs: list[AccountSubscription] | None = None) -> int:
+        """What usage at ``moment`` that takes the period's price from ``charged_before`` to ``charged_after`` (the
+        plan of its time, on the period's whole total) is charged: the difference, except after a plan change within
+        the period, where the new plan's price of the period counts what the period's usage before the change was
+        charged (``floor``) as paid: ``max(floor, after) - max(floor, before)``. So the period never costs more
+        than the higher of the two plans' prices of its whole usage, nothing charged before the change is given
+        back, and usage before it is never charged again. ``subs``: the account's live subscriptions the usage is
+        priced with (default: the batch's)."""
+        subs = self.subscriptions.get(account) if subs is None else subs
+        change = self.plan_change_in(subs, period, moment) if subs and any(sub.plans for sub in subs) else None
+        if change is None:
+            return charged_after - charged_before
+        floor = self.charged_before_change(account, meter, period, change)
+        return max(floor, charged_after) - max(floor, charged_before)
+
+    def charged_before_change(self, account: str, meter: str, period: str, change: datetime) -> int:
+        """Sub-units the decisions of ``meter`` in ``period`` for usage before ``change`` were charged in all."""
+        key = (account, meter, period, change)
+        if key not in self.before_change:
+            rows = self.period_charges.get((account, period))
+            if rows is None:
+                raise RuntimeError(f"charges of period {period} of account {account} were not loaded")
+            self.before_change[key] = sum(amount for code, at, amount in rows if code == meter and at < change)
+        return self.before_change[key]
+
+    def charged_at(self, account: str, meter: str, period: str, moment: datetime, amount: int) -> None:
+        """Keeps the charges before plan changes (``charged_before_change``) in step with a decision of the batch."""
+        rows = self.period_charges.get((account, period))
+        if rows is None or not amount:
+            return
+        rows.append((meter, moment, amount))
+        for (key_account, key_meter, key_period, change) in self.before_change:
+            if (key_account, key_meter, key_period) == (account, meter, period) and moment < change:
+                self.before_change[(key_account, key_meter, key_period, change)] += amount
+
+    async def _load_charged_before_changes(self, conn: Connection) -> None:
+        """The charges of the (account, period) pairs the batch rates in where a subscription of the account changed
+        plan after the period's start (rare): what ``charged_before_change`` sums."""
+        for account, period in sorted(self.periods):
+            if (account, period) in self.period_charges:
+                continue
+            start = _period_start(period)
+            subs = [*(self.subscriptions.get(account) or ()), *(self.rated_with.get(account) or ())]
+            if not any(until > start for sub in subs for until, _, _ in sub.plans):
+                continue
+            rows = await conn.fetch(
+                "SELECT meter, event_time, amount_subunits, decision FROM rated_events WHERE account_id = $1 "
+                "AND period = $2", account, period)
+            self.period_charges[(account, period)] = [
+                (r["meter"], datetime.fromisoformat(r["event_time"]), int(r["amount_subunits"])) for r in rows
+                if r["amount_subunits"] and r["decision"].rpartition(":")[2] not in REFUSED_DECISIONS]
+
+    def billed_line(self, account: str, period: str, meter: str, *groups: str) -> dict[str, Any] | None:
+        """The close line a closed ``period`` billed ``meter`` with: the line of the first of ``groups`` it has, else
+        any line of the meter (its price and allowance are the meter's), else None (no usage of it was billed)."""
+        for group in groups:
+            line = self.close_lines.get((account, period, meter, group))
+            if line is not None:
+                return line
+        for (line_account, line_period, line_meter, _), line in self.close_lines.items():
+            if (line_account, line_period, line_meter) == (account, period, meter):
+                return line
+        return None
 
     def original_from(self, row: tuple[Any, ...]) -> None:
         """Makes a decision of this batch amendable by a later correction in the same batch (as if stored)."""
@@ -1299,6 +1408,13 @@ class _BatchState:
                 "INSERT INTO period_totals (account_id, meter, period, quantity) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
                 [(a, m, p, str(self.totals[(a, m, p)])) for a, m, p in dirty])
+
+
+def _period_start(period: str) -> datetime:
+    """The first instant of a period key: a calendar month (``YYYY-MM``, UTC) or a subscription period's start."""
+    if len(period) == 7:
+        return datetime(int(period[:4]), int(period[5:]), 1, tzinfo=UTC)
+    return datetime.fromisoformat(period)
 
 
 def _period(subs: list[AccountSubscription] | None, ended: list[tuple[datetime, datetime, str]] | None,

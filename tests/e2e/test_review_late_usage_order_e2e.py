@@ -1,10 +1,11 @@
 """Session 14 review, through the HTTP API of `billing run` (embedded, SQLite): what a tenant pays for usage of an
 ended period that arrives after its renewal must not depend on the order in which it and the open period's usage
-arrive. The late event is rated into the open period (late policy ``next_period``: the open period's running total,
-allowance and tiers) but the ledger draws it by its own time, from the ended period's credit (used up), so it goes
-to overage while the open period's included credit stays unused; arriving first, it falls in the open period's
-allowance and the open period's usage draws that credit instead (docs/rating.md "Late events and corrections",
-docs/subscriptions.md "Recurring credits"). Fails on the current code: xfail, strict."""
+arrive. The late event was rated into the open period (late policy ``next_period``: the open period's running total,
+allowance and tiers) while the ledger drew it by its own time, from the ended period's credit (used up), so it goes
+to overage while the open period's included credit stayed unused; arriving first, it fell in the open period's
+allowance and the open period's usage drew that credit instead (docs/rating.md "Late events and corrections",
+docs/subscriptions.md "Recurring credits"). Since session 14 late usage is priced on its own period's total and
+allowance, where the ledger draws it from, whatever arrived since."""
 
 from __future__ import annotations
 
@@ -47,9 +48,6 @@ def charged_five(api: Api, tenant: str) -> bool:
                for row in api.get(f"/v1/accounts/{tenant}/transactions?limit=50")["items"])
 
 
-@pytest.mark.xfail(strict=True, reason="late usage is priced on the open period's total but drawn from the ended "
-                                       "period's used-up credit: the same usage costs 5.00 more money when it arrives "
-                                       "after the open period's usage (review s14)")
 def test_late_usage_costs_the_same_whichever_order_it_and_the_open_periods_usage_arrive_in(tmp_path: Path) -> None:
     """Two tenants on Plus, periods that ended days ago, each with 300 calls in the ended period (20.00: its 10.00 of
     credit and 10.00 beyond it, on the renewal). After the renewal each sends the same two events: 100 calls now and

@@ -182,19 +182,19 @@ async def test_postgres_corrections_late_events_and_closed_periods(pg_rating) ->
     await close_period(service.db, outbox, service.catalog, "2026-10")  # type: ignore[arg-type]
     outbox.messages.clear()
     # The correction is rated in its original's (closed) period, on October's total (12 -> 20: 10 billable ->
-    # 18, +4.00), named by it; a late new event follows the late policy: billed in the open period.
+    # 18, +4.00), named by it; a late new event follows the late policy (next_period): priced on October's total
+    # too (20 -> 29: 9 x 0.50), named by it, billed as October's overage by the next invoice.
     await service.handle_accepted([usage("acme", "c1", "20", correction_of="o1"),
-                                   usage("acme", "late", "9", at=october),          # 0 -> 9: 7 billable
+                                   usage("acme", "late", "9", at=october),          # 20 -> 29: 9 billable
                                    usage("acme", "s2", "4", "seats", october),       # reject: period_closed
                                    usage("acme", "c2", "1", correction_of="nope")])  # unknown_correction
     commands = outbox.commands()
     assert [(c["payload"]["cause"]["event_ids"], c["payload"]["amount"]) for c in commands] == [
-        (["c1"], "4.000000000"), (["late"], "7.000000000")]
+        (["c1"], "4.000000000"), (["late"], "4.500000000")]
     assert commands[0]["payload"]["cause"]["late"] == "late"
     assert commands[0]["payload"]["cause"]["corrects"] == "o1"
-    open_period = datetime.now(UTC).strftime("%Y-%m")
     assert [(c["payload"]["cause"]["period"], c["payload"]["cause"]["original_period"]) for c in commands] == [
-        ("2026-10", "2026-10"), (open_period, "2026-10")]
+        ("2026-10", "2026-10"), ("2026-10", "2026-10")]
     letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
     assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed"), ("c2", "unknown_correction")]
     decisions = {r["event_id"]: r["decision"] for r in await service.db.fetch(
@@ -286,24 +286,25 @@ async def test_postgres_a_subscription_period_closes_when_it_ends_and_later_even
     assert {line["meter"]: line["amount"] for line in lines["payload"]["lines"]} == {
         "api_calls": "0.300000000", "seats": "15.000000000"}
     outbox.messages.clear()
-    # After the renewal, November usage is late: billed in December's period, or refused (seats: reject).
+    # After the renewal, November usage is late: priced on November's total (billed as its overage by the next
+    # renewal), or refused (seats: reject).
     await service.handle_accepted([usage("acme", "late", "7", at=datetime(2026, 11, 30, tzinfo=UTC)),
                                    usage("acme", "s2", "4", "seats", datetime(2026, 11, 30, tzinfo=UTC))])
-    [late] = outbox.commands()  # December's own allowance: 7 - 5 included, 2 x 0.10
+    [late] = outbox.commands()  # November's allowance was used (8 of 5 included): 7 x 0.10, never December's
     assert (late["payload"]["amount"], late["payload"]["cause"]["period"], late["payload"]["cause"]["late"]) == (
-        "0.200000000", dec.isoformat(), "late")
+        "0.700000000", nov.isoformat(), "late")
     letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
     assert [(d["event_id"], d["reason"]) for d in letters] == [("s2", "period_closed")]
     outbox.messages.clear()
-    # A correction of November's a1 (8 -> 3) is priced on November's total at the price it was billed at (its
-    # close line): 3 billable x 0.10 back, named by November; December's total is untouched.
+    # A correction of November's a1 (8 -> 3) is priced on November's total (15, the late 7 in it) at the price it was
+    # billed at (its close line): 10 billable -> 5, 0.50 back, named by November; December's total is untouched.
     await service.handle_accepted([usage("acme", "a1-fix", "3", correction_of="a1")])
     [fix] = outbox.commands()
     cause = fix["payload"]["cause"]
     assert (fix["payload"]["amount"], cause["period"], cause["original_period"], cause["corrects"]) == (
-        "-0.300000000", nov.isoformat(), nov.isoformat(), "a1")
+        "-0.500000000", nov.isoformat(), nov.isoformat(), "a1")
     totals = {r["period"]: r["quantity"] for r in await service.db.fetch("SELECT period, quantity FROM period_totals")}
-    assert totals == {nov.isoformat(): "3", dec.isoformat(): "7"}
+    assert totals == {nov.isoformat(): "10"}
 
 
 async def test_postgres_an_immediate_cancel_closes_the_cut_period_once_and_later_events_of_it_are_late(pg_rating) -> None:  # type: ignore[no-untyped-def]
@@ -368,10 +369,13 @@ async def test_postgres_a_usage_batch_during_a_period_close_waits_and_bills_late
     monkeypatch.setattr(service, "_period_ended", close_then_a_batch)
     await service.handle_ledger_events([_period_ended(subscription, nov, dec, jan)])
     await racing[0]
-    # November was invoiced without a2; a2 is late, billed in December (its allowance: 4 of 5 included), and
-    # on December's invoice, not under November's key where no invoice would ever take it.
+    # November was invoiced without a2; a2 is late: priced on November's closed total (8 -> 12, 5 included) as a late
+    # event of it (``original_period``), which the ledger bills as November's overage on the next renewal invoice,
+    # never counted in November's lines already taken.
     rows = await service.db.fetch("SELECT event_id, period, decision FROM rated_events WHERE event_id = 'a2'")
-    assert [(r["period"], r["decision"]) for r in rows] == [(dec.isoformat(), "late:priced")]
+    assert [(r["period"], r["decision"]) for r in rows] == [(nov.isoformat(), "late:priced")]
+    [a2] = [c for c in outbox.commands() if c["kind"] == "usage.debit" and c["payload"]["cause"]["event_ids"] == ["a2"]]
+    assert (a2["payload"]["amount"], a2["payload"]["cause"]["original_period"]) == ("0.400000000", nov.isoformat())
     november = [c for c in outbox.commands() if c["kind"] == "invoice.usage_lines"][-1]
     assert [(line["meter"], line["quantity"]) for line in november["payload"]["lines"]] == [("api_calls", "8")]
 
@@ -506,10 +510,12 @@ async def test_postgres_usage_is_priced_by_the_plan_of_its_time_and_repriced_by_
                        old_quantity=1, quantity=1, at=day(10).isoformat(), by="user:test", lines=[],
                        period_start=nov.isoformat(), period_end=dec.isoformat(), anchor_day=1)
     # Usage of Nov 5 reaching rating after the change is priced by Pro (5 included, 0.10): 3 x 0.10; Nov 12's by
-    # Scale (20 included): 0. Nov 20's too, before rating learns that the subscription was canceled on Nov 16.
+    # Scale (20 included): 0. Nov 20's too, before rating learns that the subscription was canceled on Nov 16: Scale
+    # prices the period's 23 calls 0.15 (3 x 0.05), less than the 0.30 Pro charged before the change, which counts
+    # as paid towards it (docs/rating.md "Which price applies": it cost 0.15 more, on top).
     await service.handle_accepted([usage("acme", "u1", "8", at=day(5)), usage("acme", "u2", "10", at=day(12)),
                                    usage("acme", "u3", "5", at=day(20))])
-    assert _net_by_event(outbox) == {"u1": 300_000_000, "u2": 0, "u3": 150_000_000}  # 18 -> 23: 3 x 0.05
+    assert _net_by_event(outbox) == {"u1": 300_000_000, "u2": 0, "u3": 0}
     await ledger_event(3, "Canceled", at=day(16).isoformat(), by="user:test", reason="canceled", lines=[])
     # u3 is priced as without the subscription (November's list price: 2 included, 3 x 1.00) and is not on the cut's
     # final invoice, which bills Nov 1 - 16: 18 calls, 0.30.

@@ -503,7 +503,9 @@ async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_pol
     await end_period(service, NOV, DEC, JAN)
     await service.handle_accepted([accepted("d1", "120", at=datetime(2026, 12, 5, tzinfo=UTC))])  # 2.00
     # Nov 30, after the renewal: 50 more calls. The Nov period is closed and invoiced; next_period (the meter's
-    # default) bills them in the open December period, on top of its 120, never with a fresh allowance.
+    # default) prices them on November's total and allowance (150 -> 200: 5.00, as if they had come in time), never
+    # on December's 120 (their price would then depend on what December used before they came): the ledger draws
+    # them from November's credit and bills the rest as November's overage on the next renewal invoice.
     # active_users' policy is reject: a dead letter.
     november_30 = datetime(2026, 11, 30, 12, tzinfo=UTC)
     await service.handle_accepted([accepted("late", "50", at=november_30),
@@ -511,12 +513,12 @@ async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_pol
     late = [c for c in await published(bus) if c["payload"].get("cause", {}).get("event_ids") == ["late"]]
     assert [c["payload"]["amount"] for c in late] == ["5.000000000"]
     cause = late[0]["payload"]["cause"]
-    assert (cause["period"], cause["original_period"], cause["late"]) == (DEC.isoformat(), NOV.isoformat(), "late")
+    assert (cause["period"], cause["original_period"], cause["late"]) == (NOV.isoformat(), NOV.isoformat(), "late")
     [letter] = await published(bus, topics.USAGE_REJECTED)
     assert (letter["event_id"], letter["reason"]) == ("late-user", "period_closed")
-    # ... and it is on December's invoice.
+    # ... and not on December's usage line (December's 120 calls: 2.00), which it would be billed twice with.
     await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
-    assert usage_lines(await published(bus)) == {"api_calls": ("170", "7.000000000")}
+    assert usage_lines(await published(bus)) == {"api_calls": ("120", "2.000000000")}
 
 
 def corrections_of(commands: list[dict[str, Any]], event_id: str) -> list[tuple[str, str, str | None, str | None]]:
@@ -760,12 +762,15 @@ async def test_an_older_period_end_delivered_again_does_not_move_the_period_back
     november = (await published(bus))[0]
     await end_period(service, NOV, DEC, JAN, position=4)   # redelivered: its usage lines again, same id
     assert [c["command_id"] for c in await published(bus)][-1] == november["command_id"]
-    # December is closed: a December event is late (billed in the open January period), not rated into December.
+    # December is closed: a December event is late (priced on December's total, named as a late event of it: the
+    # next renewal invoice bills it as December's overage), never taken for usage of an open December.
     await service.handle_accepted([accepted("d1", "150", at=datetime(2026, 12, 20, tzinfo=UTC))])
     rows = await service.db.fetch("SELECT event_id, period, decision, amount_subunits FROM rated_events")
-    assert decisions(rows) == {"d1": (JAN.isoformat(), "late:priced", 5_000_000_000)}
+    assert decisions(rows) == {"d1": (DEC.isoformat(), "late:priced", 5_000_000_000)}
+    [debit] = [c for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert (debit["payload"]["cause"]["late"], debit["payload"]["cause"]["original_period"]) == ("late", DEC.isoformat())
     await end_period(service, JAN, datetime(2027, 2, 1, tzinfo=UTC), datetime(2027, 3, 1, tzinfo=UTC), position=6)
-    assert usage_lines(await published(bus)) == {"api_calls": ("150", "5.000000000")}
+    assert usage_lines(await published(bus)) == {}
 
 
 TEAM_ANNUAL = {"code": "team-annual", "name": "Team annual", "version": 1, "currency": "USD", "cadence": "year",
@@ -796,10 +801,12 @@ async def test_usage_before_a_change_that_restarts_the_period_is_on_the_next_inv
     closes = [c for c in await published(bus) if c["kind"] == "usage.debit" and c["payload"]["cause"].get("closed")]
     assert [c["command_id"] for c in closes] == [close["command_id"]] * 2
     await service.handle_accepted([accepted("a2", "50", at=day(20)),   # the annual period: within its 1,000
-                                   accepted("a0", "10", at=day(10))])  # late: of the cut period, billed in the open one
+                                   accepted("a0", "10", at=day(10))])  # late: of the cut period, priced there
     await end_period(service, nov15, next_year, datetime(2028, 11, 15, tzinfo=UTC), position=5)
-    # The renewal invoice after the change carries the usage of the cut period too: 210 calls, 5.00; storage 15.00.
-    assert usage_lines(await published(bus)) == {"api_calls": ("210", "5.000000000"),
+    # The renewal invoice after the change carries the usage of the cut period too: 210 calls, 6.00 (a0's 10 calls
+    # of Nov 10 at Team's price on the cut period's 150, 1.00, as on time; they were free in the annual allowance);
+    # storage 15.00.
+    assert usage_lines(await published(bus)) == {"api_calls": ("210", "6.000000000"),
                                                   "storage_gb": ("40", "15.000000000")}
     # ... and only that one.
     await end_period(service, next_year, datetime(2028, 11, 15, tzinfo=UTC), datetime(2029, 11, 15, tzinfo=UTC),
