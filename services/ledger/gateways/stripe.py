@@ -109,14 +109,18 @@ class StripeGateway:
             raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
         return RefundResult(refund.id, str(refund.status))
 
-    async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
+    async def _payment_method(self, method_id: str) -> dict[str, Any]:
+        """The PaymentMethod ``method_id`` as Stripe has it; ``UnknownPaymentMethod`` when Stripe does not know it."""
         try:
-            method = (await self._client.v1.payment_methods.retrieve_async(method_id)).to_dict()
+            return (await self._client.v1.payment_methods.retrieve_async(method_id)).to_dict()
         except stripe_sdk.InvalidRequestError as exc:  # 404: no such PaymentMethod in this account / mode
             raise UnknownPaymentMethod(f"Stripe does not know payment method {method_id}: "
                                        f"{exc.user_message or exc}") from exc
         except stripe_sdk.StripeError as exc:
             raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+
+    async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
+        method = await self._payment_method(method_id)
         owner = method.get("customer")
         owner = owner.get("id") if isinstance(owner, dict) else owner
         if customer and owner and owner != customer:
@@ -136,13 +140,7 @@ class StripeGateway:
         ``automatically_updated`` of it by that (it was never written, so the account updater's renewals of cards
         the ledger saved were ignored). Stripe updates a method only once it is attached to a customer (its account
         updater renews only those): an unattached one is left as it is (False)."""
-        try:
-            method = (await self._client.v1.payment_methods.retrieve_async(method_id)).to_dict()
-        except stripe_sdk.InvalidRequestError as exc:  # 404: no such PaymentMethod in this account / mode
-            raise UnknownPaymentMethod(f"Stripe does not know payment method {method_id}: "
-                                       f"{exc.user_message or exc}") from exc
-        except stripe_sdk.StripeError as exc:
-            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        method = await self._payment_method(method_id)
         metadata = method.get("metadata") if isinstance(method.get("metadata"), dict) else {}
         marked = metadata.get("tenant")
         if marked == tenant:
