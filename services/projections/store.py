@@ -16,6 +16,7 @@ from billing_projections import (
     figures,
     history,
     invoices,
+    revenue,
     subscription_changes,
     subscriptions,
     usage_monthly,
@@ -43,7 +44,8 @@ from billing_runtime.db import Connection, Database
 #     chargebacks / chargeback_tax (no longer in refunds) and disputed.
 # 17: grants.set_aside_at (a plan credit set aside at its period's end for its late usage, ``GrantSetAside``): the
 #     wallets' late_usage_reserve, out of available.
-SCHEMA_VERSION = "17"
+# 18: revenue_daily (deferred and recognised revenue per tenant, day and unit: the revenue report, IFRS 15 close).
+SCHEMA_VERSION = "18"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),
@@ -53,7 +55,7 @@ META = Table("projection_meta", {"name": "TEXT"}, {"value": value("TEXT NOT NULL
 # Every read model's tables; the order is the order of creation (and of comparison in the rebuild test).
 READ_MODEL_TABLES: tuple[Table, ...] = (
     *balances.TABLES, *history.TABLES, *usage_monthly.TABLES, *ai_usage.TABLES, *figures.TABLES, *catalog.TABLES,
-    *invoices.TABLES, *subscriptions.TABLES, *subscription_changes.TABLES,
+    *invoices.TABLES, *subscriptions.TABLES, *subscription_changes.TABLES, *revenue.TABLES,
 )
 ALL_TABLES: tuple[Table, ...] = (POSITIONS, *READ_MODEL_TABLES)
 # Tables of earlier schema versions, dropped on upgrade.

@@ -23,7 +23,7 @@ from billing_events.money import (
     resolve_unit,
     to_subunits,
 )
-from billing_projections import balances, catalog
+from billing_projections import balances, catalog, revenue
 from billing_projections.facts import utc_text
 from billing_projections.figures import FIGURES
 from billing_runtime.db import Database
@@ -301,4 +301,14 @@ def analytics_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
         view[name] = units.fmt(to_subunits(row[name]), code)
     for name in ANALYTICS_RATIOS:
         view[name] = None if row[name] is None else str(row[name])
+    return view
+
+
+def revenue_view(row: dict[str, Any], units: Units, period: str) -> dict[str, Any]:
+    """A line of the revenue report (``revenue.period_rows``, or their sum per unit): amounts exact in the unit's
+    scale; ``kind`` says whether they are money (a currency) or credit (a catalogue credit type)."""
+    code = row["unit"]
+    view: dict[str, Any] = {"tenant": row["tenant"]} if row.get("tenant") else {}
+    view.update({"period": period, "unit": code, "kind": units.unit(code).kind.value,
+                 **{name: units.fmt(row[name], code) for name in revenue.REPORT_AMOUNTS}})
     return view
