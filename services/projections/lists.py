@@ -246,14 +246,24 @@ def revenue_period(period: str | None, at: str | None, now: datetime) -> Revenue
 async def revenue_report(db: Database, *, tenant: str | None, period: RevenuePeriod, by_tenant: bool = False
                          ) -> list[dict[str, Any]]:
     """The revenue report's lines: per unit (all tenants, or ``tenant``'s), or per tenant and unit (``by_tenant``)."""
+    per_unit, per_tenant = await revenue_lines(db, tenant=tenant, period=period)
+    return per_tenant if by_tenant else per_unit
+
+
+async def revenue_lines(db: Database, *, tenant: str | None, period: RevenuePeriod
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The revenue report's lines per unit and per tenant and unit, from one read (the dashboard shows both)."""
     rows = await revenue.period_rows(db, start_day=period.start, end_day=period.end, tenant=tenant)
-    if not by_tenant:
-        totals: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            total = totals.setdefault(r["unit"], {"tenant": None, "unit": r["unit"],
-                                                  **dict.fromkeys(revenue.REPORT_AMOUNTS, 0)})
-            for name in revenue.REPORT_AMOUNTS:
-                total[name] += r[name]
-        rows = [totals[unit] for unit in sorted(totals)]
+    totals: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        total = totals.setdefault(r["unit"], {"tenant": None, "unit": r["unit"],
+                                              **dict.fromkeys(revenue.REPORT_AMOUNTS, 0)})
+        for name in revenue.REPORT_AMOUNTS:
+            total[name] += r[name]
     units = await views.load_units(db)
-    return [views.revenue_view(r, units, period.label) for r in rows if any(r[name] for name in revenue.REPORT_AMOUNTS)]
+
+    def shown(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [views.revenue_view(r, units, period.label) for r in found
+                if any(r[name] for name in revenue.REPORT_AMOUNTS)]
+
+    return shown([totals[unit] for unit in sorted(totals)]), shown(rows)

@@ -312,3 +312,20 @@ def revenue_view(row: dict[str, Any], units: Units, period: str) -> dict[str, An
     view.update({"period": period, "unit": code, "kind": units.unit(code).kind.value,
                  **{name: units.fmt(row[name], code) for name in revenue.REPORT_AMOUNTS}})
     return view
+
+
+# The finance page's revenue table, a figure a row (the roll-forward of deferred revenue, then the month's revenue):
+# (key, label, sign in the roll-forward: "+" in, "−" out, "" a balance or a revenue figure).
+REVENUE_ROWS = (
+    ("opening_deferred", "Deferred revenue at the start", ""), ("credit_sold", "Credit sold (net of tax)", "+"),
+    ("plan_grants", "Plan credit granted", "+"), ("promotional", "Promotional credit given", "+"),
+    ("fees_billed", "Subscription fees billed", "+"), ("credit_notes", "Credit notes (account credit)", "+"),
+    ("adjustments", "Manual adjustments", "+"), ("other", "Other movements", "+"),
+    ("recognised_usage", "Recognised from usage", "−"), ("recognised_fees", "Recognised subscription fees", "−"),
+    ("breakage", "Breakage (credit lapsed)", "−"), ("refunds", "Refunds", "−"), ("chargebacks", "Chargebacks", "−"),
+    ("overage_repaid", "Credit applied to overage owed", "−"), ("closing_deferred", "Deferred revenue at the end", ""),
+    ("recognised_revenue", "Recognised revenue of the period", ""), ("revenue_usage", "… from usage", ""),
+    ("revenue_fees", "… from subscription fees", ""), ("revenue_refunded", "… paid back (refunds, chargebacks)", ""),
+    ("revenue_other", "… other postings", ""),
+    ("breakage_revenue", "Breakage revenue", ""), ("promotional_expense", "Promotional expense", ""),
+)

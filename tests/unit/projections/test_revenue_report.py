@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +21,7 @@ from billing_ledger.domain.postings import account_balances
 from billing_projections import revenue
 from billing_projections.api_reports import REVENUE_COLUMNS
 from billing_projections.service import ProjectionService
+from billing_projections.views import REVENUE_ROWS
 from billing_runtime.bus import Record
 
 from tests.unit.projections.conftest import apply, dumps_by_batching, sqlite_service
@@ -35,6 +37,7 @@ from tests.unit.projections.ledger_events import (
 )
 from tests.unit.projections.test_api import api_client, auth
 from tests.unit.projections.test_credit_package_figures import credit_packages, used_package
+from tests.unit.projections.test_dashboard_pages import serving, text_of
 from tests.unit.projections.test_dispute_read_models import disputed_top_ups
 from tests.unit.projections.test_subscription_invoice_figures import PAID_AT, gateway_refund, subscribed
 
@@ -239,3 +242,24 @@ async def test_every_movement_is_classified_and_the_totals_are_the_ledgers_books
         assert row["recognised_revenue"] == -books.get(("recognised_revenue", unit), 0), (tenant, unit)
         assert row["breakage_revenue"] == -books.get(("breakage", unit), 0), (tenant, unit)
         assert row["promotional_expense"] == books.get(("promotional_expense", unit), 0), (tenant, unit)
+
+
+async def test_the_finance_page_shows_the_months_revenue_as_the_api_reports_it(service: ProjectionService) -> None:
+    ledger = Ledger()
+    month_end_scenario(ledger, "close")
+    month_end_scenario(ledger, "other")
+    month_end_later(ledger)
+    await apply(service, ledger.records())
+    async with serving(service) as client:
+        page = (await client.get("/dashboard/finance?year=2026&month=10", headers=auth("finance"))).text
+        api = await report(client, period="2026-10")
+        tenants = (await report(client, period="2026-10", by="tenant"))["items"]
+        future = (await client.get("/dashboard/finance?year=9999&month=1", headers=auth("finance"))).text
+    usd = line(api)
+    for key, _, _ in REVENUE_ROWS:
+        assert text_of(page, f"revenue-{key}-USD") == usd[key], key
+    assert (text_of(page, "revenue-closing_deferred-USD"), text_of(page, "revenue-recognised_revenue-USD")) == (
+        "201.999305556", "68.000694444")  # two tenants' October, to the sub-unit
+    rows = re.findall(r'data-testid="revenue-tenant-row" data-tenant="([^"]*)" data-unit="([^"]*)"', page)
+    assert rows == [(t["tenant"], t["unit"]) for t in tenants] == [("close", "USD"), ("other", "USD")]
+    assert 'data-testid="revenue-empty"' in future and 'data-testid="revenue-table"' not in future
