@@ -246,8 +246,9 @@ def revenue_period(period: str | None, at: str | None, now: datetime) -> Revenue
 async def revenue_report(db: Database, *, tenant: str | None, period: RevenuePeriod, by_tenant: bool = False
                          ) -> list[dict[str, Any]]:
     """The revenue report's lines: per unit (all tenants, or ``tenant``'s), or per tenant and unit (``by_tenant``)."""
-    per_unit, per_tenant = await revenue_lines(db, tenant=tenant, period=period)
-    return per_tenant if by_tenant else per_unit
+    rows = await revenue.period_rows(db, start_day=period.start, end_day=period.end, tenant=tenant,
+                                     by_tenant=by_tenant)
+    return _revenue_views(rows, await views.load_units(db), period)
 
 
 async def revenue_lines(db: Database, *, tenant: str | None, period: RevenuePeriod
@@ -261,9 +262,10 @@ async def revenue_lines(db: Database, *, tenant: str | None, period: RevenuePeri
         for name in revenue.REPORT_AMOUNTS:
             total[name] += r[name]
     units = await views.load_units(db)
+    return _revenue_views([totals[unit] for unit in sorted(totals)], units, period), _revenue_views(rows, units, period)
 
-    def shown(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [views.revenue_view(r, units, period.label) for r in found
-                if any(r[name] for name in revenue.REPORT_AMOUNTS)]
 
-    return shown([totals[unit] for unit in sorted(totals)]), shown(rows)
+def _revenue_views(rows: list[dict[str, Any]], units: views.Units, period: RevenuePeriod) -> list[dict[str, Any]]:
+    """Lines with a figure (a tenant-unit neither deferring nor recognising anything in the period is left out)."""
+    return [views.revenue_view(r, units, period.label) for r in rows
+            if any(r[name] for name in revenue.REPORT_AMOUNTS)]

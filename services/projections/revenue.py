@@ -224,41 +224,44 @@ def project(fact: Fact, w: BatchWriter) -> None:
 _POOL_ACCOUNTS = (WALLET, DEFERRED)
 
 
-async def period_rows(db: Database, *, start_day: str, end_day: str, tenant: str | None = None
-                      ) -> list[dict[str, Any]]:
-    """Per tenant and unit: every column summed over the days [``start_day``, ``end_day``), the change of deferred
-    revenue dated from ``end_day`` on (``after``), and the liability's balance now (``now``, from the chart of
-    accounts, ``ledger_balances``), so ``closing = now - after`` and ``opening = closing - (in - out)``: the rows
-    read are those dated from the period's start on, not the whole history. One statement, so one snapshot of both
-    tables (the consumer commits them together)."""
+async def period_rows(db: Database, *, start_day: str, end_day: str, tenant: str | None = None,
+                      by_tenant: bool = True) -> list[dict[str, Any]]:
+    """Per tenant and unit (``by_tenant``; else per unit, all tenants summed by PostgreSQL, ``tenant`` None): every
+    column summed over the days [``start_day``, ``end_day``), the change of deferred revenue dated from ``end_day`` on
+    (``later``), and the liability's balance now (``now``, from the chart of accounts, ``ledger_balances``), so
+    ``closing = now - later`` and ``opening = closing - (in - out)``: the rows read are those dated from the period's
+    start on, not the whole history. One statement, so one snapshot of both tables (the consumer commits them
+    together)."""
     where, args = "", [start_day, end_day]
-    balance_where = ""
     if tenant is not None:
         args.append(tenant)
-        where, balance_where = " AND tenant = $3", " AND tenant = $3"
+        where = " AND tenant = $3"
+    keys, group = ("tenant, unit", "tenant, unit") if by_tenant else ("NULL AS tenant, unit", "unit")
+    # A tenant's sums fit a BIGINT as its balances do (decoded as int, not Decimal: a report by tenant has thousands of
+    # lines); the sums of all tenants stay numeric.
+    total = "CAST(SUM({}) AS BIGINT)" if by_tenant else "SUM({})"
     sums = ", ".join(f"SUM(CASE WHEN day < $2 THEN {c} ELSE 0 END) AS {c}" for c in COLUMNS)
     change = " + ".join(FLOWS_IN) + " - " + " - ".join(FLOWS_OUT)
     zeros = ", ".join(f"0 AS {c}" for c in COLUMNS)
+    outer = ", ".join(f"{total.format(c)} AS {c}" for c in (*COLUMNS, "later", "wallet", "deferred"))
     rows = await db.fetch(
-        f"SELECT tenant, unit, NULL AS ledger_account, {sums}, "
-        f"SUM(CASE WHEN day >= $2 THEN {change} ELSE 0 END) AS after, 0 AS balance "
-        f"FROM revenue_daily WHERE day >= $1{where} GROUP BY tenant, unit "
-        f"UNION ALL SELECT tenant, unit, ledger_account, {zeros}, 0 AS after, amount AS balance "
-        f"FROM ledger_balances WHERE ledger_account IN ('{WALLET}', '{DEFERRED}'){balance_where}", *args)
+        f"SELECT {'tenant, unit' if by_tenant else 'NULL AS tenant, unit'}, {outer} FROM ("
+        f"SELECT {keys}, {sums}, SUM(CASE WHEN day >= $2 THEN {change} ELSE 0 END) AS later, 0 AS wallet, "
+        f"0 AS deferred FROM revenue_daily WHERE day >= $1{where} GROUP BY {group} "
+        f"UNION ALL SELECT {keys}, {zeros}, 0 AS later, "
+        f"SUM(CASE WHEN ledger_account = '{WALLET}' THEN amount ELSE 0 END) AS wallet, "
+        f"SUM(CASE WHEN ledger_account = '{DEFERRED}' THEN amount ELSE 0 END) AS deferred FROM ledger_balances "
+        f"WHERE ledger_account IN ('{WALLET}', '{DEFERRED}'){where} GROUP BY {group}) AS parts GROUP BY {group}", *args)
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
-        key = (r["tenant"], r["unit"])
-        row = found.setdefault(key, {"tenant": key[0], "unit": key[1], "after": 0, "now": 0,
-                                     **dict.fromkeys(COLUMNS, 0)})
-        account = r["ledger_account"]
-        if account is None:
-            for c in COLUMNS:
-                row[c] += int(r[c] or 0)
-            row["after"] += int(r["after"] or 0)
-        elif in_pool(account, key[1]):
-            row["now"] -= int(r["balance"] or 0)  # credit-negative: a credit balance is that much deferred
+        unit = r["unit"]
+        row = {"tenant": r["tenant"], "unit": unit, **{c: int(r[c] or 0) for c in COLUMNS}}
+        row["later"] = int(r["later"] or 0)
+        # Credit-negative: a credit balance is that much deferred; deferred_revenue only in a currency (``in_pool``).
+        row["now"] = -int(r["wallet"] or 0) - (int(r["deferred"] or 0) if _deferred_in_pool(unit) else 0)
+        found[(r["tenant"] or "", unit)] = row
     for row in found.values():
-        row["closing_deferred"] = row["now"] - row["after"]
+        row["closing_deferred"] = row["now"] - row["later"]
         row["opening_deferred"] = row["closing_deferred"] - deferred_change(row)
         row["recognised_revenue"] = recognised_revenue(row)
     return [found[k] for k in sorted(found)]
