@@ -1,17 +1,17 @@
 """Usage debits, the bulk of ``billing.ledger.events``: every read model's share of one in ONE pass.
 
-A ``BillingAccount.UsageDebited`` feeds five read models (balances, history, monthly usage, AI usage,
-figures). Called one after another, their handlers each look up the cause, the properties, the amount and
+A ``BillingAccount.UsageDebited`` feeds six read models (balances, history, monthly usage, AI usage,
+figures, revenue; the last since session 14). Called one after another, their handlers each look up the cause, the properties, the amount and
 the unit again, and each row change goes through the writer's general ``upsert``; at tens of thousands of
 events per second (a rebuild, a busy consumer) that repetition counts. ``project`` here writes
-exactly the rows those five handlers write (same keys, same values, same ``set``/``add`` merge, see
+exactly the rows those six handlers write (same keys, same values, same ``set``/``add`` merge, see
 ``BatchWriter.upsert``), reading each field once and adding straight into the
-columns of rows it created itself: 14 us of CPU per debit instead of 24 for the five handlers (the bench's
+columns of rows it created itself: 14 us of CPU per debit instead of 24 for the five handlers of then (the bench's
 events, handlers alone, each batch's events decoded first). The shared rules stay in their modules
 (``facts.posting_sums``, ``ai_usage.tokens_by_class``, ...); their usual cases are written out here (postings of
 text accounts and units walked in place, keyed by their rows' keys; a plain quantity or ``contribution`` and the
 priced token texts decoded without a call each; one event id as is), anything else takes the shared rule. A debit
-whose shape is unusual (it grants credit, has no tenant) goes through the five handlers themselves. ``tests/unit/projections/test_debits.py``
+whose shape is unusual (it grants credit, has no tenant) goes through the six handlers themselves. ``tests/unit/projections/test_debits.py``
 checks that both paths write identical rows for every shape of debit.
 """
 
