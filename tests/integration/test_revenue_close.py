@@ -52,7 +52,7 @@ def _usd(body: dict[str, Any], tenant: str | None = None) -> dict[str, Any]:
 def test_octobers_close_stays_put_through_novembers_events_and_a_rebuild(stack: ProjectionsStack) -> None:
     ledger = Ledger()
     for tenant in TENANTS:
-        month_end_scenario(ledger, tenant)
+        month_end_scenario(ledger, tenant, catalog=tenant == TENANTS[0])
     asyncio.run(publish(stack, ledger.messages()))
     wait_caught_up(stack)
     october = {"period": "2026-10"}

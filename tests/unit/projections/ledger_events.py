@@ -381,14 +381,14 @@ def _account(ledger: Ledger, tenant: str, change: Any) -> None:
     ledger.save(account)
 
 
-def month_end_scenario(ledger: Ledger, tenant: str = "close") -> None:
+def month_end_scenario(ledger: Ledger, tenant: str = "close", *, catalog: bool = True) -> None:
     """October 2026 of ``tenant`` (USD), through the ledger's own commands and aggregate: a subscription to Team
     (31.00 a month, billed in advance on Oct 1 and recognised ratably: Oct 16 and Oct 31's daily runs), 100.00 of
     credit bought on Oct 5 (19.00 of tax), a 10.00 promotion expiring on Oct 20, 4.00 of usage on Oct 10 (drawn from
-    the promotion, the first to expire), the promotion's 6.00 lapsed by the Oct 21 sweep."""
-    if "close-catalog" not in getattr(ledger, "_published", set()):
+    the promotion, the first to expire), the promotion's 6.00 lapsed by the Oct 21 sweep. ``catalog``: publish its
+    catalogue first (once per ledger)."""
+    if catalog:
         ledger.command("catalog.publish", None, at=CLOSE_OCT_1, document=CLOSE_CATALOG, digest="close-1")
-        ledger._published = {"close-catalog"}  # type: ignore[attr-defined]
     ledger.command("account.open", tenant, at=CLOSE_OCT_1, currency="USD")
     ledger.command("subscription.create", tenant, at=CLOSE_OCT_1, key="m", plan="team", quantity=1)
     day = timedelta(days=1)
