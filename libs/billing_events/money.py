@@ -208,11 +208,25 @@ def is_billable(amount: Decimal, unit: Unit) -> bool:
     return round_minor(amount, unit) == amount
 
 
+# Sub-units per minor unit of each scale a unit may have (0 .. SUBUNIT_SCALE digits).
+_MINOR_STEPS = tuple(10 ** (SUBUNIT_SCALE - digits) for digits in range(SUBUNIT_SCALE + 1))
+_PLAIN_SCALE_MAX = 6  # str(Decimal) is plain (no exponent) for every value quantized to at most this many digits
+
+
 def format_subunits(subunits: int, unit: Unit) -> str:
     """Shows an exact balance: at least the unit's minor digits, more only when sub-minor value exists.
 
     ``95.4 USD`` -> ``"95.40"``; ``95.399998 USD`` -> ``"95.399998"``. Never rounds.
     """
+    minor = unit.minor_scale
+    # Whole minor units (the usual) of a scale up to 6 digits: the same text by integer arithmetic, several times faster
+    # (a report formats thousands). Finer scales keep the Decimal path: its text of a value below 1e-6 is scientific.
+    if minor <= _PLAIN_SCALE_MAX and not subunits % (step := _MINOR_STEPS[minor]):
+        digits = str(abs(subunits) // step)
+        if minor:
+            digits = digits.rjust(minor + 1, "0")
+            digits = f"{digits[:-minor]}.{digits[-minor:]}"
+        return f"-{digits}" if subunits < 0 else digits
     value = from_subunits(subunits)
     minimum = Decimal(1).scaleb(-unit.minor_scale)
     if value == value.quantize(minimum, context=RATING_CONTEXT):

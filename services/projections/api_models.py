@@ -345,3 +345,60 @@ class LedgerAccountBalance(BaseModel):
 
 class LedgerBalances(BaseModel):
     items: list[LedgerAccountBalance]
+
+
+class RevenueLine(BaseModel):
+    """One unit's (or one tenant's, `by=tenant`) deferred-revenue roll-forward and recognised revenue for the period
+    (services/projections/README.md "Revenue report"). Every figure is summed from the ledger's postings dated in the
+    period. closing_deferred = opening_deferred + credit_sold + plan_grants + promotional + fees_billed + credit_notes
+    + adjustments + other - recognised_usage - recognised_fees - breakage - refunds - chargebacks - overage_repaid."""
+
+    tenant: str | None = Field(default=None, description="Set with by=tenant")
+    period: str = Field(description="The month, YYYY-MM (UTC)", examples=["2026-10"])
+    unit: str = Field(examples=["USD"])
+    kind: str = Field(description="currency: money; credit: a catalogue credit type, figures in credits (the money "
+                                  "paid for them is in the currency's line)", examples=["currency", "credit"])
+    opening_deferred: Amount = Field(description="Deferred revenue (contract liability: tenant wallets' credit and, "
+                                                 "in a currency, fees billed in advance and credit-unit packages' "
+                                                 "money) at the period's start")
+    credit_sold: Amount = Field(description="In: credit bought, net of tax (and the money of packages granted in a "
+                                            "credit unit)")
+    plan_grants: Amount = Field(description="In: plans' recurring credit in a credit unit (in a currency it moves "
+                                            "within deferred revenue: 0)")
+    promotional: Amount = Field(description="In: credit given (promotions, manual grants), funded by promotional "
+                                            "expense, less voided remainders")
+    fees_billed: Amount = Field(description="In: subscription fees billed in advance for a service period, less voids")
+    credit_notes: Amount = Field(description="In: account credit of subscription credit notes, from revenue and tax")
+    adjustments: Amount = Field(description="In (signed): manual balance corrections")
+    other: Amount = Field(description="In (signed): any other movement of deferred revenue (none known)")
+    recognised_usage: Amount = Field(description="Out: credit consumed by usage and captured holds (less "
+                                                 "give-backs); credit-unit packages' money recognised")
+    recognised_fees: Amount = Field(description="Out: subscription fees recognised ratably over their period")
+    breakage: Amount = Field(description="Out: credit lapsed unused (expiry, the lapsed part of a void)")
+    refunds: Amount = Field(description="Out: deferred revenue paid back (credit, fees), less reversed refunds")
+    chargebacks: Amount = Field(description="Out: the same taken back by lost card disputes")
+    overage_repaid: Amount = Field(description="Out: credit bought that repaid overage owed")
+    closing_deferred: Amount = Field(description="Deferred revenue at the period's end (as at: the end of that day)")
+    recognised_revenue: Amount = Field(description="Revenue recognised in the period: revenue_usage + revenue_fees - "
+                                                   "revenue_refunded + revenue_other (minus the sum of the "
+                                                   "recognised_revenue account's postings)")
+    revenue_usage: Amount = Field(description="From usage: credit consumed, overage, captured holds, packages' money, "
+                                              "invoice usage rounding, less give-backs")
+    revenue_fees: Amount = Field(description="From subscription invoices: fees recognised, fees billed without a "
+                                             "service period, less credit notes and voids")
+    revenue_refunded: Amount = Field(description="Revenue paid back by refunds and chargebacks (spent credit, "
+                                                 "recognised fees)")
+    revenue_other: Amount = Field(description="Any other posting to recognised revenue (signed; none known)")
+    breakage_revenue: Amount = Field(description="Breakage account: credit lapsed, less breakage refunded")
+    promotional_expense: Amount = Field(description="Promotional expense account: credit given, less voided remainders")
+
+
+class RevenueReport(BaseModel):
+    period: str = Field(description="The month, YYYY-MM (UTC)", examples=["2026-10"])
+    as_at: str | None = Field(default=None, description="With at=: the day the report is as at (its end), the month "
+                                                        "to that day")
+    start: str = Field(description="First day covered, YYYY-MM-DD (from 00:00Z)", examples=["2026-10-01"])
+    end: str = Field(description="Day after the last one covered, YYYY-MM-DD (to 00:00Z, exclusive)",
+                     examples=["2026-11-01"])
+    complete: bool = Field(description="The period has ended; false: counted to date")
+    items: list[RevenueLine]

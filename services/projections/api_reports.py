@@ -37,6 +37,7 @@ CHARGEBACK_COLUMNS = tuple(api_models.ChargebackLine.model_fields)
 SUBSCRIPTION_COLUMNS = tuple(api_models.Subscription.model_fields)
 MRR_COLUMNS = tuple(api_models.MRR.model_fields)
 ANALYTICS_COLUMNS = tuple(api_models.SubscriptionAnalytics.model_fields)
+REVENUE_COLUMNS = tuple(api_models.RevenueLine.model_fields)
 ACCOUNT_COLUMNS = ("tenant", "currency", "opened_at", "unit", "available", "held", "balance", "receivable",
                    "expiring_soon", "low_balance_threshold", "low_balance", "updated_at")
 
@@ -218,5 +219,33 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         if csv:
             return csv_of(ANALYTICS_COLUMNS, items, f"subscription-analytics-{months[0]}-{months[-1]}")
         return {"months": months, "items": items}
+
+    @router.get("/v1/reports/revenue",
+                summary="Deferred and recognised revenue for a month or as at a day, per unit (IFRS 15 close)",
+                response_model=api_models.RevenueReport, responses=CSV,
+                description="The month's roll-forward of deferred revenue (opening, credit sold, fees billed, "
+                            "promotional credit, credit notes, adjustments; recognised from usage and fees, breakage, "
+                            "refunds, chargebacks; closing) and its recognised revenue, breakage and promotional "
+                            "expense, all summed from the ledger's postings dated in the period (UTC). `at=YYYY-MM-DD`: "
+                            "its month up to the end of that day. `by=tenant`: one line per tenant and unit. Defined in "
+                            "services/projections/README.md \"Revenue report\".")
+    async def get_revenue(
+            principal: Finance, request: Request, tenant: TenantFilter = None,
+            period: Annotated[str | None, Query(description="A month, YYYY-MM, not after this month (default: this "
+                                                "month, UTC)", examples=["2026-10"])] = None,
+            at: Annotated[str | None, Query(description="Instead of period: a day, YYYY-MM-DD, not after today; the "
+                                            "report is as at its end", examples=["2026-10-31"])] = None,
+            by: Annotated[str | None, Query(description="tenant: one line per tenant and unit")] = None,
+            fmt: Format = None) -> Any:
+        if by not in (None, "", "tenant"):
+            raise invalid("by takes only tenant", "by")
+        chosen = lists.revenue_period(period, at, utcnow())
+        csv = wants_csv(request, fmt)
+        items = await lists.revenue_report(db, tenant=_scope(principal, tenant), period=chosen,
+                                           by_tenant=by == "tenant")
+        if csv:
+            return csv_of(REVENUE_COLUMNS, items, f"revenue-{chosen.as_at or chosen.label}")
+        return {"period": chosen.label, "as_at": chosen.as_at, "start": chosen.start, "end": chosen.end,
+                "complete": chosen.complete, "items": items}
 
     return router

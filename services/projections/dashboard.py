@@ -326,7 +326,14 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
         analytics = await lists.analytics(db, tenant=scope, months=analytics_months, now=now)
         invoice_rows, _ = await lists.invoice_list(db, tenant=scope, ledger_url=ledger_url,
                                                    period=f"{y:04d}-{m:02d}", limit=INVOICES_SHOWN)
+        revenue = None  # a month not begun has no figures (the report refuses it)
+        if (y, m) <= (now.year, now.month):
+            chosen = lists.revenue_period(f"{y:04d}-{m:02d}", None, now)
+            per_unit, per_tenant = await lists.revenue_lines(db, tenant=scope, period=chosen)
+            revenue = {"period": chosen.label, "start": chosen.start, "end": chosen.end, "complete": chosen.complete,
+                       "lines": per_unit, "tenants": per_tenant, "rows": views.REVENUE_ROWS}
         return _page(request, "finance.html", {
+            "revenue": revenue,
             "mrr": recurring, "invoices": invoice_rows, "analytics": analytics, "analytics_months": analytics_months,
             "principal": principal, "year": y, "month": m, "years": _years(now), "tenant": scope or "",
             "tenants": [a["tenant"] for a in accounts], "month_figures": month_figures, "accounts": accounts,

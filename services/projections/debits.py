@@ -1,17 +1,17 @@
 """Usage debits, the bulk of ``billing.ledger.events``: every read model's share of one in ONE pass.
 
-A ``BillingAccount.UsageDebited`` feeds five read models (balances, history, monthly usage, AI usage,
-figures). Called one after another, their handlers each look up the cause, the properties, the amount and
+A ``BillingAccount.UsageDebited`` feeds six read models (balances, history, monthly usage, AI usage,
+figures, revenue; the last since session 14). Called one after another, their handlers each look up the cause, the properties, the amount and
 the unit again, and each row change goes through the writer's general ``upsert``; at tens of thousands of
 events per second (a rebuild, a busy consumer) that repetition counts. ``project`` here writes
-exactly the rows those five handlers write (same keys, same values, same ``set``/``add`` merge, see
+exactly the rows those six handlers write (same keys, same values, same ``set``/``add`` merge, see
 ``BatchWriter.upsert``), reading each field once and adding straight into the
-columns of rows it created itself: 14 us of CPU per debit instead of 24 for the five handlers (the bench's
+columns of rows it created itself: 14 us of CPU per debit instead of 24 for the five handlers of then (the bench's
 events, handlers alone, each batch's events decoded first). The shared rules stay in their modules
 (``facts.posting_sums``, ``ai_usage.tokens_by_class``, ...); their usual cases are written out here (postings of
 text accounts and units walked in place, keyed by their rows' keys; a plain quantity or ``contribution`` and the
 priced token texts decoded without a call each; one event id as is), anything else takes the shared rule. A debit
-whose shape is unusual (it grants credit, has no tenant) goes through the five handlers themselves. ``tests/unit/projections/test_debits.py``
+whose shape is unusual (it grants credit, has no tenant) goes through the six handlers themselves. ``tests/unit/projections/test_debits.py``
 checks that both paths write identical rows for every shape of debit.
 """
 
@@ -21,7 +21,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
-from billing_projections import ai_usage, balances, figures, history, usage_monthly
+from billing_projections import ai_usage, balances, figures, history, revenue, usage_monthly
 from billing_projections.facts import (
     RECEIVABLES,
     WALLET,
@@ -41,8 +41,10 @@ _GRANTS = balances.GRANTS
 _USAGE_MONTHLY = usage_monthly.USAGE_MONTHLY
 _AI_USAGE = ai_usage.AI_USAGE
 _FIGURES_DAILY = figures.FIGURES_DAILY
+_REVENUE_DAILY = revenue.REVENUE_DAILY
 _TRANSACTIONS = history.TRANSACTIONS
-_TABLES = (_LEDGER_BALANCES, _WALLETS, _GRANTS, _USAGE_MONTHLY, _AI_USAGE, _FIGURES_DAILY)
+_TABLES = (_LEDGER_BALANCES, _WALLETS, _GRANTS, _USAGE_MONTHLY, _AI_USAGE, _FIGURES_DAILY, _REVENUE_DAILY)
+_RECOGNISED = revenue.RECOGNISED
 _TOKEN_COLUMNS = {c: f"{c}_tokens" for c in ai_usage.TOKEN_CLASSES}
 _PAYMENT_KEYS = history.PAYMENT_KEYS
 _PAYMENT_KEY_SET = frozenset(_PAYMENT_KEYS)
@@ -57,7 +59,8 @@ _SORT_KEYS = orjson.OPT_SORT_KEYS
 
 # The read models' own handlers of a debit, in service order: the fallback, and the reference of the tests.
 HANDLERS: tuple[Handler, ...] = tuple(
-    h for m in (balances, history, usage_monthly, ai_usage, figures) if (h := m.handler_for(EVENT_TYPE)) is not None)
+    h for m in (balances, history, usage_monthly, ai_usage, figures, revenue)
+    if (h := m.handler_for(EVENT_TYPE)) is not None)
 
 
 def handler_for(event_type: str) -> Handler | None:
@@ -80,7 +83,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
     properties = cause.get("properties")
     if type(properties) is not dict:
         properties = {}
-    balance_rows, wallet_rows, grant_rows, monthly_rows, ai_rows, figure_rows = w.rows_of_tables(_TABLES)
+    balance_rows, wallet_rows, grant_rows, monthly_rows, ai_rows, figure_rows, revenue_rows = w.rows_of_tables(_TABLES)
     transactions = w.appended_of(_TRANSACTIONS)
     # Each row: ``BatchWriter.upsert``'s merge, written out (the row's first change in the batch keeps the
     # fresh dicts; a row seen already takes each value by the rules of ``merge_set`` / ``merge_add``). A row
@@ -349,6 +352,47 @@ def project(fact: Fact, w: BatchWriter) -> None:
                     merge_add(row, "consumed", amount)
             if overage:
                 merge_add(row, "receivables", overage)
+
+    # revenue.project (revenue.flows, written out): a debit's postings besides the wallet (deferred revenue) are
+    # revenue and overage owed, both its flow recognised_usage (what left deferred revenue: the wallet's debit), and the
+    # revenue recognised (or given back). Anything else takes the read model's own rule.
+    revenue_flows: dict[str, list[int]] = {}  # unit -> [recognised_usage, revenue_usage]
+    for (_, account, posted_unit), total in accounts.items():
+        if account == WALLET:
+            continue
+        if account == _RECOGNISED:
+            found = revenue_flows.setdefault(posted_unit, [0, 0])
+            found[0] -= total
+            found[1] -= total
+        elif account == RECEIVABLES:
+            revenue_flows.setdefault(posted_unit, [0, 0])[0] -= total
+        else:
+            revenue_flows = {}
+            revenue.project(fact, w)
+            break
+    revenue_add: dict[str, dict[str, int]] = {}
+    for posted_unit, (used, earned) in revenue_flows.items():
+        add = {"recognised_usage": used} if used else {}
+        if earned:
+            add["revenue_usage"] = earned
+        if add:
+            revenue_add[posted_unit] = add
+    for posted_unit in sorted(revenue_add) if len(revenue_add) > 1 else revenue_add:
+        add = revenue_add[posted_unit]
+        row_key = (tenant, occurred_at[:10], posted_unit)
+        row = revenue_rows.get(row_key)
+        if row is None:
+            revenue_rows[row_key] = _Row({}, {"last_position": position}, add)
+        else:
+            row.set["last_position"] = position  # merge_set
+            row_add = row.add
+            if "last_position" in row_add:
+                del row_add["last_position"]
+            for column, delta in add.items():
+                if column in row_add and column not in row.set:
+                    row_add[column] += delta
+                else:
+                    merge_add(row, column, delta)
 
 
 def _merge(row: _Row, position: int, column: str, value: Any) -> None:

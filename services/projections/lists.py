@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -14,6 +15,7 @@ from billing_projections import (
     figures,
     history,
     invoices,
+    revenue,
     subscription_analytics,
     subscriptions,
     usage_monthly,
@@ -22,6 +24,7 @@ from billing_projections import (
 from billing_projections.facts import utc_text
 from billing_projections.limits import ANALYTICS_MONTHS_MAX, ANALYTICS_MONTHS_SHOWN
 from billing_projections.params import (
+    day_param,
     decode_cursor,
     decode_key_cursor,
     encode_cursor,
@@ -204,3 +207,65 @@ async def analytics(db: Database, *, tenant: str | None, months: list[str], now:
     first, last = (int(months[0][:4]), int(months[0][5:])), (int(months[-1][:4]), int(months[-1][5:]))
     rows = await subscription_analytics.analytics(db, tenant=tenant, first=first, last=last, now_text=utc_text(now))
     return [views.analytics_view(r, units) for r in rows]
+
+
+@dataclass(frozen=True)
+class RevenuePeriod:
+    """The days a revenue report covers: [``start``, ``end``) (``YYYY-MM-DD``, UTC), within the month ``label``."""
+
+    label: str  # YYYY-MM
+    start: str
+    end: str
+    as_at: str | None  # YYYY-MM-DD: the report is as at the end of that day (the month to date)
+    complete: bool  # the period has ended
+
+
+def revenue_period(period: str | None, at: str | None, now: datetime) -> RevenuePeriod:
+    """``period`` (a month ``YYYY-MM``; default this month, UTC) or ``at`` (a day ``YYYY-MM-DD``: its month up to the
+    end of that day), checked: not both, not after this month or today (nothing is closed there yet)."""
+    today = now.date()
+    if period and at:
+        raise invalid("give period (a month) or at (a day), not both", "at")
+    day = day_param(at, "at")
+    if day is not None:
+        if day > today:
+            raise invalid(f"at is after today ({today.isoformat()}, UTC): a day that has not ended has no close", "at")
+        first = day.replace(day=1)
+        return RevenuePeriod(f"{first.year:04d}-{first.month:02d}", first.isoformat(),
+                             (day + timedelta(days=1)).isoformat(), day.isoformat(), day < today)
+    year, month = month_param(period, "period") or (today.year, today.month)
+    if (year, month) > (today.year, today.month):
+        raise invalid(f"period is after this month ({today.year:04d}-{today.month:02d}, UTC): a month that has not "
+                      "begun has no figures", "period")
+    first = date(year, month, 1)
+    following = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
+    return RevenuePeriod(f"{year:04d}-{month:02d}", first.isoformat(), following.isoformat(), None,
+                         following <= today)
+
+
+async def revenue_report(db: Database, *, tenant: str | None, period: RevenuePeriod, by_tenant: bool = False
+                         ) -> list[dict[str, Any]]:
+    """The revenue report's lines: per unit (all tenants, or ``tenant``'s), or per tenant and unit (``by_tenant``)."""
+    rows = await revenue.period_rows(db, start_day=period.start, end_day=period.end, tenant=tenant,
+                                     by_tenant=by_tenant)
+    return _revenue_views(rows, await views.load_units(db), period)
+
+
+async def revenue_lines(db: Database, *, tenant: str | None, period: RevenuePeriod
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The revenue report's lines per unit and per tenant and unit, from one read (the dashboard shows both)."""
+    rows = await revenue.period_rows(db, start_day=period.start, end_day=period.end, tenant=tenant)
+    totals: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        total = totals.setdefault(r["unit"], {"tenant": None, "unit": r["unit"],
+                                              **dict.fromkeys(revenue.REPORT_AMOUNTS, 0)})
+        for name in revenue.REPORT_AMOUNTS:
+            total[name] += r[name]
+    units = await views.load_units(db)
+    return _revenue_views([totals[unit] for unit in sorted(totals)], units, period), _revenue_views(rows, units, period)
+
+
+def _revenue_views(rows: list[dict[str, Any]], units: views.Units, period: RevenuePeriod) -> list[dict[str, Any]]:
+    """Lines with a figure (a tenant-unit neither deferring nor recognising anything in the period is left out)."""
+    return [views.revenue_view(r, units, period.label) for r in rows
+            if any(r[name] for name in revenue.REPORT_AMOUNTS)]

@@ -71,6 +71,22 @@ def month_param(value: str | None, parameter: str) -> tuple[int, int] | None:
     return int(value[:4]), int(value[5:])
 
 
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # ASCII digits; date.fromisoformat alone takes 20261031 too
+
+
+def day_param(value: str | None, parameter: str) -> date | None:
+    """A day ``YYYY-MM-DD`` (1970-01-01 .. 9999-12-31) as a date; None when not given."""
+    if value is None or value == "":
+        return None
+    try:
+        if not _DAY.fullmatch(value) or value < "1970":
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise invalid(f"{parameter} must be a day YYYY-MM-DD from 1970-01-01 (e.g. 2026-10-31), not {value!r}",
+                      parameter) from exc
+
+
 _YEAR = re.compile(r"[0-9]{4}")
 
 

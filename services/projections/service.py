@@ -21,6 +21,7 @@ from billing_projections import (
     figures,
     history,
     invoices,
+    revenue,
     subscription_changes,
     subscriptions,
     usage_monthly,
@@ -38,7 +39,7 @@ log = get_logger(__name__)
 
 # Each read model: one module with a pure ``project(fact, writer)``.
 PROJECTIONS = (balances, history, usage_monthly, ai_usage, figures, catalog, invoices, subscriptions,
-               subscription_changes)
+               subscription_changes, revenue)
 ACCOUNT_CACHE_ENTRIES_MAX = 100_000
 
 EVENTS_APPLIED = Counter("projections_events_applied_total", "Ledger events applied to the read models")

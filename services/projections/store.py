@@ -16,6 +16,7 @@ from billing_projections import (
     figures,
     history,
     invoices,
+    revenue,
     subscription_changes,
     subscriptions,
     usage_monthly,
@@ -45,7 +46,8 @@ from billing_runtime.db import Connection, Database
 #     wallets' late_usage_reserve, out of available.
 # 18: figures' dispute_fees (what gateways charged for disputes, ``DisputeFeeBooked``); the history's dispute rows show
 #     the fee, and a partial chargeback's share of an order's bonus (``GrantPartVoided``) as a void row.
-SCHEMA_VERSION = "18"
+# 19: revenue_daily (deferred and recognised revenue per tenant, day and unit: the revenue report, IFRS 15 close).
+SCHEMA_VERSION = "19"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),
@@ -55,7 +57,7 @@ META = Table("projection_meta", {"name": "TEXT"}, {"value": value("TEXT NOT NULL
 # Every read model's tables; the order is the order of creation (and of comparison in the rebuild test).
 READ_MODEL_TABLES: tuple[Table, ...] = (
     *balances.TABLES, *history.TABLES, *usage_monthly.TABLES, *ai_usage.TABLES, *figures.TABLES, *catalog.TABLES,
-    *invoices.TABLES, *subscriptions.TABLES, *subscription_changes.TABLES,
+    *invoices.TABLES, *subscriptions.TABLES, *subscription_changes.TABLES, *revenue.TABLES,
 )
 ALL_TABLES: tuple[Table, ...] = (POSITIONS, *READ_MODEL_TABLES)
 # Tables of earlier schema versions, dropped on upgrade.

@@ -23,7 +23,7 @@ from billing_events.money import (
     resolve_unit,
     to_subunits,
 )
-from billing_projections import balances, catalog
+from billing_projections import balances, catalog, revenue
 from billing_projections.facts import utc_text
 from billing_projections.figures import FIGURES
 from billing_runtime.db import Database
@@ -302,3 +302,30 @@ def analytics_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
     for name in ANALYTICS_RATIOS:
         view[name] = None if row[name] is None else str(row[name])
     return view
+
+
+def revenue_view(row: dict[str, Any], units: Units, period: str) -> dict[str, Any]:
+    """A line of the revenue report (``revenue.period_rows``, or their sum per unit): amounts exact in the unit's
+    scale; ``kind`` says whether they are money (a currency) or credit (a catalogue credit type)."""
+    code = row["unit"]
+    view: dict[str, Any] = {"tenant": row["tenant"]} if row.get("tenant") else {}
+    view.update({"period": period, "unit": code, "kind": units.unit(code).kind.value,
+                 **{name: units.fmt(row[name], code) for name in revenue.REPORT_AMOUNTS}})
+    return view
+
+
+# The finance page's revenue table, a figure a row (the roll-forward of deferred revenue, then the month's revenue):
+# (key, label, sign in the roll-forward: "+" in, "−" out, "" a balance or a revenue figure).
+REVENUE_ROWS = (
+    ("opening_deferred", "Deferred revenue at the start", ""), ("credit_sold", "Credit sold (net of tax)", "+"),
+    ("plan_grants", "Plan credit granted", "+"), ("promotional", "Promotional credit given", "+"),
+    ("fees_billed", "Subscription fees billed", "+"), ("credit_notes", "Credit notes (account credit)", "+"),
+    ("adjustments", "Manual adjustments", "+"), ("other", "Other movements", "+"),
+    ("recognised_usage", "Recognised from usage", "−"), ("recognised_fees", "Recognised subscription fees", "−"),
+    ("breakage", "Breakage (credit lapsed)", "−"), ("refunds", "Refunds", "−"), ("chargebacks", "Chargebacks", "−"),
+    ("overage_repaid", "Credit applied to overage owed", "−"), ("closing_deferred", "Deferred revenue at the end", ""),
+    ("recognised_revenue", "Recognised revenue of the period", ""), ("revenue_usage", "… from usage", ""),
+    ("revenue_fees", "… from subscription fees", ""), ("revenue_refunded", "… paid back (refunds, chargebacks)", ""),
+    ("revenue_other", "… other postings", ""),
+    ("breakage_revenue", "Breakage revenue", ""), ("promotional_expense", "Promotional expense", ""),
+)

@@ -331,6 +331,34 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     assert [chargeback.nth(i).get_attribute("data-tenant") for i in range(chargeback.count())] == ["acme"]
     page.screenshot(path=str(ARTIFACTS / "dashboard-finance.png"), full_page=True)
 
+    # Revenue and deferred revenue this month: the API's report, figure for figure, unit for unit.
+    revenue = _api(base, "/v1/reports/revenue", finance)
+    assert revenue["period"] == this_month and revenue["complete"] is False
+    lines = {r["unit"]: r for r in revenue["items"]}
+    units = page.locator("[data-testid=revenue-unit]")
+    assert [units.nth(i).inner_text() for i in range(units.count())] == list(lines) == ["CREDIT", "USD"]
+    for unit, line in lines.items():
+        for key in line:
+            if key not in ("tenant", "period", "unit", "kind"):
+                assert page.inner_text(f"[data-testid=revenue-{key}-{unit}]") == line[key], (unit, key)
+    usd_revenue = lines["USD"]
+    # The demo's 100.00 promotion, the 50.00 paid through Razorpay and lost to its dispute, the plan's 29.00 fee billed
+    # in advance, the usage drawn from the credit; the plan's 1000 CREDIT are credit, in the CREDIT column.
+    assert (usd_revenue["promotional"], usd_revenue["credit_sold"], usd_revenue["chargebacks"], usd_revenue["fees_billed"],
+            usd_revenue["recognised_usage"]) == ("100.00", "50.00", "50.00", "29.00", "6.09000015")
+    assert lines["CREDIT"]["plan_grants"] == "1000.00" and lines["CREDIT"]["kind"] == "credit"
+    ins = sum(Decimal(usd_revenue[k]) for k in ("credit_sold", "plan_grants", "promotional", "fees_billed",
+                                                "credit_notes", "adjustments", "other"))
+    outs = sum(Decimal(usd_revenue[k]) for k in ("recognised_usage", "recognised_fees", "breakage", "refunds",
+                                                 "chargebacks", "overage_repaid"))
+    assert Decimal(usd_revenue["closing_deferred"]) == Decimal(usd_revenue["opening_deferred"]) + ins - outs
+    tenant_rows = page.locator("[data-testid=revenue-tenant-row]")
+    assert [(tenant_rows.nth(i).get_attribute("data-tenant"), tenant_rows.nth(i).get_attribute("data-unit"))
+            for i in range(tenant_rows.count())] == [("acme", "CREDIT"), ("acme", "USD")]
+    usd_row = page.locator("[data-testid=revenue-tenant-row][data-unit=USD]")
+    assert usd_row.locator("[data-testid=revenue-tenant-recognised_revenue]").inner_text() == (
+        usd_revenue["recognised_revenue"])
+
     page.select_option("[data-testid=filter-tenant]", "acme")
     _submit(page, "apply-filters")
     assert "tenant=acme" in page.url
@@ -339,3 +367,4 @@ def test_finance_dashboard_cards_and_organisation_filter(embedded: str, browser:
     page.select_option("[data-testid=filter-year]", str(now.year - 1))
     _submit(page, "apply-filters")
     assert page.locator("[data-testid=finance-cards-empty]").count() == 1
+    assert page.locator("[data-testid=revenue-none]").count() == 1  # nothing dated in that month

@@ -6,6 +6,7 @@ from billing_events.money import (
     RATING_CONTEXT,
     SUBUNITS_PER_UNIT,
     MoneyError,
+    Unit,
     billed_step,
     credit_unit,
     currency,
@@ -125,3 +126,24 @@ def test_to_subunits_just_below_half_a_subunit_rounds_down(subunits: int, digits
 def test_to_subunits_matches_exact_half_up_rounding(coefficient: int, exponent: int) -> None:
     amount = Decimal(coefficient).scaleb(-exponent)
     assert to_subunits(amount) == _half_up_subunits(amount)
+
+
+
+def _shown_by_decimal(subunits: int, unit: Unit) -> str:
+    """format_subunits' rule in Decimal arithmetic: quantized to the unit's minor digits, else normalized."""
+    value = from_subunits(subunits)
+    minimum = Decimal(1).scaleb(-unit.minor_scale)
+    if value == value.quantize(minimum, context=RATING_CONTEXT):
+        return str(value.quantize(minimum, context=RATING_CONTEXT))
+    return format(value.normalize(context=RATING_CONTEXT), "f")
+
+
+_SHOWN_UNITS = [currency("USD"), currency("JPY"), currency("KWD"), *(credit_unit("CREDIT", s) for s in range(10))]
+
+
+@given(st.sampled_from(_SHOWN_UNITS), st.integers(min_value=-(10**24), max_value=10**24), st.booleans())
+def test_amounts_are_shown_as_the_decimal_rule_shows_them(unit: Unit, number: int, whole: bool) -> None:
+    """Whole minor units take an integer path: the same text as the Decimal rule, for every scale, sign and size."""
+    subunits = number * 10 ** (9 - unit.minor_scale) if whole else number
+    assert format_subunits(subunits, unit) == _shown_by_decimal(subunits, unit)
+    assert format_subunits(0, unit) == _shown_by_decimal(0, unit)

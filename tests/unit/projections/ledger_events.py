@@ -364,3 +364,62 @@ def period_ended_scenario(ledger: Ledger, tenant: str = "acme") -> None:
     usage_debit(ledger, tenant, "4.00", NOV_1 + timedelta(days=19))
     ledger.command("subscription.pause", tenant, at=NOV_1 + timedelta(days=24), key="m")
     ledger.command("subscription.tick", tenant, at=datetime(2026, 12, 1, tzinfo=UTC), key="m")
+
+
+CLOSE_OCT_1 = datetime(2026, 10, 1, tzinfo=UTC)
+CLOSE_NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+CLOSE_CATALOG: dict[str, Any] = {
+    "meters": [{"code": "api_calls", "name": "API calls", "unit_of_measure": "call"}],
+    "plans": [{"code": "team", "name": "Team", "currency": "USD", "base_fee": "31.00"}],
+}
+
+
+def _account(ledger: Ledger, tenant: str, change: Any) -> None:
+    """Loads ``tenant``'s account, applies ``change`` to it and saves it (between the ledger's own commands)."""
+    account = ledger.get(ids.account_id(tenant))
+    change(account)
+    ledger.save(account)
+
+
+def month_end_scenario(ledger: Ledger, tenant: str = "close", *, catalog: bool = True) -> None:
+    """October 2026 of ``tenant`` (USD), through the ledger's own commands and aggregate: a subscription to Team
+    (31.00 a month, billed in advance on Oct 1 and recognised ratably: Oct 16 and Oct 31's daily runs), 100.00 of
+    credit bought on Oct 5 (19.00 of tax), a 10.00 promotion expiring on Oct 20, 4.00 of usage on Oct 10 (drawn from
+    the promotion, the first to expire), the promotion's 6.00 lapsed by the Oct 21 sweep. ``catalog``: publish its
+    catalogue first (once per ledger)."""
+    if catalog:
+        ledger.command("catalog.publish", None, at=CLOSE_OCT_1, document=CLOSE_CATALOG, digest="close-1")
+    ledger.command("account.open", tenant, at=CLOSE_OCT_1, currency="USD")
+    ledger.command("subscription.create", tenant, at=CLOSE_OCT_1, key="m", plan="team", quantity=1)
+    day = timedelta(days=1)
+    _account(ledger, tenant, lambda a: a.grant_credit(
+        grant_id=uid(tenant, "bought"), unit="USD", amount=100 * U, tax_amount=19 * U, effective_at=CLOSE_OCT_1 + 4 * day,
+        expires_at=None, scope=None, source="purchase", cause={"payment_id": f"pi_{tenant}"},
+        granted_by="service:payments"))
+    _account(ledger, tenant, lambda a: a.grant_credit(
+        grant_id=uid(tenant, "promo"), unit="USD", amount=10 * U, effective_at=CLOSE_OCT_1 + 5 * day,
+        expires_at=CLOSE_OCT_1 + 19 * day, scope=None, source="promotion", cause={"code": "OCT"},
+        granted_by="admin@test"))
+    ledger.command("usage.debit", tenant, at=CLOSE_OCT_1 + 9 * day, unit="USD", amount_subunits=4 * U,
+                   meter="api_calls", cause=usage_cause(f"{tenant}-oct", "20"))
+    for at in (CLOSE_OCT_1 + 15 * day + timedelta(hours=12), CLOSE_OCT_1 + 30 * day + timedelta(seconds=30)):
+        ledger.command("money.recognise", tenant, at=at, now=at.isoformat())
+    ledger.command("grant.expire", tenant, at=CLOSE_OCT_1 + 20 * day, now=(CLOSE_OCT_1 + 20 * day).isoformat())
+
+
+def month_end_later(ledger: Ledger, tenant: str = "close") -> None:
+    """What follows October's close of ``tenant`` (all dated in November): the run at the period's end recognises
+    the rest of October's fee (its last day's share), the renewal bills November's 31.00, 10.00 of the credit bought
+    is refunded (with its tax), 2.00 of usage."""
+    from billing_ledger.domain.subscription import subscription_id
+
+    run = CLOSE_NOV_1 + timedelta(seconds=20)
+    ledger.command("money.recognise", tenant, at=run, now=run.isoformat())
+    ledger.command("subscription.tick", tenant, at=CLOSE_NOV_1, key="m")
+    # Rating's usage lines of October (none): the renewal invoice is finalized, November's fee billed in advance.
+    ledger.command("invoice.usage_lines", tenant, at=run, lines=[],
+                   invoice_key=f"{subscription_id(tenant, 'm')}/{CLOSE_NOV_1.isoformat()}")
+    ledger.command("grant.refund", tenant, at=CLOSE_NOV_1 + timedelta(days=2), grant_id=str(uid(tenant, "bought")),
+                   refund_id=str(uid(tenant, "refund")), amount="10.00", reason="goodwill")
+    ledger.command("usage.debit", tenant, at=CLOSE_NOV_1 + timedelta(days=3), unit="USD", amount_subunits=2 * U,
+                   meter="api_calls", cause=usage_cause(f"{tenant}-nov", "10"))

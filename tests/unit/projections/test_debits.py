@@ -1,4 +1,4 @@
-"""The one-pass debit handler (``debits.project``) writes exactly what the five read models' handlers write."""
+"""The one-pass debit handler (``debits.project``) writes exactly what the six read models' handlers write."""
 
 from __future__ import annotations
 
