@@ -100,6 +100,8 @@ TABLES = (REVENUE_DAILY,)
 # without a rule puts all of it in ``other``.
 _BY_SIGN = "by sign"  # a credit note's revenue: reversed into credit (a debit) or earned at the change (a credit)
 _CLEARING, _MANUAL = "gateway_clearing", "manual_adjustment"
+_VOID_SPLIT = {BREAKAGE: "breakage", PROMOTIONAL_EXPENSE: "promotional", _MANUAL: "adjustments", DEFERRED: "plan_grants",
+               RECOGNISED: "recognised_usage", _CLEARING: "refunds"}
 _FLOWS: dict[str, tuple[str, dict[str, str]]] = {
     "PurchaseMoneyBooked": ("credit_sold", {}),
     # A run over credit-unit packages' money: consumed credit's share to revenue, lapsed credit's to breakage.
@@ -107,8 +109,11 @@ _FLOWS: dict[str, tuple[str, dict[str, str]]] = {
     "GrantExpired": ("breakage", {}),
     # A void: the remainder back to the account that funded the grant (in a currency a plan's credit goes back to
     # its fee's deferred revenue: no change), the lapsed part to breakage.
-    "GrantVoided": ("other", {BREAKAGE: "breakage", PROMOTIONAL_EXPENSE: "promotional", _MANUAL: "adjustments",
-                              DEFERRED: "plan_grants", RECOGNISED: "recognised_usage", _CLEARING: "refunds"}),
+    "GrantVoided": ("other", _VOID_SPLIT),
+    # Since session 14, as a void: a plan credit kept for late usage moves its rest into the next grant (a rollover's
+    # carry, a change's rest) or lapses it to breakage; a partial chargeback voids its share of an order's bonus.
+    "GrantKeptForLateUsage": ("other", _VOID_SPLIT),
+    "GrantPartVoided": ("other", _VOID_SPLIT),
     "UsageDebited": ("recognised_usage", {}),
     "HoldCaptured": ("recognised_usage", {}),
     "BalanceAdjusted": ("adjustments", {}),
@@ -128,7 +133,8 @@ _CREDIT_NOTE_SPLIT = {RECOGNISED: _BY_SIGN}
 _REFUNDS = frozenset({"GrantRefunded", "PurchaseMoneyRefunded", "InvoicePaymentRefunded"})
 _REVENUE_KIND: dict[str, str] = {
     **dict.fromkeys(("UsageDebited", "HoldCaptured", "PurchaseMoneyRecognised", "InvoicedOverageRounded",
-                     "InvoicedOverageRoundingReversed", "PeriodMinimumsCharged", "GrantVoided"), "revenue_usage"),
+                     "InvoicedOverageRoundingReversed", "PeriodMinimumsCharged", "GrantVoided", "GrantKeptForLateUsage",
+                     "GrantPartVoided"), "revenue_usage"),
     **dict.fromkeys(("InvoiceBilled", "InvoiceBillVoided", "FeeRevenueRecognised", "CreditGranted"), "revenue_fees"),
     **dict.fromkeys(_REFUNDS, "revenue_refunded"),
 }
