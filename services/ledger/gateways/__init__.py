@@ -119,3 +119,27 @@ def to_minor_units(amount: Decimal, code: str, overrides: dict[str, int] | None 
     if scaled != scaled.to_integral_value():
         raise MoneyError(f"{amount} {code} has more decimals than the currency allows")
     return int(scaled)
+
+
+def minor_units_refusal(gateway: str, total: Decimal, code: str, *, last_digit_zero: bool,
+                        overrides: dict[str, int] | None = None) -> str | None:
+    """Why ``gateway`` (its name as shown) cannot charge ``total`` ``code``: finer than its scale for the currency,
+    or (``last_digit_zero``: Stripe's and Razorpay's three-decimal currencies) in thousandths whose last digit is not
+    0; None when it can."""
+    try:
+        minor = to_minor_units(total, code, overrides)
+    except MoneyError as exc:
+        return f"{gateway} cannot charge it: {exc}"
+    if last_digit_zero and minor % 10:
+        return (f"{gateway} charges {code.upper()} in thousandths whose last digit is 0: {total} {code.upper()} "
+                f"({minor}) cannot be charged")
+    return None
+
+
+def chargeable_minor_units(gateway: OutboundGateway, total: Decimal, code: str,
+                           overrides: dict[str, int] | None = None) -> int:
+    """``total`` as the integer minor units ``gateway`` is sent; ``AmountNotChargeable`` with its ``refusal``."""
+    refused = gateway.refusal(total, code)
+    if refused:
+        raise AmountNotChargeable(refused)
+    return to_minor_units(total, code, overrides)

@@ -10,16 +10,16 @@ from typing import Any
 
 import httpx
 from billing_events.cards import CardDetailsError, card_details, four_digit_year
-from billing_events.money import MoneyError, currency
+from billing_events.money import currency
 from billing_ledger.gateways import (
-    AmountNotChargeable,
     Charge,
     CheckoutSession,
     GatewayError,
     RefundResult,
     UnknownPaymentMethod,
+    chargeable_minor_units,
+    minor_units_refusal,
     read_answer,
-    to_minor_units,
 )
 from billing_runtime.settings import Settings
 
@@ -41,20 +41,11 @@ class RazorpayGateway:
         self._transport = transport
 
     def refusal(self, total: Decimal, currency_code: str) -> str | None:
-        try:
-            minor = to_minor_units(total, currency_code)
-        except MoneyError as exc:
-            return f"Razorpay cannot charge it: {exc}"
-        if currency(currency_code.upper()).minor_scale == LAST_DIGIT_ZERO_SCALE and minor % 10:
-            return (f"Razorpay charges {currency_code.upper()} in thousandths whose last digit is 0: {total} "
-                    f"{currency_code.upper()} ({minor}) cannot be charged")
-        return None
+        return minor_units_refusal("Razorpay", total, currency_code,
+                                   last_digit_zero=currency(currency_code.upper()).minor_scale == LAST_DIGIT_ZERO_SCALE)
 
     def _minor(self, total: Decimal, code: str) -> int:
-        refused = self.refusal(total, code)
-        if refused:
-            raise AmountNotChargeable(refused)
-        return to_minor_units(total, code)
+        return chargeable_minor_units(self, total, code)
 
     async def _post(self, path: str, body: dict[str, object], idempotency_key: str) -> dict[str, object]:
         async with httpx.AsyncClient(base_url=self._base, auth=self._auth, timeout=self._timeout,

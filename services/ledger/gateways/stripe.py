@@ -10,15 +10,14 @@ from typing import Any
 
 import stripe as stripe_sdk
 from billing_events.cards import CardDetailsError, card_details
-from billing_events.money import MoneyError
 from billing_ledger.gateways import (
-    AmountNotChargeable,
     Charge,
     CheckoutSession,
     GatewayError,
     RefundResult,
     UnknownPaymentMethod,
-    to_minor_units,
+    chargeable_minor_units,
+    minor_units_refusal,
 )
 from billing_runtime.settings import Settings
 
@@ -42,20 +41,11 @@ class StripeGateway:
         self._client = client
 
     def refusal(self, total: Decimal, currency_code: str) -> str | None:
-        try:
-            minor = to_minor_units(total, currency_code, STRIPE_SCALE_OVERRIDES)
-        except MoneyError as exc:
-            return f"Stripe cannot charge it: {exc}"
-        if currency_code.upper() in STRIPE_LAST_DIGIT_ZERO and minor % 10:
-            return (f"Stripe charges {currency_code.upper()} in thousandths whose last digit is 0: {total} "
-                    f"{currency_code.upper()} ({minor}) cannot be charged")
-        return None
+        return minor_units_refusal("Stripe", total, currency_code, overrides=STRIPE_SCALE_OVERRIDES,
+                                   last_digit_zero=currency_code.upper() in STRIPE_LAST_DIGIT_ZERO)
 
     def _minor(self, total: Decimal, code: str) -> int:
-        refused = self.refusal(total, code)
-        if refused:
-            raise AmountNotChargeable(refused)
-        return to_minor_units(total, code, STRIPE_SCALE_OVERRIDES)
+        return chargeable_minor_units(self, total, code, STRIPE_SCALE_OVERRIDES)
 
     async def open_checkout(self, *, order_id: str, tenant: str, description: str, total: Decimal,
                             currency_code: str, success_url: str, cancel_url: str) -> CheckoutSession:
