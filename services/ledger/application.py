@@ -45,6 +45,7 @@ from billing_ledger.limits import (
     AGGREGATE_RETURN_WAIT_SECONDS,
     CHUNK_COMMANDS_MAX,
     CONTENDED_CHUNK_COMMANDS_MAX,
+    FOLLOWER_POSITION_RECORD_SECONDS,
 )
 from billing_ledger.pg_recorder import BinaryArrayProcessRecorder
 from billing_ledger.snapshots import Snapshots
@@ -326,6 +327,8 @@ class LedgerApplication(Application[UUID]):
         # Set on a thread while it runs pipelined batches (apply_chunks), which pass an aggregate on from batch
         # to batch for as long as the poll lasts: nobody waits for what it takes (aggregate_cache.py).
         self._pipelining = threading.local()
+        # follower -> (the log position it has scanned to finding none of its topics, when that was last recorded)
+        self._scanned: dict[str, tuple[int, float]] = {}
 
     def construct_transcoder(self) -> Transcoder:
         transcoder = OrjsonTranscoder()
@@ -353,8 +356,38 @@ class LedgerApplication(Application[UUID]):
         the follower keeps itself), oldest first, at most ``limit``, only of ``topics`` if given. The follower
         acts on them, then calls ``processed``."""
         recorder = self.process_recorder
-        position = after if after is not None else (recorder.max_tracking_id(follower) or 0)
-        return recorder.select_notifications(position + 1, limit, topics=topics)
+        if after is not None or not topics:
+            position = after if after is not None else (recorder.max_tracking_id(follower) or 0)
+            return recorder.select_notifications(position + 1, limit, topics=topics)
+        # Events of a few topics (a top-up request, an alert): the tracked position is the last one acted on, and
+        # scanning from there read every event recorded since (each hold, each debit) on every round, for as long as
+        # none of the topics came: rounds of 100-150 ms on a bench store, growing with the log. So where a scan
+        # found none, the follower goes on from the end of what it scanned (kept here, and recorded now and then).
+        tracked = recorder.max_tracking_id(follower) or 0
+        scanned, recorded_at = self._scanned.get(follower, (0, 0.0))
+        found, scanned_to = self.scan_notifications(max(tracked, scanned), limit, topics)
+        if found:
+            return found
+        now = time.monotonic()
+        if scanned_to > tracked and now - recorded_at >= FOLLOWER_POSITION_RECORD_SECONDS:
+            with contextlib.suppress(IntegrityError):  # another process recorded this very position
+                recorder.insert_tracking(Tracking(follower, scanned_to))
+            recorded_at = now
+        self._scanned[follower] = (scanned_to, recorded_at)
+        return found
+
+    def scan_notifications(self, position: int, limit: int, topics: Sequence[str]) -> tuple[Sequence[Any], int]:
+        """At most ``limit`` stored events of ``topics`` after ``position``, oldest first, and where to scan from
+        next: after the last one when the page is full, else after the last event recorded when the scan began,
+        as none of ``topics`` is up to there and none will be (inserts commit in the order of their positions,
+        pg_recorder.py). A follower that went on from the last event it found instead read every event recorded
+        since, on every round, until one of its topics came."""
+        recorder = self.process_recorder
+        last = recorder.max_notification_id() or 0
+        if last <= position:
+            return [], position
+        found = recorder.select_notifications(position + 1, limit, stop=last, topics=topics)
+        return found, (found[-1].id if len(found) >= limit else last)
 
     def processed(self, follower: str, notification_id: int) -> None:
         """Records that ``follower`` is done up to ``notification_id`` (its next ``unprocessed`` starts after)."""

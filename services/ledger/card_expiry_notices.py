@@ -59,14 +59,12 @@ class CardExpiryNotices:
 
     def _catch_up(self) -> None:
         touched: set[UUID] = set()
-        recorder = self.app.process_recorder
         while True:
-            notifications = recorder.select_notifications(self.position + 1, SCAN_BATCH_EVENTS_MAX,
-                                                          topics=METHOD_TOPICS)
-            if not notifications:
-                break
+            notifications, self.position = self.app.scan_notifications(self.position, SCAN_BATCH_EVENTS_MAX,
+                                                                       METHOD_TOPICS)
             touched.update(n.originator_id for n in notifications)
-            self.position = notifications[-1].id
+            if len(notifications) < SCAN_BATCH_EVENTS_MAX:
+                break
         for roster_id in touched:
             found = self.app.read(roster_id, _cards)
             if found is None or not found[1]:

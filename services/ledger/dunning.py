@@ -109,7 +109,7 @@ class Dunning:
             self.position = recorder.max_tracking_id(DUNNING_NAME) or 0
         topics = [FINALIZED_TOPIC, *sorted(CLOSED_TOPICS)]
         while True:
-            notifications = recorder.select_notifications(self.position + 1, SCAN_BATCH_EVENTS_MAX, topics=topics)
+            notifications, scanned_to = self.app.scan_notifications(self.position, SCAN_BATCH_EVENTS_MAX, topics)
             for notification in notifications:
                 if notification.topic == FINALIZED_TOPIC:
                     event: Any = self.app.mapper.to_domain_event(notification)
@@ -120,6 +120,7 @@ class Dunning:
                 else:
                     self.open.pop(notification.originator_id, None)
                 self.position = notification.id
+            self.position = scanned_to
             if len(notifications) < SCAN_BATCH_EVENTS_MAX:
                 return
 

@@ -142,6 +142,11 @@ CANCEL_RENEWALS_MAX = 36
 # a change after the cut (its new ``expires_at``, recorded on ``GrantKeptForLateUsage`` when it is kept).
 RECURRING_CREDIT_LATE_USAGE_DAYS = 35
 
+# A follower of the event log that acts on a few topics (top-ups, alerts, invoice emails: ``LedgerApplication.
+# unprocessed``) records how far it has scanned without finding any at most this often (a durable commit each), so a
+# restarted process does not scan everything recorded since its last match again; in between it is kept in memory.
+FOLLOWER_POSITION_RECORD_SECONDS = 60.0
+
 # `billing serve ledger` stopping its relay process: SIGTERM (it finishes its round and records its position),
 # then SIGKILL after this long (a re-publication of at most RELAY_POSITION_RECORD_SECONDS of events follows).
 RELAY_STOP_SECONDS_MAX = 10.0

@@ -42,13 +42,11 @@ class DueIndex:
     def catch_up(self, app: LedgerApplication) -> None:
         touched: set[UUID] = set()
         while True:
-            notifications = app.process_recorder.select_notifications(
-                self.position + 1, SCAN_BATCH_EVENTS_MAX, topics=SUBSCRIPTION_TOPICS)
-            if not notifications:
+            notifications, self.position = app.scan_notifications(self.position, SCAN_BATCH_EVENTS_MAX,
+                                                                  SUBSCRIPTION_TOPICS)
+            touched.update(n.originator_id for n in notifications)
+            if len(notifications) < SCAN_BATCH_EVENTS_MAX:
                 break
-            for notification in notifications:
-                touched.add(notification.originator_id)
-            self.position = notifications[-1].id
         for subscription_id in touched:
             due = app.read(subscription_id, _due)
             if due is None:
