@@ -7,6 +7,7 @@ store, and November opens where October closed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Iterator
 from decimal import Decimal
@@ -64,6 +65,13 @@ def test_octobers_close_stays_put_through_novembers_events_and_a_rebuild(stack: 
             usd["recognised_fees"], usd["closing_deferred"], usd["recognised_revenue"]) == (
         "200.00", "20.00", "62.00", "8.00", "12.00", "62.00", "200.00", "70.00")
     assert [i["tenant"] for i in closed_by_tenant["items"]] == list(TENANTS)
+    # `billing reports revenue` reads the same figures from the PostgreSQL schema (no service, no token).
+    for options, expected in (([], closed), (["--by", "tenant"], closed_by_tenant)):
+        shown = subprocess.run([BILLING, "reports", "revenue", "--period", "2026-10", *options, "--format", "json"],
+                               env=stack.process.env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                               check=False)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        assert json.loads(shown.stdout) == expected
 
     for tenant in TENANTS:
         month_end_later(ledger, tenant)
