@@ -214,6 +214,9 @@ def _register_subcommands() -> None:
     from billing_cli.payment_methods import app as payment_methods_app
 
     app.add_typer(payment_methods_app, name="payment-methods")
+    from billing_cli.reports import app as reports_app
+
+    app.add_typer(reports_app, name="reports")
 
 
 def _register_price() -> None:

@@ -3,11 +3,12 @@
 Recognises the currency money of credit packages granted in a credit unit as far as their credit was
 consumed or lapsed (``BillingAccount.recognise_purchase_money``): one ``PurchaseMoneyRecognised`` for the
 grants whose use changed since their last run, none if nothing did; and the subscription fees billed in advance
-ratably over their service period up to ``now`` (``BillingAccount.recognise_fee_revenue``): one
-``FeeRevenueRecognised`` for the schedules with something due, none if nothing is. Idempotent by construction:
+ratably over their service period up to the start of ``now``'s UTC day, or their period's end once reached
+(``BillingAccount.recognise_fee_revenue``): one ``FeeRevenueRecognised`` per UTC day with something due, dated in
+that day (the first run of Nov 1 records Oct 31's share on Oct 31), none if nothing is. Idempotent by construction:
 a second run (another ledger process, a redelivery, an overlapping sweep) at the same ``now`` finds the books
 already there and records no movement. The sweeper (:mod:`billing_ledger.sweeper`) sends it when
-``purchase_money_due`` or ``fee_revenue_due``; anyone may.
+``purchase_money_due`` or ``fee_revenue_days_due``; anyone may.
 """
 
 from __future__ import annotations

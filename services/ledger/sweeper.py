@@ -16,7 +16,8 @@ Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
    most once an hour per account and at the first sweep of each UTC day, and at once when such a grant has
    no credit left or expires, so its deferred revenue closes. Usage debits never recognise it themselves.
    The same command recognises the subscription fees billed in advance over their service period
-   (``BillingAccount.fee_revenue_due``): at the first sweep of each UTC day, and at once when a period ends.
+   (``BillingAccount.fee_revenue_days_due``): at the first sweep of each UTC day (the day before's share, dated in
+   it), and at once when a period ends.
 
 Exactly-once does not depend on the sweeper: an expiry closes its grant or hold in the same event, so a
 second sweep (another ledger process, an overlapping round, a retry after a conflict) finds nothing to do.
@@ -88,8 +89,10 @@ class Sweeper:
                 due.append(("grant.expire", 1))
             if holds := account.holds_expiring_by(now):
                 due.append(("hold.expire", holds))  # a HoldExpired each
-            if account.purchase_money_due(now) or account.fee_revenue_due(now):
-                due.append(("money.recognise", 2))  # after grant.expire: it sees the remainders lapsed
+            fee_days = account.fee_revenue_days_due(now)
+            if fee_days or account.purchase_money_due(now):
+                # After grant.expire: it sees the remainders lapsed. A FeeRevenueRecognised per UTC day due.
+                due.append(("money.recognise", 1 + max(fee_days, 1)))
             return account.tenant, due
 
         found: list[tuple[str, list[tuple[str, int]]]] = []

@@ -241,11 +241,10 @@ def build_router(db: Database, ledger_url: str = "") -> APIRouter:
             raise invalid("by takes only tenant", "by")
         chosen = lists.revenue_period(period, at, utcnow())
         csv = wants_csv(request, fmt)
-        items = await lists.revenue_report(db, tenant=_scope(principal, tenant), period=chosen,
-                                           by_tenant=by == "tenant")
+        document = await lists.revenue_document(db, tenant=_scope(principal, tenant), period=chosen,
+                                                by_tenant=by == "tenant")
         if csv:
-            return csv_of(REVENUE_COLUMNS, items, f"revenue-{chosen.as_at or chosen.label}")
-        return {"period": chosen.label, "as_at": chosen.as_at, "start": chosen.start, "end": chosen.end,
-                "complete": chosen.complete, "items": items}
+            return csv_of(REVENUE_COLUMNS, document["items"], f"revenue-{chosen.as_at or chosen.label}")
+        return document
 
     return router

@@ -53,6 +53,11 @@ def csv_of(columns: Sequence[str], items: list[dict[str, Any]], filename: str) -
     return _streamed(columns, (items, None), None, filename)
 
 
+def csv_text(columns: Sequence[str], items: list[dict[str, Any]]) -> str:
+    """A list as the CSV text :func:`csv_of` sends (the same header, cells and line ends), for the command line."""
+    return _line(columns) + "".join(_line([item.get(c) for c in columns]) for item in items)
+
+
 def _streamed(columns: Sequence[str], first: Page, fetch: PageFetcher | None, filename: str) -> StreamingResponse:
     async def body(items: list[dict[str, Any]], cursor: str | None) -> AsyncIterator[str]:
         yield _line(columns)

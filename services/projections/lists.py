@@ -251,6 +251,15 @@ async def revenue_report(db: Database, *, tenant: str | None, period: RevenuePer
     return _revenue_views(rows, await views.load_units(db), period)
 
 
+async def revenue_document(db: Database, *, tenant: str | None, period: RevenuePeriod, by_tenant: bool = False
+                           ) -> dict[str, Any]:
+    """The revenue report as ``GET /v1/reports/revenue`` answers it (``api_models.RevenueReport``) and
+    ``billing reports revenue`` prints it: the period and its lines (:func:`revenue_report`)."""
+    items = await revenue_report(db, tenant=tenant, period=period, by_tenant=by_tenant)
+    return {"period": period.label, "as_at": period.as_at, "start": period.start, "end": period.end,
+            "complete": period.complete, "items": items}
+
+
 async def revenue_lines(db: Database, *, tenant: str | None, period: RevenuePeriod
                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The revenue report's lines per unit and per tenant and unit, from one read (the dashboard shows both)."""

@@ -63,9 +63,10 @@ Revenue and expense of the period, from the revenue accounts' postings (stored p
 * ``breakage_revenue``: minus the sum of ``breakage``'s postings; ``promotional_expense``: the sum of its postings.
 
 A row's day is the movement's business time (``facts.business_time``: its ``at``, else ``effective_at``), as the finance
-figures date it (``figures_daily``): a month's figures are the postings dated in that UTC month. The ledger dates its
-periodic runs (fee recognition, expiry, package money) when they run; a movement the ledger records later but dates in
-an ended month (usage that reached it late, a backdated command) changes that month's figures when it is projected.
+figures date it (``figures_daily``): a month's figures are the postings dated in that UTC month. The ledger dates a day's
+fee recognition in that day (since session 15: the first sweep of Nov 1 records Oct 31's share dated Oct 31), its other
+periodic runs (expiry, package money) when they run; a movement the ledger records later but dates in an ended month
+(usage that reached it late, a backdated command, the last day's fee) changes that month's figures when it is projected.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """A month-end close on real Kafka + PostgreSQL: the ledger's own events for October 2026 (a subscription fee billed
 in advance and recognised, credit bought, a promotion, usage, the promotion's breakage) published to Kafka and read
-by a `billing serve projections` process; October's revenue report reads the same after November's events (the fee's
-last day recognised, a renewal billed, a refund, more usage) and after `billing projections rebuild` of the live
+by a `billing serve projections` process (with the run at the period's end that recognises the fee's last day, dated
+Oct 31); October's revenue report reads the same after November's events (a renewal billed, a refund, more usage) and after `billing projections rebuild` of the live
 store, and November opens where October closed."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Iterator
 from decimal import Decimal
@@ -59,11 +60,18 @@ def test_octobers_close_stays_put_through_novembers_events_and_a_rebuild(stack: 
     closed, closed_by_tenant = _report(stack, **october), _report(stack, **october, by="tenant")
     usd = _usd(closed)
     # Two tenants' October, each: 100.00 sold, 10.00 promoted, 31.00 billed; 4.00 used, 6.00 lapsed, the fee
-    # recognised to Oct 31 00:00:30.
+    # recognised to its last day (Oct 31's share recorded by the run of Nov 1, dated Oct 31).
     assert (usd["credit_sold"], usd["promotional"], usd["fees_billed"], usd["recognised_usage"], usd["breakage"],
             usd["recognised_fees"], usd["closing_deferred"], usd["recognised_revenue"]) == (
-        "200.00", "20.00", "62.00", "8.00", "12.00", "60.000694444", "201.999305556", "68.000694444")
+        "200.00", "20.00", "62.00", "8.00", "12.00", "62.00", "200.00", "70.00")
     assert [i["tenant"] for i in closed_by_tenant["items"]] == list(TENANTS)
+    # `billing reports revenue` reads the same figures from the PostgreSQL schema (no service, no token).
+    for options, expected in (([], closed), (["--by", "tenant"], closed_by_tenant)):
+        shown = subprocess.run([BILLING, "reports", "revenue", "--period", "2026-10", *options, "--format", "json"],
+                               env=stack.process.env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                               check=False)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        assert json.loads(shown.stdout) == expected
 
     for tenant in TENANTS:
         month_end_later(ledger, tenant)

@@ -165,13 +165,13 @@ Subscription fee revenue (IFRS 15 / ASC 606)
     note's ``credit_note_grant``: Cr ``DEFERRED_REVENUE``, one schedule per document in ``_fee_schedules``) and
     recognised ratably by ``recognise_fee_revenue(now)`` (``FeeRevenueRecognised``: per schedule ``deferred x
     elapsed // remaining`` in whole seconds since its last run, all that is left at its end, so exactly what it
-    deferred), but for the share of a plan's recurring credit in the currency the fee includes (``included``): its
+    deferred; a UTC day at a time once the day is over, each day's event dated in that day, since session 15), but for the share of a plan's recurring credit in the currency the fee includes (``included``): its
     grant took that share into the wallet, earned as it is used or lapses. A credit for unused time, a void and a
     refund take their net from the schedule of the invoice they correct first (``_fee_revenue``; a credit, a void
     and a full refund end it, recognising what it still
     defers beyond the credit), the rest from ``RECOGNISED_REVENUE``. Invoices billed before schedules existed have
     none: revenue when billed, reversed from ``RECOGNISED_REVENUE``. The sweeper runs it at the first sweep of
-    each UTC day with something due and when a period ends (``fee_revenue_due``).
+    each UTC day with something due and when a period ends (``fee_revenue_days_due``).
 
 Disputes (chargebacks, since session 13)
     ``open_dispute`` records a dispute of one of the account's payments (``DisputeRaised``, no postings: the
@@ -257,6 +257,14 @@ OWED_REFUND_KEY_PREFIX = "refund:"
 # Recognition of credit-package money (``purchase_money_due``): at most this often per account, besides the
 # first sweep of each UTC day and a grant that finishes or expires.
 MONEY_RECOGNITION_INTERVAL = timedelta(hours=1)
+# Subscription fee revenue is recognised a UTC day at a time, each day's ``FeeRevenueRecognised`` dated in it
+# (``recognise_fee_revenue``): a run behind by more days (a sweeper stopped over two month ends, a store restored)
+# records this many (two months: a run after a month end stopped catches up both months) and leaves the rest to the
+# next sweep, so one command's transaction stays bounded (the sweeper weighs it by ``fee_revenue_days_due``).
+FEE_RECOGNITION_DAYS_PER_RUN_MAX = 62
+# A run's FeeRevenueRecognised is dated this much before the time it recognises to: the last instant of the day
+# whose share it is (to a midnight: 23:59:59.999999 of the day before), never the next day.
+_LAST_MICROSECOND = timedelta(microseconds=1)
 # Gateway refunds waiting for the payment they give back (``park_refund``) at once per account: a further one is
 # refused (``TooManyParkedRefunds``, its rejection recorded for reconciliation). Each is settled when its payment
 # is booked; only a payment that never comes keeps one here.
@@ -3106,44 +3114,71 @@ class BillingAccount(ChainedAggregate):
         if schedule["deferred"] <= 0:
             del self._fee_schedules[invoice]
 
-    def fee_revenue_due(self, now: datetime) -> bool:
-        """Whether the sweeper should run :meth:`recognise_fee_revenue` at ``now`` (cheap: no postings): a
-        schedule has revenue to recognise and either its period has ended or it was last recognised on an
-        earlier UTC day (so at most one run a day per account, and one at each period's end)."""
-        for schedule in self._fee_schedules.values():
-            if not _fee_due(schedule, now):
-                continue
-            if now >= schedule["end"]:
-                return True
-            if schedule["recognised_to"].astimezone(UTC).date() != now.astimezone(UTC).date():
-                return True
-        return False
+    def fee_revenue_days_due(self, now: datetime) -> int:
+        """Whether the sweeper should run :meth:`recognise_fee_revenue` at ``now`` (cheap: no postings), as the number
+        of ``FeeRevenueRecognised`` it would record at most (a UTC day each, at most ``FEE_RECOGNITION_DAYS_PER_RUN_MAX``;
+        0: nothing due). Due when a schedule has revenue to recognise up to its cut (:func:`_fee_cut`: the start of
+        ``now``'s UTC day, or its end once reached): at the first sweep of a day (the day before's share) and at
+        each period's end, so at most one run a day per account besides period ends."""
+        due = [(schedule["recognised_to"], cut) for schedule in self._fee_schedules.values()
+               if _fee_due(schedule, cut := _fee_cut(schedule, now))]
+        if not due:
+            return 0
+        first = _next_utc_midnight(min(since for since, _ in due)) - timedelta(days=1)
+        days = -(-(max(cut for _, cut in due) - first) // timedelta(days=1))
+        return min(days, FEE_RECOGNITION_DAYS_PER_RUN_MAX)
 
     def recognise_fee_revenue(self, now: datetime) -> None:
-        """Recognises the subscription fees billed in advance ratably over their service period, up to ``now``.
+        """Recognises the subscription fees billed in advance ratably over their service period, up to ``now``'s
+        UTC day: each whole UTC day's share once the day is over, dated in that day.
 
-        Per schedule, of what it still defers (``deferred``) from the time it was last recognised to
-        (``recognised_to``, first its period's start) to its end: ``deferred x elapsed // remaining`` in whole
-        seconds (rounded down), and all that is left once ``now`` reaches the end, so the last run recognises
-        exactly what was billed less what was given back. One ``FeeRevenueRecognised`` for every schedule with
-        something due (none if nothing is, so a second run at the same ``now`` records nothing): Dr
-        DEFERRED_REVENUE / Cr RECOGNISED_REVENUE, per invoice.
+        Per schedule, up to its cut (:func:`_fee_cut`: the start of ``now``'s UTC day, its end once ``now`` reaches
+        it), one UTC day at a time: of what it still defers (``deferred``) from the time it was last recognised to
+        (``recognised_to``, first its period's start) to its end, ``deferred x elapsed // remaining`` in whole seconds
+        (rounded down), and all that is left at its end, so the last share is exactly what was billed less what was
+        given back. One ``FeeRevenueRecognised`` per UTC day with something due (none if nothing is, so a second run
+        the same day records nothing), dated the last microsecond of the time it recognises (``at``; each schedule's
+        ``to`` the time it is recognised to): Dr DEFERRED_REVENUE / Cr RECOGNISED_REVENUE, per invoice. So a day's
+        share is in that day's (and month's) books, though the run that records it comes after the day: October's
+        31st is recognised by the first sweep of Nov 1, dated Oct 31 23:59:59.999999. A run behind by more than
+        ``FEE_RECOGNITION_DAYS_PER_RUN_MAX`` days records that many and leaves the rest to the next one (still due).
+
+        Until session 15 a run recognised up to ``now`` and was dated then: the first sweep of a day recognised the day
+        before in the new day, and a month's last day in the next month. Those events keep their date and meaning
+        (no ``to``: recognised to their ``at``); a schedule recognised by them goes on from there.
         """
         _require_time("now", now)
-        changes: list[dict[str, Any]] = []
-        postings: list[Posting] = []
-        for invoice, schedule in self._fee_schedules.items():
-            amount = _fee_due(schedule, now)
-            if not amount:
-                continue
-            changes.append({"invoice": invoice, "amount": amount})
-            postings += [posting(LedgerAccount.DEFERRED_REVENUE, schedule["unit"], amount),
-                         posting(LedgerAccount.RECOGNISED_REVENUE, schedule["unit"], -amount)]
-        if not changes:
+        cuts = {invoice: _fee_cut(schedule, now) for invoice, schedule in self._fee_schedules.items()}
+        schedules = {invoice: cut for invoice, cut in cuts.items() if _fee_due(self._fee_schedules[invoice], cut)}
+        if not schedules:
             return
-        assert_balanced(postings)
-        self._fee_revenue_recognised(unit=self.currency, amount=sum(c["amount"] for c in changes), schedules=changes,
-                                     postings=postings, at=now)
+        day_end = _next_utc_midnight(min(self._fee_schedules[i]["recognised_to"] for i in schedules))
+        last = max(schedules.values())
+        recorded = 0
+        while recorded < FEE_RECOGNITION_DAYS_PER_RUN_MAX:
+            changes: list[dict[str, Any]] = []
+            postings: list[Posting] = []
+            for invoice, cut in schedules.items():
+                schedule = self._fee_schedules.get(invoice)
+                to = min(cut, day_end)
+                if schedule is None or to <= schedule["recognised_to"]:
+                    continue
+                # Rounded down by day, a share below a sub-unit waits: the next day recognises it with its own.
+                amount = _fee_due(schedule, to)
+                if not amount:
+                    continue
+                changes.append({"invoice": invoice, "amount": amount, "to": to})
+                postings += [posting(LedgerAccount.DEFERRED_REVENUE, schedule["unit"], amount),
+                             posting(LedgerAccount.RECOGNISED_REVENUE, schedule["unit"], -amount)]
+            if changes:
+                assert_balanced(postings)
+                self._fee_revenue_recognised(
+                    unit=self.currency, amount=sum(c["amount"] for c in changes), schedules=changes,
+                    postings=postings, at=max(c["to"] for c in changes) - _LAST_MICROSECOND)
+                recorded += 1
+            if day_end >= last:
+                return
+            day_end += timedelta(days=1)
 
     @event("FeeRevenueRecognised")
     def _fee_revenue_recognised(self, unit: str, amount: int, schedules: list[dict[str, Any]],
@@ -3151,7 +3186,9 @@ class BillingAccount(ChainedAggregate):
         for change in schedules:
             schedule = self._fee_schedules[change["invoice"]]
             schedule["deferred"] -= change["amount"]
-            schedule["recognised_to"] = at
+            # ``to`` recorded since session 15 (the run's ``at`` is then inside the day it recognises); before, the
+            # run was dated at the time it recognised to.
+            schedule["recognised_to"] = change.get("to", at)
             if schedule["deferred"] <= 0:
                 del self._fee_schedules[change["invoice"]]
 
@@ -3914,6 +3951,19 @@ def _revenue_and_tax_back(counter: LedgerAccount, unit: str, amount: int, tax: i
         postings.append(posting(LedgerAccount.TAX_PAYABLE, unit, tax))
     assert_balanced(postings)
     return postings
+
+
+def _fee_cut(schedule: dict[str, Any], now: datetime) -> datetime:
+    """The time a recognition run at ``now`` recognises a fee schedule up to: its end once ``now`` reaches it, else the
+    start of ``now``'s UTC day (a day's share is recognised once the day is over, dated in it)."""
+    end: datetime = schedule["end"]
+    return end if now >= end else _next_utc_midnight(now) - timedelta(days=1)
+
+
+def _next_utc_midnight(when: datetime) -> datetime:
+    """The first UTC midnight after ``when``."""
+    day = when.astimezone(UTC).date() + timedelta(days=1)
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def _fee_due(schedule: dict[str, Any], now: datetime) -> int:

@@ -35,7 +35,7 @@ def test_an_invoice_billed_before_fees_were_deferred_replays_as_recorded_and_is_
         object.__delattr__(billed, "revenue")  # as recorded before the attribute existed
     replayed = billed.mutate(opened.mutate(None))
     assert replayed.invoice_billed("old") == {"unit": USD, "amount": 30 * U, "tax": 0}
-    assert replayed.deferred_fees(USD) == 0 and not replayed.fee_revenue_due(T0 + timedelta(days=40))
+    assert replayed.deferred_fees(USD) == 0 and not replayed.fee_revenue_days_due(T0 + timedelta(days=40))
     replayed.recognise_fee_revenue(T0 + timedelta(days=40))
     assert replayed.collect_events() == []  # nothing to recognise: it was revenue when billed
     # Its void takes the fee back from recognised revenue, as before.
@@ -56,6 +56,54 @@ def test_a_fee_without_a_future_period_is_revenue_at_once_and_a_zero_length_peri
     else:
         raise AssertionError("a service period that ends when it starts was accepted")
     assert chart(account, account.collect_events()) == {RECOGNISED: -5 * U, LedgerAccount.RECEIVABLES.value: 5 * U}
+
+
+OCT_1 = datetime(2026, 10, 1, tzinfo=UTC)
+NOV_1 = datetime(2026, 11, 1, tzinfo=UTC)
+LAST_MICROSECOND = timedelta(microseconds=1)
+
+
+def test_a_run_after_days_without_one_records_each_days_share_dated_in_that_day() -> None:
+    account = BillingAccount.open("acme", USD, opened_by="test")
+    account.bill_invoice(invoice="oct", unit=USD, net=31 * U, tax=0, at=OCT_1, cause={},
+                         deferred={"amount": 31 * U, "start": OCT_1, "end": NOV_1})
+    account.collect_events()
+    assert account.fee_revenue_days_due(OCT_1 + timedelta(hours=23)) == 0  # Oct 1 is not over
+    assert account.fee_revenue_days_due(NOV_1 - timedelta(days=3) + timedelta(hours=2)) == 28
+    account.recognise_fee_revenue(NOV_1 - timedelta(days=3) + timedelta(hours=2))  # Oct 29 02:00: Oct 1-28
+    runs = account.collect_events()
+    assert [(e.at, e.amount) for e in runs] == [(OCT_1 + timedelta(days=d + 1) - LAST_MICROSECOND, U)
+                                                 for d in range(28)]
+    assert not account.fee_revenue_days_due(NOV_1 - timedelta(days=3) + timedelta(hours=23))
+    account.recognise_fee_revenue(NOV_1 + timedelta(seconds=5))  # the first sweep of Nov 1: Oct 29-31, the end
+    last = account.collect_events()
+    assert [(e.at.isoformat(), e.amount) for e in last] == [
+        ("2026-10-29T23:59:59.999999+00:00", U), ("2026-10-30T23:59:59.999999+00:00", U),
+        ("2026-10-31T23:59:59.999999+00:00", U)]
+    assert account.deferred_fees(USD) == 0 and account.fee_schedule("oct") is None
+
+
+def test_a_run_recorded_before_runs_were_dated_by_day_replays_as_recorded_and_the_next_goes_on_from_it() -> None:
+    account = BillingAccount.open("acme", USD, opened_by="test")
+    account.bill_invoice(invoice="oct", unit=USD, net=31 * U, tax=0, at=OCT_1, cause={},
+                         deferred={"amount": 31 * U, "start": OCT_1, "end": NOV_1})
+    # As a run before session 15 recorded it: dated when it ran (Oct 31 00:00:30), recognised to then, no ``to``.
+    old_run = NOV_1 - timedelta(days=1) + timedelta(seconds=30)
+    due = 31 * U * ((old_run - OCT_1) // timedelta(seconds=1)) // (31 * 86400)
+    account._fee_revenue_recognised(unit=USD, amount=due, schedules=[{"invoice": "oct", "amount": due}], postings=[
+        {"account": DEFERRED, "unit": USD, "amount": due, "grant_id": None},
+        {"account": RECOGNISED, "unit": USD, "amount": -due, "grant_id": None}], at=old_run)
+    events = account.collect_events()
+    replayed = None
+    for e in events:
+        replayed = e.mutate(replayed)
+    assert replayed is not None and replayed.fee_schedule("oct")["recognised_to"] == old_run  # type: ignore[index]
+    assert not replayed.fee_revenue_days_due(old_run + timedelta(hours=12))  # that day's run was done
+    replayed.recognise_fee_revenue(NOV_1 + timedelta(seconds=5))
+    [rest] = replayed.collect_events()
+    # The rest of Oct 31 after that run, dated Oct 31: the fee ends exactly recognised, all of it in October.
+    assert (rest.at, rest.amount, rest.schedules[0]["to"]) == (NOV_1 - LAST_MICROSECOND, 31 * U - due, NOV_1)
+    assert replayed.deferred_fees(USD) == 0
 
 
 # -- property: random bills, recognition runs, credit notes, voids and refunds -------------------------------
@@ -114,6 +162,11 @@ def test_deferred_fees_never_go_negative_and_everything_billed_ends_recognised_o
         events = list(account.pending_events)
         for event in events:
             assert_balanced(getattr(event, "postings", None) or [])
+            if type(event).__name__ == "FeeRevenueRecognised":
+                # A day's share is dated in that UTC day: every schedule's ``to`` ends it (a midnight or its end).
+                for change in event.schedules:
+                    assert event.at < change["to"] <= datetime.combine(
+                        event.at.date() + timedelta(days=1), datetime.min.time(), UTC)
         books = chart(account, events)
         # The books' deferred revenue is the schedules' (a credit: never a debit balance), each schedule >= 0.
         assert -books.get(DEFERRED, 0) == account.deferred_fees(USD) >= 0

@@ -382,11 +382,12 @@ def _account(ledger: Ledger, tenant: str, change: Any) -> None:
 
 
 def month_end_scenario(ledger: Ledger, tenant: str = "close", *, catalog: bool = True) -> None:
-    """October 2026 of ``tenant`` (USD), through the ledger's own commands and aggregate: a subscription to Team
-    (31.00 a month, billed in advance on Oct 1 and recognised ratably: Oct 16 and Oct 31's daily runs), 100.00 of
-    credit bought on Oct 5 (19.00 of tax), a 10.00 promotion expiring on Oct 20, 4.00 of usage on Oct 10 (drawn from
-    the promotion, the first to expire), the promotion's 6.00 lapsed by the Oct 21 sweep. ``catalog``: publish its
-    catalogue first (once per ledger)."""
+    """October 2026 of ``tenant`` (USD), through the ledger's own commands and aggregate, as the ledger has it once
+    October is over: a subscription to Team (31.00 a month, billed in advance on Oct 1 and recognised ratably, each
+    day's share dated in it: the runs of Oct 16 and Oct 31 and the one at the period's end, Nov 1 00:00:20, which
+    recognises Oct 31), 100.00 of credit bought on Oct 5 (19.00 of tax), a 10.00 promotion expiring on Oct 20, 4.00
+    of usage on Oct 10 (drawn from the promotion, the first to expire), the promotion's 6.00 lapsed by the Oct 21
+    sweep. ``catalog``: publish its catalogue first (once per ledger)."""
     if catalog:
         ledger.command("catalog.publish", None, at=CLOSE_OCT_1, document=CLOSE_CATALOG, digest="close-1")
     ledger.command("account.open", tenant, at=CLOSE_OCT_1, currency="USD")
@@ -405,16 +406,17 @@ def month_end_scenario(ledger: Ledger, tenant: str = "close", *, catalog: bool =
     for at in (CLOSE_OCT_1 + 15 * day + timedelta(hours=12), CLOSE_OCT_1 + 30 * day + timedelta(seconds=30)):
         ledger.command("money.recognise", tenant, at=at, now=at.isoformat())
     ledger.command("grant.expire", tenant, at=CLOSE_OCT_1 + 20 * day, now=(CLOSE_OCT_1 + 20 * day).isoformat())
+    # The first sweep of Nov 1, at the period's end: Oct 31's share, dated Oct 31 (recorded once the day is over).
+    run = CLOSE_NOV_1 + timedelta(seconds=20)
+    ledger.command("money.recognise", tenant, at=run, now=run.isoformat())
 
 
 def month_end_later(ledger: Ledger, tenant: str = "close") -> None:
-    """What follows October's close of ``tenant`` (all dated in November): the run at the period's end recognises
-    the rest of October's fee (its last day's share), the renewal bills November's 31.00, 10.00 of the credit bought
-    is refunded (with its tax), 2.00 of usage."""
+    """What follows October's close of ``tenant`` (all dated in November): the renewal bills November's 31.00, 10.00
+    of the credit bought is refunded (with its tax), 2.00 of usage."""
     from billing_ledger.domain.subscription import subscription_id
 
     run = CLOSE_NOV_1 + timedelta(seconds=20)
-    ledger.command("money.recognise", tenant, at=run, now=run.isoformat())
     ledger.command("subscription.tick", tenant, at=CLOSE_NOV_1, key="m")
     # Rating's usage lines of October (none): the renewal invoice is finalized, November's fee billed in advance.
     ledger.command("invoice.usage_lines", tenant, at=run, lines=[],

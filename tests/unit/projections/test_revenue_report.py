@@ -19,6 +19,8 @@ import pytest
 from billing_events import ids
 from billing_events.money import is_currency_code
 from billing_ledger.domain.postings import account_balances
+from billing_ledger.domain.subscription import subscription_id
+from billing_ledger.sweeper import Sweeper
 from billing_projections import revenue
 from billing_projections.api_reports import REVENUE_COLUMNS
 from billing_projections.service import ProjectionService
@@ -27,6 +29,9 @@ from billing_runtime.bus import Record
 
 from tests.unit.projections.conftest import apply, dumps_by_batching, sqlite_service
 from tests.unit.projections.ledger_events import (
+    CLOSE_CATALOG,
+    CLOSE_NOV_1,
+    CLOSE_OCT_1,
     Ledger,
     U,
     analytics_scenario,
@@ -98,11 +103,12 @@ async def test_octobers_close_reads_the_same_after_novembers_events_and_after_a_
                                    "breakage", "refunds", "chargebacks", "other", "closing_deferred")} == {
             "opening_deferred": "0.00", "credit_sold": "100.00",  # the 19.00 of tax is owed to the state, not revenue
             "promotional": "10.00", "fees_billed": "31.00", "recognised_usage": "4.00", "breakage": "6.00",
-            "refunds": "0.00", "chargebacks": "0.00", "other": "0.00", "closing_deferred": "100.999652778"}
-        # Fees recognised to Oct 31 00:00:30, the daily run's time (its last day's share is the Nov 1 run's).
-        assert usd["recognised_fees"] == "30.000347222"
+            "refunds": "0.00", "chargebacks": "0.00", "other": "0.00", "closing_deferred": "100.00"}
+        # The fee's 31 days, to its last: Oct 31's share, recognised by the run at the period's end (Nov 1), is dated
+        # Oct 31. Before, it was dated when that run ran: 30.000347222 in October, 0.999652778 in November.
+        assert usd["recognised_fees"] == "31.00"
         assert (usd["recognised_revenue"], usd["revenue_usage"], usd["revenue_fees"], usd["breakage_revenue"],
-                usd["promotional_expense"]) == ("34.000347222", "4.00", "30.000347222", "6.00", "10.00")
+                usd["promotional_expense"]) == ("35.00", "4.00", "31.00", "6.00", "10.00")
         ins = sum(money(usd, k) for k in revenue.FLOWS_IN)
         outs = sum(money(usd, k) for k in revenue.FLOWS_OUT)
         assert money(usd, "closing_deferred") == money(usd, "opening_deferred") + ins - outs
@@ -120,8 +126,9 @@ async def test_octobers_close_reads_the_same_after_novembers_events_and_after_a_
         assert await report(client, period="2026-10") == closed
         november = line(await report(client, period="2026-11"))
         assert november["opening_deferred"] == usd["closing_deferred"]
+        # None of October's fee: November's own is recognised from the run of Dec 2 on (none here).
         assert (november["fees_billed"], november["recognised_fees"], november["refunds"], november["recognised_usage"],
-                november["closing_deferred"]) == ("31.00", "0.999652778", "10.00", "2.00", "119.00")
+                november["closing_deferred"]) == ("31.00", "0.00", "10.00", "2.00", "119.00")
         everything = october_records + later_records
         assert money(november, "closing_deferred") == -booked(ledger_postings(everything, "close"), "USD", POOL)
 
@@ -132,6 +139,39 @@ async def test_octobers_close_reads_the_same_after_novembers_events_and_after_a_
         await apply(rebuilt, everything, batch=10_000)
         async with api_client(rebuilt.db) as client:
             assert await report(client, period="2026-10") == closed
+
+
+async def test_a_monthly_fee_over_october_is_octobers_revenue_to_its_last_day_and_none_of_it_novembers(
+        service: ProjectionService) -> None:
+    """Team, 31.00 for October (1.00 a day), recognised by the ledger's own sweeper at the first sweep of each day:
+    October's close has all 31 days and November none of them. Before, the run at 00:00:05 that recognised a day was
+    dated in the next one, so October's last day (0.99994213) was November's revenue."""
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, at=CLOSE_OCT_1, document=CLOSE_CATALOG, digest="close-1")
+    ledger.command("account.open", "fee", at=CLOSE_OCT_1, currency="USD")
+    ledger.command("subscription.create", "fee", at=CLOSE_OCT_1, key="m", plan="team", quantity=1)
+    sweeper = Sweeper(ledger.app)
+    first_sweep = timedelta(seconds=5)
+    for day in range(1, 32):  # Oct 2 ... Nov 1, each recognising the day before
+        assert sweeper.sweep(CLOSE_OCT_1 + timedelta(days=day) + first_sweep) == 1
+    # November: the renewal bills its 31.00 (30 days), the sweep of Nov 2 recognises Nov 1.
+    ledger.command("subscription.tick", "fee", at=CLOSE_NOV_1, key="m")
+    ledger.command("invoice.usage_lines", "fee", at=CLOSE_NOV_1 + timedelta(minutes=1), lines=[],
+                   invoice_key=f"{subscription_id('fee', 'm')}/{CLOSE_NOV_1.isoformat()}")
+    assert sweeper.sweep(CLOSE_NOV_1 + timedelta(days=1) + first_sweep) == 1
+    await apply(service, ledger.records())
+    async with api_client(service.db) as client:
+        october = line(await report(client, period="2026-10"))
+        assert (october["fees_billed"], october["recognised_fees"], october["revenue_fees"],
+                october["recognised_revenue"], october["closing_deferred"]) == ("31.00", "31.00", "31.00", "31.00",
+                                                                                "0.00")
+        # Each day's share in its own day: as at Oct 15, 15 days.
+        assert line(await report(client, at="2026-10-15"))["recognised_fees"] == "15.00"
+        assert line(await report(client, at="2026-10-30"))["recognised_fees"] == "30.00"
+        november = line(await report(client, period="2026-11"))
+        # Nov 1's share of November's 31.00 alone (31.00 x 86,400 / 2,592,000 s, rounded down): none of October's.
+        assert (november["opening_deferred"], november["fees_billed"], november["recognised_fees"],
+                november["closing_deferred"]) == ("0.00", "31.00", "1.033333333", "29.966666667")
 
 
 async def test_as_at_a_day_is_its_month_up_to_the_end_of_that_day(service: ProjectionService) -> None:
@@ -145,8 +185,9 @@ async def test_as_at_a_day_is_its_month_up_to_the_end_of_that_day(service: Proje
         assert (mid["period"], mid["as_at"], mid["start"], mid["end"], mid["complete"]) == (
             "2026-10", "2026-10-15", "2026-10-01", "2026-10-16", True)
         usd = line(mid)
-        # Before the first fee recognition (Oct 16) and the promotion's expiry (Oct 21): 100 + 10 + 31 - 4.
-        assert (usd["recognised_fees"], usd["breakage"], usd["closing_deferred"]) == ("0.00", "0.00", "137.00")
+        # Oct 1-15 of the fee (the run of Oct 16 recognised them, each day's share dated in it), before the
+        # promotion's expiry (Oct 21): 100 + 10 + 31 - 4 - 15.
+        assert (usd["recognised_fees"], usd["breakage"], usd["closing_deferred"]) == ("15.00", "0.00", "122.00")
         assert money(usd, "closing_deferred") == -booked(ledger_postings(records, "close"), "USD", POOL,
                                                          until="2026-10-16")
         month_end = await report(client, at="2026-10-31")
@@ -259,7 +300,7 @@ async def test_the_finance_page_shows_the_months_revenue_as_the_api_reports_it(s
     for key, _, _ in REVENUE_ROWS:
         assert text_of(page, f"revenue-{key}-USD") == usd[key], key
     assert (text_of(page, "revenue-closing_deferred-USD"), text_of(page, "revenue-recognised_revenue-USD")) == (
-        "201.999305556", "68.000694444")  # two tenants' October, to the sub-unit
+        "200.00", "70.00")  # two tenants' October, to the sub-unit
     rows = re.findall(r'data-testid="revenue-tenant-row" data-tenant="([^"]*)" data-unit="([^"]*)"', page)
     assert rows == [(t["tenant"], t["unit"]) for t in tenants] == [("close", "USD"), ("other", "USD")]
     assert 'data-testid="revenue-empty"' in future and 'data-testid="revenue-table"' not in future

@@ -78,13 +78,16 @@ def test_a_monthly_fee_is_deferred_when_billed_half_recognised_mid_period_and_al
                           ("tax_payable", "USD"): -570 * CENT}
     recognise(app, NOV_16)  # 15 of 30 days
     assert revenue(app) == (1500 * CENT, 1500 * CENT)
+    # A day's share each, dated in its day (Nov 1's on Nov 1 23:59:59.999999), though one run recorded them.
+    assert [e.at for e in events(app, "FeeRevenueRecognised")] == [
+        NOV_1 + timedelta(days=d + 1, microseconds=-1) for d in range(15)]
     recognise(app, NOV_16)  # the same run again (a redelivery, another process): nothing more
-    assert len(events(app, "FeeRevenueRecognised")) == 1
+    assert len(events(app, "FeeRevenueRecognised")) == 15
     recognise(app, DEC_1)
     assert revenue(app) == (3000 * CENT, 0)
     assert account(app).fee_schedule(str(first_invoice(app).id)) is None and account(app).deferred_fees("USD") == 0
     recognise(app, DEC_1 + timedelta(days=3))  # nothing left: never recognised twice
-    assert len(events(app, "FeeRevenueRecognised")) == 2 and revenue(app) == (3000 * CENT, 0)
+    assert len(events(app, "FeeRevenueRecognised")) == 30 and revenue(app) == (3000 * CENT, 0)
     assert books(app)[("tax_payable", "USD")] == -570 * CENT
     assert verify_store(app, "acme").ok
 
@@ -132,7 +135,8 @@ def test_a_cancel_mid_period_gives_back_the_deferred_rest_and_keeps_the_recognis
     assert books(app) == {("receivables", "USD"): 3570 * CENT, ("tenant_wallet", "USD"): -1785 * CENT,
                           ("recognised_revenue", "USD"): -1500 * CENT, ("tax_payable", "USD"): -285 * CENT}
     recognise(app, DEC_1)
-    assert events(app, "FeeRevenueRecognised")[-1].at == NOV_10  # nothing after the cancel
+    # Nothing after the cancel: the last share is Nov 9's (recognised by the run of Nov 10).
+    assert events(app, "FeeRevenueRecognised")[-1].at == NOV_10 - timedelta(microseconds=1)
     assert verify_store(app, "acme").ok
 
 
@@ -141,8 +145,8 @@ def test_an_upgrade_mid_period_recognises_the_old_fee_to_the_change_and_defers_t
     run(app, "subscription.create", "acme", key="m", plan="team")  # 30.00 for November
     run(app, "subscription.change", "acme", at=NOV_16, key="m", quantity=3)  # -15.00 unused, +45.00 rest
     assert revenue(app) == (1500 * CENT, 4500 * CENT)  # Nov 1-16 of the old fee; Nov 16 - Dec 1 of the new one
-    recognise(app, NOV_16 + timedelta(days=7, hours=12))  # half the rest
-    assert revenue(app) == ((1500 + 2250) * CENT, 2250 * CENT)
+    recognise(app, NOV_16 + timedelta(days=5, minutes=1))  # the first sweep of Nov 21: a third of the rest
+    assert revenue(app) == ((1500 + 1500) * CENT, 3000 * CENT)
     recognise(app, DEC_1)
     assert revenue(app) == (6000 * CENT, 0)  # everything billed (30.00 + 30.00 net), once
     assert books(app)[("receivables", "USD")] == (3570 + 3570) * CENT
@@ -153,11 +157,12 @@ def test_voiding_an_unpaid_invoice_reverses_both_its_recognised_and_its_deferred
         app: LedgerApplication) -> None:
     run(app, "subscription.create", "acme", key="m", plan="team")
     recognise(app, NOV_10)
+    runs = len(events(app, "FeeRevenueRecognised"))
     run(app, "invoice.void", "acme", at=NOV_16, invoice_id=str(first_invoice(app).id), reason="goodwill")
     assert books(app) == {}  # the 9.00 recognised and the 21.00 deferred both reversed
     assert account(app).deferred_fees("USD") == 0
     recognise(app, DEC_1)
-    assert len(events(app, "FeeRevenueRecognised")) == 1 and books(app) == {}
+    assert len(events(app, "FeeRevenueRecognised")) == runs and books(app) == {}
     assert verify_store(app, "acme").ok
 
 
@@ -165,6 +170,7 @@ def test_a_refund_of_a_paid_invoice_takes_its_deferred_fee_and_then_recognised_r
         app: LedgerApplication) -> None:
     invoice = subscribed_and_paid(app)
     recognise(app, NOV_10)
+    runs = len(events(app, "FeeRevenueRecognised"))
     refund = PaymentNotification(gateway="stripe", gateway_event_id="evt_re", kind="refund_succeeded", tenant="acme",
                                  order_id=str(invoice.id), invoice_id=str(invoice.id), amount=Decimal("35.70"),
                                  currency="USD", verified_at=NOV_16, gateway_reference="re_1",
@@ -173,7 +179,7 @@ def test_a_refund_of_a_paid_invoice_takes_its_deferred_fee_and_then_recognised_r
     assert result.outcome == "applied", result
     assert books(app) == {}  # every cent back: 21.00 from deferred, the 9.00 recognised reversed, the VAT
     recognise(app, DEC_1)
-    assert len(events(app, "FeeRevenueRecognised")) == 1 and books(app) == {}
+    assert len(events(app, "FeeRevenueRecognised")) == runs and books(app) == {}
     assert verify_store(app, "acme").ok
 
 
@@ -206,8 +212,8 @@ def test_a_fee_paid_before_access_is_recognised_from_the_payment_not_from_the_or
     run(app, "invoice.mark_paid", "acme", at=paid_at, invoice_id=str(invoice.id), payment="pi_1")
     schedule = account(app).fee_schedule(str(invoice.id))
     assert schedule is not None and (schedule["start"], schedule["end"]) == (paid_at, paid_at + timedelta(days=30))
-    recognise(app, paid_at + timedelta(days=15))  # half the period it paid for
-    assert revenue(app) == (1500 * CENT, 1500 * CENT)
+    recognise(app, paid_at + timedelta(days=15))  # Nov 4 12:00 - Nov 19 00:00, the whole UTC days: 14.5 of 30
+    assert revenue(app) == (1450 * CENT, 1550 * CENT)
     recognise(app, paid_at + timedelta(days=30))
     assert revenue(app) == (3000 * CENT, 0)
     assert verify_store(app, "acme").ok
@@ -349,8 +355,8 @@ def test_voiding_an_upgrades_invoice_keeps_the_rest_of_the_periods_fee_deferred_
     # (15.00) for service still to come: deferred, not all recognised at the void (it was (30.00, 0) here).
     assert revenue(app) == (1500 * CENT, 1500 * CENT)
     assert account(app).fee_schedule(str(first_invoice(app).id)) is not None
-    recognise(app, NOV_16 + timedelta(days=7, hours=12))  # half the rest of the period
-    assert revenue(app) == (2250 * CENT, 750 * CENT)
+    recognise(app, NOV_16 + timedelta(days=5, minutes=1))  # the first sweep of Nov 21: a third of the rest
+    assert revenue(app) == (2000 * CENT, 1000 * CENT)
     recognise(app, DEC_1)
     assert revenue(app) == (3000 * CENT, 0)  # the same total as before, November's fee, once
     assert books(app)[("receivables", "USD")] == 3570 * CENT
