@@ -14,6 +14,8 @@ lines show the period's whole usage, so the invoice adds:
   (``BillingAccount.apply_credit_note_credit``: the account counts it per period as usage draws it). A top-up's credit
   is the net paid (its VAT booked at purchase) and a plan's credit is part of its taxed fee: taken off before tax,
   as before. Before session 14 a credit note's credit was too: usage it paid bore no VAT (35.70 of calls, 6.78).
+  Usage no subscription invoice bills (an account without one, captured holds) is taxed the same way by the month's
+  credit note usage invoice (``credit_note_usage_commands``, since session 15).
 * **Overage** lines for what the usage lines cannot show: overage left from earlier periods (or more than the
   lines itemise), and overage in a credit unit (a meter priced in credits that ran out), priced at the credit
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot

@@ -17,6 +17,9 @@ Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
    no credit left or expires, so its deferred revenue closes. Usage debits never recognise it themselves.
    The same command recognises the subscription fees billed in advance over their service period
    (``BillingAccount.fee_revenue_due``): at the first sweep of each UTC day, and at once when a period ends.
+5. sends ``invoice.credit_note_usage`` when usage no subscription invoice bills (an account without a live
+   subscription, captured holds) drew credit notes' credit in a calendar month (UTC) that has ended
+   (``BillingAccount.credit_note_usage_due``): the month's invoice taxes it (``credit_note_usage_commands``).
 
 Exactly-once does not depend on the sweeper: an expiry closes its grant or hold in the same event, so a
 second sweep (another ledger process, an overlapping round, a retry after a conflict) finds nothing to do.
@@ -50,6 +53,9 @@ from eventsourcing.utils import get_topic
 log = get_logger(__name__)
 
 OPENED_TOPIC = get_topic(BillingAccount.Opened)
+# The events one credit note usage invoice records at most (drafted, lines, tax, credit applied, finalized, its
+# number, and on the account the credit applied and the bill, or its settlement at 0.00): ``_chunks``'s weight.
+CREDIT_NOTE_USAGE_EVENTS_MAX = 9
 SWEEPER = "ledger:sweeper"
 
 
@@ -90,6 +96,9 @@ class Sweeper:
                 due.append(("hold.expire", holds))  # a HoldExpired each
             if account.purchase_money_due(now) or account.fee_revenue_due(now):
                 due.append(("money.recognise", 2))  # after grant.expire: it sees the remainders lapsed
+            if account.credit_note_usage_due(now):
+                # An invoice a month due: its document's events, the number's, the account's (applied, billed).
+                due.append(("invoice.credit_note_usage", CREDIT_NOTE_USAGE_EVENTS_MAX))
             return account.tenant, due
 
         found: list[tuple[str, list[tuple[str, int]]]] = []
