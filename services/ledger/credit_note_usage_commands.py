@@ -48,10 +48,9 @@ from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.account import HOLD_SPEND_KEY_PREFIX, BillingAccount
 from billing_ledger.domain.invoice import INVOICE, Invoice, credit_note_usage_key, line
+from billing_ledger.invoice_overage import CREDIT_NOTE_CREDIT_APPLIED
 from billing_ledger.limits import EFFECTIVE_AT_SKEW_SECONDS_MAX
 from billing_ledger.subscription_commands import _finalize, _settle_nothing_due, _tenant
-
-CREDIT_NOTE_CREDIT_APPLIED = "Credit note credit applied (a payment, after tax)"  # as on a renewal
 
 
 @handles("invoice.credit_note_usage")

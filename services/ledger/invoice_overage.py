@@ -77,6 +77,8 @@ from billing_ledger.domain.roster import roster_id
 from billing_runtime.logging import get_logger
 
 log = get_logger(__name__)
+# The line applying credit notes' credit after tax (here, and on a month's credit note usage invoice).
+CREDIT_NOTE_CREDIT_APPLIED = "Credit note credit applied (a payment, after tax)"
 
 
 def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[dict[str, Any]],
@@ -121,8 +123,7 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
         if applied - paid_by_notes > 0:
             lines.append(line("credits_applied", "Prepaid credits applied", -(applied - paid_by_notes), money))
         if paid_by_notes > 0:
-            lines.append(line("credits_applied", "Credit note credit applied (a payment, after tax)", -paid_by_notes,
-                              money, after_tax=True))
+            lines.append(line("credits_applied", CREDIT_NOTE_CREDIT_APPLIED, -paid_by_notes, money, after_tax=True))
     # What the usage lines do not show of the overage taken (earlier periods, or more overage than the lines
     # itemise), rounded once.
     rest = round_minor(from_subunits(own + earlier - shown), scale)
