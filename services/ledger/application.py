@@ -816,7 +816,7 @@ HANDLER_MODULES = (
     "hold_commands", "payment_commands", "refund_commands", "subscription_commands", "invoice_commands",
     "checkout_commands",
     "payment_settings_commands", "payment_method_commands", "refund_request_commands", "revenue_commands",
-    "usage_commands", "dispute_commands",
+    "usage_commands", "dispute_commands", "credit_note_usage_commands",
 )
 
 

@@ -33,6 +33,10 @@ The identities that hold in this ledger's accounting, checked document by docume
   charged: its total plus the credit it netted itself (``subscription_commands._credit_given``; a change's credit
   note also bills the new plan's rest, which a cancel may credit). A refund's ``reclaimed`` lines took back credit
   given before (a cancel's): not given twice, not counted.
+* **Credit notes' credit applied after tax is what the account applied.** An invoice's ``after_tax`` lines apply at
+  most the credit notes' credit the account forgot for it (``CreditNoteCreditApplied``), rounded once; a month's
+  credit note usage invoice (``credit_note_usage_commands``, since session 15: no subscription, its tax made
+  receivable like a subscription invoice's) bills exactly that credit's usage and applies all of it.
 * **Receivables are the open invoices and the overage no invoice bills yet.** Per unit, the ``receivables`` postings
   equal the totals of the finalized, unpaid invoices (in a credit unit: the overage of that unit they took; they bill
   it priced in their currency) plus the account's unbilled overage (``BillingAccount.unbilled_overage``: usage
@@ -42,7 +46,8 @@ The identities that hold in this ledger's accounting, checked document by docume
 The documents (``stored_documents``): every one the account's stream names (billed, paid, voided, refunded,
 credited), every period document of the tenant's subscriptions (the roster's history), the invoices of its top-ups
 and their refunds' credit notes (the orders its purchase grants name), with the invoices their credit notes name,
-each read from its own events (never a cache). Top-up invoices and their credit notes (no subscription) post nothing
+each read from its own events (never a cache). Top-up invoices and their credit notes (no subscription, and no credit
+note usage invoice) post nothing
 on the account (the purchase grant and its refund move that money, which the balance checks cover): only their
 arithmetic, tax and purchase are checked. Streams recorded before these postings existed (an invoice billed before
 session 5's ``InvoiceBilled``, an overage invoice before its rounding was posted, a refund's owed excess before
@@ -64,6 +69,7 @@ from billing_events.money import (
     MoneyError,
     Unit,
     currency,
+    from_subunits,
     is_billable,
     round_minor,
     to_subunits,
@@ -80,6 +86,7 @@ from billing_ledger.domain.invoice import (
     VOID,
     Invoice,
     invoice_id,
+    is_credit_note_usage,
 )
 from billing_ledger.domain.postings import LedgerAccount
 from billing_ledger.domain.roster import roster_id
@@ -176,6 +183,8 @@ class Posted:
     refunded_tax: int = 0
     credited: int | None = None  # any other credit note: account credit (CreditGranted, source credit_note)
     credited_tax: int = 0
+    # Credit notes' credit the account applied on it after tax (CreditNoteCreditApplied, since session 14), per unit
+    notes_applied: dict[str, int] = field(default_factory=dict)
 
 
 class InvoiceBooks:
@@ -217,6 +226,8 @@ class InvoiceBooks:
             _add(self._of(event.invoice).overage, event.unit, -sum(p["netted"] for p in event.periods.values()))
         elif kind == "InvoicePaid":
             self._of(event.invoice).paid += event.amount
+        elif kind == "CreditNoteCreditApplied":
+            _add(self._of(event.invoice).notes_applied, event.unit, sum(event.taken.values()))
         elif kind == "InvoiceChargeRounded":
             _add(self._of(event.invoice).written_off, event.unit, event.amount)
         elif kind == "ReceivableSettled" and isinstance(event.cause, dict) and event.cause.get("invoice"):
@@ -300,12 +311,13 @@ def check_documents(tenant: str, documents: Mapping[str, Document], books: Invoi
         if document.status == DRAFT or document.number is None:
             continue  # a draft, or a period with nothing to bill (never numbered): nothing issued to check
         _check_arithmetic(document, problems)
-        if not document.subscription_id:
+        if not document.subscription_id and not is_credit_note_usage(document):
             _check_top_up(document, documents, books, problems)
             continue  # a top-up's documents post nothing on the account
         posted = books.documents.get(document.id, Posted())
         if document.document_type == INVOICE:
             made = _check_invoice(document, posted, problems)
+            _check_notes_applied(document, posted, problems)
             if document.status == FINALIZED:  # owed: its total, and in a credit unit the overage of it it took
                 made[document.currency] = to_subunits(document.total)
                 for unit, amount in made.items():
@@ -506,6 +518,28 @@ def _check_invoice(invoice: Document, posted: Posted, problems: list[str]) -> di
     if invoice.status == PAID and not invoice.payment:
         problems.append(f"{_name(invoice)} is paid, but names no payment")
     return made
+
+
+def _check_notes_applied(invoice: Document, posted: Posted, problems: list[str]) -> None:
+    """The credit notes' credit an invoice applies after tax (its ``after_tax`` lines) is at most what the account
+    applied on it (``CreditNoteCreditApplied``), rounded once; a month's credit note usage invoice bills exactly that
+    credit's usage, and applies all of it (``credit_note_usage_commands``): its total is its tax."""
+    unit = invoice.currency
+    try:
+        scale = currency(unit)
+    except MoneyError:
+        return  # reported by ``_check_arithmetic``
+    shown = -sum((Decimal(item["amount"]) for item in invoice.lines if item.get("after_tax")), Decimal(0))
+    applied = round_minor(from_subunits(posted.notes_applied.get(unit, 0)), scale)
+    if shown > applied:
+        problems.append(f"{_name(invoice)} applies {shown} {unit} of credit notes' credit after tax, but the account "
+                        f"applied {applied} {unit} of it on the invoice")
+    if not is_credit_note_usage(invoice):
+        return
+    usage = sum((Decimal(item["amount"]) for item in invoice.lines if item["kind"] == "usage"), Decimal(0))
+    if (usage, shown) != (applied, applied):
+        problems.append(f"{_name(invoice)} bills {usage} {unit} of usage paid with credit notes' credit and applies "
+                        f"{shown} {unit} of that credit, but the account applied {applied} {unit} of it on the invoice")
 
 
 def _reversed(amount: int, unit: str) -> str:

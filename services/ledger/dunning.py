@@ -1,4 +1,6 @@
-"""Dunning: finalized, unpaid subscription invoices are charged off-session on a retry schedule.
+"""Dunning: finalized, unpaid subscription invoices (and the month's credit note usage invoices, which bill the VAT of
+usage paid with a credit note's credit outside subscriptions: ``credit_note_usage_commands``) are charged off-session
+on a retry schedule.
 
 A ledger background task (one leader at a time, like the auto-top-up task). It follows ``Invoice.Finalized``,
 ``Invoice.Paid`` and ``Invoice.Voided`` in the event store's notification log and keeps the subscription
@@ -42,7 +44,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import utcnow
 from billing_ledger.application import CommandResult, LedgerApplication
-from billing_ledger.domain.invoice import FINALIZED, INVOICE, Invoice
+from billing_ledger.domain.invoice import FINALIZED, INVOICE, Invoice, is_credit_note_usage
 from billing_ledger.domain.subscription import INCOMPLETE
 from billing_ledger.gateways import GatewayError, OutboundGateway
 from billing_ledger.invoice_commands import charge_of
@@ -113,8 +115,9 @@ class Dunning:
             for notification in notifications:
                 if notification.topic == FINALIZED_TOPIC:
                     event: Any = self.app.mapper.to_domain_event(notification)
+                    # A subscription's invoice, or a month's credit note usage invoice (its tax is owed alike).
                     kind = self.app.read(notification.originator_id,
-                                         lambda i: (i.document_type, bool(i.subscription_id)))
+                                         lambda i: (i.document_type, bool(i.subscription_id) or is_credit_note_usage(i)))
                     if kind == (INVOICE, True):
                         self.open[notification.originator_id] = (notification.id, event.issued_at)
                 else:
@@ -200,8 +203,10 @@ class Dunning:
             self.app.read, UUID(view["subscription_id"]), lambda s: s.status == INCOMPLETE))
         if incomplete:
             then = "The subscription was never started and this invoice is void; subscribe again to start it.\n"
-        elif final:
+        elif final and view["subscription_id"]:
             then = "The subscription is now past due; pay the invoice to restore it.\n"
+        elif final:
+            then = "Please pay the invoice (its due date is on it); we will not try this payment again.\n"
         else:
             then = f"We will try again on {(issued_at + timedelta(days=self.retry_days[made + 1])).date()}.\n"
         await asyncio.to_thread(
@@ -214,7 +219,9 @@ class Dunning:
                                                   "at": now.isoformat()})
         log.info("dunning_attempt_failed", tenant=tenant, invoice=view["number"], attempt=made + 1, final=final,
                  outcome=result.outcome)
-        return "incomplete_expired" if incomplete else "past_due" if final else "retry"
+        if not final:
+            return "retry"
+        return "incomplete_expired" if incomplete else "past_due" if view["subscription_id"] else "exhausted"
 
 
 async def run_dunning(app: LedgerApplication, gateways: dict[str, OutboundGateway], smtp: SmtpSettings | None,

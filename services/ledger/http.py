@@ -27,6 +27,7 @@ from billing_ledger.application import CommandResult, LedgerApplication
 from billing_ledger.direct import ConflictsExhausted, DirectCommands, Overloaded
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.allocation import FINISHED_REQUEST_KEEP, ResourcePool
+from billing_ledger.domain.invoice import DRAFT, Invoice
 from billing_ledger.hold_commands import hold_id
 from billing_ledger.http_models import (
     AdjustmentRequest,
@@ -34,9 +35,11 @@ from billing_ledger.http_models import (
     CapacityRequest,
     CaptureRequest,
     HoldRequest,
+    RefundAnswer,
     RefundRequest,
 )
 from billing_ledger.refund_commands import refund_id
+from billing_ledger.refund_request_commands import grant_refund_note_id, note_reference
 from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator
 from billing_runtime.problems import Problem
 from fastapi import APIRouter, Depends, Path, Response
@@ -84,8 +87,10 @@ def adjustment_view(tenant: str, adjustment: UUID, record: dict[str, Any]) -> di
             "available": show(record["available"], unit)}
 
 
-def refund_view(tenant: str, refund: UUID, record: dict[str, Any]) -> dict[str, Any]:
-    """A grant refund's answer (``BillingAccount.refund``): the same to its first request and to every retry."""
+def refund_view(tenant: str, refund: UUID, record: dict[str, Any], credit_note: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    """A grant refund's answer (``BillingAccount.refund``, and ``credit_note``: the credit note documenting it,
+    ``{"id", "number"}`` or ``None``): the same to its first request and to every retry (``RefundAnswer``)."""
     unit, money = record["unit"], record["paid_back"]
     paid_back = None if money is None else {
         "unit": money["unit"], "amount": show(money["amount"], money["unit"]),
@@ -95,7 +100,18 @@ def refund_view(tenant: str, refund: UUID, record: dict[str, Any]) -> dict[str, 
             "from_wallet": show(record["from_wallet"], unit), "from_breakage": show(record["from_breakage"], unit),
             "from_adjustment": show(record["from_adjustment"], unit),
             "from_revenue": show(record["from_revenue"], unit), "reason": record["reason"],
-            "finance_override": record["finance_override"], "requested_by": record["requested_by"]}
+            "finance_override": record["finance_override"], "requested_by": record["requested_by"],
+            "credit_note": credit_note}
+
+
+def _refund_note_id(account: BillingAccount, refund: UUID) -> UUID | None:
+    """The id of the credit note that documents refund ``refund`` if one was issued (``grant_refund_note_id``)."""
+    record = account.refund(refund)
+    return None if record is None else grant_refund_note_id(account, UUID(record["grant_id"]), refund)
+
+
+def _note_reference(note: Any) -> dict[str, Any] | None:
+    return note_reference(note) if isinstance(note, Invoice) and note.status != DRAFT else None
 
 
 def _problem(result: CommandResult) -> Problem:
@@ -294,7 +310,11 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
             return adjustment_view(tenant, adjustment, record)
         return adjustment_view(tenant, adjustment, result.value)
 
-    @router.post("/v1/accounts/{tenant}/refunds", status_code=201, summary="Refund a purchase grant (operator: platform admin, finance)")
+    @router.post("/v1/accounts/{tenant}/refunds", status_code=201,
+                 summary="Refund a purchase grant (operator: platform admin, finance)", response_model=None,
+                 responses={201: {"model": RefundAnswer, "description": "Refunded"},
+                            200: {"model": RefundAnswer, "description": "A retry (same `idempotency_key`): the first "
+                                                                        "answer, nothing refunded again"}})
     async def refund(tenant: Tenant, body: RefundRequest, principal: Corrector, response: Response) -> dict[str, Any]:
         check_tenant(principal, tenant)
         if body.finance_override and not principal.is_operator(Role.FINANCE):
@@ -307,10 +327,13 @@ def build_router(app: LedgerApplication, direct: DirectCommands | None = None, *
         result = await decide(command, ids.account_id(tenant))
         if result.outcome == "duplicate":  # a retry: the first answer, as the account remembers it
             response.status_code = 200
-            record = await direct.read(ids.account_id(tenant), lambda account: account.refund(refund_uuid))
+            found = await direct.read(ids.account_id(tenant), lambda account: (
+                account.refund(refund_uuid), _refund_note_id(account, refund_uuid)))
+            record, note_id = found if found is not None else (None, None)
             if record is None:  # forgotten (beyond REFUNDS_KEPT_MAX later ones)
                 return {"refund_id": str(refund_uuid), "tenant": tenant, "duplicate": True}
-            return refund_view(tenant, refund_uuid, record)
-        return refund_view(tenant, refund_uuid, result.value)
+            note = None if note_id is None else await direct.read(note_id, _note_reference)
+            return refund_view(tenant, refund_uuid, record, note)
+        return refund_view(tenant, refund_uuid, result.value, result.value.get("credit_note"))
 
     return router

@@ -1,4 +1,5 @@
-"""Request bodies of the ledger's HTTP API. Amounts are decimal strings (or integers), never binary floats.
+"""Request bodies of the ledger's HTTP API, and the answers some routes document (``RefundAnswer``). Amounts are
+decimal strings (or integers), never binary floats.
 
 The models down to ``Body`` validate their routes' bodies. The ones after it (``Described``) describe bodies the
 route hands on to its ledger command as sent (``billing_runtime.bodies.described_by``): the command's checks
@@ -90,6 +91,42 @@ class RefundRequest(Body):
     reason: Reason
     finance_override: bool = Field(default=False, description="Refund credit that was already spent or has "
                                                               "lapsed (finance role only)")
+
+
+class PaidBack(BaseModel):
+    unit: str = Field(examples=["USD"])
+    amount: str = Field(description="Money to pay back through the gateway, its tax included", examples=["23.80"])
+    tax: str = Field(description="The tax in it", examples=["3.80"])
+
+
+class CreditNoteReference(BaseModel):
+    id: UUID = Field(description="The credit note (`GET /v1/accounts/{tenant}/invoices/{id}`)")
+    number: str = Field(examples=["CN-2026-000003"])
+
+
+class RefundAnswer(BaseModel):
+    """What a grant refund did: the same answer to its first request (201) and to every retry (200). A retry after more
+    than 10,000 later refunds of the account (`REFUNDS_KEPT_MAX`) is answered `{refund_id, tenant, duplicate: true}`."""
+
+    refund_id: UUID
+    tenant: str
+    grant_id: UUID
+    unit: str
+    amount: str = Field(description="Credit refunded", examples=["20.00"])
+    tax: str = Field(description="The tax given back with it", examples=["3.80"])
+    paid_back: PaidBack | None = Field(description="The money to pay back through the gateway; null for credit "
+                                                   "with no money booked")
+    from_wallet: str = Field(description="Taken from the unspent credit")
+    from_breakage: str = Field(description="From credit that lapsed (finance override)")
+    from_adjustment: str = Field(description="From what a negative manual adjustment removed (finance override)")
+    from_revenue: str = Field(description="From credit already spent (finance override)")
+    reason: str
+    finance_override: bool
+    requested_by: str
+    credit_note: CreditNoteReference | None = Field(
+        description="The credit note documenting the money and tax paid back (a checkout order's purchase grant: a "
+                    "`CN-` note of the order's top-up invoice); null when none was issued (any other grant, or no "
+                    "money went back)")
 
 
 # -- bodies handed on to their command as sent (documented, validated by the command) ---------------------------

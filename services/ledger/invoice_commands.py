@@ -23,7 +23,16 @@ from billing_events.money import (
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
 from billing_ledger.domain.catalog import Catalog
-from billing_ledger.domain.invoice import CREDIT_NOTE, DRAFT, INVOICE, PAID, Invoice, invoice_id, line
+from billing_ledger.domain.invoice import (
+    CREDIT_NOTE,
+    DRAFT,
+    INVOICE,
+    PAID,
+    Invoice,
+    invoice_id,
+    is_credit_note_usage,
+    line,
+)
 from billing_ledger.domain.subscription import ACTIVE, INCOMPLETE
 from billing_ledger.invoice_overage import (
     commit_period_minimum,
@@ -255,11 +264,14 @@ def invoice_payment_pending(app: LedgerApplication, batch: _Batch, command: Ledg
 
 @handles("invoice.payment_failed")
 def invoice_payment_failed(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> None:
-    """After the last dunning retry the subscription goes past_due (an incomplete one expires: never paid)."""
+    """After the last dunning retry the subscription goes past_due (an incomplete one expires: never paid). A month's
+    credit note usage invoice (no subscription) stays open, owed: recorded, nothing else changes."""
     invoice = _named_invoice(batch, command)
-    if not invoice.subscription_id:
+    if not invoice.subscription_id and not is_credit_note_usage(invoice):
         raise CommandRejected("unknown_invoice", f"invoice {invoice.number} belongs to no subscription")
     final, at = _flag(command, "final", True), effective_at(command)  # checked whether or not they are used
+    if not invoice.subscription_id:
+        return
     sub = batch.get(UUID(invoice.subscription_id))
     if sub is not None and sub.status == ACTIVE and final:
         sub.mark_past_due(at=at, reason="payment_failed", by=command.issued_by)
@@ -300,7 +312,9 @@ def void_invoice(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
             # Its fee for the rest of the period is owed again: deferred on its schedule, not recognised at the void
             # (a renewal still a draft holds the credit pending: ``_pending_fee_credits``, as before).
             restored = str(corrected.id)
-    if invoice.subscription_id:  # its fees and tax are no longer owed; the usage it billed is, unbilled again
+    if invoice.subscription_id or is_credit_note_usage(invoice):
+        # Its fees and tax are no longer owed; the usage it billed is, unbilled again. (A credit note usage invoice's
+        # tax: the credit it applied is not counted again, the void writes that VAT off.)
         account = account_of(batch, invoice.tenant)
         account.void_invoice_bill(invoice=str(invoice.id), at=at, cause={"invoice_number": invoice.number},
                                   restored=restored)

@@ -14,6 +14,8 @@ lines show the period's whole usage, so the invoice adds:
   (``BillingAccount.apply_credit_note_credit``: the account counts it per period as usage draws it). A top-up's credit
   is the net paid (its VAT booked at purchase) and a plan's credit is part of its taxed fee: taken off before tax,
   as before. Before session 14 a credit note's credit was too: usage it paid bore no VAT (35.70 of calls, 6.78).
+  Usage no subscription invoice bills (an account without one, captured holds) is taxed the same way by the month's
+  credit note usage invoice (``credit_note_usage_commands``, since session 15).
 * **Overage** lines for what the usage lines cannot show: overage left from earlier periods (or more than the
   lines itemise), and overage in a credit unit (a meter priced in credits that ran out), priced at the credit
   unit's ``list_price`` in the invoice currency. Credit overage without a list price in that currency cannot
@@ -75,6 +77,8 @@ from billing_ledger.domain.roster import roster_id
 from billing_runtime.logging import get_logger
 
 log = get_logger(__name__)
+# The line applying credit notes' credit after tax (here, and on a month's credit note usage invoice).
+CREDIT_NOTE_CREDIT_APPLIED = "Credit note credit applied (a payment, after tax)"
 
 
 def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[dict[str, Any]],
@@ -119,8 +123,7 @@ def overage_lines(account: BillingAccount, invoice: Invoice, usage_lines: list[d
         if applied - paid_by_notes > 0:
             lines.append(line("credits_applied", "Prepaid credits applied", -(applied - paid_by_notes), money))
         if paid_by_notes > 0:
-            lines.append(line("credits_applied", "Credit note credit applied (a payment, after tax)", -paid_by_notes,
-                              money, after_tax=True))
+            lines.append(line("credits_applied", CREDIT_NOTE_CREDIT_APPLIED, -paid_by_notes, money, after_tax=True))
     # What the usage lines do not show of the overage taken (earlier periods, or more overage than the lines
     # itemise), rounded once.
     rest = round_minor(from_subunits(own + earlier - shown), scale)

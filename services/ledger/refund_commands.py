@@ -39,6 +39,8 @@ def refund_grant(app: LedgerApplication, batch: _Batch, command: LedgerCommand) 
     # The purchase grant of a top-up order: the money and tax paid back are documented by a credit note of its
     # invoice, in the same transaction (before session 14 a partial refund had none: the documents kept declaring
     # the whole VAT the books had given back in part).
-    refund_request_commands.document_grant_refund(app, batch, account, grant, refund, at, command.issued_by)
-    # What the account remembers of it (``BillingAccount.refund``): the answer to this command and to its retries.
-    return {"refund_id": str(refund), **(account.refund(refund) or {})}
+    note = refund_request_commands.document_grant_refund(app, batch, account, grant, refund, at, command.issued_by)
+    # What the account remembers of it (``BillingAccount.refund``): the answer to this command and to its retries,
+    # which find its credit note by its id (``grant_refund_note_id``).
+    return {"refund_id": str(refund), **(account.refund(refund) or {}),
+            "credit_note": refund_request_commands.note_reference(note)}

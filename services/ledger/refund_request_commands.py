@@ -287,7 +287,7 @@ def document_grant_refund(app: LedgerApplication, batch: _Batch, account: Billin
     else:
         lines.append(line("tax", f"No tax on {original.number}" + (f" ({taxes[0]['description']})" if taxes else ""),
                           Decimal(0), code, rate="0"))
-    note = Invoice(tenant=order.tenant, key=f"orders/{order.id}/refunds/{refund}", document_type=CREDIT_NOTE,
+    note = Invoice(tenant=order.tenant, key=grant_refund_note_key(order.id, refund), document_type=CREDIT_NOTE,
                    currency=code, lines=lines, period_start=None, period_end=None, subscription_id=None,
                    related_invoice=str(original.id), at=at, by=by)
     batch.add(note)
@@ -295,6 +295,30 @@ def document_grant_refund(app: LedgerApplication, batch: _Batch, account: Billin
     original.record_correction(document=note.id, by=by)
     original.record_given_back(document=note.id, net=net, tax=tax, by=by)
     return note
+
+
+def grant_refund_note_key(order: UUID, refund: UUID) -> str:
+    """The key of the credit note ``document_grant_refund`` issues for refund ``refund`` of ``order``'s purchase grant."""
+    return f"orders/{order}/refunds/{refund}"
+
+
+def grant_refund_note_id(account: BillingAccount, grant: UUID, refund: UUID) -> UUID | None:
+    """The id the credit note documenting refund ``refund`` of ``grant`` has if ``document_grant_refund`` issued one:
+    ``grant`` is a checkout order's purchase grant. ``None`` for any other grant (no such note is ever issued); a note
+    of this id may still not exist (no money went back with the refund)."""
+    order = (account.grant_cause(grant) or {}).get("order_id")
+    try:
+        order_id = UUID(str(order))
+    except ValueError:
+        return None
+    if grant != ids.grant_id(account.tenant, f"order/{order_id}/purchase"):
+        return None
+    return invoice_id(account.tenant, grant_refund_note_key(order_id, refund))
+
+
+def note_reference(note: Invoice | None) -> dict[str, Any] | None:
+    """A credit note as an answer names it: ``{"id", "number"}``, or ``None`` when none was issued."""
+    return None if note is None else {"id": str(note.id), "number": note.number}
 
 
 def _what(invoice: Invoice) -> str:

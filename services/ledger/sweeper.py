@@ -18,6 +18,9 @@ Every ``SWEEP_INTERVAL_SECONDS`` the sweeper
    The same command recognises the subscription fees billed in advance over their service period
    (``BillingAccount.fee_revenue_days_due``): at the first sweep of each UTC day (the day before's share, dated in
    it), and at once when a period ends.
+5. sends ``invoice.credit_note_usage`` when usage no subscription invoice bills (an account without a live
+   subscription, captured holds) drew credit notes' credit in a calendar month (UTC) that has ended
+   (``BillingAccount.credit_note_usage_due``): the month's invoice taxes it (``credit_note_usage_commands``).
 
 Exactly-once does not depend on the sweeper: an expiry closes its grant or hold in the same event, so a
 second sweep (another ledger process, an overlapping round, a retry after a conflict) finds nothing to do.
@@ -51,6 +54,9 @@ from eventsourcing.utils import get_topic
 log = get_logger(__name__)
 
 OPENED_TOPIC = get_topic(BillingAccount.Opened)
+# The events one credit note usage invoice records at most (drafted, lines, tax, credit applied, finalized, its
+# number, and on the account the credit applied and the bill, or its settlement at 0.00): ``_chunks``'s weight.
+CREDIT_NOTE_USAGE_EVENTS_MAX = 9
 SWEEPER = "ledger:sweeper"
 
 
@@ -93,6 +99,9 @@ class Sweeper:
             if fee_days or account.purchase_money_due(now):
                 # After grant.expire: it sees the remainders lapsed. A FeeRevenueRecognised per UTC day due.
                 due.append(("money.recognise", 1 + max(fee_days, 1)))
+            if account.credit_note_usage_due(now):
+                # An invoice a month due: its document's events, the number's, the account's (applied, billed).
+                due.append(("invoice.credit_note_usage", CREDIT_NOTE_USAGE_EVENTS_MAX))
             return account.tenant, due
 
         found: list[tuple[str, list[tuple[str, int]]]] = []

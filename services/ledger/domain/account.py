@@ -272,6 +272,10 @@ PARKED_REFUNDS_MAX = 1_000
 # The overage key of an invoice payment a lost dispute took back (a chargeback): owed again, revenue and tax booked
 # when it was billed, so a renewal invoice bills it without tax as the refund prefix above (``overage_lines``).
 OWED_CHARGEBACK_KEY_PREFIX = "chargeback:"
+# The key under which the credit notes' credit a captured hold drew is counted (``_credit_note_spend``): this prefix
+# and the capture's calendar month (UTC), ``hold_spend_key``. No subscription invoice bills a capture (rating's usage
+# lines never show one): the month's credit note usage invoice does (``credit_note_usage_due``). Since session 15.
+HOLD_SPEND_KEY_PREFIX = "holds:"
 # Disputes (chargebacks) an account keeps (``open_dispute``), open and closed: a further one is refused
 # (``TooManyDisputes``, recorded for reconciliation). Closed ones are kept so that a late event of one (a withdrawal
 # after its loss, a reinstatement after its win) finds it and moves nothing twice.
@@ -388,9 +392,11 @@ class BillingAccount(ChainedAggregate):
         self._owed_usage: dict[str, list[dict[str, Any]]] = {}
         # The credit of credit notes (``credit_note`` grants: money given back with its tax, a means of payment) that
         # usage drew, per rating period, until the invoice billing that period's usage applies it after tax
-        # (``apply_credit_note_credit``): unit -> period key (as ``_unbilled``) -> sub-units, the last
-        # ``BILLED_PERIODS_KEPT_MAX`` periods per unit. A give-back of such usage takes it down. Since session 14
-        # (format 25): before, that credit was taken off before tax and the usage it paid bore no VAT.
+        # (``apply_credit_note_credit``): unit -> period key (as ``_unbilled``; a capture's: ``hold_spend_key``) ->
+        # sub-units, the last ``BILLED_PERIODS_KEPT_MAX`` periods per unit. A give-back of such usage takes it down.
+        # Since session 14 (format 25): before, that credit was taken off before tax and the usage it paid bore no
+        # VAT. A subscription period's is applied by its invoice; a calendar month's and the captures' by the month's
+        # credit note usage invoice (``credit_note_usage``, since session 15: before, no invoice ever billed them).
         self._credit_note_spend: dict[str, dict[str, int]] = {}
         self._low_balance: dict[str, dict[str, Any]] = {}
         self._auto_top_up: dict[str, dict[str, Any]] = {}
@@ -1453,6 +1459,33 @@ class BillingAccount(ChainedAggregate):
         """Credit notes' credit usage drew in ``unit`` that no invoice applied yet, by period key (a copy)."""
         return dict(self._credit_note_spend.get(unit, {}))
 
+    def credit_note_usage_due(self, now: datetime) -> bool:
+        """Whether usage no subscription invoice bills drew credit notes' credit in a calendar month (UTC) ended by
+        ``now``, at least what rounds to one minor unit of its currency: the month's credit note usage invoice is
+        due (``credit_note_usage``; the sweeper sends ``invoice.credit_note_usage``)."""
+        return bool(self._credit_note_spend) and bool(self.credit_note_usage(now))
+
+    def credit_note_usage(self, now: datetime) -> dict[str, dict[str, dict[str, int]]]:
+        """The credit notes' credit drawn by usage no subscription invoice bills, in calendar months (UTC) ended by
+        ``now``: unit -> month (``YYYY-MM``) -> spend key -> sub-units (a copy), the months whose spend rounds to at
+        least one minor unit of the currency (``minor_subunits``: a smaller one waits for more of that month, as its
+        VAT would round to nothing). That usage is an account's rated by calendar month (rating's period of an account
+        without a live subscription, ``YYYY-MM``) and captured holds (``hold_spend_key``); a subscription period's
+        (an ISO 8601 start) is billed by that subscription's invoice (``invoice_overage.overage_lines``)."""
+        ended = _month(now)
+        due: dict[str, dict[str, dict[str, int]]] = {}
+        for unit, periods in self._credit_note_spend.items():
+            months: dict[str, dict[str, int]] = {}
+            for key, amount in periods.items():
+                month = spend_month(key)
+                if month is not None and month < ended and amount > 0:
+                    months.setdefault(month, {})[key] = amount
+            half = minor_subunits(iso_currency(unit)) // 2 if is_currency_code(unit) else 1
+            months = {month: keys for month, keys in months.items() if sum(keys.values()) >= half}
+            if months:
+                due[unit] = months
+        return due
+
     def apply_credit_note_credit(self, *, invoice: str, unit: str, periods: Iterable[str], at: datetime) -> int:
         """``invoice`` bills the usage of ``periods``: the credit notes' credit that usage drew is applied on it after
         tax, as a payment (``invoice_overage.overage_lines``), and forgotten here (``CreditNoteCreditApplied``, no
@@ -1628,6 +1661,9 @@ class BillingAccount(ChainedAggregate):
         overage = amount - from_credit
         postings = _usage_postings(unit, draws, overage)
         assert_balanced(postings)
+        # What it draws of credit notes' credit is counted for the month's credit note usage invoice (since session
+        # 15: before, a capture paid with that credit bore no VAT).
+        from_notes = any(self._grants[d["grant_id"]]["source"] == GrantSource.CREDIT_NOTE.value for d in draws)
         self._hold_captured(
             hold_id=hold_id,
             unit=unit,
@@ -1640,6 +1676,7 @@ class BillingAccount(ChainedAggregate):
             at=at,
             time_zone=time_zone,
             by=by,
+            **({"credit_note_key": hold_spend_key(at)} if from_notes else {}),
         )
         self._check_thresholds(unit, at)
 
@@ -1657,9 +1694,14 @@ class BillingAccount(ChainedAggregate):
         at: datetime,
         time_zone: str | None = None,  # (since session 12) only read by the projections; captures before name none
         by: str | None = None,  # (since session 13) who captured it; only read by the projections
+        # (since session 15) the ``_credit_note_spend`` key its draws of credit notes' credit count under
+        # (``hold_spend_key``); captures recorded before counted none, and replay as they were.
+        credit_note_key: str | None = None,
     ) -> None:
         self._settle_hold(str(hold_id), "captured", captured=amount)
         self._apply_draws(unit, draws, remember=True)
+        if credit_note_key is not None:
+            self._count_credit_note_spend(unit, credit_note_key, draws)
         self._receivable[unit] = self._receivable.get(unit, 0) + overage
         if overage:
             key = at.isoformat()
@@ -3911,6 +3953,21 @@ def is_owed_refund_key(key: str) -> bool:
 
 def is_owed_chargeback_key(key: str) -> bool:
     return key.startswith(OWED_CHARGEBACK_KEY_PREFIX)
+
+
+def hold_spend_key(at: datetime) -> str:
+    """The ``_credit_note_spend`` key of a capture at ``at``: ``HOLD_SPEND_KEY_PREFIX`` and its month (UTC)."""
+    return f"{HOLD_SPEND_KEY_PREFIX}{_month(at)}"
+
+
+def spend_month(key: str) -> str | None:
+    """The calendar month (``YYYY-MM``) of a ``_credit_note_spend`` key the month's credit note usage invoice bills:
+    a calendar month's (usage rated by calendar month) or a capture's (``hold_spend_key``); ``None`` for any other
+    (a subscription period's, billed by its invoice)."""
+    month = key.removeprefix(HOLD_SPEND_KEY_PREFIX)
+    if len(month) == 7 and month[4] == "-" and month[:4].isdigit() and month[5:].isdigit():
+        return month
+    return None
 
 
 def is_owed_money_key(key: str) -> bool:

@@ -31,6 +31,23 @@ def invoice_id(tenant: str, key: str) -> UUID:
     return uuid5(NAMESPACE_URL, f"/invoices/{tenant}/{key}")
 
 
+# The key of an invoice of the credit notes' credit usage outside subscription invoices spent in a month
+# (``billing_ledger.credit_note_usage_commands``): no subscription, yet billed on the account and collected like one.
+CREDIT_NOTE_USAGE_KEY_PREFIX = "credit-note-usage/"
+
+
+def credit_note_usage_key(month: str, issued: datetime) -> str:
+    """That invoice's key: the month (``YYYY-MM``) whose usage it bills and when it was issued (a month's usage that
+    arrives after its invoice is billed by another)."""
+    return f"{CREDIT_NOTE_USAGE_KEY_PREFIX}{month}/{issued.isoformat()}"
+
+
+def is_credit_note_usage(invoice: Any) -> bool:
+    """Whether ``invoice`` (an ``Invoice``, or a document read like one) bills credit note usage (no subscription)."""
+    return invoice.document_type == INVOICE and not invoice.subscription_id \
+        and str(invoice.key).startswith(CREDIT_NOTE_USAGE_KEY_PREFIX)
+
+
 def sequence_id(issuer: str, year: int, prefix: str) -> UUID:
     return uuid5(NAMESPACE_URL, f"/invoice-sequences/{issuer}/{prefix}/{year}")
 

@@ -1624,3 +1624,44 @@ def test_usage_paid_with_a_credit_notes_credit_is_counted_per_period_until_its_i
     assert account.credit_note_spend(USD) == {december: 4 * U}
     assert account.apply_credit_note_credit(invoice="inv-1", unit=USD, periods=[november], at=at(2)) == 0
     assert names(events(account))[-1] == "CreditNoteCreditApplied"
+
+
+def test_credit_note_usage_outside_subscription_invoices_is_due_once_its_calendar_month_has_ended() -> None:
+    """Session 15: what a capture draws of a credit note's credit is counted too (under its month, ``holds:``), and an
+    account's usage rated by calendar month (no live subscription) and its captures are due for the month's credit
+    note usage invoice once that month (UTC) has ended; a subscription period's spend never is (its invoice bills it),
+    nor a month's below what rounds to a cent. Captures recorded before count nothing on replay."""
+    account = BillingAccount.open("acme", USD, opened_by="admin@test")
+    account.credit_note_grant(grant_id=uuid4(), note="cn-1", unit=USD, net=100 * U, tax=19 * U, at=T0, cause={})
+    november, period = datetime(2026, 11, 20, tzinfo=UTC), "2026-11-01T00:00:00+00:00"
+    account.debit_usage(command_id=uuid4(), unit=USD, amount=80 * U, meter="tokens", at=november,
+                        overage_policy="overage", cause={"period": "2026-11"})
+    account.debit_usage(command_id=uuid4(), unit=USD, amount=5 * U, meter="tokens", at=november,
+                        overage_policy="overage", cause={"period": period})
+    hold = uuid4()
+    account.place_hold(hold_id=hold, unit=USD, amount=20 * U, meter=None, at=november,
+                       expires_at=november + timedelta(hours=1))
+    account.capture_hold(hold_id=hold, amount=20 * U, at=november + timedelta(minutes=1))
+    recorded = events(account)
+    assert recorded[-1].credit_note_key == "holds:2026-11"  # type: ignore[attr-defined]
+    assert account.credit_note_spend(USD) == {"2026-11": 80 * U, period: 5 * U, "holds:2026-11": 20 * U}
+    assert not account.credit_note_usage_due(datetime(2026, 11, 30, 23, 59, tzinfo=UTC))
+    assert account.credit_note_usage_due(datetime(2026, 12, 1, tzinfo=UTC))
+    assert account.credit_note_usage(datetime(2026, 12, 1, tzinfo=UTC)) == {
+        USD: {"2026-11": {"2026-11": 80 * U, "holds:2026-11": 20 * U}}}
+    account.apply_credit_note_credit(invoice="inv-cn", unit=USD, periods=["2026-11", "holds:2026-11"],
+                                     at=datetime(2026, 12, 1, tzinfo=UTC))
+    assert not account.credit_note_usage_due(datetime(2027, 1, 1, tzinfo=UTC))
+    assert account.credit_note_spend(USD) == {period: 5 * U}  # left to the subscription's invoice
+    account.debit_usage(command_id=uuid4(), unit=USD, amount=U // 200, meter="tokens", at=november,
+                        overage_policy="overage", cause={"period": "2026-11"})  # 0.005: a cent on an invoice
+    account.debit_usage(command_id=uuid4(), unit=USD, amount=U // 1000, meter="tokens", at=november,
+                        overage_policy="overage", cause={"period": "2026-10"})  # 0.001: its VAT rounds to nothing
+    assert account.credit_note_usage(datetime(2026, 12, 1, tzinfo=UTC)) == {USD: {"2026-11": {"2026-11": U // 200}}}
+    # A capture recorded before session 15 (no ``credit_note_key``) replays as it was: nothing counted.
+    before = object.__new__(type(recorded[-1]))
+    before.__dict__.update({k: v for k, v in vars(recorded[-1]).items() if k != "credit_note_key"})
+    replayed = None
+    for event in [*recorded[:-1], before]:
+        replayed = event.mutate(replayed)
+    assert replayed is not None and replayed.credit_note_spend(USD) == {"2026-11": 80 * U, period: 5 * U}

@@ -480,3 +480,45 @@ async def test_a_pending_last_attempt_that_fails_makes_the_subscription_past_due
     assert await dunning.process() == {str(invoice.id): "past_due"}
     assert status(ledger) == "past_due" and first_invoice(ledger).status == "finalized"
     assert len(intents(api)) == 1  # no backup method was charged for the pending attempt
+
+
+@pytest.mark.asyncio
+async def test_a_months_credit_note_usage_invoice_is_collected_like_a_subscription_invoice(
+        ledger: LedgerApplication, smtp: tuple[Inbox, int]) -> None:
+    """A tenant cancels Team at once halfway (15.00 back as credit), then, taxed in DE, spends 10.00 of that credit on
+    usage without a subscription: December's first sweep invoices its 1.90 of VAT (session 15). Dunning charges it
+    like a subscription invoice; when every method declines through the schedule it stays open and owed (no
+    subscription to make past due), the tenant told to pay it."""
+    inbox, port = smtp
+    taxed = {**CATALOG, "tax_rules": [{"region": "DE", "rate": "0.19", "name": "DE VAT"}],
+             "seller": {"name": "Billing GmbH", "country": "DE"}}
+    assert run(ledger, "catalog.publish", None, document=taxed, digest="dun-vat").outcome == "applied"
+    assert run(ledger, "tax_profile.set", TENANT, "de", country="DE").outcome == "applied"
+    [cancel] = ledger.apply_commands([command("subscription.cancel", TENANT, {
+        "key": "main", "immediately": True, "at": (NOV_1 + timedelta(days=15)).isoformat()})])
+    assert cancel.outcome == "applied", cancel
+    assert run(ledger, "usage.debit", TENANT, "use", unit="USD", amount_subunits=to_subunits(Decimal(10)),
+               meter="api_calls", at=datetime(2026, 11, 20, tzinfo=UTC).isoformat(),
+               cause={"period": "2026-11"}).outcome == "applied"
+    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=UTC)
+    [issued] = ledger.apply_commands([command("invoice.credit_note_usage", TENANT, {"now": december.isoformat()},
+                                              at=december)])  # as the sweep sends it
+    assert issued.outcome == "applied", issued
+    [made] = issued.value["invoices"]
+    assert (made["month"], made["total"], made["status"]) == ("2026-11", "1.90", "finalized")
+    api = FakeStripe()
+    api.declined.update({"pm_primary", "pm_backup"})
+    mail = SmtpSettings("127.0.0.1", port, "b@x", "billing", "tenants.test")
+    clock = Clock(december)
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(api)}, mail, (0, 3), now=clock)
+    assert (await dunning.process())[made["invoice_id"]] == "retry"
+    clock.at = december + timedelta(days=3)
+    assert (await dunning.process())[made["invoice_id"]] == "exhausted"
+    charged = [form for key, form in intents(api) if key and key.startswith(f"dunning/{made['invoice_id']}/")]
+    assert [form["amount"] for form in charged] == ["190"] * 4  # the default method, then the backup, twice
+    assert ledger.repository.get(UUID(made["invoice_id"])).status == "finalized"  # open, owed
+    last = [m for m in inbox.messages if f"invoice {made['number']} (final attempt)" in m["Subject"]]
+    assert len(last) == 1 and "Please pay the invoice" in last[0].get_payload(), [m["Subject"] for m in inbox.messages]
+    assert run(ledger, "invoice.mark_paid", TENANT, "transfer", invoice_id=made["invoice_id"],
+               payment="bank-transfer-7").outcome == "applied"
+    assert ledger.repository.get(UUID(made["invoice_id"])).status == "paid"
