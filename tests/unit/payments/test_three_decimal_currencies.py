@@ -21,7 +21,7 @@ from billing_events.messages import PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT, to_subunits
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication, persistence_env
-from billing_ledger.audit import account_events, verify_store
+from billing_ledger.audit import account_events, export_lines, replay_lines, verify_store
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.dunning import Dunning
@@ -338,6 +338,8 @@ async def test_a_refund_of_all_a_written_off_invoice_was_paid_credits_the_whole_
     refunded = ledger.repository.get(invoice.id)
     assert refunded.given_back == refunded.total  # nothing of it left for a cancel to credit
     assert verify_store(ledger, TENANT).problems == []
+    replayed = replay_lines(export_lines(ledger, TENANT))  # and the auditor's offline replay of the export
+    assert (replayed.problems, replayed.document_problems, replayed.documents) == ([], [], 2)
     # A cancel now credits nothing of the refunded invoice.
     [canceled] = ledger.apply_commands([command("subscription.cancel", TENANT, {
         "key": "main", "at_period_end": False, "at": (NOV_1 + timedelta(days=10)).isoformat()},
