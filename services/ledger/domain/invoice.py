@@ -81,7 +81,7 @@ class Invoice(Aggregate):
         self.payment: str | None = None  # the reference of the payment that paid it (``Paid``)
         # What of its total the payment did not pay because no gateway charges it (12.957 KWD paid 12.950: 0.007,
         # ``invoice_commands.charge_of``), written off when it was paid (``Paid.written_off``, since session 15): a
-        # decimal string. "0" for a payment of the whole total, and for one recorded before it was recorded.
+        # decimal string. "0" for a payment of the whole total, and for any payment recorded before session 15.
         self.written_off = "0"
         self.failed_payments: dict[str, str] = {}
         # The documents (a change's or cancel's credit note) that credit part of it (``record_correction``).
@@ -150,7 +150,8 @@ class Invoice(Aggregate):
 
     def mark_paid(self, *, at: datetime, payment: str, by: str, written_off: Decimal = Decimal(0)) -> None:
         """``written_off``: what of the total the payment leaves unpaid, written off as it pays the rest (a total
-        finer than its currency is charged in); less than the total's charge step, never negative."""
+        finer than its currency is charged in: less than one step of it, or the whole of a total below one step);
+        never negative, never more than the total."""
         if self.status != FINALIZED:
             raise InvoiceError(f"invoice is {self.status}; only a finalized invoice can be paid")
         if written_off < 0 or written_off > self.total:
