@@ -6,12 +6,13 @@ recorded for them, and an expired default is charged before the backups. This as
 enabled by ``BILLING_<GATEWAY>_*`` as for ``billing serve ledger``) and sends a ``payment_method.card_update`` command per
 card found on ``billing.ledger.commands`` (deterministic ids: running it again changes nothing); the ledger records it
 as it records Stripe's card-updated webhooks. It also marks every method the tenant's at its gateway (Stripe's
-``metadata.tenant``), so those webhooks reach the ledger for methods saved before session 14. It reads the ledger's
+``metadata.tenant``), so those webhooks reach the ledger for methods saved before session 14, and every account's
+gateway customer (since session 15), so Stripe's events about the customer do too. It reads the ledger's
 store (``DATABASE_URL``'s schema, or ``billing run``'s files under ``BILLING_DATA_DIR``) and never writes to it.
 ``--dry-run`` asks the gateways and prints what would be sent, marking and sending nothing.
 
-Exit status 0: every method checked; 1: some method could not be (its gateway does not know it, could not answer or
-is not enabled here; listed); 2: the ledger's store is missing.
+Exit status 0: every method checked and customer marked; 1: some could not be (its gateway does not know it, could
+not answer or is not enabled here; listed); 2: the ledger's store is missing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from billing_runtime.settings import Settings
 if TYPE_CHECKING:
     from billing_events.messages import LedgerCommand
 
-app = typer.Typer(help="Saved payment methods: card details and gateway marks filled in from the gateways.",
+app = typer.Typer(help="Saved payment methods: card details and gateway marks (methods and customers) filled in from "
+                       "the gateways.",
                   no_args_is_help=True)
 FORMATS = ("table", "json")
 
@@ -38,7 +40,8 @@ def backfill(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Ask the gateways, mark and send nothing")] = False,
     output: Annotated[str, typer.Option("--format", help="table (readable) | json (one document)")] = "table",
 ) -> None:
-    """Records the card details the ledger lacks of saved payment methods, as their gateways tell them."""
+    """Records the card details the ledger lacks of saved payment methods, as their gateways tell them, and marks the
+    methods and the accounts' gateway customers the tenant's there."""
     from billing_cli.reconcile import StoreMissing, _ledger
     from billing_ledger.card_backfill import backfill as run_backfill
     from billing_ledger.gateways.registry import enabled_gateways
@@ -60,6 +63,7 @@ def backfill(
         asyncio.run(_send(settings, result.commands))
     if output == "json":
         typer.echo(json.dumps({"methods": [m.to_json() for m in result.methods],
+                               "customers": [c.to_json() for c in result.customers],
                                "commands": [str(c.command_id) for c in result.commands], "sent": not dry_run},
                               indent=2))
     else:
@@ -71,6 +75,9 @@ def backfill(
                 if m.card else ""
             typer.echo(f"{m.tenant}  {m.method_id}  {m.gateway}  {m.outcome}{card}"
                        + ("  marked" if m.attributed else "") + (f"  ({m.detail})" if m.detail else ""))
+        for c in result.customers:
+            typer.echo(f"{c.tenant}  customer {c.customer}  {c.gateway}  {c.outcome}"
+                       + (f"  ({c.detail})" if c.detail else ""))
     if not result.ok:
         raise typer.Exit(1)
 

@@ -17,7 +17,8 @@ Two tables in ingest's own schema:
 A webhook the gateway does not confirm records nothing, so the gateway's retry re-checks it.
 
 A saved card's update (``ConfirmedCardUpdate``: no money moves) is published as a ``payment_method.card_update``
-ledger command on ``billing.ledger.commands`` (key: the billing account id), its id derived from the gateway's
+ledger command on ``billing.ledger.commands`` (key: the billing account id), and a deleted gateway customer
+(``ConfirmedCustomerDeleted``, since session 15) as ``payment_customer.deleted``, each id derived from the gateway's
 event, then the event is marked. A crash in between lets the gateway's retry publish it again: the same command
 id, which the ledger applies once.
 """
@@ -32,6 +33,8 @@ from billing_events import ids, topics
 from billing_events.timeutil import isoformat, utcnow
 from billing_ingest.webhooks import (
     ConfirmedCardUpdate,
+    ConfirmedCommand,
+    ConfirmedCustomerDeleted,
     ConfirmedPayment,
     Gateway,
     GatewayUnavailable,
@@ -127,8 +130,8 @@ class PaymentWebhooks:
             if not await self._record_ignored(verified, confirmation, now):
                 return self._replayed(verified)
             return WebhookResult(200, "ignored", confirmation.detail, verified.event_id)
-        if isinstance(confirmation, ConfirmedCardUpdate):
-            return await self._publish_card_update(verified, confirmation, now)
+        if isinstance(confirmation, (ConfirmedCardUpdate, ConfirmedCustomerDeleted)):
+            return await self._publish_command(verified, confirmation, now)
         return await self._publish(verified, confirmation, now)
 
     async def _seen(self, event: VerifiedEvent) -> bool:
@@ -150,8 +153,7 @@ class PaymentWebhooks:
                 isoformat(now))
         return bool(rows)
 
-    async def _publish_card_update(self, event: VerifiedEvent, update: ConfirmedCardUpdate,
-                                   now: datetime) -> WebhookResult:
+    async def _publish_command(self, event: VerifiedEvent, update: ConfirmedCommand, now: datetime) -> WebhookResult:
         command = update.command(event, now)
         await self.bus.publish([OutMessage(topics.LEDGER_COMMANDS, str(ids.account_id(update.tenant)),
                                            command.to_json(), (("schema", b"ledger.command/v1"),))])
@@ -160,13 +162,10 @@ class PaymentWebhooks:
                 "INSERT INTO webhook_events (gateway, replay_key, event_id, event_type, outcome, reference, "
                 "received_at) VALUES ($1, $2, $3, $4, 'published', $5, $6) ON CONFLICT DO NOTHING "
                 "RETURNING replay_key", event.gateway, event.replay_key, event.event_id, event.event_type,
-                update.method_id, isoformat(now))
+                update.reference, isoformat(now))
         if not recorded:  # the same event, delivered twice at once, finished first in another request
             return self._replayed(event)
-        card = update.card
-        return WebhookResult(200, "published", f"card {update.method_id} of {update.tenant}: {card['brand']} "
-                                               f"{card['last4']}, expires {card['exp_month']:02d}/{card['exp_year']}",
-                             event.event_id)
+        return WebhookResult(200, "published", update.summary(), event.event_id)
 
     async def _publish(self, event: VerifiedEvent, payment: ConfirmedPayment, now: datetime) -> WebhookResult:
         key = (event.gateway, payment.kind, payment.reference)

@@ -32,7 +32,8 @@ The identities that hold in this ledger's accounting, checked document by docume
   and the credit a change's invoice nets for the unused time of the invoice it corrects) is at most what that one
   charged: its total plus the credit it netted itself (``subscription_commands._credit_given``; a change's credit
   note also bills the new plan's rest, which a cancel may credit). A refund's ``reclaimed`` lines took back credit
-  given before (a cancel's): not given twice, not counted.
+  given before (a cancel's): not given twice, not counted; its ``written_off`` line (the refund of all an invoice
+  was paid, 12.950 of 12.957 KWD) shows what the payment never paid: the note gives the whole invoice back.
 * **Credit notes' credit applied after tax is what the account applied.** An invoice's ``after_tax`` lines apply at
   most the credit notes' credit the account forgot for it (``CreditNoteCreditApplied``), rounded once; a month's
   credit note usage invoice (``credit_note_usage_commands``, since session 15: no subscription, its tax made
@@ -563,10 +564,12 @@ def _check_credit_note(note: Document, posted: Posted, problems: list[str]) -> N
 
 def _given_back(document: Document, posted: Posted) -> Decimal:
     """What ``document`` gives back of the invoice it names: a gateway refund's note all its lines but the
-    ``reclaimed`` ones (credit given before, taken back), any other document the credit it gives (its credit lines
-    and their tax, ``_credit_given``)."""
+    ``reclaimed`` ones (credit given before, taken back) and the ``written_off`` one (what the invoice's payment never
+    paid, shown by the refund of all it was paid: since session 15), any other document the credit it gives (its
+    credit lines and their tax, ``_credit_given``)."""
     if posted.refunded is not None:
-        return -sum((Decimal(item["amount"]) for item in document.lines if not item.get("reclaimed")), Decimal(0))
+        return -sum((Decimal(item["amount"]) for item in document.lines
+                     if not item.get("reclaimed") and not item.get("written_off")), Decimal(0))
     net, tax = _credit_given(document)
     return RATING_CONTEXT.add(net, tax)
 

@@ -37,7 +37,7 @@ from billing_ledger.http_models import (
 from billing_ledger.identity_gate import REASON as IDENTITY_REQUIRED
 from billing_ledger.identity_gate import gate_of
 from billing_ledger.refund_request_commands import request_view
-from billing_ledger.subscriptions_http import apply_now
+from billing_ledger.subscriptions_http import apply_now, attribute_customer
 from billing_runtime.auth import Principal, Role, check_tenant, require, require_operator
 from billing_runtime.bodies import described_by
 from billing_runtime.problems import Problem
@@ -209,8 +209,10 @@ def build_router(app: LedgerApplication, settings: Settings, gateways: dict[str,
     async def put_customer(tenant: str, gateway: str, body: CustomerBody,
                            principal: Operator) -> dict[str, Any]:
         check_tenant(principal, tenant)
-        await run(principal, "payment_customer.set", tenant, {"gateway": gateway, "customer": body.get("customer")},
-                  None)
+        customer, outbound = body.get("customer"), gateways.get(gateway)
+        if outbound is not None and isinstance(customer, str) and customer.strip():
+            await attribute_customer(outbound, customer, tenant)
+        await run(principal, "payment_customer.set", tenant, {"gateway": gateway, "customer": customer}, None)
         return {"tenant": tenant, "gateway": gateway, "customer": body.get("customer")}
 
     @router.put("/v1/accounts/{tenant}/alerts", summary="Low-balance alerts: email and signed webhook endpoint")

@@ -164,7 +164,7 @@ def settle_invoice(batch: _Batch, invoice: Invoice, *, at: datetime, payment: st
                                                           f"payment {payment} paid it again: reconcile it by hand")
         return False
     short = RATING_CONTEXT.subtract(invoice.total, amount) if amount is not None else Decimal(0)
-    invoice.mark_paid(at=at, payment=payment, by=by)
+    invoice.mark_paid(at=at, payment=payment, by=by, written_off=short)
     if invoice.document_type == INVOICE:
         account = account_of(batch, invoice.tenant)
         if short:

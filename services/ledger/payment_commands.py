@@ -39,7 +39,10 @@ and refused as a duplicate the second time, like every other command.
   ``order_id`` naming one of the tenant's invoices, as for payments) is recorded against that invoice, never
   as a purchase reversal: a credit note (``CN-``, ``related_invoice``) for the refunded amount, tax
   included -- the invoice's lines negated for a full refund, else one ``adjustment`` line and its ``tax`` line
-  in the invoice's proportion of tax. The invoice itself stays ``paid`` (as Stripe's invoices do): it was
+  in the invoice's proportion of tax. A full refund gives back all the invoice's payment paid: of an invoice paid
+  less than its total (12.957 KWD charged 12.950, ``Invoice.written_off``) 12.950, whose note also shows the 0.007
+  never paid (``_written_off_line``), as does the last of several refunds that give all of it back. The invoice
+  itself stays ``paid`` (as Stripe's invoices do): it was
   paid, the credit note says what came back. One credit note per gateway refund (``refund_credit_note_key``);
   the gateway never refunds more than was paid, and a single refund above the invoice's total, in another
   currency or of an invoice that is not paid is rejected for reconciliation. So is the refund of a payment
@@ -397,31 +400,40 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
     at = payload.timestamp(command, "verified_at")
     tax_total = sum((Decimal(item["amount"]) for item in invoice.lines if item["kind"] == "tax"), Decimal(0))
     left = RATING_CONTEXT.subtract(invoice.total, invoice.given_back)  # not refunded nor credited yet
-    if amount == invoice.total and not invoice.given_back:
+    # What of it its payment never paid (a total finer than its currency is charged in: 12.957 KWD paid 12.950, the
+    # 0.007 written off then). A refund of all the rest of the money is the last: it gives the whole invoice back.
+    unpaid = min(Decimal(invoice.written_off), max(left, Decimal(0)))
+    if amount == invoice.paid_total and not invoice.given_back:
         lines = reversing_lines(invoice)  # its own tax, never tax computed now
+        if unpaid:
+            lines.append(_written_off_line(invoice, unpaid))
     else:
         # Tax is given back in the invoice's own proportion; rounded once, the net takes the rest (exact sum). Never
         # more than the invoice has left to give back (net and tax): credits for unused time gave the rest already.
-        back = min(amount, max(left, Decimal(0)))
+        last = bool(unpaid) and amount >= RATING_CONTEXT.subtract(left, unpaid)
+        back = left if last else min(amount, max(left, Decimal(0)))
         tax_left = max(RATING_CONTEXT.subtract(tax_total, Decimal(invoice.given_back_tax)), Decimal(0))
         tax = min(round_minor(RATING_CONTEXT.divide(RATING_CONTEXT.multiply(back, tax_total), invoice.total),
                               currency(code)), tax_left, back) if back else Decimal(0)
         if back == left:
             tax = min(tax_left, back)  # the last of it: exactly the tax it has left
-        lines = [line("adjustment", f"Refund {reference} of invoice {invoice.number}", -(back - tax), code),
-                 line("tax", f"Tax refunded of invoice {invoice.number}", -tax, code)]
-        if amount > back:
+        lines = [_refund_line("adjustment", f"Refund {reference} of invoice {invoice.number}", -(back - tax), code),
+                 _refund_line("tax", f"Tax refunded of invoice {invoice.number}", -tax, code)]
+        if last:
+            lines.append(_written_off_line(invoice, unpaid))
+        paid_back = RATING_CONTEXT.subtract(back, unpaid) if last else back  # of the money the invoice was paid
+        if amount > paid_back:
             # The gateway gave back money the invoice had already given back as credit for unused time (a cancel's
             # or change's): taken back from that credit as far as it is unspent, else owed (``reclaimed``).
-            lines.append(line("adjustment", f"Refund {reference} beyond what invoice {invoice.number} had left: "
-                                            "taken back from its credit notes' account credit, else owed",
-                              -(amount - back), code, reclaimed=True))
+            lines.append(_refund_line("adjustment", f"Refund {reference} beyond what invoice {invoice.number} had "
+                                                    "left: taken back from its credit notes' account credit, else owed",
+                                      -(amount - paid_back), code, reclaimed=True))
     note = Invoice(tenant=invoice.tenant, key=key, document_type=CREDIT_NOTE, currency=code, lines=lines,
                    period_start=invoice.period_start, period_end=invoice.period_end,
                    subscription_id=invoice.subscription_id, related_invoice=str(invoice.id), at=at, by=command.issued_by)
     batch.add(note)
     _finalize(app, batch, note, at, command.issued_by, refunded=True)
-    given = [Decimal(item["amount"]) for item in note.lines if not item.get("reclaimed")]
+    given = [Decimal(item["amount"]) for item in note.lines if not item.get("reclaimed") and not item.get("written_off")]
     given_tax = sum((Decimal(item["amount"]) for item in note.lines if item["kind"] == "tax"), Decimal(0))
     invoice.record_given_back(document=note.id, net=-(sum(given, Decimal(0)) - given_tax), tax=-given_tax,
                               by=command.issued_by)
@@ -431,6 +443,26 @@ def _refund_invoice(app: LedgerApplication, batch: _Batch, command: LedgerComman
                                                          "reconcile by hand")
     return {"invoice_id": str(invoice.id), "credit_note": str(note.id), "credit_note_number": note.number,
             "amount": str(amount), "gateway": gateway}
+
+
+def _refund_line(kind: str, description: str, amount: Decimal, code: str, **extra: Any) -> dict[str, Any]:
+    """A line of a refund's credit note, in the currency's ISO 4217 digits and never rounded again: its amounts are
+    the money paid back (in what the currency is charged in), a share of tax rounded once already, or what is left of
+    the invoice's own amounts, which may be finer than the currency is billed in now (0.617 KWD of tax on an invoice
+    finalized before session 13: ``line`` would round the last of it to 0.620, more tax than the invoice charged)."""
+    digits = Decimal(1).scaleb(-currency(code).minor_scale)
+    exact = amount.quantize(digits, context=RATING_CONTEXT)
+    return {**line(kind, description, Decimal(0), code, **extra), "amount": str(exact), "exact_amount": str(exact)}
+
+
+def _written_off_line(invoice: Invoice, unpaid: Decimal) -> dict[str, Any]:
+    """What the credit note of a refund of all an invoice was paid shows of the part its payment never paid (written
+    off when it was paid, ``Invoice.written_off``): the note gives the whole invoice back, its lines and tax, less
+    this, so it credits exactly the money refunded. After tax (no tax of its own: the invoice's tax is given back in
+    full) and not given back (``written_off``): the write-off already took it off the invoice's revenue."""
+    return _refund_line("adjustment", f"Not paid of invoice {invoice.number} (finer than {invoice.currency} is "
+                                      "charged in), written off when it was paid: nothing to pay back",
+                        unpaid, invoice.currency, after_tax=True, written_off=True)
 
 
 def _refund_of_other_payment(invoice: Invoice, refunded: Any) -> str | None:

@@ -6,7 +6,9 @@
 * ``payment_method.card_update``: the gateway's new details of a saved card (ingest, from Stripe's
   ``payment_method.updated`` / ``payment_method.automatically_updated``: the account updater renewed its expiry);
 * ``payment_method.expiry_notice``: records ``PaymentMethodExpiring`` or ``PaymentMethodExpired`` once per method
-  and expiry (the card-expiry leader task, and an off-session charge that skipped an expired card).
+  and expiry (the card-expiry leader task, and an off-session charge that skipped an expired card);
+* ``payment_customer.deleted``: the gateway deleted the account's customer, and its saved methods with it (ingest,
+  from Stripe's ``customer.deleted``; since session 15): the account forgets the customer and that gateway's methods.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from billing_events.messages import LedgerCommand
 from billing_ledger import payload as fields
 from billing_ledger.account_commands import account_of
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.checkout_commands import profile_of
 from billing_ledger.domain.card_expiry import NOTICES
 from billing_ledger.limits import CARD_EXPIRY_NOTICE_DAYS_MAX
 from billing_ledger.payload import at as effective_at
@@ -85,3 +88,25 @@ def record_expiry_notice(app: LedgerApplication, batch: _Batch, command: LedgerC
     recorded = _roster(batch, command.tenant or "").record_expiry_notice(
         method_id=method_id, notice=notice, notice_days=days, at=effective_at(command))
     return {"method_id": method_id, "notice": notice, "recorded": recorded}
+
+
+@handles("payment_customer.deleted")
+def delete_customer(app: LedgerApplication, batch: _Batch, command: LedgerCommand) -> dict[str, Any]:
+    """The gateway deleted the account's customer (ingest, from Stripe's ``customer.deleted``, since session 15). The
+    gateway detached its saved methods with it: none of them can be charged again (an off-session charge needs its
+    customer), and a charge naming the customer is refused as an unknown object, which off-session charges take for a
+    gateway outage and retry for ever. So the account forgets the customer and the saved methods of that gateway (a
+    method of another customer is refused when saved; one attached to none cannot be charged off-session either);
+    its other gateways' methods stay. Rejected ``unknown_payment_customer`` (recorded, nothing changed) when the
+    account names another customer there (set again since) or none."""
+    account_of(batch, command.tenant)
+    gateway, customer = fields.text(command, "gateway", default="stripe"), fields.text(command, "customer")
+    at = effective_at(command)
+    if not profile_of(batch, command.tenant or "").remove_customer(gateway=gateway, customer=customer, at=at,
+                                                                  by=command.issued_by):
+        raise CommandRejected("unknown_payment_customer", f"{gateway} customer {customer!r} is not this account's")
+    roster = _roster(batch, command.tenant or "")
+    removed = [m["method_id"] for m in roster.payment_methods if m["gateway"] == gateway]
+    for method_id in removed:
+        roster.remove_payment_method(method_id=method_id, at=at, by=command.issued_by)
+    return {"gateway": gateway, "customer": customer, "payment_methods_removed": removed}

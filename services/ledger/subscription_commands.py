@@ -729,10 +729,14 @@ def _book(batch: _Batch, invoice: Invoice, at: datetime, refunded: bool = False)
         amount, tax_back = to_subunits(-invoice.total), to_subunits(-tax)
         reclaimed = -sum((Decimal(item["amount"]) for item in invoice.lines if item.get("reclaimed")), Decimal(0))
         excess = to_subunits(reclaimed)
+        # ... and for what the refunded invoice's payment never paid (``written_off`` lines: the write-off took it off
+        # its revenue when it was paid), which the note gives back of the invoice without money.
+        unpaid = sum((Decimal(item["amount"]) for item in invoice.lines if item.get("written_off")), Decimal(0))
         refunded_invoice = batch.get(UUID(invoice.related_invoice)) if invoice.related_invoice else None
         credits, reclaim = None, []
         if isinstance(refunded_invoice, Invoice):
-            back = RATING_CONTEXT.subtract(-invoice.total, reclaimed)  # this note, before the invoice records it
+            # What this note gives back of the invoice, before the invoice records it.
+            back = RATING_CONTEXT.add(RATING_CONTEXT.subtract(-invoice.total, reclaimed), unpaid)
             credits = {"invoice": str(refunded_invoice.id), "amount": amount - tax_back - excess,
                        "close": RATING_CONTEXT.add(refunded_invoice.given_back, back) >= refunded_invoice.total}
             reclaim = [str(credit_note_grant_id(UUID(document))) for document in refunded_invoice.corrections]

@@ -3,8 +3,10 @@
 
 Saving a payment method asks its gateway (when enabled here) for the card's brand, last four digits and expiry
 (``OutboundGateway.saved_card``), which the method keeps, and marks it the tenant's there
-(``OutboundGateway.attribute_method``: Stripe's ``metadata.tenant``, so its card updates are attributed); a method the
-gateway does not know, or marks another tenant's, is refused.
+(``OutboundGateway.attribute_method``: Stripe's ``metadata.tenant``, so its card updates are attributed), and the
+account's customer at that gateway too (``attribute_customer``, since session 15: the customer's own events); a method
+the gateway does not know, or marks another tenant's, is refused, and so is one of a customer deleted there or marked
+another tenant's.
 
 Changes are applied synchronously in this process (one-command transactions) so the caller gets the
 outcome at once; an optimistic-concurrency conflict with the Kafka consumer is retried on fresh state.
@@ -31,7 +33,7 @@ from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id, workspace_id
 from billing_ledger.domain.subscription import ACTIVE, LIVE, PAST_DUE, TRIALING, Subscription, subscription_id
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_tax_id
-from billing_ledger.gateways import GatewayError, OutboundGateway, UnknownPaymentMethod
+from billing_ledger.gateways import GatewayError, OutboundGateway, UnknownCustomer, UnknownPaymentMethod
 from billing_ledger.http_models import (
     PaymentMethodAdd,
     SubscriptionCancel,
@@ -113,6 +115,28 @@ def _moment(at: str | None) -> datetime:
 def _methods(roster: Any) -> list[dict[str, Any]]:
     now = utcnow()
     return [method_view(m, now) for m in roster.payment_methods]
+
+
+def unknown_customer(exc: UnknownCustomer) -> Problem:
+    return Problem(422, "Unknown gateway customer", str(exc), kind="unknown-payment-customer",
+                   reason="unknown_payment_customer")
+
+
+def gateway_unavailable(exc: GatewayError) -> Problem:
+    return Problem(503, "Gateway unavailable", f"{exc}; nothing was saved, retry later.", kind="gateway-unavailable",
+                   reason="gateway_unavailable")
+
+
+async def attribute_customer(gateway: OutboundGateway, customer: str, tenant: str) -> bool:
+    """Marks ``customer`` the tenant's at ``gateway`` (Stripe's ``metadata.tenant``: its events about the customer
+    reach the ledger, since session 15); a customer the gateway does not know, deleted or marked another tenant's is
+    422 ``unknown-payment-customer``, the gateway unavailable 503: the caller saves nothing then."""
+    try:
+        return await gateway.attribute_customer(customer=customer, tenant=tenant)
+    except UnknownCustomer as exc:
+        raise unknown_customer(exc) from exc
+    except GatewayError as exc:
+        raise gateway_unavailable(exc) from exc
 
 
 def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: VatRegistry | None = None,
@@ -278,24 +302,28 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                     summary=f"{action.capitalize()} a subscription")(make())
 
     async def saved_card(tenant: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """What the method's gateway says of the card, once it has marked the method the tenant's (Stripe's
-        ``metadata.tenant``: its card updates reach the ledger); None when that gateway is not enabled here (or the
-        body is malformed: the command says how)."""
+        """What the method's gateway says of the card, once it has marked the method and the account's customer there
+        the tenant's (Stripe's ``metadata.tenant``: its card updates and the customer's events reach the ledger); None
+        when that gateway is not enabled here (or the body is malformed: the command says how)."""
         method_id, name = body.get("method_id"), body.get("gateway", "stripe")
         gateway = outbound.get(name) if isinstance(name, str) else None
         if gateway is None or not isinstance(method_id, str) or not method_id.strip():
             return None
         customers = await read(payment_profile_id(tenant), lambda p: dict(p.customers)) or {}
+        customer = customers.get(name)
         try:
-            card = await gateway.saved_card(customer=customers.get(name), method_id=method_id)
-            await gateway.attribute_method(customer=customers.get(name), method_id=method_id, tenant=tenant)
+            card = await gateway.saved_card(customer=customer, method_id=method_id)
+            if customer:  # the customer it belongs to, first: marked too (one set before session 15 was not)
+                await gateway.attribute_customer(customer=customer, tenant=tenant)
+            await gateway.attribute_method(customer=customer, method_id=method_id, tenant=tenant)
             return card
         except UnknownPaymentMethod as exc:
             raise Problem(422, "Unknown payment method", str(exc), kind="unknown-payment-method",
                           reason="unknown_payment_method") from exc
+        except UnknownCustomer as exc:
+            raise unknown_customer(exc) from exc
         except GatewayError as exc:
-            raise Problem(503, "Gateway unavailable", f"{exc}; nothing was saved, retry later.",
-                          kind="gateway-unavailable", reason="gateway_unavailable") from exc
+            raise gateway_unavailable(exc) from exc
 
     @router.post("/v1/accounts/{tenant}/payment-methods", status_code=201,
                  summary="Add a gateway payment-method token (no card data is ever stored); up to 5. A card's brand, "

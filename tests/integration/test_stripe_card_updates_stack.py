@@ -7,6 +7,11 @@ Ingest attributes ``payment_method.automatically_updated`` (Stripe's account upd
 through ``POST /v1/accounts/{t}/payment-methods`` was ignored, its old expiry kept (and, once past, the card skipped
 and noticed as expired). Saving now marks the method at Stripe; the backfill records the card of a method saved
 without details and marks it too; both renewals then reach the ledger.
+
+Events about the Stripe Customer named no tenant either: only the methods were marked. Since session 15 the ledger
+marks the account's customer when it is told it (``PUT .../gateway-customers/stripe``), so ``customer.source.updated``
+(a card saved as a source of the customer, renewed) and ``customer.deleted`` reach the ledger: the source card takes
+its new expiry, and a deleted customer's Stripe methods leave the account.
 """
 
 from __future__ import annotations
@@ -40,12 +45,44 @@ CUSTOMER = "cus_stack_1"
 
 class StripeApi:
     """Stripe's PaymentMethods (offline): read (``expand[]=customer`` as Stripe expands it) and updated (their
-    ``metadata``, merged, only once attached to a customer, as Stripe); ``renew`` is the account updater."""
+    ``metadata``, merged, only once attached to a customer, as Stripe); ``renew`` is the account updater. Its
+    Customers: read and updated (``metadata``, merged), with their card sources (``GET .../sources/{id}``);
+    ``delete`` is a deletion in Stripe's dashboard (the API answers only ``deleted``)."""
 
     def __init__(self) -> None:
         self.methods: dict[str, dict[str, Any]] = {}
         self.customers: dict[str, dict[str, Any]] = {CUSTOMER: {"id": CUSTOMER, "object": "customer",
                                                                 "metadata": {}}}
+        self.sources: dict[str, dict[str, Any]] = {}
+
+    def source_card(self, card_id: str, last4: str, exp_month: int, exp_year: int) -> None:
+        self.sources[card_id] = {"id": card_id, "object": "card", "customer": CUSTOMER, "brand": "Visa",
+                                 "last4": last4, "exp_month": exp_month, "exp_year": exp_year, "metadata": {}}
+
+    def renew_source(self, card_id: str, exp_month: int, exp_year: int) -> dict[str, Any]:
+        self.sources[card_id].update(exp_month=exp_month, exp_year=exp_year)
+        return self.sources[card_id]
+
+    def delete(self, customer: str) -> dict[str, Any]:
+        """The customer as the ``customer.deleted`` event carries it; the API keeps only that it is deleted."""
+        deleted = self.customers[customer]
+        self.customers[customer] = {"id": customer, "object": "customer", "deleted": True}
+        return deleted
+
+    def _customers(self, request: Request) -> tuple[int, Any]:
+        parts = request.path.split("/")  # "", "v1", "customers", id[, "sources", id]
+        customer = self.customers.get(parts[3])
+        if customer is None:
+            return 404, {"error": {"type": "invalid_request_error", "message": "No such customer"}}
+        if len(parts) == 6 and parts[4] == "sources":
+            source = self.sources.get(parts[5])
+            if source is None or source["customer"] != parts[3]:
+                return 404, {"error": {"type": "invalid_request_error", "message": "No such source"}}
+            return 200, source
+        if request.method == "POST":
+            customer["metadata"].update({key[len("metadata["):-1]: values[0] for key, values in request.form.items()
+                                         if key.startswith("metadata[")})
+        return 200, customer
 
     def card(self, method_id: str, last4: str, exp_month: int, exp_year: int) -> None:
         self.methods[method_id] = {"id": method_id, "object": "payment_method", "type": "card",
@@ -58,6 +95,8 @@ class StripeApi:
         return self.methods[method_id]
 
     def __call__(self, request: Request) -> tuple[int, Any]:
+        if request.path.startswith("/v1/customers/"):
+            return self._customers(request)
         if not request.path.startswith("/v1/payment_methods/"):
             return 404, {"error": {"type": "invalid_request_error", "message": f"unknown {request.path}"}}
         method = self.methods.get(request.path.rsplit("/", 1)[1])
@@ -95,8 +134,9 @@ def cards(ledger: str, tenant: str) -> dict[str, Any]:
     return {m["method_id"]: m["card"] for m in response.json()["payment_methods"]}
 
 
-def webhook(ingest: str, event_id: str, method: dict[str, Any]) -> None:
-    body = json.dumps({"id": event_id, "object": "event", "type": "payment_method.automatically_updated",
+def webhook(ingest: str, event_id: str, method: dict[str, Any],
+            event_type: str = "payment_method.automatically_updated") -> None:
+    body = json.dumps({"id": event_id, "object": "event", "type": event_type,
                        "created": int(time.time()), "data": {"object": method}})
     header = stripe.WebhookSignature.generate_signature_header(body, WEBHOOK_SECRET)
     response = httpx.post(f"{ingest}/v1/webhooks/stripe", content=body.encode(), timeout=10,
@@ -130,6 +170,7 @@ def test_stripe_renewals_of_cards_the_ledger_saved_and_backfilled_reach_the_ledg
             customer = httpx.put(f"{ledger}/v1/accounts/{tenant}/gateway-customers/stripe", json={"customer": CUSTOMER},
                                  headers=auth("admin"), timeout=10)
             assert customer.status_code == 200, customer.text
+            assert api.customers[CUSTOMER]["metadata"] == {"tenant": tenant}  # marked the tenant's when set
             # A method saved before session 13: its token only, no card details, no mark at Stripe.
             published(env, LedgerCommand(command_id=uuid.uuid4(), kind="payment_method.add", tenant=tenant,
                                          issued_at=utcnow(), issued_by="user:legacy",
@@ -149,6 +190,8 @@ def test_stripe_renewals_of_cards_the_ledger_saved_and_backfilled_reach_the_ledg
             assert ran.returncode == 0, ran.stdout + ran.stderr
             outcomes = {m["method_id"]: (m["outcome"], m["attributed"]) for m in json.loads(ran.stdout)["methods"]}
             assert outcomes == {"pm_legacy": ("card", True), "pm_saved": ("already_known", True)}
+            assert [(c["customer"], c["outcome"]) for c in json.loads(ran.stdout)["customers"]] == [
+                (CUSTOMER, "marked")]
             assert api.methods["pm_legacy"]["metadata"] == {"tenant": tenant}
             wait_until(lambda: (cards(ledger, tenant)["pm_legacy"] or {}).get("last4") == "0005", timeout=60,
                        what="the legacy method's card")
@@ -158,6 +201,23 @@ def test_stripe_renewals_of_cards_the_ledger_saved_and_backfilled_reach_the_ledg
             webhook(stack.ingest_url, "evt_renew_legacy", api.renew("pm_legacy", 11, 2030))
             wait_until(lambda: {m: (c or {}).get("exp_year") for m, c in cards(ledger, tenant).items()} == {
                 "pm_saved": 2029, "pm_legacy": 2030}, timeout=60, what="the renewed expiries")
+
+            # A card saved as a source of the customer (the Cards API; its token only, no mark of its own): Stripe
+            # renews it with an event about the customer, attributed by the customer's mark.
+            api.source_card("card_src", "1881", 10, 2026)
+            published(env, LedgerCommand(command_id=uuid.uuid4(), kind="payment_method.add", tenant=tenant,
+                                         issued_at=utcnow(), issued_by="user:legacy",
+                                         payload={"method_id": "card_src", "gateway": "stripe", "label": "source"}))
+            wait_until(lambda: "card_src" in cards(ledger, tenant), timeout=60, what="the source card")
+            webhook(stack.ingest_url, "evt_renew_source", api.renew_source("card_src", 10, 2031),
+                    "customer.source.updated")
+            wait_until(lambda: cards(ledger, tenant)["card_src"] == {
+                "brand": "visa", "last4": "1881", "exp_month": 10, "exp_year": 2031}, timeout=60,
+                what="the source card's renewal")
+
+            # The customer is deleted in Stripe's dashboard, its methods detached: the account forgets them.
+            webhook(stack.ingest_url, "evt_customer_deleted", api.delete(CUSTOMER), "customer.deleted")
+            wait_until(lambda: cards(ledger, tenant) == {}, timeout=60, what="the deleted customer's methods")
         finally:
             for process in processes.values():
                 process.stop()

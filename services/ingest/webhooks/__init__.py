@@ -21,6 +21,11 @@ Saved cards (no money moves): Stripe's ``payment_method.updated`` / ``payment_me
 account updater gave a card a new expiry) confirm a ``ConfirmedCardUpdate`` -- the re-fetched PaymentMethod's
 card details and the tenant from its ``metadata.tenant``, else its customer's -- which the core publishes as a
 ``payment_method.card_update`` ledger command (``billing.ledger.commands``, key: the billing account id).
+
+Events about a customer (since session 15) are attributed by the customer's ``metadata.tenant``, which the ledger
+writes on the account's customer, with the object's own mark as the fallback: Stripe's ``customer.source.updated``
+of a card (a card saved as a source of the customer, renewed by the account updater) is a ``ConfirmedCardUpdate``
+too; ``customer.deleted`` a ``ConfirmedCustomerDeleted``, published as a ``payment_customer.deleted`` ledger command.
 """
 
 from __future__ import annotations
@@ -127,12 +132,44 @@ class ConfirmedCardUpdate:
     method_id: str
     card: dict[str, Any]
 
+    @property
+    def reference(self) -> str:
+        return self.method_id
+
+    def summary(self) -> str:
+        card = self.card
+        return (f"card {self.method_id} of {self.tenant}: {card['brand']} {card['last4']}, expires "
+                f"{card['exp_month']:02d}/{card['exp_year']}")
+
     def command(self, event: VerifiedEvent, now: datetime) -> LedgerCommand:
         """The ledger command, its id derived from the gateway's event (a redelivery is the same command)."""
         return LedgerCommand(command_id=ids.command_id("payment_method.card_update", event.gateway, event.event_id),
                              kind="payment_method.card_update", tenant=self.tenant, issued_at=now,
                              issued_by=f"webhook:{event.gateway}",
                              payload={"gateway": event.gateway, "method_id": self.method_id, "card": self.card})
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmedCustomerDeleted:
+    """The gateway confirms it deleted the customer (and detached its saved methods): the tenant's account forgets
+    them (``payment_customer.deleted``)."""
+
+    tenant: str
+    customer: str
+
+    @property
+    def reference(self) -> str:
+        return self.customer
+
+    def summary(self) -> str:
+        return f"customer {self.customer} of {self.tenant} deleted"
+
+    def command(self, event: VerifiedEvent, now: datetime) -> LedgerCommand:
+        """The ledger command, its id derived from the gateway's event (a redelivery is the same command)."""
+        return LedgerCommand(command_id=ids.command_id("payment_customer.deleted", event.gateway, event.event_id),
+                             kind="payment_customer.deleted", tenant=self.tenant, issued_at=now,
+                             issued_by=f"webhook:{event.gateway}",
+                             payload={"gateway": event.gateway, "customer": self.customer})
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +194,9 @@ class GatewayUnavailable(Exception):
     """The gateway's API could not answer (network, 5xx, rate limit, our credentials): retry later."""
 
 
-Confirmation = ConfirmedPayment | ConfirmedCardUpdate | Ignored | NotConfirmed
+# What a webhook that moves no money becomes: a ledger command on ``billing.ledger.commands``.
+ConfirmedCommand = ConfirmedCardUpdate | ConfirmedCustomerDeleted
+Confirmation = ConfirmedPayment | ConfirmedCommand | Ignored | NotConfirmed
 
 
 class Gateway(Protocol):

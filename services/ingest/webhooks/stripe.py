@@ -25,6 +25,18 @@ Events acted on (anything else is answered 200 ``ignored``):
   the PaymentMethod re-fetched (its customer expanded); a card whose ``metadata.tenant`` (else its customer's)
   names a tenant becomes a ``payment_method.card_update`` ledger command with the card's brand, last4, exp_month
   and exp_year. Any other method (not a card, no tenant) is ignored.
+
+Events about a customer (since session 15) are attributed by the customer's ``metadata.tenant`` (the ledger writes
+it on the account's customer), else by the mark of the object the event is about:
+
+* ``customer.source.updated`` of a card (a card saved as a source of the customer: Stripe's account updater renews
+  those with this event, not ``payment_method.*``): the card re-fetched (``GET /v1/customers/{customer}/sources/{id}``)
+  and its customer; a card whose customer's ``metadata.tenant`` (else its own) names a tenant becomes a
+  ``payment_method.card_update`` ledger command as above. A source that is no card, or of no tenant, is ignored.
+* ``customer.deleted``: the customer re-fetched must be deleted (else not confirmed); Stripe keeps nothing of a
+  deleted customer but its id, so its mark is the ``metadata.tenant`` of the customer as the signed event carries it.
+  It becomes a ``payment_customer.deleted`` ledger command (the account forgets the customer and the saved methods
+  Stripe detached with it); a customer of no tenant is ignored.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from billing_events.money import MoneyError
 from billing_ingest.webhooks import (
     Confirmation,
     ConfirmedCardUpdate,
+    ConfirmedCustomerDeleted,
     ConfirmedPayment,
     GatewayUnavailable,
     Ignored,
@@ -108,6 +121,12 @@ class StripeGateway:
             "payment_method.updated": self._confirm_card,
             "payment_method.automatically_updated": self._confirm_card,
         }
+        # Events about a customer: their handlers read the signed event's object (the customer a source belongs to,
+        # a deleted customer's mark), and re-fetch what the API still has of it.
+        self._customer_handlers: dict[str, Callable[[Mapping[str, Any]], Awaitable[Confirmation]]] = {
+            "customer.source.updated": self._confirm_source_card,
+            "customer.deleted": self._confirm_customer_deleted,
+        }
 
     async def verify(self, raw_body: bytes, headers: Mapping[str, str], now: datetime) -> VerifiedEvent | Refused:
         signature = header(headers, "Stripe-Signature")
@@ -141,11 +160,16 @@ class StripeGateway:
 
     async def confirm(self, event: VerifiedEvent) -> Confirmation:
         handler = self._handlers.get(event.event_type)
-        if handler is None:
+        customer_handler = self._customer_handlers.get(event.event_type)
+        if handler is None and customer_handler is None:
             return Ignored(f"Stripe event type {event.event_type} moves no money billing acts on.")
-        object_id = event.payload["data"]["object"]["id"]
+        obj = event.payload["data"]["object"]
+        object_id = obj["id"]
         try:
-            return await handler(object_id)
+            if handler is not None:
+                return await handler(object_id)
+            assert customer_handler is not None
+            return await customer_handler(obj)
         except stripe.InvalidRequestError as exc:  # e.g. 404: not an object of this account / mode
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe does not confirm {object_id}: "
                                                                 f"{exc.user_message or exc}")
@@ -281,6 +305,39 @@ class StripeGateway:
             return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's card details of {method_id} are not "
                                                                 f"usable: {exc}")
         return ConfirmedCardUpdate(tenant, method_id, details)
+
+    async def _confirm_source_card(self, source: Mapping[str, Any]) -> Confirmation:
+        """``customer.source.updated``: a card saved as a source of a customer, as Stripe's API has it now."""
+        source_id, customer_id = source["id"], source.get("customer")
+        if not isinstance(customer_id, str) or not _OBJECT_ID.match(customer_id):
+            return Ignored(f"Source {source_id} belongs to no customer: no saved card to keep.")
+        card = (await self._client.v1.customers.payment_sources.retrieve_async(customer_id, source_id)).to_dict()
+        if card.get("object") != "card":
+            return Ignored(f"Source {source_id} is not a card: no expiry to keep.")
+        customer = (await self._client.v1.customers.retrieve_async(customer_id)).to_dict()
+        tenant = tenant_reference(customer.get("metadata")) or tenant_reference(card.get("metadata"))
+        if tenant is None:
+            return Ignored(f"Card {source_id} names no billing tenant (metadata.tenant on its customer {customer_id} "
+                           f"or on it).")
+        try:
+            details = card_details({"brand": card.get("brand"), "last4": card.get("last4"),
+                                    "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
+        except CardDetailsError as exc:
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's card details of {source_id} are not "
+                                                                f"usable: {exc}")
+        return ConfirmedCardUpdate(tenant, source_id, details)
+
+    async def _confirm_customer_deleted(self, signed: Mapping[str, Any]) -> Confirmation:
+        """``customer.deleted``: Stripe's API must say the customer is deleted. It keeps no metadata of a deleted
+        customer, so the tenant is the mark the signed event carries (Stripe's copy of the customer as deleted)."""
+        customer_id = signed["id"]
+        customer = (await self._client.v1.customers.retrieve_async(customer_id)).to_dict()
+        if not customer.get("deleted"):
+            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe says customer {customer_id} is not deleted.")
+        tenant = tenant_reference(customer.get("metadata")) or tenant_reference(signed.get("metadata"))
+        if tenant is None:
+            return Ignored(f"Customer {customer_id} names no billing tenant (metadata.tenant).")
+        return ConfirmedCustomerDeleted(tenant, customer_id)
 
     async def _session_attribution(self, intent_id: str) -> tuple[str, str] | None:
         sessions = await self._client.v1.checkout.sessions.list_async(

@@ -96,6 +96,10 @@ class Invoice(Aggregate):
         self.minimum_spend: Decimal | None = None  # a renewal draft: the ended period's commitment on usage
         self.pending_payments: dict[str, str] = {}  # dunning attempt -> its pending charge (see payment_pending)
         self.payment: str | None = None  # the reference of the payment that paid it (``Paid``)
+        # What of its total the payment did not pay because no gateway charges it (12.957 KWD paid 12.950: 0.007,
+        # ``invoice_commands.charge_of``), written off when it was paid (``Paid.written_off``, since session 15): a
+        # decimal string. "0" for a payment of the whole total, and for any payment recorded before session 15.
+        self.written_off = "0"
         self.failed_payments: dict[str, str] = {}
         # The documents (a change's or cancel's credit note) that credit part of it (``record_correction``).
         self.corrections: list[str] = []
@@ -161,15 +165,27 @@ class Invoice(Aggregate):
         self.billed_to = billed_to
         self.seller = seller
 
-    def mark_paid(self, *, at: datetime, payment: str, by: str) -> None:
+    def mark_paid(self, *, at: datetime, payment: str, by: str, written_off: Decimal = Decimal(0)) -> None:
+        """``written_off``: what of the total the payment leaves unpaid, written off as it pays the rest (a total
+        finer than its currency is charged in: less than one step of it, or the whole of a total below one step);
+        never negative, never more than the total."""
         if self.status != FINALIZED:
             raise InvoiceError(f"invoice is {self.status}; only a finalized invoice can be paid")
-        self._paid(at=at, payment=payment, by=by)
+        if written_off < 0 or written_off > self.total:
+            raise InvoiceError(f"{written_off} written off of an invoice of {self.total}")
+        self._paid(at=at, payment=payment, by=by, **({"written_off": str(written_off)} if written_off else {}))
 
     @event("Paid")
-    def _paid(self, at: datetime, payment: str, by: str) -> None:
+    def _paid(self, at: datetime, payment: str, by: str, written_off: str | None = None) -> None:
         self.status = PAID
         self.payment = payment
+        if written_off is not None:  # recorded since session 15
+            self.written_off = written_off
+
+    @property
+    def paid_total(self) -> Decimal:
+        """What its payment paid: the total less what was written off (``written_off``)."""
+        return RATING_CONTEXT.subtract(self.total, Decimal(self.written_off))
 
     def void(self, *, at: datetime, reason: str, by: str) -> None:
         if self.status not in (DRAFT, FINALIZED):

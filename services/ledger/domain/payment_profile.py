@@ -47,6 +47,18 @@ class PaymentProfile(Aggregate):
     def _customer_set(self, gateway: str, customer: str, at: datetime) -> None:
         self.customers[gateway] = customer
 
+    def remove_customer(self, *, gateway: str, customer: str, at: datetime, by: str) -> bool:
+        """The gateway deleted ``customer`` (its saved methods with it): the account names no customer there any more
+        (charges would name one the gateway no longer knows). False when it names another one (changed since)."""
+        if self.customers.get(gateway) != customer:
+            return False
+        self._customer_removed(gateway=gateway, customer=customer, at=at, by=by)
+        return True
+
+    @event("CustomerRemoved")
+    def _customer_removed(self, gateway: str, customer: str, at: datetime, by: str) -> None:
+        self.customers.pop(gateway, None)
+
     def configure_alerts(self, *, settings: dict[str, Any], at: datetime, by: str) -> None:
         self._alerts_configured(settings=settings, at=at, by=by)
 

@@ -17,7 +17,12 @@ The ledger asks a gateway for three things, never touching card data (hosted pag
   gateway's own notifications about it can be attributed: Stripe's ``payment_method.updated`` /
   ``automatically_updated`` (its account updater renewed the card) reach the ledger only for a method (or customer)
   whose ``metadata.tenant`` names the tenant (ingest reads it). A no-op for gateways whose card updates the ledger
-  does not follow.
+  does not follow;
+* ``attribute_customer``: marks the account's gateway customer the tenant's, when the ledger is told it
+  (``PUT .../gateway-customers/{gateway}``) and when a method of it is saved, so that the gateway's notifications about
+  the customer can be attributed: Stripe's ``customer.source.updated`` (its account updater renewed a card saved as a
+  source of the customer) and ``customer.deleted`` reach the ledger by the customer's ``metadata.tenant`` (ingest reads
+  it; since session 15). A no-op for the other gateways.
 
 Amounts are exact Decimals; each adapter converts them to the gateway's integer minor units itself, and knows
 what its gateway cannot take (``refusal``: a currency it does not support, an amount finer than it charges, e.g. a
@@ -40,6 +45,11 @@ class GatewayError(Exception):
 
 class UnknownPaymentMethod(Exception):
     """The gateway does not know this saved method (or it belongs to another customer): nothing to save."""
+
+
+class UnknownCustomer(Exception):
+    """The gateway does not know this customer, it was deleted, or the gateway marks it another tenant's: it is not
+    this account's customer there."""
 
 
 class AmountNotChargeable(MoneyError):
@@ -97,6 +107,12 @@ class OutboundGateway(Protocol):
         mark for it (nothing to follow, or it cannot take one: a Stripe method attached to no customer).
         ``UnknownPaymentMethod`` when the gateway does not know it or marks it another tenant's, ``GatewayError``
         when it cannot answer."""
+        ...
+
+    async def attribute_customer(self, *, customer: str, tenant: str) -> bool:
+        """Marks the gateway's customer ``customer`` as ``tenant``'s (idempotent); False when the gateway keeps no
+        such mark (nothing of it is followed). ``UnknownCustomer`` when the gateway does not know it, it was deleted,
+        or it is marked another tenant's; ``GatewayError`` when the gateway cannot answer."""
         ...
 
 

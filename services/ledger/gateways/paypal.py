@@ -76,6 +76,9 @@ class PayPalGateway:
     async def attribute_method(self, *, customer: str | None, method_id: str, tenant: str) -> bool:
         return False  # ingest follows no PayPal card updates: nothing to attribute
 
+    async def attribute_customer(self, *, customer: str, tenant: str) -> bool:
+        return False  # ingest follows no PayPal customer events: nothing to attribute
+
     async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
         status, token = await self._get(f"/v3/vault/payment-tokens/{method_id}")
         if status >= 400 or not isinstance(token, dict):

@@ -73,6 +73,9 @@ class RazorpayGateway:
     async def attribute_method(self, *, customer: str | None, method_id: str, tenant: str) -> bool:
         return False  # ingest follows no Razorpay card updates: nothing to attribute
 
+    async def attribute_customer(self, *, customer: str, tenant: str) -> bool:
+        return False  # ingest follows no Razorpay customer events: nothing to attribute
+
     async def saved_card(self, *, customer: str | None, method_id: str) -> dict[str, Any] | None:
         if not customer:  # a token belongs to a customer: without the account's, it cannot be looked up
             return None

@@ -1,7 +1,9 @@
 """Stripe through the official SDK (``stripe.StripeClient``): hosted Checkout Sessions (card data never touches
 our servers; 3-D Secure / SCA is handled by the hosted page), off-session PaymentIntents, refunds, a saved
 PaymentMethod's card details (``card.brand``, ``last4``, ``exp_month``, ``exp_year``) and its ``metadata.tenant``
-(written when it is saved, read by ingest on Stripe's card updates)."""
+(written when it is saved, read by ingest on Stripe's card updates), and the Customer's ``metadata.tenant`` (written
+when the ledger is told the account's customer, or saves a method of it; read by ingest on Stripe's events about the
+customer)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from billing_ledger.gateways import (
     CheckoutSession,
     GatewayError,
     RefundResult,
+    UnknownCustomer,
     UnknownPaymentMethod,
     chargeable_minor_units,
     minor_units_refusal,
@@ -146,6 +149,35 @@ class StripeGateway:
         except stripe_sdk.InvalidRequestError as exc:  # detached meanwhile: nothing Stripe would update
             raise UnknownPaymentMethod(f"Stripe refused to mark payment method {method_id}: "
                                        f"{exc.user_message or exc}") from exc
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        return True
+
+
+    async def attribute_customer(self, *, customer: str, tenant: str) -> bool:
+        """``metadata.tenant`` on the Customer: ingest attributes Stripe's events about the customer by it
+        (``customer.source.updated``: a card saved as a source of it renewed by the account updater;
+        ``customer.deleted``). Before session 15 only the PaymentMethods were marked, so those events named no
+        tenant. A customer Stripe does not know, deleted, or marked another tenant's is not this account's."""
+        try:
+            found = (await self._client.v1.customers.retrieve_async(customer)).to_dict()
+        except stripe_sdk.InvalidRequestError as exc:  # 404: no such customer in this account / mode
+            raise UnknownCustomer(f"Stripe does not know customer {customer}: {exc.user_message or exc}") from exc
+        except stripe_sdk.StripeError as exc:
+            raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+        if found.get("deleted"):
+            raise UnknownCustomer(f"Stripe customer {customer} is deleted")
+        metadata = found.get("metadata") if isinstance(found.get("metadata"), dict) else {}
+        marked = metadata.get("tenant")
+        if marked == tenant:
+            return True
+        if marked:  # its events would go to that tenant: not this account's customer
+            raise UnknownCustomer(f"Stripe customer {customer} is another billing account's (metadata.tenant "
+                                  f"{marked!r})")
+        try:
+            await self._client.v1.customers.update_async(customer, params={"metadata": {"tenant": tenant}})
+        except stripe_sdk.InvalidRequestError as exc:  # deleted meanwhile
+            raise UnknownCustomer(f"Stripe refused to mark customer {customer}: {exc.user_message or exc}") from exc
         except stripe_sdk.StripeError as exc:
             raise GatewayError(f"Stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
         return True

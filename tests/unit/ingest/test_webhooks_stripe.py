@@ -107,6 +107,17 @@ class FakeStripeApi(stripe.HTTPClient):
         self.objects[f"/v1/customers/{customer_id}"] = {"id": customer_id, "object": "customer",
                                                         "metadata": {"tenant": TENANT} if metadata is None else metadata}
 
+    def deleted_customer(self, customer_id: str = "cus_1") -> None:
+        """What Stripe's API answers for a deleted customer: its id, nothing more."""
+        self.objects[f"/v1/customers/{customer_id}"] = {"id": customer_id, "object": "customer", "deleted": True}
+
+    def source_card(self, card_id: str = "card_1", *, customer: str = "cus_1", exp_month: int = 9,
+                    exp_year: int = 2032, metadata: dict[str, str] | None = None) -> None:
+        """A card saved as a source of a customer (the Cards API), as ``GET /v1/customers/{c}/sources/{id}`` answers."""
+        self.objects[f"/v1/customers/{customer}/sources/{card_id}"] = {
+            "id": card_id, "object": "card", "customer": customer, "brand": "Visa", "last4": "1881",
+            "exp_month": exp_month, "exp_year": exp_year, "funding": "credit", "metadata": metadata or {}}
+
 
 def event(event_type: str, obj: dict[str, Any], event_id: str = "evt_1") -> str:
     # What the body claims is never trusted: the test bodies even claim "paid" when Stripe says otherwise.
@@ -441,4 +452,111 @@ async def test_a_method_update_ingest_cannot_map_is_acknowledged_and_publishes_n
     payload = method_updated("payment_method.updated")
     response = await post(ingest, payload, signed(payload))
     assert (response.status_code, response.json()["status"]) == (200, "ignored"), response.text
+    assert await ingest.published(topics.LEDGER_COMMANDS) == []
+
+
+# -- events about a customer: attributed by the customer's metadata.tenant (since session 15) ---------------------
+
+
+def source_updated(event_id: str = "evt_src_1") -> str:
+    # The body's card is never trusted: the re-fetched one is published.
+    return event("customer.source.updated", {"id": "card_1", "object": "card", "customer": "cus_1",
+                                             "exp_month": 1, "exp_year": 2099}, event_id)
+
+
+def customer_deleted(metadata: dict[str, str] | None = None, event_id: str = "evt_cus_del") -> str:
+    return event("customer.deleted", {"id": "cus_1", "object": "customer",
+                                      "metadata": {"tenant": TENANT} if metadata is None else metadata}, event_id)
+
+
+async def test_a_card_source_renewed_by_the_account_updater_reaches_the_tenant_its_customer_names(
+        ingest: Ingest, api: FakeStripeApi) -> None:
+    """A card saved as a source of a customer (the Cards API) is renewed with ``customer.source.updated``, an event
+    about the customer: ingest ignored every customer event (only PaymentMethods were attributed)."""
+    api.customer()  # marked by the ledger: metadata.tenant
+    api.source_card(exp_month=9, exp_year=2032)  # the card itself carries no mark
+    payload = source_updated()
+    response = await post(ingest, payload, signed(payload))
+    assert (response.status_code, response.json()["status"]) == (200, "published"), response.text
+    [(key, published)] = await ingest.published_with_keys(topics.LEDGER_COMMANDS)
+    assert key == str(ids.account_id(TENANT))
+    command = LedgerCommand.model_validate(published)
+    assert (command.kind, command.tenant, command.command_id) == (
+        "payment_method.card_update", TENANT, ids.command_id("payment_method.card_update", "stripe", "evt_src_1"))
+    assert command.payload == {"gateway": "stripe", "method_id": "card_1", "card": {
+        "brand": "visa", "last4": "1881", "exp_month": 9, "exp_year": 2032}}
+    assert api.calls == [("get", "/v1/customers/cus_1/sources/card_1"), ("get", "/v1/customers/cus_1")]
+    assert (await post(ingest, payload, signed(payload))).status_code == 409  # a redelivery: nothing more
+
+
+@pytest.mark.parametrize(("customer_mark", "card_mark", "published_for"), [
+    ({}, {"tenant": TENANT}, TENANT),  # a customer not marked yet: the card's own mark, as for a PaymentMethod
+    ({"tenant": TENANT}, {"tenant": "other"}, TENANT),  # an event about the customer: the customer's mark first
+    ({}, {}, None),  # no mark anywhere: ignored
+])
+async def test_a_card_source_update_is_attributed_by_its_customer_then_by_the_card(
+        ingest: Ingest, api: FakeStripeApi, customer_mark: dict[str, str], card_mark: dict[str, str],
+        published_for: str | None) -> None:
+    api.customer(metadata=customer_mark)
+    api.source_card(metadata=card_mark)
+    payload = source_updated()
+    response = await post(ingest, payload, signed(payload))
+    assert response.status_code == 200, response.text
+    commands = [LedgerCommand.model_validate(c) for c in await ingest.published(topics.LEDGER_COMMANDS)]
+    assert [c.tenant for c in commands] == ([published_for] if published_for else [])
+    assert response.json()["status"] == ("published" if published_for else "ignored")
+
+
+async def test_a_deleted_customer_becomes_one_ledger_command_that_forgets_it_and_its_methods(
+        ingest: Ingest, api: FakeStripeApi, tmp_path: Path) -> None:
+    from billing_ledger.application import LedgerApplication, persistence_env
+    from billing_ledger.domain.payment_profile import payment_profile_id
+    from billing_ledger.domain.roster import roster_id
+
+    api.deleted_customer()  # the API keeps only that it is deleted; the signed event carries its metadata
+    payload = customer_deleted()
+    response = await post(ingest, payload, signed(payload))
+    assert (response.status_code, response.json()["status"]) == (200, "published"), response.text
+    [(key, published)] = await ingest.published_with_keys(topics.LEDGER_COMMANDS)
+    assert key == str(ids.account_id(TENANT))
+    command = LedgerCommand.model_validate(published)
+    assert (command.kind, command.tenant, command.payload) == (
+        "payment_customer.deleted", TENANT, {"gateway": "stripe", "customer": "cus_1"})
+    assert api.calls == [("get", "/v1/customers/cus_1")]
+    assert await ingest.published(topics.PAYMENTS) == []  # no money moved
+
+    # The ledger forgets the customer and the Stripe methods it detached; a PayPal method stays.
+    ledger = LedgerApplication(persistence_env(None, str(tmp_path / "ledger")))
+    try:
+        for kind, payload_ in (("account.open", {"currency": "USD"}),
+                               ("payment_customer.set", {"gateway": "stripe", "customer": "cus_1"}),
+                               ("payment_method.add", {"method_id": "pm_1", "gateway": "stripe"}),
+                               ("payment_method.add", {"method_id": "card_1", "gateway": "stripe"}),
+                               ("payment_method.add", {"method_id": "pp_1", "gateway": "paypal"})):
+            [result] = ledger.apply_commands([command.model_copy(update={
+                "command_id": ids.command_id(kind, TENANT, str(payload_)), "kind": kind, "payload": payload_})])
+            assert result.outcome == "applied", result
+        [applied, again] = ledger.apply_commands([command, command])
+        assert (applied.outcome, again.outcome) == ("applied", "duplicate"), applied
+        assert applied.value["payment_methods_removed"] == ["pm_1", "card_1"]
+        assert ledger.read(roster_id(TENANT), lambda r: [m["method_id"] for m in r.payment_methods]) == ["pp_1"]
+        assert ledger.read(payment_profile_id(TENANT), lambda p: dict(p.customers)) == {}
+        # Another deletion of a customer the account does not name (any more) changes nothing, recorded.
+        [other] = ledger.apply_commands([command.model_copy(update={"command_id": ids.command_id("x", "cus_2")})])
+        assert (other.outcome, other.reason) == ("rejected", "unknown_payment_customer")
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("case", ["not deleted", "no tenant"])
+async def test_a_customer_deletion_stripe_does_not_confirm_or_of_no_tenant_publishes_nothing(
+        ingest: Ingest, api: FakeStripeApi, case: str) -> None:
+    if case == "not deleted":
+        api.customer()  # the body says deleted; Stripe's API says it is not: never trusted
+    else:
+        api.deleted_customer()
+    payload = customer_deleted(metadata={} if case == "no tenant" else None)
+    response = await post(ingest, payload, signed(payload))
+    expected = (422, "payment-not-confirmed") if case == "not deleted" else (200, None)
+    assert (response.status_code, response.json().get("type", "").rsplit("/", 1)[-1] or None) == expected, response.text
     assert await ingest.published(topics.LEDGER_COMMANDS) == []

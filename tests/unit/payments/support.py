@@ -59,7 +59,8 @@ class FakeStripe(stripe.HTTPClient):
     amount in a three-decimal currency whose last digit is not 0, as Stripe does.
 
     ``card`` saves a card PaymentMethod (brand, last4, expiry) that ``GET /v1/payment_methods/{id}`` answers and
-    ``POST /v1/payment_methods/{id}`` updates (its ``metadata``, merged; only once attached to a customer, as Stripe).
+    ``POST /v1/payment_methods/{id}`` updates (its ``metadata``, merged; only once attached to a customer, as Stripe);
+    ``customer`` a Customer that ``GET /v1/customers/{id}`` answers and ``POST`` updates (its ``metadata``, merged).
     ``declined`` payment methods are refused (402 card_declined); ``processing`` ones answer a payment intent
     still ``processing`` (a bank debit: the money may arrive later); every call is recorded with its
     idempotency key, and a repeated key answers the first answer (as Stripe does)."""
@@ -128,6 +129,11 @@ class FakeStripe(stripe.HTTPClient):
         obj = self.objects.get(path)
         if obj is None:
             return json.dumps({"error": {"type": "invalid_request_error", "message": f"No such {path}"}}).encode(), 404
+        if method == "post" and path.startswith("/v1/customers/"):
+            if obj.get("deleted"):  # as Stripe: a deleted customer is no customer to update
+                return json.dumps({"error": {"type": "invalid_request_error",
+                                             "message": f"No such customer: '{obj['id']}'"}}).encode(), 404
+            obj["metadata"] = {**obj.get("metadata", {}), **metadata}
         if method == "post" and path.startswith("/v1/payment_methods/"):
             if not obj.get("customer"):  # as Stripe: "A PaymentMethod must be attached a customer to be updated."
                 error = {"type": "invalid_request_error",
@@ -138,12 +144,27 @@ class FakeStripe(stripe.HTTPClient):
 
     def card(self, method_id: str, *, brand: str = "visa", last4: str = "4242", exp_month: int = 12,
              exp_year: int = 2030, customer: str | None = None, metadata: dict[str, str] | None = None) -> None:
-        """A saved card PaymentMethod, as Stripe answers ``GET /v1/payment_methods/{id}`` (never the number)."""
+        """A saved card PaymentMethod, as Stripe answers ``GET /v1/payment_methods/{id}`` (never the number); its
+        ``customer`` exists (a method is attached to an existing customer only)."""
+        if customer and f"/v1/customers/{customer}" not in self.objects:
+            self.customer(customer)
         self.objects[f"/v1/payment_methods/{method_id}"] = {
             "id": method_id, "object": "payment_method", "type": "card", "customer": customer,
             "metadata": dict(metadata or {}),
             "card": {"brand": brand, "last4": last4, "exp_month": exp_month, "exp_year": exp_year,
                      "funding": "credit", "country": "US"}}
+
+    def customer(self, customer_id: str, *, metadata: dict[str, str] | None = None) -> None:
+        """A Customer, as Stripe answers ``GET /v1/customers/{id}``; ``POST`` updates its ``metadata`` (merged)."""
+        self.objects[f"/v1/customers/{customer_id}"] = {"id": customer_id, "object": "customer",
+                                                        "metadata": dict(metadata or {})}
+
+    def delete_customer(self, customer_id: str) -> None:
+        """Deleted in Stripe's dashboard: the API answers only that (no metadata), and its methods are detached."""
+        self.objects[f"/v1/customers/{customer_id}"] = {"id": customer_id, "object": "customer", "deleted": True}
+        for obj in self.objects.values():
+            if obj.get("object") == "payment_method" and obj.get("customer") == customer_id:
+                obj["customer"] = None
 
     def complete(self, session_id: str) -> str:
         """The customer paid on the hosted page (3-D Secure included): the session is complete and paid."""

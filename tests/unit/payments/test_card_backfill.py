@@ -109,3 +109,31 @@ async def test_a_dry_run_asks_but_marks_nothing_and_a_gateway_outage_is_reported
     assert [c.payload["method_id"] for c in outage.commands] == ["pm_old"]
     # A gateway not enabled here is reported, not guessed.
     assert {m.outcome for m in (await backfill(ledger, {}, now=NOW)).methods} == {"gateway_not_enabled"}
+
+
+@pytest.mark.asyncio
+async def test_the_backfill_marks_each_accounts_gateway_customer_so_stripes_events_about_it_are_attributed(
+        ledger: LedgerApplication, api: FakeStripe) -> None:
+    """Only the methods were marked (session 14): Stripe's events about a customer (a card saved as its source renewed,
+    its deletion) named no tenant. An account given a customer but no method is found too; a customer Stripe no
+    longer knows is listed, and the run fails."""
+    assert run(ledger, "account.open", "newco", currency="USD").outcome == "applied"
+    assert run(ledger, "payment_customer.set", "newco", "cus", gateway="stripe", customer="cus_8").outcome == "applied"
+    assert run(ledger, "account.open", "goneco", currency="USD").outcome == "applied"
+    assert run(ledger, "payment_customer.set", "goneco", "cus", gateway="stripe",
+               customer="cus_gone").outcome == "applied"
+    api.customer("cus_8")
+    gateways = {"stripe": stripe_gateway(api)}
+
+    dry = await backfill(ledger, gateways, attribute=False, now=NOW)
+    assert [(c.tenant, c.outcome) for c in dry.customers] == [(TENANT, "dry_run"), ("newco", "dry_run"),
+                                                              ("goneco", "dry_run")]
+    assert not [c for c in api.calls if c[0] == "post"]
+
+    done = await backfill(ledger, gateways, now=NOW)
+    assert [(c.tenant, c.customer, c.outcome) for c in done.customers] == [
+        (TENANT, "cus_7", "marked"), ("newco", "cus_8", "marked"), ("goneco", "cus_gone", "unknown_payment_customer")]
+    assert api.objects["/v1/customers/cus_7"]["metadata"] == {"tenant": TENANT}
+    assert api.objects["/v1/customers/cus_8"]["metadata"] == {"tenant": "newco"}
+    assert not done.ok and "does not know customer cus_gone" in done.customers[2].detail
+    assert (await backfill(ledger, {}, tenants=["newco"], now=NOW)).customers[0].outcome == "gateway_not_enabled"

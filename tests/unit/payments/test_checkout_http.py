@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from billing_events import ids
 from billing_events.messages import PaymentNotification
 from billing_events.timeutil import utcnow
@@ -152,7 +153,10 @@ def test_refund_request_approved_reverses_ledger_and_issues_a_credit_note(ledger
 
 
 def test_a_gateway_customer_without_a_customer_id_is_refused_and_changes_nothing(ledger: LedgerApplication) -> None:
-    http = client(ledger, {"stripe": stripe_gateway(FakeStripe())})
+    api = FakeStripe()
+    api.customer("cus_1")
+    api.customer("cus_2")
+    http = client(ledger, {"stripe": stripe_gateway(api)})
     url = f"/v1/accounts/{TENANT}/gateway-customers/stripe"
     profile = payment_profile_id(TENANT)
     assert http.put(url, headers=headers("admin", None), json={"customer": "cus_1"}).status_code == 200
@@ -164,6 +168,41 @@ def test_a_gateway_customer_without_a_customer_id_is_refused_and_changes_nothing
         assert ledger.read(profile, lambda p: dict(p.customers)) == {"stripe": "cus_1"}, body
     assert http.put(url, headers=headers("admin", None), json={"customer": "cus_2"}).json()["customer"] == "cus_2"
     assert ledger.read(profile, lambda p: dict(p.customers)) == {"stripe": "cus_2"}
+
+
+def test_the_accounts_gateway_customer_is_marked_the_tenants_so_stripes_events_about_it_are_attributed(
+        ledger: LedgerApplication) -> None:
+    """Ingest attributes Stripe's events about a customer (``customer.source.updated``, ``customer.deleted``) by its
+    ``metadata.tenant``, which the ledger wrote only on PaymentMethods: they named no tenant."""
+    api = FakeStripe()
+    api.customer("cus_1")
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    url = f"/v1/accounts/{TENANT}/gateway-customers/stripe"
+    assert http.put(url, headers=headers("admin", None), json={"customer": "cus_1"}).status_code == 200
+    assert api.objects["/v1/customers/cus_1"]["metadata"] == {"tenant": TENANT}
+    assert http.put(url, headers=headers("admin", None), json={"customer": "cus_1"}).status_code == 200  # again
+    assert [c[3] for c in api.calls if c[0] == "post" and c[1] == "/v1/customers/cus_1"] == [
+        {"metadata[tenant]": TENANT}]  # marked once
+
+
+@pytest.mark.parametrize(("customer", "detail"), [
+    ("cus_unknown", "does not know customer cus_unknown"),  # Stripe answers 404
+    ("cus_theirs", "another billing account's"),  # its events would reach that tenant
+    ("cus_gone", "is deleted"),
+])
+def test_a_gateway_customer_stripe_does_not_vouch_for_is_refused_and_nothing_is_stored(
+        ledger: LedgerApplication, customer: str, detail: str) -> None:
+    api = FakeStripe()
+    api.customer("cus_theirs", metadata={"tenant": "beta"})
+    api.customer("cus_gone")
+    api.delete_customer("cus_gone")
+    http = client(ledger, {"stripe": stripe_gateway(api)})
+    refused = http.put(f"/v1/accounts/{TENANT}/gateway-customers/stripe", headers=headers("admin", None),
+                       json={"customer": customer})
+    assert (refused.status_code, refused.headers["content-type"]) == (422, "application/problem+json"), refused.text
+    assert refused.json()["type"].endswith("/unknown-payment-customer") and detail in refused.json()["detail"]
+    assert ledger.read(payment_profile_id(TENANT), lambda p: dict(p.customers)) in (None, {})
+    assert api.objects["/v1/customers/cus_theirs"]["metadata"] == {"tenant": "beta"}
 
 
 def test_checkout_and_refund_request_fields_of_the_wrong_type_are_refused(ledger: LedgerApplication) -> None:

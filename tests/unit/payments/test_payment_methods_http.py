@@ -135,3 +135,27 @@ def test_a_stripe_card_marked_another_tenants_is_refused_and_nothing_is_saved(
     assert "another billing account's at Stripe" in response.json()["detail"]
     assert api.objects["/v1/payment_methods/pm_theirs"]["metadata"] == {"tenant": "beta"}
     assert saved(ledger) == []
+
+
+def test_saving_a_method_marks_the_accounts_stripe_customer_the_tenants_too(
+        ledger: LedgerApplication, api: FakeStripe, client: TestClient) -> None:
+    """A customer set before session 15 was never marked: Stripe's events about it (a card saved as its source
+    renewed, its deletion) named no tenant. Saving a method of it marks it."""
+    api.card("pm_visa", customer="cus_1")
+    assert run(ledger, "payment_customer.set", TENANT, "cus", gateway="stripe", customer="cus_1").outcome == "applied"
+    assert api.objects["/v1/customers/cus_1"]["metadata"] == {}
+    assert client.post(URL, headers=headers(), json={"method_id": "pm_visa"}).status_code == 201
+    assert api.objects["/v1/customers/cus_1"]["metadata"] == {"tenant": TENANT}
+
+
+def test_a_method_of_a_customer_stripe_marks_another_tenants_is_refused_and_nothing_is_saved(
+        ledger: LedgerApplication, api: FakeStripe, client: TestClient) -> None:
+    api.customer("cus_1", metadata={"tenant": "beta"})
+    api.card("pm_visa", customer="cus_1")
+    assert run(ledger, "payment_customer.set", TENANT, "cus", gateway="stripe", customer="cus_1").outcome == "applied"
+    response = client.post(URL, headers=headers(), json={"method_id": "pm_visa"})
+    assert response.status_code == 422, response.text
+    assert response.json()["type"].endswith("/unknown-payment-customer")
+    assert api.objects["/v1/customers/cus_1"]["metadata"] == {"tenant": "beta"}
+    assert api.objects["/v1/payment_methods/pm_visa"]["metadata"] == {}  # nothing marked either
+    assert saved(ledger) == []

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
@@ -21,7 +21,7 @@ from billing_events.messages import PaymentNotification
 from billing_events.money import SUBUNITS_PER_UNIT, to_subunits
 from billing_events.timeutil import utcnow
 from billing_ledger.application import LedgerApplication, persistence_env
-from billing_ledger.audit import account_events, verify_store
+from billing_ledger.audit import account_events, export_lines, replay_lines, verify_store
 from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.subscription import subscription_id
 from billing_ledger.dunning import Dunning
@@ -296,4 +296,74 @@ async def test_an_old_invoice_below_one_step_is_written_off_whole_and_nothing_is
     assert ledger.repository.get(invoice.id).status == "paid"
     assert books(ledger)[("recognised_revenue", "KWD")] == Decimal("0.005")
     assert ("receivables", "KWD") not in books(ledger)
+    assert verify_store(ledger, TENANT).problems == []
+
+
+def refund_of(invoice: Invoice, payment: str, event_id: str, amount: str) -> PaymentNotification:
+    """What ingest publishes for Stripe's refund of the dunning charge ``payment`` of ``invoice``."""
+    return PaymentNotification(gateway="stripe", gateway_event_id=event_id, kind="refund_succeeded", tenant=TENANT,
+                               invoice_id=str(invoice.id), order_id=str(invoice.id), amount=Decimal(amount),
+                               currency="KWD", verified_at=utcnow(), gateway_reference=f"re_{event_id}",
+                               refunded_payment=payment)
+
+
+async def dunned_old_invoice(ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> tuple[Invoice, str]:
+    """The old 12.957 KWD invoice, paid 12.950 by dunning's charge (0.007 written off); and that charge."""
+    invoice = old_invoice(ledger, monkeypatch)
+    dunning = Dunning(ledger, {"stripe": stripe_gateway(FakeStripe())}, None, (0,),
+                      now=lambda: NOV_1 + timedelta(hours=1))
+    assert await dunning.process() == {str(invoice.id): "paid"}
+    paid = ledger.repository.get(invoice.id)
+    assert paid.status == "paid"
+    return paid, str(paid.payment)
+
+
+@pytest.mark.asyncio
+async def test_a_refund_of_all_a_written_off_invoice_was_paid_credits_the_whole_invoice(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    """12.957 KWD invoiced, 12.950 charged and paid, 0.007 written off; the gateway pays the 12.950 back. That was
+    read as a partial refund of a 12.957 invoice: an adjustment of -12.333 and -0.617 of tax, the invoice's fee
+    schedule left open (0.007 of its deferred fee never given back, its revenue recognised later) and 0.007 of the
+    invoice still "left" for a cancel to credit. Now it is the full refund it is: the credit note negates the
+    invoice's lines, shows the 0.007 written off when it was paid (not paid back: it never was paid), credits
+    exactly the 12.950 refunded, and every ledger account is back to zero."""
+    invoice, payment = await dunned_old_invoice(ledger, monkeypatch)
+    [result] = ledger.apply_commands([payment_command(refund_of(invoice, payment, "full", "12.950"))])
+    assert result.outcome == "applied", result
+    note = ledger.repository.get(UUID(result.value["credit_note"]))
+    assert [(item["kind"], item["amount"]) for item in note.lines] == [
+        ("base_fee", "-12.340"), ("tax", "-0.617"), ("adjustment", "0.007")]
+    assert note.total == Decimal("-12.950")
+    assert books(ledger) == {}  # revenue, tax payable, deferred revenue, clearing and receivables all at zero
+    refunded = ledger.repository.get(invoice.id)
+    assert refunded.given_back == refunded.total  # nothing of it left for a cancel to credit
+    assert verify_store(ledger, TENANT).problems == []
+    replayed = replay_lines(export_lines(ledger, TENANT))  # and the auditor's offline replay of the export
+    assert (replayed.problems, replayed.document_problems, replayed.documents) == ([], [], 2)
+    # A cancel now credits nothing of the refunded invoice.
+    [canceled] = ledger.apply_commands([command("subscription.cancel", TENANT, {
+        "key": "main", "at_period_end": False, "at": (NOV_1 + timedelta(days=10)).isoformat()},
+        at=NOV_1 + timedelta(days=10))])
+    assert canceled.outcome == "applied", canceled
+    assert books(ledger) == {}
+    assert verify_store(ledger, TENANT).problems == []
+
+
+@pytest.mark.asyncio
+async def test_refunds_that_together_give_back_all_a_written_off_invoice_was_paid_end_it_in_full(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5.000 then 7.950 KWD of the 12.950 paid: the second is the last of the money, so it gives back what is left of
+    the invoice, its tax exactly, and the 0.007 written off; every account ends at zero."""
+    invoice, payment = await dunned_old_invoice(ledger, monkeypatch)
+    [first] = ledger.apply_commands([payment_command(refund_of(invoice, payment, "part", "5.000"))])
+    assert first.outcome == "applied", first
+    assert ledger.repository.get(UUID(first.value["credit_note"])).total == Decimal("-5.000")
+    [last] = ledger.apply_commands([payment_command(refund_of(invoice, payment, "rest", "7.950"))])
+    assert last.outcome == "applied", last
+    note = ledger.repository.get(UUID(last.value["credit_note"]))
+    assert note.total == Decimal("-7.950")
+    assert books(ledger) == {}
+    assert [item["amount"] for item in note.lines if item.get("written_off")] == ["0.007"]
+    refunded = ledger.repository.get(invoice.id)
+    assert (refunded.given_back, Decimal(refunded.given_back_tax)) == (Decimal("12.957"), Decimal("0.617"))
     assert verify_store(ledger, TENANT).problems == []
