@@ -163,10 +163,12 @@ def test_deferred_fees_never_go_negative_and_everything_billed_ends_recognised_o
         for event in events:
             assert_balanced(getattr(event, "postings", None) or [])
             if type(event).__name__ == "FeeRevenueRecognised":
-                # A day's share is dated in that UTC day: every schedule's ``to`` ends it (a midnight or its end).
+                # A day's share is dated in that UTC day: every schedule's ``to`` is in it (its end: the next
+                # midnight, or the end of a period that ends that day, earlier than another's it was recorded with).
+                day = datetime.combine(event.at.date(), datetime.min.time(), UTC)
+                assert event.at == max(change["to"] for change in event.schedules) - timedelta(microseconds=1)
                 for change in event.schedules:
-                    assert event.at < change["to"] <= datetime.combine(
-                        event.at.date() + timedelta(days=1), datetime.min.time(), UTC)
+                    assert day < change["to"] <= day + timedelta(days=1)
         books = chart(account, events)
         # The books' deferred revenue is the schedules' (a credit: never a debit balance), each schedule >= 0.
         assert -books.get(DEFERRED, 0) == account.deferred_fees(USD) >= 0
