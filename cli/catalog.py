@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from billing_events import ids
-from billing_events.catalog import STORED, CatalogDocument
+from billing_events.catalog import STORED, CatalogDocument, too_large_to_publish
 from billing_events.messages import TENANT_PATTERN, LedgerCommand
 from billing_events.money import MoneyError, currency, is_currency_code, parse_decimal
 from billing_events.timeutil import utcnow
@@ -66,7 +66,11 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
             parsed = validate_document(catalog)
         except CatalogError as exc:
             raise CatalogFileError(f"catalog: {exc}") from exc
-        commands.append(publish_command(parsed.model_dump(mode="json"), issued_by))
+        published = parsed.model_dump(mode="json")
+        too_large = too_large_to_publish(published)
+        if too_large:
+            raise CatalogFileError(too_large)
+        commands.append(publish_command(published, issued_by))
         declared = set(parsed.credit_units)
     for index, account in enumerate(_list_of(document, "accounts", "accounts")):
         where = f"accounts[{index}]"
