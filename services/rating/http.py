@@ -79,7 +79,9 @@ def build_router(service: RatingService) -> APIRouter:
                              "document with no meter, plan or package, and one that leaves out a meter the plan "
                              "of a subscription (not canceled) charges. Refused (413 `catalog-too-large`, nothing "
                              f"published): a document of more than {CATALOG_DOCUMENT_BYTES_MAX:,} bytes as published "
-                             "(JSON with every default filled in), which would not fit in one Kafka record.")
+                             "(JSON with every default filled in), which would not fit in one Kafka record. The "
+                             "answer's `catalog_digest` names this catalogue: a `credit.grant` command in a credit "
+                             "unit it declares may carry it to be applied only once the ledger has published it.")
     async def post_catalog(document: CatalogBody,
                            principal: Principal = Depends(require_operator(Role.ADMIN))) -> dict[str, Any]:
         try:
@@ -95,7 +97,10 @@ def build_router(service: RatingService) -> APIRouter:
         command = publish_command(published, f"user:{principal.subject}")
         await service.bus.publish([OutMessage(topics.LEDGER_COMMANDS, str(ids.catalog_id()), command.to_json(),
                                               (("schema", b"ledger.command/v1"),))])
-        return {"command_id": str(command.command_id), "status": "accepted"}
+        # The digest names this catalogue: a ``credit.grant`` in a unit it declares may carry it (``catalog_digest``)
+        # to be applied once the ledger has published it, whichever partition the ledger reads first.
+        return {"command_id": str(command.command_id), "status": "accepted",
+                "catalog_digest": command.payload["digest"]}
 
     @router.post("/v1/rating/periods/{period}/close",
                  summary="Close a billing period (platform admin or service token; idempotent)",
