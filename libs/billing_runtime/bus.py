@@ -51,6 +51,8 @@ from billing_runtime.logging import get_logger
 
 log = get_logger(__name__)
 
+# A failed batch's partition is read again after a back-off doubling from the first to the last (``_Retries``).
+RETRY_BACKOFF_SECONDS_MIN = 0.1
 RETRY_BACKOFF_SECONDS_MAX = 5.0
 PARTITION_CACHE_KEYS_MAX = 65536
 # What a record costs beyond its key, value and headers: its batch's header (61 bytes) and its own lengths, offset
@@ -119,9 +121,6 @@ class Bus(Protocol):
         self, group_id: str, topics: Sequence[str], handler: Handler, start_positions: StartPositions,
         stopping: asyncio.Event, whole_poll: bool = False,
     ) -> None: ...
-
-
-RETRY_BACKOFF_SECONDS_MIN = 0.1
 
 
 class _Retries:
