@@ -6,8 +6,10 @@ file twice issues the same command ids, which the ledger refuses the second time
 
 A grant is in the account's currency or a credit unit the catalogue declares (the ledger refuses another,
 ``unknown_unit``): checked here against the file's catalogue when it has one. The ledger applies commands of different
-keys (partitions) in any order, so the catalogue's publish command is also sent under the key of each account granted
-a credit unit, ahead of its grants (``keyed``): the ledger applies it once, the other copies are duplicates.
+keys (partitions) in any order, so a grant in a credit unit names the file's catalogue (``catalog_digest``) and the
+ledger applies it once that catalogue is published (``billing_ledger.catalog_commands.await_catalogue``). Until session
+15 the catalogue's publish command was sent again under the key of each account granted a credit unit instead: a copy
+of the whole catalogue per account, and no help to a grant sent apart from its catalogue.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import yaml
 from billing_events import ids
-from billing_events.catalog import STORED, CatalogDocument
+from billing_events.catalog import STORED, CatalogDocument, too_large_to_publish
 from billing_events.messages import TENANT_PATTERN, LedgerCommand
 from billing_events.money import MoneyError, currency, is_currency_code, parse_decimal
 from billing_events.timeutil import utcnow
@@ -61,13 +63,19 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
     commands: list[LedgerCommand] = []
     catalog = document.get("catalog")
     declared: set[str] | None = None  # the credit units of the file's catalogue (None: no catalogue in the file)
+    digest: str | None = None  # the file's catalogue, which its grants in a credit unit wait for
     if catalog:
         try:
             parsed = validate_document(catalog)
         except CatalogError as exc:
             raise CatalogFileError(f"catalog: {exc}") from exc
-        commands.append(publish_command(parsed.model_dump(mode="json"), issued_by))
-        declared = set(parsed.credit_units)
+        published = parsed.model_dump(mode="json")
+        too_large = too_large_to_publish(published)
+        if too_large:
+            raise CatalogFileError(too_large)
+        publish = publish_command(published, issued_by)
+        commands.append(publish)
+        declared, digest = set(parsed.credit_units), str(publish.payload["digest"])
     for index, account in enumerate(_list_of(document, "accounts", "accounts")):
         where = f"accounts[{index}]"
         if not isinstance(account, dict):
@@ -99,32 +107,17 @@ def commands_for(document: dict[str, Any], issued_by: str) -> list[LedgerCommand
             if unit != account_currency and (is_currency_code(unit) or (declared is not None and unit not in declared)):
                 raise CatalogFileError(f"{at}.unit: {unit!r} is neither the account's currency ({account_currency}) "
                                        f"nor a credit unit of the catalogue ({', '.join(sorted(declared or ())) or 'none'})")
+            waits = {"catalog_digest": digest} if digest is not None and unit != account_currency else {}
             commands.append(LedgerCommand(
                 command_id=ids.command_id("credit.grant", tenant, grant["key"]), kind="credit.grant",
                 tenant=tenant, issued_at=now, issued_by=issued_by,
-                payload={"grant_key": grant["key"], **{k: v for k, v in grant.items() if k != "key"}}))
+                payload={"grant_key": grant["key"], **waits, **{k: v for k, v in grant.items() if k != "key"}}))
     return commands
 
 
 def keyed(commands: list[LedgerCommand]) -> list[tuple[str, LedgerCommand]]:
-    """Each command with the key it is published under (its account's id; the catalogue's id for the catalogue's),
-    and the catalogue's publish command again under the key of each account granted a credit unit, before the
-    account's first command (see the module docstring)."""
-    publish = next((c for c in commands if c.kind == "catalog.publish"), None)
-    credit_granted = {c.tenant for c in commands if c.kind == "credit.grant" and c.tenant
-                      and not is_currency_code(str(c.payload.get("unit")))}
-    sent: list[tuple[str, LedgerCommand]] = []
-    ahead: set[str] = set()
-    for command in commands:
-        if command.tenant is None:
-            sent.append((str(ids.catalog_id()), command))
-            continue
-        key = str(ids.account_id(command.tenant))
-        if publish is not None and command.tenant in credit_granted and command.tenant not in ahead:
-            ahead.add(command.tenant)
-            sent.append((key, publish))
-        sent.append((key, command))
-    return sent
+    """Each command with the key it is published under: its account's id, the catalogue's id for the catalogue's."""
+    return [(str(ids.account_id(c.tenant)) if c.tenant is not None else str(ids.catalog_id()), c) for c in commands]
 
 
 async def check_live_meters(settings: Settings, commands: list[LedgerCommand]) -> None:

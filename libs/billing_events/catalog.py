@@ -20,6 +20,7 @@ from pydantic import (
     computed_field,
     model_validator,
 )
+from pydantic_core import to_json
 from stdnum.eu import vat as eu_vat
 from stdnum.exceptions import ValidationError as StdnumError
 
@@ -33,8 +34,20 @@ from billing_events.money import (
     is_currency_code,
     parse_decimal,
 )
+from billing_events.topics import RECORD_BYTES_MAX
 
 CODE = r"^[a-z][a-z0-9_.-]{0,63}$"
+# The largest catalogue: its document as published (``CatalogDocument.model_dump(mode="json")``, every default filled
+# in, the ``catalog.publish`` command's payload), in compact UTF-8 JSON. The document travels as one Kafka record twice,
+# the command on billing.ledger.commands and the ledger's ``Catalog.Published`` event on billing.ledger.events (which
+# rating and ingest read it from), each at most ``RECORD_BYTES_MAX``. The event carries the document as stored (each
+# plan's content and version number) and names each new plan version again by code (``new_plan_versions``): a few
+# percent more than the document, most with many small plans of long codes (the worst case at this limit, 2,928 plans
+# of 64-character codes, is an event of 830,585 bytes: ``tests/unit/ledger/test_catalogue_size.py``). 768 KiB leaves
+# 256 KiB of the record for that and the envelopes. Catalogues are a few KB; a larger one is refused before it is sent
+# (HTTP 413 ``catalog-too-large``, the CLI, and the ledger's ``catalog_too_large`` for a command sent past them): sent,
+# Kafka refused the command after rating had validated it (HTTP 500), or the event stopped the ledger's relay.
+CATALOG_DOCUMENT_BYTES_MAX = 786_432
 
 
 def _amount(value: Any) -> Decimal:
@@ -383,6 +396,22 @@ def price_not_billable(what: str, amount: Any, code: str) -> str | None:
     return (f"{what} {value} {code} is finer than {code} is billed and charged in ({step}"
             + (": card payments in three-decimal currencies take a last digit of 0" if money.billed_scale
                < money.minor_scale else "") + f"); use {lower} or {lower + step}")
+
+
+def published_bytes(document: dict[str, Any]) -> int:
+    """The size of a published document (``CatalogDocument.model_dump(mode="json")``) as its command carries it."""
+    return len(to_json(document))
+
+
+def too_large_to_publish(document: dict[str, Any]) -> str | None:
+    """Why ``document`` (as published) cannot be sent to the ledger: above ``CATALOG_DOCUMENT_BYTES_MAX`` (None: it
+    fits). Every path that publishes checks it: rating's route, the CLI and the ledger's ``catalog.publish``."""
+    size = published_bytes(document)
+    if size <= CATALOG_DOCUMENT_BYTES_MAX:
+        return None
+    return (f"catalog: {size:,} bytes as published (JSON with every default filled in), more than the "
+            f"{CATALOG_DOCUMENT_BYTES_MAX:,} bytes a catalogue may be: it travels to the ledger and back as one Kafka "
+            f"record of at most {RECORD_BYTES_MAX:,} bytes")
 
 
 def nothing_to_publish(document: CatalogDocument) -> str | None:

@@ -11,3 +11,9 @@ ALL_TOPICS = (USAGE_RAW, USAGE_ACCEPTED, USAGE_REJECTED, PAYMENTS, LEDGER_COMMAN
 
 # Header carrying the schema version of the message model (also present as a field in the body).
 SCHEMA_HEADER = "schema"
+
+# The largest record a topic takes, key, value, headers and the record batch around it together: Kafka's defaults
+# (the broker's message.max.bytes, 1,048,588, is the batch of one record; the producer's max.request.size 1 MiB),
+# which deploy/ leaves as they are. A catalogue is bounded so that it fits as a command and as the ledger's event
+# (``billing_events.catalog.CATALOG_DOCUMENT_BYTES_MAX``); every other message is a few KB at most.
+RECORD_BYTES_MAX = 1_048_576

@@ -18,6 +18,7 @@ from billing_events.money import (
 )
 from billing_events.timeutil import parse_timestamp
 from billing_ledger.application import CommandRejected, LedgerApplication, _Batch, handles
+from billing_ledger.catalog_commands import await_catalogue
 from billing_ledger.domain.account import BillingAccount
 from billing_ledger.domain.catalog import Catalog
 
@@ -102,6 +103,10 @@ def _grant_credit(app: LedgerApplication, batch: _Batch, command: LedgerCommand)
     priority = payload.get("priority", 0)
     if type(priority) is not int:  # int("3") or int(2.5) would have ranked it silently
         raise CommandRejected("invalid_grant", f"priority must be a whole number, not {priority!r}")
+    if payload.get("catalog_digest") is not None:
+        # Checked against a catalogue that may not be published yet (its command is on another partition): the grant
+        # waits for it, then is decided on the catalogue as it is (``catalog_commands.await_catalogue``).
+        await_catalogue(app, batch, command, payload["catalog_digest"], "invalid_grant")
     if isinstance(payload.get("unit"), str):
         # As an adjustment's or a hold's: a code neither ISO 4217 nor declared in the catalogue (``ZZZ``) made a
         # wallet nothing prices (``unknown_unit``). Another currency than the account's: ``UnitMismatch`` below.

@@ -46,6 +46,7 @@ from billing_ledger.limits import (
     CHUNK_COMMANDS_MAX,
     CONTENDED_CHUNK_COMMANDS_MAX,
     FOLLOWER_POSITION_RECORD_SECONDS,
+    WAITING_COMMANDS_MAX,
 )
 from billing_ledger.pg_recorder import BinaryArrayProcessRecorder
 from billing_ledger.snapshots import Snapshots
@@ -329,6 +330,21 @@ class LedgerApplication(Application[UUID]):
         self._pipelining = threading.local()
         # follower -> (the log position it has scanned to finding none of its topics, when that was last recorded)
         self._scanned: dict[str, tuple[int, float]] = {}
+        # Commands waiting for one on another partition (a grant for its catalogue): when this process first tried
+        # each (``waited_seconds``), oldest first.
+        self._first_tries: dict[UUID, float] = {}
+        self._first_tries_lock = threading.Lock()
+
+    def waited_seconds(self, command_id: UUID) -> float:
+        """Seconds since this process first tried ``command_id``, a command that waits (its batch fails, the consumer
+        hands it again later) for another one on another partition: 0 the first time. At most
+        ``WAITING_COMMANDS_MAX`` are remembered, the oldest forgotten first (its wait then starts again)."""
+        now = time.monotonic()
+        with self._first_tries_lock:
+            first = self._first_tries.setdefault(command_id, now)
+            while len(self._first_tries) > WAITING_COMMANDS_MAX:
+                del self._first_tries[next(iter(self._first_tries))]
+        return now - first
 
     def construct_transcoder(self) -> Transcoder:
         transcoder = OrjsonTranscoder()

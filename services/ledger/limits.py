@@ -33,6 +33,15 @@ SNAPSHOT_AT_STOP_SECONDS = 5.0
 # Latest snapshot versions remembered (one per aggregate seen); forgetting them only makes snapshots earlier.
 SNAPSHOT_VERSIONS_KEPT_MAX = 200_000
 
+# A ``credit.grant`` naming the catalogue it was checked against (``catalog_digest``) while the ledger has not published
+# that catalogue yet (its command travels on another partition) fails its batch, which the consumer hands again later,
+# for this long after this process first tried it; then it is rejected (``unknown_catalog``). Counted from the first
+# try, not from when it was issued: a ledger catching up on a backlog has the catalogue a little later, not never.
+CATALOG_WAIT_SECONDS = 600
+# Commands remembered with the time of their first try (``LedgerApplication.waited_seconds``); the oldest forgotten
+# beyond it (its wait then starts again: longer, never shorter).
+WAITING_COMMANDS_MAX = 10_000
+
 # Synchronous HTTP decisions (holds, allocations, adjustments, refunds): one-command transactions retried
 # after an optimistic-concurrency conflict (another writer recorded the same aggregate version).
 DIRECT_CONFLICT_RETRIES_MAX = 40

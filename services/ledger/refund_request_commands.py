@@ -174,9 +174,12 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
     above it (119.00 again) would pay back more than was received: refused, as is one below it (a part: which
     credit it pays for is a person's decision) and one that is also exactly what an earlier partial refund paid
     back (the gateway's record of that payout, finance's refund in the gateway's dashboard, cannot be told from
-    the rest's refund: reversing the rest for it would pay back twice). Rejections are recorded for
-    reconciliation and change nothing. ``cause``: added to the reversal's events' cause (a chargeback names its
-    dispute, ``payment_commands.dispute_cause``). A chargeback of a part of what is left (since session 14) takes back
+    the rest's refund: reversing the rest for it would pay back twice; ``ambiguous_refund``, naming that refund).
+    An earlier partial chargeback of the same amount leaves no such doubt (since session 15): the bank took that
+    money, so no payout at the gateway follows it, and a refund notification is never a dispute's. Rejections are
+    recorded for reconciliation (``billing reconcile refunds`` lists them with their detail) and change nothing.
+    ``cause``: added to the reversal's events' cause (a chargeback names its dispute,
+    ``payment_commands.dispute_cause``). A chargeback of a part of what is left (since session 14) takes back
     that share of the order (``order_chargebacks.charge_back_part``), and one of all that is left reverses it even when
     it is also what an earlier refund paid back (a bank's decision is never a gateway's payout).
     """
@@ -205,13 +208,29 @@ def gateway_refunded(app: LedgerApplication, batch: _Batch, order: Order, *, amo
     if refund != left:
         raise CommandRejected("partial_refund", f"refund {reference} of {amount} {code} is part of {where}: "
                                                 "reconcile by hand")
-    # A chargeback is its bank's decision, never the gateway's payout of an earlier partial refund.
-    if money is not None and refund in money["refunds"] and not chargeback:
-        raise CommandRejected("ambiguous_refund", f"refund {reference} of {amount} {code}, {where}, is also what an "
-                                                  "earlier partial refund paid back (its payout at the gateway?): "
-                                                  "reconcile by hand")
+    # A chargeback is its bank's decision, never the gateway's payout of an earlier partial refund; and a refund is
+    # never a chargeback's payout (the bank took that money, the gateway paid nothing out for it: its notification is
+    # a dispute, its id the dispute's). Only an earlier partial *refund* of the same amount leaves a doubt.
+    same = [r for r in money["refunds"] if r["amount"] == refund] if money is not None and not chargeback else []
+    if same:
+        raise CommandRejected("ambiguous_refund", f"refund {reference} of {amount} {code}, {where}, is also what "
+                                                  f"{_earlier_refunds(batch, order, same)} paid back: it may be that "
+                                                  "refund's payout at the gateway, or the refund of the rest; check "
+                                                  "at the gateway and reconcile by hand")
     return reverse_order(app, batch, order, reference=reference, at=at, by=by, finance_override=True,
                          refunded_amount=str(amount), reclaim_reversed=True, cause=cause)
+
+
+def _earlier_refunds(batch: _Batch, order: Order, shares: list[dict[str, Any]]) -> str:
+    """Names the earlier partial refunds a gateway refund cannot be told from, for the person reconciling it: the
+    ledger's refund id, and who asked and why while the account remembers it (``BillingAccount.refund``)."""
+    account = account_of(batch, order.tenant)
+    named = []
+    for share in shares:
+        known = account.refund(UUID(share["refund_id"])) or {}
+        who = ", ".join(str(part) for part in (known.get("requested_by"), known.get("reason")) if part)
+        named.append(f"refund {share['refund_id']}" + (f" ({who})" if who else ""))
+    return ("the earlier partial " if len(named) == 1 else "each of the earlier partial ") + "; ".join(named)
 
 
 def reverse_order(app: LedgerApplication, batch: _Batch, order: Order, *, reference: str, at: datetime, by: str,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from billing_events import ids, topics
-from billing_events.catalog import CatalogDocument
+from billing_events.catalog import CATALOG_DOCUMENT_BYTES_MAX, CatalogDocument, too_large_to_publish
 from billing_events.messages import LedgerCommand
 from billing_events.timeutil import parse_timestamp, utcnow
 from billing_rating.aggregation import period_of
@@ -77,7 +77,11 @@ def build_router(service: RatingService) -> APIRouter:
                              "ledger as the next immutable version, which replaces the whole catalogue. Same "
                              "content, same command id. Refused (422 `invalid-catalog`, nothing published): a "
                              "document with no meter, plan or package, and one that leaves out a meter the plan "
-                             "of a subscription (not canceled) charges.")
+                             "of a subscription (not canceled) charges. Refused (413 `catalog-too-large`, nothing "
+                             f"published): a document of more than {CATALOG_DOCUMENT_BYTES_MAX:,} bytes as published "
+                             "(JSON with every default filled in), which would not fit in one Kafka record. The "
+                             "answer's `catalog_digest` names this catalogue: a `credit.grant` command in a credit "
+                             "unit it declares may carry it to be applied only once the ledger has published it.")
     async def post_catalog(document: CatalogBody,
                            principal: Principal = Depends(require_operator(Role.ADMIN))) -> dict[str, Any]:
         try:
@@ -85,10 +89,18 @@ def build_router(service: RatingService) -> APIRouter:
             check_meters_kept(parsed, await meters_of_live_plans(service.db))
         except CatalogError as exc:
             raise Problem(422, "Invalid catalogue", str(exc), kind="invalid-catalog") from exc
-        command = publish_command(parsed.model_dump(mode="json"), f"user:{principal.subject}")
+        published = parsed.model_dump(mode="json")
+        too_large = too_large_to_publish(published)
+        if too_large:
+            raise Problem(413, "Catalogue too large", too_large, kind="catalog-too-large",
+                          bytes_max=CATALOG_DOCUMENT_BYTES_MAX)
+        command = publish_command(published, f"user:{principal.subject}")
         await service.bus.publish([OutMessage(topics.LEDGER_COMMANDS, str(ids.catalog_id()), command.to_json(),
                                               (("schema", b"ledger.command/v1"),))])
-        return {"command_id": str(command.command_id), "status": "accepted"}
+        # The digest names this catalogue: a ``credit.grant`` in a unit it declares may carry it (``catalog_digest``)
+        # to be applied once the ledger has published it, whichever partition the ledger reads first.
+        return {"command_id": str(command.command_id), "status": "accepted",
+                "catalog_digest": command.payload["digest"]}
 
     @router.post("/v1/rating/periods/{period}/close",
                  summary="Close a billing period (platform admin or service token; idempotent)",

@@ -772,8 +772,10 @@ class BillingAccount(ChainedAggregate):
         """What the refunds of a paid grant took out of the gateway's clearing, in the currency it was paid in, or
         ``None`` when that money is not known (a credit-unit grant whose money was never booked):
         ``unit``, ``paid_back`` (in all: credit in the currency plus its tax, or a credit-unit package's money
-        and tax) and ``refunds`` (each refund's share, in recorded order; refunds recorded before format 11 of
-        the snapshot are there too: the record is rebuilt from the events)."""
+        and tax), ``refunds`` (each refund's share, in recorded order: ``{"refund_id", "amount"}``) and
+        ``chargebacks`` (each lost dispute's share, ``{"refund_id", "amount", "dispute"}``: a bank's decision, never a
+        payout at the gateway). Since format 28 of the snapshot each share names its refund and dispute (a bare amount
+        before); the record is rebuilt from the events, so refunds recorded before are there too."""
         g = self._grant(grant_id)
         money = g.get("money")
         if money is not None:
@@ -783,7 +785,9 @@ class BillingAccount(ChainedAggregate):
             paid_back, unit = g["refunded"] + g["refunded_tax"], g["unit"]
         else:
             return None
-        return {"unit": unit, "paid_back": paid_back, "refunds": list(g["refunds_paid_back"])}
+        refunds = [dict(r) for r in g["refunds_paid_back"] if not r.get("dispute")]
+        chargebacks = [dict(r) for r in g["refunds_paid_back"] if r.get("dispute")]
+        return {"unit": unit, "paid_back": paid_back, "refunds": refunds, "chargebacks": chargebacks}
 
     def paid_money(self, grant_id: UUID) -> dict[str, Any] | None:
         """What was paid for a paid grant and what its refunds gave back of it, in the currency it was paid in:
@@ -1931,7 +1935,7 @@ class BillingAccount(ChainedAggregate):
         money = g["money"]
         money["refunded_net"] += net
         money["refunded_tax"] += tax_amount
-        g["refunds_paid_back"].append(amount)
+        g["refunds_paid_back"].append(_paid_back(refund_id, amount, cause))
         remembered = self._refunds.get(str(refund_id))
         if remembered is not None:  # the money of a credit-unit grant: what its refund pays back
             remembered["paid_back"] = {"unit": unit, "amount": amount, "tax_amount": tax_amount}
@@ -1988,7 +1992,7 @@ class BillingAccount(ChainedAggregate):
             # The spent credit's usage is owed now (since session 12): ``_owed_usage``.
             self._owe_reclaimed(unit, reclaimed, owed)
         if is_currency_code(unit):  # paid back as money: the credit and its tax (a credit unit's money: below)
-            g["refunds_paid_back"].append(amount + tax_amount)
+            g["refunds_paid_back"].append(_paid_back(refund_id, amount + tax_amount, cause))
         self._update_arming(unit)
         self._refunds[str(refund_id)] = {
             "grant_id": g["grant_id"], "unit": unit, "amount": amount, "tax_amount": tax_amount,
@@ -3600,7 +3604,8 @@ class BillingAccount(ChainedAggregate):
             refunded_tax=0,
             breakage=0,
             breakage_reversed=0,
-            refunds_paid_back=[],  # what each refund took out of clearing (``money_paid_back``); format 11
+            # What each refund took out of clearing (``money_paid_back``, format 11), with its refund and dispute (28).
+            refunds_paid_back=[],
             reversed=0,  # its usage given back after it lapsed, as ``usage_reversal`` credit; format 15
             adjusted=0,  # credit negative adjustments took from it (to MANUAL_ADJUSTMENT); format 16
             adjusted_reversed=0,  # of it, paid back by override refunds (from MANUAL_ADJUSTMENT); format 16
@@ -3841,6 +3846,15 @@ def _tax_share(g: GrantRecord, amount: int) -> int:
         return 0
     share = _refunded_share(g["tax_amount"], g["refunded"] + amount, g["amount"], g["unit"]) - g["refunded_tax"]
     return max(0, min(share, g["tax_amount"] - g["refunded_tax"]))
+
+
+def _paid_back(refund_id: UUID, amount: int, cause: dict[str, Any]) -> dict[str, Any]:
+    """One refund's share of a paid grant's money (``refunds_paid_back``): a lost dispute's names its dispute, the
+    cause every chargeback's events carry (``payment_commands.dispute_cause``)."""
+    share: dict[str, Any] = {"refund_id": str(refund_id), "amount": amount}
+    if cause.get("dispute"):
+        share["dispute"] = str(cause["dispute"])
+    return share
 
 
 def _refunded_share(booked: int, refunded: int, amount: int, unit: str) -> int:

@@ -29,6 +29,9 @@ class Catalog(Aggregate):
         self.digest = ""
         self.document: dict[str, Any] = {}
         self.plan_versions: dict[str, dict[str, dict[str, Any]]] = {}  # code -> str(version) -> content
+        # Every digest published, with the version it last became (since session 15): a ``credit.grant`` naming the
+        # catalogue it was checked against waits until that one is here (``catalog_commands.await_catalogue``).
+        self.published_digests: dict[str, int] = {}
 
     def publish(self, *, document: dict[str, Any], digest: str, published_by: str) -> bool:
         """Publishes ``document`` as the next version; returns False when it is the current one already."""
@@ -68,10 +71,15 @@ class Catalog(Aggregate):
         self.document = document
         self.digest = digest
         self.catalog_version = version
+        self.published_digests[digest] = version
         for plan in document.get("plans", []):
             if plan["code"] in new_plan_versions:
                 content = {k: v for k, v in plan.items() if k != "version"}
                 self.plan_versions.setdefault(plan["code"], {})[str(plan["version"])] = content
+
+    def has_published(self, digest: str) -> bool:
+        """Whether the catalogue of ``digest`` was published (the current version or an earlier one)."""
+        return digest in self.published_digests
 
     def plan(self, code: str, version: int) -> dict[str, Any] | None:
         content = self.plan_versions.get(code, {}).get(str(version))

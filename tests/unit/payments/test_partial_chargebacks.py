@@ -147,3 +147,32 @@ def test_partial_chargebacks_then_the_rest_take_back_exactly_what_was_paid(
             assert verify_store(app, TENANT).ok
         finally:
             app.close()
+
+
+def test_a_gateway_refund_of_the_rest_is_booked_when_an_earlier_partial_chargeback_took_the_same_amount(
+        ledger: LedgerApplication) -> None:
+    """The bank took back half of a 119.00 top-up (59.50, dispute dp_1); the operator then refunds the other half at
+    Stripe (refund re_1 of 59.50). It was refused ``ambiguous_refund`` "for a person to check": a chargeback is no
+    refund whose payout could come later, and a refund's notification is never a dispute's, so it is the rest's refund
+    and reverses the order: the customer keeps none of the credit paid back, clearing and tax end at zero."""
+    order = place(ledger, "o1", amount="100")
+    pay(ledger, order)
+    assert lose(ledger, order, "59.50").outcome == "applied"
+    rest = refund_order(ledger, order, "59.50")
+    assert rest.outcome == "applied", rest
+    assert books(ledger) == {} and available(ledger, "USD") == 0 and order_status(ledger, order) == "refunded"
+    assert verify_store(ledger, TENANT).ok
+
+
+def test_a_gateway_refund_of_a_credit_package_s_rest_equal_to_an_earlier_chargeback_is_booked(
+        ledger: LedgerApplication) -> None:
+    """The same for a package granted in a credit unit (its money booked apart in the currency): of 113.05 paid, the
+    bank takes back 50.00 and then 13.05; Stripe's refund of the 50.00 left reverses the order."""
+    order = place(ledger, "o1", package="credits-10k")  # 10,000 + 1,000 CREDIT for 113.05
+    pay(ledger, order)
+    assert lose(ledger, order, "50.00").outcome == "applied"
+    assert lose(ledger, order, "13.05", dispute_id="dp_2").outcome == "applied"
+    rest = refund_order(ledger, order, "50.00")
+    assert rest.outcome == "applied", rest
+    assert books(ledger) == {} and available(ledger, "CREDIT") == 0 and order_status(ledger, order) == "refunded"
+    assert verify_store(ledger, TENANT).ok

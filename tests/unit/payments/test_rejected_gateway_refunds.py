@@ -15,8 +15,9 @@ from billing_ledger import reconcile
 from typer.testing import CliRunner
 
 from tests.unit.payments.support import TENANT, run
+from tests.unit.payments.test_partial_chargebacks import lose
 from tests.unit.payments.test_refund_before_payment import deliver, fresh, notification
-from tests.unit.payments.test_top_up_grants import books, pay, place
+from tests.unit.payments.test_top_up_grants import books, order_status, pay, place, refund_credit
 
 
 def reconcile_refunds(tmp_path: Path, *args: str) -> tuple[int, str]:
@@ -75,3 +76,29 @@ def test_every_rejected_gateway_refund_is_listed_once_with_its_reason_and_the_bo
     code, output = reconcile_refunds(tmp_path, "--tenant", "other")
     assert code == 1 and "stripe/re_4  5.00 EUR  order o9  rejected (currency_mismatch:" in output
     assert reconcile_refunds(tmp_path, "--tenant", "nobody") == (0, "0 gateway refund(s) not applied to a payment\n")
+
+
+def test_a_refund_that_may_be_an_earlier_refund_s_payout_is_listed_naming_that_refund_not_the_chargeback(
+        tmp_path: Path) -> None:
+    """Of a 119.00 top-up finance refunded 30.00 of credit (35.70 with its VAT, to be paid out at the gateway) and the
+    bank took back 47.60 (dispute dp_1); 35.70 is left. Stripe then reports a refund of 35.70: it may be the payout of
+    finance's refund or the refund of the rest, which nothing in the notification tells apart, so it stays
+    ``ambiguous_refund``, books nothing, and ``billing reconcile refunds`` lists it naming finance's refund (who asked
+    and why), not the chargeback."""
+    app = fresh(tmp_path, "ledger")
+    try:
+        order = place(app, "o1", amount="100")
+        pay(app, order)
+        refunded = refund_credit(app, order, "r1", "30")
+        assert lose(app, order, "47.60").outcome == "applied"
+        before = books(app)
+        doubtful = deliver(app, notification("refund_succeeded", order["order_id"], "35.70", "evt_r1", "re_1"))
+        assert (doubtful.outcome, doubtful.reason) == ("rejected", "ambiguous_refund"), doubtful
+        assert books(app) == before and order_status(app, order) == "paid"
+    finally:
+        app.close()
+    code, output = reconcile_refunds(tmp_path, "--tenant", TENANT)
+    [line] = [line for line in output.splitlines() if "stripe/re_1" in line]
+    assert code == 1 and "35.70 USD" in line and "rejected (ambiguous_refund:" in line, output
+    assert f"the earlier partial refund {refunded.value['refund_id']} (" in line and "goodwill" in line, line
+    assert "dp_1" not in line

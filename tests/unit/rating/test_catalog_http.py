@@ -13,7 +13,7 @@ import pytest
 import yaml
 from billing_cli.main import app
 from billing_events import topics
-from billing_events.catalog import EXAMPLE
+from billing_events.catalog import CATALOG_DOCUMENT_BYTES_MAX, EXAMPLE
 from billing_rating.catalog_view import validate_document
 from billing_rating.http import build_router
 from billing_runtime.auth import mint_token
@@ -24,6 +24,7 @@ from billing_runtime.settings import Settings
 from httpx import ASGITransport, AsyncClient
 from typer.testing import CliRunner
 
+from tests.catalogue_sizes import padded
 from tests.unit.rating.support import embedded_rating
 from tests.unit.rating.test_rating_service import BASIC, CATALOG, subscribe
 
@@ -128,3 +129,33 @@ def test_the_cli_refuses_what_the_route_refuses(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["catalog", "apply", str(path)], env=env)
         assert result.exit_code == 2, result.output
         assert named in result.output
+
+
+async def test_a_catalogue_too_large_for_a_kafka_record_is_refused_with_413_naming_the_limit(
+        rating: tuple[AsyncClient, EmbeddedBus]) -> None:
+    """A body under the 1 MiB request limit can be a catalogue well above 1 MiB as published (every default filled
+    in): sent, Kafka refused its command after the route had validated it (HTTP 500) or the ledger's event of it
+    stopped the relay. Refused up front now, with the limit named; one at the limit is accepted."""
+    client, bus = rating
+    body = padded(EXAMPLE, CATALOG_DOCUMENT_BYTES_MAX + 50_000)
+    assert len(json.dumps(body, separators=(",", ":"))) < CATALOG_DOCUMENT_BYTES_MAX  # the body itself is small
+    refused = await client.post("/v1/catalog", headers=ADMIN, json=body)
+    assert refused.status_code == 413, refused.text
+    assert refused.headers["content-type"] == PROBLEM_MEDIA_TYPE
+    problem = refused.json()
+    assert (problem["type"], problem["bytes_max"]) == (PROBLEM_BASE + "catalog-too-large", CATALOG_DOCUMENT_BYTES_MAX)
+    assert f"more than the {CATALOG_DOCUMENT_BYTES_MAX:,} bytes a catalogue may be" in problem["detail"]
+    assert await commands(bus) == []
+    largest = await client.post("/v1/catalog", headers=ADMIN, json=padded(EXAMPLE, CATALOG_DOCUMENT_BYTES_MAX))
+    assert largest.status_code == 202, largest.text
+    assert len(await commands(bus)) == 1
+
+
+def test_the_cli_refuses_a_catalogue_too_large_for_a_kafka_record(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"catalog": padded(EXAMPLE, CATALOG_DOCUMENT_BYTES_MAX + 50_000)}))
+    env = {"BILLING_DATA_DIR": str(tmp_path), "KAFKA_BOOTSTRAP_SERVERS": "", "DATABASE_URL": ""}
+    result = CliRunner().invoke(app, ["catalog", "apply", str(path)], env=env)
+    assert result.exit_code == 2, result.output
+    assert f"more than the {CATALOG_DOCUMENT_BYTES_MAX:,} bytes a catalogue may be" in result.output
+    assert not (tmp_path / "bus.sqlite").exists()  # nothing sent
