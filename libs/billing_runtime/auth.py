@@ -10,17 +10,20 @@ whatever its role: it acts on its own account as a customer, never as the platfo
 publish, period close, billing cycle, adjustments, refunds, refund-request review, pool capacity, identity
 verification, ...) use ``require_operator``/``require_platform``; a tenant's token gets 403 problem+json there.
 
-A request addressed to a tenant (a ``{tenant}`` in its path, or a ``tenant`` query filter its route declares) by a
-token that may not see that tenant is refused 403 before anything else of it is looked at: the ``require*``
-dependencies compare the tenant (FastAPI solves them before it validates the query, the path's other parameters
-and the body), and ``foreign_tenant`` answers the one validation error FastAPI raises before any dependency, a body
-that is not JSON (``billing_runtime.http``). A stranger gets the same 403 whatever it sends, never a 422 that tells
-it how the route would have read its request. Routes still call ``check_tenant`` themselves.
+A request is refused before anything of it is looked at, so that a stranger gets the same answer whatever it
+sends, never a 422 that tells it how the route would have read its request: without a valid bearer token, 401
+problem+json with ``WWW-Authenticate``; with a token that may not act on the route (its role, or a tenant addressed
+by a ``{tenant}`` in the path or a ``tenant`` query filter its route declares, that the token may not see), 403. The
+``require*`` dependencies (the route's *guard*) check the token, its role and the tenant, and FastAPI solves them
+before it validates the query, the path's other parameters and the body; the one validation error FastAPI raises
+before any dependency, a body that is not JSON, is answered by the guard too (``refused_first``, installed by
+``billing_runtime.http``). Routes still call ``check_tenant`` themselves.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -163,7 +166,12 @@ def authenticate(request: Request) -> Principal:
         raise _unauthorized(f"The token is not valid: {exc}.") from exc
 
 
-def require(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
+Guard = Callable[[Request], Awaitable[Principal]]
+# The dependencies ``require`` and ``require_platform`` make: a route that depends on one authenticates its requests.
+_GUARDS: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
+def require(*roles: Role) -> Guard:
     """A FastAPI dependency: an authenticated principal with one of ``roles`` (any role if none given).
 
     Async on purpose: verifying an HS256 token takes microseconds, and a sync dependency would cost a
@@ -179,10 +187,11 @@ def require(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
             check_addressed_tenant(principal, request)
         return principal
 
+    _GUARDS.add(dependency)
     return dependency
 
 
-def require_platform(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
+def require_platform(*roles: Role) -> Guard:
     """A FastAPI dependency: a platform-wide principal (no ``tenant`` claim) with one of ``roles``.
 
     For actions of the platform, not of one customer: a tenant-scoped token gets 403 whatever its role.
@@ -200,10 +209,11 @@ def require_platform(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
                           kind="forbidden")
         return principal
 
+    _GUARDS.add(dependency)
     return dependency
 
 
-def require_operator(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
+def require_operator(*roles: Role) -> Guard:
     """A FastAPI dependency: platform staff (``Principal.is_operator``): admin or finance if no ``roles``."""
     return require_platform(*(roles or OPERATOR_ROLES))
 
@@ -237,6 +247,34 @@ def check_addressed_tenant(principal: Principal, request: Request) -> None:
     tenant = addressed_tenant(request)
     if tenant is not None and not principal.can_see(tenant):
         raise _other_tenant()
+
+
+def guard_of(route: object) -> Guard | None:
+    """The dependency of ``route`` (an ``APIRoute``) that authenticates its requests, if it has one."""
+    if not isinstance(route, APIRoute):
+        return None
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dependant = pending.pop()
+        if dependant.call in _GUARDS:
+            return dependant.call
+        pending.extend(dependant.dependencies)
+    return None
+
+
+async def refused_first(request: Request) -> Problem | None:
+    """The refusal a request gets before its validation errors (``install_problem_handlers``): its route's guard's
+    (401 without a valid bearer token, 403 for a role or a tenant the token may not act as or see); on a route
+    without one, the 403 of a token that may not see the tenant addressed (``foreign_tenant``). None when the
+    request may go on to its validation errors."""
+    guard = guard_of(request.scope.get("route"))
+    if guard is None:
+        return foreign_tenant(request)
+    try:
+        await guard(request)
+    except Problem as refusal:
+        return refusal
+    return None
 
 
 def foreign_tenant(request: Request) -> Problem | None:

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from billing_runtime.auth import TokenVerifier, foreign_tenant
-from billing_runtime.body_limit import BodyLimit
+from billing_runtime.auth import TokenVerifier, refused_first
+from billing_runtime.body_limit import BodyLimit, BodyTooLarge, body_too_large
 from billing_runtime.problems import install_problem_handlers, problem_response
 from billing_runtime.settings import Settings
 
@@ -21,8 +21,9 @@ def create_app(title: str, settings: Settings, ready: ReadyCheck | None = None, 
     """``body_limits``: routes whose request body limit is not the default (``ServiceParts.body_limits``)."""
     app = FastAPI(title=title, version=version)
     app.state.token_verifier = TokenVerifier(settings)
-    install_problem_handlers(app, refuse_first=foreign_tenant)
+    install_problem_handlers(app, refuse_first=refused_first)
     app.add_middleware(BodyLimit, default_bytes_max=settings.http_default_body_bytes_max, routes=body_limits)
+    app.add_exception_handler(BodyTooLarge, body_too_large)  # a route's own, smaller limit (ingest's webhooks)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,10 +49,11 @@ def problem_response(status: int, title: str, detail: str = "", *, kind: str | N
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
-def install_problem_handlers(app: FastAPI, *, refuse_first: Callable[[Request], Problem | None] | None = None
-                             ) -> None:
-    """``refuse_first``: a refusal that comes before a request's validation errors (a token of another tenant:
-    ``billing_runtime.auth.foreign_tenant``); when it gives a problem, that is the answer instead of the 422."""
+def install_problem_handlers(app: FastAPI, *,
+                             refuse_first: Callable[[Request], Awaitable[Problem | None]] | None = None) -> None:
+    """``refuse_first``: a refusal that comes before a request's validation errors (no valid bearer token, a token
+    that may not act on the route or see its tenant: ``billing_runtime.auth.refused_first``); when it gives a
+    problem, that is the answer instead of the 422."""
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.title, exc.detail, kind=exc.kind, instance=request.url.path,
@@ -60,7 +61,7 @@ def install_problem_handlers(app: FastAPI, *, refuse_first: Callable[[Request], 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        refusal = refuse_first(request) if refuse_first is not None else None
+        refusal = await refuse_first(request) if refuse_first is not None else None
         if refusal is not None:
             return await _problem(request, refusal)
         errors = [

@@ -12,7 +12,7 @@ from billing_events.messages import loads_exact
 from billing_ingest.payments import PaymentWebhooks
 from billing_ingest.service import IngestService
 from billing_runtime.auth import Principal, Role, require
-from billing_runtime.body_limit import discard_rest
+from billing_runtime.body_limit import BodyTooLarge
 from billing_runtime.problems import Problem, payload_too_large, problem_response
 from billing_runtime.settings import Settings
 from fastapi import APIRouter, Depends, Request, Response
@@ -77,12 +77,12 @@ def build_router(service: IngestService) -> APIRouter:
 
 
 async def read_body_capped(request: Request, body_max: int) -> bytes:
-    """The raw body, refused with 413 as soon as it exceeds ``body_max`` bytes (never buffered beyond it). The rest
-    of a refused body is read and dropped first (``discard_rest``: the client reads the 413, not a reset)."""
+    """The raw body, refused with 413 as soon as it exceeds ``body_max`` bytes (never buffered beyond it):
+    ``BodyTooLarge``, answered as the app's body limit answers (the 413 at once, then the rest of the body dropped,
+    then the connection closed: ``billing_runtime.body_limit.refuse``)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_max:
-        await discard_rest(request.scope, request.receive, unread=int(declared))
-        raise payload_too_large(body_max)
+        raise BodyTooLarge(body_max, unread=int(declared), body_started=False)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -92,9 +92,7 @@ async def read_body_capped(request: Request, body_max: int) -> bytes:
         chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > body_max:
-            if more:
-                await discard_rest(request.scope, request.receive)
-            raise payload_too_large(body_max)
+            raise BodyTooLarge(body_max, unread=None if more else 0, body_started=True)
         chunks.append(chunk)
         if not more:
             return b"".join(chunks)

@@ -12,8 +12,8 @@ resend every alert) is recorded after each alert, so a restart does not resend w
 email goes to the configured address only; a card notice, like a failed payment's email (dunning), goes to the
 configured address, else to the tenant's (``<tenant>@BILLING_SMTP_RECIPIENT_DOMAIN``). The webhook URL must reach
 a public address (``outbound_urls``: checked when set and, resolved, before each attempt, which connects to the very
-address checked; a refused target is logged ``alert_webhook_target_refused`` and not posted to) unless
-``BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED``.
+address checked, never through a proxy named by the environment; a refused target is logged
+``alert_webhook_target_refused`` and not posted to) unless ``BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ async def post_signed(url: str, secret: str, payload: dict[str, Any], *, attempt
             through = transport or PinnedTransport(url, address)
         timestamp = int(time.time())
         try:
-            async with httpx.AsyncClient(timeout=WEBHOOK_SECONDS_MAX, transport=through) as client:
+            # No proxy from the environment (``HTTPS_PROXY``, ``ALL_PROXY``, ...) when the address is pinned: a proxy
+            # resolves the name itself and connects wherever it points, past the check (``outbound_urls``).
+            async with httpx.AsyncClient(timeout=WEBHOOK_SECONDS_MAX, transport=through,
+                                         trust_env=private_allowed) as client:
                 response = await client.post(url, content=body, headers={
                     "Content-Type": "application/json", SIGNATURE_HEADER: signature(secret, timestamp, body)})
             if response.status_code < 300:

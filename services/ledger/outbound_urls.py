@@ -11,8 +11,11 @@ A tenant admin sets the URL and the ledger POSTs to it, so without a check a ten
   the ``Host`` header, TLS's server name and the certificate check are the name's. A name that does not resolve
   has no address to connect to: the attempt fails as an unreachable endpoint does.
 
-Through an HTTP proxy (``HTTPS_PROXY``/``HTTP_PROXY``, which httpx honours) the proxy resolves the name and
-connects; it is the proxy's to refuse private targets then.
+No proxy: the proxy variables of the environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, which httpx honours
+otherwise) are not used for these requests (``trust_env=False`` in ``alerts.post_signed``), as a proxy resolves the
+name itself and connects wherever it points: a private target would be reachable through it. A deployment whose
+egress must go through a proxy delivers alert webhooks only with ``BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED`` (no
+check at all: the proxy's own rules are then the only ones).
 
 ``BILLING_OUTBOUND_PRIVATE_TARGETS_ALLOWED=true`` allows private targets (on-premises deployments); default off.
 """

@@ -28,6 +28,7 @@ from billing_projections.facts import (
     Fact,
     decimal_or_none,
     first_text,
+    json_text,
     local_month,
     posting_sums,
 )
@@ -53,9 +54,8 @@ _ZERO = Decimal(0)
 # A cause with none of these keys: usage_monthly.metered_quantity is its quantity (or 0).
 _METERED_KEYS = frozenset(("contribution", "closed", "ai_prices", "quantity_before", "quantity_after", "corrects"))
 _CLASS_NAMES = ai_usage._CLASS_NAMES
-# ``facts.json_text``: canonical JSON (sorted keys); a list of strings has no keys to sort.
+# ``facts.json_text`` of a list of strings: it has no keys to sort, nor an integer orjson cannot write.
 _dumps = orjson.dumps
-_SORT_KEYS = orjson.OPT_SORT_KEYS
 
 # The read models' own handlers of a debit, in service order: the fallback, and the reference of the tests.
 HANDLERS: tuple[Handler, ...] = tuple(
@@ -204,7 +204,7 @@ def project(fact: Fact, w: BatchWriter) -> None:
             _dumps(event_ids).decode() if event_ids else None, payment,
             None if reference is None or reference == "" else str(reference),
             history.give_back_detail(data) if amount < 0 else None,
-            _dumps(cause, option=_SORT_KEYS).decode() if cause else None,
+            json_text(cause) if cause else None,
         )
 
     # usage_monthly.project

@@ -6,6 +6,7 @@ function of the event, so rebuilding a read model from the topic gives the same 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
+from billing_events.messages import has_long_number
 
 # Wall-clock text of every stored timestamp: UTC, microseconds, ``Z``. Fixed width, so text order = time order.
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -101,11 +103,23 @@ def parse_event(raw: bytes) -> dict[str, Any]:
 
     The read models need only these fields; checking them directly is several times faster than the
     pydantic model, which matters when a rebuild replays the whole topic.
+
+    Integers are read exact at any size: the ledger relays them so (a usage debit's ``cause`` is recorded as
+    sent). orjson reads one outside [-2**63, 2**64) as a float and one beyond a double's range not at all, so a
+    record that may hold one (``has_long_number``) is decoded by the standard library; before, 2**128 in a usage
+    event's properties read as 3.402823669209385e+38, and 10**400 made the whole debit malformed (skipped: the
+    balances missed its money). ``json_text`` writes such an integer back exact.
     """
-    try:
-        envelope = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedEvent(f"not JSON: {exc}") from exc
+    if has_long_number(raw):
+        try:
+            envelope = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise MalformedEvent(f"not JSON: {exc}") from exc
+    else:
+        try:
+            envelope = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedEvent(f"not JSON: {exc}") from exc
     if type(envelope) is not dict:
         raise MalformedEvent("not a JSON object")
     schema = envelope.get("schema")  # the wire name; "schema_" from older producers (the field's name)
@@ -121,6 +135,10 @@ def parse_event(raw: bytes) -> dict[str, Any]:
             if type(envelope.get(name)) is not kind:
                 raise MalformedEvent(f"{name} is missing or not a {kind}")
     return envelope
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")  # as orjson: NaN and Infinity are not JSON
 
 
 def business_time(data: dict[str, Any], recorded_at: str) -> str:
@@ -218,8 +236,13 @@ def account_sums(fact: Fact) -> dict[tuple[str, str], int]:
 
 
 def json_text(value: Any) -> str:
-    """Canonical JSON (sorted keys, no spaces): the same value is always the same text."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    """Canonical JSON (sorted keys, no spaces): the same value is always the same text. An integer orjson cannot
+    write (beyond 64 bits, read exact by ``parse_event``) is written exact by the standard library, as orjson
+    writes the rest."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def decimal_or_none(value: Any) -> Decimal | None:

@@ -395,6 +395,10 @@ async def test_an_oversized_body_is_refused_before_verification(ingest: Ingest) 
     body = b"x" * (SETTINGS.webhook_body_bytes_max + 1)
     response = await ingest.http.post("/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": "t=1"})
     assert response.status_code == 413
+    # As the app's own body limit answers: problem+json, and the connection closes after it.
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["connection"] == "close"
+    assert response.json()["type"] == "https://billing.dev/problems/payload-too-large"
 
 
 # -- saved cards: Stripe's account updater ---------------------------------------------------------------------

@@ -160,3 +160,47 @@ async def test_only_the_checked_host_is_connected_to_at_its_checked_address() ->
             await client.post("https://hooks.example.test/x")
         with pytest.raises(httpx.ConnectError, match="only 'hooks.example.test'"):
             await client.post("https://elsewhere.test/x")
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("private_allowed", [False, True])
+async def test_the_webhook_goes_to_the_checked_address_not_through_the_environments_proxy(
+        ledger: LedgerApplication, monkeypatch: pytest.MonkeyPatch, private_allowed: bool) -> None:
+    """With ``HTTPS_PROXY`` (and the like) set, httpx sends a request to the proxy, which resolves the name itself
+    and connects wherever it points, a private address included. The alert webhook ignores those variables: its
+    post goes to the address that was checked. With private targets allowed there is no check, and the same
+    environment sends it through the proxy (the deployment's egress).
+
+    A real HTTP server on 127.0.0.1 stands for the endpoint (taken as public here), one on 127.0.0.3 for the proxy."""
+    name = "hooks.proxied.test"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if (host.decode() if isinstance(host, bytes) else host) != name:
+            return real_getaddrinfo(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+    def public_is_127_0_0_1(address: str) -> bool:
+        ipaddress.ip_address(address)
+        return address != "127.0.0.1"
+
+    with _endpoint("127.0.0.1", port) as endpoint, _endpoint("127.0.0.3", port) as proxy:
+        for variable in PROXY_VARIABLES:
+            monkeypatch.setenv(variable, f"http://127.0.0.3:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        monkeypatch.setattr(outbound_urls, "_is_private", public_is_127_0_0_1)
+        alert, _ = await _low_balance_alert(ledger, f"http://{name}:{port}/hook", monkeypatch,
+                                            private_allowed=private_allowed, transport=None)
+    assert alert["webhook"] is True
+    if private_allowed:
+        assert endpoint == [] and len(proxy) == 1
+    else:
+        assert proxy == [] and len(endpoint) == 1 and endpoint[0]["host"] == f"{name}:{port}"
