@@ -33,7 +33,15 @@ from billing_rating import repricing
 from billing_rating.aggregation import GROUP_SEPARATOR, REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
-from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
+from billing_rating.close import (
+    CLOSE_SCHEMA,
+    CloseLine,
+    ClosePricing,
+    close_account_period,
+    close_command,
+    counted_decisions,
+    meter_quantity,
+)
 from billing_rating.codec import (
     Event,
     Usage,
@@ -640,10 +648,10 @@ class RatingService:
         """
         outputs: list[OutMessage] = []
         async with self.db.transaction() as conn:
-            batch = await _BatchState.load(conn, self.db.dialect, usages, utcnow(), lookup=lookup)
             # One catalogue for the whole batch, even if a newer one is loaded while the COPY waits for the
             # socket (the catalogue consumer runs then): the increments of one key chain on one price.
-            batch.catalog = catalog = self.catalog
+            catalog = self.catalog
+            batch = await _BatchState.load(conn, self.db.dialect, usages, utcnow(), lookup=lookup, catalog=catalog)
             newest = max((u.catalog_version for u in batch.pending), default=0)
             if newest > catalog.version:  # before anything is decided: the whole batch waits
                 raise CatalogBehind(f"event needs catalogue v{newest}, rating has v{catalog.version}")
@@ -712,15 +720,12 @@ class RatingService:
                 batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
                              "period_closed", rejection)
                 return rejection
-            if rated_in is None and not (meter is not None and not meter.error
-                                         and meter.definition.aggregation in REAL_TIME):
-                # Priced at close (max, last, unique_count): the closed period's close billed its aggregate, so the
-                # event counts in the open period's; the event keeps its timestamp.
-                period = batch.open_period_of(account)
-            # A late event of a real-time meter, like a late correction, stays in its own period: priced on that
-            # period's total and allowance at the price it was billed at, named by ``original_period`` (the ledger
-            # draws it by its time from that period's credit and bills what the credit leaves as that period's
-            # overage on the next renewal invoice), so its price never depends on the open period's usage.
+            # A late event, like a late correction, stays in its own period: a real-time meter's priced on that
+            # period's total and allowance at the price it was billed at, a close-priced meter's (max, last,
+            # unique_count) as the difference it makes to the aggregate that period's close billed
+            # (``_price_late_at_close``), named by ``original_period`` (the ledger draws it by its time from that
+            # period's credit and bills what the credit leaves as that period's overage on the next renewal invoice),
+            # so its price never depends on the open period's usage, nor changes the open period's aggregate.
             decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
@@ -758,6 +763,14 @@ class RatingService:
                 output = self._rejection(batch, usage, RejectReason.PERIOD_CLOSED,
                                          f"period {period} is closed and its {definition.aggregation} meter "
                                          f"{event.meter!r} was priced at its close: a correction cannot change it")
+            elif definition.aggregation not in REAL_TIME and late:
+                priced = self._price_late_at_close(batch, usage, meter, period, group, value)
+                if isinstance(priced, OutMessage):
+                    batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
+                                 "no_price", priced)
+                    return priced
+                amount, unit, before, after, inputs = priced
+                step = after - before
             elif definition.aggregation not in REAL_TIME:
                 decision = "deferred_to_close"
             elif meter.ai_table is not None and correction is not None:
@@ -896,6 +909,55 @@ class RatingService:
         if amount and decision not in REFUSED_DECISIONS:
             batch.charged_at(account, event.meter, period, event.timestamp, amount)
         return output
+
+    def _price_late_at_close(self, batch: _BatchState, usage: Usage, meter: MeterView, period: str, group: str,
+                             value: str | None) -> tuple[int, str, Decimal, Decimal, dict[str, Any]] | OutMessage:
+        """A late event of a meter priced at close (max, last, unique_count) whose period is closed: a late correction
+        of that period's aggregate, (amount, unit, the meter's quantity before, after, the debit's inputs), or the
+        dead letter of a price that cannot be read.
+
+        The period's close billed the aggregate of its decisions; the event is counted with them (and with the late
+        ones before it: ``close.counted_decisions``, read per batch) and the debit is the difference it makes to the
+        price of the meter's quantity, at the price and allowance the close line billed (without a line of the meter,
+        the price of the event's own time), nothing when the close line was trial usage: the period then costs what
+        its close would have billed with the event on time. The event used to count in the open period's aggregate:
+        a peak of the closed period raised the open period's maximum."""
+        event, account, catalog, definition = usage.event, usage.account, batch.catalog, meter.definition
+        billed = batch.billed_line(account, period, event.meter, group)
+        spec: Any
+        if billed is not None and billed.get("price") is not None:
+            price_json, included = billed["price"], Decimal(billed["included"])
+            priced_by, trialing = billed.get("priced_by", "list_price"), bool(billed.get("trial"))
+            try:
+                spec = parse_spec(price_json, credit_scales=_credit_scales(catalog))
+            except PriceSpecError as exc:
+                return self._rejection(batch, usage, RejectReason.NO_PRICE,
+                                       f"the price period {period} was billed at: {exc}")
+        else:
+            subs = batch.subscriptions.get(account)
+            plan_pricing = self._pricing(catalog, subs, meter, event.timestamp) if subs else None
+            if plan_pricing is not None:
+                spec, included, _, trialing, price_json = plan_pricing
+                priced_by = "plan"
+            else:
+                spec, included, trialing, price_json = meter.spec, definition.included, False, definition.price
+                priced_by = "list_price"
+        assert spec is not None
+        groups = batch.counted_at_close.get((account, period, event.meter))
+        if groups is None:
+            raise RuntimeError(f"decisions of meter {event.meter} in closed period {period} of account {account} "
+                               f"were not loaded")
+        before = meter_quantity(meter, groups)
+        groups.setdefault(group, []).append({
+            "event_id": event.id, "event_time": event.timestamp_text(), "quantity": event.quantity_text(),
+            "value": value, "corrects": None, "effective_quantity": None, "group_key": group,
+            "rated_at": batch.rated_at})
+        after = meter_quantity(meter, groups)
+        amount = 0 if trialing else period_charge(spec, after, included) - period_charge(spec, before, included)
+        inputs = {"price": price_json, "included": decimal_text(included),
+                  # as the close's debit: the usage already happened, never refused
+                  "overage_policy": "overage", "priced_by": priced_by, "aggregation": definition.aggregation}
+        return amount, spec.unit, before, after, inputs
 
     def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
         """An amendment (new quantity) or a void (quantity 0) of an earlier event: re-rated by the difference.
@@ -1093,7 +1155,6 @@ class _BatchState:
         self.now = now
         self.now_json = timestamp_text(now)
         self.rated_at = now.isoformat()
-        self.open_period = period_of(now)
         self.catalog = CatalogView()  # the catalogue the batch is rated with (set before rating)
         self.decided: dict[tuple[str, str], OutMessage | None] = {}
         self.totals: dict[tuple[str, str, str], Decimal] = {}
@@ -1126,12 +1187,18 @@ class _BatchState:
         self.before_change: dict[tuple[str, str, str, datetime], int] = {}
         # account -> its live subscriptions before the subscription event a repricing follows (``_reprice``).
         self.rated_with: dict[str, list[AccountSubscription]] = {}
+        # (account, closed period, meter) -> the decisions its close counts, by group: read only for the late events
+        # of meters priced at close (``_price_late_at_close``), kept in step with the batch's.
+        self.counted_at_close: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
 
     @classmethod
     async def load(cls, conn: Connection, dialect: str, usages: list[Usage], now: datetime, *,
-                   lookup: bool = True) -> _BatchState:
-        """Reads what the batch needs; ``lookup=False`` skips prior decisions (the caller relies on the key)."""
+                   lookup: bool = True, catalog: CatalogView | None = None) -> _BatchState:
+        """Reads what the batch needs; ``lookup=False`` skips prior decisions (the caller relies on the key);
+        ``catalog``: the one the batch is rated with (which meters are priced at close)."""
         state = cls(dialect, now)
+        if catalog is not None:
+            state.catalog = catalog
         postgres = dialect == "postgres"
         accounts = sorted({u.account for u in usages})
         keys = sorted({(u.account, u.event.id) for u in usages}) if lookup else []
@@ -1176,8 +1243,13 @@ class _BatchState:
         # original has none). A correction of a stored decision is rated in that decision's period, closed or not.
         moments: list[tuple[str, datetime]] = []
         closed_corrected: set[tuple[str, str]] = set()
+        at_close: list[tuple[str, datetime, str]] = []  # (account, moment, meter) of events of meters priced at close
         for usage in pending:
             moment = usage.event.timestamp
+            if not usage.event.correction_of:
+                meter = state.catalog.meters.get(usage.event.meter)
+                if meter is not None and meter.definition.aggregation not in REAL_TIME:
+                    at_close.append((usage.account, moment, usage.event.meter))
             if usage.event.correction_of:
                 key = (usage.account, usage.event.correction_of)
                 original = state.originals.get(key)
@@ -1198,17 +1270,24 @@ class _BatchState:
             account not in state.subscriptions or moment < state.subscriptions[account][0].period_start)})
         if earlier:
             state.ended = await ended_periods(conn, earlier, dialect)
-        # The periods this batch rates in: each event's (or its original's) period; when it is closed, the open one
-        # too (a late event of a meter priced at close counts there).
+        # The periods this batch rates in: each event's (or its original's) period, closed or not.
         late_pairs: set[tuple[str, str]] = set()
         for account, moment in moments:
             period, late = state.period_of(account, moment)
             state.periods.add((account, period))
             if late:
                 late_pairs.add((account, period))
-                state.periods.add((account, state.open_period_of(account)))
         if closed_corrected or late_pairs:  # the price and allowance each closed period was billed at
             await state._load_close_lines(conn, sorted(closed_corrected | late_pairs))
+        # The decisions the close of a closed period counted, for the late events of meters priced at close (rare: one
+        # statement per account, period and meter).
+        late_at_close: set[tuple[str, str, str]] = set()
+        for account, moment, code in at_close:
+            period, late = state.period_of(account, moment)
+            if late:
+                late_at_close.add((account, period, code))
+        for account, period, code in sorted(late_at_close):
+            state.counted_at_close[(account, period, code)] = await counted_decisions(conn, account, period, code)
         if state.periods:
             await state._load_totals(conn)
             await state._load_charged_before_changes(conn)
@@ -1342,12 +1421,6 @@ class _BatchState:
         """(the billing period of ``moment`` for ``account``, whether that period is closed)."""
         period = _period(self.subscriptions.get(account), self.ended.get(account), moment)
         return period, (account, period) in self.closed
-
-    def open_period_of(self, account: str) -> str:
-        """Where late usage of ``account`` is billed: its primary subscription's current period, else the
-        calendar month of the batch's clock."""
-        subs = self.subscriptions.get(account)
-        return subs[0].period_start.isoformat() if subs else self.open_period
 
     def total(self, account: str, key: str, period: str) -> Decimal:
         if (account, period) not in self.periods:
