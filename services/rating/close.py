@@ -61,6 +61,10 @@ class ClosePricing:
     included: Decimal
     trialing: bool
     price: dict[str, Any]  # the spec as JSON, the decision's input
+    # The prices before the period's plan changes, oldest first (``CloseLine.earlier_prices``), and what prices the
+    # period from its last change on (a plan, or the meter's list price when no plan charges it then).
+    earlier: tuple[dict[str, Any], ...] = ()
+    priced_by: str = "plan"
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,11 @@ class CloseLine:
     # Added in session 15: the line's usage was the pricing subscription's trial usage (free), so late usage of the
     # period is too. Lines stored before read False.
     trial: bool = False
+    # Added in session 15, a real-time meter's in a period with plan changes: what priced its usage before each change,
+    # oldest first, ``{"until": the change's instant, "price", "included", "priced_by"}`` (the line's own price from
+    # the last change on), so a late event or correction of the period is priced as real time priced usage of its time
+    # (``billed_price_at``). None: one price for the whole period (and lines stored before).
+    earlier_prices: list[dict[str, Any]] | None = None
 
 
 async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str,
@@ -243,11 +252,26 @@ def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
             unit=unit, amount_subunits=total, amount=subunits_text(total), charged_in_real_time_subunits=real_time,
             charged_at_close_subunits=at_close, event_count=len(events),
             event_ids=[event for event, _ in events[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
-            priced_by="plan" if pricing is not None else "list_price",
+            priced_by=pricing.priced_by if pricing is not None else "list_price",
             price=pricing.price if pricing is not None else definition.price,
             last_event_at=max(o.at for o in observations).isoformat() if observations else None, trial=trialing,
+            earlier_prices=list(pricing.earlier) if pricing is not None and pricing.earlier and (
+                definition.aggregation in REAL_TIME and meter.ai_table is None) else None,
         ))
     return lines
+
+
+def billed_price_at(line: dict[str, Any], moment: datetime) -> tuple[dict[str, Any], Decimal, str, datetime | None]:
+    """(price, allowance, priced by, the latest plan change of the period at or before ``moment`` or None) with which
+    the close ``line`` (stored JSON) says usage at ``moment`` of its period was priced: the price before a change of
+    ``earlier_prices`` until it, the line's own from the last change on."""
+    change = None
+    for earlier in line.get("earlier_prices") or ():
+        until = datetime.fromisoformat(earlier["until"])
+        if moment < until:
+            return earlier["price"], Decimal(earlier["included"]), earlier.get("priced_by", "plan"), change
+        change = until
+    return line["price"], Decimal(line["included"]), line.get("priced_by", "list_price"), change
 
 
 def _moves(meter: MeterView, groups: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, str], dict[str, Decimal]]:

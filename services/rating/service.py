@@ -37,6 +37,7 @@ from billing_rating.close import (
     CLOSE_SCHEMA,
     CloseLine,
     ClosePricing,
+    billed_price_at,
     close_account_period,
     close_command,
     counted_decisions,
@@ -229,7 +230,8 @@ class RatingService:
         if primary:
             last = ended.period_end - LAST_INSTANT
             closed = await close_account_period(conn, catalog, ended.period_start.isoformat(), account, tenant,
-                                                lambda meter: self._close_pricing(catalog, live, meter, last))
+                                                lambda meter: self._close_pricing(catalog, live, meter, last,
+                                                                                  ended.period_start))
             await record_ended_period(conn, account, ended)
             zone = await time_zone_of(conn, ended.subscription_id)
             outputs.extend(c for c in (close_command(catalog, account, line, zone) for line in closed) if c is not None)
@@ -256,7 +258,8 @@ class RatingService:
         before = [cut if sub.subscription_id == cut.subscription_id else sub for sub in live]
         last = cut.period_end - LAST_INSTANT
         closed = await close_account_period(conn, catalog, cut.period_start.isoformat(), account, tenant,
-                                            lambda meter: self._close_pricing(catalog, before, meter, last))
+                                            lambda meter: self._close_pricing(catalog, before, meter, last,
+                                                                              cut.period_start))
         await record_restarted_period(conn, account, cut)
         zone = await time_zone_of(conn, cut.subscription_id)
         return [c for c in (close_command(catalog, account, line, zone) for line in closed) if c is not None]
@@ -306,15 +309,33 @@ class RatingService:
         return outputs
 
     def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView,
-                       moment: datetime) -> ClosePricing | None:
+                       moment: datetime, start: datetime | None = None) -> ClosePricing | None:
         """The plan price of ``meter`` at close, resolved as in real time (``None``: the list price); trial
         usage (free) when the pricing subscription is in its trial at ``moment``, the closed period's last
-        instant (the status it had at its end, whenever the ledger's ``TrialConverted`` reached rating)."""
+        instant (the status it had at its end, whenever the ledger's ``TrialConverted`` reached rating).
+
+        With the period's ``start``: the prices real time used before each plan change of the period
+        (``ClosePricing.earlier``), which its close line keeps for the late events and corrections of the period."""
         pricing = self._pricing(catalog, subs, meter, moment) if subs and meter.ai_table is None else None
+        earlier: list[dict[str, Any]] = []
+        if start is not None and subs and meter.ai_table is None:
+            changes = sorted({until for sub in subs for until, _, _ in sub.plans if start < until <= moment})
+            for until in changes:
+                before = self._pricing(catalog, subs, meter, until - LAST_INSTANT)
+                if before is None:
+                    price, included, priced_by = meter.definition.price, meter.definition.included, "list_price"
+                else:
+                    price, included, priced_by = before[4], before[1], "plan"
+                earlier.append({"until": until.isoformat(), "price": price, "included": decimal_text(included),
+                                "priced_by": priced_by})
         if pricing is None:
-            return None
+            if not earlier or meter.spec is None:
+                return None
+            # No plan charges the meter at the period's end, one did before a change: the list price from then on.
+            definition = meter.definition
+            return ClosePricing(meter.spec, definition.included, False, definition.price, tuple(earlier), "list_price")
         spec, included, _, trialing, price_json = pricing
-        return ClosePricing(spec, included, trialing, price_json)
+        return ClosePricing(spec, included, trialing, price_json, tuple(earlier))
 
     def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView, moment: datetime
                  ) -> tuple[Any, Decimal, str, bool, dict[str, Any]] | None:
@@ -462,7 +483,7 @@ class RatingService:
         price, included, priced_by = cause.get("price"), cause.get("included"), cause.get("priced_by")
         billed = batch.close_lines.get((account, latest["period"], latest["meter"], latest["group_key"]))
         if billed is not None and billed.get("price") is not None:
-            price, included, priced_by = billed["price"], billed["included"], billed.get("priced_by", priced_by)
+            price, included, priced_by, _ = billed_price_at(billed, chain.moment)
         if price is None or included is None:
             return None
         try:
@@ -521,9 +542,18 @@ class RatingService:
                 log.error("repricing_skipped", event_id=chain.event_id, period=period, total=decimal_text(before))
                 return False
             batch.set_total(account, key, period, group_after)
-            amount = 0 if old.trial else -batch.floored(
-                account, code, period, chain.moment, period_charge(old.spec, after, old.included),
-                period_charge(old.spec, before, old.included), batch.rated_with.get(account))
+            charged_after, charged_before = (period_charge(old.spec, after, old.included),
+                                             period_charge(old.spec, before, old.included))
+            billed = batch.close_lines.get((account, period, code, group)) if (account, period) in batch.closed \
+                else None
+            if old.trial:
+                amount = 0
+            elif billed is not None and billed.get("price") is not None:  # the plan changes its close line kept
+                amount = -batch.floored_since(account, code, period, billed_price_at(billed, chain.moment)[3],
+                                              charged_after, charged_before)
+            else:
+                amount = -batch.floored(account, code, period, chain.moment, charged_after, charged_before,
+                                        batch.rated_with.get(account))
             inputs = old.inputs
         batch.charged_at(account, code, period, chain.moment, amount)
         late = (account, period) in batch.closed
@@ -794,21 +824,22 @@ class RatingService:
                     price_json = definition.price
                 priced_by = "plan" if plan_pricing is not None else "list_price"
                 billed = None
+                change = None  # a plan change of the closed period before the event (``floored_since``)
                 if late:  # the price is the meter's: any of its lines has it, the original's (or its own) first
                     billed = batch.billed_line(account, period, event.meter, group_old, group)
                 if billed is not None and billed.get("price") is not None:
                     # The price and allowance the closed period was billed at (whatever changed since: a plan
-                    # change, a cancel, a new catalogue), so the difference is what that period's invoice billed.
+                    # change, a cancel, a new catalogue), so the difference is what that period's invoice billed:
+                    # the price of the event's time in that period (its line keeps the prices before its plan changes).
+                    price_json, included, priced_by, change = billed_price_at(billed, event.timestamp)
                     try:
-                        spec = parse_spec(billed["price"], credit_scales=_credit_scales(catalog))
+                        spec = parse_spec(price_json, credit_scales=_credit_scales(catalog))
                     except PriceSpecError as exc:
                         rejection = self._rejection(batch, usage, RejectReason.NO_PRICE,
                                                     f"the price period {period} was billed at: {exc}")
                         batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
                                      "no_price", rejection)
                         return rejection
-                    price_json, included = billed["price"], Decimal(billed["included"])
-                    priced_by = billed.get("priced_by", priced_by)
                 assert spec is not None
                 # Two running totals: the group's (stored, what ``group_by`` attributes) and the meter's, the sum
                 # of its groups, which is priced: the allowance and the tiers apply once per meter and period, as
@@ -857,16 +888,21 @@ class RatingService:
                 unit = spec.unit
                 # The charge is period_charge(after) - period_charge(before) of the meter's total; the batch
                 # remembers the last period_charge per meter so each event prices one cumulative quantity, not two.
-                charged_key = (account, event.meter, period, included)
+                # Keyed by the price too: usage on each side of a plan change in one batch has its own.
+                charged_key = (account, event.meter, period, included, id(price_json))
                 charged_before = batch.charged.get(charged_key)
                 if charged_before is None or charged_before[0] != before:
                     charged_before = (before, period_charge(spec, before, included))
                 charged_after = period_charge(spec, after, included)
                 batch.charged[charged_key] = (after, charged_after)
-                amount = charged_after - charged_before[1]
-                if billed is None:  # after a plan change in the period: what was charged before it counts
+                # After a plan change in the period, what was charged before it counts as paid (``floored``); of a
+                # closed period, the changes its close line kept.
+                if billed is None:
                     amount = batch.floored(account, event.meter, period, event.timestamp, charged_before[1],
                                            charged_after)
+                else:
+                    amount = batch.floored_since(account, event.meter, period, change, charged_before[1],
+                                                 charged_after)
                 # The same few keys for every event of a price: one dict per batch, shared (never mutated:
                 # corrections and late events below build new ones).
                 inputs_key = (id(price_json), included, overage_policy, priced_by == "plan")
@@ -1162,7 +1198,8 @@ class _BatchState:
         self.meter_totals: dict[tuple[str, str, str], Decimal] | None = None
         self.dirty: set[tuple[str, str, str]] = set()
         self.closed: set[tuple[str, str]] = set()
-        self.charged: dict[tuple[str, str, str, Decimal], tuple[Decimal, int]] = {}
+        # (account, meter, period, allowance, price JSON identity) -> (the meter's last total, its period charge).
+        self.charged: dict[tuple[str, str, str, Decimal, int], tuple[Decimal, int]] = {}
         # (price JSON identity, allowance, overage policy, priced by plan) -> the decision inputs of that price;
         # the dict holds the price JSON, so its identity cannot be reused while the batch lives.
         self.inputs: dict[tuple[int, Decimal, str, bool], dict[str, Any]] = {}
@@ -1355,6 +1392,11 @@ class _BatchState:
         priced with (default: the batch's)."""
         subs = self.subscriptions.get(account) if subs is None else subs
         change = self.plan_change_in(subs, period, moment) if subs and any(sub.plans for sub in subs) else None
+        return self.floored_since(account, meter, period, change, charged_before, charged_after)
+
+    def floored_since(self, account: str, meter: str, period: str, change: datetime | None, charged_before: int,
+                      charged_after: int) -> int:
+        """``floored`` after the plan change at ``change`` (None: no change before the usage, the difference)."""
         if change is None:
             return charged_after - charged_before
         floor = self.charged_before_change(account, meter, period, change)
@@ -1382,13 +1424,17 @@ class _BatchState:
 
     async def _load_charged_before_changes(self, conn: Connection) -> None:
         """The charges of the (account, period) pairs the batch rates in where a subscription of the account changed
-        plan after the period's start (rare): what ``charged_before_change`` sums."""
+        plan after the period's start, or whose close line kept plan changes (rare): what ``charged_before_change``
+        sums."""
+        changed_lines = {(account, period) for (account, period, _, _), line in self.close_lines.items()
+                         if line.get("earlier_prices")}
         for account, period in sorted(self.periods):
             if (account, period) in self.period_charges:
                 continue
             start = _period_start(period)
             subs = [*(self.subscriptions.get(account) or ()), *(self.rated_with.get(account) or ())]
-            if not any(until > start for sub in subs for until, _, _ in sub.plans):
+            if not any(until > start for sub in subs for until, _, _ in sub.plans) and (
+                    account, period) not in changed_lines:
                 continue
             rows = await conn.fetch(
                 "SELECT meter, event_time, amount_subunits, decision FROM rated_events WHERE account_id = $1 "
