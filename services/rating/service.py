@@ -1278,15 +1278,11 @@ class _BatchState:
         in_batch = {(u.account, u.event.id): u for u in pending if u.event.id in state.corrected}
         # Each event's moment: its own, or its original's for a correction of one rated in this batch (an unknown
         # original has none). A correction of a stored decision is rated in that decision's period, closed or not.
-        moments: list[tuple[str, datetime]] = []
+        # (account, moment, the meter of an event that is no correction: its late events count with its period's close)
+        moments: list[tuple[str, datetime, str | None]] = []
         closed_corrected: set[tuple[str, str]] = set()
-        at_close: list[tuple[str, datetime, str]] = []  # (account, moment, meter) of events of meters priced at close
         for usage in pending:
             moment = usage.event.timestamp
-            if not usage.event.correction_of:
-                meter = state.catalog.meters.get(usage.event.meter)
-                if meter is not None and meter.definition.aggregation not in REAL_TIME:
-                    at_close.append((usage.account, moment, usage.event.meter))
             if usage.event.correction_of:
                 key = (usage.account, usage.event.correction_of)
                 original = state.originals.get(key)
@@ -1300,29 +1296,30 @@ class _BatchState:
                     moment = in_batch[key].event.timestamp
                 else:
                     continue
-            moments.append((usage.account, moment))
+                moments.append((usage.account, moment, None))
+            else:
+                moments.append((usage.account, moment, usage.event.meter))
         # Ended subscription periods, only of accounts that have had a subscription and have an event before
         # their current period (none for most batches: no statement then).
-        earlier = sorted({account for account, moment in moments if account in subscribed and (
+        earlier = sorted({account for account, moment, _ in moments if account in subscribed and (
             account not in state.subscriptions or moment < state.subscriptions[account][0].period_start)})
         if earlier:
             state.ended = await ended_periods(conn, earlier, dialect)
         # The periods this batch rates in: each event's (or its original's) period, closed or not.
         late_pairs: set[tuple[str, str]] = set()
-        for account, moment in moments:
+        late_at_close: set[tuple[str, str, str]] = set()  # (account, closed period, meter priced at close)
+        for account, moment, code in moments:
             period, late = state.period_of(account, moment)
             state.periods.add((account, period))
             if late:
                 late_pairs.add((account, period))
+                meter = state.catalog.meters.get(code) if code is not None else None
+                if meter is not None and meter.definition.aggregation not in REAL_TIME:
+                    late_at_close.add((account, period, meter.code))
         if closed_corrected or late_pairs:  # the price and allowance each closed period was billed at
             await state._load_close_lines(conn, sorted(closed_corrected | late_pairs))
         # The decisions the close of a closed period counted, for the late events of meters priced at close (rare: one
         # statement per account, period and meter).
-        late_at_close: set[tuple[str, str, str]] = set()
-        for account, moment, code in at_close:
-            period, late = state.period_of(account, moment)
-            if late:
-                late_at_close.add((account, period, code))
         for account, period, code in sorted(late_at_close):
             state.counted_at_close[(account, period, code)] = await counted_decisions(conn, account, period, code)
         if state.periods:
