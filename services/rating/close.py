@@ -61,6 +61,10 @@ class ClosePricing:
     included: Decimal
     trialing: bool
     price: dict[str, Any]  # the spec as JSON, the decision's input
+    # The prices before the period's plan changes, oldest first (``CloseLine.earlier_prices``), and what prices the
+    # period from its last change on (a plan, or the meter's list price when no plan charges it then).
+    earlier: tuple[dict[str, Any], ...] = ()
+    priced_by: str = "plan"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,14 @@ class CloseLine:
     priced_by: str = "list_price"
     price: dict[str, Any] | None = None
     last_event_at: str | None = None
+    # Added in session 15: the line's usage was the pricing subscription's trial usage (free), so late usage of the
+    # period is too. Lines stored before read False.
+    trial: bool = False
+    # Added in session 15, a real-time meter's in a period with plan changes: what priced its usage before each change,
+    # oldest first, ``{"until": the change's instant, "price", "included", "priced_by"}`` (the line's own price from
+    # the last change on), so a late event or correction of the period is priced as real time priced usage of its time
+    # (``billed_price_at``). None: one price for the whole period (and lines stored before).
+    earlier_prices: list[dict[str, Any]] | None = None
 
 
 async def close_period(db: Database, bus: Bus, catalog: CatalogView, period: str,
@@ -135,8 +147,7 @@ async def close_account_period(conn: Connection, catalog: CatalogView, period: s
         return [CloseLine(**json.loads(r["line"])) for r in rows]
     now = now or utcnow()
     rows = await conn.fetch(
-        "SELECT meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
-        "effective_quantity, quantity_before, quantity_after, rated_at FROM rated_events WHERE period = $1 "
+        f"SELECT {_COUNTED_COLUMNS} FROM rated_events WHERE period = $1 "
         f"AND account_id = $2 AND decision IN ({_CLOSE_DECISIONS_SQL}) ORDER BY meter, group_key, event_time, rated_at", period, account)
     meters: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
@@ -152,6 +163,34 @@ async def close_account_period(conn: Connection, catalog: CatalogView, period: s
     await conn.execute("INSERT INTO closed_periods (period, account_id, closed_at) VALUES ($1, $2, $3) "
                        "ON CONFLICT DO NOTHING", period, account, now.isoformat())
     return lines
+
+
+# The columns of the decisions a close counts (``_lines``, ``counted_decisions``).
+_COUNTED_COLUMNS = ("meter, group_key, event_id, event_time, quantity, value, amount_subunits, decision, corrects, "
+                    "effective_quantity, quantity_before, quantity_after, rated_at")
+
+
+async def counted_decisions(conn: Connection, account: str, period: str, meter: str) -> dict[str, list[dict[str, Any]]]:
+    """The decisions of ``meter`` in ``account``'s ``period`` that its close counts (those the close counted, and the
+    late ones since), by ``group_by`` group: what :func:`meter_quantity` aggregates."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in await conn.fetch(
+            f"SELECT {_COUNTED_COLUMNS} FROM rated_events WHERE period = $1 AND account_id = $2 AND meter = $3 AND "
+            f"decision IN ({_CLOSE_DECISIONS_SQL}) ORDER BY group_key, event_time, rated_at", period, account, meter):
+        groups.setdefault(row["group_key"], []).append(dict(row))
+    return groups
+
+
+def meter_quantity(meter: MeterView, groups: dict[str, list[dict[str, Any]]]) -> Decimal:
+    """The quantity a close counts for a meter priced at close (max, last, unique_count) from its decisions
+    ``groups`` (:func:`counted_decisions`): each group aggregated by the meter's rule, its latest corrections counting,
+    summed (as :func:`_lines` prices it)."""
+    latest, shifts = _moves(meter, groups)
+    total = Decimal(0)
+    for group, rows in groups.items():
+        total = RATING_CONTEXT.add(total, _counted(meter, rows, latest)[2])
+        total = RATING_CONTEXT.add(total, shifts.get(group, Decimal(0)))
+    return total
 
 
 async def _save_line(conn: Connection, account: str, line: CloseLine, now: datetime) -> None:
@@ -213,11 +252,26 @@ def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
             unit=unit, amount_subunits=total, amount=subunits_text(total), charged_in_real_time_subunits=real_time,
             charged_at_close_subunits=at_close, event_count=len(events),
             event_ids=[event for event, _ in events[:TRACE_EVENT_IDS_MAX]], catalog_version=catalog.version,
-            priced_by="plan" if pricing is not None else "list_price",
+            priced_by=pricing.priced_by if pricing is not None else "list_price",
             price=pricing.price if pricing is not None else definition.price,
-            last_event_at=max(o.at for o in observations).isoformat() if observations else None,
+            last_event_at=max(o.at for o in observations).isoformat() if observations else None, trial=trialing,
+            earlier_prices=list(pricing.earlier) if pricing is not None and pricing.earlier and (
+                definition.aggregation in REAL_TIME and meter.ai_table is None) else None,
         ))
     return lines
+
+
+def billed_price_at(line: dict[str, Any], moment: datetime) -> tuple[dict[str, Any], Decimal, str, datetime | None]:
+    """(price, allowance, priced by, the latest plan change of the period at or before ``moment`` or None) with which
+    the close ``line`` (stored JSON) says usage at ``moment`` of its period was priced: the price before a change of
+    ``earlier_prices`` until it, the line's own from the last change on."""
+    change = None
+    for earlier in line.get("earlier_prices") or ():
+        until = datetime.fromisoformat(earlier["until"])
+        if moment < until:
+            return earlier["price"], Decimal(earlier["included"]), earlier.get("priced_by", "plan"), change
+        change = until
+    return line["price"], Decimal(line["included"]), line.get("priced_by", "list_price"), change
 
 
 def _moves(meter: MeterView, groups: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, str], dict[str, Decimal]]:

@@ -5,7 +5,8 @@ commands; a debit of 0 for usage that costs nothing: an allowance, a trial, a fl
 correction that moves no price), a dead letter (the rejected topic: ``period_closed``, ``no_price``,
 ``invalid_correction``, ``unknown_correction``), or nothing. Nothing is either a meter's filters leaving the event
 out (``filtered``) or a close-priced meter (``max``, ``last``, ``unique_count``: ``deferred_to_close``, also
-``late:`` / ``late_adjustment:``), billed by the debit its period's close sends (``close.close_command``, one per
+``late:`` / ``late_adjustment:`` of events rated before session 15; a late event of such a meter is now a debit of its
+own closed period), billed by the debit its period's close sends (``close.close_command``, one per
 line, its id from the line's key), once the period is closed (``closed_periods``). A correction is an event of its
 own with its own decision and command. An event of a close-priced meter whose latest correction put it in another
 ``group_by`` group (``close._moves``: the group it was rated in no longer counts it) is billed by the close line of

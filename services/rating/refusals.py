@@ -32,6 +32,13 @@ the close) is made right the same way, its adjustment named as a late correction
 is credited to the invoice that billed it (a credit note), as the ledger does for late corrections. It used to be
 logged and left alone.
 
+A refusal and a repricing (``billing_rating.repricing``) reach rating in either order. The refused debit may be a
+repricing's charge (found by its command id among the event's decisions): it leaves its period like any other and
+stays in its event's chain, so no later repricing gives it back. A refusal that reaches rating after a repricing gave
+the refused debit back (the give-back credited what the ledger never posted) neutralises that give-back too: both are
+``refused``, the running totals stay (the give-back took the event out of them), and the adjustment counts the
+give-back as posted and owed nothing (``Debit.posted``), so it takes that credit back.
+
 The refusal (its reason, the adjustment's amount and command) is kept in ``refused_debits``; the decisions trace
 shows it.
 """
@@ -53,7 +60,7 @@ from billing_rating.aggregation import GROUP_SEPARATOR, contribution
 from billing_rating.catalog_view import CatalogView
 from billing_rating.charge_models import PriceSpecError, parse_spec
 from billing_rating.pricing import ai_token_price, period_charge
-from billing_rating.text import subunits_text
+from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import OutMessage
 from billing_runtime.db import Connection
 from billing_runtime.logging import get_logger
@@ -89,21 +96,23 @@ async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, ev
     event_ids = cause.get("event_ids") or []
     if cause.get("closed") or cause.get("refusal_of") or len(event_ids) != 1:
         return []  # not a real-time debit of one event (a close's or an adjustment's are never refused)
-    account, event_id = str(event.aggregate_id), str(event_ids[0])
+    account = str(event.aggregate_id)
     await repricing.lock_account(conn, dialect, account)
+    row = await _refused_decision(conn, account, str(event_ids[0]), str(data.get("command_id")))
+    if row is None:
+        return []
+    event_id = row["event_id"]  # the decision's own key: a repricing's charge has its own, the event's is its chain's
     stored = await conn.fetchrow("SELECT output FROM refused_debits WHERE account_id = $1 AND event_id = $2",
                                  account, event_id)
     if stored is not None:  # a redelivered UsageRejected: the same adjustment again (same id)
         return [_message(account, stored["output"])] if stored["output"] else []
-    row = await conn.fetchrow(
-        "SELECT tenant, meter, period, group_key, decision, output_topic, output, amount_subunits FROM rated_events "
-        "WHERE account_id = $1 AND event_id = $2", account, event_id)
-    if row is None or row["output_topic"] != topics.LEDGER_COMMANDS or row["decision"] not in _CHARGED:
+    if row["decision"] not in _CHARGED:
         return []
     sent = json.loads(row["output"])
-    if sent.get("command_id") != str(data.get("command_id")):
-        return []
     period = row["period"]
+    # A repricing that ran before this refusal reached rating may have given the refused debit back already (out of
+    # its period, at its price: money the ledger never posted) and charged the event again elsewhere.
+    given_back = await _given_back_since(conn, account, row)
     # A closed period (its close and invoice counted the event): made right as a late correction of it.
     closed = await conn.fetchrow("SELECT 1 FROM closed_periods WHERE period = $1 AND account_id = $2", period,
                                  account) is not None
@@ -112,8 +121,19 @@ async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, ev
     totals = {r["meter"]: Decimal(r["quantity"]) for r in await conn.fetch(
         "SELECT meter, quantity FROM period_totals WHERE account_id = $1 AND period = $2", account, period)}
     meter = row["meter"]
+    # What the adjustment adds to the monthly usage summary: the quantity a give-back of the refused debit took out
+    # of its month (it gave back usage the ledger never counted), else nothing.
+    contributed = "0"
     try:
-        if "ai_prices" in sent_cause:
+        if given_back is not None:
+            # The give-back took the event out of the period's running totals already; it is neutralised with the
+            # refused debit (``refused``: no close counts either), and the ledger's credit of it is taken back.
+            moves = {}
+            given_cause = json.loads(given_back["output"])["payload"]["cause"]
+            contributed = decimal_text(-Decimal(given_cause.get("contribution") or "0"))
+            adjustment = -int(given_back["amount_subunits"]) if "ai_prices" in sent_cause else \
+                await _metered_adjustment(conn, catalog, account, meter, period, event_id, given_back["event_id"])
+        elif "ai_prices" in sent_cause:
             moves, adjustment = _ai(meter, row["group_key"], sent_cause, totals, refused)
         else:
             moves = _metered(catalog, meter, row["group_key"], sent_cause, totals)
@@ -121,18 +141,27 @@ async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, ev
     except (PriceSpecError, KeyError, ValueError) as exc:
         log.error("refusal_not_applied", account=account, event_id=event_id, error=str(exc)[:300])
         return []
+    if given_back is not None:
+        await conn.execute("UPDATE rated_events SET decision = $1 WHERE account_id = $2 AND event_id = $3",
+                           REFUSED, account, given_back["event_id"])
     for key, quantity in moves.items():
         await conn.execute(
             "INSERT INTO period_totals (account_id, meter, period, quantity) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (account_id, meter, period) DO UPDATE SET quantity = excluded.quantity",
             account, key, period, str(quantity))
-    # A refused correction amends nothing: the next one amends the quantity before it.
-    await conn.execute("UPDATE rated_events SET decision = $1, corrects = NULL, effective_quantity = NULL "
-                       "WHERE account_id = $2 AND event_id = $3", REFUSED, account, event_id)
+    if repricing.way_of(event_id):
+        # A repricing's charge: it stays in its event's chain (``corrects``), so the event counts nowhere now and a
+        # later repricing or correction of it finds it refused, never gives back what the ledger did not post.
+        await conn.execute("UPDATE rated_events SET decision = $1 WHERE account_id = $2 AND event_id = $3",
+                           REFUSED, account, event_id)
+    else:
+        # A refused correction amends nothing: the next one amends the quantity before it.
+        await conn.execute("UPDATE rated_events SET decision = $1, corrects = NULL, effective_quantity = NULL "
+                           "WHERE account_id = $2 AND event_id = $3", REFUSED, account, event_id)
     output = None
     if adjustment:
         output = _adjustment(account, row["tenant"], event_id, sent, adjustment, str(data.get("reason")),
-                             closed_period=period if closed else None)
+                             closed_period=period if closed else None, contribution=contributed)
     await conn.execute(
         "INSERT INTO refused_debits (account_id, event_id, reason, command_id, adjustment_subunits, output, "
         "refused_at) VALUES ($1, $2, $3, $4, $5, $6, $7)", account, event_id, str(data.get("reason")),
@@ -140,6 +169,54 @@ async def apply_refusal(conn: Connection, dialect: str, catalog: CatalogView, ev
     log.info("usage_refusal_applied", account=account, event_id=event_id, period=period, refused=refused,
              adjustment=adjustment, closed=closed)
     return [_message(account, output)] if output else []
+
+
+_DECISION_COLUMNS = ("event_id, tenant, meter, period, group_key, decision, output_topic, output, amount_subunits, "
+                     "corrects, rated_at")
+
+
+def _sent_command_id(row: Any) -> str | None:
+    if row["output_topic"] != topics.LEDGER_COMMANDS or not row["output"]:
+        return None
+    command_id: str | None = json.loads(row["output"]).get("command_id")
+    return command_id
+
+
+async def _refused_decision(conn: Connection, account: str, event_id: str, command_id: str) -> Any:
+    """The decision whose debit the ledger refused (command ``command_id``, of usage event ``event_id``): the event's
+    own (or a correction's: its id is the event's), else a repricing's charge of the event (``repricing.repriced_id``:
+    its debit names the event too); None when rating sent no such command."""
+    row = await conn.fetchrow(f"SELECT {_DECISION_COLUMNS} FROM rated_events WHERE account_id = $1 AND event_id = $2",
+                              account, event_id)
+    if row is not None and _sent_command_id(row) == command_id:
+        return row
+    for charge in await conn.fetch(f"SELECT {_DECISION_COLUMNS} FROM rated_events WHERE account_id = $1 AND "
+                                   f"corrects = $2", account, event_id):
+        if repricing.way_of(charge["event_id"]) == "in" and _sent_command_id(charge) == command_id:
+            return charge
+    return None
+
+
+async def _given_back_since(conn: Connection, account: str, row: Any) -> Any:
+    """The give-back of a repricing that took the refused decision ``row`` out of its period after it was rated (the
+    next decision of its event, in the same period), or None.
+
+    A correction's refusal is left as before (not covered: a repricing gives back the event's corrected quantity, not
+    the correction's difference)."""
+    if row["corrects"] and not repricing.way_of(row["event_id"]):
+        return None
+    chain = row["corrects"] or row["event_id"]
+    rated_at = datetime.fromisoformat(row["rated_at"])
+    later = sorted((r for r in await conn.fetch(
+        f"SELECT {_DECISION_COLUMNS} FROM rated_events WHERE account_id = $1 AND corrects = $2", account, chain)
+        if datetime.fromisoformat(r["rated_at"]) > rated_at), key=lambda r: datetime.fromisoformat(r["rated_at"]))
+    if not later:
+        return None
+    following = later[0]
+    if repricing.way_of(following["event_id"]) != "out" or following["period"] != row["period"] or \
+            following["decision"] == REFUSED or _sent_command_id(following) is None:
+        return None
+    return following
 
 
 def _metered(catalog: CatalogView, meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal]
@@ -176,13 +253,26 @@ class Debit:
     spec: Any  # the price it was rated at (its ``cause.price``), parsed
     included: Decimal  # the allowance it was rated with
     refused: bool  # the ledger refused it (``refused``, or the refusal being applied): nothing of it was posted
+    # A repricing's give-back of a refused debit (``refused`` with it): the ledger posted it (it never refuses a
+    # give-back), though it gave back what was never posted; it should be nothing.
+    posted: bool = False
+    rated_at: datetime | None = None  # its decision's (a repricing's give-backs come before its charges)
+    repriced: bool = False  # a repricing's decision (``repricing.way_of``)
 
     def counted_in(self, other: Debit) -> bool:
         """Whether ``other`` was priced on a running total that counted this one: rated after it (a later batch; in
-        the same batch, from the total this one took its meter to, or above)."""
+        the same batch, from the total this one took its meter to, or above; of one repricing, its give-backs first,
+        each from the total the one before it left, then its charges)."""
         if other.issued_at != self.issued_at:
             return other.issued_at > self.issued_at
-        return other.event_id != self.event_id and other.before >= self.after
+        if other.event_id == self.event_id:
+            return False
+        if self.repriced and other.repriced and self.rated_at is not None and other.rated_at is not None \
+                and self.rated_at != other.rated_at:
+            return other.rated_at > self.rated_at
+        if self.after < self.before and other.after < other.before:
+            return other.before <= self.after
+        return other.before >= self.after
 
 
 def adjustment(debits: list[Debit], adjusted: int) -> int:
@@ -197,6 +287,8 @@ def adjustment(debits: list[Debit], adjusted: int) -> int:
     should = 0
     for debit in debits:
         if debit.refused:
+            if debit.posted:
+                held += debit.amount
             continue
         held += debit.amount
         removed = sum((r.after - r.before for r in debits if r.refused and r.counted_in(debit)), Decimal(0))
@@ -208,11 +300,12 @@ def adjustment(debits: list[Debit], adjusted: int) -> int:
 
 
 async def _metered_adjustment(conn: Connection, catalog: CatalogView, account: str, meter: str, period: str,
-                              event_id: str) -> int:
+                              event_id: str, given_back: str | None = None) -> int:
     """The refusal adjustment of ``event_id``'s debit (``adjustment``), from the meter's decisions in ``period`` and
-    the adjustments sent for its earlier refusals."""
+    the adjustments sent for its earlier refusals; ``given_back``: a repricing's give-back of that debit, neutralised
+    with it (a give-back marked ``refused``, now or before: posted, to be nothing)."""
     rows = await conn.fetch(
-        "SELECT event_id, decision, output_topic, output, amount_subunits, quantity_before, quantity_after "
+        "SELECT event_id, decision, output_topic, output, amount_subunits, quantity_before, quantity_after, rated_at "
         "FROM rated_events WHERE period = $1 AND account_id = $2 AND meter = $3", period, account, meter)
     adjusted = sum(int(r["adjustment_subunits"]) for r in await conn.fetch(
         "SELECT d.adjustment_subunits FROM refused_debits d JOIN rated_events e ON e.account_id = d.account_id AND "
@@ -222,7 +315,8 @@ async def _metered_adjustment(conn: Connection, catalog: CatalogView, account: s
     specs: dict[str, Any] = {}
     debits = []
     for row in rows:
-        refused = row["event_id"] == event_id or row["decision"] == REFUSED
+        refused = row["event_id"] in (event_id, given_back) or row["decision"] == REFUSED
+        way = repricing.way_of(row["event_id"])
         if row["output_topic"] != topics.LEDGER_COMMANDS or not row["output"] or not (
                 refused or row["decision"] in _CHARGED):
             continue  # trial usage (0 whatever the total), dead letters, meters priced at close
@@ -233,7 +327,9 @@ async def _metered_adjustment(conn: Connection, catalog: CatalogView, account: s
             specs[text] = parse_spec(cause["price"], credit_scales=scales)
         debits.append(Debit(row["event_id"], datetime.fromisoformat(command["issued_at"]),
                             Decimal(row["quantity_before"]), Decimal(row["quantity_after"]),
-                            int(row["amount_subunits"]), specs[text], Decimal(cause["included"]), refused))
+                            int(row["amount_subunits"]), specs[text], Decimal(cause["included"]), refused,
+                            posted=refused and way == "out", rated_at=datetime.fromisoformat(row["rated_at"]),
+                            repriced=way is not None))
     return adjustment(debits, adjusted)
 
 
@@ -254,8 +350,9 @@ def _ai(meter: str, group: str, cause: dict[str, Any], totals: dict[str, Decimal
 
 
 def _adjustment(account: str, tenant: str, event_id: str, sent: dict[str, Any], amount: int, reason: str,
-                closed_period: str | None = None) -> str:
-    """The refusal adjustment's ``usage.debit``; of a ``closed_period``: named as a late correction of it."""
+                closed_period: str | None = None, contribution: str = "0") -> str:
+    """The refusal adjustment's ``usage.debit``; of a ``closed_period``: named as a late correction of it;
+    ``contribution``: what it gives the monthly usage summary back (a give-back of the refused debit took it out)."""
     payload = sent["payload"]
     cause = payload["cause"]
     kept = {k: cause[k] for k in ("period", "group", "usage_type", "catalog_version", "price", "included",
@@ -268,8 +365,8 @@ def _adjustment(account: str, tenant: str, event_id: str, sent: dict[str, Any], 
         payload={"unit": payload["unit"], "amount_subunits": amount, "amount": subunits_text(amount),
                  "meter": payload["meter"], "at": payload["at"],
                  "overage_policy": "overage",  # the usage it bills was accepted: never refused
-                 "cause": {**kept, "event_ids": [event_id], "refusal_of": sent["command_id"], "refusal_reason": reason,
-                           "quantity": "0", "contribution": "0",
+                 "cause": {**kept, "event_ids": cause.get("event_ids") or [event_id], "refusal_of": sent["command_id"], "refusal_reason": reason,
+                           "quantity": "0", "contribution": contribution,
                            "quantity_refused": cause.get("contribution", cause.get("quantity"))}})
     return message.to_json().decode()
 

@@ -60,8 +60,8 @@ CREATE TABLE IF NOT EXISTS repricings (
 REPRICING_EVENTS = {"Started": "started_at", "Changed": "at", "Activated": "period_start", "Canceled": "at"}
 # The reason of the ledger's ``Canceled`` of a trial that ended without a payment method: it ended at the trial's end.
 TRIAL_ENDED_UNCONVERTED = "trial_ended_without_payment_method"
-# The decisions a repricing may move: on time, counted, not refused (a ``late:`` decision sits in the open period
-# because its own was closed; a filtered or refused one counts nowhere).
+# The decisions a repricing may move: on time, counted, not refused (a ``late:`` decision is priced in its own closed
+# period, which stands as invoiced; a filtered or refused one counts nowhere).
 MOVABLE = ("priced", "trial", "deferred_to_close")
 # Repricing decisions are keyed ``{prefix}{event id}``, the prefix padded to this length: longer than any event id
 # ingest accepts, so no usage event can ever take (or be refused for) a repricing's key.

@@ -33,7 +33,16 @@ from billing_rating import repricing
 from billing_rating.aggregation import GROUP_SEPARATOR, REAL_TIME, contribution, group_key, matches, period_of
 from billing_rating.catalog_view import CatalogView, MeterView, build_view
 from billing_rating.charge_models import PriceSpecError, parse_spec
-from billing_rating.close import CLOSE_SCHEMA, CloseLine, ClosePricing, close_account_period, close_command
+from billing_rating.close import (
+    CLOSE_SCHEMA,
+    CloseLine,
+    ClosePricing,
+    billed_price_at,
+    close_account_period,
+    close_command,
+    counted_decisions,
+    meter_quantity,
+)
 from billing_rating.codec import (
     Event,
     Usage,
@@ -221,7 +230,8 @@ class RatingService:
         if primary:
             last = ended.period_end - LAST_INSTANT
             closed = await close_account_period(conn, catalog, ended.period_start.isoformat(), account, tenant,
-                                                lambda meter: self._close_pricing(catalog, live, meter, last))
+                                                lambda meter: self._close_pricing(catalog, live, meter, last,
+                                                                                  ended.period_start))
             await record_ended_period(conn, account, ended)
             zone = await time_zone_of(conn, ended.subscription_id)
             outputs.extend(c for c in (close_command(catalog, account, line, zone) for line in closed) if c is not None)
@@ -248,7 +258,8 @@ class RatingService:
         before = [cut if sub.subscription_id == cut.subscription_id else sub for sub in live]
         last = cut.period_end - LAST_INSTANT
         closed = await close_account_period(conn, catalog, cut.period_start.isoformat(), account, tenant,
-                                            lambda meter: self._close_pricing(catalog, before, meter, last))
+                                            lambda meter: self._close_pricing(catalog, before, meter, last,
+                                                                              cut.period_start))
         await record_restarted_period(conn, account, cut)
         zone = await time_zone_of(conn, cut.subscription_id)
         return [c for c in (close_command(catalog, account, line, zone) for line in closed) if c is not None]
@@ -298,15 +309,33 @@ class RatingService:
         return outputs
 
     def _close_pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView,
-                       moment: datetime) -> ClosePricing | None:
+                       moment: datetime, start: datetime | None = None) -> ClosePricing | None:
         """The plan price of ``meter`` at close, resolved as in real time (``None``: the list price); trial
         usage (free) when the pricing subscription is in its trial at ``moment``, the closed period's last
-        instant (the status it had at its end, whenever the ledger's ``TrialConverted`` reached rating)."""
+        instant (the status it had at its end, whenever the ledger's ``TrialConverted`` reached rating).
+
+        With the period's ``start``: the prices real time used before each plan change of the period
+        (``ClosePricing.earlier``), which its close line keeps for the late events and corrections of the period."""
         pricing = self._pricing(catalog, subs, meter, moment) if subs and meter.ai_table is None else None
+        earlier: list[dict[str, Any]] = []
+        if start is not None and subs and meter.ai_table is None:
+            changes = sorted({until for sub in subs for until, _, _ in sub.plans if start < until <= moment})
+            for until in changes:
+                before = self._pricing(catalog, subs, meter, until - LAST_INSTANT)
+                if before is None:
+                    price, included, priced_by = meter.definition.price, meter.definition.included, "list_price"
+                else:
+                    price, included, priced_by = before[4], before[1], "plan"
+                earlier.append({"until": until.isoformat(), "price": price, "included": decimal_text(included),
+                                "priced_by": priced_by})
         if pricing is None:
-            return None
+            if not earlier or meter.spec is None:
+                return None
+            # No plan charges the meter at the period's end, one did before a change: the list price from then on.
+            definition = meter.definition
+            return ClosePricing(meter.spec, definition.included, False, definition.price, tuple(earlier), "list_price")
         spec, included, _, trialing, price_json = pricing
-        return ClosePricing(spec, included, trialing, price_json)
+        return ClosePricing(spec, included, trialing, price_json, tuple(earlier))
 
     def _pricing(self, catalog: CatalogView, subs: list[AccountSubscription], meter: MeterView, moment: datetime
                  ) -> tuple[Any, Decimal, str, bool, dict[str, Any]] | None:
@@ -454,7 +483,7 @@ class RatingService:
         price, included, priced_by = cause.get("price"), cause.get("included"), cause.get("priced_by")
         billed = batch.close_lines.get((account, latest["period"], latest["meter"], latest["group_key"]))
         if billed is not None and billed.get("price") is not None:
-            price, included, priced_by = billed["price"], billed["included"], billed.get("priced_by", priced_by)
+            price, included, priced_by, _ = billed_price_at(billed, chain.moment)
         if price is None or included is None:
             return None
         try:
@@ -513,9 +542,18 @@ class RatingService:
                 log.error("repricing_skipped", event_id=chain.event_id, period=period, total=decimal_text(before))
                 return False
             batch.set_total(account, key, period, group_after)
-            amount = 0 if old.trial else -batch.floored(
-                account, code, period, chain.moment, period_charge(old.spec, after, old.included),
-                period_charge(old.spec, before, old.included), batch.rated_with.get(account))
+            charged_after, charged_before = (period_charge(old.spec, after, old.included),
+                                             period_charge(old.spec, before, old.included))
+            billed = batch.close_lines.get((account, period, code, group)) if (account, period) in batch.closed \
+                else None
+            if old.trial:
+                amount = 0
+            elif billed is not None and billed.get("price") is not None:  # the plan changes its close line kept
+                amount = -batch.floored_since(account, code, period, billed_price_at(billed, chain.moment)[3],
+                                              charged_after, charged_before)
+            else:
+                amount = -batch.floored(account, code, period, chain.moment, charged_after, charged_before,
+                                        batch.rated_with.get(account))
             inputs = old.inputs
         batch.charged_at(account, code, period, chain.moment, amount)
         late = (account, period) in batch.closed
@@ -640,10 +678,10 @@ class RatingService:
         """
         outputs: list[OutMessage] = []
         async with self.db.transaction() as conn:
-            batch = await _BatchState.load(conn, self.db.dialect, usages, utcnow(), lookup=lookup)
             # One catalogue for the whole batch, even if a newer one is loaded while the COPY waits for the
             # socket (the catalogue consumer runs then): the increments of one key chain on one price.
-            batch.catalog = catalog = self.catalog
+            catalog = self.catalog
+            batch = await _BatchState.load(conn, self.db.dialect, usages, utcnow(), lookup=lookup, catalog=catalog)
             newest = max((u.catalog_version for u in batch.pending), default=0)
             if newest > catalog.version:  # before anything is decided: the whole batch waits
                 raise CatalogBehind(f"event needs catalogue v{newest}, rating has v{catalog.version}")
@@ -712,15 +750,12 @@ class RatingService:
                 batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None,
                              "period_closed", rejection)
                 return rejection
-            if rated_in is None and not (meter is not None and not meter.error
-                                         and meter.definition.aggregation in REAL_TIME):
-                # Priced at close (max, last, unique_count): the closed period's close billed its aggregate, so the
-                # event counts in the open period's; the event keeps its timestamp.
-                period = batch.open_period_of(account)
-            # A late event of a real-time meter, like a late correction, stays in its own period: priced on that
-            # period's total and allowance at the price it was billed at, named by ``original_period`` (the ledger
-            # draws it by its time from that period's credit and bills what the credit leaves as that period's
-            # overage on the next renewal invoice), so its price never depends on the open period's usage.
+            # A late event, like a late correction, stays in its own period: a real-time meter's priced on that
+            # period's total and allowance at the price it was billed at, a close-priced meter's (max, last,
+            # unique_count) as the difference it makes to the aggregate that period's close billed
+            # (``_price_late_at_close``), named by ``original_period`` (the ledger draws it by its time from that
+            # period's credit and bills what the credit leaves as that period's overage on the next renewal invoice),
+            # so its price never depends on the open period's usage, nor changes the open period's aggregate.
             decision_prefix = "late_adjustment:" if policy == "adjust" else "late:"
         decision = "priced"
         amount = 0
@@ -758,6 +793,14 @@ class RatingService:
                 output = self._rejection(batch, usage, RejectReason.PERIOD_CLOSED,
                                          f"period {period} is closed and its {definition.aggregation} meter "
                                          f"{event.meter!r} was priced at its close: a correction cannot change it")
+            elif definition.aggregation not in REAL_TIME and late:
+                priced = self._price_late_at_close(batch, usage, meter, period, group, value)
+                if isinstance(priced, OutMessage):
+                    batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
+                                 "no_price", priced)
+                    return priced
+                amount, unit, before, after, inputs = priced
+                step = after - before
             elif definition.aggregation not in REAL_TIME:
                 decision = "deferred_to_close"
             elif meter.ai_table is not None and correction is not None:
@@ -781,21 +824,22 @@ class RatingService:
                     price_json = definition.price
                 priced_by = "plan" if plan_pricing is not None else "list_price"
                 billed = None
+                change = None  # a plan change of the closed period before the event (``floored_since``)
                 if late:  # the price is the meter's: any of its lines has it, the original's (or its own) first
                     billed = batch.billed_line(account, period, event.meter, group_old, group)
                 if billed is not None and billed.get("price") is not None:
                     # The price and allowance the closed period was billed at (whatever changed since: a plan
-                    # change, a cancel, a new catalogue), so the difference is what that period's invoice billed.
+                    # change, a cancel, a new catalogue), so the difference is what that period's invoice billed:
+                    # the price of the event's time in that period (its line keeps the prices before its plan changes).
+                    price_json, included, priced_by, change = billed_price_at(billed, event.timestamp)
                     try:
-                        spec = parse_spec(billed["price"], credit_scales=_credit_scales(catalog))
+                        spec = parse_spec(price_json, credit_scales=_credit_scales(catalog))
                     except PriceSpecError as exc:
                         rejection = self._rejection(batch, usage, RejectReason.NO_PRICE,
                                                     f"the price period {period} was billed at: {exc}")
                         batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
                                      "no_price", rejection)
                         return rejection
-                    price_json, included = billed["price"], Decimal(billed["included"])
-                    priced_by = billed.get("priced_by", priced_by)
                 assert spec is not None
                 # Two running totals: the group's (stored, what ``group_by`` attributes) and the meter's, the sum
                 # of its groups, which is priced: the allowance and the tiers apply once per meter and period, as
@@ -844,16 +888,21 @@ class RatingService:
                 unit = spec.unit
                 # The charge is period_charge(after) - period_charge(before) of the meter's total; the batch
                 # remembers the last period_charge per meter so each event prices one cumulative quantity, not two.
-                charged_key = (account, event.meter, period, included)
+                # Keyed by the price too: usage on each side of a plan change in one batch has its own.
+                charged_key = (account, event.meter, period, included, id(price_json))
                 charged_before = batch.charged.get(charged_key)
                 if charged_before is None or charged_before[0] != before:
                     charged_before = (before, period_charge(spec, before, included))
                 charged_after = period_charge(spec, after, included)
                 batch.charged[charged_key] = (after, charged_after)
-                amount = charged_after - charged_before[1]
-                if billed is None:  # after a plan change in the period: what was charged before it counts
+                # After a plan change in the period, what was charged before it counts as paid (``floored``); of a
+                # closed period, the changes its close line kept.
+                if billed is None:
                     amount = batch.floored(account, event.meter, period, event.timestamp, charged_before[1],
                                            charged_after)
+                else:
+                    amount = batch.floored_since(account, event.meter, period, change, charged_before[1],
+                                                 charged_after)
                 # The same few keys for every event of a price: one dict per batch, shared (never mutated:
                 # corrections and late events below build new ones).
                 inputs_key = (id(price_json), included, overage_policy, priced_by == "plan")
@@ -896,6 +945,55 @@ class RatingService:
         if amount and decision not in REFUSED_DECISIONS:
             batch.charged_at(account, event.meter, period, event.timestamp, amount)
         return output
+
+    def _price_late_at_close(self, batch: _BatchState, usage: Usage, meter: MeterView, period: str, group: str,
+                             value: str | None) -> tuple[int, str, Decimal, Decimal, dict[str, Any]] | OutMessage:
+        """A late event of a meter priced at close (max, last, unique_count) whose period is closed: a late correction
+        of that period's aggregate, (amount, unit, the meter's quantity before, after, the debit's inputs), or the
+        dead letter of a price that cannot be read.
+
+        The period's close billed the aggregate of its decisions; the event is counted with them (and with the late
+        ones before it: ``close.counted_decisions``, read per batch) and the debit is the difference it makes to the
+        price of the meter's quantity, at the price and allowance the close line billed (without a line of the meter,
+        the price of the event's own time), nothing when the close line was trial usage: the period then costs what
+        its close would have billed with the event on time. The event used to count in the open period's aggregate:
+        a peak of the closed period raised the open period's maximum."""
+        event, account, catalog, definition = usage.event, usage.account, batch.catalog, meter.definition
+        billed = batch.billed_line(account, period, event.meter, group)
+        spec: Any
+        if billed is not None and billed.get("price") is not None:
+            price_json, included = billed["price"], Decimal(billed["included"])
+            priced_by, trialing = billed.get("priced_by", "list_price"), bool(billed.get("trial"))
+            try:
+                spec = parse_spec(price_json, credit_scales=_credit_scales(catalog))
+            except PriceSpecError as exc:
+                return self._rejection(batch, usage, RejectReason.NO_PRICE,
+                                       f"the price period {period} was billed at: {exc}")
+        else:
+            subs = batch.subscriptions.get(account)
+            plan_pricing = self._pricing(catalog, subs, meter, event.timestamp) if subs else None
+            if plan_pricing is not None:
+                spec, included, _, trialing, price_json = plan_pricing
+                priced_by = "plan"
+            else:
+                spec, included, trialing, price_json = meter.spec, definition.included, False, definition.price
+                priced_by = "list_price"
+        assert spec is not None
+        groups = batch.counted_at_close.get((account, period, event.meter))
+        if groups is None:
+            raise RuntimeError(f"decisions of meter {event.meter} in closed period {period} of account {account} "
+                               f"were not loaded")
+        before = meter_quantity(meter, groups)
+        groups.setdefault(group, []).append({
+            "event_id": event.id, "event_time": event.timestamp_text(), "quantity": event.quantity_text(),
+            "value": value, "corrects": None, "effective_quantity": None, "group_key": group,
+            "rated_at": batch.rated_at})
+        after = meter_quantity(meter, groups)
+        amount = 0 if trialing else period_charge(spec, after, included) - period_charge(spec, before, included)
+        inputs = {"price": price_json, "included": decimal_text(included),
+                  # as the close's debit: the usage already happened, never refused
+                  "overage_policy": "overage", "priced_by": priced_by, "aggregation": definition.aggregation}
+        return amount, spec.unit, before, after, inputs
 
     def _correct(self, batch: _BatchState, usage: Usage) -> OutMessage | None:
         """An amendment (new quantity) or a void (quantity 0) of an earlier event: re-rated by the difference.
@@ -1093,7 +1191,6 @@ class _BatchState:
         self.now = now
         self.now_json = timestamp_text(now)
         self.rated_at = now.isoformat()
-        self.open_period = period_of(now)
         self.catalog = CatalogView()  # the catalogue the batch is rated with (set before rating)
         self.decided: dict[tuple[str, str], OutMessage | None] = {}
         self.totals: dict[tuple[str, str, str], Decimal] = {}
@@ -1101,7 +1198,8 @@ class _BatchState:
         self.meter_totals: dict[tuple[str, str, str], Decimal] | None = None
         self.dirty: set[tuple[str, str, str]] = set()
         self.closed: set[tuple[str, str]] = set()
-        self.charged: dict[tuple[str, str, str, Decimal], tuple[Decimal, int]] = {}
+        # (account, meter, period, allowance, price JSON identity) -> (the meter's last total, its period charge).
+        self.charged: dict[tuple[str, str, str, Decimal, int], tuple[Decimal, int]] = {}
         # (price JSON identity, allowance, overage policy, priced by plan) -> the decision inputs of that price;
         # the dict holds the price JSON, so its identity cannot be reused while the batch lives.
         self.inputs: dict[tuple[int, Decimal, str, bool], dict[str, Any]] = {}
@@ -1126,12 +1224,18 @@ class _BatchState:
         self.before_change: dict[tuple[str, str, str, datetime], int] = {}
         # account -> its live subscriptions before the subscription event a repricing follows (``_reprice``).
         self.rated_with: dict[str, list[AccountSubscription]] = {}
+        # (account, closed period, meter) -> the decisions its close counts, by group: read only for the late events
+        # of meters priced at close (``_price_late_at_close``), kept in step with the batch's.
+        self.counted_at_close: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
 
     @classmethod
     async def load(cls, conn: Connection, dialect: str, usages: list[Usage], now: datetime, *,
-                   lookup: bool = True) -> _BatchState:
-        """Reads what the batch needs; ``lookup=False`` skips prior decisions (the caller relies on the key)."""
+                   lookup: bool = True, catalog: CatalogView | None = None) -> _BatchState:
+        """Reads what the batch needs; ``lookup=False`` skips prior decisions (the caller relies on the key);
+        ``catalog``: the one the batch is rated with (which meters are priced at close)."""
         state = cls(dialect, now)
+        if catalog is not None:
+            state.catalog = catalog
         postgres = dialect == "postgres"
         accounts = sorted({u.account for u in usages})
         keys = sorted({(u.account, u.event.id) for u in usages}) if lookup else []
@@ -1174,7 +1278,8 @@ class _BatchState:
         in_batch = {(u.account, u.event.id): u for u in pending if u.event.id in state.corrected}
         # Each event's moment: its own, or its original's for a correction of one rated in this batch (an unknown
         # original has none). A correction of a stored decision is rated in that decision's period, closed or not.
-        moments: list[tuple[str, datetime]] = []
+        # (account, moment, the meter of an event that is no correction: its late events count with its period's close)
+        moments: list[tuple[str, datetime, str | None]] = []
         closed_corrected: set[tuple[str, str]] = set()
         for usage in pending:
             moment = usage.event.timestamp
@@ -1191,24 +1296,32 @@ class _BatchState:
                     moment = in_batch[key].event.timestamp
                 else:
                     continue
-            moments.append((usage.account, moment))
+                moments.append((usage.account, moment, None))
+            else:
+                moments.append((usage.account, moment, usage.event.meter))
         # Ended subscription periods, only of accounts that have had a subscription and have an event before
         # their current period (none for most batches: no statement then).
-        earlier = sorted({account for account, moment in moments if account in subscribed and (
+        earlier = sorted({account for account, moment, _ in moments if account in subscribed and (
             account not in state.subscriptions or moment < state.subscriptions[account][0].period_start)})
         if earlier:
             state.ended = await ended_periods(conn, earlier, dialect)
-        # The periods this batch rates in: each event's (or its original's) period; when it is closed, the open one
-        # too (a late event of a meter priced at close counts there).
+        # The periods this batch rates in: each event's (or its original's) period, closed or not.
         late_pairs: set[tuple[str, str]] = set()
-        for account, moment in moments:
+        late_at_close: set[tuple[str, str, str]] = set()  # (account, closed period, meter priced at close)
+        for account, moment, code in moments:
             period, late = state.period_of(account, moment)
             state.periods.add((account, period))
             if late:
                 late_pairs.add((account, period))
-                state.periods.add((account, state.open_period_of(account)))
+                meter = state.catalog.meters.get(code) if code is not None else None
+                if meter is not None and meter.definition.aggregation not in REAL_TIME:
+                    late_at_close.add((account, period, meter.code))
         if closed_corrected or late_pairs:  # the price and allowance each closed period was billed at
             await state._load_close_lines(conn, sorted(closed_corrected | late_pairs))
+        # The decisions the close of a closed period counted, for the late events of meters priced at close (rare: one
+        # statement per account, period and meter).
+        for account, period, code in sorted(late_at_close):
+            state.counted_at_close[(account, period, code)] = await counted_decisions(conn, account, period, code)
         if state.periods:
             await state._load_totals(conn)
             await state._load_charged_before_changes(conn)
@@ -1276,6 +1389,11 @@ class _BatchState:
         priced with (default: the batch's)."""
         subs = self.subscriptions.get(account) if subs is None else subs
         change = self.plan_change_in(subs, period, moment) if subs and any(sub.plans for sub in subs) else None
+        return self.floored_since(account, meter, period, change, charged_before, charged_after)
+
+    def floored_since(self, account: str, meter: str, period: str, change: datetime | None, charged_before: int,
+                      charged_after: int) -> int:
+        """``floored`` after the plan change at ``change`` (None: no change before the usage, the difference)."""
         if change is None:
             return charged_after - charged_before
         floor = self.charged_before_change(account, meter, period, change)
@@ -1303,13 +1421,17 @@ class _BatchState:
 
     async def _load_charged_before_changes(self, conn: Connection) -> None:
         """The charges of the (account, period) pairs the batch rates in where a subscription of the account changed
-        plan after the period's start (rare): what ``charged_before_change`` sums."""
+        plan after the period's start, or whose close line kept plan changes (rare): what ``charged_before_change``
+        sums."""
+        changed_lines = {(account, period) for (account, period, _, _), line in self.close_lines.items()
+                         if line.get("earlier_prices")}
         for account, period in sorted(self.periods):
             if (account, period) in self.period_charges:
                 continue
             start = _period_start(period)
             subs = [*(self.subscriptions.get(account) or ()), *(self.rated_with.get(account) or ())]
-            if not any(until > start for sub in subs for until, _, _ in sub.plans):
+            if not any(until > start for sub in subs for until, _, _ in sub.plans) and (
+                    account, period) not in changed_lines:
                 continue
             rows = await conn.fetch(
                 "SELECT meter, event_time, amount_subunits, decision FROM rated_events WHERE account_id = $1 "
@@ -1342,12 +1464,6 @@ class _BatchState:
         """(the billing period of ``moment`` for ``account``, whether that period is closed)."""
         period = _period(self.subscriptions.get(account), self.ended.get(account), moment)
         return period, (account, period) in self.closed
-
-    def open_period_of(self, account: str) -> str:
-        """Where late usage of ``account`` is billed: its primary subscription's current period, else the
-        calendar month of the batch's clock."""
-        subs = self.subscriptions.get(account)
-        return subs[0].period_start.isoformat() if subs else self.open_period
 
     def total(self, account: str, key: str, period: str) -> Decimal:
         if (account, period) not in self.periods:

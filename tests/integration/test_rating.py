@@ -101,6 +101,7 @@ PG_CATALOG: dict[str, Any] = {
                                                           {"up_to": None, "unit_amount": "0.50"}]}},
         {"code": "seats", "aggregation": "last", "late_policy": "reject",
          "price": {"model": "per_unit", "unit": "USD", "unit_amount": "5"}},
+        {"code": "storage_gb", "aggregation": "max", "price": {"model": "per_unit", "unit": "USD", "unit_amount": "0.10"}},
     ],
     "plans": [
         {"code": "pro", "name": "Pro", "currency": "USD", "version": 1, "charges": [
@@ -560,3 +561,41 @@ async def test_postgres_a_refusal_learnt_after_its_period_closed_is_adjusted_as_
     rows = {r["event_id"]: r["decision"] for r in await service.db.fetch("SELECT event_id, decision FROM rated_events")}
     assert rows == {"o1": "refused", "o2": "priced"}
     assert await service.db.fetchval("SELECT quantity FROM period_totals WHERE period = '2026-10'") == "5"
+
+
+async def test_postgres_a_late_peak_corrects_its_own_closed_month_never_the_open_one(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    await service.handle_accepted([usage("acme", "g1", "40", "storage_gb", datetime(2026, 10, 20, tzinfo=UTC))])
+    await close_period(service.db, outbox, service.catalog, "2026-10")  # type: ignore[arg-type]
+    await service.handle_accepted([usage("acme", "g2", "10", "storage_gb", NOV)])
+    outbox.messages.clear()
+    # October's peak was 60 GB, not the 40 its close billed (4.00): 2.00 more, named by October; November's peak stays
+    # 10 GB (it was 60: the late reading counted in the open month).
+    await service.handle_accepted([usage("acme", "late", "60", "storage_gb", datetime(2026, 10, 25, tzinfo=UTC))])
+    [late] = outbox.commands()
+    cause = late["payload"]["cause"]
+    assert (late["payload"]["amount"], cause["period"], cause["original_period"], cause["contribution"]) == (
+        "2.000000000", "2026-10", "2026-10", "20")
+    [november] = [line for line in await close_period(service.db, outbox, service.catalog, "2026-11")  # type: ignore[arg-type]
+                  if line.meter == "storage_gb"]
+    assert (november.quantity, november.amount) == ("10", "1.000000000")
+
+
+async def test_postgres_a_refusal_learnt_after_a_repricing_takes_its_give_back_back(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    service, outbox = pg_rating
+    nov, dec = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    ledger_event = await started_pro_subscription(service, uuid.uuid4(), nov, dec)
+    # Pro (5 included, 0.10): 30 calls of Nov 12, 2.50, which the ledger refuses; rating learns first of a change to
+    # Scale (20 included, 0.05) on Nov 10: 2.50 given back, 0.50 charged. The refusal takes the give-back's 2.50 back
+    # (it was never posted): the ledger holds the 0.50 it posted (it held -2.00).
+    await service.handle_accepted([usage("acme", "u1", "30", at=datetime(2026, 11, 12, tzinfo=UTC))])
+    [first] = outbox.commands()
+    await ledger_event(2, "Changed", old_plan={"code": "pro", "version": 1}, plan={"code": "scale", "version": 1},
+                       old_quantity=1, quantity=1, at=datetime(2026, 11, 10, tzinfo=UTC).isoformat(), by="user:test",
+                       lines=[], period_start=nov.isoformat(), period_end=dec.isoformat(), anchor_day=1)
+    await service.handle_ledger_events([_usage_rejected("acme", first, 50)])
+    net = _net_by_event(outbox)
+    assert net["u1"] - int(first["payload"]["amount_subunits"]) == 500_000_000
+    rows = {r["event_id"][:12]: r["decision"] for r in await service.db.fetch(
+        "SELECT event_id, decision FROM rated_events")}
+    assert rows == {"u1": "refused", "repriced-out": "refused", "repriced-in:": "priced"}

@@ -521,6 +521,56 @@ async def test_a_late_event_of_an_ended_subscription_period_follows_the_late_pol
     assert usage_lines(await published(bus)) == {"api_calls": ("120", "2.000000000")}
 
 
+def late_debits(commands: list[dict[str, Any]], event_id: str) -> list[tuple[str, str, str | None, str | None]]:
+    """(amount, period, original_period, contribution) of the debits of ``event_id``."""
+    return [(c["payload"]["amount"], c["payload"]["cause"]["period"], c["payload"]["cause"].get("original_period"),
+             c["payload"]["cause"].get("contribution")) for c in commands
+            if c["kind"] == "usage.debit" and c["payload"]["cause"].get("event_ids") == [event_id]]
+
+
+async def test_a_late_event_of_a_max_meter_counts_in_its_own_closed_periods_peak_never_the_open_ones(rating) -> None:  # type: ignore[no-untyped-def]
+    """Team (storage_gb: the period's peak, 10 GB included, 0.50 a GB). November peaks at 40 GB: 15.00 on the Dec 1
+    renewal. December peaks at 25 GB. A reading of 60 GB on Nov 20 arrives on Dec 5: November's peak was 60 GB, 25.00,
+    so November owes 10.00 more, named by November (the ledger bills it as that period's overage); a second late
+    reading of 50 GB raises nothing. December's peak stays 25 GB, 7.50. The late reading used to count in December's
+    peak: 60 GB, 25.00 on January's invoice, November's 15.00 unchanged."""
+    service, bus = rating
+    await subscribe(service)
+    day = lambda d, month=11: datetime(2026, month, d, tzinfo=UTC)
+    await service.handle_accepted([accepted("s1", "20", "storage_gb", at=day(2)),
+                                   accepted("s2", "40", "storage_gb", at=day(5))])
+    await end_period(service, NOV, DEC, JAN)
+    assert usage_lines(await published(bus))["storage_gb"] == ("40", "15.000000000")
+    await service.handle_accepted([accepted("d1", "25", "storage_gb", at=day(3, 12))])
+    await service.handle_accepted([accepted("late-1", "60", "storage_gb", at=day(20))])
+    await service.handle_accepted([accepted("late-2", "50", "storage_gb", at=day(25))])
+    commands = await published(bus)
+    assert late_debits(commands, "late-1") == [("10.000000000", NOV.isoformat(), NOV.isoformat(), "20")]
+    assert late_debits(commands, "late-2") == [("0.000000000", NOV.isoformat(), NOV.isoformat(), "0")]
+    late = next(c for c in commands if c["payload"].get("cause", {}).get("event_ids") == ["late-1"])
+    assert (late["payload"]["cause"]["late"], late["payload"]["overage_policy"]) == ("late", "overage")
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    assert usage_lines(await published(bus))["storage_gb"] == ("25", "7.500000000")
+
+
+async def test_a_late_reading_of_a_last_meter_bills_its_own_period_from_its_time_on(rating) -> None:  # type: ignore[no-untyped-def]
+    """Team (seats: the last reading, 1 included, 1.00 a seat). November's last reading, 5 seats on Nov 10, was billed
+    4.00; a reading of 8 seats on Nov 28 arrives on Dec 5: November's last reading was 8, 3.00 more; one of 3 seats on
+    Nov 20 changes nothing (8 is still the last). December's reading, 2 seats on Dec 2, is December's (1.00)."""
+    service, bus = rating
+    await subscribe(service)
+    await service.handle_accepted([accepted("u1", "5", "seats", at=datetime(2026, 11, 10, tzinfo=UTC))])
+    await end_period(service, NOV, DEC, JAN)
+    await service.handle_accepted([accepted("u2", "2", "seats", at=datetime(2026, 12, 2, tzinfo=UTC))])
+    await service.handle_accepted([accepted("late-8", "8", "seats", at=datetime(2026, 11, 28, tzinfo=UTC)),
+                                   accepted("late-3", "3", "seats", at=datetime(2026, 11, 20, tzinfo=UTC))])
+    commands = await published(bus)
+    assert late_debits(commands, "late-8") == [("3.000000000", NOV.isoformat(), NOV.isoformat(), "3")]
+    assert late_debits(commands, "late-3") == [("0.000000000", NOV.isoformat(), NOV.isoformat(), "0")]
+    await end_period(service, DEC, JAN, datetime(2027, 2, 1, tzinfo=UTC), position=5)
+    assert usage_lines(await published(bus))["seats"] == ("2", "1.000000000")
+
+
 def corrections_of(commands: list[dict[str, Any]], event_id: str) -> list[tuple[str, str, str | None, str | None]]:
     """(amount, period, original_period, late) of the debits correcting ``event_id``."""
     return [(c["payload"]["amount"], c["payload"]["cause"]["period"], c["payload"]["cause"].get("original_period"),

@@ -232,3 +232,102 @@ def test_the_refusal_adjustment_reprices_each_later_debit_at_its_own_price_and_c
     early = debit("early", 1, "0", "10", 10 * unit, graduated)
     late = debit("r", 1, "10", "90", 80 * unit, graduated, refused=True)
     assert adjustment([early, late], 0) == 0
+
+
+def posted(commands: list[dict[str, Any]], event_id: str, refused: set[str]) -> Decimal:
+    """What the ledger posts for ``event_id``: its usage debits (give-backs, repricings and adjustments included; a
+    command sent again, same id, once) less those it refused."""
+    amounts = {c["command_id"]: Decimal(c["payload"]["amount"]) for c in commands if c["kind"] == "usage.debit"
+               and event_id in (c["payload"]["cause"].get("event_ids") or []) and c["command_id"] not in refused}
+    return sum(amounts.values(), Decimal(0))
+
+
+async def publish_plans(service: RatingService) -> None:
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV_1, data={"version": 2, "document": PLANS_CATALOG})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 1, None, catalog.to_json())])
+
+
+async def start_team(service: RatingService, position: int = 1) -> None:
+    await ledger_event(service, "Started", position, tenant="acme", plan={"code": "team", "version": 1}, quantity=1,
+                       status="active", started_at=NOV_1.isoformat(), period_start=NOV_1.isoformat(),
+                       period_end=DEC_1.isoformat())
+
+
+async def change_to_scale(service: RatingService, position: int) -> None:
+    """Team to Scale (50 included, 0.05) on Nov 8, learnt by rating after usage it prices."""
+    await ledger_event(service, "Changed", position, old_plan={"code": "team", "version": 1},
+                       plan={"code": "scale", "version": 1}, old_quantity=1, quantity=1,
+                       at=datetime(2026, 11, 8, tzinfo=UTC).isoformat(), by="user:test", lines=[],
+                       period_start=NOV_1.isoformat(), period_end=DEC_1.isoformat(), anchor_day=1)
+
+
+async def test_a_refusal_learnt_after_a_repricing_gave_the_refused_debit_back_takes_that_give_back_back(rating) -> None:  # type: ignore[no-untyped-def]
+    """Team (100 included, 0.10), 250 calls on Nov 10: 15.00, which the ledger refuses (block). Before rating reads the
+    refusal, it learns of a change to Scale on Nov 8 and reprices the calls: 15.00 given back (Team's price), 10.00
+    charged (Scale's: 200 x 0.05). The give-back credited the account 15.00 the ledger never posted: the calls cost
+    it -5.00 in all (the refusal then failed, pricing a total below zero, and changed nothing). The refusal now takes
+    that give-back back (+15.00), so the ledger holds the 10.00 Scale charge it posted, and nothing more; refused too,
+    that charge leaves nothing."""
+    service, bus = rating
+    await publish_plans(service)
+    await start_team(service)
+    await service.handle_accepted([accepted("r1", "250", at=datetime(2026, 11, 10, tzinfo=UTC), catalog_version=2)])
+    [first] = await published(bus)
+    assert first["payload"]["amount"] == "15.000000000"
+    await change_to_scale(service, 2)
+    await service.handle_ledger_events([refused(first, 10)])
+    commands = await published(bus)
+    assert posted(commands, "r1", {first["command_id"]}) == Decimal("10.00")
+    [adjustment] = [c for c in commands if "refusal_of" in c["payload"]["cause"]]
+    # The give-back took 250 calls out of November's summary that the ledger never counted: the adjustment puts them
+    # back, so the month shows the 250 calls the Scale charge billed.
+    assert (adjustment["payload"]["amount"], adjustment["payload"]["cause"]["contribution"]) == ("15.000000000", "250")
+    assert adjustment["payload"]["cause"]["event_ids"] == ["r1"]
+    await service.handle_ledger_events([refused(first, 10)])  # redelivered: the same adjustment, nothing else
+    assert (await published(bus))[len(commands):] == [adjustment]
+    # The period's close counts the calls once, at Scale's price, as the ledger posted them.
+    await ledger_event(service, "PeriodEnded", 3, period_start=NOV_1.isoformat(), period_end=DEC_1.isoformat(),
+                       next_start=DEC_1.isoformat(), next_end=datetime(2027, 1, 1, tzinfo=UTC).isoformat())
+    [lines] = [c for c in await published(bus) if c["kind"] == "invoice.usage_lines"]
+    assert [(line["quantity"], line["amount"]) for line in lines["payload"]["lines"]] == [("250", "10.000000000")]
+
+
+async def test_a_refused_repricing_charge_given_back_by_no_later_repricing(rating) -> None:  # type: ignore[no-untyped-def]
+    """250 calls on Nov 10 rated at the list price before rating knew of the Team subscription (15.00, posted), then
+    repriced by its Started: 15.00 given back, 15.00 charged at Team's price, a charge the ledger refuses (block). That
+    refusal was ignored (its command is not the event's own), so a change to Scale learnt later repriced the calls
+    again: 15.00 given back that the ledger never posted, 10.00 charged: -5.00 in all. The refused charge now takes the
+    calls out of the period and no repricing moves them again: 0.00, the usage refused."""
+    service, bus = rating
+    await publish_plans(service)
+    await service.handle_accepted([accepted("r1", "250", at=datetime(2026, 11, 10, tzinfo=UTC), catalog_version=2)])
+    await start_team(service)
+    commands = await published(bus)
+    [charge] = [c for c in commands if c["payload"]["cause"].get("repriced", {}).get("as") == "charge"]
+    assert charge["payload"]["amount"] == "15.000000000"
+    await service.handle_ledger_events([refused(charge, 10)])
+    await change_to_scale(service, 2)
+    assert posted(await published(bus), "r1", {charge["command_id"]}) == 0
+    row = await service.db.fetchrow("SELECT decision FROM rated_events WHERE event_id LIKE 'repriced-in:%'")
+    assert row["decision"] == "refused"
+    totals = await service.db.fetch("SELECT period, quantity FROM period_totals")
+    assert {r["period"]: r["quantity"] for r in totals} == {"2026-11": "0", NOV_1.isoformat(): "0"}
+
+
+def test_a_give_back_of_a_refused_debit_is_held_by_the_ledger_and_should_be_nothing() -> None:
+    graduated = parse_spec({"model": "graduated", "unit": "USD", "tiers": [
+        {"up_to": "100", "unit_amount": "1"}, {"up_to": None, "unit_amount": "0.50"}]})
+    unit = 1_000_000_000
+    moved = datetime(2026, 11, 1, 5, tzinfo=UTC)
+    # e (80, refused) and f (40) rated together; a repricing (a later batch) gives back f, then e (the last added
+    # first), each from the total the one before it left, before the refusal of e reached rating.
+    e = debit("e", 1, "0", "80", 80 * unit, graduated, refused=True)
+    f = debit("f", 1, "80", "120", 30 * unit, graduated)
+    back_f = Debit("out-f", datetime(2026, 11, 1, 2, tzinfo=UTC), Decimal(120), Decimal(80), -30 * unit, graduated,
+                   Decimal(0), False, rated_at=moved, repriced=True)
+    back_e = Debit("out-e", datetime(2026, 11, 1, 2, tzinfo=UTC), Decimal(80), Decimal(0), -80 * unit, graduated,
+                   Decimal(0), True, posted=True, rated_at=moved, repriced=True)
+    # Without e, f cost 40.00 and its give-back 40.00 back: nothing should be held; the ledger holds f's 30.00 and both
+    # give-backs, -80.00: 80.00, the give-back of what it never posted, is taken back.
+    assert adjustment([e, f, back_f, back_e], 0) == 80 * unit
