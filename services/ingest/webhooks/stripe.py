@@ -298,13 +298,7 @@ class StripeGateway:
         if tenant is None:
             return Ignored(f"Payment method {method_id} names no billing tenant (metadata.tenant on it or on its "
                            f"customer).")
-        try:
-            details = card_details({"brand": card.get("brand"), "last4": card.get("last4"),
-                                    "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
-        except CardDetailsError as exc:
-            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's card details of {method_id} are not "
-                                                                f"usable: {exc}")
-        return ConfirmedCardUpdate(tenant, method_id, details)
+        return _card_update(tenant, method_id, card)
 
     async def _confirm_source_card(self, source: Mapping[str, Any]) -> Confirmation:
         """``customer.source.updated``: a card saved as a source of a customer, as Stripe's API has it now."""
@@ -319,13 +313,7 @@ class StripeGateway:
         if tenant is None:
             return Ignored(f"Card {source_id} names no billing tenant (metadata.tenant on its customer {customer_id} "
                            f"or on it).")
-        try:
-            details = card_details({"brand": card.get("brand"), "last4": card.get("last4"),
-                                    "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
-        except CardDetailsError as exc:
-            return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's card details of {source_id} are not "
-                                                                f"usable: {exc}")
-        return ConfirmedCardUpdate(tenant, source_id, details)
+        return _card_update(tenant, source_id, card)
 
     async def _confirm_customer_deleted(self, signed: Mapping[str, Any]) -> Confirmation:
         """``customer.deleted``: Stripe's API must say the customer is deleted. It keeps no metadata of a deleted
@@ -385,3 +373,13 @@ def build(settings: Settings, http_client: stripe.HTTPClient | None = None) -> S
                                  max_network_retries=STRIPE_NETWORK_RETRIES_MAX,
                                  base_addresses={"api": api} if api else None)
     return StripeGateway(client, http, settings.stripe_webhook_secret, settings.stripe_webhook_tolerance_seconds)
+
+
+def _card_update(tenant: str, card_id: str, card: Mapping[str, Any]) -> Confirmation:
+    """The card update of ``card`` (a PaymentMethod's ``card`` or a customer's card source), as Stripe's API has it."""
+    try:
+        details = card_details({"brand": card.get("brand"), "last4": card.get("last4"),
+                                "exp_month": card.get("exp_month"), "exp_year": card.get("exp_year")})
+    except CardDetailsError as exc:
+        return NotConfirmed(NotConfirmedKind.NOT_CONFIRMED, f"Stripe's card details of {card_id} are not usable: {exc}")
+    return ConfirmedCardUpdate(tenant, card_id, details)
