@@ -411,7 +411,9 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
     immediate cancel, a unit the new plan does not grant) the grant keeps its rest for that usage and it lapses after
     the window; before session 14 a cancel voided it back to DEFERRED_REVENUE, where the credit for unused time took
     it out again. A grant cut at or before its own start, or granted before session 9 (no ``drawable_until``), is
-    voided at once as before."""
+    voided at once as before; what kept grants carried into it is handed on first (a second change, or a cancel, at the
+    instant of the change or renewal that granted it; ``BillingAccount.hand_on_carry``, since session 15): into the
+    change's new grant of the unit, which takes its rest, or back to them."""
     carried: dict[str, int] = {}
     units: set[str] = set()
     back = 0
@@ -459,6 +461,11 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
                 lapse_currency -= lapsed
             successor = (successors or {}).get(unit)
             if ended or drawable_until is None or at <= state["effective_at"]:
+                # Cut at its start: the carry that kept grants put in it goes on with its rest into the new grant, or
+                # back to them, so their period's late usage still finds it (the void broke the link before session 15).
+                if not ended and account.hand_on_carry(grant_id=gid, at=at, reason=reason, by=by, successor=successor):
+                    remaining = account.remaining(gid)
+                    lapsed = min(lapsed, remaining)
                 account.void_grant(grant_id=gid, reason=reason, voided_by=by, at=at, thresholds=False, lapsed=lapsed)
                 back += remaining - lapsed if currency else 0
                 continue

@@ -490,6 +490,10 @@ class BillingAccount(ChainedAggregate):
         expires."""
         return self._grant(grant_id).get("drawable_until")  # type: ignore[no-any-return]
 
+    def remaining(self, grant_id: UUID) -> int:
+        """What is left of grant ``grant_id`` (sub-units)."""
+        return int(self._grant(grant_id)["remaining"])
+
     def expires_at(self, grant_id: UUID) -> datetime | None:
         """When grant ``grant_id`` expires (None: never)."""
         return self._grant(grant_id)["expires_at"]  # type: ignore[no-any-return]
@@ -1010,6 +1014,61 @@ class BillingAccount(ChainedAggregate):
         g["expires_at"] = expires_at
         g["late_usage"] = True
         g["carry"] = {"to": successor, "left": carry} if successor is not None and carry > 0 else None
+        self._update_arming(unit)
+
+    def hand_on_carry(self, *, grant_id: UUID, at: datetime, reason: str, by: str,
+                      successor: UUID | None = None) -> bool:
+        """Grant ``grant_id`` is about to be voided at or before its own start (a second plan change, or an immediate
+        cancel, at the instant of a change or a renewal that granted it): what kept grants carried into it (their
+        ``carry`` naming it) is handed on first, so their period's late usage still finds it (since session 15; before,
+        the void broke the link: that usage was owed, and a cancel's void took the carry back to deferred revenue).
+        Each carrier, in granted order, has at most what its carry still has and what the grant holds: it goes on into
+        ``successor`` (the change's new grant of the unit, which takes the grant's rest: the carrier names it now), or
+        without one (a cancel, a new plan without credit of the unit) it comes back to the carrier at once
+        (``CarryHandedOn``: Dr the grant / Cr the carrier, in ``TENANT_WALLET``), kept there for that late usage and
+        lapsed after its window with the carrier's own rest, as if the void's command had come alone. False: nothing
+        carried into it, nothing recorded. No alerts: the caller voids the grant and checks them once its movements
+        are done."""
+        g = self._grant(grant_id)
+        _require_time("at", at)
+        _require_text("reason", reason)
+        _require_text("by", by)
+        if g["status"] != "open":
+            raise GrantClosed(f"grant {grant_id} is {g['status']}")
+        if successor is not None and str(successor) == g["grant_id"]:
+            raise InvalidArgument("a grant cannot hand its carry on to itself")
+        gid, unit = g["grant_id"], g["unit"]
+        carriers = [c for c in self._grants.values() if c["status"] == "open" and c["carry"] is not None
+                    and c["carry"]["to"] == gid and c["carry"]["left"] > 0]
+        if not carriers:
+            return False
+        links: list[dict[str, Any]] = []
+        postings: list[Posting] = []
+        holds = g["remaining"]
+        for c in carriers:
+            part = min(c["carry"]["left"], holds)
+            holds -= part
+            on = part if successor is not None else 0
+            back = part - on
+            links.append({"grant_id": c["grant_id"], "to": str(successor) if on else None, "left": on, "back": back})
+            if back:
+                postings += [posting(LedgerAccount.TENANT_WALLET, unit, back, gid),
+                             posting(LedgerAccount.TENANT_WALLET, unit, -back, c["grant_id"])]
+        assert_balanced(postings)
+        self._carry_handed_on(grant_id=grant_id, unit=unit, links=links, postings=postings, reason=reason, by=by, at=at)
+        return True
+
+    @event("CarryHandedOn")
+    def _carry_handed_on(self, grant_id: UUID, unit: str, links: list[dict[str, Any]], postings: list[Posting],
+                         reason: str, by: str, at: datetime) -> None:
+        # Recorded since session 15. ``back`` leaves the grant for its carrier within the wallet (no other account).
+        g = self._grants[str(grant_id)]
+        for link in links:
+            c = self._grants[link["grant_id"]]
+            g["remaining"] -= link["back"]
+            c["remaining"] += link["back"]
+            c["moved"] -= link["back"]
+            c["carry"] = {"to": link["to"], "left": link["left"]} if link["to"] is not None else None
         self._update_arming(unit)
 
     @event("GrantExpired")
