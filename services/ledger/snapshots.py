@@ -101,10 +101,11 @@ log = get_logger(__name__)
 # 26: each grant keeps what it moved into a next grant when kept for its period's late usage (moved: a rollover's
 # carry, a change's rest) and the carry into that grant late usage may still draw (carry in _grants).
 # 27: the credit notes' credit usage drew per period, until the invoice of that period applies it after tax
-# (_credit_note_spend).
+# (_credit_note_spend). 28: each grant keeps what late usage of the period before drew of it through a carry into it
+# (carry_drawn in _grants).
 # ResourcePool 2: finished requests are forgotten after a while
 # (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 27, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 28, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

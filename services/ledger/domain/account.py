@@ -36,10 +36,10 @@ Credit kept for late usage (since session 14)
     ``drawable_until`` draws the kept rest first, then at most ``left`` of the next grant (``_carried_parts``, draws
     naming the next grant with ``carry_of``): the same money, since on time that usage would have come out of the part
     that lapses first and then the carry. A chain is followed (the next grant kept and carried on in turn), at most
-    ``CARRY_CHAIN_MAX`` grants deep. The next grant's ``amount`` shows the carry as it was at the close. Such draws
-    are remembered apart (``carry_of`` on the entry): a give-back of that usage while the kept grant is open credits
-    the next grant back and restores the carry. Before session 14 those closes voided the credit at once, and such
-    usage was owed as overage.
+    ``CARRY_CHAIN_MAX`` grants deep. The next grant counts what such usage drew of it (``carry_drawn``, since session
+    15): ``amount - carry_drawn`` is what it gives its own period, as on time. Such draws are remembered apart
+    (``carry_of`` on the entry): a give-back of that usage while the kept grant is open credits the next grant back and
+    restores the carry. Before session 14 those closes voided the credit at once, and such usage was owed as overage.
 
 Drawdown order (usage, captures)
     Only grants that are effective at ``at`` (``effective_at <= at``), not expired at ``at``
@@ -446,7 +446,9 @@ class BillingAccount(ChainedAggregate):
         return _spendable(self._eligible_grants(unit, meter, at), self.available(unit))
 
     def grant_balances(self) -> list[dict[str, Any]]:
-        """Every grant in granted order with its remaining credit (copies: changing them changes nothing)."""
+        """Every grant in granted order with its remaining credit (copies: changing them changes nothing). ``amount`` is
+        as granted; ``carry_drawn`` what late usage of the period before drew of it through a carry into it (since
+        session 15): ``amount - carry_drawn`` is what it gave its own period (the API's and dashboard's ``amount``)."""
         keys = (
             "grant_id",
             "unit",
@@ -459,6 +461,7 @@ class BillingAccount(ChainedAggregate):
             "source",
             "status",
             "refunded",
+            "carry_drawn",
         )
         return [{k: _copy(g[k]) for k in keys} for g in self._grants.values()]
 
@@ -3591,18 +3594,24 @@ class BillingAccount(ChainedAggregate):
             # that grant with what late usage may still draw of it ({"to", "left"}).
             moved=0,
             carry=None,
+            # What late usage of the period before drew of this grant through a carry into it (``carry_of`` draws, net
+            # of give-backs; format 28): the carry it no longer holds, shown apart from ``amount``.
+            carry_drawn=0,
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
         for draw in draws:
             gid, amount = draw["grant_id"], draw["amount"]
             self._grants[gid]["remaining"] -= amount
-            for carrier in draw.get("carry_of") or ():  # since session 14: late usage drawing a carry
-                self._grants[carrier]["carry"]["left"] -= amount
+            carry_of = draw.get("carry_of")
+            if carry_of:  # since session 14: late usage drawing a carry (counted on the grant drawn since session 15)
+                self._grants[gid]["carry_drawn"] += amount
+                for carrier in carry_of:
+                    self._grants[carrier]["carry"]["left"] -= amount
             if not remember:
                 continue
             stack = self._recent_draws.setdefault(unit, [])
-            carry_of = draw.get("carry_of")  # a draw through a carry is remembered apart, with its carriers
+            # A draw through a carry is remembered apart, with its carriers.
             if amount > 0:
                 if stack and stack[-1]["grant_id"] == gid and stack[-1].get("carry_of") == carry_of:
                     stack[-1]["amount"] += amount
