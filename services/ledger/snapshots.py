@@ -102,7 +102,7 @@ log = get_logger(__name__)
 # carry, a change's rest) and the carry into that grant late usage may still draw (carry in _grants).
 # 27: the credit notes' credit usage drew per period, until the invoice of that period applies it after tax
 # (_credit_note_spend). 28: each grant keeps what late usage of the period before drew of it through a carry into it
-# (carry_drawn in _grants).
+# (carry_drawn in _grants), and a kept grant's carry the part of it its successor does not hold (carry's reserve, from).
 # ResourcePool 2: finished requests are forgotten after a while
 # (_finished).
 FORMATS: dict[type[Aggregate], int] = {BillingAccount: 28, ResourcePool: 2}

@@ -48,6 +48,7 @@ from billing_ledger.domain.invoice import (
     line,
 )
 from billing_ledger.domain.periods import proration_fraction
+from billing_ledger.domain.postings import LedgerAccount
 from billing_ledger.domain.proration import (
     localized,
     paused_period_line,
@@ -347,11 +348,23 @@ def _successors(sub: Subscription, start: datetime, amounts: dict[int, int] | No
     credits = sub.plan.get("recurring_credits") or []
     if change is None:
         return {str(index): _recurring_grant_id(sub, start, index) for index in range(len(credits))}
-    first: dict[str, int] = {}
-    for index, credit in enumerate(credits):
-        first.setdefault(credit["unit"], index)
-    return {unit: _recurring_grant_id(sub, start, index, change) for unit, index in first.items()
+    return {unit: _recurring_grant_id(sub, start, index, change) for unit, index in _first_credits(sub).items()
             if index in (amounts or {})}
+
+
+def _successor_holds(sub: Subscription, amounts: dict[int, int]) -> dict[str, int]:
+    """Per unit, what a change's new grant of the unit (``_successors``) is granted (``amounts``:
+    ``_recurring_amounts``): of the old grants' rest it takes, the part late usage from before the change draws there;
+    the rest of it is their ``reserve`` (``_close_recurring``)."""
+    return {unit: amounts[index] for unit, index in _first_credits(sub).items() if index in amounts}
+
+
+def _first_credits(sub: Subscription) -> dict[str, int]:
+    """Per unit, the index of ``sub``'s plan's first recurring credit of it (the one that takes a change's carry)."""
+    first: dict[str, int] = {}
+    for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
+        first.setdefault(credit["unit"], index)
+    return first
 
 
 def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: list[str], at: datetime,
@@ -382,7 +395,8 @@ def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: li
 
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
                      rollover: bool, *, ended: bool = False, lapse_currency: int = 0, now: datetime | None = None,
-                     successors: dict[str, UUID] | None = None) -> tuple[dict[str, int], set[str], int]:
+                     successors: dict[str, UUID] | None = None, holds: dict[str, int] | None = None,
+                     included_back: bool = False) -> tuple[dict[str, int], set[str], int]:
     """Closes the current recurring grants to new usage at ``at``; returns the rollover to carry (capped), the units
     moved and what of the plan's currency went back to DEFERRED_REVENUE (not lapsed): the sub-units a change's or
     cancel's credit for unused time takes out of it again (``included_back``). No balance thresholds are checked: the
@@ -410,7 +424,12 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
     that fee no longer funds their credit), and late usage from before the cut draws it up to that. Without one (an
     immediate cancel, a unit the new plan does not grant) the grant keeps its rest for that usage and it lapses after
     the window; before session 14 a cancel voided it back to DEFERRED_REVENUE, where the credit for unused time took
-    it out again. A grant cut at or before its own start, or granted before session 9 (no ``drawable_until``), is
+    it out again. What of the rest the new grant does not hold (``holds``, per unit: what it is granted; a downgrade
+    after more than the elapsed time's share was used) is the kept grant's ``reserve`` (since session 15; before, that
+    usage beyond the new grant was owed though the old plan's allowance had it): once late usage has drawn the new
+    grant's part, the rest of that usage draws it, reinstated (``BillingAccount.keep_for_late_usage``) from recognised
+    revenue when the change's credit note takes the moved currency out of deferred revenue (``included_back``), else
+    from the account the move credited; not with ``lapse_currency`` (its fee given back in full: not reserved). A grant cut at or before its own start, or granted before session 9 (no ``drawable_until``), is
     voided at once as before; what kept grants carried into it is handed on first (a second change, or a cancel, at the
     instant of the change or renewal that granted it; ``BillingAccount.hand_on_carry``, since session 15): into the
     change's new grant of the unit, which takes its rest, or back to them."""
@@ -471,9 +490,16 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
                 continue
             cut = min(at, drawable_until)
             if successor is not None:  # a change's new grant of the unit takes the rest now, late usage from it
+                held = remaining if holds is None else min(remaining, holds.get(unit, 0))
+                if holds is not None:
+                    holds[unit] = holds.get(unit, 0) - held
+                reserve = remaining - held if not lapsed else 0  # the old allowance the new grant does not hold
                 account.keep_for_late_usage(grant_id=gid, at=at, drawable_until=cut, expires_at=cut + window,
                                             reason=reason, by=by, moved=remaining, lapsed=lapsed,
-                                            successor=successor if remaining else None, carry=remaining)
+                                            successor=successor if remaining else None, carry=remaining,
+                                            reserve=reserve, reserve_from=(
+                                                LedgerAccount.RECOGNISED_REVENUE.value
+                                                if currency and included_back else None))
                 back += remaining - lapsed if currency else 0
             else:
                 account.keep_for_late_usage(grant_id=gid, at=at, drawable_until=cut, expires_at=cut + window,
@@ -1178,9 +1204,13 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
             lapse, included = max(left - max(granting - included, 0), 0), min(included, granting)
         # The new grant of each unit takes what is left of the old ones now (late usage from before the change draws
         # it there); a unit it does not grant keeps its rest in the old grants for that usage, lapsed after it.
-        successors = _successors(sub, at, _recurring_amounts(sub, carried, fraction), change=command.command_id)
-        _, voided, returned = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False,
-                                               lapse_currency=lapse, successors=successors)
+        amounts = _recurring_amounts(sub, carried, fraction)
+        # What of the old grants' rest the new ones do not hold stays their reserve for that usage (``holds``); the
+        # credit for unused time takes what moved in the currency out of DEFERRED_REVENUE (``included_back``).
+        _, voided, returned = _close_recurring(
+            account, sub, at, command.issued_by, "plan_changed", rollover=False, lapse_currency=lapse,
+            successors=_successors(sub, at, amounts, change=command.command_id), holds=_successor_holds(sub, amounts),
+            included_back=_includes_credit(corrected) and not fee_given_back)
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
             fraction=fraction, change=command.command_id))

@@ -68,10 +68,10 @@ def handler_for(event_type: str) -> Handler | None:
 
 
 def _through_carry(data: dict[str, Any]) -> bool:
-    """Whether a debit drew a grant through a carry into it (late usage of the period before, rare): its grants' rows
-    count it too (``balances.carry_drawn``)."""
+    """Whether a debit drew a grant through a carry into it, or an old allowance reinstated (late usage of the period
+    before, rare): its grants' rows count it too (``balances.carry_drawn``), its history row says so."""
     draws = data.get("draws")
-    return type(draws) is list and any(type(d) is dict and "carry_of" in d for d in draws)
+    return type(draws) is list and any(type(d) is dict and ("carry_of" in d or "reinstated" in d) for d in draws)
 
 
 def project(fact: Fact, w: BatchWriter) -> None:

@@ -150,7 +150,8 @@ def transaction_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
 
 _NET_AND_TAX = re.compile(r"^net (-?\d+), tax (-?\d+)$")
 # After a note and ``; ``: a give-back's absorbed part, a gateway refund's usage_reversal credit taken back and owed.
-_AMOUNT_NOTE = re.compile(r"^(absorbed|usage_reversal credit taken back|owed|funds withdrawn|funds reinstated) (-?\d+)$")
+_AMOUNT_NOTE = re.compile(
+    r"^(absorbed|usage_reversal credit taken back|owed|funds withdrawn|funds reinstated|reinstated) (-?\d+)$")
 
 
 def _detail_text(detail: str | None, units: Units, code: str) -> str | None:

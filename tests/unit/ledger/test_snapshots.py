@@ -201,7 +201,7 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # usage (moved) and its carry into that grant that late usage may still draw (carry).
 # Format 27: _credit_note_spend (credit notes' credit usage drew, per period, until its invoice applies it).
 # Format 28: the same attributes, but each grant in _grants keeps what late usage of the period before drew of it
-# through a carry (carry_drawn).
+# through a carry (carry_drawn), and a kept grant's carry the part its successor does not hold (reserve, from).
 ACCOUNT_ATTRIBUTES_FORMAT_28 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
     "_adjustments", "_auto_top_up", "_billed_periods", "_created_on", "_credit_note_spend", "_disputes", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",

@@ -89,3 +89,43 @@ async def test_the_next_grant_shows_what_late_usage_left_of_its_carry_as_on_time
         "amount": "11.00", "carry_drawn": "0.00", "remaining": "11.00"}
     dumps = await dumps_by_batching(records + more, tmp_path, seed=15, size_max=4, replay_all=True)
     assert dumps[0] == dumps[1] == dumps[2]
+
+
+DOWNGRADE_CATALOG: dict[str, Any] = {
+    "meters": [{"code": "api_calls", "name": "API calls", "unit_of_measure": "call",
+                "price": {"model": "per_unit", "unit": "USD", "unit_amount": "1.00"}}],
+    "plans": [{"code": "pro", "name": "Pro", "currency": "USD", "base_fee": "1000.00",
+               "recurring_credits": [{"unit": "USD", "amount": "1000.00"}]},
+              {"code": "starter", "name": "Starter", "currency": "USD", "base_fee": "200.00",
+               "recurring_credits": [{"unit": "USD", "amount": "200.00"}]}],
+}
+
+
+async def test_late_usage_of_before_a_downgrade_shows_the_old_allowance_it_drew_as_the_ledger_decides(
+        service: ProjectionService) -> None:
+    """Pro (1,000.00 of credit) to Starter on Nov 17 12:00 after 600.00 used; 150.00 of Nov 15 after it draw Starter's
+    40.00 and 110.00 of Pro's allowance, which comes back into Pro's grant first (since session 15; they were owed).
+    The wallet, the grants and the history's row of that debit agree with the ledger."""
+    ledger = Ledger()
+    ledger.command("catalog.publish", None, at=NOV_1, document=DOWNGRADE_CATALOG, digest="downgrade-1")
+    ledger.command("account.open", "acme", at=NOV_1, currency="USD")
+    ledger.command("subscription.create", "acme", at=NOV_1, key="m", plan="pro")
+    usage_debit(ledger, "acme", "600.00", NOV_1 + timedelta(days=9))
+    ledger.command("subscription.change", "acme", at=datetime(2026, 11, 17, 12, tzinfo=UTC), key="m", plan="starter")
+    usage_debit(ledger, "acme", "150.00", NOV_1 + timedelta(days=14))
+    await apply(service, ledger.records())
+    account = ledger.get(ids.account_id("acme"))
+    async with api_client(service.db) as client:
+        headers = auth("viewer", "acme")
+        [usd] = (await client.get("/v1/accounts/acme/balance", headers=headers)).json()["wallets"]
+        grants = (await client.get("/v1/accounts/acme/grants", headers=headers)).json()["items"]
+        rows = (await client.get("/v1/accounts/acme/transactions?type=usage", headers=headers)).json()["items"]
+    assert (usd["receivable"], usd["late_usage_reserve"]) == ("1000.00", "250.00")  # Pro's invoice; 110.00 more owed
+    assert (usd["balance"], usd["late_usage_reserve"]) == (
+        format_subunits(account.balance("USD"), USD), format_subunits(account.late_usage_reserve("USD"), USD))
+    assert sorted((g["amount"], g["remaining"]) for g in grants if g["source"] == "plan_recurrence") == [
+        ("0.00", "0.00"), ("1000.00", "250.00")]
+    late = rows[0]  # newest first
+    # 150.00 of usage; the wallet: 360.00 of Pro's allowance back, 150.00 drawn (40.00 of Starter's, 110.00 of it).
+    assert (late["amount"], late["wallet_delta"], late["detail"]) == (
+        "-150.00", "210.00", "late usage; reinstated 360.00")
