@@ -1041,14 +1041,16 @@ class BillingAccount(ChainedAggregate):
         self._update_arming(unit)
 
     def hand_on_carry(self, *, grant_id: UUID, at: datetime, reason: str, by: str,
-                      successor: UUID | None = None) -> bool:
+                      successor: UUID | None = None, room: int | None = None,
+                      reserve_from: str | None = None) -> bool:
         """Grant ``grant_id`` is about to be voided at or before its own start (a second plan change, or an immediate
         cancel, at the instant of a change or a renewal that granted it): what kept grants carried into it (their
         ``carry`` naming it) is handed on first, so their period's late usage still finds it (since session 15; before,
         the void broke the link: that usage was owed, and a cancel's void took the carry back to deferred revenue).
         Each carrier, in granted order, has at most what its carry still has and what the grant holds: it goes on into
-        ``successor`` (the change's new grant of the unit, which takes the grant's rest: the carrier names it now, its
-        ``reserve`` too), or without one (a cancel, a new plan without credit of the unit) it comes back to the carrier
+        ``successor`` (the change's new grant of the unit, which takes the grant's rest: the carrier names it now, with
+        what of its carry and ``reserve`` the successor does not hold, ``room`` being what it is granted, as its
+        reserve: from its own ``from``, else ``reserve_from``, else the carrier's funding account), or without one (a cancel, a new plan without credit of the unit) it comes back to the carrier
         at once (``CarryHandedOn``: Dr the grant / Cr the carrier, in ``TENANT_WALLET``), with its ``reserve``
         reinstated (Dr its ``from``), kept there for that late usage and lapsed after its window with the carrier's own
         rest, as if the void's command had come alone. False: nothing carried into it, nothing recorded. No alerts: the
@@ -1075,8 +1077,14 @@ class BillingAccount(ChainedAggregate):
             holds -= part
             link: dict[str, Any] = {"grant_id": c["grant_id"], "to": None, "left": 0, "back": part}
             if successor is not None:
-                link.update(to=str(successor), left=part + reserve, back=0,
-                            **({"reserve": reserve, "from": c["carry"]["from"]} if reserve else {}))
+                claim = part + reserve
+                held = claim if room is None else min(claim, room)
+                if room is not None:
+                    room -= held
+                link.update(to=str(successor), left=claim, back=0,
+                            **({"reserve": claim - held,
+                                "from": c["carry"].get("from") or reserve_from or c["funded_by"]}
+                               if claim - held else {}))
             elif reserve:
                 link["reinstated"] = reserve
                 postings += [posting(LedgerAccount(c["carry"]["from"]), unit, reserve, c["grant_id"]),

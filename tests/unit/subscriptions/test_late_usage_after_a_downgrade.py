@@ -110,3 +110,27 @@ def test_the_reviewers_downgrade_bills_no_overage_for_late_usage_within_the_old_
     assert (lines(december), december.total) == (
         [("base_fee", "200.00"), ("usage", "750.00"), ("credits_applied", "-750.00")], Decimal("200.00"))
     app.close()
+
+
+@pytest.mark.parametrize("unit", ["CREDIT", "USD"])
+def test_a_downgrade_and_a_change_back_at_one_instant_leave_the_allowance_no_change_leaves(
+        tmp_path: Path, unit: str) -> None:
+    """750 used of Pro's 1,000 before Nov 17 12:00: Starter's grant would come to nothing (90 less the 200 used beyond
+    the elapsed share), so the downgrade grants none and Pro's grant keeps its 250 for late usage only. The change back
+    to Pro at the same instant granted 450 less Starter's 90 (360) and let the 250 lapse; it now takes them on: Pro's
+    grant for the rest of November is the 250 left, as with no change."""
+    found = {}
+    for name, changes in (("none", []), ("there_and_back", ["starter", "pro"])):
+        app = LedgerApplication(persistence_env(None, str(tmp_path / name)))
+        run(app, "catalog.publish", None, document=catalog(unit), digest=f"downgrade-{unit}")
+        run(app, "account.open", "acme", currency="USD")
+        run(app, "subscription.create", "acme", key="m", plan="pro")
+        calls(app, unit, "750", NOV_10)
+        for plan in changes:
+            run(app, "subscription.change", "acme", at=CHANGE, key="m", plan=plan)
+        left = sum(g["remaining"] for g in account(app).grant_balances() if g["source"] == "plan_recurrence")
+        outcome = _outcome(app, unit)
+        found[name] = {"left": left, "lapsed": sum(outcome["lapsed"]), "revenue": outcome["revenue"]}
+        app.close()
+    assert found["there_and_back"] == found["none"]
+    assert found["none"]["left"] == 250 * 100 * CENT

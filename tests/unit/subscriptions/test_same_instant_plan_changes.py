@@ -18,6 +18,7 @@ import pytest
 from billing_ledger.application import LedgerApplication
 from billing_ledger.sweeper import Sweeper
 
+from tests.unit.subscriptions.test_included_credit_revenue import revenue
 from tests.unit.subscriptions.test_invoice_books import events
 from tests.unit.subscriptions.test_invoice_overage import debit, run
 from tests.unit.subscriptions.test_late_usage_after_rollover_and_cut import (
@@ -86,6 +87,34 @@ def test_usage_from_before_two_commands_at_one_instant_draws_the_credit_carried_
     # 3.00 was owed: the upgrade's grant it was carried into was voided by the second command).
     assert late["overage"] == on_time["overage"] == 0
     assert late == on_time
+
+
+def _credit_left(path: Path, commands: list[Command]) -> dict[str, Any]:
+    """4.00 used on Nov 10, ``commands`` at Nov 16, the seats' 3.00 of Nov 15 after them; then the window closes and the
+    period's credit lapses: what the customer had of the credit, what lapsed, revenue and breakage."""
+    app = subscribed(path, rollover=False)
+    debit(app, "4.00", NOV_1, NOV_10)
+    for command in commands:
+        command(app)
+    close_debit(app, "3.00", NOV_1, NOV_15)
+    plan = [g["remaining"] for g in account(app).grant_balances() if g["source"] == "plan_recurrence"]
+    Sweeper(app).sweep(DEC_1 + LAPSES + timedelta(hours=1))
+    found = {"left": sum(plan), "owed": account(app).overage_receivable("USD"), "revenue": revenue(app),
+             "lapsed": sum(e.remainder for e in events(app, "GrantExpired"))}
+    app.close()
+    return found
+
+
+@pytest.mark.parametrize("there", [_change(NOV_16, quantity=3), _change(NOV_16, plan="lite")],
+                         ids=["upgrade", "downgrade_to_no_credit"])
+def test_a_change_and_a_change_back_at_one_instant_leave_the_credit_no_change_leaves(
+        tmp_path: Path, there: Command) -> None:
+    """Hybrid to Lite (no credit) and back at Nov 16 kept November's 6.00 in its grant for late usage only (the seats
+    drew 3.00 of it, 3.00 lapsed), then granted the change back 5.00 for the rest of November, where no change leaves
+    3.00: the 2.00 used beyond the elapsed half was forgotten. An upgrade and back owed the seats' 3.00."""
+    none = _credit_left(tmp_path / "none", [])
+    back = _credit_left(tmp_path / "there_and_back", [there, _change(NOV_16, plan="hybrid", quantity=1)])
+    assert back == none == {"left": 300 * CENT, "owed": 0, "revenue": none["revenue"], "lapsed": 300 * CENT}
 
 
 def test_an_upgrade_and_a_change_back_at_one_instant_leave_the_credit_no_change_leaves(tmp_path: Path) -> None:
