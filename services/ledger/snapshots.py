@@ -103,9 +103,11 @@ log = get_logger(__name__)
 # 27: the credit notes' credit usage drew per period, until the invoice of that period applies it after tax
 # (_credit_note_spend). 28: each share in a grant's refunds_paid_back names its refund and, for a lost dispute's, the
 # dispute (a gateway refund of an order's rest is told from a partial chargeback of the same amount).
+# 29: each grant keeps what late usage of the period before drew of it through a carry into it (carry_drawn in
+# _grants), and a kept grant's carry the part of it its successor does not hold (carry's reserve, from).
 # ResourcePool 2: finished requests are forgotten after a while
 # (_finished).
-FORMATS: dict[type[Aggregate], int] = {BillingAccount: 28, ResourcePool: 2}
+FORMATS: dict[type[Aggregate], int] = {BillingAccount: 29, ResourcePool: 2}
 FORMAT_KEY = "_snapshot_format"
 SNAPSHOT_WRITE_BATCH_MAX = 500  # snapshots per write statement
 _CLASSES = {get_topic(cls): cls for cls in FORMATS}

@@ -48,6 +48,7 @@ from billing_ledger.domain.invoice import (
     line,
 )
 from billing_ledger.domain.periods import proration_fraction
+from billing_ledger.domain.postings import LedgerAccount
 from billing_ledger.domain.proration import (
     localized,
     paused_period_line,
@@ -347,11 +348,23 @@ def _successors(sub: Subscription, start: datetime, amounts: dict[int, int] | No
     credits = sub.plan.get("recurring_credits") or []
     if change is None:
         return {str(index): _recurring_grant_id(sub, start, index) for index in range(len(credits))}
-    first: dict[str, int] = {}
-    for index, credit in enumerate(credits):
-        first.setdefault(credit["unit"], index)
-    return {unit: _recurring_grant_id(sub, start, index, change) for unit, index in first.items()
+    return {unit: _recurring_grant_id(sub, start, index, change) for unit, index in _first_credits(sub).items()
             if index in (amounts or {})}
+
+
+def _successor_holds(sub: Subscription, amounts: dict[int, int]) -> dict[str, int]:
+    """Per unit, what a change's new grant of the unit (``_successors``) is granted (``amounts``:
+    ``_recurring_amounts``): of the old grants' rest it takes, the part late usage from before the change draws there;
+    the rest of it is their ``reserve`` (``_close_recurring``)."""
+    return {unit: amounts[index] for unit, index in _first_credits(sub).items() if index in amounts}
+
+
+def _first_credits(sub: Subscription) -> dict[str, int]:
+    """Per unit, the index of ``sub``'s plan's first recurring credit of it (the one that takes a change's carry)."""
+    first: dict[str, int] = {}
+    for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
+        first.setdefault(credit["unit"], index)
+    return first
 
 
 def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: list[str], at: datetime,
@@ -382,7 +395,9 @@ def _repay_period_overage(account: BillingAccount, sub: Subscription, grants: li
 
 def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, by: str, reason: str,
                      rollover: bool, *, ended: bool = False, lapse_currency: int = 0, now: datetime | None = None,
-                     successors: dict[str, UUID] | None = None) -> tuple[dict[str, int], set[str], int]:
+                     successors: dict[str, UUID] | None = None, holds: dict[str, int] | None = None,
+                     included_back: bool = False, kept: list[str] | None = None,
+                     ) -> tuple[dict[str, int], set[str], int]:
     """Closes the current recurring grants to new usage at ``at``; returns the rollover to carry (capped), the units
     moved and what of the plan's currency went back to DEFERRED_REVENUE (not lapsed): the sub-units a change's or
     cancel's credit for unused time takes out of it again (``included_back``). No balance thresholds are checked: the
@@ -410,19 +425,30 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
     that fee no longer funds their credit), and late usage from before the cut draws it up to that. Without one (an
     immediate cancel, a unit the new plan does not grant) the grant keeps its rest for that usage and it lapses after
     the window; before session 14 a cancel voided it back to DEFERRED_REVENUE, where the credit for unused time took
-    it out again. A grant cut at or before its own start, or granted before session 9 (no ``drawable_until``), is
-    voided at once as before."""
+    it out again. What of the rest the new grant does not hold (``holds``, per unit: what it is granted; a downgrade
+    after more than the elapsed time's share was used) is the kept grant's ``reserve`` (since session 15; before, that
+    usage beyond the new grant was owed though the old plan's allowance had it): once late usage has drawn the new
+    grant's part, the rest of that usage draws it, reinstated (``BillingAccount.keep_for_late_usage``) from recognised
+    revenue when the change's credit note takes the moved currency out of deferred revenue (``included_back``), else
+    from the account the move credited; not with ``lapse_currency`` (its fee given back in full: not reserved).
+    ``kept``: grants an earlier change at the same instant kept without a new grant of their unit
+    (``Subscription.left_at``): those of a unit this change grants move into its new grant like the current ones. A grant cut at or before its own start, or granted before session 9 (no ``drawable_until``), is
+    voided at once as before; what kept grants carried into it is handed on first (a second change, or a cancel, at the
+    instant of the change or renewal that granted it; ``BillingAccount.hand_on_carry``, since session 15): into the
+    change's new grant of the unit, which takes its rest, or back to them."""
     carried: dict[str, int] = {}
     units: set[str] = set()
     back = 0
     credits = sub.plan.get("recurring_credits") or []
     balances = {g["grant_id"]: g for g in account.grant_balances()}
     window = timedelta(days=RECURRING_CREDIT_LATE_USAGE_DAYS)
-    for index, grant in enumerate(sub.recurring_grants):
+    for index, grant in enumerate([*sub.recurring_grants, *(kept or ())]):
         state = balances.get(grant)
         if state is None or state.get("status") != "open":
             continue
         gid, unit = UUID(grant), str(state["unit"])
+        if index >= len(sub.recurring_grants) and (successors or {}).get(unit) is None:
+            continue  # kept by a change at this instant, and no new grant of its unit now either: it stays kept
         remaining = int(state.get("remaining", 0))
         spec = credits[index] if index < len(credits) else {}
         late_usage = account.open_for_late_usage(gid)  # a credit without rollover, since session 13
@@ -459,14 +485,29 @@ def _close_recurring(account: BillingAccount, sub: Subscription, at: datetime, b
                 lapse_currency -= lapsed
             successor = (successors or {}).get(unit)
             if ended or drawable_until is None or at <= state["effective_at"]:
+                # Cut at its start: the carry that kept grants put in it goes on with its rest into the new grant, or
+                # back to them, so their period's late usage still finds it (the void broke the link before session 15).
+                from_revenue = LedgerAccount.RECOGNISED_REVENUE.value if currency and included_back else None
+                if not ended and account.hand_on_carry(grant_id=gid, at=at, reason=reason, by=by, successor=successor,
+                                                       room=None if holds is None else holds.get(unit, 0),
+                                                       reserve_from=from_revenue):
+                    remaining = account.remaining(gid)
+                    lapsed = min(lapsed, remaining)
                 account.void_grant(grant_id=gid, reason=reason, voided_by=by, at=at, thresholds=False, lapsed=lapsed)
                 back += remaining - lapsed if currency else 0
                 continue
             cut = min(at, drawable_until)
             if successor is not None:  # a change's new grant of the unit takes the rest now, late usage from it
+                held = remaining if holds is None else min(remaining, holds.get(unit, 0))
+                if holds is not None:
+                    holds[unit] = holds.get(unit, 0) - held
+                reserve = remaining - held if not lapsed else 0  # the old allowance the new grant does not hold
                 account.keep_for_late_usage(grant_id=gid, at=at, drawable_until=cut, expires_at=cut + window,
                                             reason=reason, by=by, moved=remaining, lapsed=lapsed,
-                                            successor=successor if remaining else None, carry=remaining)
+                                            successor=successor if remaining else None, carry=remaining,
+                                            reserve=reserve, reserve_from=(
+                                                LedgerAccount.RECOGNISED_REVENUE.value
+                                                if currency and included_back else None))
                 back += remaining - lapsed if currency else 0
             else:
                 account.keep_for_late_usage(grant_id=gid, at=at, drawable_until=cut, expires_at=cut + window,
@@ -493,7 +534,8 @@ def _check_thresholds(account: BillingAccount, units: set[str], at: datetime, *,
 
 
 def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str, Any], old_quantity: int,
-                  old_fraction: Decimal) -> dict[str, int]:
+                  old_fraction: Decimal, unclaimed: dict[str, int] | None = None
+                  ) -> tuple[dict[str, int], dict[str, int]]:
     """At a plan or quantity change, per credit index of the new plan: what is left of the current recurring
     grants beyond what the old allotment still gives for the rest of the period (negative when more than the
     time elapsed paid for was used). Called before the old grants are voided.
@@ -501,7 +543,12 @@ def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str
     The new grants are the new allotment prorated to the rest of the period plus this, like the base fee
     (old fee credited for the unused time, new fee charged for it): over a period the credits granted are
     the time-weighted allotments of the plans held, and using credits then changing back and forth refills
-    nothing. A unit the new plan does not grant carries nothing (its remainder is voided as before).
+    nothing. A unit the new plan does not grant carries nothing (the old grants keep their rest for late usage).
+
+    ``unclaimed``: per unit, the carry an earlier change at this same instant left that no new grant took
+    (``Subscription.left_at``), counted in as if that change had not happened (its plan's allotment is subtracted
+    here as the old one, so the carry is the first plan's). Also returns, per unit, what no credit of the new plan
+    takes (``unclaimed`` for a change after this one at the same instant).
     """
     balances = {g["grant_id"]: g for g in account.grant_balances()}
     by_unit: dict[str, int] = {}
@@ -511,11 +558,13 @@ def _change_carry(account: BillingAccount, sub: Subscription, old_plan: dict[str
             by_unit[state["unit"]] = by_unit.get(state["unit"], 0) + int(state.get("remaining", 0))
     for credit in old_plan.get("recurring_credits") or []:
         by_unit[credit["unit"]] = by_unit.get(credit["unit"], 0) - _allotment(credit, old_quantity, old_fraction)
+    for unit, amount in (unclaimed or {}).items():
+        by_unit[unit] = by_unit.get(unit, 0) + amount
     carried: dict[str, int] = {}
     for index, credit in enumerate(sub.plan.get("recurring_credits") or []):
         if credit["unit"] in by_unit:  # the first new credit of a unit takes that unit's carry
             carried[str(index)] = by_unit.pop(credit["unit"])
-    return carried
+    return carried, by_unit
 
 
 def tax_lines_for(net: Decimal, unit: str, profile: dict[str, Any] | None,
@@ -1159,7 +1208,9 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
             new_plan.get("recurring_credits") or sub.recurring_grants):
         # The old plan's remaining recurring grant is voided and the new one issued, atomically: the new
         # allotment for the rest of the period, plus what is left of the old beyond its own (_change_carry).
-        carried = _change_carry(account, sub, old_plan, old_quantity, old_fraction)
+        # A change at the instant of the one before takes on what that one left (``Subscription.left_at``).
+        kept, unclaimed = sub.left_at(at)
+        carried, unclaimed = _change_carry(account, sub, old_plan, old_quantity, old_fraction, unclaimed)
         fraction = proration_fraction(sub.period_start, sub.period_end, at)
         included = _included_credit(sub.plan, sub.quantity, fraction)
         lapse = 0
@@ -1175,17 +1226,34 @@ def change_subscription(app: LedgerApplication, batch: _Batch, command: LedgerCo
             lapse, included = max(left - max(granting - included, 0), 0), min(included, granting)
         # The new grant of each unit takes what is left of the old ones now (late usage from before the change draws
         # it there); a unit it does not grant keeps its rest in the old grants for that usage, lapsed after it.
-        successors = _successors(sub, at, _recurring_amounts(sub, carried, fraction), change=command.command_id)
-        _, voided, returned = _close_recurring(account, sub, at, command.issued_by, "plan_changed", rollover=False,
-                                               lapse_currency=lapse, successors=successors)
+        amounts = _recurring_amounts(sub, carried, fraction)
+        credits = sub.plan.get("recurring_credits") or []
+        for unit, index in _first_credits(sub).items():
+            if index not in amounts and str(index) in carried:  # its new grant comes to nothing: not granted
+                unclaimed[unit] = _allotment(credits[index], sub.quantity, fraction) + carried[str(index)]
+        # What of the old grants' rest the new ones do not hold stays their reserve for that usage (``holds``); the
+        # credit for unused time takes what moved in the currency out of DEFERRED_REVENUE (``included_back``), also
+        # when it corrects a plan without credit in it, if it moves the credit a change at this instant kept (the
+        # first plan's, whose fee included it).
+        states = {g["grant_id"]: g for g in account.grant_balances()}
+        takes_back = not fee_given_back and (_includes_credit(corrected) or any(
+            states[grant]["unit"] == sub.plan["currency"] and states[grant]["remaining"] > 0
+            for grant in kept if grant in states))
+        _, voided, returned = _close_recurring(
+            account, sub, at, command.issued_by, "plan_changed", rollover=False, lapse_currency=lapse,
+            successors=_successors(sub, at, amounts, change=command.command_id), holds=_successor_holds(sub, amounts),
+            included_back=takes_back, kept=kept)
+        states = {g["grant_id"]: g for g in account.grant_balances()}
+        kept = [grant for grant in [*sub.recurring_grants, *kept] if grant in states
+                and states[grant]["status"] == "open" and states[grant]["unit"] in unclaimed]
         sub.set_recurring_grants(_grant_recurring(
             account, sub, at, sub.period_end, command.issued_by, carried,
-            fraction=fraction, change=command.command_id))
+            fraction=fraction, change=command.command_id), at=at, kept=kept, unclaimed=unclaimed)
         # The new fee's included credit in the currency (the new allotment for the rest of the period) is not
         # recognised ratably; what the old grants had left beyond what the new ones carry, plus that allotment,
         # came back to DEFERRED_REVENUE from the wallet: the credit for unused time takes it out again.
         back = returned - _granted_in_currency(account, sub.recurring_grants, sub.plan["currency"]) + included \
-            if _includes_credit(corrected) and not fee_given_back else 0
+            if takes_back else 0
         lines = _with_included(lines, included, back)
         # Usage since ``at`` already posted beyond credit (the change came later, given an earlier ``at``) drew
         # nothing of the new grants: they repay it, as they would have covered it on time.

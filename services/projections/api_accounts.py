@@ -33,8 +33,9 @@ MONTHLY_COLUMNS = ("tenant", "year", "month", "meter", "usage_type", "meter_name
                    "events")
 AI_COLUMNS = ("model", "operation", "user", "input_tokens", "output_tokens", "cached_tokens", "tokens", "unit",
               "cost", "events")
-GRANT_COLUMNS = ("grant_id", "unit", "source", "status", "amount", "remaining", "tax", "refunded", "breakage",
-                 "priority", "effective_at", "expires_at", "drawable_until", "expiring_soon", "scope", "granted_by", "cause")
+GRANT_COLUMNS = ("grant_id", "unit", "source", "status", "amount", "carry_drawn", "remaining", "tax", "refunded",
+                 "breakage", "priority", "effective_at", "expires_at", "drawable_until", "expiring_soon", "scope",
+                 "granted_by", "cause")
 FIGURE_COLUMNS = tuple(api_models.Figures.model_fields)
 INVOICE_COLUMNS = ("invoice_id", "number", "document_type", "status", "currency", "issue_date", "due_date",
                    "period", "period_start", "period_end", "subtotal", "tax", "total", "lines", "subscription_id",

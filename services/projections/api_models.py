@@ -43,7 +43,11 @@ class Grant(BaseModel):
     unit: str
     source: str = Field(examples=["purchase", "promotion", "plan_recurrence", "manual"])
     status: str = Field(examples=["open", "expired", "voided"])
-    amount: Amount
+    amount: Amount = Field(description="What the grant gives: as granted, less carry_drawn (a plan credit that took "
+                                       "the period before's carry: what it can still give its own period)")
+    carry_drawn: Amount = Field(
+        description="Of a plan credit that took a carry from the period before (rollover, a plan change's rest): what "
+                    "that period's late usage drew of it since (amount + carry_drawn is what was granted)")
     remaining: Amount
     tax: Amount
     refunded: Amount

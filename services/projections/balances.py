@@ -11,7 +11,9 @@
   ``CreditGranted.drawable_until``, recorded since session 9 for rollover credits, since session 13 for all). "Expiring
   soon" looks at the earlier of the two (``ends_at``). ``set_aside_at``: when its period ended and the ledger set
   it aside for that period's late usage (``GrantSetAside``, since session 13): what is left of it is the wallet's
-  ``late_usage_reserve``, in ``balance`` but not ``available`` (new usage cannot draw it).
+  ``late_usage_reserve``, in ``balance`` but not ``available`` (new usage cannot draw it). ``carry_drawn``: what late
+  usage of the period before drew of it through a carry into it (draws naming ``carry_of``, net of give-backs, since
+  session 15): the API shows ``amount`` less it, what the grant gave its own period.
 * ``ledger_balances``: signed balance (debit positive) per tenant, ledger account and unit.
 """
 
@@ -37,7 +39,7 @@ WALLETS = Table("wallets", {"tenant": "TEXT", "unit": "TEXT"}, {
 GRANTS = Table("grants", {"grant_id": "TEXT"}, {
     "tenant": value("TEXT NOT NULL"), "unit": value("TEXT NOT NULL"), "source": value("TEXT NOT NULL"),
     "amount": value("BIGINT NOT NULL"), "tax_amount": value("BIGINT NOT NULL"), "remaining": INT_SUM,
-    "refunded": INT_SUM, "breakage": INT_SUM, "priority": value("BIGINT NOT NULL"),
+    "refunded": INT_SUM, "breakage": INT_SUM, "carry_drawn": INT_SUM, "priority": value("BIGINT NOT NULL"),
     "effective_at": value("TEXT NOT NULL"), "expires_at": value("TEXT"), "drawable_until": value("TEXT"),
     "set_aside_at": value("TEXT"), "scope": value("TEXT"),
     "status": value("TEXT NOT NULL"), "granted_by": value("TEXT"), "cause": value("TEXT"),
@@ -94,8 +96,24 @@ def _project_debit(fact: Fact, w: BatchWriter) -> None:
     if isinstance(credit, dict):
         _insert_grant(fact, w, credit, granted_at=fact.occurred_at)
     grants = sums.grants
+    carried = carry_drawn(data)
     for grant_id in sorted(grants) if len(grants) > 1 else grants:
-        w.upsert(GRANTS, (grant_id,), set=last, add={"remaining": grants[grant_id]})
+        add = {"remaining": grants[grant_id]}
+        if grant_id in carried:
+            add["carry_drawn"] = carried[grant_id]
+        w.upsert(GRANTS, (grant_id,), set=last, add=add)
+
+
+def carry_drawn(data: dict[str, Any]) -> dict[str, int]:
+    """Per grant, what a debit's or capture's draws took of it through a carry into it (``carry_of``: late usage of
+    the period before; negative: a give-back of such usage). Empty for almost every debit."""
+    found: dict[str, int] = {}
+    draws = data.get("draws")
+    for draw in draws if isinstance(draws, list) else ():
+        if isinstance(draw, dict) and draw.get("carry_of"):
+            gid = str(draw["grant_id"])
+            found[gid] = found.get(gid, 0) + int(draw["amount"])
+    return found
 
 
 def project(fact: Fact, w: BatchWriter) -> None:
@@ -158,8 +176,10 @@ def _project_grants(fact: Fact, w: BatchWriter, sums: PostingSums) -> None:
     grant_id = str(data.get("grant_id") or "")
     if name not in _GRANT_EVENTS:
         last = {"last_position": fact.position}
+        carried = carry_drawn(data) if name == "HoldCaptured" else {}
         for gid, delta in sorted(sums.grants.items()):
-            w.upsert(GRANTS, (gid,), set=last, add={"remaining": delta})
+            w.upsert(GRANTS, (gid,), set=last,
+                     add={"remaining": delta, **({"carry_drawn": carried[gid]} if gid in carried else {})})
         return
     changes: dict[str, dict[str, dict[str, Any]]] = {}
     for gid, delta in sums.grants.items():
@@ -238,8 +258,9 @@ async def grants(db: Database, tenant: str, *, status: str | None = None, unit: 
             args.append(wanted)
             where.append(f"{column} = ${len(args)}")
     return await db.fetch(
-        "SELECT grant_id, unit, source, amount, tax_amount, remaining, refunded, breakage, priority, effective_at, "
-        "expires_at, drawable_until, set_aside_at, scope, status, granted_by, cause, last_position FROM grants "
+        "SELECT grant_id, unit, source, amount, tax_amount, remaining, refunded, breakage, carry_drawn, priority, "
+        "effective_at, expires_at, drawable_until, set_aside_at, scope, status, granted_by, cause, last_position "
+        "FROM grants "
         f"WHERE {' AND '.join(where)} "
         "ORDER BY effective_at, grant_id", *args)
 

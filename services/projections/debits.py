@@ -11,7 +11,7 @@ events, handlers alone, each batch's events decoded first). The shared rules sta
 (``facts.posting_sums``, ``ai_usage.tokens_by_class``, ...); their usual cases are written out here (postings of
 text accounts and units walked in place, keyed by their rows' keys; a plain quantity or ``contribution`` and the
 priced token texts decoded without a call each; one event id as is), anything else takes the shared rule. A debit
-whose shape is unusual (it grants credit, has no tenant) goes through the six handlers themselves. ``tests/unit/projections/test_debits.py``
+whose shape is unusual (it grants credit, has no tenant, draws a grant through a carry) goes through the six handlers themselves. ``tests/unit/projections/test_debits.py``
 checks that both paths write identical rows for every shape of debit.
 """
 
@@ -67,11 +67,18 @@ def handler_for(event_type: str) -> Handler | None:
     return project if event_type == EVENT_TYPE else None
 
 
+def _through_carry(data: dict[str, Any]) -> bool:
+    """Whether a debit drew a grant through a carry into it, or an old allowance reinstated (late usage of the period
+    before, rare): its grants' rows count it too (``balances.carry_drawn``), its history row says so."""
+    draws = data.get("draws")
+    return type(draws) is list and any(type(d) is dict and ("carry_of" in d or "reinstated" in d) for d in draws)
+
+
 def project(fact: Fact, w: BatchWriter) -> None:
     tenant = fact.tenant
     data = fact.data
-    if not tenant or data.get("credit_grant") is not None or fact.aggregate != "BillingAccount":
-        for handler in HANDLERS:  # nothing (no tenant) or a grant too: the general path
+    if not tenant or data.get("credit_grant") is not None or fact.aggregate != "BillingAccount" or _through_carry(data):
+        for handler in HANDLERS:  # nothing (no tenant), a grant too, or late usage through a carry: the general path
             handler(fact, w)
         return
     position = fact.position

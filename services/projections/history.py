@@ -100,7 +100,7 @@ def _movement(fact: Fact) -> dict[str, Any] | None:
         if is_free_usage(d):
             return None
         return {"type": "usage", "amount": -int(d["amount"]), "reference": d.get("command_id"),
-                "detail": give_back_detail(d) if int(d["amount"]) < 0 else None}
+                "detail": give_back_detail(d) if int(d["amount"]) < 0 else reinstated_detail(d)}
     if name == "UsageRejected":
         return {"type": "usage_rejected", "amount": 0, "reference": d.get("command_id"), "detail": d.get("reason")}
     if name == "GrantExpired":
@@ -219,6 +219,16 @@ def give_back_detail(data: dict[str, Any]) -> str:
     total = sum(int(part.get("amount") or 0) for part in absorbed if isinstance(part, dict)) \
         if isinstance(absorbed, list) else 0
     return f"give-back; absorbed {total}" if total else "give-back"
+
+
+def reinstated_detail(data: dict[str, Any]) -> str | None:
+    """Late usage of before a downgrade that drew the old plan's allowance the new grant did not hold (since session
+    15): that allowance came back into its grant first (``reinstated`` on a draw; the row's wallet_delta has it),
+    ``late usage; reinstated N``. None for any other debit."""
+    draws = data.get("draws")
+    total = sum(int(draw.get("reinstated") or 0) for draw in draws if isinstance(draw, dict)) \
+        if isinstance(draws, list) else 0
+    return f"late usage; reinstated {total}" if total else None
 
 
 def _tax_detail(data: dict[str, Any]) -> str:

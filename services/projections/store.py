@@ -47,7 +47,9 @@ from billing_runtime.db import Connection, Database
 # 18: figures' dispute_fees (what gateways charged for disputes, ``DisputeFeeBooked``); the history's dispute rows show
 #     the fee, and a partial chargeback's share of an order's bonus (``GrantPartVoided``) as a void row.
 # 19: revenue_daily (deferred and recognised revenue per tenant, day and unit: the revenue report, IFRS 15 close).
-SCHEMA_VERSION = "19"
+# 20: grants.carry_drawn (what late usage of the period before drew of a grant through a carry into it): the grants
+#     list shows ``amount`` less it.
+SCHEMA_VERSION = "20"
 
 POSITIONS = Table("positions", {"topic": "TEXT", "partition": "INTEGER"}, {
     "next_offset": value("BIGINT NOT NULL"), "last_position": value("BIGINT NOT NULL"),

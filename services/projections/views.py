@@ -121,7 +121,10 @@ def grant_view(row: dict[str, Any], units: Units, now: datetime) -> dict[str, An
     expires = row["expires_at"]
     return {
         "grant_id": row["grant_id"], "unit": code, "source": row["source"], "status": row["status"],
-        "amount": units.fmt(row["amount"], code), "remaining": units.fmt(row["remaining"], code),
+        # What the grant gave its own period: as granted, less the carry late usage of the period before drew of it.
+        "amount": units.fmt(row["amount"] - int(row.get("carry_drawn") or 0), code),
+        "carry_drawn": units.fmt(int(row.get("carry_drawn") or 0), code),
+        "remaining": units.fmt(row["remaining"], code),
         "tax": units.fmt(row["tax_amount"], code), "refunded": units.fmt(row["refunded"], code),
         "breakage": units.fmt(row["breakage"], code), "priority": int(row["priority"]),
         "effective_at": row["effective_at"], "expires_at": expires, "drawable_until": row.get("drawable_until"),
@@ -147,7 +150,8 @@ def transaction_view(row: dict[str, Any], units: Units) -> dict[str, Any]:
 
 _NET_AND_TAX = re.compile(r"^net (-?\d+), tax (-?\d+)$")
 # After a note and ``; ``: a give-back's absorbed part, a gateway refund's usage_reversal credit taken back and owed.
-_AMOUNT_NOTE = re.compile(r"^(absorbed|usage_reversal credit taken back|owed|funds withdrawn|funds reinstated) (-?\d+)$")
+_AMOUNT_NOTE = re.compile(
+    r"^(absorbed|usage_reversal credit taken back|owed|funds withdrawn|funds reinstated|reinstated) (-?\d+)$")
 
 
 def _detail_text(detail: str | None, units: Units, code: str) -> str | None:

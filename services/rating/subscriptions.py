@@ -308,7 +308,10 @@ async def _remember_plan(conn: Connection, sid: str, row: Any, data: dict[str, A
     stored = await conn.fetchval("SELECT history FROM subscription_plans WHERE subscription_id = $1", sid)
     history = [entry for entry in (_plans(stored) if stored else ()) if entry[0] >= at - PLAN_HISTORY_KEPT]
     history.append((at, row["plan_code"], int(row["plan_version"])))
-    history = sorted(history)[-PLAN_HISTORY_ENTRIES_MAX:]
+    # By instant only, stable: changes at one instant stay in the order the ledger recorded them, so the plan in force
+    # just before it is the first one replaced (sorted whole, the plan codes decided: team -> basic -> team at one
+    # instant priced the usage before it by basic, held for no time at all; since session 15).
+    history = sorted(history, key=lambda entry: entry[0])[-PLAN_HISTORY_ENTRIES_MAX:]
     await conn.execute(
         "INSERT INTO subscription_plans (subscription_id, history) VALUES ($1, $2) ON CONFLICT (subscription_id) "
         "DO UPDATE SET history = excluded.history", sid,

@@ -36,10 +36,13 @@ Credit kept for late usage (since session 14)
     ``drawable_until`` draws the kept rest first, then at most ``left`` of the next grant (``_carried_parts``, draws
     naming the next grant with ``carry_of``): the same money, since on time that usage would have come out of the part
     that lapses first and then the carry. A chain is followed (the next grant kept and carried on in turn), at most
-    ``CARRY_CHAIN_MAX`` grants deep. The next grant's ``amount`` shows the carry as it was at the close. Such draws
-    are remembered apart (``carry_of`` on the entry): a give-back of that usage while the kept grant is open credits
-    the next grant back and restores the carry. Before session 14 those closes voided the credit at once, and such
-    usage was owed as overage.
+    ``CARRY_CHAIN_MAX`` grants deep. The next grant counts what such usage drew of it (``carry_drawn``, since session
+    15): ``amount - carry_drawn`` is what it gives its own period, as on time. Such draws are remembered apart
+    (``carry_of`` on the entry): a give-back of that usage while the kept grant is open credits the next grant back and
+    restores the carry. Before session 14 those closes voided the credit at once, and such usage was owed as overage.
+    A change's new grant may hold less than the kept grant's rest (a downgrade): the rest of the carry is its
+    ``reserve`` (since session 15), the old plan's allowance late usage draws once it has drawn all of the successor's
+    part, reinstated into the kept grant by that draw (``reinstated``; ``_carried_parts``, ``_apply_draws``).
 
 Drawdown order (usage, captures)
     Only grants that are effective at ``at`` (``effective_at <= at``), not expired at ``at``
@@ -460,7 +463,9 @@ class BillingAccount(ChainedAggregate):
         return _spendable(self._eligible_grants(unit, meter, at), self.available(unit))
 
     def grant_balances(self) -> list[dict[str, Any]]:
-        """Every grant in granted order with its remaining credit (copies: changing them changes nothing)."""
+        """Every grant in granted order with its remaining credit (copies: changing them changes nothing). ``amount`` is
+        as granted; ``carry_drawn`` what late usage of the period before drew of it through a carry into it (since
+        session 15): ``amount - carry_drawn`` is what it gave its own period (the API's and dashboard's ``amount``)."""
         keys = (
             "grant_id",
             "unit",
@@ -473,6 +478,7 @@ class BillingAccount(ChainedAggregate):
             "source",
             "status",
             "refunded",
+            "carry_drawn",
         )
         return [{k: _copy(g[k]) for k in keys} for g in self._grants.values()]
 
@@ -503,6 +509,10 @@ class BillingAccount(ChainedAggregate):
         an immediate cancel or a change, ``keep_for_late_usage``); None: recorded before session 9, drawn until it
         expires."""
         return self._grant(grant_id).get("drawable_until")  # type: ignore[no-any-return]
+
+    def remaining(self, grant_id: UUID) -> int:
+        """What is left of grant ``grant_id`` (sub-units)."""
+        return int(self._grant(grant_id)["remaining"])
 
     def expires_at(self, grant_id: UUID) -> datetime | None:
         """When grant ``grant_id`` expires (None: never)."""
@@ -966,7 +976,7 @@ class BillingAccount(ChainedAggregate):
 
     def keep_for_late_usage(self, *, grant_id: UUID, at: datetime, drawable_until: datetime, expires_at: datetime,
                             reason: str, by: str, moved: int = 0, lapsed: int = 0, successor: UUID | None = None,
-                            carry: int = 0) -> None:
+                            carry: int = 0, reserve: int = 0, reserve_from: str | None = None) -> None:
         """A plan credit whose period ended (a renewal, a paused one, a cancel at the period's end) or was cut short at
         ``drawable_until`` (an immediate cancel, a plan or quantity change) stays open until ``expires_at`` for the usage
         of before ``drawable_until`` that reaches the ledger late, as a credit without rollover does after its period
@@ -977,7 +987,14 @@ class BillingAccount(ChainedAggregate):
         what a next grant takes again (a rollover's carry, a change's whole rest). ``successor`` (with ``carry``): that
         grant; late usage of before ``drawable_until`` draws this grant's rest first and then at most ``carry`` of the
         successor (the same money: on time it would have come out of the carry). No alerts here: the caller sets it
-        aside (``set_aside_grants``) and checks them once its movements are done."""
+        aside (``set_aside_grants``) and checks them once its movements are done.
+
+        ``reserve`` (at most ``carry``, since session 15): the part of the carry the successor does not hold (a
+        downgrade's new grant, less than the rest: on time, usage of before the change lowers the new grant to nothing
+        and then the rest stays in the old grant). Late usage draws the successor's part first, and once that usage has
+        taken all of it, this old allowance: reinstated into this grant (from ``reserve_from``, the account the move
+        credited; recognised revenue when the change's credit note took it out of deferred revenue, ``included_back``)
+        as the usage needs it, whole, and lapsed after the window like the rest of it, as on time."""
         g = self._grant(grant_id)
         _require_time("at", at)
         _require_time("drawable_until", drawable_until)
@@ -987,10 +1004,17 @@ class BillingAccount(ChainedAggregate):
         _require_amount("moved", moved, allow_zero=True)
         _require_amount("lapsed", lapsed, allow_zero=True)
         _require_amount("carry", carry, allow_zero=True)
+        _require_amount("reserve", reserve, allow_zero=True)
         if g["status"] != "open":
             raise GrantClosed(f"grant {grant_id} is {g['status']}")
         if g["source"] != GrantSource.PLAN_RECURRENCE or g.get("drawable_until") is None:
             raise InvalidArgument("only a plan credit with drawable_until is kept for late usage")
+        if reserve > carry or reserve > moved - lapsed:
+            raise InvalidAmount(f"a reserve of {reserve} is more than the carry {carry} or what moved back")
+        try:
+            source = LedgerAccount(reserve_from or g["funded_by"])
+        except ValueError:
+            raise InvalidArgument(f"unknown ledger account {reserve_from!r}") from None
         if not g["effective_at"] < drawable_until <= g["drawable_until"]:
             raise InvalidArgument("drawable_until must be after effective_at and not after the grant's own")
         if expires_at <= drawable_until:
@@ -1012,12 +1036,14 @@ class BillingAccount(ChainedAggregate):
         self._grant_kept_for_late_usage(
             grant_id=grant_id, unit=unit, moved=moved, lapsed=lapsed, postings=postings,
             drawable_until=drawable_until, expires_at=expires_at,
-            successor=None if successor is None else str(successor), carry=carry, reason=reason, by=by, at=at)
+            successor=None if successor is None else str(successor), carry=carry, reason=reason, by=by, at=at,
+            **({"reserve": reserve, "reserve_from": source.value} if reserve else {}))
 
     @event("GrantKeptForLateUsage")
     def _grant_kept_for_late_usage(self, grant_id: UUID, unit: str, moved: int, lapsed: int, postings: list[Posting],
                                    drawable_until: datetime, expires_at: datetime, successor: str | None, carry: int,
-                                   reason: str, by: str, at: datetime) -> None:
+                                   reason: str, by: str, at: datetime, reserve: int = 0,
+                                   reserve_from: str | None = None) -> None:
         # Recorded since session 14. ``moved`` left the wallet (``lapsed`` of it to breakage); ``moved - lapsed`` is
         # kept apart (``moved``) so a give-back never credits back what went to the next grant.
         g = self._grants[str(grant_id)]
@@ -1027,7 +1053,81 @@ class BillingAccount(ChainedAggregate):
         g["drawable_until"] = drawable_until
         g["expires_at"] = expires_at
         g["late_usage"] = True
-        g["carry"] = {"to": successor, "left": carry} if successor is not None and carry > 0 else None
+        # ``reserve`` / ``from`` (recorded since session 15): the part of the carry the successor does not hold.
+        g["carry"] = {"to": successor, "left": carry, "reserve": reserve, "from": reserve_from} \
+            if successor is not None and carry > 0 else None
+        self._update_arming(unit)
+
+    def hand_on_carry(self, *, grant_id: UUID, at: datetime, reason: str, by: str,
+                      successor: UUID | None = None, room: int | None = None,
+                      reserve_from: str | None = None) -> bool:
+        """Grant ``grant_id`` is about to be voided at or before its own start (a second plan change, or an immediate
+        cancel, at the instant of a change or a renewal that granted it): what kept grants carried into it (their
+        ``carry`` naming it) is handed on first, so their period's late usage still finds it (since session 15; before,
+        the void broke the link: that usage was owed, and a cancel's void took the carry back to deferred revenue).
+        Each carrier, in granted order, has at most what its carry still has and what the grant holds: it goes on into
+        ``successor`` (the change's new grant of the unit, which takes the grant's rest: the carrier names it now, with
+        what of its carry and ``reserve`` the successor does not hold, ``room`` being what it is granted, as its
+        reserve: from its own ``from``, else ``reserve_from``, else the carrier's funding account), or without one (a cancel, a new plan without credit of the unit) it comes back to the carrier
+        at once (``CarryHandedOn``: Dr the grant / Cr the carrier, in ``TENANT_WALLET``), with its ``reserve``
+        reinstated (Dr its ``from``), kept there for that late usage and lapsed after its window with the carrier's own
+        rest, as if the void's command had come alone. False: nothing carried into it, nothing recorded. No alerts: the
+        caller voids the grant and checks them once its movements are done."""
+        g = self._grant(grant_id)
+        _require_time("at", at)
+        _require_text("reason", reason)
+        _require_text("by", by)
+        if g["status"] != "open":
+            raise GrantClosed(f"grant {grant_id} is {g['status']}")
+        if successor is not None and str(successor) == g["grant_id"]:
+            raise InvalidArgument("a grant cannot hand its carry on to itself")
+        gid, unit = g["grant_id"], g["unit"]
+        carriers = [c for c in self._grants.values() if c["status"] == "open" and c["carry"] is not None
+                    and c["carry"]["to"] == gid and c["carry"]["left"] > 0]
+        if not carriers:
+            return False
+        links: list[dict[str, Any]] = []
+        postings: list[Posting] = []
+        holds = g["remaining"]
+        for c in carriers:
+            reserve = min(c["carry"].get("reserve", 0), c["carry"]["left"])
+            part = min(c["carry"]["left"] - reserve, holds)
+            holds -= part
+            link: dict[str, Any] = {"grant_id": c["grant_id"], "to": None, "left": 0, "back": part}
+            if successor is not None:
+                claim = part + reserve
+                held = claim if room is None else min(claim, room)
+                if room is not None:
+                    room -= held
+                link.update(to=str(successor), left=claim, back=0,
+                            **({"reserve": claim - held,
+                                "from": c["carry"].get("from") or reserve_from or c["funded_by"]}
+                               if claim - held else {}))
+            elif reserve:
+                link["reinstated"] = reserve
+                postings += [posting(LedgerAccount(c["carry"]["from"]), unit, reserve, c["grant_id"]),
+                             posting(LedgerAccount.TENANT_WALLET, unit, -reserve, c["grant_id"])]
+            links.append(link)
+            if link["back"]:
+                postings += [posting(LedgerAccount.TENANT_WALLET, unit, part, gid),
+                             posting(LedgerAccount.TENANT_WALLET, unit, -part, c["grant_id"])]
+        assert_balanced(postings)
+        self._carry_handed_on(grant_id=grant_id, unit=unit, links=links, postings=postings, reason=reason, by=by, at=at)
+        return True
+
+    @event("CarryHandedOn")
+    def _carry_handed_on(self, grant_id: UUID, unit: str, links: list[dict[str, Any]], postings: list[Posting],
+                         reason: str, by: str, at: datetime) -> None:
+        # Recorded since session 15. ``back`` leaves the grant for its carrier within the wallet (no other account).
+        g = self._grants[str(grant_id)]
+        for link in links:
+            c = self._grants[link["grant_id"]]
+            back = link["back"] + link.get("reinstated", 0)
+            g["remaining"] -= link["back"]
+            c["remaining"] += back
+            c["moved"] -= back
+            c["carry"] = {"to": link["to"], "left": link["left"], "reserve": link.get("reserve", 0),
+                          "from": link.get("from")} if link["to"] is not None else None
         self._update_arming(unit)
 
     @event("GrantExpired")
@@ -3553,7 +3653,8 @@ class BillingAccount(ChainedAggregate):
         most the carry left along the way and the successor's credit not ``taken`` by an earlier part."""
         parts: list[GrantRecord] = []
         link, via = g["carry"], [g["grant_id"]]
-        left = link["left"]
+        reserve = min(link.get("reserve", 0), link["left"])
+        left = held = link["left"] - reserve
         for _ in range(CARRY_CHAIN_MAX):
             successor = self._grants.get(link["to"])
             if successor is None or successor["status"] != "open" or not _in_scope(successor, meter) or left <= 0:
@@ -3569,6 +3670,11 @@ class BillingAccount(ChainedAggregate):
             if link is None:
                 break
             left, via = min(left, link["left"]), [*via, gid]
+        if reserve and sum(part["remaining"] for part in parts) == held:
+            # The successor's part all drawable by this usage: then the old allowance it does not hold (since session
+            # 15), reinstated into ``g`` as the usage draws it (``_plan_draws``, ``_apply_draws``).
+            parts.append({"grant_id": g["grant_id"], "remaining": reserve, "set_aside": True,
+                          "reinstate": reserve, "from": g["carry"]["from"]})
         return parts
 
     def _plan_draws(self, unit: str, meter: str | None, at: datetime, amount: int, available: int, *,
@@ -3589,6 +3695,8 @@ class BillingAccount(ChainedAggregate):
             draw: Draw = {"grant_id": g["grant_id"], "amount": part}
             if g.get("carry_of"):  # a successor's credit through these grants' carry (``_carried_parts``)
                 draw["carry_of"] = g["carry_of"]
+            if g.get("reinstate"):  # a kept grant's old allowance, reinstated whole (``_carried_parts``)
+                draw.update(reinstated=g["reinstate"], reinstated_from=g["from"])
             draws.append(draw)
             left -= part
         assert left == 0, "callers never plan more than the spendable credit"
@@ -3616,18 +3724,30 @@ class BillingAccount(ChainedAggregate):
             # that grant with what late usage may still draw of it ({"to", "left"}).
             moved=0,
             carry=None,
+            # What late usage of the period before drew of this grant through a carry into it (``carry_of`` draws, net
+            # of give-backs; format 28): the carry it no longer holds, shown apart from ``amount``.
+            carry_drawn=0,
         )
 
     def _apply_draws(self, unit: str, draws: Iterable[Draw], *, remember: bool) -> None:
         for draw in draws:
             gid, amount = draw["grant_id"], draw["amount"]
+            reinstated = draw.get("reinstated")
+            if reinstated:  # since session 15: the old allowance a change moved out comes back for late usage of it
+                g = self._grants[gid]
+                g["remaining"] += reinstated
+                g["moved"] -= reinstated
+                g["carry"] = None
             self._grants[gid]["remaining"] -= amount
-            for carrier in draw.get("carry_of") or ():  # since session 14: late usage drawing a carry
-                self._grants[carrier]["carry"]["left"] -= amount
+            carry_of = draw.get("carry_of")
+            if carry_of:  # since session 14: late usage drawing a carry (counted on the grant drawn since session 15)
+                self._grants[gid]["carry_drawn"] += amount
+                for carrier in carry_of:
+                    self._grants[carrier]["carry"]["left"] -= amount
             if not remember:
                 continue
             stack = self._recent_draws.setdefault(unit, [])
-            carry_of = draw.get("carry_of")  # a draw through a carry is remembered apart, with its carriers
+            # A draw through a carry is remembered apart, with its carriers.
             if amount > 0:
                 if stack and stack[-1]["grant_id"] == gid and stack[-1].get("carry_of") == carry_of:
                     stack[-1]["amount"] += amount
@@ -3939,6 +4059,9 @@ def _money(subunits: int, unit: str) -> str:
 def _usage_postings(unit: str, draws: list[Draw], overage: int) -> list[Posting]:
     postings: list[Posting] = []
     for draw in draws:
+        if draw.get("reinstated"):  # the old allowance back into its grant first (``_carried_parts``)
+            postings += [posting(LedgerAccount(draw["reinstated_from"]), unit, draw["reinstated"], draw["grant_id"]),
+                         posting(LedgerAccount.TENANT_WALLET, unit, -draw["reinstated"], draw["grant_id"])]
         postings += [
             posting(LedgerAccount.TENANT_WALLET, unit, draw["amount"], draw["grant_id"]),
             posting(LedgerAccount.RECOGNISED_REVENUE, unit, -draw["amount"], draw["grant_id"]),

@@ -115,6 +115,10 @@ class Subscription(Aggregate):
         self.collection = collection
         self.cancel_at_period_end = False
         self.recurring_grants: list[str] = []
+        # What a plan or quantity change left that a second change at the same instant takes on (``left_at``, since
+        # session 15): {"at", "kept" (grants it kept without a new grant of their unit), "unclaimed" (per unit, the
+        # carry no new grant took)}; None: nothing.
+        self.left_at_change: dict[str, Any] | None = None
         self.period_billed = True  # False: the current period began while paused and nothing billed it
         # The minimum spend committed for the current period (plan ``minimum_spend``): the exact amount accrued
         # by the plans held before the last change, and since when the current plan's share runs (None: not
@@ -185,12 +189,33 @@ class Subscription(Aggregate):
         self.period_end = period_end
         self.anchor_day = anchor_day
 
-    def set_recurring_grants(self, grant_ids: list[str]) -> None:
-        self._grants_issued(grant_ids=grant_ids)
+    def set_recurring_grants(self, grant_ids: list[str], *, at: datetime | None = None, kept: list[str] | None = None,
+                             unclaimed: dict[str, int] | None = None) -> None:
+        """The recurring grants now current; ``at`` (a change's), ``kept`` and ``unclaimed``: what of the grants it
+        closed no new grant took (``left_at``)."""
+        left = {"at": at, "kept": list(kept or []), "unclaimed": dict(unclaimed or {})} \
+            if at is not None and (kept or unclaimed) else {}
+        self._grants_issued(grant_ids=grant_ids, **left)
 
     @event("RecurringGrantsIssued")
-    def _grants_issued(self, grant_ids: list[str]) -> None:
+    def _grants_issued(self, grant_ids: list[str], at: datetime | None = None, kept: list[str] | None = None,
+                       unclaimed: dict[str, int] | None = None) -> None:
         self.recurring_grants = list(grant_ids)
+        # ``at``, ``kept``, ``unclaimed``: recorded since session 15.
+        self.left_at_change = {"at": at, "kept": list(kept or []), "unclaimed": dict(unclaimed or {})} \
+            if at is not None else None
+
+    def left_at(self, at: datetime) -> tuple[list[str], dict[str, int]]:
+        """What the last plan or quantity change left unclaimed, if it took effect at ``at`` too (a second change at
+        the same instant, applied after it): the grants it kept for late usage without a new grant of their unit, and
+        per unit the carry no new grant took (its new grant came to nothing, or the plan grants no credit of the unit).
+        The second change takes them on as if the first had not cut them, so a change and a change back at one instant
+        leave the credit no change leaves. Empty at any other instant: time passed, the first change's outcome
+        stands."""
+        left = self.left_at_change
+        if left is None or left["at"] != at:
+            return [], {}
+        return list(left["kept"]), dict(left["unclaimed"])
 
     def pause(self, *, at: datetime, by: str) -> None:
         self._require(ACTIVE, PAST_DUE)
@@ -344,6 +369,7 @@ class Subscription(Aggregate):
             self.period_end = next_end
             self.period_billed = billed
             self.minimum_accrued, self.minimum_from = Decimal(0), next_start if billed else None
+            self.left_at_change = None
             # The renewal invoice bills it (a paused one's draft bills no fee: the resume's invoice will).
             self.period_invoice = self._document(period_invoice_key(self.id, next_start)) if billed else None
 

@@ -1440,6 +1440,16 @@ def _every_event_type() -> BillingAccount:
     bonus = give(account, "bonus", 2 * U, source="promotion")
     assert account.void_grant_part(grant_id=bonus, amount=U, reason="order_charged_back", voided_by="gateway",
                                    at=at(days=21), cause={"dispute": "dp_2"}) == U
+    # A change keeps a plan credit's rest in the new grant, and a cancel at the same instant voids that grant at its
+    # start: the carry comes back to the kept grant first, for its late usage (since session 15).
+    carrier = give(account, "carrier", 2 * U, source="plan_recurrence", effective_at=at(days=20),
+                   expires_at=at(days=50), drawable_until=at(days=50))
+    handed = ids.grant_id(account.tenant, "handed")
+    account.keep_for_late_usage(grant_id=carrier, at=at(days=21), drawable_until=at(days=21), expires_at=at(days=56),
+                                reason="plan_changed", by="user:test", moved=2 * U, successor=handed, carry=2 * U)
+    give(account, "handed", 3 * U, source="plan_recurrence", effective_at=at(days=21), expires_at=at(days=56),
+         drawable_until=at(days=50))
+    assert account.hand_on_carry(grant_id=handed, at=at(days=21), reason="subscription_canceled", by="user:test")
     assert promo
     return account
 

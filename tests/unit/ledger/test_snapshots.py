@@ -201,7 +201,9 @@ def replayed_to(app: LedgerApplication, aggregate_id: UUID, version: int) -> Any
 # usage (moved) and its carry into that grant that late usage may still draw (carry).
 # Format 27: _credit_note_spend (credit notes' credit usage drew, per period, until its invoice applies it).
 # Format 28: the same attributes, but each share in a grant's refunds_paid_back names its refund and dispute.
-ACCOUNT_ATTRIBUTES_FORMAT_28 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
+# Format 29: the same attributes, but each grant in _grants keeps what late usage of the period before drew of it
+# through a carry (carry_drawn), and a kept grant's carry the part its successor does not hold (reserve, from).
+ACCOUNT_ATTRIBUTES_FORMAT_29 = [  # 4: _invoice_billed (the fees and tax of unpaid subscription invoices)
     "_adjustments", "_auto_top_up", "_billed_periods", "_created_on", "_credit_note_spend", "_disputes", "_fee_schedules", "_grants", "_held", "_holds", "_id", "_invoice_billed", "_invoiced_overage",
     "_low_balance",
     "_modified_on", "_overage_rounding", "_overage_times", "_owed_usage", "_parked_refunds", "_pending_events", "_pending_fee_credits", "_period_minimums", "_receivable", "_recent_draws", "_refunds", "_settled_holds", "_top_up_history",
@@ -221,7 +223,7 @@ def test_the_snapshotted_attributes_change_only_with_the_format(store: Path) -> 
         pool = app.read(ResourcePool.create_id("acme", "seats"), lambda p: sorted(vars(p)))
     finally:
         app.close()
-    assert snapshots.FORMATS[BillingAccount] == 28 and account == ACCOUNT_ATTRIBUTES_FORMAT_28
+    assert snapshots.FORMATS[BillingAccount] == 29 and account == ACCOUNT_ATTRIBUTES_FORMAT_29
     assert snapshots.FORMATS[ResourcePool] == 2 and pool == POOL_ATTRIBUTES_FORMAT_2
 
 

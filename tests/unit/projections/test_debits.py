@@ -98,6 +98,19 @@ SHAPES: list[dict[str, Any]] = [
            postings=[], draws=[]),
     _debit(amount=-50, absorbed="odd"),
     _debit(amount=-50, absorbed=[]),
+    # Late usage of the period before drawing a grant through the carry into it (``carry_of``), and its give-back: the
+    # grant's row counts it (``carry_drawn``, since session 15).
+    _debit(draws=[{"grant_id": GRANT, "amount": 200, "carry_of": [OTHER_GRANT]}]),
+    _debit(amount=-50, postings=[{"account": "tenant_wallet", "unit": "USD", "amount": -50, "grant_id": GRANT},
+                                 {"account": "recognised_revenue", "unit": "USD", "amount": 50, "grant_id": GRANT}],
+           draws=[{"grant_id": GRANT, "amount": -50, "carry_of": [OTHER_GRANT]}]),
+    _debit(draws="odd"),
+    # Late usage of before a downgrade drawing the old allowance, reinstated into its grant first (since session 15).
+    _debit(postings=[{"account": "recognised_revenue", "unit": "USD", "amount": 500, "grant_id": GRANT},
+                     {"account": "tenant_wallet", "unit": "USD", "amount": -500, "grant_id": GRANT},
+                     {"account": "tenant_wallet", "unit": "USD", "amount": 200, "grant_id": GRANT},
+                     {"account": "recognised_revenue", "unit": "USD", "amount": -200, "grant_id": GRANT}],
+           draws=[{"grant_id": GRANT, "amount": 200, "reinstated": 500, "reinstated_from": "recognised_revenue"}]),
     # What the one-pass handler reads its own way (postings walked in place, the usual quantity, contribution and
     # token texts decoded directly, one event id as is): every other shape of them takes the shared rules.
     _debit(postings=[{"account": "tenant_wallet", "unit": "USD", "amount": "150", "grant_id": GRANT},

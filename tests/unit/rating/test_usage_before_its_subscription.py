@@ -202,6 +202,24 @@ async def test_usage_before_a_plan_change_is_priced_by_the_old_plan_whenever_it_
     assert known_first["per_event"]["l2"] == 1_000_000_000  # Team's logins: 2, 1 included
 
 
+async def test_usage_before_two_plan_changes_at_one_instant_is_priced_by_the_plan_held_before_them(
+        tmp_path: Path) -> None:
+    """Team to Basic and back at the same instant (Nov 8), in that order: usage before it is Team's, whenever it
+    reaches rating (it was priced by Basic, held for no time at all: the plans remembered were sorted by code)."""
+    async def there_and_back_on_nov_8(service: RatingService) -> None:
+        await start_team(service)
+        await subscription_event(service, **changed("basic", "team", day(8), 4))
+        await subscription_event(service, **changed("team", "basic", day(8), 5))
+
+    async def renew(service: RatingService) -> None:
+        await end_period(service, NOV_2, DEC_2, JAN_2, position=6)
+
+    known_first, usage_first = await both_orders(tmp_path, there_and_back_on_nov_8, renew)
+    assert usage_first == known_first
+    # a1 (Nov 3) and a2 (Nov 10) by Team, the plan before and after Nov 8: 100 included, then 0.10 a call.
+    assert (known_first["per_event"]["a1"], known_first["per_event"]["a2"]) == (5_000_000_000, 8_000_000_000)
+
+
 async def test_the_plans_a_subscription_had_are_remembered_for_the_usage_window_only(tmp_path: Path) -> None:
     async with embedded_rating(tmp_path) as (service, bus):
         await catalogue(service)
