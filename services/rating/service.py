@@ -51,7 +51,13 @@ from billing_rating.codec import (
     timestamp_text,
     usage_command_id,
 )
-from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
+from billing_rating.pricing import (
+    TOKEN_CLASSES,
+    ai_token_price,
+    incremental_charge,
+    is_per_event,
+    period_charge,
+)
 from billing_rating.refusals import REFUSALS_SCHEMA, REFUSED, apply_refusal
 from billing_rating.subscriptions import (
     LIVE,
@@ -558,18 +564,20 @@ class RatingService:
                 log.error("repricing_skipped", event_id=chain.event_id, period=period, total=decimal_text(before))
                 return False
             batch.set_total(account, key, period, group_after)
-            charged_after, charged_before = (period_charge(old.spec, after, old.included),
-                                             period_charge(old.spec, before, old.included))
             billed = batch.close_lines.get((account, period, code, group)) if (account, period) in batch.closed \
                 else None
             if old.trial:
                 amount = 0
+            elif is_per_event(old.spec):  # the fee of its own transaction, at its place in the period's free volume
+                amount = -incremental_charge(old.spec, after, before, old.included)
             elif billed is not None and billed.get("price") is not None:  # the plan changes its close line kept
                 amount = -batch.floored_since(account, code, period, billed_price_at(billed, chain.moment)[3],
-                                              charged_after, charged_before)
+                                              period_charge(old.spec, after, old.included),
+                                              period_charge(old.spec, before, old.included))
             else:
-                amount = -batch.floored(account, code, period, chain.moment, charged_after, charged_before,
-                                        batch.rated_with.get(account))
+                amount = -batch.floored(account, code, period, chain.moment,
+                                        period_charge(old.spec, after, old.included),
+                                        period_charge(old.spec, before, old.included), batch.rated_with.get(account))
             inputs = old.inputs
         batch.charged_at(account, code, period, chain.moment, amount)
         late = (account, period) in batch.closed
@@ -633,9 +641,13 @@ class RatingService:
             before = batch.meter_total(account, code, period)
             after = RATING_CONTEXT.add(before, move.counted)
             batch.set_total(account, key, period, RATING_CONTEXT.add(batch.total(account, key, period), move.counted))
-            amount = 0 if new.trial else batch.floored(
-                account, code, period, chain.moment, period_charge(new.spec, before, new.included),
-                period_charge(new.spec, after, new.included))
+            if new.trial:
+                amount = 0
+            elif is_per_event(new.spec):
+                amount = incremental_charge(new.spec, before, after, new.included)
+            else:
+                amount = batch.floored(account, code, period, chain.moment, period_charge(new.spec, before,
+                                       new.included), period_charge(new.spec, after, new.included))
             unit, inputs = new.spec.unit, new.inputs
         batch.charged_at(account, code, period, chain.moment, amount)
         inputs = {**inputs, "corrects": chain.event_id, "quantity_old": "0", "quantity_new": quantity,
@@ -881,6 +893,17 @@ class RatingService:
                                      "no_price", rejection)
                         return rejection
                 assert spec is not None
+                per_event = is_per_event(spec)
+                if per_event and correction is not None:
+                    # A fee of one transaction (``percentage``: its fixed part, min and max apply per event): an
+                    # amendment is no difference of a period total, and a give-back no transaction.
+                    rejection = self._rejection(
+                        batch, usage, RejectReason.INVALID_CORRECTION,
+                        f"meter {event.meter!r} is priced per transaction ({spec.model}): its events cannot be "
+                        f"amended or voided; send the transaction's own refund as the catalogue prices it")
+                    batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
+                                 "invalid_correction", rejection)
+                    return rejection
                 # Two running totals: the group's (stored, what ``group_by`` attributes) and the meter's, the sum
                 # of its groups, which is priced: the allowance and the tiers apply once per meter and period, as
                 # the invoice shows the meter's quantity on one line, never once per group.
@@ -929,20 +952,25 @@ class RatingService:
                 # The charge is period_charge(after) - period_charge(before) of the meter's total; the batch
                 # remembers the last period_charge per meter so each event prices one cumulative quantity, not two.
                 # Keyed by the price too: usage on each side of a plan change in one batch has its own.
-                charged_key = (account, event.meter, period, included, id(price_json))
-                charged_before = batch.charged.get(charged_key)
-                if charged_before is None or charged_before[0] != before:
-                    charged_before = (before, period_charge(spec, before, included))
-                charged_after = period_charge(spec, after, included)
-                batch.charged[charged_key] = (after, charged_after)
-                # After a plan change in the period, what was charged before it counts as paid (``floored``); of a
-                # closed period, the changes its close line kept.
-                if billed is None:
-                    amount = batch.floored(account, event.meter, period, event.timestamp, charged_before[1],
-                                           charged_after)
+                if per_event:
+                    # Priced per transaction (pricing.incremental_charge): the fee of this event's amount, on its
+                    # part above the period's free volume; a plan change floors nothing (no fee is cumulative).
+                    amount = incremental_charge(spec, before, after, included)
                 else:
-                    amount = batch.floored_since(account, event.meter, period, change, charged_before[1],
-                                                 charged_after)
+                    charged_key = (account, event.meter, period, included, id(price_json))
+                    charged_before = batch.charged.get(charged_key)
+                    if charged_before is None or charged_before[0] != before:
+                        charged_before = (before, period_charge(spec, before, included))
+                    charged_after = period_charge(spec, after, included)
+                    batch.charged[charged_key] = (after, charged_after)
+                    # After a plan change in the period, what was charged before it counts as paid (``floored``); of
+                    # a closed period, the changes its close line kept.
+                    if billed is None:
+                        amount = batch.floored(account, event.meter, period, event.timestamp, charged_before[1],
+                                               charged_after)
+                    else:
+                        amount = batch.floored_since(account, event.meter, period, change, charged_before[1],
+                                                     charged_after)
                 # The same few keys for every event of a price: one dict per batch, shared (never mutated:
                 # corrections and late events below build new ones).
                 inputs_key = (id(price_json), included, overage_policy, priced_by == "plan")
