@@ -32,7 +32,7 @@ from billing_events.timeutil import utcnow
 from billing_rating import repricing
 from billing_rating.aggregation import REAL_TIME, Observation, aggregate, contribution
 from billing_rating.catalog_view import CatalogView, MeterView
-from billing_rating.pricing import period_charge
+from billing_rating.pricing import is_per_event, period_charge
 from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import Bus, OutMessage
 from billing_runtime.db import Connection, Database
@@ -235,9 +235,11 @@ def _lines(catalog: CatalogView, period: str, tenant: str, meter_code: str,
         events = repricing.traced(items)  # the raw events the line counts (a repricing's decisions are not ones)
         quantity = RATING_CONTEXT.add(quantity, shifts.get(group, Decimal(0)))
         real_time = sum(int(r["amount_subunits"]) for r in items)
-        if meter.ai_table is not None:
-            total = real_time  # linear per-token prices: the real-time increments are the period price
-            billable = quantity
+        if meter.ai_table is not None or spec is not None and is_per_event(spec):
+            # Linear per-token prices, or fees per transaction (percentage): the real-time increments are the
+            # period's price, never a price of its total.
+            total = 0 if trialing else real_time
+            billable = quantity if meter.ai_table is not None else max(Decimal(0), quantity - included)
         else:
             assert spec is not None
             after = RATING_CONTEXT.add(before, quantity)

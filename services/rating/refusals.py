@@ -59,7 +59,7 @@ from billing_rating import repricing
 from billing_rating.aggregation import GROUP_SEPARATOR, contribution
 from billing_rating.catalog_view import CatalogView
 from billing_rating.charge_models import PriceSpecError, parse_spec
-from billing_rating.pricing import ai_token_price, period_charge
+from billing_rating.pricing import ai_token_price, incremental_charge
 from billing_rating.text import decimal_text, subunits_text
 from billing_runtime.bus import OutMessage
 from billing_runtime.db import Connection
@@ -294,8 +294,9 @@ def adjustment(debits: list[Debit], adjusted: int) -> int:
         removed = sum((r.after - r.before for r in debits if r.refused and r.counted_in(debit)), Decimal(0))
         if removed > debit.before:
             removed = Decimal(0)  # its total never held them (never expected): priced as it was
-        should += (period_charge(debit.spec, RATING_CONTEXT.subtract(debit.after, removed), debit.included)
-                   - period_charge(debit.spec, RATING_CONTEXT.subtract(debit.before, removed), debit.included))
+        # period_charge(after) - period_charge(before); a percentage debit: the fee of its own transaction
+        should += incremental_charge(debit.spec, RATING_CONTEXT.subtract(debit.before, removed),
+                                     RATING_CONTEXT.subtract(debit.after, removed), debit.included)
     return should - held
 
 

@@ -22,12 +22,12 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from billing_events import ids, topics
 from billing_events.messages import LedgerEvent, RejectReason, UsageRejection
-from billing_events.money import RATING_CONTEXT, to_subunits
+from billing_events.money import RATING_CONTEXT, MoneyError, to_subunits
 from billing_events.timeutil import utcnow
 from billing_rating import repricing
 from billing_rating.aggregation import GROUP_SEPARATOR, REAL_TIME, contribution, group_key, matches, period_of
@@ -51,7 +51,13 @@ from billing_rating.codec import (
     timestamp_text,
     usage_command_id,
 )
-from billing_rating.pricing import TOKEN_CLASSES, ai_token_price, period_charge
+from billing_rating.pricing import (
+    TOKEN_CLASSES,
+    ai_token_price,
+    incremental_charge,
+    is_per_event,
+    period_charge,
+)
 from billing_rating.refusals import REFUSALS_SCHEMA, REFUSED, apply_refusal
 from billing_rating.subscriptions import (
     LIVE,
@@ -93,6 +99,22 @@ USAGE_REJECTED = "BillingAccount.UsageRejected"
 
 # A period's last instant is its end less this (periods are [start, end), to the microsecond).
 LAST_INSTANT = timedelta(microseconds=1)
+
+# ``rated_events.amount_subunits`` and the ledger's amounts are signed 64-bit integers (docs/money.md).
+AMOUNT_MIN, AMOUNT_MAX = -(2**63), 2**63 - 1
+
+# What pricing one event may raise on that event's own data (a price it cannot read, a quantity or token count it
+# cannot take, a charge no amount holds): that event is refused with a dead letter (``UnpriceableEvent``), the rest of
+# its batch is rated. Anything else (the database, the bus, a bug) still fails the batch, which is retried.
+PRICING_ERRORS = (PriceSpecError, MoneyError, ArithmeticError)
+
+
+class UnpriceableEvent(Exception):
+    """One event of a batch that rating cannot price: the batch is rated again with it refused (``no_price``)."""
+
+    def __init__(self, key: tuple[str, str], detail: str) -> None:
+        super().__init__(detail)
+        self.key, self.detail = key, detail
 
 # Token counts of an AI usage event: properties ``input_tokens``, ``output_tokens``, ``cached_input_tokens``.
 TOKEN_PROPERTIES = {f"{c}_tokens": c for c in TOKEN_CLASSES}
@@ -542,18 +564,20 @@ class RatingService:
                 log.error("repricing_skipped", event_id=chain.event_id, period=period, total=decimal_text(before))
                 return False
             batch.set_total(account, key, period, group_after)
-            charged_after, charged_before = (period_charge(old.spec, after, old.included),
-                                             period_charge(old.spec, before, old.included))
             billed = batch.close_lines.get((account, period, code, group)) if (account, period) in batch.closed \
                 else None
             if old.trial:
                 amount = 0
+            elif is_per_event(old.spec):  # the fee of its own transaction, at its place in the period's free volume
+                amount = -incremental_charge(old.spec, after, before, old.included)
             elif billed is not None and billed.get("price") is not None:  # the plan changes its close line kept
                 amount = -batch.floored_since(account, code, period, billed_price_at(billed, chain.moment)[3],
-                                              charged_after, charged_before)
+                                              period_charge(old.spec, after, old.included),
+                                              period_charge(old.spec, before, old.included))
             else:
-                amount = -batch.floored(account, code, period, chain.moment, charged_after, charged_before,
-                                        batch.rated_with.get(account))
+                amount = -batch.floored(account, code, period, chain.moment,
+                                        period_charge(old.spec, after, old.included),
+                                        period_charge(old.spec, before, old.included), batch.rated_with.get(account))
             inputs = old.inputs
         batch.charged_at(account, code, period, chain.moment, amount)
         late = (account, period) in batch.closed
@@ -617,9 +641,13 @@ class RatingService:
             before = batch.meter_total(account, code, period)
             after = RATING_CONTEXT.add(before, move.counted)
             batch.set_total(account, key, period, RATING_CONTEXT.add(batch.total(account, key, period), move.counted))
-            amount = 0 if new.trial else batch.floored(
-                account, code, period, chain.moment, period_charge(new.spec, before, new.included),
-                period_charge(new.spec, after, new.included))
+            if new.trial:
+                amount = 0
+            elif is_per_event(new.spec):
+                amount = incremental_charge(new.spec, before, after, new.included)
+            else:
+                amount = batch.floored(account, code, period, chain.moment, period_charge(new.spec, before,
+                                       new.included), period_charge(new.spec, after, new.included))
             unit, inputs = new.spec.unit, new.inputs
         batch.charged_at(account, code, period, chain.moment, amount)
         inputs = {**inputs, "corrects": chain.event_id, "quantity_old": "0", "quantity_new": quantity,
@@ -661,20 +689,30 @@ class RatingService:
                 log.error("malformed_accepted_usage", offset=record.offset, error=str(exc)[:300])
         if not usages:
             return
-        optimistic = self.db.dialect == "postgres"
-        try:
-            outputs = await self._apply(usages, lookup=not optimistic)
-        except Exception as exc:
-            if not (optimistic and is_unique_violation(exc, "rated_events_pkey")):
-                raise
-            log.info("redelivered_events_rated_again_with_lookup", events=len(usages))
-            outputs = await self._apply(usages, lookup=True)
+        lookup = self.db.dialect != "postgres"
+        # Events rating cannot price (``PRICING_ERRORS``), found one per attempt: each attempt rolls back whole and
+        # the next refuses them with a dead letter. Bounded: each attempt refuses one more event of the batch.
+        unpriceable: dict[tuple[str, str], str] = {}
+        while True:
+            try:
+                outputs = await self._apply(usages, lookup=lookup, unpriceable=unpriceable)
+                break
+            except UnpriceableEvent as exc:
+                log.warning("unpriceable_event_refused", account=exc.key[0], event_id=exc.key[1], error=exc.detail)
+                unpriceable[exc.key] = exc.detail
+            except Exception as exc:
+                if lookup or not is_unique_violation(exc, "rated_events_pkey"):
+                    raise
+                log.info("redelivered_events_rated_again_with_lookup", events=len(usages))
+                lookup = True
         await self.bus.publish(outputs)
 
-    async def _apply(self, usages: list[Usage], *, lookup: bool) -> list[OutMessage]:
+    async def _apply(self, usages: list[Usage], *, lookup: bool,
+                     unpriceable: dict[tuple[str, str], str] | None = None) -> list[OutMessage]:
         """Rates and stores the batch in one transaction; returns what to publish once it is committed.
 
         ``lookup=False`` assumes no event was decided before (the primary key checks it, see above).
+        ``unpriceable``: events a former attempt could not price, refused with their reason (``no_price``).
         """
         outputs: list[OutMessage] = []
         async with self.db.transaction() as conn:
@@ -687,7 +725,8 @@ class RatingService:
                 raise CatalogBehind(f"event needs catalogue v{newest}, rating has v{catalog.version}")
             failed: list[Exception] = []
             if batch.pending:
-                await conn.copy_records("rated_events", RATED_COLUMNS, self._decide(batch, usages, outputs, failed))
+                await conn.copy_records("rated_events", RATED_COLUMNS,
+                                        self._decide(batch, usages, outputs, failed, unpriceable or {}))
             else:
                 outputs.extend(o for o in (batch.decided[(u.account, u.event.id)] for u in usages) if o is not None)
             if failed:
@@ -696,11 +735,15 @@ class RatingService:
         return outputs
 
     async def _decide(self, batch: _BatchState, usages: list[Usage], outputs: list[OutMessage],
-                      failed: list[Exception]) -> AsyncIterator[tuple[Any, ...]]:
+                      failed: list[Exception], unpriceable: dict[tuple[str, str], str]
+                      ) -> AsyncIterator[tuple[Any, ...]]:
         """Rates the batch in order, yielding each decision's row and collecting the messages to publish.
 
         An error ends the rows early (and is handed back in ``failed``) instead of escaping into the driver
         mid-``COPY``: the caller raises it once the statement is over, so the transaction rolls back cleanly.
+        A pricing error of one event (``PRICING_ERRORS``) is handed back as ``UnpriceableEvent``: the batch is
+        rated again with that event in ``unpriceable``, refused with a dead letter before anything of it is counted
+        (pricing may have moved the batch's totals before it raised: the attempt is thrown away whole).
         """
         rows = batch.rows
         try:
@@ -711,7 +754,16 @@ class RatingService:
                     if stored is not None:
                         outputs.append(stored)
                     continue
-                output = self._correct(batch, usage) if usage.event.correction_of else self._rate(batch, usage)
+                refused = unpriceable.get(key)
+                if refused is not None:
+                    output = self._unpriceable(batch, usage, refused)
+                else:
+                    try:
+                        output = (self._correct(batch, usage) if usage.event.correction_of
+                                  else self._rate(batch, usage))
+                    except PRICING_ERRORS as exc:
+                        raise UnpriceableEvent(key, f"event {usage.event.id!r} of meter {usage.event.meter!r} "
+                                                    f"cannot be priced: {exc}") from exc
                 batch.decided[key] = output
                 if output is not None:
                     outputs.append(output)
@@ -841,6 +893,17 @@ class RatingService:
                                      "no_price", rejection)
                         return rejection
                 assert spec is not None
+                per_event = is_per_event(spec)
+                if per_event and correction is not None:
+                    # A fee of one transaction (``percentage``: its fixed part, min and max apply per event): an
+                    # amendment is no difference of a period total, and a give-back no transaction.
+                    rejection = self._rejection(
+                        batch, usage, RejectReason.INVALID_CORRECTION,
+                        f"meter {event.meter!r} is priced per transaction ({spec.model}): its events cannot be "
+                        f"amended or voided; send the transaction's own refund as the catalogue prices it")
+                    batch.record(usage, catalog.version, period, group, value, Decimal(0), Decimal(0), 0, None,
+                                 "invalid_correction", rejection)
+                    return rejection
                 # Two running totals: the group's (stored, what ``group_by`` attributes) and the meter's, the sum
                 # of its groups, which is priced: the allowance and the tiers apply once per meter and period, as
                 # the invoice shows the meter's quantity on one line, never once per group.
@@ -889,20 +952,25 @@ class RatingService:
                 # The charge is period_charge(after) - period_charge(before) of the meter's total; the batch
                 # remembers the last period_charge per meter so each event prices one cumulative quantity, not two.
                 # Keyed by the price too: usage on each side of a plan change in one batch has its own.
-                charged_key = (account, event.meter, period, included, id(price_json))
-                charged_before = batch.charged.get(charged_key)
-                if charged_before is None or charged_before[0] != before:
-                    charged_before = (before, period_charge(spec, before, included))
-                charged_after = period_charge(spec, after, included)
-                batch.charged[charged_key] = (after, charged_after)
-                # After a plan change in the period, what was charged before it counts as paid (``floored``); of a
-                # closed period, the changes its close line kept.
-                if billed is None:
-                    amount = batch.floored(account, event.meter, period, event.timestamp, charged_before[1],
-                                           charged_after)
+                if per_event:
+                    # Priced per transaction (pricing.incremental_charge): the fee of this event's amount, on its
+                    # part above the period's free volume; a plan change floors nothing (no fee is cumulative).
+                    amount = incremental_charge(spec, before, after, included)
                 else:
-                    amount = batch.floored_since(account, event.meter, period, change, charged_before[1],
-                                                 charged_after)
+                    charged_key = (account, event.meter, period, included, id(price_json))
+                    charged_before = batch.charged.get(charged_key)
+                    if charged_before is None or charged_before[0] != before:
+                        charged_before = (before, period_charge(spec, before, included))
+                    charged_after = period_charge(spec, after, included)
+                    batch.charged[charged_key] = (after, charged_after)
+                    # After a plan change in the period, what was charged before it counts as paid (``floored``); of
+                    # a closed period, the changes its close line kept.
+                    if billed is None:
+                        amount = batch.floored(account, event.meter, period, event.timestamp, charged_before[1],
+                                               charged_after)
+                    else:
+                        amount = batch.floored_since(account, event.meter, period, change, charged_before[1],
+                                                     charged_after)
                 # The same few keys for every event of a price: one dict per batch, shared (never mutated:
                 # corrections and late events below build new ones).
                 inputs_key = (id(price_json), included, overage_policy, priced_by == "plan")
@@ -1059,7 +1127,7 @@ class RatingService:
         after_counts: dict[str, Decimal] = {}
         for token_class, raw in counts.items():
             before_counts[token_class] = batch.total(account, f"{key}|model={model}|{token_class}", period)
-            after_counts[token_class] = RATING_CONTEXT.add(before_counts[token_class], Decimal(str(raw)))
+            after_counts[token_class] = RATING_CONTEXT.add(before_counts[token_class], _token_count(token_class, raw))
         price_after = ai_token_price(meter.ai_table, model, after_counts)
         price_before = ai_token_price(meter.ai_table, model, before_counts)
         for token_class, total in after_counts.items():
@@ -1087,6 +1155,9 @@ class RatingService:
 
         ``command_id``: a repricing's charge (``_charge_again``), keyed by its own decision; else the event's.
         """
+        if not AMOUNT_MIN <= amount <= AMOUNT_MAX:
+            raise MoneyError(f"a charge of {_amount_text(amount)} {unit} is more than a ledger amount holds (a signed "
+                             f"64-bit count of sub-units, docs/money.md)")
         event = usage.event
         properties = ({k: v if type(v) is str else str(v) for k, v in event.properties.items()}
                       if event.properties else _NO_PROPERTIES)
@@ -1109,6 +1180,17 @@ class RatingService:
         value = debit_command_json(command_id or usage_command_id(event.tenant, event.id), event.tenant, batch.now,
                                    batch.now_json, payload)
         return OutMessage(topics.LEDGER_COMMANDS, usage.account, value, SCHEMA_HEADERS[topics.LEDGER_COMMANDS])
+
+    def _unpriceable(self, batch: _BatchState, usage: Usage, detail: str) -> OutMessage:
+        """The dead letter of an event a former attempt of the batch could not price (``UnpriceableEvent``),
+        recorded as ``no_price``: it counts in no total and charges nothing; a redelivery publishes it again."""
+        rejection = self._rejection(batch, usage, RejectReason.NO_PRICE, detail)
+        event = usage.event
+        original = batch.originals.get((usage.account, event.correction_of)) if event.correction_of else None
+        period = original["period"] if original else batch.period_of(usage.account, event.timestamp)[0]
+        batch.record(usage, batch.catalog.version, period, "", None, Decimal(0), Decimal(0), 0, None, "no_price",
+                     rejection)
+        return rejection
 
     def _rejection(self, batch: _BatchState, usage: Usage, reason: RejectReason, detail: str) -> OutMessage:
         record = UsageRejection(reason=reason, detail=detail, stage="rating", tenant=usage.event.tenant,
@@ -1141,6 +1223,18 @@ _amount_texts: dict[int, str] = {}
 def _credit_scales(catalog: CatalogView) -> dict[str, int]:
     units = catalog.document.get("credit_units") or {}
     return {"CREDIT": 2, **{code: int((u or {}).get("scale", 2)) for code, u in units.items()}}
+
+
+def _token_count(token_class: str, raw: Any) -> Decimal:
+    """An AI event's count of ``token_class`` tokens: a whole number, 0 or more; else ``MoneyError`` (the event is
+    refused: a negative count would give back tokens the tenant never reported, a fraction is no token count)."""
+    try:
+        count = Decimal(str(raw))
+    except InvalidOperation:
+        count = None
+    if count is None or not count.is_finite() or count < 0 or count != count.to_integral_value():
+        raise MoneyError(f"{token_class}_tokens {str(raw)[:40]!r} is not a whole number of tokens (0 or more)")
+    return count
 
 
 def _amount_text(subunits: int) -> str:

@@ -252,6 +252,24 @@ async def test_postgres_an_error_mid_batch_keeps_nothing_of_it(pg_rating, monkey
     assert [c["payload"]["amount"] for c in outbox.commands()] == ["3.000000000", "5.000000000"]
 
 
+async def test_postgres_an_event_too_costly_for_an_amount_is_dead_lettered_and_the_batch_rated(pg_rating) -> None:  # type: ignore[no-untyped-def]
+    """50,000,000,000 calls cost 25,000,000,004.50 USD, beyond a signed 64-bit sub-unit amount: PostgreSQL refused
+    the COPY (out of int64 range) and the batch was retried for ever. Now that event alone is dead-lettered; the
+    others are rated, and a redelivery (the optimistic attempt meets the primary key) sends the same again."""
+    service, outbox = pg_rating
+    batch = [usage("acme", "e1", "5"), usage("acme", "huge", "50000000000"), usage("beta", "b1", "3")]
+    await service.handle_accepted(batch)
+    letters = [json.loads(m.value) for m in outbox.messages if m.topic == topics.USAGE_REJECTED]
+    assert [(letter["event_id"], letter["reason"]) for letter in letters] == [("huge", "no_price")]
+    assert "64-bit" in letters[0]["detail"]
+    assert [Decimal(c["payload"]["amount"]) for c in outbox.commands()] == [Decimal(3), Decimal(1)]
+    first = list(outbox.messages)
+    outbox.messages.clear()
+    await service.handle_accepted([*batch, usage("acme", "e2", "1")])
+    assert [m.value for m in outbox.messages[:3]] == [m.value for m in first]
+    assert json.loads(outbox.messages[3].value)["payload"]["cause"]["quantity_before"] == "5"  # huge counts nothing
+
+
 def subscription_record(subscription: uuid.UUID, position: int, kind: str, **data: Any) -> Record:
     """The relayed ledger event ``Subscription.<kind>`` of ``subscription`` at ``position``."""
     event = LedgerEvent(position=position, aggregate_id=subscription, aggregate_version=position, recorded_at=NOV,

@@ -12,10 +12,23 @@ from typing import Any
 
 import pytest
 from billing_events import ids, topics
-from billing_events.messages import LedgerEvent
+from billing_events.messages import AcceptedUsage, LedgerEvent, UsageEvent
 from billing_runtime.bus import Record
 
-from tests.unit.rating.test_rating_service import CATALOG, accepted, published, rating
+from tests.unit.rating.test_rating_service import (
+    BASIC,
+    CATALOG,
+    DEC,
+    JAN,
+    NOV,
+    TEAM,
+    accepted,
+    end_period,
+    published,
+    rating,
+    subscription_event,
+    usage_lines,
+)
 
 __all__ = ["rating"]
 
@@ -36,9 +49,6 @@ def debits(commands: list[dict[str, Any]]) -> dict[str, Decimal]:
             if c["kind"] == "usage.debit"}
 
 
-@pytest.mark.xfail(strict=True, reason="review s15: a meter priced `percentage` (examples/catalog.yaml's "
-                                       "payments_volume) raises PriceSpecError in RatingService._rate "
-                                       "(period_charge refuses per-transaction models): the batch is retried for ever")
 async def test_usage_of_a_percentage_meter_is_priced_per_transaction(rating) -> None:  # type: ignore[no-untyped-def]
     """Two payments of 100.00 on the catalogue's own payments_volume meter cost 2.9 % + 0.30 each, 3.20 and 3.20
     (docs/rating.md: `percentage` is a charge model of a meter); the api_calls event after them is rated too."""
@@ -52,10 +62,6 @@ async def test_usage_of_a_percentage_meter_is_priced_per_transaction(rating) -> 
     assert charged.get("c1") == Decimal(1)  # 3 calls, 2 included, 1.00 each up to 10
 
 
-@pytest.mark.xfail(strict=True, reason="review s15: a token count that is negative, fractional or not a number "
-                                       "raises in RatingService._rate_ai / ai_token_price (MoneyError, "
-                                       "decimal.InvalidOperation are not caught as PriceSpecError is): the batch is "
-                                       "retried for ever")
 @pytest.mark.parametrize("count", ["-400000000", "1.5", "many"])
 async def test_an_ai_event_with_a_token_count_that_is_not_a_whole_count_is_dead_lettered(rating, count: str) -> None:  # type: ignore[no-untyped-def]
     """POST /v1/usage accepts `input_tokens: "-400000000"` (properties are strings; ingest only checks that `model`
@@ -72,9 +78,6 @@ async def test_an_ai_event_with_a_token_count_that_is_not_a_whole_count_is_dead_
     assert debits(await published(bus)) == {"good": Decimal("2.50")}  # 1M input tokens at 2.50 per million
 
 
-@pytest.mark.xfail(strict=True, reason="review s15: an event whose charge exceeds what rated_events.amount_subunits "
-                                       "(a signed 64-bit integer) holds raises when the batch is written (OverflowError "
-                                       "on SQLite, out of int64 range on PostgreSQL): the batch is retried for ever")
 async def test_an_event_charging_more_than_the_ledger_can_hold_is_dead_lettered(rating) -> None:  # type: ignore[no-untyped-def]
     """A client that sends bytes where the meter counts calls: 50,000,000,000 calls (11 integer digits; ingest takes up
     to 15) cost 25,000,000,004 USD, 2.5e19 sub-units, more than a signed 64-bit amount (9.2e18; docs/money.md). The
@@ -84,3 +87,53 @@ async def test_an_event_charging_more_than_the_ledger_can_hold_is_dead_lettered(
     letters = await published(bus, topics.USAGE_REJECTED)
     assert [letter["event_id"] for letter in letters] == ["bytes"]
     assert debits(await published(bus)) == {"login": Decimal(1)}
+
+
+async def test_the_close_bills_a_percentage_meter_at_the_fees_charged_per_transaction(rating) -> None:  # type: ignore[no-untyped-def]
+    """The period's invoice line of a percentage meter is the sum of its transactions' fees (3.20 + 3.20), not a fee
+    of the period's total: the close priced it with period_charge, which refuses per-transaction models, and the
+    PeriodEnded was retried for ever (no invoice lines)."""
+    service, bus = rating
+    catalog = LedgerEvent(position=2, aggregate_id=ids.catalog_id(), aggregate_version=3, type="Catalog.Published",
+                          recorded_at=NOV, data={"version": 2, "document": {
+                              **CATALOG, "meters": [*CATALOG["meters"], PAYMENTS], "plans": [TEAM, BASIC]}})
+    await service.handle_ledger_events([Record(topics.LEDGER_EVENTS, 0, 2, None, catalog.to_json())])
+    await subscription_event(service, "Started", 3, tenant="acme", plan={"code": "team", "version": 1}, quantity=1,
+                             status="active", started_at=NOV.isoformat(), period_start=NOV.isoformat(),
+                             period_end=DEC.isoformat())
+    day = datetime(2026, 11, 3, tzinfo=UTC)
+    await service.handle_accepted([accepted("p1", "100", "payments_volume", catalog_version=2, at=day),
+                                   accepted("p2", "100", "payments_volume", catalog_version=2, at=day)])
+    await end_period(service, NOV, DEC, JAN)
+    assert usage_lines(await published(bus))["payments_volume"] == ("200", "6.400000000")
+
+
+async def test_an_unpriceable_event_delivered_again_gets_the_same_dead_letter_and_charges_nothing(rating) -> None:  # type: ignore[no-untyped-def]
+    """A redelivery (a restart) of a batch with an event rating refused: its decision is stored (no_price), so the
+    dead letter is sent again and the good event's debit is the same command (posted once by the ledger)."""
+    service, bus = rating
+    batch = [accepted("bad", "1", "ai_tokens", model="large", operation="chat", input_tokens="-400000000"),
+             accepted("good", "1000000", "ai_tokens", model="large", operation="chat", input_tokens=1000000)]
+    await service.handle_accepted(batch)
+    await service.handle_accepted(batch)
+    letters = await published(bus, topics.USAGE_REJECTED)
+    assert [(letter["event_id"], letter["reason"]) for letter in letters] == [("bad", "no_price")] * 2
+    assert "input_tokens '-400000000' is not a whole number of tokens" in letters[0]["detail"]
+    commands = [c for c in await published(bus) if c["kind"] == "usage.debit"]
+    assert {c["command_id"] for c in commands} == {commands[0]["command_id"]}
+    assert [Decimal(c["payload"]["amount"]) for c in commands] == [Decimal("2.50")] * 2
+
+
+async def test_a_correction_of_a_percentage_meter_is_dead_lettered(rating) -> None:  # type: ignore[no-untyped-def]
+    """A fee is per transaction: amending a payment is refused with a reason, the payment's fee stands."""
+    service, bus = rating
+    await publish_payments_meter(service)
+    await service.handle_accepted([accepted("p1", "100", "payments_volume", catalog_version=2)])
+    event = UsageEvent(id="p1-fix", tenant="acme", meter="payments_volume", quantity="50",
+                       timestamp=datetime(2026, 11, 21, 10, tzinfo=UTC), correction_of="p1")
+    message = AcceptedUsage(account_id=ids.account_id("acme"), event=event, accepted_at=datetime.now(UTC),
+                            source="test", catalog_version=2)
+    await service.handle_accepted([Record(topics.USAGE_ACCEPTED, 0, 1, None, message.to_json())])
+    letters = await published(bus, topics.USAGE_REJECTED)
+    assert [(letter["event_id"], letter["reason"]) for letter in letters] == [("p1-fix", "invalid_correction")]
+    assert debits(await published(bus)) == {"p1": Decimal("3.20")}
