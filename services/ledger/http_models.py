@@ -2,7 +2,8 @@
 decimal strings (or integers), never binary floats.
 
 The models down to ``Body`` validate their routes' bodies. The ones after it (``Described``) describe bodies the
-route hands on to its ledger command as sent (``billing_runtime.bodies.described_by``): the command's checks
+route hands on to its ledger command as sent (``billing_runtime.bodies.described_by``), a field they do not name
+refused first (``extra="forbid"``, since session 15: a misspelt field was dropped without a word); the command's checks
 answer a bad field with their own reason (``invalid_collection``, ``invalid_command``, ...), so they describe
 what those checks accept; their examples are accepted by the routes (tests/unit/subscriptions/test_http_bodies.py).
 The commands read them as strictly as the models say (``billing_ledger.payload``): an ``int`` field takes a JSON
@@ -144,7 +145,10 @@ Text = Annotated[str, Field(min_length=1)]
 
 
 class Described(BaseModel):
-    """Fields the route does not know are ignored, as the command ignores them."""
+    """A field the model does not name is refused (422 ``invalid-request`` naming it, nothing changed:
+    ``described_by``); before session 15 it was dropped, so a misspelt ``quantitty`` bought one seat."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class SubscriptionCreate(Described):
@@ -283,7 +287,7 @@ class AutoTopUpRule(Described):
     """Below `threshold`, top up to `target` (the account's currency only) or by one `package`; at most
     `monthly_cap` a calendar month, not twice within the cooldown."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(json_schema_extra={"examples": [
         {"threshold": "10", "target": "50", "cooldown_seconds": 600, "monthly_cap": "200"}]})
 
     unit: str | None = Field(default=None, description="The wallet watched (default: the account's currency)")

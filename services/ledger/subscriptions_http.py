@@ -27,11 +27,20 @@ from billing_events.timeutil import parse_timestamp, utcnow
 from billing_ledger.application import CommandRejected, CommandResult, LedgerApplication
 from billing_ledger.domain.allocation import ResourcePool
 from billing_ledger.domain.catalog import Catalog
-from billing_ledger.domain.invoice import Invoice
+from billing_ledger.domain.invoice import Invoice, invoice_id
 from billing_ledger.domain.payment_profile import payment_profile_id
 from billing_ledger.domain.proration import localized, quote_change
 from billing_ledger.domain.roster import roster_id, workspace_id
-from billing_ledger.domain.subscription import ACTIVE, LIVE, PAST_DUE, TRIALING, Subscription, subscription_id
+from billing_ledger.domain.subscription import (
+    ACTIVE,
+    CANCELED,
+    LIVE,
+    PAST_DUE,
+    TRIALING,
+    Subscription,
+    change_invoice_key,
+    subscription_id,
+)
 from billing_ledger.domain.tax import EU_MEMBER_STATES, check_tax_id
 from billing_ledger.gateways import GatewayError, OutboundGateway, UnknownCustomer, UnknownPaymentMethod
 from billing_ledger.http_models import (
@@ -76,7 +85,7 @@ ActionBody = Annotated[dict[str, Any] | None, Body()]
 ACTION_BODIES = {action: Annotated[dict[str, Any] | None, described_by(model, optional=True), Body()]
                  for action, model in (("change", SubscriptionChange), ("cancel", SubscriptionCancel),
                                        ("pause", SubscriptionMoment), ("resume", SubscriptionMoment))}
-PaymentMethodBody = Annotated[dict[str, Any], described_by(PaymentMethodAdd), Body()]
+PaymentMethodBody = Annotated[dict[str, Any], described_by(PaymentMethodAdd, refused_by_route=("card",)), Body()]
 TaxProfileBody = Annotated[dict[str, Any], described_by(TaxProfile), Body()]
 WorkspaceName = Annotated[str, Path(pattern=RESOURCE_KEY_PATTERN, description="The workspace (organisation)")]
 TenantName = Annotated[str, Path(pattern=TENANT_PATTERN, description="The billing account (tenant)")]
@@ -99,6 +108,36 @@ def _view(sub: Subscription) -> dict[str, Any]:
             "quantity": sub.quantity, "period_start": sub.period_start, "period_end": sub.period_end,
             "trial_end": sub.trial_end, "cancel_at_period_end": sub.cancel_at_period_end,
             "time_zone": sub.time_zone, "collection": sub.collection}
+
+
+def _issued_lines(document: Any) -> list[dict[str, Any]]:
+    """The lines a subscription command gave its document (an invoice or a credit note), without the tax finalizing
+    added to them: what the command answered."""
+    if not isinstance(document, Invoice):
+        return []
+    return [copy.deepcopy(line) for line in document.lines if line.get("kind") != "tax"]
+
+
+def retried_action(app: LedgerApplication, action: str, tenant: str, key: str, command_id: UUID
+                   ) -> dict[str, Any] | None:
+    """What a lifecycle command (``subscription.<action>``) answered the first time, for a retry of it (the same
+    ``Idempotency-Key``: a duplicate, whose result holds nothing), read from the document it issued: a change's
+    (keyed by the command's id), an immediate cancel's, a resume's (the period's invoice it made). Before session 15
+    a retry was answered ``result: null``, the prorated lines the client came for lost."""
+    found = app.read(subscription_id(tenant, key), lambda s: (str(s.id), s.status, s.period_invoice))
+    if found is None or action == "pause":
+        return None
+    sub, status, period_invoice = found
+    if action == "change":
+        lines = app.read(invoice_id(tenant, change_invoice_key(UUID(sub), command_id)), _issued_lines)
+        return {"subscription_id": sub, "lines": lines or []}
+    if action == "cancel":
+        lines = app.read(invoice_id(tenant, f"{sub}/cancel"), _issued_lines) if status == CANCELED else None
+        return {"subscription_id": sub, "status": status, "lines": lines or []}
+    # resume: the rest of a period that began while paused is billed by a document that became the period's
+    lines = app.read(UUID(period_invoice), lambda i: _issued_lines(i) if str(getattr(i, "key", "")).startswith(
+        f"{sub}/resume/") else []) if period_invoice else None
+    return {"subscription_id": sub, "lines": lines or []}
 
 
 def _moment(at: str | None) -> datetime:
@@ -152,7 +191,7 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
         command = LedgerCommand(command_id=command_id, kind=kind, tenant=tenant, issued_at=utcnow(),
                                 issued_by=f"user:{principal.subject}", payload=payload)
         result = await apply_now(app, command)
-        if result.outcome == "rejected":
+        if result.outcome == "rejected" or (result.outcome == "duplicate" and result.first_outcome == "rejected"):
             reason = result.reason or "rejected"
             raise Problem(STATUS_FOR_REASON.get(reason, 422), "Refused", result.detail or reason,
                           kind=reason.replace("_", "-"), reason=reason)
@@ -295,7 +334,10 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                           principal: Principal = Depends(admin)) -> dict[str, Any]:
                 check_tenant(principal, tenant)
                 result = await run(request, principal, f"subscription.{action}", tenant, {**(body or {}), "key": key})
-                return {**await subscription(tenant, key), "result": result.value}
+                value = result.value
+                if result.outcome == "duplicate":  # a retry: the first answer, from the documents it issued
+                    value = await asyncio.to_thread(retried_action, app, action, tenant, key, result.command_id)
+                return {**await subscription(tenant, key), "result": value}
             act.__annotations__["body"] = ACTION_BODIES[action]  # the action's own model documents its body
             return act
         router.post(f"/v1/accounts/{{tenant}}/subscriptions/{{key}}/{action}",
@@ -365,7 +407,10 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                               kind="vat-id-not-registered", reason="vat_id_not_registered")
             body = {**body, "vies": "registered" if registered else "not_checked"}
         result = await run(request, principal, "tax_profile.set", tenant, body)
-        return {"tenant": tenant, "tax_profile": result.value, "vies": body.get("vies")}
+        profile = result.value
+        if result.outcome == "duplicate":  # a retry: the profile the first request saved, as the account holds it
+            profile = await read(roster_id(tenant), lambda r: copy.deepcopy(r.tax_profile))
+        return {"tenant": tenant, "tax_profile": profile, "vies": body.get("vies")}
 
     @router.get("/v1/accounts/{tenant}/tax-profile")
     async def get_tax_profile(tenant: str, principal: Principal = Depends(require())) -> dict[str, Any]:
@@ -399,6 +444,8 @@ def build_router(app: LedgerApplication, bus: Bus, issuer: str, vat_registry: Va
                              principal: Principal = Depends(require_operator(Role.ADMIN))) -> dict[str, Any]:
         check_tenant(principal, tenant)
         result = await run(request, principal, "workspace.add_account", tenant, {"workspace": workspace})
+        if result.outcome == "duplicate":  # a retry: the membership the first request made, as the workspace holds it
+            return await read(workspace_id(workspace), workspace_view)  # type: ignore[no-any-return]
         return result.value  # type: ignore[no-any-return]
 
     @router.get("/v1/workspaces/{workspace}", summary="A workspace's billing accounts (admin)")

@@ -1,11 +1,10 @@
 """Session 15 review: ``PUT /v1/accounts/{t}/alerts`` drops a field it does not know and replaces the settings with
 what is left. On the real stack (namespace review15c) ``{"emial": "x@y.z"}`` answered 200 with ``email: null``: a typo
 in an update silently removes the address low-balance and card-expiry alerts went to, and the customer learns it when
-its balance runs out. The test still marked xfail (strict) fails on the current code."""
+its balance runs out. Fixed in session 15 (``AlertSettings`` forbids extra fields)."""
 
 from __future__ import annotations
 
-import pytest
 from billing_ledger.application import LedgerApplication
 from billing_ledger.domain.payment_profile import payment_profile_id
 
@@ -14,8 +13,6 @@ from tests.unit.payments.support import TENANT, client, headers, ledger
 __all__ = ["ledger"]
 
 
-@pytest.mark.xfail(strict=True, reason="review s15: checkout_http's alerts route hands the body to alerts.configure, "
-                                       "which keeps the fields it knows and drops the rest")
 def test_an_alerts_update_with_a_misspelt_field_is_refused_and_keeps_the_address(ledger: LedgerApplication) -> None:
     http = client(ledger, {})
     url = f"/v1/accounts/{TENANT}/alerts"

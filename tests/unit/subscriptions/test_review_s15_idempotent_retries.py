@@ -3,7 +3,8 @@ answer) must get the first answer again, as the holds, adjustments and refunds r
 real stack (namespace review15b) the subscription routes answered a retry with what the duplicate command returned,
 nothing: ``PUT /v1/workspaces/{w}/accounts/{t}`` a 500 in plain text (no problem+json), ``PUT .../tax-profile`` 200
 with ``tax_profile: null``, ``POST .../subscriptions/{key}/change`` 200 with ``result: null`` (the prorated lines the
-client came for are lost). The tests still marked xfail (strict) fail on the current code."""
+client came for are lost). Fixed in session 15: a retry is answered from what the first request left (the workspace,
+the profile, the document the change issued)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from fastapi.testclient import TestClient
 from tests.unit.subscriptions.test_subscriptions import CATALOG, open_account, run
 
 ADMIN = {"Authorization": f"Bearer {mint_token(Settings(), role='admin')}"}
-RETRY_REASON = ("review s15: subscriptions_http.run returns the duplicate command's CommandResult, whose value is "
-                "None, and the route answers it as if it were the first result")
 
 
 @pytest.fixture
@@ -46,14 +45,12 @@ def twice(client: TestClient, method: str, url: str, body: object | None, key: s
                                                else again.text)
 
 
-@pytest.mark.xfail(strict=True, reason=RETRY_REASON + " (join_workspace: a ResponseValidationError, 500)")
 def test_a_retried_workspace_membership_gets_the_first_answer(client: TestClient) -> None:
     first, again = twice(client, "PUT", "/v1/workspaces/acme-corp/accounts/acme", None, "join-1")
     assert first == (200, {"workspace": "acme-corp", "accounts": ["acme"]})
     assert again == first
 
 
-@pytest.mark.xfail(strict=True, reason=RETRY_REASON + " (set_tax_profile: tax_profile null)")
 def test_a_retried_tax_profile_gets_the_profile_it_saved(client: TestClient) -> None:
     profile = {"country": "US", "subdivision": "CA", "business_name": "Acme Inc"}
     first, again = twice(client, "PUT", "/v1/accounts/acme/tax-profile", profile, "profile-1")
@@ -61,7 +58,6 @@ def test_a_retried_tax_profile_gets_the_profile_it_saved(client: TestClient) -> 
     assert again == first
 
 
-@pytest.mark.xfail(strict=True, reason=RETRY_REASON + " (the lifecycle routes: result null)")
 def test_a_retried_quantity_change_gets_its_prorated_lines_again(client: TestClient) -> None:
     created = client.post("/v1/accounts/acme/subscriptions", headers=ADMIN, json={"key": "main", "plan": "team"})
     assert created.status_code == 201, created.text
@@ -70,3 +66,19 @@ def test_a_retried_quantity_change_gets_its_prorated_lines_again(client: TestCli
     lines = first[1]["result"]["lines"]  # type: ignore[index]
     assert [line["kind"] for line in lines] == ["proration", "proration"]
     assert again[0] == 200 and again[1]["result"] == first[1]["result"]  # type: ignore[index]
+
+
+def test_a_retried_immediate_cancel_gets_its_credit_lines_again(client: TestClient) -> None:
+    created = client.post("/v1/accounts/acme/subscriptions", headers=ADMIN,
+                          json={"key": "main", "plan": "team", "trial": False})
+    assert created.status_code == 201, created.text
+    first, again = twice(client, "POST", "/v1/accounts/acme/subscriptions/main/cancel", {"immediately": True},
+                         "cancel-1")
+    assert first[0] == 200 and first[1]["status"] == "canceled"  # type: ignore[index]
+    assert [line["kind"] for line in first[1]["result"]["lines"]] == ["proration"]  # type: ignore[index]
+    assert again == first
+
+
+def test_a_retry_of_a_refused_request_is_refused_again(client: TestClient) -> None:
+    first, again = twice(client, "POST", "/v1/accounts/acme/subscriptions/nope/change", {"quantity": 2}, "none-1")
+    assert first[0] == 404 and again == first
