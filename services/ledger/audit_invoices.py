@@ -91,6 +91,7 @@ from billing_ledger.domain.invoice import (
 )
 from billing_ledger.domain.postings import LedgerAccount
 from billing_ledger.domain.roster import roster_id
+from billing_ledger.domain.tax import percent_text
 from billing_ledger.subscription_commands import _credit_given
 
 CREDIT_NOTE_SOURCE = "credit_note"
@@ -442,7 +443,7 @@ def _check_arithmetic(document: Document, problems: list[str]) -> None:
             expected = rounded(RATING_CONTEXT.multiply(base, rate))
         if Decimal(item["amount"]) != expected:
             problems.append(f"{_name(document)} charges {item['amount']} {document.currency} of tax at "
-                            f"{(rate * 100).normalize()} % of {base}, which is {expected}")
+                            f"{percent_text(rate)} % of {base}, which is {expected}")
 
 
 def _rounding(document: Document, unit: Unit) -> Callable[[Decimal], Decimal]:

@@ -41,6 +41,7 @@ from billing_ledger.domain.checkout import (
 from billing_ledger.domain.invoice import INVOICE, Invoice, invoice_id, line
 from billing_ledger.domain.payment_profile import PaymentProfile, payment_profile_id
 from billing_ledger.domain.roster import roster_id
+from billing_ledger.domain.tax import percent_text
 from billing_ledger.invoice_overage import repay_from_purchase
 from billing_ledger.outbound_urls import OutboundUrlRefused, check_url
 from billing_ledger.payload import at as effective_at
@@ -314,6 +315,16 @@ def pay_order(app: LedgerApplication, batch: _Batch, order: Order, *, gateway: s
     return order_view(order)
 
 
+def _top_up_tax_line(q: dict[str, Any], code: str) -> dict[str, Any]:
+    """The tax line of a top-up's invoice, as a subscription invoice's ("USt 19 % of 45.00", with its ``rate``, which
+    the invoice audit checks the tax against). An order placed before its quote recorded the rate (session 15) has
+    only the rule's name: "USt on 45.00", without a rate, as it was."""
+    if q.get("tax_rate") is None:
+        return line("tax", f"{q['tax_rule'] or 'Tax'} on {q['net']}", Decimal(q["tax"]), code)
+    return line("tax", f"{q['tax_rule'] or 'Tax'} {percent_text(q['tax_rate'])} % of {q['net']}", Decimal(q["tax"]),
+                code, rate=q["tax_rate"])
+
+
 def _top_up_invoice(app: LedgerApplication, batch: _Batch, order: Order, at: datetime, by: str) -> Invoice:
     q = order.quote
     code = q["currency"]
@@ -325,7 +336,7 @@ def _top_up_invoice(app: LedgerApplication, batch: _Batch, order: Order, at: dat
     if q["tax_note"]:
         lines.append(line("tax", q["tax_note"], Decimal(0), code, rate="0"))
     else:
-        lines.append(line("tax", f"{q['tax_rule'] or 'Tax'} on {q['net']}", Decimal(q["tax"]), code))
+        lines.append(_top_up_tax_line(q, code))
     if Decimal(q["promotion_credits"]):
         # The bonus is granted in the promotion's own unit (orders placed before it was recorded: the purchase's).
         bonus_unit = q.get("promotion_unit") or q["unit"]

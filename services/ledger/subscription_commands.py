@@ -75,7 +75,14 @@ from billing_ledger.domain.subscription import (
     resume_invoice_key,
     subscription_id,
 )
-from billing_ledger.domain.tax import EU_MEMBER_STATES, TaxProfileData, TaxResult, check_tax_id, compute_tax
+from billing_ledger.domain.tax import (
+    EU_MEMBER_STATES,
+    TaxProfileData,
+    TaxResult,
+    check_tax_id,
+    compute_tax,
+    percent_text,
+)
 from billing_ledger.invoice_overage import settle_paid
 from billing_ledger.limits import (
     CANCEL_RENEWALS_MAX,
@@ -582,7 +589,7 @@ def _lines_of_tax(result: TaxResult | None, unit: str) -> list[dict[str, Any]]:
         return [line("tax", result.note or "Reverse charge", Decimal(0), unit, rate="0")]
     if result.tax == 0:
         return []
-    percent = (result.rate * 100).normalize()
+    percent = percent_text(result.rate)
     return [line("tax", f"{result.rule} {percent} % of {result.net}", result.tax, unit, rate=str(result.rate))]
 
 
@@ -637,14 +644,14 @@ def document_tax_lines(lines: list[dict[str, Any]], unit: str, profile: dict[str
         if not current and credited and today is not None and today_rate and not today.reverse_charge:
             # Nothing to tax, but a later cancel gives back its credit at the rate this document charged the new
             # plan at (``_invoiced_tax_rate``): a 0.00 tax line records it (else it read 0 % and gave back no VAT).
-            percent = (today_rate * 100).normalize()
+            percent = percent_text(today_rate)
             current = [line("tax", f"{today.rule} {percent} % of {today.net}", Decimal(0), unit,
                             rate=str(today_rate))]
         return current
     assert corrected is not None
     charged = RATING_CONTEXT.subtract(total, credited)
     taxes = tax_lines_for(charged, unit, profile, catalog) if charged else []
-    percent = (rate * 100).normalize()
+    percent = percent_text(rate)
     taxes.append(line("tax", f"Tax as invoiced on {corrected.number}: {percent} % of {credited}",
                       RATING_CONTEXT.multiply(credited, rate), unit, rate=str(rate), invoice=str(corrected.id)))
     after = RATING_CONTEXT.add(total, sum((Decimal(item["amount"]) for item in taxes), Decimal(0)))

@@ -7,6 +7,13 @@ check their filters when they read (an unknown ``type`` or ``status``, a bad ``p
 422 problem+json as the JSON form's, never a ``200 text/csv`` whose stream breaks. A failure after that (the
 database) propagates from the body: the server aborts the connection without the chunked body's last chunk, so a
 client never takes a cut file for a complete one.
+
+Spreadsheet formulas (CSV injection, OWASP): the cells carry text a tenant chose (usage properties such as ``user``,
+``model``; reasons, names), and a spreadsheet opens a cell beginning with ``=``, ``+``, ``-``, ``@``, a tab or a
+carriage return as a formula. Such a text cell is written with a single quote before it (``'=HYPERLINK(...)``),
+which the spreadsheet shows as text. Which cells are text is decided by the column (``NUMBER_COLUMNS``): a number
+column's plain decimal number (an amount of ``-5.00``, a quantity) is written as it is, so it stays a number; any
+other value in it, and every cell of the other columns, is text.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -23,6 +31,35 @@ from fastapi.responses import StreamingResponse
 Page = tuple[list[dict[str, Any]], str | None]
 # Fetches one page: (cursor, page size) -> (items, next cursor or None).
 PageFetcher = Callable[[str | None, int], Awaitable[Page]]
+
+
+# The columns whose cells are numbers (amounts, quantities, counts, ratios) in the exports' lists: their plain
+# decimal numbers are not escaped. A column left out is text: its negative numbers would read '-5.00, never a formula.
+NUMBER_COLUMNS = frozenset({
+    "accounts_churned", "accounts_end", "accounts_new", "accounts_start", "adjustments", "amount", "arr", "available",
+    "balance", "base_fee", "breakage", "breakage_revenue", "cached_tokens", "chargeback_tax", "chargebacks",
+    "closing_deferred", "consumed", "cost", "credit_note_tax", "credit_notes", "credit_sold", "dispute_fees",
+    "disputed", "events", "exact_amount", "expiring_soon", "fees_billed", "funds_in", "held", "held_delta",
+    "input_tokens", "late_usage_reserve", "line_index", "logo_churn_rate", "low_balance_threshold", "meters", "month",
+    "monthly_fees", "mrr", "mrr_churned", "mrr_contraction", "mrr_end", "mrr_expansion", "mrr_new", "mrr_start",
+    "net_revenue_retention", "opening_deferred", "other", "output_tokens", "overage_repaid", "plan_grants", "plan_version",
+    "position", "priority", "promotional", "promotional_expense", "quantity", "quarterly_fees", "receivable",
+    "receivables", "recognised_fees", "recognised_revenue", "recognised_usage", "refunded", "refunds", "remaining",
+    "revenue_churn_rate", "revenue_fees", "revenue_other", "revenue_refunded", "revenue_usage", "settlements",
+    "share_percent", "subscriptions", "subtotal", "tax", "tax_collected", "tax_refunded", "tokens", "top_ups", "total",
+    "unit_amount", "wallet_delta", "year", "yearly_fees"})
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+# What a spreadsheet reads as the start of a formula (OWASP's CSV injection list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe_cell(column: str, value: Any) -> str:
+    """``value`` as the cell of ``column``: a text cell that a spreadsheet would open as a formula gets a single quote
+    before it; a number column's plain decimal number stays as it is."""
+    text = _cell(value)
+    if column in NUMBER_COLUMNS and _NUMBER.fullmatch(text):
+        return text
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _cell(value: Any) -> str:
@@ -39,8 +76,16 @@ def _cell(value: Any) -> str:
 
 def _line(values: Sequence[Any]) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n").writerow([_cell(v) for v in values])
+    csv.writer(buffer, lineterminator="\r\n").writerow(values)
     return buffer.getvalue()
+
+
+def _header(columns: Sequence[str]) -> str:
+    return _line([_safe_cell("", c) for c in columns])
+
+
+def _row(columns: Sequence[str], item: dict[str, Any]) -> str:
+    return _line([_safe_cell(c, item.get(c)) for c in columns])
 
 
 async def csv_response(columns: Sequence[str], fetch: PageFetcher, filename: str) -> StreamingResponse:
@@ -55,15 +100,15 @@ def csv_of(columns: Sequence[str], items: list[dict[str, Any]], filename: str) -
 
 def csv_text(columns: Sequence[str], items: list[dict[str, Any]]) -> str:
     """A list as the CSV text :func:`csv_of` sends (the same header, cells and line ends), for the command line."""
-    return _line(columns) + "".join(_line([item.get(c) for c in columns]) for item in items)
+    return _header(columns) + "".join(_row(columns, item) for item in items)
 
 
 def _streamed(columns: Sequence[str], first: Page, fetch: PageFetcher | None, filename: str) -> StreamingResponse:
     async def body(items: list[dict[str, Any]], cursor: str | None) -> AsyncIterator[str]:
-        yield _line(columns)
+        yield _header(columns)
         while True:
             for item in items:
-                yield _line([item.get(c) for c in columns])
+                yield _row(columns, item)
             if fetch is None or cursor is None or not items:
                 return
             items = []  # the page written is let go before the next is read: one page held, not two

@@ -54,6 +54,7 @@ class Quote:
     promotion_credits: str
     promotion_unit: str  # what the promotion's bonus is granted in (its declared unit, else ``unit``)
     tax_rule: str | None
+    tax_rate: str | None  # the rule's rate (a fraction, "0.19"; "0" for the reverse charge), None without a rule
     tax_note: str | None
     promotion: str | None
     package: str | None
@@ -133,7 +134,7 @@ def quote(*, package: dict[str, Any] | None, amount: Decimal | None, account_cur
                  net=str(_money(taxed.net, code)), tax=str(_money(taxed.tax, code)),
                  total=str(_money(taxed.total, code)), credits=str(credits), bonus_credits=str(bonus),
                  promotion_credits=str(promo_credits), promotion_unit=promo_unit, tax_rule=taxed.rule,
-                 tax_note=taxed.note,
+                 tax_rate=str(taxed.rate) if taxed.rule is not None else None, tax_note=taxed.note,
                  promotion=promotion["code"] if promotion else None,
                  package=package["code"] if package else None)
 

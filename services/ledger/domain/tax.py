@@ -109,6 +109,16 @@ class TaxResult:
     note: str | None
 
 
+def percent_text(rate: Decimal | str) -> str:
+    """A tax rate (a fraction) as the percentage an invoice prints: plain decimal notation, no exponent, no trailing
+    zeros (0.20 -> "20", 0.1 -> "10", 0.19 -> "19", 0.077 -> "7.7", 0 -> "0"). ``Decimal.normalize()`` alone writes
+    a whole number of tens in exponent notation (20 -> "2E+1")."""
+    percent = Decimal(str(rate)) * 100
+    if percent == percent.to_integral_value():
+        return format(percent.quantize(Decimal(1)), "f")
+    return format(percent.normalize(), "f")
+
+
 def pick_rule(rules: list[dict[str, Any]], profile: TaxProfileData) -> dict[str, Any] | None:
     """The most specific rule: country-subdivision first, then country."""
     if profile.subdivision:

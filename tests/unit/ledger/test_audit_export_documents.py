@@ -142,12 +142,14 @@ def test_a_top_ups_invoice_and_its_refunds_credit_note_are_exported_and_checked_
     assert (code, report["problems"], report["documents_checked"]) == (0, [], 2), report
     invoice = next(r["aggregate_id"] for r in records if r["type"] == "Invoice.Drafted"
                    and r["data"]["document_type"] == "invoice")
-    rewrite(path, invoice, 1, '"amount": "19.00", "description": "DE VAT on 100.00"',
-            '"amount": "9.00", "description": "DE VAT on 100.00"')
+    rewrite(path, invoice, 1, '"amount": "19.00", "description": "DE VAT 19 % of 100.00"',
+            '"amount": "9.00", "description": "DE VAT 19 % of 100.00"')
     code, report = replay_cli(path)
     assert code == 1
-    assert "bills 109.00 USD (tax 9.00), but its purchase recorded 119.00 paid (tax 19.00)" in \
-        "\n".join(report["problems"]), report
+    problems = "\n".join(report["problems"])
+    assert "bills 109.00 USD (tax 9.00), but its purchase recorded 119.00 paid (tax 19.00)" in problems, report
+    # The tax line states its rate (session 15), so the audit checks the tax against it too.
+    assert "charges 9.00 USD of tax at 19 % of 100.00, which is 19.00" in problems, report
 
 
 def test_an_auditor_replays_an_export_with_this_repository_alone(ledger: LedgerApplication, tmp_path: Path) -> None:
