@@ -37,7 +37,7 @@ PageFetcher = Callable[[str | None, int], Awaitable[Page]]
 # decimal numbers are not escaped. A column left out is text: its negative numbers would read '-5.00, never a formula.
 NUMBER_COLUMNS = frozenset({
     "accounts_churned", "accounts_end", "accounts_new", "accounts_start", "adjustments", "amount", "arr", "available",
-    "balance", "base_fee", "breakage", "breakage_revenue", "cached_tokens", "chargeback_tax", "chargebacks",
+    "balance", "base_fee", "carry_drawn", "breakage", "breakage_revenue", "cached_tokens", "chargeback_tax", "chargebacks",
     "closing_deferred", "consumed", "cost", "credit_note_tax", "credit_notes", "credit_sold", "dispute_fees",
     "disputed", "events", "exact_amount", "expiring_soon", "fees_billed", "funds_in", "held", "held_delta",
     "input_tokens", "late_usage_reserve", "line_index", "logo_churn_rate", "low_balance_threshold", "meters", "month",
